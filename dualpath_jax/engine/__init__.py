@@ -1,0 +1,1 @@
+"""Engines: continuous batching over a paged KV cache on one device group."""

@@ -1,0 +1,317 @@
+"""The multi-turn engine: continuous batching over a paged KV cache.
+
+Data flow of one turn (a `TurnRequest` holding the session's whole context):
+
+1. *Admission* (`_admit`): the cache manager hashes the context's full blocks
+   and acquires the longest cached prefix, so prefill starts after it.
+2. *Prefill* (`_prefill_step`): the missing tokens are computed in chunks of
+   at most `max_prefill_chunk`, each chunk attending to the paged prefix;
+   the last chunk's logits give the first token (TTFT is taken here).
+3. *Decode* (`_decode_step`): every running sequence advances one token per
+   step in one batched call, until EOS or `max_new_tokens`.
+4. *Finish*: the sequence's blocks are released; full blocks keep their
+   identity in the pool, so the session's next turn (or another session of
+   the same tenant) hits them until they are evicted.
+
+Each `step()` runs at most one prefill chunk and one decode batch, so decode
+latency stays bounded while long prompts are prefilled. When the pool runs
+out of free pages during decode, the youngest sequence is preempted (its
+blocks released, re-queued to recompute from its cached prefix).
+
+The engine holds no JAX code of its own: it pads host arrays to a few shape
+buckets (`buckets.py`) and calls `ModelRunner.step`, which owns the jitted
+model and the KV pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dualpath_jax.cache.block_pool import OutOfBlocksError
+from dualpath_jax.cache.kv_cache_manager import (KVCacheManager,
+                                                 RequestTooLargeError)
+from dualpath_jax.config import EngineConfig
+from dualpath_jax.engine import buckets
+from dualpath_jax.engine.request import TurnOutput, TurnRequest
+from dualpath_jax.engine.sampling import sample
+
+MIN_Q_BUCKET = 16
+MIN_PAGE_BUCKET = 8
+
+
+@dataclasses.dataclass
+class _Sequence:
+  """Engine-side state of one admitted turn."""
+
+  req: TurnRequest
+  arrival_s: float
+  tokens: list[int]  # prompt + generated so far
+  generated: list[int] = dataclasses.field(default_factory=list)
+  cached_prompt_tokens: int = -1  # set at first admission
+  first_token_s: float | None = None
+
+  @property
+  def rid(self) -> str:
+    return self.req.request_id
+
+  @property
+  def prefill_target(self) -> int:
+    """Tokens whose KV must exist before decoding: all but a pending token."""
+    return len(self.tokens) - (1 if self.generated else 0)
+
+
+@dataclasses.dataclass
+class EngineStats:
+  """Counters of what the engine did; times are wall seconds of model calls."""
+
+  prefill_steps: int = 0
+  prefill_tokens: int = 0
+  prefill_s: float = 0.0
+  decode_steps: int = 0
+  decode_tokens: int = 0
+  decode_s: float = 0.0
+  preemptions: int = 0
+  warmup_s: float = 0.0
+  compiled_shapes: int = 0
+
+  def as_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["prefill_tok_s"] = (self.prefill_tokens / self.prefill_s
+                          if self.prefill_s else None)
+    d["decode_tok_s"] = (self.decode_tokens / self.decode_s
+                         if self.decode_s else None)
+    return d
+
+
+class Engine:
+  """Serves `TurnRequest`s with continuous batching; see the module docstring."""
+
+  def __init__(self, runner, manager: KVCacheManager, config: EngineConfig,
+               *, eos_ids: Sequence[int], block_size: int,
+               clock: Callable[[], float] = time.perf_counter):
+    self.runner = runner
+    self.manager = manager
+    self.config = config
+    self.eos_ids = frozenset(eos_ids)
+    self.block_size = block_size
+    self.clock = clock
+    self.max_pages = math.ceil(config.max_context / block_size)
+    self.stats = EngineStats()
+    self._kv = runner.new_kv_cache()
+    self._rng = np.random.default_rng(config.seed)
+    self._waiting: collections.deque[_Sequence] = collections.deque()
+    self._prefilling: list[_Sequence] = []
+    self._decoding: list[_Sequence] = []
+    self._shapes: set[tuple[int, int, int]] = set()
+
+  # ------------------------------------------------------------------ API
+  def submit(self, req: TurnRequest) -> None:
+    """Queues a turn; raises `RequestTooLargeError` if it can never fit."""
+    if not req.prompt_tokens:
+      raise ValueError(f"{req.request_id}: empty prompt")
+    if req.max_new_tokens < 1:
+      raise ValueError(f"{req.request_id}: max_new_tokens must be >= 1")
+    total = len(req.prompt_tokens) + req.max_new_tokens
+    if total > self.config.max_context:
+      raise RequestTooLargeError(
+          f"{req.request_id}: prompt ({len(req.prompt_tokens)}) + max_new_tokens "
+          f"({req.max_new_tokens}) = {total} exceeds max_context "
+          f"{self.config.max_context}")
+    if math.ceil(total / self.block_size) > self.manager.pool.num_blocks:
+      raise RequestTooLargeError(
+          f"{req.request_id}: needs {math.ceil(total / self.block_size)} blocks "
+          f"but the pool has {self.manager.pool.num_blocks}")
+    arrival = self.clock() if req.arrival_s is None else req.arrival_s
+    self._waiting.append(_Sequence(req=req, arrival_s=arrival,
+                                   tokens=list(req.prompt_tokens)))
+
+  def has_work(self) -> bool:
+    return bool(self._waiting or self._prefilling or self._decoding)
+
+  @property
+  def num_running(self) -> int:
+    return len(self._prefilling) + len(self._decoding)
+
+  def step(self) -> list[TurnOutput]:
+    """Admits waiting turns, runs one prefill chunk and one decode batch."""
+    self._admit()
+    done: list[TurnOutput] = []
+    if self._prefilling:
+      done += self._prefill_step()
+    if self._decoding:
+      done += self._decode_step()
+    return done
+
+  def warmup(self, max_context: int | None = None) -> None:
+    """Compiles every shape bucket a context up to `max_context` can hit."""
+    t0 = time.perf_counter()
+    pages = math.ceil(min(max_context or self.config.max_context,
+                          self.config.max_context) / self.block_size)
+    page_buckets = buckets.bucket_sizes(
+        MIN_PAGE_BUCKET, buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages))
+    q_buckets = buckets.bucket_sizes(MIN_Q_BUCKET, self.config.max_prefill_chunk)
+    b_buckets = buckets.bucket_sizes(1, self.config.max_batch_size)
+    for s in page_buckets:
+      for t in q_buckets:
+        self._run(1, t, s, None)
+      for b in b_buckets:
+        self._run(b, 1, s, None)
+    self.stats.warmup_s += time.perf_counter() - t0
+
+  # ------------------------------------------------------------ internals
+  def _admit(self) -> None:
+    while self._waiting and self.num_running < self.config.max_batch_size:
+      seq = self._waiting[0]
+      cached = self.manager.begin(seq.rid, seq.tokens[:seq.prefill_target],
+                                  seq.req.tenant)
+      first = min(self.config.max_prefill_chunk, seq.prefill_target - cached)
+      if not self.manager.can_allocate(seq.rid, first):
+        self.manager.end(seq.rid)
+        if self.num_running == 0:
+          raise OutOfBlocksError(
+              f"{seq.rid}: the KV pool ({self.manager.pool.num_blocks} blocks) "
+              f"cannot hold even one prefill chunk with nothing else running")
+        return
+      self._waiting.popleft()
+      if seq.cached_prompt_tokens < 0:
+        seq.cached_prompt_tokens = min(cached, len(seq.req.prompt_tokens))
+      self._prefilling.append(seq)
+
+  def _prefill_step(self) -> list[TurnOutput]:
+    seq = self._prefilling[0]
+    start = self.manager.num_computed(seq.rid)
+    n = min(self.config.max_prefill_chunk, seq.prefill_target - start)
+    self._allocate_or_preempt(seq, n)
+    chunk = seq.tokens[start:start + n]
+    t_bucket = buckets.bucket(n, MIN_Q_BUCKET, self.config.max_prefill_chunk)
+    logits = self._run(1, t_bucket, self._page_bucket([seq]), [(seq, chunk, start)],
+                     "prefill")
+    self.manager.append_tokens(seq.rid, chunk)
+    self.stats.prefill_steps += 1
+    self.stats.prefill_tokens += n
+    if start + n < seq.prefill_target:
+      return []
+    self._prefilling.remove(seq)
+    if seq.generated:  # resumed after preemption: its next token is pending
+      self._decoding.append(seq)
+      return []
+    token = int(sample(logits[:1], self._rng, self._temperature(),
+                       self.config.top_p)[0])
+    seq.first_token_s = self.clock()
+    return self._accept([seq], [token])
+
+  def _decode_step(self) -> list[TurnOutput]:
+    seqs = list(self._decoding[:self.config.max_batch_size])
+    for seq in list(seqs):
+      if seq not in self._decoding:  # preempted by an earlier allocation
+        seqs.remove(seq)
+        continue
+      self._allocate_or_preempt(seq, 1)
+    seqs = [s for s in seqs if s in self._decoding]
+    if not seqs:
+      return []
+    b_bucket = buckets.bucket(len(seqs), 1, self.config.max_batch_size)
+    work = [(s, [s.tokens[-1]], self.manager.num_computed(s.rid)) for s in seqs]
+    logits = self._run(b_bucket, 1, self._page_bucket(seqs), work, "decode")
+    for s in seqs:
+      self.manager.append_tokens(s.rid, [s.tokens[-1]])
+    self.stats.decode_steps += 1
+    self.stats.decode_tokens += len(seqs)
+    tokens = sample(logits[:len(seqs)], self._rng, self._temperature(),
+                    self.config.top_p)
+    return self._accept(seqs, [int(t) for t in tokens])
+
+  def _accept(self, seqs: list[_Sequence], tokens: list[int]) -> list[TurnOutput]:
+    """Appends each sequence's new token; finishes those that are done."""
+    now = self.clock()
+    done = []
+    for seq, tok in zip(seqs, tokens):
+      seq.generated.append(tok)
+      seq.tokens.append(tok)
+      reason = None
+      if seq.req.stop_on_eos and tok in self.eos_ids:
+        reason = "eos"
+      elif len(seq.generated) >= seq.req.max_new_tokens:
+        reason = "length"
+      if reason is None:
+        if seq not in self._decoding:
+          self._decoding.append(seq)
+        continue
+      if seq in self._decoding:
+        self._decoding.remove(seq)
+      self.manager.end(seq.rid)
+      done.append(TurnOutput(
+          request=seq.req, generated_tokens=list(seq.generated),
+          cached_prompt_tokens=seq.cached_prompt_tokens,
+          arrival_s=seq.arrival_s, first_token_s=seq.first_token_s,
+          finish_s=now, finish_reason=reason))
+    return done
+
+  def _allocate_or_preempt(self, seq: _Sequence, n: int) -> None:
+    """Makes room for `n` more tokens of `seq`, preempting younger turns.
+
+    A preempted turn releases its blocks and goes back to the head of the
+    queue; its full blocks stay cached, so re-admission recomputes little.
+    """
+    while not self.manager.can_allocate(seq.rid, n):
+      victims = [s for s in self._decoding + self._prefilling if s is not seq]
+      if not victims:
+        raise OutOfBlocksError(
+            f"{seq.rid}: KV pool exhausted ({self.manager.pool.num_blocks} "
+            f"blocks) with no other sequence to preempt")
+      victim = max(victims, key=lambda s: s.arrival_s)
+      for queue in (self._decoding, self._prefilling):
+        if victim in queue:
+          queue.remove(victim)
+      self.manager.end(victim.rid)
+      self._waiting.appendleft(victim)
+      self.stats.preemptions += 1
+    self.manager.allocate(seq.rid, n)
+
+  def _page_bucket(self, seqs: list[_Sequence]) -> int:
+    pages = max(len(self.manager.block_table(s.rid)) for s in seqs)
+    return buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages)
+
+  def _temperature(self) -> float:
+    return 0.0 if self.config.greedy else self.config.temperature
+
+  def _run(self, batch: int, q_len: int, pages: int,
+           work: list[tuple[_Sequence, list[int], int]] | None,
+           kind: str | None = None) -> np.ndarray:
+    """Pads `work` (sequence, new tokens, start position) into one model call.
+
+    Returns host logits `[batch, vocab]` of each row's last new token. With
+    `work=None` it runs an all-padding batch (used to compile a shape).
+    """
+    tokens = np.zeros((batch, q_len), np.int32)
+    tables = np.zeros((batch, pages), np.int32)
+    kv_lens = np.zeros((batch,), np.int32)
+    q_lens = np.zeros((batch,), np.int32)
+    slots = np.full((batch, q_len), -1, np.int32)
+    for b, (seq, new, start) in enumerate(work or []):
+      table = self.manager.block_table(seq.rid)
+      tokens[b, :len(new)] = new
+      tables[b, :len(table)] = table
+      kv_lens[b] = start + len(new)
+      q_lens[b] = len(new)
+      slots[b, :len(new)] = self.manager.slot_mapping(seq.rid, start, len(new))
+    shape = (batch, q_len, pages)
+    if shape not in self._shapes:
+      self._shapes.add(shape)
+      self.stats.compiled_shapes += 1
+    t0 = time.perf_counter()
+    logits, self._kv = self.runner.step(self._kv, tokens, tables, kv_lens,
+                                        q_lens, slots)
+    logits = np.asarray(logits)
+    elapsed = time.perf_counter() - t0
+    if kind == "prefill":
+      self.stats.prefill_s += elapsed
+    elif kind == "decode":
+      self.stats.decode_s += elapsed
+    return logits

@@ -1,0 +1,30 @@
+"""Wires a loaded model, a KV pool and its bookkeeping into an `Engine`."""
+
+from __future__ import annotations
+
+import math
+
+from dualpath_jax.cache.block_pool import BlockPool
+from dualpath_jax.cache.kv_cache_manager import KVCacheManager
+from dualpath_jax.config import CacheConfig, EngineConfig
+from dualpath_jax.engine.engine import Engine
+from dualpath_jax.model.runner import ModelRunner
+
+
+def model_fingerprint(loaded) -> str:
+  """Identity of the weights and architecture; part of every block hash."""
+  return f"{loaded.config.fingerprint()}:{loaded.weights_id}"
+
+
+def make_engine(loaded, cache: CacheConfig, engine: EngineConfig) -> Engine:
+  """An engine serving `loaded` (a `dualpath_jax.model.LoadedModel`)."""
+  if engine.max_context > loaded.config.max_position:
+    raise ValueError(
+        f"max_context {engine.max_context} exceeds the model's context "
+        f"{loaded.config.max_position}")
+  runner = ModelRunner(loaded.model, cache, attention_impl=engine.attention_impl)
+  manager = KVCacheManager(
+      BlockPool(cache.num_blocks), cache.block_size, model_fingerprint(loaded),
+      max_blocks_per_seq=math.ceil(engine.max_context / cache.block_size))
+  return Engine(runner, manager, engine, eos_ids=loaded.config.eos_token_ids,
+                block_size=cache.block_size)

@@ -1,0 +1,25 @@
+"""Next-token choice from logits on the host: greedy, or temperature + top-p."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sample(logits: np.ndarray,  # [batch, vocab] float32
+           rng: np.random.Generator, temperature: float = 0.0,
+           top_p: float = 1.0) -> np.ndarray:  # [batch] int32
+  """Greedy when `temperature == 0`, else nucleus sampling per row."""
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got "
+                     f"{temperature}, {top_p}")
+  if temperature == 0:
+    return np.argmax(logits, axis=-1).astype(np.int32)
+  out = np.empty(logits.shape[0], np.int32)
+  for b, row in enumerate(logits.astype(np.float64) / temperature):
+    order = np.argsort(-row)
+    p = np.exp(row[order] - row[order[0]])
+    p /= p.sum()
+    keep = min(int(np.searchsorted(np.cumsum(p), top_p) + 1), len(p))
+    p = p[:keep] / p[:keep].sum()
+    out[b] = order[rng.choice(keep, p=p)]
+  return out

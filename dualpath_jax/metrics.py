@@ -1,0 +1,152 @@
+"""Run metrics: per-turn records, latency percentiles, the JSON report, plots.
+
+Every number in a report is computed from what ran (timestamps taken by the
+engine, token counts from the cache manager); nothing is estimated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclasses.dataclass
+class TurnRecord:
+  """What one finished turn measured (seconds on the engine's clock)."""
+
+  session_id: str
+  turn_index: int
+  prompt_tokens: int
+  cached_prompt_tokens: int
+  generated_tokens: int
+  arrival_s: float
+  first_token_s: float
+  finish_s: float
+  finish_reason: str  # "eos" | "length"
+
+  @property
+  def ttft_s(self) -> float:
+    return self.first_token_s - self.arrival_s
+
+  @property
+  def tpot_s(self) -> float | None:
+    """Mean time per output token after the first (None for 1 token)."""
+    if self.generated_tokens < 2:
+      return None
+    return (self.finish_s - self.first_token_s) / (self.generated_tokens - 1)
+
+
+def percentiles(values: Sequence[float],
+                ps: Iterable[int] = PERCENTILES) -> dict[str, float | None]:
+  """Nearest-rank-interpolated percentiles, as `{"p50": ..., ...}`."""
+  vals = sorted(v for v in values if v is not None)
+  out: dict[str, float | None] = {}
+  for p in ps:
+    if not vals:
+      out[f"p{p}"] = None
+      continue
+    k = (len(vals) - 1) * p / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    out[f"p{p}"] = vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
+  return out
+
+
+def summarize(records: Sequence[TurnRecord], wall_s: float) -> dict[str, Any]:
+  """The headline numbers of a run from its turn records."""
+  prompt = sum(r.prompt_tokens for r in records)
+  cached = sum(r.cached_prompt_tokens for r in records)
+  generated = sum(r.generated_tokens for r in records)
+  sessions = {r.session_id for r in records}
+  session_end: dict[str, float] = {}
+  session_start: dict[str, float] = {}
+  for r in records:
+    session_end[r.session_id] = max(session_end.get(r.session_id, 0.0), r.finish_s)
+    session_start[r.session_id] = min(session_start.get(r.session_id, math.inf),
+                                      r.arrival_s)
+  jct = [session_end[s] - session_start[s] for s in sessions]
+  computed = prompt - cached
+  return {
+      "sessions": len(sessions),
+      "turns": len(records),
+      "prompt_tokens": prompt,
+      "cached_prompt_tokens": cached,
+      "computed_prompt_tokens": computed,
+      "generated_tokens": generated,
+      "wall_s": wall_s,
+      # Tokens the engine processed (prefilled or generated) per second.
+      "throughput_tok_s": (computed + generated) / wall_s if wall_s > 0 else None,
+      "generated_tok_s": generated / wall_s if wall_s > 0 else None,
+      "ttft_s": percentiles([r.ttft_s for r in records]),
+      "tpot_s": percentiles([r.tpot_s for r in records]),
+      "job_completion_s": max(session_end.values()) if records else 0.0,
+      "session_completion_s": percentiles(jct),
+      "prefix_hit_ratio": cached / prompt if prompt else 0.0,
+      "finish_reasons": {k: sum(r.finish_reason == k for r in records)
+                         for k in sorted({r.finish_reason for r in records})},
+  }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+  """A two-column text table of a summary (nested percentiles flattened)."""
+  rows = []
+  for key, val in summary.items():
+    if isinstance(val, dict) and all(k.startswith("p") for k in val):
+      val = "  ".join(f"{k}={_fmt(v)}" for k, v in val.items())
+    elif isinstance(val, dict):
+      continue
+    rows.append((key, _fmt(val)))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+  """Writes `report` atomically (temp file + rename) as indented JSON."""
+  tmp = f"{path}.tmp"
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2, sort_keys=False, default=str)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def plot_turns(records: Sequence[TurnRecord], path: str, title: str = "") -> None:
+  """PNG: per-turn TTFT against prompt length, and the turn timeline."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  xs = [r.prompt_tokens for r in records]
+  ax1.scatter(xs, [r.ttft_s for r in records], s=12,
+              c=[r.cached_prompt_tokens / max(r.prompt_tokens, 1) for r in records],
+              cmap="viridis", vmin=0, vmax=1)
+  ax1.set_xlabel("prompt tokens")
+  ax1.set_ylabel("TTFT (s)")
+  ax1.set_title("TTFT (colour: cached fraction)")
+  sessions = sorted({r.session_id for r in records})
+  row = {s: i for i, s in enumerate(sessions)}
+  for r in records:
+    ax2.plot([r.arrival_s, r.first_token_s], [row[r.session_id]] * 2,
+             color="tab:orange", lw=4)
+    ax2.plot([r.first_token_s, r.finish_s], [row[r.session_id]] * 2,
+             color="tab:blue", lw=4)
+  ax2.set_xlabel("time (s)")
+  ax2.set_ylabel("session")
+  ax2.set_title("turns: prefill wait (orange), decode (blue)")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,132 @@
+"""Offline replay of agent sessions through an engine (the agent_eval loop).
+
+Sessions run concurrently: every session's next turn is submitted as soon as
+its previous turn finished (plus the recorded tool wait when `honor_gaps`),
+so the engine batches turns of many sessions, as a batch evaluation or an RL
+rollout does. The context of each turn is the chat template rendered over the
+session's messages so far; the reply that joins the history is either what
+the model generated or, when teacher forcing, the recorded `assistant_text`,
+so that the context grows exactly as it did when the trace was recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Sequence
+
+from dualpath_jax.engine.request import TurnOutput, TurnRequest
+from dualpath_jax.metrics import TurnRecord
+from dualpath_jax.workload.trace import AgentSession
+
+REPLY_MODES = ("generate", "teacher_forced")
+
+
+@dataclasses.dataclass
+class _SessionState:
+  session: AgentSession
+  messages: list[dict[str, str]]
+  next_turn: int = 0
+  ready_at: float = 0.0
+  in_flight: bool = False
+  stopped: str = ""  # why the session ended early, if it did
+
+
+@dataclasses.dataclass
+class ReplayResult:
+  records: list[TurnRecord]
+  wall_s: float
+  truncated_sessions: dict[str, str]  # session_id -> reason
+
+
+def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
+                    reply_mode: str = "generate", max_new_tokens: int = 32,
+                    honor_gaps: bool = False,
+                    on_turn: Callable[[TurnRecord], None] | None = None,
+                    clock: Callable[[], float] = time.perf_counter,
+                    sleep: Callable[[float], None] = time.sleep) -> ReplayResult:
+  """Runs every turn of every session through `engine`; returns the records.
+
+  `max_new_tokens` caps each turn's generation budget (the recorded
+  `output_tokens`, when positive, lowers it further). A turn whose context
+  would exceed the engine's `max_context` ends its session early; the
+  session is listed in `truncated_sessions` with the reason.
+  """
+  if reply_mode not in REPLY_MODES:
+    raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {reply_mode!r}")
+  t0 = clock()
+  states = {}
+  for s in sessions:
+    msgs = [{"role": "system", "content": s.system_prompt}] if s.system_prompt else []
+    states[s.session_id] = _SessionState(session=s, messages=msgs, ready_at=t0)
+  records: list[TurnRecord] = []
+  max_context = engine.config.max_context
+
+  def submit_ready(now: float) -> None:
+    for st in states.values():
+      if st.in_flight or st.stopped or st.next_turn >= len(st.session.turns):
+        continue
+      if st.ready_at > now:
+        continue
+      turn = st.session.turns[st.next_turn]
+      st.messages.extend(turn.input_delta)
+      prompt = tokenizer.encode_chat(st.messages, add_generation_prompt=True)
+      budget = min(max_new_tokens, turn.output_tokens) if turn.output_tokens > 0 \
+          else max_new_tokens
+      if len(prompt) + budget > max_context:
+        st.stopped = (f"turn {turn.index}: {len(prompt)} prompt + {budget} new "
+                      f"tokens exceed max_context {max_context}")
+        logging.warning("session %s ends early: %s", st.session.session_id,
+                        st.stopped)
+        continue
+      engine.submit(TurnRequest(
+          request_id=f"{st.session.session_id}#{turn.index}",
+          prompt_tokens=prompt, max_new_tokens=budget,
+          tenant=st.session.tenant, session_id=st.session.session_id,
+          turn_index=st.next_turn, arrival_s=st.ready_at))
+      st.in_flight = True
+
+  def finish(out: TurnOutput) -> None:
+    st = states[out.request.session_id]
+    turn = st.session.turns[out.request.turn_index]
+    if reply_mode == "teacher_forced":
+      reply = turn.assistant_text
+    else:
+      ids = out.generated_tokens
+      if out.finish_reason == "eos":
+        ids = ids[:-1]
+      reply = tokenizer.decode(ids)
+    st.messages.append({"role": "assistant", "content": reply})
+    st.in_flight = False
+    st.next_turn += 1
+    gap = 0.0
+    if honor_gaps and st.next_turn < len(st.session.turns):
+      gap = st.session.turns[st.next_turn].pre_gap_ms / 1000.0
+    st.ready_at = out.finish_s + gap
+    rec = TurnRecord(
+        session_id=st.session.session_id, turn_index=turn.index,
+        prompt_tokens=len(out.request.prompt_tokens),
+        cached_prompt_tokens=out.cached_prompt_tokens,
+        generated_tokens=len(out.generated_tokens),
+        arrival_s=out.arrival_s - t0, first_token_s=out.first_token_s - t0,
+        finish_s=out.finish_s - t0, finish_reason=out.finish_reason)
+    records.append(rec)
+    if on_turn is not None:
+      on_turn(rec)
+
+  while True:
+    submit_ready(clock())
+    if engine.has_work():
+      for out in engine.step():
+        finish(out)
+      continue
+    pending = [st.ready_at for st in states.values()
+               if not st.stopped and not st.in_flight
+               and st.next_turn < len(st.session.turns)]
+    if not pending:
+      break
+    sleep(max(0.0, min(pending) - clock()))
+  return ReplayResult(
+      records=records, wall_s=clock() - t0,
+      truncated_sessions={sid: st.stopped for sid, st in states.items() if st.stopped})

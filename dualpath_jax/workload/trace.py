@@ -1,0 +1,175 @@
+"""Agent trajectories in the `abench-session-jsonl-v1` schema.
+
+One JSON object per line, one line per session; the file may be plain or
+zstd-compressed (`.zst`). This is the schema public agent-trajectory sets
+already use (the `agentic-bench` package documents it), so recorded
+trajectories replay unchanged:
+
+    {"session_id": str,
+     "tenant": str,                 # optional, ours: prefix-sharing domain
+     "source": {...},               # optional, free-form provenance
+     "system_prompt": str,
+     "turns": [{"index": int,
+                "input_delta": [{"role": str, "content": str}, ...],
+                "assistant_text": str,   # recorded reply (teacher forcing)
+                "output_tokens": int,    # recorded reply length (generation budget)
+                "input_tokens": int,     # optional, recorded prompt length
+                "cached_tokens": int,    # optional, recorded cache hit
+                "pre_gap_ms": float},    # tool/user wait before this turn
+               ...]}
+
+`input_delta` holds the messages added to the conversation before the turn
+(the user's message, a tool's output); the assistant's reply of turn `i`
+precedes the `input_delta` of turn `i+1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from typing import Any, Iterable
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+class TraceError(ValueError):
+  """A trace file that does not follow the schema (says where and why)."""
+
+
+@dataclasses.dataclass
+class AgentTurn:
+  """One LLM call of an agent session."""
+
+  index: int
+  input_delta: list[dict[str, str]]
+  assistant_text: str = ""
+  output_tokens: int = 0
+  input_tokens: int = 0
+  cached_tokens: int = 0
+  pre_gap_ms: float = 0.0
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class AgentSession:
+  """A whole recorded (or synthetic) agent trajectory."""
+
+  session_id: str
+  system_prompt: str
+  turns: list[AgentTurn]
+  tenant: str = ""
+  source: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = {"session_id": self.session_id, "system_prompt": self.system_prompt,
+         "turns": [t.to_dict() for t in self.turns], "source": self.source}
+    if self.tenant:
+      d["tenant"] = self.tenant
+    return d
+
+
+def _open_text(path: str, mode: str) -> io.TextIOBase:
+  if path.endswith(".zst"):
+    import zstandard
+    return zstandard.open(path, mode + "t", encoding="utf-8")
+  return open(path, mode, encoding="utf-8")
+
+
+def _require(cond: bool, where: str, msg: str) -> None:
+  if not cond:
+    raise TraceError(f"{where}: {msg}")
+
+
+def _parse_turn(raw: Any, where: str) -> AgentTurn:
+  _require(isinstance(raw, dict), where, "a turn must be a JSON object")
+  delta = raw.get("input_delta")
+  _require(isinstance(delta, list), where, "'input_delta' must be a list of messages")
+  for j, msg in enumerate(delta):
+    _require(isinstance(msg, dict) and isinstance(msg.get("role"), str)
+             and isinstance(msg.get("content"), str), f"{where}.input_delta[{j}]",
+             "a message needs string 'role' and 'content'")
+    _require(msg["role"] in _ROLES, f"{where}.input_delta[{j}]",
+             f"role {msg['role']!r} is not one of {_ROLES}")
+  out_tokens = raw.get("output_tokens", 0)
+  _require(isinstance(out_tokens, int) and out_tokens >= 0, where,
+           "'output_tokens' must be a non-negative integer")
+  gap = raw.get("pre_gap_ms", 0.0)
+  _require(isinstance(gap, (int, float)) and gap >= 0, where,
+           "'pre_gap_ms' must be a non-negative number")
+  text = raw.get("assistant_text", "")
+  _require(isinstance(text, str), where, "'assistant_text' must be a string")
+  return AgentTurn(index=int(raw.get("index", 0)),
+                   input_delta=[{"role": m["role"], "content": m["content"]}
+                                for m in delta],
+                   assistant_text=text, output_tokens=out_tokens,
+                   input_tokens=int(raw.get("input_tokens", 0) or 0),
+                   cached_tokens=int(raw.get("cached_tokens", 0) or 0),
+                   pre_gap_ms=float(gap))
+
+
+def parse_session(raw: Any, where: str = "session") -> AgentSession:
+  """Validates one decoded JSON session; raises `TraceError` saying where."""
+  _require(isinstance(raw, dict), where, "a session must be a JSON object")
+  sid = raw.get("session_id")
+  _require(isinstance(sid, str) and sid != "", where,
+           "'session_id' must be a non-empty string")
+  system = raw.get("system_prompt", "")
+  _require(isinstance(system, str), where, "'system_prompt' must be a string")
+  turns = raw.get("turns")
+  _require(isinstance(turns, list) and turns, where,
+           "'turns' must be a non-empty list")
+  tenant = raw.get("tenant", "")
+  _require(isinstance(tenant, str), where, "'tenant' must be a string")
+  return AgentSession(
+      session_id=sid, system_prompt=system, tenant=tenant,
+      source=raw.get("source") or {},
+      turns=[_parse_turn(t, f"{where}.turns[{i}]") for i, t in enumerate(turns)])
+
+
+def load_trace(path: str, limit: int | None = None) -> list[AgentSession]:
+  """Reads a JSONL (or `.jsonl.zst`) trace; validates every session.
+
+  Raises `TraceError` (with file and line) on malformed input and
+  `FileNotFoundError` when the file is missing.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"trace file not found: {path}")
+  sessions: list[AgentSession] = []
+  seen: set[str] = set()
+  try:
+    with _open_text(path, "r") as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        where = f"{path}:{lineno}"
+        try:
+          raw = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise TraceError(f"{where}: invalid JSON ({e.msg})") from None
+        session = parse_session(raw, where)
+        _require(session.session_id not in seen, where,
+                 f"duplicate session_id {session.session_id!r}")
+        seen.add(session.session_id)
+        sessions.append(session)
+        if limit is not None and len(sessions) >= limit:
+          break
+  except UnicodeDecodeError as e:
+    raise TraceError(f"{path}: not UTF-8 text ({e.reason})") from None
+  except Exception as e:  # zstandard raises its own error type on bad frames
+    if type(e).__name__ == "ZstdError":
+      raise TraceError(f"{path}: bad zstd data ({e})") from None
+    raise
+  if not sessions:
+    raise TraceError(f"{path}: no sessions in trace")
+  return sessions
+
+
+def save_trace(sessions: Iterable[AgentSession], path: str) -> None:
+  """Writes sessions as JSONL (zstd-compressed when `path` ends in `.zst`)."""
+  with _open_text(path, "w") as f:
+    for s in sessions:
+      f.write(json.dumps(s.to_dict(), ensure_ascii=False) + "\n")

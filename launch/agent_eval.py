@@ -1,0 +1,139 @@
+r"""Offline batch agent evaluation: replay agent sessions, report the numbers.
+
+    python -m launch.agent_eval                      # built-in synthetic workload
+    python -m launch.agent_eval --trace=sessions.jsonl.zst --reply=teacher_forced
+
+Runs every session of an `abench-session-jsonl-v1` trace (or the built-in
+synthetic coding-agent workload) through one continuous-batching engine on
+the embedded SmolLM2-135M-Instruct (or `--model`), then prints a summary
+table and writes a JSON report (and a PNG plot with `--plot`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("trace", None, "abench-session-jsonl-v1 trace (.jsonl or "
+                    ".jsonl.zst); default: the built-in synthetic workload")
+flags.DEFINE_integer("sessions", 8, "synthetic workload: number of sessions")
+flags.DEFINE_integer("turns", 6, "synthetic workload: turns per session")
+flags.DEFINE_integer("limit_sessions", None, "replay only the first N sessions")
+flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
+                    "GGUF, a .gguf path, an Orbax dir from launch.convert, or "
+                    "random:<preset>")
+flags.DEFINE_enum("reply", "generate", ["generate", "teacher_forced"],
+                  "what joins the history after a turn: the generated reply or "
+                  "the recorded assistant_text")
+flags.DEFINE_integer("max_new_tokens", 32, "cap on tokens generated per turn "
+                     "(the trace's output_tokens lowers it per turn)")
+flags.DEFINE_bool("honor_gaps", False, "wait each turn's recorded pre_gap_ms")
+flags.DEFINE_integer("block_size", 16, "tokens per KV block")
+flags.DEFINE_integer("num_blocks", 2048, "KV pool size in blocks (per layer)")
+flags.DEFINE_integer("max_batch", 8, "sequences decoded together")
+flags.DEFINE_integer("prefill_chunk", 512, "max new tokens per prefill step")
+flags.DEFINE_integer("max_context", 8192, "longest context of one turn")
+flags.DEFINE_string("attention", "xla", "paged-attention implementation")
+flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
+flags.DEFINE_string("report", "agent_eval_report.json", "JSON report path")
+flags.DEFINE_string("plot", None, "PNG plot path (TTFT and timeline)")
+flags.DEFINE_bool("warmup", True, "compile every shape bucket before timing")
+flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.DEFINE_integer("seed", 0, "synthetic workload and sampling seed")
+
+
+def _load_sessions():
+  from dualpath_jax.workload import load_trace, synthetic_agent_workload
+  if FLAGS.trace:
+    return load_trace(FLAGS.trace, limit=FLAGS.limit_sessions)
+  sessions = synthetic_agent_workload(num_sessions=FLAGS.sessions,
+                                      turns_per_session=FLAGS.turns,
+                                      output_tokens=FLAGS.max_new_tokens,
+                                      seed=FLAGS.seed)
+  return sessions[:FLAGS.limit_sessions] if FLAGS.limit_sessions else sessions
+
+
+def main(argv):
+  del argv
+  from dualpath_jax.utils import enable_compilation_cache
+  enable_compilation_cache()
+  import jax
+  import tqdm
+
+  from dualpath_jax import metrics
+  from dualpath_jax.config import CacheConfig, EngineConfig, to_dict
+  from dualpath_jax.engine.factory import make_engine
+  from dualpath_jax.model import load_model
+  from dualpath_jax.workload.replay import replay_sessions
+  from dualpath_jax.workload.trace import TraceError
+
+  try:
+    sessions = _load_sessions()
+  except (TraceError, FileNotFoundError) as e:
+    sys.exit(f"agent_eval: {e}")
+  loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  if loaded.tokenizer is None:
+    sys.exit("agent_eval: the model has no tokenizer (random weights); use the "
+             "GGUF or a converted checkpoint")
+  cache = CacheConfig(block_size=FLAGS.block_size, num_blocks=FLAGS.num_blocks,
+                      dtype=FLAGS.dtype)
+  engine_cfg = EngineConfig(max_batch_size=FLAGS.max_batch,
+                            max_prefill_chunk=FLAGS.prefill_chunk,
+                            max_context=FLAGS.max_context,
+                            attention_impl=FLAGS.attention, seed=FLAGS.seed)
+  engine = make_engine(loaded, cache, engine_cfg)
+  total_turns = sum(len(s.turns) for s in sessions)
+  logging.info("%d sessions, %d turns on %s (%s)", len(sessions), total_turns,
+               loaded.config.name, jax.devices()[0].device_kind)
+  if FLAGS.warmup:
+    print("compiling shape buckets ...", flush=True)
+    engine.warmup(FLAGS.max_context)
+    print(f"  {engine.stats.compiled_shapes} shapes in "
+          f"{engine.stats.warmup_s:.1f} s", flush=True)
+
+  bar = tqdm.tqdm(total=total_turns, unit="turn", disable=not FLAGS.progress,
+                  desc="agent_eval")
+  result = replay_sessions(engine, loaded.tokenizer, sessions,
+                           reply_mode=FLAGS.reply,
+                           max_new_tokens=FLAGS.max_new_tokens,
+                           honor_gaps=FLAGS.honor_gaps,
+                           on_turn=lambda r: bar.update(1))
+  bar.close()
+
+  summary = metrics.summarize(result.records, result.wall_s)
+  report = {
+      **summary,
+      "truncated_sessions": result.truncated_sessions,
+      "engine": engine.stats.as_dict(),
+      "cache": engine.manager.stats,
+      "device": str(jax.devices()[0].device_kind),
+      "backend": jax.default_backend(),
+      "jax_version": jax.__version__,
+      "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+      "date": time.strftime("%Y-%m-%d"),
+      "config": {
+          "model": loaded.config.name, "model_source": FLAGS.model or "embedded",
+          "trace": FLAGS.trace or f"synthetic:{FLAGS.sessions}x{FLAGS.turns}",
+          "reply": FLAGS.reply, "max_new_tokens": FLAGS.max_new_tokens,
+          "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
+          "engine": to_dict(engine_cfg),
+      },
+      "turns_detail": [r.__dict__ | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s}
+                       for r in result.records],
+  }
+  print(metrics.format_table(summary))
+  metrics.write_json(report, FLAGS.report)
+  print(f"report: {FLAGS.report}")
+  if FLAGS.plot:
+    metrics.plot_turns(result.records, FLAGS.plot,
+                       title=f"agent_eval {report['config']['trace']}")
+    print(f"plot: {FLAGS.plot}")
+
+
+if __name__ == "__main__":
+  app.run(main)

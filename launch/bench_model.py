@@ -1,0 +1,128 @@
+r"""Prefill and decode tokens/s of the model through the paged cache.
+
+    python -m launch.bench_model --out=docs/results/bench_model_cpu.json
+
+Times `ModelRunner.step` directly (no scheduling): prefill of a
+`--prompt_tokens` prompt in one chunk (batch 1), then decode at each batch
+size in `--decode_batches` with every sequence at `--prompt_tokens` context.
+Compilation is excluded (each shape runs once before timing); each figure is
+the median of `--reps` timed repetitions. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "model source (see launch.agent_eval)")
+flags.DEFINE_string("dtype", "float32", "weights/KV dtype")
+flags.DEFINE_integer("prompt_tokens", 512, "prefill length and decode context")
+flags.DEFINE_list("decode_batches", ["1", "8"], "decode batch sizes")
+flags.DEFINE_integer("decode_steps", 32, "decode steps per repetition")
+flags.DEFINE_integer("reps", 3, "timed repetitions (median reported)")
+flags.DEFINE_integer("block_size", 16, "tokens per KV block")
+flags.DEFINE_string("attention", "xla", "paged-attention implementation")
+flags.DEFINE_string("out", None, "JSON output path")
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def main(argv):
+  del argv
+  import jax
+  import numpy as np
+
+  from dualpath_jax.config import CacheConfig
+  from dualpath_jax.engine.buckets import next_pow2
+  from dualpath_jax.model import load_model
+  from dualpath_jax.model.runner import ModelRunner
+
+  loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  cfg = loaded.config
+  n, bs = FLAGS.prompt_tokens, FLAGS.block_size
+  batches = [int(b) for b in FLAGS.decode_batches]
+  pages = next_pow2(math.ceil((n + FLAGS.decode_steps + 1) / bs), 8)
+  cache = CacheConfig(block_size=bs, num_blocks=pages * max(batches) + 1,
+                      dtype=FLAGS.dtype)
+  runner = ModelRunner(loaded.model, cache, attention_impl=FLAGS.attention)
+  kv = runner.new_kv_cache()
+  rng = np.random.default_rng(0)
+
+  def tables(b):
+    return (np.arange(b * pages, dtype=np.int32).reshape(b, pages))
+
+  def prefill(kv):
+    toks = rng.integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
+    slots = np.arange(n, dtype=np.int32)[None]
+    logits, kv = runner.step(kv, toks, tables(1), np.array([n], np.int32),
+                             np.array([n], np.int32), slots)
+    np.asarray(logits)
+    return kv
+
+  def decode(kv, b):
+    bt = tables(b)
+    for i in range(FLAGS.decode_steps):
+      pos = n + i
+      toks = rng.integers(0, cfg.vocab_size, (b, 1), dtype=np.int32)
+      slots = (bt[:, pos // bs] * bs + pos % bs)[:, None].astype(np.int32)
+      logits, kv = runner.step(kv, toks, bt, np.full((b,), pos + 1, np.int32),
+                               np.ones((b,), np.int32), slots)
+      np.asarray(logits)
+    return kv
+
+  def timed(fn, *args):
+    times = []
+    nonlocal kv
+    kv = fn(kv, *args)  # compile + warm
+    for _ in range(FLAGS.reps):
+      t0 = time.perf_counter()
+      kv = fn(kv, *args)
+      times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+  rows = []
+  t = timed(prefill)
+  rows.append({"phase": "prefill", "batch": 1, "tokens": n, "context": n,
+               "seconds": t, "tok_s": n / t})
+  for b in batches:
+    t = timed(decode, b)
+    toks = b * FLAGS.decode_steps
+    rows.append({"phase": "decode", "batch": b, "tokens": toks,
+                 "context": n, "seconds": t, "tok_s": toks / t,
+                 "ms_per_step": 1000 * t / FLAGS.decode_steps})
+
+  print(f"{'phase':<8} {'batch':>5} {'context':>7} {'tok/s':>9}")
+  for r in rows:
+    print(f"{r['phase']:<8} {r['batch']:>5} {r['context']:>7} {r['tok_s']:>9.1f}")
+  report = {
+      "model": cfg.name, "dtype": FLAGS.dtype, "attention": FLAGS.attention,
+      "block_size": bs, "rows": rows, "device": jax.devices()[0].device_kind,
+      "backend": jax.default_backend(), "jax_version": jax.__version__,
+      "cpu": _cpu_model(), "cpus": os.cpu_count(),
+      "date": time.strftime("%Y-%m-%d"),
+  }
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

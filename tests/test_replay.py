@@ -1,0 +1,84 @@
+"""Offline session replay (the agent_eval loop) on a tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+
+from dualpath_jax.config import CacheConfig, EngineConfig
+from dualpath_jax.engine.factory import make_engine
+from dualpath_jax.model import load_model
+from dualpath_jax.workload import AgentSession, AgentTurn
+from dualpath_jax.workload.replay import replay_sessions
+
+
+class ByteChatTokenizer:
+  """A stand-in tokenizer for the 256-token test model: one token per byte."""
+
+  def encode_chat(self, messages, add_generation_prompt=True):
+    text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+    if add_generation_prompt:
+      text += "<assistant>"
+    return [3 + (b % 250) for b in text.encode()]
+
+  def decode(self, ids):
+    return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return load_model("random:tiny-test")
+
+
+def _sessions(n=3, turns=3, reply="ok then"):
+  return [AgentSession(
+      session_id=f"s{i}", system_prompt="shared system prompt " * 2,
+      tenant="t", turns=[AgentTurn(index=j, input_delta=[
+          {"role": "user", "content": f"msg {i}.{j} " + "x" * (5 * j)}],
+          assistant_text=reply, output_tokens=4) for j in range(turns)])
+      for i in range(n)]
+
+
+def _engine(tiny, max_context=512):
+  return make_engine(tiny, CacheConfig(block_size=8, num_blocks=512),
+                     EngineConfig(max_batch_size=4, max_prefill_chunk=32,
+                                  max_context=max_context))
+
+
+@pytest.mark.parametrize("mode", ["generate", "teacher_forced"])
+def test_replay_runs_every_turn_and_reuses_prefixes(tiny, mode):
+  tok = ByteChatTokenizer()
+  sessions = _sessions()
+  res = replay_sessions(_engine(tiny), tok, sessions, reply_mode=mode,
+                        max_new_tokens=8)
+  assert len(res.records) == 9 and not res.truncated_sessions
+  by = {(r.session_id, r.turn_index): r for r in res.records}
+  for s in sessions:
+    for j in range(1, 3):
+      prev, cur = by[(s.session_id, j - 1)], by[(s.session_id, j)]
+      assert cur.arrival_s >= prev.finish_s  # turns of a session are serial
+      assert cur.cached_prompt_tokens > 0
+      assert cur.prompt_tokens > prev.prompt_tokens
+    assert all(by[(s.session_id, j)].generated_tokens == 4 or
+               by[(s.session_id, j)].finish_reason == "eos" for j in range(3))
+  if mode == "teacher_forced":
+    # The context grows by exactly the recorded reply and the next message.
+    msgs = [{"role": "system", "content": sessions[0].system_prompt}]
+    for j, turn in enumerate(sessions[0].turns):
+      msgs += turn.input_delta
+      assert by[("s0", j)].prompt_tokens == len(tok.encode_chat(msgs))
+      msgs.append({"role": "assistant", "content": turn.assistant_text})
+
+
+def test_long_sessions_end_early_with_a_reason(tiny):
+  res = replay_sessions(_engine(tiny, max_context=96), ByteChatTokenizer(),
+                        _sessions(n=1, turns=4), reply_mode="teacher_forced",
+                        max_new_tokens=4)
+  assert "s0" in res.truncated_sessions
+  assert "max_context" in res.truncated_sessions["s0"]
+  assert 0 < len(res.records) < 4
+
+
+def test_bad_reply_mode(tiny):
+  with pytest.raises(ValueError, match="reply_mode"):
+    replay_sessions(_engine(tiny), ByteChatTokenizer(), _sessions(1, 1),
+                    reply_mode="magic")

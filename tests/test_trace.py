@@ -1,0 +1,93 @@
+"""The abench-session-jsonl-v1 trace: round trips, validation, zstd."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dualpath_jax.workload import (TraceError, load_trace, save_trace,
+                                   synthetic_agent_workload)
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "dualpath_jax",
+                      "workload", "data", "sample_trace.jsonl")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
+def test_round_trip(tmp_path, suffix):
+  sessions = synthetic_agent_workload(num_sessions=3, turns_per_session=4, seed=3)
+  path = str(tmp_path / f"t{suffix}")
+  save_trace(sessions, path)
+  back = load_trace(path)
+  assert [s.to_dict() for s in back] == [s.to_dict() for s in sessions]
+  if suffix.endswith(".zst"):
+    with open(path, "rb") as f:
+      assert f.read(4) == b"\x28\xb5\x2f\xfd"  # zstd frame magic
+
+
+def test_shipped_sample_follows_schema():
+  sessions = load_trace(SAMPLE)
+  assert len(sessions) >= 3
+  for s in sessions:
+    assert s.system_prompt and s.turns
+    for t in s.turns:
+      assert t.input_delta and t.assistant_text and t.output_tokens > 0
+
+
+def test_reads_abench_fields_and_ignores_extras(tmp_path):
+  raw = {"session_id": "abc", "source": {"dataset": "deepswe", "agent": "x"},
+         "system_prompt": "sys", "turns": [
+             {"index": 0, "input_delta": [{"role": "user", "content": "hi"}],
+              "assistant_text": "hello", "input_tokens": 10, "output_tokens": 5,
+              "cached_tokens": 0, "pre_gap_ms": 12.5, "tool_calls": [{"n": 1}]}]}
+  path = tmp_path / "a.jsonl"
+  path.write_text(json.dumps(raw) + "\n\n")
+  (s,) = load_trace(str(path))
+  assert s.session_id == "abc" and s.tenant == ""
+  assert s.turns[0].pre_gap_ms == 12.5 and s.turns[0].output_tokens == 5
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("{not json", "invalid JSON"),
+    (json.dumps({"turns": []}), "session_id"),
+    (json.dumps({"session_id": "a", "turns": []}), "non-empty list"),
+    (json.dumps({"session_id": "a", "turns": [{"input_delta": "x"}]}), "input_delta"),
+    (json.dumps({"session_id": "a", "turns": [{"input_delta": [
+        {"role": "robot", "content": "x"}]}]}), "role"),
+    (json.dumps({"session_id": "a", "turns": [{"input_delta": [],
+                                               "output_tokens": -1}]}),
+     "output_tokens"),
+])
+def test_bad_input_says_where(tmp_path, line, msg):
+  path = tmp_path / "bad.jsonl"
+  good = json.dumps({"session_id": "ok", "turns": [{"input_delta": []}]})
+  path.write_text(good + "\n" + line + "\n")
+  with pytest.raises(TraceError, match=msg) as e:
+    load_trace(str(path))
+  assert "bad.jsonl:2" in str(e.value)
+
+
+def test_duplicate_session_and_missing_file(tmp_path):
+  path = tmp_path / "dup.jsonl"
+  line = json.dumps({"session_id": "a", "turns": [{"input_delta": []}]})
+  path.write_text(line + "\n" + line + "\n")
+  with pytest.raises(TraceError, match="duplicate"):
+    load_trace(str(path))
+  with pytest.raises(FileNotFoundError):
+    load_trace(str(tmp_path / "nope.jsonl"))
+
+
+def test_synthetic_is_deterministic_and_grows():
+  a = synthetic_agent_workload(seed=5)
+  b = synthetic_agent_workload(seed=5)
+  c = synthetic_agent_workload(seed=6)
+  assert [s.to_dict() for s in a] == [s.to_dict() for s in b]
+  assert [s.to_dict() for s in a] != [s.to_dict() for s in c]
+  sizes = [len(t.input_delta[0]["content"]) for t in a[0].turns[1:]]
+  assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]
+  tenants = {s.tenant for s in a}
+  assert len(tenants) == 2
+  for tenant in tenants:
+    prompts = {s.system_prompt for s in a if s.tenant == tenant}
+    assert len(prompts) == 1  # a tenant's sessions share their system prompt
