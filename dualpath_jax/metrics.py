@@ -144,6 +144,8 @@ def plot_turns(records: Sequence[TurnRecord], path: str, title: str = "") -> Non
              color="tab:blue", lw=4)
   ax2.set_xlabel("time (s)")
   ax2.set_ylabel("session")
+  ax2.set_yticks(range(len(sessions)))
+  ax2.set_yticklabels([s[-12:] for s in sessions], fontsize=7)
   ax2.set_title("turns: prefill wait (orange), decode (blue)")
   if title:
     fig.suptitle(title)

@@ -58,6 +58,19 @@ def _load_sessions():
   return sessions[:FLAGS.limit_sessions] if FLAGS.limit_sessions else sessions
 
 
+def _max_context_bound(sessions, tokenizer) -> int:
+  """Upper bound on any turn's context: every message plus every reply budget."""
+  bound = 0
+  for s in sessions:
+    msgs = [{"role": "system", "content": s.system_prompt}]
+    for t in s.turns:
+      msgs += t.input_delta
+      msgs.append({"role": "assistant", "content": t.assistant_text})
+    replies = len(s.turns) * (FLAGS.max_new_tokens + 8)
+    bound = max(bound, len(tokenizer.encode_chat(msgs)) + replies)
+  return bound
+
+
 def main(argv):
   del argv
   from dualpath_jax.utils import enable_compilation_cache
@@ -92,7 +105,8 @@ def main(argv):
                loaded.config.name, jax.devices()[0].device_kind)
   if FLAGS.warmup:
     print("compiling shape buckets ...", flush=True)
-    engine.warmup(FLAGS.max_context)
+    engine.warmup(min(FLAGS.max_context,
+                      _max_context_bound(sessions, loaded.tokenizer)))
     print(f"  {engine.stats.compiled_shapes} shapes in "
           f"{engine.stats.warmup_s:.1f} s", flush=True)
 

@@ -41,8 +41,8 @@ from dualpath_jax.engine import buckets
 from dualpath_jax.engine.request import TurnOutput, TurnRequest
 from dualpath_jax.engine.sampling import sample
 
-MIN_Q_BUCKET = 16
-MIN_PAGE_BUCKET = 8
+MIN_Q_BUCKET = 32
+MIN_PAGE_BUCKET = 16
 
 
 @dataclasses.dataclass
@@ -159,7 +159,8 @@ class Engine:
     b_buckets = buckets.bucket_sizes(1, self.config.max_batch_size)
     for s in page_buckets:
       for t in q_buckets:
-        self._run(1, t, s, None)
+        if t <= s * self.block_size:  # a chunk never outgrows its table
+          self._run(1, t, s, None)
       for b in b_buckets:
         self._run(b, 1, s, None)
     self.stats.warmup_s += time.perf_counter() - t0
