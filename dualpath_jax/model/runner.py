@@ -1,0 +1,121 @@
+"""`ModelRunner`: the engine's only handle on the model.
+
+It owns the split NNX model (graph definition + weights state, split once) and
+two jitted step functions. Each is compiled once per input shape, with the KV
+pool DONATED so that XLA updates it in place: callers must use the returned
+pool and never touch the one they passed in.
+
+The weights are captured when the runner is built: later in-place changes to
+the `Llama` object (e.g. `nnx.update`) are not seen; build a new runner.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dualpath_jax.config import CacheConfig, ModelConfig
+from dualpath_jax.model.llama import Llama
+
+ArrayLike = Any  # jax.Array or numpy array
+
+
+class ModelRunner:
+  """Runs paged prefill / decode steps of a `Llama` on a KV pool."""
+
+  def __init__(self, model: Llama, cache: CacheConfig,
+               attention_impl: str = "xla"):
+    self.config: ModelConfig = model.config
+    self.cache = cache
+    self.attention_impl = attention_impl
+    self._graphdef, self._state = nnx.split(model)
+    graphdef = self._graphdef
+
+    def forward(state, kv_cache, tokens, block_tables, kv_lens, q_lens,
+                slot_mapping):
+      model = nnx.merge(graphdef, state)
+      hidden, kv_cache = model(tokens, kv_cache, block_tables, kv_lens,
+                               q_lens, slot_mapping,
+                               attention_impl=attention_impl)
+      return model, hidden, kv_cache
+
+    def last_logits(state, kv_cache, tokens, block_tables, kv_lens, q_lens,
+                    slot_mapping):
+      model, hidden, kv_cache = forward(state, kv_cache, tokens, block_tables,
+                                        kv_lens, q_lens, slot_mapping)
+      last = jnp.clip(q_lens.astype(jnp.int32) - 1, 0, tokens.shape[1] - 1)
+      hidden_last = hidden[jnp.arange(tokens.shape[0]), last]  # [B, H]
+      return model.logits(hidden_last), kv_cache
+
+    def all_logits(state, kv_cache, tokens, block_tables, kv_lens, q_lens,
+                   slot_mapping):
+      model, hidden, kv_cache = forward(state, kv_cache, tokens, block_tables,
+                                        kv_lens, q_lens, slot_mapping)
+      return model.logits(hidden), kv_cache
+
+    self._step = jax.jit(last_logits, donate_argnums=(1,))
+    self._step_all = jax.jit(all_logits, donate_argnums=(1,))
+
+  @property
+  def kv_cache_shape(self) -> tuple[int, ...]:
+    c = self.config
+    return (c.num_layers, self.cache.num_blocks, 2, c.num_kv_heads,
+            self.cache.block_size, c.head_dim)
+
+  def new_kv_cache(self) -> jax.Array:  # [L, N, 2, Hkv, P, D]
+    """A zeroed KV pool in `cache.dtype`."""
+    return jnp.zeros(self.kv_cache_shape, jnp.dtype(self.cache.dtype))
+
+  def step(
+      self,
+      kv_cache: jax.Array,  # [L, N, 2, Hkv, P, D], donated
+      tokens: ArrayLike,  # [B, T] int32
+      block_tables: ArrayLike,  # [B, S] int32
+      kv_lens: ArrayLike,  # [B] int32, context incl. the new tokens
+      q_lens: ArrayLike,  # [B] int32, valid new tokens per row
+      slot_mapping: ArrayLike,  # [B, T] int32, -1 = padding
+  ) -> tuple[jax.Array, jax.Array]:  # ([B, V] f32, [L, N, 2, Hkv, P, D])
+    """Appends the new tokens' K/V; logits of each row's last valid token.
+
+    Rows with `q_lens[b] == 0` (batch padding) give meaningless logits.
+    """
+    return self._run(self._step, kv_cache, tokens, block_tables, kv_lens,
+                     q_lens, slot_mapping)
+
+  def step_all_logits(
+      self,
+      kv_cache: jax.Array,  # [L, N, 2, Hkv, P, D], donated
+      tokens: ArrayLike,  # [B, T] int32
+      block_tables: ArrayLike,  # [B, S] int32
+      kv_lens: ArrayLike,  # [B] int32
+      q_lens: ArrayLike,  # [B] int32
+      slot_mapping: ArrayLike,  # [B, T] int32
+  ) -> tuple[jax.Array, jax.Array]:  # ([B, T, V] f32, [L, N, 2, Hkv, P, D])
+    """Like `step`, with the logits of every row (padding rows garbage)."""
+    return self._run(self._step_all, kv_cache, tokens, block_tables, kv_lens,
+                     q_lens, slot_mapping)
+
+  def _run(self, fn: Callable, kv_cache, tokens, block_tables, kv_lens,
+           q_lens, slot_mapping):
+    if tuple(kv_cache.shape) != self.kv_cache_shape:
+      raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)} != "
+                       f"{self.kv_cache_shape} (see new_kv_cache)")
+    if kv_cache.dtype != jnp.dtype(self.cache.dtype):
+      raise ValueError(f"kv_cache dtype {kv_cache.dtype} != cache.dtype "
+                       f"{self.cache.dtype}")
+    ints = [_as_int32(name, x) for name, x in (
+        ("tokens", tokens), ("block_tables", block_tables),
+        ("kv_lens", kv_lens), ("q_lens", q_lens),
+        ("slot_mapping", slot_mapping))]
+    return fn(self._state, kv_cache, *ints)
+
+
+def _as_int32(name: str, x: ArrayLike) -> jax.Array:
+  dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else None
+  if dtype is not None and not np.issubdtype(dtype, np.integer):
+    raise ValueError(f"{name} must be an integer array, got {dtype}")
+  return jnp.asarray(x, dtype=jnp.int32)

@@ -1,0 +1,233 @@
+"""Byte-level BPE tokenizer and chat template, rebuilt from a GGUF file.
+
+The GGUF carries the vocabulary (`tokenizer.ggml.tokens`), the merge list,
+token types (3 = control, 4 = user-defined: matched as whole tokens in text)
+and a jinja chat template. We rebuild a `tokenizers.Tokenizer` from them:
+
+* model: byte-level BPE (`tokenizer.ggml.model == "gpt2"`);
+* pre-tokenizer: llama.cpp picks its split regexes from
+  `tokenizer.ggml.pre`. For "smollm" (like "starcoder", "refact",
+  "command-r") it first isolates every single digit (`\\p{N}`), then applies
+  the GPT-2 regex. That is `Digits(individual_digits=True)` followed by
+  `ByteLevel(add_prefix_space=False)` here. Plain "gpt2" has no digit split.
+* control tokens (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, ...) are
+  added as special tokens, so they are recognised as single ids in text.
+
+Prefix stability. A multi-turn session's KV cache is keyed by its token
+prefix, so the tokens of turn k+1 must extend those of turn k.
+`encode_chat_delta` returns only the appended tokens and raises if the
+template or a tokenisation across the boundary would break that property.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jinja2.sandbox
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+from dualpath_jax.model import gguf_loader
+
+_CONTROL = 3
+_USER_DEFINED = 4
+# `tokenizer.ggml.pre` values whose llama.cpp regex isolates single digits
+# before the GPT-2 split.
+_DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell",
+                    "exaone", "minerva-7b"}
+_GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion"}
+
+Message = dict[str, Any]
+
+
+class Tokenizer:
+  """Text <-> token ids, plus the model's chat template."""
+
+  def __init__(
+      self,
+      tokens: Sequence[str],
+      merges: Sequence[str],
+      token_types: Sequence[int],
+      *,
+      pre: str,
+      bos_id: int | None,
+      eos_ids: Sequence[int],
+      chat_template: str | None,
+      add_bos: bool = False,
+  ):
+    if len(token_types) != len(tokens):
+      raise ValueError(f"{len(tokens)} tokens but {len(token_types)} types")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
+                     byte_fallback=False)
+    self._tok = tokenizers.Tokenizer(bpe)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                          use_regex=True)
+    if pre in _DIGIT_SPLIT_PRE:
+      self._tok.pre_tokenizer = pre_tokenizers.Sequence(
+          [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in _GPT2_PRE:
+      self._tok.pre_tokenizer = byte_level
+    else:
+      raise ValueError(f"unsupported pre-tokenizer {pre!r}: known are "
+                       f"{sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE)}")
+    self._tok.decoder = decoders.ByteLevel()
+    special = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+               for i, t in enumerate(token_types)
+               if t in (_CONTROL, _USER_DEFINED)]
+    self._tok.add_special_tokens(special)
+    self.special_tokens: tuple[str, ...] = tuple(t.content for t in special)
+    self._special_ids = frozenset(vocab[s] for s in self.special_tokens)
+    self._tokens = list(tokens)
+    self.bos_id = bos_id
+    self.eos_ids: tuple[int, ...] = tuple(eos_ids)
+    self.add_bos = add_bos
+    self.chat_template = chat_template
+    self._template = None
+    if chat_template is not None:
+      env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+          trim_blocks=True, lstrip_blocks=True)
+      env.globals["raise_exception"] = _raise_template_error
+      self._template = env.from_string(chat_template)
+
+  @classmethod
+  def from_gguf(cls, source: str | os.PathLike | Any) -> "Tokenizer":
+    """Builds the tokenizer of a GGUF file (a path or an open GGUFReader)."""
+    reader = (source if hasattr(source, "fields")
+              else gguf_loader.open_gguf(source))
+    get = lambda key, default=None: gguf_loader.field_value(  # noqa: E731
+        reader, key, default)
+    model = get("tokenizer.ggml.model")
+    if model != "gpt2":
+      raise ValueError(f"only byte-level BPE (tokenizer.ggml.model 'gpt2') "
+                       f"is supported, got {model!r}")
+    tokens = get("tokenizer.ggml.tokens")
+    merges = get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+      raise ValueError("GGUF file has no tokenizer vocabulary or merges")
+    types = get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    eos = [get("tokenizer.ggml.eos_token_id"), get("tokenizer.ggml.eot_token_id")]
+    eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
+    bos = get("tokenizer.ggml.bos_token_id")
+    return cls(tokens, merges, types,
+               pre=str(get("tokenizer.ggml.pre", "default")),
+               bos_id=None if bos is None else int(bos),
+               eos_ids=eos_ids,
+               chat_template=get("tokenizer.chat_template"),
+               add_bos=bool(get("tokenizer.ggml.add_bos_token", False)))
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self._tokens)
+
+  def token_to_id(self, token: str) -> int:
+    """Id of a vocabulary entry (e.g. "<|im_end|>"); KeyError if absent."""
+    i = self._tok.token_to_id(token)
+    if i is None:
+      raise KeyError(f"{token!r} is not in the vocabulary")
+    return i
+
+  def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+    """Token ids of `text`; special tokens written in it become single ids.
+
+    `add_bos` defaults to the GGUF's `tokenizer.ggml.add_bos_token` (False for
+    SmolLM2, whose chat template starts with `<|im_start|>` instead).
+    """
+    if not isinstance(text, str):
+      raise ValueError(f"encode expects str, got {type(text).__name__}")
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+      ids = [self.bos_id] + ids
+    return ids
+
+  def decode(self, ids: Sequence[int], *,
+             skip_special_tokens: bool = False) -> str:
+    """Text of `ids` (special tokens kept unless `skip_special_tokens`)."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(f"token ids out of range [0, {self.vocab_size}): "
+                       f"{bad[:5]}")
+    return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+  def is_special(self, token_id: int) -> bool:
+    return int(token_id) in self._special_ids
+
+  # ---------------------------------------------------------------- chat
+
+  def apply_chat_template(self, messages: Sequence[Message],
+                          add_generation_prompt: bool = True) -> str:
+    """Renders `messages` ([{"role", "content"}]) with the GGUF template."""
+    if self._template is None:
+      raise ValueError("this model's GGUF has no tokenizer.chat_template")
+    for m in messages:
+      if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise ValueError(f"each message needs 'role' and 'content': {m!r}")
+    bos = self._tokens[self.bos_id] if self.bos_id is not None else ""
+    eos = self._tokens[self.eos_ids[0]] if self.eos_ids else ""
+    return self._template.render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt,
+        bos_token=bos, eos_token=eos)
+
+  def encode_chat(self, messages: Sequence[Message],
+                  add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of the rendered conversation (no extra BOS)."""
+    return self.encode(self.apply_chat_template(messages, add_generation_prompt),
+                       add_bos=False)
+
+  def encode_chat_delta(self, prev_messages: Sequence[Message],
+                        new_messages: Sequence[Message],
+                        add_generation_prompt: bool = True) -> list[int]:
+    """Tokens appended when `prev_messages` grows by `new_messages`.
+
+    Guarantees `encode_chat(prev, add_generation_prompt=False) + delta ==
+    encode_chat(prev + new, add_generation_prompt)`. `prev_messages` is
+    rendered without a generation prompt: it should end with the assistant's
+    reply as a message. Raises ValueError if the template does not render
+    `prev` as a text prefix of `prev + new`, or if tokenising across the
+    boundary would merge tokens (impossible when the boundary touches a
+    special token, as ChatML's `<|im_start|>` / `<|im_end|>` do; otherwise
+    checked by encoding the full text).
+    """
+    prev_text = self.apply_chat_template(prev_messages, False)
+    full_text = self.apply_chat_template(
+        list(prev_messages) + list(new_messages), add_generation_prompt)
+    if not full_text.startswith(prev_text):
+      raise ValueError(
+          "the chat template is not prefix-stable: rendering the longer "
+          "conversation changes the text of the earlier messages")
+    delta_text = full_text[len(prev_text):]
+    delta = self.encode(delta_text, add_bos=False)
+    if not self._boundary_is_special(prev_text, delta_text):
+      prev_ids = self.encode(prev_text, add_bos=False)
+      if prev_ids + delta != self.encode(full_text, add_bos=False):
+        raise ValueError(
+            "tokenising the appended messages separately differs from "
+            "tokenising the whole conversation (a BPE merge crosses the "
+            "turn boundary); the cached prefix cannot be reused")
+    return delta
+
+  def _boundary_is_special(self, left: str, right: str) -> bool:
+    """True if a special token starts `right` or ends `left`, none straddles."""
+    if not left or not right:
+      return True
+    touches = any(right.startswith(s) or left.endswith(s)
+                  for s in self.special_tokens)
+    if not touches:
+      return False
+    width = max(len(s) for s in self.special_tokens)
+    window = left[-width:] + right[:width]
+    cut = min(len(left), width)
+    for s in self.special_tokens:
+      start = window.find(s)
+      while start != -1:
+        if start < cut < start + len(s):
+          return False
+        start = window.find(s, start + 1)
+    return True
+
+
+def _raise_template_error(message: str) -> None:
+  raise ValueError(f"chat template error: {message}")

