@@ -1,0 +1,61 @@
+"""`python -m launch.agent_eval` end to end: the report, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "dualpath_jax", "workload", "data", "sample_trace.jsonl")
+
+
+def _run(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "launch.agent_eval", *args],
+                        cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.slow
+def test_sample_trace_report(tmp_path):
+  report = tmp_path / "r.json"
+  plot = tmp_path / "r.png"
+  proc = _run(f"--trace={SAMPLE}", "--limit_sessions=2", "--max_new_tokens=3",
+              "--reply=teacher_forced", "--nowarmup", "--noprogress",
+              f"--report={report}", f"--plot={plot}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(report.read_text())
+  for key in ("sessions", "turns", "prompt_tokens", "cached_prompt_tokens",
+              "generated_tokens", "wall_s", "throughput_tok_s", "ttft_s",
+              "tpot_s", "job_completion_s", "prefix_hit_ratio", "device",
+              "jax_version", "config"):
+    assert key in r, key
+  assert r["sessions"] == 2 and r["turns"] == 6
+  assert r["generated_tokens"] == sum(t["generated_tokens"] for t in r["turns_detail"])
+  assert r["prompt_tokens"] == sum(t["prompt_tokens"] for t in r["turns_detail"])
+  assert 0 < r["cached_prompt_tokens"] < r["prompt_tokens"]  # later turns hit
+  assert set(r["ttft_s"]) == {"p50", "p90", "p99"}
+  assert r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] <= r["wall_s"]
+  assert plot.read_bytes()[:4] == b"\x89PNG"
+  assert "prefix_hit_ratio" in proc.stdout
+
+
+@pytest.mark.parametrize("content,msg", [
+    ("{broken", "invalid JSON"),
+    ('{"session_id": "a", "turns": []}', "non-empty list"),
+])
+def test_bad_trace_exits_nonzero_with_reason(tmp_path, content, msg):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(content + "\n")
+  proc = _run(f"--trace={bad}", f"--report={tmp_path / 'r.json'}", timeout=120)
+  assert proc.returncode != 0
+  assert msg in proc.stderr and "bad.jsonl:1" in proc.stderr
+  assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_trace_exits_nonzero(tmp_path):
+  proc = _run(f"--trace={tmp_path / 'nope.jsonl'}", timeout=120)
+  assert proc.returncode != 0 and "not found" in proc.stderr
