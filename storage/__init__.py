@@ -1,0 +1,18 @@
+"""TensorStore cold tier: KV blocks on SSD (or any TensorStore kvstore).
+
+`BlockStore` is the entry point (see `storage.block_store` for the API),
+configured by `ColdTierConfig`. Modules, one job each:
+
+* `config`      ColdTierConfig, the one place for the tier's defaults
+* `codecs`      block <-> stored chunk (raw, int8 with per-head scales)
+* `layout`      the zarr3 slot array and its kvstore (file, ocdbt, gcs, s3)
+* `index`       block identity -> slot in SQLite; crash-safe visibility
+* `io_pool`     bounded worker threads and futures
+* `stats`       counters for metrics
+* `page_cache`  drop a directory's files from the OS page cache (benchmarks)
+"""
+
+from storage.block_store import BlockStore, PutResult
+from storage.config import ColdTierConfig
+
+__all__ = ["BlockStore", "ColdTierConfig", "PutResult"]

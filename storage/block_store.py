@@ -1,0 +1,355 @@
+"""The cold tier's block store: KV blocks in a TensorStore zarr3 array on SSD.
+
+A block is every layer of `block_size` tokens, `[L, 2, Hkv, P, D]` in the cache
+dtype (what the engine cuts out of its pool `[L, N, 2, Hkv, P, D]` with
+`pool[:, block]`). Its identity is an opaque `bytes` digest (the prefix hash
+chain with the tenant salt). The store keeps blocks across process restarts
+and crashes and serves only bytes that it verified.
+
+API (numpy in, numpy out; every method is thread-safe):
+
+    store = BlockStore(ColdTierConfig(root=...), model_config, cache_config)
+    fut = store.put_async(ids, blocks, tenant="t", session="s")
+    fut.result() -> PutResult   # statuses[i] in write/present/in_flight/
+                                # deferred/dropped/no_space/failed
+    fut = store.get_async(ids)
+    fut.result() -> list[np.ndarray | None]  # [L, 2, Hkv, P, D] or None
+    store.contains(ids) -> list[bool]
+    store.delete_session(tenant, session) -> int   # blocks removed
+    store.delete_tenant(tenant) -> int
+    store.stats() -> dict                          # counters, hit rate, B/s
+    store.flush(); store.close()                   # or `with BlockStore(...)`
+
+`put_async` returns at once: the index reservation, encoding, chunk writes
+(fsynced) and the index commit run on the write pool, so write-back after a
+turn stays off the critical path. The caller hands `blocks` over: it must not
+change them until the future is done. A put whose bytes would exceed
+`max_pending_write_bytes` is dropped (status "dropped"), never blocks.
+
+`get_async` looks the ids up, reads their chunks in batches (one TensorStore
+read per batch; each chunk's CRC32C verified by TensorStore), re-checks in the
+index that no block was evicted while it was read, and decodes. A missing,
+torn, corrupt or raced block is None: counted in `stats()`, logged once, and
+its index entry and bytes removed so that the engine recomputes and re-puts it.
+
+Durability and visibility: see `storage.index` (bytes durable, then index
+commit; dead writers' leftovers are removed by `recover()`, run on open).
+Layout and kvstores: see `storage.layout`. Codecs: see `storage.codecs`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import logging
+import os
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+import tensorstore as ts
+
+from dualpath_jax.config import CacheConfig, ModelConfig
+from storage import index as index_lib
+from storage import layout
+from storage.codecs import make_codec
+from storage.config import ColdTierConfig
+from storage.io_pool import IoPool, completed, gather
+from storage.stats import StoreStats
+
+_log = logging.getLogger(__name__)
+
+DROPPED = "dropped"
+FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class PutResult:
+  """Per-block outcome of a put, in the order of the ids given."""
+
+  statuses: list[str]
+
+  @property
+  def written(self) -> int:
+    return sum(s == index_lib.WRITE for s in self.statuses)
+
+  @property
+  def stored(self) -> list[bool]:
+    """True where the block is now in the store (written or already present)."""
+    return [s in (index_lib.WRITE, index_lib.PRESENT) for s in self.statuses]
+
+
+class BlockStore:
+  """KV blocks of one model in a TensorStore cold tier (see module docstring)."""
+
+  def __init__(self, config: ColdTierConfig, model: ModelConfig, cache: CacheConfig):
+    self.config = config
+    self.block_shape = (model.num_layers, 2, model.num_kv_heads, cache.block_size,
+                        model.head_dim)
+    self.codec = make_codec(config.codec, self.block_shape, cache.dtype)
+    self.num_slots = config.capacity_bytes // self.codec.encoded_block_bytes
+    if self.num_slots < 1:
+      raise ValueError(
+          f"capacity_bytes={config.capacity_bytes} holds no block of "
+          f"{self.codec.encoded_block_bytes} bytes")
+    os.makedirs(config.root, exist_ok=True)
+    layout_desc = {
+        "block_shape": list(self.block_shape), "dtype": cache.dtype,
+        "codec": self.codec.full_name, "driver": config.driver,
+        "num_slots": self.num_slots, "kvstore": layout.array_kvstore_spec(config),
+        "model": model.fingerprint(),
+    }
+    self.index = index_lib.BlockIndex(config.root, layout_desc, self.num_slots,
+                                      config.admission)
+    self.array = layout.open_slot_array(config, self.codec, self.num_slots)
+    self._kvstore = self.array.kvstore
+    self._stored_rank = len(self.codec.stored_shape)
+    self._stats = StoreStats()
+    self._logged: set[bytes] = set()
+    self._log_lock = threading.Lock()
+    self._writes = IoPool(config.io_threads, config.max_pending_write_bytes, "cold-write")
+    self._reads = IoPool(config.io_threads, 1 << 62, "cold-read")
+    self.recover()
+
+  # -- public API ------------------------------------------------------------
+
+  def put_async(
+      self,
+      ids: Sequence[bytes],
+      blocks: np.ndarray,  # [n, L, 2, Hkv, P, D] cache dtype
+      *,
+      tenant: str = "",
+      session: str = "",
+  ) -> cf.Future:
+    """Stores blocks in the background; a future of `PutResult`."""
+    ids = self._check_ids(ids)
+    self.codec.check_blocks(blocks)
+    if len(ids) != blocks.shape[0]:
+      raise ValueError(f"{len(ids)} ids for {blocks.shape[0]} blocks")
+    self._stats.add(put_calls=1, put_blocks=len(ids))
+    if not ids:
+      return completed(PutResult([]))
+    future = self._writes.try_submit(blocks.nbytes, self._put, ids, blocks, tenant, session)
+    if future is None:
+      self._stats.add(dropped_blocks=len(ids))
+      return completed(PutResult([DROPPED] * len(ids)))
+    return future
+
+  def put(self, ids: Sequence[bytes], blocks: np.ndarray, *, tenant: str = "",
+          session: str = "") -> PutResult:
+    """Blocking `put_async`."""
+    return self.put_async(ids, blocks, tenant=tenant, session=session).result()
+
+  def get_async(self, ids: Sequence[bytes]) -> cf.Future:
+    """A future of one `[L, 2, Hkv, P, D]` array or None per id."""
+    ids = self._check_ids(ids)
+    self._stats.add(get_calls=1, get_blocks=len(ids))
+    step = self.config.max_batch_blocks
+    batches = [ids[i:i + step] for i in range(0, len(ids), step)]
+    futures = [self._reads.submit(self._get, batch) for batch in batches]
+    return gather(futures, lambda parts: [b for part in parts for b in part])
+
+  def get(self, ids: Sequence[bytes]) -> list[np.ndarray | None]:
+    """Blocking `get_async`."""
+    return self.get_async(ids).result()
+
+  def contains(self, ids: Sequence[bytes]) -> list[bool]:
+    """Whether each id is stored and readable now (committed, not deleted)."""
+    return self.index.contains(self._check_ids(ids))
+
+  def delete_session(self, tenant: str, session: str) -> int:
+    """Removes every block the session put (index entry and bytes)."""
+    return self._delete(self.index.mark_deleting_where(tenant, session))
+
+  def delete_tenant(self, tenant: str) -> int:
+    """Removes every block any session of the tenant put (index entry and bytes)."""
+    return self._delete(self.index.mark_deleting_where(tenant, None))
+
+  def recover(self) -> int:
+    """Removes half-done writes and deletions of dead processes; returns count."""
+    refs = self.index.dead_owner_rows()
+    if refs:
+      self._delete_bytes(refs)
+      self.index.release(refs)
+      self._stats.add(recovered_blocks=len(refs))
+      _log.warning("cold tier %s: removed %d blocks left by dead writers",
+                   self.config.root, len(refs))
+    return len(refs)
+
+  def stats(self) -> dict[str, float]:
+    """Counters (see `storage.stats`) plus the index's block counts."""
+    out = self._stats.snapshot()
+    out.update({f"index_{k}": v for k, v in self.index.counts().items()})
+    out["pending_write_bytes"] = self._writes.bytes_in_flight
+    return out
+
+  def flush(self, timeout: float | None = None) -> bool:
+    """Waits until every queued put is durable and committed."""
+    return self._writes.wait_idle(timeout)
+
+  def close(self) -> None:
+    """Finishes queued work and releases the index."""
+    self.flush()
+    self._writes.shutdown()
+    self._reads.shutdown()
+    self.index.close()
+
+  def __enter__(self) -> "BlockStore":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  @property
+  def encoded_block_bytes(self) -> int:
+    return self.codec.encoded_block_bytes
+
+  def chunk_key(self, slot: int) -> bytes:
+    """The kvstore key (relative to the array) of a slot's chunk."""
+    return layout.chunk_key(slot, self._stored_rank)
+
+  def stored_slots(self) -> set[int]:
+    """Slots that have a chunk in the kvstore (lists keys; for checks and tests)."""
+    keys = self._kvstore.list(ts.KvStore.KeyRange(b"c/", b"c0")).result()
+    return {int(key.split(b"/")[1]) for key in keys}
+
+  # -- internals -------------------------------------------------------------
+
+  @staticmethod
+  def _check_ids(ids: Sequence[bytes]) -> list[bytes]:
+    ids = list(ids)
+    for block_id in ids:
+      if not isinstance(block_id, bytes) or not block_id:
+        raise ValueError(f"block ids must be non-empty bytes, got {block_id!r:.40}")
+    return ids
+
+  def _put(self, ids: list[bytes], blocks: np.ndarray, tenant: str,
+           session: str) -> PutResult:
+    start = time.perf_counter()
+    reservation = self.index.reserve(ids, tenant, session)
+    statuses = list(reservation.statuses)
+    rows = [i for i, s in enumerate(statuses) if s == index_lib.WRITE]
+    step = self.config.max_batch_blocks
+    for lo in range(0, len(rows), step):
+      batch_rows = rows[lo:lo + step]
+      refs = reservation.to_write[lo:lo + step]
+      contiguous = batch_rows[-1] - batch_rows[0] == len(batch_rows) - 1
+      batch = (blocks[batch_rows[0]:batch_rows[-1] + 1] if contiguous  # a view, no copy
+               else blocks[batch_rows])
+      try:
+        self._write_chunks(refs, batch)
+      except Exception as err:  # pylint: disable=broad-except
+        _log.error("cold tier write of %d blocks failed: %s", len(refs), err)
+        self._delete_bytes(refs)
+        self.index.release(refs)
+        for i in batch_rows:
+          statuses[i] = FAILED
+        self._stats.add(failed_writes=len(refs))
+        continue
+      self.index.commit(refs)
+    written = sum(s == index_lib.WRITE for s in statuses)
+    self._stats.add(
+        written_blocks=written, written_bytes=written * self.codec.encoded_block_bytes,
+        present_blocks=statuses.count(index_lib.PRESENT),
+        in_flight_blocks=statuses.count(index_lib.IN_FLIGHT),
+        deferred_blocks=statuses.count(index_lib.DEFERRED),
+        no_space_blocks=statuses.count(index_lib.NO_SPACE),
+        evicted_blocks=reservation.evicted, write_seconds=time.perf_counter() - start)
+    return PutResult(statuses)
+
+  def _write_chunks(
+      self,
+      refs: Sequence[index_lib.SlotRef],
+      blocks: np.ndarray,  # [n, L, 2, Hkv, P, D] cache dtype
+  ) -> None:
+    """Writes chunks and returns once they are durable (one transaction)."""
+    encoded = self.codec.encode(blocks)
+    slots = np.array([r.slot for r in refs], np.int64)
+    txn = ts.Transaction()
+    self.array.with_transaction(txn)[slots].write(encoded).result()
+    txn.commit_async().result()
+
+  def _get(self, ids: list[bytes]) -> list[np.ndarray | None]:
+    start = time.perf_counter()
+    refs = self.index.lookup(ids)
+    present = [r for r in refs if r is not None]
+    out: dict[bytes, np.ndarray] = {}
+    if present:
+      batch, ok, bad = self._read_chunks(present)
+      if bad:
+        self._drop_bad(bad)
+      good = [i for i in range(len(present)) if ok[i]]
+      valid = self.index.touch([present[i] for i in good]) if good else []
+      keep = [i for i, still_there in zip(good, valid) if still_there]
+      self._stats.add(miss_raced=len(good) - len(keep))
+      if keep:
+        decoded = self.codec.decode(batch if len(keep) == len(present) else batch[keep])
+        out = {present[i].block_id: decoded[j] for j, i in enumerate(keep)}
+    hits = sum(block_id in out for block_id in ids)
+    self._stats.add(
+        hit_blocks=hits, read_bytes=hits * self.codec.encoded_block_bytes,
+        miss_absent=sum(r is None for r in refs),
+        read_seconds=time.perf_counter() - start)
+    return [out.get(block_id) for block_id in ids]
+
+  def _read_chunks(
+      self, refs: Sequence[index_lib.SlotRef]
+  ) -> tuple[np.ndarray, list[bool], list[tuple[index_lib.SlotRef, str]]]:
+    """Reads chunks `[n, *stored_shape]`: one batched read, else one per chunk.
+
+    Returns the chunks, whether each was read intact, and the failures with
+    their reason ("missing" or "corrupt").
+    """
+    slots = np.array([r.slot for r in refs], np.int64)
+    try:
+      return self.array[slots].read().result(), [True] * len(refs), []
+    except Exception:  # pylint: disable=broad-except
+      pass  # find out which chunks failed, one read each
+    batch = np.zeros((len(refs), *self.codec.stored_shape), self.codec.stored_dtype)
+    futures = [self.array[int(r.slot)].read() for r in refs]
+    ok, failures = [], []
+    for i, (ref, future) in enumerate(zip(refs, futures)):
+      try:
+        batch[i] = future.result()
+        ok.append(True)
+      except Exception as err:  # pylint: disable=broad-except
+        ok.append(False)
+        reason = "missing" if "NOT_FOUND" in str(err) else "corrupt"
+        failures.append((ref, reason))
+        self._log_once(ref.block_id, f"cold tier block {ref.block_id.hex()[:16]} at slot "
+                       f"{ref.slot} is {reason}; treated as a miss: {err}")
+    return batch, ok, failures
+
+  def _drop_bad(self, bad: Sequence[tuple[index_lib.SlotRef, str]]) -> None:
+    self._stats.add(miss_missing=sum(r == "missing" for _, r in bad),
+                    miss_corrupt=sum(r == "corrupt" for _, r in bad))
+    hidden = self.index.mark_deleting([ref for ref, _ in bad])
+    self._delete_bytes(hidden)
+    self.index.release(hidden)
+
+  def _delete(self, refs: list[index_lib.SlotRef]) -> int:
+    self._delete_bytes(refs)
+    self.index.release(refs)
+    self._stats.add(deleted_blocks=len(refs))
+    return len(refs)
+
+  def _delete_bytes(self, refs: Sequence[index_lib.SlotRef]) -> None:
+    """Deletes the chunks of `refs` (absent chunks are fine)."""
+    if not refs:
+      return
+    txn = ts.Transaction()
+    kv = self._kvstore.with_transaction(txn)
+    for ref in refs:
+      key = self.chunk_key(ref.slot)
+      kv.delete_range(ts.KvStore.KeyRange(key, key + b"\x00")).result()
+    txn.commit_async().result()
+
+  def _log_once(self, block_id: bytes, message: str) -> None:
+    with self._log_lock:
+      if block_id in self._logged:
+        return
+      if len(self._logged) > 100_000:
+        self._logged.clear()
+      self._logged.add(block_id)
+    _log.warning(message)

@@ -1,0 +1,160 @@
+"""Block codecs: how one KV block is turned into the array chunk that is stored.
+
+A codec maps a batch of KV blocks `[n, L, 2, Hkv, P, D]` in the cache dtype to
+the stored chunk array `[n, *stored_shape]` of `stored_dtype` and back. The
+zarr3 byte-level codecs (zstd, the crc32c checksum) run inside TensorStore, so
+a codec here only decides the array that TensorStore sees:
+
+* `raw`: the block itself, bit-exact (bf16 stays bf16).
+* `int8`: lossy. Each (layer, K/V, head) row of `P * D` values is scaled by
+  its own float32 `scale = max|x| / 127` and rounded to int8; the 4 bytes of
+  the scale are appended to the row, so a stored block is
+  `[L, 2, Hkv, P * D + 4]` int8 and still one chunk (one read per block).
+
+`zstd` is not a codec here but a compression flag (`compress=True`) that the
+layout turns into the zarr3 `zstd` codec; `zstd` = raw + zstd, `int8+zstd` =
+int8 + zstd.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+_NUMPY_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+
+_SCALE_BYTES = 4  # one float32 per (layer, K/V, head) row
+
+
+def numpy_dtype(name: str) -> np.dtype:
+  """The numpy dtype of a cache dtype name ("float32", "float16", "bfloat16")."""
+  if name not in _NUMPY_DTYPES:
+    raise ValueError(
+        f"cache dtype {name!r} is not storable; use one of {sorted(_NUMPY_DTYPES)}")
+  return _NUMPY_DTYPES[name]
+
+
+class BlockCodec:
+  """Base class: identity mapping (the `raw` codec)."""
+
+  name = "raw"
+  lossy = False
+
+  def __init__(self, block_shape: tuple[int, ...], dtype: str, compress: bool):
+    if len(block_shape) != 5 or block_shape[1] != 2 or min(block_shape) <= 0:
+      raise ValueError(
+          f"block_shape must be [L, 2, Hkv, P, D] with positive sizes, got {block_shape}")
+    self.block_shape = tuple(int(s) for s in block_shape)
+    self.dtype = numpy_dtype(dtype)
+    self.dtype_name = dtype
+    self.compress = compress
+
+  @property
+  def stored_shape(self) -> tuple[int, ...]:
+    return self.block_shape
+
+  @property
+  def stored_dtype_name(self) -> str:
+    return self.dtype_name
+
+  @property
+  def stored_dtype(self) -> np.dtype:
+    return self.dtype
+
+  @property
+  def encoded_block_bytes(self) -> int:
+    """Bytes of one stored block before byte-level compression."""
+    return int(np.prod(self.stored_shape)) * self.stored_dtype.itemsize
+
+  @property
+  def full_name(self) -> str:
+    """The codec's config name: raw, zstd, int8 or int8+zstd."""
+    if self.name == "raw":
+      return "zstd" if self.compress else "raw"
+    return self.name + ("+zstd" if self.compress else "")
+
+  def check_blocks(self, blocks: np.ndarray) -> None:
+    """Raises ValueError unless `blocks` is `[n, *block_shape]` of the cache dtype."""
+    if not isinstance(blocks, np.ndarray):
+      raise ValueError(f"blocks must be a numpy array, got {type(blocks).__name__}")
+    if blocks.ndim != 6 or tuple(blocks.shape[1:]) != self.block_shape:
+      raise ValueError(
+          f"blocks must have shape [n, {', '.join(map(str, self.block_shape))}], "
+          f"got {list(blocks.shape)}")
+    if blocks.dtype != self.dtype:
+      raise ValueError(f"blocks must be {self.dtype_name}, got {blocks.dtype}")
+
+  def encode(
+      self,
+      blocks: np.ndarray,  # [n, L, 2, Hkv, P, D] cache dtype
+  ) -> np.ndarray:  # [n, *stored_shape] stored dtype
+    return np.ascontiguousarray(blocks)
+
+  def decode(
+      self,
+      stored: np.ndarray,  # [n, *stored_shape] stored dtype
+  ) -> np.ndarray:  # [n, L, 2, Hkv, P, D] cache dtype
+    return stored
+
+
+class Int8Codec(BlockCodec):
+  """Symmetric int8 with one float32 scale per (block, layer, K/V, head)."""
+
+  name = "int8"
+  lossy = True
+
+  @property
+  def stored_shape(self) -> tuple[int, ...]:
+    num_layers, two, num_heads, block_size, head_dim = self.block_shape
+    return (num_layers, two, num_heads, block_size * head_dim + _SCALE_BYTES)
+
+  @property
+  def stored_dtype_name(self) -> str:
+    return "int8"
+
+  @property
+  def stored_dtype(self) -> np.dtype:
+    return np.dtype(np.int8)
+
+  def encode(
+      self,
+      blocks: np.ndarray,  # [n, L, 2, Hkv, P, D] cache dtype
+  ) -> np.ndarray:  # [n, L, 2, Hkv, P * D + 4] int8
+    n = blocks.shape[0]
+    rows = blocks.reshape(n, *self.block_shape[:3], -1).astype(np.float32)
+    amax = np.maximum(rows.max(-1, keepdims=True), -rows.min(-1, keepdims=True))
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    np.divide(rows, scale, out=rows)  # in place: one float32 temporary
+    np.rint(rows, out=rows)
+    np.clip(rows, -127, 127, out=rows)
+    out = np.empty((n, *self.stored_shape), np.int8)
+    out[..., :-_SCALE_BYTES] = rows
+    out[..., -_SCALE_BYTES:] = scale.view(np.int8)
+    return out
+
+  def decode(
+      self,
+      stored: np.ndarray,  # [n, L, 2, Hkv, P * D + 4] int8
+  ) -> np.ndarray:  # [n, L, 2, Hkv, P, D] cache dtype
+    n = stored.shape[0]
+    scale = np.ascontiguousarray(stored[..., -_SCALE_BYTES:]).view(np.float32)
+    rows = stored[..., :-_SCALE_BYTES].astype(np.float32)
+    np.multiply(rows, scale, out=rows)
+    return rows.reshape(n, *self.block_shape).astype(self.dtype)
+
+
+def make_codec(name: str, block_shape: tuple[int, ...], dtype: str) -> BlockCodec:
+  """The codec called `name` ("raw", "zstd", "int8", "int8+zstd")."""
+  if name == "raw":
+    return BlockCodec(block_shape, dtype, compress=False)
+  if name == "zstd":
+    return BlockCodec(block_shape, dtype, compress=True)
+  if name == "int8":
+    return Int8Codec(block_shape, dtype, compress=False)
+  if name == "int8+zstd":
+    return Int8Codec(block_shape, dtype, compress=True)
+  raise ValueError(f"unknown codec {name!r}; use raw, zstd, int8 or int8+zstd")

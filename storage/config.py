@@ -1,0 +1,90 @@
+"""Configuration of the cold tier: where blocks live, how they are encoded, how many.
+
+One frozen dataclass, `ColdTierConfig`, holds every knob of the block store so
+launchers only parse flags into it. The shape and dtype of a block are not here:
+they come from `dualpath_jax.config.ModelConfig` and `CacheConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+CODECS = ("raw", "zstd", "int8", "int8+zstd")
+DRIVERS = ("file", "ocdbt")
+FILE_IO_MODES = ("default", "direct", "memmap")
+ADMISSIONS = ("always", "second_put", "session_continues")
+
+
+@dataclasses.dataclass(frozen=True)
+class ColdTierConfig:
+  """Cold-tier (TensorStore) block store settings.
+
+  Attributes:
+    root: local directory of the store. Holds the index (SQLite), the writer
+      leases and, unless `kvstore` is given, the block arrays themselves.
+    kvstore: optional TensorStore kvstore spec for the block bytes, e.g.
+      `{"driver": "gcs", "bucket": "b", "path": "kv/"}` or a shared file system
+      `{"driver": "file", "path": "/mnt/shared/kv/"}`. None: `<root>/blocks/`.
+    driver: "file" (one file per block, written to a temp file, fsynced and
+      renamed) or "ocdbt" (blocks packed into an append-only B-tree database).
+    codec: "raw" (the cache dtype, bit-exact), "zstd" (raw then zstd),
+      "int8" (lossy, one float32 scale per block, layer, K/V and head) or
+      "int8+zstd".
+    zstd_level: zstd level for the zstd codecs.
+    capacity_bytes: byte budget for encoded (pre-compression) block payloads;
+      the store holds at most `capacity_bytes // encoded_block_bytes` blocks and
+      evicts least recently used blocks to admit new ones.
+    admission: "always" writes every put block; "second_put" writes a block
+      only when it is put a second time (it was reused); "session_continues"
+      writes a session's blocks only from its second put on (the session came
+      back for another turn). Deferred blocks are not stored; put them again.
+    io_threads: batches in flight at once (each batch is one TensorStore
+      read or write of up to `max_batch_blocks` chunks).
+    file_io_concurrency: TensorStore's limit on concurrent file operations.
+    file_io_mode: TensorStore's file access mode for local files: "direct"
+      (O_DIRECT where the file system allows it: no page-cache copy, and no
+      second cache of blocks the host-DRAM hot tier already holds; measured
+      faster, see docs/storage.md), "default" (buffered) or "memmap".
+    max_batch_blocks: a put or get of more blocks is split into batches.
+    max_pending_write_bytes: write-back bytes queued but not yet durable; a
+      put beyond it is dropped (status "dropped") instead of blocking the
+      caller. It is a cache: the engine can always recompute.
+    fsync: fsync block files before the index commits them (durability). Only
+      turn off for benchmarks that say so.
+  """
+
+  root: str
+  kvstore: dict[str, Any] | None = None
+  driver: str = "file"
+  codec: str = "raw"
+  zstd_level: int = 1
+  capacity_bytes: int = 8 << 30
+  admission: str = "always"
+  io_threads: int = 4
+  file_io_concurrency: int = 32
+  file_io_mode: str = "direct"
+  max_batch_blocks: int = 64
+  max_pending_write_bytes: int = 1 << 30
+  fsync: bool = True
+
+  def __post_init__(self):
+    if not self.root:
+      raise ValueError("ColdTierConfig.root must be a directory path")
+    if self.driver not in DRIVERS:
+      raise ValueError(f"driver={self.driver!r} not in {DRIVERS}")
+    if self.codec not in CODECS:
+      raise ValueError(f"codec={self.codec!r} not in {CODECS}")
+    if self.file_io_mode not in FILE_IO_MODES:
+      raise ValueError(f"file_io_mode={self.file_io_mode!r} not in {FILE_IO_MODES}")
+    if self.admission not in ADMISSIONS:
+      raise ValueError(f"admission={self.admission!r} not in {ADMISSIONS}")
+    for name in ("capacity_bytes", "io_threads", "file_io_concurrency",
+                 "max_batch_blocks", "max_pending_write_bytes"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"ColdTierConfig.{name} must be positive")
+    if not 1 <= self.zstd_level <= 22:
+      raise ValueError(f"zstd_level={self.zstd_level} not in [1, 22]")
+
+  def replace(self, **kw: Any) -> "ColdTierConfig":
+    return dataclasses.replace(self, **kw)

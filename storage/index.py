@@ -1,0 +1,386 @@
+"""Block index: block identity -> storage slot, in a SQLite database beside the store.
+
+Why SQLite: it is in the standard library, its transactions are atomic and
+durable across a crash (WAL journal, `synchronous=FULL`), and several processes
+may open one database at once (readers never block; writers take turns). The
+index is the only thing that makes a block visible, so the store's crash safety
+reduces to the order "bytes durable, then index commit":
+
+  1. `reserve`  (one transaction) allocates slots and inserts rows in state
+     PENDING, owned by this process's writer lease. Readers never see them.
+  2. the store writes the chunks through TensorStore (fsynced).
+  3. `commit`   (one transaction) flips the rows to READY.
+
+A row is deleted in the same two-step way: state DELETING (invisible), bytes
+deleted, then the row and its slot are freed. A process that dies between the
+steps leaves PENDING or DELETING rows owned by a lease that nobody holds any
+more; `dead_owner_rows` finds them (a `flock` on the lease file succeeds only
+when its owner is gone) and the store deletes their bytes and frees them.
+
+Every allocation bumps a generation counter stored with the row; a reader
+re-checks (id, slot, generation) after its read (`touch`), so a slot that was
+evicted and reused while it was being read is a miss, never someone else's
+bytes served under this id.
+
+Capacity is a number of slots. When all are used, `reserve` evicts the least
+recently used READY blocks (their slots are reused at once: the new chunk
+overwrites the old one atomically). Admission rules (`always`, `second_put`,
+`session_continues`) decide whether a put block is written at all.
+
+Tables: `blocks` (id, slot, gen, state, owner, tenant, session, last_access,
+hits), `refs` (which tenant/session put which block, for deletion),
+`free_slots`, `seen` (ids put once, for `second_put`), `sessions` (puts per
+session, for `session_continues`) and `meta` (layout, counters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from typing import Iterator, Sequence
+
+PENDING, READY, DELETING = 0, 1, 2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (
+  id BLOB PRIMARY KEY, slot INTEGER NOT NULL UNIQUE, gen INTEGER NOT NULL,
+  state INTEGER NOT NULL, owner TEXT NOT NULL, tenant TEXT NOT NULL,
+  session TEXT NOT NULL, last_access REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS blocks_lru ON blocks (state, last_access);
+CREATE INDEX IF NOT EXISTS blocks_owner ON blocks (owner, state);
+CREATE TABLE IF NOT EXISTS refs (
+  id BLOB NOT NULL, tenant TEXT NOT NULL, session TEXT NOT NULL,
+  PRIMARY KEY (tenant, session, id));
+CREATE INDEX IF NOT EXISTS refs_id ON refs (id);
+CREATE TABLE IF NOT EXISTS free_slots (slot INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS seen (id BLOB PRIMARY KEY, t REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+  tenant TEXT NOT NULL, session TEXT NOT NULL, puts INTEGER NOT NULL,
+  PRIMARY KEY (tenant, session));
+"""
+
+# Statuses of a block in a put.
+WRITE = "write"  # slot reserved: the caller writes the bytes, then commits
+PRESENT = "present"  # already stored (READY)
+IN_FLIGHT = "in_flight"  # another writer is storing it right now
+DEFERRED = "deferred"  # refused by the admission rule this time
+NO_SPACE = "no_space"  # every slot is held by an in-flight write
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotRef:
+  """Where one block lives: its identity, slot and the slot's generation."""
+
+  block_id: bytes
+  slot: int
+  gen: int
+
+
+@dataclasses.dataclass
+class Reservation:
+  """Outcome of `reserve`: one status per requested id, slots to write."""
+
+  statuses: list[str]
+  to_write: list[SlotRef]  # in request order, only ids with status WRITE
+  evicted: int = 0
+
+
+class BlockIndex:
+  """The SQLite index of one store (thread-safe; one instance per process)."""
+
+  def __init__(self, directory: str, layout: dict, num_slots: int, admission: str = "always"):
+    """Opens or creates the index in `directory`.
+
+    Args:
+      directory: local directory for `index.sqlite` and the `owners/` leases.
+      layout: JSON-able description of the block layout; must equal the one
+        the index was created with.
+      num_slots: capacity in blocks.
+      admission: "always", "second_put" or "session_continues".
+    """
+    if num_slots <= 0:
+      raise ValueError(f"num_slots must be positive, got {num_slots}")
+    os.makedirs(os.path.join(directory, "owners"), exist_ok=True)
+    self.directory = directory
+    self.num_slots = int(num_slots)
+    self.admission = admission
+    self._lock = threading.Lock()
+    self._db = sqlite3.connect(
+        os.path.join(directory, "index.sqlite"), timeout=60.0,
+        isolation_level=None, check_same_thread=False)
+    self._db.execute("PRAGMA journal_mode=WAL")
+    self._db.execute("PRAGMA synchronous=FULL")
+    for statement in _SCHEMA.strip().split(";"):
+      if statement.strip():
+        self._db.execute(statement)
+    self._check_layout(layout)
+    self.owner = uuid.uuid4().hex
+    self._lease_path = os.path.join(directory, "owners", self.owner + ".lock")
+    self._lease_fd = os.open(self._lease_path, os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(self._lease_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+  # -- plumbing --------------------------------------------------------------
+
+  @contextlib.contextmanager
+  def _transaction(self) -> Iterator[sqlite3.Connection]:
+    """A write transaction (BEGIN IMMEDIATE), serialized with other processes."""
+    with self._lock:
+      self._db.execute("BEGIN IMMEDIATE")
+      try:
+        yield self._db
+      except BaseException:
+        self._db.execute("ROLLBACK")
+        raise
+      self._db.execute("COMMIT")
+
+  @contextlib.contextmanager
+  def _read(self) -> Iterator[sqlite3.Connection]:
+    with self._lock:
+      yield self._db
+
+  def _check_layout(self, layout: dict) -> None:
+    text = json.dumps(layout, sort_keys=True)
+    with self._transaction() as db:
+      row = db.execute("SELECT value FROM meta WHERE key='layout'").fetchone()
+      if row is None:
+        db.execute("INSERT INTO meta VALUES ('layout', ?)", (text,))
+        db.execute("INSERT INTO meta VALUES ('next_slot', '0')")
+        db.execute("INSERT INTO meta VALUES ('gen', '0')")
+      elif row[0] != text:
+        raise ValueError(
+            f"cold tier index in {self.directory} was made for layout {row[0]}, "
+            f"not {text}; use another directory or the same model/cache/codec")
+
+  @staticmethod
+  def _counter(db: sqlite3.Connection, key: str) -> int:
+    return int(db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
+
+  @staticmethod
+  def _set_counter(db: sqlite3.Connection, key: str, value: int) -> None:
+    db.execute("UPDATE meta SET value=? WHERE key=?", (str(value), key))
+
+  def close(self) -> None:
+    """Closes the database and releases (and removes) this process's lease."""
+    with self._lock:
+      self._db.close()
+    try:
+      os.unlink(self._lease_path)
+    except FileNotFoundError:
+      pass
+    os.close(self._lease_fd)
+
+  # -- writes ----------------------------------------------------------------
+
+  def _admit(self, db: sqlite3.Connection, block_id: bytes, repeat_session: bool, now: float) -> bool:
+    if self.admission == "always":
+      return True
+    if self.admission == "session_continues":
+      return repeat_session
+    seen = db.execute("SELECT 1 FROM seen WHERE id=?", (block_id,)).fetchone()
+    if seen:
+      db.execute("DELETE FROM seen WHERE id=?", (block_id,))
+      return True
+    db.execute("INSERT INTO seen VALUES (?, ?)", (block_id, now))
+    return False
+
+  def _prune_seen(self, db: sqlite3.Connection) -> None:
+    limit = 4 * self.num_slots
+    count = db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
+    if count > limit:
+      db.execute("DELETE FROM seen WHERE id IN (SELECT id FROM seen ORDER BY t LIMIT ?)",
+                 (count - limit,))
+
+  def _allocate(self, db: sqlite3.Connection, protect: set[bytes]) -> tuple[int | None, bool]:
+    """A free slot (reusing an LRU victim's if needed) and whether it evicted."""
+    row = db.execute("SELECT slot FROM free_slots LIMIT 1").fetchone()
+    if row is not None:
+      db.execute("DELETE FROM free_slots WHERE slot=?", row)
+      return row[0], False
+    next_slot = self._counter(db, "next_slot")
+    if next_slot < self.num_slots:
+      self._set_counter(db, "next_slot", next_slot + 1)
+      return next_slot, False
+    for victim_id, slot in db.execute(
+        "SELECT id, slot FROM blocks WHERE state=? ORDER BY last_access LIMIT ?",
+        (READY, len(protect) + 1)).fetchall():
+      if victim_id in protect:
+        continue
+      db.execute("DELETE FROM blocks WHERE id=?", (victim_id,))
+      db.execute("DELETE FROM refs WHERE id=?", (victim_id,))
+      return slot, True
+    return None, False
+
+  def reserve(self, ids: Sequence[bytes], tenant: str, session: str) -> Reservation:
+    """Decides, in one transaction, what happens to each block of a put."""
+    now = time.time()
+    statuses, to_write, evicted = [], [], 0
+    with self._transaction() as db:
+      row = db.execute("SELECT puts FROM sessions WHERE tenant=? AND session=?",
+                       (tenant, session)).fetchone()
+      repeat_session = row is not None and row[0] > 0
+      db.execute(
+          "INSERT INTO sessions VALUES (?, ?, 1) ON CONFLICT (tenant, session) "
+          "DO UPDATE SET puts = puts + 1", (tenant, session))
+      gen = self._counter(db, "gen")
+      protect = set(ids)
+      for block_id in ids:
+        existing = db.execute("SELECT state FROM blocks WHERE id=?", (block_id,)).fetchone()
+        if existing is not None:
+          statuses.append(PRESENT if existing[0] == READY else IN_FLIGHT)
+          if existing[0] == READY:
+            db.execute("INSERT OR IGNORE INTO refs VALUES (?, ?, ?)", (block_id, tenant, session))
+            db.execute("UPDATE blocks SET last_access=? WHERE id=?", (now, block_id))
+          continue
+        if not self._admit(db, block_id, repeat_session, now):
+          statuses.append(DEFERRED)
+          continue
+        slot, was_evicted = self._allocate(db, protect)
+        if slot is None:
+          statuses.append(NO_SPACE)
+          continue
+        evicted += was_evicted
+        gen += 1
+        db.execute("INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                   (block_id, slot, gen, PENDING, self.owner, tenant, session, now))
+        db.execute("INSERT OR IGNORE INTO refs VALUES (?, ?, ?)", (block_id, tenant, session))
+        statuses.append(WRITE)
+        to_write.append(SlotRef(block_id, slot, gen))
+      self._set_counter(db, "gen", gen)
+      if self.admission == "second_put":
+        self._prune_seen(db)
+    return Reservation(statuses, to_write, evicted)
+
+  def commit(self, refs: Sequence[SlotRef]) -> None:
+    """Makes written blocks visible (their bytes must already be durable)."""
+    with self._transaction() as db:
+      db.executemany(
+          "UPDATE blocks SET state=? WHERE id=? AND gen=? AND owner=? AND state=?",
+          [(READY, r.block_id, r.gen, self.owner, PENDING) for r in refs])
+
+  def release(self, refs: Sequence[SlotRef]) -> None:
+    """Frees rows this process marked PENDING/DELETING whose bytes are gone."""
+    with self._transaction() as db:
+      for r in refs:
+        cur = db.execute("DELETE FROM blocks WHERE id=? AND gen=? AND owner=? AND state!=?",
+                         (r.block_id, r.gen, self.owner, READY))
+        if cur.rowcount:
+          db.execute("DELETE FROM refs WHERE id=?", (r.block_id,))
+          db.execute("INSERT OR IGNORE INTO free_slots VALUES (?)", (r.slot,))
+
+  def mark_deleting(self, refs: Sequence[SlotRef]) -> list[SlotRef]:
+    """Hides READY blocks (e.g. found corrupt); returns those this call hid."""
+    hidden = []
+    with self._transaction() as db:
+      for r in refs:
+        cur = db.execute("UPDATE blocks SET state=?, owner=? WHERE id=? AND gen=? AND state=?",
+                         (DELETING, self.owner, r.block_id, r.gen, READY))
+        if cur.rowcount:
+          hidden.append(r)
+    return hidden
+
+  def mark_deleting_where(self, tenant: str, session: str | None) -> list[SlotRef]:
+    """Hides every block a tenant (or one of its sessions) put; returns them."""
+    with self._transaction() as db:
+      if session is None:
+        ids = db.execute("SELECT DISTINCT id FROM refs WHERE tenant=?", (tenant,)).fetchall()
+        db.execute("DELETE FROM sessions WHERE tenant=?", (tenant,))
+      else:
+        ids = db.execute("SELECT id FROM refs WHERE tenant=? AND session=?",
+                         (tenant, session)).fetchall()
+        db.execute("DELETE FROM sessions WHERE tenant=? AND session=?", (tenant, session))
+      hidden = []
+      for (block_id,) in ids:
+        row = db.execute("SELECT slot, gen, state FROM blocks WHERE id=?", (block_id,)).fetchone()
+        if row is None:
+          continue
+        db.execute("UPDATE blocks SET state=?, owner=? WHERE id=?",
+                   (DELETING, self.owner, block_id))
+        hidden.append(SlotRef(block_id, row[0], row[1]))
+    return hidden
+
+  def dead_owner_rows(self) -> list[SlotRef]:
+    """PENDING/DELETING rows of dead writers, taken over by this process."""
+    with self._read() as db:
+      owners = [o for (o,) in db.execute(
+          "SELECT DISTINCT owner FROM blocks WHERE state!=?", (READY,)).fetchall()]
+    dead = [o for o in owners if o != self.owner and not self._lease_alive(o)]
+    taken = []
+    for owner in dead:
+      with self._transaction() as db:
+        rows = db.execute("SELECT id, slot, gen FROM blocks WHERE owner=? AND state!=?",
+                          (owner, READY)).fetchall()
+        db.execute("UPDATE blocks SET owner=?, state=? WHERE owner=? AND state!=?",
+                   (self.owner, DELETING, owner, READY))
+      taken += [SlotRef(bytes(i), s, g) for i, s, g in rows]
+    self._remove_dead_leases()
+    return taken
+
+  def _lease_alive(self, owner: str) -> bool:
+    path = os.path.join(self.directory, "owners", owner + ".lock")
+    try:
+      fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+      return False
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return True
+    finally:
+      os.close(fd)
+    return False
+
+  def _remove_dead_leases(self) -> None:
+    owners_dir = os.path.join(self.directory, "owners")
+    for name in os.listdir(owners_dir):
+      owner = name.removesuffix(".lock")
+      if owner != self.owner and not self._lease_alive(owner):
+        with contextlib.suppress(FileNotFoundError):
+          os.unlink(os.path.join(owners_dir, name))
+
+  # -- reads -----------------------------------------------------------------
+
+  def lookup(self, ids: Sequence[bytes]) -> list[SlotRef | None]:
+    """READY location of each id (None when absent or not yet committed)."""
+    out = []
+    with self._read() as db:
+      for block_id in ids:
+        row = db.execute("SELECT slot, gen FROM blocks WHERE id=? AND state=?",
+                         (block_id, READY)).fetchone()
+        out.append(None if row is None else SlotRef(block_id, row[0], row[1]))
+    return out
+
+  def touch(self, refs: Sequence[SlotRef]) -> list[bool]:
+    """After a read: True where the block still sits there; bumps its LRU time."""
+    now = time.time()
+    valid = []
+    with self._transaction() as db:
+      for r in refs:
+        cur = db.execute(
+            "UPDATE blocks SET last_access=?, hits=hits+1 WHERE id=? AND slot=? AND gen=? "
+            "AND state=?", (now, r.block_id, r.slot, r.gen, READY))
+        valid.append(cur.rowcount == 1)
+    return valid
+
+  def contains(self, ids: Sequence[bytes]) -> list[bool]:
+    return [r is not None for r in self.lookup(ids)]
+
+  def counts(self) -> dict[str, int]:
+    """Blocks per state and free capacity."""
+    with self._read() as db:
+      by_state = dict(db.execute("SELECT state, COUNT(*) FROM blocks GROUP BY state").fetchall())
+    return {"ready": by_state.get(READY, 0), "pending": by_state.get(PENDING, 0),
+            "deleting": by_state.get(DELETING, 0), "slots": self.num_slots}
+
+  def all_ready(self) -> list[SlotRef]:
+    """Every READY block (for tests and the crash checker)."""
+    with self._read() as db:
+      rows = db.execute("SELECT id, slot, gen FROM blocks WHERE state=?", (READY,)).fetchall()
+    return [SlotRef(bytes(i), s, g) for i, s, g in rows]

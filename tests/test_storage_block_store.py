@@ -1,0 +1,287 @@
+"""Tests of storage.BlockStore on a local TensorStore directory (tmp_path)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from dualpath_jax.config import TINY, CacheConfig
+from storage import BlockStore, ColdTierConfig
+from storage import index as index_lib
+
+CACHE = CacheConfig(block_size=16, dtype="bfloat16")
+BLOCK_BYTES = TINY.num_layers * 2 * TINY.num_kv_heads * 16 * TINY.head_dim * 2
+
+
+def _store(root, **kw) -> BlockStore:
+  kw.setdefault("capacity_bytes", 64 * BLOCK_BYTES)
+  return BlockStore(ColdTierConfig(root=str(root), **kw), TINY, CACHE)
+
+
+def _data(rng, n, store):
+  blocks = rng.standard_normal((n, *store.block_shape), dtype=np.float32) * 3
+  ids = [rng.bytes(32) for _ in range(n)]
+  return ids, blocks.astype(ml_dtypes.bfloat16)
+
+
+def _same(a, b) -> bool:
+  return a is not None and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("driver", ["file", "ocdbt"])
+@pytest.mark.parametrize("codec", ["raw", "zstd", "int8", "int8+zstd"])
+@pytest.mark.parametrize("n", [1, 7])
+def test_put_get_roundtrip(tmp_path, driver, codec, n):
+  rng = np.random.default_rng(n)
+  with _store(tmp_path, driver=driver, codec=codec, max_batch_blocks=4) as store:
+    ids, blocks = _data(rng, n, store)
+    result = store.put_async(ids, blocks, tenant="t", session="s").result()
+    assert result.statuses == ["write"] * n
+    absent = rng.bytes(32)
+    got = store.get_async([absent] + ids).result()
+    assert got[0] is None
+    assert store.contains(ids + [absent]) == [True] * n + [False]
+    for g, b in zip(got[1:], blocks):
+      if codec in ("raw", "zstd"):
+        assert _same(g, b)
+      else:  # int8: at most half a step of the row's absmax / 127
+        row_max = np.abs(b.astype(np.float32)).reshape(*b.shape[:3], -1).max(-1)
+        err = np.abs(g.astype(np.float32) - b.astype(np.float32))
+        assert np.all(err <= (row_max / 127 * 0.5 + row_max * 2**-7)[..., None, None])
+        assert not _same(g, b)
+    stats = store.stats()
+    assert stats["hit_blocks"] == n and stats["miss_absent"] == 1
+    assert stats["written_blocks"] == n and stats["index_ready"] == n
+    # A second put of the same ids writes nothing.
+    assert store.put(ids, blocks).statuses == ["present"] * n
+
+
+def test_survives_reopen(tmp_path):
+  rng = np.random.default_rng(3)
+  with _store(tmp_path) as store:
+    ids, blocks = _data(rng, 5, store)
+    store.put_async(ids, blocks)
+    store.flush()
+  with _store(tmp_path) as store:
+    got = store.get(ids)
+    assert all(_same(g, b) for g, b in zip(got, blocks))
+
+
+def test_reopen_with_other_layout_raises(tmp_path):
+  with _store(tmp_path, codec="raw"):
+    pass
+  with pytest.raises(ValueError, match="layout"):
+    _store(tmp_path, codec="int8")
+
+
+def test_lru_eviction_keeps_recently_read(tmp_path):
+  rng = np.random.default_rng(4)
+  with _store(tmp_path, capacity_bytes=4 * BLOCK_BYTES) as store:
+    ids, blocks = _data(rng, 6, store)
+    for i in range(4):
+      store.put(ids[i:i + 1], blocks[i:i + 1])
+    assert store.get(ids[:1])[0] is not None  # block 0 is now the most recent
+    store.put(ids[4:6], blocks[4:6])  # evicts the two least recent: 1 and 2
+    assert store.contains(ids) == [True, False, False, True, True, True]
+    assert store.stats()["evicted_blocks"] == 2
+    got = store.get([ids[0], ids[4], ids[5]])
+    assert all(_same(g, b) for g, b in zip(got, blocks[[0, 4, 5]]))
+    assert len(store.stored_slots()) == 4
+
+
+def test_admission_second_put(tmp_path):
+  rng = np.random.default_rng(5)
+  with _store(tmp_path, admission="second_put") as store:
+    ids, blocks = _data(rng, 3, store)
+    assert store.put(ids[:2], blocks[:2]).statuses == ["deferred"] * 2
+    assert store.contains(ids) == [False] * 3
+    assert store.stored_slots() == set()
+    assert store.put(ids, blocks).statuses == ["write", "write", "deferred"]
+    assert store.contains(ids) == [True, True, False]
+
+
+def test_admission_session_continues(tmp_path):
+  rng = np.random.default_rng(6)
+  with _store(tmp_path, admission="session_continues") as store:
+    ids, blocks = _data(rng, 4, store)
+    assert store.put(ids[:2], blocks[:2], session="a").statuses == ["deferred"] * 2
+    assert store.put(ids[2:3], blocks[2:3], session="b").statuses == ["deferred"]
+    assert store.put(ids[:2], blocks[:2], session="a").statuses == ["write"] * 2
+    assert store.put(ids[3:], blocks[3:], session="a").statuses == ["write"]
+    assert store.contains(ids) == [True, True, False, True]
+
+
+def _chunk_path(store, slot):
+  return os.path.join(store.config.root, "data", store.chunk_key(slot).decode())
+
+
+def test_delete_session_and_tenant_remove_bytes(tmp_path):
+  rng = np.random.default_rng(7)
+  with _store(tmp_path) as store:
+    ids, blocks = _data(rng, 9, store)
+    store.put(ids[:3], blocks[:3], tenant="x", session="s1")
+    store.put(ids[3:6], blocks[3:6], tenant="x", session="s2")
+    store.put(ids[6:], blocks[6:], tenant="y", session="s1")
+    store.put(ids[:1], blocks[:1], tenant="x", session="s2")  # s2 also uses block 0
+    slots = {r.block_id: r.slot for r in store.index.all_ready()}
+    assert all(os.path.exists(_chunk_path(store, slots[i])) for i in ids)
+    assert store.delete_session("x", "s1") == 3
+    assert store.contains(ids) == [False] * 3 + [True] * 6
+    assert not any(os.path.exists(_chunk_path(store, slots[i])) for i in ids[:3])
+    assert store.delete_tenant("x") == 3
+    assert store.contains(ids) == [False] * 6 + [True] * 3
+    assert store.stored_slots() == {slots[i] for i in ids[6:]}
+    assert all(_same(g, b) for g, b in zip(store.get(ids[6:]), blocks[6:]))
+    # Freed slots are reused.
+    more_ids, more = _data(rng, 6, store)
+    store.put(more_ids, more)
+    assert len(store.stored_slots()) == 9
+
+
+def _flip_bytes(path, rng, count):
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    for pos in rng.choice(len(data), size=count, replace=False):
+      data[pos] ^= int(rng.integers(1, 256))
+    f.seek(0)
+    f.write(data)
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd", "int8"])
+def test_corrupt_torn_and_missing_chunks_are_misses(tmp_path, codec):
+  rng = np.random.default_rng(8)
+  with _store(tmp_path, codec=codec) as store:
+    ids, blocks = _data(rng, 24, store)
+    store.put(ids, blocks)
+    slots = {r.block_id: r.slot for r in store.index.all_ready()}
+    flipped, torn, missing = ids[0:8:2], [ids[9], ids[13]], [ids[17]]
+    for bid in flipped:
+      _flip_bytes(_chunk_path(store, slots[bid]), rng, int(rng.integers(1, 4)))
+    for bid in torn:
+      path = _chunk_path(store, slots[bid])
+      os.truncate(path, int(rng.integers(1, os.path.getsize(path))))
+    for bid in missing:
+      os.unlink(_chunk_path(store, slots[bid]))
+    bad = set(flipped + torn + missing)
+    got = store.get(ids)
+    for bid, g, b in zip(ids, got, blocks):
+      if bid in bad:
+        assert g is None
+      elif codec != "int8":
+        assert _same(g, b)
+      else:
+        assert g is not None
+    stats = store.stats()
+    assert stats["miss_corrupt"] == len(flipped) + len(torn)
+    assert stats["miss_missing"] == len(missing)
+    assert stats["hit_blocks"] == len(ids) - len(bad)
+    # Bad blocks are dropped from the index and their bytes removed.
+    assert store.contains(ids) == [bid not in bad for bid in ids]
+    assert not store.stored_slots() & {slots[b] for b in bad}
+    assert store.put(list(bad), blocks[[ids.index(b) for b in bad]]).written == len(bad)
+
+
+def test_raced_slot_reuse_is_a_miss(tmp_path):
+  rng = np.random.default_rng(9)
+  with _store(tmp_path, capacity_bytes=2 * BLOCK_BYTES) as store:
+    ids, blocks = _data(rng, 3, store)
+    store.put(ids[:2], blocks[:2])
+    ref = store.index.lookup(ids[:1])[0]
+    store.put(ids[2:], blocks[2:])  # evicts block 0 and reuses its slot
+    assert store.index.touch([ref]) == [False]
+    assert store.index.lookup(ids[2:])[0].slot == ref.slot
+
+
+def test_backpressure_drops_instead_of_blocking(tmp_path):
+  rng = np.random.default_rng(10)
+  with _store(tmp_path, max_pending_write_bytes=3 * BLOCK_BYTES, io_threads=1) as store:
+    ids, blocks = _data(rng, 4, store)
+    gate = threading.Event()
+    real_put = store._put
+
+    def slow_put(*args):
+      gate.wait(10)
+      return real_put(*args)
+
+    store._put = slow_put
+    first = store.put_async(ids[:2], blocks[:2])
+    second = store.put_async(ids[2:], blocks[2:])  # 4 blocks > budget of 3
+    assert second.result(timeout=1).statuses == ["dropped"] * 2
+    gate.set()
+    assert first.result(timeout=10).statuses == ["write"] * 2
+    assert store.stats()["dropped_blocks"] == 2
+
+
+def test_concurrent_puts_and_gets_from_threads(tmp_path):
+  rng = np.random.default_rng(11)
+  with _store(tmp_path, io_threads=3, max_batch_blocks=2) as store:
+    ids, blocks = _data(rng, 24, store)
+    futures = [store.put_async(ids[i:i + 3], blocks[i:i + 3], session=str(i))
+               for i in range(0, 24, 3)]
+    assert all(f.result().written == 3 for f in futures)
+    gets = [store.get_async(ids[i::4]) for i in range(4)]
+    for i, f in enumerate(gets):
+      assert all(_same(g, b) for g, b in zip(f.result(), blocks[i::4]))
+
+
+def test_bad_input_raises(tmp_path):
+  with pytest.raises(ValueError, match="holds no block"):
+    _store(tmp_path / "a", capacity_bytes=BLOCK_BYTES - 1)
+  with pytest.raises(ValueError, match="codec"):
+    ColdTierConfig(root=str(tmp_path), codec="gzip")
+  with pytest.raises(ValueError, match="admission"):
+    ColdTierConfig(root=str(tmp_path), admission="lfu")
+  with _store(tmp_path / "b") as store:
+    ids, blocks = _data(np.random.default_rng(12), 2, store)
+    with pytest.raises(ValueError, match="2 ids for 1 blocks"):
+      store.put_async(ids, blocks[:1])
+    with pytest.raises(ValueError, match="non-empty bytes"):
+      store.put_async(["abc", ids[1]], blocks)
+    with pytest.raises(ValueError, match="bfloat16"):
+      store.put_async(ids, blocks.astype(np.float32))
+    with pytest.raises(ValueError, match="non-empty bytes"):
+      store.get_async([b""])
+
+
+def test_index_states_hide_uncommitted_rows(tmp_path):
+  rng = np.random.default_rng(13)
+  idx = index_lib.BlockIndex(str(tmp_path), {"v": 1}, num_slots=4)
+  ids = [rng.bytes(32) for _ in range(3)]
+  res = idx.reserve(ids, "t", "s")
+  assert res.statuses == ["write"] * 3
+  assert idx.contains(ids) == [False] * 3  # PENDING: invisible
+  assert idx.reserve(ids[:1], "t", "s").statuses == ["in_flight"]
+  idx.commit(res.to_write[:2])
+  assert idx.contains(ids) == [True, True, False]
+  other = index_lib.BlockIndex(str(tmp_path), {"v": 1}, num_slots=4)
+  assert other.dead_owner_rows() == []  # the first owner is alive
+  idx.close()  # its lease is gone: its PENDING row belongs to nobody
+  taken = other.dead_owner_rows()
+  assert [r.block_id for r in taken] == ids[2:]
+  other.release(taken)
+  assert other.counts() == {"ready": 2, "pending": 0, "deleting": 0, "slots": 4}
+  other.close()
+
+
+def test_any_kvstore_as_base(tmp_path):
+  """The block bytes may live in any TensorStore kvstore (here: memory)."""
+  rng = np.random.default_rng(14)
+  with _store(tmp_path, kvstore={"driver": "memory", "path": "kv/"}) as store:
+    ids, blocks = _data(rng, 3, store)
+    store.put(ids, blocks)
+    assert all(_same(g, b) for g, b in zip(store.get(ids), blocks))
+    assert not os.path.exists(tmp_path / "data")  # nothing went to the local disk
+    assert store.delete_tenant("") == 3 and store.stored_slots() == set()
+
+
+@pytest.mark.parametrize("mode", ["default", "direct"])
+def test_file_io_modes_roundtrip(tmp_path, mode):
+  rng = np.random.default_rng(15)
+  with _store(tmp_path, file_io_mode=mode) as store:
+    ids, blocks = _data(rng, 3, store)
+    store.put(ids, blocks)
+    assert all(_same(g, b) for g, b in zip(store.get(ids), blocks))

@@ -1,0 +1,66 @@
+"""Multi-process tests of the cold tier: SIGKILLed writers and a shared directory.
+
+Both drive `launch.crash_test_storage` (the 50-kill acceptance run is
+`python -m launch.crash_test_storage --kills=50`; here a 5-kill version).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch import crash_test_storage as ct
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+  return dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in [REPO, os.environ.get("PYTHONPATH", "")] if p))
+
+
+@pytest.mark.parametrize("driver", ["file"])
+def test_sigkilled_writers_leave_only_whole_blocks(tmp_path, monkeypatch, driver):
+  monkeypatch.chdir(REPO)
+  result = ct.crash_test(str(tmp_path), kills=5, max_delay=1.8, seed=1, driver=driver,
+                         min_delay=0.8)
+  assert result["kills"] == 5 and result["killed_before_exit"] == 5
+  assert result["checked"] > 0
+  assert result["different"] == 0 and result["unreadable"] == 0
+  assert result["leftover_rows"] == 0 and result["orphan_chunks"] == 0
+  assert result["ok"]
+
+
+def test_two_processes_share_one_store(tmp_path):
+  root = str(tmp_path)
+  # Phase 1: one process writes while another keeps reading and verifying.
+  writer = subprocess.Popen(ct.writer_command(root, "a", puts=10), env=_env(), cwd=REPO,
+                            stderr=subprocess.PIPE)
+  reader = subprocess.run(
+      [sys.executable, "-m", "launch.crash_test_storage", "--role=reader", f"--root={root}",
+       "--duration=2.5"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert writer.wait(timeout=120) == 0, writer.stderr.read().decode()[-2000:]
+  assert reader.returncode == 0, reader.stderr[-2000:]
+  seen = json.loads(reader.stdout.strip().splitlines()[-1])
+  assert seen["rounds"] >= 1 and seen["identical"] > 0
+  assert seen["different"] == 0
+  # Phase 2: both write different blocks at once (enough to force evictions).
+  writers = [subprocess.Popen(ct.writer_command(root, tag, puts=12), env=_env(), cwd=REPO,
+                              stderr=subprocess.PIPE) for tag in ("b", "c")]
+  for w in writers:
+    assert w.wait(timeout=120) == 0, w.stderr.read().decode()[-2000:]
+  with ct.open_store(root) as store:
+    result = ct.verify(store)
+    ready = {r.block_id for r in store.index.all_ready()}
+    assert store.stats()["recovered_blocks"] == 0
+  assert result["listed"] == len(ready) > 0
+  assert result["identical"] == result["listed"]
+  assert result["orphan_chunks"] == 0
+  assert result["pending_rows"] == 0 and result["deleting_rows"] == 0
+  for tag in ("b", "c"):  # each writer's last put is among the most recent blocks
+    last = [ct.block_id(tag, 11 * ct.BATCH + j) for j in range(ct.BATCH)]
+    assert set(last) <= ready
