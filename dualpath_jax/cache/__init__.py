@@ -1,0 +1,31 @@
+"""KV cache bookkeeping: block identities, the block pool, per-sequence tables.
+
+Pure Python and numpy, no JAX and no I/O:
+
+  block_hash        identities of full blocks as a hash chain over tokens,
+                    model fingerprint and tenant salt
+  block_pool        refcounted pool blocks, cached identities, LRU eviction
+  kv_cache_manager  block tables of running sequences and prefix reuse
+"""
+
+from __future__ import annotations
+
+from dualpath_jax.cache.block_hash import (DIGEST_SIZE, BlockHash, hash_block,
+                                           hash_chain, token_array)
+from dualpath_jax.cache.block_pool import (BlockPool, BlockPoolStats,
+                                           OutOfBlocksError)
+from dualpath_jax.cache.kv_cache_manager import (KVCacheManager,
+                                                 RequestTooLargeError)
+
+__all__ = [
+    "BlockHash",
+    "BlockPool",
+    "BlockPoolStats",
+    "DIGEST_SIZE",
+    "KVCacheManager",
+    "OutOfBlocksError",
+    "RequestTooLargeError",
+    "hash_block",
+    "hash_chain",
+    "token_array",
+]
