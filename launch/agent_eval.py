@@ -38,6 +38,12 @@ flags.DEFINE_integer("num_blocks", 2048, "KV pool size in blocks (per layer)")
 flags.DEFINE_integer("max_batch", 8, "sequences decoded together")
 flags.DEFINE_integer("prefill_chunk", 512, "max new tokens per prefill step")
 flags.DEFINE_integer("max_context", 8192, "longest context of one turn")
+flags.DEFINE_string("cold_tier", None, "directory of a TensorStore cold tier: "
+                    "finished turns' blocks are written there and loaded back "
+                    "when the pool no longer holds them (survives restarts)")
+flags.DEFINE_float("cold_tier_gb", 8.0, "cold-tier byte budget (LRU beyond it)")
+flags.DEFINE_enum("cold_tier_codec", "raw", ["raw", "zstd", "int8", "int8+zstd"],
+                  "cold-tier block codec (int8 is lossy)")
 flags.DEFINE_string("attention", "xla", "paged-attention implementation")
 flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
 flags.DEFINE_string("report", "agent_eval_report.json", "JSON report path")
@@ -99,7 +105,12 @@ def main(argv):
                             max_prefill_chunk=FLAGS.prefill_chunk,
                             max_context=FLAGS.max_context,
                             attention_impl=FLAGS.attention, seed=FLAGS.seed)
-  engine = make_engine(loaded, cache, engine_cfg)
+  cold = None
+  if FLAGS.cold_tier:
+    from storage.config import ColdTierConfig
+    cold = ColdTierConfig(root=FLAGS.cold_tier, codec=FLAGS.cold_tier_codec,
+                          capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)))
+  engine = make_engine(loaded, cache, engine_cfg, cold_tier=cold)
   total_turns = sum(len(s.turns) for s in sessions)
   logging.info("%d sessions, %d turns on %s (%s)", len(sessions), total_turns,
                loaded.config.name, jax.devices()[0].device_kind)
@@ -118,6 +129,12 @@ def main(argv):
                            honor_gaps=FLAGS.honor_gaps,
                            on_turn=lambda r: bar.update(1))
   bar.close()
+  cold_stats = None
+  if engine.cold_tier is not None:
+    engine.cold_tier.store.flush()  # count queued write-backs as done
+    cold_stats = {**engine.cold_tier.stats.as_dict(),
+                  "store": engine.cold_tier.store.stats()}
+  engine.close()
 
   summary = metrics.summarize(result.records, result.wall_s)
   report = {
@@ -125,6 +142,7 @@ def main(argv):
       "truncated_sessions": result.truncated_sessions,
       "engine": engine.stats.as_dict(),
       "cache": engine.manager.stats,
+      "cold_tier": cold_stats,
       "device": str(jax.devices()[0].device_kind),
       "backend": jax.default_backend(),
       "jax_version": jax.__version__,
@@ -135,6 +153,7 @@ def main(argv):
           "trace": FLAGS.trace or f"synthetic:{FLAGS.sessions}x{FLAGS.turns}",
           "reply": FLAGS.reply, "max_new_tokens": FLAGS.max_new_tokens,
           "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
+          "cold_tier": None if cold is None else to_dict(cold),
           "engine": to_dict(engine_cfg),
       },
       "turns_detail": [r.__dict__ | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s}

@@ -3,13 +3,16 @@
 Data flow of one turn (a `TurnRequest` holding the session's whole context):
 
 1. *Admission* (`_admit`): the cache manager hashes the context's full blocks
-   and acquires the longest cached prefix, so prefill starts after it.
+   and acquires the longest cached prefix; with a cold tier, the blocks after
+   it that the store holds are loaded (`cold_tier.py`). Prefill starts after
+   them.
 2. *Prefill* (`_prefill_step`): the missing tokens are computed in chunks of
    at most `max_prefill_chunk`, each chunk attending to the paged prefix;
    the last chunk's logits give the first token (TTFT is taken here).
 3. *Decode* (`_decode_step`): every running sequence advances one token per
    step in one batched call, until EOS or `max_new_tokens`.
-4. *Finish*: the sequence's blocks are released; full blocks keep their
+4. *Finish*: full blocks the cold tier lacks are queued for writing to it;
+   the sequence's blocks are released; full blocks keep their
    identity in the pool, so the session's next turn (or another session of
    the same tenant) hits them until they are evicted.
 
@@ -17,6 +20,13 @@ Each `step()` runs at most one prefill chunk and one decode batch, so decode
 latency stays bounded while long prompts are prefilled. When the pool runs
 out of free pages during decode, the youngest sequence is preempted (its
 blocks released, re-queued to recompute from its cached prefix).
+
+Front ends (the HTTP server) stream through `TurnRequest.on_token`, called
+with every sampled token and able to finish the turn early (stop strings),
+and cancel turns with `abort(request_id)`, which releases their blocks.
+Sampling settings and seeds may be set per request. The engine is not
+thread-safe: one thread calls `submit`, `abort` and `step`; `validate`
+reads configuration only and may be called from any thread.
 
 The engine holds no JAX code of its own: it pads host arrays to a few shape
 buckets (`buckets.py`) and calls `ModelRunner.step`, which owns the jitted
@@ -55,6 +65,7 @@ class _Sequence:
   generated: list[int] = dataclasses.field(default_factory=list)
   cached_prompt_tokens: int = -1  # set at first admission
   first_token_s: float | None = None
+  rng: np.random.Generator | None = None  # own generator when req.seed is set
 
   @property
   def rid(self) -> str:
@@ -94,13 +105,15 @@ class Engine:
 
   def __init__(self, runner, manager: KVCacheManager, config: EngineConfig,
                *, eos_ids: Sequence[int], block_size: int,
-               clock: Callable[[], float] = time.perf_counter):
+               clock: Callable[[], float] = time.perf_counter,
+               cold_tier=None):
     self.runner = runner
     self.manager = manager
     self.config = config
     self.eos_ids = frozenset(eos_ids)
     self.block_size = block_size
     self.clock = clock
+    self.cold_tier = cold_tier  # a `ColdTierConnector`, or None
     self.max_pages = math.ceil(config.max_context / block_size)
     self.stats = EngineStats()
     self._kv = runner.new_kv_cache()
@@ -111,8 +124,12 @@ class Engine:
     self._shapes: set[tuple[int, int, int]] = set()
 
   # ------------------------------------------------------------------ API
-  def submit(self, req: TurnRequest) -> None:
-    """Queues a turn; raises `RequestTooLargeError` if it can never fit."""
+  def validate(self, req: TurnRequest) -> None:
+    """Raises ValueError (`RequestTooLargeError` for size) if `req` can never run.
+
+    Reads only configuration, so a front end may call it from any thread
+    before handing the request to the thread that steps the engine.
+    """
     if not req.prompt_tokens:
       raise ValueError(f"{req.request_id}: empty prompt")
     if req.max_new_tokens < 1:
@@ -127,12 +144,48 @@ class Engine:
       raise RequestTooLargeError(
           f"{req.request_id}: needs {math.ceil(total / self.block_size)} blocks "
           f"but the pool has {self.manager.pool.num_blocks}")
+    if req.temperature is not None and req.temperature < 0:
+      raise ValueError(f"{req.request_id}: temperature must be >= 0, got "
+                       f"{req.temperature}")
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+      raise ValueError(f"{req.request_id}: top_p must be in (0, 1], got "
+                       f"{req.top_p}")
+
+  def submit(self, req: TurnRequest) -> None:
+    """Queues a turn; raises `RequestTooLargeError` if it can never fit."""
+    self.validate(req)
     arrival = self.clock() if req.arrival_s is None else req.arrival_s
+    rng = None if req.seed is None else np.random.default_rng(req.seed)
     self._waiting.append(_Sequence(req=req, arrival_s=arrival,
-                                   tokens=list(req.prompt_tokens)))
+                                   tokens=list(req.prompt_tokens), rng=rng))
+
+  def abort(self, request_id: str) -> bool:
+    """Drops a waiting or running turn and releases its blocks.
+
+    Its full computed blocks stay cached (like a finished turn's). Returns
+    False if no such turn is queued or running (e.g. it already finished).
+    """
+    for queue in (self._waiting, self._prefilling, self._decoding):
+      for seq in queue:
+        if seq.rid == request_id:
+          queue.remove(seq)
+          if seq.rid in self.manager:
+            self.manager.end(seq.rid)
+          return True
+    return False
+
+  def close(self) -> None:
+    """Waits for queued cold-tier writes and closes the store, if any."""
+    if self.cold_tier is not None:
+      self.cold_tier.store.close()
 
   def has_work(self) -> bool:
     return bool(self._waiting or self._prefilling or self._decoding)
+
+  @property
+  def num_waiting(self) -> int:
+    """Turns queued and not admitted (preempted ones included)."""
+    return len(self._waiting)
 
   @property
   def num_running(self) -> int:
@@ -171,6 +224,10 @@ class Engine:
       seq = self._waiting[0]
       cached = self.manager.begin(seq.rid, seq.tokens[:seq.prefill_target],
                                   seq.req.tenant)
+      if self.cold_tier is not None:
+        self._kv, loaded = self.cold_tier.load_prefix(
+            self._kv, seq.rid, seq.tokens[:seq.prefill_target], seq.req.tenant)
+        cached += loaded
       first = min(self.config.max_prefill_chunk, seq.prefill_target - cached)
       if not self.manager.can_allocate(seq.rid, first):
         self.manager.end(seq.rid)
@@ -202,8 +259,7 @@ class Engine:
     if seq.generated:  # resumed after preemption: its next token is pending
       self._decoding.append(seq)
       return []
-    token = int(sample(logits[:1], self._rng, self._temperature(),
-                       self.config.top_p)[0])
+    token = self._sample([seq], logits)[0]
     seq.first_token_s = self.clock()
     return self._accept([seq], [token])
 
@@ -224,9 +280,7 @@ class Engine:
       self.manager.append_tokens(s.rid, [s.tokens[-1]])
     self.stats.decode_steps += 1
     self.stats.decode_tokens += len(seqs)
-    tokens = sample(logits[:len(seqs)], self._rng, self._temperature(),
-                    self.config.top_p)
-    return self._accept(seqs, [int(t) for t in tokens])
+    return self._accept(seqs, self._sample(seqs, logits))
 
   def _accept(self, seqs: list[_Sequence], tokens: list[int]) -> list[TurnOutput]:
     """Appends each sequence's new token; finishes those that are done."""
@@ -235,9 +289,13 @@ class Engine:
     for seq, tok in zip(seqs, tokens):
       seq.generated.append(tok)
       seq.tokens.append(tok)
+      stop_requested = (seq.req.on_token is not None and
+                        bool(seq.req.on_token(tok)))
       reason = None
       if seq.req.stop_on_eos and tok in self.eos_ids:
         reason = "eos"
+      elif stop_requested:
+        reason = "stop"
       elif len(seq.generated) >= seq.req.max_new_tokens:
         reason = "length"
       if reason is None:
@@ -246,6 +304,9 @@ class Engine:
         continue
       if seq in self._decoding:
         self._decoding.remove(seq)
+      if self.cold_tier is not None:
+        self.cold_tier.write_back(self._kv, seq.rid, seq.req.tenant,
+                                  seq.req.session_id)
       self.manager.end(seq.rid)
       done.append(TurnOutput(
           request=seq.req, generated_tokens=list(seq.generated),
@@ -278,6 +339,23 @@ class Engine:
   def _page_bucket(self, seqs: list[_Sequence]) -> int:
     pages = max(len(self.manager.block_table(s.rid)) for s in seqs)
     return buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages)
+
+  def _sample(self, seqs: list[_Sequence],
+              logits: np.ndarray) -> list[int]:  # logits: [>= len(seqs), vocab]
+    """One token per sequence, each with its request's sampling settings.
+
+    Rows go one at a time through the same generator (the engine's unless
+    the request has its own seed), so the draws equal one batched call.
+    """
+    tokens = []
+    for b, seq in enumerate(seqs):
+      req = seq.req
+      temperature = (self._temperature() if req.temperature is None
+                     else req.temperature)
+      top_p = self.config.top_p if req.top_p is None else req.top_p
+      rng = self._rng if seq.rng is None else seq.rng
+      tokens.append(int(sample(logits[b:b + 1], rng, temperature, top_p)[0]))
+    return tokens
 
   def _temperature(self) -> float:
     return 0.0 if self.config.greedy else self.config.temperature

@@ -16,8 +16,14 @@ def model_fingerprint(loaded) -> str:
   return f"{loaded.config.fingerprint()}:{loaded.weights_id}"
 
 
-def make_engine(loaded, cache: CacheConfig, engine: EngineConfig) -> Engine:
-  """An engine serving `loaded` (a `dualpath_jax.model.LoadedModel`)."""
+def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
+                cold_tier=None) -> Engine:
+  """An engine serving `loaded` (a `dualpath_jax.model.LoadedModel`).
+
+  `cold_tier` (a `storage.ColdTierConfig`) backs the pool with a TensorStore
+  block store: evicted or earlier-process blocks load from it, finished
+  turns' full blocks are written to it. Close it with `engine.close()`.
+  """
   if engine.max_context > loaded.config.max_position:
     raise ValueError(
         f"max_context {engine.max_context} exceeds the model's context "
@@ -26,5 +32,11 @@ def make_engine(loaded, cache: CacheConfig, engine: EngineConfig) -> Engine:
   manager = KVCacheManager(
       BlockPool(cache.num_blocks), cache.block_size, model_fingerprint(loaded),
       max_blocks_per_seq=math.ceil(engine.max_context / cache.block_size))
+  connector = None
+  if cold_tier is not None:
+    from dualpath_jax.engine.cold_tier import ColdTierConnector
+    from storage.block_store import BlockStore
+    connector = ColdTierConnector(BlockStore(cold_tier, loaded.config, cache),
+                                  manager)
   return Engine(runner, manager, engine, eos_ids=loaded.config.eos_token_ids,
-                block_size=cache.block_size)
+                block_size=cache.block_size, cold_tier=connector)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 
 @dataclasses.dataclass
@@ -21,6 +22,16 @@ class TurnRequest:
   turn_index: int = 0
   arrival_s: float | None = None  # engine clock; None = when submitted
   stop_on_eos: bool = True
+  # Per-request sampling; None = the engine's `EngineConfig` setting.
+  # temperature == 0 is greedy. `seed` gives the turn its own generator.
+  temperature: float | None = None
+  top_p: float | None = None
+  seed: int | None = None
+  # Streaming hook, called in the engine's thread with every accepted token
+  # (EOS included) as soon as it is sampled. Returning True finishes the turn
+  # after this token with finish_reason "stop" (e.g. a stop string matched).
+  on_token: Callable[[int], bool | None] | None = dataclasses.field(
+      default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -33,4 +44,4 @@ class TurnOutput:
   arrival_s: float
   first_token_s: float
   finish_s: float
-  finish_reason: str  # "eos" | "length"
+  finish_reason: str  # "eos" | "length" | "stop" (`on_token` asked to stop)

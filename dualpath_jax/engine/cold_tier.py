@@ -1,0 +1,106 @@
+"""The engine's side of the cold tier: load missing prefix blocks, write back.
+
+At admission, after the pool's own prefix hit, `load_prefix` looks up the
+next blocks of the context in the cold tier (`storage.BlockStore`), reads the
+longest run that is there and verified, writes them into freshly allocated
+pages and marks them computed, so prefill starts after them. A block that is
+missing, torn or corrupt ends the run: it and everything after it are
+recomputed (the store counts and logs the bad block).
+
+When a turn finishes, `write_back` copies the sequence's full blocks that
+the store does not hold yet to the host and hands them to the store's write
+pool (`put_async`): the engine does not wait for the disk.
+
+Loading is synchronous here (one engine, one device): the DualPath transfer
+layer overlaps it with prefill, layer by layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from dualpath_jax.cache.block_hash import hash_chain
+from dualpath_jax.cache.kv_cache_manager import KVCacheManager
+from dualpath_jax.engine import pool_io
+
+
+@dataclasses.dataclass
+class ColdTierStats:
+  lookups: int = 0
+  loaded_blocks: int = 0
+  loaded_tokens: int = 0
+  missed_blocks: int = 0  # listed by contains() but unreadable
+  written_blocks: int = 0
+  write_requests: int = 0
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+class ColdTierConnector:
+  """Moves whole blocks between the engine's pool and a `BlockStore`."""
+
+  def __init__(self, store, manager: KVCacheManager):
+    self.store = store
+    self.manager = manager
+    self.stats = ColdTierStats()
+
+  def load_prefix(self, pool: jax.Array, seq_id: str, tokens: list[int],
+                  tenant: str) -> tuple[jax.Array, int]:
+    """Loads the blocks after the pool hit; returns (pool, tokens loaded).
+
+    `seq_id` must have been `begin`-ed with `tokens`. Loads at most what
+    leaves one token to compute, and only as many blocks as the pool can
+    give now.
+    """
+    bs = self.manager.block_size
+    computed = self.manager.num_computed(seq_id)
+    cap = (len(tokens) - 1) // bs
+    have = computed // bs
+    if cap <= have:
+      return pool, 0
+    self.stats.lookups += 1
+    chain = hash_chain(tokens[:cap * bs], bs, self.manager.model_fingerprint,
+                       tenant)
+    wanted = chain[have:]
+    present = self.store.contains(wanted)
+    run = next((i for i, p in enumerate(present) if not p), len(wanted))
+    if run == 0:
+      return pool, 0
+    while run and not self.manager.can_allocate(seq_id, run * bs):
+      run -= 1
+    if run == 0:
+      return pool, 0
+    blocks = self.store.get(wanted[:run])
+    good = next((i for i, b in enumerate(blocks) if b is None), run)
+    self.stats.missed_blocks += run - good
+    if good == 0:
+      return pool, 0
+    self.manager.allocate(seq_id, good * bs)
+    table = self.manager.block_table(seq_id)
+    pages = table[have:have + good]
+    pool = pool_io.write_blocks(pool, pages, np.stack(blocks[:good]))
+    self.manager.append_tokens(seq_id, tokens[computed:(have + good) * bs])
+    self.stats.loaded_blocks += good
+    self.stats.loaded_tokens += (have + good) * bs - computed
+    return pool, (have + good) * bs - computed
+
+  def write_back(self, pool: jax.Array, seq_id: str, tenant: str,
+                 session: str) -> None:
+    """Queues the sequence's full blocks that the store lacks for writing."""
+    hashes = self.manager.block_hashes(seq_id)
+    if not hashes:
+      return
+    table = self.manager.block_table(seq_id)
+    present = self.store.contains(hashes)
+    todo = [i for i, p in enumerate(present) if not p]
+    if not todo:
+      return
+    blocks = pool_io.read_blocks(pool, [table[i] for i in todo])
+    self.store.put_async([hashes[i] for i in todo], blocks, tenant=tenant,
+                         session=session)
+    self.stats.write_requests += 1
+    self.stats.written_blocks += len(todo)
