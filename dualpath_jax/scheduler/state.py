@@ -1,0 +1,234 @@
+"""Frozen snapshots the policies read: engines, the cluster, a turn's demand.
+
+A snapshot is a value: the runtime builds one from live counters (bytes queued
+on each storage NIC, tokens queued for compute, free HBM blocks), the simulator
+builds one from its model of the same things. Policies never mutate it; placing
+several turns from one snapshot threads it through `ClusterSnapshot.after`,
+which charges a placement's bytes and tokens to the engines it uses.
+
+Units: bytes, seconds, tokens, blocks. A bandwidth of `math.inf` means "free".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Mapping
+
+PREFILL = "prefill"
+DECODE = "decode"
+ROLES = (PREFILL, DECODE)
+
+
+class ReadPath(enum.IntEnum):
+  """How one hit block reaches the prefill engine's HBM."""
+
+  RESIDENT = 0  # already in the prefill engine's HBM: nothing to move
+  PE_READ = 1  # path 1: cold tier -> PE host buffer -> PE HBM
+  DE_READ = 2  # path 2: cold tier -> DE host -> DE HBM -> collective -> PE HBM
+  FREE = 3  # oracle: delivered at no cost (an upper bound, not a real path)
+
+
+def _check_non_negative(owner: str, **values: float) -> None:
+  for name, value in values.items():
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
+    if math.isnan(value) or value < 0:
+      raise ValueError(f"{owner}: {name} must be >= 0, got {value!r}")
+
+
+def _check_positive(owner: str, **values: float) -> None:
+  _check_non_negative(owner, **values)
+  for name, value in values.items():
+    if value <= 0:
+      raise ValueError(f"{owner}: {name} must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineState:
+  """What the scheduler knows of one engine at one instant.
+
+  Attributes:
+    name: unique engine name, e.g. "P0", "D1".
+    role: "prefill" or "decode".
+    nic_bytes_per_s: bandwidth of the engine's storage NIC (math.inf: no limit).
+    nic_queued_bytes: bytes admitted to that NIC and not yet transferred.
+    queued_tokens: compute waiting on the engine: prompt tokens to prefill
+      (prefill engines) or tokens left to generate (decode engines).
+    compute_tokens_per_s: prefill throughput used to turn tokens into seconds.
+    free_hbm_blocks: KV pool blocks the engine can still give a new turn.
+  """
+
+  name: str
+  role: str
+  nic_bytes_per_s: float
+  nic_queued_bytes: float = 0.0
+  queued_tokens: int = 0
+  compute_tokens_per_s: float = math.inf
+  free_hbm_blocks: int = 1 << 30
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError(f"engine name must be a non-empty str, got {self.name!r}")
+    if self.role not in ROLES:
+      raise ValueError(f"{self.name}: role {self.role!r} not in {ROLES}")
+    _check_positive(self.name, nic_bytes_per_s=self.nic_bytes_per_s,
+                    compute_tokens_per_s=self.compute_tokens_per_s)
+    _check_non_negative(self.name, nic_queued_bytes=self.nic_queued_bytes,
+                        queued_tokens=self.queued_tokens,
+                        free_hbm_blocks=self.free_hbm_blocks)
+
+  def nic_drain_s(self) -> float:
+    """Seconds until the NIC's queue is empty."""
+    return self.nic_queued_bytes / self.nic_bytes_per_s
+
+  def compute_wait_s(self) -> float:
+    """Seconds until the queued compute is done."""
+    return self.queued_tokens / self.compute_tokens_per_s
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnDemand:
+  """What one turn needs, known before it is placed.
+
+  Attributes:
+    turn_id: unique id of the turn.
+    new_tokens: tokens the prefill must compute (the prefix misses).
+    hit_blocks: leading context blocks that exist in the storage hierarchy
+      and are loaded instead of recomputed.
+    block_bytes: bytes of one block (all layers, K and V).
+    total_blocks: KV blocks the turn occupies on its prefill engine.
+    decode_blocks: KV blocks it occupies on its decode engine (context plus
+      generated tokens); defaults to `total_blocks`.
+    max_new_tokens: tokens the decode engine will generate.
+    resident_blocks: per prefill engine name, how many leading hit blocks are
+      already in that engine's HBM (they need no load there).
+  """
+
+  turn_id: str
+  new_tokens: int
+  hit_blocks: int
+  block_bytes: int
+  total_blocks: int
+  decode_blocks: int | None = None
+  max_new_tokens: int = 1
+  resident_blocks: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    _check_non_negative(self.turn_id, new_tokens=self.new_tokens,
+                        hit_blocks=self.hit_blocks,
+                        block_bytes=self.block_bytes,
+                        total_blocks=self.total_blocks,
+                        max_new_tokens=self.max_new_tokens)
+    if self.hit_blocks > self.total_blocks:
+      raise ValueError(f"{self.turn_id}: hit_blocks {self.hit_blocks} > "
+                       f"total_blocks {self.total_blocks}")
+    if self.decode_blocks is None:
+      object.__setattr__(self, "decode_blocks", self.total_blocks)
+    _check_non_negative(self.turn_id, decode_blocks=self.decode_blocks)
+    for engine, n in self.resident_blocks.items():
+      _check_non_negative(f"{self.turn_id}@{engine}", resident_blocks=n)
+      if n > self.hit_blocks:
+        raise ValueError(f"{self.turn_id}: {n} resident blocks on {engine} "
+                         f"but only {self.hit_blocks} hit blocks")
+
+  def resident_on(self, engine: str) -> int:
+    return int(self.resident_blocks.get(engine, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """A policy's answer for one turn.
+
+  Attributes:
+    turn_id: the turn placed.
+    policy: name of the policy that decided.
+    prefill_engine / decode_engine: engine names.
+    paths: one `ReadPath` per hit block, in block order.
+    load_done_s: estimated time the last hit block is on the prefill engine.
+    ready_s: estimated time the prefill finishes (first token).
+  """
+
+  turn_id: str
+  policy: str
+  prefill_engine: str
+  decode_engine: str
+  paths: tuple[ReadPath, ...]
+  load_done_s: float
+  ready_s: float
+
+  def count(self, path: ReadPath) -> int:
+    return sum(p == path for p in self.paths)
+
+  def nic_bytes(self, block_bytes: int) -> dict[str, int]:
+    """Bytes this placement puts on each engine's storage NIC."""
+    out = {}
+    n1, n2 = self.count(ReadPath.PE_READ), self.count(ReadPath.DE_READ)
+    if n1:
+      out[self.prefill_engine] = n1 * block_bytes
+    if n2:
+      out[self.decode_engine] = out.get(self.decode_engine, 0) + n2 * block_bytes
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSnapshot:
+  """All engines at one instant, plus the cost of the path-2 collective hop.
+
+  Attributes:
+    now_s: the time the snapshot was taken (from the injected clock).
+    engines: every prefill and decode engine; names are unique.
+    collective_bytes_per_s: bandwidth of the DE -> PE hop of path 2.
+  """
+
+  now_s: float
+  engines: tuple[EngineState, ...]
+  collective_bytes_per_s: float = math.inf
+
+  def __post_init__(self):
+    object.__setattr__(self, "engines", tuple(self.engines))
+    names = [e.name for e in self.engines]
+    if len(set(names)) != len(names):
+      raise ValueError(f"engine names must be unique, got {names}")
+    if not any(e.role == PREFILL for e in self.engines):
+      raise ValueError("a cluster needs at least one prefill engine")
+    if not any(e.role == DECODE for e in self.engines):
+      raise ValueError("a cluster needs at least one decode engine")
+    _check_positive("cluster", collective_bytes_per_s=self.collective_bytes_per_s)
+
+  @property
+  def prefill_engines(self) -> tuple[EngineState, ...]:
+    return tuple(e for e in self.engines if e.role == PREFILL)
+
+  @property
+  def decode_engines(self) -> tuple[EngineState, ...]:
+    return tuple(e for e in self.engines if e.role == DECODE)
+
+  def engine(self, name: str) -> EngineState:
+    for e in self.engines:
+      if e.name == name:
+        return e
+    raise ValueError(f"no engine named {name!r}")
+
+  def after(self, placement: Placement, demand: TurnDemand) -> "ClusterSnapshot":
+    """The snapshot once `placement` is admitted: its bytes, tokens, blocks charged."""
+    if placement.turn_id != demand.turn_id:
+      raise ValueError(f"placement is for {placement.turn_id}, "
+                       f"demand for {demand.turn_id}")
+    nic = placement.nic_bytes(demand.block_bytes)
+    pe_blocks = demand.total_blocks - demand.resident_on(placement.prefill_engine)
+    engines = []
+    for e in self.engines:
+      changes = {}
+      if e.name in nic:
+        changes["nic_queued_bytes"] = e.nic_queued_bytes + nic[e.name]
+      if e.name == placement.prefill_engine:
+        changes["queued_tokens"] = e.queued_tokens + demand.new_tokens
+        changes["free_hbm_blocks"] = max(0, e.free_hbm_blocks - pe_blocks)
+      if e.name == placement.decode_engine:
+        changes["queued_tokens"] = e.queued_tokens + demand.max_new_tokens
+        changes["free_hbm_blocks"] = max(
+            0, e.free_hbm_blocks - demand.decode_blocks)
+      engines.append(dataclasses.replace(e, **changes) if changes else e)
+    return dataclasses.replace(self, engines=tuple(engines))
