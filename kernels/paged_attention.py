@@ -2,11 +2,21 @@
 
 `implementation` selects the backend:
 
-* `"xla"`: the pure-jnp reference in `paged_attention_ref.py`; runs anywhere.
-* `"pallas_triton"`, `"pallas_mosaic_gpu"`, `"pallas_mosaic_tpu"`: Pallas
-  kernels (registered by their modules when present).
-* `"auto"`: the best implementation registered for the default backend,
-  falling back to `"xla"`.
+* `"xla"`: the pure-jnp reference in `paged_attention_ref.py` (int8 pools
+  dequantized first, `quantize.py`); runs anywhere.
+* `"pallas_triton"`: decode (split-K) and prefill Pallas kernels on the
+  Triton lowering, for GPUs (`paged_attention_triton.py`).
+* `"pallas_mosaic_tpu"`: the Mosaic TPU decode kernel (`q_len == 1`;
+  `decode_mosaic_tpu.py`).
+* `"pallas_mosaic_gpu"`: reserved; not written yet (see kernels/README.md).
+* `"auto"`: the best registered implementation for the default backend that
+  supports the call (query length, int8), falling back to `"xla"`.
+
+On a CPU backend the Pallas implementations run in interpret mode, so they
+can be selected explicitly in tests.
+
+int8 pools: pass `kv_pages` as int8 with `kv_scales [num_blocks, 2,
+num_kv_heads]` float32, one symmetric scale per page, K/V and head.
 """
 
 from __future__ import annotations
@@ -15,10 +25,29 @@ from typing import Callable
 
 import jax
 
-from kernels.paged_attention_ref import ref_paged_attention
+from kernels import quantize
+from kernels.decode_mosaic_tpu import paged_attention_mosaic_tpu
+from kernels.paged_attention_triton import paged_attention_triton
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
-    "xla": ref_paged_attention,
+    "xla": quantize.ref_paged_attention_any,
+    "pallas_triton": paged_attention_triton,
+    "pallas_mosaic_tpu": paged_attention_mosaic_tpu,
+}
+
+
+def _pow2_at_least_16(n: int) -> bool:
+  return n >= 16 and not n & (n - 1)
+
+
+# What each implementation can do, as a predicate on the call's static
+# (q_len, head_dim, block_size, quantized): "auto" skips an implementation
+# whose predicate says no.
+_SUPPORTS: dict[str, Callable[[int, int, int, bool], bool]] = {
+    "pallas_triton": lambda q_len, head_dim, block_size, quantized: (
+        _pow2_at_least_16(head_dim) and _pow2_at_least_16(block_size)),
+    "pallas_mosaic_tpu": lambda q_len, head_dim, block_size, quantized: (
+        q_len == 1),
 }
 
 # Preference order of `"auto"` per JAX backend platform.
@@ -30,11 +59,21 @@ _AUTO_ORDER = {
 }
 
 
-def resolve_implementation(implementation: str) -> str:
-  """Maps `"auto"` to a concrete registered name; validates the others."""
+def resolve_implementation(implementation: str, *, q_len: int = 1,
+                           head_dim: int = 128, block_size: int = 16,
+                           quantized: bool = False) -> str:
+  """Maps `"auto"` to a concrete registered name; validates the others.
+
+  The keyword arguments describe the call, so that `"auto"` only picks an
+  implementation that supports it.
+  """
   if implementation == "auto":
     order = _AUTO_ORDER.get(jax.default_backend(), ("xla",))
-    return next(name for name in order if name in IMPLEMENTATIONS)
+    return next(
+        name for name in order
+        if name in IMPLEMENTATIONS
+        and _SUPPORTS.get(name, lambda *_: True)(q_len, head_dim, block_size,
+                                                 quantized))
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"unknown paged-attention implementation {implementation!r}; "
@@ -51,15 +90,23 @@ def paged_attention(
     *,
     sm_scale: float | None = None,
     implementation: str = "xla",
+    kv_scales: jax.Array | None = None,  # [num_blocks, 2, num_kv_heads] f32
 ) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
   """Causal attention of the last `q_lens[b]` context tokens over paged K/V.
 
   See `paged_attention_ref` for the exact semantics every implementation
-  shares.
+  shares. `kv_scales` is required for, and only for, an int8 `kv_pages`.
   """
   _check_shapes(q, kv_pages, block_tables, kv_lens, q_lens)
-  fn = IMPLEMENTATIONS[resolve_implementation(implementation)]
-  return fn(q, kv_pages, block_tables, kv_lens, q_lens, sm_scale=sm_scale)
+  quantize.check_scales(kv_pages, kv_scales)
+  name = resolve_implementation(
+      implementation, q_len=q.shape[1], head_dim=q.shape[3],
+      block_size=kv_pages.shape[3], quantized=kv_scales is not None)
+  fn = IMPLEMENTATIONS[name]
+  if kv_scales is None:  # keeps implementations without int8 callable
+    return fn(q, kv_pages, block_tables, kv_lens, q_lens, sm_scale=sm_scale)
+  return fn(q, kv_pages, block_tables, kv_lens, q_lens, sm_scale=sm_scale,
+            kv_scales=kv_scales)
 
 
 def _check_shapes(q, kv_pages, block_tables, kv_lens, q_lens) -> None:

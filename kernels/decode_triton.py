@@ -1,0 +1,316 @@
+"""Paged decode attention for GPUs: a Pallas kernel on the Triton lowering.
+
+One query token per sequence attends to its paged K/V. The grid is
+`(batch, num_kv_heads, num_splits)`: each program takes one sequence, one KV
+head with all the query heads of its GQA group (padded to 16 rows, the
+smallest matmul Triton emits), and one contiguous slice of the sequence's
+block table (split-K, "flash-decoding"). It walks its slice a few pages at a
+time, gathering the pages by id straight from the pool, and keeps an online
+softmax. Each program writes an unnormalised partial output with its running
+max and sum; a small XLA epilogue merges the splits. The pages a split never
+needs (past `kv_lens[b]`) are never read.
+
+Pool layout: `kv_pages [num_blocks, 2, num_kv_heads, block_size, head_dim]`,
+so one head's keys of one page are one contiguous `block_size * head_dim`
+run. int8 pools carry `kv_scales [num_blocks, 2, num_kv_heads]`: key scales
+multiply the logits per column, value scales the probabilities per column,
+so the int8 pages are only widened in registers.
+
+Runs on CPU with `interpret=True` (tests) and lowers to Triton on GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from kernels import quantize
+from kernels import tuning
+
+try:  # The Triton compiler parameters moved between JAX releases.
+  from jax.experimental.pallas import triton as pl_triton
+  _TritonParams = pl_triton.CompilerParams
+except (ImportError, AttributeError):  # pragma: no cover
+  _TritonParams = None
+
+SQUEEZED = getattr(pl, "squeezed", None)
+# Finite stand-in for -inf: exp2(MASK_VALUE - real) == 0 and no NaNs.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+LOG2E = math.log2(math.e)
+MIN_DOT_ROWS = 16  # tl.dot needs M >= 16
+
+
+def compiler_params(num_warps: int, num_stages: int):
+  """Triton compiler parameters, or None where this JAX lacks them."""
+  if _TritonParams is None:
+    return None
+  return _TritonParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a @ b.T` accumulated in float32 (full precision for float32 inputs)."""
+  precision = (lax.Precision.HIGHEST if a.dtype == jnp.float32
+               else lax.Precision.DEFAULT)
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                         precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a @ b` accumulated in float32 (full precision for float32 inputs)."""
+  precision = (lax.Precision.HIGHEST if a.dtype == jnp.float32
+               else lax.Precision.DEFAULT)
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                         precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+class ChunkLoader:
+  """Loads step `i`'s K/V tokens of a sequence, gathering pages by id.
+
+  A step covers `pages_per_chunk` whole pages, or, with `page_parts > 1`
+  (large pages), one `1/page_parts` slice of one page; either way steps are
+  contiguous in token order, `tokens` tokens each. Table entries are clamped
+  into the pool: slots past a sequence's length may hold junk ids (their
+  tokens are masked by the caller).
+  """
+
+  def __init__(self, tables_ref, num_blocks: int, block_size: int,
+               pages_per_chunk: int, page_parts: int):
+    if page_parts > 1 and pages_per_chunk != 1:
+      raise ValueError("page_parts > 1 needs pages_per_chunk == 1")
+    self.tables_ref = tables_ref
+    self.num_blocks = num_blocks
+    self.block_size = block_size
+    self.pages_per_chunk = pages_per_chunk
+    self.page_parts = page_parts
+    self.tokens = pages_per_chunk * block_size // page_parts
+
+  def page_ids(self, i):
+    """The step's page ids: a vector of whole pages, or one scalar id."""
+    if self.page_parts == 1:
+      ids = self.tables_ref[pl.ds(i * self.pages_per_chunk,
+                                  self.pages_per_chunk)]
+    else:
+      ids = self.tables_ref[lax.div(i, self.page_parts)]  # i >= 0
+    return jnp.clip(ids, 0, self.num_blocks - 1)
+
+  def load(self, kv_ref, ids, i, dtype) -> jax.Array:  # [tokens, head_dim]
+    """K or V tokens of step `i` from `kv_ref [num_blocks, P, head_dim]`."""
+    if self.page_parts == 1:
+      x = kv_ref[ids].reshape(self.tokens, kv_ref.shape[-1])
+    else:
+      # lax.rem, not `%`: i >= 0, and jnp's sign fix-up does not lower.
+      offset = pl.multiple_of(lax.rem(i, self.page_parts) * self.tokens,
+                              self.tokens)
+      x = kv_ref[ids, pl.ds(offset, self.tokens), :]
+    return x.astype(dtype)
+
+  def scales(self, scale_ref, ids) -> jax.Array:  # [1, tokens] or scalar
+    """Per-token int8 scales of the step from `scale_ref [num_blocks]`."""
+    if self.page_parts > 1:
+      return scale_ref[ids]  # one page: one scale
+    per_page = scale_ref[ids]  # [pages]
+    per_token = jnp.broadcast_to(per_page[:, None],
+                                 (self.pages_per_chunk, self.block_size))
+    return per_token.reshape(1, self.tokens)
+
+
+def _decode_kernel(
+    lens_ref,  # [1] int32: this sequence's kv_len
+    tables_ref,  # [pages_per_split] int32: this split's page ids
+    q_ref,  # [group_pad, head_dim]
+    k_ref,  # [num_blocks, block_size, head_dim]
+    v_ref,  # [num_blocks, block_size, head_dim]
+    *refs,  # (k_scale_ref [num_blocks], v_scale_ref [num_blocks])?, outputs
+    sm_scale: float,
+    pages_per_chunk: int,
+    page_parts: int,
+    quantized: bool,
+):
+  if quantized:
+    k_scale_ref, v_scale_ref, o_ref, m_ref, l_ref = refs
+  else:
+    o_ref, m_ref, l_ref = refs
+  split = pl.program_id(2)
+  pages_per_split = tables_ref.shape[0]
+  num_blocks, block_size, head_dim = k_ref.shape
+  loader = ChunkLoader(tables_ref, num_blocks, block_size, pages_per_chunk,
+                       page_parts)
+  step_tokens = loader.tokens
+
+  kv_len = lens_ref[0]
+  first_token = split * pages_per_split * block_size
+  tokens = jnp.clip(kv_len - first_token, 0, pages_per_split * block_size)
+  num_steps = (tokens + step_tokens - 1) // step_tokens
+
+  q = q_ref[...]
+  compute_dtype = q.dtype
+  rows = q.shape[0]
+  scale = sm_scale * LOG2E  # softmax in base 2
+
+  def body(i, carry):
+    o, m, l = carry
+    ids = loader.page_ids(i)
+    k = loader.load(k_ref, ids, i, compute_dtype)
+    logits = dot_nt(q, k) * scale  # [rows, step_tokens]
+    if quantized:
+      logits = logits * loader.scales(k_scale_ref, ids)
+    start = first_token + i * step_tokens
+    valid = start + jnp.arange(step_tokens, dtype=jnp.int32) < kv_len
+    logits = jnp.where(valid[None, :], logits, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(logits - m_new[:, None])
+    l_new = l * alpha + jnp.sum(p, axis=1)
+    if quantized:
+      p = p * loader.scales(v_scale_ref, ids)
+    v = loader.load(v_ref, ids, i, compute_dtype)
+    o_new = o * alpha[:, None] + dot_nn(p.astype(compute_dtype), v)
+    return o_new, m_new, l_new
+
+  init = (jnp.zeros((rows, head_dim), jnp.float32),
+          jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  o, m, l = lax.fori_loop(0, num_steps, body, init)
+  o_ref[...] = o
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def merge_splits(
+    o: jax.Array,  # [..., splits, rows, head_dim] f32, unnormalised
+    m: jax.Array,  # [..., splits, rows] f32, running max (base 2)
+    l: jax.Array,  # [..., splits, rows] f32, running sum
+) -> jax.Array:  # [..., rows, head_dim] f32
+  """Merges split-K partial softmax results; rows with no keys give 0."""
+  m_all = jnp.max(m, axis=-2, keepdims=True)
+  w = jnp.exp2(m - m_all)
+  l_all = jnp.sum(l * w, axis=-2)
+  o_all = jnp.sum(o * w[..., None], axis=-3)
+  safe = jnp.where(l_all > 0, l_all, 1.0)
+  return jnp.where((l_all > 0)[..., None], o_all / safe[..., None], 0.0)
+
+
+def check_supported(kv_pages: jax.Array, head_dim: int) -> None:
+  """Raises ValueError for shapes the Triton lowering cannot tile."""
+  block_size = kv_pages.shape[3]
+  for name, n in (("head_dim", head_dim), ("block_size", block_size)):
+    if n < 16 or n & (n - 1):
+      raise ValueError(f"the Triton kernels need {name} to be a power of 2 "
+                       f">= 16; got {n}")
+
+
+def check_tiling(tiling, pages_per_chunk: int, page_parts: int,
+                 block_size: int) -> None:
+  """Raises ValueError for a tiling the loader cannot walk."""
+  def pow2(n):
+    return n >= 1 and not n & (n - 1)
+  if not (pow2(pages_per_chunk) and pow2(page_parts)
+          and (page_parts == 1 or pages_per_chunk == 1)
+          and block_size // page_parts >= 16):
+    raise ValueError(
+        f"bad tiling {tiling}: pages_per_chunk and page_parts must be powers "
+        "of 2, one of them 1, and a page part >= 16 tokens")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "tiling", "interpret"))
+def paged_decode(
+    q: jax.Array,  # [batch, num_heads, head_dim]
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    block_tables: jax.Array,  # [batch, pages_per_seq] int32
+    kv_lens: jax.Array,  # [batch] int32
+    kv_scales: jax.Array | None = None,  # [num_blocks, 2, num_kv_heads] f32
+    *,
+    sm_scale: float | None = None,
+    tiling: tuning.DecodeTiling | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [batch, num_heads, head_dim]
+  """Decode attention of one query token per sequence over paged K/V.
+
+  Sequence `b` attends to its first `kv_lens[b]` tokens (0 gives zeros).
+  """
+  batch, num_heads, head_dim = q.shape
+  num_blocks, _, num_kv_heads, block_size, _ = kv_pages.shape
+  pages_per_seq = block_tables.shape[1]
+  quantize.check_scales(kv_pages, kv_scales)
+  check_supported(kv_pages, head_dim)
+  if sm_scale is None:
+    sm_scale = head_dim ** -0.5
+  if tiling is None:
+    tiling = tuning.decode_tiling(
+        batch=batch, num_kv_heads=num_kv_heads, pages_per_seq=pages_per_seq,
+        block_size=block_size, head_dim=head_dim,
+        itemsize=jnp.dtype(q.dtype if kv_scales is not None
+                           else kv_pages.dtype).itemsize)
+  chunk = tiling.pages_per_chunk
+  splits = tiling.num_splits
+  check_tiling(tiling, chunk, tiling.page_parts, block_size)
+  if splits < 1:
+    raise ValueError(f"bad tiling {tiling}: num_splits must be >= 1")
+
+  group = num_heads // num_kv_heads
+  rows = max(MIN_DOT_ROWS, pl.next_power_of_2(group))
+  quantized = kv_scales is not None
+  compute_dtype = q.dtype if quantized else kv_pages.dtype
+  qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(compute_dtype)
+  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+
+  # Pad the table so every split owns a whole number of chunks.
+  pages_per_split = pl.cdiv(pl.cdiv(pages_per_seq, splits), chunk) * chunk
+  tables = jnp.pad(block_tables.astype(jnp.int32),
+                   ((0, 0), (0, pages_per_split * splits - pages_per_seq)))
+  # The reference sees at most the table's capacity; so does the kernel.
+  lens = jnp.minimum(kv_lens.astype(jnp.int32), pages_per_seq * block_size)
+  lens = lens.reshape(batch, 1)
+
+  sq = SQUEEZED
+  page_spec = lambda kv: pl.BlockSpec(  # noqa: E731
+      (num_blocks, sq, sq, block_size, head_dim),
+      lambda b, h, s: (0, kv, h, 0, 0))
+  in_specs = [
+      pl.BlockSpec((sq, 1), lambda b, h, s: (b, 0)),
+      pl.BlockSpec((sq, pages_per_split), lambda b, h, s: (b, s)),
+      pl.BlockSpec((sq, sq, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+      page_spec(0),
+      page_spec(1),
+  ]
+  args = [lens, tables, qg, kv_pages, kv_pages]
+  if quantized:
+    scale_spec = lambda kv: pl.BlockSpec(  # noqa: E731
+        (num_blocks, sq, sq), lambda b, h, s: (0, kv, h))
+    in_specs += [scale_spec(0), scale_spec(1)]
+    args += [kv_scales.astype(jnp.float32)] * 2
+  out_shape = [
+      jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows, head_dim),
+                           jnp.float32),
+      jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows), jnp.float32),
+      jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows), jnp.float32),
+  ]
+  out_specs = [
+      pl.BlockSpec((sq, sq, sq, rows, head_dim),
+                   lambda b, h, s: (b, h, s, 0, 0)),
+      pl.BlockSpec((sq, sq, sq, rows), lambda b, h, s: (b, h, s, 0)),
+      pl.BlockSpec((sq, sq, sq, rows), lambda b, h, s: (b, h, s, 0)),
+  ]
+  kernel = functools.partial(
+      _decode_kernel, sm_scale=float(sm_scale), pages_per_chunk=chunk,
+      page_parts=tiling.page_parts, quantized=quantized)
+  o, m, l = pl.pallas_call(
+      kernel,
+      grid=(batch, num_kv_heads, splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
+      interpret=interpret,
+      name="paged_decode",
+  )(*args)
+  out = merge_splits(o, m, l)[:, :, :group]  # [B, Hkv, group, D]
+  return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

@@ -1,0 +1,175 @@
+"""Random paged-attention problems shared by the CPU and GPU kernel tests.
+
+A case is a pool of random pages, block tables that name distinct pages in a
+random order (unused table slots hold junk ids that kernels must never
+dereference unmasked), ragged lengths and random queries. Nothing is zero:
+unwritten outputs and wrong indexing cannot hide behind zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import quantize
+
+# Small cases the CPU tests run in interpret mode and the GPU tests rerun.
+DECODE_CASES = [
+    # (heads, kv_heads, head_dim, block_size, dtype, kv_lens, chunk, splits)
+    (9, 3, 64, 16, "float32", [1, 37, 128], 2, 3),  # SmolLM2 9:3, 3 splits
+    (8, 2, 128, 16, "bfloat16", [16, 100], 1, 4),  # splits > pages used
+    (16, 1, 64, 64, "bfloat16", [200, 63], 1, 2),  # MQA, 16 rows
+    (4, 2, 128, 256, "float32", [300, 1], 1, 2),  # big pages
+    (9, 3, 64, 16, "int8", [77, 5], 2, 2),  # int8 with scales
+    (8, 8, 128, 32, "int8", [130, 0], 1, 1),  # MHA, int8, empty, no split
+]
+
+PREFILL_CASES = [
+    # (heads, kv_heads, head_dim, block_size, dtype, q_len, kv_lens, q_lens)
+    (9, 3, 64, 16, "float32", 20, [5, 37, 96], [5, 20, 0]),
+    (4, 2, 128, 32, "bfloat16", 40, [40, 150], [40, 33]),  # 2 query blocks
+    (4, 1, 64, 64, "int8", 24, [24, 70, 0], [24, 1, 0]),  # + empty seq
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One paged-attention problem (arrays on the default device)."""
+
+  q: jax.Array  # [batch, q_len, num_heads, head_dim]
+  kv_pages: jax.Array  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+  block_tables: jax.Array  # [batch, pages_per_seq] int32
+  kv_lens: jax.Array  # [batch] int32
+  q_lens: jax.Array  # [batch] int32
+  kv_scales: jax.Array | None  # [num_blocks, 2, num_kv_heads] f32 (int8)
+
+  def args(self):
+    return (self.q, self.kv_pages, self.block_tables, self.kv_lens,
+            self.q_lens)
+
+
+def make_case(
+    seed: int,
+    *,
+    kv_lens: list[int],
+    q_lens: list[int] | None = None,
+    q_len: int = 1,
+    num_heads: int = 9,
+    num_kv_heads: int = 3,
+    head_dim: int = 64,
+    block_size: int = 16,
+    pages_per_seq: int | None = None,
+    spare_blocks: int = 5,
+    dtype: str = "float32",
+) -> Case:
+  """Builds a random case; `dtype="int8"` quantizes the pool (bf16 q)."""
+  rng = np.random.default_rng(seed)
+  batch = len(kv_lens)
+  if q_lens is None:
+    q_lens = [min(q_len, n) for n in kv_lens]
+  need = max(1, max(-(-n // block_size) for n in kv_lens))
+  pages_per_seq = pages_per_seq or need
+  if pages_per_seq < need:
+    raise ValueError(f"pages_per_seq={pages_per_seq} < {need} needed")
+  num_blocks = batch * pages_per_seq + spare_blocks
+  pool = rng.standard_normal(
+      (num_blocks, 2, num_kv_heads, block_size, head_dim)).astype(np.float32)
+  perm = rng.permutation(num_blocks)[:batch * pages_per_seq]
+  tables = perm.reshape(batch, pages_per_seq).astype(np.int32)
+  for b, n in enumerate(kv_lens):  # junk past the used pages
+    used = -(-n // block_size)
+    junk = rng.choice([-1, num_blocks + 7, 2**30], size=pages_per_seq - used)
+    tables[b, used:] = junk
+  q = rng.standard_normal((batch, q_len, num_heads, head_dim)).astype(
+      np.float32)
+  kv_scales = None
+  if dtype == "int8":
+    kv_pages, kv_scales = quantize.quantize_pages(jnp.asarray(pool))
+    q_arr = jnp.asarray(q, jnp.bfloat16)
+  else:
+    kv_pages = jnp.asarray(pool, dtype)
+    q_arr = jnp.asarray(q, dtype)
+  return Case(q=q_arr, kv_pages=kv_pages,
+              block_tables=jnp.asarray(tables),
+              kv_lens=jnp.asarray(kv_lens, jnp.int32),
+              q_lens=jnp.asarray(q_lens, jnp.int32), kv_scales=kv_scales)
+
+
+def reference(case: Case, sm_scale: float | None = None) -> np.ndarray:
+  """The float64-free XLA reference of `case`, as float32 numpy."""
+  out = quantize.ref_paged_attention_any(
+      case.q.astype(jnp.float32), case.kv_pages, case.block_tables,
+      case.kv_lens, case.q_lens, sm_scale=sm_scale, kv_scales=case.kv_scales)
+  return np.asarray(out, np.float32)
+
+
+def tolerance(case: Case) -> float:
+  """Relative-error bound: float32 math vs bf16 operands."""
+  return 2e-5 if case.q.dtype == jnp.float32 else 2e-2
+
+
+def relative_error(out, ref) -> float:
+  """||out - ref|| / ||ref|| in float64 (NaN if out has any NaN)."""
+  out = np.asarray(out, np.float64)
+  ref = np.asarray(ref, np.float64)
+  if not np.all(np.isfinite(out)):
+    return float("nan")
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def poison_device_memory(nbytes: int) -> None:
+  """Fills and frees `nbytes` of device memory with NaN, so that an output
+  buffer the allocator hands out next starts as NaN, not as zeros (GPU tests;
+  interpret mode poisons outputs by itself)."""
+  n = max(1, nbytes // 4)
+  jax.block_until_ready(jnp.full((n,), jnp.nan, jnp.float32)).delete()
+
+
+def assert_matches(out, case: Case, ref: np.ndarray | None = None,
+                   rtol: float | None = None) -> None:
+  """Asserts `out` is finite everywhere and within tolerance of the ref."""
+  ref = reference(case) if ref is None else ref
+  rtol = tolerance(case) if rtol is None else rtol
+  out = np.asarray(out, np.float32)
+  assert out.shape == ref.shape, (out.shape, ref.shape)
+  assert np.all(np.isfinite(out)), "unwritten (NaN-poisoned) or NaN outputs"
+  err = relative_error(out, ref)
+  assert err < rtol, f"relative error {err:.3g}"
+  # Padding rows and empty sequences must be exact zeros.
+  q_lens = np.asarray(case.q_lens)
+  kv_lens = np.asarray(case.kv_lens)
+  for b in range(out.shape[0]):
+    if kv_lens[b] == 0:
+      assert not np.any(out[b]), f"sequence {b} has no context: expected 0"
+    else:
+      assert not np.any(out[b, q_lens[b]:]), f"padding rows of {b} not 0"
+
+
+def seed_of(params) -> int:
+  """A stable seed from a case's parameters (fresh data per case)."""
+  return zlib.crc32(repr(params).encode())
+
+
+def decode_case(params) -> Case:
+  """The `Case` of one `DECODE_CASES` entry (one query token, a spare
+  table column of junk ids)."""
+  heads, kv_heads, head_dim, block_size, dtype, kv_lens, _, _ = params
+  return make_case(
+      seed_of(params), kv_lens=kv_lens, num_heads=heads,
+      num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+      dtype=dtype,
+      pages_per_seq=max(-(-n // block_size) for n in kv_lens) + 1)
+
+
+def prefill_case(params) -> Case:
+  """The `Case` of one `PREFILL_CASES` entry."""
+  heads, kv_heads, head_dim, block_size, dtype, q_len, kv_lens, q_lens = (
+      params)
+  return make_case(
+      seed_of(params), kv_lens=kv_lens, q_lens=q_lens, q_len=q_len,
+      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+      block_size=block_size, dtype=dtype)

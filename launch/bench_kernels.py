@@ -1,0 +1,483 @@
+r"""Benchmark of the paged-attention kernels and the block copy.
+
+    python -m launch.bench_kernels                      # GPU: the full table
+    python -m launch.bench_kernels --preset=smoke       # CPU: tiny, interpret
+
+For each shape (batch, heads, kv heads, head_dim, page size, context, dtype)
+it times our kernel beside the XLA reference, JAX's own Pallas GPU
+`paged_attention` (decode; q pre-scaled, since that op does not scale) and
+cuDNN dense attention through `jax.nn.dot_product_attention` (prefill), and
+reports time, achieved GB/s (K/V bytes read once) and TFLOP/s. The same run
+measures the ceilings: device-to-device copy bandwidth (bytes read plus
+written) and a bf16 matmul's TFLOP/s, and the block copy host <-> device
+against a plain pinned_host -> device transfer. Each time is the median of
+`--reps` repetitions of `--inner` back-to-back calls, after a warm-up call
+(compilation excluded). Prints a table and writes JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+import traceback
+from typing import Any, Callable
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
+                  "shape set; default: gpu on a GPU backend, else smoke")
+flags.DEFINE_list("only", ["calib", "decode", "prefill", "copy"],
+                  "sections to run")
+flags.DEFINE_integer("reps", 10, "timed repetitions (median reported)")
+flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition")
+flags.DEFINE_string("out", None, "JSON output path (default: "
+                    "docs/results/bench_kernels_<backend>.json)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+  batch: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  page: int
+  ctx: int
+  dtype: str  # float32 | bfloat16 | int8 (q in bf16)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillShape:
+  batch: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  page: int
+  prefix: int  # cached tokens before the chunk
+  new: int  # tokens in the chunk
+  dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyShape:
+  layers: int  # layers in the group moved by one call
+  blocks: int  # blocks moved
+  pool_blocks: int
+  host_slots: int
+  kv_heads: int
+  page: int
+  head_dim: int
+  dtype: str
+
+
+PRESETS = {
+    "gpu": dict(
+        calib=dict(copy_mib=2048, matmul=8192),
+        decode=[
+            # Llama-3-8B attention shapes, large KV (>= 256 MB).
+            DecodeShape(64, 32, 8, 128, 16, 4096, "bfloat16"),
+            DecodeShape(64, 32, 8, 128, 64, 4096, "bfloat16"),
+            DecodeShape(64, 32, 8, 128, 16, 4096, "int8"),
+            DecodeShape(16, 32, 8, 128, 16, 16384, "bfloat16"),
+            # Small batch, long context.
+            DecodeShape(1, 32, 8, 128, 16, 32768, "bfloat16"),
+            DecodeShape(4, 32, 8, 128, 64, 32768, "bfloat16"),
+            DecodeShape(4, 32, 8, 128, 64, 32768, "int8"),
+            # SmolLM2-135M (9:3 GQA, head_dim 64), big pages, float32.
+            DecodeShape(64, 9, 3, 64, 16, 4096, "bfloat16"),
+            DecodeShape(32, 32, 8, 128, 256, 8192, "bfloat16"),
+            DecodeShape(16, 9, 3, 64, 16, 4096, "float32"),
+        ],
+        prefill=[
+            PrefillShape(1, 32, 8, 128, 16, 16384, 512, "bfloat16"),
+            PrefillShape(1, 32, 8, 128, 64, 32256, 512, "bfloat16"),
+            PrefillShape(4, 32, 8, 128, 64, 16384, 256, "bfloat16"),
+        ],
+        copy=[CopyShape(8, 256, 4096, 2048, 8, 16, 128, "bfloat16"),
+              CopyShape(8, 64, 1024, 512, 8, 64, 128, "bfloat16")],
+    ),
+    "smoke": dict(
+        calib=dict(copy_mib=16, matmul=256),
+        decode=[DecodeShape(2, 9, 3, 64, 16, 96, "float32"),
+                DecodeShape(2, 4, 2, 64, 16, 64, "int8")],
+        prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "float32")],
+        copy=[CopyShape(2, 4, 32, 16, 2, 16, 64, "float32")],
+    ),
+}
+
+
+def _timeit(fn: Callable[[], Any], reps: int, inner: int) -> float:
+  """Median seconds per call of `fn` (compiled and warmed first)."""
+  import jax
+  jax.block_until_ready(fn())
+  samples = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(inner):
+      out = fn()
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / inner)
+  return statistics.median(samples)
+
+
+def _attempt(rows: list[dict], base: dict, impl: str,
+             fn: Callable[[], Any], *, nbytes: float, flops: float,
+             check: Callable[[Any], float] | None = None) -> None:
+  """Times one implementation; records a row (or the error) in `rows`."""
+  row = dict(base, impl=impl)
+  try:
+    if check is not None:
+      row["rel_err"] = check(fn())
+    sec = _timeit(fn, FLAGS.reps, FLAGS.inner)
+    row.update(time_us=sec * 1e6, gbps=nbytes / sec / 1e9,
+               tflops=flops / sec / 1e12)
+  except Exception as e:  # pylint: disable=broad-except
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    traceback.print_exc()
+  rows.append(row)
+  print(_fmt(row), flush=True)  # as it comes, in case the run is cut short
+
+
+def _random_case(shape, batch_pages: int, key):
+  """Random pool (bf16/f32 normal, or int8 with scales) and block tables."""
+  import jax
+  import jax.numpy as jnp
+  k_pool, k_perm, k_q, k_s = jax.random.split(key, 4)
+  num_blocks = shape.batch * batch_pages + 8
+  pool_shape = (num_blocks, 2, shape.kv_heads, shape.page, shape.head_dim)
+  scales = None
+  if shape.dtype == "int8":
+    pool = jax.random.randint(k_pool, pool_shape, -127, 128, jnp.int8)
+    scales = jax.random.uniform(k_s, pool_shape[:3], jnp.float32, 0.5, 2.0)
+    scales = scales / 127.0
+  else:
+    pool = jax.random.normal(k_pool, pool_shape, shape.dtype)
+  perm = jax.random.permutation(k_perm, num_blocks)[:shape.batch * batch_pages]
+  tables = perm.reshape(shape.batch, batch_pages).astype(jnp.int32)
+  return pool, scales, tables, k_q
+
+
+def _rel_err(out, ref) -> float:
+  import numpy as np
+  out = np.asarray(out, np.float64)
+  ref = np.asarray(ref, np.float64)
+  if not np.all(np.isfinite(out)):
+    return float("nan")
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def bench_calibration(cfg: dict, rows: list[dict]) -> dict:
+  """Device copy bandwidth and bf16 matmul rate measured in this run."""
+  import jax
+  import jax.numpy as jnp
+  n = cfg["copy_mib"] * 2**20 // 2
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+  copy = jax.jit(lambda a: a + jnp.bfloat16(1))
+  base = dict(kind="calib", shape=f"copy {cfg['copy_mib']} MiB")
+  _attempt(rows, base, "device_copy", lambda: copy(x), nbytes=2 * n * 2,
+           flops=0)
+  m = cfg["matmul"]
+  a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32
+                                    ).astype(jnp.bfloat16))
+  base = dict(kind="calib", shape=f"matmul {m}^3 bf16")
+  _attempt(rows, base, "bf16_matmul", lambda: mm(a, b), nbytes=3 * m * m * 2,
+           flops=2 * m**3)
+  return dict(copy_gbps=rows[-2].get("gbps"), matmul_tflops=rows[-1].get(
+      "tflops"))
+
+
+def bench_decode(shapes, rows: list[dict], interpret: bool) -> None:
+  """Our split-K decode kernel vs the XLA reference vs JAX's Pallas op."""
+  import jax
+  import jax.numpy as jnp
+  from kernels import decode_triton
+  from kernels import quantize
+
+  for i, s in enumerate(shapes):
+    pages = -(-s.ctx // s.page)
+    pool, scales, tables, k_q = _random_case(s, pages, jax.random.key(10 + i))
+    q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
+    q = jax.random.normal(k_q, (s.batch, s.heads, s.head_dim), q_dtype)
+    lens = jnp.full((s.batch,), s.ctx, jnp.int32)
+    itemsize = 1 if s.dtype == "int8" else jnp.dtype(s.dtype).itemsize
+    kv_bytes = s.batch * s.ctx * s.kv_heads * s.head_dim * 2 * itemsize
+    if scales is not None:
+      kv_bytes += s.batch * pages * s.kv_heads * 2 * 4
+    flops = 4 * s.batch * s.heads * s.ctx * s.head_dim
+    base = dict(kind="decode", shape=dataclasses.asdict(s),
+                kv_mib=kv_bytes / 2**20)
+    ones = jnp.ones((s.batch,), jnp.int32)
+
+    ref_fn = jax.jit(lambda q, p, sc, t, l: quantize.ref_paged_attention_any(
+        q[:, None], p, t, l, ones, kv_scales=sc)[:, 0])
+    ref = None
+    try:
+      ref = ref_fn(q, pool, scales, tables, lens)
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()
+    check = (lambda out: _rel_err(out, ref)) if ref is not None else None
+
+    ours = jax.jit(lambda q, p, sc, t, l: decode_triton.paged_decode(
+        q, p, t, l, sc, interpret=interpret))
+    _attempt(rows, base, "pallas_triton (ours)",
+             lambda: ours(q, pool, scales, tables, lens), nbytes=kv_bytes,
+             flops=flops, check=check)
+    _attempt(rows, base, "xla reference",
+             lambda: ref_fn(q, pool, scales, tables, lens), nbytes=kv_bytes,
+             flops=flops)
+    if s.dtype != "int8":
+      _bench_jax_op(rows, base, q, pool, tables, lens, kv_bytes, flops,
+                    check, interpret)
+
+
+def _bench_jax_op(rows, base, q, pool, tables, lens, kv_bytes, flops, check,
+                  interpret):
+  """JAX's Pallas GPU paged_attention on the same data (its own layout)."""
+  import jax
+  import jax.numpy as jnp
+  try:
+    from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
+  except ImportError as e:
+    rows.append(dict(base, impl="jax pallas op", error=str(e)))
+    return
+  k_pages = jnp.swapaxes(pool[:, 0], 0, 1)  # [kv_heads, blocks, P, D]
+  v_pages = jnp.swapaxes(pool[:, 1], 0, 1)
+  q_scaled = (q.astype(jnp.float32) * q.shape[-1] ** -0.5).astype(q.dtype)
+  pages = tables.shape[1]
+  k_splits = 16 if pages % 16 == 0 else 1
+  per_block = min(8, pages // k_splits)
+  fn = jax.jit(lambda q, k, v, t, l: jax_pa.paged_attention(
+      q, k, v, t, l, k_splits=k_splits, pages_per_compute_block=per_block,
+      interpret=interpret))
+  _attempt(rows, base, "jax pallas op",
+           lambda: fn(q_scaled, k_pages, v_pages, tables, lens),
+           nbytes=kv_bytes, flops=flops, check=check)
+
+
+def bench_prefill(shapes, rows: list[dict], interpret: bool) -> None:
+  """Our prefill kernel vs the XLA reference vs cuDNN dense attention."""
+  import jax
+  import jax.numpy as jnp
+  from kernels import prefill_triton
+  from kernels import quantize
+
+  on_gpu = jax.default_backend() == "gpu"
+  for i, s in enumerate(shapes):
+    ctx = s.prefix + s.new
+    pages = -(-ctx // s.page)
+    pool, scales, tables, k_q = _random_case(s, pages, jax.random.key(50 + i))
+    q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
+    q = jax.random.normal(k_q, (s.batch, s.new, s.heads, s.head_dim), q_dtype)
+    kv_lens = jnp.full((s.batch,), ctx, jnp.int32)
+    q_lens = jnp.full((s.batch,), s.new, jnp.int32)
+    itemsize = 1 if s.dtype == "int8" else jnp.dtype(s.dtype).itemsize
+    kv_bytes = s.batch * ctx * s.kv_heads * s.head_dim * 2 * itemsize
+    # Causal over the chunk, full over the prefix: keys seen per query row.
+    keys = s.new * s.prefix + s.new * (s.new + 1) / 2
+    flops = 4 * s.batch * s.heads * s.head_dim * keys
+    base = dict(kind="prefill", shape=dataclasses.asdict(s),
+                kv_mib=kv_bytes / 2**20)
+
+    ref_fn = jax.jit(lambda q, p, sc, t, kl, ql:
+                     quantize.ref_paged_attention_any(q, p, t, kl, ql,
+                                                      kv_scales=sc))
+    ref = None
+    try:
+      ref = ref_fn(q, pool, scales, tables, kv_lens, q_lens)
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()
+    check = (lambda out: _rel_err(out, ref)) if ref is not None else None
+    ours = jax.jit(lambda q, p, sc, t, kl, ql: prefill_triton.paged_prefill(
+        q, p, t, kl, ql, sc, interpret=interpret))
+    _attempt(rows, base, "pallas_triton (ours)",
+             lambda: ours(q, pool, scales, tables, kv_lens, q_lens),
+             nbytes=kv_bytes, flops=flops, check=check)
+    _attempt(rows, base, "xla reference",
+             lambda: ref_fn(q, pool, scales, tables, kv_lens, q_lens),
+             nbytes=kv_bytes, flops=flops)
+    if on_gpu and s.dtype == "bfloat16":
+      # cuDNN on the same K/V laid out densely, attending to all ctx keys
+      # (no causal tail: its FLOPs are counted accordingly).
+      dense = pool[tables]  # [B, pages, 2, Hkv, P, D]
+      dense = jnp.moveaxis(dense, 2, 0).swapaxes(3, 4)
+      dense = dense.reshape(2, s.batch, pages * s.page, s.kv_heads,
+                            s.head_dim)[:, :, :ctx]
+      k, v = dense[0], dense[1]
+      cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, implementation="cudnn"))
+      _attempt(rows, base, "cudnn dense (full ctx)", lambda: cudnn(q, k, v),
+               nbytes=kv_bytes,
+               flops=4 * s.batch * s.heads * s.head_dim * s.new * ctx)
+
+
+def bench_copy(shapes, rows: list[dict]) -> None:
+  """Block gather/scatter vs a plain pinned_host -> device transfer."""
+  import jax
+  import jax.numpy as jnp
+  from kernels import block_copy
+
+  dev = jax.devices()[0]
+  for i, s in enumerate(shapes):
+    tail = (2, s.kv_heads, s.page, s.head_dim)
+    key = jax.random.key(90 + i)
+    pool = jax.random.normal(key, (s.layers, s.pool_blocks) + tail, s.dtype)
+    host = block_copy.allocate_host_tier((s.layers, s.host_slots) + tail,
+                                         s.dtype, dev)
+    host = jax.device_put(
+        jax.random.normal(key, host.shape, s.dtype), host.sharding)
+    src = jax.random.permutation(key, s.host_slots)[:s.blocks].astype(
+        jnp.int32)
+    dst = jax.random.permutation(key, s.pool_blocks)[:s.blocks].astype(
+        jnp.int32)
+    nbytes = s.layers * s.blocks * 2 * s.kv_heads * s.page * s.head_dim * (
+        jnp.dtype(s.dtype).itemsize)
+    base = dict(kind="copy", shape=dataclasses.asdict(s),
+                mib=nbytes / 2**20)
+    state = {"pool": pool, "host": host}
+
+    def gather():
+      state["pool"] = block_copy.gather_to_device(state["pool"],
+                                                  state["host"], src, dst)
+      return state["pool"]
+
+    def scatter():
+      state["host"] = block_copy.scatter_to_host(state["host"],
+                                                 state["pool"], dst, src)
+      return state["host"]
+
+    try:  # The first call's output types differ from the inputs' (committed
+      # arrays): warm both variants so that timing sees no compilation.
+      jax.block_until_ready(gather())
+      jax.block_until_ready(scatter())
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()
+    _attempt(rows, base, "gather host->device (ours)", gather,
+             nbytes=nbytes, flops=0)
+    _attempt(rows, base, "scatter device->host (ours)", scatter,
+             nbytes=nbytes, flops=0)
+    # The ceiling: one contiguous pinned buffer of the same bytes.
+    staged = block_copy.allocate_host_tier((s.layers, s.blocks) + tail,
+                                           s.dtype, dev)
+    to_dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+    _attempt(rows, base, "plain pinned->device", lambda: jax.device_put(
+        staged, to_dev), nbytes=nbytes, flops=0)
+
+
+def _targets(rows: list[dict], copy_gbps: float | None) -> list[dict]:
+  """The issue's targets, checked on this run's rows where they apply."""
+  def find(kind, impl, shape):
+    for r in rows:
+      if (r["kind"] == kind and r["impl"] == impl and r["shape"] == shape
+          and "time_us" in r):
+        return r
+    return None
+
+  ours = "pallas_triton (ours)"
+  checks = []
+  for r in rows:
+    if r["impl"] != ours or "time_us" not in r:
+      continue
+    s = r["shape"]
+    name = " ".join(f"{k}={v}" for k, v in s.items())
+    if r["kind"] == "decode" and s["dtype"] != "int8":
+      if copy_gbps and s["ctx"] >= 4096 and r["kv_mib"] >= 256:
+        small = s["batch"] <= 4 and s["ctx"] >= 32768
+        want = 0.6 if small else 0.8
+        checks.append(dict(target=f"decode >= {want:.0%} of copy BW",
+                           shape=name, value=r["gbps"] / copy_gbps,
+                           ok=r["gbps"] / copy_gbps >= want))
+      theirs = find("decode", "jax pallas op", s)
+      if theirs and r["kv_mib"] >= 256:
+        ratio = theirs["time_us"] / r["time_us"]
+        checks.append(dict(target="decode >= 1.25x JAX's op", shape=name,
+                           value=ratio, ok=ratio >= 1.25))
+    if r["kind"] == "decode" and s["dtype"] == "int8":
+      bf16 = find("decode", ours, dict(s, dtype="bfloat16"))
+      if bf16:
+        ratio = bf16["time_us"] / r["time_us"]
+        checks.append(dict(target="int8 decode >= 1.6x bf16 tokens/s",
+                           shape=name, value=ratio, ok=ratio >= 1.6))
+    if r["kind"] == "prefill":
+      cudnn = find("prefill", "cudnn dense (full ctx)", s)
+      if cudnn:
+        ratio = r["tflops"] / cudnn["tflops"]
+        checks.append(dict(target="prefill >= 50% of cuDNN TFLOP/s",
+                           shape=name, value=ratio, ok=ratio >= 0.5))
+  for r in rows:
+    if r["kind"] == "copy" and r["impl"].startswith("gather") and (
+        "gbps" in r):
+      plain = find("copy", "plain pinned->device", r["shape"])
+      if plain:
+        ratio = r["gbps"] / plain["gbps"]
+        checks.append(dict(target="block gather >= 85% of pinned->device",
+                           shape=" ".join(f"{k}={v}" for k, v in
+                                          r["shape"].items()),
+                           value=ratio, ok=ratio >= 0.85))
+  return checks
+
+
+def _fmt(row: dict) -> str:
+  shape = row["shape"]
+  if isinstance(shape, dict):
+    shape = " ".join(f"{k}={v}" for k, v in shape.items())
+  if "error" in row:
+    return f"{row['kind']:8s} {shape[:78]:78s} {row['impl'][:28]:28s} " \
+           f"ERROR {row['error'][:60]}"
+  err = row.get("rel_err")
+  err = f"{err:.1e}" if err is not None else "-"
+  return (f"{row['kind']:8s} {shape[:78]:78s} {row['impl'][:28]:28s} "
+          f"{row['time_us']:10.1f} {row['gbps']:8.1f} {row['tflops']:7.2f} "
+          f"{row.get('pct_copy', float('nan')):6.1f} {err:>8s}")
+
+
+def main(argv):
+  import jax
+  backend = jax.default_backend()
+  preset = FLAGS.preset or ("gpu" if backend == "gpu" else "smoke")
+  cfg = PRESETS[preset]
+  interpret = backend != "gpu"
+  rows: list[dict] = []
+  ceilings = {}
+  if "calib" in FLAGS.only:
+    ceilings = bench_calibration(cfg["calib"], rows)
+  if "decode" in FLAGS.only:
+    bench_decode(cfg["decode"], rows, interpret)
+  if "prefill" in FLAGS.only:
+    bench_prefill(cfg["prefill"], rows, interpret)
+  if "copy" in FLAGS.only:
+    bench_copy(cfg["copy"], rows)
+  copy_gbps = ceilings.get("copy_gbps")
+  for row in rows:
+    if copy_gbps and "gbps" in row and row["kind"] in ("decode", "copy"):
+      row["pct_copy"] = 100 * row["gbps"] / copy_gbps
+
+  print(f"{'kind':8s} {'shape':78s} {'impl':28s} {'time_us':>10s} "
+        f"{'GB/s':>8s} {'TFLOP/s':>7s} {'%copy':>6s} {'rel_err':>8s}")
+  for row in rows:
+    print(_fmt(row))
+  checks = _targets(rows, copy_gbps)
+  if checks:
+    print("\ntargets")
+  for c in checks:
+    print(f"  {'PASS' if c['ok'] else 'MISS'} {c['target']:40s} "
+          f"{c['value']:6.2f}  {c['shape']}")
+  report = dict(backend=backend, device=str(jax.devices()[0].device_kind),
+                jax=jax.__version__, preset=preset, reps=FLAGS.reps,
+                inner=FLAGS.inner, ceilings=ceilings, rows=rows,
+                targets=checks)
+  out = FLAGS.out or os.path.join("docs", "results",
+                                  f"bench_kernels_{backend}.json")
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(report, f, indent=1)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,145 @@
+"""The paged-attention kernels and block copy compiled on a CUDA GPU.
+
+Reruns the CPU interpret-mode cases (kernels.testing) compiled, plus larger
+shapes across the issue's space (ragged contexts up to 8k, pages 16-256,
+head_dim 64/128, GQA 9:3 / 4:1 / MHA, f32, bf16, int8). Before each kernel
+call, device memory is filled with NaN and freed, so an output element the
+kernel never writes shows up as NaN. Run by scripts/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import block_copy
+from kernels import decode_triton
+from kernels import prefill_triton
+from kernels import testing
+from kernels import tuning
+from kernels.paged_attention import paged_attention
+from kernels.paged_attention import resolve_implementation
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="needs a CUDA GPU; tests/test_kernels_triton.py runs the same "
+    "cases in interpret mode on CPU")
+
+# On the GPU float32 dots run in IEEE mode but exp2 and the sum order differ.
+F32_RTOL = 1e-4
+
+
+def _rtol(case):
+  return F32_RTOL if case.q.dtype == jnp.float32 else 2e-2
+
+
+def _poison(case):
+  testing.poison_device_memory(16 * case.q.size * 4 + (1 << 24))
+
+
+@pytest.mark.parametrize("params", testing.DECODE_CASES, ids=str)
+def test_small_decode_cases(params):
+  chunk, splits = params[-2:]
+  case = testing.decode_case(params)
+  _poison(case)
+  out = decode_triton.paged_decode(
+      case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+      case.kv_scales, tiling=tuning.DecodeTiling(chunk, splits))
+  testing.assert_matches(out[:, None], case, rtol=_rtol(case))
+
+
+LARGE_DECODE = [
+    # (heads, kv_heads, head_dim, block_size, dtype, kv_lens)
+    (32, 8, 128, 16, "bfloat16", [4096, 1, 3001, 17]),
+    (9, 3, 64, 16, "bfloat16", [8000, 257, 4096]),
+    (32, 8, 128, 64, "int8", [4096, 77, 1000]),
+    (16, 16, 64, 256, "float32", [2049, 512]),
+    (40, 8, 128, 32, "bfloat16", [6000, 31]),
+    (32, 4, 128, 128, "int8", [8191, 5]),
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype,kv_lens",
+                         LARGE_DECODE)
+def test_large_decode_default_tiling(heads, kv_heads, head_dim, block_size,
+                                     dtype, kv_lens):
+  case = testing.make_case(
+      testing.seed_of((heads, head_dim, block_size, dtype)), kv_lens=kv_lens,
+      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+      block_size=block_size, dtype=dtype,
+      pages_per_seq=-(-max(kv_lens) // block_size) + 3)
+  _poison(case)
+  out = paged_attention(*case.args(), implementation="pallas_triton",
+                        kv_scales=case.kv_scales)
+  testing.assert_matches(out, case, rtol=_rtol(case))
+
+
+@pytest.mark.parametrize("params", testing.PREFILL_CASES, ids=str)
+def test_small_prefill_cases(params):
+  case = testing.prefill_case(params)
+  _poison(case)
+  out = prefill_triton.paged_prefill(
+      *case.args(), case.kv_scales,
+      tiling=tuning.PrefillTiling(block_q=16, pages_per_chunk=2))
+  testing.assert_matches(out, case, rtol=_rtol(case))
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype", [
+    (32, 8, 128, 16, "bfloat16"), (9, 3, 64, 64, "bfloat16"),
+    (8, 2, 128, 32, "int8"), (4, 4, 64, 16, "float32")])
+def test_large_prefill(heads, kv_heads, head_dim, block_size, dtype):
+  case = testing.make_case(
+      testing.seed_of((heads, block_size, dtype, "prefill")),
+      kv_lens=[2300, 300, 700], q_lens=[300, 300, 129], q_len=300,
+      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+      block_size=block_size, dtype=dtype)
+  _poison(case)
+  out = paged_attention(*case.args(), implementation="pallas_triton",
+                        kv_scales=case.kv_scales)
+  testing.assert_matches(out, case, rtol=_rtol(case))
+
+
+def test_auto_is_triton_on_gpu():
+  assert resolve_implementation("auto", q_len=1, head_dim=128) == (
+      "pallas_triton")
+
+
+def test_agrees_with_jax_pallas_op_on_prescaled_q():
+  from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
+  case = testing.make_case(5, kv_lens=[1024, 333], num_heads=32,
+                           num_kv_heads=8, head_dim=128, dtype="bfloat16",
+                           pages_per_seq=64)
+  pool = case.kv_pages
+  k_pages = jnp.swapaxes(pool[:, 0], 0, 1)
+  v_pages = jnp.swapaxes(pool[:, 1], 0, 1)
+  tables = jnp.clip(case.block_tables, 0, pool.shape[0] - 1)
+  q = case.q[:, 0]
+  q_scaled = (q.astype(jnp.float32) * 128 ** -0.5).astype(q.dtype)
+  theirs = jax_pa.paged_attention(q_scaled, k_pages, v_pages, tables,
+                                  case.kv_lens)
+  ours = decode_triton.paged_decode(q, pool, case.block_tables, case.kv_lens)
+  assert testing.relative_error(ours, theirs) < 2e-2
+
+
+def test_block_copy_round_trip_on_gpu():
+  rng = np.random.default_rng(3)
+  tail = (2, 8, 16, 128)
+  pool = jnp.asarray(rng.standard_normal((4, 64) + tail), jnp.bfloat16)
+  host = block_copy.allocate_host_tier((4, 32) + tail, jnp.bfloat16)
+  assert host.sharding.memory_kind == "pinned_host"
+  pages = jnp.asarray([3, 60, 7, 9], jnp.int32)
+  slots = jnp.asarray([31, 0, 5, -1], jnp.int32)
+  host = block_copy.scatter_to_host(host, pool, pages, slots, layer_start=1,
+                                    num_layers=3)
+  assert host.sharding.memory_kind == "pinned_host"
+  want = np.asarray(pool, np.float32)
+  fresh = jnp.asarray(rng.standard_normal(pool.shape), jnp.bfloat16)
+  fresh_np = np.asarray(fresh, np.float32)  # `fresh` is donated below
+  back = block_copy.gather_to_device(fresh, host, slots[:3], pages[:3],
+                                     layer_start=1, num_layers=3)
+  got = np.asarray(back, np.float32)
+  np.testing.assert_array_equal(got[1:, [3, 60, 7]], want[1:, [3, 60, 7]])
+  np.testing.assert_array_equal(got[0], fresh_np[0])
+  np.testing.assert_array_equal(got[1:, 8], fresh_np[1:, 8])

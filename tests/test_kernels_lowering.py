@@ -1,0 +1,88 @@
+"""The kernels lower for the hardware we lack: Triton IR for CUDA, Mosaic
+for TPU, exported from this CPU with `jax.export`.
+
+This catches what interpret mode cannot (Triton's power-of-2 shapes,
+unsupported primitives, block-spec rules) before a GPU or TPU is at hand.
+It stops short of the device compilers (Triton -> PTX, Mosaic -> TPU code).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import export
+import jax.numpy as jnp
+import pytest
+
+from kernels import decode_mosaic_tpu
+from kernels import decode_triton
+from kernels import prefill_triton
+
+S = jax.ShapeDtypeStruct
+_CUSTOM_CALLS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
+
+
+def _export(fn, args, platform):
+  checks = [export.DisabledSafetyCheck.custom_call(n) for n in _CUSTOM_CALLS]
+  exported = export.export(jax.jit(fn), platforms=[platform],
+                           disabled_checks=checks)(*args)
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("dtype,block_size,head_dim", [
+    ("bfloat16", 16, 64), ("float32", 256, 128), ("int8", 64, 128),
+    ("int8", 256, 128)])
+def test_decode_lowers_to_triton(dtype, block_size, head_dim):
+  q_dtype = "bfloat16" if dtype == "int8" else dtype
+  scales = S((50, 2, 3), jnp.float32) if dtype == "int8" else None
+  args = (S((4, 9, head_dim), q_dtype), S((50, 2, 3, block_size, head_dim),
+                                          dtype),
+          S((4, 33), jnp.int32), S((4,), jnp.int32), scales)
+  text = _export(lambda *a: decode_triton.paged_decode(*a), args, "cuda")
+  assert "xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("dtype,block_size", [
+    ("bfloat16", 32), ("int8", 32), ("bfloat16", 256), ("float32", 16)])
+def test_prefill_lowers_to_triton(dtype, block_size):
+  q_dtype = "bfloat16" if dtype == "int8" else dtype
+  scales = S((50, 2, 2), jnp.float32) if dtype == "int8" else None
+  args = (S((2, 100, 8, 128), q_dtype), S((50, 2, 2, block_size, 128), dtype),
+          S((2, 21), jnp.int32), S((2,), jnp.int32), S((2,), jnp.int32),
+          scales)
+  text = _export(lambda *a: prefill_triton.paged_prefill(*a), args, "cuda")
+  assert "xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_tpu_decode_lowers_to_mosaic(monkeypatch, dtype):
+  try:  # Mosaic needs a chip description; CPU has none. Lend it a v5e's.
+    from jax._src.pallas.mosaic import tpu_info
+    chip = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"this JAX has no private tpu_info registry to fake a chip: "
+                f"{e}")
+  monkeypatch.setitem(tpu_info.registry, "cpu", lambda: chip)
+  scales = S((60, 2, 8), jnp.float32) if dtype == "int8" else None
+  args = (S((2, 32, 128), jnp.bfloat16), S((60, 2, 8, 16, 128), dtype),
+          S((2, 37), jnp.int32), S((2,), jnp.int32), scales)
+  text = _export(lambda *a: decode_mosaic_tpu.paged_decode_tpu(*a), args,
+                 "tpu")
+  assert "tpu_custom_call" in text
+
+
+@pytest.mark.parametrize("direction", ["gather", "scatter"])
+def test_block_copy_lowers_with_a_placement_per_block(direction):
+  """For CUDA each moved block is annotated with its new memory space, the
+  pattern XLA's host offloading turns into one DMA per block."""
+  from kernels import block_copy
+  pool = jnp.zeros((4, 64, 2, 8, 16, 128), jnp.bfloat16)
+  host = block_copy.allocate_host_tier((4, 32, 2, 8, 16, 128), jnp.bfloat16)
+  ids = jnp.asarray([1, 2, 3], jnp.int32)
+  if direction == "gather":
+    fn, args = block_copy.gather_to_device, (pool, host, ids, ids)
+  else:
+    fn = block_copy._scatter_fn(host.sharding, 0, None)  # pylint: disable=protected-access
+    args = (host, pool, ids, ids)
+  text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("@annotate_device_placement(") >= len(ids)
+  assert 'memory_kind = "pinned_host"' in text

@@ -1,0 +1,118 @@
+"""The Triton-lowering Pallas kernels, run in interpret mode on CPU.
+
+Interpret mode fills kernel outputs with NaN before the kernel runs, so the
+finiteness check in `assert_matches` also proves every element was written.
+Shapes are small: interpret mode costs a pool slice per grid step. The GPU
+module tests/gpu/test_kernels_gpu.py reruns these cases compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import pytest
+
+from kernels import decode_triton
+from kernels import prefill_triton
+from kernels import testing
+from kernels import tuning
+
+
+@pytest.mark.parametrize("params", testing.DECODE_CASES, ids=str)
+def test_decode_matches_reference(params):
+  chunk, splits = params[-2:]
+  case = testing.decode_case(params)
+  out = decode_triton.paged_decode(
+      case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+      case.kv_scales, tiling=tuning.DecodeTiling(chunk, splits),
+      interpret=True)
+  assert out.dtype == case.q.dtype
+  testing.assert_matches(out[:, None], case)
+
+
+def test_decode_default_tiling_and_sm_scale():
+  case = testing.make_case(7, kv_lens=[50, 33], num_heads=4, num_kv_heads=2,
+                           block_size=16)
+  out = decode_triton.paged_decode(
+      case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+      sm_scale=0.3, interpret=True)
+  ref = testing.reference(case, sm_scale=0.3)
+  testing.assert_matches(out[:, None], case, ref)
+
+
+@pytest.mark.parametrize("params", testing.PREFILL_CASES, ids=str)
+def test_prefill_matches_reference(params):
+  case = testing.prefill_case(params)
+  out = prefill_triton.paged_prefill(
+      *case.args(), case.kv_scales,
+      tiling=tuning.PrefillTiling(block_q=16, pages_per_chunk=2),
+      interpret=True)
+  testing.assert_matches(out, case)
+
+
+def test_kernels_reject_unsupported_head_dim():
+  case = testing.make_case(3, kv_lens=[10], num_heads=2, num_kv_heads=1,
+                           head_dim=48)
+  with pytest.raises(ValueError, match="head_dim"):
+    decode_triton.paged_decode(case.q[:, 0], case.kv_pages,
+                               case.block_tables, case.kv_lens,
+                               interpret=True)
+  with pytest.raises(ValueError, match="head_dim"):
+    prefill_triton.paged_prefill(*case.args(), interpret=True)
+
+
+def test_decode_rejects_float_pool_with_scales():
+  case = testing.make_case(4, kv_lens=[10], num_heads=2, num_kv_heads=1)
+  scales = jnp.ones(case.kv_pages.shape[:3], jnp.float32)
+  with pytest.raises(ValueError, match="int8"):
+    decode_triton.paged_decode(case.q[:, 0], case.kv_pages,
+                               case.block_tables, case.kv_lens, scales,
+                               interpret=True)
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_large_pages_read_in_parts(kind):
+  """Pages larger than a step: each step reads a slice of one page."""
+  if kind == "decode":
+    case = testing.make_case(41, kv_lens=[150, 64, 1], num_heads=6,
+                             num_kv_heads=2, block_size=64, dtype="int8",
+                             pages_per_seq=4)
+    out = decode_triton.paged_decode(
+        case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+        case.kv_scales,
+        tiling=tuning.DecodeTiling(1, 2, page_parts=4), interpret=True)[:, None]
+  else:
+    case = testing.make_case(42, kv_lens=[90, 40], q_lens=[20, 17], q_len=20,
+                             num_heads=4, num_kv_heads=2, block_size=64,
+                             dtype="bfloat16")
+    out = prefill_triton.paged_prefill(
+        *case.args(),
+        tiling=tuning.PrefillTiling(16, 1, page_parts=2), interpret=True)
+  testing.assert_matches(out, case)
+
+
+def test_bad_tiling_raises():
+  case = testing.make_case(43, kv_lens=[10], num_heads=2, num_kv_heads=1)
+  with pytest.raises(ValueError, match="tiling"):
+    decode_triton.paged_decode(
+        case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+        tiling=tuning.DecodeTiling(2, 1, page_parts=2), interpret=True)
+
+
+@pytest.mark.parametrize("q_len", [1, 9])
+def test_lengths_beyond_the_table_see_only_the_table(q_len):
+  """kv_lens past the table's capacity: like the reference, only the
+  table's pages are attended to (the padding of the table is never read)."""
+  case = testing.make_case(44 + q_len, kv_lens=[40, 48], q_len=q_len,
+                           num_heads=4, num_kv_heads=2, block_size=16,
+                           pages_per_seq=3)
+  case = dataclasses.replace(case, kv_lens=case.kv_lens + 30)
+  if q_len == 1:
+    out = decode_triton.paged_decode(
+        case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+        tiling=tuning.DecodeTiling(2, 2), interpret=True)[:, None]
+  else:
+    out = prefill_triton.paged_prefill(
+        *case.args(), tiling=tuning.PrefillTiling(16, 2), interpret=True)
+  testing.assert_matches(out, case)
