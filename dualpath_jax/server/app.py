@@ -1,0 +1,369 @@
+"""FastAPI routes of the OpenAI-compatible server.
+
+    GET  /v1/models            the served model, with `max_model_len`
+    POST /v1/chat/completions  chat (messages -> chat template -> tokens)
+    POST /v1/completions       raw text or token-id prompt
+    GET  /health               200 while the engine loop runs
+    GET  /metrics              Prometheus text (see prometheus.py)
+
+A request becomes one `TurnRequest` (the whole prompt: chat clients resend
+the conversation every turn, and the engine's prefix cache finds the blocks
+it already holds, reported as `usage.prompt_tokens_details.cached_tokens`).
+`user` becomes the engine's tenant: the prefix-sharing domain. Requests with
+different `user` values never share cached blocks; requests without one
+share the anonymous tenant "".
+
+Each request gets a `_RequestStream`: the engine thread feeds it tokens
+(`on_token`), it detokenizes and matches stop strings (`TextStream`), and
+posts text events to the asyncio loop. A streamed response relays them as
+SSE chunks; a plain one gathers them. If the client goes away first, the
+request is aborted in the engine and its blocks are released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from typing import Any, AsyncIterator
+
+import fastapi
+from absl import logging
+from fastapi import responses
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dualpath_jax.engine.request import TurnOutput, TurnRequest
+from dualpath_jax.server import protocol
+from dualpath_jax.server.engine_loop import EngineHandle, EngineLoop
+from dualpath_jax.server.prometheus import CONTENT_TYPE, ServerMetrics
+from dualpath_jax.server.protocol import (APIError, ChatCompletionRequest,
+                                          CompletionRequest)
+from dualpath_jax.server.text_stream import TextStream
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks its client
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+  """What the HTTP layer adds to the engine's configuration."""
+
+  model_names: tuple[str, ...]  # first = the id /v1/models reports
+  default_temperature: float = 1.0  # OpenAI's default when a request omits it
+  default_top_p: float = 1.0
+
+  def __post_init__(self):
+    if not self.model_names or not all(self.model_names):
+      raise ValueError("model_names needs at least one non-empty name")
+    if not 0 <= self.default_temperature <= 2:
+      raise ValueError("default_temperature must be in [0, 2]")
+    if not 0 < self.default_top_p <= 1:
+      raise ValueError("default_top_p must be in (0, 1]")
+
+
+class _RequestStream:
+  """Bridges one request's engine callbacks (engine thread) to asyncio."""
+
+  def __init__(self, loop: asyncio.AbstractEventLoop, text: TextStream):
+    self._loop = loop
+    self._text = text
+    self.events: asyncio.Queue = asyncio.Queue()
+    self.finished = False  # set by the consumer once it saw the end
+
+  def _post(self, event: tuple) -> None:
+    with contextlib.suppress(RuntimeError):  # the event loop already closed
+      self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+  def on_token(self, token: int) -> bool:
+    try:
+      delta = self._text.push(token)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception("detokenizing token %d failed", token)
+      self._post(("error", e))
+      return True
+    if delta:
+      self._post(("text", delta))
+    return self._text.stopped
+
+  def on_finish(self, out: TurnOutput) -> None:
+    tail = self._text.flush() if out.finish_reason != "stop" else ""
+    self._post(("finish", tail, out))
+
+  def on_error(self, error: BaseException) -> None:
+    self._post(("error", error))
+
+
+def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
+               ) -> fastapi.FastAPI:
+  """The FastAPI app serving `handle`; its lifespan runs the engine loop.
+
+  `tokenizer` is a `dualpath_jax.model.Tokenizer` (encode, decode,
+  encode_chat, is_special, vocab_size).
+  """
+  engine_loop = EngineLoop(handle)
+  metrics = ServerMetrics(lambda: engine_loop.snapshot)
+  created = protocol.now()
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app: fastapi.FastAPI):
+    del app
+    engine_loop.start()
+    try:
+      yield
+    finally:
+      engine_loop.stop()
+
+  app = fastapi.FastAPI(title="dualpath-jax", lifespan=lifespan)
+  app.state.engine_loop = engine_loop
+  app.state.metrics = metrics
+  app.state.config = config
+
+  # ------------------------------------------------------------- errors
+  def error_response(err: APIError) -> responses.JSONResponse:
+    metrics.rejected.labels(str(err.status_code)).inc()
+    return responses.JSONResponse(err.body(), status_code=err.status_code)
+
+  @app.exception_handler(APIError)
+  async def _api_error(request, err: APIError):
+    del request
+    return error_response(err)
+
+  @app.exception_handler(RequestValidationError)
+  async def _validation_error(request, err: RequestValidationError):
+    del request
+    first = err.errors()[0] if err.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    return error_response(APIError(
+        f"{param}: {msg}" if param else msg, param=param,
+        code="invalid_value" if param else "invalid_json"))
+
+  @app.exception_handler(StarletteHTTPException)
+  async def _http_error(request, err: StarletteHTTPException):
+    del request
+    return error_response(APIError(str(err.detail), status_code=err.status_code,
+                                   type="invalid_request_error"))
+
+  # ------------------------------------------------------------- routes
+  def check_model(name: str) -> str:
+    if name not in config.model_names:
+      raise APIError(f"The model `{name}` does not exist; this server serves "
+                     f"{list(config.model_names)}", status_code=404,
+                     param="model", code="model_not_found")
+    return name
+
+  @app.get("/health")
+  async def health():
+    if not engine_loop.running or engine_loop.error is not None:
+      return responses.JSONResponse(
+          {"status": "unhealthy", "error": repr(engine_loop.error)},
+          status_code=503)
+    return {"status": "ok"}
+
+  @app.get("/metrics")
+  async def prometheus_metrics():
+    return responses.Response(metrics.render(), media_type=CONTENT_TYPE)
+
+  @app.get("/v1/models")
+  async def list_models():
+    return {"object": "list", "data": [
+        protocol.model_card(n, handle.max_context, created,
+                            config.model_names[0])
+        for n in config.model_names]}
+
+  @app.get("/v1/models/{model_id:path}")
+  async def get_model(model_id: str):
+    check_model(model_id)
+    return protocol.model_card(model_id, handle.max_context, created,
+                               config.model_names[0])
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(body: ChatCompletionRequest,
+                             raw: fastapi.Request):
+    check_model(body.model)
+    body.check_supported()
+    messages = protocol.normalize_messages(body.messages)
+    try:
+      prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    except ValueError as e:
+      raise APIError(f"cannot apply the chat template: {e}",
+                     param="messages") from e
+    return await generate(body, prompt, raw, chat=True)
+
+  @app.post("/v1/completions")
+  async def completions(body: CompletionRequest, raw: fastapi.Request):
+    check_model(body.model)
+    body.check_supported()
+    return await generate(body, completion_prompt(body.prompt), raw,
+                          chat=False)
+
+  # ------------------------------------------------------------ helpers
+  def completion_prompt(prompt: Any) -> list[int]:
+    if isinstance(prompt, list) and prompt and \
+        isinstance(prompt[0], (str, list)):
+      if len(prompt) != 1:
+        raise APIError("only one prompt per request is supported (n=1); "
+                       f"got {len(prompt)}", param="prompt",
+                       code="unsupported_value")
+      prompt = prompt[0]
+    if isinstance(prompt, str):
+      tokens = tokenizer.encode(prompt)
+    else:
+      tokens = [int(t) for t in prompt]
+      bad = [t for t in tokens if not 0 <= t < tokenizer.vocab_size]
+      if bad:
+        raise APIError(f"token ids out of range [0, {tokenizer.vocab_size}): "
+                       f"{bad[:5]}", param="prompt")
+    if not tokens:
+      raise APIError("the prompt is empty", param="prompt")
+    return tokens
+
+  def make_turn(body, prompt: list[int], rid: str,
+                stream: _RequestStream) -> TurnRequest:
+    max_context = handle.max_context
+    budget = body.token_budget()
+    param = ("max_completion_tokens" if getattr(
+        body, "max_completion_tokens", None) is not None else "max_tokens")
+    if len(prompt) >= max_context:
+      raise APIError(
+          f"This model's maximum context length is {max_context} tokens; "
+          f"the prompt has {len(prompt)} tokens, leaving no room to generate",
+          param="messages" if isinstance(body, ChatCompletionRequest)
+          else "prompt", code="context_length_exceeded")
+    if budget is None:
+      budget = max_context - len(prompt)
+    elif budget < 1:
+      raise APIError(f"{param} must be at least 1, got {budget}", param=param,
+                     code="invalid_value")
+    elif len(prompt) + budget > max_context:
+      raise APIError(
+          f"This model's maximum context length is {max_context} tokens; "
+          f"you requested {len(prompt) + budget} ({len(prompt)} in the "
+          f"prompt, {budget} for the completion)", param=param,
+          code="context_length_exceeded")
+    temperature = (config.default_temperature if body.temperature is None
+                   else body.temperature)
+    turn = TurnRequest(
+        request_id=rid, prompt_tokens=prompt, max_new_tokens=budget,
+        tenant=body.user or "", stop_on_eos=not body.ignore_eos,
+        arrival_s=handle.clock(), temperature=temperature,
+        top_p=config.default_top_p if body.top_p is None else body.top_p,
+        seed=body.seed, on_token=stream.on_token)
+    try:
+      handle.validate(turn)
+    except ValueError as e:
+      raise APIError(str(e), param=param,
+                     code="context_length_exceeded") from e
+    return turn
+
+  async def generate(body, prompt: list[int], raw: fastapi.Request, *,
+                     chat: bool):
+    endpoint = "chat" if chat else "completions"
+    rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+    text = TextStream(tokenizer, body.stop_strings(), body.stop_token_ids or ())
+    stream = _RequestStream(asyncio.get_running_loop(), text)
+    turn = make_turn(body, prompt, rid, stream)
+    try:
+      engine_loop.submit(turn, stream.on_finish, stream.on_error)
+    except RuntimeError as e:
+      raise APIError(str(e), status_code=503, type="server_error") from e
+    model = body.model
+    if body.stream:
+      opts = body.stream_options or protocol.StreamOptions()
+      return responses.StreamingResponse(
+          sse_events(stream, turn, endpoint, chat, model, opts),
+          media_type="text/event-stream")
+    return await gather(stream, turn, endpoint, chat, model, raw)
+
+  def finish_usage(out: TurnOutput) -> dict[str, Any]:
+    return protocol.usage(len(out.request.prompt_tokens),
+                          len(out.generated_tokens), out.cached_prompt_tokens)
+
+  def observe(endpoint: str, out: TurnOutput) -> None:
+    metrics.observe_finished(
+        endpoint, protocol.finish_reason(out.finish_reason),
+        prompt_tokens=len(out.request.prompt_tokens),
+        cached_tokens=out.cached_prompt_tokens,
+        generated_tokens=len(out.generated_tokens), arrival_s=out.arrival_s,
+        first_token_s=out.first_token_s, finish_s=out.finish_s)
+
+  def abandon(stream: _RequestStream, turn: TurnRequest, endpoint: str,
+              reason: str) -> None:
+    if not stream.finished:
+      stream.finished = True
+      engine_loop.abort(turn.request_id)
+      metrics.requests.labels(endpoint, reason).inc()
+
+  async def gather(stream: _RequestStream, turn: TurnRequest, endpoint: str,
+                   chat: bool, model: str, raw: fastapi.Request):
+    pieces: list[str] = []
+    try:
+      while True:
+        try:
+          event = await asyncio.wait_for(stream.events.get(),
+                                         DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+          if await raw.is_disconnected():
+            abandon(stream, turn, endpoint, "abort")
+            return responses.Response(status_code=499)
+          continue
+        if event[0] == "text":
+          pieces.append(event[1])
+        elif event[0] == "error":
+          stream.finished = True
+          metrics.requests.labels(endpoint, "error").inc()
+          raise APIError(f"generation failed: {event[1]}", status_code=500,
+                         type="server_error")
+        else:
+          _, tail, out = event
+          stream.finished = True
+          observe(endpoint, out)
+          build = protocol.chat_response if chat else \
+              protocol.completion_response
+          return build(turn.request_id, model, "".join(pieces) + tail,
+                       protocol.finish_reason(out.finish_reason),
+                       finish_usage(out))
+    finally:
+      abandon(stream, turn, endpoint, "abort")
+
+  async def sse_events(stream: _RequestStream, turn: TurnRequest,
+                       endpoint: str, chat: bool, model: str,
+                       opts: protocol.StreamOptions) -> AsyncIterator[str]:
+    rid = turn.request_id
+
+    def chunk(**kw) -> str:
+      payload = protocol.stream_chunk(chat, rid, model,
+                                      with_usage_field=opts.include_usage, **kw)
+      return f"data: {json.dumps(payload)}\n\n"
+    try:
+      if chat:
+        yield chunk(role="assistant", text="")
+      while True:
+        event = await stream.events.get()
+        if event[0] == "text":
+          yield chunk(text=event[1])
+        elif event[0] == "error":
+          stream.finished = True
+          metrics.requests.labels(endpoint, "error").inc()
+          err = APIError(f"generation failed: {event[1]}", status_code=500,
+                         type="server_error")
+          yield f"data: {json.dumps(err.body())}\n\n"
+          return
+        else:
+          _, tail, out = event
+          stream.finished = True
+          observe(endpoint, out)
+          if tail:
+            yield chunk(text=tail)
+          usage = finish_usage(out)
+          yield chunk(reason=protocol.finish_reason(out.finish_reason))
+          if opts.include_usage:
+            yield chunk(usage_only=True, usage_=usage)
+          yield "data: [DONE]\n\n"
+          return
+    finally:
+      abandon(stream, turn, endpoint, "abort")
+
+  return app

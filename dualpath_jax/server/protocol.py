@@ -1,0 +1,271 @@
+"""OpenAI-compatible wire format: request bodies, responses, errors.
+
+Requests are pydantic models that accept unknown fields (clients and SDKs
+send many optional ones; vLLM and SGLang ignore what they do not use), but
+reject, with an OpenAI-style 400, every field whose meaning we would silently
+change: `n` > 1, logprobs, penalties, tools, non-text response formats.
+Range checks follow the OpenAI API reference (temperature in [0, 2], top_p
+in (0, 1]); like vLLM, the number of stop strings is not limited to 4.
+Responses and stream chunks are built by the functions at the end, so the
+whole wire format lives in this file.
+
+Extensions that vLLM also accepts: `ignore_eos`, `stop_token_ids`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+import pydantic
+
+
+class APIError(Exception):
+  """An error returned as `{"error": {"message", "type", "param", "code"}}`."""
+
+  def __init__(self, message: str, *, status_code: int = 400,
+               type: str = "invalid_request_error",  # pylint: disable=W0622
+               param: str | None = None, code: str | None = None):
+    super().__init__(message)
+    self.message = message
+    self.status_code = status_code
+    self.type = type
+    self.param = param
+    self.code = code
+
+  def body(self) -> dict[str, Any]:
+    return {"error": {"message": self.message, "type": self.type,
+                      "param": self.param, "code": self.code}}
+
+
+class StreamOptions(pydantic.BaseModel):
+  include_usage: bool = False
+
+
+class _SamplingRequest(pydantic.BaseModel):
+  """Fields shared by /v1/completions and /v1/chat/completions."""
+
+  model_config = pydantic.ConfigDict(extra="allow")
+
+  model: str
+  max_tokens: int | None = None
+  temperature: float | None = pydantic.Field(default=None, ge=0.0, le=2.0)
+  top_p: float | None = pydantic.Field(default=None, gt=0.0, le=1.0)
+  n: int | None = 1
+  stream: bool | None = False
+  stream_options: StreamOptions | None = None
+  stop: str | list[str] | None = None
+  seed: int | None = None
+  user: str | None = None
+  presence_penalty: float | None = 0.0
+  frequency_penalty: float | None = 0.0
+  logit_bias: dict[str, float] | None = None
+  # vLLM extensions.
+  ignore_eos: bool = False
+  stop_token_ids: list[int] | None = None
+
+  def stop_strings(self) -> list[str]:
+    if self.stop is None:
+      return []
+    stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+    return [s for s in stops if s]
+
+  def check_supported(self) -> None:
+    """Raises `APIError` for options this server does not implement."""
+    if self.n not in (None, 1):
+      raise APIError(f"only n=1 is supported, got n={self.n}", param="n",
+                     code="unsupported_value")
+    for name in ("presence_penalty", "frequency_penalty"):
+      if getattr(self, name):
+        raise APIError(f"{name} is not supported (must be 0)", param=name,
+                       code="unsupported_parameter")
+    if self.logit_bias:
+      raise APIError("logit_bias is not supported", param="logit_bias",
+                     code="unsupported_parameter")
+    if self.stream_options is not None and not self.stream:
+      raise APIError("stream_options is only allowed when stream is true",
+                     param="stream_options")
+
+
+class ChatCompletionRequest(_SamplingRequest):
+  """Body of POST /v1/chat/completions."""
+
+  messages: list[dict[str, Any]]
+  max_completion_tokens: int | None = None
+  logprobs: bool | None = False
+  top_logprobs: int | None = None
+  tools: list[dict[str, Any]] | None = None
+  tool_choice: Any = None
+  response_format: dict[str, Any] | None = None
+
+  def check_supported(self) -> None:
+    super().check_supported()
+    if self.logprobs or self.top_logprobs:
+      raise APIError("logprobs are not supported", param="logprobs",
+                     code="unsupported_parameter")
+    if self.tools:
+      raise APIError("tool calling is not supported by this server; describe "
+                     "tools in the prompt instead", param="tools",
+                     code="unsupported_parameter")
+    if self.tool_choice not in (None, "none"):
+      raise APIError("tool_choice is not supported", param="tool_choice",
+                     code="unsupported_parameter")
+    if self.response_format and self.response_format.get("type") != "text":
+      raise APIError("only response_format {'type': 'text'} is supported",
+                     param="response_format", code="unsupported_parameter")
+
+  def token_budget(self) -> int | None:
+    """`max_completion_tokens`, else the deprecated `max_tokens`."""
+    if self.max_completion_tokens is not None:
+      return self.max_completion_tokens
+    return self.max_tokens
+
+
+class CompletionRequest(_SamplingRequest):
+  """Body of POST /v1/completions (one prompt: text or token ids)."""
+
+  prompt: str | list[int] | list[str] | list[list[int]]
+  max_tokens: int | None = 16  # the OpenAI default for completions
+  echo: bool | None = False
+  logprobs: int | None = None
+  suffix: str | None = None
+  best_of: int | None = None
+
+  def check_supported(self) -> None:
+    super().check_supported()
+    if self.echo:
+      raise APIError("echo is not supported", param="echo",
+                     code="unsupported_parameter")
+    if self.logprobs:
+      raise APIError("logprobs are not supported", param="logprobs",
+                     code="unsupported_parameter")
+    if self.suffix:
+      raise APIError("suffix is not supported", param="suffix",
+                     code="unsupported_parameter")
+    if self.best_of not in (None, 1):
+      raise APIError("only best_of=1 is supported", param="best_of",
+                     code="unsupported_value")
+
+  def token_budget(self) -> int | None:
+    return self.max_tokens
+
+
+def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+  """Messages as `{"role", "content": str}` for the chat template.
+
+  Content may be a string, None (an assistant turn that only called tools),
+  or a list of `{"type": "text", "text": ...}` parts, which are joined.
+  Raises `APIError` for anything else (images, audio, missing roles).
+  """
+  if not messages:
+    raise APIError("messages must be a non-empty list", param="messages")
+  out = []
+  for i, m in enumerate(messages):
+    role = m.get("role") if isinstance(m, dict) else None
+    if not isinstance(role, str) or not role:
+      raise APIError(f"messages[{i}] has no role", param=f"messages[{i}].role")
+    content = m.get("content")
+    if content is None:
+      text = ""
+    elif isinstance(content, str):
+      text = content
+    elif isinstance(content, list):
+      parts = []
+      for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or \
+            not isinstance(part.get("text"), str):
+          raise APIError(f"messages[{i}]: only text content parts are "
+                         "supported", param=f"messages[{i}].content")
+        parts.append(part["text"])
+      text = "".join(parts)
+    else:
+      raise APIError(f"messages[{i}].content must be a string or a list of "
+                     "text parts", param=f"messages[{i}].content")
+    out.append({"role": role, "content": text})
+  return out
+
+
+def new_id(prefix: str) -> str:
+  return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+  return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int,
+          cached_tokens: int) -> dict[str, Any]:
+  """The `usage` object; the prefix-cache hit is in `prompt_tokens_details`."""
+  return {"prompt_tokens": prompt_tokens,
+          "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens,
+          "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+FinishReason = Literal["stop", "length"]
+
+
+def finish_reason(engine_reason: str) -> FinishReason:
+  """OpenAI's finish_reason for the engine's ("eos" and "stop" -> "stop")."""
+  return "length" if engine_reason == "length" else "stop"
+
+
+def chat_response(rid: str, model: str, text: str, reason: str,
+                  usage_: dict[str, Any]) -> dict[str, Any]:
+  """A non-streamed `chat.completion`."""
+  return {"id": rid, "object": "chat.completion", "created": now(),
+          "model": model,
+          "choices": [{"index": 0, "logprobs": None, "finish_reason": reason,
+                       "message": {"role": "assistant", "content": text}}],
+          "usage": usage_}
+
+
+def completion_response(rid: str, model: str, text: str, reason: str,
+                        usage_: dict[str, Any]) -> dict[str, Any]:
+  """A non-streamed `text_completion`."""
+  return {"id": rid, "object": "text_completion", "created": now(),
+          "model": model,
+          "choices": [{"index": 0, "logprobs": None, "finish_reason": reason,
+                       "text": text}],
+          "usage": usage_}
+
+
+def stream_chunk(chat: bool, rid: str, model: str, *, text: str | None = None,
+                 role: str | None = None, reason: str | None = None,
+                 usage_: dict[str, Any] | None = None,
+                 with_usage_field: bool = False,
+                 usage_only: bool = False) -> dict[str, Any]:
+  """One SSE chunk (`chat.completion.chunk` or `text_completion`).
+
+  `usage_only` makes the final usage chunk (`choices: []`) sent when
+  `stream_options.include_usage` is set; other chunks then carry
+  `"usage": null` (`with_usage_field`), as OpenAI does.
+  """
+  out: dict[str, Any] = {
+      "id": rid, "object": "chat.completion.chunk" if chat
+      else "text_completion", "created": now(), "model": model}
+  if usage_only:
+    out["choices"] = []
+  elif chat:
+    delta: dict[str, Any] = {}
+    if role is not None:
+      delta["role"] = role
+    if text is not None:
+      delta["content"] = text
+    out["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
+                       "finish_reason": reason}]
+  else:
+    out["choices"] = [{"index": 0, "text": text or "", "logprobs": None,
+                       "finish_reason": reason}]
+  if usage_only or with_usage_field or usage_ is not None:
+    out["usage"] = usage_
+  return out
+
+
+def model_card(name: str, max_model_len: int, created: int,
+               root: str) -> dict[str, Any]:
+  """An entry of GET /v1/models (with vLLM's `max_model_len`)."""
+  return {"id": name, "object": "model", "created": created,
+          "owned_by": "dualpath-jax", "root": root, "parent": None,
+          "max_model_len": max_model_len}

@@ -1,0 +1,102 @@
+r"""OpenAI-compatible HTTP server over the multi-turn engine.
+
+    python -m launch.serve                              # embedded SmolLM2, 127.0.0.1:8000
+    python -m launch.serve --port=8080 --num_blocks=4096 --max_context=8192
+    python -m launch.serve --model=random:llama3-8b-shape:layers=2 --tokenizer=embedded
+
+Then point any OpenAI client at http://127.0.0.1:8000/v1 (see
+docs/server.md). It binds to loopback unless `--host` says otherwise: the
+server has no authentication.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("host", "127.0.0.1", "address to bind (loopback by "
+                    "default; the server has no authentication)")
+flags.DEFINE_integer("port", 8000, "TCP port (0 = any free port)")
+flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
+                    "GGUF, a .gguf path, an Orbax dir from launch.convert, or "
+                    "random:<preset>")
+flags.DEFINE_string("tokenizer", None, "GGUF whose tokenizer to use when the "
+                    "model has none (random weights); 'embedded' = SmolLM2's")
+flags.DEFINE_list("served_model_name", None, "model id(s) clients must send; "
+                  "default: the model config's name")
+flags.DEFINE_integer("block_size", 16, "tokens per KV block")
+flags.DEFINE_integer("num_blocks", 2048, "KV pool size in blocks (per layer)")
+flags.DEFINE_integer("max_batch", 8, "sequences decoded together")
+flags.DEFINE_integer("prefill_chunk", 512, "max new tokens per prefill step")
+flags.DEFINE_integer("max_context", 8192, "longest context of one request "
+                     "(prompt + completion); reported as max_model_len")
+flags.DEFINE_string("attention", "xla", "paged-attention implementation")
+flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
+flags.DEFINE_float("default_temperature", 1.0, "temperature of requests that "
+                   "do not set one (OpenAI's default is 1.0)")
+flags.DEFINE_bool("warmup", False, "compile every shape bucket up to "
+                  "--max_context before serving (slow start, steady latency)")
+flags.DEFINE_integer("seed", 0, "sampling seed of requests without `seed`")
+flags.DEFINE_string("log_level", "info", "uvicorn log level")
+
+
+def _tokenizer(loaded):
+  from dualpath_jax.model import Tokenizer, gguf_loader
+  if FLAGS.tokenizer is None:
+    return loaded.tokenizer
+  path = (gguf_loader.find_smollm2_gguf() if FLAGS.tokenizer == "embedded"
+          else FLAGS.tokenizer)
+  return Tokenizer.from_gguf(path)
+
+
+def main(argv):
+  del argv
+  from dualpath_jax.utils import enable_compilation_cache
+  enable_compilation_cache()
+  import jax
+  import uvicorn
+
+  from dualpath_jax.config import CacheConfig, EngineConfig
+  from dualpath_jax.engine.factory import make_engine
+  from dualpath_jax.model import load_model
+  from dualpath_jax.server import LocalEngineHandle, ServerConfig, create_app
+
+  loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  tokenizer = _tokenizer(loaded)
+  if tokenizer is None:
+    sys.exit("serve: the model has no tokenizer (random weights); pass "
+             "--tokenizer=embedded or a GGUF path")
+  if tokenizer.vocab_size > loaded.config.vocab_size:
+    sys.exit(f"serve: the tokenizer has {tokenizer.vocab_size} tokens but the "
+             f"model only {loaded.config.vocab_size}")
+  try:
+    cache = CacheConfig(block_size=FLAGS.block_size,
+                        num_blocks=FLAGS.num_blocks, dtype=FLAGS.dtype)
+    engine_cfg = EngineConfig(max_batch_size=FLAGS.max_batch,
+                              max_prefill_chunk=FLAGS.prefill_chunk,
+                              max_context=FLAGS.max_context,
+                              attention_impl=FLAGS.attention, seed=FLAGS.seed)
+    engine = make_engine(loaded, cache, engine_cfg)
+    server_cfg = ServerConfig(
+        model_names=tuple(FLAGS.served_model_name or (loaded.config.name,)),
+        default_temperature=FLAGS.default_temperature)
+  except ValueError as e:
+    sys.exit(f"serve: {e}")
+  if FLAGS.warmup:
+    print("compiling shape buckets ...", flush=True)
+    engine.warmup()
+    print(f"  {engine.stats.compiled_shapes} shapes in "
+          f"{engine.stats.warmup_s:.1f} s", flush=True)
+  logging.info("serving %s as %s on %s (%s), max_model_len %d",
+               loaded.source, list(server_cfg.model_names),
+               jax.devices()[0].device_kind, jax.default_backend(),
+               FLAGS.max_context)
+  application = create_app(LocalEngineHandle(engine), tokenizer, server_cfg)
+  uvicorn.run(application, host=FLAGS.host, port=FLAGS.port,
+              log_level=FLAGS.log_level)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,414 @@
+"""The OpenAI-compatible server, driven by the official `openai` client.
+
+The model is a tiny random Llama with SmolLM2's vocabulary, so the real
+tokenizer and chat template run but each step costs milliseconds; fidelity
+on the real weights is in test_server_smollm2.py. Reference outputs come
+from a separate engine fed the same token ids directly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+from prometheus_client.parser import text_string_to_metric_families
+
+from dualpath_jax.config import TINY, CacheConfig, EngineConfig
+from dualpath_jax.engine.factory import make_engine
+from dualpath_jax.engine.request import TurnRequest
+from dualpath_jax.model import Llama, LoadedModel
+from dualpath_jax.server import (LocalEngineHandle, ServerConfig, create_app,
+                                 serve_in_thread)
+
+openai = pytest.importorskip("openai", reason="pip install openai (test extra)")
+
+MODEL = "tiny-chat"
+BS = 16
+MAX_CONTEXT = 1024
+CACHE = CacheConfig(block_size=BS, num_blocks=256)
+ENGINE = EngineConfig(max_batch_size=4, max_prefill_chunk=256,
+                      max_context=MAX_CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(smollm2_tokenizer):
+  cfg = TINY.replace(name=MODEL, vocab_size=smollm2_tokenizer.vocab_size,
+                     max_position=MAX_CONTEXT,
+                     eos_token_ids=smollm2_tokenizer.eos_ids)
+  return LoadedModel(cfg, Llama(cfg, rngs=nnx.Rngs(0)), smollm2_tokenizer,
+                     weights_id="tiny-chat-seed0", source="test")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat):
+  engine = make_engine(tiny_chat, CACHE, ENGINE)
+  app = create_app(LocalEngineHandle(engine), tiny_chat.tokenizer,
+                   ServerConfig(model_names=(MODEL, "alias")))
+  srv = serve_in_thread(app)
+  srv.app, srv.engine = app, engine
+  yield srv
+  srv.close()
+  assert not srv.thread.is_alive()
+  assert not app.state.engine_loop.running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused",
+                       max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_chat):
+  """Tokens the engine itself generates for (prompt ids, budget, sampling)."""
+  engine = make_engine(tiny_chat, CACHE, ENGINE)
+  count = iter(range(10**6))
+
+  def generate(prompt, max_new, **kw):
+    engine.submit(TurnRequest(f"ref{next(count)}", list(prompt), max_new, **kw))
+    (out,) = [o for o in _drain(engine)]
+    return out
+  return generate
+
+
+class _Reply:
+  """Status and body of one raw HTTP exchange (stdlib only)."""
+
+  def __init__(self, status: int, body: bytes):
+    self.status_code = status
+    self.text = body.decode()
+
+  def json(self):
+    return json.loads(self.text)
+
+
+def _http(server, method, path, body=None, *, raw=None, timeout=30.0):
+  conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
+  try:
+    payload = raw if raw is not None else (
+        None if body is None else json.dumps(body).encode())
+    conn.request(method, path, body=payload,
+                 headers={"content-type": "application/json"})
+    resp = conn.getresponse()
+    return _Reply(resp.status, resp.read())
+  finally:
+    conn.close()
+
+
+def _drain(engine):
+  outs = []
+  while engine.has_work():
+    outs += engine.step()
+  return outs
+
+
+def _text(tok, ids):
+  return tok.decode([i for i in ids if not tok.is_special(i)],
+                    skip_special_tokens=True)
+
+
+def _metrics(server) -> dict[tuple[str, tuple], float]:
+  body = _http(server, "GET", "/metrics").text
+  out = {}
+  for family in text_string_to_metric_families(body):
+    for s in family.samples:
+      out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+  return out
+
+
+def _wait_idle(server, timeout_s=10.0) -> bool:
+  engine = server.engine
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    snap = server.app.state.engine_loop.snapshot
+    if (snap["num_running"] == 0 and snap["num_waiting"] == 0 and
+        snap["kv_blocks_referenced"] == 0 and
+        engine.manager.pool.num_referenced == 0):
+      return True
+    time.sleep(0.02)
+  return False
+
+
+def _words(rng, n):
+  vocab = ["alpha", "beta", "gamma", "delta", "file", "test", "def", "return",
+           "error", "patch", "the", "agent", "tool", "output", "42", "x"]
+  return " ".join(rng.choice(vocab, size=n))
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_models_and_health(server, client):
+  models = client.models.list().data
+  assert [m.id for m in models] == [MODEL, "alias"]
+  assert all(m.max_model_len == MAX_CONTEXT for m in models)
+  assert client.models.retrieve("alias").id == "alias"
+  health = _http(server, "GET", "/health")
+  assert health.status_code == 200
+
+
+@pytest.mark.parametrize("num_words,max_tokens", [(5, 7), (60, 20)])
+def test_chat_matches_the_engine_streamed_or_not(client, tiny_chat, reference,
+                                                 np_rng, num_words,
+                                                 max_tokens):
+  tok = tiny_chat.tokenizer
+  messages = [{"role": "system", "content": "You are terse."},
+              {"role": "user", "content": _words(np_rng, num_words)}]
+  prompt = tok.encode_chat(messages)
+  ref = reference(prompt, max_tokens, temperature=0.0)
+  r = client.chat.completions.create(model=MODEL, messages=messages,
+                                     max_tokens=max_tokens, temperature=0)
+  assert r.choices[0].message.content == _text(tok, ref.generated_tokens)
+  assert r.choices[0].finish_reason == (
+      "length" if ref.finish_reason == "length" else "stop")
+  assert r.usage.prompt_tokens == len(prompt)
+  assert r.usage.completion_tokens == len(ref.generated_tokens)
+  assert r.usage.total_tokens == len(prompt) + len(ref.generated_tokens)
+
+  chunks = list(client.chat.completions.create(
+      model=MODEL, messages=messages, max_completion_tokens=max_tokens,
+      temperature=0, stream=True, stream_options={"include_usage": True}))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert chunks[-1].choices == [] and chunks[-1].usage is not None
+  assert all(c.usage is None for c in chunks[:-1])
+  streamed = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+  assert streamed == r.choices[0].message.content
+  assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
+  usage = chunks[-1].usage
+  assert usage.prompt_tokens == len(prompt)
+  assert usage.completion_tokens == len(ref.generated_tokens)
+  # The second identical request finds the first one's full blocks.
+  assert usage.prompt_tokens_details.cached_tokens >= (
+      (len(prompt) - 1) // BS) * BS
+
+
+@pytest.mark.parametrize("as_ids", [False, True])
+def test_completions_text_and_token_prompts(client, tiny_chat, reference,
+                                            np_rng, as_ids):
+  tok = tiny_chat.tokenizer
+  text = _words(np_rng, 12)
+  ids = tok.encode(text)
+  ref = reference(ids, 9, temperature=0.0, stop_on_eos=False)
+  r = client.completions.create(model=MODEL, prompt=ids if as_ids else text,
+                                max_tokens=9, temperature=0,
+                                extra_body={"ignore_eos": True})
+  assert r.object == "text_completion"
+  assert r.choices[0].text == _text(tok, ref.generated_tokens)
+  assert r.choices[0].finish_reason == "length"
+  assert r.usage.prompt_tokens == len(ids)
+  assert r.usage.completion_tokens == 9
+  stream = client.completions.create(
+      model=MODEL, prompt=ids if as_ids else text, max_tokens=9,
+      temperature=0, stream=True, extra_body={"ignore_eos": True})
+  assert "".join(c.choices[0].text for c in stream) == r.choices[0].text
+
+
+def test_seeded_sampling_is_reproducible_and_stop_strings_cut(client,
+                                                              np_rng):
+  kw = dict(model=MODEL, prompt=_words(np_rng, 8), max_tokens=40,
+            temperature=1.0, seed=1234, extra_body={"ignore_eos": True})
+  full = client.completions.create(**kw).choices[0].text
+  assert client.completions.create(**kw).choices[0].text == full
+  assert client.completions.create(**(kw | {"seed": 99})).choices[0].text \
+      != full
+  # A stop string taken from the middle of the text: output ends before it.
+  cut = len(full) // 2
+  stop = full[cut:cut + 3]
+  expected = full[:full.find(stop)]
+  r = client.completions.create(**kw, stop=[stop, "\x00never"])
+  assert r.choices[0].text == expected
+  assert r.choices[0].finish_reason == "stop"
+  assert r.usage.completion_tokens < 40
+  streamed = "".join(c.choices[0].text for c in client.completions.create(
+      **kw, stop=stop, stream=True))
+  assert streamed == expected
+
+
+def test_concurrent_requests_batch_and_match_sequential(client, tiny_chat,
+                                                        reference, np_rng):
+  tok = tiny_chat.tokenizer
+  convs = [[{"role": "user", "content": _words(np_rng, 10 + 7 * i)}]
+           for i in range(4)]
+  refs = [_text(tok, reference(tok.encode_chat(m), 12, temperature=0.0,
+                               stop_on_eos=False).generated_tokens)
+          for m in convs]
+
+  def ask(messages):
+    return client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=12, temperature=0,
+        extra_body={"ignore_eos": True}).choices[0].message.content
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    got = list(pool.map(ask, convs))
+  assert got == refs
+
+
+# -------------------------------------------------------- prefix caching
+
+
+def test_cached_tokens_grow_across_a_sessions_turns(client, np_rng):
+  messages = [{"role": "system", "content": _words(np_rng, 40)}]
+  cached, prompts = [], []
+  for _ in range(4):
+    messages.append({"role": "user", "content": _words(np_rng, 25)})
+    r = client.chat.completions.create(model=MODEL, messages=messages,
+                                       max_tokens=8, temperature=0,
+                                       user="tenant-a")
+    messages.append({"role": "assistant",
+                     "content": r.choices[0].message.content})
+    cached.append(r.usage.prompt_tokens_details.cached_tokens)
+    prompts.append(r.usage.prompt_tokens)
+  assert cached[0] == 0  # a fresh tenant and system prompt
+  for k in range(1, 4):
+    assert cached[k] > cached[k - 1]
+    # All of the previous prompt's full blocks but possibly the one where
+    # the assistant reply was re-tokenized.
+    assert cached[k] >= (prompts[k - 1] // BS - 1) * BS
+    assert cached[k] % BS == 0 and cached[k] < prompts[k]
+  # Another tenant (`user`) never sees tenant-a's blocks.
+  r = client.chat.completions.create(model=MODEL, messages=messages[:-1],
+                                     max_tokens=2, temperature=0,
+                                     user="tenant-b")
+  assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_parse_and_count_a_request(server, client, np_rng):
+  before = _metrics(server)
+  r = client.chat.completions.create(
+      model=MODEL, messages=[{"role": "user", "content": _words(np_rng, 30)}],
+      max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+  after = _metrics(server)
+  delta = lambda name, **labels: (  # noqa: E731
+      after.get((name, tuple(sorted(labels.items()))), 0.0) -
+      before.get((name, tuple(sorted(labels.items()))), 0.0))
+  assert delta("dualpath_prompt_tokens_total") == r.usage.prompt_tokens
+  assert delta("dualpath_generation_tokens_total") == 6
+  assert delta("dualpath_cached_prompt_tokens_total") == \
+      r.usage.prompt_tokens_details.cached_tokens
+  assert delta("dualpath_requests_total", endpoint="chat",
+               finish_reason="length") == 1
+  assert delta("dualpath_time_to_first_token_seconds_count") == 1
+  assert delta("dualpath_time_per_output_token_seconds_count") == 1
+  assert delta("dualpath_prefix_cache_query_tokens_total") >= \
+      r.usage.prompt_tokens
+  assert delta("dualpath_prefix_cache_hit_tokens_total", tier="device") == \
+      r.usage.prompt_tokens_details.cached_tokens
+  assert after[("dualpath_num_requests_running", ())] == 0
+  assert after[("dualpath_num_requests_waiting", ())] == 0
+  blocks = sum(v for (n, _), v in after.items() if n == "dualpath_kv_blocks")
+  assert blocks == CACHE.num_blocks
+
+
+# ----------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("body,status,param,code", [
+    ({"model": "nope"}, 404, "model", "model_not_found"),
+    ({"n": 2}, 400, "n", "unsupported_value"),
+    ({"temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ({"top_p": 0}, 400, "top_p", "invalid_value"),
+    ({"max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ({"max_completion_tokens": MAX_CONTEXT}, 400, "max_completion_tokens",
+     "context_length_exceeded"),
+    ({"messages": []}, 400, "messages", None),
+    ({"messages": [{"content": "no role"}]}, 400, "messages[0].role", None),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages[0].content", None),
+    ({"messages": [{"role": "user", "content": "a " * MAX_CONTEXT}]}, 400,
+     "messages", "context_length_exceeded"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools", "unsupported_parameter"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options",
+     None),
+])
+def test_bad_chat_requests_get_openai_errors(server, body, status, param,
+                                             code):
+  req = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+         "max_tokens": 4} | body
+  r = _http(server, "POST", "/v1/chat/completions", req)
+  assert r.status_code == status, r.text
+  err = r.json()["error"]
+  assert set(err) == {"message", "type", "param", "code"}
+  assert err["message"] and err["type"] == "invalid_request_error"
+  assert err["param"] == param
+  if code is not None:
+    assert err["code"] == code
+
+
+def test_openai_client_raises_typed_errors(client):
+  with pytest.raises(openai.NotFoundError):
+    client.chat.completions.create(
+        model="nope", messages=[{"role": "user", "content": "hi"}])
+  with pytest.raises(openai.BadRequestError, match="n=1"):
+    client.completions.create(model=MODEL, prompt="hi", n=3)
+  with pytest.raises(openai.BadRequestError, match="one prompt"):
+    client.completions.create(model=MODEL, prompt=["a", "b"])
+  with pytest.raises(openai.BadRequestError, match="out of range"):
+    client.completions.create(model=MODEL, prompt=[1, 10**6])
+
+
+def test_malformed_json_and_unknown_route(server):
+  r = _http(server, "POST", "/v1/completions", raw=b"{not json")
+  assert r.status_code == 400 and "error" in r.json()
+  r = _http(server, "GET", "/v1/nothing")
+  assert r.status_code == 404 and set(r.json()["error"]) == {
+      "message", "type", "param", "code"}
+
+
+# ------------------------------------------------------------- disconnect
+
+
+def test_dropped_stream_frees_its_blocks(server, client, np_rng):
+  loop = server.app.state.engine_loop
+  aborted = loop.aborted
+  before = _metrics(server)
+  stream = client.chat.completions.create(
+      model=MODEL, messages=[{"role": "user", "content": _words(np_rng, 50)}],
+      max_tokens=MAX_CONTEXT - 200, temperature=0, stream=True,
+      extra_body={"ignore_eos": True})
+  for i, _ in enumerate(stream):
+    if i == 3:
+      break
+  assert loop.snapshot["kv_blocks_referenced"] > 0  # still generating
+  stream.close()
+  assert _wait_idle(server), loop.snapshot
+  assert loop.aborted == aborted + 1
+  after = _metrics(server)
+  key = ("dualpath_requests_total",
+         (("endpoint", "chat"), ("finish_reason", "abort")))
+  assert after[key] - before.get(key, 0.0) == 1
+
+
+def test_client_timeout_on_a_plain_request_frees_its_blocks(server, np_rng):
+  loop = server.app.state.engine_loop
+  aborted = loop.aborted
+  with pytest.raises(socket.timeout):
+    _http(server, "POST", "/v1/completions", {
+        "model": MODEL, "prompt": _words(np_rng, 20),
+        "max_tokens": MAX_CONTEXT - 100, "ignore_eos": True}, timeout=0.5)
+  assert _wait_idle(server), loop.snapshot
+  assert loop.aborted == aborted + 1
+
+
+def test_server_restart_on_a_fresh_port(tiny_chat):
+  """Start, serve one request, stop: the engine loop and port go away."""
+  engine = make_engine(tiny_chat, CACHE, ENGINE)
+  app = create_app(LocalEngineHandle(engine), tiny_chat.tokenizer,
+                   ServerConfig(model_names=(MODEL,)))
+  with serve_in_thread(app) as srv:
+    r = _http(srv, "POST", "/v1/completions", {
+        "model": MODEL, "prompt": "x", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200
+  assert not app.state.engine_loop.running
+  with pytest.raises(ConnectionRefusedError):
+    _http(srv, "GET", "/health", timeout=2)
+  np.testing.assert_equal(engine.has_work(), False)
