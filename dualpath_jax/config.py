@@ -160,7 +160,7 @@ class EngineConfig:
   max_batch_size: int = 8  # sequences decoded together
   max_prefill_chunk: int = 512  # new tokens per prefill step and sequence
   max_context: int = 8192  # longest context one sequence may reach
-  attention_impl: str = "xla"  # see kernels.paged_attention
+  attention_impl: str = "auto"  # see kernels.paged_attention
   greedy: bool = True
   temperature: float = 1.0
   top_p: float = 1.0

@@ -4,6 +4,9 @@
 
 * `"xla"`: the pure-jnp reference in `paged_attention_ref.py` (int8 pools
   dequantized first, `quantize.py`); runs anywhere.
+* `"xla_chunked"`: plain XLA with an online softmax over page chunks and a
+  run-time trip count (`paged_attention_xla.py`): cost follows the true
+  context, not the table width; the default on CPU; runs anywhere.
 * `"pallas_triton"`: decode (split-K) and prefill Pallas kernels on the
   Triton lowering, for GPUs (`paged_attention_triton.py`).
 * `"pallas_mosaic_tpu"`: the Mosaic TPU decode kernel (`q_len == 1`;
@@ -28,9 +31,11 @@ import jax
 from kernels import quantize
 from kernels.decode_mosaic_tpu import paged_attention_mosaic_tpu
 from kernels.paged_attention_triton import paged_attention_triton
+from kernels.paged_attention_xla import xla_chunked_paged_attention
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "xla": quantize.ref_paged_attention_any,
+    "xla_chunked": xla_chunked_paged_attention,
     "pallas_triton": paged_attention_triton,
     "pallas_mosaic_tpu": paged_attention_mosaic_tpu,
 }
@@ -52,10 +57,10 @@ _SUPPORTS: dict[str, Callable[[int, int, int, bool], bool]] = {
 
 # Preference order of `"auto"` per JAX backend platform.
 _AUTO_ORDER = {
-    "gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla"),
-    "cuda": ("pallas_mosaic_gpu", "pallas_triton", "xla"),
-    "tpu": ("pallas_mosaic_tpu", "xla"),
-    "cpu": ("xla",),
+    "gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla_chunked", "xla"),
+    "cuda": ("pallas_mosaic_gpu", "pallas_triton", "xla_chunked", "xla"),
+    "tpu": ("pallas_mosaic_tpu", "xla_chunked", "xla"),
+    "cpu": ("xla_chunked", "xla"),
 }
 
 

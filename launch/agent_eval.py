@@ -44,7 +44,8 @@ flags.DEFINE_string("cold_tier", None, "directory of a TensorStore cold tier: "
 flags.DEFINE_float("cold_tier_gb", 8.0, "cold-tier byte budget (LRU beyond it)")
 flags.DEFINE_enum("cold_tier_codec", "raw", ["raw", "zstd", "int8", "int8+zstd"],
                   "cold-tier block codec (int8 is lossy)")
-flags.DEFINE_string("attention", "xla", "paged-attention implementation")
+flags.DEFINE_string("attention", "auto", "paged-attention implementation "
+                    "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
 flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
 flags.DEFINE_string("report", "agent_eval_report.json", "JSON report path")
 flags.DEFINE_string("plot", None, "PNG plot path (TTFT and timeline)")

@@ -28,7 +28,8 @@ flags.DEFINE_list("decode_batches", ["1", "8"], "decode batch sizes")
 flags.DEFINE_integer("decode_steps", 32, "decode steps per repetition")
 flags.DEFINE_integer("reps", 3, "timed repetitions (median reported)")
 flags.DEFINE_integer("block_size", 16, "tokens per KV block")
-flags.DEFINE_string("attention", "xla", "paged-attention implementation")
+flags.DEFINE_string("attention", "auto", "paged-attention implementation "
+                    "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
 flags.DEFINE_string("out", None, "JSON output path")
 
 

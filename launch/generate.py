@@ -48,7 +48,7 @@ def define_flags() -> None:
   flags.DEFINE_string("dtype", None, "Weight dtype override.")
   flags.DEFINE_integer("block_size", 16, "KV page size.")
   flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens per prefill step.")
-  flags.DEFINE_string("attention_impl", "xla",
+  flags.DEFINE_string("attention_impl", "auto",
                       "kernels.paged_attention implementation.")
 
 
@@ -85,7 +85,7 @@ def generate(
     seed: int = 0,
     block_size: int = 16,
     prefill_chunk: int = 512,
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
 ) -> tuple[list[int], dict[str, float]]:
   """(generated ids, timings) for one prompt; stops after an EOS id."""
   if not prompt_ids:

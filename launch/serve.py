@@ -32,7 +32,8 @@ flags.DEFINE_integer("max_batch", 8, "sequences decoded together")
 flags.DEFINE_integer("prefill_chunk", 512, "max new tokens per prefill step")
 flags.DEFINE_integer("max_context", 8192, "longest context of one request "
                      "(prompt + completion); reported as max_model_len")
-flags.DEFINE_string("attention", "xla", "paged-attention implementation")
+flags.DEFINE_string("attention", "auto", "paged-attention implementation "
+                    "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
 flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
 flags.DEFINE_float("default_temperature", 1.0, "temperature of requests that "
                    "do not set one (OpenAI's default is 1.0)")

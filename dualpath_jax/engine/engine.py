@@ -52,7 +52,7 @@ from dualpath_jax.engine.request import TurnOutput, TurnRequest
 from dualpath_jax.engine.sampling import sample
 
 MIN_Q_BUCKET = 32
-MIN_PAGE_BUCKET = 16
+MIN_PAGE_BUCKET = 64
 
 
 @dataclasses.dataclass

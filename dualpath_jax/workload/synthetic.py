@@ -96,8 +96,8 @@ def _assistant_reply(rng: np.random.Generator, module: str) -> str:
 
 
 def synthetic_agent_workload(num_sessions: int = 8, turns_per_session: int = 6,
-                             num_tenants: int = 2, first_tool_lines: int = 12,
-                             growth_lines: int = 10, output_tokens: int = 32,
+                             num_tenants: int = 2, first_tool_lines: int = 6,
+                             growth_lines: int = 6, output_tokens: int = 32,
                              gap_ms: float = 200.0,
                              seed: int = 0) -> list[AgentSession]:
   """Builds `num_sessions` coding-agent sessions of `turns_per_session` turns.
