@@ -129,9 +129,11 @@ def plot_turns(records: Sequence[TurnRecord], path: str, title: str = "") -> Non
 
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
   xs = [r.prompt_tokens for r in records]
-  ax1.scatter(xs, [r.ttft_s for r in records], s=12,
-              c=[r.cached_prompt_tokens / max(r.prompt_tokens, 1) for r in records],
-              cmap="viridis", vmin=0, vmax=1)
+  points = ax1.scatter(
+      xs, [r.ttft_s for r in records], s=12,
+      c=[r.cached_prompt_tokens / max(r.prompt_tokens, 1) for r in records],
+      cmap="viridis", vmin=0, vmax=1)
+  fig.colorbar(points, ax=ax1, label="cached fraction of prompt")
   ax1.set_xlabel("prompt tokens")
   ax1.set_ylabel("TTFT (s)")
   ax1.set_title("TTFT (colour: cached fraction)")
@@ -145,7 +147,7 @@ def plot_turns(records: Sequence[TurnRecord], path: str, title: str = "") -> Non
   ax2.set_xlabel("time (s)")
   ax2.set_ylabel("session")
   ax2.set_yticks(range(len(sessions)))
-  ax2.set_yticklabels([s[-12:] for s in sessions], fontsize=7)
+  ax2.set_yticklabels([s[-16:] for s in sessions], fontsize=7)
   ax2.set_title("turns: prefill wait (orange), decode (blue)")
   if title:
     fig.suptitle(title)
