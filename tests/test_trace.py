@@ -84,8 +84,8 @@ def test_synthetic_is_deterministic_and_grows():
   c = synthetic_agent_workload(seed=6)
   assert [s.to_dict() for s in a] == [s.to_dict() for s in b]
   assert [s.to_dict() for s in a] != [s.to_dict() for s in c]
-  sizes = [len(t.input_delta[0]["content"]) for t in a[0].turns[1:]]
-  assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]
+  lines = [t.input_delta[0]["content"].count("\n") for t in a[0].turns[1:]]
+  assert lines == sorted(set(lines)) and lines[-1] > 2 * lines[0]
   tenants = {s.tenant for s in a}
   assert len(tenants) == 2
   for tenant in tenants:
