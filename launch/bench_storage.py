@@ -333,6 +333,8 @@ def format_table(report: dict) -> str:
       f"raw disk (O_DIRECT, QD {d['queue_depth']}, median of {d['runs']}): seq read {_gbs(d['seq_read'])} GB/s, "
       f"seq write {_gbs(d['seq_write'])} GB/s, random {d['random_request'] / MiB:.2f} MiB "
       f"read {_gbs(d['random_read'])} GB/s, write {_gbs(d['random_write'])} GB/s",
+      "load average (1 min) per raw disk run: " + ", ".join(
+          f"{r['load_average_1_5_15'][0]:.1f}" for r in report["disk_runs"]),
       "",
       "Medians over repeats; each % compares a store run with the raw disk run just "
       "before it.",
@@ -378,6 +380,7 @@ def main(argv):
   directory = tempfile.mkdtemp(prefix="bench_storage_", dir=FLAGS.dir)
   report: dict = {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "load_average_1_5_15_start": list(os.getloadavg()),
       "host": platform.node(), "cpus": os.cpu_count(), "dir": directory,
       "model": model.name, "block_size": FLAGS.block_size, "dtype": FLAGS.dtype,
       "block_bytes": cache.bytes_per_block(model),
@@ -413,6 +416,7 @@ def main(argv):
       logging.info("raw disk (run %d) ...", repeat)
       disk = bench_disk(directory, FLAGS.disk_bytes,
                         -(-report["block_bytes"] // 4096) * 4096, FLAGS.queue_depth)
+      disk["load_average_1_5_15"] = list(os.getloadavg())
       disk_runs.append(disk)
       for spec in FLAGS.configs:
         driver, codec, io_mode = (spec.split(":") + [ColdTierConfig.file_io_mode])[:3]
@@ -425,8 +429,10 @@ def main(argv):
         s["seq_read_vs_raw_seq_read"] = s["read_seq_disk_bytes_per_s"] / disk["seq_read"]
         s["random_read_vs_raw_random_read"] = (s["read_random_disk_bytes_per_s"] /
                                                disk["random_read"])
+        s["load_average_1_5_15"] = list(os.getloadavg())
         runs[spec].append(s)
         logging.info("%s", {k: v for k, v in s.items() if "per_s" in k})
+    report["load_average_1_5_15_end"] = list(os.getloadavg())
     report["disk"] = _median_run(disk_runs)
     report["disk_runs"] = disk_runs
     report["stores"] = [_median_run(r) for r in runs.values()]

@@ -104,7 +104,9 @@ class BlockStore:
                                       config.admission)
     self.array = layout.open_slot_array(config, self.codec, self.num_slots)
     self._kvstore = self.array.kvstore
-    self._stored_rank = len(self.codec.stored_shape)
+    self._chunk_root = layout.local_chunk_root(config)
+    self._slot_dirs: set[int] = set()  # slots whose directory exists (local file)
+    self._slot_dirs_lock = threading.Lock()
     self._stats = StoreStats()
     self._logged: set[bytes] = set()
     self._log_lock = threading.Lock()
@@ -207,7 +209,7 @@ class BlockStore:
 
   def chunk_key(self, slot: int) -> bytes:
     """The kvstore key (relative to the array) of a slot's chunk."""
-    return layout.chunk_key(slot, self._stored_rank)
+    return layout.chunk_key(slot)
 
   def stored_slots(self) -> set[int]:
     """Slots that have a chunk in the kvstore (lists keys; for checks and tests)."""
@@ -266,6 +268,10 @@ class BlockStore:
     """Writes chunks and returns once they are durable (one transaction)."""
     encoded = self.codec.encode(blocks)
     slots = np.array([r.slot for r in refs], np.int64)
+    if self._chunk_root is not None:
+      with self._slot_dirs_lock:
+        layout.make_slot_dirs(self._chunk_root, slots.tolist(), self._slot_dirs)
+    encoded = encoded.reshape(len(refs), -1)  # [n, chunk_elems]: a view
     txn = ts.Transaction()
     self.array.with_transaction(txn)[slots].write(encoded).result()
     txn.commit_async().result()
@@ -302,11 +308,12 @@ class BlockStore:
     their reason ("missing" or "corrupt").
     """
     slots = np.array([r.slot for r in refs], np.int64)
+    stored = (len(refs), *self.codec.stored_shape)
     try:
-      return self.array[slots].read().result(), [True] * len(refs), []
+      return self.array[slots].read().result().reshape(stored), [True] * len(refs), []
     except Exception:  # pylint: disable=broad-except
       pass  # find out which chunks failed, one read each
-    batch = np.zeros((len(refs), *self.codec.stored_shape), self.codec.stored_dtype)
+    batch = np.zeros((len(refs), layout.chunk_elems(self.codec)), self.codec.stored_dtype)
     futures = [self.array[int(r.slot)].read() for r in refs]
     ok, failures = [], []
     for i, (ref, future) in enumerate(zip(refs, futures)):
@@ -319,7 +326,7 @@ class BlockStore:
         failures.append((ref, reason))
         self._log_once(ref.block_id, f"cold tier block {ref.block_id.hex()[:16]} at slot "
                        f"{ref.slot} is {reason}; treated as a miss: {err}")
-    return batch, ok, failures
+    return batch.reshape(stored), ok, failures
 
   def _drop_bad(self, bad: Sequence[tuple[index_lib.SlotRef, str]]) -> None:
     self._stats.add(miss_missing=sum(r == "missing" for _, r in bad),

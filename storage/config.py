@@ -25,7 +25,7 @@ class ColdTierConfig:
       leases and, unless `kvstore` is given, the block arrays themselves.
     kvstore: optional TensorStore kvstore spec for the block bytes, e.g.
       `{"driver": "gcs", "bucket": "b", "path": "kv/"}` or a shared file system
-      `{"driver": "file", "path": "/mnt/shared/kv/"}`. None: `<root>/blocks/`.
+      `{"driver": "file", "path": "/mnt/shared/kv/"}`. None: `<root>/data/`.
     driver: "file" (one file per block, written to a temp file, fsynced and
       renamed) or "ocdbt" (blocks packed into an append-only B-tree database).
     codec: "raw" (the cache dtype, bit-exact), "zstd" (raw then zstd),

@@ -1,12 +1,22 @@
 """On-disk layout: one zarr3 array of block slots, opened through TensorStore.
 
-The block bytes live in a single zarr3 array `[num_slots, *stored_shape]` whose
-chunk shape is `[1, *stored_shape]`: one chunk per slot, holding every layer of
+The block bytes live in a single 2-d zarr3 array `[num_slots, chunk_elems]`
+(`chunk_elems = prod(stored_shape)`, the codec's stored block flattened) whose
+chunk shape is `[1, chunk_elems]`: one chunk per slot, holding every layer of
 one KV block, so one read fetches one block. The codec chain of each chunk is
 `bytes (little endian) -> [zstd] -> crc32c`; TensorStore verifies the CRC32C
 on every read and a mismatch fails that read (the store turns it into a miss).
 Chunk keys use the zarr3 "default" encoding with "/" separators, so slot `s`
-of a 6-d array is the key `c/s/0/0/0/0/0` (one file per block with `file`).
+is the key `c/s/0`: one file per block, one directory per slot.
+
+Why 2-d and why the slot directories are made here: with the `file` kvstore
+every directory level of a chunk key is a directory that TensorStore creates
+(and syncs) on the first write of the slot. The earlier 6-d array
+(`c/s/0/0/0/0/0`, five directories per slot) made a fresh store's writes
+metadata-bound: about half the disk's write bandwidth on the benchmark
+machine. With one directory per slot, created by `make_slot_dirs` in one
+batch before the chunk writes (and the parent synced once), first writes run
+at the speed of rewrites (docs/storage.md, "Measurements").
 
 Base kvstores (any TensorStore kvstore works):
 
@@ -22,8 +32,9 @@ Base kvstores (any TensorStore kvstore works):
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import tensorstore as ts
 
@@ -71,10 +82,10 @@ def zarr3_spec(config: ColdTierConfig, codec: BlockCodec, num_slots: int) -> dic
       "kvstore": array_kvstore_spec(config),
       "context": context_spec(config),
       "metadata": {
-          "shape": [num_slots, *codec.stored_shape],
+          "shape": [num_slots, chunk_elems(codec)],
           "data_type": codec.stored_dtype_name,
           "chunk_grid": {"name": "regular",
-                         "configuration": {"chunk_shape": [1, *codec.stored_shape]}},
+                         "configuration": {"chunk_shape": [1, chunk_elems(codec)]}},
           "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
           "fill_value": 0,
           "codecs": byte_codecs,
@@ -92,9 +103,50 @@ def open_slot_array(config: ColdTierConfig, codec: BlockCodec, num_slots: int) -
   except ValueError as err:
     raise ValueError(
         f"cold tier at {config.root} has another layout than codec={codec.full_name}, "
-        f"shape={[num_slots, *codec.stored_shape]}: {err}") from err
+        f"shape={[num_slots, chunk_elems(codec)]}: {err}") from err
 
 
-def chunk_key(slot: int, stored_rank: int) -> bytes:
+def chunk_elems(codec: BlockCodec) -> int:
+  """Elements of one stored chunk: the codec's stored block, flattened."""
+  return int(math.prod(codec.stored_shape))
+
+
+def chunk_key(slot: int) -> bytes:
   """Key of slot `slot`'s chunk, relative to the array's kvstore path."""
-  return ("c/" + "/".join([str(int(slot))] + ["0"] * stored_rank)).encode()
+  return f"c/{int(slot)}/0".encode()
+
+
+def local_chunk_root(config: ColdTierConfig) -> str | None:
+  """The local directory that holds the slot directories, or None.
+
+  Only a local `file` kvstore (not under `ocdbt`, which packs chunks into its
+  own files) has one directory per slot.
+  """
+  base = base_kvstore_spec(config)
+  if config.driver != "file" or base.get("driver") != "file":
+    return None
+  return os.path.join(base["path"], "c")
+
+
+def make_slot_dirs(chunk_root: str, slots: Iterable[int], known: set[int]) -> None:
+  """Creates the directories of `slots` not in `known` (and adds them).
+
+  Making them here, all at once, replaces TensorStore's per-chunk directory
+  creation on a slot's first write. When any was made, the parent is fsynced
+  once, so a later durable chunk write cannot lose its directory entry.
+  """
+  made = False
+  for slot in slots:
+    if slot in known:
+      continue
+    path = os.path.join(chunk_root, str(int(slot)))
+    if not os.path.isdir(path):
+      os.makedirs(path, exist_ok=True)
+      made = True
+    known.add(slot)
+  if made:
+    fd = os.open(chunk_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)

@@ -285,3 +285,18 @@ def test_file_io_modes_roundtrip(tmp_path, mode):
     ids, blocks = _data(rng, 3, store)
     store.put(ids, blocks)
     assert all(_same(g, b) for g, b in zip(store.get(ids), blocks))
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_one_file_per_block_in_its_slot_directory(tmp_path, n):
+  """Layout: slot s is the file data/c/s/0, made by the store's batch mkdir."""
+  rng = np.random.default_rng(n)
+  with _store(tmp_path / "s") as store:
+    ids, blocks = _data(rng, n, store)
+    assert store.put(ids, blocks).written == n
+    slots = store.stored_slots()
+    assert len(slots) == n
+    for slot in slots:
+      path = os.path.join(store.config.root, "data", "c", str(slot), "0")
+      assert os.path.isfile(path) and os.path.getsize(path) > blocks[0].nbytes
+    assert all(_same(a, b) for a, b in zip(store.get(ids), blocks))
