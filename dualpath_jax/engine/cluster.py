@@ -1,0 +1,616 @@
+"""`PDCluster`: prefill engines (PE) and decode engines (DE) behind one engine API.
+
+The cluster drives `P` prefill and `D` decode workers (`--mesh=1P2D`), one
+shared cold tier (`storage.BlockStore`), one emulated `StorageNic` per engine
+and a scheduler policy (`single_path`, `dualpath`, `oracle`). It has the
+driving interface of `Engine` (`submit`, `step`, `has_work`, `close`,
+`stats`, `config`, `manager.stats`, `cold_tier`), so
+`workload.replay.replay_sessions` runs it unchanged.
+
+One turn:
+
+1. *Placement* (`_admit`): the context's full blocks are hashed; for every PE
+   the scheduler learns how many leading blocks its pool holds and how many
+   more the cold tier holds; it builds a `TurnDemand`, a `ClusterSnapshot`
+   from live counters (NIC backlog, queued tokens, free pool blocks) and asks
+   the policy for a PE, a DE and a `ReadPath` per hit block.
+2. *Load*: blocks the PE's pool lacks and the cold tier holds are read by
+   the chosen paths (`DualPathLoader.load`: path 1 through the PE's NIC,
+   path 2 through the DE's NIC then handed off to the PE). Synchronous in this
+   landing: the loader runs both paths' reads concurrently, but the cluster
+   waits for them before prefilling. A block the store cannot serve ends the
+   run: it and everything after it are recomputed.
+3. *Reserve*: the PE allocates pages for the whole prompt, the DE begins the
+   sequence (reusing blocks of it already in the DE pool) and allocates pages
+   for the prompt plus every token it may generate, so a running turn never
+   runs out of pages (no preemption).
+4. *Prefill* on the PE, one chunk per `step()`, same chunking and shape
+   buckets as `Engine`; the last chunk's logits give the first token.
+5. *Move*: the prompt's blocks the DE lacks go PE -> DE
+   (`DualPathLoader.move_blocks`); the PE releases the sequence (its full
+   blocks stay cached there for the session's next turn).
+6. *Decode* on the DE, all its sequences in one batched call per `step()`.
+7. *Finish*: the DE writes the sequence's full blocks the store lacks back
+   to the cold tier (asynchronously, `put_async`) and releases them.
+
+Every move is a byte copy, so the tokens equal a single `Engine`'s whichever
+path delivered the prefix. Not thread-safe: one thread drives it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dualpath_jax.cache.block_hash import hash_chain
+from dualpath_jax.cache.block_pool import BlockPool, OutOfBlocksError
+from dualpath_jax.cache.kv_cache_manager import (KVCacheManager,
+                                                 RequestTooLargeError)
+from dualpath_jax.config import CacheConfig, EngineConfig
+from dualpath_jax.engine import buckets
+from dualpath_jax.engine.cold_tier import ColdTierConnector, ColdTierStats
+from dualpath_jax.engine.engine import MIN_PAGE_BUCKET, MIN_Q_BUCKET
+from dualpath_jax.engine.factory import model_fingerprint
+from dualpath_jax.engine.request import TurnOutput, TurnRequest
+from dualpath_jax.engine.sampling import sample
+from dualpath_jax.model.runner import ModelRunner
+from dualpath_jax.scheduler import (ClusterSnapshot, EngineState,
+                                    NoCapacityError, ReadPath, TurnDemand,
+                                    get_policy)
+from dualpath_jax.scheduler.state import DECODE, PREFILL
+from dualpath_jax.transfer import (DualPathConfig, DualPathLoader,
+                                   LoadRequest, MeshConfig, StorageNic,
+                                   build_cluster_mesh)
+from dualpath_jax.transfer.mesh import EngineMesh
+
+
+@dataclasses.dataclass
+class _Turn:
+  """Cluster-side state of one turn."""
+
+  req: TurnRequest
+  arrival_s: float
+  tokens: list[int]  # prompt + generated so far
+  rng: np.random.Generator | None
+  generated: list[int] = dataclasses.field(default_factory=list)
+  prefill: "_Worker | None" = None
+  decode: "_Worker | None" = None
+  cached_prompt_tokens: int = 0
+  first_token_s: float | None = None
+
+  @property
+  def rid(self) -> str:
+    return self.req.request_id
+
+  @property
+  def prefill_target(self) -> int:
+    return len(self.req.prompt_tokens)
+
+
+@dataclasses.dataclass
+class ClusterStats:
+  """Counters of the whole cluster; times are wall seconds."""
+
+  prefill_steps: int = 0
+  prefill_tokens: int = 0
+  prefill_s: float = 0.0
+  decode_steps: int = 0
+  decode_tokens: int = 0
+  decode_s: float = 0.0
+  preemptions: int = 0  # always 0: pages are reserved at admission
+  warmup_s: float = 0.0
+  compiled_shapes: int = 0
+  turns_placed: int = 0
+  load_s: float = 0.0
+  move_s: float = 0.0
+  moved_blocks: int = 0
+  path_blocks: dict[str, int] = dataclasses.field(
+      default_factory=lambda: {"resident": 0, "path1": 0, "path2": 0,
+                               "free": 0})
+  nic_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+  placements: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def as_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["prefill_tok_s"] = (self.prefill_tokens / self.prefill_s
+                          if self.prefill_s else None)
+    d["decode_tok_s"] = (self.decode_tokens / self.decode_s
+                         if self.decode_s else None)
+    return d
+
+
+@dataclasses.dataclass
+class ClusterColdTier:
+  """What `agent_eval` reads of an engine's cold tier: the store and counters."""
+
+  store: object
+  stats: ColdTierStats
+
+
+class _Worker:
+  """One engine: its sub-mesh, model copy, KV pool, cache manager and NIC."""
+
+  def __init__(self, mesh: EngineMesh, runner: ModelRunner, loaded,
+               cache: CacheConfig, engine: EngineConfig, nic: StorageNic):
+    self.mesh = mesh
+    self.name = mesh.name
+    self.role = mesh.role
+    self.nic = nic
+    self.runner = runner
+    self.manager = KVCacheManager(
+        BlockPool(cache.num_blocks), cache.block_size, model_fingerprint(loaded),
+        max_blocks_per_seq=math.ceil(engine.max_context / cache.block_size))
+    self.kv = jax.device_put(self.runner.new_kv_cache(),
+                             mesh.kv_pool_sharding())
+    self.queue: collections.deque[_Turn] = collections.deque()  # PE: to prefill
+    self.running: list[_Turn] = []  # DE: decoding
+    self.shapes: set[tuple[int, int, int]] = set()
+
+  def queued_tokens(self) -> int:
+    if self.role == PREFILL:
+      return sum(t.prefill_target - self.manager.num_computed(t.rid)
+                 for t in self.queue)
+    return sum(t.req.max_new_tokens - len(t.generated) for t in self.running)
+
+
+  def run(self, batch: int, q_len: int, pages: int,
+          work: list[tuple[_Turn, list[int], int]] | None) -> np.ndarray:
+    """Pads `work` (turn, new tokens, start) into one model call; host logits."""
+    tokens = np.zeros((batch, q_len), np.int32)
+    tables = np.zeros((batch, pages), np.int32)
+    kv_lens = np.zeros((batch,), np.int32)
+    q_lens = np.zeros((batch,), np.int32)
+    slots = np.full((batch, q_len), -1, np.int32)
+    for b, (turn, new, start) in enumerate(work or []):
+      table = self.manager.block_table(turn.rid)
+      tokens[b, :len(new)] = new
+      tables[b, :len(table)] = table
+      kv_lens[b] = start + len(new)
+      q_lens[b] = len(new)
+      slots[b, :len(new)] = self.manager.slot_mapping(turn.rid, start, len(new))
+    self.shapes.add((batch, q_len, pages))
+    logits, self.kv = self.runner.step(self.kv, tokens, tables, kv_lens,
+                                       q_lens, slots)
+    return np.asarray(logits)
+
+
+def _runner_on(mesh: EngineMesh, loaded, cache: CacheConfig,
+               engine: EngineConfig) -> ModelRunner:
+  """A `ModelRunner` whose weights are replicated on `mesh`'s devices."""
+  graphdef, state = nnx.split(loaded.model)
+  state = jax.device_put(state, mesh.sharding())
+  return ModelRunner(nnx.merge(graphdef, state), cache,
+                     attention_impl=engine.attention_impl)
+
+
+class PDCluster:
+  """Serves `TurnRequest`s on prefill + decode engines; see the module docstring.
+
+  Args:
+    loaded: a `dualpath_jax.model.LoadedModel`.
+    cache: per-engine pool (`num_blocks` is each engine's pool).
+    config: the `EngineConfig` every engine uses (`max_batch_size` bounds the
+      turns a decode engine holds).
+    store: the cold tier, a `storage.BlockStore` (shared by all engines).
+    mesh: the P/D split.
+    dualpath: policy, NIC bandwidth, staging bounds, hand-off method.
+    devices: the devices to split (default `jax.devices()`).
+    clock: seconds, for arrival / first-token / finish times and snapshots.
+  """
+
+  def __init__(self, loaded, cache: CacheConfig, config: EngineConfig,
+               store, mesh: MeshConfig = MeshConfig(1, 1),
+               dualpath: DualPathConfig = DualPathConfig(), *,
+               devices: Sequence[jax.Device] | None = None,
+               clock: Callable[[], float] = time.perf_counter):
+    if config.max_context > loaded.config.max_position:
+      raise ValueError(
+          f"max_context {config.max_context} exceeds the model's context "
+          f"{loaded.config.max_position}")
+    if store is None:
+      raise ValueError("PDCluster needs a cold tier (a storage.BlockStore)")
+    self.config = config
+    self.mesh_config = mesh
+    self.dualpath = dualpath
+    self.policy = get_policy(dualpath.policy)
+    self.block_size = cache.block_size
+    self.eos_ids = frozenset(loaded.config.eos_token_ids)
+    self.clock = clock
+    self.store = store
+    self.cluster_mesh = build_cluster_mesh(mesh, devices)
+    self.nics = {
+        e.name: StorageNic(e.name, dualpath.nic_bytes_per_s,
+                           dualpath.nic_burst_bytes)
+        for e in self.cluster_mesh.engines}
+    runners: dict[tuple[int, ...], ModelRunner] = {}
+    self.workers = {}
+    for e in self.cluster_mesh.engines:
+      key = tuple(d.id for d in e.devices)
+      if key not in runners:  # engines on the same devices share the weights
+        runners[key] = _runner_on(e, loaded, cache, config)
+      self.workers[e.name] = _Worker(e, runners[key], loaded, cache, config,
+                                     self.nics[e.name])
+    self.prefill_workers = [self.workers[e.name]
+                            for e in self.cluster_mesh.prefill]
+    self.decode_workers = [self.workers[e.name]
+                           for e in self.cluster_mesh.decode]
+    c = loaded.config
+    block_shape = (c.num_layers, 2, c.num_kv_heads, cache.block_size,
+                   c.head_dim)
+    self.block_bytes = int(np.prod(block_shape)) * np.dtype(cache.dtype).itemsize
+    self.loader = DualPathLoader(self.cluster_mesh, store, self.nics,
+                                 dualpath, block_shape, cache.dtype)
+    self.cold_tier = ClusterColdTier(store, ColdTierStats())
+    self._writers = {w.name: ColdTierConnector(store, w.manager)
+                     for w in self.decode_workers}
+    self.stats = ClusterStats()
+    self.max_pages = math.ceil(config.max_context / cache.block_size)
+    self._rng = np.random.default_rng(config.seed)
+    self._waiting: collections.deque[_Turn] = collections.deque()
+
+  # ------------------------------------------------------------------ API
+  @property
+  def manager(self) -> "_ManagersView":
+    """Prefix-cache counters summed over every engine's manager."""
+    return _ManagersView([w.manager for w in self.workers.values()])
+
+  def validate(self, req: TurnRequest) -> None:
+    """Raises ValueError (`RequestTooLargeError` for size) if `req` can never run."""
+    if not req.prompt_tokens:
+      raise ValueError(f"{req.request_id}: empty prompt")
+    if req.max_new_tokens < 1:
+      raise ValueError(f"{req.request_id}: max_new_tokens must be >= 1")
+    total = len(req.prompt_tokens) + req.max_new_tokens
+    if total > self.config.max_context:
+      raise RequestTooLargeError(
+          f"{req.request_id}: prompt ({len(req.prompt_tokens)}) + max_new_tokens "
+          f"({req.max_new_tokens}) = {total} exceeds max_context "
+          f"{self.config.max_context}")
+    blocks = math.ceil(total / self.block_size)
+    pool = self.prefill_workers[0].manager.pool.num_blocks
+    if blocks > pool:
+      raise RequestTooLargeError(
+          f"{req.request_id}: needs {blocks} blocks but each engine's pool has "
+          f"{pool}")
+    if req.temperature is not None and req.temperature < 0:
+      raise ValueError(f"{req.request_id}: temperature must be >= 0, got "
+                       f"{req.temperature}")
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+      raise ValueError(f"{req.request_id}: top_p must be in (0, 1], got "
+                       f"{req.top_p}")
+
+  def submit(self, req: TurnRequest) -> None:
+    """Queues a turn; raises `RequestTooLargeError` if it can never fit."""
+    self.validate(req)
+    arrival = self.clock() if req.arrival_s is None else req.arrival_s
+    rng = None if req.seed is None else np.random.default_rng(req.seed)
+    self._waiting.append(_Turn(req=req, arrival_s=arrival,
+                               tokens=list(req.prompt_tokens), rng=rng))
+
+  def has_work(self) -> bool:
+    return bool(self._waiting or any(w.queue or w.running
+                                     for w in self.workers.values()))
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self._waiting)
+
+  @property
+  def num_running(self) -> int:
+    return sum(len(w.queue) + len(w.running) for w in self.workers.values())
+
+  def step(self) -> list[TurnOutput]:
+    """Places waiting turns; one prefill chunk per PE; one decode batch per DE."""
+    self._admit()
+    done: list[TurnOutput] = []
+    for pe in self.prefill_workers:
+      if pe.queue:
+        done += self._prefill_step(pe)
+    for de in self.decode_workers:
+      if de.running:
+        done += self._decode_step(de)
+    return done
+
+  def flush(self, timeout: float | None = None) -> bool:
+    """Waits for queued cold-tier writes (then the next turn can load them)."""
+    return self.store.flush(timeout)
+
+  def close(self) -> None:
+    """Waits for queued write-backs, closes the store and the loader."""
+    self.loader.close()
+    self.store.close()
+
+  def nic_stats(self) -> dict[str, dict[str, float]]:
+    """Each engine's emulated storage NIC: bytes, wait, backlog, rate."""
+    return {name: nic.stats() for name, nic in self.nics.items()}
+
+  def warmup(self, max_context: int | None = None) -> None:
+    """Compiles every shape bucket a context up to `max_context` can hit."""
+    t0 = time.perf_counter()
+    pages = math.ceil(min(max_context or self.config.max_context,
+                          self.config.max_context) / self.block_size)
+    page_buckets = buckets.bucket_sizes(
+        MIN_PAGE_BUCKET, buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages))
+    q_buckets = buckets.bucket_sizes(MIN_Q_BUCKET, self.config.max_prefill_chunk)
+    b_buckets = buckets.bucket_sizes(1, self.config.max_batch_size)
+    for s in page_buckets:
+      for pe in self.prefill_workers:
+        for t in q_buckets:
+          if t <= s * self.block_size:
+            pe.run(1, t, s, None)
+      for de in self.decode_workers:
+        for b in b_buckets:
+          de.run(b, 1, s, None)
+    self.stats.warmup_s += time.perf_counter() - t0
+    self._count_shapes()
+
+  # ------------------------------------------------------------ placement
+  def _snapshot(self) -> ClusterSnapshot:
+    engines = []
+    for w in self.workers.values():
+      free = w.manager.pool.num_free
+      if w.role == DECODE and len(w.running) + self._headed_to(w) >= \
+          self.config.max_batch_size:
+        free = 0  # a full decode batch takes no more turns
+      engines.append(EngineState(
+          name=w.name, role=w.role,
+          nic_bytes_per_s=self.nics[w.name].bytes_per_s,
+          nic_queued_bytes=self.nics[w.name].queued_bytes(),
+          queued_tokens=w.queued_tokens() + self._tokens_headed_to(w),
+          free_hbm_blocks=free))
+    return ClusterSnapshot(self.clock(), tuple(engines))
+
+  def _tokens_headed_to(self, de: _Worker) -> int:
+    """Tokens to generate of turns still prefilling for decode engine `de`."""
+    return sum(t.req.max_new_tokens for pe in self.prefill_workers
+               for t in pe.queue if t.decode is de)
+
+  def _headed_to(self, de: _Worker) -> int:
+    return sum(t.decode is de for pe in self.prefill_workers for t in pe.queue)
+
+  def _demand(self, turn: _Turn) -> tuple[TurnDemand, list[bytes]]:
+    """The turn's `TurnDemand` and the hash chain of its loadable blocks."""
+    bs = self.block_size
+    target = turn.prefill_target
+    cap = (target - 1) // bs  # leave one token to compute
+    chain = hash_chain(turn.tokens[:cap * bs], bs,
+                       self.prefill_workers[0].manager.model_fingerprint,
+                       turn.req.tenant)
+    in_store = self.store.contains(chain) if chain else []
+    resident, hits = {}, 0
+    for pe in self.prefill_workers:
+      r = 0
+      while r < len(chain) and pe.manager.pool.lookup(chain[r]) is not None:
+        r += 1
+      run = r
+      while run < len(chain) and in_store[run]:
+        run += 1
+      resident[pe.name] = r
+      hits = max(hits, run)
+    total = math.ceil(target / bs)
+    decode = math.ceil((target + turn.req.max_new_tokens) / bs)
+    demand = TurnDemand(
+        turn_id=turn.rid, new_tokens=target - hits * bs, hit_blocks=hits,
+        block_bytes=self.block_bytes, total_blocks=total, decode_blocks=decode,
+        max_new_tokens=turn.req.max_new_tokens,
+        resident_blocks={k: min(v, hits) for k, v in resident.items()})
+    return demand, chain
+
+  def _admit(self) -> None:
+    while self._waiting:
+      turn = self._waiting[0]
+      demand, chain = self._demand(turn)
+      try:
+        placement = self.policy(demand, self._snapshot())
+      except NoCapacityError:
+        if self.num_running == 0:
+          raise OutOfBlocksError(
+              f"{turn.rid}: no engine can hold the turn with nothing else "
+              "running") from None
+        return
+      self._waiting.popleft()
+      pe = self.workers[placement.prefill_engine]
+      de = self.workers[placement.decode_engine]
+      turn.prefill, turn.decode = pe, de
+      self._start_on_prefill(turn, pe, de, chain, placement.paths)
+      self._reserve_on_decode(turn, pe, de)
+      pe.queue.append(turn)
+      self.stats.turns_placed += 1
+      key = f"{pe.name}->{de.name}"
+      self.stats.placements[key] = self.stats.placements.get(key, 0) + 1
+
+  def _start_on_prefill(self, turn: _Turn, pe: _Worker, de: _Worker,
+                        chain: list[bytes], paths: Sequence[ReadPath]) -> None:
+    """Begins the turn on the PE, loads its cold blocks, reserves its pages."""
+    bs = self.block_size
+    target = turn.prefill_target
+    cached = pe.manager.begin(turn.rid, turn.tokens[:target], turn.req.tenant)
+    have = cached // bs
+    self.stats.path_blocks["resident"] += have
+    present = self.store.contains(chain[have:]) if len(chain) > have else []
+    run = next((i for i, p in enumerate(present) if not p), len(present))
+    if not pe.manager.can_allocate(turn.rid, target - cached):
+      pe.manager.end(turn.rid)
+      raise OutOfBlocksError(f"{turn.rid}: {pe.name} lost the pages the "
+                             "placement counted on")
+    pe.manager.allocate(turn.rid, target - cached)  # the whole prompt
+    if run:
+      self.cold_tier.stats.lookups += 1
+      wanted = [ReadPath(p) for p in paths[have:have + run]]
+      wanted += [ReadPath.PE_READ] * (run - len(wanted))
+      wanted = [ReadPath.PE_READ if p == ReadPath.RESIDENT else p
+                for p in wanted]
+      table = pe.manager.block_table(turn.rid)
+      t0 = time.perf_counter()
+      pe.kv, report = self.loader.load(pe.kv, LoadRequest(
+          block_ids=chain[have:have + run],
+          dest_pages=table[have:have + run], paths=wanted,
+          prefill_engine=pe.name, decode_engine=de.name))
+      self.stats.load_s += time.perf_counter() - t0
+      good = min(report.missing) if report.missing else run
+      self.cold_tier.stats.missed_blocks += run - good
+      for p in wanted[:good]:
+        key = {ReadPath.PE_READ: "path1", ReadPath.DE_READ: "path2",
+               ReadPath.FREE: "free"}[p]
+        self.stats.path_blocks[key] += 1
+      for name, nbytes in report.nic_bytes.items():
+        self.stats.nic_bytes[name] = self.stats.nic_bytes.get(name, 0) + nbytes
+      if good:
+        pe.manager.append_tokens(turn.rid, turn.tokens[cached:(have + good) * bs])
+        self.cold_tier.stats.loaded_blocks += good
+        self.cold_tier.stats.loaded_tokens += (have + good) * bs - cached
+        cached = (have + good) * bs
+    turn.cached_prompt_tokens = min(cached, len(turn.req.prompt_tokens))
+
+  def _reserve_on_decode(self, turn: _Turn, pe: _Worker, de: _Worker) -> None:
+    """Begins the turn on the DE and allocates pages for all it may hold."""
+    target = turn.prefill_target
+    computed = de.manager.begin(turn.rid, turn.tokens[:target], turn.req.tenant)
+    need = target + turn.req.max_new_tokens - computed
+    if not de.manager.can_allocate(turn.rid, need):
+      de.manager.end(turn.rid)
+      pe.manager.end(turn.rid)
+      raise OutOfBlocksError(f"{turn.rid}: {de.name} lost the pages the "
+                             "placement counted on")
+    de.manager.allocate(turn.rid, need)
+
+  # ------------------------------------------------------ prefill / decode
+  def _page_bucket(self, worker: _Worker, turns: list[_Turn]) -> int:
+    pages = max(len(worker.manager.block_table(t.rid)) for t in turns)
+    return buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages)
+
+  def _prefill_step(self, pe: _Worker) -> list[TurnOutput]:
+    turn = pe.queue[0]
+    start = pe.manager.num_computed(turn.rid)
+    n = min(self.config.max_prefill_chunk, turn.prefill_target - start)
+    chunk = turn.tokens[start:start + n]
+    t_bucket = buckets.bucket(n, MIN_Q_BUCKET, self.config.max_prefill_chunk)
+    t0 = time.perf_counter()
+    logits = pe.run(1, t_bucket, self._page_bucket(pe, [turn]),
+                    [(turn, chunk, start)])
+    self.stats.prefill_s += time.perf_counter() - t0
+    self._count_shapes()
+    pe.manager.append_tokens(turn.rid, chunk)
+    self.stats.prefill_steps += 1
+    self.stats.prefill_tokens += n
+    if start + n < turn.prefill_target:
+      return []
+    pe.queue.popleft()
+    self._move_to_decode(turn, pe, turn.decode)
+    token = self._sample([turn], logits)[0]
+    turn.first_token_s = self.clock()
+    return self._accept(turn.decode, [turn], [token])
+
+  def _move_to_decode(self, turn: _Turn, pe: _Worker, de: _Worker) -> None:
+    """Copies the prompt's KV the DE lacks PE -> DE; the PE lets go of it."""
+    target = turn.prefill_target
+    computed = de.manager.num_computed(turn.rid)
+    first = computed // self.block_size
+    last = math.ceil(target / self.block_size)
+    src = pe.manager.block_table(turn.rid)[first:last]
+    dst = de.manager.block_table(turn.rid)[first:last]
+    t0 = time.perf_counter()
+    de.kv = self.loader.move_blocks(pe.kv, src, pe.name, de.kv, dst, de.name)
+    self.stats.move_s += time.perf_counter() - t0
+    self.stats.moved_blocks += len(src)
+    de.manager.append_tokens(turn.rid, turn.tokens[computed:target])
+    pe.manager.end(turn.rid)
+    de.running.append(turn)
+
+  def _decode_step(self, de: _Worker) -> list[TurnOutput]:
+    turns = list(de.running)
+    b_bucket = buckets.bucket(len(turns), 1, self.config.max_batch_size)
+    work = [(t, [t.tokens[-1]], de.manager.num_computed(t.rid)) for t in turns]
+    t0 = time.perf_counter()
+    logits = de.run(b_bucket, 1, self._page_bucket(de, turns), work)
+    self.stats.decode_s += time.perf_counter() - t0
+    self._count_shapes()
+    for t in turns:
+      de.manager.append_tokens(t.rid, [t.tokens[-1]])
+    self.stats.decode_steps += 1
+    self.stats.decode_tokens += len(turns)
+    return self._accept(de, turns, self._sample(turns, logits))
+
+  def _accept(self, de: _Worker, turns: list[_Turn],
+              tokens: list[int]) -> list[TurnOutput]:
+    """Appends each turn's new token; finishes (and writes back) those done."""
+    now = self.clock()
+    done = []
+    for turn, tok in zip(turns, tokens):
+      turn.generated.append(tok)
+      turn.tokens.append(tok)
+      stop = turn.req.on_token is not None and bool(turn.req.on_token(tok))
+      reason = None
+      if turn.req.stop_on_eos and tok in self.eos_ids:
+        reason = "eos"
+      elif stop:
+        reason = "stop"
+      elif len(turn.generated) >= turn.req.max_new_tokens:
+        reason = "length"
+      if reason is None:
+        continue
+      de.running.remove(turn)
+      writer = self._writers[de.name]
+      before = writer.stats.written_blocks, writer.stats.write_requests
+      writer.write_back(de.kv, turn.rid, turn.req.tenant, turn.req.session_id)
+      self.cold_tier.stats.written_blocks += writer.stats.written_blocks - before[0]
+      self.cold_tier.stats.write_requests += writer.stats.write_requests - before[1]
+      de.manager.end(turn.rid)
+      done.append(TurnOutput(
+          request=turn.req, generated_tokens=list(turn.generated),
+          cached_prompt_tokens=turn.cached_prompt_tokens,
+          arrival_s=turn.arrival_s, first_token_s=turn.first_token_s,
+          finish_s=now, finish_reason=reason))
+    return done
+
+  def _sample(self, turns: list[_Turn], logits: np.ndarray) -> list[int]:
+    """One token per turn (logits: [>= len(turns), vocab]), as `Engine` does."""
+    out = []
+    for b, turn in enumerate(turns):
+      req = turn.req
+      temperature = req.temperature
+      if temperature is None:
+        temperature = 0.0 if self.config.greedy else self.config.temperature
+      top_p = self.config.top_p if req.top_p is None else req.top_p
+      rng = self._rng if turn.rng is None else turn.rng
+      out.append(int(sample(logits[b:b + 1], rng, temperature, top_p)[0]))
+    return out
+
+  def _count_shapes(self) -> None:
+    self.stats.compiled_shapes = sum(len(w.shapes)
+                                     for w in self.workers.values())
+
+
+class _ManagersView:
+  """`manager.stats` and `manager.pool.num_blocks` over several managers."""
+
+  def __init__(self, managers: list[KVCacheManager]):
+    self._managers = managers
+    self.pool = managers[0].pool
+
+  @property
+  def stats(self) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for m in self._managers:
+      for k, v in m.stats.items():
+        total[k] = total.get(k, 0) + v
+    total["hit_rate"] = (total["hit_tokens"] / total["query_tokens"]
+                         if total.get("query_tokens") else 0.0)
+    return total
+
+
+def make_cluster(loaded, cache: CacheConfig, engine: EngineConfig, cold_tier,
+                 mesh: MeshConfig, dualpath: DualPathConfig, *,
+                 devices: Sequence[jax.Device] | None = None) -> PDCluster:
+  """A `PDCluster` over a new `storage.BlockStore` (`cold_tier`: its config)."""
+  from storage.block_store import BlockStore
+  store = BlockStore(cold_tier, loaded.config, cache)
+  return PDCluster(loaded, cache, engine, store, mesh, dualpath,
+                   devices=devices)

@@ -1,0 +1,108 @@
+"""`PDCluster` with each engine on its own CPU device (8 forced devices).
+
+Not collected by the main suite (the file name does not start with test_):
+tests/test_cluster_multidevice.py runs it in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8, because the flag must be
+set before JAX creates its CPU backend.
+
+A single `Engine` (device 0) serves turn 1 and turn 2 of two sessions; a
+1P2D dualpath cluster (P0 on device 0, D0 on 1, D1 on 2) starts from the
+blocks the engine stored after turn 1 and must generate turn 2's tokens
+exactly, with its pools on their own devices and blocks read through both a
+prefill and a decode engine's NIC.
+"""
+
+from __future__ import annotations
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+import pytest
+
+from dualpath_jax.cache.block_hash import hash_chain
+from dualpath_jax.config import CacheConfig, EngineConfig
+from dualpath_jax.engine.cluster import make_cluster
+from dualpath_jax.engine.factory import make_engine, model_fingerprint
+from dualpath_jax.engine.request import TurnRequest
+from dualpath_jax.model import load_model
+from dualpath_jax.transfer import DualPathConfig, MeshConfig
+from storage.config import ColdTierConfig
+
+BS = 4
+CACHE = CacheConfig(block_size=BS, num_blocks=64)
+ENGINE = EngineConfig(max_batch_size=4, max_prefill_chunk=16, max_context=128)
+
+
+def _run(engine, reqs):
+  for r in reqs:
+    engine.submit(r)
+  outs = {}
+  while engine.has_work():
+    for out in engine.step():
+      outs[out.request.request_id] = out
+  return outs
+
+
+def _turn(session, index, prompt):
+  return TurnRequest(f"{session}#{index}", prompt, 4, tenant="t",
+                     session_id=session, turn_index=index, stop_on_eos=False)
+
+
+def test_eight_devices():
+  assert jax.device_count() == 8, "XLA_FLAGS did not reach the CPU backend"
+
+
+@pytest.mark.parametrize("handoff", ["device_put", "ppermute"])
+def test_cluster_on_separate_devices(tmp_path, handoff):
+  tiny = load_model("random:tiny-test")
+  rng = np.random.default_rng(99)
+  prompts = {"a": rng.integers(3, 256, size=26).tolist(),
+             "b": rng.integers(3, 256, size=19).tolist()}
+  ref = make_engine(tiny, CACHE, ENGINE, cold_tier=ColdTierConfig(
+      root=str(tmp_path / "ref"), file_io_mode="default"))
+  first = _run(ref, [_turn(s, 0, p) for s, p in prompts.items()])
+  ref.cold_tier.store.flush()
+  second_reqs = [_turn(s, 1, p + first[f"{s}#0"].generated_tokens +
+                       rng.integers(3, 256, size=7).tolist())
+                 for s, p in prompts.items()]
+  stored = {}
+  for s, p in prompts.items():
+    context = p + first[f"{s}#0"].generated_tokens
+    ids = hash_chain(context[:(len(context) - 1) // BS * BS], BS,
+                     model_fingerprint(tiny), "t")
+    stored[s] = (ids, np.stack(ref.cold_tier.store.get(ids)))
+  want = _run(ref, second_reqs)
+  ref.close()
+
+  cluster = make_cluster(
+      tiny, CACHE, ENGINE, ColdTierConfig(root=str(tmp_path / "c"),
+                                          file_io_mode="default"),
+      MeshConfig.parse("1P2D"),
+      DualPathConfig(policy="dualpath", storage_nic_gbps=100.0,
+                     handoff=handoff))
+  try:
+    assert not cluster.cluster_mesh.shared
+    devices = {name: {d.id for d in w.kv.devices()}
+               for name, w in cluster.workers.items()}
+    assert devices == {"P0": {0}, "D0": {1}, "D1": {2}}
+    for s, (ids, blocks) in stored.items():
+      cluster.store.put(ids, blocks, tenant="t", session=s)
+    got = _run(cluster, second_reqs)
+    for rid, out in want.items():
+      assert got[rid].generated_tokens == out.generated_tokens, rid
+      assert got[rid].cached_prompt_tokens > 0
+    stats = cluster.stats
+    assert stats.path_blocks["path1"] > 0 and stats.path_blocks["path2"] > 0
+    assert stats.nic_bytes.get("P0", 0) > 0
+    assert stats.nic_bytes.get("D0", 0) + stats.nic_bytes.get("D1", 0) > 0
+    assert stats.moved_blocks > 0
+    for name, w in cluster.workers.items():  # pools stayed on their devices
+      assert {d.id for d in w.kv.devices()} == devices[name]
+  finally:
+    cluster.close()

@@ -1,0 +1,157 @@
+"""`PDCluster` (1P2D on one CPU device): exact tokens whichever path loads.
+
+A single `Engine` with a cold tier serves turn 1 of three sessions (its full
+blocks land in the store) and then turns 2 and 3 (the reference tokens).
+Each policy's cluster starts with empty pools and a fresh store holding the
+blocks the engine stored after turn 1 (copied block by block), so
+turn 2's prefixes come back from the cold tier by the policy's paths, and
+turn 3's generated-token blocks come back from what the cluster's decode
+engines wrote. The cluster must generate exactly the reference tokens, and
+only `dualpath` may read through the decode engines' NICs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dualpath_jax.cache.block_hash import hash_chain
+from dualpath_jax.config import CacheConfig, EngineConfig
+from dualpath_jax.engine.cluster import make_cluster
+from dualpath_jax.engine.factory import make_engine, model_fingerprint
+from dualpath_jax.engine.request import TurnRequest
+from dualpath_jax.model import load_model
+from dualpath_jax.transfer import DualPathConfig, MeshConfig
+from storage.config import ColdTierConfig
+
+BS = 4
+CACHE = CacheConfig(block_size=BS, num_blocks=96)
+ENGINE = EngineConfig(max_batch_size=4, max_prefill_chunk=16, max_context=128)
+NEW_TOKENS = 5
+
+
+def _cold(root):
+  return ColdTierConfig(root=str(root), file_io_mode="default")
+
+
+def _run(engine, reqs):
+  for r in reqs:
+    engine.submit(r)
+  outs = {}
+  while engine.has_work():
+    for out in engine.step():
+      outs[out.request.request_id] = out
+  assert set(outs) == {r.request_id for r in reqs}
+  return outs
+
+
+def _turn(session, index, prompt):
+  return TurnRequest(f"{session}#{index}", prompt, NEW_TOKENS, tenant="t",
+                     session_id=session, turn_index=index, stop_on_eos=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return load_model("random:tiny-test")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+  """(stored blocks after turn 1, [(turn 2/3 requests, reference outputs)])."""
+  root = tmp_path_factory.mktemp("ref_store")
+  rng = np.random.default_rng(1234)
+  sessions = ["a", "b", "c"]
+  prompts = {s: rng.integers(3, 256, size=n).tolist()
+             for s, n in zip(sessions, (23, 30, 17))}
+  engine = make_engine(tiny, CACHE, ENGINE, cold_tier=_cold(root))
+  first = _run(engine, [_turn(s, 0, prompts[s]) for s in sessions])
+  engine.cold_tier.store.flush()
+  snapshot = {}  # session -> (block ids, blocks) the store holds after turn 1
+  for s in sessions:
+    context = prompts[s] + first[f"{s}#0"].generated_tokens
+    ids = hash_chain(context[:(len(context) - 1) // BS * BS], BS,
+                     model_fingerprint(tiny), "t")
+    blocks = engine.cold_tier.store.get(ids)
+    assert all(b is not None for b in blocks)
+    snapshot[s] = (ids, np.stack(blocks))
+  turns, outs, history = [], {}, dict(prompts)
+  for index in (1, 2):
+    prev = first if index == 1 else outs
+    reqs = []
+    for s in sessions:
+      history[s] = (history[s] + prev[f"{s}#{index - 1}"].generated_tokens +
+                    rng.integers(3, 256, size=6 + index).tolist())
+      reqs.append(_turn(s, index, list(history[s])))
+    turns.append(reqs)
+    outs = _run(engine, reqs)
+    engine.cold_tier.store.flush()
+    turns[-1] = (reqs, outs)
+  engine.close()
+  return snapshot, turns
+
+
+@pytest.mark.parametrize("policy", ["single_path", "dualpath", "oracle"])
+def test_cluster_tokens_equal_single_engine(tiny, reference, tmp_path, policy):
+  snapshot, turns = reference
+  cluster = make_cluster(
+      tiny, CACHE, ENGINE, _cold(tmp_path), MeshConfig.parse("1P2D"),
+      DualPathConfig(policy=policy, storage_nic_gbps=100.0))
+  for session, (ids, blocks) in snapshot.items():  # turn 1, as the engine left it
+    cluster.store.put(ids, blocks, tenant="t", session=session)
+  try:
+    for index, (reqs, want) in enumerate(turns):
+      got = _run(cluster, [TurnRequest(**{**r.__dict__}) for r in reqs])
+      for rid, out in want.items():
+        assert got[rid].generated_tokens == out.generated_tokens, (policy, rid)
+        assert got[rid].finish_reason == "length"
+      if index == 0:  # pools empty: every hit came from the cold tier
+        loaded = cluster.cold_tier.stats.loaded_blocks
+        assert loaded >= sum((len(r.prompt_tokens) - 1) // BS - 2 for r in reqs)
+        assert all(got[r.request_id].cached_prompt_tokens > 0 for r in reqs)
+      cluster.flush()
+    stats = cluster.stats
+    assert cluster.cold_tier.stats.missed_blocks == 0
+    assert cluster.cold_tier.stats.written_blocks > 0
+    assert stats.moved_blocks > 0 and stats.preemptions == 0
+    de_bytes = sum(stats.nic_bytes.get(n, 0) for n in ("D0", "D1"))
+    pe_bytes = stats.nic_bytes.get("P0", 0)
+    nic = cluster.nic_stats()
+    if policy == "single_path":
+      assert stats.path_blocks["path2"] == 0 and de_bytes == 0
+      assert stats.path_blocks["path1"] > 0 and pe_bytes > 0
+      assert nic["D0"]["bytes"] == nic["D1"]["bytes"] == 0
+    elif policy == "dualpath":
+      assert stats.path_blocks["path2"] > 0 and de_bytes > 0
+      assert stats.path_blocks["path1"] > 0 and pe_bytes > 0
+      assert nic["D0"]["bytes"] + nic["D1"]["bytes"] == de_bytes
+    else:  # oracle: loads free, no NIC charged
+      assert stats.path_blocks["free"] > 0
+      assert not stats.nic_bytes
+      assert all(v["bytes"] == 0 for v in nic.values())
+  finally:
+    cluster.close()
+
+
+def test_cluster_interface_and_validation(tiny, tmp_path):
+  cluster = make_cluster(tiny, CACHE, ENGINE, _cold(tmp_path),
+                         MeshConfig.parse("2P1D"),
+                         DualPathConfig(policy="dualpath"))
+  try:
+    assert cluster.config.max_context == 128
+    assert not cluster.has_work()
+    with pytest.raises(ValueError, match="max_context"):
+      cluster.submit(TurnRequest("x", [5] * 120, 20))
+    with pytest.raises(ValueError, match="empty"):
+      cluster.submit(TurnRequest("y", [], 2))
+    prompt = np.random.default_rng(7).integers(3, 256, size=13).tolist()
+    out = _run(cluster, [TurnRequest("z", prompt, 3, stop_on_eos=False)])["z"]
+    assert len(out.generated_tokens) == 3
+    assert out.first_token_s <= out.finish_s
+    assert cluster.manager.stats["lookups"] >= 2  # on a PE and on the DE
+    assert set(cluster.stats.as_dict()) >= {"prefill_tokens", "decode_tokens",
+                                            "nic_bytes", "path_blocks"}
+  finally:
+    cluster.close()
+  with pytest.raises(ValueError, match="cold tier"):
+    from dualpath_jax.engine.cluster import PDCluster
+    PDCluster(tiny, CACHE, ENGINE, None)
