@@ -44,6 +44,14 @@ flags.DEFINE_string("cold_tier", None, "directory of a TensorStore cold tier: "
 flags.DEFINE_float("cold_tier_gb", 8.0, "cold-tier byte budget (LRU beyond it)")
 flags.DEFINE_enum("cold_tier_codec", "raw", ["raw", "zstd", "int8", "int8+zstd"],
                   "cold-tier block codec (int8 is lossy)")
+flags.DEFINE_string("mesh", None, "prefill/decode split, e.g. 1P2D (needs "
+                    "--cold_tier); None = one engine")
+flags.DEFINE_string("tp", "1", "tensor-parallel size per engine: N or "
+                    "PREFILL,DECODE")
+flags.DEFINE_enum("policy", "dualpath", ["single_path", "dualpath", "oracle"],
+                  "load-path policy of the prefill/decode cluster")
+flags.DEFINE_float("storage_nic_gbps", float("inf"), "each engine's emulated "
+                   "storage NIC in Gb/s (a token-bucket limiter; inf = none)")
 flags.DEFINE_string("attention", "auto", "paged-attention implementation "
                     "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
 flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
@@ -96,6 +104,15 @@ def main(argv):
     sessions = _load_sessions()
   except (TraceError, FileNotFoundError) as e:
     sys.exit(f"agent_eval: {e}")
+  mesh = None
+  if FLAGS.mesh:
+    from dualpath_jax.transfer import MeshConfig
+    if not FLAGS.cold_tier:
+      sys.exit("agent_eval: --mesh needs --cold_tier (the blocks the paths load)")
+    try:
+      mesh = MeshConfig.parse(FLAGS.mesh, FLAGS.tp)
+    except ValueError as e:
+      sys.exit(f"agent_eval: --mesh: {e}")
   loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
   if loaded.tokenizer is None:
     sys.exit("agent_eval: the model has no tokenizer (random weights); use the "
@@ -111,7 +128,14 @@ def main(argv):
     from storage.config import ColdTierConfig
     cold = ColdTierConfig(root=FLAGS.cold_tier, codec=FLAGS.cold_tier_codec,
                           capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)))
-  engine = make_engine(loaded, cache, engine_cfg, cold_tier=cold)
+  if FLAGS.mesh:
+    from dualpath_jax.engine.cluster import make_cluster
+    from dualpath_jax.transfer import DualPathConfig
+    engine = make_cluster(loaded, cache, engine_cfg, cold, mesh,
+                          DualPathConfig(policy=FLAGS.policy,
+                                         storage_nic_gbps=FLAGS.storage_nic_gbps))
+  else:
+    engine = make_engine(loaded, cache, engine_cfg, cold_tier=cold)
   total_turns = sum(len(s.turns) for s in sessions)
   logging.info("%d sessions, %d turns on %s (%s)", len(sessions), total_turns,
                loaded.config.name, jax.devices()[0].device_kind)
@@ -135,6 +159,7 @@ def main(argv):
     engine.cold_tier.store.flush()  # count queued write-backs as done
     cold_stats = {**engine.cold_tier.stats.as_dict(),
                   "store": engine.cold_tier.store.stats()}
+  nics = engine.nic_stats() if FLAGS.mesh else None
   engine.close()
 
   summary = metrics.summarize(result.records, result.wall_s)
@@ -144,6 +169,7 @@ def main(argv):
       "engine": engine.stats.as_dict(),
       "cache": engine.manager.stats,
       "cold_tier": cold_stats,
+      "nics": nics,
       "device": str(jax.devices()[0].device_kind),
       "backend": jax.default_backend(),
       "jax_version": jax.__version__,
@@ -155,6 +181,8 @@ def main(argv):
           "reply": FLAGS.reply, "max_new_tokens": FLAGS.max_new_tokens,
           "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
           "cold_tier": None if cold is None else to_dict(cold),
+          "mesh": FLAGS.mesh, "tp": FLAGS.tp, "policy": FLAGS.policy,
+          "storage_nic_gbps": FLAGS.storage_nic_gbps,
           "engine": to_dict(engine_cfg),
       },
       "turns_detail": [r.__dict__ | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s}

@@ -59,3 +59,32 @@ def test_bad_trace_exits_nonzero_with_reason(tmp_path, content, msg):
 def test_missing_trace_exits_nonzero(tmp_path):
   proc = _run(f"--trace={tmp_path / 'nope.jsonl'}", timeout=120)
   assert proc.returncode != 0 and "not found" in proc.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--mesh=1P2D"], "--cold_tier"),
+    (["--mesh=banana", "--cold_tier=/tmp/x"], "--mesh"),
+])
+def test_bad_mesh_flags_exit_nonzero(tmp_path, args, msg):
+  proc = _run(f"--trace={SAMPLE}", *args, f"--report={tmp_path / 'r.json'}",
+              timeout=120)
+  assert proc.returncode != 0 and msg in proc.stderr
+  assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_mesh_run_loads_through_both_paths(tmp_path):
+  """1P2D over a cold tier: a second run loads its prefixes via both paths."""
+  cold = tmp_path / "cold"
+  common = [f"--trace={SAMPLE}", "--limit_sessions=2", "--max_new_tokens=2",
+            "--reply=teacher_forced", "--nowarmup", "--noprogress",
+            f"--cold_tier={cold}", "--mesh=1P2D", "--storage_nic_gbps=2"]
+  first = _run(*common, f"--report={tmp_path / 'a.json'}")
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = _run(*common, "--policy=dualpath", f"--report={tmp_path / 'b.json'}")
+  assert second.returncode == 0, second.stderr[-3000:]
+  r = json.loads((tmp_path / "b.json").read_text())
+  assert r["cold_tier"]["loaded_tokens"] > 0
+  assert r["engine"]["path_blocks"]["path1"] > 0
+  assert r["engine"]["path_blocks"]["path2"] > 0
+  assert r["nics"] and r["config"]["mesh"] == "1P2D"
