@@ -51,14 +51,14 @@ from flax import nnx
 
 from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.block_pool import BlockPool, OutOfBlocksError
-from dualpath_jax.cache.kv_cache_manager import (KVCacheManager,
-                                                 RequestTooLargeError)
+from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import CacheConfig, EngineConfig
 from dualpath_jax.engine import buckets
 from dualpath_jax.engine.cold_tier import ColdTierConnector, ColdTierStats
 from dualpath_jax.engine.engine import MIN_PAGE_BUCKET, MIN_Q_BUCKET
 from dualpath_jax.engine.factory import model_fingerprint
-from dualpath_jax.engine.request import TurnOutput, TurnRequest
+from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
+                                          validate_request)
 from dualpath_jax.engine.sampling import sample
 from dualpath_jax.model.runner import ModelRunner
 from dualpath_jax.scheduler import (ClusterSnapshot, EngineState,
@@ -262,29 +262,10 @@ class PDCluster:
     return _ManagersView([w.manager for w in self.workers.values()])
 
   def validate(self, req: TurnRequest) -> None:
-    """Raises ValueError (`RequestTooLargeError` for size) if `req` can never run."""
-    if not req.prompt_tokens:
-      raise ValueError(f"{req.request_id}: empty prompt")
-    if req.max_new_tokens < 1:
-      raise ValueError(f"{req.request_id}: max_new_tokens must be >= 1")
-    total = len(req.prompt_tokens) + req.max_new_tokens
-    if total > self.config.max_context:
-      raise RequestTooLargeError(
-          f"{req.request_id}: prompt ({len(req.prompt_tokens)}) + max_new_tokens "
-          f"({req.max_new_tokens}) = {total} exceeds max_context "
-          f"{self.config.max_context}")
-    blocks = math.ceil(total / self.block_size)
-    pool = self.prefill_workers[0].manager.pool.num_blocks
-    if blocks > pool:
-      raise RequestTooLargeError(
-          f"{req.request_id}: needs {blocks} blocks but each engine's pool has "
-          f"{pool}")
-    if req.temperature is not None and req.temperature < 0:
-      raise ValueError(f"{req.request_id}: temperature must be >= 0, got "
-                       f"{req.temperature}")
-    if req.top_p is not None and not 0 < req.top_p <= 1:
-      raise ValueError(f"{req.request_id}: top_p must be in (0, 1], got "
-                       f"{req.top_p}")
+    """Raises ValueError if `req` can never run (see `validate_request`)."""
+    validate_request(
+        req, max_context=self.config.max_context, block_size=self.block_size,
+        pool_blocks=self.prefill_workers[0].manager.pool.num_blocks)
 
   def submit(self, req: TurnRequest) -> None:
     """Queues a turn; raises `RequestTooLargeError` if it can never fit."""

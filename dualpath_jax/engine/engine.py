@@ -44,11 +44,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dualpath_jax.cache.block_pool import OutOfBlocksError
-from dualpath_jax.cache.kv_cache_manager import (KVCacheManager,
-                                                 RequestTooLargeError)
+from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import EngineConfig
 from dualpath_jax.engine import buckets
-from dualpath_jax.engine.request import TurnOutput, TurnRequest
+from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
+                                          validate_request)
 from dualpath_jax.engine.sampling import sample
 
 MIN_Q_BUCKET = 32
@@ -125,31 +125,10 @@ class Engine:
 
   # ------------------------------------------------------------------ API
   def validate(self, req: TurnRequest) -> None:
-    """Raises ValueError (`RequestTooLargeError` for size) if `req` can never run.
-
-    Reads only configuration, so a front end may call it from any thread
-    before handing the request to the thread that steps the engine.
-    """
-    if not req.prompt_tokens:
-      raise ValueError(f"{req.request_id}: empty prompt")
-    if req.max_new_tokens < 1:
-      raise ValueError(f"{req.request_id}: max_new_tokens must be >= 1")
-    total = len(req.prompt_tokens) + req.max_new_tokens
-    if total > self.config.max_context:
-      raise RequestTooLargeError(
-          f"{req.request_id}: prompt ({len(req.prompt_tokens)}) + max_new_tokens "
-          f"({req.max_new_tokens}) = {total} exceeds max_context "
-          f"{self.config.max_context}")
-    if math.ceil(total / self.block_size) > self.manager.pool.num_blocks:
-      raise RequestTooLargeError(
-          f"{req.request_id}: needs {math.ceil(total / self.block_size)} blocks "
-          f"but the pool has {self.manager.pool.num_blocks}")
-    if req.temperature is not None and req.temperature < 0:
-      raise ValueError(f"{req.request_id}: temperature must be >= 0, got "
-                       f"{req.temperature}")
-    if req.top_p is not None and not 0 < req.top_p <= 1:
-      raise ValueError(f"{req.request_id}: top_p must be in (0, 1], got "
-                       f"{req.top_p}")
+    """Raises ValueError if `req` can never run (see `validate_request`)."""
+    validate_request(req, max_context=self.config.max_context,
+                     block_size=self.block_size,
+                     pool_blocks=self.manager.pool.num_blocks)
 
   def submit(self, req: TurnRequest) -> None:
     """Queues a turn; raises `RequestTooLargeError` if it can never fit."""

@@ -299,15 +299,22 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
   async def gather(stream: _RequestStream, turn: TurnRequest, endpoint: str,
                    chat: bool, model: str, raw: fastapi.Request):
     pieces: list[str] = []
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + DISCONNECT_POLL_S
     try:
       while True:
+        # Check the client at least every DISCONNECT_POLL_S, also while
+        # tokens keep arriving (they would otherwise hide a disconnect
+        # until the whole generation is done).
+        if loop.time() >= next_check:
+          next_check = loop.time() + DISCONNECT_POLL_S
+          if await raw.is_disconnected():
+            abandon(stream, turn, endpoint, "abort")
+            return responses.Response(status_code=499)
         try:
           event = await asyncio.wait_for(stream.events.get(),
                                          DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
-          if await raw.is_disconnected():
-            abandon(stream, turn, endpoint, "abort")
-            return responses.Response(status_code=499)
           continue
         if event[0] == "text":
           pieces.append(event[1])
