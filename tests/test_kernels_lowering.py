@@ -59,8 +59,8 @@ def test_tpu_decode_lowers_to_mosaic(monkeypatch, dtype):
     from jax._src.pallas.mosaic import tpu_info
     chip = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
   except (ImportError, AttributeError) as e:
-    pytest.skip(f"this JAX has no private tpu_info registry to fake a chip: "
-                f"{e}")
+    pytest.skip(reason=f"this JAX has no private tpu_info registry to fake a "
+                f"chip: {e}")
   monkeypatch.setitem(tpu_info.registry, "cpu", lambda: chip)
   scales = S((60, 2, 8), jnp.float32) if dtype == "int8" else None
   args = (S((2, 32, 128), jnp.bfloat16), S((60, 2, 8, 16, 128), dtype),
