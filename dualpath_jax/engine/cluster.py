@@ -55,11 +55,11 @@ from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import CacheConfig, EngineConfig
 from dualpath_jax.engine import buckets
 from dualpath_jax.engine.cold_tier import ColdTierConnector, ColdTierStats
-from dualpath_jax.engine.engine import MIN_PAGE_BUCKET, MIN_Q_BUCKET
+from dualpath_jax.engine import step_parts
+from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
 from dualpath_jax.engine.factory import model_fingerprint
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           validate_request)
-from dualpath_jax.engine.sampling import sample
 from dualpath_jax.model.runner import ModelRunner
 from dualpath_jax.scheduler import (ClusterSnapshot, EngineState,
                                     NoCapacityError, ReadPath, TurnDemand,
@@ -163,21 +163,11 @@ class _Worker:
   def run(self, batch: int, q_len: int, pages: int,
           work: list[tuple[_Turn, list[int], int]] | None) -> np.ndarray:
     """Pads `work` (turn, new tokens, start) into one model call; host logits."""
-    tokens = np.zeros((batch, q_len), np.int32)
-    tables = np.zeros((batch, pages), np.int32)
-    kv_lens = np.zeros((batch,), np.int32)
-    q_lens = np.zeros((batch,), np.int32)
-    slots = np.full((batch, q_len), -1, np.int32)
-    for b, (turn, new, start) in enumerate(work or []):
-      table = self.manager.block_table(turn.rid)
-      tokens[b, :len(new)] = new
-      tables[b, :len(table)] = table
-      kv_lens[b] = start + len(new)
-      q_lens[b] = len(new)
-      slots[b, :len(new)] = self.manager.slot_mapping(turn.rid, start, len(new))
+    arrays = step_parts.pack_step(
+        self.manager, batch, q_len, pages,
+        None if work is None else [(t.rid, new, start) for t, new, start in work])
     self.shapes.add((batch, q_len, pages))
-    logits, self.kv = self.runner.step(self.kv, tokens, tables, kv_lens,
-                                       q_lens, slots)
+    logits, self.kv = self.runner.step(self.kv, *arrays)
     return np.asarray(logits)
 
 
@@ -315,20 +305,11 @@ class PDCluster:
   def warmup(self, max_context: int | None = None) -> None:
     """Compiles every shape bucket a context up to `max_context` can hit."""
     t0 = time.perf_counter()
-    pages = math.ceil(min(max_context or self.config.max_context,
-                          self.config.max_context) / self.block_size)
-    page_buckets = buckets.bucket_sizes(
-        MIN_PAGE_BUCKET, buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages))
-    q_buckets = buckets.bucket_sizes(MIN_Q_BUCKET, self.config.max_prefill_chunk)
-    b_buckets = buckets.bucket_sizes(1, self.config.max_batch_size)
-    for s in page_buckets:
-      for pe in self.prefill_workers:
-        for t in q_buckets:
-          if t <= s * self.block_size:
-            pe.run(1, t, s, None)
-      for de in self.decode_workers:
-        for b in b_buckets:
-          de.run(b, 1, s, None)
+    for kind, batch, q_len, pages in step_parts.warmup_shapes(
+        self.config, self.block_size, self.max_pages, max_context):
+      for w in (self.prefill_workers if kind == "prefill"
+                else self.decode_workers):
+        w.run(batch, q_len, pages, None)
     self.stats.warmup_s += time.perf_counter() - t0
     self._count_shapes()
 
@@ -485,7 +466,7 @@ class PDCluster:
       return []
     pe.queue.popleft()
     self._move_to_decode(turn, pe, turn.decode)
-    token = self._sample([turn], logits)[0]
+    token = step_parts.sample_tokens([turn], logits, self.config, self._rng)[0]
     turn.first_token_s = self.clock()
     return self._accept(turn.decode, [turn], [token])
 
@@ -517,7 +498,8 @@ class PDCluster:
       de.manager.append_tokens(t.rid, [t.tokens[-1]])
     self.stats.decode_steps += 1
     self.stats.decode_tokens += len(turns)
-    return self._accept(de, turns, self._sample(turns, logits))
+    return self._accept(de, turns, step_parts.sample_tokens(
+        turns, logits, self.config, self._rng))
 
   def _accept(self, de: _Worker, turns: list[_Turn],
               tokens: list[int]) -> list[TurnOutput]:
@@ -525,16 +507,7 @@ class PDCluster:
     now = self.clock()
     done = []
     for turn, tok in zip(turns, tokens):
-      turn.generated.append(tok)
-      turn.tokens.append(tok)
-      stop = turn.req.on_token is not None and bool(turn.req.on_token(tok))
-      reason = None
-      if turn.req.stop_on_eos and tok in self.eos_ids:
-        reason = "eos"
-      elif stop:
-        reason = "stop"
-      elif len(turn.generated) >= turn.req.max_new_tokens:
-        reason = "length"
+      reason = step_parts.accept_token(turn, tok, self.eos_ids)
       if reason is None:
         continue
       de.running.remove(turn)
@@ -550,19 +523,6 @@ class PDCluster:
           arrival_s=turn.arrival_s, first_token_s=turn.first_token_s,
           finish_s=now, finish_reason=reason))
     return done
-
-  def _sample(self, turns: list[_Turn], logits: np.ndarray) -> list[int]:
-    """One token per turn (logits: [>= len(turns), vocab]), as `Engine` does."""
-    out = []
-    for b, turn in enumerate(turns):
-      req = turn.req
-      temperature = req.temperature
-      if temperature is None:
-        temperature = 0.0 if self.config.greedy else self.config.temperature
-      top_p = self.config.top_p if req.top_p is None else req.top_p
-      rng = self._rng if turn.rng is None else turn.rng
-      out.append(int(sample(logits[b:b + 1], rng, temperature, top_p)[0]))
-    return out
 
   def _count_shapes(self) -> None:
     self.stats.compiled_shapes = sum(len(w.shapes)

@@ -46,13 +46,11 @@ import numpy as np
 from dualpath_jax.cache.block_pool import OutOfBlocksError
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import EngineConfig
-from dualpath_jax.engine import buckets
+from dualpath_jax.engine import buckets, step_parts
+from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           validate_request)
-from dualpath_jax.engine.sampling import sample
 
-MIN_Q_BUCKET = 32
-MIN_PAGE_BUCKET = 64
 
 
 @dataclasses.dataclass
@@ -183,18 +181,9 @@ class Engine:
   def warmup(self, max_context: int | None = None) -> None:
     """Compiles every shape bucket a context up to `max_context` can hit."""
     t0 = time.perf_counter()
-    pages = math.ceil(min(max_context or self.config.max_context,
-                          self.config.max_context) / self.block_size)
-    page_buckets = buckets.bucket_sizes(
-        MIN_PAGE_BUCKET, buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages))
-    q_buckets = buckets.bucket_sizes(MIN_Q_BUCKET, self.config.max_prefill_chunk)
-    b_buckets = buckets.bucket_sizes(1, self.config.max_batch_size)
-    for s in page_buckets:
-      for t in q_buckets:
-        if t <= s * self.block_size:  # a chunk never outgrows its table
-          self._run(1, t, s, None)
-      for b in b_buckets:
-        self._run(b, 1, s, None)
+    for _, batch, q_len, pages in step_parts.warmup_shapes(
+        self.config, self.block_size, self.max_pages, max_context):
+      self._run(batch, q_len, pages, None)
     self.stats.warmup_s += time.perf_counter() - t0
 
   # ------------------------------------------------------------ internals
@@ -238,7 +227,7 @@ class Engine:
     if seq.generated:  # resumed after preemption: its next token is pending
       self._decoding.append(seq)
       return []
-    token = self._sample([seq], logits)[0]
+    token = step_parts.sample_tokens([seq], logits, self.config, self._rng)[0]
     seq.first_token_s = self.clock()
     return self._accept([seq], [token])
 
@@ -259,24 +248,15 @@ class Engine:
       self.manager.append_tokens(s.rid, [s.tokens[-1]])
     self.stats.decode_steps += 1
     self.stats.decode_tokens += len(seqs)
-    return self._accept(seqs, self._sample(seqs, logits))
+    return self._accept(seqs, step_parts.sample_tokens(
+        seqs, logits, self.config, self._rng))
 
   def _accept(self, seqs: list[_Sequence], tokens: list[int]) -> list[TurnOutput]:
     """Appends each sequence's new token; finishes those that are done."""
     now = self.clock()
     done = []
     for seq, tok in zip(seqs, tokens):
-      seq.generated.append(tok)
-      seq.tokens.append(tok)
-      stop_requested = (seq.req.on_token is not None and
-                        bool(seq.req.on_token(tok)))
-      reason = None
-      if seq.req.stop_on_eos and tok in self.eos_ids:
-        reason = "eos"
-      elif stop_requested:
-        reason = "stop"
-      elif len(seq.generated) >= seq.req.max_new_tokens:
-        reason = "length"
+      reason = step_parts.accept_token(seq, tok, self.eos_ids)
       if reason is None:
         if seq not in self._decoding:
           self._decoding.append(seq)
@@ -319,26 +299,6 @@ class Engine:
     pages = max(len(self.manager.block_table(s.rid)) for s in seqs)
     return buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages)
 
-  def _sample(self, seqs: list[_Sequence],
-              logits: np.ndarray) -> list[int]:  # logits: [>= len(seqs), vocab]
-    """One token per sequence, each with its request's sampling settings.
-
-    Rows go one at a time through the same generator (the engine's unless
-    the request has its own seed), so the draws equal one batched call.
-    """
-    tokens = []
-    for b, seq in enumerate(seqs):
-      req = seq.req
-      temperature = (self._temperature() if req.temperature is None
-                     else req.temperature)
-      top_p = self.config.top_p if req.top_p is None else req.top_p
-      rng = self._rng if seq.rng is None else seq.rng
-      tokens.append(int(sample(logits[b:b + 1], rng, temperature, top_p)[0]))
-    return tokens
-
-  def _temperature(self) -> float:
-    return 0.0 if self.config.greedy else self.config.temperature
-
   def _run(self, batch: int, q_len: int, pages: int,
            work: list[tuple[_Sequence, list[int], int]] | None,
            kind: str | None = None) -> np.ndarray:
@@ -347,25 +307,15 @@ class Engine:
     Returns host logits `[batch, vocab]` of each row's last new token. With
     `work=None` it runs an all-padding batch (used to compile a shape).
     """
-    tokens = np.zeros((batch, q_len), np.int32)
-    tables = np.zeros((batch, pages), np.int32)
-    kv_lens = np.zeros((batch,), np.int32)
-    q_lens = np.zeros((batch,), np.int32)
-    slots = np.full((batch, q_len), -1, np.int32)
-    for b, (seq, new, start) in enumerate(work or []):
-      table = self.manager.block_table(seq.rid)
-      tokens[b, :len(new)] = new
-      tables[b, :len(table)] = table
-      kv_lens[b] = start + len(new)
-      q_lens[b] = len(new)
-      slots[b, :len(new)] = self.manager.slot_mapping(seq.rid, start, len(new))
+    arrays = step_parts.pack_step(
+        self.manager, batch, q_len, pages,
+        None if work is None else [(s.rid, new, start) for s, new, start in work])
     shape = (batch, q_len, pages)
     if shape not in self._shapes:
       self._shapes.add(shape)
       self.stats.compiled_shapes += 1
     t0 = time.perf_counter()
-    logits, self._kv = self.runner.step(self._kv, tokens, tables, kv_lens,
-                                        q_lens, slots)
+    logits, self._kv = self.runner.step(self._kv, *arrays)
     logits = np.asarray(logits)
     elapsed = time.perf_counter() - t0
     if kind == "prefill":

@@ -1,0 +1,96 @@
+"""Pieces of one engine step shared by `Engine` and `PDCluster`.
+
+Both pad a step's work into the runner's fixed-shape arrays, compile the
+same shape buckets, sample with each request's own settings and decide when
+a turn is done in the same way; only who holds the pool differs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from dualpath_jax.cache.kv_cache_manager import KVCacheManager
+from dualpath_jax.config import EngineConfig
+from dualpath_jax.engine import buckets
+from dualpath_jax.engine.sampling import sample
+
+MIN_Q_BUCKET = 32
+MIN_PAGE_BUCKET = 64
+
+
+def pack_step(manager: KVCacheManager, batch: int, q_len: int, pages: int,
+              work: Sequence[tuple[str, Sequence[int], int]] | None
+              ) -> tuple[np.ndarray, ...]:
+  """Pads `work` (sequence id, new tokens, start position) to one call.
+
+  Returns `(tokens [batch, q_len], block_tables [batch, pages],
+  kv_lens [batch], q_lens [batch], slot_mapping [batch, q_len])`, int32.
+  Padding rows have no context and write nowhere; `work=None` gives an
+  all-padding batch (used to compile a shape).
+  """
+  tokens = np.zeros((batch, q_len), np.int32)
+  tables = np.zeros((batch, pages), np.int32)
+  kv_lens = np.zeros((batch,), np.int32)
+  q_lens = np.zeros((batch,), np.int32)
+  slots = np.full((batch, q_len), -1, np.int32)
+  for b, (seq_id, new, start) in enumerate(work or []):
+    table = manager.block_table(seq_id)
+    tokens[b, :len(new)] = new
+    tables[b, :len(table)] = table
+    kv_lens[b] = start + len(new)
+    q_lens[b] = len(new)
+    slots[b, :len(new)] = manager.slot_mapping(seq_id, start, len(new))
+  return tokens, tables, kv_lens, q_lens, slots
+
+
+def warmup_shapes(config: EngineConfig, block_size: int, max_pages: int,
+                  max_context: int | None
+                  ) -> Iterator[tuple[str, int, int, int]]:
+  """Every `(kind, batch, q_len, pages)` a context up to `max_context` hits."""
+  pages = math.ceil(min(max_context or config.max_context, config.max_context)
+                    / block_size)
+  for s in buckets.bucket_sizes(
+      MIN_PAGE_BUCKET, buckets.bucket(pages, MIN_PAGE_BUCKET, max_pages)):
+    for t in buckets.bucket_sizes(MIN_Q_BUCKET, config.max_prefill_chunk):
+      if t <= s * block_size:  # a chunk never outgrows its table
+        yield "prefill", 1, t, s
+    for b in buckets.bucket_sizes(1, config.max_batch_size):
+      yield "decode", b, 1, s
+
+
+def sample_tokens(turns: Sequence, logits: np.ndarray,  # [>= len(turns), vocab]
+                  config: EngineConfig,
+                  default_rng: np.random.Generator) -> list[int]:
+  """One token per turn (anything with `.req` and `.rng`), each with its
+  request's sampling settings; rows go one at a time through the same
+  generator (the engine's unless the request has its own seed), so the
+  draws equal one batched call."""
+  out = []
+  for b, turn in enumerate(turns):
+    req = turn.req
+    temperature = req.temperature
+    if temperature is None:
+      temperature = 0.0 if config.greedy else config.temperature
+    top_p = config.top_p if req.top_p is None else req.top_p
+    rng = default_rng if turn.rng is None else turn.rng
+    out.append(int(sample(logits[b:b + 1], rng, temperature, top_p)[0]))
+  return out
+
+
+def accept_token(turn, token: int, eos_ids: frozenset[int]) -> str | None:
+  """Appends `token` to `turn` (`.generated`, `.tokens`, `.req`); returns
+  why the turn is finished ("eos" | "stop" | "length") or None."""
+  turn.generated.append(token)
+  turn.tokens.append(token)
+  req = turn.req
+  stop = req.on_token is not None and bool(req.on_token(token))
+  if req.stop_on_eos and token in eos_ids:
+    return "eos"
+  if stop:
+    return "stop"
+  if len(turn.generated) >= req.max_new_tokens:
+    return "length"
+  return None
