@@ -227,15 +227,9 @@ class Llama(nnx.Module):
     self._check_inputs(tokens, kv_cache, block_tables, kv_lens, q_lens,
                        slot_mapping)
     num_layers, num_blocks = kv_cache.shape[:2]
-    tokens = tokens.astype(jnp.int32)
-    kv_lens = kv_lens.astype(jnp.int32)
-    q_lens = q_lens.astype(jnp.int32)
-    positions = ((kv_lens - q_lens)[:, None]
-                 + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :])
-    block_tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1)
-    slot_mapping = slot_mapping.astype(jnp.int32)
-
-    h = jnp.take(self.embed_tokens[...], tokens, axis=0)  # [B, T, H]
+    inputs = self.prepare_inputs(tokens, kv_cache, block_tables, kv_lens,
+                                 q_lens, slot_mapping)
+    h = self.embed(tokens)  # [B, T, H]
     kv_flat = kv_cache.reshape((num_layers * num_blocks,) + kv_cache.shape[2:])
     layers_def, layers_state = nnx.split(self.layers)
 
@@ -243,8 +237,7 @@ class Llama(nnx.Module):
       h, kv_flat = carry
       layer_state, layer_index = xs
       layer = nnx.merge(layers_def, layer_state)
-      h, kv_flat = layer(h, kv_flat, layer_index * num_blocks, positions,
-                         block_tables, kv_lens, q_lens, slot_mapping,
+      h, kv_flat = layer(h, kv_flat, layer_index * num_blocks, *inputs,
                          attention_impl)
       return (h, kv_flat), None
 
@@ -252,6 +245,64 @@ class Llama(nnx.Module):
         body, (h, kv_flat),
         (layers_state, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
     return self.final_norm(h), kv_flat.reshape(kv_cache.shape)
+
+  # ---------------------------------------------------- layer-wise forward
+  # The same forward, one layer per call, for callers that interleave other
+  # work between layers (the DualPath prefill engine moves layer l + 1 of a
+  # loaded prefix into the pool while layer l computes). Composed as
+  #   h = embed(tokens); for l: h, kv = layer_step(l, h, kv, *inputs)
+  #   hidden = final_norm(h)
+  # it runs the very operations of `__call__` (same layer body, same order).
+
+  def embed(self, tokens: jax.Array  # [B, T] int32
+            ) -> jax.Array:  # [B, T, H]
+    """Token embeddings: the residual stream entering layer 0."""
+    return jnp.take(self.embed_tokens[...], tokens.astype(jnp.int32), axis=0)
+
+  def prepare_inputs(
+      self,
+      tokens: jax.Array,  # [B, T] int32
+      kv_cache: jax.Array,  # [L, N, 2, Hkv, P, D]
+      block_tables: jax.Array,  # [B, S] int32
+      kv_lens: jax.Array,  # [B] int32
+      q_lens: jax.Array,  # [B] int32
+      slot_mapping: jax.Array,  # [B, T] int32
+  ) -> tuple[jax.Array, ...]:
+    """(positions, block_tables, kv_lens, q_lens, slot_mapping) as layers take them."""
+    num_blocks = kv_cache.shape[1]
+    kv_lens = kv_lens.astype(jnp.int32)
+    q_lens = q_lens.astype(jnp.int32)
+    positions = ((kv_lens - q_lens)[:, None]
+                 + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :])
+    block_tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1)
+    return (positions, block_tables, kv_lens, q_lens,
+            slot_mapping.astype(jnp.int32))
+
+  def layer_step(
+      self,
+      layer_index: jax.Array,  # [] int32
+      h: jax.Array,  # [B, T, H]
+      kv_cache: jax.Array,  # [L, N, 2, Hkv, P, D]
+      positions: jax.Array,  # [B, T] int32
+      block_tables: jax.Array,  # [B, S] int32, clipped (prepare_inputs)
+      kv_lens: jax.Array,  # [B] int32
+      q_lens: jax.Array,  # [B] int32
+      slot_mapping: jax.Array,  # [B, T] int32
+      *,
+      attention_impl: str = "xla",
+  ) -> tuple[jax.Array, jax.Array]:  # ([B, T, H], [L, N, 2, Hkv, P, D])
+    """Decoder layer `layer_index` (traced) on `h`, appending its K/V."""
+    num_layers, num_blocks = kv_cache.shape[:2]
+    layers_def, layers_state = nnx.split(self.layers)
+    layer_state = jax.tree.map(
+        lambda w: jax.lax.dynamic_index_in_dim(w, layer_index, keepdims=False),
+        layers_state)
+    layer = nnx.merge(layers_def, layer_state)
+    kv_flat = kv_cache.reshape((num_layers * num_blocks,) + kv_cache.shape[2:])
+    h, kv_flat = layer(h, kv_flat, layer_index * num_blocks, positions,
+                       block_tables, kv_lens, q_lens, slot_mapping,
+                       attention_impl)
+    return h, kv_flat.reshape(kv_cache.shape)
 
   def logits(self, hidden: jax.Array) -> jax.Array:  # [..., H] -> [..., V]
     """LM head in float32 (tied to the embedding when configured)."""

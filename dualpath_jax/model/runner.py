@@ -60,6 +60,29 @@ class ModelRunner:
     self._step = jax.jit(last_logits, donate_argnums=(1,))
     self._step_all = jax.jit(all_logits, donate_argnums=(1,))
 
+    def lw_begin(state, kv_cache, tokens, block_tables, kv_lens, q_lens,
+                 slot_mapping):
+      model = nnx.merge(graphdef, state)
+      model._check_inputs(tokens, kv_cache, block_tables, kv_lens, q_lens,
+                          slot_mapping)
+      return model.embed(tokens), model.prepare_inputs(
+          tokens, kv_cache, block_tables, kv_lens, q_lens, slot_mapping)
+
+    def lw_layer(state, kv_cache, layer_index, h, inputs):
+      model = nnx.merge(graphdef, state)
+      return model.layer_step(layer_index, h, kv_cache, *inputs,
+                              attention_impl=attention_impl)
+
+    def lw_end(state, h, q_lens):
+      model = nnx.merge(graphdef, state)
+      hidden = model.final_norm(h)
+      last = jnp.clip(q_lens - 1, 0, h.shape[1] - 1)
+      return model.logits(hidden[jnp.arange(h.shape[0]), last])
+
+    self._lw_begin = jax.jit(lw_begin)
+    self._lw_layer = jax.jit(lw_layer, donate_argnums=(1,))
+    self._lw_end = jax.jit(lw_end)
+
   @property
   def kv_cache_shape(self) -> tuple[int, ...]:
     c = self.config
@@ -99,19 +122,55 @@ class ModelRunner:
     return self._run(self._step_all, kv_cache, tokens, block_tables, kv_lens,
                      q_lens, slot_mapping)
 
-  def _run(self, fn: Callable, kv_cache, tokens, block_tables, kv_lens,
-           q_lens, slot_mapping):
+  def step_layerwise(
+      self,
+      kv_cache: jax.Array,  # [L, N, 2, Hkv, P, D], donated
+      tokens: ArrayLike,  # [B, T] int32
+      block_tables: ArrayLike,  # [B, S] int32
+      kv_lens: ArrayLike,  # [B] int32
+      q_lens: ArrayLike,  # [B] int32
+      slot_mapping: ArrayLike,  # [B, T] int32
+      before_layer: Callable[[int, jax.Array], jax.Array] | None = None,
+  ) -> tuple[jax.Array, jax.Array]:  # ([B, V] f32, [L, N, 2, Hkv, P, D])
+    """`step`, one jitted call per layer; `before_layer(l, pool) -> pool` runs first.
+
+    The hook lets a caller put layer l's part of a loaded prefix into the
+    pool just before layer l reads it (and start moving layer l + 1 while
+    layer l computes: every call here is dispatched asynchronously). The
+    pool it gets is donated to the next call: it must return the pool to use.
+    Same operations as `step`, so the same logits up to XLA's fusion choices
+    (tests/test_model_mechanics.py bounds the difference).
+    """
+    self._check_pool(kv_cache)
+    ints = self._ints(tokens, block_tables, kv_lens, q_lens, slot_mapping)
+    h, inputs = self._lw_begin(self._state, kv_cache, *ints)
+    for layer in range(self.config.num_layers):
+      if before_layer is not None:
+        kv_cache = before_layer(layer, kv_cache)
+      h, kv_cache = self._lw_layer(self._state, kv_cache, np.int32(layer), h,
+                                   inputs)
+    return self._lw_end(self._state, h, inputs[3]), kv_cache
+
+  def _check_pool(self, kv_cache: jax.Array) -> None:
     if tuple(kv_cache.shape) != self.kv_cache_shape:
       raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)} != "
                        f"{self.kv_cache_shape} (see new_kv_cache)")
     if kv_cache.dtype != jnp.dtype(self.cache.dtype):
       raise ValueError(f"kv_cache dtype {kv_cache.dtype} != cache.dtype "
                        f"{self.cache.dtype}")
-    ints = [_as_int32(name, x) for name, x in (
+
+  @staticmethod
+  def _ints(tokens, block_tables, kv_lens, q_lens, slot_mapping):
+    return [_as_int32(name, x) for name, x in (
         ("tokens", tokens), ("block_tables", block_tables),
         ("kv_lens", kv_lens), ("q_lens", q_lens),
         ("slot_mapping", slot_mapping))]
-    return fn(self._state, kv_cache, *ints)
+
+  def _run(self, fn: Callable, kv_cache, tokens, block_tables, kv_lens,
+           q_lens, slot_mapping):
+    self._check_pool(kv_cache)
+    return fn(self._state, kv_cache, *self._ints(
+        tokens, block_tables, kv_lens, q_lens, slot_mapping))
 
 
 def _as_int32(name: str, x: ArrayLike) -> jax.Array:
