@@ -322,3 +322,20 @@ class PoolMachine(RuleBasedStateMachine):
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=40,
                                     deadline=None, database=None)
+
+
+def test_release_without_keeping_frees_unshared_blocks_and_drops_identity():
+  pool = BlockPool(4)
+  a, b = pool.allocate(2)
+  ha, hb = _h(11), _h(12)
+  pool.register(a, ha)
+  pool.register(b, hb)
+  pool.acquire(a)  # a second holder of a (a shared prefix)
+  pool.release([b, a], keep_cached=False)
+  assert pool.lookup(hb) is None and pool.identity(b) is None  # freed now
+  assert pool.lookup(ha) == a and pool.ref_count(a) == 1  # still held
+  assert pool.num_free == 3 and pool.stats.dropped == 1
+  pool.release([a], keep_cached=False)
+  assert pool.lookup(ha) is None and pool.num_free == 4 and pool.num_cached == 0
+  assert pool.stats.dropped == 2 and pool.stats.evictions == 0
+  assert sorted(pool.allocate(4)) == [0, 1, 2, 3]

@@ -25,6 +25,7 @@ from dualpath_jax.transfer import DualPathConfig, MeshConfig
 from storage.config import ColdTierConfig
 
 BS = 4
+TINY_KV_HEADS, TINY_HEAD_DIM = 2, 16  # config.TINY
 CACHE = CacheConfig(block_size=BS, num_blocks=96)
 ENGINE = EngineConfig(max_batch_size=4, max_prefill_chunk=16, max_context=128)
 NEW_TOKENS = 5
@@ -90,12 +91,16 @@ def reference(tiny, tmp_path_factory):
   return snapshot, turns
 
 
-@pytest.mark.parametrize("policy", ["single_path", "dualpath", "oracle"])
-def test_cluster_tokens_equal_single_engine(tiny, reference, tmp_path, policy):
+@pytest.mark.parametrize("policy,keep", [
+    ("single_path", True), ("dualpath", True), ("dualpath", False),
+    ("oracle", True)])
+def test_cluster_tokens_equal_single_engine(tiny, reference, tmp_path, policy,
+                                            keep):
   snapshot, turns = reference
   cluster = make_cluster(
       tiny, CACHE, ENGINE, _cold(tmp_path), MeshConfig.parse("1P2D"),
-      DualPathConfig(policy=policy, storage_nic_gbps=100.0))
+      DualPathConfig(policy=policy, storage_nic_gbps=100.0,
+                     prefill_keeps_prefix=keep))
   for session, (ids, blocks) in snapshot.items():  # turn 1, as the engine left it
     cluster.store.put(ids, blocks, tenant="t", session=session)
   try:
@@ -104,10 +109,15 @@ def test_cluster_tokens_equal_single_engine(tiny, reference, tmp_path, policy):
       for rid, out in want.items():
         assert got[rid].generated_tokens == out.generated_tokens, (policy, rid)
         assert got[rid].finish_reason == "length"
+      loaded = cluster.cold_tier.stats.loaded_blocks
       if index == 0:  # pools empty: every hit came from the cold tier
-        loaded = cluster.cold_tier.stats.loaded_blocks
         assert loaded >= sum((len(r.prompt_tokens) - 1) // BS - 2 for r in reqs)
         assert all(got[r.request_id].cached_prompt_tokens > 0 for r in reqs)
+        after_first = loaded
+      elif not keep:  # the PE kept nothing: turn 3's prefixes came back too
+        assert loaded - after_first >= sum(
+            (len(r.prompt_tokens) - 1) // BS - 2 for r in reqs)
+        assert cluster.prefill_workers[0].manager.pool.num_cached == 0
       cluster.flush()
     stats = cluster.stats
     assert cluster.cold_tier.stats.missed_blocks == 0
@@ -128,6 +138,66 @@ def test_cluster_tokens_equal_single_engine(tiny, reference, tmp_path, policy):
       assert stats.path_blocks["free"] > 0
       assert not stats.nic_bytes
       assert all(v["bytes"] == 0 for v in nic.values())
+  finally:
+    cluster.close()
+
+
+def _seeded_cluster(tiny, reference, root, **dualpath):
+  snapshot, turns = reference
+  cluster = make_cluster(tiny, CACHE, ENGINE, _cold(root),
+                         MeshConfig.parse("1P2D"), DualPathConfig(**dualpath))
+  for session, (ids, blocks) in snapshot.items():
+    cluster.store.put(ids, blocks, tenant="t", session=session)
+  cluster.flush()
+  cluster.warmup(64)
+  return cluster, turns
+
+
+def test_cluster_loads_of_many_turns_run_at_once_on_every_nic(
+    tiny, reference, tmp_path):
+  """Slow NICs: the three turns' loads are in flight together, all NICs busy."""
+  block_bytes = 2 * 2 * TINY_KV_HEADS * BS * TINY_HEAD_DIM * 4  # 2 layers, f32
+  cluster, turns = _seeded_cluster(
+      tiny, reference, tmp_path, policy="dualpath",
+      storage_nic_gbps=40 * block_bytes * 8 / 1e9,  # 40 blocks/s per NIC
+      nic_burst_bytes=block_bytes)
+  try:
+    reqs, want = turns[0]
+    got = _run(cluster, [TurnRequest(**r.__dict__) for r in reqs])
+    for rid, out in want.items():
+      assert got[rid].generated_tokens == out.generated_tokens
+    stats = cluster.stats
+    assert stats.max_loads_in_flight == 3
+    assert set(stats.nic_bytes) == {"P0", "D0", "D1"}
+    assert stats.load_wait_s > 0  # the engines had to wait for the NICs
+    for nic in cluster.nic_stats().values():
+      assert nic["planned_bytes"] == 0 and nic["queued_bytes"] == 0
+  finally:
+    cluster.close()
+
+
+def test_a_ready_turn_is_prefilled_before_one_still_loading(
+    tiny, reference, tmp_path):
+  """A turn placed later with nothing to load overtakes a loading one."""
+  block_bytes = 2 * 2 * TINY_KV_HEADS * BS * TINY_HEAD_DIM * 4
+  cluster, turns = _seeded_cluster(
+      tiny, reference, tmp_path, policy="single_path",
+      storage_nic_gbps=5 * block_bytes * 8 / 1e9,  # 5 blocks/s: ~2 s a turn
+      nic_burst_bytes=block_bytes)
+  try:
+    loading = TurnRequest(**turns[0][0][0].__dict__)  # session a, turn 2
+    fresh = _turn("z", 0, list(range(40, 60)))  # nothing stored
+    cluster.submit(loading)
+    cluster.step()  # places it: its load starts
+    cluster.submit(fresh)
+    outs = {}
+    while cluster.has_work():
+      for out in cluster.step():
+        outs[out.request.request_id] = out
+    assert outs[fresh.request_id].first_token_s < \
+        outs[loading.request_id].first_token_s
+    assert outs[loading.request_id].generated_tokens == \
+        turns[0][1][loading.request_id].generated_tokens
   finally:
     cluster.close()
 

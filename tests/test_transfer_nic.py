@@ -96,3 +96,23 @@ def test_gbps_flag_is_bits():
               dict(host_buffer_bytes=0), dict(nic_burst_bytes=0)):
     with pytest.raises(ValueError):
       DualPathConfig(**bad)
+
+
+def test_planned_bytes_count_in_the_backlog_until_acquired():
+  clock = ManualClock()
+  nic, _ = _nic(100.0, 10, clock)
+  nic.plan(300)
+  assert nic.queued_bytes() == 0.0 and nic.planned_bytes() == 300
+  assert nic.backlog_bytes() == pytest.approx(300.0)
+  wait = nic.acquire(110, planned=True)  # 100 bytes beyond the burst
+  assert wait == pytest.approx(1.0)
+  assert nic.planned_bytes() == 190
+  assert nic.backlog_bytes() == pytest.approx(100.0 + 190.0)
+  clock.advance(1.0)
+  assert nic.backlog_bytes() == pytest.approx(190.0)
+  nic.unplan(190)  # the rest was never read (a failed load)
+  assert nic.backlog_bytes() == 0.0 and nic.stats()["planned_bytes"] == 0
+  nic.unplan(5)  # never below zero
+  assert nic.planned_bytes() == 0
+  with pytest.raises(ValueError):
+    nic.plan(-1)

@@ -54,6 +54,7 @@ class BlockPoolStats:
   releases: int = 0  # blocks passed to `release`
   registrations: int = 0  # identities newly cached by `register`
   duplicate_registrations: int = 0  # `register` calls that kept an older block
+  dropped: int = 0  # identities dropped by `release(..., keep_cached=False)`
   lookups: int = 0
   lookup_hits: int = 0
 
@@ -196,12 +197,13 @@ class BlockPool:
     self._ref_counts[block] += 1
     self._stats.acquires += 1
 
-  def release(self, blocks: Iterable[int]) -> None:
+  def release(self, blocks: Iterable[int], keep_cached: bool = True) -> None:
     """Drops one holder from each block, in order.
 
     A block reaching refcount 0 stays cached (and evictable) when it carries
-    an identity, else it becomes free. Blocks released later are evicted
-    later, so pass a sequence's blocks with the one to keep longest last.
+    an identity and `keep_cached`, else it becomes free (its identity
+    dropped). Blocks released later are evicted later, so pass a sequence's
+    blocks with the one to keep longest last.
 
     Raises:
       ValueError: a block would drop below refcount 0; nothing changes then.
@@ -215,9 +217,13 @@ class BlockPool:
     for block in blocks:
       self._ref_counts[block] -= 1
       if self._ref_counts[block] == 0:
-        if block in self._identity_of:
+        if block in self._identity_of and keep_cached:
           self._evictable[block] = None
         else:
+          identity = self._identity_of.pop(block, None)
+          if identity is not None:
+            del self._block_of[identity]
+            self._stats.dropped += 1
           self._free.append(block)
     self._stats.releases += len(blocks)
 

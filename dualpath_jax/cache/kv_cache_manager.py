@@ -281,8 +281,12 @@ class KVCacheManager:
     seq.num_computed = end
     self._register_full_blocks(seq)
 
-  def end(self, seq_id: Hashable) -> None:
+  def end(self, seq_id: Hashable, keep_cached: bool = True) -> None:
     """Releases the sequence's blocks; full ones stay cached until evicted.
+
+    With `keep_cached=False` its blocks no other sequence holds are freed
+    at once, identities dropped (a prefill engine that keeps no prefix
+    between turns).
 
     Blocks are released last-first, so under pressure the pool evicts a
     sequence's tail before its prefix (a prefix is useless without its
@@ -290,7 +294,7 @@ class KVCacheManager:
     """
     seq = self._get(seq_id)
     del self._sequences[seq_id]
-    self.pool.release(reversed(seq.block_table))
+    self.pool.release(reversed(seq.block_table), keep_cached)
 
   # --- internals -------------------------------------------------------------
 

@@ -14,21 +14,30 @@ One turn:
    more the cold tier holds; it builds a `TurnDemand`, a `ClusterSnapshot`
    from live counters (NIC backlog, queued tokens, free pool blocks) and asks
    the policy for a PE, a DE and a `ReadPath` per hit block.
-2. *Load*: blocks the PE's pool lacks and the cold tier holds are read by
-   the chosen paths (`DualPathLoader.load`: path 1 through the PE's NIC,
-   path 2 through the DE's NIC then handed off to the PE). Synchronous in this
-   landing: the loader runs both paths' reads concurrently, but the cluster
-   waits for them before prefilling. A block the store cannot serve ends the
-   run: it and everything after it are recomputed.
-3. *Reserve*: the PE allocates pages for the whole prompt, the DE begins the
+2. *Reserve*: the PE allocates pages for the whole prompt, the DE begins the
    sequence (reusing blocks of it already in the DE pool) and allocates pages
    for the prompt plus every token it may generate, so a running turn never
    runs out of pages (no preemption).
+3. *Load*, asynchronous: blocks the PE's pool lacks and the cold tier holds
+   are read by the chosen paths into host buffers
+   (`DualPathLoader.read_to_host_async`: path 1 on the PE's NIC, path 2 on
+   the DE's NIC, each NIC a FIFO with its own reader), while the engines
+   go on computing other turns. Many turns load at once, so every NIC of the
+   cluster is busy. A block the store cannot serve ends the run: it and
+   everything after it are recomputed.
 4. *Prefill* on the PE, one chunk per `step()`, same chunking and shape
-   buckets as `Engine`; the last chunk's logits give the first token.
+   buckets as `Engine`. Among the PE's queued turns, the first whose load is
+   done goes next (`scheduler.choose_prefill_batch`): a turn still loading
+   never blocks a ready one. The PE runs its prefill one layer per call
+   (`ModelRunner.step_layerwise`), and a loaded prefix goes into the pool
+   layer by layer just before its layer computes (`LayerStager`: path 1
+   from the PE's host buffer, path 2 through the DE's devices and the
+   hand-off), so the copies of later layers overlap earlier layers'
+   compute and only `layers_in_flight` layers are staged at a time.
 5. *Move*: the prompt's blocks the DE lacks go PE -> DE
    (`DualPathLoader.move_blocks`); the PE releases the sequence (its full
-   blocks stay cached there for the session's next turn).
+   blocks stay cached there for the session's next turn unless
+   `DualPathConfig.prefill_keeps_prefix` is False).
 6. *Decode* on the DE, all its sequences in one batched call per `step()`.
 7. *Finish*: the DE writes the sequence's full blocks the store lacks back
    to the cold tier (asynchronously, `put_async`) and releases them.
@@ -40,6 +49,7 @@ path delivered the prefix. Not thread-safe: one thread drives it.
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import dataclasses
 import math
 import time
@@ -64,10 +74,12 @@ from dualpath_jax.model.runner import ModelRunner
 from dualpath_jax.scheduler import (ClusterSnapshot, EngineState,
                                     NoCapacityError, ReadPath, TurnDemand,
                                     get_policy)
+from dualpath_jax.scheduler.batching import WaitingTurn, choose_prefill_batch
 from dualpath_jax.scheduler.state import DECODE, PREFILL
 from dualpath_jax.transfer import (DualPathConfig, DualPathLoader,
                                    LoadRequest, MeshConfig, StorageNic,
                                    build_cluster_mesh)
+from dualpath_jax.transfer.loader import LayerStager
 from dualpath_jax.transfer.mesh import EngineMesh
 
 
@@ -84,6 +96,10 @@ class _Turn:
   decode: "_Worker | None" = None
   cached_prompt_tokens: int = 0
   first_token_s: float | None = None
+  load: "cf.Future | None" = None  # the cold-tier reads in flight
+  load_request: LoadRequest | None = None
+  load_plan: tuple[int, int, int] = (0, 0, 0)  # cached, resident, loadable blocks
+  placed_s: float = 0.0
 
   @property
   def rid(self) -> str:
@@ -108,7 +124,9 @@ class ClusterStats:
   warmup_s: float = 0.0
   compiled_shapes: int = 0
   turns_placed: int = 0
-  load_s: float = 0.0
+  load_s: float = 0.0  # wall time of the cold-tier reads, summed over turns
+  load_wait_s: float = 0.0  # time every engine sat idle waiting for reads
+  max_loads_in_flight: int = 0
   move_s: float = 0.0
   moved_blocks: int = 0
   path_blocks: dict[str, int] = dataclasses.field(
@@ -149,26 +167,42 @@ class _Worker:
         max_blocks_per_seq=math.ceil(engine.max_context / cache.block_size))
     self.kv = jax.device_put(self.runner.new_kv_cache(),
                              mesh.kv_pool_sharding())
-    self.queue: collections.deque[_Turn] = collections.deque()  # PE: to prefill
+    self.queue: collections.deque[_Turn] = collections.deque()  # PE: placed
+    self.current: _Turn | None = None  # PE: the turn being prefilled
     self.running: list[_Turn] = []  # DE: decoding
     self.shapes: set[tuple[int, int, int]] = set()
 
   def queued_tokens(self) -> int:
     if self.role == PREFILL:
+      turns = list(self.queue) + ([self.current] if self.current else [])
       return sum(t.prefill_target - self.manager.num_computed(t.rid)
-                 for t in self.queue)
+                 for t in turns)
     return sum(t.req.max_new_tokens - len(t.generated) for t in self.running)
 
 
   def run(self, batch: int, q_len: int, pages: int,
-          work: list[tuple[_Turn, list[int], int]] | None) -> np.ndarray:
-    """Pads `work` (turn, new tokens, start) into one model call; host logits."""
+          work: list[tuple[_Turn, list[int], int]] | None,
+          stager: LayerStager | None = None) -> np.ndarray:
+    """Pads `work` (turn, new tokens, start) into one model call; host logits.
+
+    A prefill engine runs layer by layer (`step_layerwise`), `stager`
+    putting a loaded prefix into the pool just ahead of each layer; it does
+    so for every chunk, loaded or not, so that a turn's logits never depend
+    on whether its prefix was loaded or resident.
+    """
     arrays = step_parts.pack_step(
         self.manager, batch, q_len, pages,
         None if work is None else [(t.rid, new, start) for t, new, start in work])
     self.shapes.add((batch, q_len, pages))
-    logits, self.kv = self.runner.step(self.kv, *arrays)
+    if self.role == PREFILL:
+      logits, self.kv = self.runner.step_layerwise(self.kv, *arrays,
+                                                   before_layer=stager)
+    else:
+      logits, self.kv = self.runner.step(self.kv, *arrays)
     return np.asarray(logits)
+
+  def has_work(self) -> bool:
+    return bool(self.queue or self.current or self.running)
 
 
 def _runner_on(mesh: EngineMesh, loaded, cache: CacheConfig,
@@ -266,7 +300,7 @@ class PDCluster:
                                tokens=list(req.prompt_tokens), rng=rng))
 
   def has_work(self) -> bool:
-    return bool(self._waiting or any(w.queue or w.running
+    return bool(self._waiting or any(w.has_work()
                                      for w in self.workers.values()))
 
   @property
@@ -275,19 +309,41 @@ class PDCluster:
 
   @property
   def num_running(self) -> int:
-    return sum(len(w.queue) + len(w.running) for w in self.workers.values())
+    return sum(len(w.queue) + bool(w.current) + len(w.running)
+               for w in self.workers.values())
 
   def step(self) -> list[TurnOutput]:
-    """Places waiting turns; one prefill chunk per PE; one decode batch per DE."""
+    """Places waiting turns; one prefill chunk per PE; one decode batch per DE.
+
+    When no engine has anything ready (every placed turn still loading), it
+    waits for the first load to finish (at most 50 ms) instead of spinning.
+    """
     self._admit()
     done: list[TurnOutput] = []
+    ran = False
     for pe in self.prefill_workers:
-      if pe.queue:
-        done += self._prefill_step(pe)
+      out = self._prefill_step(pe)
+      if out is not None:
+        ran = True
+        done += out
     for de in self.decode_workers:
       if de.running:
+        ran = True
         done += self._decode_step(de)
+    if not ran:
+      self._wait_for_a_load(0.05)
     return done
+
+  def _loads_in_flight(self) -> list[cf.Future]:
+    return [t.load for pe in self.prefill_workers for t in pe.queue
+            if t.load is not None and not t.load.done()]
+
+  def _wait_for_a_load(self, timeout: float) -> None:
+    pending = self._loads_in_flight()
+    if pending:
+      t0 = time.perf_counter()
+      cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+      self.stats.load_wait_s += time.perf_counter() - t0
 
   def flush(self, timeout: float | None = None) -> bool:
     """Waits for queued cold-tier writes (then the next turn can load them)."""
@@ -324,18 +380,23 @@ class PDCluster:
       engines.append(EngineState(
           name=w.name, role=w.role,
           nic_bytes_per_s=self.nics[w.name].bytes_per_s,
-          nic_queued_bytes=self.nics[w.name].queued_bytes(),
+          nic_queued_bytes=self.nics[w.name].backlog_bytes(),
           queued_tokens=w.queued_tokens() + self._tokens_headed_to(w),
           free_hbm_blocks=free))
     return ClusterSnapshot(self.clock(), tuple(engines))
 
   def _tokens_headed_to(self, de: _Worker) -> int:
     """Tokens to generate of turns still prefilling for decode engine `de`."""
-    return sum(t.req.max_new_tokens for pe in self.prefill_workers
-               for t in pe.queue if t.decode is de)
+    return sum(t.req.max_new_tokens for t in self._prefilling()
+               if t.decode is de)
 
   def _headed_to(self, de: _Worker) -> int:
-    return sum(t.decode is de for pe in self.prefill_workers for t in pe.queue)
+    return sum(t.decode is de for t in self._prefilling())
+
+  def _prefilling(self) -> list[_Turn]:
+    """Turns placed on a PE and not yet handed to their DE."""
+    return [t for pe in self.prefill_workers
+            for t in list(pe.queue) + ([pe.current] if pe.current else [])]
 
   def _demand(self, turn: _Turn) -> tuple[TurnDemand, list[bytes]]:
     """The turn's `TurnDemand` and the hash chain of its loadable blocks."""
@@ -390,7 +451,7 @@ class PDCluster:
 
   def _start_on_prefill(self, turn: _Turn, pe: _Worker, de: _Worker,
                         chain: list[bytes], paths: Sequence[ReadPath]) -> None:
-    """Begins the turn on the PE, loads its cold blocks, reserves its pages."""
+    """Begins the turn on the PE, reserves its pages, starts its cold reads."""
     bs = self.block_size
     target = turn.prefill_target
     cached = pe.manager.begin(turn.rid, turn.tokens[:target], turn.req.tenant)
@@ -403,33 +464,54 @@ class PDCluster:
       raise OutOfBlocksError(f"{turn.rid}: {pe.name} lost the pages the "
                              "placement counted on")
     pe.manager.allocate(turn.rid, target - cached)  # the whole prompt
-    if run:
-      self.cold_tier.stats.lookups += 1
-      wanted = [ReadPath(p) for p in paths[have:have + run]]
-      wanted += [ReadPath.PE_READ] * (run - len(wanted))
-      wanted = [ReadPath.PE_READ if p == ReadPath.RESIDENT else p
-                for p in wanted]
-      table = pe.manager.block_table(turn.rid)
-      t0 = time.perf_counter()
-      pe.kv, report = self.loader.load(pe.kv, LoadRequest(
-          block_ids=chain[have:have + run],
-          dest_pages=table[have:have + run], paths=wanted,
-          prefill_engine=pe.name, decode_engine=de.name))
-      self.stats.load_s += time.perf_counter() - t0
-      good = min(report.missing) if report.missing else run
-      self.cold_tier.stats.missed_blocks += run - good
-      for p in wanted[:good]:
-        key = {ReadPath.PE_READ: "path1", ReadPath.DE_READ: "path2",
-               ReadPath.FREE: "free"}[p]
-        self.stats.path_blocks[key] += 1
-      for name, nbytes in report.nic_bytes.items():
-        self.stats.nic_bytes[name] = self.stats.nic_bytes.get(name, 0) + nbytes
-      if good:
-        pe.manager.append_tokens(turn.rid, turn.tokens[cached:(have + good) * bs])
-        self.cold_tier.stats.loaded_blocks += good
-        self.cold_tier.stats.loaded_tokens += (have + good) * bs - cached
-        cached = (have + good) * bs
+    turn.placed_s = self.clock()
     turn.cached_prompt_tokens = min(cached, len(turn.req.prompt_tokens))
+    turn.load_plan = (cached, have, run)
+    if not run:
+      return
+    self.cold_tier.stats.lookups += 1
+    wanted = [ReadPath(p) for p in paths[have:have + run]]
+    wanted += [ReadPath.PE_READ] * (run - len(wanted))
+    wanted = [ReadPath.PE_READ if p == ReadPath.RESIDENT else p
+              for p in wanted]
+    table = pe.manager.block_table(turn.rid)
+    turn.load_request = LoadRequest(
+        block_ids=chain[have:have + run], dest_pages=table[have:have + run],
+        paths=wanted, prefill_engine=pe.name, decode_engine=de.name)
+    turn.load = self.loader.read_to_host_async(turn.load_request)
+    self.stats.max_loads_in_flight = max(self.stats.max_loads_in_flight,
+                                         len(self._loads_in_flight()) + 1)
+
+  def _install_load(self, pe: _Worker, turn: _Turn) -> LayerStager | None:
+    """Accounts a finished load; the stager that puts it into `pe`'s pool.
+
+    The blocks before the first miss count as computed now: the stager
+    writes them into their pages inside the very next (layer-wise) prefill
+    call, before any layer reads them. Blocks from the first miss on are
+    recomputed by the prefill.
+    """
+    req, stage = turn.load_request, turn.load.result()  # read errors raise
+    turn.load = None
+    cached, have, run = turn.load_plan
+    report = self.loader.report(req, stage)
+    self.stats.load_s += max(report.read_s.values(), default=0.0)
+    good = min(report.missing) if report.missing else run
+    self.cold_tier.stats.missed_blocks += run - good
+    for p in req.paths[:good]:
+      key = {ReadPath.PE_READ: "path1", ReadPath.DE_READ: "path2",
+             ReadPath.FREE: "free"}[ReadPath(p)]
+      self.stats.path_blocks[key] += 1
+    for name, nbytes in report.nic_bytes.items():
+      self.stats.nic_bytes[name] = self.stats.nic_bytes.get(name, 0) + nbytes
+    if not good:
+      return None
+    bs = self.block_size
+    pe.manager.append_tokens(turn.rid, turn.tokens[cached:(have + good) * bs])
+    self.cold_tier.stats.loaded_blocks += good
+    self.cold_tier.stats.loaded_tokens += (have + good) * bs - cached
+    turn.cached_prompt_tokens = min((have + good) * bs,
+                                    len(turn.req.prompt_tokens))
+    return self.loader.stager(req, stage, pe.kv.shape)
 
   def _reserve_on_decode(self, turn: _Turn, pe: _Worker, de: _Worker) -> None:
     """Begins the turn on the DE and allocates pages for all it may hold."""
@@ -448,15 +530,38 @@ class PDCluster:
     pages = max(len(worker.manager.block_table(t.rid)) for t in turns)
     return buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages)
 
-  def _prefill_step(self, pe: _Worker) -> list[TurnOutput]:
-    turn = pe.queue[0]
+  def _next_turn(self, pe: _Worker) -> _Turn | None:
+    """The PE's next turn to prefill: the first (by placement) whose load is done."""
+    by_id = {t.rid: t for t in pe.queue}
+    waiting = [WaitingTurn(
+        t.rid, t.placed_s,
+        t.prefill_target - pe.manager.num_computed(t.rid),
+        math.inf if t.load is not None and not t.load.done() else -math.inf)
+               for t in pe.queue]
+    chosen = choose_prefill_batch(waiting, 0.0,
+                                  max_batch_tokens=self.config.max_prefill_chunk,
+                                  max_batch_turns=1)
+    return by_id[chosen[0]] if chosen else None
+
+  def _prefill_step(self, pe: _Worker) -> list[TurnOutput] | None:
+    """One prefill chunk on `pe`; None when no turn there is ready."""
+    stager = None
+    turn = pe.current
+    if turn is None:
+      turn = self._next_turn(pe) if pe.queue else None
+      if turn is None:
+        return None
+      pe.queue.remove(turn)
+      pe.current = turn
+      if turn.load is not None:
+        stager = self._install_load(pe, turn)
     start = pe.manager.num_computed(turn.rid)
     n = min(self.config.max_prefill_chunk, turn.prefill_target - start)
     chunk = turn.tokens[start:start + n]
     t_bucket = buckets.bucket(n, MIN_Q_BUCKET, self.config.max_prefill_chunk)
     t0 = time.perf_counter()
     logits = pe.run(1, t_bucket, self._page_bucket(pe, [turn]),
-                    [(turn, chunk, start)])
+                    [(turn, chunk, start)], stager)
     self.stats.prefill_s += time.perf_counter() - t0
     self._count_shapes()
     pe.manager.append_tokens(turn.rid, chunk)
@@ -464,7 +569,7 @@ class PDCluster:
     self.stats.prefill_tokens += n
     if start + n < turn.prefill_target:
       return []
-    pe.queue.popleft()
+    pe.current = None
     self._move_to_decode(turn, pe, turn.decode)
     token = step_parts.sample_tokens([turn], logits, self.config, self._rng)[0]
     turn.first_token_s = self.clock()
@@ -483,7 +588,7 @@ class PDCluster:
     self.stats.move_s += time.perf_counter() - t0
     self.stats.moved_blocks += len(src)
     de.manager.append_tokens(turn.rid, turn.tokens[computed:target])
-    pe.manager.end(turn.rid)
+    pe.manager.end(turn.rid, keep_cached=self.dualpath.prefill_keeps_prefix)
     de.running.append(turn)
 
   def _decode_step(self, de: _Worker) -> list[TurnOutput]:

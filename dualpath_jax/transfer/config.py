@@ -94,6 +94,11 @@ class DualPathConfig:
       beyond the destination pages.
     host_buffer_bytes: capacity of each engine's host staging buffer; a load
       that would need more on one engine raises.
+    prefill_keeps_prefix: whether a prefill engine keeps a turn's blocks
+      cached in its pool after handing the turn to a decode engine. False is
+      DualPath's setting (agents' KV far exceeds HBM, so every cached
+      prefix comes back from the cold tier): the pool holds only turns in
+      flight.
     handoff: "device_put" (JAX copies between the sub-meshes' shardings),
       "ppermute" (`shard_map` + `lax.ppermute` over a "group" axis of a mesh
       spanning both engines) or "auto" (see `transfer.handoff`).
@@ -104,6 +109,7 @@ class DualPathConfig:
   nic_burst_bytes: int = 1 << 20
   layers_in_flight: int = 2
   host_buffer_bytes: int = 1 << 30
+  prefill_keeps_prefix: bool = True
   handoff: str = "auto"
 
   def __post_init__(self):

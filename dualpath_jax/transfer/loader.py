@@ -11,17 +11,23 @@ scheduler chose (`ReadPath` per block):
 
 Stages:
 
-1. `read_to_host` reads both paths' blocks at once (one thread per path, each
-   through its own engine's `StorageNic`) into per-engine host buffers laid
-   out layer-major `[L, n, 2, Hkv, P, D]`, so one layer is one contiguous
-   slice. A block the source cannot serve is a miss: its page is not written
-   and its index is reported, for the engine to recompute.
-2. `iter_layers` moves one layer at a time: it stages layer l's slices on the
-   devices (path 2: on the DE, then handed off to the PE), scatters them into
-   the pool's pages and yields `(l, pool)`. At most `layers_in_flight`
+1. `read_to_host_async` reads both paths' blocks at once into per-engine
+   host buffers laid out layer-major `[L, n, 2, Hkv, P, D]` (one layer is one
+   contiguous slice) and returns a future. Every engine's reads run on that
+   engine's own reader thread, in submission order, each batch first
+   admitted by the engine's `StorageNic`: a FIFO queue per NIC, as a real
+   NIC serves its requests, so loads of different turns on different NICs
+   proceed in parallel. The bytes a load will read are `plan`ned on its NICs
+   when it is submitted, so the scheduler sees them at once. A block the
+   source cannot serve is a miss: its page is not written and its index is
+   reported, for the engine to recompute.
+2. `LayerStager` moves one layer at a time: it stages layer l's slices on the
+   devices (path 2: on the DE, then handed off to the PE) and scatters them
+   into the pool's pages when asked for layer l. At most `layers_in_flight`
    layers are staged ahead, so the PE holds a bounded slice of the loaded
-   prefix beyond its destination pages, and a layer-wise prefill can compute
-   layer l while later layers are still moving.
+   prefix beyond its destination pages, and a layer-wise prefill
+   (`ModelRunner.step_layerwise`) computes layer l while later layers are
+   still moving. `iter_layers` is the same without a prefill.
 
 `move_blocks` is the hand-off after prefill: it gathers pages of every layer
 from one engine's pool, hands them to another engine and scatters them into
@@ -43,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualpath_jax.engine.buckets import next_pow2
 from dualpath_jax.scheduler.state import ReadPath
 from dualpath_jax.transfer.config import DualPathConfig
 from dualpath_jax.transfer.handoff import Handoff, head_spec
@@ -51,6 +58,12 @@ from dualpath_jax.transfer.nic import StorageNic
 from dualpath_jax.transfer.source import BlockSource
 
 READ_BATCH_BLOCKS = 16  # blocks per cold-tier read (and per NIC admission)
+MIN_BLOCK_BUCKET = 16  # block counts are padded to powers of two from here
+
+
+def block_bucket(n: int) -> int:
+  """Rows a buffer of `n` blocks is padded to: one compile per bucket, not per n."""
+  return next_pow2(n, MIN_BLOCK_BUCKET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +94,17 @@ class LoadRequest:
 
 @dataclasses.dataclass
 class HostStage:
-  """Blocks in host buffers, per path; layer-major."""
+  """Blocks in host buffers, per path; layer-major.
 
-  path1: np.ndarray  # [L, n1, 2, Hkv, P, D], PE host buffer
-  path1_pages: np.ndarray  # [n1] int32
-  path2: np.ndarray  # [L, n2, 2, Hkv, P, D], DE host buffer
-  path2_pages: np.ndarray  # [n2] int32
+  Each buffer has `block_bucket(n)` columns for the path's n requested
+  blocks; the first `len(pathK_pages)` hold the blocks read, the rest are
+  padding that no scatter writes.
+  """
+
+  path1: np.ndarray  # [L, b1, 2, Hkv, P, D], PE host buffer
+  path1_pages: np.ndarray  # [k1 <= b1] int32, destination of each block read
+  path2: np.ndarray  # [L, b2, 2, Hkv, P, D], DE host buffer
+  path2_pages: np.ndarray  # [k2 <= b2] int32
   missing: list[int]  # indices into the request's block_ids
   read_s: dict[str, float]  # wall seconds of each path's reads
 
@@ -131,10 +149,13 @@ class DualPathLoader:
     self.dtype = np.dtype(dtype)
     self.block_bytes = int(np.prod(self.block_shape)) * self.dtype.itemsize
     self._handoffs: dict[tuple[str, str, int], Handoff] = {}
-    self._readers = cf.ThreadPoolExecutor(2, thread_name_prefix="dualpath-read")
+    self._readers = {  # one FIFO reader per engine NIC
+        e.name: cf.ThreadPoolExecutor(1, thread_name_prefix=f"read-{e.name}")
+        for e in cluster.engines}
 
   def close(self) -> None:
-    self._readers.shutdown(wait=True)
+    for reader in self._readers.values():
+      reader.shutdown(wait=True)
 
   def handoff(self, src: str, dst: str, head_axis: int) -> Handoff:
     key = (src, dst, head_axis)
@@ -147,6 +168,10 @@ class DualPathLoader:
   # --------------------------------------------------------------- stage 1
   def read_to_host(self, req: LoadRequest) -> HostStage:
     """Reads path-1 and path-2 blocks concurrently, each via its engine's NIC."""
+    return self.read_to_host_async(req).result()
+
+  def read_to_host_async(self, req: LoadRequest) -> "cf.Future[HostStage]":
+    """Queues the reads of `read_to_host` on the engines' readers; a future."""
     self._check_engines(req)
     groups = {1: [], 2: []}
     for i, path in enumerate(req.paths):
@@ -162,15 +187,34 @@ class DualPathLoader:
             f"an engine's host buffer ({self.config.host_buffer_bytes} bytes); "
             "split the load or raise DualPathConfig.host_buffer_bytes")
     nic_of = {1: req.prefill_engine, 2: req.decode_engine}
-    futures = {
-        g: self._readers.submit(self._read_group, req, idx, nic_of[g])
-        for g, idx in groups.items()}
-    results = {g: f.result() for g, f in futures.items()}
-    missing = sorted(results[1][2] + results[2][2])
-    return HostStage(results[1][0], results[1][1], results[2][0],
-                     results[2][1], missing,
-                     {nic_of[1] + "/path1": results[1][3],
-                      nic_of[2] + "/path2": results[2][3]})
+    futures = {}
+    for g, idx in groups.items():
+      self.nics[nic_of[g]].plan(self._charged_bytes(req, idx))
+      futures[g] = self._readers[nic_of[g]].submit(
+          self._read_group, req, idx, nic_of[g])
+    joined: cf.Future = cf.Future()
+    joined.set_running_or_notify_cancel()
+
+    def join(_):
+      if not all(f.done() for f in futures.values()):
+        return
+      try:
+        results = {g: f.result() for g, f in futures.items()}
+      except BaseException as e:  # pylint: disable=broad-except
+        if not joined.done():
+          joined.set_exception(e)
+        return
+      missing = sorted(results[1][2] + results[2][2])
+      stage = HostStage(results[1][0], results[1][1], results[2][0],
+                        results[2][1], missing,
+                        {nic_of[1] + "/path1": results[1][3],
+                         nic_of[2] + "/path2": results[2][3]})
+      if not joined.done():
+        joined.set_result(stage)
+
+    for f in futures.values():
+      f.add_done_callback(join)
+    return joined
 
   def _check_engines(self, req: LoadRequest) -> None:
     for name, role in ((req.prefill_engine, "prefill"),
@@ -181,33 +225,60 @@ class DualPathLoader:
   def _read_group(self, req: LoadRequest, indices: list[int], engine: str):
     t0 = time.perf_counter()
     L = self.block_shape[0]
-    host = np.empty((L, len(indices)) + self.block_shape[1:], self.dtype)
+    host = np.empty((L, block_bucket(len(indices))) + self.block_shape[1:],
+                    self.dtype)
     pages, missing, kept = [], [], 0
-    for start in range(0, len(indices), READ_BATCH_BLOCKS):
-      batch = indices[start:start + READ_BATCH_BLOCKS]
-      charged = [i for i in batch if ReadPath(req.paths[i]) != ReadPath.FREE]
-      if charged:
-        self.nics[engine].acquire(len(charged) * self.block_bytes)
-      blocks = self.source.get([req.block_ids[i] for i in batch])
-      if len(blocks) != len(batch):
-        raise ValueError(f"source returned {len(blocks)} blocks for "
-                         f"{len(batch)} ids")
-      for i, block in zip(batch, blocks):
-        if block is None:
-          missing.append(i)
-          continue
-        block = np.asarray(block)
-        if block.shape != self.block_shape or block.dtype != self.dtype:
-          raise ValueError(f"block {req.block_ids[i]!r} is {block.shape} "
-                           f"{block.dtype}, expected {self.block_shape} "
-                           f"{self.dtype}")
-        host[:, kept] = block
-        pages.append(req.dest_pages[i])
-        kept += 1
-    return (host[:, :kept], np.asarray(pages, np.int32), missing,
+    unread = self._charged_bytes(req, indices)
+    try:
+      for start in range(0, len(indices), READ_BATCH_BLOCKS):
+        batch = indices[start:start + READ_BATCH_BLOCKS]
+        nbytes = self._charged_bytes(req, batch)
+        if nbytes:
+          self.nics[engine].acquire(nbytes, planned=True)
+        unread -= nbytes
+        kept = self._read_batch(req, batch, host, pages, missing, kept)
+    finally:
+      self.nics[engine].unplan(unread)  # what an error left unread
+    return (host, np.asarray(pages, np.int32), missing,
             time.perf_counter() - t0)
 
+  def _charged_bytes(self, req: LoadRequest, indices: Sequence[int]) -> int:
+    """Bytes of `indices` that pass a NIC (FREE reads pass none)."""
+    return sum(ReadPath(req.paths[i]) != ReadPath.FREE
+               for i in indices) * self.block_bytes
+
+  def _read_batch(self, req: LoadRequest, batch: list[int],
+                  host: np.ndarray,  # [L, n, 2, Hkv, P, D]
+                  pages: list[int], missing: list[int], kept: int) -> int:
+    """Reads `batch` from the source into `host` from column `kept` on.
+
+    Appends each stored block's page to `pages` and each miss to `missing`;
+    returns the new `kept`.
+    """
+    blocks = self.source.get([req.block_ids[i] for i in batch])
+    if len(blocks) != len(batch):
+      raise ValueError(f"source returned {len(blocks)} blocks for "
+                       f"{len(batch)} ids")
+    for i, block in zip(batch, blocks):
+      if block is None:
+        missing.append(i)
+        continue
+      block = np.asarray(block)
+      if block.shape != self.block_shape or block.dtype != self.dtype:
+        raise ValueError(f"block {req.block_ids[i]!r} is {block.shape} "
+                         f"{block.dtype}, expected {self.block_shape} "
+                         f"{self.dtype}")
+      host[:, kept] = block
+      pages.append(req.dest_pages[i])
+      kept += 1
+    return kept
+
   # --------------------------------------------------------------- stage 2
+  def stager(self, req: LoadRequest, stage: HostStage,
+             pool_shape: Sequence[int]) -> "LayerStager":
+    """A `LayerStager` putting `stage`'s blocks into a pool of `pool_shape`."""
+    return LayerStager(self, req, stage, pool_shape)
+
   def iter_layers(self, pool: jax.Array, req: LoadRequest,
                   stage: HostStage) -> Iterator[tuple[int, jax.Array]]:
     """Yields `(layer, pool)` once that layer's blocks are in `pool`.
@@ -215,40 +286,24 @@ class DualPathLoader:
     `pool` ([L, N, 2, Hkv, P, D] on the prefill engine) is donated at every
     layer: use the one yielded last.
     """
-    pe = self.cluster.engine(req.prefill_engine)
-    de = self.cluster.engine(req.decode_engine)
-    num_layers = self.block_shape[0]
-    if pool.shape[0] != num_layers or pool.shape[2:] != self.block_shape[1:]:
-      raise ValueError(f"pool {pool.shape} does not hold blocks "
-                       f"{self.block_shape}")
-    pool = jax.device_put(pool, pe.kv_pool_sharding())
-    pages = np.concatenate([stage.path1_pages, stage.path2_pages])
-    if pages.size and pages.max() >= pool.shape[1]:
-      raise ValueError(f"page {pages.max()} out of range for {pool.shape[1]}")
-    pages_dev = jax.device_put(pages, pe.sharding())
-    to_pe = self.handoff(de.name, pe.name, head_axis=2)
-    blocks_sharding = pe.kv_blocks_sharding()
-
-    def stage_layer(layer: int):
-      parts = []
-      if stage.path1.shape[1]:
-        parts.append(jax.device_put(stage.path1[layer], blocks_sharding))
-      if stage.path2.shape[1]:
-        on_de = jax.device_put(stage.path2[layer], de.kv_blocks_sharding())
-        parts.append(to_pe(on_de))
-      return parts
-
-    pending: collections.deque = collections.deque()
-    next_layer = 0
-    for layer in range(num_layers):
-      while (next_layer < num_layers and
-             len(pending) < self.config.layers_in_flight):
-        pending.append(stage_layer(next_layer))
-        next_layer += 1
-      parts = pending.popleft()
-      if parts:
-        pool = _scatter_layer(pool, jnp.int32(layer), pages_dev, *parts)
+    stager = self.stager(req, stage, pool.shape)
+    for layer in range(self.block_shape[0]):
+      pool = stager(layer, pool)
       yield layer, pool
+
+  def report(self, req: LoadRequest, stage: HostStage,
+             layers_s: float = 0.0) -> LoadReport:
+    """What loading `req` did: blocks per path, misses, bytes per NIC."""
+    report = LoadReport(
+        path1_blocks=stage.path1_pages.size,
+        path2_blocks=stage.path2_pages.size,
+        missing=stage.missing, read_s=stage.read_s, layers_s=layers_s)
+    for path in req.paths:
+      engine = {ReadPath.PE_READ: req.prefill_engine,
+                ReadPath.DE_READ: req.decode_engine}.get(ReadPath(path))
+      if engine is not None:
+        report.nic_bytes[engine] = report.nic_bytes.get(engine, 0) + self.block_bytes
+    return report
 
   def load(self, pool: jax.Array, req: LoadRequest
            ) -> tuple[jax.Array, LoadReport]:
@@ -258,16 +313,7 @@ class DualPathLoader:
     for _, pool in self.iter_layers(pool, req, stage):
       pass
     pool.block_until_ready()
-    report = LoadReport(
-        path1_blocks=stage.path1.shape[1], path2_blocks=stage.path2.shape[1],
-        missing=stage.missing, read_s=stage.read_s,
-        layers_s=time.perf_counter() - t0)
-    for i, path in enumerate(req.paths):
-      engine = {ReadPath.PE_READ: req.prefill_engine,
-                ReadPath.DE_READ: req.decode_engine}.get(ReadPath(path))
-      if engine is not None:
-        report.nic_bytes[engine] = report.nic_bytes.get(engine, 0) + self.block_bytes
-    return pool, report
+    return pool, self.report(req, stage, time.perf_counter() - t0)
 
   # -------------------------------------------------------- PE -> DE hand-off
   def move_blocks(self, src_pool: jax.Array, src_pages: Sequence[int],
@@ -284,13 +330,89 @@ class DualPathLoader:
       return dst_pool
     src = self.cluster.engine(src_engine)
     dst = self.cluster.engine(dst_engine)
-    blocks = _gather_pages(src_pool, jax.device_put(
-        np.asarray(src_pages, np.int32), src.sharding()))
+    width = block_bucket(len(src_pages))  # padded: one compile per bucket
+    src_idx = np.zeros(width, np.int32)  # padding gathers page 0 ...
+    src_idx[:len(src_pages)] = src_pages
+    dst_idx = np.full(width, dst_pool.shape[1], np.int32)  # ... dropped here
+    dst_idx[:len(dst_pages)] = dst_pages
+    blocks = _gather_pages(src_pool, jax.device_put(src_idx, src.sharding()))
     blocks = jax.device_put(blocks, src.sharding(head_spec(6, 3)))
     moved = self.handoff(src_engine, dst_engine, head_axis=3)(blocks)
     dst_pool = jax.device_put(dst_pool, dst.kv_pool_sharding())
-    return _scatter_pages(dst_pool, jax.device_put(
-        np.asarray(dst_pages, np.int32), dst.sharding()), moved)
+    return _scatter_pages(dst_pool, jax.device_put(dst_idx, dst.sharding()),
+                          moved)
+
+
+class LayerStager:
+  """Puts a loaded `HostStage` into a PE pool one layer at a time.
+
+  `stager(l, pool) -> pool` scatters layer l's blocks into their pages
+  (`pool` [L, N, 2, Hkv, P, D] is donated) after starting to stage layers up
+  to `l + layers_in_flight - 1` on the devices: path 1 straight from the
+  PE's host buffer, path 2 through the DE's devices and the hand-off. Call
+  it for layers 0, 1, ... in order, e.g. as `ModelRunner.step_layerwise`'s
+  `before_layer`; every call is asynchronous, so the copies of later layers
+  overlap the compute of earlier ones.
+  """
+
+  def __init__(self, loader: DualPathLoader, req: LoadRequest,
+               stage: HostStage, pool_shape: Sequence[int]):
+    self.pe = loader.cluster.engine(req.prefill_engine)
+    self.de = loader.cluster.engine(req.decode_engine)
+    self.num_layers = loader.block_shape[0]
+    pool_shape = tuple(pool_shape)
+    if (len(pool_shape) != 6 or pool_shape[0] != self.num_layers or
+        pool_shape[2:] != loader.block_shape[1:]):
+      raise ValueError(f"pool {pool_shape} does not hold blocks "
+                       f"{loader.block_shape}")
+    num_pages = pool_shape[1]
+    parts = []  # destination pages per staged buffer, padded with num_pages
+    self.use1 = bool(stage.path1_pages.size)
+    self.use2 = bool(stage.path2_pages.size)
+    for use, host, pages in ((self.use1, stage.path1, stage.path1_pages),
+                             (self.use2, stage.path2, stage.path2_pages)):
+      if pages.size and (pages.max() >= num_pages or pages.min() < 0):
+        raise ValueError(f"page {pages.max()} out of range for {num_pages}")
+      if use:
+        padded = np.full(host.shape[1], num_pages, np.int32)  # dropped rows
+        padded[:pages.size] = pages
+        parts.append(padded)
+    self.stage = stage
+    self.empty = not parts
+    self.pages = (None if self.empty else
+                  jax.device_put(np.concatenate(parts), self.pe.sharding()))
+    self.to_pe = loader.handoff(self.de.name, self.pe.name, head_axis=2)
+    self.in_flight = loader.config.layers_in_flight
+    self.pending: collections.deque = collections.deque()
+    self.next_layer = 0  # the next layer to stage
+    self.expected = 0  # the next layer to scatter
+
+  def _stage(self, layer: int) -> list[jax.Array]:  # each [n_i, 2, Hkv, P, D]
+    parts = []
+    if self.use1:
+      parts.append(jax.device_put(self.stage.path1[layer],
+                                  self.pe.kv_blocks_sharding()))
+    if self.use2:
+      on_de = jax.device_put(self.stage.path2[layer],
+                             self.de.kv_blocks_sharding())
+      parts.append(self.to_pe(on_de))
+    return parts
+
+  def __call__(self, layer: int, pool: jax.Array) -> jax.Array:
+    if layer != self.expected:
+      raise ValueError(f"layers must be staged in order: expected layer "
+                       f"{self.expected}, got {layer}")
+    self.expected += 1
+    if self.empty:
+      return pool
+    if layer == 0:
+      pool = jax.device_put(pool, self.pe.kv_pool_sharding())
+    while (self.next_layer < self.num_layers and
+           len(self.pending) < self.in_flight):
+      self.pending.append(self._stage(self.next_layer))
+      self.next_layer += 1
+    parts = self.pending.popleft()
+    return _scatter_layer(pool, jnp.int32(layer), self.pages, *parts)
 
 
 @jax.jit
@@ -301,19 +423,19 @@ def _gather_pages(pool: jax.Array,  # [L, N, 2, Hkv, P, D]
 
 
 def _scatter_pages_impl(pool: jax.Array,  # [L, N, 2, Hkv, P, D], donated
-                        pages: jax.Array,  # [n] int32
+                        pages: jax.Array,  # [n] int32, N = padding
                         blocks: jax.Array,  # [L, n, 2, Hkv, P, D]
                         ) -> jax.Array:
-  return pool.at[:, pages].set(blocks)
+  return pool.at[:, pages].set(blocks, mode="drop")
 
 
 def _scatter_layer_impl(pool: jax.Array,  # [L, N, 2, Hkv, P, D], donated
                         layer: jax.Array,  # [] int32
-                        pages: jax.Array,  # [n] int32, path 1 then path 2
+                        pages: jax.Array,  # [n] int32, path 1 then 2, N = padding
                         *parts: jax.Array,  # each [n_i, 2, Hkv, P, D]
                         ) -> jax.Array:
   blocks = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-  return pool.at[layer, pages].set(blocks)
+  return pool.at[layer, pages].set(blocks, mode="drop")
 
 
 _scatter_pages = jax.jit(_scatter_pages_impl, donate_argnums=(0,))

@@ -14,6 +14,12 @@ served first come, first served, a request larger than the bucket never
 hangs, and `queued_bytes()` (the negative balance) is exactly the backlog the
 scheduler reads into `EngineState.nic_queued_bytes`.
 
+Bytes a caller has committed to read but not yet requested (a load whose
+later batches wait behind its earlier ones) are *planned*: `plan(n)` counts
+them, `acquire(n, planned=True)` turns them into a request, and
+`backlog_bytes()` (queued + planned) is what a scheduler placing more work
+must see, or it would pile every turn onto the NIC that merely looks idle.
+
 Clock and sleep are injected: tests drive a `ManualClock` and never sleep.
 """
 
@@ -53,6 +59,7 @@ class StorageNic:
     self._last = clock()
     self.total_bytes = 0
     self.total_wait_s = 0.0
+    self._planned = 0
 
   @property
   def unlimited(self) -> bool:
@@ -64,11 +71,16 @@ class StorageNic:
     self._tokens = min(float(self.burst_bytes),
                        self._tokens + elapsed * self.bytes_per_s)
 
-  def reserve(self, nbytes: int) -> float:
-    """Takes `nbytes`; returns the seconds the caller must wait before using them."""
+  def reserve(self, nbytes: int, planned: bool = False) -> float:
+    """Takes `nbytes`; returns the seconds the caller must wait before using them.
+
+    `planned`: the bytes leave the plan in the same step (see `plan`).
+    """
     if nbytes < 0:
       raise ValueError(f"{self.name}: nbytes must be >= 0, got {nbytes}")
     with self._lock:
+      if planned:
+        self._planned = max(0, self._planned - nbytes)
       self.total_bytes += nbytes
       if self.unlimited:
         return 0.0
@@ -78,9 +90,24 @@ class StorageNic:
       self.total_wait_s += wait
       return wait
 
-  def acquire(self, nbytes: int) -> float:
-    """Takes `nbytes` and sleeps until they have passed; returns the wait."""
-    wait = self.reserve(nbytes)
+  def plan(self, nbytes: int) -> None:
+    """Counts `nbytes` a caller will `acquire(..., planned=True)` later."""
+    if nbytes < 0:
+      raise ValueError(f"{self.name}: nbytes must be >= 0, got {nbytes}")
+    with self._lock:
+      self._planned += nbytes
+
+  def unplan(self, nbytes: int) -> None:
+    """Withdraws planned bytes that will not be read (a failed load)."""
+    with self._lock:
+      self._planned = max(0, self._planned - nbytes)
+
+  def acquire(self, nbytes: int, planned: bool = False) -> float:
+    """Takes `nbytes` and sleeps until they have passed; returns the wait.
+
+    `planned`: the bytes were announced with `plan` and leave the plan now.
+    """
+    wait = self.reserve(nbytes, planned)
     if wait > 0:
       self._sleep(wait)
     return wait
@@ -93,7 +120,17 @@ class StorageNic:
       self._refill(self._clock())
       return max(0.0, -self._tokens)
 
+  def planned_bytes(self) -> int:
+    """Bytes announced with `plan` and not yet acquired."""
+    with self._lock:
+      return self._planned
+
+  def backlog_bytes(self) -> float:
+    """Queued plus planned bytes: what a new request would wait behind."""
+    return self.queued_bytes() + self.planned_bytes()
+
   def stats(self) -> dict[str, float]:
     return {"bytes": self.total_bytes, "wait_s": self.total_wait_s,
             "queued_bytes": self.queued_bytes(),
+            "planned_bytes": self.planned_bytes(),
             "bytes_per_s": self.bytes_per_s}
