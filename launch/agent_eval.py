@@ -18,11 +18,17 @@ import time
 
 from absl import app, flags, logging
 
+from launch import distributed_flags  # --coordinator_address, --num_processes, ...
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("trace", None, "abench-session-jsonl-v1 trace (.jsonl or "
                     ".jsonl.zst); default: the built-in synthetic workload")
 flags.DEFINE_integer("sessions", 8, "synthetic workload: number of sessions")
 flags.DEFINE_integer("turns", 6, "synthetic workload: turns per session")
+flags.DEFINE_integer("first_tool_lines", 6, "synthetic workload: lines of "
+                     "the first tool output (the initial context's size)")
+flags.DEFINE_integer("growth_lines", 6, "synthetic workload: tool-output "
+                     "lines each later turn adds")
 flags.DEFINE_integer("limit_sessions", None, "replay only the first N sessions")
 flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
                     "GGUF, a .gguf path, an Orbax dir from launch.convert, or "
@@ -52,6 +58,9 @@ flags.DEFINE_enum("policy", "dualpath", ["single_path", "dualpath", "oracle"],
                   "load-path policy of the prefill/decode cluster")
 flags.DEFINE_float("storage_nic_gbps", float("inf"), "each engine's emulated "
                    "storage NIC in Gb/s (a token-bucket limiter; inf = none)")
+flags.DEFINE_bool("prefill_keeps_prefix", True, "--mesh: prefill engines "
+                  "keep a turn's blocks after it; false = DualPath's setting, "
+                  "every cached prefix comes back from the cold tier")
 flags.DEFINE_string("attention", "auto", "paged-attention implementation "
                     "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
 flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
@@ -68,6 +77,8 @@ def _load_sessions():
     return load_trace(FLAGS.trace, limit=FLAGS.limit_sessions)
   sessions = synthetic_agent_workload(num_sessions=FLAGS.sessions,
                                       turns_per_session=FLAGS.turns,
+                                      first_tool_lines=FLAGS.first_tool_lines,
+                                      growth_lines=FLAGS.growth_lines,
                                       output_tokens=FLAGS.max_new_tokens,
                                       seed=FLAGS.seed)
   return sessions[:FLAGS.limit_sessions] if FLAGS.limit_sessions else sessions
@@ -88,6 +99,10 @@ def _max_context_bound(sessions, tokenizer) -> int:
 
 def main(argv):
   del argv
+  if distributed_flags.initialize_from_flags():
+    sys.exit("agent_eval: the serving loop is single-controller; multi-process "
+             "runs are not supported yet (the transfer layer is: see "
+             "docs/pod_launch.md)")
   from dualpath_jax.utils import enable_compilation_cache
   enable_compilation_cache()
   import jax
@@ -132,8 +147,10 @@ def main(argv):
     from dualpath_jax.engine.cluster import make_cluster
     from dualpath_jax.transfer import DualPathConfig
     engine = make_cluster(loaded, cache, engine_cfg, cold, mesh,
-                          DualPathConfig(policy=FLAGS.policy,
-                                         storage_nic_gbps=FLAGS.storage_nic_gbps))
+                          DualPathConfig(
+                              policy=FLAGS.policy,
+                              storage_nic_gbps=FLAGS.storage_nic_gbps,
+                              prefill_keeps_prefix=FLAGS.prefill_keeps_prefix))
   else:
     engine = make_engine(loaded, cache, engine_cfg, cold_tier=cold)
   total_turns = sum(len(s.turns) for s in sessions)
@@ -177,12 +194,15 @@ def main(argv):
       "date": time.strftime("%Y-%m-%d"),
       "config": {
           "model": loaded.config.name, "model_source": FLAGS.model or "embedded",
-          "trace": FLAGS.trace or f"synthetic:{FLAGS.sessions}x{FLAGS.turns}",
+          "trace": FLAGS.trace or (
+              f"synthetic:{FLAGS.sessions}x{FLAGS.turns}"
+              f":first{FLAGS.first_tool_lines}:growth{FLAGS.growth_lines}"),
           "reply": FLAGS.reply, "max_new_tokens": FLAGS.max_new_tokens,
           "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
           "cold_tier": None if cold is None else to_dict(cold),
           "mesh": FLAGS.mesh, "tp": FLAGS.tp, "policy": FLAGS.policy,
           "storage_nic_gbps": FLAGS.storage_nic_gbps,
+          "prefill_keeps_prefix": FLAGS.prefill_keeps_prefix,
           "engine": to_dict(engine_cfg),
       },
       "turns_detail": [r.__dict__ | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s}

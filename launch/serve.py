@@ -15,6 +15,8 @@ import sys
 
 from absl import app, flags, logging
 
+from launch import distributed_flags  # --coordinator_address, --num_processes, ...
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (loopback by "
                     "default; the server has no authentication)")
@@ -54,6 +56,10 @@ def _tokenizer(loaded):
 
 def main(argv):
   del argv
+  if distributed_flags.initialize_from_flags():
+    sys.exit("serve: the serving loop is single-controller; multi-process "
+             "runs are not supported yet (the transfer layer is: see "
+             "docs/pod_launch.md)")
   from dualpath_jax.utils import enable_compilation_cache
   enable_compilation_cache()
   import jax

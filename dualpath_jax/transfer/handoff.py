@@ -20,6 +20,15 @@ of 16-64 blocks 2.5-5x faster than ppermute (`python -m
 dualpath_jax.transfer.bench_handoff`; numbers in docs/dualpath.md), needs no
 scratch buffer and works for every pair. Choose "ppermute" explicitly to
 exercise the collective (what a multi-host deployment would lower to).
+
+Multi-process (`dualpath_jax.distributed`): when the two engines' devices
+belong to different processes, "auto" picks "ppermute", since `device_put`
+cannot cross processes without JAX's cross-host transfer server. Every
+process then calls the hand-off with the same shapes in the same order (it
+is one collective program); a process that owns no source device passes an
+array without local shards (`jax.make_array_from_callback` on the source
+sharding), and gets back one without local shards unless it owns the
+destination. tests/test_multiprocess.py runs it across two CPU processes.
 """
 
 from __future__ import annotations
@@ -42,12 +51,18 @@ def head_spec(ndim: int, head_axis: int) -> PartitionSpec:
                          for i in range(ndim)])
 
 
+def spans_processes(src: EngineMesh, dst: EngineMesh) -> bool:
+  """True when `src` and `dst` devices belong to more than one JAX process."""
+  return len({d.process_index for d in src.devices + dst.devices}) > 1
+
+
 class Handoff:
   """Copies arrays sharded over their heads from `src` to `dst`.
 
   Args:
     src, dst: the two engines.
-    method: "auto", "device_put" or "ppermute".
+    method: "auto" (device_put within a process, ppermute across
+      processes), "device_put" or "ppermute".
     head_axis: the axis split over "tp" (2 for one layer's blocks
       `[n, 2, Hkv, P, D]`, 3 for whole blocks `[L, n, 2, Hkv, P, D]`).
   """
@@ -55,7 +70,7 @@ class Handoff:
   def __init__(self, src: EngineMesh, dst: EngineMesh, method: str = "auto",
                head_axis: int = 2):
     if method == "auto":
-      method = "device_put"
+      method = "ppermute" if spans_processes(src, dst) else "device_put"
     if method not in ("device_put", "ppermute"):
       raise ValueError(f"hand-off method {method!r} not in "
                        "('auto', 'device_put', 'ppermute')")
@@ -90,12 +105,12 @@ class Handoff:
     shards = ([s.data for s in x.addressable_shards] +
               [s.data for s in self._scratch[key].addressable_shards])
     stacked = jax.make_array_from_single_device_arrays(
-        global_shape, global_sharding, shards)
+        global_shape, global_sharding, shards, dtype=x.dtype)
     out = self._fn(x.ndim, global_spec)(stacked)
     dst_ids = {d.id for d in self.dst.devices}
     mine = [s.data for s in out.addressable_shards if s.device.id in dst_ids]
     return jax.make_array_from_single_device_arrays(
-        x.shape, self.dst.sharding(spec), mine)
+        x.shape, self.dst.sharding(spec), mine, dtype=x.dtype)
 
   def _fn(self, ndim: int, global_spec: PartitionSpec) -> Callable:
     if ndim not in self._fns:
