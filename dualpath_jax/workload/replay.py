@@ -7,6 +7,13 @@ rollout does. The context of each turn is the chat template rendered over the
 session's messages so far; the reply that joins the history is either what
 the model generated or, when teacher forcing, the recorded `assistant_text`,
 so that the context grows exactly as it did when the trace was recorded.
+
+`start_s` turns the same loop into an open-loop driver (`workload.online`):
+each session's first turn becomes ready at its own offset, whatever the
+engine is doing, and a turn's arrival time is when it became ready, not when
+the loop got round to submitting it (a turn that waits behind a long engine
+step counts that wait in its TTFT). `on_tick` sees the clock after every
+engine step and before every idle wait, for sampling counters over time.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
                     reply_mode: str = "generate", max_new_tokens: int = 32,
                     honor_gaps: bool = False,
                     on_turn: Callable[[TurnRecord], None] | None = None,
+                    start_s: Sequence[float] | None = None,
+                    on_tick: Callable[[float], None] | None = None,
                     clock: Callable[[], float] = time.perf_counter,
                     sleep: Callable[[float], None] = time.sleep) -> ReplayResult:
   """Runs every turn of every session through `engine`; returns the records.
@@ -52,14 +61,23 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
   `output_tokens`, when positive, lowers it further). A turn whose context
   would exceed the engine's `max_context` ends its session early; the
   session is listed in `truncated_sessions` with the reason.
+
+  `start_s[i]` (seconds after the start, default 0) is when session `i`'s
+  first turn arrives; `on_tick(t)` is called with the seconds since the start
+  after every engine step and before every idle wait.
   """
   if reply_mode not in REPLY_MODES:
     raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {reply_mode!r}")
+  if start_s is None:
+    start_s = [0.0] * len(sessions)
+  if len(start_s) != len(sessions) or any(not o >= 0 for o in start_s):
+    raise ValueError("start_s needs one offset >= 0 per session")
   t0 = clock()
   states = {}
-  for s in sessions:
+  for s, offset in zip(sessions, start_s):
     msgs = [{"role": "system", "content": s.system_prompt}] if s.system_prompt else []
-    states[s.session_id] = _SessionState(session=s, messages=msgs, ready_at=t0)
+    states[s.session_id] = _SessionState(session=s, messages=msgs,
+                                         ready_at=t0 + offset)
   records: list[TurnRecord] = []
   max_context = engine.config.max_context
 
@@ -120,12 +138,16 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
     if engine.has_work():
       for out in engine.step():
         finish(out)
+      if on_tick is not None:
+        on_tick(clock() - t0)
       continue
     pending = [st.ready_at for st in states.values()
                if not st.stopped and not st.in_flight
                and st.next_turn < len(st.session.turns)]
     if not pending:
       break
+    if on_tick is not None:
+      on_tick(clock() - t0)
     sleep(max(0.0, min(pending) - clock()))
   return ReplayResult(
       records=records, wall_s=clock() - t0,

@@ -1,0 +1,398 @@
+r"""Online benchmark: agents arrive open-loop; agents/s sustained within a TTFT SLO.
+
+    python -m launch.bench_online --mesh=1P2D --policies=single_path,dualpath \
+        --rates=0.05,0.1,0.2 --slo_ttft_s=2 --storage_nic_gbps=10 \
+        --report=online.json --plot=online.png
+
+For every offered rate (agents/s) and every policy, agents (the sessions of
+a trace, or the built-in synthetic workload) arrive at that rate, Poisson
+(seeded, the same pattern at every rate) or evenly spaced, whatever the
+engine is doing; each agent's turns follow one another as in
+`launch.agent_eval` (`workload.online.run_online`). Each (policy, rate) run
+gets a fresh cluster (empty pools, compiled before the clock starts) over
+its own clone of one seeded cold tier (`storage.clone`), so every run
+starts from the same state. The seed (`--seed_store`): `replay` runs the
+whole workload once, closed-loop, on a single engine and keeps the blocks it
+wrote (every run then finds the agents' contexts in storage, the regime
+DualPath targets); `none` starts every run from an empty store.
+`--model=random:<preset> --tokenizer=bytes` runs random weights of any size
+(one token per byte, `workload.byte_tokenizer`).
+
+Prints a table (policy x rate: agents/s offered, arrived and achieved,
+TTFT and TPOT percentiles, SLO attainment, each engine's storage-NIC GB and
+mean utilisation) and the headline, agents/s sustained within the SLO per
+policy (`workload.slo`); writes a JSON report with every number, the turns
+and the sampled time series, and with `--plot` a PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Registers this launcher's flags (only when run as a program, so that
+  importing it next to other launchers never collides on names)."""
+  flags.DEFINE_string("trace", None, "abench-session-jsonl-v1 trace (.jsonl or "
+                      ".jsonl.zst); default: the built-in synthetic workload")
+  flags.DEFINE_integer("sessions", 8, "synthetic workload: number of sessions")
+  flags.DEFINE_integer("turns", 6, "synthetic workload: turns per session")
+  flags.DEFINE_integer("limit_sessions", None, "use only the first N sessions")
+  flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
+                      "GGUF, a .gguf path, an Orbax dir from launch.convert, or "
+                      "random:<preset> (with --tokenizer=bytes)")
+  flags.DEFINE_enum("reply", "generate", ["generate", "teacher_forced"],
+                    "what joins the history after a turn: the generated reply or "
+                    "the recorded assistant_text")
+  flags.DEFINE_integer("max_new_tokens", 32, "cap on tokens generated per turn "
+                       "(the trace's output_tokens lowers it per turn)")
+  flags.DEFINE_bool("honor_gaps", True, "wait each turn's recorded pre_gap_ms "
+                    "(the agent's tool time) before sending it")
+  flags.DEFINE_string("rates", "0.05,0.1,0.2", "offered rates, agents/s (comma list)")
+  flags.DEFINE_enum("arrival", "poisson", ["poisson", "uniform"],
+                    "agent arrival process (poisson is seeded by --seed)")
+  flags.DEFINE_string("policies", "single_path,dualpath", "load-path policies "
+                      "to compare in this run (comma list of single_path, "
+                      "dualpath, oracle); ignored with --mesh=none")
+  flags.DEFINE_float("slo_ttft_s", 2.0, "TTFT SLO in seconds")
+  flags.DEFINE_integer("slo_percentile", 90, "the TTFT percentile that must be "
+                       "within the SLO")
+  flags.DEFINE_float("slo_tpot_s", None, "optional TPOT SLO (same percentile)")
+  flags.DEFINE_float("keep_up", 0.9, "a run keeps up when its achieved agents/s "
+                     "is at least this fraction of its arrival rate")
+  flags.DEFINE_enum("seed_store", "replay", ["replay", "none"],
+                    "what every run's cold tier starts with: a copy of one "
+                    "closed-loop single-engine replay's store, or nothing")
+  flags.DEFINE_float("sample_every_s", 0.25, "time-series sampling interval "
+                     "(0: every engine step)")
+  flags.DEFINE_integer("block_size", 16, "tokens per KV block")
+  flags.DEFINE_integer("num_blocks", 2048, "KV pool size in blocks (per engine)")
+  flags.DEFINE_integer("max_batch", 8, "sequences decoded together")
+  flags.DEFINE_integer("prefill_chunk", 512, "max new tokens per prefill step")
+  flags.DEFINE_integer("max_context", 8192, "longest context of one turn")
+  flags.DEFINE_string("cold_tier", None, "working directory of the cold tiers "
+                      "(<dir>/seed and <dir>/runs/*, replaced); default: a "
+                      "temporary directory, removed at the end")
+  flags.DEFINE_bool("keep_runs", False, "keep each run's cold tier under "
+                    "--cold_tier/runs (else removed after the run)")
+  flags.DEFINE_float("cold_tier_gb", 8.0, "cold-tier byte budget (LRU beyond it)")
+  flags.DEFINE_enum("cold_tier_codec", "raw", ["raw", "zstd", "int8", "int8+zstd"],
+                    "cold-tier block codec (int8 is lossy)")
+  flags.DEFINE_string("mesh", "1P2D", "prefill/decode split, e.g. 1P2D; none = "
+                      "one engine (no load paths: --policies ignored)")
+  flags.DEFINE_string("tp", "1", "tensor-parallel size per engine: N or "
+                      "PREFILL,DECODE")
+  flags.DEFINE_float("storage_nic_gbps", float("inf"), "each engine's emulated "
+                     "storage NIC in Gb/s (a token-bucket limiter; inf = none)")
+  flags.DEFINE_string("attention", "auto", "paged-attention implementation "
+                      "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
+  flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
+  flags.DEFINE_string("report", "bench_online_report.json", "JSON report path")
+  flags.DEFINE_string("plot", None, "PNG: TTFT vs rate per policy, NIC "
+                      "utilisation over time at the highest rate")
+  flags.DEFINE_bool("warmup", True, "compile every shape bucket before each run "
+                    "(not timed)")
+  flags.DEFINE_bool("progress", True, "show a progress bar per run")
+  flags.DEFINE_integer("seed", 0, "synthetic workload, arrival and sampling seed")
+  flags.DEFINE_enum("tokenizer", "model", ["model", "bytes"],
+                    "model: the model's own; bytes: one token per byte, a "
+                    "stand-in for random weights (random:<preset>)")
+
+
+_POLICIES = ("single_path", "dualpath", "oracle")
+
+
+def _fail(msg: str):
+  sys.exit(f"bench_online: {msg}")
+
+
+def _parse_rates(text: str) -> list[float]:
+  try:
+    rates = [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    _fail(f"--rates must be a comma list of numbers, got {text!r}")
+  if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
+    _fail(f"--rates must be finite agents/s > 0, got {text!r}")
+  if len(set(rates)) != len(rates):
+    _fail(f"--rates lists a rate twice: {text!r}")
+  return sorted(rates)
+
+
+def _parse_policies(text: str) -> list[str]:
+  pols = [p.strip() for p in text.split(",") if p.strip()]
+  bad = [p for p in pols if p not in _POLICIES]
+  if not pols or bad:
+    _fail(f"--policies must be a comma list of {_POLICIES}, got {text!r}")
+  if len(set(pols)) != len(pols):
+    _fail(f"--policies lists a policy twice: {text!r}")
+  return pols
+
+
+def _load_sessions():
+  from dualpath_jax.workload import load_trace, synthetic_agent_workload
+  if FLAGS.trace:
+    return load_trace(FLAGS.trace, limit=FLAGS.limit_sessions)
+  if FLAGS.sessions < 1 or FLAGS.turns < 1:
+    _fail("--sessions and --turns must be >= 1")
+  sessions = synthetic_agent_workload(num_sessions=FLAGS.sessions,
+                                      turns_per_session=FLAGS.turns,
+                                      output_tokens=FLAGS.max_new_tokens,
+                                      seed=FLAGS.seed)
+  return sessions[:FLAGS.limit_sessions] if FLAGS.limit_sessions else sessions
+
+
+def _max_context_bound(sessions, tokenizer) -> int:
+  """Upper bound on any turn's context: every message plus every reply budget."""
+  bound = 0
+  for s in sessions:
+    msgs = [{"role": "system", "content": s.system_prompt}]
+    for t in s.turns:
+      msgs += t.input_delta
+      msgs.append({"role": "assistant", "content": t.assistant_text})
+    replies = len(s.turns) * (FLAGS.max_new_tokens + 8)
+    bound = max(bound, len(tokenizer.encode_chat(msgs)) + replies)
+  return bound
+
+
+def _cold_config(root: str):
+  from storage.config import ColdTierConfig
+  return ColdTierConfig(root=root, codec=FLAGS.cold_tier_codec,
+                        capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)))
+
+
+def _seed(loaded, cache, engine_cfg, sessions, root: str) -> dict:
+  """Fills the store at `root` (a closed-loop replay on one engine)."""
+  from dualpath_jax.engine.factory import make_engine
+  from dualpath_jax.workload.replay import replay_sessions
+  os.makedirs(root)
+  if FLAGS.seed_store == "none":
+    return {"mode": "none"}
+  print("seeding the cold tier (closed-loop replay on one engine) ...",
+        flush=True)
+  engine = make_engine(loaded, cache, engine_cfg, cold_tier=_cold_config(root))
+  res = replay_sessions(engine, loaded.tokenizer, sessions,
+                        reply_mode=FLAGS.reply,
+                        max_new_tokens=FLAGS.max_new_tokens)
+  engine.cold_tier.store.flush()
+  stats = {"mode": "replay", "turns": len(res.records), "wall_s": res.wall_s,
+           "store": engine.cold_tier.store.stats()}
+  engine.close()
+  print(f"  {len(res.records)} turns in {res.wall_s:.1f} s, "
+        f"{stats['store'].get('index_ready', '?')} blocks stored", flush=True)
+  return stats
+
+
+def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
+         run_dir, context_bound) -> dict:
+  """One (policy, rate) run on a fresh engine over a clone of the seed store."""
+  import tqdm
+
+  from dualpath_jax import metrics
+  from dualpath_jax.workload.online import run_online
+  from dualpath_jax.workload.slo import evaluate_run
+
+  if os.path.exists(run_dir):
+    shutil.rmtree(run_dir)
+  cold = _cold_config(run_dir)
+  cloned = 0
+  if FLAGS.seed_store != "none":
+    from storage.block_store import BlockStore
+    from storage.clone import clone_store
+    with BlockStore(_cold_config(seed_dir), loaded.config, cache) as src, \
+        BlockStore(cold, loaded.config, cache) as dst:
+      cloned = clone_store(src, dst)
+  if mesh is None:
+    from dualpath_jax.engine.factory import make_engine
+    engine = make_engine(loaded, cache, engine_cfg, cold_tier=cold)
+    block_bytes = cache.bytes_per_block(loaded.config)
+  else:
+    from dualpath_jax.engine.cluster import make_cluster
+    from dualpath_jax.transfer import DualPathConfig
+    engine = make_cluster(loaded, cache, engine_cfg, cold, mesh,
+                          DualPathConfig(policy=policy,
+                                         storage_nic_gbps=FLAGS.storage_nic_gbps))
+    block_bytes = engine.block_bytes
+  if FLAGS.warmup:
+    engine.warmup(min(FLAGS.max_context, context_bound))
+  total = sum(len(s.turns) for s in sessions)
+  bar = tqdm.tqdm(total=total, unit="turn", disable=not FLAGS.progress,
+                  desc=f"{policy} @ {rate:g}/s")
+  res = run_online(engine, loaded.tokenizer, sessions, rate=rate,
+                   arrival=FLAGS.arrival, seed=FLAGS.seed,
+                   reply_mode=FLAGS.reply, max_new_tokens=FLAGS.max_new_tokens,
+                   honor_gaps=FLAGS.honor_gaps,
+                   sample_every_s=FLAGS.sample_every_s,
+                   on_turn=lambda r: bar.update(1))
+  bar.close()
+  engine.cold_tier.store.flush()
+  cold_stats = {**engine.cold_tier.stats.as_dict(),
+                "store": engine.cold_tier.store.stats()}
+  nics = {}
+  if mesh is not None:
+    last = res.series[-1].get("nics", {})
+    for name, s in engine.nic_stats().items():
+      passed = last.get(name, {}).get("passed_bytes", s["bytes"])
+      cap = s["bytes_per_s"]
+      nics[name] = {**s, "gb": s["bytes"] / 1e9,
+                    "mean_util": (passed / (cap * res.wall_s)
+                                  if math.isfinite(cap) and res.wall_s > 0
+                                  else None)}
+  stats = engine.stats.as_dict()
+  paths = stats.get("path_blocks") or {}
+  cache_stats = engine.manager.stats
+  engine.close()
+  if not FLAGS.keep_runs:
+    shutil.rmtree(run_dir, ignore_errors=True)
+  return {
+      "policy": policy,
+      "rate": rate,
+      "slo": evaluate_run(res.records, res.arrivals, rate, slo),
+      "summary": metrics.summarize(res.records, res.wall_s),
+      "nics": nics,
+      "path_bytes": {k: paths[k] * block_bytes for k in ("path1", "path2")
+                     if k in paths},
+      "block_bytes": block_bytes,
+      "seed_blocks": cloned,
+      "engine": stats,
+      "cache": cache_stats,
+      "cold_tier": cold_stats,
+      "truncated_sessions": res.truncated_sessions,
+      "arrivals": res.arrivals,
+      "series": res.series,
+      "turns_detail": [r.__dict__ | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s}
+                       for r in res.records],
+  }
+
+
+def main(argv):
+  del argv
+  rates = _parse_rates(FLAGS.rates)
+  policies = _parse_policies(FLAGS.policies)
+  from dualpath_jax.workload.slo import SloSpec, sustained_rate
+  try:
+    slo = SloSpec(ttft_s=FLAGS.slo_ttft_s, percentile=FLAGS.slo_percentile,
+                  tpot_s=FLAGS.slo_tpot_s, keep_up=FLAGS.keep_up)
+  except ValueError as e:
+    _fail(str(e))
+  if FLAGS.sample_every_s < 0:
+    _fail("--sample_every_s must be >= 0")
+  mesh = None
+  if FLAGS.mesh and FLAGS.mesh.lower() != "none":
+    from dualpath_jax.transfer import MeshConfig
+    try:
+      mesh = MeshConfig.parse(FLAGS.mesh, FLAGS.tp)
+    except ValueError as e:
+      _fail(f"--mesh: {e}")
+  else:
+    policies = ["engine"]
+  if (FLAGS.model or "").startswith("random:") and FLAGS.tokenizer != "bytes":
+    _fail("random weights have no tokenizer: add --tokenizer=bytes")
+  from dualpath_jax.workload.trace import TraceError
+  try:
+    sessions = _load_sessions()
+  except (TraceError, FileNotFoundError) as e:
+    _fail(str(e))
+
+  from dualpath_jax.utils import enable_compilation_cache
+  enable_compilation_cache()
+  import jax
+
+  from dualpath_jax import metrics
+  from dualpath_jax.config import CacheConfig, EngineConfig, to_dict
+  from dualpath_jax.model import load_model
+  from dualpath_jax.workload import online_report
+
+  loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  if FLAGS.tokenizer == "bytes":
+    from dualpath_jax.workload.byte_tokenizer import ByteChatTokenizer
+    loaded = dataclasses.replace(
+        loaded, tokenizer=ByteChatTokenizer(loaded.config.vocab_size))
+  elif loaded.tokenizer is None:
+    _fail("the model has no tokenizer (random weights); use the GGUF, a "
+          "converted checkpoint or --tokenizer=bytes")
+  cache = CacheConfig(block_size=FLAGS.block_size, num_blocks=FLAGS.num_blocks,
+                      dtype=FLAGS.dtype)
+  engine_cfg = EngineConfig(max_batch_size=FLAGS.max_batch,
+                            max_prefill_chunk=FLAGS.prefill_chunk,
+                            max_context=FLAGS.max_context,
+                            attention_impl=FLAGS.attention, seed=FLAGS.seed)
+  bound = _max_context_bound(sessions, loaded.tokenizer)
+  logging.info("%d sessions, %d turns on %s (%s)", len(sessions),
+               sum(len(s.turns) for s in sessions), loaded.config.name,
+               jax.devices()[0].device_kind)
+
+  root = FLAGS.cold_tier or tempfile.mkdtemp(prefix="bench_online_")
+  seed_dir = os.path.join(root, "seed")
+  for d in (seed_dir, os.path.join(root, "runs")):
+    if os.path.exists(d):
+      shutil.rmtree(d)
+  try:
+    seed_stats = _seed(loaded, cache, engine_cfg, sessions, seed_dir)
+    runs = []
+    for rate in rates:  # policies side by side at each rate
+      for policy in policies:
+        run_dir = os.path.join(root, "runs", f"{policy}-{rate:g}")
+        run = _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions,
+                   slo, seed_dir, run_dir, bound)
+        runs.append(run)
+        v = run["slo"]
+        print(f"{policy} @ {rate:g} agents/s: {v['turns']} turns in "
+              f"{run['summary']['wall_s']:.1f} s, p{slo.percentile} TTFT "
+              f"{v['ttft_s'][f'p{slo.percentile}'] or math.nan:.3g} s, "
+              f"{'pass' if v['passed'] else 'fail'}", flush=True)
+  finally:
+    if not FLAGS.cold_tier:
+      shutil.rmtree(root, ignore_errors=True)
+
+  sustained = {p: sustained_rate([r["slo"] for r in runs if r["policy"] == p])
+               for p in policies}
+  trace = FLAGS.trace or f"synthetic:{FLAGS.sessions}x{FLAGS.turns}"
+  report = {
+      "agents_per_s_within_slo": sustained,
+      "slo": dataclasses.asdict(slo),
+      "runs": runs,
+      "seed_store": seed_stats,
+      "device": str(jax.devices()[0].device_kind),
+      "backend": jax.default_backend(),
+      "jax_version": jax.__version__,
+      "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+      "date": time.strftime("%Y-%m-%d"),
+      "config": {
+          "model": loaded.config.name, "model_source": FLAGS.model or "embedded",
+          "trace": trace, "sessions": len(sessions), "reply": FLAGS.reply,
+          "max_new_tokens": FLAGS.max_new_tokens,
+          "honor_gaps": FLAGS.honor_gaps, "rates": rates,
+          "arrival": FLAGS.arrival, "seed": FLAGS.seed,
+          "policies": policies, "mesh": FLAGS.mesh, "tp": FLAGS.tp,
+          "storage_nic_gbps": FLAGS.storage_nic_gbps,
+          "seed_store": FLAGS.seed_store,
+          "sample_every_s": FLAGS.sample_every_s, "warmup": FLAGS.warmup,
+          "cache": to_dict(cache), "engine": to_dict(engine_cfg),
+          "cold_tier": to_dict(_cold_config(root)),
+      },
+  }
+  print(online_report.format_runs_table(runs, slo.percentile))
+  print(online_report.format_headline(sustained, slo.ttft_s, slo.percentile))
+  metrics.write_json(report, FLAGS.report)
+  print(f"report: {FLAGS.report}")
+  if FLAGS.plot:
+    online_report.plot_online(runs, FLAGS.plot, slo_ttft_s=slo.ttft_s,
+                              percentile=slo.percentile,
+                              title=f"bench_online {trace} on {FLAGS.mesh}")
+    print(f"plot: {FLAGS.plot}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
