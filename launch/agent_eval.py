@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags, logging
 
-from launch import distributed_flags  # --coordinator_address, --num_processes, ...
+from launch import cluster_flags, distributed_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("trace", None, "abench-session-jsonl-v1 trace (.jsonl or "
@@ -44,23 +44,6 @@ flags.DEFINE_integer("num_blocks", 2048, "KV pool size in blocks (per layer)")
 flags.DEFINE_integer("max_batch", 8, "sequences decoded together")
 flags.DEFINE_integer("prefill_chunk", 512, "max new tokens per prefill step")
 flags.DEFINE_integer("max_context", 8192, "longest context of one turn")
-flags.DEFINE_string("cold_tier", None, "directory of a TensorStore cold tier: "
-                    "finished turns' blocks are written there and loaded back "
-                    "when the pool no longer holds them (survives restarts)")
-flags.DEFINE_float("cold_tier_gb", 8.0, "cold-tier byte budget (LRU beyond it)")
-flags.DEFINE_enum("cold_tier_codec", "raw", ["raw", "zstd", "int8", "int8+zstd"],
-                  "cold-tier block codec (int8 is lossy)")
-flags.DEFINE_string("mesh", None, "prefill/decode split, e.g. 1P2D (needs "
-                    "--cold_tier); None = one engine")
-flags.DEFINE_string("tp", "1", "tensor-parallel size per engine: N or "
-                    "PREFILL,DECODE")
-flags.DEFINE_enum("policy", "dualpath", ["single_path", "dualpath", "oracle"],
-                  "load-path policy of the prefill/decode cluster")
-flags.DEFINE_float("storage_nic_gbps", float("inf"), "each engine's emulated "
-                   "storage NIC in Gb/s (a token-bucket limiter; inf = none)")
-flags.DEFINE_bool("prefill_keeps_prefix", True, "--mesh: prefill engines "
-                  "keep a turn's blocks after it; false = DualPath's setting, "
-                  "every cached prefix comes back from the cold tier")
 flags.DEFINE_string("attention", "auto", "paged-attention implementation "
                     "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
 flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
@@ -69,6 +52,7 @@ flags.DEFINE_string("plot", None, "PNG plot path (TTFT and timeline)")
 flags.DEFINE_bool("warmup", True, "compile every shape bucket before timing")
 flags.DEFINE_bool("progress", True, "show a progress bar")
 flags.DEFINE_integer("seed", 0, "synthetic workload and sampling seed")
+cluster_flags.define()  # --mesh, --policy, --storage_nic_gbps, --cold_tier, ...
 
 
 def _load_sessions():
@@ -110,7 +94,6 @@ def main(argv):
 
   from dualpath_jax import metrics
   from dualpath_jax.config import CacheConfig, EngineConfig, to_dict
-  from dualpath_jax.engine.factory import make_engine
   from dualpath_jax.model import load_model
   from dualpath_jax.workload.replay import replay_sessions
   from dualpath_jax.workload.trace import TraceError
@@ -119,15 +102,10 @@ def main(argv):
     sessions = _load_sessions()
   except (TraceError, FileNotFoundError) as e:
     sys.exit(f"agent_eval: {e}")
-  mesh = None
-  if FLAGS.mesh:
-    from dualpath_jax.transfer import MeshConfig
-    if not FLAGS.cold_tier:
-      sys.exit("agent_eval: --mesh needs --cold_tier (the blocks the paths load)")
-    try:
-      mesh = MeshConfig.parse(FLAGS.mesh, FLAGS.tp)
-    except ValueError as e:
-      sys.exit(f"agent_eval: --mesh: {e}")
+  try:
+    mesh = cluster_flags.mesh_config()
+  except ValueError as e:
+    sys.exit(f"agent_eval: {e}")
   loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
   if loaded.tokenizer is None:
     sys.exit("agent_eval: the model has no tokenizer (random weights); use the "
@@ -138,21 +116,10 @@ def main(argv):
                             max_prefill_chunk=FLAGS.prefill_chunk,
                             max_context=FLAGS.max_context,
                             attention_impl=FLAGS.attention, seed=FLAGS.seed)
-  cold = None
-  if FLAGS.cold_tier:
-    from storage.config import ColdTierConfig
-    cold = ColdTierConfig(root=FLAGS.cold_tier, codec=FLAGS.cold_tier_codec,
-                          capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)))
-  if FLAGS.mesh:
-    from dualpath_jax.engine.cluster import make_cluster
-    from dualpath_jax.transfer import DualPathConfig
-    engine = make_cluster(loaded, cache, engine_cfg, cold, mesh,
-                          DualPathConfig(
-                              policy=FLAGS.policy,
-                              storage_nic_gbps=FLAGS.storage_nic_gbps,
-                              prefill_keeps_prefix=FLAGS.prefill_keeps_prefix))
-  else:
-    engine = make_engine(loaded, cache, engine_cfg, cold_tier=cold)
+  try:
+    engine = cluster_flags.make(loaded, cache, engine_cfg)
+  except ValueError as e:
+    sys.exit(f"agent_eval: {e}")
   total_turns = sum(len(s.turns) for s in sessions)
   logging.info("%d sessions, %d turns on %s (%s)", len(sessions), total_turns,
                loaded.config.name, jax.devices()[0].device_kind)
@@ -176,7 +143,7 @@ def main(argv):
     engine.cold_tier.store.flush()  # count queued write-backs as done
     cold_stats = {**engine.cold_tier.stats.as_dict(),
                   "store": engine.cold_tier.store.stats()}
-  nics = engine.nic_stats() if FLAGS.mesh else None
+  nics = engine.nic_stats() if mesh is not None else None
   engine.close()
 
   summary = metrics.summarize(result.records, result.wall_s)
@@ -199,10 +166,9 @@ def main(argv):
               f":first{FLAGS.first_tool_lines}:growth{FLAGS.growth_lines}"),
           "reply": FLAGS.reply, "max_new_tokens": FLAGS.max_new_tokens,
           "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
-          "cold_tier": None if cold is None else to_dict(cold),
-          "mesh": FLAGS.mesh, "tp": FLAGS.tp, "policy": FLAGS.policy,
-          "storage_nic_gbps": FLAGS.storage_nic_gbps,
-          "prefill_keeps_prefix": FLAGS.prefill_keeps_prefix,
+          "cold_tier": (None if engine.cold_tier is None else
+                        to_dict(cluster_flags.cold_tier_config())),
+          **cluster_flags.as_dict(),
           "engine": to_dict(engine_cfg),
       },
       "turns_detail": [r.__dict__ | {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s}

@@ -43,7 +43,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Registers this launcher's flags (only when run as a program, so that
-  importing it next to other launchers never collides on names)."""
+  importing it next to other launchers never collides on names); the
+  cluster and cold-tier flags are `launch.cluster_flags`'."""
+  from launch import cluster_flags
   flags.DEFINE_string("trace", None, "abench-session-jsonl-v1 trace (.jsonl or "
                       ".jsonl.zst); default: the built-in synthetic workload")
   flags.DEFINE_integer("sessions", 8, "synthetic workload: number of sessions")
@@ -86,15 +88,6 @@ def define_flags() -> None:
                       "temporary directory, removed at the end")
   flags.DEFINE_bool("keep_runs", False, "keep each run's cold tier under "
                     "--cold_tier/runs (else removed after the run)")
-  flags.DEFINE_float("cold_tier_gb", 8.0, "cold-tier byte budget (LRU beyond it)")
-  flags.DEFINE_enum("cold_tier_codec", "raw", ["raw", "zstd", "int8", "int8+zstd"],
-                    "cold-tier block codec (int8 is lossy)")
-  flags.DEFINE_string("mesh", "1P2D", "prefill/decode split, e.g. 1P2D; none = "
-                      "one engine (no load paths: --policies ignored)")
-  flags.DEFINE_string("tp", "1", "tensor-parallel size per engine: N or "
-                      "PREFILL,DECODE")
-  flags.DEFINE_float("storage_nic_gbps", float("inf"), "each engine's emulated "
-                     "storage NIC in Gb/s (a token-bucket limiter; inf = none)")
   flags.DEFINE_string("attention", "auto", "paged-attention implementation "
                       "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
   flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
@@ -108,6 +101,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("tokenizer", "model", ["model", "bytes"],
                     "model: the model's own; bytes: one token per byte, a "
                     "stand-in for random weights (random:<preset>)")
+  cluster_flags.define(mesh_default="1P2D")  # --mesh none = one engine
 
 
 _POLICIES = ("single_path", "dualpath", "oracle")
@@ -166,9 +160,8 @@ def _max_context_bound(sessions, tokenizer) -> int:
 
 
 def _cold_config(root: str):
-  from storage.config import ColdTierConfig
-  return ColdTierConfig(root=root, codec=FLAGS.cold_tier_codec,
-                        capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)))
+  from launch import cluster_flags
+  return cluster_flags.cold_tier_config(root)
 
 
 def _seed(loaded, cache, engine_cfg, sessions, root: str) -> dict:
@@ -218,10 +211,9 @@ def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
     block_bytes = cache.bytes_per_block(loaded.config)
   else:
     from dualpath_jax.engine.cluster import make_cluster
-    from dualpath_jax.transfer import DualPathConfig
+    from launch import cluster_flags
     engine = make_cluster(loaded, cache, engine_cfg, cold, mesh,
-                          DualPathConfig(policy=policy,
-                                         storage_nic_gbps=FLAGS.storage_nic_gbps))
+                          cluster_flags.dualpath_config(policy))
     block_bytes = engine.block_bytes
   if FLAGS.warmup:
     engine.warmup(min(FLAGS.max_context, context_bound))

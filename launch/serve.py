@@ -3,6 +3,7 @@ r"""OpenAI-compatible HTTP server over the multi-turn engine.
     python -m launch.serve                              # embedded SmolLM2, 127.0.0.1:8000
     python -m launch.serve --port=8080 --num_blocks=4096 --max_context=8192
     python -m launch.serve --model=random:llama3-8b-shape:layers=2 --tokenizer=embedded
+    python -m launch.serve --mesh=1P2D --cold_tier=/tmp/kv --policy=dualpath
 
 Then point any OpenAI client at http://127.0.0.1:8000/v1 (see
 docs/server.md). It binds to loopback unless `--host` says otherwise: the
@@ -15,7 +16,7 @@ import sys
 
 from absl import app, flags, logging
 
-from launch import distributed_flags  # --coordinator_address, --num_processes, ...
+from launch import cluster_flags, distributed_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (loopback by "
@@ -43,6 +44,7 @@ flags.DEFINE_bool("warmup", False, "compile every shape bucket up to "
                   "--max_context before serving (slow start, steady latency)")
 flags.DEFINE_integer("seed", 0, "sampling seed of requests without `seed`")
 flags.DEFINE_string("log_level", "info", "uvicorn log level")
+cluster_flags.define()  # --mesh=1P2D --cold_tier=DIR: serve on a P/D cluster
 
 
 def _tokenizer(loaded):
@@ -66,7 +68,6 @@ def main(argv):
   import uvicorn
 
   from dualpath_jax.config import CacheConfig, EngineConfig
-  from dualpath_jax.engine.factory import make_engine
   from dualpath_jax.model import load_model
   from dualpath_jax.server import LocalEngineHandle, ServerConfig, create_app
 
@@ -85,7 +86,7 @@ def main(argv):
                               max_prefill_chunk=FLAGS.prefill_chunk,
                               max_context=FLAGS.max_context,
                               attention_impl=FLAGS.attention, seed=FLAGS.seed)
-    engine = make_engine(loaded, cache, engine_cfg)
+    engine = cluster_flags.make(loaded, cache, engine_cfg)
     server_cfg = ServerConfig(
         model_names=tuple(FLAGS.served_model_name or (loaded.config.name,)),
         default_temperature=FLAGS.default_temperature)

@@ -299,6 +299,58 @@ class PDCluster:
     self._waiting.append(_Turn(req=req, arrival_s=arrival,
                                tokens=list(req.prompt_tokens), rng=rng))
 
+  def abort(self, request_id: str) -> bool:
+    """Drops a waiting, loading, prefilling or decoding turn; frees its pages.
+
+    Blocks it already computed stay cached in their engine's pool (as after
+    a finished turn); nothing is written back. A load in flight runs to its
+    end on its NIC (its bytes are spent) and is then discarded. Returns False
+    if no such turn is queued or running (e.g. it already finished).
+    """
+    for turn in self._waiting:
+      if turn.rid == request_id:
+        self._waiting.remove(turn)
+        return True
+    for pe in self.prefill_workers:
+      for turn in list(pe.queue) + ([pe.current] if pe.current else []):
+        if turn.rid == request_id:
+          if turn is pe.current:
+            pe.current = None
+          else:
+            pe.queue.remove(turn)
+          turn.load = None  # a finished read is never installed
+          pe.manager.end(turn.rid,
+                         keep_cached=self.dualpath.prefill_keeps_prefix)
+          turn.decode.manager.end(turn.rid)
+          return True
+    for de in self.decode_workers:
+      for turn in de.running:
+        if turn.rid == request_id:
+          de.running.remove(turn)
+          de.manager.end(turn.rid)
+          return True
+    return False
+
+  def metrics_snapshot(self) -> dict:
+    """Per-tier hits, per-path bytes and per-engine queues, for /metrics."""
+    pe_hits = sum(w.manager.stats["hit_tokens"] for w in self.prefill_workers)
+    engines = {}
+    for w in self.workers.values():
+      nic = self.nics[w.name]
+      engines[w.name] = {
+          "role": w.role,
+          "queued_turns": len(w.queue) + bool(w.current) + len(w.running),
+          "queued_tokens": w.queued_tokens(),
+          "nic_backlog_bytes": nic.backlog_bytes(),
+          "nic_bytes": nic.total_bytes}
+    blocks = self.stats.path_blocks
+    return {
+        "prefix_cache_hit_tokens": {
+            "device": pe_hits, "cold": self.cold_tier.stats.loaded_tokens},
+        "path_bytes": {path: blocks[path] * self.block_bytes
+                       for path in ("path1", "path2", "free")},
+        "engines": engines}
+
   def has_work(self) -> bool:
     return bool(self._waiting or any(w.has_work()
                                      for w in self.workers.values()))

@@ -50,7 +50,7 @@ class EngineHandle(Protocol):
 
 
 class LocalEngineHandle:
-  """`EngineHandle` over one `dualpath_jax.engine.Engine`."""
+  """`EngineHandle` over an `Engine` or a `PDCluster` in this process."""
 
   def __init__(self, engine):
     self.engine = engine
@@ -81,24 +81,34 @@ class LocalEngineHandle:
       close()
 
   def snapshot(self) -> dict[str, Any]:
-    """Numbers for /metrics; see `prometheus.EngineCollector` for the keys."""
+    """Numbers for /metrics; see `prometheus.EngineCollector` for the keys.
+
+    A prefill/decode cluster adds its own (`PDCluster.metrics_snapshot`):
+    hits by tier (device pool, cold tier), bytes by load path, and each
+    engine's queue and storage-NIC backlog.
+    """
     cache = self.engine.manager.stats
     pool = self.engine.manager.pool
-    return {
+    snap = {
         "num_waiting": self.engine.num_waiting,
         "num_running": self.engine.num_running,
         "kv_blocks_total": pool.num_blocks,
         "kv_blocks_referenced": cache["blocks_referenced"],
         "kv_blocks_cached": cache["blocks_cached"],
         "prefix_cache_query_tokens": cache["query_tokens"],
-        # Per-tier hits: only the device page pool exists today. The host
-        # (hot) and TensorStore (cold) tiers add their own keys here, and
-        # the load paths add "path_bytes": {"path1": n, "path2": n}.
         "prefix_cache_hit_tokens": {"device": cache["hit_tokens"]},
         "path_bytes": {},
+        "engines": {},
         "evicted_blocks": cache["evictions"],
         "engine": self.engine.stats.as_dict(),
     }
+    cold = getattr(self.engine, "cold_tier", None)
+    if cold is not None:
+      snap["prefix_cache_hit_tokens"]["cold"] = cold.stats.loaded_tokens
+    extra = getattr(self.engine, "metrics_snapshot", None)
+    if extra is not None:
+      snap.update(extra())
+    return snap
 
 
 @dataclasses.dataclass

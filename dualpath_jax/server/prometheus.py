@@ -10,13 +10,14 @@ Two sources, one registry per server (so tests can run several servers):
   requests by finish reason, prompt / generated / cached tokens, and the
   TTFT, TPOT and end-to-end latency histograms.
 
-Tiers and load paths. Prefix-cache hits carry a `tier` label; today only
-`tier="device"` (the HBM page pool) exists. When the host (hot) and
-TensorStore (cold) tiers land, the engine snapshot's
-`prefix_cache_hit_tokens` dict gains their keys and the samples appear here
-with no change to this file; likewise `path_bytes` feeds
-`dualpath_load_path_bytes_total{path="path1"|"path2"}` (empty until the
-DualPath loader exists).
+Tiers and load paths. Prefix-cache hits carry a `tier` label:
+`tier="device"` (found in an engine's page pool) and, with a cold tier,
+`tier="cold"` (loaded back from TensorStore). On a prefill/decode cluster,
+`dualpath_load_path_bytes_total{path="path1"|"path2"|"free"}` counts loaded
+bytes by path, and per engine `dualpath_engine_queued_turns`,
+`dualpath_storage_nic_backlog_bytes` and `dualpath_storage_nic_bytes_total`
+show where work and reads pile up. A host (hot) tier would add its `tier`
+key to the snapshot with no change to this file.
 """
 
 from __future__ import annotations
@@ -83,6 +84,26 @@ class EngineCollector(prometheus_client.registry.Collector):
     for path, n in sorted(s["path_bytes"].items()):
       path_bytes.add_metric([path], n)
     yield path_bytes
+    engines = s.get("engines", {})
+    queued = GaugeMetricFamily(
+        f"{PREFIX}_engine_queued_turns",
+        "Turns placed on each prefill/decode engine and not finished there.",
+        labels=["engine", "role"])
+    backlog = GaugeMetricFamily(
+        f"{PREFIX}_storage_nic_backlog_bytes",
+        "Bytes queued or planned on each engine's (emulated) storage NIC.",
+        labels=["engine"])
+    nic_bytes = CounterMetricFamily(
+        f"{PREFIX}_storage_nic_bytes",
+        "Cold-tier bytes read through each engine's storage NIC.",
+        labels=["engine"])
+    for name, e in sorted(engines.items()):
+      queued.add_metric([name, e["role"]], e["queued_turns"])
+      backlog.add_metric([name], e["nic_backlog_bytes"])
+      nic_bytes.add_metric([name], e["nic_bytes"])
+    yield queued
+    yield backlog
+    yield nic_bytes
     yield CounterMetricFamily(f"{PREFIX}_kv_evicted_blocks",
                               "Cached blocks evicted to make room.",
                               value=s["evicted_blocks"])

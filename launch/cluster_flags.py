@@ -1,0 +1,103 @@
+"""Flags of the prefill/decode cluster and the cold tier, shared by launchers.
+
+`agent_eval`, `serve` and `bench_online` run either one `Engine` or a
+`PDCluster` (`--mesh=1P2D`) over a TensorStore cold tier; the flags that
+describe the cluster, its load-path policy, the emulated storage NICs and the
+cold tier are defined once here, and so is turning them into configs.
+
+`define()` is idempotent (a flag already defined is left alone), so two
+launchers imported into one process (tests do this) do not collide.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+CODECS = ["raw", "zstd", "int8", "int8+zstd"]
+POLICIES = ["single_path", "dualpath", "oracle"]
+
+
+def define(mesh_default: str | None = None) -> None:
+  """Defines the cluster and cold-tier flags (once per process)."""
+
+  def once(define_fn, name, *args, **kw):
+    if name not in FLAGS:
+      define_fn(name, *args, **kw)
+
+  once(flags.DEFINE_string, "mesh", mesh_default,
+       "prefill/decode split, e.g. 1P2D (needs --cold_tier); unset or none = "
+       "one engine doing both")
+  once(flags.DEFINE_string, "tp", "1",
+       "tensor-parallel size per engine: N or PREFILL_TP,DECODE_TP")
+  once(flags.DEFINE_enum, "policy", "dualpath", POLICIES,
+       "--mesh: which path loads each cached block")
+  once(flags.DEFINE_float, "storage_nic_gbps", float("inf"),
+       "--mesh: each engine's emulated storage NIC in Gb/s (a token bucket "
+       "in front of cold-tier reads; inf = no limit)")
+  once(flags.DEFINE_bool, "prefill_keeps_prefix", True,
+       "--mesh: prefill engines keep a turn's blocks after it; false = "
+       "DualPath's setting, every cached prefix comes back from the cold tier")
+  once(flags.DEFINE_string, "cold_tier", None,
+       "directory of a TensorStore cold tier: committed blocks are written "
+       "there after each turn and loaded back on a later hit")
+  once(flags.DEFINE_float, "cold_tier_gb", 8.0,
+       "cold-tier byte budget (LRU beyond it)")
+  once(flags.DEFINE_enum, "cold_tier_codec", "raw", CODECS,
+       "how cold-tier blocks are stored")
+
+
+def mesh_config():
+  """The `MeshConfig` of `--mesh`/`--tp`, or None for one engine.
+
+  Raises:
+    ValueError: an unparsable `--mesh`/`--tp`, or `--mesh` without
+      `--cold_tier`.
+  """
+  if not FLAGS.mesh or FLAGS.mesh.lower() == "none":
+    return None
+  from dualpath_jax.transfer import MeshConfig
+  if not FLAGS.cold_tier:
+    raise ValueError("--mesh needs --cold_tier (the blocks the paths load)")
+  return MeshConfig.parse(FLAGS.mesh, FLAGS.tp)
+
+
+def dualpath_config(policy: str | None = None):
+  """`DualPathConfig` from the flags (`policy` overrides `--policy`)."""
+  from dualpath_jax.transfer import DualPathConfig
+  return DualPathConfig(policy=policy or FLAGS.policy,
+                        storage_nic_gbps=FLAGS.storage_nic_gbps,
+                        prefill_keeps_prefix=FLAGS.prefill_keeps_prefix)
+
+
+def cold_tier_config(root: str | None = None):
+  """`ColdTierConfig` at `root` (default `--cold_tier`), or None without one."""
+  root = root or FLAGS.cold_tier
+  if not root:
+    return None
+  from storage.config import ColdTierConfig
+  return ColdTierConfig(root=root, codec=FLAGS.cold_tier_codec,
+                        capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)))
+
+
+def as_dict() -> dict:
+  """The flags' values, for reports."""
+  return {"mesh": FLAGS.mesh, "tp": FLAGS.tp, "policy": FLAGS.policy,
+          "storage_nic_gbps": FLAGS.storage_nic_gbps,
+          "prefill_keeps_prefix": FLAGS.prefill_keeps_prefix,
+          "cold_tier_codec": FLAGS.cold_tier_codec,
+          "cold_tier_gb": FLAGS.cold_tier_gb}
+
+
+def make(loaded, cache, engine_cfg, *, policy: str | None = None,
+         cold_root: str | None = None):
+  """An `Engine` (no `--mesh`) or a `PDCluster` as the flags describe."""
+  mesh = mesh_config()
+  cold = cold_tier_config(cold_root)
+  if mesh is None:
+    from dualpath_jax.engine.factory import make_engine
+    return make_engine(loaded, cache, engine_cfg, cold_tier=cold)
+  from dualpath_jax.engine.cluster import make_cluster
+  return make_cluster(loaded, cache, engine_cfg, cold, mesh,
+                      dualpath_config(policy))
