@@ -182,3 +182,51 @@ def test_bad_requests(np_rng):
     DualPathLoader(loader.cluster, loader.source, {}, DualPathConfig(), shape,
                    np.float32)
   loader.close()
+
+
+def test_stager_scatters_layers_in_order_and_never_writes_padding(np_rng):
+  """3 path-1 + 2 path-2 blocks (padded to 16-block buffers) into a pool of 40."""
+  shape = (3, 2, 2, 4, 8)
+  _, source, loader = _setup(np_rng, shape, np.float32, 5)
+  ids = [f"b{i}".encode() for i in range(5)]
+  pages = [7, 3, 39, 0, 21]
+  req = LoadRequest(ids, pages, [PE, DE, PE, DE, PE], "P0", "D1")
+  stage = loader.read_to_host_async(req).result()
+  assert stage.path1.shape[1] == stage.path2.shape[1] == 16  # one bucket
+  pool = jnp.asarray(np_rng.standard_normal((3, 40) + shape[1:]), jnp.float32)
+  before = np.asarray(pool)
+  stager = loader.stager(req, stage, pool.shape)
+  with pytest.raises(ValueError, match="in order"):
+    stager(1, pool)
+  for layer in range(3):
+    pool = stager(layer, pool)
+  after = np.asarray(pool)
+  for i, page in enumerate(pages):
+    np.testing.assert_array_equal(after[:, page], source.get([ids[i]])[0])
+  others = sorted(set(range(40)) - set(pages))
+  np.testing.assert_array_equal(after[:, others], before[:, others])
+  for nic in loader.nics.values():
+    assert nic.planned_bytes() == 0
+  loader.close()
+
+
+def test_async_loads_on_one_nic_are_served_first_come_first_served(np_rng):
+  """Two loads on P0's NIC: the first submitted finishes first."""
+  shape = (2, 2, 2, 4, 8)
+  config = DualPathConfig(storage_nic_gbps=8 * 1024 * 40 / 1e9,  # 40 blocks/s
+                          nic_burst_bytes=1)
+  _, source, loader = _setup(np_rng, shape, np.float32, 8, config)
+  first = LoadRequest([f"b{i}".encode() for i in range(4)], [0, 1, 2, 3],
+                      [PE] * 4, "P0", "D0")
+  second = LoadRequest([f"b{i}".encode() for i in range(4, 8)], [4, 5, 6, 7],
+                       [PE] * 4, "P0", "D0")
+  done = []
+  f1 = loader.read_to_host_async(first)
+  f2 = loader.read_to_host_async(second)
+  assert loader.nics["P0"].backlog_bytes() > 0  # planned at once
+  f1.add_done_callback(lambda _: done.append(1))
+  f2.add_done_callback(lambda _: done.append(2))
+  f1.result(), f2.result()
+  assert done == [1, 2]
+  assert loader.nics["P0"].planned_bytes() == 0
+  loader.close()
