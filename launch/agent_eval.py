@@ -18,27 +18,13 @@ import time
 
 from absl import app, flags, logging
 
-from launch import cluster_flags, distributed_flags
+from launch import cluster_flags, distributed_flags, workload_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("trace", None, "abench-session-jsonl-v1 trace (.jsonl or "
-                    ".jsonl.zst); default: the built-in synthetic workload")
-flags.DEFINE_integer("sessions", 8, "synthetic workload: number of sessions")
-flags.DEFINE_integer("turns", 6, "synthetic workload: turns per session")
-flags.DEFINE_integer("first_tool_lines", 6, "synthetic workload: lines of "
-                     "the first tool output (the initial context's size)")
-flags.DEFINE_integer("growth_lines", 6, "synthetic workload: tool-output "
-                     "lines each later turn adds")
-flags.DEFINE_integer("limit_sessions", None, "replay only the first N sessions")
 flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
                     "GGUF, a .gguf path, an Orbax dir from launch.convert, or "
                     "random:<preset>")
-flags.DEFINE_enum("reply", "generate", ["generate", "teacher_forced"],
-                  "what joins the history after a turn: the generated reply or "
-                  "the recorded assistant_text")
-flags.DEFINE_integer("max_new_tokens", 32, "cap on tokens generated per turn "
-                     "(the trace's output_tokens lowers it per turn)")
-flags.DEFINE_bool("honor_gaps", False, "wait each turn's recorded pre_gap_ms")
+workload_flags.define()  # --trace, --sessions, --turns, --reply, ...
 flags.DEFINE_integer("block_size", 16, "tokens per KV block")
 flags.DEFINE_integer("num_blocks", 2048, "KV pool size in blocks (per layer)")
 flags.DEFINE_integer("max_batch", 8, "sequences decoded together")
@@ -53,32 +39,6 @@ flags.DEFINE_bool("warmup", True, "compile every shape bucket before timing")
 flags.DEFINE_bool("progress", True, "show a progress bar")
 flags.DEFINE_integer("seed", 0, "synthetic workload and sampling seed")
 cluster_flags.define()  # --mesh, --policy, --storage_nic_gbps, --cold_tier, ...
-
-
-def _load_sessions():
-  from dualpath_jax.workload import load_trace, synthetic_agent_workload
-  if FLAGS.trace:
-    return load_trace(FLAGS.trace, limit=FLAGS.limit_sessions)
-  sessions = synthetic_agent_workload(num_sessions=FLAGS.sessions,
-                                      turns_per_session=FLAGS.turns,
-                                      first_tool_lines=FLAGS.first_tool_lines,
-                                      growth_lines=FLAGS.growth_lines,
-                                      output_tokens=FLAGS.max_new_tokens,
-                                      seed=FLAGS.seed)
-  return sessions[:FLAGS.limit_sessions] if FLAGS.limit_sessions else sessions
-
-
-def _max_context_bound(sessions, tokenizer) -> int:
-  """Upper bound on any turn's context: every message plus every reply budget."""
-  bound = 0
-  for s in sessions:
-    msgs = [{"role": "system", "content": s.system_prompt}]
-    for t in s.turns:
-      msgs += t.input_delta
-      msgs.append({"role": "assistant", "content": t.assistant_text})
-    replies = len(s.turns) * (FLAGS.max_new_tokens + 8)
-    bound = max(bound, len(tokenizer.encode_chat(msgs)) + replies)
-  return bound
 
 
 def main(argv):
@@ -99,8 +59,8 @@ def main(argv):
   from dualpath_jax.workload.trace import TraceError
 
   try:
-    sessions = _load_sessions()
-  except (TraceError, FileNotFoundError) as e:
+    sessions = workload_flags.load_sessions()
+  except (TraceError, FileNotFoundError, ValueError) as e:
     sys.exit(f"agent_eval: {e}")
   try:
     mesh = cluster_flags.mesh_config()
@@ -126,7 +86,7 @@ def main(argv):
   if FLAGS.warmup:
     print("compiling shape buckets ...", flush=True)
     engine.warmup(min(FLAGS.max_context,
-                      _max_context_bound(sessions, loaded.tokenizer)))
+                      workload_flags.max_context_bound(sessions, loaded.tokenizer)))
     print(f"  {engine.stats.compiled_shapes} shapes in "
           f"{engine.stats.warmup_s:.1f} s", flush=True)
 
@@ -161,9 +121,7 @@ def main(argv):
       "date": time.strftime("%Y-%m-%d"),
       "config": {
           "model": loaded.config.name, "model_source": FLAGS.model or "embedded",
-          "trace": FLAGS.trace or (
-              f"synthetic:{FLAGS.sessions}x{FLAGS.turns}"
-              f":first{FLAGS.first_tool_lines}:growth{FLAGS.growth_lines}"),
+          "trace": workload_flags.describe(),
           "reply": FLAGS.reply, "max_new_tokens": FLAGS.max_new_tokens,
           "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
           "cold_tier": (None if engine.cold_tier is None else

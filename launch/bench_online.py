@@ -38,6 +38,8 @@ import time
 
 from absl import app, flags, logging
 
+from launch import cluster_flags, workload_flags
+
 FLAGS = flags.FLAGS
 
 
@@ -45,22 +47,10 @@ def define_flags() -> None:
   """Registers this launcher's flags (only when run as a program, so that
   importing it next to other launchers never collides on names); the
   cluster and cold-tier flags are `launch.cluster_flags`'."""
-  from launch import cluster_flags
-  flags.DEFINE_string("trace", None, "abench-session-jsonl-v1 trace (.jsonl or "
-                      ".jsonl.zst); default: the built-in synthetic workload")
-  flags.DEFINE_integer("sessions", 8, "synthetic workload: number of sessions")
-  flags.DEFINE_integer("turns", 6, "synthetic workload: turns per session")
-  flags.DEFINE_integer("limit_sessions", None, "use only the first N sessions")
   flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
                       "GGUF, a .gguf path, an Orbax dir from launch.convert, or "
                       "random:<preset> (with --tokenizer=bytes)")
-  flags.DEFINE_enum("reply", "generate", ["generate", "teacher_forced"],
-                    "what joins the history after a turn: the generated reply or "
-                    "the recorded assistant_text")
-  flags.DEFINE_integer("max_new_tokens", 32, "cap on tokens generated per turn "
-                       "(the trace's output_tokens lowers it per turn)")
-  flags.DEFINE_bool("honor_gaps", True, "wait each turn's recorded pre_gap_ms "
-                    "(the agent's tool time) before sending it")
+  workload_flags.define(honor_gaps_default=True)
   flags.DEFINE_string("rates", "0.05,0.1,0.2", "offered rates, agents/s (comma list)")
   flags.DEFINE_enum("arrival", "poisson", ["poisson", "uniform"],
                     "agent arrival process (poisson is seeded by --seed)")
@@ -133,34 +123,7 @@ def _parse_policies(text: str) -> list[str]:
   return pols
 
 
-def _load_sessions():
-  from dualpath_jax.workload import load_trace, synthetic_agent_workload
-  if FLAGS.trace:
-    return load_trace(FLAGS.trace, limit=FLAGS.limit_sessions)
-  if FLAGS.sessions < 1 or FLAGS.turns < 1:
-    _fail("--sessions and --turns must be >= 1")
-  sessions = synthetic_agent_workload(num_sessions=FLAGS.sessions,
-                                      turns_per_session=FLAGS.turns,
-                                      output_tokens=FLAGS.max_new_tokens,
-                                      seed=FLAGS.seed)
-  return sessions[:FLAGS.limit_sessions] if FLAGS.limit_sessions else sessions
-
-
-def _max_context_bound(sessions, tokenizer) -> int:
-  """Upper bound on any turn's context: every message plus every reply budget."""
-  bound = 0
-  for s in sessions:
-    msgs = [{"role": "system", "content": s.system_prompt}]
-    for t in s.turns:
-      msgs += t.input_delta
-      msgs.append({"role": "assistant", "content": t.assistant_text})
-    replies = len(s.turns) * (FLAGS.max_new_tokens + 8)
-    bound = max(bound, len(tokenizer.encode_chat(msgs)) + replies)
-  return bound
-
-
 def _cold_config(root: str):
-  from launch import cluster_flags
   return cluster_flags.cold_tier_config(root)
 
 
@@ -211,7 +174,6 @@ def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
     block_bytes = cache.bytes_per_block(loaded.config)
   else:
     from dualpath_jax.engine.cluster import make_cluster
-    from launch import cluster_flags
     engine = make_cluster(loaded, cache, engine_cfg, cold, mesh,
                           cluster_flags.dualpath_config(policy))
     block_bytes = engine.block_bytes
@@ -292,8 +254,8 @@ def main(argv):
     _fail("random weights have no tokenizer: add --tokenizer=bytes")
   from dualpath_jax.workload.trace import TraceError
   try:
-    sessions = _load_sessions()
-  except (TraceError, FileNotFoundError) as e:
+    sessions = workload_flags.load_sessions()
+  except (TraceError, FileNotFoundError, ValueError) as e:
     _fail(str(e))
 
   from dualpath_jax.utils import enable_compilation_cache
@@ -319,7 +281,7 @@ def main(argv):
                             max_prefill_chunk=FLAGS.prefill_chunk,
                             max_context=FLAGS.max_context,
                             attention_impl=FLAGS.attention, seed=FLAGS.seed)
-  bound = _max_context_bound(sessions, loaded.tokenizer)
+  bound = workload_flags.max_context_bound(sessions, loaded.tokenizer)
   logging.info("%d sessions, %d turns on %s (%s)", len(sessions),
                sum(len(s.turns) for s in sessions), loaded.config.name,
                jax.devices()[0].device_kind)
@@ -349,7 +311,7 @@ def main(argv):
 
   sustained = {p: sustained_rate([r["slo"] for r in runs if r["policy"] == p])
                for p in policies}
-  trace = FLAGS.trace or f"synthetic:{FLAGS.sessions}x{FLAGS.turns}"
+  trace = workload_flags.describe()
   report = {
       "agents_per_s_within_slo": sustained,
       "slo": dataclasses.asdict(slo),

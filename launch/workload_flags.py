@@ -1,0 +1,84 @@
+"""Flags that pick the agent workload, shared by `agent_eval` and `bench_online`.
+
+A workload is either a recorded trace (`--trace`, abench-session-jsonl-v1)
+or the built-in synthetic coding-agent sessions (`--sessions`, `--turns`,
+`--first_tool_lines`, `--growth_lines`). `define()` is idempotent, like
+`cluster_flags.define()`; each launcher keeps its own `--seed`, which the
+synthetic workload uses.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+
+def define(honor_gaps_default: bool = False) -> None:
+  """Defines the workload flags (once per process)."""
+
+  def once(define_fn, name, *args, **kw):
+    if name not in FLAGS:
+      define_fn(name, *args, **kw)
+
+  once(flags.DEFINE_string, "trace", None, "abench-session-jsonl-v1 trace "
+       "(.jsonl or .jsonl.zst); default: the built-in synthetic workload")
+  once(flags.DEFINE_integer, "sessions", 8,
+       "synthetic workload: number of sessions")
+  once(flags.DEFINE_integer, "turns", 6, "synthetic workload: turns per session")
+  once(flags.DEFINE_integer, "first_tool_lines", 6, "synthetic workload: "
+       "lines of the first tool output (the initial context's size)")
+  once(flags.DEFINE_integer, "growth_lines", 6, "synthetic workload: "
+       "tool-output lines each later turn adds")
+  once(flags.DEFINE_integer, "limit_sessions", None,
+       "use only the first N sessions")
+  once(flags.DEFINE_enum, "reply", "generate", ["generate", "teacher_forced"],
+       "what joins the history after a turn: the generated reply or the "
+       "recorded assistant_text")
+  once(flags.DEFINE_integer, "max_new_tokens", 32, "cap on tokens generated "
+       "per turn (the trace's output_tokens lowers it per turn)")
+  once(flags.DEFINE_bool, "honor_gaps", honor_gaps_default,
+       "wait each turn's recorded pre_gap_ms (tool time) before sending it")
+
+
+def load_sessions():
+  """The sessions the flags describe.
+
+  Raises:
+    ValueError: non-positive synthetic sizes.
+    TraceError, FileNotFoundError: an unreadable trace.
+  """
+  from dualpath_jax.workload import load_trace, synthetic_agent_workload
+  if FLAGS.trace:
+    return load_trace(FLAGS.trace, limit=FLAGS.limit_sessions)
+  if FLAGS.sessions < 1 or FLAGS.turns < 1:
+    raise ValueError("--sessions and --turns must be >= 1")
+  if FLAGS.first_tool_lines < 0 or FLAGS.growth_lines < 0:
+    raise ValueError("--first_tool_lines and --growth_lines must be >= 0")
+  sessions = synthetic_agent_workload(num_sessions=FLAGS.sessions,
+                                      turns_per_session=FLAGS.turns,
+                                      first_tool_lines=FLAGS.first_tool_lines,
+                                      growth_lines=FLAGS.growth_lines,
+                                      output_tokens=FLAGS.max_new_tokens,
+                                      seed=FLAGS.seed)
+  return sessions[:FLAGS.limit_sessions] if FLAGS.limit_sessions else sessions
+
+
+def describe() -> str:
+  """The workload in one string, for reports."""
+  return FLAGS.trace or (f"synthetic:{FLAGS.sessions}x{FLAGS.turns}"
+                         f":first{FLAGS.first_tool_lines}"
+                         f":growth{FLAGS.growth_lines}")
+
+
+def max_context_bound(sessions, tokenizer) -> int:
+  """Upper bound on any turn's context: every message plus every reply budget."""
+  bound = 0
+  for s in sessions:
+    msgs = [{"role": "system", "content": s.system_prompt}]
+    for t in s.turns:
+      msgs += t.input_delta
+      msgs.append({"role": "assistant", "content": t.assistant_text})
+    replies = len(s.turns) * (FLAGS.max_new_tokens + 8)
+    bound = max(bound, len(tokenizer.encode_chat(msgs)) + replies)
+  return bound
