@@ -29,4 +29,4 @@ def test_cluster_on_eight_cpu_devices():
       timeout=300, check=False)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-6000:]
-  assert "3 passed" in out and "skipped" not in out, out[-3000:]
+  assert "5 passed" in out and "skipped" not in out, out[-3000:]

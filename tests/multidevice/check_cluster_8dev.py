@@ -58,8 +58,10 @@ def test_eight_devices():
   assert jax.device_count() == 8, "XLA_FLAGS did not reach the CPU backend"
 
 
-@pytest.mark.parametrize("handoff", ["device_put", "ppermute"])
-def test_cluster_on_separate_devices(tmp_path, handoff):
+@pytest.mark.parametrize("mesh,tp,handoff", [
+    ("1P2D", "1", "device_put"), ("1P2D", "1", "ppermute"),
+    ("1P2D", "2", "ppermute"), ("2P4D", "1", "device_put")])
+def test_cluster_on_separate_devices(tmp_path, mesh, tp, handoff):
   tiny = load_model("random:tiny-test")
   rng = np.random.default_rng(99)
   prompts = {"a": rng.integers(3, 256, size=26).tolist(),
@@ -83,14 +85,17 @@ def test_cluster_on_separate_devices(tmp_path, handoff):
   cluster = make_cluster(
       tiny, CACHE, ENGINE, ColdTierConfig(root=str(tmp_path / "c"),
                                           file_io_mode="default"),
-      MeshConfig.parse("1P2D"),
+      MeshConfig.parse(mesh, tp),
       DualPathConfig(policy="dualpath", storage_nic_gbps=100.0,
                      handoff=handoff))
   try:
     assert not cluster.cluster_mesh.shared
     devices = {name: {d.id for d in w.kv.devices()}
                for name, w in cluster.workers.items()}
-    assert devices == {"P0": {0}, "D0": {1}, "D1": {2}}
+    width = int(tp)
+    order = [e.name for e in cluster.cluster_mesh.engines]  # P first, then D
+    assert devices == {name: set(range(i * width, (i + 1) * width))
+                       for i, name in enumerate(order)}
     for s, (ids, blocks) in stored.items():
       cluster.store.put(ids, blocks, tenant="t", session=s)
     got = _run(cluster, second_reqs)
@@ -99,8 +104,11 @@ def test_cluster_on_separate_devices(tmp_path, handoff):
       assert got[rid].cached_prompt_tokens > 0
     stats = cluster.stats
     assert stats.path_blocks["path1"] > 0 and stats.path_blocks["path2"] > 0
-    assert stats.nic_bytes.get("P0", 0) > 0
-    assert stats.nic_bytes.get("D0", 0) + stats.nic_bytes.get("D1", 0) > 0
+    pe_bytes = sum(stats.nic_bytes.get(w.name, 0)
+                   for w in cluster.prefill_workers)
+    de_bytes = sum(stats.nic_bytes.get(w.name, 0)
+                   for w in cluster.decode_workers)
+    assert pe_bytes > 0 and de_bytes > 0
     assert stats.moved_blocks > 0
     for name, w in cluster.workers.items():  # pools stayed on their devices
       assert {d.id for d in w.kv.devices()} == devices[name]
