@@ -14,6 +14,7 @@ API (numpy in, numpy out; every method is thread-safe):
                                 # deferred/dropped/no_space/failed
     fut = store.get_async(ids)
     fut.result() -> list[np.ndarray | None]  # [L, 2, Hkv, P, D] or None
+    store.get(ids, out=buf)                  # the same, read into buf's rows
     store.contains(ids) -> list[bool]
     store.delete_session(tenant, session) -> int   # blocks removed
     store.delete_tenant(tenant) -> int
@@ -31,6 +32,11 @@ read per batch; each chunk's CRC32C verified by TensorStore), re-checks in the
 index that no block was evicted while it was read, and decodes. A missing,
 torn, corrupt or raced block is None: counted in `stats()`, logged once, and
 its index entry and bytes removed so that the engine recomputes and re-puts it.
+With `out=` (a `[n, L, 2, Hkv, P, D]` buffer the caller reuses, e.g. a staging
+buffer), TensorStore writes the chunks straight into it (raw and zstd codecs)
+and the result holds views of its rows: no fresh result arrays, whose first
+touch is a large part of a read's CPU cost (page faults, zeroing;
+docs/storage.md).
 
 Durability and visibility: see `storage.index` (bytes durable, then index
 commit; dead writers' leftovers are removed by `recover()`, run on open).
@@ -143,18 +149,32 @@ class BlockStore:
     """Blocking `put_async`."""
     return self.put_async(ids, blocks, tenant=tenant, session=session).result()
 
-  def get_async(self, ids: Sequence[bytes]) -> cf.Future:
-    """A future of one `[L, 2, Hkv, P, D]` array or None per id."""
+  def get_async(
+      self,
+      ids: Sequence[bytes],
+      out: np.ndarray | None = None,  # [len(ids), L, 2, Hkv, P, D] cache dtype
+  ) -> cf.Future:
+    """A future of one `[L, 2, Hkv, P, D]` array or None per id.
+
+    With `out` (C-contiguous, writable, the cache dtype), block i is read into
+    `out[i]` and the result's arrays are those rows (views); a miss's row is
+    left as it was or partly written. The caller must not touch `out` until
+    the future is done.
+    """
     ids = self._check_ids(ids)
+    if out is not None:
+      self._check_out(out, len(ids))
     self._stats.add(get_calls=1, get_blocks=len(ids))
     step = self.config.max_batch_blocks
-    batches = [ids[i:i + step] for i in range(0, len(ids), step)]
-    futures = [self._reads.submit(self._get, batch) for batch in batches]
+    futures = [self._reads.submit(self._get, ids[i:i + step],
+                                  None if out is None else out[i:i + step])
+               for i in range(0, len(ids), step)]
     return gather(futures, lambda parts: [b for part in parts for b in part])
 
-  def get(self, ids: Sequence[bytes]) -> list[np.ndarray | None]:
+  def get(self, ids: Sequence[bytes],
+          out: np.ndarray | None = None) -> list[np.ndarray | None]:
     """Blocking `get_async`."""
-    return self.get_async(ids).result()
+    return self.get_async(ids, out).result()
 
   def contains(self, ids: Sequence[bytes]) -> list[bool]:
     """Whether each id is stored and readable now (committed, not deleted)."""
@@ -218,6 +238,14 @@ class BlockStore:
 
   # -- internals -------------------------------------------------------------
 
+  def _check_out(self, out: np.ndarray, n: int) -> None:
+    if (not isinstance(out, np.ndarray) or out.shape != (n, *self.block_shape)
+        or out.dtype != self.codec.dtype or not out.flags.c_contiguous
+        or not out.flags.writeable):
+      raise ValueError(
+          f"out must be a writable C-contiguous {self.codec.dtype_name} array of shape "
+          f"{[n, *self.block_shape]}, got {getattr(out, 'shape', type(out).__name__)}")
+
   @staticmethod
   def _check_ids(ids: Sequence[bytes]) -> list[bytes]:
     ids = list(ids)
@@ -270,55 +298,90 @@ class BlockStore:
     slots = np.array([r.slot for r in refs], np.int64)
     if self._chunk_root is not None:
       with self._slot_dirs_lock:
-        layout.make_slot_dirs(self._chunk_root, slots.tolist(), self._slot_dirs)
+        layout.make_slot_dirs(self._chunk_root, slots.tolist(), self._slot_dirs,
+                              self.num_slots)
     encoded = encoded.reshape(len(refs), -1)  # [n, chunk_elems]: a view
     txn = ts.Transaction()
     self.array.with_transaction(txn)[slots].write(encoded).result()
     txn.commit_async().result()
 
-  def _get(self, ids: list[bytes]) -> list[np.ndarray | None]:
+  def _get(
+      self,
+      ids: list[bytes],
+      out: np.ndarray | None,  # [len(ids), L, 2, Hkv, P, D] or None
+  ) -> list[np.ndarray | None]:
     start = time.perf_counter()
     refs = self.index.lookup(ids)
-    present = [r for r in refs if r is not None]
-    out: dict[bytes, np.ndarray] = {}
+    rows = [i for i, r in enumerate(refs) if r is not None]  # rows of `out`
+    present = [refs[i] for i in rows]
+    found: dict[bytes, np.ndarray] = {}
     if present:
-      batch, ok, bad = self._read_chunks(present)
+      # Identity codecs (raw, zstd) read straight into `out`: no result copy.
+      # Without `out`, TensorStore's own read() allocates the batch (numpy's
+      # np.empty + a write into it measured 2.4x the CPU on the benchmark VM:
+      # transparent huge pages, zeroed on first touch; docs/storage.md).
+      dest = out if out is not None and self.codec.identity else None
+      into = None if dest is None else dest.reshape(len(dest), -1)
+      batch, ok, bad = self._read_chunks(present, into, rows)
       if bad:
         self._drop_bad(bad)
       good = [i for i in range(len(present)) if ok[i]]
       valid = self.index.touch([present[i] for i in good]) if good else []
       keep = [i for i, still_there in zip(good, valid) if still_there]
       self._stats.add(miss_raced=len(good) - len(keep))
-      if keep:
+      if keep and dest is not None:
+        found = {present[i].block_id: dest[rows[i]] for i in keep}
+      elif keep:
         decoded = self.codec.decode(batch if len(keep) == len(present) else batch[keep])
-        out = {present[i].block_id: decoded[j] for j, i in enumerate(keep)}
-    hits = sum(block_id in out for block_id in ids)
+        if out is not None:
+          for j, i in enumerate(keep):
+            out[rows[i]] = decoded[j]
+          found = {present[i].block_id: out[rows[i]] for i in keep}
+        else:
+          found = {present[i].block_id: decoded[j] for j, i in enumerate(keep)}
+    hits = sum(block_id in found for block_id in ids)
     self._stats.add(
         hit_blocks=hits, read_bytes=hits * self.codec.encoded_block_bytes,
         miss_absent=sum(r is None for r in refs),
         read_seconds=time.perf_counter() - start)
-    return [out.get(block_id) for block_id in ids]
+    return [found.get(block_id) for block_id in ids]
 
   def _read_chunks(
-      self, refs: Sequence[index_lib.SlotRef]
-  ) -> tuple[np.ndarray, list[bool], list[tuple[index_lib.SlotRef, str]]]:
-    """Reads chunks `[n, *stored_shape]`: one batched read, else one per chunk.
+      self,
+      refs: Sequence[index_lib.SlotRef],
+      into: np.ndarray | None = None,  # [m, chunk_elems] stored dtype, or None
+      rows: Sequence[int] = (),  # row of `into` for each ref
+  ) -> tuple[np.ndarray | None, list[bool], list[tuple[index_lib.SlotRef, str]]]:
+    """Reads chunks: one batched read, else one per chunk to find the bad ones.
 
-    Returns the chunks, whether each was read intact, and the failures with
-    their reason ("missing" or "corrupt").
+    Without `into`, returns the chunks as `[n, *stored_shape]`; with it, the
+    chunk of `refs[i]` lands in `into[rows[i]]` and None is returned in their
+    place. Also returns whether each chunk was read intact, and the failures
+    with their reason ("missing" or "corrupt").
     """
     slots = np.array([r.slot for r in refs], np.int64)
     stored = (len(refs), *self.codec.stored_shape)
     try:
-      return self.array[slots].read().result().reshape(stored), [True] * len(refs), []
+      if into is None:
+        return self.array[slots].read().result().reshape(stored), [True] * len(refs), []
+      target = ts.array(into, copy=False, write=True)
+      if list(rows) != list(range(len(into))):
+        target = target[np.asarray(rows, np.int64)]
+      target.write(self.array[slots]).result()
+      return None, [True] * len(refs), []
     except Exception:  # pylint: disable=broad-except
       pass  # find out which chunks failed, one read each
-    batch = np.zeros((len(refs), layout.chunk_elems(self.codec)), self.codec.stored_dtype)
+    batch = (np.zeros((len(refs), layout.chunk_elems(self.codec)), self.codec.stored_dtype)
+             if into is None else None)
     futures = [self.array[int(r.slot)].read() for r in refs]
     ok, failures = [], []
     for i, (ref, future) in enumerate(zip(refs, futures)):
       try:
-        batch[i] = future.result()
+        chunk = future.result()
+        if into is None:
+          batch[i] = chunk
+        else:
+          into[rows[i]] = chunk
         ok.append(True)
       except Exception as err:  # pylint: disable=broad-except
         ok.append(False)
@@ -326,7 +389,7 @@ class BlockStore:
         failures.append((ref, reason))
         self._log_once(ref.block_id, f"cold tier block {ref.block_id.hex()[:16]} at slot "
                        f"{ref.slot} is {reason}; treated as a miss: {err}")
-    return batch.reshape(stored), ok, failures
+    return (None if batch is None else batch.reshape(stored)), ok, failures
 
   def _drop_bad(self, bad: Sequence[tuple[index_lib.SlotRef, str]]) -> None:
     self._stats.add(miss_missing=sum(r == "missing" for _, r in bad),

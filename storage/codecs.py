@@ -43,6 +43,7 @@ class BlockCodec:
 
   name = "raw"
   lossy = False
+  identity = True  # the stored chunk array is the block itself (raw, zstd)
 
   def __init__(self, block_shape: tuple[int, ...], dtype: str, compress: bool):
     if len(block_shape) != 5 or block_shape[1] != 2 or min(block_shape) <= 0:
@@ -106,6 +107,7 @@ class Int8Codec(BlockCodec):
 
   name = "int8"
   lossy = True
+  identity = False
 
   @property
   def stored_shape(self) -> tuple[int, ...]:

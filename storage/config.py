@@ -41,11 +41,17 @@ class ColdTierConfig:
       back for another turn). Deferred blocks are not stored; put them again.
     io_threads: batches in flight at once (each batch is one TensorStore
       read or write of up to `max_batch_blocks` chunks).
-    file_io_concurrency: TensorStore's limit on concurrent file operations.
-    file_io_mode: TensorStore's file access mode for local files: "direct"
-      (O_DIRECT where the file system allows it: no page-cache copy, and no
-      second cache of blocks the host-DRAM hot tier already holds; measured
-      faster, see docs/storage.md), "default" (buffered) or "memmap".
+    file_io_concurrency: TensorStore's limit on concurrent file operations
+      (the threads of its file I/O pool): the store's queue depth. A chunk
+      write (write, fsync, rename, directory fsync) or a chunk read is one
+      operation.
+    file_io_mode: TensorStore's file access mode for local files: "direct",
+      "default" (buffered) or "memmap". Note (TensorStore 0.1.86, checked
+      with strace): "direct" sets O_DIRECT only on reads whose extent,
+      rounded up to 4 KiB, fits inside the file; a chunk file is the block
+      plus a 4-byte CRC32C, so it never does, and writes are always buffered.
+      "direct" thus behaves as "default" for this store; it stays the default
+      so that a TensorStore that extends O_DIRECT picks it up.
     max_batch_blocks: a put or get of more blocks is split into batches.
     max_pending_write_bytes: write-back bytes queued but not yet durable; a
       put beyond it is dropped (status "dropped") instead of blocking the

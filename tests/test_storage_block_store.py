@@ -300,3 +300,98 @@ def test_one_file_per_block_in_its_slot_directory(tmp_path, n):
       path = os.path.join(store.config.root, "data", "c", str(slot), "0")
       assert os.path.isfile(path) and os.path.getsize(path) > blocks[0].nbytes
     assert all(_same(a, b) for a, b in zip(store.get(ids), blocks))
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd", "int8"])
+def test_get_into_a_caller_buffer(tmp_path, codec):
+  """get(ids, out=buf): hits land in buf's rows (views), misses are None."""
+  rng = np.random.default_rng(21)
+  with _store(tmp_path, codec=codec, max_batch_blocks=3) as store:
+    ids, blocks = _data(rng, 7, store)
+    store.put(ids[:5], blocks[:5])
+    order = [ids[0], ids[6], ids[2], ids[5], ids[4], ids[1], ids[3]]  # 2 misses inside
+    buf = np.zeros((len(order), *store.block_shape), blocks.dtype)
+    got = store.get(order, out=buf)
+    fresh = store.get(order)
+    assert [g is None for g in got] == [f is None for f in fresh] == [
+        False, True, False, True, False, False, False]
+    for i, (g, f) in enumerate(zip(got, fresh)):
+      if g is not None:
+        assert g.tobytes() == f.tobytes() and np.shares_memory(g, buf[i])
+    if codec != "int8":
+      assert all(_same(got[order.index(b)], blocks[i]) for i, b in enumerate(ids[:5]))
+
+
+def test_get_into_rejects_a_wrong_buffer(tmp_path):
+  rng = np.random.default_rng(22)
+  with _store(tmp_path) as store:
+    ids, blocks = _data(rng, 2, store)
+    store.put(ids, blocks)
+    for bad in (np.zeros((1, *store.block_shape), blocks.dtype),  # too few rows
+                np.zeros((2, *store.block_shape), np.float32),  # wrong dtype
+                np.zeros((2, *store.block_shape), blocks.dtype)[:, ::-1]):  # not contiguous
+      with pytest.raises(ValueError, match="out must be"):
+        store.get(ids, out=bad)
+
+
+def test_get_into_a_buffer_with_a_corrupt_chunk(tmp_path):
+  """The per-chunk fallback fills the buffer too; the bad block is a miss."""
+  rng = np.random.default_rng(23)
+  with _store(tmp_path) as store:
+    ids, blocks = _data(rng, 4, store)
+    store.put(ids, blocks)
+    slot = store.index.lookup(ids[1:2])[0].slot
+    path = os.path.join(store.config.root, "data", "c", str(slot), "0")
+    with open(path, "r+b") as f:
+      f.seek(100)
+      byte = f.read(1)
+      f.seek(100)
+      f.write(bytes([byte[0] ^ 0xFF]))
+    buf = np.zeros((4, *store.block_shape), blocks.dtype)
+    got = store.get(ids, out=buf)
+    assert got[1] is None and store.stats()["miss_corrupt"] == 1
+    assert all(_same(got[i], blocks[i]) for i in (0, 2, 3))
+
+
+def test_reads_do_not_sync_the_index_but_writes_do(tmp_path):
+  """touch() commits with synchronous=NORMAL and restores FULL for the rest."""
+  rng = np.random.default_rng(24)
+  with _store(tmp_path) as store:
+    ids, blocks = _data(rng, 2, store)
+    store.put(ids, blocks)
+    seen = []
+    real = store.index._db
+
+    class Spy:  # records the synchronous level each COMMIT runs under
+      def execute(self, sql, *args):
+        if sql == "COMMIT":
+          seen.append(real.execute("PRAGMA synchronous").fetchone()[0])
+        return real.execute(sql, *args)
+
+      def __getattr__(self, name):
+        return getattr(real, name)
+
+    store.index._db = Spy()
+    try:
+      assert all(_same(g, b) for g, b in zip(store.get(ids), blocks))  # touch
+      store.put(*_data(rng, 1, store))  # reserve + commit
+    finally:
+      store.index._db = real
+    assert seen == [1, 2, 2]  # NORMAL for the touch, FULL for reserve and commit
+    assert real.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_slot_directories_are_made_a_group_at_a_time(tmp_path):
+  """The first write makes its slot's aligned group of 256 directories at once."""
+  rng = np.random.default_rng(25)
+  with _store(tmp_path, capacity_bytes=300 * BLOCK_BYTES) as store:
+    ids, blocks = _data(rng, 1, store)
+    store.put(ids, blocks)
+    chunk_root = os.path.join(store.config.root, "data", "c")
+    assert sorted(map(int, os.listdir(chunk_root))) == list(range(256))
+    store._slot_dirs.clear()  # as after a reopen: a slot in the second group
+    layout_known = store._slot_dirs
+    from storage import layout
+    layout.make_slot_dirs(chunk_root, [299], layout_known, store.num_slots)
+    assert sorted(map(int, os.listdir(chunk_root))) == list(range(300))
+    assert layout_known == set(range(256, 300))
