@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
+import inspect
 import time
 from typing import Iterator, Mapping, Sequence
 
@@ -152,6 +153,11 @@ class DualPathLoader:
     self._readers = {  # one FIFO reader per engine NIC
         e.name: cf.ThreadPoolExecutor(1, thread_name_prefix=f"read-{e.name}")
         for e in cluster.engines}
+    # A source that reads into a caller's buffer (`storage.BlockStore`) gets
+    # one reused staging buffer per reader: fresh result arrays cost more CPU
+    # (page faults) than the disk read itself on small hosts (docs/storage.md).
+    self._reads_into = "out" in inspect.signature(source.get).parameters
+    self._staging: dict[str, np.ndarray] = {}  # engine -> [16, L, 2, Hkv, P, D]
 
   def close(self) -> None:
     for reader in self._readers.values():
@@ -236,7 +242,8 @@ class DualPathLoader:
         if nbytes:
           self.nics[engine].acquire(nbytes, planned=True)
         unread -= nbytes
-        kept = self._read_batch(req, batch, host, pages, missing, kept)
+        kept = self._read_batch(req, batch, host, pages, missing, kept,
+                                self._staging_for(engine))
     finally:
       self.nics[engine].unplan(unread)  # what an error left unread
     return (host, np.asarray(pages, np.int32), missing,
@@ -247,15 +254,29 @@ class DualPathLoader:
     return sum(ReadPath(req.paths[i]) != ReadPath.FREE
                for i in indices) * self.block_bytes
 
+  def _staging_for(self, engine: str) -> np.ndarray | None:
+    """`engine`'s reader's staging buffer (only its thread uses it)."""
+    if not self._reads_into:
+      return None
+    if engine not in self._staging:
+      self._staging[engine] = np.zeros((READ_BATCH_BLOCKS,) + self.block_shape,
+                                       self.dtype)
+    return self._staging[engine]
+
   def _read_batch(self, req: LoadRequest, batch: list[int],
                   host: np.ndarray,  # [L, n, 2, Hkv, P, D]
-                  pages: list[int], missing: list[int], kept: int) -> int:
+                  pages: list[int], missing: list[int], kept: int,
+                  staging: np.ndarray | None = None,  # [>= len(batch), L, ...]
+                  ) -> int:
     """Reads `batch` from the source into `host` from column `kept` on.
 
     Appends each stored block's page to `pages` and each miss to `missing`;
-    returns the new `kept`.
+    returns the new `kept`. With `staging`, the source reads into it (rows
+    are copied out before the next batch reuses it).
     """
-    blocks = self.source.get([req.block_ids[i] for i in batch])
+    ids = [req.block_ids[i] for i in batch]
+    blocks = (self.source.get(ids) if staging is None else
+              self.source.get(ids, out=staging[:len(ids)]))
     if len(blocks) != len(batch):
       raise ValueError(f"source returned {len(blocks)} blocks for "
                        f"{len(batch)} ids")
