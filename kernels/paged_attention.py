@@ -11,9 +11,11 @@
   Triton lowering, for GPUs (`paged_attention_triton.py`).
 * `"pallas_mosaic_tpu"`: the Mosaic TPU decode kernel (`q_len == 1`;
   `decode_mosaic_tpu.py`).
-* `"pallas_mosaic_gpu"`: reserved; not written yet (see kernels/README.md).
+* `"pallas_mosaic_gpu"`: the Mosaic GPU (Hopper) decode kernel: `q_len == 1`,
+  bf16/f16 pools, head_dim 64 or 128 (`decode_mosaic_gpu.py`).
 * `"auto"`: the best registered implementation for the default backend that
-  supports the call (query length, int8), falling back to `"xla"`.
+  supports the call (query length, head_dim, page size, pool dtype, int8),
+  falling back to `"xla"`.
 
 On a CPU backend the Pallas implementations run in interpret mode, so they
 can be selected explicitly in tests.
@@ -27,8 +29,11 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
+from kernels import decode_mosaic_gpu
 from kernels import quantize
+from kernels.decode_mosaic_gpu import paged_attention_mosaic_gpu
 from kernels.decode_mosaic_tpu import paged_attention_mosaic_tpu
 from kernels.paged_attention_triton import paged_attention_triton
 from kernels.paged_attention_xla import xla_chunked_paged_attention
@@ -38,6 +43,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "xla_chunked": xla_chunked_paged_attention,
     "pallas_triton": paged_attention_triton,
     "pallas_mosaic_tpu": paged_attention_mosaic_tpu,
+    "pallas_mosaic_gpu": paged_attention_mosaic_gpu,
 }
 
 
@@ -46,19 +52,23 @@ def _pow2_at_least_16(n: int) -> bool:
 
 
 # What each implementation can do, as a predicate on the call's static
-# (q_len, head_dim, block_size, quantized): "auto" skips an implementation
-# whose predicate says no.
-_SUPPORTS: dict[str, Callable[[int, int, int, bool], bool]] = {
-    "pallas_triton": lambda q_len, head_dim, block_size, quantized: (
+# q_len, head_dim, block_size, quantized, dtype (the pool's, None if unknown)
+# and group (query heads per KV head, None if unknown), all passed by
+# keyword: "auto" skips an implementation whose predicate says no.
+_SUPPORTS: dict[str, Callable[..., bool]] = {
+    "pallas_triton": lambda *, head_dim, block_size, **_: (
         _pow2_at_least_16(head_dim) and _pow2_at_least_16(block_size)),
-    "pallas_mosaic_tpu": lambda q_len, head_dim, block_size, quantized: (
-        q_len == 1),
+    "pallas_mosaic_tpu": lambda *, q_len, **_: q_len == 1,
+    "pallas_mosaic_gpu": decode_mosaic_gpu.supports,
 }
 
-# Preference order of `"auto"` per JAX backend platform.
+# Preference order of `"auto"` per JAX backend platform. The Mosaic GPU
+# decode kernel is selectable by name but stays out of "auto" until a GPU run
+# (scripts/gpu_check.sh) has shown it correct and faster than Triton: it has
+# only run in interpret mode so far.
 _AUTO_ORDER = {
-    "gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla_chunked", "xla"),
-    "cuda": ("pallas_mosaic_gpu", "pallas_triton", "xla_chunked", "xla"),
+    "gpu": ("pallas_triton", "xla_chunked", "xla"),
+    "cuda": ("pallas_triton", "xla_chunked", "xla"),
     "tpu": ("pallas_mosaic_tpu", "xla_chunked", "xla"),
     "cpu": ("xla_chunked", "xla"),
 }
@@ -66,19 +76,23 @@ _AUTO_ORDER = {
 
 def resolve_implementation(implementation: str, *, q_len: int = 1,
                            head_dim: int = 128, block_size: int = 16,
-                           quantized: bool = False) -> str:
+                           quantized: bool = False, dtype: str | None = None,
+                           group: int | None = None) -> str:
   """Maps `"auto"` to a concrete registered name; validates the others.
 
   The keyword arguments describe the call, so that `"auto"` only picks an
-  implementation that supports it.
+  implementation that supports it; `dtype` is the pool's dtype name and
+  `group` the query heads per KV head (None: unknown, and implementations
+  that depend on them are skipped).
   """
   if implementation == "auto":
     order = _AUTO_ORDER.get(jax.default_backend(), ("xla",))
+    call = dict(q_len=q_len, head_dim=head_dim, block_size=block_size,
+                quantized=quantized, dtype=dtype, group=group)
     return next(
         name for name in order
         if name in IMPLEMENTATIONS
-        and _SUPPORTS.get(name, lambda *_: True)(q_len, head_dim, block_size,
-                                                 quantized))
+        and _SUPPORTS.get(name, lambda **_: True)(**call))
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"unknown paged-attention implementation {implementation!r}; "
@@ -106,7 +120,9 @@ def paged_attention(
   quantize.check_scales(kv_pages, kv_scales)
   name = resolve_implementation(
       implementation, q_len=q.shape[1], head_dim=q.shape[3],
-      block_size=kv_pages.shape[3], quantized=kv_scales is not None)
+      block_size=kv_pages.shape[3], quantized=kv_scales is not None,
+      dtype=jnp.dtype(kv_pages.dtype).name,
+      group=q.shape[2] // kv_pages.shape[2])
   fn = IMPLEMENTATIONS[name]
   if kv_scales is None:  # keeps implementations without int8 callable
     return fn(q, kv_pages, block_tables, kv_lens, q_lens, sm_scale=sm_scale)

@@ -28,6 +28,20 @@ DECODE_CASES = [
     (8, 8, 128, 32, "int8", [130, 0], 1, 1),  # MHA, int8, empty, no split
 ]
 
+# The Mosaic GPU decode kernel's cases (16-bit pools only; steps of 64-256
+# tokens). Each split of the ones with num_splits == 1 takes more steps than
+# the ring has stages, so slots are refilled.
+MOSAIC_DECODE_CASES = [
+    # (heads, kv_heads, head_dim, block_size, dtype, kv_lens,
+    #  pages_per_chunk, num_splits, num_stages, page_parts)
+    (9, 3, 64, 16, "bfloat16", [1, 37, 200], 4, 2, 2, 1),  # 3:1, 1 token
+    (8, 2, 128, 32, "bfloat16", [100, 16, 250], 2, 1, 2, 1),  # 4:1, refills
+    (4, 4, 128, 16, "float16", [77, 1], 4, 3, 3, 1),  # MHA, splits > used
+    (9, 3, 128, 64, "bfloat16", [130, 64, 5], 1, 2, 2, 1),  # 64-token pages
+    (6, 2, 64, 128, "bfloat16", [300, 129], 1, 1, 2, 2),  # pages in parts
+    (16, 1, 64, 32, "bfloat16", [190, 0], 2, 1, 3, 1),  # MQA, empty seq
+]
+
 PREFILL_CASES = [
     # (heads, kv_heads, head_dim, block_size, dtype, q_len, kv_lens, q_lens)
     (9, 3, 64, 16, "float32", 20, [5, 37, 96], [5, 20, 0]),
@@ -158,6 +172,17 @@ def decode_case(params) -> Case:
   """The `Case` of one `DECODE_CASES` entry (one query token, a spare
   table column of junk ids)."""
   heads, kv_heads, head_dim, block_size, dtype, kv_lens, _, _ = params
+  return make_case(
+      seed_of(params), kv_lens=kv_lens, num_heads=heads,
+      num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+      dtype=dtype,
+      pages_per_seq=max(-(-n // block_size) for n in kv_lens) + 1)
+
+
+def mosaic_decode_case(params) -> Case:
+  """The `Case` of one `MOSAIC_DECODE_CASES` entry (one query token, a spare
+  table column of junk ids)."""
+  heads, kv_heads, head_dim, block_size, dtype, kv_lens = params[:6]
   return make_case(
       seed_of(params), kv_lens=kv_lens, num_heads=heads,
       num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,

@@ -14,6 +14,11 @@ Reasoning behind the defaults (H100/H200, to be re-measured with
   so that `batch * kv_heads * splits` fills the chip (~2 programs per SM),
   but no split reads fewer than `MIN_TOKENS_PER_SPLIT` tokens, because every
   split adds a partial result that has to be written and combined.
+* The Mosaic GPU decode kernel (`decode_mosaic_gpu.py`) streams pages
+  through a ring of `num_stages` SMEM slots by TMA: steps of ~16 KB of K
+  (64 tokens at head_dim 128 in bf16), as many stages as fit ~200 KB of
+  shared memory (at most 4), so that 2-3 steps of K and V are in flight
+  while one is reduced. Its split count follows the Triton kernel's rule.
 * Prefill is bound by matmuls: 128 query rows by 64 keys (or one page when
   pages are larger) per step, as FlashAttention-2 kernels on Hopper use.
 """
@@ -40,6 +45,16 @@ class DecodeTiling:
   num_splits: int  # split-K partitions of the block table
   num_warps: int = 4
   num_stages: int = 2
+  page_parts: int = 1  # > 1: a step reads 1/page_parts of one (large) page
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicDecodeTiling:
+  """Static tiling of the Mosaic GPU decode kernel."""
+
+  pages_per_chunk: int  # pages gathered (one TMA copy each) per step
+  num_splits: int  # split-K partitions of the block table
+  num_stages: int = 2  # SMEM ring slots (steps in flight + the one reduced)
   page_parts: int = 1  # > 1: a step reads 1/page_parts of one (large) page
 
 
@@ -89,6 +104,56 @@ def decode_tiling(
   num_splits = max(1, min(want, max_by_len, MAX_SPLITS))
   return DecodeTiling(pages_per_chunk=pages_per_chunk, num_splits=num_splits,
                       num_warps=4, num_stages=2, page_parts=page_parts)
+
+
+# Mosaic GPU decode: shared memory a program may fill, and its ring depth.
+MOSAIC_SMEM_BUDGET = 200 * 1024
+MOSAIC_MAX_STAGES = 4
+
+
+def mosaic_smem_bytes(tokens: int, head_dim: int, num_stages: int,
+                      itemsize: int = 2) -> int:
+  """Shared memory of one Mosaic GPU decode program: the 64-row query tile,
+  the K/V ring and the float32 output tile with its max and sum rows."""
+  return (64 * head_dim * itemsize + 2 * num_stages * tokens * head_dim
+          * itemsize + 64 * head_dim * 4 + 2 * 64 * 4)
+
+
+def mosaic_decode_tiling(
+    *,
+    batch: int,
+    num_kv_heads: int,
+    pages_per_seq: int,
+    block_size: int,
+    head_dim: int,
+    itemsize: int = 2,
+    num_cores: int = DEFAULT_NUM_CORES,
+) -> MosaicDecodeTiling:
+  """Picks the Mosaic GPU decode kernel's step, ring depth and splits.
+
+  A step reads ~16 KB of K (and as much V), 64 to 256 tokens; the ring
+  holds as many steps as fit `MOSAIC_SMEM_BUDGET` next to the 64-row query
+  and float32 output tiles (at least 2, at most `MOSAIC_MAX_STAGES`).
+  """
+  target_tokens = min(256, max(64, _pow2_floor(16384 // (head_dim * itemsize))))
+  # Short tables take smaller steps, but never under 64 tokens (the
+  # contraction of p @ V in the kernel's wgmma); the table is padded.
+  target_tokens = max(64, min(target_tokens,
+                              _pow2_floor(pages_per_seq * block_size)))
+  pages_per_chunk, page_parts = _step(block_size, target_tokens)
+  tokens = pages_per_chunk * block_size // page_parts
+  per_stage = 2 * tokens * head_dim * itemsize
+  num_stages = max(2, min(
+      MOSAIC_MAX_STAGES,
+      (MOSAIC_SMEM_BUDGET - mosaic_smem_bytes(0, head_dim, 0, itemsize))
+      // per_stage))
+  split = decode_tiling(batch=batch, num_kv_heads=num_kv_heads,
+                        pages_per_seq=pages_per_seq, block_size=block_size,
+                        head_dim=head_dim, itemsize=itemsize,
+                        num_cores=num_cores).num_splits
+  return MosaicDecodeTiling(pages_per_chunk=pages_per_chunk,
+                            num_splits=split, num_stages=num_stages,
+                            page_parts=page_parts)
 
 
 def prefill_tiling(*, block_size: int, head_dim: int,

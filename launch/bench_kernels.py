@@ -4,8 +4,10 @@ r"""Benchmark of the paged-attention kernels and the block copy.
     python -m launch.bench_kernels --preset=smoke       # CPU: tiny, interpret
 
 For each shape (batch, heads, kv heads, head_dim, page size, context, dtype)
-it times our kernel beside the XLA reference, JAX's own Pallas GPU
-`paged_attention` (decode; q pre-scaled, since that op does not scale) and
+it times our kernels (decode: the Triton kernel, and the Mosaic GPU kernel
+where it applies: bf16/f16 pools on Hopper) beside the XLA reference, JAX's
+own Pallas GPU `paged_attention` (decode; q pre-scaled, since that op does
+not scale) and
 cuDNN dense attention through `jax.nn.dot_product_attention` (prefill), and
 reports time, achieved GB/s (K/V bytes read once) and TFLOP/s. The same run
 measures the ceilings: device-to-device copy bandwidth (bytes read plus
@@ -102,7 +104,8 @@ PRESETS = {
     "smoke": dict(
         calib=dict(copy_mib=16, matmul=256),
         decode=[DecodeShape(2, 9, 3, 64, 16, 96, "float32"),
-                DecodeShape(2, 4, 2, 64, 16, 64, "int8")],
+                DecodeShape(2, 4, 2, 64, 16, 64, "int8"),
+                DecodeShape(2, 8, 2, 128, 32, 96, "bfloat16")],
         prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "float32")],
         copy=[CopyShape(2, 4, 32, 16, 2, 16, 64, "float32")],
     ),
@@ -192,10 +195,24 @@ def bench_calibration(cfg: dict, rows: list[dict]) -> dict:
       "tflops"))
 
 
+def _mosaic_applies(s: DecodeShape, interpret: bool) -> bool:
+  """Whether the Mosaic GPU decode kernel runs this shape here (its dtypes
+  and shapes; a Hopper GPU, or interpret mode)."""
+  import jax
+  from kernels import decode_mosaic_gpu
+  kind = jax.devices()[0].device_kind
+  hopper = any(n in kind for n in ("H100", "H200", "H800", "GH200"))
+  return (interpret or hopper) and decode_mosaic_gpu.supports(
+      q_len=1, head_dim=s.head_dim, block_size=s.page,
+      quantized=s.dtype == "int8", dtype=s.dtype,
+      group=s.heads // s.kv_heads)
+
+
 def bench_decode(shapes, rows: list[dict], interpret: bool) -> None:
-  """Our split-K decode kernel vs the XLA reference vs JAX's Pallas op."""
+  """Our split-K decode kernels vs the XLA reference vs JAX's Pallas op."""
   import jax
   import jax.numpy as jnp
+  from kernels import decode_mosaic_gpu
   from kernels import decode_triton
   from kernels import quantize
 
@@ -228,6 +245,12 @@ def bench_decode(shapes, rows: list[dict], interpret: bool) -> None:
     _attempt(rows, base, "pallas_triton (ours)",
              lambda: ours(q, pool, scales, tables, lens), nbytes=kv_bytes,
              flops=flops, check=check)
+    if _mosaic_applies(s, interpret):
+      mosaic = jax.jit(lambda q, p, t, l: decode_mosaic_gpu.paged_decode(
+          q, p, t, l, interpret=interpret))
+      _attempt(rows, base, "pallas_mosaic_gpu (ours)",
+               lambda: mosaic(q, pool, tables, lens), nbytes=kv_bytes,
+               flops=flops, check=check)
     _attempt(rows, base, "xla reference",
              lambda: ref_fn(q, pool, scales, tables, lens), nbytes=kv_bytes,
              flops=flops)
@@ -378,13 +401,15 @@ def _targets(rows: list[dict], copy_gbps: float | None) -> list[dict]:
         return r
     return None
 
-  ours = "pallas_triton (ours)"
+  ours_impls = ("pallas_triton (ours)", "pallas_mosaic_gpu (ours)")
   checks = []
   for r in rows:
-    if r["impl"] != ours or "time_us" not in r:
+    if r["impl"] not in ours_impls or "time_us" not in r:
       continue
+    ours = r["impl"]
     s = r["shape"]
-    name = " ".join(f"{k}={v}" for k, v in s.items())
+    name = f"[{ours.split()[0]}] " + " ".join(
+        f"{k}={v}" for k, v in s.items())
     if r["kind"] == "decode" and s["dtype"] != "int8":
       if copy_gbps and s["ctx"] >= 4096 and r["kv_mib"] >= 256:
         small = s["batch"] <= 4 and s["ctx"] >= 32768

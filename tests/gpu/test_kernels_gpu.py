@@ -2,9 +2,11 @@
 
 Reruns the CPU interpret-mode cases (kernels.testing) compiled, plus larger
 shapes across the issue's space (ragged contexts up to 8k, pages 16-256,
-head_dim 64/128, GQA 9:3 / 4:1 / MHA, f32, bf16, int8). Before each kernel
-call, device memory is filled with NaN and freed, so an output element the
-kernel never writes shows up as NaN. Run by scripts/gpu_check.sh.
+head_dim 64/128, GQA 9:3 / 4:1 / MHA, f32, bf16, int8), for the Triton
+kernels and the Mosaic GPU decode kernel (Hopper only: bf16/f16 pools).
+Before each kernel call, device memory is filled with NaN and freed, so an
+output element the kernel never writes shows up as NaN. Run by
+scripts/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from kernels import block_copy
+from kernels import decode_mosaic_gpu
 from kernels import decode_triton
 from kernels import prefill_triton
 from kernels import testing
@@ -101,9 +104,63 @@ def test_large_prefill(heads, kv_heads, head_dim, block_size, dtype):
   testing.assert_matches(out, case, rtol=_rtol(case))
 
 
-def test_auto_is_triton_on_gpu():
-  assert resolve_implementation("auto", q_len=1, head_dim=128) == (
-      "pallas_triton")
+def test_auto_on_gpu():
+  """Triton everywhere until the Mosaic GPU kernel is measured on a GPU."""
+  assert resolve_implementation("auto", q_len=1, head_dim=128,
+                                dtype="bfloat16") == "pallas_triton"
+  assert resolve_implementation("auto", q_len=1, head_dim=128,
+                                dtype="float32") == "pallas_triton"
+  assert resolve_implementation("auto", q_len=9, head_dim=128,
+                                dtype="bfloat16") == "pallas_triton"
+
+
+def _is_hopper():
+  kind = jax.devices()[0].device_kind
+  return any(name in kind for name in ("H100", "H200", "H800", "GH200"))
+
+
+needs_hopper = pytest.mark.skipif(
+    jax.default_backend() != "gpu" or not _is_hopper(),
+    reason="the Mosaic GPU decode kernel uses Hopper's wgmma")
+
+
+@needs_hopper
+@pytest.mark.parametrize("params", testing.MOSAIC_DECODE_CASES, ids=str)
+def test_small_mosaic_decode_cases(params):
+  case = testing.mosaic_decode_case(params)
+  _poison(case)
+  out = decode_mosaic_gpu.paged_decode(
+      case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+      tiling=tuning.MosaicDecodeTiling(*params[6:]))
+  testing.assert_matches(out[:, None], case, rtol=_rtol(case))
+
+
+@needs_hopper
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype,kv_lens", [
+    s for s in LARGE_DECODE if s[4] == "bfloat16"] + [
+        (32, 8, 128, 256, "float16", [5000, 300]),
+        (64, 1, 64, 16, "bfloat16", [3000, 2])])
+def test_large_mosaic_decode_default_tiling(heads, kv_heads, head_dim,
+                                            block_size, dtype, kv_lens):
+  case = testing.make_case(
+      testing.seed_of((heads, head_dim, block_size, dtype, "mosaic")),
+      kv_lens=kv_lens, num_heads=heads, num_kv_heads=kv_heads,
+      head_dim=head_dim, block_size=block_size, dtype=dtype,
+      pages_per_seq=-(-max(kv_lens) // block_size) + 3)
+  _poison(case)
+  out = paged_attention(*case.args(), implementation="pallas_mosaic_gpu")
+  testing.assert_matches(out, case, rtol=_rtol(case))
+
+
+@needs_hopper
+def test_mosaic_agrees_with_triton():
+  case = testing.make_case(6, kv_lens=[4000, 1, 2500], num_heads=32,
+                           num_kv_heads=8, head_dim=128, dtype="bfloat16",
+                           pages_per_seq=300)
+  args = (case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens)
+  theirs = decode_triton.paged_decode(*args)
+  ours = decode_mosaic_gpu.paged_decode(*args)
+  assert testing.relative_error(ours, theirs) < 1e-2
 
 
 def test_agrees_with_jax_pallas_op_on_prescaled_q():

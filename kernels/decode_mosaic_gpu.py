@@ -1,0 +1,411 @@
+"""Paged decode attention for Hopper GPUs: a Pallas kernel on Mosaic GPU.
+
+The algorithm is the one of `decode_triton.py` (split-K, "flash-decoding"):
+the grid is `(batch, num_kv_heads, num_splits)`, one program takes one
+sequence, one KV head with all the query heads of its GQA group, and one
+contiguous slice of the sequence's block table. Each program writes an
+unnormalised partial output with its running max and sum (base 2); the XLA
+epilogue of `decode_triton.merge_splits` combines the splits.
+
+Inside a program (one warpgroup, 128 threads):
+
+* Pages are gathered by id with TMA: a step of `T = pages_per_chunk *
+  block_size / page_parts` tokens is `pages_per_chunk` whole pages (or one
+  `1/page_parts` slice of a large page), each its own
+  `copy_gmem_to_smem(kv_pages.at[page, 0 or 1, head], ...)` into one slot of
+  a `num_stages`-deep SMEM ring of K and V tiles `[T, head_dim]`. One
+  barrier per slot and per K/V counts the copies of a step. Steps `i + 1 ..
+  i + num_stages - 1` are in flight while step `i` is reduced; a slot is
+  refilled as soon as its step is consumed.
+* The group's query rows (padded to 64, Hopper's warpgroup matmul height)
+  sit in SMEM; `wgmma` computes `q @ K^T` and `p @ V` in float32
+  accumulators. Decode needs few FLOPs, so the padding rows only cost
+  tensor-core time that would otherwise idle; the bytes that matter (K/V)
+  are read once.
+* Online softmax in base 2 in registers; tokens past `kv_lens[b]` are
+  masked. Steps past a sequence's last token are never copied; within its
+  last step, the pages past it are (table entries clamped into the pool, so
+  junk ids stay in bounds), because a step's barrier counts a fixed number
+  of copies and un-copied SMEM could hold NaN that `p @ V` would spread.
+
+Supported: bfloat16 / float16 pools (queries are cast to the pool's dtype),
+`head_dim` 64 or 128 (256 would leave no SMEM for a ring), `block_size` a
+power of 2 >= 16, GQA groups up to 64 query heads per KV head. Not supported
+(ValueError; `"auto"` takes the Triton kernel instead): float32 pools
+(`wgmma` would round them to tf32, and 32-bit `wgmma` can neither transpose
+an operand, as V `[T, head_dim]` must be, nor take p from registers), int8
+pools, prefill.
+
+Testing without a GPU: Mosaic GPU's interpret mode (`interpret_params`;
+private in jax 0.10, public from 0.11) runs the kernel on CPU, simulating
+SMEM, TMA copies and barriers. It cannot run `wgmma` on a transposed or a
+register operand, nor `layout_cast` (no CPU rule), so with `interpret=True`
+the two matmuls are `lax.dot_general` on the same SMEM tiles and the layout
+casts are identities: everything else (page gather, ring, barriers, masks,
+softmax, split merge) is the compiled kernel's code. `jax.export(...,
+platforms=["cuda"])` lowers the real kernel (wgmma included) through Mosaic
+GPU on CPU, which also checks the SMEM budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from kernels import quantize
+from kernels import tuning
+from kernels.decode_triton import LOG2E, MASK_VALUE, merge_splits
+
+try:
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - jaxlib without Mosaic GPU
+  plgpu = None
+
+# Rows of a Hopper warpgroup matmul (wgmma M): the GQA group is padded to it.
+WGMMA_ROWS = 64
+# Rows of the partial outputs written per program (the group padded to a
+# multiple of 8, the row granularity of a swizzled SMEM tile).
+ROW_ALIGN = 8
+SUPPORTED_DTYPES = ("bfloat16", "float16")
+# Shared memory our buffers may use: H100/H200 allow 227 KB per block, and
+# Mosaic adds ~3.6 KB (barriers, the cross-warp reduction scratch); the
+# lowering raises past the limit.
+SMEM_BUDGET = 227 * 1024 - 4096
+
+
+def interpret_params(**kwargs):
+  """Mosaic GPU's CPU interpret mode, `InterpretGPUParams(**kwargs)`.
+
+  Public as `plgpu.InterpretGPUParams` from jax 0.11; private in jax 0.10
+  (the one place this module touches JAX internals).
+  """
+  if hasattr(plgpu, "InterpretGPUParams"):
+    return plgpu.InterpretGPUParams(**kwargs)
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise NotImplementedError(
+        "this JAX has no Mosaic GPU interpret mode "
+        "(jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams); "
+        "run the Mosaic GPU kernel on a GPU or use implementation="
+        "'pallas_triton' / 'xla'") from e
+  return InterpretGPUParams(**kwargs)
+
+
+def supports(*, q_len: int, head_dim: int, block_size: int, quantized: bool,
+             dtype: str | None, group: int | None = None) -> bool:
+  """Whether the kernel handles a call (the `"auto"` capability check);
+  `dtype` is the pool's (None: unknown, so no)."""
+  return (q_len == 1 and not quantized and dtype in SUPPORTED_DTYPES
+          and head_dim in (64, 128)
+          and block_size >= 16 and not block_size & (block_size - 1)
+          and (group is None or group <= WGMMA_ROWS))
+
+
+def check_supported(q: jax.Array, kv_pages: jax.Array,
+                    kv_scales: jax.Array | None) -> None:
+  """Raises ValueError for a call the kernel does not handle."""
+  num_heads, head_dim = q.shape[1:]
+  block_size, num_kv_heads = kv_pages.shape[3], kv_pages.shape[2]
+  dtype = jnp.dtype(kv_pages.dtype).name
+  if kv_scales is not None or dtype not in SUPPORTED_DTYPES:
+    raise ValueError(
+        f"the Mosaic GPU decode kernel takes {SUPPORTED_DTYPES} pools; got "
+        f"{dtype}{' with kv_scales' if kv_scales is not None else ''} "
+        "(use implementation='pallas_triton')")
+  group = num_heads // num_kv_heads
+  if not supports(q_len=1, head_dim=head_dim, block_size=block_size,
+                  quantized=False, dtype=dtype, group=group):
+    raise ValueError(
+        "the Mosaic GPU decode kernel needs head_dim 64 or 128, block_size "
+        "a power of 2 >= 16 and at most 64 query heads per "
+        f"KV head; got head_dim={head_dim}, block_size={block_size}, "
+        f"group={group}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Static shape of one kernel instance."""
+
+  num_blocks: int
+  block_size: int
+  head_dim: int
+  rows_out: int  # group padded to ROW_ALIGN: rows of the partial outputs
+  pages_per_split: int
+  pages_per_chunk: int
+  page_parts: int
+  num_stages: int
+  sm_scale: float
+  interpret: bool
+
+  @property
+  def tokens(self) -> int:  # tokens per step
+    return self.pages_per_chunk * self.block_size // self.page_parts
+
+  @property
+  def tokens_per_split(self) -> int:
+    return self.pages_per_split * self.block_size
+
+
+def _decode_kernel(
+    lens_ref,  # GMEM [batch] int32
+    tables_ref,  # GMEM [batch, splits * pages_per_split] int32, in range
+    q_ref,  # GMEM [batch, num_kv_heads, 64, head_dim]
+    kv_ref,  # GMEM [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    o_ref,  # GMEM [batch, num_kv_heads, splits, rows_out, head_dim] f32
+    m_ref,  # GMEM [batch, num_kv_heads, splits, rows_out] f32
+    l_ref,  # GMEM [batch, num_kv_heads, splits, rows_out] f32
+    q_smem,  # SMEM [64, head_dim] (tiled, swizzled)
+    k_smem,  # SMEM [num_stages, T, head_dim] (tiled, swizzled)
+    v_smem,  # SMEM [num_stages, T, head_dim] (tiled, swizzled)
+    o_smem,  # SMEM [64, head_dim] f32
+    m_smem,  # SMEM [64] f32
+    l_smem,  # SMEM [64] f32
+    q_barrier,  # [1]
+    k_barriers,  # [num_stages], pages_per_chunk arrivals each
+    v_barriers,  # [num_stages], pages_per_chunk arrivals each
+    *,
+    st: _Static,
+):
+  b = lax.axis_index("batch")
+  h = lax.axis_index("kv_head")
+  split = lax.axis_index("split")
+  tokens = st.tokens
+  rows = WGMMA_ROWS
+
+  def cast(x, layout):  # layouts mean nothing to the interpreter
+    return x if st.interpret else plgpu.layout_cast(x, layout)
+
+  row_layout = None if st.interpret else plgpu.Layout.WGMMA.reduce(1)
+  tile_layout = None if st.interpret else plgpu.Layout.WGMMA
+
+  kv_len = lens_ref[b]
+  first_token = split * st.tokens_per_split
+  split_tokens = jnp.clip(kv_len - first_token, 0, st.tokens_per_split)
+  num_steps = (split_tokens + tokens - 1) // tokens
+  table_base = split * st.pages_per_split
+
+  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
+
+  def issue(step, slot):
+    """Starts the TMA copies of step `step`'s pages into ring slot `slot`."""
+    for c in range(st.pages_per_chunk):
+      if st.page_parts == 1:
+        page = tables_ref[b, table_base + step * st.pages_per_chunk + c]
+        rows_in_page = pl.ds(0, st.block_size)
+        dst_rows = pl.ds(c * st.block_size, st.block_size)
+      else:
+        page = tables_ref[b, table_base + lax.div(step, st.page_parts)]
+        part = lax.rem(step, st.page_parts)
+        rows_in_page = pl.ds(part * tokens, tokens)
+        dst_rows = pl.ds(0, tokens)
+      plgpu.copy_gmem_to_smem(kv_ref.at[page, 0, h, rows_in_page],
+                              k_smem.at[slot, dst_rows], k_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(kv_ref.at[page, 1, h, rows_in_page],
+                              v_smem.at[slot, dst_rows], v_barriers.at[slot])
+
+  for i in range(st.num_stages):  # fill the ring
+    pl.when(i < num_steps)(functools.partial(issue, i, i))
+
+  def qk(slot):  # [64, T] f32
+    if st.interpret:
+      return lax.dot_general(q_smem[...], k_smem[slot],
+                             (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+      return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC((rows, tokens), jnp.float32))
+
+  def pv(p, slot):  # [64, head_dim] f32
+    if st.interpret:
+      return lax.dot_general(p, v_smem[slot], (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+      return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC((rows, st.head_dim), jnp.float32))
+
+  scale = st.sm_scale * LOG2E  # softmax in base 2
+
+  def step_fn(step, carry):
+    acc, m, l = carry
+    slot = lax.rem(step, st.num_stages)
+    plgpu.barrier_wait(k_barriers.at[slot])
+    s = qk(slot) * scale
+    start = first_token + step * tokens
+    token_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
+                     tile_layout)
+    s = jnp.where(start + token_ids < kv_len, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, (0,)))
+    l_new = l * alpha + jnp.sum(p, axis=1)
+    plgpu.barrier_wait(v_barriers.at[slot])
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+    acc = acc + pv(p.astype(q_smem.dtype), slot)
+    # The slot is consumed (the matmuls above have been awaited): refill it.
+    nxt = step + st.num_stages
+    pl.when(nxt < num_steps)(functools.partial(issue, nxt, slot))
+    return acc, m_new, l_new
+
+  plgpu.barrier_wait(q_barrier.at[0])
+  init = (cast(jnp.zeros((rows, st.head_dim), jnp.float32), tile_layout),
+          cast(jnp.full((rows,), MASK_VALUE, jnp.float32), row_layout),
+          cast(jnp.zeros((rows,), jnp.float32), row_layout))
+  acc, m, l = lax.fori_loop(0, num_steps, step_fn, init)
+
+  o_smem[...] = acc
+  m_smem[...] = m
+  l_smem[...] = l
+  plgpu.commit_smem()
+  out_rows = pl.ds(0, st.rows_out)
+  plgpu.copy_smem_to_gmem(o_smem.at[out_rows], o_ref.at[b, h, split])
+  plgpu.copy_smem_to_gmem(m_smem.at[out_rows], m_ref.at[b, h, split])
+  plgpu.copy_smem_to_gmem(l_smem.at[out_rows], l_ref.at[b, h, split])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _swizzled(shape: tuple[int, ...], dtype) -> object:
+  """An SMEM tile in the (8, 64)-element tiling and 128-byte swizzle that
+  TMA writes and `wgmma` reads (16-bit dtypes)."""
+  return plgpu.SMEM(shape, dtype, transforms=(
+      plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
+      plgpu.SwizzleTransform(128)))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "tiling", "interpret"))
+def paged_decode(
+    q: jax.Array,  # [batch, num_heads, head_dim]
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    block_tables: jax.Array,  # [batch, pages_per_seq] int32
+    kv_lens: jax.Array,  # [batch] int32
+    kv_scales: jax.Array | None = None,  # unsupported; must be None
+    *,
+    sm_scale: float | None = None,
+    tiling: tuning.MosaicDecodeTiling | None = None,
+    interpret: bool | object = False,
+) -> jax.Array:  # [batch, num_heads, head_dim]
+  """Decode attention of one query token per sequence over paged K/V.
+
+  Sequence `b` attends to its first `kv_lens[b]` tokens (0 gives zeros).
+  `interpret`: True (or an `interpret_params(...)` object) runs Mosaic GPU's
+  CPU interpret mode.
+  """
+  if plgpu is None:  # pragma: no cover
+    raise NotImplementedError("this jaxlib has no Pallas Mosaic GPU")
+  quantize.check_scales(kv_pages, kv_scales)
+  check_supported(q, kv_pages, kv_scales)
+  batch, num_heads, head_dim = q.shape
+  num_blocks, _, num_kv_heads, block_size, _ = kv_pages.shape
+  pages_per_seq = block_tables.shape[1]
+  if sm_scale is None:
+    sm_scale = head_dim ** -0.5
+  if tiling is None:
+    tiling = tuning.mosaic_decode_tiling(
+        batch=batch, num_kv_heads=num_kv_heads, pages_per_seq=pages_per_seq,
+        block_size=block_size, head_dim=head_dim,
+        itemsize=jnp.dtype(kv_pages.dtype).itemsize)
+  check_tiling(tiling, block_size, head_dim)
+  chunk, splits, parts = (tiling.pages_per_chunk, tiling.num_splits,
+                          tiling.page_parts)
+
+  group = num_heads // num_kv_heads
+  rows_out = pl.cdiv(group, ROW_ALIGN) * ROW_ALIGN
+  qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(kv_pages.dtype)
+  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, WGMMA_ROWS - group), (0, 0)))
+
+  # Pad the table so every split owns a whole number of steps; clamp ids so
+  # that junk entries (past a sequence's pages) still name a real page: the
+  # copies stay in bounds and their tokens are masked.
+  pages_per_split = pl.cdiv(pl.cdiv(pages_per_seq, splits), chunk) * chunk
+  tables = jnp.pad(block_tables.astype(jnp.int32),
+                   ((0, 0), (0, pages_per_split * splits - pages_per_seq)))
+  tables = jnp.clip(tables, 0, num_blocks - 1)
+  # The reference sees at most the table's capacity; so does the kernel.
+  lens = jnp.minimum(kv_lens.astype(jnp.int32), pages_per_seq * block_size)
+
+  st = _Static(num_blocks=num_blocks, block_size=block_size,
+               head_dim=head_dim, rows_out=rows_out,
+               pages_per_split=pages_per_split, pages_per_chunk=chunk,
+               page_parts=parts, num_stages=tiling.num_stages,
+               sm_scale=float(sm_scale), interpret=interpret is not False)
+  dtype = kv_pages.dtype
+  scratch = [
+      _swizzled((WGMMA_ROWS, head_dim), dtype),
+      _swizzled((st.num_stages, st.tokens, head_dim), dtype),
+      _swizzled((st.num_stages, st.tokens, head_dim), dtype),
+      plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
+      plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
+      plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_arrivals=chunk, num_barriers=st.num_stages),
+      plgpu.Barrier(num_arrivals=chunk, num_barriers=st.num_stages),
+  ]
+  partial_shape = (batch, num_kv_heads, splits, rows_out)
+  out_type = (
+      jax.ShapeDtypeStruct(partial_shape + (head_dim,), jnp.float32),
+      jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+      jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+  )
+  kernel = plgpu.kernel(
+      functools.partial(_decode_kernel, st=st),
+      out_type=out_type,
+      scratch_types=scratch,
+      grid=(batch, num_kv_heads, splits),
+      grid_names=("batch", "kv_head", "split"),
+      interpret=(None if interpret is False else
+                 interpret_params() if interpret is True else interpret),
+  )
+  o, m, l = kernel(lens, tables, qg, kv_pages)
+  out = merge_splits(o, m, l)[:, :, :group]  # [B, Hkv, group, D]
+  return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+
+
+def check_tiling(tiling, block_size: int, head_dim: int) -> None:
+  """Raises ValueError for a tiling the kernel cannot run."""
+  def pow2(n):
+    return n >= 1 and not n & (n - 1)
+  chunk, parts = tiling.pages_per_chunk, tiling.page_parts
+  ok = (pow2(chunk) and pow2(parts) and (parts == 1 or chunk == 1)
+        and tiling.num_splits >= 1 and tiling.num_stages >= 1)
+  tokens = chunk * block_size // max(parts, 1) if ok else 0
+  if not (ok and tokens in (64, 128, 256)
+          and tuning.mosaic_smem_bytes(tokens, head_dim, tiling.num_stages)
+          <= SMEM_BUDGET):
+    raise ValueError(
+        f"bad tiling {tiling}: pages_per_chunk and page_parts must be powers "
+        "of 2 (one of them 1), a step 64, 128 or 256 tokens (wgmma's "
+        "contraction of p @ V), num_splits and num_stages >= 1, and the "
+        f"program within {SMEM_BUDGET} bytes of SMEM")
+
+
+def paged_attention_mosaic_gpu(
+    q: jax.Array,  # [batch, q_len, num_heads, head_dim]
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    block_tables: jax.Array,  # [batch, pages_per_seq] int32
+    kv_lens: jax.Array,  # [batch] int32
+    q_lens: jax.Array,  # [batch] int32
+    *,
+    sm_scale: float | None = None,
+    kv_scales: jax.Array | None = None,  # unsupported; must be None
+    interpret: bool | None = None,
+) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
+  """The `"pallas_mosaic_gpu"` implementation: decode only (q_len == 1)."""
+  if q.shape[1] != 1:
+    raise ValueError("the Mosaic GPU kernel handles decode (q_len == 1) only; "
+                     f"got q_len={q.shape[1]}; use implementation="
+                     "'pallas_triton' or 'auto'")
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  out = paged_decode(q[:, 0], kv_pages, block_tables, kv_lens, kv_scales,
+                     sm_scale=sm_scale, interpret=interpret)
+  # Padding rows (q_lens == 0) give zeros, as in the reference.
+  out = jnp.where((q_lens > 0)[:, None, None], out, 0).astype(q.dtype)
+  return out[:, None]

@@ -1,0 +1,184 @@
+"""The Mosaic GPU decode kernel: interpret mode on CPU, and its CUDA lowering.
+
+Mosaic GPU's interpret mode (kernels.decode_mosaic_gpu.interpret_params)
+simulates SMEM, the TMA page copies and the barriers on CPU, and fills
+outputs and scratch buffers with NaN first, so the finiteness check of
+`assert_matches` also proves every output element was written and no
+un-copied SMEM was read. It checks the barrier arrival counts (a ring slot
+whose copies do not match its barrier's arrivals raises). In interpret mode
+the two matmuls are `lax.dot_general` on the SMEM tiles instead of `wgmma`
+(see the kernel's docstring); the lowering tests below lower the real
+`wgmma` kernel to Mosaic GPU for CUDA, on this CPU. The GPU module
+tests/gpu/test_kernels_gpu.py reruns these cases compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax import export
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import decode_mosaic_gpu
+from kernels import testing
+from kernels import tuning
+from kernels.paged_attention import paged_attention
+from kernels.paged_attention import resolve_implementation
+
+S = jax.ShapeDtypeStruct
+
+
+def _tiling(params):
+  return tuning.MosaicDecodeTiling(*params[6:])
+
+
+@pytest.mark.parametrize("params", testing.MOSAIC_DECODE_CASES, ids=str)
+def test_decode_matches_reference(params):
+  case = testing.mosaic_decode_case(params)
+  out = decode_mosaic_gpu.paged_decode(
+      case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+      tiling=_tiling(params), interpret=True)
+  assert out.dtype == case.q.dtype
+  testing.assert_matches(out[:, None], case)
+
+
+def test_api_default_tiling_sm_scale_and_padding_rows():
+  """Through `paged_attention`: the default tiling, an explicit sm_scale, a
+  padding row (q_lens == 0 gives zeros)."""
+  case = testing.make_case(71, kv_lens=[90, 33, 7], num_heads=8,
+                           num_kv_heads=2, head_dim=128, block_size=32,
+                           dtype="bfloat16")
+  case = dataclasses.replace(case, q_lens=jnp.asarray([1, 0, 1], jnp.int32))
+  out = paged_attention(*case.args(), sm_scale=0.3,
+                        implementation="pallas_mosaic_gpu")
+  testing.assert_matches(out, case, testing.reference(case, sm_scale=0.3))
+
+
+def test_lengths_beyond_the_table_see_only_the_table():
+  case = testing.make_case(72, kv_lens=[50, 64], num_heads=4, num_kv_heads=2,
+                           block_size=16, dtype="bfloat16", pages_per_seq=4)
+  case = dataclasses.replace(case, kv_lens=case.kv_lens + 30)
+  out = decode_mosaic_gpu.paged_decode(
+      case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+      tiling=tuning.MosaicDecodeTiling(4, 1), interpret=True)
+  testing.assert_matches(out[:, None], case)
+
+
+@pytest.mark.parametrize("what", ["float32", "int8", "head_dim", "prefill",
+                                  "tiling"])
+def test_unsupported_calls_raise(what):
+  kw = dict(kv_lens=[10], num_heads=2, num_kv_heads=1, dtype="bfloat16")
+  if what in ("float32", "int8"):
+    kw["dtype"] = what
+  if what == "head_dim":
+    kw["head_dim"] = 96
+  if what == "prefill":
+    kw["q_len"] = 4
+  case = testing.make_case(73, **kw)
+  match = {"float32": "float32", "int8": "int8", "head_dim": "head_dim",
+           "prefill": "decode", "tiling": "tiling"}[what]
+  with pytest.raises(ValueError, match=match):
+    if what == "prefill":
+      paged_attention(*case.args(), implementation="pallas_mosaic_gpu")
+    else:
+      tiling = (tuning.MosaicDecodeTiling(1, 1) if what == "tiling"
+                else None)  # 16-token steps: below wgmma's 64
+      decode_mosaic_gpu.paged_decode(
+          case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+          case.kv_scales, tiling=tiling, interpret=True)
+
+
+@pytest.mark.parametrize("q_len,head_dim,block_size,dtype,quantized,ok", [
+    (1, 128, 16, "bfloat16", False, True),
+    (1, 64, 256, "float16", False, True),
+    (1, 128, 16, "float32", False, False),  # no f32 wgmma path
+    (1, 128, 16, "int8", True, False),
+    (1, 256, 16, "bfloat16", False, False),
+    (7, 128, 16, "bfloat16", False, False),  # prefill
+    (1, 128, 16, None, False, False),  # dtype unknown
+])
+def test_capability_predicate_and_auto_on_gpu(
+    monkeypatch, q_len, head_dim, block_size, dtype, quantized, ok):
+  """The kernel says which calls it takes; "auto" keeps Triton on GPU for now.
+
+  It stays out of "auto" until a GPU run has measured it (kernels/README.md).
+  """
+  call = dict(q_len=q_len, head_dim=head_dim, block_size=block_size,
+              quantized=quantized, dtype=dtype, group=3)
+  assert decode_mosaic_gpu.supports(**call) is ok
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  got = resolve_implementation("auto", q_len=q_len, head_dim=head_dim,
+                               block_size=block_size, quantized=quantized,
+                               dtype=dtype)
+  assert got == "pallas_triton"
+
+
+def test_auto_on_cpu_is_unchanged():
+  assert jax.default_backend() == "cpu"
+  assert resolve_implementation("auto", q_len=1, head_dim=128,
+                                dtype="bfloat16") == "xla_chunked"
+
+
+def test_default_tiling_is_valid_across_shapes():
+  for head_dim in (64, 128):
+    for block_size in (16, 32, 64, 128, 256, 512):
+      for pages in (1, 3, 64, 2048):
+        tiling = tuning.mosaic_decode_tiling(
+            batch=2, num_kv_heads=8, pages_per_seq=pages,
+            block_size=block_size, head_dim=head_dim)
+        decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim)
+
+
+def _lower(args, tiling=None):
+  def fn(*a):
+    return decode_mosaic_gpu.paged_decode(*a, tiling=tiling)
+  exported = export.export(
+      jax.jit(fn), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(
+          "mosaic_gpu_v2")])(*args)
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,pages,dtype", [
+    (9, 3, 64, 16, 33, "bfloat16"),  # SmolLM2 9:3
+    (32, 8, 128, 16, 257, "bfloat16"),  # Llama-3-8B, 4 pages a step
+    (32, 8, 128, 64, 65, "float16"),
+    (8, 2, 128, 256, 5, "bfloat16"),  # pages read in parts
+    (64, 1, 64, 32, 3, "bfloat16"),  # a 64-row group, short table
+    (4, 4, 128, 128, 9, "bfloat16"),  # MHA
+])
+def test_decode_lowers_to_mosaic_gpu(heads, kv_heads, head_dim, block_size,
+                                     pages, dtype):
+  """The wgmma kernel (not the interpret variant) through Mosaic GPU's
+  lowering, layout checks included, for CUDA; stops short of ptxas."""
+  args = (S((4, heads, head_dim), dtype),
+          S((50, 2, kv_heads, block_size, head_dim), dtype),
+          S((4, pages), jnp.int32), S((4,), jnp.int32))
+  text = _lower(args)
+  assert "mosaic_gpu" in text
+
+
+def test_every_case_lowers_with_its_tiling():
+  for params in testing.MOSAIC_DECODE_CASES:
+    heads, kv_heads, head_dim, block_size, dtype, kv_lens = params[:6]
+    pages = max(-(-n // block_size) for n in kv_lens) + 1
+    args = (S((len(kv_lens), heads, head_dim), dtype),
+            S((40, 2, kv_heads, block_size, head_dim), dtype),
+            S((len(kv_lens), pages), jnp.int32),
+            S((len(kv_lens),), jnp.int32))
+    assert "mosaic_gpu" in _lower(args, _tiling(params))
+
+
+def test_interpret_mode_poisons_outputs():
+  """The premise of the finiteness checks: an output the kernel does not
+  write comes back NaN in interpret mode."""
+  def body(x_ref, o_ref):
+    del x_ref, o_ref  # writes nothing
+  out = decode_mosaic_gpu.plgpu.kernel(
+      body, out_type=S((128,), jnp.float32),
+      interpret=decode_mosaic_gpu.interpret_params())(
+          jnp.ones((128,), jnp.float32))
+  assert np.all(np.isnan(np.asarray(out)))
