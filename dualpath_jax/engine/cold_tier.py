@@ -25,6 +25,7 @@ import numpy as np
 from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.engine import pool_io
+from dualpath_jax.engine.buckets import next_pow2
 
 
 @dataclasses.dataclass
@@ -47,6 +48,9 @@ class ColdTierConnector:
     self.store = store
     self.manager = manager
     self.stats = ColdTierStats()
+    # Reads land in one reused host buffer (`get(out=)`): fresh result arrays
+    # cost more CPU than the disk read on small hosts (docs/storage.md).
+    self._staging: np.ndarray | None = None  # [n, L, 2, Hkv, P, D]
 
   def load_prefix(self, pool: jax.Array, seq_id: str, tokens: list[int],
                   tenant: str) -> tuple[jax.Array, int]:
@@ -74,7 +78,8 @@ class ColdTierConnector:
       run -= 1
     if run == 0:
       return pool, 0
-    blocks = self.store.get(wanted[:run])
+    staging = self._staging_rows(run)
+    blocks = self.store.get(wanted[:run], out=staging)
     good = next((i for i, b in enumerate(blocks) if b is None), run)
     self.stats.missed_blocks += run - good
     if good == 0:
@@ -82,11 +87,18 @@ class ColdTierConnector:
     self.manager.allocate(seq_id, good * bs)
     table = self.manager.block_table(seq_id)
     pages = table[have:have + good]
-    pool = pool_io.write_blocks(pool, pages, np.stack(blocks[:good]))
+    pool = pool_io.write_blocks(pool, pages, staging[:good])  # copies it
     self.manager.append_tokens(seq_id, tokens[computed:(have + good) * bs])
     self.stats.loaded_blocks += good
     self.stats.loaded_tokens += (have + good) * bs - computed
     return pool, (have + good) * bs - computed
+
+  def _staging_rows(self, n: int) -> np.ndarray:  # [n, L, 2, Hkv, P, D]
+    """The first `n` rows of the staging buffer, grown to a power of two."""
+    if self._staging is None or self._staging.shape[0] < n:
+      self._staging = np.zeros((next_pow2(n, 16),) + tuple(self.store.block_shape),
+                               self.store.codec.dtype)
+    return self._staging[:n]
 
   def write_back(self, pool: jax.Array, seq_id: str, tenant: str,
                  session: str) -> None:
