@@ -10,7 +10,8 @@
 * `"pallas_triton"`: decode (split-K) and prefill Pallas kernels on the
   Triton lowering, for GPUs (`paged_attention_triton.py`).
 * `"pallas_mosaic_tpu"`: the Mosaic TPU decode kernel (`q_len == 1`;
-  `decode_mosaic_tpu.py`).
+  `decode_mosaic_tpu.py`) and prefill kernel (`q_len > 1`, float32/bfloat16
+  pools; `prefill_mosaic_tpu.py`).
 * `"pallas_mosaic_gpu"`: the Mosaic GPU (Hopper) decode kernel: `q_len == 1`,
   bf16/f16 pools, head_dim 64 or 128 (`decode_mosaic_gpu.py`).
 * `"auto"`: the best registered implementation for the default backend that
@@ -58,7 +59,9 @@ def _pow2_at_least_16(n: int) -> bool:
 _SUPPORTS: dict[str, Callable[..., bool]] = {
     "pallas_triton": lambda *, head_dim, block_size, **_: (
         _pow2_at_least_16(head_dim) and _pow2_at_least_16(block_size)),
-    "pallas_mosaic_tpu": lambda *, q_len, **_: q_len == 1,
+    # Decode: any pool; prefill: float32/bfloat16 pools (None: unknown, no).
+    "pallas_mosaic_tpu": lambda *, q_len, quantized, dtype, **_: (
+        q_len == 1 or (not quantized and dtype in ("float32", "bfloat16"))),
     "pallas_mosaic_gpu": decode_mosaic_gpu.supports,
 }
 

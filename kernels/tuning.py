@@ -172,3 +172,33 @@ def prefill_tiling(*, block_size: int, head_dim: int,
   return PrefillTiling(block_q=128, pages_per_chunk=pages_per_chunk,
                        num_warps=num_warps, num_stages=3,
                        page_parts=page_parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuPrefillTiling:
+  """Static tiling of the Mosaic TPU prefill kernel."""
+
+  block_tokens: int  # new tokens per program (x the GQA group = rows)
+  pages_per_chunk: int  # pages DMA'd into one VMEM ring slot per step
+
+
+# Mosaic TPU prefill: rows (tokens x GQA group) per program, keys per step.
+TPU_PREFILL_ROWS = 256
+TPU_PREFILL_CHUNK_TOKENS = 256
+
+
+def tpu_prefill_tiling(*, q_len: int, group: int, pages_per_seq: int,
+                       block_size: int) -> TpuPrefillTiling:
+  """Picks the Mosaic TPU prefill kernel's tiles for a static shape.
+
+  Reasoned, not measured (no TPU has run it): ~256 query rows (the group's
+  heads times a power of 2 >= 16 of tokens, no more than the chunk needs)
+  against ~256 keys per step, so a step is two MXU-sized matmuls while the
+  next step's pages are in flight; the f32 logits tile is 256 KB of VMEM.
+  """
+  block_tokens = max(16, _pow2_floor(TPU_PREFILL_ROWS // max(1, group)))
+  block_tokens = min(block_tokens, max(16, 1 << (q_len - 1).bit_length()))
+  pages_per_chunk = max(1, TPU_PREFILL_CHUNK_TOKENS // block_size)
+  pages_per_chunk = min(pages_per_chunk, _pow2_floor(pages_per_seq))
+  return TpuPrefillTiling(block_tokens=block_tokens,
+                          pages_per_chunk=pages_per_chunk)

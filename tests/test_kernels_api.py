@@ -53,7 +53,7 @@ def test_quantize_round_trip_within_half_a_step():
     ("gpu", 7, 128, True, "pallas_triton"),
     ("gpu", 1, 80, False, "xla_chunked"),  # not a power of 2
     ("tpu", 1, 128, False, "pallas_mosaic_tpu"),
-    ("tpu", 5, 128, False, "xla_chunked"),  # TPU kernel is decode-only
+    ("tpu", 5, 128, False, "xla_chunked"),  # TPU prefill: dtype unknown
     ("tpu", 1, 128, True, "pallas_mosaic_tpu"),
 ])
 def test_auto_picks_a_supporting_implementation(monkeypatch, backend, q_len,

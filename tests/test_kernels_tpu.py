@@ -10,7 +10,6 @@ import pytest
 
 from kernels import decode_mosaic_tpu
 from kernels import testing
-from kernels.paged_attention import paged_attention
 
 
 @pytest.mark.parametrize(
@@ -31,9 +30,3 @@ def test_tpu_decode_matches_reference(heads, kv_heads, head_dim, block_size,
       case.kv_scales, pages_per_chunk=chunk, interpret=True)
   testing.assert_matches(out[:, None], case)
 
-
-def test_tpu_implementation_rejects_prefill():
-  case = testing.make_case(32, kv_lens=[20], q_len=4, num_heads=2,
-                           num_kv_heads=1)
-  with pytest.raises(ValueError, match="decode"):
-    paged_attention(*case.args(), implementation="pallas_mosaic_tpu")
