@@ -43,7 +43,11 @@ cluster_flags.define()  # --mesh, --policy, --storage_nic_gbps, --cold_tier, ...
 
 def main(argv):
   del argv
-  if distributed_flags.initialize_from_flags():
+  try:
+    multi = distributed_flags.requested()
+  except ValueError as e:
+    sys.exit(f"agent_eval: {e}")
+  if multi:
     sys.exit("agent_eval: the serving loop is single-controller; multi-process "
              "runs are not supported yet (the transfer layer is: see "
              "docs/pod_launch.md)")

@@ -47,6 +47,15 @@ def config_from_flags() -> DistributedConfig:
       local_device_ids=ids, auto_detect=FLAGS.distributed_auto)
 
 
+def requested() -> bool:
+  """Whether the flags or the environment ask for a multi-process job.
+
+  Launchers that cannot run multi-process yet check this before
+  `initialize_from_flags`, which would block until every peer joins.
+  """
+  return config_from_flags().multi_process
+
+
 def initialize_from_flags() -> bool:
   """Starts multi-process JAX if the flags or environment ask for it.
 

@@ -58,7 +58,11 @@ def _tokenizer(loaded):
 
 def main(argv):
   del argv
-  if distributed_flags.initialize_from_flags():
+  try:
+    multi = distributed_flags.requested()
+  except ValueError as e:
+    sys.exit(f"serve: {e}")
+  if multi:
     sys.exit("serve: the serving loop is single-controller; multi-process "
              "runs are not supported yet (the transfer layer is: see "
              "docs/pod_launch.md)")

@@ -150,3 +150,19 @@ def test_initialize_after_a_backend_exists_says_so():
   config = DistributedConfig(f"127.0.0.1:{_free_port()}", 2, 1, timeout_s=1)
   with pytest.raises(RuntimeError, match="must run before anything creates"):
     initialize(config)
+
+
+@pytest.mark.parametrize("launcher", ["agent_eval", "serve"])
+def test_launchers_refuse_multi_process_before_waiting_for_peers(launcher):
+  """The serving loop is single-controller: a clear error, at once, exit 1."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  t0 = time.monotonic()
+  proc = subprocess.run(
+      [sys.executable, "-m", f"launch.{launcher}",
+       f"--coordinator_address=127.0.0.1:{_free_port()}",
+       "--num_processes=2", "--process_id=0"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+      check=False)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "single-controller" in proc.stderr and "pod_launch" in proc.stderr
+  assert time.monotonic() - t0 < 60  # never blocked on the missing peer
