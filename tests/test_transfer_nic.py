@@ -116,3 +116,16 @@ def test_planned_bytes_count_in_the_backlog_until_acquired():
   assert nic.planned_bytes() == 0
   with pytest.raises(ValueError):
     nic.plan(-1)
+
+
+def test_interrupt_ends_a_long_wait_at_once():
+  nic = StorageNic("P0", 10.0, 1)  # real clock and the default sleep
+  done = []
+  t = threading.Thread(target=lambda: done.append(nic.acquire(1000)))
+  t0 = time.monotonic()
+  t.start()  # would wait about 100 s
+  time.sleep(0.1)
+  nic.interrupt()
+  t.join(10)
+  assert done and time.monotonic() - t0 < 5
+  assert nic.acquire(1000) > 0  # later waits are computed, then skipped

@@ -39,12 +39,13 @@ class StorageNic:
     bytes_per_s: sustained rate (`math.inf`: no limit, never waits).
     burst_bytes: bucket depth.
     clock: seconds, monotonic.
-    sleep: called with the seconds to wait.
+    sleep: called with the seconds to wait (default: an interruptible wait,
+      see `interrupt`).
   """
 
   def __init__(self, name: str, bytes_per_s: float, burst_bytes: int = 1 << 20,
                *, clock: Callable[[], float] = time.monotonic,
-               sleep: Callable[[float], None] = time.sleep):
+               sleep: Callable[[float], None] | None = None):
     if not bytes_per_s > 0:
       raise ValueError(f"{name}: bytes_per_s must be > 0, got {bytes_per_s!r}")
     if burst_bytes < 1:
@@ -53,7 +54,8 @@ class StorageNic:
     self.bytes_per_s = float(bytes_per_s)
     self.burst_bytes = int(burst_bytes)
     self._clock = clock
-    self._sleep = sleep
+    self._interrupted = threading.Event()
+    self._sleep = sleep if sleep is not None else self._interrupted.wait
     self._lock = threading.Lock()
     self._tokens = float(burst_bytes)
     self._last = clock()
@@ -119,6 +121,14 @@ class StorageNic:
     with self._lock:
       self._refill(self._clock())
       return max(0.0, -self._tokens)
+
+  def interrupt(self) -> None:
+    """Ends every current and future wait at once (shutting down).
+
+    Reads still waiting on the emulated NIC then go ahead unthrottled, so a
+    process can stop without sitting out a slow NIC's backlog.
+    """
+    self._interrupted.set()
 
   def planned_bytes(self) -> int:
     """Bytes announced with `plan` and not yet acquired."""
