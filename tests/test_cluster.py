@@ -126,6 +126,8 @@ def test_cluster_tokens_equal_single_engine(tiny, reference, tmp_path, policy,
     de_bytes = sum(stats.nic_bytes.get(n, 0) for n in ("D0", "D1"))
     pe_bytes = stats.nic_bytes.get("P0", 0)
     nic = cluster.nic_stats()
+    # path-2 blocks stay on the DE they passed through (not moved back)
+    assert (stats.kept_on_decode_blocks > 0) == (policy == "dualpath")
     if policy == "single_path":
       assert stats.path_blocks["path2"] == 0 and de_bytes == 0
       assert stats.path_blocks["path1"] > 0 and pe_bytes > 0

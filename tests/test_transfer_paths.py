@@ -230,3 +230,32 @@ def test_async_loads_on_one_nic_are_served_first_come_first_served(np_rng):
   assert done == [1, 2]
   assert loader.nics["P0"].planned_bytes() == 0
   loader.close()
+
+
+def test_path2_blocks_also_land_on_the_decode_engine(np_rng):
+  """A `DecodeSink` writes path-2 blocks into DE pages on the way (-1: skip)."""
+  from dualpath_jax.transfer.loader import DecodeSink
+  shape = (3, 2, 2, 4, 8)
+  _, source, loader = _setup(np_rng, shape, np.float32, 4)
+  ids = [f"b{i}".encode() for i in range(4)]
+  req = LoadRequest(ids, [5, 6, 7, 8], [DE, PE, DE, DE], "P0", "D0")
+  stage = loader.read_to_host(req)
+  pe_pool = jnp.zeros((3, 12) + shape[1:], jnp.float32)
+  de_before = np_rng.standard_normal((3, 10) + shape[1:]).astype(np.float32)
+  holder = {"kv": jnp.asarray(de_before)}
+  # path-2 blocks in stage order are b0, b2, b3 (PE pages 5, 7, 8)
+  assert list(stage.path2_pages) == [5, 7, 8]
+  sink = DecodeSink(np.array([9, -1, 2], np.int32), lambda: holder["kv"],
+                    lambda pool: holder.__setitem__("kv", pool))
+  stager = loader.stager(req, stage, pe_pool.shape, sink)
+  for layer in range(3):
+    pe_pool = stager(layer, pe_pool)
+  de_after, pe_after = np.asarray(holder["kv"]), np.asarray(pe_pool)
+  want = {i: source.get([ids[i]])[0] for i in range(4)}
+  np.testing.assert_array_equal(de_after[:, 9], want[0])
+  np.testing.assert_array_equal(de_after[:, 2], want[3])
+  untouched = [p for p in range(10) if p not in (9, 2)]
+  np.testing.assert_array_equal(de_after[:, untouched], de_before[:, untouched])
+  for i, page in enumerate([5, 6, 7, 8]):  # the PE got all four as usual
+    np.testing.assert_array_equal(pe_after[:, page], want[i])
+  loader.close()

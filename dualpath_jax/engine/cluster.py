@@ -79,7 +79,7 @@ from dualpath_jax.scheduler.state import DECODE, PREFILL
 from dualpath_jax.transfer import (DualPathConfig, DualPathLoader,
                                    LoadRequest, MeshConfig, StorageNic,
                                    build_cluster_mesh)
-from dualpath_jax.transfer.loader import LayerStager
+from dualpath_jax.transfer.loader import DecodeSink, LayerStager
 from dualpath_jax.transfer.mesh import EngineMesh
 
 
@@ -99,6 +99,7 @@ class _Turn:
   load: "cf.Future | None" = None  # the cold-tier reads in flight
   load_request: LoadRequest | None = None
   load_plan: tuple[int, int, int] = (0, 0, 0)  # cached, resident, loadable blocks
+  on_decode: frozenset[int] = frozenset()  # prompt blocks path 2 left on the DE
   placed_s: float = 0.0
 
   @property
@@ -129,6 +130,7 @@ class ClusterStats:
   max_loads_in_flight: int = 0
   move_s: float = 0.0
   moved_blocks: int = 0
+  kept_on_decode_blocks: int = 0  # path-2 blocks written to the DE on the way
   path_blocks: dict[str, int] = dataclasses.field(
       default_factory=lambda: {"resident": 0, "path1": 0, "path2": 0,
                                "free": 0})
@@ -569,7 +571,37 @@ class PDCluster:
     self.cold_tier.stats.loaded_tokens += (have + good) * bs - cached
     turn.cached_prompt_tokens = min((have + good) * bs,
                                     len(turn.req.prompt_tokens))
-    return self.loader.stager(req, stage, pe.kv.shape)
+    return self.loader.stager(req, stage, pe.kv.shape,
+                              self._decode_sink(turn, req, stage, have, good))
+
+  def _decode_sink(self, turn: _Turn, req: LoadRequest, stage,
+                   have: int, good: int) -> DecodeSink | None:
+    """Path-2 blocks also go into the DE pages the turn will decode from.
+
+    They pass through the DE's devices anyway; keeping them saves moving them
+    back PE -> DE after prefill (`_move_to_decode` skips them). Blocks the DE
+    holds already, and blocks from the first miss on (recomputed on the PE),
+    are not written.
+    """
+    if not stage.path2_pages.size:
+      return None
+    de = turn.decode
+    de_table = de.manager.block_table(turn.rid)
+    de_has = de.manager.num_computed(turn.rid) // self.block_size
+    index_of = {int(p): i for i, p in enumerate(req.dest_pages)}
+    pages, kept = [], set()
+    for pe_page in stage.path2_pages:
+      block = have + index_of[int(pe_page)]
+      if de_has <= block < have + good:
+        pages.append(de_table[block])
+        kept.add(block)
+      else:
+        pages.append(-1)
+    turn.on_decode = frozenset(kept)
+
+    def set_pool(pool):
+      de.kv = pool
+    return DecodeSink(np.asarray(pages, np.int32), lambda: de.kv, set_pool)
 
   def _reserve_on_decode(self, turn: _Turn, pe: _Worker, de: _Worker) -> None:
     """Begins the turn on the DE and allocates pages for all it may hold."""
@@ -639,12 +671,16 @@ class PDCluster:
     computed = de.manager.num_computed(turn.rid)
     first = computed // self.block_size
     last = math.ceil(target / self.block_size)
-    src = pe.manager.block_table(turn.rid)[first:last]
-    dst = de.manager.block_table(turn.rid)[first:last]
+    todo = [b for b in range(first, last) if b not in turn.on_decode]
+    pe_table = pe.manager.block_table(turn.rid)
+    de_table = de.manager.block_table(turn.rid)
+    src = [pe_table[b] for b in todo]
+    dst = [de_table[b] for b in todo]
     t0 = time.perf_counter()
     de.kv = self.loader.move_blocks(pe.kv, src, pe.name, de.kv, dst, de.name)
     self.stats.move_s += time.perf_counter() - t0
     self.stats.moved_blocks += len(src)
+    self.stats.kept_on_decode_blocks += (last - first) - len(todo)
     de.manager.append_tokens(turn.rid, turn.tokens[computed:target])
     pe.manager.end(turn.rid, keep_cached=self.dualpath.prefill_keeps_prefix)
     de.running.append(turn)

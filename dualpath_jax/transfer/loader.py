@@ -44,7 +44,7 @@ import concurrent.futures as cf
 import dataclasses
 import inspect
 import time
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -296,9 +296,10 @@ class DualPathLoader:
 
   # --------------------------------------------------------------- stage 2
   def stager(self, req: LoadRequest, stage: HostStage,
-             pool_shape: Sequence[int]) -> "LayerStager":
+             pool_shape: Sequence[int],
+             de_sink: "DecodeSink | None" = None) -> "LayerStager":
     """A `LayerStager` putting `stage`'s blocks into a pool of `pool_shape`."""
-    return LayerStager(self, req, stage, pool_shape)
+    return LayerStager(self, req, stage, pool_shape, de_sink)
 
   def iter_layers(self, pool: jax.Array, req: LoadRequest,
                   stage: HostStage) -> Iterator[tuple[int, jax.Array]]:
@@ -364,6 +365,26 @@ class DualPathLoader:
                           moved)
 
 
+@dataclasses.dataclass
+class DecodeSink:
+  """Where path-2 blocks also land on their decode engine, on the way.
+
+  A path-2 block passes through the DE's devices; writing it into the DE
+  pool page its turn will decode from there saves moving it back PE -> DE
+  after prefill.
+
+  Attributes:
+    pages: per path-2 block of the stage, in `HostStage.path2_pages` order,
+      its DE pool page, or -1 to skip it (the DE holds it already).
+    get_pool / set_pool: read and replace the DE's pool `[L, N, 2, Hkv, P, D]`
+      (it is donated to each scatter).
+  """
+
+  pages: np.ndarray  # [k2] int32
+  get_pool: Callable[[], jax.Array]
+  set_pool: Callable[[jax.Array], None]
+
+
 class LayerStager:
   """Puts a loaded `HostStage` into a PE pool one layer at a time.
 
@@ -377,7 +398,8 @@ class LayerStager:
   """
 
   def __init__(self, loader: DualPathLoader, req: LoadRequest,
-               stage: HostStage, pool_shape: Sequence[int]):
+               stage: HostStage, pool_shape: Sequence[int],
+               de_sink: DecodeSink | None = None):
     self.pe = loader.cluster.engine(req.prefill_engine)
     self.de = loader.cluster.engine(req.decode_engine)
     self.num_layers = loader.block_shape[0]
@@ -403,6 +425,19 @@ class LayerStager:
     self.pages = (None if self.empty else
                   jax.device_put(np.concatenate(parts), self.pe.sharding()))
     self.to_pe = loader.handoff(self.de.name, self.pe.name, head_axis=2)
+    self.de_sink = de_sink if self.use2 else None
+    if self.de_sink is not None:
+      de_pages = np.asarray(de_sink.pages, np.int32)
+      if de_pages.shape != stage.path2_pages.shape:
+        raise ValueError(f"{de_pages.size} DE pages for "
+                         f"{stage.path2_pages.size} path-2 blocks")
+      de_num_pages = de_sink.get_pool().shape[1]
+      if de_pages.size and de_pages.max() >= de_num_pages:
+        raise ValueError(f"DE page {de_pages.max()} out of range for "
+                         f"{de_num_pages}")
+      padded = np.full(stage.path2.shape[1], de_num_pages, np.int32)
+      padded[:de_pages.size] = np.where(de_pages < 0, de_num_pages, de_pages)
+      self.de_pages = jax.device_put(padded, self.de.sharding())
     self.in_flight = loader.config.layers_in_flight
     self.pending: collections.deque = collections.deque()
     self.next_layer = 0  # the next layer to stage
@@ -416,6 +451,9 @@ class LayerStager:
     if self.use2:
       on_de = jax.device_put(self.stage.path2[layer],
                              self.de.kv_blocks_sharding())
+      if self.de_sink is not None:
+        self.de_sink.set_pool(_scatter_layer(
+            self.de_sink.get_pool(), jnp.int32(layer), self.de_pages, on_de))
       parts.append(self.to_pe(on_de))
     return parts
 

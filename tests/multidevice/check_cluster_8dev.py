@@ -109,7 +109,7 @@ def test_cluster_on_separate_devices(tmp_path, mesh, tp, handoff):
     de_bytes = sum(stats.nic_bytes.get(w.name, 0)
                    for w in cluster.decode_workers)
     assert pe_bytes > 0 and de_bytes > 0
-    assert stats.moved_blocks > 0
+    assert stats.moved_blocks > 0 and stats.kept_on_decode_blocks > 0
     for name, w in cluster.workers.items():  # pools stayed on their devices
       assert {d.id for d in w.kv.devices()} == devices[name]
   finally:
