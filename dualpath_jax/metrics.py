@@ -110,6 +110,18 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
+def run_environment() -> dict[str, Any]:
+  """Where a report was measured: device, backend, jax version, host, date."""
+  import platform
+  import time
+
+  import jax
+  return {"device": str(jax.devices()[0].device_kind),
+          "backend": jax.default_backend(), "jax_version": jax.__version__,
+          "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+          "date": time.strftime("%Y-%m-%d")}
+
+
 def write_json(report: dict[str, Any], path: str) -> None:
   """Writes `report` atomically (temp file + rename) as indented JSON."""
   tmp = f"{path}.tmp"

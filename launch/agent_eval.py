@@ -11,10 +11,7 @@ table and writes a JSON report (and a PNG plot with `--plot`).
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
-import time
 
 from absl import app, flags, logging
 
@@ -81,7 +78,8 @@ def main(argv):
                             max_context=FLAGS.max_context,
                             attention_impl=FLAGS.attention, seed=FLAGS.seed)
   try:
-    engine = cluster_flags.make(loaded, cache, engine_cfg)
+    engine = cluster_flags.make(loaded, cache, engine_cfg, mesh,
+                                cluster_flags.cold_tier_config())
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
   total_turns = sum(len(s.turns) for s in sessions)
@@ -118,11 +116,7 @@ def main(argv):
       "cache": engine.manager.stats,
       "cold_tier": cold_stats,
       "nics": nics,
-      "device": str(jax.devices()[0].device_kind),
-      "backend": jax.default_backend(),
-      "jax_version": jax.__version__,
-      "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
-      "date": time.strftime("%Y-%m-%d"),
+      **metrics.run_environment(),
       "config": {
           "model": loaded.config.name, "model_source": FLAGS.model or "embedded",
           "trace": workload_flags.describe(),

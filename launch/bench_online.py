@@ -30,11 +30,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
-import time
 
 from absl import app, flags, logging
 
@@ -168,15 +166,8 @@ def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
     with BlockStore(_cold_config(seed_dir), loaded.config, cache) as src, \
         BlockStore(cold, loaded.config, cache) as dst:
       cloned = clone_store(src, dst)
-  if mesh is None:
-    from dualpath_jax.engine.factory import make_engine
-    engine = make_engine(loaded, cache, engine_cfg, cold_tier=cold)
-    block_bytes = cache.bytes_per_block(loaded.config)
-  else:
-    from dualpath_jax.engine.cluster import make_cluster
-    engine = make_cluster(loaded, cache, engine_cfg, cold, mesh,
-                          cluster_flags.dualpath_config(policy))
-    block_bytes = engine.block_bytes
+  engine = cluster_flags.make(loaded, cache, engine_cfg, mesh, cold, policy)
+  block_bytes = cache.bytes_per_block(loaded.config)
   if FLAGS.warmup:
     engine.warmup(min(FLAGS.max_context, context_bound))
   total = sum(len(s.turns) for s in sessions)
@@ -317,11 +308,7 @@ def main(argv):
       "slo": dataclasses.asdict(slo),
       "runs": runs,
       "seed_store": seed_stats,
-      "device": str(jax.devices()[0].device_kind),
-      "backend": jax.default_backend(),
-      "jax_version": jax.__version__,
-      "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
-      "date": time.strftime("%Y-%m-%d"),
+      **metrics.run_environment(),
       "config": {
           "model": loaded.config.name, "model_source": FLAGS.model or "embedded",
           "trace": trace, "sessions": len(sessions), "reply": FLAGS.reply,

@@ -19,13 +19,15 @@ CODECS = ["raw", "zstd", "int8", "int8+zstd"]
 POLICIES = ["single_path", "dualpath", "oracle"]
 
 
+def define_once(define_fn, name: str, *args, **kw) -> None:
+  """`define_fn(name, ...)` (an absl `DEFINE_*`) unless `name` exists already."""
+  if name not in FLAGS:
+    define_fn(name, *args, **kw)
+
+
 def define(mesh_default: str | None = None) -> None:
   """Defines the cluster and cold-tier flags (once per process)."""
-
-  def once(define_fn, name, *args, **kw):
-    if name not in FLAGS:
-      define_fn(name, *args, **kw)
-
+  once = define_once
   once(flags.DEFINE_string, "mesh", mesh_default,
        "prefill/decode split, e.g. 1P2D (needs --cold_tier); unset or none = "
        "one engine doing both")
@@ -90,11 +92,13 @@ def as_dict() -> dict:
           "cold_tier_gb": FLAGS.cold_tier_gb}
 
 
-def make(loaded, cache, engine_cfg, *, policy: str | None = None,
-         cold_root: str | None = None):
-  """An `Engine` (no `--mesh`) or a `PDCluster` as the flags describe."""
-  mesh = mesh_config()
-  cold = cold_tier_config(cold_root)
+def make(loaded, cache, engine_cfg, mesh, cold, policy: str | None = None):
+  """An `Engine` (`mesh` None) or a `PDCluster` over the cold tier `cold`.
+
+  `mesh`, `cold`: from `mesh_config()` and `cold_tier_config()` (or a
+  launcher's own, e.g. one cold tier per benchmark run); the load-path
+  settings come from the flags, `policy` overriding `--policy`.
+  """
   if mesh is None:
     from dualpath_jax.engine.factory import make_engine
     return make_engine(loaded, cache, engine_cfg, cold_tier=cold)

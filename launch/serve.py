@@ -90,7 +90,9 @@ def main(argv):
                               max_prefill_chunk=FLAGS.prefill_chunk,
                               max_context=FLAGS.max_context,
                               attention_impl=FLAGS.attention, seed=FLAGS.seed)
-    engine = cluster_flags.make(loaded, cache, engine_cfg)
+    engine = cluster_flags.make(loaded, cache, engine_cfg,
+                                cluster_flags.mesh_config(),
+                                cluster_flags.cold_tier_config())
     server_cfg = ServerConfig(
         model_names=tuple(FLAGS.served_model_name or (loaded.config.name,)),
         default_temperature=FLAGS.default_temperature)

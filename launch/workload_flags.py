@@ -2,8 +2,8 @@
 
 A workload is either a recorded trace (`--trace`, abench-session-jsonl-v1)
 or the built-in synthetic coding-agent sessions (`--sessions`, `--turns`,
-`--first_tool_lines`, `--growth_lines`). `define()` is idempotent, like
-`cluster_flags.define()`; each launcher keeps its own `--seed`, which the
+`--first_tool_lines`, `--growth_lines`). `define()` is idempotent
+(`cluster_flags.define_once`); each launcher keeps its own `--seed`, which the
 synthetic workload uses.
 """
 
@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from absl import flags
 
+from launch import cluster_flags
+
 FLAGS = flags.FLAGS
 
 
 def define(honor_gaps_default: bool = False) -> None:
   """Defines the workload flags (once per process)."""
-
-  def once(define_fn, name, *args, **kw):
-    if name not in FLAGS:
-      define_fn(name, *args, **kw)
-
+  once = cluster_flags.define_once
   once(flags.DEFINE_string, "trace", None, "abench-session-jsonl-v1 trace "
        "(.jsonl or .jsonl.zst); default: the built-in synthetic workload")
   once(flags.DEFINE_integer, "sessions", 8,

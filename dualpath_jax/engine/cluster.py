@@ -65,6 +65,7 @@ from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import CacheConfig, EngineConfig
 from dualpath_jax.engine import buckets
 from dualpath_jax.engine.cold_tier import ColdTierConnector, ColdTierStats
+from dualpath_jax.engine.engine import EngineStats
 from dualpath_jax.engine import step_parts
 from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
 from dualpath_jax.engine.factory import model_fingerprint
@@ -100,6 +101,7 @@ class _Turn:
   load_request: LoadRequest | None = None
   load_plan: tuple[int, int, int] = (0, 0, 0)  # cached, resident, loadable blocks
   on_decode: frozenset[int] = frozenset()  # prompt blocks path 2 left on the DE
+  chain: list[bytes] | None = None  # ids of its loadable blocks (set once)
   placed_s: float = 0.0
 
   @property
@@ -112,18 +114,12 @@ class _Turn:
 
 
 @dataclasses.dataclass
-class ClusterStats:
-  """Counters of the whole cluster; times are wall seconds."""
+class ClusterStats(EngineStats):
+  """`EngineStats` summed over engines, plus placement, load and move counters.
 
-  prefill_steps: int = 0
-  prefill_tokens: int = 0
-  prefill_s: float = 0.0
-  decode_steps: int = 0
-  decode_tokens: int = 0
-  decode_s: float = 0.0
-  preemptions: int = 0  # always 0: pages are reserved at admission
-  warmup_s: float = 0.0
-  compiled_shapes: int = 0
+  `preemptions` stays 0: pages are reserved at admission.
+  """
+
   turns_placed: int = 0
   load_s: float = 0.0  # wall time of the cold-tier reads, summed over turns
   load_wait_s: float = 0.0  # time every engine sat idle waiting for reads
@@ -136,14 +132,6 @@ class ClusterStats:
                                "free": 0})
   nic_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
   placements: dict[str, int] = dataclasses.field(default_factory=dict)
-
-  def as_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["prefill_tok_s"] = (self.prefill_tokens / self.prefill_s
-                          if self.prefill_s else None)
-    d["decode_tok_s"] = (self.decode_tokens / self.decode_s
-                         if self.decode_s else None)
-    return d
 
 
 @dataclasses.dataclass
@@ -174,11 +162,14 @@ class _Worker:
     self.running: list[_Turn] = []  # DE: decoding
     self.shapes: set[tuple[int, int, int]] = set()
 
+  def prefill_turns(self) -> list[_Turn]:
+    """A PE's turns not yet handed to a DE: the queue and the current one."""
+    return list(self.queue) + ([self.current] if self.current else [])
+
   def queued_tokens(self) -> int:
     if self.role == PREFILL:
-      turns = list(self.queue) + ([self.current] if self.current else [])
       return sum(t.prefill_target - self.manager.num_computed(t.rid)
-                 for t in turns)
+                 for t in self.prefill_turns())
     return sum(t.req.max_new_tokens - len(t.generated) for t in self.running)
 
 
@@ -270,7 +261,7 @@ class PDCluster:
     c = loaded.config
     block_shape = (c.num_layers, 2, c.num_kv_heads, cache.block_size,
                    c.head_dim)
-    self.block_bytes = int(np.prod(block_shape)) * np.dtype(cache.dtype).itemsize
+    self.block_bytes = cache.bytes_per_block(c)
     self.loader = DualPathLoader(self.cluster_mesh, store, self.nics,
                                  dualpath, block_shape, cache.dtype)
     self.cold_tier = ClusterColdTier(store, ColdTierStats())
@@ -314,7 +305,7 @@ class PDCluster:
         self._waiting.remove(turn)
         return True
     for pe in self.prefill_workers:
-      for turn in list(pe.queue) + ([pe.current] if pe.current else []):
+      for turn in pe.prefill_turns():
         if turn.rid == request_id:
           if turn is pe.current:
             pe.current = None
@@ -455,17 +446,22 @@ class PDCluster:
 
   def _prefilling(self) -> list[_Turn]:
     """Turns placed on a PE and not yet handed to their DE."""
-    return [t for pe in self.prefill_workers
-            for t in list(pe.queue) + ([pe.current] if pe.current else [])]
+    return [t for pe in self.prefill_workers for t in pe.prefill_turns()]
 
-  def _demand(self, turn: _Turn) -> tuple[TurnDemand, list[bytes]]:
-    """The turn's `TurnDemand` and the hash chain of its loadable blocks."""
+  def _demand(self, turn: _Turn) -> tuple[TurnDemand, list[bool]]:
+    """The turn's `TurnDemand`, and which blocks of `turn.chain` the store holds.
+
+    The chain is hashed once per turn; the store is asked at every attempt
+    (a turn waiting for pages may find more blocks stored later).
+    """
     bs = self.block_size
     target = turn.prefill_target
-    cap = (target - 1) // bs  # leave one token to compute
-    chain = hash_chain(turn.tokens[:cap * bs], bs,
-                       self.prefill_workers[0].manager.model_fingerprint,
-                       turn.req.tenant)
+    if turn.chain is None:
+      cap = (target - 1) // bs  # leave one token to compute
+      turn.chain = hash_chain(turn.tokens[:cap * bs], bs,
+                              self.prefill_workers[0].manager.model_fingerprint,
+                              turn.req.tenant)
+    chain = turn.chain
     in_store = self.store.contains(chain) if chain else []
     resident, hits = {}, 0
     for pe in self.prefill_workers:
@@ -484,12 +480,12 @@ class PDCluster:
         block_bytes=self.block_bytes, total_blocks=total, decode_blocks=decode,
         max_new_tokens=turn.req.max_new_tokens,
         resident_blocks={k: min(v, hits) for k, v in resident.items()})
-    return demand, chain
+    return demand, in_store
 
   def _admit(self) -> None:
     while self._waiting:
       turn = self._waiting[0]
-      demand, chain = self._demand(turn)
+      demand, in_store = self._demand(turn)
       try:
         placement = self.policy(demand, self._snapshot())
       except NoCapacityError:
@@ -502,7 +498,7 @@ class PDCluster:
       pe = self.workers[placement.prefill_engine]
       de = self.workers[placement.decode_engine]
       turn.prefill, turn.decode = pe, de
-      self._start_on_prefill(turn, pe, de, chain, placement.paths)
+      self._start_on_prefill(turn, pe, de, in_store, placement.paths)
       self._reserve_on_decode(turn, pe, de)
       pe.queue.append(turn)
       self.stats.turns_placed += 1
@@ -510,14 +506,18 @@ class PDCluster:
       self.stats.placements[key] = self.stats.placements.get(key, 0) + 1
 
   def _start_on_prefill(self, turn: _Turn, pe: _Worker, de: _Worker,
-                        chain: list[bytes], paths: Sequence[ReadPath]) -> None:
-    """Begins the turn on the PE, reserves its pages, starts its cold reads."""
+                        in_store: list[bool],
+                        paths: Sequence[ReadPath]) -> None:
+    """Begins the turn on the PE, reserves its pages, starts its cold reads.
+
+    `in_store[i]`: the store holds block i of `turn.chain` (as `_demand` saw).
+    """
     bs = self.block_size
     target = turn.prefill_target
     cached = pe.manager.begin(turn.rid, turn.tokens[:target], turn.req.tenant)
     have = cached // bs
     self.stats.path_blocks["resident"] += have
-    present = self.store.contains(chain[have:]) if len(chain) > have else []
+    present = in_store[have:]
     run = next((i for i, p in enumerate(present) if not p), len(present))
     if not pe.manager.can_allocate(turn.rid, target - cached):
       pe.manager.end(turn.rid)
@@ -536,7 +536,8 @@ class PDCluster:
               for p in wanted]
     table = pe.manager.block_table(turn.rid)
     turn.load_request = LoadRequest(
-        block_ids=chain[have:have + run], dest_pages=table[have:have + run],
+        block_ids=turn.chain[have:have + run],
+        dest_pages=table[have:have + run],
         paths=wanted, prefill_engine=pe.name, decode_engine=de.name)
     turn.load = self.loader.read_to_host_async(turn.load_request)
     self.stats.max_loads_in_flight = max(self.stats.max_loads_in_flight,

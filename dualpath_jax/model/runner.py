@@ -43,13 +43,15 @@ class ModelRunner:
                                attention_impl=attention_impl)
       return model, hidden, kv_cache
 
+    def last_token_logits(model, hidden, q_lens):  # [B, T, H] -> [B, V]
+      last = jnp.clip(q_lens.astype(jnp.int32) - 1, 0, hidden.shape[1] - 1)
+      return model.logits(hidden[jnp.arange(hidden.shape[0]), last])
+
     def last_logits(state, kv_cache, tokens, block_tables, kv_lens, q_lens,
                     slot_mapping):
       model, hidden, kv_cache = forward(state, kv_cache, tokens, block_tables,
                                         kv_lens, q_lens, slot_mapping)
-      last = jnp.clip(q_lens.astype(jnp.int32) - 1, 0, tokens.shape[1] - 1)
-      hidden_last = hidden[jnp.arange(tokens.shape[0]), last]  # [B, H]
-      return model.logits(hidden_last), kv_cache
+      return last_token_logits(model, hidden, q_lens), kv_cache
 
     def all_logits(state, kv_cache, tokens, block_tables, kv_lens, q_lens,
                    slot_mapping):
@@ -75,9 +77,7 @@ class ModelRunner:
 
     def lw_end(state, h, q_lens):
       model = nnx.merge(graphdef, state)
-      hidden = model.final_norm(h)
-      last = jnp.clip(q_lens - 1, 0, h.shape[1] - 1)
-      return model.logits(hidden[jnp.arange(h.shape[0]), last])
+      return last_token_logits(model, model.final_norm(h), q_lens)
 
     self._lw_begin = jax.jit(lw_begin)
     self._lw_layer = jax.jit(lw_layer, donate_argnums=(1,))
