@@ -16,19 +16,18 @@ import time
 
 import numpy as np
 import pytest
-from flax import nnx
-from prometheus_client.parser import text_string_to_metric_families
 
-from dualpath_jax.config import TINY, CacheConfig, EngineConfig
+from dualpath_jax.config import CacheConfig, EngineConfig
 from dualpath_jax.engine.factory import make_engine
 from dualpath_jax.engine.request import TurnRequest
-from dualpath_jax.model import Llama, LoadedModel
 from dualpath_jax.server import (LocalEngineHandle, ServerConfig, create_app,
                                  serve_in_thread)
 
+from server_support import (MODEL, scrape_metrics, tiny_chat_model,
+                            visible_text, words)
+
 openai = pytest.importorskip("openai", reason="pip install openai (test extra)")
 
-MODEL = "tiny-chat"
 BS = 16
 MAX_CONTEXT = 1024
 CACHE = CacheConfig(block_size=BS, num_blocks=256)
@@ -38,11 +37,7 @@ ENGINE = EngineConfig(max_batch_size=4, max_prefill_chunk=256,
 
 @pytest.fixture(scope="module")
 def tiny_chat(smollm2_tokenizer):
-  cfg = TINY.replace(name=MODEL, vocab_size=smollm2_tokenizer.vocab_size,
-                     max_position=MAX_CONTEXT,
-                     eos_token_ids=smollm2_tokenizer.eos_ids)
-  return LoadedModel(cfg, Llama(cfg, rngs=nnx.Rngs(0)), smollm2_tokenizer,
-                     weights_id="tiny-chat-seed0", source="test")
+  return tiny_chat_model(smollm2_tokenizer, MAX_CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +103,8 @@ def _drain(engine):
   return outs
 
 
-def _text(tok, ids):
-  return tok.decode([i for i in ids if not tok.is_special(i)],
-                    skip_special_tokens=True)
 
 
-def _metrics(server) -> dict[tuple[str, tuple], float]:
-  body = _http(server, "GET", "/metrics").text
-  out = {}
-  for family in text_string_to_metric_families(body):
-    for s in family.samples:
-      out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-  return out
 
 
 def _wait_idle(server, timeout_s=10.0) -> bool:
@@ -135,10 +120,6 @@ def _wait_idle(server, timeout_s=10.0) -> bool:
   return False
 
 
-def _words(rng, n):
-  vocab = ["alpha", "beta", "gamma", "delta", "file", "test", "def", "return",
-           "error", "patch", "the", "agent", "tool", "output", "42", "x"]
-  return " ".join(rng.choice(vocab, size=n))
 
 
 # ---------------------------------------------------------------- basics
@@ -159,12 +140,12 @@ def test_chat_matches_the_engine_streamed_or_not(client, tiny_chat, reference,
                                                  max_tokens):
   tok = tiny_chat.tokenizer
   messages = [{"role": "system", "content": "You are terse."},
-              {"role": "user", "content": _words(np_rng, num_words)}]
+              {"role": "user", "content": words(np_rng, num_words)}]
   prompt = tok.encode_chat(messages)
   ref = reference(prompt, max_tokens, temperature=0.0)
   r = client.chat.completions.create(model=MODEL, messages=messages,
                                      max_tokens=max_tokens, temperature=0)
-  assert r.choices[0].message.content == _text(tok, ref.generated_tokens)
+  assert r.choices[0].message.content == visible_text(tok, ref.generated_tokens)
   assert r.choices[0].finish_reason == (
       "length" if ref.finish_reason == "length" else "stop")
   assert r.usage.prompt_tokens == len(prompt)
@@ -192,14 +173,14 @@ def test_chat_matches_the_engine_streamed_or_not(client, tiny_chat, reference,
 def test_completions_text_and_token_prompts(client, tiny_chat, reference,
                                             np_rng, as_ids):
   tok = tiny_chat.tokenizer
-  text = _words(np_rng, 12)
+  text = words(np_rng, 12)
   ids = tok.encode(text)
   ref = reference(ids, 9, temperature=0.0, stop_on_eos=False)
   r = client.completions.create(model=MODEL, prompt=ids if as_ids else text,
                                 max_tokens=9, temperature=0,
                                 extra_body={"ignore_eos": True})
   assert r.object == "text_completion"
-  assert r.choices[0].text == _text(tok, ref.generated_tokens)
+  assert r.choices[0].text == visible_text(tok, ref.generated_tokens)
   assert r.choices[0].finish_reason == "length"
   assert r.usage.prompt_tokens == len(ids)
   assert r.usage.completion_tokens == 9
@@ -211,7 +192,7 @@ def test_completions_text_and_token_prompts(client, tiny_chat, reference,
 
 def test_seeded_sampling_is_reproducible_and_stop_strings_cut(client,
                                                               np_rng):
-  kw = dict(model=MODEL, prompt=_words(np_rng, 8), max_tokens=40,
+  kw = dict(model=MODEL, prompt=words(np_rng, 8), max_tokens=40,
             temperature=1.0, seed=1234, extra_body={"ignore_eos": True})
   full = client.completions.create(**kw).choices[0].text
   assert client.completions.create(**kw).choices[0].text == full
@@ -233,9 +214,9 @@ def test_seeded_sampling_is_reproducible_and_stop_strings_cut(client,
 def test_concurrent_requests_batch_and_match_sequential(client, tiny_chat,
                                                         reference, np_rng):
   tok = tiny_chat.tokenizer
-  convs = [[{"role": "user", "content": _words(np_rng, 10 + 7 * i)}]
+  convs = [[{"role": "user", "content": words(np_rng, 10 + 7 * i)}]
            for i in range(4)]
-  refs = [_text(tok, reference(tok.encode_chat(m), 12, temperature=0.0,
+  refs = [visible_text(tok, reference(tok.encode_chat(m), 12, temperature=0.0,
                                stop_on_eos=False).generated_tokens)
           for m in convs]
 
@@ -252,10 +233,10 @@ def test_concurrent_requests_batch_and_match_sequential(client, tiny_chat,
 
 
 def test_cached_tokens_grow_across_a_sessions_turns(client, np_rng):
-  messages = [{"role": "system", "content": _words(np_rng, 40)}]
+  messages = [{"role": "system", "content": words(np_rng, 40)}]
   cached, prompts = [], []
   for _ in range(4):
-    messages.append({"role": "user", "content": _words(np_rng, 25)})
+    messages.append({"role": "user", "content": words(np_rng, 25)})
     r = client.chat.completions.create(model=MODEL, messages=messages,
                                        max_tokens=8, temperature=0,
                                        user="tenant-a")
@@ -281,11 +262,11 @@ def test_cached_tokens_grow_across_a_sessions_turns(client, np_rng):
 
 
 def test_metrics_parse_and_count_a_request(server, client, np_rng):
-  before = _metrics(server)
+  before = scrape_metrics(server.host, server.port)
   r = client.chat.completions.create(
-      model=MODEL, messages=[{"role": "user", "content": _words(np_rng, 30)}],
+      model=MODEL, messages=[{"role": "user", "content": words(np_rng, 30)}],
       max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
-  after = _metrics(server)
+  after = scrape_metrics(server.host, server.port)
   delta = lambda name, **labels: (  # noqa: E731
       after.get((name, tuple(sorted(labels.items()))), 0.0) -
       before.get((name, tuple(sorted(labels.items()))), 0.0))
@@ -370,9 +351,9 @@ def test_malformed_json_and_unknown_route(server):
 def test_dropped_stream_frees_its_blocks(server, client, np_rng):
   loop = server.app.state.engine_loop
   aborted = loop.aborted
-  before = _metrics(server)
+  before = scrape_metrics(server.host, server.port)
   stream = client.chat.completions.create(
-      model=MODEL, messages=[{"role": "user", "content": _words(np_rng, 50)}],
+      model=MODEL, messages=[{"role": "user", "content": words(np_rng, 50)}],
       max_tokens=MAX_CONTEXT - 200, temperature=0, stream=True,
       extra_body={"ignore_eos": True})
   for i, _ in enumerate(stream):
@@ -382,7 +363,7 @@ def test_dropped_stream_frees_its_blocks(server, client, np_rng):
   stream.close()
   assert _wait_idle(server), loop.snapshot
   assert loop.aborted == aborted + 1
-  after = _metrics(server)
+  after = scrape_metrics(server.host, server.port)
   key = ("dualpath_requests_total",
          (("endpoint", "chat"), ("finish_reason", "abort")))
   assert after[key] - before.get(key, 0.0) == 1
@@ -393,7 +374,7 @@ def test_client_timeout_on_a_plain_request_frees_its_blocks(server, np_rng):
   aborted = loop.aborted
   with pytest.raises(socket.timeout):
     _http(server, "POST", "/v1/completions", {
-        "model": MODEL, "prompt": _words(np_rng, 20),
+        "model": MODEL, "prompt": words(np_rng, 20),
         "max_tokens": MAX_CONTEXT - 100, "ignore_eos": True}, timeout=0.5)
   assert _wait_idle(server), loop.snapshot
   assert loop.aborted == aborted + 1

@@ -13,24 +13,22 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
-from flax import nnx
-from prometheus_client.parser import text_string_to_metric_families
 
-from dualpath_jax.config import TINY, CacheConfig, EngineConfig
+from dualpath_jax.config import CacheConfig, EngineConfig
 from dualpath_jax.engine.cluster import make_cluster
 from dualpath_jax.engine.factory import make_engine
 from dualpath_jax.engine.request import TurnRequest
-from dualpath_jax.model import Llama, LoadedModel
 from dualpath_jax.server import (LocalEngineHandle, ServerConfig, create_app,
                                  serve_in_thread)
 from dualpath_jax.transfer import DualPathConfig, MeshConfig
 from storage.config import ColdTierConfig
 
+from server_support import (MODEL, scrape_metrics, tiny_chat_model,
+                            visible_text, words)
+
 openai = pytest.importorskip("openai", reason="pip install openai (test extra)")
 
-MODEL = "tiny-chat"
 BS = 16
 MAX_CONTEXT = 1024
 CACHE = CacheConfig(block_size=BS, num_blocks=256)
@@ -40,11 +38,7 @@ ENGINE = EngineConfig(max_batch_size=4, max_prefill_chunk=256,
 
 @pytest.fixture(scope="module")
 def tiny_chat(smollm2_tokenizer):
-  cfg = TINY.replace(name=MODEL, vocab_size=smollm2_tokenizer.vocab_size,
-                     max_position=MAX_CONTEXT,
-                     eos_token_ids=smollm2_tokenizer.eos_ids)
-  return LoadedModel(cfg, Llama(cfg, rngs=nnx.Rngs(0)), smollm2_tokenizer,
-                     weights_id="tiny-chat-seed0", source="test")
+  return tiny_chat_model(smollm2_tokenizer, MAX_CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -80,28 +74,10 @@ def _reference(tiny_chat, prompt, max_new):
   return outs[0].generated_tokens
 
 
-def _text(tok, ids):
-  return tok.decode([i for i in ids if not tok.is_special(i)],
-                    skip_special_tokens=True)
 
 
-def _words(rng, n):
-  vocab = ["alpha", "beta", "gamma", "delta", "file", "test", "def", "return",
-           "error", "patch", "the", "agent", "tool", "output", "42", "x"]
-  return " ".join(rng.choice(vocab, size=n))
 
 
-def _metrics(server) -> dict[tuple[str, tuple], float]:
-  import http.client
-  conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
-  conn.request("GET", "/metrics")
-  body = conn.getresponse().read().decode()
-  conn.close()
-  out = {}
-  for family in text_string_to_metric_families(body):
-    for s in family.samples:
-      out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-  return out
 
 
 def _wait_idle(cluster, timeout_s=20.0) -> bool:
@@ -118,12 +94,12 @@ def test_session_on_the_cluster_matches_the_engine_and_loads_from_cold(
     server, client, tiny_chat, np_rng):
   """Four turns, streamed and not: exact text, cached_tokens growing."""
   tok = tiny_chat.tokenizer
-  messages = [{"role": "system", "content": _words(np_rng, 40)}]
+  messages = [{"role": "system", "content": words(np_rng, 40)}]
   cached, prompts = [], []
   for turn in range(4):
-    messages.append({"role": "user", "content": _words(np_rng, 25)})
+    messages.append({"role": "user", "content": words(np_rng, 25)})
     prompt = tok.encode_chat(messages)
-    want = _text(tok, _reference(tiny_chat, prompt, 8))
+    want = visible_text(tok, _reference(tiny_chat, prompt, 8))
     if turn % 2:
       chunks = list(client.chat.completions.create(
           model=MODEL, messages=messages, max_tokens=8, temperature=0,
@@ -146,7 +122,7 @@ def test_session_on_the_cluster_matches_the_engine_and_loads_from_cold(
   for k in range(1, 4):
     assert cached[k] > cached[k - 1]
     assert cached[k] >= (prompts[k - 1] // BS - 1) * BS
-  m = _metrics(server)
+  m = scrape_metrics(server.host, server.port)
   # The prefill engine kept nothing: the hits came back from the cold tier,
   # through both paths.
   assert m[("dualpath_prefix_cache_hit_tokens_total", (("tier", "cold"),))] \
@@ -166,7 +142,7 @@ def test_dropped_stream_on_the_cluster_frees_every_engines_pages(
   loop = server.app.state.engine_loop
   aborted = loop.aborted
   stream = client.chat.completions.create(
-      model=MODEL, messages=[{"role": "user", "content": _words(np_rng, 50)}],
+      model=MODEL, messages=[{"role": "user", "content": words(np_rng, 50)}],
       max_tokens=MAX_CONTEXT - 200, temperature=0, stream=True,
       extra_body={"ignore_eos": True})
   for i, _ in enumerate(stream):
