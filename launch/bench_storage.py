@@ -43,7 +43,7 @@ then read the same volume in the same order, so they meet it alike.
 
 Store configurations (`--configs`): `driver:codec[:file_io_mode][@key=value]...`
 where a key is a `ColdTierConfig` field (io_threads, file_io_concurrency,
-max_batch_blocks, fsync) or `out=1`: read into one reused, pre-touched
+max_batch_blocks, fsync, chunk_writer, sync) or `out=1`: read into one reused, pre-touched
 buffer (`BlockStore.get(ids, out=...)`) instead of fresh result arrays. The
 config `raw` puts a second raw-disk run on the store side: an A/A check whose
 ratios show the spread the disk alone produces under this method.
@@ -421,6 +421,8 @@ class StoreSpec:
         overrides[key] = int(value)
       elif key == "fsync":
         overrides[key] = value not in ("0", "false", "False")
+      elif key in ("chunk_writer", "sync"):
+        overrides[key] = value
       else:
         raise ValueError(f"config {text!r}: unknown key {key!r} (ColdTierConfig fields: "
                          f"{sorted(fields)}; or out=1)")
@@ -468,6 +470,7 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
          "logical_block_bytes": logical_block,
          "encoded_block_bytes": store.encoded_block_bytes, "disk_bytes": disk_bytes,
          "logical_bytes": n * logical_block,
+         "chunk_writer": store.chunk_writer,
          "write_seconds": write_s,
          "write_logical_bytes_per_s": n * logical_block / write_s,
          "write_disk_bytes_per_s": disk_bytes / write_s, "resident_before": []}

@@ -57,6 +57,7 @@ import numpy as np
 import tensorstore as ts
 
 from dualpath_jax.config import CacheConfig, ModelConfig
+from storage import chunk_writer as chunk_writer_lib
 from storage import index as index_lib
 from storage import layout
 from storage.codecs import make_codec
@@ -111,8 +112,9 @@ class BlockStore:
     self.array = layout.open_slot_array(config, self.codec, self.num_slots)
     self._kvstore = self.array.kvstore
     self._chunk_root = layout.local_chunk_root(config)
-    self._slot_dirs: set[int] = set()  # slots whose directory exists (local file)
-    self._slot_dirs_lock = threading.Lock()
+    self._slot_dirs = (None if self._chunk_root is None else
+                       layout.SlotDirectories(self._chunk_root, self.num_slots))
+    self._chunk_writer = self._make_chunk_writer()
     self._stats = StoreStats()
     self._logged: set[bytes] = set()
     self._log_lock = threading.Lock()
@@ -215,6 +217,10 @@ class BlockStore:
     self.flush()
     self._writes.shutdown()
     self._reads.shutdown()
+    if self._chunk_writer is not None:
+      self._chunk_writer.close()
+    if self._slot_dirs is not None:
+      self._slot_dirs.close()
     self.index.close()
 
   def __enter__(self) -> "BlockStore":
@@ -222,6 +228,11 @@ class BlockStore:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+  @property
+  def chunk_writer(self) -> str:
+    """Who writes chunk files: "direct" (`storage.chunk_writer`) or "tensorstore"."""
+    return "tensorstore" if self._chunk_writer is None else "direct"
 
   @property
   def encoded_block_bytes(self) -> int:
@@ -237,6 +248,28 @@ class BlockStore:
     return {int(key.split(b"/")[1]) for key in keys}
 
   # -- internals -------------------------------------------------------------
+
+  def _make_chunk_writer(self) -> chunk_writer_lib.DirectChunkWriter | None:
+    """The direct chunk writer where `config.chunk_writer` asks for it and it applies."""
+    wanted = self.config.chunk_writer
+    if wanted == "tensorstore":
+      return None
+    why = ""
+    if self._chunk_root is None:
+      why = "the chunks are not files of a local `file` kvstore"
+    elif self.codec.compress:
+      why = "zstd compression runs inside TensorStore's codec chain"
+    else:
+      why = chunk_writer_lib.available()[1]
+    if why:
+      if wanted == "direct":
+        raise ValueError(f"chunk_writer='direct' is not possible here: {why}")
+      _log.info("cold tier %s: chunks written by TensorStore (%s)", self.config.root, why)
+      return None
+    return chunk_writer_lib.DirectChunkWriter(
+        os.path.dirname(self._chunk_root), self.config.file_io_concurrency,
+        sync=self.config.sync, durable=self.config.fsync,
+        o_direct=self.config.file_io_mode == "direct")
 
   def _check_out(self, out: np.ndarray, n: int) -> None:
     if (not isinstance(out, np.ndarray) or out.shape != (n, *self.block_shape)
@@ -271,7 +304,12 @@ class BlockStore:
         self._write_chunks(refs, batch)
       except Exception as err:  # pylint: disable=broad-except
         _log.error("cold tier write of %d blocks failed: %s", len(refs), err)
-        self._delete_bytes(refs)
+        try:
+          self._delete_bytes(refs)
+        except Exception as cleanup_err:  # pylint: disable=broad-except
+          # Safe to free the slots anyway: no READY row points at them, and
+          # their next write replaces whatever bytes are left.
+          _log.error("cold tier: removing the failed write's bytes failed: %s", cleanup_err)
         self.index.release(refs)
         for i in batch_rows:
           statuses[i] = FAILED
@@ -296,11 +334,13 @@ class BlockStore:
     """Writes chunks and returns once they are durable (one transaction)."""
     encoded = self.codec.encode(blocks)
     slots = np.array([r.slot for r in refs], np.int64)
-    if self._chunk_root is not None:
-      with self._slot_dirs_lock:
-        layout.make_slot_dirs(self._chunk_root, slots.tolist(), self._slot_dirs,
-                              self.num_slots)
+    if self._slot_dirs is not None:
+      self._slot_dirs.ensure(slots.tolist())
     encoded = encoded.reshape(len(refs), -1)  # [n, chunk_elems]: a view
+    if self._chunk_writer is not None:
+      chunk_bytes = np.ascontiguousarray(encoded).view(np.uint8)  # [n, chunk_bytes]
+      self._chunk_writer.write(slots.tolist(), chunk_bytes)
+      return
     txn = ts.Transaction()
     self.array.with_transaction(txn)[slots].write(encoded).result()
     txn.commit_async().result()
@@ -408,6 +448,8 @@ class BlockStore:
     """Deletes the chunks of `refs` (absent chunks are fine)."""
     if not refs:
       return
+    if self._chunk_writer is not None:
+      self._chunk_writer.discard([ref.slot for ref in refs])
     txn = ts.Transaction()
     kv = self._kvstore.with_transaction(txn)
     for ref in refs:

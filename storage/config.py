@@ -14,6 +14,8 @@ CODECS = ("raw", "zstd", "int8", "int8+zstd")
 DRIVERS = ("file", "ocdbt")
 FILE_IO_MODES = ("default", "direct", "memmap")
 ADMISSIONS = ("always", "second_put", "session_continues")
+CHUNK_WRITERS = ("auto", "direct", "tensorstore")
+SYNC_MODES = ("syncfs", "fsync")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,17 @@ class ColdTierConfig:
       caller. It is a cache: the engine can always recompute.
     fsync: fsync block files before the index commits them (durability). Only
       turn off for benchmarks that say so.
+    chunk_writer: who writes chunk files. "tensorstore": TensorStore's zarr3
+      write (any kvstore, any codec). "direct": `storage.chunk_writer` writes
+      the same chunk files itself (O_DIRECT body, hardware CRC32C; local
+      `file` kvstore and codecs without zstd only; about a third of
+      TensorStore's write CPU, docs/storage.md "v6"). "auto": "direct"
+      where it applies, else "tensorstore". Reads always go through
+      TensorStore.
+    sync: how the direct chunk writer makes a batch durable: "syncfs" (one
+      syncfs(2) of the store's file system per batch; Linux) or "fsync" (file
+      and slot directory per chunk, TensorStore's protocol). See
+      `storage.chunk_writer`. TensorStore's own writes always fsync per chunk.
   """
 
   root: str
@@ -73,6 +86,8 @@ class ColdTierConfig:
   max_batch_blocks: int = 64
   max_pending_write_bytes: int = 1 << 30
   fsync: bool = True
+  chunk_writer: str = "auto"
+  sync: str = "syncfs"
 
   def __post_init__(self):
     if not self.root:
@@ -83,6 +98,10 @@ class ColdTierConfig:
       raise ValueError(f"codec={self.codec!r} not in {CODECS}")
     if self.file_io_mode not in FILE_IO_MODES:
       raise ValueError(f"file_io_mode={self.file_io_mode!r} not in {FILE_IO_MODES}")
+    if self.chunk_writer not in CHUNK_WRITERS:
+      raise ValueError(f"chunk_writer={self.chunk_writer!r} not in {CHUNK_WRITERS}")
+    if self.sync not in SYNC_MODES:
+      raise ValueError(f"sync={self.sync!r} not in {SYNC_MODES}")
     if self.admission not in ADMISSIONS:
       raise ValueError(f"admission={self.admission!r} not in {ADMISSIONS}")
     for name in ("capacity_bytes", "io_threads", "file_io_concurrency",

@@ -14,8 +14,8 @@ every directory level of a chunk key is a directory that TensorStore creates
 (and syncs) on the first write of the slot. The earlier 6-d array
 (`c/s/0/0/0/0/0`, five directories per slot) made a fresh store's writes
 metadata-bound: about half the disk's write bandwidth on the benchmark
-machine. With one directory per slot, created by `make_slot_dirs` before the
-chunk writes, 256 slots at a time (and the parent synced once per group),
+machine. With one directory per slot, made by `SlotDirectories` 256 slots at
+a time and a group ahead of the writes (the parent synced once per group),
 first writes run at the speed of rewrites (docs/storage.md, "Measurements").
 
 Base kvstores (any TensorStore kvstore works):
@@ -32,8 +32,10 @@ Base kvstores (any TensorStore kvstore works):
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import math
 import os
+import threading
 from typing import Any, Iterable
 
 import tensorstore as ts
@@ -128,39 +130,70 @@ def local_chunk_root(config: ColdTierConfig) -> str | None:
   return os.path.join(base["path"], "c")
 
 
-SLOT_DIR_GROUP = 256  # slot directories made together, with one fsync
+SLOT_DIR_GROUP = 256  # slot directories made together, with one fsync of the parent
 
 
-def make_slot_dirs(chunk_root: str, slots: Iterable[int], known: set[int], num_slots: int,
-                   group: int = SLOT_DIR_GROUP) -> None:
-  """Creates the directories of `slots` not in `known` (and adds them).
+class SlotDirectories:
+  """Makes the per-slot directories of a local `file` store, a group ahead of need.
 
-  Making them here replaces TensorStore's per-chunk directory creation on a
-  slot's first write. A missing slot's whole aligned group of `group` slots
-  (`[s // group * group, ...)`, clipped to `num_slots`) is made at once, so
-  that a fresh store, whose slots are handed out in order, pays one round of
-  mkdirs and one fsync per `group` slots rather than per batch (that fsync
-  waits for an ext4 journal commit, i.e. for the other writers' data, and
-  the caller holds a lock around it). When any directory was made, the
-  parent is fsynced once, so a later durable chunk write cannot lose its
-  directory entry.
+  A chunk write needs its slot's directory. Making it on the write path (a
+  mkdir and an fsync of the parent, under a lock) cost up to 40% of a fresh
+  store's write time on the benchmark VM (docs/storage.md "v6"). Here
+  directories are made an aligned group of `group` slots at a time
+  (`[g * group, (g + 1) * group)`, clipped to `num_slots`), one parent fsync
+  per group, on a background thread; `ensure(slots)` waits only for the
+  groups of `slots` and starts the group after each one, since a fresh store
+  hands slots out in order. A slot's directory stays when its chunk is
+  deleted, so each is made once in the store's life (4 KiB per block). The
+  parent fsync makes a new directory entry durable before a chunk in it is
+  committed.
   """
-  made = False
-  for slot in slots:
-    if slot in known:
-      continue
-    first = int(slot) // group * group
-    for s in range(first, min(first + group, num_slots)):
-      if s in known:
-        continue
-      path = os.path.join(chunk_root, str(s))
+
+  def __init__(self, chunk_root: str, num_slots: int, group: int = SLOT_DIR_GROUP):
+    self.chunk_root = chunk_root
+    self.num_slots = num_slots
+    self.group = group
+    self._groups: dict[int, cf.Future] = {}
+    self._lock = threading.Lock()
+    self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="cold-mkdir")
+
+  def ensure(self, slots: Iterable[int]) -> None:
+    """Returns once the directories of `slots` exist (durably); raises if one cannot be made."""
+    groups = sorted({int(s) // self.group for s in slots})
+    pending = [(g, self._start(g)) for g in groups]
+    for g in groups:
+      self._start(g + 1)
+    for g, future in pending:
+      try:
+        future.result()
+      except BaseException:
+        with self._lock:  # let a later write try again
+          if self._groups.get(g) is future:
+            del self._groups[g]
+        raise
+
+  def close(self) -> None:
+    self._executor.shutdown(wait=True)
+
+  def _start(self, g: int) -> cf.Future | None:
+    if not 0 <= g * self.group < self.num_slots:
+      return None
+    with self._lock:
+      future = self._groups.get(g)
+      if future is None:
+        future = self._groups[g] = self._executor.submit(self._make_group, g)
+      return future
+
+  def _make_group(self, g: int) -> None:
+    made = False
+    for s in range(g * self.group, min((g + 1) * self.group, self.num_slots)):
+      path = os.path.join(self.chunk_root, str(s))
       if not os.path.isdir(path):
         os.makedirs(path, exist_ok=True)
         made = True
-      known.add(s)
-  if made:
-    fd = os.open(chunk_root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
+    if made:
+      fd = os.open(self.chunk_root, os.O_RDONLY | os.O_DIRECTORY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)

@@ -382,16 +382,29 @@ def test_reads_do_not_sync_the_index_but_writes_do(tmp_path):
 
 
 def test_slot_directories_are_made_a_group_at_a_time(tmp_path):
-  """The first write makes its slot's aligned group of 256 directories at once."""
+  """The first write makes its slot's aligned group of 256 directories, and the next."""
   rng = np.random.default_rng(25)
-  with _store(tmp_path, capacity_bytes=300 * BLOCK_BYTES) as store:
+  with _store(tmp_path, capacity_bytes=600 * BLOCK_BYTES) as store:
     ids, blocks = _data(rng, 1, store)
     store.put(ids, blocks)
     chunk_root = os.path.join(store.config.root, "data", "c")
-    assert sorted(map(int, os.listdir(chunk_root))) == list(range(256))
-    store._slot_dirs.clear()  # as after a reopen: a slot in the second group
-    layout_known = store._slot_dirs
-    from storage import layout
-    layout.make_slot_dirs(chunk_root, [299], layout_known, store.num_slots)
-    assert sorted(map(int, os.listdir(chunk_root))) == list(range(300))
-    assert layout_known == set(range(256, 300))
+    store._slot_dirs.close()  # the group made ahead is complete
+    assert sorted(map(int, os.listdir(chunk_root))) == list(range(512))
+  from storage import layout
+  dirs = layout.SlotDirectories(chunk_root, 600)  # as after a reopen
+  dirs.ensure([599])  # the last group, clipped to num_slots; nothing after it
+  dirs.close()
+  assert sorted(map(int, os.listdir(chunk_root))) == list(range(600))
+
+
+def test_a_slot_directory_that_cannot_be_made_fails_the_put_and_is_retried(tmp_path):
+  rng = np.random.default_rng(26)
+  with _store(tmp_path) as store:
+    chunk_root = os.path.join(store.config.root, "data", "c")
+    os.makedirs(os.path.dirname(chunk_root), exist_ok=True)
+    open(chunk_root, "w").close()  # a file where the directory of slots should be
+    ids, blocks = _data(rng, 2, store)
+    assert store.put(ids, blocks).statuses == ["failed"] * 2
+    os.unlink(chunk_root)
+    assert store.put(ids, blocks).written == 2
+    assert all(_same(g, b) for g, b in zip(store.get(ids), blocks))
