@@ -116,6 +116,10 @@ def verify(store: BlockStore, exact: bool = True) -> dict[str, int]:
   counts = store.index.counts()
   # Chunks without an index row: bytes a dead writer or a deletion left behind.
   result["orphan_chunks"] = len(store.stored_slots() - {r.slot for r in refs})
+  # Temporary chunk files (`<key>.__lock`) of killed writes must be gone too.
+  data_dir = os.path.join(store.config.root, "data")
+  result["leftover_temp_files"] = sum(
+      f.endswith(".__lock") for _, _, files in os.walk(data_dir) for f in files)
   result["pending_rows"] = counts["pending"]
   result["deleting_rows"] = counts["deleting"]
   return result
@@ -150,7 +154,7 @@ def crash_test(root: str, kills: int, max_delay: float, seed: int, driver: str =
       [os.getcwd()] + os.environ.get("PYTHONPATH", "").split(os.pathsep)).rstrip(os.pathsep))
   totals = {"kills": 0, "killed_before_exit": 0, "listed_max": 0, "checked": 0,
             "identical": 0, "different": 0, "unreadable": 0, "leftover_rows": 0,
-            "orphan_chunks": 0, "recovered_blocks": 0}
+            "orphan_chunks": 0, "leftover_temp_files": 0, "recovered_blocks": 0}
   for k in range(kills):
     proc = subprocess.Popen(writer_command(root, f"k{k}", 0, driver, codec), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -164,6 +168,7 @@ def crash_test(root: str, kills: int, max_delay: float, seed: int, driver: str =
     totals["killed_before_exit"] += alive
     store = open_store(root, driver, codec)  # recovers the dead writer's rows
     totals["recovered_blocks"] += store.stats()["recovered_blocks"]
+    totals["chunk_writer"] = store.chunk_writer
     r = verify(store)
     store.close()
     totals["listed_max"] = max(totals["listed_max"], r["listed"])
@@ -172,10 +177,11 @@ def crash_test(root: str, kills: int, max_delay: float, seed: int, driver: str =
       totals[key] += r[key]
     totals["leftover_rows"] += r["pending_rows"] + r["deleting_rows"]
     totals["orphan_chunks"] += r["orphan_chunks"]
+    totals["leftover_temp_files"] += r["leftover_temp_files"]
     logging.info("kill %d: %s", k, r)
   totals["ok"] = (totals["different"] == 0 and totals["unreadable"] == 0 and
                   totals["leftover_rows"] == 0 and totals["orphan_chunks"] == 0 and
-                  totals["checked"] > 0)
+                  totals["leftover_temp_files"] == 0 and totals["checked"] > 0)
   return totals
 
 
