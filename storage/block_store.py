@@ -121,6 +121,8 @@ class BlockStore:
     self._writes = IoPool(config.io_threads, config.max_pending_write_bytes, "cold-write")
     self._reads = IoPool(config.io_threads, 1 << 62, "cold-read")
     self.recover()
+    if self._slot_dirs is not None:  # the directories the next fresh slots need
+      self._slot_dirs.prefetch(self.index.next_fresh_slot())
 
   # -- public API ------------------------------------------------------------
 
@@ -304,6 +306,8 @@ class BlockStore:
         self._write_chunks(refs, batch)
       except Exception as err:  # pylint: disable=broad-except
         _log.error("cold tier write of %d blocks failed: %s", len(refs), err)
+        if self._slot_dirs is not None:
+          self._slot_dirs.forget(r.slot for r in refs)
         try:
           self._delete_bytes(refs)
         except Exception as cleanup_err:  # pylint: disable=broad-except

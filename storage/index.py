@@ -390,6 +390,11 @@ class BlockIndex:
   def contains(self, ids: Sequence[bytes]) -> list[bool]:
     return [r is not None for r in self.lookup(ids)]
 
+  def next_fresh_slot(self) -> int:
+    """The slot a put takes once the free list is empty and before evicting."""
+    with self._read() as db:
+      return self._counter(db, "next_slot")
+
   def counts(self) -> dict[str, int]:
     """Blocks per state and free capacity."""
     with self._read() as db:

@@ -172,6 +172,28 @@ class SlotDirectories:
             del self._groups[g]
         raise
 
+  def prefetch(self, slot: int) -> None:
+    """Starts making the group of `slot` in the background (no wait)."""
+    self._start(int(slot) // self.group)
+
+  def forget(self, slots: Iterable[int]) -> None:
+    """Makes the next `ensure` of these slots check their directories again.
+
+    For a write that failed: its directories may have been removed under
+    the store (e.g. by hand), and must not stay marked as made.
+    """
+    with self._lock:
+      for g in {int(s) // self.group for s in slots}:
+        future = self._groups.get(g)
+        if future is not None and future.done():
+          del self._groups[g]
+
+  def wait(self) -> None:
+    """Waits for every group started so far (for tests and checks)."""
+    with self._lock:
+      futures = list(self._groups.values())
+    cf.wait(futures)
+
   def close(self) -> None:
     self._executor.shutdown(wait=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 
 import ml_dtypes
@@ -388,7 +389,7 @@ def test_slot_directories_are_made_a_group_at_a_time(tmp_path):
     ids, blocks = _data(rng, 1, store)
     store.put(ids, blocks)
     chunk_root = os.path.join(store.config.root, "data", "c")
-    store._slot_dirs.close()  # the group made ahead is complete
+    store._slot_dirs.wait()  # the group made ahead is complete
     assert sorted(map(int, os.listdir(chunk_root))) == list(range(512))
   from storage import layout
   dirs = layout.SlotDirectories(chunk_root, 600)  # as after a reopen
@@ -401,10 +402,29 @@ def test_a_slot_directory_that_cannot_be_made_fails_the_put_and_is_retried(tmp_p
   rng = np.random.default_rng(26)
   with _store(tmp_path) as store:
     chunk_root = os.path.join(store.config.root, "data", "c")
-    os.makedirs(os.path.dirname(chunk_root), exist_ok=True)
-    open(chunk_root, "w").close()  # a file where the directory of slots should be
+    store._slot_dirs.wait()  # the directories made at open...
+    shutil.rmtree(chunk_root)
+    open(chunk_root, "w").close()  # ...replaced by a file
     ids, blocks = _data(rng, 2, store)
     assert store.put(ids, blocks).statuses == ["failed"] * 2
-    os.unlink(chunk_root)
+    os.unlink(chunk_root)  # the next put makes the directories again
     assert store.put(ids, blocks).written == 2
     assert all(_same(g, b) for g, b in zip(store.get(ids), blocks))
+
+
+def test_opening_a_store_starts_the_directories_of_its_next_fresh_slots(tmp_path):
+  rng = np.random.default_rng(27)
+  chunk_root = os.path.join(str(tmp_path), "data", "c")
+  with _store(tmp_path, capacity_bytes=600 * BLOCK_BYTES) as store:
+    store._slot_dirs.wait()  # for the background group
+    assert sorted(map(int, os.listdir(chunk_root))) == list(range(256))
+    ids, blocks = _data(rng, 300, store)
+    assert store.put(ids, blocks).written == 300
+  assert sorted(map(int, os.listdir(chunk_root))) == list(range(600))
+  for s in range(300, 600):  # as if never made
+    os.rmdir(os.path.join(chunk_root, str(s)))
+  with _store(tmp_path, capacity_bytes=600 * BLOCK_BYTES) as store:
+    assert store.index.next_fresh_slot() == 300
+    store._slot_dirs.wait()
+    # The group of slot 300 ([256, 512)) is made again at open; slots >= 512 wait for a put.
+    assert sorted(map(int, os.listdir(chunk_root))) == list(range(512))
