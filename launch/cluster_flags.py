@@ -48,6 +48,9 @@ def define(mesh_default: str | None = None) -> None:
        "cold-tier byte budget (LRU beyond it)")
   once(flags.DEFINE_enum, "cold_tier_codec", "raw", CODECS,
        "how cold-tier blocks are stored")
+  once(flags.DEFINE_enum, "cold_tier_sync", "syncfs", ["syncfs", "fsync"],
+       "how a batch of cold-tier chunk writes is made durable: one syncfs of "
+       "the store's file system (give it its own) or an fsync per chunk")
 
 
 def mesh_config():
@@ -80,7 +83,8 @@ def cold_tier_config(root: str | None = None):
     return None
   from storage.config import ColdTierConfig
   return ColdTierConfig(root=root, codec=FLAGS.cold_tier_codec,
-                        capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)))
+                        capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)),
+                        sync=FLAGS.cold_tier_sync)
 
 
 def as_dict() -> dict:
@@ -89,7 +93,7 @@ def as_dict() -> dict:
           "storage_nic_gbps": FLAGS.storage_nic_gbps,
           "prefill_keeps_prefix": FLAGS.prefill_keeps_prefix,
           "cold_tier_codec": FLAGS.cold_tier_codec,
-          "cold_tier_gb": FLAGS.cold_tier_gb}
+          "cold_tier_gb": FLAGS.cold_tier_gb, "cold_tier_sync": FLAGS.cold_tier_sync}
 
 
 def make(loaded, cache, engine_cfg, mesh, cold, policy: str | None = None):

@@ -5,7 +5,10 @@ configured by `ColdTierConfig`. Modules, one job each:
 
 * `config`      ColdTierConfig, the one place for the tier's defaults
 * `codecs`      block <-> stored chunk (raw, int8 with per-head scales)
-* `layout`      the zarr3 slot array and its kvstore (file, ocdbt, gcs, s3)
+* `layout`      the zarr3 slot array and its kvstore (file, ocdbt, gcs, s3),
+                slot directories made a group ahead
+* `chunk_writer` writes a local store's chunk files itself (TensorStore's
+                bytes, hardware CRC32C, O_DIRECT pages, one syncfs per batch)
 * `index`       block identity -> slot in SQLite; crash-safe visibility
 * `io_pool`     bounded worker threads and futures
 * `stats`       counters for metrics

@@ -22,8 +22,10 @@ API (numpy in, numpy out; every method is thread-safe):
     store.flush(); store.close()                   # or `with BlockStore(...)`
 
 `put_async` returns at once: the index reservation, encoding, chunk writes
-(fsynced) and the index commit run on the write pool, so write-back after a
-turn stays off the critical path. The caller hands `blocks` over: it must not
+(durable) and the index commit run on the write pool, so write-back after a
+turn stays off the critical path. On a local `file` kvstore the chunk files
+are written by `storage.chunk_writer` (the same files TensorStore would
+write, at a third to a half of its CPU); elsewhere by TensorStore. The caller hands `blocks` over: it must not
 change them until the future is done. A put whose bytes would exceed
 `max_pending_write_bytes` is dropped (status "dropped"), never blocks.
 
@@ -335,7 +337,8 @@ class BlockStore:
       refs: Sequence[index_lib.SlotRef],
       blocks: np.ndarray,  # [n, L, 2, Hkv, P, D] cache dtype
   ) -> None:
-    """Writes chunks and returns once they are durable (one transaction)."""
+    """Writes chunks and returns once they are durable (the direct writer's
+    batch, or one TensorStore transaction)."""
     encoded = self.codec.encode(blocks)
     slots = np.array([r.slot for r in refs], np.int64)
     if self._slot_dirs is not None:
