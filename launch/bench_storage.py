@@ -73,6 +73,7 @@ from absl import app, flags, logging
 
 from dualpath_jax.config import MODEL_PRESETS, CacheConfig
 from storage import BlockStore, ColdTierConfig
+from storage.chunk_writer import fsync_dir
 from storage.page_cache import drop_page_cache, resident_bytes
 
 FLAGS = flags.FLAGS
@@ -223,7 +224,7 @@ def bench_file_floor(directory: str, n: int, size: int, depth: int, order: list[
   os.makedirs(root)
   for i in range(n):
     os.mkdir(os.path.join(root, str(i)))
-  _fsync_dir(root)
+  fsync_dir(root)
   payload = os.urandom(size)
 
   def write(i, _):
@@ -237,7 +238,7 @@ def bench_file_floor(directory: str, n: int, size: int, depth: int, order: list[
       os.rename(tmp, os.path.join(slot, "0"))
     finally:
       os.close(fd)
-    _fsync_dir(slot)
+    fsync_dir(slot)
 
   def read_in(slots):
     def task(i, buf):
@@ -266,14 +267,6 @@ def bench_file_floor(directory: str, n: int, size: int, depth: int, order: list[
   finally:
     shutil.rmtree(root)
   return out
-
-
-def _fsync_dir(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
 
 
 def bench_memory(nbytes: int = 256 * MiB) -> dict:

@@ -190,7 +190,7 @@ class DirectChunkWriter:
       self._write_file(temp, chunk, trailer, 0)
     os.rename(temp, final)
     if self.durable and self.sync == "fsync":
-      _fsync_dir(os.path.dirname(final))
+      fsync_dir(os.path.dirname(final))
     if body:
       with self._count_lock:
         self.direct_bytes += body
@@ -236,7 +236,8 @@ def _write_all(fd: int, parts: list, offset: int) -> None:
       parts[0] = parts[0][n:]
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+  """Makes the entries of directory `path` (new, renamed, removed files) durable."""
   fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
   try:
     os.fsync(fd)

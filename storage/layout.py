@@ -40,6 +40,7 @@ from typing import Any, Iterable
 
 import tensorstore as ts
 
+from storage import chunk_writer
 from storage.codecs import BlockCodec
 from storage.config import ColdTierConfig
 
@@ -214,8 +215,4 @@ class SlotDirectories:
         os.makedirs(path, exist_ok=True)
         made = True
     if made:
-      fd = os.open(self.chunk_root, os.O_RDONLY | os.O_DIRECTORY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
+      chunk_writer.fsync_dir(self.chunk_root)
