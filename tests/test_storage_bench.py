@@ -35,14 +35,15 @@ def _parse(*texts):
 
 
 def test_config_specs():
-  plain, full, raw, bad_key, bad_form = _parse(
+  plain, full, raw, bad_key, bad_form, writer = _parse(
       "file:raw", "ocdbt:int8+zstd:default@out=1@file_io_concurrency=8@fsync=0", "raw",
-      "file:raw@bogus=1", "file")
+      "file:raw@bogus=1", "file", "file:raw@chunk_writer=tensorstore@sync=fsync")
   assert plain == ["file", "raw", "direct", {}, False]
   assert full == ["ocdbt", "int8+zstd", "default", {"file_io_concurrency": 8, "fsync": False},
                   True]
   assert raw[0] == "raw"
   assert "unknown key" in bad_key and "driver:codec" in bad_form
+  assert writer[3] == {"chunk_writer": "tensorstore", "sync": "fsync"}
 
 
 def test_tiny_paired_run(tmp_path):
@@ -68,6 +69,7 @@ def test_tiny_paired_run(tmp_path):
     assert s["cold_checked"]  # no store page resident before a read pass
   by_name = {s["config"]: s for s in report["stores"]}
   assert by_name["file:raw"]["verified_bit_exact"]
+  assert {r["chunk_writer"] for r in report["store_runs"]["file:raw"]} == {"direct"}
   assert by_name["file:raw@out=1@file_io_concurrency=2"]["overrides"][
       "file_io_concurrency"] == 2
   assert "| file:raw |" in report["table"]
