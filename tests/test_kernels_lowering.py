@@ -8,6 +8,8 @@ It stops short of the device compilers (Triton -> PTX, Mosaic -> TPU code).
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 from jax import export
 import jax.numpy as jnp
@@ -21,10 +23,24 @@ S = jax.ShapeDtypeStruct
 _CUSTOM_CALLS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
 
 
+def _cuda_target():
+  """An abstract H100 as the lowering target.
+
+  From jax 0.11 the Pallas Triton lowering asks the device for its compute
+  capability and, with no GPU attached, for an abstract one; 0.10 does not
+  ask, and takes the same context unchanged.
+  """
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                       num_cores=None, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
 def _export(fn, args, platform):
   checks = [export.DisabledSafetyCheck.custom_call(n) for n in _CUSTOM_CALLS]
-  exported = export.export(jax.jit(fn), platforms=[platform],
-                           disabled_checks=checks)(*args)
+  with _cuda_target() if platform == "cuda" else contextlib.nullcontext():
+    exported = export.export(jax.jit(fn), platforms=[platform],
+                             disabled_checks=checks)(*args)
   return exported.mlir_module()
 
 
