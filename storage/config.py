@@ -28,8 +28,9 @@ class ColdTierConfig:
     kvstore: optional TensorStore kvstore spec for the block bytes, e.g.
       `{"driver": "gcs", "bucket": "b", "path": "kv/"}` or a shared file system
       `{"driver": "file", "path": "/mnt/shared/kv/"}`. None: `<root>/data/`.
-    driver: "file" (one file per block, written to a temp file, fsynced and
-      renamed) or "ocdbt" (blocks packed into an append-only B-tree database).
+    driver: "file" (one file per block, written to a temp file and renamed,
+      durable before the index commit) or "ocdbt" (blocks packed into an
+      append-only B-tree database).
     codec: "raw" (the cache dtype, bit-exact), "zstd" (raw then zstd),
       "int8" (lossy, one float32 scale per block, layer, K/V and head) or
       "int8+zstd".

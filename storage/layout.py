@@ -20,8 +20,9 @@ first writes run at the speed of rewrites (docs/storage.md, "Measurements").
 
 Base kvstores (any TensorStore kvstore works):
 
-* local `file` (default): `<root>/data/`; writes go to a temporary file that
-  is fsynced and renamed, so a chunk is either the old or the new one.
+* local `file` (default): `<root>/data/`; a chunk is written to a temporary
+  file that is renamed over it (by `storage.chunk_writer`, or by TensorStore
+  for zstd codecs), so a chunk is either the old or the new one.
 * `ocdbt` on top of any base: chunks are packed into large append-only data
   files under a B-tree; a commit is an atomic manifest swap.
 * a shared file system (`{"driver": "file", "path": "/mnt/nfs/kv/"}`), or
