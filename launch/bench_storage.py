@@ -21,7 +21,10 @@ store, raw; ...) so that drift within a round cancels over the rounds:
   cache of the store's files evicted first, and checked to be empty with
   mincore), TensorStore limited to `--queue_depth` concurrent file
   operations (`file_io_concurrency`), so both sides keep as many requests in
-  flight; then single-block cold read latencies.
+  flight; then single-block cold read latencies; then a rewrite: as many new
+  blocks again into the now full store, which evicts the old ones and reuses
+  their slots (the steady state of a long-running cache), reported against
+  the same round's raw write.
 
 Each round gives a paired ratio per figure (store / raw); the table shows
 their median and min-max over the rounds, and how many rounds met the
@@ -431,7 +434,7 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
   kw = {"io_threads": FLAGS.io_threads, "file_io_concurrency": FLAGS.queue_depth,
         "max_batch_blocks": FLAGS.get_blocks} | spec.overrides
   config = ColdTierConfig(root=root, driver=spec.driver, codec=spec.codec,
-                          capacity_bytes=(n + 8) * logical_block,
+                          capacity_bytes=n * logical_block,  # full after the first pass
                           max_pending_write_bytes=(n + 8) * logical_block,
                           file_io_mode=spec.file_io_mode, **kw)
   store = BlockStore(config, model, cache)
@@ -512,6 +515,24 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
   if spec.codec in ("raw", "zstd"):  # bit-exact codecs: check what came back
     back = store.get(ids[:1])[0]
     out["verified_bit_exact"] = bool(back.tobytes() == content[0].tobytes())
+  # Rewrite: as many new blocks into the now full store, which evicts and
+  # reuses slots (LRU): the steady state of a long-running cache.
+  new_ids = [rng.bytes(32) for _ in range(n)]
+  cpu0 = _cpu()
+  start = time.perf_counter()
+  futures = []
+  for lo in range(0, n, step):
+    hi = min(n, lo + step)
+    off = lo % (len(content) - step + 1) if len(content) > step else 0
+    futures.append(store.put_async(new_ids[lo:hi], content[off:off + hi - lo]))
+  statuses = [s for f in futures for s in f.result().statuses]
+  rewrite_s = time.perf_counter() - start
+  cpu["rewrite"] = _cpu() - cpu0
+  if statuses.count("write") != n:
+    raise RuntimeError(f"store rewrote {statuses.count('write')} of {n} blocks")
+  out["cpu_s_per_gb"]["rewrite"] = cpu["rewrite"] / (disk_bytes / 1e9)
+  out.update({"rewrite_seconds": rewrite_s, "rewrite_disk_bytes_per_s": disk_bytes / rewrite_s,
+              "rewrite_reused_slots": max(0, n - (store.num_slots - n))})
   store.close()
   shutil.rmtree(root)
   return out
@@ -548,6 +569,8 @@ def bench_pair(directory: str, spec: StoreSpec, model, cache: CacheConfig,
   if "file_floor" in pair:
     pair["ratio_to_file_floor"] = {k: got[k] / pair["file_floor"][k] for k in FIGURES}
   pair["met"] = {k: pair["ratio"][k] >= TARGETS[k] for k in FIGURES}
+  if "rewrite_disk_bytes_per_s" in s:
+    pair["ratio_rewrite"] = s["rewrite_disk_bytes_per_s"] / r["write"]
   pair["load_average_1_5_15_end"] = list(os.getloadavg())
   return pair
 
@@ -593,6 +616,8 @@ def summarize(spec: StoreSpec, pairs: list[dict], bytes_per_token: float) -> dic
     out["ratios_to_file_floor"] = {
         k: _stats([p["ratio_to_file_floor"][k] for p in pairs]) for k in FIGURES}
   out["rounds_met"] = {k: sum(p["met"][k] for p in pairs) for k in FIGURES}
+  if all("ratio_rewrite" in p for p in pairs):
+    out["ratio_rewrite"] = _stats([p["ratio_rewrite"] for p in pairs])
   # The pre-v4 keys, now paired medians (each round against its own raw run).
   out["write_vs_raw_seq_write"] = out["ratios"]["write"]["median"]
   out["seq_read_vs_raw_seq_read"] = out["ratios"]["seq_read"]["median"]
@@ -655,6 +680,16 @@ def format_table(report: dict) -> str:
         f"{_ratio(floor) if floor else '-'} | "
         f"{lat['p50']:.1f}/{lat['p90']:.1f}/{lat['p99']:.1f} | "
         f"{s['load_tokens_per_s']:,.0f} |")
+  rewrites = [s for s in report["stores"] if "ratio_rewrite" in s]
+  if rewrites:
+    lines += ["", "Rewrite of the full store (new blocks evict the old ones and reuse their "
+              "slots, the steady state of a long-running cache), vs the raw write of the "
+              "same round:", ""]
+    for s in rewrites:
+      lines.append(f"- {s['config']}: {_gbs(s['rewrite_disk_bytes_per_s'])} GB/s, "
+                   f"{_ratio(s['ratio_rewrite'])} of raw, "
+                   f"{s['cpu_s_per_gb']['rewrite']:.2f} CPU s/GB "
+                   f"({s['rewrite_reused_slots']} of {s['blocks']} blocks into reused slots)")
   lines += ["", "Per round (GB/s write/seq/random; ratio = store / raw of the same round):",
             "", "| store | round | first | load | raw | store | ratio % | file floor |",
             "|---|---|---|---|---|---|---|---|"]

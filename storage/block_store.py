@@ -398,7 +398,7 @@ class BlockStore:
       refs: Sequence[index_lib.SlotRef],
       into: np.ndarray | None = None,  # [m, chunk_elems] stored dtype, or None
       rows: Sequence[int] = (),  # row of `into` for each ref
-  ) -> tuple[np.ndarray | None, list[bool], list[tuple[index_lib.SlotRef, str]]]:
+  ) -> tuple[np.ndarray | None, list[bool], list[tuple[index_lib.SlotRef, str, str]]]:
     """Reads chunks: one batched read, else one per chunk to find the bad ones.
 
     Without `into`, returns the chunks as `[n, *stored_shape]`; with it, the
@@ -433,15 +433,26 @@ class BlockStore:
       except Exception as err:  # pylint: disable=broad-except
         ok.append(False)
         reason = "missing" if "NOT_FOUND" in str(err) else "corrupt"
-        failures.append((ref, reason))
-        self._log_once(ref.block_id, f"cold tier block {ref.block_id.hex()[:16]} at slot "
-                       f"{ref.slot} is {reason}; treated as a miss: {err}")
+        failures.append((ref, reason, str(err)))
     return (None if batch is None else batch.reshape(stored)), ok, failures
 
-  def _drop_bad(self, bad: Sequence[tuple[index_lib.SlotRef, str]]) -> None:
-    self._stats.add(miss_missing=sum(r == "missing" for _, r in bad),
-                    miss_corrupt=sum(r == "corrupt" for _, r in bad))
-    hidden = self.index.mark_deleting([ref for ref, _ in bad])
+  def _drop_bad(self, bad: Sequence[tuple[index_lib.SlotRef, str, str]]) -> None:
+    """Counts, logs and removes blocks whose chunk failed to read.
+
+    A failure on a block that is no longer current (evicted while it was
+    read, its slot being rewritten in place) is a race, not damage: counted
+    as `miss_raced`, nothing logged or removed.
+    """
+    hidden = self.index.mark_deleting([ref for ref, _, _ in bad])
+    current = {(r.block_id, r.gen) for r in hidden}
+    damaged = [(ref, reason, err) for ref, reason, err in bad
+               if (ref.block_id, ref.gen) in current]
+    self._stats.add(miss_missing=sum(r == "missing" for _, r, _ in damaged),
+                    miss_corrupt=sum(r == "corrupt" for _, r, _ in damaged),
+                    miss_raced=len(bad) - len(damaged))
+    for ref, reason, err in damaged:
+      self._log_once(ref.block_id, f"cold tier block {ref.block_id.hex()[:16]} at slot "
+                     f"{ref.slot} is {reason}; treated as a miss: {err}")
     self._delete_bytes(hidden)
     self.index.release(hidden)
 
@@ -455,8 +466,6 @@ class BlockStore:
     """Deletes the chunks of `refs` (absent chunks are fine)."""
     if not refs:
       return
-    if self._chunk_writer is not None:
-      self._chunk_writer.discard([ref.slot for ref in refs])
     txn = ts.Transaction()
     kv = self._kvstore.with_transaction(txn)
     for ref in refs:

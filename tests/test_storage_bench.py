@@ -70,6 +70,9 @@ def test_tiny_paired_run(tmp_path):
   by_name = {s["config"]: s for s in report["stores"]}
   assert by_name["file:raw"]["verified_bit_exact"]
   assert {r["chunk_writer"] for r in report["store_runs"]["file:raw"]} == {"direct"}
+  for run in report["store_runs"]["file:raw"]:  # the rewrite pass reused slots
+    assert run["rewrite_disk_bytes_per_s"] > 0 and run["rewrite_reused_slots"] > 0
+  assert "Rewrite of the full store" in report["table"]
   assert by_name["file:raw@out=1@file_io_concurrency=2"]["overrides"][
       "file_io_concurrency"] == 2
   assert "| file:raw |" in report["table"]

@@ -94,19 +94,48 @@ def test_short_writes_are_completed(tmp_path, monkeypatch):
     assert _chunk_files(store) == _chunk_files(ts_store)
 
 
-def test_temporary_files_are_not_listed_as_chunks(tmp_path):
-  """The writer's temporary name is TensorStore's lock-file name: never a key."""
+def test_a_reused_slot_is_rewritten_in_place(tmp_path):
+  """Slot reuse (LRU eviction) overwrites the slot's file: same inode, TensorStore's bytes."""
   rng = np.random.default_rng(3)
-  with _store(tmp_path, 16, 16, "bfloat16", chunk_writer="direct") as store:
-    ids, blocks = _blocks(rng, store, 2)
-    store.put(ids[:1], blocks[:1])
-    (slot,) = store.stored_slots()
-    writer = store._chunk_writer
-    assert writer.temp_path(slot) == writer.chunk_path(slot) + ".__lock"
-    other = slot + 1
-    os.makedirs(os.path.dirname(writer.chunk_path(other)), exist_ok=True)
-    open(writer.temp_path(other), "wb").write(b"left by a killed writer")
-    assert store.stored_slots() == {slot}
+  two_blocks = 2 * (2 * 2 * 2 * 16 * 16 * 2)  # TINY [L, 2, Hkv, P, D] bf16 = 4 KiB each
+  with _store(tmp_path / "d", 16, 16, "bfloat16", chunk_writer="direct",
+              capacity_bytes=two_blocks) as store, \
+       _store(tmp_path / "ts", 16, 16, "bfloat16", chunk_writer="tensorstore",
+              capacity_bytes=two_blocks) as ts_store:
+    ids, blocks = _blocks(rng, store, 4)
+    for s_ in (store, ts_store):
+      assert s_.put(ids[:2], blocks[:2]).written == 2
+    files = {slot: os.stat(store._chunk_writer.chunk_path(slot)) for slot in store.stored_slots()}
+    for s_ in (store, ts_store):
+      assert s_.put(ids[2:], blocks[2:]).written == 2  # evicts both, reuses their slots
+    assert store.contains(ids) == [False, False, True, True]
+    for slot, before in files.items():
+      after = os.stat(store._chunk_writer.chunk_path(slot))
+      assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert _chunk_files(store) == _chunk_files(ts_store)
+    assert all(g.tobytes() == b.tobytes() for g, b in zip(store.get(ids[2:]), blocks[2:]))
+
+
+def test_a_read_racing_a_rewrite_is_a_race_not_damage(tmp_path):
+  """A torn chunk under a block that was evicted meanwhile: miss_raced, nothing removed."""
+  rng = np.random.default_rng(13)
+  with _store(tmp_path, 16, 16, "bfloat16", chunk_writer="direct", capacity_bytes=8192) as store:
+    ids, blocks = _blocks(rng, store, 3)
+    store.put(ids[:2], blocks[:2])
+    stale = store.index.lookup(ids[:1])[0]  # a reader looked block 0 up...
+    store.put(ids[2:], blocks[2:])          # ...then it was evicted and its slot rewritten
+    assert store.index.lookup(ids[2:])[0].slot == stale.slot
+    path = store._chunk_writer.chunk_path(stale.slot)
+    good = open(path, "rb").read()
+    open(path, "r+b").write(b"\x00" * 100)  # what the reader saw mid-rewrite
+    batch, ok, bad = store._read_chunks([stale])
+    assert ok == [False] and bad[0][1] == "corrupt"
+    open(path, "wb").write(good)  # the rewrite completes
+    store._drop_bad(bad)
+    stats = store.stats()
+    assert (stats["miss_raced"], stats["miss_corrupt"]) == (1, 0)
+    assert store.contains(ids[2:]) == [True]  # the new block and its chunk stay
+    assert store.get(ids[2:])[0].tobytes() == blocks[2].tobytes()
 
 
 @pytest.mark.parametrize("codec", ["raw", "int8"])
@@ -128,37 +157,21 @@ def test_corrupt_direct_chunks_are_misses(tmp_path, codec):
     assert store.stats()["miss_corrupt"] == 3
 
 
-def test_a_failed_write_is_not_committed_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+def test_a_failed_write_is_not_committed(tmp_path, monkeypatch):
   rng = np.random.default_rng(5)
   with _store(tmp_path, 16, 16, "bfloat16", chunk_writer="direct") as store:
     ids, blocks = _blocks(rng, store, 4)
 
-    def fail_rename(src, dst):
-      raise OSError(errno.EIO, "injected rename failure", dst)
+    def fail(path, *args):
+      raise OSError(errno.EIO, "injected write failure", path)
 
-    monkeypatch.setattr(chunk_writer_lib.os, "rename", fail_rename)
+    monkeypatch.setattr(store._chunk_writer, "_write_file", fail)
     assert store.put(ids, blocks).statuses == ["failed"] * 4
     monkeypatch.undo()
     assert store.contains(ids) == [False] * 4
     assert store.index.counts()["pending"] == 0
-    writer = store._chunk_writer
-    assert not any(os.path.exists(writer.temp_path(s)) for s in range(store.num_slots))
     assert store.stored_slots() == set()
     assert store.put(ids, blocks).written == 4  # the slots are usable again
-
-
-def test_a_dead_writers_temporary_file_is_removed_on_recovery(tmp_path):
-  rng = np.random.default_rng(6)
-  with _store(tmp_path, 16, 16, "bfloat16") as store:
-    ids, blocks = _blocks(rng, store, 2)
-    reservation = store.index.reserve(ids, "t", "s")  # PENDING rows of this process
-    slot = reservation.to_write[0].slot
-    os.makedirs(os.path.dirname(store._chunk_writer.temp_path(slot)), exist_ok=True)
-    staging = store._chunk_writer.temp_path(slot)
-    open(staging, "wb").write(b"half a chunk")
-    store._delete_bytes(reservation.to_write)  # what recover() runs for a dead owner
-    store.index.release(reservation.to_write)
-    assert not os.path.exists(staging)
 
 
 def test_direct_writer_is_refused_where_it_cannot_apply(tmp_path):
@@ -229,30 +242,31 @@ def test_a_failed_batch_waits_for_its_other_chunks_before_freeing_their_slots(
   import threading
   import time
   rng = np.random.default_rng(9)
-  real_rename = os.rename
   done = []
   first_fail = threading.Event()
 
-  def rename(src, dst):
-    if dst.endswith(os.path.join("c", "0", "0")):
-      first_fail.set()
-      raise OSError(errno.EIO, "injected", dst)
-    first_fail.wait(5)
-    time.sleep(0.2)
-    real_rename(src, dst)
-    done.append(time.perf_counter())
-
   with _store(tmp_path, 16, 16, "bfloat16", chunk_writer="direct",
               file_io_concurrency=4) as store:
+    writer = store._chunk_writer
+    real = writer._write_file
+
+    def slow_or_failing(path, *args):
+      if path == writer.chunk_path(0):
+        first_fail.set()
+        raise OSError(errno.EIO, "injected", path)
+      first_fail.wait(5)
+      time.sleep(0.2)
+      created = real(path, *args)
+      done.append(time.perf_counter())
+      return created
+
     ids, blocks = _blocks(rng, store, 4)
-    monkeypatch.setattr(chunk_writer_lib.os, "rename", rename)
+    monkeypatch.setattr(writer, "_write_file", slow_or_failing)
     statuses = store.put(ids, blocks).statuses
     returned = time.perf_counter()
     monkeypatch.undo()
     assert statuses == ["failed"] * 4
     assert len(done) == 3 and max(done) < returned
-    writer = store._chunk_writer
-    assert not any(os.path.exists(writer.temp_path(s)) for s in range(8))
     assert store.stored_slots() == set()  # the landed chunks were removed with the rows
 
 
