@@ -425,6 +425,29 @@ class StoreSpec:
     return cls(text, driver, codec, io_mode, overrides, into)
 
 
+def _put_all(store: BlockStore, ids: list[bytes],
+             content: np.ndarray,  # [m, L, 2, Hkv, P, D], cycled over
+             ) -> tuple[float, float]:
+  """Puts one block per id, `--put_blocks` per put, all queued at once.
+
+  Returns the seconds until every put is durable and committed, and this
+  process's CPU seconds meanwhile. Raises unless every block was written.
+  """
+  n, step = len(ids), FLAGS.put_blocks
+  cpu0 = _cpu()
+  start = time.perf_counter()
+  futures = []
+  for lo in range(0, n, step):
+    hi = min(n, lo + step)
+    off = lo % (len(content) - step + 1) if len(content) > step else 0
+    futures.append(store.put_async(ids[lo:hi], content[off:off + hi - lo]))
+  statuses = [s for f in futures for s in f.result().statuses]
+  seconds, cpu = time.perf_counter() - start, _cpu() - cpu0
+  if statuses.count("write") != n:
+    raise RuntimeError(f"store wrote {statuses.count('write')} of {n} blocks")
+  return seconds, cpu
+
+
 def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
                 payload: np.ndarray, n: int, order: list[int],
                 latency_samples: list[int]) -> dict:
@@ -443,20 +466,8 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
   reps = -(-n // len(payload))
   # The payload cycled: slices are views, so queued puts hold no copies.
   content = np.concatenate([payload] * min(reps, max(1, FLAGS.put_blocks * 4 // len(payload) + 1)))
-  step = FLAGS.put_blocks
   cpu = {}
-  cpu0 = _cpu()
-  start = time.perf_counter()
-  futures = []
-  for lo in range(0, n, step):
-    hi = min(n, lo + step)
-    off = lo % (len(content) - step + 1) if len(content) > step else 0
-    futures.append(store.put_async(ids[lo:hi], content[off:off + hi - lo]))
-  statuses = [s for f in futures for s in f.result().statuses]
-  write_s = time.perf_counter() - start
-  cpu["write"] = _cpu() - cpu0
-  if statuses.count("write") != n:
-    raise RuntimeError(f"store wrote {statuses.count('write')} of {n} blocks")
+  write_s, cpu["write"] = _put_all(store, ids, content)
   data_dir = os.path.join(root, "data")
   disk_bytes = sum(os.path.getsize(os.path.join(d, f))
                    for d, _, fs in os.walk(data_dir) for f in fs)
@@ -517,19 +528,7 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
     out["verified_bit_exact"] = bool(back.tobytes() == content[0].tobytes())
   # Rewrite: as many new blocks into the now full store, which evicts and
   # reuses slots (LRU): the steady state of a long-running cache.
-  new_ids = [rng.bytes(32) for _ in range(n)]
-  cpu0 = _cpu()
-  start = time.perf_counter()
-  futures = []
-  for lo in range(0, n, step):
-    hi = min(n, lo + step)
-    off = lo % (len(content) - step + 1) if len(content) > step else 0
-    futures.append(store.put_async(new_ids[lo:hi], content[off:off + hi - lo]))
-  statuses = [s for f in futures for s in f.result().statuses]
-  rewrite_s = time.perf_counter() - start
-  cpu["rewrite"] = _cpu() - cpu0
-  if statuses.count("write") != n:
-    raise RuntimeError(f"store rewrote {statuses.count('write')} of {n} blocks")
+  rewrite_s, cpu["rewrite"] = _put_all(store, [rng.bytes(32) for _ in range(n)], content)
   out["cpu_s_per_gb"]["rewrite"] = cpu["rewrite"] / (disk_bytes / 1e9)
   out.update({"rewrite_seconds": rewrite_s, "rewrite_disk_bytes_per_s": disk_bytes / rewrite_s,
               "rewrite_reused_slots": max(0, n - (store.num_slots - n))})
