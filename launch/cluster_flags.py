@@ -48,9 +48,10 @@ def define(mesh_default: str | None = None) -> None:
        "cold-tier byte budget (LRU beyond it)")
   once(flags.DEFINE_enum, "cold_tier_codec", "raw", CODECS,
        "how cold-tier blocks are stored")
-  once(flags.DEFINE_enum, "cold_tier_sync", "syncfs", ["syncfs", "fsync"],
+  once(flags.DEFINE_enum, "cold_tier_sync", "auto", ["auto", "syncfs", "fsync"],
        "how a batch of cold-tier chunk writes is made durable: one syncfs of "
-       "the store's file system (give it its own) or an fsync per chunk")
+       "the store's file system (give it its own), an fsync per chunk, or "
+       "auto (syncfs where the platform has it)")
 
 
 def mesh_config():

@@ -39,7 +39,7 @@ chunks.
 `write` returns once every chunk of the batch is durable, before the caller
 commits the index:
 
-* `sync="syncfs"` (default where Linux has it): one `syncfs(2)` of the store's
+* `sync="syncfs"` ("auto" where Linux has it): one `syncfs(2)` of the store's
   file system after the batch: one journal commit for all its chunks and new
   directory entries, instead of an fsync per chunk. It also flushes other
   dirty data of that file system, so give the cold tier its own file system
@@ -78,7 +78,7 @@ except ImportError:  # pragma: no cover - the package is a dependency
   _crc32c = None
 
 ALIGNMENT = 4096  # O_DIRECT offset, length and address alignment
-SYNC_MODES = ("syncfs", "fsync")
+SYNC_MODES = ("auto", "syncfs", "fsync")  # auto: syncfs where the platform has it
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
@@ -119,7 +119,7 @@ def crc32c_bytes(data: np.ndarray) -> bytes:
 class DirectChunkWriter:
   """Writes whole chunks of a zarr3 array in a local directory (see module docstring)."""
 
-  def __init__(self, array_dir: str, concurrency: int, sync: str = "syncfs",
+  def __init__(self, array_dir: str, concurrency: int, sync: str = "auto",
                durable: bool = True, o_direct: bool = False):
     ok, why = available()
     if not ok:
@@ -128,6 +128,8 @@ class DirectChunkWriter:
       raise ValueError("concurrency must be positive")
     if sync not in SYNC_MODES:
       raise ValueError(f"sync={sync!r} not in {SYNC_MODES}")
+    if sync == "auto":
+      sync = "syncfs" if has_syncfs() else "fsync"
     if sync == "syncfs" and not has_syncfs():
       raise ValueError("sync='syncfs' needs syncfs(2) (Linux); use sync='fsync'")
     self.array_dir = array_dir

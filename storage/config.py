@@ -15,7 +15,7 @@ DRIVERS = ("file", "ocdbt")
 FILE_IO_MODES = ("default", "direct", "memmap")
 ADMISSIONS = ("always", "second_put", "session_continues")
 CHUNK_WRITERS = ("auto", "direct", "tensorstore")
-SYNC_MODES = ("syncfs", "fsync")
+SYNC_MODES = ("auto", "syncfs", "fsync")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,9 @@ class ColdTierConfig:
       where it applies, else "tensorstore". Reads always go through
       TensorStore.
     sync: how the direct chunk writer makes a batch durable: "syncfs" (one
-      syncfs(2) of the store's file system per batch; Linux) or "fsync" (file
-      and slot directory per chunk, TensorStore's protocol). See
+      syncfs(2) of the store's file system per batch; Linux), "fsync" (each
+      chunk, and its slot directory when new) or "auto" (syncfs where the
+      platform has it, else fsync). See
       `storage.chunk_writer`. TensorStore's own writes always fsync per chunk.
   """
 
@@ -88,7 +89,7 @@ class ColdTierConfig:
   max_pending_write_bytes: int = 1 << 30
   fsync: bool = True
   chunk_writer: str = "auto"
-  sync: str = "syncfs"
+  sync: str = "auto"
 
   def __post_init__(self):
     if not self.root:

@@ -344,3 +344,13 @@ def test_page_aligned_rows_go_to_o_direct_without_a_copy(tmp_path, aligned, monk
     assert store.put(ids, src.view(blocks.dtype).reshape(blocks.shape)).written == 4
     assert len(copies) == (0 if aligned else 4)
     assert all(g.tobytes() == b.tobytes() for g, b in zip(store.get(ids), blocks))
+
+
+def test_auto_sync_uses_syncfs_where_the_platform_has_it(tmp_path, monkeypatch):
+  with _store(tmp_path / "a", 16, 16, "bfloat16", chunk_writer="direct") as store:
+    assert store.config.sync == "auto" and store._chunk_writer.sync == "syncfs"
+  monkeypatch.setattr(chunk_writer_lib, "has_syncfs", lambda: False)  # e.g. macOS
+  with _store(tmp_path / "b", 16, 16, "bfloat16", chunk_writer="direct") as store:
+    assert store._chunk_writer.sync == "fsync"
+  with pytest.raises(ValueError, match="syncfs"):
+    _store(tmp_path / "c", 16, 16, "bfloat16", chunk_writer="direct", sync="syncfs")
