@@ -176,6 +176,7 @@ class DirectChunkWriter:
     trailer = crc32c_bytes(chunk)
     path = self.chunk_path(slot)
     body = len(chunk) // ALIGNMENT * ALIGNMENT if self.o_direct else 0
+    retried = False
     if body:
       try:
         created = self._write_file(path, chunk, trailer, body)
@@ -183,10 +184,11 @@ class DirectChunkWriter:
         if err.errno != errno.EINVAL:
           raise
         self.o_direct = False  # no O_DIRECT here (e.g. tmpfs): buffered from now on
-        body = 0
+        body, retried = 0, True
     if not body:
       created = self._write_file(path, chunk, trailer, 0)
-    if created and self.durable and self.sync == "fsync":
+    # After a retry the file may be new although the retry found it there.
+    if (created or retried) and self.durable and self.sync == "fsync":
       fsync_dir(os.path.dirname(path))  # the new directory entry
     if body:
       with self._count_lock:
