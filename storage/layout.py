@@ -205,7 +205,16 @@ class SlotDirectories:
     with self._lock:
       future = self._groups.get(g)
       if future is None:
-        future = self._groups[g] = self._executor.submit(self._make_group, g)
+        try:
+          future = self._executor.submit(self._make_group, g)
+        except RuntimeError:  # shut down (interpreter exit): make the group here
+          future = cf.Future()
+          try:
+            self._make_group(g)
+            future.set_result(None)
+          except Exception as err:  # pylint: disable=broad-except
+            future.set_exception(err)
+        self._groups[g] = future
       return future
 
   def _make_group(self, g: int) -> None:

@@ -354,3 +354,37 @@ def test_auto_sync_uses_syncfs_where_the_platform_has_it(tmp_path, monkeypatch):
     assert store._chunk_writer.sync == "fsync"
   with pytest.raises(ValueError, match="syncfs"):
     _store(tmp_path / "c", 16, 16, "bfloat16", chunk_writer="direct", sync="syncfs")
+
+
+_EXIT_WITHOUT_CLOSE = """
+import sys, numpy as np, ml_dtypes
+from dualpath_jax.config import TINY, CacheConfig
+from storage import BlockStore, ColdTierConfig
+store = BlockStore(ColdTierConfig(root=sys.argv[1], chunk_writer=sys.argv[2]), TINY,
+                   CacheConfig(block_size=16, dtype="bfloat16"))
+rng = np.random.default_rng(0)
+blocks = rng.standard_normal((48, *store.block_shape), dtype=np.float32).astype(ml_dtypes.bfloat16)
+ids = [bytes([i + 1]) * 32 for i in range(48)]
+for lo in range(0, 48, 4):
+  store.put_async(ids[lo:lo + 4], blocks[lo:lo + 4])
+"""
+
+
+@pytest.mark.parametrize("writer", ["direct", "tensorstore"])
+def test_puts_queued_when_the_program_exits_are_completed(tmp_path, writer):
+  """A program that exits without close(): its queued write-back still lands, durable."""
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, "-c", _EXIT_WITHOUT_CLOSE, str(tmp_path), writer],
+                        cwd=repo, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "failed" not in done.stderr, done.stderr[-2000:]
+  rng = np.random.default_rng(0)
+  with BlockStore(ColdTierConfig(root=str(tmp_path)), TINY,
+                  CacheConfig(block_size=16, dtype="bfloat16")) as store:
+    want = rng.standard_normal((48, *store.block_shape), dtype=np.float32).astype(
+        ml_dtypes.bfloat16)
+    got = store.get([bytes([i + 1]) * 32 for i in range(48)])
+    assert all(g is not None and g.tobytes() == w.tobytes() for g, w in zip(got, want))
+    assert store.index.counts()["pending"] == 0
