@@ -25,8 +25,9 @@ API (numpy in, numpy out; every method is thread-safe):
 (durable) and the index commit run on the write pool, so write-back after a
 turn stays off the critical path. On a local `file` kvstore the chunk files
 are written by `storage.chunk_writer` (the same files TensorStore would
-write, at a third to a half of its CPU); elsewhere by TensorStore. The caller hands `blocks` over: it must not
-change them until the future is done. A put whose bytes would exceed
+write, at a third to a half of its CPU); elsewhere by TensorStore. The
+caller hands `blocks` over: it must not change them until the future is
+done. A put whose bytes would exceed
 `max_pending_write_bytes` is dropped (status "dropped"), never blocks.
 
 `get_async` looks the ids up, reads their chunks in batches (one TensorStore

@@ -72,6 +72,8 @@ from typing import Sequence
 
 import numpy as np
 
+from storage.io_pool import submit_or_run
+
 try:
   import crc32c as _crc32c  # pylint: disable=g-import-not-at-top
 except ImportError:  # pragma: no cover - the package is a dependency
@@ -158,20 +160,11 @@ class DirectChunkWriter:
                        f"{chunks.dtype} {chunks.shape}")
     if len(slots) != chunks.shape[0]:
       raise ValueError(f"{len(slots)} slots for {chunks.shape[0]} chunks")
-    futures, inline = [], []
-    for i, slot in enumerate(slots):
-      try:
-        futures.append(self._pool.submit(self._write_one, int(slot), chunks[i]))
-      except RuntimeError:  # the pool is shut down (interpreter exit): write here
-        inline.append(i)
+    futures = [submit_or_run(self._pool, self._write_one, int(slot), chunks[i])
+               for i, slot in enumerate(slots)]
     # Wait for every chunk before raising: a write still running after the
     # caller released its slots could land on a slot already handed out again.
     errors = [f.exception() for f in futures]
-    for i in inline:
-      try:
-        self._write_one(int(slots[i]), chunks[i])
-      except Exception as err:  # pylint: disable=broad-except
-        errors.append(err)
     for err in errors:
       if err is not None:
         raise err

@@ -28,9 +28,8 @@ class ColdTierConfig:
     kvstore: optional TensorStore kvstore spec for the block bytes, e.g.
       `{"driver": "gcs", "bucket": "b", "path": "kv/"}` or a shared file system
       `{"driver": "file", "path": "/mnt/shared/kv/"}`. None: `<root>/data/`.
-    driver: "file" (one file per block, written to a temp file and renamed,
-      durable before the index commit) or "ocdbt" (blocks packed into an
-      append-only B-tree database).
+    driver: "file" (one file per block, durable before the index commit) or
+      "ocdbt" (blocks packed into an append-only B-tree database).
     codec: "raw" (the cache dtype, bit-exact), "zstd" (raw then zstd),
       "int8" (lossy, one float32 scale per block, layer, K/V and head) or
       "int8+zstd".
@@ -44,35 +43,32 @@ class ColdTierConfig:
       back for another turn). Deferred blocks are not stored; put them again.
     io_threads: batches in flight at once (each batch is one TensorStore
       read or write of up to `max_batch_blocks` chunks).
-    file_io_concurrency: TensorStore's limit on concurrent file operations
-      (the threads of its file I/O pool): the store's queue depth. A chunk
-      write (write, fsync, rename, directory fsync) or a chunk read is one
-      operation.
-    file_io_mode: TensorStore's file access mode for local files: "direct",
-      "default" (buffered) or "memmap". Note (TensorStore 0.1.86, checked
-      with strace): "direct" sets O_DIRECT only on reads whose extent,
-      rounded up to 4 KiB, fits inside the file; a chunk file is the block
-      plus a 4-byte CRC32C, so it never does, and writes are always buffered.
-      "direct" thus behaves as "default" for this store; it stays the default
-      so that a TensorStore that extends O_DIRECT picks it up.
+    file_io_concurrency: concurrent file operations, the store's queue depth:
+      TensorStore's limit (the threads of its file I/O pool) and the direct
+      chunk writer's threads. A chunk read or write is one operation.
+    file_io_mode: "direct", "default" (buffered) or "memmap". For the direct
+      chunk writer, "direct" writes a chunk's whole pages with O_DIRECT.
+      TensorStore (its reads, and the writes it does) takes it as its file
+      access mode; note (TensorStore 0.1.86, checked with strace) that it sets
+      O_DIRECT only on reads whose extent, rounded up to 4 KiB, fits inside
+      the file, which a chunk file (block + 4-byte CRC32C) never does.
     max_batch_blocks: a put or get of more blocks is split into batches.
     max_pending_write_bytes: write-back bytes queued but not yet durable; a
       put beyond it is dropped (status "dropped") instead of blocking the
       caller. It is a cache: the engine can always recompute.
-    fsync: fsync block files before the index commits them (durability). Only
-      turn off for benchmarks that say so.
+    fsync: make block files durable before the index commits them (see
+      `sync`). Only turn off for benchmarks that say so.
     chunk_writer: who writes chunk files. "tensorstore": TensorStore's zarr3
       write (any kvstore, any codec). "direct": `storage.chunk_writer` writes
-      the same chunk files itself (O_DIRECT body, hardware CRC32C; local
-      `file` kvstore and codecs without zstd only; about a third of
-      TensorStore's write CPU, docs/storage.md "v6"). "auto": "direct"
+      the same chunk files itself (hardware CRC32C, O_DIRECT pages, in
+      place; local `file` kvstore and codecs without zstd only; a third to a
+      half of TensorStore's write CPU, docs/storage.md "v6"). "auto": "direct"
       where it applies, else "tensorstore". Reads always go through
       TensorStore.
     sync: how the direct chunk writer makes a batch durable: "syncfs" (one
       syncfs(2) of the store's file system per batch; Linux), "fsync" (each
       chunk, and its slot directory when new) or "auto" (syncfs where the
-      platform has it, else fsync). See
-      `storage.chunk_writer`. TensorStore's own writes always fsync per chunk.
+      platform has it, else fsync). See `storage.chunk_writer`. TensorStore's own writes always fsync per chunk.
   """
 
   root: str

@@ -102,3 +102,21 @@ def completed(value: Any) -> cf.Future:
   future: cf.Future = cf.Future()
   future.set_result(value)
   return future
+
+
+def submit_or_run(executor: cf.Executor, fn: Callable[..., Any], *args: Any) -> cf.Future:
+  """`executor.submit(fn, *args)`; once the executor takes no more work, runs it here.
+
+  A store's pools stop taking work when the interpreter exits; write-back
+  queued by a program that exits without `close()` then still completes,
+  in the calling thread, instead of failing.
+  """
+  try:
+    return executor.submit(fn, *args)
+  except RuntimeError:  # shut down
+    future: cf.Future = cf.Future()
+    try:
+      future.set_result(fn(*args))
+    except BaseException as err:  # pylint: disable=broad-except
+      future.set_exception(err)
+    return future

@@ -20,9 +20,9 @@ first writes run at the speed of rewrites (docs/storage.md, "Measurements").
 
 Base kvstores (any TensorStore kvstore works):
 
-* local `file` (default): `<root>/data/`; a chunk is written to a temporary
-  file that is renamed over it (by `storage.chunk_writer`, or by TensorStore
-  for zstd codecs), so a chunk is either the old or the new one.
+* local `file` (default): `<root>/data/`, one file per chunk. Written in
+  place by `storage.chunk_writer`, or (zstd codecs) by TensorStore, which
+  renames a temporary file over the chunk.
 * `ocdbt` on top of any base: chunks are packed into large append-only data
   files under a B-tree; a commit is an atomic manifest swap.
 * a shared file system (`{"driver": "file", "path": "/mnt/nfs/kv/"}`), or
@@ -44,6 +44,7 @@ import tensorstore as ts
 from storage import chunk_writer
 from storage.codecs import BlockCodec
 from storage.config import ColdTierConfig
+from storage.io_pool import submit_or_run
 
 
 def base_kvstore_spec(config: ColdTierConfig) -> dict[str, Any]:
@@ -205,16 +206,7 @@ class SlotDirectories:
     with self._lock:
       future = self._groups.get(g)
       if future is None:
-        try:
-          future = self._executor.submit(self._make_group, g)
-        except RuntimeError:  # shut down (interpreter exit): make the group here
-          future = cf.Future()
-          try:
-            self._make_group(g)
-            future.set_result(None)
-          except Exception as err:  # pylint: disable=broad-except
-            future.set_exception(err)
-        self._groups[g] = future
+        future = self._groups[g] = submit_or_run(self._executor, self._make_group, g)
       return future
 
   def _make_group(self, g: int) -> None:

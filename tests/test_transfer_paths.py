@@ -259,3 +259,16 @@ def test_path2_blocks_also_land_on_the_decode_engine(np_rng):
   for i, page in enumerate([5, 6, 7, 8]):  # the PE got all four as usual
     np.testing.assert_array_equal(pe_after[:, page], want[i])
   loader.close()
+
+
+def test_staging_rows_grow_to_a_power_of_two_and_are_reused():
+  from dualpath_jax.transfer.source import StagingRows
+  staging = StagingRows((2, 3), np.float32, min_rows=4)
+  a = staging.rows(3)
+  assert a.shape == (3, 2, 3) and a.dtype == np.float32
+  a[:] = 7
+  b = staging.rows(4)  # fits: the same memory, content kept
+  assert np.shares_memory(a, b) and (b[:3] == 7).all()
+  c = staging.rows(5)  # grows to 8 rows
+  assert c.shape == (5, 2, 3) and c.base.shape[0] == 8 and not np.shares_memory(a, c)
+  assert staging.rows(8).base is c.base

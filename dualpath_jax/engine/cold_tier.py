@@ -25,7 +25,7 @@ import numpy as np
 from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.engine import pool_io
-from dualpath_jax.engine.buckets import next_pow2
+from dualpath_jax.transfer.source import StagingRows
 
 
 @dataclasses.dataclass
@@ -48,9 +48,8 @@ class ColdTierConnector:
     self.store = store
     self.manager = manager
     self.stats = ColdTierStats()
-    # Reads land in one reused host buffer (`get(out=)`): fresh result arrays
-    # cost more CPU than the disk read on small hosts (docs/storage.md).
-    self._staging: np.ndarray | None = None  # [n, L, 2, Hkv, P, D]
+    # Reads land in one reused host buffer (`get(out=)`).
+    self._staging = StagingRows(store.block_shape, store.codec.dtype)
 
   def load_prefix(self, pool: jax.Array, seq_id: str, tokens: list[int],
                   tenant: str) -> tuple[jax.Array, int]:
@@ -78,7 +77,7 @@ class ColdTierConnector:
       run -= 1
     if run == 0:
       return pool, 0
-    staging = self._staging_rows(run)
+    staging = self._staging.rows(run)
     blocks = self.store.get(wanted[:run], out=staging)
     good = next((i for i, b in enumerate(blocks) if b is None), run)
     self.stats.missed_blocks += run - good
@@ -92,13 +91,6 @@ class ColdTierConnector:
     self.stats.loaded_blocks += good
     self.stats.loaded_tokens += (have + good) * bs - computed
     return pool, (have + good) * bs - computed
-
-  def _staging_rows(self, n: int) -> np.ndarray:  # [n, L, 2, Hkv, P, D]
-    """The first `n` rows of the staging buffer, grown to a power of two."""
-    if self._staging is None or self._staging.shape[0] < n:
-      self._staging = np.zeros((next_pow2(n, 16),) + tuple(self.store.block_shape),
-                               self.store.codec.dtype)
-    return self._staging[:n]
 
   def write_back(self, pool: jax.Array, seq_id: str, tenant: str,
                  session: str) -> None:

@@ -56,7 +56,7 @@ from dualpath_jax.transfer.config import DualPathConfig
 from dualpath_jax.transfer.handoff import Handoff, head_spec
 from dualpath_jax.transfer.mesh import ClusterMesh
 from dualpath_jax.transfer.nic import StorageNic
-from dualpath_jax.transfer.source import BlockSource
+from dualpath_jax.transfer.source import BlockSource, StagingRows
 
 READ_BATCH_BLOCKS = 16  # blocks per cold-tier read (and per NIC admission)
 MIN_BLOCK_BUCKET = 16  # block counts are padded to powers of two from here
@@ -156,8 +156,9 @@ class DualPathLoader:
     # A source that reads into a caller's buffer (`storage.BlockStore`) gets
     # one reused staging buffer per reader: fresh result arrays cost more CPU
     # (page faults) than the disk read itself on small hosts (docs/storage.md).
-    self._reads_into = "out" in inspect.signature(source.get).parameters
-    self._staging: dict[str, np.ndarray] = {}  # engine -> [16, L, 2, Hkv, P, D]
+    reads_into = "out" in inspect.signature(source.get).parameters
+    self._staging = {e.name: StagingRows(self.block_shape, self.dtype, READ_BATCH_BLOCKS)
+                     for e in cluster.engines} if reads_into else {}
 
   def close(self) -> None:
     for reader in self._readers.values():
@@ -243,7 +244,7 @@ class DualPathLoader:
           self.nics[engine].acquire(nbytes, planned=True)
         unread -= nbytes
         kept = self._read_batch(req, batch, host, pages, missing, kept,
-                                self._staging_for(engine))
+                                self._staging.get(engine))
     finally:
       self.nics[engine].unplan(unread)  # what an error left unread
     return (host, np.asarray(pages, np.int32), missing,
@@ -254,19 +255,10 @@ class DualPathLoader:
     return sum(ReadPath(req.paths[i]) != ReadPath.FREE
                for i in indices) * self.block_bytes
 
-  def _staging_for(self, engine: str) -> np.ndarray | None:
-    """`engine`'s reader's staging buffer (only its thread uses it)."""
-    if not self._reads_into:
-      return None
-    if engine not in self._staging:
-      self._staging[engine] = np.zeros((READ_BATCH_BLOCKS,) + self.block_shape,
-                                       self.dtype)
-    return self._staging[engine]
-
   def _read_batch(self, req: LoadRequest, batch: list[int],
                   host: np.ndarray,  # [L, n, 2, Hkv, P, D]
                   pages: list[int], missing: list[int], kept: int,
-                  staging: np.ndarray | None = None,  # [>= len(batch), L, ...]
+                  staging: StagingRows | None = None,
                   ) -> int:
     """Reads `batch` from the source into `host` from column `kept` on.
 
@@ -276,7 +268,7 @@ class DualPathLoader:
     """
     ids = [req.block_ids[i] for i in batch]
     blocks = (self.source.get(ids) if staging is None else
-              self.source.get(ids, out=staging[:len(ids)]))
+              self.source.get(ids, out=staging.rows(len(ids))))
     if len(blocks) != len(batch):
       raise ValueError(f"source returned {len(blocks)} blocks for "
                        f"{len(batch)} ids")

@@ -2,7 +2,9 @@
 
 The loaders need one call of the cold tier: read blocks by id. `BlockSource`
 is that call; `storage.BlockStore` satisfies it as is (its `get`), and
-`InMemoryBlockSource` stands in for it in tests and the simulator.
+`InMemoryBlockSource` stands in for it in tests and the simulator. A source
+whose `get` also takes `out=` (the store) reads into a caller's buffer:
+`StagingRows` is that buffer, reused.
 A block is `[L, 2, Hkv, P, D]` (every layer of `block_size` tokens); a block
 the tier cannot serve (missing, corrupt) is None: a miss to recompute.
 """
@@ -10,7 +12,7 @@ the tier cannot serve (missing, corrupt) is None: a miss to recompute.
 from __future__ import annotations
 
 import threading
-from typing import Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -41,3 +43,26 @@ class InMemoryBlockSource:
       self.reads += 1
       self.blocks_read += len(ids)
       return [self._blocks.get(i) for i in ids]
+
+
+class StagingRows:
+  """One reused host buffer `[n, *row_shape]` for reads into a caller's buffer.
+
+  `storage.BlockStore.get(ids, out=...)` reads into it instead of fresh result
+  arrays, whose first touch costs more CPU than the disk read on small hosts
+  (docs/storage.md "v4"). It grows to the next power of two (at least
+  `min_rows`) and never shrinks. Not thread-safe: one per reading thread.
+  """
+
+  def __init__(self, row_shape: Sequence[int], dtype: Any, min_rows: int = 16):
+    self.row_shape = tuple(int(d) for d in row_shape)
+    self.dtype = np.dtype(dtype)
+    self.min_rows = min_rows
+    self._buffer: np.ndarray | None = None  # [capacity, *row_shape]
+
+  def rows(self, n: int) -> np.ndarray:  # [n, *row_shape]
+    """The first `n` rows (their content is whatever the last read left)."""
+    if self._buffer is None or self._buffer.shape[0] < n:
+      capacity = max(self.min_rows, 1 << max(n - 1, 0).bit_length())
+      self._buffer = np.zeros((capacity, *self.row_shape), self.dtype)
+    return self._buffer[:n]
