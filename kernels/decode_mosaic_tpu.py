@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from kernels import prefill_mosaic_tpu
 from kernels import quantize
+from kernels import tpu_page_ring
 from kernels.decode_triton import LOG2E, MASK_VALUE, SQUEEZED
 
 
@@ -52,9 +53,9 @@ def _tpu_decode_kernel(
     scales_hbm, o_ref, k_buf, v_buf, scale_buf, sems = refs
   else:
     o_ref, k_buf, v_buf, sems = refs
+    scales_hbm = scale_buf = None
   b = pl.program_id(0)
   h = pl.program_id(1)
-  num_blocks = kv_hbm.shape[0]
   _, pages_per_chunk, block_size, head_dim = k_buf.shape
   chunk_tokens = pages_per_chunk * block_size
 
@@ -62,44 +63,23 @@ def _tpu_decode_kernel(
   num_pages = (kv_len + block_size - 1) // block_size
   num_chunks = (num_pages + pages_per_chunk - 1) // pages_per_chunk
 
-  def chunk_copies(chunk, slot):
-    copies = []
-    for c in range(pages_per_chunk):
-      page = tables_ref[b, chunk * pages_per_chunk + c]
-      page = jnp.clip(page, 0, num_blocks - 1)  # unused slots may be junk
-      copies.append(pltpu.make_async_copy(
-          kv_hbm.at[page, 0, h], k_buf.at[slot, c], sems.at[0, slot]))
-      copies.append(pltpu.make_async_copy(
-          kv_hbm.at[page, 1, h], v_buf.at[slot, c], sems.at[1, slot]))
-      if quantized:
-        copies.append(pltpu.make_async_copy(
-            scales_hbm.at[page], scale_buf.at[slot, c], sems.at[2, slot]))
-    return copies
+  copies = tpu_page_ring.chunk_copies(
+      tables_ref=tables_ref, kv_hbm=kv_hbm, k_buf=k_buf, v_buf=v_buf, sems=sems,
+      b=b, h=h, scales_hbm=scales_hbm, scale_buf=scale_buf)
 
   def token_scales(slot, kv):  # [1, chunk_tokens] from one scale per page
     return jnp.concatenate(
         [jnp.full((1, block_size), scale_buf[slot, c, kv, h], jnp.float32)
          for c in range(pages_per_chunk)], axis=1)
 
-  @pl.when(num_chunks > 0)
-  def _():
-    for copy in chunk_copies(0, 0):
-      copy.start()
+  tpu_page_ring.start_ring(num_chunks, copies)
 
   q = q_ref[...].astype(jnp.float32)
   scale = sm_scale * LOG2E
 
   def body(i, carry):
     o, m, l = carry
-    slot = i % 2
-
-    @pl.when(i + 1 < num_chunks)
-    def _():
-      for copy in chunk_copies(i + 1, 1 - slot):
-        copy.start()
-
-    for copy in chunk_copies(i, slot):
-      copy.wait()
+    slot = tpu_page_ring.ring_step(i, num_chunks, copies)
     k = k_buf[slot].reshape(chunk_tokens, head_dim).astype(jnp.float32)
     v = v_buf[slot].reshape(chunk_tokens, head_dim).astype(jnp.float32)
     logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())),

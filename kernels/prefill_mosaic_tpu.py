@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
+from kernels import tpu_page_ring
 from kernels import tuning
 from kernels.decode_triton import LOG2E, MASK_VALUE, SQUEEZED
 
@@ -59,7 +60,6 @@ def _tpu_prefill_kernel(
   b = pl.program_id(0)
   h = pl.program_id(1)
   t = pl.program_id(2)
-  num_blocks = kv_hbm.shape[0]
   _, pages_per_chunk, block_size, head_dim = k_buf.shape
   group, block_tokens, _ = q_ref.shape
   rows = group * block_tokens
@@ -80,21 +80,10 @@ def _tpu_prefill_kernel(
   num_free = jnp.clip(jnp.minimum(first_pos + 1, key_limit) // chunk_tokens,
                       0, num_chunks)
 
-  def chunk_copies(chunk, slot):
-    copies = []
-    for c in range(pages_per_chunk):
-      page = tables_ref[b, chunk * pages_per_chunk + c]
-      page = jnp.clip(page, 0, num_blocks - 1)  # unused slots may be junk
-      copies.append(pltpu.make_async_copy(
-          kv_hbm.at[page, 0, h], k_buf.at[slot, c], sems.at[0, slot]))
-      copies.append(pltpu.make_async_copy(
-          kv_hbm.at[page, 1, h], v_buf.at[slot, c], sems.at[1, slot]))
-    return copies
-
-  @pl.when(num_chunks > 0)
-  def _():
-    for copy in chunk_copies(0, 0):
-      copy.start()
+  copies = tpu_page_ring.chunk_copies(
+      tables_ref=tables_ref, kv_hbm=kv_hbm, k_buf=k_buf, v_buf=v_buf, sems=sems,
+      b=b, h=h)
+  tpu_page_ring.start_ring(num_chunks, copies)
 
   q = q_ref[...].reshape(rows, head_dim)
   scale = sm_scale * LOG2E
@@ -105,15 +94,7 @@ def _tpu_prefill_kernel(
 
   def body(i, carry, masked: bool):
     o, m, l = carry
-    slot = i % 2
-
-    @pl.when(i + 1 < num_chunks)
-    def _():
-      for copy in chunk_copies(i + 1, 1 - slot):
-        copy.start()
-
-    for copy in chunk_copies(i, slot):
-      copy.wait()
+    slot = tpu_page_ring.ring_step(i, num_chunks, copies)
     k = k_buf[slot].reshape(chunk_tokens, head_dim)
     v = v_buf[slot].reshape(chunk_tokens, head_dim)
     logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
