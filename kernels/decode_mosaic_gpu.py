@@ -97,6 +97,18 @@ def interpret_params(**kwargs):
   return InterpretGPUParams(**kwargs)
 
 
+def is_hopper(device: jax.Device | None = None) -> bool:
+  """Whether `device` (default: the first JAX device) is a Hopper GPU
+  (compute capability 9.x), the only chips with the `wgmma` this kernel uses."""
+  device = device or jax.devices()[0]
+  if device.platform not in ("gpu", "cuda"):
+    return False
+  capability = getattr(device, "compute_capability", None)
+  if capability is not None:
+    return str(capability).split(".")[0] == "9"
+  return any(n in device.device_kind for n in ("H100", "H200", "H800", "GH200"))
+
+
 def supports(*, q_len: int, head_dim: int, block_size: int, quantized: bool,
              dtype: str | None, group: int | None = None) -> bool:
   """Whether the kernel handles a call (the `"auto"` capability check);

@@ -65,16 +65,23 @@ _SUPPORTS: dict[str, Callable[..., bool]] = {
     "pallas_mosaic_gpu": decode_mosaic_gpu.supports,
 }
 
-# Preference order of `"auto"` per JAX backend platform. The Mosaic GPU
-# decode kernel is selectable by name but stays out of "auto" until a GPU run
-# (scripts/gpu_check.sh) has shown it correct and faster than Triton: it has
-# only run in interpret mode so far.
+# Preference order of `"auto"` per JAX backend platform. On Hopper the
+# Mosaic GPU decode kernel goes first (`_auto_order`): on an H100 it read KV
+# at 0.98-1.58x the Triton decode kernel's rate across the benchmark table
+# (docs/benchmarks.md, "GPU run 1"); Triton keeps prefill, int8 and float32.
 _AUTO_ORDER = {
     "gpu": ("pallas_triton", "xla_chunked", "xla"),
     "cuda": ("pallas_triton", "xla_chunked", "xla"),
     "tpu": ("pallas_mosaic_tpu", "xla_chunked", "xla"),
     "cpu": ("xla_chunked", "xla"),
 }
+
+
+def _auto_order(backend: str) -> tuple[str, ...]:
+  order = _AUTO_ORDER.get(backend, ("xla",))
+  if backend in ("gpu", "cuda") and decode_mosaic_gpu.is_hopper():
+    order = ("pallas_mosaic_gpu",) + order
+  return order
 
 
 def resolve_implementation(implementation: str, *, q_len: int = 1,
@@ -89,7 +96,7 @@ def resolve_implementation(implementation: str, *, q_len: int = 1,
   that depend on them are skipped).
   """
   if implementation == "auto":
-    order = _AUTO_ORDER.get(jax.default_backend(), ("xla",))
+    order = _auto_order(jax.default_backend())
     call = dict(q_len=q_len, head_dim=head_dim, block_size=block_size,
                 quantized=quantized, dtype=dtype, group=group)
     return next(

@@ -114,10 +114,17 @@ def make_case(
 
 
 def reference(case: Case, sm_scale: float | None = None) -> np.ndarray:
-  """The float64-free XLA reference of `case`, as float32 numpy."""
-  out = quantize.ref_paged_attention_any(
-      case.q.astype(jnp.float32), case.kv_pages, case.block_tables,
-      case.kv_lens, case.q_lens, sm_scale=sm_scale, kv_scales=case.kv_scales)
+  """The float64-free XLA reference of `case`, as float32 numpy.
+
+  Its matmuls run at full float32 precision: XLA's default on a GPU rounds
+  float32 dot operands to TF32 (~1e-3 relative), looser than the kernels'
+  float32 path it checks.
+  """
+  with jax.default_matmul_precision("highest"):
+    out = quantize.ref_paged_attention_any(
+        case.q.astype(jnp.float32), case.kv_pages, case.block_tables,
+        case.kv_lens, case.q_lens, sm_scale=sm_scale,
+        kv_scales=case.kv_scales)
   return np.asarray(out, np.float32)
 
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The one script to run on a CUDA machine (H100/H200, jax 0.11.x): the GPU
+# The one script to run on a CUDA machine (H100/H200, jax 0.11.x), in order of
+# what a short lease must not lose: the kernel benchmark (its JSON is
+# rewritten after every section, so a run cut short keeps its rows), the GPU
 # kernel tests (Triton kernels, the Mosaic GPU decode kernel on Hopper, block
-# copy), then the kernel benchmark (decode rows for both GPU kernels).
+# copy), then, with STORAGE=1, the cold-tier benchmark on the machine's disk.
 # Everything it writes goes to $OUT (default /tmp/gpu_check): env.txt,
-# tests.txt, bench.txt and bench_kernels_gpu.json. Budget: about 2.5 min of
-# tests + 4.5 min of benchmark.
+# bench.txt, bench_kernels_gpu.json, tests.txt, storage.txt, storage.json.
+# Python packages missing there travel as wheels in .whl/ (installed into
+# /tmp/site). Budget: about 4.5 min of benchmark + 3 min of tests (+1.5 min).
 #
 #   OUT=/tmp/x bash scripts/gpu_check.sh              # all
 #   BENCH_ONLY=decode bash scripts/gpu_check.sh       # one bench section
@@ -12,8 +15,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 {
   date -u
@@ -21,19 +28,35 @@ PY="${PYTHON:-python3}"
     --format=csv 2>&1
   "$PY" -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib",
 jaxlib.__version__, jax.devices())'
+  nproc; free -g | head -2; df -h /tmp /var/tmp | tail -2
 } 2>&1 | tee "$OUT/env.txt"
 
 status=0
-timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -p no:cacheprovider \
-  -o addopts="-ra" tests/gpu/test_kernels_gpu.py tests/test_kernels_lowering.py \
-  tests/test_kernels_mosaic_gpu.py::test_decode_lowers_to_mosaic_gpu \
-  2>&1 | tee "$OUT/tests.txt" || status=1
-
-timeout "${BENCH_TIMEOUT:-300}" "$PY" -m launch.bench_kernels \
+timeout "${BENCH_TIMEOUT:-270}" "$PY" -m launch.bench_kernels \
   --only="${BENCH_ONLY:-calib,decode,prefill,copy}" \
-  --out="$OUT/bench_kernels_gpu.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+  --out="$OUT/bench_kernels_gpu.json" >"$OUT/bench.txt" 2>&1 || status=1
+grep -v '^ \|^Traceback\|^  File' "$OUT/bench.txt" | grep -E \
+  '^(calib|decode|prefill|copy) ' | head -60
 
-# The table last, so that the end of the output holds it.
-tac "$OUT/bench.txt" | sed '/^kind /q' | tac
-tail -n 3 "$OUT/tests.txt"
+timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest -q -p no:cacheprovider \
+  -o addopts="-ra" --maxfail=20 tests/gpu/test_kernels_gpu.py \
+  tests/test_kernels_lowering.py \
+  tests/test_kernels_mosaic_gpu.py::test_decode_lowers_to_mosaic_gpu \
+  >"$OUT/tests.txt" 2>&1 || status=1
+
+if [[ "${STORAGE:-0}" == 1 ]]; then
+  mkdir -p /var/tmp/dpj_store
+  timeout "${STORAGE_TIMEOUT:-120}" "$PY" -m launch.bench_storage \
+    --recompute=none --dir=/var/tmp/dpj_store --global_drop \
+    --configs=raw,file:raw@out=1,file:raw@out=1@chunk_writer=tensorstore \
+    --store_bytes=1073741824 --queue_depth=32 --repeats=3 \
+    --latency_samples=20 --json="$OUT/storage.json" \
+    >"$OUT/storage.txt" 2>&1 || status=1
+  tail -n 25 "$OUT/storage.txt"
+fi
+
+# The summaries last, so that the end of the output holds them.
+sed -n '/^targets/,$p' "$OUT/bench.txt"
+grep -E '^(FAILED|ERROR)' "$OUT/tests.txt" | head -20
+tail -n 2 "$OUT/tests.txt"
 exit $status

@@ -71,13 +71,15 @@ def test_prefill_lowers_to_triton(dtype, block_size):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_tpu_decode_lowers_to_mosaic(monkeypatch, dtype):
-  try:  # Mosaic needs a chip description; CPU has none. Lend it a v5e's.
+  try:  # Mosaic needs a chip description; this host's device (a CPU, or a
+    # GPU where scripts/gpu_check.sh runs this) has none. Lend it a v5e's.
     from jax._src.pallas.mosaic import tpu_info
     chip = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
   except (ImportError, AttributeError) as e:
     pytest.skip(reason=f"this JAX has no private tpu_info registry to fake a "
                 f"chip: {e}")
-  monkeypatch.setitem(tpu_info.registry, "cpu", lambda: chip)
+  monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
+                      lambda: chip)
   scales = S((60, 2, 8), jnp.float32) if dtype == "int8" else None
   args = (S((2, 32, 128), jnp.bfloat16), S((60, 2, 8, 16, 128), dtype),
           S((2, 37), jnp.int32), S((2,), jnp.int32), scales)

@@ -102,18 +102,26 @@ def test_unsupported_calls_raise(what):
 ])
 def test_capability_predicate_and_auto_on_gpu(
     monkeypatch, q_len, head_dim, block_size, dtype, quantized, ok):
-  """The kernel says which calls it takes; "auto" keeps Triton on GPU for now.
-
-  It stays out of "auto" until a GPU run has measured it (kernels/README.md).
-  """
+  """The kernel says which calls it takes; on a GPU "auto" gives it those
+  calls on Hopper only, and everything else to Triton."""
   call = dict(q_len=q_len, head_dim=head_dim, block_size=block_size,
               quantized=quantized, dtype=dtype, group=3)
   assert decode_mosaic_gpu.supports(**call) is ok
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  got = resolve_implementation("auto", q_len=q_len, head_dim=head_dim,
-                               block_size=block_size, quantized=quantized,
-                               dtype=dtype)
-  assert got == "pallas_triton"
+  for hopper in (True, False):
+    monkeypatch.setattr(decode_mosaic_gpu, "is_hopper", lambda h=hopper: h)
+    got = resolve_implementation("auto", **call)
+    want = "pallas_mosaic_gpu" if ok and hopper else "pallas_triton"
+    assert got == want, (hopper, call)
+
+
+def test_is_hopper_reads_the_device():
+  assert not decode_mosaic_gpu.is_hopper()  # the CPU device
+  fake = lambda cc, kind: type("D", (), dict(
+      platform="gpu", compute_capability=cc, device_kind=kind))()
+  assert decode_mosaic_gpu.is_hopper(fake("9.0", "NVIDIA H100 80GB HBM3"))
+  assert not decode_mosaic_gpu.is_hopper(fake("8.0", "NVIDIA A100-SXM4"))
+  assert not decode_mosaic_gpu.is_hopper(fake("10.0", "NVIDIA B200"))
 
 
 def test_auto_on_cpu_is_unchanged():
