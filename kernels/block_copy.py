@@ -1,11 +1,17 @@
 """Block gather/scatter between the pinned-host hot tier and the device pool.
 
-Both tiers share one layout, layer-major like the device pool:
+The device pool is layer-major (what attention reads), the hot tier
+block-major (what crosses the bus):
 
   device pool  [num_layers, num_blocks, 2, num_kv_heads, block_size, head_dim]
-  hot tier     [num_layers, num_slots,  2, num_kv_heads, block_size, head_dim]
+  hot tier     [num_slots, num_layers, 2, num_kv_heads, block_size, head_dim]
 
-with the hot tier allocated once in `pinned_host` memory (`allocate_host_tier`)
+so that one block of a group of layers is one contiguous run of host memory,
+one DMA, as in the cold tier, where a chunk is one block with all its layers.
+(With a layer-major hot tier each block was `num_layers` separate runs of one
+page: on an H100, 16-token pages of 8 x 128 bf16, 64 KiB each, moved at 49% of
+a plain pinned -> device copy, 64-token pages at 86%; docs/benchmarks.md.)
+The hot tier is allocated once in `pinned_host` memory (`allocate_host_tier`)
 and reused: `scatter_to_host` donates it and writes blocks into it in place.
 One call moves a list of blocks for a group of consecutive layers:
 
@@ -14,10 +20,11 @@ One call moves a list of blocks for a group of consecutive layers:
 * `scatter_to_host(host, pool, src_pages, dst_slots)`: device -> host, e.g.
   write-back or eviction to the hot tier.
 
-Each block is a `dynamic_slice` of the source moved to the other memory
-space. Host -> device, the moved blocks are scattered into the donated pool
-in one scatter; device -> host, each is written into the donated tier by a
-`dynamic_update_slice`. XLA's host offloading turns a slice of a host buffer
+Host -> device, each block is a `dynamic_slice` of the tier moved to the
+device; the moved blocks, transposed to layer-major there, go into the
+donated pool by one scatter. Device -> host, the named pages are gathered
+block-major on the device first (one gather), then each block is moved to the
+host and written into the donated tier by a `dynamic_update_slice`. XLA's host offloading turns a slice of a host buffer
 moved to the device (and a device slice moved into a host buffer) into one DMA
 per block, so only the named blocks cross the bus. Entries `< 0` in the
 destination list are skipped, so callers can pad the lists to a few bucket
@@ -55,13 +62,13 @@ def _to_memory(x: jax.Array, kind: str) -> jax.Array:
 
 
 def allocate_host_tier(
-    shape: tuple[int, ...],  # [num_layers, num_slots, 2, kv_heads, P, D]
+    shape: tuple[int, ...],  # [num_slots, num_layers, 2, kv_heads, P, D]
     dtype: jnp.dtype,
     device: jax.Device | None = None,
 ) -> jax.Array:  # same shape, in pinned_host memory
   """Allocates the hot tier once, in pinned host memory of `device`."""
   if len(shape) != 6 or shape[2] != 2:
-    raise ValueError("host tier shape must be [num_layers, num_slots, 2, "
+    raise ValueError("host tier shape must be [num_slots, num_layers, 2, "
                      f"num_kv_heads, block_size, head_dim]; got {shape}")
   device = device or jax.devices()[0]
   sharding = jax.sharding.SingleDeviceSharding(
@@ -72,23 +79,24 @@ def allocate_host_tier(
   return jax.device_put(np.zeros(shape, jnp.dtype(dtype)), sharding)
 
 
-def _check(src_tier, dst_tier, src_ids, dst_ids, layer_start, num_layers):
-  if src_tier.ndim != 6 or dst_tier.ndim != 6:
-    raise ValueError("tiers must be [num_layers, blocks, 2, kv_heads, "
-                     f"block_size, head_dim]; got {src_tier.shape}, "
-                     f"{dst_tier.shape}")
-  if src_tier.shape[2:] != dst_tier.shape[2:] or (
-      src_tier.shape[0] != dst_tier.shape[0]):
-    raise ValueError(f"tier shapes differ beyond the block axis: "
-                     f"{src_tier.shape} vs {dst_tier.shape}")
-  if src_tier.dtype != dst_tier.dtype:
-    raise ValueError(f"dtype mismatch: {src_tier.dtype} vs {dst_tier.dtype}")
-  if src_ids.shape != dst_ids.shape or src_ids.ndim != 1:
+def _check(pool, host_tier, pool_ids, host_ids, layer_start, num_layers):
+  if pool.ndim != 6 or host_tier.ndim != 6:
+    raise ValueError("expected pool [num_layers, num_blocks, 2, kv_heads, "
+                     "block_size, head_dim] and hot tier [num_slots, "
+                     "num_layers, 2, kv_heads, block_size, head_dim]; got "
+                     f"{pool.shape}, {host_tier.shape}")
+  if pool.shape[2:] != host_tier.shape[2:] or (
+      pool.shape[0] != host_tier.shape[1]):
+    raise ValueError(f"pool {pool.shape} and hot tier {host_tier.shape} "
+                     "differ in layers or block shape")
+  if pool.dtype != host_tier.dtype:
+    raise ValueError(f"dtype mismatch: {pool.dtype} vs {host_tier.dtype}")
+  if pool_ids.shape != host_ids.shape or pool_ids.ndim != 1:
     raise ValueError(f"source and destination id lists must be 1-D and of "
-                     f"equal length; got {src_ids.shape}, {dst_ids.shape}")
-  if not 0 <= layer_start < layer_start + num_layers <= src_tier.shape[0]:
+                     f"equal length; got {pool_ids.shape}, {host_ids.shape}")
+  if not 0 <= layer_start < layer_start + num_layers <= pool.shape[0]:
     raise ValueError(f"layers [{layer_start}, {layer_start + num_layers}) "
-                     f"outside [0, {src_tier.shape[0]})")
+                     f"outside [0, {pool.shape[0]})")
 
 
 def _memory_kind_of(x: jax.Array, default: str) -> str:
@@ -103,34 +111,28 @@ def _memory_kind_of(x: jax.Array, default: str) -> str:
   return default
 
 
-def _read_blocks(src_tier, src_ids, layer_start, num_layers, to_kind):
-  """Per block: a slice of the source moved to `to_kind` memory."""
-  block_shape = (num_layers, 1) + src_tier.shape[2:]
-  zeros = (0,) * (src_tier.ndim - 2)
-  blocks = []
-  for i in range(src_ids.shape[0]):
-    src = jnp.clip(src_ids[i], 0, src_tier.shape[1] - 1)
-    block = lax.dynamic_slice(src_tier, (layer_start, src) + zeros,
-                              block_shape)
-    blocks.append(_to_memory(block, to_kind))
-  return blocks
-
-
 def _gather_blocks(pool, host_tier, src_ids, dst_ids, layer_start,
                    num_layers):
-  """Host blocks -> device, then one scatter into the pool (OOB dropped)."""
+  """Host blocks -> device (one DMA each), then one scatter into the pool."""
   kind = _memory_kind_of(pool, DEVICE_MEMORY_KIND)
-  blocks = jnp.concatenate(
-      _read_blocks(host_tier, src_ids, layer_start, num_layers, kind),
-      axis=1)  # [num_layers, n, 2, kv_heads, P, D]
+  block_shape = (1, num_layers) + host_tier.shape[2:]
+  zeros = (0,) * (host_tier.ndim - 2)
+  blocks = []
+  for i in range(src_ids.shape[0]):
+    src = jnp.clip(src_ids[i], 0, host_tier.shape[0] - 1)
+    block = lax.dynamic_slice(host_tier, (src, layer_start) + zeros,
+                              block_shape)
+    blocks.append(_to_memory(block, kind))
+  moved = jnp.concatenate(blocks, axis=0)  # [n, num_layers, 2, kvh, P, D]
   dst = jnp.where(dst_ids >= 0, dst_ids, pool.shape[1])  # -> dropped
   layers = slice(layer_start, layer_start + num_layers)
-  return pool.at[layers, dst].set(blocks, mode="drop")
+  return pool.at[layers, dst].set(jnp.swapaxes(moved, 0, 1), mode="drop")
 
 
 def _scatter_blocks(host_tier, pool, src_ids, dst_ids, layer_start,
                     num_layers):
-  """Device blocks -> host, each written in place into the host tier.
+  """Device pages -> host: gathered block-major on the device, then each
+  block moved (one DMA) and written in place into the host tier.
 
   Host memory takes dynamic-update-slices (DMAs), not scatters, and no
   conditionals around them (they could copy the tier): skipped entries
@@ -143,18 +145,21 @@ def _scatter_blocks(host_tier, pool, src_ids, dst_ids, layer_start,
   src_ids = jnp.where(valid, src_ids, src_ids[first])
   dst_ids = jnp.where(valid, dst_ids, dst_ids[first])
   kind = _memory_kind_of(host_tier, HOST_MEMORY_KIND)
-  blocks = _read_blocks(pool, src_ids, layer_start, num_layers, kind)
-  zeros = (0,) * (pool.ndim - 2)
-  for i, block in enumerate(blocks):
-    dst = jnp.clip(dst_ids[i], 0, host_tier.shape[1] - 1)
+  src = jnp.clip(src_ids, 0, pool.shape[1] - 1)
+  layers = lax.slice_in_dim(pool, layer_start, layer_start + num_layers)
+  staged = jnp.swapaxes(layers[:, src], 0, 1)  # [n, num_layers, 2, kvh, P, D]
+  zeros = (0,) * (host_tier.ndim - 2)
+  for i in range(src_ids.shape[0]):
+    block = _to_memory(staged[i:i + 1], kind)
+    dst = jnp.clip(dst_ids[i], 0, host_tier.shape[0] - 1)
     host_tier = lax.dynamic_update_slice(host_tier, block,
-                                         (layer_start, dst) + zeros)
+                                         (dst, layer_start) + zeros)
   return host_tier
 
 
 def gather_to_device_core(
     pool: jax.Array,  # [num_layers, num_blocks, 2, kv_heads, P, D] device
-    host_tier: jax.Array,  # [num_layers, num_slots, 2, kv_heads, P, D] host
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
     src_slots: jax.Array,  # [n] int32 hot-tier slots to read
     dst_pages: jax.Array,  # [n] int32 pool pages to fill (< 0: skip)
     *,
@@ -163,13 +168,13 @@ def gather_to_device_core(
 ) -> jax.Array:  # the updated pool
   """Traceable body of `gather_to_device` (use inside a jitted step)."""
   num_layers = pool.shape[0] - layer_start if num_layers is None else num_layers
-  _check(host_tier, pool, src_slots, dst_pages, layer_start, num_layers)
+  _check(pool, host_tier, dst_pages, src_slots, layer_start, num_layers)
   return _gather_blocks(pool, host_tier, src_slots, dst_pages, layer_start,
                         num_layers)
 
 
 def scatter_to_host_core(
-    host_tier: jax.Array,  # [num_layers, num_slots, 2, kv_heads, P, D] host
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
     pool: jax.Array,  # [num_layers, num_blocks, 2, kv_heads, P, D] device
     src_pages: jax.Array,  # [n] int32 pool pages to read
     dst_slots: jax.Array,  # [n] int32 hot-tier slots to fill (< 0: skip)
@@ -188,7 +193,7 @@ def scatter_to_host_core(
                    static_argnames=("layer_start", "num_layers"))
 def gather_to_device(
     pool: jax.Array,  # [num_layers, num_blocks, 2, kv_heads, P, D] device
-    host_tier: jax.Array,  # [num_layers, num_slots, 2, kv_heads, P, D] host
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
     src_slots: jax.Array,  # [n] int32
     dst_pages: jax.Array,  # [n] int32, < 0 skips
     *,
@@ -210,7 +215,7 @@ def _scatter_fn(sharding: jax.sharding.Sharding, layer_start: int,
 
 
 def scatter_to_host(
-    host_tier: jax.Array,  # [num_layers, num_slots, 2, kv_heads, P, D] host
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
     pool: jax.Array,  # [num_layers, num_blocks, 2, kv_heads, P, D] device
     src_pages: jax.Array,  # [n] int32
     dst_slots: jax.Array,  # [n] int32, < 0 skips

@@ -391,7 +391,7 @@ def bench_copy(shapes, rows: list[dict]) -> None:
     tail = (2, s.kv_heads, s.page, s.head_dim)
     key = jax.random.key(90 + i)
     pool = jax.random.normal(key, (s.layers, s.pool_blocks) + tail, s.dtype)
-    host = block_copy.allocate_host_tier((s.layers, s.host_slots) + tail,
+    host = block_copy.allocate_host_tier((s.host_slots, s.layers) + tail,
                                          s.dtype, dev)
     host = jax.device_put(
         jax.random.normal(key, host.shape, s.dtype), host.sharding)
@@ -426,7 +426,7 @@ def bench_copy(shapes, rows: list[dict]) -> None:
     _attempt(rows, base, "scatter device->host (ours)", scatter,
              nbytes=nbytes, flops=0)
     # The ceiling: one contiguous pinned buffer of the same bytes.
-    staged = block_copy.allocate_host_tier((s.layers, s.blocks) + tail,
+    staged = block_copy.allocate_host_tier((s.blocks, s.layers) + tail,
                                            s.dtype, dev)
     to_dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
     _attempt(rows, base, "plain pinned->device", lambda: jax.device_put(

@@ -33,7 +33,7 @@ def _host_array(rng, shape, dtype):
 def test_gather_to_device_moves_named_blocks(dtype, layer_start, num_layers):
   rng = np.random.default_rng(11)
   pool = _device_array(rng, (3, 10) + SHAPE_TAIL, dtype)
-  host = _host_array(rng, (3, 7) + SHAPE_TAIL, dtype)
+  host = _host_array(rng, (7, 3) + SHAPE_TAIL, dtype)
   assert host.sharding.memory_kind == "pinned_host"
   src = jnp.asarray([5, 0, 3, 6], jnp.int32)
   dst = jnp.asarray([9, 2, -1, 4], jnp.int32)  # -1: padding, skipped
@@ -42,7 +42,7 @@ def test_gather_to_device_moves_named_blocks(dtype, layer_start, num_layers):
   layers = slice(layer_start, layer_start + num_layers)
   for s, d in zip(np.asarray(src), np.asarray(dst)):
     if d >= 0:
-      want[layers, d] = host_np[layers, s]
+      want[layers, d] = host_np[s, layers]
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     out = block_copy.gather_to_device(pool, host, src, dst,
@@ -55,14 +55,14 @@ def test_gather_to_device_moves_named_blocks(dtype, layer_start, num_layers):
 def test_scatter_to_host_reuses_pinned_tier():
   rng = np.random.default_rng(12)
   pool = _device_array(rng, (2, 6) + SHAPE_TAIL, jnp.float32)
-  host = _host_array(rng, (2, 9) + SHAPE_TAIL, jnp.float32)
+  host = _host_array(rng, (9, 2) + SHAPE_TAIL, jnp.float32)
   want = np.asarray(jax.device_get(host)).copy()
   pool_np = np.asarray(pool)
   src = jnp.asarray([1, 4, 5], jnp.int32)
   dst = jnp.asarray([8, 0, -1], jnp.int32)
   for s, d in zip(np.asarray(src), np.asarray(dst)):
     if d >= 0:
-      want[:, d] = pool_np[:, s]
+      want[d] = pool_np[:, s]
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     out = block_copy.scatter_to_host(host, pool, src, dst)
@@ -74,7 +74,7 @@ def test_round_trip_inside_one_jit():
   """The traceable cores compose inside a caller's jitted step."""
   rng = np.random.default_rng(13)
   pool = _device_array(rng, (2, 5) + SHAPE_TAIL, jnp.float32)
-  host = _host_array(rng, (2, 4) + SHAPE_TAIL, jnp.float32)
+  host = _host_array(rng, (4, 2) + SHAPE_TAIL, jnp.float32)
   pages = jnp.asarray([3, 1], jnp.int32)
   slots = jnp.asarray([2, 0], jnp.int32)
 
@@ -91,7 +91,7 @@ def test_round_trip_inside_one_jit():
 def test_bad_arguments_raise():
   rng = np.random.default_rng(14)
   pool = _device_array(rng, (2, 5) + SHAPE_TAIL, jnp.float32)
-  host = _host_array(rng, (2, 4) + SHAPE_TAIL, jnp.float32)
+  host = _host_array(rng, (4, 2) + SHAPE_TAIL, jnp.float32)
   ids = jnp.asarray([0, 1], jnp.int32)
   with pytest.raises(ValueError, match="equal length"):
     block_copy.gather_to_device_core(pool, host, ids, ids[:1])
@@ -101,6 +101,9 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="dtype"):
     block_copy.gather_to_device_core(pool.astype(jnp.bfloat16), host, ids,
                                      ids)
+  with pytest.raises(ValueError, match="differ in layers"):
+    block_copy.gather_to_device_core(pool, _host_array(rng, (4, 3) + SHAPE_TAIL,
+                                                       jnp.float32), ids, ids)
   with pytest.raises(ValueError, match="host tier shape"):
     block_copy.allocate_host_tier((2, 4, 3, 2, 16, 8), jnp.float32)
 
@@ -108,20 +111,20 @@ def test_bad_arguments_raise():
 def test_freshly_allocated_tier_takes_scatter():
   rng = np.random.default_rng(15)
   pool = _device_array(rng, (2, 6) + SHAPE_TAIL, jnp.bfloat16)
-  host = block_copy.allocate_host_tier((2, 3) + SHAPE_TAIL, jnp.bfloat16)
+  host = block_copy.allocate_host_tier((3, 2) + SHAPE_TAIL, jnp.bfloat16)
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     host = block_copy.scatter_to_host(host, pool, jnp.asarray([5], jnp.int32),
                                       jnp.asarray([1], jnp.int32))
   got = np.asarray(jax.device_get(host), np.float32)
-  np.testing.assert_array_equal(got[:, 1], np.asarray(pool, np.float32)[:, 5])
-  assert not np.any(got[:, [0, 2]])  # untouched slots keep their zeros
+  np.testing.assert_array_equal(got[1], np.asarray(pool, np.float32)[:, 5])
+  assert not np.any(got[[0, 2]])  # untouched slots keep their zeros
 
 
 def test_scatter_with_no_valid_destination_changes_nothing():
   rng = np.random.default_rng(16)
   pool = _device_array(rng, (2, 4) + SHAPE_TAIL, jnp.float32)
-  host = _host_array(rng, (2, 3) + SHAPE_TAIL, jnp.float32)
+  host = _host_array(rng, (3, 2) + SHAPE_TAIL, jnp.float32)
   before = np.asarray(jax.device_get(host))
   out = block_copy.scatter_to_host(host, pool, jnp.asarray([1, 2], jnp.int32),
                                    jnp.asarray([-1, -1], jnp.int32))

@@ -94,7 +94,7 @@ def test_block_copy_lowers_with_a_placement_per_block(direction):
   pattern XLA's host offloading turns into one DMA per block."""
   from kernels import block_copy
   pool = jnp.zeros((4, 64, 2, 8, 16, 128), jnp.bfloat16)
-  host = block_copy.allocate_host_tier((4, 32, 2, 8, 16, 128), jnp.bfloat16)
+  host = block_copy.allocate_host_tier((32, 4, 2, 8, 16, 128), jnp.bfloat16)
   ids = jnp.asarray([1, 2, 3], jnp.int32)
   if direction == "gather":
     fn, args = block_copy.gather_to_device, (pool, host, ids, ids)

@@ -191,7 +191,7 @@ def test_block_copy_round_trip_on_gpu():
   rng = np.random.default_rng(3)
   tail = (2, 8, 16, 128)
   pool = jnp.asarray(rng.standard_normal((4, 64) + tail), jnp.bfloat16)
-  host = block_copy.allocate_host_tier((4, 32) + tail, jnp.bfloat16)
+  host = block_copy.allocate_host_tier((32, 4) + tail, jnp.bfloat16)
   assert host.sharding.memory_kind == "pinned_host"
   pages = jnp.asarray([3, 60, 7, 9], jnp.int32)
   slots = jnp.asarray([31, 0, 5, -1], jnp.int32)
