@@ -29,6 +29,9 @@ from typing import Any, Callable
 
 from absl import app, flags
 
+from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
+                                 random_case, rel_err, timeit)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
                   "shape set; default: gpu on a GPU backend, else smoke")
@@ -38,41 +41,6 @@ flags.DEFINE_integer("reps", 10, "timed repetitions (median reported)")
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition")
 flags.DEFINE_string("out", None, "JSON output path (default: "
                     "docs/results/bench_kernels_<backend>.json)")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeShape:
-  batch: int
-  heads: int
-  kv_heads: int
-  head_dim: int
-  page: int
-  ctx: int
-  dtype: str  # float32 | bfloat16 | int8 (q in bf16)
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefillShape:
-  batch: int
-  heads: int
-  kv_heads: int
-  head_dim: int
-  page: int
-  prefix: int  # cached tokens before the chunk
-  new: int  # tokens in the chunk
-  dtype: str
-
-
-@dataclasses.dataclass(frozen=True)
-class CopyShape:
-  layers: int  # layers in the group moved by one call
-  blocks: int  # blocks moved
-  pool_blocks: int
-  host_slots: int
-  kv_heads: int
-  page: int
-  head_dim: int
-  dtype: str
 
 
 PRESETS = {
@@ -112,21 +80,6 @@ PRESETS = {
 }
 
 
-def _timeit(fn: Callable[[], Any], reps: int, inner: int) -> float:
-  """Median seconds per call of `fn` (compiled and warmed first)."""
-  import jax
-  jax.block_until_ready(fn())
-  samples = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(inner):
-      out = fn()
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / inner)
-  return statistics.median(samples)
-
-
 def _attempt(rows: list[dict], base: dict, impl: str,
              fn: Callable[[], Any], *, nbytes: float, flops: float,
              check: Callable[[Any], float] | None = None) -> None:
@@ -135,7 +88,7 @@ def _attempt(rows: list[dict], base: dict, impl: str,
   try:
     if check is not None:
       row["rel_err"] = check(fn())
-    sec = _timeit(fn, FLAGS.reps, FLAGS.inner)
+    sec = timeit(fn, FLAGS.reps, FLAGS.inner)
     row.update(time_us=sec * 1e6, gbps=nbytes / sec / 1e9,
                tflops=flops / sec / 1e12)
   except Exception as e:  # pylint: disable=broad-except
@@ -143,34 +96,6 @@ def _attempt(rows: list[dict], base: dict, impl: str,
     traceback.print_exc()
   rows.append(row)
   print(_fmt(row), flush=True)  # as it comes, in case the run is cut short
-
-
-def _random_case(shape, batch_pages: int, key):
-  """Random pool (bf16/f32 normal, or int8 with scales) and block tables."""
-  import jax
-  import jax.numpy as jnp
-  k_pool, k_perm, k_q, k_s = jax.random.split(key, 4)
-  num_blocks = shape.batch * batch_pages + 8
-  pool_shape = (num_blocks, 2, shape.kv_heads, shape.page, shape.head_dim)
-  scales = None
-  if shape.dtype == "int8":
-    pool = jax.random.randint(k_pool, pool_shape, -127, 128, jnp.int8)
-    scales = jax.random.uniform(k_s, pool_shape[:3], jnp.float32, 0.5, 2.0)
-    scales = scales / 127.0
-  else:
-    pool = jax.random.normal(k_pool, pool_shape, shape.dtype)
-  perm = jax.random.permutation(k_perm, num_blocks)[:shape.batch * batch_pages]
-  tables = perm.reshape(shape.batch, batch_pages).astype(jnp.int32)
-  return pool, scales, tables, k_q
-
-
-def _rel_err(out, ref) -> float:
-  import numpy as np
-  out = np.asarray(out, np.float64)
-  ref = np.asarray(ref, np.float64)
-  if not np.all(np.isfinite(out)):
-    return float("nan")
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def bench_calibration(cfg: dict, rows: list[dict]) -> dict:
@@ -255,7 +180,7 @@ def bench_decode(shapes, rows: list[dict], interpret: bool) -> None:
 
   for i, s in enumerate(shapes):
     pages = -(-s.ctx // s.page)
-    pool, scales, tables, k_q = _random_case(s, pages, jax.random.key(10 + i))
+    pool, scales, tables, k_q = random_case(s, pages, jax.random.key(10 + i))
     q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
     q = jax.random.normal(k_q, (s.batch, s.heads, s.head_dim), q_dtype)
     lens = jnp.full((s.batch,), s.ctx, jnp.int32)
@@ -276,7 +201,7 @@ def bench_decode(shapes, rows: list[dict], interpret: bool) -> None:
         ref = ref_fn(q, pool, scales, tables, lens)
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
-    check = (lambda out: _rel_err(out, ref)) if ref is not None else None
+    check = (lambda out: rel_err(out, ref)) if ref is not None else None
 
     ours = jax.jit(lambda q, p, sc, t, l: decode_triton.paged_decode(
         q, p, t, l, sc, interpret=interpret))
@@ -334,7 +259,7 @@ def bench_prefill(shapes, rows: list[dict], interpret: bool) -> None:
   for i, s in enumerate(shapes):
     ctx = s.prefix + s.new
     pages = -(-ctx // s.page)
-    pool, scales, tables, k_q = _random_case(s, pages, jax.random.key(50 + i))
+    pool, scales, tables, k_q = random_case(s, pages, jax.random.key(50 + i))
     q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
     q = jax.random.normal(k_q, (s.batch, s.new, s.heads, s.head_dim), q_dtype)
     kv_lens = jnp.full((s.batch,), ctx, jnp.int32)
@@ -356,7 +281,7 @@ def bench_prefill(shapes, rows: list[dict], interpret: bool) -> None:
         ref = ref_fn(q, pool, scales, tables, kv_lens, q_lens)
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
-    check = (lambda out: _rel_err(out, ref)) if ref is not None else None
+    check = (lambda out: rel_err(out, ref)) if ref is not None else None
     ours = jax.jit(lambda q, p, sc, t, kl, ql: prefill_triton.paged_prefill(
         q, p, t, kl, ql, sc, interpret=interpret))
     _attempt(rows, base, "pallas_triton (ours)",

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The one script to run on a CUDA machine (H100/H200, jax 0.11.x), in order of
-# what a short lease must not lose: the kernel benchmark (its JSON is
-# rewritten after every section, so a run cut short keeps its rows), the GPU
-# kernel tests (Triton kernels, the Mosaic GPU decode kernel on Hopper, block
-# copy), then, with STORAGE=1, the cold-tier benchmark on the machine's disk.
+# what a short lease must not lose. Sections, each on by its variable:
+#   BENCH=1    the kernel benchmark table (JSON rewritten after every section,
+#              so a run cut short keeps its rows)            ~4 min
+#   TESTS=1    the GPU kernel tests (Triton kernels, Mosaic GPU decode on
+#              Hopper, block copy) and the lowering tests     ~3.5 min
+#   TILING=0   the tiling sweep (launch.bench_tiling), TILING_BUDGET seconds
+#   STORAGE=0  the cold-tier benchmark on the machine's disk  ~1.5 min
 # Everything it writes goes to $OUT (default /tmp/gpu_check): env.txt,
-# bench.txt, bench_kernels_gpu.json, tests.txt, storage.txt, storage.json.
-# Python packages missing there travel as wheels in .whl/ (installed into
-# /tmp/site). Budget: about 4.5 min of benchmark + 3 min of tests (+1.5 min).
+# bench.txt, bench_kernels_gpu.json, tests.txt, tiling.txt, tiling.json,
+# storage.txt, storage.json. Python packages missing there travel as wheels
+# in .whl/ (installed into /tmp/site).
 #
-#   OUT=/tmp/x bash scripts/gpu_check.sh              # all
-#   BENCH_ONLY=decode bash scripts/gpu_check.sh       # one bench section
+#   OUT=/tmp/x bash scripts/gpu_check.sh                       # bench + tests
+#   BENCH=0 TESTS=0 TILING=1 TILING_BUDGET=300 bash scripts/gpu_check.sh
+#   BENCH_ONLY=decode,copy bash scripts/gpu_check.sh           # some sections
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
@@ -32,17 +36,29 @@ jaxlib.__version__, jax.devices())'
 } 2>&1 | tee "$OUT/env.txt"
 
 status=0
-timeout "${BENCH_TIMEOUT:-270}" "$PY" -m launch.bench_kernels \
-  --only="${BENCH_ONLY:-calib,decode,prefill,copy}" \
-  --out="$OUT/bench_kernels_gpu.json" >"$OUT/bench.txt" 2>&1 || status=1
-grep -v '^ \|^Traceback\|^  File' "$OUT/bench.txt" | grep -E \
-  '^(calib|decode|prefill|copy) ' | head -60
+touch "$OUT/bench.txt" "$OUT/tests.txt"
+if [[ "${BENCH:-1}" == 1 ]]; then
+  timeout -s INT "${BENCH_TIMEOUT:-270}" "$PY" -m launch.bench_kernels \
+    --only="${BENCH_ONLY:-calib,decode,prefill,copy}" \
+    --out="$OUT/bench_kernels_gpu.json" >"$OUT/bench.txt" 2>&1 || status=1
+  grep -E '^(calib|decode|prefill|copy) ' "$OUT/bench.txt" | head -60
+fi
 
-timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest -q -p no:cacheprovider \
-  -o addopts="-ra" --maxfail=20 tests/gpu/test_kernels_gpu.py \
-  tests/test_kernels_lowering.py \
-  tests/test_kernels_mosaic_gpu.py::test_decode_lowers_to_mosaic_gpu \
-  >"$OUT/tests.txt" 2>&1 || status=1
+if [[ "${TESTS:-1}" == 1 ]]; then
+  # SIGINT, so that pytest still prints its summary when the time is up.
+  timeout -s INT "${TEST_TIMEOUT:-230}" "$PY" -m pytest -q -p no:cacheprovider \
+    -o addopts="-ra" --tb=short --maxfail=20 tests/gpu/test_kernels_gpu.py \
+    tests/test_kernels_lowering.py \
+    tests/test_kernels_mosaic_gpu.py::test_decode_lowers_to_mosaic_gpu \
+    >"$OUT/tests.txt" 2>&1 || status=1
+fi
+
+if [[ "${TILING:-0}" == 1 ]]; then
+  timeout -s INT "$(( ${TILING_BUDGET:-240} + 90 ))" "$PY" -m launch.bench_tiling \
+    --budget_s="${TILING_BUDGET:-240}" --json="$OUT/tiling.json" \
+    >"$OUT/tiling.txt" 2>&1 || status=1
+  sed -n '/^best tiling/,$p' "$OUT/tiling.txt"
+fi
 
 if [[ "${STORAGE:-0}" == 1 ]]; then
   mkdir -p /var/tmp/dpj_store

@@ -1,0 +1,355 @@
+r"""Tiling sweep of the Pallas kernels: which tile sizes are fastest per shape.
+
+    python -m launch.bench_tiling                       # GPU: the default grid
+    python -m launch.bench_tiling --preset=smoke        # CPU: tiny, interpret
+    python -m launch.bench_tiling --kernels=mosaic_decode --budget_s=120
+
+The defaults in `kernels/tuning.py` are reasoned; this launcher measures
+them against a grid of alternatives on the shapes where the kernel benchmark
+(`launch.bench_kernels`) missed a target: the Mosaic GPU decode kernel (step
+tokens, ring depth, split count), the Triton decode kernel on int8 pools,
+and the Triton prefill kernel (query rows, keys per step, warps, stages).
+Every configuration is checked against the XLA reference (full float32
+precision) before it is timed, so a tiling that computes the wrong thing is
+reported as such, never as fast. The default tiling is timed first; each row
+gives its speed relative to it. Stops starting new configurations after
+`--budget_s` seconds; the JSON is rewritten after every configuration, so a
+run cut short keeps what it measured. Prints the best tiling per shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+from absl import app, flags
+
+from launch.kernel_cases import (DecodeShape, PrefillShape, random_case,
+                                 rel_err, timeit)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
+                  "shape set; default: gpu on a GPU backend, else smoke")
+flags.DEFINE_list("kernels", ["mosaic_decode", "triton_prefill",
+                              "triton_decode"], "kernels to sweep")
+flags.DEFINE_integer("reps", 5, "timed repetitions (median reported)")
+flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition")
+flags.DEFINE_float("budget_s", 240.0, "no new configuration starts after "
+                   "this many seconds")
+flags.DEFINE_string("json", None, "JSON output (default: docs/results/"
+                    "bench_tiling_<backend>.json)")
+
+KERNELS = ("mosaic_decode", "triton_decode", "triton_prefill")
+
+PRESETS = {
+    "gpu": dict(
+        mosaic_decode=[DecodeShape(1, 32, 8, 128, 16, 32768, "bfloat16"),
+                       DecodeShape(16, 32, 8, 128, 16, 16384, "bfloat16"),
+                       DecodeShape(64, 32, 8, 128, 16, 4096, "bfloat16")],
+        triton_decode=[DecodeShape(64, 32, 8, 128, 16, 4096, "int8"),
+                       DecodeShape(4, 32, 8, 128, 64, 32768, "int8")],
+        triton_prefill=[PrefillShape(1, 32, 8, 128, 16, 16384, 512,
+                                     "bfloat16"),
+                        PrefillShape(1, 32, 8, 128, 64, 32256, 512,
+                                     "bfloat16")],
+        step_tokens=(64, 128, 256), split_factors=(0.5, 1, 2, 4),
+        stages=(2, 3, 4), warps=(4, 8), block_q=(64, 128),
+        prefill_step_tokens=(32, 64, 128)),
+    "smoke": dict(
+        mosaic_decode=[DecodeShape(2, 8, 2, 64, 16, 200, "bfloat16")],
+        triton_decode=[DecodeShape(2, 4, 2, 64, 16, 100, "int8")],
+        triton_prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "float32")],
+        step_tokens=(64,), split_factors=(1, 2), stages=(2,), warps=(4,),
+        block_q=(16,), prefill_step_tokens=(16, 32)),
+}
+
+
+def _pow2_floor(x: int) -> int:
+  return 1 << (max(1, x).bit_length() - 1)
+
+
+def _step(block_size: int, tokens: int) -> tuple[int, int]:
+  """(pages_per_chunk, page_parts) for steps of `tokens` tokens."""
+  if block_size <= tokens:
+    return tokens // block_size, 1
+  return 1, block_size // tokens
+
+
+def _splits(default: int, factors, pages: int) -> list[int]:
+  out = sorted({max(1, min(pages, int(round(default * f)))) for f in factors})
+  return out
+
+
+def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
+  """The Mosaic GPU decode kernel's default tiling, then alternatives that
+  fit its shared memory."""
+  from kernels import decode_mosaic_gpu
+  from kernels import tuning
+  pages = -(-s.ctx // s.page)
+  default = tuning.mosaic_decode_tiling(
+      batch=s.batch, num_kv_heads=s.kv_heads, pages_per_seq=pages,
+      block_size=s.page, head_dim=s.head_dim)
+  yield default
+  for tokens, stages, splits in itertools.product(
+      cfg["step_tokens"], cfg["stages"],
+      _splits(default.num_splits, cfg["split_factors"], pages)):
+    chunk, parts = _step(s.page, tokens)
+    if tuning.mosaic_smem_bytes(tokens, s.head_dim, stages) > (
+        decode_mosaic_gpu.SMEM_BUDGET):
+      continue
+    t = tuning.MosaicDecodeTiling(pages_per_chunk=chunk, num_splits=splits,
+                                  num_stages=stages, page_parts=parts)
+    if t != default:
+      yield t
+
+
+def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
+  """The Triton decode kernel's default tiling, then alternatives."""
+  from kernels import tuning
+  pages = -(-s.ctx // s.page)
+  itemsize = 1 if s.dtype == "int8" else 2
+  default = tuning.decode_tiling(
+      batch=s.batch, num_kv_heads=s.kv_heads, pages_per_seq=pages,
+      block_size=s.page, head_dim=s.head_dim, itemsize=itemsize)
+  yield default
+  for tokens, stages, warps, splits in itertools.product(
+      cfg["step_tokens"], cfg["stages"], cfg["warps"],
+      _splits(default.num_splits, cfg["split_factors"], pages)):
+    chunk, parts = _step(s.page, tokens)
+    t = tuning.DecodeTiling(pages_per_chunk=chunk, num_splits=splits,
+                            num_warps=warps, num_stages=stages,
+                            page_parts=parts)
+    if t != default:
+      yield t
+
+
+def triton_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
+  """The Triton prefill kernel's default tiling, then alternatives."""
+  from kernels import tuning
+  default = tuning.prefill_tiling(block_size=s.page, head_dim=s.head_dim,
+                                  itemsize=4 if s.dtype == "float32" else 2)
+  yield default
+  for block_q, tokens, warps, stages in itertools.product(
+      cfg["block_q"], cfg["prefill_step_tokens"], cfg["warps"],
+      cfg["stages"]):
+    chunk, parts = _step(s.page, tokens)
+    t = tuning.PrefillTiling(block_q=block_q, pages_per_chunk=chunk,
+                             num_warps=warps, num_stages=stages,
+                             page_parts=parts)
+    if t != default:
+      yield t
+
+
+def _decode_problem(s: DecodeShape, key: int):
+  """(args, reference output, K/V bytes, FLOPs) of one decode shape."""
+  import jax
+  import jax.numpy as jnp
+  from kernels import quantize
+  pages = -(-s.ctx // s.page)
+  pool, scales, tables, k_q = random_case(s, pages, jax.random.key(key))
+  q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
+  q = jax.random.normal(k_q, (s.batch, s.heads, s.head_dim), q_dtype)
+  lens = jnp.full((s.batch,), s.ctx, jnp.int32)
+  ones = jnp.ones((s.batch,), jnp.int32)
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(lambda q, p, sc, t, l: quantize.ref_paged_attention_any(
+        q[:, None], p, t, l, ones, kv_scales=sc)[:, 0])(
+            q, pool, scales, tables, lens)
+  itemsize = 1 if s.dtype == "int8" else jnp.dtype(s.dtype).itemsize
+  nbytes = s.batch * s.ctx * s.kv_heads * s.head_dim * 2 * itemsize
+  flops = 4 * s.batch * s.heads * s.ctx * s.head_dim
+  return (q, pool, scales, tables, lens), ref, nbytes, flops
+
+
+def _prefill_problem(s: PrefillShape, key: int):
+  """(args, reference output, K/V bytes, FLOPs) of one prefill shape."""
+  import jax
+  import jax.numpy as jnp
+  from kernels import quantize
+  ctx = s.prefix + s.new
+  pages = -(-ctx // s.page)
+  pool, scales, tables, k_q = random_case(s, pages, jax.random.key(key))
+  q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
+  q = jax.random.normal(k_q, (s.batch, s.new, s.heads, s.head_dim), q_dtype)
+  kv_lens = jnp.full((s.batch,), ctx, jnp.int32)
+  q_lens = jnp.full((s.batch,), s.new, jnp.int32)
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(quantize.ref_paged_attention_any)(
+        q, pool, tables, kv_lens, q_lens, kv_scales=scales)
+  itemsize = 1 if s.dtype == "int8" else jnp.dtype(s.dtype).itemsize
+  nbytes = s.batch * ctx * s.kv_heads * s.head_dim * 2 * itemsize
+  keys = s.new * s.prefix + s.new * (s.new + 1) / 2
+  flops = 4 * s.batch * s.heads * s.head_dim * keys
+  return (q, pool, scales, tables, kv_lens, q_lens), ref, nbytes, flops
+
+
+def _kernel_fn(kernel: str, tiling, interpret: bool) -> Callable[..., Any]:
+  import jax
+  from kernels import decode_mosaic_gpu
+  from kernels import decode_triton
+  from kernels import prefill_triton
+  if kernel == "mosaic_decode":
+    return jax.jit(lambda q, p, sc, t, l: decode_mosaic_gpu.paged_decode(
+        q, p, t, l, sc, tiling=tiling, interpret=interpret))
+  if kernel == "triton_decode":
+    return jax.jit(lambda q, p, sc, t, l: decode_triton.paged_decode(
+        q, p, t, l, sc, tiling=tiling, interpret=interpret))
+  return jax.jit(lambda q, p, sc, t, kl, ql: prefill_triton.paged_prefill(
+      q, p, t, kl, ql, sc, tiling=tiling, interpret=interpret))
+
+
+# Relative error above which a tiling counts as wrong (bf16 operands, float32
+# accumulation: the defaults measure ~2e-3 on the GPU).
+MAX_REL_ERR = 2e-2
+
+
+def sweep_shape(kernel: str, shape, grid, problem, rows: list[dict],
+                interpret: bool, deadline: float,
+                on_row: Callable[[], None]) -> None:
+  """Times every tiling of `grid` on one shape; appends one row each."""
+  args, ref, nbytes, flops = problem
+  default_us = None
+  for i, tiling in enumerate(grid):
+    if time.monotonic() > deadline:
+      rows.append(dict(kernel=kernel, shape=dataclasses.asdict(shape),
+                       skipped="time budget spent"))
+      on_row()
+      print(f"{kernel:15s} {_shape_str(shape)}: budget spent, rest skipped",
+            flush=True)
+      return
+    row = dict(kernel=kernel, shape=dataclasses.asdict(shape),
+               tiling=dataclasses.asdict(tiling), default=i == 0)
+    try:
+      fn = _kernel_fn(kernel, tiling, interpret)
+      out = fn(*args)
+      row["rel_err"] = rel_err(out, ref)
+      if not row["rel_err"] <= MAX_REL_ERR:  # NaN fails too
+        raise AssertionError(f"wrong result: rel_err {row['rel_err']:.2e}")
+      sec = timeit(lambda: fn(*args), FLAGS.reps, FLAGS.inner)
+      row.update(time_us=sec * 1e6, gbps=nbytes / sec / 1e9,
+                 tflops=flops / sec / 1e12)
+      if i == 0:
+        default_us = row["time_us"]
+      if default_us:
+        row["speedup_vs_default"] = default_us / row["time_us"]
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+      if not isinstance(e, (ValueError, AssertionError)):
+        traceback.print_exc()
+    rows.append(row)
+    on_row()
+    print(_fmt(row), flush=True)
+
+
+def _shape_str(shape) -> str:
+  return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(shape).items())
+
+
+def _tiling_str(t: dict) -> str:
+  short = dict(pages_per_chunk="chunk", num_splits="splits",
+               num_warps="warps", num_stages="stages", page_parts="parts",
+               block_q="bq")
+  return " ".join(f"{short.get(k, k)}={v}" for k, v in t.items())
+
+
+def _fmt(row: dict) -> str:
+  if "skipped" in row:
+    return f"{row['kernel']:15s} skipped: {row['skipped']}"
+  head = (f"{row['kernel']:15s} {_tiling_str(row['tiling']):46s}"
+          f"{'*' if row['default'] else ' '}")
+  if "error" in row:
+    return f"{head} ERROR {row['error'][:70]}"
+  return (f"{head} {row['time_us']:9.1f} us {row['gbps']:8.1f} GB/s "
+          f"{row['tflops']:7.2f} TF {row.get('speedup_vs_default', 1):5.2f}x "
+          f"{row['rel_err']:.1e}")
+
+
+def best_per_shape(rows: list[dict]) -> list[dict]:
+  """The fastest correct tiling of each (kernel, shape), with the default's
+  time beside it."""
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    if "time_us" in r:
+      groups.setdefault(json.dumps([r["kernel"], r["shape"]]), []).append(r)
+  out = []
+  for group in groups.values():
+    best = min(group, key=lambda r: r["time_us"])
+    default = next((r for r in group if r["default"]), None)
+    out.append(dict(kernel=best["kernel"], shape=best["shape"],
+                    best_tiling=best["tiling"], best_us=best["time_us"],
+                    best_gbps=best["gbps"], best_tflops=best["tflops"],
+                    default_us=default["time_us"] if default else None,
+                    speedup=(default["time_us"] / best["time_us"]
+                             if default else None),
+                    configs=len(group)))
+  return out
+
+
+def main(argv):
+  del argv
+  import jax
+  unknown = set(FLAGS.kernels) - set(KERNELS)
+  if unknown:
+    raise app.UsageError(f"--kernels: unknown {sorted(unknown)}; choose from "
+                         f"{list(KERNELS)}")
+  backend = jax.default_backend()
+  preset = FLAGS.preset or ("gpu" if backend == "gpu" else "smoke")
+  cfg = PRESETS[preset]
+  interpret = backend != "gpu"
+  out = FLAGS.json or os.path.join("docs", "results",
+                                   f"bench_tiling_{backend}.json")
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  rows: list[dict] = []
+  started = time.monotonic()
+  deadline = started + FLAGS.budget_s
+
+  def write(final: bool = False) -> None:
+    with open(out, "w") as f:
+      json.dump(dict(backend=backend, device=jax.devices()[0].device_kind,
+                     jax=jax.__version__, preset=preset, reps=FLAGS.reps,
+                     inner=FLAGS.inner, budget_s=FLAGS.budget_s,
+                     complete=final, elapsed_s=time.monotonic() - started,
+                     max_rel_err=MAX_REL_ERR, rows=rows,
+                     best=best_per_shape(rows)), f, indent=1)
+
+  grids = dict(mosaic_decode=mosaic_decode_grid,
+               triton_decode=triton_decode_grid,
+               triton_prefill=triton_prefill_grid)
+  key = 0
+  for kernel in KERNELS:
+    if kernel not in FLAGS.kernels:
+      continue
+    if kernel == "mosaic_decode" and not interpret:
+      from kernels import decode_mosaic_gpu
+      if not decode_mosaic_gpu.is_hopper():
+        print("mosaic_decode: not a Hopper GPU, skipped", flush=True)
+        continue
+    for shape in cfg[kernel]:
+      key += 1
+      print(f"\n{kernel} {_shape_str(shape)}  (* = default tiling)",
+            flush=True)
+      problem = (_prefill_problem(shape, key) if kernel == "triton_prefill"
+                 else _decode_problem(shape, key))
+      sweep_shape(kernel, shape, grids[kernel](shape, cfg), problem, rows,
+                  interpret, deadline, write)
+  write(final=True)
+  print("\nbest tiling per shape (speedup over the default tiling)")
+  for b in best_per_shape(rows):
+    print(f"  {b['kernel']:15s} {_shape_str_dict(b['shape']):70s} "
+          f"{b['speedup']:5.2f}x  {b['best_us']:9.1f} us  "
+          f"{b['best_gbps']:8.1f} GB/s {b['best_tflops']:7.2f} TF  "
+          f"{_tiling_str(b['best_tiling'])}  ({b['configs']} configs)")
+  print(f"wrote {out}")
+
+
+def _shape_str_dict(shape: dict) -> str:
+  return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,90 @@
+"""Tests of launch.bench_tiling: a tiny interpret-mode sweep end to end, a
+wrong tiling reported as wrong (never timed), bad flags refused.
+
+Each runs the launcher in a subprocess: its absl flags clash with other
+launchers' once several are imported into one test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=300):
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_smoke_sweep_writes_checked_rows(tmp_path):
+  out = tmp_path / "tiling.json"
+  done = _run("-m", "launch.bench_tiling", "--kernels=triton_prefill",
+              "--reps=1", "--inner=1", f"--json={out}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report["complete"] and report["preset"] == "smoke"
+  rows = report["rows"]
+  assert len(rows) >= 2 and rows[0]["default"]
+  assert not any(r["default"] for r in rows[1:])
+  tilings = [json.dumps(r["tiling"], sort_keys=True) for r in rows]
+  assert len(set(tilings)) == len(tilings)  # no tiling timed twice
+  for r in rows:
+    assert "error" not in r, r
+    assert 0 <= r["rel_err"] <= report["max_rel_err"]
+    assert r["time_us"] > 0
+  (best,) = report["best"]
+  assert best["configs"] == len(rows)
+  assert best["best_us"] == min(r["time_us"] for r in rows)
+  assert "best tiling per shape" in done.stdout
+
+
+_WRONG = """
+import sys
+from absl import flags
+from launch import bench_tiling
+from kernels import tuning
+flags.FLAGS(["x", "--reps=1", "--inner=1"])
+import jax.numpy as jnp
+import time
+shape = bench_tiling.PRESETS["smoke"]["triton_prefill"][0]
+problem = bench_tiling._prefill_problem(shape, 1)
+right = bench_tiling._kernel_fn
+def wrong(kernel, tiling, interpret):
+  fn = right(kernel, tiling, interpret)
+  if tiling.block_q == 16:  # this tiling computes something else
+    return lambda *a: fn(*a) * 1.5
+  return fn
+bench_tiling._kernel_fn = wrong
+grid = [tuning.PrefillTiling(block_q=64, pages_per_chunk=2),
+        tuning.PrefillTiling(block_q=16, pages_per_chunk=2)]
+rows = []
+bench_tiling.sweep_shape("triton_prefill", shape, grid, problem, rows, True,
+                         time.monotonic() + 600, lambda: None)
+good, bad = rows
+assert "time_us" in good and "error" not in good, good
+assert "time_us" not in bad and bad["error"].startswith("AssertionError: wrong"), bad
+best = bench_tiling.best_per_shape(rows)
+assert len(best) == 1 and best[0]["best_tiling"]["block_q"] == 64, best
+rows = []
+bench_tiling.sweep_shape("triton_prefill", shape, grid, problem, rows, True,
+                         time.monotonic() - 1, lambda: None)
+assert rows == [dict(kernel="triton_prefill",
+                     shape=rows[0]["shape"], skipped="time budget spent")]
+print("ok")
+"""
+
+
+def test_wrong_tiling_is_reported_not_timed_and_budget_stops():
+  done = _run("-c", _WRONG)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip().endswith("ok")
+
+
+def test_unknown_kernel_is_refused():
+  done = _run("-m", "launch.bench_tiling", "--kernels=flash", timeout=120)
+  assert done.returncode != 0
+  assert "unknown ['flash']" in done.stderr
