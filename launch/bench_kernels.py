@@ -35,7 +35,7 @@ from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
                   "shape set; default: gpu on a GPU backend, else smoke")
-flags.DEFINE_list("only", ["calib", "decode", "prefill", "copy"],
+flags.DEFINE_list("only", ["calib", "decode", "prefill", "copy", "overlap"],
                   "sections to run")
 flags.DEFINE_integer("reps", 10, "timed repetitions (median reported)")
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition")
@@ -68,6 +68,10 @@ PRESETS = {
         ],
         copy=[CopyShape(8, 256, 4096, 2048, 8, 16, 128, "bfloat16"),
               CopyShape(8, 64, 1024, 512, 8, 64, 128, "bfloat16")],
+        # A gather of ~64 MiB (~1.2 ms at PCIe speed) beside decode attention
+        # over 4 GiB of another layer's K/V (~1.5 ms at HBM speed).
+        overlap=(CopyShape(8, 256, 4096, 2048, 8, 16, 128, "bfloat16"),
+                 DecodeShape(64, 32, 8, 128, 16, 16384, "bfloat16")),
     ),
     "smoke": dict(
         calib=dict(copy_mib=16, matmul=256),
@@ -76,6 +80,8 @@ PRESETS = {
                 DecodeShape(2, 8, 2, 128, 32, 96, "bfloat16")],
         prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "float32")],
         copy=[CopyShape(2, 4, 32, 16, 2, 16, 64, "float32")],
+        overlap=(CopyShape(2, 4, 32, 16, 2, 16, 64, "float32"),
+                 DecodeShape(2, 4, 2, 64, 16, 64, "float32")),
     ),
 }
 
@@ -358,6 +364,76 @@ def bench_copy(shapes, rows: list[dict]) -> None:
         staged, to_dev), nbytes=nbytes, flops=0)
 
 
+def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
+                  rows: list[dict], interpret: bool) -> None:
+  """Block gather of one layer group beside decode attention over another
+  layer's pool, in one jitted step, vs each alone: can they overlap?
+
+  Records the three times and `overlap` = (gather + attention - both) /
+  the shorter of the two: 1 when the shorter hides entirely under the
+  longer, 0 when they run one after the other.
+  """
+  import jax
+  import jax.numpy as jnp
+  from kernels import block_copy
+  from kernels.paged_attention import paged_attention
+
+  s, a = copy_shape, attn_shape
+  dev = jax.devices()[0]
+  tail = (2, s.kv_heads, s.page, s.head_dim)
+  key = jax.random.key(120)
+  pool = jax.random.normal(key, (s.layers, s.pool_blocks) + tail, s.dtype)
+  host = block_copy.allocate_host_tier((s.host_slots, s.layers) + tail,
+                                       s.dtype, dev)
+  host = jax.device_put(jax.random.normal(key, host.shape, s.dtype),
+                        host.sharding)
+  src = jax.random.permutation(key, s.host_slots)[:s.blocks].astype(jnp.int32)
+  dst = jax.random.permutation(key, s.pool_blocks)[:s.blocks].astype(jnp.int32)
+  pages = -(-a.ctx // a.page)
+  kv, _, tables, k_q = random_case(a, pages, jax.random.key(121))
+  q = jax.random.normal(k_q, (a.batch, 1, a.heads, a.head_dim), a.dtype)
+  lens = jnp.full((a.batch,), a.ctx, jnp.int32)
+  ones = jnp.ones((a.batch,), jnp.int32)
+  impl = "xla" if interpret else "auto"
+
+  def attend(q, kv, tables, lens):
+    return paged_attention(q, kv, tables, lens, ones, implementation=impl)
+
+  both = jax.jit(lambda pool, host, src, dst, q, kv, t, l: (
+      block_copy.gather_to_device_core(pool, host, src, dst),
+      attend(q, kv, t, l)), donate_argnums=(0,))
+  attn = jax.jit(attend)
+  state = {"pool": pool}
+
+  def run_both():
+    state["pool"], out = both(state["pool"], host, src, dst, q, kv, tables,
+                              lens)
+    return out
+
+  def run_gather():
+    state["pool"] = block_copy.gather_to_device(state["pool"], host, src, dst)
+    return state["pool"]
+
+  base = dict(kind="overlap", shape=dict(
+      copy=dataclasses.asdict(s), attention=dataclasses.asdict(a)))
+  row = dict(base, impl=f"gather + attention ({impl})")
+  try:
+    for fn in (run_gather, run_both):  # warm: committed outputs differ
+      jax.block_until_ready(fn())
+    t_gather = timeit(run_gather, FLAGS.reps, FLAGS.inner)
+    t_attn = timeit(lambda: attn(q, kv, tables, lens), FLAGS.reps,
+                    FLAGS.inner)
+    t_both = timeit(run_both, FLAGS.reps, FLAGS.inner)
+    row.update(gather_us=t_gather * 1e6, attention_us=t_attn * 1e6,
+               time_us=t_both * 1e6,
+               overlap=(t_gather + t_attn - t_both) / min(t_gather, t_attn))
+  except Exception as e:  # pylint: disable=broad-except
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    traceback.print_exc()
+  rows.append(row)
+  print(_fmt(row), flush=True)
+
+
 def _targets(rows: list[dict], copy_gbps: float | None) -> list[dict]:
   """The issue's targets, checked on this run's rows where they apply."""
   def find(kind, impl, shape):
@@ -424,11 +500,19 @@ def _targets(rows: list[dict], copy_gbps: float | None) -> list[dict]:
 
 def _fmt(row: dict) -> str:
   shape = row["shape"]
-  if isinstance(shape, dict):
+  if row["kind"] == "overlap":
+    shape = "gather {blocks} blocks x {layers} layers | decode {batch} x {ctx}".format(
+        **shape["copy"], **{k: v for k, v in shape["attention"].items()
+                           if k in ("batch", "ctx")})
+  elif isinstance(shape, dict):
     shape = " ".join(f"{k}={v}" for k, v in shape.items())
   if "error" in row:
     return f"{row['kind']:8s} {shape[:78]:78s} {row['impl'][:28]:28s} " \
            f"ERROR {row['error'][:60]}"
+  if row["kind"] == "overlap":
+    return (f"{row['kind']:8s} {shape[:78]:78s} {row['impl'][:28]:28s} "
+            f"{row['time_us']:10.1f}  alone {row['gather_us']:.1f} + "
+            f"{row['attention_us']:.1f} us, overlap {row['overlap']:.2f}")
   err = row.get("rel_err")
   err = f"{err:.1e}" if err is not None else "-"
   return (f"{row['kind']:8s} {shape[:78]:78s} {row['impl'][:28]:28s} "
@@ -467,7 +551,8 @@ def main(argv):
       calib=lambda: ceilings.update(bench_calibration(cfg["calib"], rows)),
       decode=lambda: bench_decode(cfg["decode"], rows, interpret),
       prefill=lambda: bench_prefill(cfg["prefill"], rows, interpret),
-      copy=lambda: bench_copy(cfg["copy"], rows))
+      copy=lambda: bench_copy(cfg["copy"], rows),
+      overlap=lambda: bench_overlap(*cfg["overlap"], rows, interpret))
   unknown = set(FLAGS.only) - set(sections)
   if unknown:
     raise app.UsageError(f"--only: unknown sections {sorted(unknown)}; "

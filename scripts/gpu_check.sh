@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one script to run on a CUDA machine (H100/H200, jax 0.11.x), in order of
 # what a short lease must not lose. Sections, each on by its variable:
-#   BENCH=1    the kernel benchmark table (JSON rewritten after every section,
-#              so a run cut short keeps its rows)            ~4 min
+#   BENCH=1    the kernel benchmark table and the gather/attention overlap
+#              (JSON rewritten after every section, so a run cut short
+#              keeps its rows)                                ~4 min
 #   TESTS=1    the GPU kernel tests (Triton kernels, Mosaic GPU decode on
 #              Hopper, block copy) and the lowering tests     ~3.5 min
 #   TILING=0   the tiling sweep (launch.bench_tiling), TILING_BUDGET seconds
@@ -39,9 +40,9 @@ status=0
 touch "$OUT/bench.txt" "$OUT/tests.txt"
 if [[ "${BENCH:-1}" == 1 ]]; then
   timeout -s INT "${BENCH_TIMEOUT:-270}" "$PY" -m launch.bench_kernels \
-    --only="${BENCH_ONLY:-calib,decode,prefill,copy}" \
+    --only="${BENCH_ONLY:-calib,decode,prefill,copy,overlap}" \
     --out="$OUT/bench_kernels_gpu.json" >"$OUT/bench.txt" 2>&1 || status=1
-  grep -E '^(calib|decode|prefill|copy) ' "$OUT/bench.txt" | head -60
+  grep -E '^(calib|decode|prefill|copy|overlap) ' "$OUT/bench.txt" | head -60
 fi
 
 if [[ "${TESTS:-1}" == 1 ]]; then
