@@ -28,20 +28,30 @@ Inside a program (one warpgroup, 128 threads):
   junk ids stay in bounds), because a step's barrier counts a fixed number
   of copies and un-copied SMEM could hold NaN that `p @ V` would spread.
 
-Supported: bfloat16 / float16 pools (queries are cast to the pool's dtype),
-`head_dim` 64 or 128 (256 would leave no SMEM for a ring), `block_size` a
-power of 2 >= 16, GQA groups up to 64 query heads per KV head. Not supported
-(ValueError; `"auto"` takes the Triton kernel instead): float32 pools
-(`wgmma` would round them to tf32, and 32-bit `wgmma` can neither transpose
-an operand, as V `[T, head_dim]` must be, nor take p from registers), int8
-pools, prefill.
+* int8 pools (with `kv_scales`, one scale per page, K/V and head): the ring
+  holds int8 tiles, so TMA moves half the bytes. Before each matmul the
+  step's K (then V) tile is loaded into registers in the upcasting WGMMA
+  layout, converted, multiplied by each token's page scale and stored as a
+  bf16 tile that `wgmma` reads (`commit_smem` orders the store before it);
+  queries are bf16. Numerically this is the reference's dequantize-then-
+  attend, with the dequantized values rounded to bf16.
+
+Supported: bfloat16 / float16 pools (queries are cast to the pool's dtype)
+and int8 pools, `head_dim` 64 or 128 (256 would leave no SMEM for a ring),
+`block_size` a power of 2 >= 16, GQA groups up to 64 query heads per KV
+head. Not supported (ValueError; `"auto"` takes the Triton kernel instead):
+float32 pools (`wgmma` would round them to tf32, and 32-bit `wgmma` can
+neither transpose an operand, as V `[T, head_dim]` must be, nor take p from
+registers), prefill. `"auto"` also keeps int8 pools on Triton until the int8
+path has been measured on a GPU.
 
 Testing without a GPU: Mosaic GPU's interpret mode (`interpret_params`;
 private in jax 0.10, public from 0.11) runs the kernel on CPU, simulating
 SMEM, TMA copies and barriers. It cannot run `wgmma` on a transposed or a
 register operand, nor `layout_cast` (no CPU rule), so with `interpret=True`
-the two matmuls are `lax.dot_general` on the same SMEM tiles and the layout
-casts are identities: everything else (page gather, ring, barriers, masks,
+the two matmuls are `lax.dot_general` on the same SMEM tiles, the layout
+casts are identities and the int8 tiles are read as plain arrays: everything
+else (page gather, ring, barriers, masks,
 softmax, split merge) is the compiled kernel's code. `jax.export(...,
 platforms=["cuda"])` lowers the real kernel (wgmma included) through Mosaic
 GPU on CPU, which also checks the SMEM budget.
@@ -112,8 +122,10 @@ def is_hopper(device: jax.Device | None = None) -> bool:
 def supports(*, q_len: int, head_dim: int, block_size: int, quantized: bool,
              dtype: str | None, group: int | None = None) -> bool:
   """Whether the kernel handles a call (the `"auto"` capability check);
-  `dtype` is the pool's (None: unknown, so no)."""
-  return (q_len == 1 and not quantized and dtype in SUPPORTED_DTYPES
+  `dtype` is the pool's (None: unknown, so no); `quantized`: an int8 pool
+  with its scales."""
+  dtype_ok = (dtype == "int8") if quantized else dtype in SUPPORTED_DTYPES
+  return (q_len == 1 and dtype_ok
           and head_dim in (64, 128)
           and block_size >= 16 and not block_size & (block_size - 1)
           and (group is None or group <= WGMMA_ROWS))
@@ -125,14 +137,14 @@ def check_supported(q: jax.Array, kv_pages: jax.Array,
   num_heads, head_dim = q.shape[1:]
   block_size, num_kv_heads = kv_pages.shape[3], kv_pages.shape[2]
   dtype = jnp.dtype(kv_pages.dtype).name
-  if kv_scales is not None or dtype not in SUPPORTED_DTYPES:
+  quantized = kv_scales is not None
+  if dtype not in SUPPORTED_DTYPES + ("int8",):
     raise ValueError(
-        f"the Mosaic GPU decode kernel takes {SUPPORTED_DTYPES} pools; got "
-        f"{dtype}{' with kv_scales' if kv_scales is not None else ''} "
-        "(use implementation='pallas_triton')")
+        f"the Mosaic GPU decode kernel takes {SUPPORTED_DTYPES} or int8 pools;"
+        f" got {dtype} (use implementation='pallas_triton')")
   group = num_heads // num_kv_heads
   if not supports(q_len=1, head_dim=head_dim, block_size=block_size,
-                  quantized=False, dtype=dtype, group=group):
+                  quantized=quantized, dtype=dtype, group=group):
     raise ValueError(
         "the Mosaic GPU decode kernel needs head_dim 64 or 128, block_size "
         "a power of 2 >= 16 and at most 64 query heads per "
@@ -154,6 +166,7 @@ class _Static:
   num_stages: int
   sm_scale: float
   interpret: bool
+  quantized: bool = False  # int8 ring, dequantized per step into bf16 tiles
 
   @property
   def tokens(self) -> int:  # tokens per step
@@ -164,26 +177,32 @@ class _Static:
     return self.pages_per_split * self.block_size
 
 
-def _decode_kernel(
-    lens_ref,  # GMEM [batch] int32
-    tables_ref,  # GMEM [batch, splits * pages_per_split] int32, in range
-    q_ref,  # GMEM [batch, num_kv_heads, 64, head_dim]
-    kv_ref,  # GMEM [num_blocks, 2, num_kv_heads, block_size, head_dim]
-    o_ref,  # GMEM [batch, num_kv_heads, splits, rows_out, head_dim] f32
-    m_ref,  # GMEM [batch, num_kv_heads, splits, rows_out] f32
-    l_ref,  # GMEM [batch, num_kv_heads, splits, rows_out] f32
-    q_smem,  # SMEM [64, head_dim] (tiled, swizzled)
-    k_smem,  # SMEM [num_stages, T, head_dim] (tiled, swizzled)
-    v_smem,  # SMEM [num_stages, T, head_dim] (tiled, swizzled)
-    o_smem,  # SMEM [64, head_dim] f32
-    m_smem,  # SMEM [64] f32
-    l_smem,  # SMEM [64] f32
-    q_barrier,  # [1]
-    k_barriers,  # [num_stages], pages_per_chunk arrivals each
-    v_barriers,  # [num_stages], pages_per_chunk arrivals each
-    *,
-    st: _Static,
-):
+def _decode_kernel(*refs, st: _Static):
+  """One program: one sequence, one KV head, one split of the block table.
+
+  Refs, in order (`*` only for an int8 pool, `st.quantized`):
+    lens_ref     GMEM [batch] int32
+    tables_ref   GMEM [batch, splits * pages_per_split] int32, in range
+    q_ref        GMEM [batch, num_kv_heads, 64, head_dim]
+    kv_ref       GMEM [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    scales_ref*  GMEM [num_blocks, 2, num_kv_heads] f32
+    o_ref        GMEM [batch, num_kv_heads, splits, rows_out, head_dim] f32
+    m_ref, l_ref GMEM [batch, num_kv_heads, splits, rows_out] f32
+    q_smem       SMEM [64, head_dim] (tiled, swizzled)
+    k_smem, v_smem  SMEM [num_stages, T, head_dim], the ring (pool dtype)
+    k_work*, v_work*  SMEM [T, head_dim] bf16: one step dequantized
+    o_smem       SMEM [64, head_dim] f32
+    m_smem, l_smem  SMEM [64] f32
+    q_barrier    [1]
+    k_barriers, v_barriers  [num_stages], pages_per_chunk arrivals each
+  """
+  refs = list(refs)
+  lens_ref, tables_ref, q_ref, kv_ref = refs[:4]
+  scales_ref = refs.pop(4) if st.quantized else None
+  o_ref, m_ref, l_ref, q_smem, k_smem, v_smem = refs[4:10]
+  k_work, v_work = (refs.pop(10), refs.pop(10)) if st.quantized else (None,
+                                                                      None)
+  o_smem, m_smem, l_smem, q_barrier, k_barriers, v_barriers = refs[10:16]
   b = lax.axis_index("batch")
   h = lax.axis_index("kv_head")
   split = lax.axis_index("split")
@@ -224,24 +243,49 @@ def _decode_kernel(
   for i in range(st.num_stages):  # fill the ring
     pl.when(i < num_steps)(functools.partial(issue, i, i))
 
-  def qk(slot):  # [64, T] f32
+  def qk(k_tile):  # [64, T] f32; k_tile: SMEM [T, head_dim]
     if st.interpret:
-      return lax.dot_general(q_smem[...], k_smem[slot],
+      return lax.dot_general(q_smem[...], k_tile[...],
                              (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
     def body(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+      plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
       return acc_ref[...]
     return pl.run_scoped(body, plgpu.ACC((rows, tokens), jnp.float32))
 
-  def pv(p, slot):  # [64, head_dim] f32
+  def pv(p, v_tile):  # [64, head_dim] f32; v_tile: SMEM [T, head_dim]
     if st.interpret:
-      return lax.dot_general(p, v_smem[slot], (((1,), (0,)), ((), ())),
+      return lax.dot_general(p, v_tile[...], (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
     def body(acc_ref):
-      plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+      plgpu.wgmma(acc_ref, p, v_tile)
       return acc_ref[...]
     return pl.run_scoped(body, plgpu.ACC((rows, st.head_dim), jnp.float32))
+
+  def token_scales(step, kv):  # [T] f32: each token's page scale
+    if st.page_parts > 1:  # the step is part of one page
+      page = tables_ref[b, table_base + lax.div(step, st.page_parts)]
+      return cast(jnp.full((tokens,), scales_ref[page, kv, h], jnp.float32),
+                  row_layout)
+    page_of_token = cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0),
+                         row_layout) // st.block_size
+    out = cast(jnp.zeros((tokens,), jnp.float32), row_layout)
+    for c in range(st.pages_per_chunk):
+      page = tables_ref[b, table_base + step * st.pages_per_chunk + c]
+      out = jnp.where(page_of_token == c, scales_ref[page, kv, h], out)
+    return out
+
+  def dequantize(src, dst, scales):
+    """int8 SMEM tile [T, head_dim] -> bf16 SMEM tile, times each token's
+    page scale, visible to `wgmma` when this returns."""
+    if st.interpret:
+      x = src[...].astype(jnp.float32)
+    else:
+      x = plgpu.load(src, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
+      x = plgpu.layout_cast(x, plgpu.Layout.WGMMA).astype(jnp.float32)
+    x = x * lax.broadcast_in_dim(scales, x.shape, (0,))
+    dst[...] = x.astype(dst.dtype)
+    plgpu.commit_smem()
 
   scale = st.sm_scale * LOG2E  # softmax in base 2
 
@@ -249,7 +293,11 @@ def _decode_kernel(
     acc, m, l = carry
     slot = lax.rem(step, st.num_stages)
     plgpu.barrier_wait(k_barriers.at[slot])
-    s = qk(slot) * scale
+    k_tile = k_smem.at[slot]
+    if st.quantized:
+      dequantize(k_tile, k_work, token_scales(step, 0))
+      k_tile = k_work
+    s = qk(k_tile) * scale
     start = first_token + step * tokens
     token_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
                      tile_layout)
@@ -259,8 +307,12 @@ def _decode_kernel(
     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, (0,)))
     l_new = l * alpha + jnp.sum(p, axis=1)
     plgpu.barrier_wait(v_barriers.at[slot])
+    v_tile = v_smem.at[slot]
+    if st.quantized:
+      dequantize(v_tile, v_work, token_scales(step, 1))
+      v_tile = v_work
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
-    acc = acc + pv(p.astype(q_smem.dtype), slot)
+    acc = acc + pv(p.astype(q_smem.dtype), v_tile)
     # The slot is consumed (the matmuls above have been awaited): refill it.
     nxt = step + st.num_stages
     pl.when(nxt < num_steps)(functools.partial(issue, nxt, slot))
@@ -284,11 +336,15 @@ def _decode_kernel(
 
 
 def _swizzled(shape: tuple[int, ...], dtype) -> object:
-  """An SMEM tile in the (8, 64)-element tiling and 128-byte swizzle that
-  TMA writes and `wgmma` reads (16-bit dtypes)."""
+  """An SMEM tile in the tiling and swizzle that TMA writes and `wgmma` (or
+  an upcasting load) reads: rows of 8 x up to 128 bytes, swizzled by as many
+  bytes as a row holds (128 for 16-bit tiles and int8 head_dim 128, 64 for
+  int8 head_dim 64)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = min(128, shape[-1] * itemsize)
   return plgpu.SMEM(shape, dtype, transforms=(
-      plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
-      plgpu.SwizzleTransform(128)))
+      plgpu.TilingTransform((8, swizzle // itemsize)),
+      plgpu.SwizzleTransform(swizzle)))
 
 
 @functools.partial(
@@ -298,7 +354,7 @@ def paged_decode(
     kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
     block_tables: jax.Array,  # [batch, pages_per_seq] int32
     kv_lens: jax.Array,  # [batch] int32
-    kv_scales: jax.Array | None = None,  # unsupported; must be None
+    kv_scales: jax.Array | None = None,  # [num_blocks, 2, num_kv_heads] f32
     *,
     sm_scale: float | None = None,
     tiling: tuning.MosaicDecodeTiling | None = None,
@@ -314,6 +370,10 @@ def paged_decode(
     raise NotImplementedError("this jaxlib has no Pallas Mosaic GPU")
   quantize.check_scales(kv_pages, kv_scales)
   check_supported(q, kv_pages, kv_scales)
+  quantized = kv_scales is not None
+  # Queries, the matmuls' operands and the dequantized int8 tiles: the pool's
+  # dtype, bf16 for an int8 pool.
+  compute_dtype = jnp.bfloat16 if quantized else kv_pages.dtype
   batch, num_heads, head_dim = q.shape
   num_blocks, _, num_kv_heads, block_size, _ = kv_pages.shape
   pages_per_seq = block_tables.shape[1]
@@ -323,14 +383,14 @@ def paged_decode(
     tiling = tuning.mosaic_decode_tiling(
         batch=batch, num_kv_heads=num_kv_heads, pages_per_seq=pages_per_seq,
         block_size=block_size, head_dim=head_dim,
-        itemsize=jnp.dtype(kv_pages.dtype).itemsize)
-  check_tiling(tiling, block_size, head_dim)
+        itemsize=jnp.dtype(kv_pages.dtype).itemsize, quantized=quantized)
+  check_tiling(tiling, block_size, head_dim, quantized=quantized)
   chunk, splits, parts = (tiling.pages_per_chunk, tiling.num_splits,
                           tiling.page_parts)
 
   group = num_heads // num_kv_heads
   rows_out = pl.cdiv(group, ROW_ALIGN) * ROW_ALIGN
-  qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(kv_pages.dtype)
+  qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(compute_dtype)
   qg = jnp.pad(qg, ((0, 0), (0, 0), (0, WGMMA_ROWS - group), (0, 0)))
 
   # Pad the table so every split owns a whole number of steps; clamp ids so
@@ -347,12 +407,16 @@ def paged_decode(
                head_dim=head_dim, rows_out=rows_out,
                pages_per_split=pages_per_split, pages_per_chunk=chunk,
                page_parts=parts, num_stages=tiling.num_stages,
-               sm_scale=float(sm_scale), interpret=interpret is not False)
+               sm_scale=float(sm_scale), interpret=interpret is not False,
+               quantized=quantized)
   dtype = kv_pages.dtype
+  work = ([_swizzled((st.tokens, head_dim), compute_dtype)] * 2
+          if quantized else [])
   scratch = [
-      _swizzled((WGMMA_ROWS, head_dim), dtype),
+      _swizzled((WGMMA_ROWS, head_dim), compute_dtype),
       _swizzled((st.num_stages, st.tokens, head_dim), dtype),
       _swizzled((st.num_stages, st.tokens, head_dim), dtype),
+      *work,
       plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
       plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
       plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
@@ -375,12 +439,14 @@ def paged_decode(
       interpret=(None if interpret is False else
                  interpret_params() if interpret is True else interpret),
   )
-  o, m, l = kernel(lens, tables, qg, kv_pages)
+  scales = ((kv_scales.astype(jnp.float32),) if quantized else ())
+  o, m, l = kernel(lens, tables, qg, kv_pages, *scales)
   out = merge_splits(o, m, l)[:, :, :group]  # [B, Hkv, group, D]
   return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
-def check_tiling(tiling, block_size: int, head_dim: int) -> None:
+def check_tiling(tiling, block_size: int, head_dim: int,
+                 quantized: bool = False) -> None:
   """Raises ValueError for a tiling the kernel cannot run."""
   def pow2(n):
     return n >= 1 and not n & (n - 1)
@@ -389,8 +455,8 @@ def check_tiling(tiling, block_size: int, head_dim: int) -> None:
         and tiling.num_splits >= 1 and tiling.num_stages >= 1)
   tokens = chunk * block_size // max(parts, 1) if ok else 0
   if not (ok and tokens in (64, 128, 256)
-          and tuning.mosaic_smem_bytes(tokens, head_dim, tiling.num_stages)
-          <= SMEM_BUDGET):
+          and tuning.mosaic_smem_bytes(tokens, head_dim, tiling.num_stages,
+                                       quantized=quantized) <= SMEM_BUDGET):
     raise ValueError(
         f"bad tiling {tiling}: pages_per_chunk and page_parts must be powers "
         "of 2 (one of them 1), a step 64, 128 or 256 tokens (wgmma's "
@@ -406,7 +472,7 @@ def paged_attention_mosaic_gpu(
     q_lens: jax.Array,  # [batch] int32
     *,
     sm_scale: float | None = None,
-    kv_scales: jax.Array | None = None,  # unsupported; must be None
+    kv_scales: jax.Array | None = None,  # [num_blocks, 2, num_kv_heads] f32
     interpret: bool | None = None,
 ) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
   """The `"pallas_mosaic_gpu"` implementation: decode only (q_len == 1)."""

@@ -62,7 +62,10 @@ _SUPPORTS: dict[str, Callable[..., bool]] = {
     # Decode: any pool; prefill: float32/bfloat16 pools (None: unknown, no).
     "pallas_mosaic_tpu": lambda *, q_len, quantized, dtype, **_: (
         q_len == 1 or (not quantized and dtype in ("float32", "bfloat16"))),
-    "pallas_mosaic_gpu": decode_mosaic_gpu.supports,
+    # int8 pools are selectable by name but stay with Triton in "auto" until
+    # a GPU run has measured the Mosaic int8 path.
+    "pallas_mosaic_gpu": lambda *, quantized, **call: (
+        not quantized and decode_mosaic_gpu.supports(quantized=False, **call)),
 }
 
 # Preference order of `"auto"` per JAX backend platform. On Hopper the

@@ -40,6 +40,11 @@ MOSAIC_DECODE_CASES = [
     (9, 3, 128, 64, "bfloat16", [130, 64, 5], 1, 2, 2, 1),  # 64-token pages
     (6, 2, 64, 128, "bfloat16", [300, 129], 1, 1, 2, 2),  # pages in parts
     (16, 1, 64, 32, "bfloat16", [190, 0], 2, 1, 3, 1),  # MQA, empty seq
+    # int8 pools: per-page scales within a step, one page a step, parts.
+    (9, 3, 64, 16, "int8", [1, 37, 200], 4, 2, 2, 1),
+    (8, 2, 128, 64, "int8", [130, 64, 5], 1, 2, 3, 1),
+    (6, 2, 128, 128, "int8", [300, 129], 1, 1, 2, 2),
+    (4, 1, 64, 32, "int8", [190, 0], 2, 1, 4, 1),  # MQA, empty seq
 ]
 
 PREFILL_CASES = [

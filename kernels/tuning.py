@@ -112,11 +112,16 @@ MOSAIC_MAX_STAGES = 4
 
 
 def mosaic_smem_bytes(tokens: int, head_dim: int, num_stages: int,
-                      itemsize: int = 2) -> int:
+                      itemsize: int = 2, quantized: bool = False) -> int:
   """Shared memory of one Mosaic GPU decode program: the 64-row query tile,
-  the K/V ring and the float32 output tile with its max and sum rows."""
-  return (64 * head_dim * itemsize + 2 * num_stages * tokens * head_dim
-          * itemsize + 64 * head_dim * 4 + 2 * 64 * 4)
+  the K/V ring and the float32 output tile with its max and sum rows; for an
+  int8 pool (`quantized`) the ring holds int8 tiles and one step's K and V,
+  dequantized to bf16 for `wgmma`, sit beside it."""
+  compute = 2 if quantized else itemsize
+  ring = 1 if quantized else itemsize
+  work = 2 * tokens * head_dim * compute if quantized else 0
+  return (64 * head_dim * compute + 2 * num_stages * tokens * head_dim * ring
+          + work + 64 * head_dim * 4 + 2 * 64 * 4)
 
 
 def mosaic_decode_tiling(
@@ -127,26 +132,31 @@ def mosaic_decode_tiling(
     block_size: int,
     head_dim: int,
     itemsize: int = 2,
+    quantized: bool = False,
     num_cores: int = DEFAULT_NUM_CORES,
 ) -> MosaicDecodeTiling:
   """Picks the Mosaic GPU decode kernel's step, ring depth and splits.
 
   A step reads ~16 KB of K (and as much V), 64 to 256 tokens; the ring
   holds as many steps as fit `MOSAIC_SMEM_BUDGET` next to the 64-row query
-  and float32 output tiles (at least 2, at most `MOSAIC_MAX_STAGES`).
+  and float32 output tiles (at least 2, at most `MOSAIC_MAX_STAGES`). int8
+  pools (`quantized`) take steps of ~8 KB of int8 K, so that the bf16 tiles
+  they are dequantized into leave room for a deep ring.
   """
-  target_tokens = min(256, max(64, _pow2_floor(16384 // (head_dim * itemsize))))
+  step_bytes = 8192 if quantized else 16384
+  ring_itemsize = 1 if quantized else itemsize
+  target_tokens = min(256, max(64, _pow2_floor(
+      step_bytes // (head_dim * ring_itemsize))))
   # Short tables take smaller steps, but never under 64 tokens (the
   # contraction of p @ V in the kernel's wgmma); the table is padded.
   target_tokens = max(64, min(target_tokens,
                               _pow2_floor(pages_per_seq * block_size)))
   pages_per_chunk, page_parts = _step(block_size, target_tokens)
   tokens = pages_per_chunk * block_size // page_parts
-  per_stage = 2 * tokens * head_dim * itemsize
-  num_stages = max(2, min(
-      MOSAIC_MAX_STAGES,
-      (MOSAIC_SMEM_BUDGET - mosaic_smem_bytes(0, head_dim, 0, itemsize))
-      // per_stage))
+  per_stage = 2 * tokens * head_dim * ring_itemsize
+  fixed = mosaic_smem_bytes(tokens, head_dim, 0, itemsize, quantized)
+  num_stages = max(2, min(MOSAIC_MAX_STAGES,
+                          (MOSAIC_SMEM_BUDGET - fixed) // per_stage))
   split = decode_tiling(batch=batch, num_kv_heads=num_kv_heads,
                         pages_per_seq=pages_per_seq, block_size=block_size,
                         head_dim=head_dim, itemsize=itemsize,

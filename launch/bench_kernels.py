@@ -215,10 +215,10 @@ def bench_decode(shapes, rows: list[dict], interpret: bool) -> None:
              lambda: ours(q, pool, scales, tables, lens), nbytes=kv_bytes,
              flops=flops, check=check)
     if _mosaic_applies(s, interpret):
-      mosaic = jax.jit(lambda q, p, t, l: decode_mosaic_gpu.paged_decode(
-          q, p, t, l, interpret=interpret))
+      mosaic = jax.jit(lambda q, p, sc, t, l: decode_mosaic_gpu.paged_decode(
+          q, p, t, l, sc, interpret=interpret))
       _attempt(rows, base, "pallas_mosaic_gpu (ours)",
-               lambda: mosaic(q, pool, tables, lens), nbytes=kv_bytes,
+               lambda: mosaic(q, pool, scales, tables, lens), nbytes=kv_bytes,
                flops=flops, check=check)
     _attempt(rows, base, "xla reference",
              lambda: ref_fn(q, pool, scales, tables, lens), nbytes=kv_bytes,

@@ -50,7 +50,8 @@ PRESETS = {
     "gpu": dict(
         mosaic_decode=[DecodeShape(1, 32, 8, 128, 16, 32768, "bfloat16"),
                        DecodeShape(16, 32, 8, 128, 16, 16384, "bfloat16"),
-                       DecodeShape(64, 32, 8, 128, 16, 4096, "bfloat16")],
+                       DecodeShape(64, 32, 8, 128, 16, 4096, "bfloat16"),
+                       DecodeShape(64, 32, 8, 128, 16, 4096, "int8")],
         triton_decode=[DecodeShape(64, 32, 8, 128, 16, 4096, "int8"),
                        DecodeShape(4, 32, 8, 128, 64, 32768, "int8")],
         triton_prefill=[PrefillShape(1, 32, 8, 128, 16, 16384, 512,
@@ -91,16 +92,19 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   from kernels import decode_mosaic_gpu
   from kernels import tuning
   pages = -(-s.ctx // s.page)
+  quantized = s.dtype == "int8"
   default = tuning.mosaic_decode_tiling(
       batch=s.batch, num_kv_heads=s.kv_heads, pages_per_seq=pages,
-      block_size=s.page, head_dim=s.head_dim)
+      block_size=s.page, head_dim=s.head_dim, itemsize=1 if quantized else 2,
+      quantized=quantized)
   yield default
   for tokens, stages, splits in itertools.product(
       cfg["step_tokens"], cfg["stages"],
       _splits(default.num_splits, cfg["split_factors"], pages)):
     chunk, parts = _step(s.page, tokens)
-    if tuning.mosaic_smem_bytes(tokens, s.head_dim, stages) > (
-        decode_mosaic_gpu.SMEM_BUDGET):
+    if tuning.mosaic_smem_bytes(tokens, s.head_dim, stages,
+                                quantized=quantized) > (
+                                    decode_mosaic_gpu.SMEM_BUDGET):
       continue
     t = tuning.MosaicDecodeTiling(pages_per_chunk=chunk, num_splits=splits,
                                   num_stages=stages, page_parts=parts)

@@ -40,9 +40,30 @@ def test_decode_matches_reference(params):
   case = testing.mosaic_decode_case(params)
   out = decode_mosaic_gpu.paged_decode(
       case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
-      tiling=_tiling(params), interpret=True)
+      case.kv_scales, tiling=_tiling(params), interpret=True)
   assert out.dtype == case.q.dtype
   testing.assert_matches(out[:, None], case)
+
+
+def test_int8_scales_are_per_page_and_head():
+  """Scaling one page of one head by 4 scales only the logits of its tokens
+  (K) or their values (V): the kernel must read each page's own scale."""
+  case = testing.make_case(74, kv_lens=[100, 70], num_heads=4, num_kv_heads=2,
+                           head_dim=64, block_size=16, dtype="int8")
+  page = int(case.block_tables[0, 2])
+  for kv in (0, 1):
+    scales = case.kv_scales.at[page, kv, 1].multiply(4.0)
+    changed = dataclasses.replace(case, kv_scales=scales)
+    out = decode_mosaic_gpu.paged_decode(
+        case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens, scales,
+        tiling=tuning.MosaicDecodeTiling(4, 1), interpret=True)
+    testing.assert_matches(out[:, None], changed)
+    ref = testing.reference(case)
+    # Heads 2-3 (KV head 1) of sequence 0 change; all else stays.
+    assert not np.allclose(np.asarray(out[0, 2:], np.float32), ref[0, 0, 2:],
+                           rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(np.asarray(out[1], np.float32), ref[1, 0],
+                               rtol=2e-2, atol=2e-2)
 
 
 def test_api_default_tiling_sm_scale_and_padding_rows():
@@ -68,7 +89,7 @@ def test_lengths_beyond_the_table_see_only_the_table():
 
 
 @pytest.mark.parametrize("what", ["float32", "int8", "head_dim", "prefill",
-                                  "tiling"])
+                                  "tiling"])  # int8: without its scales
 def test_unsupported_calls_raise(what):
   kw = dict(kv_lens=[10], num_heads=2, num_kv_heads=1, dtype="bfloat16")
   if what in ("float32", "int8"):
@@ -88,14 +109,15 @@ def test_unsupported_calls_raise(what):
                 else None)  # 16-token steps: below wgmma's 64
       decode_mosaic_gpu.paged_decode(
           case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
-          case.kv_scales, tiling=tiling, interpret=True)
+          None, tiling=tiling, interpret=True)
 
 
 @pytest.mark.parametrize("q_len,head_dim,block_size,dtype,quantized,ok", [
     (1, 128, 16, "bfloat16", False, True),
     (1, 64, 256, "float16", False, True),
     (1, 128, 16, "float32", False, False),  # no f32 wgmma path
-    (1, 128, 16, "int8", True, False),
+    (1, 128, 16, "int8", True, True),  # by name; "auto" keeps Triton
+    (1, 128, 16, "int8", False, False),  # int8 without scales
     (1, 256, 16, "bfloat16", False, False),
     (7, 128, 16, "bfloat16", False, False),  # prefill
     (1, 128, 16, None, False, False),  # dtype unknown
@@ -111,7 +133,8 @@ def test_capability_predicate_and_auto_on_gpu(
   for hopper in (True, False):
     monkeypatch.setattr(decode_mosaic_gpu, "is_hopper", lambda h=hopper: h)
     got = resolve_implementation("auto", **call)
-    want = "pallas_mosaic_gpu" if ok and hopper else "pallas_triton"
+    mosaic = ok and hopper and not quantized  # int8: not measured yet
+    want = "pallas_mosaic_gpu" if mosaic else "pallas_triton"
     assert got == want, (hopper, call)
 
 
@@ -131,18 +154,22 @@ def test_auto_on_cpu_is_unchanged():
 
 
 def test_default_tiling_is_valid_across_shapes():
-  for head_dim in (64, 128):
-    for block_size in (16, 32, 64, 128, 256, 512):
-      for pages in (1, 3, 64, 2048):
-        tiling = tuning.mosaic_decode_tiling(
-            batch=2, num_kv_heads=8, pages_per_seq=pages,
-            block_size=block_size, head_dim=head_dim)
-        decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim)
+  for quantized in (False, True):
+    for head_dim in (64, 128):
+      for block_size in (16, 32, 64, 128, 256, 512):
+        for pages in (1, 3, 64, 2048):
+          tiling = tuning.mosaic_decode_tiling(
+              batch=2, num_kv_heads=8, pages_per_seq=pages,
+              block_size=block_size, head_dim=head_dim,
+              itemsize=1 if quantized else 2, quantized=quantized)
+          decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim,
+                                         quantized=quantized)
 
 
 def _lower(args, tiling=None):
-  def fn(*a):
-    return decode_mosaic_gpu.paged_decode(*a, tiling=tiling)
+  def fn(q, kv, tables, lens, scales=None):
+    return decode_mosaic_gpu.paged_decode(q, kv, tables, lens, scales,
+                                          tiling=tiling)
   exported = export.export(
       jax.jit(fn), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call(
@@ -157,14 +184,20 @@ def _lower(args, tiling=None):
     (8, 2, 128, 256, 5, "bfloat16"),  # pages read in parts
     (64, 1, 64, 32, 3, "bfloat16"),  # a 64-row group, short table
     (4, 4, 128, 128, 9, "bfloat16"),  # MHA
+    (9, 3, 64, 16, 33, "int8"),  # int8: scales per page, 8 pages a step
+    (32, 8, 128, 16, 257, "int8"),
+    (8, 2, 128, 256, 5, "int8"),  # pages read in parts
 ])
 def test_decode_lowers_to_mosaic_gpu(heads, kv_heads, head_dim, block_size,
                                      pages, dtype):
   """The wgmma kernel (not the interpret variant) through Mosaic GPU's
   lowering, layout checks included, for CUDA; stops short of ptxas."""
-  args = (S((4, heads, head_dim), dtype),
+  q_dtype = "bfloat16" if dtype == "int8" else dtype
+  args = (S((4, heads, head_dim), q_dtype),
           S((50, 2, kv_heads, block_size, head_dim), dtype),
           S((4, pages), jnp.int32), S((4,), jnp.int32))
+  if dtype == "int8":
+    args += (S((50, 2, kv_heads), jnp.float32),)
   text = _lower(args)
   assert "mosaic_gpu" in text
 
@@ -173,10 +206,13 @@ def test_every_case_lowers_with_its_tiling():
   for params in testing.MOSAIC_DECODE_CASES:
     heads, kv_heads, head_dim, block_size, dtype, kv_lens = params[:6]
     pages = max(-(-n // block_size) for n in kv_lens) + 1
-    args = (S((len(kv_lens), heads, head_dim), dtype),
+    q_dtype = "bfloat16" if dtype == "int8" else dtype
+    args = (S((len(kv_lens), heads, head_dim), q_dtype),
             S((40, 2, kv_heads, block_size, head_dim), dtype),
             S((len(kv_lens), pages), jnp.int32),
             S((len(kv_lens),), jnp.int32))
+    if dtype == "int8":
+      args += (S((40, 2, kv_heads), jnp.float32),)
     assert "mosaic_gpu" in _lower(args, _tiling(params))
 
 

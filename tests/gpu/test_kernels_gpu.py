@@ -138,13 +138,13 @@ def test_small_mosaic_decode_cases(params):
   _poison(case)
   out = decode_mosaic_gpu.paged_decode(
       case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
-      tiling=tuning.MosaicDecodeTiling(*params[6:]))
+      case.kv_scales, tiling=tuning.MosaicDecodeTiling(*params[6:]))
   testing.assert_matches(out[:, None], case, rtol=_rtol(case))
 
 
 @needs_hopper
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype,kv_lens", [
-    s for s in LARGE_DECODE if s[4] == "bfloat16"] + [
+    s for s in LARGE_DECODE if s[4] in ("bfloat16", "int8")] + [
         (32, 8, 128, 256, "float16", [5000, 300]),
         (64, 1, 64, 16, "bfloat16", [3000, 2])])
 def test_large_mosaic_decode_default_tiling(heads, kv_heads, head_dim,
@@ -155,7 +155,8 @@ def test_large_mosaic_decode_default_tiling(heads, kv_heads, head_dim,
       head_dim=head_dim, block_size=block_size, dtype=dtype,
       pages_per_seq=-(-max(kv_lens) // block_size) + 3)
   _poison(case)
-  out = paged_attention(*case.args(), implementation="pallas_mosaic_gpu")
+  out = paged_attention(*case.args(), implementation="pallas_mosaic_gpu",
+                        kv_scales=case.kv_scales)
   testing.assert_matches(out, case, rtol=_rtol(case))
 
 
