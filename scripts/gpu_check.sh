@@ -5,7 +5,8 @@
 #              (JSON rewritten after every section, so a run cut short
 #              keeps its rows)                                ~4 min
 #   TESTS=1    the GPU kernel tests (Triton kernels, Mosaic GPU decode on
-#              Hopper, block copy) and the lowering tests     ~3.5 min
+#              Hopper, block copy), the model's steps with each kernel
+#              and the lowering tests                         ~4.5 min
 #   TILING=0   the tiling sweep (launch.bench_tiling), TILING_BUDGET seconds
 #   STORAGE=0  the cold-tier benchmark on the machine's disk  ~1.5 min
 # Everything it writes goes to $OUT (default /tmp/gpu_check): env.txt,
@@ -47,9 +48,9 @@ fi
 
 if [[ "${TESTS:-1}" == 1 ]]; then
   # SIGINT, so that pytest still prints its summary when the time is up.
-  timeout -s INT "${TEST_TIMEOUT:-230}" "$PY" -m pytest -q -p no:cacheprovider \
+  timeout -s INT "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider \
     -o addopts="-ra" --tb=short --maxfail=20 tests/gpu/test_kernels_gpu.py \
-    tests/test_kernels_lowering.py \
+    tests/gpu/test_model_gpu.py tests/test_kernels_lowering.py \
     tests/test_kernels_mosaic_gpu.py::test_decode_lowers_to_mosaic_gpu \
     >"$OUT/tests.txt" 2>&1 || status=1
 fi
