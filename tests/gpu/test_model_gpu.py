@@ -25,8 +25,8 @@ from dualpath_jax.model import load_model
 from dualpath_jax.model.runner import ModelRunner
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "gpu",
-    reason="needs a CUDA GPU; the CPU suite runs the model with the XLA and "
-    "xla_chunked implementations (tests/test_model_mechanics.py)")
+    reason="needs a CUDA GPU; on CPU the engine tests run the model with "
+    "'auto' (xla_chunked) against an XLA-reference runner (tests/test_engine.py)")
 
 BS = 16
 CHUNK = 64  # prefill chunk (tokens per step)
