@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 
 from absl import app, flags
 
-from launch.kernel_cases import (DecodeShape, PrefillShape, random_case,
-                                 rel_err, timeit)
+from launch.kernel_cases import (DecodeShape, PrefillShape, decode_problem,
+                                 kernel_fn, prefill_problem, rel_err, timeit)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
@@ -149,64 +149,6 @@ def triton_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
       yield t
 
 
-def _decode_problem(s: DecodeShape, key: int):
-  """(args, reference output, K/V bytes, FLOPs) of one decode shape."""
-  import jax
-  import jax.numpy as jnp
-  from kernels import quantize
-  pages = -(-s.ctx // s.page)
-  pool, scales, tables, k_q = random_case(s, pages, jax.random.key(key))
-  q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
-  q = jax.random.normal(k_q, (s.batch, s.heads, s.head_dim), q_dtype)
-  lens = jnp.full((s.batch,), s.ctx, jnp.int32)
-  ones = jnp.ones((s.batch,), jnp.int32)
-  with jax.default_matmul_precision("highest"):
-    ref = jax.jit(lambda q, p, sc, t, l: quantize.ref_paged_attention_any(
-        q[:, None], p, t, l, ones, kv_scales=sc)[:, 0])(
-            q, pool, scales, tables, lens)
-  itemsize = 1 if s.dtype == "int8" else jnp.dtype(s.dtype).itemsize
-  nbytes = s.batch * s.ctx * s.kv_heads * s.head_dim * 2 * itemsize
-  flops = 4 * s.batch * s.heads * s.ctx * s.head_dim
-  return (q, pool, scales, tables, lens), ref, nbytes, flops
-
-
-def _prefill_problem(s: PrefillShape, key: int):
-  """(args, reference output, K/V bytes, FLOPs) of one prefill shape."""
-  import jax
-  import jax.numpy as jnp
-  from kernels import quantize
-  ctx = s.prefix + s.new
-  pages = -(-ctx // s.page)
-  pool, scales, tables, k_q = random_case(s, pages, jax.random.key(key))
-  q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
-  q = jax.random.normal(k_q, (s.batch, s.new, s.heads, s.head_dim), q_dtype)
-  kv_lens = jnp.full((s.batch,), ctx, jnp.int32)
-  q_lens = jnp.full((s.batch,), s.new, jnp.int32)
-  with jax.default_matmul_precision("highest"):
-    ref = jax.jit(quantize.ref_paged_attention_any)(
-        q, pool, tables, kv_lens, q_lens, kv_scales=scales)
-  itemsize = 1 if s.dtype == "int8" else jnp.dtype(s.dtype).itemsize
-  nbytes = s.batch * ctx * s.kv_heads * s.head_dim * 2 * itemsize
-  keys = s.new * s.prefix + s.new * (s.new + 1) / 2
-  flops = 4 * s.batch * s.heads * s.head_dim * keys
-  return (q, pool, scales, tables, kv_lens, q_lens), ref, nbytes, flops
-
-
-def _kernel_fn(kernel: str, tiling, interpret: bool) -> Callable[..., Any]:
-  import jax
-  from kernels import decode_mosaic_gpu
-  from kernels import decode_triton
-  from kernels import prefill_triton
-  if kernel == "mosaic_decode":
-    return jax.jit(lambda q, p, sc, t, l: decode_mosaic_gpu.paged_decode(
-        q, p, t, l, sc, tiling=tiling, interpret=interpret))
-  if kernel == "triton_decode":
-    return jax.jit(lambda q, p, sc, t, l: decode_triton.paged_decode(
-        q, p, t, l, sc, tiling=tiling, interpret=interpret))
-  return jax.jit(lambda q, p, sc, t, kl, ql: prefill_triton.paged_prefill(
-      q, p, t, kl, ql, sc, tiling=tiling, interpret=interpret))
-
-
 # Relative error above which a tiling counts as wrong (bf16 operands, float32
 # accumulation: the defaults measure ~2e-3 on the GPU).
 MAX_REL_ERR = 2e-2
@@ -229,7 +171,7 @@ def sweep_shape(kernel: str, shape, grid, problem, rows: list[dict],
     row = dict(kernel=kernel, shape=dataclasses.asdict(shape),
                tiling=dataclasses.asdict(tiling), default=i == 0)
     try:
-      fn = _kernel_fn(kernel, tiling, interpret)
+      fn = kernel_fn(kernel, tiling, interpret)
       out = fn(*args)
       row["rel_err"] = rel_err(out, ref)
       if not row["rel_err"] <= MAX_REL_ERR:  # NaN fails too
@@ -337,8 +279,8 @@ def main(argv):
       key += 1
       print(f"\n{kernel} {_shape_str(shape)}  (* = default tiling)",
             flush=True)
-      problem = (_prefill_problem(shape, key) if kernel == "triton_prefill"
-                 else _decode_problem(shape, key))
+      problem = (prefill_problem(shape, key) if kernel == "triton_prefill"
+                 else decode_problem(shape, key))
       sweep_shape(kernel, shape, grids[kernel](shape, cfg), problem, rows,
                   interpret, deadline, write)
   write(final=True)

@@ -46,19 +46,20 @@ _WRONG = """
 import sys
 from absl import flags
 from launch import bench_tiling
+from launch import kernel_cases
 from kernels import tuning
 flags.FLAGS(["x", "--reps=1", "--inner=1"])
 import jax.numpy as jnp
 import time
 shape = bench_tiling.PRESETS["smoke"]["triton_prefill"][0]
-problem = bench_tiling._prefill_problem(shape, 1)
-right = bench_tiling._kernel_fn
+problem = kernel_cases.prefill_problem(shape, 1)
+right = kernel_cases.kernel_fn
 def wrong(kernel, tiling, interpret):
   fn = right(kernel, tiling, interpret)
   if tiling.block_q == 16:  # this tiling computes something else
     return lambda *a: fn(*a) * 1.5
   return fn
-bench_tiling._kernel_fn = wrong
+bench_tiling.kernel_fn = wrong
 grid = [tuning.PrefillTiling(block_q=64, pages_per_chunk=2),
         tuning.PrefillTiling(block_q=16, pages_per_chunk=2)]
 rows = []

@@ -1,0 +1,110 @@
+r"""Runs one kernel on one shape a few times, for a profiler to capture.
+
+    ncu -k regex:'decode|prefill|mosaic' --launch-skip 2 --launch-count 1 \
+        python -m launch.profile_kernels --kernel=mosaic_decode \
+        --shape=1,32,8,128,16,32768,bfloat16
+    bash scripts/gpu_profile.sh        # the shapes that missed a target
+    python -m launch.profile_kernels --summarize=ncu.csv   # key metrics
+
+Where the benchmark (`launch.bench_kernels`) misses a target, the issue asks
+for the profile that shows the limit: this launcher gives a profiler (Nsight
+Compute's `ncu`) a process that compiles the kernel once, checks it against
+the reference, then calls it `--calls` times, so that `--launch-skip` can
+step over the warm-up launches. Decode shapes are `batch,heads,kv_heads,
+head_dim,page,ctx,dtype`; prefill shapes add the new tokens after the
+context: `batch,heads,kv_heads,head_dim,page,prefix,new,dtype`.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from launch.kernel_cases import (DecodeShape, PrefillShape, decode_problem,
+                                 kernel_fn, prefill_problem, rel_err)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("kernel", "mosaic_decode",
+                  ["mosaic_decode", "triton_decode", "triton_prefill"],
+                  "kernel to run (default tiling)")
+flags.DEFINE_list("shape", ["1", "32", "8", "128", "16", "32768", "bfloat16"],
+                  "decode: batch,heads,kv_heads,head_dim,page,ctx,dtype; "
+                  "prefill: batch,heads,kv_heads,head_dim,page,prefix,new,"
+                  "dtype")
+flags.DEFINE_integer("calls", 5, "calls after the checked warm-up call")
+flags.DEFINE_string("summarize", None, "instead of running a kernel: print "
+                    "the key metrics of an `ncu --csv --page details` file")
+
+# What tells a memory-bound kernel's limit, as Nsight Compute names it.
+KEY_METRICS = (
+    "Duration", "DRAM Throughput", "Memory Throughput", "L2 Hit Rate",
+    "Compute (SM) Throughput", "Registers Per Thread",
+    "Dynamic Shared Memory Per Block", "Static Shared Memory Per Block",
+    "Block Limit Shared Mem", "Block Limit Registers", "Grid Size",
+    "Theoretical Occupancy", "Achieved Occupancy", "Waves Per SM",
+    "Warp Cycles Per Issued Instruction", "Issued Warp Per Scheduler",
+    "No Eligible")
+
+
+def parse_shape(kernel: str, fields: list[str]):
+  """The DecodeShape / PrefillShape that `--shape` names (ValueError if
+  it does not fit the kernel)."""
+  cls = PrefillShape if kernel == "triton_prefill" else DecodeShape
+  n = len(cls.__dataclass_fields__)
+  if len(fields) != n:
+    raise ValueError(f"--shape for {kernel} takes {n} fields "
+                     f"({', '.join(cls.__dataclass_fields__)}); got "
+                     f"{len(fields)}")
+  *ints, dtype = fields
+  if dtype not in ("bfloat16", "float16", "float32", "int8"):
+    raise ValueError(f"--shape: unknown dtype {dtype!r}")
+  try:
+    return cls(*map(int, ints), dtype)
+  except ValueError as e:
+    raise ValueError(f"--shape: the fields before the dtype must be "
+                     f"integers; got {ints}") from e
+
+
+def summarize(path: str) -> list[tuple[str, str, str, str]]:
+  """(kernel, metric, unit, value) rows of `KEY_METRICS` in an ncu CSV."""
+  import csv
+  rows = []
+  with open(path, newline="") as f:
+    for rec in csv.DictReader(line for line in f if line.startswith('"')):
+      name = rec.get("Metric Name", "")
+      if name in KEY_METRICS:
+        rows.append((rec.get("Kernel Name", "")[:40], name,
+                     rec.get("Metric Unit", ""), rec.get("Metric Value", "")))
+  return rows
+
+
+def main(argv):
+  del argv
+  if FLAGS.summarize:
+    rows = summarize(FLAGS.summarize)
+    if not rows:
+      raise app.UsageError(f"no Nsight Compute metrics in {FLAGS.summarize}")
+    for kernel, name, unit, value in rows:
+      print(f"{kernel:40s} {name:36s} {value:>14s} {unit}")
+    return
+  import jax
+  try:
+    shape = parse_shape(FLAGS.kernel, FLAGS.shape)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  interpret = jax.default_backend() != "gpu"
+  problem = (prefill_problem(shape, 0) if FLAGS.kernel == "triton_prefill"
+             else decode_problem(shape, 0))
+  args, ref, _, _ = problem
+  fn = kernel_fn(FLAGS.kernel, None, interpret)
+  err = rel_err(fn(*args), ref)
+  print(f"{FLAGS.kernel} {shape}: rel_err {err:.1e} vs the reference",
+        flush=True)
+  out = None
+  for _ in range(FLAGS.calls):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  print(f"ran {FLAGS.calls} more calls", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

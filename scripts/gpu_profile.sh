@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Nsight Compute profiles of the kernels on the shapes where
+# launch.bench_kernels missed a target (docs/benchmarks.md, "GPU"): memory
+# and compute throughput, occupancy and its limits, warp stalls. One ncu run
+# per case, each profiling one launch after the warm-up; the CSV of each goes
+# to $OUT (default /tmp/gpu_profile) and its key metrics to the output.
+# About 30-40 s a case on an H100.
+#
+#   OUT=/tmp/p bash scripts/gpu_profile.sh
+#   CASES="mosaic_decode:1,32,8,128,16,32768,bfloat16" bash scripts/gpu_profile.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_profile}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+NCU="${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}"
+if [[ -z "$NCU" ]]; then echo "no ncu found"; exit 1; fi
+CASES="${CASES:-mosaic_decode:1,32,8,128,16,32768,bfloat16
+mosaic_decode:64,32,8,128,16,4096,bfloat16
+mosaic_decode:64,32,8,128,64,4096,bfloat16
+mosaic_decode:64,32,8,128,16,4096,int8
+triton_decode:64,32,8,128,16,4096,int8
+triton_prefill:1,32,8,128,16,16384,512,bfloat16}"
+status=0
+i=0
+for case in $CASES; do
+  i=$((i + 1))
+  kernel="${case%%:*}"; shape="${case#*:}"
+  csv="$OUT/ncu_${i}_${kernel}.csv"
+  echo "== $i $kernel $shape"
+  # Pallas names Triton kernels after their Python function; Mosaic GPU
+  # kernels carry "mosaic" in theirs. The first launch is the checked one.
+  timeout "${CASE_TIMEOUT:-150}" "$NCU" --target-processes all \
+    -k regex:'decode|prefill|mosaic' --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section LaunchStats --section Occupancy --section WarpStateStats \
+    --section SchedulerStats --csv --page details \
+    "$PY" -m launch.profile_kernels --kernel="$kernel" --shape="$shape" \
+    --calls=3 >"$csv" 2>"$OUT/ncu_${i}.err" || status=1
+  grep -h "rel_err" "$csv" "$OUT/ncu_${i}.err" | head -1
+  "$PY" -m launch.profile_kernels --summarize="$csv" 2>/dev/null || {
+    status=1; tail -n 5 "$OUT/ncu_${i}.err"; }
+done
+exit $status
