@@ -13,8 +13,10 @@ Every configuration is checked against the XLA reference (full float32
 precision) before it is timed, so a tiling that computes the wrong thing is
 reported as such, never as fast. The default tiling is timed first; each row
 gives its speed relative to it. Stops starting new configurations after
-`--budget_s` seconds; the JSON is rewritten after every configuration, so a
-run cut short keeps what it measured. Prints the best tiling per shape.
+`--budget_s` seconds, shared evenly by the shapes (time a shape leaves
+unused goes to the ones after it); the default tiling of every shape is
+always timed. The JSON is rewritten after every configuration, so a run cut
+short keeps what it measured. Prints the best tiling per shape.
 """
 
 from __future__ import annotations
@@ -74,16 +76,27 @@ def _pow2_floor(x: int) -> int:
   return 1 << (max(1, x).bit_length() - 1)
 
 
-def _step(block_size: int, tokens: int) -> tuple[int, int]:
-  """(pages_per_chunk, page_parts) for steps of `tokens` tokens."""
+def _step(block_size: int, tokens: int) -> dict[str, int]:
+  """The tiling fields for steps of `tokens` tokens: whole pages, or parts
+  of one large page."""
   if block_size <= tokens:
-    return tokens // block_size, 1
-  return 1, block_size // tokens
+    return dict(pages_per_chunk=tokens // block_size, page_parts=1)
+  return dict(pages_per_chunk=1, page_parts=block_size // tokens)
 
 
 def _splits(default: int, factors, pages: int) -> list[int]:
   out = sorted({max(1, min(pages, int(round(default * f)))) for f in factors})
   return out
+
+
+def _default_first(default, candidates: Iterator[Any]) -> Iterator[Any]:
+  """`default`, then each candidate tiling not seen before."""
+  seen = {default}
+  yield default
+  for t in candidates:
+    if t not in seen:
+      seen.add(t)
+      yield t
 
 
 def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
@@ -97,39 +110,32 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
       batch=s.batch, num_kv_heads=s.kv_heads, pages_per_seq=pages,
       block_size=s.page, head_dim=s.head_dim, itemsize=1 if quantized else 2,
       quantized=quantized)
-  yield default
-  for tokens, stages, splits in itertools.product(
-      cfg["step_tokens"], cfg["stages"],
-      _splits(default.num_splits, cfg["split_factors"], pages)):
-    chunk, parts = _step(s.page, tokens)
-    if tuning.mosaic_smem_bytes(tokens, s.head_dim, stages,
-                                quantized=quantized) > (
-                                    decode_mosaic_gpu.SMEM_BUDGET):
-      continue
-    t = tuning.MosaicDecodeTiling(pages_per_chunk=chunk, num_splits=splits,
-                                  num_stages=stages, page_parts=parts)
-    if t != default:
-      yield t
+  fits = lambda tokens, stages: tuning.mosaic_smem_bytes(
+      tokens, s.head_dim, stages, quantized=quantized) <= (
+          decode_mosaic_gpu.SMEM_BUDGET)
+  return _default_first(default, (
+      tuning.MosaicDecodeTiling(num_splits=splits, num_stages=stages,
+                                **_step(s.page, tokens))
+      for tokens, stages, splits in itertools.product(
+          cfg["step_tokens"], cfg["stages"],
+          _splits(default.num_splits, cfg["split_factors"], pages))
+      if fits(tokens, stages)))
 
 
 def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   """The Triton decode kernel's default tiling, then alternatives."""
   from kernels import tuning
   pages = -(-s.ctx // s.page)
-  itemsize = 1 if s.dtype == "int8" else 2
   default = tuning.decode_tiling(
       batch=s.batch, num_kv_heads=s.kv_heads, pages_per_seq=pages,
-      block_size=s.page, head_dim=s.head_dim, itemsize=itemsize)
-  yield default
-  for tokens, stages, warps, splits in itertools.product(
-      cfg["step_tokens"], cfg["stages"], cfg["warps"],
-      _splits(default.num_splits, cfg["split_factors"], pages)):
-    chunk, parts = _step(s.page, tokens)
-    t = tuning.DecodeTiling(pages_per_chunk=chunk, num_splits=splits,
-                            num_warps=warps, num_stages=stages,
-                            page_parts=parts)
-    if t != default:
-      yield t
+      block_size=s.page, head_dim=s.head_dim,
+      itemsize=1 if s.dtype == "int8" else 2)
+  return _default_first(default, (
+      tuning.DecodeTiling(num_splits=splits, num_warps=warps,
+                          num_stages=stages, **_step(s.page, tokens))
+      for tokens, stages, warps, splits in itertools.product(
+          cfg["step_tokens"], cfg["stages"], cfg["warps"],
+          _splits(default.num_splits, cfg["split_factors"], pages))))
 
 
 def triton_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
@@ -137,16 +143,12 @@ def triton_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
   from kernels import tuning
   default = tuning.prefill_tiling(block_size=s.page, head_dim=s.head_dim,
                                   itemsize=4 if s.dtype == "float32" else 2)
-  yield default
-  for block_q, tokens, warps, stages in itertools.product(
-      cfg["block_q"], cfg["prefill_step_tokens"], cfg["warps"],
-      cfg["stages"]):
-    chunk, parts = _step(s.page, tokens)
-    t = tuning.PrefillTiling(block_q=block_q, pages_per_chunk=chunk,
-                             num_warps=warps, num_stages=stages,
-                             page_parts=parts)
-    if t != default:
-      yield t
+  return _default_first(default, (
+      tuning.PrefillTiling(block_q=block_q, num_warps=warps,
+                           num_stages=stages, **_step(s.page, tokens))
+      for block_q, tokens, warps, stages in itertools.product(
+          cfg["block_q"], cfg["prefill_step_tokens"], cfg["warps"],
+          cfg["stages"])))
 
 
 # Relative error above which a tiling counts as wrong (bf16 operands, float32
@@ -161,7 +163,7 @@ def sweep_shape(kernel: str, shape, grid, problem, rows: list[dict],
   args, ref, nbytes, flops = problem
   default_us = None
   for i, tiling in enumerate(grid):
-    if time.monotonic() > deadline:
+    if i > 0 and time.monotonic() > deadline:  # the default always runs
       rows.append(dict(kernel=kernel, shape=dataclasses.asdict(shape),
                        skipped="time budget spent"))
       on_row()
@@ -266,7 +268,7 @@ def main(argv):
   grids = dict(mosaic_decode=mosaic_decode_grid,
                triton_decode=triton_decode_grid,
                triton_prefill=triton_prefill_grid)
-  key = 0
+  jobs = []
   for kernel in KERNELS:
     if kernel not in FLAGS.kernels:
       continue
@@ -275,14 +277,18 @@ def main(argv):
       if not decode_mosaic_gpu.is_hopper():
         print("mosaic_decode: not a Hopper GPU, skipped", flush=True)
         continue
-    for shape in cfg[kernel]:
-      key += 1
-      print(f"\n{kernel} {_shape_str(shape)}  (* = default tiling)",
-            flush=True)
-      problem = (prefill_problem(shape, key) if kernel == "triton_prefill"
-                 else decode_problem(shape, key))
-      sweep_shape(kernel, shape, grids[kernel](shape, cfg), problem, rows,
-                  interpret, deadline, write)
+    jobs += [(kernel, shape) for shape in cfg[kernel]]
+  for key, (kernel, shape) in enumerate(jobs):
+    # An equal share of the time left for each shape still to sweep, so
+    # that a big grid early on does not starve the shapes after it.
+    now = time.monotonic()
+    shape_deadline = now + max(0.0, deadline - now) / (len(jobs) - key)
+    print(f"\n{kernel} {_shape_str(shape)}  (* = default tiling)",
+          flush=True)
+    problem = (prefill_problem(shape, key) if kernel == "triton_prefill"
+               else decode_problem(shape, key))
+    sweep_shape(kernel, shape, grids[kernel](shape, cfg), problem, rows,
+                interpret, shape_deadline, write)
   write(final=True)
   print("\nbest tiling per shape (speedup over the default tiling)")
   for b in best_per_shape(rows):
