@@ -7,7 +7,9 @@ contiguous slice of the sequence's block table. Each program writes an
 unnormalised partial output with its running max and sum (base 2); the XLA
 epilogue of `decode_triton.merge_splits` combines the splits.
 
-Inside a program (one warpgroup, 128 threads):
+Inside a program (one warpgroup, 128 threads; the page ring, matmuls and
+int8 dequantization live in `mosaic_gpu_ring.PageRing`, shared with the
+prefill kernel):
 
 * Pages are gathered by id with TMA: a step of `T = pages_per_chunk *
   block_size / page_parts` tokens is `pages_per_chunk` whole pages (or one
@@ -71,13 +73,13 @@ from kernels import quantize
 from kernels import tuning
 from kernels.decode_triton import LOG2E, MASK_VALUE, merge_splits
 
-try:
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError:  # pragma: no cover - jaxlib without Mosaic GPU
-  plgpu = None
+from kernels.mosaic_gpu_ring import (WGMMA_ROWS, PageRing, interpret_arg,
+                                     plgpu, swizzled)
+from kernels import mosaic_gpu_ring
 
-# Rows of a Hopper warpgroup matmul (wgmma M): the GQA group is padded to it.
-WGMMA_ROWS = 64
+# Mosaic GPU's CPU interpret mode (kept here too: tests and callers use it).
+interpret_params = mosaic_gpu_ring.interpret_params
+
 # Rows of the partial outputs written per program (the group padded to a
 # multiple of 8, the row granularity of a swizzled SMEM tile).
 ROW_ALIGN = 8
@@ -86,25 +88,6 @@ SUPPORTED_DTYPES = ("bfloat16", "float16")
 # Mosaic adds ~3.6 KB (barriers, the cross-warp reduction scratch); the
 # lowering raises past the limit.
 SMEM_BUDGET = 227 * 1024 - 4096
-
-
-def interpret_params(**kwargs):
-  """Mosaic GPU's CPU interpret mode, `InterpretGPUParams(**kwargs)`.
-
-  Public as `plgpu.InterpretGPUParams` from jax 0.11; private in jax 0.10
-  (the one place this module touches JAX internals).
-  """
-  if hasattr(plgpu, "InterpretGPUParams"):
-    return plgpu.InterpretGPUParams(**kwargs)
-  try:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise NotImplementedError(
-        "this JAX has no Mosaic GPU interpret mode "
-        "(jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams); "
-        "run the Mosaic GPU kernel on a GPU or use implementation="
-        "'pallas_triton' / 'xla'") from e
-  return InterpretGPUParams(**kwargs)
 
 
 def is_hopper(device: jax.Device | None = None) -> bool:
@@ -209,95 +192,25 @@ def _decode_kernel(*refs, st: _Static):
   tokens = st.tokens
   rows = WGMMA_ROWS
 
-  def cast(x, layout):  # layouts mean nothing to the interpreter
-    return x if st.interpret else plgpu.layout_cast(x, layout)
-
-  row_layout = None if st.interpret else plgpu.Layout.WGMMA.reduce(1)
-  tile_layout = None if st.interpret else plgpu.Layout.WGMMA
-
   kv_len = lens_ref[b]
   first_token = split * st.tokens_per_split
   split_tokens = jnp.clip(kv_len - first_token, 0, st.tokens_per_split)
   num_steps = (split_tokens + tokens - 1) // tokens
-  table_base = split * st.pages_per_split
+  ring = PageRing(st, b=b, h=h, table_base=split * st.pages_per_split,
+                  tables_ref=tables_ref, kv_ref=kv_ref, scales_ref=scales_ref,
+                  q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_work=k_work,
+                  v_work=v_work, k_barriers=k_barriers, v_barriers=v_barriers)
+  cast, row_layout, tile_layout = ring.cast, ring.row_layout, ring.tile_layout
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
-
-  def issue(step, slot):
-    """Starts the TMA copies of step `step`'s pages into ring slot `slot`."""
-    for c in range(st.pages_per_chunk):
-      if st.page_parts == 1:
-        page = tables_ref[b, table_base + step * st.pages_per_chunk + c]
-        rows_in_page = pl.ds(0, st.block_size)
-        dst_rows = pl.ds(c * st.block_size, st.block_size)
-      else:
-        page = tables_ref[b, table_base + lax.div(step, st.page_parts)]
-        part = lax.rem(step, st.page_parts)
-        rows_in_page = pl.ds(part * tokens, tokens)
-        dst_rows = pl.ds(0, tokens)
-      plgpu.copy_gmem_to_smem(kv_ref.at[page, 0, h, rows_in_page],
-                              k_smem.at[slot, dst_rows], k_barriers.at[slot])
-      plgpu.copy_gmem_to_smem(kv_ref.at[page, 1, h, rows_in_page],
-                              v_smem.at[slot, dst_rows], v_barriers.at[slot])
-
-  for i in range(st.num_stages):  # fill the ring
-    pl.when(i < num_steps)(functools.partial(issue, i, i))
-
-  def qk(k_tile):  # [64, T] f32; k_tile: SMEM [T, head_dim]
-    if st.interpret:
-      return lax.dot_general(q_smem[...], k_tile[...],
-                             (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    def body(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
-      return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC((rows, tokens), jnp.float32))
-
-  def pv(p, v_tile):  # [64, head_dim] f32; v_tile: SMEM [T, head_dim]
-    if st.interpret:
-      return lax.dot_general(p, v_tile[...], (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    def body(acc_ref):
-      plgpu.wgmma(acc_ref, p, v_tile)
-      return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC((rows, st.head_dim), jnp.float32))
-
-  def token_scales(step, kv):  # [T] f32: each token's page scale
-    if st.page_parts > 1:  # the step is part of one page
-      page = tables_ref[b, table_base + lax.div(step, st.page_parts)]
-      return cast(jnp.full((tokens,), scales_ref[page, kv, h], jnp.float32),
-                  row_layout)
-    page_of_token = cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0),
-                         row_layout) // st.block_size
-    out = cast(jnp.zeros((tokens,), jnp.float32), row_layout)
-    for c in range(st.pages_per_chunk):
-      page = tables_ref[b, table_base + step * st.pages_per_chunk + c]
-      out = jnp.where(page_of_token == c, scales_ref[page, kv, h], out)
-    return out
-
-  def dequantize(src, dst, scales):
-    """int8 SMEM tile [T, head_dim] -> bf16 SMEM tile, times each token's
-    page scale, visible to `wgmma` when this returns."""
-    if st.interpret:
-      x = src[...].astype(jnp.float32)
-    else:
-      x = plgpu.load(src, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
-      x = plgpu.layout_cast(x, plgpu.Layout.WGMMA).astype(jnp.float32)
-    x = x * lax.broadcast_in_dim(scales, x.shape, (0,))
-    dst[...] = x.astype(dst.dtype)
-    plgpu.commit_smem()
+  ring.fill(num_steps)
 
   scale = st.sm_scale * LOG2E  # softmax in base 2
 
   def step_fn(step, carry):
     acc, m, l = carry
     slot = lax.rem(step, st.num_stages)
-    plgpu.barrier_wait(k_barriers.at[slot])
-    k_tile = k_smem.at[slot]
-    if st.quantized:
-      dequantize(k_tile, k_work, token_scales(step, 0))
-      k_tile = k_work
-    s = qk(k_tile) * scale
+    s = ring.qk(ring.k_tile(step, slot)) * scale
     start = first_token + step * tokens
     token_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
                      tile_layout)
@@ -306,16 +219,11 @@ def _decode_kernel(*refs, st: _Static):
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, (0,)))
     l_new = l * alpha + jnp.sum(p, axis=1)
-    plgpu.barrier_wait(v_barriers.at[slot])
-    v_tile = v_smem.at[slot]
-    if st.quantized:
-      dequantize(v_tile, v_work, token_scales(step, 1))
-      v_tile = v_work
+    v_tile = ring.v_tile(step, slot)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
-    acc = acc + pv(p.astype(q_smem.dtype), v_tile)
+    acc = acc + ring.pv(p.astype(q_smem.dtype), v_tile)
     # The slot is consumed (the matmuls above have been awaited): refill it.
-    nxt = step + st.num_stages
-    pl.when(nxt < num_steps)(functools.partial(issue, nxt, slot))
+    ring.refill(step, slot, num_steps)
     return acc, m_new, l_new
 
   plgpu.barrier_wait(q_barrier.at[0])
@@ -333,18 +241,6 @@ def _decode_kernel(*refs, st: _Static):
   plgpu.copy_smem_to_gmem(m_smem.at[out_rows], m_ref.at[b, h, split])
   plgpu.copy_smem_to_gmem(l_smem.at[out_rows], l_ref.at[b, h, split])
   plgpu.wait_smem_to_gmem(0)
-
-
-def _swizzled(shape: tuple[int, ...], dtype) -> object:
-  """An SMEM tile in the tiling and swizzle that TMA writes and `wgmma` (or
-  an upcasting load) reads: rows of 8 x up to 128 bytes, swizzled by as many
-  bytes as a row holds (128 for 16-bit tiles and int8 head_dim 128, 64 for
-  int8 head_dim 64)."""
-  itemsize = jnp.dtype(dtype).itemsize
-  swizzle = min(128, shape[-1] * itemsize)
-  return plgpu.SMEM(shape, dtype, transforms=(
-      plgpu.TilingTransform((8, swizzle // itemsize)),
-      plgpu.SwizzleTransform(swizzle)))
 
 
 @functools.partial(
@@ -410,12 +306,12 @@ def paged_decode(
                sm_scale=float(sm_scale), interpret=interpret is not False,
                quantized=quantized)
   dtype = kv_pages.dtype
-  work = ([_swizzled((st.tokens, head_dim), compute_dtype)] * 2
+  work = ([swizzled((st.tokens, head_dim), compute_dtype)] * 2
           if quantized else [])
   scratch = [
-      _swizzled((WGMMA_ROWS, head_dim), compute_dtype),
-      _swizzled((st.num_stages, st.tokens, head_dim), dtype),
-      _swizzled((st.num_stages, st.tokens, head_dim), dtype),
+      swizzled((WGMMA_ROWS, head_dim), compute_dtype),
+      swizzled((st.num_stages, st.tokens, head_dim), dtype),
+      swizzled((st.num_stages, st.tokens, head_dim), dtype),
       *work,
       plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
       plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
@@ -436,8 +332,7 @@ def paged_decode(
       scratch_types=scratch,
       grid=(batch, num_kv_heads, splits),
       grid_names=("batch", "kv_head", "split"),
-      interpret=(None if interpret is False else
-                 interpret_params() if interpret is True else interpret),
+      interpret=interpret_arg(interpret),
   )
   scales = ((kv_scales.astype(jnp.float32),) if quantized else ())
   o, m, l = kernel(lens, tables, qg, kv_pages, *scales)

@@ -1,0 +1,209 @@
+"""The K/V page ring one Mosaic GPU attention program walks (decode and
+prefill kernels share it).
+
+A step of `T = pages_per_chunk * block_size / page_parts` tokens is
+`pages_per_chunk` whole pages (or one `1/page_parts` slice of a large page),
+each its own TMA copy `kv_pages[page, 0 or 1, head, rows] -> SMEM` into one
+slot of a `num_stages`-deep ring of K and V tiles `[T, head_dim]`, counted by
+one barrier per slot and per K/V. The program fills the ring, then per step:
+waits for the slot's K, (int8: dequantizes it into a bf16 tile,) multiplies
+`q @ K^T` on the tensor cores, ..., waits for V, `p @ V`, and refills the
+slot with the step `num_stages` ahead.
+
+Interpret mode (CPU): the matmuls are `lax.dot_general` on the same SMEM
+tiles (its `wgmma` takes neither a transposed nor a register operand), the
+layout casts identities and int8 tiles plain arrays; everything else is the
+compiled code.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+try:
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - jaxlib without Mosaic GPU
+  plgpu = None
+
+# Rows of a Hopper warpgroup matmul (wgmma M): a program's query tile.
+WGMMA_ROWS = 64
+
+
+class PageRing:
+  """One program's page ring; built inside the kernel body.
+
+  `st` is the kernel's static description (block_size, head_dim,
+  pages_per_chunk, page_parts, num_stages, tokens, interpret, quantized);
+  `b`, `h` the program's sequence and KV head; `table_base` the first table
+  entry of its pages. `scales_ref`, `k_work`, `v_work`: int8 pools only.
+  """
+
+  def __init__(self, st: Any, *, b, h, table_base, tables_ref, kv_ref,
+               scales_ref, q_smem, k_smem, v_smem, k_work, v_work,
+               k_barriers, v_barriers):
+    self.st = st
+    self.b, self.h, self.table_base = b, h, table_base
+    self.tables_ref, self.kv_ref, self.scales_ref = (tables_ref, kv_ref,
+                                                     scales_ref)
+    self.q_smem, self.k_smem, self.v_smem = q_smem, k_smem, v_smem
+    self.k_work, self.v_work = k_work, v_work
+    self.k_barriers, self.v_barriers = k_barriers, v_barriers
+    self.tokens = st.tokens
+    self.row_layout = None if st.interpret else plgpu.Layout.WGMMA.reduce(1)
+    self.tile_layout = None if st.interpret else plgpu.Layout.WGMMA
+
+  def cast(self, x, layout):
+    """`layout_cast`, an identity in interpret mode (no layouts there)."""
+    return x if self.st.interpret else plgpu.layout_cast(x, layout)
+
+  def _page(self, step, c):
+    """Pool page id of page `c` of step `step` (its only page with parts)."""
+    st = self.st
+    if st.page_parts == 1:
+      return self.tables_ref[self.b, self.table_base
+                             + step * st.pages_per_chunk + c]
+    return self.tables_ref[self.b, self.table_base
+                           + lax.div(step, st.page_parts)]
+
+  def issue(self, step, slot):
+    """Starts the TMA copies of step `step`'s pages into ring slot `slot`."""
+    st, tokens = self.st, self.tokens
+    for c in range(st.pages_per_chunk):
+      page = self._page(step, c)
+      if st.page_parts == 1:
+        rows_in_page = pl.ds(0, st.block_size)
+        dst_rows = pl.ds(c * st.block_size, st.block_size)
+      else:
+        part = lax.rem(step, st.page_parts)
+        rows_in_page = pl.ds(part * tokens, tokens)
+        dst_rows = pl.ds(0, tokens)
+      plgpu.copy_gmem_to_smem(self.kv_ref.at[page, 0, self.h, rows_in_page],
+                              self.k_smem.at[slot, dst_rows],
+                              self.k_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(self.kv_ref.at[page, 1, self.h, rows_in_page],
+                              self.v_smem.at[slot, dst_rows],
+                              self.v_barriers.at[slot])
+
+  def fill(self, num_steps):
+    """Issues the first `num_stages` steps (those that exist)."""
+    for i in range(self.st.num_stages):
+      pl.when(i < num_steps)(functools.partial(self.issue, i, i))
+
+  def refill(self, step, slot, num_steps):
+    """After step `step` is consumed: its slot takes step + num_stages."""
+    nxt = step + self.st.num_stages
+    pl.when(nxt < num_steps)(functools.partial(self.issue, nxt, slot))
+
+  def qk(self, k_tile):  # [64, T] f32; k_tile: SMEM [T, head_dim]
+    if self.st.interpret:
+      return lax.dot_general(self.q_smem[...], k_tile[...],
+                             (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, self.q_smem, k_tile.transpose((1, 0)))
+      return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC((WGMMA_ROWS, self.tokens),
+                                         jnp.float32))
+
+  def pv(self, p, v_tile):  # [64, head_dim] f32; v_tile: SMEM [T, head_dim]
+    if self.st.interpret:
+      return lax.dot_general(p, v_tile[...], (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, p, v_tile)
+      return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC((WGMMA_ROWS, self.st.head_dim),
+                                         jnp.float32))
+
+  def token_scales(self, step, kv):  # [T] f32: each token's page scale
+    st, tokens = self.st, self.tokens
+    if st.page_parts > 1:  # the step is part of one page
+      page = self._page(step, 0)
+      return self.cast(jnp.full((tokens,), self.scales_ref[page, kv, self.h],
+                                jnp.float32), self.row_layout)
+    page_of_token = self.cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0),
+                              self.row_layout) // st.block_size
+    out = self.cast(jnp.zeros((tokens,), jnp.float32), self.row_layout)
+    for c in range(st.pages_per_chunk):
+      page = self._page(step, c)
+      out = jnp.where(page_of_token == c, self.scales_ref[page, kv, self.h],
+                      out)
+    return out
+
+  def dequantize(self, src, dst, scales):
+    """int8 SMEM tile [T, head_dim] -> bf16 SMEM tile, times each token's
+    page scale, visible to `wgmma` when this returns."""
+    if self.st.interpret:
+      x = src[...].astype(jnp.float32)
+    else:
+      x = plgpu.load(src, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
+      x = plgpu.layout_cast(x, plgpu.Layout.WGMMA).astype(jnp.float32)
+    x = x * lax.broadcast_in_dim(scales, x.shape, (0,))
+    dst[...] = x.astype(dst.dtype)
+    plgpu.commit_smem()
+
+  def k_tile(self, step, slot):
+    """Waits for the slot's K; its tile for `qk` (dequantized for int8)."""
+    plgpu.barrier_wait(self.k_barriers.at[slot])
+    tile = self.k_smem.at[slot]
+    if self.st.quantized:
+      self.dequantize(tile, self.k_work, self.token_scales(step, 0))
+      tile = self.k_work
+    return tile
+
+  def v_tile(self, step, slot):
+    """Waits for the slot's V; its tile for `pv` (dequantized for int8)."""
+    plgpu.barrier_wait(self.v_barriers.at[slot])
+    tile = self.v_smem.at[slot]
+    if self.st.quantized:
+      self.dequantize(tile, self.v_work, self.token_scales(step, 1))
+      tile = self.v_work
+    return tile
+
+
+def swizzled(shape: tuple[int, ...], dtype) -> Any:
+  """An SMEM tile in the tiling and swizzle that TMA writes and `wgmma` (or
+  an upcasting load) reads: rows of 8 x up to 128 bytes, swizzled by as many
+  bytes as a row holds (128 for 16-bit tiles and int8 head_dim 128, 64 for
+  int8 head_dim 64)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = min(128, shape[-1] * itemsize)
+  return plgpu.SMEM(shape, dtype, transforms=(
+      plgpu.TilingTransform((8, swizzle // itemsize)),
+      plgpu.SwizzleTransform(swizzle)))
+
+
+def interpret_params(**kwargs):
+  """Mosaic GPU's CPU interpret mode, `InterpretGPUParams(**kwargs)`.
+
+  Public as `plgpu.InterpretGPUParams` from jax 0.11; private in jax 0.10
+  (the one place these kernels touch JAX internals).
+  """
+  if hasattr(plgpu, "InterpretGPUParams"):
+    return plgpu.InterpretGPUParams(**kwargs)
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise NotImplementedError(
+        "this JAX has no Mosaic GPU interpret mode "
+        "(jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams); "
+        "run the Mosaic GPU kernels on a GPU or use implementation="
+        "'pallas_triton' / 'xla'") from e
+  return InterpretGPUParams(**kwargs)
+
+
+def interpret_arg(interpret: bool | object):
+  """`plgpu.kernel`'s `interpret=` for a kernel's `interpret` argument."""
+  if interpret is False:
+    return None
+  return interpret_params() if interpret is True else interpret
+
+
+def is_available() -> bool:
+  return plgpu is not None
+
