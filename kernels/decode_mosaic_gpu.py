@@ -44,8 +44,9 @@ and int8 pools, `head_dim` 64 or 128 (256 would leave no SMEM for a ring),
 head. Not supported (ValueError; `"auto"` takes the Triton kernel instead):
 float32 pools (`wgmma` would round them to tf32, and 32-bit `wgmma` can
 neither transpose an operand, as V `[T, head_dim]` must be, nor take p from
-registers), prefill. `"auto"` also keeps int8 pools on Triton until the int8
-path has been measured on a GPU.
+registers). Prefill (`q_len > 1`) is `prefill_mosaic_gpu.py`'s, on the same
+page ring. `"auto"` also keeps int8 pools on Triton until the int8 path has
+been measured on a GPU.
 
 Testing without a GPU: Mosaic GPU's interpret mode (`interpret_params`;
 private in jax 0.10, public from 0.11) runs the kernel on CPU, simulating
@@ -370,13 +371,15 @@ def paged_attention_mosaic_gpu(
     kv_scales: jax.Array | None = None,  # [num_blocks, 2, num_kv_heads] f32
     interpret: bool | None = None,
 ) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
-  """The `"pallas_mosaic_gpu"` implementation: decode only (q_len == 1)."""
-  if q.shape[1] != 1:
-    raise ValueError("the Mosaic GPU kernel handles decode (q_len == 1) only; "
-                     f"got q_len={q.shape[1]}; use implementation="
-                     "'pallas_triton' or 'auto'")
+  """The `"pallas_mosaic_gpu"` implementation: the decode kernel for
+  q_len == 1, the prefill kernel (`prefill_mosaic_gpu`) otherwise."""
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
+  if q.shape[1] != 1:
+    from kernels import prefill_mosaic_gpu  # pylint: disable=g-import-not-at-top
+    return prefill_mosaic_gpu.paged_prefill(
+        q, kv_pages, block_tables, kv_lens, q_lens, kv_scales,
+        sm_scale=sm_scale, interpret=interpret)
   out = paged_decode(q[:, 0], kv_pages, block_tables, kv_lens, kv_scales,
                      sm_scale=sm_scale, interpret=interpret)
   # Padding rows (q_lens == 0) give zeros, as in the reference.

@@ -12,8 +12,9 @@
 * `"pallas_mosaic_tpu"`: the Mosaic TPU decode kernel (`q_len == 1`;
   `decode_mosaic_tpu.py`) and prefill kernel (`q_len > 1`, float32/bfloat16
   pools; `prefill_mosaic_tpu.py`).
-* `"pallas_mosaic_gpu"`: the Mosaic GPU (Hopper) decode kernel: `q_len == 1`,
-  bf16/f16 pools, head_dim 64 or 128 (`decode_mosaic_gpu.py`).
+* `"pallas_mosaic_gpu"`: the Mosaic GPU (Hopper) kernels, bf16/f16/int8
+  pools, head_dim 64 or 128: decode (`q_len == 1`, `decode_mosaic_gpu.py`)
+  and prefill (`q_len > 1`, `prefill_mosaic_gpu.py`).
 * `"auto"`: the best registered implementation for the default backend that
   supports the call (query length, head_dim, page size, pool dtype, int8),
   falling back to `"xla"`.

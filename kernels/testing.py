@@ -47,6 +47,17 @@ MOSAIC_DECODE_CASES = [
     (4, 1, 64, 32, "int8", [190, 0], 2, 1, 4, 1),  # MQA, empty seq
 ]
 
+MOSAIC_PREFILL_CASES = [
+    # (heads, kv_heads, head_dim, block_size, dtype, q_len, kv_lens, q_lens,
+    #  pages_per_chunk, num_stages, page_parts)
+    (9, 3, 64, 16, "bfloat16", 20, [5, 37, 96], [5, 20, 0], 4, 2, 1),  # 3:1
+    (4, 2, 128, 32, "bfloat16", 40, [40, 150], [40, 33], 2, 2, 1),
+    (8, 1, 64, 64, "float16", 70, [300, 70], [70, 9], 1, 3, 1),  # refills
+    (4, 4, 128, 128, "bfloat16", 33, [200, 33], [33, 2], 1, 2, 2),  # parts
+    (6, 2, 64, 16, "int8", 24, [24, 70, 0], [24, 1, 0], 4, 2, 1),
+    (16, 1, 128, 64, "int8", 10, [130, 10], [10, 3], 1, 2, 1),  # MQA 16:1
+]
+
 PREFILL_CASES = [
     # (heads, kv_heads, head_dim, block_size, dtype, q_len, kv_lens, q_lens)
     (9, 3, 64, 16, "float32", 20, [5, 37, 96], [5, 20, 0]),
@@ -203,9 +214,9 @@ def mosaic_decode_case(params) -> Case:
 
 
 def prefill_case(params) -> Case:
-  """The `Case` of one `PREFILL_CASES` entry."""
+  """The `Case` of one `PREFILL_CASES` (or `MOSAIC_PREFILL_CASES`) entry."""
   heads, kv_heads, head_dim, block_size, dtype, q_len, kv_lens, q_lens = (
-      params)
+      params[:8])
   return make_case(
       seed_of(params), kv_lens=kv_lens, q_lens=q_lens, q_len=q_len,
       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,

@@ -166,6 +166,18 @@ def mosaic_decode_tiling(
                             page_parts=page_parts)
 
 
+def mosaic_prefill_tiling(*, block_size: int, head_dim: int,
+                          itemsize: int = 2,
+                          quantized: bool = False) -> MosaicDecodeTiling:
+  """The Mosaic GPU prefill kernel's page ring: the decode kernel's step and
+  depth for a long table (prefill reads the whole prefix), one split.
+  Reasoned, not measured."""
+  ring = mosaic_decode_tiling(batch=1, num_kv_heads=1, pages_per_seq=1 << 20,
+                              block_size=block_size, head_dim=head_dim,
+                              itemsize=itemsize, quantized=quantized)
+  return dataclasses.replace(ring, num_splits=1)
+
+
 def prefill_tiling(*, block_size: int, head_dim: int,
                    itemsize: int = 2) -> PrefillTiling:
   """Picks the prefill kernel's tile sizes for a static shape.

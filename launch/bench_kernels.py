@@ -78,7 +78,8 @@ PRESETS = {
         decode=[DecodeShape(2, 9, 3, 64, 16, 96, "float32"),
                 DecodeShape(2, 4, 2, 64, 16, 64, "int8"),
                 DecodeShape(2, 8, 2, 128, 32, 96, "bfloat16")],
-        prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "float32")],
+        prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "float32"),
+                 PrefillShape(1, 4, 2, 64, 16, 48, 16, "bfloat16")],
         copy=[CopyShape(2, 4, 32, 16, 2, 16, 64, "float32")],
         overlap=(CopyShape(2, 4, 32, 16, 2, 16, 64, "float32"),
                  DecodeShape(2, 4, 2, 64, 16, 64, "float32")),
@@ -166,9 +167,9 @@ def _torch_copy_gbps(copy_mib: int, rows: list[dict]) -> float | None:
   return rows[-1]["gbps"]
 
 
-def _mosaic_applies(s: DecodeShape, interpret: bool) -> bool:
-  """Whether the Mosaic GPU decode kernel runs this shape here (its dtypes
-  and shapes; a Hopper GPU, or interpret mode)."""
+def _mosaic_applies(s: DecodeShape | PrefillShape, interpret: bool) -> bool:
+  """Whether the Mosaic GPU kernels run this shape here (their dtypes and
+  shapes; a Hopper GPU, or interpret mode)."""
   from kernels import decode_mosaic_gpu
   return (interpret or decode_mosaic_gpu.is_hopper()) and decode_mosaic_gpu.supports(
       q_len=1, head_dim=s.head_dim, block_size=s.page,
@@ -258,6 +259,7 @@ def bench_prefill(shapes, rows: list[dict], interpret: bool) -> None:
   """Our prefill kernel vs the XLA reference vs cuDNN dense attention."""
   import jax
   import jax.numpy as jnp
+  from kernels import prefill_mosaic_gpu
   from kernels import prefill_triton
   from kernels import quantize
 
@@ -293,6 +295,13 @@ def bench_prefill(shapes, rows: list[dict], interpret: bool) -> None:
     _attempt(rows, base, "pallas_triton (ours)",
              lambda: ours(q, pool, scales, tables, kv_lens, q_lens),
              nbytes=kv_bytes, flops=flops, check=check)
+    if _mosaic_applies(s, interpret):
+      mosaic = jax.jit(
+          lambda q, p, sc, t, kl, ql: prefill_mosaic_gpu.paged_prefill(
+              q, p, t, kl, ql, sc, interpret=interpret))
+      _attempt(rows, base, "pallas_mosaic_gpu (ours)",
+               lambda: mosaic(q, pool, scales, tables, kv_lens, q_lens),
+               nbytes=kv_bytes, flops=flops, check=check)
     _attempt(rows, base, "xla reference",
              lambda: ref_fn(q, pool, scales, tables, kv_lens, q_lens),
              nbytes=kv_bytes, flops=flops)

@@ -38,7 +38,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
                   "shape set; default: gpu on a GPU backend, else smoke")
 flags.DEFINE_list("kernels", ["mosaic_decode", "triton_prefill",
-                              "triton_decode"], "kernels to sweep")
+                              "mosaic_prefill", "triton_decode"],
+                  "kernels to sweep")
 flags.DEFINE_integer("reps", 5, "timed repetitions (median reported)")
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition")
 flags.DEFINE_float("budget_s", 240.0, "no new configuration starts after "
@@ -46,7 +47,9 @@ flags.DEFINE_float("budget_s", 240.0, "no new configuration starts after "
 flags.DEFINE_string("json", None, "JSON output (default: docs/results/"
                     "bench_tiling_<backend>.json)")
 
-KERNELS = ("mosaic_decode", "triton_decode", "triton_prefill")
+KERNELS = ("mosaic_decode", "triton_decode", "triton_prefill",
+           "mosaic_prefill")
+PREFILL_KERNELS = ("triton_prefill", "mosaic_prefill")
 
 PRESETS = {
     "gpu": dict(
@@ -60,6 +63,8 @@ PRESETS = {
                                      "bfloat16"),
                         PrefillShape(1, 32, 8, 128, 64, 32256, 512,
                                      "bfloat16")],
+        mosaic_prefill=[PrefillShape(1, 32, 8, 128, 16, 16384, 512,
+                                     "bfloat16")],
         step_tokens=(64, 128, 256), split_factors=(0.5, 1, 2, 4),
         stages=(2, 3, 4), warps=(4, 8), block_q=(64, 128),
         prefill_step_tokens=(32, 64, 128)),
@@ -67,6 +72,7 @@ PRESETS = {
         mosaic_decode=[DecodeShape(2, 8, 2, 64, 16, 200, "bfloat16")],
         triton_decode=[DecodeShape(2, 4, 2, 64, 16, 100, "int8")],
         triton_prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "float32")],
+        mosaic_prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "bfloat16")],
         step_tokens=(64,), split_factors=(1, 2), stages=(2,), warps=(4,),
         block_q=(16,), prefill_step_tokens=(16, 32)),
 }
@@ -136,6 +142,25 @@ def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
       for tokens, stages, warps, splits in itertools.product(
           cfg["step_tokens"], cfg["stages"], cfg["warps"],
           _splits(default.num_splits, cfg["split_factors"], pages))))
+
+
+def mosaic_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
+  """The Mosaic GPU prefill kernel's default page ring, then alternatives
+  that fit its shared memory (one split)."""
+  from kernels import decode_mosaic_gpu
+  from kernels import tuning
+  quantized = s.dtype == "int8"
+  default = tuning.mosaic_prefill_tiling(
+      block_size=s.page, head_dim=s.head_dim, itemsize=1 if quantized else 2,
+      quantized=quantized)
+  return _default_first(default, (
+      tuning.MosaicDecodeTiling(num_splits=1, num_stages=stages,
+                                **_step(s.page, tokens))
+      for tokens, stages in itertools.product(cfg["step_tokens"],
+                                              cfg["stages"])
+      if tuning.mosaic_smem_bytes(tokens, s.head_dim, stages,
+                                  quantized=quantized)
+      <= decode_mosaic_gpu.SMEM_BUDGET))
 
 
 def triton_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
@@ -267,15 +292,16 @@ def main(argv):
 
   grids = dict(mosaic_decode=mosaic_decode_grid,
                triton_decode=triton_decode_grid,
-               triton_prefill=triton_prefill_grid)
+               triton_prefill=triton_prefill_grid,
+               mosaic_prefill=mosaic_prefill_grid)
   jobs = []
   for kernel in KERNELS:
     if kernel not in FLAGS.kernels:
       continue
-    if kernel == "mosaic_decode" and not interpret:
+    if kernel.startswith("mosaic") and not interpret:
       from kernels import decode_mosaic_gpu
       if not decode_mosaic_gpu.is_hopper():
-        print("mosaic_decode: not a Hopper GPU, skipped", flush=True)
+        print(f"{kernel}: not a Hopper GPU, skipped", flush=True)
         continue
     jobs += [(kernel, shape) for shape in cfg[kernel]]
   for key, (kernel, shape) in enumerate(jobs):
@@ -285,7 +311,7 @@ def main(argv):
     shape_deadline = now + max(0.0, deadline - now) / (len(jobs) - key)
     print(f"\n{kernel} {_shape_str(shape)}  (* = default tiling)",
           flush=True)
-    problem = (prefill_problem(shape, key) if kernel == "triton_prefill"
+    problem = (prefill_problem(shape, key) if kernel in PREFILL_KERNELS
                else decode_problem(shape, key))
     sweep_shape(kernel, shape, grids[kernel](shape, cfg), problem, rows,
                 interpret, shape_deadline, write)

@@ -135,10 +135,12 @@ def prefill_problem(s: PrefillShape, key: int):
 
 def kernel_fn(kernel: str, tiling, interpret: bool) -> Callable[..., Any]:
   """One jitted kernel call taking a problem's args: "mosaic_decode",
-  "triton_decode" or "triton_prefill" (tiling None: the default)."""
+  "triton_decode", "triton_prefill" or "mosaic_prefill" (tiling None: the
+  default)."""
   import jax
   from kernels import decode_mosaic_gpu
   from kernels import decode_triton
+  from kernels import prefill_mosaic_gpu
   from kernels import prefill_triton
   if kernel == "mosaic_decode":
     return jax.jit(lambda q, p, sc, t, l: decode_mosaic_gpu.paged_decode(
@@ -146,5 +148,8 @@ def kernel_fn(kernel: str, tiling, interpret: bool) -> Callable[..., Any]:
   if kernel == "triton_decode":
     return jax.jit(lambda q, p, sc, t, l: decode_triton.paged_decode(
         q, p, t, l, sc, tiling=tiling, interpret=interpret))
+  if kernel == "mosaic_prefill":
+    return jax.jit(lambda q, p, sc, t, kl, ql: prefill_mosaic_gpu.paged_prefill(
+        q, p, t, kl, ql, sc, tiling=tiling, interpret=interpret))
   return jax.jit(lambda q, p, sc, t, kl, ql: prefill_triton.paged_prefill(
       q, p, t, kl, ql, sc, tiling=tiling, interpret=interpret))

@@ -24,7 +24,8 @@ from launch.kernel_cases import (DecodeShape, PrefillShape, decode_problem,
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("kernel", "mosaic_decode",
-                  ["mosaic_decode", "triton_decode", "triton_prefill"],
+                  ["mosaic_decode", "triton_decode", "triton_prefill",
+                   "mosaic_prefill"],
                   "kernel to run (default tiling)")
 flags.DEFINE_list("shape", ["1", "32", "8", "128", "16", "32768", "bfloat16"],
                   "decode: batch,heads,kv_heads,head_dim,page,ctx,dtype; "
@@ -48,7 +49,7 @@ KEY_METRICS = (
 def parse_shape(kernel: str, fields: list[str]):
   """The DecodeShape / PrefillShape that `--shape` names (ValueError if
   it does not fit the kernel)."""
-  cls = PrefillShape if kernel == "triton_prefill" else DecodeShape
+  cls = PrefillShape if kernel.endswith("prefill") else DecodeShape
   n = len(cls.__dataclass_fields__)
   if len(fields) != n:
     raise ValueError(f"--shape for {kernel} takes {n} fields "
@@ -92,7 +93,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   interpret = jax.default_backend() != "gpu"
-  problem = (prefill_problem(shape, 0) if FLAGS.kernel == "triton_prefill"
+  problem = (prefill_problem(shape, 0) if FLAGS.kernel.endswith("prefill")
              else decode_problem(shape, 0))
   args, ref, _, _ = problem
   fn = kernel_fn(FLAGS.kernel, None, interpret)

@@ -21,7 +21,8 @@ mosaic_decode:64,32,8,128,16,4096,bfloat16
 mosaic_decode:64,32,8,128,64,4096,bfloat16
 mosaic_decode:64,32,8,128,16,4096,int8
 triton_decode:64,32,8,128,16,4096,int8
-triton_prefill:1,32,8,128,16,16384,512,bfloat16}"
+triton_prefill:1,32,8,128,16,16384,512,bfloat16
+mosaic_prefill:1,32,8,128,16,16384,512,bfloat16}"
 status=0
 i=0
 for case in $CASES; do

@@ -88,7 +88,7 @@ def test_lengths_beyond_the_table_see_only_the_table():
   testing.assert_matches(out[:, None], case)
 
 
-@pytest.mark.parametrize("what", ["float32", "int8", "head_dim", "prefill",
+@pytest.mark.parametrize("what", ["float32", "int8", "head_dim",
                                   "tiling"])  # int8: without its scales
 def test_unsupported_calls_raise(what):
   kw = dict(kv_lens=[10], num_heads=2, num_kv_heads=1, dtype="bfloat16")
@@ -96,20 +96,15 @@ def test_unsupported_calls_raise(what):
     kw["dtype"] = what
   if what == "head_dim":
     kw["head_dim"] = 96
-  if what == "prefill":
-    kw["q_len"] = 4
   case = testing.make_case(73, **kw)
   match = {"float32": "float32", "int8": "int8", "head_dim": "head_dim",
-           "prefill": "decode", "tiling": "tiling"}[what]
+           "tiling": "tiling"}[what]
   with pytest.raises(ValueError, match=match):
-    if what == "prefill":
-      paged_attention(*case.args(), implementation="pallas_mosaic_gpu")
-    else:
-      tiling = (tuning.MosaicDecodeTiling(1, 1) if what == "tiling"
-                else None)  # 16-token steps: below wgmma's 64
-      decode_mosaic_gpu.paged_decode(
-          case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
-          None, tiling=tiling, interpret=True)
+    tiling = (tuning.MosaicDecodeTiling(1, 1) if what == "tiling"
+              else None)  # 16-token steps: below wgmma's 64
+    decode_mosaic_gpu.paged_decode(
+        case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
+        None, tiling=tiling, interpret=True)
 
 
 @pytest.mark.parametrize("q_len,head_dim,block_size,dtype,quantized,ok", [
@@ -119,7 +114,7 @@ def test_unsupported_calls_raise(what):
     (1, 128, 16, "int8", True, True),  # by name; "auto" keeps Triton
     (1, 128, 16, "int8", False, False),  # int8 without scales
     (1, 256, 16, "bfloat16", False, False),
-    (7, 128, 16, "bfloat16", False, False),  # prefill
+    (7, 128, 16, "bfloat16", False, False),  # prefill: its own module
     (1, 128, 16, None, False, False),  # dtype unknown
 ])
 def test_capability_predicate_and_auto_on_gpu(

@@ -19,6 +19,7 @@ import pytest
 from kernels import block_copy
 from kernels import decode_mosaic_gpu
 from kernels import decode_triton
+from kernels import prefill_mosaic_gpu
 from kernels import prefill_triton
 from kernels import testing
 from kernels import tuning
@@ -154,6 +155,35 @@ def test_large_mosaic_decode_default_tiling(heads, kv_heads, head_dim,
       kv_lens=kv_lens, num_heads=heads, num_kv_heads=kv_heads,
       head_dim=head_dim, block_size=block_size, dtype=dtype,
       pages_per_seq=-(-max(kv_lens) // block_size) + 3)
+  _poison(case)
+  out = paged_attention(*case.args(), implementation="pallas_mosaic_gpu",
+                        kv_scales=case.kv_scales)
+  testing.assert_matches(out, case, rtol=_rtol(case))
+
+
+@needs_hopper
+@pytest.mark.parametrize("params", testing.MOSAIC_PREFILL_CASES, ids=str)
+def test_small_mosaic_prefill_cases(params):
+  case = testing.prefill_case(params)
+  _poison(case)
+  chunk, stages, parts = params[8:]
+  out = prefill_mosaic_gpu.paged_prefill(
+      *case.args(), case.kv_scales,
+      tiling=tuning.MosaicDecodeTiling(chunk, 1, stages, parts))
+  testing.assert_matches(out, case, rtol=_rtol(case))
+
+
+@needs_hopper
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype", [
+    (32, 8, 128, 16, "bfloat16"), (9, 3, 64, 64, "bfloat16"),
+    (8, 2, 128, 32, "int8"), (32, 8, 128, 256, "float16")])
+def test_large_mosaic_prefill_default_tiling(heads, kv_heads, head_dim,
+                                             block_size, dtype):
+  case = testing.make_case(
+      testing.seed_of((heads, block_size, dtype, "mosaic prefill")),
+      kv_lens=[2300, 300, 700], q_lens=[300, 300, 129], q_len=300,
+      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+      block_size=block_size, dtype=dtype)
   _poison(case)
   out = paged_attention(*case.args(), implementation="pallas_mosaic_gpu",
                         kv_scales=case.kv_scales)

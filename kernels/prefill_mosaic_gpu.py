@@ -1,0 +1,278 @@
+"""Paged prefill attention for Hopper GPUs: a Pallas kernel on Mosaic GPU.
+
+A ragged batch of new-token chunks, as in `prefill_triton.py`: sequence `b`
+brings `q_lens[b]` new tokens, the last `q_lens[b]` of its `kv_lens[b]`
+context tokens; each attends causally to the chunk and fully to the paged
+prefix before it (an agent turn: a few hundred tokens onto tens of
+thousands).
+
+The grid is `(batch, num_kv_heads, query_blocks)`. A program holds one
+warpgroup matmul tile of 64 query rows: `64 / group_pad` new tokens times
+every query head of one GQA group (the group padded to a power of 2), rows
+ordered (token, head), so each K/V page it copies serves the whole group.
+It walks the sequence's pages through the same TMA ring as the decode kernel
+(`mosaic_gpu_ring.PageRing`: steps of 64-256 tokens, `wgmma` for `q @ K^T`
+and `p @ V`, int8 pages dequantized per step), up to the last key its rows
+may see, so the causal triangle's far side and the table's tail are never
+read. Steps wholly before the block's first position run unmasked; the
+causal tail runs masked. Online softmax in base 2, float32 accumulation; the
+program normalises its rows and writes them (rows past `q_lens[b]` as
+zeros). Query blocks are independent: no split-K.
+
+Supported: bfloat16 / float16 pools and int8 pools with scales, head_dim 64
+or 128, block_size a power of 2 >= 16, GQA groups up to 64. Selectable as
+`implementation="pallas_mosaic_gpu"` (q_len > 1); `"auto"` keeps prefill on
+the Triton kernel until this one has been measured on a GPU.
+
+Testing without a GPU: Mosaic GPU's interpret mode runs it on CPU (matmuls
+as dots on the SMEM tiles, see `mosaic_gpu_ring`), and `jax.export(...,
+platforms=["cuda"])` lowers the real `wgmma` kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from kernels import decode_mosaic_gpu
+from kernels import quantize
+from kernels import tuning
+from kernels.decode_triton import LOG2E, MASK_VALUE
+from kernels.mosaic_gpu_ring import (WGMMA_ROWS, PageRing, interpret_arg,
+                                     plgpu, swizzled)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Static shape of one kernel instance."""
+
+  block_size: int
+  head_dim: int
+  group_pad: int  # query heads per KV head, padded to a power of 2
+  capacity: int  # tokens the block table holds
+  pages_per_chunk: int
+  page_parts: int
+  num_stages: int
+  sm_scale: float
+  interpret: bool
+  quantized: bool
+
+  @property
+  def tokens(self) -> int:  # keys per step
+    return self.pages_per_chunk * self.block_size // self.page_parts
+
+  @property
+  def block_tokens(self) -> int:  # new tokens per program
+    return WGMMA_ROWS // self.group_pad
+
+
+def _prefill_kernel(*refs, st: _Static):
+  """One program: one sequence, one KV head, one block of new tokens.
+
+  Refs, in order (`*` only for an int8 pool, `st.quantized`):
+    lens_ref, q_lens_ref  GMEM [batch] int32
+    tables_ref   GMEM [batch, pages] int32, in range
+    q_ref        GMEM [batch, num_kv_heads, query_blocks, 64, head_dim]
+    kv_ref       GMEM [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    scales_ref*  GMEM [num_blocks, 2, num_kv_heads] f32
+    o_ref        GMEM [batch, num_kv_heads, query_blocks, 64, head_dim] f32
+    q_smem       SMEM [64, head_dim] (tiled, swizzled)
+    k_smem, v_smem  SMEM [num_stages, T, head_dim], the ring
+    k_work*, v_work*  SMEM [T, head_dim] bf16: one step dequantized
+    o_smem       SMEM [64, head_dim] f32
+    q_barrier    [1]
+    k_barriers, v_barriers  [num_stages]
+  """
+  refs = list(refs)
+  lens_ref, q_lens_ref, tables_ref, q_ref, kv_ref = refs[:5]
+  scales_ref = refs.pop(5) if st.quantized else None
+  o_ref, q_smem, k_smem, v_smem = refs[5:9]
+  k_work, v_work = (refs.pop(9), refs.pop(9)) if st.quantized else (None,
+                                                                    None)
+  o_smem, q_barrier, k_barriers, v_barriers = refs[9:13]
+  b = lax.axis_index("batch")
+  h = lax.axis_index("kv_head")
+  block = lax.axis_index("q_block")
+  tokens = st.tokens
+  rows = WGMMA_ROWS
+
+  kv_len = lens_ref[b]
+  q_len = q_lens_ref[b]
+  first_row = block * st.block_tokens  # the block's first new token
+  has_rows = first_row < q_len
+  key_limit = jnp.minimum(kv_len, st.capacity)
+  last_row = jnp.minimum(first_row + st.block_tokens, q_len)
+  num_keys = jnp.where(has_rows,
+                       jnp.clip(kv_len - q_len + last_row, 0, key_limit), 0)
+  num_steps = (num_keys + tokens - 1) // tokens
+  # Steps wholly at or before the block's first position: no mask needed.
+  first_pos = kv_len - q_len + first_row
+  num_free = jnp.where(
+      has_rows, jnp.clip(jnp.minimum(first_pos + 1, key_limit) // tokens, 0,
+                         num_steps), 0)
+
+  ring = PageRing(st, b=b, h=h, table_base=0, tables_ref=tables_ref,
+                  kv_ref=kv_ref, scales_ref=scales_ref, q_smem=q_smem,
+                  k_smem=k_smem, v_smem=v_smem, k_work=k_work, v_work=v_work,
+                  k_barriers=k_barriers, v_barriers=v_barriers)
+  cast, row_layout, tile_layout = ring.cast, ring.row_layout, ring.tile_layout
+
+  plgpu.copy_gmem_to_smem(q_ref.at[b, h, block], q_smem, q_barrier.at[0])
+  ring.fill(num_steps)
+
+  scale = st.sm_scale * LOG2E  # softmax in base 2
+  row_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 0),
+                 tile_layout)
+  new_token = first_row + row_ids // st.group_pad  # [64, T]
+  q_pos = kv_len - q_len + new_token
+  row_ok = new_token < q_len
+
+  def step_fn(step, carry, masked: bool):
+    acc, m, l = carry
+    slot = lax.rem(step, st.num_stages)
+    s = ring.qk(ring.k_tile(step, slot)) * scale
+    if masked:
+      key_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
+                     tile_layout)
+      k_pos = step * tokens + key_ids
+      valid = (k_pos <= q_pos) & (k_pos < key_limit) & row_ok
+      s = jnp.where(valid, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, (0,)))
+    if masked:  # a row may see none of this step's keys
+      p = jnp.where(valid, p, 0.0)
+    l_new = l * alpha + jnp.sum(p, axis=1)
+    v_tile = ring.v_tile(step, slot)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+    acc = acc + ring.pv(p.astype(q_smem.dtype), v_tile)
+    ring.refill(step, slot, num_steps)
+    return acc, m_new, l_new
+
+  plgpu.barrier_wait(q_barrier.at[0])
+  init = (cast(jnp.zeros((rows, st.head_dim), jnp.float32), tile_layout),
+          cast(jnp.full((rows,), MASK_VALUE, jnp.float32), row_layout),
+          cast(jnp.zeros((rows,), jnp.float32), row_layout))
+  carry = lax.fori_loop(0, num_free,
+                        functools.partial(step_fn, masked=False), init)
+  acc, _, l = lax.fori_loop(num_free, num_steps,
+                            functools.partial(step_fn, masked=True), carry)
+  # Rows past q_lens[b] (they saw the unmasked steps) and rows with no keys
+  # give zeros.
+  row_token = first_row + cast(lax.broadcasted_iota(jnp.int32, (rows,), 0),
+                               row_layout) // st.group_pad
+  has_keys = (row_token < q_len) & (l > 0)
+  inv = jnp.where(has_keys, 1.0 / jnp.where(has_keys, l, 1.0), 0.0)
+  o_smem[...] = acc * lax.broadcast_in_dim(inv, acc.shape, (0,))
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, block])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def supports(*, q_len: int, head_dim: int, block_size: int, quantized: bool,
+             dtype: str | None, group: int | None = None) -> bool:
+  """Whether the kernel handles a prefill call (q_len > 1)."""
+  return q_len > 1 and decode_mosaic_gpu.supports(
+      q_len=1, head_dim=head_dim, block_size=block_size, quantized=quantized,
+      dtype=dtype, group=group)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "tiling", "interpret"))
+def paged_prefill(
+    q: jax.Array,  # [batch, q_len, num_heads, head_dim]
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    block_tables: jax.Array,  # [batch, pages_per_seq] int32
+    kv_lens: jax.Array,  # [batch] int32
+    q_lens: jax.Array,  # [batch] int32
+    kv_scales: jax.Array | None = None,  # [num_blocks, 2, num_kv_heads] f32
+    *,
+    sm_scale: float | None = None,
+    tiling: tuning.MosaicDecodeTiling | None = None,
+    interpret: bool | object = False,
+) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
+  """Causal attention of ragged new-token chunks over their paged context.
+
+  Same semantics as `kernels.paged_attention_ref.ref_paged_attention`.
+  `tiling`: the page ring's step and depth (`num_splits` must be 1);
+  default `tuning.mosaic_prefill_tiling`.
+  """
+  if plgpu is None:  # pragma: no cover
+    raise NotImplementedError("this jaxlib has no Pallas Mosaic GPU")
+  quantize.check_scales(kv_pages, kv_scales)
+  decode_mosaic_gpu.check_supported(q[:, 0], kv_pages, kv_scales)
+  quantized = kv_scales is not None
+  compute_dtype = jnp.bfloat16 if quantized else kv_pages.dtype
+  batch, q_len, num_heads, head_dim = q.shape
+  num_blocks, _, num_kv_heads, block_size, _ = kv_pages.shape
+  pages_per_seq = block_tables.shape[1]
+  if sm_scale is None:
+    sm_scale = head_dim ** -0.5
+  if tiling is None:
+    tiling = tuning.mosaic_prefill_tiling(
+        block_size=block_size, head_dim=head_dim,
+        itemsize=jnp.dtype(kv_pages.dtype).itemsize, quantized=quantized)
+  if tiling.num_splits != 1:
+    raise ValueError(f"bad tiling {tiling}: prefill takes num_splits=1")
+  decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim,
+                                 quantized=quantized)
+  chunk = tiling.pages_per_chunk
+
+  group = num_heads // num_kv_heads
+  group_pad = pl.next_power_of_2(group)
+  block_tokens = WGMMA_ROWS // group_pad
+  q_blocks = pl.cdiv(q_len, block_tokens)
+  # [B, T, Hq, D] -> [B, Hkv, q_blocks, 64, D], rows (token, head).
+  qg = q.astype(compute_dtype).reshape(batch, q_len, num_kv_heads, group,
+                                       head_dim)
+  qg = jnp.pad(qg, ((0, 0), (0, q_blocks * block_tokens - q_len), (0, 0),
+                    (0, group_pad - group), (0, 0)))
+  qg = qg.reshape(batch, q_blocks, block_tokens, num_kv_heads, group_pad,
+                  head_dim).transpose(0, 3, 1, 2, 4, 5)
+  qg = qg.reshape(batch, num_kv_heads, q_blocks, WGMMA_ROWS, head_dim)
+  # Whole steps of table; junk ids clamped into the pool (their keys are
+  # masked or never reached).
+  pages_padded = pl.cdiv(pages_per_seq, chunk) * chunk
+  tables = jnp.pad(block_tables.astype(jnp.int32),
+                   ((0, 0), (0, pages_padded - pages_per_seq)))
+  tables = jnp.clip(tables, 0, num_blocks - 1)
+
+  st = _Static(block_size=block_size, head_dim=head_dim, group_pad=group_pad,
+               capacity=pages_per_seq * block_size, pages_per_chunk=chunk,
+               page_parts=tiling.page_parts, num_stages=tiling.num_stages,
+               sm_scale=float(sm_scale), interpret=interpret is not False,
+               quantized=quantized)
+  dtype = kv_pages.dtype
+  work = ([swizzled((st.tokens, head_dim), compute_dtype)] * 2
+          if quantized else [])
+  scratch = [
+      swizzled((WGMMA_ROWS, head_dim), compute_dtype),
+      swizzled((st.num_stages, st.tokens, head_dim), dtype),
+      swizzled((st.num_stages, st.tokens, head_dim), dtype),
+      *work,
+      plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_arrivals=chunk, num_barriers=st.num_stages),
+      plgpu.Barrier(num_arrivals=chunk, num_barriers=st.num_stages),
+  ]
+  kernel = plgpu.kernel(
+      functools.partial(_prefill_kernel, st=st),
+      out_type=jax.ShapeDtypeStruct(qg.shape, jnp.float32),
+      scratch_types=scratch,
+      grid=(batch, num_kv_heads, q_blocks),
+      grid_names=("batch", "kv_head", "q_block"),
+      interpret=interpret_arg(interpret),
+  )
+  scales = ((kv_scales.astype(jnp.float32),) if quantized else ())
+  out = kernel(kv_lens.astype(jnp.int32), q_lens.astype(jnp.int32), tables,
+               qg, kv_pages, *scales)
+  out = out.reshape(batch, num_kv_heads, q_blocks * block_tokens, group_pad,
+                    head_dim)[:, :, :q_len, :group]
+  out = out.transpose(0, 2, 1, 3, 4).reshape(batch, q_len, num_heads,
+                                             head_dim)
+  return out.astype(q.dtype)

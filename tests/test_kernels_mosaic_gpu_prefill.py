@@ -1,0 +1,119 @@
+"""The Mosaic GPU prefill kernel: interpret mode on CPU, and its CUDA lowering.
+
+Mosaic GPU's interpret mode simulates SMEM, the TMA page copies and the
+barriers on CPU and fills outputs and scratch with NaN first, so
+`assert_matches` (finite everywhere, padding rows zero, within tolerance of
+the reference) also proves every output element was written. The matmuls
+run as dots on the SMEM tiles there (kernels/mosaic_gpu_ring.py); the
+lowering tests lower the real `wgmma` kernel for CUDA on this CPU.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import export
+import jax.numpy as jnp
+import pytest
+
+from kernels import prefill_mosaic_gpu
+from kernels import testing
+from kernels import tuning
+from kernels.paged_attention import paged_attention
+from kernels.paged_attention import resolve_implementation
+
+S = jax.ShapeDtypeStruct
+
+
+def _tiling(params):
+  chunk, stages, parts = params[8:]
+  return tuning.MosaicDecodeTiling(chunk, 1, stages, parts)
+
+
+@pytest.mark.parametrize("params", testing.MOSAIC_PREFILL_CASES, ids=str)
+def test_prefill_matches_reference(params):
+  case = testing.prefill_case(params)
+  out = prefill_mosaic_gpu.paged_prefill(
+      *case.args(), case.kv_scales, tiling=_tiling(params), interpret=True)
+  assert out.dtype == case.q.dtype and out.shape == case.q.shape
+  testing.assert_matches(out, case)
+
+
+def test_through_the_api_with_the_default_tiling_and_sm_scale():
+  """implementation="pallas_mosaic_gpu" routes q_len > 1 here."""
+  case = testing.make_case(81, kv_lens=[90, 40], q_lens=[30, 7], q_len=30,
+                           num_heads=8, num_kv_heads=2, head_dim=64,
+                           block_size=16, dtype="bfloat16")
+  out = paged_attention(*case.args(), sm_scale=0.2,
+                        implementation="pallas_mosaic_gpu")
+  testing.assert_matches(out, case, testing.reference(case, sm_scale=0.2))
+
+
+def test_one_token_per_block_for_a_64_head_group():
+  case = testing.make_case(82, kv_lens=[20, 5], q_lens=[3, 2], q_len=3,
+                           num_heads=64, num_kv_heads=1, head_dim=64,
+                           block_size=16, dtype="bfloat16")
+  out = prefill_mosaic_gpu.paged_prefill(
+      *case.args(), tiling=tuning.MosaicDecodeTiling(4, 1, 2), interpret=True)
+  testing.assert_matches(out, case)
+
+
+def test_bad_tiling_and_unsupported_calls_raise():
+  case = testing.make_case(83, kv_lens=[20], q_len=4, num_heads=4,
+                           num_kv_heads=2, dtype="bfloat16")
+  with pytest.raises(ValueError, match="num_splits"):
+    prefill_mosaic_gpu.paged_prefill(
+        *case.args(), tiling=tuning.MosaicDecodeTiling(4, 2), interpret=True)
+  f32 = testing.make_case(84, kv_lens=[20], q_len=4, num_heads=4,
+                          num_kv_heads=2, dtype="float32")
+  with pytest.raises(ValueError, match="float32"):
+    prefill_mosaic_gpu.paged_prefill(*f32.args(), interpret=True)
+
+
+def test_auto_keeps_prefill_on_triton_until_measured(monkeypatch):
+  from kernels import decode_mosaic_gpu
+  assert prefill_mosaic_gpu.supports(q_len=9, head_dim=128, block_size=16,
+                                     quantized=False, dtype="bfloat16",
+                                     group=4)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(decode_mosaic_gpu, "is_hopper", lambda: True)
+  assert resolve_implementation("auto", q_len=9, head_dim=128,
+                                dtype="bfloat16", group=4) == "pallas_triton"
+
+
+def _lower(args, tiling=None):
+  def fn(*a):
+    return prefill_mosaic_gpu.paged_prefill(*a, tiling=tiling)
+  exported = export.export(
+      jax.jit(fn), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(
+          "mosaic_gpu_v2")])(*args)
+  return exported.mlir_module()
+
+
+def test_every_case_lowers_with_its_tiling():
+  for params in testing.MOSAIC_PREFILL_CASES:
+    heads, kv_heads, head_dim, block_size, dtype, q_len, kv_lens, _ = (
+        params[:8])
+    pages = max(-(-n // block_size) for n in kv_lens) + 1
+    q_dtype = "bfloat16" if dtype == "int8" else dtype
+    args = [S((len(kv_lens), q_len, heads, head_dim), q_dtype),
+            S((40, 2, kv_heads, block_size, head_dim), dtype),
+            S((len(kv_lens), pages), jnp.int32),
+            S((len(kv_lens),), jnp.int32), S((len(kv_lens),), jnp.int32)]
+    if dtype == "int8":
+      args.append(S((40, 2, kv_heads), jnp.float32))
+    assert "mosaic_gpu" in _lower(args, _tiling(params)), params
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype", [
+    (32, 8, 128, 16, "bfloat16"), (9, 3, 64, 64, "bfloat16"),
+    (32, 8, 128, 256, "float16"), (32, 8, 128, 16, "int8")])
+def test_default_tiling_lowers(heads, kv_heads, head_dim, block_size, dtype):
+  q_dtype = "bfloat16" if dtype == "int8" else dtype
+  args = [S((2, 512, heads, head_dim), q_dtype),
+          S((300, 2, kv_heads, block_size, head_dim), dtype),
+          S((2, 8192 // block_size), jnp.int32), S((2,), jnp.int32),
+          S((2,), jnp.int32)]
+  if dtype == "int8":
+    args.append(S((300, 2, kv_heads), jnp.float32))
+  assert "mosaic_gpu" in _lower(args)
