@@ -201,7 +201,7 @@ def _decode_kernel(*refs, st: _Static):
                   tables_ref=tables_ref, kv_ref=kv_ref, scales_ref=scales_ref,
                   q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_work=k_work,
                   v_work=v_work, k_barriers=k_barriers, v_barriers=v_barriers)
-  cast, row_layout, tile_layout = ring.cast, ring.row_layout, ring.tile_layout
+  cast, tile_layout = ring.cast, ring.tile_layout
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
   ring.fill(num_steps)
@@ -209,29 +209,16 @@ def _decode_kernel(*refs, st: _Static):
   scale = st.sm_scale * LOG2E  # softmax in base 2
 
   def step_fn(step, carry):
-    acc, m, l = carry
-    slot = lax.rem(step, st.num_stages)
-    s = ring.qk(ring.k_tile(step, slot)) * scale
-    start = first_token + step * tokens
-    token_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
-                     tile_layout)
-    s = jnp.where(start + token_ids < kv_len, s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, (0,)))
-    l_new = l * alpha + jnp.sum(p, axis=1)
-    v_tile = ring.v_tile(step, slot)
-    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
-    acc = acc + ring.pv(p.astype(q_smem.dtype), v_tile)
-    # The slot is consumed (the matmuls above have been awaited): refill it.
-    ring.refill(step, slot, num_steps)
-    return acc, m_new, l_new
+    def mask(s):  # keys past the sequence's end
+      start = first_token + step * tokens
+      token_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
+                       tile_layout)
+      return jnp.where(start + token_ids < kv_len, s, MASK_VALUE), None
+    return ring.softmax_step(step, carry, scale=scale, num_steps=num_steps,
+                             mask=mask)
 
   plgpu.barrier_wait(q_barrier.at[0])
-  init = (cast(jnp.zeros((rows, st.head_dim), jnp.float32), tile_layout),
-          cast(jnp.full((rows,), MASK_VALUE, jnp.float32), row_layout),
-          cast(jnp.zeros((rows,), jnp.float32), row_layout))
-  acc, m, l = lax.fori_loop(0, num_steps, step_fn, init)
+  acc, m, l = lax.fori_loop(0, num_steps, step_fn, ring.initial_state())
 
   o_smem[...] = acc
   m_smem[...] = m

@@ -19,11 +19,13 @@ compiled code.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
+
+from kernels.decode_triton import MASK_VALUE
 
 try:
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -164,6 +166,44 @@ class PageRing:
       self.dequantize(tile, self.v_work, self.token_scales(step, 1))
       tile = self.v_work
     return tile
+
+
+  def initial_state(self):
+    """(acc [64, head_dim], running max [64], running sum [64]), f32."""
+    return (self.cast(jnp.zeros((WGMMA_ROWS, self.st.head_dim), jnp.float32),
+                      self.tile_layout),
+            self.cast(jnp.full((WGMMA_ROWS,), MASK_VALUE, jnp.float32),
+                      self.row_layout),
+            self.cast(jnp.zeros((WGMMA_ROWS,), jnp.float32), self.row_layout))
+
+  def softmax_step(self, step, carry, *, scale: float, num_steps,
+                   mask: Callable[[Any], tuple[Any, Any]] | None = None):
+    """Step `step` of online-softmax attention (base 2) over the ring.
+
+    `carry` is `initial_state()`'s triple; `scale` multiplies the logits
+    (sm_scale * log2 e). `mask(s) -> (s, keep)` masks the step's logits
+    [64, T] (called after `q @ K^T`); `keep`, if not None, also zeroes `p`
+    where False (for rows that may see none of the step's keys). The slot is
+    refilled once both matmuls are done.
+    """
+    acc, m, l = carry
+    slot = lax.rem(step, self.st.num_stages)
+    s = self.qk(self.k_tile(step, slot)) * scale
+    keep = None
+    if mask is not None:
+      s, keep = mask(s)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, (0,)))
+    if keep is not None:
+      p = jnp.where(keep, p, 0.0)
+    l_new = l * alpha + jnp.sum(p, axis=1)
+    v_tile = self.v_tile(step, slot)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+    acc = acc + self.pv(p.astype(self.q_smem.dtype), v_tile)
+    # The slot is consumed (the matmuls above have been awaited): refill it.
+    self.refill(step, slot, num_steps)
+    return acc, m_new, l_new
 
 
 def swizzled(shape: tuple[int, ...], dtype) -> Any:

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from kernels import decode_mosaic_gpu
 from kernels import quantize
+from kernels import query_rows
 from kernels import tuning
 from kernels.decode_triton import LOG2E, MASK_VALUE
 from kernels.mosaic_gpu_ring import (WGMMA_ROWS, PageRing, interpret_arg,
@@ -132,34 +133,22 @@ def _prefill_kernel(*refs, st: _Static):
   q_pos = kv_len - q_len + new_token
   row_ok = new_token < q_len
 
+  def mask(step, s):  # causal, within the table, real rows only
+    key_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
+                   tile_layout)
+    k_pos = step * tokens + key_ids
+    valid = (k_pos <= q_pos) & (k_pos < key_limit) & row_ok
+    return jnp.where(valid, s, MASK_VALUE), valid
+
   def step_fn(step, carry, masked: bool):
-    acc, m, l = carry
-    slot = lax.rem(step, st.num_stages)
-    s = ring.qk(ring.k_tile(step, slot)) * scale
-    if masked:
-      key_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
-                     tile_layout)
-      k_pos = step * tokens + key_ids
-      valid = (k_pos <= q_pos) & (k_pos < key_limit) & row_ok
-      s = jnp.where(valid, s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, (0,)))
-    if masked:  # a row may see none of this step's keys
-      p = jnp.where(valid, p, 0.0)
-    l_new = l * alpha + jnp.sum(p, axis=1)
-    v_tile = ring.v_tile(step, slot)
-    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
-    acc = acc + ring.pv(p.astype(q_smem.dtype), v_tile)
-    ring.refill(step, slot, num_steps)
-    return acc, m_new, l_new
+    return ring.softmax_step(step, carry, scale=scale, num_steps=num_steps,
+                             mask=functools.partial(mask, step) if masked
+                             else None)
 
   plgpu.barrier_wait(q_barrier.at[0])
-  init = (cast(jnp.zeros((rows, st.head_dim), jnp.float32), tile_layout),
-          cast(jnp.full((rows,), MASK_VALUE, jnp.float32), row_layout),
-          cast(jnp.zeros((rows,), jnp.float32), row_layout))
   carry = lax.fori_loop(0, num_free,
-                        functools.partial(step_fn, masked=False), init)
+                        functools.partial(step_fn, masked=False),
+                        ring.initial_state())
   acc, _, l = lax.fori_loop(num_free, num_steps,
                             functools.partial(step_fn, masked=True), carry)
   # Rows past q_lens[b] (they saw the unmasked steps) and rows with no keys
@@ -228,12 +217,8 @@ def paged_prefill(
   block_tokens = WGMMA_ROWS // group_pad
   q_blocks = pl.cdiv(q_len, block_tokens)
   # [B, T, Hq, D] -> [B, Hkv, q_blocks, 64, D], rows (token, head).
-  qg = q.astype(compute_dtype).reshape(batch, q_len, num_kv_heads, group,
-                                       head_dim)
-  qg = jnp.pad(qg, ((0, 0), (0, q_blocks * block_tokens - q_len), (0, 0),
-                    (0, group_pad - group), (0, 0)))
-  qg = qg.reshape(batch, q_blocks, block_tokens, num_kv_heads, group_pad,
-                  head_dim).transpose(0, 3, 1, 2, 4, 5)
+  qg = query_rows.group_rows(q, num_kv_heads, group_pad,
+                             q_blocks * block_tokens, compute_dtype)
   qg = qg.reshape(batch, num_kv_heads, q_blocks, WGMMA_ROWS, head_dim)
   # Whole steps of table; junk ids clamped into the pool (their keys are
   # masked or never reached).
@@ -271,8 +256,6 @@ def paged_prefill(
   scales = ((kv_scales.astype(jnp.float32),) if quantized else ())
   out = kernel(kv_lens.astype(jnp.int32), q_lens.astype(jnp.int32), tables,
                qg, kv_pages, *scales)
-  out = out.reshape(batch, num_kv_heads, q_blocks * block_tokens, group_pad,
-                    head_dim)[:, :, :q_len, :group]
-  out = out.transpose(0, 2, 1, 3, 4).reshape(batch, q_len, num_heads,
-                                             head_dim)
-  return out.astype(q.dtype)
+  out = out.reshape(batch, num_kv_heads, q_blocks * WGMMA_ROWS, head_dim)
+  return query_rows.ungroup_rows(out, q_len, num_heads,
+                                 group_pad).astype(q.dtype)

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from kernels import quantize
+from kernels import query_rows
 from kernels import tuning
 from kernels.decode_triton import (LOG2E, MASK_VALUE, MIN_DOT_ROWS, SQUEEZED,
                                    ChunkLoader, check_supported, check_tiling,
@@ -174,12 +175,7 @@ def paged_prefill(
   # [B, T, Hq, D] -> [B, Hkv, T_pad * group_pad, D], rows (token, head).
   q_blocks = pl.cdiv(q_len, block_tokens)
   t_pad = q_blocks * block_tokens
-  qg = q.astype(compute_dtype).reshape(batch, q_len, num_kv_heads, group,
-                                       head_dim)
-  qg = jnp.pad(qg, ((0, 0), (0, t_pad - q_len), (0, 0),
-                    (0, group_pad - group), (0, 0)))
-  qg = qg.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads,
-                                           t_pad * group_pad, head_dim)
+  qg = query_rows.group_rows(q, num_kv_heads, group_pad, t_pad, compute_dtype)
   pages_padded = pl.cdiv(pages_per_seq, chunk) * chunk
   tables = jnp.pad(block_tables.astype(jnp.int32),
                    ((0, 0), (0, pages_padded - pages_per_seq)))
@@ -220,6 +216,4 @@ def paged_prefill(
       interpret=interpret,
       name="paged_prefill",
   )(*args)
-  out = out.reshape(batch, num_kv_heads, t_pad, group_pad, head_dim)
-  out = out[:, :, :q_len, :group].transpose(0, 2, 1, 3, 4)
-  return out.reshape(batch, q_len, num_heads, head_dim)
+  return query_rows.ungroup_rows(out, q_len, num_heads, group_pad)
