@@ -218,6 +218,27 @@ def swizzled(shape: tuple[int, ...], dtype) -> Any:
       plgpu.SwizzleTransform(swizzle)))
 
 
+def ring_buffers(st: Any, compute_dtype, pool_dtype) -> list[Any]:
+  """SMEM scratch of a `PageRing`, in its kernels' order: the 64-row query
+  tile, the K and V rings, and (int8 pools) the two dequantized tiles."""
+  work = ([swizzled((st.tokens, st.head_dim), compute_dtype)] * 2
+          if st.quantized else [])
+  return [swizzled((WGMMA_ROWS, st.head_dim), compute_dtype),
+          swizzled((st.num_stages, st.tokens, st.head_dim), pool_dtype),
+          swizzled((st.num_stages, st.tokens, st.head_dim), pool_dtype),
+          *work]
+
+
+def ring_barriers(st: Any) -> list[Any]:
+  """The query barrier and the per-slot K and V barriers of a `PageRing`
+  (one arrival per page copy of a step)."""
+  return [plgpu.Barrier(num_barriers=1),
+          plgpu.Barrier(num_arrivals=st.pages_per_chunk,
+                        num_barriers=st.num_stages),
+          plgpu.Barrier(num_arrivals=st.pages_per_chunk,
+                        num_barriers=st.num_stages)]
+
+
 def interpret_params(**kwargs):
   """Mosaic GPU's CPU interpret mode, `InterpretGPUParams(**kwargs)`.
 

@@ -45,7 +45,7 @@ from kernels import query_rows
 from kernels import tuning
 from kernels.decode_triton import LOG2E, MASK_VALUE
 from kernels.mosaic_gpu_ring import (WGMMA_ROWS, PageRing, interpret_arg,
-                                     plgpu, swizzled)
+                                     plgpu, ring_barriers, ring_buffers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,18 +232,10 @@ def paged_prefill(
                page_parts=tiling.page_parts, num_stages=tiling.num_stages,
                sm_scale=float(sm_scale), interpret=interpret is not False,
                quantized=quantized)
-  dtype = kv_pages.dtype
-  work = ([swizzled((st.tokens, head_dim), compute_dtype)] * 2
-          if quantized else [])
   scratch = [
-      swizzled((WGMMA_ROWS, head_dim), compute_dtype),
-      swizzled((st.num_stages, st.tokens, head_dim), dtype),
-      swizzled((st.num_stages, st.tokens, head_dim), dtype),
-      *work,
+      *ring_buffers(st, compute_dtype, kv_pages.dtype),
       plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
-      plgpu.Barrier(num_barriers=1),
-      plgpu.Barrier(num_arrivals=chunk, num_barriers=st.num_stages),
-      plgpu.Barrier(num_arrivals=chunk, num_barriers=st.num_stages),
+      *ring_barriers(st),
   ]
   kernel = plgpu.kernel(
       functools.partial(_prefill_kernel, st=st),
