@@ -2,7 +2,8 @@
 # Nsight Compute profiles of the kernels on the shapes where
 # launch.bench_kernels missed a target (docs/benchmarks.md, "GPU"): memory
 # and compute throughput, occupancy and its limits, warp stalls. One ncu run
-# per case, each profiling one launch after the warm-up; the CSV of each goes
+# per case, profiling the launches of one call after the warm-up (an NVTX
+# range, through torch's binding on the GPU hosts); the CSV of each goes
 # to $OUT (default /tmp/gpu_profile) and its key metrics to the output.
 # About 30-40 s a case on an H100.
 #
@@ -30,15 +31,15 @@ for case in $CASES; do
   kernel="${case%%:*}"; shape="${case#*:}"
   csv="$OUT/ncu_${i}_${kernel}.csv"
   echo "== $i $kernel $shape"
-  # Pallas names Triton kernels after their Python function; Mosaic GPU
-  # kernels carry "mosaic" in theirs. The first launch is the checked one.
+  # Only the launches inside profile_kernels' NVTX range (after its checked
+  # warm-up call): the kernel and its XLA epilogue, whatever they are named.
   timeout "${CASE_TIMEOUT:-150}" "$NCU" --target-processes all \
-    -k regex:'decode|prefill|mosaic' --launch-skip 1 --launch-count 1 \
+    --nvtx --nvtx-include "dpj_profile/" --launch-count 4 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section LaunchStats --section Occupancy --section WarpStateStats \
     --section SchedulerStats --csv --page details \
     "$PY" -m launch.profile_kernels --kernel="$kernel" --shape="$shape" \
-    --calls=3 >"$csv" 2>"$OUT/ncu_${i}.err" || status=1
+    --calls=1 >"$csv" 2>"$OUT/ncu_${i}.err" || status=1
   grep -h "rel_err" "$csv" "$OUT/ncu_${i}.err" | head -1
   "$PY" -m launch.profile_kernels --summarize="$csv" 2>/dev/null || {
     status=1; tail -n 5 "$OUT/ncu_${i}.err"; }
