@@ -263,8 +263,3 @@ def interpret_arg(interpret: bool | object):
   if interpret is False:
     return None
   return interpret_params() if interpret is True else interpret
-
-
-def is_available() -> bool:
-  return plgpu is not None
-

@@ -63,29 +63,24 @@ _SUPPORTS: dict[str, Callable[..., bool]] = {
     # Decode: any pool; prefill: float32/bfloat16 pools (None: unknown, no).
     "pallas_mosaic_tpu": lambda *, q_len, quantized, dtype, **_: (
         q_len == 1 or (not quantized and dtype in ("float32", "bfloat16"))),
-    # int8 pools are selectable by name but stay with Triton in "auto" until
-    # a GPU run has measured the Mosaic int8 path.
+    # Hopper only (wgmma). Decode of bf16/f16 pools: prefill and int8 pools
+    # are selectable by name but stay with Triton in "auto" until a GPU run
+    # has measured those Mosaic paths.
     "pallas_mosaic_gpu": lambda *, quantized, **call: (
-        not quantized and decode_mosaic_gpu.supports(quantized=False, **call)),
+        not quantized and decode_mosaic_gpu.is_hopper()
+        and decode_mosaic_gpu.supports(quantized=False, **call)),
 }
 
-# Preference order of `"auto"` per JAX backend platform. On Hopper the
-# Mosaic GPU decode kernel goes first (`_auto_order`): on an H100 it read KV
-# at 0.98-1.58x the Triton decode kernel's rate across the benchmark table
-# (docs/benchmarks.md, "GPU run 1"); Triton keeps prefill, int8 and float32.
+# Preference order of `"auto"` per JAX backend platform. On GPUs the Mosaic
+# GPU decode kernel goes first where it applies (Hopper, see `_SUPPORTS`):
+# it read K/V at 0.98-1.58x the Triton decode kernel's rate on an H100 and
+# 1.00-2.04x on an H200 (docs/benchmarks.md, "GPU"); Triton takes the rest.
 _AUTO_ORDER = {
-    "gpu": ("pallas_triton", "xla_chunked", "xla"),
-    "cuda": ("pallas_triton", "xla_chunked", "xla"),
+    "gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla_chunked", "xla"),
+    "cuda": ("pallas_mosaic_gpu", "pallas_triton", "xla_chunked", "xla"),
     "tpu": ("pallas_mosaic_tpu", "xla_chunked", "xla"),
     "cpu": ("xla_chunked", "xla"),
 }
-
-
-def _auto_order(backend: str) -> tuple[str, ...]:
-  order = _AUTO_ORDER.get(backend, ("xla",))
-  if backend in ("gpu", "cuda") and decode_mosaic_gpu.is_hopper():
-    order = ("pallas_mosaic_gpu",) + order
-  return order
 
 
 def resolve_implementation(implementation: str, *, q_len: int = 1,
@@ -100,7 +95,7 @@ def resolve_implementation(implementation: str, *, q_len: int = 1,
   that depend on them are skipped).
   """
   if implementation == "auto":
-    order = _auto_order(jax.default_backend())
+    order = _AUTO_ORDER.get(jax.default_backend(), ("xla",))
     call = dict(q_len=q_len, head_dim=head_dim, block_size=block_size,
                 quantized=quantized, dtype=dtype, group=group)
     return next(

@@ -127,13 +127,15 @@ def _prefill_kernel(*refs, st: _Static):
   ring.fill(num_steps)
 
   scale = st.sm_scale * LOG2E  # softmax in base 2
-  row_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 0),
-                 tile_layout)
-  new_token = first_row + row_ids // st.group_pad  # [64, T]
-  q_pos = kv_len - q_len + new_token
-  row_ok = new_token < q_len
 
   def mask(step, s):  # causal, within the table, real rows only
+    # Built per masked step (the causal tail), not before the loops: held
+    # across the unmasked loop, these [64, T] tiles would only cost registers.
+    row_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 0),
+                   tile_layout)
+    new_token = first_row + row_ids // st.group_pad
+    q_pos = kv_len - q_len + new_token
+    row_ok = new_token < q_len
     key_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
                    tile_layout)
     k_pos = step * tokens + key_ids

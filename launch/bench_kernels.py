@@ -22,15 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
-import time
 import traceback
 from typing import Any, Callable
 
 from absl import app, flags
 
+from launch import kernel_cases
 from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
-                                 random_case, rel_err, timeit)
+                                 rel_err, timeit)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
@@ -147,19 +146,14 @@ def _torch_copy_gbps(copy_mib: int, rows: list[dict]) -> float | None:
     print(_fmt(rows[-1]), flush=True)
     return None
   n = copy_mib * 2**20 // 2
-  src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-  dst = torch.empty_like(src)
-  dst.copy_(src)
-  torch.cuda.synchronize()
-  samples = []
-  for _ in range(FLAGS.reps):
-    t0 = time.perf_counter()
-    for _ in range(FLAGS.inner):
-      dst.copy_(src)
-    torch.cuda.synchronize()
-    samples.append((time.perf_counter() - t0) / FLAGS.inner)
-  sec = statistics.median(samples)
-  del src, dst
+
+  def measure() -> float:  # its buffers are freed on return
+    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    return timeit(lambda: dst.copy_(src), FLAGS.reps, FLAGS.inner,
+                  wait=lambda _: torch.cuda.synchronize())
+
+  sec = measure()
   torch.cuda.empty_cache()
   rows.append(dict(base, time_us=sec * 1e6, gbps=2 * n * 2 / sec / 1e9,
                    tflops=0.0))
@@ -171,60 +165,44 @@ def _mosaic_applies(s: DecodeShape | PrefillShape, interpret: bool) -> bool:
   """Whether the Mosaic GPU kernels run this shape here (their dtypes and
   shapes; a Hopper GPU, or interpret mode)."""
   from kernels import decode_mosaic_gpu
-  return (interpret or decode_mosaic_gpu.is_hopper()) and decode_mosaic_gpu.supports(
+  hopper = interpret or decode_mosaic_gpu.is_hopper()
+  return hopper and decode_mosaic_gpu.supports(
       q_len=1, head_dim=s.head_dim, block_size=s.page,
       quantized=s.dtype == "int8", dtype=s.dtype,
       group=s.heads // s.kv_heads)
 
 
+def _checker(kind: str, args) -> Callable[[Any], float] | None:
+  """rel_err against the full-precision reference, or None (logged) if the
+  reference itself cannot run (e.g. out of memory): the kernels are still
+  timed."""
+  try:
+    ref = kernel_cases.reference(kind, args)
+  except Exception:  # pylint: disable=broad-except
+    traceback.print_exc()
+    return None
+  return lambda out: rel_err(out, ref)
+
+
 def bench_decode(shapes, rows: list[dict], interpret: bool) -> None:
   """Our split-K decode kernels vs the XLA reference vs JAX's Pallas op."""
-  import jax
-  import jax.numpy as jnp
-  from kernels import decode_mosaic_gpu
-  from kernels import decode_triton
-  from kernels import quantize
-
   for i, s in enumerate(shapes):
-    pages = -(-s.ctx // s.page)
-    pool, scales, tables, k_q = random_case(s, pages, jax.random.key(10 + i))
-    q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
-    q = jax.random.normal(k_q, (s.batch, s.heads, s.head_dim), q_dtype)
-    lens = jnp.full((s.batch,), s.ctx, jnp.int32)
-    itemsize = 1 if s.dtype == "int8" else jnp.dtype(s.dtype).itemsize
-    kv_bytes = s.batch * s.ctx * s.kv_heads * s.head_dim * 2 * itemsize
-    if scales is not None:
-      kv_bytes += s.batch * pages * s.kv_heads * 2 * 4
-    flops = 4 * s.batch * s.heads * s.ctx * s.head_dim
+    args, kv_bytes, flops = kernel_cases.decode_inputs(s, 10 + i)
     base = dict(kind="decode", shape=dataclasses.asdict(s),
                 kv_mib=kv_bytes / 2**20)
-    ones = jnp.ones((s.batch,), jnp.int32)
-
-    ref_fn = jax.jit(lambda q, p, sc, t, l: quantize.ref_paged_attention_any(
-        q[:, None], p, t, l, ones, kv_scales=sc)[:, 0])
-    ref = None
-    try:  # the check at full float32 precision (a GPU's default is TF32)
-      with jax.default_matmul_precision("highest"):
-        ref = ref_fn(q, pool, scales, tables, lens)
-    except Exception:  # pylint: disable=broad-except
-      traceback.print_exc()
-    check = (lambda out: rel_err(out, ref)) if ref is not None else None
-
-    ours = jax.jit(lambda q, p, sc, t, l: decode_triton.paged_decode(
-        q, p, t, l, sc, interpret=interpret))
-    _attempt(rows, base, "pallas_triton (ours)",
-             lambda: ours(q, pool, scales, tables, lens), nbytes=kv_bytes,
-             flops=flops, check=check)
+    check = _checker("decode", args)
+    impls = [("pallas_triton (ours)", "triton_decode")]
     if _mosaic_applies(s, interpret):
-      mosaic = jax.jit(lambda q, p, sc, t, l: decode_mosaic_gpu.paged_decode(
-          q, p, t, l, sc, interpret=interpret))
-      _attempt(rows, base, "pallas_mosaic_gpu (ours)",
-               lambda: mosaic(q, pool, scales, tables, lens), nbytes=kv_bytes,
+      impls.append(("pallas_mosaic_gpu (ours)", "mosaic_decode"))
+    for name, kernel in impls:
+      fn = kernel_cases.kernel_fn(kernel, None, interpret)
+      _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,
                flops=flops, check=check)
-    _attempt(rows, base, "xla reference",
-             lambda: ref_fn(q, pool, scales, tables, lens), nbytes=kv_bytes,
-             flops=flops)
+    ref_fn = kernel_cases.reference_fn("decode")
+    _attempt(rows, base, "xla reference", lambda: ref_fn(*args),
+             nbytes=kv_bytes, flops=flops)
     if s.dtype != "int8":
+      q, pool, _, tables, lens = args
       _bench_jax_op(rows, base, q, pool, tables, lens, kv_bytes, flops,
                     check, interpret)
 
@@ -256,58 +234,31 @@ def _bench_jax_op(rows, base, q, pool, tables, lens, kv_bytes, flops, check,
 
 
 def bench_prefill(shapes, rows: list[dict], interpret: bool) -> None:
-  """Our prefill kernel vs the XLA reference vs cuDNN dense attention."""
+  """Our prefill kernels vs the XLA reference vs cuDNN dense attention."""
   import jax
   import jax.numpy as jnp
-  from kernels import prefill_mosaic_gpu
-  from kernels import prefill_triton
-  from kernels import quantize
 
   on_gpu = jax.default_backend() == "gpu"
   for i, s in enumerate(shapes):
-    ctx = s.prefix + s.new
-    pages = -(-ctx // s.page)
-    pool, scales, tables, k_q = random_case(s, pages, jax.random.key(50 + i))
-    q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
-    q = jax.random.normal(k_q, (s.batch, s.new, s.heads, s.head_dim), q_dtype)
-    kv_lens = jnp.full((s.batch,), ctx, jnp.int32)
-    q_lens = jnp.full((s.batch,), s.new, jnp.int32)
-    itemsize = 1 if s.dtype == "int8" else jnp.dtype(s.dtype).itemsize
-    kv_bytes = s.batch * ctx * s.kv_heads * s.head_dim * 2 * itemsize
-    # Causal over the chunk, full over the prefix: keys seen per query row.
-    keys = s.new * s.prefix + s.new * (s.new + 1) / 2
-    flops = 4 * s.batch * s.heads * s.head_dim * keys
+    args, kv_bytes, flops = kernel_cases.prefill_inputs(s, 50 + i)
     base = dict(kind="prefill", shape=dataclasses.asdict(s),
                 kv_mib=kv_bytes / 2**20)
-
-    ref_fn = jax.jit(lambda q, p, sc, t, kl, ql:
-                     quantize.ref_paged_attention_any(q, p, t, kl, ql,
-                                                      kv_scales=sc))
-    ref = None
-    try:  # the check at full float32 precision (a GPU's default is TF32)
-      with jax.default_matmul_precision("highest"):
-        ref = ref_fn(q, pool, scales, tables, kv_lens, q_lens)
-    except Exception:  # pylint: disable=broad-except
-      traceback.print_exc()
-    check = (lambda out: rel_err(out, ref)) if ref is not None else None
-    ours = jax.jit(lambda q, p, sc, t, kl, ql: prefill_triton.paged_prefill(
-        q, p, t, kl, ql, sc, interpret=interpret))
-    _attempt(rows, base, "pallas_triton (ours)",
-             lambda: ours(q, pool, scales, tables, kv_lens, q_lens),
-             nbytes=kv_bytes, flops=flops, check=check)
+    check = _checker("prefill", args)
+    impls = [("pallas_triton (ours)", "triton_prefill")]
     if _mosaic_applies(s, interpret):
-      mosaic = jax.jit(
-          lambda q, p, sc, t, kl, ql: prefill_mosaic_gpu.paged_prefill(
-              q, p, t, kl, ql, sc, interpret=interpret))
-      _attempt(rows, base, "pallas_mosaic_gpu (ours)",
-               lambda: mosaic(q, pool, scales, tables, kv_lens, q_lens),
-               nbytes=kv_bytes, flops=flops, check=check)
-    _attempt(rows, base, "xla reference",
-             lambda: ref_fn(q, pool, scales, tables, kv_lens, q_lens),
+      impls.append(("pallas_mosaic_gpu (ours)", "mosaic_prefill"))
+    for name, kernel in impls:
+      fn = kernel_cases.kernel_fn(kernel, None, interpret)
+      _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,
+               flops=flops, check=check)
+    ref_fn = kernel_cases.reference_fn("prefill")
+    _attempt(rows, base, "xla reference", lambda: ref_fn(*args),
              nbytes=kv_bytes, flops=flops)
     if on_gpu and s.dtype == "bfloat16":
       # cuDNN on the same K/V laid out densely, attending to all ctx keys
       # (no causal tail: its FLOPs are counted accordingly).
+      q, pool, _, tables, _, _ = args
+      ctx, pages = s.prefix + s.new, tables.shape[1]
       dense = pool[tables]  # [B, pages, 2, Hkv, P, D]
       dense = jnp.moveaxis(dense, 2, 0).swapaxes(3, 4)
       dense = dense.reshape(2, s.batch, pages * s.page, s.kv_heads,
@@ -320,27 +271,35 @@ def bench_prefill(shapes, rows: list[dict], interpret: bool) -> None:
                flops=4 * s.batch * s.heads * s.head_dim * s.new * ctx)
 
 
+def _copy_case(s: CopyShape, key: int):
+  """(pool [layers, pool_blocks, ...] device, hot tier [host_slots, layers,
+  ...] pinned host, src slots [blocks], dst pages [blocks], bytes moved)."""
+  import jax
+  import jax.numpy as jnp
+  from kernels import block_copy
+  tail = (2, s.kv_heads, s.page, s.head_dim)
+  key = jax.random.key(key)
+  pool = jax.random.normal(key, (s.layers, s.pool_blocks) + tail, s.dtype)
+  host = block_copy.allocate_host_tier((s.host_slots, s.layers) + tail,
+                                       s.dtype, jax.devices()[0])
+  host = jax.device_put(jax.random.normal(key, host.shape, s.dtype),
+                        host.sharding)
+  src = jax.random.permutation(key, s.host_slots)[:s.blocks].astype(jnp.int32)
+  dst = jax.random.permutation(key, s.pool_blocks)[:s.blocks].astype(jnp.int32)
+  nbytes = s.layers * s.blocks * 2 * s.kv_heads * s.page * s.head_dim * (
+      jnp.dtype(s.dtype).itemsize)
+  return pool, host, src, dst, nbytes
+
+
 def bench_copy(shapes, rows: list[dict]) -> None:
   """Block gather/scatter vs a plain pinned_host -> device transfer."""
   import jax
-  import jax.numpy as jnp
   from kernels import block_copy
 
   dev = jax.devices()[0]
   for i, s in enumerate(shapes):
-    tail = (2, s.kv_heads, s.page, s.head_dim)
-    key = jax.random.key(90 + i)
-    pool = jax.random.normal(key, (s.layers, s.pool_blocks) + tail, s.dtype)
-    host = block_copy.allocate_host_tier((s.host_slots, s.layers) + tail,
-                                         s.dtype, dev)
-    host = jax.device_put(
-        jax.random.normal(key, host.shape, s.dtype), host.sharding)
-    src = jax.random.permutation(key, s.host_slots)[:s.blocks].astype(
-        jnp.int32)
-    dst = jax.random.permutation(key, s.pool_blocks)[:s.blocks].astype(
-        jnp.int32)
-    nbytes = s.layers * s.blocks * 2 * s.kv_heads * s.page * s.head_dim * (
-        jnp.dtype(s.dtype).itemsize)
+    pool, host, src, dst, nbytes = _copy_case(s, 90 + i)
+    tail = host.shape[2:]
     base = dict(kind="copy", shape=dataclasses.asdict(s),
                 mib=nbytes / 2**20)
     state = {"pool": pool, "host": host}
@@ -388,25 +347,14 @@ def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
   from kernels.paged_attention import paged_attention
 
   s, a = copy_shape, attn_shape
-  dev = jax.devices()[0]
-  tail = (2, s.kv_heads, s.page, s.head_dim)
-  key = jax.random.key(120)
-  pool = jax.random.normal(key, (s.layers, s.pool_blocks) + tail, s.dtype)
-  host = block_copy.allocate_host_tier((s.host_slots, s.layers) + tail,
-                                       s.dtype, dev)
-  host = jax.device_put(jax.random.normal(key, host.shape, s.dtype),
-                        host.sharding)
-  src = jax.random.permutation(key, s.host_slots)[:s.blocks].astype(jnp.int32)
-  dst = jax.random.permutation(key, s.pool_blocks)[:s.blocks].astype(jnp.int32)
-  pages = -(-a.ctx // a.page)
-  kv, _, tables, k_q = random_case(a, pages, jax.random.key(121))
-  q = jax.random.normal(k_q, (a.batch, 1, a.heads, a.head_dim), a.dtype)
-  lens = jnp.full((a.batch,), a.ctx, jnp.int32)
-  ones = jnp.ones((a.batch,), jnp.int32)
+  pool, host, src, dst, _ = _copy_case(s, 120)
+  (q, kv, _, tables, lens), _, _ = kernel_cases.decode_inputs(a, 121)
+  q = q[:, None]  # [batch, 1, heads, head_dim]
   impl = "xla" if interpret else "auto"
 
   def attend(q, kv, tables, lens):
-    return paged_attention(q, kv, tables, lens, ones, implementation=impl)
+    return paged_attention(q, kv, tables, lens, jnp.ones_like(lens),
+                           implementation=impl)
 
   both = jax.jit(lambda pool, host, src, dst, q, kv, t, l: (
       block_copy.gather_to_device_core(pool, host, src, dst),

@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterator
 
 from absl import app, flags
 
-from launch.kernel_cases import (DecodeShape, PrefillShape, decode_problem,
-                                 kernel_fn, prefill_problem, rel_err, timeit)
+from launch.kernel_cases import (KERNELS, DecodeShape, PrefillShape,
+                                 kernel_fn, problem, rel_err, timeit)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
@@ -47,9 +47,6 @@ flags.DEFINE_float("budget_s", 240.0, "no new configuration starts after "
 flags.DEFINE_string("json", None, "JSON output (default: docs/results/"
                     "bench_tiling_<backend>.json)")
 
-KERNELS = ("mosaic_decode", "triton_decode", "triton_prefill",
-           "mosaic_prefill")
-PREFILL_KERNELS = ("triton_prefill", "mosaic_prefill")
 
 PRESETS = {
     "gpu": dict(
@@ -219,8 +216,12 @@ def sweep_shape(kernel: str, shape, grid, problem, rows: list[dict],
     print(_fmt(row), flush=True)
 
 
+def _fields(d: dict) -> str:
+  return " ".join(f"{k}={v}" for k, v in d.items())
+
+
 def _shape_str(shape) -> str:
-  return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(shape).items())
+  return _fields(dataclasses.asdict(shape))
 
 
 def _tiling_str(t: dict) -> str:
@@ -311,22 +312,19 @@ def main(argv):
     shape_deadline = now + max(0.0, deadline - now) / (len(jobs) - key)
     print(f"\n{kernel} {_shape_str(shape)}  (* = default tiling)",
           flush=True)
-    problem = (prefill_problem(shape, key) if kernel in PREFILL_KERNELS
-               else decode_problem(shape, key))
-    sweep_shape(kernel, shape, grids[kernel](shape, cfg), problem, rows,
-                interpret, shape_deadline, write)
+    sweep_shape(kernel, shape, grids[kernel](shape, cfg),
+                problem(kernel, shape, key), rows, interpret, shape_deadline,
+                write)
   write(final=True)
   print("\nbest tiling per shape (speedup over the default tiling)")
   for b in best_per_shape(rows):
-    print(f"  {b['kernel']:15s} {_shape_str_dict(b['shape']):70s} "
-          f"{b['speedup']:5.2f}x  {b['best_us']:9.1f} us  "
+    speedup = f"{b['speedup']:5.2f}x" if b["speedup"] else "    -"
+    print(f"  {b['kernel']:15s} {_fields(b['shape']):70s} "
+          f"{speedup}  {b['best_us']:9.1f} us  "
           f"{b['best_gbps']:8.1f} GB/s {b['best_tflops']:7.2f} TF  "
           f"{_tiling_str(b['best_tiling'])}  ({b['configs']} configs)")
   print(f"wrote {out}")
 
-
-def _shape_str_dict(shape: dict) -> str:
-  return " ".join(f"{k}={v}" for k, v in shape.items())
 
 
 if __name__ == "__main__":

@@ -47,17 +47,22 @@ class CopyShape:
   dtype: str
 
 
-def timeit(fn: Callable[[], Any], reps: int, inner: int) -> float:
-  """Median seconds per call of `fn` (compiled and warmed first)."""
-  import jax
-  jax.block_until_ready(fn())
+def timeit(fn: Callable[[], Any], reps: int, inner: int, *,
+           wait: Callable[[Any], Any] | None = None) -> float:
+  """Median seconds per call of `fn`, after one warm-up call (compilation);
+  `wait(out)` blocks until `out` is computed (default: JAX's
+  `block_until_ready`)."""
+  if wait is None:
+    import jax
+    wait = jax.block_until_ready
+  wait(fn())
   samples = []
   for _ in range(reps):
     t0 = time.perf_counter()
     out = None
     for _ in range(inner):
       out = fn()
-    jax.block_until_ready(out)
+    wait(out)
     samples.append((time.perf_counter() - t0) / inner)
   return statistics.median(samples)
 
@@ -90,32 +95,36 @@ def rel_err(out, ref) -> float:
   return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def decode_problem(s: DecodeShape, key: int):
-  """(args, reference output, K/V bytes, FLOPs) of one decode shape."""
+def _kv_bytes(s, ctx: int, pages: int) -> int:
+  """K/V bytes a call reads once (int8: with its per-page scales)."""
+  if s.dtype == "int8":
+    return s.batch * (ctx * s.kv_heads * s.head_dim * 2
+                      + pages * s.kv_heads * 2 * 4)
+  import jax.numpy as jnp
+  itemsize = jnp.dtype(s.dtype).itemsize
+  return s.batch * ctx * s.kv_heads * s.head_dim * 2 * itemsize
+
+
+def decode_inputs(s: DecodeShape, key: int):
+  """(args (q, pool, scales, tables, lens), K/V bytes, FLOPs) of one decode
+  shape: random pool and queries, shuffled tables, full contexts."""
   import jax
   import jax.numpy as jnp
-  from kernels import quantize
   pages = -(-s.ctx // s.page)
   pool, scales, tables, k_q = random_case(s, pages, jax.random.key(key))
   q_dtype = jnp.bfloat16 if s.dtype == "int8" else jnp.dtype(s.dtype)
   q = jax.random.normal(k_q, (s.batch, s.heads, s.head_dim), q_dtype)
   lens = jnp.full((s.batch,), s.ctx, jnp.int32)
-  ones = jnp.ones((s.batch,), jnp.int32)
-  with jax.default_matmul_precision("highest"):
-    ref = jax.jit(lambda q, p, sc, t, l: quantize.ref_paged_attention_any(
-        q[:, None], p, t, l, ones, kv_scales=sc)[:, 0])(
-            q, pool, scales, tables, lens)
-  itemsize = 1 if s.dtype == "int8" else jnp.dtype(s.dtype).itemsize
-  nbytes = s.batch * s.ctx * s.kv_heads * s.head_dim * 2 * itemsize
   flops = 4 * s.batch * s.heads * s.ctx * s.head_dim
-  return (q, pool, scales, tables, lens), ref, nbytes, flops
+  return (q, pool, scales, tables, lens), _kv_bytes(s, s.ctx, pages), flops
 
 
-def prefill_problem(s: PrefillShape, key: int):
-  """(args, reference output, K/V bytes, FLOPs) of one prefill shape."""
+def prefill_inputs(s: PrefillShape, key: int):
+  """(args (q, pool, scales, tables, kv_lens, q_lens), K/V bytes, FLOPs) of
+  one prefill shape; FLOPs count the keys each new token sees (causal over
+  the chunk, full over the prefix)."""
   import jax
   import jax.numpy as jnp
-  from kernels import quantize
   ctx = s.prefix + s.new
   pages = -(-ctx // s.page)
   pool, scales, tables, k_q = random_case(s, pages, jax.random.key(key))
@@ -123,14 +132,56 @@ def prefill_problem(s: PrefillShape, key: int):
   q = jax.random.normal(k_q, (s.batch, s.new, s.heads, s.head_dim), q_dtype)
   kv_lens = jnp.full((s.batch,), ctx, jnp.int32)
   q_lens = jnp.full((s.batch,), s.new, jnp.int32)
-  with jax.default_matmul_precision("highest"):
-    ref = jax.jit(quantize.ref_paged_attention_any)(
-        q, pool, tables, kv_lens, q_lens, kv_scales=scales)
-  itemsize = 1 if s.dtype == "int8" else jnp.dtype(s.dtype).itemsize
-  nbytes = s.batch * ctx * s.kv_heads * s.head_dim * 2 * itemsize
   keys = s.new * s.prefix + s.new * (s.new + 1) / 2
   flops = 4 * s.batch * s.heads * s.head_dim * keys
-  return (q, pool, scales, tables, kv_lens, q_lens), ref, nbytes, flops
+  return ((q, pool, scales, tables, kv_lens, q_lens),
+          _kv_bytes(s, ctx, pages), flops)
+
+
+def reference_fn(kind: str) -> Callable[..., Any]:
+  """The jitted XLA reference taking a "decode" or "prefill" problem's
+  args (at whatever matmul precision the caller sets)."""
+  import jax
+  import jax.numpy as jnp
+  from kernels import quantize
+  if kind == "decode":
+    return jax.jit(lambda q, p, sc, t, l: quantize.ref_paged_attention_any(
+        q[:, None], p, t, l, jnp.ones_like(l), kv_scales=sc)[:, 0])
+  return jax.jit(lambda q, p, sc, t, kl, ql: quantize.ref_paged_attention_any(
+      q, p, t, kl, ql, kv_scales=sc))
+
+
+def reference(kind: str, args) -> Any:
+  """The reference output at full float32 precision (a GPU's default for
+  float32 matmuls is TF32, looser than the kernels it checks)."""
+  import jax
+  with jax.default_matmul_precision("highest"):
+    return reference_fn(kind)(*args)
+
+
+def decode_problem(s: DecodeShape, key: int):
+  """(args, reference output, K/V bytes, FLOPs) of one decode shape."""
+  args, nbytes, flops = decode_inputs(s, key)
+  return args, reference("decode", args), nbytes, flops
+
+
+def prefill_problem(s: PrefillShape, key: int):
+  """(args, reference output, K/V bytes, FLOPs) of one prefill shape."""
+  args, nbytes, flops = prefill_inputs(s, key)
+  return args, reference("prefill", args), nbytes, flops
+
+
+# The kernels `kernel_fn` calls by name; the prefill ones take prefill shapes.
+KERNELS = ("mosaic_decode", "triton_decode", "triton_prefill",
+           "mosaic_prefill")
+PREFILL_KERNELS = ("triton_prefill", "mosaic_prefill")
+
+
+def problem(kernel: str, shape, key: int):
+  """`prefill_problem` or `decode_problem` of `shape`, as `kernel` takes."""
+  if kernel in PREFILL_KERNELS:
+    return prefill_problem(shape, key)
+  return decode_problem(shape, key)
 
 
 def kernel_fn(kernel: str, tiling, interpret: bool) -> Callable[..., Any]:

@@ -21,13 +21,11 @@ import contextlib
 
 from absl import app, flags
 
-from launch.kernel_cases import (DecodeShape, PrefillShape, decode_problem,
-                                 kernel_fn, prefill_problem, rel_err)
+from launch.kernel_cases import (KERNELS, PREFILL_KERNELS, DecodeShape,
+                                 PrefillShape, kernel_fn, problem, rel_err)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("kernel", "mosaic_decode",
-                  ["mosaic_decode", "triton_decode", "triton_prefill",
-                   "mosaic_prefill"],
+flags.DEFINE_enum("kernel", "mosaic_decode", list(KERNELS),
                   "kernel to run (default tiling)")
 flags.DEFINE_list("shape", ["1", "32", "8", "128", "16", "32768", "bfloat16"],
                   "decode: batch,heads,kv_heads,head_dim,page,ctx,dtype; "
@@ -77,7 +75,7 @@ def nvtx_range(name: str):
 def parse_shape(kernel: str, fields: list[str]):
   """The DecodeShape / PrefillShape that `--shape` names (ValueError if
   it does not fit the kernel)."""
-  cls = PrefillShape if kernel.endswith("prefill") else DecodeShape
+  cls = PrefillShape if kernel in PREFILL_KERNELS else DecodeShape
   n = len(cls.__dataclass_fields__)
   if len(fields) != n:
     raise ValueError(f"--shape for {kernel} takes {n} fields "
@@ -121,9 +119,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   interpret = jax.default_backend() != "gpu"
-  problem = (prefill_problem(shape, 0) if FLAGS.kernel.endswith("prefill")
-             else decode_problem(shape, 0))
-  args, ref, _, _ = problem
+  args, ref, _, _ = problem(FLAGS.kernel, shape, 0)
   fn = kernel_fn(FLAGS.kernel, None, interpret)
   err = rel_err(fn(*args), ref)
   print(f"{FLAGS.kernel} {shape}: rel_err {err:.1e} vs the reference",
