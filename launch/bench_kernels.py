@@ -184,23 +184,32 @@ def _checker(kind: str, args) -> Callable[[Any], float] | None:
   return lambda out: rel_err(out, ref)
 
 
+def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
+                              kv_bytes: int, flops: float, interpret: bool):
+  """Rows for our Triton kernel, our Mosaic GPU kernel where it runs, and
+  the XLA reference on one "decode" or "prefill" problem; returns the
+  shape's row base and its reference check (for other implementations)."""
+  base = dict(kind=kind, shape=dataclasses.asdict(s), kv_mib=kv_bytes / 2**20)
+  check = _checker(kind, args)
+  impls = [("pallas_triton (ours)", f"triton_{kind}")]
+  if _mosaic_applies(s, interpret):
+    impls.append(("pallas_mosaic_gpu (ours)", f"mosaic_{kind}"))
+  for name, kernel in impls:
+    fn = kernel_cases.kernel_fn(kernel, None, interpret)
+    _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,
+             flops=flops, check=check)
+  ref_fn = kernel_cases.reference_fn(kind)
+  _attempt(rows, base, "xla reference", lambda: ref_fn(*args),
+           nbytes=kv_bytes, flops=flops)
+  return base, check
+
+
 def bench_decode(shapes, rows: list[dict], interpret: bool) -> None:
   """Our split-K decode kernels vs the XLA reference vs JAX's Pallas op."""
   for i, s in enumerate(shapes):
     args, kv_bytes, flops = kernel_cases.decode_inputs(s, 10 + i)
-    base = dict(kind="decode", shape=dataclasses.asdict(s),
-                kv_mib=kv_bytes / 2**20)
-    check = _checker("decode", args)
-    impls = [("pallas_triton (ours)", "triton_decode")]
-    if _mosaic_applies(s, interpret):
-      impls.append(("pallas_mosaic_gpu (ours)", "mosaic_decode"))
-    for name, kernel in impls:
-      fn = kernel_cases.kernel_fn(kernel, None, interpret)
-      _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,
-               flops=flops, check=check)
-    ref_fn = kernel_cases.reference_fn("decode")
-    _attempt(rows, base, "xla reference", lambda: ref_fn(*args),
-             nbytes=kv_bytes, flops=flops)
+    base, check = _bench_ours_and_reference(rows, "decode", s, args, kv_bytes,
+                                            flops, interpret)
     if s.dtype != "int8":
       q, pool, _, tables, lens = args
       _bench_jax_op(rows, base, q, pool, tables, lens, kv_bytes, flops,
@@ -241,19 +250,8 @@ def bench_prefill(shapes, rows: list[dict], interpret: bool) -> None:
   on_gpu = jax.default_backend() == "gpu"
   for i, s in enumerate(shapes):
     args, kv_bytes, flops = kernel_cases.prefill_inputs(s, 50 + i)
-    base = dict(kind="prefill", shape=dataclasses.asdict(s),
-                kv_mib=kv_bytes / 2**20)
-    check = _checker("prefill", args)
-    impls = [("pallas_triton (ours)", "triton_prefill")]
-    if _mosaic_applies(s, interpret):
-      impls.append(("pallas_mosaic_gpu (ours)", "mosaic_prefill"))
-    for name, kernel in impls:
-      fn = kernel_cases.kernel_fn(kernel, None, interpret)
-      _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,
-               flops=flops, check=check)
-    ref_fn = kernel_cases.reference_fn("prefill")
-    _attempt(rows, base, "xla reference", lambda: ref_fn(*args),
-             nbytes=kv_bytes, flops=flops)
+    base, _ = _bench_ours_and_reference(rows, "prefill", s, args, kv_bytes,
+                                        flops, interpret)
     if on_gpu and s.dtype == "bfloat16":
       # cuDNN on the same K/V laid out densely, attending to all ctx keys
       # (no causal tail: its FLOPs are counted accordingly).
