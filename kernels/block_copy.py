@@ -111,22 +111,50 @@ def _memory_kind_of(x: jax.Array, default: str) -> str:
   return default
 
 
-def _gather_blocks(pool, host_tier, src_ids, dst_ids, layer_start,
-                   num_layers):
-  """Host blocks -> device (one DMA each), then one scatter into the pool."""
-  kind = _memory_kind_of(pool, DEVICE_MEMORY_KIND)
+def fetch_blocks_core(
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
+    src_slots: jax.Array,  # [n] int32 hot-tier slots to read
+    *,
+    layer_start: int = 0,
+    num_layers: int | None = None,
+    kind: str = DEVICE_MEMORY_KIND,
+) -> jax.Array:  # [n, num_layers, 2, kv_heads, P, D] in memory `kind`
+  """The first half of a gather: each named block of the layer group moved
+  to the device, one DMA per block, block-major. Traceable."""
+  if num_layers is None:
+    num_layers = host_tier.shape[1] - layer_start
   block_shape = (1, num_layers) + host_tier.shape[2:]
   zeros = (0,) * (host_tier.ndim - 2)
   blocks = []
-  for i in range(src_ids.shape[0]):
-    src = jnp.clip(src_ids[i], 0, host_tier.shape[0] - 1)
+  for i in range(src_slots.shape[0]):
+    src = jnp.clip(src_slots[i], 0, host_tier.shape[0] - 1)
     block = lax.dynamic_slice(host_tier, (src, layer_start) + zeros,
                               block_shape)
     blocks.append(_to_memory(block, kind))
-  moved = jnp.concatenate(blocks, axis=0)  # [n, num_layers, 2, kvh, P, D]
-  dst = jnp.where(dst_ids >= 0, dst_ids, pool.shape[1])  # -> dropped
-  layers = slice(layer_start, layer_start + num_layers)
-  return pool.at[layers, dst].set(jnp.swapaxes(moved, 0, 1), mode="drop")
+  return jnp.concatenate(blocks, axis=0)
+
+
+def place_blocks_core(
+    pool: jax.Array,  # [num_layers, num_blocks, 2, kv_heads, P, D] device
+    blocks: jax.Array,  # [n, group_layers, 2, kv_heads, P, D] device
+    dst_pages: jax.Array,  # [n] int32 pool pages to fill (< 0: skip)
+    *,
+    layer_start: int = 0,
+) -> jax.Array:  # the updated pool
+  """The second half of a gather: fetched blocks, transposed to layer-major,
+  written into pool pages by one scatter. Traceable."""
+  dst = jnp.where(dst_pages >= 0, dst_pages, pool.shape[1])  # -> dropped
+  layers = slice(layer_start, layer_start + blocks.shape[1])
+  return pool.at[layers, dst].set(jnp.swapaxes(blocks, 0, 1), mode="drop")
+
+
+def _gather_blocks(pool, host_tier, src_ids, dst_ids, layer_start,
+                   num_layers):
+  """Host blocks -> device (one DMA each), then one scatter into the pool."""
+  moved = fetch_blocks_core(
+      host_tier, src_ids, layer_start=layer_start, num_layers=num_layers,
+      kind=_memory_kind_of(pool, DEVICE_MEMORY_KIND))
+  return place_blocks_core(pool, moved, dst_ids, layer_start=layer_start)
 
 
 def _scatter_blocks(host_tier, pool, src_ids, dst_ids, layer_start,

@@ -140,7 +140,6 @@ def check_supported(q: jax.Array, kv_pages: jax.Array,
 class _Static:
   """Static shape of one kernel instance."""
 
-  num_blocks: int
   block_size: int
   head_dim: int
   rows_out: int  # group padded to ROW_ALIGN: rows of the partial outputs
@@ -166,7 +165,7 @@ def _decode_kernel(*refs, st: _Static):
 
   Refs, in order (`*` only for an int8 pool, `st.quantized`):
     lens_ref     GMEM [batch] int32
-    tables_ref   GMEM [batch, splits * pages_per_split] int32, in range
+    tables_ref   GMEM [batch, pages_per_seq] int32 (clamped on use)
     q_ref        GMEM [batch, num_kv_heads, 64, head_dim]
     kv_ref       GMEM [num_blocks, 2, num_kv_heads, block_size, head_dim]
     scales_ref*  GMEM [num_blocks, 2, num_kv_heads] f32
@@ -193,7 +192,8 @@ def _decode_kernel(*refs, st: _Static):
   tokens = st.tokens
   rows = WGMMA_ROWS
 
-  kv_len = lens_ref[b]
+  # The reference sees at most the table's capacity; so does the kernel.
+  kv_len = jnp.minimum(lens_ref[b], tables_ref.shape[1] * st.block_size)
   first_token = split * st.tokens_per_split
   split_tokens = jnp.clip(kv_len - first_token, 0, st.tokens_per_split)
   num_steps = (split_tokens + tokens - 1) // tokens
@@ -259,7 +259,7 @@ def paged_decode(
   # dtype, bf16 for an int8 pool.
   compute_dtype = jnp.bfloat16 if quantized else kv_pages.dtype
   batch, num_heads, head_dim = q.shape
-  num_blocks, _, num_kv_heads, block_size, _ = kv_pages.shape
+  _, _, num_kv_heads, block_size, _ = kv_pages.shape
   pages_per_seq = block_tables.shape[1]
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
@@ -277,17 +277,12 @@ def paged_decode(
   qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(compute_dtype)
   qg = jnp.pad(qg, ((0, 0), (0, 0), (0, WGMMA_ROWS - group), (0, 0)))
 
-  # Pad the table so every split owns a whole number of steps; clamp ids so
-  # that junk entries (past a sequence's pages) still name a real page: the
-  # copies stay in bounds and their tokens are masked.
+  # Every split owns a whole number of steps; entries past the table's end
+  # and junk page ids are clamped in the kernel (PageRing._page), as are
+  # lengths past the table's capacity.
   pages_per_split = pl.cdiv(pl.cdiv(pages_per_seq, splits), chunk) * chunk
-  tables = jnp.pad(block_tables.astype(jnp.int32),
-                   ((0, 0), (0, pages_per_split * splits - pages_per_seq)))
-  tables = jnp.clip(tables, 0, num_blocks - 1)
-  # The reference sees at most the table's capacity; so does the kernel.
-  lens = jnp.minimum(kv_lens.astype(jnp.int32), pages_per_seq * block_size)
 
-  st = _Static(num_blocks=num_blocks, block_size=block_size,
+  st = _Static(block_size=block_size,
                head_dim=head_dim, rows_out=rows_out,
                pages_per_split=pages_per_split, pages_per_chunk=chunk,
                page_parts=parts, num_stages=tiling.num_stages,
@@ -315,7 +310,8 @@ def paged_decode(
       interpret=interpret_arg(interpret),
   )
   scales = ((kv_scales.astype(jnp.float32),) if quantized else ())
-  o, m, l = kernel(lens, tables, qg, kv_pages, *scales)
+  o, m, l = kernel(kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
+                   qg, kv_pages, *scales)
   out = merge_splits(o, m, l)[:, :, :group]  # [B, Hkv, group, D]
   return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
 

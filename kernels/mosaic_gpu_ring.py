@@ -64,13 +64,22 @@ class PageRing:
     return x if self.st.interpret else plgpu.layout_cast(x, layout)
 
   def _page(self, step, c):
-    """Pool page id of page `c` of step `step` (its only page with parts)."""
+    """Pool page id of page `c` of step `step` (its only page with parts).
+
+    Clamped here rather than by XLA ops before the launch (each a kernel of
+    a few microseconds, a tenth of a 1 x 32k decode): a step past the
+    table's end reads its last entry, and a junk id (past a sequence's
+    pages) names a real page, so every copy stays in bounds; the tokens of
+    such pages lie past the sequence's length and are masked.
+    """
     st = self.st
     if st.page_parts == 1:
-      return self.tables_ref[self.b, self.table_base
-                             + step * st.pages_per_chunk + c]
-    return self.tables_ref[self.b, self.table_base
-                           + lax.div(step, st.page_parts)]
+      entry = self.table_base + step * st.pages_per_chunk + c
+    else:
+      entry = self.table_base + lax.div(step, st.page_parts)
+    entry = jnp.minimum(entry, self.tables_ref.shape[1] - 1)
+    return jnp.clip(self.tables_ref[self.b, entry], 0,
+                    self.kv_ref.shape[0] - 1)
 
   def issue(self, step, slot):
     """Starts the TMA copies of step `step`'s pages into ring slot `slot`."""

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import decode_mosaic_gpu
+from kernels import prefill_mosaic_gpu
 from kernels import quantize
 from kernels.decode_mosaic_gpu import paged_attention_mosaic_gpu
 from kernels.decode_mosaic_tpu import paged_attention_mosaic_tpu
@@ -63,18 +64,36 @@ _SUPPORTS: dict[str, Callable[..., bool]] = {
     # Decode: any pool; prefill: float32/bfloat16 pools (None: unknown, no).
     "pallas_mosaic_tpu": lambda *, q_len, quantized, dtype, **_: (
         q_len == 1 or (not quantized and dtype in ("float32", "bfloat16"))),
-    # Hopper only (wgmma). Decode of bf16/f16 pools: prefill and int8 pools
-    # are selectable by name but stay with Triton in "auto" until a GPU run
-    # has measured those Mosaic paths.
-    "pallas_mosaic_gpu": lambda *, quantized, **call: (
-        not quantized and decode_mosaic_gpu.is_hopper()
-        and decode_mosaic_gpu.supports(quantized=False, **call)),
+    # Hopper only (wgmma), bf16/f16 pools; see `_mosaic_gpu_in_auto`.
+    "pallas_mosaic_gpu": lambda **call: _mosaic_gpu_in_auto(**call),
 }
 
+# Pages from which "auto" sends prefill to the Mosaic GPU kernel: on an H100
+# it ran 1.07x and 1.11x the Triton prefill kernel on 64-token pages, 0.87x
+# (0.96x with its tuned ring) on 16-token pages (docs/benchmarks.md, "GPU").
+MOSAIC_GPU_PREFILL_MIN_PAGE = 64
+
+
+def _mosaic_gpu_in_auto(*, q_len: int, block_size: int, quantized: bool,
+                        **call) -> bool:
+  """Whether "auto" picks Mosaic GPU: decode of bf16/f16 pools, and prefill
+  of such pools with pages of `MOSAIC_GPU_PREFILL_MIN_PAGE` tokens or more,
+  on Hopper. int8 pools stay with Triton: the Mosaic kernel's in-SMEM
+  dequantization ran at 0.4-0.6x the bf16 kernel's tokens/s on an H100."""
+  if quantized or not decode_mosaic_gpu.is_hopper():
+    return False
+  if q_len == 1:
+    return decode_mosaic_gpu.supports(q_len=1, block_size=block_size,
+                                      quantized=False, **call)
+  return (block_size >= MOSAIC_GPU_PREFILL_MIN_PAGE
+          and prefill_mosaic_gpu.supports(q_len=q_len, block_size=block_size,
+                                          quantized=False, **call))
+
 # Preference order of `"auto"` per JAX backend platform. On GPUs the Mosaic
-# GPU decode kernel goes first where it applies (Hopper, see `_SUPPORTS`):
-# it read K/V at 0.98-1.58x the Triton decode kernel's rate on an H100 and
-# 1.00-2.04x on an H200 (docs/benchmarks.md, "GPU"); Triton takes the rest.
+# GPU kernels go first where they apply (Hopper, see `_mosaic_gpu_in_auto`):
+# the decode kernel read K/V at 0.98-1.58x the Triton decode kernel's rate on
+# an H100 and 1.00-2.04x on an H200 (docs/benchmarks.md, "GPU"); Triton
+# takes the rest.
 _AUTO_ORDER = {
     "gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla_chunked", "xla"),
     "cuda": ("pallas_mosaic_gpu", "pallas_triton", "xla_chunked", "xla"),

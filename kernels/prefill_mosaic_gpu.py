@@ -77,7 +77,7 @@ def _prefill_kernel(*refs, st: _Static):
 
   Refs, in order (`*` only for an int8 pool, `st.quantized`):
     lens_ref, q_lens_ref  GMEM [batch] int32
-    tables_ref   GMEM [batch, pages] int32, in range
+    tables_ref   GMEM [batch, pages] int32 (clamped on use)
     q_ref        GMEM [batch, num_kv_heads, query_blocks, 64, head_dim]
     kv_ref       GMEM [num_blocks, 2, num_kv_heads, block_size, head_dim]
     scales_ref*  GMEM [num_blocks, 2, num_kv_heads] f32
@@ -200,7 +200,7 @@ def paged_prefill(
   quantized = kv_scales is not None
   compute_dtype = jnp.bfloat16 if quantized else kv_pages.dtype
   batch, q_len, num_heads, head_dim = q.shape
-  num_blocks, _, num_kv_heads, block_size, _ = kv_pages.shape
+  _, _, num_kv_heads, block_size, _ = kv_pages.shape
   pages_per_seq = block_tables.shape[1]
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
@@ -222,12 +222,10 @@ def paged_prefill(
   qg = query_rows.group_rows(q, num_kv_heads, group_pad,
                              q_blocks * block_tokens, compute_dtype)
   qg = qg.reshape(batch, num_kv_heads, q_blocks, WGMMA_ROWS, head_dim)
-  # Whole steps of table; junk ids clamped into the pool (their keys are
-  # masked or never reached).
-  pages_padded = pl.cdiv(pages_per_seq, chunk) * chunk
-  tables = jnp.pad(block_tables.astype(jnp.int32),
-                   ((0, 0), (0, pages_padded - pages_per_seq)))
-  tables = jnp.clip(tables, 0, num_blocks - 1)
+  # Entries past the table's end (a last partial step) and junk page ids
+  # are clamped in the kernel (PageRing._page): their keys are masked or
+  # never reached.
+  tables = block_tables.astype(jnp.int32)
 
   st = _Static(block_size=block_size, head_dim=head_dim, group_pad=group_pad,
                capacity=pages_per_seq * block_size, pages_per_chunk=chunk,

@@ -166,16 +166,30 @@ def mosaic_decode_tiling(
                             page_parts=page_parts)
 
 
+# Mosaic GPU prefill: keys per ring step and ring depth (measured, below).
+MOSAIC_PREFILL_STEP_TOKENS = 128
+MOSAIC_PREFILL_STAGES = 2
+
+
 def mosaic_prefill_tiling(*, block_size: int, head_dim: int,
                           itemsize: int = 2,
                           quantized: bool = False) -> MosaicDecodeTiling:
-  """The Mosaic GPU prefill kernel's page ring: the decode kernel's step and
-  depth for a long table (prefill reads the whole prefix), one split.
-  Reasoned, not measured."""
-  ring = mosaic_decode_tiling(batch=1, num_kv_heads=1, pages_per_seq=1 << 20,
-                              block_size=block_size, head_dim=head_dim,
-                              itemsize=itemsize, quantized=quantized)
-  return dataclasses.replace(ring, num_splits=1)
+  """The Mosaic GPU prefill kernel's page ring: steps of 128 keys, 2 slots.
+
+  Each step meets 64 query rows, so prefill is bound by its matmuls and
+  softmax, not by the ring: a deeper ring buys nothing and a longer step
+  halves the per-step softmax rescaling and barrier waits. Measured on an
+  H100 (1 x (16,384 + 512) tokens, 16-token bf16 pages; docs/results/
+  tiling_h100_2026-11-26_stop11.log): 128-key steps with 2 slots 556 us;
+  64-key steps with 2, 3, 4 slots 624, 632, 985 us. The ring's bytes stay
+  within the decode kernel's budget for head_dim <= 128 (176 KB at 128,
+  int8 included).
+  """
+  del head_dim, itemsize, quantized  # the same step for every pool
+  pages_per_chunk, page_parts = _step(block_size, MOSAIC_PREFILL_STEP_TOKENS)
+  return MosaicDecodeTiling(pages_per_chunk=pages_per_chunk, num_splits=1,
+                            num_stages=MOSAIC_PREFILL_STAGES,
+                            page_parts=page_parts)
 
 
 def prefill_tiling(*, block_size: int, head_dim: int,

@@ -48,14 +48,23 @@ class CopyShape:
 
 
 def timeit(fn: Callable[[], Any], reps: int, inner: int, *,
-           wait: Callable[[Any], Any] | None = None) -> float:
-  """Median seconds per call of `fn`, after one warm-up call (compilation);
-  `wait(out)` blocks until `out` is computed (default: JAX's
-  `block_until_ready`)."""
+           wait: Callable[[Any], Any] | None = None,
+           warmup_s: float = 0.2) -> float:
+  """Median seconds per call of `fn`, after one warm-up call (compilation)
+  and then calls for `warmup_s` seconds. A GPU left idle while the host
+  compiles drops to a low clock (the H100 reported 345 MHz idle) and needs
+  some milliseconds of work to return to its boost clock, which can be
+  longer than all the timed calls of a short kernel; the H100 run of
+  2026-11-26 timed one kernel and tiling at 84 us in the sweep and 107 us
+  in the benchmark with a single warm-up call. `wait(out)` blocks until
+  `out` is computed (default: JAX's `block_until_ready`)."""
   if wait is None:
     import jax
     wait = jax.block_until_ready
   wait(fn())
+  start = time.perf_counter()
+  while time.perf_counter() - start < warmup_s:
+    wait(fn())
   samples = []
   for _ in range(reps):
     t0 = time.perf_counter()

@@ -69,15 +69,26 @@ def test_bad_tiling_and_unsupported_calls_raise():
     prefill_mosaic_gpu.paged_prefill(*f32.args(), interpret=True)
 
 
-def test_auto_keeps_prefill_on_triton_until_measured(monkeypatch):
+def test_auto_sends_prefill_to_mosaic_gpu_from_64_token_pages(monkeypatch):
   from kernels import decode_mosaic_gpu
   assert prefill_mosaic_gpu.supports(q_len=9, head_dim=128, block_size=16,
                                      quantized=False, dtype="bfloat16",
                                      group=4)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(decode_mosaic_gpu, "is_hopper", lambda: True)
-  assert resolve_implementation("auto", q_len=9, head_dim=128,
-                                dtype="bfloat16", group=4) == "pallas_triton"
+  for hopper in (True, False):
+    monkeypatch.setattr(decode_mosaic_gpu, "is_hopper", lambda h=hopper: h)
+    for block_size in (16, 32, 64, 128):
+      for quantized in (False, True):
+        got = resolve_implementation(
+            "auto", q_len=9, head_dim=128, block_size=block_size,
+            quantized=quantized, dtype="int8" if quantized else "bfloat16",
+            group=4)
+        mosaic = hopper and not quantized and block_size >= 64
+        assert got == ("pallas_mosaic_gpu" if mosaic else "pallas_triton"), (
+            hopper, block_size, quantized)
+  # float32 pools: the Mosaic kernels take none.
+  assert resolve_implementation("auto", q_len=9, head_dim=128, block_size=64,
+                                dtype="float32", group=4) == "pallas_triton"
 
 
 def _lower(args, tiling=None):

@@ -113,7 +113,8 @@ def test_large_prefill(heads, kv_heads, head_dim, block_size, dtype):
 
 
 def test_auto_on_gpu():
-  """Mosaic GPU for bf16/f16 decode on Hopper; Triton for the rest."""
+  """Mosaic GPU on Hopper for bf16/f16 decode and for prefill on pages of
+  64 tokens or more; Triton for the rest."""
   decode = ("pallas_mosaic_gpu" if decode_mosaic_gpu.is_hopper()
             else "pallas_triton")
   assert resolve_implementation("auto", q_len=1, head_dim=128,
@@ -124,7 +125,9 @@ def test_auto_on_gpu():
   assert resolve_implementation("auto", q_len=1, head_dim=128,
                                 dtype="float32") == "pallas_triton"
   assert resolve_implementation("auto", q_len=9, head_dim=128,
-                                dtype="bfloat16") == "pallas_triton"
+                                dtype="bfloat16", group=4) == "pallas_triton"
+  assert resolve_implementation("auto", q_len=9, head_dim=128, block_size=64,
+                                dtype="bfloat16", group=4) == decode
 
 
 needs_hopper = pytest.mark.skipif(
