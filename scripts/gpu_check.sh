@@ -59,7 +59,7 @@ if [[ "${TESTS:-1}" == 1 ]]; then
     export XLA_PYTHON_CLIENT_PREALLOCATE=false
   fi
   timeout -s INT "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider \
-    -o addopts="-ra" --tb=short --maxfail=20 "${workers[@]}" \
+    -o addopts="-rA" --tb=short --maxfail=20 "${workers[@]}" \
     ${TEST_FILES:-tests/gpu/test_kernels_gpu.py tests/gpu/test_model_gpu.py \
     tests/test_kernels_lowering.py \
     tests/test_kernels_mosaic_gpu.py::test_decode_lowers_to_mosaic_gpu} \
