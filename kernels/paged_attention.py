@@ -68,9 +68,9 @@ _SUPPORTS: dict[str, Callable[..., bool]] = {
     "pallas_mosaic_gpu": lambda **call: _mosaic_gpu_in_auto(**call),
 }
 
-# Pages from which "auto" sends prefill to the Mosaic GPU kernel: on an H100
-# it ran 1.07x and 1.11x the Triton prefill kernel on 64-token pages, 0.87x
-# (0.96x with its tuned ring) on 16-token pages (docs/benchmarks.md, "GPU").
+# Pages from which "auto" sends prefill to the Mosaic GPU kernel: on an H100,
+# with its 128-key ring, it ran 1.19x and 1.26x the Triton prefill kernel on
+# 64-token pages and 0.95x on 16-token pages (docs/benchmarks.md, "GPU").
 MOSAIC_GPU_PREFILL_MIN_PAGE = 64
 
 
