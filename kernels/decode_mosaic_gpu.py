@@ -150,6 +150,7 @@ class _Static:
   sm_scale: float
   interpret: bool
   quantized: bool = False  # int8 ring, dequantized per step into bf16 tiles
+  ids_first: bool = False  # a step's page ids all read before its copies
 
   @property
   def tokens(self) -> int:  # tokens per step
@@ -287,7 +288,7 @@ def paged_decode(
                pages_per_split=pages_per_split, pages_per_chunk=chunk,
                page_parts=parts, num_stages=tiling.num_stages,
                sm_scale=float(sm_scale), interpret=interpret is not False,
-               quantized=quantized)
+               quantized=quantized, ids_first=tiling.ids_first)
   scratch = [
       *ring_buffers(st, compute_dtype, kv_pages.dtype),
       plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),

@@ -82,10 +82,13 @@ class PageRing:
                     self.kv_ref.shape[0] - 1)
 
   def issue(self, step, slot):
-    """Starts the TMA copies of step `step`'s pages into ring slot `slot`."""
+    """Starts the TMA copies of step `step`'s pages into ring slot `slot`
+    (with `st.ids_first`, after reading all the step's page ids)."""
     st, tokens = self.st, self.tokens
+    pages = ([self._page(step, c) for c in range(st.pages_per_chunk)]
+             if st.ids_first else None)
     for c in range(st.pages_per_chunk):
-      page = self._page(step, c)
+      page = pages[c] if st.ids_first else self._page(step, c)
       if st.page_parts == 1:
         rows_in_page = pl.ds(0, st.block_size)
         dst_rows = pl.ds(c * st.block_size, st.block_size)

@@ -62,6 +62,7 @@ class _Static:
   sm_scale: float
   interpret: bool
   quantized: bool
+  ids_first: bool = False  # a step's page ids all read before its copies
 
   @property
   def tokens(self) -> int:  # keys per step
@@ -231,7 +232,7 @@ def paged_prefill(
                capacity=pages_per_seq * block_size, pages_per_chunk=chunk,
                page_parts=tiling.page_parts, num_stages=tiling.num_stages,
                sm_scale=float(sm_scale), interpret=interpret is not False,
-               quantized=quantized)
+               quantized=quantized, ids_first=tiling.ids_first)
   scratch = [
       *ring_buffers(st, compute_dtype, kv_pages.dtype),
       plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),

@@ -33,29 +33,33 @@ DECODE_CASES = [
 # the ring has stages, so slots are refilled.
 MOSAIC_DECODE_CASES = [
     # (heads, kv_heads, head_dim, block_size, dtype, kv_lens,
-    #  pages_per_chunk, num_splits, num_stages, page_parts)
+    #  pages_per_chunk, num_splits, num_stages, page_parts[, ids_first])
     (9, 3, 64, 16, "bfloat16", [1, 37, 200], 4, 2, 2, 1),  # 3:1, 1 token
     (8, 2, 128, 32, "bfloat16", [100, 16, 250], 2, 1, 2, 1),  # 4:1, refills
     (4, 4, 128, 16, "float16", [77, 1], 4, 3, 3, 1),  # MHA, splits > used
     (9, 3, 128, 64, "bfloat16", [130, 64, 5], 1, 2, 2, 1),  # 64-token pages
     (6, 2, 64, 128, "bfloat16", [300, 129], 1, 1, 2, 2),  # pages in parts
     (16, 1, 64, 32, "bfloat16", [190, 0], 2, 1, 3, 1),  # MQA, empty seq
+    # Page ids read before a step's copies: 8 and 4 pages a step.
+    (8, 2, 128, 16, "bfloat16", [250, 129, 3], 8, 2, 2, 1, True),
     # int8 pools: per-page scales within a step, one page a step, parts.
     (9, 3, 64, 16, "int8", [1, 37, 200], 4, 2, 2, 1),
     (8, 2, 128, 64, "int8", [130, 64, 5], 1, 2, 3, 1),
     (6, 2, 128, 128, "int8", [300, 129], 1, 1, 2, 2),
     (4, 1, 64, 32, "int8", [190, 0], 2, 1, 4, 1),  # MQA, empty seq
+    (9, 3, 64, 16, "int8", [1, 37, 200], 4, 2, 2, 1, True),
 ]
 
 MOSAIC_PREFILL_CASES = [
     # (heads, kv_heads, head_dim, block_size, dtype, q_len, kv_lens, q_lens,
-    #  pages_per_chunk, num_stages, page_parts)
+    #  pages_per_chunk, num_stages, page_parts[, ids_first])
     (9, 3, 64, 16, "bfloat16", 20, [5, 37, 96], [5, 20, 0], 4, 2, 1),  # 3:1
     (4, 2, 128, 32, "bfloat16", 40, [40, 150], [40, 33], 2, 2, 1),
     (8, 1, 64, 64, "float16", 70, [300, 70], [70, 9], 1, 3, 1),  # refills
     (4, 4, 128, 128, "bfloat16", 33, [200, 33], [33, 2], 1, 2, 2),  # parts
     (6, 2, 64, 16, "int8", 24, [24, 70, 0], [24, 1, 0], 4, 2, 1),
     (16, 1, 128, 64, "int8", 10, [130, 10], [10, 3], 1, 2, 1),  # MQA 16:1
+    (4, 2, 128, 16, "bfloat16", 40, [40, 300], [40, 33], 8, 2, 1, True),
 ]
 
 PREFILL_CASES = [
@@ -211,6 +215,16 @@ def mosaic_decode_case(params) -> Case:
       num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
       dtype=dtype,
       pages_per_seq=max(-(-n // block_size) for n in kv_lens) + 1)
+
+
+def mosaic_tiling(params):
+  """The Mosaic GPU tiling of one `MOSAIC_DECODE_CASES` or
+  `MOSAIC_PREFILL_CASES` entry (prefill: one split)."""
+  from kernels import tuning  # pylint: disable=g-import-not-at-top
+  if isinstance(params[5], int):  # a prefill case: q_len, kv_lens, q_lens
+    chunk, stages, parts, *ids_first = params[8:]
+    return tuning.MosaicDecodeTiling(chunk, 1, stages, parts, *ids_first)
+  return tuning.MosaicDecodeTiling(*params[6:])
 
 
 def prefill_case(params) -> Case:

@@ -56,6 +56,11 @@ class MosaicDecodeTiling:
   num_splits: int  # split-K partitions of the block table
   num_stages: int = 2  # SMEM ring slots (steps in flight + the one reduced)
   page_parts: int = 1  # > 1: a step reads 1/page_parts of one (large) page
+  # True: a step reads all its page ids from the table before starting any
+  # of its copies, so the ids' global-memory loads overlap instead of each
+  # waiting behind the previous page's copies (a hypothesis for the 16-token
+  # pages' lower rates, to be measured by launch.bench_tiling).
+  ids_first: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -102,6 +102,15 @@ def _default_first(default, candidates: Iterator[Any]) -> Iterator[Any]:
       yield t
 
 
+def _ids_first_twin(tiling) -> list[Any]:
+  """The default's twin that reads a step's page ids before its copies
+  (`ids_first`), timed right after the default where a step has several
+  pages: the A/B that decides that option's default."""
+  if tiling.pages_per_chunk == 1 or tiling.ids_first:
+    return []
+  return [dataclasses.replace(tiling, ids_first=True)]
+
+
 def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   """The Mosaic GPU decode kernel's default tiling, then alternatives that
   fit its shared memory."""
@@ -116,13 +125,14 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   fits = lambda tokens, stages: tuning.mosaic_smem_bytes(
       tokens, s.head_dim, stages, quantized=quantized) <= (
           decode_mosaic_gpu.SMEM_BUDGET)
-  return _default_first(default, (
+  return _default_first(default, itertools.chain(
+      _ids_first_twin(default), (
       tuning.MosaicDecodeTiling(num_splits=splits, num_stages=stages,
                                 **_step(s.page, tokens))
       for tokens, stages, splits in itertools.product(
           cfg["step_tokens"], cfg["stages"],
           _splits(default.num_splits, cfg["split_factors"], pages))
-      if fits(tokens, stages)))
+      if fits(tokens, stages))))
 
 
 def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
@@ -150,14 +160,15 @@ def mosaic_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
   default = tuning.mosaic_prefill_tiling(
       block_size=s.page, head_dim=s.head_dim, itemsize=1 if quantized else 2,
       quantized=quantized)
-  return _default_first(default, (
+  return _default_first(default, itertools.chain(
+      _ids_first_twin(default), (
       tuning.MosaicDecodeTiling(num_splits=1, num_stages=stages,
                                 **_step(s.page, tokens))
       for tokens, stages in itertools.product(cfg["step_tokens"],
                                               cfg["stages"])
       if tuning.mosaic_smem_bytes(tokens, s.head_dim, stages,
                                   quantized=quantized)
-      <= decode_mosaic_gpu.SMEM_BUDGET))
+      <= decode_mosaic_gpu.SMEM_BUDGET)))
 
 
 def triton_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
@@ -228,7 +239,9 @@ def _tiling_str(t: dict) -> str:
   short = dict(pages_per_chunk="chunk", num_splits="splits",
                num_warps="warps", num_stages="stages", page_parts="parts",
                block_q="bq")
-  return " ".join(f"{short.get(k, k)}={v}" for k, v in t.items())
+  return " ".join(
+      k if v is True else f"{short.get(k, k)}={v}" for k, v in t.items()
+      if v is not False)  # flags: named when set
 
 
 def _fmt(row: dict) -> str:

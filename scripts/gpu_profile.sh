@@ -14,6 +14,11 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_profile}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Under ncu, JAX's default preallocation (75% of the GPU) and XLA's
+# autotuning ran out of memory or crashed the profiled process on an H100
+# (2026-11-26); the kernels profiled do not depend on either.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export XLA_FLAGS="--xla_gpu_autotune_level=0${XLA_FLAGS:+ $XLA_FLAGS}"
 PY="${PYTHON:-python3}"
 NCU="${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}"
 if [[ -z "$NCU" ]]; then echo "no ncu found"; exit 1; fi

@@ -32,7 +32,7 @@ S = jax.ShapeDtypeStruct
 
 
 def _tiling(params):
-  return tuning.MosaicDecodeTiling(*params[6:])
+  return testing.mosaic_tiling(params)
 
 
 @pytest.mark.parametrize("params", testing.MOSAIC_DECODE_CASES, ids=str)

@@ -25,8 +25,7 @@ S = jax.ShapeDtypeStruct
 
 
 def _tiling(params):
-  chunk, stages, parts = params[8:]
-  return tuning.MosaicDecodeTiling(chunk, 1, stages, parts)
+  return testing.mosaic_tiling(params)
 
 
 @pytest.mark.parametrize("params", testing.MOSAIC_PREFILL_CASES, ids=str)

@@ -142,7 +142,7 @@ def test_small_mosaic_decode_cases(params):
   _poison(case)
   out = decode_mosaic_gpu.paged_decode(
       case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
-      case.kv_scales, tiling=tuning.MosaicDecodeTiling(*params[6:]))
+      case.kv_scales, tiling=testing.mosaic_tiling(params))
   testing.assert_matches(out[:, None], case, rtol=_rtol(case))
 
 
@@ -169,10 +169,8 @@ def test_large_mosaic_decode_default_tiling(heads, kv_heads, head_dim,
 def test_small_mosaic_prefill_cases(params):
   case = testing.prefill_case(params)
   _poison(case)
-  chunk, stages, parts = params[8:]
   out = prefill_mosaic_gpu.paged_prefill(
-      *case.args(), case.kv_scales,
-      tiling=tuning.MosaicDecodeTiling(chunk, 1, stages, parts))
+      *case.args(), case.kv_scales, tiling=testing.mosaic_tiling(params))
   testing.assert_matches(out, case, rtol=_rtol(case))
 
 
