@@ -175,6 +175,7 @@ def _decode_kernel(*refs, st: _Static):
     q_smem       SMEM [64, head_dim] (tiled, swizzled)
     k_smem, v_smem  SMEM [num_stages, T, head_dim], the ring (pool dtype)
     k_work*, v_work*  SMEM [T, head_dim] bf16: one step dequantized
+    scale_slots*  SMEM [num_stages, 2, pages_per_chunk] f32
     o_smem       SMEM [64, head_dim] f32
     m_smem, l_smem  SMEM [64] f32
     q_barrier    [1]
@@ -184,8 +185,8 @@ def _decode_kernel(*refs, st: _Static):
   lens_ref, tables_ref, q_ref, kv_ref = refs[:4]
   scales_ref = refs.pop(4) if st.quantized else None
   o_ref, m_ref, l_ref, q_smem, k_smem, v_smem = refs[4:10]
-  k_work, v_work = (refs.pop(10), refs.pop(10)) if st.quantized else (None,
-                                                                      None)
+  k_work, v_work, scale_slots = ((refs.pop(10), refs.pop(10), refs.pop(10))
+                                 if st.quantized else (None, None, None))
   o_smem, m_smem, l_smem, q_barrier, k_barriers, v_barriers = refs[10:16]
   b = lax.axis_index("batch")
   h = lax.axis_index("kv_head")
@@ -201,7 +202,8 @@ def _decode_kernel(*refs, st: _Static):
   ring = PageRing(st, b=b, h=h, table_base=split * st.pages_per_split,
                   tables_ref=tables_ref, kv_ref=kv_ref, scales_ref=scales_ref,
                   q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_work=k_work,
-                  v_work=v_work, k_barriers=k_barriers, v_barriers=v_barriers)
+                  v_work=v_work, k_barriers=k_barriers, v_barriers=v_barriers,
+                  scale_slots=scale_slots)
   cast, tile_layout = ring.cast, ring.tile_layout
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])

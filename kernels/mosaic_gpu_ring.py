@@ -19,6 +19,7 @@ compiled code.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 from jax import lax
@@ -42,18 +43,21 @@ class PageRing:
   `st` is the kernel's static description (block_size, head_dim,
   pages_per_chunk, page_parts, num_stages, tokens, interpret, quantized);
   `b`, `h` the program's sequence and KV head; `table_base` the first table
-  entry of its pages. `scales_ref`, `k_work`, `v_work`: int8 pools only.
+  entry of its pages. `scales_ref`, `k_work`, `v_work`, `scale_slots`: int8
+  pools only (`scale_slots` SMEM [num_stages, 2, pages_per_chunk] f32: each
+  ring slot's page scales, written when its copies are issued).
   """
 
   def __init__(self, st: Any, *, b, h, table_base, tables_ref, kv_ref,
                scales_ref, q_smem, k_smem, v_smem, k_work, v_work,
-               k_barriers, v_barriers):
+               k_barriers, v_barriers, scale_slots=None):
     self.st = st
     self.b, self.h, self.table_base = b, h, table_base
     self.tables_ref, self.kv_ref, self.scales_ref = (tables_ref, kv_ref,
                                                      scales_ref)
     self.q_smem, self.k_smem, self.v_smem = q_smem, k_smem, v_smem
     self.k_work, self.v_work = k_work, v_work
+    self.scale_slots = scale_slots
     self.k_barriers, self.v_barriers = k_barriers, v_barriers
     self.tokens = st.tokens
     self.row_layout = None if st.interpret else plgpu.Layout.WGMMA.reduce(1)
@@ -83,12 +87,26 @@ class PageRing:
 
   def issue(self, step, slot):
     """Starts the TMA copies of step `step`'s pages into ring slot `slot`
-    (with `st.ids_first`, after reading all the step's page ids)."""
+    (with `st.ids_first`, after reading all the step's page ids).
+
+    int8 pools: first the step's page ids, then their K and V scales (loads
+    that do not wait on each other), kept in the slot's `scale_slots` row,
+    where dequantization reads them from SMEM: a dependent pair of global
+    loads per page at each dequantization was the int8 kernel's suspected
+    cost (0.4x the bf16 kernel on an H100), not yet measured since.
+    """
     st, tokens = self.st, self.tokens
+    ids_first = st.ids_first or st.quantized
     pages = ([self._page(step, c) for c in range(st.pages_per_chunk)]
-             if st.ids_first else None)
+             if ids_first else None)
+    if st.quantized:
+      scales = [[self.scales_ref[page, kv, self.h] for page in pages]
+                for kv in (0, 1)]
+      for kv in (0, 1):
+        for c in range(st.pages_per_chunk):
+          self.scale_slots[slot, kv, c] = scales[kv][c]
     for c in range(st.pages_per_chunk):
-      page = pages[c] if st.ids_first else self._page(step, c)
+      page = pages[c] if ids_first else self._page(step, c)
       if st.page_parts == 1:
         rows_in_page = pl.ds(0, st.block_size)
         dst_rows = pl.ds(c * st.block_size, st.block_size)
@@ -134,19 +152,18 @@ class PageRing:
     return pl.run_scoped(body, plgpu.ACC((WGMMA_ROWS, self.st.head_dim),
                                          jnp.float32))
 
-  def token_scales(self, step, kv):  # [T] f32: each token's page scale
+  def token_scales(self, slot, kv):  # [T] f32: each token's page scale
+    """The scales of the step in ring slot `slot` (K: kv=0, V: 1), one per
+    token, from the slot's `scale_slots` row."""
     st, tokens = self.st, self.tokens
     if st.page_parts > 1:  # the step is part of one page
-      page = self._page(step, 0)
-      return self.cast(jnp.full((tokens,), self.scales_ref[page, kv, self.h],
+      return self.cast(jnp.full((tokens,), self.scale_slots[slot, kv, 0],
                                 jnp.float32), self.row_layout)
     page_of_token = self.cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0),
                               self.row_layout) // st.block_size
     out = self.cast(jnp.zeros((tokens,), jnp.float32), self.row_layout)
     for c in range(st.pages_per_chunk):
-      page = self._page(step, c)
-      out = jnp.where(page_of_token == c, self.scales_ref[page, kv, self.h],
-                      out)
+      out = jnp.where(page_of_token == c, self.scale_slots[slot, kv, c], out)
     return out
 
   def dequantize(self, src, dst, scales):
@@ -155,7 +172,7 @@ class PageRing:
     if self.st.interpret:
       x = src[...].astype(jnp.float32)
     else:
-      x = plgpu.load(src, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
+      x = _load_whole(src, plgpu.Layout.WGMMA_UPCAST_2X)
       x = plgpu.layout_cast(x, plgpu.Layout.WGMMA).astype(jnp.float32)
     x = x * lax.broadcast_in_dim(scales, x.shape, (0,))
     dst[...] = x.astype(dst.dtype)
@@ -166,7 +183,7 @@ class PageRing:
     plgpu.barrier_wait(self.k_barriers.at[slot])
     tile = self.k_smem.at[slot]
     if self.st.quantized:
-      self.dequantize(tile, self.k_work, self.token_scales(step, 0))
+      self.dequantize(tile, self.k_work, self.token_scales(slot, 0))
       tile = self.k_work
     return tile
 
@@ -175,7 +192,7 @@ class PageRing:
     plgpu.barrier_wait(self.v_barriers.at[slot])
     tile = self.v_smem.at[slot]
     if self.st.quantized:
-      self.dequantize(tile, self.v_work, self.token_scales(step, 1))
+      self.dequantize(tile, self.v_work, self.token_scales(slot, 1))
       tile = self.v_work
     return tile
 
@@ -218,6 +235,15 @@ class PageRing:
     return acc, m_new, l_new
 
 
+def _load_whole(src, layout):
+  """`plgpu.load` of a whole SMEM ref: jax 0.10 takes the index `()`
+  positionally, jax 0.11 deprecates passing an index at all."""
+  idx = inspect.signature(plgpu.load).parameters["idx"]
+  if idx.default is inspect.Parameter.empty:
+    return plgpu.load(src, (), layout=layout)
+  return plgpu.load(src, layout=layout)
+
+
 def swizzled(shape: tuple[int, ...], dtype) -> Any:
   """An SMEM tile in the tiling and swizzle that TMA writes and `wgmma` (or
   an upcasting load) reads: rows of 8 x up to 128 bytes, swizzled by as many
@@ -232,8 +258,10 @@ def swizzled(shape: tuple[int, ...], dtype) -> Any:
 
 def ring_buffers(st: Any, compute_dtype, pool_dtype) -> list[Any]:
   """SMEM scratch of a `PageRing`, in its kernels' order: the 64-row query
-  tile, the K and V rings, and (int8 pools) the two dequantized tiles."""
+  tile, the K and V rings, and (int8 pools) the two dequantized tiles and
+  the ring slots' page scales."""
   work = ([swizzled((st.tokens, st.head_dim), compute_dtype)] * 2
+          + [plgpu.SMEM((st.num_stages, 2, st.pages_per_chunk), jnp.float32)]
           if st.quantized else [])
   return [swizzled((WGMMA_ROWS, st.head_dim), compute_dtype),
           swizzled((st.num_stages, st.tokens, st.head_dim), pool_dtype),

@@ -86,6 +86,7 @@ def _prefill_kernel(*refs, st: _Static):
     q_smem       SMEM [64, head_dim] (tiled, swizzled)
     k_smem, v_smem  SMEM [num_stages, T, head_dim], the ring
     k_work*, v_work*  SMEM [T, head_dim] bf16: one step dequantized
+    scale_slots*  SMEM [num_stages, 2, pages_per_chunk] f32
     o_smem       SMEM [64, head_dim] f32
     q_barrier    [1]
     k_barriers, v_barriers  [num_stages]
@@ -94,8 +95,8 @@ def _prefill_kernel(*refs, st: _Static):
   lens_ref, q_lens_ref, tables_ref, q_ref, kv_ref = refs[:5]
   scales_ref = refs.pop(5) if st.quantized else None
   o_ref, q_smem, k_smem, v_smem = refs[5:9]
-  k_work, v_work = (refs.pop(9), refs.pop(9)) if st.quantized else (None,
-                                                                    None)
+  k_work, v_work, scale_slots = ((refs.pop(9), refs.pop(9), refs.pop(9))
+                                 if st.quantized else (None, None, None))
   o_smem, q_barrier, k_barriers, v_barriers = refs[9:13]
   b = lax.axis_index("batch")
   h = lax.axis_index("kv_head")
@@ -121,6 +122,7 @@ def _prefill_kernel(*refs, st: _Static):
   ring = PageRing(st, b=b, h=h, table_base=0, tables_ref=tables_ref,
                   kv_ref=kv_ref, scales_ref=scales_ref, q_smem=q_smem,
                   k_smem=k_smem, v_smem=v_smem, k_work=k_work, v_work=v_work,
+                  scale_slots=scale_slots,
                   k_barriers=k_barriers, v_barriers=v_barriers)
   cast, row_layout, tile_layout = ring.cast, ring.row_layout, ring.tile_layout
 

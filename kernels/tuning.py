@@ -121,10 +121,12 @@ def mosaic_smem_bytes(tokens: int, head_dim: int, num_stages: int,
   """Shared memory of one Mosaic GPU decode program: the 64-row query tile,
   the K/V ring and the float32 output tile with its max and sum rows; for an
   int8 pool (`quantized`) the ring holds int8 tiles and one step's K and V,
-  dequantized to bf16 for `wgmma`, sit beside it."""
+  dequantized to bf16 for `wgmma`, sit beside it, with each slot's page
+  scales (at most one page per 16 tokens)."""
   compute = 2 if quantized else itemsize
   ring = 1 if quantized else itemsize
-  work = 2 * tokens * head_dim * compute if quantized else 0
+  work = (2 * tokens * head_dim * compute
+          + num_stages * 2 * max(1, tokens // 16) * 4) if quantized else 0
   return (64 * head_dim * compute + 2 * num_stages * tokens * head_dim * ring
           + work + 64 * head_dim * 4 + 2 * 64 * 4)
 
