@@ -272,6 +272,8 @@ def paged_decode(
         block_size=block_size, head_dim=head_dim,
         itemsize=jnp.dtype(kv_pages.dtype).itemsize, quantized=quantized)
   check_tiling(tiling, block_size, head_dim, quantized=quantized)
+  if tiling.consumers != 1:
+    raise ValueError(f"bad tiling {tiling}: decode takes consumers=1")
   chunk, splits, parts = (tiling.pages_per_chunk, tiling.num_splits,
                           tiling.page_parts)
 

@@ -206,18 +206,23 @@ class PageRing:
             self.cast(jnp.zeros((WGMMA_ROWS,), jnp.float32), self.row_layout))
 
   def softmax_step(self, step, carry, *, scale: float, num_steps,
-                   mask: Callable[[Any], tuple[Any, Any]] | None = None):
+                   mask: Callable[[Any], tuple[Any, Any]] | None = None,
+                   consumed: tuple[Any, Any] | None = None):
     """Step `step` of online-softmax attention (base 2) over the ring.
 
     `carry` is `initial_state()`'s triple; `scale` multiplies the logits
     (sm_scale * log2 e). `mask(s) -> (s, keep)` masks the step's logits
     [64, T] (called after `q @ K^T`); `keep`, if not None, also zeroes `p`
     where False (for rows that may see none of the step's keys). The slot is
-    refilled once both matmuls are done.
+    refilled once both matmuls are done; with `consumed` (the slots' K and V
+    "consumed" barriers of a warp-specialized kernel) it is not refilled here
+    but its K and V are each released as soon as their matmul is done.
     """
     acc, m, l = carry
     slot = lax.rem(step, self.st.num_stages)
     s = self.qk(self.k_tile(step, slot)) * scale
+    if consumed is not None:
+      plgpu.barrier_arrive(consumed[0].at[slot])
     keep = None
     if mask is not None:
       s, keep = mask(s)
@@ -231,7 +236,10 @@ class PageRing:
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
     acc = acc + self.pv(p.astype(self.q_smem.dtype), v_tile)
     # The slot is consumed (the matmuls above have been awaited): refill it.
-    self.refill(step, slot, num_steps)
+    if consumed is None:
+      self.refill(step, slot, num_steps)
+    else:
+      plgpu.barrier_arrive(consumed[1].at[slot])
     return acc, m_new, l_new
 
 

@@ -21,8 +21,10 @@ zeros). Query blocks are independent: no split-K.
 
 Supported: bfloat16 / float16 pools and int8 pools with scales, head_dim 64
 or 128, block_size a power of 2 >= 16, GQA groups up to 64. Selectable as
-`implementation="pallas_mosaic_gpu"` (q_len > 1); `"auto"` keeps prefill on
-the Triton kernel until this one has been measured on a GPU.
+`implementation="pallas_mosaic_gpu"` (q_len > 1); `"auto"` takes it on
+Hopper for pages of 64 tokens or more (`paged_attention`). A tiling with
+`consumers=2` runs the warp-specialized variant instead
+(`prefill_mosaic_gpu_ws.py`).
 
 Testing without a GPU: Mosaic GPU's interpret mode runs it on CPU (matmuls
 as dots on the SMEM tiles, see `mosaic_gpu_ring`), and `jax.export(...,
@@ -73,6 +75,55 @@ class _Static:
     return WGMMA_ROWS // self.group_pad
 
 
+class TileSteps:
+  """Where one 64-row query tile (`64 / group_pad` new tokens) starts and
+  which ring steps it needs: `num_steps` up to its last key, of which the
+  first `num_free` lie wholly at or before its first position (no mask)."""
+
+  def __init__(self, st, tile, kv_len, q_len):
+    self.first_row = tile * st.block_tokens  # the tile's first new token
+    has_rows = self.first_row < q_len
+    self.key_limit = jnp.minimum(kv_len, st.capacity)
+    last_row = jnp.minimum(self.first_row + st.block_tokens, q_len)
+    num_keys = jnp.where(
+        has_rows, jnp.clip(kv_len - q_len + last_row, 0, self.key_limit), 0)
+    self.num_steps = (num_keys + st.tokens - 1) // st.tokens
+    first_pos = kv_len - q_len + self.first_row
+    self.num_free = jnp.where(
+        has_rows, jnp.clip(jnp.minimum(first_pos + 1, self.key_limit)
+                           // st.tokens, 0, self.num_steps), 0)
+
+
+def causal_mask(st, ring, step, s, *, first_row, kv_len, q_len, key_limit):
+  """Step `step`'s logits [64, T] of the tile starting at new token
+  `first_row`, masked causally, to the table and to real rows; and where
+  they are valid. Built per masked step (the causal tail), not before the
+  loops: held across the unmasked loop, these tiles would only cost
+  registers."""
+  rows, tokens = WGMMA_ROWS, st.tokens
+  row_ids = ring.cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 0),
+                      ring.tile_layout)
+  new_token = first_row + row_ids // st.group_pad
+  q_pos = kv_len - q_len + new_token
+  row_ok = new_token < q_len
+  key_ids = ring.cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
+                      ring.tile_layout)
+  k_pos = step * tokens + key_ids
+  valid = (k_pos <= q_pos) & (k_pos < key_limit) & row_ok
+  return jnp.where(valid, s, MASK_VALUE), valid
+
+
+def normalized_rows(st, ring, acc, l, *, first_row, q_len):
+  """The tile's output rows: `acc / l`, zeros for rows past `q_len` (they
+  saw the unmasked steps) and rows with no keys."""
+  row_token = first_row + ring.cast(
+      lax.broadcasted_iota(jnp.int32, (WGMMA_ROWS,), 0),
+      ring.row_layout) // st.group_pad
+  has_keys = (row_token < q_len) & (l > 0)
+  inv = jnp.where(has_keys, 1.0 / jnp.where(has_keys, l, 1.0), 0.0)
+  return acc * lax.broadcast_in_dim(inv, acc.shape, (0,))
+
+
 def _prefill_kernel(*refs, st: _Static):
   """One program: one sequence, one KV head, one block of new tokens.
 
@@ -101,49 +152,24 @@ def _prefill_kernel(*refs, st: _Static):
   b = lax.axis_index("batch")
   h = lax.axis_index("kv_head")
   block = lax.axis_index("q_block")
-  tokens = st.tokens
-  rows = WGMMA_ROWS
-
   kv_len = lens_ref[b]
   q_len = q_lens_ref[b]
-  first_row = block * st.block_tokens  # the block's first new token
-  has_rows = first_row < q_len
-  key_limit = jnp.minimum(kv_len, st.capacity)
-  last_row = jnp.minimum(first_row + st.block_tokens, q_len)
-  num_keys = jnp.where(has_rows,
-                       jnp.clip(kv_len - q_len + last_row, 0, key_limit), 0)
-  num_steps = (num_keys + tokens - 1) // tokens
-  # Steps wholly at or before the block's first position: no mask needed.
-  first_pos = kv_len - q_len + first_row
-  num_free = jnp.where(
-      has_rows, jnp.clip(jnp.minimum(first_pos + 1, key_limit) // tokens, 0,
-                         num_steps), 0)
+  tile = TileSteps(st, block, kv_len, q_len)
+  first_row, key_limit = tile.first_row, tile.key_limit
+  num_free, num_steps = tile.num_free, tile.num_steps
 
   ring = PageRing(st, b=b, h=h, table_base=0, tables_ref=tables_ref,
                   kv_ref=kv_ref, scales_ref=scales_ref, q_smem=q_smem,
                   k_smem=k_smem, v_smem=v_smem, k_work=k_work, v_work=v_work,
                   scale_slots=scale_slots,
                   k_barriers=k_barriers, v_barriers=v_barriers)
-  cast, row_layout, tile_layout = ring.cast, ring.row_layout, ring.tile_layout
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, h, block], q_smem, q_barrier.at[0])
   ring.fill(num_steps)
 
   scale = st.sm_scale * LOG2E  # softmax in base 2
-
-  def mask(step, s):  # causal, within the table, real rows only
-    # Built per masked step (the causal tail), not before the loops: held
-    # across the unmasked loop, these [64, T] tiles would only cost registers.
-    row_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 0),
-                   tile_layout)
-    new_token = first_row + row_ids // st.group_pad
-    q_pos = kv_len - q_len + new_token
-    row_ok = new_token < q_len
-    key_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
-                   tile_layout)
-    k_pos = step * tokens + key_ids
-    valid = (k_pos <= q_pos) & (k_pos < key_limit) & row_ok
-    return jnp.where(valid, s, MASK_VALUE), valid
+  mask = functools.partial(causal_mask, st, ring, first_row=first_row,
+                           kv_len=kv_len, q_len=q_len, key_limit=key_limit)
 
   def step_fn(step, carry, masked: bool):
     return ring.softmax_step(step, carry, scale=scale, num_steps=num_steps,
@@ -156,13 +182,8 @@ def _prefill_kernel(*refs, st: _Static):
                         ring.initial_state())
   acc, _, l = lax.fori_loop(num_free, num_steps,
                             functools.partial(step_fn, masked=True), carry)
-  # Rows past q_lens[b] (they saw the unmasked steps) and rows with no keys
-  # give zeros.
-  row_token = first_row + cast(lax.broadcasted_iota(jnp.int32, (rows,), 0),
-                               row_layout) // st.group_pad
-  has_keys = (row_token < q_len) & (l > 0)
-  inv = jnp.where(has_keys, 1.0 / jnp.where(has_keys, l, 1.0), 0.0)
-  o_smem[...] = acc * lax.broadcast_in_dim(inv, acc.shape, (0,))
+  o_smem[...] = normalized_rows(st, ring, acc, l, first_row=first_row,
+                                q_len=q_len)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, block])
   plgpu.wait_smem_to_gmem(0)
@@ -215,6 +236,19 @@ def paged_prefill(
     raise ValueError(f"bad tiling {tiling}: prefill takes num_splits=1")
   decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim,
                                  quantized=quantized)
+  if tiling.consumers not in (1, 2) or (tiling.consumers == 2 and quantized):
+    raise ValueError(f"bad tiling {tiling}: consumers is 1, or 2 for bf16/f16 "
+                     "pools")
+  if tiling.consumers == 2:
+    from kernels import prefill_mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
+    chunk_tokens = (tiling.pages_per_chunk * block_size
+                             // tiling.page_parts)
+    if prefill_mosaic_gpu_ws.smem_bytes(
+        chunk_tokens, head_dim, tiling.num_stages,
+        jnp.dtype(kv_pages.dtype).itemsize) > decode_mosaic_gpu.SMEM_BUDGET:
+      raise ValueError(f"bad tiling {tiling}: two query tiles and a ring of "
+                       f"{tiling.num_stages} x {chunk_tokens} keys exceed "
+                       f"{decode_mosaic_gpu.SMEM_BUDGET} bytes of SMEM")
   chunk = tiling.pages_per_chunk
 
   group = num_heads // num_kv_heads
@@ -235,6 +269,10 @@ def paged_prefill(
                page_parts=tiling.page_parts, num_stages=tiling.num_stages,
                sm_scale=float(sm_scale), interpret=interpret is not False,
                quantized=quantized, ids_first=tiling.ids_first)
+  if tiling.consumers == 2:
+    return prefill_mosaic_gpu_ws.paged_prefill_ws(
+        q, kv_pages, block_tables, kv_lens, q_lens, st=st,
+        interpret=interpret)
   scratch = [
       *ring_buffers(st, compute_dtype, kv_pages.dtype),
       plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),

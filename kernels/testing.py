@@ -52,7 +52,7 @@ MOSAIC_DECODE_CASES = [
 
 MOSAIC_PREFILL_CASES = [
     # (heads, kv_heads, head_dim, block_size, dtype, q_len, kv_lens, q_lens,
-    #  pages_per_chunk, num_stages, page_parts[, ids_first])
+    #  pages_per_chunk, num_stages, page_parts[, ids_first[, consumers]])
     (9, 3, 64, 16, "bfloat16", 20, [5, 37, 96], [5, 20, 0], 4, 2, 1),  # 3:1
     (4, 2, 128, 32, "bfloat16", 40, [40, 150], [40, 33], 2, 2, 1),
     (8, 1, 64, 64, "float16", 70, [300, 70], [70, 9], 1, 3, 1),  # refills
@@ -60,6 +60,14 @@ MOSAIC_PREFILL_CASES = [
     (6, 2, 64, 16, "int8", 24, [24, 70, 0], [24, 1, 0], 4, 2, 1),
     (16, 1, 128, 64, "int8", 10, [130, 10], [10, 3], 1, 2, 1),  # MQA 16:1
     (4, 2, 128, 16, "bfloat16", 40, [40, 300], [40, 33], 8, 2, 1, True),
+    # Two computing warpgroups and a copying one (prefill_mosaic_gpu_ws):
+    # tiles with no rows, a later tile needing more steps, refills, MQA,
+    # pages in parts.
+    (9, 3, 64, 16, "bfloat16", 20, [5, 37, 96], [5, 20, 0], 4, 2, 1, False,
+     2),
+    (4, 2, 128, 32, "bfloat16", 70, [40, 300], [40, 70], 2, 3, 1, True, 2),
+    (8, 1, 64, 64, "float16", 70, [300, 70], [70, 9], 1, 3, 1, False, 2),
+    (4, 4, 128, 128, "bfloat16", 33, [200, 33], [33, 2], 1, 2, 2, False, 2),
 ]
 
 PREFILL_CASES = [

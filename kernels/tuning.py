@@ -61,6 +61,10 @@ class MosaicDecodeTiling:
   # waiting behind the previous page's copies (a hypothesis for the 16-token
   # pages' lower rates, to be measured by launch.bench_tiling).
   ids_first: bool = False
+  # Prefill only: warpgroups computing per program, each its own 64-row query
+  # tile over the shared ring; 2 adds a third warpgroup that only issues the
+  # copies (`prefill_mosaic_gpu_ws.py`; bf16/f16 pools; unmeasured on a GPU).
+  consumers: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,6 +86,10 @@ PRESETS = {
 }
 
 
+# The warp-specialized Mosaic GPU prefill (prefill_mosaic_gpu_ws.py).
+MOSAIC_WS = "pallas_mosaic_gpu_ws (ours)"
+
+
 def _attempt(rows: list[dict], base: dict, impl: str,
              fn: Callable[[], Any], *, nbytes: float, flops: float,
              check: Callable[[Any], float] | None = None) -> None:
@@ -191,11 +195,17 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
   shape's row base and its reference check (for other implementations)."""
   base = dict(kind=kind, shape=dataclasses.asdict(s), kv_mib=kv_bytes / 2**20)
   check = _checker(kind, args)
-  impls = [("pallas_triton (ours)", f"triton_{kind}")]
+  impls = [("pallas_triton (ours)", f"triton_{kind}", None)]
   if _mosaic_applies(s, interpret):
-    impls.append(("pallas_mosaic_gpu (ours)", f"mosaic_{kind}"))
-  for name, kernel in impls:
-    fn = kernel_cases.kernel_fn(kernel, None, interpret)
+    impls.append(("pallas_mosaic_gpu (ours)", f"mosaic_{kind}", None))
+    if kind == "prefill" and s.dtype != "int8":
+      # Two computing warpgroups and a copying one, on the default ring.
+      from kernels import tuning
+      two = dataclasses.replace(tuning.mosaic_prefill_tiling(
+          block_size=s.page, head_dim=s.head_dim), consumers=2)
+      impls.append((MOSAIC_WS, "mosaic_prefill", two))
+  for name, kernel, tiling in impls:
+    fn = kernel_cases.kernel_fn(kernel, tiling, interpret)
     _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,
              flops=flops, check=check)
   ref_fn = kernel_cases.reference_fn(kind)
@@ -410,14 +420,14 @@ def _targets(rows: list[dict], copy_gbps: float | None) -> list[dict]:
         return r
     return None
 
-  ours_impls = ("pallas_triton (ours)", "pallas_mosaic_gpu (ours)")
+  ours_impls = ("pallas_triton (ours)", "pallas_mosaic_gpu (ours)", MOSAIC_WS)
   checks = []
   for r in rows:
     if r["impl"] not in ours_impls or "time_us" not in r:
       continue
     ours = r["impl"]
     s = r["shape"]
-    name = f"[{ours.split()[0]}] " + " ".join(
+    name = f"[{ours.replace(' (ours)', '')}] " + " ".join(
         f"{k}={v}" for k, v in s.items())
     if r["kind"] == "decode" and s["dtype"] != "int8":
       small = s["batch"] <= 4 and s["ctx"] >= 32768

@@ -111,6 +111,16 @@ def _ids_first_twin(tiling) -> list[Any]:
   return [dataclasses.replace(tiling, ids_first=True)]
 
 
+def _two_consumer_twins(tiling, quantized: bool) -> list[Any]:
+  """The prefill default's twins on two computing warpgroups and a copying
+  one (`consumers=2`, bf16/f16 pools), with and without `ids_first`, timed
+  right after the default."""
+  if quantized:
+    return []
+  two = dataclasses.replace(tiling, consumers=2)
+  return [two, *_ids_first_twin(two)]
+
+
 def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   """The Mosaic GPU decode kernel's default tiling, then alternatives that
   fit its shared memory."""
@@ -161,7 +171,7 @@ def mosaic_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
       block_size=s.page, head_dim=s.head_dim, itemsize=1 if quantized else 2,
       quantized=quantized)
   return _default_first(default, itertools.chain(
-      _ids_first_twin(default), (
+      _two_consumer_twins(default, quantized), _ids_first_twin(default), (
       tuning.MosaicDecodeTiling(num_splits=1, num_stages=stages,
                                 **_step(s.page, tokens))
       for tokens, stages in itertools.product(cfg["step_tokens"],

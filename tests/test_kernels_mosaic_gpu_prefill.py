@@ -66,6 +66,23 @@ def test_bad_tiling_and_unsupported_calls_raise():
                           num_kv_heads=2, dtype="float32")
   with pytest.raises(ValueError, match="float32"):
     prefill_mosaic_gpu.paged_prefill(*f32.args(), interpret=True)
+  int8 = testing.make_case(85, kv_lens=[20], q_len=4, num_heads=4,
+                           num_kv_heads=2, dtype="int8")
+  with pytest.raises(ValueError, match="consumers"):  # int8: one warpgroup
+    prefill_mosaic_gpu.paged_prefill(
+        *int8.args(), int8.kv_scales, interpret=True,
+        tiling=tuning.MosaicDecodeTiling(4, 1, 2, consumers=2))
+  with pytest.raises(ValueError, match="consumers"):
+    prefill_mosaic_gpu.paged_prefill(
+        *case.args(), interpret=True,
+        tiling=tuning.MosaicDecodeTiling(4, 1, 2, consumers=3))
+  big = testing.make_case(86, kv_lens=[20], q_len=4, num_heads=4,
+                          num_kv_heads=2, head_dim=128, block_size=16,
+                          dtype="bfloat16")
+  with pytest.raises(ValueError, match="SMEM"):  # 2 x 16 KB + 4 x 64 KB
+    prefill_mosaic_gpu.paged_prefill(
+        *big.args(), interpret=True,
+        tiling=tuning.MosaicDecodeTiling(8, 1, 4, consumers=2))
 
 
 def test_auto_sends_prefill_to_mosaic_gpu_from_64_token_pages(monkeypatch):

@@ -11,6 +11,8 @@ scripts/gpu_check.sh.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,6 +191,13 @@ def test_large_mosaic_prefill_default_tiling(heads, kv_heads, head_dim,
   out = paged_attention(*case.args(), implementation="pallas_mosaic_gpu",
                         kv_scales=case.kv_scales)
   testing.assert_matches(out, case, rtol=_rtol(case))
+  if dtype != "int8":  # two computing warpgroups and a copying one
+    two = dataclasses.replace(
+        tuning.mosaic_prefill_tiling(block_size=block_size,
+                                     head_dim=head_dim), consumers=2)
+    _poison(case)
+    out = prefill_mosaic_gpu.paged_prefill(*case.args(), tiling=two)
+    testing.assert_matches(out, case, rtol=_rtol(case))
 
 
 @needs_hopper
