@@ -134,7 +134,7 @@ def test_auto_on_gpu():
 
 needs_hopper = pytest.mark.skipif(
     jax.default_backend() != "gpu" or not decode_mosaic_gpu.is_hopper(),
-    reason="the Mosaic GPU decode kernel uses Hopper's wgmma")
+    reason="the Mosaic GPU kernels use Hopper's wgmma")
 
 
 @needs_hopper
