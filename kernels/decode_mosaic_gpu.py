@@ -151,6 +151,7 @@ class _Static:
   interpret: bool
   quantized: bool = False  # int8 ring, dequantized per step into bf16 tiles
   ids_first: bool = False  # a step's page ids all read before its copies
+  copy_warpgroup: bool = False  # wg 1 issues the copies, wg 0 computes
 
   @property
   def tokens(self) -> int:  # tokens per step
@@ -180,6 +181,10 @@ def _decode_kernel(*refs, st: _Static):
     m_smem, l_smem  SMEM [64] f32
     q_barrier    [1]
     k_barriers, v_barriers  [num_stages], pages_per_chunk arrivals each
+    k_consumed+, v_consumed+  [num_stages], one arrival each
+  (`+` only with `st.copy_warpgroup`: then warpgroup 1 only issues the
+  ring's copies, refilling a slot once warpgroup 0, which computes, has
+  released its K and V.)
   """
   refs = list(refs)
   lens_ref, tables_ref, q_ref, kv_ref = refs[:4]
@@ -188,6 +193,7 @@ def _decode_kernel(*refs, st: _Static):
   k_work, v_work, scale_slots = ((refs.pop(10), refs.pop(10), refs.pop(10))
                                  if st.quantized else (None, None, None))
   o_smem, m_smem, l_smem, q_barrier, k_barriers, v_barriers = refs[10:16]
+  consumed = tuple(refs[16:18]) if st.copy_warpgroup else None
   b = lax.axis_index("batch")
   h = lax.axis_index("kv_head")
   split = lax.axis_index("split")
@@ -205,10 +211,6 @@ def _decode_kernel(*refs, st: _Static):
                   v_work=v_work, k_barriers=k_barriers, v_barriers=v_barriers,
                   scale_slots=scale_slots)
   cast, tile_layout = ring.cast, ring.tile_layout
-
-  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
-  ring.fill(num_steps)
-
   scale = st.sm_scale * LOG2E  # softmax in base 2
 
   def step_fn(step, carry):
@@ -218,20 +220,37 @@ def _decode_kernel(*refs, st: _Static):
                        tile_layout)
       return jnp.where(start + token_ids < kv_len, s, MASK_VALUE), None
     return ring.softmax_step(step, carry, scale=scale, num_steps=num_steps,
-                             mask=mask)
+                             mask=mask, consumed=consumed)
 
-  plgpu.barrier_wait(q_barrier.at[0])
-  acc, m, l = lax.fori_loop(0, num_steps, step_fn, ring.initial_state())
+  def compute():
+    plgpu.barrier_wait(q_barrier.at[0])
+    acc, m, l = lax.fori_loop(0, num_steps, step_fn, ring.initial_state())
+    o_smem[...] = acc
+    m_smem[...] = m
+    l_smem[...] = l
+    plgpu.commit_smem()
+    out_rows = pl.ds(0, st.rows_out)
+    plgpu.copy_smem_to_gmem(o_smem.at[out_rows], o_ref.at[b, h, split])
+    plgpu.copy_smem_to_gmem(m_smem.at[out_rows], m_ref.at[b, h, split])
+    plgpu.copy_smem_to_gmem(l_smem.at[out_rows], l_ref.at[b, h, split])
+    plgpu.wait_smem_to_gmem(0)
 
-  o_smem[...] = acc
-  m_smem[...] = m
-  l_smem[...] = l
-  plgpu.commit_smem()
-  out_rows = pl.ds(0, st.rows_out)
-  plgpu.copy_smem_to_gmem(o_smem.at[out_rows], o_ref.at[b, h, split])
-  plgpu.copy_smem_to_gmem(m_smem.at[out_rows], m_ref.at[b, h, split])
-  plgpu.copy_smem_to_gmem(l_smem.at[out_rows], l_ref.at[b, h, split])
-  plgpu.wait_smem_to_gmem(0)
+  if not st.copy_warpgroup:
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
+    ring.fill(num_steps)
+    compute()
+    return
+
+  wg = lax.axis_index("wg")
+
+  @pl.when(wg == 0)
+  def _compute():
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
+    compute()
+
+  @pl.when(wg == 1)
+  def _copy():
+    ring.copy_all(num_steps, consumed)
 
 
 @functools.partial(
@@ -292,14 +311,20 @@ def paged_decode(
                pages_per_split=pages_per_split, pages_per_chunk=chunk,
                page_parts=parts, num_stages=tiling.num_stages,
                sm_scale=float(sm_scale), interpret=interpret is not False,
-               quantized=quantized, ids_first=tiling.ids_first)
+               quantized=quantized, ids_first=tiling.ids_first,
+               copy_warpgroup=tiling.copy_warpgroup)
+  consumed = ([plgpu.Barrier(num_barriers=st.num_stages)] * 2
+              if st.copy_warpgroup else [])
   scratch = [
       *ring_buffers(st, compute_dtype, kv_pages.dtype),
       plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
       plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
       plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
       *ring_barriers(st),
+      *consumed,
   ]
+  threads = (dict(num_threads=2, thread_name="wg") if st.copy_warpgroup
+             else {})
   partial_shape = (batch, num_kv_heads, splits, rows_out)
   out_type = (
       jax.ShapeDtypeStruct(partial_shape + (head_dim,), jnp.float32),
@@ -313,6 +338,7 @@ def paged_decode(
       grid=(batch, num_kv_heads, splits),
       grid_names=("batch", "kv_head", "split"),
       interpret=interpret_arg(interpret),
+      **threads,
   )
   scales = ((kv_scales.astype(jnp.float32),) if quantized else ())
   o, m, l = kernel(kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),

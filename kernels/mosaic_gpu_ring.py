@@ -126,6 +126,32 @@ class PageRing:
     for i in range(self.st.num_stages):
       pl.when(i < num_steps)(functools.partial(self.issue, i, i))
 
+  def copy_all(self, num_steps, consumed):
+    """A copying warpgroup's whole work: the ring's first steps, then each
+    later step into its slot once the computing warpgroup(s) have released
+    it (`consumed`: the slots' K and V barriers), then the last releases
+    (awaited, so that every barrier phase is observed and no copy is left
+    pending)."""
+    st = self.st
+    self.fill(num_steps)
+    k_consumed, v_consumed = consumed
+
+    def released(step):
+      slot = lax.rem(step, st.num_stages)
+      plgpu.barrier_wait(k_consumed.at[slot])
+      plgpu.barrier_wait(v_consumed.at[slot])
+      return slot
+
+    def refill(step, _):
+      self.issue(step + st.num_stages, released(step))
+
+    def drain(step, _):
+      released(step)
+
+    lax.fori_loop(0, num_steps - st.num_stages, refill, None)
+    lax.fori_loop(jnp.maximum(num_steps - st.num_stages, 0), num_steps,
+                  drain, None)
+
   def refill(self, step, slot, num_steps):
     """After step `step` is consumed: its slot takes step + num_stages."""
     nxt = step + self.st.num_stages
@@ -178,7 +204,7 @@ class PageRing:
     dst[...] = x.astype(dst.dtype)
     plgpu.commit_smem()
 
-  def k_tile(self, step, slot):
+  def k_tile(self, slot):
     """Waits for the slot's K; its tile for `qk` (dequantized for int8)."""
     plgpu.barrier_wait(self.k_barriers.at[slot])
     tile = self.k_smem.at[slot]
@@ -187,7 +213,7 @@ class PageRing:
       tile = self.k_work
     return tile
 
-  def v_tile(self, step, slot):
+  def v_tile(self, slot):
     """Waits for the slot's V; its tile for `pv` (dequantized for int8)."""
     plgpu.barrier_wait(self.v_barriers.at[slot])
     tile = self.v_smem.at[slot]
@@ -220,7 +246,7 @@ class PageRing:
     """
     acc, m, l = carry
     slot = lax.rem(step, self.st.num_stages)
-    s = self.qk(self.k_tile(step, slot)) * scale
+    s = self.qk(self.k_tile(slot)) * scale
     if consumed is not None:
       plgpu.barrier_arrive(consumed[0].at[slot])
     keep = None
@@ -232,7 +258,7 @@ class PageRing:
     if keep is not None:
       p = jnp.where(keep, p, 0.0)
     l_new = l * alpha + jnp.sum(p, axis=1)
-    v_tile = self.v_tile(step, slot)
+    v_tile = self.v_tile(slot)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
     acc = acc + self.pv(p.astype(self.q_smem.dtype), v_tile)
     # The slot is consumed (the matmuls above have been awaited): refill it.

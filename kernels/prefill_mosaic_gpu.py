@@ -239,6 +239,9 @@ def paged_prefill(
   if tiling.consumers not in (1, 2) or (tiling.consumers == 2 and quantized):
     raise ValueError(f"bad tiling {tiling}: consumers is 1, or 2 for bf16/f16 "
                      "pools")
+  if tiling.copy_warpgroup:
+    raise ValueError(f"bad tiling {tiling}: prefill gets its copying "
+                     "warpgroup with consumers=2")
   if tiling.consumers == 2:
     from kernels import prefill_mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
     chunk_tokens = (tiling.pages_per_chunk * block_size

@@ -139,25 +139,7 @@ def _kernel(lens_ref, q_lens_ref, tables_ref, q_ref, kv_ref, o_ref, *, st):
     def _copy():
       if not st.interpret:
         plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-      r = ring(None)
-      r.fill(program_steps)
-
-      def refill(step, _):
-        slot = lax.rem(step, st.num_stages)
-        plgpu.barrier_wait(k_consumed.at[slot])
-        plgpu.barrier_wait(v_consumed.at[slot])
-        r.issue(step + st.num_stages, slot)
-
-      lax.fori_loop(0, program_steps - st.num_stages, refill, None)
-
-      # The last steps' releases: observed, so that every phase of the
-      # consumed barriers is waited for (no copy is pending at the end).
-      def drain(step, _):
-        slot = lax.rem(step, st.num_stages)
-        plgpu.barrier_wait(k_consumed.at[slot])
-        plgpu.barrier_wait(v_consumed.at[slot])
-      lax.fori_loop(jnp.maximum(program_steps - st.num_stages, 0),
-                    program_steps, drain, None)
+      ring(None).copy_all(program_steps, consumed)
 
   q_tiles = swizzled((CONSUMERS, WGMMA_ROWS, st.head_dim), kv_ref.dtype)
   _, k_ring, v_ring = ring_buffers(st, kv_ref.dtype, kv_ref.dtype)

@@ -33,7 +33,8 @@ DECODE_CASES = [
 # the ring has stages, so slots are refilled.
 MOSAIC_DECODE_CASES = [
     # (heads, kv_heads, head_dim, block_size, dtype, kv_lens,
-    #  pages_per_chunk, num_splits, num_stages, page_parts[, ids_first])
+    #  pages_per_chunk, num_splits, num_stages, page_parts[, ids_first,
+    #  consumers, copy_warpgroup])
     (9, 3, 64, 16, "bfloat16", [1, 37, 200], 4, 2, 2, 1),  # 3:1, 1 token
     (8, 2, 128, 32, "bfloat16", [100, 16, 250], 2, 1, 2, 1),  # 4:1, refills
     (4, 4, 128, 16, "float16", [77, 1], 4, 3, 3, 1),  # MHA, splits > used
@@ -48,6 +49,12 @@ MOSAIC_DECODE_CASES = [
     (6, 2, 128, 128, "int8", [300, 129], 1, 1, 2, 2),
     (4, 1, 64, 32, "int8", [190, 0], 2, 1, 4, 1),  # MQA, empty seq
     (9, 3, 64, 16, "int8", [1, 37, 200], 4, 2, 2, 1, True),
+    # A copying warpgroup beside the computing one: refills, splits past
+    # the sequences, an empty sequence, int8 scales read by the copier.
+    (8, 2, 128, 32, "bfloat16", [100, 16, 250], 2, 2, 2, 1, False, 1, True),
+    (16, 1, 64, 32, "bfloat16", [190, 0], 2, 1, 3, 1, False, 1, True),
+    (9, 3, 64, 16, "int8", [1, 37, 200], 4, 2, 2, 1, False, 1, True),
+    (6, 2, 128, 128, "int8", [300, 129], 1, 1, 2, 2, False, 1, True),
 ]
 
 MOSAIC_PREFILL_CASES = [

@@ -65,6 +65,10 @@ class MosaicDecodeTiling:
   # tile over the shared ring; 2 adds a third warpgroup that only issues the
   # copies (`prefill_mosaic_gpu_ws.py`; bf16/f16 pools; unmeasured on a GPU).
   consumers: int = 1
+  # Decode only: a second warpgroup that only issues the ring's copies (and,
+  # for int8 pools, reads the page scales), so that the computing one never
+  # waits on a page id; unmeasured on a GPU.
+  copy_warpgroup: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

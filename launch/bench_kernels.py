@@ -38,6 +38,8 @@ flags.DEFINE_list("only", ["calib", "decode", "prefill", "copy", "overlap"],
                   "sections to run")
 flags.DEFINE_integer("reps", 10, "timed repetitions (median reported)")
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition")
+flags.DEFINE_float("warmup_s", 0.2, "seconds of calls before timing each "
+                   "row (the GPU's clock ramp); 0 for CPU smoke runs")
 flags.DEFINE_string("out", None, "JSON output path (default: "
                     "docs/results/bench_kernels_<backend>.json)")
 
@@ -86,7 +88,9 @@ PRESETS = {
 }
 
 
-# The warp-specialized Mosaic GPU prefill (prefill_mosaic_gpu_ws.py).
+# The warp-specialized Mosaic GPU kernels: prefill on two computing
+# warpgroups and a copying one (prefill_mosaic_gpu_ws.py), decode with a
+# copying warpgroup (`copy_warpgroup`).
 MOSAIC_WS = "pallas_mosaic_gpu_ws (ours)"
 
 
@@ -98,7 +102,7 @@ def _attempt(rows: list[dict], base: dict, impl: str,
   try:
     if check is not None:
       row["rel_err"] = check(fn())
-    sec = timeit(fn, FLAGS.reps, FLAGS.inner)
+    sec = timeit(fn, FLAGS.reps, FLAGS.inner, warmup_s=FLAGS.warmup_s)
     row.update(time_us=sec * 1e6, gbps=nbytes / sec / 1e9,
                tflops=flops / sec / 1e12)
   except Exception as e:  # pylint: disable=broad-except
@@ -155,6 +159,7 @@ def _torch_copy_gbps(copy_mib: int, rows: list[dict]) -> float | None:
     src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
     return timeit(lambda: dst.copy_(src), FLAGS.reps, FLAGS.inner,
+                  warmup_s=FLAGS.warmup_s,
                   wait=lambda _: torch.cuda.synchronize())
 
   sec = measure()
@@ -198,12 +203,20 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
   impls = [("pallas_triton (ours)", f"triton_{kind}", None)]
   if _mosaic_applies(s, interpret):
     impls.append(("pallas_mosaic_gpu (ours)", f"mosaic_{kind}", None))
+    from kernels import tuning
     if kind == "prefill" and s.dtype != "int8":
       # Two computing warpgroups and a copying one, on the default ring.
-      from kernels import tuning
       two = dataclasses.replace(tuning.mosaic_prefill_tiling(
           block_size=s.page, head_dim=s.head_dim), consumers=2)
       impls.append((MOSAIC_WS, "mosaic_prefill", two))
+    if kind == "decode":
+      # A copying warpgroup beside the computing one, default tiling.
+      copier = dataclasses.replace(tuning.mosaic_decode_tiling(
+          batch=s.batch, num_kv_heads=s.kv_heads,
+          pages_per_seq=-(-s.ctx // s.page), block_size=s.page,
+          head_dim=s.head_dim, itemsize=1 if s.dtype == "int8" else 2,
+          quantized=s.dtype == "int8"), copy_warpgroup=True)
+      impls.append((MOSAIC_WS, "mosaic_decode", copier))
   for name, kernel, tiling in impls:
     fn = kernel_cases.kernel_fn(kernel, tiling, interpret)
     _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,
@@ -397,10 +410,12 @@ def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
   try:
     for fn in (run_gather, run_both):  # warm: committed outputs differ
       jax.block_until_ready(fn())
-    t_gather = timeit(run_gather, FLAGS.reps, FLAGS.inner)
+    t_gather = timeit(run_gather, FLAGS.reps, FLAGS.inner,
+                      warmup_s=FLAGS.warmup_s)
     t_attn = timeit(lambda: attn(q, kv, tables, lens), FLAGS.reps,
-                    FLAGS.inner)
-    t_both = timeit(run_both, FLAGS.reps, FLAGS.inner)
+                    FLAGS.inner, warmup_s=FLAGS.warmup_s)
+    t_both = timeit(run_both, FLAGS.reps, FLAGS.inner,
+                    warmup_s=FLAGS.warmup_s)
     row.update(gather_us=t_gather * 1e6, attention_us=t_attn * 1e6,
                time_us=t_both * 1e6,
                overlap=(t_gather + t_attn - t_both) / min(t_gather, t_attn))

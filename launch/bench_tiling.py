@@ -42,6 +42,8 @@ flags.DEFINE_list("kernels", ["mosaic_decode", "triton_prefill",
                   "kernels to sweep")
 flags.DEFINE_integer("reps", 5, "timed repetitions (median reported)")
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition")
+flags.DEFINE_float("warmup_s", 0.2, "seconds of calls before timing each "
+                   "configuration (the GPU's clock ramp); 0 for CPU smoke runs")
 flags.DEFINE_float("budget_s", 240.0, "no new configuration starts after "
                    "this many seconds")
 flags.DEFINE_string("json", None, "JSON output (default: docs/results/"
@@ -136,7 +138,8 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
       tokens, s.head_dim, stages, quantized=quantized) <= (
           decode_mosaic_gpu.SMEM_BUDGET)
   return _default_first(default, itertools.chain(
-      _ids_first_twin(default), (
+      _ids_first_twin(default),
+      [dataclasses.replace(default, copy_warpgroup=True)], (
       tuning.MosaicDecodeTiling(num_splits=splits, num_stages=stages,
                                 **_step(s.page, tokens))
       for tokens, stages, splits in itertools.product(
@@ -221,7 +224,8 @@ def sweep_shape(kernel: str, shape, grid, problem, rows: list[dict],
       row["rel_err"] = rel_err(out, ref)
       if not row["rel_err"] <= MAX_REL_ERR:  # NaN fails too
         raise AssertionError(f"wrong result: rel_err {row['rel_err']:.2e}")
-      sec = timeit(lambda: fn(*args), FLAGS.reps, FLAGS.inner)
+      sec = timeit(lambda: fn(*args), FLAGS.reps, FLAGS.inner,
+                   warmup_s=FLAGS.warmup_s)
       row.update(time_us=sec * 1e6, gbps=nbytes / sec / 1e9,
                  tflops=flops / sec / 1e12)
       if i == 0:

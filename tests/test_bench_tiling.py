@@ -23,7 +23,7 @@ def _run(*args, timeout=300):
 def test_smoke_sweep_writes_checked_rows(tmp_path):
   out = tmp_path / "tiling.json"
   done = _run("-m", "launch.bench_tiling", "--kernels=triton_prefill",
-              "--reps=1", "--inner=1", f"--json={out}")
+              "--reps=1", "--inner=1", "--warmup_s=0", f"--json={out}")
   assert done.returncode == 0, done.stderr[-2000:]
   report = json.loads(out.read_text())
   assert report["complete"] and report["preset"] == "smoke"
@@ -48,7 +48,7 @@ from absl import flags
 from launch import bench_tiling
 from launch import kernel_cases
 from kernels import tuning
-flags.FLAGS(["x", "--reps=1", "--inner=1"])
+flags.FLAGS(["x", "--reps=1", "--inner=1", "--warmup_s=0"])
 import jax.numpy as jnp
 import time
 shape = bench_tiling.PRESETS["smoke"]["triton_prefill"][0]
