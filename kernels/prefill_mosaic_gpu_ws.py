@@ -12,8 +12,8 @@ other's matmuls do, and a third warpgroup does nothing but keep the K/V page
 ring full:
 
 * the copying warpgroup (`wg == 2`, registers lowered to 40) issues the TMA
-  copies of the program's pages step by step (`PageRing.issue`), refilling a
-  ring slot once both computing warpgroups have released it;
+  copies of the program's pages step by step (`PageRing.copy_all`),
+  refilling a ring slot once both computing warpgroups have released it;
 * each computing warpgroup (`wg` 0 and 1, registers raised to 232) walks the
   steps its tile needs with `PageRing.softmax_step`, releasing the slot's K
   after `q @ K^T` and its V after `p @ V` (the "consumed" barriers, two
