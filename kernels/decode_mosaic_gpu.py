@@ -45,8 +45,10 @@ head. Not supported (ValueError; `"auto"` takes the Triton kernel instead):
 float32 pools (`wgmma` would round them to tf32, and 32-bit `wgmma` can
 neither transpose an operand, as V `[T, head_dim]` must be, nor take p from
 registers). Prefill (`q_len > 1`) is `prefill_mosaic_gpu.py`'s, on the same
-page ring. `"auto"` also keeps int8 pools on Triton until the int8 path has
-been measured on a GPU.
+page ring. `"auto"` keeps int8 pools on Triton: this kernel's int8 path ran
+at 0.4-0.5x its bf16 path on an H100 (before its page scales moved into
+SMEM; not measured since). With `tiling.copy_warpgroup` a second warpgroup
+reads the page ids and issues the copies while the first only computes.
 
 Testing without a GPU: Mosaic GPU's interpret mode (`interpret_params`;
 private in jax 0.10, public from 0.11) runs the kernel on CPU, simulating
@@ -73,13 +75,11 @@ import jax.numpy as jnp
 from kernels import quantize
 from kernels import tuning
 from kernels.decode_triton import LOG2E, MASK_VALUE, merge_splits
-
-from kernels.mosaic_gpu_ring import (WGMMA_ROWS, PageRing, interpret_arg,
-                                     plgpu, ring_barriers, ring_buffers)
-from kernels import mosaic_gpu_ring
-
-# Mosaic GPU's CPU interpret mode (kept here too: tests and callers use it).
-interpret_params = mosaic_gpu_ring.interpret_params
+# interpret_params: Mosaic GPU's CPU interpret mode, re-exported here for the
+# tests and callers that use it.
+from kernels.mosaic_gpu_ring import (WGMMA_ROWS, PageRing, interpret_arg,  # pylint: disable=unused-import
+                                     interpret_params, plgpu, ring_barriers,
+                                     ring_buffers)
 
 # Rows of the partial outputs written per program (the group padded to a
 # multiple of 8, the row granularity of a swizzled SMEM tile).

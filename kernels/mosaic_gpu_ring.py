@@ -100,6 +100,8 @@ class PageRing:
     pages = ([self._page(step, c) for c in range(st.pages_per_chunk)]
              if ids_first else None)
     if st.quantized:
+      # Every load before the first store (each SMEM store waits at a
+      # warpgroup barrier).
       scales = [[self.scales_ref[page, kv, self.h] for page in pages]
                 for kv in (0, 1)]
       for kv in (0, 1):
@@ -221,7 +223,6 @@ class PageRing:
       self.dequantize(tile, self.v_work, self.token_scales(slot, 1))
       tile = self.v_work
     return tile
-
 
   def initial_state(self):
     """(acc [64, head_dim], running max [64], running sum [64]), f32."""

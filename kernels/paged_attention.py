@@ -54,20 +54,6 @@ def _pow2_at_least_16(n: int) -> bool:
   return n >= 16 and not n & (n - 1)
 
 
-# What each implementation can do, as a predicate on the call's static
-# q_len, head_dim, block_size, quantized, dtype (the pool's, None if unknown)
-# and group (query heads per KV head, None if unknown), all passed by
-# keyword: "auto" skips an implementation whose predicate says no.
-_SUPPORTS: dict[str, Callable[..., bool]] = {
-    "pallas_triton": lambda *, head_dim, block_size, **_: (
-        _pow2_at_least_16(head_dim) and _pow2_at_least_16(block_size)),
-    # Decode: any pool; prefill: float32/bfloat16 pools (None: unknown, no).
-    "pallas_mosaic_tpu": lambda *, q_len, quantized, dtype, **_: (
-        q_len == 1 or (not quantized and dtype in ("float32", "bfloat16"))),
-    # Hopper only (wgmma), bf16/f16 pools; see `_mosaic_gpu_in_auto`.
-    "pallas_mosaic_gpu": lambda **call: _mosaic_gpu_in_auto(**call),
-}
-
 # Pages from which "auto" sends prefill to the Mosaic GPU kernel: on an H100,
 # with its 128-key ring, it ran 1.19x and 1.26x the Triton prefill kernel on
 # 64-token pages and 0.95x on 16-token pages (docs/benchmarks.md, "GPU").
@@ -88,6 +74,21 @@ def _mosaic_gpu_in_auto(*, q_len: int, block_size: int, quantized: bool,
   return (block_size >= MOSAIC_GPU_PREFILL_MIN_PAGE
           and prefill_mosaic_gpu.supports(q_len=q_len, block_size=block_size,
                                           quantized=False, **call))
+
+
+# What each implementation can do, as a predicate on the call's static
+# q_len, head_dim, block_size, quantized, dtype (the pool's, None if unknown)
+# and group (query heads per KV head, None if unknown), all passed by
+# keyword: "auto" skips an implementation whose predicate says no.
+_SUPPORTS: dict[str, Callable[..., bool]] = {
+    "pallas_triton": lambda *, head_dim, block_size, **_: (
+        _pow2_at_least_16(head_dim) and _pow2_at_least_16(block_size)),
+    # Decode: any pool; prefill: float32/bfloat16 pools (None: unknown, no).
+    "pallas_mosaic_tpu": lambda *, q_len, quantized, dtype, **_: (
+        q_len == 1 or (not quantized and dtype in ("float32", "bfloat16"))),
+    # Hopper only (wgmma), bf16/f16 pools; see `_mosaic_gpu_in_auto`.
+    "pallas_mosaic_gpu": _mosaic_gpu_in_auto,
+}
 
 # Preference order of `"auto"` per JAX backend platform. On GPUs the Mosaic
 # GPU kernels go first where they apply (Hopper, see `_mosaic_gpu_in_auto`):

@@ -86,7 +86,7 @@ def _pow2_floor(x: int) -> int:
   return 1 << (max(1, x).bit_length() - 1)
 
 
-def _step(block_size: int, target_tokens: int) -> tuple[int, int]:
+def step_split(block_size: int, target_tokens: int) -> tuple[int, int]:
   """(pages_per_chunk, page_parts) for steps of about `target_tokens`."""
   if block_size <= target_tokens:
     return _pow2_floor(target_tokens // block_size), 1
@@ -109,7 +109,7 @@ def decode_tiling(
   bf16, so two pipeline stages of K and V stay near 128 KB of shared memory.
   """
   target_tokens = max(16, _pow2_floor(32768 // (head_dim * itemsize)))
-  pages_per_chunk, page_parts = _step(block_size, target_tokens)
+  pages_per_chunk, page_parts = step_split(block_size, target_tokens)
   pages_per_chunk = min(pages_per_chunk, _pow2_floor(pages_per_seq))
   programs = batch * num_kv_heads
   want = -(-PROGRAMS_PER_CORE * num_cores // max(1, programs))
@@ -166,7 +166,7 @@ def mosaic_decode_tiling(
   # contraction of p @ V in the kernel's wgmma); the table is padded.
   target_tokens = max(64, min(target_tokens,
                               _pow2_floor(pages_per_seq * block_size)))
-  pages_per_chunk, page_parts = _step(block_size, target_tokens)
+  pages_per_chunk, page_parts = step_split(block_size, target_tokens)
   tokens = pages_per_chunk * block_size // page_parts
   per_stage = 2 * tokens * head_dim * ring_itemsize
   fixed = mosaic_smem_bytes(tokens, head_dim, 0, itemsize, quantized)
@@ -201,7 +201,7 @@ def mosaic_prefill_tiling(*, block_size: int, head_dim: int,
   int8 included).
   """
   del head_dim, itemsize, quantized  # the same step for every pool
-  pages_per_chunk, page_parts = _step(block_size, MOSAIC_PREFILL_STEP_TOKENS)
+  pages_per_chunk, page_parts = step_split(block_size, MOSAIC_PREFILL_STEP_TOKENS)
   return MosaicDecodeTiling(pages_per_chunk=pages_per_chunk, num_splits=1,
                             num_stages=MOSAIC_PREFILL_STAGES,
                             page_parts=page_parts)
@@ -214,7 +214,7 @@ def prefill_tiling(*, block_size: int, head_dim: int,
   128 query rows by 64 keys in bf16 (float32: 64 rows, 2 stages, to stay
   within shared memory).
   """
-  pages_per_chunk, page_parts = _step(block_size, 64)
+  pages_per_chunk, page_parts = step_split(block_size, 64)
   num_warps = 4 if head_dim <= 64 else 8
   if itemsize >= 4:
     return PrefillTiling(block_q=64, pages_per_chunk=pages_per_chunk,

@@ -203,20 +203,16 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
   impls = [("pallas_triton (ours)", f"triton_{kind}", None)]
   if _mosaic_applies(s, interpret):
     impls.append(("pallas_mosaic_gpu (ours)", f"mosaic_{kind}", None))
-    from kernels import tuning
+    # The warp-specialized variants on the default ring: two computing
+    # warpgroups and a copying one (prefill, bf16/f16), a copying warpgroup
+    # beside the computing one (decode).
+    default = kernel_cases.default_tiling(f"mosaic_{kind}", s)
     if kind == "prefill" and s.dtype != "int8":
-      # Two computing warpgroups and a copying one, on the default ring.
-      two = dataclasses.replace(tuning.mosaic_prefill_tiling(
-          block_size=s.page, head_dim=s.head_dim), consumers=2)
-      impls.append((MOSAIC_WS, "mosaic_prefill", two))
+      impls.append((MOSAIC_WS, "mosaic_prefill",
+                    dataclasses.replace(default, consumers=2)))
     if kind == "decode":
-      # A copying warpgroup beside the computing one, default tiling.
-      copier = dataclasses.replace(tuning.mosaic_decode_tiling(
-          batch=s.batch, num_kv_heads=s.kv_heads,
-          pages_per_seq=-(-s.ctx // s.page), block_size=s.page,
-          head_dim=s.head_dim, itemsize=1 if s.dtype == "int8" else 2,
-          quantized=s.dtype == "int8"), copy_warpgroup=True)
-      impls.append((MOSAIC_WS, "mosaic_decode", copier))
+      impls.append((MOSAIC_WS, "mosaic_decode",
+                    dataclasses.replace(default, copy_warpgroup=True)))
   for name, kernel, tiling in impls:
     fn = kernel_cases.kernel_fn(kernel, tiling, interpret)
     _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 from absl import app, flags
 
 from launch.kernel_cases import (KERNELS, DecodeShape, PrefillShape,
+                                 default_tiling,
                                  kernel_fn, problem, rel_err, timeit)
 
 FLAGS = flags.FLAGS
@@ -77,16 +78,12 @@ PRESETS = {
 }
 
 
-def _pow2_floor(x: int) -> int:
-  return 1 << (max(1, x).bit_length() - 1)
-
-
 def _step(block_size: int, tokens: int) -> dict[str, int]:
   """The tiling fields for steps of `tokens` tokens: whole pages, or parts
   of one large page."""
-  if block_size <= tokens:
-    return dict(pages_per_chunk=tokens // block_size, page_parts=1)
-  return dict(pages_per_chunk=1, page_parts=block_size // tokens)
+  from kernels import tuning
+  return dict(zip(("pages_per_chunk", "page_parts"),
+                  tuning.step_split(block_size, tokens)))
 
 
 def _splits(default: int, factors, pages: int) -> list[int]:
@@ -130,10 +127,7 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   from kernels import tuning
   pages = -(-s.ctx // s.page)
   quantized = s.dtype == "int8"
-  default = tuning.mosaic_decode_tiling(
-      batch=s.batch, num_kv_heads=s.kv_heads, pages_per_seq=pages,
-      block_size=s.page, head_dim=s.head_dim, itemsize=1 if quantized else 2,
-      quantized=quantized)
+  default = default_tiling("mosaic_decode", s)
   fits = lambda tokens, stages: tuning.mosaic_smem_bytes(
       tokens, s.head_dim, stages, quantized=quantized) <= (
           decode_mosaic_gpu.SMEM_BUDGET)
@@ -152,10 +146,7 @@ def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   """The Triton decode kernel's default tiling, then alternatives."""
   from kernels import tuning
   pages = -(-s.ctx // s.page)
-  default = tuning.decode_tiling(
-      batch=s.batch, num_kv_heads=s.kv_heads, pages_per_seq=pages,
-      block_size=s.page, head_dim=s.head_dim,
-      itemsize=1 if s.dtype == "int8" else 2)
+  default = default_tiling("triton_decode", s)
   return _default_first(default, (
       tuning.DecodeTiling(num_splits=splits, num_warps=warps,
                           num_stages=stages, **_step(s.page, tokens))
@@ -170,9 +161,7 @@ def mosaic_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
   from kernels import decode_mosaic_gpu
   from kernels import tuning
   quantized = s.dtype == "int8"
-  default = tuning.mosaic_prefill_tiling(
-      block_size=s.page, head_dim=s.head_dim, itemsize=1 if quantized else 2,
-      quantized=quantized)
+  default = default_tiling("mosaic_prefill", s)
   return _default_first(default, itertools.chain(
       _two_consumer_twins(default, quantized), _ids_first_twin(default), (
       tuning.MosaicDecodeTiling(num_splits=1, num_stages=stages,
@@ -187,8 +176,7 @@ def mosaic_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
 def triton_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
   """The Triton prefill kernel's default tiling, then alternatives."""
   from kernels import tuning
-  default = tuning.prefill_tiling(block_size=s.page, head_dim=s.head_dim,
-                                  itemsize=4 if s.dtype == "float32" else 2)
+  default = default_tiling("triton_prefill", s)
   return _default_first(default, (
       tuning.PrefillTiling(block_q=block_q, num_warps=warps,
                            num_stages=stages, **_step(s.page, tokens))

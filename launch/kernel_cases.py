@@ -186,6 +186,32 @@ KERNELS = ("mosaic_decode", "triton_decode", "triton_prefill",
 PREFILL_KERNELS = ("triton_prefill", "mosaic_prefill")
 
 
+def default_tiling(kernel: str, s):
+  """The tiling `kernel` picks by itself for shape `s` (what its wrapper
+  passes to `kernels.tuning`): the Triton kernels size their tiles by the
+  dtype they compute in (the queries', bf16 here, for int8 pools), the
+  Mosaic ones by the pool's."""
+  import jax.numpy as jnp
+  from kernels import tuning
+  quantized = s.dtype == "int8"
+  pool_itemsize = jnp.dtype(s.dtype).itemsize
+  compute_itemsize = 2 if quantized else pool_itemsize
+  if kernel == "mosaic_prefill":
+    return tuning.mosaic_prefill_tiling(
+        block_size=s.page, head_dim=s.head_dim, itemsize=pool_itemsize,
+        quantized=quantized)
+  if kernel == "triton_prefill":
+    return tuning.prefill_tiling(block_size=s.page, head_dim=s.head_dim,
+                                 itemsize=compute_itemsize)
+  shape = dict(batch=s.batch, num_kv_heads=s.kv_heads,
+               pages_per_seq=-(-s.ctx // s.page), block_size=s.page,
+               head_dim=s.head_dim)
+  if kernel == "mosaic_decode":
+    return tuning.mosaic_decode_tiling(**shape, itemsize=pool_itemsize,
+                                       quantized=quantized)
+  return tuning.decode_tiling(**shape, itemsize=compute_itemsize)
+
+
 def problem(kernel: str, shape, key: int):
   """`prefill_problem` or `decode_problem` of `shape`, as `kernel` takes."""
   if kernel in PREFILL_KERNELS:
