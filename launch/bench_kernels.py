@@ -37,7 +37,8 @@ flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
 flags.DEFINE_list("only", ["calib", "decode", "prefill", "copy", "overlap"],
                   "sections to run")
 flags.DEFINE_integer("reps", 10, "timed repetitions (median reported)")
-flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition")
+flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition, at least "
+                     "(short calls get more, to fill kernel_cases.MIN_REP_S)")
 flags.DEFINE_float("warmup_s", 0.2, "seconds of calls before timing each "
                    "row (the GPU's clock ramp); 0 for CPU smoke runs")
 flags.DEFINE_string("out", None, "JSON output path (default: "

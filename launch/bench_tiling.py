@@ -42,7 +42,8 @@ flags.DEFINE_list("kernels", ["mosaic_decode", "triton_prefill",
                               "mosaic_prefill", "triton_decode"],
                   "kernels to sweep")
 flags.DEFINE_integer("reps", 5, "timed repetitions (median reported)")
-flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition")
+flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition, at least "
+                     "(short calls get more, to fill kernel_cases.MIN_REP_S)")
 flags.DEFINE_float("warmup_s", 0.2, "seconds of calls before timing each "
                    "configuration (the GPU's clock ramp); 0 for CPU smoke runs")
 flags.DEFINE_float("budget_s", 240.0, "no new configuration starts after "

@@ -7,6 +7,7 @@ Kept free of flags so that each launcher defines only its own.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -47,24 +48,44 @@ class CopyShape:
   dtype: str
 
 
+# A timed repetition lasts at least this long (seconds): the host's wait
+# for the device and the next repetition's first launch then cost the
+# timed calls a few percent at most.
+MIN_REP_S = 0.005
+# No more back-to-back calls per repetition than this.
+MAX_INNER = 1000
+
+
 def timeit(fn: Callable[[], Any], reps: int, inner: int, *,
            wait: Callable[[Any], Any] | None = None,
-           warmup_s: float = 0.2) -> float:
-  """Median seconds per call of `fn`, after one warm-up call (compilation)
-  and then calls for `warmup_s` seconds. A GPU left idle while the host
-  compiles drops to a low clock (the H100 reported 345 MHz idle) and needs
-  some milliseconds of work to return to its boost clock, which can be
-  longer than all the timed calls of a short kernel; the H100 run of
-  2026-11-26 timed one kernel and tiling at 84 us in the sweep and 107 us
-  in the benchmark with a single warm-up call. `wait(out)` blocks until
-  `out` is computed (default: JAX's `block_until_ready`)."""
+           warmup_s: float = 0.2, min_rep_s: float = MIN_REP_S) -> float:
+  """Median seconds per call of `fn` over `reps` repetitions of back-to-back
+  calls, after one warm-up call (compilation) and then calls for `warmup_s`
+  seconds.
+
+  Warm-up: a GPU left idle while the host compiles drops to a low clock
+  (the H100 reported 345 MHz idle) and needs some milliseconds of work to
+  return to its boost clock, which can be longer than all the timed calls
+  of a short kernel; the H100 run of 2026-11-26 timed one kernel and tiling
+  at 84 us in the sweep and 107 us in the benchmark with a single warm-up
+  call.
+
+  Calls per repetition: at least `inner`, and as many as the warm-up's
+  per-call time says fill `min_rep_s` (at most `MAX_INNER`). Each
+  repetition ends in a wait for the device, and the next one's first call
+  starts on an idle device: tens of microseconds that five calls of an
+  80 us kernel would each carry a tenth of. `wait(out)` blocks until `out`
+  is computed (default: JAX's `block_until_ready`).
+  """
   if wait is None:
     import jax
     wait = jax.block_until_ready
   wait(fn())
-  start = time.perf_counter()
-  while time.perf_counter() - start < warmup_s:
+  calls, start = 0, time.perf_counter()
+  while (elapsed := time.perf_counter() - start) < warmup_s:
     wait(fn())
+    calls += 1
+  inner = calls_per_rep(inner, elapsed / calls if calls else None, min_rep_s)
   samples = []
   for _ in range(reps):
     t0 = time.perf_counter()
@@ -74,6 +95,16 @@ def timeit(fn: Callable[[], Any], reps: int, inner: int, *,
     wait(out)
     samples.append((time.perf_counter() - t0) / inner)
   return statistics.median(samples)
+
+
+def calls_per_rep(inner: int, per_call_s: float | None,
+                  min_rep_s: float = MIN_REP_S) -> int:
+  """Back-to-back calls in one timed repetition: `inner`, or enough calls
+  of `per_call_s` (an over-estimate: measured with a wait after each call)
+  to fill `min_rep_s`, at most `MAX_INNER`; `inner` when unknown."""
+  if not per_call_s or per_call_s <= 0:
+    return inner
+  return max(inner, min(MAX_INNER, math.ceil(min_rep_s / per_call_s)))
 
 
 def random_case(shape, batch_pages: int, key):

@@ -38,3 +38,28 @@ def test_smoke_run_end_to_end(tmp_path):
   assert overlap["gather_us"] > 0 and overlap["attention_us"] > 0
   assert any(t["target"].startswith("block gather") for t in report["targets"])
   assert "targets" in done.stdout
+
+
+def test_short_calls_get_more_calls_per_repetition():
+  """timeit's repetitions last MIN_REP_S: an 80 us call is repeated 63
+  times, a 1 s call keeps the asked-for count, unknown stays as asked."""
+  from launch import kernel_cases
+  assert kernel_cases.calls_per_rep(5, 80e-6, 0.005) == 63
+  assert kernel_cases.calls_per_rep(5, 1.0, 0.005) == 5
+  assert kernel_cases.calls_per_rep(5, None) == 5
+  assert kernel_cases.calls_per_rep(5, 1e-9) == kernel_cases.MAX_INNER
+
+
+def test_timeit_fills_a_repetition_with_short_calls():
+  """With a warm-up, a call that takes ~no time is timed over many calls per
+  repetition; without one (CPU smoke runs), exactly `inner`."""
+  from launch import kernel_cases
+  counts = []
+  kernel_cases.timeit(lambda: counts.append(1), reps=2, inner=3,
+                      wait=lambda _: None, warmup_s=0)
+  assert len(counts) == 1 + 2 * 3
+  counts.clear()
+  kernel_cases.timeit(lambda: counts.append(1), reps=2, inner=3,
+                      wait=lambda _: None, warmup_s=0.01, min_rep_s=0.1)
+  warm = len(counts) - 2 * kernel_cases.MAX_INNER
+  assert warm > 1  # the warm-up's calls, then MAX_INNER per repetition
