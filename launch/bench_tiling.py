@@ -102,6 +102,23 @@ def _default_first(default, candidates: Iterator[Any]) -> Iterator[Any]:
       yield t
 
 
+def _spread(tilings: Iterator[Any], key: Callable[[Any], Any]
+            ) -> Iterator[Any]:
+  """`tilings` reordered round-robin over the values of `key` (e.g. the
+  step size): a sweep cut short by its budget has then tried each value,
+  not every combination of the first one only (the H100 sweep of
+  2026-11-26 spent its budget on 64-token steps)."""
+  groups: dict[Any, list[Any]] = {}
+  for t in tilings:
+    groups.setdefault(key(t), []).append(t)
+  for batch in itertools.zip_longest(*groups.values()):
+    yield from (t for t in batch if t is not None)
+
+
+def _step_of(tiling) -> tuple[int, int]:
+  return tiling.pages_per_chunk, tiling.page_parts
+
+
 def _ids_first_twin(tiling) -> list[Any]:
   """The default's twin that reads a step's page ids before its copies
   (`ids_first`), timed right after the default where a step has several
@@ -134,13 +151,13 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
           decode_mosaic_gpu.SMEM_BUDGET)
   return _default_first(default, itertools.chain(
       _ids_first_twin(default),
-      [dataclasses.replace(default, copy_warpgroup=True)], (
+      [dataclasses.replace(default, copy_warpgroup=True)], _spread((
       tuning.MosaicDecodeTiling(num_splits=splits, num_stages=stages,
                                 **_step(s.page, tokens))
       for tokens, stages, splits in itertools.product(
           cfg["step_tokens"], cfg["stages"],
           _splits(default.num_splits, cfg["split_factors"], pages))
-      if fits(tokens, stages))))
+      if fits(tokens, stages)), _step_of)))
 
 
 def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
@@ -148,12 +165,13 @@ def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   from kernels import tuning
   pages = -(-s.ctx // s.page)
   default = default_tiling("triton_decode", s)
-  return _default_first(default, (
+  return _default_first(default, _spread((
       tuning.DecodeTiling(num_splits=splits, num_warps=warps,
                           num_stages=stages, **_step(s.page, tokens))
       for tokens, stages, warps, splits in itertools.product(
           cfg["step_tokens"], cfg["stages"], cfg["warps"],
-          _splits(default.num_splits, cfg["split_factors"], pages))))
+          _splits(default.num_splits, cfg["split_factors"], pages))),
+      _step_of))
 
 
 def mosaic_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
@@ -164,26 +182,27 @@ def mosaic_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
   quantized = s.dtype == "int8"
   default = default_tiling("mosaic_prefill", s)
   return _default_first(default, itertools.chain(
-      _two_consumer_twins(default, quantized), _ids_first_twin(default), (
-      tuning.MosaicDecodeTiling(num_splits=1, num_stages=stages,
-                                **_step(s.page, tokens))
-      for tokens, stages in itertools.product(cfg["step_tokens"],
-                                              cfg["stages"])
-      if tuning.mosaic_smem_bytes(tokens, s.head_dim, stages,
-                                  quantized=quantized)
-      <= decode_mosaic_gpu.SMEM_BUDGET)))
+      _two_consumer_twins(default, quantized), _ids_first_twin(default),
+      _spread((
+          tuning.MosaicDecodeTiling(num_splits=1, num_stages=stages,
+                                    **_step(s.page, tokens))
+          for tokens, stages in itertools.product(cfg["step_tokens"],
+                                                  cfg["stages"])
+          if tuning.mosaic_smem_bytes(tokens, s.head_dim, stages,
+                                      quantized=quantized)
+          <= decode_mosaic_gpu.SMEM_BUDGET), _step_of)))
 
 
 def triton_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
   """The Triton prefill kernel's default tiling, then alternatives."""
   from kernels import tuning
   default = default_tiling("triton_prefill", s)
-  return _default_first(default, (
+  return _default_first(default, _spread((
       tuning.PrefillTiling(block_q=block_q, num_warps=warps,
                            num_stages=stages, **_step(s.page, tokens))
       for block_q, tokens, warps, stages in itertools.product(
           cfg["block_q"], cfg["prefill_step_tokens"], cfg["warps"],
-          cfg["stages"])))
+          cfg["stages"])), lambda t: (t.block_q,) + _step_of(t)))
 
 
 # Relative error above which a tiling counts as wrong (bf16 operands, float32

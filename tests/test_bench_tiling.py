@@ -91,3 +91,26 @@ def test_unknown_kernel_is_refused():
   done = _run("-m", "launch.bench_tiling", "--kernels=flash", timeout=120)
   assert done.returncode != 0
   assert "unknown ['flash']" in done.stderr
+
+
+_SPREAD = """
+from launch import bench_tiling
+cfg = bench_tiling.PRESETS["gpu"]
+shape = cfg["mosaic_decode"][0]  # 1 x 32k, 16-token pages
+grid = list(bench_tiling.mosaic_decode_grid(shape, cfg))
+steps = [t.pages_per_chunk * shape.page // t.page_parts for t in grid]
+assert len(set(map(repr, grid))) == len(grid)
+# After the default and its two twins, the first tilings take each step
+# size that fits the shared memory (256-token steps do not at head_dim
+# 128): a short budget still tries every one.
+sizes = set(steps)
+assert sizes == {64, 128}, steps
+assert set(steps[3:3 + len(sizes)]) == sizes, steps
+print("ok")
+"""
+
+
+def test_sweep_tries_every_step_size_first():
+  done = _run("-c", _SPREAD, timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip().endswith("ok")
