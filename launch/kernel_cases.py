@@ -46,6 +46,15 @@ class CopyShape:
   page: int
   head_dim: int
   dtype: str
+  # Gathers also timed with the blocks in runs of this many consecutive
+  # hot-tier slots, one transfer each (`block_copy`'s `run_length`).
+  run_lengths: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    for r in self.run_lengths:
+      if r < 1 or self.blocks % r or self.host_slots < self.blocks:
+        raise ValueError(f"{self}: each run length must divide the blocks "
+                         "moved, and the tier hold them")
 
 
 # A timed repetition lasts at least this long (seconds): the host's wait

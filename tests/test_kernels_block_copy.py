@@ -52,6 +52,46 @@ def test_gather_to_device_moves_named_blocks(dtype, layer_start, num_layers):
   np.testing.assert_array_equal(np.asarray(out, np.float32), want)
 
 
+@pytest.mark.parametrize("run_length", [2, 3])
+def test_gather_in_runs_moves_each_run_to_its_pages(run_length):
+  """Entry i names slots src[i] .. src[i] + R - 1, going to pages
+  dst[i * R:(i + 1) * R]; skipped pages (< 0) inside a run, e.g. a
+  session's last, partly filled run, leave the pool as it was."""
+  rng = np.random.default_rng(17 + run_length)
+  layers, slots, pages = 3, 11, 14
+  pool = _device_array(rng, (layers, pages) + SHAPE_TAIL, jnp.bfloat16)
+  host = _host_array(rng, (slots, layers) + SHAPE_TAIL, jnp.bfloat16)
+  starts = rng.choice(slots - run_length + 1, size=3, replace=False)
+  dst = rng.permutation(pages)[:3 * run_length].astype(np.int32)
+  dst[-1] = -1  # the last run's tail is not needed
+  want = np.asarray(pool, np.float32).copy()
+  host_np = np.asarray(jax.device_get(host), np.float32)
+  for i, s in enumerate(starts):
+    for j in range(run_length):
+      if dst[i * run_length + j] >= 0:
+        want[:, dst[i * run_length + j]] = host_np[s + j]
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+    out = block_copy.gather_to_device(
+        pool, host, jnp.asarray(starts, jnp.int32), jnp.asarray(dst),
+        run_length=run_length)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), want)
+
+
+def test_gather_in_runs_checks_lengths():
+  rng = np.random.default_rng(20)
+  pool = _device_array(rng, (2, 6) + SHAPE_TAIL, jnp.float32)
+  host = _host_array(rng, (4, 2) + SHAPE_TAIL, jnp.float32)
+  starts = jnp.asarray([0, 2], jnp.int32)
+  with pytest.raises(ValueError, match="2 pool pages per hot-tier run"):
+    block_copy.gather_to_device_core(pool, host, starts, starts,
+                                     run_length=2)
+  with pytest.raises(ValueError, match="run_length must be in"):
+    block_copy.gather_to_device_core(pool, host, starts[:1],
+                                     jnp.arange(5, dtype=jnp.int32),
+                                     run_length=5)
+
+
 def test_scatter_to_host_reuses_pinned_tier():
   rng = np.random.default_rng(12)
   pool = _device_array(rng, (2, 6) + SHAPE_TAIL, jnp.float32)
