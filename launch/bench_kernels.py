@@ -313,12 +313,51 @@ def _copy_case(s: CopyShape, key: int):
   return pool, host, src, dst, nbytes
 
 
-def bench_copy(shapes, rows: list[dict]) -> None:
-  """Block gather/scatter vs a plain pinned_host -> device transfer."""
+def dump_gather_hlo(s: CopyShape, path: str, blocks: int = 4) -> str:
+  """Writes XLA's compiled program of a `blocks`-block gather of shape `s`
+  (one transfer per block, then in one run) to `path`, and returns a
+  one-line count of what moves the bytes. The text (host memory is `S(5)`
+  in its layouts) tells whether a slice of the pinned tier became a DMA
+  (copy-start/done) or a kernel reading host memory, which decides what the gather can reach; the line
+  returned counts the entry computation's ops (each a thunk: a kernel, a
+  copy or a transfer)."""
+  import collections
+  import re
+  from kernels import block_copy
+  small = dataclasses.replace(s, blocks=blocks, run_lengths=())
+  pool, host, src, dst, _ = _copy_case(small, 7)
+  texts, counts = [], []
+  for run in (1, blocks):
+    starts = src if run == 1 else src[:1] * 0
+    text = block_copy.gather_to_device.lower(
+        pool, host, starts, dst, run_length=run).compile().as_text()
+    texts.append(f"==== gather of {blocks} blocks, run_length={run}\n{text}")
+    entry = text[text.index("\nENTRY "):].split("\n}", 1)[0]
+    ops = collections.Counter(
+        m.group(1) for line in entry.splitlines()[1:]
+        for m in [re.search(r" = .*? ([a-z][a-z-]*)\(", line)] if m
+        and m.group(1) not in ("parameter", "constant", "bitcast",
+                               "get-tuple-element", "tuple"))
+    counts.append(f"run_length={run}: top-level ops "
+                  + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+  with open(path, "w") as f:
+    f.write("\n\n".join(texts))
+  return "; ".join(counts)
+
+
+def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
+  """Block gather/scatter vs a plain pinned_host -> device transfer; with
+  `hlo_path`, the first shape's compiled gather goes there first."""
   import jax
   from kernels import block_copy
 
   dev = jax.devices()[0]
+  if hlo_path and shapes:
+    try:
+      print(f"gather HLO ({hlo_path}): {dump_gather_hlo(shapes[0], hlo_path)}",
+            flush=True)
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()
   for i, s in enumerate(shapes):
     pool, host, src, dst, nbytes = _copy_case(s, 90 + i)
     tail = host.shape[2:]
@@ -555,7 +594,8 @@ def main(argv):
       calib=lambda: ceilings.update(bench_calibration(cfg["calib"], rows)),
       decode=lambda: bench_decode(cfg["decode"], rows, interpret),
       prefill=lambda: bench_prefill(cfg["prefill"], rows, interpret),
-      copy=lambda: bench_copy(cfg["copy"], rows),
+      copy=lambda: bench_copy(cfg["copy"], rows,
+                              os.path.splitext(out)[0] + "_gather_hlo.txt"),
       overlap=lambda: bench_overlap(*cfg["overlap"], rows, interpret))
   unknown = set(FLAGS.only) - set(sections)
   if unknown:

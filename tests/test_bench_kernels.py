@@ -37,6 +37,12 @@ def test_smoke_run_end_to_end(tmp_path):
   overlap, = [r for r in report["rows"] if r["kind"] == "overlap"]
   assert overlap["gather_us"] > 0 and overlap["attention_us"] > 0
   assert any(t["target"].startswith("block gather") for t in report["targets"])
+  assert any(t["shape"].startswith("[gather runs of 2]")
+             for t in report["targets"])
+  # The compiled gather beside the JSON: per-block and in one run.
+  hlo = (tmp_path / "kernels_gather_hlo.txt").read_text()
+  assert hlo.count("\nENTRY ") == 2 and "run_length=4" in hlo
+  assert "gather HLO" in done.stdout
   assert "targets" in done.stdout
 
 
