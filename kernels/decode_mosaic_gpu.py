@@ -162,10 +162,11 @@ class _Static:
     return self.pages_per_split * self.block_size
 
 
-def _decode_kernel(*refs, st: _Static):
+def _decode_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
   """One program: one sequence, one KV head, one split of the block table.
 
-  Refs, in order (`*` only for an int8 pool, `st.quantized`):
+  Refs, in order (`*` only for an int8 pool, `st.quantized`; `+` only with
+  `st.copy_warpgroup`):
     lens_ref     GMEM [batch] int32
     tables_ref   GMEM [batch, pages_per_seq] int32 (clamped on use)
     q_ref        GMEM [batch, num_kv_heads, 64, head_dim]
@@ -173,27 +174,25 @@ def _decode_kernel(*refs, st: _Static):
     scales_ref*  GMEM [num_blocks, 2, num_kv_heads] f32
     o_ref        GMEM [batch, num_kv_heads, splits, rows_out, head_dim] f32
     m_ref, l_ref GMEM [batch, num_kv_heads, splits, rows_out] f32
-    q_smem       SMEM [64, head_dim] (tiled, swizzled)
-    k_smem, v_smem  SMEM [num_stages, T, head_dim], the ring (pool dtype)
-    k_work*, v_work*  SMEM [T, head_dim] bf16: one step dequantized
-    scale_slots*  SMEM [num_stages, 2, pages_per_chunk] f32
-    o_smem       SMEM [64, head_dim] f32
-    m_smem, l_smem  SMEM [64] f32
     q_barrier    [1]
     k_barriers, v_barriers  [num_stages], pages_per_chunk arrivals each
     k_consumed+, v_consumed+  [num_stages], one arrival each
-  (`+` only with `st.copy_warpgroup`: then warpgroup 1 only issues the
-  ring's copies, refilling a slot once warpgroup 0, which computes, has
-  released its K and V.)
+
+  Shared memory comes in two scopes, one after the other, so the second
+  reuses the first's bytes: the loop's (`mosaic_gpu_ring.ring_buffers`: the
+  query tile, the K/V ring, int8's dequantized tiles and page scales), then
+  the output's (`o_smem [64, head_dim]`, `m_smem`, `l_smem [64]` f32, staged
+  for the copy to GMEM). A program's footprint is the larger scope, not
+  their sum: 32 KB less at head_dim 128, which lets two programs share an SM
+  with a 2-slot ring (1 x 32k decode, docs/benchmarks.md). With
+  `st.copy_warpgroup` warpgroup 1 only issues the ring's copies, refilling a
+  slot once warpgroup 0, which computes, has released its K and V.
   """
   refs = list(refs)
   lens_ref, tables_ref, q_ref, kv_ref = refs[:4]
   scales_ref = refs.pop(4) if st.quantized else None
-  o_ref, m_ref, l_ref, q_smem, k_smem, v_smem = refs[4:10]
-  k_work, v_work, scale_slots = ((refs.pop(10), refs.pop(10), refs.pop(10))
-                                 if st.quantized else (None, None, None))
-  o_smem, m_smem, l_smem, q_barrier, k_barriers, v_barriers = refs[10:16]
-  consumed = tuple(refs[16:18]) if st.copy_warpgroup else None
+  o_ref, m_ref, l_ref, q_barrier, k_barriers, v_barriers = refs[4:10]
+  consumed = tuple(refs[10:12]) if st.copy_warpgroup else None
   b = lax.axis_index("batch")
   h = lax.axis_index("kv_head")
   split = lax.axis_index("split")
@@ -205,26 +204,53 @@ def _decode_kernel(*refs, st: _Static):
   first_token = split * st.tokens_per_split
   split_tokens = jnp.clip(kv_len - first_token, 0, st.tokens_per_split)
   num_steps = (split_tokens + tokens - 1) // tokens
-  ring = PageRing(st, b=b, h=h, table_base=split * st.pages_per_split,
-                  tables_ref=tables_ref, kv_ref=kv_ref, scales_ref=scales_ref,
-                  q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_work=k_work,
-                  v_work=v_work, k_barriers=k_barriers, v_barriers=v_barriers,
-                  scale_slots=scale_slots)
-  cast, tile_layout = ring.cast, ring.tile_layout
   scale = st.sm_scale * LOG2E  # softmax in base 2
 
-  def step_fn(step, carry):
-    def mask(s):  # keys past the sequence's end
-      start = first_token + step * tokens
-      token_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
-                       tile_layout)
-      return jnp.where(start + token_ids < kv_len, s, MASK_VALUE), None
-    return ring.softmax_step(step, carry, scale=scale, num_steps=num_steps,
-                             mask=mask, consumed=consumed)
+  def attend(q_smem, k_smem, v_smem, *int8_buffers):
+    """The loop's scope: (acc, m, l) of this program's split, in the
+    computing warpgroup's registers."""
+    k_work, v_work, scale_slots = (int8_buffers if st.quantized
+                                   else (None, None, None))
+    ring = PageRing(st, b=b, h=h, table_base=split * st.pages_per_split,
+                    tables_ref=tables_ref, kv_ref=kv_ref,
+                    scales_ref=scales_ref, q_smem=q_smem, k_smem=k_smem,
+                    v_smem=v_smem, k_work=k_work, v_work=v_work,
+                    k_barriers=k_barriers, v_barriers=v_barriers,
+                    scale_slots=scale_slots)
+    cast, tile_layout = ring.cast, ring.tile_layout
 
-  def compute():
-    plgpu.barrier_wait(q_barrier.at[0])
-    acc, m, l = lax.fori_loop(0, num_steps, step_fn, ring.initial_state())
+    def step_fn(step, carry):
+      def mask(s):  # keys past the sequence's end
+        start = first_token + step * tokens
+        token_ids = cast(lax.broadcasted_iota(jnp.int32, (rows, tokens), 1),
+                         tile_layout)
+        return jnp.where(start + token_ids < kv_len, s, MASK_VALUE), None
+      return ring.softmax_step(step, carry, scale=scale, num_steps=num_steps,
+                               mask=mask, consumed=consumed)
+
+    def compute():
+      plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
+      if not st.copy_warpgroup:
+        ring.fill(num_steps)
+      plgpu.barrier_wait(q_barrier.at[0])
+      return lax.fori_loop(0, num_steps, step_fn, ring.initial_state())
+
+    if not st.copy_warpgroup:
+      return compute()
+
+    def copy():  # warpgroup 1; its (acc, m, l) are never stored
+      ring.copy_all(num_steps, consumed)
+      return ring.initial_state()
+    return lax.cond(lax.axis_index("wg") == 0, compute, copy)
+
+  # Both warpgroups of a warp-specialized program enter each scope.
+  collective = ("wg",) if st.copy_warpgroup else ()
+  acc, m, l = pl.run_scoped(attend, *ring_buffers(st, compute_dtype,
+                                                  pool_dtype),
+                            collective_axes=collective)
+
+  def store(o_smem, m_smem, l_smem):
+    """The output's scope: the partial rows staged and copied to GMEM."""
     o_smem[...] = acc
     m_smem[...] = m
     l_smem[...] = l
@@ -235,22 +261,15 @@ def _decode_kernel(*refs, st: _Static):
     plgpu.copy_smem_to_gmem(l_smem.at[out_rows], l_ref.at[b, h, split])
     plgpu.wait_smem_to_gmem(0)
 
-  if not st.copy_warpgroup:
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
-    ring.fill(num_steps)
-    compute()
-    return
-
-  wg = lax.axis_index("wg")
-
-  @pl.when(wg == 0)
-  def _compute():
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
-    compute()
-
-  @pl.when(wg == 1)
-  def _copy():
-    ring.copy_all(num_steps, consumed)
+  staging = (plgpu.SMEM((rows, st.head_dim), jnp.float32),
+             plgpu.SMEM((rows,), jnp.float32),
+             plgpu.SMEM((rows,), jnp.float32))
+  def store_once(*buffers):  # by the computing warpgroup only
+    if st.copy_warpgroup:
+      pl.when(lax.axis_index("wg") == 0)(lambda: store(*buffers))
+    else:
+      store(*buffers)
+  pl.run_scoped(store_once, *staging, collective_axes=collective)
 
 
 @functools.partial(
@@ -315,14 +334,7 @@ def paged_decode(
                copy_warpgroup=tiling.copy_warpgroup)
   consumed = ([plgpu.Barrier(num_barriers=st.num_stages)] * 2
               if st.copy_warpgroup else [])
-  scratch = [
-      *ring_buffers(st, compute_dtype, kv_pages.dtype),
-      plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
-      plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
-      plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
-      *ring_barriers(st),
-      *consumed,
-  ]
+  scratch = [*ring_barriers(st), *consumed]
   threads = (dict(num_threads=2, thread_name="wg") if st.copy_warpgroup
              else {})
   partial_shape = (batch, num_kv_heads, splits, rows_out)
@@ -332,7 +344,8 @@ def paged_decode(
       jax.ShapeDtypeStruct(partial_shape, jnp.float32),
   )
   kernel = plgpu.kernel(
-      functools.partial(_decode_kernel, st=st),
+      functools.partial(_decode_kernel, st=st, compute_dtype=compute_dtype,
+                        pool_dtype=kv_pages.dtype),
       out_type=out_type,
       scratch_types=scratch,
       grid=(batch, num_kv_heads, splits),

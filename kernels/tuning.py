@@ -126,17 +126,18 @@ MOSAIC_MAX_STAGES = 4
 
 def mosaic_smem_bytes(tokens: int, head_dim: int, num_stages: int,
                       itemsize: int = 2, quantized: bool = False) -> int:
-  """Shared memory of one Mosaic GPU decode program: the 64-row query tile,
-  the K/V ring and the float32 output tile with its max and sum rows; for an
-  int8 pool (`quantized`) the ring holds int8 tiles and one step's K and V,
-  dequantized to bf16 for `wgmma`, sit beside it, with each slot's page
-  scales (at most one page per 16 tokens)."""
+  """Shared memory of one Mosaic GPU decode program: the larger of its two
+  scopes, one after the other. The loop's: the 64-row query tile and the K/V
+  ring, and for an int8 pool (`quantized`) an int8 ring with one step's K and
+  V dequantized to bf16 for `wgmma` beside it and each slot's page scales
+  (at most one page per 16 tokens). The output's: the float32 output tile
+  with its max and sum rows."""
   compute = 2 if quantized else itemsize
   ring = 1 if quantized else itemsize
   work = (2 * tokens * head_dim * compute
           + num_stages * 2 * max(1, tokens // 16) * 4) if quantized else 0
-  return (64 * head_dim * compute + 2 * num_stages * tokens * head_dim * ring
-          + work + 64 * head_dim * 4 + 2 * 64 * 4)
+  loop = 64 * head_dim * compute + 2 * num_stages * tokens * head_dim * ring
+  return max(loop + work, 64 * head_dim * 4 + 2 * 64 * 4)
 
 
 def mosaic_decode_tiling(
@@ -154,7 +155,8 @@ def mosaic_decode_tiling(
 
   A step reads ~16 KB of K (and as much V), 64 to 256 tokens; the ring
   holds as many steps as fit `MOSAIC_SMEM_BUDGET` next to the 64-row query
-  and float32 output tiles (at least 2, at most `MOSAIC_MAX_STAGES`). int8
+  tile (at least 2, at most `MOSAIC_MAX_STAGES`; the float32 output tile
+  reuses the ring's bytes after the loop). int8
   pools (`quantized`) take steps of ~8 KB of int8 K, so that the bf16 tiles
   they are dequantized into leave room for a deep ring.
   """

@@ -211,6 +211,22 @@ def test_every_case_lowers_with_its_tiling():
     assert "mosaic_gpu" in _lower(args, _tiling(params))
 
 
+def test_output_tile_reuses_the_rings_shared_memory():
+  """The float32 output tile is staged in SMEM the loop's ring has left:
+  a 3-slot ring of 128-token bf16 steps at head_dim 128 (208 KB with the
+  query tile) lowers, which it could not beside the output tile (240 KB,
+  past the H100's 227 KB per block)."""
+  tiling = tuning.MosaicDecodeTiling(pages_per_chunk=8, num_splits=2,
+                                     num_stages=3)
+  decode_mosaic_gpu.check_tiling(tiling, block_size=16, head_dim=128)
+  assert tuning.mosaic_smem_bytes(128, 128, 3) <= decode_mosaic_gpu.SMEM_BUDGET
+  assert (tuning.mosaic_smem_bytes(128, 128, 3) + 64 * 128 * 4
+          > decode_mosaic_gpu.SMEM_BUDGET)  # the two scopes' sum would not fit
+  args = (S((4, 32, 128), "bfloat16"), S((300, 2, 8, 16, 128), "bfloat16"),
+          S((4, 64), jnp.int32), S((4,), jnp.int32))
+  assert "mosaic_gpu" in _lower(args, tiling)
+
+
 def test_interpret_mode_poisons_outputs():
   """The premise of the finiteness checks: an output the kernel does not
   write comes back NaN in interpret mode."""
