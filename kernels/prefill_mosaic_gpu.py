@@ -124,7 +124,7 @@ def normalized_rows(st, ring, acc, l, *, first_row, q_len):
   return acc * lax.broadcast_in_dim(inv, acc.shape, (0,))
 
 
-def _prefill_kernel(*refs, st: _Static):
+def _prefill_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
   """One program: one sequence, one KV head, one block of new tokens.
 
   Refs, in order (`*` only for an int8 pool, `st.quantized`):
@@ -134,21 +134,20 @@ def _prefill_kernel(*refs, st: _Static):
     kv_ref       GMEM [num_blocks, 2, num_kv_heads, block_size, head_dim]
     scales_ref*  GMEM [num_blocks, 2, num_kv_heads] f32
     o_ref        GMEM [batch, num_kv_heads, query_blocks, 64, head_dim] f32
-    q_smem       SMEM [64, head_dim] (tiled, swizzled)
-    k_smem, v_smem  SMEM [num_stages, T, head_dim], the ring
-    k_work*, v_work*  SMEM [T, head_dim] bf16: one step dequantized
-    scale_slots*  SMEM [num_stages, 2, pages_per_chunk] f32
-    o_smem       SMEM [64, head_dim] f32
     q_barrier    [1]
     k_barriers, v_barriers  [num_stages]
+
+  Shared memory, as in the decode kernel, in two scopes one after the
+  other: the loop's (`mosaic_gpu_ring.ring_buffers`: the query tile, the
+  K/V ring, int8's dequantized tiles and page scales), then the output's
+  (`o_smem [64, head_dim]` f32), which reuses the ring's bytes: 32 KB less
+  at head_dim 128, room for two programs per SM with a 2-slot ring of
+  64-key steps (80 KB), whose `wgmma` and softmax could then interleave.
   """
   refs = list(refs)
   lens_ref, q_lens_ref, tables_ref, q_ref, kv_ref = refs[:5]
   scales_ref = refs.pop(5) if st.quantized else None
-  o_ref, q_smem, k_smem, v_smem = refs[5:9]
-  k_work, v_work, scale_slots = ((refs.pop(9), refs.pop(9), refs.pop(9))
-                                 if st.quantized else (None, None, None))
-  o_smem, q_barrier, k_barriers, v_barriers = refs[9:13]
+  o_ref, q_barrier, k_barriers, v_barriers = refs[5:9]
   b = lax.axis_index("batch")
   h = lax.axis_index("kv_head")
   block = lax.axis_index("q_block")
@@ -157,36 +156,46 @@ def _prefill_kernel(*refs, st: _Static):
   tile = TileSteps(st, block, kv_len, q_len)
   first_row, key_limit = tile.first_row, tile.key_limit
   num_free, num_steps = tile.num_free, tile.num_steps
-
-  ring = PageRing(st, b=b, h=h, table_base=0, tables_ref=tables_ref,
-                  kv_ref=kv_ref, scales_ref=scales_ref, q_smem=q_smem,
-                  k_smem=k_smem, v_smem=v_smem, k_work=k_work, v_work=v_work,
-                  scale_slots=scale_slots,
-                  k_barriers=k_barriers, v_barriers=v_barriers)
-
-  plgpu.copy_gmem_to_smem(q_ref.at[b, h, block], q_smem, q_barrier.at[0])
-  ring.fill(num_steps)
-
   scale = st.sm_scale * LOG2E  # softmax in base 2
-  mask = functools.partial(causal_mask, st, ring, first_row=first_row,
-                           kv_len=kv_len, q_len=q_len, key_limit=key_limit)
 
-  def step_fn(step, carry, masked: bool):
-    return ring.softmax_step(step, carry, scale=scale, num_steps=num_steps,
-                             mask=functools.partial(mask, step) if masked
-                             else None)
+  def attend(q_smem, k_smem, v_smem, *int8_buffers):
+    """The loop's scope: the tile's normalized rows, in registers."""
+    k_work, v_work, scale_slots = (int8_buffers if st.quantized
+                                   else (None, None, None))
+    ring = PageRing(st, b=b, h=h, table_base=0, tables_ref=tables_ref,
+                    kv_ref=kv_ref, scales_ref=scales_ref, q_smem=q_smem,
+                    k_smem=k_smem, v_smem=v_smem, k_work=k_work,
+                    v_work=v_work, scale_slots=scale_slots,
+                    k_barriers=k_barriers, v_barriers=v_barriers)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, block], q_smem, q_barrier.at[0])
+    ring.fill(num_steps)
+    mask = functools.partial(causal_mask, st, ring, first_row=first_row,
+                             kv_len=kv_len, q_len=q_len, key_limit=key_limit)
 
-  plgpu.barrier_wait(q_barrier.at[0])
-  carry = lax.fori_loop(0, num_free,
-                        functools.partial(step_fn, masked=False),
-                        ring.initial_state())
-  acc, _, l = lax.fori_loop(num_free, num_steps,
-                            functools.partial(step_fn, masked=True), carry)
-  o_smem[...] = normalized_rows(st, ring, acc, l, first_row=first_row,
-                                q_len=q_len)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, block])
-  plgpu.wait_smem_to_gmem(0)
+    def step_fn(step, carry, masked: bool):
+      return ring.softmax_step(step, carry, scale=scale, num_steps=num_steps,
+                               mask=functools.partial(mask, step) if masked
+                               else None)
+
+    plgpu.barrier_wait(q_barrier.at[0])
+    carry = lax.fori_loop(0, num_free,
+                          functools.partial(step_fn, masked=False),
+                          ring.initial_state())
+    acc, _, l = lax.fori_loop(num_free, num_steps,
+                              functools.partial(step_fn, masked=True), carry)
+    return normalized_rows(st, ring, acc, l, first_row=first_row,
+                           q_len=q_len)
+
+  rows = pl.run_scoped(attend, *ring_buffers(st, compute_dtype, pool_dtype))
+
+  def store(o_smem):
+    """The output's scope: the rows staged and copied to GMEM."""
+    o_smem[...] = rows
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, block])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(store, plgpu.SMEM((WGMMA_ROWS, st.head_dim), jnp.float32))
 
 
 def supports(*, q_len: int, head_dim: int, block_size: int, quantized: bool,
@@ -276,15 +285,11 @@ def paged_prefill(
     return prefill_mosaic_gpu_ws.paged_prefill_ws(
         q, kv_pages, block_tables, kv_lens, q_lens, st=st,
         interpret=interpret)
-  scratch = [
-      *ring_buffers(st, compute_dtype, kv_pages.dtype),
-      plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
-      *ring_barriers(st),
-  ]
   kernel = plgpu.kernel(
-      functools.partial(_prefill_kernel, st=st),
+      functools.partial(_prefill_kernel, st=st, compute_dtype=compute_dtype,
+                        pool_dtype=kv_pages.dtype),
       out_type=jax.ShapeDtypeStruct(qg.shape, jnp.float32),
-      scratch_types=scratch,
+      scratch_types=ring_barriers(st),
       grid=(batch, num_kv_heads, q_blocks),
       grid_names=("batch", "kv_head", "q_block"),
       interpret=interpret_arg(interpret),

@@ -144,3 +144,15 @@ def test_default_tiling_lowers(heads, kv_heads, head_dim, block_size, dtype):
   if dtype == "int8":
     args.append(S((300, 2, kv_heads), jnp.float32))
   assert "mosaic_gpu" in _lower(args)
+
+
+def test_output_tile_reuses_the_rings_shared_memory():
+  """As in the decode kernel: a 3-slot ring of 128-key bf16 steps at
+  head_dim 128 lowers only because the float32 output tile takes the ring's
+  bytes after the loop (208 KB; 240 KB beside it)."""
+  tiling = tuning.MosaicDecodeTiling(pages_per_chunk=8, num_splits=1,
+                                     num_stages=3)
+  args = [S((2, 512, 32, 128), "bfloat16"),
+          S((300, 2, 8, 16, 128), "bfloat16"),
+          S((2, 512), jnp.int32), S((2,), jnp.int32), S((2,), jnp.int32)]
+  assert "mosaic_gpu" in _lower(args, tiling)
