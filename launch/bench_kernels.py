@@ -28,6 +28,7 @@ from typing import Any, Callable
 from absl import app, flags
 
 from launch import kernel_cases
+from launch import kernel_plot
 from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
                                  rel_err, timeit)
 
@@ -43,6 +44,9 @@ flags.DEFINE_float("warmup_s", 0.2, "seconds of calls before timing each "
                    "row (the GPU's clock ramp); 0 for CPU smoke runs")
 flags.DEFINE_string("out", None, "JSON output path (default: "
                     "docs/results/bench_kernels_<backend>.json)")
+flags.DEFINE_string("plot", None, "PNG output path (default: the JSON's "
+                    "path with .png; '' for none): each kernel as % of its "
+                    "ceiling, with the targets (launch.kernel_plot)")
 
 
 PRESETS = {
@@ -574,6 +578,8 @@ def main(argv):
   out = FLAGS.out or os.path.join("docs", "results",
                                   f"bench_kernels_{backend}.json")
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  plot = (os.path.splitext(out)[0] + ".png" if FLAGS.plot is None
+          else FLAGS.plot)
 
   def report(final: bool) -> list[dict]:
     """Writes the JSON so far (after every section, so that a run cut short
@@ -583,11 +589,17 @@ def main(argv):
       if copy_gbps and "gbps" in row and row["kind"] in ("decode", "copy"):
         row["pct_copy"] = 100 * row["gbps"] / copy_gbps
     checks = _targets(rows, copy_gbps)
+    doc = dict(backend=backend, device=str(jax.devices()[0].device_kind),
+               jax=jax.__version__, preset=preset, reps=FLAGS.reps,
+               inner=FLAGS.inner, complete=final, ceilings=ceilings,
+               rows=rows, targets=checks)
     with open(out, "w") as f:
-      json.dump(dict(backend=backend, device=str(jax.devices()[0].device_kind),
-                     jax=jax.__version__, preset=preset, reps=FLAGS.reps,
-                     inner=FLAGS.inner, complete=final, ceilings=ceilings,
-                     rows=rows, targets=checks), f, indent=1)
+      json.dump(doc, f, indent=1)
+    if plot:
+      try:
+        kernel_plot.plot_kernels(doc, plot)
+      except Exception:  # pylint: disable=broad-except
+        traceback.print_exc()  # the JSON holds the rows; replot from it
     return checks
 
   sections = dict(
@@ -616,7 +628,7 @@ def main(argv):
   for c in checks:
     print(f"  {'PASS' if c['ok'] else 'MISS'} {c['target']:40s} "
           f"{c['value']:6.2f}  {c['shape']}")
-  print(f"wrote {out}")
+  print(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@
 #   TILING=0   the tiling sweep (launch.bench_tiling), TILING_BUDGET seconds
 #   STORAGE=0  the cold-tier benchmark on the machine's disk  ~1.5 min
 # Everything it writes goes to $OUT (default /tmp/gpu_check): env.txt,
-# bench.txt, bench_kernels_gpu.json, tests.txt, profile.txt, profile.tgz,
+# bench.txt, bench_kernels_gpu.json with its plot (.png) and compiled gather
+# (_gather_hlo.txt), tests.txt, profile.txt, profile.tgz,
 # tiling.txt, tiling.json, storage.txt, storage.json. Python packages
 # missing there travel as wheels in .whl/ (installed into /tmp/site).
 #

@@ -43,6 +43,8 @@ def test_smoke_run_end_to_end(tmp_path):
   hlo = (tmp_path / "kernels_gather_hlo.txt").read_text()
   assert hlo.count("\nENTRY ") == 2 and "run_length=4" in hlo
   assert "gather HLO" in done.stdout
+  png = tmp_path / "kernels.png"  # beside the JSON
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "targets" in done.stdout
 
 
@@ -69,3 +71,45 @@ def test_timeit_fills_a_repetition_with_short_calls():
                       wait=lambda _: None, warmup_s=0.01, min_rep_s=0.1)
   warm = len(counts) - 2 * kernel_cases.MAX_INNER
   assert warm > 1  # the warm-up's calls, then MAX_INNER per repetition
+
+
+def _row(kind, impl, shape, **values):
+  return dict(kind=kind, impl=impl, shape=shape, time_us=1.0, **values)
+
+
+def test_plot_values_are_percent_of_each_ceiling():
+  """Decode against the report's copy bandwidth, prefill against cuDNN's
+  row of the same shape, gathers against the plain transfer; missing rows
+  give None, not a bar."""
+  from launch import kernel_plot
+  dec = dict(batch=1, heads=32, kv_heads=8, head_dim=128, page=16,
+             ctx=32768, dtype="bfloat16")
+  pre = dict(batch=1, heads=32, kv_heads=8, head_dim=128, page=16,
+             prefix=16384, new=512, dtype="bfloat16")
+  cp = dict(layers=8, blocks=256, pool_blocks=4096, host_slots=2048,
+            kv_heads=8, page=16, head_dim=128, dtype="bfloat16")
+  report = dict(ceilings=dict(copy_gbps=3000.0), rows=[
+      _row("decode", "a (ours)", dec, gbps=1500.0),
+      _row("decode", "b", dec, gbps=2400.0),
+      _row("decode", "a (ours)", dict(dec, batch=4), gbps=300.0),
+      _row("prefill", "a (ours)", pre, tflops=100.0),
+      _row("prefill", "cudnn dense (full ctx)", pre, tflops=400.0),
+      _row("copy", "gather host->device (ours)", cp, gbps=27.5),
+      _row("copy", "plain pinned->device", cp, gbps=55.0),
+      dict(kind="decode", impl="c", shape=dec, error="boom")])
+  labels, values = kernel_plot.panel_values(report, "decode")
+  assert labels == ["1x32k 32/8h d128 p16 bf16", "4x32k 32/8h d128 p16 bf16"]
+  assert values == {"a (ours)": [50.0, 10.0], "b": [80.0, None]}
+  assert kernel_plot.panel_values(report, "prefill")[1] == {"a (ours)": [25.0]}
+  assert kernel_plot.panel_values(report, "copy")[1] == {
+      "gather host->device (ours)": [50.0]}
+
+
+def test_plot_cli_refuses_a_file_that_is_no_report(tmp_path):
+  bad = tmp_path / "x.json"
+  bad.write_text('{"rows": 3}')
+  done = subprocess.run([sys.executable, "-m", "launch.kernel_plot", str(bad)],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1 and "not a launch.bench_kernels report" in (
+      done.stderr)
+  assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,148 @@
+r"""PNG of a kernel benchmark report (`launch.bench_kernels`' JSON): each
+kernel against its ceiling, measured in the same run, with the issue's
+target lines.
+
+    python -m launch.kernel_plot docs/results/bench_kernels_h100_...json
+
+Three panels, one bar per implementation and shape:
+
+* decode: K/V read bandwidth as % of the run's device-to-device copy
+  (targets: 80% for large calls, 60% for 1-4 sequences at 32k);
+* prefill: TFLOP/s as % of cuDNN's dense attention on the same lengths
+  (target 50%);
+* block copy: GB/s as % of the run's plain pinned -> device transfer
+  (target 85% for the gathers).
+
+A panel with no rows (a run cut short, a section not asked for) says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+
+def _shape_label(kind: str, shape: Mapping[str, Any]) -> str:
+  if kind == "decode":
+    dtype = {"bfloat16": "bf16", "float32": "f32"}.get(shape["dtype"],
+                                                       shape["dtype"])
+    return (f"{shape['batch']}x{shape['ctx'] // 1024}k "
+            f"{shape['heads']}/{shape['kv_heads']}h d{shape['head_dim']} "
+            f"p{shape['page']} {dtype}")
+  if kind == "prefill":
+    return (f"{shape['batch']}x({shape['prefix'] // 1024}k+{shape['new']}) "
+            f"p{shape['page']}")
+  return f"{shape['layers']}L x {shape['blocks']} blk p{shape['page']}"
+
+
+def _find(rows, kind, impl, shape):
+  for r in rows:
+    if (r["kind"] == kind and r["impl"] == impl and r["shape"] == shape
+        and "time_us" in r):
+      return r
+  return None
+
+
+def panel_values(report: Mapping[str, Any], kind: str
+                 ) -> tuple[list[str], dict[str, list[float | None]]]:
+  """(shape labels, {implementation: % of the ceiling per shape, None where
+  it did not run}) for one panel: "decode", "prefill" or "copy"."""
+  rows = [r for r in report["rows"] if r["kind"] == kind]
+  shapes: list[Any] = []
+  for r in rows:
+    if r["shape"] not in shapes:
+      shapes.append(r["shape"])
+  copy_gbps = report.get("ceilings", {}).get("copy_gbps")
+  skip = {"decode": (), "prefill": ("cudnn dense (full ctx)",),
+          "copy": ("plain pinned->device",)}[kind]
+  impls = [i for i in dict.fromkeys(r["impl"] for r in rows if "time_us" in r)
+           if i not in skip]
+  values: dict[str, list[float | None]] = {i: [] for i in impls}
+  for shape in shapes:
+    for impl in impls:
+      r = _find(rows, kind, impl, shape)
+      pct = None
+      if r is not None and kind == "decode" and copy_gbps:
+        pct = 100 * r["gbps"] / copy_gbps
+      elif r is not None and kind == "prefill":
+        ref = _find(rows, kind, "cudnn dense (full ctx)", shape)
+        pct = 100 * r["tflops"] / ref["tflops"] if ref else None
+      elif r is not None and kind == "copy":
+        ref = _find(rows, kind, "plain pinned->device", shape)
+        pct = 100 * r["gbps"] / ref["gbps"] if ref else None
+      values[impl].append(pct)
+  return [_shape_label(kind, s) for s in shapes], values
+
+
+_PANELS = (
+    ("decode", "decode: K/V GB/s, % of the run's copy", ((80, "80%"),
+                                                         (60, "60% (1-4 x 32k)"))),
+    ("prefill", "prefill: TFLOP/s, % of cuDNN (dense)", ((50, "50%"),)),
+    ("copy", "block copy: GB/s, % of pinned -> device", ((85, "85% (gather)"),)),
+)
+
+
+def plot_kernels(report: Mapping[str, Any], path: str) -> None:
+  """Writes the three-panel PNG of `report` to `path`."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(len(_PANELS), 1, figsize=(13, 12))
+  for ax, (kind, title, targets) in zip(axes, _PANELS):
+    labels, values = panel_values(report, kind)
+    ax.set_title(title, fontsize=10, loc="left")
+    if not labels or not values:
+      ax.text(0.5, 0.5, f"no {kind} rows in this run", ha="center",
+              va="center", transform=ax.transAxes)
+      ax.set_axis_off()
+      continue
+    width = 0.8 / len(values)
+    for i, (impl, pcts) in enumerate(values.items()):
+      xs = [j + (i - (len(values) - 1) / 2) * width
+            for j, p in enumerate(pcts) if p is not None]
+      ys = [p for p in pcts if p is not None]
+      ax.bar(xs, ys, width, label=impl, color=f"C{i}")
+    for y, name in targets:
+      ax.axhline(y, color="red", lw=1, ls=":")
+      ax.text(len(labels) - 0.55, y, name, color="red", fontsize=8,
+              va="bottom", ha="right")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    top = max([p for v in values.values() for p in v if p is not None]
+              + [100])
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize=7, ncol=min(4, len(values)), loc="upper left")
+  fig.suptitle(f"{report.get('device', '?')}, jax {report.get('jax', '?')}"
+               + ("" if report.get("complete", True) else " (run cut short)"),
+               fontsize=11)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) not in (2, 3):
+    print("usage: python -m launch.kernel_plot REPORT.json [OUT.png]",
+          file=sys.stderr)
+    return 2
+  src = argv[1]
+  try:
+    with open(src) as f:
+      report = json.load(f)
+    if not isinstance(report.get("rows"), list):
+      raise ValueError("no 'rows' list: not a launch.bench_kernels report")
+  except (OSError, ValueError) as e:
+    print(f"error: cannot read {src}: {e}", file=sys.stderr)
+    return 1
+  out = argv[2] if len(argv) == 3 else os.path.splitext(src)[0] + ".png"
+  plot_kernels(report, out)
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
