@@ -78,20 +78,6 @@ def test_gather_in_runs_moves_each_run_to_its_pages(run_length):
   np.testing.assert_array_equal(np.asarray(out, np.float32), want)
 
 
-def test_gather_in_runs_checks_lengths():
-  rng = np.random.default_rng(20)
-  pool = _device_array(rng, (2, 6) + SHAPE_TAIL, jnp.float32)
-  host = _host_array(rng, (4, 2) + SHAPE_TAIL, jnp.float32)
-  starts = jnp.asarray([0, 2], jnp.int32)
-  with pytest.raises(ValueError, match="2 pool pages per hot-tier run"):
-    block_copy.gather_to_device_core(pool, host, starts, starts,
-                                     run_length=2)
-  with pytest.raises(ValueError, match="run_length must be in"):
-    block_copy.gather_to_device_core(pool, host, starts[:1],
-                                     jnp.arange(5, dtype=jnp.int32),
-                                     run_length=5)
-
-
 def test_scatter_to_host_reuses_pinned_tier():
   rng = np.random.default_rng(12)
   pool = _device_array(rng, (2, 6) + SHAPE_TAIL, jnp.float32)
@@ -135,6 +121,12 @@ def test_bad_arguments_raise():
   ids = jnp.asarray([0, 1], jnp.int32)
   with pytest.raises(ValueError, match="equal length"):
     block_copy.gather_to_device_core(pool, host, ids, ids[:1])
+  with pytest.raises(ValueError, match="2 pool pages per hot-tier run"):
+    block_copy.gather_to_device_core(pool, host, ids, ids, run_length=2)
+  with pytest.raises(ValueError, match="run_length must be in"):
+    block_copy.gather_to_device_core(pool, host, ids[:1],
+                                     jnp.arange(5, dtype=jnp.int32),
+                                     run_length=5)
   with pytest.raises(ValueError, match="layers"):
     block_copy.gather_to_device_core(pool, host, ids, ids, layer_start=1,
                                      num_layers=2)
