@@ -31,10 +31,14 @@ Device -> host, the named pages are gathered block-major on the device first
 donated tier by a `dynamic_update_slice`. XLA's host offloading turns a
 slice of a host buffer moved to the device (and a device slice moved into a
 host buffer) into one transfer per slice, so only the named blocks cross the
-bus. Each transfer costs a fixed few microseconds besides its bytes: the H100
-gathers of 2026-11-26 fit ~7.5 us per transfer plus 50 GB/s (512 KiB blocks
-moved at 53% of a plain pinned -> device copy, 2 MiB blocks at 77%), a cost
-`run_length` spreads over R blocks. Entries `< 0` in the destination list
+bus. By XLA's source (read, not yet confirmed on a GPU: the benchmark writes
+the compiled program), a slice at a runtime offset is not a copy-engine DMA
+but an asynchronous `dynamic-slice`: a small kernel on a side stream that
+reads the pinned tier over PCIe; only whole buffers and compile-time offsets
+become memcpys. Each transfer costs a fixed few microseconds besides its
+bytes: the H100 gathers of 2026-11-26 fit ~7.5 us per transfer plus 50 GB/s
+(512 KiB blocks moved at 53% of a plain pinned -> device copy, 2 MiB blocks
+at 77%), a cost `run_length` spreads over R blocks. Entries `< 0` in the destination list
 are skipped, so callers can pad the lists to a few bucket sizes (the lists'
 lengths are static shapes). No conditionals: they could make XLA copy a
 whole tier.
