@@ -7,7 +7,7 @@ block-major (what crosses the bus):
   hot tier     [num_slots, num_layers, 2, num_kv_heads, block_size, head_dim]
 
 so that one block of a group of layers is one contiguous run of host memory,
-one DMA, as in the cold tier, where a chunk is one block with all its layers.
+one transfer, as in the cold tier, where a chunk is one block with all its layers.
 (With a layer-major hot tier each block was `num_layers` separate runs of one
 page: on an H100, 16-token pages of 8 x 128 bf16, 64 KiB each, moved at 49% of
 a plain pinned -> device copy, 64-token pages at 86%; docs/benchmarks.md.)
@@ -141,7 +141,7 @@ def fetch_blocks_core(
     run_length: int = 1,
 ) -> jax.Array:  # [n * run_length, num_layers, 2, kv_heads, P, D] in `kind`
   """The first half of a gather: the layer group of each named run of
-  `run_length` consecutive slots moved to the device as one DMA,
+  `run_length` consecutive slots moved to the device as one transfer,
   block-major. Traceable."""
   if num_layers is None:
     num_layers = host_tier.shape[1] - layer_start
@@ -172,7 +172,7 @@ def place_blocks_core(
 
 def _gather_blocks(pool, host_tier, src_ids, dst_ids, layer_start,
                    num_layers, run_length):
-  """Host runs of blocks -> device (one DMA each), then one scatter into
+  """Host runs of blocks -> device (one transfer each), then one scatter into
   the pool."""
   moved = fetch_blocks_core(
       host_tier, src_ids, layer_start=layer_start, num_layers=num_layers,
@@ -259,8 +259,8 @@ def gather_to_device(
     num_layers: int | None = None,
     run_length: int = 1,
 ) -> jax.Array:  # the pool, updated in place (donated)
-  """Copies hot-tier blocks (runs of `run_length` consecutive slots, one DMA
-  each) into pool pages for one group of layers."""
+  """Copies hot-tier blocks (runs of `run_length` consecutive slots, one
+  transfer each) into pool pages for one group of layers."""
   return gather_to_device_core(pool, host_tier, src_slots, dst_pages,
                                layer_start=layer_start, num_layers=num_layers,
                                run_length=run_length)

@@ -77,9 +77,9 @@ from kernels import tuning
 from kernels.decode_triton import LOG2E, MASK_VALUE, merge_splits
 # interpret_params: Mosaic GPU's CPU interpret mode, re-exported here for the
 # tests and callers that use it.
-from kernels.mosaic_gpu_ring import (WGMMA_ROWS, PageRing, interpret_arg,  # pylint: disable=unused-import
-                                     interpret_params, plgpu, ring_barriers,
-                                     ring_buffers)
+from kernels.mosaic_gpu_ring import (WGMMA_ROWS, in_ring_scope,  # pylint: disable=unused-import
+                                     interpret_arg, interpret_params, plgpu,
+                                     ring_barriers)
 
 # Rows of the partial outputs written per program (the group padded to a
 # multiple of 8, the row granularity of a swizzled SMEM tile).
@@ -206,17 +206,9 @@ def _decode_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
   num_steps = (split_tokens + tokens - 1) // tokens
   scale = st.sm_scale * LOG2E  # softmax in base 2
 
-  def attend(q_smem, k_smem, v_smem, *int8_buffers):
+  def attend(ring):
     """The loop's scope: (acc, m, l) of this program's split, in the
     computing warpgroup's registers."""
-    k_work, v_work, scale_slots = (int8_buffers if st.quantized
-                                   else (None, None, None))
-    ring = PageRing(st, b=b, h=h, table_base=split * st.pages_per_split,
-                    tables_ref=tables_ref, kv_ref=kv_ref,
-                    scales_ref=scales_ref, q_smem=q_smem, k_smem=k_smem,
-                    v_smem=v_smem, k_work=k_work, v_work=v_work,
-                    k_barriers=k_barriers, v_barriers=v_barriers,
-                    scale_slots=scale_slots)
     cast, tile_layout = ring.cast, ring.tile_layout
 
     def step_fn(step, carry):
@@ -229,7 +221,7 @@ def _decode_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
                                mask=mask, consumed=consumed)
 
     def compute():
-      plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
+      plgpu.copy_gmem_to_smem(q_ref.at[b, h], ring.q_smem, q_barrier.at[0])
       if not st.copy_warpgroup:
         ring.fill(num_steps)
       plgpu.barrier_wait(q_barrier.at[0])
@@ -245,9 +237,11 @@ def _decode_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
 
   # Both warpgroups of a warp-specialized program enter each scope.
   collective = ("wg",) if st.copy_warpgroup else ()
-  acc, m, l = pl.run_scoped(attend, *ring_buffers(st, compute_dtype,
-                                                  pool_dtype),
-                            collective_axes=collective)
+  acc, m, l = in_ring_scope(
+      st, attend, compute_dtype, pool_dtype, collective_axes=collective, b=b,
+      h=h, table_base=split * st.pages_per_split, tables_ref=tables_ref,
+      kv_ref=kv_ref, scales_ref=scales_ref, k_barriers=k_barriers,
+      v_barriers=v_barriers)
 
   def store(o_smem, m_smem, l_smem):
     """The output's scope: the partial rows staged and copied to GMEM."""

@@ -304,6 +304,23 @@ def ring_buffers(st: Any, compute_dtype, pool_dtype) -> list[Any]:
           *work]
 
 
+def in_ring_scope(st: Any, body: Callable[[PageRing], Any], compute_dtype,
+                  pool_dtype, *, collective_axes=(), **ring_kwargs) -> Any:
+  """`body(ring)` on a `PageRing` over its own scope of shared memory
+  (`ring_buffers`), returning what `body` returns (e.g. the accumulators,
+  in registers). The scope's bytes are free again afterwards, so a kernel
+  can stage its output tile in them. `ring_kwargs`: `PageRing`'s arguments
+  other than its buffers."""
+  def scoped(q_smem, k_smem, v_smem, *int8_buffers):
+    k_work, v_work, scale_slots = (int8_buffers if st.quantized
+                                   else (None, None, None))
+    return body(PageRing(st, q_smem=q_smem, k_smem=k_smem, v_smem=v_smem,
+                         k_work=k_work, v_work=v_work,
+                         scale_slots=scale_slots, **ring_kwargs))
+  return pl.run_scoped(scoped, *ring_buffers(st, compute_dtype, pool_dtype),
+                       collective_axes=collective_axes)
+
+
 def ring_barriers(st: Any) -> list[Any]:
   """The query barrier and the per-slot K and V barriers of a `PageRing`
   (one arrival per page copy of a step)."""

@@ -46,8 +46,8 @@ from kernels import quantize
 from kernels import query_rows
 from kernels import tuning
 from kernels.decode_triton import LOG2E, MASK_VALUE
-from kernels.mosaic_gpu_ring import (WGMMA_ROWS, PageRing, interpret_arg,
-                                     plgpu, ring_barriers, ring_buffers)
+from kernels.mosaic_gpu_ring import (WGMMA_ROWS, in_ring_scope,
+                                     interpret_arg, plgpu, ring_barriers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,16 +158,10 @@ def _prefill_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
   num_free, num_steps = tile.num_free, tile.num_steps
   scale = st.sm_scale * LOG2E  # softmax in base 2
 
-  def attend(q_smem, k_smem, v_smem, *int8_buffers):
+  def attend(ring):
     """The loop's scope: the tile's normalized rows, in registers."""
-    k_work, v_work, scale_slots = (int8_buffers if st.quantized
-                                   else (None, None, None))
-    ring = PageRing(st, b=b, h=h, table_base=0, tables_ref=tables_ref,
-                    kv_ref=kv_ref, scales_ref=scales_ref, q_smem=q_smem,
-                    k_smem=k_smem, v_smem=v_smem, k_work=k_work,
-                    v_work=v_work, scale_slots=scale_slots,
-                    k_barriers=k_barriers, v_barriers=v_barriers)
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h, block], q_smem, q_barrier.at[0])
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, block], ring.q_smem,
+                            q_barrier.at[0])
     ring.fill(num_steps)
     mask = functools.partial(causal_mask, st, ring, first_row=first_row,
                              kv_len=kv_len, q_len=q_len, key_limit=key_limit)
@@ -186,7 +180,10 @@ def _prefill_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
     return normalized_rows(st, ring, acc, l, first_row=first_row,
                            q_len=q_len)
 
-  rows = pl.run_scoped(attend, *ring_buffers(st, compute_dtype, pool_dtype))
+  rows = in_ring_scope(st, attend, compute_dtype, pool_dtype, b=b, h=h,
+                       table_base=0, tables_ref=tables_ref, kv_ref=kv_ref,
+                       scales_ref=scales_ref, k_barriers=k_barriers,
+                       v_barriers=v_barriers)
 
   def store(o_smem):
     """The output's scope: the rows staged and copied to GMEM."""

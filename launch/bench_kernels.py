@@ -320,11 +320,11 @@ def _copy_case(s: CopyShape, key: int):
 def dump_gather_hlo(s: CopyShape, path: str, blocks: int = 4) -> str:
   """Writes XLA's compiled program of a `blocks`-block gather of shape `s`
   (one transfer per block, then in one run) to `path`, and returns a
-  one-line count of what moves the bytes. The text (host memory is `S(5)`
-  in its layouts) tells whether a slice of the pinned tier became a DMA
-  (copy-start/done) or a kernel reading host memory, which decides what the gather can reach; the line
-  returned counts the entry computation's ops (each a thunk: a kernel, a
-  copy or a transfer)."""
+  one-line count of the entry computation's ops (each a thunk: a kernel, a
+  copy or a transfer). The text (host memory is `S(5)` in its layouts)
+  tells whether a slice of the pinned tier became a DMA (copy-start/done)
+  or a kernel reading host memory, which decides what the gather can
+  reach."""
   import collections
   import re
   from kernels import block_copy
@@ -401,7 +401,7 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
                nbytes=nbytes, flops=0)
     # Where a gather's time goes: its two halves, timed apart.
     fetch = jax.jit(block_copy.fetch_blocks_core)
-    _attempt(rows, base, "gather: block DMAs only", lambda: fetch(
+    _attempt(rows, base, "gather: block transfers only", lambda: fetch(
         state["host"], src), nbytes=nbytes, flops=0)
     moved = fetch(state["host"], src)
     place = jax.jit(block_copy.place_blocks_core, donate_argnums=(0,))
@@ -483,11 +483,7 @@ def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
 def _targets(rows: list[dict], copy_gbps: float | None) -> list[dict]:
   """The issue's targets, checked on this run's rows where they apply."""
   def find(kind, impl, shape):
-    for r in rows:
-      if (r["kind"] == kind and r["impl"] == impl and r["shape"] == shape
-          and "time_us" in r):
-        return r
-    return None
+    return kernel_plot.find_row(rows, kind, impl, shape)
 
   ours_impls = ("pallas_triton (ours)", "pallas_mosaic_gpu (ours)", MOSAIC_WS)
   checks = []

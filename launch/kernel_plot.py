@@ -37,7 +37,10 @@ def _shape_label(kind: str, shape: Mapping[str, Any]) -> str:
   return f"{shape['layers']}L x {shape['blocks']} blk p{shape['page']}"
 
 
-def _find(rows, kind, impl, shape):
+def find_row(rows: Sequence[Mapping[str, Any]], kind: str, impl: str,
+             shape: Any) -> Mapping[str, Any] | None:
+  """The timed row of `impl` on `shape` in a report's rows (None if it
+  did not run or failed)."""
   for r in rows:
     if (r["kind"] == kind and r["impl"] == impl and r["shape"] == shape
         and "time_us" in r):
@@ -62,15 +65,15 @@ def panel_values(report: Mapping[str, Any], kind: str
   values: dict[str, list[float | None]] = {i: [] for i in impls}
   for shape in shapes:
     for impl in impls:
-      r = _find(rows, kind, impl, shape)
+      r = find_row(rows, kind, impl, shape)
       pct = None
       if r is not None and kind == "decode" and copy_gbps:
         pct = 100 * r["gbps"] / copy_gbps
       elif r is not None and kind == "prefill":
-        ref = _find(rows, kind, "cudnn dense (full ctx)", shape)
+        ref = find_row(rows, kind, "cudnn dense (full ctx)", shape)
         pct = 100 * r["tflops"] / ref["tflops"] if ref else None
       elif r is not None and kind == "copy":
-        ref = _find(rows, kind, "plain pinned->device", shape)
+        ref = find_row(rows, kind, "plain pinned->device", shape)
         pct = 100 * r["gbps"] / ref["gbps"] if ref else None
       values[impl].append(pct)
   return [_shape_label(kind, s) for s in shapes], values
