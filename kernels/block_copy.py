@@ -34,14 +34,16 @@ host buffer) into one transfer per slice, so only the named blocks cross the
 bus. By XLA's source (read, not yet confirmed on a GPU: the benchmark writes
 the compiled program), a slice at a runtime offset is not a copy-engine DMA
 but an asynchronous `dynamic-slice`: a small kernel on a side stream that
-reads the pinned tier over PCIe; only whole buffers and compile-time offsets
-become memcpys. Each transfer costs a fixed few microseconds besides its
-bytes: the H100 gathers of 2026-11-26 fit ~7.5 us per transfer plus 50 GB/s
-(512 KiB blocks moved at 53% of a plain pinned -> device copy, 2 MiB blocks
-at 77%), a cost `run_length` spreads over R blocks. Entries `< 0` in the destination list
-are skipped, so callers can pad the lists to a few bucket sizes (the lists'
-lengths are static shapes). No conditionals: they could make XLA copy a
-whole tier.
+reads the pinned tier over PCIe; only whole buffers and offsets known at
+compile time or linear in a loop counter become memcpys. Each transfer costs
+a fixed few microseconds besides its bytes: the H100 gathers of 2026-11-26
+fit ~7.5 us per transfer plus 50 GB/s (512 KiB blocks moved at 53% of a
+plain pinned -> device copy, 2 MiB blocks at 77%), a cost `run_length`
+spreads over R blocks, and that `host_gather_triton` (an experiment: one
+kernel reading every block of the list from the pinned tier) would not pay
+per block. Entries `< 0` in the destination list are skipped, so callers can
+pad the lists to a few bucket sizes (the lists' lengths are static shapes).
+No conditionals: they could make XLA copy a whole tier.
 
 Overlap: the `*_core` functions are traceable; called inside an engine's
 jitted step, XLA schedules their copies as async start/done pairs that can
@@ -91,8 +93,10 @@ def allocate_host_tier(
   return jax.device_put(np.zeros(shape, jnp.dtype(dtype)), sharding)
 
 
-def _check(pool, host_tier, pool_ids, host_ids, layer_start, num_layers,
-           run_length=1):
+def check_arguments(pool, host_tier, pool_ids, host_ids, layer_start,
+                    num_layers, run_length=1):
+  """Raises ValueError for a pool, tier, id lists or layer range that do
+  not fit together (shared with `host_gather_triton`)."""
   if pool.ndim != 6 or host_tier.ndim != 6:
     raise ValueError("expected pool [num_layers, num_blocks, 2, kv_heads, "
                      "block_size, head_dim] and hot tier [num_slots, "
@@ -225,8 +229,8 @@ def gather_to_device_core(
   `dynamic_slice` clamps), so callers keep runs inside the tier.
   """
   num_layers = pool.shape[0] - layer_start if num_layers is None else num_layers
-  _check(pool, host_tier, dst_pages, src_slots, layer_start, num_layers,
-         run_length)
+  check_arguments(pool, host_tier, dst_pages, src_slots, layer_start,
+                  num_layers, run_length)
   return _gather_blocks(pool, host_tier, src_slots, dst_pages, layer_start,
                         num_layers, run_length)
 
@@ -242,7 +246,8 @@ def scatter_to_host_core(
 ) -> jax.Array:  # the updated hot tier
   """Traceable body of `scatter_to_host` (use inside a jitted step)."""
   num_layers = pool.shape[0] - layer_start if num_layers is None else num_layers
-  _check(pool, host_tier, src_pages, dst_slots, layer_start, num_layers)
+  check_arguments(pool, host_tier, src_pages, dst_slots, layer_start,
+                  num_layers)
   return _scatter_blocks(host_tier, pool, src_pages, dst_slots, layer_start,
                          num_layers)
 

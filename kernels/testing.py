@@ -250,3 +250,62 @@ def prefill_case(params) -> Case:
       seed_of(params), kv_lens=kv_lens, q_lens=q_lens, q_len=q_len,
       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
       block_size=block_size, dtype=dtype)
+
+
+# Block gathers host -> device (kernels/host_gather_triton.py): the pool's
+# and the hot tier's block shape, and the layers moved.
+HOST_GATHER_CASES = [
+    # (dtype, kv_heads, block_size, head_dim, num_layers, layer_start,
+    #  layers_moved)
+    ("float32", 2, 16, 64, 3, 0, 3),
+    ("bfloat16", 3, 32, 128, 4, 1, 2),  # SmolLM2's 3 KV heads, a layer range
+    ("int8", 1, 64, 16, 2, 1, 1),  # an int8 pool's pages
+]
+
+
+@dataclasses.dataclass
+class GatherCase:
+  """A pool and a pinned hot tier of random blocks, the ids to move and the
+  pool the move must leave (computed here with numpy)."""
+
+  pool: jax.Array  # [num_layers, num_blocks, 2, kv_heads, P, D] device
+  host_tier: jax.Array  # [num_slots, num_layers, 2, kv_heads, P, D] host
+  src_slots: jax.Array  # [n] int32
+  dst_pages: jax.Array  # [n] int32
+  layer_start: int
+  num_layers: int
+  want: np.ndarray  # the pool after the gather
+
+
+def host_gather_case(params, num_blocks: int = 12,
+                     num_slots: int = 9) -> GatherCase:
+  """Random pool and tier (never zeros); the id lists hold a repeated slot,
+  a slot past the tier (clamped to its last), a padding entry (-1) and a
+  page past the pool (both skipped), in a random order."""
+  from kernels import block_copy  # pylint: disable=g-import-not-at-top
+  dtype, kv_heads, block_size, head_dim, layers, start, moved = params
+  rng = np.random.default_rng(seed_of(params))
+  shape = (2, kv_heads, block_size, head_dim)
+
+  def random(lead):
+    if dtype == "int8":
+      x = rng.integers(-127, 128, lead + shape)
+      return np.where(x == 0, 1, x).astype(np.int8)
+    return rng.uniform(0.5, 1.5, lead + shape) * rng.choice([-1, 1],
+                                                             lead + shape)
+  pool = jnp.asarray(random((layers, num_blocks)), dtype)
+  tier = block_copy.allocate_host_tier((num_slots, layers) + shape, dtype)
+  tier = jax.device_put(jnp.asarray(random((num_slots, layers)), dtype),
+                        tier.sharding)
+  src = np.array([4, 4, num_slots + 5, 0, 7, 2])
+  dst = np.array([3, 11, 0, -1, num_blocks, 6])
+  order = rng.permutation(len(src))
+  src, dst = src[order], dst[order]
+  want = np.asarray(pool).copy()
+  tier_np = np.asarray(jax.device_get(tier))
+  for s, d in zip(src, dst):
+    if 0 <= d < num_blocks:
+      s = min(s, num_slots - 1)
+      want[start:start + moved, d] = tier_np[s, start:start + moved]
+  return GatherCase(pool, tier, jnp.asarray(src, jnp.int32),
+                    jnp.asarray(dst, jnp.int32), start, moved, want)

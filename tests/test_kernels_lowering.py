@@ -104,3 +104,23 @@ def test_block_copy_lowers_with_a_placement_per_block(direction):
   text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("@annotate_device_placement(") >= len(ids)
   assert 'memory_kind = "pinned_host"' in text
+
+
+def test_one_kernel_gather_takes_the_pinned_tier_as_it_is():
+  """The one-kernel gather hands the pinned tier straight to the Triton
+  kernel: no placement annotation (no transfer) between them."""
+  from kernels import block_copy
+  from kernels import host_gather_triton
+  pool = jnp.zeros((4, 64, 2, 8, 16, 128), jnp.bfloat16)
+  host = block_copy.allocate_host_tier((32, 4, 2, 8, 16, 128), jnp.bfloat16)
+  ids = jnp.asarray([1, 2, 3], jnp.int32)
+  with _cuda_target():
+    text = host_gather_triton.gather_to_device.trace(
+        pool, host, ids, ids, layer_start=1, num_layers=2).lower(
+            lowering_platforms=("cuda",)).as_text()
+  main = next(l for l in text.splitlines() if "func.func public @main" in l)
+  assert 'memory_kind = "pinned_host"' in main.split("%arg2")[0]
+  call = next(l for l in text.splitlines() if "xla.gpu.triton(" in l)
+  assert "%arg1" in call.split(")", 1)[0]  # the tier, not a moved copy
+  assert "grid_x = 3 : i32, grid_y = 2 : i32, grid_z = 16 : i32" in call
+  assert "annotate_device_placement" not in text
