@@ -35,8 +35,10 @@ from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
                   "shape set; default: gpu on a GPU backend, else smoke")
-flags.DEFINE_list("only", ["calib", "decode", "prefill", "copy", "overlap"],
-                  "sections to run")
+flags.DEFINE_list("only", ["calib", "decode", "prefill", "copy", "overlap",
+                          "gather_kernel"],
+                  "sections to run (gather_kernel, an experiment, runs last: "
+                  "should it crash the process, the JSON keeps the rest)")
 flags.DEFINE_integer("reps", 10, "timed repetitions (median reported)")
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition, at least "
                      "(short calls get more, to fill kernel_cases.MIN_REP_S)")
@@ -93,6 +95,10 @@ PRESETS = {
                         run_lengths=(2,))],
         overlap=(CopyShape(2, 4, 32, 16, 2, 16, 64, "float32"),
                  DecodeShape(2, 4, 2, 64, 16, 64, "float32")),
+        # Interpret mode simulates the warp-specialized decode kernel's
+        # threads slowly (~25 s a row): its plumbing once, on bf16; its
+        # int8 cases are tests/test_kernels_mosaic_gpu.py's.
+        warp_specialized_dtypes=("bfloat16",),
     ),
 }
 
@@ -101,6 +107,9 @@ PRESETS = {
 # warpgroups and a copying one (prefill_mosaic_gpu_ws.py), decode with a
 # copying warpgroup (`copy_warpgroup`).
 MOSAIC_WS = "pallas_mosaic_gpu_ws (ours)"
+# The block gather as one kernel reading the pinned tier
+# (kernels/host_gather_triton.py), an experiment until a GPU has run it.
+GATHER_KERNEL = "gather: one kernel (ours)"
 
 
 def _attempt(rows: list[dict], base: dict, impl: str,
@@ -203,10 +212,12 @@ def _checker(kind: str, args) -> Callable[[Any], float] | None:
 
 
 def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
-                              kv_bytes: int, flops: float, interpret: bool):
-  """Rows for our Triton kernel, our Mosaic GPU kernel where it runs, and
-  the XLA reference on one "decode" or "prefill" problem; returns the
-  shape's row base and its reference check (for other implementations)."""
+                              kv_bytes: int, flops: float, interpret: bool,
+                              warp_specialized: bool = True):
+  """Rows for our Triton kernel, our Mosaic GPU kernels where they run
+  (with `warp_specialized`, their warp-specialized variants too), and the
+  XLA reference on one "decode" or "prefill" problem; returns the shape's
+  row base and its reference check (for other implementations)."""
   base = dict(kind=kind, shape=dataclasses.asdict(s), kv_mib=kv_bytes / 2**20)
   check = _checker(kind, args)
   impls = [("pallas_triton (ours)", f"triton_{kind}", None)]
@@ -216,10 +227,10 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
     # warpgroups and a copying one (prefill, bf16/f16), a copying warpgroup
     # beside the computing one (decode).
     default = kernel_cases.default_tiling(f"mosaic_{kind}", s)
-    if kind == "prefill" and s.dtype != "int8":
+    if warp_specialized and kind == "prefill" and s.dtype != "int8":
       impls.append((MOSAIC_WS, "mosaic_prefill",
                     dataclasses.replace(default, consumers=2)))
-    if kind == "decode":
+    if warp_specialized and kind == "decode":
       impls.append((MOSAIC_WS, "mosaic_decode",
                     dataclasses.replace(default, copy_warpgroup=True)))
   for name, kernel, tiling in impls:
@@ -232,12 +243,16 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
   return base, check
 
 
-def bench_decode(shapes, rows: list[dict], interpret: bool) -> None:
-  """Our split-K decode kernels vs the XLA reference vs JAX's Pallas op."""
+def bench_decode(shapes, rows: list[dict], interpret: bool,
+                 warp_specialized_dtypes=None) -> None:
+  """Our split-K decode kernels vs the XLA reference vs JAX's Pallas op;
+  the warp-specialized variant on `warp_specialized_dtypes` (None: all)."""
   for i, s in enumerate(shapes):
     args, kv_bytes, flops = kernel_cases.decode_inputs(s, 10 + i)
-    base, check = _bench_ours_and_reference(rows, "decode", s, args, kv_bytes,
-                                            flops, interpret)
+    base, check = _bench_ours_and_reference(
+        rows, "decode", s, args, kv_bytes, flops, interpret,
+        warp_specialized=(warp_specialized_dtypes is None
+                          or s.dtype in warp_specialized_dtypes))
     if s.dtype != "int8":
       q, pool, _, tables, lens = args
       _bench_jax_op(rows, base, q, pool, tables, lens, kv_bytes, flops,
@@ -317,6 +332,22 @@ def _copy_case(s: CopyShape, key: int):
   return pool, host, src, dst, nbytes
 
 
+def entry_op_counts(compiled_text: str) -> str:
+  """`op x count, ...` of the entry computation of XLA's compiled program
+  text (each a thunk: a kernel, a copy or a transfer), leaving out the ops
+  that are no work (parameters, constants, bitcasts, tuples)."""
+  import collections
+  import re
+  start = compiled_text.index("\nENTRY ")
+  entry = compiled_text[start:].split("\n}", 1)[0]
+  ops = collections.Counter(
+      m.group(1) for line in entry.splitlines()[1:]
+      for m in [re.search(r" = .*? ([a-z][a-z-]*)\(", line)] if m
+      and m.group(1) not in ("parameter", "constant", "bitcast",
+                             "get-tuple-element", "tuple"))
+  return ", ".join(f"{k} x{v}" for k, v in sorted(ops.items()))
+
+
 def dump_gather_hlo(s: CopyShape, path: str, blocks: int = 4) -> str:
   """Writes XLA's compiled program of a `blocks`-block gather of shape `s`
   (one transfer per block, then in one run) to `path`, and returns a
@@ -325,8 +356,6 @@ def dump_gather_hlo(s: CopyShape, path: str, blocks: int = 4) -> str:
   tells whether a slice of the pinned tier became a DMA (copy-start/done)
   or a kernel reading host memory, which decides what the gather can
   reach."""
-  import collections
-  import re
   from kernels import block_copy
   small = dataclasses.replace(s, blocks=blocks, run_lengths=())
   pool, host, src, dst, _ = _copy_case(small, 7)
@@ -336,14 +365,7 @@ def dump_gather_hlo(s: CopyShape, path: str, blocks: int = 4) -> str:
     text = block_copy.gather_to_device.lower(
         pool, host, starts, dst, run_length=run).compile().as_text()
     texts.append(f"==== gather of {blocks} blocks, run_length={run}\n{text}")
-    entry = text[text.index("\nENTRY "):].split("\n}", 1)[0]
-    ops = collections.Counter(
-        m.group(1) for line in entry.splitlines()[1:]
-        for m in [re.search(r" = .*? ([a-z][a-z-]*)\(", line)] if m
-        and m.group(1) not in ("parameter", "constant", "bitcast",
-                               "get-tuple-element", "tuple"))
-    counts.append(f"run_length={run}: top-level ops "
-                  + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    counts.append(f"run_length={run}: top-level ops {entry_op_counts(text)}")
   with open(path, "w") as f:
     f.write("\n\n".join(texts))
   return "; ".join(counts)
@@ -355,7 +377,6 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
   import jax
   from kernels import block_copy
 
-  dev = jax.devices()[0]
   if hlo_path and shapes:
     try:
       print(f"gather HLO ({hlo_path}): {dump_gather_hlo(shapes[0], hlo_path)}",
@@ -364,7 +385,6 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
       traceback.print_exc()
   for i, s in enumerate(shapes):
     pool, host, src, dst, nbytes = _copy_case(s, 90 + i)
-    tail = host.shape[2:]
     base = dict(kind="copy", shape=dataclasses.asdict(s),
                 mib=nbytes / 2**20)
     state = {"pool": pool, "host": host}
@@ -411,12 +431,75 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
       return state["pool"]
     _attempt(rows, base, "gather: pool scatter only", place_only,
              nbytes=nbytes, flops=0)
-    # The ceiling: one contiguous pinned buffer of the same bytes.
-    staged = block_copy.allocate_host_tier((s.blocks, s.layers) + tail,
-                                           s.dtype, dev)
-    to_dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
-    _attempt(rows, base, "plain pinned->device", lambda: jax.device_put(
-        staged, to_dev), nbytes=nbytes, flops=0)
+    _plain_copy(s, rows, base, nbytes)
+
+
+def _plain_copy(s: CopyShape, rows: list[dict], base: dict,
+                nbytes: int) -> None:
+  """The gathers' ceiling: one contiguous pinned buffer of the same bytes
+  moved to the device."""
+  import jax
+  from kernels import block_copy
+  dev = jax.devices()[0]
+  staged = block_copy.allocate_host_tier(
+      (s.blocks, s.layers, 2, s.kv_heads, s.page, s.head_dim), s.dtype, dev)
+  to_dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+  _attempt(rows, base, "plain pinned->device", lambda: jax.device_put(
+      staged, to_dev), nbytes=nbytes, flops=0)
+
+
+def bench_gather_kernel(shapes, rows: list[dict], interpret: bool,
+                        hlo_path: str | None = None) -> None:
+  """The block gather as one Pallas kernel reading the pinned tier
+  (kernels/host_gather_triton.py), on the copy section's shapes and data.
+
+  Its row checks the moved pages against the tier (`rel_err`: the largest
+  difference, 0 when right) and names the compiled program's top-level ops
+  (`hlo_ops`: one custom call if XLA handed the kernel the pinned tier as
+  it is; a copy of the whole tier would show there and in the time); the
+  first shape's program goes to `hlo_path`. Times a plain pinned -> device
+  copy too where the copy section did not run.
+  """
+  import jax
+  import jax.numpy as jnp
+  from kernels import host_gather_triton
+
+  to_dev = jax.sharding.SingleDeviceSharding(jax.devices()[0],
+                                             memory_kind="device")
+  for i, s in enumerate(shapes):
+    pool, host, src, dst, nbytes = _copy_case(s, 90 + i)
+    base = dict(kind="copy", shape=dataclasses.asdict(s),
+                mib=nbytes / 2**20)
+    gather = host_gather_triton.gather_to_device
+    state = {"pool": pool}
+
+    def run():
+      state["pool"] = gather(state["pool"], host, src, dst,
+                             interpret=interpret)
+      return state["pool"]
+
+    def check(out):  # the moved pages against the tier's slots, on device
+      want = jax.device_put(host, to_dev)[src]
+      got = jnp.swapaxes(out[:, dst], 0, 1)
+      return float(jnp.max(jnp.abs(got.astype(jnp.float32)
+                                   - want.astype(jnp.float32))))
+    row_extra = {}
+    try:
+      text = gather.lower(pool, host, src, dst,
+                          interpret=interpret).compile().as_text()
+      row_extra["hlo_ops"] = entry_op_counts(text)
+      if hlo_path and i == 0:
+        with open(hlo_path, "w") as f:
+          f.write(text)
+        print(f"gather kernel HLO ({hlo_path}): {row_extra['hlo_ops']}",
+              flush=True)
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()  # the row below records the error
+    _attempt(rows, dict(base, **row_extra), GATHER_KERNEL, run,
+             nbytes=nbytes, flops=0, check=check)
+    if not kernel_plot.find_row(rows, "copy", "plain pinned->device",
+                                base["shape"]):
+      _plain_copy(s, rows, base, nbytes)
 
 
 def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
@@ -528,7 +611,7 @@ def _targets(rows: list[dict], copy_gbps: float | None) -> list[dict]:
         checks.append(dict(target="prefill >= 50% of cuDNN TFLOP/s",
                            shape=name, value=ratio, ok=ratio >= 0.5))
   for r in rows:
-    gather = r["impl"] == "gather host->device (ours)" or (
+    gather = r["impl"] in ("gather host->device (ours)", GATHER_KERNEL) or (
         r["impl"].startswith("gather runs of"))
     if r["kind"] == "copy" and gather and "gbps" in r:
       plain = find("copy", "plain pinned->device", r["shape"])
@@ -600,11 +683,15 @@ def main(argv):
 
   sections = dict(
       calib=lambda: ceilings.update(bench_calibration(cfg["calib"], rows)),
-      decode=lambda: bench_decode(cfg["decode"], rows, interpret),
+      decode=lambda: bench_decode(cfg["decode"], rows, interpret,
+                                  cfg.get("warp_specialized_dtypes")),
       prefill=lambda: bench_prefill(cfg["prefill"], rows, interpret),
       copy=lambda: bench_copy(cfg["copy"], rows,
                               os.path.splitext(out)[0] + "_gather_hlo.txt"),
-      overlap=lambda: bench_overlap(*cfg["overlap"], rows, interpret))
+      overlap=lambda: bench_overlap(*cfg["overlap"], rows, interpret),
+      gather_kernel=lambda: bench_gather_kernel(
+          cfg["copy"], rows, interpret,
+          os.path.splitext(out)[0] + "_gather_kernel_hlo.txt"))
   unknown = set(FLAGS.only) - set(sections)
   if unknown:
     raise app.UsageError(f"--only: unknown sections {sorted(unknown)}; "

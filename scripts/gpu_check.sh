@@ -3,10 +3,13 @@
 # what a short lease must not lose. Sections, each on by its variable:
 #   BENCH=1    the kernel benchmark table and the gather/attention overlap
 #              (JSON rewritten after every section, so a run cut short
-#              keeps its rows)                                ~4 min
+#              keeps its rows; the one-kernel gather, an experiment, last)
+#                                                             ~4 min
 #   TESTS=1    the GPU kernel tests (Triton kernels, Mosaic GPU decode on
 #              Hopper, block copy), the model's steps with each kernel
 #              and the lowering tests                         ~4.5 min
+#              then, in a pytest process of its own (a crash there loses
+#              nothing else), the one-kernel gather's tests -> tests_gather.txt
 #              (TEST_WORKERS pytest-xdist processes share the GPU where
 #              xdist is installed: the cases are compile-bound)
 #   PROFILE=0  Nsight Compute profiles (scripts/gpu_profile.sh; CASES
@@ -14,8 +17,8 @@
 #   TILING=0   the tiling sweep (launch.bench_tiling), TILING_BUDGET seconds
 #   STORAGE=0  the cold-tier benchmark on the machine's disk  ~1.5 min
 # Everything it writes goes to $OUT (default /tmp/gpu_check): env.txt,
-# bench.txt, bench_kernels_gpu.json with its plot (.png) and compiled gather
-# (_gather_hlo.txt), tests.txt, profile.txt, profile.tgz,
+# bench.txt, bench_kernels_gpu.json with its plot (.png) and compiled gathers
+# (_gather_hlo.txt, _gather_kernel_hlo.txt), tests.txt, tests_gather.txt, profile.txt, profile.tgz,
 # tiling.txt, tiling.json, storage.txt, storage.json. Python packages
 # missing there travel as wheels in .whl/ (installed into /tmp/site).
 #
@@ -46,7 +49,7 @@ status=0
 touch "$OUT/bench.txt" "$OUT/tests.txt"
 if [[ "${BENCH:-1}" == 1 ]]; then
   timeout -s INT "${BENCH_TIMEOUT:-270}" "$PY" -m launch.bench_kernels \
-    --only="${BENCH_ONLY:-calib,decode,prefill,copy,overlap}" \
+    --only="${BENCH_ONLY:-calib,decode,prefill,copy,overlap,gather_kernel}" \
     --out="$OUT/bench_kernels_gpu.json" >"$OUT/bench.txt" 2>&1 || status=1
   grep -E '^(calib|decode|prefill|copy|overlap) ' "$OUT/bench.txt" | head -60
 fi
@@ -66,6 +69,9 @@ if [[ "${TESTS:-1}" == 1 ]]; then
     tests/test_kernels_mosaic_gpu.py::test_decode_lowers_to_mosaic_gpu} \
     >"$OUT/tests.txt" 2>&1 || status=1
   unset XLA_PYTHON_CLIENT_PREALLOCATE
+  timeout -s INT "${GATHER_TEST_TIMEOUT:-90}" "$PY" -m pytest -q \
+    -p no:cacheprovider -o addopts="-rA" --tb=short \
+    tests/gpu/test_host_gather_gpu.py >"$OUT/tests_gather.txt" 2>&1 || status=1
 fi
 
 if [[ "${PROFILE:-0}" == 1 ]]; then
@@ -100,4 +106,5 @@ fi
 sed -n '/^targets/,$p' "$OUT/bench.txt"
 grep -E '^(FAILED|ERROR)' "$OUT/tests.txt" | head -20
 tail -n 2 "$OUT/tests.txt"
+[[ -s "$OUT/tests_gather.txt" ]] && tail -n 3 "$OUT/tests_gather.txt"
 exit $status

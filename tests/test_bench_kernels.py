@@ -26,6 +26,10 @@ def test_smoke_run_end_to_end(tmp_path):
   assert report["complete"] and report["preset"] == "smoke"
   kinds = {r["kind"] for r in report["rows"]}
   assert kinds == {"calib", "decode", "prefill", "copy", "overlap"}
+  # The warp-specialized decode on the bf16 shape only (the preset says so).
+  ws = {r["shape"]["dtype"] for r in report["rows"]
+        if r["impl"] == "pallas_mosaic_gpu_ws (ours)" and r["kind"] == "decode"}
+  assert ws == {"bfloat16"}
   for r in report["rows"]:
     if r["kind"] == "calib" and r["impl"] == "torch copy_":
       continue  # torch is not a dependency; the row says why it is missing
@@ -39,6 +43,14 @@ def test_smoke_run_end_to_end(tmp_path):
   assert any(t["target"].startswith("block gather") for t in report["targets"])
   assert any(t["shape"].startswith("[gather runs of 2]")
              for t in report["targets"])
+  # The one-kernel gather (its own section, last) moved the right pages.
+  kernel_row, = [r for r in report["rows"]
+                 if r["impl"] == "gather: one kernel (ours)"]
+  assert kernel_row["rel_err"] == 0 and kernel_row["hlo_ops"]
+  assert any(t["shape"].startswith("[gather: one kernel]")
+             for t in report["targets"])
+  assert (tmp_path / "kernels_gather_kernel_hlo.txt").read_text().startswith(
+      "HloModule")
   # The compiled gather beside the JSON: per-block and in one run.
   hlo = (tmp_path / "kernels_gather_hlo.txt").read_text()
   assert hlo.count("\nENTRY ") == 2 and "run_length=4" in hlo
