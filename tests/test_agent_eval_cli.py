@@ -76,7 +76,7 @@ def test_bad_mesh_flags_exit_nonzero(tmp_path, args, msg):
 def test_mesh_run_loads_through_both_paths(tmp_path):
   """1P2D over a cold tier: a second run loads its prefixes via both paths."""
   cold = tmp_path / "cold"
-  common = [f"--trace={SAMPLE}", "--limit_sessions=2", "--max_new_tokens=2",
+  common = [f"--trace={SAMPLE}", "--limit_sessions=1", "--max_new_tokens=1",
             "--reply=teacher_forced", "--nowarmup", "--noprogress",
             f"--cold_tier={cold}", "--mesh=1P2D", "--storage_nic_gbps=2"]
   first = _run(*common, f"--report={tmp_path / 'a.json'}")
