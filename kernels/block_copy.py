@@ -41,8 +41,10 @@ fit ~7.5 us per transfer plus 50 GB/s (512 KiB blocks moved at 53% of a
 plain pinned -> device copy, 2 MiB blocks at 77%), a cost `run_length`
 spreads over R blocks, and that `host_gather_triton` (an experiment: one
 kernel reading every block of the list from the pinned tier) would not pay
-per block. Entries `< 0` in the destination list are skipped, so callers can
-pad the lists to a few bucket sizes (the lists' lengths are static shapes).
+per block; on TPU, `host_gather_tpu` DMAs each block from host memory
+(`pl.HOST`) in one kernel. Entries `< 0` in the destination list are
+skipped, so callers can pad the lists to a few bucket sizes (the lists'
+lengths are static shapes).
 No conditionals: they could make XLA copy a whole tier.
 
 Overlap: the `*_core` functions are traceable; called inside an engine's
@@ -64,7 +66,7 @@ HOST_MEMORY_KIND = "pinned_host"
 DEVICE_MEMORY_KIND = "device"
 
 
-def _to_memory(x: jax.Array, kind: str) -> jax.Array:
+def to_memory(x: jax.Array, kind: str) -> jax.Array:
   """Moves `x` to memory kind `kind` inside a traced computation."""
   space = getattr(jax, "memory", None)
   if space is not None and hasattr(space, "Space"):
@@ -123,7 +125,7 @@ def check_arguments(pool, host_tier, pool_ids, host_ids, layer_start,
                      f"outside [0, {pool.shape[0]})")
 
 
-def _memory_kind_of(x: jax.Array, default: str) -> str:
+def memory_kind_of(x: jax.Array, default: str) -> str:
   """The memory kind `x` has in the traced program (its type's space)."""
   space = getattr(jax.typeof(x), "memory_space", None) if hasattr(
       jax, "typeof") else None
@@ -156,7 +158,7 @@ def fetch_blocks_core(
     src = jnp.clip(src_slots[i], 0, host_tier.shape[0] - run_length)
     block = lax.dynamic_slice(host_tier, (src, layer_start) + zeros,
                               block_shape)
-    blocks.append(_to_memory(block, kind))
+    blocks.append(to_memory(block, kind))
   return jnp.concatenate(blocks, axis=0)
 
 
@@ -180,7 +182,7 @@ def _gather_blocks(pool, host_tier, src_ids, dst_ids, layer_start,
   the pool."""
   moved = fetch_blocks_core(
       host_tier, src_ids, layer_start=layer_start, num_layers=num_layers,
-      kind=_memory_kind_of(pool, DEVICE_MEMORY_KIND), run_length=run_length)
+      kind=memory_kind_of(pool, DEVICE_MEMORY_KIND), run_length=run_length)
   return place_blocks_core(pool, moved, dst_ids, layer_start=layer_start)
 
 
@@ -199,13 +201,13 @@ def _scatter_blocks(host_tier, pool, src_ids, dst_ids, layer_start,
   first = jnp.argmax(valid)
   src_ids = jnp.where(valid, src_ids, src_ids[first])
   dst_ids = jnp.where(valid, dst_ids, dst_ids[first])
-  kind = _memory_kind_of(host_tier, HOST_MEMORY_KIND)
+  kind = memory_kind_of(host_tier, HOST_MEMORY_KIND)
   src = jnp.clip(src_ids, 0, pool.shape[1] - 1)
   layers = lax.slice_in_dim(pool, layer_start, layer_start + num_layers)
   staged = jnp.swapaxes(layers[:, src], 0, 1)  # [n, num_layers, 2, kvh, P, D]
   zeros = (0,) * (host_tier.ndim - 2)
   for i in range(src_ids.shape[0]):
-    block = _to_memory(staged[i:i + 1], kind)
+    block = to_memory(staged[i:i + 1], kind)
     dst = jnp.clip(dst_ids[i], 0, host_tier.shape[0] - 1)
     host_tier = lax.dynamic_update_slice(host_tier, block,
                                          (dst, layer_start) + zeros)

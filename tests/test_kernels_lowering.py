@@ -69,10 +69,11 @@ def test_prefill_lowers_to_triton(dtype, block_size):
   assert "xla.gpu.triton" in text
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_tpu_decode_lowers_to_mosaic(monkeypatch, dtype):
-  try:  # Mosaic needs a chip description; this host's device (a CPU, or a
-    # GPU where scripts/gpu_check.sh runs this) has none. Lend it a v5e's.
+@pytest.fixture
+def tpu_chip(monkeypatch):
+  """Mosaic TPU needs a chip description; this host's device (a CPU, or a
+  GPU where scripts/gpu_check.sh runs this) has none. Lend it a v5e's."""
+  try:
     from jax._src.pallas.mosaic import tpu_info
     chip = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
   except (ImportError, AttributeError) as e:
@@ -80,6 +81,11 @@ def test_tpu_decode_lowers_to_mosaic(monkeypatch, dtype):
                 f"chip: {e}")
   monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
                       lambda: chip)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_tpu_decode_lowers_to_mosaic(tpu_chip, dtype):
+  del tpu_chip
   scales = S((60, 2, 8), jnp.float32) if dtype == "int8" else None
   args = (S((2, 32, 128), jnp.bfloat16), S((60, 2, 8, 16, 128), dtype),
           S((2, 37), jnp.int32), S((2,), jnp.int32), scales)
@@ -106,21 +112,62 @@ def test_block_copy_lowers_with_a_placement_per_block(direction):
   assert 'memory_kind = "pinned_host"' in text
 
 
-def test_one_kernel_gather_takes_the_pinned_tier_as_it_is():
-  """The one-kernel gather hands the pinned tier straight to the Triton
-  kernel: no placement annotation (no transfer) between them."""
+def _lower_host_gather(gather, platform):
+  """The lowered text of `gather` on a bf16 pool and a pinned tier, after
+  checking that the tier (%arg1, in pinned_host memory) goes straight into
+  the kernel's custom call, with no transfer before it."""
   from kernels import block_copy
-  from kernels import host_gather_triton
   pool = jnp.zeros((4, 64, 2, 8, 16, 128), jnp.bfloat16)
   host = block_copy.allocate_host_tier((32, 4, 2, 8, 16, 128), jnp.bfloat16)
   ids = jnp.asarray([1, 2, 3], jnp.int32)
-  with _cuda_target():
-    text = host_gather_triton.gather_to_device.trace(
-        pool, host, ids, ids, layer_start=1, num_layers=2).lower(
-            lowering_platforms=("cuda",)).as_text()
+  with _cuda_target() if platform == "cuda" else contextlib.nullcontext():
+    text = gather.trace(pool, host, ids, ids, layer_start=1, num_layers=2,
+                        interpret=False).lower(
+                            lowering_platforms=(platform,)).as_text()
   main = next(l for l in text.splitlines() if "func.func public @main" in l)
   assert 'memory_kind = "pinned_host"' in main.split("%arg2")[0]
-  call = next(l for l in text.splitlines() if "xla.gpu.triton(" in l)
+  call = next(l for l in text.splitlines()
+              if any(f"@{c}(" in l for c in _CUSTOM_CALLS))
   assert "%arg1" in call.split(")", 1)[0]  # the tier, not a moved copy
-  assert "grid_x = 3 : i32, grid_y = 2 : i32, grid_z = 16 : i32" in call
   assert "annotate_device_placement" not in text
+  return call
+
+
+def test_one_kernel_gather_takes_the_pinned_tier_as_it_is():
+  """The Triton gather: one program per (block, layer, K/V and head)."""
+  from kernels import host_gather_triton
+  call = _lower_host_gather(host_gather_triton.gather_to_device, "cuda")
+  assert "xla.gpu.triton" in call
+  assert "grid_x = 3 : i32, grid_y = 2 : i32, grid_z = 16 : i32" in call
+
+
+def test_tpu_gather_takes_the_host_tier_as_it_is(tpu_chip):
+  """The TPU gather: one Mosaic kernel that DMAs from host memory."""
+  del tpu_chip
+  from kernels import host_gather_tpu
+  call = _lower_host_gather(host_gather_tpu._gather_jit, "tpu")  # pylint: disable=protected-access
+  assert "tpu_custom_call" in call
+  kernel = _mosaic_tpu_module(call)
+  dmas = [l for l in kernel.splitlines() if "tpu.enqueue_dma" in l]
+  assert len(dmas) == 1, kernel  # in a loop over the list
+  # From a host ref of one block's 2 layers into the pool (any memory).
+  assert ("memref<2x2x8x16x128xbf16, #tpu.memory_space<host>>, "
+          "memref<2x2x8x16x128xbf16, #tpu.memory_space<any>>") in dmas[0]
+
+
+def _mosaic_tpu_module(call: str) -> str:
+  """The Mosaic kernel inside a lowered `tpu_custom_call`, as MLIR text
+  (the call carries it as base64 bytecode)."""
+  import base64
+  import re
+  try:
+    from jax._src.lib import tpu as tpu_dialect
+    from jax._src.lib.mlir import ir
+  except ImportError as e:
+    pytest.skip(reason=f"this JAX has no private Mosaic TPU dialect: {e}")
+  body = re.search(r"body\\22: \\22([A-Za-z0-9+/=]+)\\22", call).group(1)
+  ctx = ir.Context()
+  ctx.allow_unregistered_dialects = True  # its ops are "stable_mosaic.tpu.*"
+  tpu_dialect.register_dialect(ctx)
+  with ctx:
+    return str(ir.Module.parse(base64.b64decode(body)))
