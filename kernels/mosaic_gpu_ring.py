@@ -6,9 +6,11 @@ A step of `T = pages_per_chunk * block_size / page_parts` tokens is
 each its own TMA copy `kv_pages[page, 0 or 1, head, rows] -> SMEM` into one
 slot of a `num_stages`-deep ring of K and V tiles `[T, head_dim]`, counted by
 one barrier per slot and per K/V. The program fills the ring, then per step:
-waits for the slot's K, (int8: dequantizes it into a bf16 tile,) multiplies
-`q @ K^T` on the tensor cores, ..., waits for V, `p @ V`, and refills the
-slot with the step `num_stages` ahead.
+waits for the slot's K, (int8: converts it into a bf16 tile of the same
+integers,) multiplies `q @ K^T` on the tensor cores (int8: then each column
+by its token's K page scale), ..., waits for V, `p @ V` (int8: V converted,
+`p`'s columns times V's page scales first), and refills the slot with the
+step `num_stages` ahead.
 
 Interpret mode (CPU): the matmuls are `lax.dot_general` on the same SMEM
 tiles (its `wgmma` takes neither a transposed nor a register operand), the
@@ -61,6 +63,8 @@ class PageRing:
     self.k_barriers, self.v_barriers = k_barriers, v_barriers
     self.tokens = st.tokens
     self.row_layout = None if st.interpret else plgpu.Layout.WGMMA.reduce(1)
+    # A vector along a tile's columns (one value per key token).
+    self.col_layout = None if st.interpret else plgpu.Layout.WGMMA.reduce(0)
     self.tile_layout = None if st.interpret else plgpu.Layout.WGMMA
 
   def cast(self, x, layout):
@@ -182,45 +186,52 @@ class PageRing:
 
   def token_scales(self, slot, kv):  # [T] f32: each token's page scale
     """The scales of the step in ring slot `slot` (K: kv=0, V: 1), one per
-    token, from the slot's `scale_slots` row."""
+    token (a vector along the step's logit columns), from the slot's
+    `scale_slots` row."""
     st, tokens = self.st, self.tokens
     if st.page_parts > 1:  # the step is part of one page
       return self.cast(jnp.full((tokens,), self.scale_slots[slot, kv, 0],
-                                jnp.float32), self.row_layout)
+                                jnp.float32), self.col_layout)
     page_of_token = self.cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0),
-                              self.row_layout) // st.block_size
-    out = self.cast(jnp.zeros((tokens,), jnp.float32), self.row_layout)
+                              self.col_layout) // st.block_size
+    out = self.cast(jnp.zeros((tokens,), jnp.float32), self.col_layout)
     for c in range(st.pages_per_chunk):
       out = jnp.where(page_of_token == c, self.scale_slots[slot, kv, c], out)
     return out
 
-  def dequantize(self, src, dst, scales):
-    """int8 SMEM tile [T, head_dim] -> bf16 SMEM tile, times each token's
-    page scale, visible to `wgmma` when this returns."""
+  def scale_columns(self, x, slot, kv):  # x: [64, T] f32, logits or p
+    """`x` times each key token's page scale (int8 pools): K's scales
+    multiply the logits `q @ K^T`, V's the probabilities before `p @ V`, so
+    the int8 tiles are only converted, never multiplied."""
+    return x * lax.broadcast_in_dim(self.token_scales(slot, kv), x.shape,
+                                    (1,))
+
+  def dequantize(self, src, dst):
+    """int8 SMEM tile [T, head_dim] -> bf16 SMEM tile of the same integers
+    (exact: |x| <= 127 < 2^8), visible to `wgmma` when this returns."""
     if self.st.interpret:
-      x = src[...].astype(jnp.float32)
+      x = src[...]
     else:
       x = _load_whole(src, plgpu.Layout.WGMMA_UPCAST_2X)
-      x = plgpu.layout_cast(x, plgpu.Layout.WGMMA).astype(jnp.float32)
-    x = x * lax.broadcast_in_dim(scales, x.shape, (0,))
+      x = plgpu.layout_cast(x, plgpu.Layout.WGMMA)
     dst[...] = x.astype(dst.dtype)
     plgpu.commit_smem()
 
   def k_tile(self, slot):
-    """Waits for the slot's K; its tile for `qk` (dequantized for int8)."""
+    """Waits for the slot's K; its tile for `qk` (converted for int8)."""
     plgpu.barrier_wait(self.k_barriers.at[slot])
     tile = self.k_smem.at[slot]
     if self.st.quantized:
-      self.dequantize(tile, self.k_work, self.token_scales(slot, 0))
+      self.dequantize(tile, self.k_work)
       tile = self.k_work
     return tile
 
   def v_tile(self, slot):
-    """Waits for the slot's V; its tile for `pv` (dequantized for int8)."""
+    """Waits for the slot's V; its tile for `pv` (converted for int8)."""
     plgpu.barrier_wait(self.v_barriers.at[slot])
     tile = self.v_smem.at[slot]
     if self.st.quantized:
-      self.dequantize(tile, self.v_work, self.token_scales(slot, 1))
+      self.dequantize(tile, self.v_work)
       tile = self.v_work
     return tile
 
@@ -248,6 +259,8 @@ class PageRing:
     acc, m, l = carry
     slot = lax.rem(step, self.st.num_stages)
     s = self.qk(self.k_tile(slot)) * scale
+    if self.st.quantized:
+      s = self.scale_columns(s, slot, 0)
     if consumed is not None:
       plgpu.barrier_arrive(consumed[0].at[slot])
     keep = None
@@ -261,6 +274,8 @@ class PageRing:
     l_new = l * alpha + jnp.sum(p, axis=1)
     v_tile = self.v_tile(slot)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+    if self.st.quantized:
+      p = self.scale_columns(p, slot, 1)
     acc = acc + self.pv(p.astype(self.q_smem.dtype), v_tile)
     # The slot is consumed (the matmuls above have been awaited): refill it.
     if consumed is None:

@@ -12,7 +12,8 @@ every query head of one GQA group (the group padded to a power of 2), rows
 ordered (token, head), so each K/V page it copies serves the whole group.
 It walks the sequence's pages through the same TMA ring as the decode kernel
 (`mosaic_gpu_ring.PageRing`: steps of 64-256 tokens, `wgmma` for `q @ K^T`
-and `p @ V`, int8 pages dequantized per step), up to the last key its rows
+and `p @ V`, int8 pages converted per step and their scales applied to the
+logits and probabilities), up to the last key its rows
 may see, so the causal triangle's far side and the table's tail are never
 read. Steps wholly before the block's first position run unmasked; the
 causal tail runs masked. Online softmax in base 2, float32 accumulation; the

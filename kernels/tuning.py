@@ -129,7 +129,7 @@ def mosaic_smem_bytes(tokens: int, head_dim: int, num_stages: int,
   """Shared memory of one Mosaic GPU decode program: the larger of its two
   scopes, one after the other. The loop's: the 64-row query tile and the K/V
   ring, and for an int8 pool (`quantized`) an int8 ring with one step's K and
-  V dequantized to bf16 for `wgmma` beside it and each slot's page scales
+  V converted to bf16 for `wgmma` beside it and each slot's page scales
   (at most one page per 16 tokens). The output's: the float32 output tile
   with its max and sum rows."""
   compute = 2 if quantized else itemsize
