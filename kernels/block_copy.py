@@ -66,7 +66,7 @@ HOST_MEMORY_KIND = "pinned_host"
 DEVICE_MEMORY_KIND = "device"
 
 
-def to_memory(x: jax.Array, kind: str) -> jax.Array:
+def _to_memory(x: jax.Array, kind: str) -> jax.Array:
   """Moves `x` to memory kind `kind` inside a traced computation."""
   space = getattr(jax, "memory", None)
   if space is not None and hasattr(space, "Space"):
@@ -98,7 +98,7 @@ def allocate_host_tier(
 def check_arguments(pool, host_tier, pool_ids, host_ids, layer_start,
                     num_layers, run_length=1):
   """Raises ValueError for a pool, tier, id lists or layer range that do
-  not fit together (shared with `host_gather_triton`)."""
+  not fit together (shared with the one-call gathers, `host_gather_*`)."""
   if pool.ndim != 6 or host_tier.ndim != 6:
     raise ValueError("expected pool [num_layers, num_blocks, 2, kv_heads, "
                      "block_size, head_dim] and hot tier [num_slots, "
@@ -158,7 +158,7 @@ def fetch_blocks_core(
     src = jnp.clip(src_slots[i], 0, host_tier.shape[0] - run_length)
     block = lax.dynamic_slice(host_tier, (src, layer_start) + zeros,
                               block_shape)
-    blocks.append(to_memory(block, kind))
+    blocks.append(_to_memory(block, kind))
   return jnp.concatenate(blocks, axis=0)
 
 
@@ -207,7 +207,7 @@ def _scatter_blocks(host_tier, pool, src_ids, dst_ids, layer_start,
   staged = jnp.swapaxes(layers[:, src], 0, 1)  # [n, num_layers, 2, kvh, P, D]
   zeros = (0,) * (host_tier.ndim - 2)
   for i in range(src_ids.shape[0]):
-    block = to_memory(staged[i:i + 1], kind)
+    block = _to_memory(staged[i:i + 1], kind)
     dst = jnp.clip(dst_ids[i], 0, host_tier.shape[0] - 1)
     host_tier = lax.dynamic_update_slice(host_tier, block,
                                          (dst, layer_start) + zeros)

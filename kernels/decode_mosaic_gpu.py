@@ -38,8 +38,7 @@ prefill kernel):
   bf16. The page scales multiply columns instead, as in the Triton kernel:
   K's the logits `q @ K^T`, V's the probabilities before `p @ V` (until
   2026-11-26 the tiles themselves were multiplied, in float32, and rounded
-  to bf16: the int8 path ran at 0.4-0.5x its bf16 twin on an H100; this
-  form is unmeasured on a GPU).
+  to bf16; this form is unmeasured on a GPU).
 
 Supported: bfloat16 / float16 pools (queries are cast to the pool's dtype)
 and int8 pools, `head_dim` 64 or 128 (256 would leave no SMEM for a ring),
@@ -50,8 +49,9 @@ neither transpose an operand, as V `[T, head_dim]` must be, nor take p from
 registers). Prefill (`q_len > 1`) is `prefill_mosaic_gpu.py`'s, on the same
 page ring. `"auto"` keeps int8 pools on Triton: this kernel's int8 path ran
 at 0.4-0.5x its bf16 path on an H100 (before its page scales moved into
-SMEM and onto the logits' and probabilities' columns; not measured since). With `tiling.copy_warpgroup` a second warpgroup
-reads the page ids and issues the copies while the first only computes.
+SMEM and onto the columns of the logits and probabilities; not measured
+since). With `tiling.copy_warpgroup` a second warpgroup reads the page ids
+and issues the copies while the first only computes.
 
 Testing without a GPU: Mosaic GPU's interpret mode (`interpret_params`;
 private in jax 0.10, public from 0.11) runs the kernel on CPU, simulating

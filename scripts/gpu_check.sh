@@ -18,8 +18,8 @@
 #   STORAGE=0  the cold-tier benchmark on the machine's disk  ~1.5 min
 # Everything it writes goes to $OUT (default /tmp/gpu_check): env.txt,
 # bench.txt, bench_kernels_gpu.json with its plot (.png) and compiled gathers
-# (_gather_hlo.txt, _gather_kernel_hlo.txt), tests.txt, tests_gather.txt, profile.txt, profile.tgz,
-# tiling.txt, tiling.json, storage.txt, storage.json. Python packages
+# (_gather_hlo.txt, _gather_kernel_hlo.txt), tests.txt, tests_gather.txt,
+# profile.txt, profile.tgz, tiling.txt, tiling.json, storage.txt, storage.json. Python packages
 # missing there travel as wheels in .whl/ (installed into /tmp/site).
 #
 #   OUT=/tmp/x bash scripts/gpu_check.sh                       # bench + tests
