@@ -51,7 +51,9 @@ page ring. `"auto"` keeps int8 pools on Triton: this kernel's int8 path ran
 at 0.4-0.5x its bf16 path on an H100 (before its page scales moved into
 SMEM and onto the columns of the logits and probabilities; not measured
 since). With `tiling.copy_warpgroup` a second warpgroup reads the page ids
-and issues the copies while the first only computes.
+and issues the copies while the first only computes; for int8 pools it also
+converts each step's tiles (into two alternating bf16 tile pairs, with
+their page scales), so the computing warpgroup never converts.
 
 Testing without a GPU: Mosaic GPU's interpret mode (`interpret_params`;
 private in jax 0.10, public from 0.11) runs the kernel on CPU, simulating
@@ -80,7 +82,7 @@ from kernels import tuning
 from kernels.decode_triton import LOG2E, MASK_VALUE, merge_splits
 # interpret_params: Mosaic GPU's CPU interpret mode, re-exported here for the
 # tests and callers that use it.
-from kernels.mosaic_gpu_ring import (WGMMA_ROWS, in_ring_scope,  # pylint: disable=unused-import
+from kernels.mosaic_gpu_ring import (WGMMA_ROWS, converts, in_ring_scope,  # pylint: disable=unused-import
                                      interpret_arg, interpret_params, plgpu,
                                      ring_barriers)
 
@@ -179,7 +181,9 @@ def _decode_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
     m_ref, l_ref GMEM [batch, num_kv_heads, splits, rows_out] f32
     q_barrier    [1]
     k_barriers, v_barriers  [num_stages], pages_per_chunk arrivals each
-    k_consumed+, v_consumed+  [num_stages], one arrival each
+    k_consumed+, v_consumed+  [num_stages] (int8: [2], per converted tile
+                 pair), one arrival each
+    k_ready+, v_ready+  int8 only: [2], a converted tile pair's K / V ready
 
   Shared memory comes in two scopes, one after the other, so the second
   reuses the first's bytes: the loop's (`mosaic_gpu_ring.ring_buffers`: the
@@ -189,13 +193,16 @@ def _decode_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
   their sum: 32 KB less at head_dim 128, which lets two programs share an SM
   with a 2-slot ring (1 x 32k decode, docs/benchmarks.md). With
   `st.copy_warpgroup` warpgroup 1 only issues the ring's copies, refilling a
-  slot once warpgroup 0, which computes, has released its K and V.
+  slot once warpgroup 0, which computes, has released its K and V; for an
+  int8 pool it converts each slot into a bf16 tile pair and refills the
+  slot at once (`PageRing.convert_all`).
   """
   refs = list(refs)
   lens_ref, tables_ref, q_ref, kv_ref = refs[:4]
   scales_ref = refs.pop(4) if st.quantized else None
   o_ref, m_ref, l_ref, q_barrier, k_barriers, v_barriers = refs[4:10]
   consumed = tuple(refs[10:12]) if st.copy_warpgroup else None
+  ready = tuple(refs[12:14]) if converts(st) else None
   b = lax.axis_index("batch")
   h = lax.axis_index("kv_head")
   split = lax.axis_index("split")
@@ -234,7 +241,10 @@ def _decode_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
       return compute()
 
     def copy():  # warpgroup 1; its (acc, m, l) are never stored
-      ring.copy_all(num_steps, consumed)
+      if ring.converts:
+        ring.convert_all(num_steps, consumed)
+      else:
+        ring.copy_all(num_steps, consumed)
       return ring.initial_state()
     return lax.cond(lax.axis_index("wg") == 0, compute, copy)
 
@@ -244,7 +254,7 @@ def _decode_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
       st, attend, compute_dtype, pool_dtype, collective_axes=collective, b=b,
       h=h, table_base=split * st.pages_per_split, tables_ref=tables_ref,
       kv_ref=kv_ref, scales_ref=scales_ref, k_barriers=k_barriers,
-      v_barriers=v_barriers)
+      v_barriers=v_barriers, ready=ready)
 
   def store(o_smem, m_smem, l_smem):
     """The output's scope: the partial rows staged and copied to GMEM."""
@@ -329,9 +339,13 @@ def paged_decode(
                sm_scale=float(sm_scale), interpret=interpret is not False,
                quantized=quantized, ids_first=tiling.ids_first,
                copy_warpgroup=tiling.copy_warpgroup)
-  consumed = ([plgpu.Barrier(num_barriers=st.num_stages)] * 2
+  # The copier's barriers: the computing warpgroup's releases (of ring slots,
+  # or of converted int8 tile pairs) and the conversions' ready signals.
+  pairs = 2 if converts(st) else st.num_stages
+  consumed = ([plgpu.Barrier(num_barriers=pairs)] * 2
               if st.copy_warpgroup else [])
-  scratch = [*ring_barriers(st), *consumed]
+  ready = [plgpu.Barrier(num_barriers=2)] * 2 if converts(st) else []
+  scratch = [*ring_barriers(st), *consumed, *ready]
   threads = (dict(num_threads=2, thread_name="wg") if st.copy_warpgroup
              else {})
   partial_shape = (batch, num_kv_heads, splits, rows_out)
@@ -367,8 +381,9 @@ def check_tiling(tiling, block_size: int, head_dim: int,
         and tiling.num_splits >= 1 and tiling.num_stages >= 1)
   tokens = chunk * block_size // max(parts, 1) if ok else 0
   if not (ok and tokens in (64, 128, 256)
-          and tuning.mosaic_smem_bytes(tokens, head_dim, tiling.num_stages,
-                                       quantized=quantized) <= SMEM_BUDGET):
+          and tuning.mosaic_smem_bytes(
+              tokens, head_dim, tiling.num_stages, quantized=quantized,
+              copy_warpgroup=tiling.copy_warpgroup) <= SMEM_BUDGET):
     raise ValueError(
         f"bad tiling {tiling}: pages_per_chunk and page_parts must be powers "
         "of 2 (one of them 1), a step 64, 128 or 256 tokens (wgmma's "

@@ -12,6 +12,13 @@ by its token's K page scale), ..., waits for V, `p @ V` (int8: V converted,
 `p`'s columns times V's page scales first), and refills the slot with the
 step `num_stages` ahead.
 
+With a converting copier (int8 pools, decode's `copy_warpgroup`) a second
+warpgroup issues the copies, waits for each slot, converts its int8 K and V
+into one of two alternating bf16 tile pairs (with the slot's page scales)
+and refills the slot at once; the computing warpgroup waits for converted
+tiles and releases each one after its matmul, so conversion and refills
+overlap its matmuls and softmax.
+
 Interpret mode (CPU): the matmuls are `lax.dot_general` on the same SMEM
 tiles (its `wgmma` takes neither a transposed nor a register operand), the
 layout casts identities and int8 tiles plain arrays; everything else is the
@@ -43,16 +50,22 @@ class PageRing:
   """One program's page ring; built inside the kernel body.
 
   `st` is the kernel's static description (block_size, head_dim,
-  pages_per_chunk, page_parts, num_stages, tokens, interpret, quantized);
-  `b`, `h` the program's sequence and KV head; `table_base` the first table
-  entry of its pages. `scales_ref`, `k_work`, `v_work`, `scale_slots`: int8
-  pools only (`scale_slots` SMEM [num_stages, 2, pages_per_chunk] f32: each
-  ring slot's page scales, written when its copies are issued).
+  pages_per_chunk, page_parts, num_stages, tokens, interpret, quantized,
+  and for decode copy_warpgroup); `b`, `h` the program's sequence and KV
+  head; `table_base` the first table entry of its pages. `scales_ref`,
+  `k_work`, `v_work`, `scale_slots`: int8 pools only (`k_work`, `v_work`
+  SMEM [T, head_dim] bf16, or [2, T, head_dim] with a converting copier;
+  `scale_slots` SMEM [num_stages, 2, pages_per_chunk] f32: each ring slot's
+  page scales, written when its copies are issued). A converting copier
+  (`converts`) also takes `work_scales` (SMEM [2, 2, pages_per_chunk] f32,
+  the scales of the tiles in `k_work`/`v_work`) and `ready` (the K and V
+  barriers [2] its conversions arrive on).
   """
 
   def __init__(self, st: Any, *, b, h, table_base, tables_ref, kv_ref,
                scales_ref, q_smem, k_smem, v_smem, k_work, v_work,
-               k_barriers, v_barriers, scale_slots=None):
+               k_barriers, v_barriers, scale_slots=None, work_scales=None,
+               ready=None):
     self.st = st
     self.b, self.h, self.table_base = b, h, table_base
     self.tables_ref, self.kv_ref, self.scales_ref = (tables_ref, kv_ref,
@@ -60,12 +73,19 @@ class PageRing:
     self.q_smem, self.k_smem, self.v_smem = q_smem, k_smem, v_smem
     self.k_work, self.v_work = k_work, v_work
     self.scale_slots = scale_slots
+    self.work_scales, self.ready = work_scales, ready
     self.k_barriers, self.v_barriers = k_barriers, v_barriers
     self.tokens = st.tokens
     self.row_layout = None if st.interpret else plgpu.Layout.WGMMA.reduce(1)
     # A vector along a tile's columns (one value per key token).
     self.col_layout = None if st.interpret else plgpu.Layout.WGMMA.reduce(0)
     self.tile_layout = None if st.interpret else plgpu.Layout.WGMMA
+
+  @property
+  def converts(self) -> bool:
+    """Whether a copying warpgroup converts the int8 tiles (int8 decode
+    with `copy_warpgroup`), leaving the computing one converted tiles."""
+    return converts(self.st)
 
   def cast(self, x, layout):
     """`layout_cast`, an identity in interpret mode (no layouts there)."""
@@ -158,6 +178,42 @@ class PageRing:
     lax.fori_loop(jnp.maximum(num_steps - st.num_stages, 0), num_steps,
                   drain, None)
 
+  def convert_all(self, num_steps, consumed):
+    """A converting copier's whole work (int8 decode, `copy_warpgroup`):
+    fills the ring, then per step waits for its slot's K, for the computing
+    warpgroup's release of the converted K tile two steps back, converts
+    into that tile and arrives on `ready`; the same for V; then refills the
+    slot, which it alone reads. Lastly awaits the releases of the last two
+    steps, so that every phase of `consumed` is observed in order."""
+    st = self.st
+    self.fill(num_steps)
+    k_consumed, v_consumed = consumed
+    k_ready, v_ready = self.ready
+
+    def convert(step, _):
+      slot = lax.rem(step, st.num_stages)
+      pair = lax.rem(step, 2)
+      for kv, (full, released, ready, src, dst) in enumerate((
+          (self.k_barriers, k_consumed, k_ready, self.k_smem, self.k_work),
+          (self.v_barriers, v_consumed, v_ready, self.v_smem, self.v_work))):
+        plgpu.barrier_wait(full.at[slot])
+        pl.when(step >= 2)(
+            lambda released=released: plgpu.barrier_wait(released.at[pair]))
+        scales = [self.scale_slots[slot, kv, c]
+                  for c in range(st.pages_per_chunk)]
+        for c, scale in enumerate(scales):
+          self.work_scales[pair, kv, c] = scale
+        self.dequantize(src.at[slot], dst.at[pair])  # commits the stores
+        plgpu.barrier_arrive(ready.at[pair])
+      self.refill(step, slot, num_steps)
+
+    def drain(step, _):
+      plgpu.barrier_wait(k_consumed.at[lax.rem(step, 2)])
+      plgpu.barrier_wait(v_consumed.at[lax.rem(step, 2)])
+
+    lax.fori_loop(0, num_steps, convert, None)
+    lax.fori_loop(jnp.maximum(num_steps - 2, 0), num_steps, drain, None)
+
   def refill(self, step, slot, num_steps):
     """After step `step` is consumed: its slot takes step + num_stages."""
     nxt = step + self.st.num_stages
@@ -184,26 +240,33 @@ class PageRing:
     return pl.run_scoped(body, plgpu.ACC((WGMMA_ROWS, self.st.head_dim),
                                          jnp.float32))
 
-  def token_scales(self, slot, kv):  # [T] f32: each token's page scale
-    """The scales of the step in ring slot `slot` (K: kv=0, V: 1), one per
-    token (a vector along the step's logit columns), from the slot's
-    `scale_slots` row."""
+  def _scales(self, step):
+    """(SMEM scales ref, its row) holding step `step`'s page scales: its
+    ring slot's, or with a converting copier its converted tiles'."""
+    if self.converts:
+      return self.work_scales, lax.rem(step, 2)
+    return self.scale_slots, lax.rem(step, self.st.num_stages)
+
+  def token_scales(self, step, kv):  # [T] f32: each token's page scale
+    """The page scales of step `step` (K: kv=0, V: 1), one per token (a
+    vector along the step's logit columns)."""
     st, tokens = self.st, self.tokens
+    scales, row = self._scales(step)
     if st.page_parts > 1:  # the step is part of one page
-      return self.cast(jnp.full((tokens,), self.scale_slots[slot, kv, 0],
+      return self.cast(jnp.full((tokens,), scales[row, kv, 0],
                                 jnp.float32), self.col_layout)
     page_of_token = self.cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0),
                               self.col_layout) // st.block_size
     out = self.cast(jnp.zeros((tokens,), jnp.float32), self.col_layout)
     for c in range(st.pages_per_chunk):
-      out = jnp.where(page_of_token == c, self.scale_slots[slot, kv, c], out)
+      out = jnp.where(page_of_token == c, scales[row, kv, c], out)
     return out
 
-  def scale_columns(self, x, slot, kv):  # x: [64, T] f32, logits or p
+  def scale_columns(self, x, step, kv):  # x: [64, T] f32, logits or p
     """`x` times each key token's page scale (int8 pools): K's scales
     multiply the logits `q @ K^T`, V's the probabilities before `p @ V`, so
     the int8 tiles are only converted, never multiplied."""
-    return x * lax.broadcast_in_dim(self.token_scales(slot, kv), x.shape,
+    return x * lax.broadcast_in_dim(self.token_scales(step, kv), x.shape,
                                     (1,))
 
   def dequantize(self, src, dst):
@@ -217,8 +280,12 @@ class PageRing:
     dst[...] = x.astype(dst.dtype)
     plgpu.commit_smem()
 
-  def k_tile(self, slot):
-    """Waits for the slot's K; its tile for `qk` (converted for int8)."""
+  def k_tile(self, step):
+    """Waits for step `step`'s K; its tile for `qk` (converted for int8)."""
+    if self.converts:
+      plgpu.barrier_wait(self.ready[0].at[lax.rem(step, 2)])
+      return self.k_work.at[lax.rem(step, 2)]
+    slot = lax.rem(step, self.st.num_stages)
     plgpu.barrier_wait(self.k_barriers.at[slot])
     tile = self.k_smem.at[slot]
     if self.st.quantized:
@@ -226,8 +293,12 @@ class PageRing:
       tile = self.k_work
     return tile
 
-  def v_tile(self, slot):
-    """Waits for the slot's V; its tile for `pv` (converted for int8)."""
+  def v_tile(self, step):
+    """Waits for step `step`'s V; its tile for `pv` (converted for int8)."""
+    if self.converts:
+      plgpu.barrier_wait(self.ready[1].at[lax.rem(step, 2)])
+      return self.v_work.at[lax.rem(step, 2)]
+    slot = lax.rem(step, self.st.num_stages)
     plgpu.barrier_wait(self.v_barriers.at[slot])
     tile = self.v_smem.at[slot]
     if self.st.quantized:
@@ -252,17 +323,19 @@ class PageRing:
     (sm_scale * log2 e). `mask(s) -> (s, keep)` masks the step's logits
     [64, T] (called after `q @ K^T`); `keep`, if not None, also zeroes `p`
     where False (for rows that may see none of the step's keys). The slot is
-    refilled once both matmuls are done; with `consumed` (the slots' K and V
-    "consumed" barriers of a warp-specialized kernel) it is not refilled here
+    refilled once both matmuls are done; with `consumed` (the K and V
+    "consumed" barriers of a warp-specialized kernel: per ring slot, or per
+    converted tile pair with a converting copier) it is not refilled here
     but its K and V are each released as soon as their matmul is done.
     """
     acc, m, l = carry
     slot = lax.rem(step, self.st.num_stages)
-    s = self.qk(self.k_tile(slot)) * scale
+    released = lax.rem(step, 2) if self.converts else slot
+    s = self.qk(self.k_tile(step)) * scale
     if self.st.quantized:
-      s = self.scale_columns(s, slot, 0)
+      s = self.scale_columns(s, step, 0)
     if consumed is not None:
-      plgpu.barrier_arrive(consumed[0].at[slot])
+      plgpu.barrier_arrive(consumed[0].at[released])
     keep = None
     if mask is not None:
       s, keep = mask(s)
@@ -272,16 +345,16 @@ class PageRing:
     if keep is not None:
       p = jnp.where(keep, p, 0.0)
     l_new = l * alpha + jnp.sum(p, axis=1)
-    v_tile = self.v_tile(slot)
+    v_tile = self.v_tile(step)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
     if self.st.quantized:
-      p = self.scale_columns(p, slot, 1)
+      p = self.scale_columns(p, step, 1)
     acc = acc + self.pv(p.astype(self.q_smem.dtype), v_tile)
     # The slot is consumed (the matmuls above have been awaited): refill it.
     if consumed is None:
       self.refill(step, slot, num_steps)
     else:
-      plgpu.barrier_arrive(consumed[1].at[slot])
+      plgpu.barrier_arrive(consumed[1].at[released])
     return acc, m_new, l_new
 
 
@@ -306,12 +379,22 @@ def swizzled(shape: tuple[int, ...], dtype) -> Any:
       plgpu.SwizzleTransform(swizzle)))
 
 
+def converts(st: Any) -> bool:
+  """Whether a kernel of static description `st` has a converting copier:
+  an int8 pool and decode's `copy_warpgroup`."""
+  return st.quantized and getattr(st, "copy_warpgroup", False)
+
+
 def ring_buffers(st: Any, compute_dtype, pool_dtype) -> list[Any]:
   """SMEM scratch of a `PageRing`, in its kernels' order: the 64-row query
-  tile, the K and V rings, and (int8 pools) the two dequantized tiles and
-  the ring slots' page scales."""
-  work = ([swizzled((st.tokens, st.head_dim), compute_dtype)] * 2
-          + [plgpu.SMEM((st.num_stages, 2, st.pages_per_chunk), jnp.float32)]
+  tile, the K and V rings, and (int8 pools) the two dequantized tiles (two
+  pairs with a converting copier), the ring slots' page scales and (with a
+  converting copier) the converted tiles' scales."""
+  scales = lambda rows: plgpu.SMEM((rows, 2, st.pages_per_chunk), jnp.float32)
+  tile = ((2, st.tokens, st.head_dim) if converts(st)
+          else (st.tokens, st.head_dim))
+  work = ([swizzled(tile, compute_dtype)] * 2 + [scales(st.num_stages)]
+          + ([scales(2)] if converts(st) else [])
           if st.quantized else [])
   return [swizzled((WGMMA_ROWS, st.head_dim), compute_dtype),
           swizzled((st.num_stages, st.tokens, st.head_dim), pool_dtype),
@@ -327,11 +410,12 @@ def in_ring_scope(st: Any, body: Callable[[PageRing], Any], compute_dtype,
   can stage its output tile in them. `ring_kwargs`: `PageRing`'s arguments
   other than its buffers."""
   def scoped(q_smem, k_smem, v_smem, *int8_buffers):
-    k_work, v_work, scale_slots = (int8_buffers if st.quantized
-                                   else (None, None, None))
+    k_work, v_work, scale_slots, work_scales = (
+        tuple(int8_buffers) + (None,) * (4 - len(int8_buffers)))
     return body(PageRing(st, q_smem=q_smem, k_smem=k_smem, v_smem=v_smem,
                          k_work=k_work, v_work=v_work,
-                         scale_slots=scale_slots, **ring_kwargs))
+                         scale_slots=scale_slots, work_scales=work_scales,
+                         **ring_kwargs))
   return pl.run_scoped(scoped, *ring_buffers(st, compute_dtype, pool_dtype),
                        collective_axes=collective_axes)
 

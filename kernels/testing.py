@@ -50,11 +50,14 @@ MOSAIC_DECODE_CASES = [
     (4, 1, 64, 32, "int8", [190, 0], 2, 1, 4, 1),  # MQA, empty seq
     (9, 3, 64, 16, "int8", [1, 37, 200], 4, 2, 2, 1, True),
     # A copying warpgroup beside the computing one: refills, splits past
-    # the sequences, an empty sequence, int8 scales read by the copier.
+    # the sequences, an empty sequence; int8: the copier converts the tiles
+    # and hands over their scales (the last case: 11 steps, so each of the
+    # two converted tile pairs is reused and every ring slot refilled).
     (8, 2, 128, 32, "bfloat16", [100, 16, 250], 2, 2, 2, 1, False, 1, True),
     (16, 1, 64, 32, "bfloat16", [190, 0], 2, 1, 3, 1, False, 1, True),
     (9, 3, 64, 16, "int8", [1, 37, 200], 4, 2, 2, 1, False, 1, True),
     (6, 2, 128, 128, "int8", [300, 129], 1, 1, 2, 2, False, 1, True),
+    (8, 2, 128, 16, "int8", [700, 129, 3], 4, 1, 3, 1, False, 1, True),
 ]
 
 MOSAIC_PREFILL_CASES = [

@@ -65,9 +65,11 @@ class MosaicDecodeTiling:
   # tile over the shared ring; 2 adds a third warpgroup that only issues the
   # copies (`prefill_mosaic_gpu_ws.py`; bf16/f16 pools; unmeasured on a GPU).
   consumers: int = 1
-  # Decode only: a second warpgroup that only issues the ring's copies (and,
-  # for int8 pools, reads the page scales), so that the computing one never
-  # waits on a page id; unmeasured on a GPU.
+  # Decode only: a second warpgroup that issues the ring's copies, so that
+  # the computing one never waits on a page id; for int8 pools it also reads
+  # the page scales and converts each step's int8 tiles to bf16 (into two
+  # alternating tiles), so that the conversion overlaps the computing
+  # warpgroup's matmuls and softmax; unmeasured on a GPU.
   copy_warpgroup: bool = False
 
 
@@ -125,19 +127,38 @@ MOSAIC_MAX_STAGES = 4
 
 
 def mosaic_smem_bytes(tokens: int, head_dim: int, num_stages: int,
-                      itemsize: int = 2, quantized: bool = False) -> int:
+                      itemsize: int = 2, quantized: bool = False,
+                      copy_warpgroup: bool = False) -> int:
   """Shared memory of one Mosaic GPU decode program: the larger of its two
   scopes, one after the other. The loop's: the 64-row query tile and the K/V
   ring, and for an int8 pool (`quantized`) an int8 ring with one step's K and
-  V converted to bf16 for `wgmma` beside it and each slot's page scales
-  (at most one page per 16 tokens). The output's: the float32 output tile
-  with its max and sum rows."""
+  V converted to bf16 for `wgmma` beside it (two steps' with a converting
+  `copy_warpgroup`) and each slot's page scales (at most one page per 16
+  tokens). The output's: the float32 output tile with its max and sum
+  rows."""
   compute = 2 if quantized else itemsize
   ring = 1 if quantized else itemsize
-  work = (2 * tokens * head_dim * compute
-          + num_stages * 2 * max(1, tokens // 16) * 4) if quantized else 0
+  converted_steps = 2 if copy_warpgroup else 1
+  scale_rows = num_stages + (2 if copy_warpgroup else 0)
+  work = (converted_steps * 2 * tokens * head_dim * compute
+          + scale_rows * 2 * max(1, tokens // 16) * 4) if quantized else 0
   loop = 64 * head_dim * compute + 2 * num_stages * tokens * head_dim * ring
   return max(loop + work, 64 * head_dim * 4 + 2 * 64 * 4)
+
+
+def with_copy_warpgroup(tiling: MosaicDecodeTiling, *, block_size: int,
+                        head_dim: int,
+                        quantized: bool = False) -> MosaicDecodeTiling:
+  """`tiling` with a copying warpgroup (decode). For an int8 pool its ring
+  loses slots (never below 2) until the second pair of converted tiles fits
+  `MOSAIC_SMEM_BUDGET` beside it; 16-bit pools keep their ring."""
+  tokens = tiling.pages_per_chunk * block_size // tiling.page_parts
+  stages = tiling.num_stages
+  while stages > 2 and mosaic_smem_bytes(
+      tokens, head_dim, stages, quantized=quantized,
+      copy_warpgroup=True) > MOSAIC_SMEM_BUDGET:
+    stages -= 1
+  return dataclasses.replace(tiling, copy_warpgroup=True, num_stages=stages)
 
 
 def mosaic_decode_tiling(

@@ -221,6 +221,7 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
   row base and its reference check (for other implementations)."""
   base = dict(kind=kind, shape=dataclasses.asdict(s), kv_mib=kv_bytes / 2**20)
   check = _checker(kind, args)
+  from kernels import tuning  # pylint: disable=g-import-not-at-top
   impls = [("pallas_triton (ours)", f"triton_{kind}", None)]
   if _mosaic_applies(s, interpret):
     impls.append(("pallas_mosaic_gpu (ours)", f"mosaic_{kind}", None))
@@ -232,8 +233,9 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
       impls.append((MOSAIC_WS, "mosaic_prefill",
                     dataclasses.replace(default, consumers=2)))
     if warp_specialized and kind == "decode":
-      impls.append((MOSAIC_WS, "mosaic_decode",
-                    dataclasses.replace(default, copy_warpgroup=True)))
+      impls.append((MOSAIC_WS, "mosaic_decode", tuning.with_copy_warpgroup(
+          default, block_size=s.page, head_dim=s.head_dim,
+          quantized=s.dtype == "int8")))
   for name, kernel, tiling in impls:
     fn = kernel_cases.kernel_fn(kernel, tiling, interpret)
     _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,

@@ -149,9 +149,11 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   fits = lambda tokens, stages: tuning.mosaic_smem_bytes(
       tokens, s.head_dim, stages, quantized=quantized) <= (
           decode_mosaic_gpu.SMEM_BUDGET)
+  copying = tuning.with_copy_warpgroup(default, block_size=s.page,
+                                       head_dim=s.head_dim,
+                                       quantized=quantized)
   return _default_first(default, itertools.chain(
-      _ids_first_twin(default),
-      [dataclasses.replace(default, copy_warpgroup=True)], _spread((
+      _ids_first_twin(default), [copying], _spread((
       tuning.MosaicDecodeTiling(num_splits=splits, num_stages=stages,
                                 **_step(s.page, tokens))
       for tokens, stages, splits in itertools.product(

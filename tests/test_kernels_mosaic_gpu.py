@@ -211,6 +211,27 @@ def test_every_case_lowers_with_its_tiling():
     assert "mosaic_gpu" in _lower(args, _tiling(params))
 
 
+@pytest.mark.parametrize("batch,block_size,pages", [(64, 16, 256),
+                                                      (4, 64, 512)])
+def test_converting_copier_fits_beside_the_default_int8_ring(batch, block_size,
+                                                             pages):
+  """The benchmark's int8 decode shapes (Llama-3-8B heads, 4k and 32k):
+  the default tiling with a converting copier (two bf16 tile pairs and
+  their scales) fits the SMEM budget and lowers with its barriers."""
+  default = tuning.mosaic_decode_tiling(
+      batch=batch, num_kv_heads=8, pages_per_seq=pages, block_size=block_size,
+      head_dim=128, itemsize=1, quantized=True)
+  tiling = tuning.with_copy_warpgroup(default, block_size=block_size,
+                                      head_dim=128, quantized=True)
+  assert tiling.copy_warpgroup and 2 <= tiling.num_stages <= default.num_stages
+  decode_mosaic_gpu.check_tiling(tiling, block_size, 128, quantized=True)
+  args = (S((batch, 32, 128), "bfloat16"),
+          S((300, 2, 8, block_size, 128), "int8"),
+          S((batch, pages), jnp.int32), S((batch,), jnp.int32),
+          S((300, 2, 8), jnp.float32))
+  assert "mosaic_gpu" in _lower(args, tiling)
+
+
 def test_output_tile_reuses_the_rings_shared_memory():
   """The float32 output tile is staged in SMEM the loop's ring has left:
   a 3-slot ring of 128-token bf16 steps at head_dim 128 (208 KB with the
