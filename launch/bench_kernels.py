@@ -14,15 +14,23 @@ measures the ceilings: device-to-device copy bandwidth (bytes read plus
 written) and a bf16 matmul's TFLOP/s, and the block copy host <-> device
 against a plain pinned_host -> device transfer. Each time is the median of
 `--reps` repetitions of `--inner` back-to-back calls, after a warm-up call
-(compilation excluded). Prints a table and writes JSON (`--out`).
+(compilation excluded). Prints a table and writes JSON (`--out`, with
+the run's date, command, versions and git commit) and a PNG (`--plot`).
+
+The smoke preset (the default off a GPU) times one call (`--reps=1
+--inner=1 --warmup_s=0`) unless those flags are given. The JSON is rewritten
+after every section (atomically: a run cut short keeps the last complete
+report); Ctrl-C writes the rows so far (`complete: false`), prints the table
+and exits 130. Exits nonzero when every row failed or the plot could not be
+written (after the JSON).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
+import sys
 import traceback
 from typing import Any, Callable
 
@@ -40,11 +48,14 @@ flags.DEFINE_list("only", ["calib", "decode", "prefill", "copy", "overlap",
                           "gather_kernel"],
                   "sections to run (gather_kernel, an experiment, runs last: "
                   "should it crash the process, the JSON keeps the rest)")
-flags.DEFINE_integer("reps", 10, "timed repetitions (median reported)")
+flags.DEFINE_integer("reps", 10, "timed repetitions (median reported; "
+                     "smoke preset: 1 unless given)", lower_bound=1)
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition, at least "
-                     "(short calls get more, to fill kernel_cases.MIN_REP_S)")
+                     "(short calls get more, to fill kernel_cases.MIN_REP_S; "
+                     "smoke preset: 1 unless given)", lower_bound=1)
 flags.DEFINE_float("warmup_s", 0.2, "seconds of calls before timing each "
-                   "row (the GPU's clock ramp); 0 for CPU smoke runs")
+                   "row (the GPU's clock ramp; smoke preset: 0 unless given)",
+                   lower_bound=0.0)
 flags.DEFINE_string("out", None, "JSON output path (default: "
                     "docs/results/bench_kernels_<backend>.json)")
 flags.DEFINE_string("plot", None, "PNG output path (default: the JSON's "
@@ -125,10 +136,24 @@ def _attempt(rows: list[dict], base: dict, impl: str,
     row.update(time_us=sec * 1e6, gbps=nbytes / sec / 1e9,
                tflops=flops / sec / 1e12)
   except Exception as e:  # pylint: disable=broad-except
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    _reraise_interrupt(e)
+    row["error"] = _error(e)
     traceback.print_exc()
   rows.append(row)
   print(_fmt(row), flush=True)  # as it comes, in case the run is cut short
+
+
+def _error(e: BaseException) -> str:
+  """A row's one-line error."""
+  first = (str(e).splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:200]}"
+
+
+def _reraise_interrupt(e: BaseException) -> None:
+  """Raises KeyboardInterrupt if `e` came of a Ctrl-C (JAX wraps one raised
+  in a host callback in its own error): a row's error must not swallow it."""
+  if kernel_cases.interrupted(e):
+    raise KeyboardInterrupt from e
 
 
 def bench_calibration(cfg: dict, rows: list[dict]) -> dict:
@@ -169,6 +194,7 @@ def _torch_copy_gbps(copy_mib: int, rows: list[dict]) -> float | None:
     if not torch.cuda.is_available():
       raise RuntimeError("torch has no CUDA device here")
   except Exception as e:  # pylint: disable=broad-except
+    _reraise_interrupt(e)
     rows.append(dict(base, error=f"{type(e).__name__}: {e}"[:200]))
     print(_fmt(rows[-1]), flush=True)
     return None
@@ -206,7 +232,8 @@ def _checker(kind: str, args) -> Callable[[Any], float] | None:
   timed."""
   try:
     ref = kernel_cases.reference(kind, args)
-  except Exception:  # pylint: disable=broad-except
+  except Exception as e:  # pylint: disable=broad-except
+    _reraise_interrupt(e)
     traceback.print_exc()
     return None
   return lambda out: rel_err(out, ref)
@@ -384,7 +411,8 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
     try:
       print(f"gather HLO ({hlo_path}): {dump_gather_hlo(shapes[0], hlo_path)}",
             flush=True)
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
+      _reraise_interrupt(e)
       traceback.print_exc()
   for i, s in enumerate(shapes):
     pool, host, src, dst, nbytes = _copy_case(s, 90 + i)
@@ -406,7 +434,8 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
       # arrays): warm both variants so that timing sees no compilation.
       jax.block_until_ready(gather())
       jax.block_until_ready(scatter())
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
+      _reraise_interrupt(e)
       traceback.print_exc()
     _attempt(rows, base, "gather host->device (ours)", gather,
              nbytes=nbytes, flops=0)
@@ -484,7 +513,8 @@ def bench_gather_kernel(shapes, rows: list[dict], interpret: bool,
           f.write(text)
         print(f"gather kernel HLO ({hlo_path}): {row_extra['hlo_ops']}",
               flush=True)
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
+      _reraise_interrupt(e)
       traceback.print_exc()
       # Compiled on first use instead, so that the row records the error.
       gather = functools.partial(host_gather_triton.gather_to_device,
@@ -562,7 +592,8 @@ def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
                time_us=t_both * 1e6,
                overlap=(t_gather + t_attn - t_both) / min(t_gather, t_attn))
   except Exception as e:  # pylint: disable=broad-except
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    _reraise_interrupt(e)
+    row["error"] = _error(e)
     traceback.print_exc()
   rows.append(row)
   print(_fmt(row), flush=True)
@@ -629,61 +660,167 @@ def _targets(rows: list[dict], copy_gbps: float | None) -> list[dict]:
   return checks
 
 
-def _fmt(row: dict) -> str:
+# The table's shape column: at least this wide, else as wide as the longest
+# label (never cut).
+SHAPE_WIDTH = 78
+
+
+def _shape_label(row: dict) -> str:
   shape = row["shape"]
   if row["kind"] == "overlap":
-    shape = "gather {blocks} blocks x {layers} layers | decode {batch} x {ctx}".format(
-        **shape["copy"], **{k: v for k, v in shape["attention"].items()
-                           if k in ("batch", "ctx")})
-  elif isinstance(shape, dict):
-    shape = " ".join(f"{k}={v}" for k, v in shape.items())
+    return ("gather {blocks} blocks x {layers} layers | decode {batch} x "
+            "{ctx}").format(**shape["copy"], **{
+                k: v for k, v in shape["attention"].items()
+                if k in ("batch", "ctx")})
+  if isinstance(shape, dict):
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+  return str(shape)
+
+
+def _host_to_device(impl: str) -> bool:
+  """Whether a copy row moves the tier's bytes to the device (a gather, or
+  part of one that transfers): those the plain pinned->device transfer
+  bounds."""
+  return impl in ("gather host->device (ours)", "gather: block transfers only",
+                  GATHER_KERNEL, "plain pinned->device") or impl.startswith(
+                      "gather runs of")
+
+
+def _pct_ceiling(row: dict) -> str:
+  """The %ceil column: decode rows as % of the run's device copy, the
+  block copy's host -> device rows as % of the plain pinned->device
+  transfer of the same bytes (marked "p"), "-" where neither applies."""
+  if row["kind"] == "decode" and row.get("pct_copy") is not None:
+    return f"{row['pct_copy']:.1f}"
+  if row["kind"] == "copy" and row.get("pct_pinned") is not None:
+    return f"{row['pct_pinned']:.1f}p"
+  return "-"
+
+
+def _fmt(row: dict, width: int = SHAPE_WIDTH) -> str:
+  head = f"{row['kind']:8s} {_shape_label(row):{width}s} {row['impl']:28s}"
   if "error" in row:
-    return f"{row['kind']:8s} {shape[:78]:78s} {row['impl'][:28]:28s} " \
-           f"ERROR {row['error'][:60]}"
+    return f"{head} ERROR {row['error'][:100]}"
   if row["kind"] == "overlap":
-    return (f"{row['kind']:8s} {shape[:78]:78s} {row['impl'][:28]:28s} "
-            f"{row['time_us']:10.1f}  alone {row['gather_us']:.1f} + "
+    return (f"{head} {row['time_us']:10.1f}  alone {row['gather_us']:.1f} + "
             f"{row['attention_us']:.1f} us, overlap {row['overlap']:.2f}")
   err = row.get("rel_err")
   err = f"{err:.1e}" if err is not None else "-"
-  return (f"{row['kind']:8s} {shape[:78]:78s} {row['impl'][:28]:28s} "
-          f"{row['time_us']:10.1f} {row['gbps']:8.1f} {row['tflops']:7.2f} "
-          f"{row.get('pct_copy', float('nan')):6.1f} {err:>8s}")
+  return (f"{head} {row['time_us']:10.1f} {row['gbps']:8.1f} "
+          f"{row['tflops']:7.2f} {_pct_ceiling(row):>7s} {err:>8s}")
+
+
+def print_table(rows: list[dict], checks: list[dict], interpret: bool
+                ) -> None:
+  """The rows (shape column as wide as its longest label) and the target
+  checks (judged only on a GPU)."""
+  width = max([SHAPE_WIDTH] + [len(_shape_label(r)) for r in rows])
+  print(f"{'kind':8s} {'shape':{width}s} {'impl':28s} {'time_us':>10s} "
+        f"{'GB/s':>8s} {'TFLOP/s':>7s} {'%ceil':>7s} {'rel_err':>8s}")
+  for row in rows:
+    print(_fmt(row, width))
+  print("%ceil: decode rows as % of the run's device-to-device copy; "
+        "host->device copy rows (p) as % of the plain pinned->device "
+        "transfer of the same bytes, the gather target's ceiling")
+  if not checks:
+    return
+  if interpret:
+    print("\ntargets (n/a (interpret): judged only on a GPU; an interpret-"
+          "mode run's ratios say nothing about the kernels' speed)")
+  else:
+    print("\ntargets")
+  for c in checks:
+    verdict = "n/a " if c["ok"] is None else "PASS" if c["ok"] else "MISS"
+    print(f"  {verdict} {c['target']:40s} {c['value']:6.2f}  {c['shape']}")
+
+
+def _smoke_defaults() -> None:
+  """One timed call per row on the smoke preset (CPU, interpret mode),
+  where the flags are not given."""
+  for name, value in (("reps", 1), ("inner", 1), ("warmup_s", 0.0)):
+    if not FLAGS[name].present:
+      FLAGS[name].value = value
+
+
+SECTIONS = ("calib", "decode", "prefill", "copy", "overlap", "gather_kernel")
 
 
 def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS.only:
+    raise app.UsageError(f"--only: empty; choose from {list(SECTIONS)}")
+  unknown = set(FLAGS.only) - set(SECTIONS)
+  if unknown:
+    raise app.UsageError(f"--only: unknown sections {sorted(unknown)}; "
+                         f"choose from {list(SECTIONS)}")
   import jax
   backend = jax.default_backend()
   preset = FLAGS.preset or ("gpu" if backend == "gpu" else "smoke")
+  if preset == "gpu" and backend != "gpu":
+    raise app.UsageError(f"--preset=gpu needs a GPU backend (this one is "
+                         f"{backend}); use --preset=smoke")
+  if preset == "smoke":
+    _smoke_defaults()
   cfg = PRESETS[preset]
   interpret = backend != "gpu"
-  rows: list[dict] = []
-  ceilings: dict = {}
   out = FLAGS.out or os.path.join("docs", "results",
                                   f"bench_kernels_{backend}.json")
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   plot = (os.path.splitext(out)[0] + ".png" if FLAGS.plot is None
           else FLAGS.plot)
+  hlo = os.path.splitext(out)[0] + "_gather_hlo.txt"
+  kernel_hlo = os.path.splitext(out)[0] + "_gather_kernel_hlo.txt"
+  paths = [("--out", out)] + ([("--plot", plot)] if plot else [])
+  if "copy" in FLAGS.only:
+    paths.append(("the gather HLO beside --out", hlo))
+  if "gather_kernel" in FLAGS.only:
+    paths.append(("the gather kernel HLO beside --out", kernel_hlo))
+  for what, path in paths:  # before any work: a bad path costs nothing
+    try:
+      kernel_cases.check_output_path(path, what)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+  meta = kernel_cases.run_metadata("launch.bench_kernels", interpret)
+  rows: list[dict] = []
+  ceilings: dict = {}
+  state: dict = dict(written=[], plot_error=None)
 
-  def report(final: bool) -> list[dict]:
+  def report(final: bool, interrupted: bool = False) -> list[dict]:
     """Writes the JSON so far (after every section, so that a run cut short
-    still leaves its rows) and returns the target checks."""
+    still leaves its rows; atomically) and its plot; returns the target
+    checks."""
     copy_gbps = ceilings.get("copy_gbps")
     for row in rows:
-      if copy_gbps and "gbps" in row and row["kind"] in ("decode", "copy"):
+      if copy_gbps and "gbps" in row and row["kind"] == "decode":
         row["pct_copy"] = 100 * row["gbps"] / copy_gbps
+      if row["kind"] == "copy" and "gbps" in row and _host_to_device(
+          row["impl"]):
+        plain = kernel_plot.find_row(rows, "copy", "plain pinned->device",
+                                     row["shape"])
+        if plain:
+          row["pct_pinned"] = 100 * row["gbps"] / plain["gbps"]
     checks = _targets(rows, copy_gbps)
-    doc = dict(backend=backend, device=str(jax.devices()[0].device_kind),
-               jax=jax.__version__, preset=preset, reps=FLAGS.reps,
-               inner=FLAGS.inner, complete=final, ceilings=ceilings,
+    if interpret:  # ratios of interpret-mode times judge nothing
+      checks = [dict(c, ok=None) for c in checks]
+    doc = dict(meta, backend=backend,
+               device=str(jax.devices()[0].device_kind), preset=preset,
+               reps=FLAGS.reps, inner=FLAGS.inner, warmup_s=FLAGS.warmup_s,
+               complete=final, interrupted=interrupted, ceilings=ceilings,
                rows=rows, targets=checks)
-    with open(out, "w") as f:
-      json.dump(doc, f, indent=1)
+    try:
+      kernel_cases.write_json_atomically(out, doc)
+    except OSError as e:
+      sys.exit(f"error: cannot write {out}: {e}")
+    state["written"] = [out]
     if plot:
       try:
         kernel_plot.plot_kernels(doc, plot)
-      except Exception:  # pylint: disable=broad-except
+        state["written"].append(plot)
+        state["plot_error"] = None
+      except Exception as e:  # pylint: disable=broad-except
+        _reraise_interrupt(e)
         traceback.print_exc()  # the JSON holds the rows; replot from it
+        state["plot_error"] = _error(e)
     return checks
 
   sections = dict(
@@ -691,32 +828,34 @@ def main(argv):
       decode=lambda: bench_decode(cfg["decode"], rows, interpret,
                                   cfg.get("warp_specialized_dtypes")),
       prefill=lambda: bench_prefill(cfg["prefill"], rows, interpret),
-      copy=lambda: bench_copy(cfg["copy"], rows,
-                              os.path.splitext(out)[0] + "_gather_hlo.txt"),
+      copy=lambda: bench_copy(cfg["copy"], rows, hlo),
       overlap=lambda: bench_overlap(*cfg["overlap"], rows, interpret),
-      gather_kernel=lambda: bench_gather_kernel(
-          cfg["copy"], rows, interpret,
-          os.path.splitext(out)[0] + "_gather_kernel_hlo.txt"))
-  unknown = set(FLAGS.only) - set(sections)
-  if unknown:
-    raise app.UsageError(f"--only: unknown sections {sorted(unknown)}; "
-                         f"choose from {list(sections)}")
-  for name, run in sections.items():
-    if name in FLAGS.only:
-      run()
-      report(final=False)
+      gather_kernel=lambda: bench_gather_kernel(cfg["copy"], rows, interpret,
+                                                kernel_hlo))
+  try:
+    for name, run in sections.items():
+      if name in FLAGS.only:
+        run()
+        report(final=False)
+  except KeyboardInterrupt:
+    checks = report(final=False, interrupted=True)
+    print_table(rows, checks, interpret)
+    print(f"\ninterrupted: wrote the rows so far (complete: false) to "
+          f"{' and '.join(state['written'])}", file=sys.stderr)
+    return 130
   checks = report(final=True)
-
-  print(f"{'kind':8s} {'shape':78s} {'impl':28s} {'time_us':>10s} "
-        f"{'GB/s':>8s} {'TFLOP/s':>7s} {'%copy':>6s} {'rel_err':>8s}")
-  for row in rows:
-    print(_fmt(row))
-  if checks:
-    print("\ntargets")
-  for c in checks:
-    print(f"  {'PASS' if c['ok'] else 'MISS'} {c['target']:40s} "
-          f"{c['value']:6.2f}  {c['shape']}")
-  print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+  print_table(rows, checks, interpret)
+  print(f"wrote {' and '.join(state['written'])}")
+  status = 0
+  if state["plot_error"]:
+    print(f"error: the plot {plot} was not written: {state['plot_error']}",
+          file=sys.stderr)
+    status = 1
+  if not any("error" not in r for r in rows):
+    print("error: every row failed; nothing was measured (see the errors "
+          "above)", file=sys.stderr)
+    status = 1
+  return status
 
 
 if __name__ == "__main__":

@@ -15,8 +15,12 @@ reported as such, never as fast. The default tiling is timed first; each row
 gives its speed relative to it. Stops starting new configurations after
 `--budget_s` seconds, shared evenly by the shapes (time a shape leaves
 unused goes to the ones after it); the default tiling of every shape is
-always timed. The JSON is rewritten after every configuration, so a run cut
-short keeps what it measured. Prints the best tiling per shape.
+always timed. The JSON (with the run's date, command, versions and git
+commit) is rewritten atomically after every configuration, so a run cut
+short keeps what it measured; Ctrl-C writes the rows so far (`complete:
+false`), prints the best tilings and exits 130. Prints the best tiling per
+shape. The smoke preset (the default off a GPU) times one call (`--reps=1
+--inner=1 --warmup_s=0`) unless those flags are given.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
 import time
 import traceback
 from typing import Any, Callable, Iterator
 
 from absl import app, flags
 
+from launch import kernel_cases
 from launch.kernel_cases import (KERNELS, DecodeShape, PrefillShape,
                                  default_tiling,
                                  kernel_fn, problem, rel_err, timeit)
@@ -41,13 +47,16 @@ flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
 flags.DEFINE_list("kernels", ["mosaic_decode", "triton_prefill",
                               "mosaic_prefill", "triton_decode"],
                   "kernels to sweep")
-flags.DEFINE_integer("reps", 5, "timed repetitions (median reported)")
+flags.DEFINE_integer("reps", 5, "timed repetitions (median reported; smoke "
+                     "preset: 1 unless given)", lower_bound=1)
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition, at least "
-                     "(short calls get more, to fill kernel_cases.MIN_REP_S)")
+                     "(short calls get more, to fill kernel_cases.MIN_REP_S; "
+                     "smoke preset: 1 unless given)", lower_bound=1)
 flags.DEFINE_float("warmup_s", 0.2, "seconds of calls before timing each "
-                   "configuration (the GPU's clock ramp); 0 for CPU smoke runs")
+                   "configuration (the GPU's clock ramp; smoke preset: 0 "
+                   "unless given)", lower_bound=0.0)
 flags.DEFINE_float("budget_s", 240.0, "no new configuration starts after "
-                   "this many seconds")
+                   "this many seconds", lower_bound=0.0)
 flags.DEFINE_string("json", None, "JSON output (default: docs/results/"
                     "bench_tiling_<backend>.json)")
 
@@ -243,7 +252,10 @@ def sweep_shape(kernel: str, shape, grid, problem, rows: list[dict],
       if default_us:
         row["speedup_vs_default"] = default_us / row["time_us"]
     except Exception as e:  # pylint: disable=broad-except
-      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+      if kernel_cases.interrupted(e):  # a Ctrl-C, maybe wrapped by JAX
+        raise KeyboardInterrupt from e
+      first = (str(e).splitlines() or [""])[0]
+      row["error"] = f"{type(e).__name__}: {first[:160]}"
       if not isinstance(e, (ValueError, AssertionError)):
         traceback.print_exc()
     rows.append(row)
@@ -301,32 +313,59 @@ def best_per_shape(rows: list[dict]) -> list[dict]:
   return out
 
 
+def print_best(rows: list[dict]) -> None:
+  print("\nbest tiling per shape (speedup over the default tiling)")
+  for b in best_per_shape(rows):
+    speedup = f"{b['speedup']:5.2f}x" if b["speedup"] else "    -"
+    print(f"  {b['kernel']:15s} {_fields(b['shape']):70s} "
+          f"{speedup}  {b['best_us']:9.1f} us  "
+          f"{b['best_gbps']:8.1f} GB/s {b['best_tflops']:7.2f} TF  "
+          f"{_tiling_str(b['best_tiling'])}  ({b['configs']} configs)")
+
+
 def main(argv):
-  del argv
-  import jax
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS.kernels:
+    raise app.UsageError(f"--kernels: empty; choose from {list(KERNELS)}")
   unknown = set(FLAGS.kernels) - set(KERNELS)
   if unknown:
     raise app.UsageError(f"--kernels: unknown {sorted(unknown)}; choose from "
                          f"{list(KERNELS)}")
+  import jax
   backend = jax.default_backend()
   preset = FLAGS.preset or ("gpu" if backend == "gpu" else "smoke")
+  if preset == "gpu" and backend != "gpu":
+    raise app.UsageError(f"--preset=gpu needs a GPU backend (this one is "
+                         f"{backend}); use --preset=smoke")
+  if preset == "smoke":  # one timed call per configuration unless asked
+    for name, value in (("reps", 1), ("inner", 1), ("warmup_s", 0.0)):
+      if not FLAGS[name].present:
+        FLAGS[name].value = value
   cfg = PRESETS[preset]
   interpret = backend != "gpu"
   out = FLAGS.json or os.path.join("docs", "results",
                                    f"bench_tiling_{backend}.json")
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  try:  # before any work: a bad path costs nothing
+    kernel_cases.check_output_path(out, "--json")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  meta = kernel_cases.run_metadata("launch.bench_tiling", interpret)
   rows: list[dict] = []
   started = time.monotonic()
   deadline = started + FLAGS.budget_s
 
-  def write(final: bool = False) -> None:
-    with open(out, "w") as f:
-      json.dump(dict(backend=backend, device=jax.devices()[0].device_kind,
-                     jax=jax.__version__, preset=preset, reps=FLAGS.reps,
-                     inner=FLAGS.inner, budget_s=FLAGS.budget_s,
-                     complete=final, elapsed_s=time.monotonic() - started,
-                     max_rel_err=MAX_REL_ERR, rows=rows,
-                     best=best_per_shape(rows)), f, indent=1)
+  def write(final: bool = False, interrupted: bool = False) -> None:
+    doc = dict(meta, backend=backend, device=jax.devices()[0].device_kind,
+               preset=preset, reps=FLAGS.reps, inner=FLAGS.inner,
+               warmup_s=FLAGS.warmup_s, budget_s=FLAGS.budget_s,
+               complete=final, interrupted=interrupted,
+               elapsed_s=time.monotonic() - started,
+               max_rel_err=MAX_REL_ERR, rows=rows, best=best_per_shape(rows))
+    try:
+      kernel_cases.write_json_atomically(out, doc)
+    except OSError as e:
+      sys.exit(f"error: cannot write {out}: {e}")
 
   grids = dict(mosaic_decode=mosaic_decode_grid,
                triton_decode=triton_decode_grid,
@@ -342,26 +381,31 @@ def main(argv):
         print(f"{kernel}: not a Hopper GPU, skipped", flush=True)
         continue
     jobs += [(kernel, shape) for shape in cfg[kernel]]
-  for key, (kernel, shape) in enumerate(jobs):
-    # An equal share of the time left for each shape still to sweep, so
-    # that a big grid early on does not starve the shapes after it.
-    now = time.monotonic()
-    shape_deadline = now + max(0.0, deadline - now) / (len(jobs) - key)
-    print(f"\n{kernel} {_shape_str(shape)}  (* = default tiling)",
-          flush=True)
-    sweep_shape(kernel, shape, grids[kernel](shape, cfg),
-                problem(kernel, shape, key), rows, interpret, shape_deadline,
-                write)
+  try:
+    for key, (kernel, shape) in enumerate(jobs):
+      # An equal share of the time left for each shape still to sweep, so
+      # that a big grid early on does not starve the shapes after it.
+      now = time.monotonic()
+      shape_deadline = now + max(0.0, deadline - now) / (len(jobs) - key)
+      print(f"\n{kernel} {_shape_str(shape)}  (* = default tiling)",
+            flush=True)
+      sweep_shape(kernel, shape, grids[kernel](shape, cfg),
+                  problem(kernel, shape, key), rows, interpret,
+                  shape_deadline, write)
+  except KeyboardInterrupt:
+    write(final=False, interrupted=True)
+    print_best(rows)
+    print(f"\ninterrupted: wrote the rows so far (complete: false) to {out}",
+          file=sys.stderr)
+    return 130
   write(final=True)
-  print("\nbest tiling per shape (speedup over the default tiling)")
-  for b in best_per_shape(rows):
-    speedup = f"{b['speedup']:5.2f}x" if b["speedup"] else "    -"
-    print(f"  {b['kernel']:15s} {_fields(b['shape']):70s} "
-          f"{speedup}  {b['best_us']:9.1f} us  "
-          f"{b['best_gbps']:8.1f} GB/s {b['best_tflops']:7.2f} TF  "
-          f"{_tiling_str(b['best_tiling'])}  ({b['configs']} configs)")
+  print_best(rows)
   print(f"wrote {out}")
-
+  if rows and not any("time_us" in r for r in rows):
+    print("error: no configuration ran correctly; nothing was timed",
+          file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":

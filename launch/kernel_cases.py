@@ -1,16 +1,52 @@
 """Shapes, random inputs, timing and error measure shared by the kernel
 benchmarks (`launch.bench_kernels`, `launch.bench_tiling`).
 
-Kept free of flags so that each launcher defines only its own.
+Kept free of flags so that each launcher defines only its own; the
+launchers' shared report plumbing (output paths checked up front, atomic
+JSON, run metadata, Ctrl-C seen through JAX's wrapping) is here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import math
+import os
+import shlex
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any, Callable
+
+# The pool dtypes the kernels and the references take.
+DTYPES = ("bfloat16", "float16", "float32", "int8")
+
+
+def _check_sizes(shape, positive: tuple[str, ...],
+                 non_negative: tuple[str, ...] = ()) -> None:
+  """ValueError unless each field of `positive` is an int >= 1, each of
+  `non_negative` an int >= 0, and the dtype one of `DTYPES`."""
+  for name in positive + non_negative:
+    v = getattr(shape, name)
+    low = 1 if name in positive else 0
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+      raise ValueError(f"{name} must be an integer >= {low}; got {v!r}")
+  if shape.dtype not in DTYPES:
+    raise ValueError(f"unknown dtype {shape.dtype!r}; choose from "
+                     f"{', '.join(DTYPES)}")
+
+
+def _check_attention(shape) -> None:
+  """ValueError unless query heads group evenly over the K/V heads and the
+  page size is a power of two."""
+  if shape.heads % shape.kv_heads:
+    raise ValueError(f"heads ({shape.heads}) must be a multiple of kv_heads "
+                     f"({shape.kv_heads})")
+  if shape.page & (shape.page - 1):
+    raise ValueError(f"page must be a power of two; got {shape.page}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +57,12 @@ class DecodeShape:
   head_dim: int
   page: int
   ctx: int
-  dtype: str  # float32 | bfloat16 | int8 (q in bf16)
+  dtype: str  # float32 | bfloat16 | float16 | int8 (q in bf16)
+
+  def __post_init__(self):
+    _check_sizes(self, ("batch", "heads", "kv_heads", "head_dim", "page",
+                        "ctx"))
+    _check_attention(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +75,11 @@ class PrefillShape:
   prefix: int  # cached tokens before the chunk
   new: int  # tokens in the chunk
   dtype: str
+
+  def __post_init__(self):
+    _check_sizes(self, ("batch", "heads", "kv_heads", "head_dim", "page",
+                        "new"), ("prefix",))
+    _check_attention(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +97,119 @@ class CopyShape:
   run_lengths: tuple[int, ...] = ()
 
   def __post_init__(self):
+    _check_sizes(self, ("layers", "blocks", "pool_blocks", "host_slots",
+                        "kv_heads", "page", "head_dim"))
+    if self.blocks > min(self.pool_blocks, self.host_slots):
+      raise ValueError(f"blocks ({self.blocks}) must fit both the pool "
+                       f"({self.pool_blocks}) and the tier "
+                       f"({self.host_slots})")
     for r in self.run_lengths:
-      if r < 1 or self.blocks % r or self.host_slots < self.blocks:
+      if r < 1 or self.blocks % r:
         raise ValueError(f"{self}: each run length must divide the blocks "
-                         "moved, and the tier hold them")
+                         "moved")
+
+
+# --- Report plumbing shared by the launchers ---------------------------------
+
+
+def check_output_path(path: str, what: str) -> str:
+  """`path` if a file can be written there: not a directory, its folder
+  (created here if missing) a writable directory; ValueError saying why
+  not, before any work is done."""
+  if not path:
+    raise ValueError(f"{what}: empty path")
+  if os.path.isdir(path):
+    raise ValueError(f"{what}: {path} is a directory")
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"{what}: cannot create the folder {parent}: "
+                     f"{e.strerror or e}") from e
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{what}: the folder {parent} is not writable")
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    raise ValueError(f"{what}: {path} exists and is not writable")
+  return path
+
+
+def replace_atomically(path: str, write: Callable[[str], None],
+                       suffix: str = "") -> None:
+  """Calls `write(tmp)` on a temporary file beside `path`, then renames it
+  over `path`: an interrupted or failed write leaves the old file whole."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix,
+                             prefix=f".{os.path.basename(path)}.")
+  os.close(fd)
+  try:
+    write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
+
+
+def write_json_atomically(path: str, doc: Any) -> None:
+  """`doc` as indented JSON at `path`, replacing the old file only once
+  the new one is complete."""
+  def write(tmp):
+    with open(tmp, "w") as f:
+      json.dump(doc, f, indent=1)
+      f.flush()
+      os.fsync(f.fileno())
+  replace_atomically(path, write, ".json")
+
+
+def _git_commit() -> str | None:
+  """The checkout's commit (with "-dirty" if it has uncommitted changes),
+  or None where this is not a git checkout (a copied tree)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"],
+                          capture_output=True, text=True, timeout=10)
+    if head.returncode:
+      return None
+    dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain",
+                            "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10)
+    suffix = "-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
+    return head.stdout.strip() + suffix
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def run_metadata(module: str, interpret: bool) -> dict:
+  """What a report records of its run: UTC date, the command, jax/jaxlib
+  versions, the git commit (None if unknown) and interpret mode."""
+  import jax
+  import jaxlib
+  return dict(
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      command=f"python -m {module} " + shlex.join(sys.argv[1:]),
+      jax=jax.__version__, jaxlib=jaxlib.__version__,
+      git_commit=_git_commit(), interpret=interpret)
+
+
+def interrupted(e: BaseException) -> bool:
+  """Whether `e` is, or was caused by, a Ctrl-C: a KeyboardInterrupt in its
+  cause/context chain, or a JAX runtime error wrapping one raised inside a
+  host callback (interpret mode runs kernels through them)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, KeyboardInterrupt):
+      return True
+    if "RuntimeError" in type(e).__name__ and "KeyboardInterrupt" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 # A timed repetition lasts at least this long (seconds): the host's wait

@@ -9,15 +9,20 @@ r"""Runs one kernel on one shape a few times, for a profiler to capture.
 Where the benchmark (`launch.bench_kernels`) misses a target, the issue asks
 for the profile that shows the limit: this launcher gives a profiler (Nsight
 Compute's `ncu`) a process that compiles the kernel once, checks it against
-the reference, then calls it `--calls` times, so that `--launch-skip` can
-step over the warm-up launches. Decode shapes are `batch,heads,kv_heads,
-head_dim,page,ctx,dtype`; prefill shapes add the new tokens after the
-context: `batch,heads,kv_heads,head_dim,page,prefix,new,dtype`.
+the reference, then calls it `--calls` times inside an NVTX range
+(`dpj_profile`), so that `ncu --nvtx --nvtx-include dpj_profile/` captures
+only those calls, not the warm-up's. Decode shapes are `batch,heads,
+kv_heads,head_dim,page,ctx,dtype`; prefill shapes add the new tokens after
+the context: `batch,heads,kv_heads,head_dim,page,prefix,new,dtype` (sizes
+>= 1, prefix >= 0, heads a multiple of kv_heads, page a power of two, dtype
+bfloat16/float16/float32/int8). A shape the kernel cannot run is a usage
+error (exit 1, no traceback).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 from absl import app, flags
 
@@ -31,7 +36,8 @@ flags.DEFINE_list("shape", ["1", "32", "8", "128", "16", "32768", "bfloat16"],
                   "decode: batch,heads,kv_heads,head_dim,page,ctx,dtype; "
                   "prefill: batch,heads,kv_heads,head_dim,page,prefix,new,"
                   "dtype")
-flags.DEFINE_integer("calls", 5, "calls after the checked warm-up call")
+flags.DEFINE_integer("calls", 5, "calls after the checked warm-up call",
+                     lower_bound=1)
 flags.DEFINE_string("summarize", None, "instead of running a kernel: print "
                     "the key metrics of an `ncu --csv --page details` file")
 
@@ -74,21 +80,44 @@ def nvtx_range(name: str):
 
 def parse_shape(kernel: str, fields: list[str]):
   """The DecodeShape / PrefillShape that `--shape` names (ValueError if
-  it does not fit the kernel)."""
+  it does not fit the kernel): the integers parsed first, then the shape
+  built (which checks the sizes)."""
+  if kernel not in KERNELS:
+    raise ValueError(f"unknown kernel {kernel!r}; choose from "
+                     f"{', '.join(KERNELS)}")
   cls = PrefillShape if kernel in PREFILL_KERNELS else DecodeShape
-  n = len(cls.__dataclass_fields__)
-  if len(fields) != n:
-    raise ValueError(f"--shape for {kernel} takes {n} fields "
-                     f"({', '.join(cls.__dataclass_fields__)}); got "
-                     f"{len(fields)}")
-  *ints, dtype = fields
-  if dtype not in ("bfloat16", "float16", "float32", "int8"):
-    raise ValueError(f"--shape: unknown dtype {dtype!r}")
-  try:
-    return cls(*map(int, ints), dtype)
-  except ValueError as e:
-    raise ValueError(f"--shape: the fields before the dtype must be "
-                     f"integers; got {ints}") from e
+  names = list(cls.__dataclass_fields__)
+  if len(fields) != len(names):
+    raise ValueError(f"the shape takes {len(names)} fields "
+                     f"({','.join(names)}); got {len(fields)}")
+  *texts, dtype = [f.strip() for f in fields]
+  ints = []
+  for name, text in zip(names, texts):
+    try:
+      ints.append(int(text))
+    except ValueError:
+      raise ValueError(f"{name} must be an integer; got "
+                       f"{text!r}") from None
+  return cls(*ints, dtype)
+
+
+def check_cases(cases: list[str]) -> int:
+  """Checks `kernel:shape` cases (scripts/gpu_profile.sh's CASES) before
+  any runs: prints each bad one and returns 2 if any, else 0."""
+  bad = 0
+  for case in cases:
+    kernel, sep, shape = case.partition(":")
+    if not sep:
+      print(f"bad case {case!r}: not KERNEL:SHAPE", file=sys.stderr)
+      bad += 1
+      continue
+    try:
+      parse_shape(kernel, shape.split(","))
+    except ValueError as e:
+      print(f"bad case {case!r}: {kernel} cannot run {shape}: {e}",
+            file=sys.stderr)
+      bad += 1
+  return 2 if bad else 0
 
 
 def summarize(path: str) -> list[tuple[str, str, str, str]]:
@@ -105,23 +134,34 @@ def summarize(path: str) -> list[tuple[str, str, str, str]]:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if FLAGS.summarize:
-    rows = summarize(FLAGS.summarize)
+    try:
+      rows = summarize(FLAGS.summarize)
+    except (OSError, UnicodeDecodeError) as e:
+      raise app.UsageError(f"--summarize: cannot read {FLAGS.summarize}: "
+                           f"{getattr(e, 'strerror', None) or e}") from e
     if not rows:
       raise app.UsageError(f"no Nsight Compute metrics in {FLAGS.summarize}")
     for kernel, name, unit, value in rows:
       print(f"{kernel:40s} {name:36s} {value:>14s} {unit}")
     return
-  import jax
   try:
     shape = parse_shape(FLAGS.kernel, FLAGS.shape)
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    raise app.UsageError(f"{FLAGS.kernel} cannot run --shape="
+                         f"{','.join(FLAGS.shape)}: {e}") from e
+  import jax
   interpret = jax.default_backend() != "gpu"
-  args, ref, _, _ = problem(FLAGS.kernel, shape, 0)
-  fn = kernel_fn(FLAGS.kernel, None, interpret)
-  err = rel_err(fn(*args), ref)
+  try:  # the kernels refuse what they cannot run with a ValueError
+    args, ref, _, _ = problem(FLAGS.kernel, shape, 0)
+    fn = kernel_fn(FLAGS.kernel, None, interpret)
+    err = rel_err(fn(*args), ref)
+  except ValueError as e:
+    first = (str(e).splitlines() or [""])[0]
+    raise app.UsageError(f"{FLAGS.kernel} cannot run {shape}: {first}"
+                         ) from e
   print(f"{FLAGS.kernel} {shape}: rel_err {err:.1e} vs the reference",
         flush=True)
   out = None
