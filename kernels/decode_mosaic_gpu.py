@@ -36,9 +36,8 @@ prefill kernel):
   layout, converted and stored as a bf16 tile of the same integers (exact)
   that `wgmma` reads (`commit_smem` orders the store before it); queries are
   bf16. The page scales multiply columns instead, as in the Triton kernel:
-  K's the logits `q @ K^T`, V's the probabilities before `p @ V` (until
-  2026-11-26 the tiles themselves were multiplied, in float32, and rounded
-  to bf16; this form is unmeasured on a GPU).
+  K's the logits `q @ K^T`, V's the probabilities before `p @ V`
+  (unmeasured on a GPU in this form; docs/benchmarks.md has the history).
 
 Supported: bfloat16 / float16 pools (queries are cast to the pool's dtype)
 and int8 pools, `head_dim` 64 or 128 (256 would leave no SMEM for a ring),
@@ -47,10 +46,8 @@ head. Not supported (ValueError; `"auto"` takes the Triton kernel instead):
 float32 pools (`wgmma` would round them to tf32, and 32-bit `wgmma` can
 neither transpose an operand, as V `[T, head_dim]` must be, nor take p from
 registers). Prefill (`q_len > 1`) is `prefill_mosaic_gpu.py`'s, on the same
-page ring. `"auto"` keeps int8 pools on Triton: this kernel's int8 path ran
-at 0.4-0.5x its bf16 path on an H100 (before its page scales moved into
-SMEM and onto the columns of the logits and probabilities; not measured
-since). With `tiling.copy_warpgroup` a second warpgroup reads the page ids
+page ring. `"auto"` keeps int8 pools on Triton until this kernel's int8
+path is measured (an earlier form ran at 0.4-0.5x its bf16 path). With `tiling.copy_warpgroup` a second warpgroup reads the page ids
 and issues the copies while the first only computes; for int8 pools it also
 converts each step's tiles (into two alternating bf16 tile pairs, with
 their page scales), so the computing warpgroup never converts.
@@ -77,6 +74,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from kernels import checks
 from kernels import quantize
 from kernels import tuning
 from kernels.decode_triton import LOG2E, MASK_VALUE, merge_splits
@@ -298,6 +296,7 @@ def paged_decode(
   `interpret`: True (or an `interpret_params(...)` object) runs Mosaic GPU's
   CPU interpret mode.
   """
+  checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens)
   if plgpu is None:  # pragma: no cover
     raise NotImplementedError("this jaxlib has no Pallas Mosaic GPU")
   quantize.check_scales(kv_pages, kv_scales)

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
+from kernels import checks
 from kernels import prefill_mosaic_tpu
 from kernels import quantize
 from kernels import tpu_page_ring
@@ -121,6 +122,7 @@ def paged_decode_tpu(
     interpret: bool = False,
 ) -> jax.Array:  # [batch, num_heads, head_dim]
   """Decode attention of one query token per sequence over paged K/V."""
+  checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens)
   batch, num_heads, head_dim = q.shape
   _, _, num_kv_heads, block_size, _ = kv_pages.shape
   pages_per_seq = block_tables.shape[1]

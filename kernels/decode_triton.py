@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from kernels import checks
 from kernels import quantize
 from kernels import tuning
 
@@ -236,6 +237,7 @@ def paged_decode(
 
   Sequence `b` attends to its first `kv_lens[b]` tokens (0 gives zeros).
   """
+  checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens)
   batch, num_heads, head_dim = q.shape
   num_blocks, _, num_kv_heads, block_size, _ = kv_pages.shape
   pages_per_seq = block_tables.shape[1]

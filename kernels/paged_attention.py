@@ -17,7 +17,7 @@
   and prefill (`q_len > 1`, `prefill_mosaic_gpu.py`).
 * `"auto"`: the best registered implementation for the default backend that
   supports the call (query length, head_dim, page size, pool dtype, int8),
-  falling back to `"xla"`.
+  falling back to `"xla_chunked"`, then `"xla"`.
 
 On a CPU backend the Pallas implementations run in interpret mode, so they
 can be selected explicitly in tests.
@@ -33,6 +33,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from kernels import checks
 from kernels import decode_mosaic_gpu
 from kernels import prefill_mosaic_gpu
 from kernels import quantize
@@ -64,8 +65,9 @@ def _mosaic_gpu_in_auto(*, q_len: int, block_size: int, quantized: bool,
                         **call) -> bool:
   """Whether "auto" picks Mosaic GPU: decode of bf16/f16 pools, and prefill
   of such pools with pages of `MOSAIC_GPU_PREFILL_MIN_PAGE` tokens or more,
-  on Hopper. int8 pools stay with Triton: the Mosaic kernel's in-SMEM
-  dequantization ran at 0.4-0.6x the bf16 kernel's tokens/s on an H100."""
+  on Hopper. int8 pools stay with Triton: an earlier form of the Mosaic
+  kernel's int8 path ran at 0.4-0.5x its bf16 path on an H100, and the
+  current one is unmeasured."""
   if quantized or not decode_mosaic_gpu.is_hopper():
     return False
   if q_len == 1:
@@ -145,7 +147,7 @@ def paged_attention(
   See `paged_attention_ref` for the exact semantics every implementation
   shares. `kv_scales` is required for, and only for, an int8 `kv_pages`.
   """
-  _check_shapes(q, kv_pages, block_tables, kv_lens, q_lens)
+  checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens, q_lens)
   quantize.check_scales(kv_pages, kv_scales)
   name = resolve_implementation(
       implementation, q_len=q.shape[1], head_dim=q.shape[3],
@@ -157,22 +159,3 @@ def paged_attention(
     return fn(q, kv_pages, block_tables, kv_lens, q_lens, sm_scale=sm_scale)
   return fn(q, kv_pages, block_tables, kv_lens, q_lens, sm_scale=sm_scale,
             kv_scales=kv_scales)
-
-
-def _check_shapes(q, kv_pages, block_tables, kv_lens, q_lens) -> None:
-  if q.ndim != 4 or kv_pages.ndim != 5 or kv_pages.shape[1] != 2:
-    raise ValueError(
-        f"expected q [batch, q_len, heads, head_dim] and kv_pages "
-        f"[blocks, 2, kv_heads, block_size, head_dim]; got {q.shape} and "
-        f"{kv_pages.shape}")
-  batch, _, num_heads, head_dim = q.shape
-  if kv_pages.shape[4] != head_dim:
-    raise ValueError(f"head_dim mismatch: q {head_dim}, kv {kv_pages.shape[4]}")
-  if num_heads % kv_pages.shape[2]:
-    raise ValueError(f"num_heads={num_heads} is not a multiple of "
-                     f"num_kv_heads={kv_pages.shape[2]}")
-  if (block_tables.ndim != 2 or block_tables.shape[0] != batch
-      or kv_lens.shape != (batch,) or q_lens.shape != (batch,)):
-    raise ValueError(
-        f"block_tables {block_tables.shape}, kv_lens {kv_lens.shape}, "
-        f"q_lens {q_lens.shape} do not match batch={batch}")

@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import checks
+
 
 def ref_paged_attention(
     q: jax.Array,  # [batch, q_len, num_heads, head_dim]
@@ -34,6 +36,7 @@ def ref_paged_attention(
     sm_scale: float | None = None,
 ) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
   """Attention of `q` over paged K/V; see the module docstring."""
+  checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens, q_lens)
   batch, q_len, num_heads, head_dim = q.shape
   _, _, num_kv_heads, block_size, _ = kv_pages.shape
   group = num_heads // num_kv_heads

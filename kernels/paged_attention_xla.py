@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import checks
+
 # Tokens per chunk: small chunks keep prefill's score tile in cache, large
 # chunks amortise the loop for decode.
 PREFILL_CHUNK_TOKENS = 128
@@ -42,6 +44,7 @@ def xla_chunked_paged_attention(
     chunk_pages: int | None = None,
 ) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
   """Causal attention of the last `q_lens[b]` tokens over paged K/V."""
+  checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens, q_lens)
   batch, q_len, num_heads, head_dim = q.shape
   _, _, num_kv_heads, block_size, _ = kv_pages.shape
   group = num_heads // num_kv_heads

@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from kernels import checks
 from kernels import decode_mosaic_gpu
 from kernels import quantize
 from kernels import query_rows
@@ -224,6 +225,7 @@ def paged_prefill(
   `tiling`: the page ring's step and depth (`num_splits` must be 1);
   default `tuning.mosaic_prefill_tiling`.
   """
+  checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens, q_lens)
   if plgpu is None:  # pragma: no cover
     raise NotImplementedError("this jaxlib has no Pallas Mosaic GPU")
   quantize.check_scales(kv_pages, kv_scales)
@@ -252,7 +254,7 @@ def paged_prefill(
   if tiling.consumers == 2:
     from kernels import prefill_mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
     chunk_tokens = (tiling.pages_per_chunk * block_size
-                             // tiling.page_parts)
+                    // tiling.page_parts)
     if prefill_mosaic_gpu_ws.smem_bytes(
         chunk_tokens, head_dim, tiling.num_stages,
         jnp.dtype(kv_pages.dtype).itemsize) > decode_mosaic_gpu.SMEM_BUDGET:

@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
+from kernels import checks
 from kernels import tpu_page_ring
 from kernels import tuning
 from kernels.decode_triton import LOG2E, MASK_VALUE, SQUEEZED
@@ -154,6 +155,7 @@ def paged_prefill_tpu(
   Same semantics as `kernels.paged_attention_ref.ref_paged_attention`;
   float32 or bfloat16 pools (no int8).
   """
+  checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens, q_lens)
   batch, q_len, num_heads, head_dim = q.shape
   _, _, num_kv_heads, block_size, _ = kv_pages.shape
   pages_per_seq = block_tables.shape[1]

@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from kernels import checks
 from kernels import quantize
 from kernels import query_rows
 from kernels import tuning
@@ -147,6 +148,7 @@ def paged_prefill(
 
   Same semantics as `kernels.paged_attention_ref.ref_paged_attention`.
   """
+  checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens, q_lens)
   batch, q_len, num_heads, head_dim = q.shape
   num_blocks, _, num_kv_heads, block_size, _ = kv_pages.shape
   pages_per_seq = block_tables.shape[1]

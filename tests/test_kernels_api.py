@@ -75,3 +75,94 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="kv_scales must be"):
     paged_attention(case.q, case.kv_pages.astype(jnp.int8),
                         *case.args()[2:], kv_scales=scales)
+
+
+def _entry_points():
+  """Every public paged-attention function a model author may call
+  directly: (name, fn, takes q_lens)."""
+  from kernels import decode_mosaic_gpu, decode_mosaic_tpu, decode_triton  # pylint: disable=g-import-not-at-top
+  from kernels import paged_attention_ref, paged_attention_xla  # pylint: disable=g-import-not-at-top
+  from kernels import prefill_mosaic_gpu, prefill_mosaic_tpu, prefill_triton  # pylint: disable=g-import-not-at-top
+  return [
+      ("api", paged_attention, True),
+      ("ref", paged_attention_ref.ref_paged_attention, True),
+      ("xla_chunked", paged_attention_xla.xla_chunked_paged_attention, True),
+      ("triton decode", decode_triton.paged_decode, False),
+      ("triton prefill", prefill_triton.paged_prefill, True),
+      ("mosaic gpu decode", decode_mosaic_gpu.paged_decode, False),
+      ("mosaic gpu prefill", prefill_mosaic_gpu.paged_prefill, True),
+      ("mosaic tpu decode", decode_mosaic_tpu.paged_decode_tpu, False),
+      ("mosaic tpu prefill", prefill_mosaic_tpu.paged_prefill_tpu, True),
+  ]
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("head_dim", "head_dim mismatch"),
+    ("heads", "not a multiple of num_kv_heads"),
+    ("float_tables", "block_tables must be integers"),
+    ("float_lens", "kv_lens must be integers"),
+    ("batch", "do not match q's batch"),
+    ("q_rank", "expected q"),
+    ("no_queries", "no query tokens"),
+])
+def test_every_entry_point_rejects_bad_arguments(bad, match):
+  """A wrong shape or dtype is a ValueError naming it at every public
+  entry point, not a lowering error or (head_dim, before these checks: the
+  Triton kernels returned q's head_dim) a result of the wrong shape."""
+  case = testing.make_case(25, kv_lens=[40, 7], num_heads=4, num_kv_heads=2,
+                           head_dim=64, block_size=16, dtype="bfloat16")
+  q, kv, tables, lens, q_lens = case.args()  # q: [batch, 1, heads, dim]
+  if bad == "head_dim":
+    q = jnp.concatenate([q, q], axis=-1)
+  elif bad == "heads":
+    q = q[:, :, :3]
+  elif bad == "float_tables":
+    tables = tables.astype(jnp.float32)
+  elif bad == "float_lens":
+    lens = lens.astype(jnp.float32)
+  elif bad == "batch":
+    lens = lens[:1]
+  for name, fn, prefill in _entry_points():
+    args_q = q
+    if bad == "q_rank":
+      args_q = q[0] if prefill else q  # 3-D for prefill, 4-D for decode
+    elif bad == "no_queries":
+      if not prefill:
+        continue  # a decode query is one token by its shape
+      args_q = q[:, :0]
+    elif not prefill:
+      args_q = q[:, 0]
+    args = (args_q, kv, tables, lens) + ((q_lens,) if prefill else ())
+    with pytest.raises(ValueError, match=match):
+      fn(*args)
+    del name
+
+
+def test_write_kv_scatters_tokens_and_drops_padding():
+  """Against numpy: each token's K and V land at its slot, padding slots
+  (-1) write nothing, every other page is kept."""
+  from kernels import write_kv  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(26)
+  pool = rng.standard_normal((6, 2, 2, 16, 8)).astype(np.float32)
+  k = rng.standard_normal((2, 5, 2, 8)).astype(np.float32)
+  v = rng.standard_normal((2, 5, 2, 8)).astype(np.float32)
+  slots = rng.permutation(6 * 16)[:10].reshape(2, 5).astype(np.int32)
+  slots[1, 3:] = -1
+  want = pool.copy()
+  for b in range(2):
+    for t in range(5):
+      if slots[b, t] >= 0:
+        page, off = divmod(int(slots[b, t]), 16)
+        want[page, 0, :, off], want[page, 1, :, off] = k[b, t], v[b, t]
+  got = write_kv(jnp.asarray(pool), jnp.asarray(k), jnp.asarray(v),
+                 jnp.asarray(slots))
+  np.testing.assert_array_equal(np.asarray(got), want)
+  with pytest.raises(ValueError, match="slot_mapping"):
+    write_kv(jnp.asarray(pool), jnp.asarray(k), jnp.asarray(v),
+             jnp.asarray(slots[:, :4]))
+  with pytest.raises(ValueError, match="expected k and v"):
+    write_kv(jnp.asarray(pool), jnp.asarray(k[..., :4]),
+             jnp.asarray(v[..., :4]), jnp.asarray(slots))
+  with pytest.raises(ValueError, match="must be integers"):
+    write_kv(jnp.asarray(pool), jnp.asarray(k), jnp.asarray(v),
+             jnp.asarray(slots, jnp.float32))

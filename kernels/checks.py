@@ -1,0 +1,57 @@
+"""Argument checks shared by every paged-attention entry point.
+
+The API (`paged_attention`) and each public kernel (`paged_decode*`,
+`paged_prefill*`, the XLA implementations) call `check_paged_arguments`
+first, so that a wrong shape or dtype is a ValueError naming the argument
+rather than a reshape or lowering error deep inside a kernel, or, where
+broadcasting would hide it, a result of the wrong shape. Only static
+properties (shapes, dtypes) are checked: the calls are traced.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def check_paged_arguments(
+    q: jax.Array,  # [batch, num_heads, head_dim] or [batch, q_len, num_heads, head_dim]
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    block_tables: jax.Array,  # [batch, pages_per_seq] integer
+    kv_lens: jax.Array,  # [batch] integer
+    q_lens: jax.Array | None = None,  # [batch] integer; None: decode, 3-D q
+) -> None:
+  """Raises ValueError unless the arguments describe one paged-attention
+  call: a decode query `[batch, num_heads, head_dim]` when `q_lens` is None,
+  else `[batch, q_len >= 1, num_heads, head_dim]`; a pool of K/V pages with
+  the query's head_dim and a number of KV heads dividing the query heads;
+  integer block tables and lengths of the query's batch."""
+  decode = q_lens is None
+  want = ("[batch, num_heads, head_dim]" if decode
+          else "[batch, q_len, num_heads, head_dim]")
+  if q.ndim != (3 if decode else 4):
+    raise ValueError(f"expected q {want}; got shape {q.shape}")
+  if kv_pages.ndim != 5 or kv_pages.shape[1] != 2:
+    raise ValueError(
+        "expected kv_pages [num_blocks, 2, num_kv_heads, block_size, "
+        f"head_dim]; got shape {kv_pages.shape}")
+  batch, num_heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
+  if not decode and q.shape[1] < 1:
+    raise ValueError(f"q holds no query tokens (q_len 0): shape {q.shape}")
+  if kv_pages.shape[4] != head_dim:
+    raise ValueError(f"head_dim mismatch: q has {head_dim}, kv_pages "
+                     f"{kv_pages.shape[4]}")
+  if num_heads % kv_pages.shape[2]:
+    raise ValueError(f"num_heads={num_heads} is not a multiple of "
+                     f"num_kv_heads={kv_pages.shape[2]}")
+  lengths = {"kv_lens": kv_lens} if decode else {"kv_lens": kv_lens,
+                                                 "q_lens": q_lens}
+  if block_tables.ndim != 2 or block_tables.shape[0] != batch or any(
+      x.shape != (batch,) for x in lengths.values()):
+    shapes = ", ".join(f"{name} {x.shape}" for name, x in lengths.items())
+    raise ValueError(f"block_tables {block_tables.shape}, {shapes} do not "
+                     f"match q's batch of {batch} (block_tables [batch, "
+                     "pages_per_seq], lengths [batch])")
+  for name, x in {"block_tables": block_tables, **lengths}.items():
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be integers (int32); got {x.dtype}")
