@@ -115,9 +115,8 @@ class PageRing:
 
     int8 pools: first the step's page ids, then their K and V scales (loads
     that do not wait on each other), kept in the slot's `scale_slots` row,
-    where dequantization reads them from SMEM: a dependent pair of global
-    loads per page at each dequantization was the int8 kernel's suspected
-    cost (0.4x the bf16 kernel on an H100), not yet measured since.
+    from which `token_scales` reads them in SMEM: no global load at the
+    point of use.
     """
     st, tokens = self.st, self.tokens
     ids_first = st.ids_first or st.quantized
@@ -434,7 +433,8 @@ def interpret_params(**kwargs):
   """Mosaic GPU's CPU interpret mode, `InterpretGPUParams(**kwargs)`.
 
   Public as `plgpu.InterpretGPUParams` from jax 0.11; private in jax 0.10
-  (the one place these kernels touch JAX internals).
+  (one of the two places these kernels touch JAX internals; the other is
+  `block_copy`'s memory-space fallback).
   """
   if hasattr(plgpu, "InterpretGPUParams"):
     return plgpu.InterpretGPUParams(**kwargs)

@@ -28,8 +28,8 @@ DECODE_CASES = [
     (8, 8, 128, 32, "int8", [130, 0], 1, 1),  # MHA, int8, empty, no split
 ]
 
-# The Mosaic GPU decode kernel's cases (16-bit pools only; steps of 64-256
-# tokens). Each split of the ones with num_splits == 1 takes more steps than
+# The Mosaic GPU decode kernel's cases (bf16/f16 and int8 pools; steps of
+# 64-256 tokens). Each split of the ones with num_splits == 1 takes more steps than
 # the ring has stages, so slots are refilled.
 MOSAIC_DECODE_CASES = [
     # (heads, kv_heads, head_dim, block_size, dtype, kv_lens,
@@ -214,19 +214,8 @@ def seed_of(params) -> int:
 
 
 def decode_case(params) -> Case:
-  """The `Case` of one `DECODE_CASES` entry (one query token, a spare
-  table column of junk ids)."""
-  heads, kv_heads, head_dim, block_size, dtype, kv_lens, _, _ = params
-  return make_case(
-      seed_of(params), kv_lens=kv_lens, num_heads=heads,
-      num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
-      dtype=dtype,
-      pages_per_seq=max(-(-n // block_size) for n in kv_lens) + 1)
-
-
-def mosaic_decode_case(params) -> Case:
-  """The `Case` of one `MOSAIC_DECODE_CASES` entry (one query token, a spare
-  table column of junk ids)."""
+  """The `Case` of one `DECODE_CASES` or `MOSAIC_DECODE_CASES` entry (one
+  query token, a spare table column of junk ids)."""
   heads, kv_heads, head_dim, block_size, dtype, kv_lens = params[:6]
   return make_case(
       seed_of(params), kv_lens=kv_lens, num_heads=heads,
@@ -255,8 +244,9 @@ def prefill_case(params) -> Case:
       block_size=block_size, dtype=dtype)
 
 
-# Block gathers host -> device (kernels/host_gather_triton.py): the pool's
-# and the hot tier's block shape, and the layers moved.
+# Block gathers host -> device (kernels/host_gather_triton.py and
+# host_gather_tpu.py): the pool's and the hot tier's block shape, and the
+# layers moved.
 HOST_GATHER_CASES = [
     # (dtype, kv_heads, block_size, head_dim, num_layers, layer_start,
     #  layers_moved)

@@ -220,8 +220,8 @@ def mosaic_prefill_tiling(*, block_size: int, head_dim: int,
   H100 (1 x (16,384 + 512) tokens, 16-token bf16 pages; docs/results/
   tiling_h100_2026-11-26_stop11.log): 128-key steps with 2 slots 556 us;
   64-key steps with 2, 3, 4 slots 624, 632, 985 us. The ring's bytes stay
-  within the decode kernel's budget for head_dim <= 128 (176 KB at 128,
-  int8 included).
+  within the decode kernel's budget for head_dim <= 128 (144 KB at 128,
+  int8 included: `mosaic_smem_bytes(128, 128, 2)`).
   """
   del head_dim, itemsize, quantized  # the same step for every pool
   pages_per_chunk, page_parts = step_split(block_size, MOSAIC_PREFILL_STEP_TOKENS)

@@ -37,7 +37,7 @@ def _tiling(params):
 
 @pytest.mark.parametrize("params", testing.MOSAIC_DECODE_CASES, ids=str)
 def test_decode_matches_reference(params):
-  case = testing.mosaic_decode_case(params)
+  case = testing.decode_case(params)
   out = decode_mosaic_gpu.paged_decode(
       case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
       case.kv_scales, tiling=_tiling(params), interpret=True)

@@ -140,7 +140,7 @@ needs_hopper = pytest.mark.skipif(
 @needs_hopper
 @pytest.mark.parametrize("params", testing.MOSAIC_DECODE_CASES, ids=str)
 def test_small_mosaic_decode_cases(params):
-  case = testing.mosaic_decode_case(params)
+  case = testing.decode_case(params)
   _poison(case)
   out = decode_mosaic_gpu.paged_decode(
       case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens,
