@@ -734,34 +734,14 @@ def print_table(rows: list[dict], checks: list[dict], interpret: bool
     print(f"  {verdict} {c['target']:40s} {c['value']:6.2f}  {c['shape']}")
 
 
-def _smoke_defaults() -> None:
-  """One timed call per row on the smoke preset (CPU, interpret mode),
-  where the flags are not given."""
-  for name, value in (("reps", 1), ("inner", 1), ("warmup_s", 0.0)):
-    if not FLAGS[name].present:
-      FLAGS[name].value = value
-
-
 SECTIONS = ("calib", "decode", "prefill", "copy", "overlap", "gather_kernel")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not FLAGS.only:
-    raise app.UsageError(f"--only: empty; choose from {list(SECTIONS)}")
-  unknown = set(FLAGS.only) - set(SECTIONS)
-  if unknown:
-    raise app.UsageError(f"--only: unknown sections {sorted(unknown)}; "
-                         f"choose from {list(SECTIONS)}")
-  import jax
-  backend = jax.default_backend()
-  preset = FLAGS.preset or ("gpu" if backend == "gpu" else "smoke")
-  if preset == "gpu" and backend != "gpu":
-    raise app.UsageError(f"--preset=gpu needs a GPU backend (this one is "
-                         f"{backend}); use --preset=smoke")
-  if preset == "smoke":
-    _smoke_defaults()
+  backend, preset = kernel_cases.resolve_run(FLAGS, "only", SECTIONS)
+  import jax  # pylint: disable=g-import-not-at-top
   cfg = PRESETS[preset]
   interpret = backend != "gpu"
   out = FLAGS.out or os.path.join("docs", "results",

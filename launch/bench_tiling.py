@@ -326,22 +326,8 @@ def print_best(rows: list[dict]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not FLAGS.kernels:
-    raise app.UsageError(f"--kernels: empty; choose from {list(KERNELS)}")
-  unknown = set(FLAGS.kernels) - set(KERNELS)
-  if unknown:
-    raise app.UsageError(f"--kernels: unknown {sorted(unknown)}; choose from "
-                         f"{list(KERNELS)}")
-  import jax
-  backend = jax.default_backend()
-  preset = FLAGS.preset or ("gpu" if backend == "gpu" else "smoke")
-  if preset == "gpu" and backend != "gpu":
-    raise app.UsageError(f"--preset=gpu needs a GPU backend (this one is "
-                         f"{backend}); use --preset=smoke")
-  if preset == "smoke":  # one timed call per configuration unless asked
-    for name, value in (("reps", 1), ("inner", 1), ("warmup_s", 0.0)):
-      if not FLAGS[name].present:
-        FLAGS[name].value = value
+  backend, preset = kernel_cases.resolve_run(FLAGS, "kernels", KERNELS)
+  import jax  # pylint: disable=g-import-not-at-top
   cfg = PRESETS[preset]
   interpret = backend != "gpu"
   out = FLAGS.json or os.path.join("docs", "results",

@@ -112,6 +112,34 @@ class CopyShape:
 # --- Report plumbing shared by the launchers ---------------------------------
 
 
+def resolve_run(flags, list_flag: str, choices) -> tuple[str, str]:
+  """The common start of the kernel benchmark launchers' `main`: checks
+  the list flag `list_flag` (non-empty, every entry in `choices`), resolves
+  `--preset` (default: "gpu" on a GPU backend, else "smoke"; "gpu" refused
+  elsewhere) and on the smoke preset makes `--reps`, `--inner` and
+  `--warmup_s` one timed call unless given. Returns (backend, preset);
+  a bad choice is an `app.UsageError`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  chosen = flags[list_flag].value
+  if not chosen:
+    raise app.UsageError(f"--{list_flag}: empty; choose from {list(choices)}")
+  unknown = set(chosen) - set(choices)
+  if unknown:
+    raise app.UsageError(f"--{list_flag}: unknown {sorted(unknown)}; choose "
+                         f"from {list(choices)}")
+  backend = jax.default_backend()
+  preset = flags.preset or ("gpu" if backend == "gpu" else "smoke")
+  if preset == "gpu" and backend != "gpu":
+    raise app.UsageError(f"--preset=gpu needs a GPU backend (this one is "
+                         f"{backend}); use --preset=smoke")
+  if preset == "smoke":  # one timed call per configuration unless asked
+    for name, value in (("reps", 1), ("inner", 1), ("warmup_s", 0.0)):
+      if not flags[name].present:
+        flags[name].value = value
+  return backend, preset
+
+
 def check_output_path(path: str, what: str) -> str:
   """`path` if a file can be written there: not a directory, its folder
   (created here if missing) a writable directory; ValueError saying why
