@@ -58,7 +58,10 @@ def xla_chunked_paged_attention(
   qg = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
   qg = qg.astype(jnp.float32) * scale
   q_pos = (kv_lens - q_lens)[:, None] + jnp.arange(q_len)[None, :]  # [B, T]
-  num_chunks = (jnp.max(kv_lens) + chunk_tokens - 1) // chunk_tokens
+  # Keys exist only within the table's capacity, as in the reference: a
+  # length past it must not re-read the clamped last chunk or the padding.
+  key_limit = jnp.minimum(kv_lens, pages_per_seq * block_size)  # [B]
+  num_chunks = (jnp.max(key_limit) + chunk_tokens - 1) // chunk_tokens
 
   def load(chunk_table, kv):  # -> [B, cp, Hkv, P, D] float32
     pages = kv_pages[chunk_table, kv].astype(jnp.float32)
@@ -74,7 +77,7 @@ def xla_chunked_paged_attention(
     s = s.reshape(batch, q_len, num_kv_heads, group, chunk_tokens)
     kv_pos = c * chunk_tokens + jnp.arange(chunk_tokens)
     valid = ((kv_pos[None, None, :] <= q_pos[:, :, None])
-             & (kv_pos[None, None, :] < kv_lens[:, None, None]))
+             & (kv_pos[None, None, :] < key_limit[:, None, None]))
     s = jnp.where(valid[:, :, None, None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
