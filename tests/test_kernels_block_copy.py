@@ -84,8 +84,10 @@ def test_scatter_to_host_reuses_pinned_tier():
   host = _host_array(rng, (9, 2) + SHAPE_TAIL, jnp.float32)
   want = np.asarray(jax.device_get(host)).copy()
   pool_np = np.asarray(pool)
-  src = jnp.asarray([1, 4, 5], jnp.int32)
-  dst = jnp.asarray([8, 0, -1], jnp.int32)
+  # Padding (-1) before and after the valid entries: a padding entry must
+  # write nothing, whatever source it is paired with.
+  src = jnp.asarray([2, 1, 4, 5], jnp.int32)
+  dst = jnp.asarray([-1, 8, 0, -1], jnp.int32)
   for s, d in zip(np.asarray(src), np.asarray(dst)):
     if d >= 0:
       want[d] = pool_np[:, s]
