@@ -10,7 +10,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterable, Sequence
+import tempfile
+from typing import Any, Callable, Iterable, Sequence
 
 PERCENTILES = (50, 90, 99)
 
@@ -122,15 +123,40 @@ def run_environment() -> dict[str, Any]:
           "date": time.strftime("%Y-%m-%d")}
 
 
+def replace_atomically(path: str, write: Callable[[str], None],
+                       suffix: str = "") -> None:
+  """Calls `write(tmp)` on a temporary file beside `path`, then renames it
+  over `path`: an interrupted or failed write leaves the old file whole."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix,
+                             prefix=f".{os.path.basename(path)}.")
+  os.close(fd)
+  try:
+    write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
+
+
 def write_json(report: dict[str, Any], path: str) -> None:
-  """Writes `report` atomically (temp file + rename) as indented JSON."""
-  tmp = f"{path}.tmp"
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, sort_keys=False, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
+  """Writes `report` as indented JSON, atomically (`replace_atomically`),
+  creating its folder if missing."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2, sort_keys=False, default=str)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+  replace_atomically(path, write, ".json")
 
 
 def plot_turns(records: Sequence[TurnRecord], path: str, title: str = "") -> None:

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from absl import app, flags
 
+from dualpath_jax import metrics
 from launch import kernel_cases
 from launch import kernel_plot
 from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
@@ -788,7 +789,7 @@ def main(argv):
                complete=final, interrupted=interrupted, ceilings=ceilings,
                rows=rows, targets=checks)
     try:
-      kernel_cases.write_json_atomically(out, doc)
+      metrics.write_json(doc, out)
     except OSError as e:
       sys.exit(f"error: cannot write {out}: {e}")
     state["written"] = [out]

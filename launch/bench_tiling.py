@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 
 from absl import app, flags
 
+from dualpath_jax import metrics
 from launch import kernel_cases
 from launch.kernel_cases import (KERNELS, DecodeShape, PrefillShape,
                                  default_tiling,
@@ -349,7 +350,7 @@ def main(argv):
                elapsed_s=time.monotonic() - started,
                max_rel_err=MAX_REL_ERR, rows=rows, best=best_per_shape(rows))
     try:
-      kernel_cases.write_json_atomically(out, doc)
+      metrics.write_json(doc, out)
     except OSError as e:
       sys.exit(f"error: cannot write {out}: {e}")
 

@@ -2,22 +2,22 @@
 benchmarks (`launch.bench_kernels`, `launch.bench_tiling`).
 
 Kept free of flags so that each launcher defines only its own; the
-launchers' shared report plumbing (output paths checked up front, atomic
-JSON, run metadata, Ctrl-C seen through JAX's wrapping) is here too.
+launchers' shared report plumbing (output paths checked up front, run
+metadata, Ctrl-C seen through JAX's wrapping) is here too; reports are
+written with `dualpath_jax.metrics.write_json` (atomic), as every
+launcher's are.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -159,39 +159,6 @@ def check_output_path(path: str, what: str) -> str:
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise ValueError(f"{what}: {path} exists and is not writable")
   return path
-
-
-def replace_atomically(path: str, write: Callable[[str], None],
-                       suffix: str = "") -> None:
-  """Calls `write(tmp)` on a temporary file beside `path`, then renames it
-  over `path`: an interrupted or failed write leaves the old file whole."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix,
-                             prefix=f".{os.path.basename(path)}.")
-  os.close(fd)
-  try:
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
-
-
-def write_json_atomically(path: str, doc: Any) -> None:
-  """`doc` as indented JSON at `path`, replacing the old file only once
-  the new one is complete."""
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(doc, f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
-  replace_atomically(path, write, ".json")
 
 
 def _git_commit() -> str | None:

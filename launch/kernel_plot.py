@@ -132,7 +132,7 @@ def plot_kernels(report: Mapping[str, Any], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from launch import kernel_cases
+  from dualpath_jax import metrics
 
   fig, axes = plt.subplots(len(_PANELS), 1, figsize=(13, 12))
   for ax, (kind, title, targets) in zip(axes, _PANELS):
@@ -170,7 +170,7 @@ def plot_kernels(report: Mapping[str, Any], path: str) -> None:
                fontsize=11)
   fig.tight_layout()
   try:
-    kernel_cases.replace_atomically(
+    metrics.replace_atomically(
         path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), ".png")
   finally:
     plt.close(fig)
