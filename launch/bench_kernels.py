@@ -133,7 +133,8 @@ def _attempt(rows: list[dict], base: dict, impl: str,
   try:
     if check is not None:
       row["rel_err"] = check(fn())
-    sec = timeit(fn, FLAGS.reps, FLAGS.inner, warmup_s=FLAGS.warmup_s)
+    sec = timeit(fn, FLAGS.reps, FLAGS.inner, warmup_s=FLAGS.warmup_s,
+                 compiled=check is not None)
     row.update(time_us=sec * 1e6, gbps=nbytes / sec / 1e9,
                tflops=flops / sec / 1e12)
   except Exception as e:  # pylint: disable=broad-except

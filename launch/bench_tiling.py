@@ -245,7 +245,7 @@ def sweep_shape(kernel: str, shape, grid, problem, rows: list[dict],
       if not row["rel_err"] <= MAX_REL_ERR:  # NaN fails too
         raise AssertionError(f"wrong result: rel_err {row['rel_err']:.2e}")
       sec = timeit(lambda: fn(*args), FLAGS.reps, FLAGS.inner,
-                   warmup_s=FLAGS.warmup_s)
+                   warmup_s=FLAGS.warmup_s, compiled=True)
       row.update(time_us=sec * 1e6, gbps=nbytes / sec / 1e9,
                  tflops=flops / sec / 1e12)
       if i == 0:

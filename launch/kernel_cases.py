@@ -217,10 +217,12 @@ MAX_INNER = 1000
 
 def timeit(fn: Callable[[], Any], reps: int, inner: int, *,
            wait: Callable[[Any], Any] | None = None,
-           warmup_s: float = 0.2, min_rep_s: float = MIN_REP_S) -> float:
+           warmup_s: float = 0.2, min_rep_s: float = MIN_REP_S,
+           compiled: bool = False) -> float:
   """Median seconds per call of `fn` over `reps` repetitions of back-to-back
-  calls, after one warm-up call (compilation) and then calls for `warmup_s`
-  seconds.
+  calls, after one warm-up call (compilation; skipped with `compiled=True`,
+  when the caller has already called `fn`, e.g. to check its result) and
+  then calls for `warmup_s` seconds.
 
   Warm-up: a GPU left idle while the host compiles drops to a low clock
   (the H100 reported 345 MHz idle) and needs some milliseconds of work to
@@ -239,7 +241,8 @@ def timeit(fn: Callable[[], Any], reps: int, inner: int, *,
   if wait is None:
     import jax
     wait = jax.block_until_ready
-  wait(fn())
+  if not compiled:
+    wait(fn())
   calls, start = 0, time.perf_counter()
   while (elapsed := time.perf_counter() - start) < warmup_s:
     wait(fn())

@@ -10,6 +10,11 @@ model) takes ~10 s on the 2-core CPU, so it happens once per session:
   Tests using it are slow: mark them `@pytest.mark.slow`.
 * `np_rng`: a numpy Generator seeded from the test's node id (fresh per test,
   reproducible across runs).
+
+The suite runs in pytest-xdist workers (`-n auto` in setup.cfg), one per CPU
+core up to `MAX_WORKERS`: the interpret-mode kernels are single-threaded
+Python, so two cores run the suite in about three quarters of the time.
+`-n 0` runs it in one process (e.g. to debug one test).
 """
 
 from __future__ import annotations
@@ -19,6 +24,24 @@ import os
 
 import numpy as np
 import pytest
+
+# Each worker holds its own JAX runtime and, for the slow tests, the model.
+MAX_WORKERS = 4
+# Device nodes of a GPU or TPU: there each worker would claim the device's
+# memory, so the suite runs in one process (scripts/gpu_check.sh chooses its
+# own workers, with preallocation off).
+_ACCELERATOR_NODES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  """Workers for `-n auto`: the usable CPU cores, at most `MAX_WORKERS`;
+  none (one process) where an accelerator is visible."""
+  del config
+  if any(os.path.exists(node) for node in _ACCELERATOR_NODES):
+    return 0
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+      else (os.cpu_count() or 1)
+  return max(1, min(cores, MAX_WORKERS))
 
 
 @pytest.fixture(scope="session")

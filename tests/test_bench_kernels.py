@@ -80,6 +80,10 @@ def test_timeit_fills_a_repetition_with_short_calls():
   assert len(counts) == 1 + 2 * 3
   counts.clear()
   kernel_cases.timeit(lambda: counts.append(1), reps=2, inner=3,
+                      wait=lambda _: None, warmup_s=0, compiled=True)
+  assert len(counts) == 2 * 3  # the caller's check call compiled it
+  counts.clear()
+  kernel_cases.timeit(lambda: counts.append(1), reps=2, inner=3,
                       wait=lambda _: None, warmup_s=0.01, min_rep_s=0.1)
   warm = len(counts) - 2 * kernel_cases.MAX_INNER
   assert warm > 1  # the warm-up's calls, then MAX_INNER per repetition

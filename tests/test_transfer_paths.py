@@ -139,8 +139,9 @@ def test_paths_read_concurrently():
   t0 = time.monotonic()
   loader.read_to_host(req)
   elapsed = time.monotonic() - t0
-  # 3 blocks per NIC at 10 blocks/s: 0.3 s in parallel, 0.6 s one after other.
-  assert 0.28 <= elapsed < 0.5
+  # 3 blocks per NIC at 10 blocks/s: 0.3 s in parallel, 0.6 s one after
+  # other (the margin: another pytest worker may hold the other core).
+  assert 0.28 <= elapsed < 0.55
   loader.close()
 
 
