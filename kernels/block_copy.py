@@ -68,13 +68,9 @@ DEVICE_MEMORY_KIND = "device"
 
 def _to_memory(x: jax.Array, kind: str) -> jax.Array:
   """Moves `x` to memory kind `kind` inside a traced computation."""
-  space = getattr(jax, "memory", None)
-  if space is not None and hasattr(space, "Space"):
-    target = (space.Space.Host if kind == HOST_MEMORY_KIND
-              else space.Space.Device)
-    return jax.device_put(x, target)
-  from jax._src.sharding_impls import TransferToMemoryKind  # older JAX
-  return jax.device_put(x, TransferToMemoryKind(kind))
+  target = (jax.memory.Space.Host if kind == HOST_MEMORY_KIND
+            else jax.memory.Space.Device)
+  return jax.device_put(x, target)
 
 
 def allocate_host_tier(
@@ -127,8 +123,7 @@ def check_arguments(pool, host_tier, pool_ids, host_ids, layer_start,
 
 def memory_kind_of(x: jax.Array, default: str) -> str:
   """The memory kind `x` has in the traced program (its type's space)."""
-  space = getattr(jax.typeof(x), "memory_space", None) if hasattr(
-      jax, "typeof") else None
+  space = getattr(jax.typeof(x), "memory_space", None)
   name = str(space).rsplit(".", 1)[-1].lower() if space is not None else ""
   if name == "host":
     return HOST_MEMORY_KIND

@@ -5,7 +5,7 @@ the grid is `(batch, num_kv_heads, num_splits)`, one program takes one
 sequence, one KV head with all the query heads of its GQA group, and one
 contiguous slice of the sequence's block table. Each program writes an
 unnormalised partial output with its running max and sum (base 2); the XLA
-epilogue of `decode_triton.merge_splits` combines the splits.
+epilogue of `common.merge_splits` combines the splits.
 
 Inside a program (one warpgroup, 128 threads; the page ring, matmuls and
 int8 dequantization live in `mosaic_gpu_ring.PageRing`, shared with the
@@ -77,7 +77,7 @@ import jax.numpy as jnp
 from kernels import checks
 from kernels import quantize
 from kernels import tuning
-from kernels.decode_triton import LOG2E, MASK_VALUE, merge_splits
+from kernels.common import LOG2E, MASK_VALUE, merge_splits
 # interpret_params: Mosaic GPU's CPU interpret mode, re-exported here for the
 # tests and callers that use it.
 from kernels.mosaic_gpu_ring import (WGMMA_ROWS, converts, in_ring_scope,  # pylint: disable=unused-import
@@ -388,30 +388,3 @@ def check_tiling(tiling, block_size: int, head_dim: int,
         "of 2 (one of them 1), a step 64, 128 or 256 tokens (wgmma's "
         "contraction of p @ V), num_splits and num_stages >= 1, and the "
         f"program within {SMEM_BUDGET} bytes of SMEM")
-
-
-def paged_attention_mosaic_gpu(
-    q: jax.Array,  # [batch, q_len, num_heads, head_dim]
-    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
-    block_tables: jax.Array,  # [batch, pages_per_seq] int32
-    kv_lens: jax.Array,  # [batch] int32
-    q_lens: jax.Array,  # [batch] int32
-    *,
-    sm_scale: float | None = None,
-    kv_scales: jax.Array | None = None,  # [num_blocks, 2, num_kv_heads] f32
-    interpret: bool | None = None,
-) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
-  """The `"pallas_mosaic_gpu"` implementation: the decode kernel for
-  q_len == 1, the prefill kernel (`prefill_mosaic_gpu`) otherwise."""
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  if q.shape[1] != 1:
-    from kernels import prefill_mosaic_gpu  # pylint: disable=g-import-not-at-top
-    return prefill_mosaic_gpu.paged_prefill(
-        q, kv_pages, block_tables, kv_lens, q_lens, kv_scales,
-        sm_scale=sm_scale, interpret=interpret)
-  out = paged_decode(q[:, 0], kv_pages, block_tables, kv_lens, kv_scales,
-                     sm_scale=sm_scale, interpret=interpret)
-  # Padding rows (q_lens == 0) give zeros, as in the reference.
-  out = jnp.where((q_lens > 0)[:, None, None], out, 0).astype(q.dtype)
-  return out[:, None]

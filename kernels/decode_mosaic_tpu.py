@@ -30,10 +30,9 @@ from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from kernels import checks
-from kernels import prefill_mosaic_tpu
 from kernels import quantize
 from kernels import tpu_page_ring
-from kernels.decode_triton import LOG2E, MASK_VALUE, SQUEEZED
+from kernels.common import LOG2E, MASK_VALUE, SQUEEZED
 
 
 def _tpu_decode_kernel(
@@ -172,32 +171,3 @@ def paged_decode_tpu(
       name="paged_decode_tpu",
   )(*args)
   return out.reshape(batch, num_heads, head_dim)
-
-
-def paged_attention_mosaic_tpu(
-    q: jax.Array,  # [batch, q_len, num_heads, head_dim]
-    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
-    block_tables: jax.Array,  # [batch, pages_per_seq] int32
-    kv_lens: jax.Array,  # [batch] int32
-    q_lens: jax.Array,  # [batch] int32
-    *,
-    sm_scale: float | None = None,
-    kv_scales: jax.Array | None = None,  # [num_blocks, 2, num_kv_heads] f32
-    interpret: bool | None = None,
-) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
-  """The `"pallas_mosaic_tpu"` implementation: this decode kernel for
-  `q_len == 1`, the prefill kernel (`prefill_mosaic_tpu.py`; float32 and
-  bfloat16 pools, no int8) for longer chunks."""
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  if q.shape[1] != 1:
-    if kv_scales is not None:
-      raise ValueError("the Mosaic TPU prefill kernel takes no int8 pools; "
-                       "use implementation='xla' or 'xla_chunked'")
-    return prefill_mosaic_tpu.paged_prefill_tpu(
-        q, kv_pages, block_tables, kv_lens, q_lens, sm_scale=sm_scale,
-        interpret=interpret)
-  out = paged_decode_tpu(q[:, 0], kv_pages, block_tables, kv_lens, kv_scales,
-                         sm_scale=sm_scale, interpret=interpret)
-  out = jnp.where((q_lens > 0)[:, None, None], out, 0).astype(q.dtype)
-  return out[:, None]

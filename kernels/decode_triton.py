@@ -22,35 +22,24 @@ Runs on CPU with `interpret=True` (tests) and lowers to Triton on GPU.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 import jax.numpy as jnp
 
 from kernels import checks
 from kernels import quantize
 from kernels import tuning
+from kernels.common import LOG2E, MASK_VALUE, SQUEEZED, merge_splits
 
-try:  # The Triton compiler parameters moved between JAX releases.
-  from jax.experimental.pallas import triton as pl_triton
-  _TritonParams = pl_triton.CompilerParams
-except (ImportError, AttributeError):  # pragma: no cover
-  _TritonParams = None
-
-SQUEEZED = getattr(pl, "squeezed", None)
-# Finite stand-in for -inf: exp2(MASK_VALUE - real) == 0 and no NaNs.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-LOG2E = math.log2(math.e)
 MIN_DOT_ROWS = 16  # tl.dot needs M >= 16
 
 
 def compiler_params(num_warps: int, num_stages: int):
-  """Triton compiler parameters, or None where this JAX lacks them."""
-  if _TritonParams is None:
-    return None
-  return _TritonParams(num_warps=num_warps, num_stages=num_stages)
+  """The Triton lowering's compiler parameters."""
+  return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -184,25 +173,17 @@ def _decode_kernel(
   l_ref[...] = l
 
 
-def merge_splits(
-    o: jax.Array,  # [..., splits, rows, head_dim] f32, unnormalised
-    m: jax.Array,  # [..., splits, rows] f32, running max (base 2)
-    l: jax.Array,  # [..., splits, rows] f32, running sum
-) -> jax.Array:  # [..., rows, head_dim] f32
-  """Merges split-K partial softmax results; rows with no keys give 0."""
-  m_all = jnp.max(m, axis=-2, keepdims=True)
-  w = jnp.exp2(m - m_all)
-  l_all = jnp.sum(l * w, axis=-2)
-  o_all = jnp.sum(o * w[..., None], axis=-3)
-  safe = jnp.where(l_all > 0, l_all, 1.0)
-  return jnp.where((l_all > 0)[..., None], o_all / safe[..., None], 0.0)
+def tileable(n: int) -> bool:
+  """Whether the Triton kernels tile a head_dim or page size of `n`: a power
+  of 2, at least `MIN_DOT_ROWS`."""
+  return n >= MIN_DOT_ROWS and not n & (n - 1)
 
 
 def check_supported(kv_pages: jax.Array, head_dim: int) -> None:
   """Raises ValueError for shapes the Triton lowering cannot tile."""
   block_size = kv_pages.shape[3]
   for name, n in (("head_dim", head_dim), ("block_size", block_size)):
-    if n < 16 or n & (n - 1):
+    if not tileable(n):
       raise ValueError(f"the Triton kernels need {name} to be a power of 2 "
                        f">= 16; got {n}")
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from kernels import block_copy
 
-HOST = getattr(pl, "HOST", None)  # in jax 0.10 and 0.11
+HOST = pl.HOST
 # TPU interpret mode takes no operand in host memory: jax 0.10.2 has no
 # interpret rule for the HOST space (KeyError), and a jitted program with a
 # pinned_host argument around an interpreted kernel fails to lower on 0.10.2
@@ -91,8 +91,6 @@ def gather_to_device_core(
     interpret: bool = False,
 ) -> jax.Array:  # the updated pool
   """Traceable body of `gather_to_device`."""
-  if HOST is None:  # pragma: no cover
-    raise NotImplementedError("this JAX has no Pallas host memory space")
   num_layers = pool.shape[0] - layer_start if num_layers is None else num_layers
   block_copy.check_arguments(pool, host_tier, dst_pages, src_slots,
                              layer_start, num_layers)

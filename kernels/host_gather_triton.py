@@ -38,7 +38,8 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from kernels import block_copy
-from kernels.decode_triton import SQUEEZED, compiler_params
+from kernels.common import SQUEEZED
+from kernels.decode_triton import compiler_params
 
 
 def _copy_page_kernel(src_ref, dst_ref, host_ref, pool_in_ref, pool_ref):

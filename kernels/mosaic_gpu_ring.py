@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-from kernels.decode_triton import MASK_VALUE
+from kernels.common import MASK_VALUE
 
 try:
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -433,8 +433,7 @@ def interpret_params(**kwargs):
   """Mosaic GPU's CPU interpret mode, `InterpretGPUParams(**kwargs)`.
 
   Public as `plgpu.InterpretGPUParams` from jax 0.11; private in jax 0.10
-  (one of the two places these kernels touch JAX internals; the other is
-  `block_copy`'s memory-space fallback).
+  (the one place these kernels touch JAX internals).
   """
   if hasattr(plgpu, "InterpretGPUParams"):
     return plgpu.InterpretGPUParams(**kwargs)

@@ -35,24 +35,19 @@ import jax.numpy as jnp
 
 from kernels import checks
 from kernels import decode_mosaic_gpu
-from kernels import prefill_mosaic_gpu
+from kernels import paged_attention_mosaic_gpu
+from kernels import paged_attention_mosaic_tpu
+from kernels import paged_attention_triton
 from kernels import quantize
-from kernels.decode_mosaic_gpu import paged_attention_mosaic_gpu
-from kernels.decode_mosaic_tpu import paged_attention_mosaic_tpu
-from kernels.paged_attention_triton import paged_attention_triton
 from kernels.paged_attention_xla import xla_chunked_paged_attention
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "xla": quantize.ref_paged_attention_any,
     "xla_chunked": xla_chunked_paged_attention,
-    "pallas_triton": paged_attention_triton,
-    "pallas_mosaic_tpu": paged_attention_mosaic_tpu,
-    "pallas_mosaic_gpu": paged_attention_mosaic_gpu,
+    "pallas_triton": paged_attention_triton.paged_attention_triton,
+    "pallas_mosaic_tpu": paged_attention_mosaic_tpu.paged_attention_mosaic_tpu,
+    "pallas_mosaic_gpu": paged_attention_mosaic_gpu.paged_attention_mosaic_gpu,
 }
-
-
-def _pow2_at_least_16(n: int) -> bool:
-  return n >= 16 and not n & (n - 1)
 
 
 # Pages from which "auto" sends prefill to the Mosaic GPU kernel: on an H100,
@@ -70,25 +65,21 @@ def _mosaic_gpu_in_auto(*, q_len: int, block_size: int, quantized: bool,
   current one is unmeasured."""
   if quantized or not decode_mosaic_gpu.is_hopper():
     return False
-  if q_len == 1:
-    return decode_mosaic_gpu.supports(q_len=1, block_size=block_size,
-                                      quantized=False, **call)
-  return (block_size >= MOSAIC_GPU_PREFILL_MIN_PAGE
-          and prefill_mosaic_gpu.supports(q_len=q_len, block_size=block_size,
-                                          quantized=False, **call))
+  if q_len > 1 and block_size < MOSAIC_GPU_PREFILL_MIN_PAGE:
+    return False
+  return paged_attention_mosaic_gpu.supports(
+      q_len=q_len, block_size=block_size, quantized=False, **call)
 
 
-# What each implementation can do, as a predicate on the call's static
-# q_len, head_dim, block_size, quantized, dtype (the pool's, None if unknown)
-# and group (query heads per KV head, None if unknown), all passed by
-# keyword: "auto" skips an implementation whose predicate says no.
+# Whether "auto" may pick an implementation for a call: each Pallas
+# backend's `supports` (its capabilities), Mosaic GPU's narrowed to where it
+# measured faster. They take the call's static q_len, head_dim, block_size,
+# quantized, dtype (the pool's, None if unknown) and group (query heads per
+# KV head, None if unknown) by keyword; the XLA implementations take every
+# call.
 _SUPPORTS: dict[str, Callable[..., bool]] = {
-    "pallas_triton": lambda *, head_dim, block_size, **_: (
-        _pow2_at_least_16(head_dim) and _pow2_at_least_16(block_size)),
-    # Decode: any pool; prefill: float32/bfloat16 pools (None: unknown, no).
-    "pallas_mosaic_tpu": lambda *, q_len, quantized, dtype, **_: (
-        q_len == 1 or (not quantized and dtype in ("float32", "bfloat16"))),
-    # Hopper only (wgmma), bf16/f16 pools; see `_mosaic_gpu_in_auto`.
+    "pallas_triton": paged_attention_triton.supports,
+    "pallas_mosaic_tpu": paged_attention_mosaic_tpu.supports,
     "pallas_mosaic_gpu": _mosaic_gpu_in_auto,
 }
 

@@ -9,10 +9,19 @@ without a GPU (slowly: keep CPU shapes small).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from kernels import decode_triton
 from kernels import prefill_triton
+from kernels.common import decode_output
+
+
+def supports(*, q_len: int, head_dim: int, block_size: int, quantized: bool,
+             dtype: str | None, group: int | None = None) -> bool:
+  """Whether the kernels handle a call: head_dim and page size powers of 2,
+  16 or more (`tl.dot`'s smallest operand); any pool dtype, int8 included."""
+  del q_len, quantized, dtype, group
+  return decode_triton.tileable(head_dim) and decode_triton.tileable(
+      block_size)
 
 
 def paged_attention_triton(
@@ -33,9 +42,7 @@ def paged_attention_triton(
     out = decode_triton.paged_decode(
         q[:, 0], kv_pages, block_tables, kv_lens, kv_scales,
         sm_scale=sm_scale, interpret=interpret)
-    # Padding rows (q_lens == 0) give zeros, as in the reference.
-    out = jnp.where((q_lens > 0)[:, None, None], out, 0).astype(q.dtype)
-    return out[:, None]
+    return decode_output(out, q_lens, q.dtype)
   return prefill_triton.paged_prefill(
       q, kv_pages, block_tables, kv_lens, q_lens, kv_scales,
       sm_scale=sm_scale, interpret=interpret)

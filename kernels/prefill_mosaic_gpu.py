@@ -47,7 +47,7 @@ from kernels import decode_mosaic_gpu
 from kernels import quantize
 from kernels import query_rows
 from kernels import tuning
-from kernels.decode_triton import LOG2E, MASK_VALUE
+from kernels.common import LOG2E, MASK_VALUE
 from kernels.mosaic_gpu_ring import (WGMMA_ROWS, in_ring_scope,
                                      interpret_arg, plgpu, ring_barriers)
 

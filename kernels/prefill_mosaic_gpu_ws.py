@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from kernels import query_rows
-from kernels.decode_triton import LOG2E
+from kernels.common import LOG2E
 from kernels.mosaic_gpu_ring import (WGMMA_ROWS, PageRing, interpret_arg,
                                      plgpu, ring_barriers, ring_buffers,
                                      swizzled)

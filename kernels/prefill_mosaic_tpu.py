@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from kernels import checks
 from kernels import tpu_page_ring
 from kernels import tuning
-from kernels.decode_triton import LOG2E, MASK_VALUE, SQUEEZED
+from kernels.common import LOG2E, MASK_VALUE, SQUEEZED
 
 
 def _tpu_prefill_kernel(

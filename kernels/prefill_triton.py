@@ -31,9 +31,10 @@ from kernels import checks
 from kernels import quantize
 from kernels import query_rows
 from kernels import tuning
-from kernels.decode_triton import (LOG2E, MASK_VALUE, MIN_DOT_ROWS, SQUEEZED,
-                                   ChunkLoader, check_supported, check_tiling,
-                                   compiler_params, dot_nn, dot_nt)
+from kernels.common import LOG2E, MASK_VALUE, SQUEEZED
+from kernels.decode_triton import (MIN_DOT_ROWS, ChunkLoader, check_supported,
+                                   check_tiling, compiler_params, dot_nn,
+                                   dot_nt)
 
 
 def _prefill_kernel(

@@ -1,0 +1,50 @@
+"""What every paged-attention kernel shares, whatever its lowering.
+
+The Triton, Mosaic GPU and Mosaic TPU kernels all keep an online softmax in
+base 2 with a finite mask value, the split-K decode kernels merge their
+partial results the same way, and every implementation returns zeros for a
+padding row (`q_lens[b] == 0`). These definitions live here so that no
+kernel module imports another backend's: the Triton lowering is deprecated
+from jax 0.11, and the Mosaic kernels must not depend on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+# A BlockSpec dimension that is indexed, not sliced.
+SQUEEZED = pl.squeezed
+# Finite stand-in for -inf: exp2(MASK_VALUE - real) == 0 and no NaNs.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The kernels scale logits by sm_scale * LOG2E and use exp2.
+LOG2E = math.log2(math.e)
+
+
+def merge_splits(
+    o: jax.Array,  # [..., splits, rows, head_dim] f32, unnormalised
+    m: jax.Array,  # [..., splits, rows] f32, running max (base 2)
+    l: jax.Array,  # [..., splits, rows] f32, running sum
+) -> jax.Array:  # [..., rows, head_dim] f32
+  """Merges split-K partial softmax results; rows with no keys give 0."""
+  m_all = jnp.max(m, axis=-2, keepdims=True)
+  w = jnp.exp2(m - m_all)
+  l_all = jnp.sum(l * w, axis=-2)
+  o_all = jnp.sum(o * w[..., None], axis=-3)
+  safe = jnp.where(l_all > 0, l_all, 1.0)
+  return jnp.where((l_all > 0)[..., None], o_all / safe[..., None], 0.0)
+
+
+def decode_output(
+    out: jax.Array,  # [batch, num_heads, head_dim]
+    q_lens: jax.Array,  # [batch] int32
+    dtype,
+) -> jax.Array:  # [batch, 1, num_heads, head_dim]
+  """A decode kernel's output in the API's layout: one query position, in
+  the query's dtype, zeros for padding rows (`q_lens == 0`) as in the
+  reference."""
+  out = jnp.where((q_lens > 0)[:, None, None], out, 0).astype(dtype)
+  return out[:, None]
