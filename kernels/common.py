@@ -48,3 +48,34 @@ def decode_output(
   reference."""
   out = jnp.where((q_lens > 0)[:, None, None], out, 0).astype(dtype)
   return out[:, None]
+
+
+def tile_steps(
+    *,
+    first_row: jax.Array,  # int32 scalar: the tile's first new token
+    tile_tokens: int,  # new tokens per query tile
+    kv_len: jax.Array,  # int32 scalar: the sequence's length, new tokens included
+    q_len: jax.Array,  # int32 scalar: its new tokens (the last q_len of kv_len)
+    capacity: int,  # tokens the block table can hold
+    step_tokens: int,  # keys per step of the kernel's loop
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # int32 scalars
+  """The key steps a prefill query tile walks: `(key_limit, num_steps,
+  num_free)`.
+
+  Keys exist below `key_limit`, the smaller of `kv_len` and the table's
+  capacity (as in the reference). The tile's last real row sees keys up to
+  its own position, so it needs `num_steps` steps; the first `num_free` of
+  them lie wholly at or before the tile's first row's position, so every row
+  sees them whole and they run unmasked (rows past `q_len` see them too,
+  harmlessly: their output is zeroed). A tile with no real rows takes no
+  step.
+  """
+  key_limit = jnp.minimum(kv_len, capacity)
+  last_row = jnp.minimum(first_row + tile_tokens, q_len)  # exclusive
+  num_keys = jnp.where(first_row < q_len,
+                       jnp.clip(kv_len - q_len + last_row, 0, key_limit), 0)
+  num_steps = (num_keys + step_tokens - 1) // step_tokens
+  first_pos = kv_len - q_len + first_row
+  num_free = jnp.clip(jnp.minimum(first_pos + 1, key_limit) // step_tokens,
+                      0, num_steps)
+  return key_limit, num_steps, num_free

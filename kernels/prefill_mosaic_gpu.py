@@ -47,7 +47,7 @@ from kernels import decode_mosaic_gpu
 from kernels import quantize
 from kernels import query_rows
 from kernels import tuning
-from kernels.common import LOG2E, MASK_VALUE
+from kernels.common import LOG2E, MASK_VALUE, tile_steps
 from kernels.mosaic_gpu_ring import (WGMMA_ROWS, in_ring_scope,
                                      interpret_arg, plgpu, ring_barriers)
 
@@ -84,16 +84,9 @@ class TileSteps:
 
   def __init__(self, st, tile, kv_len, q_len):
     self.first_row = tile * st.block_tokens  # the tile's first new token
-    has_rows = self.first_row < q_len
-    self.key_limit = jnp.minimum(kv_len, st.capacity)
-    last_row = jnp.minimum(self.first_row + st.block_tokens, q_len)
-    num_keys = jnp.where(
-        has_rows, jnp.clip(kv_len - q_len + last_row, 0, self.key_limit), 0)
-    self.num_steps = (num_keys + st.tokens - 1) // st.tokens
-    first_pos = kv_len - q_len + self.first_row
-    self.num_free = jnp.where(
-        has_rows, jnp.clip(jnp.minimum(first_pos + 1, self.key_limit)
-                           // st.tokens, 0, self.num_steps), 0)
+    self.key_limit, self.num_steps, self.num_free = tile_steps(
+        first_row=self.first_row, tile_tokens=st.block_tokens, kv_len=kv_len,
+        q_len=q_len, capacity=st.capacity, step_tokens=st.tokens)
 
 
 def causal_mask(st, ring, step, s, *, first_row, kv_len, q_len, key_limit):

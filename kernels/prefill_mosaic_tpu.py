@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from kernels import checks
 from kernels import tpu_page_ring
 from kernels import tuning
-from kernels.common import LOG2E, MASK_VALUE, SQUEEZED
+from kernels.common import LOG2E, MASK_VALUE, SQUEEZED, tile_steps
 
 
 def _tpu_prefill_kernel(
@@ -69,17 +69,10 @@ def _tpu_prefill_kernel(
   kv_len = kv_lens_ref[b]
   q_len = q_lens_ref[b]
   first_row = t * block_tokens  # the block's first new token
-  first_pos = kv_len - q_len + first_row
-  last_row = jnp.minimum(first_row + block_tokens, q_len)  # exclusive
-  # Keys exist only below kv_len and the table's capacity (as in the ref).
-  key_limit = jnp.minimum(kv_len, capacity)
-  num_keys = jnp.where(first_row < q_len,
-                       jnp.clip(kv_len - q_len + last_row, 0, key_limit), 0)
-  num_chunks = (num_keys + chunk_tokens - 1) // chunk_tokens
-  # Chunks whose keys all sit at or before the first row's position are seen
-  # whole by every row of the block (rows past q_len too: zeroed at the end).
-  num_free = jnp.clip(jnp.minimum(first_pos + 1, key_limit) // chunk_tokens,
-                      0, num_chunks)
+  # The chunks this block walks; the first num_free need no mask.
+  key_limit, num_chunks, num_free = tile_steps(
+      first_row=first_row, tile_tokens=block_tokens, kv_len=kv_len,
+      q_len=q_len, capacity=capacity, step_tokens=chunk_tokens)
 
   copies = tpu_page_ring.chunk_copies(
       tables_ref=tables_ref, kv_hbm=kv_hbm, k_buf=k_buf, v_buf=v_buf, sems=sems,

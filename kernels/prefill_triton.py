@@ -31,7 +31,7 @@ from kernels import checks
 from kernels import quantize
 from kernels import query_rows
 from kernels import tuning
-from kernels.common import LOG2E, MASK_VALUE, SQUEEZED
+from kernels.common import LOG2E, MASK_VALUE, SQUEEZED, tile_steps
 from kernels.decode_triton import (MIN_DOT_ROWS, ChunkLoader, check_supported,
                                    check_tiling, compiler_params, dot_nn,
                                    dot_nt)
@@ -72,13 +72,10 @@ def _prefill_kernel(
                              group_pad)
   q_pos = kv_len - q_len + rows  # [block_q]
   row_valid = rows < q_len
-  # Keys this block may see: up to its last valid token's position.
-  last_row = jnp.minimum(first_row + block_tokens, q_len)
-  # Keys exist only below kv_len and the table's capacity (as in the ref).
-  key_limit = jnp.minimum(kv_len, capacity)
-  num_keys = jnp.where(first_row < q_len,
-                       jnp.clip(kv_len - q_len + last_row, 0, key_limit), 0)
-  num_chunks = (num_keys + chunk_tokens - 1) // chunk_tokens
+  # The chunks this block walks; the first num_free need no mask.
+  key_limit, num_chunks, num_free = tile_steps(
+      first_row=first_row, tile_tokens=block_tokens, kv_len=kv_len,
+      q_len=q_len, capacity=capacity, step_tokens=chunk_tokens)
 
   q = q_ref[...]
   compute_dtype = q.dtype
@@ -109,14 +106,7 @@ def _prefill_kernel(
     o_new = o * alpha[:, None] + dot_nn(p.astype(compute_dtype), v)
     return o_new, m_new, l_new
 
-  # Chunks wholly before the block's first query position are visible to
-  # every row: no mask there. Rows past q_len see them too, harmlessly,
-  # and are zeroed at the end. The causal tail runs masked.
-  first_pos = kv_len - q_len + first_row
-  num_free = jnp.where(
-      first_row < q_len,
-      jnp.clip(jnp.minimum(first_pos + 1, key_limit) // chunk_tokens, 0,
-               num_chunks), 0)
+  # The unmasked chunks, then the causal tail, masked.
   init = (jnp.zeros((block_q, head_dim), jnp.float32),
           jnp.full((block_q,), MASK_VALUE, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
