@@ -55,6 +55,21 @@ sys.exit(p.check_cases(sys.argv[1:]))' "${cases[@]}" || {
 NCU="${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}"
 if [[ -z "$NCU" ]]; then echo "no ncu found"; exit 1; fi
 status=0
+# A case's ncu runs in the background and the script waits for it, so that
+# SIGINT or SIGTERM (Ctrl-C, gpu_check.sh's timeout) reaches the trap at
+# once: it stops that ncu run (timeout passes the signal on to ncu and the
+# profiled process) instead of leaving it on the GPU until CASE_TIMEOUT.
+child=""
+stop() {
+  trap - INT TERM
+  if [[ -n "$child" ]]; then
+    kill -TERM "$child" 2>/dev/null
+    wait "$child" 2>/dev/null
+  fi
+  echo "interrupted: the case running was stopped; the CSVs in $OUT are the finished cases'"
+  exit 130
+}
+trap stop INT TERM
 i=0
 for case in "${cases[@]}"; do
   i=$((i + 1))
@@ -75,8 +90,12 @@ for case in "${cases[@]}"; do
       --section LaunchStats --section Occupancy --section WarpStateStats \
       --section SchedulerStats --csv --page details \
       "$PY" -m launch.profile_kernels --kernel="$kernel" --shape="$shape" \
-      --calls=1 >"$csv" 2>"$OUT/ncu_${i}.err" && grep -q '"Duration"' "$csv" \
-      && break
+      --calls=1 >"$csv" 2>"$OUT/ncu_${i}.err" &
+    child=$!
+    wait "$child"
+    rc=$?
+    child=""
+    [[ $rc -eq 0 ]] && grep -q '"Duration"' "$csv" && break
     echo "ncu (replay mode $replay) failed on case $i: $(tail -n 1 "$OUT/ncu_${i}.err")"
     # The launcher refused the case: another replay mode cannot help.
     grep -q "cannot run" "$OUT/ncu_${i}.err" && break

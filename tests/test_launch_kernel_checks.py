@@ -140,3 +140,38 @@ def test_json_is_replaced_only_when_complete(tmp_path):
   assert os.listdir(tmp_path) == ["r.json"]  # no temporary left behind
   metrics.write_json({"new": 1}, str(path))
   assert json.loads(path.read_text()) == {"new": 1}
+
+
+def test_gpu_profile_stops_its_running_case_when_interrupted(tmp_path):
+  """SIGTERM (gpu_check.sh's timeout) or Ctrl-C during a case stops that
+  case's ncu run at once, not at CASE_TIMEOUT, and exits 130. A stand-in ncu
+  records its pid and sleeps."""
+  import signal
+  import time
+  pid_file = tmp_path / "ncu.pid"
+  fake_ncu = tmp_path / "ncu"
+  fake_ncu.write_text(f"#!/bin/bash\necho $$ > {pid_file}\nexec sleep 120\n")
+  fake_ncu.chmod(0o755)
+  proc = subprocess.Popen(
+      ["bash", "scripts/gpu_profile.sh"], cwd=REPO, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env=dict(os.environ, PYTHON=sys.executable, NCU=str(fake_ncu),
+               OUT=str(tmp_path / "p"), CASE_TIMEOUT="300",
+               CASES="triton_decode:1,8,2,64,16,64,float32"))
+  try:
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+      assert proc.poll() is None and time.monotonic() < deadline, (
+          proc.communicate())
+      time.sleep(0.2)
+    ncu_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, out
+  assert "interrupted" in out
+  time.sleep(0.5)
+  with pytest.raises(ProcessLookupError):  # the stand-in ncu is gone
+    os.kill(ncu_pid, 0)
