@@ -33,6 +33,7 @@ MAX_WORKERS = 4
 _ACCELERATOR_NODES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0")
 
 
+@pytest.hookimpl(optionalhook=True)  # unknown to pytest without xdist
 def pytest_xdist_auto_num_workers(config) -> int:
   """Workers for `-n auto`: the usable CPU cores, at most `MAX_WORKERS`;
   none (one process) where an accelerator is visible."""
