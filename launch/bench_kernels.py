@@ -41,6 +41,7 @@ from launch import kernel_cases
 from launch import kernel_plot
 from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
                                  rel_err, timeit)
+from launch.kernel_targets import GATHER_KERNEL, MOSAIC_WS, check_targets
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
@@ -116,13 +117,6 @@ PRESETS = {
 }
 
 
-# The warp-specialized Mosaic GPU kernels: prefill on two computing
-# warpgroups and a copying one (prefill_mosaic_gpu_ws.py), decode with a
-# copying warpgroup (`copy_warpgroup`).
-MOSAIC_WS = "pallas_mosaic_gpu_ws (ours)"
-# The block gather as one kernel reading the pinned tier
-# (kernels/host_gather_triton.py), an experiment until a GPU has run it.
-GATHER_KERNEL = "gather: one kernel (ours)"
 
 
 def _attempt(rows: list[dict], base: dict, impl: str,
@@ -601,67 +595,6 @@ def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
   print(_fmt(row), flush=True)
 
 
-def _targets(rows: list[dict], copy_gbps: float | None) -> list[dict]:
-  """The issue's targets, checked on this run's rows where they apply."""
-  def find(kind, impl, shape):
-    return kernel_plot.find_row(rows, kind, impl, shape)
-
-  ours_impls = ("pallas_triton (ours)", "pallas_mosaic_gpu (ours)", MOSAIC_WS)
-  checks = []
-  for r in rows:
-    if r["impl"] not in ours_impls or "time_us" not in r:
-      continue
-    ours = r["impl"]
-    s = r["shape"]
-    name = f"[{ours.replace(' (ours)', '')}] " + " ".join(
-        f"{k}={v}" for k, v in s.items())
-    if r["kind"] == "decode" and s["dtype"] != "int8":
-      small = s["batch"] <= 4 and s["ctx"] >= 32768
-      if copy_gbps and (small or (s["ctx"] >= 4096 and r["kv_mib"] >= 256)):
-        want = 0.6 if small else 0.8
-        checks.append(dict(target=f"decode >= {want:.0%} of copy BW",
-                           shape=name, value=r["gbps"] / copy_gbps,
-                           ok=r["gbps"] / copy_gbps >= want))
-      theirs = find("decode", "jax pallas op", s)
-      if theirs and r["kv_mib"] >= 256:
-        ratio = theirs["time_us"] / r["time_us"]
-        checks.append(dict(target="decode >= 1.25x JAX's op", shape=name,
-                           value=ratio, ok=ratio >= 1.25))
-    if r["kind"] == "decode" and s["dtype"] == "int8":
-      bf16 = find("decode", ours, dict(s, dtype="bfloat16"))
-      if bf16:
-        ratio = bf16["time_us"] / r["time_us"]
-        checks.append(dict(target="int8 decode >= 1.6x bf16 tokens/s",
-                           shape=name, value=ratio, ok=ratio >= 1.6))
-      # Also against the fastest bf16 kernel of ours on the shape (what
-      # "auto" would run for a bf16 pool).
-      best = [find("decode", impl, dict(s, dtype="bfloat16"))
-              for impl in ours_impls]
-      best = [b for b in best if b]
-      if best:
-        ratio = min(b["time_us"] for b in best) / r["time_us"]
-        checks.append(dict(target="int8 decode >= 1.6x best bf16 tokens/s",
-                           shape=name, value=ratio, ok=ratio >= 1.6))
-    if r["kind"] == "prefill":
-      cudnn = find("prefill", "cudnn dense (full ctx)", s)
-      if cudnn:
-        ratio = r["tflops"] / cudnn["tflops"]
-        checks.append(dict(target="prefill >= 50% of cuDNN TFLOP/s",
-                           shape=name, value=ratio, ok=ratio >= 0.5))
-  for r in rows:
-    gather = r["impl"] in ("gather host->device (ours)", GATHER_KERNEL) or (
-        r["impl"].startswith("gather runs of"))
-    if r["kind"] == "copy" and gather and "gbps" in r:
-      plain = find("copy", "plain pinned->device", r["shape"])
-      if plain:
-        ratio = r["gbps"] / plain["gbps"]
-        name = f"[{r['impl'].replace(' (ours)', '')}] " + " ".join(
-            f"{k}={v}" for k, v in r["shape"].items() if k != "run_lengths")
-        checks.append(dict(target="block gather >= 85% of pinned->device",
-                           shape=name, value=ratio, ok=ratio >= 0.85))
-  return checks
-
-
 # The table's shape column: at least this wide, else as wide as the longest
 # label (never cut).
 SHAPE_WIDTH = 78
@@ -781,7 +714,7 @@ def main(argv):
                                      row["shape"])
         if plain:
           row["pct_pinned"] = 100 * row["gbps"] / plain["gbps"]
-    checks = _targets(rows, copy_gbps)
+    checks = check_targets(rows, copy_gbps)
     if interpret:  # ratios of interpret-mode times judge nothing
       checks = [dict(c, ok=None) for c in checks]
     doc = dict(meta, backend=backend,
