@@ -1,0 +1,77 @@
+"""Every call a kernel says it supports (the `supports` that "auto"
+consults) gets a default tiling the kernel accepts: "auto" never routes a
+call to a kernel that then refuses its own tiling (a bad step size, a ring
+past the shared-memory budget). Pure Python: tilings and checks, no kernel
+runs."""
+
+from __future__ import annotations
+
+import itertools
+
+from kernels import decode_mosaic_gpu
+from kernels import decode_triton
+from kernels import paged_attention_mosaic_gpu
+from kernels import paged_attention_triton
+from kernels import tuning
+
+PAGES = (16, 32, 64, 128, 256, 512, 1024)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+POOLS = (("bfloat16", 2, False), ("float16", 2, False), ("float32", 4, False),
+         ("int8", 1, True))
+# (batch, num_kv_heads, pages_per_seq): one page, a short table, a long one.
+CALLS = ((1, 1, 1), (3, 2, 5), (64, 8, 2048))
+
+
+def _calls(supports):
+  for block_size, head_dim, (dtype, itemsize, quantized), q_len in (
+      itertools.product(PAGES, HEAD_DIMS, POOLS, (1, 9))):
+    if supports(q_len=q_len, head_dim=head_dim, block_size=block_size,
+                quantized=quantized, dtype=dtype, group=3):
+      yield block_size, head_dim, itemsize, quantized, q_len
+
+
+def test_mosaic_gpu_defaults_fit_every_supported_call():
+  seen = 0
+  for block_size, head_dim, itemsize, quantized, q_len in _calls(
+      paged_attention_mosaic_gpu.supports):
+    if q_len > 1:
+      tilings = [tuning.mosaic_prefill_tiling(
+          block_size=block_size, head_dim=head_dim, itemsize=itemsize,
+          quantized=quantized)]
+    else:
+      tilings = []
+      for batch, kv_heads, pages in CALLS:
+        default = tuning.mosaic_decode_tiling(
+            batch=batch, num_kv_heads=kv_heads, pages_per_seq=pages,
+            block_size=block_size, head_dim=head_dim, itemsize=itemsize,
+            quantized=quantized)
+        tilings += [default, tuning.with_copy_warpgroup(
+            default, block_size=block_size, head_dim=head_dim,
+            quantized=quantized)]
+    for tiling in tilings:
+      decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim,
+                                     quantized=quantized)
+      seen += 1
+  # head_dim 64/128 x 7 page sizes x (bf16, f16, int8), decode and prefill.
+  assert seen == 2 * 7 * 3 * (1 + 2 * len(CALLS))
+
+
+def test_triton_defaults_fit_every_supported_call():
+  seen = 0
+  for block_size, head_dim, itemsize, _, q_len in _calls(
+      paged_attention_triton.supports):
+    if q_len > 1:
+      tilings = [tuning.prefill_tiling(block_size=block_size,
+                                       head_dim=head_dim, itemsize=itemsize)]
+    else:
+      tilings = [tuning.decode_tiling(
+          batch=batch, num_kv_heads=kv_heads, pages_per_seq=pages,
+          block_size=block_size, head_dim=head_dim, itemsize=itemsize)
+                 for batch, kv_heads, pages in CALLS]
+    for tiling in tilings:
+      decode_triton.check_tiling(tiling, tiling.pages_per_chunk,
+                                 tiling.page_parts, block_size)
+      assert getattr(tiling, "num_splits", 1) >= 1
+      seen += 1
+  # head_dim 16..256 x 7 page sizes x 4 pools, decode and prefill.
+  assert seen == 5 * 7 * 4 * (len(CALLS) + 1)
