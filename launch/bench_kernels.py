@@ -41,6 +41,7 @@ from launch import kernel_cases
 from launch import kernel_plot
 from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
                                  rel_err, timeit)
+from launch.kernel_table import fmt_row, host_to_device, print_table
 from launch.kernel_targets import GATHER_KERNEL, MOSAIC_WS, check_targets
 
 FLAGS = flags.FLAGS
@@ -136,7 +137,7 @@ def _attempt(rows: list[dict], base: dict, impl: str,
     row["error"] = _error(e)
     traceback.print_exc()
   rows.append(row)
-  print(_fmt(row), flush=True)  # as it comes, in case the run is cut short
+  print(fmt_row(row), flush=True)  # as it comes, in case the run is cut short
 
 
 def _error(e: BaseException) -> str:
@@ -192,7 +193,7 @@ def _torch_copy_gbps(copy_mib: int, rows: list[dict]) -> float | None:
   except Exception as e:  # pylint: disable=broad-except
     _reraise_interrupt(e)
     rows.append(dict(base, error=f"{type(e).__name__}: {e}"[:200]))
-    print(_fmt(rows[-1]), flush=True)
+    print(fmt_row(rows[-1]), flush=True)
     return None
   n = copy_mib * 2**20 // 2
 
@@ -207,7 +208,7 @@ def _torch_copy_gbps(copy_mib: int, rows: list[dict]) -> float | None:
   torch.cuda.empty_cache()
   rows.append(dict(base, time_us=sec * 1e6, gbps=2 * n * 2 / sec / 1e9,
                    tflops=0.0))
-  print(_fmt(rows[-1]), flush=True)
+  print(fmt_row(rows[-1]), flush=True)
   return rows[-1]["gbps"]
 
 
@@ -592,81 +593,7 @@ def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
     row["error"] = _error(e)
     traceback.print_exc()
   rows.append(row)
-  print(_fmt(row), flush=True)
-
-
-# The table's shape column: at least this wide, else as wide as the longest
-# label (never cut).
-SHAPE_WIDTH = 78
-
-
-def _shape_label(row: dict) -> str:
-  shape = row["shape"]
-  if row["kind"] == "overlap":
-    return ("gather {blocks} blocks x {layers} layers | decode {batch} x "
-            "{ctx}").format(**shape["copy"], **{
-                k: v for k, v in shape["attention"].items()
-                if k in ("batch", "ctx")})
-  if isinstance(shape, dict):
-    return " ".join(f"{k}={v}" for k, v in shape.items())
-  return str(shape)
-
-
-def _host_to_device(impl: str) -> bool:
-  """Whether a copy row moves the tier's bytes to the device (a gather, or
-  part of one that transfers): those the plain pinned->device transfer
-  bounds."""
-  return impl in ("gather host->device (ours)", "gather: block transfers only",
-                  GATHER_KERNEL, "plain pinned->device") or impl.startswith(
-                      "gather runs of")
-
-
-def _pct_ceiling(row: dict) -> str:
-  """The %ceil column: decode rows as % of the run's device copy, the
-  block copy's host -> device rows as % of the plain pinned->device
-  transfer of the same bytes (marked "p"), "-" where neither applies."""
-  if row["kind"] == "decode" and row.get("pct_copy") is not None:
-    return f"{row['pct_copy']:.1f}"
-  if row["kind"] == "copy" and row.get("pct_pinned") is not None:
-    return f"{row['pct_pinned']:.1f}p"
-  return "-"
-
-
-def _fmt(row: dict, width: int = SHAPE_WIDTH) -> str:
-  head = f"{row['kind']:8s} {_shape_label(row):{width}s} {row['impl']:28s}"
-  if "error" in row:
-    return f"{head} ERROR {row['error'][:100]}"
-  if row["kind"] == "overlap":
-    return (f"{head} {row['time_us']:10.1f}  alone {row['gather_us']:.1f} + "
-            f"{row['attention_us']:.1f} us, overlap {row['overlap']:.2f}")
-  err = row.get("rel_err")
-  err = f"{err:.1e}" if err is not None else "-"
-  return (f"{head} {row['time_us']:10.1f} {row['gbps']:8.1f} "
-          f"{row['tflops']:7.2f} {_pct_ceiling(row):>7s} {err:>8s}")
-
-
-def print_table(rows: list[dict], checks: list[dict], interpret: bool
-                ) -> None:
-  """The rows (shape column as wide as its longest label) and the target
-  checks (judged only on a GPU)."""
-  width = max([SHAPE_WIDTH] + [len(_shape_label(r)) for r in rows])
-  print(f"{'kind':8s} {'shape':{width}s} {'impl':28s} {'time_us':>10s} "
-        f"{'GB/s':>8s} {'TFLOP/s':>7s} {'%ceil':>7s} {'rel_err':>8s}")
-  for row in rows:
-    print(_fmt(row, width))
-  print("%ceil: decode rows as % of the run's device-to-device copy; "
-        "host->device copy rows (p) as % of the plain pinned->device "
-        "transfer of the same bytes, the gather target's ceiling")
-  if not checks:
-    return
-  if interpret:
-    print("\ntargets (n/a (interpret): judged only on a GPU; an interpret-"
-          "mode run's ratios say nothing about the kernels' speed)")
-  else:
-    print("\ntargets")
-  for c in checks:
-    verdict = "n/a " if c["ok"] is None else "PASS" if c["ok"] else "MISS"
-    print(f"  {verdict} {c['target']:40s} {c['value']:6.2f}  {c['shape']}")
+  print(fmt_row(row), flush=True)
 
 
 SECTIONS = ("calib", "decode", "prefill", "copy", "overlap", "gather_kernel")
@@ -708,7 +635,7 @@ def main(argv):
     for row in rows:
       if copy_gbps and "gbps" in row and row["kind"] == "decode":
         row["pct_copy"] = 100 * row["gbps"] / copy_gbps
-      if row["kind"] == "copy" and "gbps" in row and _host_to_device(
+      if row["kind"] == "copy" and "gbps" in row and host_to_device(
           row["impl"]):
         plain = kernel_plot.find_row(rows, "copy", "plain pinned->device",
                                      row["shape"])
