@@ -16,6 +16,17 @@ from typing import Any, Callable, Iterable, Sequence
 PERCENTILES = (50, 90, 99)
 
 
+def _process_umask() -> int:
+  """The process's umask, read once at import: reading it means setting it,
+  which must not happen while other threads (the server's) create files."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+_UMASK = _process_umask()
+
+
 @dataclasses.dataclass
 class TurnRecord:
   """What one finished turn measured (seconds on the engine's clock)."""
@@ -111,16 +122,40 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
+def git_commit() -> str | None:
+  """The commit of the checkout this code runs from (with "-dirty" if it has
+  uncommitted changes), or None where it is not a git checkout."""
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"],
+                          capture_output=True, text=True, timeout=10)
+    if head.returncode:
+      return None
+    dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain",
+                            "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10)
+    suffix = "-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
+    return head.stdout.strip() + suffix
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
 def run_environment() -> dict[str, Any]:
-  """Where a report was measured: device, backend, jax version, host, date."""
+  """Where and when a report was measured: device, backend, jax and jaxlib
+  versions, host, UTC date and time, and the git commit of the code."""
+  import datetime
   import platform
-  import time
 
   import jax
+  import jaxlib
   return {"device": str(jax.devices()[0].device_kind),
           "backend": jax.default_backend(), "jax_version": jax.__version__,
+          "jaxlib_version": jaxlib.__version__,
           "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
-          "date": time.strftime("%Y-%m-%d")}
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"),
+          "git_commit": git_commit()}
 
 
 def replace_atomically(path: str, write: Callable[[str], None],
@@ -133,9 +168,7 @@ def replace_atomically(path: str, write: Callable[[str], None],
   os.close(fd)
   try:
     write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it
+    os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would have made it
     os.replace(tmp, path)
   except BaseException:
     try:

@@ -14,6 +14,16 @@ import jax
 import jax.numpy as jnp
 
 
+def check_pool_shape(
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+) -> None:
+  """Raises ValueError unless `kv_pages` has the pool's 5-D K/V layout."""
+  if kv_pages.ndim != 5 or kv_pages.shape[1] != 2:
+    raise ValueError(
+        "expected kv_pages [num_blocks, 2, num_kv_heads, block_size, "
+        f"head_dim]; got shape {kv_pages.shape}")
+
+
 def check_paged_arguments(
     q: jax.Array,  # [batch, num_heads, head_dim] or [batch, q_len, num_heads, head_dim]
     kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
@@ -31,10 +41,7 @@ def check_paged_arguments(
           else "[batch, q_len, num_heads, head_dim]")
   if q.ndim != (3 if decode else 4):
     raise ValueError(f"expected q {want}; got shape {q.shape}")
-  if kv_pages.ndim != 5 or kv_pages.shape[1] != 2:
-    raise ValueError(
-        "expected kv_pages [num_blocks, 2, num_kv_heads, block_size, "
-        f"head_dim]; got shape {kv_pages.shape}")
+  check_pool_shape(kv_pages)
   batch, num_heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
   if not decode and q.shape[1] < 1:
     raise ValueError(f"q holds no query tokens (q_len 0): shape {q.shape}")

@@ -47,8 +47,9 @@ float32 pools (`wgmma` would round them to tf32, and 32-bit `wgmma` can
 neither transpose an operand, as V `[T, head_dim]` must be, nor take p from
 registers). Prefill (`q_len > 1`) is `prefill_mosaic_gpu.py`'s, on the same
 page ring. `"auto"` keeps int8 pools on Triton until this kernel's int8
-path is measured (an earlier form ran at 0.4-0.5x its bf16 path). With `tiling.copy_warpgroup` a second warpgroup reads the page ids
-and issues the copies while the first only computes; for int8 pools it also
+path is measured (an earlier form ran at 0.4-0.5x its bf16 path). With
+`tiling.copy_warpgroup` a second warpgroup reads the page ids and issues
+the copies while the first only computes; for int8 pools it also
 converts each step's tiles (into two alternating bf16 tile pairs, with
 their page scales), so the computing warpgroup never converts.
 

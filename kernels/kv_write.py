@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import checks
+
 
 def write_kv(
     kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
@@ -18,10 +20,7 @@ def write_kv(
   updates the pool in place. Shapes and the slots' dtype are checked
   (ValueError): a mismatch would otherwise broadcast or fail deep in XLA.
   """
-  if kv_pages.ndim != 5 or kv_pages.shape[1] != 2:
-    raise ValueError(
-        "expected kv_pages [num_blocks, 2, num_kv_heads, block_size, "
-        f"head_dim]; got shape {kv_pages.shape}")
+  checks.check_pool_shape(kv_pages)
   num_blocks, _, num_kv_heads, block_size, head_dim = kv_pages.shape
   if (k.shape != v.shape or k.ndim != 4
       or k.shape[2:] != (num_kv_heads, head_dim)

@@ -29,8 +29,8 @@ DECODE_CASES = [
 ]
 
 # The Mosaic GPU decode kernel's cases (bf16/f16 and int8 pools; steps of
-# 64-256 tokens). Each split of the ones with num_splits == 1 takes more steps than
-# the ring has stages, so slots are refilled.
+# 64-256 tokens). Each split of the ones with num_splits == 1 takes more
+# steps than the ring has stages, so slots are refilled.
 MOSAIC_DECODE_CASES = [
     # (heads, kv_heads, head_dim, block_size, dtype, kv_lens,
     #  pages_per_chunk, num_splits, num_stages, page_parts[, ids_first,

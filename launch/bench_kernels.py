@@ -40,7 +40,8 @@ from dualpath_jax import metrics
 from launch import kernel_cases
 from launch import kernel_plot
 from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
-                                 rel_err, timeit)
+                                 error_line, reraise_if_interrupted, rel_err,
+                                 timeit)
 from launch.kernel_table import fmt_row, host_to_device, print_table
 from launch.kernel_targets import GATHER_KERNEL, MOSAIC_WS, check_targets
 
@@ -118,8 +119,6 @@ PRESETS = {
 }
 
 
-
-
 def _attempt(rows: list[dict], base: dict, impl: str,
              fn: Callable[[], Any], *, nbytes: float, flops: float,
              check: Callable[[Any], float] | None = None) -> None:
@@ -133,24 +132,11 @@ def _attempt(rows: list[dict], base: dict, impl: str,
     row.update(time_us=sec * 1e6, gbps=nbytes / sec / 1e9,
                tflops=flops / sec / 1e12)
   except Exception as e:  # pylint: disable=broad-except
-    _reraise_interrupt(e)
-    row["error"] = _error(e)
+    reraise_if_interrupted(e)
+    row["error"] = error_line(e)
     traceback.print_exc()
   rows.append(row)
   print(fmt_row(row), flush=True)  # as it comes, in case the run is cut short
-
-
-def _error(e: BaseException) -> str:
-  """A row's one-line error."""
-  first = (str(e).splitlines() or [""])[0]
-  return f"{type(e).__name__}: {first[:200]}"
-
-
-def _reraise_interrupt(e: BaseException) -> None:
-  """Raises KeyboardInterrupt if `e` came of a Ctrl-C (JAX wraps one raised
-  in a host callback in its own error): a row's error must not swallow it."""
-  if kernel_cases.interrupted(e):
-    raise KeyboardInterrupt from e
 
 
 def bench_calibration(cfg: dict, rows: list[dict]) -> dict:
@@ -191,7 +177,7 @@ def _torch_copy_gbps(copy_mib: int, rows: list[dict]) -> float | None:
     if not torch.cuda.is_available():
       raise RuntimeError("torch has no CUDA device here")
   except Exception as e:  # pylint: disable=broad-except
-    _reraise_interrupt(e)
+    reraise_if_interrupted(e)
     rows.append(dict(base, error=f"{type(e).__name__}: {e}"[:200]))
     print(fmt_row(rows[-1]), flush=True)
     return None
@@ -230,7 +216,7 @@ def _checker(kind: str, args) -> Callable[[Any], float] | None:
   try:
     ref = kernel_cases.reference(kind, args)
   except Exception as e:  # pylint: disable=broad-except
-    _reraise_interrupt(e)
+    reraise_if_interrupted(e)
     traceback.print_exc()
     return None
   return lambda out: rel_err(out, ref)
@@ -409,7 +395,7 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
       print(f"gather HLO ({hlo_path}): {dump_gather_hlo(shapes[0], hlo_path)}",
             flush=True)
     except Exception as e:  # pylint: disable=broad-except
-      _reraise_interrupt(e)
+      reraise_if_interrupted(e)
       traceback.print_exc()
   for i, s in enumerate(shapes):
     pool, host, src, dst, nbytes = _copy_case(s, 90 + i)
@@ -432,7 +418,7 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
       jax.block_until_ready(gather())
       jax.block_until_ready(scatter())
     except Exception as e:  # pylint: disable=broad-except
-      _reraise_interrupt(e)
+      reraise_if_interrupted(e)
       traceback.print_exc()
     _attempt(rows, base, "gather host->device (ours)", gather,
              nbytes=nbytes, flops=0)
@@ -511,7 +497,7 @@ def bench_gather_kernel(shapes, rows: list[dict], interpret: bool,
         print(f"gather kernel HLO ({hlo_path}): {row_extra['hlo_ops']}",
               flush=True)
     except Exception as e:  # pylint: disable=broad-except
-      _reraise_interrupt(e)
+      reraise_if_interrupted(e)
       traceback.print_exc()
       # Compiled on first use instead, so that the row records the error.
       gather = functools.partial(host_gather_triton.gather_to_device,
@@ -589,8 +575,8 @@ def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
                time_us=t_both * 1e6,
                overlap=(t_gather + t_attn - t_both) / min(t_gather, t_attn))
   except Exception as e:  # pylint: disable=broad-except
-    _reraise_interrupt(e)
-    row["error"] = _error(e)
+    reraise_if_interrupted(e)
+    row["error"] = error_line(e)
     traceback.print_exc()
   rows.append(row)
   print(fmt_row(row), flush=True)
@@ -603,7 +589,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   backend, preset = kernel_cases.resolve_run(FLAGS, "only", SECTIONS)
-  import jax  # pylint: disable=g-import-not-at-top
   cfg = PRESETS[preset]
   interpret = backend != "gpu"
   out = FLAGS.out or os.path.join("docs", "results",
@@ -644,9 +629,7 @@ def main(argv):
     checks = check_targets(rows, copy_gbps)
     if interpret:  # ratios of interpret-mode times judge nothing
       checks = [dict(c, ok=None) for c in checks]
-    doc = dict(meta, backend=backend,
-               device=str(jax.devices()[0].device_kind), preset=preset,
-               reps=FLAGS.reps, inner=FLAGS.inner, warmup_s=FLAGS.warmup_s,
+    doc = dict(meta, preset=preset, reps=FLAGS.reps, inner=FLAGS.inner, warmup_s=FLAGS.warmup_s,
                complete=final, interrupted=interrupted, ceilings=ceilings,
                rows=rows, targets=checks)
     try:
@@ -660,9 +643,9 @@ def main(argv):
         state["written"].append(plot)
         state["plot_error"] = None
       except Exception as e:  # pylint: disable=broad-except
-        _reraise_interrupt(e)
+        reraise_if_interrupted(e)
         traceback.print_exc()  # the JSON holds the rows; replot from it
-        state["plot_error"] = _error(e)
+        state["plot_error"] = error_line(e)
     return checks
 
   sections = dict(

@@ -253,10 +253,8 @@ def sweep_shape(kernel: str, shape, grid, problem, rows: list[dict],
       if default_us:
         row["speedup_vs_default"] = default_us / row["time_us"]
     except Exception as e:  # pylint: disable=broad-except
-      if kernel_cases.interrupted(e):  # a Ctrl-C, maybe wrapped by JAX
-        raise KeyboardInterrupt from e
-      first = (str(e).splitlines() or [""])[0]
-      row["error"] = f"{type(e).__name__}: {first[:160]}"
+      kernel_cases.reraise_if_interrupted(e)
+      row["error"] = kernel_cases.error_line(e, 160)
       if not isinstance(e, (ValueError, AssertionError)):
         traceback.print_exc()
     rows.append(row)
@@ -328,7 +326,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   backend, preset = kernel_cases.resolve_run(FLAGS, "kernels", KERNELS)
-  import jax  # pylint: disable=g-import-not-at-top
   cfg = PRESETS[preset]
   interpret = backend != "gpu"
   out = FLAGS.json or os.path.join("docs", "results",
@@ -343,8 +340,7 @@ def main(argv):
   deadline = started + FLAGS.budget_s
 
   def write(final: bool = False, interrupted: bool = False) -> None:
-    doc = dict(meta, backend=backend, device=jax.devices()[0].device_kind,
-               preset=preset, reps=FLAGS.reps, inner=FLAGS.inner,
+    doc = dict(meta, preset=preset, reps=FLAGS.reps, inner=FLAGS.inner,
                warmup_s=FLAGS.warmup_s, budget_s=FLAGS.budget_s,
                complete=final, interrupted=interrupted,
                elapsed_s=time.monotonic() - started,

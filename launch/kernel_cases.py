@@ -11,15 +11,15 @@ launcher's are.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable
+
+from dualpath_jax import metrics
 
 # The pool dtypes the kernels and the references take.
 DTYPES = ("bfloat16", "float16", "float32", "int8")
@@ -161,35 +161,27 @@ def check_output_path(path: str, what: str) -> str:
   return path
 
 
-def _git_commit() -> str | None:
-  """The checkout's commit (with "-dirty" if it has uncommitted changes),
-  or None where this is not a git checkout (a copied tree)."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"],
-                          capture_output=True, text=True, timeout=10)
-    if head.returncode:
-      return None
-    dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain",
-                            "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10)
-    suffix = "-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
-    return head.stdout.strip() + suffix
-  except (OSError, subprocess.SubprocessError):
-    return None
-
-
 def run_metadata(module: str, interpret: bool) -> dict:
-  """What a report records of its run: UTC date, the command, jax/jaxlib
-  versions, the git commit (None if unknown) and interpret mode."""
-  import jax
-  import jaxlib
-  return dict(
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      command=f"python -m {module} " + shlex.join(sys.argv[1:]),
-      jax=jax.__version__, jaxlib=jaxlib.__version__,
-      git_commit=_git_commit(), interpret=interpret)
+  """What a kernel report records of its run: `metrics.run_environment()`
+  (device, versions, UTC date, git commit), the command and interpret
+  mode."""
+  return dict(metrics.run_environment(),
+              command=f"python -m {module} " + shlex.join(sys.argv[1:]),
+              interpret=interpret)
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+  """A report row's one-line error: the type and the first line, cut to
+  `limit` characters."""
+  first = (str(e).splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:limit]}"
+
+
+def reraise_if_interrupted(e: BaseException) -> None:
+  """Raises KeyboardInterrupt if `e` came of a Ctrl-C (JAX wraps one raised
+  in a host callback in its own error): a row's error must not swallow it."""
+  if interrupted(e):
+    raise KeyboardInterrupt from e
 
 
 def interrupted(e: BaseException) -> bool:

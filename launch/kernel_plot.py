@@ -165,7 +165,9 @@ def plot_kernels(report: Mapping[str, Any], path: str) -> None:
               + [100])
     ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
     ax.legend(fontsize=7, ncol=min(4, len(values)), loc="upper left")
-  fig.suptitle(f"{report.get('device', '?')}, jax {report.get('jax', '?')}"
+  # Reports before 2026-11-27 name the jax version "jax".
+  jax_version = report.get("jax_version", report.get("jax", "?"))
+  fig.suptitle(f"{report.get('device', '?')}, jax {jax_version}"
                + ("" if report.get("complete", True) else " (run cut short)"),
                fontsize=11)
   fig.tight_layout()

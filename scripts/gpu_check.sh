@@ -83,7 +83,6 @@ if [[ "${BENCH:-1}" == 1 ]]; then
   rm -f "$OUT"/bench_kernels_gpu.json "$OUT"/bench_kernels_gpu.png \
     "$OUT"/bench_kernels_gpu_gather_hlo.txt \
     "$OUT"/bench_kernels_gpu_gather_kernel_hlo.txt
-  : >"$OUT/bench.txt"
   timeout -s INT -k "$KILL_GRACE" "${BENCH_TIMEOUT:-270}" \
     "$PY" -m launch.bench_kernels \
     --only="${BENCH_ONLY:-calib,decode,prefill,copy,overlap,gather_kernel}" \
@@ -93,8 +92,6 @@ fi
 
 if [[ "${TESTS:-1}" == 1 ]]; then
   ran+=(tests)
-  : >"$OUT/tests.txt"
-  : >"$OUT/tests_gather.txt"
   # SIGINT, so that pytest still prints its summary when the time is up.
   workers=()
   if "$PY" -c 'import xdist' 2>/dev/null && [[ "${TEST_WORKERS:-4}" -gt 1 ]]; then
@@ -118,7 +115,6 @@ fi
 if [[ "${PROFILE:-0}" == 1 ]]; then
   ran+=(profile)
   rm -rf "$OUT/profile" "$OUT/profile.tgz"
-  : >"$OUT/profile.txt"
   OUT="$OUT/profile" timeout -k "$KILL_GRACE" "${PROFILE_TIMEOUT:-300}" \
     bash scripts/gpu_profile.sh >"$OUT/profile.txt" 2>&1 || status=1
   # One file back instead of two per case.
@@ -131,7 +127,6 @@ fi
 if [[ "${TILING:-0}" == 1 ]]; then
   ran+=(tiling)
   rm -f "$OUT/tiling.json"
-  : >"$OUT/tiling.txt"
   timeout -s INT -k "$KILL_GRACE" \
     "${TILING_TIMEOUT:-$(( ${TILING_BUDGET:-240} + 90 ))}" \
     "$PY" -m launch.bench_tiling \
@@ -143,7 +138,6 @@ fi
 if [[ "${STORAGE:-0}" == 1 ]]; then
   ran+=(storage)
   rm -f "$OUT/storage.json"
-  : >"$OUT/storage.txt"
   mkdir -p /var/tmp/dpj_store
   timeout -k "$KILL_GRACE" "${STORAGE_TIMEOUT:-120}" \
     "$PY" -m launch.bench_storage \

@@ -24,6 +24,11 @@ def test_smoke_run_end_to_end(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["complete"] and report["preset"] == "smoke"
+  # Where and when it ran (metrics.run_environment) and how it was started.
+  assert report["backend"] == "cpu" and report["interpret"] is True
+  assert report["jax_version"] and report["date"][:2] == "20"
+  assert "git_commit" in report
+  assert report["command"].startswith("python -m launch.bench_kernels ")
   kinds = {r["kind"] for r in report["rows"]}
   assert kinds == {"calib", "decode", "prefill", "copy", "overlap"}
   # The warp-specialized decode on the bf16 shape only (the preset says so).
