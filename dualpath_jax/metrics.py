@@ -13,6 +13,8 @@ import os
 import tempfile
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -178,6 +180,37 @@ def replace_atomically(path: str, write: Callable[[str], None],
     raise
 
 
+def check_output_path(path: str, what: str) -> str:
+  """`path` if a file can be written there: not a directory, its folder
+  (created here if missing) a writable directory; ValueError saying why
+  not. Launchers call it on every output path before any work, so that a
+  typo costs nothing instead of a finished run's results."""
+  if not path:
+    raise ValueError(f"{what}: empty path")
+  if os.path.isdir(path):
+    raise ValueError(f"{what}: {path} is a directory")
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"{what}: cannot create the folder {parent}: "
+                     f"{e.strerror or e}") from e
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{what}: the folder {parent} is not writable")
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    raise ValueError(f"{what}: {path} exists and is not writable")
+  return path
+
+
+def _json_value(obj: Any) -> Any:
+  """What JSON writes for a value it has no type for: a NumPy scalar or
+  array as its number(s) (np.float32 is no Python float), anything else
+  (paths, dtypes) as its string."""
+  if isinstance(obj, (np.generic, np.ndarray)):
+    return obj.tolist()
+  return str(obj)
+
+
 def write_json(report: dict[str, Any], path: str) -> None:
   """Writes `report` as indented JSON, atomically (`replace_atomically`),
   creating its folder if missing."""
@@ -185,7 +218,7 @@ def write_json(report: dict[str, Any], path: str) -> None:
 
   def write(tmp: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2, sort_keys=False, default=str)
+      json.dump(report, f, indent=2, sort_keys=False, default=_json_value)
       f.write("\n")
       f.flush()
       os.fsync(f.fileno())

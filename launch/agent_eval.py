@@ -48,12 +48,19 @@ def main(argv):
     sys.exit("agent_eval: the serving loop is single-controller; multi-process "
              "runs are not supported yet (the transfer layer is: see "
              "docs/pod_launch.md)")
+  from dualpath_jax import metrics
+  outputs = [("--report", FLAGS.report)] + (
+      [("--plot", FLAGS.plot)] if FLAGS.plot else [])
+  try:  # before the run: a bad path must not cost its results
+    for what, path in outputs:
+      metrics.check_output_path(path, what)
+  except ValueError as e:
+    sys.exit(f"agent_eval: {e}")
   from dualpath_jax.utils import enable_compilation_cache
   enable_compilation_cache()
   import jax
   import tqdm
 
-  from dualpath_jax import metrics
   from dualpath_jax.config import CacheConfig, EngineConfig, to_dict
   from dualpath_jax.model import load_model
   from dualpath_jax.workload.replay import replay_sessions

@@ -16,6 +16,9 @@ against a plain pinned_host -> device transfer. Each time is the median of
 `--reps` repetitions of `--inner` back-to-back calls, after a warm-up call
 (compilation excluded). Prints a table and writes JSON (`--out`, with
 the run's date, command, versions and git commit) and a PNG (`--plot`).
+Each row records the wall seconds it took (`wall_s`: compilation, check
+and timing) and each section its own (`section_s`, also printed as it
+ends): what the next GPU lease's timeouts are planned from.
 
 The smoke preset (the default off a GPU) times one call (`--reps=1
 --inner=1 --warmup_s=0`) unless those flags are given. The JSON is rewritten
@@ -30,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 import sys
 import traceback
 from typing import Any, Callable
@@ -48,10 +52,11 @@ from launch.kernel_targets import GATHER_KERNEL, MOSAIC_WS, check_targets
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
                   "shape set; default: gpu on a GPU backend, else smoke")
-flags.DEFINE_list("only", ["calib", "decode", "prefill", "copy", "overlap",
+flags.DEFINE_list("only", ["calib", "copy", "decode", "prefill", "overlap",
                           "gather_kernel"],
-                  "sections to run (gather_kernel, an experiment, runs last: "
-                  "should it crash the process, the JSON keeps the rest)")
+                  "sections to run, in this order whatever the flag's "
+                  "(gather_kernel, an experiment, runs last: should it "
+                  "crash the process, the JSON keeps the rest)")
 flags.DEFINE_integer("reps", 10, "timed repetitions (median reported; "
                      "smoke preset: 1 unless given)", lower_bound=1)
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition, at least "
@@ -122,8 +127,11 @@ PRESETS = {
 def _attempt(rows: list[dict], base: dict, impl: str,
              fn: Callable[[], Any], *, nbytes: float, flops: float,
              check: Callable[[Any], float] | None = None) -> None:
-  """Times one implementation; records a row (or the error) in `rows`."""
+  """Times one implementation; records a row (or the error) in `rows`, with
+  the wall seconds it took (compilation, check and timing: what a lease
+  plan needs)."""
   row = dict(base, impl=impl)
+  start = time.perf_counter()
   try:
     if check is not None:
       row["rel_err"] = check(fn())
@@ -135,6 +143,7 @@ def _attempt(rows: list[dict], base: dict, impl: str,
     reraise_if_interrupted(e)
     row["error"] = error_line(e)
     traceback.print_exc()
+  row["wall_s"] = round(time.perf_counter() - start, 3)
   rows.append(row)
   print(fmt_row(row), flush=True)  # as it comes, in case the run is cut short
 
@@ -172,13 +181,15 @@ def _torch_copy_gbps(copy_mib: int, rows: list[dict]) -> float | None:
   """`torch.Tensor.copy_` device-to-device GB/s (read + written), when torch
   with CUDA is installed beside jax; records a row either way."""
   base = dict(kind="calib", shape=f"copy {copy_mib} MiB", impl="torch copy_")
+  start = time.perf_counter()
   try:
     import torch  # pylint: disable=g-import-not-at-top
     if not torch.cuda.is_available():
       raise RuntimeError("torch has no CUDA device here")
   except Exception as e:  # pylint: disable=broad-except
     reraise_if_interrupted(e)
-    rows.append(dict(base, error=f"{type(e).__name__}: {e}"[:200]))
+    rows.append(dict(base, error=f"{type(e).__name__}: {e}"[:200],
+                     wall_s=round(time.perf_counter() - start, 3)))
     print(fmt_row(rows[-1]), flush=True)
     return None
   n = copy_mib * 2**20 // 2
@@ -193,7 +204,7 @@ def _torch_copy_gbps(copy_mib: int, rows: list[dict]) -> float | None:
   sec = measure()
   torch.cuda.empty_cache()
   rows.append(dict(base, time_us=sec * 1e6, gbps=2 * n * 2 / sec / 1e9,
-                   tflops=0.0))
+                   tflops=0.0, wall_s=round(time.perf_counter() - start, 3)))
   print(fmt_row(rows[-1]), flush=True)
   return rows[-1]["gbps"]
 
@@ -562,6 +573,7 @@ def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
   base = dict(kind="overlap", shape=dict(
       copy=dataclasses.asdict(s), attention=dataclasses.asdict(a)))
   row = dict(base, impl=f"gather + attention ({impl})")
+  start = time.perf_counter()
   try:
     for fn in (run_gather, run_both):  # warm: committed outputs differ
       jax.block_until_ready(fn())
@@ -578,11 +590,16 @@ def bench_overlap(copy_shape: CopyShape, attn_shape: DecodeShape,
     reraise_if_interrupted(e)
     row["error"] = error_line(e)
     traceback.print_exc()
+  row["wall_s"] = round(time.perf_counter() - start, 3)
   rows.append(row)
   print(fmt_row(row), flush=True)
 
 
-SECTIONS = ("calib", "decode", "prefill", "copy", "overlap", "gather_kernel")
+# The order they run in: the ceilings first, then the block copy (a few
+# rows, and a target of its own that a run cut short by a lease's timeout
+# would otherwise lose), then attention, and the one-kernel gather (an
+# experiment that may crash the process) last.
+SECTIONS = ("calib", "copy", "decode", "prefill", "overlap", "gather_kernel")
 
 
 def main(argv):
@@ -604,13 +621,14 @@ def main(argv):
     paths.append(("the gather kernel HLO beside --out", kernel_hlo))
   for what, path in paths:  # before any work: a bad path costs nothing
     try:
-      kernel_cases.check_output_path(path, what)
+      metrics.check_output_path(path, what)
     except ValueError as e:
       raise app.UsageError(str(e)) from e
   meta = kernel_cases.run_metadata("launch.bench_kernels", interpret)
   rows: list[dict] = []
   ceilings: dict = {}
   state: dict = dict(written=[], plot_error=None)
+  section_s: dict[str, float] = {}  # wall seconds of each section run
 
   def report(final: bool, interrupted: bool = False) -> list[dict]:
     """Writes the JSON so far (after every section, so that a run cut short
@@ -631,7 +649,7 @@ def main(argv):
       checks = [dict(c, ok=None) for c in checks]
     doc = dict(meta, preset=preset, reps=FLAGS.reps, inner=FLAGS.inner, warmup_s=FLAGS.warmup_s,
                complete=final, interrupted=interrupted, ceilings=ceilings,
-               rows=rows, targets=checks)
+               section_s=section_s, rows=rows, targets=checks)
     try:
       metrics.write_json(doc, out)
     except OSError as e:
@@ -650,17 +668,22 @@ def main(argv):
 
   sections = dict(
       calib=lambda: ceilings.update(bench_calibration(cfg["calib"], rows)),
+      copy=lambda: bench_copy(cfg["copy"], rows, hlo),
       decode=lambda: bench_decode(cfg["decode"], rows, interpret,
                                   cfg.get("warp_specialized_dtypes")),
       prefill=lambda: bench_prefill(cfg["prefill"], rows, interpret),
-      copy=lambda: bench_copy(cfg["copy"], rows, hlo),
       overlap=lambda: bench_overlap(*cfg["overlap"], rows, interpret),
       gather_kernel=lambda: bench_gather_kernel(cfg["copy"], rows, interpret,
                                                 kernel_hlo))
+  assert tuple(sections) == SECTIONS
   try:
     for name, run in sections.items():
       if name in FLAGS.only:
+        start, first_row = time.perf_counter(), len(rows)
         run()
+        section_s[name] = round(time.perf_counter() - start, 1)
+        print(f"section {name}: {section_s[name]:.1f} s, "
+              f"{len(rows) - first_row} rows", flush=True)
         report(final=False)
   except KeyboardInterrupt:
     checks = report(final=False, interrupted=True)

@@ -11,26 +11,42 @@ the median of `--reps` timed repetitions. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
 import statistics
+import sys
 import time
 
 from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source (see launch.agent_eval)")
-flags.DEFINE_string("dtype", "float32", "weights/KV dtype")
-flags.DEFINE_integer("prompt_tokens", 512, "prefill length and decode context")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "weights/KV dtype")
+flags.DEFINE_integer("prompt_tokens", 512, "prefill length and decode context",
+                     lower_bound=1)
 flags.DEFINE_list("decode_batches", ["1", "8"], "decode batch sizes")
-flags.DEFINE_integer("decode_steps", 32, "decode steps per repetition")
-flags.DEFINE_integer("reps", 3, "timed repetitions (median reported)")
-flags.DEFINE_integer("block_size", 16, "tokens per KV block")
+flags.DEFINE_integer("decode_steps", 32, "decode steps per repetition",
+                     lower_bound=1)
+flags.DEFINE_integer("reps", 3, "timed repetitions (median reported)",
+                     lower_bound=1)
+flags.DEFINE_integer("block_size", 16, "tokens per KV block", lower_bound=1)
 flags.DEFINE_string("attention", "auto", "paged-attention implementation "
-                    "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
+                    "(xla | xla_chunked | pallas_triton | pallas_mosaic_gpu | "
+                    "pallas_mosaic_tpu | auto)")
 flags.DEFINE_string("out", None, "JSON output path")
+
+
+def _decode_batches() -> list[int]:
+  """--decode_batches as positive integers; ValueError otherwise."""
+  try:
+    batches = [int(b) for b in FLAGS.decode_batches]
+  except ValueError:
+    batches = []
+  if not batches or min(batches) < 1:
+    raise ValueError("--decode_batches: give positive integers, e.g. 1,8; "
+                     f"got {','.join(FLAGS.decode_batches)!r}")
+  return batches
 
 
 def _cpu_model() -> str:
@@ -45,19 +61,29 @@ def _cpu_model() -> str:
 
 
 def main(argv):
-  del argv
-  import jax
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import numpy as np
 
+  from dualpath_jax import metrics
   from dualpath_jax.config import CacheConfig
   from dualpath_jax.engine.buckets import next_pow2
   from dualpath_jax.model import load_model
   from dualpath_jax.model.runner import ModelRunner
+  from kernels.paged_attention import IMPLEMENTATIONS
 
-  loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  try:  # before the model loads: bad input costs nothing
+    batches = _decode_batches()
+    if FLAGS.attention != "auto" and FLAGS.attention not in IMPLEMENTATIONS:
+      raise ValueError(f"--attention: unknown {FLAGS.attention!r}; choose "
+                       f"from {sorted(IMPLEMENTATIONS)} or auto")
+    if FLAGS.out:
+      metrics.check_output_path(FLAGS.out, "--out")
+    loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"bench_model: {e}")
   cfg = loaded.config
   n, bs = FLAGS.prompt_tokens, FLAGS.block_size
-  batches = [int(b) for b in FLAGS.decode_batches]
   pages = next_pow2(math.ceil((n + FLAGS.decode_steps + 1) / bs), 8)
   cache = CacheConfig(block_size=bs, num_blocks=pages * max(batches) + 1,
                       dtype=FLAGS.dtype)
@@ -113,15 +139,12 @@ def main(argv):
     print(f"{r['phase']:<8} {r['batch']:>5} {r['context']:>7} {r['tok_s']:>9.1f}")
   report = {
       "model": cfg.name, "dtype": FLAGS.dtype, "attention": FLAGS.attention,
-      "block_size": bs, "rows": rows, "device": jax.devices()[0].device_kind,
-      "backend": jax.default_backend(), "jax_version": jax.__version__,
-      "cpu": _cpu_model(), "cpus": os.cpu_count(),
-      "date": time.strftime("%Y-%m-%d"),
+      "block_size": bs, "prompt_tokens": n,
+      "decode_steps": FLAGS.decode_steps, "reps": FLAGS.reps, "rows": rows,
+      **metrics.run_environment(), "cpu": _cpu_model(),
   }
   if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      json.dump(report, f, indent=2)
+    metrics.write_json(report, FLAGS.out)
     print(f"wrote {FLAGS.out}")
 
 

@@ -249,11 +249,18 @@ def main(argv):
   except (TraceError, FileNotFoundError, ValueError) as e:
     _fail(str(e))
 
+  from dualpath_jax import metrics
+  try:  # before the runs: a bad path must not cost their results
+    metrics.check_output_path(FLAGS.report, "--report")
+    if FLAGS.plot:
+      metrics.check_output_path(FLAGS.plot, "--plot")
+  except ValueError as e:
+    _fail(str(e))
+
   from dualpath_jax.utils import enable_compilation_cache
   enable_compilation_cache()
   import jax
 
-  from dualpath_jax import metrics
   from dualpath_jax.config import CacheConfig, EngineConfig, to_dict
   from dualpath_jax.model import load_model
   from dualpath_jax.workload import online_report

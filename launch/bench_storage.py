@@ -61,11 +61,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import mmap
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -74,6 +74,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
 
+from dualpath_jax import metrics
 from dualpath_jax.config import MODEL_PRESETS, CacheConfig
 from storage import BlockStore, ColdTierConfig
 from storage.chunk_writer import fsync_dir
@@ -414,6 +415,9 @@ class StoreSpec:
       if key == "out":
         into = value not in ("0", "false", "False")
       elif key in ("io_threads", "file_io_concurrency", "max_batch_blocks"):
+        if not value.isdigit() or int(value) < 1:
+          raise ValueError(f"config {text!r}: {key} must be an integer >= 1; "
+                           f"got {value!r}")
         overrides[key] = int(value)
       elif key == "fsync":
         overrides[key] = value not in ("0", "false", "False")
@@ -747,11 +751,37 @@ def _median_dict(runs: list[dict]) -> dict:
   return out
 
 
+def _check_flags() -> tuple[list[StoreSpec], str]:
+  """(the store configurations, the JSON path) of the flags; ValueError
+  saying what is wrong, before any file is written or timed."""
+  if FLAGS.model not in MODEL_PRESETS:
+    raise ValueError(f"--model: unknown preset {FLAGS.model!r}; known: "
+                     f"{sorted(MODEL_PRESETS)}")
+  if FLAGS.recompute == "model" and FLAGS.model != "smollm2-135m-instruct":
+    raise ValueError("--recompute=model needs --model=smollm2-135m-instruct")
+  if FLAGS.recompute not in ("model", "none"):
+    try:
+      if float(FLAGS.recompute) <= 0:
+        raise ValueError
+    except ValueError:
+      raise ValueError("--recompute: 'model', 'none' or a prefill tokens/s "
+                       f"figure > 0; got {FLAGS.recompute!r}") from None
+  if FLAGS.dir is not None and not os.path.isdir(FLAGS.dir):
+    raise ValueError(f"--dir: {FLAGS.dir} is not a directory")
+  specs = [StoreSpec.parse(c) for c in FLAGS.configs]
+  path = FLAGS.json or os.path.join(
+      "docs", "results", f"storage_{datetime.date.today().isoformat()}.json")
+  return specs, metrics.check_output_path(path, "--json")
+
+
 def main(argv):
   del argv
+  try:
+    specs, path = _check_flags()
+  except ValueError as e:
+    sys.exit(f"bench_storage: {e}")
   model = MODEL_PRESETS[FLAGS.model]
   cache = CacheConfig(block_size=FLAGS.block_size, dtype=FLAGS.dtype)
-  specs = [StoreSpec.parse(c) for c in FLAGS.configs]
   directory = tempfile.mkdtemp(prefix="bench_storage_", dir=FLAGS.dir)
   report: dict = {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -772,8 +802,6 @@ def main(argv):
   try:
     payload = None
     if FLAGS.recompute == "model":
-      if model.name != "smollm2-135m-instruct":
-        raise ValueError("--recompute=model needs --model=smollm2-135m-instruct")
       logging.info("model ...")
       m = bench_model(FLAGS.block_size, [int(x) for x in FLAGS.prefill_lengths])
       payload = m.pop("kv_blocks").astype(FLAGS.dtype if FLAGS.dtype != "bfloat16"
@@ -825,11 +853,7 @@ def main(argv):
   table = format_table(report)
   print(table)
   report["table"] = table
-  path = FLAGS.json or os.path.join(
-      "docs", "results", f"storage_{datetime.date.today().isoformat()}.json")
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(report, f, indent=1, default=float)
+  metrics.write_json(report, path)
   print(f"wrote {path}")
 
 

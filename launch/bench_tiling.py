@@ -331,7 +331,7 @@ def main(argv):
   out = FLAGS.json or os.path.join("docs", "results",
                                    f"bench_tiling_{backend}.json")
   try:  # before any work: a bad path costs nothing
-    kernel_cases.check_output_path(out, "--json")
+    metrics.check_output_path(out, "--json")
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   meta = kernel_cases.run_metadata("launch.bench_tiling", interpret)

@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
 
+from dualpath_jax import metrics
 from dualpath_jax.config import SMOLLM2_135M, CacheConfig
 from storage import BlockStore, ColdTierConfig
 
@@ -187,6 +188,11 @@ def crash_test(root: str, kills: int, max_delay: float, seed: int, driver: str =
 
 def main(argv):
   del argv
+  if FLAGS.json:
+    try:  # before the kills: a bad path must not cost their verdict
+      metrics.check_output_path(FLAGS.json, "--json")
+    except ValueError as e:
+      sys.exit(f"crash_test_storage: {e}")
   root = FLAGS.root or tempfile.mkdtemp(prefix="crash_test_storage_")
   if FLAGS.role == "writer":
     run_writer(root, FLAGS.tag, FLAGS.puts, FLAGS.driver, FLAGS.codec)
@@ -201,8 +207,7 @@ def main(argv):
   result["root"] = root
   print(json.dumps(result, indent=1))
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(result, f, indent=1)
+    metrics.write_json(result, FLAGS.json)
   if not result["ok"]:
     sys.exit(1)
   if not FLAGS.root:

@@ -2,10 +2,10 @@
 benchmarks (`launch.bench_kernels`, `launch.bench_tiling`).
 
 Kept free of flags so that each launcher defines only its own; the
-launchers' shared report plumbing (output paths checked up front, run
-metadata, Ctrl-C seen through JAX's wrapping) is here too; reports are
-written with `dualpath_jax.metrics.write_json` (atomic), as every
-launcher's are.
+launchers' shared report plumbing (run metadata, one-line errors, Ctrl-C
+seen through JAX's wrapping) is here too; output paths are checked up
+front (`dualpath_jax.metrics.check_output_path`) and reports written with
+`dualpath_jax.metrics.write_json` (atomic), as every launcher's are.
 """
 
 from __future__ import annotations
@@ -140,27 +140,6 @@ def resolve_run(flags, list_flag: str, choices) -> tuple[str, str]:
   return backend, preset
 
 
-def check_output_path(path: str, what: str) -> str:
-  """`path` if a file can be written there: not a directory, its folder
-  (created here if missing) a writable directory; ValueError saying why
-  not, before any work is done."""
-  if not path:
-    raise ValueError(f"{what}: empty path")
-  if os.path.isdir(path):
-    raise ValueError(f"{what}: {path} is a directory")
-  parent = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(parent, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"{what}: cannot create the folder {parent}: "
-                     f"{e.strerror or e}") from e
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise ValueError(f"{what}: the folder {parent} is not writable")
-  if os.path.exists(path) and not os.access(path, os.W_OK):
-    raise ValueError(f"{what}: {path} exists and is not writable")
-  return path
-
-
 def run_metadata(module: str, interpret: bool) -> dict:
   """What a kernel report records of its run: `metrics.run_environment()`
   (device, versions, UTC date, git commit), the command and interpret
@@ -281,12 +260,11 @@ def random_case(shape, batch_pages: int, key):
 
 
 def rel_err(out, ref) -> float:
-  import numpy as np
-  out = np.asarray(out, np.float64)
-  ref = np.asarray(ref, np.float64)
-  if not np.all(np.isfinite(out)):
-    return float("nan")
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+  """||out - ref|| / ||ref|| (NaN if `out` is not finite): the kernel tests'
+  measure (`kernels.testing.relative_error`), so that a benchmark row and a
+  test judge a kernel alike."""
+  from kernels import testing
+  return testing.relative_error(out, ref)
 
 
 def _kv_bytes(s, ctx: int, pages: int) -> int:

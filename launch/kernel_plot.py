@@ -202,7 +202,7 @@ def check_report(report: Any) -> None:
 
 def main(argv: Sequence[str]) -> int:
   from absl import app
-  from launch import kernel_cases
+  from dualpath_jax import metrics
   if len(argv) not in (2, 3):
     raise app.UsageError("give one report: python -m launch.kernel_plot "
                          "REPORT.json [--out=OUT.png]")
@@ -220,7 +220,7 @@ def main(argv: Sequence[str]) -> int:
   out = (argv[2] if len(argv) == 3 else _FLAGS.out
          or os.path.splitext(src)[0] + ".png")
   try:
-    kernel_cases.check_output_path(out, "the PNG")
+    metrics.check_output_path(out, "the PNG")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

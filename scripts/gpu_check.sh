@@ -85,9 +85,9 @@ if [[ "${BENCH:-1}" == 1 ]]; then
     "$OUT"/bench_kernels_gpu_gather_kernel_hlo.txt
   timeout -s INT -k "$KILL_GRACE" "${BENCH_TIMEOUT:-270}" \
     "$PY" -m launch.bench_kernels \
-    --only="${BENCH_ONLY:-calib,decode,prefill,copy,overlap,gather_kernel}" \
+    --only="${BENCH_ONLY:-calib,copy,decode,prefill,overlap,gather_kernel}" \
     --out="$OUT/bench_kernels_gpu.json" >"$OUT/bench.txt" 2>&1 || status=1
-  grep -E '^(calib|decode|prefill|copy|overlap) ' "$OUT/bench.txt" | head -60
+  grep -E '^(calib|decode|prefill|copy|overlap|section) ' "$OUT/bench.txt" | head -100
 fi
 
 if [[ "${TESTS:-1}" == 1 ]]; then

@@ -31,6 +31,16 @@ def test_smoke_run_end_to_end(tmp_path):
   assert report["command"].startswith("python -m launch.bench_kernels ")
   kinds = {r["kind"] for r in report["rows"]}
   assert kinds == {"calib", "decode", "prefill", "copy", "overlap"}
+  # Every section's wall time, in the order they ran (the block copy before
+  # attention), and every row's: what a GPU lease is planned from.
+  assert list(report["section_s"]) == ["calib", "copy", "decode", "prefill",
+                                       "overlap", "gather_kernel"]
+  assert all(t > 0 for t in report["section_s"].values())
+  assert "section decode: " in done.stdout
+  walls = [r["wall_s"] for r in report["rows"]]
+  assert all(w >= 0 for w in walls)
+  assert max(walls) > 0.1  # a kernel's interpret-mode compile at least
+  assert sum(walls) <= sum(report["section_s"].values()) + 0.1
   # The warp-specialized decode on the bf16 shape only (the preset says so).
   ws = {r["shape"]["dtype"] for r in report["rows"]
         if r["impl"] == "pallas_mosaic_gpu_ws (ours)" and r["kind"] == "decode"}

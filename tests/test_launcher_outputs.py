@@ -1,0 +1,113 @@
+"""Every launcher that writes a report checks its output paths before any
+work, so that a typo (a directory, an unwritable folder) costs nothing
+instead of a finished run's results; and `launch.bench_model` end to end.
+
+The launchers run in subprocesses (their absl flags clash once several are
+imported into one process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dualpath_jax import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+# (launcher and its flags, the output flag that names a directory, what the
+# output would show had the run started)
+BAD_OUTPUTS = [
+    (["launch.agent_eval", "--sessions=1", "--turns=1"], "--report",
+     "compiling"),
+    (["launch.agent_eval", "--sessions=1", "--turns=1", "--report={ok}"],
+     "--plot", "compiling"),
+    (["launch.bench_online", "--sessions=1", "--turns=1", "--rates=1"],
+     "--report", "agents/s"),
+    (["launch.bench_online", "--sessions=1", "--turns=1", "--rates=1",
+      "--report={ok}"], "--plot", "agents/s"),
+    (["launch.bench_model", "--model=random:tiny-test"], "--out", "prefill"),
+    (["launch.bench_storage", "--recompute=none", "--configs=raw",
+      "--repeats=1"], "--json", "round"),
+    (["launch.crash_test_storage", "--kills=1"], "--json", "kill"),
+]
+
+
+@pytest.mark.parametrize("args,flag,started", BAD_OUTPUTS,
+                         ids=[f"{a[0]}{f}" for a, f, _ in BAD_OUTPUTS])
+def test_a_directory_as_output_is_refused_before_the_run(tmp_path, args,
+                                                         flag, started):
+  ok = tmp_path / "ok.json"
+  args = [a.format(ok=ok) for a in args]
+  done = _run(*args, f"{flag}={tmp_path}", timeout=120)
+  assert done.returncode != 0
+  assert f"{flag}: {tmp_path} is a directory" in done.stderr, done.stderr
+  assert "Traceback" not in done.stderr
+  assert started not in done.stdout + done.stderr  # nothing ran
+  assert not ok.exists()
+
+
+def test_bench_model_reports_tokens_per_second(tmp_path):
+  out = tmp_path / "sub" / "model.json"  # its folder is made
+  done = _run("launch.bench_model", "--model=random:tiny-test",
+              "--prompt_tokens=40", "--decode_batches=1,3",
+              "--decode_steps=2", "--reps=1", f"--out={out}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["model"] == "tiny-test" and report["prompt_tokens"] == 40
+  assert [(r["phase"], r["batch"]) for r in report["rows"]] == [
+      ("prefill", 1), ("decode", 1), ("decode", 3)]
+  for r in report["rows"]:
+    assert r["tok_s"] == pytest.approx(r["tokens"] / r["seconds"])
+  # The run record every launcher's report carries.
+  for key in ("backend", "jax_version", "jaxlib_version", "date",
+              "git_commit", "device"):
+    assert key in report, key
+  assert "decode" in done.stdout
+
+
+@pytest.mark.parametrize("flag,msg", [
+    ("--decode_batches=1,0", "--decode_batches: give positive integers"),
+    ("--decode_batches=a", "--decode_batches: give positive integers"),
+    ("--attention=flash", "--attention: unknown 'flash'"),
+    ("--model=/no/such.gguf", "no GGUF file"),
+])
+def test_bench_model_refuses_bad_flags(flag, msg):
+  done = _run("launch.bench_model", flag, timeout=120)
+  assert done.returncode != 0
+  assert msg in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("flag,msg", [
+    ("--configs=file:raw@io_threads=x", "io_threads must be an integer"),
+    ("--recompute=fast", "--recompute: 'model', 'none' or"),
+    ("--dir=/no/such/dir", "--dir: /no/such/dir is not a directory"),
+    ("--model=huge", "--model: unknown preset 'huge'"),
+])
+def test_bench_storage_refuses_bad_flags(tmp_path, flag, msg):
+  done = _run("launch.bench_storage", "--recompute=none", flag,
+              f"--json={tmp_path / 's.json'}", timeout=120)
+  assert done.returncode != 0
+  assert msg in done.stderr and "Traceback" not in done.stderr
+  assert not (tmp_path / "s.json").exists()
+
+
+def test_reports_write_numpy_values_as_numbers(tmp_path):
+  """np.float32 is no Python float: the JSON gets its number, not a
+  string (reports used to write such values as "0.5")."""
+  path = tmp_path / "r.json"
+  metrics.write_json({"a": np.float32(0.5), "b": np.int64(3),
+                      "c": np.arange(2), "d": tmp_path}, str(path))
+  assert json.loads(path.read_text()) == {"a": 0.5, "b": 3, "c": [0, 1],
+                                          "d": str(tmp_path)}
