@@ -61,13 +61,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import mmap
 import os
 import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 import ml_dtypes
@@ -76,8 +74,11 @@ from absl import app, flags, logging
 
 from dualpath_jax import metrics
 from dualpath_jax.config import MODEL_PRESETS, CacheConfig
+from launch.storage_disk import (bench_file_floor, bench_memory, bench_raw,
+                                  cpu_seconds, latency_percentiles)
+from launch.storage_report import (FIGURES, TARGETS, format_table,
+                                    median_dict, summarize)
 from storage import BlockStore, ColdTierConfig
-from storage.chunk_writer import fsync_dir
 from storage.page_cache import drop_page_cache, resident_bytes
 
 FLAGS = flags.FLAGS
@@ -109,181 +110,6 @@ flags.DEFINE_bool("global_drop", False, "drop the whole page cache (root) instea
                   "fadvise on the store's files")
 flags.DEFINE_string("json", None, "JSON output (default docs/results/storage_<date>.json)")
 
-MiB = 1 << 20
-TARGETS = {"write": 0.70, "seq_read": 0.85, "random_read": 0.85}
-FIGURES = ("write", "seq_read", "random_read")
-
-
-# -- raw disk and the file floor ---------------------------------------------
-
-
-def _pool_run(n: int, depth: int, task, make_state=lambda: None) -> float:
-  """Seconds to run `task(i, state)` for i in range(n) on `depth` threads.
-
-  Threads take the next index from a shared counter (a pool, like
-  TensorStore's file I/O threads), so `depth` requests stay in flight.
-  `make_state()` runs once per thread before the clock starts (buffers).
-  """
-  lock = threading.Lock()
-  nxt = [0]
-  errors: list[BaseException] = []
-  ready = threading.Barrier(depth + 1)
-
-  def worker() -> None:
-    state = make_state()
-    ready.wait()
-    try:
-      while True:
-        with lock:
-          i = nxt[0]
-          nxt[0] += 1
-        if i >= n:
-          return
-        task(i, state)
-    except BaseException as err:  # pylint: disable=broad-except
-      errors.append(err)
-
-  threads = [threading.Thread(target=worker) for _ in range(depth)]
-  for t in threads:
-    t.start()
-  ready.wait()
-  start = time.perf_counter()
-  for t in threads:
-    t.join()
-  seconds = time.perf_counter() - start
-  if errors:
-    raise errors[0]
-  return seconds
-
-
-def _cpu() -> float:
-  """CPU seconds of this process so far (all threads, user + system)."""
-  t = os.times()
-  return t.user + t.system
-
-
-def _aligned_buffer(size: int, fill: bool) -> mmap.mmap:
-  buf = mmap.mmap(-1, size)  # page aligned, as O_DIRECT needs; touched below
-  buf.write(os.urandom(size) if fill else bytes(size))
-  return buf
-
-
-def bench_raw(directory: str, n: int, request: int, depth: int, order: list[int],
-              latency_samples: list[int]) -> dict:
-  """O_DIRECT block-sized write, sequential and random read of one fresh file."""
-  path = os.path.join(directory, "raw_disk.bin")
-  with open(path, "wb") as f:
-    f.truncate(n * request)
-  fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-  out = {"requests": n, "request_bytes": request, "queue_depth": depth,
-         "bytes": n * request}
-  try:
-    def write(i, buf):
-      if os.pwritev(fd, [buf], i * request) != request:
-        raise OSError("short O_DIRECT write")
-
-    def read_at(offsets):
-      def task(i, buf):
-        if os.preadv(fd, [buf], offsets[i]) != request:
-          raise OSError("short O_DIRECT read")
-      return task
-
-    cpu = {}
-    cpu0 = _cpu()
-    seconds = _pool_run(n, depth, write, lambda: _aligned_buffer(request, True))
-    start = time.perf_counter()
-    os.fsync(fd)
-    out["write"] = n * request / (seconds + time.perf_counter() - start)
-    cpu["write"] = _cpu() - cpu0
-    out["resident_before"] = (resident_bytes(path) or (None,))[0]
-    for name, offsets in (("seq_read", [i * request for i in range(n)]),
-                          ("random_read", [i * request for i in order])):
-      cpu0 = _cpu()
-      out[name] = n * request / _pool_run(n, depth, read_at(offsets),
-                                          lambda: _aligned_buffer(request, False))
-      cpu[name] = _cpu() - cpu0
-    out["cpu_s_per_gb"] = {k: v / (n * request / 1e9) for k, v in cpu.items()}
-    buf = _aligned_buffer(request, False)
-    lat = []
-    for i in latency_samples:
-      start = time.perf_counter()
-      os.preadv(fd, [buf], i * request)
-      lat.append(time.perf_counter() - start)
-    out["latency_ms_single_block"] = _percentiles(lat)
-  finally:
-    os.close(fd)
-    os.unlink(path)
-  return out
-
-
-def bench_file_floor(directory: str, n: int, size: int, depth: int, order: list[int]) -> dict:
-  """The `file` kvstore's protocol by hand: one durable file per block.
-
-  Write: open `<slot>/0.__lock`, one buffered write, fsync, rename to
-  `<slot>/0`, fsync the slot directory (what TensorStore does for a chunk).
-  Reads: open, one buffered pread into a reused buffer, close, after the
-  files' pages were evicted. No CRC, no index, no result arrays.
-  """
-  root = os.path.join(directory, "file_floor")
-  os.makedirs(root)
-  for i in range(n):
-    os.mkdir(os.path.join(root, str(i)))
-  fsync_dir(root)
-  payload = os.urandom(size)
-
-  def write(i, _):
-    slot = os.path.join(root, str(i))
-    tmp = os.path.join(slot, "0.__lock")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-      if os.write(fd, payload) != size:
-        raise OSError("short write")
-      os.fsync(fd)
-      os.rename(tmp, os.path.join(slot, "0"))
-    finally:
-      os.close(fd)
-    fsync_dir(slot)
-
-  def read_in(slots):
-    def task(i, buf):
-      fd = os.open(os.path.join(root, str(slots[i]), "0"), os.O_RDONLY)
-      try:
-        if os.preadv(fd, [buf], 0) != size:
-          raise OSError("short read")
-      finally:
-        os.close(fd)
-    return task
-
-  out = {"files": n, "file_bytes": size, "queue_depth": depth, "bytes": n * size}
-  try:
-    cpu0 = _cpu()
-    out["write"] = n * size / _pool_run(n, depth, write)
-    cpu = {"write": _cpu() - cpu0}
-    cold = []
-    for name, slots in (("seq_read", list(range(n))), ("random_read", order)):
-      drop_page_cache(root, FLAGS.global_drop)
-      cold.append((resident_bytes(root) or (None,))[0])
-      cpu0 = _cpu()
-      out[name] = n * size / _pool_run(n, depth, read_in(slots), lambda: bytearray(size))
-      cpu[name] = _cpu() - cpu0
-    out["resident_before"] = cold
-    out["cpu_s_per_gb"] = {k: v / (n * size / 1e9) for k, v in cpu.items()}
-  finally:
-    shutil.rmtree(root)
-  return out
-
-
-def bench_memory(nbytes: int = 256 * MiB) -> dict:
-  """Bytes/s of filling fresh memory (first touch) vs memory already touched."""
-  src = np.ones(nbytes, np.uint8)
-  start = time.perf_counter()
-  fresh = np.empty(nbytes, np.uint8)
-  fresh[:] = src
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  fresh[:] = src
-  again = time.perf_counter() - start
-  return {"first_touch": nbytes / first, "touched": nbytes / again}
 
 
 # -- model: prefill speed, real KV, int8 effect on logits ---------------------
@@ -382,12 +208,6 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 # -- store --------------------------------------------------------------------
 
 
-def _percentiles(seconds: list[float]) -> dict:
-  ms = np.asarray(seconds) * 1e3
-  return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)} | {
-      "mean": float(ms.mean()), "max": float(ms.max())}
-
-
 @dataclasses.dataclass(frozen=True)
 class StoreSpec:
   """One `--configs` entry: `driver:codec[:file_io_mode][@key=value]...`."""
@@ -438,7 +258,7 @@ def _put_all(store: BlockStore, ids: list[bytes],
   process's CPU seconds meanwhile. Raises unless every block was written.
   """
   n, step = len(ids), FLAGS.put_blocks
-  cpu0 = _cpu()
+  cpu0 = cpu_seconds()
   start = time.perf_counter()
   futures = []
   for lo in range(0, n, step):
@@ -446,7 +266,7 @@ def _put_all(store: BlockStore, ids: list[bytes],
     off = lo % (len(content) - step + 1) if len(content) > step else 0
     futures.append(store.put_async(ids[lo:hi], content[off:off + hi - lo]))
   statuses = [s for f in futures for s in f.result().statuses]
-  seconds, cpu = time.perf_counter() - start, _cpu() - cpu0
+  seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
   if statuses.count("write") != n:
     raise RuntimeError(f"store wrote {statuses.count('write')} of {n} blocks")
   return seconds, cpu
@@ -495,7 +315,7 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
   def read_all(name: str, order_ids: list[bytes]) -> float:
     out["cache_drop"] = drop_page_cache(data_dir, FLAGS.global_drop)
     out["resident_before"].append((resident_bytes(data_dir) or (None,))[0])
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     start = time.perf_counter()
     step = FLAGS.get_blocks
     futures = [store.get_async(order_ids[lo:lo + step],
@@ -503,7 +323,7 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
                for lo in range(0, len(order_ids), step)]
     got = [b for f in futures for b in f.result()]
     seconds = time.perf_counter() - start
-    cpu[name] = _cpu() - cpu0
+    cpu[name] = cpu_seconds() - cpu0
     if any(b is None for b in got):
       raise RuntimeError(f"{sum(b is None for b in got)} blocks missing on read")
     del got, futures  # drop the blocks before the next pass, as a caller would
@@ -526,7 +346,7 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
     if store.get([ids[i]])[0] is None:
       raise RuntimeError("block missing in latency test")
     lat.append(time.perf_counter() - start)
-  out["latency_ms_cold_single_block"] = _percentiles(lat)
+  out["latency_ms_cold_single_block"] = latency_percentiles(lat)
   if spec.codec in ("raw", "zstd"):  # bit-exact codecs: check what came back
     back = store.get(ids[:1])[0]
     out["verified_bit_exact"] = bool(back.tobytes() == content[0].tobytes())
@@ -557,7 +377,7 @@ def bench_pair(directory: str, spec: StoreSpec, model, cache: CacheConfig,
       if FLAGS.raw_files:
         logging.info("round %d %s: file floor ...", round_, spec.name)
         pair["file_floor"] = bench_file_floor(directory, n, _chunk_file_bytes(payload),
-                                              FLAGS.queue_depth, order)
+                                              FLAGS.queue_depth, order, FLAGS.global_drop)
     elif spec.driver == "raw":  # A/A: the disk against itself
       logging.info("round %d %s: raw disk (A/A) ...", round_, spec.name)
       pair["store"] = _raw_as_store(
@@ -597,158 +417,6 @@ def _raw_as_store(raw: dict, spec: StoreSpec, payload: np.ndarray) -> dict:
 def _chunk_file_bytes(payload: np.ndarray) -> int:
   """Bytes of one raw-codec chunk file: the block and its 4-byte CRC32C."""
   return payload[0].nbytes + 4
-
-
-def _stats(values: list[float]) -> dict:
-  return {"median": float(np.median(values)), "min": float(min(values)),
-          "max": float(max(values)), "rounds": [float(v) for v in values]}
-
-
-def summarize(spec: StoreSpec, pairs: list[dict], bytes_per_token: float) -> dict:
-  """The store entry of the report: medians of its runs and its paired ratios."""
-  runs = [p["store"] for p in pairs]
-  out = dict(runs[-1])
-  for key, value in runs[0].items():
-    if isinstance(value, float):
-      out[key] = float(np.median([r[key] for r in runs]))
-  for key in ("latency_ms_cold_single_block", "cpu_s_per_gb"):
-    out[key] = {k: float(np.median([r[key][k] for r in runs])) for k in runs[0][key]}
-  out["runs"] = len(runs)
-  out["ratios"] = {k: _stats([p["ratio"][k] for p in pairs]) for k in FIGURES}
-  if all("ratio_to_file_floor" in p for p in pairs):
-    out["ratios_to_file_floor"] = {
-        k: _stats([p["ratio_to_file_floor"][k] for p in pairs]) for k in FIGURES}
-  out["rounds_met"] = {k: sum(p["met"][k] for p in pairs) for k in FIGURES}
-  if all("ratio_rewrite" in p for p in pairs):
-    out["ratio_rewrite"] = _stats([p["ratio_rewrite"] for p in pairs])
-  # The pre-v4 keys, now paired medians (each round against its own raw run).
-  out["write_vs_raw_seq_write"] = out["ratios"]["write"]["median"]
-  out["seq_read_vs_raw_seq_read"] = out["ratios"]["seq_read"]["median"]
-  out["random_read_vs_raw_random_read"] = out["ratios"]["random_read"]["median"]
-  out["load_tokens_per_s"] = out["read_random_logical_bytes_per_s"] / bytes_per_token
-  out["cold_checked"] = all(all(x == 0 for x in r["resident_before"]) for r in runs)
-  return out
-
-
-# -- report -------------------------------------------------------------------
-
-
-def _gbs(x: float) -> str:
-  return f"{x / 1e9:.2f}"
-
-
-def _ratio(stats: dict) -> str:
-  return f"{100 * stats['median']:.0f}% ({100 * stats['min']:.0f}-{100 * stats['max']:.0f})"
-
-
-def format_table(report: dict) -> str:
-  d = report["disk"]
-  lines = [
-      f"Paired rounds: {report['rounds']}; QD {d['queue_depth']} on both sides; "
-      f"{d['requests']} blocks of {d['request_bytes'] / MiB:.2f} MiB per pass "
-      f"({d['requests'] * d['request_bytes'] / 1e9:.2f} GB).",
-      f"raw disk (O_DIRECT, medians of the paired runs): write {_gbs(d['seq_write'])}, "
-      f"seq read {_gbs(d['seq_read'])}, random read {_gbs(d['random_read'])} GB/s; "
-      f"1-block read p50 {d['latency_ms_single_block']['p50']:.1f} ms",
-  ]
-  if report.get("file_floor"):
-    f = report["file_floor"]
-    lines.append(f"file floor (file per block, buffered, fsync+rename+dir fsync): write "
-                 f"{_gbs(f['write'])}, seq read {_gbs(f['seq_read'])}, random read "
-                 f"{_gbs(f['random_read'])} GB/s")
-  m = report["memory"]
-  lines += [
-      f"memory: first touch {_gbs(m['first_touch'])} GB/s, already touched "
-      f"{_gbs(m['touched'])} GB/s (medians)",
-      "load average (1 min) at each pair's start: " + ", ".join(
-          f"{p['load_average_1_5_15_start'][0]:.1f}" for p in report["pairs"]),
-      "",
-      "Store / raw, paired per round: median (min-max); 'met' = rounds meeting the "
-      "target (write >= 70%, reads >= 85%).",
-      "",
-      "| store | write GB/s | write % raw | seq read GB/s | seq % raw | rand read GB/s | "
-      "rand % raw | met w/s/r | write % file floor | lat p50/p90/p99 ms | load tok/s |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
-  ]
-  for s in report["stores"]:
-    lat = s["latency_ms_cold_single_block"]
-    r = s["ratios"]
-    met = s["rounds_met"]
-    floor = s.get("ratios_to_file_floor", {}).get("write")
-    lines.append(
-        f"| {s['config']} | {_gbs(s['write_disk_bytes_per_s'])} | {_ratio(r['write'])} | "
-        f"{_gbs(s['read_seq_disk_bytes_per_s'])} | {_ratio(r['seq_read'])} | "
-        f"{_gbs(s['read_random_disk_bytes_per_s'])} | {_ratio(r['random_read'])} | "
-        f"{met['write']}/{met['seq_read']}/{met['random_read']} of {s['runs']} | "
-        f"{_ratio(floor) if floor else '-'} | "
-        f"{lat['p50']:.1f}/{lat['p90']:.1f}/{lat['p99']:.1f} | "
-        f"{s['load_tokens_per_s']:,.0f} |")
-  rewrites = [s for s in report["stores"] if "ratio_rewrite" in s]
-  if rewrites:
-    lines += ["", "Rewrite of the full store (new blocks evict the old ones and reuse their "
-              "slots, the steady state of a long-running cache), vs the raw write of the "
-              "same round:", ""]
-    for s in rewrites:
-      lines.append(f"- {s['config']}: {_gbs(s['rewrite_disk_bytes_per_s'])} GB/s, "
-                   f"{_ratio(s['ratio_rewrite'])} of raw, "
-                   f"{s['cpu_s_per_gb']['rewrite']:.2f} CPU s/GB "
-                   f"({s['rewrite_reused_slots']} of {s['blocks']} blocks into reused slots)")
-  lines += ["", "Per round (GB/s write/seq/random; ratio = store / raw of the same round):",
-            "", "| store | round | first | load | raw | store | ratio % | file floor |",
-            "|---|---|---|---|---|---|---|---|"]
-  for p in report["pairs"]:
-    s, r = p["store"], p["raw"]
-    f = p.get("file_floor")
-    lines.append(
-        f"| {s['config']} | {p['round']} | {p['order'][0]} | "
-        f"{p['load_average_1_5_15_start'][0]:.1f} | "
-        f"{_gbs(r['write'])}/{_gbs(r['seq_read'])}/{_gbs(r['random_read'])} | "
-        f"{_gbs(s['write_disk_bytes_per_s'])}/{_gbs(s['read_seq_disk_bytes_per_s'])}/"
-        f"{_gbs(s['read_random_disk_bytes_per_s'])} | "
-        + "/".join(f"{100 * p['ratio'][k]:.0f}" for k in FIGURES) + " | "
-        + (f"{_gbs(f['write'])}/{_gbs(f['seq_read'])}/{_gbs(f['random_read'])}" if f else "-")
-        + " |")
-  lines += ["", "CPU seconds per GB moved by this process (medians; write/seq/random):"]
-  lines.append("- raw disk: " + "/".join(f"{report['disk']['cpu_s_per_gb'][k]:.2f}"
-                                          for k in FIGURES))
-  if report.get("file_floor"):
-    lines.append("- file floor: " + "/".join(
-        f"{report['file_floor']['cpu_s_per_gb'][k]:.2f}" for k in FIGURES))
-  for s in report["stores"]:
-    lines.append(f"- {s['config']}: " + "/".join(f"{s['cpu_s_per_gb'][k]:.2f}" for k in FIGURES))
-  cold = all(s["cold_checked"] for s in report["stores"])
-  drops = {s.get("cache_drop") for s in report["stores"]} - {None}
-  lines += ["", f"cold reads: page cache evicted with {', '.join(sorted(drops)) or '-'}; "
-            f"store files resident before every read pass: "
-            f"{'0 bytes (checked with mincore)' if cold else 'NOT ALWAYS 0 (see JSON)'}; "
-            "raw reads are O_DIRECT. A host-side cache of a virtual disk is out of reach."]
-  if report.get("prefill"):
-    lines.append("")
-    for p in report["prefill"]:
-      lines.append(f"prefill recompute {p['tokens']} tokens: {p['tokens_per_s']:,.0f} tokens/s")
-  for name in ("logits_bf16", "logits_int8"):
-    if name in report:
-      r = report[name]
-      lines.append(f"{name}: max|dlogit| {r['max_abs_diff']:.4f} (logit std "
-                   f"{r['logit_std']:.2f}), mean KL {r['mean_kl']:.2e}, top-1 agreement "
-                   f"{100 * r['top1_agreement']:.1f}%")
-  if report.get("break_even"):
-    lines.append(report["break_even"])
-  return "\n".join(lines)
-
-
-def _median_dict(runs: list[dict]) -> dict:
-  """Medians of the numeric (and nested numeric) values of `runs`."""
-  out = {}
-  for key, value in runs[0].items():
-    if isinstance(value, float):
-      out[key] = float(np.median([r[key] for r in runs]))
-    elif isinstance(value, dict) and all(isinstance(v, float) for v in value.values()):
-      out[key] = {k: float(np.median([r[key][k] for r in runs])) for k in value}
-    else:
-      out[key] = value
-  out["runs"] = len(runs)
-  return out
 
 
 def _check_flags() -> tuple[list[StoreSpec], str]:
@@ -829,15 +497,15 @@ def main(argv):
                      {k: round(v, 3) for k, v in pair["ratio"].items()})
     report["load_average_1_5_15_end"] = list(os.getloadavg())
     every = [p for spec in specs for p in pairs[spec.name]]
-    raw = _median_dict([p["raw"] for p in every])
+    raw = median_dict([p["raw"] for p in every])
     # The pre-v4 "disk" keys: seq_write is now the block-sized write.
     report["disk"] = raw | {"seq_write": raw["write"], "random_request": request}
     report["disk_runs"] = [p["raw"] for p in every]
     if FLAGS.raw_files:
-      report["file_floor"] = _median_dict([p["file_floor"] for p in every])
-    report["memory"] = _median_dict([p["memory"] for p in every])
+      report["file_floor"] = median_dict([p["file_floor"] for p in every])
+    report["memory"] = median_dict([p["memory"] for p in every])
     report["pairs"] = [{k: v for k, v in p.items()} for p in every]
-    report["stores"] = [summarize(spec, pairs[spec.name], report["bytes_per_token"])
+    report["stores"] = [summarize(pairs[spec.name], report["bytes_per_token"])
                         for spec in specs]
     report["store_runs"] = {spec.name: [p["store"] for p in pairs[spec.name]] for spec in specs}
     if report.get("prefill"):

@@ -77,3 +77,19 @@ def test_tiny_paired_run(tmp_path):
       "file_io_concurrency"] == 2
   assert "| file:raw |" in report["table"]
   assert sorted(os.listdir(tmp_path)) == ["probe", "r.json"]  # the work dir is gone
+
+
+def test_committed_reports_reprint_their_own_tables():
+  """`storage_report.format_table` rebuilds, from a committed report's JSON,
+  the very table the launcher printed and stored with it (the disk
+  baselines, paired ratios, rewrites, rounds and CPU cost)."""
+  from launch.storage_report import format_table
+  results = os.path.join(REPO, "docs", "results")
+  checked = 0
+  for name in ("storage_2026-11-26_v6_qd8.json",
+               "storage_2026-11-26_v7_h100_host.json"):
+    with open(os.path.join(results, name)) as f:
+      report = json.load(f)
+    assert format_table(report) == report["table"], name
+    checked += 1
+  assert checked == 2
