@@ -126,6 +126,10 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# The dtypes a KV pool (and the model computing into it) may have.
+KV_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
   """Paged KV cache in device memory.
@@ -143,6 +147,9 @@ class CacheConfig:
   def __post_init__(self):
     if self.block_size <= 0 or self.num_blocks <= 0:
       raise ValueError("block_size and num_blocks must be positive")
+    if self.dtype not in KV_DTYPES:
+      raise ValueError(f"cache dtype must be one of {KV_DTYPES}; got "
+                       f"{self.dtype!r}")
 
   def bytes_per_block(self, model: ModelConfig) -> int:
     """Bytes of one block across all layers (K and V)."""
@@ -165,6 +172,17 @@ class EngineConfig:
   temperature: float = 1.0
   top_p: float = 1.0
   seed: int = 0
+
+  def __post_init__(self):
+    # A zero here would not fail: an engine that may batch no sequence, or
+    # prefill no token a step, waits forever.
+    for name in ("max_batch_size", "max_prefill_chunk", "max_context"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    if not self.temperature >= 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got "
+                       f"{self.temperature}, {self.top_p}")
 
 
 def to_dict(obj: Any) -> dict:

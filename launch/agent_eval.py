@@ -15,21 +15,15 @@ import sys
 
 from absl import app, flags, logging
 
-from launch import cluster_flags, distributed_flags, workload_flags
+from launch import (cluster_flags, distributed_flags, engine_flags,
+                    workload_flags)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
                     "GGUF, a .gguf path, an Orbax dir from launch.convert, or "
                     "random:<preset>")
 workload_flags.define()  # --trace, --sessions, --turns, --reply, ...
-flags.DEFINE_integer("block_size", 16, "tokens per KV block")
-flags.DEFINE_integer("num_blocks", 2048, "KV pool size in blocks (per layer)")
-flags.DEFINE_integer("max_batch", 8, "sequences decoded together")
-flags.DEFINE_integer("prefill_chunk", 512, "max new tokens per prefill step")
-flags.DEFINE_integer("max_context", 8192, "longest context of one turn")
-flags.DEFINE_string("attention", "auto", "paged-attention implementation "
-                    "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
-flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
+engine_flags.define()  # --block_size, --num_blocks, --max_batch, --dtype, ...
 flags.DEFINE_string("report", "agent_eval_report.json", "JSON report path")
 flags.DEFINE_string("plot", None, "PNG plot path (TTFT and timeline)")
 flags.DEFINE_bool("warmup", True, "compile every shape bucket before timing")
@@ -61,8 +55,7 @@ def main(argv):
   import jax
   import tqdm
 
-  from dualpath_jax.config import CacheConfig, EngineConfig, to_dict
-  from dualpath_jax.model import load_model
+  from dualpath_jax.config import to_dict
   from dualpath_jax.workload.replay import replay_sessions
   from dualpath_jax.workload.trace import TraceError
 
@@ -74,17 +67,18 @@ def main(argv):
     mesh = cluster_flags.mesh_config()
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
-  loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  try:
+    cache, engine_cfg = engine_flags.configs(FLAGS.seed)
+    loaded = engine_flags.load_model(FLAGS.model)
+  except ValueError as e:
+    sys.exit(f"agent_eval: {e}")
   if loaded.tokenizer is None:
     sys.exit("agent_eval: the model has no tokenizer (random weights); use the "
              "GGUF or a converted checkpoint")
-  cache = CacheConfig(block_size=FLAGS.block_size, num_blocks=FLAGS.num_blocks,
-                      dtype=FLAGS.dtype)
-  engine_cfg = EngineConfig(max_batch_size=FLAGS.max_batch,
-                            max_prefill_chunk=FLAGS.prefill_chunk,
-                            max_context=FLAGS.max_context,
-                            attention_impl=FLAGS.attention, seed=FLAGS.seed)
+  longest = min(FLAGS.max_context,
+                workload_flags.max_context_bound(sessions, loaded.tokenizer))
   try:
+    engine_flags.check_pool_holds(longest)
     engine = cluster_flags.make(loaded, cache, engine_cfg, mesh,
                                 cluster_flags.cold_tier_config())
   except ValueError as e:
@@ -94,8 +88,7 @@ def main(argv):
                loaded.config.name, jax.devices()[0].device_kind)
   if FLAGS.warmup:
     print("compiling shape buckets ...", flush=True)
-    engine.warmup(min(FLAGS.max_context,
-                      workload_flags.max_context_bound(sessions, loaded.tokenizer)))
+    engine.warmup(longest)
     print(f"  {engine.stats.compiled_shapes} shapes in "
           f"{engine.stats.warmup_s:.1f} s", flush=True)
 

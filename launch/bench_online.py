@@ -36,7 +36,7 @@ import tempfile
 
 from absl import app, flags, logging
 
-from launch import cluster_flags, workload_flags
+from launch import cluster_flags, engine_flags, workload_flags
 
 FLAGS = flags.FLAGS
 
@@ -66,19 +66,11 @@ def define_flags() -> None:
                     "closed-loop single-engine replay's store, or nothing")
   flags.DEFINE_float("sample_every_s", 0.25, "time-series sampling interval "
                      "(0: every engine step)")
-  flags.DEFINE_integer("block_size", 16, "tokens per KV block")
-  flags.DEFINE_integer("num_blocks", 2048, "KV pool size in blocks (per engine)")
-  flags.DEFINE_integer("max_batch", 8, "sequences decoded together")
-  flags.DEFINE_integer("prefill_chunk", 512, "max new tokens per prefill step")
-  flags.DEFINE_integer("max_context", 8192, "longest context of one turn")
   flags.DEFINE_string("cold_tier", None, "working directory of the cold tiers "
                       "(<dir>/seed and <dir>/runs/*, replaced); default: a "
                       "temporary directory, removed at the end")
   flags.DEFINE_bool("keep_runs", False, "keep each run's cold tier under "
                     "--cold_tier/runs (else removed after the run)")
-  flags.DEFINE_string("attention", "auto", "paged-attention implementation "
-                      "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
-  flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
   flags.DEFINE_string("report", "bench_online_report.json", "JSON report path")
   flags.DEFINE_string("plot", None, "PNG: TTFT vs rate per policy, NIC "
                       "utilisation over time at the highest rate")
@@ -89,6 +81,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("tokenizer", "model", ["model", "bytes"],
                     "model: the model's own; bytes: one token per byte, a "
                     "stand-in for random weights (random:<preset>)")
+  engine_flags.define()  # --block_size, --num_blocks, --max_batch, --dtype, ...
   cluster_flags.define(mesh_default="1P2D")  # --mesh none = one engine
 
 
@@ -261,11 +254,14 @@ def main(argv):
   enable_compilation_cache()
   import jax
 
-  from dualpath_jax.config import CacheConfig, EngineConfig, to_dict
-  from dualpath_jax.model import load_model
+  from dualpath_jax.config import to_dict
   from dualpath_jax.workload import online_report
 
-  loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  try:
+    cache, engine_cfg = engine_flags.configs(FLAGS.seed)
+    loaded = engine_flags.load_model(FLAGS.model)
+  except ValueError as e:
+    _fail(str(e))
   if FLAGS.tokenizer == "bytes":
     from dualpath_jax.workload.byte_tokenizer import ByteChatTokenizer
     loaded = dataclasses.replace(
@@ -273,13 +269,11 @@ def main(argv):
   elif loaded.tokenizer is None:
     _fail("the model has no tokenizer (random weights); use the GGUF, a "
           "converted checkpoint or --tokenizer=bytes")
-  cache = CacheConfig(block_size=FLAGS.block_size, num_blocks=FLAGS.num_blocks,
-                      dtype=FLAGS.dtype)
-  engine_cfg = EngineConfig(max_batch_size=FLAGS.max_batch,
-                            max_prefill_chunk=FLAGS.prefill_chunk,
-                            max_context=FLAGS.max_context,
-                            attention_impl=FLAGS.attention, seed=FLAGS.seed)
   bound = workload_flags.max_context_bound(sessions, loaded.tokenizer)
+  try:
+    engine_flags.check_pool_holds(min(FLAGS.max_context, bound))
+  except ValueError as e:
+    _fail(str(e))
   logging.info("%d sessions, %d turns on %s (%s)", len(sessions),
                sum(len(s.turns) for s in sessions), loaded.config.name,
                jax.devices()[0].device_kind)

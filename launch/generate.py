@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from typing import Sequence
 
@@ -39,15 +40,17 @@ def define_flags() -> None:
                     "Wrap --prompt as a user message in the chat template.")
   flags.DEFINE_string("system", None, "System message for --chat (default: "
                       "the template's).")
-  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.",
+                       lower_bound=1)
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_bool("json", False, "Print one JSON object.")
   flags.DEFINE_string("model", None, "Model source (see load_model).")
   flags.DEFINE_string("dtype", None, "Weight dtype override.")
-  flags.DEFINE_integer("block_size", 16, "KV page size.")
-  flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens per prefill step.")
+  flags.DEFINE_integer("block_size", 16, "KV page size.", lower_bound=1)
+  flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens per prefill step.",
+                       lower_bound=1)
   flags.DEFINE_string("attention_impl", "auto",
                       "kernels.paged_attention implementation.")
 
@@ -138,10 +141,24 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if (FLAGS.prompt is None) == (FLAGS.prompt_ids is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")
-  loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  if not FLAGS.temperature >= 0 or not 0 < FLAGS.top_p <= 1:
+    raise app.UsageError(f"need --temperature >= 0 and 0 < --top_p <= 1; got "
+                         f"{FLAGS.temperature}, {FLAGS.top_p}")
+  if FLAGS.prompt_ids is not None and not all(
+      i.strip().isdigit() for i in FLAGS.prompt_ids):
+    raise app.UsageError("--prompt_ids: give non-negative integers, e.g. "
+                         f"1,2,3; got {','.join(FLAGS.prompt_ids)!r}")
+  try:
+    loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"generate: {e}")
   tok = loaded.tokenizer
   if FLAGS.prompt_ids is not None:
     prompt_ids = [int(i) for i in FLAGS.prompt_ids]
+    vocab = loaded.config.vocab_size
+    if max(prompt_ids, default=0) >= vocab:
+      raise app.UsageError(f"--prompt_ids: the model's vocabulary has {vocab} "
+                           f"ids (0-{vocab - 1}); got {max(prompt_ids)}")
   elif tok is None:
     raise app.UsageError(f"{loaded.source} has no tokenizer: use --prompt_ids")
   elif FLAGS.chat:
@@ -152,11 +169,15 @@ def main(argv: list[str]) -> None:
   else:
     prompt_ids = tok.encode(FLAGS.prompt)
   eos_ids = tok.eos_ids if tok is not None else loaded.config.eos_token_ids
-  ids, timing = generate(
-      loaded.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
-      eos_ids=eos_ids, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-      seed=FLAGS.seed, block_size=FLAGS.block_size,
-      prefill_chunk=FLAGS.prefill_chunk, attention_impl=FLAGS.attention_impl)
+  try:  # an empty prompt, a context past max_position, an unknown kernel
+    ids, timing = generate(
+        loaded.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
+        eos_ids=eos_ids, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+        seed=FLAGS.seed, block_size=FLAGS.block_size,
+        prefill_chunk=FLAGS.prefill_chunk,
+        attention_impl=FLAGS.attention_impl)
+  except ValueError as e:
+    sys.exit(f"generate: {e}")
   text = tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
   if FLAGS.json:
     print(json.dumps({"model": loaded.source, "weights_id": loaded.weights_id,

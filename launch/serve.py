@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags, logging
 
-from launch import cluster_flags, distributed_flags
+from launch import cluster_flags, distributed_flags, engine_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (loopback by "
@@ -29,15 +29,8 @@ flags.DEFINE_string("tokenizer", None, "GGUF whose tokenizer to use when the "
                     "model has none (random weights); 'embedded' = SmolLM2's")
 flags.DEFINE_list("served_model_name", None, "model id(s) clients must send; "
                   "default: the model config's name")
-flags.DEFINE_integer("block_size", 16, "tokens per KV block")
-flags.DEFINE_integer("num_blocks", 2048, "KV pool size in blocks (per layer)")
-flags.DEFINE_integer("max_batch", 8, "sequences decoded together")
-flags.DEFINE_integer("prefill_chunk", 512, "max new tokens per prefill step")
-flags.DEFINE_integer("max_context", 8192, "longest context of one request "
-                     "(prompt + completion); reported as max_model_len")
-flags.DEFINE_string("attention", "auto", "paged-attention implementation "
-                    "(xla | xla_chunked | pallas_triton | pallas_mosaic_tpu | auto)")
-flags.DEFINE_string("dtype", "float32", "weights, activations and KV dtype")
+engine_flags.define(max_context_help="longest context of one request "
+                    "(prompt + completion); reported as max_model_len")
 flags.DEFINE_float("default_temperature", 1.0, "temperature of requests that "
                    "do not set one (OpenAI's default is 1.0)")
 flags.DEFINE_bool("warmup", False, "compile every shape bucket up to "
@@ -71,12 +64,15 @@ def main(argv):
   import jax
   import uvicorn
 
-  from dualpath_jax.config import CacheConfig, EngineConfig
-  from dualpath_jax.model import load_model
   from dualpath_jax.server import LocalEngineHandle, ServerConfig, create_app
 
-  loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
-  tokenizer = _tokenizer(loaded)
+  try:
+    cache, engine_cfg = engine_flags.configs(FLAGS.seed)
+    engine_flags.check_pool_holds(FLAGS.max_context)
+    loaded = engine_flags.load_model(FLAGS.model)
+    tokenizer = _tokenizer(loaded)
+  except ValueError as e:
+    sys.exit(f"serve: {e}")
   if tokenizer is None:
     sys.exit("serve: the model has no tokenizer (random weights); pass "
              "--tokenizer=embedded or a GGUF path")
@@ -84,12 +80,6 @@ def main(argv):
     sys.exit(f"serve: the tokenizer has {tokenizer.vocab_size} tokens but the "
              f"model only {loaded.config.vocab_size}")
   try:
-    cache = CacheConfig(block_size=FLAGS.block_size,
-                        num_blocks=FLAGS.num_blocks, dtype=FLAGS.dtype)
-    engine_cfg = EngineConfig(max_batch_size=FLAGS.max_batch,
-                              max_prefill_chunk=FLAGS.prefill_chunk,
-                              max_context=FLAGS.max_context,
-                              attention_impl=FLAGS.attention, seed=FLAGS.seed)
     engine = cluster_flags.make(loaded, cache, engine_cfg,
                                 cluster_flags.mesh_config(),
                                 cluster_flags.cold_tier_config())

@@ -404,6 +404,25 @@ def test_sample_token(np_rng):
     sample_token(logits, -1.0, 1.0, np_rng)
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["--prompt=hi", "--temperature=-1"], "need --temperature >= 0"),
+    (["--prompt_ids=1,x"], "--prompt_ids: give non-negative integers"),
+    (["--prompt_ids=1,9999999"], "vocabulary has"),
+    (["--prompt=hi", "--model=random:nope"], "generate: unknown preset"),
+    (["--prompt_ids=1", "--attention_impl=flash"],
+     "generate: unknown paged-attention implementation 'flash'"),
+    (["--prompt_ids=1", "--max_new_tokens=9000"], "exceed max_position"),
+])
+def test_generate_cli_refuses_bad_input_with_the_reason(args, msg):
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.generate", "--model=random:tiny-test",
+       *args], capture_output=True, text=True, timeout=300,
+      cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+  assert result.returncode != 0
+  assert msg in result.stderr and "Traceback" not in result.stderr, (
+      result.stderr[-2000:])
+
+
 def test_generate_cli_json_matches_in_process_generation():
   prompt = [5, 17, 99, 3, 250, 42, 7]
   result = subprocess.run(

@@ -31,7 +31,7 @@ from dualpath_jax.model.tokenizer import Tokenizer
 __all__ = ["Llama", "LoadedModel", "ModelRunner", "Tokenizer", "load_model",
            "parse_random_source"]
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = config_lib.KV_DTYPES  # weights and activations: the pool's dtypes
 
 
 @dataclasses.dataclass(frozen=True)

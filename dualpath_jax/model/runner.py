@@ -20,6 +20,7 @@ from flax import nnx
 
 from dualpath_jax.config import CacheConfig, ModelConfig
 from dualpath_jax.model.llama import Llama
+from kernels.paged_attention import resolve_implementation
 
 ArrayLike = Any  # jax.Array or numpy array
 
@@ -29,6 +30,8 @@ class ModelRunner:
 
   def __init__(self, model: Llama, cache: CacheConfig,
                attention_impl: str = "xla"):
+    # An unknown name fails here, not inside the first jitted step.
+    resolve_implementation(attention_impl)
     self.config: ModelConfig = model.config
     self.cache = cache
     self.attention_impl = attention_impl

@@ -1,0 +1,84 @@
+"""Flags of one engine's KV pool and batching, shared by the serving launchers.
+
+`agent_eval`, `bench_online` and `serve` each run engines built from the
+same seven settings: `--block_size`, `--num_blocks`, `--max_batch`,
+`--prefill_chunk`, `--max_context`, `--attention` and `--dtype`. They are
+defined once here, with their bounds, and turned into `CacheConfig` and
+`EngineConfig` here, so that a bad value is refused the same way by every
+launcher, before a model is loaded. `define()` is idempotent
+(`cluster_flags.define_once`).
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from dualpath_jax.config import KV_DTYPES
+from launch import cluster_flags
+
+FLAGS = flags.FLAGS
+
+ATTENTION_HELP = ("paged-attention implementation (xla | xla_chunked | "
+                  "pallas_triton | pallas_mosaic_gpu | pallas_mosaic_tpu | "
+                  "auto: the best for the device)")
+
+
+def define(max_context_help: str = "longest context of one turn") -> None:
+  """Defines the engine flags (once per process)."""
+  once = cluster_flags.define_once
+  once(flags.DEFINE_integer, "block_size", 16, "tokens per KV block",
+       lower_bound=1)
+  once(flags.DEFINE_integer, "num_blocks", 2048,
+       "KV pool size in blocks (per layer, per engine)", lower_bound=1)
+  once(flags.DEFINE_integer, "max_batch", 8, "sequences decoded together",
+       lower_bound=1)
+  once(flags.DEFINE_integer, "prefill_chunk", 512,
+       "max new tokens per prefill step", lower_bound=1)
+  once(flags.DEFINE_integer, "max_context", 8192, max_context_help,
+       lower_bound=1)
+  once(flags.DEFINE_string, "attention", "auto", ATTENTION_HELP)
+  once(flags.DEFINE_enum, "dtype", "float32", list(KV_DTYPES),
+       "weights, activations and KV dtype (on CPU keep float32: XLA "
+       "emulates bfloat16 matmuls there)")
+
+
+def configs(seed: int):
+  """(CacheConfig, EngineConfig) of the flags.
+
+  Raises:
+    ValueError: an unknown --attention, or values the configs refuse.
+  """
+  from dualpath_jax.config import CacheConfig, EngineConfig
+  from kernels.paged_attention import resolve_implementation
+  resolve_implementation(FLAGS.attention)  # names the choices if unknown
+  cache = CacheConfig(block_size=FLAGS.block_size, num_blocks=FLAGS.num_blocks,
+                      dtype=FLAGS.dtype)
+  engine = EngineConfig(max_batch_size=FLAGS.max_batch,
+                        max_prefill_chunk=FLAGS.prefill_chunk,
+                        max_context=FLAGS.max_context,
+                        attention_impl=FLAGS.attention, seed=seed)
+  return cache, engine
+
+
+def check_pool_holds(context_tokens: int) -> None:
+  """ValueError unless one sequence of `context_tokens` tokens fits in the
+  pool (`--num_blocks` x `--block_size`): a smaller pool could never admit
+  it, and the run would fail at that turn instead of now."""
+  capacity = FLAGS.num_blocks * FLAGS.block_size
+  if context_tokens > capacity:
+    raise ValueError(
+        f"--num_blocks: the pool holds {FLAGS.num_blocks} blocks x "
+        f"{FLAGS.block_size} tokens = {capacity} tokens, but one sequence "
+        f"may reach {context_tokens} tokens (raise --num_blocks or lower "
+        "--max_context)")
+
+
+def load_model(source: str | None):
+  """`dualpath_jax.model.load_model(source, dtype=--dtype)`, with every way
+  a source can be wrong (a missing file, an unknown preset, a bad
+  checkpoint) raised as ValueError."""
+  from dualpath_jax.model import load_model as load
+  try:
+    return load(source, dtype=FLAGS.dtype)
+  except FileNotFoundError as e:
+    raise ValueError(str(e)) from e

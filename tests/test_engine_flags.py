@@ -1,0 +1,99 @@
+"""Engine settings are refused when they cannot work, before anything runs:
+in the configs (library users), in the model runner, and by every launcher
+that takes them (`launch.engine_flags`), with the reason and no traceback.
+
+Before, `agent_eval --max_batch=0` waited forever (an engine that may batch
+no sequence never admits one), `--attention=foo` and `--prefill_chunk=0`
+failed inside the first jitted step with a JAX traceback, and a pool too
+small for the workload failed at the turn that did not fit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dualpath_jax.config import CacheConfig, EngineConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(max_batch_size=0), "max_batch_size must be an integer >= 1"),
+    (dict(max_prefill_chunk=0), "max_prefill_chunk must be an integer >= 1"),
+    (dict(max_context=-5), "max_context must be an integer >= 1"),
+    (dict(max_batch_size=2.5), "max_batch_size must be an integer >= 1"),
+    (dict(temperature=-0.1), "temperature >= 0"),
+    (dict(top_p=0.0), "0 < top_p <= 1"),
+    (dict(top_p=float("nan")), "0 < top_p <= 1"),
+])
+def test_engine_config_refuses_values_that_cannot_work(kw, msg):
+  with pytest.raises(ValueError, match=msg):
+    EngineConfig(**kw)
+
+
+def test_cache_config_refuses_unknown_dtypes():
+  with pytest.raises(ValueError, match="cache dtype must be one of"):
+    CacheConfig(dtype="int4")
+  assert CacheConfig(dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_runner_refuses_an_unknown_attention_before_any_step():
+  from dualpath_jax.model import ModelRunner, load_model
+  loaded = load_model("random:tiny-test")
+  with pytest.raises(ValueError, match="unknown paged-attention implementation"):
+    ModelRunner(loaded.model, CacheConfig(num_blocks=8), attention_impl="flash")
+
+
+def _run(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=180)
+
+
+BAD_FLAGS = [
+    ("--max_batch=0", "flag --max_batch=0: 0 is not a positive integer"),
+    ("--prefill_chunk=0", "flag --prefill_chunk=0: 0 is not a positive"),
+    ("--dtype=int4", "flag --dtype=int4: value should be one of"),
+    ("--attention=flash", "unknown paged-attention implementation 'flash'"),
+    ("--model=random:nope", "unknown preset 'nope'"),
+    ("--model=/no/such.gguf", "no GGUF file at /no/such.gguf"),
+]
+LAUNCHERS = [
+    ("launch.agent_eval", ["--noprogress"]),
+    ("launch.bench_online", ["--noprogress", "--rates=1", "--tokenizer=bytes"]),
+    ("launch.serve", ["--port=0"]),
+]
+
+
+@pytest.mark.parametrize("module,extra", LAUNCHERS,
+                         ids=[m for m, _ in LAUNCHERS])
+@pytest.mark.parametrize("flag,msg", BAD_FLAGS, ids=[f for f, _ in BAD_FLAGS])
+def test_launchers_refuse_bad_engine_flags(tmp_path, module, extra, flag, msg):
+  report = tmp_path / "r.json"
+  args = extra + [flag]
+  if module != "launch.serve":
+    args.append(f"--report={report}")
+  done = _run(module, *args)
+  assert done.returncode != 0
+  assert msg in done.stderr, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
+  assert not report.exists()
+
+
+@pytest.mark.parametrize("module,extra", LAUNCHERS,
+                         ids=[m for m, _ in LAUNCHERS])
+def test_launchers_refuse_a_pool_smaller_than_one_sequence(tmp_path, module,
+                                                           extra):
+  """4 blocks of 16 tokens cannot hold one turn of the default workload (or,
+  for the server, one request of --max_context tokens)."""
+  args = extra + ["--num_blocks=4", "--max_context=1024"]
+  if module != "launch.serve":
+    args.append(f"--report={tmp_path / 'r.json'}")
+  done = _run(module, *args)
+  assert done.returncode != 0
+  assert "--num_blocks: the pool holds 4 blocks x 16 tokens = 64 tokens" in (
+      done.stderr), done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
