@@ -10,6 +10,7 @@ metadata records which file (or "the embedded SmolLM2") to read it from.
 
 from __future__ import annotations
 
+import sys
 import time
 
 from absl import app
@@ -51,7 +52,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
-  directory = convert(FLAGS.gguf, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
+  try:  # the directory first: the conversion takes a while
+    checkpoint.check_output_directory(FLAGS.out, FLAGS.overwrite)
+    directory = convert(FLAGS.gguf, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
+  except (ValueError, FileExistsError, FileNotFoundError) as e:
+    sys.exit(f"convert: {e}")
   logging.info("wrote %s in %.1f s", directory, time.perf_counter() - start)
   print(directory)
 

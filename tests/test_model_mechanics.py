@@ -8,7 +8,9 @@ float64 reference, `atol = rtol = 2e-5` on logits of magnitude ~1-10.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -352,6 +354,46 @@ def test_random_source_parsing():
       parse_random_source(bad)
   with pytest.raises(ValueError, match="neither"):
     load_model("no/such/model")
+
+
+def test_checkpoint_writes_only_where_nothing_else_lives(tmp_path, np_rng):
+  """A checkpoint goes into a new or empty directory, or replaces one of
+  ours with overwrite; a directory of other files is never written into or
+  deleted from, even with overwrite (its `state/` could be anyone's)."""
+  model = make_model(config.TINY, np_rng)
+  save = functools.partial(checkpoint.save_checkpoint, model=model,
+                           weights_id="w", tokenizer_gguf=None)
+  other = tmp_path / "project"
+  (other / "state").mkdir(parents=True)
+  (other / "state" / "notes.txt").write_text("keep me")
+  for overwrite in (False, True):
+    with pytest.raises(ValueError, match="directory of other files"):
+      save(other, overwrite=overwrite)
+  assert (other / "state" / "notes.txt").read_text() == "keep me"
+  assert sorted(p.name for p in other.iterdir()) == ["state"]
+  a_file = tmp_path / "file.json"
+  a_file.write_text("{}")
+  with pytest.raises(ValueError, match="not a directory"):
+    save(a_file)
+  with pytest.raises(ValueError, match="empty path"):
+    save("")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  save(empty)
+  save(empty, overwrite=True, weights_id="w2")  # ours: replaced
+  assert checkpoint.read_metadata(empty)["weights_id"] == "w2"
+
+
+def test_convert_cli_refuses_an_empty_out_and_writes_nothing(tmp_path):
+  """`--out=` used to write a checkpoint into the working directory."""
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.convert", "--out="],
+      capture_output=True, text=True, timeout=300, cwd=tmp_path,
+      env=dict(os.environ, PYTHONPATH=str(
+          pathlib.Path(__file__).resolve().parents[1])))
+  assert result.returncode != 0
+  assert "convert: the checkpoint directory is an empty path" in result.stderr
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_random_load_is_deterministic_per_seed():

@@ -48,11 +48,17 @@ def save_checkpoint(
     source: str = "",
     overwrite: bool = False,
 ) -> pathlib.Path:
-  """Writes `model`'s weights and metadata under `directory`; returns it."""
+  """Writes `model`'s weights and metadata under `directory`; returns it.
+
+  `directory` is made if missing; an existing one must be empty, or hold a
+  checkpoint of ours to be replaced with `overwrite=True`. Anything else
+  there is never written into or deleted: ValueError (not a directory, or a
+  directory of other files) or FileExistsError (a checkpoint, without
+  `overwrite`), before any byte is written.
+  """
+  check_output_directory(directory, overwrite)
   directory = pathlib.Path(directory).absolute()
   state_dir = directory / STATE_DIR
-  if state_dir.exists() and not overwrite:
-    raise FileExistsError(f"{state_dir} exists (pass overwrite=True)")
   directory.mkdir(parents=True, exist_ok=True)
   state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   checkpointer = ocp.StandardCheckpointer()
@@ -70,6 +76,25 @@ def save_checkpoint(
   }
   (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
   return directory
+
+
+def check_output_directory(directory: str | os.PathLike,
+                           overwrite: bool = False) -> None:
+  """Raises unless a checkpoint may be written at `directory` (see
+  `save_checkpoint`): a launcher calls it before the slow conversion."""
+  if not str(directory):
+    raise ValueError("the checkpoint directory is an empty path")
+  path = pathlib.Path(directory)
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"{path} exists and is not a directory")
+  if not path.is_dir() or not any(path.iterdir()):
+    return  # new or empty
+  if not (path / METADATA_FILE).is_file():
+    raise ValueError(f"{path} is a directory of other files, not a "
+                     "checkpoint: give a new or empty directory")
+  if not overwrite:
+    raise FileExistsError(f"{path} holds a checkpoint already (pass "
+                          "overwrite=True, or --overwrite, to replace it)")
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
