@@ -21,7 +21,8 @@ from launch import cluster_flags, distributed_flags, engine_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (loopback by "
                     "default; the server has no authentication)")
-flags.DEFINE_integer("port", 8000, "TCP port (0 = any free port)")
+flags.DEFINE_integer("port", 8000, "TCP port (0 = any free port)",
+                     lower_bound=0, upper_bound=65535)
 flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
                     "GGUF, a .gguf path, an Orbax dir from launch.convert, or "
                     "random:<preset>")
@@ -71,7 +72,7 @@ def main(argv):
     engine_flags.check_pool_holds(FLAGS.max_context)
     loaded = engine_flags.load_model(FLAGS.model)
     tokenizer = _tokenizer(loaded)
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:
     sys.exit(f"serve: {e}")
   if tokenizer is None:
     sys.exit("serve: the model has no tokenizer (random weights); pass "

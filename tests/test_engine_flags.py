@@ -97,3 +97,13 @@ def test_launchers_refuse_a_pool_smaller_than_one_sequence(tmp_path, module,
   assert "--num_blocks: the pool holds 4 blocks x 16 tokens = 64 tokens" in (
       done.stderr), done.stderr[-2000:]
   assert "Traceback" not in done.stderr
+
+
+def test_serve_refuses_a_missing_tokenizer_and_a_bad_port():
+  done = _run("launch.serve", "--model=random:tiny-test",
+              "--tokenizer=/no/such.gguf")
+  assert done.returncode != 0 and "Traceback" not in done.stderr
+  assert "serve: no GGUF file at /no/such.gguf" in done.stderr
+  done = _run("launch.serve", "--port=70000")
+  assert done.returncode != 0
+  assert "not an integer in the range [0, 65535]" in done.stderr
