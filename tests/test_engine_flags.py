@@ -53,24 +53,31 @@ def _run(module, *args):
                         capture_output=True, text=True, timeout=180)
 
 
-BAD_FLAGS = [
-    ("--max_batch=0", "flag --max_batch=0: 0 is not a positive integer"),
-    ("--prefill_chunk=0", "flag --prefill_chunk=0: 0 is not a positive"),
-    ("--dtype=int4", "flag --dtype=int4: value should be one of"),
-    ("--attention=flash", "unknown paged-attention implementation 'flash'"),
-    ("--model=random:nope", "unknown preset 'nope'"),
-    ("--model=/no/such.gguf", "no GGUF file at /no/such.gguf"),
-]
 LAUNCHERS = [
     ("launch.agent_eval", ["--noprogress"]),
     ("launch.bench_online", ["--noprogress", "--rates=1", "--tokenizer=bytes"]),
     ("launch.serve", ["--port=0"]),
 ]
+# Every launcher with the checks of its own code; absl's bounds and enums
+# (the same flag definitions, engine_flags.define) on one launcher each.
+BAD_FLAGS = [
+    (module, extra, flag, msg) for module, extra in LAUNCHERS
+    for flag, msg in (
+        ("--attention=flash",
+         "unknown paged-attention implementation 'flash'"),
+        ("--model=random:nope", "unknown preset 'nope'"),
+    )] + [
+    (*LAUNCHERS[0], "--max_batch=0",
+     "flag --max_batch=0: 0 is not a positive integer"),
+    (*LAUNCHERS[1], "--prefill_chunk=0",
+     "flag --prefill_chunk=0: 0 is not a positive"),
+    (*LAUNCHERS[2], "--dtype=int4", "flag --dtype=int4: value should be one of"),
+    (*LAUNCHERS[0], "--model=/no/such.gguf", "no GGUF file at /no/such.gguf"),
+]
 
 
-@pytest.mark.parametrize("module,extra", LAUNCHERS,
-                         ids=[m for m, _ in LAUNCHERS])
-@pytest.mark.parametrize("flag,msg", BAD_FLAGS, ids=[f for f, _ in BAD_FLAGS])
+@pytest.mark.parametrize("module,extra,flag,msg", BAD_FLAGS,
+                         ids=[f"{m}{f}" for m, _, f, _ in BAD_FLAGS])
 def test_launchers_refuse_bad_engine_flags(tmp_path, module, extra, flag, msg):
   report = tmp_path / "r.json"
   args = extra + [flag]
