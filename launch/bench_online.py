@@ -232,6 +232,14 @@ def main(argv):
       mesh = MeshConfig.parse(FLAGS.mesh, FLAGS.tp)
     except ValueError as e:
       _fail(f"--mesh: {e}")
+    try:
+      cluster_flags.dualpath_config()  # e.g. a storage NIC of no bandwidth
+    except ValueError as e:
+      _fail(str(e))
+  try:  # the cold tiers' settings, before the first is seeded
+    _cold_config(FLAGS.cold_tier or tempfile.gettempdir())
+  except ValueError as e:
+    _fail(str(e))
   else:
     policies = ["engine"]
   if (FLAGS.model or "").startswith("random:") and FLAGS.tokenizer != "bytes":

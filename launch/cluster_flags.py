@@ -58,15 +58,18 @@ def mesh_config():
   """The `MeshConfig` of `--mesh`/`--tp`, or None for one engine.
 
   Raises:
-    ValueError: an unparsable `--mesh`/`--tp`, or `--mesh` without
-      `--cold_tier`.
+    ValueError: an unparsable `--mesh`/`--tp`, `--mesh` without
+      `--cold_tier`, or DualPath flags its config refuses (a storage NIC of
+      no bandwidth), before anything runs.
   """
   if not FLAGS.mesh or FLAGS.mesh.lower() == "none":
     return None
   from dualpath_jax.transfer import MeshConfig
   if not FLAGS.cold_tier:
     raise ValueError("--mesh needs --cold_tier (the blocks the paths load)")
-  return MeshConfig.parse(FLAGS.mesh, FLAGS.tp)
+  mesh = MeshConfig.parse(FLAGS.mesh, FLAGS.tp)
+  dualpath_config()  # checked now; built again for each cluster
+  return mesh
 
 
 def dualpath_config(policy: str | None = None):

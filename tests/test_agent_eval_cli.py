@@ -64,6 +64,8 @@ def test_missing_trace_exits_nonzero(tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (["--mesh=1P2D"], "--cold_tier"),
     (["--mesh=banana", "--cold_tier=/tmp/x"], "--mesh"),
+    (["--mesh=1P2D", "--cold_tier=/tmp/x", "--storage_nic_gbps=0"],
+     "storage_nic_gbps must be > 0"),
 ])
 def test_bad_mesh_flags_exit_nonzero(tmp_path, args, msg):
   proc = _run(f"--trace={SAMPLE}", *args, f"--report={tmp_path / 'r.json'}",

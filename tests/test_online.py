@@ -338,9 +338,13 @@ def test_bench_online_end_to_end(tmp_path):
     (["--slo_percentile=0"], "percentile"),
     (["--mesh=banana"], "--mesh"),
     (["--model=random:tiny-test"], "tokenizer"),
+    # Refused before the seeding replay, not when the first cluster is built.
+    (["--storage_nic_gbps=-1"], "storage_nic_gbps must be > 0"),
+    (["--cold_tier_gb=0"], "capacity_bytes must be positive"),
 ])
 def test_bad_flags_exit_nonzero(tmp_path, args, msg):
   proc = _run_cli("--sessions=1", "--turns=1", *args,
                   f"--report={tmp_path / 'r.json'}", timeout=120)
   assert proc.returncode != 0 and msg in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and "seeding" not in proc.stdout
   assert not (tmp_path / "r.json").exists()
