@@ -29,12 +29,13 @@ def define(honor_gaps_default: bool = False) -> None:
   once(flags.DEFINE_integer, "growth_lines", 6, "synthetic workload: "
        "tool-output lines each later turn adds")
   once(flags.DEFINE_integer, "limit_sessions", None,
-       "use only the first N sessions")
+       "use only the first N sessions (of the trace, or of the synthetic "
+       "workload)", lower_bound=1)
   once(flags.DEFINE_enum, "reply", "generate", ["generate", "teacher_forced"],
        "what joins the history after a turn: the generated reply or the "
        "recorded assistant_text")
   once(flags.DEFINE_integer, "max_new_tokens", 32, "cap on tokens generated "
-       "per turn (the trace's output_tokens lowers it per turn)")
+       "per turn (the trace's output_tokens lowers it per turn)", lower_bound=1)
   once(flags.DEFINE_bool, "honor_gaps", honor_gaps_default,
        "wait each turn's recorded pre_gap_ms (tool time) before sending it")
 
@@ -59,7 +60,9 @@ def load_sessions():
                                       growth_lines=FLAGS.growth_lines,
                                       output_tokens=FLAGS.max_new_tokens,
                                       seed=FLAGS.seed)
-  return sessions[:FLAGS.limit_sessions] if FLAGS.limit_sessions else sessions
+  if FLAGS.limit_sessions is not None:
+    sessions = sessions[:FLAGS.limit_sessions]
+  return sessions
 
 
 def describe() -> str:

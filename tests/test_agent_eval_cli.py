@@ -62,6 +62,20 @@ def test_missing_trace_exits_nonzero(tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
+    # Python slicing took -1 as "all but the last", 0 as "all" (synthetic).
+    (["--limit_sessions=0"], "--limit_sessions=0: 0 is not a positive"),
+    (["--limit_sessions=-1"], "--limit_sessions=-1: -1 is not a positive"),
+    (["--max_new_tokens=0"], "--max_new_tokens=0: 0 is not a positive"),
+    (["--trace=/"], "/: not a file"),
+])
+def test_bad_workload_flags_exit_nonzero(tmp_path, args, msg):
+  proc = _run(*args, f"--report={tmp_path / 'r.json'}", timeout=120)
+  assert proc.returncode != 0 and msg in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("args,msg", [
     (["--mesh=1P2D"], "--cold_tier"),
     (["--mesh=banana", "--cold_tier=/tmp/x"], "--mesh"),
     (["--mesh=1P2D", "--cold_tier=/tmp/x", "--storage_nic_gbps=0"],

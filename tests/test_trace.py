@@ -91,3 +91,18 @@ def test_synthetic_is_deterministic_and_grows():
   for tenant in tenants:
     prompts = {s.system_prompt for s in a if s.tenant == tenant}
     assert len(prompts) == 1  # a tenant's sessions share their system prompt
+
+
+def test_limit_and_paths_that_are_no_trace(tmp_path):
+  """limit=0 used to keep one session (the count was checked after the
+  first append); a directory raised IsADirectoryError from open()."""
+  path = tmp_path / "three.jsonl"
+  path.write_text("".join(
+      json.dumps({"session_id": f"s{i}", "turns": [{"input_delta": []}]})
+      + "\n" for i in range(3)))
+  assert [s.session_id for s in load_trace(str(path), limit=2)] == ["s0", "s1"]
+  for limit in (0, -1):
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+      load_trace(str(path), limit=limit)
+  with pytest.raises(TraceError, match="not a file"):
+    load_trace(str(tmp_path))

@@ -133,11 +133,16 @@ def parse_session(raw: Any, where: str = "session") -> AgentSession:
 def load_trace(path: str, limit: int | None = None) -> list[AgentSession]:
   """Reads a JSONL (or `.jsonl.zst`) trace; validates every session.
 
-  Raises `TraceError` (with file and line) on malformed input and
+  `limit` keeps the first `limit` sessions (>= 1). Raises `TraceError`
+  (with file and line) on malformed input or a path that is no file, and
   `FileNotFoundError` when the file is missing.
   """
+  if limit is not None and limit < 1:
+    raise ValueError(f"limit must be >= 1 sessions; got {limit}")
   if not os.path.exists(path):
     raise FileNotFoundError(f"trace file not found: {path}")
+  if not os.path.isfile(path):
+    raise TraceError(f"{path}: not a file (give a .jsonl or .jsonl.zst trace)")
   sessions: list[AgentSession] = []
   seen: set[str] = set()
   try:
