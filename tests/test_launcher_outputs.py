@@ -94,9 +94,12 @@ def test_bench_model_refuses_bad_flags(flag, msg):
     ("--recompute=fast", "--recompute: 'model', 'none' or"),
     ("--dir=/no/such/dir", "--dir: /no/such/dir is not a directory"),
     ("--model=huge", "--model: unknown preset 'huge'"),
+    ("--repeats=0", "flag --repeats=0: 0 is not a positive integer"),
+    ("--store_bytes=-5", "flag --store_bytes=-5"),  # it ran, and wrote
+    ("--recompute=model --prefill_lengths=x", "--prefill_lengths: give"),
 ])
 def test_bench_storage_refuses_bad_flags(tmp_path, flag, msg):
-  done = _run("launch.bench_storage", "--recompute=none", flag,
+  done = _run("launch.bench_storage", "--recompute=none", *flag.split(),
               f"--json={tmp_path / 's.json'}", timeout=120)
   assert done.returncode != 0
   assert msg in done.stderr and "Traceback" not in done.stderr
@@ -111,3 +114,9 @@ def test_reports_write_numpy_values_as_numbers(tmp_path):
                       "c": np.arange(2), "d": tmp_path}, str(path))
   assert json.loads(path.read_text()) == {"a": 0.5, "b": 3, "c": [0, 1],
                                           "d": str(tmp_path)}
+
+
+def test_bench_llamacpp_checks_its_output_before_the_runs(tmp_path):
+  done = _run("launch.bench_llamacpp", f"--out={tmp_path}", timeout=120)
+  assert done.returncode != 0 and "Traceback" not in done.stderr
+  assert f"bench_llamacpp: --out: {tmp_path} is a directory" in done.stderr
