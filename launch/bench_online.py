@@ -236,12 +236,12 @@ def main(argv):
       cluster_flags.dualpath_config()  # e.g. a storage NIC of no bandwidth
     except ValueError as e:
       _fail(str(e))
+  else:
+    policies = ["engine"]
   try:  # the cold tiers' settings, before the first is seeded
     _cold_config(FLAGS.cold_tier or tempfile.gettempdir())
   except ValueError as e:
     _fail(str(e))
-  else:
-    policies = ["engine"]
   if (FLAGS.model or "").startswith("random:") and FLAGS.tokenizer != "bytes":
     _fail("random weights have no tokenizer: add --tokenizer=bytes")
   from dualpath_jax.workload.trace import TraceError

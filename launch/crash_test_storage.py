@@ -159,10 +159,13 @@ def crash_test(root: str, kills: int, max_delay: float, seed: int, driver: str =
   for k in range(kills):
     proc = subprocess.Popen(writer_command(root, f"k{k}", 0, driver, codec), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(rng.uniform(min_delay, max_delay))
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
+    alive = False
+    try:
+      time.sleep(rng.uniform(min_delay, max_delay))
+      alive = proc.poll() is None
+    finally:  # also on Ctrl-C: a writer that puts until killed must not outlive us
+      proc.send_signal(signal.SIGKILL)
+      _, err = proc.communicate()
     if not alive:
       raise RuntimeError(f"writer exited before the kill: {err.decode()[-2000:]}")
     totals["kills"] += 1

@@ -35,6 +35,35 @@ def test_sigkilled_writers_leave_only_whole_blocks(tmp_path, monkeypatch, driver
   assert result["ok"]
 
 
+def test_an_interrupted_crash_test_leaves_no_writer_running(tmp_path,
+                                                            monkeypatch):
+  """Ctrl-C during the wait before a kill: the writer (which puts until it
+  is killed) is killed anyway. It used to keep running, at half a core,
+  after the parent had died."""
+  monkeypatch.chdir(REPO)
+  writers = []
+  popen = subprocess.Popen
+
+  def recording_popen(*args, **kwargs):
+    writers.append(popen(*args, **kwargs))
+    return writers[-1]
+
+  def interrupted_sleep(seconds):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(ct.subprocess, "Popen", recording_popen)
+  monkeypatch.setattr(ct.time, "sleep", interrupted_sleep)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      ct.crash_test(str(tmp_path), kills=3, max_delay=1.0, seed=0)
+    assert len(writers) == 1
+    assert writers[0].returncode is not None  # reaped: it is not running
+  finally:
+    for w in writers:
+      if w.poll() is None:
+        w.kill()
+
+
 def test_two_processes_share_one_store(tmp_path):
   root = str(tmp_path)
   # Phase 1: one process writes while another keeps reading and verifying.
