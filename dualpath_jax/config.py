@@ -180,9 +180,16 @@ class EngineConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    if not self.temperature >= 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got "
-                       f"{self.temperature}, {self.top_p}")
+    check_sampling(self.temperature, self.top_p)
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+  """ValueError unless temperature >= 0 and 0 < top_p <= 1 (NaN fails):
+  the one check of sampling settings, for configs, the sampler and the
+  launchers."""
+  if not temperature >= 0 or not 0 < top_p <= 1:
+    raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got "
+                     f"{temperature}, {top_p}")
 
 
 def to_dict(obj: Any) -> dict:

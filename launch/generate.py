@@ -22,7 +22,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from dualpath_jax.config import CacheConfig
+from dualpath_jax.config import CacheConfig, check_sampling
+from dualpath_jax.engine.sampling import sample
 from dualpath_jax.model import load_model
 from dualpath_jax.model.llama import Llama
 from dualpath_jax.model.runner import ModelRunner
@@ -61,20 +62,9 @@ def sample_token(
     top_p: float,
     rng: np.random.Generator,
 ) -> int:
-  """Greedy if `temperature == 0`, else temperature + nucleus sampling."""
-  if temperature < 0 or not 0 < top_p <= 1:
-    raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got "
-                     f"{temperature}, {top_p}")
-  if temperature == 0:
-    return int(np.argmax(logits))
-  z = logits.astype(np.float64) / temperature
-  probs = np.exp(z - z.max())
-  probs /= probs.sum()
-  order = np.argsort(-probs, kind="stable")
-  cumulative = np.cumsum(probs[order])
-  keep = order[:int(np.searchsorted(cumulative, top_p)) + 1]
-  kept = probs[keep] / probs[keep].sum()
-  return int(keep[rng.choice(len(keep), p=kept)])
+  """Greedy if `temperature == 0`, else temperature + nucleus sampling: the
+  engine's sampler (`engine.sampling.sample`) on one row."""
+  return int(sample(logits[None], rng, temperature, top_p)[0])
 
 
 def generate(
@@ -141,9 +131,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if (FLAGS.prompt is None) == (FLAGS.prompt_ids is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")
-  if not FLAGS.temperature >= 0 or not 0 < FLAGS.top_p <= 1:
+  try:
+    check_sampling(FLAGS.temperature, FLAGS.top_p)
+  except ValueError:
     raise app.UsageError(f"need --temperature >= 0 and 0 < --top_p <= 1; got "
-                         f"{FLAGS.temperature}, {FLAGS.top_p}")
+                         f"{FLAGS.temperature}, {FLAGS.top_p}") from None
   if FLAGS.prompt_ids is not None and not all(
       i.strip().isdigit() for i in FLAGS.prompt_ids):
     raise app.UsageError("--prompt_ids: give non-negative integers, e.g. "

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from dualpath_jax.config import check_sampling
+
 
 def sample(logits: np.ndarray,  # [batch, vocab] float32
            rng: np.random.Generator, temperature: float = 0.0,
            top_p: float = 1.0) -> np.ndarray:  # [batch] int32
   """Greedy when `temperature == 0`, else nucleus sampling per row."""
-  if temperature < 0 or not 0 < top_p <= 1:
-    raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got "
-                     f"{temperature}, {top_p}")
+  check_sampling(temperature, top_p)
   if temperature == 0:
     return np.argmax(logits, axis=-1).astype(np.int32)
   out = np.empty(logits.shape[0], np.int32)
