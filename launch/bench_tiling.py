@@ -77,14 +77,16 @@ PRESETS = {
         mosaic_prefill=[PrefillShape(1, 32, 8, 128, 16, 16384, 512,
                                      "bfloat16")],
         step_tokens=(64, 128, 256), split_factors=(0.5, 1, 2, 4),
-        stages=(2, 3, 4), warps=(4, 8), block_q=(64, 128),
+        stages=(2, 3, 4), triton_stages=(1, 2, 3), warps=(4, 8),
+        block_q=(64, 128),
         prefill_step_tokens=(32, 64, 128)),
     "smoke": dict(
         mosaic_decode=[DecodeShape(2, 8, 2, 64, 16, 200, "bfloat16")],
         triton_decode=[DecodeShape(2, 4, 2, 64, 16, 100, "int8")],
         triton_prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "float32")],
         mosaic_prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "bfloat16")],
-        step_tokens=(64,), split_factors=(1, 2), stages=(2,), warps=(4,),
+        step_tokens=(64,), split_factors=(1, 2), stages=(2,),
+        triton_stages=(1, 2), warps=(4,),
         block_q=(16,), prefill_step_tokens=(16, 32)),
 }
 
@@ -172,18 +174,31 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
       if fits(tokens, stages)), _step_of)))
 
 
+def _unpipelined_twin(tiling) -> list[Any]:
+  """The Triton decode default's twin with no software pipelining
+  (`num_stages=1`), timed right after the default. On int8 pools the
+  default needs 254 registers a thread (two programs an SM); unpipelined,
+  160 (three) and a fifth fewer instructions a step, by the kernel's SASS
+  compiled on CPU (`launch.kernel_sass`, docs/benchmarks.md)."""
+  if tiling.num_stages == 1:
+    return []
+  return [dataclasses.replace(tiling, num_stages=1)]
+
+
 def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
-  """The Triton decode kernel's default tiling, then alternatives."""
+  """The Triton decode kernel's default tiling and its unpipelined twin,
+  then alternatives."""
   from kernels import tuning
   pages = -(-s.ctx // s.page)
   default = default_tiling("triton_decode", s)
-  return _default_first(default, _spread((
-      tuning.DecodeTiling(num_splits=splits, num_warps=warps,
-                          num_stages=stages, **_step(s.page, tokens))
-      for tokens, stages, warps, splits in itertools.product(
-          cfg["step_tokens"], cfg["stages"], cfg["warps"],
-          _splits(default.num_splits, cfg["split_factors"], pages))),
-      _step_of))
+  return _default_first(default, itertools.chain(
+      _unpipelined_twin(default), _spread((
+          tuning.DecodeTiling(num_splits=splits, num_warps=warps,
+                              num_stages=stages, **_step(s.page, tokens))
+          for tokens, stages, warps, splits in itertools.product(
+              cfg["step_tokens"], cfg["triton_stages"], cfg["warps"],
+              _splits(default.num_splits, cfg["split_factors"], pages))),
+          _step_of)))
 
 
 def mosaic_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:

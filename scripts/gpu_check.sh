@@ -43,6 +43,7 @@
 #   GATHER_TEST_TIMEOUT=90  seconds for the one-kernel gather's tests
 #   PROFILE_TIMEOUT=300  seconds for all the profiles together
 #   TILING_BUDGET=240    the sweep's --budget_s
+#   TILING_KERNELS       the sweep's --kernels (default: all four)
 #   TILING_TIMEOUT       seconds for the sweep (default TILING_BUDGET + 90)
 #   STORAGE_TIMEOUT=120  seconds for the storage benchmark
 # Each step gets SIGINT at its timeout (pytest and the launchers then write
@@ -131,6 +132,7 @@ if [[ "${TILING:-0}" == 1 ]]; then
     "${TILING_TIMEOUT:-$(( ${TILING_BUDGET:-240} + 90 ))}" \
     "$PY" -m launch.bench_tiling \
     --budget_s="${TILING_BUDGET:-240}" --json="$OUT/tiling.json" \
+    ${TILING_KERNELS:+--kernels="$TILING_KERNELS"} \
     >"$OUT/tiling.txt" 2>&1 || status=1
   sed -n '/^best tiling/,$p' "$OUT/tiling.txt"
 fi

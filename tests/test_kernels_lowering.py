@@ -3,7 +3,9 @@ for TPU, exported from this CPU with `jax.export`.
 
 This catches what interpret mode cannot (Triton's power-of-2 shapes,
 unsupported primitives, block-spec rules) before a GPU or TPU is at hand.
-It stops short of the device compilers (Triton -> PTX, Mosaic -> TPU code).
+It stops short of the device compilers (Triton -> PTX, Mosaic -> TPU code);
+`launch.kernel_sass` takes the Triton IR on to Hopper machine code where the
+`triton` package is installed.
 """
 
 from __future__ import annotations
@@ -11,37 +13,17 @@ from __future__ import annotations
 import contextlib
 
 import jax
-from jax import export
 import jax.numpy as jnp
 import pytest
 
 from kernels import decode_mosaic_tpu
 from kernels import decode_triton
+from kernels import lowering
 from kernels import prefill_triton
 
 S = jax.ShapeDtypeStruct
-_CUSTOM_CALLS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
-
-
-def _cuda_target():
-  """An abstract H100 as the lowering target.
-
-  From jax 0.11 the Pallas Triton lowering asks the device for its compute
-  capability and, with no GPU attached, for an abstract one; 0.10 does not
-  ask, and takes the same context unchanged.
-  """
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
-                                       num_cores=None, platform="gpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-  return jax.sharding.use_abstract_mesh(mesh)
-
-
-def _export(fn, args, platform):
-  checks = [export.DisabledSafetyCheck.custom_call(n) for n in _CUSTOM_CALLS]
-  with _cuda_target() if platform == "cuda" else contextlib.nullcontext():
-    exported = export.export(jax.jit(fn), platforms=[platform],
-                             disabled_checks=checks)(*args)
-  return exported.mlir_module()
+_CUSTOM_CALLS = lowering.CUSTOM_CALLS
+_export = lowering.export_mlir
 
 
 @pytest.mark.parametrize("dtype,block_size,head_dim", [
@@ -55,6 +37,27 @@ def test_decode_lowers_to_triton(dtype, block_size, head_dim):
           S((4, 33), jnp.int32), S((4,), jnp.int32), scales)
   text = _export(lambda *a: decode_triton.paged_decode(*a), args, "cuda")
   assert "xla.gpu.triton" in text
+
+
+def test_triton_ir_of_an_int8_decode_widens_the_pages_in_the_kernel():
+  """The Triton IR `launch.kernel_sass` compiles: the int8 pages enter the
+  kernel as int8 and are widened to bf16 there, ahead of the two dots; the
+  lowering's hook is gone afterwards."""
+  from jax._src.pallas.triton import lowering as triton_lowering
+  hook = triton_lowering.lower_jaxpr_to_triton_module
+  args = (S((4, 8, 128), jnp.bfloat16), S((50, 2, 2, 16, 128), jnp.int8),
+          S((4, 33), jnp.int32), S((4,), jnp.int32),
+          S((50, 2, 2), jnp.float32))
+  for _ in range(2):  # a second export lowers (and captures) again
+    modules = lowering.triton_modules(
+        lambda *a: decode_triton.paged_decode(*a), args)
+    assert len(modules) == 1
+    ir = modules[0]
+    assert "tt.func" in ir and ir.count("tt.dot") == 2
+    assert ir.count("arith.sitofp") == 2 and "xi8> to tensor<" in ir
+  assert triton_lowering.lower_jaxpr_to_triton_module is hook
+  with pytest.raises(ValueError, match="no Pallas Triton kernel"):
+    lowering.triton_modules(lambda x: x * 2, (S((4,), jnp.float32),))
 
 
 @pytest.mark.parametrize("dtype,block_size", [
@@ -120,7 +123,9 @@ def _lower_host_gather(gather, platform):
   pool = jnp.zeros((4, 64, 2, 8, 16, 128), jnp.bfloat16)
   host = block_copy.allocate_host_tier((32, 4, 2, 8, 16, 128), jnp.bfloat16)
   ids = jnp.asarray([1, 2, 3], jnp.int32)
-  with _cuda_target() if platform == "cuda" else contextlib.nullcontext():
+  target = (lowering.abstract_cuda_target() if platform == "cuda"
+            else contextlib.nullcontext())
+  with target:
     text = gather.trace(pool, host, ids, ids, layer_start=1, num_layers=2,
                         interpret=False).lower(
                             lowering_platforms=(platform,)).as_text()

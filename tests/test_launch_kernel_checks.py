@@ -110,6 +110,25 @@ def test_gpu_check_summarizes_only_this_runs_sections(tmp_path):
     (out / "env.txt").unlink()
 
 
+def test_gpu_check_passes_the_sweeps_kernels(tmp_path):
+  """TILING_KERNELS reaches the sweep's --kernels: an unknown kernel is
+  refused by the sweep, and the run says it failed. A copy of the script
+  runs, as above; the launcher comes from this checkout (PYTHONPATH)."""
+  tree = tmp_path / "tree"
+  (tree / "scripts").mkdir(parents=True)
+  shutil.copy(os.path.join(REPO, "scripts", "gpu_check.sh"),
+              tree / "scripts")
+  env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=REPO, BENCH="0",
+             TESTS="0", TILING="1", TILING_BUDGET="5",
+             TILING_KERNELS="flash", PROFILE="0", STORAGE="0",
+             OUT=str(tmp_path / "out"))
+  done = subprocess.run(["bash", str(tree / "scripts" / "gpu_check.sh")],
+                        cwd=tmp_path, capture_output=True, text=True,
+                        timeout=180, env=env)
+  assert done.returncode != 0, done.stdout + done.stderr
+  assert "unknown ['flash']" in (tmp_path / "out" / "tiling.txt").read_text()
+
+
 def test_plot_labels_small_contexts_and_dtypes():
   from launch import kernel_plot
   dec = dict(batch=2, heads=9, kv_heads=3, head_dim=64, page=16, ctx=96,

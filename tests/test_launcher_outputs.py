@@ -41,6 +41,7 @@ BAD_OUTPUTS = [
     (["launch.bench_storage", "--recompute=none", "--configs=raw",
       "--repeats=1"], "--json", "round"),
     (["launch.crash_test_storage", "--kills=1"], "--json", "kill"),
+    (["launch.kernel_sass", "--dtypes=int8"], "--json", "configurations"),
 ]
 
 
