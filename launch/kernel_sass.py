@@ -1,28 +1,40 @@
-r"""Static report of the Triton decode kernel's Hopper machine code, made on
-a machine with no GPU.
+r"""Static report of the Triton kernels' Hopper machine code, made on a
+machine with no GPU.
 
     pip install -e '.[sass]'      # the `triton` package: compiler, nvdisasm
-    python -m launch.kernel_sass                     # bf16 and int8, a grid
+    python -m launch.kernel_sass                      # decode, bf16 and int8
     python -m launch.kernel_sass --dtypes=int8 --stages=1,2 --warps=4,8
+    python -m launch.kernel_sass --kernel=triton_prefill --dtypes=bfloat16
 
-Each configuration of `kernels.decode_triton.paged_decode` (the default
-tiling, then every combination of `--step_tokens`, `--warps` and
-`--stages`) is exported for an H100 with `jax.export`; the Triton IR that
-JAX's Pallas lowering produces (`kernels.lowering.triton_modules`) is
-compiled for sm_90 by the `triton` package's compiler, and its SASS and
-resource usage are read (`launch.sass_analysis`). Per configuration the
-table gives registers per thread, bytes spilled to local memory, shared
-memory, the programs and warps one SM holds and what limits them, the
-instructions of the inner loop over K/V steps, the warp-instructions issued
-per KB of K/V read, the K/V rate at which issuing them would take every
-scheduler's every clock, and the loop's most frequent opcodes.
+Each configuration of the kernel (its default tiling for the shape, then
+every combination of the grid flags) is exported for an H100 with
+`jax.export`; the Triton IR that JAX's Pallas lowering produces
+(`kernels.lowering.triton_modules`) is compiled for sm_90 by the `triton`
+package's compiler, and its SASS and resource usage are read
+(`launch.sass_analysis`). Per configuration: registers per thread, bytes
+spilled, shared memory, the programs and warps one SM holds and what limits
+them, and for each loop that runs matmuls (decode: the one over K/V steps;
+prefill: the unmasked prefix loop, then the causal one) its instructions,
+its tensor-core instruction (`HGMMA` is Hopper's `wgmma`, `HMMA` the older
+`mma.sync`), its most frequent opcodes, and how long issuing it takes
+beside the work it does:
+
+* decode (bound by reading K/V): warp-instructions per KB of K/V a step
+  reads, and the K/V rate at which issuing them would take every scheduler
+  of every SM every clock ("issue ceiling");
+* prefill (bound by matmuls): a step's issue clocks (its warp-instructions
+  over the SM's four schedulers) over its tensor clocks (its matmul FLOPs
+  at the SM's dense bf16 rate). Above 1, issuing alone takes longer than
+  the matmuls, and a program only reaches the tensor peak if another one
+  on the SM issues while it multiplies.
 
 Nothing runs: this explains a measurement (`launch.bench_kernels` on a GPU)
 and picks the tilings worth a GPU's minutes; it times nothing. The compiler
 here is the `triton` package's, not the Triton that jaxlib's XLA carries on
-the GPU; the JSON records the `triton` package's version beside jax's. Writes the JSON (default
-docs/results/kernel_sass_sm90.json) atomically; prints the table. Without
-the `triton` package it exits 1 with one line saying so.
+the GPU; the JSON records the `triton` package's version beside jax's.
+Writes the JSON (default docs/results/kernel_sass_sm90.json) atomically;
+prints the table. Without the `triton` package it exits 1 with one line
+saying so.
 """
 
 from __future__ import annotations
@@ -41,22 +53,38 @@ from absl import app, flags
 from dualpath_jax import metrics
 from launch import kernel_cases
 from launch import sass_analysis
-from launch.kernel_cases import DecodeShape
+from launch.kernel_cases import DecodeShape, PrefillShape
+
+KERNELS = ("triton_decode", "triton_prefill")
+# Per kernel: the benchmark shape the report defaults to, and its grid.
+DEFAULT_SHAPE = {"triton_decode": "64,32,8,128,16,4096",
+                 "triton_prefill": "1,32,8,128,16,16384,512"}
+DEFAULT_GRID = {
+    "triton_decode": dict(step_tokens="64,128,256", warps="4,8",
+                          stages="1,2,3", block_q=""),
+    "triton_prefill": dict(step_tokens="32,64,128", warps="4,8",
+                           stages="2,3", block_q="64,128"),
+}
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("kernel", "triton_decode", KERNELS, "the kernel to compile")
 flags.DEFINE_list("dtypes", ["bfloat16", "int8"], "pool dtypes (int8: with "
                   "per-page scales, bf16 queries)")
-flags.DEFINE_list("shape", ["64", "32", "8", "128", "16", "4096"],
-                  "batch,heads,kv_heads,head_dim,page,ctx of the decode call")
-flags.DEFINE_list("step_tokens", ["64", "128", "256"],
-                  "tokens per inner-loop step to try (powers of 2)")
-flags.DEFINE_list("warps", ["4", "8"], "warps per program to try")
-flags.DEFINE_list("stages", ["1", "2", "3"], "software-pipeline stages to try")
-flags.DEFINE_integer("top_ops", 6, "opcodes listed per row", lower_bound=0)
+flags.DEFINE_list("shape", None, "decode: batch,heads,kv_heads,head_dim,"
+                  "page,ctx; prefill: batch,heads,kv_heads,head_dim,page,"
+                  "prefix,new (default: " + "; ".join(
+                      f"{k} {v}" for k, v in DEFAULT_SHAPE.items()) + ")")
+flags.DEFINE_list("step_tokens", None, "tokens per inner-loop step to try "
+                  "(powers of 2; default: decode 64,128,256, prefill "
+                  "32,64,128)")
+flags.DEFINE_list("warps", None, "warps per program to try (default 4,8)")
+flags.DEFINE_list("stages", None, "software-pipeline stages to try "
+                  "(default: decode 1,2,3, prefill 2,3)")
+flags.DEFINE_list("block_q", None, "prefill: query rows per program to try "
+                  "(powers of 2; default 64,128)")
+flags.DEFINE_integer("top_ops", 6, "opcodes listed per loop", lower_bound=0)
 flags.DEFINE_string("json", "docs/results/kernel_sass_sm90.json",
                     "JSON output")
-
-KERNEL = "triton_decode"
 
 
 class NoCompiler(RuntimeError):
@@ -110,81 +138,145 @@ def compile_for_hopper(ttir: str, num_warps: int, num_stages: int,
                   int(kernel.metadata.shared))
 
 
-def step_kv_bytes(shape: DecodeShape, tiling) -> int:
+def step_tokens(shape, tiling) -> int:
+  """Keys one inner-loop step reads."""
+  return tiling.pages_per_chunk * shape.page // tiling.page_parts
+
+
+def step_kv_bytes(shape, tiling) -> int:
   """K/V bytes one inner-loop step reads: its tokens' keys and values, and
   for int8 their pages' key and value scales."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  tokens = tiling.pages_per_chunk * shape.page // tiling.page_parts
-  data = tokens * shape.head_dim * 2 * jnp.dtype(shape.dtype).itemsize
+  data = (step_tokens(shape, tiling) * shape.head_dim * 2
+          * jnp.dtype(shape.dtype).itemsize)
   scales = 2 * 4 * tiling.pages_per_chunk if shape.dtype == "int8" else 0
   return data + scales
 
 
-def tilings(shape: DecodeShape, step_tokens, warps, stages) -> list:
-  """The kernel's default tiling for `shape`, then each combination of the
-  grid that differs from it (splits as the default's: they do not change
-  the loop)."""
+def step_flops(kernel: str, shape, tiling) -> int:
+  """Matmul FLOPs of one step of one program, padding rows included (the
+  tensor cores multiply them too): q.K^T and p.V over the step's keys."""
+  from kernels import decode_triton  # pylint: disable=import-outside-toplevel
+  if kernel == "triton_prefill":
+    rows = tiling.block_q
+  else:
+    group = shape.heads // shape.kv_heads
+    rows = max(decode_triton.MIN_DOT_ROWS, 1 << (group - 1).bit_length())
+  return 4 * rows * step_tokens(shape, tiling) * shape.head_dim
+
+
+def tilings(kernel: str, shape, grid: dict[str, list[int]]) -> list:
+  """The kernel's default tiling for `shape`, then each combination of
+  `grid` (step_tokens, warps, stages and, for prefill, block_q) that
+  differs from it; fields the grid leaves out (decode's splits) stay the
+  default's: they do not change the loop."""
   from kernels import tuning  # pylint: disable=import-outside-toplevel
-  default = kernel_cases.default_tiling(KERNEL, shape)
+  default = kernel_cases.default_tiling(kernel, shape)
   out = [default]
-  for tokens, w, s in itertools.product(step_tokens, warps, stages):
+  block_qs = grid.get("block_q") or [None]
+  for tokens, w, s, bq in itertools.product(
+      grid["step_tokens"], grid["warps"], grid["stages"], block_qs):
     chunk, parts = tuning.step_split(shape.page, tokens)
-    t = dataclasses.replace(default, pages_per_chunk=chunk, page_parts=parts,
-                            num_warps=w, num_stages=s)
+    fields = dict(pages_per_chunk=chunk, page_parts=parts, num_warps=w,
+                  num_stages=s)
+    if bq is not None:
+      fields["block_q"] = bq
+    t = dataclasses.replace(default, **fields)
     if t not in out:
       out.append(t)
   return out
 
 
-def analyse(shape: DecodeShape, tiling, workdir: str, top_ops: int) -> dict:
-  """One configuration's row."""
+def _inputs(kernel: str, shape):
+  """The kernel's arguments as shapes and dtypes only (nothing allocated)."""
   import jax  # pylint: disable=import-outside-toplevel
+  make = (kernel_cases.prefill_inputs if kernel == "triton_prefill"
+          else kernel_cases.decode_inputs)
+  return jax.eval_shape(lambda: make(shape, 0)[0])
+
+
+def loop_row(loop: sass_analysis.Loop, kernel: str, shape, tiling,
+             top_ops: int) -> dict:
+  """One matmul loop's figures."""
+  sm = sass_analysis.HOPPER
+  n = len(loop.instructions)
+  issue = n * tiling.num_warps / sm.schedulers
+  tensor = step_flops(kernel, shape, tiling) / sm.tensor_flops_per_clock
+  per_kb = n * tiling.num_warps / (step_kv_bytes(shape, tiling) / 1024)
+  mix = loop.mix()
+  return {
+      "label": loop.label, "instructions": n,
+      "tensor_ops": {op: mix[op] for op in sass_analysis.TENSOR_OPS
+                     if mix[op]},
+      "issue_clocks_per_step": round(issue, 1),
+      "tensor_clocks_per_step": round(tensor, 1),
+      "issue_per_tensor": round(issue / tensor, 2),
+      "warp_instructions_per_kb": round(per_kb, 1),
+      "issue_ceiling_tbps": round(sass_analysis.issue_ceiling_tbps(per_kb),
+                                  2),
+      "mix": dict(mix.most_common(top_ops or None)),
+  }
+
+
+def analyse(kernel: str, shape, tiling, workdir: str, top_ops: int) -> dict:
+  """One configuration's row."""
   from kernels import lowering  # pylint: disable=import-outside-toplevel
-  args = jax.eval_shape(lambda: kernel_cases.decode_inputs(shape, 0)[0])
-  fn = kernel_cases.kernel_fn(KERNEL, tiling, interpret=False)
-  (ttir,) = lowering.triton_modules(fn, args)
+  fn = kernel_cases.kernel_fn(kernel, tiling, interpret=False)
+  (ttir,) = lowering.triton_modules(fn, _inputs(kernel, shape))
   compiled = compile_for_hopper(ttir, tiling.num_warps, tiling.num_stages,
                                 workdir)
   used = sass_analysis.resources(compiled.resource_usage)
   shared = compiled.shared_bytes + used.static_shared
   occ = sass_analysis.occupancy(used.registers, shared, tiling.num_warps)
-  loop = sass_analysis.main_loop(compiled.sass)
-  step_bytes = step_kv_bytes(shape, tiling)
-  per_kb = len(loop.instructions) * tiling.num_warps / (step_bytes / 1024)
+  loops = sass_analysis.matmul_loops(compiled.sass)
+  if not loops:
+    raise ValueError("no loop of the kernel runs a matmul")
   return {
-      "kernel": KERNEL, "shape": dataclasses.asdict(shape),
+      "kernel": kernel, "shape": dataclasses.asdict(shape),
       "tiling": dataclasses.asdict(tiling),
-      "step_tokens": tiling.pages_per_chunk * shape.page // tiling.page_parts,
+      "step_tokens": step_tokens(shape, tiling),
       "registers": used.registers, "spill_bytes": used.spilled,
       "shared_bytes": shared,
       "programs_per_sm": occ.programs, "warps_per_sm": occ.warps,
       "limited_by": occ.limited_by,
-      "loop_instructions": len(loop.instructions),
-      "step_kv_bytes": step_bytes,
-      "warp_instructions_per_kb": round(per_kb, 1),
-      "issue_ceiling_tbps": round(sass_analysis.issue_ceiling_tbps(per_kb), 2),
-      "loop_mix": dict(loop.mix().most_common(top_ops or None)),
+      "loops": [loop_row(lp, kernel, shape, tiling, top_ops)
+                for lp in loops],
   }
 
 
-HEADER = (f"{'dtype':8} {'step':>4} {'warps':>5} {'stg':>3} {'regs':>4} "
-          f"{'spill':>5} {'smem KB':>7} {'prog/SM':>7} {'warps/SM':>8} {'limit':>9} "
-          f"{'loop':>5} {'wi/KB':>6} {'issue TB/s':>10}  loop mix")
+def header(kernel: str) -> str:
+  """The table's column names."""
+  tiling = ("step warps stg" if kernel == "triton_decode"
+            else "  bq step warps stg")
+  per_loop = ("loop  wi/KB issue TB/s" if kernel == "triton_decode"
+              else "loops (instructions, issue/tensor clocks)")
+  return (f"{'dtype':8} {tiling} {'regs':>4} {'spill':>5} {'smem KB':>7} "
+          f"{'prog/SM':>7} {'warps/SM':>8} {'limit':>9}  {per_loop}  "
+          "tensor op, loop mix")
 
 
 def fmt_row(row: dict, default: bool) -> str:
   """One table line; `*` marks the kernel's default tiling."""
   t = row["tiling"]
-  mix = " ".join(f"{k}:{v}" for k, v in row["loop_mix"].items())
+  tiling = f"{row['step_tokens']:>4} {t['num_warps']:>5} {t['num_stages']:>3}"
+  if row["kernel"] == "triton_prefill":
+    tiling = f"{t['block_q']:>4} " + tiling
   limit = {"shared memory": "smem"}.get(row["limited_by"], row["limited_by"])
-  return (f"{row['shape']['dtype']:8} {row['step_tokens']:>4} "
-          f"{t['num_warps']:>5} {t['num_stages']:>3} {row['registers']:>4} "
-          f"{row['spill_bytes']:>5} "
-          f"{row['shared_bytes'] / 1024:>7.0f} {row['programs_per_sm']:>7} "
-          f"{row['warps_per_sm']:>8} {limit:>9} "
-          f"{row['loop_instructions']:>5} "
-          f"{row['warp_instructions_per_kb']:>6.1f} "
-          f"{row['issue_ceiling_tbps']:>10.2f}{'*' if default else ' '} {mix}")
+  loops = row["loops"]
+  if row["kernel"] == "triton_decode":
+    lp = loops[-1]
+    figures = (f"{lp['instructions']:>4} {lp['warp_instructions_per_kb']:>6.1f}"
+               f" {lp['issue_ceiling_tbps']:>10.2f}")
+  else:
+    figures = " ".join(f"{lp['instructions']:>4} {lp['issue_per_tensor']:>4.2f}"
+                       for lp in loops)
+  main = max(loops, key=lambda lp: lp["instructions"])
+  ops = " ".join(f"{k}:{v}" for k, v in main["tensor_ops"].items())
+  mix = " ".join(f"{k}:{v}" for k, v in main["mix"].items())
+  return (f"{row['shape']['dtype']:8} {tiling} {row['registers']:>4} "
+          f"{row['spill_bytes']:>5} {row['shared_bytes'] / 1024:>7.0f} "
+          f"{row['programs_per_sm']:>7} {row['warps_per_sm']:>8} "
+          f"{limit:>9}{'*' if default else ' '} {figures}  {ops}, {mix}")
 
 
 def _ints(name: str, values, power_of_2: bool = False) -> list[int]:
@@ -199,65 +291,83 @@ def _ints(name: str, values, power_of_2: bool = False) -> list[int]:
   return out
 
 
-def parse_flags() -> tuple[list[DecodeShape], list[int], list[int],
-                           list[int]]:
+def _flag(name: str) -> list[str]:
+  """A list flag's values, or the kernel's default."""
+  value = getattr(FLAGS, name)
+  if value is None:
+    value = (DEFAULT_SHAPE[FLAGS.kernel] if name == "shape"
+             else DEFAULT_GRID[FLAGS.kernel][name]).split(",")
+  return [v for v in value if v]
+
+
+def parse_flags() -> tuple[list, dict[str, list[int]]]:
   """The shapes (one per dtype) and the grid, checked; ValueError says
   which flag is wrong."""
-  dims = _ints("shape", FLAGS.shape)
-  if len(dims) != 6:
-    raise ValueError("--shape: need batch,heads,kv_heads,head_dim,page,ctx; "
-                     f"got {FLAGS.shape}")
+  from kernels import decode_triton  # pylint: disable=import-outside-toplevel
+  prefill = FLAGS.kernel == "triton_prefill"
+  dims = _ints("shape", _flag("shape"))
+  want = 7 if prefill else 6
+  if len(dims) != want:
+    raise ValueError(f"--shape: need {want} numbers for {FLAGS.kernel}, "
+                     f"got {len(dims)}")
   for d in FLAGS.dtypes:
     if d not in kernel_cases.DTYPES:
       raise ValueError(f"--dtypes: {d!r} is none of {kernel_cases.DTYPES}")
+  make = PrefillShape if prefill else DecodeShape
   try:
-    shapes = [DecodeShape(*dims, d) for d in FLAGS.dtypes]
+    shapes = [make(*dims, d) for d in FLAGS.dtypes]
   except ValueError as e:  # heads not a multiple of kv_heads, ...
     raise ValueError(f"--shape: {e}") from e
-  from kernels import decode_triton  # pylint: disable=import-outside-toplevel
   for name, n in (("head_dim", dims[3]), ("page", dims[4])):
     if not decode_triton.tileable(n):
-      raise ValueError(f"--shape: the Triton kernel needs {name} a power of "
-                       f"2 >= {decode_triton.MIN_DOT_ROWS}; got {n}")
-  steps = _ints("step_tokens", FLAGS.step_tokens, power_of_2=True)
-  if min(steps) < decode_triton.MIN_DOT_ROWS:
+      raise ValueError(f"--shape: the Triton kernels need {name} a power "
+                       f"of 2 >= {decode_triton.MIN_DOT_ROWS}; got {n}")
+  grid = {"step_tokens": _ints("step_tokens", _flag("step_tokens"), True),
+          "warps": _ints("warps", _flag("warps"), True),
+          "stages": _ints("stages", _flag("stages"))}
+  if min(grid["step_tokens"]) < decode_triton.MIN_DOT_ROWS:
     raise ValueError(f"--step_tokens: at least "
-                     f"{decode_triton.MIN_DOT_ROWS}; got {steps}")
-  return (shapes, steps, _ints("warps", FLAGS.warps, power_of_2=True),
-          _ints("stages", FLAGS.stages))
+                     f"{decode_triton.MIN_DOT_ROWS}; got {grid['step_tokens']}")
+  if prefill:
+    grid["block_q"] = _ints("block_q", _flag("block_q"), True)
+  elif FLAGS.block_q is not None:
+    raise ValueError("--block_q: only the prefill kernel has query blocks")
+  return shapes, grid
 
 
 def main(argv):
   del argv
   try:
-    shapes, steps, warps, stages = parse_flags()
+    shapes, grid = parse_flags()
     metrics.check_output_path(FLAGS.json, "--json")
     triton, _ = _tools()
   except (ValueError, NoCompiler) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   import jax  # pylint: disable=import-outside-toplevel
-  report = {"kind": "kernel_sass", "target": sass_analysis.HOPPER.name,
+  kernel = FLAGS.kernel
+  report = {"kind": "kernel_sass", "kernel": kernel,
+            "target": sass_analysis.HOPPER.name,
             "triton_version": triton.__version__,
             "command": " ".join(["python -m launch.kernel_sass"]
                                 + sys.argv[1:]),
             "environment": metrics.run_environment(),
             "limits": dataclasses.asdict(sass_analysis.HOPPER), "rows": []}
-  configs = [(s, t) for s in shapes
-             for t in tilings(s, steps, warps, stages)]
-  print(f"jax {jax.__version__} -> Triton IR -> triton {triton.__version__} "
-        f"-> {sass_analysis.HOPPER.name}; {len(configs)} configurations; "
-        "* = the kernel's default tiling", flush=True)
-  print(HEADER, flush=True)
+  configs = [(s, t) for s in shapes for t in tilings(kernel, s, grid)]
+  print(f"{kernel}: jax {jax.__version__} -> Triton IR -> triton "
+        f"{triton.__version__} -> {sass_analysis.HOPPER.name}; "
+        f"{len(configs)} configurations; * = the kernel's default tiling",
+        flush=True)
+  print(header(kernel), flush=True)
   start = time.perf_counter()
   with tempfile.TemporaryDirectory(prefix="kernel_sass_") as workdir:
     for shape, tiling in configs:
-      default = tiling == kernel_cases.default_tiling(KERNEL, shape)
+      default = tiling == kernel_cases.default_tiling(kernel, shape)
       try:
-        row = analyse(shape, tiling, workdir, FLAGS.top_ops)
+        row = analyse(kernel, shape, tiling, workdir, FLAGS.top_ops)
       except Exception as e:  # pylint: disable=broad-except
         kernel_cases.reraise_if_interrupted(e)
-        row = {"kernel": KERNEL, "shape": dataclasses.asdict(shape),
+        row = {"kernel": kernel, "shape": dataclasses.asdict(shape),
                "tiling": dataclasses.asdict(tiling),
                "error": kernel_cases.error_line(e)}
         print(f"{shape.dtype:8} {tiling}: {row['error']}", flush=True)

@@ -13,7 +13,9 @@ ceiling has to issue its instructions fast enough to keep up. The SM's four
 schedulers issue at most one warp-instruction each per clock, so a loop
 that needs `w` warp-instructions per KB of K/V cannot read faster than
 `sms * 4 * clock / w` KB/s, and gets a fraction of that, smaller the fewer
-warps each scheduler has to choose from (`occupancy`).
+warps each scheduler has to choose from (`occupancy`). A prefill kernel is
+bound by its matmuls instead: what matters is how its issue time compares
+with its tensor cores' (`HOPPER.tensor_flops_per_clock`).
 """
 
 from __future__ import annotations
@@ -84,6 +86,19 @@ def loops(sass: str) -> list[Loop]:
   return sorted(found, key=lambda lp: lp.instructions[0].address)
 
 
+# Tensor-core instructions: Hopper's warpgroup `wgmma` (HGMMA) and the
+# warp-level `mma.sync` of earlier GPUs (HMMA), which Hopper also runs.
+TENSOR_OPS = ("HGMMA", "HMMA")
+
+
+def matmul_loops(sass: str) -> list[Loop]:
+  """The loops that run tensor-core instructions, in address order: a
+  kernel's loops over K/V steps (the prefill kernel has two, unmasked
+  and causal)."""
+  return [lp for lp in loops(sass)
+          if any(i.opcode in TENSOR_OPS for i in lp.instructions)]
+
+
 def main_loop(sass: str) -> Loop:
   """The loop with the most instructions: a kernel's inner loop over its
   K/V steps. ValueError if the kernel has no loop."""
@@ -130,6 +145,7 @@ class SmLimits:
   clock_ghz: float  # the highest boost clock: the ceiling it gives is an
   #                   upper bound
   schedulers: int = 4  # warp-instructions issued per clock, at most
+  tensor_flops_per_clock: int = 4096  # dense bf16/f16 matmul FLOPs
   registers: int = 65536
   register_unit: int = 8  # per-thread registers are allocated in 8s
   shared_bytes: int = 228 * 1024

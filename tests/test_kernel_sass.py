@@ -17,7 +17,7 @@ import pytest
 
 from launch import kernel_sass
 from launch import sass_analysis
-from launch.kernel_cases import DecodeShape, default_tiling
+from launch.kernel_cases import DecodeShape, PrefillShape, default_tiling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXCERPT = os.path.join(REPO, "tests", "data", "sass_loop_excerpt.txt")
@@ -97,19 +97,53 @@ def test_issue_ceiling():
                                                                  abs=1e-3)
 
 
-def test_step_bytes_and_the_grid():
+def test_step_bytes_flops_and_the_grid():
   shape = DecodeShape(64, 32, 8, 128, 16, 4096, "int8")
   default = default_tiling("triton_decode", shape)
   # 128 tokens of int8 K and V at head_dim 128, and 8 pages' two scales.
   assert kernel_sass.step_kv_bytes(shape, default) == 128 * 128 * 2 + 64
+  # The 4 query heads of a group padded to 16 rows, two matmuls.
+  assert kernel_sass.step_flops("triton_decode", shape, default) == (
+      4 * 16 * 128 * 128)
   bf16 = DecodeShape(64, 32, 8, 128, 64, 4096, "bfloat16")
   t = default_tiling("triton_decode", bf16)
   assert kernel_sass.step_kv_bytes(bf16, t) == 128 * 128 * 2 * 2
-  grid = kernel_sass.tilings(shape, [64, 128], [4], [1, 2])
+  grid = kernel_sass.tilings("triton_decode", shape, dict(
+      step_tokens=[64, 128], warps=[4], stages=[1, 2]))
   assert grid[0] == default and len(set(grid)) == len(grid) == 4
   assert {(t.pages_per_chunk, t.num_stages) for t in grid} == {
       (4, 1), (4, 2), (8, 1), (8, 2)}
   assert {t.num_splits for t in grid} == {default.num_splits}
+  prefill = PrefillShape(1, 32, 8, 128, 16, 16384, 512, "bfloat16")
+  pt = default_tiling("triton_prefill", prefill)
+  assert kernel_sass.step_flops("triton_prefill", prefill, pt) == (
+      4 * pt.block_q * 64 * 128)
+  grid = kernel_sass.tilings("triton_prefill", prefill, dict(
+      step_tokens=[32, 64], warps=[8], stages=[3], block_q=[64, 128]))
+  assert grid[0] == pt and len(set(grid)) == len(grid) == 4
+  assert {(t.block_q, t.pages_per_chunk) for t in grid} == {
+      (64, 2), (64, 4), (128, 2), (128, 4)}
+
+
+def test_loop_figures_of_the_excerpt():
+  """A loop's figures, by hand: 9 instructions x 4 warps over 4
+  schedulers is 9 issue clocks; the int8 default's step (128 keys, 16
+  rows, d 128) is 1 Mi FLOPs, 256 tensor clocks at 4,096 a clock; and
+  36 warp-instructions per 32,832 bytes."""
+  shape = DecodeShape(64, 32, 8, 128, 16, 4096, "int8")
+  tiling = default_tiling("triton_decode", shape)
+  loop = sass_analysis.matmul_loops(_excerpt() + (
+      "\n.L_x_9:\n        /*9000*/  HMMA.16816.F32.BF16 R4, R8, R12, R4 ;"
+      "\n        /*9010*/  BRA `(.L_x_9) ;\n"))
+  assert [lp.label for lp in loop] == [".L_x_9"]  # the one with a matmul
+  row = kernel_sass.loop_row(sass_analysis.main_loop(_excerpt()),
+                             "triton_decode", shape, tiling, top_ops=2)
+  assert row["instructions"] == 9 and row["tensor_ops"] == {}
+  assert row["issue_clocks_per_step"] == 9.0
+  assert row["tensor_clocks_per_step"] == 256.0
+  assert row["issue_per_tensor"] == round(9 / 256, 2)
+  assert row["warp_instructions_per_kb"] == round(36 / (32832 / 1024), 1)
+  assert row["mix"] == {"PRMT": 4, "DEPBAR": 1}
 
 
 def _run(*args, env=None, timeout=180):
@@ -119,7 +153,10 @@ def _run(*args, env=None, timeout=180):
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--shape=64,32,8,128,16", "--shape: need batch"),
+    ("--shape=64,32,8,128,16", "--shape: need 6 numbers"),
+    ("--kernel=triton_prefill --shape=1,32,8,128,16,4096", "need 7 numbers"),
+    ("--block_q=64", "only the prefill kernel"),
+    ("--kernel=triton_prefill --block_q=48", "--block_q: need positive"),
     ("--shape=64,32,8,96,16,4096", "head_dim a power of 2"),
     ("--shape=64,30,8,128,16,4096", "multiple of kv_heads"),
     ("--step_tokens=48", "powers of 2"),
@@ -129,7 +166,7 @@ def _run(*args, env=None, timeout=180):
     ("--dtypes=int4", "--dtypes: 'int4'"),
 ])
 def test_bad_flags_are_refused_in_one_line(flag, message, tmp_path):
-  done = _run(flag, f"--json={tmp_path / 'r.json'}")
+  done = _run(*flag.split(), f"--json={tmp_path / 'r.json'}")
   assert done.returncode == 1, done.stderr[-2000:]
   assert message in done.stderr and "Traceback" not in done.stderr
   assert not (tmp_path / "r.json").exists()
@@ -165,11 +202,31 @@ def test_report_end_to_end(tmp_path):
   assert [r["default"] for r in report["rows"]] == [True, False, True, False]
   for r in report["rows"]:
     assert 1 <= r["registers"] <= 255 and r["programs_per_sm"] >= 1
-    assert r["loop_mix"]["HMMA"] > 0  # both dots are tensor-core matmuls
-    assert r["loop_instructions"] > 100
+    (loop,) = r["loops"]  # one loop over K/V steps
+    assert loop["tensor_ops"].get("HMMA", 0) > 0  # 16-row dots: mma.sync
+    assert loop["instructions"] > 100
   # Widening int8 in registers costs instructions: more per step than
   # bf16's, for half the bytes.
-  assert (rows["int8", 2]["loop_instructions"]
-          > rows["bfloat16", 2]["loop_instructions"])
-  assert "HADD2" in rows["int8", 2]["loop_mix"]
+  assert (rows["int8", 2]["loops"][0]["instructions"]
+          > rows["bfloat16", 2]["loops"][0]["instructions"])
+  assert "HADD2" in rows["int8", 2]["loops"][0]["mix"]
   assert report["triton_version"] and report["environment"]["jax_version"]
+
+
+def test_prefill_report_end_to_end(tmp_path):
+  pytest.importorskip("triton", reason="the SASS report needs the `triton` "
+                      "package (pip install -e '.[sass]'); the analysis "
+                      "itself is tested above on stored output")
+  out = tmp_path / "r.json"
+  done = _run("--kernel=triton_prefill", "--dtypes=bfloat16",
+              "--step_tokens=64", "--warps=8", "--stages=3", "--block_q=128",
+              f"--json={out}", timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  (row,) = json.loads(out.read_text())["rows"]  # the grid is the default
+  assert row["default"] and row["kernel"] == "triton_prefill"
+  # The unmasked prefix loop, then the causal one; 128-row tiles run on
+  # Hopper's warpgroup matmuls.
+  prefix, causal = row["loops"]
+  assert prefix["tensor_ops"].get("HGMMA", 0) > 0
+  assert causal["instructions"] > prefix["instructions"]
+  assert 0 < prefix["issue_per_tensor"] < causal["issue_per_tensor"]
