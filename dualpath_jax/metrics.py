@@ -178,8 +178,10 @@ def cpu_model() -> str:
 def replace_atomically(path: str, write: Callable[[str], None],
                        suffix: str = "") -> None:
   """Calls `write(tmp)` on a temporary file beside `path`, then renames it
-  over `path`: an interrupted or failed write leaves the old file whole."""
+  over `path`: an interrupted or failed write leaves the old file whole.
+  Creates `path`'s folder if missing."""
   folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix,
                              prefix=f".{os.path.basename(path)}.")
   os.close(fd)
@@ -195,23 +197,41 @@ def replace_atomically(path: str, write: Callable[[str], None],
     raise
 
 
+def write_text(text: str, path: str) -> None:
+  """Writes `text` to `path` atomically (`replace_atomically`)."""
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  replace_atomically(path, write, os.path.splitext(path)[1])
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+  """Saves a Matplotlib figure as a PNG at `path`, atomically: a failed or
+  interrupted save leaves the previous PNG whole."""
+  replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi,
+                                                   format="png"), ".png")
+
+
 def check_output_path(path: str, what: str) -> str:
-  """`path` if a file can be written there: not a directory, its folder
-  (created here if missing) a writable directory; ValueError saying why
-  not. Launchers call it on every output path before any work, so that a
-  typo costs nothing instead of a finished run's results."""
+  """`path` if a file can be written there: not a directory, and its
+  folder a writable directory or one that can be made in a writable
+  directory; ValueError saying why not. Nothing is created: the writers
+  make the folder when they write. Launchers call it on every output path
+  before any work, so that a typo costs nothing instead of a finished
+  run's results."""
   if not path:
     raise ValueError(f"{what}: empty path")
   if os.path.isdir(path):
     raise ValueError(f"{what}: {path} is a directory")
   parent = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(parent, exist_ok=True)
-  except OSError as e:
+  existing = parent
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
     raise ValueError(f"{what}: cannot create the folder {parent}: "
-                     f"{e.strerror or e}") from e
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise ValueError(f"{what}: the folder {parent} is not writable")
+                     f"{existing} is not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"{what}: the folder {existing} is not writable")
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise ValueError(f"{what}: {path} exists and is not writable")
   return path
@@ -229,7 +249,6 @@ def _json_value(obj: Any) -> Any:
 def write_json(report: dict[str, Any], path: str) -> None:
   """Writes `report` as indented JSON, atomically (`replace_atomically`),
   creating its folder if missing."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
   def write(tmp: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
@@ -271,5 +290,5 @@ def plot_turns(records: Sequence[TurnRecord], path: str, title: str = "") -> Non
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path)
   plt.close(fig)

@@ -390,8 +390,7 @@ def dump_gather_hlo(s: CopyShape, path: str, blocks: int = 4) -> str:
         pool, host, starts, dst, run_length=run).compile().as_text()
     texts.append(f"==== gather of {blocks} blocks, run_length={run}\n{text}")
     counts.append(f"run_length={run}: top-level ops {entry_op_counts(text)}")
-  with open(path, "w") as f:
-    f.write("\n\n".join(texts))
+  metrics.write_text("\n\n".join(texts), path)
   return "; ".join(counts)
 
 
@@ -503,8 +502,7 @@ def bench_gather_kernel(shapes, rows: list[dict], interpret: bool,
       text = gather.as_text()
       row_extra["hlo_ops"] = entry_op_counts(text)
       if hlo_path and i == 0:
-        with open(hlo_path, "w") as f:
-          f.write(text)
+        metrics.write_text(text, hlo_path)
         print(f"gather kernel HLO ({hlo_path}): {row_extra['hlo_ops']}",
               flush=True)
     except Exception as e:  # pylint: disable=broad-except

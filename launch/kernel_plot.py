@@ -172,8 +172,7 @@ def plot_kernels(report: Mapping[str, Any], path: str) -> None:
                fontsize=11)
   fig.tight_layout()
   try:
-    metrics.replace_atomically(
-        path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), ".png")
+    metrics.save_figure(fig, path)
   finally:
     plt.close(fig)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -78,3 +79,42 @@ def test_sampling_greedy_and_top_p():
   assert len(set(draws.tolist())) > 3
   with pytest.raises(ValueError):
     sample(logits, rng, temperature=-1)
+
+
+def test_output_path_checks_create_nothing(tmp_path):
+  """A launcher's up-front check makes no folder (a run that fails later
+  leaves nothing behind); the writer makes it when it writes."""
+  path = tmp_path / "a" / "b" / "r.json"
+  assert metrics.check_output_path(str(path), "--json") == str(path)
+  assert not (tmp_path / "a").exists()
+  metrics.write_json({"x": 1}, str(path))
+  assert json.loads(path.read_text()) == {"x": 1}
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="is not a directory"):
+    metrics.check_output_path(str(tmp_path / "file" / "sub" / "r.json"),
+                              "--json")
+  with pytest.raises(ValueError, match="is a directory"):
+    metrics.check_output_path(str(tmp_path / "a"), "--json")
+  with pytest.raises(ValueError, match="empty path"):
+    metrics.check_output_path("", "--json")
+
+
+def test_a_failed_figure_save_keeps_the_old_png(tmp_path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  path = tmp_path / "plot.png"
+  path.write_bytes(b"old")
+
+  class Broken:
+    def savefig(self, *args, **kwargs):
+      raise RuntimeError("disk full")
+
+  with pytest.raises(RuntimeError):
+    metrics.save_figure(Broken(), str(path))
+  assert path.read_bytes() == b"old"
+  assert sorted(os.listdir(tmp_path)) == ["plot.png"]
+  fig = plt.figure()
+  metrics.save_figure(fig, str(path))
+  plt.close(fig)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from dualpath_jax import metrics
+
 
 def _f(v: Any, digits: int = 3) -> str:
   if v is None:
@@ -125,5 +127,5 @@ def plot_online(runs: Sequence[Mapping[str, Any]], path: str, *,
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  metrics.save_figure(fig, path)
   plt.close(fig)
