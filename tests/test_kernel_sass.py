@@ -3,7 +3,8 @@ disassembly and on hand-worked occupancy cases, the launcher's refusals,
 and (where the `triton` package is installed) the report end to end.
 
 The launcher runs in a subprocess: its absl flags clash with other
-launchers' once several are imported into one test process.
+launchers' once several are imported into one test process (its figures
+come from `launch.sass_report`, which defines none).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from launch import kernel_sass
+from launch import sass_report
 from launch import sass_analysis
 from launch.kernel_cases import DecodeShape, PrefillShape, default_tiling
 
@@ -101,14 +102,14 @@ def test_step_bytes_flops_and_the_grid():
   shape = DecodeShape(64, 32, 8, 128, 16, 4096, "int8")
   default = default_tiling("triton_decode", shape)
   # 128 tokens of int8 K and V at head_dim 128, and 8 pages' two scales.
-  assert kernel_sass.step_kv_bytes(shape, default) == 128 * 128 * 2 + 64
+  assert sass_report.step_kv_bytes(shape, default) == 128 * 128 * 2 + 64
   # The 4 query heads of a group padded to 16 rows, two matmuls.
-  assert kernel_sass.step_flops("triton_decode", shape, default) == (
+  assert sass_report.step_flops("triton_decode", shape, default) == (
       4 * 16 * 128 * 128)
   bf16 = DecodeShape(64, 32, 8, 128, 64, 4096, "bfloat16")
   t = default_tiling("triton_decode", bf16)
-  assert kernel_sass.step_kv_bytes(bf16, t) == 128 * 128 * 2 * 2
-  grid = kernel_sass.tilings("triton_decode", shape, dict(
+  assert sass_report.step_kv_bytes(bf16, t) == 128 * 128 * 2 * 2
+  grid = sass_report.tilings("triton_decode", shape, dict(
       step_tokens=[64, 128], warps=[4], stages=[1, 2]))
   assert grid[0] == default and len(set(grid)) == len(grid) == 4
   assert {(t.pages_per_chunk, t.num_stages) for t in grid} == {
@@ -116,9 +117,9 @@ def test_step_bytes_flops_and_the_grid():
   assert {t.num_splits for t in grid} == {default.num_splits}
   prefill = PrefillShape(1, 32, 8, 128, 16, 16384, 512, "bfloat16")
   pt = default_tiling("triton_prefill", prefill)
-  assert kernel_sass.step_flops("triton_prefill", prefill, pt) == (
+  assert sass_report.step_flops("triton_prefill", prefill, pt) == (
       4 * pt.block_q * 64 * 128)
-  grid = kernel_sass.tilings("triton_prefill", prefill, dict(
+  grid = sass_report.tilings("triton_prefill", prefill, dict(
       step_tokens=[32, 64], warps=[8], stages=[3], block_q=[64, 128]))
   assert grid[0] == pt and len(set(grid)) == len(grid) == 4
   assert {(t.block_q, t.pages_per_chunk) for t in grid} == {
@@ -136,7 +137,7 @@ def test_loop_figures_of_the_excerpt():
       "\n.L_x_9:\n        /*9000*/  HMMA.16816.F32.BF16 R4, R8, R12, R4 ;"
       "\n        /*9010*/  BRA `(.L_x_9) ;\n"))
   assert [lp.label for lp in loop] == [".L_x_9"]  # the one with a matmul
-  row = kernel_sass.loop_row(sass_analysis.main_loop(_excerpt()),
+  row = sass_report.loop_row(sass_analysis.main_loop(_excerpt()),
                              "triton_decode", shape, tiling, top_ops=2)
   assert row["instructions"] == 9 and row["tensor_ops"] == {}
   assert row["issue_clocks_per_step"] == 9.0
