@@ -86,7 +86,7 @@ PRESETS = {
         triton_prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "float32")],
         mosaic_prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "bfloat16")],
         step_tokens=(64,), split_factors=(1, 2), stages=(2,),
-        triton_stages=(1, 2), warps=(4,),
+        triton_stages=(2,), warps=(4,),
         block_q=(16,), prefill_step_tokens=(16, 32)),
 }
 
