@@ -52,8 +52,9 @@ def export_mlir(fn: Callable[..., Any], args: Sequence[Any],
 @contextlib.contextmanager
 def _capturing_triton_modules() -> Iterator[list[str]]:
   """Collects the text of every Triton module the Pallas lowering builds
-  while the context is open. This hooks a private function of JAX; a JAX
-  without it gets a RuntimeError that says so."""
+  while the context is open. This hooks a private function of JAX (for the
+  whole process, so not while other threads lower kernels); a JAX without
+  it gets a RuntimeError that says so."""
   try:
     from jax._src.pallas.triton import lowering as triton_lowering
   except ImportError as e:
