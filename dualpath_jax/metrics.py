@@ -249,7 +249,6 @@ def _json_value(obj: Any) -> Any:
 def write_json(report: dict[str, Any], path: str) -> None:
   """Writes `report` as indented JSON, atomically (`replace_atomically`),
   creating its folder if missing."""
-
   def write(tmp: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2, sort_keys=False, default=_json_value)

@@ -173,6 +173,12 @@ def _decode_kernel(
   l_ref[...] = l
 
 
+def dot_rows(group: int) -> int:
+  """Rows of a program's query tile: the GQA group's query heads, padded
+  to a power of 2 and to at least `MIN_DOT_ROWS`."""
+  return max(MIN_DOT_ROWS, pl.next_power_of_2(group))
+
+
 def tileable(n: int) -> bool:
   """Whether the Triton kernels tile a head_dim or page size of `n`: a power
   of 2, at least `MIN_DOT_ROWS`."""
@@ -239,7 +245,7 @@ def paged_decode(
     raise ValueError(f"bad tiling {tiling}: num_splits must be >= 1")
 
   group = num_heads // num_kv_heads
-  rows = max(MIN_DOT_ROWS, pl.next_power_of_2(group))
+  rows = dot_rows(group)
   quantized = kv_scales is not None
   compute_dtype = q.dtype if quantized else kv_pages.dtype
   qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(compute_dtype)

@@ -92,7 +92,7 @@ flags.DEFINE_integer("store_bytes", 1 << 30, "bytes written per store run (and p
                      lower_bound=1)
 flags.DEFINE_integer("queue_depth", 8, "requests in flight on both sides: raw O_DIRECT "
                      "threads and the store's file_io_concurrency (unless a config sets it)",
-                                                                   lower_bound=1)
+                     lower_bound=1)
 flags.DEFINE_list("configs", ["file:raw", "file:raw@out=1", "ocdbt:raw", "file:zstd",
                               "file:int8"],
                   "store configurations, driver:codec[:file_io_mode][@key=value]... "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shlex
 import statistics
 import sys
@@ -347,6 +346,34 @@ def prefill_problem(s: PrefillShape, key: int):
 KERNELS = ("mosaic_decode", "triton_decode", "triton_prefill",
            "mosaic_prefill")
 PREFILL_KERNELS = ("triton_prefill", "mosaic_prefill")
+
+
+def parse_shape(kernel: str, fields: list[str], dtype: str | None = None):
+  """The DecodeShape / PrefillShape that `fields` name for `kernel`
+  (ValueError if it does not fit the kernel): the integers parsed first,
+  then the shape built (which checks the sizes). The last field is the
+  dtype, unless `dtype` is given."""
+  if kernel not in KERNELS:
+    raise ValueError(f"unknown kernel {kernel!r}; choose from "
+                     f"{', '.join(KERNELS)}")
+  cls = PrefillShape if kernel in PREFILL_KERNELS else DecodeShape
+  names = list(cls.__dataclass_fields__)
+  if dtype is not None:
+    names = names[:-1]
+  if len(fields) != len(names):
+    raise ValueError(f"the shape takes {len(names)} fields "
+                     f"({','.join(names)}); got {len(fields)}")
+  texts = [f.strip() for f in fields]
+  if dtype is None:
+    *texts, dtype = texts
+  ints = []
+  for name, text in zip(names, texts):
+    try:
+      ints.append(int(text))
+    except ValueError:
+      raise ValueError(f"{name} must be an integer; got "
+                       f"{text!r}") from None
+  return cls(*ints, dtype)
 
 
 def default_tiling(kernel: str, s):

@@ -50,7 +50,6 @@ from dualpath_jax import metrics
 from launch import kernel_cases
 from launch import sass_analysis
 from launch import sass_report
-from launch.kernel_cases import DecodeShape, PrefillShape
 from launch.sass_report import KERNELS, NoCompiler
 
 # Per kernel: the benchmark shape the report defaults to, and its grid.
@@ -144,21 +143,16 @@ def parse_flags() -> tuple[list, dict[str, list[int]]]:
   """The shapes (one per dtype) and the grid, checked; ValueError says
   which flag is wrong."""
   from kernels import decode_triton  # pylint: disable=import-outside-toplevel
-  prefill = FLAGS.kernel == "triton_prefill"
-  dims = _ints("shape", _flag("shape"))
-  want = 7 if prefill else 6
-  if len(dims) != want:
-    raise ValueError(f"--shape: need {want} numbers for {FLAGS.kernel}, "
-                     f"got {len(dims)}")
   for d in FLAGS.dtypes:
     if d not in kernel_cases.DTYPES:
       raise ValueError(f"--dtypes: {d!r} is none of {kernel_cases.DTYPES}")
-  make = PrefillShape if prefill else DecodeShape
   try:
-    shapes = [make(*dims, d) for d in FLAGS.dtypes]
-  except ValueError as e:  # heads not a multiple of kv_heads, ...
+    shapes = [kernel_cases.parse_shape(FLAGS.kernel, _flag("shape"), d)
+              for d in FLAGS.dtypes]
+  except ValueError as e:  # a count, a non-integer, heads over kv_heads...
     raise ValueError(f"--shape: {e}") from e
-  for name, n in (("head_dim", dims[3]), ("page", dims[4])):
+  for name in ("head_dim", "page"):
+    n = getattr(shapes[0], name)
     if not decode_triton.tileable(n):
       raise ValueError(f"--shape: the Triton kernels need {name} a power "
                        f"of 2 >= {decode_triton.MIN_DOT_ROWS}; got {n}")
@@ -168,7 +162,7 @@ def parse_flags() -> tuple[list, dict[str, list[int]]]:
   if min(grid["step_tokens"]) < decode_triton.MIN_DOT_ROWS:
     raise ValueError(f"--step_tokens: at least "
                      f"{decode_triton.MIN_DOT_ROWS}; got {grid['step_tokens']}")
-  if prefill:
+  if FLAGS.kernel == "triton_prefill":
     grid["block_q"] = _ints("block_q", _flag("block_q"), True)
   elif FLAGS.block_q is not None:
     raise ValueError("--block_q: only the prefill kernel has query blocks")

@@ -26,8 +26,8 @@ import sys
 
 from absl import app, flags
 
-from launch.kernel_cases import (KERNELS, PREFILL_KERNELS, DecodeShape,
-                                 PrefillShape, kernel_fn, problem, rel_err)
+from launch.kernel_cases import (KERNELS, kernel_fn, parse_shape, problem,
+                                 rel_err)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("kernel", "mosaic_decode", list(KERNELS),
@@ -76,29 +76,6 @@ def nvtx_range(name: str):
     yield
   finally:
     nvtx.range_pop()
-
-
-def parse_shape(kernel: str, fields: list[str]):
-  """The DecodeShape / PrefillShape that `--shape` names (ValueError if
-  it does not fit the kernel): the integers parsed first, then the shape
-  built (which checks the sizes)."""
-  if kernel not in KERNELS:
-    raise ValueError(f"unknown kernel {kernel!r}; choose from "
-                     f"{', '.join(KERNELS)}")
-  cls = PrefillShape if kernel in PREFILL_KERNELS else DecodeShape
-  names = list(cls.__dataclass_fields__)
-  if len(fields) != len(names):
-    raise ValueError(f"the shape takes {len(names)} fields "
-                     f"({','.join(names)}); got {len(fields)}")
-  *texts, dtype = [f.strip() for f in fields]
-  ints = []
-  for name, text in zip(names, texts):
-    try:
-      ints.append(int(text))
-    except ValueError:
-      raise ValueError(f"{name} must be an integer; got "
-                       f"{text!r}") from None
-  return cls(*ints, dtype)
 
 
 def check_cases(cases: list[str]) -> int:

@@ -94,8 +94,7 @@ def step_flops(kernel: str, shape, tiling) -> int:
   if kernel == "triton_prefill":
     rows = tiling.block_q
   else:
-    group = shape.heads // shape.kv_heads
-    rows = max(decode_triton.MIN_DOT_ROWS, 1 << (group - 1).bit_length())
+    rows = decode_triton.dot_rows(shape.heads // shape.kv_heads)
   return 4 * rows * step_tokens(shape, tiling) * shape.head_dim
 
 

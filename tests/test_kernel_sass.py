@@ -154,8 +154,8 @@ def _run(*args, env=None, timeout=180):
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--shape=64,32,8,128,16", "--shape: need 6 numbers"),
-    ("--kernel=triton_prefill --shape=1,32,8,128,16,4096", "need 7 numbers"),
+    ("--shape=64,32,8,128,16", "--shape: the shape takes 6 fields"),
+    ("--kernel=triton_prefill --shape=1,32,8,128,16,4096", "takes 7 fields"),
     ("--block_q=64", "only the prefill kernel"),
     ("--kernel=triton_prefill --block_q=48", "--block_q: need positive"),
     ("--shape=64,32,8,96,16,4096", "head_dim a power of 2"),

@@ -79,6 +79,16 @@ def test_gpu_profile_checks_every_case_before_running(tmp_path):
   assert "== 1" not in done.stdout  # no case ran, not even the good one
 
 
+def _script_copy(tmp_path):
+  """A tree holding only a copy of scripts/gpu_check.sh: it runs there
+  without installing anything from the repo's .whl/."""
+  tree = tmp_path / "tree"
+  (tree / "scripts").mkdir(parents=True)
+  shutil.copy(os.path.join(REPO, "scripts", "gpu_check.sh"),
+              tree / "scripts")
+  return tree
+
+
 def test_gpu_check_summarizes_only_this_runs_sections(tmp_path):
   """Run with every section off on an OUT that holds an earlier run's
   summaries: those are not printed as this run's. Then with a relative
@@ -87,10 +97,7 @@ def test_gpu_check_summarizes_only_this_runs_sections(tmp_path):
   from the repo's .whl/)."""
   if shutil.which("realpath") is None:
     pytest.skip("no realpath")
-  tree = tmp_path / "tree"
-  (tree / "scripts").mkdir(parents=True)
-  shutil.copy(os.path.join(REPO, "scripts", "gpu_check.sh"),
-              tree / "scripts")
+  tree = _script_copy(tmp_path)
   work = tmp_path / "work"
   out = work / "out"
   out.mkdir(parents=True)
@@ -114,10 +121,9 @@ def test_gpu_check_passes_the_sweeps_kernels(tmp_path):
   """TILING_KERNELS reaches the sweep's --kernels: an unknown kernel is
   refused by the sweep, and the run says it failed. A copy of the script
   runs, as above; the launcher comes from this checkout (PYTHONPATH)."""
-  tree = tmp_path / "tree"
-  (tree / "scripts").mkdir(parents=True)
-  shutil.copy(os.path.join(REPO, "scripts", "gpu_check.sh"),
-              tree / "scripts")
+  if shutil.which("realpath") is None:
+    pytest.skip("no realpath")
+  tree = _script_copy(tmp_path)
   env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=REPO, BENCH="0",
              TESTS="0", TILING="1", TILING_BUDGET="5",
              TILING_KERNELS="flash", PROFILE="0", STORAGE="0",
