@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from kernels import interpret_compile_fix
 from kernels.common import MASK_VALUE
 
 try:
@@ -433,7 +434,8 @@ def interpret_params(**kwargs):
   """Mosaic GPU's CPU interpret mode, `InterpretGPUParams(**kwargs)`.
 
   Public as `plgpu.InterpretGPUParams` from jax 0.11; private in jax 0.10
-  (the one place these kernels touch JAX internals).
+  (with `interpret_compile_fix`, the places these kernels touch JAX
+  internals).
   """
   if hasattr(plgpu, "InterpretGPUParams"):
     return plgpu.InterpretGPUParams(**kwargs)
@@ -449,7 +451,12 @@ def interpret_params(**kwargs):
 
 
 def interpret_arg(interpret: bool | object):
-  """`plgpu.kernel`'s `interpret=` for a kernel's `interpret` argument."""
+  """`plgpu.kernel`'s `interpret=` for a kernel's `interpret` argument.
+
+  Interpreting installs `interpret_compile_fix` first (jax < 0.11 compiles
+  every simulated warpgroup anew on each call without it).
+  """
   if interpret is False:
     return None
+  interpret_compile_fix.install()
   return interpret_params() if interpret is True else interpret
