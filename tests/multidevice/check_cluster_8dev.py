@@ -58,16 +58,18 @@ def test_eight_devices():
   assert jax.device_count() == 8, "XLA_FLAGS did not reach the CPU backend"
 
 
-@pytest.mark.parametrize("mesh,tp,handoff", [
-    ("1P2D", "1", "device_put"), ("1P2D", "1", "ppermute"),
-    ("1P2D", "2", "ppermute"), ("2P4D", "1", "device_put")])
-def test_cluster_on_separate_devices(tmp_path, mesh, tp, handoff):
+@pytest.fixture(scope="module")
+def turn_two(tmp_path_factory):
+  """What every cluster case must reproduce, computed once: a single engine
+  serves turn 1 and turn 2 of two sessions. Returns the model, turn 2's
+  requests, the engine's outputs for them, and per session the block ids
+  and blocks it stored after turn 1."""
   tiny = load_model("random:tiny-test")
   rng = np.random.default_rng(99)
   prompts = {"a": rng.integers(3, 256, size=26).tolist(),
              "b": rng.integers(3, 256, size=19).tolist()}
   ref = make_engine(tiny, CACHE, ENGINE, cold_tier=ColdTierConfig(
-      root=str(tmp_path / "ref"), file_io_mode="default"))
+      root=str(tmp_path_factory.mktemp("ref")), file_io_mode="default"))
   first = _run(ref, [_turn(s, 0, p) for s, p in prompts.items()])
   ref.cold_tier.store.flush()
   second_reqs = [_turn(s, 1, p + first[f"{s}#0"].generated_tokens +
@@ -81,7 +83,14 @@ def test_cluster_on_separate_devices(tmp_path, mesh, tp, handoff):
     stored[s] = (ids, np.stack(ref.cold_tier.store.get(ids)))
   want = _run(ref, second_reqs)
   ref.close()
+  return tiny, second_reqs, want, stored
 
+
+@pytest.mark.parametrize("mesh,tp,handoff", [
+    ("1P2D", "1", "device_put"), ("1P2D", "1", "ppermute"),
+    ("1P2D", "2", "ppermute"), ("2P4D", "1", "device_put")])
+def test_cluster_on_separate_devices(tmp_path, turn_two, mesh, tp, handoff):
+  tiny, second_reqs, want, stored = turn_two
   cluster = make_cluster(
       tiny, CACHE, ENGINE, ColdTierConfig(root=str(tmp_path / "c"),
                                           file_io_mode="default"),
