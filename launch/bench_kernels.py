@@ -23,8 +23,9 @@ ends): what the next GPU lease's timeouts are planned from.
 The smoke preset (the default off a GPU) times one call (`--reps=1
 --inner=1 --warmup_s=0`) unless those flags are given. The JSON is rewritten
 after every section (atomically: a run cut short keeps the last complete
-report); Ctrl-C writes the rows so far (`complete: false`), prints the table
-and exits 130. Exits nonzero when every row failed or the plot could not be
+report; `python -m launch.kernel_plot` plots it); the PNG is drawn once, at
+the end (drawing it took ~3 s on a 2-core CPU). Ctrl-C writes the rows so
+far (`complete: false`) and their PNG, prints the table and exits 130. Exits nonzero when every row failed or the plot could not be
 written (after the JSON).
 """
 
@@ -630,8 +631,8 @@ def main(argv):
 
   def report(final: bool, interrupted: bool = False) -> list[dict]:
     """Writes the JSON so far (after every section, so that a run cut short
-    still leaves its rows; atomically) and its plot; returns the target
-    checks."""
+    still leaves its rows; atomically) and, at the end or on Ctrl-C, its
+    plot; returns the target checks."""
     copy_gbps = ceilings.get("copy_gbps")
     for row in rows:
       if copy_gbps and "gbps" in row and row["kind"] == "decode":
@@ -653,7 +654,7 @@ def main(argv):
     except OSError as e:
       sys.exit(f"error: cannot write {out}: {e}")
     state["written"] = [out]
-    if plot:
+    if plot and (final or interrupted):
       try:
         kernel_plot.plot_kernels(doc, plot)
         state["written"].append(plot)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -73,6 +74,34 @@ def test_smoke_run_end_to_end(tmp_path):
   png = tmp_path / "kernels.png"  # beside the JSON
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "targets" in done.stdout
+
+
+def test_ctrl_c_writes_the_rows_so_far_and_their_plot(tmp_path):
+  """The PNG is drawn at the end only; Ctrl-C (how scripts/gpu_check.sh
+  stops a step at its timeout) is an end: the JSON of the finished
+  sections, marked incomplete, and its PNG; exit 130."""
+  out = tmp_path / "k.json"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "launch.bench_kernels", f"--out={out}"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stdout:
+      if line.startswith("section calib:"):
+        assert not (tmp_path / "k.png").exists()  # not drawn per section
+        proc.send_signal(signal.SIGINT)
+        break
+    rest, err = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, err[-3000:]
+  report = json.loads(out.read_text())
+  assert report["interrupted"] and not report["complete"]
+  assert "calib" in report["section_s"]
+  assert {r["kind"] for r in report["rows"]} >= {"calib"}
+  assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "interrupted: wrote the rows so far" in err
+  del rest
 
 
 def test_short_calls_get_more_calls_per_repetition():
