@@ -154,14 +154,14 @@ def bench_calibration(cfg: dict, rows: list[dict]) -> dict:
   import jax
   import jax.numpy as jnp
   n = cfg["copy_mib"] * 2**20 // 2
-  x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+  x = jax.random.normal(kernel_cases.data_key(0), (n,), jnp.bfloat16)
   copy = jax.jit(lambda a: a + jnp.bfloat16(1))
   base = dict(kind="calib", shape=f"copy {cfg['copy_mib']} MiB")
   _attempt(rows, base, "device_copy", lambda: copy(x), nbytes=2 * n * 2,
            flops=0)
   m = cfg["matmul"]
-  a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+  a = jax.random.normal(kernel_cases.data_key(1), (m, m), jnp.bfloat16)
+  b = jax.random.normal(kernel_cases.data_key(2), (m, m), jnp.bfloat16)
   mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32
                                     ).astype(jnp.bfloat16))
   base = dict(kind="calib", shape=f"matmul {m}^3 bf16")
@@ -344,17 +344,33 @@ def _copy_case(s: CopyShape, key: int):
   import jax.numpy as jnp
   from kernels import block_copy
   tail = (2, s.kv_heads, s.page, s.head_dim)
-  key = jax.random.key(key)
-  pool = jax.random.normal(key, (s.layers, s.pool_blocks) + tail, s.dtype)
   host = block_copy.allocate_host_tier((s.host_slots, s.layers) + tail,
                                        s.dtype, jax.devices()[0])
-  host = jax.device_put(jax.random.normal(key, host.shape, s.dtype),
-                        host.sharding)
-  src = jax.random.permutation(key, s.host_slots)[:s.blocks].astype(jnp.int32)
-  dst = jax.random.permutation(key, s.pool_blocks)[:s.blocks].astype(jnp.int32)
+  pool, tier, src, dst = _copy_arrays_fn()(
+      kernel_cases.data_key(key), pool_shape=(s.layers, s.pool_blocks) + tail,
+      host_shape=host.shape, dtype=s.dtype, blocks=s.blocks)
+  host = jax.device_put(tier, host.sharding)
   nbytes = s.layers * s.blocks * 2 * s.kv_heads * s.page * s.head_dim * (
       jnp.dtype(s.dtype).itemsize)
   return pool, host, src, dst, nbytes
+
+
+@functools.cache
+def _copy_arrays_fn():
+  """`_copy_case`'s random arrays as one jitted program of a key
+  (`kernel_cases.data_key`) and static shapes."""
+  import jax
+  import jax.numpy as jnp
+
+  def make(key, *, pool_shape, host_shape, dtype, blocks):
+    pool = jax.random.normal(key, pool_shape, dtype)
+    tier = jax.random.normal(key, host_shape, dtype)
+    src = jax.random.permutation(key, host_shape[0])[:blocks]
+    dst = jax.random.permutation(key, pool_shape[1])[:blocks]
+    return pool, tier, src.astype(jnp.int32), dst.astype(jnp.int32)
+
+  return jax.jit(make, static_argnames=("pool_shape", "host_shape", "dtype",
+                                        "blocks"))
 
 
 def entry_op_counts(compiled_text: str) -> str:
@@ -437,7 +453,7 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
              nbytes=nbytes, flops=0)
     for run in s.run_lengths:  # the same bytes, one transfer per run
       starts = run * jax.random.permutation(
-          jax.random.key(100 + i), s.host_slots // run)[:s.blocks // run]
+          kernel_cases.data_key(100 + i), s.host_slots // run)[:s.blocks // run]
 
       def gather_runs(starts=starts.astype(src.dtype), run=run):
         state["pool"] = block_copy.gather_to_device(

@@ -14,11 +14,14 @@ model) takes ~10 s on the 2-core CPU, so it happens once per session:
 The suite runs in pytest-xdist workers (`-n auto` in setup.cfg), one per CPU
 core up to `MAX_WORKERS`: the interpret-mode kernels are single-threaded
 Python, so two cores run the suite in about three quarters of the time.
-`-n 0` runs it in one process (e.g. to debug one test).
+`-n 0` runs it in one process (e.g. to debug one test). At the session's
+end each process collects its garbage once and freezes the rest
+(`pytest_sessionfinish` says why).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 
@@ -43,6 +46,24 @@ def pytest_xdist_auto_num_workers(config) -> int:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
       else (os.cpu_count() or 1)
   return max(1, min(cores, MAX_WORKERS))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+  """Collects garbage once, then freezes what is left.
+
+  At unconfigure, pytest collects garbage five times over, to report
+  exceptions raised in `__del__`. A worker that ran a few hundred JAX tests
+  holds over a million objects, and five full collections took more than
+  5 s; execnet gives a finishing worker 5 s, then sends it SIGINT, which
+  ended runs with "PytestUnraisableExceptionWarning ... gc_callback ...
+  KeyboardInterrupt". One collection here (pytest's unraisable-exception
+  hook still reports what it raises), then `gc.freeze()`: the later
+  collections skip every object that exists now.
+  """
+  del session, exitstatus
+  gc.collect()
+  gc.freeze()
 
 
 @pytest.fixture(scope="session")
