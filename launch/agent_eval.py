@@ -21,8 +21,8 @@ from launch import (cluster_flags, distributed_flags, engine_flags,
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
                     "GGUF, a .gguf path, an Orbax dir from launch.convert, or "
-                    "random:<preset>")
-workload_flags.define()  # --trace, --sessions, --turns, --reply, ...
+                    "random:<preset> (with --tokenizer=bytes)")
+workload_flags.define()  # --trace, --sessions, --turns, --reply, --tokenizer
 engine_flags.define()  # --block_size, --num_blocks, --max_batch, --dtype, ...
 flags.DEFINE_string("report", "agent_eval_report.json", "JSON report path")
 flags.DEFINE_string("plot", None, "PNG plot path (TTFT and timeline)")
@@ -60,6 +60,7 @@ def main(argv):
   from dualpath_jax.workload.trace import TraceError
 
   try:
+    workload_flags.check_tokenizer_source()
     sessions = workload_flags.load_sessions()
   except (TraceError, FileNotFoundError, ValueError) as e:
     sys.exit(f"agent_eval: {e}")
@@ -69,12 +70,10 @@ def main(argv):
     sys.exit(f"agent_eval: {e}")
   try:
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
-    loaded = engine_flags.load_model(FLAGS.model)
+    loaded = workload_flags.with_tokenizer(
+        engine_flags.load_model(FLAGS.model))
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
-  if loaded.tokenizer is None:
-    sys.exit("agent_eval: the model has no tokenizer (random weights); use the "
-             "GGUF or a converted checkpoint")
   longest = min(FLAGS.max_context,
                 workload_flags.max_context_bound(sessions, loaded.tokenizer))
   try:
@@ -119,7 +118,7 @@ def main(argv):
       **metrics.run_environment(),
       "config": {
           "model": loaded.config.name, "model_source": FLAGS.model or "embedded",
-          "trace": workload_flags.describe(),
+          "tokenizer": FLAGS.tokenizer, "trace": workload_flags.describe(),
           "reply": FLAGS.reply, "max_new_tokens": FLAGS.max_new_tokens,
           "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
           "cold_tier": (None if engine.cold_tier is None else

@@ -78,9 +78,6 @@ def define_flags() -> None:
                     "(not timed)")
   flags.DEFINE_bool("progress", True, "show a progress bar per run")
   flags.DEFINE_integer("seed", 0, "synthetic workload, arrival and sampling seed")
-  flags.DEFINE_enum("tokenizer", "model", ["model", "bytes"],
-                    "model: the model's own; bytes: one token per byte, a "
-                    "stand-in for random weights (random:<preset>)")
   engine_flags.define()  # --block_size, --num_blocks, --max_batch, --dtype, ...
   cluster_flags.define(mesh_default="1P2D")  # --mesh none = one engine
 
@@ -242,8 +239,10 @@ def main(argv):
     _cold_config(FLAGS.cold_tier or tempfile.gettempdir())
   except ValueError as e:
     _fail(str(e))
-  if (FLAGS.model or "").startswith("random:") and FLAGS.tokenizer != "bytes":
-    _fail("random weights have no tokenizer: add --tokenizer=bytes")
+  try:
+    workload_flags.check_tokenizer_source()
+  except ValueError as e:
+    _fail(str(e))
   from dualpath_jax.workload.trace import TraceError
   try:
     sessions = workload_flags.load_sessions()
@@ -267,16 +266,10 @@ def main(argv):
 
   try:
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
-    loaded = engine_flags.load_model(FLAGS.model)
+    loaded = workload_flags.with_tokenizer(
+        engine_flags.load_model(FLAGS.model))
   except ValueError as e:
     _fail(str(e))
-  if FLAGS.tokenizer == "bytes":
-    from dualpath_jax.workload.byte_tokenizer import ByteChatTokenizer
-    loaded = dataclasses.replace(
-        loaded, tokenizer=ByteChatTokenizer(loaded.config.vocab_size))
-  elif loaded.tokenizer is None:
-    _fail("the model has no tokenizer (random weights); use the GGUF, a "
-          "converted checkpoint or --tokenizer=bytes")
   bound = workload_flags.max_context_bound(sessions, loaded.tokenizer)
   try:
     engine_flags.check_pool_holds(min(FLAGS.max_context, bound))
@@ -320,7 +313,7 @@ def main(argv):
       **metrics.run_environment(),
       "config": {
           "model": loaded.config.name, "model_source": FLAGS.model or "embedded",
-          "trace": trace, "sessions": len(sessions), "reply": FLAGS.reply,
+          "tokenizer": FLAGS.tokenizer, "trace": trace, "sessions": len(sessions), "reply": FLAGS.reply,
           "max_new_tokens": FLAGS.max_new_tokens,
           "honor_gaps": FLAGS.honor_gaps, "rates": rates,
           "arrival": FLAGS.arrival, "seed": FLAGS.seed,

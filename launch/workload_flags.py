@@ -2,7 +2,9 @@
 
 A workload is either a recorded trace (`--trace`, abench-session-jsonl-v1)
 or the built-in synthetic coding-agent sessions (`--sessions`, `--turns`,
-`--first_tool_lines`, `--growth_lines`). `define()` is idempotent
+`--first_tool_lines`, `--growth_lines`), tokenized by the model's own
+tokenizer or, for random weights, one token per byte (`--tokenizer=bytes`,
+`workload.byte_tokenizer`). `define()` is idempotent
 (`cluster_flags.define_once`); each launcher keeps its own `--seed`, which the
 synthetic workload uses.
 """
@@ -38,6 +40,33 @@ def define(honor_gaps_default: bool = False) -> None:
        "per turn (the trace's output_tokens lowers it per turn)", lower_bound=1)
   once(flags.DEFINE_bool, "honor_gaps", honor_gaps_default,
        "wait each turn's recorded pre_gap_ms (tool time) before sending it")
+  once(flags.DEFINE_enum, "tokenizer", "model", ["model", "bytes"],
+       "model: the model's own; bytes: one token per byte, a stand-in for "
+       "random weights (random:<preset>)")
+
+
+def check_tokenizer_source() -> None:
+  """ValueError if `--model` is random weights without `--tokenizer=bytes`
+  (checked before the weights load: random weights have no tokenizer)."""
+  if (FLAGS.model or "").startswith("random:") and FLAGS.tokenizer != "bytes":
+    raise ValueError("random weights have no tokenizer: add --tokenizer=bytes")
+
+
+def with_tokenizer(loaded):
+  """`loaded` (a `LoadedModel`) with the tokenizer `--tokenizer` names.
+
+  Raises:
+    ValueError: the model has none and `--tokenizer=model`.
+  """
+  if FLAGS.tokenizer == "bytes":
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    from dualpath_jax.workload.byte_tokenizer import ByteChatTokenizer  # pylint: disable=g-import-not-at-top
+    return dataclasses.replace(
+        loaded, tokenizer=ByteChatTokenizer(loaded.config.vocab_size))
+  if loaded.tokenizer is None:
+    raise ValueError("the model has no tokenizer (random weights); use the "
+                     "GGUF, a converted checkpoint or --tokenizer=bytes")
+  return loaded
 
 
 def load_sessions():

@@ -67,6 +67,9 @@ def test_missing_trace_exits_nonzero(tmp_path):
     (["--limit_sessions=-1"], "--limit_sessions=-1: -1 is not a positive"),
     (["--max_new_tokens=0"], "--max_new_tokens=0: 0 is not a positive"),
     (["--trace=/"], "/: not a file"),
+    (["--model=random:tiny-test"],  # before the weights load
+     "random weights have no tokenizer: add --tokenizer=bytes"),
+    (["--tokenizer=words"], "--tokenizer"),
 ])
 def test_bad_workload_flags_exit_nonzero(tmp_path, args, msg):
   proc = _run(*args, f"--report={tmp_path / 'r.json'}", timeout=120)
@@ -88,11 +91,13 @@ def test_bad_mesh_flags_exit_nonzero(tmp_path, args, msg):
   assert not (tmp_path / "r.json").exists()
 
 
-@pytest.mark.slow
 def test_mesh_run_loads_through_both_paths(tmp_path):
-  """1P2D over a cold tier: a second run loads its prefixes via both paths."""
+  """1P2D over a cold tier: a second run loads its prefixes via both paths
+  (random weights, one token per byte: the paths' mechanics, in seconds)."""
   cold = tmp_path / "cold"
-  common = [f"--trace={SAMPLE}", "--limit_sessions=1", "--max_new_tokens=1",
+  common = ["--model=random:tiny-test", "--tokenizer=bytes",
+            "--max_context=1024", "--sessions=2", "--turns=2",
+            "--first_tool_lines=1", "--growth_lines=1", "--max_new_tokens=2",
             "--reply=teacher_forced", "--nowarmup", "--noprogress",
             f"--cold_tier={cold}", "--mesh=1P2D", "--storage_nic_gbps=2"]
   first = _run(*common, f"--report={tmp_path / 'a.json'}")
@@ -100,6 +105,8 @@ def test_mesh_run_loads_through_both_paths(tmp_path):
   second = _run(*common, "--policy=dualpath", f"--report={tmp_path / 'b.json'}")
   assert second.returncode == 0, second.stderr[-3000:]
   r = json.loads((tmp_path / "b.json").read_text())
+  assert r["turns"] == 4 and not r["truncated_sessions"]
+  assert r["config"]["tokenizer"] == "bytes"
   assert r["cold_tier"]["loaded_tokens"] > 0
   assert r["engine"]["path_blocks"]["path1"] > 0
   assert r["engine"]["path_blocks"]["path2"] > 0
