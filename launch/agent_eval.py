@@ -11,6 +11,7 @@ table and writes a JSON report (and a PNG plot with `--plot`).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from absl import app, flags, logging
@@ -60,7 +61,6 @@ def main(argv):
   from dualpath_jax.workload.trace import TraceError
 
   try:
-    workload_flags.check_tokenizer_source()
     sessions = workload_flags.load_sessions()
   except (TraceError, FileNotFoundError, ValueError) as e:
     sys.exit(f"agent_eval: {e}")
@@ -68,16 +68,15 @@ def main(argv):
     mesh = cluster_flags.mesh_config()
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
-  try:
+  try:  # what needs only the config and tokenizer, before the weights load
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
-    loaded = workload_flags.with_tokenizer(
-        engine_flags.load_model(FLAGS.model))
-  except ValueError as e:
-    sys.exit(f"agent_eval: {e}")
-  longest = min(FLAGS.max_context,
-                workload_flags.max_context_bound(sessions, loaded.tokenizer))
-  try:
+    tokenizer = workload_flags.pick_tokenizer(
+        *engine_flags.describe_model(FLAGS.model))
+    longest = min(FLAGS.max_context,
+                  workload_flags.max_context_bound(sessions, tokenizer))
     engine_flags.check_pool_holds(longest)
+    loaded = dataclasses.replace(engine_flags.load_model(FLAGS.model),
+                                 tokenizer=tokenizer)
     engine = cluster_flags.make(loaded, cache, engine_cfg, mesh,
                                 cluster_flags.cold_tier_config())
   except ValueError as e:

@@ -239,10 +239,6 @@ def main(argv):
     _cold_config(FLAGS.cold_tier or tempfile.gettempdir())
   except ValueError as e:
     _fail(str(e))
-  try:
-    workload_flags.check_tokenizer_source()
-  except ValueError as e:
-    _fail(str(e))
   from dualpath_jax.workload.trace import TraceError
   try:
     sessions = workload_flags.load_sessions()
@@ -264,15 +260,14 @@ def main(argv):
   from dualpath_jax.config import to_dict
   from dualpath_jax.workload import online_report
 
-  try:
+  try:  # what needs only the config and tokenizer, before the weights load
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
-    loaded = workload_flags.with_tokenizer(
-        engine_flags.load_model(FLAGS.model))
-  except ValueError as e:
-    _fail(str(e))
-  bound = workload_flags.max_context_bound(sessions, loaded.tokenizer)
-  try:
+    tokenizer = workload_flags.pick_tokenizer(
+        *engine_flags.describe_model(FLAGS.model))
+    bound = workload_flags.max_context_bound(sessions, tokenizer)
     engine_flags.check_pool_holds(min(FLAGS.max_context, bound))
+    loaded = dataclasses.replace(engine_flags.load_model(FLAGS.model),
+                                 tokenizer=tokenizer)
   except ValueError as e:
     _fail(str(e))
   logging.info("%d sessions, %d turns on %s (%s)", len(sessions),

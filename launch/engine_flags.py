@@ -82,3 +82,14 @@ def load_model(source: str | None):
     return load(source, dtype=FLAGS.dtype)
   except FileNotFoundError as e:
     raise ValueError(str(e)) from e
+
+
+def describe_model(source: str | None):
+  """(config, tokenizer) of `source` without its weights
+  (`dualpath_jax.model.describe_model`, dtype=--dtype), for the checks
+  that can fail before the load; a bad source raises ValueError."""
+  from dualpath_jax.model import describe_model as describe
+  try:
+    return describe(source, dtype=FLAGS.dtype)
+  except FileNotFoundError as e:
+    raise ValueError(str(e)) from e

@@ -45,28 +45,21 @@ def define(honor_gaps_default: bool = False) -> None:
        "random weights (random:<preset>)")
 
 
-def check_tokenizer_source() -> None:
-  """ValueError if `--model` is random weights without `--tokenizer=bytes`
-  (checked before the weights load: random weights have no tokenizer)."""
-  if (FLAGS.model or "").startswith("random:") and FLAGS.tokenizer != "bytes":
-    raise ValueError("random weights have no tokenizer: add --tokenizer=bytes")
-
-
-def with_tokenizer(loaded):
-  """`loaded` (a `LoadedModel`) with the tokenizer `--tokenizer` names.
+def pick_tokenizer(config, model_tokenizer):
+  """The tokenizer `--tokenizer` names, for a model of `config` whose own
+  is `model_tokenizer` (None for random weights).
 
   Raises:
     ValueError: the model has none and `--tokenizer=model`.
   """
   if FLAGS.tokenizer == "bytes":
-    import dataclasses  # pylint: disable=g-import-not-at-top
     from dualpath_jax.workload.byte_tokenizer import ByteChatTokenizer  # pylint: disable=g-import-not-at-top
-    return dataclasses.replace(
-        loaded, tokenizer=ByteChatTokenizer(loaded.config.vocab_size))
-  if loaded.tokenizer is None:
-    raise ValueError("the model has no tokenizer (random weights); use the "
-                     "GGUF, a converted checkpoint or --tokenizer=bytes")
-  return loaded
+    return ByteChatTokenizer(config.vocab_size)
+  if model_tokenizer is None:
+    raise ValueError("random weights have no tokenizer: add "
+                     "--tokenizer=bytes (or use a GGUF or a converted "
+                     "checkpoint)")
+  return model_tokenizer
 
 
 def load_sessions():

@@ -23,7 +23,8 @@ from flax import nnx
 
 from dualpath_jax import config
 from dualpath_jax.config import CacheConfig
-from dualpath_jax.model import checkpoint, load_model, parse_random_source
+from dualpath_jax.model import (checkpoint, describe_model, load_model,
+                                parse_random_source)
 from dualpath_jax.model.llama import Llama
 from dualpath_jax.model.runner import ModelRunner
 from launch import generate
@@ -424,6 +425,25 @@ def test_checkpoint_round_trip(tmp_path, np_rng):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match="convert again"):
     load_model(str(tmp_path / "ckpt"), dtype="bfloat16")
+  # The same config, tokenizer and refusal without reading the weights.
+  assert describe_model(str(tmp_path / "ckpt")) == (cfg, None)
+  with pytest.raises(ValueError, match="convert again"):
+    describe_model(str(tmp_path / "ckpt"), dtype="bfloat16")
+
+
+def test_describe_model_is_load_model_without_the_weights(tmp_path):
+  for source, dtype in (("random:tiny-test:layers=1:seed=3", None),
+                        ("random:tiny-test", "bfloat16")):
+    loaded = load_model(source, dtype=dtype)
+    assert describe_model(source, dtype=dtype) == (loaded.config, None)
+  for bad, err in (("random:nope", ValueError), ("random:tiny-test:layers=0",
+                                                 ValueError),
+                   (str(tmp_path / "no.gguf"), FileNotFoundError),
+                   (str(tmp_path / "nothing"), ValueError)):
+    with pytest.raises(err):
+      describe_model(bad)
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    describe_model("random:tiny-test", dtype="int4")
 
 
 def test_sample_token(np_rng):

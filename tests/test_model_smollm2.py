@@ -23,7 +23,7 @@ from flax import nnx
 
 from dualpath_jax import config
 from dualpath_jax.config import CacheConfig
-from dualpath_jax.model import gguf_loader, load_model
+from dualpath_jax.model import describe_model, gguf_loader, load_model
 from dualpath_jax.model.runner import ModelRunner
 from launch import convert, generate
 
@@ -45,6 +45,15 @@ def test_config_from_gguf_equals_preset(reader):
   cfg = gguf_loader.config_from_gguf(reader, name=config.SMOLLM2_135M.name)
   assert cfg == config.SMOLLM2_135M
   assert cfg.fingerprint() == config.SMOLLM2_135M.fingerprint()
+
+
+@pytest.mark.slow
+def test_describe_model_reads_the_embedded_gguf_without_weights(smollm2):
+  cfg, tokenizer = describe_model()
+  assert cfg == smollm2.config
+  chat = [{"role": "user", "content": "What is the capital of France?"}]
+  assert tokenizer.encode_chat(chat) == smollm2.tokenizer.encode_chat(chat)
+  assert describe_model(dtype="bfloat16")[0] == cfg.replace(dtype="bfloat16")
 
 
 def _q8_0(raw: np.ndarray, cols: int) -> np.ndarray:

@@ -10,6 +10,10 @@
   `config.MODEL_PRESETS` shape (no tokenizer), e.g.
   `"random:llama3-8b-shape:layers=2"`.
 
+`describe_model(source)` reads the same source's config and tokenizer
+without the weights (metadata only), so that checks that depend on the
+model's shape or vocabulary can fail before a long load.
+
 `ModelRunner` (runner.py) is what the engine drives.
 """
 
@@ -28,8 +32,8 @@ from dualpath_jax.model.llama import Llama
 from dualpath_jax.model.runner import ModelRunner
 from dualpath_jax.model.tokenizer import Tokenizer
 
-__all__ = ["Llama", "LoadedModel", "ModelRunner", "Tokenizer", "load_model",
-           "parse_random_source"]
+__all__ = ["Llama", "LoadedModel", "ModelRunner", "Tokenizer", "describe_model",
+           "load_model", "parse_random_source"]
 
 _DTYPES = config_lib.KV_DTYPES  # weights and activations: the pool's dtypes
 
@@ -53,19 +57,48 @@ def load_model(source: str | None = None, *,
   dtype; None keeps the source's own: float32 for a GGUF, the preset's for
   `random:` (bfloat16 for the large shapes), the stored one for a checkpoint.
   """
+  kind, where = _resolve(source, dtype)
+  if kind == "random":
+    return _load_random(source, dtype)
+  if kind == "gguf":
+    return _load_gguf(where, dtype or "float32", source)
+  return _load_checkpoint(where, dtype)
+
+
+def describe_model(source: str | None = None, *, dtype: str | None = None
+                   ) -> tuple[ModelConfig, Tokenizer | None]:
+  """(config, tokenizer) that `load_model(source, dtype=dtype)` would have,
+  read without the weights: the preset, the GGUF's metadata, or the
+  checkpoint's metadata file. Raises as `load_model` does for a bad source
+  (an unknown preset, a missing file, a checkpoint of another dtype)."""
+  kind, where = _resolve(source, dtype)
+  if kind == "random":
+    cfg, _ = parse_random_source(source)
+    return (cfg if dtype is None else cfg.replace(dtype=dtype)), None
+  if kind == "gguf":
+    reader = gguf_loader.open_gguf(where)
+    return (_gguf_config(reader, dtype or "float32", source),
+            Tokenizer.from_gguf(reader))
+  metadata = checkpoint.read_metadata(where)
+  cfg = checkpoint.config_from_metadata(metadata)
+  _check_checkpoint_dtype(where, cfg, dtype)
+  return cfg, _checkpoint_tokenizer(metadata)
+
+
+def _resolve(source: str | None, dtype: str | None
+             ) -> tuple[str, pathlib.Path | None]:
+  """("random" | "gguf" | "checkpoint", path) of a model source."""
   if dtype is not None and dtype not in _DTYPES:
     raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
   if source is None:
-    path = gguf_loader.find_smollm2_gguf()
-    return _load_gguf(path, dtype or "float32",
-                      name=config_lib.SMOLLM2_135M.name)
+    return "gguf", gguf_loader.find_smollm2_gguf()
   if source.startswith("random:"):
-    return _load_random(source, dtype)
+    return "random", None
   path = pathlib.Path(source).expanduser()
   if path.suffix == ".gguf":
-    return _load_gguf(path, dtype or "float32")
+    return "gguf", path
   if path.is_dir():
-    return _load_checkpoint(path, dtype)
+    return "checkpoint", path
   raise ValueError(
       f"model source {source!r} is neither a .gguf file, a checkpoint "
       "directory nor 'random:<preset>[:layers=N]'")
@@ -105,26 +138,43 @@ def _load_random(source: str, dtype: str | None) -> LoadedModel:
                      hashlib.sha256(ident.encode()).hexdigest()[:16], source)
 
 
-def _load_gguf(path: pathlib.Path, dtype: str, *,
-               name: str | None = None) -> LoadedModel:
+def _gguf_config(reader, dtype: str, source: str | None) -> ModelConfig:
+  """The config of an open GGUF (the embedded one, `source` None, under the
+  SmolLM2 preset's name)."""
+  name = None if source else config_lib.SMOLLM2_135M.name
+  return gguf_loader.config_from_gguf(reader, name=name).replace(dtype=dtype)
+
+
+def _load_gguf(path: pathlib.Path, dtype: str,
+               source: str | None) -> LoadedModel:
   reader = gguf_loader.open_gguf(path)
-  cfg = gguf_loader.config_from_gguf(reader, name=name).replace(dtype=dtype)
+  cfg = _gguf_config(reader, dtype, source)
   weights = gguf_loader.load_gguf_weights(reader, cfg, dtype)
   model = checkpoint.model_from_pure_dict(cfg, weights)
   return LoadedModel(cfg, model, Tokenizer.from_gguf(reader),
                      gguf_loader.file_weights_id(path, dtype), str(path))
 
 
+def _check_checkpoint_dtype(path: pathlib.Path, cfg: ModelConfig,
+                            dtype: str | None) -> None:
+  if dtype is not None and dtype != cfg.dtype:
+    raise ValueError(f"checkpoint {path} holds {cfg.dtype} weights; "
+                     f"convert again with --dtype={dtype}")
+
+
+def _checkpoint_tokenizer(metadata: dict) -> Tokenizer | None:
+  """The tokenizer a checkpoint's metadata names (the embedded GGUF's, or
+  another GGUF's), or None."""
+  tok_info = metadata.get("tokenizer") or {}
+  if tok_info.get("embedded"):
+    return Tokenizer.from_gguf(gguf_loader.find_smollm2_gguf())
+  if tok_info.get("gguf"):
+    return Tokenizer.from_gguf(tok_info["gguf"])
+  return None
+
+
 def _load_checkpoint(path: pathlib.Path, dtype: str | None) -> LoadedModel:
   model, metadata = checkpoint.restore_checkpoint(path)
-  if dtype is not None and dtype != model.config.dtype:
-    raise ValueError(f"checkpoint {path} holds {model.config.dtype} weights; "
-                     f"convert again with --dtype={dtype}")
-  tok_info = metadata.get("tokenizer") or {}
-  tokenizer = None
-  if tok_info.get("embedded"):
-    tokenizer = Tokenizer.from_gguf(gguf_loader.find_smollm2_gguf())
-  elif tok_info.get("gguf"):
-    tokenizer = Tokenizer.from_gguf(tok_info["gguf"])
-  return LoadedModel(model.config, model, tokenizer, metadata["weights_id"],
-                     str(path))
+  _check_checkpoint_dtype(path, model.config, dtype)
+  return LoadedModel(model.config, model, _checkpoint_tokenizer(metadata),
+                     metadata["weights_id"], str(path))
