@@ -240,12 +240,13 @@ def calls_per_rep(inner: int, per_call_s: float | None,
   return max(inner, min(MAX_INNER, math.ceil(min_rep_s / per_call_s)))
 
 
-def random_case(shape, batch_pages: int, key, q_shape: tuple[int, ...]):
+def random_case(shape, batch_pages: int, seed: int,
+                q_shape: tuple[int, ...]):
   """Random pool (bf16/f32 normal, or int8 with scales), block tables
   and queries `q_shape` (bf16 for an int8 pool), made by one compiled
-  program from a `data_key`."""
+  program from `data_key(seed)`."""
   return _random_case_fn()(
-      data_key(key), dtype=shape.dtype, batch=shape.batch,
+      data_key(seed), dtype=shape.dtype, batch=shape.batch,
       batch_pages=batch_pages,
       pool_shape=(shape.batch * batch_pages + 8, 2, shape.kv_heads,
                   shape.page, shape.head_dim), q_shape=tuple(q_shape))
