@@ -54,7 +54,7 @@ def _run(module, *args):
 
 
 LAUNCHERS = [
-    ("launch.agent_eval", ["--noprogress", "--tokenizer=bytes"]),
+    ("launch.agent_eval", ["--noprogress"]),
     ("launch.bench_online", ["--noprogress", "--rates=1", "--tokenizer=bytes"]),
     ("launch.serve", ["--port=0"]),
 ]
