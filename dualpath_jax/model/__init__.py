@@ -20,6 +20,7 @@ model's shape or vocabulary can fail before a long load.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import pathlib
 
@@ -78,7 +79,7 @@ def describe_model(source: str | None = None, *, dtype: str | None = None
   if kind == "gguf":
     reader = gguf_loader.open_gguf(where)
     return (_gguf_config(reader, dtype or "float32", source),
-            Tokenizer.from_gguf(reader))
+            _gguf_tokenizer(reader))
   metadata = checkpoint.read_metadata(where)
   cfg = checkpoint.config_from_metadata(metadata)
   _check_checkpoint_dtype(where, cfg, dtype)
@@ -138,6 +139,14 @@ def _load_random(source: str, dtype: str | None) -> LoadedModel:
                      hashlib.sha256(ident.encode()).hexdigest()[:16], source)
 
 
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(reader) -> Tokenizer:
+  """The tokenizer of an open GGUF, built once per reader (the readers are
+  cached per file): `describe_model` then `load_model` of one source parse
+  its vocabulary once."""
+  return Tokenizer.from_gguf(reader)
+
+
 def _gguf_config(reader, dtype: str, source: str | None) -> ModelConfig:
   """The config of an open GGUF (the embedded one, `source` None, under the
   SmolLM2 preset's name)."""
@@ -151,7 +160,7 @@ def _load_gguf(path: pathlib.Path, dtype: str,
   cfg = _gguf_config(reader, dtype, source)
   weights = gguf_loader.load_gguf_weights(reader, cfg, dtype)
   model = checkpoint.model_from_pure_dict(cfg, weights)
-  return LoadedModel(cfg, model, Tokenizer.from_gguf(reader),
+  return LoadedModel(cfg, model, _gguf_tokenizer(reader),
                      gguf_loader.file_weights_id(path, dtype), str(path))
 
 
@@ -167,9 +176,10 @@ def _checkpoint_tokenizer(metadata: dict) -> Tokenizer | None:
   another GGUF's), or None."""
   tok_info = metadata.get("tokenizer") or {}
   if tok_info.get("embedded"):
-    return Tokenizer.from_gguf(gguf_loader.find_smollm2_gguf())
+    return _gguf_tokenizer(gguf_loader.open_gguf(
+        gguf_loader.find_smollm2_gguf()))
   if tok_info.get("gguf"):
-    return Tokenizer.from_gguf(tok_info["gguf"])
+    return _gguf_tokenizer(gguf_loader.open_gguf(tok_info["gguf"]))
   return None
 
 
