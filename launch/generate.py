@@ -22,11 +22,12 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from dualpath_jax.config import CacheConfig, check_sampling
+from dualpath_jax.config import CacheConfig, ModelConfig, check_sampling
 from dualpath_jax.engine.sampling import sample
-from dualpath_jax.model import load_model
+from dualpath_jax.model import describe_model, load_model
 from dualpath_jax.model.llama import Llama
 from dualpath_jax.model.runner import ModelRunner
+from kernels.paged_attention import resolve_implementation
 
 FLAGS = flags.FLAGS
 
@@ -67,6 +68,35 @@ def sample_token(
   return int(sample(logits[None], rng, temperature, top_p)[0])
 
 
+def check_request(
+    config: ModelConfig,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    prefill_chunk: int,
+    attention_impl: str,
+) -> None:
+  """ValueError unless `generate` can run this request on a model of
+  `config`: a non-empty prompt of ids in the vocabulary, prompt plus new
+  tokens within max_position, positive sizes and a known attention
+  implementation. It needs only the config, so a launcher refuses a bad
+  request before the weights load."""
+  if not prompt_ids:
+    raise ValueError("the prompt is empty")
+  if max_new_tokens < 1 or prefill_chunk < 1:
+    raise ValueError("max_new_tokens and prefill_chunk must be >= 1")
+  if min(prompt_ids) < 0 or max(prompt_ids) >= config.vocab_size:
+    raise ValueError(
+        f"prompt ids must lie in the model's vocabulary of "
+        f"{config.vocab_size} ids (0-{config.vocab_size - 1}); got "
+        f"{min(prompt_ids)}..{max(prompt_ids)}")
+  total = len(prompt_ids) + max_new_tokens
+  if total > config.max_position:
+    raise ValueError(f"{total} tokens exceed max_position "
+                     f"{config.max_position}")
+  resolve_implementation(attention_impl)  # names the choices if unknown
+
+
 def generate(
     model: Llama,
     prompt_ids: Sequence[int],
@@ -80,15 +110,14 @@ def generate(
     prefill_chunk: int = 512,
     attention_impl: str = "auto",
 ) -> tuple[list[int], dict[str, float]]:
-  """(generated ids, timings) for one prompt; stops after an EOS id."""
-  if not prompt_ids:
-    raise ValueError("the prompt is empty")
-  if max_new_tokens < 1 or prefill_chunk < 1:
-    raise ValueError("max_new_tokens and prefill_chunk must be >= 1")
+  """(generated ids, timings) for one prompt; stops after an EOS id.
+
+  Raises:
+    ValueError: what `check_request` refuses.
+  """
+  check_request(model.config, prompt_ids, max_new_tokens=max_new_tokens,
+                prefill_chunk=prefill_chunk, attention_impl=attention_impl)
   total = len(prompt_ids) + max_new_tokens
-  if total > model.config.max_position:
-    raise ValueError(f"{total} tokens exceed max_position "
-                     f"{model.config.max_position}")
   num_blocks = math.ceil(total / block_size)
   runner = ModelRunner(model, CacheConfig(block_size=block_size,
                                           num_blocks=num_blocks,
@@ -140,19 +169,14 @@ def main(argv: list[str]) -> None:
       i.strip().isdigit() for i in FLAGS.prompt_ids):
     raise app.UsageError("--prompt_ids: give non-negative integers, e.g. "
                          f"1,2,3; got {','.join(FLAGS.prompt_ids)!r}")
-  try:
-    loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+  try:  # config and tokenizer only: a bad request is refused before the load
+    config, tok = describe_model(FLAGS.model, dtype=FLAGS.dtype)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"generate: {e}")
-  tok = loaded.tokenizer
   if FLAGS.prompt_ids is not None:
     prompt_ids = [int(i) for i in FLAGS.prompt_ids]
-    vocab = loaded.config.vocab_size
-    if max(prompt_ids, default=0) >= vocab:
-      raise app.UsageError(f"--prompt_ids: the model's vocabulary has {vocab} "
-                           f"ids (0-{vocab - 1}); got {max(prompt_ids)}")
   elif tok is None:
-    raise app.UsageError(f"{loaded.source} has no tokenizer: use --prompt_ids")
+    raise app.UsageError(f"{FLAGS.model} has no tokenizer: use --prompt_ids")
   elif FLAGS.chat:
     messages = [{"role": "user", "content": FLAGS.prompt}]
     if FLAGS.system is not None:
@@ -160,15 +184,19 @@ def main(argv: list[str]) -> None:
     prompt_ids = tok.encode_chat(messages, add_generation_prompt=True)
   else:
     prompt_ids = tok.encode(FLAGS.prompt)
-  eos_ids = tok.eos_ids if tok is not None else loaded.config.eos_token_ids
-  try:  # an empty prompt, a context past max_position, an unknown kernel
+  request = dict(max_new_tokens=FLAGS.max_new_tokens,
+                 prefill_chunk=FLAGS.prefill_chunk,
+                 attention_impl=FLAGS.attention_impl)
+  try:  # ids outside the vocabulary, a context past max_position, an
+    # unknown kernel: refused before the load; then a source's bad weights
+    check_request(config, prompt_ids, **request)
+    loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+    eos_ids = tok.eos_ids if tok is not None else config.eos_token_ids
     ids, timing = generate(
-        loaded.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
-        eos_ids=eos_ids, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-        seed=FLAGS.seed, block_size=FLAGS.block_size,
-        prefill_chunk=FLAGS.prefill_chunk,
-        attention_impl=FLAGS.attention_impl)
-  except ValueError as e:
+        loaded.model, prompt_ids, eos_ids=eos_ids,
+        temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
+        block_size=FLAGS.block_size, **request)
+  except (ValueError, FileNotFoundError) as e:
     sys.exit(f"generate: {e}")
   text = tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
   if FLAGS.json:

@@ -8,6 +8,7 @@ float64 reference, `atol = rtol = 2e-5` on logits of magnitude ~1-10.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -469,7 +470,8 @@ def test_sample_token(np_rng):
 @pytest.mark.parametrize("args,msg", [
     (["--prompt=hi", "--temperature=-1"], "need --temperature >= 0"),
     (["--prompt_ids=1,x"], "--prompt_ids: give non-negative integers"),
-    (["--prompt_ids=1,9999999"], "vocabulary has"),
+    (["--prompt_ids=1,9999999"], "generate: prompt ids must lie in the "
+     "model's vocabulary of 256 ids"),
     (["--prompt=hi", "--model=random:nope"], "generate: unknown preset"),
     (["--prompt_ids=1", "--attention_impl=flash"],
      "generate: unknown paged-attention implementation 'flash'"),
@@ -483,6 +485,45 @@ def test_generate_cli_refuses_bad_input_with_the_reason(args, msg):
   assert result.returncode != 0
   assert msg in result.stderr and "Traceback" not in result.stderr, (
       result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("prompt,kw,msg", [
+    ([], {}, "the prompt is empty"),
+    ([1, -2], {}, "vocabulary of 256 ids"),
+    ([1, 256], {}, "vocabulary of 256 ids"),
+    ([1] * 8000, dict(max_new_tokens=193), "8193 tokens exceed max_position"),
+    ([1], dict(prefill_chunk=0), "must be >= 1"),
+    ([1], dict(attention_impl="flash"), "unknown paged-attention"),
+])
+def test_check_request_names_what_cannot_run(prompt, kw, msg):
+  request = dict(max_new_tokens=4, prefill_chunk=8, attention_impl="xla")
+  with pytest.raises(ValueError, match=msg):
+    generate.check_request(config.TINY, prompt, **{**request, **kw})
+  generate.check_request(config.TINY, [0, 255] * 4, **request)  # fits
+
+
+def test_generate_cli_refuses_a_bad_request_before_loading_weights(tmp_path):
+  """A checkpoint of tiny-test's metadata without its weights: a request
+  past max_position is refused for that reason (so nothing read the
+  weights), a good request reaches the load and fails there, cleanly."""
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  (ckpt / checkpoint.METADATA_FILE).write_text(json.dumps({
+      "format_version": checkpoint.FORMAT_VERSION,
+      "config": dataclasses.asdict(config.TINY), "weights_id": "w",
+      "tokenizer": {"gguf": None, "embedded": False}, "source": "test"}))
+  runs = {}
+  for name, extra in (("bad", ["--max_new_tokens=9000"]), ("good", [])):
+    runs[name] = subprocess.run(
+        [sys.executable, "-m", "launch.generate", f"--model={ckpt}",
+         "--prompt_ids=1,2,3", *extra], capture_output=True, text=True,
+        timeout=300, cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    assert runs[name].returncode != 0
+    assert "Traceback" not in runs[name].stderr, runs[name].stderr[-2000:]
+  assert "generate: 9003 tokens exceed max_position" in runs["bad"].stderr
+  assert "not found" not in runs["bad"].stderr
+  assert f"generate: Checkpoint at {ckpt / 'state'} not found" in (
+      runs["good"].stderr), runs["good"].stderr[-2000:]
 
 
 def test_generate_cli_json_matches_in_process_generation():
