@@ -215,26 +215,50 @@ def save_figure(fig, path: str, dpi: int = 110) -> None:
 def check_output_path(path: str, what: str) -> str:
   """`path` if a file can be written there: not a directory, and its
   folder a writable directory or one that can be made in a writable
-  directory; ValueError saying why not. Nothing is created: the writers
-  make the folder when they write. Launchers call it on every output path
-  before any work, so that a typo costs nothing instead of a finished
-  run's results."""
+  directory; ValueError saying why not. Nothing is left behind (the folder
+  is not made: the writers make it when they write). Launchers call it on
+  every output path before any work, so that a typo costs nothing instead
+  of a finished run's results."""
   if not path:
     raise ValueError(f"{what}: empty path")
   if os.path.isdir(path):
     raise ValueError(f"{what}: {path} is a directory")
-  parent = os.path.dirname(os.path.abspath(path))
-  existing = parent
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ValueError(f"{what}: cannot create the folder {parent}: "
-                     f"{existing} is not a directory")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise ValueError(f"{what}: the folder {existing} is not writable")
+  _check_folder_can_be_written(os.path.dirname(os.path.abspath(path)), what)
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise ValueError(f"{what}: {path} exists and is not writable")
   return path
+
+
+def check_output_dir(path: str, what: str) -> str:
+  """`path` if it is a directory files can be made in, or can be made as
+  one (`check_output_path`'s rules, for a folder such as a cold tier's
+  root); ValueError saying why not. Nothing is left behind."""
+  if not path:
+    raise ValueError(f"{what}: empty path")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{what}: {path} exists and is not a directory")
+  _check_folder_can_be_written(os.path.abspath(path), what)
+  return path
+
+
+def _check_folder_can_be_written(folder: str, what: str) -> None:
+  """ValueError unless files can be made in `folder`, or `folder` made in
+  its nearest existing ancestor. That ancestor is probed by making and
+  removing an empty file in it: permission bits do not say that a root
+  process cannot write a read-only mount or /proc."""
+  existing = folder
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"{what}: cannot create the folder {folder}: "
+                     f"{existing} is not a directory")
+  try:
+    fd, probe = tempfile.mkstemp(dir=existing, prefix=".write_probe.")
+  except OSError as e:
+    raise ValueError(f"{what}: the folder {existing} is not writable "
+                     f"({e.strerror})") from None
+  os.close(fd)
+  os.unlink(probe)
 
 
 def _json_value(obj: Any) -> Any:

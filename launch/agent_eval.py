@@ -66,6 +66,7 @@ def main(argv):
     sys.exit(f"agent_eval: {e}")
   try:
     mesh = cluster_flags.mesh_config()
+    cold = cluster_flags.cold_tier_config()
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
   try:  # what needs only the config and tokenizer, before the weights load
@@ -77,8 +78,7 @@ def main(argv):
     engine_flags.check_pool_holds(longest)
     loaded = dataclasses.replace(engine_flags.load_model(FLAGS.model),
                                  tokenizer=tokenizer)
-    engine = cluster_flags.make(loaded, cache, engine_cfg, mesh,
-                                cluster_flags.cold_tier_config())
+    engine = cluster_flags.make(loaded, cache, engine_cfg, mesh, cold)
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
   total_turns = sum(len(s.turns) for s in sessions)

@@ -67,9 +67,11 @@ def main(argv):
 
   from dualpath_jax.server import LocalEngineHandle, ServerConfig, create_app
 
-  try:
+  try:  # the flags' checks first: a bad one must not cost a model load
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
     engine_flags.check_pool_holds(FLAGS.max_context)
+    mesh = cluster_flags.mesh_config()
+    cold = cluster_flags.cold_tier_config()
     loaded = engine_flags.load_model(FLAGS.model)
     tokenizer = _tokenizer(loaded)
   except (ValueError, FileNotFoundError) as e:
@@ -81,9 +83,7 @@ def main(argv):
     sys.exit(f"serve: the tokenizer has {tokenizer.vocab_size} tokens but the "
              f"model only {loaded.config.vocab_size}")
   try:
-    engine = cluster_flags.make(loaded, cache, engine_cfg,
-                                cluster_flags.mesh_config(),
-                                cluster_flags.cold_tier_config())
+    engine = cluster_flags.make(loaded, cache, engine_cfg, mesh, cold)
     server_cfg = ServerConfig(
         model_names=tuple(FLAGS.served_model_name or (loaded.config.name,)),
         default_temperature=FLAGS.default_temperature)

@@ -103,7 +103,11 @@ class BlockStore:
       raise ValueError(
           f"capacity_bytes={config.capacity_bytes} holds no block of "
           f"{self.codec.encoded_block_bytes} bytes")
-    os.makedirs(config.root, exist_ok=True)
+    try:
+      os.makedirs(config.root, exist_ok=True)
+    except OSError as e:
+      raise ValueError(f"cold tier root {config.root}: cannot make it a "
+                       f"directory ({e.strerror})") from None
     layout_desc = {
         "block_shape": list(self.block_shape), "dtype": cache.dtype,
         "codec": self.codec.full_name, "driver": config.driver,

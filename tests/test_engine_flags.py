@@ -66,6 +66,8 @@ BAD_FLAGS = [
         ("--attention=flash",
          "unknown paged-attention implementation 'flash'"),
         ("--model=random:nope", "unknown preset 'nope'"),
+        ("--cold_tier=README.md",
+         "--cold_tier: README.md exists and is not a directory"),
     )] + [
     (*LAUNCHERS[0], "--max_batch=0",
      "flag --max_batch=0: 0 is not a positive integer"),

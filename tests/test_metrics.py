@@ -99,6 +99,29 @@ def test_output_path_checks_create_nothing(tmp_path):
     metrics.check_output_path("", "--json")
 
 
+def test_output_dir_checks_refuse_what_cannot_hold_files(tmp_path):
+  """A folder output (a cold tier's root): an existing or makeable
+  directory passes and is not made; a file, or a folder under a file, is
+  refused; so is a folder no file can be made in, found by a probe that
+  leaves nothing behind (/proc refuses new files even to root)."""
+  new = tmp_path / "x" / "store"
+  assert metrics.check_output_dir(str(new), "--cold_tier") == str(new)
+  assert not (tmp_path / "x").exists()
+  assert metrics.check_output_dir(str(tmp_path), "--cold_tier") == str(tmp_path)
+  assert list(tmp_path.iterdir()) == []  # the probe is gone
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="exists and is not a directory"):
+    metrics.check_output_dir(str(tmp_path / "file"), "--cold_tier")
+  with pytest.raises(ValueError, match="file is not a directory"):
+    metrics.check_output_dir(str(tmp_path / "file" / "sub"), "--cold_tier")
+  with pytest.raises(ValueError, match="empty path"):
+    metrics.check_output_dir("", "--cold_tier")
+  if os.path.isdir("/proc/self"):  # Linux
+    for check in (metrics.check_output_dir, metrics.check_output_path):
+      with pytest.raises(ValueError, match="the folder /proc is not writable"):
+        check("/proc/dualpath_probe_test", "--out")
+
+
 def test_a_failed_figure_save_keeps_the_old_png(tmp_path):
   import matplotlib
   matplotlib.use("Agg")

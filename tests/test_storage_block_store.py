@@ -236,6 +236,11 @@ def test_bad_input_raises(tmp_path):
     ColdTierConfig(root=str(tmp_path), codec="gzip")
   with pytest.raises(ValueError, match="admission"):
     ColdTierConfig(root=str(tmp_path), admission="lfu")
+  (tmp_path / "file").write_bytes(b"kept")
+  for root in (tmp_path / "file", tmp_path / "file" / "sub"):
+    with pytest.raises(ValueError, match="cannot make it a directory"):
+      _store(root)
+  assert (tmp_path / "file").read_bytes() == b"kept"
   with _store(tmp_path / "b") as store:
     ids, blocks = _data(np.random.default_rng(12), 2, store)
     with pytest.raises(ValueError, match="2 ids for 1 blocks"):
