@@ -379,6 +379,8 @@ def test_checkpoint_writes_only_where_nothing_else_lives(tmp_path, np_rng):
     save(a_file)
   with pytest.raises(ValueError, match="empty path"):
     save("")
+  with pytest.raises(ValueError, match="cannot create the folder"):
+    save(a_file / "ckpt")  # under a file: refused before any conversion
   empty = tmp_path / "empty"
   empty.mkdir()
   save(empty)
