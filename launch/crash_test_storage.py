@@ -191,11 +191,13 @@ def crash_test(root: str, kills: int, max_delay: float, seed: int, driver: str =
 
 def main(argv):
   del argv
-  if FLAGS.json:
-    try:  # before the kills: a bad path must not cost their verdict
+  try:  # before the kills: a bad path must not cost their verdict
+    if FLAGS.json:
       metrics.check_output_path(FLAGS.json, "--json")
-    except ValueError as e:
-      sys.exit(f"crash_test_storage: {e}")
+    if FLAGS.root:
+      metrics.check_output_dir(FLAGS.root, "--root")
+  except ValueError as e:
+    sys.exit(f"crash_test_storage: {e}")
   root = FLAGS.root or tempfile.mkdtemp(prefix="crash_test_storage_")
   if FLAGS.role == "writer":
     run_writer(root, FLAGS.tag, FLAGS.puts, FLAGS.driver, FLAGS.codec)

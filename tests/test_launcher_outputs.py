@@ -59,6 +59,18 @@ def test_a_directory_as_output_is_refused_before_the_run(tmp_path, args,
   assert not ok.exists()
 
 
+def test_crash_test_refuses_a_file_as_its_store_before_the_kills(tmp_path):
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("keep me")
+  done = _run("launch.crash_test_storage", "--kills=1", f"--root={a_file}",
+              timeout=120)
+  assert done.returncode != 0
+  assert f"crash_test_storage: --root: {a_file} exists and is not a " \
+      "directory" in done.stderr, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr and "kill" not in done.stdout
+  assert a_file.read_text() == "keep me"
+
+
 def test_bench_model_reports_tokens_per_second(tmp_path):
   out = tmp_path / "sub" / "model.json"  # its folder is made
   done = _run("launch.bench_model", "--model=random:tiny-test",
