@@ -41,10 +41,11 @@ flags.DEFINE_string("log_level", "info", "uvicorn log level")
 cluster_flags.define()  # --mesh=1P2D --cold_tier=DIR: serve on a P/D cluster
 
 
-def _tokenizer(loaded):
+def _tokenizer(model_tokenizer):
+  """`--tokenizer`'s tokenizer, or the model's own (`model_tokenizer`)."""
   from dualpath_jax.model import Tokenizer, gguf_loader
   if FLAGS.tokenizer is None:
-    return loaded.tokenizer
+    return model_tokenizer
   path = (gguf_loader.find_smollm2_gguf() if FLAGS.tokenizer == "embedded"
           else FLAGS.tokenizer)
   return Tokenizer.from_gguf(path)
@@ -67,22 +68,24 @@ def main(argv):
 
   from dualpath_jax.server import LocalEngineHandle, ServerConfig, create_app
 
-  try:  # the flags' checks first: a bad one must not cost a model load
+  try:  # what needs only the flags, the config and the tokenizer: a bad
+    # value must not cost a model load
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
     engine_flags.check_pool_holds(FLAGS.max_context)
     mesh = cluster_flags.mesh_config()
     cold = cluster_flags.cold_tier_config()
-    loaded = engine_flags.load_model(FLAGS.model)
-    tokenizer = _tokenizer(loaded)
+    config, model_tokenizer = engine_flags.describe_model(FLAGS.model)
+    tokenizer = _tokenizer(model_tokenizer)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"serve: {e}")
   if tokenizer is None:
     sys.exit("serve: the model has no tokenizer (random weights); pass "
              "--tokenizer=embedded or a GGUF path")
-  if tokenizer.vocab_size > loaded.config.vocab_size:
+  if tokenizer.vocab_size > config.vocab_size:
     sys.exit(f"serve: the tokenizer has {tokenizer.vocab_size} tokens but the "
-             f"model only {loaded.config.vocab_size}")
+             f"model only {config.vocab_size}")
   try:
+    loaded = engine_flags.load_model(FLAGS.model)
     engine = cluster_flags.make(loaded, cache, engine_cfg, mesh, cold)
     server_cfg = ServerConfig(
         model_names=tuple(FLAGS.served_model_name or (loaded.config.name,)),

@@ -113,6 +113,13 @@ def test_serve_refuses_a_missing_tokenizer_and_a_bad_port():
               "--tokenizer=/no/such.gguf")
   assert done.returncode != 0 and "Traceback" not in done.stderr
   assert "serve: no GGUF file at /no/such.gguf" in done.stderr
+  for tokenizer, msg in ((None, "the model has no tokenizer"),
+                         ("embedded", "the tokenizer has 49152 tokens but the "
+                          "model only 256")):
+    done = _run("launch.serve", "--model=random:tiny-test",
+                *([f"--tokenizer={tokenizer}"] if tokenizer else []))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"serve: {msg}" in done.stderr, done.stderr[-2000:]
   done = _run("launch.serve", "--port=70000")
   assert done.returncode != 0
   assert "not an integer in the range [0, 65535]" in done.stderr

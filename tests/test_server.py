@@ -310,6 +310,11 @@ def test_metrics_parse_and_count_a_request(server, client, np_rng):
      "tools", "unsupported_parameter"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options",
      None),
+    # JSON's "\ud800" decodes to a lone surrogate: no tokenizer takes it
+    ({"messages": [{"role": "user", "content": "a\ud800"}]}, 400,
+     "messages[0].content", None),
+    ({"messages": [{"role": "\udfff", "content": "hi"}]}, 400,
+     "messages[0].role", None),
 ])
 def test_bad_chat_requests_get_openai_errors(server, body, status, param,
                                              code):
@@ -339,7 +344,14 @@ def test_openai_client_raises_typed_errors(client):
 
 def test_malformed_json_and_unknown_route(server):
   r = _http(server, "POST", "/v1/completions", raw=b"{not json")
-  assert r.status_code == 400 and "error" in r.json()
+  assert r.status_code == 400
+  assert r.json()["error"]["message"].startswith(
+      "the request body is not valid JSON (Expecting property name"), r.text
+  assert r.json()["error"]["code"] == "invalid_json"
+  r = _http(server, "POST", "/v1/completions",
+            {"model": MODEL, "prompt": "x\ud800", "max_tokens": 2})
+  assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+  assert "lone surrogate" in r.json()["error"]["message"]
   r = _http(server, "GET", "/v1/nothing")
   assert r.status_code == 404 and set(r.json()["error"]) == {
       "message", "type", "param", "code"}

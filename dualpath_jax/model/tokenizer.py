@@ -41,6 +41,20 @@ _GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion"}
 Message = dict[str, Any]
 
 
+def check_unicode(text: str) -> None:
+  """ValueError unless `text` is valid Unicode. A Python str may hold lone
+  surrogates (JSON's "\\ud800" decodes to one); the `tokenizers` library
+  refuses them with a bare TypeError, so they are named here instead."""
+  if text.isascii():
+    return
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(
+        f"text is not valid Unicode: U+{ord(text[e.start]):04X} at character "
+        f"{e.start} is a lone surrogate") from None
+
+
 class Tokenizer:
   """Text <-> token ids, plus the model's chat template."""
 
@@ -137,6 +151,7 @@ class Tokenizer:
     """
     if not isinstance(text, str):
       raise ValueError(f"encode expects str, got {type(text).__name__}")
+    check_unicode(text)
     ids = self._tok.encode(text, add_special_tokens=False).ids
     if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
       ids = [self.bos_id] + ids

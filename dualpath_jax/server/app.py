@@ -133,6 +133,12 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
   async def _validation_error(request, err: RequestValidationError):
     del request
     first = err.errors()[0] if err.errors() else {}
+    if first.get("type") == "json_invalid":  # its loc is a character offset
+      where = first.get("loc", ("body", None))[-1]
+      why = (first.get("ctx") or {}).get("error", "")
+      return error_response(APIError(
+          f"the request body is not valid JSON ({why}, at character "
+          f"{where})", code="invalid_json"))
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
@@ -209,7 +215,10 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
                        code="unsupported_value")
       prompt = prompt[0]
     if isinstance(prompt, str):
-      tokens = tokenizer.encode(prompt)
+      try:
+        tokens = tokenizer.encode(prompt)
+      except ValueError as e:  # not valid Unicode
+        raise APIError(f"prompt: {e}", param="prompt") from None
     else:
       tokens = [int(t) for t in prompt]
       bad = [t for t in tokens if not 0 <= t < tokenizer.vocab_size]

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import pydantic
 
+from dualpath_jax.model.tokenizer import check_unicode
+
 
 class APIError(Exception):
   """An error returned as `{"error": {"message", "type", "param", "code"}}`."""
@@ -182,6 +184,12 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     else:
       raise APIError(f"messages[{i}].content must be a string or a list of "
                      "text parts", param=f"messages[{i}].content")
+    for field, value in (("role", role), ("content", text)):
+      try:
+        check_unicode(value)
+      except ValueError as e:
+        raise APIError(f"messages[{i}].{field}: {e}",
+                       param=f"messages[{i}].{field}") from None
     out.append({"role": role, "content": text})
   return out
 
