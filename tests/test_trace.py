@@ -58,6 +58,15 @@ def test_reads_abench_fields_and_ignores_extras(tmp_path):
     (json.dumps({"session_id": "a", "turns": [{"input_delta": [],
                                                "output_tokens": -1}]}),
      "output_tokens"),
+    # JSON's "\ud800" is a lone surrogate: no tokenizer takes it mid-run
+    (json.dumps({"session_id": "a", "turns": [{"input_delta": [
+        {"role": "user", "content": "x\ud800"}]}]}),
+     r"turns\[0\]\.input_delta\[0\]: 'content': .* lone surrogate"),
+    (json.dumps({"session_id": "a", "system_prompt": "\udc80", "turns": [
+        {"input_delta": []}]}), "'system_prompt': .* U\\+DC80 at character 0"),
+    (json.dumps({"session_id": "a", "turns": [{"input_delta": [],
+                                               "assistant_text": "ok\ud83d"}]}),
+     "'assistant_text': .* at character 2"),
 ])
 def test_bad_input_says_where(tmp_path, line, msg):
   path = tmp_path / "bad.jsonl"

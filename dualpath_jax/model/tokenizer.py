@@ -29,6 +29,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from dualpath_jax.model import gguf_loader
+from dualpath_jax.text import check_unicode
 
 _CONTROL = 3
 _USER_DEFINED = 4
@@ -39,20 +40,6 @@ _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell",
 _GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion"}
 
 Message = dict[str, Any]
-
-
-def check_unicode(text: str) -> None:
-  """ValueError unless `text` is valid Unicode. A Python str may hold lone
-  surrogates (JSON's "\\ud800" decodes to one); the `tokenizers` library
-  refuses them with a bare TypeError, so they are named here instead."""
-  if text.isascii():
-    return
-  try:
-    text.encode("utf-8")
-  except UnicodeEncodeError as e:
-    raise ValueError(
-        f"text is not valid Unicode: U+{ord(text[e.start]):04X} at character "
-        f"{e.start} is a lone surrogate") from None
 
 
 class Tokenizer:

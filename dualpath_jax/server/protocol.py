@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from dualpath_jax.model.tokenizer import check_unicode
+from dualpath_jax.text import check_unicode
 
 
 class APIError(Exception):

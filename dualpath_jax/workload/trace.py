@@ -31,6 +31,8 @@ import json
 import os
 from typing import Any, Iterable
 
+from dualpath_jax.text import check_unicode
+
 _ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -84,6 +86,15 @@ def _require(cond: bool, where: str, msg: str) -> None:
     raise TraceError(f"{where}: {msg}")
 
 
+def _require_text(value: str, where: str, field: str) -> None:
+  """A string field must be valid Unicode (no lone surrogate): a tokenizer
+  would refuse it at that turn, mid-run."""
+  try:
+    check_unicode(value)
+  except ValueError as e:
+    raise TraceError(f"{where}: {field}: {e}") from None
+
+
 def _parse_turn(raw: Any, where: str) -> AgentTurn:
   _require(isinstance(raw, dict), where, "a turn must be a JSON object")
   delta = raw.get("input_delta")
@@ -94,6 +105,7 @@ def _parse_turn(raw: Any, where: str) -> AgentTurn:
              "a message needs string 'role' and 'content'")
     _require(msg["role"] in _ROLES, f"{where}.input_delta[{j}]",
              f"role {msg['role']!r} is not one of {_ROLES}")
+    _require_text(msg["content"], f"{where}.input_delta[{j}]", "'content'")
   out_tokens = raw.get("output_tokens", 0)
   _require(isinstance(out_tokens, int) and out_tokens >= 0, where,
            "'output_tokens' must be a non-negative integer")
@@ -102,6 +114,7 @@ def _parse_turn(raw: Any, where: str) -> AgentTurn:
            "'pre_gap_ms' must be a non-negative number")
   text = raw.get("assistant_text", "")
   _require(isinstance(text, str), where, "'assistant_text' must be a string")
+  _require_text(text, where, "'assistant_text'")
   return AgentTurn(index=int(raw.get("index", 0)),
                    input_delta=[{"role": m["role"], "content": m["content"]}
                                 for m in delta],
@@ -119,6 +132,7 @@ def parse_session(raw: Any, where: str = "session") -> AgentSession:
            "'session_id' must be a non-empty string")
   system = raw.get("system_prompt", "")
   _require(isinstance(system, str), where, "'system_prompt' must be a string")
+  _require_text(system, where, "'system_prompt'")
   turns = raw.get("turns")
   _require(isinstance(turns, list) and turns, where,
            "'turns' must be a non-empty list")
