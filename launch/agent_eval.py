@@ -6,13 +6,16 @@ r"""Offline batch agent evaluation: replay agent sessions, report the numbers.
 Runs every session of an `abench-session-jsonl-v1` trace (or the built-in
 synthetic coding-agent workload) through one continuous-batching engine on
 the embedded SmolLM2-135M-Instruct (or `--model`), then prints a summary
-table and writes a JSON report (and a PNG plot with `--plot`).
+table and writes a JSON report (and a PNG plot with `--plot`). Ctrl-C during
+the replay reports the turns finished so far (`complete: false`) and exits
+130.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 
 from absl import app, flags, logging
 
@@ -57,7 +60,7 @@ def main(argv):
   import tqdm
 
   from dualpath_jax.config import to_dict
-  from dualpath_jax.workload.replay import replay_sessions
+  from dualpath_jax.workload.replay import ReplayResult, replay_sessions
   from dualpath_jax.workload.trace import TraceError
 
   try:
@@ -91,12 +94,25 @@ def main(argv):
           f"{engine.stats.warmup_s:.1f} s", flush=True)
 
   bar = tqdm.tqdm(total=total_turns, unit="turn", disable=not FLAGS.progress,
-                  desc="agent_eval")
-  result = replay_sessions(engine, loaded.tokenizer, sessions,
-                           reply_mode=FLAGS.reply,
-                           max_new_tokens=FLAGS.max_new_tokens,
-                           honor_gaps=FLAGS.honor_gaps,
-                           on_turn=lambda r: bar.update(1))
+                  desc="agent_eval", mininterval=0)  # every turn shows
+  finished = []  # the turns done so far, for a report of an interrupted run
+
+  def on_turn(record):
+    finished.append(record)
+    bar.update(1)
+
+  start = time.perf_counter()
+  try:
+    result = replay_sessions(engine, loaded.tokenizer, sessions,
+                             reply_mode=FLAGS.reply,
+                             max_new_tokens=FLAGS.max_new_tokens,
+                             honor_gaps=FLAGS.honor_gaps, on_turn=on_turn)
+    interrupted = False
+  except KeyboardInterrupt:  # Ctrl-C: report the finished turns, exit 130
+    result = ReplayResult(records=finished,
+                          wall_s=time.perf_counter() - start,
+                          truncated_sessions={})
+    interrupted = True
   bar.close()
   cold_stats = None
   if engine.cold_tier is not None:
@@ -109,6 +125,7 @@ def main(argv):
   summary = metrics.summarize(result.records, result.wall_s)
   report = {
       **summary,
+      "complete": not interrupted,
       "truncated_sessions": result.truncated_sessions,
       "engine": engine.stats.as_dict(),
       "cache": engine.manager.stats,
@@ -135,6 +152,10 @@ def main(argv):
     metrics.plot_turns(result.records, FLAGS.plot,
                        title=f"agent_eval {report['config']['trace']}")
     print(f"plot: {FLAGS.plot}")
+  if interrupted:
+    print(f"interrupted after {len(result.records)} of {total_turns} turns: "
+          "the report holds those (complete: false)", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -279,9 +279,9 @@ def main(argv):
   for d in (seed_dir, os.path.join(root, "runs")):
     if os.path.exists(d):
       shutil.rmtree(d)
+  runs, seed_stats, interrupted = [], None, False
   try:
     seed_stats = _seed(loaded, cache, engine_cfg, sessions, seed_dir)
-    runs = []
     for rate in rates:  # policies side by side at each rate
       for policy in policies:
         run_dir = os.path.join(root, "runs", f"{policy}-{rate:g}")
@@ -293,6 +293,8 @@ def main(argv):
               f"{run['summary']['wall_s']:.1f} s, p{slo.percentile} TTFT "
               f"{v['ttft_s'][f'p{slo.percentile}'] or math.nan:.3g} s, "
               f"{'pass' if v['passed'] else 'fail'}", flush=True)
+  except KeyboardInterrupt:  # Ctrl-C: report the finished runs, exit 130
+    interrupted = True
   finally:
     if not FLAGS.cold_tier:
       shutil.rmtree(root, ignore_errors=True)
@@ -301,6 +303,7 @@ def main(argv):
                for p in policies}
   trace = workload_flags.describe()
   report = {
+      "complete": not interrupted,
       "agents_per_s_within_slo": sustained,
       "slo": dataclasses.asdict(slo),
       "runs": runs,
@@ -324,11 +327,17 @@ def main(argv):
   print(online_report.format_headline(sustained, slo.ttft_s, slo.percentile))
   metrics.write_json(report, FLAGS.report)
   print(f"report: {FLAGS.report}")
-  if FLAGS.plot:
+  if FLAGS.plot and not runs:
+    print(f"plot: not drawn, no run finished ({FLAGS.plot})")
+  elif FLAGS.plot:
     online_report.plot_online(runs, FLAGS.plot, slo_ttft_s=slo.ttft_s,
                               percentile=slo.percentile,
                               title=f"bench_online {trace} on {FLAGS.mesh}")
     print(f"plot: {FLAGS.plot}")
+  if interrupted:
+    print(f"interrupted after {len(runs)} of {len(rates) * len(policies)} "
+          "runs: the report holds those (complete: false)", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

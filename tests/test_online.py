@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -329,6 +330,43 @@ def test_bench_online_end_to_end(tmp_path):
   assert "agents/s sustained within SLO" in proc.stdout
   assert "single_path" in proc.stdout and "TTFT p90" in proc.stdout
   assert not (tmp_path / "cold" / "runs" / "dualpath-2").exists()
+
+
+def test_ctrl_c_reports_the_finished_runs(tmp_path):
+  """Ctrl-C is an end, not a lost benchmark: the runs finished so far,
+  marked incomplete, with their plot; exit 130. At 0.1 agents/s, evenly
+  spaced, a run's second agent arrives 10 s after its first: the interrupt,
+  sent when the first policy's run ends, lands in the second's."""
+  trace = tmp_path / "t.jsonl"
+  save_trace([AgentSession(session_id=f"a{i}", system_prompt="", turns=[AgentTurn(
+      index=0, input_delta=[{"role": "user", "content": f"task {i}"}],
+      output_tokens=2)]) for i in range(2)], str(trace))
+  report, plot = tmp_path / "r.json", tmp_path / "r.png"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "launch.bench_online", f"--trace={trace}",
+       "--model=random:tiny-test", "--tokenizer=bytes", "--rates=0.1",
+       "--arrival=uniform", "--max_context=512", "--num_blocks=64",
+       "--nowarmup", "--noprogress", f"--cold_tier={tmp_path / 'cold'}",
+       f"--report={report}", f"--plot={plot}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stdout:
+      if line.startswith("single_path @ 0.1 agents/s"):
+        proc.send_signal(signal.SIGINT)
+        break
+    rest, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, err[-3000:]
+  data = json.loads(report.read_text())
+  assert data["complete"] is False
+  assert [(r["policy"], r["rate"]) for r in data["runs"]] == [
+      ("single_path", 0.1)]
+  assert data["runs"][0]["summary"]["turns"] == 2
+  assert plot.read_bytes()[:4] == b"\x89PNG"
+  assert "interrupted after 1 of 2 runs" in err and "Traceback" not in err
+  del rest
 
 
 @pytest.mark.parametrize("args,msg", [
