@@ -473,6 +473,7 @@ def main(argv):
   }
   if FLAGS.disk_bytes is not None:
     logging.warning("--disk_bytes is ignored: the raw side moves the same bytes as the store")
+  interrupted = False
   try:
     payload = None
     if FLAGS.recompute == "model":
@@ -495,12 +496,23 @@ def main(argv):
     n = max(FLAGS.get_blocks, FLAGS.store_bytes // logical_block)
     request = -(-_chunk_file_bytes(payload) // 4096) * 4096
     pairs: dict[str, list[dict]] = {spec.name: [] for spec in specs}
-    for round_ in range(FLAGS.repeats):
-      for spec in specs:
-        pair = bench_pair(directory, spec, model, cache, payload, n, request, round_)
-        pairs[spec.name].append(pair)
-        logging.info("round %d %s: store/raw %s", round_, spec.name,
-                     {k: round(v, 3) for k, v in pair["ratio"].items()})
+    try:
+      for round_ in range(FLAGS.repeats):
+        for spec in specs:
+          pair = bench_pair(directory, spec, model, cache, payload, n, request, round_)
+          pairs[spec.name].append(pair)
+          logging.info("round %d %s: store/raw %s", round_, spec.name,
+                       {k: round(v, 3) for k, v in pair["ratio"].items()})
+    except KeyboardInterrupt:  # Ctrl-C: report the finished rounds, exit 130
+      interrupted = True
+      done = min(len(v) for v in pairs.values())  # whole rounds only
+      pairs = {name: v[:done] for name, v in pairs.items()}
+      if not done:
+        print("bench_storage: interrupted before the first round ended: "
+              "nothing to report", file=sys.stderr)
+        sys.exit(130)
+    report["rounds"] = len(next(iter(pairs.values())))  # --repeats if complete
+    report["complete"] = not interrupted
     report["load_average_1_5_15_end"] = list(os.getloadavg())
     every = [p for spec in specs for p in pairs[spec.name]]
     raw = median_dict([p["raw"] for p in every])
@@ -529,6 +541,10 @@ def main(argv):
   report["table"] = table
   metrics.write_json(report, path)
   print(f"wrote {path}")
+  if interrupted:
+    print(f"interrupted after {report['rounds']} of {FLAGS.repeats} rounds: "
+          "the report holds those (complete: false)", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

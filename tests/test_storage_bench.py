@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -77,6 +78,41 @@ def test_tiny_paired_run(tmp_path):
       "file_io_concurrency"] == 2
   assert "| file:raw |" in report["table"]
   assert sorted(os.listdir(tmp_path)) == ["probe", "r.json"]  # the work dir is gone
+
+
+def test_ctrl_c_reports_the_finished_rounds(tmp_path):
+  """Ctrl-C is an end: the report over the whole rounds finished so far
+  (every config paired the same number of times), marked incomplete, and
+  exit 130; the work directory is removed."""
+  try:  # O_DIRECT needs a file system that supports it (not tmpfs)
+    fd = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT)
+    os.close(fd)
+  except OSError:
+    pytest.skip("no O_DIRECT on the temp file system")
+  out = tmp_path / "r.json"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "launch.bench_storage", "--recompute=none",
+       "--configs=file:raw", "--store_bytes=4194304", "--get_blocks=4",
+       "--put_blocks=2", "--repeats=1000", "--latency_samples=2",
+       "--noraw_files", f"--dir={tmp_path}", f"--json={out}"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stderr:  # absl logs each round's pair to stderr
+      if "round 1 file:raw: store/raw" in line:
+        proc.send_signal(signal.SIGINT)
+        break
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, err[-3000:]
+  report = json.loads(out.read_text())
+  assert report["complete"] is False and report["rounds"] >= 2
+  (store,) = report["stores"]
+  assert store["runs"] == report["rounds"] == len(report["pairs"])
+  assert f"Paired rounds: {report['rounds']};" in report["table"]
+  assert f"interrupted after {report['rounds']} of 1000 rounds" in err
+  assert sorted(os.listdir(tmp_path)) == ["probe", "r.json"]
 
 
 def test_committed_reports_reprint_their_own_tables():
