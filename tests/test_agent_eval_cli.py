@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from launcher_interrupt import interrupt_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "dualpath_jax", "workload", "data", "sample_trace.jsonl")
@@ -127,30 +125,15 @@ def test_ctrl_c_reports_the_finished_turns(tmp_path):
   trace.write_text(json.dumps({"session_id": "s", "turns": [
       turn, {**turn, "pre_gap_ms": 600_000}]}) + "\n")
   report, plot = tmp_path / "r.json", tmp_path / "r.png"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "launch.agent_eval", "--model=random:tiny-test",
-       "--tokenizer=bytes", "--max_context=1024", f"--trace={trace}",
-       "--honor_gaps", f"--report={report}", f"--plot={plot}"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  err, deadline = b"", time.monotonic() + 240
-  try:
-    while b"1/2" not in err:  # the progress bar: the first turn is done
-      assert time.monotonic() < deadline, f"no first turn: {err[-3000:]!r}"
-      if select.select([proc.stderr], [], [], 1.0)[0]:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        assert chunk, f"agent_eval ended early: {err[-3000:]!r}"
-        err += chunk
-    proc.send_signal(signal.SIGINT)
-    out, rest = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  err = (err + rest).decode()
-  assert proc.returncode == 130, err[-3000:]
+  done = interrupt_after(
+      ["launch.agent_eval", "--model=random:tiny-test", "--tokenizer=bytes",
+       "--max_context=1024", f"--trace={trace}", "--honor_gaps",
+       f"--report={report}", f"--plot={plot}"],
+      "1/2", stream="stderr", cwd=ROOT)  # the progress bar: one turn done
+  assert done.returncode == 130, done.stderr[-3000:]
   data = json.loads(report.read_text())
   assert data["complete"] is False and data["turns"] == 1
   assert [t["turn_index"] for t in data["turns_detail"]] == [0]
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "interrupted after 1 of 2 turns" in err
-  assert "Traceback" not in err
-  del out
+  assert "interrupted after 1 of 2 turns" in done.stderr
+  assert "Traceback" not in done.stderr

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
+
+from launcher_interrupt import interrupt_after
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,27 +82,20 @@ def test_ctrl_c_writes_the_rows_so_far_and_their_plot(tmp_path):
   stops a step at its timeout) is an end: the JSON of the finished
   sections, marked incomplete, and its PNG; exit 130."""
   out = tmp_path / "k.json"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "launch.bench_kernels", f"--out={out}"],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    for line in proc.stdout:
-      if line.startswith("section calib:"):
-        assert not (tmp_path / "k.png").exists()  # not drawn per section
-        proc.send_signal(signal.SIGINT)
-        break
-    rest, err = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 130, err[-3000:]
+
+  def no_png_yet():
+    assert not (tmp_path / "k.png").exists()  # not drawn per section
+
+  done = interrupt_after(["launch.bench_kernels", f"--out={out}"],
+                         "section calib:", cwd=REPO, timeout=300,
+                         on_marker=no_png_yet)
+  assert done.returncode == 130, done.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["interrupted"] and not report["complete"]
   assert "calib" in report["section_s"]
   assert {r["kind"] for r in report["rows"]} >= {"calib"}
   assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "interrupted: wrote the rows so far" in err
-  del rest
+  assert "interrupted: wrote the rows so far" in done.stderr
 
 
 def test_short_calls_get_more_calls_per_repetition():

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from launcher_interrupt import interrupt_after
 
 from dualpath_jax.engine.request import TurnOutput
 from dualpath_jax.metrics import TurnRecord
@@ -342,31 +342,21 @@ def test_ctrl_c_reports_the_finished_runs(tmp_path):
       index=0, input_delta=[{"role": "user", "content": f"task {i}"}],
       output_tokens=2)]) for i in range(2)], str(trace))
   report, plot = tmp_path / "r.json", tmp_path / "r.png"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "launch.bench_online", f"--trace={trace}",
-       "--model=random:tiny-test", "--tokenizer=bytes", "--rates=0.1",
-       "--arrival=uniform", "--max_context=512", "--num_blocks=64",
-       "--nowarmup", "--noprogress", f"--cold_tier={tmp_path / 'cold'}",
-       f"--report={report}", f"--plot={plot}"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    for line in proc.stdout:
-      if line.startswith("single_path @ 0.1 agents/s"):
-        proc.send_signal(signal.SIGINT)
-        break
-    rest, err = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 130, err[-3000:]
+  done = interrupt_after(
+      ["launch.bench_online", f"--trace={trace}", "--model=random:tiny-test",
+       "--tokenizer=bytes", "--rates=0.1", "--arrival=uniform",
+       "--max_context=512", "--num_blocks=64", "--nowarmup", "--noprogress",
+       f"--cold_tier={tmp_path / 'cold'}", f"--report={report}",
+       f"--plot={plot}"], "single_path @ 0.1 agents/s", cwd=ROOT)
+  assert done.returncode == 130, done.stderr[-3000:]
   data = json.loads(report.read_text())
   assert data["complete"] is False
   assert [(r["policy"], r["rate"]) for r in data["runs"]] == [
       ("single_path", 0.1)]
   assert data["runs"][0]["summary"]["turns"] == 2
   assert plot.read_bytes()[:4] == b"\x89PNG"
-  assert "interrupted after 1 of 2 runs" in err and "Traceback" not in err
-  del rest
+  assert "interrupted after 1 of 2 runs" in done.stderr
+  assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("args,msg", [

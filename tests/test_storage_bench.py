@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
+from launcher_interrupt import interrupt_after
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,13 +47,19 @@ def test_config_specs():
   assert writer[3] == {"chunk_writer": "tensorstore", "sync": "fsync"}
 
 
-def test_tiny_paired_run(tmp_path):
-  """Two rounds (raw first, then store first) of the A/A check and two stores."""
-  try:  # O_DIRECT needs a file system that supports it (not tmpfs)
+def _skip_without_o_direct(tmp_path):
+  """The raw side reads with O_DIRECT: the temp file system must take it
+  (tmpfs does not). Leaves the file `probe` behind."""
+  try:
     fd = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT)
     os.close(fd)
   except OSError:
     pytest.skip("no O_DIRECT on the temp file system")
+
+
+def test_tiny_paired_run(tmp_path):
+  """Two rounds (raw first, then store first) of the A/A check and two stores."""
+  _skip_without_o_direct(tmp_path)
   out = tmp_path / "r.json"
   cmd = [sys.executable, "-m", "launch.bench_storage", "--recompute=none",
          "--configs=raw,file:raw,file:raw@out=1@file_io_concurrency=2",
@@ -84,34 +90,21 @@ def test_ctrl_c_reports_the_finished_rounds(tmp_path):
   """Ctrl-C is an end: the report over the whole rounds finished so far
   (every config paired the same number of times), marked incomplete, and
   exit 130; the work directory is removed."""
-  try:  # O_DIRECT needs a file system that supports it (not tmpfs)
-    fd = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT)
-    os.close(fd)
-  except OSError:
-    pytest.skip("no O_DIRECT on the temp file system")
+  _skip_without_o_direct(tmp_path)
   out = tmp_path / "r.json"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "launch.bench_storage", "--recompute=none",
-       "--configs=file:raw", "--store_bytes=4194304", "--get_blocks=4",
-       "--put_blocks=2", "--repeats=1000", "--latency_samples=2",
-       "--noraw_files", f"--dir={tmp_path}", f"--json={out}"],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    for line in proc.stderr:  # absl logs each round's pair to stderr
-      if "round 1 file:raw: store/raw" in line:
-        proc.send_signal(signal.SIGINT)
-        break
-    _, err = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 130, err[-3000:]
+  done = interrupt_after(
+      ["launch.bench_storage", "--recompute=none", "--configs=file:raw",
+       "--store_bytes=4194304", "--get_blocks=4", "--put_blocks=2",
+       "--repeats=1000", "--latency_samples=2", "--noraw_files",
+       f"--dir={tmp_path}", f"--json={out}"],
+      "round 1 file:raw: store/raw", stream="stderr", cwd=REPO)  # absl's log
+  assert done.returncode == 130, done.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["complete"] is False and report["rounds"] >= 2
   (store,) = report["stores"]
   assert store["runs"] == report["rounds"] == len(report["pairs"])
   assert f"Paired rounds: {report['rounds']};" in report["table"]
-  assert f"interrupted after {report['rounds']} of 1000 rounds" in err
+  assert f"interrupted after {report['rounds']} of 1000 rounds" in done.stderr
   assert sorted(os.listdir(tmp_path)) == ["probe", "r.json"]
 
 
