@@ -96,7 +96,7 @@ def test_gpu_check_summarizes_only_this_runs_sections(tmp_path):
   of the script runs (in a tree of its own, so that nothing is installed
   from the repo's .whl/)."""
   if shutil.which("realpath") is None:
-    pytest.skip("no realpath")
+    pytest.skip(reason="no realpath")
   tree = _script_copy(tmp_path)
   work = tmp_path / "work"
   out = work / "out"
@@ -122,7 +122,7 @@ def test_gpu_check_passes_the_sweeps_kernels(tmp_path):
   refused by the sweep, and the run says it failed. A copy of the script
   runs, as above; the launcher comes from this checkout (PYTHONPATH)."""
   if shutil.which("realpath") is None:
-    pytest.skip("no realpath")
+    pytest.skip(reason="no realpath")
   tree = _script_copy(tmp_path)
   env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=REPO, BENCH="0",
              TESTS="0", TILING="1", TILING_BUDGET="5",

@@ -54,7 +54,7 @@ def _skip_without_o_direct(tmp_path):
     fd = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT)
     os.close(fd)
   except OSError:
-    pytest.skip("no O_DIRECT on the temp file system")
+    pytest.skip(reason="no O_DIRECT on the temp file system")
 
 
 def test_tiny_paired_run(tmp_path):

@@ -329,7 +329,7 @@ def test_page_aligned_rows_go_to_o_direct_without_a_copy(tmp_path, aligned, monk
   import mmap
   rng = np.random.default_rng(12)
   if not _o_direct_works(str(tmp_path)):
-    pytest.skip("tmp_path's file system has no O_DIRECT (the fallback test covers it)")
+    pytest.skip(reason="tmp_path's file system has no O_DIRECT (the fallback test covers it)")
   with _store(tmp_path, 16, 16, "bfloat16", chunk_writer="direct",
               file_io_mode="direct") as store:
     writer = store._chunk_writer

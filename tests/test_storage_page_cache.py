@@ -22,9 +22,9 @@ def _fs_type(path: str) -> str:
 
 def test_drop_then_resident_is_zero_and_a_read_brings_pages_back(tmp_path):
   if resident_bytes(str(tmp_path)) is None:
-    pytest.skip("no mincore here")
+    pytest.skip(reason="no mincore here")
   if _fs_type(str(tmp_path)) in ("tmpfs", "ramfs"):
-    pytest.skip("tmpfs pages cannot be evicted")
+    pytest.skip(reason="tmpfs pages cannot be evicted")
   paths = [tmp_path / "a", tmp_path / "sub" / "b"]
   paths[1].parent.mkdir()
   for p in paths:
