@@ -62,8 +62,14 @@ def interrupt_after(args: list[str], marker: str, *, cwd: str,
       if on_marker is not None:
         on_marker()
       proc.send_signal(signal.SIGINT)
-    rest_out, rest_err = proc.communicate(
-        timeout=max(1.0, deadline - time.monotonic()) if seen else 10)
+    else:  # ended, or still running past the deadline
+      proc.kill()
+    try:
+      rest_out, rest_err = proc.communicate(
+          timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:  # SIGINT did not end it: exit -9
+      proc.kill()
+      rest_out, rest_err = proc.communicate()
   finally:
     if proc.poll() is None:
       proc.kill()
