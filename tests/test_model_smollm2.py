@@ -33,11 +33,6 @@ def reader(smollm2_gguf_path):
   return gguf_loader.open_gguf(smollm2_gguf_path)
 
 
-def _tensor(reader, name):
-  (t,) = [t for t in reader.tensors if t.name == name]
-  return t
-
-
 # ---------------------------------------------------------- no weights
 
 
@@ -84,11 +79,11 @@ def _q4_1(raw: np.ndarray, cols: int) -> np.ndarray:
     ("blk.17.ffn_down.weight", _q4_1),
 ])
 def test_dequantize_matches_block_format(reader, name, decoder):
-  tensor = _tensor(reader, name)
+  tensor = reader.tensors[name]
   got = gguf_loader.dequantize_tensor(tensor)
-  cols = int(tensor.shape[0])  # ggml order: fastest axis first
+  rows, cols = tensor.shape  # numpy order: the file lists (cols, rows)
   want = decoder(np.asarray(tensor.data), cols)
-  assert got.shape == want.shape == (int(tensor.shape[1]), cols)
+  assert got.shape == want.shape == (rows, cols)
   np.testing.assert_array_equal(got, want)
   assert np.std(got) > 0.01  # real weights, not zeros
 
@@ -114,7 +109,7 @@ def _ggml_reference_logits(reader, cfg, tokens) -> np.ndarray:
   each head, as ggml's "normal" rope mode does for the llama architecture.
   """
   def w(name):
-    return gguf_loader.dequantize_tensor(_tensor(reader, name)).astype(
+    return gguf_loader.dequantize_tensor(reader.tensors[name]).astype(
         np.float64)
 
   def norm(x, weight):

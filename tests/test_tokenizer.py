@@ -131,8 +131,7 @@ def test_chat_delta_is_prefix_stable(tok, np_rng, with_system):
 
 def _variant(template: str) -> Tokenizer:
   """The SmolLM2 vocabulary with another chat template."""
-  reader = gguf_loader.open_gguf(gguf_loader.find_smollm2_gguf())
-  field = lambda key: gguf_loader.field_value(reader, key)  # noqa: E731
+  field = gguf_loader.open_gguf(gguf_loader.find_smollm2_gguf()).metadata.get
   return Tokenizer(field("tokenizer.ggml.tokens"),
                    field("tokenizer.ggml.merges"),
                    field("tokenizer.ggml.token_type"), pre="smollm",

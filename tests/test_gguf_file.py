@@ -1,0 +1,222 @@
+"""`gguf_file.read_gguf` against the `gguf` package's own writer and reader.
+
+The package is an independent implementation of the format: files it writes
+must read back with every value and byte, and on the embedded SmolLM2 file
+both readers must agree on everything. Malformed files (truncated anywhere,
+wrong magic or version, big-endian, bad UTF-8, tensors past the end) must
+raise ValueError with the reason, never another exception.
+"""
+
+import pathlib
+import struct
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from dualpath_jax.model import describe_model, gguf_file, gguf_loader
+
+_METADATA = {
+    # key: (value, GGUF type, array element type or None)
+    "t.u8": (200, gguf.GGUFValueType.UINT8, None),
+    "t.i8": (-100, gguf.GGUFValueType.INT8, None),
+    "t.u16": (60000, gguf.GGUFValueType.UINT16, None),
+    "t.i16": (-30000, gguf.GGUFValueType.INT16, None),
+    "t.u32": (4_000_000_000, gguf.GGUFValueType.UINT32, None),
+    "t.i32": (-2_000_000_000, gguf.GGUFValueType.INT32, None),
+    "t.u64": (2**63 + 5, gguf.GGUFValueType.UINT64, None),
+    "t.i64": (-(2**62), gguf.GGUFValueType.INT64, None),
+    "t.f32": (0.15625, gguf.GGUFValueType.FLOAT32, None),
+    "t.f64": (-1e-300, gguf.GGUFValueType.FLOAT64, None),
+    "t.bool": (True, gguf.GGUFValueType.BOOL, None),
+    "t.str": ("Ġhello wörld ☃", gguf.GGUFValueType.STRING, None),
+    "t.empty_str": ("", gguf.GGUFValueType.STRING, None),
+    "t.strs": (["a", "", "Ġb c", "<|im_end|>", "日本"],
+               gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING),
+    "t.i32s": ([3, -1, 0, 2**31 - 1], gguf.GGUFValueType.ARRAY,
+               gguf.GGUFValueType.INT32),
+    "t.f32s": ([0.5, -2.25], gguf.GGUFValueType.ARRAY,
+               gguf.GGUFValueType.FLOAT32),
+    "t.bools": ([True, False, True], gguf.GGUFValueType.ARRAY,
+                gguf.GGUFValueType.BOOL),
+}
+
+
+def _write(path: pathlib.Path, rng: np.random.Generator, *,
+           alignment: int | None = None,
+           endianess=gguf.GGUFEndian.LITTLE) -> dict[str, np.ndarray]:
+  """Writes a GGUF file with `_METADATA` and four tensors (F32, F16, Q8_0
+  raw blocks, a 3-D F32) through the `gguf` package's writer; returns each
+  tensor's expected values (float32, numpy order)."""
+  writer = gguf.GGUFWriter(str(path), "llama", endianess=endianess)
+  if alignment is not None:
+    writer.add_custom_alignment(alignment)
+  for key, (value, vtype, sub_type) in _METADATA.items():
+    writer.add_key_value(key, value, vtype, sub_type=sub_type)
+  expected = {
+      "norm": rng.standard_normal(7).astype(np.float32),
+      "half": rng.standard_normal((5, 6)).astype(np.float16),
+      "cube": rng.standard_normal((2, 3, 4)).astype(np.float32),
+  }
+  for name, array in expected.items():
+    writer.add_tensor(name, array)
+  # Q8_0: blocks of 32 values, a float16 scale then 32 int8s (34 bytes).
+  rows, cols = 3, 64
+  scales = rng.uniform(0.01, 0.1, (rows, cols // 32)).astype(np.float16)
+  quants = rng.integers(-127, 128, (rows, cols // 32, 32), dtype=np.int8)
+  blocks = np.concatenate([scales[..., None].view(np.uint8),
+                           quants.view(np.uint8)], axis=-1)
+  writer.add_tensor("q8", blocks.reshape(rows, -1),
+                    raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+  expected["q8"] = (scales[..., None].astype(np.float32) * quants).reshape(
+      rows, cols)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return {k: np.asarray(v, np.float32) for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_reads_what_the_gguf_writer_wrote(tmp_path, np_rng, alignment):
+  path = tmp_path / "m.gguf"
+  expected = _write(path, np_rng, alignment=alignment)
+  parsed = gguf_file.read_gguf(path)
+  assert parsed.version == 3
+  assert parsed.alignment == (alignment or 32)
+  assert parsed.data_offset % parsed.alignment == 0
+  for key, (value, _, _) in _METADATA.items():
+    got = parsed.metadata[key]
+    if isinstance(value, float):
+      assert got == pytest.approx(value, rel=1e-7), key
+    else:
+      assert got == value and type(got) is type(value), key
+  assert parsed.metadata["general.architecture"] == "llama"
+  assert list(parsed.tensors) == list(expected)
+  for name, want in expected.items():
+    tensor = parsed.tensors[name]
+    assert tensor.shape == want.shape, name
+    assert not tensor.data.flags.writeable
+    got = gguf_loader.dequantize_tensor(tensor)
+    np.testing.assert_array_equal(got, want, err_msg=name)
+  # Where the gguf package's own reader puts each tensor.
+  for theirs in gguf.GGUFReader(path).tensors:
+    ours = parsed.tensors[theirs.name]
+    assert ours.offset == theirs.data_offset
+    assert ours.ggml_type == theirs.tensor_type.name
+    assert ours.data.tobytes() == theirs.data.tobytes()
+
+
+def test_embedded_file_reads_as_the_gguf_package_reads_it(smollm2_gguf_path):
+  ours = gguf_file.read_gguf(smollm2_gguf_path)
+  theirs = gguf.GGUFReader(smollm2_gguf_path)
+  fields = {k: f for k, f in theirs.fields.items()
+            if not k.startswith("GGUF.")}  # the header, not metadata
+  assert list(ours.metadata) == list(fields)
+  for key, field in fields.items():
+    assert ours.metadata[key] == field.contents(), key
+  assert len(ours.metadata["tokenizer.ggml.tokens"]) == 49152
+  assert [t.name for t in theirs.tensors] == list(ours.tensors)
+  for t in theirs.tensors:
+    mine = ours.tensors[t.name]
+    assert mine.shape == tuple(reversed(t.shape.tolist()))
+    assert (mine.ggml_type, mine.offset) == (t.tensor_type.name,
+                                              t.data_offset)
+    assert np.array_equal(mine.data.reshape(-1),
+                          np.asarray(t.data).reshape(-1).view(np.uint8))
+  assert ours.data_offset == theirs.data_offset
+
+
+def _header(version=3, tensors=0, kvs=1) -> bytes:
+  return b"GGUF" + struct.pack("<IQQ", version, tensors, kvs)
+
+
+def _string(text: bytes) -> bytes:
+  return struct.pack("<Q", len(text)) + text
+
+
+def test_reads_an_empty_array(tmp_path):
+  """(The gguf package's writer refuses to write one; llama.cpp's does.)"""
+  path = tmp_path / "empty.gguf"
+  path.write_bytes(_header(kvs=2) + _string(b"a") + struct.pack("<IIQ", 9, 5, 0)
+                   + _string(b"b") + struct.pack("<IIQ", 9, 8, 0))
+  assert gguf_file.read_gguf(path).metadata == {"a": [], "b": []}
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "not a GGUF file (empty)"),
+    (b"GGML" + bytes(20), "not a GGUF file (starts with b'GGML'"),
+    (b"GG", "not a GGUF file"),
+    (_header(version=1), "GGUF version 1 is not supported"),
+    (_header(version=4), "GGUF version 4 is not supported"),
+    (b"GGUF" + struct.pack(">IQQ", 3, 0, 0), "big-endian GGUF file"),
+    (_header(kvs=2) + _string(b"k") + struct.pack("<II", 4, 1)
+     + _string(b"k") + struct.pack("<II", 4, 2),
+     "metadata key 'k' appears twice"),
+    (_header() + _string(b"k\xff") + struct.pack("<II", 4, 1),
+     "metadata key 0 is not UTF-8"),
+    (_header() + _string(b"k") + struct.pack("<I", 13) + bytes(8),
+     "metadata 'k' has unknown value type 13"),
+    (_header() + _string(b"k") + struct.pack("<IIQ", 9, 9, 1)
+     + struct.pack("<IQ", 4, 0), "nests arrays"),
+    (_header() + _string(b"k") + struct.pack("<IIQ", 9, 8, 2**40),
+     "the file ends first"),
+    (_header() + _string(b"k") + struct.pack("<IIQ", 9, 8, 2)
+     + _string(b"ok") + _string(b"\xc3"),
+     "metadata 'k'[1] is not UTF-8"),
+    (_header(tensors=1, kvs=0) + _string(b"w") + struct.pack("<I", 0),
+     "tensor 'w' has 0 dimensions"),
+    (_header(tensors=1, kvs=0) + _string(b"w")
+     + struct.pack("<IQIQ", 1, 8, 0, 0), "run past the end of the file"),
+    (_header(tensors=1, kvs=0) + _string(b"w")
+     + struct.pack("<IQIQ", 1, 8, 999, 0), "unknown ggml type 999"),
+    (_header(tensors=1, kvs=0) + _string(b"w")
+     + struct.pack("<IQIQ", 1, 33, 8, 0) + bytes(64),
+     "rows of 33 values are not whole Q8_0 blocks of 32"),
+    (_header(tensors=1, kvs=0) + _string(b"w")
+     + struct.pack("<IQIQ", 1, 1, 0, 4) + bytes(64), "are not aligned"),
+    (_header(tensors=0, kvs=1) + _string(b"general.alignment")
+     + struct.pack("<II", 4, 48), "general.alignment must be a power of two"),
+])
+def test_malformed_files_raise_value_error_with_the_reason(tmp_path, content,
+                                                           reason):
+  path = tmp_path / "bad.gguf"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match="^" + str(path)) as e:
+    gguf_file.read_gguf(path)
+  assert reason in str(e.value)
+
+
+def test_every_truncation_is_a_value_error(tmp_path, np_rng):
+  """Cut a valid file at every byte of its header and in its last tensor:
+  always ValueError, never an IndexError, struct.error or a short tensor."""
+  path = tmp_path / "m.gguf"
+  _write(path, np_rng)
+  whole = path.read_bytes()
+  parsed = gguf_file.read_gguf(path)
+  data_end = max(t.offset + t.num_bytes for t in parsed.tensors.values())
+  cut_path = tmp_path / "cut.gguf"
+  cuts = list(range(parsed.data_offset)) + [data_end - 1]
+  for cut in cuts:
+    cut_path.write_bytes(whole[:cut])
+    with pytest.raises(ValueError):
+      gguf_file.read_gguf(cut_path)
+
+
+def test_describe_model_and_generate_refuse_a_truncated_gguf(
+    tmp_path, smollm2_gguf_path):
+  cut = tmp_path / "cut.gguf"
+  with open(smollm2_gguf_path, "rb") as f:
+    cut.write_bytes(f.read(1 << 20))  # the metadata ends at ~1.7 MiB
+  with pytest.raises(ValueError, match="malformed GGUF file"):
+    describe_model(str(cut))
+  done = subprocess.run(
+      [sys.executable, "-m", "launch.generate", f"--model={cut}",
+       "--prompt=hi", "--max_new_tokens=1"],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode != 0
+  assert "malformed GGUF file" in done.stderr, done.stderr[-2000:]
+  assert "the file ends first (truncated?)" in done.stderr
+  assert "Traceback" not in done.stderr
