@@ -7,6 +7,7 @@ wrong magic or version, big-endian, bad UTF-8, tensors past the end) must
 raise ValueError with the reason, never another exception.
 """
 
+import dataclasses
 import pathlib
 import struct
 import subprocess
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from dualpath_jax.model import describe_model, gguf_file, gguf_loader
+from dualpath_jax.model.tokenizer import Tokenizer
 
 _METADATA = {
     # key: (value, GGUF type, array element type or None)
@@ -220,3 +222,56 @@ def test_describe_model_and_generate_refuse_a_truncated_gguf(
   assert "malformed GGUF file" in done.stderr, done.stderr[-2000:]
   assert "the file ends first (truncated?)" in done.stderr
   assert "Traceback" not in done.stderr
+
+
+_DELETE = object()
+
+
+def _with(parsed: gguf_file.GGUFFile, key: str, value) -> gguf_file.GGUFFile:
+  metadata = {k: v for k, v in parsed.metadata.items() if k != key}
+  if value is not _DELETE:
+    metadata[key] = value
+  return dataclasses.replace(parsed, metadata=metadata)
+
+
+@pytest.mark.parametrize("key,value,reason", [
+    ("llama.block_count", _DELETE, "GGUF metadata lacks llama.block_count"),
+    ("llama.block_count", "30",
+     "llama.block_count must be a positive integer, got '30'"),
+    ("llama.attention.head_count", 0,
+     "llama.attention.head_count must be a positive integer, got 0"),
+    ("llama.attention.head_count_kv", [3], "positive integer, got [3]"),
+    ("llama.attention.head_count_kv", 2,
+     "num_heads=9 must be a multiple of num_kv_heads=2"),
+    ("llama.context_length", 8192.0, "positive integer, got 8192.0"),
+    ("llama.rope.freq_base", -1.0,
+     "llama.rope.freq_base must be a positive number, got -1.0"),
+    ("llama.vocab_size", True, "positive integer, got True"),
+    ("tokenizer.ggml.eos_token_id", 49152,
+     "tokenizer.ggml.eos_token_id must be a token id in [0, 49152), got 49152"),
+    ("tokenizer.ggml.bos_token_id", "1", "must be a token id"),
+    ("general.architecture", "gemma", "unsupported GGUF architecture 'gemma'"),
+])
+def test_config_refuses_bad_metadata_naming_the_key(smollm2_gguf_path, key,
+                                                    value, reason):
+  parsed = _with(gguf_loader.open_gguf(smollm2_gguf_path), key, value)
+  with pytest.raises(ValueError) as e:
+    gguf_loader.config_from_gguf(parsed)
+  assert reason in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,reason", [
+    ("tokenizer.ggml.tokens", ["a", 1], "tokenizer.ggml.tokens must be a list "
+     "of str"),
+    ("tokenizer.ggml.merges", "Ġ t", "tokenizer.ggml.merges must be a list"),
+    ("tokenizer.ggml.token_type", ["1"] * 49152, "token_type must be a list "
+     "of int"),
+    ("tokenizer.ggml.eot_token_id", -1, "eot_token_id must be a token id"),
+    ("tokenizer.chat_template", 7, "chat_template must be a string"),
+])
+def test_tokenizer_refuses_bad_metadata_naming_the_key(smollm2_gguf_path, key,
+                                                       value, reason):
+  parsed = _with(gguf_loader.open_gguf(smollm2_gguf_path), key, value)
+  with pytest.raises(ValueError) as e:
+    Tokenizer.from_gguf(parsed)
+  assert reason in str(e.value)

@@ -88,24 +88,34 @@ def _open_gguf_cached(path: pathlib.Path, size: int,
 
 def config_from_gguf(reader: GGUFFile, *,
                      name: str | None = None) -> ModelConfig:
-  """Builds a `ModelConfig` from the `llama.*` metadata of a GGUF file."""
+  """Builds a `ModelConfig` from the `llama.*` metadata of a GGUF file.
+
+  Raises ValueError naming the key for a missing value or one of the wrong
+  type or range (a count that is not a positive integer, a token id outside
+  the vocabulary).
+  """
   meta = reader.metadata
   arch = meta.get("general.architecture")
   if arch != "llama":
     raise ValueError(f"unsupported GGUF architecture {arch!r}; only 'llama' "
                      "(Llama, SmolLM2, Mistral-style) models load")
 
-  def required(key: str) -> Any:
-    value = meta.get(f"llama.{key}")
+  def number(key: str, default: Any = None, kind: type = int) -> Any:
+    value = meta.get(key, default)
     if value is None:
-      raise ValueError(f"GGUF metadata lacks llama.{key}")
-    return value
+      raise ValueError(f"GGUF metadata lacks {key}")
+    if (isinstance(value, bool) or not isinstance(value, (int, kind))
+        or not value > 0):
+      raise ValueError(f"GGUF metadata {key} must be a positive "
+                       f"{'integer' if kind is int else 'number'}, got "
+                       f"{value!r}")
+    return kind(value)
 
-  hidden = int(required("embedding_length"))
-  num_heads = int(required("attention.head_count"))
-  num_kv_heads = int(meta.get("llama.attention.head_count_kv", num_heads))
-  head_dim = int(meta.get("llama.attention.key_length", hidden // num_heads))
-  rope_dim = int(meta.get("llama.rope.dimension_count", head_dim))
+  hidden = number("llama.embedding_length")
+  num_heads = number("llama.attention.head_count")
+  num_kv_heads = number("llama.attention.head_count_kv", num_heads)
+  head_dim = number("llama.attention.key_length", hidden // num_heads)
+  rope_dim = number("llama.rope.dimension_count", head_dim)
   if rope_dim != head_dim:
     raise ValueError(f"partial rotary embeddings (rope dim {rope_dim} < "
                      f"head_dim {head_dim}) are not supported")
@@ -113,32 +123,49 @@ def config_from_gguf(reader: GGUFFile, *,
   if scaling not in ("none", None):
     raise ValueError(f"RoPE scaling {scaling!r} is not supported")
   tokens = meta.get("tokenizer.ggml.tokens")
-  vocab = int(meta.get("llama.vocab_size", len(tokens) if tokens else 0))
-  if not vocab:
+  if tokens is None and "llama.vocab_size" not in meta:
     raise ValueError("GGUF metadata gives no vocabulary size")
-  eos = [meta.get("tokenizer.ggml.eos_token_id"),
-         meta.get("tokenizer.ggml.eot_token_id")]
-  eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
-  tensor_names = reader.tensors.keys()
+  vocab = number("llama.vocab_size",
+                 len(tokens) if isinstance(tokens, list) else tokens)
+
+  bos_id, eos_ids = special_token_ids(reader, vocab)
   label = name or str(meta.get("general.name", "gguf-llama"))
   return ModelConfig(
       name=label.lower().replace(" ", "-"),
       vocab_size=vocab,
       hidden_size=hidden,
-      intermediate_size=int(required("feed_forward_length")),
-      num_layers=int(required("block_count")),
+      intermediate_size=number("llama.feed_forward_length"),
+      num_layers=number("llama.block_count"),
       num_heads=num_heads,
       num_kv_heads=num_kv_heads,
       head_dim=head_dim,
-      rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-      rms_norm_eps=_round_float32(float(meta.get(
-          "llama.attention.layer_norm_rms_epsilon", 1e-5))),
-      max_position=int(meta.get("llama.context_length", 4096)),
-      tie_embeddings="output.weight" not in tensor_names,
+      rope_theta=number("llama.rope.freq_base", 10000.0, float),
+      rms_norm_eps=_round_float32(number(
+          "llama.attention.layer_norm_rms_epsilon", 1e-5, float)),
+      max_position=number("llama.context_length", 4096),
+      tie_embeddings="output.weight" not in reader.tensors,
       dtype="float32",
-      bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
+      bos_token_id=1 if bos_id is None else bos_id,
       eos_token_ids=eos_ids or (2,),
   )
+
+
+def special_token_ids(reader: GGUFFile, vocab_size: int
+                      ) -> tuple[int | None, tuple[int, ...]]:
+  """(BOS id or None, end-of-turn ids: EOS then EOT, each once) from the
+  `tokenizer.ggml.*` metadata; ValueError for an id outside the vocabulary."""
+  ids = {}
+  for key in ("bos", "eos", "eot"):
+    value = reader.metadata.get(f"tokenizer.ggml.{key}_token_id")
+    if value is not None and (isinstance(value, bool)
+                              or not isinstance(value, int)
+                              or not 0 <= value < vocab_size):
+      raise ValueError(f"GGUF metadata tokenizer.ggml.{key}_token_id must be "
+                       f"a token id in [0, {vocab_size}), got {value!r}")
+    ids[key] = value
+  eos = tuple(dict.fromkeys(i for i in (ids["eos"], ids["eot"])
+                            if i is not None))
+  return ids["bos"], eos
 
 
 def _round_float32(x: float) -> float:

@@ -109,14 +109,20 @@ class Tokenizer:
     if not tokens or merges is None:
       raise ValueError("GGUF file has no tokenizer vocabulary or merges")
     types = get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    eos = [get("tokenizer.ggml.eos_token_id"), get("tokenizer.ggml.eot_token_id")]
-    eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
-    bos = get("tokenizer.ggml.bos_token_id")
+    for key, value, kind in (("tokens", tokens, str), ("merges", merges, str),
+                             ("token_type", types, int)):
+      if not isinstance(value, list) or not all(
+          isinstance(v, kind) for v in value):
+        raise ValueError(f"GGUF metadata tokenizer.ggml.{key} must be a list "
+                         f"of {kind.__name__}")
+    bos, eos_ids = gguf_loader.special_token_ids(reader, len(tokens))
+    template = get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+      raise ValueError("GGUF metadata tokenizer.chat_template must be a "
+                       "string")
     return cls(tokens, merges, types,
                pre=str(get("tokenizer.ggml.pre", "default")),
-               bos_id=None if bos is None else int(bos),
-               eos_ids=eos_ids,
-               chat_template=get("tokenizer.chat_template"),
+               bos_id=bos, eos_ids=eos_ids, chat_template=template,
                add_bos=bool(get("tokenizer.ggml.add_bos_token", False)))
 
   @property
