@@ -1,4 +1,5 @@
-"""Run metrics: per-turn records, latency percentiles, the JSON report, plots.
+"""Run metrics: per-turn records, latency percentiles, the run's environment,
+the per-turn plot. Files are written through `dualpath_jax.outputs`.
 
 Every number in a report is computed from what ran (timestamps taken by the
 engine, token counts from the cache manager); nothing is estimated.
@@ -7,26 +8,13 @@ engine, token counts from the cache manager); nothing is estimated.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import tempfile
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-import numpy as np
+from dualpath_jax import outputs
 
 PERCENTILES = (50, 90, 99)
-
-
-def _process_umask() -> int:
-  """The process's umask, read once at import: reading it means setting it,
-  which must not happen while other threads (the server's) create files."""
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-_UMASK = _process_umask()
 
 
 @dataclasses.dataclass
@@ -175,113 +163,6 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def replace_atomically(path: str, write: Callable[[str], None],
-                       suffix: str = "") -> None:
-  """Calls `write(tmp)` on a temporary file beside `path`, then renames it
-  over `path`: an interrupted or failed write leaves the old file whole.
-  Creates `path`'s folder if missing."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix,
-                             prefix=f".{os.path.basename(path)}.")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would have made it
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
-
-
-def write_text(text: str, path: str) -> None:
-  """Writes `text` to `path` atomically (`replace_atomically`)."""
-  def write(tmp: str) -> None:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-  replace_atomically(path, write, os.path.splitext(path)[1])
-
-
-def save_figure(fig, path: str, dpi: int = 110) -> None:
-  """Saves a Matplotlib figure as a PNG at `path`, atomically: a failed or
-  interrupted save leaves the previous PNG whole."""
-  replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi,
-                                                   format="png"), ".png")
-
-
-def check_output_path(path: str, what: str) -> str:
-  """`path` if a file can be written there: not a directory, and its
-  folder a writable directory or one that can be made in a writable
-  directory; ValueError saying why not. Nothing is left behind (the folder
-  is not made: the writers make it when they write). Launchers call it on
-  every output path before any work, so that a typo costs nothing instead
-  of a finished run's results."""
-  if not path:
-    raise ValueError(f"{what}: empty path")
-  if os.path.isdir(path):
-    raise ValueError(f"{what}: {path} is a directory")
-  _check_folder_can_be_written(os.path.dirname(os.path.abspath(path)), what)
-  if os.path.exists(path) and not os.access(path, os.W_OK):
-    raise ValueError(f"{what}: {path} exists and is not writable")
-  return path
-
-
-def check_output_dir(path: str, what: str) -> str:
-  """`path` if it is a directory files can be made in, or can be made as
-  one (`check_output_path`'s rules, for a folder such as a cold tier's
-  root); ValueError saying why not. Nothing is left behind."""
-  if not path:
-    raise ValueError(f"{what}: empty path")
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"{what}: {path} exists and is not a directory")
-  _check_folder_can_be_written(os.path.abspath(path), what)
-  return path
-
-
-def _check_folder_can_be_written(folder: str, what: str) -> None:
-  """ValueError unless files can be made in `folder`, or `folder` made in
-  its nearest existing ancestor. That ancestor is probed by making and
-  removing an empty file in it: permission bits do not say that a root
-  process cannot write a read-only mount or /proc."""
-  existing = folder
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ValueError(f"{what}: cannot create the folder {folder}: "
-                     f"{existing} is not a directory")
-  try:
-    fd, probe = tempfile.mkstemp(dir=existing, prefix=".write_probe.")
-  except OSError as e:
-    raise ValueError(f"{what}: the folder {existing} is not writable "
-                     f"({e.strerror})") from None
-  os.close(fd)
-  os.unlink(probe)
-
-
-def _json_value(obj: Any) -> Any:
-  """What JSON writes for a value it has no type for: a NumPy scalar or
-  array as its number(s) (np.float32 is no Python float), anything else
-  (paths, dtypes) as its string."""
-  if isinstance(obj, (np.generic, np.ndarray)):
-    return obj.tolist()
-  return str(obj)
-
-
-def write_json(report: dict[str, Any], path: str) -> None:
-  """Writes `report` as indented JSON, atomically (`replace_atomically`),
-  creating its folder if missing."""
-  def write(tmp: str) -> None:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2, sort_keys=False, default=_json_value)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-  replace_atomically(path, write, ".json")
-
-
 def plot_turns(records: Sequence[TurnRecord], path: str, title: str = "") -> None:
   """PNG: per-turn TTFT against prompt length, and the turn timeline."""
   import matplotlib
@@ -313,5 +194,5 @@ def plot_turns(records: Sequence[TurnRecord], path: str, title: str = "") -> Non
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  save_figure(fig, path)
+  outputs.save_figure(fig, path)
   plt.close(fig)

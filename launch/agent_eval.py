@@ -47,11 +47,12 @@ def main(argv):
              "runs are not supported yet (the transfer layer is: see "
              "docs/pod_launch.md)")
   from dualpath_jax import metrics
-  outputs = [("--report", FLAGS.report)] + (
+  from dualpath_jax import outputs
+  output_paths = [("--report", FLAGS.report)] + (
       [("--plot", FLAGS.plot)] if FLAGS.plot else [])
   try:  # before the run: a bad path must not cost its results
-    for what, path in outputs:
-      metrics.check_output_path(path, what)
+    for what, path in output_paths:
+      outputs.check_output_path(path, what)
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
   from dualpath_jax.utils import enable_compilation_cache
@@ -146,7 +147,7 @@ def main(argv):
                        for r in result.records],
   }
   print(metrics.format_table(summary))
-  metrics.write_json(report, FLAGS.report)
+  outputs.write_json(report, FLAGS.report)
   print(f"report: {FLAGS.report}")
   if FLAGS.plot:
     metrics.plot_turns(result.records, FLAGS.plot,

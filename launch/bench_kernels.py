@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from absl import app, flags
 
-from dualpath_jax import metrics
+from dualpath_jax import outputs
 from launch import kernel_cases
 from launch import kernel_plot
 from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
@@ -407,7 +407,7 @@ def dump_gather_hlo(s: CopyShape, path: str, blocks: int = 4) -> str:
         pool, host, starts, dst, run_length=run).compile().as_text()
     texts.append(f"==== gather of {blocks} blocks, run_length={run}\n{text}")
     counts.append(f"run_length={run}: top-level ops {entry_op_counts(text)}")
-  metrics.write_text("\n\n".join(texts), path)
+  outputs.write_text("\n\n".join(texts), path)
   return "; ".join(counts)
 
 
@@ -519,7 +519,7 @@ def bench_gather_kernel(shapes, rows: list[dict], interpret: bool,
       text = gather.as_text()
       row_extra["hlo_ops"] = entry_op_counts(text)
       if hlo_path and i == 0:
-        metrics.write_text(text, hlo_path)
+        outputs.write_text(text, hlo_path)
         print(f"gather kernel HLO ({hlo_path}): {row_extra['hlo_ops']}",
               flush=True)
     except Exception as e:  # pylint: disable=broad-except
@@ -636,7 +636,7 @@ def main(argv):
     paths.append(("the gather kernel HLO beside --out", kernel_hlo))
   for what, path in paths:  # before any work: a bad path costs nothing
     try:
-      metrics.check_output_path(path, what)
+      outputs.check_output_path(path, what)
     except ValueError as e:
       raise app.UsageError(str(e)) from e
   meta = kernel_cases.run_metadata("launch.bench_kernels", interpret)
@@ -666,7 +666,7 @@ def main(argv):
                complete=final, interrupted=interrupted, ceilings=ceilings,
                section_s=section_s, rows=rows, targets=checks)
     try:
-      metrics.write_json(doc, out)
+      outputs.write_json(doc, out)
     except OSError as e:
       sys.exit(f"error: cannot write {out}: {e}")
     state["written"] = [out]

@@ -37,6 +37,7 @@ from absl import flags
 import numpy as np
 
 from dualpath_jax import metrics
+from dualpath_jax import outputs
 
 # llama-cpp-python's source archive has no git history, so llama.cpp reports no
 # commit; the bindings' changelog names the llama.cpp commit of each release.
@@ -174,7 +175,7 @@ def main(argv: Sequence[str]) -> None:
   today = datetime.date.today().isoformat()
   out = _OUT.value or f"docs/results/llamacpp_cpu_{today}.json"
   try:  # before the runs: bad input must not cost their results
-    metrics.check_output_path(out, "--out")
+    outputs.check_output_path(out, "--out")
     gguf_path = pathlib.Path(_GGUF.value) if _GGUF.value else default_gguf_path()
     if not gguf_path.is_file():
       raise ValueError(f"no GGUF file at {gguf_path}")
@@ -215,7 +216,7 @@ def main(argv: Sequence[str]) -> None:
           f"{row['tokens_per_s_std']:<7.2f} | "
           f"{row['tokens_per_s_median']:>8.2f} | {row['tokens_per_s_best']:>8.2f}")
 
-  metrics.write_json(report, out)
+  outputs.write_json(report, out)
   print(f"wrote {out}")
 
 

@@ -54,6 +54,7 @@ def main(argv):
   import numpy as np
 
   from dualpath_jax import metrics
+  from dualpath_jax import outputs
   from dualpath_jax.config import CacheConfig
   from dualpath_jax.engine.buckets import next_pow2
   from dualpath_jax.model import load_model
@@ -66,7 +67,7 @@ def main(argv):
       raise ValueError(f"--attention: unknown {FLAGS.attention!r}; choose "
                        f"from {sorted(IMPLEMENTATIONS)} or auto")
     if FLAGS.out:
-      metrics.check_output_path(FLAGS.out, "--out")
+      outputs.check_output_path(FLAGS.out, "--out")
     loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"bench_model: {e}")
@@ -132,7 +133,7 @@ def main(argv):
       **metrics.run_environment(),
   }
   if FLAGS.out:
-    metrics.write_json(report, FLAGS.out)
+    outputs.write_json(report, FLAGS.out)
     print(f"wrote {FLAGS.out}")
 
 

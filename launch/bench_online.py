@@ -246,10 +246,11 @@ def main(argv):
     _fail(str(e))
 
   from dualpath_jax import metrics
+  from dualpath_jax import outputs
   try:  # before the runs: a bad path must not cost their results
-    metrics.check_output_path(FLAGS.report, "--report")
+    outputs.check_output_path(FLAGS.report, "--report")
     if FLAGS.plot:
-      metrics.check_output_path(FLAGS.plot, "--plot")
+      outputs.check_output_path(FLAGS.plot, "--plot")
   except ValueError as e:
     _fail(str(e))
 
@@ -325,7 +326,7 @@ def main(argv):
   }
   print(online_report.format_runs_table(runs, slo.percentile))
   print(online_report.format_headline(sustained, slo.ttft_s, slo.percentile))
-  metrics.write_json(report, FLAGS.report)
+  outputs.write_json(report, FLAGS.report)
   print(f"report: {FLAGS.report}")
   if FLAGS.plot and not runs:
     print(f"plot: not drawn, no run finished ({FLAGS.plot})")

@@ -72,7 +72,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
 
-from dualpath_jax import metrics
+from dualpath_jax import outputs
 from dualpath_jax.config import MODEL_PRESETS, CacheConfig
 from launch.storage_disk import (bench_file_floor, bench_memory, bench_raw,
                                   cpu_seconds, latency_percentiles)
@@ -445,7 +445,7 @@ def _check_flags() -> tuple[list[StoreSpec], str]:
   specs = [StoreSpec.parse(c) for c in FLAGS.configs]
   path = FLAGS.json or os.path.join(
       "docs", "results", f"storage_{datetime.date.today().isoformat()}.json")
-  return specs, metrics.check_output_path(path, "--json")
+  return specs, outputs.check_output_path(path, "--json")
 
 
 def main(argv):
@@ -539,7 +539,7 @@ def main(argv):
   table = format_table(report)
   print(table)
   report["table"] = table
-  metrics.write_json(report, path)
+  outputs.write_json(report, path)
   print(f"wrote {path}")
   if interrupted:
     print(f"interrupted after {report['rounds']} of {FLAGS.repeats} rounds: "

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 from absl import app, flags
 
-from dualpath_jax import metrics
+from dualpath_jax import outputs
 from launch import kernel_cases
 from launch.kernel_cases import (KERNELS, DecodeShape, PrefillShape,
                                  default_tiling,
@@ -346,7 +346,7 @@ def main(argv):
   out = FLAGS.json or os.path.join("docs", "results",
                                    f"bench_tiling_{backend}.json")
   try:  # before any work: a bad path costs nothing
-    metrics.check_output_path(out, "--json")
+    outputs.check_output_path(out, "--json")
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   meta = kernel_cases.run_metadata("launch.bench_tiling", interpret)
@@ -361,7 +361,7 @@ def main(argv):
                elapsed_s=time.monotonic() - started,
                max_rel_err=MAX_REL_ERR, rows=rows, best=best_per_shape(rows))
     try:
-      metrics.write_json(doc, out)
+      outputs.write_json(doc, out)
     except OSError as e:
       sys.exit(f"error: cannot write {out}: {e}")
 

@@ -85,15 +85,15 @@ def cold_tier_config(root: str | None = None):
 
   Raises:
     ValueError: `root` is not a directory files can be made in, nor one
-      that can be made (`metrics.check_output_dir`), or a setting the
+      that can be made (`outputs.check_output_dir`), or a setting the
       config refuses; launchers call it before the weights load.
   """
   root = root or FLAGS.cold_tier
   if not root:
     return None
-  from dualpath_jax import metrics
+  from dualpath_jax import outputs
   from storage.config import ColdTierConfig
-  metrics.check_output_dir(root, "--cold_tier")
+  outputs.check_output_dir(root, "--cold_tier")
   return ColdTierConfig(root=root, codec=FLAGS.cold_tier_codec,
                         capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)),
                         sync=FLAGS.cold_tier_sync)

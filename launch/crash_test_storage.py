@@ -34,7 +34,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
 
-from dualpath_jax import metrics
+from dualpath_jax import outputs
 from dualpath_jax.config import SMOLLM2_135M, CacheConfig
 from storage import BlockStore, ColdTierConfig
 
@@ -193,9 +193,9 @@ def main(argv):
   del argv
   try:  # before the kills: a bad path must not cost their verdict
     if FLAGS.json:
-      metrics.check_output_path(FLAGS.json, "--json")
+      outputs.check_output_path(FLAGS.json, "--json")
     if FLAGS.root:
-      metrics.check_output_dir(FLAGS.root, "--root")
+      outputs.check_output_dir(FLAGS.root, "--root")
   except ValueError as e:
     sys.exit(f"crash_test_storage: {e}")
   root = FLAGS.root or tempfile.mkdtemp(prefix="crash_test_storage_")
@@ -212,7 +212,7 @@ def main(argv):
   result["root"] = root
   print(json.dumps(result, indent=1))
   if FLAGS.json:
-    metrics.write_json(result, FLAGS.json)
+    outputs.write_json(result, FLAGS.json)
   if not result["ok"]:
     sys.exit(1)
   if not FLAGS.root:

@@ -4,8 +4,8 @@ benchmarks (`launch.bench_kernels`, `launch.bench_tiling`).
 Kept free of flags so that each launcher defines only its own; the
 launchers' shared report plumbing (run metadata, one-line errors, Ctrl-C
 seen through JAX's wrapping) is here too; output paths are checked up
-front (`dualpath_jax.metrics.check_output_path`) and reports written with
-`dualpath_jax.metrics.write_json` (atomic), as every launcher's are.
+front (`dualpath_jax.outputs.check_output_path`) and reports written with
+`dualpath_jax.outputs.write_json` (atomic), as every launcher's are.
 """
 
 from __future__ import annotations

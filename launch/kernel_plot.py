@@ -132,7 +132,7 @@ def plot_kernels(report: Mapping[str, Any], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from dualpath_jax import metrics
+  from dualpath_jax import outputs
 
   fig, axes = plt.subplots(len(_PANELS), 1, figsize=(13, 12))
   for ax, (kind, title, targets) in zip(axes, _PANELS):
@@ -172,7 +172,7 @@ def plot_kernels(report: Mapping[str, Any], path: str) -> None:
                fontsize=11)
   fig.tight_layout()
   try:
-    metrics.save_figure(fig, path)
+    outputs.save_figure(fig, path)
   finally:
     plt.close(fig)
 
@@ -201,7 +201,7 @@ def check_report(report: Any) -> None:
 
 def main(argv: Sequence[str]) -> int:
   from absl import app
-  from dualpath_jax import metrics
+  from dualpath_jax import outputs
   if len(argv) not in (2, 3):
     raise app.UsageError("give one report: python -m launch.kernel_plot "
                          "REPORT.json [--out=OUT.png]")
@@ -219,7 +219,7 @@ def main(argv: Sequence[str]) -> int:
   out = (argv[2] if len(argv) == 3 else _FLAGS.out
          or os.path.splitext(src)[0] + ".png")
   try:
-    metrics.check_output_path(out, "the PNG")
+    outputs.check_output_path(out, "the PNG")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -47,6 +47,7 @@ import time
 from absl import app, flags
 
 from dualpath_jax import metrics
+from dualpath_jax import outputs
 from launch import kernel_cases
 from launch import sass_analysis
 from launch import sass_report
@@ -173,7 +174,7 @@ def main(argv):
   del argv
   try:
     shapes, grid = parse_flags()
-    metrics.check_output_path(FLAGS.json, "--json")
+    outputs.check_output_path(FLAGS.json, "--json")
     triton, _ = sass_report.tools()
   except (ValueError, NoCompiler) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -211,7 +212,7 @@ def main(argv):
         print(fmt_row(row, default), flush=True)
       row["default"] = default
       report["rows"].append(row)
-      metrics.write_json(report, FLAGS.json)
+      outputs.write_json(report, FLAGS.json)
   failed = sum("error" in r for r in report["rows"])
   print(f"{len(configs) - failed} of {len(configs)} configurations analysed "
         f"in {time.perf_counter() - start:.0f} s; JSON: {FLAGS.json}")

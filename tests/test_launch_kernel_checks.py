@@ -156,14 +156,14 @@ def test_plot_labels_small_contexts_and_dtypes():
 
 
 def test_json_is_replaced_only_when_complete(tmp_path):
-  from dualpath_jax import metrics
+  from dualpath_jax import outputs
   path = tmp_path / "r.json"
   path.write_text('{"old": true}')
   with pytest.raises(TypeError):  # a tuple key: not JSON, whatever default=
-    metrics.write_json({("bad", "key"): 1}, str(path))
+    outputs.write_json({("bad", "key"): 1}, str(path))
   assert json.loads(path.read_text()) == {"old": True}
   assert os.listdir(tmp_path) == ["r.json"]  # no temporary left behind
-  metrics.write_json({"new": 1}, str(path))
+  outputs.write_json({"new": 1}, str(path))
   assert json.loads(path.read_text()) == {"new": 1}
 
 

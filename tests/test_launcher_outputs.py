@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from dualpath_jax import metrics
+from dualpath_jax import outputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,7 +123,7 @@ def test_reports_write_numpy_values_as_numbers(tmp_path):
   """np.float32 is no Python float: the JSON gets its number, not a
   string (reports used to write such values as "0.5")."""
   path = tmp_path / "r.json"
-  metrics.write_json({"a": np.float32(0.5), "b": np.int64(3),
+  outputs.write_json({"a": np.float32(0.5), "b": np.int64(3),
                       "c": np.arange(2), "d": tmp_path}, str(path))
   assert json.loads(path.read_text()) == {"a": 0.5, "b": 3, "c": [0, 1],
                                           "d": str(tmp_path)}

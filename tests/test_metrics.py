@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 
 from dualpath_jax import metrics
+from dualpath_jax import outputs
 from dualpath_jax.engine import buckets
 from dualpath_jax.engine.sampling import sample
 
@@ -44,7 +44,7 @@ def test_summary_from_records(tmp_path):
   assert s["job_completion_s"] == pytest.approx(3.5)
   assert s["session_completion_s"]["p50"] == pytest.approx((3.5 + 1.8) / 2)
   path = tmp_path / "r.json"
-  metrics.write_json(s, str(path))
+  outputs.write_json(s, str(path))
   assert json.loads(path.read_text())["turns"] == 3
   assert "ttft_s" in metrics.format_table(s)
 
@@ -79,65 +79,3 @@ def test_sampling_greedy_and_top_p():
   assert len(set(draws.tolist())) > 3
   with pytest.raises(ValueError):
     sample(logits, rng, temperature=-1)
-
-
-def test_output_path_checks_create_nothing(tmp_path):
-  """A launcher's up-front check makes no folder (a run that fails later
-  leaves nothing behind); the writer makes it when it writes."""
-  path = tmp_path / "a" / "b" / "r.json"
-  assert metrics.check_output_path(str(path), "--json") == str(path)
-  assert not (tmp_path / "a").exists()
-  metrics.write_json({"x": 1}, str(path))
-  assert json.loads(path.read_text()) == {"x": 1}
-  (tmp_path / "file").write_text("")
-  with pytest.raises(ValueError, match="is not a directory"):
-    metrics.check_output_path(str(tmp_path / "file" / "sub" / "r.json"),
-                              "--json")
-  with pytest.raises(ValueError, match="is a directory"):
-    metrics.check_output_path(str(tmp_path / "a"), "--json")
-  with pytest.raises(ValueError, match="empty path"):
-    metrics.check_output_path("", "--json")
-
-
-def test_output_dir_checks_refuse_what_cannot_hold_files(tmp_path):
-  """A folder output (a cold tier's root): an existing or makeable
-  directory passes and is not made; a file, or a folder under a file, is
-  refused; so is a folder no file can be made in, found by a probe that
-  leaves nothing behind (/proc refuses new files even to root)."""
-  new = tmp_path / "x" / "store"
-  assert metrics.check_output_dir(str(new), "--cold_tier") == str(new)
-  assert not (tmp_path / "x").exists()
-  assert metrics.check_output_dir(str(tmp_path), "--cold_tier") == str(tmp_path)
-  assert list(tmp_path.iterdir()) == []  # the probe is gone
-  (tmp_path / "file").write_text("")
-  with pytest.raises(ValueError, match="exists and is not a directory"):
-    metrics.check_output_dir(str(tmp_path / "file"), "--cold_tier")
-  with pytest.raises(ValueError, match="file is not a directory"):
-    metrics.check_output_dir(str(tmp_path / "file" / "sub"), "--cold_tier")
-  with pytest.raises(ValueError, match="empty path"):
-    metrics.check_output_dir("", "--cold_tier")
-  if os.path.isdir("/proc/self"):  # Linux
-    for check in (metrics.check_output_dir, metrics.check_output_path):
-      with pytest.raises(ValueError, match="the folder /proc is not writable"):
-        check("/proc/dualpath_probe_test", "--out")
-
-
-def test_a_failed_figure_save_keeps_the_old_png(tmp_path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  path = tmp_path / "plot.png"
-  path.write_bytes(b"old")
-
-  class Broken:
-    def savefig(self, *args, **kwargs):
-      raise RuntimeError("disk full")
-
-  with pytest.raises(RuntimeError):
-    metrics.save_figure(Broken(), str(path))
-  assert path.read_bytes() == b"old"
-  assert sorted(os.listdir(tmp_path)) == ["plot.png"]
-  fig = plt.figure()
-  metrics.save_figure(fig, str(path))
-  plt.close(fig)
-  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dualpath_jax import metrics
+from dualpath_jax import outputs
 from dualpath_jax.config import ModelConfig
 from dualpath_jax.model.llama import Llama
 
@@ -90,7 +90,7 @@ def check_output_directory(directory: str | os.PathLike,
     raise ValueError(f"{path} exists and is not a directory")
   if not path.is_dir() or not any(path.iterdir()):
     # new or empty: files must be makeable there (a probe, removed at once)
-    metrics.check_output_dir(str(path), "the checkpoint directory")
+    outputs.check_output_dir(str(path), "the checkpoint directory")
     return
   if not (path / METADATA_FILE).is_file():
     raise ValueError(f"{path} is a directory of other files, not a "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from dualpath_jax import metrics
+from dualpath_jax import outputs
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -127,5 +127,5 @@ def plot_online(runs: Sequence[Mapping[str, Any]], path: str, *,
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  metrics.save_figure(fig, path)
+  outputs.save_figure(fig, path)
   plt.close(fig)
