@@ -6,6 +6,12 @@ the server's protocol can use them without importing the model stack.
 
 from __future__ import annotations
 
+# Message roles of a conversation, in traces and chat requests: what an
+# agent's turn holds. A role outside these would render into the chat
+# template verbatim (SmolLM2's writes `<|im_start|>{role}`), as text the
+# model never saw in training, so it is refused instead.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
 
 def check_unicode(text: str) -> None:
   """ValueError unless `text` is valid Unicode. A Python str may hold lone

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from dualpath_jax.text import check_unicode
+from dualpath_jax.text import CHAT_ROLES, check_unicode
 
 
 class APIError(Exception):
@@ -167,6 +167,9 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     role = m.get("role") if isinstance(m, dict) else None
     if not isinstance(role, str) or not role:
       raise APIError(f"messages[{i}] has no role", param=f"messages[{i}].role")
+    if role not in CHAT_ROLES:
+      raise APIError(f"messages[{i}].role {role[:40]!r} is not one of "
+                     f"{', '.join(CHAT_ROLES)}", param=f"messages[{i}].role")
     content = m.get("content")
     if content is None:
       text = ""

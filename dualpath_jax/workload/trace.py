@@ -31,9 +31,8 @@ import json
 import os
 from typing import Any, Iterable
 
-from dualpath_jax.text import check_unicode
+from dualpath_jax.text import CHAT_ROLES, check_unicode
 
-_ROLES = ("system", "user", "assistant", "tool")
 
 
 class TraceError(ValueError):
@@ -103,8 +102,8 @@ def _parse_turn(raw: Any, where: str) -> AgentTurn:
     _require(isinstance(msg, dict) and isinstance(msg.get("role"), str)
              and isinstance(msg.get("content"), str), f"{where}.input_delta[{j}]",
              "a message needs string 'role' and 'content'")
-    _require(msg["role"] in _ROLES, f"{where}.input_delta[{j}]",
-             f"role {msg['role']!r} is not one of {_ROLES}")
+    _require(msg["role"] in CHAT_ROLES, f"{where}.input_delta[{j}]",
+             f"role {msg['role']!r} is not one of {CHAT_ROLES}")
     _require_text(msg["content"], f"{where}.input_delta[{j}]", "'content'")
   out_tokens = raw.get("output_tokens", 0)
   _require(isinstance(out_tokens, int) and out_tokens >= 0, where,
