@@ -29,6 +29,7 @@ flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
 workload_flags.define()  # --trace, --sessions, --turns, --reply, --tokenizer
 engine_flags.define()  # --block_size, --num_blocks, --max_batch, --dtype, ...
 flags.DEFINE_string("report", "agent_eval_report.json", "JSON report path")
+flags.DEFINE_alias("json", "report")  # every JSON-writing launcher takes --json
 flags.DEFINE_string("plot", None, "PNG plot path (TTFT and timeline)")
 flags.DEFINE_bool("warmup", True, "compile every shape bucket before timing")
 flags.DEFINE_bool("progress", True, "show a progress bar")

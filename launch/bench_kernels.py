@@ -68,6 +68,7 @@ flags.DEFINE_float("warmup_s", 0.2, "seconds of calls before timing each "
                    lower_bound=0.0)
 flags.DEFINE_string("out", None, "JSON output path (default: "
                     "docs/results/bench_kernels_<backend>.json)")
+flags.DEFINE_alias("json", "out")  # every JSON-writing launcher takes --json
 flags.DEFINE_string("plot", None, "PNG output path (default: the JSON's "
                     "path with .png; '' for none): each kernel as % of its "
                     "ceiling, with the targets (launch.kernel_plot)")

@@ -57,6 +57,7 @@ _BATCH = flags.DEFINE_integer("batch", 512, "Tokens per llama_decode call during
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random prompt tokens.")
 _OUT = flags.DEFINE_string(
     "out", None, "JSON output (default: docs/results/llamacpp_cpu_<YYYY-MM-DD>.json).")
+flags.DEFINE_alias("json", "out")  # every JSON-writing launcher takes --json
 
 
 def default_gguf_path() -> pathlib.Path:

@@ -34,6 +34,7 @@ flags.DEFINE_string("attention", "auto", "paged-attention implementation "
                     "(xla | xla_chunked | pallas_triton | pallas_mosaic_gpu | "
                     "pallas_mosaic_tpu | auto)")
 flags.DEFINE_string("out", None, "JSON output path")
+flags.DEFINE_alias("json", "out")  # every JSON-writing launcher takes --json
 
 
 def _decode_batches() -> list[int]:

@@ -72,6 +72,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("keep_runs", False, "keep each run's cold tier under "
                     "--cold_tier/runs (else removed after the run)")
   flags.DEFINE_string("report", "bench_online_report.json", "JSON report path")
+  flags.DEFINE_alias("json", "report")  # as every JSON-writing launcher
   flags.DEFINE_string("plot", None, "PNG: TTFT vs rate per policy, NIC "
                       "utilisation over time at the highest rate")
   flags.DEFINE_bool("warmup", True, "compile every shape bucket before each run "

@@ -26,7 +26,7 @@ def test_sample_trace_report(tmp_path):
   plot = tmp_path / "r.png"
   proc = _run(f"--trace={SAMPLE}", "--limit_sessions=2", "--max_new_tokens=3",
               "--reply=teacher_forced", "--nowarmup", "--noprogress",
-              f"--report={report}", f"--plot={plot}")
+              f"--json={report}", f"--plot={plot}")  # --report's alias
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(report.read_text())
   for key in ("sessions", "turns", "prompt_tokens", "cached_prompt_tokens",

@@ -22,7 +22,7 @@ def test_smoke_run_end_to_end(tmp_path):
   out = tmp_path / "kernels.json"
   done = subprocess.run(
       [sys.executable, "-m", "launch.bench_kernels", "--reps=1", "--inner=1",
-       "--warmup_s=0", f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+       "--warmup_s=0", f"--json={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["complete"] and report["preset"] == "smoke"

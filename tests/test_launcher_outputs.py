@@ -75,7 +75,7 @@ def test_bench_model_reports_tokens_per_second(tmp_path):
   out = tmp_path / "sub" / "model.json"  # its folder is made
   done = _run("launch.bench_model", "--model=random:tiny-test",
               "--prompt_tokens=40", "--decode_batches=1,3",
-              "--decode_steps=2", "--reps=1", f"--out={out}")
+              "--decode_steps=2", "--reps=1", f"--json={out}")  # --out's alias
   assert done.returncode == 0, done.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["model"] == "tiny-test" and report["prompt_tokens"] == 40
@@ -130,6 +130,6 @@ def test_reports_write_numpy_values_as_numbers(tmp_path):
 
 
 def test_bench_llamacpp_checks_its_output_before_the_runs(tmp_path):
-  done = _run("launch.bench_llamacpp", f"--out={tmp_path}", timeout=120)
+  done = _run("launch.bench_llamacpp", f"--json={tmp_path}", timeout=120)
   assert done.returncode != 0 and "Traceback" not in done.stderr
   assert f"bench_llamacpp: --out: {tmp_path} is a directory" in done.stderr

@@ -305,7 +305,7 @@ def test_bench_online_end_to_end(tmp_path):
                   "--prefill_chunk=64", "--storage_nic_gbps=0.5",
                   "--nowarmup", "--noprogress", "--sample_every_s=0",
                   f"--cold_tier={tmp_path / 'cold'}",
-                  f"--report={report}", f"--plot={plot}")
+                  f"--json={report}", f"--plot={plot}")  # --report's alias
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(report.read_text())
   assert [(x["policy"], x["rate"]) for x in r["runs"]] == [
