@@ -129,6 +129,40 @@ def test_embedded_file_reads_as_the_gguf_package_reads_it(smollm2_gguf_path):
     assert np.array_equal(mine.data.reshape(-1),
                           np.asarray(t.data).reshape(-1).view(np.uint8))
   assert ours.data_offset == theirs.data_offset
+  # Our dequantization, bit for bit the gguf package's, on every tensor.
+  for t in theirs.tensors:
+    want = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type),
+                      np.float32).reshape(ours.tensors[t.name].shape)
+    got = gguf_loader.dequantize_tensor(ours.tensors[t.name])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
+                                  err_msg=t.name)
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0",
+                                  "Q4_1"])
+def test_dequantize_is_the_gguf_packages_bit_for_bit(np_rng, kind):
+  """Random rows of each supported type (random bytes, the float16 scales
+  and offsets drawn as finite floats) against `gguf.quants.dequantize`."""
+  qtype = gguf.GGMLQuantizationType[kind]
+  rows, cols = 3, 96
+  block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+  raw = np_rng.integers(0, 256, (rows, cols // block, block_bytes),
+                        dtype=np.uint8)
+  if kind.startswith("Q"):  # finite scales (and Q4_1 offsets)
+    halves = 2 if kind == "Q4_1" else 1
+    scales = np_rng.uniform(-2, 2, (rows, cols // block, halves))
+    raw[..., :2 * halves] = scales.astype(np.float16).view(np.uint8)
+  elif kind == "F32":
+    raw = np_rng.standard_normal((rows, cols)).astype(np.float32).view(
+        np.uint8).reshape(raw.shape)
+  raw = raw.reshape(rows, -1)
+  tensor = gguf_file.GGUFTensor("w", kind, int(qtype), (rows, cols), 0, raw)
+  got = gguf_loader.dequantize_tensor(tensor)
+  want = np.asarray(gguf.quants.dequantize(raw, qtype), np.float32)
+  assert got.shape == want.shape == (rows, cols)
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+  assert np.isfinite(got).all() or kind in ("F16", "BF16")
 
 
 def _header(version=3, tensors=0, kvs=1) -> bytes:

