@@ -115,3 +115,31 @@ def test_limit_and_paths_that_are_no_trace(tmp_path):
       load_trace(str(path), limit=limit)
   with pytest.raises(TraceError, match="not a file"):
     load_trace(str(tmp_path))
+
+
+def test_zstd_trace_cut_short_or_of_several_frames(tmp_path):
+  """zstandard's stream reader ends a cut-short frame without a word: a
+  truncated trace read as fewer sessions (or none). Now it is an error
+  wherever the cut falls; a file of several frames (`cat a.zst b.zst`)
+  reads whole."""
+  import zstandard  # pylint: disable=g-import-not-at-top
+  sessions = synthetic_agent_workload(num_sessions=6, turns_per_session=3,
+                                      seed=5)
+  lines = [json.dumps(s.to_dict()) + "\n" for s in sessions]
+  first = zstandard.ZstdCompressor().compress("".join(lines[:4]).encode())
+  second = zstandard.ZstdCompressor().compress("".join(lines[4:]).encode())
+  path = tmp_path / "t.jsonl.zst"
+  path.write_bytes(first + second)
+  assert [s.to_dict() for s in load_trace(str(path))] == [
+      s.to_dict() for s in sessions]
+  whole = first + second
+  for cut in (len(first) // 2, len(first) + 5, len(whole) - 1):
+    path.write_bytes(whole[:cut])
+    with pytest.raises(TraceError, match="truncated zstd data"):
+      load_trace(str(path))
+  # Cut exactly between two frames: a whole file of fewer frames.
+  path.write_bytes(first)
+  assert len(load_trace(str(path))) == 4
+  path.write_bytes(b"plain text, not zstd\n")
+  with pytest.raises(TraceError, match="bad zstd data"):
+    load_trace(str(path))

@@ -29,7 +29,7 @@ import dataclasses
 import io
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from dualpath_jax.text import CHAT_ROLES, check_unicode
 
@@ -78,6 +78,41 @@ def _open_text(path: str, mode: str) -> io.TextIOBase:
     import zstandard
     return zstandard.open(path, mode + "t", encoding="utf-8")
   return open(path, mode, encoding="utf-8")
+
+
+def _text_lines(path: str) -> Iterator[str]:
+  """The lines of a trace file, decompressed where it ends in `.zst`."""
+  if not path.endswith(".zst"):
+    with open(path, encoding="utf-8") as f:
+      yield from f
+    return
+  yield from _zstd_lines(path)
+
+
+def _zstd_lines(path: str) -> Iterator[str]:
+  """The UTF-8 lines of a zstd file of one or more frames, TraceError if the
+  last frame is cut short: zstandard's own stream reader ends there without
+  a word, so a truncated trace would silently lose its last sessions."""
+  import zstandard
+  decompressor = zstandard.ZstdDecompressor()
+  frame, in_frame, pending = decompressor.decompressobj(), False, b""
+  with open(path, "rb") as raw:
+    while chunk := raw.read(1 << 20):
+      while chunk:
+        pending += frame.decompress(chunk)
+        in_frame = True
+        chunk = b""
+        if frame.eof:  # the rest of the chunk starts the next frame
+          chunk = frame.unused_data
+          frame, in_frame = decompressor.decompressobj(), False
+      *lines, pending = pending.split(b"\n")
+      for line in lines:
+        yield line.decode("utf-8") + "\n"
+  if in_frame:
+    raise TraceError(f"{path}: truncated zstd data (its last frame is cut "
+                     "short)")
+  if pending:
+    yield pending.decode("utf-8")
 
 
 def _require(cond: bool, where: str, msg: str) -> None:
@@ -159,22 +194,21 @@ def load_trace(path: str, limit: int | None = None) -> list[AgentSession]:
   sessions: list[AgentSession] = []
   seen: set[str] = set()
   try:
-    with _open_text(path, "r") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{path}:{lineno}"
-        try:
-          raw = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise TraceError(f"{where}: invalid JSON ({e.msg})") from None
-        session = parse_session(raw, where)
-        _require(session.session_id not in seen, where,
-                 f"duplicate session_id {session.session_id!r}")
-        seen.add(session.session_id)
-        sessions.append(session)
-        if limit is not None and len(sessions) >= limit:
-          break
+    for lineno, line in enumerate(_text_lines(path), 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        raw = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise TraceError(f"{where}: invalid JSON ({e.msg})") from None
+      session = parse_session(raw, where)
+      _require(session.session_id not in seen, where,
+               f"duplicate session_id {session.session_id!r}")
+      seen.add(session.session_id)
+      sessions.append(session)
+      if limit is not None and len(sessions) >= limit:
+        break
   except UnicodeDecodeError as e:
     raise TraceError(f"{path}: not UTF-8 text ({e.reason})") from None
   except Exception as e:  # zstandard raises its own error type on bad frames
