@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 from flax import nnx
 
 from dualpath_jax import config
@@ -544,3 +546,66 @@ def test_generate_cli_json_matches_in_process_generation():
                              prefill_chunk=4)
   assert report["generated_token_ids"] == ids
   assert report["weights_id"] == loaded.weights_id
+
+
+def test_damaged_checkpoints_are_refused_naming_what(tmp_path, np_rng,
+                                                     caplog):
+  """Orbax's files carry no checksums: a flipped byte in an array's data
+  loaded as a wrong weight without a word. The CRC-32s recorded at save
+  time name the damaged array; unreadable files and metadata are
+  ValueErrors that name the checkpoint; one written before the CRC-32s
+  were recorded still loads, with a warning."""
+  model = make_model(config.TINY, np_rng)
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save_checkpoint(ckpt, model, weights_id="w", tokenizer_gguf=None)
+  metadata = json.loads((ckpt / checkpoint.METADATA_FILE).read_text())
+  assert set(metadata["state_crc32"]) >= {"embed_tokens",
+                                          "layers/attn/q_proj/kernel"}
+
+  def damaged(name):
+    copy = tmp_path / name
+    shutil.copytree(ckpt, copy)
+    return copy
+
+  # One byte in the middle of embed_tokens' stored (zstd, no checksum) chunk,
+  # found in Orbax's OCDBT data files by its bytes.
+  flipped = damaged("flipped")
+  kvstore = ts.KvStore.open({"driver": "ocdbt", "base": {
+      "driver": "file", "path": str(flipped / checkpoint.STATE_DIR) + "/"}}
+                            ).result()
+  chunk = kvstore.read(b"embed_tokens/0.0").result().value
+  del kvstore
+  hits = [(f, f.read_bytes().find(chunk))
+          for f in (flipped / checkpoint.STATE_DIR).rglob("*") if f.is_file()]
+  (f, at), = [(f, at) for f, at in hits if at >= 0]
+  raw = bytearray(f.read_bytes())
+  raw[at + len(chunk) // 2] ^= 0x40
+  f.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match=r"is damaged: embed_tokens differ "
+                     r"from what was saved \(CRC-32\)"):
+    load_model(str(flipped))
+
+  broken = damaged("broken")
+  orbax_metadata = broken / checkpoint.STATE_DIR / "_METADATA"
+  orbax_metadata.write_bytes(orbax_metadata.read_bytes()[:100])
+  with pytest.raises(ValueError, match=f"checkpoint {broken} could not be "
+                     "read: .*it is damaged or incomplete"):
+    load_model(str(broken))
+
+  ours = damaged("bad_json") / checkpoint.METADATA_FILE
+  ours.write_text(ours.read_text()[:50])
+  with pytest.raises(ValueError, match="is damaged: not JSON"):
+    load_model(str(ours.parent))
+  ours.write_text(json.dumps(dict(metadata, config={"vocab_size": 3})))
+  with pytest.raises(ValueError, match="holds no whole model config"):
+    load_model(str(ours.parent))
+
+  old = damaged("old") / checkpoint.METADATA_FILE
+  old.write_text(json.dumps({k: v for k, v in metadata.items()
+                             if k != "state_crc32"}))
+  with caplog.at_level("WARNING"):
+    loaded = load_model(str(old.parent))
+  assert "records no checksums" in caplog.text
+  np.testing.assert_array_equal(
+      np.asarray(params_of(loaded.model)["embed_tokens"]),
+      np.asarray(params_of(model)["embed_tokens"]))

@@ -7,10 +7,15 @@ Layout of a checkpoint directory written by `save_checkpoint` (and by
                               of `nnx.state(Llama)` (stacked layer weights)
   <dir>/dualpath_model.json   {"config": ModelConfig fields, "weights_id",
                                "tokenizer": {"gguf": path, "embedded": bool},
-                               "source": where the weights came from}
+                               "source": where the weights came from,
+                               "state_crc32": {array path: CRC-32 of its bytes}}
 
 Restoring builds an abstract `Llama` with `nnx.eval_shape` (no random init)
-and restores straight into its shapes and dtypes.
+and restores straight into its shapes and dtypes, then checks every array
+against its CRC-32: Orbax's files carry no checksums, so bytes damaged on
+disk would otherwise load as slightly wrong weights without a word. A
+checkpoint that cannot be read, or fails the check, is a ValueError that
+names it and the array.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import dataclasses
 import json
 import os
 import pathlib
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from dualpath_jax import outputs
@@ -74,9 +82,21 @@ def save_checkpoint(
           "embedded": tokenizer_embedded,
       },
       "source": source,
+      "state_crc32": state_checksums(state),
   }
   (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
   return directory
+
+
+def state_checksums(state: dict[str, Any]) -> dict[str, int]:
+  """{"layers/attn/q_proj/kernel": CRC-32 of the array's bytes, ...} of a
+  pure-dict model state (C order, as the arrays are)."""
+  sums = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    array = np.ascontiguousarray(np.asarray(leaf))
+    sums[name] = zlib.crc32(memoryview(array).cast("B"))
+  return sums
 
 
 def check_output_directory(directory: str | os.PathLike,
@@ -107,7 +127,14 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"{directory} is not a dualpath model checkpoint "
                             f"(no {METADATA_FILE}); write one with "
                             "`python -m launch.convert`")
-  metadata = json.loads(path.read_text())
+  try:
+    metadata = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is damaged: not JSON ({e}); write the "
+                     "checkpoint again with `python -m launch.convert "
+                     "--overwrite`") from None
+  if not isinstance(metadata, dict):
+    raise ValueError(f"{path} is damaged: not a JSON object")
   if metadata.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path}: unsupported format_version "
                      f"{metadata.get('format_version')!r}")
@@ -115,9 +142,15 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def config_from_metadata(metadata: dict[str, Any]) -> ModelConfig:
-  fields = dict(metadata["config"])
-  fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
-  return ModelConfig(**fields)
+  """The ModelConfig a checkpoint's metadata records (ValueError if it does
+  not record a whole one)."""
+  try:
+    fields = dict(metadata["config"])
+    fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+    return ModelConfig(**fields)
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"the checkpoint's {METADATA_FILE} holds no whole model "
+                     f"config ({type(e).__name__}: {e})") from None
 
 
 def abstract_model(config: ModelConfig) -> Llama:
@@ -145,6 +178,39 @@ def restore_checkpoint(
   config = config_from_metadata(metadata)
   graphdef, state = nnx.split(abstract_model(config))
   target = nnx.to_pure_dict(state)
-  restored = ocp.StandardCheckpointer().restore(directory / STATE_DIR, target)
+  try:
+    restored = ocp.StandardCheckpointer().restore(directory / STATE_DIR,
+                                                  target)
+  except Exception as e:  # Orbax raises bare Exceptions around TensorStore's
+    raise ValueError(f"checkpoint {directory} could not be read: "
+                     f"{_root_cause(e)}; it is damaged or incomplete, write it "
+                     "again with `python -m launch.convert --overwrite`"
+                     ) from e
+  _check_state(directory, restored, metadata.get("state_crc32"))
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state), metadata
+
+
+def _root_cause(error: BaseException) -> str:
+  """The innermost cause's message, without TensorStore's spec dump."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).split(" [tensorstore_spec=")[0]
+  return text.split(". See full TensorStore details")[0].strip()
+
+
+def _check_state(directory: pathlib.Path, restored: dict[str, Any],
+                 expected: dict[str, int] | None) -> None:
+  """ValueError naming the arrays whose bytes differ from what was saved."""
+  if expected is None:  # written before checksums were recorded
+    logging.warning("checkpoint %s records no checksums: its arrays are not "
+                    "checked (write it again with `python -m launch.convert "
+                    "--overwrite` to add them)", directory)
+    return
+  got = state_checksums(restored)
+  damaged = sorted(k for k in got if expected.get(k) != got[k])
+  if damaged or got.keys() != expected.keys():
+    raise ValueError(f"checkpoint {directory} is damaged: "
+                     f"{', '.join(damaged) or 'its array list'} "
+                     "differ from what was saved (CRC-32); write it again "
+                     "with `python -m launch.convert --overwrite`")
