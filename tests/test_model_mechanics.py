@@ -526,8 +526,9 @@ def test_generate_cli_refuses_a_bad_request_before_loading_weights(tmp_path):
     assert "Traceback" not in runs[name].stderr, runs[name].stderr[-2000:]
   assert "generate: 9003 tokens exceed max_position" in runs["bad"].stderr
   assert "not found" not in runs["bad"].stderr
-  assert f"generate: Checkpoint at {ckpt / 'state'} not found" in (
-      runs["good"].stderr), runs["good"].stderr[-2000:]
+  assert (f"generate: checkpoint {ckpt} could not be read: Checkpoint at "
+          f"{ckpt / 'state'} not found; it is damaged or incomplete") in (
+              runs["good"].stderr), runs["good"].stderr[-2000:]
 
 
 def test_generate_cli_json_matches_in_process_generation():

@@ -94,8 +94,9 @@ def state_checksums(state: dict[str, Any]) -> dict[str, int]:
   sums = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    array = np.ascontiguousarray(np.asarray(leaf))
-    sums[name] = zlib.crc32(memoryview(array).cast("B"))
+    # As bytes: a memoryview of bfloat16 (an ml_dtypes type) cannot be made.
+    array = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
+    sums[name] = zlib.crc32(array.view(np.uint8))
   return sums
 
 
@@ -196,7 +197,7 @@ def _root_cause(error: BaseException) -> str:
   while error.__cause__ is not None:
     error = error.__cause__
   text = str(error).split(" [tensorstore_spec=")[0]
-  return text.split(". See full TensorStore details")[0].strip()
+  return text.split(". See full TensorStore details")[0].strip().rstrip(".")
 
 
 def _check_state(directory: pathlib.Path, restored: dict[str, Any],
