@@ -268,44 +268,44 @@ def _with(parsed: gguf_file.GGUFFile, key: str, value) -> gguf_file.GGUFFile:
   return dataclasses.replace(parsed, metadata=metadata)
 
 
-@pytest.mark.parametrize("key,value,reason", [
-    ("llama.block_count", _DELETE, "GGUF metadata lacks llama.block_count"),
-    ("llama.block_count", "30",
+_CONFIG, _TOKENIZER = gguf_loader.config_from_gguf, Tokenizer.from_gguf
+
+
+@pytest.mark.parametrize("build,key,value,reason", [
+    (_CONFIG, "llama.block_count", _DELETE,
+     "GGUF metadata lacks llama.block_count"),
+    (_CONFIG, "llama.block_count", "30",
      "llama.block_count must be a positive integer, got '30'"),
-    ("llama.attention.head_count", 0,
+    (_CONFIG, "llama.attention.head_count", 0,
      "llama.attention.head_count must be a positive integer, got 0"),
-    ("llama.attention.head_count_kv", [3], "positive integer, got [3]"),
-    ("llama.attention.head_count_kv", 2,
+    (_CONFIG, "llama.attention.head_count_kv", [3],
+     "positive integer, got [3]"),
+    (_CONFIG, "llama.attention.head_count_kv", 2,
      "num_heads=9 must be a multiple of num_kv_heads=2"),
-    ("llama.context_length", 8192.0, "positive integer, got 8192.0"),
-    ("llama.rope.freq_base", -1.0,
+    (_CONFIG, "llama.context_length", 8192.0, "positive integer, got 8192.0"),
+    (_CONFIG, "llama.rope.freq_base", -1.0,
      "llama.rope.freq_base must be a positive number, got -1.0"),
-    ("llama.vocab_size", True, "positive integer, got True"),
-    ("tokenizer.ggml.eos_token_id", 49152,
+    (_CONFIG, "llama.vocab_size", True, "positive integer, got True"),
+    (_CONFIG, "tokenizer.ggml.eos_token_id", 49152,
      "tokenizer.ggml.eos_token_id must be a token id in [0, 49152), got 49152"),
-    ("tokenizer.ggml.bos_token_id", "1", "must be a token id"),
-    ("general.architecture", "gemma", "unsupported GGUF architecture 'gemma'"),
+    (_CONFIG, "tokenizer.ggml.bos_token_id", "1", "must be a token id"),
+    (_CONFIG, "general.architecture", "gemma",
+     "unsupported GGUF architecture 'gemma'"),
+    (_TOKENIZER, "tokenizer.ggml.tokens", ["a", 1],
+     "tokenizer.ggml.tokens must be a list of str"),
+    (_TOKENIZER, "tokenizer.ggml.merges", "Ġ t",
+     "tokenizer.ggml.merges must be a list"),
+    (_TOKENIZER, "tokenizer.ggml.token_type", ["1"] * 49152,
+     "token_type must be a list of int"),
+    (_TOKENIZER, "tokenizer.ggml.eot_token_id", -1,
+     "eot_token_id must be a token id"),
+    (_TOKENIZER, "tokenizer.chat_template", 7,
+     "chat_template must be a string"),
 ])
-def test_config_refuses_bad_metadata_naming_the_key(smollm2_gguf_path, key,
-                                                    value, reason):
+def test_bad_metadata_is_refused_naming_the_key(smollm2_gguf_path, build, key,
+                                                value, reason):
+  """The config and the tokenizer read from a GGUF's metadata."""
   parsed = _with(gguf_loader.open_gguf(smollm2_gguf_path), key, value)
   with pytest.raises(ValueError) as e:
-    gguf_loader.config_from_gguf(parsed)
-  assert reason in str(e.value)
-
-
-@pytest.mark.parametrize("key,value,reason", [
-    ("tokenizer.ggml.tokens", ["a", 1], "tokenizer.ggml.tokens must be a list "
-     "of str"),
-    ("tokenizer.ggml.merges", "Ġ t", "tokenizer.ggml.merges must be a list"),
-    ("tokenizer.ggml.token_type", ["1"] * 49152, "token_type must be a list "
-     "of int"),
-    ("tokenizer.ggml.eot_token_id", -1, "eot_token_id must be a token id"),
-    ("tokenizer.chat_template", 7, "chat_template must be a string"),
-])
-def test_tokenizer_refuses_bad_metadata_naming_the_key(smollm2_gguf_path, key,
-                                                       value, reason):
-  parsed = _with(gguf_loader.open_gguf(smollm2_gguf_path), key, value)
-  with pytest.raises(ValueError) as e:
-    Tokenizer.from_gguf(parsed)
+    build(parsed)
   assert reason in str(e.value)
