@@ -58,7 +58,7 @@ def main(argv):
   from dualpath_jax import outputs
   from dualpath_jax.config import CacheConfig
   from dualpath_jax.engine.buckets import next_pow2
-  from dualpath_jax.model import load_model
+  from dualpath_jax.model import describe_model, load_model
   from dualpath_jax.model.runner import ModelRunner
   from kernels.paged_attention import IMPLEMENTATIONS
 
@@ -69,7 +69,13 @@ def main(argv):
                        f"from {sorted(IMPLEMENTATIONS)} or auto")
     if FLAGS.out:
       outputs.check_output_path(FLAGS.out, "--out")
+    # Start-up as a launcher pays it: the config and tokenizer (a GGUF's
+    # header and vocabulary), then the weights (read, dequantized, placed).
+    t0 = time.perf_counter()
+    describe_model(FLAGS.model, dtype=FLAGS.dtype)
+    t1 = time.perf_counter()
     loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
+    startup = {"describe_s": t1 - t0, "load_weights_s": time.perf_counter() - t1}
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"bench_model: {e}")
   cfg = loaded.config
@@ -124,13 +130,16 @@ def main(argv):
                  "context": n, "seconds": t, "tok_s": toks / t,
                  "ms_per_step": 1000 * t / FLAGS.decode_steps})
 
+  print(f"start-up: config + tokenizer {startup['describe_s']:.2f} s, "
+        f"weights {startup['load_weights_s']:.2f} s")
   print(f"{'phase':<8} {'batch':>5} {'context':>7} {'tok/s':>9}")
   for r in rows:
     print(f"{r['phase']:<8} {r['batch']:>5} {r['context']:>7} {r['tok_s']:>9.1f}")
   report = {
       "model": cfg.name, "dtype": FLAGS.dtype, "attention": FLAGS.attention,
       "block_size": bs, "prompt_tokens": n,
-      "decode_steps": FLAGS.decode_steps, "reps": FLAGS.reps, "rows": rows,
+      "decode_steps": FLAGS.decode_steps, "reps": FLAGS.reps,
+      "startup": startup, "rows": rows,
       **metrics.run_environment(),
   }
   if FLAGS.out:

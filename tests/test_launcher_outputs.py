@@ -88,6 +88,9 @@ def test_bench_model_reports_tokens_per_second(tmp_path):
               "git_commit", "device"):
     assert key in report, key
   assert "decode" in done.stdout
+  assert set(report["startup"]) == {"describe_s", "load_weights_s"}
+  assert all(s > 0 for s in report["startup"].values())
+  assert "start-up: config + tokenizer" in done.stdout
 
 
 @pytest.mark.parametrize("flag,msg", [
