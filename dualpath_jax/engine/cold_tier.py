@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 
 from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
