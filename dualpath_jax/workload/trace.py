@@ -34,7 +34,6 @@ from typing import Any, Iterable, Iterator
 from dualpath_jax.text import CHAT_ROLES, check_unicode
 
 
-
 class TraceError(ValueError):
   """A trace file that does not follow the schema (says where and why)."""
 
@@ -73,11 +72,13 @@ class AgentSession:
     return d
 
 
-def _open_text(path: str, mode: str) -> io.TextIOBase:
+def _open_for_writing(path: str) -> io.TextIOBase:
+  """A text file to write, zstd-compressed where `path` ends in `.zst`
+  (reading goes through `_text_lines`, which notices a cut-short frame)."""
   if path.endswith(".zst"):
     import zstandard
-    return zstandard.open(path, mode + "t", encoding="utf-8")
-  return open(path, mode, encoding="utf-8")
+    return zstandard.open(path, "wt", encoding="utf-8")
+  return open(path, "w", encoding="utf-8")
 
 
 def _text_lines(path: str) -> Iterator[str]:
@@ -222,6 +223,6 @@ def load_trace(path: str, limit: int | None = None) -> list[AgentSession]:
 
 def save_trace(sessions: Iterable[AgentSession], path: str) -> None:
   """Writes sessions as JSONL (zstd-compressed when `path` ends in `.zst`)."""
-  with _open_text(path, "w") as f:
+  with _open_for_writing(path) as f:
     for s in sessions:
       f.write(json.dumps(s.to_dict(), ensure_ascii=False) + "\n")
