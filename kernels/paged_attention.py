@@ -50,22 +50,16 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-# Pages from which "auto" sends prefill to the Mosaic GPU kernel: on an H100,
-# with its 128-key ring, it ran 1.19x and 1.26x the Triton prefill kernel on
-# 64-token pages and 0.95x on 16-token pages (docs/benchmarks.md, "GPU").
-MOSAIC_GPU_PREFILL_MIN_PAGE = 64
-
-
 def _mosaic_gpu_in_auto(*, q_len: int, block_size: int, quantized: bool,
                         **call) -> bool:
-  """Whether "auto" picks Mosaic GPU: decode of bf16/f16 pools, and prefill
-  of such pools with pages of `MOSAIC_GPU_PREFILL_MIN_PAGE` tokens or more,
-  on Hopper. int8 pools stay with Triton: an earlier form of the Mosaic
-  kernel's int8 path ran at 0.4-0.5x its bf16 path on an H100, and the
-  current one is unmeasured."""
+  """Whether "auto" picks Mosaic GPU: decode and prefill of bf16/f16 pools
+  on Hopper. On an H200 (docs/benchmarks.md, "GPU: 2026-11-27") its
+  default decode read K/V at 1.11-2.15x the Triton decode kernel's rate
+  (seven shapes) and its warp-specialized prefill ran 1.80-1.86x the
+  Triton prefill kernel, 16-token pages included. int8 pools stay with
+  Triton: its unpipelined int8 decode ran 1.9-2.4x the Mosaic kernel's
+  int8 path, which converts each step's tiles to bf16 in shared memory."""
   if quantized or not decode_mosaic_gpu.is_hopper():
-    return False
-  if q_len > 1 and block_size < MOSAIC_GPU_PREFILL_MIN_PAGE:
     return False
   return paged_attention_mosaic_gpu.supports(
       q_len=q_len, block_size=block_size, quantized=False, **call)
@@ -84,10 +78,8 @@ _SUPPORTS: dict[str, Callable[..., bool]] = {
 }
 
 # Preference order of `"auto"` per JAX backend platform. On GPUs the Mosaic
-# GPU kernels go first where they apply (Hopper, see `_mosaic_gpu_in_auto`):
-# the decode kernel read K/V at 0.98-1.58x the Triton decode kernel's rate on
-# an H100 and 1.00-2.04x on an H200 (docs/benchmarks.md, "GPU"); Triton
-# takes the rest.
+# GPU kernels go first where they apply (Hopper, see `_mosaic_gpu_in_auto`);
+# Triton takes the rest.
 _AUTO_ORDER = {
     "gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla_chunked", "xla"),
     "cuda": ("pallas_mosaic_gpu", "pallas_triton", "xla_chunked", "xla"),

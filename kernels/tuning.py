@@ -21,6 +21,12 @@ Reasoning behind the defaults (H100/H200, to be re-measured with
   while one is reduced. Its split count follows the Triton kernel's rule.
 * Prefill is bound by matmuls: 128 query rows by 64 keys (or one page when
   pages are larger) per step, as FlashAttention-2 kernels on Hopper use.
+
+Defaults revised from the H200 run of 2026-11-27 (docs/benchmarks.md,
+"GPU: 2026-11-27"; jax 0.11.2): the Triton decode kernel runs unpipelined
+on int8 pools; the Mosaic GPU decode kernel takes a copying warpgroup on
+16- and 32-token pages and on int8 pools; the Mosaic GPU prefill kernel
+runs on two computing warpgroups (bf16/f16 pools).
 """
 
 from __future__ import annotations
@@ -63,13 +69,15 @@ class MosaicDecodeTiling:
   ids_first: bool = False
   # Prefill only: warpgroups computing per program, each its own 64-row query
   # tile over the shared ring; 2 adds a third warpgroup that only issues the
-  # copies (`prefill_mosaic_gpu_ws.py`; bf16/f16 pools; unmeasured on a GPU).
+  # copies (`prefill_mosaic_gpu_ws.py`; bf16/f16 pools).
+  # 2 is the default for bf16/f16 pools (`mosaic_prefill_tiling`).
   consumers: int = 1
   # Decode only: a second warpgroup that issues the ring's copies, so that
   # the computing one never waits on a page id; for int8 pools it also reads
   # the page scales and converts each step's int8 tiles to bf16 (into two
   # alternating tiles), so that the conversion overlaps the computing
-  # warpgroup's matmuls and softmax; unmeasured on a GPU.
+  # warpgroup's matmuls and softmax. The default on small pages and int8
+  # pools (`mosaic_decode_tiling`).
   copy_warpgroup: bool = False
 
 
@@ -103,12 +111,19 @@ def decode_tiling(
     block_size: int,
     head_dim: int,
     itemsize: int = 2,
+    quantized: bool = False,
     num_cores: int = DEFAULT_NUM_CORES,
 ) -> DecodeTiling:
   """Picks the decode kernel's tile and split count for a static shape.
 
   A step reads ~32 KB of K (and as much V): 128 tokens at head_dim 128 in
-  bf16, so two pipeline stages of K and V stay near 128 KB of shared memory.
+  bf16 (`itemsize`: the dtype the kernel computes in, bf16 for int8 pools),
+  so two pipeline stages of K and V stay near 128 KB of shared memory.
+  int8 pools (`quantized`) run unpipelined (`num_stages=1`): pipelined, the
+  kernel needs 254 registers a thread there (two programs an SM), 160
+  without (`launch.kernel_sass`), and on an H200 it ran 1.23x and 1.39x
+  faster so at both int8 shapes of the benchmark (docs/results/
+  tiling_h200_2026-11-27.log).
   """
   target_tokens = max(16, _pow2_floor(32768 // (head_dim * itemsize)))
   pages_per_chunk, page_parts = step_split(block_size, target_tokens)
@@ -118,7 +133,8 @@ def decode_tiling(
   max_by_len = max(1, (pages_per_seq * block_size) // MIN_TOKENS_PER_SPLIT)
   num_splits = max(1, min(want, max_by_len, MAX_SPLITS))
   return DecodeTiling(pages_per_chunk=pages_per_chunk, num_splits=num_splits,
-                      num_warps=4, num_stages=2, page_parts=page_parts)
+                      num_warps=4, num_stages=1 if quantized else 2,
+                      page_parts=page_parts)
 
 
 # Mosaic GPU decode: shared memory a program may fill, and its ring depth.
@@ -170,6 +186,7 @@ def mosaic_decode_tiling(
     head_dim: int,
     itemsize: int = 2,
     quantized: bool = False,
+    copy_warpgroup: bool | None = None,
     num_cores: int = DEFAULT_NUM_CORES,
 ) -> MosaicDecodeTiling:
   """Picks the Mosaic GPU decode kernel's step, ring depth and splits.
@@ -180,6 +197,9 @@ def mosaic_decode_tiling(
   reuses the ring's bytes after the loop). int8
   pools (`quantized`) take steps of ~8 KB of int8 K, so that the bf16 tiles
   they are dequantized into leave room for a deep ring.
+
+  `copy_warpgroup` (None: `uses_copy_warpgroup`'s rule) adds a second
+  warpgroup that issues the ring's copies (`with_copy_warpgroup`).
   """
   step_bytes = 8192 if quantized else 16384
   ring_itemsize = 1 if quantized else itemsize
@@ -199,9 +219,37 @@ def mosaic_decode_tiling(
                         pages_per_seq=pages_per_seq, block_size=block_size,
                         head_dim=head_dim, itemsize=itemsize,
                         num_cores=num_cores).num_splits
-  return MosaicDecodeTiling(pages_per_chunk=pages_per_chunk,
-                            num_splits=split, num_stages=num_stages,
-                            page_parts=page_parts)
+  tiling = MosaicDecodeTiling(pages_per_chunk=pages_per_chunk,
+                              num_splits=split, num_stages=num_stages,
+                              page_parts=page_parts)
+  if copy_warpgroup is None:
+    copy_warpgroup = uses_copy_warpgroup(block_size=block_size,
+                                         quantized=quantized)
+  if copy_warpgroup:
+    return with_copy_warpgroup(tiling, block_size=block_size,
+                               head_dim=head_dim, quantized=quantized)
+  return tiling
+
+
+# Mosaic GPU decode: pages below this many tokens get a copying warpgroup.
+MOSAIC_COPY_WARPGROUP_BELOW_PAGE = 64
+
+
+def uses_copy_warpgroup(*, block_size: int, quantized: bool) -> bool:
+  """Whether the Mosaic GPU decode kernel's default has a copying
+  warpgroup: on int8 pools and on pages of fewer than
+  `MOSAIC_COPY_WARPGROUP_BELOW_PAGE` tokens.
+
+  Measured on an H200 (docs/results/bench_kernels_h200_2026-11-27.log, the
+  `pallas_mosaic_gpu_ws` decode rows against the one-warpgroup ones): on
+  16-token pages it ran 1.12-1.31x faster (four shapes, 1 x 32k to 64 x 4k,
+  head_dim 64 and 128; a step of 64 tokens is four page ids to read and
+  four copies to issue, which the computing warpgroup no longer waits on);
+  on int8 pools 1.14x and 1.15x (the conversion to bf16 overlaps the
+  matmuls); on 64- and 256-token pages of bf16 0.95-1.01x, so those keep
+  one warpgroup.
+  """
+  return quantized or block_size < MOSAIC_COPY_WARPGROUP_BELOW_PAGE
 
 
 # Mosaic GPU prefill: keys per ring step and ring depth (measured, below).
@@ -210,9 +258,20 @@ MOSAIC_PREFILL_STAGES = 2
 
 
 def mosaic_prefill_tiling(*, block_size: int, head_dim: int,
-                          itemsize: int = 2,
-                          quantized: bool = False) -> MosaicDecodeTiling:
-  """The Mosaic GPU prefill kernel's page ring: steps of 128 keys, 2 slots.
+                          itemsize: int = 2, quantized: bool = False,
+                          consumers: int | None = None) -> MosaicDecodeTiling:
+  """The Mosaic GPU prefill kernel's page ring (steps of 128 keys, 2
+  slots) and its computing warpgroups.
+
+  `consumers` (None: 2 for bf16/f16 pools, 1 for int8): two computing
+  warpgroups, each its own 64-row query tile, and a copying one
+  (`prefill_mosaic_gpu_ws.py`, FlashAttention-3's split), so that one
+  warpgroup's softmax runs beside the other's matmuls. On an H200 it ran
+  1.89x, 1.45x and 1.48x the one-warpgroup kernel (16-token pages, 1 x
+  (16,384 + 512) tokens: 309 against 585 us; 64-token pages, 1 x (32,256 +
+  512) and 4 x (16,384 + 256); docs/results/bench_kernels_h200_2026-11-27
+  .log), 75-85% of cuDNN's dense attention on the same lengths. Its int8
+  path does not exist (the one-warpgroup kernel dequantizes).
 
   Each step meets 64 query rows, so prefill is bound by its matmuls and
   softmax, not by the ring: a deeper ring buys nothing and a longer step
@@ -223,11 +282,13 @@ def mosaic_prefill_tiling(*, block_size: int, head_dim: int,
   within the decode kernel's budget for head_dim <= 128 (144 KB at 128,
   int8 included: `mosaic_smem_bytes(128, 128, 2)`).
   """
-  del head_dim, itemsize, quantized  # the same step for every pool
+  del head_dim, itemsize  # the same step for every pool
+  if consumers is None:
+    consumers = 1 if quantized else 2
   pages_per_chunk, page_parts = step_split(block_size, MOSAIC_PREFILL_STEP_TOKENS)
   return MosaicDecodeTiling(pages_per_chunk=pages_per_chunk, num_splits=1,
                             num_stages=MOSAIC_PREFILL_STAGES,
-                            page_parts=page_parts)
+                            page_parts=page_parts, consumers=consumers)
 
 
 def prefill_tiling(*, block_size: int, head_dim: int,

@@ -140,14 +140,14 @@ def _ids_first_twin(tiling) -> list[Any]:
   return [dataclasses.replace(tiling, ids_first=True)]
 
 
-def _two_consumer_twins(tiling, quantized: bool) -> list[Any]:
-  """The prefill default's twins on two computing warpgroups and a copying
-  one (`consumers=2`, bf16/f16 pools), with and without `ids_first`, timed
-  right after the default."""
+def _consumer_twins(tiling, quantized: bool) -> list[Any]:
+  """The prefill default's twins with the other count of computing
+  warpgroups (1, or 2 and a copying one: bf16/f16 pools only), with and
+  without `ids_first`, timed right after the default."""
   if quantized:
     return []
-  two = dataclasses.replace(tiling, consumers=2)
-  return [two, *_ids_first_twin(two)]
+  other = dataclasses.replace(tiling, consumers=3 - tiling.consumers)
+  return [other, *_ids_first_twin(other)]
 
 
 def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
@@ -161,11 +161,11 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   fits = lambda tokens, stages: tuning.mosaic_smem_bytes(
       tokens, s.head_dim, stages, quantized=quantized) <= (
           decode_mosaic_gpu.SMEM_BUDGET)
-  copying = tuning.with_copy_warpgroup(default, block_size=s.page,
-                                       head_dim=s.head_dim,
-                                       quantized=quantized)
+  # The default's twin with (or without) a copying warpgroup.
+  other = default_tiling("mosaic_decode", s,
+                         warp_specialized=not default.copy_warpgroup)
   return _default_first(default, itertools.chain(
-      _ids_first_twin(default), [copying], _spread((
+      _ids_first_twin(default), [other], _spread((
       tuning.MosaicDecodeTiling(num_splits=splits, num_stages=stages,
                                 **_step(s.page, tokens))
       for tokens, stages, splits in itertools.product(
@@ -174,15 +174,15 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
       if fits(tokens, stages)), _step_of)))
 
 
-def _unpipelined_twin(tiling) -> list[Any]:
-  """The Triton decode default's twin with no software pipelining
-  (`num_stages=1`), timed right after the default. On int8 pools the
-  default needs 254 registers a thread (two programs an SM); unpipelined,
-  160 (three) and a fifth fewer instructions a step, by the kernel's SASS
-  compiled on CPU (`launch.kernel_sass`, docs/benchmarks.md)."""
-  if tiling.num_stages == 1:
-    return []
-  return [dataclasses.replace(tiling, num_stages=1)]
+def _pipelining_twin(tiling) -> list[Any]:
+  """The Triton decode default's twin with the other software pipelining
+  (`num_stages` 1 or 2), timed right after the default. On int8 pools
+  (unpipelined by default) the pipelined kernel needs 254 registers a
+  thread (two programs an SM), unpipelined 160 (three) and a fifth fewer
+  instructions a step, by the kernel's SASS compiled on CPU
+  (`launch.kernel_sass`, docs/benchmarks.md)."""
+  return [dataclasses.replace(tiling,
+                              num_stages=2 if tiling.num_stages == 1 else 1)]
 
 
 def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
@@ -192,7 +192,7 @@ def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   pages = -(-s.ctx // s.page)
   default = default_tiling("triton_decode", s)
   return _default_first(default, itertools.chain(
-      _unpipelined_twin(default), _spread((
+      _pipelining_twin(default), _spread((
           tuning.DecodeTiling(num_splits=splits, num_warps=warps,
                               num_stages=stages, **_step(s.page, tokens))
           for tokens, stages, warps, splits in itertools.product(
@@ -209,7 +209,7 @@ def mosaic_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:
   quantized = s.dtype == "int8"
   default = default_tiling("mosaic_prefill", s)
   return _default_first(default, itertools.chain(
-      _two_consumer_twins(default, quantized), _ids_first_twin(default),
+      _consumer_twins(default, quantized), _ids_first_twin(default),
       _spread((
           tuning.MosaicDecodeTiling(num_splits=1, num_stages=stages,
                                     **_step(s.page, tokens))

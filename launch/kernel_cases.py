@@ -401,11 +401,13 @@ def parse_shape(kernel: str, fields: list[str], dtype: str | None = None):
   return cls(*ints, dtype)
 
 
-def default_tiling(kernel: str, s):
+def default_tiling(kernel: str, s, warp_specialized: bool | None = None):
   """The tiling `kernel` picks by itself for shape `s` (what its wrapper
   passes to `kernels.tuning`): the Triton kernels size their tiles by the
   dtype they compute in (the queries', bf16 here, for int8 pools), the
-  Mosaic ones by the pool's."""
+  Mosaic ones by the pool's. `warp_specialized` (Mosaic kernels; None: as
+  the default picks) forces the variant: a copying warpgroup (decode), two
+  computing warpgroups and a copying one (prefill), or neither."""
   import jax.numpy as jnp
   from kernels import tuning
   quantized = s.dtype == "int8"
@@ -414,7 +416,8 @@ def default_tiling(kernel: str, s):
   if kernel == "mosaic_prefill":
     return tuning.mosaic_prefill_tiling(
         block_size=s.page, head_dim=s.head_dim, itemsize=pool_itemsize,
-        quantized=quantized)
+        quantized=quantized, consumers=(
+            None if warp_specialized is None else 1 + warp_specialized))
   if kernel == "triton_prefill":
     return tuning.prefill_tiling(block_size=s.page, head_dim=s.head_dim,
                                  itemsize=compute_itemsize)
@@ -423,8 +426,10 @@ def default_tiling(kernel: str, s):
                head_dim=s.head_dim)
   if kernel == "mosaic_decode":
     return tuning.mosaic_decode_tiling(**shape, itemsize=pool_itemsize,
-                                       quantized=quantized)
-  return tuning.decode_tiling(**shape, itemsize=compute_itemsize)
+                                       quantized=quantized,
+                                       copy_warpgroup=warp_specialized)
+  return tuning.decode_tiling(**shape, itemsize=compute_itemsize,
+                              quantized=quantized)
 
 
 def problem(kernel: str, shape, key: int):

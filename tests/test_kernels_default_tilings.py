@@ -12,6 +12,7 @@ from kernels import decode_mosaic_gpu
 from kernels import decode_triton
 from kernels import paged_attention_mosaic_gpu
 from kernels import paged_attention_triton
+from kernels import prefill_mosaic_gpu_ws
 from kernels import tuning
 
 PAGES = (16, 32, 64, 128, 256, 512, 1024)
@@ -35,30 +36,42 @@ def test_mosaic_gpu_defaults_fit_every_supported_call():
   for block_size, head_dim, itemsize, quantized, q_len in _calls(
       paged_attention_mosaic_gpu.supports):
     if q_len > 1:
+      # The default (two computing warpgroups on bf16/f16 pools, one on
+      # int8) and the one-warpgroup variant.
       tilings = [tuning.mosaic_prefill_tiling(
           block_size=block_size, head_dim=head_dim, itemsize=itemsize,
-          quantized=quantized)]
+          quantized=quantized, consumers=consumers)
+                 for consumers in (None, 1)]
+      assert tilings[0].consumers == (1 if quantized else 2)
     else:
+      # The default and both variants (with and without a copying
+      # warpgroup), the default being one of them.
       tilings = []
       for batch, kv_heads, pages in CALLS:
-        default = tuning.mosaic_decode_tiling(
+        variants = [tuning.mosaic_decode_tiling(
             batch=batch, num_kv_heads=kv_heads, pages_per_seq=pages,
             block_size=block_size, head_dim=head_dim, itemsize=itemsize,
-            quantized=quantized)
-        tilings += [default, tuning.with_copy_warpgroup(
-            default, block_size=block_size, head_dim=head_dim,
-            quantized=quantized)]
+            quantized=quantized, copy_warpgroup=copying)
+                    for copying in (None, False, True)]
+        assert variants[0].copy_warpgroup == (quantized or block_size < 64)
+        assert variants[0] in variants[1:]
+        tilings += variants
     for tiling in tilings:
       decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim,
                                      quantized=quantized)
+      if tiling.consumers == 2:  # the warp-specialized prefill's own bound
+        tokens = tiling.pages_per_chunk * block_size // tiling.page_parts
+        assert prefill_mosaic_gpu_ws.smem_bytes(
+            tokens, head_dim, tiling.num_stages, itemsize) <= (
+                decode_mosaic_gpu.SMEM_BUDGET), (tiling, head_dim)
       seen += 1
   # head_dim 64/128 x 7 page sizes x (bf16, f16, int8), decode and prefill.
-  assert seen == 2 * 7 * 3 * (1 + 2 * len(CALLS))
+  assert seen == 2 * 7 * 3 * (2 + 3 * len(CALLS))
 
 
 def test_triton_defaults_fit_every_supported_call():
   seen = 0
-  for block_size, head_dim, itemsize, _, q_len in _calls(
+  for block_size, head_dim, itemsize, quantized, q_len in _calls(
       paged_attention_triton.supports):
     if q_len > 1:
       tilings = [tuning.prefill_tiling(block_size=block_size,
@@ -66,8 +79,11 @@ def test_triton_defaults_fit_every_supported_call():
     else:
       tilings = [tuning.decode_tiling(
           batch=batch, num_kv_heads=kv_heads, pages_per_seq=pages,
-          block_size=block_size, head_dim=head_dim, itemsize=itemsize)
+          block_size=block_size, head_dim=head_dim, itemsize=itemsize,
+          quantized=quantized)
                  for batch, kv_heads, pages in CALLS]
+      # int8 pools run unpipelined (measured, kernels/tuning.py).
+      assert {t.num_stages for t in tilings} == {1 if quantized else 2}
     for tiling in tilings:
       decode_triton.check_tiling(tiling, tiling.pages_per_chunk,
                                  tiling.page_parts, block_size)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from kernels import decode_mosaic_gpu
+from kernels import paged_attention_mosaic_gpu
 from kernels import testing
 from kernels import tuning
 from kernels.paged_attention import paged_attention
@@ -128,7 +129,11 @@ def test_capability_predicate_and_auto_on_gpu(
   for hopper in (True, False):
     monkeypatch.setattr(decode_mosaic_gpu, "is_hopper", lambda h=hopper: h)
     got = resolve_implementation("auto", **call)
-    mosaic = ok and hopper and not quantized  # int8: not measured yet
+    # Decode or prefill, whichever kernel the call routes to; int8 pools go
+    # to Triton (faster there).
+    routed = paged_attention_mosaic_gpu.supports(**call)
+    assert routed is (ok or q_len > 1)  # the prefill case: its kernel's
+    mosaic = routed and hopper and not quantized
     want = "pallas_mosaic_gpu" if mosaic else "pallas_triton"
     assert got == want, (hopper, call)
 
@@ -216,14 +221,18 @@ def test_every_case_lowers_with_its_tiling():
 def test_converting_copier_fits_beside_the_default_int8_ring(batch, block_size,
                                                              pages):
   """The benchmark's int8 decode shapes (Llama-3-8B heads, 4k and 32k):
-  the default tiling with a converting copier (two bf16 tile pairs and
-  their scales) fits the SMEM budget and lowers with its barriers."""
-  default = tuning.mosaic_decode_tiling(
-      batch=batch, num_kv_heads=8, pages_per_seq=pages, block_size=block_size,
-      head_dim=128, itemsize=1, quantized=True)
-  tiling = tuning.with_copy_warpgroup(default, block_size=block_size,
-                                      head_dim=128, quantized=True)
-  assert tiling.copy_warpgroup and 2 <= tiling.num_stages <= default.num_stages
+  the default tiling has a converting copier (two bf16 tile pairs and
+  their scales), fits the SMEM budget beside a ring no deeper than the
+  one-warpgroup tiling's, and lowers with its barriers."""
+  shape = dict(batch=batch, num_kv_heads=8, pages_per_seq=pages,
+               block_size=block_size, head_dim=128, itemsize=1,
+               quantized=True)
+  tiling = tuning.mosaic_decode_tiling(**shape)
+  one = tuning.mosaic_decode_tiling(**shape, copy_warpgroup=False)
+  assert not one.copy_warpgroup
+  assert tiling == tuning.with_copy_warpgroup(one, block_size=block_size,
+                                              head_dim=128, quantized=True)
+  assert tiling.copy_warpgroup and 2 <= tiling.num_stages <= one.num_stages
   decode_mosaic_gpu.check_tiling(tiling, block_size, 128, quantized=True)
   args = (S((batch, 32, 128), "bfloat16"),
           S((300, 2, 8, block_size, 128), "int8"),

@@ -100,11 +100,8 @@ def test_bad_tiling_and_unsupported_calls_raise():
         tiling=tuning.MosaicDecodeTiling(8, 1, 4, consumers=2))
 
 
-def test_auto_sends_prefill_to_mosaic_gpu_from_64_token_pages(monkeypatch):
+def test_auto_sends_bf16_prefill_to_mosaic_gpu_on_hopper(monkeypatch):
   from kernels import decode_mosaic_gpu
-  assert prefill_mosaic_gpu.supports(q_len=9, head_dim=128, block_size=16,
-                                     quantized=False, dtype="bfloat16",
-                                     group=4)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   for hopper in (True, False):
     monkeypatch.setattr(decode_mosaic_gpu, "is_hopper", lambda h=hopper: h)
@@ -114,7 +111,7 @@ def test_auto_sends_prefill_to_mosaic_gpu_from_64_token_pages(monkeypatch):
             "auto", q_len=9, head_dim=128, block_size=block_size,
             quantized=quantized, dtype="int8" if quantized else "bfloat16",
             group=4)
-        mosaic = hopper and not quantized and block_size >= 64
+        mosaic = hopper and not quantized
         assert got == ("pallas_mosaic_gpu" if mosaic else "pallas_triton"), (
             hopper, block_size, quantized)
   # float32 pools: the Mosaic kernels take none.

@@ -11,7 +11,6 @@ scripts/gpu_check.sh.
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -115,21 +114,24 @@ def test_large_prefill(heads, kv_heads, head_dim, block_size, dtype):
 
 
 def test_auto_on_gpu():
-  """Mosaic GPU on Hopper for bf16/f16 decode and for prefill on pages of
-  64 tokens or more; Triton for the rest."""
-  decode = ("pallas_mosaic_gpu" if decode_mosaic_gpu.is_hopper()
+  """Mosaic GPU on Hopper for bf16/f16 decode and prefill; Triton for the
+  rest (int8 and float32 pools, other GPUs)."""
+  mosaic = ("pallas_mosaic_gpu" if decode_mosaic_gpu.is_hopper()
             else "pallas_triton")
   assert resolve_implementation("auto", q_len=1, head_dim=128,
-                                dtype="bfloat16", group=4) == decode
+                                dtype="bfloat16", group=4) == mosaic
   assert resolve_implementation("auto", q_len=1, head_dim=128,
                                 dtype="bfloat16", quantized=True,
                                 group=4) == "pallas_triton"
   assert resolve_implementation("auto", q_len=1, head_dim=128,
                                 dtype="float32") == "pallas_triton"
   assert resolve_implementation("auto", q_len=9, head_dim=128,
-                                dtype="bfloat16", group=4) == "pallas_triton"
+                                dtype="bfloat16", group=4) == mosaic
   assert resolve_implementation("auto", q_len=9, head_dim=128, block_size=64,
-                                dtype="bfloat16", group=4) == decode
+                                dtype="bfloat16", group=4) == mosaic
+  assert resolve_implementation("auto", q_len=9, head_dim=128, block_size=64,
+                                dtype="int8", quantized=True,
+                                group=4) == "pallas_triton"
 
 
 needs_hopper = pytest.mark.skipif(
@@ -191,12 +193,11 @@ def test_large_mosaic_prefill_default_tiling(heads, kv_heads, head_dim,
   out = paged_attention(*case.args(), implementation="pallas_mosaic_gpu",
                         kv_scales=case.kv_scales)
   testing.assert_matches(out, case, rtol=_rtol(case))
-  if dtype != "int8":  # two computing warpgroups and a copying one
-    two = dataclasses.replace(
-        tuning.mosaic_prefill_tiling(block_size=block_size,
-                                     head_dim=head_dim), consumers=2)
+  if dtype != "int8":  # the default has two computing warpgroups; one
+    one = tuning.mosaic_prefill_tiling(block_size=block_size,
+                                       head_dim=head_dim, consumers=1)
     _poison(case)
-    out = prefill_mosaic_gpu.paged_prefill(*case.args(), tiling=two)
+    out = prefill_mosaic_gpu.paged_prefill(*case.args(), tiling=one)
     testing.assert_matches(out, case, rtol=_rtol(case))
 
 

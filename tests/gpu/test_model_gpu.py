@@ -4,8 +4,9 @@ A random-weight model of SmolLM2's and of Llama-3-8B's attention geometry
 (9:3 heads at head_dim 64; 32:8 at 128; two layers), bfloat16 weights and KV,
 pages of 16 tokens: a batch of two prompts of different lengths is
 prefilled in chunks and decoded for a few steps, once per implementation
-(`"auto"`, which picks the Mosaic GPU decode kernel on Hopper and Triton for
-prefill, and Triton by name), always with the same tokens (the XLA run's
+(`"auto"`, which picks the Mosaic GPU kernels on Hopper: decode with a
+copying warpgroup, prefill on two computing warpgroups; and Triton by
+name), always with the same tokens (the XLA run's
 greedy ones). Every step's logits must match the XLA reference run's.
 This is the kernels inside the real model, KV writes and block tables
 included, which the kernel tests alone do not cover. Run by
@@ -92,8 +93,8 @@ def _reference(source: str):
     "random:llama3-8b-shape:layers=2"])
 @pytest.mark.parametrize("impl", ["auto", "pallas_triton"])
 def test_model_steps_match_xla(source, impl):
-  """`"auto"` on Hopper runs Mosaic GPU decode and Triton prefill; by name,
-  Triton runs both."""
+  """`"auto"` on Hopper runs the Mosaic GPU decode and prefill kernels; by
+  name, Triton runs both."""
   loaded, (ref_logits, ref_tokens) = _reference(source)
   logits, _ = _run(loaded, impl, ref_tokens)
   assert len(logits) == len(ref_logits) == 1 + DECODE_STEPS
