@@ -23,26 +23,29 @@ One call moves a list of blocks for a group of consecutive layers:
 * `scatter_to_host(host, pool, src_pages, dst_slots)`: device -> host, e.g.
   write-back or eviction to the hot tier.
 
-Host -> device, each run of blocks (one block by default) is a
-`dynamic_slice` of the tier moved to the device; the moved blocks,
+Host -> device on a CUDA GPU (`implementation="auto"`), one Pallas kernel
+reads every listed page from the pinned tier and writes it into the pool in
+place (`host_gather_triton`): 89-90% of a plain pinned -> device copy on an
+H200. Elsewhere (`"transfers"`), each run of blocks (one block by default)
+is a `dynamic_slice` of the tier moved to the device; the moved blocks,
 transposed to layer-major there, go into the donated pool by one scatter.
 Device -> host, the named pages are gathered block-major on the device first
 (one gather), then each block is moved to the host and written into the
 donated tier by a `dynamic_update_slice`. XLA's host offloading turns a
 slice of a host buffer moved to the device (and a device slice moved into a
 host buffer) into one transfer per slice, so only the named blocks cross the
-bus. By XLA's source (read, not yet confirmed on a GPU: the benchmark writes
-the compiled program), a slice at a runtime offset is not a copy-engine DMA
-but an asynchronous `dynamic-slice`: a small kernel on a side stream that
-reads the pinned tier over PCIe; only whole buffers and offsets known at
-compile time or linear in a loop counter become memcpys. Each transfer costs
-a fixed few microseconds besides its bytes: the H100 gathers of 2026-11-26
-fit ~7.5 us per transfer plus 50 GB/s (512 KiB blocks moved at 53% of a
-plain pinned -> device copy, 2 MiB blocks at 77%), a cost `run_length`
-spreads over R blocks, and that `host_gather_triton` (an experiment: one
-kernel reading every block of the list from the pinned tier) would not pay
-per block; on TPU, `host_gather_tpu` DMAs each block from host memory
-(`pl.HOST`) in one kernel. Entries `< 0` in the destination list are
+bus. A slice at a runtime offset is not a copy-engine DMA but an
+asynchronous `dynamic-slice`: a small kernel on a side stream that reads
+the pinned tier over PCIe (XLA's source says so, and the compiled gather of
+the H200 run shows a `fusion-start`/`fusion-done` pair per block); only
+whole buffers and offsets known at compile time or linear in a loop counter
+become memcpys. Each transfer costs a fixed few microseconds besides its
+bytes: the H100 gathers of 2026-11-26 fit ~7.5 us per transfer plus 50 GB/s
+(512 KiB blocks moved at 53% of a plain pinned -> device copy, 2 MiB blocks
+at 77%), a cost `run_length` spreads over R blocks and the one-kernel
+gather does not pay per block; on TPU, `host_gather_tpu` DMAs each block
+from host memory (`pl.HOST`) in one kernel (not yet run on a TPU, so not
+picked by "auto"). Entries `< 0` in the destination list are
 skipped, so callers can pad the lists to a few bucket sizes (the lists'
 lengths are static shapes).
 No conditionals: they could make XLA copy a whole tier.
@@ -209,6 +212,44 @@ def _scatter_blocks(host_tier, pool, src_ids, dst_ids, layer_start,
   return host_tier
 
 
+# How `gather_to_device` moves blocks: "transfers" (one XLA transfer per run
+# of blocks, then one scatter into the pool; any backend) or
+# "pallas_triton" (one Pallas kernel reading every listed page from the
+# pinned tier, `host_gather_triton`; GPUs, interpret mode on CPU).
+GATHER_IMPLEMENTATIONS = ("transfers", "pallas_triton")
+
+
+def resolve_gather(implementation: str, host_tier_shape: tuple[int, ...]
+                   ) -> str:
+  """Maps `"auto"` to a name of `GATHER_IMPLEMENTATIONS`; checks the others.
+
+  `"auto"` is `"pallas_triton"` on a CUDA GPU where its tiles fit (pages
+  and head_dim powers of 2), `"transfers"` elsewhere. On an H200 the kernel
+  moved 8 layers of 256 16-token blocks (or of 64 64-token ones) at 89.6%
+  and 89.1% of a plain pinned -> device copy of the same bytes, the
+  transfers at 51.6% and 74.8% (runs of 16 blocks: 78.3%);
+  docs/benchmarks.md, "GPU: 2026-11-27".
+  """
+  if implementation == "auto":
+    tiles = all(n >= 1 and not n & (n - 1) for n in host_tier_shape[-2:])
+    on_gpu = jax.default_backend() in ("gpu", "cuda")
+    return "pallas_triton" if on_gpu and tiles else "transfers"
+  if implementation not in GATHER_IMPLEMENTATIONS:
+    raise ValueError(f"unknown gather implementation {implementation!r}; "
+                     f"available: {list(GATHER_IMPLEMENTATIONS)} or 'auto'")
+  return implementation
+
+
+def run_slots(src_slots: jax.Array, run_length: int, num_slots: int
+              ) -> jax.Array:  # [n * run_length] int32
+  """The slot of every block of each run of `run_length` slots starting at
+  `src_slots [n]`, a run past the tier's end moved back to end there (as a
+  transfer's `dynamic_slice` clamps)."""
+  starts = jnp.clip(src_slots.astype(jnp.int32), 0, num_slots - run_length)
+  return (starts[:, None] + jnp.arange(run_length, dtype=jnp.int32)
+          ).reshape(-1)
+
+
 def gather_to_device_core(
     pool: jax.Array,  # [num_layers, num_blocks, 2, kv_heads, P, D] device
     host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
@@ -218,16 +259,27 @@ def gather_to_device_core(
     layer_start: int = 0,
     num_layers: int | None = None,
     run_length: int = 1,
+    implementation: str = "auto",
 ) -> jax.Array:  # the updated pool
   """Traceable body of `gather_to_device` (use inside a jitted step).
 
   Slot `src_slots[i] + j` goes to page `dst_pages[i * run_length + j]`; a
   run that would pass the tier's end is moved back to end there (as a
   `dynamic_slice` clamps), so callers keep runs inside the tier.
+  `implementation`: see `resolve_gather`; the one-kernel gather takes runs
+  block by block (it has no per-transfer cost to spread).
   """
   num_layers = pool.shape[0] - layer_start if num_layers is None else num_layers
   check_arguments(pool, host_tier, dst_pages, src_slots, layer_start,
                   num_layers, run_length)
+  if resolve_gather(implementation, host_tier.shape) == "pallas_triton":
+    # Imported here: host_gather_triton imports this module.
+    from kernels import host_gather_triton  # pylint: disable=g-import-not-at-top
+    slots = (src_slots if run_length == 1
+             else run_slots(src_slots, run_length, host_tier.shape[0]))
+    return host_gather_triton.gather_to_device_core(
+        pool, host_tier, slots, dst_pages, layer_start=layer_start,
+        num_layers=num_layers, interpret=jax.default_backend() == "cpu")
   return _gather_blocks(pool, host_tier, src_slots, dst_pages, layer_start,
                         num_layers, run_length)
 
@@ -250,7 +302,8 @@ def scatter_to_host_core(
 
 
 @functools.partial(jax.jit, donate_argnums=(0,),
-                   static_argnames=("layer_start", "num_layers", "run_length"))
+                   static_argnames=("layer_start", "num_layers", "run_length",
+                                    "implementation"))
 def gather_to_device(
     pool: jax.Array,  # [num_layers, num_blocks, 2, kv_heads, P, D] device
     host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
@@ -260,12 +313,15 @@ def gather_to_device(
     layer_start: int = 0,
     num_layers: int | None = None,
     run_length: int = 1,
+    implementation: str = "auto",
 ) -> jax.Array:  # the pool, updated in place (donated)
-  """Copies hot-tier blocks (runs of `run_length` consecutive slots, one
-  transfer each) into pool pages for one group of layers."""
+  """Copies hot-tier blocks (runs of `run_length` consecutive slots) into
+  pool pages for one group of layers: on a GPU in one kernel reading the
+  pinned tier, elsewhere one transfer per run (`resolve_gather`)."""
   return gather_to_device_core(pool, host_tier, src_slots, dst_pages,
                                layer_start=layer_start, num_layers=num_layers,
-                               run_length=run_length)
+                               run_length=run_length,
+                               implementation=implementation)
 
 
 @functools.lru_cache(maxsize=None)

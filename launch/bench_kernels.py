@@ -48,7 +48,8 @@ from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
                                  error_line, reraise_if_interrupted, rel_err,
                                  timeit)
 from launch.kernel_table import fmt_row, host_to_device, print_table
-from launch.kernel_targets import GATHER_KERNEL, MOSAIC_WS, check_targets
+from launch.kernel_targets import (GATHER_KERNEL, GATHER_TRANSFERS, MOSAIC_WS,
+                                   check_targets)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, ["gpu", "smoke"],
@@ -244,21 +245,19 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
   row base and its reference check (for other implementations)."""
   base = dict(kind=kind, shape=dataclasses.asdict(s), kv_mib=kv_bytes / 2**20)
   check = _checker(kind, args)
-  from kernels import tuning  # pylint: disable=g-import-not-at-top
   impls = [("pallas_triton (ours)", f"triton_{kind}", None)]
   if _mosaic_applies(s, interpret):
-    impls.append(("pallas_mosaic_gpu (ours)", f"mosaic_{kind}", None))
-    # The warp-specialized variants on the default ring: two computing
-    # warpgroups and a copying one (prefill, bf16/f16), a copying warpgroup
-    # beside the computing one (decode).
-    default = kernel_cases.default_tiling(f"mosaic_{kind}", s)
-    if warp_specialized and kind == "prefill" and s.dtype != "int8":
-      impls.append((MOSAIC_WS, "mosaic_prefill",
-                    dataclasses.replace(default, consumers=2)))
-    if warp_specialized and kind == "decode":
-      impls.append((MOSAIC_WS, "mosaic_decode", tuning.with_copy_warpgroup(
-          default, block_size=s.page, head_dim=s.head_dim,
-          quantized=s.dtype == "int8")))
+    # The Mosaic GPU kernels in both variants on the default ring (the
+    # default tiling is one of them, `kernels.tuning`): one computing
+    # warpgroup, and warp-specialized: two computing warpgroups and a
+    # copying one (prefill, bf16/f16), a copying warpgroup beside the
+    # computing one (decode).
+    kernel = f"mosaic_{kind}"
+    impls.append(("pallas_mosaic_gpu (ours)", kernel,
+                  kernel_cases.default_tiling(kernel, s, False)))
+    if warp_specialized and not (kind == "prefill" and s.dtype == "int8"):
+      impls.append((MOSAIC_WS, kernel,
+                    kernel_cases.default_tiling(kernel, s, True)))
   for name, kernel, tiling in impls:
     fn = kernel_cases.kernel_fn(kernel, tiling, interpret)
     _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,
@@ -405,7 +404,8 @@ def dump_gather_hlo(s: CopyShape, path: str, blocks: int = 4) -> str:
   for run in (1, blocks):
     starts = src if run == 1 else src[:1] * 0
     text = block_copy.gather_to_device.lower(
-        pool, host, starts, dst, run_length=run).compile().as_text()
+        pool, host, starts, dst, run_length=run,
+        implementation="transfers").compile().as_text()
     texts.append(f"==== gather of {blocks} blocks, run_length={run}\n{text}")
     counts.append(f"run_length={run}: top-level ops {entry_op_counts(text)}")
   outputs.write_text("\n\n".join(texts), path)
@@ -431,9 +431,10 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
                 mib=nbytes / 2**20)
     state = {"pool": pool, "host": host}
 
-    def gather():
-      state["pool"] = block_copy.gather_to_device(state["pool"],
-                                                  state["host"], src, dst)
+    def gather(implementation="auto"):
+      state["pool"] = block_copy.gather_to_device(
+          state["pool"], state["host"], src, dst,
+          implementation=implementation)
       return state["pool"]
 
     def scatter():
@@ -448,8 +449,12 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
     except Exception as e:  # pylint: disable=broad-except
       reraise_if_interrupted(e)
       traceback.print_exc()
+    # What `gather_to_device` does by itself (on a GPU: one kernel), then
+    # its per-block transfers (elsewhere the same thing).
     _attempt(rows, base, "gather host->device (ours)", gather,
              nbytes=nbytes, flops=0)
+    _attempt(rows, base, GATHER_TRANSFERS,
+             lambda: gather("transfers"), nbytes=nbytes, flops=0)
     _attempt(rows, base, "scatter device->host (ours)", scatter,
              nbytes=nbytes, flops=0)
     for run in s.run_lengths:  # the same bytes, one transfer per run
@@ -458,7 +463,8 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
 
       def gather_runs(starts=starts.astype(src.dtype), run=run):
         state["pool"] = block_copy.gather_to_device(
-            state["pool"], state["host"], starts, dst, run_length=run)
+            state["pool"], state["host"], starts, dst, run_length=run,
+            implementation="transfers")
         return state["pool"]
       _attempt(rows, base, f"gather runs of {run} (ours)", gather_runs,
                nbytes=nbytes, flops=0)
@@ -494,7 +500,8 @@ def _plain_copy(s: CopyShape, rows: list[dict], base: dict,
 def bench_gather_kernel(shapes, rows: list[dict], interpret: bool,
                         hlo_path: str | None = None) -> None:
   """The block gather as one Pallas kernel reading the pinned tier
-  (kernels/host_gather_triton.py), on the copy section's shapes and data.
+  (kernels/host_gather_triton.py, what `gather_to_device` runs on a GPU),
+  on the copy section's shapes and data.
 
   Its row checks the moved pages against the tier (`rel_err`: the largest
   difference, 0 when right) and names the compiled program's top-level ops

@@ -60,6 +60,8 @@ def test_smoke_run_end_to_end(tmp_path):
   assert any(t["target"].startswith("block gather") for t in report["targets"])
   assert any(t["shape"].startswith("[gather runs of 2]")
              for t in report["targets"])
+  assert any(t["shape"].startswith("[gather: per-block transfers]")
+             for t in report["targets"])
   # The one-kernel gather (its own section, last) moved the right pages.
   kernel_row, = [r for r in report["rows"]
                  if r["impl"] == "gather: one kernel (ours)"]

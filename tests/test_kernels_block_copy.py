@@ -16,6 +16,9 @@ import pytest
 from kernels import block_copy
 
 SHAPE_TAIL = (2, 2, 16, 8)  # [2, kv_heads, block_size, head_dim]
+# The gather's two paths: XLA transfers, and the one Pallas kernel that is
+# its path on GPUs (interpret mode here).
+GATHER_PATHS = block_copy.GATHER_IMPLEMENTATIONS
 
 
 def _device_array(rng, shape, dtype):
@@ -28,9 +31,11 @@ def _host_array(rng, shape, dtype):
   return jax.device_put(data, host.sharding)
 
 
+@pytest.mark.parametrize("implementation", GATHER_PATHS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("layer_start,num_layers", [(0, 3), (1, 2)])
-def test_gather_to_device_moves_named_blocks(dtype, layer_start, num_layers):
+def test_gather_to_device_moves_named_blocks(dtype, layer_start, num_layers,
+                                             implementation):
   rng = np.random.default_rng(11)
   pool = _device_array(rng, (3, 10) + SHAPE_TAIL, dtype)
   host = _host_array(rng, (7, 3) + SHAPE_TAIL, dtype)
@@ -47,26 +52,31 @@ def test_gather_to_device_moves_named_blocks(dtype, layer_start, num_layers):
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     out = block_copy.gather_to_device(pool, host, src, dst,
                                       layer_start=layer_start,
-                                      num_layers=num_layers)
+                                      num_layers=num_layers,
+                                      implementation=implementation)
   assert out.sharding.memory_kind == "device"
   np.testing.assert_array_equal(np.asarray(out, np.float32), want)
 
 
+@pytest.mark.parametrize("implementation", GATHER_PATHS)
 @pytest.mark.parametrize("run_length", [2, 3])
-def test_gather_in_runs_moves_each_run_to_its_pages(run_length):
+def test_gather_in_runs_moves_each_run_to_its_pages(run_length,
+                                                    implementation):
   """Entry i names slots src[i] .. src[i] + R - 1, going to pages
   dst[i * R:(i + 1) * R]; skipped pages (< 0) inside a run, e.g. a
-  session's last, partly filled run, leave the pool as it was."""
+  session's last, partly filled run, leave the pool as it was. A run
+  named past the tier's end is moved back to end there."""
   rng = np.random.default_rng(17 + run_length)
   layers, slots, pages = 3, 11, 14
   pool = _device_array(rng, (layers, pages) + SHAPE_TAIL, jnp.bfloat16)
   host = _host_array(rng, (slots, layers) + SHAPE_TAIL, jnp.bfloat16)
   starts = rng.choice(slots - run_length + 1, size=3, replace=False)
+  starts[1] = slots - 1  # passes the end: moved back to slots - run_length
   dst = rng.permutation(pages)[:3 * run_length].astype(np.int32)
   dst[-1] = -1  # the last run's tail is not needed
   want = np.asarray(pool, np.float32).copy()
   host_np = np.asarray(jax.device_get(host), np.float32)
-  for i, s in enumerate(starts):
+  for i, s in enumerate(np.minimum(starts, slots - run_length)):
     for j in range(run_length):
       if dst[i * run_length + j] >= 0:
         want[:, dst[i * run_length + j]] = host_np[s + j]
@@ -74,8 +84,24 @@ def test_gather_in_runs_moves_each_run_to_its_pages(run_length):
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     out = block_copy.gather_to_device(
         pool, host, jnp.asarray(starts, jnp.int32), jnp.asarray(dst),
-        run_length=run_length)
+        run_length=run_length, implementation=implementation)
   np.testing.assert_array_equal(np.asarray(out, np.float32), want)
+
+
+def test_auto_gathers_with_the_kernel_on_gpus_only(monkeypatch):
+  """"auto" is the one-kernel gather on a CUDA GPU where its tiles fit,
+  the transfers elsewhere; an unknown name is refused."""
+  tier = (9, 3) + SHAPE_TAIL
+  assert block_copy.resolve_gather("auto", tier) == "transfers"  # CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert block_copy.resolve_gather("auto", tier) == "pallas_triton"
+  assert block_copy.resolve_gather("auto", (9, 3, 2, 2, 12, 8)) == (
+      "transfers")  # 12-token pages: no power-of-2 tile
+  assert block_copy.resolve_gather("transfers", tier) == "transfers"
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert block_copy.resolve_gather("auto", tier) == "transfers"
+  with pytest.raises(ValueError, match="unknown gather implementation"):
+    block_copy.resolve_gather("dma", tier)
 
 
 def test_scatter_to_host_reuses_pinned_tier():

@@ -57,7 +57,8 @@ def test_agrees_with_the_per_block_xla_gather(kernel):
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     xla = block_copy.gather_to_device(
         case.pool, case.host_tier, case.src_slots, case.dst_pages,
-        layer_start=case.layer_start, num_layers=case.num_layers)
+        layer_start=case.layer_start, num_layers=case.num_layers,
+        implementation="transfers")
   np.testing.assert_array_equal(ours, np.asarray(xla))
 
 
