@@ -94,18 +94,27 @@ def test_unknown_kernel_is_refused():
 
 
 _SPREAD = """
+import dataclasses
 from launch import bench_tiling
 cfg = bench_tiling.PRESETS["gpu"]
 shape = cfg["mosaic_decode"][0]  # 1 x 32k, 16-token pages
 grid = list(bench_tiling.mosaic_decode_grid(shape, cfg))
 steps = [t.pages_per_chunk * shape.page // t.page_parts for t in grid]
 assert len(set(map(repr, grid))) == len(grid)
-# After the default and its two twins, the first tilings take each step
-# size that fits the shared memory (256-token steps do not at head_dim
-# 128): a short budget still tries every one.
+# The default, its twin with the other warpgroup choice, both on 2 slots
+# (two programs an SM), the default reading its page ids first.
+default, other = grid[:2]
+assert default.copy_warpgroup and not other.copy_warpgroup  # 16-token pages
+assert default.num_stages > 2 and other.num_stages > 2
+assert grid[2:4] == [dataclasses.replace(default, num_stages=2),
+                     dataclasses.replace(other, num_stages=2)]
+assert grid[4] == dataclasses.replace(default, ids_first=True)
+# Then the first tilings take each step size that fits the shared memory
+# (256-token steps do not at head_dim 128): a short budget still tries
+# every one.
 sizes = set(steps)
 assert sizes == {64, 128}, steps
-assert set(steps[3:3 + len(sizes)]) == sizes, steps
+assert set(steps[5:5 + len(sizes)]) == sizes, steps
 print("ok")
 """
 
