@@ -19,6 +19,7 @@ import time
 
 from absl import app, flags, logging
 
+from dualpath_jax.utils import make_ctrl_c_an_end
 from launch import (cluster_flags, distributed_flags, engine_flags,
                     workload_flags)
 
@@ -39,6 +40,7 @@ cluster_flags.define()  # --mesh, --policy, --storage_nic_gbps, --cold_tier, ...
 
 def main(argv):
   del argv
+  make_ctrl_c_an_end()  # Ctrl-C reports the finished turns
   try:
     multi = distributed_flags.requested()
   except ValueError as e:

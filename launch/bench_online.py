@@ -36,6 +36,7 @@ import tempfile
 
 from absl import app, flags, logging
 
+from dualpath_jax.utils import make_ctrl_c_an_end
 from launch import cluster_flags, engine_flags, workload_flags
 
 FLAGS = flags.FLAGS
@@ -213,6 +214,7 @@ def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
 
 def main(argv):
   del argv
+  make_ctrl_c_an_end()  # Ctrl-C reports the finished runs
   rates = _parse_rates(FLAGS.rates)
   policies = _parse_policies(FLAGS.policies)
   from dualpath_jax.workload.slo import SloSpec, sustained_rate

@@ -73,6 +73,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from dualpath_jax import outputs
+from dualpath_jax.utils import make_ctrl_c_an_end
 from dualpath_jax.config import MODEL_PRESETS, CacheConfig
 from launch.storage_disk import (bench_file_floor, bench_memory, bench_raw,
                                   cpu_seconds, latency_percentiles)
@@ -450,6 +451,7 @@ def _check_flags() -> tuple[list[StoreSpec], str]:
 
 def main(argv):
   del argv
+  make_ctrl_c_an_end()  # Ctrl-C reports the finished rounds
   try:
     specs, path = _check_flags()
   except ValueError as e:

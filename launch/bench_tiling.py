@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator
 from absl import app, flags
 
 from dualpath_jax import outputs
+from dualpath_jax.utils import make_ctrl_c_an_end
 from launch import kernel_cases
 from launch.kernel_cases import (KERNELS, DecodeShape, PrefillShape,
                                  default_tiling,
@@ -356,6 +357,7 @@ def print_best(rows: list[dict]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  make_ctrl_c_an_end()  # Ctrl-C (gpu_check.sh's timeout) writes the sweep
   backend, preset = kernel_cases.resolve_run(FLAGS, "kernels", KERNELS)
   cfg = PRESETS[preset]
   interpret = backend != "gpu"

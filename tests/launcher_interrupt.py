@@ -5,6 +5,11 @@ The long-running launchers (`agent_eval`, `bench_online`, `bench_storage`,
 130. Their tests start one, wait for the line that says a unit of work is
 done, send SIGINT and check the report. A launcher that never prints the
 line is killed after a timeout, so it fails its test instead of hanging it.
+
+The launcher starts with SIGINT ignored, as a shell without job control
+starts its background jobs (`cmd &` in a script, and so a test run started
+that way): a launcher must make Ctrl-C an end by itself
+(`dualpath_jax.utils.make_ctrl_c_an_end`), whoever started it.
 """
 
 from __future__ import annotations
@@ -41,8 +46,13 @@ def interrupt_after(args: list[str], marker: str, *, cwd: str,
   (AssertionError with the output) if the launcher ends without printing
   `marker`, or has not printed it within `timeout` seconds.
   """
-  proc = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  # `python -m args` with SIGINT ignored (exec keeps the disposition).
+  start_ignoring_sigint = (
+      "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+      "os.execv(sys.executable, [sys.executable, '-m', *sys.argv[1:]])")
+  proc = subprocess.Popen([sys.executable, "-c", start_ignoring_sigint, *args],
+                          cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
   got = {proc.stdout: b"", proc.stderr: b""}  # both drained: no full pipe
   watched = getattr(proc, stream)
   deadline = time.monotonic() + timeout
