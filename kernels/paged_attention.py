@@ -57,7 +57,7 @@ def _mosaic_gpu_in_auto(*, q_len: int, block_size: int, quantized: bool,
   default decode read K/V at 1.11-2.15x the Triton decode kernel's rate
   (seven shapes) and its warp-specialized prefill ran 1.80-1.86x the
   Triton prefill kernel, 16-token pages included. int8 pools stay with
-  Triton: its unpipelined int8 decode ran 1.9-2.4x the Mosaic kernel's
+  Triton: its unpipelined int8 decode ran about 1.9x the Mosaic kernel's
   int8 path, which converts each step's tiles to bf16 in shared memory."""
   if quantized or not decode_mosaic_gpu.is_hopper():
     return False
