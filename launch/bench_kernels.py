@@ -444,8 +444,9 @@ def bench_copy(shapes, rows: list[dict], hlo_path: str | None = None) -> None:
       return state["host"]
 
     try:  # The first call's output types differ from the inputs' (committed
-      # arrays): warm both variants so that timing sees no compilation.
+      # arrays): warm every variant so that timing sees no compilation.
       jax.block_until_ready(gather())
+      jax.block_until_ready(gather("transfers"))
       jax.block_until_ready(scatter())
     except Exception as e:  # pylint: disable=broad-except
       reraise_if_interrupted(e)
