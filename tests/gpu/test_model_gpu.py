@@ -9,8 +9,9 @@ copying warpgroup, prefill on two computing warpgroups; and Triton by
 name), always with the same tokens (the XLA run's
 greedy ones). Every step's logits must match the XLA reference run's.
 This is the kernels inside the real model, KV writes and block tables
-included, which the kernel tests alone do not cover. Run by
-scripts/gpu_check.sh.
+included, which the kernel tests alone do not cover (tests/model_steps.py
+drives the steps; tests/test_model_kernels_interpret.py runs the same on CPU
+in interpret mode). Run by scripts/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -18,74 +19,24 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 import pytest
 
-from dualpath_jax.config import CacheConfig
 from dualpath_jax.model import load_model
-from dualpath_jax.model.runner import ModelRunner
+from model_steps import assert_steps_match, run_steps
+
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "gpu",
-    reason="needs a CUDA GPU; on CPU the engine tests run the model with "
-    "'auto' (xla_chunked) against an XLA-reference runner (tests/test_engine.py)")
+    reason="needs a CUDA GPU; on CPU tests/test_model_kernels_interpret.py "
+    "runs these steps with the kernels interpreted")
 
-BS = 16
-CHUNK = 64  # prefill chunk (tokens per step)
-PROMPTS = (150, 37)  # two sequences, off page boundaries
 DECODE_STEPS = 4
-
-
-def _run(loaded, impl: str, feed: list[list[int]] | None):
-  """Chunked prefill of both prompts, then decode steps; returns the logits
-  of every step and the greedy tokens (fed from `feed` when given)."""
-  cfg = loaded.config
-  pages = -(-(max(PROMPTS) + DECODE_STEPS) // BS) + 1
-  cache = CacheConfig(block_size=BS, num_blocks=2 * pages + 1,
-                      dtype="bfloat16")
-  runner = ModelRunner(loaded.model, cache, attention_impl=impl)
-  kv = runner.new_kv_cache()
-  rng = np.random.default_rng(7)
-  prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in PROMPTS]
-  tables = np.arange(2 * pages, dtype=np.int32).reshape(2, pages) + 1
-  done = [0, 0]
-  logits_log = []
-  tokens_out = [[], []]
-  while any(d < len(p) for d, p in zip(done, prompts)):  # prefill, chunked
-    q_lens = [min(CHUNK, len(p) - d) for d, p in zip(done, prompts)]
-    toks = np.zeros((2, CHUNK), np.int32)
-    slots = np.full((2, CHUNK), -1, np.int32)
-    for b in range(2):
-      for i in range(q_lens[b]):
-        pos = done[b] + i
-        toks[b, i] = prompts[b][pos]
-        slots[b, i] = tables[b, pos // BS] * BS + pos % BS
-    kv_lens = np.array([d + q for d, q in zip(done, q_lens)], np.int32)
-    logits, kv = runner.step(kv, toks, tables, kv_lens,
-                             np.array(q_lens, np.int32), slots)
-    done = list(kv_lens)
-  logits_log.append(np.asarray(logits, np.float32))
-  for step in range(DECODE_STEPS):
-    toks = np.zeros((2, 1), np.int32)
-    slots = np.zeros((2, 1), np.int32)
-    for b in range(2):
-      nxt = (feed[b][step] if feed else
-             int(np.argmax(logits_log[-1][b])))
-      tokens_out[b].append(nxt)
-      pos = done[b]
-      toks[b, 0] = nxt
-      slots[b, 0] = tables[b, pos // BS] * BS + pos % BS
-    done = [d + 1 for d in done]
-    logits, kv = runner.step(kv, toks, tables, np.array(done, np.int32),
-                             np.ones(2, np.int32), slots)
-    logits_log.append(np.asarray(logits, np.float32))
-  return logits_log, tokens_out
 
 
 @functools.lru_cache(maxsize=None)
 def _reference(source: str):
   """The model and its XLA run (computed once per model)."""
   loaded = load_model(source, dtype="bfloat16")
-  return loaded, _run(loaded, "xla", None)
+  return loaded, run_steps(loaded, "xla", None, decode_steps=DECODE_STEPS)
 
 
 @pytest.mark.parametrize("source", [
@@ -96,9 +47,6 @@ def test_model_steps_match_xla(source, impl):
   """`"auto"` on Hopper runs the Mosaic GPU decode and prefill kernels; by
   name, Triton runs both."""
   loaded, (ref_logits, ref_tokens) = _reference(source)
-  logits, _ = _run(loaded, impl, ref_tokens)
-  assert len(logits) == len(ref_logits) == 1 + DECODE_STEPS
-  for step, (got, want) in enumerate(zip(logits, ref_logits)):
-    assert np.all(np.isfinite(got)), step
-    err = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert err < 3e-2, (step, err)
+  logits, _ = run_steps(loaded, impl, ref_tokens, decode_steps=DECODE_STEPS)
+  assert len(logits) == 1 + DECODE_STEPS
+  assert_steps_match(logits, ref_logits)
