@@ -231,9 +231,11 @@ def resolve_gather(implementation: str, host_tier_shape: tuple[int, ...]
   docs/benchmarks.md, "GPU: 2026-11-27".
   """
   if implementation == "auto":
-    tiles = all(n >= 1 and not n & (n - 1) for n in host_tier_shape[-2:])
+    # Imported here: host_gather_triton imports this module.
+    from kernels import host_gather_triton  # pylint: disable=g-import-not-at-top
     on_gpu = jax.default_backend() in ("gpu", "cuda")
-    return "pallas_triton" if on_gpu and tiles else "transfers"
+    return ("pallas_triton" if on_gpu
+            and host_gather_triton.supports(host_tier_shape) else "transfers")
   if implementation not in GATHER_IMPLEMENTATIONS:
     raise ValueError(f"unknown gather implementation {implementation!r}; "
                      f"available: {list(GATHER_IMPLEMENTATIONS)} or 'auto'")
@@ -273,7 +275,6 @@ def gather_to_device_core(
   check_arguments(pool, host_tier, dst_pages, src_slots, layer_start,
                   num_layers, run_length)
   if resolve_gather(implementation, host_tier.shape) == "pallas_triton":
-    # Imported here: host_gather_triton imports this module.
     from kernels import host_gather_triton  # pylint: disable=g-import-not-at-top
     slots = (src_slots if run_length == 1
              else run_slots(src_slots, run_length, host_tier.shape[0]))

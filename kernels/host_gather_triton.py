@@ -57,12 +57,21 @@ def _copy_page_kernel(src_ref, dst_ref, host_ref, pool_in_ref, pool_ref):
     pool_ref[page] = host_ref[slot]
 
 
+def _pow2(n: int) -> bool:
+  return n >= 1 and not n & (n - 1)
+
+
+def supports(host_tier_shape: tuple[int, ...]) -> bool:
+  """Whether the Triton lowering tiles this tier's pages: a program's tile
+  `[block_size, head_dim]` needs powers of 2."""
+  return all(map(_pow2, host_tier_shape[-2:]))
+
+
 def check_supported(host_tier: jax.Array) -> None:
-  """Raises ValueError for pages the Triton lowering cannot tile (a
-  program's tile `[block_size, head_dim]` needs powers of 2)."""
+  """Raises ValueError for pages `supports` refuses, naming the size."""
   block_size, head_dim = host_tier.shape[-2:]
   for name, n in (("block_size", block_size), ("head_dim", head_dim)):
-    if n < 1 or n & (n - 1):
+    if not _pow2(n):
       raise ValueError(f"the one-kernel gather needs {name} to be a power "
                        f"of 2; got {n}")
 

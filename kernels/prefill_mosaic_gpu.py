@@ -198,6 +198,34 @@ def supports(*, q_len: int, head_dim: int, block_size: int, quantized: bool,
       dtype=dtype, group=group)
 
 
+def check_tiling(tiling: tuning.MosaicDecodeTiling, block_size: int,
+                 head_dim: int, itemsize: int, quantized: bool = False) -> None:
+  """Raises ValueError for a tiling the prefill kernels cannot run: the
+  decode kernel's ring rules, one split, 1 or 2 computing warpgroups (2 for
+  bf16/f16 pools only, their ring within the shared memory beside two query
+  tiles), no copying warpgroup of the decode kind. `itemsize`: the pool's."""
+  if tiling.num_splits != 1:
+    raise ValueError(f"bad tiling {tiling}: prefill takes num_splits=1")
+  decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim,
+                                 quantized=quantized)
+  if tiling.consumers not in (1, 2) or (tiling.consumers == 2 and quantized):
+    raise ValueError(f"bad tiling {tiling}: consumers is 1, or 2 for bf16/f16 "
+                     "pools")
+  if tiling.copy_warpgroup:
+    raise ValueError(f"bad tiling {tiling}: prefill gets its copying "
+                     "warpgroup with consumers=2")
+  if tiling.consumers == 2:
+    from kernels import prefill_mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
+    chunk_tokens = (tiling.pages_per_chunk * block_size
+                    // tiling.page_parts)
+    if prefill_mosaic_gpu_ws.smem_bytes(
+        chunk_tokens, head_dim, tiling.num_stages,
+        itemsize) > decode_mosaic_gpu.SMEM_BUDGET:
+      raise ValueError(f"bad tiling {tiling}: two query tiles and a ring of "
+                       f"{tiling.num_stages} x {chunk_tokens} keys exceed "
+                       f"{decode_mosaic_gpu.SMEM_BUDGET} bytes of SMEM")
+
+
 @functools.partial(
     jax.jit, static_argnames=("sm_scale", "tiling", "interpret"))
 def paged_prefill(
@@ -234,26 +262,8 @@ def paged_prefill(
     tiling = tuning.mosaic_prefill_tiling(
         block_size=block_size, head_dim=head_dim,
         itemsize=jnp.dtype(kv_pages.dtype).itemsize, quantized=quantized)
-  if tiling.num_splits != 1:
-    raise ValueError(f"bad tiling {tiling}: prefill takes num_splits=1")
-  decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim,
-                                 quantized=quantized)
-  if tiling.consumers not in (1, 2) or (tiling.consumers == 2 and quantized):
-    raise ValueError(f"bad tiling {tiling}: consumers is 1, or 2 for bf16/f16 "
-                     "pools")
-  if tiling.copy_warpgroup:
-    raise ValueError(f"bad tiling {tiling}: prefill gets its copying "
-                     "warpgroup with consumers=2")
-  if tiling.consumers == 2:
-    from kernels import prefill_mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
-    chunk_tokens = (tiling.pages_per_chunk * block_size
-                    // tiling.page_parts)
-    if prefill_mosaic_gpu_ws.smem_bytes(
-        chunk_tokens, head_dim, tiling.num_stages,
-        jnp.dtype(kv_pages.dtype).itemsize) > decode_mosaic_gpu.SMEM_BUDGET:
-      raise ValueError(f"bad tiling {tiling}: two query tiles and a ring of "
-                       f"{tiling.num_stages} x {chunk_tokens} keys exceed "
-                       f"{decode_mosaic_gpu.SMEM_BUDGET} bytes of SMEM")
+  check_tiling(tiling, block_size, head_dim,
+               jnp.dtype(kv_pages.dtype).itemsize, quantized=quantized)
   chunk = tiling.pages_per_chunk
 
   group = num_heads // num_kv_heads
@@ -275,6 +285,7 @@ def paged_prefill(
                sm_scale=float(sm_scale), interpret=interpret is not False,
                quantized=quantized, ids_first=tiling.ids_first)
   if tiling.consumers == 2:
+    from kernels import prefill_mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
     return prefill_mosaic_gpu_ws.paged_prefill_ws(
         q, kv_pages, block_tables, kv_lens, q_lens, st=st,
         interpret=interpret)

@@ -12,7 +12,7 @@ from kernels import decode_mosaic_gpu
 from kernels import decode_triton
 from kernels import paged_attention_mosaic_gpu
 from kernels import paged_attention_triton
-from kernels import prefill_mosaic_gpu_ws
+from kernels import prefill_mosaic_gpu
 from kernels import tuning
 
 PAGES = (16, 32, 64, 128, 256, 512, 1024)
@@ -56,14 +56,13 @@ def test_mosaic_gpu_defaults_fit_every_supported_call():
         assert variants[0].copy_warpgroup == (quantized or block_size < 64)
         assert variants[0] in variants[1:]
         tilings += variants
-    for tiling in tilings:
-      decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim,
-                                     quantized=quantized)
-      if tiling.consumers == 2:  # the warp-specialized prefill's own bound
-        tokens = tiling.pages_per_chunk * block_size // tiling.page_parts
-        assert prefill_mosaic_gpu_ws.smem_bytes(
-            tokens, head_dim, tiling.num_stages, itemsize) <= (
-                decode_mosaic_gpu.SMEM_BUDGET), (tiling, head_dim)
+    for tiling in tilings:  # each kernel's own checks
+      if q_len > 1:
+        prefill_mosaic_gpu.check_tiling(tiling, block_size, head_dim,
+                                        itemsize, quantized=quantized)
+      else:
+        decode_mosaic_gpu.check_tiling(tiling, block_size, head_dim,
+                                       quantized=quantized)
       seen += 1
   # head_dim 64/128 x 7 page sizes x (bf16, f16, int8), decode and prefill.
   assert seen == 2 * 7 * 3 * (2 + 3 * len(CALLS))
