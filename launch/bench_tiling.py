@@ -202,14 +202,27 @@ def _pipelining_twin(tiling) -> list[Any]:
                               num_stages=2 if tiling.num_stages == 1 else 1)]
 
 
+def _smaller_step_twins(tiling, block_size: int) -> list[Any]:
+  """The Triton decode default's twins on steps of a half and a quarter of
+  its tokens (at least 16, the smallest matmul Triton emits). On an H200
+  the unpipelined int8 kernel ran 1.27x faster on 64-token steps than on
+  its default 128 at 64 x 4k (docs/results/tiling_h200_2026-11-27.log):
+  fewer registers a thread (125, four programs an SM, by `launch.
+  kernel_sass`) for the widening of int8 to bf16."""
+  tokens = tiling.pages_per_chunk * block_size // tiling.page_parts
+  return [dataclasses.replace(tiling, **_step(block_size, tokens // d))
+          for d in (2, 4) if tokens // d >= 16]
+
+
 def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
-  """The Triton decode kernel's default tiling and its unpipelined twin,
-  then alternatives."""
+  """The Triton decode kernel's default tiling, its twin with the other
+  pipelining and its twins on smaller steps, then alternatives."""
   from kernels import tuning
   pages = -(-s.ctx // s.page)
   default = default_tiling("triton_decode", s)
   return _default_first(default, itertools.chain(
-      _pipelining_twin(default), _spread((
+      _pipelining_twin(default), _smaller_step_twins(default, s.page),
+      _spread((
           tuning.DecodeTiling(num_splits=splits, num_warps=warps,
                               num_stages=stages, **_step(s.page, tokens))
           for tokens, stages, warps, splits in itertools.product(

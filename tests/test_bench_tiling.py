@@ -136,12 +136,16 @@ for shape in cfg["triton_decode"]:
   # int8 pools run unpipelined by default, 16-bit ones pipelined.
   assert default.num_stages == (1 if shape.dtype == "int8" else 2), default
   assert len(set(map(repr, grid))) == len(grid)
-  # The default, its twin with the other pipelining, then the other step
-  # sizes in turn.
+  # The default, its twin with the other pipelining, its twins on a half
+  # and a quarter of its step, then the other step sizes in turn.
   assert grid[:2] == [default, dataclasses.replace(
       default, num_stages=3 - default.num_stages)]
   steps = [t.pages_per_chunk * shape.page // t.page_parts for t in grid]
-  assert set(steps[:5]) == {64, 128, 256}, steps
+  assert steps[2:4] == [steps[0] // 2, steps[0] // 4], steps
+  assert all(dataclasses.replace(t, pages_per_chunk=1, page_parts=1)
+             == dataclasses.replace(default, pages_per_chunk=1, page_parts=1)
+             for t in grid[2:4]), grid[2:4]
+  assert set(steps[4:7]) == {64, 128, 256}, steps
   assert {t.num_stages for t in grid} == {1, 2, 3}
 print("ok")
 """
