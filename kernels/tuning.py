@@ -16,17 +16,19 @@ Reasoning behind the defaults (H100/H200, to be re-measured with
   split adds a partial result that has to be written and combined.
 * The Mosaic GPU decode kernel (`decode_mosaic_gpu.py`) streams pages
   through a ring of `num_stages` SMEM slots by TMA: steps of ~16 KB of K
-  (64 tokens at head_dim 128 in bf16), as many stages as fit ~200 KB of
-  shared memory (at most 4), so that 2-3 steps of K and V are in flight
-  while one is reduced. Its split count follows the Triton kernel's rule.
+  (64 tokens at head_dim 128 in bf16) on 2 slots, so that two programs
+  share an SM, and a grid of one wave (few long sequences: double steps,
+  one program an SM). `mosaic_decode_tiling` says what was measured.
 * Prefill is bound by matmuls: 128 query rows by 64 keys (or one page when
   pages are larger) per step, as FlashAttention-2 kernels on Hopper use.
 
-Defaults revised from the H200 run of 2026-11-27 (docs/benchmarks.md,
+Defaults revised from the H200 runs of 2026-11-27 (docs/benchmarks.md,
 "GPU: 2026-11-27"; jax 0.11.2): the Triton decode kernel runs unpipelined
-on int8 pools; the Mosaic GPU decode kernel takes a copying warpgroup on
-16- and 32-token pages and on int8 pools; the Mosaic GPU prefill kernel
-runs on two computing warpgroups (bf16/f16 pools).
+on int8 pools, split for 8 programs a core; the Mosaic GPU decode kernel
+runs one warpgroup on a 2-slot ring in one wave (the second run's sweep;
+the first had given 16-token pages and int8 pools a copying warpgroup);
+the Mosaic GPU prefill kernel runs on two computing warpgroups (bf16/f16
+pools).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ PROGRAMS_PER_CORE = 2
 MIN_TOKENS_PER_SPLIT = 512
 # Upper bound on splits (the partial results grow with it).
 MAX_SPLITS = 64
+# Programs per core that split-K aims for in the Triton decode on int8 pools
+# (unpipelined, three programs fit an SM by registers: more make full waves).
+QUANTIZED_PROGRAMS_PER_CORE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +128,17 @@ def decode_tiling(
   kernel needs 254 registers a thread there (two programs an SM), 160
   without (`launch.kernel_sass`), and on an H200 it ran 1.23x and 1.39x
   faster so at both int8 shapes of the benchmark (docs/results/
-  tiling_h200_2026-11-27.log).
+  tiling_h200_2026-11-27.log). They split for `QUANTIZED_PROGRAMS_PER_CORE`
+  programs a core: on the H200's second run (docs/results/
+  tiling_h200_2026-11-27_run2.log) 36 splits ran 1.22x the 9 of two a core
+  at 4 x 32k (64-token pages), 2-4 splits 1.20-1.23x one at 64 x 4k.
   """
   target_tokens = max(16, _pow2_floor(32768 // (head_dim * itemsize)))
   pages_per_chunk, page_parts = step_split(block_size, target_tokens)
   pages_per_chunk = min(pages_per_chunk, _pow2_floor(pages_per_seq))
   programs = batch * num_kv_heads
-  want = -(-PROGRAMS_PER_CORE * num_cores // max(1, programs))
+  per_core = QUANTIZED_PROGRAMS_PER_CORE if quantized else PROGRAMS_PER_CORE
+  want = -(-per_core * num_cores // max(1, programs))
   max_by_len = max(1, (pages_per_seq * block_size) // MIN_TOKENS_PER_SPLIT)
   num_splits = max(1, min(want, max_by_len, MAX_SPLITS))
   return DecodeTiling(pages_per_chunk=pages_per_chunk, num_splits=num_splits,
@@ -177,6 +186,54 @@ def with_copy_warpgroup(tiling: MosaicDecodeTiling, *, block_size: int,
   return dataclasses.replace(tiling, copy_warpgroup=True, num_stages=stages)
 
 
+def _mosaic_step_split(*, pages_per_seq: int, block_size: int, head_dim: int,
+                       quantized: bool, itemsize: int,
+                       scale: int = 1) -> tuple[int, int]:
+  """(pages_per_chunk, page_parts) of a Mosaic decode step: `scale` times
+  ~16 KB of K (~8 KB of int8 K, so that the bf16 tiles it is dequantized
+  into stay as large), 64 to 256 tokens, never under 64 (the contraction
+  of p @ V in the kernel's wgmma) nor past the table (padded)."""
+  step_bytes = scale * (8192 if quantized else 16384)
+  ring_itemsize = 1 if quantized else itemsize
+  tokens = min(256, max(64, _pow2_floor(
+      step_bytes // (head_dim * ring_itemsize))))
+  tokens = max(64, min(tokens, _pow2_floor(pages_per_seq * block_size)))
+  return step_split(block_size, tokens)
+
+
+def mosaic_deep_ring_tiling(*, batch: int, num_kv_heads: int, pages_per_seq: int,
+                      block_size: int, head_dim: int, itemsize: int,
+                      quantized: bool, num_cores: int) -> MosaicDecodeTiling:
+  """The Mosaic decode tiling before 2026-11-27's second H200 run: 64-token
+  steps, as many ring slots as fit `MOSAIC_SMEM_BUDGET` (3-4), the Triton
+  kernel's split rule. One program an SM; what the copying warpgroup
+  needs (on 2 slots it ran 0.50x, 0.88x, 0.89x its 4-slot self)."""
+  pages_per_chunk, page_parts = _mosaic_step_split(
+      pages_per_seq=pages_per_seq, block_size=block_size, head_dim=head_dim,
+      quantized=quantized, itemsize=itemsize)
+  tokens = pages_per_chunk * block_size // page_parts
+  per_stage = 2 * tokens * head_dim * (1 if quantized else itemsize)
+  fixed = mosaic_smem_bytes(tokens, head_dim, 0, itemsize, quantized)
+  num_stages = max(2, min(MOSAIC_MAX_STAGES,
+                          (MOSAIC_SMEM_BUDGET - fixed) // per_stage))
+  split = decode_tiling(batch=batch, num_kv_heads=num_kv_heads,
+                        pages_per_seq=pages_per_seq, block_size=block_size,
+                        head_dim=head_dim, itemsize=itemsize,
+                        num_cores=num_cores).num_splits
+  return MosaicDecodeTiling(pages_per_chunk=pages_per_chunk,
+                            num_splits=split, num_stages=num_stages,
+                            page_parts=page_parts)
+
+
+# Mosaic GPU decode (one warpgroup): ring slots, and programs an SM they let
+# share it (2 slots of 64-token bf16 steps at head_dim 128: ~80 KB each).
+MOSAIC_RING_SLOTS = 2
+MOSAIC_PROGRAMS_PER_CORE = 2
+# Few long sequences: at most num_cores // this many (sequence, KV head)
+# pairs take double steps, one program an SM.
+MOSAIC_FEW_PROGRAMS_RATIO = 4
+
+
 def mosaic_decode_tiling(
     *,
     batch: int,
@@ -187,69 +244,53 @@ def mosaic_decode_tiling(
     itemsize: int = 2,
     quantized: bool = False,
     copy_warpgroup: bool | None = None,
+    few_sequences: bool | None = None,
     num_cores: int = DEFAULT_NUM_CORES,
 ) -> MosaicDecodeTiling:
   """Picks the Mosaic GPU decode kernel's step, ring depth and splits.
 
-  A step reads ~16 KB of K (and as much V), 64 to 256 tokens; the ring
-  holds as many steps as fit `MOSAIC_SMEM_BUDGET` next to the 64-row query
-  tile (at least 2, at most `MOSAIC_MAX_STAGES`; the float32 output tile
-  reuses the ring's bytes after the loop). int8
-  pools (`quantized`) take steps of ~8 KB of int8 K, so that the bf16 tiles
-  they are dequantized into leave room for a deep ring.
+  Default (one warpgroup): a 2-slot ring of ~16 KB steps of K (64 tokens
+  at head_dim 128 in bf16; ~8 KB of int8 K), ~80 KB of shared memory, so
+  that two programs share an SM, and a grid of one wave: `batch *
+  num_kv_heads * num_splits` at most two programs a core (the split count
+  rounded down, not up). Where the sequences are few (`batch *
+  num_kv_heads` at most `num_cores // MOSAIC_FEW_PROGRAMS_RATIO`, e.g. 1-4
+  long sequences of 8 KV heads) the steps double and the grid is one
+  program an SM. `few_sequences` (None: that rule) forces either grid, for
+  the tiling sweep's twins.
 
-  `copy_warpgroup` (None: `uses_copy_warpgroup`'s rule) adds a second
-  warpgroup that issues the ring's copies (`with_copy_warpgroup`).
+  Measured on an H200 (docs/results/tiling_h200_2026-11-27_run2.log, jax
+  0.11.2; 16-token pages, 32 / 8 heads, d 128), against the earlier
+  default (a copying warpgroup, 4 slots, splits rounded up): 1 x 32k 51.5
+  against 55.0 us (128-token steps, 16 splits; 64-token steps on 2 slots
+  with 33 splits 53.8), 16 x 16k 271 against 283 us (2 splits: 328.8 with
+  3, a second wave), 64 x 4k 287 against 300 us, int8 64 x 4k 390-398
+  against 595 us. The copying warpgroup on 2 slots ran 0.50-0.89x its
+  4-slot self, so `copy_warpgroup=True` keeps the deep ring
+  (`mosaic_deep_ring_tiling`, `with_copy_warpgroup`).
   """
-  step_bytes = 8192 if quantized else 16384
-  ring_itemsize = 1 if quantized else itemsize
-  target_tokens = min(256, max(64, _pow2_floor(
-      step_bytes // (head_dim * ring_itemsize))))
-  # Short tables take smaller steps, but never under 64 tokens (the
-  # contraction of p @ V in the kernel's wgmma); the table is padded.
-  target_tokens = max(64, min(target_tokens,
-                              _pow2_floor(pages_per_seq * block_size)))
-  pages_per_chunk, page_parts = step_split(block_size, target_tokens)
-  tokens = pages_per_chunk * block_size // page_parts
-  per_stage = 2 * tokens * head_dim * ring_itemsize
-  fixed = mosaic_smem_bytes(tokens, head_dim, 0, itemsize, quantized)
-  num_stages = max(2, min(MOSAIC_MAX_STAGES,
-                          (MOSAIC_SMEM_BUDGET - fixed) // per_stage))
-  split = decode_tiling(batch=batch, num_kv_heads=num_kv_heads,
-                        pages_per_seq=pages_per_seq, block_size=block_size,
-                        head_dim=head_dim, itemsize=itemsize,
-                        num_cores=num_cores).num_splits
-  tiling = MosaicDecodeTiling(pages_per_chunk=pages_per_chunk,
-                              num_splits=split, num_stages=num_stages,
-                              page_parts=page_parts)
-  if copy_warpgroup is None:
-    copy_warpgroup = uses_copy_warpgroup(block_size=block_size,
-                                         quantized=quantized)
+  shape = dict(batch=batch, num_kv_heads=num_kv_heads,
+               pages_per_seq=pages_per_seq, block_size=block_size,
+               head_dim=head_dim, itemsize=itemsize, quantized=quantized)
   if copy_warpgroup:
-    return with_copy_warpgroup(tiling, block_size=block_size,
-                               head_dim=head_dim, quantized=quantized)
-  return tiling
-
-
-# Mosaic GPU decode: pages below this many tokens get a copying warpgroup.
-MOSAIC_COPY_WARPGROUP_BELOW_PAGE = 64
-
-
-def uses_copy_warpgroup(*, block_size: int, quantized: bool) -> bool:
-  """Whether the Mosaic GPU decode kernel's default has a copying
-  warpgroup: on int8 pools and on pages of fewer than
-  `MOSAIC_COPY_WARPGROUP_BELOW_PAGE` tokens.
-
-  Measured on an H200 (docs/results/bench_kernels_h200_2026-11-27.log, the
-  `pallas_mosaic_gpu_ws` decode rows against the one-warpgroup ones): on
-  16-token pages it ran 1.12-1.31x faster (four shapes, 1 x 32k to 64 x 4k,
-  head_dim 64 and 128; a step of 64 tokens is four page ids to read and
-  four copies to issue, which the computing warpgroup no longer waits on);
-  on int8 pools 1.14x and 1.15x (the conversion to bf16 overlaps the
-  matmuls); on 64- and 256-token pages of bf16 0.95-1.01x, so those keep
-  one warpgroup.
-  """
-  return quantized or block_size < MOSAIC_COPY_WARPGROUP_BELOW_PAGE
+    return with_copy_warpgroup(
+        mosaic_deep_ring_tiling(**shape, num_cores=num_cores),
+        block_size=block_size, head_dim=head_dim, quantized=quantized)
+  del shape
+  programs = max(1, batch * num_kv_heads)
+  few = (programs * MOSAIC_FEW_PROGRAMS_RATIO <= num_cores
+         if few_sequences is None else few_sequences)
+  per_core = 1 if few else MOSAIC_PROGRAMS_PER_CORE
+  pages_per_chunk, page_parts = _mosaic_step_split(
+      pages_per_seq=pages_per_seq, block_size=block_size, head_dim=head_dim,
+      quantized=quantized, itemsize=itemsize, scale=2 if few else 1)
+  max_by_len = max(1, (pages_per_seq * block_size) // MIN_TOKENS_PER_SPLIT)
+  num_splits = max(1, min(per_core * num_cores // programs, max_by_len,
+                          MAX_SPLITS))
+  return MosaicDecodeTiling(pages_per_chunk=pages_per_chunk,
+                            num_splits=num_splits,
+                            num_stages=MOSAIC_RING_SLOTS,
+                            page_parts=page_parts)
 
 
 # Mosaic GPU prefill: keys per ring step and ring depth (measured, below).

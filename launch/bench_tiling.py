@@ -151,24 +151,12 @@ def _consumer_twins(tiling, quantized: bool) -> list[Any]:
   return [other, *_ids_first_twin(other)]
 
 
-def _two_slot_twins(tilings) -> list[Any]:
-  """Each Mosaic decode tiling with a 2-slot ring where it has more: ~80 KB
-  of shared memory at 64-token bf16 steps of head_dim 128 instead of ~144 KB
-  at 4 slots, so that two programs can share an SM. Split-K sizes the grid
-  for two programs a core (`tuning.PROGRAMS_PER_CORE`), but the default's
-  deep ring holds one: the H100 profile of 1 x 32k showed one program per SM
-  and two waves, and on the H200 64 x 4k ran 1.18x faster on 2 slots than on
-  the default's 4 (one warpgroup; docs/results/tiling_h200_2026-11-27.log).
-  Whether the copying warpgroup's registers let two programs share an SM is
-  what its twin measures."""
-  return [dataclasses.replace(t, num_stages=2) for t in tilings
-          if t.num_stages > 2]
-
-
 def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
-  """The Mosaic GPU decode kernel's default tiling, its twins (with or
-  without a copying warpgroup; each on a 2-slot ring; reading a step's
-  page ids first), then alternatives that fit its shared memory."""
+  """The Mosaic GPU decode kernel's default tiling, then its twins: with a
+  copying warpgroup (on its deep ring); one warpgroup on that deep ring
+  (the default before the H200's second run); the other grid (double
+  steps, one program an SM, or single steps, two); reading a step's page
+  ids first. Then alternatives that fit its shared memory."""
   from kernels import decode_mosaic_gpu
   from kernels import tuning
   pages = -(-s.ctx // s.page)
@@ -177,11 +165,14 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   fits = lambda tokens, stages: tuning.mosaic_smem_bytes(
       tokens, s.head_dim, stages, quantized=quantized) <= (
           decode_mosaic_gpu.SMEM_BUDGET)
-  # The default's twin with (or without) a copying warpgroup.
-  other = default_tiling("mosaic_decode", s,
-                         warp_specialized=not default.copy_warpgroup)
+  copying = default_tiling("mosaic_decode", s, warp_specialized=True)
+  tokens = lambda t: t.pages_per_chunk * s.page // t.page_parts
+  few = tokens(default) > tokens(
+      default_tiling("mosaic_decode", s, few_sequences=False))
+  other_grid = default_tiling("mosaic_decode", s, few_sequences=not few)
   return _default_first(default, itertools.chain(
-      [other], _two_slot_twins([default, other]), _ids_first_twin(default),
+      [copying, dataclasses.replace(copying, copy_warpgroup=False),
+       other_grid], _ids_first_twin(default),
       _spread((
       tuning.MosaicDecodeTiling(num_splits=splits, num_stages=stages,
                                 **_step(s.page, tokens))

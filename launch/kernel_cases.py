@@ -401,13 +401,15 @@ def parse_shape(kernel: str, fields: list[str], dtype: str | None = None):
   return cls(*ints, dtype)
 
 
-def default_tiling(kernel: str, s, warp_specialized: bool | None = None):
+def default_tiling(kernel: str, s, warp_specialized: bool | None = None,
+                   few_sequences: bool | None = None):
   """The tiling `kernel` picks by itself for shape `s` (what its wrapper
   passes to `kernels.tuning`): the Triton kernels size their tiles by the
   dtype they compute in (the queries', bf16 here, for int8 pools), the
   Mosaic ones by the pool's. `warp_specialized` (Mosaic kernels; None: as
   the default picks) forces the variant: a copying warpgroup (decode), two
-  computing warpgroups and a copying one (prefill), or neither."""
+  computing warpgroups and a copying one (prefill), or neither;
+  `few_sequences` (Mosaic decode; None: as the default picks) its grid."""
   import jax.numpy as jnp
   from kernels import tuning
   quantized = s.dtype == "int8"
@@ -427,7 +429,8 @@ def default_tiling(kernel: str, s, warp_specialized: bool | None = None):
   if kernel == "mosaic_decode":
     return tuning.mosaic_decode_tiling(**shape, itemsize=pool_itemsize,
                                        quantized=quantized,
-                                       copy_warpgroup=warp_specialized)
+                                       copy_warpgroup=warp_specialized,
+                                       few_sequences=few_sequences)
   return tuning.decode_tiling(**shape, itemsize=compute_itemsize,
                               quantized=quantized)
 

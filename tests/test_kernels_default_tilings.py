@@ -44,17 +44,20 @@ def test_mosaic_gpu_defaults_fit_every_supported_call():
                  for consumers in (None, 1)]
       assert tilings[0].consumers == (1 if quantized else 2)
     else:
-      # The default and both variants (with and without a copying
-      # warpgroup), the default being one of them.
+      # The default (one warpgroup), its variant with a copying
+      # warpgroup, and both grids of the one-warpgroup kernel.
       tilings = []
       for batch, kv_heads, pages in CALLS:
-        variants = [tuning.mosaic_decode_tiling(
-            batch=batch, num_kv_heads=kv_heads, pages_per_seq=pages,
-            block_size=block_size, head_dim=head_dim, itemsize=itemsize,
-            quantized=quantized, copy_warpgroup=copying)
-                    for copying in (None, False, True)]
-        assert variants[0].copy_warpgroup == (quantized or block_size < 64)
-        assert variants[0] in variants[1:]
+        shape = dict(batch=batch, num_kv_heads=kv_heads,
+                     pages_per_seq=pages, block_size=block_size,
+                     head_dim=head_dim, itemsize=itemsize,
+                     quantized=quantized)
+        variants = [tuning.mosaic_decode_tiling(**shape, copy_warpgroup=c)
+                    for c in (None, False, True)]
+        variants += [tuning.mosaic_decode_tiling(**shape, few_sequences=f)
+                     for f in (False, True)]
+        assert not variants[0].copy_warpgroup and variants[2].copy_warpgroup
+        assert variants[0] == variants[1] and variants[0] in variants[3:]
         tilings += variants
     for tiling in tilings:  # each kernel's own checks
       if q_len > 1:
@@ -65,7 +68,7 @@ def test_mosaic_gpu_defaults_fit_every_supported_call():
                                        quantized=quantized)
       seen += 1
   # head_dim 64/128 x 7 page sizes x (bf16, f16, int8), decode and prefill.
-  assert seen == 2 * 7 * 3 * (2 + 3 * len(CALLS))
+  assert seen == 2 * 7 * 3 * (2 + 5 * len(CALLS))
 
 
 def test_triton_defaults_fit_every_supported_call():

@@ -218,21 +218,24 @@ def test_every_case_lowers_with_its_tiling():
 
 @pytest.mark.parametrize("batch,block_size,pages", [(64, 16, 256),
                                                       (4, 64, 512)])
-def test_converting_copier_fits_beside_the_default_int8_ring(batch, block_size,
-                                                             pages):
+def test_converting_copier_fits_beside_its_int8_ring(batch, block_size,
+                                                    pages):
   """The benchmark's int8 decode shapes (Llama-3-8B heads, 4k and 32k):
-  the default tiling has a converting copier (two bf16 tile pairs and
-  their scales), fits the SMEM budget beside a ring no deeper than the
-  one-warpgroup tiling's, and lowers with its barriers."""
+  the tiling with a converting copier (two bf16 tile pairs and their
+  scales) fits the SMEM budget beside a ring of at least 2 slots, no
+  deeper than its one-warpgroup twin's deep ring, and lowers with its
+  barriers; the default is one warpgroup on 2 slots."""
   shape = dict(batch=batch, num_kv_heads=8, pages_per_seq=pages,
                block_size=block_size, head_dim=128, itemsize=1,
                quantized=True)
-  tiling = tuning.mosaic_decode_tiling(**shape)
-  one = tuning.mosaic_decode_tiling(**shape, copy_warpgroup=False)
-  assert not one.copy_warpgroup
-  assert tiling == tuning.with_copy_warpgroup(one, block_size=block_size,
+  default = tuning.mosaic_decode_tiling(**shape)
+  assert not default.copy_warpgroup and default.num_stages == 2
+  tiling = tuning.mosaic_decode_tiling(**shape, copy_warpgroup=True)
+  deep = tuning.mosaic_deep_ring_tiling(**shape,
+                                  num_cores=tuning.DEFAULT_NUM_CORES)
+  assert tiling == tuning.with_copy_warpgroup(deep, block_size=block_size,
                                               head_dim=128, quantized=True)
-  assert tiling.copy_warpgroup and 2 <= tiling.num_stages <= one.num_stages
+  assert tiling.copy_warpgroup and 2 <= tiling.num_stages <= deep.num_stages
   decode_mosaic_gpu.check_tiling(tiling, block_size, 128, quantized=True)
   args = (S((batch, 32, 128), "bfloat16"),
           S((300, 2, 8, block_size, 128), "int8"),
