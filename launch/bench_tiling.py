@@ -66,6 +66,7 @@ flags.DEFINE_string("json", None, "JSON output (default: docs/results/"
 PRESETS = {
     "gpu": dict(
         mosaic_decode=[DecodeShape(1, 32, 8, 128, 16, 32768, "bfloat16"),
+                       DecodeShape(4, 32, 8, 128, 64, 32768, "bfloat16"),
                        DecodeShape(16, 32, 8, 128, 16, 16384, "bfloat16"),
                        DecodeShape(64, 32, 8, 128, 16, 4096, "bfloat16"),
                        DecodeShape(64, 32, 8, 128, 16, 4096, "int8")],
