@@ -194,6 +194,27 @@ def check_supported(kv_pages: jax.Array, head_dim: int) -> None:
                        f">= 16; got {n}")
 
 
+def default_tiling(
+    q,  # [batch, num_heads, head_dim] (an array or its ShapeDtypeStruct)
+    kv_pages,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    block_tables,  # [batch, pages_per_seq]
+    kv_scales=None,  # [num_blocks, 2, num_kv_heads]: an int8 pool's scales
+) -> tuning.DecodeTiling:
+  """The tiling `paged_decode` runs when given none, from the static shapes
+  only: tiles sized by the dtype the kernel computes in (the queries' for
+  an int8 pool), and an int8 pool's own rule (`quantized`). The benchmark
+  and the sweep take their "default" rows from here too."""
+  batch, _, head_dim = q.shape
+  _, _, num_kv_heads, block_size, _ = kv_pages.shape
+  quantized = kv_scales is not None
+  return tuning.decode_tiling(
+      batch=batch, num_kv_heads=num_kv_heads,
+      pages_per_seq=block_tables.shape[1], block_size=block_size,
+      head_dim=head_dim,
+      itemsize=jnp.dtype(q.dtype if quantized else kv_pages.dtype).itemsize,
+      quantized=quantized)
+
+
 def check_tiling(tiling, pages_per_chunk: int, page_parts: int,
                  block_size: int) -> None:
   """Raises ValueError for a tiling the loader cannot walk."""
@@ -233,11 +254,7 @@ def paged_decode(
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
   if tiling is None:
-    tiling = tuning.decode_tiling(
-        batch=batch, num_kv_heads=num_kv_heads, pages_per_seq=pages_per_seq,
-        block_size=block_size, head_dim=head_dim,
-        itemsize=jnp.dtype(q.dtype if kv_scales is not None
-                           else kv_pages.dtype).itemsize)
+    tiling = default_tiling(q, kv_pages, block_tables, kv_scales)
   chunk = tiling.pages_per_chunk
   splits = tiling.num_splits
   check_tiling(tiling, chunk, tiling.page_parts, block_size)

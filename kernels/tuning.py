@@ -17,8 +17,8 @@ Reasoning behind the defaults (H100/H200, to be re-measured with
 * The Mosaic GPU decode kernel (`decode_mosaic_gpu.py`) streams pages
   through a ring of `num_stages` SMEM slots by TMA: steps of ~16 KB of K
   (64 tokens at head_dim 128 in bf16) on 2 slots, so that two programs
-  share an SM, and a grid of one wave (few long sequences: double steps,
-  one program an SM). `mosaic_decode_tiling` says what was measured.
+  share an SM, and a grid of one wave. `mosaic_decode_tiling` says what
+  was measured.
 * Prefill is bound by matmuls: 128 query rows by 64 keys (or one page when
   pages are larger) per step, as FlashAttention-2 kernels on Hopper use.
 
@@ -187,13 +187,12 @@ def with_copy_warpgroup(tiling: MosaicDecodeTiling, *, block_size: int,
 
 
 def _mosaic_step_split(*, pages_per_seq: int, block_size: int, head_dim: int,
-                       quantized: bool, itemsize: int,
-                       scale: int = 1) -> tuple[int, int]:
-  """(pages_per_chunk, page_parts) of a Mosaic decode step: `scale` times
-  ~16 KB of K (~8 KB of int8 K, so that the bf16 tiles it is dequantized
-  into stay as large), 64 to 256 tokens, never under 64 (the contraction
-  of p @ V in the kernel's wgmma) nor past the table (padded)."""
-  step_bytes = scale * (8192 if quantized else 16384)
+                       quantized: bool, itemsize: int) -> tuple[int, int]:
+  """(pages_per_chunk, page_parts) of a Mosaic decode step: ~16 KB of K
+  (~8 KB of int8 K, so that the bf16 tiles it is dequantized into stay as
+  large), 64 to 256 tokens, never under 64 (the contraction of p @ V in
+  the kernel's wgmma) nor past the table (padded)."""
+  step_bytes = 8192 if quantized else 16384
   ring_itemsize = 1 if quantized else itemsize
   tokens = min(256, max(64, _pow2_floor(
       step_bytes // (head_dim * ring_itemsize))))
@@ -229,9 +228,6 @@ def mosaic_deep_ring_tiling(*, batch: int, num_kv_heads: int, pages_per_seq: int
 # share it (2 slots of 64-token bf16 steps at head_dim 128: ~80 KB each).
 MOSAIC_RING_SLOTS = 2
 MOSAIC_PROGRAMS_PER_CORE = 2
-# Few long sequences: at most num_cores // this many (sequence, KV head)
-# pairs take double steps, one program an SM.
-MOSAIC_FEW_PROGRAMS_RATIO = 4
 
 
 def mosaic_decode_tiling(
@@ -244,7 +240,6 @@ def mosaic_decode_tiling(
     itemsize: int = 2,
     quantized: bool = False,
     copy_warpgroup: bool | None = None,
-    few_sequences: bool | None = None,
     num_cores: int = DEFAULT_NUM_CORES,
 ) -> MosaicDecodeTiling:
   """Picks the Mosaic GPU decode kernel's step, ring depth and splits.
@@ -253,21 +248,19 @@ def mosaic_decode_tiling(
   at head_dim 128 in bf16; ~8 KB of int8 K), ~80 KB of shared memory, so
   that two programs share an SM, and a grid of one wave: `batch *
   num_kv_heads * num_splits` at most two programs a core (the split count
-  rounded down, not up). Where the sequences are few (`batch *
-  num_kv_heads` at most `num_cores // MOSAIC_FEW_PROGRAMS_RATIO`, e.g. 1-4
-  long sequences of 8 KV heads) the steps double and the grid is one
-  program an SM. `few_sequences` (None: that rule) forces either grid, for
-  the tiling sweep's twins.
+  rounded down, not up).
 
-  Measured on an H200 (docs/results/tiling_h200_2026-11-27_run2.log, jax
-  0.11.2; 16-token pages, 32 / 8 heads, d 128), against the earlier
-  default (a copying warpgroup, 4 slots, splits rounded up): 1 x 32k 51.5
-  against 55.0 us (128-token steps, 16 splits; 64-token steps on 2 slots
-  with 33 splits 53.8), 16 x 16k 271 against 283 us (2 splits: 328.8 with
-  3, a second wave), 64 x 4k 287 against 300 us, int8 64 x 4k 390-398
-  against 595 us. The copying warpgroup on 2 slots ran 0.50-0.89x its
-  4-slot self, so `copy_warpgroup=True` keeps the deep ring
-  (`mosaic_deep_ring_tiling`, `with_copy_warpgroup`).
+  Measured on an H200 (docs/results/tiling_h200_2026-11-27_run2.log and
+  _run3.log, jax 0.11.2; 32 / 8 heads, d 128), against the earlier
+  default (a copying warpgroup, 3-4 slots, splits rounded up): 16 x 16k
+  271-277 against 283-286 us (2 splits; 3, a second wave, 329-352 us on 2
+  slots), 64 x 4k 282-287 against 296-300 us, 4 x 32k (64-token pages)
+  149 against 179 us, 1 x 32k 50.0-53.8 against 54.2-55.0 us, int8 64 x 4k
+  390-398 against 595-607 us. Double steps with one program an SM (1 x
+  32k: 128-token steps, 16 splits) ran 51.5 and 55.0 us in two runs: no
+  better within the runs' spread, so not a rule. The copying warpgroup on
+  2 slots ran 0.50-0.89x its deep-ring self, so `copy_warpgroup=True`
+  keeps the deep ring (`mosaic_deep_ring_tiling`, `with_copy_warpgroup`).
   """
   shape = dict(batch=batch, num_kv_heads=num_kv_heads,
                pages_per_seq=pages_per_seq, block_size=block_size,
@@ -276,17 +269,13 @@ def mosaic_decode_tiling(
     return with_copy_warpgroup(
         mosaic_deep_ring_tiling(**shape, num_cores=num_cores),
         block_size=block_size, head_dim=head_dim, quantized=quantized)
-  del shape
-  programs = max(1, batch * num_kv_heads)
-  few = (programs * MOSAIC_FEW_PROGRAMS_RATIO <= num_cores
-         if few_sequences is None else few_sequences)
-  per_core = 1 if few else MOSAIC_PROGRAMS_PER_CORE
   pages_per_chunk, page_parts = _mosaic_step_split(
       pages_per_seq=pages_per_seq, block_size=block_size, head_dim=head_dim,
-      quantized=quantized, itemsize=itemsize, scale=2 if few else 1)
+      quantized=quantized, itemsize=itemsize)
+  programs = max(1, batch * num_kv_heads)
   max_by_len = max(1, (pages_per_seq * block_size) // MIN_TOKENS_PER_SPLIT)
-  num_splits = max(1, min(per_core * num_cores // programs, max_by_len,
-                          MAX_SPLITS))
+  num_splits = max(1, min(MOSAIC_PROGRAMS_PER_CORE * num_cores // programs,
+                          max_by_len, MAX_SPLITS))
   return MosaicDecodeTiling(pages_per_chunk=pages_per_chunk,
                             num_splits=num_splits,
                             num_stages=MOSAIC_RING_SLOTS,

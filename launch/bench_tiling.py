@@ -155,9 +155,9 @@ def _consumer_twins(tiling, quantized: bool) -> list[Any]:
 def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   """The Mosaic GPU decode kernel's default tiling, then its twins: with a
   copying warpgroup (on its deep ring); one warpgroup on that deep ring
-  (the default before the H200's second run); the other grid (double
-  steps, one program an SM, or single steps, two); reading a step's page
-  ids first. Then alternatives that fit its shared memory."""
+  (the default before the H200's second run); reading a step's page ids
+  first. Then alternatives that fit its shared memory, each step size in
+  turn (double steps with one program an SM among them)."""
   from kernels import decode_mosaic_gpu
   from kernels import tuning
   pages = -(-s.ctx // s.page)
@@ -167,13 +167,9 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
       tokens, s.head_dim, stages, quantized=quantized) <= (
           decode_mosaic_gpu.SMEM_BUDGET)
   copying = default_tiling("mosaic_decode", s, warp_specialized=True)
-  tokens = lambda t: t.pages_per_chunk * s.page // t.page_parts
-  few = tokens(default) > tokens(
-      default_tiling("mosaic_decode", s, few_sequences=False))
-  other_grid = default_tiling("mosaic_decode", s, few_sequences=not few)
   return _default_first(default, itertools.chain(
-      [copying, dataclasses.replace(copying, copy_warpgroup=False),
-       other_grid], _ids_first_twin(default),
+      [copying, dataclasses.replace(copying, copy_warpgroup=False)],
+      _ids_first_twin(default),
       _spread((
       tuning.MosaicDecodeTiling(num_splits=splits, num_stages=stages,
                                 **_step(s.page, tokens))

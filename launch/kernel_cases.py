@@ -401,15 +401,13 @@ def parse_shape(kernel: str, fields: list[str], dtype: str | None = None):
   return cls(*ints, dtype)
 
 
-def default_tiling(kernel: str, s, warp_specialized: bool | None = None,
-                   few_sequences: bool | None = None):
+def default_tiling(kernel: str, s, warp_specialized: bool | None = None):
   """The tiling `kernel` picks by itself for shape `s` (what its wrapper
   passes to `kernels.tuning`): the Triton kernels size their tiles by the
   dtype they compute in (the queries', bf16 here, for int8 pools), the
   Mosaic ones by the pool's. `warp_specialized` (Mosaic kernels; None: as
   the default picks) forces the variant: a copying warpgroup (decode), two
-  computing warpgroups and a copying one (prefill), or neither;
-  `few_sequences` (Mosaic decode; None: as the default picks) its grid."""
+  computing warpgroups and a copying one (prefill), or neither."""
   import jax.numpy as jnp
   from kernels import tuning
   quantized = s.dtype == "int8"
@@ -429,10 +427,16 @@ def default_tiling(kernel: str, s, warp_specialized: bool | None = None,
   if kernel == "mosaic_decode":
     return tuning.mosaic_decode_tiling(**shape, itemsize=pool_itemsize,
                                        quantized=quantized,
-                                       copy_warpgroup=warp_specialized,
-                                       few_sequences=few_sequences)
-  return tuning.decode_tiling(**shape, itemsize=compute_itemsize,
-                              quantized=quantized)
+                                       copy_warpgroup=warp_specialized)
+  import jax
+  from kernels import decode_triton
+  sds = jax.ShapeDtypeStruct
+  q_dtype = jnp.bfloat16 if quantized else jnp.dtype(s.dtype)  # random_case's
+  return decode_triton.default_tiling(
+      sds((s.batch, s.heads, s.head_dim), q_dtype),
+      sds((1, 2, s.kv_heads, s.page, s.head_dim), jnp.dtype(s.dtype)),
+      sds((s.batch, shape["pages_per_seq"]), jnp.int32),
+      sds((1, 2, s.kv_heads), jnp.float32) if quantized else None)
 
 
 def problem(kernel: str, shape, key: int):

@@ -100,7 +100,10 @@ def test_tpu_decode_lowers_to_mosaic(tpu_chip, dtype):
 @pytest.mark.parametrize("direction", ["gather", "scatter"])
 def test_block_copy_lowers_with_a_placement_per_block(direction):
   """For CUDA each moved block is annotated with its new memory space, the
-  pattern XLA's host offloading turns into one DMA per block."""
+  pattern XLA's host offloading turns into one DMA per block (the gather's
+  `"transfers"` path, named: on a GPU `"auto"` is the one-kernel gather,
+  whose lowering `test_one_kernel_gather_takes_the_pinned_tier_as_it_is`
+  checks)."""
   from kernels import block_copy
   pool = jnp.zeros((4, 64, 2, 8, 16, 128), jnp.bfloat16)
   host = block_copy.allocate_host_tier((32, 4, 2, 8, 16, 128), jnp.bfloat16)
@@ -110,7 +113,9 @@ def test_block_copy_lowers_with_a_placement_per_block(direction):
   else:
     fn = block_copy._scatter_fn(host.sharding, 0, None)  # pylint: disable=protected-access
     args = (host, pool, ids, ids)
-  text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  kwargs = dict(implementation="transfers") if direction == "gather" else {}
+  text = fn.trace(*args, **kwargs).lower(
+      lowering_platforms=("cuda",)).as_text()
   assert text.count("@annotate_device_placement(") >= len(ids)
   assert 'memory_kind = "pinned_host"' in text
 
