@@ -25,8 +25,8 @@ Reasoning behind the defaults (H100/H200, to be re-measured with
 Defaults revised from the H200 runs of 2026-11-27 (docs/benchmarks.md,
 "GPU: 2026-11-27"; jax 0.11.2): the Triton decode kernel runs unpipelined
 on int8 pools, split for 8 programs a core; the Mosaic GPU decode kernel
-runs one warpgroup on a 2-slot ring in one wave (the second run's sweep;
-the first had given 16-token pages and int8 pools a copying warpgroup);
+runs one warpgroup on a 2-slot ring in one wave (the second and third
+runs' sweeps; the first had given 16-token pages and int8 pools a copying warpgroup);
 the Mosaic GPU prefill kernel runs on two computing warpgroups (bf16/f16
 pools).
 """
@@ -200,9 +200,10 @@ def _mosaic_step_split(*, pages_per_seq: int, block_size: int, head_dim: int,
   return step_split(block_size, tokens)
 
 
-def mosaic_deep_ring_tiling(*, batch: int, num_kv_heads: int, pages_per_seq: int,
-                      block_size: int, head_dim: int, itemsize: int,
-                      quantized: bool, num_cores: int) -> MosaicDecodeTiling:
+def mosaic_deep_ring_tiling(*, batch: int, num_kv_heads: int,
+                            pages_per_seq: int, block_size: int,
+                            head_dim: int, itemsize: int, quantized: bool,
+                            num_cores: int) -> MosaicDecodeTiling:
   """The Mosaic decode tiling before 2026-11-27's second H200 run: 64-token
   steps, as many ring slots as fit `MOSAIC_SMEM_BUDGET` (3-4), the Triton
   kernel's split rule. One program an SM; what the copying warpgroup
@@ -253,7 +254,7 @@ def mosaic_decode_tiling(
   Measured on an H200 (docs/results/tiling_h200_2026-11-27_run2.log and
   _run3.log, jax 0.11.2; 32 / 8 heads, d 128), against the earlier
   default (a copying warpgroup, 3-4 slots, splits rounded up): 16 x 16k
-  271-277 against 283-286 us (2 splits; 3, a second wave, 329-352 us on 2
+  271-277 against 283-286 us (2 splits; 3, a second wave, 329 us on 2
   slots), 64 x 4k 282-287 against 296-300 us, 4 x 32k (64-token pages)
   149 against 179 us, 1 x 32k 50.0-53.8 against 54.2-55.0 us, int8 64 x 4k
   390-398 against 595-607 us. Double steps with one program an SM (1 x
