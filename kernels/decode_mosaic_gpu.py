@@ -312,10 +312,7 @@ def paged_decode(
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
   if tiling is None:
-    tiling = tuning.mosaic_decode_tiling(
-        batch=batch, num_kv_heads=num_kv_heads, pages_per_seq=pages_per_seq,
-        block_size=block_size, head_dim=head_dim,
-        itemsize=jnp.dtype(kv_pages.dtype).itemsize, quantized=quantized)
+    tiling = default_tiling(q, kv_pages, block_tables, kv_scales)
   check_tiling(tiling, block_size, head_dim, quantized=quantized)
   if tiling.consumers != 1:
     raise ValueError(f"bad tiling {tiling}: decode takes consumers=1")
@@ -369,6 +366,26 @@ def paged_decode(
                    qg, kv_pages, *scales)
   out = merge_splits(o, m, l)[:, :, :group]  # [B, Hkv, group, D]
   return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+
+
+def default_tiling(
+    q,  # [batch, num_heads, head_dim] (an array or its ShapeDtypeStruct)
+    kv_pages,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    block_tables,  # [batch, pages_per_seq]
+    kv_scales=None,  # [num_blocks, 2, num_kv_heads]: an int8 pool's scales
+    copy_warpgroup: bool | None = None,
+) -> tuning.MosaicDecodeTiling:
+  """The tiling `paged_decode` runs when given none, from the static shapes
+  only (steps sized by the pool's dtype); `copy_warpgroup` (None: the
+  default's choice) forces the variant. The benchmark and the sweep take
+  their rows of each variant from here too."""
+  batch = q.shape[0]
+  _, _, num_kv_heads, block_size, head_dim = kv_pages.shape
+  return tuning.mosaic_decode_tiling(
+      batch=batch, num_kv_heads=num_kv_heads,
+      pages_per_seq=block_tables.shape[1], block_size=block_size,
+      head_dim=head_dim, itemsize=jnp.dtype(kv_pages.dtype).itemsize,
+      quantized=kv_scales is not None, copy_warpgroup=copy_warpgroup)
 
 
 def check_tiling(tiling, block_size: int, head_dim: int,

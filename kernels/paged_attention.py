@@ -53,12 +53,13 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 def _mosaic_gpu_in_auto(*, q_len: int, block_size: int, quantized: bool,
                         **call) -> bool:
   """Whether "auto" picks Mosaic GPU: decode and prefill of bf16/f16 pools
-  on Hopper. On an H200 (docs/benchmarks.md, "GPU: 2026-11-27") its
-  default decode read K/V at 1.11-2.15x the Triton decode kernel's rate
-  (seven shapes) and its warp-specialized prefill ran 1.80-1.86x the
-  Triton prefill kernel, 16-token pages included. int8 pools stay with
-  Triton: its unpipelined int8 decode ran about 1.9x the Mosaic kernel's
-  int8 path, which converts each step's tiles to bf16 in shared memory."""
+  on Hopper. On an H200 (docs/benchmarks.md, "GPU: 2026-11-27, second
+  session") its default decode read K/V at 1.14-2.32x the Triton decode
+  kernel's rate (seven shapes) and its warp-specialized prefill ran
+  1.78-1.87x the Triton prefill kernel, 16-token pages included. int8 pools
+  stay with Triton: with its int8 rule the Triton decode ran 257 and 133 us
+  at the two int8 shapes (a sweep), the Mosaic int8 path 391 and 221 us (the
+  table), converting each step's tiles to bf16 in shared memory."""
   if quantized or not decode_mosaic_gpu.is_hopper():
     return False
   return paged_attention_mosaic_gpu.supports(

@@ -402,7 +402,8 @@ def parse_shape(kernel: str, fields: list[str], dtype: str | None = None):
 
 
 def default_tiling(kernel: str, s, warp_specialized: bool | None = None):
-  """The tiling `kernel` picks by itself for shape `s` (what its wrapper
+  """The tiling `kernel` picks by itself for shape `s` (the decode kernels'
+  `default_tiling`, which their wrappers call; for prefill what the wrapper
   passes to `kernels.tuning`): the Triton kernels size their tiles by the
   dtype they compute in (the queries', bf16 here, for int8 pools), the
   Mosaic ones by the pool's. `warp_specialized` (Mosaic kernels; None: as
@@ -421,22 +422,20 @@ def default_tiling(kernel: str, s, warp_specialized: bool | None = None):
   if kernel == "triton_prefill":
     return tuning.prefill_tiling(block_size=s.page, head_dim=s.head_dim,
                                  itemsize=compute_itemsize)
-  shape = dict(batch=s.batch, num_kv_heads=s.kv_heads,
-               pages_per_seq=-(-s.ctx // s.page), block_size=s.page,
-               head_dim=s.head_dim)
-  if kernel == "mosaic_decode":
-    return tuning.mosaic_decode_tiling(**shape, itemsize=pool_itemsize,
-                                       quantized=quantized,
-                                       copy_warpgroup=warp_specialized)
+  # The decode kernels' own choice, from the call's static shapes: a pool
+  # of one block (its size does not matter), the queries random_case makes.
   import jax
-  from kernels import decode_triton
+  from kernels import decode_mosaic_gpu, decode_triton
   sds = jax.ShapeDtypeStruct
-  q_dtype = jnp.bfloat16 if quantized else jnp.dtype(s.dtype)  # random_case's
-  return decode_triton.default_tiling(
-      sds((s.batch, s.heads, s.head_dim), q_dtype),
-      sds((1, 2, s.kv_heads, s.page, s.head_dim), jnp.dtype(s.dtype)),
-      sds((s.batch, shape["pages_per_seq"]), jnp.int32),
-      sds((1, 2, s.kv_heads), jnp.float32) if quantized else None)
+  q_dtype = jnp.bfloat16 if quantized else jnp.dtype(s.dtype)
+  args = (sds((s.batch, s.heads, s.head_dim), q_dtype),
+          sds((1, 2, s.kv_heads, s.page, s.head_dim), jnp.dtype(s.dtype)),
+          sds((s.batch, -(-s.ctx // s.page)), jnp.int32),
+          sds((1, 2, s.kv_heads), jnp.float32) if quantized else None)
+  if kernel == "mosaic_decode":
+    return decode_mosaic_gpu.default_tiling(*args,
+                                            copy_warpgroup=warp_specialized)
+  return decode_triton.default_tiling(*args)
 
 
 def problem(kernel: str, shape, key: int):
