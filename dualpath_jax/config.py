@@ -129,6 +129,22 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 # The dtypes a KV pool (and the model computing into it) may have.
 KV_DTYPES = ("float32", "bfloat16", "float16")
 
+# The names `kernels.paged_attention` registers (its IMPLEMENTATIONS; a test
+# keeps the two equal), so that a config refuses an unknown one without
+# importing the kernels and JAX.
+ATTENTION_IMPLEMENTATIONS = ("pallas_mosaic_gpu", "pallas_mosaic_tpu",
+                             "pallas_triton", "xla", "xla_chunked")
+
+
+def check_attention_impl(name: str) -> None:
+  """ValueError unless `name` is a registered paged-attention
+  implementation or "auto" (the one message for configs, the runner and the
+  launchers)."""
+  if name != "auto" and name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"unknown paged-attention implementation {name!r}; "
+                     f"available: {sorted(ATTENTION_IMPLEMENTATIONS)} or "
+                     "'auto'")
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
@@ -180,6 +196,7 @@ class EngineConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    check_attention_impl(self.attention_impl)
     check_sampling(self.temperature, self.top_p)
 
 

@@ -58,11 +58,6 @@ def main(argv):
       outputs.check_output_path(path, what)
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
-  from dualpath_jax.utils import enable_compilation_cache
-  enable_compilation_cache()
-  import jax
-  import tqdm
-
   from dualpath_jax.config import to_dict
   from dualpath_jax.workload.replay import ReplayResult, replay_sessions
   from dualpath_jax.workload.trace import TraceError
@@ -76,13 +71,21 @@ def main(argv):
     cold = cluster_flags.cold_tier_config()
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
-  try:  # what needs only the config and tokenizer, before the weights load
+  try:  # what needs only the config and tokenizer: refused before JAX loads
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
     tokenizer = workload_flags.pick_tokenizer(
         *engine_flags.describe_model(FLAGS.model))
     longest = min(FLAGS.max_context,
                   workload_flags.max_context_bound(sessions, tokenizer))
     engine_flags.check_pool_holds(longest)
+  except ValueError as e:
+    sys.exit(f"agent_eval: {e}")
+  from dualpath_jax.utils import enable_compilation_cache
+  enable_compilation_cache()
+  import jax
+  import tqdm
+
+  try:  # a source's bad weights, a cluster the devices cannot hold
     loaded = dataclasses.replace(engine_flags.load_model(FLAGS.model),
                                  tokenizer=tokenizer)
     engine = cluster_flags.make(loaded, cache, engine_cfg, mesh, cold)

@@ -257,19 +257,22 @@ def main(argv):
   except ValueError as e:
     _fail(str(e))
 
-  from dualpath_jax.utils import enable_compilation_cache
-  enable_compilation_cache()
-  import jax
-
   from dualpath_jax.config import to_dict
   from dualpath_jax.workload import online_report
 
-  try:  # what needs only the config and tokenizer, before the weights load
+  try:  # what needs only the config and tokenizer: refused before JAX loads
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
     tokenizer = workload_flags.pick_tokenizer(
         *engine_flags.describe_model(FLAGS.model))
     bound = workload_flags.max_context_bound(sessions, tokenizer)
     engine_flags.check_pool_holds(min(FLAGS.max_context, bound))
+  except ValueError as e:
+    _fail(str(e))
+  from dualpath_jax.utils import enable_compilation_cache
+  enable_compilation_cache()
+  import jax
+
+  try:  # a source's bad weights
     loaded = dataclasses.replace(engine_flags.load_model(FLAGS.model),
                                  tokenizer=tokenizer)
   except ValueError as e:

@@ -49,8 +49,6 @@ def configs(seed: int):
     ValueError: an unknown --attention, or values the configs refuse.
   """
   from dualpath_jax.config import CacheConfig, EngineConfig
-  from kernels.paged_attention import resolve_implementation
-  resolve_implementation(FLAGS.attention)  # names the choices if unknown
   cache = CacheConfig(block_size=FLAGS.block_size, num_blocks=FLAGS.num_blocks,
                       dtype=FLAGS.dtype)
   engine = EngineConfig(max_batch_size=FLAGS.max_batch,

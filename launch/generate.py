@@ -16,18 +16,21 @@ import json
 import math
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from absl import app
 from absl import flags
 import numpy as np
 
-from dualpath_jax.config import CacheConfig, ModelConfig, check_sampling
+from dualpath_jax.config import (CacheConfig, ModelConfig,
+                                 check_attention_impl, check_sampling)
 from dualpath_jax.engine.sampling import sample
+# JAX-free (the model package imports JAX on first use of its model): the
+# checks of a request run before JAX's ~3 s import.
 from dualpath_jax.model import describe_model, load_model
-from dualpath_jax.model.llama import Llama
-from dualpath_jax.model.runner import ModelRunner
-from kernels.paged_attention import resolve_implementation
+
+if TYPE_CHECKING:
+  from dualpath_jax.model.llama import Llama
 
 FLAGS = flags.FLAGS
 
@@ -94,7 +97,7 @@ def check_request(
   if total > config.max_position:
     raise ValueError(f"{total} tokens exceed max_position "
                      f"{config.max_position}")
-  resolve_implementation(attention_impl)  # names the choices if unknown
+  check_attention_impl(attention_impl)  # names the choices if unknown
 
 
 def generate(
@@ -117,6 +120,7 @@ def generate(
   """
   check_request(model.config, prompt_ids, max_new_tokens=max_new_tokens,
                 prefill_chunk=prefill_chunk, attention_impl=attention_impl)
+  from dualpath_jax.model.runner import ModelRunner  # pylint: disable=g-import-not-at-top
   total = len(prompt_ids) + max_new_tokens
   num_blocks = math.ceil(total / block_size)
   runner = ModelRunner(model, CacheConfig(block_size=block_size,

@@ -61,15 +61,8 @@ def main(argv):
     sys.exit("serve: the serving loop is single-controller; multi-process "
              "runs are not supported yet (the transfer layer is: see "
              "docs/pod_launch.md)")
-  from dualpath_jax.utils import enable_compilation_cache
-  enable_compilation_cache()
-  import jax
-  import uvicorn
-
-  from dualpath_jax.server import LocalEngineHandle, ServerConfig, create_app
-
   try:  # what needs only the flags, the config and the tokenizer: a bad
-    # value must not cost a model load
+    # value must not cost JAX's import, let alone a model load
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
     engine_flags.check_pool_holds(FLAGS.max_context)
     mesh = cluster_flags.mesh_config()
@@ -84,6 +77,13 @@ def main(argv):
   if tokenizer.vocab_size > config.vocab_size:
     sys.exit(f"serve: the tokenizer has {tokenizer.vocab_size} tokens but the "
              f"model only {config.vocab_size}")
+  from dualpath_jax.utils import enable_compilation_cache
+  enable_compilation_cache()
+  import jax
+  import uvicorn
+
+  from dualpath_jax.server import LocalEngineHandle, ServerConfig, create_app
+
   try:
     loaded = engine_flags.load_model(FLAGS.model)
     engine = cluster_flags.make(loaded, cache, engine_cfg, mesh, cold)

@@ -11,12 +11,13 @@ small for the workload failed at the turn that did not fit.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
+from import_record import (imported_jax, run_recording_imports,
+                           without_import_times)
 import pytest
 
-from dualpath_jax.config import CacheConfig, EngineConfig
+from dualpath_jax.config import (ATTENTION_IMPLEMENTATIONS, CacheConfig,
+                                 EngineConfig)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +42,23 @@ def test_cache_config_refuses_unknown_dtypes():
   assert CacheConfig(dtype="bfloat16").dtype == "bfloat16"
 
 
+def test_configs_know_the_kernels_implementations_without_importing_them():
+  """The configs (JAX-free, so that launchers refuse early) name the
+  implementations `kernels.paged_attention` registers, and refuse others
+  with the message the kernels' own check gives."""
+  from kernels.paged_attention import IMPLEMENTATIONS, resolve_implementation
+  assert sorted(ATTENTION_IMPLEMENTATIONS) == sorted(IMPLEMENTATIONS)
+  for name in (*IMPLEMENTATIONS, "auto"):
+    assert EngineConfig(attention_impl=name).attention_impl == name
+  with pytest.raises(ValueError) as from_config:
+    EngineConfig(attention_impl="flash")
+  with pytest.raises(ValueError) as from_kernels:
+    resolve_implementation("flash")
+  assert str(from_config.value) == str(from_kernels.value)
+  assert "unknown paged-attention implementation 'flash'" in str(
+      from_config.value)
+
+
 def test_runner_refuses_an_unknown_attention_before_any_step():
   from dualpath_jax.model import ModelRunner, load_model
   loaded = load_model("random:tiny-test")
@@ -49,8 +67,7 @@ def test_runner_refuses_an_unknown_attention_before_any_step():
 
 
 def _run(module, *args):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=180)
+  return run_recording_imports(["-m", module, *args], cwd=REPO, timeout=180)
 
 
 LAUNCHERS = [
@@ -87,9 +104,13 @@ def test_launchers_refuse_bad_engine_flags(tmp_path, module, extra, flag, msg):
     args.append(f"--report={report}")
   done = _run(module, *args)
   assert done.returncode != 0
-  assert msg in done.stderr, done.stderr[-2000:]
-  assert "Traceback" not in done.stderr
+  error = without_import_times(done.stderr)
+  assert msg in error, error[-2000:]
+  assert "Traceback" not in error
   assert not report.exists()
+  # Refused from the flags, the configs and the model's metadata alone:
+  # before JAX's ~3 s import.
+  assert not imported_jax(done.stderr)
 
 
 @pytest.mark.parametrize("module,extra", LAUNCHERS,
@@ -103,23 +124,29 @@ def test_launchers_refuse_a_pool_smaller_than_one_sequence(tmp_path, module,
     args.append(f"--report={tmp_path / 'r.json'}")
   done = _run(module, *args)
   assert done.returncode != 0
+  error = without_import_times(done.stderr)
   assert "--num_blocks: the pool holds 4 blocks x 16 tokens = 64 tokens" in (
-      done.stderr), done.stderr[-2000:]
-  assert "Traceback" not in done.stderr
+      error), error[-2000:]
+  assert "Traceback" not in error
+  assert not imported_jax(done.stderr)
 
 
 def test_serve_refuses_a_missing_tokenizer_and_a_bad_port():
   done = _run("launch.serve", "--model=random:tiny-test",
               "--tokenizer=/no/such.gguf")
-  assert done.returncode != 0 and "Traceback" not in done.stderr
-  assert "serve: no GGUF file at /no/such.gguf" in done.stderr
+  error = without_import_times(done.stderr)
+  assert done.returncode != 0 and "Traceback" not in error
+  assert "serve: no GGUF file at /no/such.gguf" in error
+  assert not imported_jax(done.stderr)
   for tokenizer, msg in ((None, "the model has no tokenizer"),
                          ("embedded", "the tokenizer has 49152 tokens but the "
                           "model only 256")):
     done = _run("launch.serve", "--model=random:tiny-test",
                 *([f"--tokenizer={tokenizer}"] if tokenizer else []))
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert f"serve: {msg}" in done.stderr, done.stderr[-2000:]
+    error = without_import_times(done.stderr)
+    assert done.returncode != 0 and "Traceback" not in error
+    assert f"serve: {msg}" in error, error[-2000:]
+    assert not imported_jax(done.stderr)
   done = _run("launch.serve", "--port=70000")
   assert done.returncode != 0
   assert "not an integer in the range [0, 65535]" in done.stderr

@@ -32,6 +32,9 @@ from dualpath_jax.model.llama import Llama
 from dualpath_jax.model.runner import ModelRunner
 from launch import generate
 
+from import_record import (imported_jax, run_recording_imports,
+                           without_import_times)
+
 ATOL = RTOL = 2e-5
 
 
@@ -482,13 +485,14 @@ def test_sample_token(np_rng):
     (["--prompt_ids=1", "--max_new_tokens=9000"], "exceed max_position"),
 ])
 def test_generate_cli_refuses_bad_input_with_the_reason(args, msg):
-  result = subprocess.run(
-      [sys.executable, "-m", "launch.generate", "--model=random:tiny-test",
-       *args], capture_output=True, text=True, timeout=300,
-      cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+  result = run_recording_imports(
+      ["-m", "launch.generate", "--model=random:tiny-test", *args],
+      timeout=300, cwd=str(pathlib.Path(__file__).resolve().parents[1]))
   assert result.returncode != 0
-  assert msg in result.stderr and "Traceback" not in result.stderr, (
-      result.stderr[-2000:])
+  error = without_import_times(result.stderr)
+  assert msg in error and "Traceback" not in error, error[-2000:]
+  # Refused from the flags and the model's config, before JAX's import.
+  assert not imported_jax(result.stderr)
 
 
 @pytest.mark.parametrize("prompt,kw,msg", [
@@ -516,19 +520,21 @@ def test_generate_cli_refuses_a_bad_request_before_loading_weights(tmp_path):
       "format_version": checkpoint.FORMAT_VERSION,
       "config": dataclasses.asdict(config.TINY), "weights_id": "w",
       "tokenizer": {"gguf": None, "embedded": False}, "source": "test"}))
-  runs = {}
+  runs, errors = {}, {}
   for name, extra in (("bad", ["--max_new_tokens=9000"]), ("good", [])):
-    runs[name] = subprocess.run(
-        [sys.executable, "-m", "launch.generate", f"--model={ckpt}",
-         "--prompt_ids=1,2,3", *extra], capture_output=True, text=True,
-        timeout=300, cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    runs[name] = run_recording_imports(
+        ["-m", "launch.generate", f"--model={ckpt}", "--prompt_ids=1,2,3",
+         *extra], timeout=300,
+        cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    errors[name] = without_import_times(runs[name].stderr)
     assert runs[name].returncode != 0
-    assert "Traceback" not in runs[name].stderr, runs[name].stderr[-2000:]
-  assert "generate: 9003 tokens exceed max_position" in runs["bad"].stderr
-  assert "not found" not in runs["bad"].stderr
+    assert "Traceback" not in errors[name], errors[name][-2000:]
+  assert "generate: 9003 tokens exceed max_position" in errors["bad"]
+  assert "not found" not in errors["bad"]
+  assert not imported_jax(runs["bad"].stderr)  # the metadata file alone
   assert (f"generate: checkpoint {ckpt} could not be read: Checkpoint at "
           f"{ckpt / 'state'} not found; it is damaged or incomplete") in (
-              runs["good"].stderr), runs["good"].stderr[-2000:]
+              errors["good"]), errors["good"][-2000:]
 
 
 def test_generate_cli_json_matches_in_process_generation():

@@ -15,6 +15,12 @@ without the weights (metadata only), so that checks that depend on the
 model's shape or vocabulary can fail before a long load.
 
 `ModelRunner` (runner.py) is what the engine drives.
+
+Importing this package does not import JAX or Flax: `Llama` and
+`ModelRunner` load on first use, and `describe_model` of a GGUF or a
+`random:` source reads no array. So a launcher refuses a bad model source,
+or a request the model cannot take, in a fraction of a second instead of
+after JAX's ~3 s import.
 """
 
 from __future__ import annotations
@@ -22,21 +28,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import pathlib
-
-from flax import nnx
+from typing import TYPE_CHECKING
 
 from dualpath_jax import config as config_lib
 from dualpath_jax.config import ModelConfig
-from dualpath_jax.model import checkpoint, gguf_loader
-from dualpath_jax.model.llama import Llama
-from dualpath_jax.model.runner import ModelRunner
+from dualpath_jax.model import checkpoint_metadata, gguf_loader
 from dualpath_jax.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+  from dualpath_jax.model.llama import Llama
+  from dualpath_jax.model.runner import ModelRunner
 
 __all__ = ["Llama", "LoadedModel", "ModelRunner", "Tokenizer", "describe_model",
            "load_model", "parse_random_source"]
 
 _DTYPES = config_lib.KV_DTYPES  # weights and activations: the pool's dtypes
+# The JAX-side names, imported when first asked for (PEP 562).
+_LAZY = {"Llama": "dualpath_jax.model.llama",
+         "ModelRunner": "dualpath_jax.model.runner"}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +97,8 @@ def describe_model(source: str | None = None, *, dtype: str | None = None
     reader = gguf_loader.open_gguf(where)
     return (_gguf_config(reader, dtype or "float32", source),
             _gguf_tokenizer(reader))
-  metadata = checkpoint.read_metadata(where)
-  cfg = checkpoint.config_from_metadata(metadata)
+  metadata = checkpoint_metadata.read_metadata(where)
+  cfg = checkpoint_metadata.config_from_metadata(metadata)
   _check_checkpoint_dtype(where, cfg, dtype)
   return cfg, _checkpoint_tokenizer(metadata)
 
@@ -130,6 +147,8 @@ def parse_random_source(source: str) -> tuple[ModelConfig, int]:
 
 
 def _load_random(source: str, dtype: str | None) -> LoadedModel:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dualpath_jax.model.llama import Llama  # pylint: disable=g-import-not-at-top
   cfg, seed = parse_random_source(source)
   if dtype is not None:
     cfg = cfg.replace(dtype=dtype)
@@ -156,6 +175,7 @@ def _gguf_config(reader, dtype: str, source: str | None) -> ModelConfig:
 
 def _load_gguf(path: pathlib.Path, dtype: str,
                source: str | None) -> LoadedModel:
+  from dualpath_jax.model import checkpoint  # pylint: disable=g-import-not-at-top
   reader = gguf_loader.open_gguf(path)
   cfg = _gguf_config(reader, dtype, source)
   weights = gguf_loader.load_gguf_weights(reader, cfg, dtype)
@@ -184,6 +204,7 @@ def _checkpoint_tokenizer(metadata: dict) -> Tokenizer | None:
 
 
 def _load_checkpoint(path: pathlib.Path, dtype: str | None) -> LoadedModel:
+  from dualpath_jax.model import checkpoint  # pylint: disable=g-import-not-at-top
   model, metadata = checkpoint.restore_checkpoint(path)
   _check_checkpoint_dtype(path, model.config, dtype)
   return LoadedModel(model.config, model, _checkpoint_tokenizer(metadata),

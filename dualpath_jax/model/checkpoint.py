@@ -37,14 +37,12 @@ from dualpath_jax import outputs
 from dualpath_jax.config import ModelConfig
 from dualpath_jax.model.llama import Llama
 
-METADATA_FILE = "dualpath_model.json"
+# The metadata file's reading needs no JAX and lives apart, so that
+# `describe_model` of a checkpoint stays light; re-exported here.
+from dualpath_jax.model.checkpoint_metadata import (  # pylint: disable=g-bad-import-order
+    FORMAT_VERSION, METADATA_FILE, config_from_metadata, read_metadata)
+
 STATE_DIR = "state"
-FORMAT_VERSION = 1
-
-
-def is_checkpoint_dir(path: str | os.PathLike) -> bool:
-  """True if `path` looks like a directory written by `save_checkpoint`."""
-  return (pathlib.Path(path) / METADATA_FILE).is_file()
 
 
 def save_checkpoint(
@@ -119,39 +117,6 @@ def check_output_directory(directory: str | os.PathLike,
   if not overwrite:
     raise FileExistsError(f"{path} holds a checkpoint already (pass "
                           "overwrite=True, or --overwrite, to replace it)")
-
-
-def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-  """The metadata dict of a checkpoint directory."""
-  path = pathlib.Path(directory) / METADATA_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{directory} is not a dualpath model checkpoint "
-                            f"(no {METADATA_FILE}); write one with "
-                            "`python -m launch.convert`")
-  try:
-    metadata = json.loads(path.read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is damaged: not JSON ({e}); write the "
-                     "checkpoint again with `python -m launch.convert "
-                     "--overwrite`") from None
-  if not isinstance(metadata, dict):
-    raise ValueError(f"{path} is damaged: not a JSON object")
-  if metadata.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{path}: unsupported format_version "
-                     f"{metadata.get('format_version')!r}")
-  return metadata
-
-
-def config_from_metadata(metadata: dict[str, Any]) -> ModelConfig:
-  """The ModelConfig a checkpoint's metadata records (ValueError if it does
-  not record a whole one)."""
-  try:
-    fields = dict(metadata["config"])
-    fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
-    return ModelConfig(**fields)
-  except (KeyError, TypeError) as e:
-    raise ValueError(f"the checkpoint's {METADATA_FILE} holds no whole model "
-                     f"config ({type(e).__name__}: {e})") from None
 
 
 def abstract_model(config: ModelConfig) -> Llama:
