@@ -17,7 +17,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from dualpath_jax.model import checkpoint, gguf_loader, load_model
+# JAX-free until the conversion itself (`checkpoint`, `load_model`'s
+# weights): bad flags are refused before JAX's ~3 s import.
+from dualpath_jax.model import checkpoint_layout, describe_model, gguf_loader
 
 FLAGS = flags.FLAGS
 
@@ -37,6 +39,7 @@ def define_flags() -> None:
 def convert(gguf_path: str | None, out: str, dtype: str,
             overwrite: bool = False) -> str:
   """Writes the checkpoint; returns its directory."""
+  from dualpath_jax.model import checkpoint, load_model  # pylint: disable=g-import-not-at-top
   loaded = load_model(gguf_path, dtype=dtype)
   embedded = gguf_path is None
   tokenizer_gguf = (gguf_loader.find_smollm2_gguf() if embedded
@@ -52,8 +55,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
-  try:  # the directory first: the conversion takes a while
-    checkpoint.check_output_directory(FLAGS.out, FLAGS.overwrite)
+  try:  # the directory and the GGUF's header first: the conversion is slow
+    checkpoint_layout.check_output_directory(FLAGS.out, FLAGS.overwrite)
+    describe_model(FLAGS.gguf, dtype=FLAGS.dtype)
     directory = convert(FLAGS.gguf, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     sys.exit(f"convert: {e}")

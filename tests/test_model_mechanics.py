@@ -393,16 +393,22 @@ def test_checkpoint_writes_only_where_nothing_else_lives(tmp_path, np_rng):
   assert checkpoint.read_metadata(empty)["weights_id"] == "w2"
 
 
-def test_convert_cli_refuses_an_empty_out_and_writes_nothing(tmp_path):
-  """`--out=` used to write a checkpoint into the working directory."""
-  result = subprocess.run(
-      [sys.executable, "-m", "launch.convert", "--out="],
-      capture_output=True, text=True, timeout=300, cwd=tmp_path,
+@pytest.mark.parametrize("args,msg", [
+    # `--out=` used to write a checkpoint into the working directory.
+    (["--out="], "convert: the checkpoint directory is an empty path"),
+    (["--out=new", "--gguf=/no/such.gguf"],
+     "convert: no GGUF file at /no/such.gguf"),
+])
+def test_convert_cli_refuses_bad_flags_and_writes_nothing(tmp_path, args,
+                                                          msg):
+  result = run_recording_imports(
+      ["-m", "launch.convert", *args], timeout=300, cwd=tmp_path,
       env=dict(os.environ, PYTHONPATH=str(
           pathlib.Path(__file__).resolve().parents[1])))
   assert result.returncode != 0
-  assert "convert: the checkpoint directory is an empty path" in result.stderr
+  assert msg in without_import_times(result.stderr)
   assert list(tmp_path.iterdir()) == []
+  assert not imported_jax(result.stderr)  # before the slow part starts
 
 
 def test_random_load_is_deterministic_per_seed():

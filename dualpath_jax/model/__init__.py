@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from dualpath_jax import config as config_lib
 from dualpath_jax.config import ModelConfig
-from dualpath_jax.model import checkpoint_metadata, gguf_loader
+from dualpath_jax.model import checkpoint_layout, gguf_loader
 from dualpath_jax.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -97,8 +97,8 @@ def describe_model(source: str | None = None, *, dtype: str | None = None
     reader = gguf_loader.open_gguf(where)
     return (_gguf_config(reader, dtype or "float32", source),
             _gguf_tokenizer(reader))
-  metadata = checkpoint_metadata.read_metadata(where)
-  cfg = checkpoint_metadata.config_from_metadata(metadata)
+  metadata = checkpoint_layout.read_metadata(where)
+  cfg = checkpoint_layout.config_from_metadata(metadata)
   _check_checkpoint_dtype(where, cfg, dtype)
   return cfg, _checkpoint_tokenizer(metadata)
 

@@ -33,14 +33,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from dualpath_jax import outputs
 from dualpath_jax.config import ModelConfig
 from dualpath_jax.model.llama import Llama
 
-# The metadata file's reading needs no JAX and lives apart, so that
-# `describe_model` of a checkpoint stays light; re-exported here.
-from dualpath_jax.model.checkpoint_metadata import (  # pylint: disable=g-bad-import-order
-    FORMAT_VERSION, METADATA_FILE, config_from_metadata, read_metadata)
+# What needs no JAX lives apart (the metadata file, the output directory's
+# checks), so that launchers refuse bad input early; re-exported here.
+from dualpath_jax.model.checkpoint_layout import (  # pylint: disable=g-bad-import-order
+    FORMAT_VERSION, METADATA_FILE, check_output_directory,
+    config_from_metadata, read_metadata)
 
 STATE_DIR = "state"
 
@@ -96,27 +96,6 @@ def state_checksums(state: dict[str, Any]) -> dict[str, int]:
     array = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
     sums[name] = zlib.crc32(array.view(np.uint8))
   return sums
-
-
-def check_output_directory(directory: str | os.PathLike,
-                           overwrite: bool = False) -> None:
-  """Raises unless a checkpoint may be written at `directory` (see
-  `save_checkpoint`): a launcher calls it before the slow conversion."""
-  if not str(directory):
-    raise ValueError("the checkpoint directory is an empty path")
-  path = pathlib.Path(directory)
-  if path.exists() and not path.is_dir():
-    raise ValueError(f"{path} exists and is not a directory")
-  if not path.is_dir() or not any(path.iterdir()):
-    # new or empty: files must be makeable there (a probe, removed at once)
-    outputs.check_output_dir(str(path), "the checkpoint directory")
-    return
-  if not (path / METADATA_FILE).is_file():
-    raise ValueError(f"{path} is a directory of other files, not a "
-                     "checkpoint: give a new or empty directory")
-  if not overwrite:
-    raise FileExistsError(f"{path} holds a checkpoint already (pass "
-                          "overwrite=True, or --overwrite, to replace it)")
 
 
 def abstract_model(config: ModelConfig) -> Llama:
