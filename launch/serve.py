@@ -7,11 +7,14 @@ r"""OpenAI-compatible HTTP server over the multi-turn engine.
 
 Then point any OpenAI client at http://127.0.0.1:8000/v1 (see
 docs/server.md). It binds to loopback unless `--host` says otherwise: the
-server has no authentication.
+server has no authentication. The address is bound before the model
+loads, so a port in use or a host that does not resolve is refused at
+once, and `--port=0` prints the port it got before the load.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 
 from absl import app, flags, logging
@@ -37,8 +40,32 @@ flags.DEFINE_float("default_temperature", 1.0, "temperature of requests that "
 flags.DEFINE_bool("warmup", False, "compile every shape bucket up to "
                   "--max_context before serving (slow start, steady latency)")
 flags.DEFINE_integer("seed", 0, "sampling seed of requests without `seed`")
-flags.DEFINE_string("log_level", "info", "uvicorn log level")
+flags.DEFINE_enum("log_level", "info",
+                  ["critical", "error", "warning", "info", "debug", "trace"],
+                  "uvicorn log level")
 cluster_flags.define()  # --mesh=1P2D --cold_tier=DIR: serve on a P/D cluster
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+  """A TCP socket bound to (host, port) for the server to listen on.
+
+  Raises:
+    ValueError: the host does not resolve, or the address cannot be bound
+      (a port in use, an address not on this machine).
+  """
+  try:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM)[0]
+  except socket.gaierror as e:
+    raise ValueError(f"--host={host}: {e.strerror}") from None
+  sock = socket.socket(family, kind, proto)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind(address)
+  except OSError as e:
+    sock.close()
+    raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+  return sock
 
 
 def _tokenizer(model_tokenizer):
@@ -77,6 +104,12 @@ def main(argv):
   if tokenizer.vocab_size > config.vocab_size:
     sys.exit(f"serve: the tokenizer has {tokenizer.vocab_size} tokens but the "
              f"model only {config.vocab_size}")
+  try:  # before the load: a port in use must not cost one
+    listener = _listen_socket(FLAGS.host, FLAGS.port)
+  except ValueError as e:
+    sys.exit(f"serve: {e}")
+  print(f"bound to {FLAGS.host}:{listener.getsockname()[1]}; loading the "
+        "model ...", flush=True)
   from dualpath_jax.utils import enable_compilation_cache
   enable_compilation_cache()
   import jax
@@ -102,8 +135,19 @@ def main(argv):
                jax.devices()[0].device_kind, jax.default_backend(),
                FLAGS.max_context)
   application = create_app(LocalEngineHandle(engine), tokenizer, server_cfg)
-  uvicorn.run(application, host=FLAGS.host, port=FLAGS.port,
-              log_level=FLAGS.log_level)
+  server = uvicorn.Server(uvicorn.Config(
+      application, host=FLAGS.host, port=FLAGS.port,
+      log_level=FLAGS.log_level))
+  # uvicorn announces an address only when it binds the socket itself.
+  host = f"[{FLAGS.host}]" if ":" in FLAGS.host else FLAGS.host
+  print(f"serving on http://{host}:{listener.getsockname()[1]}/v1 "
+        "(Ctrl-C to stop)", flush=True)
+  try:
+    server.run(sockets=[listener])
+  except KeyboardInterrupt:
+    # Ctrl-C: uvicorn has shut down and re-raised it (from the signal, or
+    # from asyncio's runner, which printed a traceback); exit as Ctrl-C does.
+    sys.exit(130)
 
 
 if __name__ == "__main__":

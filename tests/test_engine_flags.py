@@ -10,7 +10,14 @@ small for the workload failed at the turn that did not fit.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 from import_record import (imported_jax, run_recording_imports,
                            without_import_times)
@@ -150,3 +157,62 @@ def test_serve_refuses_a_missing_tokenizer_and_a_bad_port():
   done = _run("launch.serve", "--port=70000")
   assert done.returncode != 0
   assert "not an integer in the range [0, 65535]" in done.stderr
+
+
+def test_serve_refuses_an_address_it_cannot_bind_before_loading():
+  """The launcher binds its address first: a port in use, or an address not
+  on this machine, costs no model load (nor JAX's import)."""
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    done = _run("launch.serve", f"--port={port}")
+  error = without_import_times(done.stderr)
+  assert done.returncode != 0 and "Traceback" not in error
+  assert (f"serve: cannot listen on 127.0.0.1:{port}: Address already in "
+          "use") in error, error[-2000:]
+  assert not imported_jax(done.stderr)
+  done = _run("launch.serve", "--host=192.0.2.1", "--port=0")  # TEST-NET-1
+  error = without_import_times(done.stderr)
+  assert done.returncode != 0 and "Traceback" not in error
+  assert "serve: cannot listen on 192.0.2.1:0: " in error, error[-2000:]
+  assert not imported_jax(done.stderr)
+
+
+def test_serve_launcher_answers_on_the_port_it_printed():
+  """`python -m launch.serve --port=0` end to end: it prints the port it
+  bound before the load, serves on it, and Ctrl-C stops it cleanly (the
+  only test of the launcher itself serving; the server's own tests drive
+  the app in a thread)."""
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "launch.serve", "--port=0", "--max_context=256",
+       "--num_blocks=32"], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  try:
+    lines = []
+    for line in proc.stdout:  # until it says it serves (or exits)
+      lines.append(line)
+      if line.startswith("serving on http://127.0.0.1:"):
+        break
+    bound = [l for l in lines if l.startswith("bound to 127.0.0.1:")]
+    assert bound and lines[-1].startswith("serving on"), "".join(lines)
+    port = int(bound[0].split(":")[1].split(";")[0])
+    assert f"127.0.0.1:{port}/v1" in lines[-1]
+    for _ in range(100):  # the listen() follows the line at once
+      try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/v1/models")
+        response = conn.getresponse()
+        break
+      except ConnectionRefusedError:
+        time.sleep(0.1)
+    models = json.loads(response.read())
+    assert response.status == 200
+    assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, rest[-2000:]  # a Ctrl-C's status
+    assert "Shutting down" in rest and "Traceback" not in rest, rest[-2000:]
+  finally:
+    proc.kill()
+    proc.wait()
