@@ -6,6 +6,10 @@
 Dequantises once (Q4_1/Q8_0 -> `--dtype`), so later loads skip the GGUF
 parsing and dequantisation. The tokenizer stays in the GGUF: the checkpoint's
 metadata records which file (or "the embedded SmolLM2") to read it from.
+
+The checkpoint is written beside `--out` and renamed into place when
+whole, so Ctrl-C (exit 130), a crash or a full disk leaves `--out` as it
+was: absent, empty, or the checkpoint `--overwrite` was replacing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from absl import logging
 # JAX-free until the conversion itself (`checkpoint`, `load_model`'s
 # weights): bad flags are refused before JAX's ~3 s import.
 from dualpath_jax.model import checkpoint_layout, describe_model, gguf_loader
+from dualpath_jax.utils import make_ctrl_c_an_end
 
 FLAGS = flags.FLAGS
 
@@ -54,6 +59,7 @@ def convert(gguf_path: str | None, out: str, dtype: str,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  make_ctrl_c_an_end()  # even when started in the background
   start = time.perf_counter()
   try:  # the directory and the GGUF's header first: the conversion is slow
     checkpoint_layout.check_output_directory(FLAGS.out, FLAGS.overwrite)
@@ -61,6 +67,9 @@ def main(argv: list[str]) -> None:
     directory = convert(FLAGS.gguf, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     sys.exit(f"convert: {e}")
+  except KeyboardInterrupt:  # the checkpoint is written aside, then renamed
+    print(f"convert: interrupted; {FLAGS.out} is as it was", file=sys.stderr)
+    sys.exit(130)
   logging.info("wrote %s in %.1f s", directory, time.perf_counter() - start)
   print(directory)
 

@@ -14,8 +14,10 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -391,6 +393,101 @@ def test_checkpoint_writes_only_where_nothing_else_lives(tmp_path, np_rng):
   save(empty)
   save(empty, overwrite=True, weights_id="w2")  # ours: replaced
   assert checkpoint.read_metadata(empty)["weights_id"] == "w2"
+
+
+def _write_then_fail(error):
+  """A stand-in for `checkpoint._write` that writes the state's first files
+  and then fails with `error`, as a Ctrl-C or a full disk would."""
+  def write(directory, model, **_):
+    (directory / checkpoint.STATE_DIR).mkdir()
+    (directory / checkpoint.STATE_DIR / "half").write_bytes(b"\0" * 64)
+    raise error
+  return write
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError("disk full")],
+                         ids=["ctrl_c", "disk_full"])
+def test_an_interrupted_checkpoint_write_leaves_the_directory_as_it_was(
+    tmp_path, np_rng, monkeypatch, error):
+  """Before, Orbax's force=True deleted the old weights before writing the
+  new ones, and a Ctrl-C in between lost both; a new checkpoint's directory
+  was left holding Orbax's temporary folder, which `convert` then refused
+  as a directory of other files. Now the write goes to a hidden sibling
+  and is renamed into place only when whole."""
+  model = make_model(config.TINY, np_rng)
+  old = tmp_path / "old"
+  checkpoint.save_checkpoint(old, model, weights_id="w1", tokenizer_gguf=None)
+  want = params_of(load_model(str(old)).model)
+  monkeypatch.setattr(checkpoint, "_write", _write_then_fail(error))
+  new = tmp_path / "new"
+  for target, overwrite in ((old, True), (new, False)):
+    with pytest.raises(type(error)):
+      checkpoint.save_checkpoint(target, model, weights_id="w2",
+                                 tokenizer_gguf=None, overwrite=overwrite)
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no sibling
+  assert checkpoint.read_metadata(old)["weights_id"] == "w1"
+  got = params_of(load_model(str(old)).model)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  checkpoint.save_checkpoint(new, model, weights_id="w3", tokenizer_gguf=None)
+  assert load_model(str(new)).weights_id == "w3"  # the path is usable
+
+
+def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save_to_end(
+    tmp_path, np_rng, monkeypatch):
+  """Orbax writes on in background threads past an interrupt of the
+  caller; a Ctrl-C during the save is held until the save has ended (and
+  then raised), so the staging folder is not removed under Orbax's feet."""
+  assert threading.current_thread() is threading.main_thread()
+  model = make_model(config.TINY, np_rng)
+  real_save = checkpoint.ocp.StandardCheckpointer.save
+  saved = []
+
+  def save_with_ctrl_c(self, path, state, **kw):
+    os.kill(os.getpid(), signal.SIGINT)  # arrives while the save runs
+    real_save(self, path, state, **kw)
+    saved.append(path)
+  monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save",
+                      save_with_ctrl_c)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.save_checkpoint(tmp_path / "ckpt", model, weights_id="w",
+                               tokenizer_gguf=None)
+  assert saved  # the save ran to its end before the interrupt was raised
+  assert list(tmp_path.iterdir()) == []  # and nothing was published
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_checkpoint_publish_puts_the_old_one_back_if_the_swap_fails(
+    tmp_path, np_rng, monkeypatch):
+  """Replacing a checkpoint is two renames (the old one aside, the new one
+  in); if the second fails the first is undone. Partial directories left
+  by dead processes are removed by the next save."""
+  model = make_model(config.TINY, np_rng)
+  target = tmp_path / "ckpt"
+  checkpoint.save_checkpoint(target, model, weights_id="w1",
+                             tokenizer_gguf=None)
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  leftover = tmp_path / f".ckpt.partial-{int(dead.stdout)}"
+  (leftover / "state").mkdir(parents=True)
+  real_rename = os.rename
+
+  def rename(src, dst):
+    if ".partial-" in str(src):  # the new checkpoint moving in
+      raise OSError("injected: rename failed")
+    real_rename(src, dst)
+  monkeypatch.setattr(os, "rename", rename)
+  with pytest.raises(OSError, match="injected"):
+    checkpoint.save_checkpoint(target, model, weights_id="w2",
+                               tokenizer_gguf=None, overwrite=True)
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+  assert checkpoint.read_metadata(target)["weights_id"] == "w1"
+  checkpoint.save_checkpoint(target, model, weights_id="w2",
+                             tokenizer_gguf=None, overwrite=True)
+  assert load_model(str(target)).weights_id == "w2"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 @pytest.mark.parametrize("args,msg", [

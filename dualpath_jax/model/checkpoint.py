@@ -20,10 +20,16 @@ names it and the array.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
 import os
 import pathlib
+import shutil
+import signal
+import sys
+import threading
 import zlib
 from typing import Any
 
@@ -62,15 +68,45 @@ def save_checkpoint(
   there is never written into or deleted: ValueError (not a directory, or a
   directory of other files) or FileExistsError (a checkpoint, without
   `overwrite`), before any byte is written.
+
+  The checkpoint is written whole into a hidden sibling directory first
+  (`.NAME.partial-PID`) and then renamed into place (`_publish`), so an
+  interrupted write (Ctrl-C, a crash, a full disk) leaves `directory` as
+  it was: still empty or absent, or still the old checkpoint. Before,
+  Orbax's `force=True` deleted the old weights first, and a Ctrl-C during
+  the save lost them. Partial directories of processes that died are
+  removed by the next save to the same path.
   """
   check_output_directory(directory, overwrite)
   directory = pathlib.Path(directory).absolute()
-  state_dir = directory / STATE_DIR
-  directory.mkdir(parents=True, exist_ok=True)
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  _remove_dead_partials(directory)
+  staging = _sibling(directory, "partial", os.getpid())
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir()
+  try:
+    _write(staging, model, weights_id=weights_id,
+           tokenizer_gguf=tokenizer_gguf,
+           tokenizer_embedded=tokenizer_embedded, source=source)
+    _publish(staging, directory)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)  # gone if published
+  return directory
+
+
+def _write(directory: pathlib.Path, model: Llama, *, weights_id: str,
+           tokenizer_gguf: str | os.PathLike | None, tokenizer_embedded: bool,
+           source: str) -> None:
+  """The checkpoint's files (Orbax state, then metadata) in `directory`."""
   state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(state_dir, state, force=overwrite)
-  checkpointer.wait_until_finished()
+  # Ctrl-C waits for the save to end: Orbax's background threads write on
+  # past an interrupt of the caller, into a folder the caller then removes
+  # (tracebacks, files left behind, failures at interpreter exit).
+  with _interrupts_deferred("stopping once the weights being written to "
+                            f"{directory.name} are out (seconds)"):
+    checkpointer.save(directory / STATE_DIR, state)
+    checkpointer.wait_until_finished()
   metadata = {
       "format_version": FORMAT_VERSION,
       "config": dataclasses.asdict(model.config),
@@ -83,7 +119,82 @@ def save_checkpoint(
       "state_crc32": state_checksums(state),
   }
   (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-  return directory
+
+
+def _sibling(directory: pathlib.Path, kind: str, pid: int) -> pathlib.Path:
+  """The hidden sibling `.NAME.KIND-PID` of `directory` that process `pid`
+  stages a checkpoint in ("partial") or moves a replaced one to ("old")."""
+  return directory.parent / f".{directory.name}.{kind}-{pid}"
+
+
+def _remove_dead_partials(directory: pathlib.Path) -> None:
+  """Removes the staging directories that dead processes left for
+  `directory` (a live process's staging is its own business)."""
+  prefix = f".{directory.name}.partial-"
+  for path in directory.parent.glob(glob.escape(prefix) + "*"):
+    pid = path.name[len(prefix):]
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
+
+
+def _publish(staging: pathlib.Path, directory: pathlib.Path) -> None:
+  """Moves the finished checkpoint `staging` to `directory`.
+
+  A missing or empty `directory` is replaced by one rename. A checkpoint
+  there is first renamed aside (`.NAME.old-PID`), then removed once the new
+  one is in place; should the second rename fail, the old one is renamed
+  back. Ctrl-C is held back between the renames, so the only way to stop
+  between them is a kill -9, which leaves the old checkpoint at
+  `.NAME.old-PID`, whole.
+  """
+  with _interrupts_deferred():
+    if not (directory.is_dir() and any(directory.iterdir())):
+      os.replace(staging, directory)  # replaces an empty directory
+      return
+    old = _sibling(directory, "old", os.getpid())
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(directory, old)
+    try:
+      os.rename(staging, directory)
+    except BaseException:
+      os.rename(old, directory)
+      raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred(notice: str | None = None):
+  """Holds SIGINT back while the body runs, then raises KeyboardInterrupt
+  if one came (printing `notice` to stderr when it comes). Only the main
+  thread may install signal handlers; elsewhere (where SIGINT is not
+  delivered to Python code anyway) it does nothing."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+
+  def hold(signum, frame):
+    del frame
+    if notice and not received:
+      print(notice, file=sys.stderr, flush=True)
+    received.append(signum)
+  previous = signal.signal(signal.SIGINT, hold)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received:
+    raise KeyboardInterrupt
 
 
 def state_checksums(state: dict[str, Any]) -> dict[str, int]:
