@@ -99,12 +99,13 @@ def _write(directory: pathlib.Path, model: Llama, *, weights_id: str,
            source: str) -> None:
   """The checkpoint's files (Orbax state, then metadata) in `directory`."""
   state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  checkpointer = ocp.StandardCheckpointer()
   # Ctrl-C waits for the save to end: Orbax's background threads write on
   # past an interrupt of the caller, into a folder the caller then removes
   # (tracebacks, files left behind, failures at interpreter exit).
-  with _interrupts_deferred("stopping once the weights being written to "
-                            f"{directory.name} are out (seconds)"):
+  with _orbax_quiet(), _interrupts_deferred(
+      f"stopping once the weights being written to {directory.name} are "
+      "out (seconds)"):
+    checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / STATE_DIR, state)
     checkpointer.wait_until_finished()
   metadata = {
@@ -119,6 +120,20 @@ def _write(directory: pathlib.Path, model: Llama, *, weights_id: str,
       "state_crc32": state_checksums(state),
   }
   (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+  """absl logging at WARNING and above while the body runs: Orbax logs a
+  dozen INFO lines per save or restore (versions, handlers, throughput)
+  through absl, which launchers print. Warnings and errors still show."""
+  previous = logging.get_verbosity()
+  # absl's verbosity: DEBUG 1 > INFO 0 > WARNING -1; lower shows less.
+  logging.set_verbosity(min(previous, logging.WARNING))
+  try:
+    yield
+  finally:
+    logging.set_verbosity(previous)
 
 
 def _sibling(directory: pathlib.Path, kind: str, pid: int) -> pathlib.Path:
@@ -235,8 +250,9 @@ def restore_checkpoint(
   graphdef, state = nnx.split(abstract_model(config))
   target = nnx.to_pure_dict(state)
   try:
-    restored = ocp.StandardCheckpointer().restore(directory / STATE_DIR,
-                                                  target)
+    with _orbax_quiet():
+      restored = ocp.StandardCheckpointer().restore(directory / STATE_DIR,
+                                                    target)
   except Exception as e:  # Orbax raises bare Exceptions around TensorStore's
     raise ValueError(f"checkpoint {directory} could not be read: "
                      f"{_root_cause(e)}; it is damaged or incomplete, write it "
