@@ -11,6 +11,7 @@ the median of `--reps` timed repetitions. Prints a table and writes JSON.
 
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
 import sys
@@ -70,9 +71,11 @@ def main(argv):
       outputs.check_output_path(FLAGS.out, "--out")
   except ValueError as e:
     sys.exit(f"bench_model: {e}")
-  # JAX's import before the clock starts: describe_s and load_weights_s
-  # time the model's start-up, not the framework's.
+  # JAX's, Flax's and Orbax's imports before the clock starts (the model
+  # package imports them on first use): describe_s and load_weights_s time
+  # the model's start-up, not the frameworks'.
   from dualpath_jax.model.runner import ModelRunner  # pylint: disable=g-import-not-at-top
+  importlib.import_module("dualpath_jax.model.checkpoint")  # the loaders'
   try:
     # Start-up as a launcher pays it: the config and tokenizer (a GGUF's
     # header and vocabulary), then the weights (read, dequantized, placed).

@@ -145,8 +145,8 @@ def main(argv):
   try:
     server.run(sockets=[listener])
   except KeyboardInterrupt:
-    # Ctrl-C: uvicorn has shut down and re-raised it (from the signal, or
-    # from asyncio's runner, which printed a traceback); exit as Ctrl-C does.
+    # Ctrl-C: uvicorn has shut down and re-raised it (through the signal,
+    # or from asyncio's runner); exit as Ctrl-C does, without a traceback.
     sys.exit(130)
 
 

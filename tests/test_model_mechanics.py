@@ -471,10 +471,11 @@ def test_checkpoint_publish_puts_the_old_one_back_if_the_swap_fails(
                         capture_output=True, text=True, check=True)
   leftover = tmp_path / f".ckpt.partial-{int(dead.stdout)}"
   (leftover / "state").mkdir(parents=True)
-  real_rename = os.rename
+  real_rename, renames = os.rename, []
 
   def rename(src, dst):
-    if ".partial-" in str(src):  # the new checkpoint moving in
+    renames.append((pathlib.Path(src).name, pathlib.Path(dst).name))
+    if pathlib.Path(src).name.startswith(".ckpt.partial-"):  # moving in
       raise OSError("injected: rename failed")
     real_rename(src, dst)
   monkeypatch.setattr(os, "rename", rename)
@@ -482,6 +483,10 @@ def test_checkpoint_publish_puts_the_old_one_back_if_the_swap_fails(
     checkpoint.save_checkpoint(target, model, weights_id="w2",
                                tokenizer_gguf=None, overwrite=True)
   monkeypatch.undo()
+  old_aside = f".ckpt.old-{os.getpid()}"
+  assert renames[-3:] == [("ckpt", old_aside),  # the old one aside,
+                          (f".ckpt.partial-{os.getpid()}", "ckpt"),  # fails,
+                          (old_aside, "ckpt")]  # the old one back
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
   assert checkpoint.read_metadata(target)["weights_id"] == "w1"
   checkpoint.save_checkpoint(target, model, weights_id="w2",

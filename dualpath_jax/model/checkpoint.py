@@ -184,7 +184,7 @@ def _publish(staging: pathlib.Path, directory: pathlib.Path) -> None:
     except BaseException:
       os.rename(old, directory)
       raise
-  shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # before a held Ctrl-C is raised
 
 
 @contextlib.contextmanager
