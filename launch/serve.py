@@ -19,6 +19,7 @@ import sys
 
 from absl import app, flags, logging
 
+from dualpath_jax.utils import make_ctrl_c_an_end
 from launch import cluster_flags, distributed_flags, engine_flags
 
 FLAGS = flags.FLAGS
@@ -80,6 +81,7 @@ def _tokenizer(model_tokenizer):
 
 def main(argv):
   del argv
+  make_ctrl_c_an_end()  # also when started in the background
   try:
     multi = distributed_flags.requested()
   except ValueError as e:
@@ -110,6 +112,19 @@ def main(argv):
     sys.exit(f"serve: {e}")
   print(f"bound to {FLAGS.host}:{listener.getsockname()[1]}; loading the "
         "model ...", flush=True)
+  try:
+    _load_and_serve(listener, cache, engine_cfg, mesh, cold, tokenizer)
+  except KeyboardInterrupt:
+    # Ctrl-C while loading, or while serving: uvicorn has then shut down
+    # and re-raised it (through the signal, or from asyncio's runner).
+    # Exit as Ctrl-C does, without a traceback.
+    print("serve: stopped", file=sys.stderr)
+    sys.exit(130)
+
+
+def _load_and_serve(listener: socket.socket, cache, engine_cfg, mesh, cold,
+                    tokenizer) -> None:
+  """Loads the model, builds the engine and serves on `listener` (bound)."""
   from dualpath_jax.utils import enable_compilation_cache
   enable_compilation_cache()
   import jax
@@ -142,12 +157,7 @@ def main(argv):
   host = f"[{FLAGS.host}]" if ":" in FLAGS.host else FLAGS.host
   print(f"serving on http://{host}:{listener.getsockname()[1]}/v1 "
         "(Ctrl-C to stop)", flush=True)
-  try:
-    server.run(sockets=[listener])
-  except KeyboardInterrupt:
-    # Ctrl-C: uvicorn has shut down and re-raised it (through the signal,
-    # or from asyncio's runner); exit as Ctrl-C does, without a traceback.
-    sys.exit(130)
+  server.run(sockets=[listener])
 
 
 if __name__ == "__main__":

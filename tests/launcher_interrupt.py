@@ -35,11 +35,12 @@ class Interrupted:
 
 def interrupt_after(args: list[str], marker: str, *, cwd: str,
                     stream: str = "stdout", timeout: float = 240,
-                    on_marker: Callable[[], None] | None = None
+                    on_marker: Callable[[str], None] | None = None
                     ) -> Interrupted:
   """Runs `python -m <args>` in `cwd`, sends SIGINT as soon as its output
   on `stream` ("stdout" or "stderr") contains `marker` (after calling
-  `on_marker()`, for checks of that moment), and waits for the end.
+  `on_marker(output)` with that stream's output so far, for checks of that
+  moment), and waits for the end.
 
   The output is read as it comes, not line by line: a progress bar ends its
   lines with a carriage return only when it next redraws. Fails
@@ -70,7 +71,7 @@ def interrupt_after(args: list[str], marker: str, *, cwd: str,
     seen = marker.encode() in got[watched]
     if seen:
       if on_marker is not None:
-        on_marker()
+        on_marker(got[watched].decode(errors="replace"))
       proc.send_signal(signal.SIGINT)
     else:  # ended, or still running past the deadline
       proc.kill()

@@ -85,7 +85,8 @@ def test_ctrl_c_writes_the_rows_so_far_and_their_plot(tmp_path):
   sections, marked incomplete, and its PNG; exit 130."""
   out = tmp_path / "k.json"
 
-  def no_png_yet():
+  def no_png_yet(stdout: str):
+    del stdout
     assert not (tmp_path / "k.png").exists()  # not drawn per section
 
   done = interrupt_after(["launch.bench_kernels", f"--out={out}"],

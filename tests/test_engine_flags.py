@@ -13,14 +13,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
+import re
 import socket
-import subprocess
-import sys
 import time
 
 from import_record import (imported_jax, run_recording_imports,
                            without_import_times)
+from launcher_interrupt import interrupt_after
 import pytest
 
 from dualpath_jax.config import (ATTENTION_IMPLEMENTATIONS, CacheConfig,
@@ -180,24 +179,16 @@ def test_serve_refuses_an_address_it_cannot_bind_before_loading():
 
 
 def test_serve_launcher_answers_on_the_port_it_printed():
-  """`python -m launch.serve --port=0` end to end: it prints the port it
-  bound before the load, serves on it, and Ctrl-C stops it cleanly (the
+  """`python -m launch.serve --port=0` end to end, started as a script's
+  background job (SIGINT ignored): it prints the port it bound before the
+  load, serves on it, and Ctrl-C stops it (exit 130, no traceback). The
   only test of the launcher itself serving; the server's own tests drive
-  the app in a thread)."""
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "launch.serve", "--port=0", "--max_context=256",
-       "--num_blocks=32"], cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
-  try:
-    lines = []
-    for line in proc.stdout:  # until it says it serves (or exits)
-      lines.append(line)
-      if line.startswith("serving on http://127.0.0.1:"):
-        break
-    bound = [l for l in lines if l.startswith("bound to 127.0.0.1:")]
-    assert bound and lines[-1].startswith("serving on"), "".join(lines)
-    port = int(bound[0].split(":")[1].split(";")[0])
-    assert f"127.0.0.1:{port}/v1" in lines[-1]
+  the app in a thread."""
+  answers = {}
+
+  def ask(out: str):
+    port = int(re.search(r"bound to 127\.0\.0\.1:(\d+);", out).group(1))
+    assert f"serving on http://127.0.0.1:{port}/v1" in out
     for _ in range(100):  # the listen() follows the line at once
       try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -206,13 +197,24 @@ def test_serve_launcher_answers_on_the_port_it_printed():
         break
       except ConnectionRefusedError:
         time.sleep(0.1)
-    models = json.loads(response.read())
-    assert response.status == 200
-    assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 130, rest[-2000:]  # a Ctrl-C's status
-    assert "Shutting down" in rest and "Traceback" not in rest, rest[-2000:]
-  finally:
-    proc.kill()
-    proc.wait()
+    answers["status"] = response.status
+    answers["models"] = json.loads(response.read())
+
+  done = interrupt_after(
+      ["launch.serve", "--port=0", "--max_context=256", "--num_blocks=32"],
+      "serving on http://127.0.0.1:", cwd=REPO, timeout=180,
+      on_marker=ask)
+  assert answers["status"] == 200
+  assert [m["id"] for m in answers["models"]["data"]] == [
+      "smollm2-135m-instruct"]
+  assert done.returncode == 130, done.stderr[-2000:]
+  assert "Shutting down" in done.stderr and "serve: stopped" in done.stderr
+  assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_serve_stops_on_ctrl_c_while_loading():
+  done = interrupt_after(["launch.serve", "--port=0"], "loading the model",
+                         cwd=REPO, timeout=120)
+  assert done.returncode == 130, done.stderr[-2000:]
+  assert "serve: stopped" in done.stderr
+  assert "Traceback" not in done.stderr, done.stderr[-2000:]
