@@ -6,7 +6,9 @@ Times `ModelRunner.step` directly (no scheduling): prefill of a
 `--prompt_tokens` prompt in one chunk (batch 1), then decode at each batch
 size in `--decode_batches` with every sequence at `--prompt_tokens` context.
 Compilation is excluded (each shape runs once before timing); each figure is
-the median of `--reps` timed repetitions. Prints a table and writes JSON.
+the median of `--reps` timed repetitions. Prints each row as it is
+measured, then a table, and writes JSON; Ctrl-C reports the rows measured
+so far (`"complete": false`) and exits 130.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 import time
 
 from absl import app, flags
+
+from dualpath_jax.utils import make_ctrl_c_an_end
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source (see launch.agent_eval)")
@@ -53,6 +57,7 @@ def _decode_batches() -> list[int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  make_ctrl_c_an_end()  # also when started in the background
   import numpy as np
 
   from dualpath_jax import metrics
@@ -127,16 +132,26 @@ def main(argv):
       times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
-  rows = []
-  t = timed(prefill)
-  rows.append({"phase": "prefill", "batch": 1, "tokens": n, "context": n,
-               "seconds": t, "tok_s": n / t})
-  for b in batches:
-    t = timed(decode, b)
-    toks = b * FLAGS.decode_steps
-    rows.append({"phase": "decode", "batch": b, "tokens": toks,
-                 "context": n, "seconds": t, "tok_s": toks / t,
-                 "ms_per_step": 1000 * t / FLAGS.decode_steps})
+  rows, interrupted = [], False
+
+  def measured(row):  # each row as it comes: the run shows progress
+    rows.append(row)
+    print(f"  {row['phase']} batch {row['batch']}: {row['tok_s']:.1f} tok/s",
+          flush=True)
+
+  try:  # Ctrl-C: report the rows measured so far, exit 130
+    t = timed(prefill)
+    measured({"phase": "prefill", "batch": 1, "tokens": n, "context": n,
+              "seconds": t, "tok_s": n / t})
+    for b in batches:
+      t = timed(decode, b)
+      toks = b * FLAGS.decode_steps
+      measured({"phase": "decode", "batch": b, "tokens": toks,
+                "context": n, "seconds": t, "tok_s": toks / t,
+                "ms_per_step": 1000 * t / FLAGS.decode_steps})
+  except KeyboardInterrupt:
+    interrupted = True
+    print("interrupted: the rows measured so far", flush=True)
 
   print(f"start-up: config + tokenizer {startup['describe_s']:.2f} s, "
         f"weights {startup['load_weights_s']:.2f} s")
@@ -147,12 +162,14 @@ def main(argv):
       "model": cfg.name, "dtype": FLAGS.dtype, "attention": FLAGS.attention,
       "block_size": bs, "prompt_tokens": n,
       "decode_steps": FLAGS.decode_steps, "reps": FLAGS.reps,
-      "startup": startup, "rows": rows,
+      "startup": startup, "rows": rows, "complete": not interrupted,
       **metrics.run_environment(),
   }
   if FLAGS.out:
     outputs.write_json(report, FLAGS.out)
     print(f"wrote {FLAGS.out}")
+  if interrupted:
+    sys.exit(130)
 
 
 if __name__ == "__main__":

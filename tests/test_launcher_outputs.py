@@ -18,6 +18,8 @@ import pytest
 
 from dualpath_jax import outputs
 
+from launcher_interrupt import interrupt_after
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -91,6 +93,26 @@ def test_bench_model_reports_tokens_per_second(tmp_path):
   assert set(report["startup"]) == {"describe_s", "load_weights_s"}
   assert all(s > 0 for s in report["startup"].values())
   assert "start-up: config + tokenizer" in done.stdout
+  assert report["complete"] is True
+  assert "  decode batch 3: " in done.stdout  # each row as it is measured
+
+
+def test_bench_model_ctrl_c_reports_the_rows_measured(tmp_path):
+  """Ctrl-C after the first row (16 decode batches still to compile and
+  time): the report holds the rows measured, marked incomplete; exit 130."""
+  out = tmp_path / "model.json"
+  done = interrupt_after(
+      ["launch.bench_model", "--model=random:tiny-test", "--prompt_tokens=40",
+       "--decode_batches=" + ",".join(map(str, range(1, 17))),
+       "--decode_steps=8", "--reps=2", f"--out={out}"],
+      "prefill batch 1:", cwd=REPO, timeout=180)
+  assert done.returncode == 130, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["complete"] is False
+  phases = [(r["phase"], r["batch"]) for r in report["rows"]]
+  assert phases[0] == ("prefill", 1) and len(phases) < 17, phases
+  assert "interrupted: the rows measured so far" in done.stdout
 
 
 @pytest.mark.parametrize("flag,msg", [
