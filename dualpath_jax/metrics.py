@@ -114,7 +114,15 @@ def _fmt(v: Any) -> str:
 
 def git_commit() -> str | None:
   """The commit of the checkout this code runs from (with "-dirty" if it has
-  uncommitted changes), or None where it is not a git checkout."""
+  uncommitted changes), or None where it is not a git checkout.
+
+  `DUALPATH_GIT_COMMIT`, where set, is returned instead: for a copied
+  working tree whose git metadata is not its own (the device leases' copies
+  recorded a stale "6d13377-dirty" in every report, docs/benchmarks.md).
+  """
+  override = os.environ.get("DUALPATH_GIT_COMMIT", "").strip()
+  if override:
+    return override
   import subprocess
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:

@@ -46,6 +46,9 @@
 #   TILING_KERNELS       the sweep's --kernels (default: all four)
 #   TILING_TIMEOUT       seconds for the sweep (default TILING_BUDGET + 90)
 #   STORAGE_TIMEOUT=120  seconds for the storage benchmark
+#   DUALPATH_GIT_COMMIT  the commit every report records (the lease's copy
+#                        of the tree carries stale git metadata): pass the
+#                        output of `git rev-parse --short HEAD` run here
 # Each step gets SIGINT at its timeout (pytest and the launchers then write
 # what they have), and SIGKILL 20 s later if it is still running (a process
 # stuck in native code): plan a lease as the sum of the timeouts that apply,

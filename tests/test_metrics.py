@@ -79,3 +79,19 @@ def test_sampling_greedy_and_top_p():
   assert len(set(draws.tolist())) > 3
   with pytest.raises(ValueError):
     sample(logits, rng, temperature=-1)
+
+
+def test_git_commit_names_the_checkout_or_the_override(monkeypatch):
+  """Reports record the checkout's commit; a copied tree whose git metadata
+  is stale (a device lease's) names it with DUALPATH_GIT_COMMIT."""
+  import os
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"],
+                        capture_output=True, text=True)
+  monkeypatch.delenv("DUALPATH_GIT_COMMIT", raising=False)
+  assert head.returncode == 0, head.stderr  # the suite runs in a checkout
+  assert metrics.git_commit().startswith(head.stdout.strip())
+  monkeypatch.setenv("DUALPATH_GIT_COMMIT", " abc1234 ")
+  assert metrics.git_commit() == "abc1234"
+  assert metrics.run_environment()["git_commit"] == "abc1234"
