@@ -81,8 +81,9 @@ class MosaicDecodeTiling:
   # the computing one never waits on a page id; for int8 pools it also reads
   # the page scales and converts each step's int8 tiles to bf16 (into two
   # alternating tiles), so that the conversion overlaps the computing
-  # warpgroup's matmuls and softmax. The default on small pages and int8
-  # pools (`mosaic_decode_tiling`).
+  # warpgroup's matmuls and softmax. Not the default since the H200's second
+  # session (`mosaic_decode_tiling`: one warpgroup on a 2-slot ring ran
+  # faster); `mosaic_deep_ring_tiling` gives it the deep ring it needs.
   copy_warpgroup: bool = False
 
 
