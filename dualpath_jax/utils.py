@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import sys
+import threading
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
@@ -26,7 +30,8 @@ def make_ctrl_c_an_end() -> bool:
   started with SIGINT ignored; returns whether it was ignored.
 
   The launchers that report what finished on Ctrl-C (agent_eval,
-  bench_online, bench_storage, bench_kernels, bench_tiling) rely on it, and
+  bench_online, bench_storage, bench_kernels, bench_tiling, bench_model,
+  serve, convert) rely on it, and
   so does `scripts/gpu_check.sh`, which stops a step at its time limit with
   `timeout -s INT`. A shell without job control starts its background jobs
   (`cmd &` in a script) with SIGINT ignored, and Python then keeps ignoring
@@ -37,3 +42,53 @@ def make_ctrl_c_an_end() -> bool:
   if ignored:
     signal.signal(signal.SIGINT, signal.default_int_handler)
   return ignored
+
+
+@contextlib.contextmanager
+def interrupts_deferred(notice: str | None = None):
+  """Holds SIGINT back while the body runs, then raises KeyboardInterrupt
+  if one came (printing `notice` to stderr when it comes): for work that
+  must not stop halfway, such as a checkpoint's save and rename into place.
+  Only the main thread may install signal handlers; elsewhere (where SIGINT
+  is not delivered to Python code anyway) it does nothing."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+
+  def hold(signum, frame):
+    del frame
+    if notice and not received:
+      print(notice, file=sys.stderr, flush=True)
+    received.append(signum)
+  previous = signal.signal(signal.SIGINT, hold)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received:
+    raise KeyboardInterrupt
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+  """A TCP socket bound to (host, port) (0: a free port) for a server to
+  listen on, bound first so that a launcher can refuse a busy address
+  before any slow start and tell the port it got.
+
+  Raises:
+    ValueError: the host does not resolve, or the address cannot be bound
+      (a port in use, an address not on this machine).
+  """
+  try:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM)[0]
+  except socket.gaierror as e:
+    raise ValueError(f"cannot resolve host {host!r}: {e.strerror}") from None
+  sock = socket.socket(family, kind, proto)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind(address)
+  except OSError as e:
+    sock.close()
+    raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+  return sock

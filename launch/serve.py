@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dualpath_jax.utils import make_ctrl_c_an_end
+from dualpath_jax.utils import listen_socket, make_ctrl_c_an_end
 from launch import cluster_flags, distributed_flags, engine_flags
 
 FLAGS = flags.FLAGS
@@ -45,28 +45,6 @@ flags.DEFINE_enum("log_level", "info",
                   ["critical", "error", "warning", "info", "debug", "trace"],
                   "uvicorn log level")
 cluster_flags.define()  # --mesh=1P2D --cold_tier=DIR: serve on a P/D cluster
-
-
-def _listen_socket(host: str, port: int) -> socket.socket:
-  """A TCP socket bound to (host, port) for the server to listen on.
-
-  Raises:
-    ValueError: the host does not resolve, or the address cannot be bound
-      (a port in use, an address not on this machine).
-  """
-  try:
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM)[0]
-  except socket.gaierror as e:
-    raise ValueError(f"--host={host}: {e.strerror}") from None
-  sock = socket.socket(family, kind, proto)
-  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  try:
-    sock.bind(address)
-  except OSError as e:
-    sock.close()
-    raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-  return sock
 
 
 def _tokenizer(model_tokenizer):
@@ -107,12 +85,12 @@ def main(argv):
     sys.exit(f"serve: the tokenizer has {tokenizer.vocab_size} tokens but the "
              f"model only {config.vocab_size}")
   try:  # before the load: a port in use must not cost one
-    listener = _listen_socket(FLAGS.host, FLAGS.port)
+    listener = listen_socket(FLAGS.host, FLAGS.port)
   except ValueError as e:
     sys.exit(f"serve: {e}")
-  print(f"bound to {FLAGS.host}:{listener.getsockname()[1]}; loading the "
-        "model ...", flush=True)
-  try:
+  try:  # Ctrl-C from here on, even just after the line below, ends quietly
+    print(f"bound to {FLAGS.host}:{listener.getsockname()[1]}; loading the "
+          "model ...", flush=True)
     _load_and_serve(listener, cache, engine_cfg, mesh, cold, tokenizer)
   except KeyboardInterrupt:
     # Ctrl-C while loading, or while serving: uvicorn has then shut down

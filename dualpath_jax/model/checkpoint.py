@@ -27,9 +27,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
-import sys
-import threading
 import zlib
 from typing import Any
 
@@ -41,6 +38,7 @@ from flax import nnx
 
 from dualpath_jax.config import ModelConfig
 from dualpath_jax.model.llama import Llama
+from dualpath_jax.utils import interrupts_deferred
 
 # What needs no JAX lives apart (the metadata file, the output directory's
 # checks), so that launchers refuse bad input early; re-exported here.
@@ -102,7 +100,7 @@ def _write(directory: pathlib.Path, model: Llama, *, weights_id: str,
   # Ctrl-C waits for the save to end: Orbax's background threads write on
   # past an interrupt of the caller, into a folder the caller then removes
   # (tracebacks, files left behind, failures at interpreter exit).
-  with _orbax_quiet(), _interrupts_deferred(
+  with _orbax_quiet(), interrupts_deferred(
       f"stopping once the weights being written to {directory.name} are "
       "out (seconds)"):
     checkpointer = ocp.StandardCheckpointer()
@@ -172,7 +170,7 @@ def _publish(staging: pathlib.Path, directory: pathlib.Path) -> None:
   between them is a kill -9, which leaves the old checkpoint at
   `.NAME.old-PID`, whole.
   """
-  with _interrupts_deferred():
+  with interrupts_deferred():
     if not (directory.is_dir() and any(directory.iterdir())):
       os.replace(staging, directory)  # replaces an empty directory
       return
@@ -185,31 +183,6 @@ def _publish(staging: pathlib.Path, directory: pathlib.Path) -> None:
       os.rename(old, directory)
       raise
     shutil.rmtree(old, ignore_errors=True)  # before a held Ctrl-C is raised
-
-
-@contextlib.contextmanager
-def _interrupts_deferred(notice: str | None = None):
-  """Holds SIGINT back while the body runs, then raises KeyboardInterrupt
-  if one came (printing `notice` to stderr when it comes). Only the main
-  thread may install signal handlers; elsewhere (where SIGINT is not
-  delivered to Python code anyway) it does nothing."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  received = []
-
-  def hold(signum, frame):
-    del frame
-    if notice and not received:
-      print(notice, file=sys.stderr, flush=True)
-    received.append(signum)
-  previous = signal.signal(signal.SIGINT, hold)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGINT, previous)
-  if received:
-    raise KeyboardInterrupt
 
 
 def state_checksums(state: dict[str, Any]) -> dict[str, int]:

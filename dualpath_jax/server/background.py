@@ -9,11 +9,12 @@ app's lifespan shutdown (stopping the engine loop), and joins the thread.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import uvicorn
+
+from dualpath_jax.utils import listen_socket
 
 
 class BackgroundServer:
@@ -47,9 +48,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, *,
                     start_timeout_s: float = 60.0,
                     log_level: str = "warning") -> BackgroundServer:
   """Starts `app` on `host:port` (0 = ephemeral) in a thread; see above."""
-  sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  sock.bind((host, port))
+  sock = listen_socket(host, port)  # ValueError: a busy or foreign address
   port = sock.getsockname()[1]
   config = uvicorn.Config(app, log_level=log_level, lifespan="on")
   server = uvicorn.Server(config)
