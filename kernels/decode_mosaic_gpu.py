@@ -19,11 +19,16 @@ prefill kernel):
   barrier per slot and per K/V counts the copies of a step. Steps `i + 1 ..
   i + num_stages - 1` are in flight while step `i` is reduced; a slot is
   refilled as soon as its step is consumed.
-* The group's query rows (padded to 64, Hopper's warpgroup matmul height)
-  sit in SMEM; `wgmma` computes `q @ K^T` and `p @ V` in float32
-  accumulators. Decode needs few FLOPs, so the padding rows only cost
+* The group's query rows sit in a 64-row SMEM tile (Hopper's warpgroup
+  matmul height); `wgmma` computes `q @ K^T` and `p @ V` in float32
+  accumulators. Decode needs few FLOPs, so the tile's extra rows only cost
   tensor-core time that would otherwise idle; the bytes that matter (K/V)
-  are read once.
+  are read once. Where the GQA group allows (a multiple of 8, or 1, 2 or 4
+  with a multiple of 8 query heads: `query_rows.DecodeQueryBlocks`) a
+  program copies its rows by TMA straight from the unpadded queries (an
+  8-row block may hold a neighbouring KV head's rows too, computed and
+  dropped); otherwise an XLA op pads each group to 64 rows before the
+  launch (a launch of ~3 us on an H100; `tiling.pad_query` forces it).
 * Online softmax in base 2 in registers; tokens past `kv_lens[b]` are
   masked. Steps past a sequence's last token are never copied; within its
   last step, the pages past it are (table entries clamped into the pool, so
@@ -78,6 +83,7 @@ import jax.numpy as jnp
 from kernels import checks
 from kernels import quantize
 from kernels import tuning
+from kernels.query_rows import DecodeQueryBlocks
 from kernels.common import LOG2E, MASK_VALUE, merge_splits
 # interpret_params: Mosaic GPU's CPU interpret mode, re-exported here for the
 # tests and callers that use it.
@@ -156,6 +162,10 @@ class _Static:
   quantized: bool = False  # int8 ring, dequantized per step into bf16 tiles
   ids_first: bool = False  # a step's page ids all read before its copies
   copy_warpgroup: bool = False  # wg 1 issues the copies, wg 0 computes
+  # Query rows a program copies and the KV heads sharing one copied block
+  # (`query_rows.DecodeQueryBlocks`; 64 and 1: the padded groups).
+  q_rows: int = WGMMA_ROWS
+  q_heads_per_block: int = 1
 
   @property
   def tokens(self) -> int:  # tokens per step
@@ -173,7 +183,11 @@ def _decode_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
   `st.copy_warpgroup`):
     lens_ref     GMEM [batch] int32
     tables_ref   GMEM [batch, pages_per_seq] int32 (clamped on use)
-    q_ref        GMEM [batch, num_kv_heads, 64, head_dim]
+    q_ref        GMEM [batch, blocks, q_rows, head_dim]: the program's
+                 query rows are block h // q_heads_per_block
+                 (`DecodeQueryBlocks.operand`), copied into the tile's first
+                 q_rows rows; the rest of the tile is never copied (its rows
+                 meet only themselves, and are not stored)
     kv_ref       GMEM [num_blocks, 2, num_kv_heads, block_size, head_dim]
     scales_ref*  GMEM [num_blocks, 2, num_kv_heads] f32
     o_ref        GMEM [batch, num_kv_heads, splits, rows_out, head_dim] f32
@@ -230,7 +244,10 @@ def _decode_kernel(*refs, st: _Static, compute_dtype, pool_dtype):
                                mask=mask, consumed=consumed)
 
     def compute():
-      plgpu.copy_gmem_to_smem(q_ref.at[b, h], ring.q_smem, q_barrier.at[0])
+      q_tile = (ring.q_smem if st.q_rows == rows
+                else ring.q_smem.at[pl.ds(0, st.q_rows)])
+      plgpu.copy_gmem_to_smem(q_ref.at[b, h // st.q_heads_per_block], q_tile,
+                              q_barrier.at[0])
       if not st.copy_warpgroup:
         ring.fill(num_steps)
       plgpu.barrier_wait(q_barrier.at[0])
@@ -321,8 +338,8 @@ def paged_decode(
 
   group = num_heads // num_kv_heads
   rows_out = pl.cdiv(group, ROW_ALIGN) * ROW_ALIGN
-  qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(compute_dtype)
-  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, WGMMA_ROWS - group), (0, 0)))
+  q_blocks = query_blocks(num_heads, num_kv_heads, pad=tiling.pad_query)
+  qg = q_blocks.operand(q, num_kv_heads, compute_dtype)
 
   # Every split owns a whole number of steps; entries past the table's end
   # and junk page ids are clamped in the kernel (PageRing._page), as are
@@ -335,7 +352,9 @@ def paged_decode(
                page_parts=parts, num_stages=tiling.num_stages,
                sm_scale=float(sm_scale), interpret=interpret is not False,
                quantized=quantized, ids_first=tiling.ids_first,
-               copy_warpgroup=tiling.copy_warpgroup)
+               copy_warpgroup=tiling.copy_warpgroup,
+               q_rows=q_blocks.rows,
+               q_heads_per_block=q_blocks.heads_per_block)
   # The copier's barriers: the computing warpgroup's releases (of ring slots,
   # or of converted int8 tile pairs) and the conversions' ready signals.
   pairs = 2 if converts(st) else st.num_stages
@@ -364,8 +383,17 @@ def paged_decode(
   scales = ((kv_scales.astype(jnp.float32),) if quantized else ())
   o, m, l = kernel(kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
                    qg, kv_pages, *scales)
-  out = merge_splits(o, m, l)[:, :, :group]  # [B, Hkv, group, D]
-  return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+  out = q_blocks.own_rows(merge_splits(o, m, l), num_heads)
+  return out.astype(q.dtype)
+
+
+def query_blocks(num_heads: int, num_kv_heads: int,
+                 pad: bool = False) -> DecodeQueryBlocks:
+  """How this kernel's programs take their query rows (unpadded where the
+  GQA group allows; `pad` forces the padded form)."""
+  return DecodeQueryBlocks.choose(num_heads, num_kv_heads,
+                                  tile_rows=WGMMA_ROWS, align=ROW_ALIGN,
+                                  pad=pad)
 
 
 def default_tiling(

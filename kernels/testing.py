@@ -34,10 +34,16 @@ DECODE_CASES = [
 MOSAIC_DECODE_CASES = [
     # (heads, kv_heads, head_dim, block_size, dtype, kv_lens,
     #  pages_per_chunk, num_splits, num_stages, page_parts[, ids_first,
-    #  consumers, copy_warpgroup])
+    #  consumers, copy_warpgroup, pad_query])
+    # The query rows (query_rows.DecodeQueryBlocks): groups of 3 are padded
+    # before the launch; 4:1 and 2:1 groups copied by 8-row blocks of 2 and
+    # 4 KV heads, 1:1 of 8; groups of 16 copied whole.
     (9, 3, 64, 16, "bfloat16", [1, 37, 200], 4, 2, 2, 1),  # 3:1, 1 token
     (8, 2, 128, 32, "bfloat16", [100, 16, 250], 2, 1, 2, 1),  # 4:1, refills
-    (4, 4, 128, 16, "float16", [77, 1], 4, 3, 3, 1),  # MHA, splits > used
+    (8, 2, 128, 32, "bfloat16", [100, 16, 250], 2, 1, 2, 1, False, 1, False,
+     True),  # the same, queries padded by XLA
+    (8, 8, 64, 16, "float16", [77, 1], 4, 3, 3, 1),  # MHA, splits > used
+    (16, 8, 64, 16, "bfloat16", [45, 70], 4, 1, 2, 1),  # 2:1, two blocks
     (9, 3, 128, 64, "bfloat16", [130, 64, 5], 1, 2, 2, 1),  # 64-token pages
     (6, 2, 64, 128, "bfloat16", [300, 129], 1, 1, 2, 2),  # pages in parts
     (16, 1, 64, 32, "bfloat16", [190, 0], 2, 1, 3, 1),  # MQA, empty seq

@@ -85,6 +85,12 @@ class MosaicDecodeTiling:
   # session (`mosaic_decode_tiling`: one warpgroup on a 2-slot ring ran
   # faster); `mosaic_deep_ring_tiling` gives it the deep ring it needs.
   copy_warpgroup: bool = False
+  # Decode only: True pads each GQA group's query rows to the 64-row tile
+  # with an XLA op before the launch (the form measured until 2026-11-28;
+  # ~3 us on an H100, a sixteenth of a 1 x 32k decode). False: programs copy
+  # their rows from the unpadded queries where the group allows it
+  # (`query_rows.DecodeQueryBlocks`), and pad otherwise.
+  pad_query: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,6 +142,17 @@ def _ids_first_twin(tiling) -> list[Any]:
   return [dataclasses.replace(tiling, ids_first=True)]
 
 
+def _padded_query_twin(tiling, s) -> list[Any]:
+  """The Mosaic decode default's twin whose queries are padded to the
+  64-row tile by an XLA op before the launch (the form before 2026-11-28),
+  where the default copies them unpadded: the A/B of that launch."""
+  from kernels import decode_mosaic_gpu
+  if decode_mosaic_gpu.query_blocks(s.heads, s.kv_heads,
+                                    pad=tiling.pad_query).padded:
+    return []
+  return [dataclasses.replace(tiling, pad_query=True)]
+
+
 def _consumer_twins(tiling, quantized: bool) -> list[Any]:
   """The prefill default's twins with the other count of computing
   warpgroups (1, or 2 and a copying one: bf16/f16 pools only), with and
@@ -153,10 +164,10 @@ def _consumer_twins(tiling, quantized: bool) -> list[Any]:
 
 
 def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
-  """The Mosaic GPU decode kernel's default tiling, then its twins: with a
-  copying warpgroup (on its deep ring); one warpgroup on that deep ring
-  (the default before the H200's second run); reading a step's page ids
-  first. Then alternatives that fit its shared memory, each step size in
+  """The Mosaic GPU decode kernel's default tiling, then its twins: with
+  its queries padded before the launch; with a copying warpgroup (on its
+  deep ring); one warpgroup on that deep ring (the default before the
+  H200's second run); reading a step's page ids first. Then alternatives that fit its shared memory, each step size in
   turn (double steps with one program an SM among them)."""
   from kernels import decode_mosaic_gpu
   from kernels import tuning
@@ -168,6 +179,7 @@ def mosaic_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
           decode_mosaic_gpu.SMEM_BUDGET)
   copying = default_tiling("mosaic_decode", s, warp_specialized=True)
   return _default_first(default, itertools.chain(
+      _padded_query_twin(default, s),
       [copying, dataclasses.replace(copying, copy_warpgroup=False)],
       _ids_first_twin(default),
       _spread((

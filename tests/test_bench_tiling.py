@@ -102,20 +102,23 @@ grid = list(bench_tiling.mosaic_decode_grid(shape, cfg))
 steps = [t.pages_per_chunk * shape.page // t.page_parts for t in grid]
 assert len(set(map(repr, grid))) == len(grid)
 # The default (one warpgroup, 2 slots, 33 splits: one wave of two programs
-# an SM), its twin with a copying warpgroup on the deep ring, that ring
-# with one warpgroup, the default reading its page ids first.
-default, copying, deep = grid[:3]
+# an SM; its 4-head groups copied unpadded), its twin with the queries
+# padded before the launch, its twin with a copying warpgroup on the deep
+# ring, that ring with one warpgroup, the default reading its page ids first.
+default, padded, copying, deep = grid[:4]
+assert not default.pad_query
+assert padded == dataclasses.replace(default, pad_query=True)
 assert not default.copy_warpgroup and default.num_stages == 2
 assert steps[0] == 64 and default.num_splits == 33, default
 assert copying.copy_warpgroup and copying.num_stages > 2
 assert deep == dataclasses.replace(copying, copy_warpgroup=False)
-assert grid[3] == dataclasses.replace(default, ids_first=True)
+assert grid[4] == dataclasses.replace(default, ids_first=True)
 # Then the first tilings take each step size that fits the shared memory
 # (256-token steps do not at head_dim 128): a short budget still tries
 # every one.
 sizes = set(steps)
 assert sizes == {64, 128}, steps
-assert set(steps[4:4 + len(sizes)]) == sizes, steps
+assert set(steps[5:5 + len(sizes)]) == sizes, steps
 print("ok")
 """
 
