@@ -49,7 +49,8 @@ from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
                                  error_line, reraise_if_interrupted, rel_err,
                                  timeit)
 from launch.kernel_table import fmt_row, host_to_device, print_table
-from launch.kernel_targets import (GATHER_KERNEL, GATHER_TRANSFERS, MOSAIC_WS,
+from launch.kernel_targets import (GATHER_KERNEL, GATHER_TRANSFERS,
+                                   MOSAIC_PADDED_Q, MOSAIC_WS,
                                    check_targets)
 
 FLAGS = flags.FLAGS
@@ -224,6 +225,13 @@ def _mosaic_applies(s: DecodeShape | PrefillShape, interpret: bool) -> bool:
       group=s.heads // s.kv_heads)
 
 
+def _padded_query(s: DecodeShape) -> bool:
+  """Whether the Mosaic decode pads this shape's queries anyway (its GQA
+  group cannot be copied unpadded)."""
+  from kernels import decode_mosaic_gpu
+  return decode_mosaic_gpu.query_blocks(s.heads, s.kv_heads).padded
+
+
 def _checker(kind: str, args) -> Callable[[Any], float] | None:
   """rel_err against the full-precision reference, or None (logged) if the
   reference itself cannot run (e.g. out of memory): the kernels are still
@@ -254,8 +262,11 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
     # copying one (prefill, bf16/f16), a copying warpgroup beside the
     # computing one (decode).
     kernel = f"mosaic_{kind}"
-    impls.append(("pallas_mosaic_gpu (ours)", kernel,
-                  kernel_cases.default_tiling(kernel, s, False)))
+    default = kernel_cases.default_tiling(kernel, s, False)
+    impls.append(("pallas_mosaic_gpu (ours)", kernel, default))
+    if kind == "decode" and s.batch <= 4 and not _padded_query(s):
+      impls.append((MOSAIC_PADDED_Q, kernel,
+                    dataclasses.replace(default, pad_query=True)))
     if warp_specialized and not (kind == "prefill" and s.dtype == "int8"):
       impls.append((MOSAIC_WS, kernel,
                     kernel_cases.default_tiling(kernel, s, True)))

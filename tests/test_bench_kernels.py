@@ -47,6 +47,13 @@ def test_smoke_run_end_to_end(tmp_path):
   ws = {r["shape"]["dtype"] for r in report["rows"]
         if r["impl"] == "pallas_mosaic_gpu_ws (ours)" and r["kind"] == "decode"}
   assert ws == {"bfloat16"}
+  # The Mosaic decode with its queries padded before the launch, beside the
+  # default where the default copies them unpadded: the 8 / 2 heads shape
+  # only (9 / 3 and 4 / 2 heads are padded either way).
+  padded = [(r["shape"]["heads"], r["shape"]["kv_heads"])
+            for r in report["rows"]
+            if r["impl"] == "pallas_mosaic_gpu, padded q (ours)"]
+  assert padded == [(8, 2)]
   for r in report["rows"]:
     if r["kind"] == "calib" and r["impl"] == "torch copy_":
       continue  # torch is not a dependency; the row says why it is missing
