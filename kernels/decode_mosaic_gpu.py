@@ -5,7 +5,8 @@ the grid is `(batch, num_kv_heads, num_splits)`, one program takes one
 sequence, one KV head with all the query heads of its GQA group, and one
 contiguous slice of the sequence's block table. Each program writes an
 unnormalised partial output with its running max and sum (base 2); the XLA
-epilogue of `common.merge_splits` combines the splits.
+epilogue of `common.merge_splits` (or, with `tiling.one_reduce_merge`, of
+`common.merge_splits_one_reduce`) combines the splits.
 
 Inside a program (one warpgroup, 128 threads; the page ring, matmuls and
 int8 dequantization live in `mosaic_gpu_ring.PageRing`, shared with the
@@ -84,7 +85,8 @@ from kernels import checks
 from kernels import quantize
 from kernels import tuning
 from kernels.query_rows import DecodeQueryBlocks
-from kernels.common import LOG2E, MASK_VALUE, merge_splits
+from kernels.common import (LOG2E, MASK_VALUE, merge_splits,
+                            merge_splits_one_reduce)
 # interpret_params: Mosaic GPU's CPU interpret mode, re-exported here for the
 # tests and callers that use it.
 from kernels.mosaic_gpu_ring import (WGMMA_ROWS, converts, in_ring_scope,  # pylint: disable=unused-import
@@ -383,7 +385,8 @@ def paged_decode(
   scales = ((kv_scales.astype(jnp.float32),) if quantized else ())
   o, m, l = kernel(kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
                    qg, kv_pages, *scales)
-  out = q_blocks.own_rows(merge_splits(o, m, l), num_heads)
+  merge = merge_splits_one_reduce if tiling.one_reduce_merge else merge_splits
+  out = q_blocks.own_rows(merge(o, m, l), num_heads)
   return out.astype(q.dtype)
 
 

@@ -34,7 +34,7 @@ DECODE_CASES = [
 MOSAIC_DECODE_CASES = [
     # (heads, kv_heads, head_dim, block_size, dtype, kv_lens,
     #  pages_per_chunk, num_splits, num_stages, page_parts[, ids_first,
-    #  consumers, copy_warpgroup, pad_query])
+    #  consumers, copy_warpgroup, pad_query, one_reduce_merge])
     # The query rows (query_rows.DecodeQueryBlocks): groups of 3 are padded
     # before the launch; 4:1 and 2:1 groups copied by 8-row blocks of 2 and
     # 4 KV heads, 1:1 of 8; groups of 16 copied whole.
@@ -43,7 +43,10 @@ MOSAIC_DECODE_CASES = [
     (8, 2, 128, 32, "bfloat16", [100, 16, 250], 2, 1, 2, 1, False, 1, False,
      True),  # the same, queries padded by XLA
     (8, 8, 64, 16, "float16", [77, 1], 4, 3, 3, 1),  # MHA, splits > used
-    (16, 8, 64, 16, "bfloat16", [45, 70], 4, 1, 2, 1),  # 2:1, two blocks
+    # 2:1 in two blocks; splits merged by one variadic reduction, two of
+    # them empty for the first sequence.
+    (16, 8, 64, 16, "bfloat16", [45, 70], 4, 3, 2, 1, False, 1, False, False,
+     True),
     (9, 3, 128, 64, "bfloat16", [130, 64, 5], 1, 2, 2, 1),  # 64-token pages
     (6, 2, 64, 128, "bfloat16", [300, 129], 1, 1, 2, 2),  # pages in parts
     (16, 1, 64, 32, "bfloat16", [190, 0], 2, 1, 3, 1),  # MQA, empty seq

@@ -91,6 +91,10 @@ class MosaicDecodeTiling:
   # their rows from the unpadded queries where the group allows it
   # (`query_rows.DecodeQueryBlocks`), and pad otherwise.
   pad_query: bool = False
+  # Decode only: True merges the split-K partial results in one variadic
+  # XLA reduction (`common.merge_splits_one_reduce`) instead of three (each
+  # its own launch on a GPU). Not the default until measured on a GPU.
+  one_reduce_merge: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

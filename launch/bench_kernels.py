@@ -50,7 +50,8 @@ from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
                                  timeit)
 from launch.kernel_table import fmt_row, host_to_device, print_table
 from launch.kernel_targets import (GATHER_KERNEL, GATHER_TRANSFERS,
-                                   MOSAIC_PADDED_Q, MOSAIC_WS,
+                                   MOSAIC_ONE_REDUCE, MOSAIC_PADDED_Q,
+                                   MOSAIC_WS,
                                    check_targets)
 
 FLAGS = flags.FLAGS
@@ -264,9 +265,13 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
     kernel = f"mosaic_{kind}"
     default = kernel_cases.default_tiling(kernel, s, False)
     impls.append(("pallas_mosaic_gpu (ours)", kernel, default))
-    if kind == "decode" and s.batch <= 4 and not _padded_query(s):
-      impls.append((MOSAIC_PADDED_Q, kernel,
-                    dataclasses.replace(default, pad_query=True)))
+    if kind == "decode" and kv_bytes < 256 * 2**20:
+      # Short calls: the launches around the kernel, one twin each.
+      if not _padded_query(s):
+        impls.append((MOSAIC_PADDED_Q, kernel,
+                      dataclasses.replace(default, pad_query=True)))
+      impls.append((MOSAIC_ONE_REDUCE, kernel,
+                    dataclasses.replace(default, one_reduce_merge=True)))
     if warp_specialized and not (kind == "prefill" and s.dtype == "int8"):
       impls.append((MOSAIC_WS, kernel,
                     kernel_cases.default_tiling(kernel, s, True)))

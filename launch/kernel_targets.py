@@ -25,8 +25,12 @@ from launch import kernel_plot
 MOSAIC_WS = "pallas_mosaic_gpu_ws (ours)"
 # The Mosaic GPU decode with its queries padded to the 64-row tile by an XLA
 # op before the launch (`pad_query`, the form before 2026-11-28), timed
-# beside the default at small batch, where that launch is a sizeable share.
+# beside the default on calls reading < 256 MiB, where a launch of a few
+# microseconds is a sizeable share.
 MOSAIC_PADDED_Q = "pallas_mosaic_gpu, padded q (ours)"
+# The Mosaic GPU decode merging its splits in one XLA reduction
+# (`one_reduce_merge`) instead of three, timed beside the default likewise.
+MOSAIC_ONE_REDUCE = "pallas_mosaic_gpu, one-reduce merge (ours)"
 # The block gather as one kernel reading the pinned tier
 # (kernels/host_gather_triton.py; `gather_to_device`'s path on GPUs), and as
 # one XLA transfer per block (its path elsewhere).
@@ -34,7 +38,7 @@ GATHER_KERNEL = "gather: one kernel (ours)"
 GATHER_TRANSFERS = "gather: per-block transfers (ours)"
 # Our attention kernels' rows.
 OURS = ("pallas_triton (ours)", "pallas_mosaic_gpu (ours)", MOSAIC_WS,
-        MOSAIC_PADDED_Q)
+        MOSAIC_PADDED_Q, MOSAIC_ONE_REDUCE)
 
 
 def check_targets(rows: Sequence[Mapping[str, Any]],

@@ -48,12 +48,18 @@ def test_smoke_run_end_to_end(tmp_path):
         if r["impl"] == "pallas_mosaic_gpu_ws (ours)" and r["kind"] == "decode"}
   assert ws == {"bfloat16"}
   # The Mosaic decode with its queries padded before the launch, beside the
-  # default where the default copies them unpadded: the 8 / 2 heads shape
-  # only (9 / 3 and 4 / 2 heads are padded either way).
+  # default where the default copies them unpadded (calls of < 256 MiB): the
+  # 8 / 2 heads shape only (9 / 3 and 4 / 2 heads are padded either way).
   padded = [(r["shape"]["heads"], r["shape"]["kv_heads"])
             for r in report["rows"]
             if r["impl"] == "pallas_mosaic_gpu, padded q (ours)"]
   assert padded == [(8, 2)]
+  # And with its splits merged by one reduction, on every shape the Mosaic
+  # kernel runs (not the float32 one).
+  one_reduce = [(r["shape"]["heads"], r["shape"]["kv_heads"])
+                for r in report["rows"]
+                if r["impl"] == "pallas_mosaic_gpu, one-reduce merge (ours)"]
+  assert one_reduce == [(4, 2), (8, 2)], one_reduce
   for r in report["rows"]:
     if r["kind"] == "calib" and r["impl"] == "torch copy_":
       continue  # torch is not a dependency; the row says why it is missing

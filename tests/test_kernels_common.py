@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import jax.numpy as jnp
+import pytest
 
 from kernels import common
 
@@ -43,7 +44,9 @@ def test_tile_steps_match_enumerated_keys(np_rng):
         first_row, tile_tokens, kv_len, q_len, capacity, step)
 
 
-def test_merge_splits_equals_one_softmax(np_rng):
+@pytest.mark.parametrize("merge", [common.merge_splits,
+                                   common.merge_splits_one_reduce])
+def test_merge_splits_equals_one_softmax(np_rng, merge):
   rows, keys, head_dim, splits = 5, 48, 8, 4
   logits = np_rng.standard_normal((rows, keys)) * 3  # base-2 logits
   v = np_rng.standard_normal((keys, head_dim))
@@ -58,17 +61,39 @@ def test_merge_splits_equals_one_softmax(np_rng):
     o.append(pi @ v[keys_of])
     m.append(mi)
     l.append(pi.sum(1))
-  got = common.merge_splits(jnp.asarray(np.stack(o), jnp.float32),
-                            jnp.asarray(np.stack(m), jnp.float32),
-                            jnp.asarray(np.stack(l), jnp.float32))
+  got = merge(jnp.asarray(np.stack(o), jnp.float32),
+              jnp.asarray(np.stack(m), jnp.float32),
+              jnp.asarray(np.stack(l), jnp.float32))
   keep = np.concatenate([k for i, k in enumerate(parts) if i != 2])
   p = np.exp2(logits[:, keep] - logits[:, keep].max(1, keepdims=True))
   want = (p / p.sum(1, keepdims=True)) @ v[keep]
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
   # A row no split saw gives zeros, not NaN.
-  empty = common.merge_splits(jnp.ones((2, 1, 3)), jnp.full((2, 1), -1.0),
-                              jnp.zeros((2, 1)))
+  empty = merge(jnp.ones((2, 1, 3)), jnp.full((2, 1), -1.0),
+                jnp.zeros((2, 1)))
   assert np.array_equal(np.asarray(empty), np.zeros((1, 3)))
+
+
+def test_one_reduce_merge_on_batched_splits_far_apart(np_rng):
+  """Leading batch and head axes, maxima hundreds apart (a fold rescaling
+  to anything but the larger max would overflow) and empty splits: the
+  variadic merge equals the three-reduction one."""
+  batch, heads, splits, rows, head_dim = 2, 3, 7, 8, 16
+  m = np_rng.uniform(-300, 300, (batch, heads, splits, rows))
+  empty = np_rng.random((batch, heads, splits, rows)) < 0.3
+  empty[0, 0] = True  # a row no split saw
+  m = np.where(empty, common.MASK_VALUE, m).astype(np.float32)
+  l = np.where(empty, 0, np_rng.uniform(1, 50, m.shape)).astype(np.float32)
+  o = np_rng.standard_normal(m.shape + (head_dim,)).astype(np.float32)
+  o = np.where(empty[..., None], 0, o * l[..., None]).astype(np.float32)
+  want = common.merge_splits(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l))
+  got = common.merge_splits_one_reduce(jnp.asarray(o), jnp.asarray(m),
+                                       jnp.asarray(l))
+  assert got.shape == (batch, heads, rows, head_dim)
+  assert np.isfinite(np.asarray(got)).all()
+  assert not np.asarray(got[0, 0]).any()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_decode_output_zeroes_padding_rows(np_rng):
