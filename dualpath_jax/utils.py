@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
 import sys
 import threading
+from typing import Any, Callable
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
@@ -29,9 +31,9 @@ def make_ctrl_c_an_end() -> bool:
   """Makes SIGINT raise KeyboardInterrupt in this process even where it was
   started with SIGINT ignored; returns whether it was ignored.
 
-  The launchers that report what finished on Ctrl-C (agent_eval,
-  bench_online, bench_storage, bench_kernels, bench_tiling, bench_model,
-  serve, convert) rely on it, and
+  Every launcher calls it (`ctrl_c_ends_quietly`); those that report what
+  finished on Ctrl-C (agent_eval, bench_online, bench_storage,
+  bench_kernels, bench_tiling, bench_model, serve, convert) rely on it, and
   so does `scripts/gpu_check.sh`, which stops a step at its time limit with
   `timeout -s INT`. A shell without job control starts its background jobs
   (`cmd &` in a script) with SIGINT ignored, and Python then keeps ignoring
@@ -42,6 +44,26 @@ def make_ctrl_c_an_end() -> bool:
   if ignored:
     signal.signal(signal.SIGINT, signal.default_int_handler)
   return ignored
+
+
+def ctrl_c_ends_quietly(main: Callable[[list[str]], Any],
+                        name: str) -> Callable[[list[str]], Any]:
+  """A launcher's `main`, for `absl.app.run`, that Ctrl-C ends with one line
+  (`NAME: interrupted`) and exit status 130, wherever it comes: during a
+  model's load or a compile as well as in the windows where a launcher
+  reports what it finished (those report first, then exit 130 themselves).
+  Python's own ending is a KeyboardInterrupt traceback. SIGINT is made to
+  raise even where the process was started with it ignored
+  (`make_ctrl_c_an_end`)."""
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> Any:
+    make_ctrl_c_an_end()
+    try:
+      return main(argv)
+    except KeyboardInterrupt:
+      print(f"{name}: interrupted", file=sys.stderr, flush=True)
+      sys.exit(130)
+  return wrapped
 
 
 @contextlib.contextmanager

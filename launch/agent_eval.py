@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags, logging
 
-from dualpath_jax.utils import make_ctrl_c_an_end
+from dualpath_jax.utils import ctrl_c_ends_quietly
 from launch import (cluster_flags, distributed_flags, engine_flags,
                     workload_flags)
 
@@ -40,7 +40,6 @@ cluster_flags.define()  # --mesh, --policy, --storage_nic_gbps, --cold_tier, ...
 
 def main(argv):
   del argv
-  make_ctrl_c_an_end()  # Ctrl-C reports the finished turns
   try:
     multi = distributed_flags.requested()
   except ValueError as e:
@@ -166,4 +165,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "agent_eval"))

@@ -42,7 +42,7 @@ from typing import Any, Callable
 from absl import app, flags
 
 from dualpath_jax import outputs
-from dualpath_jax.utils import make_ctrl_c_an_end
+from dualpath_jax.utils import ctrl_c_ends_quietly
 from launch import kernel_cases
 from launch import kernel_plot
 from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
@@ -646,7 +646,6 @@ SECTIONS = ("calib", "copy", "decode", "prefill", "overlap", "gather_kernel")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  make_ctrl_c_an_end()  # Ctrl-C (gpu_check.sh's timeout) writes the rows
   backend, preset = kernel_cases.resolve_run(FLAGS, "only", SECTIONS)
   cfg = PRESETS[preset]
   interpret = backend != "gpu"
@@ -749,4 +748,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "bench_kernels"))

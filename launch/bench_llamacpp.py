@@ -38,6 +38,7 @@ import numpy as np
 
 from dualpath_jax import metrics
 from dualpath_jax import outputs
+from dualpath_jax.utils import ctrl_c_ends_quietly
 
 # llama-cpp-python's source archive has no git history, so llama.cpp reports no
 # commit; the bindings' changelog names the llama.cpp commit of each release.
@@ -222,4 +223,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "bench_llamacpp"))

@@ -21,7 +21,7 @@ import time
 
 from absl import app, flags
 
-from dualpath_jax.utils import make_ctrl_c_an_end
+from dualpath_jax.utils import ctrl_c_ends_quietly
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source (see launch.agent_eval)")
@@ -57,7 +57,6 @@ def _decode_batches() -> list[int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  make_ctrl_c_an_end()  # also when started in the background
   import numpy as np
 
   from dualpath_jax import metrics
@@ -173,4 +172,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "bench_model"))

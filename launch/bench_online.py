@@ -36,7 +36,7 @@ import tempfile
 
 from absl import app, flags, logging
 
-from dualpath_jax.utils import make_ctrl_c_an_end
+from dualpath_jax.utils import ctrl_c_ends_quietly
 from launch import cluster_flags, engine_flags, workload_flags
 
 FLAGS = flags.FLAGS
@@ -214,7 +214,6 @@ def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
 
 def main(argv):
   del argv
-  make_ctrl_c_an_end()  # Ctrl-C reports the finished runs
   rates = _parse_rates(FLAGS.rates)
   policies = _parse_policies(FLAGS.policies)
   from dualpath_jax.workload.slo import SloSpec, sustained_rate
@@ -349,4 +348,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "bench_online"))

@@ -73,7 +73,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from dualpath_jax import outputs
-from dualpath_jax.utils import make_ctrl_c_an_end
+from dualpath_jax.utils import ctrl_c_ends_quietly
 from dualpath_jax.config import MODEL_PRESETS, CacheConfig
 from launch.storage_disk import (bench_file_floor, bench_memory, bench_raw,
                                   cpu_seconds, latency_percentiles)
@@ -451,7 +451,6 @@ def _check_flags() -> tuple[list[StoreSpec], str]:
 
 def main(argv):
   del argv
-  make_ctrl_c_an_end()  # Ctrl-C reports the finished rounds
   try:
     specs, path = _check_flags()
   except ValueError as e:
@@ -550,4 +549,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "bench_storage"))

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 from absl import app, flags
 
 from dualpath_jax import outputs
-from dualpath_jax.utils import make_ctrl_c_an_end
+from dualpath_jax.utils import ctrl_c_ends_quietly
 from launch import kernel_cases
 from launch.kernel_cases import (KERNELS, DecodeShape, PrefillShape,
                                  default_tiling,
@@ -370,7 +370,6 @@ def print_best(rows: list[dict]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  make_ctrl_c_an_end()  # Ctrl-C (gpu_check.sh's timeout) writes the sweep
   backend, preset = kernel_cases.resolve_run(FLAGS, "kernels", KERNELS)
   cfg = PRESETS[preset]
   interpret = backend != "gpu"
@@ -438,4 +437,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "bench_tiling"))

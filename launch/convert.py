@@ -24,7 +24,7 @@ from absl import logging
 # JAX-free until the conversion itself (`checkpoint`, `load_model`'s
 # weights): bad flags are refused before JAX's ~3 s import.
 from dualpath_jax.model import checkpoint_layout, describe_model, gguf_loader
-from dualpath_jax.utils import make_ctrl_c_an_end
+from dualpath_jax.utils import ctrl_c_ends_quietly
 
 FLAGS = flags.FLAGS
 
@@ -59,7 +59,6 @@ def convert(gguf_path: str | None, out: str, dtype: str,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  make_ctrl_c_an_end()  # even when started in the background
   start = time.perf_counter()
   try:  # the directory and the GGUF's header first: the conversion is slow
     checkpoint_layout.check_output_directory(FLAGS.out, FLAGS.overwrite)
@@ -76,4 +75,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "convert"))

@@ -36,6 +36,7 @@ from absl import app, flags, logging
 
 from dualpath_jax import outputs
 from dualpath_jax.config import SMOLLM2_135M, CacheConfig
+from dualpath_jax.utils import ctrl_c_ends_quietly
 from storage import BlockStore, ColdTierConfig
 
 FLAGS = flags.FLAGS
@@ -220,4 +221,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "crash_test_storage"))

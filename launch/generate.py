@@ -28,6 +28,7 @@ from dualpath_jax.engine.sampling import sample
 # JAX-free (the model package imports JAX on first use of its model): the
 # checks of a request run before JAX's ~3 s import.
 from dualpath_jax.model import describe_model, load_model
+from dualpath_jax.utils import ctrl_c_ends_quietly
 
 if TYPE_CHECKING:
   from dualpath_jax.model.llama import Llama
@@ -194,6 +195,7 @@ def main(argv: list[str]) -> None:
   try:  # ids outside the vocabulary, a context past max_position, an
     # unknown kernel: refused before the load; then a source's bad weights
     check_request(config, prompt_ids, **request)
+    print(f"loading {FLAGS.model} ...", file=sys.stderr, flush=True)
     loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
     eos_ids = tok.eos_ids if tok is not None else config.eos_token_ids
     ids, timing = generate(
@@ -214,4 +216,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "generate"))

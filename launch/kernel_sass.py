@@ -48,6 +48,7 @@ from absl import app, flags
 
 from dualpath_jax import metrics
 from dualpath_jax import outputs
+from dualpath_jax.utils import ctrl_c_ends_quietly
 from launch import kernel_cases
 from launch import sass_analysis
 from launch import sass_report
@@ -220,4 +221,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "kernel_sass"))

@@ -26,6 +26,7 @@ import sys
 
 from absl import app, flags
 
+from dualpath_jax.utils import ctrl_c_ends_quietly
 from launch.kernel_cases import (KERNELS, kernel_fn, parse_shape, problem,
                                  rel_err)
 
@@ -150,4 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "profile_kernels"))

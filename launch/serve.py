@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dualpath_jax.utils import listen_socket, make_ctrl_c_an_end
+from dualpath_jax.utils import ctrl_c_ends_quietly, listen_socket
 from launch import cluster_flags, distributed_flags, engine_flags
 
 FLAGS = flags.FLAGS
@@ -59,7 +59,6 @@ def _tokenizer(model_tokenizer):
 
 def main(argv):
   del argv
-  make_ctrl_c_an_end()  # also when started in the background
   try:
     multi = distributed_flags.requested()
   except ValueError as e:
@@ -139,4 +138,4 @@ def _load_and_serve(listener: socket.socket, cache, engine_cfg, mesh, cold,
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "serve"))

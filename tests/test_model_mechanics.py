@@ -36,6 +36,7 @@ from launch import generate
 
 from import_record import (imported_jax, run_recording_imports,
                            without_import_times)
+from launcher_interrupt import interrupt_after
 
 ATOL = RTOL = 2e-5
 
@@ -643,6 +644,20 @@ def test_generate_cli_refuses_a_bad_request_before_loading_weights(tmp_path):
   assert (f"generate: checkpoint {ckpt} could not be read: Checkpoint at "
           f"{ckpt / 'state'} not found; it is damaged or incomplete") in (
               errors["good"]), errors["good"][-2000:]
+
+
+def test_generate_ctrl_c_while_loading_ends_quietly():
+  """Ctrl-C during the load (JAX's import and the weights') ends generate
+  with one line and exit 130, not a KeyboardInterrupt traceback (also when
+  it was started with SIGINT ignored, as interrupt_after starts it)."""
+  done = interrupt_after(
+      ["launch.generate", "--model=random:tiny-test", "--prompt_ids=1,2,3"],
+      "loading random:tiny-test ...", stream="stderr",
+      cwd=str(pathlib.Path(__file__).resolve().parents[1]), timeout=120)
+  assert done.returncode == 130, done.stderr[-3000:]
+  assert "generate: interrupted" in done.stderr
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert done.stdout == ""
 
 
 def test_generate_cli_json_matches_in_process_generation():

@@ -1,0 +1,78 @@
+"""dualpath_jax.utils: the launchers' process-wide helpers, in process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import pytest
+
+from dualpath_jax import utils
+
+
+def test_ctrl_c_ends_a_launcher_with_one_line_and_status_130(capsys):
+  def main(argv):
+    assert argv == ["prog"]
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as stop:
+    utils.ctrl_c_ends_quietly(main, "demo")(["prog"])
+  assert stop.value.code == 130
+  assert capsys.readouterr().err == "demo: interrupted\n"
+
+
+def test_other_endings_pass_through(capsys):
+  assert utils.ctrl_c_ends_quietly(lambda argv: 7, "demo")([]) == 7
+
+  def refuses(argv):
+    raise SystemExit("demo: bad flag")
+  with pytest.raises(SystemExit, match="demo: bad flag"):
+    utils.ctrl_c_ends_quietly(refuses, "demo")([])
+
+  def fails(argv):
+    raise ValueError("a bug")
+  with pytest.raises(ValueError, match="a bug"):
+    utils.ctrl_c_ends_quietly(fails, "demo")([])
+  assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_ignored_at_start_is_made_an_end():
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    def main(argv):
+      os.kill(os.getpid(), signal.SIGINT)  # delivered before kill returns
+      return "ran on"
+    with pytest.raises(SystemExit) as stop:
+      utils.ctrl_c_ends_quietly(main, "demo")([])
+    assert stop.value.code == 130
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupts_deferred_raises_after_the_body():
+  done = []
+  with pytest.raises(KeyboardInterrupt):
+    with utils.interrupts_deferred():
+      os.kill(os.getpid(), signal.SIGINT)
+      done.append("after the signal")
+  assert done == ["after the signal"]
+  with utils.interrupts_deferred():  # no signal: nothing raised
+    done.append("quiet")
+  assert done[-1] == "quiet"
+
+
+def test_listen_socket_binds_a_free_port_and_refuses_a_busy_one():
+  first = utils.listen_socket("127.0.0.1", 0)
+  try:
+    host, port = first.getsockname()
+    assert host == "127.0.0.1" and port > 0
+    assert first.type == socket.SOCK_STREAM
+    first.listen()  # as the server does: the port is now in use
+    with pytest.raises(ValueError,
+                       match=f"cannot listen on 127.0.0.1:{port}"):
+      utils.listen_socket("127.0.0.1", port)
+    with pytest.raises(ValueError, match="cannot resolve host"):
+      utils.listen_socket("no-such-host.invalid", 0)
+  finally:
+    first.close()
