@@ -14,7 +14,9 @@ Pool layout: `kv_pages [num_blocks, 2, num_kv_heads, block_size, head_dim]`,
 so one head's keys of one page are one contiguous `block_size * head_dim`
 run. int8 pools carry `kv_scales [num_blocks, 2, num_kv_heads]`: key scales
 multiply the logits per column, value scales the probabilities per column,
-so the int8 pages are only widened in registers.
+so the int8 pages are only widened in registers. With `tiling.int8_query`
+the queries are rounded to int8 too (a scale per query head), so K is not
+even widened: q @ K^T is an int8 matmul with int32 sums.
 
 Runs on CPU with `interpret=True` (tests) and lowers to Triton on GPU.
 """
@@ -49,6 +51,12 @@ def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
   return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
                          precision=precision,
                          preferred_element_type=jnp.float32)
+
+
+def dot_nt_int8(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a @ b.T` of int8 operands, summed exactly in int32, as float32."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                         preferred_element_type=jnp.int32).astype(jnp.float32)
 
 
 def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -114,15 +122,20 @@ class ChunkLoader:
 def _decode_kernel(
     lens_ref,  # [1] int32: this sequence's kv_len
     tables_ref,  # [pages_per_split] int32: this split's page ids
-    q_ref,  # [group_pad, head_dim]
+    q_ref,  # [group_pad, head_dim] (int8 with int8_query)
     k_ref,  # [num_blocks, block_size, head_dim]
     v_ref,  # [num_blocks, block_size, head_dim]
-    *refs,  # (k_scale_ref [num_blocks], v_scale_ref [num_blocks])?, outputs
+    *refs,  # (k_scale_ref [num_blocks], v_scale_ref [num_blocks])?,
+            # q_scale_ref [group_pad]?, outputs
     sm_scale: float,
     pages_per_chunk: int,
     page_parts: int,
     quantized: bool,
+    int8_query: bool = False,
+    query_dtype: str | None = None,  # with int8_query: the queries' dtype
 ):
+  refs = list(refs)
+  q_scale_ref = refs.pop(2) if int8_query else None
   if quantized:
     k_scale_ref, v_scale_ref, o_ref, m_ref, l_ref = refs
   else:
@@ -140,15 +153,22 @@ def _decode_kernel(
   num_steps = (tokens + step_tokens - 1) // step_tokens
 
   q = q_ref[...]
-  compute_dtype = q.dtype
+  # The matmuls' dtype: the queries' (p @ V's, with int8 queries).
+  compute_dtype = jnp.dtype(query_dtype) if int8_query else q.dtype
   rows = q.shape[0]
   scale = sm_scale * LOG2E  # softmax in base 2
+  if int8_query:  # each row's query scale folded into the logits' scale
+    row_scale = (q_scale_ref[...] * scale)[:, None]
 
   def body(i, carry):
     o, m, l = carry
     ids = loader.page_ids(i)
-    k = loader.load(k_ref, ids, i, compute_dtype)
-    logits = dot_nt(q, k) * scale  # [rows, step_tokens]
+    if int8_query:  # K as stored: an int8 matmul, exact int32 sums
+      logits = dot_nt_int8(q, loader.load(k_ref, ids, i, jnp.int8))
+      logits = logits * row_scale
+    else:
+      k = loader.load(k_ref, ids, i, compute_dtype)
+      logits = dot_nt(q, k) * scale  # [rows, step_tokens]
     if quantized:
       logits = logits * loader.scales(k_scale_ref, ids)
     start = first_token + i * step_tokens
@@ -264,9 +284,18 @@ def paged_decode(
   group = num_heads // num_kv_heads
   rows = dot_rows(group)
   quantized = kv_scales is not None
+  if tiling.int8_query and not quantized:
+    raise ValueError(f"bad tiling {tiling}: int8_query needs an int8 pool")
   compute_dtype = q.dtype if quantized else kv_pages.dtype
-  qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(compute_dtype)
-  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+  row_pad = ((0, 0), (0, 0), (0, rows - group))
+  if tiling.int8_query:
+    q_int8, q_scales = quantize.quantize_rows(q)
+    qg = jnp.pad(q_int8.reshape(batch, num_kv_heads, group, head_dim),
+                 row_pad + ((0, 0),))
+    q_scales = jnp.pad(q_scales.reshape(batch, num_kv_heads, group), row_pad)
+  else:
+    qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(compute_dtype)
+    qg = jnp.pad(qg, row_pad + ((0, 0),))
 
   # Pad the table so every split owns a whole number of chunks.
   pages_per_split = pl.cdiv(pl.cdiv(pages_per_seq, splits), chunk) * chunk
@@ -293,6 +322,9 @@ def paged_decode(
         (num_blocks, sq, sq), lambda b, h, s: (0, kv, h))
     in_specs += [scale_spec(0), scale_spec(1)]
     args += [kv_scales.astype(jnp.float32)] * 2
+  if tiling.int8_query:
+    in_specs.append(pl.BlockSpec((sq, sq, rows), lambda b, h, s: (b, h, 0)))
+    args.append(q_scales)
   out_shape = [
       jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows, head_dim),
                            jnp.float32),
@@ -307,7 +339,8 @@ def paged_decode(
   ]
   kernel = functools.partial(
       _decode_kernel, sm_scale=float(sm_scale), pages_per_chunk=chunk,
-      page_parts=tiling.page_parts, quantized=quantized)
+      page_parts=tiling.page_parts, quantized=quantized,
+      int8_query=tiling.int8_query, query_dtype=jnp.dtype(q.dtype).name)
   o, m, l = pl.pallas_call(
       kernel,
       grid=(batch, num_kv_heads, splits),

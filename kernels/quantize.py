@@ -33,6 +33,19 @@ def quantize_pages(
   return q.astype(jnp.int8), scales.astype(jnp.float32)
 
 
+def quantize_rows(
+    x: jax.Array,  # [..., n]
+) -> tuple[jax.Array, jax.Array]:  # int8 [..., n], scales [...] f32
+  """Quantizes each row (the last axis) symmetrically to int8, as
+  `quantize_pages` does each page: `x ~= int8 * scale[..., None]`. The
+  Triton decode's `int8_query` option rounds its queries so."""
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=-1)
+  scales = jnp.where(amax > 0, amax / 127.0, 1.0)
+  q = jnp.clip(jnp.round(x / scales[..., None]), -127, 127)
+  return q.astype(jnp.int8), scales
+
+
 def dequantize_pages(
     kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim] int8
     kv_scales: jax.Array,  # [num_blocks, 2, num_kv_heads] float32

@@ -57,6 +57,12 @@ class DecodeTiling:
   num_warps: int = 4
   num_stages: int = 2
   page_parts: int = 1  # > 1: a step reads 1/page_parts of one (large) page
+  # int8 pools only: the queries rounded to int8 (one scale per query head,
+  # `quantize.quantize_rows`), so that q @ K^T is an int8 matmul with int32
+  # sums on K as stored, not widened (about a fifth of the int8 loop's
+  # instructions, `launch.kernel_sass`). A different numerical contract:
+  # the query's rounding adds to K's. Not the default: unmeasured on a GPU.
+  int8_query: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,7 @@ from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
 from launch.kernel_table import fmt_row, host_to_device, print_table
 from launch.kernel_targets import (GATHER_KERNEL, GATHER_TRANSFERS,
                                    MOSAIC_ONE_REDUCE, MOSAIC_PADDED_Q,
-                                   MOSAIC_WS,
+                                   MOSAIC_WS, TRITON_INT8_QUERY,
                                    check_targets)
 
 FLAGS = flags.FLAGS
@@ -256,6 +256,9 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
   base = dict(kind=kind, shape=dataclasses.asdict(s), kv_mib=kv_bytes / 2**20)
   check = _checker(kind, args)
   impls = [("pallas_triton (ours)", f"triton_{kind}", None)]
+  if kind == "decode" and s.dtype == "int8":
+    impls.append((TRITON_INT8_QUERY, "triton_decode", dataclasses.replace(
+        kernel_cases.default_tiling("triton_decode", s), int8_query=True)))
   if _mosaic_applies(s, interpret):
     # The Mosaic GPU kernels in both variants on the default ring (the
     # default tiling is one of them, `kernels.tuning`): one computing

@@ -28,6 +28,10 @@ beside the work it does:
   the matmuls, and a program only reaches the tensor peak if another one
   on the SM issues while it multiplies.
 
+An int8 pool's decode is also compiled with its queries in int8 (the
+`int8_query` option: q @ K^T as an int8 matmul), each beside its twin;
+the table marks those rows `int8+q8`.
+
 Nothing runs: this explains a measurement (`launch.bench_kernels` on a GPU)
 and picks the tilings worth a GPU's minutes; it times nothing. The compiler
 here is the `triton` package's, not the Triton that jaxlib's XLA carries on
@@ -114,7 +118,8 @@ def fmt_row(row: dict, default: bool) -> str:
   main = max(loops, key=lambda lp: lp["instructions"])
   ops = " ".join(f"{k}:{v}" for k, v in main["tensor_ops"].items())
   mix = " ".join(f"{k}:{v}" for k, v in main["mix"].items())
-  return (f"{row['shape']['dtype']:8} {tiling} {row['registers']:>4} "
+  dtype = row["shape"]["dtype"] + ("+q8" if t.get("int8_query") else "")
+  return (f"{dtype:8} {tiling} {row['registers']:>4} "
           f"{row['spill_bytes']:>5} {row['shared_bytes'] / 1024:>7.0f} "
           f"{row['programs_per_sm']:>7} {row['warps_per_sm']:>8} "
           f"{limit:>9}{'*' if default else ' '} {figures}  {ops}, {mix}")

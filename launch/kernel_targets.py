@@ -31,6 +31,9 @@ MOSAIC_PADDED_Q = "pallas_mosaic_gpu, padded q (ours)"
 # The Mosaic GPU decode merging its splits in one XLA reduction
 # (`one_reduce_merge`) instead of three, timed beside the default likewise.
 MOSAIC_ONE_REDUCE = "pallas_mosaic_gpu, one-reduce merge (ours)"
+# The Triton decode of an int8 pool with its queries in int8 too
+# (`int8_query`: q @ K^T an int8 matmul), timed beside the default.
+TRITON_INT8_QUERY = "pallas_triton, int8 query (ours)"
 # The block gather as one kernel reading the pinned tier
 # (kernels/host_gather_triton.py; `gather_to_device`'s path on GPUs), and as
 # one XLA transfer per block (its path elsewhere).
@@ -38,7 +41,7 @@ GATHER_KERNEL = "gather: one kernel (ours)"
 GATHER_TRANSFERS = "gather: per-block transfers (ours)"
 # Our attention kernels' rows.
 OURS = ("pallas_triton (ours)", "pallas_mosaic_gpu (ours)", MOSAIC_WS,
-        MOSAIC_PADDED_Q, MOSAIC_ONE_REDUCE)
+        MOSAIC_PADDED_Q, MOSAIC_ONE_REDUCE, TRITON_INT8_QUERY)
 
 
 def check_targets(rows: Sequence[Mapping[str, Any]],

@@ -102,7 +102,8 @@ def tilings(kernel: str, shape, grid: dict[str, list[int]]) -> list:
   """The kernel's default tiling for `shape`, then each combination of
   `grid` (step_tokens, warps, stages and, for prefill, block_q) that
   differs from it; fields the grid leaves out (decode's splits) stay the
-  default's: they do not change the loop."""
+  default's: they do not change the loop. The decode of an int8 pool takes
+  each also with its queries in int8 (`int8_query`), right after it."""
   from kernels import tuning  # pylint: disable=import-outside-toplevel
   default = kernel_cases.default_tiling(kernel, shape)
   out = [default]
@@ -117,6 +118,9 @@ def tilings(kernel: str, shape, grid: dict[str, list[int]]) -> list:
     t = dataclasses.replace(default, **fields)
     if t not in out:
       out.append(t)
+  if kernel == "triton_decode" and shape.dtype == "int8":
+    out = [v for t in out for v in (t, dataclasses.replace(t,
+                                                         int8_query=True))]
   return out
 
 

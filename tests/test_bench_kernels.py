@@ -60,6 +60,10 @@ def test_smoke_run_end_to_end(tmp_path):
                 for r in report["rows"]
                 if r["impl"] == "pallas_mosaic_gpu, one-reduce merge (ours)"]
   assert one_reduce == [(4, 2), (8, 2)], one_reduce
+  # The Triton decode with int8 queries, on the int8 shape only.
+  int8_query = [r["shape"]["dtype"] for r in report["rows"]
+                if r["impl"] == "pallas_triton, int8 query (ours)"]
+  assert int8_query == ["int8"], int8_query
   for r in report["rows"]:
     if r["kind"] == "calib" and r["impl"] == "torch copy_":
       continue  # torch is not a dependency; the row says why it is missing

@@ -9,6 +9,8 @@ come from `launch.sass_report`, which defines none).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -111,10 +113,15 @@ def test_step_bytes_flops_and_the_grid():
   assert sass_report.step_kv_bytes(bf16, t) == 128 * 128 * 2 * 2
   grid = sass_report.tilings("triton_decode", shape, dict(
       step_tokens=[64, 128], warps=[4], stages=[1, 2]))
-  assert grid[0] == default and len(set(grid)) == len(grid) == 4
-  assert {(t.pages_per_chunk, t.num_stages) for t in grid} == {
+  assert grid[0] == default and len(set(grid)) == len(grid) == 8
+  # Each tiling of the int8 pool, then its twin with int8 queries.
+  assert grid[1::2] == [dataclasses.replace(t, int8_query=True)
+                        for t in grid[::2]]
+  assert {(t.pages_per_chunk, t.num_stages) for t in grid[::2]} == {
       (4, 1), (4, 2), (8, 1), (8, 2)}
   assert {t.num_splits for t in grid} == {default.num_splits}
+  assert not any(t.int8_query for t in sass_report.tilings(
+      "triton_decode", bf16, dict(step_tokens=[64], warps=[4], stages=[1])))
   prefill = PrefillShape(1, 32, 8, 128, 16, 16384, 512, "bfloat16")
   pt = default_tiling("triton_prefill", prefill)
   assert sass_report.step_flops("triton_prefill", prefill, pt) == (
@@ -196,10 +203,13 @@ def test_report_end_to_end(tmp_path):
               "--stages=1", f"--json={out}", timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   report = json.loads(out.read_text())
-  rows = {(r["shape"]["dtype"], r["tiling"]["num_stages"]): r
-          for r in report["rows"]}
-  assert set(rows) == {("bfloat16", 2), ("bfloat16", 1), ("int8", 2),
-                       ("int8", 1)}
+  rows = {(r["shape"]["dtype"], r["tiling"]["num_stages"],
+           r["tiling"]["int8_query"]): r for r in report["rows"]}
+  # bf16: the default (2 stages) and the grid's 1 stage; int8: the default
+  # (128 tokens, 4 warps, 1 stage: the grid's only tiling) and its twin
+  # with int8 queries.
+  assert list(rows) == [("bfloat16", 2, False), ("bfloat16", 1, False),
+                        ("int8", 1, False), ("int8", 1, True)]
   assert [r["default"] for r in report["rows"]] == [True, False, True, False]
   for r in report["rows"]:
     assert 1 <= r["registers"] <= 255 and r["programs_per_sm"] >= 1
@@ -207,10 +217,16 @@ def test_report_end_to_end(tmp_path):
     assert loop["tensor_ops"].get("HMMA", 0) > 0  # 16-row dots: mma.sync
     assert loop["instructions"] > 100
   # Widening int8 in registers costs instructions: more per step than
-  # bf16's, for half the bytes.
-  assert (rows["int8", 2]["loops"][0]["instructions"]
-          > rows["bfloat16", 2]["loops"][0]["instructions"])
-  assert "HADD2" in rows["int8", 2]["loops"][0]["mix"]
+  # bf16's, for half the bytes; int8 queries leave K unwidened, and their
+  # int8 matmul takes half the HMMAs of the same contraction in bf16.
+  loop = {key: r["loops"][0] for key, r in rows.items()}
+  assert (loop["int8", 1, False]["instructions"]
+          > loop["bfloat16", 1, False]["instructions"])
+  assert "HADD2" in loop["int8", 1, False]["mix"]
+  assert (loop["int8", 1, True]["instructions"]
+          < loop["int8", 1, False]["instructions"])
+  assert (loop["int8", 1, True]["tensor_ops"]["HMMA"]
+          < loop["int8", 1, False]["tensor_ops"]["HMMA"])
   assert report["triton_version"] and report["environment"]["jax_version"]
 
 

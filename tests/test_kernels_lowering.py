@@ -60,6 +60,26 @@ def test_triton_ir_of_an_int8_decode_widens_the_pages_in_the_kernel():
     lowering.triton_modules(lambda x: x * 2, (S((4,), jnp.float32),))
 
 
+def test_triton_ir_of_int8_queries_multiplies_int8_keys_as_stored():
+  """`int8_query`: the first dot takes the int8 queries and the int8 K
+  tile (no widening) and sums in int32; only V is widened, for the
+  second."""
+  args = (S((4, 8, 128), jnp.bfloat16), S((50, 2, 2, 16, 128), jnp.int8),
+          S((4, 33), jnp.int32), S((4,), jnp.int32),
+          S((50, 2, 2), jnp.float32))
+  tiling = decode_triton.tuning.DecodeTiling(8, 2, num_stages=1,
+                                             int8_query=True)
+  ir, = lowering.triton_modules(
+      lambda *a: decode_triton.paged_decode(*a, tiling=tiling), args)
+  dots = [line for line in ir.splitlines() if "tt.dot" in line]
+  assert len(dots) == 2, dots
+  assert "xi8>" in dots[0] and "xi32>" in dots[0], dots[0]
+  widened = [line for line in ir.splitlines() if "arith.sitofp" in line]
+  # V's tile to bf16, and the int32 logits to float32; nothing else.
+  assert len(widened) == 2 and sum("xi8> to" in w for w in widened) == 1, (
+      widened)
+
+
 @pytest.mark.parametrize("dtype,block_size", [
     ("bfloat16", 32), ("int8", 32), ("bfloat16", 256), ("float32", 16)])
 def test_prefill_lowers_to_triton(dtype, block_size):
