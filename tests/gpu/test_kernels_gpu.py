@@ -11,6 +11,7 @@ scripts/gpu_check.sh.
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,27 @@ def test_large_decode_default_tiling(heads, kv_heads, head_dim, block_size,
   out = paged_attention(*case.args(), implementation="pallas_triton",
                         kv_scales=case.kv_scales)
   testing.assert_matches(out, case, rtol=_rtol(case))
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype,kv_lens",
+                         [s for s in LARGE_DECODE if s[4] == "int8"])
+def test_large_int8_decode_with_int8_queries(heads, kv_heads, head_dim,
+                                             block_size, dtype, kv_lens):
+  """`int8_query` on the default int8 tiling, compiled: within 16-bit's
+  bound of the reference on the queries as given (the CPU tests also hold
+  it to the reference on the rounded queries)."""
+  case = testing.make_case(
+      testing.seed_of((heads, head_dim, block_size, dtype, "q8")),
+      kv_lens=kv_lens, num_heads=heads, num_kv_heads=kv_heads,
+      head_dim=head_dim, block_size=block_size, dtype=dtype,
+      pages_per_seq=-(-max(kv_lens) // block_size) + 3)
+  q = case.q[:, 0]
+  tiling = dataclasses.replace(decode_triton.default_tiling(
+      q, case.kv_pages, case.block_tables, case.kv_scales), int8_query=True)
+  _poison(case)
+  out = decode_triton.paged_decode(q, case.kv_pages, case.block_tables,
+                                   case.kv_lens, case.kv_scales, tiling=tiling)
+  testing.assert_matches(out[:, None], case, rtol=2e-2)
 
 
 @pytest.mark.parametrize("params", testing.PREFILL_CASES, ids=str)
