@@ -84,7 +84,6 @@ import jax.numpy as jnp
 from kernels import checks
 from kernels import quantize
 from kernels import tuning
-from kernels.query_rows import DecodeQueryBlocks
 from kernels.common import (LOG2E, MASK_VALUE, merge_splits,
                             merge_splits_one_reduce)
 # interpret_params: Mosaic GPU's CPU interpret mode, re-exported here for the
@@ -92,6 +91,7 @@ from kernels.common import (LOG2E, MASK_VALUE, merge_splits,
 from kernels.mosaic_gpu_ring import (WGMMA_ROWS, converts, in_ring_scope,  # pylint: disable=unused-import
                                      interpret_arg, interpret_params, plgpu,
                                      ring_barriers)
+from kernels.query_rows import DecodeQueryBlocks
 
 # Rows of the partial outputs written per program (the group padded to a
 # multiple of 8, the row granularity of a swizzled SMEM tile).
