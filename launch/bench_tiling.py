@@ -214,13 +214,24 @@ def _smaller_step_twins(tiling, block_size: int) -> list[Any]:
           for d in (2, 4) if tokens // d >= 16]
 
 
+def _int8_query_twins(tilings: Iterator[Any], s: DecodeShape
+                      ) -> Iterator[Any]:
+  """Each Triton decode tiling of an int8 pool followed by its twin with
+  int8 queries (`int8_query`): A/B pairs, however short the budget."""
+  for t in tilings:
+    yield t
+    if s.dtype == "int8":
+      yield dataclasses.replace(t, int8_query=True)
+
+
 def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
   """The Triton decode kernel's default tiling, its twin with the other
-  pipelining and its twins on smaller steps, then alternatives."""
+  pipelining and its twins on smaller steps, then alternatives; on an int8
+  pool each followed by its twin with int8 queries."""
   from kernels import tuning
   pages = -(-s.ctx // s.page)
   default = default_tiling("triton_decode", s)
-  return _default_first(default, itertools.chain(
+  return _int8_query_twins(_default_first(default, itertools.chain(
       _pipelining_twin(default), _smaller_step_twins(default, s.page),
       _spread((
           tuning.DecodeTiling(num_splits=splits, num_warps=warps,
@@ -228,7 +239,7 @@ def triton_decode_grid(s: DecodeShape, cfg: dict) -> Iterator[Any]:
           for tokens, stages, warps, splits in itertools.product(
               cfg["step_tokens"], cfg["triton_stages"], cfg["warps"],
               _splits(default.num_splits, cfg["split_factors"], pages))),
-          _step_of)))
+          _step_of))), s)
 
 
 def mosaic_prefill_grid(s: PrefillShape, cfg: dict) -> Iterator[Any]:

@@ -137,6 +137,13 @@ cfg = bench_tiling.PRESETS["gpu"]
 for shape in cfg["triton_decode"]:
   grid = list(bench_tiling.triton_decode_grid(shape, cfg))
   default = default_tiling("triton_decode", shape)
+  # An int8 pool's tilings (the preset's shapes are int8) each come with
+  # their twin with int8 queries.
+  assert shape.dtype == "int8"
+  assert not any(t.int8_query for t in grid[::2])
+  assert grid[1::2] == [dataclasses.replace(t, int8_query=True)
+                        for t in grid[::2]]
+  grid = grid[::2]
   # int8 pools run unpipelined by default, 16-bit ones pipelined.
   assert default.num_stages == (1 if shape.dtype == "int8" else 2), default
   assert len(set(map(repr, grid))) == len(grid)
@@ -151,6 +158,10 @@ for shape in cfg["triton_decode"]:
              for t in grid[2:4]), grid[2:4]
   assert set(steps[4:7]) == {64, 128, 256}, steps
   assert {t.num_stages for t in grid} == {1, 2, 3}
+# A 16-bit pool has no int8 queries to try.
+bf16 = dataclasses.replace(cfg["triton_decode"][0], dtype="bfloat16")
+assert not any(t.int8_query
+               for t in bench_tiling.triton_decode_grid(bf16, cfg))
 print("ok")
 """
 
