@@ -28,7 +28,8 @@ from flax import nnx
 
 from dualpath_jax import config
 from dualpath_jax.config import CacheConfig
-from dualpath_jax.model import (checkpoint, describe_model, load_model,
+from dualpath_jax.model import (checkpoint, checkpoint_layout,
+                                describe_model, load_model,
                                 parse_random_source)
 from dualpath_jax.model.llama import Llama
 from dualpath_jax.model.runner import ModelRunner
@@ -494,6 +495,64 @@ def test_checkpoint_publish_puts_the_old_one_back_if_the_swap_fails(
                              tokenizer_gguf=None, overwrite=True)
   assert load_model(str(target)).weights_id == "w2"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def _dead_pid() -> int:
+  """The pid of a process that has ended."""
+  done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  return int(done.stdout)
+
+
+def test_a_replacement_killed_between_its_renames_is_undone(tmp_path, np_rng):
+  """kill -9 between `_publish`'s renames leaves no checkpoint at the path,
+  the old one aside and the new one staged: the next load, output check or
+  save puts the old one back and removes the staged one (the path as it
+  was, as after any interrupted write). A live process's siblings are left
+  alone; so is a path no replacement touched."""
+  model = make_model(config.TINY, np_rng)
+  target = tmp_path / "ckpt"
+  checkpoint.save_checkpoint(target, model, weights_id="old",
+                             tokenizer_gguf=None)
+  for recover in ("load", "check", "save"):
+    pid = _dead_pid()
+    # The state a kill between the two renames leaves.
+    os.rename(target, tmp_path / f".ckpt.old-{pid}")
+    staged = tmp_path / f".ckpt.partial-{pid}"
+    checkpoint.save_checkpoint(staged, model, weights_id="new",
+                               tokenizer_gguf=None)
+    if recover == "load":
+      assert load_model(str(target)).weights_id == "old"
+    elif recover == "check":
+      with pytest.raises(FileExistsError, match="holds a checkpoint"):
+        checkpoint.check_output_directory(target)
+    else:
+      checkpoint.save_checkpoint(target, model, weights_id="saved",
+                                 tokenizer_gguf=None, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    expected = "saved" if recover == "save" else "old"
+    assert checkpoint.read_metadata(target)["weights_id"] == expected
+  # A live process's sibling is its own: nothing is moved.
+  live = tmp_path / f".ckpt.old-{os.getpid()}"
+  os.rename(target, live)
+  assert not checkpoint_layout.recover_interrupted_replace(target)
+  assert live.is_dir() and not target.exists()
+
+
+def test_a_replacement_killed_while_removing_the_old_one_is_finished(
+    tmp_path, np_rng):
+  """kill -9 while `_publish` removes the old checkpoint: the new one is in
+  place and what is left of the old one aside is removed, never put back."""
+  model = make_model(config.TINY, np_rng)
+  target = tmp_path / "ckpt"
+  checkpoint.save_checkpoint(target, model, weights_id="new",
+                             tokenizer_gguf=None)
+  leftover = tmp_path / f".ckpt.old-{_dead_pid()}"
+  (leftover / "state").mkdir(parents=True)
+  (leftover / checkpoint.METADATA_FILE).write_text("{}")
+  assert not checkpoint_layout.recover_interrupted_replace(target)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+  assert load_model(str(target)).weights_id == "new"
 
 
 @pytest.mark.parametrize("args,msg", [

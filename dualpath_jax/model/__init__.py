@@ -115,6 +115,8 @@ def _resolve(source: str | None, dtype: str | None
   path = pathlib.Path(source).expanduser()
   if path.suffix == ".gguf":
     return "gguf", path
+  if not path.exists():  # a checkpoint a killed replacement left aside?
+    checkpoint_layout.recover_interrupted_replace(path)
   if path.is_dir():
     return "checkpoint", path
   raise ValueError(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import pathlib
@@ -44,7 +43,7 @@ from dualpath_jax.utils import interrupts_deferred
 # checks), so that launchers refuse bad input early; re-exported here.
 from dualpath_jax.model.checkpoint_layout import (  # pylint: disable=g-bad-import-order
     FORMAT_VERSION, METADATA_FILE, check_output_directory,
-    config_from_metadata, read_metadata)
+    config_from_metadata, dead_siblings, read_metadata, sibling)
 
 STATE_DIR = "state"
 
@@ -79,7 +78,7 @@ def save_checkpoint(
   directory = pathlib.Path(directory).absolute()
   directory.parent.mkdir(parents=True, exist_ok=True)
   _remove_dead_partials(directory)
-  staging = _sibling(directory, "partial", os.getpid())
+  staging = sibling(directory, "partial", os.getpid())
   shutil.rmtree(staging, ignore_errors=True)
   staging.mkdir()
   try:
@@ -134,30 +133,11 @@ def _orbax_quiet():
     logging.set_verbosity(previous)
 
 
-def _sibling(directory: pathlib.Path, kind: str, pid: int) -> pathlib.Path:
-  """The hidden sibling `.NAME.KIND-PID` of `directory` that process `pid`
-  stages a checkpoint in ("partial") or moves a replaced one to ("old")."""
-  return directory.parent / f".{directory.name}.{kind}-{pid}"
-
-
 def _remove_dead_partials(directory: pathlib.Path) -> None:
   """Removes the staging directories that dead processes left for
   `directory` (a live process's staging is its own business)."""
-  prefix = f".{directory.name}.partial-"
-  for path in directory.parent.glob(glob.escape(prefix) + "*"):
-    pid = path.name[len(prefix):]
-    if pid.isdigit() and not _alive(int(pid)):
-      shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # someone else's process
-    return True
-  return True
+  for _, path in dead_siblings(directory, "partial"):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _publish(staging: pathlib.Path, directory: pathlib.Path) -> None:
@@ -168,13 +148,14 @@ def _publish(staging: pathlib.Path, directory: pathlib.Path) -> None:
   one is in place; should the second rename fail, the old one is renamed
   back. Ctrl-C is held back between the renames, so the only way to stop
   between them is a kill -9, which leaves the old checkpoint at
-  `.NAME.old-PID`, whole.
+  `.NAME.old-PID`, whole; the next save, load or output check of the path
+  renames it back (`recover_interrupted_replace`).
   """
   with interrupts_deferred():
     if not (directory.is_dir() and any(directory.iterdir())):
       os.replace(staging, directory)  # replaces an empty directory
       return
-    old = _sibling(directory, "old", os.getpid())
+    old = sibling(directory, "old", os.getpid())
     shutil.rmtree(old, ignore_errors=True)
     os.rename(directory, old)
     try:

@@ -7,10 +7,12 @@ before any weights load."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pathlib
-from typing import Any
+import shutil
+from typing import Any, Iterator
 
 from dualpath_jax import outputs
 from dualpath_jax.config import ModelConfig
@@ -20,7 +22,9 @@ FORMAT_VERSION = 1
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-  """The metadata dict of a checkpoint directory."""
+  """The metadata dict of a checkpoint directory (first putting back a
+  checkpoint a killed replacement left aside: `recover_interrupted_replace`)."""
+  recover_interrupted_replace(directory)
   path = pathlib.Path(directory) / METADATA_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{directory} is not a dualpath model checkpoint "
@@ -55,9 +59,12 @@ def config_from_metadata(metadata: dict[str, Any]) -> ModelConfig:
 def check_output_directory(directory: str | os.PathLike,
                            overwrite: bool = False) -> None:
   """Raises unless a checkpoint may be written at `directory` (see
-  `save_checkpoint`): a launcher calls it before the slow conversion."""
+  `save_checkpoint`): a launcher calls it before the slow conversion. A
+  checkpoint a killed replacement left aside is put back first
+  (`recover_interrupted_replace`), so it counts as there."""
   if not str(directory):
     raise ValueError("the checkpoint directory is an empty path")
+  recover_interrupted_replace(directory)
   path = pathlib.Path(directory)
   if path.exists() and not path.is_dir():
     raise ValueError(f"{path} exists and is not a directory")
@@ -71,3 +78,59 @@ def check_output_directory(directory: str | os.PathLike,
   if not overwrite:
     raise FileExistsError(f"{path} holds a checkpoint already (pass "
                           "overwrite=True, or --overwrite, to replace it)")
+
+
+def sibling(directory: pathlib.Path, kind: str, pid: int) -> pathlib.Path:
+  """The hidden sibling `.NAME.KIND-PID` of `directory` that process `pid`
+  stages a checkpoint in ("partial") or moves a replaced one to ("old")."""
+  return directory.parent / f".{directory.name}.{kind}-{pid}"
+
+
+def dead_siblings(directory: pathlib.Path,
+                  kind: str) -> Iterator[tuple[int, pathlib.Path]]:
+  """(pid, path) of each `sibling` of `kind` whose process has ended."""
+  prefix = f".{directory.name}.{kind}-"
+  for path in directory.parent.glob(glob.escape(prefix) + "*"):
+    pid = path.name[len(prefix):]
+    if pid.isdigit() and not alive(int(pid)):
+      yield int(pid), path
+
+
+def alive(pid: int) -> bool:
+  """Whether process `pid` exists (someone else's counts)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
+
+
+def recover_interrupted_replace(directory: str | os.PathLike) -> bool:
+  """Undoes what a process killed while replacing the checkpoint at
+  `directory` left (`checkpoint._publish`); returns whether it put a
+  checkpoint back.
+
+  A replacement renames the old checkpoint aside (`.NAME.old-PID`), renames
+  the new one in from its staging directory (`.NAME.partial-PID`) and
+  removes the old one. Killed (kill -9, power loss) between the renames,
+  it leaves no `directory`, the old checkpoint whole aside and the new one
+  staged: the old one is renamed back and the staged one removed, as an
+  interrupted write leaves the path as it was. Killed while removing the old one, it leaves the new
+  checkpoint in place and part of the old aside: that part is removed.
+  Siblings of live processes are theirs and left alone.
+  """
+  path = pathlib.Path(directory).absolute()
+  restored = False
+  for pid, old in dead_siblings(path, "old"):
+    staged = sibling(path, "partial", pid)
+    between_renames = (staged.is_dir() and not path.exists()
+                       and (old / METADATA_FILE).is_file())
+    if between_renames and not restored:
+      os.rename(old, path)
+      shutil.rmtree(staged, ignore_errors=True)  # the unpublished new one
+      restored = True
+    else:
+      shutil.rmtree(old, ignore_errors=True)
+  return restored
