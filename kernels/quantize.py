@@ -19,6 +19,20 @@ import jax.numpy as jnp
 from kernels.paged_attention_ref import ref_paged_attention
 
 
+def quantize_rows(
+    x: jax.Array,  # [..., n]
+) -> tuple[jax.Array, jax.Array]:  # int8 [..., n], scales [...] f32
+  """Quantizes each row (the last axis) symmetrically to int8: `x ~=
+  int8 * scale[..., None]`, one float32 scale a row. `quantize_pages`
+  quantizes each page so, and the Triton decode's `int8_query` option its
+  queries."""
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=-1)
+  scales = jnp.where(amax > 0, amax / 127.0, 1.0)
+  q = jnp.clip(jnp.round(x / scales[..., None]), -127, 127)
+  return q.astype(jnp.int8), scales
+
+
 def quantize_pages(
     kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
 ) -> tuple[jax.Array, jax.Array]:  # int8 pages, [num_blocks, 2, num_kv_heads] f32
@@ -26,24 +40,9 @@ def quantize_pages(
   if kv_pages.ndim != 5 or kv_pages.shape[1] != 2:
     raise ValueError(f"expected kv_pages [blocks, 2, kv_heads, block_size, "
                      f"head_dim]; got {kv_pages.shape}")
-  x = kv_pages.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(x), axis=(3, 4))
-  scales = jnp.where(amax > 0, amax / 127.0, 1.0)
-  q = jnp.clip(jnp.round(x / scales[..., None, None]), -127, 127)
-  return q.astype(jnp.int8), scales.astype(jnp.float32)
-
-
-def quantize_rows(
-    x: jax.Array,  # [..., n]
-) -> tuple[jax.Array, jax.Array]:  # int8 [..., n], scales [...] f32
-  """Quantizes each row (the last axis) symmetrically to int8, as
-  `quantize_pages` does each page: `x ~= int8 * scale[..., None]`. The
-  Triton decode's `int8_query` option rounds its queries so."""
-  x = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(x), axis=-1)
-  scales = jnp.where(amax > 0, amax / 127.0, 1.0)
-  q = jnp.clip(jnp.round(x / scales[..., None]), -127, 127)
-  return q.astype(jnp.int8), scales
+  # Each page of each head as one row.
+  q, scales = quantize_rows(kv_pages.reshape(*kv_pages.shape[:3], -1))
+  return q.reshape(kv_pages.shape), scales
 
 
 def dequantize_pages(

@@ -460,6 +460,13 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save_to_end(
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def _dead_pid() -> int:
+  """The pid of a process that has ended."""
+  done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  return int(done.stdout)
+
+
 def test_checkpoint_publish_puts_the_old_one_back_if_the_swap_fails(
     tmp_path, np_rng, monkeypatch):
   """Replacing a checkpoint is two renames (the old one aside, the new one
@@ -469,9 +476,7 @@ def test_checkpoint_publish_puts_the_old_one_back_if_the_swap_fails(
   target = tmp_path / "ckpt"
   checkpoint.save_checkpoint(target, model, weights_id="w1",
                              tokenizer_gguf=None)
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True, check=True)
-  leftover = tmp_path / f".ckpt.partial-{int(dead.stdout)}"
+  leftover = tmp_path / f".ckpt.partial-{_dead_pid()}"
   (leftover / "state").mkdir(parents=True)
   real_rename, renames = os.rename, []
 
@@ -495,13 +500,6 @@ def test_checkpoint_publish_puts_the_old_one_back_if_the_swap_fails(
                              tokenizer_gguf=None, overwrite=True)
   assert load_model(str(target)).weights_id == "w2"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-
-
-def _dead_pid() -> int:
-  """The pid of a process that has ended."""
-  done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True, check=True)
-  return int(done.stdout)
 
 
 def test_a_replacement_killed_between_its_renames_is_undone(tmp_path, np_rng):
