@@ -12,17 +12,22 @@ import threading
 from typing import Any, Callable
 
 
-def enable_compilation_cache(path: str | None = None) -> str:
+def enable_compilation_cache(path: str | None = None, *,
+                             min_compile_time_s: float = 0.5) -> str:
   """Turns on JAX's persistent compilation cache (reruns skip XLA compiles).
 
-  The directory is `$DUALPATH_JAX_CACHE` or `~/.cache/dualpath_jax/xla`.
+  The directory is `path`, else `$DUALPATH_JAX_CACHE`, else
+  `~/.cache/dualpath_jax/xla`. Compiles shorter than `min_compile_time_s`
+  are not stored (the test suite stores all: its programs are small and
+  compiled again by other processes). Returns the directory.
   """
   import jax
   path = path or os.environ.get("DUALPATH_JAX_CACHE") or os.path.expanduser(
       "~/.cache/dualpath_jax/xla")
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    min_compile_time_s)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
 
