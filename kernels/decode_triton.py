@@ -109,6 +109,26 @@ class ChunkLoader:
       x = kv_ref[ids, pl.ds(offset, self.tokens), :]
     return x.astype(dtype)
 
+  def load_transposed(self, vt_ref, ids, i, dtype) -> jax.Array:
+    """V^T of step `i`, `[head_dim, tokens]`, from `vt_ref [num_blocks,
+    head_dim, P]`: a pool whose V pages are stored transposed. Each page
+    gives its `P` (or `P / page_parts`) token columns; a step of several
+    pages gathers every element by (page, dim, slot), so the tile comes
+    out in the order p @ V wants, tokens along its last axis."""
+    head_dim = vt_ref.shape[1]
+    if self.page_parts > 1:
+      offset = pl.multiple_of(lax.rem(i, self.page_parts) * self.tokens,
+                              self.tokens)
+      return vt_ref[ids, :, pl.ds(offset, self.tokens)].astype(dtype)
+    if self.pages_per_chunk == 1:
+      return vt_ref[ids].reshape(head_dim, self.tokens).astype(dtype)
+    token = jnp.arange(self.tokens, dtype=jnp.int32)[None, :]
+    page = jnp.broadcast_to(ids[:, None], (self.pages_per_chunk,
+                                           self.block_size))
+    page = page.reshape(1, self.tokens)
+    dim = jnp.arange(head_dim, dtype=jnp.int32)[:, None]
+    return vt_ref[page, dim, lax.rem(token, self.block_size)].astype(dtype)
+
   def scales(self, scale_ref, ids) -> jax.Array:  # [1, tokens] or scalar
     """Per-token int8 scales of the step from `scale_ref [num_blocks]`."""
     if self.page_parts > 1:
@@ -124,7 +144,8 @@ def _decode_kernel(
     tables_ref,  # [pages_per_split] int32: this split's page ids
     q_ref,  # [group_pad, head_dim] (int8 with int8_query)
     k_ref,  # [num_blocks, block_size, head_dim]
-    v_ref,  # [num_blocks, block_size, head_dim]
+    v_ref,  # [num_blocks, block_size, head_dim] ([..., head_dim,
+            # block_size] with v_transposed)
     *refs,  # (k_scale_ref [num_blocks], v_scale_ref [num_blocks])?,
             # q_scale_ref [group_pad]?, outputs
     sm_scale: float,
@@ -133,6 +154,7 @@ def _decode_kernel(
     quantized: bool,
     int8_query: bool = False,
     query_dtype: str | None = None,  # with int8_query: the queries' dtype
+    v_transposed: bool = False,
 ):
   refs = list(refs)
   q_scale_ref = refs.pop(2) if int8_query else None
@@ -180,8 +202,13 @@ def _decode_kernel(
     l_new = l * alpha + jnp.sum(p, axis=1)
     if quantized:
       p = p * loader.scales(v_scale_ref, ids)
-    v = loader.load(v_ref, ids, i, compute_dtype)
-    o_new = o * alpha[:, None] + dot_nn(p.astype(compute_dtype), v)
+    if v_transposed:  # V^T [head_dim, tokens]: tokens are the inner axis
+      pv = dot_nt(p.astype(compute_dtype),
+                  loader.load_transposed(v_ref, ids, i, compute_dtype))
+    else:
+      pv = dot_nn(p.astype(compute_dtype),
+                  loader.load(v_ref, ids, i, compute_dtype))
+    o_new = o * alpha[:, None] + pv
     return o_new, m_new, l_new
 
   init = (jnp.zeros((rows, head_dim), jnp.float32),
@@ -249,7 +276,8 @@ def check_tiling(tiling, pages_per_chunk: int, page_parts: int,
 
 
 @functools.partial(
-    jax.jit, static_argnames=("sm_scale", "tiling", "interpret"))
+    jax.jit, static_argnames=("sm_scale", "tiling", "v_transposed",
+                              "interpret"))
 def paged_decode(
     q: jax.Array,  # [batch, num_heads, head_dim]
     kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
@@ -259,11 +287,16 @@ def paged_decode(
     *,
     sm_scale: float | None = None,
     tiling: tuning.DecodeTiling | None = None,
+    v_transposed: bool = False,
     interpret: bool = False,
 ) -> jax.Array:  # [batch, num_heads, head_dim]
   """Decode attention of one query token per sequence over paged K/V.
 
   Sequence `b` attends to its first `kv_lens[b]` tokens (0 gives zeros).
+  `v_transposed`: the pool stores each V page transposed, its
+  `block_size * head_dim` elements in `[head_dim, block_size]` order
+  (`quantize.transpose_v_pages`), so p @ V reads tokens along the
+  contiguous axis and an int8 page widens without a shuffle.
   """
   checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens)
   batch, num_heads, head_dim = q.shape
@@ -306,17 +339,20 @@ def paged_decode(
   lens = lens.reshape(batch, 1)
 
   sq = SQUEEZED
-  page_spec = lambda kv: pl.BlockSpec(  # noqa: E731
-      (num_blocks, sq, sq, block_size, head_dim),
-      lambda b, h, s: (0, kv, h, 0, 0))
+  page_spec = lambda kv, shape: pl.BlockSpec(  # noqa: E731
+      (num_blocks, sq, sq) + shape, lambda b, h, s: (0, kv, h, 0, 0))
+  v_shape = (head_dim, block_size) if v_transposed else (block_size, head_dim)
   in_specs = [
       pl.BlockSpec((sq, 1), lambda b, h, s: (b, 0)),
       pl.BlockSpec((sq, pages_per_split), lambda b, h, s: (b, s)),
       pl.BlockSpec((sq, sq, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-      page_spec(0),
-      page_spec(1),
+      page_spec(0, (block_size, head_dim)),
+      page_spec(1, v_shape),
   ]
-  args = [lens, tables, qg, kv_pages, kv_pages]
+  # The same buffer twice; with v_transposed the second is a view of it
+  # (a row-major reshape: no copy).
+  args = [lens, tables, qg, kv_pages,
+          kv_pages.reshape(kv_pages.shape[:3] + v_shape)]
   if quantized:
     scale_spec = lambda kv: pl.BlockSpec(  # noqa: E731
         (num_blocks, sq, sq), lambda b, h, s: (0, kv, h))
@@ -340,7 +376,8 @@ def paged_decode(
   kernel = functools.partial(
       _decode_kernel, sm_scale=float(sm_scale), pages_per_chunk=chunk,
       page_parts=tiling.page_parts, quantized=quantized,
-      int8_query=tiling.int8_query, query_dtype=jnp.dtype(q.dtype).name)
+      int8_query=tiling.int8_query, query_dtype=jnp.dtype(q.dtype).name,
+      v_transposed=v_transposed)
   o, m, l = pl.pallas_call(
       kernel,
       grid=(batch, num_kv_heads, splits),

@@ -45,6 +45,33 @@ def quantize_pages(
   return q.reshape(kv_pages.shape), scales
 
 
+def transpose_v_pages(
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+) -> jax.Array:  # same shape; each V page's elements in [head_dim, block_size] order
+  """The pool with each V page stored transposed, for the Triton decode's
+  `v_transposed=True`: page `(b, 1, h)` holds `V^T` of that page, row-major,
+  in the same `block_size * head_dim` elements (the array's shape does not
+  change; K pages and an int8 pool's scales are untouched). For int8 pools
+  the tokens p @ V sums over become the contiguous axis, which is the order
+  an int8 page widens in without a shuffle. Its own inverse only when
+  `block_size == head_dim`; `untranspose_v_pages` undoes it."""
+  if kv_pages.ndim != 5 or kv_pages.shape[1] != 2:
+    raise ValueError(f"expected kv_pages [blocks, 2, kv_heads, block_size, "
+                     f"head_dim]; got {kv_pages.shape}")
+  v_t = jnp.swapaxes(kv_pages[:, 1], -1, -2).reshape(kv_pages[:, 1].shape)
+  return kv_pages.at[:, 1].set(v_t)
+
+
+def untranspose_v_pages(
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+) -> jax.Array:  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+  """Inverse of `transpose_v_pages`: V pages back in `[block_size,
+  head_dim]` order."""
+  blocks, _, heads, block_size, head_dim = kv_pages.shape
+  v_t = kv_pages[:, 1].reshape(blocks, heads, head_dim, block_size)
+  return kv_pages.at[:, 1].set(jnp.swapaxes(v_t, -1, -2))
+
+
 def dequantize_pages(
     kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim] int8
     kv_scales: jax.Array,  # [num_blocks, 2, num_kv_heads] float32

@@ -52,6 +52,8 @@ from launch.kernel_table import fmt_row, host_to_device, print_table
 from launch.kernel_targets import (GATHER_KERNEL, GATHER_TRANSFERS,
                                    MOSAIC_ONE_REDUCE, MOSAIC_PADDED_Q,
                                    MOSAIC_WS, TRITON_INT8_QUERY,
+                                   TRITON_INT8_QUERY_V_TRANSPOSED,
+                                   TRITON_V_TRANSPOSED,
                                    check_targets)
 
 FLAGS = flags.FLAGS
@@ -233,6 +235,16 @@ def _padded_query(s: DecodeShape) -> bool:
   return decode_mosaic_gpu.query_blocks(s.heads, s.kv_heads).padded
 
 
+def _with_v_transposed(args):
+  """A decode problem's args with its pool's V pages stored transposed (a
+  copy of the pool; the reference still reads the original)."""
+  from kernels import quantize
+  q, pool, scales, tables, lens = args
+  pool = quantize.transpose_v_pages(pool)
+  pool.block_until_ready()
+  return q, pool, scales, tables, lens
+
+
 def _checker(kind: str, args) -> Callable[[Any], float] | None:
   """rel_err against the full-precision reference, or None (logged) if the
   reference itself cannot run (e.g. out of memory): the kernels are still
@@ -256,9 +268,15 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
   base = dict(kind=kind, shape=dataclasses.asdict(s), kv_mib=kv_bytes / 2**20)
   check = _checker(kind, args)
   impls = [("pallas_triton (ours)", f"triton_{kind}", None)]
+  # (name, kernel, tiling, whether it reads the pool with V transposed)
+  v_transposed = set()
   if kind == "decode" and s.dtype == "int8":
-    impls.append((TRITON_INT8_QUERY, "triton_decode", dataclasses.replace(
-        kernel_cases.default_tiling("triton_decode", s), int8_query=True)))
+    default = kernel_cases.default_tiling("triton_decode", s)
+    q8 = dataclasses.replace(default, int8_query=True)
+    impls += [(TRITON_INT8_QUERY, "triton_decode", q8),
+              (TRITON_V_TRANSPOSED, "triton_decode", default),
+              (TRITON_INT8_QUERY_V_TRANSPOSED, "triton_decode", q8)]
+    v_transposed = {TRITON_V_TRANSPOSED, TRITON_INT8_QUERY_V_TRANSPOSED}
   if _mosaic_applies(s, interpret):
     # The Mosaic GPU kernels in both variants on the default ring (the
     # default tiling is one of them, `kernels.tuning`): one computing
@@ -278,10 +296,24 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
     if warp_specialized and not (kind == "prefill" and s.dtype == "int8"):
       impls.append((MOSAIC_WS, kernel,
                     kernel_cases.default_tiling(kernel, s, True)))
+  transposed_args = None
   for name, kernel, tiling in impls:
-    fn = kernel_cases.kernel_fn(kernel, tiling, interpret)
-    _attempt(rows, base, name, lambda: fn(*args), nbytes=kv_bytes,
+    call_args = args
+    if name in v_transposed:
+      if transposed_args is None:  # made once, outside the timed calls
+        try:
+          transposed_args = _with_v_transposed(args)
+        except Exception as e:  # pylint: disable=broad-except
+          reraise_if_interrupted(e)  # e.g. out of memory for the copy
+          rows.append(dict(base, impl=name, error=error_line(e)))
+          print(fmt_row(rows[-1]), flush=True)
+          continue
+      call_args = transposed_args
+    fn = kernel_cases.kernel_fn(kernel, tiling, interpret,
+                                v_transposed=name in v_transposed)
+    _attempt(rows, base, name, lambda: fn(*call_args), nbytes=kv_bytes,
              flops=flops, check=check)
+  del transposed_args
   ref_fn = kernel_cases.reference_fn(kind)
   _attempt(rows, base, "xla reference", lambda: ref_fn(*args),
            nbytes=kv_bytes, flops=flops)

@@ -445,10 +445,12 @@ def problem(kernel: str, shape, key: int):
   return decode_problem(shape, key)
 
 
-def kernel_fn(kernel: str, tiling, interpret: bool) -> Callable[..., Any]:
+def kernel_fn(kernel: str, tiling, interpret: bool,
+              v_transposed: bool = False) -> Callable[..., Any]:
   """One jitted kernel call taking a problem's args: "mosaic_decode",
   "triton_decode", "triton_prefill" or "mosaic_prefill" (tiling None: the
-  default)."""
+  default). `v_transposed` (Triton decode): the pool it is given stores its
+  V pages transposed (`kernels.quantize.transpose_v_pages`)."""
   import jax
   from kernels import decode_mosaic_gpu
   from kernels import decode_triton
@@ -459,7 +461,10 @@ def kernel_fn(kernel: str, tiling, interpret: bool) -> Callable[..., Any]:
         q, p, t, l, sc, tiling=tiling, interpret=interpret))
   if kernel == "triton_decode":
     return jax.jit(lambda q, p, sc, t, l: decode_triton.paged_decode(
-        q, p, t, l, sc, tiling=tiling, interpret=interpret))
+        q, p, t, l, sc, tiling=tiling, v_transposed=v_transposed,
+        interpret=interpret))
+  if v_transposed:
+    raise ValueError(f"{kernel}: only the Triton decode reads transposed V")
   if kernel == "mosaic_prefill":
     return jax.jit(lambda q, p, sc, t, kl, ql: prefill_mosaic_gpu.paged_prefill(
         q, p, t, kl, ql, sc, tiling=tiling, interpret=interpret))

@@ -30,7 +30,11 @@ beside the work it does:
 
 An int8 pool's decode is also compiled with its queries in int8 (the
 `int8_query` option: q @ K^T as an int8 matmul), each beside its twin;
-the table marks those rows `int8+q8`.
+the table marks those rows `int8+q8`. `--v_transposed` compiles the decode
+for a pool whose V pages are stored transposed (`v_transposed`; rows
+marked `+vt`):
+
+    python -m launch.kernel_sass --dtypes=int8 --v_transposed
 
 Nothing runs: this explains a measurement (`launch.bench_kernels` on a GPU)
 and picks the tilings worth a GPU's minutes; it times nothing. The compiler
@@ -84,6 +88,8 @@ flags.DEFINE_list("stages", None, "software-pipeline stages to try "
                   "(default: decode 1,2,3, prefill 2,3)")
 flags.DEFINE_list("block_q", None, "prefill: query rows per program to try "
                   "(powers of 2; default 64,128)")
+flags.DEFINE_bool("v_transposed", False, "decode: compile for a pool whose "
+                  "V pages are stored transposed (`v_transposed`)")
 flags.DEFINE_integer("top_ops", 6, "opcodes listed per loop", lower_bound=0)
 flags.DEFINE_string("json", "docs/results/kernel_sass_sm90.json",
                     "JSON output")
@@ -118,7 +124,8 @@ def fmt_row(row: dict, default: bool) -> str:
   main = max(loops, key=lambda lp: lp["instructions"])
   ops = " ".join(f"{k}:{v}" for k, v in main["tensor_ops"].items())
   mix = " ".join(f"{k}:{v}" for k, v in main["mix"].items())
-  dtype = row["shape"]["dtype"] + ("+q8" if t.get("int8_query") else "")
+  dtype = (row["shape"]["dtype"] + ("+q8" if t.get("int8_query") else "")
+           + ("+vt" if row.get("v_transposed") else ""))
   return (f"{dtype:8} {tiling} {row['registers']:>4} "
           f"{row['spill_bytes']:>5} {row['shared_bytes'] / 1024:>7.0f} "
           f"{row['programs_per_sm']:>7} {row['warps_per_sm']:>8} "
@@ -173,6 +180,9 @@ def parse_flags() -> tuple[list, dict[str, list[int]]]:
     grid["block_q"] = _ints("block_q", _flag("block_q"), True)
   elif FLAGS.block_q is not None:
     raise ValueError("--block_q: only the prefill kernel has query blocks")
+  if FLAGS.v_transposed and FLAGS.kernel != "triton_decode":
+    raise ValueError("--v_transposed: only the decode kernel reads V "
+                     "transposed")
   return shapes, grid
 
 
@@ -207,11 +217,12 @@ def main(argv):
       default = tiling == kernel_cases.default_tiling(kernel, shape)
       try:
         row = sass_report.analyse(kernel, shape, tiling, workdir,
-                                  FLAGS.top_ops)
+                                  FLAGS.top_ops, FLAGS.v_transposed)
       except Exception as e:  # pylint: disable=broad-except
         kernel_cases.reraise_if_interrupted(e)
         row = {"kernel": kernel, "shape": dataclasses.asdict(shape),
                "tiling": dataclasses.asdict(tiling),
+               "v_transposed": FLAGS.v_transposed,
                "error": kernel_cases.error_line(e)}
         print(f"{shape.dtype:8} {tiling}: {row['error']}", flush=True)
       else:

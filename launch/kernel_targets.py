@@ -34,6 +34,11 @@ MOSAIC_ONE_REDUCE = "pallas_mosaic_gpu, one-reduce merge (ours)"
 # The Triton decode of an int8 pool with its queries in int8 too
 # (`int8_query`: q @ K^T an int8 matmul), timed beside the default.
 TRITON_INT8_QUERY = "pallas_triton, int8 query (ours)"
+# The Triton decode of an int8 pool whose V pages are stored transposed
+# (`v_transposed`, `kernels.quantize.transpose_v_pages`: p @ V reads tokens
+# along the contiguous axis), without and with int8 queries.
+TRITON_V_TRANSPOSED = "pallas_triton, V transposed (ours)"
+TRITON_INT8_QUERY_V_TRANSPOSED = "pallas_triton, int8 query + V transposed (ours)"
 # The block gather as one kernel reading the pinned tier
 # (kernels/host_gather_triton.py; `gather_to_device`'s path on GPUs), and as
 # one XLA transfer per block (its path elsewhere).
@@ -41,7 +46,8 @@ GATHER_KERNEL = "gather: one kernel (ours)"
 GATHER_TRANSFERS = "gather: per-block transfers (ours)"
 # Our attention kernels' rows.
 OURS = ("pallas_triton (ours)", "pallas_mosaic_gpu (ours)", MOSAIC_WS,
-        MOSAIC_PADDED_Q, MOSAIC_ONE_REDUCE, TRITON_INT8_QUERY)
+        MOSAIC_PADDED_Q, MOSAIC_ONE_REDUCE, TRITON_INT8_QUERY,
+        TRITON_V_TRANSPOSED, TRITON_INT8_QUERY_V_TRANSPOSED)
 
 
 def check_targets(rows: Sequence[Mapping[str, Any]],

@@ -155,10 +155,13 @@ def loop_row(loop: sass_analysis.Loop, kernel: str, shape, tiling,
   }
 
 
-def analyse(kernel: str, shape, tiling, workdir: str, top_ops: int) -> dict:
-  """One configuration's row."""
+def analyse(kernel: str, shape, tiling, workdir: str, top_ops: int,
+            v_transposed: bool = False) -> dict:
+  """One configuration's row (`v_transposed`: the decode of a pool whose V
+  pages are stored transposed)."""
   from kernels import lowering  # pylint: disable=import-outside-toplevel
-  fn = kernel_cases.kernel_fn(kernel, tiling, interpret=False)
+  fn = kernel_cases.kernel_fn(kernel, tiling, interpret=False,
+                              v_transposed=v_transposed)
   (ttir,) = lowering.triton_modules(fn, _inputs(kernel, shape))
   compiled = compile_for_hopper(ttir, tiling.num_warps, tiling.num_stages,
                                 workdir)
@@ -170,7 +173,7 @@ def analyse(kernel: str, shape, tiling, workdir: str, top_ops: int) -> dict:
     raise ValueError("no loop of the kernel runs a matmul")
   return {
       "kernel": kernel, "shape": dataclasses.asdict(shape),
-      "tiling": dataclasses.asdict(tiling),
+      "tiling": dataclasses.asdict(tiling), "v_transposed": v_transposed,
       "step_tokens": step_tokens(shape, tiling),
       "registers": used.registers, "spill_bytes": used.spilled,
       "shared_bytes": shared,

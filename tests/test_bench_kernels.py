@@ -60,10 +60,12 @@ def test_smoke_run_end_to_end(tmp_path):
                 for r in report["rows"]
                 if r["impl"] == "pallas_mosaic_gpu, one-reduce merge (ours)"]
   assert one_reduce == [(4, 2), (8, 2)], one_reduce
-  # The Triton decode with int8 queries, on the int8 shape only.
-  int8_query = [r["shape"]["dtype"] for r in report["rows"]
-                if r["impl"] == "pallas_triton, int8 query (ours)"]
-  assert int8_query == ["int8"], int8_query
+  # The Triton decode with int8 queries, with V pages stored transposed,
+  # and with both, on the int8 shape only.
+  for impl in ("int8 query", "V transposed", "int8 query + V transposed"):
+    dtypes = [r["shape"]["dtype"] for r in report["rows"]
+              if r["impl"] == f"pallas_triton, {impl} (ours)"]
+    assert dtypes == ["int8"], (impl, dtypes)
   for r in report["rows"]:
     if r["kind"] == "calib" and r["impl"] == "torch copy_":
       continue  # torch is not a dependency; the row says why it is missing

@@ -172,6 +172,7 @@ def _run(*args, env=None, timeout=180):
     ("--warps=0", "--warps: need positive"),
     ("--stages=x", "--stages: not an integer"),
     ("--dtypes=int4", "--dtypes: 'int4'"),
+    ("--kernel=triton_prefill --v_transposed", "only the decode kernel reads"),
 ])
 def test_bad_flags_are_refused_in_one_line(flag, message, tmp_path):
   done = _run(*flag.split(), f"--json={tmp_path / 'r.json'}")
@@ -228,6 +229,31 @@ def test_report_end_to_end(tmp_path):
   assert (loop["int8", 1, True]["tensor_ops"]["HMMA"]
           < loop["int8", 1, False]["tensor_ops"]["HMMA"])
   assert report["triton_version"] and report["environment"]["jax_version"]
+
+
+def test_transposed_v_report_end_to_end(tmp_path):
+  """`--v_transposed`: the int8 decode of a pool whose V pages are stored
+  transposed issues fewer instructions a step than the same tiling on the
+  pool as stored (V widens without a shuffle), with and without int8
+  queries."""
+  pytest.importorskip("triton", reason="the SASS report needs the `triton` "
+                      "package (pip install -e '.[sass]'); the analysis "
+                      "itself is tested above on stored output")
+  loops = {}
+  for transposed in (False, True):
+    out = tmp_path / f"r{transposed}.json"
+    done = _run("--dtypes=int8", "--step_tokens=128", "--warps=4",
+                "--stages=1", f"--json={out}",
+                *(["--v_transposed"] if transposed else []), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("int8+vt " in done.stdout) == transposed
+    for r in json.loads(out.read_text())["rows"]:
+      assert r["v_transposed"] == transposed
+      loops[transposed, r["tiling"]["int8_query"]] = r["loops"][0]
+  for q8 in (False, True):
+    assert loops[True, q8]["instructions"] < loops[False, q8]["instructions"]
+    assert loops[True, q8]["mix"].get("PRMT", 0) < loops[False, q8]["mix"][
+        "PRMT"]
 
 
 def test_prefill_report_end_to_end(tmp_path):

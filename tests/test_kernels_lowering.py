@@ -80,6 +80,28 @@ def test_triton_ir_of_int8_queries_multiplies_int8_keys_as_stored():
       widened)
 
 
+@pytest.mark.parametrize("dtype,block_size,chunk,parts", [
+    ("int8", 16, 8, 1), ("int8", 128, 1, 1), ("int8", 256, 1, 2),
+    ("bfloat16", 16, 4, 1)])
+def test_decode_of_transposed_v_lowers_to_triton(dtype, block_size, chunk,
+                                                 parts):
+  """`v_transposed` on each of the loader's three reads (several pages a
+  step gathered element by element, one page, a part of one page): V's
+  tile comes in as V^T, `[head_dim, tokens]`, which the pool as stored
+  never produces."""
+  q_dtype = "bfloat16" if dtype == "int8" else dtype
+  scales = S((50, 2, 2), jnp.float32) if dtype == "int8" else None
+  args = (S((4, 8, 64), q_dtype), S((50, 2, 2, block_size, 64), dtype),
+          S((4, 33), jnp.int32), S((4,), jnp.int32), scales)
+  tiling = decode_triton.tuning.DecodeTiling(chunk, 2, page_parts=parts)
+  v_t_tile = f"64x{block_size * chunk // parts}x!tt.ptr"  # its load
+  for transposed in (False, True):
+    ir, = lowering.triton_modules(lambda *a: decode_triton.paged_decode(
+        *a, tiling=tiling, v_transposed=transposed), args)  # pylint: disable=cell-var-from-loop
+    assert ir.count("tt.dot") == 2
+    assert (v_t_tile in ir) == transposed
+
+
 @pytest.mark.parametrize("dtype,block_size", [
     ("bfloat16", 32), ("int8", 32), ("bfloat16", 256), ("float32", 16)])
 def test_prefill_lowers_to_triton(dtype, block_size):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from kernels import decode_triton
@@ -75,6 +76,62 @@ def test_int8_queries_match_the_reference_of_rounded_queries(params):
   # The rounding of the queries (as of K's pages): 16-bit's bound, also for
   # float32 queries (measured here: 5.9e-3 and 6.5e-3 at most).
   testing.assert_matches(out[:, None], case, rtol=1e-2)
+
+
+# Pools with V pages stored transposed (`v_transposed`): (heads, kv_heads,
+# head_dim, block_size, dtype, kv_lens, chunk, splits, page_parts,
+# int8_query): several pages a step (the per-element gather), one page a
+# step, a large page read in parts, with int8 queries; ragged lengths
+# ending inside pages.
+V_TRANSPOSED_CASES = [
+    (9, 3, 64, 16, "int8", [77, 5, 1], 4, 2, 1, False),
+    (8, 2, 128, 16, "int8", [100, 33], 8, 1, 1, True),
+    (4, 2, 64, 32, "bfloat16", [70, 31], 1, 2, 1, False),
+    (4, 4, 64, 128, "float32", [200, 7], 1, 1, 2, False),
+    (8, 2, 128, 128, "int8", [300, 129], 1, 2, 4, True),
+]
+
+
+@pytest.mark.parametrize("params", V_TRANSPOSED_CASES, ids=str)
+def test_transposed_v_pages_match_the_reference(params):
+  """`v_transposed`: the kernel on the pool with its V pages transposed
+  (`quantize.transpose_v_pages`) against the reference on the pool as it
+  was; the same kernel reading the untransposed pool as transposed does
+  not match (the option changes what is read)."""
+  heads, kv_heads, head_dim, block_size, dtype, kv_lens, chunk, splits, \
+      parts, int8_query = params
+  case = testing.make_case(testing.seed_of(params), kv_lens=kv_lens,
+                           num_heads=heads, num_kv_heads=kv_heads,
+                           head_dim=head_dim, block_size=block_size,
+                           dtype=dtype)
+  tiling = tuning.DecodeTiling(chunk, splits, page_parts=parts,
+                               int8_query=int8_query)
+  def run(pool):
+    return decode_triton.paged_decode(
+        case.q[:, 0], pool, case.block_tables, case.kv_lens, case.kv_scales,
+        tiling=tiling, v_transposed=True, interpret=True)
+  out = run(quantize.transpose_v_pages(case.kv_pages))
+  testing.assert_matches(out[:, None], case,
+                         rtol=1e-2 if int8_query else None)
+  with pytest.raises(AssertionError):
+    testing.assert_matches(run(case.kv_pages)[:, None], case,
+                           rtol=1e-2 if int8_query else None)
+
+
+def test_transpose_v_pages_moves_only_v_and_inverts():
+  rng = np.random.default_rng(5)
+  pool = rng.standard_normal((3, 2, 2, 16, 8)).astype(np.float32)
+  out = np.asarray(quantize.transpose_v_pages(jnp.asarray(pool)))
+  assert out.shape == pool.shape
+  np.testing.assert_array_equal(out[:, 0], pool[:, 0])
+  for b in range(3):
+    for h in range(2):
+      np.testing.assert_array_equal(out[b, 1, h].reshape(8, 16),
+                                    pool[b, 1, h].T)
+  np.testing.assert_array_equal(
+      np.asarray(quantize.untranspose_v_pages(jnp.asarray(out))), pool)
+  with pytest.raises(ValueError, match="expected kv_pages"):
+    quantize.transpose_v_pages(jnp.asarray(pool[:, 0]))
 
 
 def test_int8_queries_need_an_int8_pool():

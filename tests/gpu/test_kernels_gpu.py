@@ -23,6 +23,7 @@ from kernels import decode_mosaic_gpu
 from kernels import decode_triton
 from kernels import prefill_mosaic_gpu
 from kernels import prefill_triton
+from kernels import quantize
 from kernels import testing
 from kernels import tuning
 from kernels.paged_attention import paged_attention
@@ -89,13 +90,17 @@ def test_large_decode_default_tiling(heads, kv_heads, head_dim, block_size,
   testing.assert_matches(out, case, rtol=_rtol(case))
 
 
+@pytest.mark.parametrize("int8_query,v_transposed",
+                         [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype,kv_lens",
                          [s for s in LARGE_DECODE if s[4] == "int8"])
-def test_large_int8_decode_with_int8_queries(heads, kv_heads, head_dim,
-                                             block_size, dtype, kv_lens):
-  """`int8_query` on the default int8 tiling, compiled: within 16-bit's
-  bound of the reference on the queries as given (the CPU tests also hold
-  it to the reference on the rounded queries)."""
+def test_large_int8_decode_levers(heads, kv_heads, head_dim, block_size,
+                                  dtype, kv_lens, int8_query, v_transposed):
+  """The int8 decode's options on its default tiling, compiled: int8
+  queries (`int8_query`), V pages stored transposed (`v_transposed`), both;
+  within 16-bit's bound of the reference on the queries as given and the
+  pool as stored (the CPU tests also hold `int8_query` to the reference on
+  the rounded queries)."""
   case = testing.make_case(
       testing.seed_of((heads, head_dim, block_size, dtype, "q8")),
       kv_lens=kv_lens, num_heads=heads, num_kv_heads=kv_heads,
@@ -103,10 +108,14 @@ def test_large_int8_decode_with_int8_queries(heads, kv_heads, head_dim,
       pages_per_seq=-(-max(kv_lens) // block_size) + 3)
   q = case.q[:, 0]
   tiling = dataclasses.replace(decode_triton.default_tiling(
-      q, case.kv_pages, case.block_tables, case.kv_scales), int8_query=True)
+      q, case.kv_pages, case.block_tables, case.kv_scales),
+                               int8_query=int8_query)
+  pool = (quantize.transpose_v_pages(case.kv_pages) if v_transposed
+          else case.kv_pages)
   _poison(case)
-  out = decode_triton.paged_decode(q, case.kv_pages, case.block_tables,
-                                   case.kv_lens, case.kv_scales, tiling=tiling)
+  out = decode_triton.paged_decode(q, pool, case.block_tables, case.kv_lens,
+                                   case.kv_scales, tiling=tiling,
+                                   v_transposed=v_transposed)
   testing.assert_matches(out[:, None], case, rtol=2e-2)
 
 
