@@ -23,7 +23,8 @@ directory made by the first process and removed at its end
 (`pytest_configure`): both workers, the launchers the tests start and the
 8-device child runs compile many of the same programs (the tiny model's
 steps, the interpret-mode kernels at the test shapes), and a cached compile
-is read back instead of redone. On the 2-core CPU it took the suite from
+is read back instead of redone (CPU only: not where an accelerator is
+visible). On the 2-core CPU it took the suite from
 786 s to 605 s. The cache is keyed by the program, the JAX version and the
 devices, so it cannot hand a test another program's executable; it starts
 empty every run, so no test depends on an earlier run.
@@ -56,7 +57,11 @@ CACHE_ENV = "DUALPATH_TEST_XLA_CACHE"
 def pytest_configure(config):
   """Points this process, and every process the tests start, at the run's
   compilation cache (made here by the first process: the xdist controller,
-  or the only process with `-n 0`)."""
+  or the only process with `-n 0`). Not where an accelerator is visible:
+  there the suite runs in one process (scripts/gpu_check.sh), compiles
+  little twice, and a GPU lease is too short to debug a cache."""
+  if accelerator_visible():
+    return
   if not os.environ.get(CACHE_ENV):
     os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="dualpath-test-xla-")
     config.stash[_CACHE_OWNER] = os.environ[CACHE_ENV]
@@ -82,12 +87,16 @@ def pytest_unconfigure(config):
     os.environ.pop(CACHE_ENV, None)
 
 
+def accelerator_visible() -> bool:
+  return any(os.path.exists(node) for node in _ACCELERATOR_NODES)
+
+
 @pytest.hookimpl(optionalhook=True)  # unknown to pytest without xdist
 def pytest_xdist_auto_num_workers(config) -> int:
   """Workers for `-n auto`: the usable CPU cores, at most `MAX_WORKERS`;
   none (one process) where an accelerator is visible."""
   del config
-  if any(os.path.exists(node) for node in _ACCELERATOR_NODES):
+  if accelerator_visible():
     return 0
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
       else (os.cpu_count() or 1)

@@ -76,3 +76,24 @@ def test_listen_socket_binds_a_free_port_and_refuses_a_busy_one():
       utils.listen_socket("no-such-host.invalid", 0)
   finally:
     first.close()
+
+
+def test_the_suite_compiles_into_its_own_cache_that_fills():
+  """tests/conftest.py: every test process, and the launchers it starts,
+  share the run's temporary compilation cache, never the user's
+  ~/.cache; a compile here lands in it."""
+  import jax
+  import jax.numpy as jnp
+  from conftest import accelerator_visible
+  if accelerator_visible():
+    pytest.skip("an accelerator is visible: the suite runs without the "
+                "cache there (tests/conftest.py)")
+  path = os.environ["DUALPATH_TEST_XLA_CACHE"]
+  assert jax.config.jax_compilation_cache_dir == path
+  assert os.environ["DUALPATH_JAX_CACHE"] == path
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+  assert os.path.basename(path).startswith("dualpath-test-xla-")
+  before = set(os.listdir(path))
+  # A program no other test compiles (its constant is this test's own).
+  jax.jit(lambda x: jnp.sin(x) * 1234.5678)(jnp.arange(7.0)).block_until_ready()
+  assert set(os.listdir(path)) - before
