@@ -235,16 +235,6 @@ def _padded_query(s: DecodeShape) -> bool:
   return decode_mosaic_gpu.query_blocks(s.heads, s.kv_heads).padded
 
 
-def _with_v_transposed(args):
-  """A decode problem's args with its pool's V pages stored transposed (a
-  copy of the pool; the reference still reads the original)."""
-  from kernels import quantize
-  q, pool, scales, tables, lens = args
-  pool = quantize.transpose_v_pages(pool)
-  pool.block_until_ready()
-  return q, pool, scales, tables, lens
-
-
 def _checker(kind: str, args) -> Callable[[Any], float] | None:
   """rel_err against the full-precision reference, or None (logged) if the
   reference itself cannot run (e.g. out of memory): the kernels are still
@@ -268,15 +258,12 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
   base = dict(kind=kind, shape=dataclasses.asdict(s), kv_mib=kv_bytes / 2**20)
   check = _checker(kind, args)
   impls = [("pallas_triton (ours)", f"triton_{kind}", None)]
-  # (name, kernel, tiling, whether it reads the pool with V transposed)
-  v_transposed = set()
   if kind == "decode" and s.dtype == "int8":
     default = kernel_cases.default_tiling("triton_decode", s)
     q8 = dataclasses.replace(default, int8_query=True)
-    impls += [(TRITON_INT8_QUERY, "triton_decode", q8),
-              (TRITON_V_TRANSPOSED, "triton_decode", default),
-              (TRITON_INT8_QUERY_V_TRANSPOSED, "triton_decode", q8)]
-    v_transposed = {TRITON_V_TRANSPOSED, TRITON_INT8_QUERY_V_TRANSPOSED}
+    impls += [(TRITON_INT8_QUERY, "triton_decode", q8),  # V as stored,
+              (TRITON_V_TRANSPOSED, "triton_decode_vt", default),  # not
+              (TRITON_INT8_QUERY_V_TRANSPOSED, "triton_decode_vt", q8)]
   if _mosaic_applies(s, interpret):
     # The Mosaic GPU kernels in both variants on the default ring (the
     # default tiling is one of them, `kernels.tuning`): one computing
@@ -299,18 +286,17 @@ def _bench_ours_and_reference(rows: list[dict], kind: str, s, args,
   transposed_args = None
   for name, kernel, tiling in impls:
     call_args = args
-    if name in v_transposed:
+    if kernel == "triton_decode_vt":
       if transposed_args is None:  # made once, outside the timed calls
         try:
-          transposed_args = _with_v_transposed(args)
+          transposed_args = kernel_cases.with_v_transposed(args)
         except Exception as e:  # pylint: disable=broad-except
           reraise_if_interrupted(e)  # e.g. out of memory for the copy
           rows.append(dict(base, impl=name, error=error_line(e)))
           print(fmt_row(rows[-1]), flush=True)
           continue
       call_args = transposed_args
-    fn = kernel_cases.kernel_fn(kernel, tiling, interpret,
-                                v_transposed=name in v_transposed)
+    fn = kernel_cases.kernel_fn(kernel, tiling, interpret)
     _attempt(rows, base, name, lambda: fn(*call_args), nbytes=kv_bytes,
              flops=flops, check=check)
   del transposed_args

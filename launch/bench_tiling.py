@@ -9,6 +9,9 @@ them against a grid of alternatives on the shapes where the kernel benchmark
 (`launch.bench_kernels`) missed a target: the Mosaic GPU decode kernel (step
 tokens, ring depth, split count), the Triton decode kernel on int8 pools,
 and the Triton prefill kernel (query rows, keys per step, warps, stages).
+`--kernels=triton_decode_vt` sweeps the Triton decode's grid on int8 pools
+whose V pages are stored transposed (`v_transposed`; not in the default
+list).
 Every configuration is checked against the XLA reference (full float32
 precision) before it is timed, so a tiling that computes the wrong thing is
 reported as such, never as fast. The default tiling is timed first; each row
@@ -72,6 +75,8 @@ PRESETS = {
                        DecodeShape(64, 32, 8, 128, 16, 4096, "int8")],
         triton_decode=[DecodeShape(64, 32, 8, 128, 16, 4096, "int8"),
                        DecodeShape(4, 32, 8, 128, 64, 32768, "int8")],
+        triton_decode_vt=[DecodeShape(64, 32, 8, 128, 16, 4096, "int8"),
+                          DecodeShape(4, 32, 8, 128, 64, 32768, "int8")],
         triton_prefill=[PrefillShape(1, 32, 8, 128, 16, 16384, 512,
                                      "bfloat16"),
                         PrefillShape(1, 32, 8, 128, 64, 32256, 512,
@@ -85,6 +90,7 @@ PRESETS = {
     "smoke": dict(
         mosaic_decode=[DecodeShape(2, 8, 2, 64, 16, 200, "bfloat16")],
         triton_decode=[DecodeShape(2, 4, 2, 64, 16, 100, "int8")],
+        triton_decode_vt=[DecodeShape(2, 4, 2, 64, 16, 100, "int8")],
         triton_prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "float32")],
         mosaic_prefill=[PrefillShape(1, 4, 2, 64, 16, 48, 16, "bfloat16")],
         step_tokens=(64,), split_factors=(1, 2), stages=(2,),
@@ -408,6 +414,7 @@ def main(argv):
 
   grids = dict(mosaic_decode=mosaic_decode_grid,
                triton_decode=triton_decode_grid,
+               triton_decode_vt=triton_decode_grid,
                triton_prefill=triton_prefill_grid,
                mosaic_prefill=mosaic_prefill_grid)
   jobs = []

@@ -369,7 +369,7 @@ def prefill_problem(s: PrefillShape, key: int):
 
 # The kernels `kernel_fn` calls by name; the prefill ones take prefill shapes.
 KERNELS = ("mosaic_decode", "triton_decode", "triton_prefill",
-           "mosaic_prefill")
+           "mosaic_prefill", "triton_decode_vt")
 PREFILL_KERNELS = ("triton_prefill", "mosaic_prefill")
 
 
@@ -439,18 +439,33 @@ def default_tiling(kernel: str, s, warp_specialized: bool | None = None):
 
 
 def problem(kernel: str, shape, key: int):
-  """`prefill_problem` or `decode_problem` of `shape`, as `kernel` takes."""
+  """`prefill_problem` or `decode_problem` of `shape`, as `kernel` takes
+  (for "triton_decode_vt", its pool with V pages transposed; the reference
+  is of the pool as made)."""
   if kernel in PREFILL_KERNELS:
     return prefill_problem(shape, key)
-  return decode_problem(shape, key)
+  args, ref, nbytes, flops = decode_problem(shape, key)
+  if kernel == "triton_decode_vt":
+    args = with_v_transposed(args)
+  return args, ref, nbytes, flops
 
 
-def kernel_fn(kernel: str, tiling, interpret: bool,
-              v_transposed: bool = False) -> Callable[..., Any]:
+def with_v_transposed(args):
+  """A decode problem's args with its pool's V pages stored transposed
+  (`kernels.quantize.transpose_v_pages`: a copy of the pool, made now,
+  before any timed call)."""
+  from kernels import quantize
+  q, pool, scales, tables, lens = args
+  pool = quantize.transpose_v_pages(pool)
+  pool.block_until_ready()
+  return q, pool, scales, tables, lens
+
+
+def kernel_fn(kernel: str, tiling, interpret: bool) -> Callable[..., Any]:
   """One jitted kernel call taking a problem's args: "mosaic_decode",
-  "triton_decode", "triton_prefill" or "mosaic_prefill" (tiling None: the
-  default). `v_transposed` (Triton decode): the pool it is given stores its
-  V pages transposed (`kernels.quantize.transpose_v_pages`)."""
+  "triton_decode", "triton_decode_vt" (the Triton decode of a pool whose V
+  pages are stored transposed: `problem` gives it one), "triton_prefill"
+  or "mosaic_prefill" (tiling None: the default)."""
   import jax
   from kernels import decode_mosaic_gpu
   from kernels import decode_triton
@@ -459,12 +474,11 @@ def kernel_fn(kernel: str, tiling, interpret: bool,
   if kernel == "mosaic_decode":
     return jax.jit(lambda q, p, sc, t, l: decode_mosaic_gpu.paged_decode(
         q, p, t, l, sc, tiling=tiling, interpret=interpret))
-  if kernel == "triton_decode":
+  if kernel in ("triton_decode", "triton_decode_vt"):
+    transposed = kernel == "triton_decode_vt"
     return jax.jit(lambda q, p, sc, t, l: decode_triton.paged_decode(
-        q, p, t, l, sc, tiling=tiling, v_transposed=v_transposed,
+        q, p, t, l, sc, tiling=tiling, v_transposed=transposed,
         interpret=interpret))
-  if v_transposed:
-    raise ValueError(f"{kernel}: only the Triton decode reads transposed V")
   if kernel == "mosaic_prefill":
     return jax.jit(lambda q, p, sc, t, kl, ql: prefill_mosaic_gpu.paged_prefill(
         q, p, t, kl, ql, sc, tiling=tiling, interpret=interpret))

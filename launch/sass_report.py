@@ -160,8 +160,8 @@ def analyse(kernel: str, shape, tiling, workdir: str, top_ops: int,
   """One configuration's row (`v_transposed`: the decode of a pool whose V
   pages are stored transposed)."""
   from kernels import lowering  # pylint: disable=import-outside-toplevel
-  fn = kernel_cases.kernel_fn(kernel, tiling, interpret=False,
-                              v_transposed=v_transposed)
+  fn = kernel_cases.kernel_fn(
+      "triton_decode_vt" if v_transposed else kernel, tiling, interpret=False)
   (ttir,) = lowering.triton_modules(fn, _inputs(kernel, shape))
   compiled = compile_for_hopper(ttir, tiling.num_warps, tiling.num_stages,
                                 workdir)

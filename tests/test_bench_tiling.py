@@ -42,6 +42,23 @@ def test_smoke_sweep_writes_checked_rows(tmp_path):
   assert "best tiling per shape" in done.stdout
 
 
+def test_sweep_on_transposed_v_pages_checks_against_the_pool_as_made(
+    tmp_path):
+  """`--kernels=triton_decode_vt`: the Triton decode's grid on the int8
+  pool with its V pages transposed; its default (the only tiling a zero
+  budget times) matches the reference of the pool as made."""
+  out = tmp_path / "tiling.json"
+  done = _run("-m", "launch.bench_tiling", "--kernels=triton_decode_vt",
+              "--budget_s=0", f"--json={out}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = json.loads(out.read_text())["rows"]
+  default, skipped = rows
+  assert default["kernel"] == "triton_decode_vt" and default["default"]
+  assert default["shape"]["dtype"] == "int8"
+  assert 0 <= default["rel_err"] <= 2e-2 and default["time_us"] > 0
+  assert skipped["skipped"] == "time budget spent"
+
+
 _WRONG = """
 import sys
 from absl import flags
