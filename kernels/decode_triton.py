@@ -123,20 +123,21 @@ class ChunkLoader:
     if self.pages_per_chunk == 1:
       return vt_ref[ids].reshape(head_dim, self.tokens).astype(dtype)
     token = jnp.arange(self.tokens, dtype=jnp.int32)[None, :]
-    page = jnp.broadcast_to(ids[:, None], (self.pages_per_chunk,
-                                           self.block_size))
-    page = page.reshape(1, self.tokens)
     dim = jnp.arange(head_dim, dtype=jnp.int32)[:, None]
-    return vt_ref[page, dim, lax.rem(token, self.block_size)].astype(dtype)
+    return vt_ref[self.per_token(ids), dim,
+                  lax.rem(token, self.block_size)].astype(dtype)
+
+  def per_token(self, per_page: jax.Array) -> jax.Array:  # [1, tokens]
+    """A whole-page step's `per_page [pages]` values, one per token."""
+    per_token = jnp.broadcast_to(per_page[:, None],
+                                 (self.pages_per_chunk, self.block_size))
+    return per_token.reshape(1, self.tokens)
 
   def scales(self, scale_ref, ids) -> jax.Array:  # [1, tokens] or scalar
     """Per-token int8 scales of the step from `scale_ref [num_blocks]`."""
     if self.page_parts > 1:
       return scale_ref[ids]  # one page: one scale
-    per_page = scale_ref[ids]  # [pages]
-    per_token = jnp.broadcast_to(per_page[:, None],
-                                 (self.pages_per_chunk, self.block_size))
-    return per_token.reshape(1, self.tokens)
+    return self.per_token(scale_ref[ids])
 
 
 def _decode_kernel(
