@@ -11,6 +11,7 @@ mode, on CPU).
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from dualpath_jax.config import CacheConfig
@@ -34,8 +35,12 @@ def run_steps(loaded, impl: str, feed: list[list[int]] | None, *,
   cache = CacheConfig(block_size=BLOCK_SIZE, num_blocks=batch * pages + 1,
                       dtype="bfloat16")
   runner = ModelRunner(loaded.model, cache, attention_impl=impl)
-  kv = runner.new_kv_cache()
   rng = np.random.default_rng(7)
+  # Stale finite junk in every slot, as a reused pool holds: a kernel that
+  # read a slot past a sequence's length would see it (a zeroed pool would
+  # mostly hide that). The same junk for every `impl`.
+  kv = jnp.asarray(rng.normal(0, 4, runner.kv_cache_shape),
+                   jnp.dtype(cache.dtype))
   tokens = [rng.integers(3, cfg.vocab_size, n).tolist() for n in prompts]
   # Page 0 stays unused, so a table entry of 0 would read foreign data.
   tables = np.arange(batch * pages, dtype=np.int32).reshape(batch, pages) + 1
@@ -76,9 +81,11 @@ def run_steps(loaded, impl: str, feed: list[list[int]] | None, *,
 
 
 def assert_steps_match(logits: list[np.ndarray], ref: list[np.ndarray],
-                       rtol: float = 3e-2) -> None:
+                       rtol: float = 1e-2) -> None:
   """Every step's logits finite and within `rtol` of the reference run's
-  (relative L2 norm over the batch)."""
+  (relative L2 norm over the batch). Measured on CPU (interpret mode, bf16
+  K/V, another summation order): 2.1e-3 to 3.4e-3; a softmax scale off by
+  30% gives 5.5e-2, so the bound sits well between."""
   assert len(logits) == len(ref)
   for step, (got, want) in enumerate(zip(logits, ref)):
     assert np.all(np.isfinite(got)), step

@@ -151,7 +151,9 @@ def test_per_request_temperature_zero_is_greedy_on_a_sampling_engine(
              for i, p in enumerate(prompts)],
       greedy=False, temperature=1.0)
   outs = _drain(engine)
+  assert set(outs) == set(greedy) == {"r0", "r1", "r2"}
   for rid, out in outs.items():
+    assert len(out.generated_tokens) == 6
     assert out.generated_tokens == greedy[rid].generated_tokens
 
 

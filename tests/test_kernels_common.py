@@ -77,7 +77,8 @@ def test_merge_splits_equals_one_softmax(np_rng, merge):
 def test_one_reduce_merge_on_batched_splits_far_apart(np_rng):
   """Leading batch and head axes, maxima hundreds apart (a fold rescaling
   to anything but the larger max would overflow) and empty splits: the
-  variadic merge equals the three-reduction one."""
+  variadic merge equals the softmax of all the splits' keys, computed in
+  float64 from the splits' partial sums."""
   batch, heads, splits, rows, head_dim = 2, 3, 7, 8, 16
   m = np_rng.uniform(-300, 300, (batch, heads, splits, rows))
   empty = np_rng.random((batch, heads, splits, rows)) < 0.3
@@ -86,14 +87,22 @@ def test_one_reduce_merge_on_batched_splits_far_apart(np_rng):
   l = np.where(empty, 0, np_rng.uniform(1, 50, m.shape)).astype(np.float32)
   o = np_rng.standard_normal(m.shape + (head_dim,)).astype(np.float32)
   o = np.where(empty[..., None], 0, o * l[..., None]).astype(np.float32)
-  want = common.merge_splits(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l))
+  # In float64: weight each split by 2^(m - the row's largest max).
+  m64 = np.where(empty, -np.inf, m.astype(np.float64))
+  top = m64.max(axis=2, keepdims=True)
+  w = np.where(empty, 0.0, np.exp2(m64 - np.where(np.isfinite(top), top, 0)))
+  num = (w[..., None] * o.astype(np.float64)).sum(axis=2)
+  den = (w * l.astype(np.float64)).sum(axis=2)[..., None]
+  want = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
   got = common.merge_splits_one_reduce(jnp.asarray(o), jnp.asarray(m),
                                        jnp.asarray(l))
   assert got.shape == (batch, heads, rows, head_dim)
   assert np.isfinite(np.asarray(got)).all()
   assert not np.asarray(got[0, 0]).any()
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  # The three-reduction merge agrees with the same float64 result.
+  three = common.merge_splits(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l))
+  np.testing.assert_allclose(np.asarray(three), want, rtol=1e-5, atol=1e-6)
 
 
 def test_decode_output_zeroes_padding_rows(np_rng):

@@ -59,12 +59,12 @@ def test_int8_scales_are_per_page_and_head():
         case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens, scales,
         tiling=tuning.MosaicDecodeTiling(4, 1), interpret=True)
     testing.assert_matches(out[:, None], changed)
+    # The change is visible: heads 2-3 (KV head 1) of sequence 0 move far
+    # beyond the tolerance (the rest are held to the changed reference, which
+    # equals the unchanged one there, by the check above).
     ref = testing.reference(case)
-    # Heads 2-3 (KV head 1) of sequence 0 change; all else stays.
-    assert not np.allclose(np.asarray(out[0, 2:], np.float32), ref[0, 0, 2:],
-                           rtol=0.05, atol=0.05)
-    np.testing.assert_allclose(np.asarray(out[1], np.float32), ref[1, 0],
-                               rtol=2e-2, atol=2e-2)
+    moved = testing.relative_error(out[0, 2:], ref[0, 0, 2:])
+    assert moved > 10 * testing.tolerance(case), moved
 
 
 def test_api_default_tiling_sm_scale_and_padding_rows():

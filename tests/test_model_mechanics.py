@@ -152,6 +152,16 @@ def run_step(runner, kv, seqs, counts, q_len, *, all_logits=True):
   return np.asarray(logits), kv, q_lens
 
 
+def stale_pool(runner: ModelRunner, rng: np.random.Generator,
+               scale: float = 50.0) -> jax.Array:  # [L, N, 2, Hkv, P, D]
+  """A KV pool full of large finite junk, as a reused pool holds: a step
+  that read a slot it had not written (a masking bug) would see it, where a
+  zeroed pool's slots only shift the softmax a little. Never NaN: a pool's
+  stale slots never are, and the reference multiplies them by 0."""
+  return jnp.asarray(rng.normal(0, scale, runner.kv_cache_shape),
+                     jnp.dtype(runner.cache.dtype))
+
+
 def shuffled_pages(rng, num_blocks, counts):
   perm = rng.permutation(num_blocks)
   out, start = [], 0
@@ -176,7 +186,7 @@ def test_incremental_paged_decode_matches_dense_recompute(
   tokens = np_rng.integers(0, cfg.vocab_size, total)
   (pages,) = shuffled_pages(np_rng, runner.cache.num_blocks, [pages_needed])
   seq = Sequence(tokens, pages, pages_needed + 2, block_size)
-  kv = runner.new_kv_cache()
+  kv = stale_pool(runner, np_rng)
   got = []
   for n in (5, 7, 3):
     logits, kv, _ = run_step(runner, kv, [seq], [n], q_len=8)
@@ -214,8 +224,7 @@ def test_layerwise_step_matches_reference_and_runs_the_hook_per_layer(np_rng):
     seen.append(layer)
     return pool.at[layer, pages[:3]].set(donor[layer, pages[:3]])
 
-  # stale finite garbage everywhere (masked slots are never NaN in a pool)
-  kv = jnp.asarray(np_rng.normal(0, 50, runner.kv_cache_shape), jnp.float32)
+  kv = stale_pool(runner, np_rng)
   seq = Sequence(tokens, pages, 6, bs)
   seq.done = 12
   q = np.zeros((1, 8), np.int32)
@@ -255,7 +264,7 @@ def test_ragged_batch_equals_each_sequence_alone(np_rng):
     return Sequence(tokens[b], pages[b], width, block_size)
 
   batched = [fresh(0), None, fresh(1), fresh(2)]  # row 1: batch padding
-  kv = runner.new_kv_cache()
+  kv = stale_pool(runner, np_rng)
   got_batched = {0: [], 2: [], 3: []}
   for counts in schedule:
     row_counts = [counts[0], 0, counts[1], counts[2]]
@@ -265,7 +274,7 @@ def test_ragged_batch_equals_each_sequence_alone(np_rng):
 
   for b, seq_index in ((0, 0), (2, 1), (3, 2)):
     alone = fresh(seq_index)
-    kv_alone = runner.new_kv_cache()
+    kv_alone = stale_pool(runner, np_rng)
     got_alone = []
     for counts in schedule:
       logits, kv_alone, _ = run_step(runner, kv_alone, [alone],

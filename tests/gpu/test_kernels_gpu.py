@@ -39,7 +39,11 @@ F32_RTOL = 1e-4
 
 
 def _rtol(case):
-  return F32_RTOL if case.q.dtype == jnp.float32 else 2e-2
+  """float32: F32_RTOL. 16-bit and int8: the CPU tests' bound
+  (`testing.tolerance`, 1e-2; the largest GPU error measured, on the H100's
+  benchmark rows, was 3.5e-3). A looser bound let a decode that drops the
+  last key pass at 3k-8k tokens (a row's error 1.6e-2 to 2.8e-2)."""
+  return F32_RTOL if case.q.dtype == jnp.float32 else testing.tolerance(case)
 
 
 def _poison(case):
@@ -116,7 +120,7 @@ def test_large_int8_decode_levers(heads, kv_heads, head_dim, block_size,
   out = decode_triton.paged_decode(q, pool, case.block_tables, case.kv_lens,
                                    case.kv_scales, tiling=tiling,
                                    v_transposed=v_transposed)
-  testing.assert_matches(out[:, None], case, rtol=2e-2)
+  testing.assert_matches(out[:, None], case, rtol=_rtol(case))
 
 
 @pytest.mark.parametrize("params", testing.PREFILL_CASES, ids=str)
@@ -233,14 +237,16 @@ def test_large_mosaic_prefill_default_tiling(heads, kv_heads, head_dim,
 
 
 @needs_hopper
-def test_mosaic_agrees_with_triton():
+def test_mosaic_and_triton_decode_same_case():
+  """Both GPU decode kernels on one ragged case (a 1-token sequence between
+  two long ones), each against the reference."""
   case = testing.make_case(6, kv_lens=[4000, 1, 2500], num_heads=32,
                            num_kv_heads=8, head_dim=128, dtype="bfloat16",
                            pages_per_seq=300)
   args = (case.q[:, 0], case.kv_pages, case.block_tables, case.kv_lens)
-  theirs = decode_triton.paged_decode(*args)
-  ours = decode_mosaic_gpu.paged_decode(*args)
-  assert testing.relative_error(ours, theirs) < 1e-2
+  for kernel in (decode_triton.paged_decode, decode_mosaic_gpu.paged_decode):
+    _poison(case)
+    testing.assert_matches(kernel(*args)[:, None], case, rtol=_rtol(case))
 
 
 def test_agrees_with_jax_pallas_op_on_prescaled_q():
