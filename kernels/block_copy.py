@@ -94,8 +94,15 @@ def allocate_host_tier(
   return jax.device_put(np.zeros(shape, jnp.dtype(dtype)), sharding)
 
 
-def check_arguments(pool, host_tier, pool_ids, host_ids, layer_start,
-                    num_layers, run_length=1):
+def check_arguments(
+    pool: jax.Array,  # [num_layers, num_blocks, 2, kv_heads, P, D]
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D]
+    pool_ids: jax.Array,  # [n * run_length] int32
+    host_ids: jax.Array,  # [n] int32
+    layer_start: int,
+    num_layers: int,
+    run_length: int = 1,
+) -> None:
   """Raises ValueError for a pool, tier, id lists or layer range that do
   not fit together (shared with the one-call gathers, `host_gather_*`)."""
   if pool.ndim != 6 or host_tier.ndim != 6:
@@ -124,7 +131,8 @@ def check_arguments(pool, host_tier, pool_ids, host_ids, layer_start,
                      f"outside [0, {pool.shape[0]})")
 
 
-def memory_kind_of(x: jax.Array, default: str) -> str:
+def memory_kind_of(x: jax.Array,  # any shape
+                   default: str) -> str:
   """The memory kind `x` has in the traced program (its type's space)."""
   space = getattr(jax.typeof(x), "memory_space", None)
   name = str(space).rsplit(".", 1)[-1].lower() if space is not None else ""
@@ -242,7 +250,8 @@ def resolve_gather(implementation: str, host_tier_shape: tuple[int, ...]
   return implementation
 
 
-def run_slots(src_slots: jax.Array, run_length: int, num_slots: int
+def run_slots(src_slots: jax.Array,  # [n] int32
+              run_length: int, num_slots: int
               ) -> jax.Array:  # [n * run_length] int32
   """The slot of every block of each run of `run_length` slots starting at
   `src_slots [n]`, a run past the tier's end moved back to end there (as a

@@ -127,8 +127,11 @@ def supports(*, q_len: int, head_dim: int, block_size: int, quantized: bool,
           and (group is None or group <= WGMMA_ROWS))
 
 
-def check_supported(q: jax.Array, kv_pages: jax.Array,
-                    kv_scales: jax.Array | None) -> None:
+def check_supported(
+    q: jax.Array,  # [batch, num_heads, head_dim]
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    kv_scales: jax.Array | None,  # [num_blocks, 2, num_kv_heads] f32
+) -> None:
   """Raises ValueError for a call the kernel does not handle."""
   num_heads, head_dim = q.shape[1:]
   block_size, num_kv_heads = kv_pages.shape[3], kv_pages.shape[2]

@@ -44,7 +44,9 @@ def compiler_params(num_warps: int, num_stages: int):
   return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot_nt(a: jax.Array,  # [m, k]
+           b: jax.Array,  # [n, k]
+           ) -> jax.Array:  # [m, n] float32
   """`a @ b.T` accumulated in float32 (full precision for float32 inputs)."""
   precision = (lax.Precision.HIGHEST if a.dtype == jnp.float32
                else lax.Precision.DEFAULT)
@@ -53,13 +55,17 @@ def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
                          preferred_element_type=jnp.float32)
 
 
-def dot_nt_int8(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot_nt_int8(a: jax.Array,  # [m, k] int8
+                b: jax.Array,  # [n, k] int8
+                ) -> jax.Array:  # [m, n] float32
   """`a @ b.T` of int8 operands, summed exactly in int32, as float32."""
   return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
                          preferred_element_type=jnp.int32).astype(jnp.float32)
 
 
-def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot_nn(a: jax.Array,  # [m, k]
+           b: jax.Array,  # [k, n]
+           ) -> jax.Array:  # [m, n] float32
   """`a @ b` accumulated in float32 (full precision for float32 inputs)."""
   precision = (lax.Precision.HIGHEST if a.dtype == jnp.float32
                else lax.Precision.DEFAULT)
@@ -78,8 +84,12 @@ class ChunkLoader:
   tokens are masked by the caller).
   """
 
-  def __init__(self, tables_ref, num_blocks: int, block_size: int,
+  def __init__(self,
+               tables_ref,  # Ref [pages_per_seq] int32: one sequence's table
+               num_blocks: int, block_size: int,
                pages_per_chunk: int, page_parts: int):
+    """`tables_ref` is read a step at a time (`page_ids`); the rest is
+    static: the pool's page count (for the clamp) and the step's shape."""
     if page_parts > 1 and pages_per_chunk != 1:
       raise ValueError("page_parts > 1 needs pages_per_chunk == 1")
     self.tables_ref = tables_ref
@@ -89,7 +99,8 @@ class ChunkLoader:
     self.page_parts = page_parts
     self.tokens = pages_per_chunk * block_size // page_parts
 
-  def page_ids(self, i):
+  def page_ids(self, i: jax.Array,  # [] int32 step
+               ) -> jax.Array:  # [pages_per_chunk] or [] int32
     """The step's page ids: a vector of whole pages, or one scalar id."""
     if self.page_parts == 1:
       ids = self.tables_ref[pl.ds(i * self.pages_per_chunk,
@@ -98,7 +109,11 @@ class ChunkLoader:
       ids = self.tables_ref[lax.div(i, self.page_parts)]  # i >= 0
     return jnp.clip(ids, 0, self.num_blocks - 1)
 
-  def load(self, kv_ref, ids, i, dtype) -> jax.Array:  # [tokens, head_dim]
+  def load(self,
+           kv_ref,  # Ref [num_blocks, P, head_dim]: K or V of one KV head
+           ids: jax.Array,  # page_ids(i)
+           i: jax.Array,  # [] int32 step
+           dtype) -> jax.Array:  # [tokens, head_dim]
     """K or V tokens of step `i` from `kv_ref [num_blocks, P, head_dim]`."""
     if self.page_parts == 1:
       x = kv_ref[ids].reshape(self.tokens, kv_ref.shape[-1])
@@ -109,7 +124,12 @@ class ChunkLoader:
       x = kv_ref[ids, pl.ds(offset, self.tokens), :]
     return x.astype(dtype)
 
-  def load_transposed(self, vt_ref, ids, i, dtype) -> jax.Array:
+  def load_transposed(
+      self,
+      vt_ref,  # Ref [num_blocks, head_dim, P]: V^T pages of one KV head
+      ids: jax.Array,  # page_ids(i)
+      i: jax.Array,  # [] int32 step
+      dtype) -> jax.Array:  # [head_dim, tokens]
     """V^T of step `i`, `[head_dim, tokens]`, from `vt_ref [num_blocks,
     head_dim, P]`: a pool whose V pages are stored transposed. Each page
     gives its `P` (or `P / page_parts`) token columns; a step of several
@@ -127,7 +147,8 @@ class ChunkLoader:
     return vt_ref[self.per_token(ids), dim,
                   lax.rem(token, self.block_size)].astype(dtype)
 
-  def per_token(self, per_page: jax.Array) -> jax.Array:  # [1, tokens]
+  def per_token(self, per_page: jax.Array,  # [pages_per_chunk]
+                ) -> jax.Array:  # [1, tokens]
     """A whole-page step's `per_page [pages]` values, one per token."""
     per_token = jnp.broadcast_to(per_page[:, None],
                                  (self.pages_per_chunk, self.block_size))
@@ -233,7 +254,9 @@ def tileable(n: int) -> bool:
   return n >= MIN_DOT_ROWS and not n & (n - 1)
 
 
-def check_supported(kv_pages: jax.Array, head_dim: int) -> None:
+def check_supported(
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    head_dim: int) -> None:
   """Raises ValueError for shapes the Triton lowering cannot tile."""
   block_size = kv_pages.shape[3]
   for name, n in (("head_dim", head_dim), ("block_size", block_size)):

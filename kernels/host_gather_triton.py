@@ -67,7 +67,9 @@ def supports(host_tier_shape: tuple[int, ...]) -> bool:
   return all(map(_pow2, host_tier_shape[-2:]))
 
 
-def check_supported(host_tier: jax.Array) -> None:
+def check_supported(
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D]
+) -> None:
   """Raises ValueError for pages `supports` refuses, naming the size."""
   block_size, head_dim = host_tier.shape[-2:]
   for name, n in (("block_size", block_size), ("head_dim", head_dim)):

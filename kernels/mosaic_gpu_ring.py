@@ -31,6 +31,7 @@ import functools
 import inspect
 from typing import Any, Callable
 
+import jax
 from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
@@ -67,6 +68,8 @@ class PageRing:
                scales_ref, q_smem, k_smem, v_smem, k_work, v_work,
                k_barriers, v_barriers, scale_slots=None, work_scales=None,
                ready=None):
+    """Holds the program's refs (shapes in the class docstring) and the
+    WGMMA layouts its vectors and tiles take; issues nothing yet."""
     self.st = st
     self.b, self.h, self.table_base = b, h, table_base
     self.tables_ref, self.kv_ref, self.scales_ref = (tables_ref, kv_ref,
@@ -88,7 +91,8 @@ class PageRing:
     with `copy_warpgroup`), leaving the computing one converted tiles."""
     return converts(self.st)
 
-  def cast(self, x, layout):
+  def cast(self, x: jax.Array,  # any shape: a tile or a vector of one
+           layout) -> jax.Array:
     """`layout_cast`, an identity in interpret mode (no layouts there)."""
     return x if self.st.interpret else plgpu.layout_cast(x, layout)
 
@@ -220,6 +224,8 @@ class PageRing:
     pl.when(nxt < num_steps)(functools.partial(self.issue, nxt, slot))
 
   def qk(self, k_tile):  # [64, T] f32; k_tile: SMEM [T, head_dim]
+    """Logits of the query block against a K tile: `q @ K^T` on `wgmma`
+    (a plain dot in interpret mode), float32."""
     if self.st.interpret:
       return lax.dot_general(self.q_smem[...], k_tile[...],
                              (((1,), (1,)), ((), ())),
@@ -230,7 +236,10 @@ class PageRing:
     return pl.run_scoped(body, plgpu.ACC((WGMMA_ROWS, self.tokens),
                                          jnp.float32))
 
-  def pv(self, p, v_tile):  # [64, head_dim] f32; v_tile: SMEM [T, head_dim]
+  def pv(self, p: jax.Array,  # [64, T] in V's compute dtype
+         v_tile,  # SMEM [T, head_dim]
+         ) -> jax.Array:  # [64, head_dim] f32
+    """`p @ V` of one step on `wgmma` (a plain dot in interpret mode)."""
     if self.st.interpret:
       return lax.dot_general(p, v_tile[...], (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
@@ -269,7 +278,10 @@ class PageRing:
     return x * lax.broadcast_in_dim(self.token_scales(step, kv), x.shape,
                                     (1,))
 
-  def dequantize(self, src, dst):
+  def dequantize(self,
+                 src,  # SMEM [T, head_dim] int8
+                 dst,  # SMEM [T, head_dim] bf16
+                 ) -> None:
     """int8 SMEM tile [T, head_dim] -> bf16 SMEM tile of the same integers
     (exact: |x| <= 127 < 2^8), visible to `wgmma` when this returns."""
     if self.st.interpret:

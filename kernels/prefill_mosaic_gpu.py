@@ -82,14 +82,25 @@ class TileSteps:
   which ring steps it needs: `num_steps` up to its last key, of which the
   first `num_free` lie wholly at or before its first position (no mask)."""
 
-  def __init__(self, st, tile, kv_len, q_len):
+  def __init__(self, st, tile: int,
+               kv_len: jax.Array,  # [] int32: the sequence's context
+               q_len: jax.Array):  # [] int32: its new tokens
+    """`tile` is the program's query tile index (static per loop trip)."""
     self.first_row = tile * st.block_tokens  # the tile's first new token
     self.key_limit, self.num_steps, self.num_free = tile_steps(
         first_row=self.first_row, tile_tokens=st.block_tokens, kv_len=kv_len,
         q_len=q_len, capacity=st.capacity, step_tokens=st.tokens)
 
 
-def causal_mask(st, ring, step, s, *, first_row, kv_len, q_len, key_limit):
+def causal_mask(
+    st, ring, step: jax.Array,  # [] int32
+    s: jax.Array,  # [64, T] f32 logits
+    *,
+    first_row: jax.Array,  # [] int32: the tile's first new token
+    kv_len: jax.Array,  # [] int32
+    q_len: jax.Array,  # [] int32
+    key_limit: jax.Array,  # [] int32: keys past it are not the tile's
+) -> tuple[jax.Array, jax.Array]:  # [64, T] f32, [64, T] bool
   """Step `step`'s logits [64, T] of the tile starting at new token
   `first_row`, masked causally, to the table and to real rows; and where
   they are valid. Built per masked step (the causal tail), not before the
@@ -108,7 +119,14 @@ def causal_mask(st, ring, step, s, *, first_row, kv_len, q_len, key_limit):
   return jnp.where(valid, s, MASK_VALUE), valid
 
 
-def normalized_rows(st, ring, acc, l, *, first_row, q_len):
+def normalized_rows(
+    st, ring,
+    acc: jax.Array,  # [64, head_dim] f32: unnormalised output rows
+    l: jax.Array,  # [64] f32: their softmax sums
+    *,
+    first_row: jax.Array,  # [] int32
+    q_len: jax.Array,  # [] int32
+) -> jax.Array:  # [64, head_dim] f32
   """The tile's output rows: `acc / l`, zeros for rows past `q_len` (they
   saw the unmasked steps) and rows with no keys."""
   row_token = first_row + ring.cast(

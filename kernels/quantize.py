@@ -83,7 +83,10 @@ def dequantize_pages(
   return x.astype(dtype)
 
 
-def check_scales(kv_pages: jax.Array, kv_scales: jax.Array | None) -> None:
+def check_scales(
+    kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+    kv_scales: jax.Array | None,  # [num_blocks, 2, num_kv_heads] f32
+) -> None:
   """Raises ValueError unless `kv_scales` fits `kv_pages` (None: float pool)."""
   if kv_scales is None:
     if kv_pages.dtype == jnp.int8:

@@ -205,7 +205,9 @@ def tolerance(case: Case) -> float:
 ROW_TOLERANCE_FACTOR = 1.5
 
 
-def worst_row_error(out, ref) -> float:
+def worst_row_error(out: np.typing.ArrayLike,  # [..., head_dim]
+                    ref: np.typing.ArrayLike,  # [..., head_dim], out's shape
+                    ) -> float:
   """The largest ||out - ref|| / ||ref|| over the last axis's rows (a token
   and head's output vector), over rows whose reference is nonzero; 0.0 if
   there is none."""
@@ -219,7 +221,9 @@ def worst_row_error(out, ref) -> float:
   return float(np.max(err_norm[nonzero] / ref_norm[nonzero]))
 
 
-def relative_error(out, ref) -> float:
+def relative_error(out: np.typing.ArrayLike,  # any shape
+                   ref: np.typing.ArrayLike,  # out's shape
+                   ) -> float:
   """||out - ref|| / ||ref|| in float64 (NaN if out has any NaN)."""
   out = np.asarray(out, np.float64)
   ref = np.asarray(ref, np.float64)
@@ -236,8 +240,12 @@ def poison_device_memory(nbytes: int) -> None:
   jax.block_until_ready(jnp.full((n,), jnp.nan, jnp.float32)).delete()
 
 
-def assert_matches(out, case: Case, ref: np.ndarray | None = None,
-                   rtol: float | None = None) -> None:
+def assert_matches(
+    out: np.typing.ArrayLike,  # [batch, q_len, num_heads, head_dim]
+    case: Case,
+    ref: np.ndarray | None = None,  # out's shape; None: reference(case)
+    rtol: float | None = None,
+) -> None:
   """Asserts `out` is finite everywhere and within tolerance of the ref, as
   a whole and row by row."""
   ref = reference(case) if ref is None else ref

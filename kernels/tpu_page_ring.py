@@ -28,8 +28,8 @@ def chunk_copies(
     k_buf,  # VMEM [2 (slot), pages_per_chunk, block_size, head_dim]
     v_buf,  # VMEM, as k_buf
     sems,  # DMA semaphores [2 or 3 (k / v / scales), 2 (slot)]
-    b: jax.Array,  # the sequence
-    h: jax.Array,  # the KV head
+    b: jax.Array,  # [] int32: the sequence
+    h: jax.Array,  # [] int32: the KV head
     scales_hbm=None,  # HBM [num_blocks, 2, num_kv_heads] f32 (int8 pools)
     scale_buf=None,  # SMEM [2 (slot), pages_per_chunk, 2, num_kv_heads] f32
 ) -> Copies:
@@ -54,7 +54,8 @@ def chunk_copies(
   return copies
 
 
-def start_ring(num_chunks: jax.Array, copies: Copies) -> None:
+def start_ring(num_chunks: jax.Array,  # [] int32
+               copies: Copies) -> None:
   """Starts chunk 0's DMAs into slot 0 (if there is a chunk)."""
 
   @pl.when(num_chunks > 0)
@@ -63,7 +64,9 @@ def start_ring(num_chunks: jax.Array, copies: Copies) -> None:
       copy.start()
 
 
-def ring_step(i: jax.Array, num_chunks: jax.Array, copies: Copies) -> jax.Array:
+def ring_step(i: jax.Array,  # [] int32: the chunk to consume
+              num_chunks: jax.Array,  # [] int32
+              copies: Copies) -> jax.Array:  # [] int32
   """Starts chunk i + 1 into the other slot, waits for chunk i; its slot."""
   slot = i % 2
 

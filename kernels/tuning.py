@@ -318,7 +318,8 @@ def mosaic_prefill_tiling(*, block_size: int, head_dim: int,
   1.89x, 1.45x and 1.48x the one-warpgroup kernel (16-token pages, 1 x
   (16,384 + 512) tokens: 309 against 585 us; 64-token pages, 1 x (32,256 +
   512) and 4 x (16,384 + 256); docs/results/bench_kernels_h200_2026-11-27
-  .log), 75-85% of cuDNN's dense attention on the same lengths. Its int8
+  .log), 74-88% of cuDNN's dense attention on the same lengths over that day's
+  two runs. Its int8
   path does not exist (the one-warpgroup kernel dequantizes).
 
   Each step meets 64 query rows, so prefill is bound by its matmuls and
