@@ -200,11 +200,20 @@ class EngineConfig:
     check_sampling(self.temperature, self.top_p)
 
 
+def check_max_context(max_context: int, model: ModelConfig) -> None:
+  """ValueError if an engine's `max_context` is past the model's context
+  (`max_position`): the engine factory's check, which the launchers run
+  before the weights load."""
+  if max_context > model.max_position:
+    raise ValueError(f"max_context {max_context} exceeds the model's "
+                     f"context {model.max_position}")
+
+
 def check_sampling(temperature: float, top_p: float) -> None:
-  """ValueError unless temperature >= 0 and 0 < top_p <= 1 (NaN fails):
-  the one check of sampling settings, for configs, the sampler and the
-  launchers."""
-  if not temperature >= 0 or not 0 < top_p <= 1:
+  """ValueError unless 0 <= temperature < inf and 0 < top_p <= 1 (NaN
+  fails): the one check of sampling settings, for configs, the sampler and
+  the launchers."""
+  if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:
     raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got "
                      f"{temperature}, {top_p}")
 

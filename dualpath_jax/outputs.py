@@ -65,21 +65,38 @@ def save_figure(fig, path: str, dpi: int = 110) -> None:
                                                    format="png"), ".png")
 
 
-def check_output_path(path: str, what: str) -> str:
+def check_output_path(path: str, what: str, *,
+                      suffix: str | None = None) -> str:
   """`path` if a file can be written there: not a directory, and its
   folder a writable directory or one that can be made in a writable
   directory; ValueError saying why not. Nothing is left behind (the folder
   is not made: the writers make it when they write). Launchers call it on
   every output path before any work, so that a typo costs nothing instead
-  of a finished run's results."""
+  of a finished run's results. `suffix` (e.g. ".png", any case): the path
+  must end in it, so that a PNG is never written over a report given in
+  its place."""
   if not path:
     raise ValueError(f"{what}: empty path")
   if os.path.isdir(path):
     raise ValueError(f"{what}: {path} is a directory")
+  if suffix and not path.lower().endswith(suffix.lower()):
+    raise ValueError(f"{what}: {path} does not end in {suffix}")
   _check_folder_can_be_written(os.path.dirname(os.path.abspath(path)), what)
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise ValueError(f"{what}: {path} exists and is not writable")
   return path
+
+
+def check_distinct_paths(paths: list[tuple[str, str]]) -> None:
+  """ValueError if two of `paths` ((what, path) pairs: a run's outputs, or
+  a source and an output) name the same file, which one write would
+  destroy."""
+  seen: dict[str, str] = {}
+  for what, path in paths:
+    key = os.path.realpath(os.path.abspath(path))
+    if key in seen:
+      raise ValueError(f"{seen[key]} and {what} are the same file: {path}")
+    seen[key] = what
 
 
 def check_output_dir(path: str, what: str) -> str:

@@ -34,7 +34,7 @@ flags.DEFINE_alias("json", "report")  # every JSON-writing launcher takes --json
 flags.DEFINE_string("plot", None, "PNG plot path (TTFT and timeline)")
 flags.DEFINE_bool("warmup", True, "compile every shape bucket before timing")
 flags.DEFINE_bool("progress", True, "show a progress bar")
-flags.DEFINE_integer("seed", 0, "synthetic workload and sampling seed")
+flags.DEFINE_integer("seed", 0, "synthetic workload and sampling seed", lower_bound=0)
 cluster_flags.define()  # --mesh, --policy, --storage_nic_gbps, --cold_tier, ...
 
 
@@ -54,7 +54,9 @@ def main(argv):
       [("--plot", FLAGS.plot)] if FLAGS.plot else [])
   try:  # before the run: a bad path must not cost its results
     for what, path in output_paths:
-      outputs.check_output_path(path, what)
+      outputs.check_output_path(path, what,
+                                suffix=".png" if what == "--plot" else None)
+    outputs.check_distinct_paths(output_paths)
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
   from dualpath_jax.config import to_dict
@@ -72,8 +74,9 @@ def main(argv):
     sys.exit(f"agent_eval: {e}")
   try:  # what needs only the config and tokenizer: refused before JAX loads
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
-    tokenizer = workload_flags.pick_tokenizer(
-        *engine_flags.describe_model(FLAGS.model))
+    model_config, model_tokenizer = engine_flags.describe_model(FLAGS.model)
+    tokenizer = workload_flags.pick_tokenizer(model_config, model_tokenizer)
+    engine_flags.check_model_context(model_config)
     longest = min(FLAGS.max_context,
                   workload_flags.max_context_bound(sessions, tokenizer))
     engine_flags.check_pool_holds(longest)

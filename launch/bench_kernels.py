@@ -43,6 +43,7 @@ from absl import app, flags
 
 from dualpath_jax import outputs
 from dualpath_jax.utils import ctrl_c_ends_quietly
+from launch import float_flags
 from launch import kernel_cases
 from launch import kernel_plot
 from launch.kernel_cases import (CopyShape, DecodeShape, PrefillShape,
@@ -69,9 +70,9 @@ flags.DEFINE_integer("reps", 10, "timed repetitions (median reported; "
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition, at least "
                      "(short calls get more, to fill kernel_cases.MIN_REP_S; "
                      "smoke preset: 1 unless given)", lower_bound=1)
-flags.DEFINE_float("warmup_s", 0.2, "seconds of calls before timing each "
-                   "row (the GPU's clock ramp; smoke preset: 0 unless given)",
-                   lower_bound=0.0)
+float_flags.define_float("warmup_s", 0.2, "seconds of calls before timing each "
+                         "row (the GPU's clock ramp; smoke preset: 0 unless given)",
+                         lower_bound=0.0)
 flags.DEFINE_string("out", None, "JSON output path (default: "
                     "docs/results/bench_kernels_<backend>.json)")
 flags.DEFINE_alias("json", "out")  # every JSON-writing launcher takes --json
@@ -681,11 +682,13 @@ def main(argv):
     paths.append(("the gather HLO beside --out", hlo))
   if "gather_kernel" in FLAGS.only:
     paths.append(("the gather kernel HLO beside --out", kernel_hlo))
-  for what, path in paths:  # before any work: a bad path costs nothing
-    try:
-      outputs.check_output_path(path, what)
-    except ValueError as e:
-      raise app.UsageError(str(e)) from e
+  try:  # before any work: a bad path costs nothing
+    for what, path in paths:
+      outputs.check_output_path(path, what,
+                                suffix=".png" if what == "--plot" else None)
+    outputs.check_distinct_paths(paths)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   meta = kernel_cases.run_metadata("launch.bench_kernels", interpret)
   rows: list[dict] = []
   ceilings: dict = {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import pathlib
 import statistics
@@ -55,7 +56,7 @@ _REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions of each test, after o
                              lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch", 512, "Tokens per llama_decode call during prefill.",
                               lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random prompt tokens.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random prompt tokens.", lower_bound=0)
 _OUT = flags.DEFINE_string(
     "out", None, "JSON output (default: docs/results/llamacpp_cpu_<YYYY-MM-DD>.json).")
 flags.DEFINE_alias("json", "out")  # every JSON-writing launcher takes --json
@@ -181,6 +182,10 @@ def main(argv: Sequence[str]) -> None:
     gguf_path = pathlib.Path(_GGUF.value) if _GGUF.value else default_gguf_path()
     if not gguf_path.is_file():
       raise ValueError(f"no GGUF file at {gguf_path}")
+    if importlib.util.find_spec("llama_cpp") is None:
+      raise ValueError("needs the llama.cpp bindings, a development tool "
+                       "and no dependency of the project: pip install "
+                       "llama-cpp-python")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"bench_llamacpp: {e}")
   os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS.value))

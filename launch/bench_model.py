@@ -84,8 +84,13 @@ def main(argv):
     # Start-up as a launcher pays it: the config and tokenizer (a GGUF's
     # header and vocabulary), then the weights (read, dequantized, placed).
     t0 = time.perf_counter()
-    describe_model(FLAGS.model, dtype=FLAGS.dtype)
+    described, _ = describe_model(FLAGS.model, dtype=FLAGS.dtype)
     t1 = time.perf_counter()
+    context = FLAGS.prompt_tokens + FLAGS.decode_steps
+    if context > described.max_position:  # before the weights load
+      raise ValueError(
+          f"--prompt_tokens + --decode_steps = {context} tokens is past the "
+          f"model's context of {described.max_position}")
     loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
     startup = {"describe_s": t1 - t0, "load_weights_s": time.perf_counter() - t1}
   except (ValueError, FileNotFoundError) as e:

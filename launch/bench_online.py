@@ -37,7 +37,7 @@ import tempfile
 from absl import app, flags, logging
 
 from dualpath_jax.utils import ctrl_c_ends_quietly
-from launch import cluster_flags, engine_flags, workload_flags
+from launch import cluster_flags, engine_flags, float_flags, workload_flags
 
 FLAGS = flags.FLAGS
 
@@ -56,19 +56,20 @@ def define_flags() -> None:
   flags.DEFINE_string("policies", "single_path,dualpath", "load-path policies "
                       "to compare in this run (comma list of single_path, "
                       "dualpath, oracle); ignored with --mesh=none")
-  flags.DEFINE_float("slo_ttft_s", 2.0, "TTFT SLO in seconds")
+  float_flags.define_float("slo_ttft_s", 2.0, "TTFT SLO in seconds")
   flags.DEFINE_integer("slo_percentile", 90, "the TTFT percentile that must be "
                        "within the SLO")
-  flags.DEFINE_float("slo_tpot_s", None, "optional TPOT SLO (same percentile)")
-  flags.DEFINE_float("keep_up", 0.9, "a run keeps up when its achieved agents/s "
-                     "is at least this fraction of its arrival rate")
+  float_flags.define_float("slo_tpot_s", None, "optional TPOT SLO (same percentile)")
+  float_flags.define_float("keep_up", 0.9, "a run keeps up when its achieved agents/s "
+                           "is at least this fraction of its arrival rate")
   flags.DEFINE_enum("seed_store", "replay", ["replay", "none"],
                     "what every run's cold tier starts with: a copy of one "
                     "closed-loop single-engine replay's store, or nothing")
-  flags.DEFINE_float("sample_every_s", 0.25, "time-series sampling interval "
-                     "(0: every engine step)")
+  float_flags.define_float("sample_every_s", 0.25, "time-series sampling interval "
+                           "(0: every engine step)")
   flags.DEFINE_string("cold_tier", None, "working directory of the cold tiers "
-                      "(<dir>/seed and <dir>/runs/*, replaced); default: a "
+                      "(<dir>/seed and <dir>/runs/*, replaced; a directory "
+                      "holding a seed or runs of anyone else's is refused); default: a "
                       "temporary directory, removed at the end")
   flags.DEFINE_bool("keep_runs", False, "keep each run's cold tier under "
                     "--cold_tier/runs (else removed after the run)")
@@ -79,7 +80,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("warmup", True, "compile every shape bucket before each run "
                     "(not timed)")
   flags.DEFINE_bool("progress", True, "show a progress bar per run")
-  flags.DEFINE_integer("seed", 0, "synthetic workload, arrival and sampling seed")
+  flags.DEFINE_integer("seed", 0, "synthetic workload, arrival and sampling seed", lower_bound=0)
   engine_flags.define()  # --block_size, --num_blocks, --max_batch, --dtype, ...
   cluster_flags.define(mesh_default="1P2D")  # --mesh none = one engine
 
@@ -137,6 +138,25 @@ def _seed(loaded, cache, engine_cfg, sessions, root: str) -> dict:
   print(f"  {len(res.records)} turns in {res.wall_s:.1f} s, "
         f"{stats['store'].get('index_ready', '?')} blocks stored", flush=True)
   return stats
+
+
+# The file that marks a --cold_tier directory as this launcher's own: its
+# seed/ and runs/ are replaced on each run; anyone else's are never removed.
+WORK_DIR_MARK = ".bench_online"
+
+
+def _check_work_dir(root: str) -> None:
+  """ValueError if `root` holds a `seed` or `runs` entry that an earlier
+  run of this launcher did not make (no `WORK_DIR_MARK`): a run replaces
+  both, and must not delete somebody's data of the same name."""
+  if os.path.exists(os.path.join(root, WORK_DIR_MARK)):
+    return
+  found = [n for n in ("seed", "runs") if os.path.lexists(os.path.join(root, n))]
+  if found:
+    raise ValueError(
+        f"--cold_tier: {root} holds {' and '.join(found)}, which a run "
+        "replaces, and is no earlier bench_online work directory (no "
+        f"{WORK_DIR_MARK} file): give a new or empty directory")
 
 
 def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
@@ -239,6 +259,8 @@ def main(argv):
     policies = ["engine"]
   try:  # the cold tiers' settings, before the first is seeded
     _cold_config(FLAGS.cold_tier or tempfile.gettempdir())
+    if FLAGS.cold_tier:
+      _check_work_dir(FLAGS.cold_tier)
   except ValueError as e:
     _fail(str(e))
   from dualpath_jax.workload.trace import TraceError
@@ -252,7 +274,9 @@ def main(argv):
   try:  # before the runs: a bad path must not cost their results
     outputs.check_output_path(FLAGS.report, "--report")
     if FLAGS.plot:
-      outputs.check_output_path(FLAGS.plot, "--plot")
+      outputs.check_output_path(FLAGS.plot, "--plot", suffix=".png")
+      outputs.check_distinct_paths([("--report", FLAGS.report),
+                                    ("--plot", FLAGS.plot)])
   except ValueError as e:
     _fail(str(e))
 
@@ -261,8 +285,9 @@ def main(argv):
 
   try:  # what needs only the config and tokenizer: refused before JAX loads
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
-    tokenizer = workload_flags.pick_tokenizer(
-        *engine_flags.describe_model(FLAGS.model))
+    model_config, model_tokenizer = engine_flags.describe_model(FLAGS.model)
+    tokenizer = workload_flags.pick_tokenizer(model_config, model_tokenizer)
+    engine_flags.check_model_context(model_config)
     bound = workload_flags.max_context_bound(sessions, tokenizer)
     engine_flags.check_pool_holds(min(FLAGS.max_context, bound))
   except ValueError as e:
@@ -281,6 +306,9 @@ def main(argv):
                jax.devices()[0].device_kind)
 
   root = FLAGS.cold_tier or tempfile.mkdtemp(prefix="bench_online_")
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, WORK_DIR_MARK), "w", encoding="utf-8") as f:
+    f.write("launch.bench_online replaces seed/ and runs/ here on each run\n")
   seed_dir = os.path.join(root, "seed")
   for d in (seed_dir, os.path.join(root, "runs")):
     if os.path.exists(d):

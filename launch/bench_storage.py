@@ -249,6 +249,11 @@ class StoreSpec:
       else:
         raise ValueError(f"config {text!r}: unknown key {key!r} (ColdTierConfig fields: "
                          f"{sorted(fields)}; or out=1)")
+    try:  # every value checked now, not when the config's turn comes
+      ColdTierConfig(root="-", driver=driver, codec=codec,
+                     file_io_mode=io_mode, **overrides)
+    except ValueError as e:
+      raise ValueError(f"config {text!r}: {e}") from None
     return cls(text, driver, codec, io_mode, overrides, into)
 
 
@@ -441,8 +446,11 @@ def _check_flags() -> tuple[list[StoreSpec], str]:
       x.isdigit() and int(x) >= 1 for x in FLAGS.prefill_lengths):
     raise ValueError("--prefill_lengths: give token counts >= 1, e.g. 512; "
                      f"got {','.join(FLAGS.prefill_lengths)!r}")
-  if FLAGS.dir is not None and not os.path.isdir(FLAGS.dir):
-    raise ValueError(f"--dir: {FLAGS.dir} is not a directory")
+  if FLAGS.dir is not None:
+    if not os.path.isdir(FLAGS.dir):
+      raise ValueError(f"--dir: {FLAGS.dir} is not a directory")
+    outputs.check_output_dir(FLAGS.dir, "--dir")
+  CacheConfig(block_size=FLAGS.block_size, dtype=FLAGS.dtype)  # raises
   specs = [StoreSpec.parse(c) for c in FLAGS.configs]
   path = FLAGS.json or os.path.join(
       "docs", "results", f"storage_{datetime.date.today().isoformat()}.json")

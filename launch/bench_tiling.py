@@ -41,6 +41,7 @@ from absl import app, flags
 
 from dualpath_jax import outputs
 from dualpath_jax.utils import ctrl_c_ends_quietly
+from launch import float_flags
 from launch import kernel_cases
 from launch.kernel_cases import (KERNELS, DecodeShape, PrefillShape,
                                  default_tiling,
@@ -57,11 +58,11 @@ flags.DEFINE_integer("reps", 5, "timed repetitions (median reported; smoke "
 flags.DEFINE_integer("inner", 5, "back-to-back calls per repetition, at least "
                      "(short calls get more, to fill kernel_cases.MIN_REP_S; "
                      "smoke preset: 1 unless given)", lower_bound=1)
-flags.DEFINE_float("warmup_s", 0.2, "seconds of calls before timing each "
-                   "configuration (the GPU's clock ramp; smoke preset: 0 "
-                   "unless given)", lower_bound=0.0)
-flags.DEFINE_float("budget_s", 240.0, "no new configuration starts after "
-                   "this many seconds", lower_bound=0.0)
+float_flags.define_float("warmup_s", 0.2, "seconds of calls before timing each "
+                         "configuration (the GPU's clock ramp; smoke preset: 0 "
+                         "unless given)", lower_bound=0.0)
+float_flags.define_float("budget_s", 240.0, "no new configuration starts after "
+                         "this many seconds", lower_bound=0.0)
 flags.DEFINE_string("json", None, "JSON output (default: docs/results/"
                     "bench_tiling_<backend>.json)")
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from absl import flags
 
+from launch import float_flags
+
 FLAGS = flags.FLAGS
 
 CODECS = ["raw", "zstd", "int8", "int8+zstd"]
@@ -35,17 +37,17 @@ def define(mesh_default: str | None = None) -> None:
        "tensor-parallel size per engine: N or PREFILL_TP,DECODE_TP")
   once(flags.DEFINE_enum, "policy", "dualpath", POLICIES,
        "--mesh: which path loads each cached block")
-  once(flags.DEFINE_float, "storage_nic_gbps", float("inf"),
-       "--mesh: each engine's emulated storage NIC in Gb/s (a token bucket "
-       "in front of cold-tier reads; inf = no limit)")
+  once(float_flags.define_float, "storage_nic_gbps", float("inf"),
+             "--mesh: each engine's emulated storage NIC in Gb/s (a token bucket "
+             "in front of cold-tier reads; inf = no limit)", allow_inf=True)
   once(flags.DEFINE_bool, "prefill_keeps_prefix", True,
        "--mesh: prefill engines keep a turn's blocks after it; false = "
        "DualPath's setting, every cached prefix comes back from the cold tier")
   once(flags.DEFINE_string, "cold_tier", None,
        "directory of a TensorStore cold tier: committed blocks are written "
        "there after each turn and loaded back on a later hit")
-  once(flags.DEFINE_float, "cold_tier_gb", 8.0,
-       "cold-tier byte budget (LRU beyond it)")
+  once(float_flags.define_float, "cold_tier_gb", 8.0,
+             "cold-tier byte budget (LRU beyond it)")
   once(flags.DEFINE_enum, "cold_tier_codec", "raw", CODECS,
        "how cold-tier blocks are stored")
   once(flags.DEFINE_enum, "cold_tier_sync", "auto", ["auto", "syncfs", "fsync"],

@@ -14,6 +14,7 @@ was: absent, empty, or the checkpoint `--overwrite` was replacing.
 
 from __future__ import annotations
 
+import pathlib
 import sys
 import time
 
@@ -41,6 +42,21 @@ def define_flags() -> None:
   flags.mark_flag_as_required("out")
 
 
+def check_gguf_flag(gguf: str | None) -> None:
+  """ValueError unless `--gguf` names a `.gguf` file (or is not given):
+  `load_model` takes checkpoints and `random:` presets too, and converting
+  one of those would write a checkpoint whose tokenizer points at no GGUF
+  (with `--overwrite`, in place of a good one)."""
+  if gguf is None:
+    return
+  path = pathlib.Path(gguf).expanduser()
+  if path.suffix != ".gguf":
+    raise ValueError(f"--gguf must name a .gguf file; got {gguf!r} (a "
+                     "checkpoint or random: model has nothing to convert)")
+  if not path.is_file():
+    raise FileNotFoundError(f"no GGUF file at {path} (--gguf)")
+
+
 def convert(gguf_path: str | None, out: str, dtype: str,
             overwrite: bool = False) -> str:
   """Writes the checkpoint; returns its directory."""
@@ -61,6 +77,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
   try:  # the directory and the GGUF's header first: the conversion is slow
+    check_gguf_flag(FLAGS.gguf)
     checkpoint_layout.check_output_directory(FLAGS.out, FLAGS.overwrite)
     describe_model(FLAGS.gguf, dtype=FLAGS.dtype)
     directory = convert(FLAGS.gguf, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)

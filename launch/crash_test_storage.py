@@ -37,20 +37,22 @@ from absl import app, flags, logging
 from dualpath_jax import outputs
 from dualpath_jax.config import SMOLLM2_135M, CacheConfig
 from dualpath_jax.utils import ctrl_c_ends_quietly
+from launch import float_flags
 from storage import BlockStore, ColdTierConfig
+from storage.config import CODECS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("role", "parent", ["parent", "writer", "reader"], "which process this is")
 flags.DEFINE_string("root", None, "store directory (default: a new temporary directory)")
 flags.DEFINE_integer("kills", 50, "parent: writer processes to SIGKILL", lower_bound=1)
-flags.DEFINE_float("min_delay", 0.05, "parent: shortest time before a kill (s)", lower_bound=0.0)
-flags.DEFINE_float("max_delay", 1.5, "parent: longest time before a kill (s)", lower_bound=0.0)
-flags.DEFINE_integer("seed", 0, "random seed")
+float_flags.define_float("min_delay", 0.05, "parent: shortest time before a kill (s)", lower_bound=0.0)
+float_flags.define_float("max_delay", 1.5, "parent: longest time before a kill (s)", lower_bound=0.0)
+flags.DEFINE_integer("seed", 0, "random seed", lower_bound=0)
 flags.DEFINE_string("tag", "w", "writer: prefix of its block ids")
 flags.DEFINE_integer("puts", 0, "writer: puts before exiting (0 = until killed)", lower_bound=0)
-flags.DEFINE_float("duration", 5.0, "reader: seconds to keep verifying", lower_bound=0.0)
+float_flags.define_float("duration", 5.0, "reader: seconds to keep verifying", lower_bound=0.0)
 flags.DEFINE_enum("driver", "file", ["file", "ocdbt"], "kvstore driver")
-flags.DEFINE_string("codec", "raw", "block codec")
+flags.DEFINE_enum("codec", "raw", list(CODECS), "block codec")
 flags.DEFINE_string("json", None, "parent: write the result as JSON here")
 
 BATCH = 8  # blocks per put
@@ -197,6 +199,9 @@ def main(argv):
       outputs.check_output_path(FLAGS.json, "--json")
     if FLAGS.root:
       outputs.check_output_dir(FLAGS.root, "--root")
+    if FLAGS.min_delay > FLAGS.max_delay:
+      raise ValueError(f"--min_delay ({FLAGS.min_delay}) is above "
+                       f"--max_delay ({FLAGS.max_delay})")
   except ValueError as e:
     sys.exit(f"crash_test_storage: {e}")
   root = FLAGS.root or tempfile.mkdtemp(prefix="crash_test_storage_")

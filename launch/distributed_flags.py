@@ -35,16 +35,28 @@ flags.DEFINE_bool("distributed_auto", False, "multi-process JAX: let "
 
 
 def config_from_flags() -> DistributedConfig:
-  """The flags (unset ones from the environment) as a `DistributedConfig`."""
+  """The flags (unset ones from the environment) as a `DistributedConfig`.
+
+  Raises ValueError for bad values, and for a job's flags given to a
+  single-process run (`--coordinator_address` or `--process_id` without
+  `--num_processes` > 1 or `--distributed_auto`): they would be ignored,
+  and the "multi-process" run would quietly run alone."""
   ids = FLAGS.local_device_ids
   try:
     ids = None if ids is None else [int(i) for i in ids]
   except ValueError:
     raise ValueError(f"--local_device_ids must be ints, got {ids!r}") from None
-  return DistributedConfig.from_env(
+  config = DistributedConfig.from_env(
       coordinator_address=FLAGS.coordinator_address,
       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
       local_device_ids=ids, auto_detect=FLAGS.distributed_auto)
+  if not config.multi_process:
+    given = [f"--{name}" for name in ("coordinator_address", "process_id")
+             if FLAGS[name].present]
+    if given:
+      raise ValueError(f"{' and '.join(given)} given to a single-process run: "
+                       "add --num_processes=N (N > 1) or --distributed_auto")
+  return config
 
 
 def requested() -> bool:

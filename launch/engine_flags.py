@@ -91,3 +91,10 @@ def describe_model(source: str | None):
     return describe(source, dtype=FLAGS.dtype)
   except FileNotFoundError as e:
     raise ValueError(str(e)) from e
+
+
+def check_model_context(config) -> None:
+  """ValueError if `--max_context` is past the context of the model
+  `config` describes (the engine's own check, before the weights load)."""
+  from dualpath_jax.config import check_max_context
+  check_max_context(FLAGS.max_context, config)

@@ -29,6 +29,7 @@ from dualpath_jax.engine.sampling import sample
 # checks of a request run before JAX's ~3 s import.
 from dualpath_jax.model import describe_model, load_model
 from dualpath_jax.utils import ctrl_c_ends_quietly
+from launch import float_flags
 
 if TYPE_CHECKING:
   from dualpath_jax.model.llama import Llama
@@ -48,9 +49,9 @@ def define_flags() -> None:
                       "the template's).")
   flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.",
                        lower_bound=1)
-  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  float_flags.define_float("temperature", 0.0, "0 = greedy.")
+  float_flags.define_float("top_p", 1.0, "Nucleus sampling mass.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", lower_bound=0)
   flags.DEFINE_bool("json", False, "Print one JSON object.")
   flags.DEFINE_string("model", None, "Model source (see load_model).")
   flags.DEFINE_string("dtype", None, "Weight dtype override.")

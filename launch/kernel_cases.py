@@ -25,6 +25,17 @@ from dualpath_jax import metrics
 DTYPES = ("bfloat16", "float16", "float32", "int8")
 
 
+INT32_MAX = (1 << 31) - 1
+
+
+def _check_tokens(batch: int, tokens_per_sequence: int) -> None:
+  """ValueError unless the case's pool tokens fit the kernels' int32 slots
+  (block tables, lengths): `batch * tokens_per_sequence` < 2^31."""
+  if batch * tokens_per_sequence > INT32_MAX:
+    raise ValueError(f"{batch} x {tokens_per_sequence} tokens is past the "
+                     f"kernels' int32 token slots ({INT32_MAX})")
+
+
 def _check_sizes(shape, positive: tuple[str, ...],
                  non_negative: tuple[str, ...] = ()) -> None:
   """ValueError unless each field of `positive` is an int >= 1, each of
@@ -62,6 +73,7 @@ class DecodeShape:
   def __post_init__(self):
     _check_sizes(self, ("batch", "heads", "kv_heads", "head_dim", "page",
                         "ctx"))
+    _check_tokens(self.batch, self.ctx)
     _check_attention(self)
 
 
@@ -79,6 +91,7 @@ class PrefillShape:
   def __post_init__(self):
     _check_sizes(self, ("batch", "heads", "kv_heads", "head_dim", "page",
                         "new"), ("prefix",))
+    _check_tokens(self.batch, self.prefix + self.new)
     _check_attention(self)
 
 

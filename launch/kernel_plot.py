@@ -219,7 +219,8 @@ def main(argv: Sequence[str]) -> int:
   out = (argv[2] if len(argv) == 3 else _FLAGS.out
          or os.path.splitext(src)[0] + ".png")
   try:
-    outputs.check_output_path(out, "the PNG")
+    outputs.check_output_path(out, "the PNG", suffix=".png")
+    outputs.check_distinct_paths([("the report", src), ("the PNG", out)])
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

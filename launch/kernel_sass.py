@@ -157,6 +157,8 @@ def parse_flags() -> tuple[list, dict[str, list[int]]]:
   """The shapes (one per dtype) and the grid, checked; ValueError says
   which flag is wrong."""
   from kernels import decode_triton  # pylint: disable=import-outside-toplevel
+  if not FLAGS.dtypes:
+    raise ValueError(f"--dtypes: give at least one of {kernel_cases.DTYPES}")
   for d in FLAGS.dtypes:
     if d not in kernel_cases.DTYPES:
       raise ValueError(f"--dtypes: {d!r} is none of {kernel_cases.DTYPES}")

@@ -20,7 +20,7 @@ import sys
 from absl import app, flags, logging
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, listen_socket
-from launch import cluster_flags, distributed_flags, engine_flags
+from launch import cluster_flags, distributed_flags, engine_flags, float_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (loopback by "
@@ -36,11 +36,11 @@ flags.DEFINE_list("served_model_name", None, "model id(s) clients must send; "
                   "default: the model config's name")
 engine_flags.define(max_context_help="longest context of one request "
                     "(prompt + completion); reported as max_model_len")
-flags.DEFINE_float("default_temperature", 1.0, "temperature of requests that "
-                   "do not set one (OpenAI's default is 1.0)")
+float_flags.define_float("default_temperature", 1.0, "temperature of requests that "
+                         "do not set one (OpenAI's default is 1.0)")
 flags.DEFINE_bool("warmup", False, "compile every shape bucket up to "
                   "--max_context before serving (slow start, steady latency)")
-flags.DEFINE_integer("seed", 0, "sampling seed of requests without `seed`")
+flags.DEFINE_integer("seed", 0, "sampling seed of requests without `seed`", lower_bound=0)
 flags.DEFINE_enum("log_level", "info",
                   ["critical", "error", "warning", "info", "debug", "trace"],
                   "uvicorn log level")
@@ -83,6 +83,11 @@ def main(argv):
   if tokenizer.vocab_size > config.vocab_size:
     sys.exit(f"serve: the tokenizer has {tokenizer.vocab_size} tokens but the "
              f"model only {config.vocab_size}")
+  try:
+    engine_flags.check_model_context(config)
+    server_cfg = _server_config(config.name)
+  except ValueError as e:
+    sys.exit(f"serve: {e}")
   try:  # before the load: a port in use must not cost one
     listener = listen_socket(FLAGS.host, FLAGS.port)
   except ValueError as e:
@@ -90,7 +95,8 @@ def main(argv):
   try:  # Ctrl-C from here on, even just after the line below, ends quietly
     print(f"bound to {FLAGS.host}:{listener.getsockname()[1]}; loading the "
           "model ...", flush=True)
-    _load_and_serve(listener, cache, engine_cfg, mesh, cold, tokenizer)
+    _load_and_serve(listener, cache, engine_cfg, mesh, cold, tokenizer,
+                    server_cfg)
   except KeyboardInterrupt:
     # Ctrl-C while loading, or while serving: uvicorn has then shut down
     # and re-raised it (through the signal, or from asyncio's runner).
@@ -99,22 +105,29 @@ def main(argv):
     sys.exit(130)
 
 
+def _server_config(model_name: str):
+  """The server's settings of the flags (`--served_model_name`, default:
+  the model's name; `--default_temperature`); ValueError for values it
+  refuses. JAX-free, so that it runs before the load."""
+  from dualpath_jax.server.app import ServerConfig
+  return ServerConfig(
+      model_names=tuple(FLAGS.served_model_name or (model_name,)),
+      default_temperature=FLAGS.default_temperature)
+
+
 def _load_and_serve(listener: socket.socket, cache, engine_cfg, mesh, cold,
-                    tokenizer) -> None:
+                    tokenizer, server_cfg) -> None:
   """Loads the model, builds the engine and serves on `listener` (bound)."""
   from dualpath_jax.utils import enable_compilation_cache
   enable_compilation_cache()
   import jax
   import uvicorn
 
-  from dualpath_jax.server import LocalEngineHandle, ServerConfig, create_app
+  from dualpath_jax.server import LocalEngineHandle, create_app
 
   try:
     loaded = engine_flags.load_model(FLAGS.model)
     engine = cluster_flags.make(loaded, cache, engine_cfg, mesh, cold)
-    server_cfg = ServerConfig(
-        model_names=tuple(FLAGS.served_model_name or (loaded.config.name,)),
-        default_temperature=FLAGS.default_temperature)
   except ValueError as e:
     sys.exit(f"serve: {e}")
   if FLAGS.warmup:

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from launcher_interrupt import interrupt_after
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,6 +181,35 @@ def test_plot_values_are_percent_of_each_ceiling():
   assert kernel_plot.panel_values(report, "prefill")[1] == {"a (ours)": [25.0]}
   assert kernel_plot.panel_values(report, "copy")[1] == {
       "gather host->device (ours)": [50.0]}
+
+
+@pytest.mark.parametrize("second", ["r.json", "other.json"])
+def test_plot_cli_never_writes_over_a_report(tmp_path, second):
+  """`kernel_plot r.json r.json` (or another report as the second argument)
+  used to write the PNG over it."""
+  src = tmp_path / "r.json"
+  src.write_text(json.dumps({"kind": "bench_kernels", "rows": []}))
+  other = tmp_path / "other.json"
+  other.write_text('{"keep": 1}')
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  done = subprocess.run(
+      [sys.executable, "-m", "launch.kernel_plot", str(src),
+       str(tmp_path / second)],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1, done.stderr
+  assert "does not end in .png" in done.stderr
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_bench_kernels_refuses_a_plot_over_its_report(tmp_path):
+  out = tmp_path / "x.png"
+  done = subprocess.run(
+      [sys.executable, "-m", "launch.bench_kernels", f"--out={out}",
+       "--only=calib"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0
+  assert "--out and --plot are the same file" in done.stderr
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_plot_cli_refuses_a_file_that_is_no_report(tmp_path):

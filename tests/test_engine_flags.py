@@ -98,6 +98,17 @@ BAD_FLAGS = [
      "flag --prefill_chunk=0: 0 is not a positive"),
     (*LAUNCHERS[2], "--dtype=int4", "flag --dtype=int4: value should be one of"),
     (*LAUNCHERS[0], "--model=/no/such.gguf", "no GGUF file at /no/such.gguf"),
+    # NaN passes absl's lower_bound; inf overflowed the byte budget's int.
+    (*LAUNCHERS[0], "--cold_tier_gb=inf",
+     "--cold_tier_gb must be a finite number, not nan or inf"),
+    (*LAUNCHERS[1], "--cold_tier_gb=nan",
+     "--cold_tier_gb must be a finite number, not nan or inf"),
+    (*LAUNCHERS[2], "--storage_nic_gbps=nan",
+     "--storage_nic_gbps must be a number or inf, not nan"),
+    (*LAUNCHERS[2], "--seed=-1", "flag --seed=-1: -1 is not a non-negative"),
+    # A job's flags without the job used to start a single-process run.
+    (*LAUNCHERS[0], "--coordinator_address=localhost:1234",
+     "--coordinator_address given to a single-process run"),
 ]
 
 
@@ -134,6 +145,25 @@ def test_launchers_refuse_a_pool_smaller_than_one_sequence(tmp_path, module,
   assert "--num_blocks: the pool holds 4 blocks x 16 tokens = 64 tokens" in (
       error), error[-2000:]
   assert "Traceback" not in error
+  assert not imported_jax(done.stderr)
+
+
+@pytest.mark.parametrize("flag,msg", [
+    ("--max_context=100000", "max_context 100000 exceeds the model's context "
+     "8192"),
+    ("--default_temperature=-1", "default_temperature must be in [0, 2]"),
+    ("--served_model_name=,", "model_names needs at least one non-empty"),
+])
+def test_serve_refuses_server_settings_before_loading(flag, msg):
+  """Checked against the model's metadata before the load (these used to
+  cost a model load first)."""
+  args = ["--model=random:smollm2-135m-instruct:layers=1",
+          "--tokenizer=embedded", "--port=0", "--max_context=1024",
+          "--num_blocks=100000", flag]
+  done = _run("launch.serve", *args)
+  error = without_import_times(done.stderr)
+  assert done.returncode != 0 and "Traceback" not in error
+  assert f"serve: {msg}" in error, error[-2000:]
   assert not imported_jax(done.stderr)
 
 

@@ -172,6 +172,8 @@ def _run(*args, env=None, timeout=180):
     ("--warps=0", "--warps: need positive"),
     ("--stages=x", "--stages: not an integer"),
     ("--dtypes=int4", "--dtypes: 'int4'"),
+    ("--dtypes=", "--dtypes: give at least one of"),  # an IndexError
+    ("--shape=1,32,8,128,16,4294967296", "past the kernels' int32 token"),
     ("--kernel=triton_prefill --v_transposed", "only the decode kernel reads"),
 ])
 def test_bad_flags_are_refused_in_one_line(flag, message, tmp_path):

@@ -8,6 +8,7 @@ imported into one process).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -120,9 +121,13 @@ def test_bench_model_ctrl_c_reports_the_rows_measured(tmp_path):
     ("--decode_batches=a", "--decode_batches: give positive integers"),
     ("--attention=flash", "--attention: unknown 'flash'"),
     ("--model=/no/such.gguf", "no GGUF file"),
+    # It used to time a context past the model's and report the figures.
+    ("--model=random:tiny-test --prompt_tokens=5000",
+     "--prompt_tokens + --decode_steps = 5032 tokens is past the model's "
+     "context of 1024"),
 ])
 def test_bench_model_refuses_bad_flags(flag, msg):
-  done = _run("launch.bench_model", flag, timeout=120)
+  done = _run("launch.bench_model", *flag.split(), timeout=120)
   assert done.returncode != 0
   assert msg in done.stderr and "Traceback" not in done.stderr
 
@@ -135,6 +140,13 @@ def test_bench_model_refuses_bad_flags(flag, msg):
     ("--repeats=0", "flag --repeats=0: 0 is not a positive integer"),
     ("--store_bytes=-5", "flag --store_bytes=-5"),  # it ran, and wrote
     ("--recompute=model --prefill_lengths=x", "--prefill_lengths: give"),
+    # Each config used to be checked only when its turn came, after the
+    # earlier configs' runs (whose results the error then lost).
+    ("--configs=file:raw,fil:raw", "config 'fil:raw': driver='fil'"),
+    ("--configs=file:raw,file:rawr", "codec='rawr' not in"),
+    ("--configs=file:raw@sync=never", "sync='never' not in"),
+    ("--dtype=int8", "cache dtype must be one of"),  # a traceback
+    ("--dir=/proc", "--dir: the folder /proc is not writable"),  # a traceback
 ])
 def test_bench_storage_refuses_bad_flags(tmp_path, flag, msg):
   done = _run("launch.bench_storage", "--recompute=none", *flag.split(),
@@ -152,6 +164,32 @@ def test_reports_write_numpy_values_as_numbers(tmp_path):
                       "c": np.arange(2), "d": tmp_path}, str(path))
   assert json.loads(path.read_text()) == {"a": 0.5, "b": 3, "c": [0, 1],
                                           "d": str(tmp_path)}
+
+
+@pytest.mark.parametrize("flags_,msg", [
+    (["--min_delay=2", "--max_delay=0.1"],
+     "--min_delay (2.0) is above --max_delay (0.1)"),
+    (["--max_delay=inf"], "--max_delay must be a finite number"),
+    (["--codec=bogus"], "flag --codec=bogus: value should be one of"),
+])
+def test_crash_test_refuses_bad_flags_before_the_kills(tmp_path, flags_, msg):
+  """These used to crash the writer child, or sleep(nan), mid-run."""
+  done = _run("launch.crash_test_storage", "--kills=1", *flags_,
+              f"--root={tmp_path / 'store'}", timeout=120)
+  assert done.returncode != 0 and msg in done.stderr, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
+  assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None,
+                    reason="llama-cpp-python is installed here: the check "
+                    "of its absence has nothing to refuse")
+def test_bench_llamacpp_without_the_bindings_says_how_to_get_them(tmp_path):
+  done = _run("launch.bench_llamacpp", f"--json={tmp_path / 'r.json'}",
+              timeout=120)
+  assert done.returncode != 0 and "Traceback" not in done.stderr
+  assert "pip install llama-cpp-python" in done.stderr
+  assert not (tmp_path / "r.json").exists()
 
 
 def test_bench_llamacpp_checks_its_output_before_the_runs(tmp_path):

@@ -567,6 +567,10 @@ def test_a_replacement_killed_while_removing_the_old_one_is_finished(
     (["--out="], "convert: the checkpoint directory is an empty path"),
     (["--out=new", "--gguf=/no/such.gguf"],
      "convert: no GGUF file at /no/such.gguf"),
+    # Any model source used to be converted, into a checkpoint whose
+    # tokenizer names no GGUF file.
+    (["--out=new", "--gguf=random:tiny-test"],
+     "convert: --gguf must name a .gguf file; got 'random:tiny-test'"),
 ])
 def test_convert_cli_refuses_bad_flags_and_writes_nothing(tmp_path, args,
                                                           msg):
@@ -578,6 +582,23 @@ def test_convert_cli_refuses_bad_flags_and_writes_nothing(tmp_path, args,
   assert msg in without_import_times(result.stderr)
   assert list(tmp_path.iterdir()) == []
   assert not imported_jax(result.stderr)  # before the slow part starts
+
+
+def test_convert_cli_keeps_a_checkpoint_given_as_its_own_source(tmp_path):
+  """`--gguf=<the checkpoint> --out=<the checkpoint> --overwrite` used to
+  replace a good checkpoint with one that cannot load: refused, untouched."""
+  good = tmp_path / "ckpt"
+  good.mkdir()
+  (good / checkpoint.METADATA_FILE).write_text('{"keep": 1}')
+  result = run_recording_imports(
+      ["-m", "launch.convert", f"--out={good}", f"--gguf={good}",
+       "--overwrite"], timeout=300, cwd=tmp_path,
+      env=dict(os.environ, PYTHONPATH=str(
+          pathlib.Path(__file__).resolve().parents[1])))
+  assert result.returncode != 0
+  assert "--gguf must name a .gguf file" in result.stderr
+  assert [p.name for p in good.iterdir()] == [checkpoint.METADATA_FILE]
+  assert (good / checkpoint.METADATA_FILE).read_text() == '{"keep": 1}'
 
 
 def test_random_load_is_deterministic_per_seed():

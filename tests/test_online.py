@@ -330,6 +330,7 @@ def test_bench_online_end_to_end(tmp_path):
   assert "agents/s sustained within SLO" in proc.stdout
   assert "single_path" in proc.stdout and "TTFT p90" in proc.stdout
   assert not (tmp_path / "cold" / "runs" / "dualpath-2").exists()
+  assert (tmp_path / "cold" / ".bench_online").is_file()  # its own, reusable
 
 
 def test_ctrl_c_reports_the_finished_runs(tmp_path):
@@ -376,3 +377,21 @@ def test_bad_flags_exit_nonzero(tmp_path, args, msg):
   assert proc.returncode != 0 and msg in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr and "seeding" not in proc.stdout
   assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("entry", ["seed", "runs"])
+def test_a_cold_tier_holding_someone_elses_seed_or_runs_is_refused(tmp_path,
+                                                                   entry):
+  """A run replaces <dir>/seed and <dir>/runs: in a directory an earlier run
+  did not make (no .bench_online file), those are somebody's data, and the
+  run is refused before it deletes them."""
+  cold = tmp_path / "cold"
+  (cold / entry).mkdir(parents=True)
+  (cold / entry / "keep").write_text("precious")
+  proc = _run_cli("--sessions=1", "--turns=1", f"--cold_tier={cold}",
+                  f"--report={tmp_path / 'r.json'}", timeout=120)
+  assert proc.returncode != 0, proc.stderr[-2000:]
+  assert f"holds {entry}, which a run replaces" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert (cold / entry / "keep").read_text() == "precious"
+  assert sorted(p.name for p in cold.iterdir()) == [entry]

@@ -29,6 +29,27 @@ def test_output_path_checks_create_nothing(tmp_path):
     outputs.check_output_path("", "--json")
 
 
+def test_png_outputs_end_in_png_and_outputs_are_distinct(tmp_path):
+  """A PNG never lands on a report given in its place: the path must end
+  in .png, and two outputs (or a source and its output) must differ, also
+  through another spelling of the same path."""
+  report = tmp_path / "r.json"
+  with pytest.raises(ValueError, match="does not end in .png"):
+    outputs.check_output_path(str(report), "--plot", suffix=".png")
+  assert outputs.check_output_path(str(tmp_path / "r.PNG"), "--plot",
+                                   suffix=".png")
+  outputs.check_distinct_paths([("--report", str(report)),
+                                ("--plot", str(tmp_path / "r.png"))])
+  with pytest.raises(ValueError, match="--out and --plot are the same file"):
+    outputs.check_distinct_paths([
+        ("--out", str(report)),
+        ("--plot", str(tmp_path / "sub" / ".." / "r.json"))])
+  (tmp_path / "link.json").symlink_to(report)
+  with pytest.raises(ValueError, match="the report and the PNG"):
+    outputs.check_distinct_paths([("the report", str(report)),
+                                  ("the PNG", str(tmp_path / "link.json"))])
+
+
 def test_output_dir_checks_refuse_what_cannot_hold_files(tmp_path):
   """A folder output (a cold tier's root): an existing or makeable
   directory passes and is not made; a file, or a folder under a file, is

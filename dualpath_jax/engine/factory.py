@@ -6,7 +6,7 @@ import math
 
 from dualpath_jax.cache.block_pool import BlockPool
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
-from dualpath_jax.config import CacheConfig, EngineConfig
+from dualpath_jax.config import CacheConfig, EngineConfig, check_max_context
 from dualpath_jax.engine.engine import Engine
 from dualpath_jax.model.runner import ModelRunner
 
@@ -24,10 +24,7 @@ def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
   block store: evicted or earlier-process blocks load from it, finished
   turns' full blocks are written to it. Close it with `engine.close()`.
   """
-  if engine.max_context > loaded.config.max_position:
-    raise ValueError(
-        f"max_context {engine.max_context} exceeds the model's context "
-        f"{loaded.config.max_position}")
+  check_max_context(engine.max_context, loaded.config)
   runner = ModelRunner(loaded.model, cache, attention_impl=engine.attention_impl)
   manager = KVCacheManager(
       BlockPool(cache.num_blocks), cache.block_size, model_fingerprint(loaded),
