@@ -38,9 +38,11 @@ def config_from_flags() -> DistributedConfig:
   """The flags (unset ones from the environment) as a `DistributedConfig`.
 
   Raises ValueError for bad values, and for a job's flags given to a
-  single-process run (`--coordinator_address` or `--process_id` without
-  `--num_processes` > 1 or `--distributed_auto`): they would be ignored,
-  and the "multi-process" run would quietly run alone."""
+  single-process run (`--coordinator_address` or `--process_id` with
+  neither `--num_processes` nor `--distributed_auto`, and no job in the
+  environment): they would be ignored, and the "multi-process" run would
+  quietly run alone. `--num_processes=1` says single-process on purpose
+  (one script for any N), and is taken as said."""
   ids = FLAGS.local_device_ids
   try:
     ids = None if ids is None else [int(i) for i in ids]
@@ -50,12 +52,12 @@ def config_from_flags() -> DistributedConfig:
       coordinator_address=FLAGS.coordinator_address,
       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
       local_device_ids=ids, auto_detect=FLAGS.distributed_auto)
-  if not config.multi_process:
+  if not config.multi_process and not FLAGS["num_processes"].present:
     given = [f"--{name}" for name in ("coordinator_address", "process_id")
              if FLAGS[name].present]
     if given:
       raise ValueError(f"{' and '.join(given)} given to a single-process run: "
-                       "add --num_processes=N (N > 1) or --distributed_auto")
+                       "add --num_processes=N or --distributed_auto")
   return config
 
 

@@ -108,7 +108,8 @@ BAD_FLAGS = [
     (*LAUNCHERS[2], "--seed=-1", "flag --seed=-1: -1 is not a non-negative"),
     # A job's flags without the job used to start a single-process run.
     (*LAUNCHERS[0], "--coordinator_address=localhost:1234",
-     "--coordinator_address given to a single-process run"),
+     "--coordinator_address given to a single-process run: add "
+     "--num_processes=N or --distributed_auto"),
 ]
 
 
@@ -128,6 +129,18 @@ def test_launchers_refuse_bad_engine_flags(tmp_path, module, extra, flag, msg):
   # Refused from the flags, the configs and the model's metadata alone:
   # before JAX's ~3 s import.
   assert not imported_jax(done.stderr)
+
+
+def test_num_processes_1_takes_a_jobs_flags_as_single_process(tmp_path):
+  """One script for any N: `--num_processes=1` with the job's other flags
+  is a single-process run said on purpose, not refused (the run goes on to
+  the next check, here an unknown preset)."""
+  done = _run("launch.agent_eval", "--coordinator_address=localhost:1234",
+              "--process_id=0", "--num_processes=1", "--model=random:nope",
+              f"--report={tmp_path / 'r.json'}")
+  error = without_import_times(done.stderr)
+  assert done.returncode != 0 and "unknown preset 'nope'" in error, error
+  assert "single-process run" not in error
 
 
 @pytest.mark.parametrize("module,extra", LAUNCHERS,
