@@ -90,6 +90,14 @@ class PutResult:
     return [s in (index_lib.WRITE, index_lib.PRESENT) for s in self.statuses]
 
 
+def _check_names(**names: object) -> None:
+  """TypeError unless each of `names` (a tenant, a session) is a str: the
+  index keys blocks by them, and a None or bytes name would be stored as
+  another key (or, for deletes, match every session)."""
+  for what, value in names.items():
+    if not isinstance(value, str):
+      raise TypeError(f"{what} must be a str; got {value!r}")
+
 class BlockStore:
   """KV blocks of one model in a TensorStore cold tier (see module docstring)."""
 
@@ -142,6 +150,7 @@ class BlockStore:
       session: str = "",
   ) -> cf.Future:
     """Stores blocks in the background; a future of `PutResult`."""
+    _check_names(tenant=tenant, session=session)
     ids = self._check_ids(ids)
     self.codec.check_blocks(blocks)
     if len(ids) != blocks.shape[0]:
@@ -192,11 +201,16 @@ class BlockStore:
     return self.index.contains(self._check_ids(ids))
 
   def delete_session(self, tenant: str, session: str) -> int:
-    """Removes every block the session put (index entry and bytes)."""
+    """Removes every block the session put (index entry and bytes).
+
+    `session` must be a str: None would name every session of the tenant
+    (that is `delete_tenant`)."""
+    _check_names(tenant=tenant, session=session)
     return self._delete(self.index.mark_deleting_where(tenant, session))
 
   def delete_tenant(self, tenant: str) -> int:
     """Removes every block any session of the tenant put (index entry and bytes)."""
+    _check_names(tenant=tenant)
     return self._delete(self.index.mark_deleting_where(tenant, None))
 
   def recover(self) -> int:
@@ -303,30 +317,39 @@ class BlockStore:
     statuses = list(reservation.statuses)
     rows = [i for i, s in enumerate(statuses) if s == index_lib.WRITE]
     step = self.config.max_batch_blocks
-    for lo in range(0, len(rows), step):
-      batch_rows = rows[lo:lo + step]
-      refs = reservation.to_write[lo:lo + step]
-      contiguous = batch_rows[-1] - batch_rows[0] == len(batch_rows) - 1
-      batch = (blocks[batch_rows[0]:batch_rows[-1] + 1] if contiguous  # a view, no copy
-               else blocks[batch_rows])
-      try:
-        self._write_chunks(refs, batch)
-      except Exception as err:  # pylint: disable=broad-except
-        _log.error("cold tier write of %d blocks failed: %s", len(refs), err)
-        if self._slot_dirs is not None:
-          self._slot_dirs.forget(r.slot for r in refs)
+    handled = 0  # reserved rows committed or released so far
+    try:
+      for lo in range(0, len(rows), step):
+        batch_rows = rows[lo:lo + step]
+        refs = reservation.to_write[lo:lo + step]
+        contiguous = batch_rows[-1] - batch_rows[0] == len(batch_rows) - 1
+        batch = (blocks[batch_rows[0]:batch_rows[-1] + 1] if contiguous  # a view, no copy
+                 else blocks[batch_rows])
         try:
-          self._delete_bytes(refs)
-        except Exception as cleanup_err:  # pylint: disable=broad-except
-          # Safe to free the slots anyway: no READY row points at them, and
-          # their next write replaces whatever bytes are left.
-          _log.error("cold tier: removing the failed write's bytes failed: %s", cleanup_err)
-        self.index.release(refs)
-        for i in batch_rows:
-          statuses[i] = FAILED
-        self._stats.add(failed_writes=len(refs))
-        continue
-      self.index.commit(refs)
+          self._write_chunks(refs, batch)
+        except Exception as err:  # pylint: disable=broad-except
+          _log.error("cold tier write of %d blocks failed: %s", len(refs), err)
+          if self._slot_dirs is not None:
+            self._slot_dirs.forget(r.slot for r in refs)
+          try:
+            self._delete_bytes(refs)
+          except Exception as cleanup_err:  # pylint: disable=broad-except
+            # Safe to free the slots anyway: no READY row points at them, and
+            # their next write replaces whatever bytes are left.
+            _log.error("cold tier: removing the failed write's bytes failed: %s", cleanup_err)
+          self.index.release(refs)
+          handled = lo + len(refs)
+          for i in batch_rows:
+            statuses[i] = FAILED
+          self._stats.add(failed_writes=len(refs))
+          continue
+        self.index.commit(refs)
+        handled = lo + len(refs)
+    except BaseException:
+      # Anything else (a failed commit, an interrupt): the rows not yet
+      # committed are released, never left pending for the process's life.
+      self.index.release(reservation.to_write[handled:])
+      raise
     written = sum(s == index_lib.WRITE for s in statuses)
     self._stats.add(
         written_blocks=written, written_bytes=written * self.codec.encoded_block_bytes,

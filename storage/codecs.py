@@ -109,6 +109,16 @@ class Int8Codec(BlockCodec):
   lossy = True
   identity = False
 
+  def check_blocks(self, blocks: np.ndarray) -> None:
+    """The base checks, and every value finite: a NaN row would be scaled
+    by 1.0 and come back without its NaN, an inf row as NaN throughout, so
+    such a block is refused before anything is written (the raw codecs
+    keep them bit for bit)."""
+    super().check_blocks(blocks)
+    if not np.isfinite(blocks).all():
+      raise ValueError("the int8 codec cannot store NaN or inf values; these "
+                       "blocks hold some")
+
   @property
   def stored_shape(self) -> tuple[int, ...]:
     num_layers, two, num_heads, block_size, head_dim = self.block_shape

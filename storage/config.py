@@ -8,6 +8,7 @@ they come from `dualpath_jax.config.ModelConfig` and `CacheConfig`.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 CODECS = ("raw", "zstd", "int8", "int8+zstd")
@@ -103,8 +104,14 @@ class ColdTierConfig:
     if self.admission not in ADMISSIONS:
       raise ValueError(f"admission={self.admission!r} not in {ADMISSIONS}")
     for name in ("capacity_bytes", "io_threads", "file_io_concurrency",
-                 "max_batch_blocks", "max_pending_write_bytes"):
-      if getattr(self, name) <= 0:
+                 "max_batch_blocks", "max_pending_write_bytes", "zstd_level"):
+      value = getattr(self, name)
+      # An int, not a float: a float capacity was stored as the layout's
+      # slot count (16.0), and a float batch size failed mid-put.
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"ColdTierConfig.{name} must be an integer; got "
+                         f"{value!r}")
+      if value <= 0:
         raise ValueError(f"ColdTierConfig.{name} must be positive")
     if not 1 <= self.zstd_level <= 22:
       raise ValueError(f"zstd_level={self.zstd_level} not in [1, 22]")

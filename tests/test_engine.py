@@ -138,6 +138,48 @@ def test_eos_stops_a_turn(tiny, ref_runner):
   assert o.generated_tokens == want[:cut] and o.finish_reason == "eos"
 
 
+@pytest.mark.parametrize("kw,msg", [
+    # Past the vocabulary (256): embedded as NaN, whose K/V stayed in the
+    # pool and turned every later request's output to token 0.
+    (dict(prompt_tokens=[5, 6, 256 + 10]), "token id 266 is outside"),
+    (dict(prompt_tokens=[5, -1, 7]), "token id -1 is outside"),
+    # These used to pass submit and then fail every step at the queue's head.
+    (dict(prompt_tokens="hello"), "not text"),
+    (dict(prompt_tokens=[5.0, 6.0]), "integer token ids"),
+    (dict(tenant=None), "tenant must be a str"),
+    (dict(request_id=["x"]), "request_id must be a str"),
+    # NaN / inf temperature leaked the turn's blocks when sampling raised.
+    (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a number >= 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+    (dict(seed=-3), "seed must be an integer >= 0"),
+])
+def test_bad_requests_are_refused_at_submit_and_others_still_run(
+    tiny, ref_runner, kw, msg):
+  engine = _engine(tiny, num_blocks=64)
+  free = engine.manager.pool.num_free
+  req = dict(request_id="bad", prompt_tokens=[5, 6, 7], max_new_tokens=3)
+  req.update(kw)
+  with pytest.raises(ValueError, match=msg):
+    engine.submit(TurnRequest(**req))
+  assert not engine.has_work()
+  good = [9, 10, 11, 12, 13]
+  outs = _run_all(engine, [TurnRequest("good", good, 4, stop_on_eos=False)])
+  assert outs["good"].generated_tokens == _reference_greedy(ref_runner, good, 4)
+  assert engine.manager.pool.num_free == free
+
+
+def test_a_second_turn_of_a_queued_id_is_refused(tiny):
+  engine = _engine(tiny)
+  engine.submit(TurnRequest("r", [5, 6, 7], 3))
+  with pytest.raises(ValueError, match="queued or running already"):
+    engine.submit(TurnRequest("r", [9, 9, 9], 3))
+  outs = _run_all(engine, [])
+  assert list(outs) == ["r"] and len(outs["r"].generated_tokens) <= 3
+  engine.submit(TurnRequest("r", [9, 9, 9], 3))  # finished: the id is free
+  assert engine.has_work()
+
+
 def test_requests_that_cannot_fit_fail_clearly(tiny):
   engine = _engine(tiny, max_context=64)
   with pytest.raises(RequestTooLargeError, match="max_context"):

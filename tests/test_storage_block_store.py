@@ -253,6 +253,44 @@ def test_bad_input_raises(tmp_path):
       store.get_async([b""])
 
 
+def test_bad_names_values_and_configs_change_nothing_stored(tmp_path):
+  """Refused at the call, with the store's blocks as they were:
+  `delete_session(tenant, None)` used to delete the whole tenant, a None
+  tenant to fail inside the write (rows left pending), a bytes tenant to be
+  stored under a key `delete_tenant("t")` never matched, NaN to be stored
+  by the int8 codec without it, and float sizes to pass the config."""
+  for kw in (dict(capacity_bytes=16.0 * BLOCK_BYTES), dict(max_batch_blocks=2.5),
+             dict(io_threads=True)):
+    with pytest.raises(ValueError, match="must be an integer"):
+      ColdTierConfig(root=str(tmp_path / "c"), **kw)
+  for codec in ("raw", "int8"):
+    with _store(tmp_path / codec, codec=codec) as store:
+      ids, blocks = _data(np.random.default_rng(13), 3, store)
+      assert store.put(ids, blocks, tenant="t", session="s").written == 3
+      before = store.get(ids)
+      with pytest.raises(TypeError, match="session must be a str"):
+        store.delete_session("t", None)
+      with pytest.raises(TypeError, match="tenant must be a str"):
+        store.delete_tenant(None)
+      new_ids, new_blocks = _data(np.random.default_rng(14), 2, store)
+      for tenant in (None, b"t"):
+        with pytest.raises(TypeError, match="tenant must be a str"):
+          store.put_async(new_ids, new_blocks, tenant=tenant)
+      bad = new_blocks.copy()
+      bad[0, 0, 0, 0, 0, 0] = np.nan
+      bad[1, 0, 0, 0, 0, 0] = np.inf
+      if codec == "int8":
+        with pytest.raises(ValueError, match="cannot store NaN or inf"):
+          store.put_async(new_ids, bad)
+      else:  # raw keeps them bit for bit
+        assert store.put(new_ids, bad).written == 2
+        assert all(_same(g, b) for g, b in zip(store.get(new_ids), bad))
+        assert store.delete_session("", "") == 2
+      assert store.contains(new_ids) == [False, False]
+      assert all(_same(g, b) for g, b in zip(store.get(ids), before))
+      assert store.delete_session("t", "s") == 3
+
+
 def test_index_states_hide_uncommitted_rows(tmp_path):
   rng = np.random.default_rng(13)
   idx = index_lib.BlockIndex(str(tmp_path), {"v": 1}, num_slots=4)

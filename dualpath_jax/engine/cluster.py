@@ -62,7 +62,7 @@ from flax import nnx
 from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.block_pool import BlockPool, OutOfBlocksError
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
-from dualpath_jax.config import CacheConfig, EngineConfig
+from dualpath_jax.config import CacheConfig, EngineConfig, check_max_context
 from dualpath_jax.engine import buckets
 from dualpath_jax.engine.cold_tier import ColdTierConnector, ColdTierStats
 from dualpath_jax.engine.engine import EngineStats
@@ -227,13 +227,11 @@ class PDCluster:
                dualpath: DualPathConfig = DualPathConfig(), *,
                devices: Sequence[jax.Device] | None = None,
                clock: Callable[[], float] = time.perf_counter):
-    if config.max_context > loaded.config.max_position:
-      raise ValueError(
-          f"max_context {config.max_context} exceeds the model's context "
-          f"{loaded.config.max_position}")
+    check_max_context(config.max_context, loaded.config)
     if store is None:
       raise ValueError("PDCluster needs a cold tier (a storage.BlockStore)")
     self.config = config
+    self.vocab_size = loaded.config.vocab_size
     self.mesh_config = mesh
     self.dualpath = dualpath
     self.policy = get_policy(dualpath.policy)
@@ -279,18 +277,33 @@ class PDCluster:
     return _ManagersView([w.manager for w in self.workers.values()])
 
   def validate(self, req: TurnRequest) -> None:
-    """Raises ValueError if `req` can never run (see `validate_request`)."""
+    """Raises ValueError if `req` can never run (see `validate_request`).
+    Configuration only: any thread may call it."""
     validate_request(
         req, max_context=self.config.max_context, block_size=self.block_size,
-        pool_blocks=self.prefill_workers[0].manager.pool.num_blocks)
+        pool_blocks=self.prefill_workers[0].manager.pool.num_blocks,
+        vocab_size=self.vocab_size)
 
   def submit(self, req: TurnRequest) -> None:
-    """Queues a turn; raises `RequestTooLargeError` if it can never fit."""
+    """Queues a turn; raises `RequestTooLargeError` if it can never fit, and
+    ValueError for a bad request or an id queued or running already."""
     self.validate(req)
+    if req.request_id in self._active_ids():
+      raise ValueError(f"{req.request_id}: a turn of this id is queued or "
+                       "running already")
     arrival = self.clock() if req.arrival_s is None else req.arrival_s
     rng = None if req.seed is None else np.random.default_rng(req.seed)
     self._waiting.append(_Turn(req=req, arrival_s=arrival,
                                tokens=list(req.prompt_tokens), rng=rng))
+
+  def _active_ids(self) -> set[str]:
+    """Ids of the turns waiting, loading, prefilling or decoding."""
+    ids = {turn.rid for turn in self._waiting}
+    for pe in self.prefill_workers:
+      ids.update(turn.rid for turn in pe.prefill_turns())
+    for de in self.decode_workers:
+      ids.update(turn.rid for turn in de.running)
+    return ids
 
   def abort(self, request_id: str) -> bool:
     """Drops a waiting, loading, prefilling or decoding turn; frees its pages.

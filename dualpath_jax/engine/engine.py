@@ -123,14 +123,21 @@ class Engine:
 
   # ------------------------------------------------------------------ API
   def validate(self, req: TurnRequest) -> None:
-    """Raises ValueError if `req` can never run (see `validate_request`)."""
+    """Raises ValueError if `req` can never run (see `validate_request`).
+    Configuration only: any thread may call it."""
     validate_request(req, max_context=self.config.max_context,
                      block_size=self.block_size,
-                     pool_blocks=self.manager.pool.num_blocks)
+                     pool_blocks=self.manager.pool.num_blocks,
+                     vocab_size=self.runner.config.vocab_size)
 
   def submit(self, req: TurnRequest) -> None:
-    """Queues a turn; raises `RequestTooLargeError` if it can never fit."""
+    """Queues a turn; raises `RequestTooLargeError` if it can never fit, and
+    ValueError for a bad request or an id queued or running already."""
     self.validate(req)
+    if any(seq.rid == req.request_id for queue in (
+        self._waiting, self._prefilling, self._decoding) for seq in queue):
+      raise ValueError(f"{req.request_id}: a turn of this id is queued or "
+                       "running already")
     arrival = self.clock() if req.arrival_s is None else req.arrival_s
     rng = None if req.seed is None else np.random.default_rng(req.seed)
     self._waiting.append(_Sequence(req=req, arrival_s=arrival,

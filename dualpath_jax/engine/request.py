@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Callable
 
+import numpy as np
+
 from dualpath_jax.cache.kv_cache_manager import RequestTooLargeError
 
 
@@ -51,14 +53,40 @@ class TurnOutput:
 
 
 def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
-                     pool_blocks: int) -> None:
+                     pool_blocks: int, vocab_size: int | None = None) -> None:
   """Raises ValueError (`RequestTooLargeError` for size) if `req` can never run.
 
-  Reads only configuration, so a front end may call it from any thread
-  before handing the request to the thread that steps the engine.
+  Everything is checked here, at submission, because a request refused
+  later would be refused at the head of the queue on every step (nobody
+  else served), and a token id past the vocabulary (`vocab_size`) embeds as
+  NaN, whose K/V would stay in the pool's pages and spread to whoever reads
+  them next. Reads only configuration, so a front end may call it from any
+  thread before handing the request to the thread that steps the engine.
   """
-  if not req.prompt_tokens:
-    raise ValueError(f"{req.request_id}: empty prompt")
+  rid = req.request_id
+  if not isinstance(rid, str):
+    raise ValueError(f"request_id must be a str; got {rid!r}")
+  for name in ("tenant", "session_id"):
+    if not isinstance(getattr(req, name), str):
+      raise ValueError(f"{rid}: {name} must be a str; got "
+                       f"{getattr(req, name)!r}")
+  if isinstance(req.prompt_tokens, (str, bytes)):
+    raise ValueError(f"{rid}: prompt_tokens must be token ids, not text")
+  tokens = np.asarray(req.prompt_tokens)
+  if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+    raise ValueError(f"{rid}: prompt_tokens must be a flat list of integer "
+                     f"token ids; got {tokens.dtype} of shape {tokens.shape}")
+  if not tokens.size:
+    raise ValueError(f"{rid}: empty prompt")
+  if tokens.min() < 0 or (vocab_size is not None
+                          and tokens.max() >= vocab_size):
+    bad = int(tokens[(tokens < 0) | (tokens >= (vocab_size or np.inf))][0])
+    raise ValueError(f"{rid}: token id {bad} is outside the vocabulary "
+                     f"[0, {vocab_size if vocab_size is not None else 'inf'})")
+  if (isinstance(req.max_new_tokens, bool)
+      or not isinstance(req.max_new_tokens, (int, np.integer))):
+    raise ValueError(f"{rid}: max_new_tokens must be an integer; got "
+                     f"{req.max_new_tokens!r}")
   if req.max_new_tokens < 1:
     raise ValueError(f"{req.request_id}: max_new_tokens must be >= 1")
   total = len(req.prompt_tokens) + req.max_new_tokens
@@ -71,9 +99,12 @@ def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
     raise RequestTooLargeError(
         f"{req.request_id}: needs {blocks} blocks but the pool has "
         f"{pool_blocks}")
-  if req.temperature is not None and req.temperature < 0:
-    raise ValueError(f"{req.request_id}: temperature must be >= 0, got "
-                     f"{req.temperature}")
+  if req.temperature is not None and not 0 <= req.temperature < math.inf:
+    raise ValueError(f"{req.request_id}: temperature must be a number >= 0, "
+                     f"got {req.temperature}")
   if req.top_p is not None and not 0 < req.top_p <= 1:
     raise ValueError(f"{req.request_id}: top_p must be in (0, 1], got "
                      f"{req.top_p}")
+  if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(
+      req.seed, (int, np.integer)) or req.seed < 0):
+    raise ValueError(f"{rid}: seed must be an integer >= 0; got {req.seed!r}")
