@@ -68,6 +68,21 @@ def test_auto_picks_a_supporting_implementation(monkeypatch, backend, q_len,
   assert got == want
 
 
+@pytest.mark.parametrize("implementation", ["xla", "xla_chunked"])
+def test_numpy_and_list_arguments_are_taken_as_arrays(implementation):
+  """Numpy arrays used to hit numpy's bounds check on the junk table entries
+  the kernels clamp (`xla`: IndexError) or fail to trace (`xla_chunked`);
+  lists failed on `.ndim`. Both give the reference's result now."""
+  case = testing.make_case(21, kv_lens=[10, 20], q_len=4, num_heads=4,
+                           num_kv_heads=2, head_dim=16, block_size=8)
+  q, pool, tables, kv_lens, q_lens = (np.asarray(a) for a in case.args())
+  assert tables.max() >= pool.shape[0] or tables.min() < 0  # junk entries
+  for args in ((q, pool, tables, kv_lens, q_lens),
+               (q, pool, tables.tolist(), kv_lens.tolist(), q_lens.tolist())):
+    out = paged_attention(*args, implementation=implementation)
+    testing.assert_matches(out, case)
+
+
 def test_bad_inputs_raise():
   case = testing.make_case(24, kv_lens=[10], num_heads=2, num_kv_heads=1)
   with pytest.raises(ValueError, match="unknown"):
