@@ -451,6 +451,9 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save_to_end(
   caller; a Ctrl-C during the save is held until the save has ended (and
   then raised), so the staging folder is not removed under Orbax's feet."""
   assert threading.current_thread() is threading.main_thread()
+  # What the save must put back: Python's default, or SIG_IGN where the
+  # suite was started in the background of a non-interactive shell.
+  handler_before = signal.getsignal(signal.SIGINT)
   model = make_model(config.TINY, np_rng)
   real_save = checkpoint.ocp.StandardCheckpointer.save
   saved = []
@@ -466,7 +469,7 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save_to_end(
                                tokenizer_gguf=None)
   assert saved  # the save ran to its end before the interrupt was raised
   assert list(tmp_path.iterdir()) == []  # and nothing was published
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is handler_before
 
 
 def _dead_pid() -> int:
