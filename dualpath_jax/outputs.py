@@ -99,6 +99,16 @@ def check_distinct_paths(paths: list[tuple[str, str]]) -> None:
     seen[key] = what
 
 
+def check_output_paths(paths: list[tuple[str, str]], *,
+                       pngs: tuple[str, ...] = ("--plot",)) -> None:
+  """A run's outputs, `(what, path)` pairs, checked together before it
+  starts: each by `check_output_path` (those named in `pngs` must end in
+  .png), and no two the same file (`check_distinct_paths`)."""
+  for what, path in paths:
+    check_output_path(path, what, suffix=".png" if what in pngs else None)
+  check_distinct_paths(paths)
+
+
 def check_output_dir(path: str, what: str) -> str:
   """`path` if it is a directory files can be made in, or can be made as
   one (`check_output_path`'s rules, for a folder such as a cold tier's

@@ -53,10 +53,7 @@ def main(argv):
   output_paths = [("--report", FLAGS.report)] + (
       [("--plot", FLAGS.plot)] if FLAGS.plot else [])
   try:  # before the run: a bad path must not cost its results
-    for what, path in output_paths:
-      outputs.check_output_path(path, what,
-                                suffix=".png" if what == "--plot" else None)
-    outputs.check_distinct_paths(output_paths)
+    outputs.check_output_paths(output_paths)
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
   from dualpath_jax.config import to_dict

@@ -683,10 +683,7 @@ def main(argv):
   if "gather_kernel" in FLAGS.only:
     paths.append(("the gather kernel HLO beside --out", kernel_hlo))
   try:  # before any work: a bad path costs nothing
-    for what, path in paths:
-      outputs.check_output_path(path, what,
-                                suffix=".png" if what == "--plot" else None)
-    outputs.check_distinct_paths(paths)
+    outputs.check_output_paths(paths)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   meta = kernel_cases.run_metadata("launch.bench_kernels", interpret)

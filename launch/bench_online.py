@@ -272,11 +272,8 @@ def main(argv):
   from dualpath_jax import metrics
   from dualpath_jax import outputs
   try:  # before the runs: a bad path must not cost their results
-    outputs.check_output_path(FLAGS.report, "--report")
-    if FLAGS.plot:
-      outputs.check_output_path(FLAGS.plot, "--plot", suffix=".png")
-      outputs.check_distinct_paths([("--report", FLAGS.report),
-                                    ("--plot", FLAGS.plot)])
+    outputs.check_output_paths([("--report", FLAGS.report)] + (
+        [("--plot", FLAGS.plot)] if FLAGS.plot else []))
   except ValueError as e:
     _fail(str(e))
 

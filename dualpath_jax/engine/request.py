@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -78,33 +79,36 @@ def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
                      f"token ids; got {tokens.dtype} of shape {tokens.shape}")
   if not tokens.size:
     raise ValueError(f"{rid}: empty prompt")
-  if tokens.min() < 0 or (vocab_size is not None
-                          and tokens.max() >= vocab_size):
-    bad = int(tokens[(tokens < 0) | (tokens >= (vocab_size or np.inf))][0])
-    raise ValueError(f"{rid}: token id {bad} is outside the vocabulary "
-                     f"[0, {vocab_size if vocab_size is not None else 'inf'})")
-  if (isinstance(req.max_new_tokens, bool)
-      or not isinstance(req.max_new_tokens, (int, np.integer))):
+  high = math.inf if vocab_size is None else vocab_size
+  outside = (tokens < 0) | (tokens >= high)
+  if outside.any():
+    raise ValueError(f"{rid}: token id {int(tokens[outside][0])} is outside "
+                     f"the vocabulary [0, {high})")
+  if not _is_integer(req.max_new_tokens):
     raise ValueError(f"{rid}: max_new_tokens must be an integer; got "
                      f"{req.max_new_tokens!r}")
   if req.max_new_tokens < 1:
-    raise ValueError(f"{req.request_id}: max_new_tokens must be >= 1")
+    raise ValueError(f"{rid}: max_new_tokens must be >= 1")
   total = len(req.prompt_tokens) + req.max_new_tokens
   if total > max_context:
     raise RequestTooLargeError(
-        f"{req.request_id}: prompt ({len(req.prompt_tokens)}) + max_new_tokens "
+        f"{rid}: prompt ({len(req.prompt_tokens)}) + max_new_tokens "
         f"({req.max_new_tokens}) = {total} exceeds max_context {max_context}")
   blocks = math.ceil(total / block_size)
   if blocks > pool_blocks:
     raise RequestTooLargeError(
-        f"{req.request_id}: needs {blocks} blocks but the pool has "
+        f"{rid}: needs {blocks} blocks but the pool has "
         f"{pool_blocks}")
   if req.temperature is not None and not 0 <= req.temperature < math.inf:
-    raise ValueError(f"{req.request_id}: temperature must be a number >= 0, "
+    raise ValueError(f"{rid}: temperature must be a number >= 0, "
                      f"got {req.temperature}")
   if req.top_p is not None and not 0 < req.top_p <= 1:
-    raise ValueError(f"{req.request_id}: top_p must be in (0, 1], got "
+    raise ValueError(f"{rid}: top_p must be in (0, 1], got "
                      f"{req.top_p}")
-  if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(
-      req.seed, (int, np.integer)) or req.seed < 0):
+  if req.seed is not None and not (_is_integer(req.seed) and req.seed >= 0):
     raise ValueError(f"{rid}: seed must be an integer >= 0; got {req.seed!r}")
+
+
+def _is_integer(value: object) -> bool:
+  """An int or numpy integer, not a bool (which Python counts as an int)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
