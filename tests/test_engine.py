@@ -103,6 +103,36 @@ def test_second_turn_hits_first_turns_blocks(tiny, ref_runner):
   assert o2.generated_tokens == _reference_greedy(ref_runner, p2, 5)
 
 
+@pytest.mark.parametrize("attention_impl", ["xla", "xla_chunked"])
+def test_non_finite_pages_of_other_sequences_never_reach_a_turn(
+    tiny, ref_runner, attention_impl):
+  """Keys and values that are not finite (a sequence whose activations
+  overflowed) stay with their sequence. The pool starts as NaN junk (pages
+  freed by such sequences), and a running turn holding page 0 has NaN in
+  every page; other turns, batched beside it, still give full recompute's
+  tokens. Without `write_kv` zeroing the pages it starts, the junk past a
+  turn's last token reached it; with tables padded by page 0, the running
+  turn's pages did ("xla" reads every table entry)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  engine = _engine(tiny, attention_impl=attention_impl)
+  engine._kv = jnp.full_like(engine._kv, jnp.nan)  # pylint: disable=protected-access
+  engine.submit(TurnRequest("hog", _prompts(6, 1, 9, 10)[0], 60,
+                            stop_on_eos=False))
+  engine.step()
+  hog_pages = engine.manager.block_table("hog")
+  assert 0 in hog_pages
+  engine._kv = engine._kv.at[:, np.asarray(hog_pages)].set(jnp.nan)  # pylint: disable=protected-access
+  prompts = _prompts(7, 3, 5, 30)
+  for i, p in enumerate(prompts):
+    engine.submit(TurnRequest(f"v{i}", p, 6, stop_on_eos=False))
+  outs = {}
+  while len(outs) < len(prompts):
+    outs |= {o.request.request_id: o for o in engine.step()}
+  assert "hog" not in outs and engine.abort("hog")
+  for i, p in enumerate(prompts):
+    assert outs[f"v{i}"].generated_tokens == _reference_greedy(ref_runner, p, 6)
+
+
 def test_tenants_share_only_their_own_prefixes(tiny):
   engine = _engine(tiny)
   system = _prompts(3, 1, 24, 25)[0]

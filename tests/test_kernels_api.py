@@ -157,25 +157,65 @@ def test_every_entry_point_rejects_bad_arguments(bad, match):
     del name
 
 
-def test_write_kv_scatters_tokens_and_drops_padding():
+def _numpy_write_kv(pool, k, v, slots):
+  """What `write_kv` must do, one token at a time: a page whose offset-0
+  slot is written is zeroed first; then each token's K and V land at its
+  slot and padding slots (-1) write nothing."""
+  want = pool.copy()
+  page_size = pool.shape[3]
+  for slot in slots.reshape(-1):
+    if slot >= 0 and slot % page_size == 0:
+      want[slot // page_size] = 0
+  for b in range(slots.shape[0]):
+    for t in range(slots.shape[1]):
+      if slots[b, t] >= 0:
+        page, off = divmod(int(slots[b, t]), page_size)
+        want[page, 0, :, off], want[page, 1, :, off] = k[b, t], v[b, t]
+  return want
+
+
+@pytest.mark.parametrize("order", ["random", "consecutive", "decode"])
+def test_write_kv_scatters_tokens_zeroes_started_pages_drops_padding(order):
   """Against numpy: each token's K and V land at its slot, padding slots
-  (-1) write nothing, every other page is kept."""
+  (-1) write nothing, a page started at its offset 0 holds zeros past the
+  new tokens (the pool is NaN junk), every other page is kept. "random"
+  slots start more pages than in-order rows can (write_kv's fallback
+  path); "consecutive" rows (positions in order across page boundaries,
+  one beginning mid-page) take the compacted path."""
   from kernels import write_kv  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(26)
-  pool = rng.standard_normal((6, 2, 2, 16, 8)).astype(np.float32)
-  k = rng.standard_normal((2, 5, 2, 8)).astype(np.float32)
-  v = rng.standard_normal((2, 5, 2, 8)).astype(np.float32)
-  slots = rng.permutation(6 * 16)[:10].reshape(2, 5).astype(np.int32)
-  slots[1, 3:] = -1
-  want = pool.copy()
-  for b in range(2):
-    for t in range(5):
-      if slots[b, t] >= 0:
-        page, off = divmod(int(slots[b, t]), 16)
-        want[page, 0, :, off], want[page, 1, :, off] = k[b, t], v[b, t]
+  pool = rng.standard_normal((12, 2, 2, 16, 8)).astype(np.float32)
+  pool[rng.random(pool.shape) < 0.2] = np.nan
+  q_len = 1 if order == "decode" else 21
+  k = rng.standard_normal((2, q_len, 2, 8)).astype(np.float32)
+  v = rng.standard_normal((2, q_len, 2, 8)).astype(np.float32)
+  if order == "random":
+    starts = np.arange(6) * 16  # six page starts: more than 2 x 2
+    rest = rng.permutation(np.setdiff1d(np.arange(12 * 16), starts))
+    slots = np.concatenate([starts, rest[:2 * q_len - 6]]).reshape(2, q_len)
+    slots[1, 15:] = -1
+  elif order == "consecutive":
+    slots = np.stack([np.arange(21) + 3 * 16 + 5,  # pages 3 (mid) to 4
+                      np.arange(21) + 8 * 16])  # pages 8 to 9
+    slots[1, 18:] = -1
+  else:
+    slots = np.array([[5 * 16], [7 * 16 + 9]])
+  slots = slots.astype(np.int32)
+  want = _numpy_write_kv(pool, k, v, slots)
   got = write_kv(jnp.asarray(pool), jnp.asarray(k), jnp.asarray(v),
                  jnp.asarray(slots))
   np.testing.assert_array_equal(np.asarray(got), want)
+  started = {int(s) // 16 for s in slots.reshape(-1) if s >= 0 and s % 16 == 0}
+  assert started and np.isfinite(want[sorted(started)]).all()
+  assert np.isnan(want).any()  # pages not started keep their junk
+
+
+def test_write_kv_refuses_bad_shapes_and_dtypes():
+  from kernels import write_kv  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(26)
+  pool = rng.standard_normal((6, 2, 2, 16, 8)).astype(np.float32)
+  k = v = rng.standard_normal((2, 5, 2, 8)).astype(np.float32)
+  slots = rng.permutation(6 * 16)[:10].reshape(2, 5).astype(np.int32)
   with pytest.raises(ValueError, match="slot_mapping"):
     write_kv(jnp.asarray(pool), jnp.asarray(k), jnp.asarray(v),
              jnp.asarray(slots[:, :4]))

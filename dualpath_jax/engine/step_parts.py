@@ -29,7 +29,10 @@ def pack_step(manager: KVCacheManager, batch: int, q_len: int, pages: int,
   Returns `(tokens [batch, q_len], block_tables [batch, pages],
   kv_lens [batch], q_lens [batch], slot_mapping [batch, q_len])`, int32.
   Padding rows have no context and write nowhere; `work=None` gives an
-  all-padding batch (used to compile a shape).
+  all-padding batch (used to compile a shape). A row's table is padded with
+  its own last page, never page 0: implementations may read padded entries
+  (masked, but `0 * NaN` is NaN), and page 0 may belong to a sequence whose
+  keys or values are not finite.
   """
   tokens = np.zeros((batch, q_len), np.int32)
   tables = np.zeros((batch, pages), np.int32)
@@ -40,6 +43,7 @@ def pack_step(manager: KVCacheManager, batch: int, q_len: int, pages: int,
     table = manager.block_table(seq_id)
     tokens[b, :len(new)] = new
     tables[b, :len(table)] = table
+    tables[b, len(table):] = table[-1]
     kv_lens[b] = start + len(new)
     q_lens[b] = len(new)
     slots[b, :len(new)] = manager.slot_mapping(seq_id, start, len(new))
