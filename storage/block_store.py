@@ -124,7 +124,13 @@ class BlockStore:
     }
     self.index = index_lib.BlockIndex(config.root, layout_desc, self.num_slots,
                                       config.admission)
-    self.array = layout.open_slot_array(config, self.codec, self.num_slots)
+    try:
+      self.array = layout.open_slot_array(config, self.codec, self.num_slots)
+    except BaseException:
+      # A fresh root keeps no layout from a config whose array cannot open.
+      self.index.forget_layout()
+      self.index.close()
+      raise
     self._kvstore = self.array.kvstore
     self._chunk_root = layout.local_chunk_root(config)
     self._slot_dirs = (None if self._chunk_root is None else

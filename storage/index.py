@@ -121,6 +121,7 @@ class BlockIndex:
     for statement in _SCHEMA.strip().split(";"):
       if statement.strip():
         self._db.execute(statement)
+    self.made_layout = False  # whether this open wrote the layout
     self._check_layout(layout)
     self.owner = uuid.uuid4().hex
     self._lease_path = os.path.join(directory, "owners", self.owner + ".lock")
@@ -163,6 +164,7 @@ class BlockIndex:
     with self._transaction() as db:
       row = db.execute("SELECT value FROM meta WHERE key='layout'").fetchone()
       if row is None:
+        self.made_layout = True
         db.execute("INSERT INTO meta VALUES ('layout', ?)", (text,))
         db.execute("INSERT INTO meta VALUES ('next_slot', '0')")
         db.execute("INSERT INTO meta VALUES ('gen', '0')")
@@ -170,6 +172,28 @@ class BlockIndex:
         raise ValueError(
             f"cold tier index in {self.directory} was made for layout {row[0]}, "
             f"not {text}; use another directory or the same model/cache/codec")
+
+  def forget_layout(self) -> bool:
+    """Removes the layout this open wrote, so that the directory takes
+    another, as a fresh one would; True if it did.
+
+    For an open that fails after the index is made (the block array cannot
+    be opened): its layout must not hold the directory. Only when this open
+    wrote the layout, no block row exists and no other process holds a
+    lease.
+    """
+    if not self.made_layout:
+      return False
+    owners_dir = os.path.join(self.directory, "owners")
+    if any(self._lease_alive(name.removesuffix(".lock"))
+           for name in os.listdir(owners_dir) if name != self.owner + ".lock"):
+      return False
+    with self._transaction() as db:
+      if db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0]:
+        return False
+      db.execute("DELETE FROM meta")
+    self.made_layout = False
+    return True
 
   @staticmethod
   def _counter(db: sqlite3.Connection, key: str) -> int:

@@ -107,8 +107,10 @@ def open_slot_array(config: ColdTierConfig, codec: BlockCodec, num_slots: int) -
     return ts.open(spec, open=True, create=True).result()
   except ValueError as err:
     raise ValueError(
-        f"cold tier at {config.root} has another layout than codec={codec.full_name}, "
-        f"shape={[num_slots, chunk_elems(codec)]}: {err}") from err
+        f"cold tier at {config.root}: cannot open its block array (kvstore "
+        f"{spec['kvstore']}) as codec={codec.full_name}, "
+        f"shape={[num_slots, chunk_elems(codec)]}: the kvstore cannot be "
+        f"opened, or an array of another layout is there: {err}") from err
 
 
 def chunk_elems(codec: BlockCodec) -> int:

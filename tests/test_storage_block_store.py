@@ -79,6 +79,25 @@ def test_reopen_with_other_layout_raises(tmp_path):
     _store(tmp_path, codec="int8")
 
 
+@pytest.mark.parametrize("kvstore", [
+    {"driver": "no_such_driver"},
+    {"driver": "file", "path": "/proc/self/no_such_dir/"}])
+def test_a_kvstore_that_cannot_open_leaves_no_layout_behind(tmp_path, kvstore):
+  """A fresh root given a kvstore that cannot open takes no layout from it
+  (it used to: the right config was then refused as another layout) and
+  holds no lease; a root with blocks keeps its layout and its blocks."""
+  with pytest.raises(ValueError, match="cannot open its block array"):
+    _store(tmp_path / "fresh", kvstore=kvstore)
+  assert os.listdir(tmp_path / "fresh" / "owners") == []
+  with _store(tmp_path / "fresh") as store:
+    ids, blocks = _data(np.random.default_rng(31), 2, store)
+    assert store.put(ids, blocks).written == 2
+  with pytest.raises(ValueError, match="layout"):
+    _store(tmp_path / "fresh", kvstore=kvstore)
+  with _store(tmp_path / "fresh") as store:
+    assert all(_same(g, b) for g, b in zip(store.get(ids), blocks))
+
+
 def test_lru_eviction_keeps_recently_read(tmp_path):
   rng = np.random.default_rng(4)
   with _store(tmp_path, capacity_bytes=4 * BLOCK_BYTES) as store:
@@ -309,6 +328,25 @@ def test_index_states_hide_uncommitted_rows(tmp_path):
   other.release(taken)
   assert other.counts() == {"ready": 2, "pending": 0, "deleting": 0, "slots": 4}
   other.close()
+
+
+def test_index_forgets_only_a_layout_it_made_unused_and_alone(tmp_path):
+  """`forget_layout` undoes a failed open's layout, never one that another
+  open made, one another live process uses, or one with blocks."""
+  idx = index_lib.BlockIndex(str(tmp_path), {"v": 1}, num_slots=4)
+  other = index_lib.BlockIndex(str(tmp_path), {"v": 1}, num_slots=4)
+  assert idx.made_layout and not other.made_layout
+  assert not other.forget_layout()  # not its layout
+  assert not idx.forget_layout()  # `other` is alive
+  other.close()
+  idx.reserve([b"x" * 32], "t", "s")
+  assert not idx.forget_layout()  # a block row exists
+  idx.close()
+  fresh = tmp_path / "fresh"
+  idx = index_lib.BlockIndex(str(fresh), {"v": 1}, num_slots=4)
+  assert idx.forget_layout() and not idx.forget_layout()
+  idx.close()
+  index_lib.BlockIndex(str(fresh), {"v": 2}, num_slots=4).close()
 
 
 def test_any_kvstore_as_base(tmp_path):
