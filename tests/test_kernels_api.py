@@ -159,13 +159,15 @@ def test_every_entry_point_rejects_bad_arguments(bad, match):
 
 def _numpy_write_kv(pool, k, v, slots):
   """What `write_kv` must do, one token at a time: a page whose offset-0
-  slot is written is zeroed first; then each token's K and V land at its
-  slot and padding slots (-1) write nothing."""
+  slot is written is zeroed first (at most batch * ceil(q_len / P) of them,
+  the lowest ids); then each token's K and V land at its slot and padding
+  slots (-1) write nothing."""
   want = pool.copy()
   page_size = pool.shape[3]
-  for slot in slots.reshape(-1):
-    if slot >= 0 and slot % page_size == 0:
-      want[slot // page_size] = 0
+  bound = slots.shape[0] * -(-slots.shape[1] // page_size)
+  started = sorted(int(s) // page_size for s in slots.reshape(-1)
+                   if s >= 0 and s % page_size == 0)
+  want[started[:bound]] = 0
   for b in range(slots.shape[0]):
     for t in range(slots.shape[1]):
       if slots[b, t] >= 0:
@@ -178,10 +180,10 @@ def _numpy_write_kv(pool, k, v, slots):
 def test_write_kv_scatters_tokens_zeroes_started_pages_drops_padding(order):
   """Against numpy: each token's K and V land at its slot, padding slots
   (-1) write nothing, a page started at its offset 0 holds zeros past the
-  new tokens (the pool is NaN junk), every other page is kept. "random"
-  slots start more pages than in-order rows can (write_kv's fallback
-  path); "consecutive" rows (positions in order across page boundaries,
-  one beginning mid-page) take the compacted path."""
+  new tokens (the pool is NaN junk), every other page is kept.
+  "consecutive" rows (positions in order across page boundaries, one
+  beginning mid-page) have every started page zeroed; "random" slots start
+  more pages than in-order rows can, and only the lowest ids are."""
   from kernels import write_kv  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(26)
   pool = rng.standard_normal((12, 2, 2, 16, 8)).astype(np.float32)
@@ -205,9 +207,13 @@ def test_write_kv_scatters_tokens_zeroes_started_pages_drops_padding(order):
   got = write_kv(jnp.asarray(pool), jnp.asarray(k), jnp.asarray(v),
                  jnp.asarray(slots))
   np.testing.assert_array_equal(np.asarray(got), want)
-  started = {int(s) // 16 for s in slots.reshape(-1) if s >= 0 and s % 16 == 0}
-  assert started and np.isfinite(want[sorted(started)]).all()
+  started = sorted(int(s) // 16 for s in slots.reshape(-1)
+                   if s >= 0 and s % 16 == 0)
+  zeroed = started[:4] if order == "random" else started
+  assert zeroed and np.isfinite(want[zeroed]).all()
   assert np.isnan(want).any()  # pages not started keep their junk
+  if order == "random":
+    assert np.isnan(want[started[4:]]).any()  # past the bound: kept
 
 
 def test_write_kv_refuses_bad_shapes_and_dtypes():
