@@ -17,11 +17,12 @@ Semantics shared by every implementation:
 * Rows `i >= q_lens[b]` (padding) and sequences with `kv_lens[b] == 0` give
   zeros.
 * Every slot a call may read must be finite: the slots past `kv_lens[b]` in
-  a sequence's last page, and the pages of its table's padding entries.
+  a sequence's last page, and the pages its table names past that page.
   Masked keys get probability 0 and every implementation multiplies it into
   their values, so one NaN there makes the row NaN. `write_kv` zeroes a page
-  when its first slot is written; pad tables with one of the sequence's own
-  pages (the engine pads with its last), not a page another sequence holds.
+  when its first slot is written; past a sequence's context, fill its table
+  with its last context page (as the engine does), not page 0 or pages
+  allocated ahead, which may hold what another sequence left.
 """
 
 from __future__ import annotations

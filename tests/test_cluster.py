@@ -2,7 +2,7 @@
 
 A single `Engine` with a cold tier serves turn 1 of three sessions (its full
 blocks land in the store) and then turns 2 and 3 (the reference tokens).
-Each policy's cluster starts with empty pools and a fresh store holding the
+Each policy's cluster starts with empty pools (of NaN junk) and a fresh store holding the
 blocks the engine stored after turn 1 (copied block by block), so
 turn 2's prefixes come back from the cold tier by the policy's paths, and
 turn 3's generated-token blocks come back from what the cluster's decode
@@ -91,6 +91,18 @@ def reference(tiny, tmp_path_factory):
   return snapshot, turns
 
 
+def _fill_pools_with_nan(cluster):
+  """Every engine's pool as NaN junk, as if freed by sequences whose
+  activations overflowed: slots a turn does not write must never reach it
+  (`write_kv` zeroes the pages it starts, tables are padded with the row's
+  own pages), whichever path brought its prefix."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  for worker in cluster.workers.values():
+    worker.kv = jax.device_put(
+        jnp.full(worker.kv.shape, jnp.nan, worker.kv.dtype), worker.kv.sharding)
+
+
 @pytest.mark.parametrize("policy,keep", [
     ("single_path", True), ("dualpath", True), ("dualpath", False),
     ("oracle", True)])
@@ -103,6 +115,7 @@ def test_cluster_tokens_equal_single_engine(tiny, reference, tmp_path, policy,
                      prefill_keeps_prefix=keep))
   for session, (ids, blocks) in snapshot.items():  # turn 1, as the engine left it
     cluster.store.put(ids, blocks, tenant="t", session=session)
+  _fill_pools_with_nan(cluster)
   try:
     for index, (reqs, want) in enumerate(turns):
       got = _run(cluster, [TurnRequest(**{**r.__dict__}) for r in reqs])

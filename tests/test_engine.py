@@ -112,7 +112,8 @@ def test_non_finite_pages_of_other_sequences_never_reach_a_turn(
   every page; other turns, batched beside it, still give full recompute's
   tokens. Without `write_kv` zeroing the pages it starts, the junk past a
   turn's last token reached it; with tables padded by page 0, the running
-  turn's pages did ("xla" reads every table entry)."""
+  turn's pages did (both implementations read entries past the context).
+  tests/test_cluster.py covers pages allocated ahead, on the decode side."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   engine = _engine(tiny, attention_impl=attention_impl)
   engine._kv = jnp.full_like(engine._kv, jnp.nan)  # pylint: disable=protected-access
@@ -131,6 +132,30 @@ def test_non_finite_pages_of_other_sequences_never_reach_a_turn(
   assert "hog" not in outs and engine.abort("hog")
   for i, p in enumerate(prompts):
     assert outs[f"v{i}"].generated_tokens == _reference_greedy(ref_runner, p, 6)
+
+
+def test_packed_tables_repeat_the_last_context_page():
+  """`pack_step`: a row's table names the pages its context fills, then
+  repeats the last of them: never page 0, nor pages allocated ahead of the
+  tokens (the P/D cluster's decode side allocates a turn's pages up front).
+  Padding rows have no context and write nowhere."""
+  from dualpath_jax.cache.block_pool import BlockPool  # pylint: disable=g-import-not-at-top
+  from dualpath_jax.cache.kv_cache_manager import KVCacheManager  # pylint: disable=g-import-not-at-top
+  from dualpath_jax.engine import step_parts  # pylint: disable=g-import-not-at-top
+  manager = KVCacheManager(BlockPool(64), BS, "m", max_blocks_per_seq=16)
+  manager.begin("other", [7] * 5)
+  manager.allocate("other", 5)  # pages 0 and 1
+  manager.begin("s", list(range(3, 13)))
+  manager.allocate("s", 10 + 20)  # 10 tokens now, 20 more allocated ahead
+  table = manager.block_table("s")
+  assert len(table) == 8 and 0 not in table
+  tokens, tables, kv_lens, q_lens, slots = step_parts.pack_step(
+      manager, 3, 16, 12, [("s", list(range(3, 10)), 0), ("s", [10], 9)])
+  assert tables[0].tolist() == table[:2] + [table[1]] * 10  # 7 tokens
+  assert tables[1].tolist() == table[:3] + [table[2]] * 9  # 10 tokens
+  assert kv_lens.tolist() == [7, 10, 0] and q_lens.tolist() == [7, 1, 0]
+  assert (slots[2] == -1).all() and (slots[1, 1:] == -1).all()
+  assert slots[1, 0] == table[2] * BS + 1 and tokens[1, 0] == 10
 
 
 def test_tenants_share_only_their_own_prefixes(tiny):

@@ -29,10 +29,11 @@ def pack_step(manager: KVCacheManager, batch: int, q_len: int, pages: int,
   Returns `(tokens [batch, q_len], block_tables [batch, pages],
   kv_lens [batch], q_lens [batch], slot_mapping [batch, q_len])`, int32.
   Padding rows have no context and write nowhere; `work=None` gives an
-  all-padding batch (used to compile a shape). A row's table is padded with
-  its own last page, never page 0: implementations may read padded entries
-  (masked, but `0 * NaN` is NaN), and page 0 may belong to a sequence whose
-  keys or values are not finite.
+  all-padding batch (used to compile a shape). A row's table holds the pages
+  its context fills and then repeats the last of them, never page 0 nor a
+  page allocated ahead and not yet written: implementations may read the
+  entries past a row's context (masked, but `0 * NaN` is NaN), and those
+  pages may hold what another sequence left there (any values).
   """
   tokens = np.zeros((batch, q_len), np.int32)
   tables = np.zeros((batch, pages), np.int32)
@@ -42,8 +43,9 @@ def pack_step(manager: KVCacheManager, batch: int, q_len: int, pages: int,
   for b, (seq_id, new, start) in enumerate(work or []):
     table = manager.block_table(seq_id)
     tokens[b, :len(new)] = new
-    tables[b, :len(table)] = table
-    tables[b, len(table):] = table[-1]
+    used = -(-(start + len(new)) // manager.block_size)  # pages with context
+    tables[b, :used] = table[:used]
+    tables[b, used:] = table[used - 1]
     kv_lens[b] = start + len(new)
     q_lens[b] = len(new)
     slots[b, :len(new)] = manager.slot_mapping(seq_id, start, len(new))
