@@ -4,14 +4,17 @@ The API (`paged_attention`) and each public kernel (`paged_decode*`,
 `paged_prefill*`, the XLA implementations) call `check_paged_arguments`
 first, so that a wrong shape or dtype is a ValueError naming the argument
 rather than a reshape or lowering error deep inside a kernel, or, where
-broadcasting would hide it, a result of the wrong shape. Only static
-properties (shapes, dtypes) are checked: the calls are traced.
+broadcasting would hide it, a result of the wrong shape. Those checks are
+static (shapes, dtypes): the calls are traced. `paged_attention` also
+checks the lengths and the table's ids with `check_paged_values` when they
+are concrete (an eager call).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_pool_shape(
@@ -62,3 +65,44 @@ def check_paged_arguments(
   for name, x in {"block_tables": block_tables, **lengths}.items():
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f"{name} must be integers (int32); got {x.dtype}")
+
+
+def check_paged_values(
+    num_blocks: int,
+    block_size: int,
+    q_len: int,
+    block_tables: jax.Array,  # [batch, pages_per_seq] integer
+    kv_lens: jax.Array,  # [batch] integer
+    q_lens: jax.Array,  # [batch] integer
+) -> None:
+  """Raises ValueError for values no call means, where they are concrete.
+
+  Checked: `0 <= q_lens[b] <= min(q_len, kv_lens[b])`, and the table
+  entries that hold row `b`'s context (the first `ceil(kv_lens[b] / P)`,
+  at most the table's width) name pages of the pool: kernels clamp an id
+  out of range into the pool, so a wrong one reads another page silently.
+  Entries past the context may hold anything (they are read masked, if at
+  all), and a length past the table's capacity sees only the table.
+  Traced arguments (under `jit`) are not checked: their values are unknown
+  until the call runs.
+  """
+  if any(isinstance(x, jax.core.Tracer) for x in (block_tables, kv_lens,
+                                                   q_lens)):
+    return
+  tables = np.asarray(block_tables)
+  kv = np.asarray(kv_lens).astype(np.int64)
+  ql = np.asarray(q_lens).astype(np.int64)
+  bad = np.flatnonzero((ql < 0) | (ql > q_len) | (ql > kv))
+  if bad.size:
+    b = int(bad[0])
+    raise ValueError(
+        f"row {b}: q_lens {ql[b]} must be in [0, min(q_len {q_len}, "
+        f"kv_lens {kv[b]})]")
+  pages = np.minimum(-(-kv // block_size), tables.shape[1])
+  in_context = np.arange(tables.shape[1])[None, :] < pages[:, None]
+  bad_ids = in_context & ((tables < 0) | (tables >= num_blocks))
+  if bad_ids.any():
+    b, i = (int(x) for x in np.argwhere(bad_ids)[0])
+    raise ValueError(
+        f"row {b}: block_tables[{b}, {i}] = {tables[b, i]} holds context "
+        f"(kv_lens {kv[b]}) but names no page of the pool's {num_blocks}")

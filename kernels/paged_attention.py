@@ -131,13 +131,18 @@ def paged_attention(
   See `paged_attention_ref` for the exact semantics every implementation
   shares. `kv_scales` is required for, and only for, an int8 `kv_pages`.
   Numpy arrays and nested lists are taken as JAX arrays (the kernels index
-  with JAX's clamping, never numpy's bounds checks).
+  with JAX's clamping, never numpy's bounds checks). Called eagerly, the
+  lengths and the table entries holding context are checked too
+  (`checks.check_paged_values`; ValueError), at the cost of copying those
+  small arrays to the host; under `jit` they are not.
   """
   q, kv_pages, block_tables, kv_lens, q_lens = (
       jnp.asarray(x) for x in (q, kv_pages, block_tables, kv_lens, q_lens))
   if kv_scales is not None:
     kv_scales = jnp.asarray(kv_scales)
   checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens, q_lens)
+  checks.check_paged_values(kv_pages.shape[0], kv_pages.shape[3], q.shape[1],
+                            block_tables, kv_lens, q_lens)
   quantize.check_scales(kv_pages, kv_scales)
   name = resolve_implementation(
       implementation, q_len=q.shape[1], head_dim=q.shape[3],

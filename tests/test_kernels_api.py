@@ -83,6 +83,36 @@ def test_numpy_and_list_arguments_are_taken_as_arrays(implementation):
     testing.assert_matches(out, case)
 
 
+def test_eager_calls_check_lengths_and_the_ids_holding_context():
+  """Called eagerly, a table id out of the pool among the entries holding
+  context (kernels would clamp it and read another page) and lengths no call
+  means raise, naming the row; junk past the context, a length past the
+  table and empty rows do not. Under `jit` nothing is checked."""
+  case = testing.make_case(25, kv_lens=[10, 20], q_len=4, num_heads=4,
+                           num_kv_heads=2, head_dim=16, block_size=8,
+                           pages_per_seq=4)
+  q, pool, tables, kv_lens, q_lens = case.args()
+  assert (np.asarray(tables)[:, 3] >= pool.shape[0]).any() or (
+      np.asarray(tables)[:, 3] < 0).any()  # junk past the context: fine
+  testing.assert_matches(paged_attention(*case.args()), case)
+  full = tables.at[1, 3].set(tables[1, 0])  # row 1: every entry a page
+  paged_attention(q, pool, full, jnp.array([10, 99]), q_lens)  # past the table
+  with pytest.raises(ValueError, match=r"row 1: block_tables\[1, 3\]"):
+    paged_attention(q, pool, tables, jnp.array([10, 99]), q_lens)
+  paged_attention(q, pool, tables, jnp.array([0, 20]), jnp.array([0, 4]))
+  for column, bad_id in ((1, pool.shape[0]), (0, -1)):
+    bad_tables = tables.at[0, column].set(bad_id)
+    with pytest.raises(ValueError, match=rf"row 0: block_tables\[0, {column}\]"):
+      paged_attention(q, pool, bad_tables, kv_lens, q_lens)
+    # under jit the same call runs (clamped), unchecked
+    jax.jit(paged_attention)(q, pool, bad_tables, kv_lens, q_lens)
+  for lens in ((jnp.array([10, 20]), jnp.array([5, 4])),  # q_lens > q_len
+               (jnp.array([3, 20]), jnp.array([4, 4])),  # q_lens > kv_lens
+               (jnp.array([10, 20]), jnp.array([-1, 4]))):
+    with pytest.raises(ValueError, match="row 0: q_lens"):
+      paged_attention(q, pool, tables, *lens)
+
+
 def test_bad_inputs_raise():
   case = testing.make_case(24, kv_lens=[10], num_heads=2, num_kv_heads=1)
   with pytest.raises(ValueError, match="unknown"):
