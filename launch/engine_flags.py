@@ -39,7 +39,8 @@ def define(max_context_help: str = "longest context of one turn") -> None:
   once(flags.DEFINE_string, "attention", "auto", ATTENTION_HELP)
   once(flags.DEFINE_enum, "dtype", "float32", list(KV_DTYPES),
        "weights, activations and KV dtype (on CPU keep float32: XLA "
-       "emulates bfloat16 matmuls there)")
+       "emulates bfloat16 matmuls there, and its bfloat16 scatter copies "
+       "the whole KV pool on every write)")
 
 
 def configs(seed: int):
