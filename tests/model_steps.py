@@ -36,9 +36,11 @@ def run_steps(loaded, impl: str, feed: list[list[int]] | None, *,
                       dtype="bfloat16")
   runner = ModelRunner(loaded.model, cache, attention_impl=impl)
   rng = np.random.default_rng(7)
-  # Stale finite junk in every slot, as a reused pool holds: a kernel that
-  # read a slot past a sequence's length would see it (a zeroed pool would
-  # mostly hide that). The same junk for every `impl`.
+  # Stale finite junk in every slot, as a reused pool holds. `write_kv`
+  # zeroes each page as the sequence starts it, so the tail of a sequence's
+  # last page reads zeros; the pages its table names past that one keep the
+  # junk, which a kernel reading past the context unmasked would see (a
+  # zeroed pool would mostly hide that). The same junk for every `impl`.
   kv = jnp.asarray(rng.normal(0, 4, runner.kv_cache_shape),
                    jnp.dtype(cache.dtype))
   tokens = [rng.integers(3, cfg.vocab_size, n).tolist() for n in prompts]

@@ -156,8 +156,11 @@ def stale_pool(runner: ModelRunner, rng: np.random.Generator,
                scale: float = 50.0) -> jax.Array:  # [L, N, 2, Hkv, P, D]
   """A KV pool full of large finite junk, as a reused pool holds: a step
   that read a slot it had not written (a masking bug) would see it, where a
-  zeroed pool's slots only shift the softmax a little. Never NaN: a pool's
-  stale slots never are, and the reference multiplies them by 0."""
+  zeroed pool's slots only shift the softmax a little (`write_kv` zeroes the
+  pages a step starts, so this holds for the slots of pages not started).
+  Never NaN: every implementation multiplies masked slots by 0, and NaN
+  times 0 is NaN (tests/test_engine.py keeps NaN pages from other
+  sequences away)."""
   return jnp.asarray(rng.normal(0, scale, runner.kv_cache_shape),
                      jnp.dtype(runner.cache.dtype))
 
