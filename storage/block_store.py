@@ -52,6 +52,7 @@ import concurrent.futures as cf
 import dataclasses
 import logging
 import os
+import sqlite3
 import threading
 import time
 from typing import Sequence
@@ -72,6 +73,7 @@ _log = logging.getLogger(__name__)
 
 DROPPED = "dropped"
 FAILED = "failed"
+DELETED = "deleted"  # a delete of its session or tenant came while it was written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +141,14 @@ class BlockStore:
     self._stats = StoreStats()
     self._logged: set[bytes] = set()
     self._log_lock = threading.Lock()
+    self._closed = False
     self._writes = IoPool(config.io_threads, config.max_pending_write_bytes, "cold-write")
     self._reads = IoPool(config.io_threads, 1 << 62, "cold-read")
-    self.recover()
+    try:
+      self.recover()
+    except sqlite3.OperationalError as err:  # e.g. the disk is full: read on
+      _log.warning("cold tier %s: recovering dead writers' rows failed (%s); "
+                   "a later open retries", config.root, err)
     if self._slot_dirs is not None:  # the directories the next fresh slots need
       self._slot_dirs.prefetch(self.index.next_fresh_slot())
 
@@ -156,6 +163,7 @@ class BlockStore:
       session: str = "",
   ) -> cf.Future:
     """Stores blocks in the background; a future of `PutResult`."""
+    self._check_open()
     _check_names(tenant=tenant, session=session)
     ids = self._check_ids(ids)
     self.codec.check_blocks(blocks)
@@ -187,6 +195,7 @@ class BlockStore:
     left as it was or partly written. The caller must not touch `out` until
     the future is done.
     """
+    self._check_open()
     ids = self._check_ids(ids)
     if out is not None:
       self._check_out(out, len(ids))
@@ -207,10 +216,13 @@ class BlockStore:
     return self.index.contains(self._check_ids(ids))
 
   def delete_session(self, tenant: str, session: str) -> int:
-    """Removes every block the session put (index entry and bytes).
+    """Removes every block the session put (index entry and bytes); returns
+    how many stored blocks it removed.
 
-    `session` must be a str: None would name every session of the tenant
-    (that is `delete_tenant`)."""
+    A block of the session still being written (by any process) is removed
+    by its writer once the write ends, never under it: its put reports
+    "deleted". `session` must be a str: None would name every session of the
+    tenant (that is `delete_tenant`)."""
     _check_names(tenant=tenant, session=session)
     return self._delete(self.index.mark_deleting_where(tenant, session))
 
@@ -237,12 +249,20 @@ class BlockStore:
     out["pending_write_bytes"] = self._writes.bytes_in_flight
     return out
 
+  def _check_open(self) -> None:
+    if self._closed:
+      raise RuntimeError(f"the cold tier store at {self.config.root} is closed")
+
   def flush(self, timeout: float | None = None) -> bool:
     """Waits until every queued put is durable and committed."""
     return self._writes.wait_idle(timeout)
 
   def close(self) -> None:
-    """Finishes queued work and releases the index."""
+    """Finishes queued work and releases the index; a second call does
+    nothing."""
+    if self._closed:
+      return
+    self._closed = True
     self.flush()
     self._writes.shutdown()
     self._reads.shutdown()
@@ -319,7 +339,13 @@ class BlockStore:
   def _put(self, ids: list[bytes], blocks: np.ndarray, tenant: str,
            session: str) -> PutResult:
     start = time.perf_counter()
-    reservation = self.index.reserve(ids, tenant, session)
+    try:
+      reservation = self.index.reserve(ids, tenant, session)
+    except sqlite3.OperationalError as err:  # e.g. the disk is full
+      _log.error("cold tier %s: cannot reserve %d blocks: %s", self.config.root,
+                 len(ids), err)
+      self._stats.add(failed_writes=len(ids))
+      return PutResult([FAILED] * len(ids))
     statuses = list(reservation.statuses)
     rows = [i for i, s in enumerate(statuses) if s == index_lib.WRITE]
     step = self.config.max_batch_blocks
@@ -333,24 +359,22 @@ class BlockStore:
                  else blocks[batch_rows])
         try:
           self._write_chunks(refs, batch)
+          committed, doomed = self.index.commit(refs)
         except Exception as err:  # pylint: disable=broad-except
           _log.error("cold tier write of %d blocks failed: %s", len(refs), err)
-          if self._slot_dirs is not None:
-            self._slot_dirs.forget(r.slot for r in refs)
-          try:
-            self._delete_bytes(refs)
-          except Exception as cleanup_err:  # pylint: disable=broad-except
-            # Safe to free the slots anyway: no READY row points at them, and
-            # their next write replaces whatever bytes are left.
-            _log.error("cold tier: removing the failed write's bytes failed: %s", cleanup_err)
-          self.index.release(refs)
+          self._discard(refs)
           handled = lo + len(refs)
           for i in batch_rows:
             statuses[i] = FAILED
           self._stats.add(failed_writes=len(refs))
           continue
-        self.index.commit(refs)
         handled = lo + len(refs)
+        if doomed:
+          self._discard(doomed)
+        lost = set(refs) - set(committed)  # doomed, or taken by a recovery
+        for i, r in zip(batch_rows, refs):
+          if r in lost:
+            statuses[i] = DELETED if r in doomed else FAILED
     except BaseException:
       # Anything else (a failed commit, an interrupt): the rows not yet
       # committed are released, never left pending for the process's life.
@@ -365,6 +389,24 @@ class BlockStore:
         no_space_blocks=statuses.count(index_lib.NO_SPACE),
         evicted_blocks=reservation.evicted, write_seconds=time.perf_counter() - start)
     return PutResult(statuses)
+
+  def _discard(self, refs: Sequence[index_lib.SlotRef]) -> None:
+    """Deletes the bytes of rows this writer reserved and frees the rows."""
+    if self._slot_dirs is not None:
+      self._slot_dirs.forget(r.slot for r in refs)
+    try:
+      self._delete_bytes(refs)
+    except Exception as err:  # pylint: disable=broad-except
+      # Safe to free the slots anyway: no READY row points at them, and
+      # their next write replaces whatever bytes are left.
+      _log.error("cold tier: removing the bytes of %d unstored blocks failed: %s",
+                 len(refs), err)
+    try:
+      self.index.release(refs)
+    except sqlite3.OperationalError as err:
+      # They stay reserved (in flight) until this process ends; the next
+      # open recovers them as a dead writer's.
+      _log.error("cold tier: freeing %d unstored blocks failed: %s", len(refs), err)
 
   def _write_chunks(
       self,

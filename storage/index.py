@@ -17,6 +17,13 @@ steps leaves PENDING or DELETING rows owned by a lease that nobody holds any
 more; `dead_owner_rows` finds them (a `flock` on the lease file succeeds only
 when its owner is gone) and the store deletes their bytes and frees them.
 
+A delete (`mark_deleting_where`) never takes a PENDING row from its writer,
+who may still be writing into the slot: freeing the slot then would let the
+late write land on the next block put there. It marks the row DOOMED
+instead; `commit` leaves DOOMED rows alone and hands them back, and the
+writer deletes its own bytes and frees the row (a dead writer's DOOMED rows
+are recovered like its PENDING ones).
+
 Every allocation bumps a generation counter stored with the row; a reader
 re-checks (id, slot, generation) after its read (`touch`), so a slot that was
 evicted and reused while it was being read is a miss, never someone else's
@@ -39,6 +46,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -46,7 +54,9 @@ import time
 import uuid
 from typing import Iterator, Sequence
 
-PENDING, READY, DELETING = 0, 1, 2
+PENDING, READY, DELETING, DOOMED = 0, 1, 2, 3
+
+_log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -113,20 +123,48 @@ class BlockIndex:
     self.num_slots = int(num_slots)
     self.admission = admission
     self._lock = threading.Lock()
-    self._db = sqlite3.connect(
-        os.path.join(directory, "index.sqlite"), timeout=60.0,
-        isolation_level=None, check_same_thread=False)
-    self._db.execute("PRAGMA journal_mode=WAL")
-    self._db.execute("PRAGMA synchronous=FULL")
-    for statement in _SCHEMA.strip().split(";"):
-      if statement.strip():
-        self._db.execute(statement)
+    self._closed = False
+    path = os.path.join(directory, "index.sqlite")
+    self._db = sqlite3.connect(path, timeout=60.0, isolation_level=None,
+                               check_same_thread=False)
+    try:
+      self._db.execute("PRAGMA journal_mode=WAL")
+      self._db.execute("PRAGMA synchronous=FULL")
+      for statement in _SCHEMA.strip().split(";"):
+        if statement.strip():
+          self._db.execute(statement)
+    except sqlite3.DatabaseError as err:
+      self._db.close()
+      raise ValueError(
+          f"cold tier index {path} cannot be read ({err}): it is not a block "
+          "index or it is damaged; move the directory aside and start a new "
+          "one (its blocks cannot be found without their index)") from None
     self.made_layout = False  # whether this open wrote the layout
-    self._check_layout(layout)
-    self.owner = uuid.uuid4().hex
-    self._lease_path = os.path.join(directory, "owners", self.owner + ".lock")
-    self._lease_fd = os.open(self._lease_path, os.O_CREAT | os.O_RDWR, 0o644)
-    fcntl.flock(self._lease_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+      self._check_layout(layout)
+    except BaseException:
+      self._db.close()
+      raise
+    self.owner, self._lease_path, self._lease_fd = self._take_lease()
+
+  def _take_lease(self) -> tuple[str, str, int]:
+    """(owner, path, fd) of a new lease file, created and locked.
+
+    Another process's `_remove_dead_leases` may find the file between its
+    creation and the `flock` and unlink it as a dead writer's; a lease that
+    is no longer the file at its path is dropped and taken again.
+    """
+    while True:
+      owner = uuid.uuid4().hex
+      path = os.path.join(self.directory, "owners", owner + ".lock")
+      fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+          return owner, path, fd
+      except FileNotFoundError:
+        pass
+      os.close(fd)
 
   # -- plumbing --------------------------------------------------------------
 
@@ -140,16 +178,19 @@ class BlockIndex:
     counts); the next durable commit syncs it along with its own.
     """
     with self._lock:
+      self._check_open()
       if not durable:
         self._db.execute("PRAGMA synchronous=NORMAL")
       try:
         self._db.execute("BEGIN IMMEDIATE")
         try:
           yield self._db
+          self._db.execute("COMMIT")
         except BaseException:
-          self._db.execute("ROLLBACK")
+          if self._db.in_transaction:  # a failed COMMIT may have ended it
+            with contextlib.suppress(sqlite3.Error):
+              self._db.execute("ROLLBACK")
           raise
-        self._db.execute("COMMIT")
       finally:
         if not durable:
           self._db.execute("PRAGMA synchronous=FULL")
@@ -157,7 +198,12 @@ class BlockIndex:
   @contextlib.contextmanager
   def _read(self) -> Iterator[sqlite3.Connection]:
     with self._lock:
+      self._check_open()
       yield self._db
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise RuntimeError(f"the cold tier index in {self.directory} is closed")
 
   def _check_layout(self, layout: dict) -> None:
     text = json.dumps(layout, sort_keys=True)
@@ -204,8 +250,13 @@ class BlockIndex:
     db.execute("UPDATE meta SET value=? WHERE key=?", (str(value), key))
 
   def close(self) -> None:
-    """Closes the database and releases (and removes) this process's lease."""
+    """Closes the database and releases (and removes) this process's lease.
+    A second call does nothing: the lease's descriptor number may belong to
+    another file by then."""
     with self._lock:
+      if self._closed:
+        return
+      self._closed = True
       self._db.close()
     try:
       os.unlink(self._lease_path)
@@ -271,8 +322,9 @@ class BlockIndex:
         existing = db.execute("SELECT state FROM blocks WHERE id=?", (block_id,)).fetchone()
         if existing is not None:
           statuses.append(PRESENT if existing[0] == READY else IN_FLIGHT)
-          if existing[0] == READY:
+          if existing[0] in (READY, PENDING):  # this session's delete takes it too
             db.execute("INSERT OR IGNORE INTO refs VALUES (?, ?, ?)", (block_id, tenant, session))
+          if existing[0] == READY:
             db.execute("UPDATE blocks SET last_access=? WHERE id=?", (now, block_id))
           continue
         if not self._admit(db, block_id, repeat_session, now):
@@ -294,12 +346,26 @@ class BlockIndex:
         self._prune_seen(db)
     return Reservation(statuses, to_write, evicted)
 
-  def commit(self, refs: Sequence[SlotRef]) -> None:
-    """Makes written blocks visible (their bytes must already be durable)."""
+  def commit(self, refs: Sequence[SlotRef]) -> tuple[list[SlotRef], list[SlotRef]]:
+    """Makes written blocks visible (their bytes must already be durable).
+
+    Returns (committed, doomed). Doomed rows were deleted while being
+    written (`mark_deleting_where`): the caller deletes their bytes and
+    `release`s them. Any other row is no longer this writer's (recovered
+    as a dead writer's): its slot is not touched.
+    """
+    committed, doomed = [], []
     with self._transaction() as db:
-      db.executemany(
-          "UPDATE blocks SET state=? WHERE id=? AND gen=? AND owner=? AND state=?",
-          [(READY, r.block_id, r.gen, self.owner, PENDING) for r in refs])
+      for r in refs:
+        cur = db.execute(
+            "UPDATE blocks SET state=? WHERE id=? AND gen=? AND owner=? AND state=?",
+            (READY, r.block_id, r.gen, self.owner, PENDING))
+        if cur.rowcount:
+          committed.append(r)
+        elif db.execute("SELECT 1 FROM blocks WHERE id=? AND gen=? AND owner=? AND state=?",
+                        (r.block_id, r.gen, self.owner, DOOMED)).fetchone():
+          doomed.append(r)
+    return committed, doomed
 
   def release(self, refs: Sequence[SlotRef]) -> None:
     """Frees rows this process marked PENDING/DELETING whose bytes are gone."""
@@ -337,9 +403,13 @@ class BlockIndex:
         row = db.execute("SELECT slot, gen, state FROM blocks WHERE id=?", (block_id,)).fetchone()
         if row is None:
           continue
-        db.execute("UPDATE blocks SET state=?, owner=? WHERE id=?",
-                   (DELETING, self.owner, block_id))
-        hidden.append(SlotRef(block_id, row[0], row[1]))
+        if row[2] == PENDING:  # its writer deletes it (see the module docstring)
+          db.execute("UPDATE blocks SET state=? WHERE id=?", (DOOMED, block_id))
+        elif row[2] == READY:
+          db.execute("UPDATE blocks SET state=?, owner=? WHERE id=?",
+                     (DELETING, self.owner, block_id))
+          hidden.append(SlotRef(block_id, row[0], row[1]))
+        # DELETING or DOOMED: another delete has it already
     return hidden
 
   def dead_owner_rows(self) -> list[SlotRef]:
@@ -374,12 +444,28 @@ class BlockIndex:
     return False
 
   def _remove_dead_leases(self) -> None:
+    """Unlinks lease files nobody holds, each while holding its lock: a
+    process that has just created its lease and not yet locked it locks it
+    after the unlink, sees it gone and takes another (`_take_lease`)."""
     owners_dir = os.path.join(self.directory, "owners")
     for name in os.listdir(owners_dir):
-      owner = name.removesuffix(".lock")
-      if owner != self.owner and not self._lease_alive(owner):
+      if name == self.owner + ".lock":
+        continue
+      path = os.path.join(owners_dir, name)
+      try:
+        fd = os.open(path, os.O_RDWR)
+      except FileNotFoundError:
+        continue
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        continue  # alive
+      try:
         with contextlib.suppress(FileNotFoundError):
-          os.unlink(os.path.join(owners_dir, name))
+          os.unlink(path)
+      finally:
+        os.close(fd)
 
   # -- reads -----------------------------------------------------------------
 
@@ -403,13 +489,21 @@ class BlockIndex:
     """
     now = time.time()
     valid = []
-    with self._transaction(durable=False) as db:
-      for r in refs:
-        cur = db.execute(
-            "UPDATE blocks SET last_access=?, hits=hits+1 WHERE id=? AND slot=? AND gen=? "
-            "AND state=?", (now, r.block_id, r.slot, r.gen, READY))
-        valid.append(cur.rowcount == 1)
-    return valid
+    try:
+      with self._transaction(durable=False) as db:
+        for r in refs:
+          cur = db.execute(
+              "UPDATE blocks SET last_access=?, hits=hits+1 WHERE id=? AND slot=? AND gen=? "
+              "AND state=?", (now, r.block_id, r.slot, r.gen, READY))
+          valid.append(cur.rowcount == 1)
+      return valid
+    except sqlite3.OperationalError as err:  # e.g. the disk is full
+      _log.warning("cold tier index %s: cannot record reads (%s); checking "
+                   "them without", self.directory, err)
+    with self._read() as db:  # the same check, read only
+      return [db.execute(
+          "SELECT 1 FROM blocks WHERE id=? AND slot=? AND gen=? AND state=?",
+          (r.block_id, r.slot, r.gen, READY)).fetchone() is not None for r in refs]
 
   def contains(self, ids: Sequence[bytes]) -> list[bool]:
     return [r is not None for r in self.lookup(ids)]
@@ -423,7 +517,8 @@ class BlockIndex:
     """Blocks per state and free capacity."""
     with self._read() as db:
       by_state = dict(db.execute("SELECT state, COUNT(*) FROM blocks GROUP BY state").fetchall())
-    return {"ready": by_state.get(READY, 0), "pending": by_state.get(PENDING, 0),
+    return {"ready": by_state.get(READY, 0),
+            "pending": by_state.get(PENDING, 0) + by_state.get(DOOMED, 0),
             "deleting": by_state.get(DELETING, 0), "slots": self.num_slots}
 
   def all_ready(self) -> list[SlotRef]:

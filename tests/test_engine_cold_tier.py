@@ -118,3 +118,42 @@ def test_corrupt_block_is_recomputed_not_served(tiny, tmp_path):
   assert e2.cold_tier.stats.missed_blocks > 0
   assert b.generated_tokens == a.generated_tokens
   e2.close()
+
+
+@pytest.mark.parametrize("failing", ["contains", "get", "put"])
+def test_a_failing_store_is_a_miss_and_the_engine_serves_on(
+    tiny, tmp_path, monkeypatch, failing):
+  """The cold tier is a cache: a store call that raises (its disk full, its
+  index damaged) used to raise out of `engine.step()`. Now a load is a
+  miss, a write-back is skipped, the error is counted, and the turn's
+  tokens equal a store-less engine's."""
+  prompt = _prompt(5, 30)
+  e = _engine(tiny, tmp_path)
+  _run(e, TurnRequest("a", prompt, 3, stop_on_eos=False))  # stores its blocks
+  e.close()
+  e = _engine(tiny, tmp_path)
+  store = e.cold_tier.store
+
+  def broken(*_args, **_kwargs):
+    raise OSError(28, "No space left on device")
+  if failing == "put":  # the write pool's task raises: the future holds it
+    monkeypatch.setattr(store, "_put", broken)
+  else:
+    monkeypatch.setattr(store, failing, broken)
+  nxt = prompt + _prompt(6, 6)
+  out = _run(e, TurnRequest("b", nxt, 4, stop_on_eos=False))
+  store.flush()
+  fresh = make_engine(tiny, CacheConfig(block_size=BS, num_blocks=128),
+                      EngineConfig(max_batch_size=4, max_prefill_chunk=16,
+                                   max_context=128))
+  want = _run(fresh, TurnRequest("c", nxt, 4, stop_on_eos=False))
+  assert out.generated_tokens == want.generated_tokens
+  stats = e.cold_tier.stats
+  if failing == "put":
+    assert stats.loaded_blocks > 0
+  else:
+    assert stats.loaded_blocks == 0 and out.cached_prompt_tokens == 0
+  # contains fails at the load and again at the write-back
+  assert stats.store_errors == (2 if failing == "contains" else 1)
+  monkeypatch.undo()
+  e.close()

@@ -13,11 +13,17 @@ pool (`put_async`): the engine does not wait for the disk.
 
 Loading is synchronous here (one engine, one device): the DualPath transfer
 layer overlaps it with prefill, layer by layer.
+
+The cold tier is a cache: when the store fails (its disk is full, its
+index cannot be read), a load is a miss and a write-back is skipped, with
+the error logged and counted (`store_errors`); the engine serves on.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
+import logging
 
 import jax
 
@@ -25,6 +31,8 @@ from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.engine import pool_io
 from dualpath_jax.transfer.source import StagingRows
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -35,6 +43,7 @@ class ColdTierStats:
   missed_blocks: int = 0  # listed by contains() but unreadable
   written_blocks: int = 0
   write_requests: int = 0
+  store_errors: int = 0  # store calls that raised: loads missed, writes skipped
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -68,7 +77,10 @@ class ColdTierConnector:
     chain = hash_chain(tokens[:cap * bs], bs, self.manager.model_fingerprint,
                        tenant)
     wanted = chain[have:]
-    present = self.store.contains(wanted)
+    try:
+      present = self.store.contains(wanted)
+    except Exception as err:  # pylint: disable=broad-except
+      return pool, self._store_error("lookup", err)
     run = next((i for i, p in enumerate(present) if not p), len(wanted))
     if run == 0:
       return pool, 0
@@ -77,7 +89,10 @@ class ColdTierConnector:
     if run == 0:
       return pool, 0
     staging = self._staging.rows(run)
-    blocks = self.store.get(wanted[:run], out=staging)
+    try:
+      blocks = self.store.get(wanted[:run], out=staging)
+    except Exception as err:  # pylint: disable=broad-except
+      return pool, self._store_error("read", err)
     good = next((i for i, b in enumerate(blocks) if b is None), run)
     self.stats.missed_blocks += run - good
     if good == 0:
@@ -98,12 +113,29 @@ class ColdTierConnector:
     if not hashes:
       return
     table = self.manager.block_table(seq_id)
-    present = self.store.contains(hashes)
+    try:
+      present = self.store.contains(hashes)
+    except Exception as err:  # pylint: disable=broad-except
+      self._store_error("lookup", err)
+      return
     todo = [i for i, p in enumerate(present) if not p]
     if not todo:
       return
     blocks = pool_io.read_blocks(pool, [table[i] for i in todo])
-    self.store.put_async([hashes[i] for i in todo], blocks, tenant=tenant,
-                         session=session)
+    future = self.store.put_async([hashes[i] for i in todo], blocks,
+                                  tenant=tenant, session=session)
+    future.add_done_callback(self._check_put)
     self.stats.write_requests += 1
     self.stats.written_blocks += len(todo)
+
+  def _store_error(self, what: str, err: Exception) -> int:
+    """Logs and counts a store call that raised; 0 (tokens loaded)."""
+    self.stats.store_errors += 1
+    _log.error("cold tier %s failed, served without it: %s: %s", what,
+               type(err).__name__, err)
+    return 0
+
+  def _check_put(self, future: cf.Future) -> None:
+    """A write-back's put that raised is logged and counted, not lost."""
+    if not future.cancelled() and future.exception() is not None:
+      self._store_error("write", future.exception())
