@@ -12,6 +12,8 @@ only `dualpath` may read through the decode engines' NICs.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -232,7 +234,12 @@ def test_cluster_interface_and_validation(tiny, tmp_path):
     out = _run(cluster, [TurnRequest("z", prompt, 3, stop_on_eos=False)])["z"]
     assert len(out.generated_tokens) == 3
     assert out.first_token_s <= out.finish_s
-    assert cluster.manager.stats["lookups"] >= 2  # on a PE and on the DE
+    # the prefix cache is the prefill engines': one lookup for one turn (its
+    # reservation on the DE is not another); pools summed over 1P2D
+    stats = cluster.manager.stats
+    assert stats["lookups"] == 1 and stats["query_tokens"] == len(prompt)
+    assert cluster.manager.pool.num_blocks == 3 * CACHE.num_blocks
+    assert stats["blocks_free"] == 3 * CACHE.num_blocks  # nothing referenced
     assert set(cluster.stats.as_dict()) >= {"prefill_tokens", "decode_tokens",
                                             "nic_bytes", "path_blocks"}
   finally:
@@ -240,3 +247,107 @@ def test_cluster_interface_and_validation(tiny, tmp_path):
   with pytest.raises(ValueError, match="cold tier"):
     from dualpath_jax.engine.cluster import PDCluster
     PDCluster(tiny, CACHE, ENGINE, None)
+
+
+def _engine_and_cluster_tokens(tiny, tmp_path, turns, *, engine_blocks,
+                               cluster_blocks, **dualpath):
+  """Runs `turns` (lists of requests, one list after the other) on a single
+  engine and on a 1P2D cluster; returns both outputs and the cluster, whose
+  every pool must be back to all-free."""
+  cache = CacheConfig(block_size=BS, num_blocks=engine_blocks)
+  engine = make_engine(tiny, cache, ENGINE, cold_tier=_cold(tmp_path / "e"))
+  cluster = make_cluster(
+      tiny, CacheConfig(block_size=BS, num_blocks=cluster_blocks), ENGINE,
+      _cold(tmp_path / "c"), MeshConfig.parse("1P2D"),
+      DualPathConfig(**dualpath))
+  want, got = {}, {}
+  try:
+    for reqs in turns:
+      want |= _run(engine, [TurnRequest(**r.__dict__) for r in reqs])
+      engine.cold_tier.store.flush()
+      got |= _run(cluster, [TurnRequest(**r.__dict__) for r in reqs])
+      cluster.flush()
+    for w in cluster.workers.values():
+      assert w.manager.pool.num_free == cluster_blocks, w.name
+      assert not w.manager.active_sequences, w.name
+  finally:
+    engine.close()
+  return want, got, cluster
+
+
+def test_a_turns_own_cached_prefix_is_not_counted_free_for_it(tiny, tmp_path):
+  """A turn's resident prefix, cached and unreferenced, counts as free on
+  its PE, and the placement counted it again as needing no page: the turn
+  was placed on a PE short of pages, and `step()` raised and lost it. Here
+  P0 (14 pages) holds s#0's 4 blocks cached while C takes 5: 9 "free" for
+  s#1's 10 blocks, 4 of them resident, leaves 5 for 6 new pages."""
+  rng = np.random.default_rng(0)
+  p0 = rng.integers(3, 256, size=17).tolist()
+  first = [TurnRequest("s#0", p0, 3, session_id="s", stop_on_eos=False)]
+  engine = make_engine(tiny, CacheConfig(block_size=BS, num_blocks=32),
+                       ENGINE)
+  p1 = p0 + _run(engine, first)["s#0"].generated_tokens
+  p1 += rng.integers(3, 256, size=40 - len(p1)).tolist()
+  second = [TurnRequest("C", rng.integers(3, 256, size=20).tolist(), 20,
+                        session_id="c", stop_on_eos=False),
+            TurnRequest("s#1", p1, 3, session_id="s", stop_on_eos=False)]
+  want, got, cluster = _engine_and_cluster_tokens(
+      tiny, tmp_path, [first, second], engine_blocks=32, cluster_blocks=14,
+      policy="single_path")
+  try:
+    assert {k: v.generated_tokens for k, v in got.items()} == {
+        k: v.generated_tokens for k, v in want.items()}
+  finally:
+    cluster.close()
+
+
+def test_a_load_past_the_host_buffer_loads_what_fits(tiny, tmp_path):
+  """A load of more blocks than an engine's host buffer holds raised out of
+  `step()`, lost the turn and kept its PE pages. Now the blocks that fit are
+  loaded and the rest recomputed: same tokens, every page back."""
+  block_bytes = CACHE.bytes_per_block(tiny.config)
+  p0 = np.random.default_rng(1).integers(3, 256, size=33).tolist()
+  first = [_turn("s", 0, p0)]
+  engine = make_engine(tiny, CACHE, ENGINE)
+  p1 = p0 + _run(engine, first)["s#0"].generated_tokens + [5, 6, 7]
+  want, got, cluster = _engine_and_cluster_tokens(
+      tiny, tmp_path, [first, [_turn("s", 1, p1)]], engine_blocks=96,
+      cluster_blocks=96, policy="single_path", prefill_keeps_prefix=False,
+      host_buffer_bytes=3 * block_bytes)
+  try:
+    assert got["s#1"].generated_tokens == want["s#1"].generated_tokens
+    assert cluster.cold_tier.stats.loaded_blocks == 3  # of 8 stored
+    assert got["s#1"].cached_prompt_tokens == 3 * BS
+  finally:
+    cluster.close()
+
+
+def test_a_host_buffer_holding_no_block_is_refused(tiny, tmp_path):
+  with pytest.raises(ValueError, match="holds no block"):
+    make_cluster(tiny, CACHE, ENGINE, _cold(tmp_path), MeshConfig.parse("1P1D"),
+                 DualPathConfig(host_buffer_bytes=100))
+  assert os.listdir(tmp_path / "owners") == []  # its store was closed
+
+
+@pytest.mark.parametrize("failing", ["contains", "get"])
+def test_a_failing_store_is_a_miss_and_the_cluster_serves_on(
+    tiny, reference, tmp_path, monkeypatch, failing):
+  """A store call that raises (a full disk, a damaged index) used to raise
+  out of `step()` (the lookup at placement, or the load's read at install).
+  Now the turn is recomputed: the reference's tokens, the error counted."""
+  cluster, turns = _seeded_cluster(tiny, reference, tmp_path,
+                                   policy="dualpath", storage_nic_gbps=100.0)
+
+  def broken(*_args, **_kwargs):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(cluster.store, failing, broken)
+  try:
+    reqs, want = turns[0]
+    got = _run(cluster, [TurnRequest(**r.__dict__) for r in reqs])
+    for rid, out in want.items():
+      assert got[rid].generated_tokens == out.generated_tokens, rid
+    stats = cluster.cold_tier.stats
+    assert stats.loaded_blocks == 0 and stats.store_errors >= len(reqs)
+    monkeypatch.undo()
+  finally:
+    cluster.close()

@@ -52,6 +52,7 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import math
+import logging
 import time
 from typing import Callable, Sequence
 
@@ -81,7 +82,7 @@ from dualpath_jax.transfer import (DualPathConfig, DualPathLoader,
                                    LoadRequest, MeshConfig, StorageNic,
                                    build_cluster_mesh)
 from dualpath_jax.transfer.loader import DecodeSink, LayerStager
-from dualpath_jax.transfer.mesh import EngineMesh
+from dualpath_jax.transfer.mesh import EngineMesh, pair_mesh
 
 
 @dataclasses.dataclass
@@ -132,6 +133,9 @@ class ClusterStats(EngineStats):
                                "free": 0})
   nic_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
   placements: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -240,6 +244,7 @@ class PDCluster:
     self.clock = clock
     self.store = store
     self.cluster_mesh = build_cluster_mesh(mesh, devices)
+    _check_cluster(self.cluster_mesh, loaded.config, cache, dualpath)
     self.nics = {
         e.name: StorageNic(e.name, dualpath.nic_bytes_per_s,
                            dualpath.nic_burst_bytes)
@@ -273,8 +278,10 @@ class PDCluster:
   # ------------------------------------------------------------------ API
   @property
   def manager(self) -> "_ManagersView":
-    """Prefix-cache counters summed over every engine's manager."""
-    return _ManagersView([w.manager for w in self.workers.values()])
+    """Prefix-cache counters (the prefill engines') and pool counts (every
+    engine's) read as one engine's; see `_ManagersView`."""
+    return _ManagersView([w.manager for w in self.prefill_workers],
+                         [w.manager for w in self.workers.values()])
 
   def validate(self, req: TurnRequest) -> None:
     """Raises ValueError if `req` can never run (see `validate_request`).
@@ -434,10 +441,14 @@ class PDCluster:
     self._count_shapes()
 
   # ------------------------------------------------------------ placement
-  def _snapshot(self) -> ClusterSnapshot:
+  def _snapshot(self, taken: dict[str, int] | None = None) -> ClusterSnapshot:
+    """The engines' state; `taken[name]`: blocks counted free on that
+    engine that the turn being placed will take back itself (its resident
+    prefix, cached and unreferenced: `begin` revives it, and it is no longer
+    free for the pages the turn still needs)."""
     engines = []
     for w in self.workers.values():
-      free = w.manager.pool.num_free
+      free = w.manager.pool.num_free - (taken or {}).get(w.name, 0)
       if w.role == DECODE and len(w.running) + self._headed_to(w) >= \
           self.config.max_batch_size:
         free = 0  # a full decode batch takes no more turns
@@ -461,8 +472,11 @@ class PDCluster:
     """Turns placed on a PE and not yet handed to their DE."""
     return [t for pe in self.prefill_workers for t in pe.prefill_turns()]
 
-  def _demand(self, turn: _Turn) -> tuple[TurnDemand, list[bool]]:
-    """The turn's `TurnDemand`, and which blocks of `turn.chain` the store holds.
+  def _demand(self, turn: _Turn
+              ) -> tuple[TurnDemand, list[bool], dict[str, int]]:
+    """The turn's `TurnDemand`, which blocks of `turn.chain` the store holds,
+    and per prefill engine how many of its resident blocks are cached and
+    unreferenced (counted free there, taken back by the turn).
 
     The chain is hashed once per turn; the store is asked at every attempt
     (a turn waiting for pages may find more blocks stored later).
@@ -475,12 +489,15 @@ class PDCluster:
                               self.prefill_workers[0].manager.model_fingerprint,
                               turn.req.tenant)
     chain = turn.chain
-    in_store = self.store.contains(chain) if chain else []
-    resident, hits = {}, 0
+    in_store = self._store_contains(chain) if chain else []
+    resident, hits, taken = {}, 0, {}
     for pe in self.prefill_workers:
-      r = 0
-      while r < len(chain) and pe.manager.pool.lookup(chain[r]) is not None:
+      pool = pe.manager.pool
+      r = unreferenced = 0
+      while r < len(chain) and (block := pool.lookup(chain[r])) is not None:
+        unreferenced += pool.ref_count(block) == 0
         r += 1
+      taken[pe.name] = unreferenced
       run = r
       while run < len(chain) and in_store[run]:
         run += 1
@@ -493,14 +510,28 @@ class PDCluster:
         block_bytes=self.block_bytes, total_blocks=total, decode_blocks=decode,
         max_new_tokens=turn.req.max_new_tokens,
         resident_blocks={k: min(v, hits) for k, v in resident.items()})
-    return demand, in_store
+    return demand, in_store, taken
+
+  def _store_contains(self, chain: list[bytes]) -> list[bool]:
+    """`store.contains`; a store that raises holds nothing (the cold tier is
+    a cache: the turn is recomputed), logged and counted."""
+    try:
+      return self.store.contains(chain)
+    except Exception as err:  # pylint: disable=broad-except
+      self._store_error("lookup", err)
+      return [False] * len(chain)
+
+  def _store_error(self, what: str, err: Exception) -> None:
+    self.cold_tier.stats.store_errors += 1
+    _log.error("cold tier %s failed, served without it: %s: %s", what,
+               type(err).__name__, err)
 
   def _admit(self) -> None:
     while self._waiting:
       turn = self._waiting[0]
-      demand, in_store = self._demand(turn)
+      demand, in_store, taken = self._demand(turn)
       try:
-        placement = self.policy(demand, self._snapshot())
+        placement = self.policy(demand, self._snapshot(taken))
       except NoCapacityError:
         if self.num_running == 0:
           raise OutOfBlocksError(
@@ -511,8 +542,19 @@ class PDCluster:
       pe = self.workers[placement.prefill_engine]
       de = self.workers[placement.decode_engine]
       turn.prefill, turn.decode = pe, de
-      self._start_on_prefill(turn, pe, de, in_store, placement.paths)
-      self._reserve_on_decode(turn, pe, de)
+      try:
+        self._start_on_prefill(turn, pe, de, in_store, placement.paths)
+        self._reserve_on_decode(turn, pe, de)
+      except OutOfBlocksError:
+        # The placement's count was off: the turn waits, holding nothing.
+        for worker in (pe, de):
+          if turn.rid in worker.manager:
+            worker.manager.end(turn.rid)
+        turn.load = turn.load_request = None
+        self._waiting.appendleft(turn)
+        if self.num_running == 0:
+          raise
+        return
       pe.queue.append(turn)
       self.stats.turns_placed += 1
       key = f"{pe.name}->{de.name}"
@@ -532,6 +574,7 @@ class PDCluster:
     self.stats.path_blocks["resident"] += have
     present = in_store[have:]
     run = next((i for i, p in enumerate(present) if not p), len(present))
+    run = self._fits_host_buffers(paths[have:have + run], run)
     if not pe.manager.can_allocate(turn.rid, target - cached):
       pe.manager.end(turn.rid)
       raise OutOfBlocksError(f"{turn.rid}: {pe.name} lost the pages the "
@@ -556,6 +599,20 @@ class PDCluster:
     self.stats.max_loads_in_flight = max(self.stats.max_loads_in_flight,
                                          len(self._loads_in_flight()) + 1)
 
+  def _fits_host_buffers(self, paths: Sequence[ReadPath], run: int) -> int:
+    """How many of a load's `run` leading blocks fit the engines' host
+    buffers, path 1's and path 2's each (`DualPathConfig.host_buffer_bytes`);
+    the blocks after them are recomputed. Paths past `paths` are path 1."""
+    limit = self.dualpath.host_buffer_bytes // self.block_bytes
+    counts = {1: 0, 2: 0}
+    for i in range(run):
+      path = ReadPath(paths[i]) if i < len(paths) else ReadPath.PE_READ
+      group = 2 if path == ReadPath.DE_READ else 1
+      if counts[group] == limit:
+        return i
+      counts[group] += 1
+    return run
+
   def _install_load(self, pe: _Worker, turn: _Turn) -> LayerStager | None:
     """Accounts a finished load; the stager that puts it into `pe`'s pool.
 
@@ -564,8 +621,13 @@ class PDCluster:
     call, before any layer reads them. Blocks from the first miss on are
     recomputed by the prefill.
     """
-    req, stage = turn.load_request, turn.load.result()  # read errors raise
+    req, load = turn.load_request, turn.load
     turn.load = None
+    try:
+      stage = load.result()
+    except Exception as err:  # pylint: disable=broad-except
+      self._store_error("read", err)  # nothing loaded: all recomputed
+      return None
     cached, have, run = turn.load_plan
     report = self.loader.report(req, stage)
     self.stats.load_s += max(report.read_s.values(), default=0.0)
@@ -743,21 +805,62 @@ class PDCluster:
 
 
 class _ManagersView:
-  """`manager.stats` and `manager.pool.num_blocks` over several managers."""
+  """The cluster's `manager.stats` and `manager.pool.num_blocks`, read as
+  one engine's (the server's /metrics and the launchers' reports).
 
-  def __init__(self, managers: list[KVCacheManager]):
-    self._managers = managers
-    self.pool = managers[0].pool
+  The prefix-cache counters (lookups, query and hit tokens, hit rate) are
+  the prefill engines': a turn's prompt is looked up once there, and its
+  reservation on a decode engine would count the same tokens again. Pool
+  occupancy, registrations, evictions and `pool.num_blocks` are summed over
+  every engine.
+  """
+
+  _PREFILL_ONLY = ("lookups", "query_tokens", "hit_tokens")
+
+  def __init__(self, prefill: list[KVCacheManager],
+               every: list[KVCacheManager]):
+    self._prefill, self._every = prefill, every
+    self.pool = _PoolsView(sum(m.pool.num_blocks for m in every))
 
   @property
   def stats(self) -> dict[str, float]:
     total: dict[str, float] = {}
-    for m in self._managers:
+    for m in self._every:
       for k, v in m.stats.items():
-        total[k] = total.get(k, 0) + v
+        if k not in self._PREFILL_ONLY:
+          total[k] = total.get(k, 0) + v
+    for k in self._PREFILL_ONLY:
+      total[k] = sum(m.stats[k] for m in self._prefill)
     total["hit_rate"] = (total["hit_tokens"] / total["query_tokens"]
-                         if total.get("query_tokens") else 0.0)
+                         if total["query_tokens"] else 0.0)
     return total
+
+
+@dataclasses.dataclass(frozen=True)
+class _PoolsView:
+  num_blocks: int  # over every engine's pool
+
+
+def _check_cluster(cluster_mesh, model, cache: CacheConfig,
+                   dualpath: DualPathConfig) -> None:
+  """ValueError for a cluster that would fail only once it serves: a tp
+  that does not divide the KV heads (each device holds whole heads), a
+  ppermute hand-off between engines it cannot join (shared devices, unequal
+  tp), a host buffer that holds no block."""
+  for e in cluster_mesh.engines:
+    if model.num_kv_heads % e.tp:
+      raise ValueError(
+          f"{e.name}: tp={e.tp} does not divide the model's "
+          f"{model.num_kv_heads} KV heads (each device holds whole heads)")
+  if dualpath.handoff == "ppermute":
+    for p in cluster_mesh.prefill:
+      for d in cluster_mesh.decode:
+        pair_mesh(p, d)  # raises for a pair it cannot join
+  block_bytes = cache.bytes_per_block(model)
+  if dualpath.host_buffer_bytes < block_bytes:
+    raise ValueError(
+        f"host_buffer_bytes={dualpath.host_buffer_bytes} holds no block of "
+        f"{block_bytes} bytes")
 
 
 def make_cluster(loaded, cache: CacheConfig, engine: EngineConfig, cold_tier,
@@ -766,5 +869,9 @@ def make_cluster(loaded, cache: CacheConfig, engine: EngineConfig, cold_tier,
   """A `PDCluster` over a new `storage.BlockStore` (`cold_tier`: its config)."""
   from storage.block_store import BlockStore
   store = BlockStore(cold_tier, loaded.config, cache)
-  return PDCluster(loaded, cache, engine, store, mesh, dualpath,
-                   devices=devices)
+  try:
+    return PDCluster(loaded, cache, engine, store, mesh, dualpath,
+                     devices=devices)
+  except BaseException:
+    store.close()
+    raise

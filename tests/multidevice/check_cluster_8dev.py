@@ -123,3 +123,21 @@ def test_cluster_on_separate_devices(tmp_path, turn_two, mesh, tp, handoff):
       assert {d.id for d in w.kv.devices()} == devices[name]
   finally:
     cluster.close()
+
+
+@pytest.mark.parametrize("mesh,tp,handoff,match", [
+    ("1P1D", "4", "auto", r"tp=4 does not divide the model's 2 KV heads"),
+    ("1P1D", "2,1", "ppermute", "equal tp for a ppermute hand-off")])
+def test_clusters_that_would_fail_serving_are_refused_when_built(
+    tmp_path, turn_two, mesh, tp, handoff, match):
+  """They used to be built, then fail at the first step (tp: a sharding
+  error naming no flag; ppermute: after the first prefill, its pages held on
+  both engines)."""
+  tiny = turn_two[0]
+  with pytest.raises(ValueError, match=match):
+    make_cluster(tiny, CACHE, ENGINE,
+                 ColdTierConfig(root=str(tmp_path / "c"),
+                                file_io_mode="default"),
+                 MeshConfig.parse(mesh, tp), DualPathConfig(handoff=handoff))
+  # the store make_cluster opened was closed: its lease is gone
+  assert os.listdir(tmp_path / "c" / "owners") == []
