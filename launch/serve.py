@@ -124,6 +124,7 @@ def _load_and_serve(listener: socket.socket, cache, engine_cfg, mesh, cold,
   import uvicorn
 
   from dualpath_jax.server import LocalEngineHandle, create_app
+  from dualpath_jax.server.background import AnsweringServer
 
   try:
     loaded = engine_flags.load_model(FLAGS.model)
@@ -140,14 +141,15 @@ def _load_and_serve(listener: socket.socket, cache, engine_cfg, mesh, cold,
                jax.devices()[0].device_kind, jax.default_backend(),
                FLAGS.max_context)
   application = create_app(LocalEngineHandle(engine), tokenizer, server_cfg)
-  server = uvicorn.Server(uvicorn.Config(
+  server = AnsweringServer(uvicorn.Config(
       application, host=FLAGS.host, port=FLAGS.port,
-      log_level=FLAGS.log_level))
-  # uvicorn announces an address only when it binds the socket itself.
+      log_level=FLAGS.log_level, timeout_graceful_shutdown=30))
+  # uvicorn announces an address only when it binds the socket itself; the
+  # line comes once it accepts connections (a client may connect at once).
   host = f"[{FLAGS.host}]" if ":" in FLAGS.host else FLAGS.host
-  print(f"serving on http://{host}:{listener.getsockname()[1]}/v1 "
-        "(Ctrl-C to stop)", flush=True)
-  server.run(sockets=[listener])
+  server.run_announcing(
+      [listener], f"serving on http://{host}:{listener.getsockname()[1]}/v1 "
+      "(Ctrl-C to stop)")
 
 
 if __name__ == "__main__":

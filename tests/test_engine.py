@@ -202,6 +202,9 @@ def test_eos_stops_a_turn(tiny, ref_runner):
     (dict(prompt_tokens="hello"), "not text"),
     (dict(prompt_tokens=[5.0, 6.0]), "integer token ids"),
     (dict(tenant=None), "tenant must be a str"),
+    # block ids hash the tenant as UTF-8: this one failed the whole step
+    (dict(tenant="\ud800"), "tenant is not valid Unicode"),
+    (dict(session_id="s\udfff"), "session_id is not valid Unicode"),
     (dict(request_id=["x"]), "request_id must be a str"),
     # NaN / inf temperature leaked the turn's blocks when sampling raised.
     (dict(temperature=float("nan")), "temperature must be a number >= 0"),

@@ -321,6 +321,11 @@ def test_metrics_parse_and_count_a_request(server, client, np_rng):
      "messages[1].role", None),
     ({"messages": [{"role": "developer", "content": "hi"}]}, 400,
      "messages[0].role", None),
+    # the tenant is hashed as UTF-8: this one failed the engine's whole step
+    ({"user": "\ud800"}, 400, "user", None),
+    ({"seed": -1}, 400, "seed", "invalid_value"),
+    ({"stop": ["s"] * 65}, 400, "stop", "invalid_value"),
+    ({"stop": "x" * 513}, 400, "stop", "invalid_value"),
 ])
 def test_bad_chat_requests_get_openai_errors(server, body, status, param,
                                              code):
@@ -334,6 +339,45 @@ def test_bad_chat_requests_get_openai_errors(server, body, status, param,
   assert err["param"] == param
   if code is not None:
     assert err["code"] == code
+
+
+def test_a_refused_request_leaves_the_others_and_health_alone(server, np_rng):
+  """A body that used to pass validation and fail inside the engine's step
+  (a lone surrogate in `user`) failed every request in flight with it and
+  left /health at 503. Refused at the door now, while another streams."""
+  conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+  conn.request("POST", "/v1/completions", body=json.dumps({
+      "model": MODEL, "prompt": words(np_rng, 10), "max_tokens": 40,
+      "temperature": 0, "ignore_eos": True, "stream": True}).encode(),
+      headers={"content-type": "application/json"})
+  streaming = conn.getresponse()
+  assert streaming.status == 200
+  bad = _http(server, "POST", "/v1/completions", {
+      "model": MODEL, "prompt": "hi", "max_tokens": 2, "user": "\ud800"})
+  assert bad.status_code == 400 and bad.json()["error"]["param"] == "user"
+  events = streaming.read().decode()
+  conn.close()
+  assert "error" not in events and events.endswith("data: [DONE]\n\n")
+  assert _http(server, "GET", "/health").status_code == 200
+
+
+@pytest.mark.parametrize("content_type,raw,says", [
+    ("application/x-www-form-urlencoded", b'{"model": "m"}', "not JSON"),
+    (None, b'{"model": "m"}', "not JSON"),
+    ("application/json", b"", "empty"),
+    ("application/json", b"[1, 2]", "must be a JSON object")])
+def test_a_body_that_is_no_json_object_says_why(server, content_type, raw,
+                                                says):
+  """`curl -d` without `-H` sends a form content type: the error used to be
+  pydantic's "Input should be a valid dictionary or object"."""
+  conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+  headers = {} if content_type is None else {"content-type": content_type}
+  conn.request("POST", "/v1/completions", body=raw, headers=headers)
+  resp = conn.getresponse()
+  body = json.loads(resp.read())
+  conn.close()
+  assert resp.status == 400 and says in body["error"]["message"], body
+  assert body["error"]["code"] == "invalid_json"
 
 
 def test_openai_client_raises_typed_errors(client):
@@ -396,6 +440,38 @@ def test_client_timeout_on_a_plain_request_frees_its_blocks(server, np_rng):
         "max_tokens": MAX_CONTEXT - 100, "ignore_eos": True}, timeout=0.5)
   assert _wait_idle(server), loop.snapshot
   assert loop.aborted == aborted + 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stopping_the_server_answers_generations_in_flight(tiny_chat, stream):
+  """Told to stop, uvicorn waited for every open request, so a generation
+  with thousands of tokens left kept the server up until it ended. Now its
+  request is answered at once with 503 `shutting_down` (a stream: that
+  error event), and the server stops."""
+  engine = make_engine(tiny_chat, CACHE, ENGINE)
+  app = create_app(LocalEngineHandle(engine), tiny_chat.tokenizer,
+                   ServerConfig(model_names=(MODEL,)))
+  srv = serve_in_thread(app)
+  conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
+  conn.request("POST", "/v1/completions", body=json.dumps({
+      "model": MODEL, "prompt": "x", "max_tokens": MAX_CONTEXT - 10,
+      "temperature": 0, "ignore_eos": True, "stream": stream}).encode(),
+      headers={"content-type": "application/json"})
+  deadline = time.monotonic() + 30
+  while engine.stats.decode_tokens < 5:  # it is generating
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  srv.close()
+  resp = conn.getresponse()
+  body = resp.read().decode()
+  conn.close()
+  assert engine.stats.decode_tokens < MAX_CONTEXT - 20  # not run to the end
+  if stream:
+    assert resp.status == 200 and '"code": "shutting_down"' in body, body
+  else:
+    assert resp.status == 503, body
+    assert json.loads(body)["error"]["code"] == "shutting_down"
+  assert not app.state.engine_loop.running
 
 
 def test_server_restart_on_a_fresh_port(tiny_chat):

@@ -68,9 +68,14 @@ def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
   if not isinstance(rid, str):
     raise ValueError(f"request_id must be a str; got {rid!r}")
   for name in ("tenant", "session_id"):
-    if not isinstance(getattr(req, name), str):
-      raise ValueError(f"{rid}: {name} must be a str; got "
-                       f"{getattr(req, name)!r}")
+    value = getattr(req, name)
+    if not isinstance(value, str):
+      raise ValueError(f"{rid}: {name} must be a str; got {value!r}")
+    try:  # block ids hash it as UTF-8: a lone surrogate failed the step
+      value.encode("utf-8")
+    except UnicodeEncodeError:
+      raise ValueError(f"{rid}: {name} is not valid Unicode (a lone "
+                       f"surrogate): {value!r}") from None
   if isinstance(req.prompt_tokens, (str, bytes)):
     raise ValueError(f"{rid}: prompt_tokens must be token ids, not text")
   tokens = np.asarray(req.prompt_tokens)

@@ -34,9 +34,11 @@ from fastapi import responses
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dualpath_jax.cache.kv_cache_manager import RequestTooLargeError
 from dualpath_jax.engine.request import TurnOutput, TurnRequest
 from dualpath_jax.server import protocol
-from dualpath_jax.server.engine_loop import EngineHandle, EngineLoop
+from dualpath_jax.server.engine_loop import (EngineHandle, EngineLoop,
+                                             ShuttingDown)
 from dualpath_jax.server.prometheus import CONTENT_TYPE, ServerMetrics
 from dualpath_jax.server.protocol import (APIError, ChatCompletionRequest,
                                           CompletionRequest)
@@ -131,8 +133,18 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
 
   @app.exception_handler(RequestValidationError)
   async def _validation_error(request, err: RequestValidationError):
-    del request
     first = err.errors()[0] if err.errors() else {}
+    if tuple(first.get("loc", ())) == ("body",):  # no JSON object at all
+      kind = request.headers.get("content-type")
+      if first.get("type") == "missing":
+        why = "the request body is empty"
+      elif kind is None or not kind.split(";")[0].strip().endswith("json"):
+        why = f"the request body is not JSON (Content-Type: {kind})"
+      else:
+        why = "the request body must be a JSON object"
+      return error_response(APIError(
+          f"{why}; send a JSON object with Content-Type: application/json",
+          code="invalid_json"))
     if first.get("type") == "json_invalid":  # its loc is a character offset
       where = first.get("loc", ("body", None))[-1]
       why = (first.get("ctx") or {}).get("error", "")
@@ -191,8 +203,9 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
     check_model(body.model)
     body.check_supported()
     messages = protocol.normalize_messages(body.messages)
-    try:
-      prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    try:  # off the event loop: a long prompt takes a while to encode
+      prompt = await asyncio.to_thread(tokenizer.encode_chat, messages,
+                                       add_generation_prompt=True)
     except ValueError as e:
       raise APIError(f"cannot apply the chat template: {e}",
                      param="messages") from e
@@ -202,8 +215,8 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
   async def completions(body: CompletionRequest, raw: fastapi.Request):
     check_model(body.model)
     body.check_supported()
-    return await generate(body, completion_prompt(body.prompt), raw,
-                          chat=False)
+    prompt = await asyncio.to_thread(completion_prompt, body.prompt)
+    return await generate(body, prompt, raw, chat=False)
 
   # ------------------------------------------------------------ helpers
   def completion_prompt(prompt: Any) -> list[int]:
@@ -262,9 +275,11 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
         seed=body.seed, on_token=stream.on_token)
     try:
       handle.validate(turn)
-    except ValueError as e:
+    except RequestTooLargeError as e:
       raise APIError(str(e), param=param,
                      code="context_length_exceeded") from e
+    except ValueError as e:
+      raise APIError(str(e), code="invalid_value") from e
     return turn
 
   async def generate(body, prompt: list[int], raw: fastapi.Request, *,
@@ -330,8 +345,7 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
         elif event[0] == "error":
           stream.finished = True
           metrics.requests.labels(endpoint, "error").inc()
-          raise APIError(f"generation failed: {event[1]}", status_code=500,
-                         type="server_error")
+          raise _generation_error(event[1])
         else:
           _, tail, out = event
           stream.finished = True
@@ -363,9 +377,7 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
         elif event[0] == "error":
           stream.finished = True
           metrics.requests.labels(endpoint, "error").inc()
-          err = APIError(f"generation failed: {event[1]}", status_code=500,
-                         type="server_error")
-          yield f"data: {json.dumps(err.body())}\n\n"
+          yield f"data: {json.dumps(_generation_error(event[1]).body())}\n\n"
           return
         else:
           _, tail, out = event
@@ -383,3 +395,13 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
       abandon(stream, turn, endpoint, "abort")
 
   return app
+
+
+def _generation_error(error: BaseException) -> APIError:
+  """The error a request whose generation ended in `error` answers: 503
+  when the server is shutting down (retry elsewhere), else 500."""
+  if isinstance(error, ShuttingDown):
+    return APIError(str(error), status_code=503, type="server_error",
+                    code="shutting_down")
+  return APIError(f"generation failed: {error}", status_code=500,
+                  type="server_error")

@@ -29,6 +29,10 @@ from absl import logging
 
 from dualpath_jax.engine.request import TurnOutput, TurnRequest
 
+class ShuttingDown(RuntimeError):
+  """The error of turns still in flight when the loop stops."""
+
+
 FinishCallback = Callable[[TurnOutput], None]
 ErrorCallback = Callable[[BaseException], None]
 
@@ -126,6 +130,8 @@ class EngineLoop:
     self._commands: queue.SimpleQueue = queue.SimpleQueue()
     self._pending: dict[str, _Pending] = {}
     self._stop = threading.Event()
+    self._stop_lock = threading.Lock()
+    self._closed = False
     self._thread = threading.Thread(target=self._run, name="engine-loop",
                                     daemon=True)
     self.snapshot: dict[str, Any] = handle.snapshot()
@@ -137,14 +143,18 @@ class EngineLoop:
     self._thread.start()
 
   def stop(self, timeout_s: float = 10.0) -> None:
-    """Stops the thread, then closes the handle; turns in flight get an
-    error callback."""
+    """Stops the thread (after the step it is in), then closes the handle;
+    turns in flight get a `ShuttingDown` error callback. Any thread may call
+    it, more than once: the first signal of a shutdown does, so that
+    clients are answered at once instead of after their generations."""
     self._stop.set()
     self._commands.put(("wake",))
-    if self._thread.is_alive():
-      self._thread.join(timeout_s)
-    if not self._thread.is_alive():
-      self.handle.close()
+    with self._stop_lock:
+      if self._thread.is_alive():
+        self._thread.join(timeout_s)
+      if not self._thread.is_alive() and not self._closed:
+        self._closed = True
+        self.handle.close()
 
   @property
   def running(self) -> bool:
@@ -174,7 +184,7 @@ class EngineLoop:
         if self.handle.has_work():
           self._step()
     finally:
-      error = RuntimeError("the server is shutting down")
+      error = ShuttingDown("the server is shutting down")
       self._fail_pending(error)
       while True:  # submissions that never reached the engine
         try:

@@ -5,7 +5,9 @@ send many optional ones; vLLM and SGLang ignore what they do not use), but
 reject, with an OpenAI-style 400, every field whose meaning we would silently
 change: `n` > 1, logprobs, penalties, tools, non-text response formats.
 Range checks follow the OpenAI API reference (temperature in [0, 2], top_p
-in (0, 1]); like vLLM, the number of stop strings is not limited to 4.
+in (0, 1]); stop strings are not limited to 4 (as in vLLM) but to
+`MAX_STOP_STRINGS` of at most `MAX_STOP_CHARS` characters each: they are
+compiled and matched on the serving path.
 Responses and stream chunks are built by the functions at the end, so the
 whole wire format lives in this file.
 
@@ -21,6 +23,10 @@ from typing import Any, Literal
 import pydantic
 
 from dualpath_jax.text import CHAT_ROLES, check_unicode
+
+
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 512
 
 
 class APIError(Exception):
@@ -58,7 +64,7 @@ class _SamplingRequest(pydantic.BaseModel):
   stream: bool | None = False
   stream_options: StreamOptions | None = None
   stop: str | list[str] | None = None
-  seed: int | None = None
+  seed: int | None = pydantic.Field(default=None, ge=0)
   user: str | None = None
   presence_penalty: float | None = 0.0
   frequency_penalty: float | None = 0.0
@@ -88,6 +94,19 @@ class _SamplingRequest(pydantic.BaseModel):
     if self.stream_options is not None and not self.stream:
       raise APIError("stream_options is only allowed when stream is true",
                      param="stream_options")
+    if self.user is not None:
+      try:  # it names the prefix-sharing tenant, hashed as UTF-8
+        check_unicode(self.user)
+      except ValueError as e:
+        raise APIError(f"user: {e}", param="user") from None
+    stops = self.stop_strings()
+    if len(stops) > MAX_STOP_STRINGS or any(
+        len(s) > MAX_STOP_CHARS for s in stops):
+      raise APIError(
+          f"at most {MAX_STOP_STRINGS} stop strings of at most "
+          f"{MAX_STOP_CHARS} characters each; got {len(stops)}, the longest "
+          f"{max(map(len, stops))} characters", param="stop",
+          code="invalid_value")
 
 
 class ChatCompletionRequest(_SamplingRequest):

@@ -10,12 +10,16 @@ text that can be shown now. Two things hold text back:
 * stop strings: the longest tail of the text that is a prefix of a stop
   string is held until it is disambiguated. When a stop string appears, the
   text before it is released and `stopped` becomes True; the stop string and
-  everything after it are dropped (OpenAI semantics).
+  everything after it are dropped (OpenAI semantics). The text is matched
+  character by character (`stop_matcher.StopMatcher`, O(1) a character), so
+  the first stop string to complete wins, however the tokens split it.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
+
+from dualpath_jax.server.stop_matcher import StopMatcher
 
 
 class TextStream:
@@ -24,7 +28,9 @@ class TextStream:
   def __init__(self, tokenizer, stop: Sequence[str] = (),
                stop_token_ids: Sequence[int] = ()):
     self._tokenizer = tokenizer
-    self._stop = [s for s in stop if s]
+    stop = [s for s in stop if s]
+    self._matcher = StopMatcher(stop) if stop else None
+    self._matched_to = 0  # chars of `_text` fed to the matcher
     self._stop_token_ids = frozenset(int(t) for t in stop_token_ids)
     self._ids: list[int] = []
     self._prefix_offset = 0  # window start: context for the next decode
@@ -77,24 +83,14 @@ class TextStream:
     return self._release(len(self._text))
 
   def _scan(self) -> str:
-    if not self._stop:
+    if self._matcher is None:
       return self._release(len(self._text))
-    longest = max(len(s) for s in self._stop)
-    start = max(0, self._sent - longest + 1)
-    hits = [i for i in (self._text.find(s, start) for s in self._stop)
-            if i >= 0]
-    if hits:
+    start = self._matcher.feed(self._text[self._matched_to:])
+    self._matched_to = len(self._text)
+    if start is not None:
       self.stopped = True
-      return self._release(min(hits))
-    return self._release(len(self._text) - self._held_tail())
-
-  def _held_tail(self) -> int:
-    """Length of the longest tail of `_text` that begins a stop string."""
-    for n in range(min(len(self._text), max(map(len, self._stop)) - 1), 0, -1):
-      tail = self._text[-n:]
-      if any(s.startswith(tail) for s in self._stop):
-        return n
-    return 0
+      return self._release(start)
+    return self._release(len(self._text) - self._matcher.held)
 
   def _release(self, end: int) -> str:
     end = max(end, self._sent)
