@@ -306,6 +306,9 @@ def test_metrics_parse_and_count_a_request(server, client, np_rng):
      "messages[0].content", None),
     ({"messages": [{"role": "user", "content": "a " * MAX_CONTEXT}]}, 400,
      "messages", "context_length_exceeded"),
+    # surely past the context by its bytes alone: refused before encoding
+    ({"messages": [{"role": "user", "content": "a " * 10**6}]}, 400,
+     "messages", "context_length_exceeded"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tools", "unsupported_parameter"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options",
@@ -487,3 +490,17 @@ def test_server_restart_on_a_fresh_port(tiny_chat):
   with pytest.raises(ConnectionRefusedError):
     _http(srv, "GET", "/health", timeout=2)
   np.testing.assert_equal(engine.has_work(), False)
+
+
+def test_a_prompt_surely_past_the_context_is_refused_unencoded(
+    server, monkeypatch):
+  """A multi-megabyte prompt is refused on its size (`min_tokens`), before
+  the encode that held the GIL (0.6 s for 4 MB, every client stalled)."""
+  tokenizer = server.app.state.tokenizer
+  calls = []
+  monkeypatch.setattr(tokenizer, "encode",
+                      lambda *a, **k: calls.append(a) or [1])
+  r = _http(server, "POST", "/v1/completions",
+            {"model": MODEL, "prompt": "word " * 10**6, "max_tokens": 2})
+  assert r.status_code == 400, r.text
+  assert "at least" in r.json()["error"]["message"] and not calls

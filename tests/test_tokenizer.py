@@ -160,3 +160,18 @@ def test_bad_input_raises(tok):
     tok.decode([tok.vocab_size])
   with pytest.raises(ValueError, match="str"):
     tok.encode(b"bytes")  # type: ignore[arg-type]
+
+
+def test_min_tokens_is_a_lower_bound_that_refuses_only_what_is_too_long(
+    tok, np_rng):
+  """`min_tokens` never exceeds the real count (random texts, whitespace
+  runs, multi-byte characters, special tokens written out), and it grows
+  with the text: a server refuses a prompt far past its context on it
+  without encoding it."""
+  pieces = [" ", "    ", "\n\n", "def ", "é", "字", "🙂", "<|im_end|>", "x",
+            "0123456789", "=" * 40, "\t"]
+  for _ in range(200):
+    text = "".join(np_rng.choice(pieces, size=int(np_rng.integers(0, 60))))
+    assert tok.min_tokens(text) <= len(tok.encode(text)), repr(text)
+  assert tok.min_tokens("") == 0
+  assert tok.min_tokens("x" * 10**6) > 1000

@@ -83,6 +83,7 @@ class Tokenizer:
     self.special_tokens: tuple[str, ...] = tuple(t.content for t in special)
     self._special_ids = frozenset(vocab[s] for s in self.special_tokens)
     self._tokens = list(tokens)
+    self._max_token_bytes: int | None = None  # see min_tokens
     self.bos_id = bos_id
     self.eos_ids: tuple[int, ...] = tuple(eos_ids)
     self.add_bos = add_bos
@@ -128,6 +129,18 @@ class Tokenizer:
   @property
   def vocab_size(self) -> int:
     return len(self._tokens)
+
+  def min_tokens(self, text: str) -> int:
+    """A lower bound on the number of tokens `text` encodes to, without
+    encoding it: every byte of the text belongs to one token, and no token
+    holds more than the vocabulary's longest entry's bytes. It lets a
+    server refuse a prompt far past its context before spending the
+    encode (a 4 MB prompt held the GIL for 0.6 s)."""
+    if self._max_token_bytes is None:
+      self._max_token_bytes = max(len(t.encode("utf-8", "surrogatepass"))
+                                  for t in self._tokens)
+    return -(-len(text.encode("utf-8", "surrogatepass"))
+             // self._max_token_bytes)
 
   def token_to_id(self, token: str) -> int:
     """Id of a vocabulary entry (e.g. "<|im_end|>"); KeyError if absent."""

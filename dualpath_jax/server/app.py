@@ -120,6 +120,7 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
   app.state.engine_loop = engine_loop
   app.state.metrics = metrics
   app.state.config = config
+  app.state.tokenizer = tokenizer
 
   # ------------------------------------------------------------- errors
   def error_response(err: APIError) -> responses.JSONResponse:
@@ -203,6 +204,7 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
     check_model(body.model)
     body.check_supported()
     messages = protocol.normalize_messages(body.messages)
+    check_length("".join(m["content"] for m in messages), "messages")
     try:  # off the event loop: a long prompt takes a while to encode
       prompt = await asyncio.to_thread(tokenizer.encode_chat, messages,
                                        add_generation_prompt=True)
@@ -215,10 +217,27 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
   async def completions(body: CompletionRequest, raw: fastapi.Request):
     check_model(body.model)
     body.check_supported()
+    text = body.prompt[0] if isinstance(body.prompt, list) and len(
+        body.prompt) == 1 else body.prompt
+    if isinstance(text, str):
+      check_length(text, "prompt")
     prompt = await asyncio.to_thread(completion_prompt, body.prompt)
     return await generate(body, prompt, raw, chat=False)
 
   # ------------------------------------------------------------ helpers
+  def check_length(text: str, param: str) -> None:
+    """Refuses text that surely holds more tokens than the context, before
+    encoding it (`Tokenizer.min_tokens`, a lower bound)."""
+    min_tokens = getattr(tokenizer, "min_tokens", None)
+    if min_tokens is None:
+      return
+    at_least = min_tokens(text)
+    if at_least >= handle.max_context:
+      raise APIError(
+          f"This model's maximum context length is {handle.max_context} "
+          f"tokens; the prompt has at least {at_least} tokens",
+          param=param, code="context_length_exceeded")
+
   def completion_prompt(prompt: Any) -> list[int]:
     if isinstance(prompt, list) and prompt and \
         isinstance(prompt[0], (str, list)):
