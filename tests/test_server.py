@@ -327,6 +327,11 @@ def test_metrics_parse_and_count_a_request(server, client, np_rng):
     # the tenant is hashed as UTF-8: this one failed the engine's whole step
     ({"user": "\ud800"}, 400, "user", None),
     ({"seed": -1}, 400, "seed", "invalid_value"),
+    # pydantic's locations made "messages.1" and (unions) "stop.str"
+    ({"messages": [{"role": "user", "content": "hi"}, 5]}, 400,
+     "messages[1]", "invalid_value"),
+    ({"stop": 5}, 400, "stop", "invalid_value"),
+    ({"temperature": float("nan")}, 400, "temperature", "invalid_value"),
     ({"stop": ["s"] * 65}, 400, "stop", "invalid_value"),
     ({"stop": "x" * 513}, 400, "stop", "invalid_value"),
 ])
@@ -342,6 +347,10 @@ def test_bad_chat_requests_get_openai_errors(server, body, status, param,
   assert err["param"] == param
   if code is not None:
     assert err["code"] == code
+  if "stop" in body and body["stop"] == 5:
+    assert "one of str | list[str]" in err["message"]
+  if body.get("temperature") != body.get("temperature"):  # NaN
+    assert "not NaN" in err["message"]
 
 
 def test_a_refused_request_leaves_the_others_and_health_alone(server, np_rng):

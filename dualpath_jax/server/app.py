@@ -152,9 +152,15 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
       return error_response(APIError(
           f"the request body is not valid JSON ({why}, at character "
           f"{where})", code="invalid_json"))
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
+    param = _param_name(first.get("loc", ()))
     msg = first.get("msg", "invalid request")
+    tags = [loc[-1] for loc in (e.get("loc", ()) for e in err.errors())
+            if _param_name(loc) == param and _is_type_tag(loc[-1])]
+    if len(tags) > 1:  # a union: each member's error names its type
+      msg = f"Input should be one of {' | '.join(tags)}"
+    value = first.get("input")
+    if isinstance(value, float) and value != value:
+      msg = "Input should be a number, not NaN"
     return error_response(APIError(
         f"{param}: {msg}" if param else msg, param=param,
         code="invalid_value" if param else "invalid_json"))
@@ -414,6 +420,25 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
       abandon(stream, turn, endpoint, "abort")
 
   return app
+
+
+def _is_type_tag(part: object) -> bool:
+  """Whether a pydantic error location part names a union member's type
+  ("str", "list[int]") rather than a field."""
+  return isinstance(part, str) and (
+      "[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
+
+
+def _param_name(loc: tuple) -> str | None:
+  """A request error's location as the `param` OpenAI uses:
+  `messages[0].role`, without pydantic's "body" and union type tags."""
+  name = ""
+  for part in loc:
+    if part == "body" or _is_type_tag(part):
+      continue
+    name += f"[{part}]" if isinstance(part, int) else (
+        f".{part}" if name else str(part))
+  return name or None
 
 
 def _generation_error(error: BaseException) -> APIError:
