@@ -158,12 +158,12 @@ class BlockIndex:
       owner = uuid.uuid4().hex
       path = os.path.join(self.directory, "owners", owner + ".lock")
       fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if os.stat(path).st_ino == os.fstat(fd).st_ino:
           return owner, path, fd
-      except FileNotFoundError:
-        pass
+      except (BlockingIOError, FileNotFoundError):
+        pass  # a sweep holds it, or has unlinked it
       os.close(fd)
 
   # -- plumbing --------------------------------------------------------------

@@ -132,21 +132,26 @@ def test_a_lease_unlinked_before_it_is_locked_is_taken_again(
   """Another process's sweep of dead leases may unlink a lease file between
   its creation and its lock; the opener then holds a lock on no file, and a
   later open took its in-flight writes for a dead writer's. `_take_lease`
-  sees the file gone and takes another."""
+  sees the file gone and takes another; and if the sweep still holds the
+  file's lock, it takes another too, instead of failing the open."""
   flock = index_lib.fcntl.flock
   unlinked = []
 
   def flock_after_a_sweep(fd, op):
+    path = os.readlink(f"/proc/self/fd/{fd}")
     if not unlinked:  # the first lease file: swept before the lock
-      path = os.readlink(f"/proc/self/fd/{fd}")
       os.unlink(path)
       unlinked.append(path)
+    elif len(unlinked) == 1:  # the second: the sweep still holds its lock
+      unlinked.append(path)
+      raise BlockingIOError(11, "Resource temporarily unavailable")
     return flock(fd, op)
   monkeypatch.setattr(index_lib.fcntl, "flock", flock_after_a_sweep)
   idx = index_lib.BlockIndex(str(tmp_path), {"v": 1}, num_slots=4)
   monkeypatch.setattr(index_lib.fcntl, "flock", flock)
   lease = os.path.join(str(tmp_path), "owners", idx.owner + ".lock")
-  assert unlinked and unlinked[0] != lease and os.path.exists(lease)
+  assert len(unlinked) == 2 and lease not in unlinked
+  assert os.path.exists(lease)
   other = index_lib.BlockIndex(str(tmp_path), {"v": 1}, num_slots=4)
   other.dead_owner_rows()  # sweeps dead leases
   assert os.path.exists(lease) and other._lease_alive(idx.owner)  # pylint: disable=protected-access

@@ -51,8 +51,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
-import math
 import logging
+import math
 import time
 from typing import Callable, Sequence
 
