@@ -302,3 +302,66 @@ def test_bad_metadata_is_refused_naming_the_key(smollm2_gguf_path, build, key,
   with pytest.raises(ValueError) as e:
     build(parsed)
   assert reason in str(e.value)
+
+
+def test_a_damaged_tensor_table_is_refused(tmp_path, np_rng):
+  """A tensor's type changed in the table (F16 -> F32: twice the bytes) used
+  to read the wrong bytes silently when the data still fit the file; the
+  tensors must tile the data section in table order, as llama.cpp
+  requires."""
+  path = tmp_path / "t.gguf"
+  _write(path, np_rng)
+  raw = bytearray(path.read_bytes())
+  at = raw.index(b"half") + 4  # the name, then n_dims u32, 2 dims u64
+  (n_dims,) = struct.unpack_from("<I", raw, at)
+  type_at = at + 4 + 8 * n_dims
+  assert struct.unpack_from("<I", raw, type_at) == (1,)  # F16
+  struct.pack_into("<I", raw, type_at, 0)  # F32
+  path.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match="tensor table is damaged"):
+    gguf_file.read_gguf(path)
+
+
+def _replace_tensors(parsed, **changes):
+  tensors = dict(parsed.tensors)
+  for name, tensor in changes.items():
+    if tensor is None:
+      del tensors[name.replace("__", ".")]
+    else:
+      tensors[name.replace("__", ".")] = tensor
+  return dataclasses.replace(parsed, tensors=tensors)
+
+
+def test_tensors_it_would_not_apply_or_cannot_read_are_refused(
+    smollm2_gguf_path):
+  """A Llama 3.1 GGUF's `rope_freqs.weight` or an attention bias used to be
+  ignored (the model loaded, different from llama.cpp's); a Q5_0 tensor
+  passed describe_model and failed after the JAX import."""
+  parsed = gguf_file.read_gguf(smollm2_gguf_path)
+  norm = parsed.tensors["output_norm.weight"]
+  for extra in ("rope_freqs.weight", "blk.0.attn_q.bias"):
+    bad = _replace_tensors(parsed, **{extra.replace(".", "__"): norm})
+    with pytest.raises(ValueError, match=f"does not apply.*{extra}"):
+      gguf_loader.config_from_gguf(bad)
+  bad = _replace_tensors(parsed, blk__3__ffn_up__weight=None)
+  with pytest.raises(ValueError, match="lacks tensor.*blk.3.ffn_up.weight"):
+    gguf_loader.config_from_gguf(bad)
+  q5 = dataclasses.replace(parsed.tensors["blk.0.ffn_up.weight"],
+                           ggml_type="Q5_0")
+  bad = _replace_tensors(parsed, blk__0__ffn_up__weight=q5)
+  with pytest.raises(ValueError, match=r"Q5_0 is not supported \(supported:"):
+    gguf_loader.config_from_gguf(bad)
+
+
+def test_a_nan_block_scale_is_refused_naming_the_tensor(smollm2_gguf_path):
+  """One Q4_1 block scale set to NaN made every logit NaN."""
+  parsed = gguf_file.read_gguf(smollm2_gguf_path)
+  tensor = parsed.tensors["blk.3.attn_q.weight"]
+  assert tensor.ggml_type == "Q4_1"
+  data = tensor.data.copy()
+  data[0, 0:2] = np.array([np.nan], np.float16).view(np.uint8)
+  bad = _replace_tensors(parsed, blk__3__attn_q__weight=dataclasses.replace(
+      tensor, data=data))
+  config = gguf_loader.config_from_gguf(bad)
+  with pytest.raises(ValueError, match="blk.3.attn_q.weight holds NaN"):
+    gguf_loader.load_gguf_weights(bad, config, "float32")

@@ -233,6 +233,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
   data_offset = -(-cur.offset // alignment) * alignment
 
   tensors: dict[str, GGUFTensor] = {}
+  expected = 0  # as llama.cpp: tensors tile the data section in table order
   for start, name, shape, type_id, offset in infos:
     if name in tensors:
       raise cur.fail(f"tensor {name!r} appears twice", start)
@@ -252,6 +253,12 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
       raise cur.fail(f"tensor {name!r}: {num_bytes} bytes at offset {offset} "
                      f"{'are not aligned' if offset % alignment else 'run past the end of the file'}",
                      start)
+    if offset != expected:  # a wrong type, shape or offset in the table
+      raise cur.fail(
+          f"tensor {name!r} is at data offset {offset}, expected {expected} "
+          "(the end of the tensor before it): the tensor table is damaged "
+          "(a type, shape or offset)", start)
+    expected = -(-(offset + num_bytes) // alignment) * alignment
     data = np.frombuffer(buffer, np.uint8, num_bytes, first)
     tensors[name] = GGUFTensor(name, ggml_type.name, type_id, shape, first,
                                data.reshape(*shape[:-1], row_bytes))

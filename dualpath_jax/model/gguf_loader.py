@@ -94,7 +94,8 @@ def config_from_gguf(reader: GGUFFile, *,
 
   Raises ValueError naming the key for a missing value or one of the wrong
   type or range (a count that is not a positive integer, a token id outside
-  the vocabulary).
+  the vocabulary), and naming the file for tensors it lacks, holds beyond a
+  Llama's, or stores in a GGML type it cannot read (`check_tensor_names`).
   """
   meta = reader.metadata
   arch = meta.get("general.architecture")
@@ -132,7 +133,7 @@ def config_from_gguf(reader: GGUFFile, *,
 
   bos_id, eos_ids = special_token_ids(reader, vocab)
   label = name or str(meta.get("general.name", "gguf-llama"))
-  return ModelConfig(
+  config = ModelConfig(
       name=label.lower().replace(" ", "-"),
       vocab_size=vocab,
       hidden_size=hidden,
@@ -150,6 +151,40 @@ def config_from_gguf(reader: GGUFFile, *,
       bos_token_id=1 if bos_id is None else bos_id,
       eos_token_ids=eos_ids or (2,),
   )
+  check_tensor_names(reader, config)  # before any weight is read
+  return config
+
+
+def expected_tensor_names(config: ModelConfig) -> set[str]:
+  """The tensors a Llama GGUF of `config` holds: no more (a tensor we would
+  not read, such as Llama 3.1's `rope_freqs.weight` or attention biases,
+  changes the model), no fewer."""
+  names = {"token_embd.weight", "output_norm.weight"}
+  if not config.tie_embeddings:
+    names.add("output.weight")
+  names.update(f"blk.{i}.{t}.weight" for i in range(config.num_layers)
+               for t in _LAYER_TENSORS)
+  return names
+
+
+def check_tensor_names(reader: GGUFFile, config: ModelConfig) -> None:
+  """ValueError, naming the file, for a tensor missing or one this loader
+  would not read (see `expected_tensor_names`), and for a tensor of a
+  GGML type it cannot dequantize."""
+  expected, present = expected_tensor_names(config), set(reader.tensors)
+  if expected - present:
+    raise ValueError(f"{reader.path}: lacks tensor(s) "
+                     f"{sorted(expected - present)[:5]}")
+  if present - expected:
+    raise ValueError(
+        f"{reader.path}: holds tensor(s) this Llama loader does not apply "
+        f"(it would load a different model): {sorted(present - expected)[:5]}")
+  for name in sorted(expected):
+    kind = reader.tensors[name].ggml_type
+    if kind not in _SUPPORTED_TYPES:
+      raise ValueError(
+          f"{reader.path}: tensor {name}: GGML type {kind} is not supported "
+          f"(supported: {', '.join(_SUPPORTED_TYPES)})")
 
 
 def special_token_ids(reader: GGUFFile, vocab_size: int
@@ -189,7 +224,7 @@ def dequantize_tensor(tensor: GGUFTensor) -> np.ndarray:
   kind = tensor.ggml_type
   if kind not in _SUPPORTED_TYPES:
     raise ValueError(f"tensor {tensor.name}: GGML type {kind} is not "
-                     "supported")
+                     f"supported (supported: {', '.join(_SUPPORTED_TYPES)})")
   raw = tensor.data.reshape(-1)
   if kind == "F32":
     values = raw.view("<f4")
@@ -240,12 +275,16 @@ def load_gguf_weights(reader: GGUFFile, config: ModelConfig,
   target = np.dtype(dtype)
   by_name = reader.tensors
 
+  check_tensor_names(reader, config)
+
   def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    if name not in by_name:
-      raise ValueError(f"GGUF file lacks tensor {name!r}")
     array = dequantize_tensor(by_name[name])
     if array.shape != shape:
-      raise ValueError(f"tensor {name}: shape {array.shape}, expected {shape}")
+      raise ValueError(f"{reader.path}: tensor {name}: shape {array.shape}, "
+                       f"expected {shape}")
+    if not np.isfinite(array).all():  # e.g. a damaged block scale
+      raise ValueError(f"{reader.path}: tensor {name} holds NaN or inf "
+                       "values: the file is damaged")
     return array
 
   c = config
