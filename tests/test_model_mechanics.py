@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import os
 import pathlib
 import shutil
@@ -819,16 +820,60 @@ def test_damaged_checkpoints_are_refused_naming_what(tmp_path, np_rng,
   ours.write_text(ours.read_text()[:50])
   with pytest.raises(ValueError, match="is damaged: not JSON"):
     load_model(str(ours.parent))
-  ours.write_text(json.dumps(dict(metadata, config={"vocab_size": 3})))
+
+  def rewrite(path, changed, checksum=True):
+    """The metadata with `changed`, its own CRC-32 recomputed (a writer's
+    bug) or not (damage)."""
+    changed = {k: v for k, v in changed.items() if k != "metadata_crc32"}
+    if checksum:
+      changed["metadata_crc32"] = checkpoint.metadata_checksum(changed)
+    path.write_text(json.dumps(changed))
+
+  cfg = metadata["config"]
+  # One flipped bit in the config (rms_norm_eps 1e-05 -> 1e-01) loaded a
+  # different model: the file's own CRC-32 refuses it.
+  ours.write_text(json.dumps(dict(metadata, config=dict(cfg,
+                                                       rms_norm_eps=0.1))))
+  with pytest.raises(ValueError, match="is damaged: its CRC-32 differs"):
+    load_model(str(ours.parent))
+  rewrite(ours, dict(metadata, config={"vocab_size": 3}))
   with pytest.raises(ValueError, match="holds no whole model config"):
     load_model(str(ours.parent))
+  # Fields of the wrong type used to fail later with a traceback.
+  for change, what in [
+      (dict(weights_id=7), "weights_id must be a string"),
+      (dict(tokenizer="x"), "tokenizer must be"),
+      (dict(state_crc32=[]), "state_crc32 must map"),
+      (dict(config=dict(cfg, num_layers="2")), "config.num_layers = '2'"),
+      (dict(config=dict(cfg, dtype=5)), "config.dtype = 5"),
+      (dict(config=dict(cfg, eos_token_ids=[10**6])), "token ids [1, 1000000]")]:
+    rewrite(ours, dict(metadata, **change))
+    with pytest.raises(ValueError, match=f"is damaged: {re.escape(what)}"):
+      load_model(str(ours.parent))
 
   old = damaged("old") / checkpoint.METADATA_FILE
   old.write_text(json.dumps({k: v for k, v in metadata.items()
-                             if k != "state_crc32"}))
+                             if k not in ("state_crc32", "metadata_crc32")}))
   with caplog.at_level("WARNING"):
     loaded = load_model(str(old.parent))
   assert "records no checksums" in caplog.text
+  assert "records no checksum of itself" in caplog.text
   np.testing.assert_array_equal(
       np.asarray(params_of(loaded.model)["embed_tokens"]),
       np.asarray(params_of(model)["embed_tokens"]))
+
+
+def test_a_checkpoint_records_its_tokenizer_gguf_absolute_and_refuses_a_gguf_name(
+    tmp_path, np_rng, monkeypatch):
+  """`convert --gguf=model.gguf` recorded the relative path, read later
+  against the loader's working directory (another file, or none); an
+  output named `*.gguf` wrote a checkpoint no `--model=` could load."""
+  model = make_model(config.TINY, np_rng)
+  monkeypatch.chdir(tmp_path)
+  checkpoint.save_checkpoint(tmp_path / "ckpt", model, weights_id="w",
+                             tokenizer_gguf="model.gguf")
+  metadata = json.loads((tmp_path / "ckpt" /
+                         checkpoint.METADATA_FILE).read_text())
+  assert metadata["tokenizer"]["gguf"] == str(tmp_path / "model.gguf")
+  with pytest.raises(ValueError, match="named .gguf could not be loaded"):
+    checkpoint.check_output_directory(tmp_path / "smol.GGUF")

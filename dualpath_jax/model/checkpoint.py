@@ -43,7 +43,8 @@ from dualpath_jax.utils import interrupts_deferred
 # checks), so that launchers refuse bad input early; re-exported here.
 from dualpath_jax.model.checkpoint_layout import (  # pylint: disable=g-bad-import-order
     FORMAT_VERSION, METADATA_FILE, check_output_directory,
-    config_from_metadata, dead_siblings, read_metadata, sibling)
+    config_from_metadata, dead_siblings, metadata_checksum, read_metadata,
+    sibling)
 
 STATE_DIR = "state"
 
@@ -110,12 +111,16 @@ def _write(directory: pathlib.Path, model: Llama, *, weights_id: str,
       "config": dataclasses.asdict(model.config),
       "weights_id": weights_id,
       "tokenizer": {
-          "gguf": None if tokenizer_gguf is None else str(tokenizer_gguf),
+          # absolute: a relative path would be read against the loader's
+          # working directory
+          "gguf": (None if tokenizer_gguf is None
+                   else str(pathlib.Path(tokenizer_gguf).absolute())),
           "embedded": tokenizer_embedded,
       },
       "source": source,
       "state_crc32": state_checksums(state),
   }
+  metadata["metadata_crc32"] = metadata_checksum(metadata)
   (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
 

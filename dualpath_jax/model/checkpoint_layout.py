@@ -7,12 +7,16 @@ before any weights load."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
 import pathlib
 import shutil
+import zlib
 from typing import Any, Iterator
+
+from absl import logging
 
 from dualpath_jax import outputs
 from dualpath_jax.config import ModelConfig
@@ -41,7 +45,69 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
   if metadata.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path}: unsupported format_version "
                      f"{metadata.get('format_version')!r}")
+  recorded = metadata.get("metadata_crc32")
+  if recorded is None:  # written before the checksum was recorded
+    logging.warning("%s records no checksum of itself: its config is not "
+                    "checked (write it again with `python -m launch.convert "
+                    "--overwrite` to add one)", path)
+  elif recorded != metadata_checksum(metadata):
+    raise ValueError(f"{path} is damaged: its CRC-32 differs from the one it "
+                     "records (a changed config would load a different "
+                     "model); write the checkpoint again with `python -m "
+                     "launch.convert --overwrite`")
+  _check_fields(path, metadata)
   return metadata
+
+
+def metadata_checksum(metadata: dict[str, Any]) -> int:
+  """CRC-32 of the metadata's fields but its own (canonical JSON): a flipped
+  bit in the config (rms_norm_eps 1e-05 -> 1e-01) loaded a different model."""
+  body = {k: v for k, v in metadata.items() if k != "metadata_crc32"}
+  return zlib.crc32(json.dumps(body, sort_keys=True).encode())
+
+
+def _check_fields(path: pathlib.Path, metadata: dict[str, Any]) -> None:
+  """ValueError naming the file for a field of the wrong JSON type (they
+  used to fail later, with a traceback)."""
+  def bad(what: str) -> ValueError:
+    return ValueError(f"{path} is damaged: {what}")
+  if not isinstance(metadata.get("weights_id"), str):
+    raise bad("weights_id must be a string")
+  tokenizer = metadata.get("tokenizer")
+  if not (isinstance(tokenizer, dict)
+          and isinstance(tokenizer.get("gguf"), (str, type(None)))
+          and isinstance(tokenizer.get("embedded"), bool)):
+    raise bad('tokenizer must be {"gguf": path or null, "embedded": bool}')
+  crcs = metadata.get("state_crc32")
+  if crcs is not None and not (isinstance(crcs, dict) and all(
+      isinstance(k, str) and _is_int(v) for k, v in crcs.items())):
+    raise bad("state_crc32 must map array paths to integers")
+  config = metadata.get("config")
+  if not isinstance(config, dict):
+    raise bad("config must be a JSON object")
+  for field in dataclasses.fields(ModelConfig):
+    if field.name not in config:
+      continue  # config_from_metadata names a missing one
+    value, default = config[field.name], field.default
+    ok = {str: lambda v: isinstance(v, str),
+          bool: lambda v: isinstance(v, bool),
+          int: lambda v: _is_int(v) and v > 0,
+          float: lambda v: isinstance(v, (int, float))
+          and not isinstance(v, bool) and v > 0,
+          tuple: lambda v: isinstance(v, list) and all(map(_is_int, v))}
+    kind = type(default) if default is not dataclasses.MISSING else (
+        str if field.name == "name" else int)
+    if not ok[kind](value):
+      raise bad(f"config.{field.name} = {value!r} is not a valid "
+                f"{kind.__name__}")
+  vocab = config.get("vocab_size", 0)
+  ids = [config.get("bos_token_id", 0), *config.get("eos_token_ids", [])]
+  if any(not 0 <= i < vocab for i in ids):
+    raise bad(f"token ids {ids} are not all in the vocabulary [0, {vocab})")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def config_from_metadata(metadata: dict[str, Any]) -> ModelConfig:
@@ -64,6 +130,10 @@ def check_output_directory(directory: str | os.PathLike,
   (`recover_interrupted_replace`), so it counts as there."""
   if not str(directory):
     raise ValueError("the checkpoint directory is an empty path")
+  if str(directory).lower().endswith(".gguf"):
+    raise ValueError(f"{directory}: a checkpoint directory named .gguf could "
+                     "not be loaded (--model= reads a .gguf path as a GGUF "
+                     "file); give another name")
   recover_interrupted_replace(directory)
   path = pathlib.Path(directory)
   if path.exists() and not path.is_dir():
