@@ -140,10 +140,13 @@ def git_commit() -> str | None:
 
 
 def run_environment() -> dict[str, Any]:
-  """Where and when a report was measured: device, backend, jax and jaxlib
-  versions, host, UTC date and time, and the git commit of the code."""
+  """Where, when and how a report was measured: device, backend, jax and
+  jaxlib versions, host, UTC date and time, the git commit of the code, and
+  the command line (`sys.argv`: every flag given, so the run can be
+  repeated; the launchers' `config` adds the values that matter)."""
   import datetime
   import platform
+  import sys
 
   import jax
   import jaxlib
@@ -154,7 +157,7 @@ def run_environment() -> dict[str, Any]:
                    "cpu_model": cpu_model()},
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
               timespec="seconds"),
-          "git_commit": git_commit()}
+          "git_commit": git_commit(), "command": list(sys.argv)}
 
 
 def cpu_model() -> str:

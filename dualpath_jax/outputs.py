@@ -10,6 +10,7 @@ failed write leaves the previous file whole.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from typing import Any, Callable
@@ -150,12 +151,31 @@ def _json_value(obj: Any) -> Any:
   return str(obj)
 
 
+def _finite_or_none(obj: Any) -> Any:
+  """`obj` with every non-finite float (NumPy's included) as None."""
+  if isinstance(obj, dict):
+    return {k: _finite_or_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite_or_none(v) for v in obj]
+  if isinstance(obj, (np.generic, np.ndarray)):
+    return _finite_or_none(obj.tolist())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
 def write_json(report: dict[str, Any], path: str) -> None:
-  """Writes `report` as indented JSON, atomically (`replace_atomically`),
-  creating its folder if missing."""
+  """Writes `report` as indented strict JSON, atomically
+  (`replace_atomically`), creating its folder if missing. Non-finite numbers
+  (an unlimited NIC's inf, a ratio over nothing's nan) are written as null:
+  Python writes Infinity and NaN, which strict readers (JavaScript's
+  JSON.parse, jq) refuse."""
+  report = _finite_or_none(report)
+
   def write(tmp: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2, sort_keys=False, default=_json_value)
+      json.dump(report, f, indent=2, sort_keys=False, default=_json_value,
+                allow_nan=False)
       f.write("\n")
       f.flush()
       os.fsync(f.fileno())

@@ -143,6 +143,7 @@ def main(argv):
           "tokenizer": FLAGS.tokenizer, "trace": workload_flags.describe(),
           "reply": FLAGS.reply, "max_new_tokens": FLAGS.max_new_tokens,
           "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
+          "limit_sessions": FLAGS.limit_sessions, "warmup": FLAGS.warmup,
           "cold_tier": (None if engine.cold_tier is None else
                         to_dict(cluster_flags.cold_tier_config())),
           **cluster_flags.as_dict(),

@@ -39,7 +39,9 @@ def define(honor_gaps_default: bool = False) -> None:
   once(flags.DEFINE_integer, "max_new_tokens", 32, "cap on tokens generated "
        "per turn (the trace's output_tokens lowers it per turn)", lower_bound=1)
   once(flags.DEFINE_bool, "honor_gaps", honor_gaps_default,
-       "wait each turn's recorded pre_gap_ms (tool time) before sending it")
+       "wait each turn's recorded pre_gap_ms (tool time) after the turn "
+       "before it finished; a session's first turn arrives at the session's "
+       "start, its own pre_gap_ms unused")
   once(flags.DEFINE_enum, "tokenizer", "model", ["model", "bytes"],
        "model: the model's own; bytes: one token per byte, a stand-in for "
        "random weights (random:<preset>)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -164,6 +165,20 @@ def test_reports_write_numpy_values_as_numbers(tmp_path):
                       "c": np.arange(2), "d": tmp_path}, str(path))
   assert json.loads(path.read_text()) == {"a": 0.5, "b": 3, "c": [0, 1],
                                           "d": str(tmp_path)}
+
+
+def test_reports_are_strict_json_with_null_for_non_finite_numbers(tmp_path):
+  """Python's json writes Infinity and NaN (an unlimited NIC's rate, a
+  ratio over nothing), which strict readers refuse (JavaScript's
+  JSON.parse); every report now parses with them refused."""
+  path = tmp_path / "r.json"
+  outputs.write_json({"nic": math.inf, "r": [np.float32(np.nan), 1.5],
+                      "n": {"x": -math.inf, "k": (np.float64(2.0),)}},
+                     str(path))
+  def refuse(token):
+    raise ValueError(f"non-strict JSON: {token}")
+  assert json.loads(path.read_text(), parse_constant=refuse) == {
+      "nic": None, "r": [None, 1.5], "n": {"x": None, "k": [2.0]}}
 
 
 @pytest.mark.parametrize("flags_,msg", [

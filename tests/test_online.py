@@ -307,7 +307,18 @@ def test_bench_online_end_to_end(tmp_path):
                   f"--cold_tier={tmp_path / 'cold'}",
                   f"--json={report}", f"--plot={plot}")  # --report's alias
   assert proc.returncode == 0, proc.stderr[-3000:]
-  r = json.loads(report.read_text())
+
+  def refuse(token):
+    raise ValueError(f"non-strict JSON: {token}")
+  # strict JSON: the unlimited-NIC and rate fields used to be Infinity
+  r = json.loads(report.read_text(), parse_constant=refuse)
+  assert r["command"][1:3] == [f"--trace={trace}", "--model=random:tiny-test"]
+  assert r["config"]["warm_runs"] and r["config"]["prefill_keeps_prefix"]
+  # every policy ran once untimed first (the first timed run used to pay
+  # the load paths' compiles: the flag order chose the winner)
+  for policy in ("single_path", "dualpath"):
+    assert f"warm run (untimed, discarded): {policy} @ 2" in proc.stdout
+  assert all(isinstance(x["compiles_during_run"], int) for x in r["runs"])
   assert [(x["policy"], x["rate"]) for x in r["runs"]] == [
       ("single_path", 2.0), ("dualpath", 2.0), ("single_path", 50.0),
       ("dualpath", 50.0)]
@@ -347,7 +358,8 @@ def test_ctrl_c_reports_the_finished_runs(tmp_path):
       ["launch.bench_online", f"--trace={trace}", "--model=random:tiny-test",
        "--tokenizer=bytes", "--rates=0.1", "--arrival=uniform",
        "--max_context=512", "--num_blocks=64", "--nowarmup", "--noprogress",
-       f"--cold_tier={tmp_path / 'cold'}", f"--report={report}",
+       "--nowarm_runs", f"--cold_tier={tmp_path / 'cold'}",
+       f"--report={report}",
        f"--plot={plot}"], "single_path @ 0.1 agents/s", cwd=ROOT)
   assert done.returncode == 130, done.stderr[-3000:]
   data = json.loads(report.read_text())

@@ -67,6 +67,24 @@ def test_reads_abench_fields_and_ignores_extras(tmp_path):
     (json.dumps({"session_id": "a", "turns": [{"input_delta": [],
                                                "assistant_text": "ok\ud83d"}]}),
      "'assistant_text': .* at character 2"),
+    # These crashed with a TypeError, said "invalid literal for int()"
+    # without a place, or were truncated (1.9 -> 1).
+    *[(json.dumps({"session_id": "a", "turns": [{"input_delta": [],
+                                                 key: value}]}),
+       rf"turns\[0\]: '{key}' must be a non-negative integer")
+      for key, value in (("index", "first"), ("index", 1.9), ("index", [1]),
+                         ("input_tokens", [5]), ("cached_tokens", "many"),
+                         ("output_tokens", True))],
+    # Python's json reads Infinity; replay then crashed in sleep() mid-run
+    ('{"session_id": "a", "turns": [{"input_delta": [], '
+     '"pre_gap_ms": Infinity}]}', "'pre_gap_ms' must be a finite"),
+    # replay follows the file's order: indices out of order or repeated
+    (json.dumps({"session_id": "a", "turns": [
+        {"input_delta": [], "index": 1}, {"input_delta": [], "index": 0}]}),
+     r"turns\[1\]: 'index' 0 does not follow the turn before it \(1\)"),
+    (json.dumps({"session_id": "a", "turns": [
+        {"input_delta": [], "index": 0}, {"input_delta": [], "index": 0}]}),
+     "does not follow"),
 ])
 def test_bad_input_says_where(tmp_path, line, msg):
   path = tmp_path / "bad.jsonl"
@@ -143,3 +161,11 @@ def test_zstd_trace_cut_short_or_of_several_frames(tmp_path):
   path.write_bytes(b"plain text, not zstd\n")
   with pytest.raises(TraceError, match="bad zstd data"):
     load_trace(str(path))
+
+
+def test_turn_indices_default_to_their_position(tmp_path):
+  path = tmp_path / "t.jsonl"
+  path.write_text(json.dumps({"session_id": "a", "turns": [
+      {"input_delta": []}, {"input_delta": []}, {"input_delta": []}]}) + "\n")
+  (s,) = load_trace(str(path))
+  assert [t.index for t in s.turns] == [0, 1, 2]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 from typing import Any, Iterable, Iterator
 
@@ -130,7 +131,17 @@ def _require_text(value: str, where: str, field: str) -> None:
     raise TraceError(f"{where}: {field}: {e}") from None
 
 
-def _parse_turn(raw: Any, where: str) -> AgentTurn:
+def _count(raw: dict, key: str, default: int, where: str) -> int:
+  """`raw[key]` as a non-negative integer (absent or null: `default`)."""
+  value = raw.get(key)
+  if value is None:
+    return default
+  _require(isinstance(value, int) and not isinstance(value, bool)
+           and value >= 0, where, f"{key!r} must be a non-negative integer")
+  return value
+
+
+def _parse_turn(raw: Any, where: str, position: int) -> AgentTurn:
   _require(isinstance(raw, dict), where, "a turn must be a JSON object")
   delta = raw.get("input_delta")
   _require(isinstance(delta, list), where, "'input_delta' must be a list of messages")
@@ -141,21 +152,20 @@ def _parse_turn(raw: Any, where: str) -> AgentTurn:
     _require(msg["role"] in CHAT_ROLES, f"{where}.input_delta[{j}]",
              f"role {msg['role']!r} is not one of {CHAT_ROLES}")
     _require_text(msg["content"], f"{where}.input_delta[{j}]", "'content'")
-  out_tokens = raw.get("output_tokens", 0)
-  _require(isinstance(out_tokens, int) and out_tokens >= 0, where,
-           "'output_tokens' must be a non-negative integer")
+  out_tokens = _count(raw, "output_tokens", 0, where)
   gap = raw.get("pre_gap_ms", 0.0)
-  _require(isinstance(gap, (int, float)) and gap >= 0, where,
-           "'pre_gap_ms' must be a non-negative number")
+  _require(isinstance(gap, (int, float)) and not isinstance(gap, bool)
+           and math.isfinite(gap) and gap >= 0, where,
+           "'pre_gap_ms' must be a finite non-negative number")
   text = raw.get("assistant_text", "")
   _require(isinstance(text, str), where, "'assistant_text' must be a string")
   _require_text(text, where, "'assistant_text'")
-  return AgentTurn(index=int(raw.get("index", 0)),
+  return AgentTurn(index=_count(raw, "index", position, where),
                    input_delta=[{"role": m["role"], "content": m["content"]}
                                 for m in delta],
                    assistant_text=text, output_tokens=out_tokens,
-                   input_tokens=int(raw.get("input_tokens", 0) or 0),
-                   cached_tokens=int(raw.get("cached_tokens", 0) or 0),
+                   input_tokens=_count(raw, "input_tokens", 0, where),
+                   cached_tokens=_count(raw, "cached_tokens", 0, where),
                    pre_gap_ms=float(gap))
 
 
@@ -173,10 +183,16 @@ def parse_session(raw: Any, where: str = "session") -> AgentSession:
            "'turns' must be a non-empty list")
   tenant = raw.get("tenant", "")
   _require(isinstance(tenant, str), where, "'tenant' must be a string")
+  parsed = [_parse_turn(t, f"{where}.turns[{i}]", i)
+            for i, t in enumerate(turns)]
+  for i in range(1, len(parsed)):  # replay follows the file's order
+    _require(parsed[i].index > parsed[i - 1].index, f"{where}.turns[{i}]",
+             f"'index' {parsed[i].index} does not follow the turn before it "
+             f"({parsed[i - 1].index}): a session's turns must be listed in "
+             "order, each index once")
   return AgentSession(
       session_id=sid, system_prompt=system, tenant=tenant,
-      source=raw.get("source") or {},
-      turns=[_parse_turn(t, f"{where}.turns[{i}]") for i, t in enumerate(turns)])
+      source=raw.get("source") or {}, turns=parsed)
 
 
 def load_trace(path: str, limit: int | None = None) -> list[AgentSession]:
