@@ -877,3 +877,15 @@ def test_a_checkpoint_records_its_tokenizer_gguf_absolute_and_refuses_a_gguf_nam
   assert metadata["tokenizer"]["gguf"] == str(tmp_path / "model.gguf")
   with pytest.raises(ValueError, match="named .gguf could not be loaded"):
     checkpoint.check_output_directory(tmp_path / "smol.GGUF")
+
+
+@pytest.mark.parametrize("source,msg", [
+    ("", "the model source is empty"),  # was the working directory
+    ("/no/such/ckpt", r"\(no file or directory at /no/such/ckpt\)"),
+    ("random:tiny-test:layers=²", "bad option 'layers=²'"),  # was int()'s
+    ("random:tiny-test:layers=2:layers=5", "layers given twice"),  # 5 won
+])
+def test_model_sources_that_name_nothing_say_why(source, msg):
+  from dualpath_jax.model import describe_model  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=msg):
+    describe_model(source)

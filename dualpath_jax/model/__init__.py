@@ -112,8 +112,11 @@ def _resolve(source: str | None, dtype: str | None
     return "gguf", gguf_loader.find_smollm2_gguf()
   if source.startswith("random:"):
     return "random", None
+  if not source.strip():  # "" would be the working directory
+    raise ValueError("the model source is empty: give a .gguf file, a "
+                     "checkpoint directory or 'random:<preset>[:layers=N]'")
   path = pathlib.Path(source).expanduser()
-  if path.suffix == ".gguf":
+  if path.suffix.lower() == ".gguf" and not path.is_dir():
     return "gguf", path
   if not path.exists():  # a checkpoint a killed replacement left aside?
     checkpoint_layout.recover_interrupted_replace(path)
@@ -121,7 +124,8 @@ def _resolve(source: str | None, dtype: str | None
     return "checkpoint", path
   raise ValueError(
       f"model source {source!r} is neither a .gguf file, a checkpoint "
-      "directory nor 'random:<preset>[:layers=N]'")
+      "directory nor 'random:<preset>[:layers=N]'"
+      + ("" if path.exists() else f" (no file or directory at {path})"))
 
 
 def parse_random_source(source: str) -> tuple[ModelConfig, int]:
@@ -134,11 +138,16 @@ def parse_random_source(source: str) -> tuple[ModelConfig, int]:
     raise ValueError(f"unknown preset {preset!r}; known: "
                      f"{sorted(config_lib.MODEL_PRESETS)}")
   cfg, seed = config_lib.MODEL_PRESETS[preset], 0
+  seen = set()
   for option in parts[2:]:
     key, _, value = option.partition("=")
-    if key not in ("layers", "seed") or not value.isdigit():
+    if key not in ("layers", "seed") or not (value.isascii()
+                                             and value.isdigit()):
       raise ValueError(f"bad option {option!r} in {source!r}: use layers=N "
                        "or seed=S")
+    if key in seen:
+      raise ValueError(f"{key} given twice in {source!r}")
+    seen.add(key)
     if key == "layers":
       if int(value) < 1:
         raise ValueError(f"layers must be >= 1 in {source!r}")
