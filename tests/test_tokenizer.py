@@ -175,3 +175,15 @@ def test_min_tokens_is_a_lower_bound_that_refuses_only_what_is_too_long(
     assert tok.min_tokens(text) <= len(tok.encode(text)), repr(text)
   assert tok.min_tokens("") == 0
   assert tok.min_tokens("x" * 10**6) > 1000
+
+
+@pytest.mark.parametrize("message,msg", [
+    ({"role": "user", "content": None}, "must be strings"),
+    ({"role": 3, "content": "hi"}, "must be strings"),
+    ({"role": "user", "content": ["hi"]}, "must be strings"),
+    ({"role": "bogus", "content": "hi"}, "role 'bogus' is not one of"),
+])
+def test_chat_messages_of_the_wrong_kind_are_refused(tok, message, msg):
+  """They gave jinja's TypeError, or (an unknown role) rendered as is."""
+  with pytest.raises(ValueError, match=msg):
+    tok.apply_chat_template([message])

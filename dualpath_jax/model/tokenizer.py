@@ -30,7 +30,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from dualpath_jax.model import gguf_loader
 from dualpath_jax.model.gguf_file import GGUFFile
-from dualpath_jax.text import check_unicode
+from dualpath_jax.text import CHAT_ROLES, check_unicode
 
 _CONTROL = 3
 _USER_DEFINED = 4
@@ -186,6 +186,11 @@ class Tokenizer:
     for m in messages:
       if not isinstance(m, dict) or "role" not in m or "content" not in m:
         raise ValueError(f"each message needs 'role' and 'content': {m!r}")
+      if not (isinstance(m["role"], str) and isinstance(m["content"], str)):
+        raise ValueError(f"a message's role and content must be strings: "
+                         f"{m!r}")  # the template failed with jinja's error
+      if m["role"] not in CHAT_ROLES:
+        raise ValueError(f"role {m['role']!r} is not one of {CHAT_ROLES}")
     bos = self._tokens[self.bos_id] if self.bos_id is not None else ""
     eos = self._tokens[self.eos_ids[0]] if self.eos_ids else ""
     return self._template.render(
