@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import os
 import signal
 import socket
 import sys
 import threading
 from typing import Any, Callable
+
+
+def is_integer(value: object) -> bool:
+  """A Python or NumPy integer, not a bool (which Python counts as an int):
+  the one test every count and id taken from a caller or a file needs."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def enable_compilation_cache(path: str | None = None, *,

@@ -8,8 +8,9 @@ they come from `dualpath_jax.config.ModelConfig` and `CacheConfig`.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
+
+from dualpath_jax.utils import is_integer
 
 CODECS = ("raw", "zstd", "int8", "int8+zstd")
 DRIVERS = ("file", "ocdbt")
@@ -108,7 +109,7 @@ class ColdTierConfig:
       value = getattr(self, name)
       # An int, not a float: a float capacity was stored as the layout's
       # slot count (16.0), and a float batch size failed mid-put.
-      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+      if not is_integer(value):
         raise ValueError(f"ColdTierConfig.{name} must be an integer; got "
                          f"{value!r}")
       if value <= 0:

@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import numbers
 from collections.abc import Callable, Iterable
 
 from dualpath_jax.cache.block_hash import BlockHash
+from dualpath_jax.utils import is_integer
 
 EvictionCallback = Callable[[int, BlockHash], None]
 
 
 def _as_int(value: object) -> int | None:
   """`value` as an int if it is a Python or numpy integer (not a bool)."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    return None
-  return int(value)
+  return int(value) if is_integer(value) else None
 
 
 class OutOfBlocksError(RuntimeError):

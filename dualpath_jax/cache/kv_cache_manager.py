@@ -25,7 +25,6 @@ filled block has no identity and is freed at `end`.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -33,6 +32,7 @@ import numpy as np
 from dualpath_jax.cache.block_hash import (BlockHash, hash_block, hash_chain,
                                            token_array)
 from dualpath_jax.cache.block_pool import BlockPool, OutOfBlocksError
+from dualpath_jax.utils import is_integer
 
 __all__ = ["KVCacheManager", "OutOfBlocksError", "RequestTooLargeError"]
 
@@ -53,7 +53,7 @@ class _Sequence:
 
 
 def _non_negative_int(value: object, name: str) -> int:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or
+  if (not is_integer(value) or
       value < 0):
     raise ValueError(f"{name} must be a non-negative int, got {value!r}")
   return int(value)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Callable
 
 import numpy as np
 
 from dualpath_jax.cache.kv_cache_manager import RequestTooLargeError
+from dualpath_jax.utils import is_integer
 
 
 @dataclasses.dataclass
@@ -89,7 +89,7 @@ def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
   if outside.any():
     raise ValueError(f"{rid}: token id {int(tokens[outside][0])} is outside "
                      f"the vocabulary [0, {high})")
-  if not _is_integer(req.max_new_tokens):
+  if not is_integer(req.max_new_tokens):
     raise ValueError(f"{rid}: max_new_tokens must be an integer; got "
                      f"{req.max_new_tokens!r}")
   if req.max_new_tokens < 1:
@@ -110,10 +110,7 @@ def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
   if req.top_p is not None and not 0 < req.top_p <= 1:
     raise ValueError(f"{rid}: top_p must be in (0, 1], got "
                      f"{req.top_p}")
-  if req.seed is not None and not (_is_integer(req.seed) and req.seed >= 0):
+  if req.seed is not None and not (is_integer(req.seed) and req.seed >= 0):
     raise ValueError(f"{rid}: seed must be an integer >= 0; got {req.seed!r}")
 
 
-def _is_integer(value: object) -> bool:
-  """An int or numpy integer, not a bool (which Python counts as an int)."""
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -20,6 +20,7 @@ from absl import logging
 
 from dualpath_jax import outputs
 from dualpath_jax.config import ModelConfig
+from dualpath_jax.utils import is_integer
 
 METADATA_FILE = "dualpath_model.json"
 FORMAT_VERSION = 1
@@ -80,7 +81,7 @@ def _check_fields(path: pathlib.Path, metadata: dict[str, Any]) -> None:
     raise bad('tokenizer must be {"gguf": path or null, "embedded": bool}')
   crcs = metadata.get("state_crc32")
   if crcs is not None and not (isinstance(crcs, dict) and all(
-      isinstance(k, str) and _is_int(v) for k, v in crcs.items())):
+      isinstance(k, str) and is_integer(v) for k, v in crcs.items())):
     raise bad("state_crc32 must map array paths to integers")
   config = metadata.get("config")
   if not isinstance(config, dict):
@@ -91,10 +92,10 @@ def _check_fields(path: pathlib.Path, metadata: dict[str, Any]) -> None:
     value, default = config[field.name], field.default
     ok = {str: lambda v: isinstance(v, str),
           bool: lambda v: isinstance(v, bool),
-          int: lambda v: _is_int(v) and v > 0,
+          int: lambda v: is_integer(v) and v > 0,
           float: lambda v: isinstance(v, (int, float))
           and not isinstance(v, bool) and v > 0,
-          tuple: lambda v: isinstance(v, list) and all(map(_is_int, v))}
+          tuple: lambda v: isinstance(v, list) and all(map(is_integer, v))}
     kind = type(default) if default is not dataclasses.MISSING else (
         str if field.name == "name" else int)
     if not ok[kind](value):
@@ -104,10 +105,6 @@ def _check_fields(path: pathlib.Path, metadata: dict[str, Any]) -> None:
   ids = [config.get("bos_token_id", 0), *config.get("eos_token_ids", [])]
   if any(not 0 <= i < vocab for i in ids):
     raise bad(f"token ids {ids} are not all in the vocabulary [0, {vocab})")
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def config_from_metadata(metadata: dict[str, Any]) -> ModelConfig:
