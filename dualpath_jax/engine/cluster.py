@@ -51,7 +51,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
-import logging
 import math
 import time
 from typing import Callable, Sequence
@@ -65,7 +64,8 @@ from dualpath_jax.cache.block_pool import BlockPool, OutOfBlocksError
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import CacheConfig, EngineConfig, check_max_context
 from dualpath_jax.engine import buckets
-from dualpath_jax.engine.cold_tier import ColdTierConnector, ColdTierStats
+from dualpath_jax.engine.cold_tier import (ColdTierConnector, ColdTierStats,
+                                           count_store_error)
 from dualpath_jax.engine.engine import EngineStats
 from dualpath_jax.engine import step_parts
 from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
@@ -133,9 +133,6 @@ class ClusterStats(EngineStats):
                                "free": 0})
   nic_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
   placements: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -518,13 +515,8 @@ class PDCluster:
     try:
       return self.store.contains(chain)
     except Exception as err:  # pylint: disable=broad-except
-      self._store_error("lookup", err)
+      count_store_error(self.cold_tier.stats, "lookup", err)
       return [False] * len(chain)
-
-  def _store_error(self, what: str, err: Exception) -> None:
-    self.cold_tier.stats.store_errors += 1
-    _log.error("cold tier %s failed, served without it: %s: %s", what,
-               type(err).__name__, err)
 
   def _admit(self) -> None:
     while self._waiting:
@@ -626,7 +618,7 @@ class PDCluster:
     try:
       stage = load.result()
     except Exception as err:  # pylint: disable=broad-except
-      self._store_error("read", err)  # nothing loaded: all recomputed
+      count_store_error(self.cold_tier.stats, "read", err)  # all recomputed
       return None
     cached, have, run = turn.load_plan
     report = self.loader.report(req, stage)

@@ -49,6 +49,16 @@ class ColdTierStats:
     return dataclasses.asdict(self)
 
 
+def count_store_error(stats: ColdTierStats, what: str,
+                      err: BaseException) -> None:
+  """Logs and counts (`stats.store_errors`) a store call that raised and
+  was served without (a miss, a skipped write-back): the engine's and the
+  P/D cluster's."""
+  stats.store_errors += 1
+  _log.error("cold tier %s failed, served without it: %s: %s", what,
+             type(err).__name__, err)
+
+
 class ColdTierConnector:
   """Moves whole blocks between the engine's pool and a `BlockStore`."""
 
@@ -80,7 +90,8 @@ class ColdTierConnector:
     try:
       present = self.store.contains(wanted)
     except Exception as err:  # pylint: disable=broad-except
-      return pool, self._store_error("lookup", err)
+      count_store_error(self.stats, "lookup", err)
+      return pool, 0
     run = next((i for i, p in enumerate(present) if not p), len(wanted))
     if run == 0:
       return pool, 0
@@ -92,7 +103,8 @@ class ColdTierConnector:
     try:
       blocks = self.store.get(wanted[:run], out=staging)
     except Exception as err:  # pylint: disable=broad-except
-      return pool, self._store_error("read", err)
+      count_store_error(self.stats, "read", err)
+      return pool, 0
     good = next((i for i, b in enumerate(blocks) if b is None), run)
     self.stats.missed_blocks += run - good
     if good == 0:
@@ -116,7 +128,7 @@ class ColdTierConnector:
     try:
       present = self.store.contains(hashes)
     except Exception as err:  # pylint: disable=broad-except
-      self._store_error("lookup", err)
+      count_store_error(self.stats, "lookup", err)
       return
     todo = [i for i, p in enumerate(present) if not p]
     if not todo:
@@ -128,14 +140,7 @@ class ColdTierConnector:
     self.stats.write_requests += 1
     self.stats.written_blocks += len(todo)
 
-  def _store_error(self, what: str, err: Exception) -> int:
-    """Logs and counts a store call that raised; 0 (tokens loaded)."""
-    self.stats.store_errors += 1
-    _log.error("cold tier %s failed, served without it: %s: %s", what,
-               type(err).__name__, err)
-    return 0
-
   def _check_put(self, future: cf.Future) -> None:
     """A write-back's put that raised is logged and counted, not lost."""
     if not future.cancelled() and future.exception() is not None:
-      self._store_error("write", future.exception())
+      count_store_error(self.stats, "write", future.exception())
