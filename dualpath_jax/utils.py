@@ -52,10 +52,32 @@ def make_ctrl_c_an_end() -> bool:
   it: such a launcher ran on past the SIGINT and was killed later with no
   report. Call from the main thread.
   """
-  ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-  if ignored:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+  handler = signal.getsignal(signal.SIGINT)
+  ignored = handler is signal.SIG_IGN
+  if ignored or handler is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _raise_interrupt)
   return ignored
+
+
+_INTERRUPTED = threading.Event()  # a SIGINT came (`make_ctrl_c_an_end`)
+
+
+def _raise_interrupt(signum, frame) -> None:
+  """Python's SIGINT handler, which also records that the signal came."""
+  del signum, frame
+  _INTERRUPTED.set()
+  raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+  """KeyboardInterrupt if a SIGINT came that no code saw. Python drops an
+  exception raised while it runs a garbage-collection callback (JAX
+  registers one) with "Exception ignored in ...": a Ctrl-C landing there
+  was lost, and the launcher ran to its end (a CI run saw bench_model
+  finish every row and exit 0). Launchers call it between units of work;
+  `ctrl_c_ends_quietly` once more when `main` returns."""
+  if _INTERRUPTED.is_set():
+    raise KeyboardInterrupt
 
 
 def ctrl_c_ends_quietly(main: Callable[[list[str]], Any],
@@ -69,12 +91,18 @@ def ctrl_c_ends_quietly(main: Callable[[list[str]], Any],
   (`make_ctrl_c_an_end`)."""
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> Any:
+    previous = signal.getsignal(signal.SIGINT)
+    _INTERRUPTED.clear()
     make_ctrl_c_an_end()
     try:
-      return main(argv)
+      result = main(argv)
+      raise_if_interrupted()  # one that was dropped: still an end
+      return result
     except KeyboardInterrupt:
       print(f"{name}: interrupted", file=sys.stderr, flush=True)
       sys.exit(130)
+    finally:
+      signal.signal(signal.SIGINT, previous)
   return wrapped
 
 

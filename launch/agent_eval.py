@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags, logging
 
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import (cluster_flags, distributed_flags, engine_flags,
                     workload_flags)
 
@@ -106,6 +106,7 @@ def main(argv):
   def on_turn(record):
     finished.append(record)
     bar.update(1)
+    raise_if_interrupted()
 
   start = time.perf_counter()
   try:

@@ -21,7 +21,7 @@ import time
 
 from absl import app, flags
 
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source (see launch.agent_eval)")
@@ -142,6 +142,7 @@ def main(argv):
     rows.append(row)
     print(f"  {row['phase']} batch {row['batch']}: {row['tok_s']:.1f} tok/s",
           flush=True)
+    raise_if_interrupted()
 
   try:  # Ctrl-C: report the rows measured so far, exit 130
     t = timed(prefill)

@@ -36,7 +36,7 @@ import tempfile
 
 from absl import app, flags, logging
 
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import cluster_flags, engine_flags, float_flags, workload_flags
 
 FLAGS = flags.FLAGS
@@ -206,7 +206,7 @@ def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
                    reply_mode=FLAGS.reply, max_new_tokens=FLAGS.max_new_tokens,
                    honor_gaps=FLAGS.honor_gaps,
                    sample_every_s=FLAGS.sample_every_s,
-                   on_turn=lambda r: bar.update(1))
+                   on_turn=lambda r: (bar.update(1), raise_if_interrupted()))
   bar.close()
   compiles = _COMPILES[0] - compiles_before
   engine.cold_tier.store.flush()

@@ -97,3 +97,39 @@ def test_the_suite_compiles_into_its_own_cache_that_fills():
   # A program no other test compiles (its constant is this test's own).
   jax.jit(lambda x: jnp.sin(x) * 1234.5678)(jnp.arange(7.0)).block_until_ready()
   assert set(os.listdir(path)) - before
+
+
+# The drop is what the test makes happen: pytest reports it as a warning.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_python_dropped_still_ends_the_launcher(capsys):
+  """Python drops an exception raised in a garbage-collection callback
+  ("Exception ignored in ..."): a Ctrl-C landing in JAX's let bench_model
+  run on to its end and exit 0. The handler records the signal, and
+  `raise_if_interrupted` (between units of work, and after `main`) ends
+  the run with 130 all the same."""
+  import gc  # pylint: disable=g-import-not-at-top
+  steps = []
+
+  def drop_a_sigint(phase, info):
+    del info
+    if phase == "start" and not steps:
+      steps.append("dropped")
+      os.kill(os.getpid(), signal.SIGINT)  # raised here, and dropped
+
+  def main(argv):
+    del argv
+    gc.callbacks.append(drop_a_sigint)
+    try:
+      gc.collect()
+    finally:
+      gc.callbacks.remove(drop_a_sigint)
+    steps.append("ran on")
+    utils.raise_if_interrupted()
+    steps.append("never")
+
+  with pytest.raises(SystemExit) as stop:
+    utils.ctrl_c_ends_quietly(main, "demo")([])
+  assert stop.value.code == 130 and steps == ["dropped", "ran on"]
+  assert capsys.readouterr().err.endswith("demo: interrupted\n")
+  # the wrapper put its handler back; a new run starts uninterrupted
+  assert utils.ctrl_c_ends_quietly(lambda argv: 7, "demo")([]) == 7
