@@ -26,9 +26,13 @@ def enable_compilation_cache(path: str | None = None, *,
   The directory is `path`, else `$DUALPATH_JAX_CACHE`, else
   `~/.cache/dualpath_jax/xla`. Compiles shorter than `min_compile_time_s`
   are not stored (the test suite stores all: its programs are small and
-  compiled again by other processes). Returns the directory.
+  compiled again by other processes). Returns the directory. A Ctrl-C
+  during JAX's import waits for its end (then raises): one landing inside
+  an extension module's initialisation crashed the process (SIGSEGV, seen
+  once in a clean-clone suite run).
   """
-  import jax
+  with interrupts_deferred():
+    import jax  # pylint: disable=g-import-not-at-top
   path = path or os.environ.get("DUALPATH_JAX_CACHE") or os.path.expanduser(
       "~/.cache/dualpath_jax/xla")
   os.makedirs(path, exist_ok=True)
@@ -59,13 +63,13 @@ def make_ctrl_c_an_end() -> bool:
   return ignored
 
 
-_INTERRUPTED = threading.Event()  # a SIGINT came (`make_ctrl_c_an_end`)
+_SIGINTS: list[int] = []  # SIGINTs come (`make_ctrl_c_an_end`); no lock
 
 
 def _raise_interrupt(signum, frame) -> None:
   """Python's SIGINT handler, which also records that the signal came."""
-  del signum, frame
-  _INTERRUPTED.set()
+  del frame
+  _SIGINTS.append(signum)
   raise KeyboardInterrupt
 
 
@@ -76,7 +80,7 @@ def raise_if_interrupted() -> None:
   was lost, and the launcher ran to its end (a CI run saw bench_model
   finish every row and exit 0). Launchers call it between units of work;
   `ctrl_c_ends_quietly` once more when `main` returns."""
-  if _INTERRUPTED.is_set():
+  if _SIGINTS:
     raise KeyboardInterrupt
 
 
@@ -92,7 +96,7 @@ def ctrl_c_ends_quietly(main: Callable[[list[str]], Any],
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> Any:
     previous = signal.getsignal(signal.SIGINT)
-    _INTERRUPTED.clear()
+    _SIGINTS.clear()
     make_ctrl_c_an_end()
     try:
       result = main(argv)
