@@ -42,7 +42,7 @@ def nic_series(result: SimResult, rates: Mapping[str, float],
         row[k] += max(0.0, min(e, k + 1) - max(b, k))
         k += 1
   return [{"t": start + (k + 1) * width,
-           "nics": {name: {"util": min(1.0, row[k])}
+           "nics": {name: {"util": round(min(1.0, row[k]), 4)}
                     for name, row in busy.items()}}
           for k in range(bins)]
 

@@ -25,7 +25,7 @@ def _pct(v: float | None) -> str:
 
 
 def _bytes(n: float) -> str:
-  for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+  for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
     if n >= size:
       return f"{n / size:.3g}{unit}"
   return f"{n:.0f}B"
