@@ -123,9 +123,8 @@ def main(argv):
   bar.close()
   cold_stats = None
   if engine.cold_tier is not None:
-    engine.cold_tier.store.flush()  # count queued write-backs as done
-    cold_stats = {**engine.cold_tier.stats.as_dict(),
-                  "store": engine.cold_tier.store.stats()}
+    engine.cold_tier.flush()  # count queued write-backs as done
+    cold_stats = engine.cold_tier.report()
   nics = engine.nic_stats() if mesh is not None else None
   engine.close()
 
@@ -145,8 +144,7 @@ def main(argv):
           "reply": FLAGS.reply, "max_new_tokens": FLAGS.max_new_tokens,
           "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
           "limit_sessions": FLAGS.limit_sessions, "warmup": FLAGS.warmup,
-          "cold_tier": (None if engine.cold_tier is None else
-                        to_dict(cluster_flags.cold_tier_config())),
+          "cold_tier": None if cold is None else to_dict(cold),
           **cluster_flags.as_dict(),
           "engine": to_dict(engine_cfg),
       },
@@ -154,6 +152,13 @@ def main(argv):
                        for r in result.records],
   }
   print(metrics.format_table(summary))
+  if cold_stats is not None:  # where the cached prompt tokens came from
+    tiers = [f"device pool {engine.manager.stats['hit_tokens']}"]
+    if cold_stats["hot_tier"] is not None:
+      tiers.append(f"hot tier {cold_stats['hot_loaded_tokens']}")
+    if cold_stats["store"] is not None:
+      tiers.append(f"cold tier {cold_stats['loaded_tokens']}")
+    print("cached tokens by tier: " + ", ".join(tiers))
   outputs.write_json(report, FLAGS.report)
   print(f"report: {FLAGS.report}")
   if FLAGS.plot:

@@ -146,9 +146,9 @@ def _seed(loaded, cache, engine_cfg, sessions, root: str) -> dict:
   res = replay_sessions(engine, loaded.tokenizer, sessions,
                         reply_mode=FLAGS.reply,
                         max_new_tokens=FLAGS.max_new_tokens)
-  engine.cold_tier.store.flush()
+  engine.cold_tier.flush()
   stats = {"mode": "replay", "turns": len(res.records), "wall_s": res.wall_s,
-           "store": engine.cold_tier.store.stats()}
+           "store": engine.cold_tier.report()["store"]}
   engine.close()
   print(f"  {len(res.records)} turns in {res.wall_s:.1f} s, "
         f"{stats['store'].get('index_ready', '?')} blocks stored", flush=True)
@@ -209,9 +209,8 @@ def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
                    on_turn=lambda r: (bar.update(1), raise_if_interrupted()))
   bar.close()
   compiles = _COMPILES[0] - compiles_before
-  engine.cold_tier.store.flush()
-  cold_stats = {**engine.cold_tier.stats.as_dict(),
-                "store": engine.cold_tier.store.stats()}
+  engine.cold_tier.flush()
+  cold_stats = engine.cold_tier.report()
   nics = {}
   if mesh is not None:
     last = res.series[-1].get("nics", {})

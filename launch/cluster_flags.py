@@ -48,6 +48,10 @@ def define(mesh_default: str | None = None) -> None:
        "there after each turn and loaded back on a later hit")
   once(float_flags.define_float, "cold_tier_gb", 8.0,
              "cold-tier byte budget (LRU beyond it)")
+  once(float_flags.define_float, "hot_tier_gb", 0.0,
+             "host-DRAM hot tier in front of the cold tier (one engine): "
+             "blocks the pool evicted come back from here first; 0 = none",
+             lower_bound=0.0)
   once(flags.DEFINE_enum, "cold_tier_codec", "raw", CODECS,
        "how cold-tier blocks are stored")
   once(flags.DEFINE_enum, "cold_tier_sync", "auto", ["auto", "syncfs", "fsync"],
@@ -64,8 +68,12 @@ def mesh_config():
       `--cold_tier`, or DualPath flags its config refuses (a storage NIC of
       no bandwidth), before anything runs.
   """
+  hot_tier_bytes()  # checked now: a size past the host's memory
   if not FLAGS.mesh or FLAGS.mesh.lower() == "none":
     return None
+  if FLAGS.hot_tier_gb:
+    raise ValueError("--hot_tier_gb is for one engine: the P/D cluster has "
+                     "no hot tier yet (drop --mesh or --hot_tier_gb)")
   from dualpath_jax.transfer import MeshConfig
   if not FLAGS.cold_tier:
     raise ValueError("--mesh needs --cold_tier (the blocks the paths load)")
@@ -101,13 +109,41 @@ def cold_tier_config(root: str | None = None):
                         sync=FLAGS.cold_tier_sync)
 
 
+def _available_memory_bytes() -> int | None:
+  """MemAvailable of /proc/meminfo (Linux), or None where there is none."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    return None
+  return None
+
+
+def hot_tier_bytes() -> int:
+  """`--hot_tier_gb` in bytes (0: no hot tier).
+
+  Raises:
+    ValueError: more than the host's available memory (the tier is
+      allocated and touched up front, so it would be killed, not swap).
+  """
+  size = int(FLAGS.hot_tier_gb * (1 << 30))
+  available = _available_memory_bytes()
+  if size and available is not None and size > available:
+    raise ValueError(f"--hot_tier_gb={FLAGS.hot_tier_gb:g} is more than the "
+                     f"{available / (1 << 30):.1f} GiB of memory available")
+  return size
+
+
 def as_dict() -> dict:
   """The flags' values, for reports."""
   return {"mesh": FLAGS.mesh, "tp": FLAGS.tp, "policy": FLAGS.policy,
           "storage_nic_gbps": FLAGS.storage_nic_gbps,
           "prefill_keeps_prefix": FLAGS.prefill_keeps_prefix,
           "cold_tier_codec": FLAGS.cold_tier_codec,
-          "cold_tier_gb": FLAGS.cold_tier_gb, "cold_tier_sync": FLAGS.cold_tier_sync}
+          "cold_tier_gb": FLAGS.cold_tier_gb, "cold_tier_sync": FLAGS.cold_tier_sync,
+          "hot_tier_gb": FLAGS.hot_tier_gb}
 
 
 def make(loaded, cache, engine_cfg, mesh, cold, policy: str | None = None):
@@ -119,7 +155,8 @@ def make(loaded, cache, engine_cfg, mesh, cold, policy: str | None = None):
   """
   if mesh is None:
     from dualpath_jax.engine.factory import make_engine
-    return make_engine(loaded, cache, engine_cfg, cold_tier=cold)
+    return make_engine(loaded, cache, engine_cfg, cold_tier=cold,
+                       hot_tier_bytes=hot_tier_bytes())
   from dualpath_jax.engine.cluster import make_cluster
   return make_cluster(loaded, cache, engine_cfg, cold, mesh,
                       dualpath_config(policy))

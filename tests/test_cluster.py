@@ -351,3 +351,40 @@ def test_a_failing_store_is_a_miss_and_the_cluster_serves_on(
     monkeypatch.undo()
   finally:
     cluster.close()
+
+
+def test_a_raising_hook_fails_its_turn_only_on_the_cluster(tiny, tmp_path):
+  """A client's `on_token` that raises ends its own turn ("error", the
+  exception attached); the other turn's tokens equal a single engine's;
+  every pool is whole again. An abort from inside a hook sticks too."""
+  rng = np.random.default_rng(7)
+  pa, pb, pc = (rng.integers(3, 256, size=n).tolist() for n in (13, 18, 9))
+  cluster = make_cluster(tiny, CACHE, ENGINE, _cold(tmp_path),
+                         MeshConfig.parse("1P2D"), DualPathConfig(policy="dualpath"))
+
+  def boom(token):
+    raise RuntimeError("client gone")
+  calls = []
+
+  def aborting(token):
+    calls.append(token)
+    if len(calls) == 2:
+      assert cluster.abort("c")
+  cluster.submit(TurnRequest("a", pa, NEW_TOKENS, stop_on_eos=False,
+                             on_token=boom))
+  cluster.submit(TurnRequest("b", pb, NEW_TOKENS, stop_on_eos=False))
+  cluster.submit(TurnRequest("c", pc, NEW_TOKENS, stop_on_eos=False,
+                             on_token=aborting))
+  outs = {}
+  while cluster.has_work():
+    for out in cluster.step():
+      outs[out.request.request_id] = out
+  assert set(outs) == {"a", "b"} and len(calls) == 2
+  assert outs["a"].finish_reason == "error"
+  assert isinstance(outs["a"].error, RuntimeError)
+  single = make_engine(tiny, CACHE, ENGINE)
+  want = _run(single, [TurnRequest("b", pb, NEW_TOKENS, stop_on_eos=False)])
+  assert outs["b"].generated_tokens == want["b"].generated_tokens
+  for worker in cluster.workers.values():
+    assert worker.manager.pool.num_referenced == 0
+  cluster.close()

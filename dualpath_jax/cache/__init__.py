@@ -6,6 +6,8 @@ Pure Python and numpy, no JAX and no I/O:
                     model fingerprint and tenant salt
   block_pool        refcounted pool blocks, cached identities, LRU eviction
   kv_cache_manager  block tables of running sequences and prefix reuse
+  hot_tier          whole blocks in host DRAM by identity, evicted by reuse,
+                    recency and position in their chain
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dualpath_jax.cache.block_hash import (DIGEST_SIZE, BlockHash, hash_block,
                                            hash_chain, token_array)
 from dualpath_jax.cache.block_pool import (BlockPool, BlockPoolStats,
                                            OutOfBlocksError)
+from dualpath_jax.cache.hot_tier import HotTier, HotTierStats
 from dualpath_jax.cache.kv_cache_manager import (KVCacheManager,
                                                  RequestTooLargeError)
 
@@ -22,6 +25,8 @@ __all__ = [
     "BlockPool",
     "BlockPoolStats",
     "DIGEST_SIZE",
+    "HotTier",
+    "HotTierStats",
     "KVCacheManager",
     "OutOfBlocksError",
     "RequestTooLargeError",

@@ -165,14 +165,20 @@ class BlockPool:
     blocks: list[int] = []
     while len(blocks) < n and self._free:
       blocks.append(self._free.popleft())
-    while len(blocks) < n:
-      block, _ = self._evictable.popitem(last=False)
-      identity = self._identity_of.pop(block)
-      del self._block_of[identity]
-      self._stats.evictions += 1
-      if self._on_evict is not None:
-        self._on_evict(block, identity)
-      blocks.append(block)
+    try:
+      while len(blocks) < n:
+        block, _ = self._evictable.popitem(last=False)
+        identity = self._identity_of.pop(block)
+        del self._block_of[identity]
+        self._stats.evictions += 1
+        blocks.append(block)
+        if self._on_evict is not None:
+          self._on_evict(block, identity)
+    except BaseException:
+      # A callback that raised fails the allocation, not the pool: every
+      # block taken goes back as free (the evicted ones without identity).
+      self._free.extendleft(reversed(blocks))
+      raise
     for block in blocks:
       self._ref_counts[block] = 1
     self._stats.allocations += n

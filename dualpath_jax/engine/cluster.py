@@ -104,6 +104,7 @@ class _Turn:
   on_decode: frozenset[int] = frozenset()  # prompt blocks path 2 left on the DE
   chain: list[bytes] | None = None  # ids of its loadable blocks (set once)
   placed_s: float = 0.0
+  hook_error: BaseException | None = None  # what its `on_token` raised
 
   @property
   def rid(self) -> str:
@@ -137,10 +138,18 @@ class ClusterStats(EngineStats):
 
 @dataclasses.dataclass
 class ClusterColdTier:
-  """What `agent_eval` reads of an engine's cold tier: the store and counters."""
+  """What launchers read of the cluster's cold tier: the store and counters
+  (the calls `ColdTierConnector` answers for one engine)."""
 
   store: object
   stats: ColdTierStats
+
+  def flush(self) -> None:
+    self.store.flush()
+
+  def report(self) -> dict:
+    return {**self.stats.as_dict(), "store": self.store.stats(),
+            "hot_tier": None}
 
 
 class _Worker:
@@ -775,9 +784,17 @@ class PDCluster:
     done = []
     for turn, tok in zip(turns, tokens):
       reason = step_parts.accept_token(turn, tok, self.eos_ids)
-      if reason is None:
+      if reason is None or turn not in de.running:  # or aborted by its hook
         continue
       de.running.remove(turn)
+      if reason == "error":  # its hook raised: fail it, keep nothing new
+        de.manager.end(turn.rid)
+        done.append(TurnOutput(
+            request=turn.req, generated_tokens=list(turn.generated),
+            cached_prompt_tokens=turn.cached_prompt_tokens,
+            arrival_s=turn.arrival_s, first_token_s=turn.first_token_s,
+            finish_s=now, finish_reason=reason, error=turn.hook_error))
+        continue
       writer = self._writers[de.name]
       before = writer.stats.written_blocks, writer.stats.write_requests
       writer.write_back(de.kv, turn.rid, turn.req.tenant, turn.req.session_id)

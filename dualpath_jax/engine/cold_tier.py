@@ -1,14 +1,20 @@
-"""The engine's side of the cold tier: load missing prefix blocks, write back.
+"""The engine's side of the storage tiers: load missing prefix blocks, write back.
+
+Two tiers may back the device pool, each optional: a hot tier in host DRAM
+(`cache.HotTier`) and a cold tier on disk (`storage.BlockStore`).
 
 At admission, after the pool's own prefix hit, `load_prefix` looks up the
-next blocks of the context in the cold tier (`storage.BlockStore`), reads the
-longest run that is there and verified, writes them into freshly allocated
-pages and marks them computed, so prefill starts after them. A block that is
+next blocks of the context: the leading run the hot tier holds, then the
+run after it that the cold tier holds and verifies. It reads them into one
+reused host buffer, writes them into freshly allocated pages in one call
+and marks them computed, so prefill starts after them. A block that is
 missing, torn or corrupt ends the run: it and everything after it are
-recomputed (the store counts and logs the bad block).
+recomputed (the store counts and logs the bad block). Blocks read from the
+cold tier are put in the hot tier too, from the same host buffer.
 
-When a turn finishes, `write_back` copies the sequence's full blocks that
-the store does not hold yet to the host and hands them to the store's write
+When a turn finishes, `write_back` copies to the host, once, the
+sequence's full blocks that either tier lacks: the hot tier takes its copies
+at once (the ones it has count as reused), the cold tier's go to its write
 pool (`put_async`): the engine does not wait for the disk.
 
 Loading is synchronous here (one engine, one device): the DualPath transfer
@@ -38,8 +44,10 @@ _log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class ColdTierStats:
   lookups: int = 0
-  loaded_blocks: int = 0
+  loaded_blocks: int = 0  # from the cold tier
   loaded_tokens: int = 0
+  hot_loaded_blocks: int = 0  # from the hot tier
+  hot_loaded_tokens: int = 0
   missed_blocks: int = 0  # listed by contains() but unreadable
   written_blocks: int = 0
   write_requests: int = 0
@@ -60,14 +68,30 @@ def count_store_error(stats: ColdTierStats, what: str,
 
 
 class ColdTierConnector:
-  """Moves whole blocks between the engine's pool and a `BlockStore`."""
+  """Moves whole blocks between the engine's pool and its storage tiers.
 
-  def __init__(self, store, manager: KVCacheManager):
+  `store`: a `storage.BlockStore` (the cold tier) or None; `hot`: a
+  `cache.HotTier` or None; at least one of them.
+  """
+
+  def __init__(self, store, manager: KVCacheManager, hot=None):
+    if store is None and hot is None:
+      raise ValueError("a tier connector needs a cold tier, a hot tier or "
+                       "both")
     self.store = store
+    self.hot = hot
     self.manager = manager
     self.stats = ColdTierStats()
+    if store is not None and hot is not None and (
+        tuple(store.block_shape) != hot.block_shape or
+        store.codec.dtype != hot.dtype):
+      raise ValueError(f"the hot tier holds {hot.block_shape} {hot.dtype} "
+                       f"blocks, the cold tier {tuple(store.block_shape)} "
+                       f"{store.codec.dtype}")
+    tier = hot if store is None else store
     # Reads land in one reused host buffer (`get(out=)`).
-    self._staging = StagingRows(store.block_shape, store.codec.dtype)
+    self._staging = StagingRows(
+        tier.block_shape, hot.dtype if store is None else store.codec.dtype)
 
   def load_prefix(self, pool: jax.Array, seq_id: str, tokens: list[int],
                   tenant: str) -> tuple[jax.Array, int]:
@@ -87,26 +111,23 @@ class ColdTierConnector:
     chain = hash_chain(tokens[:cap * bs], bs, self.manager.model_fingerprint,
                        tenant)
     wanted = chain[have:]
-    try:
-      present = self.store.contains(wanted)
-    except Exception as err:  # pylint: disable=broad-except
-      count_store_error(self.stats, "lookup", err)
-      return pool, 0
-    run = next((i for i, p in enumerate(present) if not p), len(wanted))
-    if run == 0:
-      return pool, 0
+    hot_run = 0 if self.hot is None else self.hot.leading_run(wanted)
+    cold_run = self._cold_run(wanted[hot_run:])
+    run = hot_run + cold_run
     while run and not self.manager.can_allocate(seq_id, run * bs):
       run -= 1
     if run == 0:
       return pool, 0
+    hot_run = min(hot_run, run)
     staging = self._staging.rows(run)
-    try:
-      blocks = self.store.get(wanted[:run], out=staging)
-    except Exception as err:  # pylint: disable=broad-except
-      count_store_error(self.stats, "read", err)
-      return pool, 0
-    good = next((i for i, b in enumerate(blocks) if b is None), run)
-    self.stats.missed_blocks += run - good
+    if hot_run:
+      hot_run = self.hot.read_run(wanted[:hot_run], staging)
+    good = hot_run
+    if run > hot_run:
+      got = self._cold_read(wanted[hot_run:run], staging[hot_run:run])
+      good += got
+      if got and self.hot is not None:
+        self.hot.put(wanted[hot_run:good], staging[hot_run:good])
     if good == 0:
       return pool, 0
     self.manager.allocate(seq_id, good * bs)
@@ -114,33 +135,97 @@ class ColdTierConnector:
     pages = table[have:have + good]
     pool = pool_io.write_blocks(pool, pages, staging[:good])  # copies it
     self.manager.append_tokens(seq_id, tokens[computed:(have + good) * bs])
-    self.stats.loaded_blocks += good
-    self.stats.loaded_tokens += (have + good) * bs - computed
-    return pool, (have + good) * bs - computed
+    loaded = (have + good) * bs - computed
+    # The first loaded block may be partly computed already (a pool hit
+    # that ends inside it): those tokens are not counted as loaded.
+    hot_tokens = hot_run * bs - (computed - have * bs) if hot_run else 0
+    self.stats.hot_loaded_blocks += hot_run
+    self.stats.hot_loaded_tokens += hot_tokens
+    self.stats.loaded_blocks += good - hot_run
+    self.stats.loaded_tokens += loaded - hot_tokens
+    return pool, loaded
+
+  def _cold_run(self, wanted: list) -> int:
+    """How many of `wanted`, from the first, the cold tier lists."""
+    if self.store is None or not wanted:
+      return 0
+    try:
+      present = self.store.contains(wanted)
+    except Exception as err:  # pylint: disable=broad-except
+      count_store_error(self.stats, "lookup", err)
+      return 0
+    return next((i for i, p in enumerate(present) if not p), len(wanted))
+
+  def _cold_read(self, ids: list, out) -> int:
+    """Reads `ids` from the cold tier into `out`; returns the verified run."""
+    try:
+      blocks = self.store.get(ids, out=out)
+    except Exception as err:  # pylint: disable=broad-except
+      count_store_error(self.stats, "read", err)
+      return 0
+    good = next((i for i, b in enumerate(blocks) if b is None), len(ids))
+    self.stats.missed_blocks += len(ids) - good
+    return good
 
   def write_back(self, pool: jax.Array, seq_id: str, tenant: str,
                  session: str) -> None:
-    """Queues the sequence's full blocks that the store lacks for writing."""
+    """Copies the sequence's full blocks that a tier lacks into it (the cold
+    tier's writes are queued)."""
     hashes = self.manager.block_hashes(seq_id)
     if not hashes:
       return
     table = self.manager.block_table(seq_id)
-    try:
-      present = self.store.contains(hashes)
-    except Exception as err:  # pylint: disable=broad-except
-      count_store_error(self.stats, "lookup", err)
-      return
-    todo = [i for i, p in enumerate(present) if not p]
+    cold_lacks = [False] * len(hashes)
+    if self.store is not None:
+      try:
+        cold_lacks = [not p for p in self.store.contains(hashes)]
+      except Exception as err:  # pylint: disable=broad-except
+        count_store_error(self.stats, "lookup", err)
+    hot_lacks = [False] * len(hashes)
+    if self.hot is not None:
+      hot_lacks = [not p for p in self.hot.contains(hashes)]
+      self.hot.touch(hashes)  # this turn used the ones it holds
+    todo = [i for i in range(len(hashes)) if cold_lacks[i] or hot_lacks[i]]
     if not todo:
       return
     blocks = pool_io.read_blocks(pool, [table[i] for i in todo])
-    future = self.store.put_async([hashes[i] for i in todo], blocks,
+    if self.hot is not None:
+      rows = [k for k, i in enumerate(todo) if hot_lacks[i]]
+      if rows:
+        self.hot.put([hashes[todo[k]] for k in rows], blocks[rows])
+    cold = [k for k, i in enumerate(todo) if cold_lacks[i]]
+    if not cold:
+      return
+    future = self.store.put_async([hashes[todo[k]] for k in cold],
+                                  blocks[cold] if len(cold) < len(todo)
+                                  else blocks,
                                   tenant=tenant, session=session)
     future.add_done_callback(self._check_put)
     self.stats.write_requests += 1
-    self.stats.written_blocks += len(todo)
+    self.stats.written_blocks += len(cold)
 
   def _check_put(self, future: cf.Future) -> None:
     """A write-back's put that raised is logged and counted, not lost."""
     if not future.cancelled() and future.exception() is not None:
       count_store_error(self.stats, "write", future.exception())
+
+  def flush(self) -> None:
+    """Waits for the cold tier's queued writes (no-op without one)."""
+    if self.store is not None:
+      self.store.flush()
+
+  def close(self) -> None:
+    """Waits for queued writes and closes the cold tier, if any."""
+    if self.store is not None:
+      self.store.close()
+
+  def report(self) -> dict:
+    """The counters, the cold store's own (`store`) and the hot tier's
+    (`hot_tier`), for reports; None for a tier not configured."""
+    hot = None
+    if self.hot is not None:
+      hot = {**self.hot.stats.as_dict(), "capacity_blocks": self.hot.capacity,
+             "held_blocks": len(self.hot), "bytes": self.hot.nbytes}
+    return {**self.stats.as_dict(),
+            "store": None if self.store is None else self.store.stats(),
+            "hot_tier": hot}

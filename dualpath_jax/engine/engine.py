@@ -18,12 +18,16 @@ Data flow of one turn (a `TurnRequest` holding the session's whole context):
 
 Each `step()` runs at most one prefill chunk and one decode batch, so decode
 latency stays bounded while long prompts are prefilled. When the pool runs
-out of free pages during decode, the youngest sequence is preempted (its
-blocks released, re-queued to recompute from its cached prefix).
+out of free pages, the youngest running sequence is preempted (its blocks
+released, re-queued to recompute from its cached prefix), and that may be
+the one asking: an older turn is never sent back for a younger one.
 
 Front ends (the HTTP server) stream through `TurnRequest.on_token`, called
 with every sampled token and able to finish the turn early (stop strings),
-and cancel turns with `abort(request_id)`, which releases their blocks.
+and cancel turns with `abort(request_id)`, which releases their blocks (also
+from inside the turn's own `on_token`). A hook that raises fails its own
+turn only: it finishes with `finish_reason="error"` and the exception in
+`TurnOutput.error`; the rest of the batch is unaffected.
 Sampling settings and seeds may be set per request. The engine is not
 thread-safe: one thread calls `submit`, `abort` and `step`; `validate`
 reads configuration only and may be called from any thread.
@@ -44,7 +48,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dualpath_jax.cache.block_pool import OutOfBlocksError
-from dualpath_jax.cache.kv_cache_manager import KVCacheManager
+from dualpath_jax.cache.kv_cache_manager import KVCacheManager, RequestTooLargeError
 from dualpath_jax.config import EngineConfig
 from dualpath_jax.engine import buckets, step_parts
 from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
@@ -64,6 +68,8 @@ class _Sequence:
   cached_prompt_tokens: int = -1  # set at first admission
   first_token_s: float | None = None
   rng: np.random.Generator | None = None  # own generator when req.seed is set
+  order: int = 0  # submission order: breaks ties of arrival_s
+  hook_error: BaseException | None = None  # what its `on_token` raised
 
   @property
   def rid(self) -> str:
@@ -111,7 +117,7 @@ class Engine:
     self.eos_ids = frozenset(eos_ids)
     self.block_size = block_size
     self.clock = clock
-    self.cold_tier = cold_tier  # a `ColdTierConnector`, or None
+    self.cold_tier = cold_tier  # a `ColdTierConnector` (hot and/or cold), or None
     self.max_pages = math.ceil(config.max_context / block_size)
     self.stats = EngineStats()
     self._kv = runner.new_kv_cache()
@@ -120,6 +126,7 @@ class Engine:
     self._prefilling: list[_Sequence] = []
     self._decoding: list[_Sequence] = []
     self._shapes: set[tuple[int, int, int]] = set()
+    self._submitted = 0
 
   # ------------------------------------------------------------------ API
   def validate(self, req: TurnRequest) -> None:
@@ -129,19 +136,29 @@ class Engine:
                      block_size=self.block_size,
                      pool_blocks=self.manager.pool.num_blocks,
                      vocab_size=self.runner.config.vocab_size)
+    limit = self.manager.max_blocks_per_seq
+    blocks = math.ceil((len(req.prompt_tokens) + req.max_new_tokens) /
+                       self.block_size)
+    if blocks > limit:
+      raise RequestTooLargeError(
+          f"{req.request_id}: needs {blocks} blocks but a sequence may hold "
+          f"at most {limit} (the cache manager's max_blocks_per_seq)")
 
   def submit(self, req: TurnRequest) -> None:
     """Queues a turn; raises `RequestTooLargeError` if it can never fit, and
     ValueError for a bad request or an id queued or running already."""
     self.validate(req)
-    if any(seq.rid == req.request_id for queue in (
-        self._waiting, self._prefilling, self._decoding) for seq in queue):
+    if req.request_id in self.manager or any(
+        seq.rid == req.request_id for queue in (
+            self._waiting, self._prefilling, self._decoding) for seq in queue):
       raise ValueError(f"{req.request_id}: a turn of this id is queued or "
                        "running already")
     arrival = self.clock() if req.arrival_s is None else req.arrival_s
     rng = None if req.seed is None else np.random.default_rng(req.seed)
+    self._submitted += 1
     self._waiting.append(_Sequence(req=req, arrival_s=arrival,
-                                   tokens=list(req.prompt_tokens), rng=rng))
+                                   tokens=list(req.prompt_tokens), rng=rng,
+                                   order=self._submitted))
 
   def abort(self, request_id: str) -> bool:
     """Drops a waiting or running turn and releases its blocks.
@@ -156,12 +173,15 @@ class Engine:
           if seq.rid in self.manager:
             self.manager.end(seq.rid)
           return True
+    if request_id in self.manager:  # between queues: its own `on_token` hook
+      self.manager.end(request_id)
+      return True
     return False
 
   def close(self) -> None:
     """Waits for queued cold-tier writes and closes the store, if any."""
     if self.cold_tier is not None:
-      self.cold_tier.store.close()
+      self.cold_tier.close()
 
   def has_work(self) -> bool:
     return bool(self._waiting or self._prefilling or self._decoding)
@@ -220,7 +240,8 @@ class Engine:
     seq = self._prefilling[0]
     start = self.manager.num_computed(seq.rid)
     n = min(self.config.max_prefill_chunk, seq.prefill_target - start)
-    self._allocate_or_preempt(seq, n)
+    if not self._allocate_or_preempt(seq, n):
+      return []  # it yielded its blocks to older turns
     chunk = seq.tokens[start:start + n]
     t_bucket = buckets.bucket(n, MIN_Q_BUCKET, self.config.max_prefill_chunk)
     logits = self._run(1, t_bucket, self._page_bucket([seq]), [(seq, chunk, start)],
@@ -230,11 +251,12 @@ class Engine:
     self.stats.prefill_tokens += n
     if start + n < seq.prefill_target:
       return []
-    self._prefilling.remove(seq)
     if seq.generated:  # resumed after preemption: its next token is pending
+      self._prefilling.remove(seq)
       self._decoding.append(seq)
       return []
     token = step_parts.sample_tokens([seq], logits, self.config, self._rng)[0]
+    self._prefilling.remove(seq)
     seq.first_token_s = self.clock()
     return self._accept([seq], [token])
 
@@ -264,12 +286,22 @@ class Engine:
     done = []
     for seq, tok in zip(seqs, tokens):
       reason = step_parts.accept_token(seq, tok, self.eos_ids)
+      if seq.rid not in self.manager:  # its own hook aborted it
+        continue
       if reason is None:
         if seq not in self._decoding:
           self._decoding.append(seq)
         continue
       if seq in self._decoding:
         self._decoding.remove(seq)
+      if reason == "error":  # its hook raised: fail it, write nothing back
+        self.manager.end(seq.rid)
+        done.append(TurnOutput(
+            request=seq.req, generated_tokens=list(seq.generated),
+            cached_prompt_tokens=seq.cached_prompt_tokens,
+            arrival_s=seq.arrival_s, first_token_s=seq.first_token_s,
+            finish_s=now, finish_reason=reason, error=seq.hook_error))
+        continue
       if self.cold_tier is not None:
         self.cold_tier.write_back(self._kv, seq.rid, seq.req.tenant,
                                   seq.req.session_id)
@@ -281,26 +313,37 @@ class Engine:
           finish_s=now, finish_reason=reason))
     return done
 
-  def _allocate_or_preempt(self, seq: _Sequence, n: int) -> None:
+  def _allocate_or_preempt(self, seq: _Sequence, n: int) -> bool:
     """Makes room for `n` more tokens of `seq`, preempting younger turns.
 
     A preempted turn releases its blocks and goes back to the head of the
     queue; its full blocks stay cached, so re-admission recomputes little.
+    When only older turns hold the pool, `seq` itself is the youngest and
+    yields: it is preempted and False is returned (older turns go first).
     """
+    def age(s: _Sequence) -> tuple[float, int]:
+      return (s.arrival_s, s.order)  # larger: younger
+
     while not self.manager.can_allocate(seq.rid, n):
-      victims = [s for s in self._decoding + self._prefilling if s is not seq]
-      if not victims:
+      others = [s for s in self._decoding + self._prefilling if s is not seq]
+      if not others:
         raise OutOfBlocksError(
             f"{seq.rid}: KV pool exhausted ({self.manager.pool.num_blocks} "
             f"blocks) with no other sequence to preempt")
-      victim = max(victims, key=lambda s: s.arrival_s)
-      for queue in (self._decoding, self._prefilling):
-        if victim in queue:
-          queue.remove(victim)
-      self.manager.end(victim.rid)
-      self._waiting.appendleft(victim)
-      self.stats.preemptions += 1
+      victim = max(others + [seq], key=age)
+      self._preempt(victim)
+      if victim is seq:
+        return False
     self.manager.allocate(seq.rid, n)
+    return True
+
+  def _preempt(self, victim: _Sequence) -> None:
+    for queue in (self._decoding, self._prefilling):
+      if victim in queue:
+        queue.remove(victim)
+    self.manager.end(victim.rid)
+    self._waiting.appendleft(victim)
+    self.stats.preemptions += 1
 
   def _page_bucket(self, seqs: list[_Sequence]) -> int:
     pages = max(len(self.manager.block_table(s.rid)) for s in seqs)

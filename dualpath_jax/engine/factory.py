@@ -17,12 +17,14 @@ def model_fingerprint(loaded) -> str:
 
 
 def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
-                cold_tier=None) -> Engine:
+                cold_tier=None, hot_tier_bytes: int = 0) -> Engine:
   """An engine serving `loaded` (a `dualpath_jax.model.LoadedModel`).
 
   `cold_tier` (a `storage.ColdTierConfig`) backs the pool with a TensorStore
   block store: evicted or earlier-process blocks load from it, finished
   turns' full blocks are written to it. Close it with `engine.close()`.
+  `hot_tier_bytes` > 0 adds a host-DRAM hot tier of that size
+  (`cache.HotTier`) in front of it, or alone.
   """
   check_max_context(engine.max_context, loaded.config)
   runner = ModelRunner(loaded.model, cache, attention_impl=engine.attention_impl)
@@ -30,10 +32,24 @@ def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
       BlockPool(cache.num_blocks), cache.block_size, model_fingerprint(loaded),
       max_blocks_per_seq=math.ceil(engine.max_context / cache.block_size))
   connector = None
-  if cold_tier is not None:
+  if cold_tier is not None or hot_tier_bytes:
     from dualpath_jax.engine.cold_tier import ColdTierConnector
-    from storage.block_store import BlockStore
-    connector = ColdTierConnector(BlockStore(cold_tier, loaded.config, cache),
-                                  manager)
+    hot = None
+    if hot_tier_bytes:
+      import ml_dtypes
+      import numpy as np
+      from dualpath_jax.cache.hot_tier import HotTier
+      c = loaded.config
+      dtype = (np.dtype(ml_dtypes.bfloat16) if cache.dtype == "bfloat16"
+               else np.dtype(cache.dtype))
+      hot = HotTier.for_bytes(
+          hot_tier_bytes,
+          (c.num_layers, 2, c.num_kv_heads, cache.block_size, c.head_dim),
+          dtype)
+    store = None
+    if cold_tier is not None:
+      from storage.block_store import BlockStore
+      store = BlockStore(cold_tier, loaded.config, cache)
+    connector = ColdTierConnector(store, manager, hot=hot)
   return Engine(runner, manager, engine, eos_ids=loaded.config.eos_token_ids,
                 block_size=cache.block_size, cold_tier=connector)

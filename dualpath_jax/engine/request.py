@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -50,7 +51,16 @@ class TurnOutput:
   arrival_s: float
   first_token_s: float
   finish_s: float
-  finish_reason: str  # "eos" | "length" | "stop" (`on_token` asked to stop)
+  # "eos" | "length" | "stop" (`on_token` asked to stop) | "error"
+  # (`on_token` raised: `error` holds what it raised)
+  finish_reason: str
+  error: BaseException | None = dataclasses.field(default=None, repr=False,
+                                                  compare=False)
+
+
+def _is_real(value: object) -> bool:
+  """A real number that is not a bool (True would pass as 1)."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
@@ -104,12 +114,24 @@ def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
     raise RequestTooLargeError(
         f"{rid}: needs {blocks} blocks but the pool has "
         f"{pool_blocks}")
-  if req.temperature is not None and not 0 <= req.temperature < math.inf:
+  if req.temperature is not None and not (
+      _is_real(req.temperature) and 0 <= req.temperature < math.inf):
     raise ValueError(f"{rid}: temperature must be a number >= 0, "
-                     f"got {req.temperature}")
-  if req.top_p is not None and not 0 < req.top_p <= 1:
-    raise ValueError(f"{rid}: top_p must be in (0, 1], got "
-                     f"{req.top_p}")
+                     f"got {req.temperature!r}")
+  if req.top_p is not None and not (_is_real(req.top_p) and
+                                    0 < req.top_p <= 1):
+    raise ValueError(f"{rid}: top_p must be a number in (0, 1], got "
+                     f"{req.top_p!r}")
+  if req.arrival_s is not None and not (_is_real(req.arrival_s) and
+                                        math.isfinite(req.arrival_s)):
+    raise ValueError(f"{rid}: arrival_s must be a finite number (engine "
+                     f"clock seconds) or None, got {req.arrival_s!r}")
+  if not isinstance(req.stop_on_eos, bool):
+    raise ValueError(f"{rid}: stop_on_eos must be a bool, got "
+                     f"{req.stop_on_eos!r}")
+  if req.on_token is not None and not callable(req.on_token):
+    raise ValueError(f"{rid}: on_token must be callable or None, got "
+                     f"{req.on_token!r}")
   if req.seed is not None and not (is_integer(req.seed) and req.seed >= 0):
     raise ValueError(f"{rid}: seed must be an integer >= 0; got {req.seed!r}")
 

@@ -15,9 +15,13 @@ def sample(logits: np.ndarray,  # [batch, vocab] float32
   if temperature == 0:
     return np.argmax(logits, axis=-1).astype(np.int32)
   out = np.empty(logits.shape[0], np.int32)
-  for b, row in enumerate(logits.astype(np.float64) / temperature):
+  for b, row in enumerate(logits.astype(np.float64)):
+    # Shift before dividing: a tiny temperature (1e-320) would make
+    # row / temperature infinite, and inf - inf is NaN.
+    with np.errstate(over="ignore"):  # a far-off logit becomes -inf: p 0
+      row = (row - row.max()) / temperature
     order = np.argsort(-row)
-    p = np.exp(row[order] - row[order[0]])
+    p = np.exp(row[order])
     p /= p.sum()
     keep = min(int(np.searchsorted(np.cumsum(p), top_p) + 1), len(p))
     p = p[:keep] / p[:keep].sum()

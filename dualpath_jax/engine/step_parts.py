@@ -88,11 +88,22 @@ def sample_tokens(turns: Sequence, logits: np.ndarray,  # [>= len(turns), vocab]
 
 def accept_token(turn, token: int, eos_ids: frozenset[int]) -> str | None:
   """Appends `token` to `turn` (`.generated`, `.tokens`, `.req`); returns
-  why the turn is finished ("eos" | "stop" | "length") or None."""
+  why the turn is finished ("eos" | "stop" | "length" | "error") or None.
+
+  "error": the request's `on_token` hook raised; the exception is left in
+  `turn.hook_error`. A client's hook fails its own turn only: the other
+  turns of the batch keep their tokens.
+  """
   turn.generated.append(token)
   turn.tokens.append(token)
   req = turn.req
-  stop = req.on_token is not None and bool(req.on_token(token))
+  stop = False
+  if req.on_token is not None:
+    try:
+      stop = bool(req.on_token(token))
+    except Exception as err:  # pylint: disable=broad-except
+      turn.hook_error = err
+      return "error"
   if req.stop_on_eos and token in eos_ids:
     return "eos"
   if stop:

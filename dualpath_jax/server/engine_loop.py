@@ -108,7 +108,10 @@ class LocalEngineHandle:
     }
     cold = getattr(self.engine, "cold_tier", None)
     if cold is not None:
-      snap["prefix_cache_hit_tokens"]["cold"] = cold.stats.loaded_tokens
+      if getattr(cold, "store", None) is not None:
+        snap["prefix_cache_hit_tokens"]["cold"] = cold.stats.loaded_tokens
+      if getattr(cold, "hot", None) is not None:
+        snap["prefix_cache_hit_tokens"]["hot"] = cold.stats.hot_loaded_tokens
     extra = getattr(self.engine, "metrics_snapshot", None)
     if extra is not None:
       snap.update(extra())
@@ -239,7 +242,11 @@ class EngineLoop:
       return
     for out in outputs:
       pending = self._pending.pop(out.request.request_id, None)
-      if pending is not None:
+      if pending is None:
+        continue
+      if out.error is not None:  # its own `on_token` hook raised
+        _call(pending.on_error, out.error)
+      else:
         _call(pending.on_finish, out)
     self.snapshot = self.handle.snapshot()
 

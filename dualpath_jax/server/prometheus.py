@@ -11,13 +11,13 @@ Two sources, one registry per server (so tests can run several servers):
   TTFT, TPOT and end-to-end latency histograms.
 
 Tiers and load paths. Prefix-cache hits carry a `tier` label:
-`tier="device"` (found in an engine's page pool) and, with a cold tier,
+`tier="device"` (found in an engine's page pool), with a hot tier
+`tier="hot"` (loaded back from host DRAM) and with a cold tier
 `tier="cold"` (loaded back from TensorStore). On a prefill/decode cluster,
 `dualpath_load_path_bytes_total{path="path1"|"path2"|"free"}` counts loaded
 bytes by path, and per engine `dualpath_engine_queued_turns`,
 `dualpath_storage_nic_backlog_bytes` and `dualpath_storage_nic_bytes_total`
-show where work and reads pile up. A host (hot) tier would add its `tier`
-key to the snapshot with no change to this file.
+show where work and reads pile up.
 """
 
 from __future__ import annotations

@@ -1,0 +1,216 @@
+"""The hot tier: whole KV blocks in host DRAM, by identity, scored for eviction.
+
+Between the device pool (HBM, small, what attention reads) and the cold tier
+(SSD, large, durable) sits host memory: tens to hundreds of GB per host, read
+back into HBM at PCIe speed instead of at the storage NIC's. The engine's
+tier connector (`engine.cold_tier.ColdTierConnector`) puts every full block
+a finished turn holds here (the same host copy the cold tier's write-back
+makes) and, when a later turn's prefix is no longer in the pool, reads the
+leading blocks it finds here before it asks the cold tier for the rest.
+
+Blocks live in one buffer `[capacity, *block_shape]`, allocated and touched
+once when the tier is built (a first touch costs more than the copy; on GPU
+hosts the buffer is where pinned memory would go). A block is only ever
+copied in whole and read back in whole: a block's bytes are exactly what
+its identity names, as in every tier (the invariant of docs/DESIGN).
+
+Eviction keeps what a future turn is likeliest to read, by three signals:
+
+* **reuse** (segmented LRU): a block put or read again (a session's next
+  turn, another session of the tenant sharing its system prompt) moves to
+  the protected segment, at most `protected_fraction` of the tier; blocks
+  seen once sit in probation and are evicted first;
+* **recency**: within a segment, least recently used first;
+* **position in its chain**: the blocks of one call are ordered deepest
+  first, so of a turn's blocks the deepest go first. A prefix is usable
+  only up to its first missing block, so losing block `i` of a chain makes
+  every later block useless; keeping the shallow ones keeps the prefix.
+
+Not thread-safe: one engine thread calls it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class HotTierStats:
+  """Counters of one hot tier (blocks unless named otherwise)."""
+
+  lookups: int = 0  # ids asked about by `read_run`
+  hits: int = 0  # of them, read back
+  puts: int = 0  # blocks copied in
+  refreshes: int = 0  # puts and touches of blocks already held
+  promotions: int = 0  # moved to the protected segment
+  evictions: int = 0
+  dropped: int = 0  # blocks of one put past the capacity (deepest first)
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+class HotTier:
+  """Host-DRAM block cache; see the module docstring."""
+
+  def __init__(self, capacity_blocks: int,
+               block_shape: Sequence[int],  # [L, 2, Hkv, P, D]
+               dtype, *, protected_fraction: float = 0.8):
+    if (isinstance(capacity_blocks, bool) or
+        not isinstance(capacity_blocks, int) or capacity_blocks < 1):
+      raise ValueError(f"a hot tier holds at least one block, got "
+                       f"capacity_blocks={capacity_blocks!r}")
+    if not (isinstance(protected_fraction, (int, float))
+            and 0 <= protected_fraction < 1):
+      raise ValueError("protected_fraction must be in [0, 1), got "
+                       f"{protected_fraction!r}")
+    self.capacity = capacity_blocks
+    self.block_shape = tuple(int(d) for d in block_shape)
+    self.dtype = np.dtype(dtype)
+    self.protected_cap = int(capacity_blocks * protected_fraction)
+    self._data = np.empty((capacity_blocks, *self.block_shape), self.dtype)
+    self._data.fill(0)  # pay the first touch now, not in a turn
+    # id -> slot; OrderedDicts run from least to most recently used.
+    self._probation: collections.OrderedDict[bytes, int] = (
+        collections.OrderedDict())
+    self._protected: collections.OrderedDict[bytes, int] = (
+        collections.OrderedDict())
+    self._free = list(range(capacity_blocks - 1, -1, -1))
+    self.stats = HotTierStats()
+
+  @classmethod
+  def for_bytes(cls, capacity_bytes: int, block_shape: Sequence[int], dtype,
+                **kw) -> "HotTier":
+    """A tier of as many whole blocks as `capacity_bytes` holds."""
+    block_bytes = math.prod(block_shape) * np.dtype(dtype).itemsize
+    blocks = int(capacity_bytes) // block_bytes
+    if blocks < 1:
+      raise ValueError(f"a hot tier of {capacity_bytes} bytes holds no block "
+                       f"of {block_bytes} bytes")
+    return cls(blocks, block_shape, dtype, **kw)
+
+  # ------------------------------------------------------------ queries
+  @property
+  def nbytes(self) -> int:
+    return self._data.nbytes
+
+  def __len__(self) -> int:
+    return len(self._probation) + len(self._protected)
+
+  def __contains__(self, block_id: bytes) -> bool:
+    return block_id in self._probation or block_id in self._protected
+
+  def contains(self, ids: Sequence[bytes]) -> list[bool]:
+    """Whether each id is held (no effect on eviction)."""
+    return [i in self for i in ids]
+
+  def leading_run(self, ids: Sequence[bytes]) -> int:
+    """How many of `ids`, from the first, are held."""
+    for n, block_id in enumerate(ids):
+      if block_id not in self:
+        return n
+    return len(ids)
+
+  # ------------------------------------------------------------ reads
+  def read_run(self, ids: Sequence[bytes],
+               out: np.ndarray  # [>= len(ids), *block_shape]
+               ) -> int:
+    """Copies the leading run of `ids` that is held into `out[:n]`; returns n.
+
+    `ids` are consecutive blocks of one chain, shallowest first. Every block
+    read counts as reused (promoted).
+    """
+    self._check_out(out, len(ids))
+    self.stats.lookups += len(ids)
+    n = self.leading_run(ids)
+    for k in range(n):
+      out[k] = self._data[self._slot(ids[k])]
+    self._reuse(ids[:n])
+    self.stats.hits += n
+    return n
+
+  # ------------------------------------------------------------ writes
+  def put(self, ids: Sequence[bytes],
+          blocks: np.ndarray  # [len(ids), *block_shape]
+          ) -> int:
+    """Holds `blocks` under `ids` (one chain's blocks, shallowest first).
+
+    An id already held is not copied again; it counts as reused. Room is
+    made by evicting (see the module docstring); a put of more blocks than
+    the tier holds keeps the shallowest. Returns how many were copied in.
+    """
+    if blocks.shape != (len(ids), *self.block_shape):
+      raise ValueError(f"blocks {blocks.shape} do not match {len(ids)} ids of "
+                       f"{self.block_shape}")
+    if blocks.dtype != self.dtype:
+      raise ValueError(f"blocks are {blocks.dtype}, the tier holds "
+                       f"{self.dtype}")
+    held = [i for i in ids if i in self]
+    self._reuse(held)
+    new = [(k, i) for k, i in enumerate(ids) if i not in self]
+    if len(set(i for _, i in new)) != len(new):
+      raise ValueError("a put names one block id twice")
+    if len(new) > self.capacity:
+      self.stats.dropped += len(new) - self.capacity
+      new = new[:self.capacity]
+    copied = 0
+    for k, block_id in reversed(new):  # deepest first: evicted first
+      slot = self._free.pop() if self._free else self._evict()
+      self._data[slot] = blocks[k]
+      self._probation[block_id] = slot
+      copied += 1
+    self.stats.puts += copied
+    return copied
+
+  def touch(self, ids: Sequence[bytes]) -> None:
+    """Marks the held ones among `ids` reused (a turn used them again)."""
+    self._reuse([i for i in ids if i in self])
+
+  def discard(self, ids: Sequence[bytes]) -> int:
+    """Drops the held ones among `ids`; returns how many it dropped."""
+    n = 0
+    for block_id in ids:
+      for segment in (self._probation, self._protected):
+        slot = segment.pop(block_id, None)
+        if slot is not None:
+          self._free.append(slot)
+          n += 1
+    return n
+
+  # ------------------------------------------------------------ internals
+  def _check_out(self, out: np.ndarray, n: int) -> None:
+    if (out.shape[0] < n or tuple(out.shape[1:]) != self.block_shape or
+        out.dtype != self.dtype):
+      raise ValueError(f"out {out.shape} {out.dtype} cannot take {n} blocks "
+                       f"of {self.block_shape} {self.dtype}")
+
+  def _slot(self, block_id: bytes) -> int:
+    slot = self._probation.get(block_id)
+    return self._protected[block_id] if slot is None else slot
+
+  def _reuse(self, ids: Sequence[bytes]) -> None:
+    """Moves `ids` (held, shallowest first) to the protected segment's
+    most recent end, deepest first, demoting its oldest past the cap."""
+    self.stats.refreshes += len(ids)
+    for block_id in reversed(ids):
+      slot = self._probation.pop(block_id, None)
+      if slot is None:
+        self._protected.move_to_end(block_id)
+        continue
+      self.stats.promotions += 1
+      self._protected[block_id] = slot
+    while len(self._protected) > self.protected_cap:
+      block_id, slot = self._protected.popitem(last=False)
+      self._probation[block_id] = slot  # back to probation, most recent
+    # Ordered deepest-first above, so the shallowest are the most recent.
+
+  def _evict(self) -> int:
+    segment = self._probation if self._probation else self._protected
+    _, slot = segment.popitem(last=False)
+    self.stats.evictions += 1
+    return slot

@@ -1,0 +1,203 @@
+"""The host-DRAM hot tier: exact bytes back, eviction by reuse, recency and
+position; and the engine loading evicted prefixes from it, alone or in front
+of the cold tier, with the tokens of an engine that recomputes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dualpath_jax.cache.hot_tier import HotTier
+from dualpath_jax.config import CacheConfig, EngineConfig
+from dualpath_jax.engine.factory import make_engine
+from dualpath_jax.engine.request import TurnRequest
+from dualpath_jax.model import load_model
+from storage.config import ColdTierConfig
+
+SHAPE = (2, 2, 1, 4, 3)  # [L, 2, Hkv, P, D]
+
+
+def _ids(prefix: str, n: int) -> list[bytes]:
+  return [f"{prefix}{i}".encode() for i in range(n)]
+
+
+def _blocks(n: int, seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=(n, *SHAPE)).astype(np.float32)
+
+
+def test_read_run_returns_the_bytes_put_and_stops_at_the_first_missing():
+  tier = HotTier(8, SHAPE, np.float32)
+  ids, data = _ids("a", 5), _blocks(5, 0)
+  assert tier.put(ids, data) == 5
+  out = np.full((6, *SHAPE), np.nan, np.float32)  # poisoned
+  assert tier.read_run(ids + [b"zz"], out) == 5
+  np.testing.assert_array_equal(out[:5], data)
+  assert np.isnan(out[5]).all()
+  assert tier.read_run([ids[0], b"zz", ids[2]], out) == 1
+  assert tier.contains([ids[3], b"zz"]) == [True, False]
+  assert tier.stats.hits == 6 and tier.stats.lookups == 9
+  # A put of held ids copies nothing again (the bytes of an identity are fixed).
+  assert tier.put(ids[:2], _blocks(2, 9)) == 0
+  tier.read_run(ids[:1], out)
+  np.testing.assert_array_equal(out[0], data[0])
+
+
+def test_blocks_seen_once_go_first_deepest_first():
+  tier = HotTier(6, SHAPE, np.float32, protected_fraction=0.5)
+  a, b = _ids("a", 3), _ids("b", 3)
+  tier.put(a, _blocks(3, 1))
+  tier.put(b, _blocks(3, 2))
+  tier.touch(a)  # chain a reused: protected (cap 3)
+  tier.put(_ids("c", 2), _blocks(2, 3))  # evicts b's two deepest
+  assert tier.contains(b) == [True, False, False]
+  assert all(tier.contains(a))
+  tier.put(_ids("d", 1), _blocks(1, 4))  # b0 now, then the c's
+  assert not any(tier.contains(b))
+  assert tier.stats.evictions == 3
+
+
+def test_protected_segment_is_capped_and_ages_out():
+  tier = HotTier(4, SHAPE, np.float32, protected_fraction=0.5)
+  a = _ids("a", 4)
+  tier.put(a, _blocks(4, 5))
+  tier.touch(a)  # all reused; only 2 stay protected: the shallowest
+  tier.put(_ids("n", 2), _blocks(2, 6))
+  assert tier.contains(a) == [True, True, False, False]
+  assert len(tier) == 4
+
+
+def test_a_put_larger_than_the_tier_keeps_the_shallowest():
+  tier = HotTier(3, SHAPE, np.float32)
+  ids, data = _ids("a", 5), _blocks(5, 7)
+  assert tier.put(ids, data) == 3
+  assert tier.contains(ids) == [True, True, True, False, False]
+  assert tier.stats.dropped == 2
+  out = np.empty((5, *SHAPE), np.float32)
+  assert tier.read_run(ids, out) == 3
+  np.testing.assert_array_equal(out[:3], data[:3])
+
+
+def test_discard_frees_slots_for_new_blocks():
+  tier = HotTier(2, SHAPE, np.float32)
+  tier.put(_ids("a", 2), _blocks(2, 8))
+  assert tier.discard([b"a1", b"zz"]) == 1
+  tier.put([b"n"], _blocks(1, 9))
+  assert tier.stats.evictions == 0 and tier.contains([b"a0", b"n"]) == [True,
+                                                                         True]
+
+
+def test_sizes_and_bad_input():
+  tier = HotTier.for_bytes(10 * np.prod(SHAPE) * 4 + 5, SHAPE, np.float32)
+  assert tier.capacity == 10 and tier.nbytes == 10 * np.prod(SHAPE) * 4
+  with pytest.raises(ValueError, match="holds no block"):
+    HotTier.for_bytes(10, SHAPE, np.float32)
+  with pytest.raises(ValueError, match="at least one block"):
+    HotTier(0, SHAPE, np.float32)
+  with pytest.raises(ValueError, match="protected_fraction"):
+    HotTier(2, SHAPE, np.float32, protected_fraction=1.0)
+  with pytest.raises(ValueError, match="do not match"):
+    tier.put([b"a"], _blocks(2, 0))
+  with pytest.raises(ValueError, match="the tier holds float32"):
+    tier.put([b"a"], _blocks(1, 0).astype(np.float16))
+  with pytest.raises(ValueError, match="one block id twice"):
+    tier.put([b"a", b"a"], _blocks(2, 0))
+  with pytest.raises(ValueError, match="cannot take"):
+    tier.read_run([b"a"], np.empty((1, 2), np.float32))
+
+
+# ------------------------------------------------------------------ engine
+BS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return load_model("random:tiny-test")
+
+
+def _engine(tiny, *, num_blocks, hot_blocks=0, root=None):
+  c = tiny.config
+  block_bytes = c.num_layers * 2 * c.num_kv_heads * BS * c.head_dim * 4
+  return make_engine(
+      tiny, CacheConfig(block_size=BS, num_blocks=num_blocks),
+      EngineConfig(max_batch_size=2, max_prefill_chunk=16, max_context=128),
+      cold_tier=(None if root is None else
+                 ColdTierConfig(root=str(root), file_io_mode="default")),
+      hot_tier_bytes=hot_blocks * block_bytes)
+
+
+def _run(engine, req):
+  engine.submit(req)
+  outs = []
+  while engine.has_work():
+    outs += engine.step()
+  (out,) = outs
+  return out
+
+
+def _prompt(seed, n):
+  return np.random.default_rng(seed).integers(3, 256, size=n).tolist()
+
+
+def _session_then_flood(engine, flood=3):
+  """Turn 1 of a session, other prompts that evict it from the small pool,
+  then turn 2: returns (turn 2's output, turn 2's prompt)."""
+  first = _prompt(1, 41)
+  a = _run(engine, TurnRequest("a", first, 4, stop_on_eos=False, tenant="t"))
+  for k in range(flood):  # 12 blocks each through a 16-block pool
+    _run(engine, TurnRequest(f"x{k}", _prompt(10 + k, 45), 2,
+                             stop_on_eos=False, tenant="t"))
+  nxt = first + a.generated_tokens + _prompt(2, 7)
+  return _run(engine, TurnRequest("b", nxt, 5, stop_on_eos=False,
+                                  tenant="t")), nxt
+
+
+def test_engine_loads_an_evicted_prefix_from_the_hot_tier_exactly(tiny):
+  plain = _engine(tiny, num_blocks=16)
+  want, prompt = _session_then_flood(plain)
+  assert want.cached_prompt_tokens == 0  # the pool forgot it
+
+  hot = _engine(tiny, num_blocks=16, hot_blocks=64)
+  got, _ = _session_then_flood(hot)
+  stats = hot.cold_tier.stats
+  assert got.generated_tokens == want.generated_tokens  # loaded == recomputed
+  stored = (41 + 4 - 1) // BS * BS
+  assert got.cached_prompt_tokens == stored
+  assert stats.hot_loaded_tokens == stored and stats.loaded_tokens == 0
+  report = hot.cold_tier.report()
+  assert report["store"] is None and report["hot_tier"]["hits"] > 0
+  hot.close()
+
+  fresh = make_engine(tiny, CacheConfig(block_size=BS, num_blocks=128),
+                      EngineConfig(max_batch_size=2, max_prefill_chunk=16,
+                                   max_context=128))
+  alone = _run(fresh, TurnRequest("c", prompt, 5, stop_on_eos=False))
+  assert alone.generated_tokens == want.generated_tokens
+
+
+def test_hot_tier_in_front_of_the_cold_tier(tiny, tmp_path):
+  engine = _engine(tiny, num_blocks=16, hot_blocks=20, root=tmp_path)
+  got, _ = _session_then_flood(engine, flood=1)
+  stats = engine.cold_tier.stats
+  # The pool kept the session's shallowest blocks, the hot tier (20 blocks
+  # after 22 were put) the next ones, the cold tier has all: each serves the
+  # part of the run the tier before it lacks.
+  pool_hit = engine.manager.stats["hit_tokens"] // BS
+  assert pool_hit > 0 and stats.hot_loaded_blocks > 0 and stats.loaded_blocks > 0
+  assert pool_hit + stats.hot_loaded_blocks + stats.loaded_blocks == (
+      41 + 4 - 1) // BS
+  assert got.cached_prompt_tokens == (41 + 4 - 1) // BS * BS
+  engine.close()
+  plain = _engine(tiny, num_blocks=16)
+  want, _ = _session_then_flood(plain, flood=1)
+  assert got.generated_tokens == want.generated_tokens
+
+
+def test_tenants_do_not_share_hot_blocks(tiny):
+  engine = _engine(tiny, num_blocks=16, hot_blocks=64)
+  prompt = _prompt(3, 30)
+  _run(engine, TurnRequest("a", prompt, 2, tenant="t1"))
+  for k in range(2):
+    _run(engine, TurnRequest(f"x{k}", _prompt(20 + k, 45), 2, tenant="t1"))
+  out = _run(engine, TurnRequest("b", prompt + [5, 6], 2, tenant="t2"))
+  assert out.cached_prompt_tokens == 0
+  assert engine.cold_tier.stats.hot_loaded_blocks == 0
