@@ -158,7 +158,6 @@ class CacheConfig:
   block_size: int = 16
   num_blocks: int = 2048  # device pages per layer
   dtype: str = "float32"
-  tenant_salt_default: str = ""
 
   def __post_init__(self):
     if self.block_size <= 0 or self.num_blocks <= 0:

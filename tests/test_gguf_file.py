@@ -365,3 +365,37 @@ def test_a_nan_block_scale_is_refused_naming_the_tensor(smollm2_gguf_path):
   config = gguf_loader.config_from_gguf(bad)
   with pytest.raises(ValueError, match="blk.3.attn_q.weight holds NaN"):
     gguf_loader.load_gguf_weights(bad, config, "float32")
+
+
+def test_weights_id_of_a_large_file_sees_a_change_in_a_middle_tensor(
+    tmp_path, np_rng, monkeypatch):
+  """A KV block's identity includes the weights id, and the cold tier
+  outlives the process: a fine-tune that changed only tensors in the middle
+  of a large file kept the id when only the file's ends were hashed, so it
+  would have been served the other model's KV. (Limits shrunk so that a
+  small file takes the large-file path.)"""
+  from dualpath_jax.model import gguf_loader
+  monkeypatch.setattr(gguf_loader, "FULL_HASH_MAX_BYTES", 1 << 10)
+  monkeypatch.setattr(gguf_loader, "END_WINDOW_BYTES", 4 << 10)
+  monkeypatch.setattr(gguf_loader, "TENSOR_SAMPLE_BYTES", 1 << 10)
+  writer = gguf.GGUFWriter(str(tmp_path / "a.gguf"), "llama")
+  tensors = {f"t{i}": np_rng.standard_normal(16384).astype(np.float32)
+             for i in range(6)}  # 64 KiB each
+  for name, array in tensors.items():
+    writer.add_tensor(name, array)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  original = (tmp_path / "a.gguf").read_bytes()
+  base = gguf_loader.file_weights_id(tmp_path / "a.gguf", "float32")
+  assert base == gguf_loader.file_weights_id(tmp_path / "a.gguf", "float32")
+  assert base != gguf_loader.file_weights_id(tmp_path / "a.gguf", "bfloat16")
+  t3 = gguf_file.read_gguf(tmp_path / "a.gguf").tensors["t3"]
+  tuned = bytearray(original)  # "fine-tune" t3 only: every value changes
+  delta = np.frombuffer(original, np.float32, 16384, t3.offset) + 0.01
+  tuned[t3.offset:t3.offset + t3.num_bytes] = delta.tobytes()
+  (tmp_path / "b.gguf").write_bytes(bytes(tuned))
+  assert tuned[:4 << 10] == original[:4 << 10]  # the ends are unchanged
+  assert tuned[-(4 << 10):] == original[-(4 << 10):]
+  assert gguf_loader.file_weights_id(tmp_path / "b.gguf", "float32") != base

@@ -328,22 +328,46 @@ def load_gguf_weights(reader: GGUFFile, config: ModelConfig,
   return weights
 
 
+# `file_weights_id`'s sampling (module constants so tests can shrink them).
+FULL_HASH_MAX_BYTES = 1 << 30
+END_WINDOW_BYTES = 16 << 20
+TENSOR_SAMPLE_BYTES = 4 << 10
+
+
 def file_weights_id(path: str | os.PathLike, dtype: str) -> str:
   """Short hash identifying a weights file as loaded in `dtype`.
 
-  Files up to 1 GiB are hashed in full; larger ones by size, the first and
-  last 16 MiB (cheap, and any re-quantisation changes the header and tail).
+  It is part of every KV block's identity, and a persistent cold tier
+  serves blocks by identity: two files with one id would share KV. Files
+  up to 1 GiB are hashed in full. Larger GGUF files are hashed by size, the
+  first and last 16 MiB (header, tensor table, the first and last tensors)
+  and, for every tensor, 4 KiB at its start, middle and end: a fine-tune
+  that changes any tensor (a merged LoRA changes every value of it) changes
+  the id, which sampling only the file's two ends missed for tensors in the
+  middle. A larger file that does not parse as GGUF is sampled at 1,024
+  evenly spaced 16 KiB windows.
   """
   path = pathlib.Path(path)
   size = path.stat().st_size
   digest = hashlib.sha256(f"{size}:{dtype}:".encode())
-  window = 16 << 20
+  window = END_WINDOW_BYTES
   with path.open("rb") as f:
-    if size <= 1 << 30:
+    if size <= FULL_HASH_MAX_BYTES:
       while chunk := f.read(1 << 24):
         digest.update(chunk)
-    else:
-      digest.update(f.read(window))
-      f.seek(size - window)
-      digest.update(f.read(window))
+      return digest.hexdigest()[:16]
+    digest.update(f.read(window))
+    f.seek(size - window)
+    digest.update(f.read(window))
+    try:
+      spans = [(t.offset, t.num_bytes)
+               for t in open_gguf(path).tensors.values()]
+    except ValueError:  # not GGUF: evenly spaced windows
+      spans = [(k * (size // 1024), 16 << 10) for k in range(1024)]
+    sample = TENSOR_SAMPLE_BYTES
+    for offset, nbytes in spans:
+      for at in sorted({offset, offset + max(0, nbytes // 2 - sample // 2),
+                        offset + max(0, nbytes - sample)}):
+        f.seek(at)
+        digest.update(f.read(min(sample, nbytes)))
   return digest.hexdigest()[:16]
