@@ -40,6 +40,11 @@ def define(mesh_default: str | None = None) -> None:
   once(float_flags.define_float, "storage_nic_gbps", float("inf"),
              "--mesh: each engine's emulated storage NIC in Gb/s (a token bucket "
              "in front of cold-tier reads; inf = no limit)", allow_inf=True)
+  once(float_flags.define_float, "prefill_tokens_per_s", float("inf"),
+             "--mesh: the scheduler's estimate of a prefill engine's "
+             "throughput (tokens/s), so that placement weighs prefill "
+             "queues; inf = NIC queues and free HBM only (queues break ties)",
+             allow_inf=True, lower_bound=1e-9)
   once(flags.DEFINE_bool, "prefill_keeps_prefix", True,
        "--mesh: prefill engines keep a turn's blocks after it; false = "
        "DualPath's setting, every cached prefix comes back from the cold tier")
@@ -87,7 +92,8 @@ def dualpath_config(policy: str | None = None):
   from dualpath_jax.transfer import DualPathConfig
   return DualPathConfig(policy=policy or FLAGS.policy,
                         storage_nic_gbps=FLAGS.storage_nic_gbps,
-                        prefill_keeps_prefix=FLAGS.prefill_keeps_prefix)
+                        prefill_keeps_prefix=FLAGS.prefill_keeps_prefix,
+                        prefill_tokens_per_s=FLAGS.prefill_tokens_per_s)
 
 
 def cold_tier_config(root: str | None = None):
@@ -141,6 +147,7 @@ def as_dict() -> dict:
   return {"mesh": FLAGS.mesh, "tp": FLAGS.tp, "policy": FLAGS.policy,
           "storage_nic_gbps": FLAGS.storage_nic_gbps,
           "prefill_keeps_prefix": FLAGS.prefill_keeps_prefix,
+          "prefill_tokens_per_s": FLAGS.prefill_tokens_per_s,
           "cold_tier_codec": FLAGS.cold_tier_codec,
           "cold_tier_gb": FLAGS.cold_tier_gb, "cold_tier_sync": FLAGS.cold_tier_sync,
           "hot_tier_gb": FLAGS.hot_tier_gb}

@@ -388,3 +388,20 @@ def test_a_raising_hook_fails_its_turn_only_on_the_cluster(tiny, tmp_path):
   for worker in cluster.workers.values():
     assert worker.manager.pool.num_referenced == 0
   cluster.close()
+
+
+def test_prefill_rate_reaches_the_scheduler(tiny, tmp_path):
+  """`prefill_tokens_per_s` is what the placement policies turn prefill
+  queues into seconds with (decode engines keep an unlimited rate: their
+  queue is tokens to generate, which the policies do not time)."""
+  import math
+  cluster = make_cluster(tiny, CACHE, ENGINE, _cold(tmp_path),
+                         MeshConfig.parse("2P1D"),
+                         DualPathConfig(prefill_tokens_per_s=1500.0))
+  rates = {e.name: e.compute_tokens_per_s
+           for e in cluster._snapshot().engines}
+  cluster.close()
+  assert rates == {"P0": 1500.0, "P1": 1500.0, "D0": math.inf}
+  for bad in (0.0, -1.0, float("nan"), True):
+    with pytest.raises(ValueError, match="prefill_tokens_per_s"):
+      DualPathConfig(prefill_tokens_per_s=bad)

@@ -146,6 +146,8 @@ def _session_then_flood(engine, flood=3):
   for k in range(flood):  # 12 blocks each through a 16-block pool
     _run(engine, TurnRequest(f"x{k}", _prompt(10 + k, 45), 2,
                              stop_on_eos=False, tenant="t"))
+  if engine.cold_tier is not None:  # the cold tier writes in the background
+    engine.cold_tier.flush()
   nxt = first + a.generated_tokens + _prompt(2, 7)
   return _run(engine, TurnRequest("b", nxt, 5, stop_on_eos=False,
                                   tenant="t")), nxt

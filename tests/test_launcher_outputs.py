@@ -108,7 +108,8 @@ def test_bench_model_ctrl_c_reports_the_rows_measured(tmp_path):
        "--decode_batches=" + ",".join(map(str, range(1, 17))),
        "--decode_steps=8", "--reps=2", f"--out={out}"],
       "prefill batch 1:", cwd=REPO, timeout=180)
-  assert done.returncode == 130, done.stderr[-3000:]
+  assert done.returncode == 130, (done.returncode, done.stdout[-1500:],
+                                  done.stderr[-1500:])
   assert "Traceback" not in done.stderr, done.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["complete"] is False

@@ -463,6 +463,8 @@ class PDCluster:
           nic_bytes_per_s=self.nics[w.name].bytes_per_s,
           nic_queued_bytes=self.nics[w.name].backlog_bytes(),
           queued_tokens=w.queued_tokens() + self._tokens_headed_to(w),
+          compute_tokens_per_s=(self.dualpath.prefill_tokens_per_s
+                                if w.role == PREFILL else math.inf),
           free_hbm_blocks=free))
     return ClusterSnapshot(self.clock(), tuple(engines))
 

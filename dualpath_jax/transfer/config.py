@@ -102,6 +102,13 @@ class DualPathConfig:
     handoff: "device_put" (JAX copies between the sub-meshes' shardings),
       "ppermute" (`shard_map` + `lax.ppermute` over a "group" axis of a mesh
       spanning both engines) or "auto" (see `transfer.handoff`).
+    prefill_tokens_per_s: the scheduler's estimate of one prefill engine's
+      throughput, which turns its queued prompt tokens into seconds of
+      wait. `math.inf` (the default): placement weighs storage-NIC queues
+      and free HBM only, and a prefill engine's queue breaks ties. A
+      measured rate (e.g. `engine.prefill_tok_s` of an earlier report) makes
+      a turn avoid a prefill engine whose compute queue finishes later than
+      another's load.
   """
 
   policy: str = "dualpath"
@@ -111,6 +118,7 @@ class DualPathConfig:
   host_buffer_bytes: int = 1 << 30
   prefill_keeps_prefix: bool = True
   handoff: str = "auto"
+  prefill_tokens_per_s: float = math.inf
 
   def __post_init__(self):
     if self.policy not in POLICIES:
@@ -130,6 +138,11 @@ class DualPathConfig:
           f"host_buffer_bytes must be >= 1, got {self.host_buffer_bytes}")
     if self.handoff not in HANDOFF_METHODS:
       raise ValueError(f"handoff {self.handoff!r} not in {HANDOFF_METHODS}")
+    rate = self.prefill_tokens_per_s
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
+        rate > 0):
+      raise ValueError("prefill_tokens_per_s must be > 0 (inf: prefill "
+                       f"queues only break ties), got {rate!r}")
 
   @property
   def nic_bytes_per_s(self) -> float:
