@@ -139,20 +139,36 @@ def git_commit() -> str | None:
     return None
 
 
-def run_environment() -> dict[str, Any]:
+def run_environment(device: bool = True) -> dict[str, Any]:
   """Where, when and how a report was measured: device, backend, jax and
   jaxlib versions, host, UTC date and time, the git commit of the code, and
   the command line (`sys.argv`: every flag given, so the run can be
-  repeated; the launchers' `config` adds the values that matter)."""
+  repeated; the launchers' `config` adds the values that matter).
+
+  `device=False` (a launcher that runs no JAX, e.g. the simulator) leaves
+  the device and backend out and reads the versions from the installed
+  packages' metadata: starting a backend would take a GPU's memory."""
   import datetime
   import platform
   import sys
 
-  import jax
-  import jaxlib
-  return {"device": str(jax.devices()[0].device_kind),
-          "backend": jax.default_backend(), "jax_version": jax.__version__,
-          "jaxlib_version": jaxlib.__version__,
+  if device:
+    import jax
+    import jaxlib
+    where = {"device": str(jax.devices()[0].device_kind),
+             "backend": jax.default_backend(), "jax_version": jax.__version__,
+             "jaxlib_version": jaxlib.__version__}
+  else:
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+      try:
+        return metadata.version(name)
+      except metadata.PackageNotFoundError:
+        return None
+    where = {"device": None, "backend": None, "jax_version": version("jax"),
+             "jaxlib_version": version("jaxlib")}
+  return {**where,
           "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                    "cpu_model": cpu_model()},
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(

@@ -62,15 +62,19 @@ def define_flags() -> None:
   float_flags.define_float("step_overhead_s", 0.002, "fixed seconds per "
                            "forward (launches, sampling, host loop)",
                            lower_bound=0.0)
-  float_flags.define_float("storage_nic_gbps", 100.0, "each engine's storage "
-                           "NIC, Gbit/s (inf: no limit); the default is a "
-                           "DGX H100's 2 x 400G storage ports over 8 GPUs",
+  float_flags.define_float("storage_nic_gbps", 100.0, "storage-NIC "
+                           "bandwidth per GPU, Gbit/s (an engine of tp GPUs "
+                           "has tp times it; inf: no limit); the default is "
+                           "a DGX H100's 2 x 400G storage ports over 8 GPUs",
                            allow_inf=True, lower_bound=1e-6)
-  float_flags.define_float("collective_gb_s", 50.0, "each decode engine's "
-                           "link for path 2's DE -> PE hop, GB/s (inf: free)",
+  float_flags.define_float("collective_gb_s", 50.0, "compute-network "
+                           "bandwidth per GPU for path 2's DE -> PE hop, GB/s "
+                           "(a decode engine has tp times it; inf: free); "
+                           "the default is one 400G NIC per GPU",
                            allow_inf=True, lower_bound=1e-6)
-  float_flags.define_float("handoff_gb_s", 50.0, "each prefill engine's link "
-                           "for the PE -> DE KV hand-off, GB/s (inf: free)",
+  float_flags.define_float("handoff_gb_s", 50.0, "compute-network bandwidth "
+                           "per GPU for the PE -> DE KV hand-off, GB/s (a "
+                           "prefill engine has tp times it; inf: free)",
                            allow_inf=True, lower_bound=1e-6)
   flags.DEFINE_integer("max_prefill_tokens", 16384, "new tokens in one "
                        "prefill batch", lower_bound=1)
@@ -166,6 +170,15 @@ def _cost_models(model_config):
           CostModel(tp=mesh.decode_tp, **common), mesh)
 
 
+def _max_context(model_config) -> int:
+  """`--max_context`, or the model's context; no more than the model's."""
+  max_context = FLAGS.max_context or model_config.max_position
+  if max_context > model_config.max_position:
+    raise ValueError(f"--max_context={max_context} is past the context of "
+                     f"{model_config.name} ({model_config.max_position})")
+  return max_context
+
+
 def _sessions(model_config):
   """(sessions, description of where their token counts came from)."""
   from dualpath_jax.sim import workload
@@ -179,7 +192,7 @@ def _sessions(model_config):
       tokenizer = describe_model(None)[1]
       count = lambda text: len(tokenizer.encode(text, add_bos=False))  # noqa: E731
     sessions, how = workload.sessions_from_trace(agents, count)
-    limit = FLAGS.max_context or model_config.max_position
+    limit = _max_context(model_config)
     for session in sessions:
       for i, turn in enumerate(session.turns):
         tokens = session.context_tokens(i) + turn.output_tokens
@@ -190,10 +203,7 @@ def _sessions(model_config):
               f"{model_config.name}, or --max_context)")
     return sessions, {"trace": FLAGS.trace,
                       "trace_tokenizer": FLAGS.trace_tokenizer, **how}
-  max_context = FLAGS.max_context or model_config.max_position
-  if max_context > model_config.max_position:
-    raise ValueError(f"--max_context={max_context} is past the context of "
-                     f"{model_config.name} ({model_config.max_position})")
+  max_context = _max_context(model_config)
   sessions = workload.synthetic_sessions(
       FLAGS.sessions, FLAGS.turns, first_tokens=FLAGS.first_tokens,
       append_tokens=FLAGS.append_tokens, output_tokens=FLAGS.output_tokens,
@@ -242,10 +252,15 @@ def main(argv):
   model_config = MODEL_PRESETS[FLAGS.model]
   try:
     prefill_cost, decode_cost, mesh = _cost_models(model_config)
-    config = SimConfig(
-        mesh.num_prefill, mesh.num_decode, FLAGS.storage_nic_gbps,
-        FLAGS.collective_gb_s, FLAGS.handoff_gb_s, FLAGS.max_prefill_tokens,
-        FLAGS.max_prefill_turns, FLAGS.max_decode_batch)
+    config = SimConfig(  # per-GPU bandwidths times each engine's GPUs
+        mesh.num_prefill, mesh.num_decode,
+        storage_nic_gbps=FLAGS.storage_nic_gbps * mesh.prefill_tp,
+        decode_storage_nic_gbps=FLAGS.storage_nic_gbps * mesh.decode_tp,
+        collective_gb_s=FLAGS.collective_gb_s * mesh.decode_tp,
+        handoff_gb_s=FLAGS.handoff_gb_s * mesh.prefill_tp,
+        max_prefill_tokens=FLAGS.max_prefill_tokens,
+        max_prefill_turns=FLAGS.max_prefill_turns,
+        max_decode_batch=FLAGS.max_decode_batch)
     slo = SloSpec(ttft_s=FLAGS.slo_ttft_s, percentile=FLAGS.slo_percentile)
     outputs.check_output_paths([("--report", FLAGS.report)] + (
         [("--plot", FLAGS.plot)] if FLAGS.plot else []))
@@ -260,13 +275,14 @@ def main(argv):
         f"{stats['mean_context_tokens']:.0f} tokens, "
         f"{100 * stats['hit_ratio']:.1f}% of them stored; "
         f"{model_config.name} on {mesh} x {prefill_cost.gpu.name}, "
-        f"storage NIC {FLAGS.storage_nic_gbps:g} Gbit/s per engine",
+        f"storage NIC {FLAGS.storage_nic_gbps:g} Gbit/s per GPU",
         flush=True)
 
   import tqdm
-  nic_rates = {f"{role}{i}": config.nic_bytes_per_s
-               for role, n in (("P", config.num_prefill),
-                               ("D", config.num_decode)) for i in range(n)}
+  nic_rates = {f"{letter}{i}": config.nic_bytes_per_s(role)
+               for letter, role, n in (("P", "prefill", config.num_prefill),
+                                       ("D", "decode", config.num_decode))
+               for i in range(n)}
   runs, interrupted = [], False
   plan = [(None, p) for p in policies] if not rates else [
       (r, p) for r in rates for p in policies]
@@ -305,7 +321,7 @@ def main(argv):
                      "decode": decode_cost.describe()},
       "cluster": dataclasses.asdict(config),
       "runs": runs,
-      **metrics.run_environment(),
+      **metrics.run_environment(device=False),  # no JAX: no GPU taken
       "config": {"model": FLAGS.model, "gpu": FLAGS.gpu, "mesh": FLAGS.mesh,
                  "tp": FLAGS.tp, "kv_dtype": FLAGS.kv_dtype,
                  "policies": policies, "rates": rates,
@@ -333,7 +349,7 @@ def main(argv):
     print(f"plot: not drawn, no run finished ({FLAGS.plot})")
   elif FLAGS.plot:
     title = (f"simulate {model_config.name} {mesh} {prefill_cost.gpu.name}, "
-             f"NIC {FLAGS.storage_nic_gbps:g} Gbit/s")
+             f"NIC {FLAGS.storage_nic_gbps:g} Gbit/s per GPU")
     if rates:
       online_report.plot_online(runs, FLAGS.plot, slo_ttft_s=slo.ttft_s,
                                 percentile=slo.percentile, title=title)

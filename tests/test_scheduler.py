@@ -331,3 +331,30 @@ def test_place_all_never_overcommits_hbm(scenario, copies):
     expected = sum(sum(p.nic_bytes(demand.block_bytes).values())
                    for p in placed)
     assert charged == pytest.approx(expected)
+
+
+def test_a_slow_hop_is_a_bandwidth_not_a_delay():
+  """Path 2's DE -> PE hop queues: with NICs of 1 GB/s and a hop of
+  0.5 GB/s, the two paths together deliver 1.5 GB/s, so `dualpath` sends a
+  third of the blocks by path 2 and finishes in total / 1.5 GB/s. (The hop
+  used to be a per-block delay: every block was sent by path 2 as if hops
+  ran in parallel, and the estimate was 3x too early.)"""
+  b, n = 1_000_000, 30
+  snap = ClusterSnapshot(0.0, (
+      EngineState("P0", "prefill", nic_bytes_per_s=1e9),
+      EngineState("D0", "decode", nic_bytes_per_s=1e9)),
+      collective_bytes_per_s=0.5e9)
+  demand = TurnDemand("t", new_tokens=1, hit_blocks=n, block_bytes=b,
+                      total_blocks=n + 1)
+  p = dualpath(demand, snap)
+  assert p.count(ReadPath.DE_READ) == n // 3
+  # total / 1.5 GB/s, plus the first path-2 block's NIC read (pipeline fill)
+  assert p.load_done_s == pytest.approx(n * b / 1.5e9 + b / 1e9, rel=1e-9)
+  after = snap.after(p, demand)
+  assert after.engine("D0").hop_queued_bytes == n // 3 * b
+  assert after.engine("D0").nic_queued_bytes == n // 3 * b
+  # A queued hop pushes the next turn's path-2 blocks later.
+  q = dualpath(dataclasses.replace(demand, turn_id="u"), after)
+  assert q.count(ReadPath.DE_READ) <= n // 3
+  with pytest.raises(ValueError, match="hop_queued_bytes"):
+    EngineState("D1", "decode", nic_bytes_per_s=1e9, hop_queued_bytes=-1)

@@ -355,3 +355,39 @@ def test_simulator_refuses_bad_arguments(kwargs, match):
 def test_sim_config_refuses_bad_values(kwargs, match):
   with pytest.raises(ValueError, match=match):
     SimConfig(**kwargs)
+
+
+@pytest.mark.parametrize("collective_gb_s", [5.0, 12.5, 50.0])
+def test_dualpath_is_never_slower_than_single_path_with_a_slow_hop(
+    collective_gb_s):
+  """A hop slower than the storage NIC made dualpath 1.9x slower than
+  single_path (the policy took the hop for a delay, not a bandwidth)."""
+  cost = CostModel(LLAMA3_8B, GPUS["h100"])
+  sessions = [SimSession(f"s{i}", (SimTurn(32768, 1),), stored_tokens=32768)
+              for i in range(8)]
+  config = SimConfig(1, 1, storage_nic_gbps=100.0,
+                     collective_gb_s=collective_gb_s)
+  single = simulate(cost, config, "single_path", sessions)
+  dual = simulate(cost, config, "dualpath", sessions)
+  assert dual.makespan_s <= single.makespan_s * 1.001
+  for turn in dual.turns:  # the estimate now tracks what happened
+    assert turn["estimated_first_token_s"] == pytest.approx(
+        turn["first_token_s"], rel=0.1)
+
+
+def test_a_first_turns_recorded_wait_does_not_delay_the_session():
+  cost = _tiny_cost()
+  session = SimSession("s", (SimTurn(10, 2, 100.0), SimTurn(5, 1, 0.25)))
+  result = simulate(cost, SimConfig(), "dualpath", [session], [3.0])
+  r0, r1 = result.records
+  assert r0.arrival_s == 3.0
+  assert r1.arrival_s == pytest.approx(r0.finish_s + 0.25)
+  assert result.makespan_s == pytest.approx(r1.finish_s - 3.0)
+
+
+def test_decode_engines_may_have_their_own_storage_nic():
+  config = SimConfig(1, 1, storage_nic_gbps=8.0, decode_storage_nic_gbps=16.0)
+  assert config.nic_bytes_per_s("prefill") == 1e9
+  assert config.nic_bytes_per_s("decode") == 2e9
+  with pytest.raises(ValueError, match="decode_storage_nic_gbps"):
+    SimConfig(decode_storage_nic_gbps=0.0)

@@ -44,6 +44,9 @@ def test_offline_report_table_and_plot(tmp_path):
       single["summary"]["job_completion_s"] /
       dual["summary"]["job_completion_s"])
   assert r["cost_model"]["prefill"]["gpu"]["name"] == "h200-sxm"
+  assert all(run["slo"] is None for run in r["runs"])  # no rate offline
+  # Recorded without starting a JAX backend (it would take a GPU's memory).
+  assert r["device"] is None and r["jax_version"]
   assert "dualpath: job completion" in proc.stdout
   assert "JCT s" in proc.stdout and "PE NIC" in proc.stdout
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -68,6 +71,18 @@ def test_online_sweep_judges_the_slo(tmp_path):
         v["util"] for row in run["series"] for v in row["nics"].values()) <= 1
   assert "agents/s sustained within SLO" in proc.stdout
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bandwidths_are_per_gpu(tmp_path):
+  report = tmp_path / "r.json"
+  proc = _run(*SMALL, "--mesh=1P1D", "--tp=2,4", "--storage_nic_gbps=50",
+              "--collective_gb_s=10", "--handoff_gb_s=20",
+              "--policies=dualpath", f"--report={report}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cluster = json.loads(report.read_text())["cluster"]
+  assert cluster["storage_nic_gbps"] == 100  # 2 prefill GPUs
+  assert cluster["decode_storage_nic_gbps"] == 200  # 4 decode GPUs
+  assert cluster["collective_gb_s"] == 40 and cluster["handoff_gb_s"] == 40
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "embedded"])
@@ -95,6 +110,8 @@ def test_trace_counts_tokens(tmp_path, tokenizer):
     (["--max_context=200000"], "past the context of llama3-8b-shape"),
     (["--trace=/nonexistent/t.jsonl"], "t.jsonl"),
     ([f"--trace={SAMPLE}", "--max_context=300"], "past 300"),
+    ([f"--trace={SAMPLE}", "--max_context=1000000"],
+     "past the context of llama3-8b-shape"),
     (["extra"], "unexpected arguments"),
 ])
 def test_bad_input_exits_nonzero_with_reason(tmp_path, args, msg):

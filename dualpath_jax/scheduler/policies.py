@@ -5,7 +5,9 @@ Every policy is a pure function of its inputs. All three share one cost model
 
 * a hit block read through an engine's storage NIC finishes when that NIC's
   queue (bytes already admitted, then this turn's earlier blocks) has drained
-  at the NIC's bandwidth; a path-2 block then pays the DE -> PE collective hop;
+  at the NIC's bandwidth; a path-2 block then crosses the DE -> PE hop, a
+  link of its own bandwidth with its own queue (hops queue behind each
+  other: a hop slower than the NIC is the path's bottleneck);
 * the prefill can start when the engine's queued compute is done and finishes
   `new_tokens / compute_tokens_per_s` later, but not before its last hit block
   has arrived (loading is overlapped with compute, layer by layer);
@@ -23,7 +25,9 @@ Policies (selectable by name, `--scheduler_policy`):
   is the optimal split of the pair's load between its two NICs, so `dualpath`
   is never estimated worse than `single_path` on the same snapshot.
 * `oracle`: loads cost nothing (`ReadPath.FREE`); only compute and HBM
-  matter. The upper bound the other two are measured against.
+  matter; the (prefill, decode) pair is searched as `dualpath` searches it.
+  What load paths could buy at best under the same placement rule (not a
+  global optimum: placement is greedy, turn by turn).
 """
 
 from __future__ import annotations
@@ -55,14 +59,16 @@ def _estimate(demand: TurnDemand, snap: ClusterSnapshot, pe: EngineState,
   else:
     t_pe = now + pe.nic_drain_s()
     t_de = now + de.nic_drain_s()
+    t_hop = now + de.hop_queued_bytes / snap.collective_bytes_per_s
     step_pe = b / pe.nic_bytes_per_s
     step_de = b / de.nic_bytes_per_s
     hop = b / snap.collective_bytes_per_s
     for _ in range(to_load):
       via_pe = t_pe + step_pe
-      via_de = t_de + step_de + hop
+      via_de = max(t_hop, t_de + step_de) + hop
       if mode == "dualpath" and via_de < via_pe:
         t_de += step_de
+        t_hop = via_de
         paths.append(ReadPath.DE_READ)
         load_done = max(load_done, via_de)
       else:
@@ -121,24 +127,29 @@ def single_path(demand: TurnDemand, snap: ClusterSnapshot) -> Placement:
   return _place_fixed_decode(demand, snap, "single_path")
 
 
-def oracle(demand: TurnDemand, snap: ClusterSnapshot) -> Placement:
-  """Upper bound: loads cost nothing; compute and HBM still count."""
-  return _place_fixed_decode(demand, snap, "oracle")
-
-
-def dualpath(demand: TurnDemand, snap: ClusterSnapshot) -> Placement:
-  """Adaptive: per block, the NIC (PE's or DE's) that delivers it first."""
+def _place_any_pair(demand: TurnDemand, snap: ClusterSnapshot,
+                    mode: str) -> Placement:
   best = None
   decode = _eligible_decode(demand, snap)
   for pe in _eligible_prefill(demand, snap):
     for de in decode:
-      paths, load_done, ready = _estimate(demand, snap, pe, de, "dualpath")
+      paths, load_done, ready = _estimate(demand, snap, pe, de, mode)
       key = (ready, load_done, de.queued_tokens, pe.queued_tokens, pe.name,
              de.name)
       if best is None or key < best[0]:
-        best = (key, Placement(demand.turn_id, "dualpath", pe.name, de.name,
+        best = (key, Placement(demand.turn_id, mode, pe.name, de.name,
                                paths, load_done, ready))
   return best[1]
+
+
+def oracle(demand: TurnDemand, snap: ClusterSnapshot) -> Placement:
+  """Loads cost nothing; compute and HBM still count; pairs as `dualpath`."""
+  return _place_any_pair(demand, snap, "oracle")
+
+
+def dualpath(demand: TurnDemand, snap: ClusterSnapshot) -> Placement:
+  """Adaptive: per block, the NIC (PE's or DE's) that delivers it first."""
+  return _place_any_pair(demand, snap, "dualpath")
 
 
 POLICIES: dict[str, Policy] = {

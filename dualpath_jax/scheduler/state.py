@@ -58,6 +58,8 @@ class EngineState:
       (prefill engines) or tokens left to generate (decode engines).
     compute_tokens_per_s: prefill throughput used to turn tokens into seconds.
     free_hbm_blocks: KV pool blocks the engine can still give a new turn.
+    hop_queued_bytes: (decode engines) path-2 bytes admitted to its DE -> PE
+      hop link and not yet across.
   """
 
   name: str
@@ -67,6 +69,7 @@ class EngineState:
   queued_tokens: int = 0
   compute_tokens_per_s: float = math.inf
   free_hbm_blocks: int = 1 << 30
+  hop_queued_bytes: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -77,7 +80,8 @@ class EngineState:
                     compute_tokens_per_s=self.compute_tokens_per_s)
     _check_non_negative(self.name, nic_queued_bytes=self.nic_queued_bytes,
                         queued_tokens=self.queued_tokens,
-                        free_hbm_blocks=self.free_hbm_blocks)
+                        free_hbm_blocks=self.free_hbm_blocks,
+                        hop_queued_bytes=self.hop_queued_bytes)
 
   def nic_drain_s(self) -> float:
     """Seconds until the NIC's queue is empty."""
@@ -223,6 +227,11 @@ class ClusterSnapshot:
       changes = {}
       if e.name in nic:
         changes["nic_queued_bytes"] = e.nic_queued_bytes + nic[e.name]
+      if e.name == placement.decode_engine and math.isfinite(
+          self.collective_bytes_per_s):
+        hop = placement.count(ReadPath.DE_READ) * demand.block_bytes
+        if hop:
+          changes["hop_queued_bytes"] = e.hop_queued_bytes + hop
       if e.name == placement.prefill_engine:
         changes["queued_tokens"] = e.queued_tokens + demand.new_tokens
         changes["free_hbm_blocks"] = max(0, e.free_hbm_blocks - pe_blocks)

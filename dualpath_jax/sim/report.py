@@ -52,13 +52,15 @@ def run_dict(result: SimResult, *, rate: float | None,
              nic_rates: Mapping[str, float]) -> dict[str, Any]:
   """The report's entry for one simulated run (`rate` None: offline batch)."""
   summary = metrics.summarize(result.records, result.makespan_s)
-  offered = rate if rate is not None else math.inf
+  offered = rate
   loaded = result.paths["PE_READ"] + result.paths["DE_READ"]
   return {
       "policy": result.policy,
       "rate": rate,
       "summary": summary,
-      "slo": slo_lib.evaluate_run(result.records, arrivals, offered, slo),
+      # Offline every agent starts at once: no arrival rate to judge.
+      "slo": (None if rate is None else
+              slo_lib.evaluate_run(result.records, arrivals, offered, slo)),
       "engines": result.engines,
       "nics": {name: {"bytes": e["nic_bytes"],
                       "mean_util": e["nic_utilization"]}

@@ -66,7 +66,10 @@ class SimConfig:
 
   Attributes:
     num_prefill / num_decode: engines of each role.
-    storage_nic_gbps: each engine's storage NIC, Gbit/s (inf: no limit).
+    storage_nic_gbps: each prefill engine's storage NIC, Gbit/s (inf: no
+      limit), and each decode engine's unless `decode_storage_nic_gbps`.
+    decode_storage_nic_gbps: each decode engine's storage NIC (None: the
+      same as a prefill engine's), e.g. for decode engines of another tp.
     collective_gb_s: each decode engine's link for path 2's hop, GB/s.
     handoff_gb_s: each prefill engine's link for the PE -> DE hand-off, GB/s.
     max_prefill_tokens / max_prefill_turns: one prefill batch's budget.
@@ -75,12 +78,13 @@ class SimConfig:
 
   num_prefill: int = 1
   num_decode: int = 2
-  storage_nic_gbps: float = 400.0
+  storage_nic_gbps: float = 100.0
   collective_gb_s: float = 50.0
   handoff_gb_s: float = 50.0
   max_prefill_tokens: int = 16384
   max_prefill_turns: int = 16
   max_decode_batch: int = 256
+  decode_storage_nic_gbps: float | None = None
 
   def __post_init__(self):
     for name in ("num_prefill", "num_decode", "max_prefill_tokens",
@@ -90,10 +94,15 @@ class SimConfig:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     for name in ("storage_nic_gbps", "collective_gb_s", "handoff_gb_s"):
       _check_rate(name, getattr(self, name))
+    if self.decode_storage_nic_gbps is not None:
+      _check_rate("decode_storage_nic_gbps", self.decode_storage_nic_gbps)
 
-  @property
-  def nic_bytes_per_s(self) -> float:
-    return self.storage_nic_gbps * 1e9 / 8
+  def nic_bytes_per_s(self, role: str) -> float:
+    """Bytes/s of one storage NIC of an engine of `role`."""
+    gbps = self.storage_nic_gbps
+    if role == DECODE and self.decode_storage_nic_gbps is not None:
+      gbps = self.decode_storage_nic_gbps
+    return gbps * 1e9 / 8
 
 
 class _Pipe:
@@ -174,7 +183,7 @@ class _Engine:
   def __init__(self, name: str, role: str, config: SimConfig, blocks: int):
     self.name = name
     self.role = role
-    self.nic = _Pipe(config.nic_bytes_per_s)
+    self.nic = _Pipe(config.nic_bytes_per_s(role))
     self.link = _Pipe((config.handoff_gb_s if role == PREFILL
                        else config.collective_gb_s) * 1e9)
     self.capacity = blocks
@@ -299,7 +308,9 @@ class Simulator:
     pe_rate = self.cost.prefill_tokens_per_s()
     engines = [EngineState(
         e.name, e.role, e.nic.rate, e.nic.queued_bytes(now), e.queued_tokens,
-        pe_rate if e.role == PREFILL else math.inf, e.capacity - e.used)
+        pe_rate if e.role == PREFILL else math.inf, e.capacity - e.used,
+        hop_queued_bytes=(e.link.queued_bytes(now) if e.role == DECODE
+                          else 0.0))
                for e in self.engines.values()]
     return ClusterSnapshot(now, tuple(engines),
                            self.config.collective_gb_s * 1e9)
@@ -307,7 +318,9 @@ class Simulator:
   # ------------------------------------------------------------ the run
   def run(self) -> SimResult:
     for s, start in zip(self.sessions, self.start_s):
-      self._at(start + s.turns[0].gap_s, self._arrive, s, 0)
+      # A session starts with its first turn: a trace's wait before it is
+      # not a tool's (the runtime's replay ignores it too).
+      self._at(start, self._arrive, s, 0)
     while self._events:
       t, _, fn, args = heapq.heappop(self._events)
       self.clock.advance_to(t)
@@ -472,9 +485,11 @@ class Simulator:
         self._finish(de, t)
       else:
         still.append(t)
+    released = len(still) < len(de.active)
     de.active = still
     self._try_decode(de)
-    self._place_pending()
+    if released:  # only freed blocks can let a waiting turn in
+      self._place_pending()
 
   def _finish(self, de: _Engine, turn: _Turn) -> None:
     now = self.now
