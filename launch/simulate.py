@@ -76,6 +76,14 @@ def define_flags() -> None:
                            "per GPU for the PE -> DE KV hand-off, GB/s (a "
                            "prefill engine has tp times it; inf: free)",
                            allow_inf=True, lower_bound=1e-6)
+  float_flags.define_float("hot_tier_gb", 0.0, "host DRAM per GPU, GiB, "
+                           "for a prefill engine's hot tier (an engine has tp "
+                           "times it): the blocks of the turns it prefilled, "
+                           "read back over PCIe instead of a NIC; 0 = none",
+                           lower_bound=0.0)
+  float_flags.define_float("hot_gb_s", 50.0, "host -> HBM bandwidth per GPU "
+                           "for hot-tier reads, GB/s (PCIe 5 x16 with pinned "
+                           "buffers: about 50)", lower_bound=1e-6)
   flags.DEFINE_integer("max_prefill_tokens", 16384, "new tokens in one "
                        "prefill batch", lower_bound=1)
   flags.DEFINE_integer("max_prefill_turns", 16, "turns in one prefill batch",
@@ -258,6 +266,8 @@ def main(argv):
         decode_storage_nic_gbps=FLAGS.storage_nic_gbps * mesh.decode_tp,
         collective_gb_s=FLAGS.collective_gb_s * mesh.decode_tp,
         handoff_gb_s=FLAGS.handoff_gb_s * mesh.prefill_tp,
+        hot_tier_gb=FLAGS.hot_tier_gb * mesh.prefill_tp,
+        hot_gb_s=FLAGS.hot_gb_s * mesh.prefill_tp,
         max_prefill_tokens=FLAGS.max_prefill_tokens,
         max_prefill_turns=FLAGS.max_prefill_turns,
         max_decode_batch=FLAGS.max_decode_batch)

@@ -358,3 +358,32 @@ def test_a_slow_hop_is_a_bandwidth_not_a_delay():
   assert q.count(ReadPath.DE_READ) <= n // 3
   with pytest.raises(ValueError, match="hop_queued_bytes"):
     EngineState("D1", "decode", nic_bytes_per_s=1e9, hop_queued_bytes=-1)
+
+
+def test_hot_tier_blocks_load_over_the_host_link_and_attract_the_turn():
+  """Blocks a prefill engine's hot tier holds (after its resident ones) come
+  over its host link, on no NIC; the policies prefer the engine holding
+  them when that is sooner."""
+  b = 1_000_000
+  snap = ClusterSnapshot(0.0, (
+      EngineState("P0", "prefill", nic_bytes_per_s=1e9, hot_bytes_per_s=10e9),
+      EngineState("P1", "prefill", nic_bytes_per_s=1e9, hot_bytes_per_s=10e9),
+      EngineState("D0", "decode", nic_bytes_per_s=1e9)))
+  demand = TurnDemand("t", new_tokens=1, hit_blocks=10, block_bytes=b,
+                      total_blocks=11, resident_blocks={"P1": 2},
+                      hot_blocks={"P1": 8})
+  for policy in (single_path, dualpath):
+    p = policy(demand, snap)
+    assert p.prefill_engine == "P1"
+    assert p.paths[:2] == (ReadPath.RESIDENT,) * 2
+    assert p.paths[2:8] == (ReadPath.HOT,) * 6  # 8 hot, 2 of them resident
+    assert ReadPath.HOT not in p.paths[8:] and len(p.paths) == 10
+    assert p.nic_bytes(b) == ({"P1": 2 * b} if policy is single_path else
+                              p.nic_bytes(b))
+    after = snap.after(p, demand)
+    assert after.engine("P1").hot_queued_bytes == 6 * b
+  assert oracle(demand, snap).count(ReadPath.HOT) == 0  # loads free anyway
+  with pytest.raises(ValueError, match="hot blocks"):
+    TurnDemand("t", 1, 3, b, 4, hot_blocks={"P0": 4})
+  with pytest.raises(ValueError, match="hot_bytes_per_s"):
+    EngineState("P0", "prefill", nic_bytes_per_s=1.0, hot_bytes_per_s=0.0)

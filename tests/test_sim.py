@@ -8,6 +8,7 @@ NIC-bound burst whose answer is bytes over bandwidth.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -391,3 +392,42 @@ def test_decode_engines_may_have_their_own_storage_nic():
   assert config.nic_bytes_per_s("decode") == 2e9
   with pytest.raises(ValueError, match="decode_storage_nic_gbps"):
     SimConfig(decode_storage_nic_gbps=0.0)
+
+
+def test_hot_tier_serves_a_sessions_next_turn_over_the_host_link():
+  cost = _tiny_cost(FAST_GPU)
+  bb = cost.block_bytes
+  session = SimSession("s", (SimTurn(40, 1), SimTurn(4, 1, 0.5)))
+  # A hot tier of 100 blocks per prefill engine, a 10 GB/s host link (the
+  # NICs: 1 GB/s each).
+  config = SimConfig(2, 1, storage_nic_gbps=8.0, collective_gb_s=math.inf,
+                     handoff_gb_s=math.inf, hot_tier_gb=100 * bb / 2**30,
+                     hot_gb_s=10.0)
+  result = simulate(cost, config, "dualpath", [session])
+  first, second = result.turns
+  assert second["hot_read_blocks"] == 10  # 40 prompt tokens: 10 full blocks
+  assert second["pe_read_blocks"] == second["de_read_blocks"] == 0
+  assert second["prefill_engine"] == first["prefill_engine"]
+  assert second["load_done_s"] - second["placed_s"] == pytest.approx(
+      10 * bb / 1e10, rel=1e-9)
+  assert all(e["nic_bytes"] == 0 for e in result.engines.values())
+  # Without a hot tier the same blocks cross a NIC.
+  cold = simulate(cost, dataclasses.replace(config, hot_tier_gb=0.0),
+                  "dualpath", [session])
+  assert cold.paths["HOT"] == 0
+  assert sum(e["nic_bytes"] for e in cold.engines.values()) == 10 * bb
+
+
+def test_a_small_hot_tier_keeps_each_sessions_shallowest_blocks():
+  cost = _tiny_cost(FAST_GPU)
+  sessions = [SimSession(f"s{i}", (SimTurn(40, 1), SimTurn(4, 1, 5.0)))
+              for i in range(2)]
+  # 12 blocks per engine for two sessions of 10: the first session's
+  # deepest blocks go first, so a leading run of it stays.
+  config = SimConfig(1, 1, hot_tier_gb=12 * cost.block_bytes / 2**30)
+  result = simulate(cost, config, "single_path", sessions)
+  hot = {t["session_id"]: t["hot_read_blocks"] for t in result.turns
+         if t["turn_index"] == 1}
+  assert hot == {"s0": 2, "s1": 10}
+  with pytest.raises(ValueError, match="hot_tier_gb"):
+    SimConfig(hot_tier_gb=-1.0)

@@ -76,13 +76,16 @@ def test_online_sweep_judges_the_slo(tmp_path):
 def test_bandwidths_are_per_gpu(tmp_path):
   report = tmp_path / "r.json"
   proc = _run(*SMALL, "--mesh=1P1D", "--tp=2,4", "--storage_nic_gbps=50",
-              "--collective_gb_s=10", "--handoff_gb_s=20",
-              "--policies=dualpath", f"--report={report}")
+              "--collective_gb_s=10", "--handoff_gb_s=20", "--hot_tier_gb=3",
+              "--hot_gb_s=25", "--policies=dualpath", f"--report={report}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   cluster = json.loads(report.read_text())["cluster"]
   assert cluster["storage_nic_gbps"] == 100  # 2 prefill GPUs
   assert cluster["decode_storage_nic_gbps"] == 200  # 4 decode GPUs
   assert cluster["collective_gb_s"] == 40 and cluster["handoff_gb_s"] == 40
+  assert cluster["hot_tier_gb"] == 6 and cluster["hot_gb_s"] == 50
+  (run,) = json.loads(report.read_text())["runs"]
+  assert run["hot_share"] > 0 and run["engines"]["P0"]["hot_read_blocks"] > 0
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "embedded"])

@@ -11,7 +11,9 @@ Every policy is a pure function of its inputs. All three share one cost model
 * the prefill can start when the engine's queued compute is done and finishes
   `new_tokens / compute_tokens_per_s` later, but not before its last hit block
   has arrived (loading is overlapped with compute, layer by layer);
-* an engine is eligible only if it has the free HBM blocks the turn needs.
+* an engine is eligible only if it has the free HBM blocks the turn needs;
+* blocks a prefill engine holds in its host-DRAM hot tier (after those
+  resident in its HBM) come over its host link, on no NIC (`ReadPath.HOT`).
 
 Policies (selectable by name, `--scheduler_policy`):
 
@@ -57,6 +59,13 @@ def _estimate(demand: TurnDemand, snap: ClusterSnapshot, pe: EngineState,
   if mode == "oracle":
     paths += [ReadPath.FREE] * to_load
   else:
+    # Blocks in the prefill engine's host-DRAM hot tier come over its host
+    # link (PCIe), on no NIC; the rest by path 1 or 2.
+    hot = max(0, demand.hot_on(pe.name) - resident)
+    if hot:
+      paths += [ReadPath.HOT] * hot
+      load_done = now + (pe.hot_queued_bytes + hot * b) / pe.hot_bytes_per_s
+      to_load -= hot
     t_pe = now + pe.nic_drain_s()
     t_de = now + de.nic_drain_s()
     t_hop = now + de.hop_queued_bytes / snap.collective_bytes_per_s

@@ -28,6 +28,7 @@ class ReadPath(enum.IntEnum):
   PE_READ = 1  # path 1: cold tier -> PE host buffer -> PE HBM
   DE_READ = 2  # path 2: cold tier -> DE host -> DE HBM -> collective -> PE HBM
   FREE = 3  # oracle: delivered at no cost (an upper bound, not a real path)
+  HOT = 4  # in the prefill engine's host-DRAM hot tier: host -> HBM, no NIC
 
 
 def _check_non_negative(owner: str, **values: float) -> None:
@@ -60,6 +61,9 @@ class EngineState:
     free_hbm_blocks: KV pool blocks the engine can still give a new turn.
     hop_queued_bytes: (decode engines) path-2 bytes admitted to its DE -> PE
       hop link and not yet across.
+    hot_bytes_per_s: (prefill engines) host -> HBM bandwidth of reads from
+      its hot tier.
+    hot_queued_bytes: hot-tier bytes admitted to that link, not yet across.
   """
 
   name: str
@@ -70,6 +74,8 @@ class EngineState:
   compute_tokens_per_s: float = math.inf
   free_hbm_blocks: int = 1 << 30
   hop_queued_bytes: float = 0.0
+  hot_bytes_per_s: float = math.inf
+  hot_queued_bytes: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -77,11 +83,13 @@ class EngineState:
     if self.role not in ROLES:
       raise ValueError(f"{self.name}: role {self.role!r} not in {ROLES}")
     _check_positive(self.name, nic_bytes_per_s=self.nic_bytes_per_s,
-                    compute_tokens_per_s=self.compute_tokens_per_s)
+                    compute_tokens_per_s=self.compute_tokens_per_s,
+                    hot_bytes_per_s=self.hot_bytes_per_s)
     _check_non_negative(self.name, nic_queued_bytes=self.nic_queued_bytes,
                         queued_tokens=self.queued_tokens,
                         free_hbm_blocks=self.free_hbm_blocks,
-                        hop_queued_bytes=self.hop_queued_bytes)
+                        hop_queued_bytes=self.hop_queued_bytes,
+                        hot_queued_bytes=self.hot_queued_bytes)
 
   def nic_drain_s(self) -> float:
     """Seconds until the NIC's queue is empty."""
@@ -108,6 +116,10 @@ class TurnDemand:
     max_new_tokens: tokens the decode engine will generate.
     resident_blocks: per prefill engine name, how many leading hit blocks are
       already in that engine's HBM (they need no load there).
+    hot_blocks: per prefill engine name, how many leading hit blocks that
+      engine's host-DRAM hot tier holds (counted from the first block, so
+      resident ones included): those after the resident ones load over its
+      host link instead of a NIC.
   """
 
   turn_id: str
@@ -118,6 +130,7 @@ class TurnDemand:
   decode_blocks: int | None = None
   max_new_tokens: int = 1
   resident_blocks: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  hot_blocks: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     _check_non_negative(self.turn_id, new_tokens=self.new_tokens,
@@ -137,8 +150,17 @@ class TurnDemand:
         raise ValueError(f"{self.turn_id}: {n} resident blocks on {engine} "
                          f"but only {self.hit_blocks} hit blocks")
 
+    for engine, n in self.hot_blocks.items():
+      _check_non_negative(f"{self.turn_id}@{engine}", hot_blocks=n)
+      if n > self.hit_blocks:
+        raise ValueError(f"{self.turn_id}: {n} hot blocks on {engine} "
+                         f"but only {self.hit_blocks} hit blocks")
+
   def resident_on(self, engine: str) -> int:
     return int(self.resident_blocks.get(engine, 0))
+
+  def hot_on(self, engine: str) -> int:
+    return int(self.hot_blocks.get(engine, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +249,11 @@ class ClusterSnapshot:
       changes = {}
       if e.name in nic:
         changes["nic_queued_bytes"] = e.nic_queued_bytes + nic[e.name]
+      if e.name == placement.prefill_engine and math.isfinite(
+          e.hot_bytes_per_s):
+        hot = placement.count(ReadPath.HOT) * demand.block_bytes
+        if hot:
+          changes["hot_queued_bytes"] = e.hot_queued_bytes + hot
       if e.name == placement.decode_engine and math.isfinite(
           self.collective_bytes_per_s):
         hop = placement.count(ReadPath.DE_READ) * demand.block_bytes

@@ -54,6 +54,7 @@ def run_dict(result: SimResult, *, rate: float | None,
   summary = metrics.summarize(result.records, result.makespan_s)
   offered = rate
   loaded = result.paths["PE_READ"] + result.paths["DE_READ"]
+  hot = result.paths.get("HOT", 0)
   return {
       "policy": result.policy,
       "rate": rate,
@@ -67,6 +68,8 @@ def run_dict(result: SimResult, *, rate: float | None,
                for name, e in result.engines.items()},
       "paths": result.paths,
       "path2_share": result.paths["DE_READ"] / loaded if loaded else None,
+      # Of the blocks loaded from outside HBM, those the hot tier gave.
+      "hot_share": hot / (hot + loaded) if hot + loaded else None,
       "hbm_waits": result.hbm_waits,
       "written_bytes": result.written_bytes,
       "series": nic_series(result, nic_rates),
@@ -86,13 +89,14 @@ def format_offline_table(runs: Sequence[Mapping[str, Any]]) -> str:
   "PE/DE NIC" is the mean fraction of the run a role's storage NICs spent
   transferring; "PE/DE busy" the fraction its engines spent computing (a
   decode engine stepping a small batch is busy, not efficient); "path 2"
-  the share of loaded blocks that came through a decode engine's NIC.
+  the share of NIC-loaded blocks that came through a decode engine's NIC;
+  "hot" the share of all loaded blocks a prefill engine's hot tier gave.
   """
   base = {r["policy"]: r["summary"]["job_completion_s"] for r in runs}
   ref = base.get("single_path")
   head = ["policy", "JCT s", "vs single_path", "turns/s", "tok/s",
           "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "PE NIC",
-          "DE NIC", "PE busy", "DE busy", "path 2", "HBM waits"]
+          "DE NIC", "PE busy", "DE busy", "path 2", "hot", "HBM waits"]
   rows = []
   for run in runs:
     s = run["summary"]
@@ -107,7 +111,8 @@ def format_offline_table(runs: Sequence[Mapping[str, Any]]) -> str:
         _pct(_role_util(run, "decode", "nic_utilization")),
         _pct(_role_util(run, "prefill", "compute_busy")),
         _pct(_role_util(run, "decode", "compute_busy")),
-        _pct(run["path2_share"]), str(run["hbm_waits"])])
+        _pct(run["path2_share"]), _pct(run["hot_share"]),
+        str(run["hbm_waits"])])
   widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
   return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
                    for r in [head, *rows])

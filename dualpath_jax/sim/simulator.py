@@ -17,6 +17,11 @@ What is modelled, per engine:
   `collective_gb_s`, streaming blocks as they arrive from the DE's NIC;
 * **the hand-off** PE -> DE after prefill: a FIFO pipe per prefill engine
   of `handoff_gb_s` carrying the turn's whole context;
+* **hot tier** (optional, `hot_tier_gb`): each prefill engine keeps the
+  blocks of the turns it prefilled in host DRAM (LRU, deepest blocks of a
+  turn first out); a later turn placed there reads the leading run it
+  holds over a host link of `hot_gb_s` instead of a NIC (`ReadPath.HOT`),
+  and the policies know which engine holds what;
 * **HBM**: `CostModel.pool_blocks` blocks; a placement reserves the turn's
   blocks on its PE (released when the hand-off ends) and on its DE
   (released when the turn ends), as the runtime does; a turn no engine has
@@ -37,6 +42,7 @@ as a real one (`metrics.summarize`, `workload.slo.evaluate_run`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -74,6 +80,8 @@ class SimConfig:
     handoff_gb_s: each prefill engine's link for the PE -> DE hand-off, GB/s.
     max_prefill_tokens / max_prefill_turns: one prefill batch's budget.
     max_decode_batch: turns one decode step serves.
+    hot_tier_gb: each prefill engine's host-DRAM hot tier, GiB (0: none).
+    hot_gb_s: each prefill engine's host -> HBM link for hot-tier reads, GB/s.
   """
 
   num_prefill: int = 1
@@ -85,6 +93,8 @@ class SimConfig:
   max_prefill_turns: int = 16
   max_decode_batch: int = 256
   decode_storage_nic_gbps: float | None = None
+  hot_tier_gb: float = 0.0
+  hot_gb_s: float = 50.0
 
   def __post_init__(self):
     for name in ("num_prefill", "num_decode", "max_prefill_tokens",
@@ -96,6 +106,12 @@ class SimConfig:
       _check_rate(name, getattr(self, name))
     if self.decode_storage_nic_gbps is not None:
       _check_rate("decode_storage_nic_gbps", self.decode_storage_nic_gbps)
+    _check_rate("hot_gb_s", self.hot_gb_s)
+    if (isinstance(self.hot_tier_gb, bool) or
+        not isinstance(self.hot_tier_gb, (int, float)) or
+        not 0 <= self.hot_tier_gb < math.inf):
+      raise ValueError(f"hot_tier_gb must be a finite number >= 0, got "
+                       f"{self.hot_tier_gb!r}")
 
   def nic_bytes_per_s(self, role: str) -> float:
     """Bytes/s of one storage NIC of an engine of `role`."""
@@ -180,9 +196,16 @@ class _Turn:
 class _Engine:
   """One engine's pipes, HBM and queues."""
 
-  def __init__(self, name: str, role: str, config: SimConfig, blocks: int):
+  def __init__(self, name: str, role: str, config: SimConfig, blocks: int,
+               hot_blocks: int = 0):
     self.name = name
     self.role = role
+    # Prefill engines: host-DRAM hot tier, (session, block index) -> None,
+    # least recently used first; and its host -> HBM link.
+    self.hot: collections.OrderedDict = collections.OrderedDict()
+    self.hot_capacity = hot_blocks
+    self.hot_link = _Pipe(config.hot_gb_s * 1e9)
+    self.hot_hits = 0
     self.nic = _Pipe(config.nic_bytes_per_s(role))
     self.link = _Pipe((config.handoff_gb_s if role == PREFILL
                        else config.collective_gb_s) * 1e9)
@@ -264,7 +287,8 @@ class Simulator:
     self.on_turn_done = on_turn_done
     self._check_fits()
     self.clock = ManualClock()
-    self.prefill = [_Engine(f"P{i}", PREFILL, config, cost.pool_blocks)
+    hot = int(config.hot_tier_gb * 2**30 // cost.block_bytes)
+    self.prefill = [_Engine(f"P{i}", PREFILL, config, cost.pool_blocks, hot)
                     for i in range(config.num_prefill)]
     self.decode = [_Engine(f"D{i}", DECODE, config,
                            self.decode_cost.pool_blocks)
@@ -310,7 +334,9 @@ class Simulator:
         e.name, e.role, e.nic.rate, e.nic.queued_bytes(now), e.queued_tokens,
         pe_rate if e.role == PREFILL else math.inf, e.capacity - e.used,
         hop_queued_bytes=(e.link.queued_bytes(now) if e.role == DECODE
-                          else 0.0))
+                          else 0.0),
+        hot_bytes_per_s=e.hot_link.rate,
+        hot_queued_bytes=e.hot_link.queued_bytes(now))
                for e in self.engines.values()]
     return ClusterSnapshot(now, tuple(engines),
                            self.config.collective_gb_s * 1e9)
@@ -344,10 +370,18 @@ class Simulator:
     hit = session.hit_tokens(index, bs)
     turn_id = f"{session.session_id}/{index}"
     out = session.turns[index].output_tokens
+    hot = {}
+    for pe in self.prefill:
+      n = 0
+      while n < hit // bs and (session.session_id, n) in pe.hot:
+        n += 1
+      if n:
+        hot[pe.name] = n
     demand = TurnDemand(
         turn_id, new_tokens=context - hit, hit_blocks=hit // bs,
         block_bytes=self.cost.block_bytes, total_blocks=self._blocks(context),
-        decode_blocks=self._blocks(context + out), max_new_tokens=out)
+        decode_blocks=self._blocks(context + out), max_new_tokens=out,
+        hot_blocks=hot)
     turn = _Turn(session, index, self.now, context, hit, demand)
     self._pending.append(turn)
     self._place_pending()
@@ -379,6 +413,11 @@ class Simulator:
     for p, n in counts.items():
       self._paths[p.name] += n
     done = now
+    n_hot = counts[ReadPath.HOT]
+    if n_hot:
+      done = max(done, pe.hot_link.send(n_hot * b, now))
+      pe.hot_hits += n_hot
+      self._touch_hot(pe, turn.session.session_id, range(n_hot))
     if counts[ReadPath.PE_READ]:
       done = max(done, pe.nic.send(counts[ReadPath.PE_READ] * b, now))
     n2 = counts[ReadPath.DE_READ]
@@ -443,9 +482,27 @@ class Simulator:
       t.first_token_s = now
       t.generated = 1
       pe.queued_tokens -= t.new_tokens
+      if pe.hot_capacity:  # its full blocks are in the pool: keep a copy
+        self._touch_hot(pe, t.session.session_id,
+                        range(t.context // self.cost.block_size))
       nbytes = t.demand.total_blocks * t.demand.block_bytes
       self._at(pe.link.send(nbytes, now), self._handoff_done, pe, t)
     self._try_prefill(pe)
+
+  def _touch_hot(self, pe: _Engine, session_id: str, blocks: range) -> None:
+    """Puts (or refreshes) a session's blocks in `pe`'s hot tier, deepest
+    first, so that the shallow ones are the most recent; evicts the least
+    recently used past the capacity."""
+    if not pe.hot_capacity:
+      return
+    for k in reversed(blocks):
+      key = (session_id, k)
+      if key in pe.hot:
+        pe.hot.move_to_end(key)
+      else:
+        pe.hot[key] = None
+    while len(pe.hot) > pe.hot_capacity:
+      pe.hot.popitem(last=False)
 
   def _handoff_done(self, pe: _Engine, turn: _Turn) -> None:
     turn.handoff_done_s = self.now
@@ -510,6 +567,7 @@ class Simulator:
         "context_tokens": turn.context, "hit_tokens": turn.hit_tokens,
         "output_tokens": turn.output_tokens,
         "pe_read_blocks": p.count(ReadPath.PE_READ),
+        "hot_read_blocks": p.count(ReadPath.HOT),
         "de_read_blocks": p.count(ReadPath.DE_READ),
         "arrival_s": turn.arrival_s, "placed_s": turn.placed_s,
         "load_done_s": turn.load_done_s,
@@ -540,6 +598,8 @@ class Simulator:
           "link_utilization": (None if math.isinf(e.link.rate)
                                else share(e.link.busy_s)),
           "compute_busy": share(e.busy_s),
+          "hot_tier_blocks": e.hot_capacity if e.role == PREFILL else None,
+          "hot_read_blocks": e.hot_hits if e.role == PREFILL else None,
           "peak_hbm_blocks": e.peak_used,
           "hbm_blocks": e.capacity,
       }
