@@ -152,13 +152,15 @@ def main(argv):
                        for r in result.records],
   }
   print(metrics.format_table(summary))
-  if cold_stats is not None:  # where the cached prompt tokens came from
-    tiers = [f"device pool {engine.manager.stats['hit_tokens']}"]
+  by_tier = getattr(engine.stats, "cached_tokens_by_tier", None)
+  if cold_stats is not None and by_tier is not None:
+    # Where each turn's cached prompt tokens came from, at its admission.
+    tiers = [f"device pool {by_tier['device']}"]
     if cold_stats["hot_tier"] is not None:
-      tiers.append(f"hot tier {cold_stats['hot_loaded_tokens']}")
+      tiers.append(f"hot tier {by_tier['hot']}")
     if cold_stats["store"] is not None:
-      tiers.append(f"cold tier {cold_stats['loaded_tokens']}")
-    print("cached tokens by tier: " + ", ".join(tiers))
+      tiers.append(f"cold tier {by_tier['cold']}")
+    print("cached prompt tokens by tier: " + ", ".join(tiers))
   outputs.write_json(report, FLAGS.report)
   print(f"report: {FLAGS.report}")
   if FLAGS.plot:

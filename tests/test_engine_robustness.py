@@ -226,3 +226,23 @@ def test_engine_loop_reports_a_hook_error_to_that_request_only(tiny):
   assert results["a"][0] == "error" and isinstance(results["a"][1], KeyError)
   assert results["b"] == ("finish", _alone(tiny, pb, 5))
   assert loop.error is None  # no step failed
+
+
+def test_a_turn_aborted_by_another_turns_hook_gets_no_token(tiny):
+  """Turn a's hook aborts turn b, later in the same decode batch: b's hook
+  used to get that step's token after the abort had returned True."""
+  pa, pb = _prompts(8, 2)
+  e = _engine(tiny)
+  seen_b = []
+  at_abort = []
+
+  def hook_a(token):
+    if not at_abort and len(seen_b) >= 2:
+      assert e.abort("b")
+      at_abort.append(len(seen_b))
+  e.submit(TurnRequest("a", pa, 8, stop_on_eos=False, on_token=hook_a))
+  e.submit(TurnRequest("b", pb, 8, stop_on_eos=False,
+                       on_token=seen_b.append))
+  outs = _drain(e)
+  assert at_abort and len(seen_b) == at_abort[0]  # nothing after the abort
+  assert set(outs) == {"a"} and _pool_whole(e)

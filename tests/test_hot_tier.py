@@ -203,3 +203,68 @@ def test_tenants_do_not_share_hot_blocks(tiny):
   out = _run(engine, TurnRequest("b", prompt + [5, 6], 2, tenant="t2"))
   assert out.cached_prompt_tokens == 0
   assert engine.cold_tier.stats.hot_loaded_blocks == 0
+
+
+def test_extending_a_chain_never_cuts_a_hole_in_it():
+  """The next turn's write-back (the chain's 8 held blocks plus 4 new
+  deeper ones) evicted two of its own shallow blocks and kept deeper ones
+  that were then useless: the reuse demoted the chain's deepest held blocks
+  to the front of probation, and the put evicted them."""
+  tier = HotTier(10, SHAPE, np.float32, protected_fraction=0.5)
+  chain = _ids("h", 12)
+  assert tier.put(chain[:8], _blocks(8, 1)) == 8
+  assert tier.put(chain, _blocks(12, 2)) == 2  # room for 2 more
+  assert tier.stats.dropped == 2
+  assert tier.leading_run(chain) == 10  # no hole
+  # The chain's deepest blocks are the next to go, not its shallow ones.
+  tier.put([b"other"], _blocks(1, 3))
+  assert tier.leading_run(chain) == 9
+
+
+def test_a_put_never_evicts_its_own_new_blocks():
+  tier = HotTier(4, SHAPE, np.float32, protected_fraction=0.5)
+  tier.put(_ids("a", 2), _blocks(2, 4))
+  tier.touch(_ids("a", 2))
+  got = tier.put(_ids("b", 4), _blocks(4, 5))
+  assert got == tier.stats.puts - 2  # what it says it stored is held
+  assert tier.contains(_ids("b", 4)) == [True] * got + [False] * (4 - got)
+
+
+def test_cached_tokens_by_tier_count_each_turn_once(tiny):
+  """A turn that waits while a long one runs was loaded and counted at
+  every admission attempt (and its loaded blocks again as pool hits at the
+  next); the engine's per-tier counts now add up to the turns' own."""
+  engine = _engine(tiny, num_blocks=16, hot_blocks=64)
+  outs = []
+  first = _prompt(1, 41)
+  outs.append(_run(engine, TurnRequest("s1", first, 4, stop_on_eos=False,
+                                       tenant="t")))
+  for k in range(3):
+    outs.append(_run(engine, TurnRequest(f"x{k}", _prompt(10 + k, 45), 2,
+                                         stop_on_eos=False, tenant="t")))
+  engine.submit(TurnRequest("long", _prompt(50, 20), 30, stop_on_eos=False,
+                            tenant="u"))
+  engine.step()
+  nxt = first + outs[0].generated_tokens + _prompt(2, 7)
+  engine.submit(TurnRequest("s2", nxt, 4, stop_on_eos=False, tenant="t"))
+  while engine.has_work():
+    outs += engine.step()
+  by_tier = engine.stats.cached_tokens_by_tier
+  assert sum(by_tier.values()) == sum(o.cached_prompt_tokens for o in outs)
+  assert by_tier["hot"] > 0 and by_tier["cold"] == 0
+
+
+def test_a_store_that_refuses_a_write_back_is_a_skipped_write(tiny, tmp_path):
+  engine = _engine(tiny, num_blocks=64, root=tmp_path)
+  store = engine.cold_tier.store
+
+  def refuse(*_args, **_kwargs):
+    raise RuntimeError("cannot schedule new futures after shutdown")
+  store.put_async = refuse
+  out = _run(engine, TurnRequest("b", _prompt(4, 30), 3, stop_on_eos=False))
+  assert len(out.generated_tokens) == 3
+  assert engine.cold_tier.stats.store_errors == 1
+  assert engine.manager.pool.num_referenced == 0
+  assert not engine.manager.active_sequences
+  del store.put_async
+  engine.close()

@@ -46,7 +46,7 @@ class HotTierStats:
   lookups: int = 0  # ids asked about by `read_run`
   hits: int = 0  # of them, read back
   puts: int = 0  # blocks copied in
-  refreshes: int = 0  # puts and touches of blocks already held
+  refreshes: int = 0  # reads, puts and touches of blocks already held
   promotions: int = 0  # moved to the protected segment
   evictions: int = 0
   dropped: int = 0  # blocks of one put past the capacity (deepest first)
@@ -141,8 +141,9 @@ class HotTier:
     """Holds `blocks` under `ids` (one chain's blocks, shallowest first).
 
     An id already held is not copied again; it counts as reused. Room is
-    made by evicting (see the module docstring); a put of more blocks than
-    the tier holds keeps the shallowest. Returns how many were copied in.
+    made by evicting blocks of other calls (see the module docstring), never
+    this call's own; new blocks past that room are not stored, the deepest
+    first (`stats.dropped`). Returns how many were copied in.
     """
     if blocks.shape != (len(ids), *self.block_shape):
       raise ValueError(f"blocks {blocks.shape} do not match {len(ids)} ids of "
@@ -150,22 +151,24 @@ class HotTier:
     if blocks.dtype != self.dtype:
       raise ValueError(f"blocks are {blocks.dtype}, the tier holds "
                        f"{self.dtype}")
-    held = [i for i in ids if i in self]
-    self._reuse(held)
-    new = [(k, i) for k, i in enumerate(ids) if i not in self]
-    if len(set(i for _, i in new)) != len(new):
+    if len(set(ids)) != len(ids):
       raise ValueError("a put names one block id twice")
-    if len(new) > self.capacity:
-      self.stats.dropped += len(new) - self.capacity
-      new = new[:self.capacity]
-    copied = 0
+    mine = set(ids)
+    held = [i for i in ids if i in self]
+    new = [(k, i) for k, i in enumerate(ids) if i not in self]
+    room = len(self._free) + len(self) - len(held)
+    if len(new) > room:
+      self.stats.dropped += len(new) - room
+      new = new[:room]
     for k, block_id in reversed(new):  # deepest first: evicted first
-      slot = self._free.pop() if self._free else self._evict()
+      slot = self._free.pop() if self._free else self._evict(mine)
       self._data[slot] = blocks[k]
       self._probation[block_id] = slot
-      copied += 1
-    self.stats.puts += copied
-    return copied
+    self.stats.puts += len(new)
+    # After the new blocks: a held block this reuse demotes from the
+    # protected segment is shallower than them, so it goes out after them.
+    self._reuse(held)
+    return len(new)
 
   def touch(self, ids: Sequence[bytes]) -> None:
     """Marks the held ones among `ids` reused (a turn used them again)."""
@@ -209,8 +212,12 @@ class HotTier:
       self._probation[block_id] = slot  # back to probation, most recent
     # Ordered deepest-first above, so the shallowest are the most recent.
 
-  def _evict(self) -> int:
-    segment = self._probation if self._probation else self._protected
-    _, slot = segment.popitem(last=False)
-    self.stats.evictions += 1
-    return slot
+  def _evict(self, keep: set) -> int:
+    """Frees the slot of the least valuable block not in `keep`."""
+    for segment in (self._probation, self._protected):
+      for block_id in segment:  # least recently used first
+        if block_id not in keep:
+          slot = segment.pop(block_id)
+          self.stats.evictions += 1
+          return slot
+    raise AssertionError("no block to evict outside the current call")

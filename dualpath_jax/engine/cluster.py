@@ -785,6 +785,8 @@ class PDCluster:
     now = self.clock()
     done = []
     for turn, tok in zip(turns, tokens):
+      if turn not in de.running:  # aborted by an earlier turn's hook
+        continue
       reason = step_parts.accept_token(turn, tok, self.eos_ids)
       if reason is None or turn not in de.running:  # or aborted by its hook
         continue

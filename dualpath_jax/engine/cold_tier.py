@@ -94,19 +94,23 @@ class ColdTierConnector:
         tier.block_shape, hot.dtype if store is None else store.codec.dtype)
 
   def load_prefix(self, pool: jax.Array, seq_id: str, tokens: list[int],
-                  tenant: str) -> tuple[jax.Array, int]:
-    """Loads the blocks after the pool hit; returns (pool, tokens loaded).
+                  tenant: str, first_chunk: int = 1
+                  ) -> tuple[jax.Array, int, int]:
+    """Loads the blocks after the pool hit.
 
-    `seq_id` must have been `begin`-ed with `tokens`. Loads at most what
-    leaves one token to compute, and only as many blocks as the pool can
-    give now.
+    Returns (pool, tokens loaded from the hot tier, tokens loaded from the
+    cold tier). `seq_id` must have been `begin`-ed with `tokens`. Loads at
+    most what leaves one token to compute, and only as many blocks as the
+    pool can give now while still holding the turn's first prefill chunk
+    (up to `first_chunk` tokens): a load the turn could not be admitted
+    with would be wasted and counted twice.
     """
     bs = self.manager.block_size
     computed = self.manager.num_computed(seq_id)
     cap = (len(tokens) - 1) // bs
     have = computed // bs
     if cap <= have:
-      return pool, 0
+      return pool, 0, 0
     self.stats.lookups += 1
     chain = hash_chain(tokens[:cap * bs], bs, self.manager.model_fingerprint,
                        tenant)
@@ -114,10 +118,15 @@ class ColdTierConnector:
     hot_run = 0 if self.hot is None else self.hot.leading_run(wanted)
     cold_run = self._cold_run(wanted[hot_run:])
     run = hot_run + cold_run
-    while run and not self.manager.can_allocate(seq_id, run * bs):
+
+    def fits(n: int) -> bool:  # n blocks, then the first chunk after them
+      rest = len(tokens) - (have + n) * bs
+      return self.manager.can_allocate(seq_id,
+                                       n * bs + min(first_chunk, rest))
+    while run and not fits(run):
       run -= 1
     if run == 0:
-      return pool, 0
+      return pool, 0, 0
     hot_run = min(hot_run, run)
     staging = self._staging.rows(run)
     if hot_run:
@@ -129,7 +138,7 @@ class ColdTierConnector:
       if got and self.hot is not None:
         self.hot.put(wanted[hot_run:good], staging[hot_run:good])
     if good == 0:
-      return pool, 0
+      return pool, 0, 0
     self.manager.allocate(seq_id, good * bs)
     table = self.manager.block_table(seq_id)
     pages = table[have:have + good]
@@ -143,7 +152,7 @@ class ColdTierConnector:
     self.stats.hot_loaded_tokens += hot_tokens
     self.stats.loaded_blocks += good - hot_run
     self.stats.loaded_tokens += loaded - hot_tokens
-    return pool, loaded
+    return pool, hot_tokens, loaded - hot_tokens
 
   def _cold_run(self, wanted: list) -> int:
     """How many of `wanted`, from the first, the cold tier lists."""
@@ -196,10 +205,14 @@ class ColdTierConnector:
     cold = [k for k, i in enumerate(todo) if cold_lacks[i]]
     if not cold:
       return
-    future = self.store.put_async([hashes[todo[k]] for k in cold],
-                                  blocks[cold] if len(cold) < len(todo)
-                                  else blocks,
-                                  tenant=tenant, session=session)
+    try:  # a closed store or a shut-down pool raises here, not later
+      future = self.store.put_async([hashes[todo[k]] for k in cold],
+                                    blocks[cold] if len(cold) < len(todo)
+                                    else blocks,
+                                    tenant=tenant, session=session)
+    except Exception as err:  # pylint: disable=broad-except
+      count_store_error(self.stats, "write", err)
+      return
     future.add_done_callback(self._check_put)
     self.stats.write_requests += 1
     self.stats.written_blocks += len(cold)

@@ -94,6 +94,10 @@ class EngineStats:
   preemptions: int = 0
   warmup_s: float = 0.0
   compiled_shapes: int = 0
+  # Prompt tokens found cached at each turn's first admission, by the tier
+  # that held them (a turn retried or preempted is counted once).
+  cached_tokens_by_tier: dict[str, int] = dataclasses.field(
+      default_factory=lambda: {"device": 0, "hot": 0, "cold": 0})
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -219,10 +223,12 @@ class Engine:
       seq = self._waiting[0]
       cached = self.manager.begin(seq.rid, seq.tokens[:seq.prefill_target],
                                   seq.req.tenant)
+      device, hot, cold = cached, 0, 0
       if self.cold_tier is not None:
-        self._kv, loaded = self.cold_tier.load_prefix(
-            self._kv, seq.rid, seq.tokens[:seq.prefill_target], seq.req.tenant)
-        cached += loaded
+        self._kv, hot, cold = self.cold_tier.load_prefix(
+            self._kv, seq.rid, seq.tokens[:seq.prefill_target], seq.req.tenant,
+            first_chunk=self.config.max_prefill_chunk)
+        cached += hot + cold
       first = min(self.config.max_prefill_chunk, seq.prefill_target - cached)
       if not self.manager.can_allocate(seq.rid, first):
         self.manager.end(seq.rid)
@@ -234,6 +240,10 @@ class Engine:
       self._waiting.popleft()
       if seq.cached_prompt_tokens < 0:
         seq.cached_prompt_tokens = min(cached, len(seq.req.prompt_tokens))
+        by_tier = self.stats.cached_tokens_by_tier
+        by_tier["device"] += device
+        by_tier["hot"] += hot
+        by_tier["cold"] += cold
       self._prefilling.append(seq)
 
   def _prefill_step(self) -> list[TurnOutput]:
@@ -285,6 +295,8 @@ class Engine:
     now = self.clock()
     done = []
     for seq, tok in zip(seqs, tokens):
+      if seq.rid not in self.manager:  # aborted by an earlier turn's hook
+        continue
       reason = step_parts.accept_token(seq, tok, self.eos_ids)
       if seq.rid not in self.manager:  # its own hook aborted it
         continue
@@ -302,10 +314,12 @@ class Engine:
             arrival_s=seq.arrival_s, first_token_s=seq.first_token_s,
             finish_s=now, finish_reason=reason, error=seq.hook_error))
         continue
-      if self.cold_tier is not None:
-        self.cold_tier.write_back(self._kv, seq.rid, seq.req.tenant,
-                                  seq.req.session_id)
-      self.manager.end(seq.rid)
+      try:
+        if self.cold_tier is not None:
+          self.cold_tier.write_back(self._kv, seq.rid, seq.req.tenant,
+                                    seq.req.session_id)
+      finally:  # whatever the write-back did, the turn releases its blocks
+        self.manager.end(seq.rid)
       done.append(TurnOutput(
           request=seq.req, generated_tokens=list(seq.generated),
           cached_prompt_tokens=seq.cached_prompt_tokens,

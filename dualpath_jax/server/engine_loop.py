@@ -107,11 +107,16 @@ class LocalEngineHandle:
         "engine": self.engine.stats.as_dict(),
     }
     cold = getattr(self.engine, "cold_tier", None)
-    if cold is not None:
-      if getattr(cold, "store", None) is not None:
-        snap["prefix_cache_hit_tokens"]["cold"] = cold.stats.loaded_tokens
+    by_tier = getattr(self.engine.stats, "cached_tokens_by_tier", None)
+    if by_tier is not None:  # one engine: each turn counted once
+      hits = {"device": by_tier["device"]}
       if getattr(cold, "hot", None) is not None:
-        snap["prefix_cache_hit_tokens"]["hot"] = cold.stats.hot_loaded_tokens
+        hits["hot"] = by_tier["hot"]
+      if getattr(cold, "store", None) is not None:
+        hits["cold"] = by_tier["cold"]
+      snap["prefix_cache_hit_tokens"] = hits
+    elif cold is not None:
+      snap["prefix_cache_hit_tokens"]["cold"] = cold.stats.loaded_tokens
     extra = getattr(self.engine, "metrics_snapshot", None)
     if extra is not None:
       snap.update(extra())
