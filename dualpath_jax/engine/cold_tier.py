@@ -94,16 +94,14 @@ class ColdTierConnector:
         tier.block_shape, hot.dtype if store is None else store.codec.dtype)
 
   def load_prefix(self, pool: jax.Array, seq_id: str, tokens: list[int],
-                  tenant: str, first_chunk: int = 1
-                  ) -> tuple[jax.Array, int, int]:
+                  tenant: str) -> tuple[jax.Array, int, int]:
     """Loads the blocks after the pool hit.
 
     Returns (pool, tokens loaded from the hot tier, tokens loaded from the
     cold tier). `seq_id` must have been `begin`-ed with `tokens`. Loads at
     most what leaves one token to compute, and only as many blocks as the
-    pool can give now while still holding the turn's first prefill chunk
-    (up to `first_chunk` tokens): a load the turn could not be admitted
-    with would be wasted and counted twice.
+    pool can give now. (If the turn then cannot be admitted, the loaded
+    blocks stay cached in the pool for its next attempt.)
     """
     bs = self.manager.block_size
     computed = self.manager.num_computed(seq_id)
@@ -118,12 +116,7 @@ class ColdTierConnector:
     hot_run = 0 if self.hot is None else self.hot.leading_run(wanted)
     cold_run = self._cold_run(wanted[hot_run:])
     run = hot_run + cold_run
-
-    def fits(n: int) -> bool:  # n blocks, then the first chunk after them
-      rest = len(tokens) - (have + n) * bs
-      return self.manager.can_allocate(seq_id,
-                                       n * bs + min(first_chunk, rest))
-    while run and not fits(run):
+    while run and not self.manager.can_allocate(seq_id, run * bs):
       run -= 1
     if run == 0:
       return pool, 0, 0

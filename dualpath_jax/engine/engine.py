@@ -69,6 +69,9 @@ class _Sequence:
   first_token_s: float | None = None
   rng: np.random.Generator | None = None  # own generator when req.seed is set
   order: int = 0  # submission order: breaks ties of arrival_s
+  # Tokens the storage tiers loaded for it before its first admission.
+  tier_loaded: dict[str, int] = dataclasses.field(
+      default_factory=lambda: {"hot": 0, "cold": 0})
   hook_error: BaseException | None = None  # what its `on_token` raised
 
   @property
@@ -223,12 +226,15 @@ class Engine:
       seq = self._waiting[0]
       cached = self.manager.begin(seq.rid, seq.tokens[:seq.prefill_target],
                                   seq.req.tenant)
-      device, hot, cold = cached, 0, 0
       if self.cold_tier is not None:
         self._kv, hot, cold = self.cold_tier.load_prefix(
-            self._kv, seq.rid, seq.tokens[:seq.prefill_target], seq.req.tenant,
-            first_chunk=self.config.max_prefill_chunk)
+            self._kv, seq.rid, seq.tokens[:seq.prefill_target], seq.req.tenant)
         cached += hot + cold
+        # A load of an attempt that cannot be admitted stays in the pool as
+        # cached blocks: the next attempt finds them there, so the tier
+        # that first gave them keeps the credit.
+        seq.tier_loaded["hot"] += hot
+        seq.tier_loaded["cold"] += cold
       first = min(self.config.max_prefill_chunk, seq.prefill_target - cached)
       if not self.manager.can_allocate(seq.rid, first):
         self.manager.end(seq.rid)
@@ -240,8 +246,10 @@ class Engine:
       self._waiting.popleft()
       if seq.cached_prompt_tokens < 0:
         seq.cached_prompt_tokens = min(cached, len(seq.req.prompt_tokens))
+        hot = min(seq.tier_loaded["hot"], seq.cached_prompt_tokens)
+        cold = min(seq.tier_loaded["cold"], seq.cached_prompt_tokens - hot)
         by_tier = self.stats.cached_tokens_by_tier
-        by_tier["device"] += device
+        by_tier["device"] += seq.cached_prompt_tokens - hot - cold
         by_tier["hot"] += hot
         by_tier["cold"] += cold
       self._prefilling.append(seq)
