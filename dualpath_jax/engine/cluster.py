@@ -793,11 +793,7 @@ class PDCluster:
       de.running.remove(turn)
       if reason == "error":  # its hook raised: fail it, keep nothing new
         de.manager.end(turn.rid)
-        done.append(TurnOutput(
-            request=turn.req, generated_tokens=list(turn.generated),
-            cached_prompt_tokens=turn.cached_prompt_tokens,
-            arrival_s=turn.arrival_s, first_token_s=turn.first_token_s,
-            finish_s=now, finish_reason=reason, error=turn.hook_error))
+        done.append(step_parts.turn_output(turn, now, reason))
         continue
       writer = self._writers[de.name]
       before = writer.stats.written_blocks, writer.stats.write_requests
@@ -805,11 +801,7 @@ class PDCluster:
       self.cold_tier.stats.written_blocks += writer.stats.written_blocks - before[0]
       self.cold_tier.stats.write_requests += writer.stats.write_requests - before[1]
       de.manager.end(turn.rid)
-      done.append(TurnOutput(
-          request=turn.req, generated_tokens=list(turn.generated),
-          cached_prompt_tokens=turn.cached_prompt_tokens,
-          arrival_s=turn.arrival_s, first_token_s=turn.first_token_s,
-          finish_s=now, finish_reason=reason))
+      done.append(step_parts.turn_output(turn, now, reason))
     return done
 
   def _count_shapes(self) -> None:

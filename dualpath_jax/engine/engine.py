@@ -316,11 +316,7 @@ class Engine:
         self._decoding.remove(seq)
       if reason == "error":  # its hook raised: fail it, write nothing back
         self.manager.end(seq.rid)
-        done.append(TurnOutput(
-            request=seq.req, generated_tokens=list(seq.generated),
-            cached_prompt_tokens=seq.cached_prompt_tokens,
-            arrival_s=seq.arrival_s, first_token_s=seq.first_token_s,
-            finish_s=now, finish_reason=reason, error=seq.hook_error))
+        done.append(step_parts.turn_output(seq, now, reason))
         continue
       try:
         if self.cold_tier is not None:
@@ -328,11 +324,7 @@ class Engine:
                                     seq.req.session_id)
       finally:  # whatever the write-back did, the turn releases its blocks
         self.manager.end(seq.rid)
-      done.append(TurnOutput(
-          request=seq.req, generated_tokens=list(seq.generated),
-          cached_prompt_tokens=seq.cached_prompt_tokens,
-          arrival_s=seq.arrival_s, first_token_s=seq.first_token_s,
-          finish_s=now, finish_reason=reason))
+      done.append(step_parts.turn_output(seq, now, reason))
     return done
 
   def _allocate_or_preempt(self, seq: _Sequence, n: int) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import EngineConfig
 from dualpath_jax.engine import buckets
+from dualpath_jax.engine.request import TurnOutput
 from dualpath_jax.engine.sampling import sample
 
 MIN_Q_BUCKET = 32
@@ -111,3 +112,15 @@ def accept_token(turn, token: int, eos_ids: frozenset[int]) -> str | None:
   if len(turn.generated) >= req.max_new_tokens:
     return "length"
   return None
+
+
+def turn_output(turn, now: float, reason: str) -> TurnOutput:
+  """The `TurnOutput` of a finished turn (anything with `.req`,
+  `.generated`, `.cached_prompt_tokens`, `.arrival_s`, `.first_token_s`
+  and, for reason "error", `.hook_error`): the engine's and the cluster's."""
+  return TurnOutput(
+      request=turn.req, generated_tokens=list(turn.generated),
+      cached_prompt_tokens=turn.cached_prompt_tokens,
+      arrival_s=turn.arrival_s, first_token_s=turn.first_token_s,
+      finish_s=now, finish_reason=reason,
+      error=turn.hook_error if reason == "error" else None)

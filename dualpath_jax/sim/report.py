@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from dualpath_jax import metrics, outputs
 from dualpath_jax.sim.simulator import SimResult
 from dualpath_jax.workload import slo as slo_lib
+from dualpath_jax.workload import online_report
 from dualpath_jax.workload.online_report import _f, _pct
 
 
@@ -147,24 +148,7 @@ def plot_offline(runs: Sequence[Mapping[str, Any]], path: str,
   ax.set_ylabel("job completion time (s)")
   ax.set_title("offline batch")
   for ax, run in zip(axes[0][1:], runs):
-    series = run["series"]
-    engines = sorted({n for row in series for n in row["nics"]})
-    for name in engines:
-      ax.step([row["t"] for row in series],
-              [row["nics"][name]["util"] for row in series], where="pre",
-              lw=1, label=name)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("storage NIC utilisation")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(run["policy"])
-    if any(row["nics"][n]["util"] for row in series for n in engines):
-      ax.legend(fontsize=7)
-    elif engines:
-      ax.text(0.5, 0.5, "no storage reads", ha="center", va="center",
-              transform=ax.transAxes)
-    else:
-      ax.text(0.5, 0.5, "no NIC limit\n(unbounded bandwidth)",
-              ha="center", va="center", transform=ax.transAxes)
+    online_report.plot_nic_series(ax, run["series"], run["policy"])
   if title:
     fig.suptitle(title)
   fig.tight_layout()

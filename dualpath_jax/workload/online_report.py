@@ -108,24 +108,35 @@ def plot_online(runs: Sequence[Mapping[str, Any]], path: str, *,
   for ax, pol in zip(axes[0][1:], policies):
     run = next((r for r in runs if r["policy"] == pol
                 and r["slo"]["offered_rate"] == top), None)
-    series = run["series"] if run else []
-    names = sorted({n for row in series for n in row.get("nics", {})})
-    for name in names:
-      pts = [(row["t"], row["nics"][name]["util"]) for row in series
-             if name in row.get("nics", {}) and row["nics"][name]["util"] is not None]
-      if pts:  # a sample's rate covers the interval since the previous one
-        ax.step(*zip(*pts), where="pre", lw=1, label=name)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("storage NIC utilisation")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"{pol} at {top:g} agents/s")
-    if names and ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
-    else:
-      ax.text(0.5, 0.5, "no NIC limit\n(unbounded bandwidth)",
-              ha="center", va="center", transform=ax.transAxes)
+    plot_nic_series(ax, run["series"] if run else [],
+                    f"{pol} at {top:g} agents/s")
   if title:
     fig.suptitle(title)
   fig.tight_layout()
   outputs.save_figure(fig, path)
   plt.close(fig)
+
+
+def plot_nic_series(ax, series: Sequence[Mapping[str, Any]], title: str) -> None:
+  """Draws each engine's storage-NIC utilisation over time on `ax` (rows of
+  `t` and `nics: {name: {"util"}}`; a sample's rate covers the interval
+  since the previous one), or says why there is nothing to draw."""
+  names = sorted({n for row in series for n in row.get("nics", {})})
+  drawn = False
+  for name in names:
+    pts = [(row["t"], row["nics"][name]["util"]) for row in series
+           if name in row.get("nics", {})
+           and row["nics"][name]["util"] is not None]
+    if pts:
+      ax.step(*zip(*pts), where="pre", lw=1, label=name)
+      drawn = drawn or any(u for _, u in pts)
+  ax.set_xlabel("time (s)")
+  ax.set_ylabel("storage NIC utilisation")
+  ax.set_ylim(bottom=0)
+  ax.set_title(title)
+  if drawn:
+    ax.legend(fontsize=7)
+  else:
+    ax.text(0.5, 0.5, "no storage reads" if names else
+            "no NIC limit\n(unbounded bandwidth)",
+            ha="center", va="center", transform=ax.transAxes)
