@@ -311,6 +311,22 @@ def scatter_to_host_core(
                          num_layers)
 
 
+def _check_ids(ids, low: int, high: int, what: str) -> None:
+  """ValueError if a concrete id list has an entry outside [low, high) (a
+  negative entry passes where `low` < 0: it means "skip"). Traced ids are
+  not checked: under jit the kernels clamp, so an eager call is where a
+  wrong id can be caught before it overwrites another block."""
+  try:
+    values = np.asarray(ids)
+  except jax.errors.TracerArrayConversionError:
+    return
+  bad = values[(values < low) | (values >= high)] if values.size else values
+  if bad.size:
+    raise ValueError(f"{what} must be in [{max(low, 0)}, {high})"
+                     f"{' or < 0 to skip' if low < 0 else ''}; got "
+                     f"{int(bad[0])}")
+
+
 @functools.partial(jax.jit, donate_argnums=(0,),
                    static_argnames=("layer_start", "num_layers", "run_length",
                                     "implementation"))
@@ -355,7 +371,13 @@ def scatter_to_host(
   """Copies pool pages into hot-tier slots for one group of layers.
 
   A list with no valid destination (all `< 0`) leaves the tier as it is.
+  Called eagerly, ids outside the pool or the tier are a ValueError: under
+  jit they are clamped, and a clamped destination overwrites another
+  block's slot.
   """
+  _check_ids(src_pages, 0, pool.shape[1], "source pool pages")
+  _check_ids(dst_slots, -(1 << 31), host_tier.shape[0],
+             "destination hot-tier slots")
   try:
     if not np.any(np.asarray(dst_slots) >= 0):
       return host_tier

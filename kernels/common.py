@@ -24,6 +24,23 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 
 
+def pad_tables(block_tables: jax.Array,  # [B, pages] int
+               pages: int) -> jax.Array:  # [B, pages'] int32
+  """`block_tables` widened to `pages` columns by repeating each row's last
+  entry (int32).
+
+  A kernel that walks whole chunks of pages reads the padding, masked. It
+  must read a page of the row's own (the rule in `paged_attention_ref`):
+  padding with page 0 read another sequence's page, and a masked
+  probability of 0 times a NaN there is NaN in the output.
+  """
+  tables = block_tables.astype(jnp.int32)
+  extra = pages - tables.shape[1]
+  if extra <= 0:
+    return tables
+  return jnp.pad(tables, ((0, 0), (0, extra)), mode="edge")
+
+
 def merge_splits(
     o: jax.Array,  # [..., splits, rows, head_dim] f32, unnormalised
     m: jax.Array,  # [..., splits, rows] f32, running max (base 2)

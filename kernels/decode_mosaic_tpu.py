@@ -30,6 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from kernels import checks
+from kernels import common
 from kernels import quantize
 from kernels import tpu_page_ring
 from kernels.common import LOG2E, MASK_VALUE, SQUEEZED
@@ -134,8 +135,7 @@ def paged_decode_tpu(
   group = num_heads // num_kv_heads
   qg = q.reshape(batch, num_kv_heads, group, head_dim)
   pages_padded = pl.cdiv(pages_per_seq, pages_per_chunk) * pages_per_chunk
-  tables = jnp.pad(block_tables.astype(jnp.int32),
-                   ((0, 0), (0, pages_padded - pages_per_seq)))
+  tables = common.pad_tables(block_tables, pages_padded)
   # The reference sees at most the table's capacity; so does the kernel
   # (and it never reads past the table in SMEM).
   lens = jnp.minimum(kv_lens.astype(jnp.int32), pages_per_seq * block_size)

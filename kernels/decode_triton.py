@@ -32,6 +32,7 @@ from jax.experimental.pallas import triton as pl_triton
 import jax.numpy as jnp
 
 from kernels import checks
+from kernels import common
 from kernels import quantize
 from kernels import tuning
 from kernels.common import LOG2E, MASK_VALUE, SQUEEZED, merge_splits
@@ -356,8 +357,7 @@ def paged_decode(
 
   # Pad the table so every split owns a whole number of chunks.
   pages_per_split = pl.cdiv(pl.cdiv(pages_per_seq, splits), chunk) * chunk
-  tables = jnp.pad(block_tables.astype(jnp.int32),
-                   ((0, 0), (0, pages_per_split * splits - pages_per_seq)))
+  tables = common.pad_tables(block_tables, pages_per_split * splits)
   # The reference sees at most the table's capacity; so does the kernel.
   lens = jnp.minimum(kv_lens.astype(jnp.int32), pages_per_seq * block_size)
   lens = lens.reshape(batch, 1)

@@ -47,6 +47,12 @@ def write_kv(
   if not jnp.issubdtype(slot_mapping.dtype, jnp.integer):
     raise ValueError(
         f"slot_mapping must be integers (int32); got {slot_mapping.dtype}")
+  if not jnp.issubdtype(kv_pages.dtype, jnp.floating):
+    # An int8 pool holds quantized pages with their scales: a plain cast of
+    # float K/V would truncate them (0.7 -> 0) and store no scale.
+    raise ValueError(
+        f"write_kv writes float pools; got a {kv_pages.dtype} pool (int8 "
+        "pages are made by kernels.quantize from a float pool)")
   slots = slot_mapping.reshape(-1)
   blk = jnp.where(slots < 0, num_blocks, slots // block_size)  # OOB -> dropped
   off = jnp.where(slots < 0, 0, slots % block_size)

@@ -138,6 +138,11 @@ def paged_attention(
   """
   q, kv_pages, block_tables, kv_lens, q_lens = (
       jnp.asarray(x) for x in (q, kv_pages, block_tables, kv_lens, q_lens))
+  # Any integer lengths in, int32 to the kernels: an unsigned or narrow
+  # dtype failed deep in `xla_chunked`'s loop bounds (int32 vs uint32).
+  if (jnp.issubdtype(kv_lens.dtype, jnp.integer) and
+      jnp.issubdtype(q_lens.dtype, jnp.integer)):
+    kv_lens, q_lens = kv_lens.astype(jnp.int32), q_lens.astype(jnp.int32)
   if kv_scales is not None:
     kv_scales = jnp.asarray(kv_scales)
   checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens, q_lens)

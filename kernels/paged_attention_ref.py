@@ -22,7 +22,9 @@ Semantics shared by every implementation:
   their values, so one NaN there makes the row NaN. `write_kv` zeroes a page
   when its first slot is written; past a sequence's context, fill its table
   with its last context page (as the engine does), not page 0 or pages
-  allocated ahead, which may hold what another sequence left.
+  allocated ahead, which may hold what another sequence left. Kernels that
+  widen a table to whole chunks follow the same rule: they repeat each
+  row's last entry (`common.pad_tables`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import checks
+from kernels import common
 
 # Tokens per chunk: small chunks keep prefill's score tile in cache, large
 # chunks amortise the loop for decode.
@@ -51,7 +52,7 @@ def xla_chunked_paged_attention(
   pages_per_seq = block_tables.shape[1]
   cp = chunk_pages or chunk_pages_for(q_len, block_size, pages_per_seq)
   num_chunks_max = -(-pages_per_seq // cp)
-  tables = jnp.pad(block_tables, ((0, 0), (0, num_chunks_max * cp - pages_per_seq)))
+  tables = common.pad_tables(block_tables, num_chunks_max * cp)
   chunk_tokens = cp * block_size
   scale = head_dim ** -0.5 if sm_scale is None else sm_scale
 

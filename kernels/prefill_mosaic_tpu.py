@@ -39,6 +39,7 @@ from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from kernels import checks
+from kernels import common
 from kernels import tpu_page_ring
 from kernels import tuning
 from kernels.common import LOG2E, MASK_VALUE, SQUEEZED, tile_steps
@@ -174,8 +175,7 @@ def paged_prefill_tpu(
   qg = jnp.pad(qg, ((0, 0), (0, t_pad - q_len), (0, 0), (0, 0), (0, 0)))
   qg = qg.transpose(0, 2, 3, 1, 4)
   pages_padded = pl.cdiv(pages_per_seq, chunk) * chunk
-  tables = jnp.pad(block_tables.astype(jnp.int32),
-                   ((0, 0), (0, pages_padded - pages_per_seq)))
+  tables = common.pad_tables(block_tables, pages_padded)
 
   sq = SQUEEZED
   q_spec = pl.BlockSpec((sq, sq, group, bt, head_dim),

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from kernels import checks
+from kernels import common
 from kernels import quantize
 from kernels import query_rows
 from kernels import tuning
@@ -170,8 +171,7 @@ def paged_prefill(
   t_pad = q_blocks * block_tokens
   qg = query_rows.group_rows(q, num_kv_heads, group_pad, t_pad, compute_dtype)
   pages_padded = pl.cdiv(pages_per_seq, chunk) * chunk
-  tables = jnp.pad(block_tables.astype(jnp.int32),
-                   ((0, 0), (0, pages_padded - pages_per_seq)))
+  tables = common.pad_tables(block_tables, pages_padded)
   kv_lens2 = kv_lens.astype(jnp.int32).reshape(batch, 1)
   q_lens2 = q_lens.astype(jnp.int32).reshape(batch, 1)
 

@@ -189,3 +189,23 @@ def test_scatter_with_no_valid_destination_changes_nothing():
   out = block_copy.scatter_to_host(host, pool, jnp.asarray([1, 2], jnp.int32),
                                    jnp.asarray([-1, -1], jnp.int32))
   np.testing.assert_array_equal(np.asarray(jax.device_get(out)), before)
+
+
+def test_scatter_refuses_ids_outside_the_pool_or_the_tier():
+  """Eager calls used to clamp: slot 7 of a 3-slot tier overwrote slot 2,
+  and page 9 of a 4-page pool copied page 3."""
+  rng = np.random.default_rng(5)
+  pool = _device_array(rng, (2, 4) + SHAPE_TAIL, jnp.float32)
+  host = _host_array(rng, (3, 2) + SHAPE_TAIL, jnp.float32)
+  before = np.asarray(jax.device_get(host))
+  for src, dst, match in (([1], [7], "destination hot-tier slots"),
+                          ([9], [0], "source pool pages"),
+                          ([-1], [0], "source pool pages")):
+    with pytest.raises(ValueError, match=match):
+      block_copy.scatter_to_host(host, pool, jnp.asarray(src, jnp.int32),
+                                 jnp.asarray(dst, jnp.int32))
+  np.testing.assert_array_equal(np.asarray(jax.device_get(host)), before)
+  # A negative destination still means "skip".
+  out = block_copy.scatter_to_host(host, pool, jnp.asarray([1], jnp.int32),
+                                   jnp.asarray([-1], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(jax.device_get(out)), before)

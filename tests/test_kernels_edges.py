@@ -38,3 +38,57 @@ def test_sm_scale_lengths_past_the_table_and_padding_rows(implementation,
   out = paged_attention(*case.args(), sm_scale=SM_SCALE,
                         implementation=implementation)
   testing.assert_matches(out, case, testing.reference(case, SM_SCALE))
+
+
+@pytest.mark.parametrize("implementation", [
+    "xla_chunked", "auto", "pallas_triton", "pallas_mosaic_tpu"])
+@pytest.mark.parametrize("q_len,pages", [(1, 5), (4, 5), (16, 10), (1, 40)])
+def test_kernel_padding_never_reads_page_0(implementation, q_len, pages):
+  """Kernels that walk whole chunks of pages widen the table themselves.
+  They padded it with page 0, which belongs to another sequence: a NaN
+  there (an overflowed turn) made every output NaN (masked probability 0
+  times NaN). The table here never names page 0; the output must equal the
+  reference's, which reads only the table."""
+  rng = np.random.default_rng(q_len * 100 + pages)
+  P, D, H = 16, 16, 2
+  pool = rng.standard_normal((pages + 2, 2, H, P, D)).astype(np.float32)
+  pool[0] = np.nan
+  tables = np.arange(1, pages + 1, dtype=np.int32)[None]
+  q = rng.standard_normal((1, q_len, H, D)).astype(np.float32)
+  kv_lens = np.array([pages * P - 3], np.int32)
+  q_lens = np.array([q_len], np.int32)
+  want = paged_attention(q, pool, tables, kv_lens, q_lens,
+                        implementation="xla")
+  got = paged_attention(q, pool, tables, kv_lens, q_lens,
+                       implementation=implementation)
+  assert not np.isnan(np.asarray(got)).any()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5,
+                             rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", ["uint32", "uint8", "int16", "int64"])
+def test_any_integer_lengths_work_on_every_cpu_path(dtype):
+  """Unsigned or narrow lengths failed deep in `xla_chunked` (fori_loop
+  bounds int32 vs uint32), the CPU default; they are cast at the API."""
+  rng = np.random.default_rng(3)
+  pool = rng.standard_normal((6, 2, 2, 4, 8)).astype(np.float32)
+  q = rng.standard_normal((2, 1, 4, 8)).astype(np.float32)
+  tables = np.array([[1, 2], [3, 4]], np.int32)
+  kv_lens = np.array([5, 7], dtype)
+  q_lens = np.array([1, 1], dtype)
+  want = paged_attention(q, pool, tables, kv_lens.astype(np.int32),
+                         q_lens.astype(np.int32), implementation="xla")
+  for implementation in ("xla", "xla_chunked", "auto"):
+    got = paged_attention(q, pool, tables, kv_lens, q_lens,
+                          implementation=implementation)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_write_kv_refuses_an_int8_pool():
+  """It cast float K/V to int8 with no scale (0.7 stored as 0)."""
+  import jax.numpy as jnp
+  from kernels.kv_write import write_kv
+  pool = jnp.zeros((4, 2, 1, 4, 4), jnp.int8)
+  k = jnp.full((1, 1, 1, 4), 0.7, jnp.float32)
+  with pytest.raises(ValueError, match="write_kv writes float pools"):
+    write_kv(pool, k, k, jnp.array([[5]], jnp.int32))
