@@ -152,8 +152,8 @@ def main(argv):
                        for r in result.records],
   }
   print(metrics.format_table(summary))
-  by_tier = getattr(engine.stats, "cached_tokens_by_tier", None)
-  if cold_stats is not None and by_tier is not None:
+  by_tier = engine.stats.cached_tokens_by_tier
+  if cold_stats is not None:
     # Where each turn's cached prompt tokens came from, at its admission.
     tiers = [f"device pool {by_tier['device']}"]
     if cold_stats["hot_tier"] is not None:

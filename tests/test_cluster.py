@@ -189,6 +189,11 @@ def test_cluster_loads_of_many_turns_run_at_once_on_every_nic(
     assert stats.load_wait_s > 0  # the engines had to wait for the NICs
     for nic in cluster.nic_stats().values():
       assert nic["planned_bytes"] == 0 and nic["queued_bytes"] == 0
+    # Per-tier cached tokens (what /metrics reports) add up to the turns'.
+    by_tier = stats.cached_tokens_by_tier
+    assert by_tier["cold"] > 0 and by_tier["hot"] == 0
+    assert sum(by_tier.values()) == sum(o.cached_prompt_tokens
+                                        for o in got.values())
   finally:
     cluster.close()
 

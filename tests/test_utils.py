@@ -86,8 +86,8 @@ def test_the_suite_compiles_into_its_own_cache_that_fills():
   import jax.numpy as jnp
   from conftest import accelerator_visible
   if accelerator_visible():
-    pytest.skip("an accelerator is visible: the suite runs without the "
-                "cache there (tests/conftest.py)")
+    pytest.skip(reason="an accelerator is visible: the suite runs without "
+                "the cache there (tests/conftest.py)")
   path = os.environ["DUALPATH_TEST_XLA_CACHE"]
   assert jax.config.jax_compilation_cache_dir == path
   assert os.environ["DUALPATH_JAX_CACHE"] == path

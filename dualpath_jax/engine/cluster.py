@@ -351,8 +351,8 @@ class PDCluster:
     return False
 
   def metrics_snapshot(self) -> dict:
-    """Per-tier hits, per-path bytes and per-engine queues, for /metrics."""
-    pe_hits = sum(w.manager.stats["hit_tokens"] for w in self.prefill_workers)
+    """Per-path bytes and per-engine queues, for /metrics (per-tier hits:
+    `stats.cached_tokens_by_tier`, as on one engine)."""
     engines = {}
     for w in self.workers.values():
       nic = self.nics[w.name]
@@ -364,8 +364,6 @@ class PDCluster:
           "nic_bytes": nic.total_bytes}
     blocks = self.stats.path_blocks
     return {
-        "prefix_cache_hit_tokens": {
-            "device": pe_hits, "cold": self.cold_tier.stats.loaded_tokens},
         "path_bytes": {path: blocks[path] * self.block_bytes
                        for path in ("path1", "path2", "free")},
         "engines": engines}
@@ -585,6 +583,7 @@ class PDCluster:
     pe.manager.allocate(turn.rid, target - cached)  # the whole prompt
     turn.placed_s = self.clock()
     turn.cached_prompt_tokens = min(cached, len(turn.req.prompt_tokens))
+    self.stats.cached_tokens_by_tier["device"] += turn.cached_prompt_tokens
     turn.load_plan = (cached, have, run)
     if not run:
       return
@@ -648,8 +647,11 @@ class PDCluster:
     pe.manager.append_tokens(turn.rid, turn.tokens[cached:(have + good) * bs])
     self.cold_tier.stats.loaded_blocks += good
     self.cold_tier.stats.loaded_tokens += (have + good) * bs - cached
+    before = turn.cached_prompt_tokens
     turn.cached_prompt_tokens = min((have + good) * bs,
                                     len(turn.req.prompt_tokens))
+    self.stats.cached_tokens_by_tier["cold"] += (turn.cached_prompt_tokens -
+                                                 before)
     return self.loader.stager(req, stage, pe.kv.shape,
                               self._decode_sink(turn, req, stage, have, good))
 

@@ -87,9 +87,10 @@ class LocalEngineHandle:
   def snapshot(self) -> dict[str, Any]:
     """Numbers for /metrics; see `prometheus.EngineCollector` for the keys.
 
-    A prefill/decode cluster adds its own (`PDCluster.metrics_snapshot`):
-    hits by tier (device pool, cold tier), bytes by load path, and each
-    engine's queue and storage-NIC backlog.
+    Hits by tier come from `stats.cached_tokens_by_tier`, which one engine
+    and a prefill/decode cluster both keep. A cluster adds its own
+    (`PDCluster.metrics_snapshot`): bytes by load path, and each engine's
+    queue and storage-NIC backlog.
     """
     cache = self.engine.manager.stats
     pool = self.engine.manager.pool
@@ -100,23 +101,19 @@ class LocalEngineHandle:
         "kv_blocks_referenced": cache["blocks_referenced"],
         "kv_blocks_cached": cache["blocks_cached"],
         "prefix_cache_query_tokens": cache["query_tokens"],
-        "prefix_cache_hit_tokens": {"device": cache["hit_tokens"]},
         "path_bytes": {},
         "engines": {},
         "evicted_blocks": cache["evictions"],
         "engine": self.engine.stats.as_dict(),
     }
+    # Each turn counted once, at its admission, by the tier that held it.
     cold = getattr(self.engine, "cold_tier", None)
-    by_tier = getattr(self.engine.stats, "cached_tokens_by_tier", None)
-    if by_tier is not None:  # one engine: each turn counted once
-      hits = {"device": by_tier["device"]}
-      if getattr(cold, "hot", None) is not None:
-        hits["hot"] = by_tier["hot"]
-      if getattr(cold, "store", None) is not None:
-        hits["cold"] = by_tier["cold"]
-      snap["prefix_cache_hit_tokens"] = hits
-    elif cold is not None:
-      snap["prefix_cache_hit_tokens"]["cold"] = cold.stats.loaded_tokens
+    by_tier = self.engine.stats.cached_tokens_by_tier
+    hits = snap["prefix_cache_hit_tokens"] = {"device": by_tier["device"]}
+    if getattr(cold, "hot", None) is not None:
+      hits["hot"] = by_tier["hot"]
+    if getattr(cold, "store", None) is not None:
+      hits["cold"] = by_tier["cold"]
     extra = getattr(self.engine, "metrics_snapshot", None)
     if extra is not None:
       snap.update(extra())
