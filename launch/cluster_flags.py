@@ -54,8 +54,9 @@ def define(mesh_default: str | None = None) -> None:
   once(float_flags.define_float, "cold_tier_gb", 8.0,
              "cold-tier byte budget (LRU beyond it)")
   once(float_flags.define_float, "hot_tier_gb", 0.0,
-             "host-DRAM hot tier in front of the cold tier (one engine): "
-             "blocks the pool evicted come back from here first; 0 = none",
+             "host-DRAM hot tier in front of the cold tier, GiB, of the "
+             "engine (with --mesh: of each prefill engine): blocks the pool "
+             "evicted come back from here first; 0 = none",
              lower_bound=0.0)
   once(flags.DEFINE_enum, "cold_tier_codec", "raw", CODECS,
        "how cold-tier blocks are stored")
@@ -73,16 +74,14 @@ def mesh_config():
       `--cold_tier`, or DualPath flags its config refuses (a storage NIC of
       no bandwidth), before anything runs.
   """
-  hot_tier_bytes()  # checked now: a size past the host's memory
   if not FLAGS.mesh or FLAGS.mesh.lower() == "none":
+    hot_tier_bytes()  # checked now: a size past the host's memory
     return None
-  if FLAGS.hot_tier_gb:
-    raise ValueError("--hot_tier_gb is for one engine: the P/D cluster has "
-                     "no hot tier yet (drop --mesh or --hot_tier_gb)")
   from dualpath_jax.transfer import MeshConfig
   if not FLAGS.cold_tier:
     raise ValueError("--mesh needs --cold_tier (the blocks the paths load)")
   mesh = MeshConfig.parse(FLAGS.mesh, FLAGS.tp)
+  hot_tier_bytes(mesh.num_prefill)  # one per prefill engine, all in this host
   dualpath_config()  # checked now; built again for each cluster
   return mesh
 
@@ -127,18 +126,21 @@ def _available_memory_bytes() -> int | None:
   return None
 
 
-def hot_tier_bytes() -> int:
-  """`--hot_tier_gb` in bytes (0: no hot tier).
+def hot_tier_bytes(num_tiers: int = 1) -> int:
+  """`--hot_tier_gb` in bytes (0: no hot tier): one engine's, or each prefill
+  engine's of a P/D cluster.
 
   Raises:
-    ValueError: more than the host's available memory (the tier is
-      allocated and touched up front, so it would be killed, not swap).
+    ValueError: `num_tiers` such tiers are more than the host's available
+      memory (a tier is allocated and touched up front, so the process
+      would be killed, not swap).
   """
   size = int(FLAGS.hot_tier_gb * (1 << 30))
   available = _available_memory_bytes()
-  if size and available is not None and size > available:
-    raise ValueError(f"--hot_tier_gb={FLAGS.hot_tier_gb:g} is more than the "
-                     f"{available / (1 << 30):.1f} GiB of memory available")
+  if size and available is not None and size * num_tiers > available:
+    each = "" if num_tiers == 1 else f" x {num_tiers} prefill engines"
+    raise ValueError(f"--hot_tier_gb={FLAGS.hot_tier_gb:g}{each} is more than "
+                     f"the {available / (1 << 30):.1f} GiB of memory available")
   return size
 
 
@@ -166,4 +168,5 @@ def make(loaded, cache, engine_cfg, mesh, cold, policy: str | None = None):
                        hot_tier_bytes=hot_tier_bytes())
   from dualpath_jax.engine.cluster import make_cluster
   return make_cluster(loaded, cache, engine_cfg, cold, mesh,
-                      dualpath_config(policy))
+                      dualpath_config(policy),
+                      hot_tier_bytes=hot_tier_bytes(mesh.num_prefill))

@@ -114,6 +114,45 @@ def test_mesh_run_loads_through_both_paths(tmp_path):
   assert r["nics"] and r["config"]["mesh"] == "1P2D"
 
 
+def test_mesh_run_with_prefill_hot_tiers(tmp_path):
+  """1P2D with a hot tier on the prefill engine, which keeps nothing in its
+  pool: each session's second turn reads its first turn's prompt blocks
+  from the hot tier, and the report and the by-tier line say so."""
+  proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
+              "--max_context=1024", "--sessions=2", "--turns=2",
+              "--first_tool_lines=1", "--growth_lines=1",
+              "--max_new_tokens=2", "--reply=teacher_forced", "--nowarmup",
+              "--noprogress", f"--cold_tier={tmp_path / 'cold'}",
+              "--mesh=1P2D", "--noprefill_keeps_prefix",
+              "--hot_tier_gb=0.01", f"--report={tmp_path / 'r.json'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads((tmp_path / "r.json").read_text())
+  hot = r["cold_tier"]["hot_tier"]
+  assert hot["engines"] == 1 and hot["hits"] > 0
+  assert r["engine"]["path_blocks"]["hot"] == hot["hits"]
+  by_tier = r["engine"]["cached_tokens_by_tier"]
+  assert by_tier["hot"] == r["cold_tier"]["hot_loaded_tokens"] > 0
+  assert f"hot tier {by_tier['hot']}" in proc.stdout
+  assert r["config"]["hot_tier_gb"] == 0.01
+
+
+def test_hot_tiers_past_the_hosts_memory_are_refused(tmp_path):
+  """--hot_tier_gb is each prefill engine's: two that together pass the
+  host's available memory are refused before anything is allocated."""
+  with open("/proc/meminfo", encoding="ascii") as f:
+    avail = next(int(line.split()[1]) for line in f
+                 if line.startswith("MemAvailable:")) * 1024
+  each = 0.6 * avail / (1 << 30)  # one fits, two do not
+  proc = _run(f"--trace={SAMPLE}", f"--cold_tier={tmp_path / 'c'}",
+              "--mesh=2P1D", f"--hot_tier_gb={each:.2f}",
+              f"--report={tmp_path / 'r.json'}", timeout=120)
+  assert proc.returncode != 0
+  assert "x 2 prefill engines is more than the" in proc.stderr, \
+      proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "r.json").exists()
+
+
 def test_ctrl_c_reports_the_finished_turns(tmp_path):
   """Ctrl-C mid-replay is an end, not a lost run: the report and plot of
   the turns finished so far, marked incomplete, and exit 130. The second

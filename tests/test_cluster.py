@@ -410,3 +410,107 @@ def test_prefill_rate_reaches_the_scheduler(tiny, tmp_path):
   for bad in (0.0, -1.0, float("nan"), True):
     with pytest.raises(ValueError, match="prefill_tokens_per_s"):
       DualPathConfig(prefill_tokens_per_s=bad)
+
+
+BLOCK_BYTES = 2 * 2 * TINY_KV_HEADS * BS * TINY_HEAD_DIM * 4  # 2 layers, f32
+
+
+@pytest.mark.parametrize("policy,hot_blocks", [
+    ("single_path", 256), ("dualpath", 256), ("dualpath", 3)])
+def test_a_prefill_engines_hot_tier_serves_the_next_turn_exactly(
+    tiny, reference, tmp_path, policy, hot_blocks):
+  """The PE keeps nothing in its pool (`prefill_keeps_prefix=False`), so
+  turn 3's prefix is turn 2's prompt, which the PE put in its hot tier when
+  it handed turn 2 to a DE, plus turn 2's generated tokens, which only the
+  cold tier has. Turn 3 then reads its leading blocks from the hot tier
+  (host -> HBM, no NIC) and only the rest from the store, and generates
+  exactly the single engine's tokens. A 3-block tier holds a sliver of
+  that, evicting all the time: the tokens must not change either."""
+  snapshot, turns = reference
+  cluster = make_cluster(
+      tiny, CACHE, ENGINE, _cold(tmp_path), MeshConfig.parse("1P2D"),
+      DualPathConfig(policy=policy, storage_nic_gbps=100.0,
+                     prefill_keeps_prefix=False),
+      hot_tier_bytes=hot_blocks * BLOCK_BYTES)
+  for session, (ids, blocks) in snapshot.items():
+    cluster.store.put(ids, blocks, tenant="t", session=session)
+  _fill_pools_with_nan(cluster)
+  stats, cold = cluster.stats, cluster.cold_tier.stats
+  try:
+    reqs, want = turns[0]  # turn 2: every prefix from the cold tier
+    got = _run(cluster, [TurnRequest(**r.__dict__) for r in reqs])
+    assert {k: v.generated_tokens for k, v in got.items()} == {
+        k: v.generated_tokens for k, v in want.items()}
+    assert stats.path_blocks["hot"] == 0 and cold.hot_loaded_blocks == 0
+    cluster.flush()
+    loaded_before = cold.loaded_blocks
+    reqs, want = turns[1]  # turn 3
+    # Turn 2's prompts' full blocks, and the blocks after them the store
+    # holds (with turn 2's generated tokens, written back by the DEs).
+    turn2_blocks = [len(r.prompt_tokens) // BS for r in turns[0][0]]
+    stored = 0
+    for r, hot in zip(reqs, turn2_blocks):
+      chain = hash_chain(r.prompt_tokens[:(len(r.prompt_tokens) - 1)
+                                         // BS * BS], BS,
+                         model_fingerprint(tiny), "t")
+      in_store = cluster.store.contains(chain[hot:])
+      stored += next((i for i, p in enumerate(in_store) if not p),
+                     len(in_store))
+    got = _run(cluster, [TurnRequest(**r.__dict__) for r in reqs])
+    assert {k: v.generated_tokens for k, v in got.items()} == {
+        k: v.generated_tokens for k, v in want.items()}
+    from_cold = cold.loaded_blocks - loaded_before
+    report = cluster.cold_tier.report()["hot_tier"]
+    assert report["engines"] == 1
+    assert report["capacity_blocks"] == hot_blocks
+    if hot_blocks == 256:  # turn 2's whole prompts are hot
+      assert stats.path_blocks["hot"] == sum(turn2_blocks)
+      assert from_cold == stored > 0
+      assert report["held_blocks"] > sum(turn2_blocks)  # and turn 3's
+    else:
+      assert 0 < stats.path_blocks["hot"] <= hot_blocks * len(reqs)
+      assert report["evictions"] > 0
+    assert cold.hot_loaded_blocks == stats.path_blocks["hot"]
+    assert cold.hot_loaded_tokens == stats.path_blocks["hot"] * BS
+    by_tier = stats.cached_tokens_by_tier
+    assert by_tier["hot"] == cold.hot_loaded_tokens
+    assert by_tier["device"] == 0  # the PE kept nothing in HBM
+    # The hot blocks took no NIC: the NICs moved the cold blocks only.
+    assert sum(stats.nic_bytes.values()) == cold.loaded_blocks * BLOCK_BYTES
+    assert cluster.metrics_snapshot()["path_bytes"]["hot"] == (
+        stats.path_blocks["hot"] * BLOCK_BYTES)
+  finally:
+    cluster.close()
+
+
+def test_the_scheduler_sees_each_prefill_engines_hot_blocks(tiny, reference,
+                                                            tmp_path):
+  """On 2P1D only P1's hot tier holds a turn's prefix: its `TurnDemand`
+  says so (resident blocks first, then hot), and the policy places the turn
+  on P1, whose hot tier then serves it."""
+  snapshot, turns = reference
+  cluster = make_cluster(
+      tiny, CACHE, ENGINE, _cold(tmp_path), MeshConfig.parse("2P1D"),
+      DualPathConfig(policy="dualpath", storage_nic_gbps=1.0),
+      hot_tier_bytes=64 * BLOCK_BYTES)
+  try:
+    ids, blocks = snapshot["a"]
+    cluster.store.put(ids, blocks, tenant="t", session="a")
+    cluster.flush()
+    p1 = cluster.workers["P1"]
+    p1.hot.hot.put(ids[:4], blocks[:4])
+    req = TurnRequest(**turns[0][0][0].__dict__)  # session a, turn 2
+    cluster.submit(req)
+    demand, _, _ = cluster._demand(cluster._waiting[0])
+    assert demand.hot_blocks == {"P0": 0, "P1": 4}
+    assert demand.hit_blocks == len(ids)
+    got = {}
+    while cluster.has_work():
+      got |= {o.request.request_id: o for o in cluster.step()}
+  finally:
+    cluster.close()
+  assert got[req.request_id].generated_tokens == \
+      turns[0][1][req.request_id].generated_tokens
+  assert cluster.stats.placements == {"P1->D0": 1}
+  assert cluster.stats.path_blocks["hot"] == 4
+  assert cluster.stats.nic_bytes.get("P0", 0) == 0

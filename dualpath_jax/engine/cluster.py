@@ -13,8 +13,14 @@ One turn:
    the scheduler learns how many leading blocks its pool holds and how many
    more the cold tier holds; it builds a `TurnDemand`, a `ClusterSnapshot`
    from live counters (NIC backlog, queued tokens, free pool blocks) and asks
-   the policy for a PE, a DE and a `ReadPath` per hit block.
-2. *Reserve*: the PE allocates pages for the whole prompt, the DE begins the
+   the policy for a PE, a DE and a `ReadPath` per hit block. With hot tiers
+   (`hot_tier_bytes`), each PE's also reports how many blocks after its
+   resident ones it holds (`TurnDemand.hot_blocks`): they load over that
+   PE's host link, on no NIC, which draws the turn to it.
+2. *Reserve*: the chosen PE copies the blocks its hot tier holds into fresh
+   pages at once (host -> HBM in one call, as on one engine:
+   `ColdTierConnector.load_prefix`; not staged layer by layer like a cold
+   load), then allocates pages for the rest of the prompt; the DE begins the
    sequence (reusing blocks of it already in the DE pool) and allocates pages
    for the prompt plus every token it may generate, so a running turn never
    runs out of pages (no preemption).
@@ -35,8 +41,9 @@ One turn:
    hand-off), so the copies of later layers overlap earlier layers'
    compute and only `layers_in_flight` layers are staged at a time.
 5. *Move*: the prompt's blocks the DE lacks go PE -> DE
-   (`DualPathLoader.move_blocks`); the PE releases the sequence (its full
-   blocks stay cached there for the session's next turn unless
+   (`DualPathLoader.move_blocks`); the PE puts the prompt's full blocks
+   its hot tier lacks there (if it has one), and releases the sequence (its
+   full blocks stay cached in its pool for the session's next turn unless
    `DualPathConfig.prefill_keeps_prefix` is False).
 6. *Decode* on the DE, all its sequences in one batched call per `step()`.
 7. *Finish*: the DE writes the sequence's full blocks the store lacks back
@@ -69,7 +76,8 @@ from dualpath_jax.engine.cold_tier import (ColdTierConnector, ColdTierStats,
 from dualpath_jax.engine.engine import EngineStats
 from dualpath_jax.engine import step_parts
 from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
-from dualpath_jax.engine.factory import model_fingerprint
+from dualpath_jax.cache.hot_tier import HotTier
+from dualpath_jax.engine.factory import make_hot_tier, model_fingerprint
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           validate_request)
 from dualpath_jax.model.runner import ModelRunner
@@ -104,6 +112,10 @@ class _Turn:
   on_decode: frozenset[int] = frozenset()  # prompt blocks path 2 left on the DE
   chain: list[bytes] | None = None  # ids of its loadable blocks (set once)
   placed_s: float = 0.0
+  # Prompt tokens its PE's hot tier loaded, over its placement attempts (a
+  # load of an attempt that fails stays in the pool: the retry finds it
+  # resident, and the hot tier keeps the credit, as on one engine).
+  hot_tokens: int = 0
   hook_error: BaseException | None = None  # what its `on_token` raised
 
   @property
@@ -130,33 +142,45 @@ class ClusterStats(EngineStats):
   moved_blocks: int = 0
   kept_on_decode_blocks: int = 0  # path-2 blocks written to the DE on the way
   path_blocks: dict[str, int] = dataclasses.field(
-      default_factory=lambda: {"resident": 0, "path1": 0, "path2": 0,
-                               "free": 0})
+      default_factory=lambda: {"resident": 0, "hot": 0, "path1": 0,
+                               "path2": 0, "free": 0})
   nic_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
   placements: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class ClusterColdTier:
-  """What launchers read of the cluster's cold tier: the store and counters
-  (the calls `ColdTierConnector` answers for one engine)."""
+  """What launchers read of the cluster's storage tiers: the store, the
+  counters, and the prefill engines' hot tiers (the calls
+  `ColdTierConnector` answers for one engine)."""
 
   store: object
   stats: ColdTierStats
+  hot_tiers: Sequence[HotTier] = ()
 
   def flush(self) -> None:
     self.store.flush()
 
   def report(self) -> dict:
+    """As `ColdTierConnector.report`; `hot_tier` sums the prefill engines'
+    hot tiers (None without them), `engines` saying how many."""
+    hot = None
+    if self.hot_tiers:
+      hot = {"engines": len(self.hot_tiers)}
+      for tier in self.hot_tiers:
+        for k, v in {**tier.stats.as_dict(), "capacity_blocks": tier.capacity,
+                     "held_blocks": len(tier), "bytes": tier.nbytes}.items():
+          hot[k] = hot.get(k, 0) + v
     return {**self.stats.as_dict(), "store": self.store.stats(),
-            "hot_tier": None}
+            "hot_tier": hot}
 
 
 class _Worker:
   """One engine: its sub-mesh, model copy, KV pool, cache manager and NIC."""
 
   def __init__(self, mesh: EngineMesh, runner: ModelRunner, loaded,
-               cache: CacheConfig, engine: EngineConfig, nic: StorageNic):
+               cache: CacheConfig, engine: EngineConfig, nic: StorageNic,
+               hot_tier_bytes: int = 0):
     self.mesh = mesh
     self.name = mesh.name
     self.role = mesh.role
@@ -167,6 +191,14 @@ class _Worker:
         max_blocks_per_seq=math.ceil(engine.max_context / cache.block_size))
     self.kv = jax.device_put(self.runner.new_kv_cache(),
                              mesh.kv_pool_sharding())
+    # A prefill engine's host-DRAM hot tier, moved to and from its pool by
+    # the single engine's connector (no cold tier behind it: the cluster
+    # reads the store through its load paths).
+    self.hot: ColdTierConnector | None = None
+    if hot_tier_bytes and self.role == PREFILL:
+      self.hot = ColdTierConnector(
+          None, self.manager,
+          hot=make_hot_tier(hot_tier_bytes, loaded.config, cache))
     self.queue: collections.deque[_Turn] = collections.deque()  # PE: placed
     self.current: _Turn | None = None  # PE: the turn being prefilled
     self.running: list[_Turn] = []  # DE: decoding
@@ -228,6 +260,8 @@ class PDCluster:
     store: the cold tier, a `storage.BlockStore` (shared by all engines).
     mesh: the P/D split.
     dualpath: policy, NIC bandwidth, staging bounds, hand-off method.
+    hot_tier_bytes: > 0 gives every prefill engine a host-DRAM hot tier
+      (`cache.HotTier`) of that many bytes; see the module docstring.
     devices: the devices to split (default `jax.devices()`).
     clock: seconds, for arrival / first-token / finish times and snapshots.
   """
@@ -235,6 +269,7 @@ class PDCluster:
   def __init__(self, loaded, cache: CacheConfig, config: EngineConfig,
                store, mesh: MeshConfig = MeshConfig(1, 1),
                dualpath: DualPathConfig = DualPathConfig(), *,
+               hot_tier_bytes: int = 0,
                devices: Sequence[jax.Device] | None = None,
                clock: Callable[[], float] = time.perf_counter):
     check_max_context(config.max_context, loaded.config)
@@ -262,7 +297,7 @@ class PDCluster:
       if key not in runners:  # engines on the same devices share the weights
         runners[key] = _runner_on(e, loaded, cache, config)
       self.workers[e.name] = _Worker(e, runners[key], loaded, cache, config,
-                                     self.nics[e.name])
+                                     self.nics[e.name], hot_tier_bytes)
     self.prefill_workers = [self.workers[e.name]
                             for e in self.cluster_mesh.prefill]
     self.decode_workers = [self.workers[e.name]
@@ -273,7 +308,9 @@ class PDCluster:
     self.block_bytes = cache.bytes_per_block(c)
     self.loader = DualPathLoader(self.cluster_mesh, store, self.nics,
                                  dualpath, block_shape, cache.dtype)
-    self.cold_tier = ClusterColdTier(store, ColdTierStats())
+    self.cold_tier = ClusterColdTier(
+        store, ColdTierStats(),
+        [pe.hot.hot for pe in self.prefill_workers if pe.hot is not None])
     self._writers = {w.name: ColdTierConnector(store, w.manager)
                      for w in self.decode_workers}
     self.stats = ClusterStats()
@@ -365,7 +402,7 @@ class PDCluster:
     blocks = self.stats.path_blocks
     return {
         "path_bytes": {path: blocks[path] * self.block_bytes
-                       for path in ("path1", "path2", "free")},
+                       for path in ("hot", "path1", "path2", "free")},
         "engines": engines}
 
   def has_work(self) -> bool:
@@ -496,7 +533,7 @@ class PDCluster:
                               turn.req.tenant)
     chain = turn.chain
     in_store = self._store_contains(chain) if chain else []
-    resident, hits, taken = {}, 0, {}
+    resident, hot, hits, taken = {}, {}, 0, {}
     for pe in self.prefill_workers:
       pool = pe.manager.pool
       r = unreferenced = 0
@@ -505,6 +542,9 @@ class PDCluster:
         r += 1
       taken[pe.name] = unreferenced
       run = r
+      if pe.hot is not None:  # its hot tier's run after the resident one
+        run += pe.hot.hot.leading_run(chain[r:])
+        hot[pe.name] = run
       while run < len(chain) and in_store[run]:
         run += 1
       resident[pe.name] = r
@@ -515,7 +555,8 @@ class PDCluster:
         turn_id=turn.rid, new_tokens=target - hits * bs, hit_blocks=hits,
         block_bytes=self.block_bytes, total_blocks=total, decode_blocks=decode,
         max_new_tokens=turn.req.max_new_tokens,
-        resident_blocks={k: min(v, hits) for k, v in resident.items()})
+        resident_blocks={k: min(v, hits) for k, v in resident.items()},
+        hot_blocks=hot)
     return demand, in_store, taken
 
   def _store_contains(self, chain: list[bytes]) -> list[bool]:
@@ -571,8 +612,18 @@ class PDCluster:
     bs = self.block_size
     target = turn.prefill_target
     cached = pe.manager.begin(turn.rid, turn.tokens[:target], turn.req.tenant)
+    self.stats.path_blocks["resident"] += cached // bs
+    if pe.hot is not None:  # host -> HBM now: no NIC, and faster than one
+      hot_blocks = pe.hot.stats.hot_loaded_blocks
+      pe.kv, hot_tokens, _ = pe.hot.load_prefix(
+          pe.kv, turn.rid, turn.tokens[:target], turn.req.tenant)
+      cached += hot_tokens
+      turn.hot_tokens += hot_tokens
+      hot_blocks = pe.hot.stats.hot_loaded_blocks - hot_blocks
+      self.stats.path_blocks["hot"] += hot_blocks
+      self.cold_tier.stats.hot_loaded_blocks += hot_blocks
+      self.cold_tier.stats.hot_loaded_tokens += hot_tokens
     have = cached // bs
-    self.stats.path_blocks["resident"] += have
     present = in_store[have:]
     run = next((i for i, p in enumerate(present) if not p), len(present))
     run = self._fits_host_buffers(paths[have:have + run], run)
@@ -583,15 +634,20 @@ class PDCluster:
     pe.manager.allocate(turn.rid, target - cached)  # the whole prompt
     turn.placed_s = self.clock()
     turn.cached_prompt_tokens = min(cached, len(turn.req.prompt_tokens))
-    self.stats.cached_tokens_by_tier["device"] += turn.cached_prompt_tokens
+    hot = min(turn.hot_tokens, turn.cached_prompt_tokens)
+    self.stats.cached_tokens_by_tier["hot"] += hot
+    self.stats.cached_tokens_by_tier["device"] += (turn.cached_prompt_tokens -
+                                                   hot)
     turn.load_plan = (cached, have, run)
     if not run:
       return
     self.cold_tier.stats.lookups += 1
     wanted = [ReadPath(p) for p in paths[have:have + run]]
     wanted += [ReadPath.PE_READ] * (run - len(wanted))
-    wanted = [ReadPath.PE_READ if p == ReadPath.RESIDENT else p
-              for p in wanted]
+    # Blocks the placement counted resident or hot but that were not (the
+    # pool or the hot tier had no room for them) are read by path 1.
+    wanted = [ReadPath.PE_READ if p in (ReadPath.RESIDENT, ReadPath.HOT)
+              else p for p in wanted]
     table = pe.manager.block_table(turn.rid)
     turn.load_request = LoadRequest(
         block_ids=turn.chain[have:have + run],
@@ -763,6 +819,8 @@ class PDCluster:
     self.stats.moved_blocks += len(src)
     self.stats.kept_on_decode_blocks += (last - first) - len(todo)
     de.manager.append_tokens(turn.rid, turn.tokens[computed:target])
+    if pe.hot is not None:  # the prompt's full blocks the hot tier lacks
+      pe.hot.write_back(pe.kv, turn.rid, turn.req.tenant, turn.req.session_id)
     pe.manager.end(turn.rid, keep_cached=self.dualpath.prefill_keeps_prefix)
     de.running.append(turn)
 
@@ -872,13 +930,15 @@ def _check_cluster(cluster_mesh, model, cache: CacheConfig,
 
 def make_cluster(loaded, cache: CacheConfig, engine: EngineConfig, cold_tier,
                  mesh: MeshConfig, dualpath: DualPathConfig, *,
+                 hot_tier_bytes: int = 0,
                  devices: Sequence[jax.Device] | None = None) -> PDCluster:
-  """A `PDCluster` over a new `storage.BlockStore` (`cold_tier`: its config)."""
+  """A `PDCluster` over a new `storage.BlockStore` (`cold_tier`: its config),
+  each prefill engine with a hot tier of `hot_tier_bytes` (0: none)."""
   from storage.block_store import BlockStore
   store = BlockStore(cold_tier, loaded.config, cache)
   try:
     return PDCluster(loaded, cache, engine, store, mesh, dualpath,
-                     devices=devices)
+                     hot_tier_bytes=hot_tier_bytes, devices=devices)
   except BaseException:
     store.close()
     raise

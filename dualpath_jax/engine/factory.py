@@ -16,6 +16,20 @@ def model_fingerprint(loaded) -> str:
   return f"{loaded.config.fingerprint()}:{loaded.weights_id}"
 
 
+def make_hot_tier(capacity_bytes: int, model_config, cache: CacheConfig):
+  """A `cache.HotTier` of as many whole blocks of `model_config`'s KV
+  (`cache`'s block size and dtype) as `capacity_bytes` holds."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dualpath_jax.cache.hot_tier import HotTier  # pylint: disable=g-import-not-at-top
+  c = model_config
+  dtype = (np.dtype(ml_dtypes.bfloat16) if cache.dtype == "bfloat16"
+           else np.dtype(cache.dtype))
+  return HotTier.for_bytes(
+      capacity_bytes,
+      (c.num_layers, 2, c.num_kv_heads, cache.block_size, c.head_dim), dtype)
+
+
 def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
                 cold_tier=None, hot_tier_bytes: int = 0) -> Engine:
   """An engine serving `loaded` (a `dualpath_jax.model.LoadedModel`).
@@ -34,18 +48,8 @@ def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
   connector = None
   if cold_tier is not None or hot_tier_bytes:
     from dualpath_jax.engine.cold_tier import ColdTierConnector
-    hot = None
-    if hot_tier_bytes:
-      import ml_dtypes
-      import numpy as np
-      from dualpath_jax.cache.hot_tier import HotTier
-      c = loaded.config
-      dtype = (np.dtype(ml_dtypes.bfloat16) if cache.dtype == "bfloat16"
-               else np.dtype(cache.dtype))
-      hot = HotTier.for_bytes(
-          hot_tier_bytes,
-          (c.num_layers, 2, c.num_kv_heads, cache.block_size, c.head_dim),
-          dtype)
+    hot = (make_hot_tier(hot_tier_bytes, loaded.config, cache)
+           if hot_tier_bytes else None)
     store = None
     if cold_tier is not None:
       from storage.block_store import BlockStore

@@ -14,8 +14,8 @@ Tiers and load paths. Prefix-cache hits carry a `tier` label:
 `tier="device"` (found in an engine's page pool), with a hot tier
 `tier="hot"` (loaded back from host DRAM) and with a cold tier
 `tier="cold"` (loaded back from TensorStore). On a prefill/decode cluster,
-`dualpath_load_path_bytes_total{path="path1"|"path2"|"free"}` counts loaded
-bytes by path, and per engine `dualpath_engine_queued_turns`,
+`dualpath_load_path_bytes_total{path="hot"|"path1"|"path2"|"free"}` counts
+loaded bytes by path ("hot": from a prefill engine's hot tier), and per engine `dualpath_engine_queued_turns`,
 `dualpath_storage_nic_backlog_bytes` and `dualpath_storage_nic_bytes_total`
 show where work and reads pile up.
 """
@@ -79,7 +79,8 @@ class EngineCollector(prometheus_client.registry.Collector):
     yield hits
     path_bytes = CounterMetricFamily(
         f"{PREFIX}_load_path_bytes",
-        "KV bytes loaded from the storage tiers, by DualPath load path.",
+        "KV bytes loaded from the storage tiers, by DualPath load path "
+        "(hot: a prefill engine's host-DRAM hot tier).",
         labels=["path"])
     for path, n in sorted(s["path_bytes"].items()):
       path_bytes.add_metric([path], n)

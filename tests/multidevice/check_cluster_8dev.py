@@ -125,6 +125,43 @@ def test_cluster_on_separate_devices(tmp_path, turn_two, mesh, tp, handoff):
     cluster.close()
 
 
+def test_hot_tier_on_a_tensor_parallel_prefill_engine(tmp_path, turn_two):
+  """1P1D, each engine on 2 devices (heads sharded), the PE keeping nothing
+  in HBM: turn 2 again (new ids) reads its prompt blocks back from the PE's
+  hot tier into the sharded pool, which stays on its devices, and
+  generates the same tokens."""
+  import dataclasses
+  tiny, second_reqs, want, stored = turn_two
+  block_bytes = CACHE.bytes_per_block(tiny.config)
+  cluster = make_cluster(
+      tiny, CACHE, ENGINE, ColdTierConfig(root=str(tmp_path / "c"),
+                                          file_io_mode="default"),
+      MeshConfig.parse("1P1D", "2"),
+      DualPathConfig(policy="dualpath", storage_nic_gbps=100.0,
+                     prefill_keeps_prefix=False),
+      hot_tier_bytes=64 * block_bytes)
+  try:
+    pe = cluster.prefill_workers[0]
+    sharding = pe.kv.sharding
+    for s, (ids, blocks) in stored.items():
+      cluster.store.put(ids, blocks, tenant="t", session=s)
+    first = _run(cluster, second_reqs)
+    assert cluster.stats.path_blocks["hot"] == 0
+    again = [dataclasses.replace(r, request_id=r.request_id + "'")
+             for r in second_reqs]
+    got = _run(cluster, again)
+    for r in second_reqs:
+      assert first[r.request_id].generated_tokens == \
+          want[r.request_id].generated_tokens
+      assert got[r.request_id + "'"].generated_tokens == \
+          want[r.request_id].generated_tokens
+    assert cluster.stats.path_blocks["hot"] == sum(
+        len(r.prompt_tokens) // BS for r in second_reqs)
+    assert pe.kv.sharding == sharding and len(pe.kv.devices()) == 2
+  finally:
+    cluster.close()
+
+
 @pytest.mark.parametrize("mesh,tp,handoff,match", [
     ("1P1D", "4", "auto", r"tp=4 does not divide the model's 2 KV heads"),
     ("1P1D", "2,1", "ppermute", "equal tp for a ppermute hand-off")])
