@@ -421,11 +421,12 @@ def test_a_prefill_engines_hot_tier_serves_the_next_turn_exactly(
     tiny, reference, tmp_path, policy, hot_blocks):
   """The PE keeps nothing in its pool (`prefill_keeps_prefix=False`), so
   turn 3's prefix is turn 2's prompt, which the PE put in its hot tier when
-  it handed turn 2 to a DE, plus turn 2's generated tokens, which only the
-  cold tier has. Turn 3 then reads its leading blocks from the hot tier
-  (host -> HBM, no NIC) and only the rest from the store, and generates
-  exactly the single engine's tokens. A 3-block tier holds a sliver of
-  that, evicting all the time: the tokens must not change either."""
+  it handed turn 2 to a DE, plus the blocks with turn 2's generated tokens,
+  which the DE put there (and in the store) when turn 2 ended. Turn 3 then
+  reads its whole prefix from the hot tier (host -> HBM, no NIC), nothing
+  from the store, and generates exactly the single engine's tokens. A
+  3-block tier holds a sliver of that, evicting all the time: the rest
+  comes from the store, and the tokens must not change either."""
   snapshot, turns = reference
   cluster = make_cluster(
       tiny, CACHE, ENGINE, _cold(tmp_path), MeshConfig.parse("1P2D"),
@@ -442,20 +443,23 @@ def test_a_prefill_engines_hot_tier_serves_the_next_turn_exactly(
     assert {k: v.generated_tokens for k, v in got.items()} == {
         k: v.generated_tokens for k, v in want.items()}
     assert stats.path_blocks["hot"] == 0 and cold.hot_loaded_blocks == 0
+    # Put by the PE at hand-off and by the DE at the end, read by no one:
+    # the DE's put does not count the PE's blocks as reused.
+    assert cluster.cold_tier.report()["hot_tier"]["promotions"] == 0
     cluster.flush()
     loaded_before = cold.loaded_blocks
     reqs, want = turns[1]  # turn 3
-    # Turn 2's prompts' full blocks, and the blocks after them the store
-    # holds (with turn 2's generated tokens, written back by the DEs).
-    turn2_blocks = [len(r.prompt_tokens) // BS for r in turns[0][0]]
+    # Each turn 3's loadable prefix: the leading blocks the store holds
+    # (turn 2's context, written back by the DEs).
     stored = 0
-    for r, hot in zip(reqs, turn2_blocks):
+    for r in reqs:
       chain = hash_chain(r.prompt_tokens[:(len(r.prompt_tokens) - 1)
                                          // BS * BS], BS,
                          model_fingerprint(tiny), "t")
-      in_store = cluster.store.contains(chain[hot:])
+      in_store = cluster.store.contains(chain)
       stored += next((i for i, p in enumerate(in_store) if not p),
                      len(in_store))
+    nic_before = sum(stats.nic_bytes.values())
     got = _run(cluster, [TurnRequest(**r.__dict__) for r in reqs])
     assert {k: v.generated_tokens for k, v in got.items()} == {
         k: v.generated_tokens for k, v in want.items()}
@@ -463,12 +467,15 @@ def test_a_prefill_engines_hot_tier_serves_the_next_turn_exactly(
     report = cluster.cold_tier.report()["hot_tier"]
     assert report["engines"] == 1
     assert report["capacity_blocks"] == hot_blocks
-    if hot_blocks == 256:  # turn 2's whole prompts are hot
-      assert stats.path_blocks["hot"] == sum(turn2_blocks)
-      assert from_cold == stored > 0
-      assert report["held_blocks"] > sum(turn2_blocks)  # and turn 3's
+    turn2_blocks = sum(len(r.prompt_tokens) // BS for r in turns[0][0])
+    if hot_blocks == 256:  # every block of turn 2's contexts is hot
+      assert stored > turn2_blocks  # more than the prompts: generated ones
+      assert stats.path_blocks["hot"] == stored
+      assert from_cold == 0 and sum(stats.nic_bytes.values()) == nic_before
+      assert report["held_blocks"] > stored  # and turn 3's, now
     else:
       assert 0 < stats.path_blocks["hot"] <= hot_blocks * len(reqs)
+      assert stats.path_blocks["hot"] + from_cold == stored
       assert report["evictions"] > 0
     assert cold.hot_loaded_blocks == stats.path_blocks["hot"]
     assert cold.hot_loaded_tokens == stats.path_blocks["hot"] * BS

@@ -47,7 +47,11 @@ One turn:
    `DualPathConfig.prefill_keeps_prefix` is False).
 6. *Decode* on the DE, all its sequences in one batched call per `step()`.
 7. *Finish*: the DE writes the sequence's full blocks the store lacks back
-   to the cold tier (asynchronously, `put_async`) and releases them.
+   to the cold tier (asynchronously, `put_async`) and releases them. The
+   ones the turn's PE's hot tier lacks (those with generated tokens) go
+   there too, from the same host copy: the session's next turn, if placed
+   there, finds its whole prefix hot. (Between hosts that copy would cross
+   the compute network, off any turn's critical path, not a storage NIC.)
 
 Every move is a byte copy, so the tokens equal a single `Engine`'s whichever
 path delivered the prefix. Not thread-safe: one thread drives it.
@@ -311,8 +315,12 @@ class PDCluster:
     self.cold_tier = ClusterColdTier(
         store, ColdTierStats(),
         [pe.hot.hot for pe in self.prefill_workers if pe.hot is not None])
-    self._writers = {w.name: ColdTierConnector(store, w.manager)
-                     for w in self.decode_workers}
+    # Write-back at a turn's end, per (decode engine, prefill engine): to
+    # the store, and into the hot tier of the PE that prefilled the turn.
+    self._writers = {
+        (de.name, pe.name): ColdTierConnector(
+            store, de.manager, hot=None if pe.hot is None else pe.hot.hot)
+        for de in self.decode_workers for pe in self.prefill_workers}
     self.stats = ClusterStats()
     self.max_pages = math.ceil(config.max_context / cache.block_size)
     self._rng = np.random.default_rng(config.seed)
@@ -855,9 +863,10 @@ class PDCluster:
         de.manager.end(turn.rid)
         done.append(step_parts.turn_output(turn, now, reason))
         continue
-      writer = self._writers[de.name]
+      writer = self._writers[de.name, turn.prefill.name]
       before = writer.stats.written_blocks, writer.stats.write_requests
-      writer.write_back(de.kv, turn.rid, turn.req.tenant, turn.req.session_id)
+      writer.write_back(de.kv, turn.rid, turn.req.tenant, turn.req.session_id,
+                        touch_hot=False)
       self.cold_tier.stats.written_blocks += writer.stats.written_blocks - before[0]
       self.cold_tier.stats.write_requests += writer.stats.write_requests - before[1]
       de.manager.end(turn.rid)

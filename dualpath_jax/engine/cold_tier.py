@@ -170,9 +170,14 @@ class ColdTierConnector:
     return good
 
   def write_back(self, pool: jax.Array, seq_id: str, tenant: str,
-                 session: str) -> None:
+                 session: str, *, touch_hot: bool = True) -> None:
     """Copies the sequence's full blocks that a tier lacks into it (the cold
-    tier's writes are queued)."""
+    tier's writes are queued).
+
+    `touch_hot`: the blocks the hot tier holds count as reused (a turn that
+    read them). False where the same turn put them there already (the P/D
+    cluster's decode engine, after the prefill engine's hand-off put).
+    """
     hashes = self.manager.block_hashes(seq_id)
     if not hashes:
       return
@@ -186,7 +191,8 @@ class ColdTierConnector:
     hot_lacks = [False] * len(hashes)
     if self.hot is not None:
       hot_lacks = [not p for p in self.hot.contains(hashes)]
-      self.hot.touch(hashes)  # this turn used the ones it holds
+      if touch_hot:
+        self.hot.touch(hashes)  # this turn used the ones it holds
     todo = [i for i in range(len(hashes)) if cold_lacks[i] or hot_lacks[i]]
     if not todo:
       return
