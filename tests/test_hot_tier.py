@@ -77,6 +77,30 @@ def test_a_put_larger_than_the_tier_keeps_the_shallowest():
   np.testing.assert_array_equal(out[:3], data[:3])
 
 
+def test_a_chain_extended_by_its_own_turn_keeps_its_head():
+  """The P/D cluster's pattern: a turn's prompt blocks are put at hand-off,
+  its deeper blocks at its end. The second put must not evict the first's
+  (`keep`), and `refresh` afterwards orders the whole chain deepest first
+  without calling it a reuse."""
+  tier = HotTier(4, SHAPE, np.float32)
+  a, b = _ids("a", 4), _ids("b", 1)
+  tier.put(a[:2], _blocks(2, 1))  # the prompt, at hand-off
+  tier.put(b, _blocks(1, 2))  # another session's block
+  tier.put(a[2:], _blocks(2, 3), keep=a[:2])  # the turn's end: evicts b0
+  assert tier.contains(a) == [True] * 4 and not tier.contains(b)[0]
+  tier.refresh(a)
+  assert tier.stats.promotions == 0
+  tier.put(_ids("c", 2), _blocks(2, 4))  # evicts a's deepest two
+  assert tier.contains(a) == [True, True, False, False]
+  # With the rest of its chain kept, a put that has no room drops its own
+  # blocks instead of cutting the head of the chain.
+  tier = HotTier(2, SHAPE, np.float32)
+  tier.put(a[:2], _blocks(2, 5))
+  assert tier.put(a[2:3], _blocks(1, 6), keep=a[:2]) == 0
+  assert tier.contains(a[:3]) == [True, True, False]
+  assert tier.stats.dropped == 1
+
+
 def test_discard_frees_slots_for_new_blocks():
   tier = HotTier(2, SHAPE, np.float32)
   tier.put(_ids("a", 2), _blocks(2, 8))

@@ -25,6 +25,9 @@ Eviction keeps what a future turn is likeliest to read, by three signals:
   first, so of a turn's blocks the deepest go first. A prefix is usable
   only up to its first missing block, so losing block `i` of a chain makes
   every later block useless; keeping the shallow ones keeps the prefix.
+  A chain extended in two calls (the P/D cluster puts a prompt, then the
+  blocks with generated tokens) keeps its head: the second `put` names
+  the head in `keep`, and `refresh` then orders the whole chain.
 
 Not thread-safe: one engine thread calls it.
 """
@@ -136,14 +139,15 @@ class HotTier:
 
   # ------------------------------------------------------------ writes
   def put(self, ids: Sequence[bytes],
-          blocks: np.ndarray  # [len(ids), *block_shape]
-          ) -> int:
+          blocks: np.ndarray,  # [len(ids), *block_shape]
+          *, keep: Sequence[bytes] = ()) -> int:
     """Holds `blocks` under `ids` (one chain's blocks, shallowest first).
 
     An id already held is not copied again; it counts as reused. Room is
     made by evicting blocks of other calls (see the module docstring), never
-    this call's own; new blocks past that room are not stored, the deepest
-    first (`stats.dropped`). Returns how many were copied in.
+    this call's own nor those in `keep` (e.g. the shallower blocks of the
+    chain `ids` extends); new blocks past that room are not stored, the
+    deepest first (`stats.dropped`). Returns how many were copied in.
     """
     if blocks.shape != (len(ids), *self.block_shape):
       raise ValueError(f"blocks {blocks.shape} do not match {len(ids)} ids of "
@@ -153,10 +157,10 @@ class HotTier:
                        f"{self.dtype}")
     if len(set(ids)) != len(ids):
       raise ValueError("a put names one block id twice")
-    mine = set(ids)
+    mine = set(ids) | set(keep)
     held = [i for i in ids if i in self]
     new = [(k, i) for k, i in enumerate(ids) if i not in self]
-    room = len(self._free) + len(self) - len(held)
+    room = len(self._free) + len(self) - sum(i in self for i in mine)
     if len(new) > room:
       self.stats.dropped += len(new) - room
       new = new[:room]
@@ -173,6 +177,22 @@ class HotTier:
   def touch(self, ids: Sequence[bytes]) -> None:
     """Marks the held ones among `ids` reused (a turn used them again)."""
     self._reuse([i for i in ids if i in self])
+
+  def refresh(self, ids: Sequence[bytes]) -> None:
+    """Makes the held ones among `ids` (one chain, shallowest first) the
+    most recent of their segment, deepest first, without promoting any.
+
+    For a chain extended by a `put` of its deeper blocks, by the turn that
+    put the shallower ones: refreshed after the put, the shallower blocks
+    go out after the new deeper ones, so eviction never cuts a hole at the
+    head of the chain, and one turn does not count as a reuse.
+    """
+    held = [i for i in ids if i in self]
+    self.stats.refreshes += len(held)
+    for block_id in reversed(held):
+      segment = (self._probation if block_id in self._probation
+                 else self._protected)
+      segment.move_to_end(block_id)
 
   def discard(self, ids: Sequence[bytes]) -> int:
     """Drops the held ones among `ids`; returns how many it dropped."""

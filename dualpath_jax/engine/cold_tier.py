@@ -176,7 +176,8 @@ class ColdTierConnector:
 
     `touch_hot`: the blocks the hot tier holds count as reused (a turn that
     read them). False where the same turn put them there already (the P/D
-    cluster's decode engine, after the prefill engine's hand-off put).
+    cluster's decode engine, after the prefill engine's hand-off put): they
+    are only made recent again, after the new blocks (`HotTier.refresh`).
     """
     hashes = self.manager.block_hashes(seq_id)
     if not hashes:
@@ -194,13 +195,15 @@ class ColdTierConnector:
       if touch_hot:
         self.hot.touch(hashes)  # this turn used the ones it holds
     todo = [i for i in range(len(hashes)) if cold_lacks[i] or hot_lacks[i]]
-    if not todo:
-      return
-    blocks = pool_io.read_blocks(pool, [table[i] for i in todo])
+    blocks = (pool_io.read_blocks(pool, [table[i] for i in todo]) if todo
+              else None)
     if self.hot is not None:
       rows = [k for k, i in enumerate(todo) if hot_lacks[i]]
-      if rows:
-        self.hot.put([hashes[todo[k]] for k in rows], blocks[rows])
+      if rows:  # never evicting the chain's own blocks: no holes in it
+        self.hot.put([hashes[todo[k]] for k in rows], blocks[rows],
+                     keep=hashes)
+      if not touch_hot:
+        self.hot.refresh(hashes)
     cold = [k for k, i in enumerate(todo) if cold_lacks[i]]
     if not cold:
       return
