@@ -45,7 +45,9 @@ class TurnRecord:
 
 def percentiles(values: Sequence[float],
                 ps: Iterable[int] = PERCENTILES) -> dict[str, float | None]:
-  """Nearest-rank-interpolated percentiles, as `{"p50": ..., ...}`."""
+  """Percentiles interpolated linearly between the two nearest ranks (NumPy's
+  default, "linear"), as `{"p50": ..., ...}`; None values are left out, and
+  every percentile of no values is None."""
   vals = sorted(v for v in values if v is not None)
   out: dict[str, float | None] = {}
   for p in ps:
@@ -97,13 +99,21 @@ def format_table(summary: dict[str, Any]) -> str:
   """A two-column text table of a summary (nested percentiles flattened)."""
   rows = []
   for key, val in summary.items():
-    if isinstance(val, dict) and all(k.startswith("p") for k in val):
+    if _is_percentiles(val):
       val = "  ".join(f"{k}={_fmt(v)}" for k, v in val.items())
     elif isinstance(val, dict):
       continue
     rows.append((key, _fmt(val)))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _is_percentiles(val: Any) -> bool:
+  """Whether `val` is a `percentiles` dict (`{"p50": ..., ...}`): other
+  dicts (finish reasons, an empty one included) are left out of the table."""
+  return (isinstance(val, dict) and bool(val)
+          and all(isinstance(k, str) and k[:1] == "p" and k[1:].isdigit()
+                  for k in val))
 
 
 def _fmt(v: Any) -> str:

@@ -27,9 +27,10 @@ def define(honor_gaps_default: bool = False) -> None:
        "synthetic workload: number of sessions")
   once(flags.DEFINE_integer, "turns", 6, "synthetic workload: turns per session")
   once(flags.DEFINE_integer, "first_tool_lines", 6, "synthetic workload: "
-       "lines of the first tool output (the initial context's size)")
+       "base size of the tool outputs: turn i > 0 reads one of "
+       "first_tool_lines + i * growth_lines lines (turn 0 reads only the task)")
   once(flags.DEFINE_integer, "growth_lines", 6, "synthetic workload: "
-       "tool-output lines each later turn adds")
+       "lines each later turn's tool output has over the turn before's")
   once(flags.DEFINE_integer, "limit_sessions", None,
        "use only the first N sessions (of the trace, or of the synthetic "
        "workload)", lower_bound=1)
@@ -96,14 +97,23 @@ def describe() -> str:
                          f":growth{FLAGS.growth_lines}")
 
 
-def max_context_bound(sessions, tokenizer) -> int:
-  """Upper bound on any turn's context: every message plus every reply budget."""
+def max_context_bound(sessions, tokenizer,
+                      max_new_tokens: int | None = None) -> int:
+  """Upper bound on any turn's context: every message plus every reply budget
+  (`max_new_tokens`, default `--max_new_tokens`, and a few tokens of slack
+  per reply). Starts from the messages the replay starts from
+  (`replay.initial_messages`): a session without a system prompt sends none,
+  and a chat template may add a default one that an empty system message
+  would have replaced."""
+  from dualpath_jax.workload.replay import initial_messages  # pylint: disable=g-import-not-at-top
+  if max_new_tokens is None:
+    max_new_tokens = FLAGS.max_new_tokens
   bound = 0
   for s in sessions:
-    msgs = [{"role": "system", "content": s.system_prompt}]
+    msgs = initial_messages(s)
     for t in s.turns:
       msgs += t.input_delta
       msgs.append({"role": "assistant", "content": t.assistant_text})
-    replies = len(s.turns) * (FLAGS.max_new_tokens + 8)
+    replies = len(s.turns) * (max_new_tokens + 8)
     bound = max(bound, len(tokenizer.encode_chat(msgs)) + replies)
   return bound

@@ -60,7 +60,9 @@ def format_runs_table(runs: Sequence[Mapping[str, Any]], percentile: int) -> str
 
 def format_headline(sustained: Mapping[str, float | None], slo_ttft_s: float,
                     percentile: int) -> str:
-  """`agents/s within SLO (p90 TTFT <= 2 s): single_path 0.1, dualpath 0.2`."""
+  """`agents/s sustained within SLO (p90 TTFT <= 2 s, keeping up):
+  single_path 0.1, dualpath 0.2` (a policy no rate passed: "none of the
+  rates")."""
   parts = ", ".join(f"{p} {_f(r) if r is not None else 'none of the rates'}"
                     for p, r in sustained.items())
   return (f"agents/s sustained within SLO (p{percentile} TTFT <= "

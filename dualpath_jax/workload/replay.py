@@ -18,8 +18,10 @@ engine step and before every idle wait, for sampling counters over time.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import math
 import time
 from typing import Callable, Sequence
 
@@ -38,6 +40,33 @@ class _SessionState:
   ready_at: float = 0.0
   in_flight: bool = False
   stopped: str = ""  # why the session ended early, if it did
+
+
+def initial_messages(session: AgentSession) -> list[dict[str, str]]:
+  """The messages a session starts from: its system prompt, if it has one.
+
+  An empty system prompt sends no system message at all (a chat template
+  may then put in a default one of its own, e.g. SmolLM2's), so whatever
+  bounds a session's context (`launch.workload_flags.max_context_bound`)
+  must start from these same messages.
+  """
+  if not session.system_prompt:
+    return []
+  return [{"role": "system", "content": session.system_prompt}]
+
+
+def _check_sessions(sessions: Sequence[AgentSession],
+                    start_s: Sequence[float]) -> None:
+  """ValueError unless session ids are distinct (a repeated id would replay
+  only one of its sessions) and `start_s` holds one finite offset >= 0 per
+  session."""
+  counts = collections.Counter(s.session_id for s in sessions)
+  dup = sorted(i for i, n in counts.items() if n > 1)
+  if dup:
+    raise ValueError(f"session ids must be distinct; repeated: {dup[:5]}")
+  if len(start_s) != len(sessions) or any(
+      not (o >= 0 and math.isfinite(o)) for o in start_s):
+    raise ValueError("start_s needs one finite offset >= 0 per session")
 
 
 @dataclasses.dataclass
@@ -70,13 +99,12 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
     raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {reply_mode!r}")
   if start_s is None:
     start_s = [0.0] * len(sessions)
-  if len(start_s) != len(sessions) or any(not o >= 0 for o in start_s):
-    raise ValueError("start_s needs one offset >= 0 per session")
+  _check_sessions(sessions, start_s)
   t0 = clock()
   states = {}
   for s, offset in zip(sessions, start_s):
-    msgs = [{"role": "system", "content": s.system_prompt}] if s.system_prompt else []
-    states[s.session_id] = _SessionState(session=s, messages=msgs,
+    states[s.session_id] = _SessionState(session=s,
+                                         messages=initial_messages(s),
                                          ready_at=t0 + offset)
   records: list[TurnRecord] = []
   max_context = engine.config.max_context

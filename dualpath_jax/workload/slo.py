@@ -45,7 +45,9 @@ class SloSpec:
   def __post_init__(self):
     if not self.ttft_s > 0:
       raise ValueError(f"SLO ttft_s must be > 0, got {self.ttft_s!r}")
-    if not (isinstance(self.percentile, int) and 1 <= self.percentile <= 100):
+    if not (isinstance(self.percentile, int)
+            and not isinstance(self.percentile, bool)  # True would key "pTrue"
+            and 1 <= self.percentile <= 100):
       raise ValueError(
           f"SLO percentile must be an int in [1, 100], got {self.percentile!r}")
     if self.tpot_s is not None and not self.tpot_s > 0:

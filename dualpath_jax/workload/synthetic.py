@@ -10,6 +10,8 @@ with a seeded RNG: the same arguments always give the same workload.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dualpath_jax.workload.trace import AgentSession, AgentTurn
@@ -95,6 +97,22 @@ def _assistant_reply(rng: np.random.Generator, module: str) -> str:
   return f"I will look at `{f}` in {module} next.\n{call}"
 
 
+def _check_sizes(num_sessions: int, turns_per_session: int, num_tenants: int,
+                 first_tool_lines: int, growth_lines: int, output_tokens: int,
+                 gap_ms: float) -> None:
+  """ValueError for arguments that would make sessions `load_trace` refuses
+  (a negative `output_tokens`, a NaN or infinite gap) or numpy's bare
+  "scale < 0" (a negative gap)."""
+  if num_sessions < 1 or turns_per_session < 1 or num_tenants < 1:
+    raise ValueError("num_sessions, turns_per_session and num_tenants must be >= 1")
+  if first_tool_lines < 0 or growth_lines < 0 or output_tokens < 0:
+    raise ValueError("first_tool_lines, growth_lines and output_tokens must be "
+                     f">= 0, got {first_tool_lines}, {growth_lines}, "
+                     f"{output_tokens}")
+  if not (gap_ms >= 0 and math.isfinite(gap_ms)):
+    raise ValueError(f"gap_ms must be a finite number >= 0, got {gap_ms!r}")
+
+
 def synthetic_agent_workload(num_sessions: int = 8, turns_per_session: int = 6,
                              num_tenants: int = 2, first_tool_lines: int = 6,
                              growth_lines: int = 6, output_tokens: int = 32,
@@ -106,8 +124,8 @@ def synthetic_agent_workload(num_sessions: int = 8, turns_per_session: int = 6,
   lines (about 12 tokens a line), so contexts grow quadratically in the
   number of turns, as real agent contexts do.
   """
-  if num_sessions < 1 or turns_per_session < 1 or num_tenants < 1:
-    raise ValueError("num_sessions, turns_per_session and num_tenants must be >= 1")
+  _check_sizes(num_sessions, turns_per_session, num_tenants,
+               first_tool_lines, growth_lines, output_tokens, gap_ms)
   rng = np.random.default_rng(seed)
   sessions = []
   for s in range(num_sessions):

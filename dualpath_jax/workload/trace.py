@@ -32,6 +32,7 @@ import math
 import os
 from typing import Any, Iterable, Iterator
 
+from dualpath_jax import outputs
 from dualpath_jax.text import CHAT_ROLES, check_unicode
 
 
@@ -73,10 +74,10 @@ class AgentSession:
     return d
 
 
-def _open_for_writing(path: str) -> io.TextIOBase:
-  """A text file to write, zstd-compressed where `path` ends in `.zst`
-  (reading goes through `_text_lines`, which notices a cut-short frame)."""
-  if path.endswith(".zst"):
+def _open_for_writing(path: str, compress: bool) -> io.TextIOBase:
+  """A text file to write, zstd-compressed when `compress` (reading goes
+  through `_text_lines`, which notices a cut-short frame)."""
+  if compress:
     import zstandard
     return zstandard.open(path, "wt", encoding="utf-8")
   return open(path, "w", encoding="utf-8")
@@ -175,6 +176,7 @@ def parse_session(raw: Any, where: str = "session") -> AgentSession:
   sid = raw.get("session_id")
   _require(isinstance(sid, str) and sid != "", where,
            "'session_id' must be a non-empty string")
+  _require_text(sid, where, "'session_id'")
   system = raw.get("system_prompt", "")
   _require(isinstance(system, str), where, "'system_prompt' must be a string")
   _require_text(system, where, "'system_prompt'")
@@ -183,6 +185,10 @@ def parse_session(raw: Any, where: str = "session") -> AgentSession:
            "'turns' must be a non-empty list")
   tenant = raw.get("tenant", "")
   _require(isinstance(tenant, str), where, "'tenant' must be a string")
+  _require_text(tenant, where, "'tenant'")  # hashed as the cache's salt
+  source = raw.get("source")
+  _require(source is None or isinstance(source, dict), where,
+           "'source' must be a JSON object")
   parsed = [_parse_turn(t, f"{where}.turns[{i}]", i)
             for i, t in enumerate(turns)]
   for i in range(1, len(parsed)):  # replay follows the file's order
@@ -192,7 +198,7 @@ def parse_session(raw: Any, where: str = "session") -> AgentSession:
              "order, each index once")
   return AgentSession(
       session_id=sid, system_prompt=system, tenant=tenant,
-      source=raw.get("source") or {}, turns=parsed)
+      source=source or {}, turns=parsed)
 
 
 def load_trace(path: str, limit: int | None = None) -> list[AgentSession]:
@@ -238,7 +244,22 @@ def load_trace(path: str, limit: int | None = None) -> list[AgentSession]:
 
 
 def save_trace(sessions: Iterable[AgentSession], path: str) -> None:
-  """Writes sessions as JSONL (zstd-compressed when `path` ends in `.zst`)."""
-  with _open_for_writing(path) as f:
-    for s in sessions:
-      f.write(json.dumps(s.to_dict(), ensure_ascii=False) + "\n")
+  """Writes sessions as JSONL (zstd-compressed when `path` ends in `.zst`).
+
+  Every session is checked as `load_trace` would check it (`TraceError`
+  naming the session), so every session saved loads back; the file is
+  written atomically (`outputs.replace_atomically`), so a failure leaves
+  an earlier file at `path` whole.
+  """
+  def write(tmp: str) -> None:
+    seen: set[str] = set()
+    with _open_for_writing(tmp, compress=path.endswith(".zst")) as f:
+      for i, s in enumerate(sessions):
+        raw = s.to_dict()
+        parse_session(raw, f"session {i}")
+        _require(s.session_id not in seen, f"session {i}",
+                 f"duplicate session_id {s.session_id!r}")
+        seen.add(s.session_id)
+        f.write(json.dumps(raw, ensure_ascii=False) + "\n")
+  outputs.replace_atomically(path, write, suffix=".zst"
+                             if path.endswith(".zst") else ".jsonl")
