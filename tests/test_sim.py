@@ -418,6 +418,23 @@ def test_hot_tier_serves_a_sessions_next_turn_over_the_host_link():
   assert sum(e["nic_bytes"] for e in cold.engines.values()) == 10 * bb
 
 
+def test_the_blocks_with_generated_tokens_join_the_prefill_engines_tier():
+  """As in the runtime, a turn's end puts the blocks with its generated
+  tokens into its prefill engine's hot tier: the next turn's whole hit
+  (12 blocks: 40 prompt + 9 generated tokens, the last not yet written) is
+  hot, none of it on a NIC."""
+  cost = _tiny_cost(FAST_GPU)
+  bb = cost.block_bytes
+  session = SimSession("s", (SimTurn(40, 9), SimTurn(4, 1, 0.5)))
+  config = SimConfig(1, 1, storage_nic_gbps=8.0, collective_gb_s=math.inf,
+                     handoff_gb_s=math.inf, hot_tier_gb=100 * bb / 2**30)
+  result = simulate(cost, config, "dualpath", [session])
+  second = result.turns[1]
+  assert second["hit_tokens"] == 48
+  assert second["hot_read_blocks"] == 12
+  assert all(e["nic_bytes"] == 0 for e in result.engines.values())
+
+
 def test_a_small_hot_tier_keeps_each_sessions_shallowest_blocks():
   cost = _tiny_cost(FAST_GPU)
   sessions = [SimSession(f"s{i}", (SimTurn(40, 1), SimTurn(4, 1, 5.0)))

@@ -19,9 +19,12 @@ What is modelled, per engine:
   of `handoff_gb_s` carrying the turn's whole context;
 * **hot tier** (optional, `hot_tier_gb`): each prefill engine keeps the
   blocks of the turns it prefilled in host DRAM (LRU, deepest blocks of a
-  turn first out); a later turn placed there reads the leading run it
-  holds over a host link of `hot_gb_s` instead of a NIC (`ReadPath.HOT`),
-  and the policies know which engine holds what;
+  turn first out): the prompt's when its prefill ends, the ones with
+  generated tokens when the turn ends (the runtime's decode engine puts
+  them there, uncharged, as the runtime's hand-off of them is); a later
+  turn placed there reads the leading run it holds over a host link of
+  `hot_gb_s` instead of a NIC (`ReadPath.HOT`), and the policies know which
+  engine holds what;
 * **HBM**: `CostModel.pool_blocks` blocks; a placement reserves the turn's
   blocks on its PE (released when the hand-off ends) and on its DE
   (released when the turn ends), as the runtime does; a turn no engine has
@@ -556,6 +559,10 @@ class Simulator:
     bs = self.cost.block_size
     stored = (turn.context + turn.output_tokens - 1) // bs
     self._written_bytes += (stored - turn.hit_tokens // bs) * self.cost.block_bytes
+    # The runtime's decode engine puts the blocks with generated tokens into
+    # the hot tier of the turn's prefill engine, and the chain is recent.
+    self._touch_hot(self.engines[turn.placement.prefill_engine],
+                    session.session_id, range(stored))
     record = TurnRecord(session.session_id, index, turn.context,
                         turn.hit_tokens, turn.output_tokens, turn.arrival_s,
                         turn.first_token_s, now, "length")
