@@ -116,10 +116,11 @@ class _Turn:
   on_decode: frozenset[int] = frozenset()  # prompt blocks path 2 left on the DE
   chain: list[bytes] | None = None  # ids of its loadable blocks (set once)
   placed_s: float = 0.0
-  # Prompt tokens its PE's hot tier loaded, over its placement attempts (a
-  # load of an attempt that fails stays in the pool: the retry finds it
-  # resident, and the hot tier keeps the credit, as on one engine).
-  hot_tokens: int = 0
+  # Prompt tokens each PE's hot tier loaded, over its placement attempts (a
+  # load of an attempt that fails stays in that PE's pool: a retry there
+  # finds it resident, and the hot tier keeps the credit, as on one engine;
+  # a retry on another PE does not).
+  hot_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
   hook_error: BaseException | None = None  # what its `on_token` raised
 
   @property
@@ -318,13 +319,23 @@ class PDCluster:
     # Write-back at a turn's end, per (decode engine, prefill engine): to
     # the store, and into the hot tier of the PE that prefilled the turn.
     self._writers = {
-        (de.name, pe.name): ColdTierConnector(
-            store, de.manager, hot=None if pe.hot is None else pe.hot.hot)
+        (de.name, pe.name): self._writer(store, de, pe)
         for de in self.decode_workers for pe in self.prefill_workers}
     self.stats = ClusterStats()
     self.max_pages = math.ceil(config.max_context / cache.block_size)
     self._rng = np.random.default_rng(config.seed)
     self._waiting: collections.deque[_Turn] = collections.deque()
+
+  def _writer(self, store, de: _Worker, pe: _Worker) -> ColdTierConnector:
+    """The connector that writes `de`'s finished turns back, prefilled on
+    `pe`: to the store and into `pe`'s hot tier. It counts into the
+    cluster's cold-tier stats, so a write-back the store refuses, at once
+    or later in its write pool, shows in `store_errors` (copying the
+    counters after each call lost those)."""
+    writer = ColdTierConnector(store, de.manager,
+                               hot=None if pe.hot is None else pe.hot.hot)
+    writer.stats = self.cold_tier.stats
+    return writer
 
   # ------------------------------------------------------------------ API
   @property
@@ -605,6 +616,7 @@ class PDCluster:
         if self.num_running == 0:
           raise
         return
+      self._count_cached(turn, pe)
       pe.queue.append(turn)
       self.stats.turns_placed += 1
       key = f"{pe.name}->{de.name}"
@@ -620,15 +632,13 @@ class PDCluster:
     bs = self.block_size
     target = turn.prefill_target
     cached = pe.manager.begin(turn.rid, turn.tokens[:target], turn.req.tenant)
-    self.stats.path_blocks["resident"] += cached // bs
     if pe.hot is not None:  # host -> HBM now: no NIC, and faster than one
       hot_blocks = pe.hot.stats.hot_loaded_blocks
       pe.kv, hot_tokens, _ = pe.hot.load_prefix(
           pe.kv, turn.rid, turn.tokens[:target], turn.req.tenant)
       cached += hot_tokens
-      turn.hot_tokens += hot_tokens
+      turn.hot_tokens[pe.name] = turn.hot_tokens.get(pe.name, 0) + hot_tokens
       hot_blocks = pe.hot.stats.hot_loaded_blocks - hot_blocks
-      self.stats.path_blocks["hot"] += hot_blocks
       self.cold_tier.stats.hot_loaded_blocks += hot_blocks
       self.cold_tier.stats.hot_loaded_tokens += hot_tokens
     have = cached // bs
@@ -642,10 +652,6 @@ class PDCluster:
     pe.manager.allocate(turn.rid, target - cached)  # the whole prompt
     turn.placed_s = self.clock()
     turn.cached_prompt_tokens = min(cached, len(turn.req.prompt_tokens))
-    hot = min(turn.hot_tokens, turn.cached_prompt_tokens)
-    self.stats.cached_tokens_by_tier["hot"] += hot
-    self.stats.cached_tokens_by_tier["device"] += (turn.cached_prompt_tokens -
-                                                   hot)
     turn.load_plan = (cached, have, run)
     if not run:
       return
@@ -664,6 +670,21 @@ class PDCluster:
     turn.load = self.loader.read_to_host_async(turn.load_request)
     self.stats.max_loads_in_flight = max(self.stats.max_loads_in_flight,
                                          len(self._loads_in_flight()) + 1)
+
+  def _count_cached(self, turn: _Turn, pe: _Worker) -> None:
+    """Counts the prompt blocks the turn found in `pe`'s pool or hot tier,
+    once, at the placement that held (`path_blocks`,
+    `cached_tokens_by_tier`): an attempt that failed on the DE after its
+    PE's reservation had counted them, and the retry counted them again
+    (its hot-loaded blocks as resident, its hot tokens twice)."""
+    bs = self.block_size
+    have = turn.load_plan[1]
+    hot = min(turn.hot_tokens.get(pe.name, 0), turn.cached_prompt_tokens)
+    self.stats.path_blocks["hot"] += hot // bs
+    self.stats.path_blocks["resident"] += have - hot // bs
+    self.stats.cached_tokens_by_tier["hot"] += hot
+    self.stats.cached_tokens_by_tier["device"] += (turn.cached_prompt_tokens -
+                                                   hot)
 
   def _fits_host_buffers(self, paths: Sequence[ReadPath], run: int) -> int:
     """How many of a load's `run` leading blocks fit the engines' host
@@ -864,11 +885,8 @@ class PDCluster:
         done.append(step_parts.turn_output(turn, now, reason))
         continue
       writer = self._writers[de.name, turn.prefill.name]
-      before = writer.stats.written_blocks, writer.stats.write_requests
       writer.write_back(de.kv, turn.rid, turn.req.tenant, turn.req.session_id,
                         touch_hot=False)
-      self.cold_tier.stats.written_blocks += writer.stats.written_blocks - before[0]
-      self.cold_tier.stats.write_requests += writer.stats.write_requests - before[1]
       de.manager.end(turn.rid)
       done.append(step_parts.turn_output(turn, now, reason))
     return done

@@ -110,7 +110,7 @@ class LocalEngineHandle:
     cold = getattr(self.engine, "cold_tier", None)
     by_tier = self.engine.stats.cached_tokens_by_tier
     hits = snap["prefix_cache_hit_tokens"] = {"device": by_tier["device"]}
-    if getattr(cold, "hot", None) is not None:
+    if _has_hot_tier(cold):
       hits["hot"] = by_tier["hot"]
     if getattr(cold, "store", None) is not None:
       hits["cold"] = by_tier["cold"]
@@ -118,6 +118,15 @@ class LocalEngineHandle:
     if extra is not None:
       snap.update(extra())
     return snap
+
+
+def _has_hot_tier(cold) -> bool:
+  """Whether `cold` (an engine's `cold_tier`) has a hot tier: one engine's
+  connector names it `hot`, a P/D cluster's `ClusterColdTier` lists its
+  prefill engines' in `hot_tiers` (without this, /metrics left out a
+  cluster's hot hits)."""
+  return (getattr(cold, "hot", None) is not None or
+          bool(getattr(cold, "hot_tiers", ())))
 
 
 @dataclasses.dataclass
