@@ -233,8 +233,8 @@ def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
       "slo": evaluate_run(res.records, res.arrivals, rate, slo),
       "summary": metrics.summarize(res.records, res.wall_s),
       "nics": nics,
-      "path_bytes": {k: paths[k] * block_bytes for k in ("path1", "path2")
-                     if k in paths},
+      "path_bytes": {k: paths[k] * block_bytes
+                     for k in ("hot", "path1", "path2") if k in paths},
       "block_bytes": block_bytes,
       "seed_blocks": cloned,
       "compiles_during_run": compiles,
@@ -274,6 +274,10 @@ def main(argv):
       _fail(str(e))
   else:
     policies = ["engine"]
+  try:  # hot tiers past the host's memory: refused before the weights load
+    cluster_flags.hot_tier_bytes(mesh.num_prefill if mesh else 1)
+  except ValueError as e:
+    _fail(str(e))
   try:  # the cold tiers' settings, before the first is seeded
     _cold_config(FLAGS.cold_tier or tempfile.gettempdir())
     if FLAGS.cold_tier:

@@ -105,6 +105,12 @@ BAD_FLAGS = [
     (*LAUNCHERS[2], "--storage_nic_gbps=nan",
      "--storage_nic_gbps must be a number or inf, not nan"),
     (*LAUNCHERS[2], "--seed=-1", "flag --seed=-1: -1 is not a non-negative"),
+    # A hot tier is allocated up front: past the host's memory, refused
+    # before anything loads (bench_online checked it only when building
+    # its first engine, after the weights).
+    *[(*launcher, "--hot_tier_gb=100000",
+       "--hot_tier_gb=100000 is more than the")
+      for launcher in LAUNCHERS[:3]],
     # A job's flags without the job used to start a single-process run.
     (*LAUNCHERS[0], "--coordinator_address=localhost:1234",
      "--coordinator_address given to a single-process run: add "
