@@ -128,8 +128,11 @@ def initialize(config: DistributedConfig | None = None) -> bool:
   or by an earlier call; a later call asking for a job checks it is the same
   one), False for one process.
   Raises RuntimeError when a JAX backend already exists (call this first in
-  `main`, before any `jax.devices()`, `device_put` or model load) or when an
-  earlier call started something else; ValueError for bad settings.
+  `main`, before any `jax.devices()`, `device_put` or model load), when an
+  earlier call started something else, when process 0's port is taken, when
+  no coordinator listens within `timeout_s`, or when the job joined has
+  another process count (see `_check_coordinator`); ValueError for bad
+  settings.
   """
   import jax  # after the caller had its chance to set XLA_FLAGS
 
@@ -158,12 +161,14 @@ def initialize(config: DistributedConfig | None = None) -> bool:
                 initialization_timeout=config.timeout_s)
   if not config.auto_detect:
     kwargs["cluster_detection_method"] = "deactivate"
+  _check_coordinator(config)
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:
     kind = ValueError if isinstance(e, ValueError) else RuntimeError
     raise kind(f"jax.distributed.initialize({_describe_kwargs(kwargs)}) "
                f"failed: {e}") from e
+  _check_same(config)  # a process count unlike the others' joins silently
   return True
 
 
@@ -194,8 +199,75 @@ def _check_same(config: DistributedConfig) -> None:
       else config.process_id
   if (jax.process_count(), jax.process_index()) != (want_n, want_rank):
     raise RuntimeError(
-        f"jax.distributed already runs as process {jax.process_index()} of "
-        f"{jax.process_count()}, not {want_rank} of {want_n}")
+        f"jax.distributed runs this process as process {jax.process_index()} "
+        f"of {jax.process_count()}, not {want_rank} of {want_n} as asked: "
+        "every process of a job needs the same --num_processes (an earlier "
+        "initialize, or process 0's, set the job)")
+
+
+def _check_coordinator(config: DistributedConfig) -> None:
+  """Fails clearly where JAX would kill the process instead.
+
+  jax 0.10.2's `jax.distributed.initialize` crashes with SIGSEGV when
+  process 0's coordinator port is taken (another job, a second process 0),
+  and aborts with a C++ check failure ("another task died ...
+  DEADLINE_EXCEEDED") when a process finds no coordinator within
+  `timeout_s`: no Python exception, no hint at the cause. So process 0
+  checks that it can listen on the port, the others wait (up to
+  `timeout_s`) until something listens there. Skipped when JAX picks the
+  address or the rank (`auto_detect`).
+  """
+  if config.coordinator_address is None or config.process_id is None:
+    return
+  host, _, port = config.coordinator_address.rpartition(":")
+  host, port = host.strip("[]"), int(port)
+  if config.process_id == 0:
+    if not os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+      _check_port_free(port)
+  else:
+    _wait_for_listener(host, port, config.timeout_s)
+
+
+def _check_port_free(port: int) -> None:
+  """RuntimeError if this host cannot listen on `port` (all interfaces, as
+  JAX's coordinator does)."""
+  import errno
+  import socket
+  for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+    try:
+      with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((address, port))
+        s.listen()
+      return
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise RuntimeError(
+            f"process 0 cannot start the coordinator: port {port} is already "
+            "in use on this host (another job, or a second process with "
+            "process_id 0?); pick another --coordinator_address port") \
+            from None
+      # no IPv6 on this host: try IPv4
+
+
+def _wait_for_listener(host: str, port: int, timeout_s: float) -> None:
+  """Returns once something accepts TCP connections at host:port;
+  RuntimeError after `timeout_s` s of trying."""
+  import socket
+  import time
+  deadline, error = time.monotonic() + timeout_s, None
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=2):
+        return
+    except OSError as e:
+      error = e
+    if time.monotonic() >= deadline:
+      raise RuntimeError(
+          f"no coordinator at {host}:{port} after {timeout_s} s ({error}): "
+          "is process 0 of the job running, with the same "
+          "--coordinator_address?")
+    time.sleep(0.5)
 
 
 def _describe_kwargs(kwargs) -> str:

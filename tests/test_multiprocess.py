@@ -89,7 +89,10 @@ def _run_workers(port: int, log_dir: pathlib.Path
 def test_two_processes_hand_off_kv(tmp_path):
   for _ in range(3):  # the free port may be taken before process 0 binds it
     codes, texts = _run_workers(_free_port(), tmp_path)
-    if "Failed to start RPC server" not in texts[0]:
+    if not any(taken in texts[0] for taken in (
+        "is already in use on this host",  # distributed.initialize's check
+        "Failed to add port to server",  # jax 0.10.2 itself (then SIGSEGV)
+        "Failed to start RPC server")):
       break
   report = "\n".join(f"===== worker {i} (exit {c}) =====\n{t[-8000:]}"
                      for i, (c, t) in enumerate(zip(codes, texts)))
