@@ -37,7 +37,8 @@ import tempfile
 from absl import app, flags, logging
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import cluster_flags, engine_flags, float_flags, workload_flags
+from launch import (cluster_flags, distributed_flags, engine_flags,
+                    float_flags, workload_flags)
 
 FLAGS = flags.FLAGS
 
@@ -251,6 +252,13 @@ def _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions, slo, seed_dir,
 
 def main(argv):
   del argv
+  try:  # a pod's job settings (flags or JAX_* variables): refused, not run
+    multi = distributed_flags.requested()
+  except ValueError as e:
+    _fail(str(e))
+  if multi:
+    _fail("the benchmark's serving loop is single-controller; multi-process "
+          "runs are not supported yet (docs/pod_launch.md)")
   rates = _parse_rates(FLAGS.rates)
   policies = _parse_policies(FLAGS.policies)
   from dualpath_jax.workload.slo import SloSpec, sustained_rate

@@ -15,6 +15,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 
 from import_record import (imported_jax, run_recording_imports,
                            without_import_times)
@@ -134,6 +136,28 @@ def test_launchers_refuse_bad_engine_flags(tmp_path, module, extra, flag, msg):
   # Refused from the flags, the configs and the model's metadata alone:
   # before JAX's ~3 s import.
   assert not imported_jax(done.stderr)
+
+
+def test_bench_online_refuses_a_pods_job_settings(tmp_path):
+  """Its loop is single-controller like agent_eval's: a job's flags, or the
+  JAX_* variables a pod launcher sets, are refused. It used to ignore both
+  (no such flags; the variables unread) and run a whole benchmark in every
+  process of the job."""
+  done = _run("launch.bench_online", *LAUNCHERS[1][1], "--num_processes=2",
+              "--coordinator_address=127.0.0.1:1234", "--process_id=1",
+              f"--report={tmp_path / 'r.json'}")
+  error = without_import_times(done.stderr)
+  assert done.returncode != 0 and "single-controller" in error, error[-2000:]
+  env = {**os.environ, "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234",
+         "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+  done = subprocess.run(
+      [sys.executable, "-m", "launch.bench_online", *LAUNCHERS[1][1],
+       f"--report={tmp_path / 'r.json'}"], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=180)
+  assert done.returncode != 0 and "single-controller" in done.stderr, \
+      done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
+  assert not (tmp_path / "r.json").exists()
 
 
 def test_num_processes_1_takes_a_jobs_flags_as_single_process(tmp_path):
