@@ -505,7 +505,7 @@ def test_the_scheduler_sees_each_prefill_engines_hot_blocks(tiny, reference,
     cluster.store.put(ids, blocks, tenant="t", session="a")
     cluster.flush()
     p1 = cluster.workers["P1"]
-    p1.hot.hot.put(ids[:4], blocks[:4])
+    p1.hot_tier.put(ids[:4], blocks[:4])
     req = TurnRequest(**turns[0][0][0].__dict__)  # session a, turn 2
     cluster.submit(req)
     demand, _, _ = cluster._demand(cluster._waiting[0])

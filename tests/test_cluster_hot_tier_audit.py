@@ -159,7 +159,7 @@ def test_a_retry_on_another_prefill_engine_keeps_no_hot_credit(
     before = dict(cluster.stats.cached_tokens_by_tier)
     out = _run(cluster, [_other(), second])[second.request_id]
     assert failed == [owner]
-    assert cluster.prefill_workers[int(owner[1])].hot.stats.hot_loaded_tokens
+    assert cluster.prefill_workers[int(owner[1])].hot_io.stats.hot_loaded_tokens
     assert cluster.stats.placements[f"{other_pe}->D0"] == 1
     by_tier = cluster.stats.cached_tokens_by_tier
     assert by_tier["hot"] == before["hot"]  # P1 loaded nothing hot

@@ -199,11 +199,11 @@ class _Worker:
     # A prefill engine's host-DRAM hot tier, moved to and from its pool by
     # the single engine's connector (no cold tier behind it: the cluster
     # reads the store through its load paths).
-    self.hot: ColdTierConnector | None = None
+    self.hot_tier: HotTier | None = None
+    self.hot_io: ColdTierConnector | None = None  # moves its blocks
     if hot_tier_bytes and self.role == PREFILL:
-      self.hot = ColdTierConnector(
-          None, self.manager,
-          hot=make_hot_tier(hot_tier_bytes, loaded.config, cache))
+      self.hot_tier = make_hot_tier(hot_tier_bytes, loaded.config, cache)
+      self.hot_io = ColdTierConnector(None, self.manager, hot=self.hot_tier)
     self.queue: collections.deque[_Turn] = collections.deque()  # PE: placed
     self.current: _Turn | None = None  # PE: the turn being prefilled
     self.running: list[_Turn] = []  # DE: decoding
@@ -315,7 +315,7 @@ class PDCluster:
                                  dualpath, block_shape, cache.dtype)
     self.cold_tier = ClusterColdTier(
         store, ColdTierStats(),
-        [pe.hot.hot for pe in self.prefill_workers if pe.hot is not None])
+        [pe.hot_tier for pe in self.prefill_workers if pe.hot_tier is not None])
     # Write-back at a turn's end, per (decode engine, prefill engine): to
     # the store, and into the hot tier of the PE that prefilled the turn.
     self._writers = {
@@ -332,8 +332,7 @@ class PDCluster:
     cluster's cold-tier stats, so a write-back the store refuses, at once
     or later in its write pool, shows in `store_errors` (copying the
     counters after each call lost those)."""
-    writer = ColdTierConnector(store, de.manager,
-                               hot=None if pe.hot is None else pe.hot.hot)
+    writer = ColdTierConnector(store, de.manager, hot=pe.hot_tier)
     writer.stats = self.cold_tier.stats
     return writer
 
@@ -561,8 +560,8 @@ class PDCluster:
         r += 1
       taken[pe.name] = unreferenced
       run = r
-      if pe.hot is not None:  # its hot tier's run after the resident one
-        run += pe.hot.hot.leading_run(chain[r:])
+      if pe.hot_tier is not None:  # its hot tier's run after the resident one
+        run += pe.hot_tier.leading_run(chain[r:])
         hot[pe.name] = run
       while run < len(chain) and in_store[run]:
         run += 1
@@ -632,13 +631,13 @@ class PDCluster:
     bs = self.block_size
     target = turn.prefill_target
     cached = pe.manager.begin(turn.rid, turn.tokens[:target], turn.req.tenant)
-    if pe.hot is not None:  # host -> HBM now: no NIC, and faster than one
-      hot_blocks = pe.hot.stats.hot_loaded_blocks
-      pe.kv, hot_tokens, _ = pe.hot.load_prefix(
+    if pe.hot_io is not None:  # host -> HBM now: no NIC, and faster than one
+      hot_blocks = pe.hot_io.stats.hot_loaded_blocks
+      pe.kv, hot_tokens, _ = pe.hot_io.load_prefix(
           pe.kv, turn.rid, turn.tokens[:target], turn.req.tenant)
       cached += hot_tokens
       turn.hot_tokens[pe.name] = turn.hot_tokens.get(pe.name, 0) + hot_tokens
-      hot_blocks = pe.hot.stats.hot_loaded_blocks - hot_blocks
+      hot_blocks = pe.hot_io.stats.hot_loaded_blocks - hot_blocks
       self.cold_tier.stats.hot_loaded_blocks += hot_blocks
       self.cold_tier.stats.hot_loaded_tokens += hot_tokens
     have = cached // bs
@@ -848,8 +847,8 @@ class PDCluster:
     self.stats.moved_blocks += len(src)
     self.stats.kept_on_decode_blocks += (last - first) - len(todo)
     de.manager.append_tokens(turn.rid, turn.tokens[computed:target])
-    if pe.hot is not None:  # the prompt's full blocks the hot tier lacks
-      pe.hot.write_back(pe.kv, turn.rid, turn.req.tenant, turn.req.session_id)
+    if pe.hot_io is not None:  # the prompt's full blocks the hot tier lacks
+      pe.hot_io.write_back(pe.kv, turn.rid, turn.req.tenant, turn.req.session_id)
     pe.manager.end(turn.rid, keep_cached=self.dualpath.prefill_keeps_prefix)
     de.running.append(turn)
 
