@@ -161,6 +161,13 @@ def main(argv):
     if cold_stats["store"] is not None:
       tiers.append(f"cold tier {by_tier['cold']}")
     print("cached prompt tokens by tier: " + ", ".join(tiers))
+    prefetch = cold_stats.get("prefetch")
+    if prefetch is not None:
+      print(f"prefetch: {prefetch['read_blocks']} blocks read ("
+            f"{prefetch['path1_blocks']} on prefill NICs, "
+            f"{prefetch['path2_blocks']} on decode NICs), "
+            f"{prefetch['used_blocks']} read by the turns they were for, "
+            f"{prefetch['evicted_unused_blocks']} evicted unread")
   outputs.write_json(report, FLAGS.report)
   print(f"report: {FLAGS.report}")
   if FLAGS.plot:

@@ -58,6 +58,11 @@ def define(mesh_default: str | None = None) -> None:
              "engine (with --mesh: of each prefill engine): blocks the pool "
              "evicted come back from here first; 0 = none",
              lower_bound=0.0)
+  once(flags.DEFINE_integer, "prefetch_blocks", 0,
+       "--mesh with --hot_tier_gb: blocks per prefetch read; the cluster "
+       "reads the prefixes of waiting turns and of sessions predicted to "
+       "return soon from the cold tier into the prefill engines' hot tiers "
+       "on idle storage NICs; 0 = no prefetch", lower_bound=0)
   once(flags.DEFINE_enum, "cold_tier_codec", "raw", CODECS,
        "how cold-tier blocks are stored")
   once(flags.DEFINE_enum, "cold_tier_sync", "auto", ["auto", "syncfs", "fsync"],
@@ -76,14 +81,29 @@ def mesh_config():
   """
   if not FLAGS.mesh or FLAGS.mesh.lower() == "none":
     hot_tier_bytes()  # checked now: a size past the host's memory
+    check_prefetch(None)
     return None
   from dualpath_jax.transfer import MeshConfig
   if not FLAGS.cold_tier:
     raise ValueError("--mesh needs --cold_tier (the blocks the paths load)")
   mesh = MeshConfig.parse(FLAGS.mesh, FLAGS.tp)
   hot_tier_bytes(mesh.num_prefill)  # one per prefill engine, all in this host
+  check_prefetch(mesh)
   dualpath_config()  # checked now; built again for each cluster
   return mesh
+
+
+def check_prefetch(mesh) -> None:
+  """ValueError for `--prefetch_blocks` where nothing would prefetch: one
+  engine (`mesh` None) or a cluster without hot tiers."""
+  if not FLAGS.prefetch_blocks:
+    return
+  if mesh is None:
+    raise ValueError("--prefetch_blocks needs --mesh (the P/D cluster "
+                     "prefetches; one engine does not)")
+  if not FLAGS.hot_tier_gb:
+    raise ValueError("--prefetch_blocks needs --hot_tier_gb (prefetched "
+                     "blocks go to the prefill engines' hot tiers)")
 
 
 def dualpath_config(policy: str | None = None):
@@ -92,7 +112,8 @@ def dualpath_config(policy: str | None = None):
   return DualPathConfig(policy=policy or FLAGS.policy,
                         storage_nic_gbps=FLAGS.storage_nic_gbps,
                         prefill_keeps_prefix=FLAGS.prefill_keeps_prefix,
-                        prefill_tokens_per_s=FLAGS.prefill_tokens_per_s)
+                        prefill_tokens_per_s=FLAGS.prefill_tokens_per_s,
+                        prefetch_blocks=FLAGS.prefetch_blocks)
 
 
 def cold_tier_config(root: str | None = None):
@@ -152,7 +173,8 @@ def as_dict() -> dict:
           "prefill_tokens_per_s": FLAGS.prefill_tokens_per_s,
           "cold_tier_codec": FLAGS.cold_tier_codec,
           "cold_tier_gb": FLAGS.cold_tier_gb, "cold_tier_sync": FLAGS.cold_tier_sync,
-          "hot_tier_gb": FLAGS.hot_tier_gb}
+          "hot_tier_gb": FLAGS.hot_tier_gb,
+          "prefetch_blocks": FLAGS.prefetch_blocks}
 
 
 def make(loaded, cache, engine_cfg, mesh, cold, policy: str | None = None):

@@ -136,6 +136,31 @@ def test_mesh_run_with_prefill_hot_tiers(tmp_path):
   assert r["config"]["hot_tier_gb"] == 0.01
 
 
+def test_mesh_run_with_a_prefetcher(tmp_path):
+  """1P2D, decode batches of one turn (so turns wait to be placed) and a
+  hot tier of 78 blocks for 8 sessions of about 40: the prefetcher reads
+  waiting turns' evicted prefixes back into the tier, the turns read them
+  there, and the report and its printed line say so."""
+  proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
+              "--max_context=1024", "--sessions=8", "--turns=3",
+              "--first_tool_lines=1", "--growth_lines=1",
+              "--max_new_tokens=2", "--reply=teacher_forced", "--nowarmup",
+              "--noprogress", "--max_batch=1", f"--cold_tier={tmp_path / 'c'}",
+              "--mesh=1P2D", "--noprefill_keeps_prefix",
+              "--hot_tier_gb=0.0006", "--prefetch_blocks=2",
+              f"--report={tmp_path / 'r.json'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads((tmp_path / "r.json").read_text())
+  pf = r["cold_tier"]["prefetch"]
+  assert pf["read_blocks"] > 0 and pf["used_blocks"] > 0
+  assert pf["put_blocks"] == (pf["used_blocks"] + pf["unused_held_blocks"] +
+                              pf["evicted_unused_blocks"])
+  assert pf["batch_blocks"] == 2 and r["config"]["prefetch_blocks"] == 2
+  assert (f"prefetch: {pf['read_blocks']} blocks read" in proc.stdout and
+          f"{pf['used_blocks']} read by the turns they were for" in
+          proc.stdout)
+
+
 def test_hot_tiers_past_the_hosts_memory_are_refused(tmp_path):
   """--hot_tier_gb is each prefill engine's: two that together pass the
   host's available memory are refused before anything is allocated."""

@@ -113,6 +113,10 @@ BAD_FLAGS = [
     *[(*launcher, "--hot_tier_gb=100000",
        "--hot_tier_gb=100000 is more than the")
       for launcher in LAUNCHERS[:3]],
+    # The prefetcher is the P/D cluster's, and fills its hot tiers.
+    (*LAUNCHERS[0], "--prefetch_blocks=4", "--prefetch_blocks needs --mesh"),
+    (*LAUNCHERS[1], "--prefetch_blocks=-1",
+     "flag --prefetch_blocks=-1: -1 is not"),
     # A job's flags without the job used to start a single-process run.
     (*LAUNCHERS[0], "--coordinator_address=localhost:1234",
      "--coordinator_address given to a single-process run: add "
@@ -136,6 +140,20 @@ def test_launchers_refuse_bad_engine_flags(tmp_path, module, extra, flag, msg):
   # Refused from the flags, the configs and the model's metadata alone:
   # before JAX's ~3 s import.
   assert not imported_jax(done.stderr)
+
+
+@pytest.mark.parametrize("module,extra", LAUNCHERS)
+def test_prefetching_without_hot_tiers_is_refused(tmp_path, module, extra):
+  args = [*extra, "--mesh=1P2D", f"--cold_tier={tmp_path / 'kv'}",
+          "--prefetch_blocks=4"]
+  if module != "launch.serve":
+    args.append(f"--report={tmp_path / 'r.json'}")
+  done = _run(module, *args)
+  error = without_import_times(done.stderr)
+  assert done.returncode != 0, error[-2000:]
+  assert "--prefetch_blocks needs --hot_tier_gb" in error, error[-2000:]
+  assert "Traceback" not in error
+  assert not (tmp_path / "r.json").exists()
 
 
 def test_bench_online_refuses_a_pods_job_settings(tmp_path):

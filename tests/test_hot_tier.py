@@ -101,6 +101,27 @@ def test_a_chain_extended_by_its_own_turn_keeps_its_head():
   assert tier.stats.dropped == 1
 
 
+def test_pinned_blocks_outlive_every_put_until_unpinned():
+  tier = HotTier(6, SHAPE, np.float32)
+  a, b, c = _ids("a", 3), _ids("b", 6), _ids("c", 2)
+  tier.set_pins(a + c)  # c not held yet: pinned once it is
+  tier.put(a, _blocks(3, 1))
+  assert tier.room() == 3 and tier.room(keep=b[:1]) == 3
+  assert tier.put(b, _blocks(6, 2)) == 3  # only the unpinned room
+  assert tier.stats.dropped == 3
+  assert tier.leading_run(a) == 3 and tier.leading_run(b) == 3
+  assert tier.put(c, _blocks(2, 3)) == 2  # evicts b's, not a's
+  assert tier.leading_run(a) == 3 and tier.leading_run(c) == 2
+  assert tier.room() == 1  # a's 3 and c's 2 pinned
+  out = np.zeros((3,) + SHAPE, np.float32)
+  assert tier.read_run(a, out) == 3
+  np.testing.assert_array_equal(out, _blocks(3, 1))
+  tier.set_pins(())
+  assert tier.pinned == frozenset() and tier.room() == 6
+  assert tier.put(b, _blocks(6, 2)) == 5  # b0 held: now a's and c's go
+  assert tier.leading_run(a) == 0
+
+
 def test_discard_frees_slots_for_new_blocks():
   tier = HotTier(2, SHAPE, np.float32)
   tier.put(_ids("a", 2), _blocks(2, 8))

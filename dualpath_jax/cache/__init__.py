@@ -7,7 +7,9 @@ Pure Python and numpy, no JAX and no I/O:
   block_pool        refcounted pool blocks, cached identities, LRU eviction
   kv_cache_manager  block tables of running sequences and prefix reuse
   hot_tier          whole blocks in host DRAM by identity, evicted by reuse,
-                    recency and position in their chain
+                    recency and position in their chain (and never pinned ones)
+  prefetcher        when each agent session comes back (`ReturnPredictor`),
+                    so which blocks a prefetcher reads first
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from dualpath_jax.cache.block_pool import (BlockPool, BlockPoolStats,
 from dualpath_jax.cache.hot_tier import HotTier, HotTierStats
 from dualpath_jax.cache.kv_cache_manager import (KVCacheManager,
                                                  RequestTooLargeError)
+from dualpath_jax.cache.prefetcher import AwaySession, ReturnPredictor
 
 __all__ = [
+    "AwaySession",
     "BlockHash",
     "BlockPool",
     "BlockPoolStats",
@@ -30,6 +34,7 @@ __all__ = [
     "KVCacheManager",
     "OutOfBlocksError",
     "RequestTooLargeError",
+    "ReturnPredictor",
     "hash_block",
     "hash_chain",
     "token_array",

@@ -29,6 +29,12 @@ Eviction keeps what a future turn is likeliest to read, by three signals:
   blocks with generated tokens) keeps its head: the second `put` names
   the head in `keep`, and `refresh` then orders the whole chain.
 
+Beyond these, a caller that knows who reads next can **pin** blocks
+(`set_pins`): no put evicts a pinned block. The P/D cluster's prefetcher
+pins the prefixes of the turns and sessions it predicts next, so the
+blocks it read for them are not pushed out by other turns' puts before
+they are used.
+
 Not thread-safe: one engine thread calls it.
 """
 
@@ -37,7 +43,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -84,6 +90,7 @@ class HotTier:
     self._protected: collections.OrderedDict[bytes, int] = (
         collections.OrderedDict())
     self._free = list(range(capacity_blocks - 1, -1, -1))
+    self._pinned: frozenset[bytes] = frozenset()
     self.stats = HotTierStats()
 
   @classmethod
@@ -111,6 +118,23 @@ class HotTier:
   def contains(self, ids: Sequence[bytes]) -> list[bool]:
     """Whether each id is held (no effect on eviction)."""
     return [i in self for i in ids]
+
+  def room(self, keep: Collection[bytes] = ()) -> int:
+    """Blocks a `put` could take now without evicting any of `keep`: the
+    free slots plus the held blocks neither in `keep` nor pinned."""
+    return (len(self._free) + len(self) -
+            sum(i in self for i in set(keep) | self._pinned))
+
+  def set_pins(self, ids: Collection[bytes]) -> None:
+    """Makes `ids` the pinned blocks (replacing the previous pins): while
+    held, no put evicts them. Ids not held are remembered, so a block put
+    later is pinned too. Keep pins well under the capacity: a put past the
+    unpinned room stores less (`stats.dropped`)."""
+    self._pinned = frozenset(ids)
+
+  @property
+  def pinned(self) -> frozenset[bytes]:
+    return self._pinned
 
   def leading_run(self, ids: Sequence[bytes]) -> int:
     """How many of `ids`, from the first, are held."""
@@ -145,9 +169,10 @@ class HotTier:
 
     An id already held is not copied again; it counts as reused. Room is
     made by evicting blocks of other calls (see the module docstring), never
-    this call's own nor those in `keep` (e.g. the shallower blocks of the
-    chain `ids` extends); new blocks past that room are not stored, the
-    deepest first (`stats.dropped`). Returns how many were copied in.
+    this call's own, those in `keep` (e.g. the shallower blocks of the
+    chain `ids` extends) nor pinned ones; new blocks past that room are not
+    stored, the deepest first (`stats.dropped`). Returns how many were
+    copied in.
     """
     if blocks.shape != (len(ids), *self.block_shape):
       raise ValueError(f"blocks {blocks.shape} do not match {len(ids)} ids of "
@@ -157,7 +182,7 @@ class HotTier:
                        f"{self.dtype}")
     if len(set(ids)) != len(ids):
       raise ValueError("a put names one block id twice")
-    mine = set(ids) | set(keep)
+    mine = set(ids) | set(keep) | self._pinned
     held = [i for i in ids if i in self]
     new = [(k, i) for k, i in enumerate(ids) if i not in self]
     room = len(self._free) + len(self) - sum(i in self for i in mine)

@@ -53,6 +53,12 @@ One turn:
    there, finds its whole prefix hot. (Between hosts that copy would cross
    the compute network, off any turn's critical path, not a storage NIC.)
 
+With `DualPathConfig.prefetch_blocks` (and hot tiers), a prefetcher
+(`engine.prefetch`) reads the prefixes of turns waiting to be placed and of
+sessions predicted to come back soon from the cold tier into the PEs' hot
+tiers, on NICs with nothing queued, and pins them there until they are
+read; placement then finds them hot (step 1).
+
 Every move is a byte copy, so the tokens equal a single `Engine`'s whichever
 path delivered the prefix. Not thread-safe: one thread drives it.
 """
@@ -82,6 +88,7 @@ from dualpath_jax.engine import step_parts
 from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
 from dualpath_jax.cache.hot_tier import HotTier
 from dualpath_jax.engine.factory import make_hot_tier, model_fingerprint
+from dualpath_jax.engine.prefetch import ClusterPrefetcher
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           validate_request)
 from dualpath_jax.model.runner import ModelRunner
@@ -162,6 +169,7 @@ class ClusterColdTier:
   store: object
   stats: ColdTierStats
   hot_tiers: Sequence[HotTier] = ()
+  prefetcher: ClusterPrefetcher | None = None
 
   def flush(self) -> None:
     self.store.flush()
@@ -177,7 +185,9 @@ class ClusterColdTier:
                      "held_blocks": len(tier), "bytes": tier.nbytes}.items():
           hot[k] = hot.get(k, 0) + v
     return {**self.stats.as_dict(), "store": self.store.stats(),
-            "hot_tier": hot}
+            "hot_tier": hot,
+            "prefetch": (None if self.prefetcher is None else
+                         self.prefetcher.report())}
 
 
 class _Worker:
@@ -325,6 +335,21 @@ class PDCluster:
     self.max_pages = math.ceil(config.max_context / cache.block_size)
     self._rng = np.random.default_rng(config.seed)
     self._waiting: collections.deque[_Turn] = collections.deque()
+    self.prefetcher: ClusterPrefetcher | None = None
+    if dualpath.prefetch_blocks:
+      if not hot_tier_bytes:
+        raise ValueError("prefetch_blocks needs hot tiers (hot_tier_bytes > "
+                         "0): prefetched blocks go there")
+      self.prefetcher = ClusterPrefetcher(
+          self.loader, store, self.prefill_workers,
+          [de.name for de in self.decode_workers], self.nics,
+          batch_blocks=dualpath.prefetch_blocks,
+          on_store_error=lambda what, err: count_store_error(
+              self.cold_tier.stats, what, err))
+      self.cold_tier.prefetcher = self.prefetcher
+    # Whether a prefetcher step may find work: it started a read last time,
+    # or a turn ended since (its blocks went to a hot tier, maybe evicting).
+    self._prefetch_may_work = False
 
   def _writer(self, store, de: _Worker, pe: _Worker) -> ColdTierConnector:
     """The connector that writes `de`'s finished turns back, prefilled on
@@ -361,6 +386,8 @@ class PDCluster:
                        "running already")
     arrival = self.clock() if req.arrival_s is None else req.arrival_s
     rng = None if req.seed is None else np.random.default_rng(req.seed)
+    if self.prefetcher is not None and req.session_id:
+      self.prefetcher.turn_arrived(req.session_id, arrival)
     self._waiting.append(_Turn(req=req, arrival_s=arrival,
                                tokens=list(req.prompt_tokens), rng=rng))
 
@@ -407,7 +434,8 @@ class PDCluster:
 
   def metrics_snapshot(self) -> dict:
     """Per-path bytes and per-engine queues, for /metrics (per-tier hits:
-    `stats.cached_tokens_by_tier`, as on one engine)."""
+    `stats.cached_tokens_by_tier`, as on one engine); with a prefetcher,
+    its blocks read, used by their turn and evicted unused."""
     engines = {}
     for w in self.workers.values():
       nic = self.nics[w.name]
@@ -418,10 +446,16 @@ class PDCluster:
           "nic_backlog_bytes": nic.backlog_bytes(),
           "nic_bytes": nic.total_bytes}
     blocks = self.stats.path_blocks
-    return {
+    snap = {
         "path_bytes": {path: blocks[path] * self.block_bytes
                        for path in ("hot", "path1", "path2", "free")},
         "engines": engines}
+    if self.prefetcher is not None:
+      pf = self.prefetcher.stats
+      snap["prefetch_blocks"] = {"read": pf.read_blocks,
+                                 "used": pf.used_blocks,
+                                 "evicted_unused": pf.evicted_unused_blocks}
+    return snap
 
   def has_work(self) -> bool:
     return bool(self._waiting or any(w.has_work()
@@ -441,8 +475,14 @@ class PDCluster:
 
     When no engine has anything ready (every placed turn still loading), it
     waits for the first load to finish (at most 50 ms) instead of spinning.
+    With a prefetcher, it then starts prefetch reads on idle NICs
+    (`engine.prefetch`).
     """
+    if self.prefetcher is not None:
+      self.prefetcher.install_done()  # before placement looks for them
     self._admit()
+    if self.prefetcher is not None:
+      self._prefetch()
     done: list[TurnOutput] = []
     ran = False
     for pe in self.prefill_workers:
@@ -463,11 +503,32 @@ class PDCluster:
             if t.load is not None and not t.load.done()]
 
   def _wait_for_a_load(self, timeout: float) -> None:
+    """Waits for a turn's load or, with none, a prefetch read (not counted
+    in `load_wait_s`: no turn waits for it)."""
     pending = self._loads_in_flight()
     if pending:
       t0 = time.perf_counter()
       cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED)
       self.stats.load_wait_s += time.perf_counter() - t0
+    elif self.prefetcher is not None and self.prefetcher.in_flight():
+      cf.wait(self.prefetcher.in_flight(), timeout=timeout,
+              return_when=cf.FIRST_COMPLETED)
+
+  def _prefetch(self) -> None:
+    """One prefetcher step: the first waiting turns, then away sessions."""
+    waiting = [(t.req.session_id, self._chain(t))
+               for t in list(self._waiting)[:self.prefetcher.max_candidates]]
+    reads = self.prefetcher.stats.reads
+    self.prefetcher.step(waiting, self.clock())
+    self._prefetch_may_work = self.prefetcher.stats.reads > reads
+
+  def prefetch_pending(self) -> bool:
+    """Whether `step` with no turn to run may still prefetch: reads in
+    flight, the last step started one, or a turn ended since. A driver
+    with nothing to submit (every session away) steps instead of sleeping
+    while this holds; it turns False once a step finds nothing to read."""
+    return self.prefetcher is not None and bool(
+        self.prefetcher.in_flight() or self._prefetch_may_work)
 
   def flush(self, timeout: float | None = None) -> bool:
     """Waits for queued cold-tier writes (then the next turn can load them)."""
@@ -481,6 +542,8 @@ class PDCluster:
     """
     for nic in self.nics.values():
       nic.interrupt()
+    if self.prefetcher is not None:
+      self.prefetcher.close()
     self.loader.close()
     self.store.close()
 
@@ -544,12 +607,7 @@ class PDCluster:
     """
     bs = self.block_size
     target = turn.prefill_target
-    if turn.chain is None:
-      cap = (target - 1) // bs  # leave one token to compute
-      turn.chain = hash_chain(turn.tokens[:cap * bs], bs,
-                              self.prefill_workers[0].manager.model_fingerprint,
-                              turn.req.tenant)
-    chain = turn.chain
+    chain = self._chain(turn)
     in_store = self._store_contains(chain) if chain else []
     resident, hot, hits, taken = {}, {}, 0, {}
     for pe in self.prefill_workers:
@@ -576,6 +634,17 @@ class PDCluster:
         resident_blocks={k: min(v, hits) for k, v in resident.items()},
         hot_blocks=hot)
     return demand, in_store, taken
+
+  def _chain(self, turn: _Turn) -> list[bytes]:
+    """The ids of the turn's loadable blocks (hashed once per turn): its
+    prompt's full blocks, leaving at least one token to compute."""
+    if turn.chain is None:
+      bs = self.block_size
+      cap = (turn.prefill_target - 1) // bs
+      turn.chain = hash_chain(turn.tokens[:cap * bs], bs,
+                              self.prefill_workers[0].manager.model_fingerprint,
+                              turn.req.tenant)
+    return turn.chain
 
   def _store_contains(self, chain: list[bytes]) -> list[bool]:
     """`store.contains`; a store that raises holds nothing (the cold tier is
@@ -639,6 +708,10 @@ class PDCluster:
       turn.hot_tokens[pe.name] = turn.hot_tokens.get(pe.name, 0) + hot_tokens
       hot_blocks = pe.hot_io.stats.hot_loaded_blocks - hot_blocks
       self.cold_tier.stats.hot_loaded_blocks += hot_blocks
+      if self.prefetcher is not None and hot_blocks:
+        first = (cached - hot_tokens) // bs
+        self.prefetcher.note_hot_read(
+            pe.name, self._chain(turn)[first:first + hot_blocks])
       self.cold_tier.stats.hot_loaded_tokens += hot_tokens
     have = cached // bs
     present = in_store[have:]
@@ -886,6 +959,11 @@ class PDCluster:
       writer = self._writers[de.name, turn.prefill.name]
       writer.write_back(de.kv, turn.rid, turn.req.tenant, turn.req.session_id,
                         touch_hot=False)
+      if self.prefetcher is not None and turn.req.session_id:
+        self.prefetcher.turn_finished(turn.req.session_id, now,
+                                      de.manager.block_hashes(turn.rid),
+                                      turn.prefill.name)
+        self._prefetch_may_work = True
       de.manager.end(turn.rid)
       done.append(step_parts.turn_output(turn, now, reason))
     return done

@@ -75,6 +75,12 @@ class LocalEngineHandle:
   def has_work(self) -> bool:
     return self.engine.has_work()
 
+  def prefetch_pending(self) -> bool:
+    """Whether a step with no turn would still prefetch (a P/D cluster's
+    `prefetch_pending`); False for an engine without a prefetcher."""
+    pending = getattr(self.engine, "prefetch_pending", None)
+    return pending is not None and pending()
+
   def clock(self) -> float:
     return self.engine.clock()
 
@@ -192,10 +198,10 @@ class EngineLoop:
   def _run(self) -> None:
     try:
       while not self._stop.is_set():
-        self._drain(block=not self.handle.has_work())
+        self._drain(block=not self._has_work())
         if self._stop.is_set():
           break
-        if self.handle.has_work():
+        if self._has_work():
           self._step()
     finally:
       error = ShuttingDown("the server is shutting down")
@@ -207,6 +213,14 @@ class EngineLoop:
           break
         if cmd[0] == "submit":
           _call(cmd[2].on_error, error)
+
+  def _has_work(self) -> bool:
+    """Turns to run, or prefetch reads going while every session is away
+    (stepped then too, so the reads land before the sessions return)."""
+    if self.handle.has_work():
+      return True
+    pending = getattr(self.handle, "prefetch_pending", None)
+    return pending is not None and pending()
 
   def _drain(self, block: bool) -> None:
     try:

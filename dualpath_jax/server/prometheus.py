@@ -17,7 +17,10 @@ Tiers and load paths. Prefix-cache hits carry a `tier` label:
 `dualpath_load_path_bytes_total{path="hot"|"path1"|"path2"|"free"}` counts
 loaded bytes by path ("hot": from a prefill engine's hot tier), and per engine `dualpath_engine_queued_turns`,
 `dualpath_storage_nic_backlog_bytes` and `dualpath_storage_nic_bytes_total`
-show where work and reads pile up.
+show where work and reads pile up. With a prefetcher,
+`dualpath_prefetch_blocks_total{outcome="read"|"used"|"evicted_unused"}`
+counts the blocks it read, those a turn then read from the hot tier, and
+those evicted before any did.
 """
 
 from __future__ import annotations
@@ -85,6 +88,15 @@ class EngineCollector(prometheus_client.registry.Collector):
     for path, n in sorted(s["path_bytes"].items()):
       path_bytes.add_metric([path], n)
     yield path_bytes
+    if "prefetch_blocks" in s:
+      prefetch = CounterMetricFamily(
+          f"{PREFIX}_prefetch_blocks",
+          "Blocks the prefetcher read into prefill engines' hot tiers, by "
+          "outcome (read; used by the turn they were for; evicted unused).",
+          labels=["outcome"])
+      for outcome, n in sorted(s["prefetch_blocks"].items()):
+        prefetch.add_metric([outcome], n)
+      yield prefetch
     engines = s.get("engines", {})
     queued = GaugeMetricFamily(
         f"{PREFIX}_engine_queued_turns",

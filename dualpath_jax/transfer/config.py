@@ -109,6 +109,11 @@ class DualPathConfig:
       measured rate (e.g. `engine.prefill_tok_s` of an earlier report) makes
       a turn avoid a prefill engine whose compute queue finishes later than
       another's load.
+    prefetch_blocks: blocks per prefetch read: the cluster reads the
+      prefixes of waiting turns and of sessions predicted to return soon
+      from the cold tier into the prefill engines' hot tiers, on NICs with
+      nothing queued (`engine.prefetch`). 0 (the default): no prefetch.
+      Needs hot tiers.
   """
 
   policy: str = "dualpath"
@@ -119,6 +124,7 @@ class DualPathConfig:
   prefill_keeps_prefix: bool = True
   handoff: str = "auto"
   prefill_tokens_per_s: float = math.inf
+  prefetch_blocks: int = 0
 
   def __post_init__(self):
     if self.policy not in POLICIES:
@@ -143,6 +149,10 @@ class DualPathConfig:
         rate > 0):
       raise ValueError("prefill_tokens_per_s must be > 0 (inf: prefill "
                        f"queues only break ties), got {rate!r}")
+    if (isinstance(self.prefetch_blocks, bool) or
+        not isinstance(self.prefetch_blocks, int) or self.prefetch_blocks < 0):
+      raise ValueError("prefetch_blocks must be an int >= 0 (0: no "
+                       f"prefetch), got {self.prefetch_blocks!r}")
 
   @property
   def nic_bytes_per_s(self) -> float:

@@ -223,6 +223,40 @@ class DualPathLoader:
       f.add_done_callback(join)
     return joined
 
+  def read_blocks_async(self, block_ids: Sequence[bytes], engine: str
+                        ) -> "cf.Future[tuple[np.ndarray, int]]":
+    """Reads `block_ids` (one chain's consecutive blocks) from the cold tier
+    through `engine`'s NIC into a new block-major host array, queued on that
+    NIC's reader behind its loads.
+
+    For the prefetcher: the blocks go to a hot tier, not into a pool. The
+    future's result is `(blocks [n, L, 2, Hkv, P, D], good)`, `good` being
+    how many leading blocks the store served (a block it lacks or cannot
+    verify ends the run: the ones after it are useless to a prefix).
+    """
+    if engine not in self._readers:
+      raise ValueError(f"no engine {engine!r}")
+    n = len(block_ids)
+    nbytes = n * self.block_bytes
+    self.nics[engine].plan(nbytes)
+
+    def read():
+      out = np.empty((n,) + self.block_shape, self.dtype)
+      try:
+        self.nics[engine].acquire(nbytes, planned=True)
+      except BaseException:
+        self.nics[engine].unplan(nbytes)
+        raise
+      got = (self.source.get(list(block_ids), out=out)
+             if engine in self._staging else self.source.get(list(block_ids)))
+      good = next((i for i, b in enumerate(got) if b is None), n)
+      if engine not in self._staging:
+        for i in range(good):
+          out[i] = got[i]
+      return out, good
+
+    return self._readers[engine].submit(read)
+
   def _check_engines(self, req: LoadRequest) -> None:
     for name, role in ((req.prefill_engine, "prefill"),
                        (req.decode_engine, "decode")):

@@ -14,6 +14,9 @@ engine is doing, and a turn's arrival time is when it became ready, not when
 the loop got round to submitting it (a turn that waits behind a long engine
 step counts that wait in its TTFT). `on_tick` sees the clock after every
 engine step and before every idle wait, for sampling counters over time.
+While every session is away, an engine whose prefetcher has reads going
+(`PDCluster.prefetch_pending`) is stepped instead of the loop sleeping, so
+the reads land in the hot tier before the sessions return.
 """
 
 from __future__ import annotations
@@ -176,6 +179,11 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
       break
     if on_tick is not None:
       on_tick(clock() - t0)
+    prefetching = getattr(engine, "prefetch_pending", None)
+    if prefetching is not None and prefetching():
+      for out in engine.step():  # no turn runs: it prefetches (<= 50 ms)
+        finish(out)
+      continue
     sleep(max(0.0, min(pending) - clock()))
   return ReplayResult(
       records=records, wall_s=clock() - t0,
