@@ -84,6 +84,10 @@ def define_flags() -> None:
   float_flags.define_float("hot_gb_s", 50.0, "host -> HBM bandwidth per GPU "
                            "for hot-tier reads, GB/s (PCIe 5 x16 with pinned "
                            "buffers: about 50)", lower_bound=1e-6)
+  flags.DEFINE_integer("prefetch_blocks", 0, "with --hot_tier_gb: blocks per "
+                       "prefetch read of the runtime's prefetcher (waiting "
+                       "turns' and soonest-returning sessions' prefixes into "
+                       "the hot tiers, on idle NICs); 0 = none", lower_bound=0)
   flags.DEFINE_integer("max_prefill_tokens", 16384, "new tokens in one "
                        "prefill batch", lower_bound=1)
   flags.DEFINE_integer("max_prefill_turns", 16, "turns in one prefill batch",
@@ -268,6 +272,7 @@ def main(argv):
         handoff_gb_s=FLAGS.handoff_gb_s * mesh.prefill_tp,
         hot_tier_gb=FLAGS.hot_tier_gb * mesh.prefill_tp,
         hot_gb_s=FLAGS.hot_gb_s * mesh.prefill_tp,
+        prefetch_blocks=FLAGS.prefetch_blocks,
         max_prefill_tokens=FLAGS.max_prefill_tokens,
         max_prefill_turns=FLAGS.max_prefill_turns,
         max_decode_batch=FLAGS.max_decode_batch)

@@ -448,3 +448,62 @@ def test_a_small_hot_tier_keeps_each_sessions_shallowest_blocks():
   assert hot == {"s0": 2, "s1": 10}
   with pytest.raises(ValueError, match="hot_tier_gb"):
     SimConfig(hot_tier_gb=-1.0)
+
+
+def test_the_prefetcher_reads_an_away_sessions_evicted_blocks_back():
+  """Two sessions of 10 blocks, a 12-block tier: the second's blocks push
+  the first's out. With the runtime's prefetcher (pins up to 90% of the
+  tier here), s1, predicted back after s0, is pinned once s0 has come
+  back, and its 8 evicted blocks are read back during its tool wait on the
+  two idle NICs (4 on the prefill engine's, 4 on the decode engine's):
+  every second turn reads its whole prefix hot, none over a NIC after it
+  arrives. Without it, 17 blocks cross the prefill engine's NIC."""
+  cost = _tiny_cost(FAST_GPU)
+  bb = cost.block_bytes
+  sessions = [SimSession(f"s{i}", (SimTurn(40, 1), SimTurn(4, 1, 2.0 + i)))
+              for i in range(2)]
+  config = SimConfig(1, 1, storage_nic_gbps=8.0,
+                     hot_tier_gb=12 * bb / 2**30, prefetch_blocks=4,
+                     prefetch_pin_fraction=0.9)
+  off = simulate(cost, dataclasses.replace(config, prefetch_blocks=0),
+                 "single_path", sessions)
+  assert off.prefetch is None
+  assert off.paths["PE_READ"] == 17 and off.paths["HOT"] == 3
+  on = simulate(cost, config, "single_path", sessions)
+  second = {t["session_id"]: t for t in on.turns if t["turn_index"] == 1}
+  for t in second.values():
+    assert (t["hot_read_blocks"], t["pe_read_blocks"]) == (10, 0)
+  assert on.prefetch == {"read_blocks": 8, "path1_blocks": 4,
+                         "path2_blocks": 4, "used_blocks": 8,
+                         "evicted_unused_blocks": 0, "unused_held_blocks": 0}
+  # The prefetch bytes are NIC bytes: 4 blocks on each engine's NIC.
+  assert {n: e["nic_bytes"] for n, e in on.engines.items()} == {
+      "P0": 4 * bb, "D0": 4 * bb}
+  with pytest.raises(ValueError, match="prefetch_blocks needs hot_tier_gb"):
+    SimConfig(prefetch_blocks=4)
+  with pytest.raises(ValueError, match="prefetch_pin_fraction"):
+    SimConfig(hot_tier_gb=1.0, prefetch_pin_fraction=1.0)
+
+
+def test_a_turn_that_waited_for_hbm_counts_the_hot_tier_again():
+  """The hot blocks a turn reads are those its engine holds when it is
+  placed, not when it arrived: a turn that waited for HBM while the tier
+  lost its prefix reads it over a NIC. (The simulator counted them at
+  arrival, and such turns read evicted blocks over the host link.)"""
+  from dualpath_jax.scheduler.state import ReadPath
+  cost = _tiny_cost(FAST_GPU)
+  session = SimSession("s", (SimTurn(40, 1), SimTurn(4, 1, 0.5)))
+  config = SimConfig(1, 1, hot_tier_gb=100 * cost.block_bytes / 2**30)
+  sim = Simulator(cost, config, "single_path", [session])
+  pe, de = sim.prefill[0], sim.decode[0]
+  for k in range(10):  # the session's prefix is hot...
+    pe.hot[("s", k)] = None
+  de.used = de.capacity  # ... but the decode engine has no room
+  sim._arrive(session, 1)
+  assert len(sim._pending) == 1  # it waits
+  pe.hot.clear()  # meanwhile the tier lost the prefix
+  de.used = 0
+  sim._place_pending()
+  placement = pe.waiting[0].placement
+  assert placement.count(ReadPath.HOT) == 0
+  assert placement.count(ReadPath.PE_READ) == 10

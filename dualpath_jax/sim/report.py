@@ -73,6 +73,7 @@ def run_dict(result: SimResult, *, rate: float | None,
       "hot_share": hot / (hot + loaded) if hot + loaded else None,
       "hbm_waits": result.hbm_waits,
       "written_bytes": result.written_bytes,
+      "prefetch": result.prefetch,
       "series": nic_series(result, nic_rates),
       "turns": result.turns,
   }

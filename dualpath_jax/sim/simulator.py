@@ -24,7 +24,15 @@ What is modelled, per engine:
   them there, uncharged, as the runtime's hand-off of them is); a later
   turn placed there reads the leading run it holds over a host link of
   `hot_gb_s` instead of a NIC (`ReadPath.HOT`), and the policies know which
-  engine holds what;
+  engine holds what (counted again at each placement attempt, as the
+  runtime does);
+* **prefetcher** (optional, `prefetch_blocks`, with a hot tier): the
+  runtime's (`engine.prefetch`): the prefixes of turns waiting for HBM,
+  then of sessions predicted back soonest (`cache.ReturnPredictor`, which
+  learns each session's gaps as the runtime's does), are pinned in their
+  prefill engine's tier up to `prefetch_pin_fraction` of it and read
+  there, `prefetch_blocks` per read, on NICs with nothing queued: the
+  prefill engine's, else a decode engine's (then over its path-2 hop);
 * **HBM**: `CostModel.pool_blocks` blocks; a placement reserves the turn's
   blocks on its PE (released when the hand-off ends) and on its DE
   (released when the turn ends), as the runtime does; a turn no engine has
@@ -52,6 +60,7 @@ import itertools
 import math
 from typing import Any, Callable, Sequence
 
+from dualpath_jax.cache.prefetcher import ReturnPredictor
 from dualpath_jax.metrics import TurnRecord
 from dualpath_jax.scheduler.batching import WaitingTurn, choose_prefill_batch
 from dualpath_jax.scheduler.clock import ManualClock
@@ -85,6 +94,9 @@ class SimConfig:
     max_decode_batch: turns one decode step serves.
     hot_tier_gb: each prefill engine's host-DRAM hot tier, GiB (0: none).
     hot_gb_s: each prefill engine's host -> HBM link for hot-tier reads, GB/s.
+    prefetch_blocks: blocks per prefetch read into the hot tiers (0: no
+      prefetcher; needs `hot_tier_gb`).
+    prefetch_pin_fraction: the part of a hot tier the prefetcher may pin.
   """
 
   num_prefill: int = 1
@@ -98,6 +110,8 @@ class SimConfig:
   decode_storage_nic_gbps: float | None = None
   hot_tier_gb: float = 0.0
   hot_gb_s: float = 50.0
+  prefetch_blocks: int = 0
+  prefetch_pin_fraction: float = 0.5
 
   def __post_init__(self):
     for name in ("num_prefill", "num_decode", "max_prefill_tokens",
@@ -115,6 +129,16 @@ class SimConfig:
         not 0 <= self.hot_tier_gb < math.inf):
       raise ValueError(f"hot_tier_gb must be a finite number >= 0, got "
                        f"{self.hot_tier_gb!r}")
+    if (isinstance(self.prefetch_blocks, bool) or
+        not isinstance(self.prefetch_blocks, int) or self.prefetch_blocks < 0):
+      raise ValueError("prefetch_blocks must be an int >= 0, got "
+                       f"{self.prefetch_blocks!r}")
+    if self.prefetch_blocks and not self.hot_tier_gb:
+      raise ValueError("prefetch_blocks needs hot_tier_gb > 0 (prefetched "
+                       "blocks go to the hot tiers)")
+    if not 0 <= self.prefetch_pin_fraction < 1:
+      raise ValueError("prefetch_pin_fraction must be in [0, 1), got "
+                       f"{self.prefetch_pin_fraction!r}")
 
   def nic_bytes_per_s(self, role: str) -> float:
     """Bytes/s of one storage NIC of an engine of `role`."""
@@ -209,6 +233,9 @@ class _Engine:
     self.hot_capacity = hot_blocks
     self.hot_link = _Pipe(config.hot_gb_s * 1e9)
     self.hot_hits = 0
+    self.pins: frozenset = frozenset()  # keys no put evicts (prefetcher)
+    self.fetching: set = set()  # keys a prefetch read brings
+    self.prefetched: set = set()  # keys put by the prefetcher, unread
     self.nic = _Pipe(config.nic_bytes_per_s(role))
     self.link = _Pipe((config.handoff_gb_s if role == PREFILL
                        else config.collective_gb_s) * 1e9)
@@ -248,6 +275,7 @@ class SimResult:
   hbm_waits: int
   written_bytes: int
   nic_spans: dict[str, list[tuple[float, float, int]]]
+  prefetch: dict[str, int] | None = None  # the prefetcher's block counts
 
 
 class Simulator:
@@ -305,6 +333,12 @@ class Simulator:
     self._records: list[TurnRecord] = []
     self._turns: list[dict[str, Any]] = []
     self._paths = {p.name: 0 for p in ReadPath}
+    # The oracle's loads are free: a prefetcher would only spend NIC time.
+    self._predictor = (ReturnPredictor() if config.prefetch_blocks and
+                       policy != "oracle" else None)
+    self._prefetch = {"read_blocks": 0, "path1_blocks": 0, "path2_blocks": 0,
+                      "used_blocks": 0, "evicted_unused_blocks": 0}
+    self._prefetch_wake = -math.inf  # when the prefetcher runs again
 
   # ------------------------------------------------------------ helpers
   def _blocks(self, tokens: int) -> int:
@@ -362,10 +396,15 @@ class Simulator:
       assert e.used == 0 and not e.waiting and not e.active, e.name
     starts = min(r.arrival_s for r in self._records)
     makespan = max(r.finish_s for r in self._records) - starts
+    prefetch = None
+    if self._predictor is not None:
+      prefetch = {**self._prefetch, "unused_held_blocks": sum(
+          len(e.prefetched) for e in self.prefill)}
     return SimResult(self.policy_name, self._records, self._turns,
                      self._engine_stats(makespan), dict(self._paths),
                      makespan, self._hbm_waits, self._written_bytes,
-                     {e.name: e.nic.spans for e in self.engines.values()})
+                     {e.name: e.nic.spans for e in self.engines.values()},
+                     prefetch)
 
   def _arrive(self, session: SimSession, index: int) -> None:
     bs = self.cost.block_size
@@ -373,27 +412,36 @@ class Simulator:
     hit = session.hit_tokens(index, bs)
     turn_id = f"{session.session_id}/{index}"
     out = session.turns[index].output_tokens
-    hot = {}
-    for pe in self.prefill:
-      n = 0
-      while n < hit // bs and (session.session_id, n) in pe.hot:
-        n += 1
-      if n:
-        hot[pe.name] = n
     demand = TurnDemand(
         turn_id, new_tokens=context - hit, hit_blocks=hit // bs,
         block_bytes=self.cost.block_bytes, total_blocks=self._blocks(context),
-        decode_blocks=self._blocks(context + out), max_new_tokens=out,
-        hot_blocks=hot)
+        decode_blocks=self._blocks(context + out), max_new_tokens=out)
     turn = _Turn(session, index, self.now, context, hit, demand)
+    if self._predictor is not None:
+      self._predictor.arrived(session.session_id, self.now)
     self._pending.append(turn)
     self._place_pending()
+    self._run_prefetcher()
+
+  def _hot_blocks(self, turn: _Turn) -> dict[str, int]:
+    """Per prefill engine, the leading hit blocks its hot tier holds now."""
+    hot = {}
+    for pe in self.prefill:
+      n = 0
+      while n < turn.demand.hit_blocks and (turn.session.session_id, n) in pe.hot:
+        n += 1
+      if n:
+        hot[pe.name] = n
+    return hot
 
   def _place_pending(self) -> None:
     """Places waiting turns in arrival order; stops at the first that does
     not fit (no turn overtakes an older one, so none starves)."""
     while self._pending:
       turn = self._pending[0]
+      if self.config.hot_tier_gb:  # the tiers change while a turn waits
+        turn.demand = dataclasses.replace(turn.demand,
+                                          hot_blocks=self._hot_blocks(turn))
       try:
         placement = self.policy(turn.demand, self._snapshot())
       except NoCapacityError:
@@ -421,6 +469,9 @@ class Simulator:
       done = max(done, pe.hot_link.send(n_hot * b, now))
       pe.hot_hits += n_hot
       self._touch_hot(pe, turn.session.session_id, range(n_hot))
+      used = {(turn.session.session_id, k) for k in range(n_hot)}
+      self._prefetch["used_blocks"] += len(pe.prefetched & used)
+      pe.prefetched -= used
     if counts[ReadPath.PE_READ]:
       done = max(done, pe.nic.send(counts[ReadPath.PE_READ] * b, now))
     n2 = counts[ReadPath.DE_READ]
@@ -504,8 +555,22 @@ class Simulator:
         pe.hot.move_to_end(key)
       else:
         pe.hot[key] = None
+    self._evict_hot(pe)
+
+  def _evict_hot(self, pe: _Engine) -> None:
+    """Evicts the least recently used unpinned blocks past the capacity
+    (pinned ones met on the way are made recent: they stay anyway)."""
+    moved = 0
     while len(pe.hot) > pe.hot_capacity:
+      key = next(iter(pe.hot))
+      if key in pe.pins and moved < len(pe.hot):  # else: all pinned
+        pe.hot.move_to_end(key)
+        moved += 1
+        continue
       pe.hot.popitem(last=False)
+      if key in pe.prefetched:
+        pe.prefetched.discard(key)
+        self._prefetch["evicted_unused_blocks"] += 1
 
   def _handoff_done(self, pe: _Engine, turn: _Turn) -> None:
     turn.handoff_done_s = self.now
@@ -561,8 +626,12 @@ class Simulator:
     self._written_bytes += (stored - turn.hit_tokens // bs) * self.cost.block_bytes
     # The runtime's decode engine puts the blocks with generated tokens into
     # the hot tier of the turn's prefill engine, and the chain is recent.
-    self._touch_hot(self.engines[turn.placement.prefill_engine],
-                    session.session_id, range(stored))
+    pe = self.engines[turn.placement.prefill_engine]
+    self._touch_hot(pe, session.session_id, range(stored))
+    if self._predictor is not None and index + 1 < len(session.turns):
+      self._predictor.finished(
+          session.session_id, now,
+          [(session.session_id, k) for k in range(stored)], pe.name)
     record = TurnRecord(session.session_id, index, turn.context,
                         turn.hit_tokens, turn.output_tokens, turn.arrival_s,
                         turn.first_token_s, now, "length")
@@ -588,6 +657,81 @@ class Simulator:
     if index + 1 < len(session.turns):
       nxt = session.turns[index + 1]
       self._at(now + nxt.gap_s, self._arrive, session, index + 1)
+    self._run_prefetcher()
+
+  # ------------------------------------------------------------ prefetch
+  def _run_prefetcher(self) -> None:
+    """The runtime prefetcher's step (`engine.prefetch`): pins the
+    candidates' prefixes, then one read per NIC with nothing queued."""
+    if self._predictor is None:
+      return
+    now = self.now
+    cands = [(t.session.session_id,
+              [(t.session.session_id, k) for k in range(t.demand.hit_blocks)])
+             for t in self._pending[:8]]
+    for a in self._predictor.away(now):
+      if len(cands) >= 8:
+        break
+      cands.append((a.session_id, list(a.chain)))
+    targets = []
+    for session_id, chain in cands:
+      last = self._predictor.last_engine(session_id)
+      pe = next((e for e in self.prefill if e.name == last), None)
+      if pe is None:
+        pe = max(self.prefill, key=lambda e: sum(k in e.hot for k in chain))
+      targets.append((pe, chain))
+    pins = {pe.name: [] for pe in self.prefill}
+    for pe, chain in targets:
+      room = int(self.config.prefetch_pin_fraction * pe.hot_capacity)
+      pins[pe.name] += chain[:max(0, room - len(pins[pe.name]))]
+    for pe in self.prefill:
+      pe.pins = frozenset(pins[pe.name])
+    b, n_max = self.cost.block_bytes, self.config.prefetch_blocks
+    for pe, chain in targets:
+      while True:
+        want = []
+        for key in chain:
+          if key not in pe.pins:
+            break
+          if key not in pe.hot and key not in pe.fetching:
+            want.append(key)
+            if len(want) == n_max:
+              break
+        if not want:
+          break
+        nic = next((e for e in [pe] + self.decode
+                    if e.nic.queued_bytes(now) == 0), None)
+        if nic is None:
+          self._retry_prefetch_at(min(e.nic.busy_until
+                                      for e in [pe] + self.decode))
+          return
+        if nic is pe:
+          done = pe.nic.send(len(want) * b, now)
+          self._prefetch["path1_blocks"] += len(want)
+        else:  # then over the decode engine's path-2 hop
+          last = nic.nic.send(len(want) * b, now)
+          done = nic.link.send(len(want) * b, now, last, b)
+          self._prefetch["path2_blocks"] += len(want)
+        self._prefetch["read_blocks"] += len(want)
+        pe.fetching.update(want)
+        self._at(done, self._prefetch_done, pe, want)
+
+  def _retry_prefetch_at(self, t: float) -> None:
+    """Runs the prefetcher again when the first busy NIC frees (one such
+    event pending at a time, the earliest)."""
+    if self._prefetch_wake <= self.now or t < self._prefetch_wake:
+      self._prefetch_wake = t
+      self._at(t, self._run_prefetcher)
+
+  def _prefetch_done(self, pe: _Engine, keys: list) -> None:
+    """A prefetch read landed: its blocks join the tier (pinned ones stay)."""
+    pe.fetching.difference_update(keys)
+    for key in keys:
+      if key not in pe.hot:
+        pe.hot[key] = None
+        pe.prefetched.add(key)
+    self._evict_hot(pe)
+    self._run_prefetcher()
 
   # ------------------------------------------------------------ report
   def _engine_stats(self, makespan: float) -> dict[str, dict[str, Any]]:
