@@ -130,6 +130,13 @@ def _parse_policies(text: str) -> list[str]:
   return pols
 
 
+def _run_dir(root: str, policy: str, rate: float) -> str:
+  """The folder of one (policy, rate) run: the rate written exactly, so two
+  rates that print alike (`{rate:g}`: 6 digits) never share one (with
+  --keep_runs the second deleted the first's store)."""
+  return os.path.join(root, "runs", f"{policy}-{rate!r}")
+
+
 def _cold_config(root: str):
   return cluster_flags.cold_tier_config(root)
 
@@ -351,7 +358,7 @@ def main(argv):
            seed_dir, os.path.join(root, "runs", f"warm-{policy}"), bound)
     for rate in rates:  # policies side by side at each rate
       for policy in policies:
-        run_dir = os.path.join(root, "runs", f"{policy}-{rate:g}")
+        run_dir = _run_dir(root, policy, rate)
         run = _run(loaded, cache, engine_cfg, mesh, policy, rate, sessions,
                    slo, seed_dir, run_dir, bound)
         runs.append(run)

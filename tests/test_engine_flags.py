@@ -306,3 +306,16 @@ def test_serve_stops_on_ctrl_c_while_loading():
   assert done.returncode == 130, done.stderr[-2000:]
   assert "serve: stopped" in done.stderr
   assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_bench_online_gives_rates_that_print_alike_their_own_run_folders():
+  """Two rates equal to 6 digits (`{rate:g}`) shared one run folder, so with
+  --keep_runs the second run deleted the first's store."""
+  code = ("from launch.bench_online import _run_dir; "
+          "a = _run_dir('root', 'dualpath', 0.1234561); "
+          "b = _run_dir('root', 'dualpath', 0.1234562); "
+          "print(a != b, a)")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, timeout=120, cwd=REPO)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split()[0] == "True", done.stdout

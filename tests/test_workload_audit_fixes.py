@@ -139,3 +139,75 @@ def test_format_table_leaves_out_an_empty_finish_reasons():
   table = metrics.format_table(metrics.summarize([], 0.0))
   assert "finish_reasons" not in table
   assert "ttft_s" in table and "p50=None" in table
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
+def test_a_trace_with_a_byte_order_mark_loads(tmp_path, suffix):
+  """Some editors start a UTF-8 file with a byte-order mark; the loader
+  called such a trace invalid JSON at line 1."""
+  plain = tmp_path / "plain.jsonl"
+  save_trace([_session("a"), _session("b")], str(plain))
+  data = "\ufeff" + plain.read_text(encoding="utf-8")
+  path = tmp_path / f"bom{suffix}"
+  if suffix.endswith(".zst"):
+    import zstandard  # pylint: disable=g-import-not-at-top
+    path.write_bytes(zstandard.ZstdCompressor().compress(data.encode()))
+  else:
+    path.write_text(data, encoding="utf-8")
+  assert [s.session_id for s in load_trace(str(path))] == ["a", "b"]
+  # Only at the very start: elsewhere it is still no JSON.
+  path.write_text(plain.read_text(encoding="utf-8") + "\ufeff{}\n",
+                  encoding="utf-8")
+  if not suffix.endswith(".zst"):
+    with pytest.raises(TraceError, match=":3: invalid JSON"):
+      load_trace(str(path))
+
+
+def test_honoring_a_gap_of_centuries_waits_in_bounded_sleeps():
+  """A recorded tool wait of 1e13 ms (317 years) with `honor_gaps` went to
+  one `time.sleep`, which raised OverflowError mid-run; the loop now sleeps
+  at most `MAX_SLEEP_S` at a time (here on a fake clock)."""
+  from dualpath_jax.engine.request import TurnOutput  # pylint: disable=g-import-not-at-top
+  from dualpath_jax.workload.replay import MAX_SLEEP_S  # pylint: disable=g-import-not-at-top
+  from tests.test_replay import ByteChatTokenizer  # pylint: disable=g-import-not-at-top
+
+  now = [0.0]
+
+  class Engine:
+    config = type("C", (), {"max_context": 4096})()
+
+    def __init__(self):
+      self.queue = []
+
+    def submit(self, req):
+      self.queue.append(req)
+
+    def has_work(self):
+      return bool(self.queue)
+
+    def step(self):
+      req = self.queue.pop(0)
+      return [TurnOutput(request=req, generated_tokens=[5],
+                         finish_reason="length", arrival_s=now[0],
+                         first_token_s=now[0], finish_s=now[0],
+                         cached_prompt_tokens=0)]
+
+  sleeps = []
+
+  def sleep(s):
+    if s > 1e9:  # what time.sleep refuses on this platform
+      raise OverflowError("timestamp out of range for platform time_t")
+    sleeps.append(s)
+    now[0] += s
+
+  session = AgentSession(session_id="s", system_prompt="sys", tenant="t",
+                         turns=[AgentTurn(index=j, input_delta=[
+                             {"role": "user", "content": "go"}],
+                             output_tokens=1,
+                             pre_gap_ms=0 if j == 0 else 1e13)
+                                for j in range(2)])
+  res = replay_sessions(Engine(), ByteChatTokenizer(), [session],
+                        honor_gaps=True, clock=lambda: now[0], sleep=sleep)
+  assert len(res.records) == 2
+  assert max(sleeps) == MAX_SLEEP_S and sum(sleeps) == pytest.approx(1e10)
+  assert res.records[1].arrival_s == pytest.approx(1e10)

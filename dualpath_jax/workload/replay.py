@@ -32,6 +32,8 @@ from dualpath_jax.engine.request import TurnOutput, TurnRequest
 from dualpath_jax.metrics import TurnRecord
 from dualpath_jax.workload.trace import AgentSession
 
+MAX_SLEEP_S = 1e6  # one idle wait's longest sleep (the loop sleeps again)
+
 REPLY_MODES = ("generate", "teacher_forced")
 
 
@@ -184,7 +186,9 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
       for out in engine.step():  # no turn runs: it prefetches (<= 50 ms)
         finish(out)
       continue
-    sleep(max(0.0, min(pending) - clock()))
+    # In steps of at most MAX_SLEEP_S: a trace's gap of centuries passed
+    # to one `time.sleep` raised OverflowError mid-run.
+    sleep(min(max(0.0, min(pending) - clock()), MAX_SLEEP_S))
   return ReplayResult(
       records=records, wall_s=clock() - t0,
       truncated_sessions={sid: st.stopped for sid, st in states.items() if st.stopped})

@@ -218,6 +218,8 @@ def load_trace(path: str, limit: int | None = None) -> list[AgentSession]:
   seen: set[str] = set()
   try:
     for lineno, line in enumerate(_text_lines(path), 1):
+      if lineno == 1:  # a byte-order mark some editors write: not JSON
+        line = line.removeprefix("\ufeff")
       if not line.strip():
         continue
       where = f"{path}:{lineno}"
