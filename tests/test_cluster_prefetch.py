@@ -401,24 +401,18 @@ def test_replay_steps_a_prefetching_engine_while_every_session_is_away():
   """With every session in its tool wait, the replay loop used to sleep to
   the first return; an engine with prefetch reads going is stepped instead
   (each step waits at most 50 ms for a read), then the loop sleeps."""
-  from dualpath_jax.engine.request import TurnOutput
-  from dualpath_jax.workload import AgentSession, AgentTurn
   from dualpath_jax.workload.replay import replay_sessions
+  from replay_fakes import InstantEngine, two_turn_session
   from tests.test_replay import ByteChatTokenizer
 
   now = [0.0]
 
-  class Engine:
-    config = type("C", (), {"max_context": 4096})()
+  class Engine(InstantEngine):
+    """Its turns' ends give the prefetcher 3 reads, one landing per idle step."""
 
     def __init__(self):
-      self.queue, self.idle_steps, self.pending = [], 0, 0
-
-    def submit(self, req):
-      self.queue.append(req)
-
-    def has_work(self):
-      return bool(self.queue)
+      super().__init__(now)
+      self.idle_steps, self.pending = 0, 0
 
     def prefetch_pending(self):
       return self.pending > 0
@@ -429,12 +423,8 @@ def test_replay_steps_a_prefetching_engine_while_every_session_is_away():
         self.pending -= 1
         now[0] += 0.01
         return []
-      req = self.queue.pop(0)
-      self.pending = 3  # the turn's end gives the prefetcher 3 reads
-      return [TurnOutput(request=req, generated_tokens=[5],
-                         finish_reason="length", arrival_s=now[0],
-                         first_token_s=now[0], finish_s=now[0],
-                         cached_prompt_tokens=0)]
+      self.pending = 3
+      return super().step()
 
   sleeps = []
 
@@ -442,13 +432,8 @@ def test_replay_steps_a_prefetching_engine_while_every_session_is_away():
     sleeps.append(s)
     now[0] += s
 
-  session = AgentSession(session_id="s", system_prompt="sys", tenant="t",
-                         turns=[AgentTurn(index=j, input_delta=[
-                             {"role": "user", "content": "go"}],
-                             output_tokens=1, pre_gap_ms=0 if j == 0 else 1000)
-                                for j in range(2)])
   engine = Engine()
-  res = replay_sessions(engine, ByteChatTokenizer(), [session],
+  res = replay_sessions(engine, ByteChatTokenizer(), [two_turn_session(1000)],
                         honor_gaps=True, clock=lambda: now[0], sleep=sleep)
   assert len(res.records) == 2
   assert engine.idle_steps == 3  # stepped while the session was away

@@ -167,31 +167,11 @@ def test_honoring_a_gap_of_centuries_waits_in_bounded_sleeps():
   """A recorded tool wait of 1e13 ms (317 years) with `honor_gaps` went to
   one `time.sleep`, which raised OverflowError mid-run; the loop now sleeps
   at most `MAX_SLEEP_S` at a time (here on a fake clock)."""
-  from dualpath_jax.engine.request import TurnOutput  # pylint: disable=g-import-not-at-top
   from dualpath_jax.workload.replay import MAX_SLEEP_S  # pylint: disable=g-import-not-at-top
+  from replay_fakes import InstantEngine, two_turn_session  # pylint: disable=g-import-not-at-top
   from tests.test_replay import ByteChatTokenizer  # pylint: disable=g-import-not-at-top
 
   now = [0.0]
-
-  class Engine:
-    config = type("C", (), {"max_context": 4096})()
-
-    def __init__(self):
-      self.queue = []
-
-    def submit(self, req):
-      self.queue.append(req)
-
-    def has_work(self):
-      return bool(self.queue)
-
-    def step(self):
-      req = self.queue.pop(0)
-      return [TurnOutput(request=req, generated_tokens=[5],
-                         finish_reason="length", arrival_s=now[0],
-                         first_token_s=now[0], finish_s=now[0],
-                         cached_prompt_tokens=0)]
-
   sleeps = []
 
   def sleep(s):
@@ -200,14 +180,9 @@ def test_honoring_a_gap_of_centuries_waits_in_bounded_sleeps():
     sleeps.append(s)
     now[0] += s
 
-  session = AgentSession(session_id="s", system_prompt="sys", tenant="t",
-                         turns=[AgentTurn(index=j, input_delta=[
-                             {"role": "user", "content": "go"}],
-                             output_tokens=1,
-                             pre_gap_ms=0 if j == 0 else 1e13)
-                                for j in range(2)])
-  res = replay_sessions(Engine(), ByteChatTokenizer(), [session],
-                        honor_gaps=True, clock=lambda: now[0], sleep=sleep)
+  res = replay_sessions(InstantEngine(now), ByteChatTokenizer(),
+                        [two_turn_session(1e13)], honor_gaps=True,
+                        clock=lambda: now[0], sleep=sleep)
   assert len(res.records) == 2
   assert max(sleeps) == MAX_SLEEP_S and sum(sleeps) == pytest.approx(1e10)
   assert res.records[1].arrival_s == pytest.approx(1e10)
