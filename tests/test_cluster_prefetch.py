@@ -479,3 +479,31 @@ def test_the_servers_loop_steps_a_prefetching_engine_with_no_turns():
     assert engine.steps == 3
   finally:
     loop.stop()
+
+
+@pytest.mark.parametrize("failure", ["raises", "short"])
+def test_a_block_the_store_cannot_serve_is_not_asked_for_again(failure):
+  """A read that raised, or came back short (a block listed but torn), was
+  issued again at every step: a driver stepping while every session is
+  away spun on it. Not asked for again until a turn ends (which may have
+  written the block anew)."""
+  p0 = _Worker("P0", 64)
+  a = _ids("a", 8)
+  errors = []
+  pf, loader, _ = _prefetcher([p0], a if failure == "raises" else
+                              a[:2] + a[3:], batch=8, errors=errors)
+  pf.store.contains = lambda ids: [True] * len(ids)  # the index lists all
+  pf.turn_finished("a", 0.0, a, "P0")
+  pf.step([], now=0.0)
+  assert len(loader.reads) == 1
+  loader.finish(fail=failure == "raises")
+  for _ in range(3):
+    pf.step([], now=0.0)
+  if failure == "raises":
+    assert len(loader.reads) == 1 and errors == ["prefetch read"]
+  else:  # a0, a1 read; a2 failed; nothing after it is of use
+    assert len(loader.reads) == 1 and p0.hot_tier.leading_run(a) == 2
+    assert pf.stats.missed_blocks == 6
+  pf.turn_finished("b", 1.0, _ids("b", 1), "P0")  # a turn ended: try again
+  pf.step([], now=1.0)
+  assert loader.reads[1][0][0] == (a[0] if failure == "raises" else a[2])

@@ -142,6 +142,10 @@ class ClusterPrefetcher:
     self.stats = PrefetchStats()
     self._reads: list[_Read] = []
     self._prefetched: dict[bytes, str] = {}  # put, not yet used: id -> PE
+    # Blocks a read failed on: not asked for again (every step would retry
+    # them, and a driver stepping while all sessions are away would spin)
+    # until a turn ends, which may have written them anew.
+    self._unreadable: set[bytes] = set()
 
   # ------------------------------------------------------------ events
   def turn_arrived(self, session_id: str, now: float) -> None:
@@ -150,6 +154,7 @@ class ClusterPrefetcher:
   def turn_finished(self, session_id: str, now: float,
                     chain: Sequence[bytes], pe: str) -> None:
     self.predictor.finished(session_id, now, chain, pe)
+    self._unreadable.clear()
 
   def note_hot_read(self, pe: str, ids: Sequence[bytes]) -> None:
     """A placement on `pe` read `ids` from its hot tier."""
@@ -236,8 +241,8 @@ class ClusterPrefetcher:
     want = []  # the next pinned blocks neither held nor being read
     pinned = pe.hot_tier.pinned
     for block_id in cand.chain[start:]:
-      if block_id not in pinned:  # past the budget: it would not stay
-        break
+      if block_id not in pinned or block_id in self._unreadable:
+        break  # past the budget (it would not stay), or a read failed there
       if block_id not in pending and block_id not in pe.hot_tier:
         want.append(block_id)
         if len(want) == self.batch_blocks:
@@ -289,8 +294,11 @@ class ClusterPrefetcher:
       except Exception as err:  # pylint: disable=broad-except
         self.stats.read_errors += 1
         self._store_error("read", err)
+        self._unreadable.add(read.ids[0])
         continue
       self.stats.missed_blocks += len(read.ids) - good
+      if good < len(read.ids):  # listed, not served (torn, corrupt, gone)
+        self._unreadable.add(read.ids[good])
       tier = self.pes[read.pe].hot_tier
       ids = read.ids[:good]
       new = [k for k, i in enumerate(ids) if i not in tier]
