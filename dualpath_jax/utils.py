@@ -96,8 +96,20 @@ def ctrl_c_ends_quietly(main: Callable[[list[str]], Any],
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> Any:
     previous = signal.getsignal(signal.SIGINT)
+    previous_hook = sys.unraisablehook
     _SIGINTS.clear()
     make_ctrl_c_an_end()
+
+    def quiet_interrupts(unraisable) -> None:
+      # A Ctrl-C that lands in a `__del__` or a GC callback is dropped by
+      # Python, which printed "Exception ignored in ..." and a traceback
+      # (a CI run of `simulate` saw one from tqdm's `__del__`). It is
+      # recorded (`_SIGINTS`), and `raise_if_interrupted` ends the run.
+      if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and
+              _SIGINTS):
+        previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_interrupts
     try:
       result = main(argv)
       raise_if_interrupted()  # one that was dropped: still an end
@@ -107,6 +119,7 @@ def ctrl_c_ends_quietly(main: Callable[[list[str]], Any],
       sys.exit(130)
     finally:
       signal.signal(signal.SIGINT, previous)
+      sys.unraisablehook = previous_hook
   return wrapped
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 
 import pytest
 
@@ -133,3 +134,38 @@ def test_a_ctrl_c_python_dropped_still_ends_the_launcher(capsys):
   assert capsys.readouterr().err.endswith("demo: interrupted\n")
   # the wrapper put its handler back; a new run starts uninterrupted
   assert utils.ctrl_c_ends_quietly(lambda argv: 7, "demo")([]) == 7
+
+
+def test_a_ctrl_c_dropped_in_a_finalizer_prints_no_traceback():
+  """Python drops a KeyboardInterrupt raised in a `__del__` and printed
+  "Exception ignored in ..." with a traceback (seen from tqdm's `__del__`
+  in a Ctrl-C'd `simulate`); the run still ends with its one line. In a
+  subprocess: pytest replaces the hook that prints it."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  code = """
+import os, signal, sys
+from dualpath_jax import utils
+
+class Finalized:
+  def __del__(self):
+    os.kill(os.getpid(), signal.SIGINT)  # raised here, and dropped
+
+def main(argv):
+  obj = Finalized()
+  del obj
+  print("ran on", flush=True)
+  utils.raise_if_interrupted()
+
+hook = sys.unraisablehook
+try:
+  utils.ctrl_c_ends_quietly(main, "demo")([])
+finally:
+  print("hook put back:", sys.unraisablehook is hook, flush=True)
+"""
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, timeout=60,
+                        cwd=os.path.dirname(os.path.dirname(
+                            os.path.abspath(__file__))))
+  assert done.returncode == 130, done.stderr
+  assert done.stdout == "ran on\nhook put back: True\n"
+  assert done.stderr == "demo: interrupted\n"
