@@ -19,7 +19,8 @@ import pytest
 
 from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.hot_tier import HotTier
-from dualpath_jax.cache.prefetcher import ReturnPredictor
+from dualpath_jax.cache.prefetcher import (ReturnPredictor, blocks_to_read,
+                                           pin_prefixes)
 from dualpath_jax.engine.cluster import make_cluster
 from dualpath_jax.engine.factory import model_fingerprint
 from dualpath_jax.engine.prefetch import ClusterPrefetcher
@@ -507,3 +508,22 @@ def test_a_block_the_store_cannot_serve_is_not_asked_for_again(failure):
   pf.turn_finished("b", 1.0, _ids("b", 1), "P0")  # a turn ended: try again
   pf.step([], now=1.0)
   assert loader.reads[1][0][0] == (a[0] if failure == "raises" else a[2])
+
+
+def test_pins_take_the_chains_in_order_up_to_the_budget():
+  assert pin_prefixes([[1, 2, 3], [4, 5], [6]], 4) == [1, 2, 3, 4]
+  assert pin_prefixes([[1, 2, 3], [4]], 2) == [1, 2]  # the head of the first
+  assert pin_prefixes([[1], [2]], 0) == []
+  assert pin_prefixes([], 5) == []
+
+
+def test_a_read_asks_for_missing_pinned_blocks_and_stops_at_an_unpinned_one():
+  chain = list(range(10))
+  pinned = set(range(8)) - {5}
+  held = {0, 1, 3}
+  want = blocks_to_read(chain, 1, pinned.__contains__, held.__contains__, 8)
+  assert want == [2, 4]  # 0 before start; 1, 3 held; stops at 5
+  assert blocks_to_read(chain, 0, pinned.__contains__, held.__contains__,
+                        1) == [2]
+  assert blocks_to_read(chain, 0, lambda i: True, lambda i: False,
+                        3) == [0, 1, 2]

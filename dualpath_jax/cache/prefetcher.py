@@ -22,7 +22,12 @@ turn reads every block of its prefix, whatever weight attention gave each
 one last time; what decides which blocks are worth host memory is when
 their session comes back (docs/hot_tier.md).
 
-Pure Python, no JAX; the caller passes the times.
+`pin_prefixes` and `blocks_to_read` are the rest of the plan, shared by
+the P/D cluster's prefetcher and the simulator's: which blocks a tier keeps
+for the predicted turns, and which of them one read asks for.
+
+Pure Python, no JAX; the caller passes the times. Block ids are any
+hashable (the runtime's digests, the simulator's (session, index) keys).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
-from typing import Sequence
+from typing import Callable, Hashable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,3 +138,36 @@ class ReturnPredictor:
     table[key] = value
     while len(table) > self.max_sessions:
       table.popitem(last=False)
+
+
+def pin_prefixes(chains: Sequence[Sequence[Hashable]],
+                 budget: int) -> list[Hashable]:
+  """The blocks to pin in one tier: the `chains` (soonest turn first, each
+  shallowest block first) taken in order, at most `budget` blocks. A prefix
+  is of use only up to its first missing block, so a chain that does not
+  fit keeps its head."""
+  pins: list[Hashable] = []
+  for chain in chains:
+    if len(pins) >= budget:
+      break
+    pins.extend(chain[:budget - len(pins)])
+  return pins
+
+
+def blocks_to_read(chain: Sequence[Hashable], start: int,
+                   pinned: Callable[[Hashable], bool],
+                   have: Callable[[Hashable], bool],
+                   limit: int) -> list[Hashable]:
+  """Up to `limit` blocks of `chain`, from `start`, for one prefetch read:
+  those `have` says are missing (not held, not being read). Stops at the
+  first block not `pinned` (past the pin budget, or one a read failed on):
+  a block read there would not stay, or would be of no use."""
+  want: list[Hashable] = []
+  for block_id in chain[start:]:
+    if not pinned(block_id):
+      break
+    if not have(block_id):
+      want.append(block_id)
+      if len(want) == limit:
+        break
+  return want

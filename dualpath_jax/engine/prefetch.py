@@ -53,7 +53,8 @@ import dataclasses
 import logging
 from typing import Callable, Sequence
 
-from dualpath_jax.cache.prefetcher import ReturnPredictor
+from dualpath_jax.cache.prefetcher import (ReturnPredictor, blocks_to_read,
+                                           pin_prefixes)
 
 _log = logging.getLogger(__name__)
 
@@ -83,7 +84,6 @@ class _Candidate:
   """Blocks someone is expected to read: a waiting turn or an away session."""
 
   chain: tuple[bytes, ...]
-  session_id: str
   engine: str | None  # the PE its blocks live on, if known
 
 
@@ -175,15 +175,14 @@ class ClusterPrefetcher:
     come first.
     """
     self.install_done()
-    candidates = [_Candidate(tuple(chain), session,
-                             self.predictor.last_engine(session))
+    candidates = [_Candidate(tuple(chain), self.predictor.last_engine(session))
                   for session, chain in waiting[:self.max_candidates]
                   if chain]
     for a in self.predictor.away(now):
       if len(candidates) >= self.max_candidates:
         break
       if a.chain and a.engine in self.pes:
-        candidates.append(_Candidate(a.chain, a.session_id, a.engine))
+        candidates.append(_Candidate(a.chain, a.engine))
     targets = [(cand, *self._target(cand)) for cand in candidates]
     self._pin(targets)
     idle = [name for name in [*self.pes, *self.decode_names]
@@ -198,12 +197,10 @@ class ClusterPrefetcher:
 
   def _pin(self, targets) -> None:
     """Pins each PE's candidates' chains, in order, up to its budget."""
-    pins = {name: [] for name in self.pes}
-    for cand, pe, _ in targets:
-      budget = int(self.pin_fraction * pe.hot_tier.capacity)
-      pins[pe.name].extend(cand.chain[:max(0, budget - len(pins[pe.name]))])
-    for name, ids in pins.items():
-      self.pes[name].hot_tier.set_pins(ids)
+    for pe in self.pes.values():
+      pe.hot_tier.set_pins(pin_prefixes(
+          [cand.chain for cand, target, _ in targets if target is pe],
+          int(self.pin_fraction * pe.hot_tier.capacity)))
 
   def _nic_idle(self, name: str) -> bool:
     return (self.nics[name].backlog_bytes() == 0 and
@@ -238,15 +235,11 @@ class ClusterPrefetcher:
     `start` blocks) if it lacks blocks the store holds and the tier has
     room; takes the NIC it uses off `idle`."""
     pending = {i for r in self._reads if r.pe == pe.name for i in r.ids}
-    want = []  # the next pinned blocks neither held nor being read
-    pinned = pe.hot_tier.pinned
-    for block_id in cand.chain[start:]:
-      if block_id not in pinned or block_id in self._unreadable:
-        break  # past the budget (it would not stay), or a read failed there
-      if block_id not in pending and block_id not in pe.hot_tier:
-        want.append(block_id)
-        if len(want) == self.batch_blocks:
-          break
+    pinned, tier = pe.hot_tier.pinned, pe.hot_tier
+    want = blocks_to_read(
+        cand.chain, start,
+        pinned=lambda i: i in pinned and i not in self._unreadable,
+        have=lambda i: i in pending or i in tier, limit=self.batch_blocks)
     if not want:
       return False
     try:

@@ -60,7 +60,8 @@ import itertools
 import math
 from typing import Any, Callable, Sequence
 
-from dualpath_jax.cache.prefetcher import ReturnPredictor
+from dualpath_jax.cache.prefetcher import (ReturnPredictor, blocks_to_read,
+                                           pin_prefixes)
 from dualpath_jax.metrics import TurnRecord
 from dualpath_jax.scheduler.batching import WaitingTurn, choose_prefill_batch
 from dualpath_jax.scheduler.clock import ManualClock
@@ -680,23 +681,17 @@ class Simulator:
       if pe is None:
         pe = max(self.prefill, key=lambda e: sum(k in e.hot for k in chain))
       targets.append((pe, chain))
-    pins = {pe.name: [] for pe in self.prefill}
-    for pe, chain in targets:
-      room = int(self.config.prefetch_pin_fraction * pe.hot_capacity)
-      pins[pe.name] += chain[:max(0, room - len(pins[pe.name]))]
     for pe in self.prefill:
-      pe.pins = frozenset(pins[pe.name])
+      pe.pins = frozenset(pin_prefixes(
+          [chain for target, chain in targets if target is pe],
+          int(self.config.prefetch_pin_fraction * pe.hot_capacity)))
     b, n_max = self.cost.block_bytes, self.config.prefetch_blocks
     for pe, chain in targets:
       while True:
-        want = []
-        for key in chain:
-          if key not in pe.pins:
-            break
-          if key not in pe.hot and key not in pe.fetching:
-            want.append(key)
-            if len(want) == n_max:
-              break
+        want = blocks_to_read(
+            chain, 0, pinned=pe.pins.__contains__,
+            have=lambda k, pe=pe: k in pe.hot or k in pe.fetching,
+            limit=n_max)
         if not want:
           break
         nic = next((e for e in [pe] + self.decode
