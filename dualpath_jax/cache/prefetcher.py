@@ -15,7 +15,8 @@ away by predicted return, soonest first. A session with no gap of its own
 yet takes the median of the recent gaps of all sessions (`prior_gap_s`
 before any). A session overdue by `expire_factor` times its gap is taken
 to have ended (an agent's last turn has no next one) and dropped, so it
-does not head the list for ever.
+does not head the list for ever; if it comes back after all, that gap
+is learnt as any other.
 
 Why per session and not per token: attention here is exact, so a returning
 turn reads every block of its prefix, whatever weight attention gave each
@@ -42,8 +43,8 @@ from typing import Callable, Hashable, Sequence
 class AwaySession:
   """A session between turns, and what its next turn will read."""
 
-  session_id: str
-  chain: tuple[bytes, ...]  # its context's full blocks, shallowest first
+  session_id: Hashable  # the caller's key (the cluster's: tenant and id)
+  chain: tuple[Hashable, ...]  # its context's full blocks, shallowest first
   engine: str  # the prefill engine whose hot tier its blocks went to
   finished_s: float  # when its last turn ended
   due_s: float  # predicted arrival of its next turn
@@ -83,36 +84,45 @@ class ReturnPredictor:
     self._away: collections.OrderedDict[str, AwaySession] = (
         collections.OrderedDict())
     self._engine: collections.OrderedDict[str, str] = collections.OrderedDict()
+    # session -> when its last turn ended, for those dropped as ended: one
+    # that comes back after all still teaches its (long) gap, else a session
+    # whose gaps grew past `expire_factor` times its average never would.
+    self._ended: collections.OrderedDict[str, float] = (
+        collections.OrderedDict())
     self.expired = 0  # sessions dropped as ended
 
-  def gap_s(self, session_id: str) -> float:
+  def gap_s(self, session_id: Hashable) -> float:
     """The session's predicted gap between a turn's end and the next."""
     gap = self._gap.get(session_id)
     if gap is not None:
       return gap
     return statistics.median(self._gaps) if self._gaps else self.prior_gap_s
 
-  def last_engine(self, session_id: str) -> str | None:
+  def last_engine(self, session_id: Hashable) -> str | None:
     """The prefill engine of the session's last finished turn, if known."""
     return self._engine.get(session_id)
 
-  def finished(self, session_id: str, now: float, chain: Sequence[bytes],
+  def finished(self, session_id: Hashable, now: float,
+               chain: Sequence[Hashable],
                engine: str) -> None:
     """The session's turn ended at `now`; its context is `chain`, kept on
     `engine` (whose hot tier the blocks went to)."""
     self._away.pop(session_id, None)
+    self._ended.pop(session_id, None)
     self._away[session_id] = AwaySession(
         session_id, tuple(chain), engine, now, now + self.gap_s(session_id))
     self._remember(self._engine, session_id, engine)
     while len(self._away) > self.max_sessions:
       self._away.popitem(last=False)
 
-  def arrived(self, session_id: str, now: float) -> None:
+  def arrived(self, session_id: Hashable, now: float) -> None:
     """The session's next turn arrived at `now`: learns its gap."""
     away = self._away.pop(session_id, None)
-    if away is None:
+    finished_s = (self._ended.pop(session_id, None) if away is None
+                  else away.finished_s)
+    if finished_s is None:
       return
-    gap = max(0.0, now - away.finished_s)
+    gap = max(0.0, now - finished_s)
     self._gaps.append(gap)
     old = self._gap.get(session_id)
     self._remember(self._gap, session_id, gap if old is None else
@@ -126,6 +136,7 @@ class ReturnPredictor:
       gap = max(a.due_s - a.finished_s, 1e-3)
       if now > a.finished_s + self.expire_factor * gap:
         del self._away[session_id]
+        self._remember(self._ended, session_id, a.finished_s)
         self.expired += 1
         continue
       out.append(a)

@@ -88,7 +88,7 @@ from dualpath_jax.engine import step_parts
 from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
 from dualpath_jax.cache.hot_tier import HotTier
 from dualpath_jax.engine.factory import make_hot_tier, model_fingerprint
-from dualpath_jax.engine.prefetch import ClusterPrefetcher
+from dualpath_jax.engine.prefetch import ClusterPrefetcher, session_key
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           validate_request)
 from dualpath_jax.model.runner import ModelRunner
@@ -387,7 +387,7 @@ class PDCluster:
     arrival = self.clock() if req.arrival_s is None else req.arrival_s
     rng = None if req.seed is None else np.random.default_rng(req.seed)
     if self.prefetcher is not None and req.session_id:
-      self.prefetcher.turn_arrived(req.session_id, arrival)
+      self.prefetcher.turn_arrived(session_key(req), arrival)
     self._waiting.append(_Turn(req=req, arrival_s=arrival,
                                tokens=list(req.prompt_tokens), rng=rng))
 
@@ -516,7 +516,7 @@ class PDCluster:
 
   def _prefetch(self) -> None:
     """One prefetcher step: the first waiting turns, then away sessions."""
-    waiting = [(t.req.session_id, self._chain(t))
+    waiting = [(session_key(t.req), self._chain(t))
                for t in list(self._waiting)[:self.prefetcher.max_candidates]]
     reads = self.prefetcher.stats.reads
     self.prefetcher.step(waiting, self.clock())
@@ -960,7 +960,7 @@ class PDCluster:
       writer.write_back(de.kv, turn.rid, turn.req.tenant, turn.req.session_id,
                         touch_hot=False)
       if self.prefetcher is not None and turn.req.session_id:
-        self.prefetcher.turn_finished(turn.req.session_id, now,
+        self.prefetcher.turn_finished(session_key(turn.req), now,
                                       de.manager.block_hashes(turn.rid),
                                       turn.prefill.name)
         self._prefetch_may_work = True

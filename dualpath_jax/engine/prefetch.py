@@ -51,12 +51,19 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import logging
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 from dualpath_jax.cache.prefetcher import (ReturnPredictor, blocks_to_read,
                                            pin_prefixes)
 
 _log = logging.getLogger(__name__)
+
+
+def session_key(req) -> tuple[str, str]:
+  """How the prefetcher knows a `TurnRequest`'s session: (tenant, session
+  id). Session ids are the clients', per tenant: by id alone, one tenant's
+  session arriving took another's of the same id off the away list."""
+  return (req.tenant, req.session_id)
 
 
 @dataclasses.dataclass
@@ -141,17 +148,22 @@ class ClusterPrefetcher:
     self.on_store_error = on_store_error
     self.stats = PrefetchStats()
     self._reads: list[_Read] = []
-    self._prefetched: dict[bytes, str] = {}  # put, not yet used: id -> PE
+    # Put, not yet used: (PE, id). By PE too: one block can be prefetched
+    # into two PEs' tiers (a session's turns ran on both), each copy used or
+    # evicted on its own.
+    self._prefetched: set[tuple[str, bytes]] = set()
     # Blocks a read failed on: not asked for again (every step would retry
     # them, and a driver stepping while all sessions are away would spin)
     # until a turn ends, which may have written them anew.
     self._unreadable: set[bytes] = set()
 
   # ------------------------------------------------------------ events
-  def turn_arrived(self, session_id: str, now: float) -> None:
+  # `session_id`: any hashable naming one session (the cluster passes
+  # `session_key`, tenant and id).
+  def turn_arrived(self, session_id: Hashable, now: float) -> None:
     self.predictor.arrived(session_id, now)
 
-  def turn_finished(self, session_id: str, now: float,
+  def turn_finished(self, session_id: Hashable, now: float,
                     chain: Sequence[bytes], pe: str) -> None:
     self.predictor.finished(session_id, now, chain, pe)
     self._unreadable.clear()
@@ -159,15 +171,15 @@ class ClusterPrefetcher:
   def note_hot_read(self, pe: str, ids: Sequence[bytes]) -> None:
     """A placement on `pe` read `ids` from its hot tier."""
     for block_id in ids:
-      if self._prefetched.get(block_id) == pe:
-        del self._prefetched[block_id]
+      if (pe, block_id) in self._prefetched:
+        self._prefetched.remove((pe, block_id))
         self.stats.used_blocks += 1
 
   # ------------------------------------------------------------ driving
   def in_flight(self) -> list[cf.Future]:
     return [r.future for r in self._reads]
 
-  def step(self, waiting: Sequence[tuple[str, Sequence[bytes]]],
+  def step(self, waiting: Sequence[tuple[Hashable, Sequence[bytes]]],
            now: float) -> None:
     """Puts finished reads into their hot tiers, pins, issues new reads.
 
@@ -246,6 +258,9 @@ class ClusterPrefetcher:
       present = self.store.contains(want)
     except Exception as err:  # pylint: disable=broad-except
       self._store_error("lookup", err)
+      # As after a failed read: not looked up again until a turn ends (the
+      # cluster steps at its decode rate; each step logged one per candidate).
+      self._unreadable.add(want[0])
       return False
     n = next((i for i, p in enumerate(present) if not p), len(want))
     n = min(n, pe.hot_tier.room(keep) - len(pending))
@@ -300,9 +315,9 @@ class ClusterPrefetcher:
       self.stats.put_blocks += put
       self.stats.not_put_blocks += good - put
       for k in new[:put]:  # a put keeps its shallowest new blocks
-        if ids[k] in self._prefetched:  # put before, evicted unread since
+        if (read.pe, ids[k]) in self._prefetched:  # evicted unread since
           self.stats.evicted_unused_blocks += 1
-        self._prefetched[ids[k]] = read.pe
+        self._prefetched.add((read.pe, ids[k]))
     self._reads = still
     if len(self._prefetched) > 2 * sum(pe.hot_tier.capacity
                                        for pe in self.pes.values()):
@@ -310,9 +325,9 @@ class ClusterPrefetcher:
 
   def _forget_evicted(self) -> None:
     """Counts prefetched blocks evicted unread and stops tracking them."""
-    for block_id, pe in list(self._prefetched.items()):
+    for pe, block_id in list(self._prefetched):
       if block_id not in self.pes[pe].hot_tier:
-        del self._prefetched[block_id]
+        self._prefetched.remove((pe, block_id))
         self.stats.evicted_unused_blocks += 1
 
   def _store_error(self, what: str, err: BaseException) -> None:

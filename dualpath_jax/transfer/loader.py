@@ -249,13 +249,24 @@ class DualPathLoader:
         raise
       got = (self.source.get(list(block_ids), out=out)
              if engine in self._staging else self.source.get(list(block_ids)))
+      if len(got) != n:
+        raise ValueError(f"source returned {len(got)} blocks for {n} ids")
       good = next((i for i, b in enumerate(got) if b is None), n)
       if engine not in self._staging:
-        for i in range(good):
-          out[i] = got[i]
+        for i in range(good):  # checked as a load's are: no cast, no broadcast
+          block = np.asarray(got[i])
+          if block.shape != self.block_shape or block.dtype != self.dtype:
+            raise ValueError(f"block {block_ids[i]!r} is {block.shape} "
+                             f"{block.dtype}, expected {self.block_shape} "
+                             f"{self.dtype}")
+          out[i] = block
       return out, good
 
-    return self._readers[engine].submit(read)
+    try:
+      return self._readers[engine].submit(read)
+    except BaseException:  # not queued (the reader is shut down): no read
+      self.nics[engine].unplan(nbytes)
+      raise
 
   def _check_engines(self, req: LoadRequest) -> None:
     for name, role in ((req.prefill_engine, "prefill"),
