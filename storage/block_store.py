@@ -113,6 +113,14 @@ class BlockStore:
       raise ValueError(
           f"capacity_bytes={config.capacity_bytes} holds no block of "
           f"{self.codec.encoded_block_bytes} bytes")
+    self._chunk_root = layout.local_chunk_root(config)
+    # A chunk writer that cannot be had is refused before the index exists:
+    # refused after, the refused config's layout stayed in a fresh root and
+    # made the next open (with a config that works) a layout mismatch.
+    self._no_direct_writer = self._direct_writer_unavailable()
+    if config.chunk_writer == "direct" and self._no_direct_writer:
+      raise ValueError(f"chunk_writer='direct' is not possible here: "
+                       f"{self._no_direct_writer}")
     try:
       os.makedirs(config.root, exist_ok=True)
     except OSError as e:
@@ -134,7 +142,6 @@ class BlockStore:
       self.index.close()
       raise
     self._kvstore = self.array.kvstore
-    self._chunk_root = layout.local_chunk_root(config)
     self._slot_dirs = (None if self._chunk_root is None else
                        layout.SlotDirectories(self._chunk_root, self.num_slots))
     self._chunk_writer = self._make_chunk_writer()
@@ -149,6 +156,10 @@ class BlockStore:
     except sqlite3.OperationalError as err:  # e.g. the disk is full: read on
       _log.warning("cold tier %s: recovering dead writers' rows failed (%s); "
                    "a later open retries", config.root, err)
+    except sqlite3.DatabaseError as err:  # a damaged page of the index
+      self.close()
+      raise index_lib.damaged_error(
+          os.path.join(config.root, "index.sqlite"), err) from None
     if self._slot_dirs is not None:  # the directories the next fresh slots need
       self._slot_dirs.prefetch(self.index.next_fresh_slot())
 
@@ -298,21 +309,21 @@ class BlockStore:
 
   # -- internals -------------------------------------------------------------
 
-  def _make_chunk_writer(self) -> chunk_writer_lib.DirectChunkWriter | None:
-    """The direct chunk writer where `config.chunk_writer` asks for it and it applies."""
-    wanted = self.config.chunk_writer
-    if wanted == "tensorstore":
-      return None
-    why = ""
+  def _direct_writer_unavailable(self) -> str:
+    """Why the direct chunk writer cannot write this store's chunks ("": it can)."""
     if self._chunk_root is None:
-      why = "the chunks are not files of a local `file` kvstore"
-    elif self.codec.compress:
-      why = "zstd compression runs inside TensorStore's codec chain"
-    else:
-      why = chunk_writer_lib.available()[1]
+      return "the chunks are not files of a local `file` kvstore"
+    if self.codec.compress:
+      return "zstd compression runs inside TensorStore's codec chain"
+    return chunk_writer_lib.available()[1]
+
+  def _make_chunk_writer(self) -> chunk_writer_lib.DirectChunkWriter | None:
+    """The direct chunk writer where `config.chunk_writer` asks for it and it
+    applies ("direct" where it does not was refused in `__init__`)."""
+    if self.config.chunk_writer == "tensorstore":
+      return None
+    why = self._no_direct_writer
     if why:
-      if wanted == "direct":
-        raise ValueError(f"chunk_writer='direct' is not possible here: {why}")
       _log.info("cold tier %s: chunks written by TensorStore (%s)", self.config.root, why)
       return None
     return chunk_writer_lib.DirectChunkWriter(
@@ -391,7 +402,8 @@ class BlockStore:
     return PutResult(statuses)
 
   def _discard(self, refs: Sequence[index_lib.SlotRef]) -> None:
-    """Deletes the bytes of rows this writer reserved and frees the rows."""
+    """Deletes the bytes of rows this process holds (reserved by its writer,
+    or hidden as bad by its reader) and frees the rows."""
     if self._slot_dirs is not None:
       self._slot_dirs.forget(r.slot for r in refs)
     try:
@@ -518,9 +530,23 @@ class BlockStore:
     A failure on a block that is no longer current (evicted while it was
     read, its slot being rewritten in place) is a race, not damage: counted
     as `miss_raced`, nothing logged or removed.
+
+    When the index cannot write (a full disk), the bad blocks are still
+    misses, counted: which are current is checked read only and they stay
+    listed, for a later read to remove. This used to raise out of the whole
+    read, so the batch's good blocks were lost with the bad one and nothing
+    was counted. A failed removal of the bytes is logged, as in `_discard`.
     """
-    hidden = self.index.mark_deleting([ref for ref, _, _ in bad])
-    current = {(r.block_id, r.gen) for r in hidden}
+    try:
+      hidden = self.index.mark_deleting([ref for ref, _, _ in bad])
+      current = {(r.block_id, r.gen) for r in hidden}
+    except sqlite3.OperationalError as err:  # e.g. the disk is full
+      _log.warning("cold tier %s: cannot remove %d bad blocks from the index "
+                   "(%s); they are misses until a later read removes them",
+                   self.config.root, len(bad), err)
+      hidden = []
+      now = self.index.lookup([ref.block_id for ref, _, _ in bad])
+      current = {(r.block_id, r.gen) for r in now if r is not None}
     damaged = [(ref, reason, err) for ref, reason, err in bad
                if (ref.block_id, ref.gen) in current]
     self._stats.add(miss_missing=sum(r == "missing" for _, r, _ in damaged),
@@ -529,8 +555,8 @@ class BlockStore:
     for ref, reason, err in damaged:
       self._log_once(ref.block_id, f"cold tier block {ref.block_id.hex()[:16]} at slot "
                      f"{ref.slot} is {reason}; treated as a miss: {err}")
-    self._delete_bytes(hidden)
-    self.index.release(hidden)
+    if hidden:
+      self._discard(hidden)
 
   def _delete(self, refs: list[index_lib.SlotRef]) -> int:
     self._delete_bytes(refs)

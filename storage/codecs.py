@@ -139,7 +139,7 @@ class Int8Codec(BlockCodec):
     n = blocks.shape[0]
     rows = blocks.reshape(n, *self.block_shape[:3], -1).astype(np.float32)
     amax = np.maximum(rows.max(-1, keepdims=True), -rows.min(-1, keepdims=True))
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    scale = _scales(amax)
     np.divide(rows, scale, out=rows)  # in place: one float32 temporary
     np.rint(rows, out=rows)
     np.clip(rows, -127, 127, out=rows)
@@ -157,6 +157,26 @@ class Int8Codec(BlockCodec):
     rows = stored[..., :-_SCALE_BYTES].astype(np.float32)
     np.multiply(rows, scale, out=rows)
     return rows.reshape(n, *self.block_shape).astype(self.dtype)
+
+
+def _scales(
+    amax: np.ndarray,  # [..., 1] float32, max |x| of each row (finite, >= 0)
+) -> np.ndarray:  # [..., 1] float32
+  """The int8 scale of each row: `amax / 127`, 1 for an all-zero row, and
+  kept inside float32 at both ends. A tiny row (amax below 127 times the
+  smallest subnormal) underflowed to a scale of 0: its values were divided
+  by zero and came back as 0 whatever they were. A row near float32's max
+  had its scale rounded up so far that `127 * scale` overflowed: finite
+  values came back as inf. Such scales take the smallest subnormal, or one
+  step down (one step is always enough)."""
+  tiny = np.finfo(np.float32).smallest_subnormal
+  scale = np.where(amax > 0, np.maximum(amax / np.float32(127), tiny),
+                   np.float32(1)).astype(np.float32)
+  with np.errstate(over="ignore"):
+    overflows = ~np.isfinite(scale * np.float32(127))
+  if overflows.any():
+    scale = np.where(overflows, np.nextafter(scale, np.float32(0)), scale)
+  return scale
 
 
 def make_codec(name: str, block_shape: tuple[int, ...], dtype: str) -> BlockCodec:

@@ -8,6 +8,7 @@ they come from `dualpath_jax.config.ModelConfig` and `CacheConfig`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from dualpath_jax.utils import is_integer
@@ -18,6 +19,7 @@ FILE_IO_MODES = ("default", "direct", "memmap")
 ADMISSIONS = ("always", "second_put", "session_continues")
 CHUNK_WRITERS = ("auto", "direct", "tensorstore")
 SYNC_MODES = ("auto", "syncfs", "fsync")
+MAX_INT = (1 << 62) - 1  # a count or byte size above this overflows (see below)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +92,17 @@ class ColdTierConfig:
   sync: str = "auto"
 
   def __post_init__(self):
-    if not self.root:
-      raise ValueError("ColdTierConfig.root must be a directory path")
+    if not isinstance(self.root, (str, os.PathLike)) or not str(self.root):
+      raise ValueError(f"ColdTierConfig.root must be a directory path; got "
+                       f"{self.root!r}")
+    # A kvstore that is no spec dict, or an fsync that is no bool (TensorStore
+    # takes it as `file_io_sync`), failed only at open, as "cannot open its
+    # block array ... or an array of another layout is there".
+    if self.kvstore is not None and not isinstance(self.kvstore, dict):
+      raise ValueError(f"ColdTierConfig.kvstore must be a kvstore spec dict "
+                       f"or None; got {self.kvstore!r}")
+    if not isinstance(self.fsync, bool):
+      raise ValueError(f"ColdTierConfig.fsync must be a bool; got {self.fsync!r}")
     if self.driver not in DRIVERS:
       raise ValueError(f"driver={self.driver!r} not in {DRIVERS}")
     if self.codec not in CODECS:
@@ -114,6 +125,10 @@ class ColdTierConfig:
                          f"{value!r}")
       if value <= 0:
         raise ValueError(f"ColdTierConfig.{name} must be positive")
+      # Beyond it, TensorStore's array shape (from capacity_bytes) or a C
+      # integer raised OverflowError at open.
+      if value > MAX_INT:
+        raise ValueError(f"ColdTierConfig.{name}={value} is above {MAX_INT}")
     if not 1 <= self.zstd_level <= 22:
       raise ValueError(f"zstd_level={self.zstd_level} not in [1, 22]")
 

@@ -85,6 +85,14 @@ DEFERRED = "deferred"  # refused by the admission rule this time
 NO_SPACE = "no_space"  # every slot is held by an in-flight write
 
 
+def damaged_error(path: str, err: sqlite3.DatabaseError) -> ValueError:
+  """The error for an index file that SQLite cannot read (`path`)."""
+  return ValueError(
+      f"cold tier index {path} cannot be read ({err}): it is not a block "
+      "index or it is damaged; move the directory aside and start a new "
+      "one (its blocks cannot be found without their index)")
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotRef:
   """Where one block lives: its identity, slot and the slot's generation."""
@@ -135,13 +143,16 @@ class BlockIndex:
           self._db.execute(statement)
     except sqlite3.DatabaseError as err:
       self._db.close()
-      raise ValueError(
-          f"cold tier index {path} cannot be read ({err}): it is not a block "
-          "index or it is damaged; move the directory aside and start a new "
-          "one (its blocks cannot be found without their index)") from None
+      raise damaged_error(path, err) from None
     self.made_layout = False  # whether this open wrote the layout
     try:
       self._check_layout(layout)
+    except sqlite3.DatabaseError as err:
+      self._db.close()
+      if isinstance(err, sqlite3.OperationalError):  # locked, disk full: not damage
+        raise
+      # A damaged page the schema statements did not read (the layout's).
+      raise damaged_error(path, err) from None
     except BaseException:
       self._db.close()
       raise
@@ -520,6 +531,13 @@ class BlockIndex:
     return {"ready": by_state.get(READY, 0),
             "pending": by_state.get(PENDING, 0) + by_state.get(DOOMED, 0),
             "deleting": by_state.get(DELETING, 0), "slots": self.num_slots}
+
+  def owners(self, ids: Sequence[bytes]) -> list[list[tuple[str, str]]]:
+    """The (tenant, session) pairs that put each block (what deletes go by)."""
+    with self._read() as db:
+      return [[(t, s) for t, s in db.execute(
+          "SELECT tenant, session FROM refs WHERE id=? ORDER BY tenant, session",
+          (block_id,)).fetchall()] for block_id in ids]
 
   def all_ready(self) -> list[SlotRef]:
     """Every READY block (for tests and the crash checker)."""
