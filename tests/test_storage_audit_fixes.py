@@ -12,7 +12,6 @@ import os
 import sqlite3
 import warnings
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -30,14 +29,7 @@ def _store(root, **kw) -> BlockStore:
   return BlockStore(ColdTierConfig(root=str(root), **kw), TINY, CACHE)
 
 
-def _blocks(seed, n, store):  # ([n] ids, [n, L, 2, Hkv, P, D] bf16)
-  rng = np.random.default_rng(seed)
-  blocks = rng.standard_normal((n, *store.block_shape), dtype=np.float32) * 3
-  return [rng.bytes(32) for _ in range(n)], blocks.astype(ml_dtypes.bfloat16)
-
-
-def _same(got, want) -> bool:
-  return got is not None and got.tobytes() == want.tobytes()
+from tests.test_storage_races import _blocks, _same  # noqa: E402
 
 
 # -- int8 codec ------------------------------------------------------------
