@@ -112,7 +112,8 @@ def test_an_away_session_comes_back_to_a_hot_prefix(tiny, reference, tmp_path,
     registry = prometheus_client.CollectorRegistry()
     registry.register(EngineCollector(LocalEngineHandle(cluster).snapshot))
     text = prometheus_client.generate_latest(registry).decode()
-    for outcome, key in (("read", "read_blocks"), ("used", "used_blocks")):
+    for outcome, key in (("read", "read_blocks"), ("used", "used_blocks"),
+                         ("evicted_unused", "evicted_unused_blocks")):
       assert (f'dualpath_prefetch_blocks_total{{outcome="{outcome}"}} '
               f'{float(report[key])}') in text
   finally:
@@ -323,6 +324,22 @@ def test_reads_stay_within_the_pins_and_pinned_blocks_stay():
   assert p0.hot_tier.leading_run(w) == 4 and p0.hot_tier.leading_run(a) == 2
 
 
+def test_a_prefix_running_turns_hold_in_the_pool_takes_no_pins():
+  # A 6-block shared prefix that a running turn holds in the pool, then the
+  # session's own 4 blocks; the pin budget is 4 (half of 8 slots).
+  shared, own = _ids("s", 6), _ids("o", 4)
+  p0 = _Worker("P0", 8, resident=shared, running=shared)
+  pf, loader, _ = _prefetcher([p0], shared + own)
+  pf.turn_finished("a", 0.0, shared + own, "P0")
+  pf.step([], now=0.0)
+  # The budget goes to the blocks only the tier can keep, and they are read.
+  assert p0.hot_tier.pinned == frozenset(own)
+  assert [ids for ids, _, _ in loader.reads] == [own]
+  loader.finish()
+  pf.step([], now=0.0)
+  assert p0.hot_tier.leading_run(own) == 4
+
+
 def test_a_busy_nic_gets_no_read_and_failures_are_counted():
   p0 = _Worker("P0", 64)
   a = _ids("a", 8)
@@ -375,6 +392,8 @@ def test_used_and_unused_prefetched_blocks_are_counted():
   pf.note_hot_read("P1", a[3:])  # another engine's read is not ours
   pf.step([], now=1.0)  # a is no longer predicted: unpinned
   p0.hot_tier.put(b, np.zeros((8,) + SHAPE, np.float32))  # evicts a's
+  # /metrics' counts see the eviction at once, not at the report.
+  assert pf.counts() == {"read": 4, "used": 3, "evicted_unused": 1}
   report = pf.report()
   assert report["put_blocks"] == 4 and report["used_blocks"] == 3
   assert report["evicted_unused_blocks"] == 1

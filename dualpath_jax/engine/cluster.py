@@ -451,10 +451,7 @@ class PDCluster:
                        for path in ("hot", "path1", "path2", "free")},
         "engines": engines}
     if self.prefetcher is not None:
-      pf = self.prefetcher.stats
-      snap["prefetch_blocks"] = {"read": pf.read_blocks,
-                                 "used": pf.used_blocks,
-                                 "evicted_unused": pf.evicted_unused_blocks}
+      snap["prefetch_blocks"] = self.prefetcher.counts()
     return snap
 
   def has_work(self) -> bool:

@@ -200,7 +200,7 @@ class ClusterPrefetcher:
     idle = [name for name in [*self.pes, *self.decode_names]
             if self._nic_idle(name)]
     keep: set[bytes] = set()  # the blocks of everyone ahead, and its own
-    for cand, pe, start in targets:
+    for cand, pe, _, start in targets:
       keep.update(cand.chain)
       while idle and self._issue(cand, pe, start, keep, idle):
         pass  # one read per idle NIC while it lacks blocks
@@ -208,10 +208,15 @@ class ClusterPrefetcher:
         return
 
   def _pin(self, targets) -> None:
-    """Pins each PE's candidates' chains, in order, up to its budget."""
+    """Pins each PE's candidates' chains, in order, up to its budget. A
+    chain's head that running turns hold in the pool is not pinned: the
+    tier need not keep it, and a long prefix shared by every session (a
+    system prompt) would take the budget from the blocks only the tier
+    can keep."""
     for pe in self.pes.values():
       pe.hot_tier.set_pins(pin_prefixes(
-          [cand.chain for cand, target, _ in targets if target is pe],
+          [cand.chain[in_pool:] for cand, target, in_pool, _ in targets
+           if target is pe],
           int(self.pin_fraction * pe.hot_tier.capacity)))
 
   def _nic_idle(self, name: str) -> bool:
@@ -219,27 +224,29 @@ class ClusterPrefetcher:
             all(r.nic != name for r in self._reads))
 
   def _target(self, cand: _Candidate):
-    """The PE to prefetch `cand` into, and how many leading blocks of its
-    chain that PE's pool and hot tier hold."""
+    """The PE to prefetch `cand` into; how many leading blocks of its chain
+    running turns hold in that PE's pool; and how many the pool and then
+    the hot tier hold (what the turn will have when it comes)."""
     best = None
     for pe in self.pes.values():
-      held = self._held_run(pe, cand.chain)
+      in_pool = self._pool_run(pe, cand.chain)
+      held = in_pool + pe.hot_tier.leading_run(cand.chain[in_pool:])
       key = (pe.name == cand.engine, held, -pe.queued_tokens())
       if best is None or key > best[0]:
-        best = (key, pe, held)
-    return best[1], best[2]
+        best = (key, pe, in_pool, held)
+    return best[1:]
 
   @staticmethod
-  def _held_run(pe, chain: Sequence[bytes]) -> int:
-    """Leading blocks of `chain` that `pe` will have when the turn comes:
-    in its pool, referenced by a running turn, then in its hot tier."""
+  def _pool_run(pe, chain: Sequence[bytes]) -> int:
+    """Leading blocks of `chain` in `pe`'s pool referenced by a running
+    turn (unreferenced ones may be evicted before the turn comes)."""
     pool, r = pe.manager.pool, 0
     while r < len(chain):
       block = pool.lookup(chain[r])
       if block is None or pool.ref_count(block) == 0:
         break
       r += 1
-    return r + pe.hot_tier.leading_run(chain[r:])
+    return r
 
   def _issue(self, cand: _Candidate, pe, start: int, keep: set[bytes],
              idle: list[str]) -> bool:
@@ -342,6 +349,14 @@ class ClusterPrefetcher:
     self._reads = []
     for pe in self.pes.values():
       pe.hot_tier.set_pins(())
+
+  def counts(self) -> dict[str, int]:
+    """Blocks read, used by their turn and evicted unused, as of now (for
+    /metrics: evictions are otherwise counted only when the tracking set
+    grows large, or at `report`)."""
+    self._forget_evicted()
+    return {"read": self.stats.read_blocks, "used": self.stats.used_blocks,
+            "evicted_unused": self.stats.evicted_unused_blocks}
 
   def report(self) -> dict:
     """The counters, plus blocks put and not yet read by a turn:
