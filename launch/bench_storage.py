@@ -46,7 +46,8 @@ then read the same volume in the same order, so they meet it alike.
 
 Store configurations (`--configs`): `driver:codec[:file_io_mode][@key=value]...`
 where a key is a `ColdTierConfig` field (io_threads, file_io_concurrency,
-max_batch_blocks, fsync, chunk_writer, sync) or `out=1`: read into one reused, pre-touched
+max_batch_blocks, fsync, chunk_writer, sync, key_file: an encrypted store)
+or `out=1`: read into one reused, pre-touched
 buffer (`BlockStore.get(ids, out=...)`) instead of fresh result arrays. The
 config `raw` puts a second raw-disk run on the store side: an A/A check whose
 ratios show the spread the disk alone produces under this method.
@@ -79,7 +80,7 @@ from launch.storage_disk import (bench_file_floor, bench_memory, bench_raw,
                                   cpu_seconds, latency_percentiles)
 from launch.storage_report import (FIGURES, TARGETS, format_table,
                                     median_dict, summarize)
-from storage import BlockStore, ColdTierConfig
+from storage import BlockStore, ColdTierConfig, encryption
 from storage.page_cache import drop_page_cache, resident_bytes
 
 FLAGS = flags.FLAGS
@@ -246,6 +247,9 @@ class StoreSpec:
         overrides[key] = value not in ("0", "false", "False")
       elif key in ("chunk_writer", "sync"):
         overrides[key] = value
+      elif key == "key_file":  # an encrypted store (storage.encryption)
+        encryption.load_key(value)  # a bad key file now, not mid-run
+        overrides[key] = value
       else:
         raise ValueError(f"config {text!r}: unknown key {key!r} (ColdTierConfig fields: "
                          f"{sorted(fields)}; or out=1)")
@@ -288,8 +292,10 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
   logical_block = payload[0].nbytes
   kw = {"io_threads": FLAGS.io_threads, "file_io_concurrency": FLAGS.queue_depth,
         "max_batch_blocks": FLAGS.get_blocks} | spec.overrides
+  sealed = encryption.OVERHEAD if spec.overrides.get("key_file") else 0
   config = ColdTierConfig(root=root, driver=spec.driver, codec=spec.codec,
-                          capacity_bytes=n * logical_block,  # full after the first pass
+                          # full after the first pass
+                          capacity_bytes=n * (logical_block + sealed),
                           max_pending_write_bytes=(n + 8) * logical_block,
                           file_io_mode=spec.file_io_mode, **kw)
   store = BlockStore(config, model, cache)

@@ -65,6 +65,11 @@ def define(mesh_default: str | None = None) -> None:
        "on idle storage NICs; 0 = no prefetch", lower_bound=0)
   once(flags.DEFINE_enum, "cold_tier_codec", "raw", CODECS,
        "how cold-tier blocks are stored")
+  once(flags.DEFINE_string, "cold_tier_key_file", None,
+       "file holding the cold tier's AES-256 key (64 hex digits; python -m "
+       "launch.make_cold_tier_key makes one): blocks are sealed before they "
+       "are written and authenticated when read; a store made with another "
+       "key, or none, is refused")
   once(flags.DEFINE_enum, "cold_tier_sync", "auto", ["auto", "syncfs", "fsync"],
        "how a batch of cold-tier chunk writes is made durable: one syncfs of "
        "the store's file system (give it its own), an fsync per chunk, or "
@@ -126,13 +131,19 @@ def cold_tier_config(root: str | None = None):
   """
   root = root or FLAGS.cold_tier
   if not root:
+    if FLAGS.cold_tier_key_file:
+      raise ValueError("--cold_tier_key_file needs --cold_tier")
     return None
   from dualpath_jax import outputs
   from storage.config import ColdTierConfig
   outputs.check_output_dir(root, "--cold_tier")
+  if FLAGS.cold_tier_key_file:  # read now: a bad key file before the weights
+    from storage import encryption
+    encryption.load_key(FLAGS.cold_tier_key_file)
   return ColdTierConfig(root=root, codec=FLAGS.cold_tier_codec,
                         capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)),
-                        sync=FLAGS.cold_tier_sync)
+                        sync=FLAGS.cold_tier_sync,
+                        key_file=FLAGS.cold_tier_key_file or None)
 
 
 def _available_memory_bytes() -> int | None:
@@ -173,6 +184,7 @@ def as_dict() -> dict:
           "prefill_tokens_per_s": FLAGS.prefill_tokens_per_s,
           "cold_tier_codec": FLAGS.cold_tier_codec,
           "cold_tier_gb": FLAGS.cold_tier_gb, "cold_tier_sync": FLAGS.cold_tier_sync,
+          "cold_tier_encrypted": bool(FLAGS.cold_tier_key_file),
           "hot_tier_gb": FLAGS.hot_tier_gb,
           "prefetch_blocks": FLAGS.prefetch_blocks}
 

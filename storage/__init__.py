@@ -5,6 +5,8 @@ configured by `ColdTierConfig`. Modules, one job each:
 
 * `config`      ColdTierConfig, the one place for the tier's defaults
 * `codecs`      block <-> stored chunk (raw, int8 with per-head scales)
+* `encryption`  chunks sealed with AES-256-GCM under the store's key, bound
+                to their block id (`key_file`)
 * `layout`      the zarr3 slot array and its kvstore (file, ocdbt, gcs, s3),
                 slot directories made a group ahead
 * `chunk_writer` writes a local store's chunk files itself (TensorStore's

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import json
 import logging
 import os
 import sqlite3
@@ -62,6 +63,7 @@ import tensorstore as ts
 
 from dualpath_jax.config import CacheConfig, ModelConfig
 from storage import chunk_writer as chunk_writer_lib
+from storage import encryption
 from storage import index as index_lib
 from storage import layout
 from storage.codecs import make_codec
@@ -108,6 +110,14 @@ class BlockStore:
     self.block_shape = (model.num_layers, 2, model.num_kv_heads, cache.block_size,
                         model.head_dim)
     self.codec = make_codec(config.codec, self.block_shape, cache.dtype)
+    # With a key, the chunks are sealed (`storage.encryption`), bound to
+    # their id and to this layout.
+    self._sealed = config.key_file is not None
+    if self._sealed:
+      context = json.dumps([self.block_shape, cache.dtype, config.codec,
+                            model.fingerprint()]).encode()
+      self.codec = encryption.SealedCodec(self.codec, encryption.BlockCipher(
+          encryption.load_key(config.key_file), context))
     self.num_slots = config.capacity_bytes // self.codec.encoded_block_bytes
     if self.num_slots < 1:
       raise ValueError(
@@ -132,8 +142,19 @@ class BlockStore:
         "num_slots": self.num_slots, "kvstore": layout.array_kvstore_spec(config),
         "model": model.fingerprint(),
     }
-    self.index = index_lib.BlockIndex(config.root, layout_desc, self.num_slots,
-                                      config.admission)
+    if self._sealed:  # another key, or none, is then a layout mismatch
+      layout_desc["encryption"] = {"algorithm": encryption.ALGORITHM,
+                                   "key_id": self.codec.cipher.key_id}
+    try:
+      self.index = index_lib.BlockIndex(config.root, layout_desc,
+                                        self.num_slots, config.admission)
+    except ValueError as err:
+      if "made for layout" in str(err) and ("aes256gcm" in str(err)):
+        raise ValueError(f"{err}. An encrypted store opens only with the key "
+                         "it was made with (key_file; its key_id is in the "
+                         "layout), and a store in the clear only without "
+                         "one") from None
+      raise
     try:
       self.array = layout.open_slot_array(config, self.codec, self.num_slots)
     except BaseException:
@@ -148,6 +169,7 @@ class BlockStore:
     self._stats = StoreStats()
     self._logged: set[bytes] = set()
     self._log_lock = threading.Lock()
+    self._local = threading.local()  # an I/O thread's scratch (`_scratch`)
     self._closed = False
     self._writes = IoPool(config.io_threads, config.max_pending_write_bytes, "cold-write")
     self._reads = IoPool(config.io_threads, 1 << 62, "cold-read")
@@ -427,7 +449,9 @@ class BlockStore:
   ) -> None:
     """Writes chunks and returns once they are durable (the direct writer's
     batch, or one TensorStore transaction)."""
-    encoded = self.codec.encode(blocks)
+    encoded = (self.codec.encode(blocks, [r.block_id for r in refs],
+                                 self._scratch(len(refs)))
+               if self._sealed else self.codec.encode(blocks))
     slots = np.array([r.slot for r in refs], np.int64)
     if self._slot_dirs is not None:
       self._slot_dirs.ensure(slots.tolist())
@@ -450,7 +474,9 @@ class BlockStore:
     rows = [i for i, r in enumerate(refs) if r is not None]  # rows of `out`
     present = [refs[i] for i in rows]
     found: dict[bytes, np.ndarray] = {}
-    if present:
+    if present and self._sealed:
+      found = self._get_sealed(present, rows, out)
+    elif present:
       # Identity codecs (raw, zstd) read straight into `out`: no result copy.
       # Without `out`, TensorStore's own read() allocates the batch (numpy's
       # np.empty + a write into it measured 2.4x the CPU on the benchmark VM:
@@ -480,6 +506,43 @@ class BlockStore:
         miss_absent=sum(r is None for r in refs),
         read_seconds=time.perf_counter() - start)
     return [found.get(block_id) for block_id in ids]
+
+  def _get_sealed(
+      self,
+      refs: list[index_lib.SlotRef],
+      rows: list[int],  # row of `out` for each ref
+      out: np.ndarray | None,  # [>= max(rows) + 1, L, 2, Hkv, P, D] or None
+  ) -> dict[bytes, np.ndarray]:
+    """`_get`'s read of an encrypted store: the chunks land in this thread's
+    scratch batch (reused: a fresh array per read costs its first touch,
+    about the disk's bandwidth on the benchmark VM), then each is
+    authenticated and decrypted into its `out` row, or a new block. A
+    failed tag is a corrupt block: changed, or another block's chunk."""
+    scratch = self._scratch(len(refs))
+    _, ok, bad = self._read_chunks(refs, scratch, list(range(len(refs))))
+    blocks = self.codec.decode(
+        scratch, [r.block_id if good else None for r, good in zip(refs, ok)],
+        None if out is None else [out[row] for row in rows])
+    for ref, good, block in zip(refs, ok, blocks):
+      if good and block is None:
+        bad.append((ref, "corrupt", "its authentication tag does not match "
+                    "(changed, or another block's chunk)"))
+    if bad:
+      self._drop_bad(bad)
+    read = [i for i, block in enumerate(blocks) if block is not None]
+    valid = self.index.touch([refs[i] for i in read]) if read else []
+    keep = [i for i, still_there in zip(read, valid) if still_there]
+    self._stats.add(miss_raced=len(read) - len(keep))
+    return {refs[i].block_id: blocks[i] for i in keep}
+
+  def _scratch(self, n: int) -> np.ndarray:  # [n, encoded_block_bytes] uint8
+    """This thread's reused buffer of `n` sealed chunks (grown as needed: at
+    most `max_batch_blocks` chunks for each I/O thread)."""
+    buf = getattr(self._local, "scratch", None)
+    if buf is None or len(buf) < n:
+      buf = np.empty((n, self.codec.encoded_block_bytes), np.uint8)
+      self._local.scratch = buf
+    return buf[:n]
 
   def _read_chunks(
       self,

@@ -73,6 +73,11 @@ class ColdTierConfig:
       syncfs(2) of the store's file system per batch; Linux), "fsync" (each
       chunk, and its slot directory when new) or "auto" (syncfs where the
       platform has it, else fsync). See `storage.chunk_writer`. TensorStore's own writes always fsync per chunk.
+    key_file: a file holding the store's AES-256 key (64 hex digits): every
+      block is sealed before it is written and authenticated when read
+      (`storage.encryption`). The store records the key's id and refuses
+      another key, or none. None: blocks are stored in the clear. Not with
+      the zstd codecs (ciphertext does not compress).
   """
 
   root: str
@@ -90,6 +95,7 @@ class ColdTierConfig:
   fsync: bool = True
   chunk_writer: str = "auto"
   sync: str = "auto"
+  key_file: str | None = None
 
   def __post_init__(self):
     if not isinstance(self.root, (str, os.PathLike)) or not str(self.root):
@@ -103,6 +109,14 @@ class ColdTierConfig:
                        f"or None; got {self.kvstore!r}")
     if not isinstance(self.fsync, bool):
       raise ValueError(f"ColdTierConfig.fsync must be a bool; got {self.fsync!r}")
+    if self.key_file is not None and (
+        not isinstance(self.key_file, (str, os.PathLike)) or
+        not str(self.key_file)):
+      raise ValueError(f"ColdTierConfig.key_file must be a file path or None; "
+                       f"got {self.key_file!r}")
+    if self.key_file is not None and "zstd" in str(self.codec):
+      raise ValueError(f"codec={self.codec!r} cannot be encrypted: ciphertext "
+                       "does not compress (use raw or int8 with a key_file)")
     if self.driver not in DRIVERS:
       raise ValueError(f"driver={self.driver!r} not in {DRIVERS}")
     if self.codec not in CODECS:

@@ -19,6 +19,7 @@ from dualpath_jax.engine import pool_io
 from dualpath_jax.engine.factory import make_engine
 from dualpath_jax.engine.request import TurnRequest
 from dualpath_jax.model import load_model
+from storage import encryption
 from storage.config import ColdTierConfig
 
 BS = 4
@@ -29,11 +30,12 @@ def tiny():
   return load_model("random:tiny-test")
 
 
-def _engine(tiny, root, num_blocks=128):
+def _engine(tiny, root, num_blocks=128, key_file=None):
   return make_engine(
       tiny, CacheConfig(block_size=BS, num_blocks=num_blocks),
       EngineConfig(max_batch_size=4, max_prefill_chunk=16, max_context=128),
-      cold_tier=ColdTierConfig(root=str(root), file_io_mode="default"))
+      cold_tier=ColdTierConfig(root=str(root), file_io_mode="default",
+                               key_file=key_file))
 
 
 def _run(engine, req):
@@ -64,15 +66,22 @@ def test_pool_io_round_trip():
     pool_io.write_blocks(pool, [1], new)
 
 
-def test_blocks_survive_a_restart_and_outputs_match(tiny, tmp_path):
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_blocks_survive_a_restart_and_outputs_match(tiny, tmp_path, encrypted):
+  key_file = None
+  if encrypted:  # sealed blocks (storage.encryption) load the same
+    key_file = str(tmp_path / "kv.key")
+    encryption.write_key_file(key_file)
+  root = tmp_path / "kv"
   prompt = _prompt(1, 37)
-  first = _engine(tiny, tmp_path)
+  first = _engine(tiny, root, key_file=key_file)
   a = _run(first, TurnRequest("a", prompt, 6, stop_on_eos=False,
                               session_id="s", tenant="t"))
   first.close()
   assert first.cold_tier.stats.written_blocks == (37 + 6 - 1) // BS
 
-  second = _engine(tiny, tmp_path)  # empty pool: only the store remembers
+  second = _engine(tiny, root, key_file=key_file)  # empty pool: only the
+  # store remembers
   nxt = prompt + a.generated_tokens + _prompt(2, 9)
   b = _run(second, TurnRequest("b", nxt, 5, stop_on_eos=False,
                                session_id="s", tenant="t"))

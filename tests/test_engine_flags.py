@@ -156,6 +156,32 @@ def test_prefetching_without_hot_tiers_is_refused(tmp_path, module, extra):
   assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("module,extra", LAUNCHERS)
+def test_a_bad_cold_tier_key_file_is_refused_before_loading(tmp_path, module,
+                                                            extra):
+  bad = tmp_path / "bad.key"
+  bad.write_text("not a key\n")
+  cases = [([f"--cold_tier={tmp_path / 'kv'}",
+             f"--cold_tier_key_file={tmp_path / 'absent.key'}"],
+            "absent.key: cannot read it"),
+           ([f"--cold_tier={tmp_path / 'kv'}", f"--cold_tier_key_file={bad}"],
+            "must hold a 32-byte key as 64 hex digits")]
+  if module == "launch.agent_eval":  # bench_online has a default cold tier
+    cases.append(([f"--cold_tier_key_file={bad}"],
+                   "--cold_tier_key_file needs --cold_tier"))
+  for flags_, msg in cases:
+    args = [*extra, *flags_]
+    if module != "launch.serve":
+      args.append(f"--report={tmp_path / 'r.json'}")
+    done = _run(module, *args)
+    error = without_import_times(done.stderr)
+    assert done.returncode != 0, error[-2000:]
+    assert msg in error, error[-2000:]
+    assert "Traceback" not in error and "not a key" not in error
+    assert not imported_jax(done.stderr)
+  assert not (tmp_path / "r.json").exists()
+
+
 def test_bench_online_refuses_a_pods_job_settings(tmp_path):
   """Its loop is single-controller like agent_eval's: a job's flags, or the
   JAX_* variables a pod launcher sets, are refused. It used to ignore both
