@@ -129,6 +129,7 @@ class _Turn:
   # a retry on another PE does not).
   hot_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
   hook_error: BaseException | None = None  # what its `on_token` raised
+  logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob
 
   @property
   def rid(self) -> str:

@@ -73,6 +73,7 @@ class _Sequence:
   tier_loaded: dict[str, int] = dataclasses.field(
       default_factory=lambda: {"hot": 0, "cold": 0})
   hook_error: BaseException | None = None  # what its `on_token` raised
+  logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob
 
   @property
   def rid(self) -> str:

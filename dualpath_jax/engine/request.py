@@ -34,11 +34,29 @@ class TurnRequest:
   temperature: float | None = None
   top_p: float | None = None
   seed: int | None = None
+  # Log-probabilities of the generated tokens (`TurnOutput.logprobs`): None
+  # = none; k in [0, MAX_TOP_LOGPROBS] = each token's, and the k most likely
+  # tokens' at that step. Of the model's distribution: the log-softmax of
+  # its logits, before temperature and top-p (what a trainer recomputes).
+  logprobs: int | None = None
   # Streaming hook, called in the engine's thread with every accepted token
   # (EOS included) as soon as it is sampled. Returning True finishes the turn
   # after this token with finish_reason "stop" (e.g. a stop string matched).
   on_token: Callable[[int], bool | None] | None = dataclasses.field(
       default=None, repr=False, compare=False)
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+  """A generated token's log-probability, and the most likely tokens' at
+  its step (most likely first; `TurnRequest.logprobs` of them)."""
+
+  token: int
+  logprob: float
+  top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass
@@ -56,6 +74,9 @@ class TurnOutput:
   finish_reason: str
   error: BaseException | None = dataclasses.field(default=None, repr=False,
                                                   compare=False)
+  # One per generated token when the request asked (`TurnRequest.logprobs`).
+  logprobs: list[TokenLogprob] | None = dataclasses.field(default=None,
+                                                          repr=False)
 
 
 def _is_real(value: object) -> bool:
@@ -134,5 +155,9 @@ def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
                      f"{req.on_token!r}")
   if req.seed is not None and not (is_integer(req.seed) and req.seed >= 0):
     raise ValueError(f"{rid}: seed must be an integer >= 0; got {req.seed!r}")
+  if req.logprobs is not None and not (
+      is_integer(req.logprobs) and 0 <= req.logprobs <= MAX_TOP_LOGPROBS):
+    raise ValueError(f"{rid}: logprobs must be None or an integer in [0, "
+                     f"{MAX_TOP_LOGPROBS}]; got {req.logprobs!r}")
 
 

@@ -1,4 +1,5 @@
-"""Next-token choice from logits on the host: greedy, or temperature + top-p."""
+"""Next-token choice from logits on the host: greedy, or temperature + top-p;
+and the log-probabilities a request may ask for."""
 
 from __future__ import annotations
 
@@ -27,3 +28,21 @@ def sample(logits: np.ndarray,  # [batch, vocab] float32
     p = p[:keep] / p[:keep].sum()
     out[b] = order[rng.choice(keep, p=p)]
   return out
+
+
+def token_logprobs(
+    logits: np.ndarray,  # [vocab] float32, one row
+    token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+  """`token`'s log-probability under softmax(`logits`), and the `top` most
+  likely tokens' (most likely first; ties by lower id), in float64: of the
+  model's distribution, whatever the sampling settings."""
+  row = logits.astype(np.float64)
+  shifted = row - row.max()
+  logz = np.log(np.exp(shifted).sum())
+  best: tuple[tuple[int, float], ...] = ()
+  if top:
+    k = min(top, len(row))
+    ids = np.argpartition(-shifted, k - 1)[:k]
+    ids = ids[np.lexsort((ids, -shifted[ids]))]
+    best = tuple((int(i), float(shifted[i] - logz)) for i in ids)
+  return float(shifted[token] - logz), best

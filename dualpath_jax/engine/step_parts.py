@@ -15,8 +15,8 @@ import numpy as np
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import EngineConfig
 from dualpath_jax.engine import buckets
-from dualpath_jax.engine.request import TurnOutput
-from dualpath_jax.engine.sampling import sample
+from dualpath_jax.engine.request import TokenLogprob, TurnOutput
+from dualpath_jax.engine.sampling import sample, token_logprobs
 
 MIN_Q_BUCKET = 32
 MIN_PAGE_BUCKET = 64
@@ -71,10 +71,12 @@ def warmup_shapes(config: EngineConfig, block_size: int, max_pages: int,
 def sample_tokens(turns: Sequence, logits: np.ndarray,  # [>= len(turns), vocab]
                   config: EngineConfig,
                   default_rng: np.random.Generator) -> list[int]:
-  """One token per turn (anything with `.req` and `.rng`), each with its
-  request's sampling settings; rows go one at a time through the same
-  generator (the engine's unless the request has its own seed), so the
-  draws equal one batched call."""
+  """One token per turn (anything with `.req`, `.rng` and `.logprobs`),
+  each with its request's sampling settings; rows go one at a time through
+  the same generator (the engine's unless the request has its own seed), so
+  the draws equal one batched call. A request that asks for logprobs gets
+  the token's appended to `turn.logprobs` (every sampled token is then
+  accepted: `accept_token`)."""
   out = []
   for b, turn in enumerate(turns):
     req = turn.req
@@ -84,6 +86,9 @@ def sample_tokens(turns: Sequence, logits: np.ndarray,  # [>= len(turns), vocab]
     top_p = config.top_p if req.top_p is None else req.top_p
     rng = default_rng if turn.rng is None else turn.rng
     out.append(int(sample(logits[b:b + 1], rng, temperature, top_p)[0]))
+    if req.logprobs is not None:
+      turn.logprobs.append(TokenLogprob(
+          out[-1], *token_logprobs(logits[b], out[-1], req.logprobs)))
   return out
 
 
@@ -123,4 +128,6 @@ def turn_output(turn, now: float, reason: str) -> TurnOutput:
       cached_prompt_tokens=turn.cached_prompt_tokens,
       arrival_s=turn.arrival_s, first_token_s=turn.first_token_s,
       finish_s=now, finish_reason=reason,
-      error=turn.hook_error if reason == "error" else None)
+      error=turn.hook_error if reason == "error" else None,
+      logprobs=(None if turn.req.logprobs is None else
+                list(turn.logprobs)))
