@@ -180,3 +180,17 @@ def write_json(report: dict[str, Any], path: str) -> None:
       f.flush()
       os.fsync(f.fileno())
   replace_atomically(path, write, ".json")
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: str) -> None:
+  """Writes one strict-JSON object per line (non-finite numbers as null, as
+  `write_json`), atomically (`replace_atomically`)."""
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(_finite_or_none(row), default=_json_value,
+                           allow_nan=False, ensure_ascii=False))
+        f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+  replace_atomically(path, write, os.path.splitext(path)[1])

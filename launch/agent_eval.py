@@ -6,7 +6,9 @@ r"""Offline batch agent evaluation: replay agent sessions, report the numbers.
 Runs every session of an `abench-session-jsonl-v1` trace (or the built-in
 synthetic coding-agent workload) through one continuous-batching engine on
 the embedded SmolLM2-135M-Instruct (or `--model`), then prints a summary
-table and writes a JSON report (and a PNG plot with `--plot`). Ctrl-C during
+table and writes a JSON report (and a PNG plot with `--plot`; with
+`--rollouts`, a JSONL of every turn's tokens and reply, and with
+`--rollout_logprobs` their log-probabilities, for RL trainers). Ctrl-C during
 the replay reports the turns finished so far (`complete: false`) and exits
 130.
 """
@@ -32,6 +34,15 @@ engine_flags.define()  # --block_size, --num_blocks, --max_batch, --dtype, ...
 flags.DEFINE_string("report", "agent_eval_report.json", "JSON report path")
 flags.DEFINE_alias("json", "report")  # every JSON-writing launcher takes --json
 flags.DEFINE_string("plot", None, "PNG plot path (TTFT and timeline)")
+flags.DEFINE_string("rollouts", None, "JSONL path: one line per finished turn "
+                    "(session, turn, prompt and generated token ids, reply "
+                    "text, finish reason), for RL trainers and offline "
+                    "evaluation")
+flags.DEFINE_integer("rollout_logprobs", None, "with --rollouts: each "
+                     "generated token's log-probability and the N most "
+                     "likely tokens' (log-softmax of the model's logits, "
+                     "before temperature); 0 = the token's only",
+                     lower_bound=0, upper_bound=20)
 flags.DEFINE_bool("warmup", True, "compile every shape bucket before timing")
 flags.DEFINE_bool("progress", True, "show a progress bar")
 flags.DEFINE_integer("seed", 0, "synthetic workload and sampling seed", lower_bound=0)
@@ -51,8 +62,12 @@ def main(argv):
   from dualpath_jax import metrics
   from dualpath_jax import outputs
   output_paths = [("--report", FLAGS.report)] + (
-      [("--plot", FLAGS.plot)] if FLAGS.plot else [])
+      [("--plot", FLAGS.plot)] if FLAGS.plot else []) + (
+      [("--rollouts", FLAGS.rollouts)] if FLAGS.rollouts else [])
   try:  # before the run: a bad path must not cost its results
+    if FLAGS.rollout_logprobs is not None and not FLAGS.rollouts:
+      raise ValueError("--rollout_logprobs needs --rollouts (the file they "
+                       "go to)")
     outputs.check_output_paths(output_paths)
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
@@ -102,6 +117,7 @@ def main(argv):
   bar = tqdm.tqdm(total=total_turns, unit="turn", disable=not FLAGS.progress,
                   desc="agent_eval", mininterval=0)  # every turn shows
   finished = []  # the turns done so far, for a report of an interrupted run
+  rollouts = []  # with --rollouts, written at the end (atomically)
 
   def on_turn(record):
     finished.append(record)
@@ -113,7 +129,10 @@ def main(argv):
     result = replay_sessions(engine, loaded.tokenizer, sessions,
                              reply_mode=FLAGS.reply,
                              max_new_tokens=FLAGS.max_new_tokens,
-                             honor_gaps=FLAGS.honor_gaps, on_turn=on_turn)
+                             honor_gaps=FLAGS.honor_gaps, on_turn=on_turn,
+                             on_rollout=(rollouts.append if FLAGS.rollouts
+                                         else None),
+                             logprobs=FLAGS.rollout_logprobs)
     interrupted = False
   except KeyboardInterrupt:  # Ctrl-C: report the finished turns, exit 130
     result = ReplayResult(records=finished,
@@ -144,6 +163,7 @@ def main(argv):
           "reply": FLAGS.reply, "max_new_tokens": FLAGS.max_new_tokens,
           "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
           "limit_sessions": FLAGS.limit_sessions, "warmup": FLAGS.warmup,
+          "rollouts": FLAGS.rollouts, "rollout_logprobs": FLAGS.rollout_logprobs,
           "cold_tier": None if cold is None else to_dict(cold),
           **cluster_flags.as_dict(),
           "engine": to_dict(engine_cfg),
@@ -170,6 +190,9 @@ def main(argv):
             f"{prefetch['evicted_unused_blocks']} evicted unread")
   outputs.write_json(report, FLAGS.report)
   print(f"report: {FLAGS.report}")
+  if FLAGS.rollouts:
+    outputs.write_jsonl([r.as_dict() for r in rollouts], FLAGS.rollouts)
+    print(f"rollouts: {FLAGS.rollouts} ({len(rollouts)} turns)")
   if FLAGS.plot:
     metrics.plot_turns(result.records, FLAGS.plot,
                        title=f"agent_eval {report['config']['trace']}")

@@ -161,6 +161,63 @@ def test_mesh_run_with_a_prefetcher(tmp_path):
           proc.stdout)
 
 
+@pytest.mark.parametrize("reply", ["generate", "teacher_forced"])
+def test_rollouts_hold_every_turns_tokens_reply_and_logprobs(tmp_path, reply):
+  """--rollouts with --rollout_logprobs=2: one JSONL line per turn, whose
+  token counts are the report's, whose reply is what the session's history
+  got, and whose logprobs belong to the generated tokens (greedy: each is
+  its step's most likely)."""
+  from dualpath_jax.config import TINY
+  from dualpath_jax.workload.byte_tokenizer import ByteChatTokenizer
+  rollouts = tmp_path / "out" / "rollouts.jsonl"  # its folder is made
+  proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
+              "--max_context=1024", "--sessions=2", "--turns=3",
+              "--first_tool_lines=1", "--growth_lines=1",
+              "--max_new_tokens=4", f"--reply={reply}", "--nowarmup",
+              "--noprogress", f"--rollouts={rollouts}",
+              "--rollout_logprobs=2", f"--report={tmp_path / 'r.json'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads((tmp_path / "r.json").read_text())
+  rows = [json.loads(line) for line in rollouts.read_text().splitlines()]
+  assert len(rows) == r["turns"] > 0
+  # Every turn, unless a session was cut at max_context (teacher_forced's
+  # recorded replies are long).
+  assert r["turns"] == 6 or r["truncated_sessions"]
+  assert r["config"]["rollout_logprobs"] == 2
+  detail = {(t["session_id"], t["turn_index"]): t for t in r["turns_detail"]}
+  tok = ByteChatTokenizer(TINY.vocab_size)  # random:tiny-test's
+  for row in rows:
+    t = detail[(row["session_id"], row["turn_index"])]
+    assert len(row["generated_tokens"]) == t["generated_tokens"]
+    assert len(row["prompt_tokens"]) == t["prompt_tokens"]
+    assert row["cached_prompt_tokens"] == t["cached_prompt_tokens"]
+    assert [e["token"] for e in row["logprobs"]] == row["generated_tokens"]
+    for e in row["logprobs"]:
+      top = e["top"]
+      assert len(top) == 2 and top[0][1] >= top[1][1]
+      assert top[0][0] == e["token"] and e["logprob"] == top[0][1] <= 0
+    if reply == "generate":
+      ids = row["generated_tokens"][:-1] if row["finish_reason"] == "eos" \
+          else row["generated_tokens"]
+      assert row["reply"] == tok.decode(ids)
+  by_session = {}
+  for row in rows:  # a turn's reply is in the next turn's prompt
+    by_session.setdefault(row["session_id"], []).append(row)
+  for turns in by_session.values():
+    turns.sort(key=lambda row: row["turn_index"])
+    for a, b in zip(turns, turns[1:]):
+      context = a["prompt_tokens"] + tok.encode(a["reply"])
+      assert b["prompt_tokens"][:len(context)] == context
+
+
+def test_rollout_logprobs_without_rollouts_is_refused(tmp_path):
+  proc = _run("--rollout_logprobs=1", f"--report={tmp_path / 'r.json'}",
+              timeout=120)
+  assert proc.returncode != 0
+  assert "--rollout_logprobs needs --rollouts" in proc.stderr, proc.stderr
+  assert not (tmp_path / "r.json").exists()
+
+
 def test_hot_tiers_past_the_hosts_memory_are_refused(tmp_path):
   """--hot_tier_gb is each prefill engine's: two that together pass the
   host's available memory are refused before anything is allocated."""

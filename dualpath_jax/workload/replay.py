@@ -28,7 +28,8 @@ import math
 import time
 from typing import Callable, Sequence
 
-from dualpath_jax.engine.request import TurnOutput, TurnRequest
+from dualpath_jax.engine.request import (MAX_TOP_LOGPROBS, TurnOutput,
+                                          TurnRequest)
 from dualpath_jax.metrics import TurnRecord
 from dualpath_jax.workload.trace import AgentSession
 
@@ -75,6 +76,31 @@ def _check_sessions(sessions: Sequence[AgentSession],
 
 
 @dataclasses.dataclass
+class Rollout:
+  """One finished turn's text and tokens: what an RL trainer or an offline
+  evaluation reads (`launch.agent_eval --rollouts`)."""
+
+  session_id: str
+  tenant: str
+  turn_index: int
+  prompt_tokens: list[int]  # the whole context the turn was given
+  generated_tokens: list[int]
+  reply: str  # what went into the session's history (`reply_mode`)
+  finish_reason: str
+  cached_prompt_tokens: int
+  logprobs: list | None  # TokenLogprob per generated token, if asked
+
+  def as_dict(self) -> dict:
+    """JSON-ready: logprobs as {token, logprob, top: [[token, logprob]]}."""
+    d = dataclasses.asdict(self)
+    if self.logprobs is not None:
+      d["logprobs"] = [{"token": e.token, "logprob": e.logprob,
+                        "top": [list(t) for t in e.top]}
+                       for e in self.logprobs]
+    return d
+
+
+@dataclasses.dataclass
 class ReplayResult:
   records: list[TurnRecord]
   wall_s: float
@@ -85,6 +111,8 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
                     reply_mode: str = "generate", max_new_tokens: int = 32,
                     honor_gaps: bool = False,
                     on_turn: Callable[[TurnRecord], None] | None = None,
+                    on_rollout: Callable[[Rollout], None] | None = None,
+                    logprobs: int | None = None,
                     start_s: Sequence[float] | None = None,
                     on_tick: Callable[[float], None] | None = None,
                     clock: Callable[[], float] = time.perf_counter,
@@ -97,11 +125,18 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
   session is listed in `truncated_sessions` with the reason.
 
   `start_s[i]` (seconds after the start, default 0) is when session `i`'s
-  first turn arrives; `on_tick(t)` is called with the seconds since the start
+  first turn arrives; `on_rollout(r)` gets each finished turn's tokens and
+  reply (`Rollout`; with `logprobs=k`, each generated token's log-probability
+  and the k most likely tokens', `TurnRequest.logprobs`); `on_tick(t)` is called with the seconds since the start
   after every engine step and before every idle wait.
   """
   if reply_mode not in REPLY_MODES:
     raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {reply_mode!r}")
+  if logprobs is not None and not (
+      isinstance(logprobs, int) and not isinstance(logprobs, bool) and
+      0 <= logprobs <= MAX_TOP_LOGPROBS):
+    raise ValueError(f"logprobs must be None or an integer in [0, "
+                     f"{MAX_TOP_LOGPROBS}], got {logprobs!r}")
   if start_s is None:
     start_s = [0.0] * len(sessions)
   _check_sessions(sessions, start_s)
@@ -135,7 +170,7 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
           request_id=f"{st.session.session_id}#{turn.index}",
           prompt_tokens=prompt, max_new_tokens=budget,
           tenant=st.session.tenant, session_id=st.session.session_id,
-          turn_index=st.next_turn, arrival_s=st.ready_at))
+          turn_index=st.next_turn, arrival_s=st.ready_at, logprobs=logprobs))
       st.in_flight = True
 
   def finish(out: TurnOutput) -> None:
@@ -163,6 +198,15 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
         arrival_s=out.arrival_s - t0, first_token_s=out.first_token_s - t0,
         finish_s=out.finish_s - t0, finish_reason=out.finish_reason)
     records.append(rec)
+    if on_rollout is not None:
+      on_rollout(Rollout(
+          session_id=st.session.session_id, tenant=st.session.tenant,
+          turn_index=turn.index,
+          prompt_tokens=list(out.request.prompt_tokens),
+          generated_tokens=list(out.generated_tokens), reply=reply,
+          finish_reason=out.finish_reason,
+          cached_prompt_tokens=out.cached_prompt_tokens,
+          logprobs=out.logprobs))
     if on_turn is not None:
       on_turn(rec)
 
