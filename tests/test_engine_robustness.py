@@ -169,6 +169,7 @@ def test_per_sequence_block_limit_is_refused_at_submit(tiny):
     ("arrival_s", float("nan"), "arrival_s must be a finite number"),
     ("stop_on_eos", "no", "stop_on_eos must be a bool"),
     ("on_token", "not a function", "on_token must be callable"),
+    ("on_logprob", 3, "on_logprob must be callable"),
 ])
 def test_bad_request_fields_are_value_errors(tiny, field, value, match):
   e = _engine(tiny)

@@ -159,3 +159,23 @@ def test_cluster_logprobs_equal_a_full_recompute(tiny, ref_runner, tmp_path):
     cluster.close()
   for req in reqs:
     _check_against_reference(ref_runner, req, outs[req.request_id])
+
+
+def test_a_raising_on_logprob_fails_its_turn_only(tiny):
+  seen = []
+
+  def broken(entry):
+    raise RuntimeError("client gone")
+
+  engine = make_engine(tiny, CacheConfig(block_size=BS, num_blocks=64),
+                       EngineConfig(max_batch_size=2, max_prefill_chunk=16,
+                                    max_context=REF_LEN))
+  outs = _run(engine, [
+      TurnRequest("bad", [5, 6, 7], 4, stop_on_eos=False, logprobs=0,
+                  on_logprob=broken),
+      TurnRequest("good", [8, 9, 10], 4, stop_on_eos=False, logprobs=1,
+                  on_logprob=seen.append)])
+  assert outs["bad"].finish_reason == "error"
+  assert isinstance(outs["bad"].error, RuntimeError)
+  assert outs["good"].finish_reason == "length"
+  assert seen == outs["good"].logprobs  # each entry once, as it came

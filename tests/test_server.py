@@ -211,6 +211,91 @@ def test_seeded_sampling_is_reproducible_and_stop_strings_cut(client,
   assert streamed == expected
 
 
+# ------------------------------------------------------------- logprobs
+
+
+def _engine_logprobs(tok, out):
+  """The engine's entries of the tokens the server shows (no EOS)."""
+  return [e for e in out.logprobs if not tok.is_special(e.token)]
+
+
+@pytest.mark.parametrize("max_tokens", [6, 30])
+def test_chat_logprobs_are_the_engines_streamed_or_not(client, tiny_chat,
+                                                       reference, np_rng,
+                                                       max_tokens):
+  tok = tiny_chat.tokenizer
+  messages = [{"role": "user", "content": words(np_rng, 9)}]
+  ref = reference(tok.encode_chat(messages), max_tokens, temperature=0.0,
+                  logprobs=3)
+  want = _engine_logprobs(tok, ref)
+  kw = dict(model=MODEL, messages=messages, max_tokens=max_tokens,
+            temperature=0, logprobs=True, top_logprobs=3)
+  r = client.chat.completions.create(**kw)
+  content = r.choices[0].logprobs.content
+  assert [c.bytes for c in content] == [list(tok.token_bytes(e.token))
+                                        for e in want]
+  # The tokens' bytes are the message, whatever splits its characters
+  # (a random model's bytes need not be valid UTF-8: U+FFFD, as decoded).
+  assert b"".join(bytes(c.bytes) for c in content).decode(
+      "utf-8", "replace") == r.choices[0].message.content
+  for c, e in zip(content, want):
+    assert c.logprob == pytest.approx(e.logprob, abs=1e-5)
+    assert [t.logprob for t in c.top_logprobs] == pytest.approx(
+        [lp for _, lp in e.top], abs=1e-5)
+    assert c.top_logprobs[0].bytes == c.bytes  # greedy: the most likely
+  chunks = list(client.chat.completions.create(**kw, stream=True))
+  streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs
+              for c in ch.choices[0].logprobs.content]
+  # (float32 noise: the stream's prompt hits the first request's blocks)
+  assert [c.bytes for c in streamed] == [c.bytes for c in content]
+  assert [c.logprob for c in streamed] == pytest.approx(
+      [c.logprob for c in content], abs=1e-5)
+  plain = client.chat.completions.create(model=MODEL, messages=messages,
+                                         max_tokens=3, temperature=0)
+  assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_offsets_and_stream(client, tiny_chat, reference,
+                                                np_rng):
+  tok = tiny_chat.tokenizer
+  ids = tok.encode(words(np_rng, 10))
+  ref = reference(ids, 12, temperature=0.0, stop_on_eos=False, logprobs=2)
+  want = _engine_logprobs(tok, ref)
+  kw = dict(model=MODEL, prompt=ids, max_tokens=12, temperature=0,
+            logprobs=2, extra_body={"ignore_eos": True})
+  r = client.completions.create(**kw)
+  lp = r.choices[0].logprobs
+  assert lp.token_logprobs == pytest.approx([e.logprob for e in want],
+                                            abs=1e-5)
+  assert lp.tokens == [tok.token_bytes(e.token).decode("utf-8", "replace")
+                       for e in want]
+  assert lp.text_offset == [len("".join(lp.tokens[:i]))
+                            for i in range(len(lp.tokens))]
+  assert all(len(top) <= 2 for top in lp.top_logprobs)
+  chunks = list(client.completions.create(**kw, stream=True))
+  tokens, offsets = [], []
+  for ch in chunks:
+    if ch.choices[0].logprobs:
+      tokens += ch.choices[0].logprobs.tokens
+      offsets += ch.choices[0].logprobs.text_offset
+  assert tokens == lp.tokens and offsets == lp.text_offset
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+])
+def test_bad_logprob_requests_get_openai_errors(server, path, body, param):
+  req = {"model": MODEL, "max_tokens": 2}
+  req |= ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path
+          else {"prompt": "hi"})
+  r = _http(server, "POST", path, req | body)
+  assert r.status_code == 400, r.text
+  assert r.json()["error"]["param"] == param
+
+
 def test_concurrent_requests_batch_and_match_sequential(client, tiny_chat,
                                                         reference, np_rng):
   tok = tiny_chat.tokenizer

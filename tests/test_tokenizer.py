@@ -187,3 +187,27 @@ def test_chat_messages_of_the_wrong_kind_are_refused(tok, message, msg):
   """They gave jinja's TypeError, or (an unknown role) rendered as is."""
   with pytest.raises(ValueError, match=msg):
     tok.apply_chat_template([message])
+
+
+def test_token_bytes_spell_the_text_whatever_splits_its_characters(
+    tok, np_rng):
+  # Random code points from ASCII to emoji: byte-level BPE splits multi-byte
+  # characters across tokens, which decode([id]) shows as U+FFFD.
+  points = np.concatenate([np_rng.integers(0x20, 0x7F, 200),
+                           np_rng.integers(0xA0, 0x3000, 100),
+                           np_rng.integers(0x1F300, 0x1F600, 50)])
+  text = "".join(map(chr, np_rng.permutation(points)))
+  ids = tok.encode(text)
+  assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+  assert any("\ufffd" in tok.decode([i]) for i in ids)  # some were split
+  for i in np_rng.integers(0, tok.vocab_size, 500):
+    raw = tok.token_bytes(i)
+    try:
+      shown = raw.decode("utf-8")
+    except UnicodeDecodeError:
+      continue
+    assert tok.decode([i]) == shown
+  eos = tok.eos_ids[0]
+  assert tok.token_bytes(eos) == tok.decode([eos]).encode()
+  with pytest.raises(ValueError, match="out of range"):
+    tok.token_bytes(tok.vocab_size)

@@ -44,6 +44,11 @@ class TurnRequest:
   # after this token with finish_reason "stop" (e.g. a stop string matched).
   on_token: Callable[[int], bool | None] | None = dataclasses.field(
       default=None, repr=False, compare=False)
+  # With `logprobs` set: called in the engine's thread with each token's
+  # `TokenLogprob` just before `on_token` is called with the token (a
+  # server streams them with the text). Raising fails the turn, as there.
+  on_logprob: Callable[["TokenLogprob"], None] | None = dataclasses.field(
+      default=None, repr=False, compare=False)
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
@@ -150,9 +155,11 @@ def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
   if not isinstance(req.stop_on_eos, bool):
     raise ValueError(f"{rid}: stop_on_eos must be a bool, got "
                      f"{req.stop_on_eos!r}")
-  if req.on_token is not None and not callable(req.on_token):
-    raise ValueError(f"{rid}: on_token must be callable or None, got "
-                     f"{req.on_token!r}")
+  for hook in ("on_token", "on_logprob"):
+    value = getattr(req, hook)
+    if value is not None and not callable(value):
+      raise ValueError(f"{rid}: {hook} must be callable or None, got "
+                       f"{value!r}")
   if req.seed is not None and not (is_integer(req.seed) and req.seed >= 0):
     raise ValueError(f"{rid}: seed must be an integer >= 0; got {req.seed!r}")
   if req.logprobs is not None and not (

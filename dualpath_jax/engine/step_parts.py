@@ -96,7 +96,7 @@ def accept_token(turn, token: int, eos_ids: frozenset[int]) -> str | None:
   """Appends `token` to `turn` (`.generated`, `.tokens`, `.req`); returns
   why the turn is finished ("eos" | "stop" | "length" | "error") or None.
 
-  "error": the request's `on_token` hook raised; the exception is left in
+  "error": the request's `on_logprob` or `on_token` hook raised; the exception is left in
   `turn.hook_error`. A client's hook fails its own turn only: the other
   turns of the batch keep their tokens.
   """
@@ -104,12 +104,14 @@ def accept_token(turn, token: int, eos_ids: frozenset[int]) -> str | None:
   turn.tokens.append(token)
   req = turn.req
   stop = False
-  if req.on_token is not None:
-    try:
+  try:
+    if req.on_logprob is not None and req.logprobs is not None:
+      req.on_logprob(turn.logprobs[-1])
+    if req.on_token is not None:
       stop = bool(req.on_token(token))
-    except Exception as err:  # pylint: disable=broad-except
-      turn.hook_error = err
-      return "error"
+  except Exception as err:  # pylint: disable=broad-except
+    turn.hook_error = err
+    return "error"
   if req.stop_on_eos and token in eos_ids:
     return "eos"
   if stop:

@@ -176,6 +176,20 @@ class Tokenizer:
   def is_special(self, token_id: int) -> bool:
     return int(token_id) in self._special_ids
 
+  def token_bytes(self, token_id: int) -> bytes:
+    """The bytes one token stands for (a special token's text in UTF-8).
+    `decode([id])` cannot say: byte-level BPE splits characters across
+    tokens, and a piece of one decodes to U+FFFD. What a server's logprobs
+    report as each token's `bytes`."""
+    token_id = int(token_id)
+    if not 0 <= token_id < self.vocab_size:
+      raise ValueError(f"token id {token_id} out of range [0, "
+                       f"{self.vocab_size})")
+    text = self._tokens[token_id]
+    if token_id in self._special_ids:
+      return text.encode("utf-8", "surrogatepass")
+    return bytes(_BYTE_OF_CHAR[c] for c in text)
+
   # ---------------------------------------------------------------- chat
 
   def apply_chat_template(self, messages: Sequence[Message],
@@ -253,6 +267,20 @@ class Tokenizer:
           return False
         start = window.find(s, start + 1)
     return True
+
+
+def _byte_level_chars() -> dict[str, int]:
+  """Byte-level BPE's alphabet: each byte is a printable character, itself
+  where it is one (`!`..`~`, `¡`..`¬`, `®`..`ÿ`), else U+0100 onwards in
+  byte order. Maps each character back to its byte."""
+  printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+  chars = {chr(b): b for b in printable}
+  others = [b for b in range(256) if b not in set(printable)]
+  chars.update({chr(0x100 + k): b for k, b in enumerate(others)})
+  return chars
+
+
+_BYTE_OF_CHAR = _byte_level_chars()
 
 
 def _raise_template_error(message: str) -> None:

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import fastapi
 from absl import logging
@@ -42,6 +42,7 @@ from dualpath_jax.server.engine_loop import (EngineHandle, EngineLoop,
 from dualpath_jax.server.prometheus import CONTENT_TYPE, ServerMetrics
 from dualpath_jax.server.protocol import (APIError, ChatCompletionRequest,
                                           CompletionRequest)
+from dualpath_jax.server import logprobs as logprob_format
 from dualpath_jax.server.text_stream import TextStream
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks its client
@@ -72,6 +73,17 @@ class _RequestStream:
     self._text = text
     self.events: asyncio.Queue = asyncio.Queue()
     self.finished = False  # set by the consumer once it saw the end
+    # TokenLogprobs of tokens whose text is not out yet (held back by an
+    # incomplete character or a possible stop string): sent with the next
+    # text, or at the end.
+    self._logprobs: list = []
+
+  def on_logprob(self, entry) -> None:
+    self._logprobs.append(entry)
+
+  def _take_logprobs(self) -> list:
+    taken, self._logprobs = self._logprobs, []
+    return taken
 
   def _post(self, event: tuple) -> None:
     with contextlib.suppress(RuntimeError):  # the event loop already closed
@@ -85,12 +97,12 @@ class _RequestStream:
       self._post(("error", e))
       return True
     if delta:
-      self._post(("text", delta))
+      self._post(("text", delta, self._take_logprobs()))
     return self._text.stopped
 
   def on_finish(self, out: TurnOutput) -> None:
     tail = self._text.flush() if out.finish_reason != "stop" else ""
-    self._post(("finish", tail, out))
+    self._post(("finish", tail, out, self._take_logprobs()))
 
   def on_error(self, error: BaseException) -> None:
     self._post(("error", error))
@@ -297,7 +309,8 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
         tenant=body.user or "", stop_on_eos=not body.ignore_eos,
         arrival_s=handle.clock(), temperature=temperature,
         top_p=config.default_top_p if body.top_p is None else body.top_p,
-        seed=body.seed, on_token=stream.on_token)
+        seed=body.seed, on_token=stream.on_token,
+        logprobs=body.logprob_count(), on_logprob=stream.on_logprob)
     try:
       handle.validate(turn)
     except RequestTooLargeError as e:
@@ -322,9 +335,11 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
     if body.stream:
       opts = body.stream_options or protocol.StreamOptions()
       return responses.StreamingResponse(
-          sse_events(stream, turn, endpoint, chat, model, opts),
+          sse_events(stream, turn, endpoint, chat, model, opts,
+                     body.stop_token_ids or ()),
           media_type="text/event-stream")
-    return await gather(stream, turn, endpoint, chat, model, raw)
+    return await gather(stream, turn, endpoint, chat, model, raw,
+                        body.stop_token_ids or ())
 
   def finish_usage(out: TurnOutput) -> dict[str, Any]:
     return protocol.usage(len(out.request.prompt_tokens),
@@ -345,8 +360,22 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
       engine_loop.abort(turn.request_id)
       metrics.requests.labels(endpoint, reason).inc()
 
+  def visible_logprobs(entries, stops: Sequence[int]) -> list:
+    return logprob_format.visible(entries or (), tokenizer, stops)
+
+  def format_logprobs(entries, chat: bool, stops: Sequence[int],
+                      offset: int = 0) -> dict[str, Any] | None:
+    """A choice's `logprobs` (None when the request asked for none)."""
+    if entries is None:
+      return None
+    shown = visible_logprobs(entries, stops)
+    if chat:
+      return {"content": logprob_format.chat_content(shown, tokenizer)}
+    return logprob_format.completion_logprobs(shown, tokenizer, offset)
+
   async def gather(stream: _RequestStream, turn: TurnRequest, endpoint: str,
-                   chat: bool, model: str, raw: fastapi.Request):
+                   chat: bool, model: str, raw: fastapi.Request,
+                   stops: Sequence[int]):
     pieces: list[str] = []
     loop = asyncio.get_running_loop()
     next_check = loop.time() + DISCONNECT_POLL_S
@@ -372,23 +401,30 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
           metrics.requests.labels(endpoint, "error").inc()
           raise _generation_error(event[1])
         else:
-          _, tail, out = event
+          _, tail, out, _ = event
           stream.finished = True
           observe(endpoint, out)
           build = protocol.chat_response if chat else \
               protocol.completion_response
           return build(turn.request_id, model, "".join(pieces) + tail,
                        protocol.finish_reason(out.finish_reason),
-                       finish_usage(out))
+                       finish_usage(out),
+                       format_logprobs(out.logprobs, chat, stops))
     finally:
       abandon(stream, turn, endpoint, "abort")
 
   async def sse_events(stream: _RequestStream, turn: TurnRequest,
                        endpoint: str, chat: bool, model: str,
-                       opts: protocol.StreamOptions) -> AsyncIterator[str]:
+                       opts: protocol.StreamOptions,
+                       stops: Sequence[int]) -> AsyncIterator[str]:
     rid = turn.request_id
+    sent_chars = 0  # text sent so far: completions' logprobs text_offset
 
-    def chunk(**kw) -> str:
+    def chunk(entries=None, **kw) -> str:
+      nonlocal sent_chars
+      if turn.logprobs is not None and entries is not None:
+        kw["logprobs"] = format_logprobs(entries, chat, stops, sent_chars)
+      sent_chars += len(kw.get("text") or "")
       payload = protocol.stream_chunk(chat, rid, model,
                                       with_usage_field=opts.include_usage, **kw)
       return f"data: {json.dumps(payload)}\n\n"
@@ -398,18 +434,18 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
       while True:
         event = await stream.events.get()
         if event[0] == "text":
-          yield chunk(text=event[1])
+          yield chunk(event[2], text=event[1])
         elif event[0] == "error":
           stream.finished = True
           metrics.requests.labels(endpoint, "error").inc()
           yield f"data: {json.dumps(_generation_error(event[1]).body())}\n\n"
           return
         else:
-          _, tail, out = event
+          _, tail, out, entries = event
           stream.finished = True
           observe(endpoint, out)
-          if tail:
-            yield chunk(text=tail)
+          if tail or visible_logprobs(entries, stops):
+            yield chunk(entries, text=tail)
           usage = finish_usage(out)
           yield chunk(reason=protocol.finish_reason(out.finish_reason))
           if opts.include_usage:

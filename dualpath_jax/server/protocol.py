@@ -3,7 +3,9 @@
 Requests are pydantic models that accept unknown fields (clients and SDKs
 send many optional ones; vLLM and SGLang ignore what they do not use), but
 reject, with an OpenAI-style 400, every field whose meaning we would silently
-change: `n` > 1, logprobs, penalties, tools, non-text response formats.
+change: `n` > 1, penalties, tools, non-text response formats, `echo`.
+Log-probabilities are served (`logprobs`/`top_logprobs` up to
+`MAX_TOP_LOGPROBS`; `server.logprobs` has the format).
 Range checks follow the OpenAI API reference (temperature in [0, 2], top_p
 in (0, 1]); stop strings are not limited to 4 (as in vLLM) but to
 `MAX_STOP_STRINGS` of at most `MAX_STOP_CHARS` characters each: they are
@@ -22,6 +24,7 @@ from typing import Any, Literal
 
 import pydantic
 
+from dualpath_jax.engine.request import MAX_TOP_LOGPROBS
 from dualpath_jax.text import CHAT_ROLES, check_unicode
 
 
@@ -122,9 +125,14 @@ class ChatCompletionRequest(_SamplingRequest):
 
   def check_supported(self) -> None:
     super().check_supported()
-    if self.logprobs or self.top_logprobs:
-      raise APIError("logprobs are not supported", param="logprobs",
-                     code="unsupported_parameter")
+    if self.top_logprobs is not None:
+      if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise APIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], "
+                       f"got {self.top_logprobs}", param="top_logprobs",
+                       code="invalid_value")
+      if not self.logprobs:
+        raise APIError("top_logprobs needs logprobs: true",
+                       param="top_logprobs", code="invalid_value")
     if self.tools:
       raise APIError("tool calling is not supported by this server; describe "
                      "tools in the prompt instead", param="tools",
@@ -135,6 +143,10 @@ class ChatCompletionRequest(_SamplingRequest):
     if self.response_format and self.response_format.get("type") != "text":
       raise APIError("only response_format {'type': 'text'} is supported",
                      param="response_format", code="unsupported_parameter")
+
+  def logprob_count(self) -> int | None:
+    """`TurnRequest.logprobs`: None, or how many top tokens per step."""
+    return (self.top_logprobs or 0) if self.logprobs else None
 
   def token_budget(self) -> int | None:
     """`max_completion_tokens`, else the deprecated `max_tokens`."""
@@ -158,15 +170,20 @@ class CompletionRequest(_SamplingRequest):
     if self.echo:
       raise APIError("echo is not supported", param="echo",
                      code="unsupported_parameter")
-    if self.logprobs:
-      raise APIError("logprobs are not supported", param="logprobs",
-                     code="unsupported_parameter")
+    if self.logprobs is not None and not (
+        0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+      raise APIError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                     f"{self.logprobs}", param="logprobs", code="invalid_value")
     if self.suffix:
       raise APIError("suffix is not supported", param="suffix",
                      code="unsupported_parameter")
     if self.best_of not in (None, 1):
       raise APIError("only best_of=1 is supported", param="best_of",
                      code="unsupported_value")
+
+  def logprob_count(self) -> int | None:
+    """`TurnRequest.logprobs`: None, or how many top tokens per step."""
+    return self.logprobs
 
   def token_budget(self) -> int | None:
     return self.max_tokens
@@ -242,21 +259,26 @@ def finish_reason(engine_reason: str) -> FinishReason:
 
 
 def chat_response(rid: str, model: str, text: str, reason: str,
-                  usage_: dict[str, Any]) -> dict[str, Any]:
+                  usage_: dict[str, Any],
+                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
   """A non-streamed `chat.completion`."""
   return {"id": rid, "object": "chat.completion", "created": now(),
           "model": model,
-          "choices": [{"index": 0, "logprobs": None, "finish_reason": reason,
+          "choices": [{"index": 0, "logprobs": logprobs,
+                       "finish_reason": reason,
                        "message": {"role": "assistant", "content": text}}],
           "usage": usage_}
 
 
 def completion_response(rid: str, model: str, text: str, reason: str,
-                        usage_: dict[str, Any]) -> dict[str, Any]:
+                        usage_: dict[str, Any],
+                        logprobs: dict[str, Any] | None = None
+                        ) -> dict[str, Any]:
   """A non-streamed `text_completion`."""
   return {"id": rid, "object": "text_completion", "created": now(),
           "model": model,
-          "choices": [{"index": 0, "logprobs": None, "finish_reason": reason,
+          "choices": [{"index": 0, "logprobs": logprobs,
+                       "finish_reason": reason,
                        "text": text}],
           "usage": usage_}
 
@@ -265,7 +287,8 @@ def stream_chunk(chat: bool, rid: str, model: str, *, text: str | None = None,
                  role: str | None = None, reason: str | None = None,
                  usage_: dict[str, Any] | None = None,
                  with_usage_field: bool = False,
-                 usage_only: bool = False) -> dict[str, Any]:
+                 usage_only: bool = False,
+                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
   """One SSE chunk (`chat.completion.chunk` or `text_completion`).
 
   `usage_only` makes the final usage chunk (`choices: []`) sent when
@@ -283,10 +306,10 @@ def stream_chunk(chat: bool, rid: str, model: str, *, text: str | None = None,
       delta["role"] = role
     if text is not None:
       delta["content"] = text
-    out["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
+    out["choices"] = [{"index": 0, "delta": delta, "logprobs": logprobs,
                        "finish_reason": reason}]
   else:
-    out["choices"] = [{"index": 0, "text": text or "", "logprobs": None,
+    out["choices"] = [{"index": 0, "text": text or "", "logprobs": logprobs,
                        "finish_reason": reason}]
   if usage_only or with_usage_field or usage_ is not None:
     out["usage"] = usage_
