@@ -36,21 +36,27 @@ def _engine(tiny, num_blocks=256, **kw):
 REF_LEN = 64  # one padded shape for every reference call: one compile
 
 
+def reference_logits(runner, context) -> np.ndarray:  # [vocab] float32
+  """The next-token logits after `context`, recomputed from scratch (a
+  fresh cache, the whole context in one call): no reuse, no batching."""
+  L = len(context)
+  assert L <= REF_LEN
+  padded = np.zeros((1, REF_LEN), np.int32)
+  padded[0, :L] = context
+  slots = np.full((1, REF_LEN), -1, np.int32)
+  slots[0, :L] = np.arange(L)
+  logits, _ = runner.step(
+      runner.new_kv_cache(), padded,
+      np.arange(REF_LEN // BS, dtype=np.int32)[None],
+      np.array([L], np.int32), np.array([L], np.int32), slots)
+  return np.asarray(logits)[0]
+
+
 def _reference_greedy(runner, prompt, n):
   """Greedy tokens by recomputing the whole context every step."""
   toks = list(prompt)
   for _ in range(n):
-    L = len(toks)
-    assert L <= REF_LEN
-    padded = np.zeros((1, REF_LEN), np.int32)
-    padded[0, :L] = toks
-    slots = np.full((1, REF_LEN), -1, np.int32)
-    slots[0, :L] = np.arange(L)
-    kv = runner.new_kv_cache()
-    logits, _ = runner.step(
-        kv, padded, np.arange(REF_LEN // BS, dtype=np.int32)[None],
-        np.array([L], np.int32), np.array([L], np.int32), slots)
-    toks.append(int(np.argmax(np.asarray(logits)[0])))
+    toks.append(int(np.argmax(reference_logits(runner, toks))))
   return toks[len(prompt):]
 
 

@@ -18,12 +18,12 @@ from dualpath_jax.engine.factory import make_engine
 from dualpath_jax.engine.request import TokenLogprob, TurnRequest
 from dualpath_jax.engine.sampling import token_logprobs
 from dualpath_jax.model import load_model
-from dualpath_jax.model.runner import ModelRunner
 from dualpath_jax.transfer import DualPathConfig, MeshConfig
 from storage.config import ColdTierConfig
+from tests.test_cluster import _run  # every request to its end, by id
+from tests.test_engine import (BS, REF_LEN, ref_runner,  # noqa: F401
+                               reference_logits)
 
-BS = 4
-REF_LEN = 64
 TOL = 2e-4  # batched paged steps against a full recompute, float32
 
 
@@ -32,36 +32,10 @@ def tiny():
   return load_model("random:tiny-test")
 
 
-@pytest.fixture(scope="module")
-def ref_runner(tiny):
-  return ModelRunner(tiny.model, CacheConfig(block_size=BS,
-                                             num_blocks=REF_LEN // BS))
-
-
 def _reference_logprobs(runner, context: list[int]) -> np.ndarray:
   """log_softmax of the next-token logits after `context`, recomputed from
   scratch: [vocab] float32."""
-  n = len(context)
-  assert n <= REF_LEN
-  tokens = np.zeros((1, REF_LEN), np.int32)
-  tokens[0, :n] = context
-  slots = np.full((1, REF_LEN), -1, np.int32)
-  slots[0, :n] = np.arange(n)
-  logits, _ = runner.step(
-      runner.new_kv_cache(), tokens,
-      np.arange(REF_LEN // BS, dtype=np.int32)[None],
-      np.array([n], np.int32), np.array([n], np.int32), slots)
-  return np.asarray(jax.nn.log_softmax(np.asarray(logits)[0]))
-
-
-def _run(engine, reqs):
-  for r in reqs:
-    engine.submit(r)
-  outs = {}
-  while engine.has_work():
-    for out in engine.step():
-      outs[out.request.request_id] = out
-  return outs
+  return np.asarray(jax.nn.log_softmax(reference_logits(runner, context)))
 
 
 def _check_against_reference(runner, req, out):

@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Sequence
+
+
+def _is_number(value) -> bool:
+  """A real number (numpy scalars included), not a bool."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,18 +45,32 @@ class WaitingTurn:
   load_ready_s: float = -math.inf
 
   def __post_init__(self):
-    if self.new_tokens < 0:
-      raise ValueError(f"{self.turn_id}: new_tokens must be >= 0, "
-                       f"got {self.new_tokens}")
+    # NaN compares false with everything: a NaN load_ready_s would never be
+    # ready (the turn starves), a NaN new_tokens would make every later
+    # turn fit the token budget, a NaN arrival_s would scramble the order.
+    if not _is_number(self.new_tokens) or not 0 <= self.new_tokens < math.inf:
+      raise ValueError(f"{self.turn_id}: new_tokens must be a finite number "
+                       f">= 0, got {self.new_tokens!r}")
+    for name in ("arrival_s", "load_ready_s"):
+      value = getattr(self, name)
+      if not _is_number(value) or math.isnan(value):
+        raise ValueError(f"{self.turn_id}: {name} must be a number (not "
+                         f"NaN), got {value!r}")
 
 
 def choose_prefill_batch(waiting: Sequence[WaitingTurn], now_s: float, *,
                          max_batch_tokens: int,
                          max_batch_turns: int) -> list[str]:
   """Ids of the turns that join the next prefill batch, in batch order."""
-  if max_batch_tokens <= 0 or max_batch_turns <= 0:
-    raise ValueError("max_batch_tokens and max_batch_turns must be positive, "
-                     f"got {max_batch_tokens} and {max_batch_turns}")
+  if not _is_number(max_batch_tokens) or not max_batch_tokens > 0:
+    raise ValueError("max_batch_tokens must be positive (inf: no limit), "
+                     f"got {max_batch_tokens!r}")
+  if (not isinstance(max_batch_turns, numbers.Integral) or
+      isinstance(max_batch_turns, bool) or max_batch_turns <= 0):
+    raise ValueError("max_batch_turns must be a positive int, "
+                     f"got {max_batch_turns!r}")
+  if not _is_number(now_s) or math.isnan(now_s):
+    raise ValueError(f"now_s must be a number (not NaN), got {now_s!r}")
   ids = [w.turn_id for w in waiting]
   if len(set(ids)) != len(ids):
     raise ValueError(f"duplicate turn ids in the waiting queue: {ids}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 from typing import Mapping
 
 PREFILL = "prefill"
@@ -31,19 +32,48 @@ class ReadPath(enum.IntEnum):
   HOT = 4  # in the prefill engine's host-DRAM hot tier: host -> HBM, no NIC
 
 
+def _check_real(owner: str, name: str, value: float) -> None:
+  """A real number (numpy scalars included), not a bool, not NaN."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
+  if math.isnan(value):
+    raise ValueError(f"{owner}: {name} must not be NaN")
+
+
 def _check_non_negative(owner: str, **values: float) -> None:
+  """Amounts (bytes, tokens, blocks): finite numbers >= 0.
+
+  An infinite backlog means nothing, and over an infinite bandwidth it would
+  cost inf / inf = NaN seconds, which every comparison of the policies
+  treats as "not later": the engine would look idle.
+  """
   for name, value in values.items():
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
-    if math.isnan(value) or value < 0:
-      raise ValueError(f"{owner}: {name} must be >= 0, got {value!r}")
+    _check_real(owner, name, value)
+    if value < 0 or not (isinstance(value, numbers.Integral) or
+                         math.isfinite(value)):
+      raise ValueError(f"{owner}: {name} must be a finite number >= 0, "
+                       f"got {value!r}")
 
 
 def _check_positive(owner: str, **values: float) -> None:
-  _check_non_negative(owner, **values)
+  """Rates: numbers > 0 (`math.inf`: no limit)."""
   for name, value in values.items():
+    _check_real(owner, name, value)
     if value <= 0:
       raise ValueError(f"{owner}: {name} must be > 0, got {value!r}")
+
+
+def _check_count(owner: str, **values: int) -> None:
+  """Counts (tokens, blocks, bytes of a turn): ints >= 0 (numpy ints too).
+
+  A float count (e.g. blocks from a true division) would otherwise fail
+  late, inside a policy, as a TypeError of `range`.
+  """
+  for name, value in values.items():
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+      raise ValueError(f"{owner}: {name} must be an int, got {value!r}")
+    if value < 0:
+      raise ValueError(f"{owner}: {name} must be >= 0, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,25 +163,24 @@ class TurnDemand:
   hot_blocks: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    _check_non_negative(self.turn_id, new_tokens=self.new_tokens,
-                        hit_blocks=self.hit_blocks,
-                        block_bytes=self.block_bytes,
-                        total_blocks=self.total_blocks,
-                        max_new_tokens=self.max_new_tokens)
+    _check_count(self.turn_id, new_tokens=self.new_tokens,
+                 hit_blocks=self.hit_blocks, block_bytes=self.block_bytes,
+                 total_blocks=self.total_blocks,
+                 max_new_tokens=self.max_new_tokens)
     if self.hit_blocks > self.total_blocks:
       raise ValueError(f"{self.turn_id}: hit_blocks {self.hit_blocks} > "
                        f"total_blocks {self.total_blocks}")
     if self.decode_blocks is None:
       object.__setattr__(self, "decode_blocks", self.total_blocks)
-    _check_non_negative(self.turn_id, decode_blocks=self.decode_blocks)
+    _check_count(self.turn_id, decode_blocks=self.decode_blocks)
     for engine, n in self.resident_blocks.items():
-      _check_non_negative(f"{self.turn_id}@{engine}", resident_blocks=n)
+      _check_count(f"{self.turn_id}@{engine}", resident_blocks=n)
       if n > self.hit_blocks:
         raise ValueError(f"{self.turn_id}: {n} resident blocks on {engine} "
                          f"but only {self.hit_blocks} hit blocks")
 
     for engine, n in self.hot_blocks.items():
-      _check_non_negative(f"{self.turn_id}@{engine}", hot_blocks=n)
+      _check_count(f"{self.turn_id}@{engine}", hot_blocks=n)
       if n > self.hit_blocks:
         raise ValueError(f"{self.turn_id}: {n} hot blocks on {engine} "
                          f"but only {self.hit_blocks} hit blocks")
@@ -222,6 +251,9 @@ class ClusterSnapshot:
     if not any(e.role == DECODE for e in self.engines):
       raise ValueError("a cluster needs at least one decode engine")
     _check_positive("cluster", collective_bytes_per_s=self.collective_bytes_per_s)
+    _check_real("cluster", "now_s", self.now_s)
+    if not math.isfinite(self.now_s):  # every estimate would be inf or NaN
+      raise ValueError(f"cluster: now_s must be finite, got {self.now_s!r}")
 
   @property
   def prefill_engines(self) -> tuple[EngineState, ...]:
@@ -242,6 +274,7 @@ class ClusterSnapshot:
     if placement.turn_id != demand.turn_id:
       raise ValueError(f"placement is for {placement.turn_id}, "
                        f"demand for {demand.turn_id}")
+    self._check_placement(placement, demand)
     nic = placement.nic_bytes(demand.block_bytes)
     pe_blocks = demand.total_blocks - demand.resident_on(placement.prefill_engine)
     engines = []
@@ -268,3 +301,15 @@ class ClusterSnapshot:
             0, e.free_hbm_blocks - demand.decode_blocks)
       engines.append(dataclasses.replace(e, **changes) if changes else e)
     return dataclasses.replace(self, engines=tuple(engines))
+
+  def _check_placement(self, placement: Placement, demand: TurnDemand) -> None:
+    """Raises unless `placement` names this cluster's engines in their roles
+    and has a path per hit block (else `after` would charge nothing to an
+    engine it does not know, and the next turn would see it idle)."""
+    for name, role in ((placement.prefill_engine, PREFILL),
+                       (placement.decode_engine, DECODE)):
+      if self.engine(name).role != role:
+        raise ValueError(f"{placement.turn_id}: {name} is not a {role} engine")
+    if len(placement.paths) != demand.hit_blocks:
+      raise ValueError(f"{placement.turn_id}: {len(placement.paths)} paths "
+                       f"for {demand.hit_blocks} hit blocks")

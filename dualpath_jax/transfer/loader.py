@@ -43,6 +43,7 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import inspect
+import threading
 import time
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -196,28 +197,37 @@ class DualPathLoader:
     nic_of = {1: req.prefill_engine, 2: req.decode_engine}
     futures = {}
     for g, idx in groups.items():
-      self.nics[nic_of[g]].plan(self._charged_bytes(req, idx))
-      futures[g] = self._readers[nic_of[g]].submit(
-          self._read_group, req, idx, nic_of[g])
+      nbytes = self._charged_bytes(req, idx)
+      self.nics[nic_of[g]].plan(nbytes)
+      try:
+        futures[g] = self._readers[nic_of[g]].submit(
+            self._read_group, req, idx, nic_of[g])
+      except BaseException:  # not queued (the reader is shut down): no read
+        self.nics[nic_of[g]].unplan(nbytes)
+        raise
     joined: cf.Future = cf.Future()
     joined.set_running_or_notify_cancel()
+    # The two reads end on two reader threads, and a callback added to a
+    # future already done runs at once on this one: more than one `join` may
+    # find both done. The lock makes "not done yet, so set it" one step.
+    joining = threading.Lock()
 
     def join(_):
       if not all(f.done() for f in futures.values()):
         return
-      try:
-        results = {g: f.result() for g, f in futures.items()}
-      except BaseException as e:  # pylint: disable=broad-except
-        if not joined.done():
+      with joining:
+        if joined.done():
+          return
+        try:
+          results = {g: f.result() for g, f in futures.items()}
+        except BaseException as e:  # pylint: disable=broad-except
           joined.set_exception(e)
-        return
-      missing = sorted(results[1][2] + results[2][2])
-      stage = HostStage(results[1][0], results[1][1], results[2][0],
-                        results[2][1], missing,
-                        {nic_of[1] + "/path1": results[1][3],
-                         nic_of[2] + "/path2": results[2][3]})
-      if not joined.done():
-        joined.set_result(stage)
+          return
+        missing = sorted(results[1][2] + results[2][2])
+        joined.set_result(HostStage(
+            results[1][0], results[1][1], results[2][0], results[2][1],
+            missing, {nic_of[1] + "/path1": results[1][3],
+                      nic_of[2] + "/path2": results[2][3]}))
 
     for f in futures.values():
       f.add_done_callback(join)
@@ -233,6 +243,8 @@ class DualPathLoader:
     future's result is `(blocks [n, L, 2, Hkv, P, D], good)`, `good` being
     how many leading blocks the store served (a block it lacks or cannot
     verify ends the run: the ones after it are useless to a prefix).
+    Cancelling the future while the read is still queued withdraws its
+    planned bytes from the NIC.
     """
     if engine not in self._readers:
       raise ValueError(f"no engine {engine!r}")
@@ -241,8 +253,8 @@ class DualPathLoader:
     self.nics[engine].plan(nbytes)
 
     def read():
-      out = np.empty((n,) + self.block_shape, self.dtype)
-      try:
+      try:  # what fails before the NIC admits the bytes leaves them planned
+        out = np.empty((n,) + self.block_shape, self.dtype)
         self.nics[engine].acquire(nbytes, planned=True)
       except BaseException:
         self.nics[engine].unplan(nbytes)
@@ -263,10 +275,17 @@ class DualPathLoader:
       return out, good
 
     try:
-      return self._readers[engine].submit(read)
+      future = self._readers[engine].submit(read)
     except BaseException:  # not queued (the reader is shut down): no read
       self.nics[engine].unplan(nbytes)
       raise
+
+    def unplan_if_cancelled(f: cf.Future) -> None:
+      if f.cancelled():  # cancelled while queued: `read` never runs
+        self.nics[engine].unplan(nbytes)
+
+    future.add_done_callback(unplan_if_cancelled)
+    return future
 
   def _check_engines(self, req: LoadRequest) -> None:
     for name, role in ((req.prefill_engine, "prefill"),
@@ -277,11 +296,11 @@ class DualPathLoader:
   def _read_group(self, req: LoadRequest, indices: list[int], engine: str):
     t0 = time.perf_counter()
     L = self.block_shape[0]
-    host = np.empty((L, block_bucket(len(indices))) + self.block_shape[1:],
-                    self.dtype)
     pages, missing, kept = [], [], 0
     unread = self._charged_bytes(req, indices)
-    try:
+    try:  # the buffer too: a failed allocation must not leave bytes planned
+      host = np.empty((L, block_bucket(len(indices))) + self.block_shape[1:],
+                      self.dtype)
       for start in range(0, len(indices), READ_BATCH_BLOCKS):
         batch = indices[start:start + READ_BATCH_BLOCKS]
         nbytes = self._charged_bytes(req, batch)
@@ -387,6 +406,12 @@ class DualPathLoader:
                        "destination pages")
     if not len(src_pages):
       return dst_pool
+    # JAX would not raise: a gather clamps a page past the pool (copying the
+    # last page), a scatter drops it, and both wrap negative pages.
+    _check_pages("source", src_pages, src_pool.shape[1])
+    _check_pages("destination", dst_pages, dst_pool.shape[1])
+    if len(set(dst_pages)) != len(dst_pages):
+      raise ValueError(f"destination pages must be distinct, got {dst_pages}")
     src = self.cluster.engine(src_engine)
     dst = self.cluster.engine(dst_engine)
     width = block_bucket(len(src_pages))  # padded: one compile per bucket
@@ -400,6 +425,14 @@ class DualPathLoader:
     dst_pool = jax.device_put(dst_pool, dst.kv_pool_sharding())
     return _scatter_pages(dst_pool, jax.device_put(dst_idx, dst.sharding()),
                           moved)
+
+
+def _check_pages(what: str, pages: Sequence[int], num_pages: int) -> None:
+  """Raises unless every page is in [0, num_pages)."""
+  bad = [int(p) for p in pages if not 0 <= p < num_pages]
+  if bad:
+    raise ValueError(f"{what} pages {bad} out of range for a pool of "
+                     f"{num_pages} pages")
 
 
 @dataclasses.dataclass

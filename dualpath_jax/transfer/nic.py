@@ -26,6 +26,7 @@ Clock and sleep are injected: tests drive a `ManualClock` and never sleep.
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import time
 from typing import Callable
@@ -48,8 +49,9 @@ class StorageNic:
                sleep: Callable[[float], None] | None = None):
     if not bytes_per_s > 0:
       raise ValueError(f"{name}: bytes_per_s must be > 0, got {bytes_per_s!r}")
-    if burst_bytes < 1:
-      raise ValueError(f"{name}: burst_bytes must be >= 1, got {burst_bytes!r}")
+    if not 1 <= burst_bytes < math.inf:  # NaN, inf: int() would fail unclearly
+      raise ValueError(f"{name}: burst_bytes must be a finite number >= 1, "
+                       f"got {burst_bytes!r}")
     self.name = name
     self.bytes_per_s = float(bytes_per_s)
     self.burst_bytes = int(burst_bytes)
@@ -78,8 +80,7 @@ class StorageNic:
 
     `planned`: the bytes leave the plan in the same step (see `plan`).
     """
-    if nbytes < 0:
-      raise ValueError(f"{self.name}: nbytes must be >= 0, got {nbytes}")
+    self._check_nbytes(nbytes)
     with self._lock:
       if planned:
         self._planned = max(0, self._planned - nbytes)
@@ -92,15 +93,24 @@ class StorageNic:
       self.total_wait_s += wait
       return wait
 
+  def _check_nbytes(self, nbytes: int) -> None:
+    """Raises unless `nbytes` is an int >= 0: a NaN would wipe the plan and
+    make `total_bytes` NaN for good, an inf would leave the bucket at -inf
+    (every later request waiting forever), a negative `unplan` would add."""
+    if (isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral)
+        or nbytes < 0):
+      raise ValueError(f"{self.name}: nbytes must be an int >= 0, "
+                       f"got {nbytes!r}")
+
   def plan(self, nbytes: int) -> None:
     """Counts `nbytes` a caller will `acquire(..., planned=True)` later."""
-    if nbytes < 0:
-      raise ValueError(f"{self.name}: nbytes must be >= 0, got {nbytes}")
+    self._check_nbytes(nbytes)
     with self._lock:
       self._planned += nbytes
 
   def unplan(self, nbytes: int) -> None:
     """Withdraws planned bytes that will not be read (a failed load)."""
+    self._check_nbytes(nbytes)
     with self._lock:
       self._planned = max(0, self._planned - nbytes)
 
