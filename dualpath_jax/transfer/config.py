@@ -92,8 +92,12 @@ class DualPathConfig:
     layers_in_flight: layers of loaded KV staged on a device at once (per
       path) ahead of the layer being consumed; bounds the HBM the load takes
       beyond the destination pages.
-    host_buffer_bytes: capacity of each engine's host staging buffer; a load
-      that would need more on one engine raises.
+    host_buffer_bytes: the blocks one load may stage on one engine's host
+      (the cluster loads the leading blocks that fit and recomputes the
+      rest; the loader refuses more). It bounds each load, not an engine:
+      every load in flight has its own buffer, padded to a power-of-two
+      number of blocks (at least 16), so one buffer may take up to twice
+      this.
     prefill_keeps_prefix: whether a prefill engine keeps a turn's blocks
       cached in its pool after handing the turn to a decode engine. False is
       DualPath's setting (agents' KV far exceeds HBM, so every cached
