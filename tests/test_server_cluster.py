@@ -137,6 +137,29 @@ def test_session_on_the_cluster_matches_the_engine_and_loads_from_cold(
                                            ("role", "prefill"))) in m
 
 
+def test_a_requests_session_id_and_user_name_its_cold_tier_blocks(
+    server, client, np_rng):
+  """The `session_id` extension (and `user`, the tenant) reach the cold
+  tier: its blocks are the session's, so deleting the session removes them;
+  an over-long one is a 400 naming the field (test_server: invalid ones)."""
+  store = server.engine.store
+  messages = [{"role": "user", "content": words(np_rng, 60)}]
+  client.chat.completions.create(
+      model=MODEL, messages=messages, max_tokens=2, temperature=0,
+      user="tenant-s", extra_body={"session_id": "agent-7"})
+  server.engine.flush()
+  ids = [r.block_id for r in store.index.all_ready()]
+  mine = [i for i, owners in zip(ids, store.index.owners(ids))
+          if ("tenant-s", "agent-7") in owners]
+  assert len(mine) >= 60 // BS - 1
+  assert store.delete_session("tenant-s", "agent-7") == len(mine)
+  with pytest.raises(openai.BadRequestError) as err:
+    client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2,
+        extra_body={"session_id": "x" * 257})
+  assert err.value.body["param"] == "session_id"
+
+
 def test_dropped_stream_on_the_cluster_frees_every_engines_pages(
     server, client, np_rng):
   loop = server.app.state.engine_loop

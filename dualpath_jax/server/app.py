@@ -306,7 +306,8 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
                    else body.temperature)
     turn = TurnRequest(
         request_id=rid, prompt_tokens=prompt, max_new_tokens=budget,
-        tenant=body.user or "", stop_on_eos=not body.ignore_eos,
+        tenant=body.user or "", session_id=body.session_id or "",
+        stop_on_eos=not body.ignore_eos,
         arrival_s=handle.clock(), temperature=temperature,
         top_p=config.default_top_p if body.top_p is None else body.top_p,
         seed=body.seed, on_token=stream.on_token,

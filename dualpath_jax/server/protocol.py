@@ -13,7 +13,11 @@ compiled and matched on the serving path.
 Responses and stream chunks are built by the functions at the end, so the
 whole wire format lives in this file.
 
-Extensions that vLLM also accepts: `ignore_eos`, `stop_token_ids`.
+Extensions that vLLM also accepts: `ignore_eos`, `stop_token_ids`. Ours:
+`session_id` (at most `MAX_SESSION_ID_CHARS` characters), the agent session
+a request is a turn of (with `user`, the tenant): the cold tier records
+whose blocks it writes, and the P/D cluster's prefetcher learns when each
+session comes back.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dualpath_jax.text import CHAT_ROLES, check_unicode
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 512
+MAX_SESSION_ID_CHARS = 256
 
 
 class APIError(Exception):
@@ -75,6 +80,8 @@ class _SamplingRequest(pydantic.BaseModel):
   # vLLM extensions.
   ignore_eos: bool = False
   stop_token_ids: list[int] | None = None
+  # Ours: the agent session this request is a turn of (module docstring).
+  session_id: str | None = None
 
   def stop_strings(self) -> list[str]:
     if self.stop is None:
@@ -102,6 +109,15 @@ class _SamplingRequest(pydantic.BaseModel):
         check_unicode(self.user)
       except ValueError as e:
         raise APIError(f"user: {e}", param="user") from None
+    if self.session_id is not None:
+      if len(self.session_id) > MAX_SESSION_ID_CHARS:
+        raise APIError(f"session_id has {len(self.session_id)} characters; "
+                       f"at most {MAX_SESSION_ID_CHARS}", param="session_id",
+                       code="invalid_value")
+      try:  # stored in the cold tier's index as UTF-8
+        check_unicode(self.session_id)
+      except ValueError as e:
+        raise APIError(f"session_id: {e}", param="session_id") from None
     stops = self.stop_strings()
     if len(stops) > MAX_STOP_STRINGS or any(
         len(s) > MAX_STOP_CHARS for s in stops):
