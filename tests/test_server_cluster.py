@@ -11,6 +11,8 @@ token ids.
 
 from __future__ import annotations
 
+import http.client
+import json
 import time
 
 import pytest
@@ -152,7 +154,17 @@ def test_a_requests_session_id_and_user_name_its_cold_tier_blocks(
   mine = [i for i, owners in zip(ids, store.index.owners(ids))
           if ("tenant-s", "agent-7") in owners]
   assert len(mine) >= 60 // BS - 1
-  assert store.delete_session("tenant-s", "agent-7") == len(mine)
+  # DELETE /v1/sessions/{id}?user=tenant removes them.
+  conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+  try:
+    conn.request("DELETE", "/v1/sessions/agent-7?user=tenant-s")
+    reply = conn.getresponse()
+    body = json.loads(reply.read())
+  finally:
+    conn.close()
+  assert reply.status == 200, body
+  assert body["cold_tier_blocks"] == len(mine) and body["deleted"]
+  assert store.contains(mine) == [False] * len(mine)
   with pytest.raises(openai.BadRequestError) as err:
     client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=2,

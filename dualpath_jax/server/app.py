@@ -216,6 +216,19 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
     return protocol.model_card(model_id, handle.max_context, created,
                                config.model_names[0])
 
+  @app.delete("/v1/sessions/{session_id:path}")
+  async def delete_session(session_id: str, user: str = ""):
+    """Removes what the cold tier stores for the session (of tenant `user`):
+    an agent platform ends a session, or forgets it. Blocks its turns still
+    write are removed when written; blocks the session shares with others of
+    the tenant (a system prompt) are removed too and recomputed when next
+    needed. The device pool and the hot tier are memory: they age out."""
+    protocol.check_name(session_id, "session_id")
+    protocol.check_name(user, "user")
+    removed = await asyncio.to_thread(handle.delete_session, user, session_id)
+    return {"id": session_id, "object": "session.deleted", "user": user,
+            "deleted": True, "cold_tier_blocks": removed}
+
   @app.post("/v1/chat/completions")
   async def chat_completions(body: ChatCompletionRequest,
                              raw: fastapi.Request):

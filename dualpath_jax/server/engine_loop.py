@@ -1,14 +1,16 @@
 """The thread that steps the engine, and the narrow handle it steps.
 
 The HTTP server never touches the engine. It talks to an `EngineLoop`, which
-owns one `EngineHandle` and is the only thread that calls it:
+owns one `EngineHandle` and is the only thread that calls it (but for
+`delete_session`, which goes to the cold tier's thread-safe store):
 
     HTTP handlers --submit/abort--> command queue --> loop thread
                                                        | handle.step()
     per-request callbacks <--on_token / on_finish------+
 
 `EngineHandle` is all the server needs from an engine: validate, submit,
-abort, step, has_work, a clock, a metrics snapshot and close.
+abort, step, has_work, a clock, a metrics snapshot, close and
+delete_session.
 `LocalEngineHandle` adapts today's single-device `Engine`; a prefill/decode
 mesh engine only has to implement the same few methods.
 
@@ -51,6 +53,7 @@ class EngineHandle(Protocol):
   def clock(self) -> float: ...
   def snapshot(self) -> dict[str, Any]: ...
   def close(self) -> None: ...
+  def delete_session(self, tenant: str, session: str) -> int | None: ...
 
 
 class LocalEngineHandle:
@@ -83,6 +86,12 @@ class LocalEngineHandle:
 
   def clock(self) -> float:
     return self.engine.clock()
+
+  def delete_session(self, tenant: str, session: str) -> int | None:
+    """Removes the session's cold-tier blocks; how many (None: no cold
+    tier). The store is thread-safe: any thread may call it."""
+    store = getattr(getattr(self.engine, "cold_tier", None), "store", None)
+    return None if store is None else store.delete_session(tenant, session)
 
   def close(self) -> None:
     """Flushes what the engine still writes (e.g. cold-tier write-backs)."""

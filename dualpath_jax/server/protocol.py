@@ -55,6 +55,19 @@ class APIError(Exception):
                       "param": self.param, "code": self.code}}
 
 
+def check_name(value: str, param: str) -> None:
+  """APIError unless `value` can name a session or tenant: valid Unicode
+  (the cold tier's index stores it as UTF-8), at most
+  `MAX_SESSION_ID_CHARS` characters."""
+  if len(value) > MAX_SESSION_ID_CHARS:
+    raise APIError(f"{param} has {len(value)} characters; at most "
+                   f"{MAX_SESSION_ID_CHARS}", param=param, code="invalid_value")
+  try:
+    check_unicode(value)
+  except ValueError as e:
+    raise APIError(f"{param}: {e}", param=param) from None
+
+
 class StreamOptions(pydantic.BaseModel):
   include_usage: bool = False
 
@@ -110,14 +123,7 @@ class _SamplingRequest(pydantic.BaseModel):
       except ValueError as e:
         raise APIError(f"user: {e}", param="user") from None
     if self.session_id is not None:
-      if len(self.session_id) > MAX_SESSION_ID_CHARS:
-        raise APIError(f"session_id has {len(self.session_id)} characters; "
-                       f"at most {MAX_SESSION_ID_CHARS}", param="session_id",
-                       code="invalid_value")
-      try:  # stored in the cold tier's index as UTF-8
-        check_unicode(self.session_id)
-      except ValueError as e:
-        raise APIError(f"session_id: {e}", param="session_id") from None
+      check_name(self.session_id, "session_id")
     stops = self.stop_strings()
     if len(stops) > MAX_STOP_STRINGS or any(
         len(s) > MAX_STOP_CHARS for s in stops):
