@@ -63,12 +63,15 @@ def main(argv):
   from dualpath_jax import outputs
   output_paths = [("--report", FLAGS.report)] + (
       [("--plot", FLAGS.plot)] if FLAGS.plot else []) + (
-      [("--rollouts", FLAGS.rollouts)] if FLAGS.rollouts else [])
+      # `--rollouts=` (an unset $VAR) is refused, not a run without them.
+      [("--rollouts", FLAGS.rollouts)] if FLAGS.rollouts is not None else [])
   try:  # before the run: a bad path must not cost its results
-    if FLAGS.rollout_logprobs is not None and not FLAGS.rollouts:
+    if FLAGS.rollout_logprobs is not None and FLAGS.rollouts is None:
       raise ValueError("--rollout_logprobs needs --rollouts (the file they "
                        "go to)")
     outputs.check_output_paths(output_paths)
+    if FLAGS.trace:  # read before the run, written over at its end
+      outputs.check_distinct_paths([("--trace", FLAGS.trace)] + output_paths)
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
   from dualpath_jax.config import to_dict
@@ -135,6 +138,9 @@ def main(argv):
                              logprobs=FLAGS.rollout_logprobs)
     interrupted = False
   except KeyboardInterrupt:  # Ctrl-C: report the finished turns, exit 130
+    # A Ctrl-C between a turn's rollout and its record (`on_turn`) leaves
+    # one rollout more: the file holds the report's turns.
+    del rollouts[len(finished):]
     result = ReplayResult(records=finished,
                           wall_s=time.perf_counter() - start,
                           truncated_sessions={})

@@ -269,8 +269,21 @@ def test_completion_logprobs_offsets_and_stream(client, tiny_chat, reference,
                                             abs=1e-5)
   assert lp.tokens == [tok.token_bytes(e.token).decode("utf-8", "replace")
                        for e in want]
-  assert lp.text_offset == [len("".join(lp.tokens[:i]))
-                            for i in range(len(lp.tokens))]
+  # Each token's offset is where its text starts in the choice's text:
+  # checked where the bytes before it are whole characters (a token that
+  # continues a split character starts inside one; test_logprobs_audit_fixes).
+  text, prefix = r.choices[0].text, b""
+  for token, offset in zip(want, lp.text_offset):
+    raw = tok.token_bytes(token.token)
+    try:
+      before = prefix.decode()
+    except UnicodeDecodeError:
+      before = None
+    if before is not None:
+      assert offset == len(before)
+      assert text.startswith(before)
+    prefix += raw
+  assert lp.text_offset == sorted(lp.text_offset)
   assert all(len(top) <= 2 for top in lp.top_logprobs)
   chunks = list(client.completions.create(**kw, stream=True))
   tokens, offsets = [], []

@@ -211,3 +211,18 @@ def test_token_bytes_spell_the_text_whatever_splits_its_characters(
   assert tok.token_bytes(eos) == tok.decode([eos]).encode()
   with pytest.raises(ValueError, match="out of range"):
     tok.token_bytes(tok.vocab_size)
+
+
+def test_token_bytes_of_plain_text_entries_are_their_utf8():
+  """A vocabulary entry outside the byte-level alphabet (some GGUFs hold
+  plain text ones) stands for its own UTF-8, as decode reads it; it raised
+  KeyError, a 500 for a logprobs request."""
+  from dualpath_jax.model.tokenizer import _BYTE_OF_CHAR
+  alphabet = sorted(_BYTE_OF_CHAR, key=_BYTE_OF_CHAR.get)
+  tokens = alphabet + ["中", " x", "a中", "<eos>"]
+  toy = Tokenizer(tokens, [], [1] * (len(tokens) - 1) + [3], pre="default",
+                  bos_id=None, eos_ids=[len(tokens) - 1], chat_template=None)
+  assert [toy.token_bytes(i) for i in range(256)] == [bytes([b])
+                                                      for b in range(256)]
+  for i in range(256, len(tokens)):
+    assert toy.token_bytes(i) == toy.decode([i]).encode(), tokens[i]

@@ -35,9 +35,17 @@ def token_logprobs(
     token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
   """`token`'s log-probability under softmax(`logits`), and the `top` most
   likely tokens' (most likely first; ties by lower id), in float64: of the
-  model's distribution, whatever the sampling settings."""
+  model's distribution, whatever the sampling settings. Logits that
+  overflowed to +inf share all the probability (the limit of the softmax;
+  greedy picks one of them): inf - inf made every log-probability NaN, and
+  the "most likely" tokens the least likely ones. A row with NaN has no
+  distribution: NaN."""
   row = logits.astype(np.float64)
-  shifted = row - row.max()
+  peak = row.max()
+  if peak == np.inf:
+    shifted = np.where(row == np.inf, 0.0, -np.inf)
+  else:
+    shifted = row - peak
   logz = np.log(np.exp(shifted).sum())
   best: tuple[tuple[int, float], ...] = ()
   if top:

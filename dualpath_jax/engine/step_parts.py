@@ -96,9 +96,9 @@ def accept_token(turn, token: int, eos_ids: frozenset[int]) -> str | None:
   """Appends `token` to `turn` (`.generated`, `.tokens`, `.req`); returns
   why the turn is finished ("eos" | "stop" | "length" | "error") or None.
 
-  "error": the request's `on_logprob` or `on_token` hook raised; the exception is left in
-  `turn.hook_error`. A client's hook fails its own turn only: the other
-  turns of the batch keep their tokens.
+  "error": the request's `on_logprob` or `on_token` hook raised; the
+  exception is left in `turn.hook_error`. A client's hook fails its own
+  turn only: the other turns of the batch keep their tokens.
   """
   turn.generated.append(token)
   turn.tokens.append(token)

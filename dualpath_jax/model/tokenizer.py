@@ -188,7 +188,10 @@ class Tokenizer:
     text = self._tokens[token_id]
     if token_id in self._special_ids:
       return text.encode("utf-8", "surrogatepass")
-    return bytes(_BYTE_OF_CHAR[c] for c in text)
+    # A character outside the byte-level alphabet (a GGUF whose vocabulary
+    # holds plain text entries) stands for its own UTF-8, as decode reads it.
+    return b"".join(bytes((_BYTE_OF_CHAR[c],)) if c in _BYTE_OF_CHAR
+                    else c.encode("utf-8", "surrogatepass") for c in text)
 
   # ---------------------------------------------------------------- chat
 

@@ -378,14 +378,16 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
     return logprob_format.visible(entries or (), tokenizer, stops)
 
   def format_logprobs(entries, chat: bool, stops: Sequence[int],
-                      offset: int = 0) -> dict[str, Any] | None:
-    """A choice's `logprobs` (None when the request asked for none)."""
+                      offsets: logprob_format.TextOffsets | None = None
+                      ) -> dict[str, Any] | None:
+    """A choice's `logprobs` (None when the request asked for none);
+    `offsets`: a stream's, which its earlier chunks' tokens went through."""
     if entries is None:
       return None
     shown = visible_logprobs(entries, stops)
     if chat:
       return {"content": logprob_format.chat_content(shown, tokenizer)}
-    return logprob_format.completion_logprobs(shown, tokenizer, offset)
+    return logprob_format.completion_logprobs(shown, tokenizer, offsets)
 
   async def gather(stream: _RequestStream, turn: TurnRequest, endpoint: str,
                    chat: bool, model: str, raw: fastapi.Request,
@@ -432,13 +434,13 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
                        opts: protocol.StreamOptions,
                        stops: Sequence[int]) -> AsyncIterator[str]:
     rid = turn.request_id
-    sent_chars = 0  # text sent so far: completions' logprobs text_offset
+    # Completions' text_offset counts the tokens' text, not the text sent:
+    # a chunk's text may be an earlier token's (held back until then).
+    offsets = logprob_format.TextOffsets()
 
     def chunk(entries=None, **kw) -> str:
-      nonlocal sent_chars
       if turn.logprobs is not None and entries is not None:
-        kw["logprobs"] = format_logprobs(entries, chat, stops, sent_chars)
-      sent_chars += len(kw.get("text") or "")
+        kw["logprobs"] = format_logprobs(entries, chat, stops, offsets)
       payload = protocol.stream_chunk(chat, rid, model,
                                       with_usage_field=opts.include_usage, **kw)
       return f"data: {json.dumps(payload)}\n\n"

@@ -126,9 +126,11 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
 
   `start_s[i]` (seconds after the start, default 0) is when session `i`'s
   first turn arrives; `on_rollout(r)` gets each finished turn's tokens and
-  reply (`Rollout`; with `logprobs=k`, each generated token's log-probability
-  and the k most likely tokens', `TurnRequest.logprobs`); `on_tick(t)` is called with the seconds since the start
-  after every engine step and before every idle wait.
+  reply (`Rollout`; with `logprobs=k`, each generated token's
+  log-probability and the k most likely tokens', `TurnRequest.logprobs`),
+  just before `on_turn` gets its record; `on_tick(t)` is called with the
+  seconds since the start after every engine step and before every idle
+  wait.
   """
   if reply_mode not in REPLY_MODES:
     raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {reply_mode!r}")
