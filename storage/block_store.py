@@ -35,6 +35,9 @@ read per batch; each chunk's CRC32C verified by TensorStore), re-checks in the
 index that no block was evicted while it was read, and decodes. A missing,
 torn, corrupt or raced block is None: counted in `stats()`, logged once, and
 its index entry and bytes removed so that the engine recomputes and re-puts it.
+A block whose read failed without proving it bad (an OS error such as too
+many open files, an unavailable kvstore) is None too, but stays stored for a
+later read (`read_failure`).
 With `out=` (a `[n, L, 2, Hkv, P, D]` buffer the caller reuses, e.g. a staging
 buffer), TensorStore writes the chunks straight into it (raw and zstd codecs)
 and the result holds views of its rows: no fresh result arrays, whose first
@@ -102,6 +105,38 @@ def _check_names(**names: object) -> None:
     if not isinstance(value, str):
       raise TypeError(f"{what} must be a str; got {value!r}")
 
+
+# TensorStore's marks of an error the OS returned (errno), new and old.
+_OS_ERROR_MARKS = ("os_error_code=", "[OS error")
+# Status codes of a chunk whose bytes were read and refused: a failed
+# CRC32C ("DATA_LOSS: ... Digest mismatch"), a torn or undecodable payload
+# ("FAILED_PRECONDITION: ... Not enough data", a zstd error). Nothing else:
+# a remote kvstore's INVALID_ARGUMENT (HTTP 400, a bad request or config)
+# would have removed every block it was asked for.
+_DAMAGE_CODES = ("DATA_LOSS", "FAILED_PRECONDITION")
+
+
+def read_failure(err: BaseException) -> str:
+  """Why a chunk read failed: "missing" (no chunk), "corrupt" (its bytes
+  were read and are bad) or "unreadable" (anything else).
+
+  Only "missing" and "corrupt" prove the stored block is gone or damaged,
+  and only they remove it. An error from the OS (too many open files, an
+  I/O error, a refused permission: TensorStore adds the errno to the
+  message) or from a remote kvstore (unavailable, a deadline) says nothing
+  of the bytes: removing the block then lost a good one for a transient
+  failure. A block that stays unreadable is not removed but ages out: a
+  failed read does not make it recent (`BlockIndex.touch`).
+  """
+  text = str(err)
+  if any(mark in text for mark in _OS_ERROR_MARKS):
+    return "unreadable"
+  code = text.split(":", 1)[0].strip()
+  if code == "NOT_FOUND":
+    return "missing"
+  return "corrupt" if code in _DAMAGE_CODES else "unreadable"
+
+
 class BlockStore:
   """KV blocks of one model in a TensorStore cold tier (see module docstring)."""
 
@@ -167,8 +202,11 @@ class BlockStore:
                        layout.SlotDirectories(self._chunk_root, self.num_slots))
     self._chunk_writer = self._make_chunk_writer()
     self._stats = StoreStats()
-    self._logged: set[bytes] = set()
+    self._logged: set[tuple[bytes, str]] = set()
     self._log_lock = threading.Lock()
+    self._count_lock = threading.Lock()
+    # Hidden rows whose removal failed, with their counter (`_remove`).
+    self._unremoved: list[tuple[list[index_lib.SlotRef], str]] = []
     self._local = threading.local()  # an I/O thread's scratch (`_scratch`)
     self._closed = False
     self._writes = IoPool(config.io_threads, config.max_pending_write_bytes, "cold-write")
@@ -177,7 +215,7 @@ class BlockStore:
       self.recover()
     except sqlite3.OperationalError as err:  # e.g. the disk is full: read on
       _log.warning("cold tier %s: recovering dead writers' rows failed (%s); "
-                   "a later open retries", config.root, err)
+                   "a later put, delete or open retries", config.root, err)
     except sqlite3.DatabaseError as err:  # a damaged page of the index
       self.close()
       raise index_lib.damaged_error(
@@ -194,8 +232,14 @@ class BlockStore:
       *,
       tenant: str = "",
       session: str = "",
+      admitted: bool = False,
   ) -> cf.Future:
-    """Stores blocks in the background; a future of `PutResult`."""
+    """Stores blocks in the background; a future of `PutResult`.
+
+    `admitted=True` skips the admission rule (`ColdTierConfig.admission`):
+    for blocks another store admitted already (`storage.clone`), whose
+    first put here must not be deferred.
+    """
     self._check_open()
     _check_names(tenant=tenant, session=session)
     ids = self._check_ids(ids)
@@ -205,16 +249,18 @@ class BlockStore:
     self._stats.add(put_calls=1, put_blocks=len(ids))
     if not ids:
       return completed(PutResult([]))
-    future = self._writes.try_submit(blocks.nbytes, self._put, ids, blocks, tenant, session)
+    future = self._writes.try_submit(blocks.nbytes, self._put, ids, blocks, tenant,
+                                     session, bool(admitted))
     if future is None:
       self._stats.add(dropped_blocks=len(ids))
       return completed(PutResult([DROPPED] * len(ids)))
     return future
 
   def put(self, ids: Sequence[bytes], blocks: np.ndarray, *, tenant: str = "",
-          session: str = "") -> PutResult:
+          session: str = "", admitted: bool = False) -> PutResult:
     """Blocking `put_async`."""
-    return self.put_async(ids, blocks, tenant=tenant, session=session).result()
+    return self.put_async(ids, blocks, tenant=tenant, session=session,
+                          admitted=admitted).result()
 
   def get_async(
       self,
@@ -255,24 +301,41 @@ class BlockStore:
     A block of the session still being written (by any process) is removed
     by its writer once the write ends, never under it: its put reports
     "deleted". `session` must be a str: None would name every session of the
-    tenant (that is `delete_tenant`)."""
+    tenant (that is `delete_tenant`).
+
+    Raises OSError when the bytes cannot be removed now: the blocks are no
+    longer served all the same, and a later put or delete removes them
+    (`_delete`)."""
     _check_names(tenant=tenant, session=session)
     return self._delete(self.index.mark_deleting_where(tenant, session))
 
   def delete_tenant(self, tenant: str) -> int:
-    """Removes every block any session of the tenant put (index entry and bytes)."""
+    """Removes every block any session of the tenant put (index entry and
+    bytes); returns how many. Raises as `delete_session` does."""
     _check_names(tenant=tenant)
     return self._delete(self.index.mark_deleting_where(tenant, None))
 
   def recover(self) -> int:
-    """Removes half-done writes and deletions of dead processes; returns count."""
+    """Removes half-done writes and deletions of dead processes; returns count.
+
+    Blocks whose bytes cannot be removed now stay hidden, queued as a failed
+    delete's are (`_delete`): the open goes on. That failure used to raise
+    out of the open, with the taken rows held by a lease nobody released.
+    """
     refs = self.index.dead_owner_rows()
-    if refs:
-      self._delete_bytes(refs)
-      self.index.release(refs)
-      self._stats.add(recovered_blocks=len(refs))
-      _log.warning("cold tier %s: removed %d blocks left by dead writers",
-                   self.config.root, len(refs))
+    if not refs:
+      return 0
+    try:
+      self._remove(refs, "recovered_blocks")
+    except sqlite3.DatabaseError:
+      raise  # the caller tells a full disk from a damaged index
+    except Exception as err:  # pylint: disable=broad-except
+      _log.warning("cold tier %s: removing %d blocks left by dead writers "
+                   "failed (%s); the next put or delete retries",
+                   self.config.root, len(refs), err)
+      return 0
+    _log.warning("cold tier %s: removed %d blocks left by dead writers",
+                 self.config.root, len(refs))
     return len(refs)
 
   def stats(self) -> dict[str, float]:
@@ -299,6 +362,7 @@ class BlockStore:
     self.flush()
     self._writes.shutdown()
     self._reads.shutdown()
+    self._retry_removals()  # what is still left, the next open recovers
     if self._chunk_writer is not None:
       self._chunk_writer.close()
     if self._slot_dirs is not None:
@@ -370,10 +434,11 @@ class BlockStore:
     return ids
 
   def _put(self, ids: list[bytes], blocks: np.ndarray, tenant: str,
-           session: str) -> PutResult:
+           session: str, admitted: bool) -> PutResult:
     start = time.perf_counter()
+    self._retry_removals()  # their slots may be needed here
     try:
-      reservation = self.index.reserve(ids, tenant, session)
+      reservation = self.index.reserve(ids, tenant, session, admitted=admitted)
     except sqlite3.OperationalError as err:  # e.g. the disk is full
       _log.error("cold tier %s: cannot reserve %d blocks: %s", self.config.root,
                  len(ids), err)
@@ -555,7 +620,7 @@ class BlockStore:
     Without `into`, returns the chunks as `[n, *stored_shape]`; with it, the
     chunk of `refs[i]` lands in `into[rows[i]]` and None is returned in their
     place. Also returns whether each chunk was read intact, and the failures
-    with their reason ("missing" or "corrupt").
+    with their reason ("missing", "corrupt" or "unreadable": `read_failure`).
     """
     slots = np.array([r.slot for r in refs], np.int64)
     stored = (len(refs), *self.codec.stored_shape)
@@ -583,12 +648,17 @@ class BlockStore:
         ok.append(True)
       except Exception as err:  # pylint: disable=broad-except
         ok.append(False)
-        reason = "missing" if "NOT_FOUND" in str(err) else "corrupt"
-        failures.append((ref, reason, str(err)))
+        failures.append((ref, read_failure(err), str(err)))
     return (None if batch is None else batch.reshape(stored)), ok, failures
 
   def _drop_bad(self, bad: Sequence[tuple[index_lib.SlotRef, str, str]]) -> None:
     """Counts, logs and removes blocks whose chunk failed to read.
+
+    Only a missing or corrupt chunk is removed (`read_failure`). One that
+    could not be read (the OS or the kvstore failed: too many open files,
+    an I/O error) is a miss counted as `miss_unreadable` and stays stored,
+    listed by `contains`, for a later read to serve: it used to be removed
+    as corrupt, so a transient failure lost good blocks.
 
     A failure on a block that is no longer current (evicted while it was
     read, its slot being rewritten in place) is a race, not damage: counted
@@ -600,6 +670,16 @@ class BlockStore:
     read, so the batch's good blocks were lost with the bad one and nothing
     was counted. A failed removal of the bytes is logged, as in `_discard`.
     """
+    unreadable = [(ref, err) for ref, reason, err in bad if reason == "unreadable"]
+    if unreadable:
+      self._stats.add(miss_unreadable=len(unreadable))
+      for ref, err in unreadable:
+        self._log_once((ref.block_id, "unreadable"), f"cold tier block "
+                       f"{ref.block_id.hex()[:16]} at slot {ref.slot} could not "
+                       f"be read; a miss, kept stored: {err}")
+      bad = [failure for failure in bad if failure[1] != "unreadable"]
+      if not bad:
+        return
     try:
       hidden = self.index.mark_deleting([ref for ref, _, _ in bad])
       current = {(r.block_id, r.gen) for r in hidden}
@@ -616,16 +696,69 @@ class BlockStore:
                     miss_corrupt=sum(r == "corrupt" for _, r, _ in damaged),
                     miss_raced=len(bad) - len(damaged))
     for ref, reason, err in damaged:
-      self._log_once(ref.block_id, f"cold tier block {ref.block_id.hex()[:16]} at slot "
-                     f"{ref.slot} is {reason}; treated as a miss: {err}")
+      self._log_once((ref.block_id, reason), f"cold tier block "
+                     f"{ref.block_id.hex()[:16]} at slot {ref.slot} is {reason}; "
+                     f"treated as a miss: {err}")
     if hidden:
       self._discard(hidden)
 
   def _delete(self, refs: list[index_lib.SlotRef]) -> int:
-    self._delete_bytes(refs)
-    self.index.release(refs)
-    self._stats.add(deleted_blocks=len(refs))
+    """Removes the bytes of blocks a delete hid, then frees their rows;
+    returns how many.
+
+    When that fails (the kvstore refuses the removal, the index cannot
+    write), the blocks stay deleted for readers (hidden: `get` misses them,
+    `contains` is False) and their rows stay DELETING, holding the slots
+    whose bytes are still to be removed. They are queued: the next put or
+    delete of this store removes them (or its `close`; rows a process left
+    behind when it ended are the next open's, `recover`), and OSError says
+    so. They used to be left until the process ended: their slots were lost
+    to puts (all "no_space" once the rest was full), a put of the same ids
+    said "in_flight" and stored nothing, and a second delete found nothing
+    left to do and returned 0 while the bytes stayed on disk.
+    """
+    self._retry_removals()
+    try:
+      self._remove(refs, "deleted_blocks")
+    except Exception as err:  # pylint: disable=broad-except
+      raise OSError(
+          f"cold tier {self.config.root}: removing {len(refs)} deleted blocks "
+          f"failed ({err}); they are no longer served, and the next put or "
+          "delete of the store finishes their removal") from err
     return len(refs)
+
+  def _remove(self, refs: Sequence[index_lib.SlotRef], counter: str) -> None:
+    """Deletes the bytes of rows this process hid (DELETING), then frees the
+    rows, and counts them in `counter` ("deleted_blocks" or
+    "recovered_blocks"). On failure the rows stay hidden and are queued for
+    `_retry_removals`, and the error is raised."""
+    if not refs:
+      return
+    try:
+      self._delete_bytes(refs)
+      self.index.release(refs)
+    except BaseException:
+      with self._count_lock:
+        self._unremoved.append((list(refs), counter))
+      raise
+    self._stats.add(**{counter: len(refs)})
+
+  def _retry_removals(self) -> None:
+    """Removes the blocks whose removal failed before (`_remove`); a new
+    failure is logged and leaves them queued. Each queued block is taken by
+    one caller: two removing one slot at once could delete the chunk of the
+    next block written there."""
+    with self._count_lock:
+      queued, self._unremoved = self._unremoved, []
+    for refs, counter in queued:
+      try:
+        self._remove(refs, counter)
+      except Exception as err:  # pylint: disable=broad-except
+        _log.warning("cold tier %s: removing %d deleted blocks failed again "
+                     "(%s); retried later", self.config.root, len(refs), err)
+      else:
+        _log.info("cold tier %s: removed %d deleted blocks whose removal "
+                  "had failed", self.config.root, len(refs))
 
   def _delete_bytes(self, refs: Sequence[index_lib.SlotRef]) -> None:
     """Deletes the chunks of `refs` (absent chunks are fine)."""
@@ -638,11 +771,13 @@ class BlockStore:
       kv.delete_range(ts.KvStore.KeyRange(key, key + b"\x00")).result()
     txn.commit_async().result()
 
-  def _log_once(self, block_id: bytes, message: str) -> None:
+  def _log_once(self, key: tuple[bytes, str], message: str) -> None:
+    """Logs `message` the first time `key` (a block id and what happened
+    to it) comes."""
     with self._log_lock:
-      if block_id in self._logged:
+      if key in self._logged:
         return
       if len(self._logged) > 100_000:
         self._logged.clear()
-      self._logged.add(block_id)
+      self._logged.add(key)
     _log.warning(message)

@@ -91,15 +91,35 @@ def has_syncfs() -> bool:
   return _syncfs is not None
 
 
-def syncfs(path: str) -> None:
-  """Makes everything written to the file system holding `path` durable."""
-  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def open_fs(path: str) -> int:
+  """A descriptor of directory `path`, for `syncfs` (the caller closes it)."""
+  return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def syncfs(target: str | int) -> None:
+  """Makes everything written to the file system holding `target` durable.
+
+  `target` is a path, or a descriptor from `open_fs`. Linux reports a
+  writeback error to a descriptor only if it came after the descriptor
+  was opened or nobody has seen it yet: to learn of every error of some
+  writes, open the descriptor before them (`DirectChunkWriter.write`).
+  """
+  fd = open_fs(target) if isinstance(target, str) else target
   try:
     if _syncfs(fd) != 0:
       err = ctypes.get_errno()
-      raise OSError(err, f"syncfs failed: {os.strerror(err)}", path)
+      raise OSError(err, f"syncfs failed: {os.strerror(err)}", _fd_path(fd))
   finally:
-    os.close(fd)
+    if fd is not target:
+      os.close(fd)
+
+
+def _fd_path(fd: int) -> str:
+  """The path descriptor `fd` was opened at (for error messages)."""
+  try:
+    return os.readlink(f"/proc/self/fd/{fd}")
+  except OSError:
+    return f"descriptor {fd}"
 
 
 def available() -> tuple[bool, str]:
@@ -160,16 +180,26 @@ class DirectChunkWriter:
                        f"{chunks.dtype} {chunks.shape}")
     if len(slots) != chunks.shape[0]:
       raise ValueError(f"{len(slots)} slots for {chunks.shape[0]} chunks")
-    futures = [submit_or_run(self._pool, self._write_one, int(slot), chunks[i])
-               for i, slot in enumerate(slots)]
-    # Wait for every chunk before raising: a write still running after the
-    # caller released its slots could land on a slot already handed out again.
-    errors = [f.exception() for f in futures]
-    for err in errors:
-      if err is not None:
-        raise err
-    if self.durable and self.sync == "syncfs" and len(slots):
-      syncfs(self.array_dir)
+    # The syncfs descriptor is opened before the writes: opened after, it
+    # missed a writeback error of this batch that another batch's syncfs
+    # (another I/O thread) had seen first, and the batch was committed with
+    # bytes that never reached the disk.
+    fs_fd = (open_fs(self.array_dir)
+             if self.durable and self.sync == "syncfs" and len(slots) else None)
+    try:
+      futures = [submit_or_run(self._pool, self._write_one, int(slot), chunks[i])
+                 for i, slot in enumerate(slots)]
+      # Wait for every chunk before raising: a write still running after the
+      # caller released its slots could land on a slot already handed out again.
+      errors = [f.exception() for f in futures]
+      for err in errors:
+        if err is not None:
+          raise err
+      if fs_fd is not None:
+        syncfs(fs_fd)
+    finally:
+      if fs_fd is not None:
+        os.close(fs_fd)
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
@@ -237,10 +267,19 @@ class DirectChunkWriter:
 
 
 def _write_all(fd: int, parts: list, offset: int) -> None:
-  """Writes the buffers in order from `offset` (retries short writes)."""
+  """Writes the buffers in order from `offset` (retries short writes).
+
+  A write that makes no progress (pwritev returns 0 for a non-empty
+  buffer) raises OSError: retrying it looped forever, holding the put.
+  """
   parts = [memoryview(p).cast("B") for p in parts if len(p)]
   while parts:
     n = os.pwritev(fd, parts, offset)
+    if n <= 0:
+      left = sum(len(p) for p in parts)
+      raise OSError(errno.EIO, f"pwritev wrote nothing at offset {offset} "
+                    f"({left} bytes left to write); the file system makes no "
+                    "progress")
     offset += n
     while parts and n >= len(parts[0]):
       n -= len(parts[0])

@@ -8,8 +8,11 @@ ready blocks are read in batches and put into the destination, verified on
 the way like any read. Each block is put under every (tenant, session) that
 put it into `src`, so `delete_session`/`delete_tenant` on the clone remove
 what they remove on the source (the clone used to put every block under the
-empty tenant: a deleted tenant's blocks stayed in it). Recency (the LRU
-order) is not carried over.
+empty tenant: a deleted tenant's blocks stayed in it). The puts skip the
+destination's admission rule (`admitted=True`): the blocks were admitted
+into `src` already, and a `second_put` or `session_continues` destination
+deferred each one's (or each session's) first put, so the clone silently
+lacked them. Recency (the LRU order) is not carried over.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def clone_store(src, dst, batch_blocks: int = 64) -> int:
     kept = set()
     for (tenant, session), rows in groups.items():
       res = dst.put([good[r][0] for r in rows], np.stack([good[r][1] for r in rows]),
-                    tenant=tenant, session=session)
+                    tenant=tenant, session=session, admitted=True)
       kept.update(r for r, ok in zip(rows, res.stored) if ok)
     stored += len(kept)
   dst.flush()

@@ -62,14 +62,15 @@ _CHUNK_KEY_LABEL = b"dualpath-jax cold tier chunk key\0"
 
 
 def _aesgcm():
-  """The AES-GCM class of `cryptography` (imported on first use: a store
-  without a key does not need the package)."""
+  """`cryptography`'s AES-GCM class and the error of a failed tag (imported
+  on first use: a store without a key does not need the package)."""
   try:
+    from cryptography.exceptions import InvalidTag  # pylint: disable=g-import-not-at-top
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # pylint: disable=g-import-not-at-top
   except ImportError as err:
     raise ValueError("an encrypted cold tier needs the `cryptography` "
                      "package (pip install cryptography)") from err
-  return AESGCM
+  return AESGCM, InvalidTag
 
 
 def load_key(path: str) -> bytes:
@@ -142,7 +143,7 @@ class BlockCipher:
   def __init__(self, key: bytes, context: bytes):
     if not isinstance(key, bytes) or len(key) != KEY_BYTES:
       raise ValueError(f"a cold tier key is {KEY_BYTES} bytes")
-    self._aes = _aesgcm()
+    self._aes, self._invalid_tag = _aesgcm()
     self._key = key
     self._context = bytes(context)
     self.key_id = key_id(key)
@@ -185,8 +186,8 @@ class BlockCipher:
       else:
         out[:] = np.frombuffer(key.decrypt(_NONCE, data, self._aad(block_id)),
                                np.uint8)
-    except Exception:  # pylint: disable=broad-except
-      return False  # cryptography's InvalidTag
+    except self._invalid_tag:  # anything else (MemoryError) is not the bytes'
+      return False
     return True
 
   def seal(

@@ -316,8 +316,13 @@ class BlockIndex:
       return slot, True
     return None, False
 
-  def reserve(self, ids: Sequence[bytes], tenant: str, session: str) -> Reservation:
-    """Decides, in one transaction, what happens to each block of a put."""
+  def reserve(self, ids: Sequence[bytes], tenant: str, session: str,
+              admitted: bool = False) -> Reservation:
+    """Decides, in one transaction, what happens to each block of a put.
+
+    `admitted`: the blocks passed an admission rule already (copied from
+    another store, `storage.clone`): the rule is not asked again. The put
+    still counts for its session (`session_continues`)."""
     now = time.time()
     statuses, to_write, evicted = [], [], 0
     with self._transaction() as db:
@@ -338,7 +343,7 @@ class BlockIndex:
           if existing[0] == READY:
             db.execute("UPDATE blocks SET last_access=? WHERE id=?", (now, block_id))
           continue
-        if not self._admit(db, block_id, repeat_session, now):
+        if not admitted and not self._admit(db, block_id, repeat_session, now):
           statuses.append(DEFERRED)
           continue
         slot, was_evicted = self._allocate(db, protect)

@@ -14,6 +14,9 @@ COUNTERS = (
     "failed_writes", "evicted_blocks",
     "get_calls", "get_blocks", "hit_blocks", "read_bytes",
     "miss_absent", "miss_missing", "miss_corrupt", "miss_raced",
+    # a read that failed without proving the block bad (an OS or kvstore
+    # error): a miss, the block kept (`block_store.read_failure`)
+    "miss_unreadable",
     "deleted_blocks", "recovered_blocks",
 )
 TIMERS = ("write_seconds", "read_seconds")
@@ -37,7 +40,8 @@ class StoreStats:
     """Counters plus derived hit rate and bandwidths (bytes per second)."""
     with self._lock:
       out = dict(self._values)
-    misses = out["miss_absent"] + out["miss_missing"] + out["miss_corrupt"] + out["miss_raced"]
+    misses = (out["miss_absent"] + out["miss_missing"] + out["miss_corrupt"] +
+              out["miss_raced"] + out["miss_unreadable"])
     out["misses"] = misses
     out["hit_rate"] = out["hit_blocks"] / out["get_blocks"] if out["get_blocks"] else 0.0
     out["write_bytes_per_s"] = (out["written_bytes"] / out["write_seconds"]

@@ -270,3 +270,29 @@ def test_a_key_is_rotated_by_cloning_into_a_new_store(tmp_path, key_file):
     assert all(_same(g, b) for g, b in zip(new.get(ids), blocks))
     assert new.delete_session("t", "a") == 3
     assert new.contains(ids) == [False] * 3 + [True] * 3
+
+
+def test_a_decryption_that_fails_for_another_reason_removes_nothing(
+    tmp_path, key_file, monkeypatch):
+  """Only a failed tag proves a chunk bad; a MemoryError while decrypting
+  fails the read and the block stays."""
+  rng = np.random.default_rng()
+  ids, blocks = _ids(rng, 2), _blocks(rng, 2)
+  with _store(tmp_path / "s", key_file) as store:
+    store.put(ids, blocks)
+    cipher = store.codec.cipher
+
+    class NoMemory:  # its decryption fails, not for the bytes
+      def __init__(self, key):
+        del key
+
+      def decrypt_into(self, *args):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(cipher, "_aes", NoMemory)
+    with pytest.raises(MemoryError):
+      store.get(ids)
+    monkeypatch.undo()
+    assert store.contains(ids) == [True, True]
+    assert all(_same(g, b) for g, b in zip(store.get(ids), blocks))
+    assert store.stats()["miss_corrupt"] == 0
