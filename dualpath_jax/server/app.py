@@ -225,7 +225,11 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
     needed. The device pool and the hot tier are memory: they age out."""
     protocol.check_name(session_id, "session_id")
     protocol.check_name(user, "user")
-    removed = await asyncio.to_thread(handle.delete_session, user, session_id)
+    try:
+      removed = await asyncio.to_thread(handle.delete_session, user,
+                                        session_id)
+    except OSError as e:  # hidden already; the store finishes the removal
+      raise APIError(str(e), status_code=503, type="server_error") from e
     return {"id": session_id, "object": "session.deleted", "user": user,
             "deleted": True, "cold_tier_blocks": removed}
 
