@@ -319,6 +319,17 @@ def test_deleting_a_session_without_a_cold_tier_says_so(server):
       "session_id"
 
 
+def test_a_session_delete_the_store_cannot_finish_is_a_503(server,
+                                                           monkeypatch):
+  def failing(self, tenant, session):
+    raise OSError("removing 3 deleted blocks failed; they are no longer served")
+  monkeypatch.setattr(LocalEngineHandle, "delete_session", failing)
+  r = _http(server, "DELETE", "/v1/sessions/s1")
+  assert r.status_code == 503, r.text
+  assert "no longer served" in r.json()["error"]["message"]
+  assert r.json()["error"]["type"] == "server_error"
+
+
 def test_concurrent_requests_batch_and_match_sequential(client, tiny_chat,
                                                         reference, np_rng):
   tok = tiny_chat.tokenizer
