@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from dualpath_jax.config import TINY, CacheConfig
-from storage import encryption
+from storage import block_store, encryption
 from storage.block_store import BlockStore
 from storage.clone import clone_store
 from storage.config import ColdTierConfig
@@ -180,22 +180,24 @@ def _same(a, b) -> bool:
 def test_an_encrypted_store_returns_what_a_clear_one_does(tmp_path, key_file,
                                                           codec, writer):
   rng = np.random.default_rng()
-  ids, blocks = _ids(rng, 5), _blocks(rng, 5)
+  n = 2 * block_store.SEALED_READ_CHUNKS + 3  # a read in three parts
+  ids, blocks = _ids(rng, n), _blocks(rng, n)
   with _store(tmp_path / "clear", codec=codec, chunk_writer=writer) as clear, \
        _store(tmp_path / "sealed", key_file, codec=codec,
               chunk_writer=writer) as sealed:
     assert sealed.chunk_writer == writer
-    assert sealed.put(ids, blocks).written == 5
+    assert sealed.put(ids, blocks).written == n
     clear.put(ids, blocks)
     want = clear.get(ids)
     got = sealed.get(ids)
     assert all(_same(g, w) for g, w in zip(got, want))
     if codec == "raw":
       assert all(_same(g, b) for g, b in zip(got, blocks))
-    out = np.full((6, *BLOCK), np.nan, BF16)  # a miss in the middle
-    got = sealed.get(ids[:3] + [b"absent"] + ids[3:5], out=out)
-    assert got[3] is None
-    assert all(_same(g, w) for g, w in zip(got[:3] + got[4:], want))
+    out = np.full((n + 1, *BLOCK), np.nan, BF16)  # a miss in the middle
+    got = sealed.get(ids[:9] + [b"absent"] + ids[9:], out=out)
+    assert got[9] is None
+    assert all(_same(g, w) for g, w in zip(got[:9] + got[10:], want))
+    assert all(np.shares_memory(g, out) for g in got[:9] + got[10:])
     assert sealed.stats()["miss_corrupt"] == 0
 
 
