@@ -72,6 +72,23 @@ def test_a_tiny_temperature_samples_like_greedy_not_nan():
                                 np.argmax(logits, axis=-1))
 
 
+def test_rows_that_are_not_finite_are_sampled_from_their_limit():
+  """+inf tokens share the probability, NaN has none, and a row with none
+  left gives greedy's token: NumPy's draw raised, failing the whole step."""
+  rng = np.random.default_rng()
+  logits = rng.normal(size=(4, 40)).astype(np.float32)
+  logits[0, [3, 17]] = np.inf
+  logits[1, :] = np.nan
+  logits[2, ::2] = np.nan
+  logits[3, :] = -np.inf
+  draws = np.stack([sample(logits, rng, temperature=0.8, top_p=0.95)
+                    for _ in range(200)])
+  assert set(draws[:, 0]) == {3, 17}
+  assert set(draws[:, 1]) == {0}  # greedy's: np.argmax's first NaN
+  assert all(t % 2 == 1 for t in draws[:, 2])  # never a NaN token
+  assert set(draws[:, 3]) == {0}
+
+
 def test_tiny_temperature_turn_and_its_neighbour_finish(tiny):
   pa, pb = _prompts(1, 2)
   e = _engine(tiny)

@@ -11,12 +11,23 @@ from dualpath_jax.config import check_sampling
 def sample(logits: np.ndarray,  # [batch, vocab] float32
            rng: np.random.Generator, temperature: float = 0.0,
            top_p: float = 1.0) -> np.ndarray:  # [batch] int32
-  """Greedy when `temperature == 0`, else nucleus sampling per row."""
+  """Greedy when `temperature == 0`, else nucleus sampling per row.
+
+  A row that is not all finite is sampled from its limit: the tokens at
+  +inf share all the probability, NaN logits have none, and a row with
+  nothing left (all NaN or -inf) gives what greedy gives (`np.argmax`: its
+  first NaN, else token 0). NumPy's draw raised on such a row, which failed
+  the engine's whole step: every turn in flight.
+  """
   check_sampling(temperature, top_p)
   if temperature == 0:
     return np.argmax(logits, axis=-1).astype(np.int32)
   out = np.empty(logits.shape[0], np.int32)
   for b, row in enumerate(logits.astype(np.float64)):
+    row = _finite_limit(row)
+    if row is None:
+      out[b] = int(np.argmax(logits[b]))
+      continue
     # Shift before dividing: a tiny temperature (1e-320) would make
     # row / temperature infinite, and inf - inf is NaN.
     with np.errstate(over="ignore"):  # a far-off logit becomes -inf: p 0
@@ -28,6 +39,19 @@ def sample(logits: np.ndarray,  # [batch, vocab] float32
     p = p[:keep] / p[:keep].sum()
     out[b] = order[rng.choice(keep, p=p)]
   return out
+
+
+def _finite_limit(
+    row: np.ndarray,  # [vocab] float64
+) -> np.ndarray | None:  # [vocab] float64 with a finite max, or None
+  """`row` with +inf as 0 and everything else -inf when any logit is +inf,
+  NaN as -inf; None when no token is left with a chance."""
+  if np.isnan(row).any():
+    row = np.where(np.isnan(row), -np.inf, row)
+  peak = row.max()
+  if peak == np.inf:
+    return np.where(row == np.inf, 0.0, -np.inf)
+  return None if peak == -np.inf else row
 
 
 def token_logprobs(
