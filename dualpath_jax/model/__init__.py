@@ -204,14 +204,23 @@ def _check_checkpoint_dtype(path: pathlib.Path, cfg: ModelConfig,
 
 def _checkpoint_tokenizer(metadata: dict) -> Tokenizer | None:
   """The tokenizer a checkpoint's metadata names (the embedded GGUF's, or
-  another GGUF's), or None."""
+  another GGUF's), or None. ValueError if that file's tokenizer is not
+  the one the checkpoint was written with (its recorded digest)."""
   tok_info = metadata.get("tokenizer") or {}
   if tok_info.get("embedded"):
-    return _gguf_tokenizer(gguf_loader.open_gguf(
-        gguf_loader.find_smollm2_gguf()))
-  if tok_info.get("gguf"):
-    return _gguf_tokenizer(gguf_loader.open_gguf(tok_info["gguf"]))
-  return None
+    reader = gguf_loader.open_gguf(gguf_loader.find_smollm2_gguf())
+  elif tok_info.get("gguf"):
+    reader = gguf_loader.open_gguf(tok_info["gguf"])
+  else:
+    return None
+  recorded = tok_info.get("digest")  # None: written before it was recorded
+  if recorded is not None and recorded != gguf_loader.tokenizer_digest(reader):
+    raise ValueError(
+        f"the tokenizer in {reader.path} is not the one this checkpoint was "
+        "written with (the file was replaced since): its weights would read "
+        "another vocabulary's token ids; convert the model again with "
+        "`python -m launch.convert --overwrite`")
+  return _gguf_tokenizer(reader)
 
 
 def _load_checkpoint(path: pathlib.Path, dtype: str | None) -> LoadedModel:

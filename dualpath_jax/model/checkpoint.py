@@ -6,7 +6,8 @@ Layout of a checkpoint directory written by `save_checkpoint` (and by
   <dir>/state/                Orbax StandardCheckpointer tree: the pure dict
                               of `nnx.state(Llama)` (stacked layer weights)
   <dir>/dualpath_model.json   {"config": ModelConfig fields, "weights_id",
-                               "tokenizer": {"gguf": path, "embedded": bool},
+                               "tokenizer": {"gguf": path, "embedded": bool,
+                                             "digest": its tokenizer's hash},
                                "source": where the weights came from,
                                "state_crc32": {array path: CRC-32 of its bytes}}
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -36,6 +38,7 @@ from absl import logging
 from flax import nnx
 
 from dualpath_jax.config import ModelConfig
+from dualpath_jax.model import gguf_loader
 from dualpath_jax.model.llama import Llama
 from dualpath_jax.utils import interrupts_deferred
 
@@ -74,9 +77,15 @@ def save_checkpoint(
   Orbax's `force=True` deleted the old weights first, and a Ctrl-C during
   the save lost them. Partial directories of processes that died are
   removed by the next save to the same path.
+
+  The metadata records a digest of the tokenizer GGUF's tokenizer
+  (`gguf_loader.tokenizer_digest`; none for a path with no file), which
+  loads check: the file replaced by another model's since, the weights
+  would read another vocabulary's ids.
   """
   check_output_directory(directory, overwrite)
   directory = pathlib.Path(directory).absolute()
+  digest = _tokenizer_digest(tokenizer_gguf)  # a bad GGUF fails first
   directory.parent.mkdir(parents=True, exist_ok=True)
   _remove_dead_partials(directory)
   staging = sibling(directory, "partial", os.getpid())
@@ -85,16 +94,26 @@ def save_checkpoint(
   try:
     _write(staging, model, weights_id=weights_id,
            tokenizer_gguf=tokenizer_gguf,
-           tokenizer_embedded=tokenizer_embedded, source=source)
-    _publish(staging, directory)
+           tokenizer_embedded=tokenizer_embedded, tokenizer_digest=digest,
+           source=source)
+    _publish(staging, directory, overwrite)
   finally:
     shutil.rmtree(staging, ignore_errors=True)  # gone if published
   return directory
 
 
+def _tokenizer_digest(tokenizer_gguf: str | os.PathLike | None
+                      ) -> str | None:
+  """`gguf_loader.tokenizer_digest` of the GGUF file at `tokenizer_gguf`,
+  or None where there is none (nothing a load could check)."""
+  if tokenizer_gguf is None or not pathlib.Path(tokenizer_gguf).is_file():
+    return None
+  return gguf_loader.tokenizer_digest(gguf_loader.open_gguf(tokenizer_gguf))
+
+
 def _write(directory: pathlib.Path, model: Llama, *, weights_id: str,
            tokenizer_gguf: str | os.PathLike | None, tokenizer_embedded: bool,
-           source: str) -> None:
+           tokenizer_digest: str | None, source: str) -> None:
   """The checkpoint's files (Orbax state, then metadata) in `directory`."""
   state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   # Ctrl-C waits for the save to end: Orbax's background threads write on
@@ -116,6 +135,7 @@ def _write(directory: pathlib.Path, model: Llama, *, weights_id: str,
           "gguf": (None if tokenizer_gguf is None
                    else str(pathlib.Path(tokenizer_gguf).absolute())),
           "embedded": tokenizer_embedded,
+          "digest": tokenizer_digest,
       },
       "source": source,
       "state_crc32": state_checksums(state),
@@ -145,7 +165,8 @@ def _remove_dead_partials(directory: pathlib.Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _publish(staging: pathlib.Path, directory: pathlib.Path) -> None:
+def _publish(staging: pathlib.Path, directory: pathlib.Path,
+             overwrite: bool) -> None:
   """Moves the finished checkpoint `staging` to `directory`.
 
   A missing or empty `directory` is replaced by one rename. A checkpoint
@@ -155,11 +176,21 @@ def _publish(staging: pathlib.Path, directory: pathlib.Path) -> None:
   between them is a kill -9, which leaves the old checkpoint at
   `.NAME.old-PID`, whole; the next save, load or output check of the path
   renames it back (`recover_interrupted_replace`).
+
+  What is at `directory` is checked again here (`_check_replaceable`):
+  the conversion takes a while, and files put there meanwhile were
+  renamed aside and deleted with it, and a checkpoint another process
+  saved there meanwhile was replaced without `overwrite`.
   """
   with interrupts_deferred():
     if not (directory.is_dir() and any(directory.iterdir())):
-      os.replace(staging, directory)  # replaces an empty directory
-      return
+      try:
+        os.replace(staging, directory)  # replaces an empty directory
+        return
+      except OSError as e:  # filled since the look: check what is there
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+          raise
+    _check_replaceable(directory, overwrite)
     old = sibling(directory, "old", os.getpid())
     shutil.rmtree(old, ignore_errors=True)
     os.rename(directory, old)
@@ -169,6 +200,21 @@ def _publish(staging: pathlib.Path, directory: pathlib.Path) -> None:
       os.rename(old, directory)
       raise
     shutil.rmtree(old, ignore_errors=True)  # before a held Ctrl-C is raised
+
+
+def _check_replaceable(directory: pathlib.Path, overwrite: bool) -> None:
+  """Raises, leaving `directory` alone, unless it holds a checkpoint that
+  `overwrite` lets a save replace (`check_output_directory`'s rules, for a
+  directory that was new or empty when the save began)."""
+  if not (directory / METADATA_FILE).is_file():
+    raise ValueError(f"{directory} was given files other than a checkpoint "
+                     "while the checkpoint was written: they are left alone "
+                     "and the checkpoint is not saved there")
+  if not overwrite:
+    raise FileExistsError(f"{directory} was given a checkpoint (another "
+                          "save's?) while this one was written: it is kept "
+                          "(pass overwrite=True, or --overwrite, to replace "
+                          "it)")
 
 
 def state_checksums(state: dict[str, Any]) -> dict[str, int]:

@@ -77,8 +77,10 @@ def _check_fields(path: pathlib.Path, metadata: dict[str, Any]) -> None:
   tokenizer = metadata.get("tokenizer")
   if not (isinstance(tokenizer, dict)
           and isinstance(tokenizer.get("gguf"), (str, type(None)))
-          and isinstance(tokenizer.get("embedded"), bool)):
-    raise bad('tokenizer must be {"gguf": path or null, "embedded": bool}')
+          and isinstance(tokenizer.get("embedded"), bool)
+          and isinstance(tokenizer.get("digest"), (str, type(None)))):
+    raise bad('tokenizer must be {"gguf": path or null, "embedded": bool, '
+              '"digest": string or null}')
   crcs = metadata.get("state_crc32")
   if crcs is not None and not (isinstance(crcs, dict) and all(
       isinstance(k, str) and is_integer(v) for k, v in crcs.items())):
@@ -98,9 +100,13 @@ def _check_fields(path: pathlib.Path, metadata: dict[str, Any]) -> None:
           tuple: lambda v: isinstance(v, list) and all(map(is_integer, v))}
     kind = type(default) if default is not dataclasses.MISSING else (
         str if field.name == "name" else int)
-    if not ok[kind](value):
-      raise bad(f"config.{field.name} = {value!r} is not a valid "
-                f"{kind.__name__}")
+    if field.name == "bos_token_id":  # an id, not a count: 0 is one (it
+      # was refused, so a model whose BOS is token 0 saved, then never loaded)
+      valid, what = is_integer(value) and value >= 0, "token id"
+    else:
+      valid, what = ok[kind](value), kind.__name__
+    if not valid:
+      raise bad(f"config.{field.name} = {value!r} is not a valid {what}")
   vocab = config.get("vocab_size", 0)
   ids = [config.get("bos_token_id", 0), *config.get("eos_token_ids", [])]
   if any(not 0 <= i < vocab for i in ids):

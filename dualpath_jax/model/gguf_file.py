@@ -247,6 +247,13 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
       raise cur.fail(f"tensor {name!r}: rows of {shape[-1]} values are not "
                      f"whole {ggml_type.name} blocks of {block}", start)
     row_bytes = shape[-1] // block * block_bytes
+    # A zero dimension makes a tensor empty whatever the others are, so it
+    # passes the end-of-file check below; numpy then failed to shape the
+    # view, with no file or tensor in its message. llama.cpp refuses such
+    # counts too (they overflow int64).
+    if math.prod(max(d, 1) for d in (*shape[:-1], row_bytes)) >= 2**63:
+      raise cur.fail(f"tensor {name!r}: dimensions {list(reversed(shape))} "
+                     "are too large (2**63 bytes or more)", start)
     num_bytes = math.prod(shape[:-1]) * row_bytes
     first = data_offset + offset
     if offset % alignment or first + num_bytes > cur.size:

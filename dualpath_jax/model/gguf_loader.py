@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
+import math
 import os
 import pathlib
 from typing import Any
@@ -71,20 +73,25 @@ def find_smollm2_gguf() -> pathlib.Path:
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
   """Parses a GGUF file (raises FileNotFoundError / ValueError).
 
-  Cached per (path, size, mtime): the tokenizer and the weights of one file
-  share one parse and one memory map. Treat the result as read-only.
+  Cached per (path, file identity): the tokenizer and the weights of one
+  file share one parse and one memory map. Treat the result as read-only.
+  The identity is the inode and its size, mtime and ctime: a file replaced
+  by another of the same size and mtime (a same-size fine-tune copied with
+  its times kept, or one written within the clock's tick) was served the
+  old file's parse.
   """
   path = pathlib.Path(path).absolute()
   if not path.is_file():
     raise FileNotFoundError(f"no GGUF file at {path}")
   stat = path.stat()
-  return _open_gguf_cached(path, stat.st_size, stat.st_mtime_ns)
+  return _open_gguf_cached(path, (stat.st_dev, stat.st_ino, stat.st_size,
+                                  stat.st_mtime_ns, stat.st_ctime_ns))
 
 
 @functools.lru_cache(maxsize=4)
-def _open_gguf_cached(path: pathlib.Path, size: int,
-                      mtime_ns: int) -> GGUFFile:
-  del size, mtime_ns  # cache key only
+def _open_gguf_cached(path: pathlib.Path,
+                      identity: tuple[int, ...]) -> GGUFFile:
+  del identity  # cache key only
   return read_gguf(path)
 
 
@@ -107,8 +114,10 @@ def config_from_gguf(reader: GGUFFile, *,
     value = meta.get(key, default)
     if value is None:
       raise ValueError(f"GGUF metadata lacks {key}")
+    # (inf is refused too: a rope base or norm epsilon of inf loaded a
+    # model that computed garbage without a word)
     if (isinstance(value, bool) or not isinstance(value, (int, kind))
-        or not value > 0):
+        or not 0 < value < math.inf):
       raise ValueError(f"GGUF metadata {key} must be a positive "
                        f"{'integer' if kind is int else 'number'}, got "
                        f"{value!r}")
@@ -118,6 +127,10 @@ def config_from_gguf(reader: GGUFFile, *,
   num_heads = number("llama.attention.head_count")
   num_kv_heads = number("llama.attention.head_count_kv", num_heads)
   head_dim = number("llama.attention.key_length", hidden // num_heads)
+  if head_dim % 2:  # failed in numpy's reshape once the weights were read
+    raise ValueError(f"head_dim {head_dim} (GGUF metadata llama.attention."
+                     "key_length, or embedding_length / head_count) must be "
+                     "even: RoPE rotates dimensions in pairs")
   rope_dim = number("llama.rope.dimension_count", head_dim)
   if rope_dim != head_dim:
     raise ValueError(f"partial rotary embeddings (rope dim {rope_dim} < "
@@ -203,6 +216,21 @@ def special_token_ids(reader: GGUFFile, vocab_size: int
   eos = tuple(dict.fromkeys(i for i in (ids["eos"], ids["eot"])
                             if i is not None))
   return ids["bos"], eos
+
+
+def tokenizer_digest(reader: GGUFFile) -> str:
+  """Short hash of a GGUF file's `tokenizer.*` metadata (vocabulary, merges,
+  token types, special ids, chat template).
+
+  A checkpoint reads its tokenizer from a GGUF file by path and records
+  this hash: the file there replaced by another model's, the checkpoint's
+  weights would read another vocabulary's ids without a word. Another
+  quantisation of the same model keeps the hash.
+  """
+  fields = {k: v for k, v in reader.metadata.items()
+            if k.startswith("tokenizer.")}
+  blob = json.dumps(fields, sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _round_float32(x: float) -> float:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import jinja2
 import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
@@ -61,10 +62,7 @@ class Tokenizer:
     if len(token_types) != len(tokens):
       raise ValueError(f"{len(tokens)} tokens but {len(token_types)} types")
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
-                     byte_fallback=False)
-    self._tok = tokenizers.Tokenizer(bpe)
+    self._tok = tokenizers.Tokenizer(_bpe(vocab, merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
                                           use_regex=True)
     if pre in _DIGIT_SPLIT_PRE:
@@ -93,7 +91,11 @@ class Tokenizer:
       env = jinja2.sandbox.ImmutableSandboxedEnvironment(
           trim_blocks=True, lstrip_blocks=True)
       env.globals["raise_exception"] = _raise_template_error
-      self._template = env.from_string(chat_template)
+      try:
+        self._template = env.from_string(chat_template)
+      except jinja2.TemplateError as e:  # was jinja's TemplateSyntaxError
+        raise ValueError(f"the chat template (GGUF metadata tokenizer."
+                         f"chat_template) does not parse: {e}") from None
 
   @classmethod
   def from_gguf(cls, source: str | os.PathLike | GGUFFile) -> "Tokenizer":
@@ -210,9 +212,19 @@ class Tokenizer:
         raise ValueError(f"role {m['role']!r} is not one of {CHAT_ROLES}")
     bos = self._tokens[self.bos_id] if self.bos_id is not None else ""
     eos = self._tokens[self.eos_ids[0]] if self.eos_ids else ""
-    return self._template.render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt,
-        bos_token=bos, eos_token=eos)
+    try:
+      return self._template.render(
+          messages=list(messages),
+          add_generation_prompt=add_generation_prompt, bos_token=bos,
+          eos_token=eos)
+    except ValueError:  # raise_exception's, or the template's own
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # The template is the GGUF's code: whatever it fails with on these
+      # messages (jinja's UndefinedError or SecurityError, a TypeError) is
+      # bad input, which a server answers with a 400, not a 500.
+      raise ValueError(f"chat template error: {type(e).__name__}: {e}"
+                       ) from e
 
   def encode_chat(self, messages: Sequence[Message],
                   add_generation_prompt: bool = True) -> list[int]:
@@ -270,6 +282,29 @@ class Tokenizer:
           return False
         start = window.find(s, start + 1)
     return True
+
+
+def _bpe(vocab: dict[str, int], merges: Sequence[str]) -> models.BPE:
+  """The byte-level BPE model of a vocabulary and its merges ("left right").
+
+  ValueError naming the merge for one that is not two tokens separated by
+  a space, and naming the token for one whose tokens or concatenation the
+  vocabulary lacks: `tokenizers` raised a TypeError, or a bare Exception,
+  from a GGUF holding one.
+  """
+  pairs = []
+  for i, merge in enumerate(merges):
+    pair = tuple(merge.split(" ", 1))
+    if len(pair) != 2 or not all(pair):
+      raise ValueError(f"GGUF metadata tokenizer.ggml.merges[{i}] = "
+                       f"{merge!r} is not two tokens separated by a space")
+    pairs.append(pair)
+  try:
+    return models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
+                      byte_fallback=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError("GGUF metadata tokenizer.ggml.merges does not fit the "
+                     f"vocabulary: {e}") from None
 
 
 def _byte_level_chars() -> dict[str, int]:
