@@ -164,7 +164,7 @@ class BlockCipher:
     out[:SALT_BYTES] = np.frombuffer(salt, np.uint8)
     key, aad = self._chunk_key(salt), self._aad(block_id)
     data = memoryview(np.ascontiguousarray(plain)).cast("B")
-    if hasattr(key, "encrypt_into"):  # cryptography >= 47: no copy
+    if hasattr(key, "encrypt_into"):  # newer cryptography: no copy
       key.encrypt_into(_NONCE, data, aad, memoryview(out[SALT_BYTES:]))
     else:
       out[SALT_BYTES:] = np.frombuffer(key.encrypt(_NONCE, data, aad), np.uint8)
