@@ -40,6 +40,7 @@ store).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import logging
@@ -56,6 +57,7 @@ KEY_BYTES = 32
 SALT_BYTES = 32
 TAG_BYTES = 16
 OVERHEAD = SALT_BYTES + TAG_BYTES  # bytes a sealed chunk adds
+MAX_KEY_FILE_BYTES = 4096  # a key file is 65 bytes; anything past this is refused
 _NONCE = bytes(12)  # each chunk key seals one message
 _KEY_ID_LABEL = b"dualpath-jax cold tier key id"
 _CHUNK_KEY_LABEL = b"dualpath-jax cold tier chunk key\0"
@@ -77,17 +79,48 @@ def load_key(path: str) -> bytes:
   """The 32-byte key in the file at `path` (64 hex digits, whitespace
   around them ignored).
 
+  Only a regular file (or a link to one) of at most `MAX_KEY_FILE_BYTES` is
+  read: a FIFO, a terminal or another device used to block the open (or the
+  read) forever, a launcher hanging before it said anything, and a file
+  longer than that had only its first 4 KiB looked at (a key followed by
+  blank space and anything else was taken). The `cryptography` package is
+  checked here too, so a launcher that reads the key before the weights
+  load (`launch.cluster_flags`) refuses its absence then, not at the
+  store's open after the model loaded.
+
   Raises:
     ValueError: the file cannot be read or holds anything else (its
-      content is never echoed).
+      content is never echoed), or `cryptography` is not installed.
   """
   try:
-    with open(path, "rb") as f:
-      text = f.read(4096)
-    mode = os.stat(path).st_mode
+    # O_NONBLOCK: opening a FIFO without a writer returns at once (no
+    # effect on a regular file); O_NOCTTY: a terminal never becomes ours.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
   except OSError as err:
     raise ValueError(f"cold tier key file {path}: cannot read it "
                      f"({err.strerror})") from None
+  try:
+    mode = os.fstat(fd).st_mode  # of what was opened, not of the path now
+    if not stat.S_ISREG(mode):
+      raise ValueError(f"cold tier key file {path} is not a regular file")
+    parts, size = [], 0
+    while size <= MAX_KEY_FILE_BYTES:
+      part = os.read(fd, MAX_KEY_FILE_BYTES + 1 - size)
+      if not part:
+        break
+      parts.append(part)
+      size += len(part)
+  except OSError as err:
+    raise ValueError(f"cold tier key file {path}: cannot read it "
+                     f"({err.strerror})") from None
+  finally:
+    os.close(fd)
+  text = b"".join(parts)
+  if len(text) > MAX_KEY_FILE_BYTES:
+    raise ValueError(f"cold tier key file {path} is larger than "
+                     f"{MAX_KEY_FILE_BYTES} bytes; it must hold only a "
+                     f"{KEY_BYTES}-byte key as {2 * KEY_BYTES} hex digits")
   try:
     key = bytes.fromhex(text.strip().decode("ascii"))
   except (UnicodeDecodeError, ValueError):
@@ -99,6 +132,7 @@ def load_key(path: str) -> bytes:
   if mode & (stat.S_IRWXG | stat.S_IRWXO):
     _log.warning("cold tier key file %s can be read by other users (mode "
                  "%o); chmod 600 it", path, stat.S_IMODE(mode))
+  _aesgcm()  # ValueError without the package, before any weights load
   return key
 
 
@@ -118,11 +152,44 @@ def write_key_file(path: str) -> str:
   except OSError as err:
     raise ValueError(f"cannot make the key file {path} ({err.strerror})") from None
   key = os.urandom(KEY_BYTES)
-  with os.fdopen(fd, "w", encoding="ascii") as f:
-    f.write(key.hex() + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+  # A failed write (a full disk) used to leave an empty or partial file,
+  # which every later call refused to replace, and raised OSError (the
+  # launcher's traceback). The file is removed and ValueError raised; the
+  # directory is synced too, so a key whose blocks were sealed is not lost
+  # with its directory entry in a power cut.
+  try:
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+      f.write(key.hex() + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+  except OSError as err:
+    try:
+      os.unlink(path)
+      left = "nothing was left there"
+    except OSError:
+      left = "remove the file it left before trying again"
+    raise ValueError(f"cannot write the key file {path} "
+                     f"({err.strerror or err}); {left}") from None
   return key_id(key)
+
+
+def _fsync_directory(directory: str) -> None:
+  """Makes the entries of `directory` durable (a new file's name), where
+  the file system can: one that cannot sync a directory (some network and
+  FUSE file systems refuse it), or a directory that cannot be opened for
+  reading, leaves the key to the file system's own ordering, as before."""
+  try:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError as err:
+    if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EROFS):
+      raise
+  finally:
+    os.close(fd)
 
 
 def key_id(key: bytes) -> str:
