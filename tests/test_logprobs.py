@@ -153,3 +153,22 @@ def test_a_raising_on_logprob_fails_its_turn_only(tiny):
   assert isinstance(outs["bad"].error, RuntimeError)
   assert outs["good"].finish_reason == "length"
   assert seen == outs["good"].logprobs  # each entry once, as it came
+
+
+def test_completion_top_logprobs_hold_the_sampled_token_too(
+    smollm2_tokenizer):
+  """As OpenAI's: up to `logprobs + 1` entries, the sampled token's
+  included when sampling picked one outside the most likely."""
+  from dualpath_jax.server.logprobs import completion_logprobs
+  tok = smollm2_tokenizer
+  rng = np.random.default_rng()
+  a, b, c, d = (int(i) for i in rng.choice(np.arange(1000, 5000), 4,
+                                           replace=False))
+  outside = TokenLogprob(c, -5.0, ((a, -0.1), (b, -1.0)))
+  inside = TokenLogprob(a, -0.1, ((a, -0.1), (d, -2.0)))
+  bare = TokenLogprob(b, -1.0, ())
+  text = lambda t: tok.token_bytes(t).decode("utf-8", "replace")  # noqa: E731
+  tops = completion_logprobs([outside, inside, bare], tok)["top_logprobs"]
+  assert tops[0] == {text(a): -0.1, text(b): -1.0, text(c): -5.0}
+  assert tops[1] == {text(a): -0.1, text(d): -2.0}
+  assert tops[2] == {}  # logprobs=0: the token's own logprob only

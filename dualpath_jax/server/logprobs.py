@@ -19,7 +19,9 @@ characters (`TextOffsets`): a character split across tokens is there once,
 not once per U+FFFD, and a stream's offsets are the whole response's (the
 tokens that completed a stop string may start past the text's end).
 Completions' `top_logprobs` maps token text to log-probability: tokens of
-the same text (pieces of characters, all U+FFFD) keep the most likely's.
+the same text (pieces of characters, all U+FFFD) keep the most likely's,
+and the sampled token is there too when it is not among the most likely
+(OpenAI's up to `logprobs + 1` entries).
 A log-probability of -inf is sent as -9999.0 (as OpenAI does: JSON has
 no infinity).
 """
@@ -118,7 +120,10 @@ def completion_logprobs(entries: Sequence[TokenLogprob], tokenizer,
     raw = tokenizer.token_bytes(e.token)
     tokens.append(raw.decode("utf-8", "replace"))
     logprobs.append(_number(e.logprob))
-    tops.append(_top_by_text(e.top, tokenizer))
+    top = _top_by_text(e.top, tokenizer)
+    if e.top:  # and the sampled token, as OpenAI's (up to logprobs + 1)
+      top.setdefault(tokens[-1], _number(e.logprob))
+    tops.append(top)
     text_offset.append(offsets.next(raw))
   return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
           "text_offset": text_offset}
