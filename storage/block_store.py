@@ -557,10 +557,8 @@ class BlockStore:
       batch, ok, bad = self._read_chunks(present, into, rows)
       if bad:
         self._drop_bad(bad)
-      good = [i for i in range(len(present)) if ok[i]]
-      valid = self.index.touch([present[i] for i in good]) if good else []
-      keep = [i for i, still_there in zip(good, valid) if still_there]
-      self._stats.add(miss_raced=len(good) - len(keep))
+      keep = self._still_current(present, [i for i in range(len(present))
+                                           if ok[i]])
       if keep and dest is not None:
         found = {present[i].block_id: dest[rows[i]] for i in keep}
       elif keep:
@@ -606,11 +604,19 @@ class BlockStore:
       blocks += got
     if bad:
       self._drop_bad(bad)
-    read = [i for i, block in enumerate(blocks) if block is not None]
+    keep = self._still_current(refs, [i for i, block in enumerate(blocks)
+                                      if block is not None])
+    return {refs[i].block_id: blocks[i] for i in keep}
+
+  def _still_current(self, refs: Sequence[index_lib.SlotRef],
+                     read: list[int]) -> list[int]:
+    """Of the chunks read intact (`read`, indices into `refs`), those whose
+    block is still current: makes them recent in the LRU, counts the rest
+    (evicted or rewritten while read) as `miss_raced`."""
     valid = self.index.touch([refs[i] for i in read]) if read else []
     keep = [i for i, still_there in zip(read, valid) if still_there]
     self._stats.add(miss_raced=len(read) - len(keep))
-    return {refs[i].block_id: blocks[i] for i in keep}
+    return keep
 
   def _scratch(self, n: int) -> np.ndarray:  # [n, encoded_block_bytes] uint8
     """This thread's reused buffer of `n` sealed chunks (grown as needed: a

@@ -328,7 +328,10 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
         arrival_s=handle.clock(), temperature=temperature,
         top_p=config.default_top_p if body.top_p is None else body.top_p,
         seed=body.seed, on_token=stream.on_token,
-        logprobs=body.logprob_count(), on_logprob=stream.on_logprob)
+        logprobs=body.logprob_count(),
+        # Per token only for a stream; a plain response reads them from the
+        # turn's output (`TurnOutput.logprobs`).
+        on_logprob=stream.on_logprob if body.stream else None)
     try:
       handle.validate(turn)
     except RequestTooLargeError as e:
