@@ -89,6 +89,15 @@ def _is_real(value: object) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_logprobs(value: int | None, where: str = "") -> None:
+  """ValueError unless `value` is a `TurnRequest.logprobs`: None or an
+  integer in [0, MAX_TOP_LOGPROBS] (a bool is not one)."""
+  if value is not None and not (is_integer(value) and
+                                0 <= value <= MAX_TOP_LOGPROBS):
+    raise ValueError(f"{where}logprobs must be None or an integer in [0, "
+                     f"{MAX_TOP_LOGPROBS}]; got {value!r}")
+
+
 def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
                      pool_blocks: int, vocab_size: int | None = None) -> None:
   """Raises ValueError (`RequestTooLargeError` for size) if `req` can never run.
@@ -162,9 +171,6 @@ def validate_request(req: TurnRequest, *, max_context: int, block_size: int,
                        f"{value!r}")
   if req.seed is not None and not (is_integer(req.seed) and req.seed >= 0):
     raise ValueError(f"{rid}: seed must be an integer >= 0; got {req.seed!r}")
-  if req.logprobs is not None and not (
-      is_integer(req.logprobs) and 0 <= req.logprobs <= MAX_TOP_LOGPROBS):
-    raise ValueError(f"{rid}: logprobs must be None or an integer in [0, "
-                     f"{MAX_TOP_LOGPROBS}]; got {req.logprobs!r}")
+  check_logprobs(req.logprobs, f"{rid}: ")
 
 

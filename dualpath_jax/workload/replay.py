@@ -28,8 +28,8 @@ import math
 import time
 from typing import Callable, Sequence
 
-from dualpath_jax.engine.request import (MAX_TOP_LOGPROBS, TurnOutput,
-                                          TurnRequest)
+from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
+                                          check_logprobs)
 from dualpath_jax.metrics import TurnRecord
 from dualpath_jax.workload.trace import AgentSession
 
@@ -134,11 +134,7 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
   """
   if reply_mode not in REPLY_MODES:
     raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {reply_mode!r}")
-  if logprobs is not None and not (
-      isinstance(logprobs, int) and not isinstance(logprobs, bool) and
-      0 <= logprobs <= MAX_TOP_LOGPROBS):
-    raise ValueError(f"logprobs must be None or an integer in [0, "
-                     f"{MAX_TOP_LOGPROBS}], got {logprobs!r}")
+  check_logprobs(logprobs)  # before any turn is submitted
   if start_s is None:
     start_s = [0.0] * len(sessions)
   _check_sessions(sessions, start_s)
