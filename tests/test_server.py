@@ -447,6 +447,7 @@ def test_metrics_parse_and_count_a_request(server, client, np_rng):
     ({"user": "\ud800"}, 400, "user", None),
     ({"session_id": "\ud800"}, 400, "session_id", None),
     ({"session_id": "s" * 257}, 400, "session_id", "invalid_value"),
+    ({"user": "u" * 257}, 400, "user", "invalid_value"),
     ({"seed": -1}, 400, "seed", "invalid_value"),
     # pydantic's locations made "messages.1" and (unions) "stop.str"
     ({"messages": [{"role": "user", "content": "hi"}, 5]}, 400,

@@ -56,8 +56,8 @@ class APIError(Exception):
 
 
 def check_name(value: str, param: str) -> None:
-  """APIError unless `value` can name a session or tenant: valid Unicode
-  (the cold tier's index stores it as UTF-8), at most
+  """APIError unless `value` can name a session or tenant (`user`): valid
+  Unicode (hashed and stored in the cold tier's index as UTF-8), at most
   `MAX_SESSION_ID_CHARS` characters."""
   if len(value) > MAX_SESSION_ID_CHARS:
     raise APIError(f"{param} has {len(value)} characters; at most "
@@ -117,13 +117,12 @@ class _SamplingRequest(pydantic.BaseModel):
     if self.stream_options is not None and not self.stream:
       raise APIError("stream_options is only allowed when stream is true",
                      param="stream_options")
-    if self.user is not None:
-      try:  # it names the prefix-sharing tenant, hashed as UTF-8
-        check_unicode(self.user)
-      except ValueError as e:
-        raise APIError(f"user: {e}", param="user") from None
-    if self.session_id is not None:
-      check_name(self.session_id, "session_id")
+    # The prefix-sharing tenant and the agent session: hashed and stored
+    # as UTF-8, and bounded alike, so `DELETE /v1/sessions` takes any pair
+    # a request could name.
+    for param in ("user", "session_id"):
+      if getattr(self, param) is not None:
+        check_name(getattr(self, param), param)
     stops = self.stop_strings()
     if len(stops) > MAX_STOP_STRINGS or any(
         len(s) > MAX_STOP_CHARS for s in stops):
