@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import numbers
 import os
@@ -17,6 +18,31 @@ def is_integer(value: object) -> bool:
   """A Python or NumPy integer, not a bool (which Python counts as an int):
   the one test every count and id taken from a caller or a file needs."""
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# fsync of a directory that its file system cannot do (some network and
+# FUSE file systems): its entries are left to the file system's ordering.
+_NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP,
+                                 errno.EOPNOTSUPP})
+
+
+def sync_directory(directory: str | os.PathLike) -> None:
+  """fsyncs `directory`, making its entries (files made, renamed in or
+  out, removed) durable: a rename is atomic but not durable until then.
+
+  A file system that cannot fsync a directory (EINVAL, ENOTSUP) is let be;
+  any other error, opening the directory included, is raised: a chunk, a
+  key or a checkpoint whose durability is unknown must not look written.
+  The one directory fsync of the project (the cold tier's chunks and
+  layout, its key files, model checkpoints)."""
+  fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+  try:
+    os.fsync(fd)
+  except OSError as e:
+    if e.errno not in _NO_DIRECTORY_FSYNC:
+      raise
+  finally:
+    os.close(fd)
 
 
 def enable_compilation_cache(path: str | None = None, *,

@@ -9,7 +9,11 @@ metadata records which file (or "the embedded SmolLM2") to read it from.
 
 The checkpoint is written beside `--out` and renamed into place when
 whole, so Ctrl-C (exit 130), a crash or a full disk leaves `--out` as it
-was: absent, empty, or the checkpoint `--overwrite` was replacing.
+was: absent, empty, or the checkpoint `--overwrite` was replacing. Its
+files are fsynced before the rename and `--out`'s parent after it (the
+replaced checkpoint removed only then), so a power cut leaves the old
+checkpoint or the new one, never one with files missing their data, and
+the new one is on disk once its path is printed.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from storage.chunk_writer import fsync_dir
+from dualpath_jax.utils import sync_directory
 from storage.page_cache import drop_page_cache, resident_bytes
 
 MiB = 1 << 20
@@ -135,7 +135,7 @@ def bench_file_floor(directory: str, n: int, size: int, depth: int, order: list[
   os.makedirs(root)
   for i in range(n):
     os.mkdir(os.path.join(root, str(i)))
-  fsync_dir(root)
+  sync_directory(root)
   payload = os.urandom(size)
 
   def write(i, _):
@@ -149,7 +149,7 @@ def bench_file_floor(directory: str, n: int, size: int, depth: int, order: list[
       os.rename(tmp, os.path.join(slot, "0"))
     finally:
       os.close(fd)
-    fsync_dir(slot)
+    sync_directory(slot)
 
   def read_in(slots):
     def task(i, buf):

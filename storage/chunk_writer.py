@@ -72,6 +72,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dualpath_jax.utils import sync_directory
 from storage.io_pool import submit_or_run
 
 try:
@@ -221,7 +222,7 @@ class DirectChunkWriter:
       created = self._write_file(path, chunk, trailer, 0)
     # After a retry the file may be new although the retry found it there.
     if (created or retried) and self.durable and self.sync == "fsync":
-      fsync_dir(os.path.dirname(path))  # the new directory entry
+      sync_directory(os.path.dirname(path))  # the new directory entry
     if body:
       with self._count_lock:
         self.direct_bytes += body
@@ -286,12 +287,3 @@ def _write_all(fd: int, parts: list, offset: int) -> None:
       parts.pop(0)
     if parts:
       parts[0] = parts[0][n:]
-
-
-def fsync_dir(path: str) -> None:
-  """Makes the entries of directory `path` (new, renamed, removed files) durable."""
-  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)

@@ -40,7 +40,6 @@ store).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import hmac
 import logging
@@ -49,6 +48,8 @@ import stat
 from typing import Sequence
 
 import numpy as np
+
+from dualpath_jax.utils import sync_directory
 
 _log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def write_key_file(path: str) -> str:
       f.write(key.hex() + "\n")
       f.flush()
       os.fsync(f.fileno())
-    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+    sync_directory(os.path.dirname(os.path.abspath(path)))
   except OSError as err:
     try:
       os.unlink(path)
@@ -172,24 +173,6 @@ def write_key_file(path: str) -> str:
     raise ValueError(f"cannot write the key file {path} "
                      f"({err.strerror or err}); {left}") from None
   return key_id(key)
-
-
-def _fsync_directory(directory: str) -> None:
-  """Makes the entries of `directory` durable (a new file's name), where
-  the file system can: one that cannot sync a directory (some network and
-  FUSE file systems refuse it), or a directory that cannot be opened for
-  reading, leaves the key to the file system's own ordering, as before."""
-  try:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError as err:
-    if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EROFS):
-      raise
-  finally:
-    os.close(fd)
 
 
 def key_id(key: bytes) -> str:

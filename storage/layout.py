@@ -41,7 +41,7 @@ from typing import Any, Iterable
 
 import tensorstore as ts
 
-from storage import chunk_writer
+from dualpath_jax.utils import sync_directory
 from storage.codecs import BlockCodec
 from storage.config import ColdTierConfig
 from storage.io_pool import submit_or_run
@@ -219,4 +219,4 @@ class SlotDirectories:
         os.makedirs(path, exist_ok=True)
         made = True
     if made:
-      chunk_writer.fsync_dir(self.chunk_root)
+      sync_directory(self.chunk_root)

@@ -17,6 +17,19 @@ against its CRC-32: Orbax's files carry no checksums, so bytes damaged on
 disk would otherwise load as slightly wrong weights without a word. A
 checkpoint that cannot be read, or fails the check, is a ValueError that
 names it and the array.
+
+A save is written into a hidden staging directory and renamed into place
+(`save_checkpoint`, `_publish`). Before the rename every regular file and
+directory of the staging tree is fsynced (Orbax's and TensorStore's files
+too: the tree is walked once they are written); after it, the parent
+directory, and only then is a replaced checkpoint removed. Folders the
+save makes for `<dir>` have their entries fsynced too. So a power cut
+never leaves a published checkpoint whose files never reached the disk,
+nor neither checkpoint (one cut between the renames of a replacement
+leaves the old one aside, which `recover_interrupted_replace` puts back),
+and once a save has returned, its checkpoint is on disk. A file system
+that cannot fsync a directory (EINVAL, ENOTSUP) is left to its own
+ordering there; any other fsync error fails the save.
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ from dualpath_jax.utils import interrupts_deferred
 from dualpath_jax.model.checkpoint_layout import (  # pylint: disable=g-bad-import-order
     FORMAT_VERSION, METADATA_FILE, check_output_directory,
     config_from_metadata, dead_siblings, metadata_checksum, read_metadata,
-    sibling)
+    sibling, sync_directory, sync_tree)
 
 STATE_DIR = "state"
 
@@ -76,7 +89,9 @@ def save_checkpoint(
   it was: still empty or absent, or still the old checkpoint. Before,
   Orbax's `force=True` deleted the old weights first, and a Ctrl-C during
   the save lost them. Partial directories of processes that died are
-  removed by the next save to the same path.
+  removed by the next save to the same path. The staged tree is fsynced
+  whole before the rename, and the parent directory after it (see the
+  module docstring): a rename alone is atomic, not durable.
 
   The metadata records a digest of the tokenizer GGUF's tokenizer
   (`gguf_loader.tokenizer_digest`; none for a path with no file), which
@@ -86,7 +101,7 @@ def save_checkpoint(
   check_output_directory(directory, overwrite)
   directory = pathlib.Path(directory).absolute()
   digest = _tokenizer_digest(tokenizer_gguf)  # a bad GGUF fails first
-  directory.parent.mkdir(parents=True, exist_ok=True)
+  _make_folders(directory.parent)
   _remove_dead_partials(directory)
   staging = sibling(directory, "partial", os.getpid())
   shutil.rmtree(staging, ignore_errors=True)
@@ -96,10 +111,24 @@ def save_checkpoint(
            tokenizer_gguf=tokenizer_gguf,
            tokenizer_embedded=tokenizer_embedded, tokenizer_digest=digest,
            source=source)
+    sync_tree(staging)  # all of it on disk before it is renamed in
     _publish(staging, directory, overwrite)
   finally:
     shutil.rmtree(staging, ignore_errors=True)  # gone if published
   return directory
+
+
+def _make_folders(folder: pathlib.Path) -> None:
+  """Makes `folder` and its missing ancestors (mkdir -p), fsyncing each new
+  one's parent: a checkpoint published into a folder whose own entry never
+  reached the disk is lost with it in a power cut."""
+  missing = []
+  while not folder.exists():
+    missing.append(folder)
+    folder = folder.parent
+  for new in reversed(missing):
+    new.mkdir(exist_ok=True)  # another process may make it meanwhile
+    sync_directory(new.parent)
 
 
 def _tokenizer_digest(tokenizer_gguf: str | os.PathLike | None
@@ -167,15 +196,19 @@ def _remove_dead_partials(directory: pathlib.Path) -> None:
 
 def _publish(staging: pathlib.Path, directory: pathlib.Path,
              overwrite: bool) -> None:
-  """Moves the finished checkpoint `staging` to `directory`.
+  """Moves the finished checkpoint `staging` (fsynced whole: `sync_tree`)
+  to `directory`, and fsyncs `directory`'s parent after the rename, which
+  is atomic but not durable until then.
 
   A missing or empty `directory` is replaced by one rename. A checkpoint
   there is first renamed aside (`.NAME.old-PID`), then removed once the new
-  one is in place; should the second rename fail, the old one is renamed
-  back. Ctrl-C is held back between the renames, so the only way to stop
-  between them is a kill -9, which leaves the old checkpoint at
-  `.NAME.old-PID`, whole; the next save, load or output check of the path
-  renames it back (`recover_interrupted_replace`).
+  one is in place and its rename durable (the parent fsynced: removed
+  before, a power cut could keep the removal and lose the rename, leaving
+  neither); should the second rename fail, the old one is renamed back.
+  Ctrl-C is held back between the renames, so the only ways to stop
+  between them are a kill -9 and a power cut, which leave the old
+  checkpoint whole, at worst at `.NAME.old-PID`; the next save, load or
+  output check of the path renames it back (`recover_interrupted_replace`).
 
   What is at `directory` is checked again here (`_check_replaceable`):
   the conversion takes a while, and files put there meanwhile were
@@ -186,10 +219,12 @@ def _publish(staging: pathlib.Path, directory: pathlib.Path,
     if not (directory.is_dir() and any(directory.iterdir())):
       try:
         os.replace(staging, directory)  # replaces an empty directory
-        return
       except OSError as e:  # filled since the look: check what is there
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
           raise
+      else:
+        sync_directory(directory.parent)
+        return
     _check_replaceable(directory, overwrite)
     old = sibling(directory, "old", os.getpid())
     shutil.rmtree(old, ignore_errors=True)
@@ -199,6 +234,7 @@ def _publish(staging: pathlib.Path, directory: pathlib.Path,
     except BaseException:
       os.rename(old, directory)
       raise
+    sync_directory(directory.parent)  # the new one durable before the old goes
     shutil.rmtree(old, ignore_errors=True)  # before a held Ctrl-C is raised
 
 

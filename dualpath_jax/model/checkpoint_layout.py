@@ -1,6 +1,7 @@
 """A model checkpoint's directory (`checkpoint.py` writes and restores
 it) as far as it can be known without JAX: the metadata file's name and
-format, reading it, and whether a checkpoint may be written at a path. So a
+format, reading it, whether a checkpoint may be written at a path, and the
+fsyncs that make a written one durable (`sync_tree`, `sync_directory`). So a
 launcher refuses a bad checkpoint source, a request its model cannot take
 or an output directory that would fail, before JAX's ~3 s import and long
 before any weights load."""
@@ -13,6 +14,7 @@ import json
 import os
 import pathlib
 import shutil
+import stat
 import zlib
 from typing import Any, Iterator
 
@@ -20,7 +22,7 @@ from absl import logging
 
 from dualpath_jax import outputs
 from dualpath_jax.config import ModelConfig
-from dualpath_jax.utils import is_integer
+from dualpath_jax.utils import is_integer, sync_directory
 
 METADATA_FILE = "dualpath_model.json"
 FORMAT_VERSION = 1
@@ -192,7 +194,10 @@ def recover_interrupted_replace(directory: str | os.PathLike) -> bool:
   staged: the old one is renamed back and the staged one removed, as an
   interrupted write leaves the path as it was. Killed while removing the old one, it leaves the new
   checkpoint in place and part of the old aside: that part is removed.
-  Siblings of live processes are theirs and left alone.
+  Siblings of live processes are theirs and left alone. The parent
+  directory is fsynced before anything is removed (`sync_directory`), so
+  that a power cut cannot keep a removal and lose the rename it relied on
+  (this one's rename back, or the killed save's rename of the new one).
   """
   path = pathlib.Path(directory).absolute()
   restored = False
@@ -202,8 +207,33 @@ def recover_interrupted_replace(directory: str | os.PathLike) -> bool:
                        and (old / METADATA_FILE).is_file())
     if between_renames and not restored:
       os.rename(old, path)
+      sync_directory(path.parent)  # the rename back, before what it undoes
       shutil.rmtree(staged, ignore_errors=True)  # the unpublished new one
       restored = True
     else:
+      sync_directory(path.parent)  # the killed save's rename of the new one
       shutil.rmtree(old, ignore_errors=True)
   return restored
+
+
+def sync_tree(root: str | os.PathLike) -> None:
+  """fsyncs every regular file under `root`, whoever wrote it (Orbax
+  writes its metadata files, `_CHECKPOINT_METADATA` and others, without
+  an fsync), then each directory, `root` last (`sync_directory`): run
+  before `root` is renamed into place, so that after a power cut the
+  renamed directory never holds files whose data or entries never reached
+  the disk. A directory that cannot be read is an error, never passed
+  over."""
+  def fail(error: OSError) -> None:
+    raise error
+  for folder, _, files in os.walk(root, topdown=False, onerror=fail):
+    for name in files:
+      path = os.path.join(folder, name)
+      if not stat.S_ISREG(os.lstat(path).st_mode):  # a link: not ours to sync
+        continue
+      fd = os.open(path, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    sync_directory(folder)
