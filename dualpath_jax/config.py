@@ -187,8 +187,15 @@ class EngineConfig:
   temperature: float = 1.0
   top_p: float = 1.0
   seed: int = 0
+  # Turns admitted together pick up the blocks of a shared prompt prefix
+  # that the turns ahead of them computed (n samples of one prompt prefill
+  # it once). False: each computes it (a baseline to measure against).
+  share_prefill: bool = True
 
   def __post_init__(self):
+    if not isinstance(self.share_prefill, bool):
+      raise ValueError(f"share_prefill must be a bool; got "
+                       f"{self.share_prefill!r}")
     # A zero here would not fail: an engine that may batch no sequence, or
     # prefill no token a step, waits forever.
     for name in ("max_batch_size", "max_prefill_chunk", "max_context"):

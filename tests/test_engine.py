@@ -253,3 +253,36 @@ def test_requests_that_cannot_fit_fail_clearly(tiny):
     small_pool.submit(TurnRequest("big", list(range(3, 30)), 8))
   with pytest.raises(ValueError):
     engine.submit(TurnRequest("empty", [], 8))
+
+
+def test_samples_of_one_prompt_prefill_it_once(tiny, ref_runner):
+  """Turns admitted together with one prompt (n samples): the first
+  computes it, the others pick up its full blocks before their first
+  chunk and compute only the last, partial block."""
+  engine = _engine(tiny)
+  prompt = _prompts(21, 1, 38, 39)[0]
+  outs = _run_all(engine, [TurnRequest(f"s{i}", prompt, 5, stop_on_eos=False)
+                           for i in range(3)])
+  expected = _reference_greedy(ref_runner, prompt, 5)
+  assert [outs[f"s{i}"].generated_tokens for i in range(3)] == [expected] * 3
+  shared = (len(prompt) - 1) // BS * BS
+  assert [outs[f"s{i}"].cached_prompt_tokens for i in range(3)] == [
+      0, shared, shared]
+  assert engine.stats.prefill_tokens == len(prompt) + 2 * (len(prompt) - shared)
+  assert engine.stats.shared_prefill_tokens == 2 * shared
+  assert engine.stats.cached_tokens_by_tier["device"] == 2 * shared
+  assert engine.manager.pool.num_referenced == 0
+
+
+def test_prefill_sharing_can_be_turned_off(tiny, ref_runner):
+  engine = _engine(tiny, share_prefill=False)
+  prompt = _prompts(22, 1, 30, 31)[0]
+  outs = _run_all(engine, [TurnRequest(f"s{i}", prompt, 3, stop_on_eos=False)
+                           for i in range(2)])
+  assert [o.cached_prompt_tokens for o in outs.values()] == [0, 0]
+  assert engine.stats.prefill_tokens == 2 * len(prompt)
+  assert engine.stats.shared_prefill_tokens == 0
+  expected = _reference_greedy(ref_runner, prompt, 3)
+  assert [o.generated_tokens for o in outs.values()] == [expected] * 2
+  with pytest.raises(ValueError, match="share_prefill"):
+    EngineConfig(share_prefill=1)

@@ -177,6 +177,64 @@ def test_concurrent_prefill_of_one_prompt_keeps_the_first_copy():
   assert setup.manager.block_table("c")[:2] == table_a[:2]
 
 
+def test_a_prompt_begun_twice_is_computed_once():
+  """n samples of one prompt are begun together: the second finds nothing
+  at `begin`, then picks up every full block the first has computed."""
+  rng = np.random.default_rng(11)
+  setup = _Setup(block_size=4)
+  prompt = _tokens(rng, 14)
+  assert setup.manager.begin("a", prompt) == 0
+  assert setup.manager.begin("b", prompt) == 0
+  assert setup.manager.extend_cached_prefix("b") == 0  # nothing computed yet
+  setup.compute("a", prompt[:6])  # one full block, half of the next
+  assert setup.manager.extend_cached_prefix("b") == 4
+  setup.compute("a", prompt[6:])
+  assert setup.manager.extend_cached_prefix("b") == 8  # up to (14-1)//4 blocks
+  assert setup.manager.num_computed("b") == 12
+  assert setup.manager.block_table("b") == setup.manager.block_table("a")[:3]
+  assert setup.manager.block_hashes("b") == setup.manager.block_hashes("a")[:3]
+  assert [setup.pool.ref_count(b) for b in setup.manager.block_table("b")] == [
+      2, 2, 2]
+  assert setup.manager.stats["hit_tokens"] == 12
+  setup.compute("b", prompt[12:])  # only the last, partial block
+  setup.manager.end("a")
+  setup.manager.end("b")
+  assert setup.pool.num_referenced == 0
+
+
+def test_a_block_allocated_ahead_is_given_back_for_the_cached_one():
+  rng = np.random.default_rng(12)
+  setup = _Setup(num_blocks=8, block_size=4)
+  prompt = _tokens(rng, 9)
+  setup.manager.begin("a", prompt)
+  setup.manager.begin("b", prompt)
+  setup.manager.allocate("b", 9)  # three pages, none written
+  ahead = setup.manager.block_table("b")
+  setup.compute("a", prompt)
+  free_before = setup.pool.num_free
+  assert setup.manager.extend_cached_prefix("b") == 8
+  table = setup.manager.block_table("b")
+  assert table[:2] == setup.manager.block_table("a")[:2]
+  assert table[2] == ahead[2]  # the page for the last token stays
+  assert setup.pool.num_free == free_before + 2  # ahead[0:2] are free again
+  assert all(setup.pool.ref_count(b) == 0 for b in ahead[:2])
+
+
+def test_prefix_extension_stops_at_a_partial_block_and_a_salt():
+  rng = np.random.default_rng(13)
+  setup = _Setup(block_size=4)
+  prompt = _tokens(rng, 13)
+  setup.manager.begin("a", prompt)
+  setup.manager.begin("b", prompt)
+  setup.manager.begin("c", prompt, tenant_salt="other")
+  setup.manager.begin("d", prompt[:5] + _tokens(rng, 8))
+  setup.compute("b", prompt[:2])  # b is inside a block of its own
+  setup.compute("a", prompt)
+  assert setup.manager.extend_cached_prefix("b") == 0
+  assert setup.manager.extend_cached_prefix("c") == 0  # another tenant
+  assert setup.manager.extend_cached_prefix("d") == 4  # the shared block only
+
+
 def test_hits_stop_at_the_first_missing_block():
   rng = np.random.default_rng(7)
   setup = _Setup(num_blocks=8, block_size=4)
@@ -355,12 +413,15 @@ class ManagerMachine(RuleBasedStateMachine):
 
   @rule(session=st.sampled_from(sorted(SESSIONS)),
         new=st.lists(st.integers(0, 1), min_size=1, max_size=5),
-        fresh=st.booleans())
-  def begin_turn(self, session, new, fresh):
+        fresh=st.booleans(), fork=st.sampled_from(sorted(SESSIONS)))
+  def begin_turn(self, session, new, fresh, fork):
     if session in self.tokens:
       self._end(session)
     if fresh or len(self.history[session]) > 10:
       self.history[session] = []
+    if fork in self.tokens and fork != session:  # a sample of its prompt
+      self.history[session] = self.tokens[fork][:12]
+      event("forked")
     context = self.history[session] + new
     salt = self.SESSIONS[session]
     hits = self.manager.begin(session, context, tenant_salt=salt)
@@ -378,6 +439,28 @@ class ManagerMachine(RuleBasedStateMachine):
                        FINGERPRINT, salt)
     if hits // self.block_size < cap:
       assert self.pool.lookup(chain[hits // self.block_size]) is None
+
+  @rule(data=st.data())
+  def extend_prefix(self, data):
+    if not self.tokens:
+      return
+    session = data.draw(st.sampled_from(sorted(self.tokens)))
+    manager, bs = self.manager, self.block_size
+    before = manager.num_computed(session)
+    gained = manager.extend_cached_prefix(session)
+    event("prefix extended" if gained else "prefix not extended")
+    computed = manager.num_computed(session)
+    assert computed == before + gained and gained % bs == 0
+    tokens, salt = self.tokens[session], self.SESSIONS[session]
+    if gained:
+      assert before % bs == 0 and computed <= len(tokens) - 1
+    slots = manager.slot_mapping(session, before, gained).tolist()
+    assert [self.kv[s] for s in slots] == [
+        (salt, p, t) for p, t in enumerate(tokens[before:computed], before)]
+    cap = (len(tokens) - 1) // bs
+    if computed % bs == 0 and computed // bs < cap:  # stopped at a miss
+      chain = hash_chain(tokens[:cap * bs], bs, FINGERPRINT, salt)
+      assert self.pool.lookup(chain[computed // bs]) is None
 
   def _prefilling(self):
     return sorted(s for s, tokens in self.tokens.items()

@@ -20,6 +20,7 @@ import pytest
 from dualpath_jax.config import CacheConfig, EngineConfig
 from dualpath_jax.engine.factory import make_engine
 from dualpath_jax.engine.request import TurnRequest
+from dualpath_jax.server import protocol
 from dualpath_jax.server import (LocalEngineHandle, ServerConfig, create_app,
                                  serve_in_thread)
 
@@ -65,10 +66,16 @@ def reference(tiny_chat):
   engine = make_engine(tiny_chat, CACHE, ENGINE)
   count = iter(range(10**6))
 
-  def generate(prompt, max_new, **kw):
-    engine.submit(TurnRequest(f"ref{next(count)}", list(prompt), max_new, **kw))
-    (out,) = [o for o in _drain(engine)]
-    return out
+  def generate(prompt, max_new, *, seeds=None, **kw):
+    """One turn; with `seeds`, one per seed, submitted together (as the
+    server submits a request's n choices), in seed order."""
+    ids = []
+    for seed in [kw.pop("seed", None)] if seeds is None else seeds:
+      ids.append(f"ref{next(count)}")
+      engine.submit(TurnRequest(ids[-1], list(prompt), max_new, seed=seed,
+                                **kw))
+    outs = {o.request.request_id: o for o in _drain(engine)}
+    return outs[ids[0]] if seeds is None else [outs[i] for i in ids]
   return generate
 
 
@@ -209,6 +216,80 @@ def test_seeded_sampling_is_reproducible_and_stop_strings_cut(client,
   streamed = "".join(c.choices[0].text for c in client.completions.create(
       **kw, stop=stop, stream=True))
   assert streamed == expected
+
+
+# ---------------------------------------------------------- n choices
+
+
+def test_n_completions_are_seeded_turns_that_prefill_the_prompt_once(
+    server, client, tiny_chat, reference, np_rng):
+  """Choice i is the engine's turn with seed `choice_seed(seed, i)`, and
+  the prompt is prefilled once for all n."""
+  tok = tiny_chat.tokenizer
+  ids = tok.encode("n choices: " + words(np_rng, 40))
+  n, seed = 3, 77
+  kw = dict(model=MODEL, prompt=ids, max_tokens=12, temperature=1.0,
+            seed=seed, extra_body={"ignore_eos": True})
+  stats = server.engine.stats
+  prefilled, shared = stats.prefill_tokens, stats.shared_prefill_tokens
+  r = client.completions.create(n=n, **kw)
+  assert stats.prefill_tokens - prefilled == len(ids) + (n - 1) * (
+      len(ids) - (len(ids) - 1) // BS * BS)
+  assert stats.shared_prefill_tokens - shared == (n - 1) * (
+      (len(ids) - 1) // BS * BS)
+  # The same turns on an engine of their own, batched as the server's were
+  # (a lone turn decodes in other shapes: sampling may differ by rounding).
+  refs = reference(ids, 12, temperature=1.0, stop_on_eos=False,
+                   seeds=[protocol.choice_seed(seed, i) for i in range(n)])
+  assert [c.index for c in r.choices] == list(range(n))
+  texts = [c.text for c in r.choices]
+  assert texts == [visible_text(tok, ref.generated_tokens) for ref in refs]
+  assert len(set(texts)) == n  # the seeds differ
+  assert r.usage.prompt_tokens == len(ids)  # once, as OpenAI counts it
+  assert r.usage.completion_tokens == n * 12
+  assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+  chunks = list(client.completions.create(
+      n=n, stream=True, stream_options={"include_usage": True}, **kw))
+  streamed = [""] * n
+  reasons = [None] * n
+  for c in chunks[:-1]:
+    (choice,) = c.choices
+    streamed[choice.index] += choice.text
+    if choice.finish_reason is not None:
+      assert reasons[choice.index] is None
+      reasons[choice.index] = choice.finish_reason
+  assert streamed == texts and reasons == ["length"] * n
+  assert chunks[-1].choices == []
+  assert chunks[-1].usage.completion_tokens == n * 12
+  assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (
+      (len(ids) - 1) // BS * BS)  # the first request's blocks
+
+
+def test_n_chat_choices_stream_their_own_roles_and_logprobs(client, tiny_chat,
+                                                            reference, np_rng):
+  tok = tiny_chat.tokenizer
+  messages = [{"role": "user", "content": "two of them: " + words(np_rng, 20)}]
+  ref = reference(tok.encode_chat(messages), 8, temperature=0.0, logprobs=2)
+  want = [round(e.logprob, 4) for e in _engine_logprobs(tok, ref)]
+  r = client.chat.completions.create(model=MODEL, messages=messages, n=2,
+                                     max_tokens=8, temperature=0,
+                                     logprobs=True, top_logprobs=2)
+  for choice in r.choices:  # greedy: both are the engine's one answer
+    assert choice.message.content == visible_text(tok, ref.generated_tokens)
+    assert [round(e.logprob, 4) for e in choice.logprobs.content] == want
+  chunks = list(client.chat.completions.create(
+      model=MODEL, messages=messages, n=2, max_tokens=8, temperature=0,
+      logprobs=True, top_logprobs=2, stream=True))
+  roles = [c.choices[0].index for c in chunks if c.choices[0].delta.role]
+  assert sorted(roles) == [0, 1]
+  for index in (0, 1):
+    mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+    assert "".join(c.delta.content or "" for c in mine) == \
+        r.choices[index].message.content
+    got = [round(e.logprob, 4) for c in mine if c.logprobs
+           for e in c.logprobs.content]
+    assert got == want
 
 
 # ------------------------------------------------------------- logprobs
@@ -412,7 +493,8 @@ def test_metrics_parse_and_count_a_request(server, client, np_rng):
 
 @pytest.mark.parametrize("body,status,param,code", [
     ({"model": "nope"}, 404, "model", "model_not_found"),
-    ({"n": 2}, 400, "n", "unsupported_value"),
+    ({"n": 0}, 400, "n", "invalid_value"),
+    ({"n": protocol.MAX_CHOICES + 1}, 400, "n", "invalid_value"),
     ({"temperature": 2.5}, 400, "temperature", "invalid_value"),
     ({"top_p": 0}, 400, "top_p", "invalid_value"),
     ({"max_tokens": 0}, 400, "max_tokens", "invalid_value"),
@@ -518,8 +600,8 @@ def test_openai_client_raises_typed_errors(client):
   with pytest.raises(openai.NotFoundError):
     client.chat.completions.create(
         model="nope", messages=[{"role": "user", "content": "hi"}])
-  with pytest.raises(openai.BadRequestError, match="n=1"):
-    client.completions.create(model=MODEL, prompt="hi", n=3)
+  with pytest.raises(openai.BadRequestError, match="n: "):
+    client.completions.create(model=MODEL, prompt="hi", n=0)
   with pytest.raises(openai.BadRequestError, match="one prompt"):
     client.completions.create(model=MODEL, prompt=["a", "b"])
   with pytest.raises(openai.BadRequestError, match="out of range"):
@@ -544,25 +626,26 @@ def test_malformed_json_and_unknown_route(server):
 # ------------------------------------------------------------- disconnect
 
 
-def test_dropped_stream_frees_its_blocks(server, client, np_rng):
+@pytest.mark.parametrize("n", [1, 3])
+def test_dropped_stream_frees_its_blocks(server, client, np_rng, n):
   loop = server.app.state.engine_loop
   aborted = loop.aborted
   before = scrape_metrics(server.host, server.port)
   stream = client.chat.completions.create(
       model=MODEL, messages=[{"role": "user", "content": words(np_rng, 50)}],
-      max_tokens=MAX_CONTEXT - 200, temperature=0, stream=True,
+      max_tokens=MAX_CONTEXT - 200, temperature=0, stream=True, n=n,
       extra_body={"ignore_eos": True})
   for i, _ in enumerate(stream):
-    if i == 3:
+    if i == 3 * n:
       break
   assert loop.snapshot["kv_blocks_referenced"] > 0  # still generating
   stream.close()
   assert _wait_idle(server), loop.snapshot
-  assert loop.aborted == aborted + 1
+  assert loop.aborted == aborted + n
   after = scrape_metrics(server.host, server.port)
   key = ("dualpath_requests_total",
          (("endpoint", "chat"), ("finish_reason", "abort")))
-  assert after[key] - before.get(key, 0.0) == 1
+  assert after[key] - before.get(key, 0.0) == n
 
 
 def test_client_timeout_on_a_plain_request_frees_its_blocks(server, np_rng):

@@ -9,6 +9,11 @@ full blocks. The life of one turn:
                         longest run of them already cached; returns how many
                         tokens need no compute. At least one token is always
                         left to compute, so prefill produces the next logits.
+  extend_cached_prefix(seq)
+                        acquires the context's next blocks if they were
+                        registered since (another sequence with the same
+                        prefix computed them meanwhile): n samples of one
+                        prompt admitted together compute it once.
   allocate(seq, n)      grows the block table to fit n more tokens.
   slot_mapping(seq,..)  where the engine writes the new tokens' KV.
   append_tokens(seq,..) records the written tokens; every block that became
@@ -226,6 +231,46 @@ class KVCacheManager:
     self._query_tokens += int(context.size)
     self._hit_tokens += num_cached
     return num_cached
+
+  def extend_cached_prefix(self, seq_id: Hashable) -> int:
+    """Acquires the context's blocks registered after `begin` looked.
+
+    `begin` finds only the blocks cached when it runs. Sequences sharing a
+    prefix that are begun together (the n samples of one prompt, agents
+    forked from one history) would each compute it; called before each
+    prefill chunk, this lets a later one pick up what an earlier one has
+    registered meanwhile. It extends only a sequence whose computed tokens
+    end on a block boundary, through the blocks of its known tokens but the
+    last token (one is always left to compute, as in `begin`). A block
+    allocated there and not yet written is given back for the cached one.
+
+    Returns:
+      How many tokens it added to num_computed (a multiple of block_size).
+    """
+    seq = self._get(seq_id)
+    bs = self.block_size
+    if seq.num_computed != len(seq.block_hashes) * bs:
+      return 0  # a partial block is computed: the chain cannot continue
+    limit = (len(seq.tokens) - 1) // bs
+    gained = 0
+    for index in range(len(seq.block_hashes), limit):
+      parent = seq.block_hashes[-1] if seq.block_hashes else None
+      h = hash_block(parent, seq.tokens[index * bs:(index + 1) * bs],
+                     self.model_fingerprint, seq.tenant_salt)
+      block = self.pool.lookup(h)
+      if block is None:
+        break
+      self.pool.acquire(block)
+      if index < len(seq.block_table):  # allocated ahead, nothing written
+        self.pool.release([seq.block_table[index]])
+        seq.block_table[index] = block
+      else:
+        seq.block_table.append(block)
+      seq.block_hashes.append(h)
+      seq.num_computed += bs
+      gained += bs
+    self._hit_tokens += gained
+    return gained
 
   def allocate(self, seq_id: Hashable, num_new_tokens: int) -> None:
     """Grows the block table so num_computed + num_new_tokens tokens fit.

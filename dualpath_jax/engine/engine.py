@@ -8,7 +8,11 @@ Data flow of one turn (a `TurnRequest` holding the session's whole context):
    them.
 2. *Prefill* (`_prefill_step`): the missing tokens are computed in chunks of
    at most `max_prefill_chunk`, each chunk attending to the paged prefix;
-   the last chunk's logits give the first token (TTFT is taken here).
+   the last chunk's logits give the first token (TTFT is taken here). Turns
+   are prefilled one after another, and before each chunk a turn takes the
+   blocks of its prompt that the turns ahead of it registered meanwhile, so
+   turns admitted together with one prefix (n samples of a prompt, agents
+   forked from one history) compute it once.
 3. *Decode* (`_decode_step`): every running sequence advances one token per
    step in one batched call, until EOS or `max_new_tokens`.
 4. *Finish*: full blocks the cold tier lacks are queued for writing to it;
@@ -74,6 +78,7 @@ class _Sequence:
       default_factory=lambda: {"hot": 0, "cold": 0})
   hook_error: BaseException | None = None  # what its `on_token` raised
   logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob
+  preempted: bool = False  # sent back to the queue at least once
 
   @property
   def rid(self) -> str:
@@ -96,6 +101,10 @@ class EngineStats:
   decode_tokens: int = 0
   decode_s: float = 0.0
   preemptions: int = 0
+  # Prompt tokens a turn found computed by another turn admitted with it
+  # (the same prefix, e.g. n samples of one prompt), picked up before its
+  # prefill chunks; also counted in cached_tokens_by_tier["device"].
+  shared_prefill_tokens: int = 0
   warmup_s: float = 0.0
   compiled_shapes: int = 0
   # Prompt tokens found cached at each turn's first admission, by the tier
@@ -257,6 +266,7 @@ class Engine:
 
   def _prefill_step(self) -> list[TurnOutput]:
     seq = self._prefilling[0]
+    self._pick_up_shared_prefix(seq)
     start = self.manager.num_computed(seq.rid)
     n = min(self.config.max_prefill_chunk, seq.prefill_target - start)
     if not self._allocate_or_preempt(seq, n):
@@ -278,6 +288,20 @@ class Engine:
     self._prefilling.remove(seq)
     seq.first_token_s = self.clock()
     return self._accept([seq], [token])
+
+  def _pick_up_shared_prefix(self, seq: _Sequence) -> None:
+    """Takes the blocks of `seq`'s prompt that turns admitted with it have
+    computed since its admission (`extend_cached_prefix`), so a prefix
+    shared by turns that arrive together is prefilled once. The tokens
+    count as cached for the turn, as a prefix found at admission would, but
+    not after a preemption (the turn may have computed them itself)."""
+    if not self.config.share_prefill:
+      return
+    gained = self.manager.extend_cached_prefix(seq.rid)
+    if gained and not seq.preempted:
+      seq.cached_prompt_tokens += gained
+      self.stats.shared_prefill_tokens += gained
+      self.stats.cached_tokens_by_tier["device"] += gained
 
   def _decode_step(self) -> list[TurnOutput]:
     seqs = list(self._decoding[:self.config.max_batch_size])
@@ -357,6 +381,7 @@ class Engine:
       if victim in queue:
         queue.remove(victim)
     self.manager.end(victim.rid)
+    victim.preempted = True
     self._waiting.appendleft(victim)
     self.stats.preemptions += 1
 

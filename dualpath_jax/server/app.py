@@ -6,18 +6,22 @@
     GET  /health               200 while the engine loop runs
     GET  /metrics              Prometheus text (see prometheus.py)
 
-A request becomes one `TurnRequest` (the whole prompt: chat clients resend
-the conversation every turn, and the engine's prefix cache finds the blocks
-it already holds, reported as `usage.prompt_tokens_details.cached_tokens`).
+A request becomes one `TurnRequest` per choice (the whole prompt: chat
+clients resend the conversation every turn, and the engine's prefix cache
+finds the blocks it already holds, reported as
+`usage.prompt_tokens_details.cached_tokens`). The `n` turns of a request
+are submitted together, so the engine prefills their prompt once; each
+has its own seed (`protocol.choice_seed`) and its own stop strings.
 `user` becomes the engine's tenant: the prefix-sharing domain. Requests with
 different `user` values never share cached blocks; requests without one
 share the anonymous tenant "".
 
-Each request gets a `_RequestStream`: the engine thread feeds it tokens
+Each choice gets a `_RequestStream`: the engine thread feeds it tokens
 (`on_token`), it detokenizes and matches stop strings (`TextStream`), and
-posts text events to the asyncio loop. A streamed response relays them as
-SSE chunks; a plain one gathers them. If the client goes away first, the
-request is aborted in the engine and its blocks are released.
+posts text events, tagged with the choice, to the request's one asyncio
+queue. A streamed response relays them as SSE chunks as they come; a plain
+one gathers them. If the client goes away first, or one choice fails, the
+request's turns are aborted in the engine and their blocks are released.
 """
 
 from __future__ import annotations
@@ -66,12 +70,15 @@ class ServerConfig:
 
 
 class _RequestStream:
-  """Bridges one request's engine callbacks (engine thread) to asyncio."""
+  """Bridges one choice's engine callbacks (engine thread) to asyncio:
+  events `(kind, index, ...)` go to the request's queue `events`."""
 
-  def __init__(self, loop: asyncio.AbstractEventLoop, text: TextStream):
+  def __init__(self, loop: asyncio.AbstractEventLoop, text: TextStream,
+               events: asyncio.Queue, index: int = 0):
     self._loop = loop
     self._text = text
-    self.events: asyncio.Queue = asyncio.Queue()
+    self.events = events
+    self.index = index
     self.finished = False  # set by the consumer once it saw the end
     # TokenLogprobs of tokens whose text is not out yet (held back by an
     # incomplete character or a possible stop string): sent with the next
@@ -94,18 +101,18 @@ class _RequestStream:
       delta = self._text.push(token)
     except Exception as e:  # pylint: disable=broad-except
       logging.exception("detokenizing token %d failed", token)
-      self._post(("error", e))
+      self._post(("error", self.index, e))
       return True
     if delta:
-      self._post(("text", delta, self._take_logprobs()))
+      self._post(("text", self.index, delta, self._take_logprobs()))
     return self._text.stopped
 
   def on_finish(self, out: TurnOutput) -> None:
     tail = self._text.flush() if out.finish_reason != "stop" else ""
-    self._post(("finish", tail, out, self._take_logprobs()))
+    self._post(("finish", self.index, tail, out, self._take_logprobs()))
 
   def on_error(self, error: BaseException) -> None:
-    self._post(("error", error))
+    self._post(("error", self.index, error))
 
 
 def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
@@ -277,8 +284,9 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
     if isinstance(prompt, list) and prompt and \
         isinstance(prompt[0], (str, list)):
       if len(prompt) != 1:
-        raise APIError("only one prompt per request is supported (n=1); "
-                       f"got {len(prompt)}", param="prompt",
+        raise APIError("only one prompt per request is supported (send one "
+                       "request per prompt; n asks for several completions "
+                       f"of one); got {len(prompt)}", param="prompt",
                        code="unsupported_value")
       prompt = prompt[0]
     if isinstance(prompt, str):
@@ -296,8 +304,8 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
       raise APIError("the prompt is empty", param="prompt")
     return tokens
 
-  def make_turn(body, prompt: list[int], rid: str,
-                stream: _RequestStream) -> TurnRequest:
+  def make_turn(body, prompt: list[int], rid: str, stream: _RequestStream,
+                seed: int | None) -> TurnRequest:
     max_context = handle.max_context
     budget = body.token_budget()
     param = ("max_completion_tokens" if getattr(
@@ -327,7 +335,7 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
         stop_on_eos=not body.ignore_eos,
         arrival_s=handle.clock(), temperature=temperature,
         top_p=config.default_top_p if body.top_p is None else body.top_p,
-        seed=body.seed, on_token=stream.on_token,
+        seed=seed, on_token=stream.on_token,
         logprobs=body.logprob_count(),
         # Per token only for a stream; a plain response reads them from the
         # turn's output (`TurnOutput.logprobs`).
@@ -345,26 +353,38 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
                      chat: bool):
     endpoint = "chat" if chat else "completions"
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
-    text = TextStream(tokenizer, body.stop_strings(), body.stop_token_ids or ())
-    stream = _RequestStream(asyncio.get_running_loop(), text)
-    turn = make_turn(body, prompt, rid, stream)
-    try:
-      engine_loop.submit(turn, stream.on_finish, stream.on_error)
-    except RuntimeError as e:
-      raise APIError(str(e), status_code=503, type="server_error") from e
-    model = body.model
-    if body.stream:
-      opts = body.stream_options or protocol.StreamOptions()
-      return responses.StreamingResponse(
-          sse_events(stream, turn, endpoint, chat, model, opts,
-                     body.stop_token_ids or ()),
-          media_type="text/event-stream")
-    return await gather(stream, turn, endpoint, chat, model, raw,
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    streams, turns = [], []
+    for index in range(body.choices):  # all checked before any is submitted
+      text = TextStream(tokenizer, body.stop_strings(),
                         body.stop_token_ids or ())
+      streams.append(_RequestStream(loop, text, events, index))
+      turns.append(make_turn(
+          body, prompt, rid if body.choices == 1 else f"{rid}-{index}",
+          streams[-1], protocol.choice_seed(body.seed, index)))
+    request = _Request(rid, endpoint, chat, body.model, streams, turns,
+                       body.stop_token_ids or ())
+    try:
+      for stream, turn in zip(streams, turns):
+        engine_loop.submit(turn, stream.on_finish, stream.on_error)
+    except RuntimeError as e:
+      abandon(request, "abort")
+      raise APIError(str(e), status_code=503, type="server_error") from e
+    if body.stream:
+      return responses.StreamingResponse(
+          sse_events(request, body.stream_options or protocol.StreamOptions()),
+          media_type="text/event-stream")
+    return await gather(request, raw)
 
-  def finish_usage(out: TurnOutput) -> dict[str, Any]:
-    return protocol.usage(len(out.request.prompt_tokens),
-                          len(out.generated_tokens), out.cached_prompt_tokens)
+  def request_usage(request: "_Request") -> dict[str, Any]:
+    """The prompt counted once, as OpenAI does, with the cache hit of the
+    first choice (the one that prefilled it); the choices' tokens summed."""
+    first = request.outputs[0]
+    return protocol.usage(
+        len(first.request.prompt_tokens),
+        sum(len(out.generated_tokens) for out in request.outputs),
+        first.cached_prompt_tokens)
 
   def observe(endpoint: str, out: TurnOutput) -> None:
     metrics.observe_finished(
@@ -374,12 +394,26 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
         generated_tokens=len(out.generated_tokens), arrival_s=out.arrival_s,
         first_token_s=out.first_token_s, finish_s=out.finish_s)
 
-  def abandon(stream: _RequestStream, turn: TurnRequest, endpoint: str,
-              reason: str) -> None:
-    if not stream.finished:
-      stream.finished = True
-      engine_loop.abort(turn.request_id)
-      metrics.requests.labels(endpoint, reason).inc()
+  def abandon(request: "_Request", reason: str) -> None:
+    """Aborts the request's unfinished choices in the engine."""
+    for stream, turn in zip(request.streams, request.turns):
+      if not stream.finished:
+        stream.finished = True
+        engine_loop.abort(turn.request_id)
+        metrics.requests.labels(request.endpoint, reason).inc()
+
+  def fail(request: "_Request", index: int, error: BaseException) -> APIError:
+    """The choice `index` failed: the request fails, and its other choices
+    are aborted (counted as such)."""
+    request.streams[index].finished = True
+    metrics.requests.labels(request.endpoint, "error").inc()
+    abandon(request, "abort")
+    return _generation_error(error)
+
+  def finish(request: "_Request", index: int, out: TurnOutput) -> None:
+    request.streams[index].finished = True
+    request.outputs[index] = out
+    observe(request.endpoint, out)
 
   def visible_logprobs(entries, stops: Sequence[int]) -> list:
     return logprob_format.visible(entries or (), tokenizer, stops)
@@ -396,89 +430,110 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
       return {"content": logprob_format.chat_content(shown, tokenizer)}
     return logprob_format.completion_logprobs(shown, tokenizer, offsets)
 
-  async def gather(stream: _RequestStream, turn: TurnRequest, endpoint: str,
-                   chat: bool, model: str, raw: fastapi.Request,
-                   stops: Sequence[int]):
-    pieces: list[str] = []
+  async def gather(request: "_Request", raw: fastapi.Request):
+    n = len(request.turns)
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    events = request.streams[0].events
     loop = asyncio.get_running_loop()
     next_check = loop.time() + DISCONNECT_POLL_S
     try:
-      while True:
+      while not request.done:
         # Check the client at least every DISCONNECT_POLL_S, also while
         # tokens keep arriving (they would otherwise hide a disconnect
         # until the whole generation is done).
         if loop.time() >= next_check:
           next_check = loop.time() + DISCONNECT_POLL_S
           if await raw.is_disconnected():
-            abandon(stream, turn, endpoint, "abort")
+            abandon(request, "abort")
             return responses.Response(status_code=499)
         try:
-          event = await asyncio.wait_for(stream.events.get(),
-                                         DISCONNECT_POLL_S)
+          event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
           continue
-        if event[0] == "text":
-          pieces.append(event[1])
-        elif event[0] == "error":
-          stream.finished = True
-          metrics.requests.labels(endpoint, "error").inc()
-          raise _generation_error(event[1])
+        kind, index = event[0], event[1]
+        if kind == "text":
+          pieces[index].append(event[2])
+        elif kind == "error":
+          raise fail(request, index, event[2])
         else:
-          _, tail, out, _ = event
-          stream.finished = True
-          observe(endpoint, out)
-          build = protocol.chat_response if chat else \
-              protocol.completion_response
-          return build(turn.request_id, model, "".join(pieces) + tail,
-                       protocol.finish_reason(out.finish_reason),
-                       finish_usage(out),
-                       format_logprobs(out.logprobs, chat, stops))
+          _, _, tail, out, _ = event
+          pieces[index].append(tail)
+          finish(request, index, out)
+      return protocol.response(request.chat, request.rid, request.model, [
+          protocol.response_choice(
+              request.chat, index, "".join(pieces[index]),
+              protocol.finish_reason(out.finish_reason),
+              format_logprobs(out.logprobs, request.chat, request.stops))
+          for index, out in enumerate(request.outputs)],
+          request_usage(request))
     finally:
-      abandon(stream, turn, endpoint, "abort")
+      abandon(request, "abort")
 
-  async def sse_events(stream: _RequestStream, turn: TurnRequest,
-                       endpoint: str, chat: bool, model: str,
-                       opts: protocol.StreamOptions,
-                       stops: Sequence[int]) -> AsyncIterator[str]:
-    rid = turn.request_id
+  async def sse_events(request: "_Request", opts: protocol.StreamOptions
+                       ) -> AsyncIterator[str]:
+    chat, stops = request.chat, request.stops
+    n = len(request.turns)
+    asked_logprobs = request.turns[0].logprobs is not None
+    events = request.streams[0].events
     # Completions' text_offset counts the tokens' text, not the text sent:
     # a chunk's text may be an earlier token's (held back until then).
-    offsets = logprob_format.TextOffsets()
+    offsets = [logprob_format.TextOffsets() for _ in range(n)]
 
-    def chunk(entries=None, **kw) -> str:
-      if turn.logprobs is not None and entries is not None:
-        kw["logprobs"] = format_logprobs(entries, chat, stops, offsets)
-      payload = protocol.stream_chunk(chat, rid, model,
+    def chunk(index: int, entries=None, **kw) -> str:
+      if asked_logprobs and entries is not None:
+        kw["logprobs"] = format_logprobs(entries, chat, stops, offsets[index])
+      payload = protocol.stream_chunk(chat, request.rid, request.model,
+                                      index=index,
                                       with_usage_field=opts.include_usage, **kw)
       return f"data: {json.dumps(payload)}\n\n"
     try:
       if chat:
-        yield chunk(role="assistant", text="")
-      while True:
-        event = await stream.events.get()
-        if event[0] == "text":
-          yield chunk(event[2], text=event[1])
-        elif event[0] == "error":
-          stream.finished = True
-          metrics.requests.labels(endpoint, "error").inc()
-          yield f"data: {json.dumps(_generation_error(event[1]).body())}\n\n"
+        for index in range(n):
+          yield chunk(index, role="assistant", text="")
+      while not request.done:
+        event = await events.get()
+        kind, index = event[0], event[1]
+        if kind == "text":
+          yield chunk(index, event[3], text=event[2])
+        elif kind == "error":
+          error = fail(request, index, event[2])
+          yield f"data: {json.dumps(error.body())}\n\n"
           return
         else:
-          _, tail, out, entries = event
-          stream.finished = True
-          observe(endpoint, out)
+          _, _, tail, out, entries = event
+          finish(request, index, out)
           if tail or visible_logprobs(entries, stops):
-            yield chunk(entries, text=tail)
-          usage = finish_usage(out)
-          yield chunk(reason=protocol.finish_reason(out.finish_reason))
-          if opts.include_usage:
-            yield chunk(usage_only=True, usage_=usage)
-          yield "data: [DONE]\n\n"
-          return
+            yield chunk(index, entries, text=tail)
+          yield chunk(index, reason=protocol.finish_reason(out.finish_reason))
+      if opts.include_usage:
+        yield chunk(0, usage_only=True, usage_=request_usage(request))
+      yield "data: [DONE]\n\n"
     finally:
-      abandon(stream, turn, endpoint, "abort")
+      abandon(request, "abort")
 
   return app
+
+
+@dataclasses.dataclass
+class _Request:
+  """One HTTP request in flight: its choices' streams and engine turns,
+  and the outputs of those finished (by choice index)."""
+
+  rid: str
+  endpoint: str  # "chat" | "completions": the metrics' label
+  chat: bool
+  model: str
+  streams: list[_RequestStream]
+  turns: list[TurnRequest]
+  stops: Sequence[int]  # stop_token_ids
+  outputs: list[TurnOutput | None] = dataclasses.field(default_factory=list)
+
+  def __post_init__(self):
+    self.outputs = [None] * len(self.turns)
+
+  @property
+  def done(self) -> bool:
+    return all(out is not None for out in self.outputs)
 
 
 def _is_type_tag(part: object) -> bool:

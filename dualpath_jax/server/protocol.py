@@ -3,7 +3,9 @@
 Requests are pydantic models that accept unknown fields (clients and SDKs
 send many optional ones; vLLM and SGLang ignore what they do not use), but
 reject, with an OpenAI-style 400, every field whose meaning we would silently
-change: `n` > 1, penalties, tools, non-text response formats, `echo`.
+change: penalties, tools, non-text response formats, `echo`, `best_of`.
+`n` choices (up to `MAX_CHOICES`) are n turns of one prompt, which the
+engine prefills once (`choice_seed` gives each its own seed).
 Log-probabilities are served (`logprobs`/`top_logprobs` up to
 `MAX_TOP_LOGPROBS`; `server.logprobs` has the format).
 Range checks follow the OpenAI API reference (temperature in [0, 2], top_p
@@ -26,6 +28,7 @@ import time
 import uuid
 from typing import Any, Literal
 
+import numpy as np
 import pydantic
 
 from dualpath_jax.engine.request import MAX_TOP_LOGPROBS
@@ -33,6 +36,7 @@ from dualpath_jax.text import CHAT_ROLES, check_unicode
 
 
 MAX_STOP_STRINGS = 64
+MAX_CHOICES = 128  # OpenAI's bound on `n`
 MAX_STOP_CHARS = 512
 MAX_SESSION_ID_CHARS = 256
 
@@ -81,7 +85,7 @@ class _SamplingRequest(pydantic.BaseModel):
   max_tokens: int | None = None
   temperature: float | None = pydantic.Field(default=None, ge=0.0, le=2.0)
   top_p: float | None = pydantic.Field(default=None, gt=0.0, le=1.0)
-  n: int | None = 1
+  n: int | None = pydantic.Field(default=1, ge=1, le=MAX_CHOICES)
   stream: bool | None = False
   stream_options: StreamOptions | None = None
   stop: str | list[str] | None = None
@@ -102,11 +106,13 @@ class _SamplingRequest(pydantic.BaseModel):
     stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
     return [s for s in stops if s]
 
+  @property
+  def choices(self) -> int:
+    """How many choices to generate (`n`; None means 1)."""
+    return 1 if self.n is None else self.n
+
   def check_supported(self) -> None:
     """Raises `APIError` for options this server does not implement."""
-    if self.n not in (None, 1):
-      raise APIError(f"only n=1 is supported, got n={self.n}", param="n",
-                     code="unsupported_value")
     for name in ("presence_penalty", "frequency_penalty"):
       if getattr(self, name):
         raise APIError(f"{name} is not supported (must be 0)", param=name,
@@ -279,32 +285,39 @@ def finish_reason(engine_reason: str) -> FinishReason:
   return "length" if engine_reason == "length" else "stop"
 
 
-def chat_response(rid: str, model: str, text: str, reason: str,
-                  usage_: dict[str, Any],
-                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-  """A non-streamed `chat.completion`."""
-  return {"id": rid, "object": "chat.completion", "created": now(),
-          "model": model,
-          "choices": [{"index": 0, "logprobs": logprobs,
-                       "finish_reason": reason,
-                       "message": {"role": "assistant", "content": text}}],
-          "usage": usage_}
+def choice_seed(seed: int | None, index: int) -> int | None:
+  """The engine seed of choice `index` of a request with `seed`: the seed
+  itself for choice 0 (so n=1 samples as before), and for the others a
+  draw of `SeedSequence(seed, spawn_key=(index,))`, so that choices differ
+  and a request with seed s+1 does not repeat choice 1 of seed s."""
+  if seed is None or index == 0:
+    return seed
+  state = np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(2)
+  return int(state[0]) << 32 | int(state[1])
 
 
-def completion_response(rid: str, model: str, text: str, reason: str,
-                        usage_: dict[str, Any],
-                        logprobs: dict[str, Any] | None = None
-                        ) -> dict[str, Any]:
-  """A non-streamed `text_completion`."""
-  return {"id": rid, "object": "text_completion", "created": now(),
-          "model": model,
-          "choices": [{"index": 0, "logprobs": logprobs,
-                       "finish_reason": reason,
-                       "text": text}],
-          "usage": usage_}
+def response_choice(chat: bool, index: int, text: str, reason: str,
+                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+  """One entry of a non-streamed response's `choices`."""
+  out: dict[str, Any] = {"index": index, "logprobs": logprobs,
+                         "finish_reason": reason}
+  if chat:
+    out["message"] = {"role": "assistant", "content": text}
+  else:
+    out["text"] = text
+  return out
 
 
-def stream_chunk(chat: bool, rid: str, model: str, *, text: str | None = None,
+def response(chat: bool, rid: str, model: str, choices: list[dict[str, Any]],
+             usage_: dict[str, Any]) -> dict[str, Any]:
+  """A non-streamed `chat.completion` or `text_completion`."""
+  return {"id": rid, "object": "chat.completion" if chat
+          else "text_completion", "created": now(), "model": model,
+          "choices": choices, "usage": usage_}
+
+
+def stream_chunk(chat: bool, rid: str, model: str, *, index: int = 0,
+                 text: str | None = None,
                  role: str | None = None, reason: str | None = None,
                  usage_: dict[str, Any] | None = None,
                  with_usage_field: bool = False,
@@ -312,9 +325,10 @@ def stream_chunk(chat: bool, rid: str, model: str, *, text: str | None = None,
                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
   """One SSE chunk (`chat.completion.chunk` or `text_completion`).
 
-  `usage_only` makes the final usage chunk (`choices: []`) sent when
-  `stream_options.include_usage` is set; other chunks then carry
-  `"usage": null` (`with_usage_field`), as OpenAI does.
+  A chunk carries one choice's delta (`index`). `usage_only` makes the
+  final usage chunk (`choices: []`) sent when `stream_options.include_usage`
+  is set; other chunks then carry `"usage": null` (`with_usage_field`), as
+  OpenAI does.
   """
   out: dict[str, Any] = {
       "id": rid, "object": "chat.completion.chunk" if chat
@@ -327,11 +341,11 @@ def stream_chunk(chat: bool, rid: str, model: str, *, text: str | None = None,
       delta["role"] = role
     if text is not None:
       delta["content"] = text
-    out["choices"] = [{"index": 0, "delta": delta, "logprobs": logprobs,
+    out["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs,
                        "finish_reason": reason}]
   else:
-    out["choices"] = [{"index": 0, "text": text or "", "logprobs": logprobs,
-                       "finish_reason": reason}]
+    out["choices"] = [{"index": index, "text": text or "",
+                       "logprobs": logprobs, "finish_reason": reason}]
   if usage_only or with_usage_field or usage_ is not None:
     out["usage"] = usage_
   return out
