@@ -42,6 +42,10 @@ BAD_OUTPUTS = [
     (["launch.bench_online", "--sessions=1", "--turns=1", "--rates=1",
       "--report={ok}"], "--plot", "agents/s"),
     (["launch.bench_model", "--model=random:tiny-test"], "--out", "prefill"),
+    (["launch.bench_group_sampling", "--model=random:tiny-test"], "--json",
+     "sharing"),
+    (["launch.bench_group_sampling", "--model=random:tiny-test",
+      "--json={ok}"], "--plot", "sharing"),
     (["launch.bench_storage", "--recompute=none", "--configs=raw",
       "--repeats=1"], "--json", "round"),
     (["launch.crash_test_storage", "--kills=1"], "--json", "kill"),
@@ -116,6 +120,42 @@ def test_bench_model_ctrl_c_reports_the_rows_measured(tmp_path):
   phases = [(r["phase"], r["batch"]) for r in report["rows"]]
   assert phases[0] == ("prefill", 1) and len(phases) < 17, phases
   assert "interrupted: the rows measured so far" in done.stdout
+
+
+def test_bench_group_sampling_prefills_a_shared_prompt_once(tmp_path):
+  out, png = tmp_path / "groups.json", tmp_path / "groups.png"
+  done = _run("launch.bench_group_sampling", "--model=random:tiny-test",
+              "--samples=1,3", "--prompt_tokens=50", "--max_new_tokens=4",
+              "--max_context=128", "--num_blocks=64", f"--json={out}",
+              f"--plot={png}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  report = json.loads(out.read_text())
+  rows = {(r["n"], r["share_prefill"]): r for r in report["rows"]}
+  assert set(rows) == {(1, False), (3, False), (1, True), (3, True)}
+  tail = 50 - (50 - 1) // 16 * 16  # what each later sample computes
+  assert rows[3, False]["prefill_tokens"] == 150
+  assert rows[3, True]["prefill_tokens"] == 50 + 2 * tail
+  assert rows[3, True]["cached_prompt_tokens"] == [0, 50 - tail, 50 - tail]
+  assert rows[3, True]["shared_prefill_tokens"] == 2 * (50 - tail)
+  for r in report["rows"]:
+    assert len(r["ttft_s"]) == len(r["tokens"]) == r["n"]
+    assert all(len(t) == 4 for t in r["tokens"]) and r["preemptions"] == 0
+  assert report["complete"] is True and png.stat().st_size > 0
+  assert "n=3 sharing on" in done.stdout  # each group as it finishes
+
+
+@pytest.mark.parametrize("flag,msg", [
+    ("--samples=2,0", "--samples: give positive integers"),
+    ("--prompt_tokens=300 --max_context=256",
+     "--prompt_tokens + --max_new_tokens = 316 is past --max_context 256"),
+    ("--samples=8 --prompt_tokens=200 --max_context=256 --num_blocks=64",
+     "--num_blocks: 8 samples of 216 tokens need 112 blocks"),
+])
+def test_bench_group_sampling_refuses_bad_flags(flag, msg):
+  done = _run("launch.bench_group_sampling", "--model=random:tiny-test",
+              *flag.split(), timeout=120)
+  assert done.returncode != 0
+  assert msg in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("flag,msg", [
