@@ -30,6 +30,7 @@ class TurnRecord:
   first_token_s: float
   finish_s: float
   finish_reason: str  # "eos" | "length"
+  sample: int = 0  # which sample of its turn (`replay_sessions`' samples_per_turn)
 
   @property
   def ttft_s(self) -> float:

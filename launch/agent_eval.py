@@ -8,9 +8,11 @@ synthetic coding-agent workload) through one continuous-batching engine on
 the embedded SmolLM2-135M-Instruct (or `--model`), then prints a summary
 table and writes a JSON report (and a PNG plot with `--plot`; with
 `--rollouts`, a JSONL of every turn's tokens and reply, and with
-`--rollout_logprobs` their log-probabilities, for RL trainers). Ctrl-C during
-the replay reports the turns finished so far (`complete: false`) and exits
-130.
+`--rollout_logprobs` their log-probabilities, for RL trainers).
+`--samples_per_turn=N --temperature=T` samples every turn N times, as an RL
+trainer's group does (the engine prefills the N samples' context once; the
+session goes on with sample 0's reply). Ctrl-C during the replay reports
+the turns finished so far (`complete: false`) and exits 130.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from absl import app, flags, logging
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import (cluster_flags, distributed_flags, engine_flags,
-                    workload_flags)
+                    float_flags, workload_flags)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
@@ -43,6 +45,15 @@ flags.DEFINE_integer("rollout_logprobs", None, "with --rollouts: each "
                      "likely tokens' (log-softmax of the model's logits, "
                      "before temperature); 0 = the token's only",
                      lower_bound=0, upper_bound=20)
+flags.DEFINE_integer("samples_per_turn", 1, "samples of every turn, "
+                     "submitted together (an RL group); each is a record and "
+                     "a rollout line of its own (`sample`), and the session "
+                     "goes on with sample 0's reply; > 1 needs --temperature",
+                     lower_bound=1, upper_bound=128)
+float_flags.define_float("temperature", None, "every turn's sampling "
+                         "temperature (default: greedy)", lower_bound=0.0)
+float_flags.define_float("top_p", None, "every turn's nucleus sampling "
+                         "(default: 1)", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_bool("warmup", True, "compile every shape bucket before timing")
 flags.DEFINE_bool("progress", True, "show a progress bar")
 flags.DEFINE_integer("seed", 0, "synthetic workload and sampling seed", lower_bound=0)
@@ -69,6 +80,12 @@ def main(argv):
     if FLAGS.rollout_logprobs is not None and FLAGS.rollouts is None:
       raise ValueError("--rollout_logprobs needs --rollouts (the file they "
                        "go to)")
+    if FLAGS.samples_per_turn > 1 and not FLAGS.temperature:
+      raise ValueError(f"--samples_per_turn={FLAGS.samples_per_turn} needs "
+                       "--temperature > 0: greedy decoding gives every "
+                       "sample the same reply")
+    if FLAGS.top_p == 0:
+      raise ValueError("--top_p must be in (0, 1]; got 0")
     outputs.check_output_paths(output_paths)
     if FLAGS.trace:  # read before the run, written over at its end
       outputs.check_distinct_paths([("--trace", FLAGS.trace)] + output_paths)
@@ -135,7 +152,9 @@ def main(argv):
                              honor_gaps=FLAGS.honor_gaps, on_turn=on_turn,
                              on_rollout=(rollouts.append if FLAGS.rollouts
                                          else None),
-                             logprobs=FLAGS.rollout_logprobs)
+                             logprobs=FLAGS.rollout_logprobs,
+                             samples_per_turn=FLAGS.samples_per_turn,
+                             temperature=FLAGS.temperature, top_p=FLAGS.top_p)
     interrupted = False
   except KeyboardInterrupt:  # Ctrl-C: report the finished turns, exit 130
     # A Ctrl-C between a turn's rollout and its record (`on_turn`) leaves
@@ -170,6 +189,8 @@ def main(argv):
           "honor_gaps": FLAGS.honor_gaps, "cache": to_dict(cache),
           "limit_sessions": FLAGS.limit_sessions, "warmup": FLAGS.warmup,
           "rollouts": FLAGS.rollouts, "rollout_logprobs": FLAGS.rollout_logprobs,
+          "samples_per_turn": FLAGS.samples_per_turn,
+          "temperature": FLAGS.temperature, "top_p": FLAGS.top_p,
           "cold_tier": None if cold is None else to_dict(cold),
           **cluster_flags.as_dict(),
           "engine": to_dict(engine_cfg),

@@ -15,7 +15,8 @@ generating `--max_new_tokens` at `--temperature` with its own seed, and the
 run reports: prompt tokens prefilled, prefill seconds, the TTFT of every
 sample, the wall time of the group, and whether the two settings sampled
 the same tokens. Compilation is excluded: before each timed group, an
-untimed group of another prompt of the same length runs the same shapes.
+untimed group of another prompt of the same length runs the same shapes
+(`--share_prefill` is not read: both settings run).
 The prompts are random token ids (seeded), unseen by the engine.
 
 Prints each group as it finishes and a table; writes JSON (`--json`) and a

@@ -1,8 +1,9 @@
 """Flags of one engine's KV pool and batching, shared by the serving launchers.
 
 `agent_eval`, `bench_online` and `serve` each run engines built from the
-same seven settings: `--block_size`, `--num_blocks`, `--max_batch`,
-`--prefill_chunk`, `--max_context`, `--attention` and `--dtype`. They are
+same eight settings: `--block_size`, `--num_blocks`, `--max_batch`,
+`--prefill_chunk`, `--max_context`, `--attention`, `--dtype` and
+`--share_prefill`. They are
 defined once here, with their bounds, and turned into `CacheConfig` and
 `EngineConfig` here, so that a bad value is refused the same way by every
 launcher, before a model is loaded. `define()` is idempotent
@@ -41,6 +42,10 @@ def define(max_context_help: str = "longest context of one turn") -> None:
        "weights, activations and KV dtype (on CPU keep float32: XLA "
        "emulates bfloat16 matmuls there, and its bfloat16 scatter copies "
        "the whole KV pool on every write)")
+  once(flags.DEFINE_bool, "share_prefill", True,
+       "turns admitted together with one prompt prefix (n samples of a "
+       "prompt) prefill it once; --noshare_prefill: each computes it "
+       "(the P/D cluster --mesh does not share yet)")
 
 
 def configs(seed: int):
@@ -55,7 +60,8 @@ def configs(seed: int):
   engine = EngineConfig(max_batch_size=FLAGS.max_batch,
                         max_prefill_chunk=FLAGS.prefill_chunk,
                         max_context=FLAGS.max_context,
-                        attention_impl=FLAGS.attention, seed=seed)
+                        attention_impl=FLAGS.attention, seed=seed,
+                        share_prefill=FLAGS.share_prefill)
   return cache, engine
 
 

@@ -210,6 +210,52 @@ def test_rollouts_hold_every_turns_tokens_reply_and_logprobs(tmp_path, reply):
       assert b["prompt_tokens"][:len(context)] == context
 
 
+def test_samples_per_turn_writes_a_group_of_rollouts_per_turn(tmp_path):
+  """--samples_per_turn=3: three rollout lines per turn (samples 0-2, one
+  prompt), prefilled once; the next turn's prompt holds sample 0's reply."""
+  from dualpath_jax.config import TINY
+  from dualpath_jax.workload.byte_tokenizer import ByteChatTokenizer
+  rollouts = tmp_path / "rollouts.jsonl"
+  proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
+              "--max_context=1024", "--sessions=2", "--turns=2",
+              "--first_tool_lines=1", "--growth_lines=1",
+              "--max_new_tokens=4", "--nowarmup", "--noprogress",
+              "--samples_per_turn=3", "--temperature=1.0", "--top_p=0.9",
+              f"--rollouts={rollouts}", f"--report={tmp_path / 'r.json'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads((tmp_path / "r.json").read_text())
+  rows = [json.loads(line) for line in rollouts.read_text().splitlines()]
+  assert len(rows) == r["turns"] == 12
+  assert r["config"]["samples_per_turn"] == 3
+  assert r["config"]["temperature"] == 1.0 and r["config"]["top_p"] == 0.9
+  assert r["engine"]["shared_prefill_tokens"] > 0
+  groups = {}
+  for row in rows:
+    groups.setdefault((row["session_id"], row["turn_index"]), {})[
+        row["sample"]] = row
+  assert all(sorted(g) == [0, 1, 2] for g in groups.values())
+  assert all(len({tuple(row["prompt_tokens"]) for row in g.values()}) == 1
+             for g in groups.values())
+  tok = ByteChatTokenizer(TINY.vocab_size)
+  for sid in ("synthetic-0000", "synthetic-0001"):
+    first, second = groups[(sid, 0)][0], groups[(sid, 1)][0]
+    context = first["prompt_tokens"] + tok.encode(first["reply"])
+    assert second["prompt_tokens"][:len(context)] == context
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--samples_per_turn=2"], "--samples_per_turn=2 needs --temperature > 0"),
+    (["--samples_per_turn=2", "--temperature=0"], "needs --temperature > 0"),
+    (["--top_p=0"], "--top_p must be in (0, 1]"),
+    (["--samples_per_turn=0"], "samples_per_turn"),
+])
+def test_bad_sampling_flags_are_refused(tmp_path, args, msg):
+  proc = _run(*args, f"--report={tmp_path / 'r.json'}", timeout=120)
+  assert proc.returncode != 0
+  assert msg in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+  assert not (tmp_path / "r.json").exists()
+
+
 def test_rollout_logprobs_without_rollouts_is_refused(tmp_path):
   proc = _run("--rollout_logprobs=1", f"--report={tmp_path / 'r.json'}",
               timeout=120)

@@ -82,3 +82,50 @@ def test_bad_reply_mode(tiny):
   with pytest.raises(ValueError, match="reply_mode"):
     replay_sessions(_engine(tiny), ByteChatTokenizer(), _sessions(1, 1),
                     reply_mode="magic")
+
+
+def test_samples_of_a_turn_share_its_prefill_and_sample_0_goes_on(tiny):
+  tok = ByteChatTokenizer()
+  sessions = _sessions(n=2, turns=2)
+  engine = _engine(tiny)
+  rollouts = []
+  res = replay_sessions(engine, tok, sessions, max_new_tokens=6,
+                        samples_per_turn=3, temperature=1.0,
+                        on_rollout=rollouts.append)
+  assert len(res.records) == len(rollouts) == 12
+  groups = {}
+  for r in rollouts:
+    groups.setdefault((r.session_id, r.turn_index), {})[r.sample] = r
+  assert all(sorted(g) == [0, 1, 2] for g in groups.values())
+  for (sid, turn), group in groups.items():
+    prompt = group[0].prompt_tokens
+    assert all(r.prompt_tokens == prompt for r in group.values())
+    # The later samples found the first one's full blocks (no system prompt
+    # cached in turn 0 of the first session: all of it came from sample 0).
+    shared = (len(prompt) - 1) // 8 * 8
+    assert all(group[k].cached_prompt_tokens == shared for k in (1, 2))
+  assert len({tuple(r.generated_tokens) for r in rollouts}) > 4  # sampled
+  for s in sessions:  # the next turn's context holds sample 0's reply
+    first, second = groups[(s.session_id, 0)], groups[(s.session_id, 1)]
+    messages = [{"role": "system", "content": s.system_prompt},
+                *s.turns[0].input_delta,
+                {"role": "assistant", "content": first[0].reply},
+                *s.turns[1].input_delta]
+    assert second[0].prompt_tokens == tok.encode_chat(messages)
+    arrival = min(r.arrival_s for r in res.records
+                  if (r.session_id, r.turn_index) == (s.session_id, 1))
+    assert arrival >= max(r.finish_s for r in res.records
+                          if (r.session_id, r.turn_index) == (s.session_id, 0))
+  assert {r.sample for r in res.records} == {0, 1, 2}
+  assert engine.stats.shared_prefill_tokens > 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"samples_per_turn": 0}, "samples_per_turn"),
+    ({"samples_per_turn": 2.0}, "samples_per_turn"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+])
+def test_bad_sampling_arguments_are_refused_before_any_turn(kw, match):
+  with pytest.raises(ValueError, match=match):
+    replay_sessions(None, ByteChatTokenizer(), _sessions(1, 1), **kw)

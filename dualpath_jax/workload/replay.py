@@ -8,6 +8,11 @@ session's messages so far; the reply that joins the history is either what
 the model generated or, when teacher forcing, the recorded `assistant_text`,
 so that the context grows exactly as it did when the trace was recorded.
 
+`samples_per_turn` = n samples each turn n times, as an RL trainer's group
+(GRPO) does: the n turns are submitted together (the engine prefills their
+context once), every sample is a record and a rollout of its own (`sample`
+0..n-1), and the session goes on with sample 0's reply once all n are done.
+
 `start_s` turns the same loop into an open-loop driver (`workload.online`):
 each session's first turn becomes ready at its own offset, whatever the
 engine is doing, and a turn's arrival time is when it became ready, not when
@@ -28,9 +33,11 @@ import math
 import time
 from typing import Callable, Sequence
 
+from dualpath_jax.config import check_sampling
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           check_logprobs)
 from dualpath_jax.metrics import TurnRecord
+from dualpath_jax.utils import is_integer
 from dualpath_jax.workload.trace import AgentSession
 
 MAX_SLEEP_S = 1e6  # one idle wait's longest sleep (the loop sleeps again)
@@ -46,6 +53,8 @@ class _SessionState:
   ready_at: float = 0.0
   in_flight: bool = False
   stopped: str = ""  # why the session ended early, if it did
+  # The in-flight turn's finished samples: sample -> (reply, finish_s).
+  done: dict[int, tuple[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def initial_messages(session: AgentSession) -> list[dict[str, str]]:
@@ -89,6 +98,7 @@ class Rollout:
   finish_reason: str
   cached_prompt_tokens: int
   logprobs: list | None  # TokenLogprob per generated token, if asked
+  sample: int = 0  # which of the turn's `samples_per_turn` samples
 
   def as_dict(self) -> dict:
     """JSON-ready: logprobs as {token, logprob, top: [[token, logprob]]}."""
@@ -113,6 +123,9 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
                     on_turn: Callable[[TurnRecord], None] | None = None,
                     on_rollout: Callable[[Rollout], None] | None = None,
                     logprobs: int | None = None,
+                    samples_per_turn: int = 1,
+                    temperature: float | None = None,
+                    top_p: float | None = None,
                     start_s: Sequence[float] | None = None,
                     on_tick: Callable[[float], None] | None = None,
                     clock: Callable[[], float] = time.perf_counter,
@@ -130,11 +143,19 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
   log-probability and the k most likely tokens', `TurnRequest.logprobs`),
   just before `on_turn` gets its record; `on_tick(t)` is called with the
   seconds since the start after every engine step and before every idle
-  wait.
+  wait. `samples_per_turn` samples each turn that many times (module
+  docstring); `temperature` and `top_p` are every turn's sampling (None:
+  the engine's).
   """
   if reply_mode not in REPLY_MODES:
     raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {reply_mode!r}")
   check_logprobs(logprobs)  # before any turn is submitted
+  if not is_integer(samples_per_turn) or samples_per_turn < 1:
+    raise ValueError(f"samples_per_turn must be an integer >= 1; got "
+                     f"{samples_per_turn!r}")
+  if temperature is not None or top_p is not None:
+    check_sampling(1.0 if temperature is None else temperature,
+                   1.0 if top_p is None else top_p)
   if start_s is None:
     start_s = [0.0] * len(sessions)
   _check_sessions(sessions, start_s)
@@ -146,6 +167,7 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
                                          ready_at=t0 + offset)
   records: list[TurnRecord] = []
   max_context = engine.config.max_context
+  samples: dict[str, tuple[_SessionState, int]] = {}  # request id -> whose
 
   def submit_ready(now: float) -> None:
     for st in states.values():
@@ -164,15 +186,19 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
         logging.warning("session %s ends early: %s", st.session.session_id,
                         st.stopped)
         continue
-      engine.submit(TurnRequest(
-          request_id=f"{st.session.session_id}#{turn.index}",
-          prompt_tokens=prompt, max_new_tokens=budget,
-          tenant=st.session.tenant, session_id=st.session.session_id,
-          turn_index=st.next_turn, arrival_s=st.ready_at, logprobs=logprobs))
+      base = f"{st.session.session_id}#{turn.index}"
+      for k in range(samples_per_turn):  # together: one prefill of the context
+        rid = base if samples_per_turn == 1 else f"{base}/{k}"
+        engine.submit(TurnRequest(
+            request_id=rid, prompt_tokens=prompt, max_new_tokens=budget,
+            tenant=st.session.tenant, session_id=st.session.session_id,
+            turn_index=st.next_turn, arrival_s=st.ready_at, logprobs=logprobs,
+            temperature=temperature, top_p=top_p))
+        samples[rid] = (st, k)
       st.in_flight = True
 
   def finish(out: TurnOutput) -> None:
-    st = states[out.request.session_id]
+    st, k = samples.pop(out.request.request_id)
     turn = st.session.turns[out.request.turn_index]
     if reply_mode == "teacher_forced":
       reply = turn.assistant_text
@@ -181,20 +207,23 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
       if out.finish_reason == "eos":
         ids = ids[:-1]
       reply = tokenizer.decode(ids)
-    st.messages.append({"role": "assistant", "content": reply})
-    st.in_flight = False
-    st.next_turn += 1
-    gap = 0.0
-    if honor_gaps and st.next_turn < len(st.session.turns):
-      gap = st.session.turns[st.next_turn].pre_gap_ms / 1000.0
-    st.ready_at = out.finish_s + gap
+    st.done[k] = (reply, out.finish_s)
+    if len(st.done) == samples_per_turn:  # the group is in: the session goes on
+      st.messages.append({"role": "assistant", "content": st.done[0][0]})
+      st.in_flight = False
+      st.next_turn += 1
+      gap = 0.0
+      if honor_gaps and st.next_turn < len(st.session.turns):
+        gap = st.session.turns[st.next_turn].pre_gap_ms / 1000.0
+      st.ready_at = max(f for _, f in st.done.values()) + gap
+      st.done = {}
     rec = TurnRecord(
         session_id=st.session.session_id, turn_index=turn.index,
         prompt_tokens=len(out.request.prompt_tokens),
         cached_prompt_tokens=out.cached_prompt_tokens,
         generated_tokens=len(out.generated_tokens),
         arrival_s=out.arrival_s - t0, first_token_s=out.first_token_s - t0,
-        finish_s=out.finish_s - t0, finish_reason=out.finish_reason)
+        finish_s=out.finish_s - t0, finish_reason=out.finish_reason, sample=k)
     records.append(rec)
     if on_rollout is not None:
       on_rollout(Rollout(
@@ -204,7 +233,7 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
           generated_tokens=list(out.generated_tokens), reply=reply,
           finish_reason=out.finish_reason,
           cached_prompt_tokens=out.cached_prompt_tokens,
-          logprobs=out.logprobs))
+          logprobs=out.logprobs, sample=k))
     if on_turn is not None:
       on_turn(rec)
 
