@@ -92,3 +92,12 @@ def test_text_stream_releases_what_brute_force_allows(seed):
   first = _brute_first_stop(text, stops)
   assert stream.stopped == (first is not None)
   assert shown == (text if first is None else text[:first])
+
+
+def test_a_fresh_matcher_shares_the_tables_not_the_state():
+  first = StopMatcher(["stop", "top!"])
+  assert first.feed("xx sto") is None and first.held == 3
+  other = first.fresh()
+  assert other.held == 0 and other._next is first._next  # pylint: disable=protected-access
+  assert other.feed("a top!") == 2  # its own offsets, from its own start
+  assert first.feed("p") == 3  # its own text went on where it was

@@ -356,20 +356,25 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     streams, turns = [], []
-    for index in range(body.choices):  # all checked before any is submitted
-      text = TextStream(tokenizer, body.stop_strings(),
-                        body.stop_token_ids or ())
+    texts = _text_streams(tokenizer, body.choices, body.stop_strings(),
+                          body.stop_token_ids or ())
+    for index, text in enumerate(texts):  # all checked before any is submitted
       streams.append(_RequestStream(loop, text, events, index))
       turns.append(make_turn(
           body, prompt, rid if body.choices == 1 else f"{rid}-{index}",
           streams[-1], protocol.choice_seed(body.seed, index)))
     request = _Request(rid, endpoint, chat, body.model, streams, turns,
                        body.stop_token_ids or ())
+    submitted = 0
     try:
       for stream, turn in zip(streams, turns):
         engine_loop.submit(turn, stream.on_finish, stream.on_error)
+        submitted += 1
     except RuntimeError as e:
-      abandon(request, "abort")
+      # Refused (the loop is stopping; counted as a 503): the turns
+      # submitted are withdrawn, and no choice counts as a generation.
+      for turn in turns[:submitted]:
+        engine_loop.abort(turn.request_id)
       raise APIError(str(e), status_code=503, type="server_error") from e
     if body.stream:
       return responses.StreamingResponse(
@@ -534,6 +539,16 @@ class _Request:
   @property
   def done(self) -> bool:
     return all(out is not None for out in self.outputs)
+
+
+def _text_streams(tokenizer, n: int, stops: Sequence[str],
+                  stop_token_ids: Sequence[int]) -> list[TextStream]:
+  """The `TextStream`s of a request's n choices, over one stop-string
+  automaton (`TextStream.fresh`): built per choice, n=128 choices of the
+  longest stop lists allowed were 128 identical automata (1 GB, 3 s of
+  the event loop)."""
+  first = TextStream(tokenizer, stops, stop_token_ids)
+  return [first] + [first.fresh() for _ in range(n - 1)]
 
 
 def _is_type_tag(part: object) -> bool:

@@ -13,6 +13,7 @@ is the longest suffix of the text that is a prefix of some stop string.
 from __future__ import annotations
 
 import collections
+import copy
 from typing import Sequence
 
 
@@ -54,6 +55,15 @@ class StopMatcher:
         queue.append(child)
     self._state = 0
     self._fed = 0  # characters fed so far
+
+  def fresh(self) -> "StopMatcher":
+    """A matcher over the same stop strings at the start of a text,
+    sharing this one's tables (read-only once built): the n choices of a
+    request build the automaton once."""
+    other = copy.copy(self)
+    other._state = 0
+    other._fed = 0
+    return other
 
   @property
   def held(self) -> int:

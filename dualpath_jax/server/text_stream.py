@@ -39,6 +39,13 @@ class TextStream:
     self._sent = 0  # chars of `_text` handed out
     self.stopped = False
 
+  def fresh(self) -> "TextStream":
+    """A stream of another generation with the same tokenizer and stops,
+    sharing this one's stop-string automaton (`StopMatcher.fresh`)."""
+    other = TextStream(self._tokenizer, (), self._stop_token_ids)
+    other._matcher = None if self._matcher is None else self._matcher.fresh()
+    return other
+
   @property
   def text(self) -> str:
     """Everything handed out so far."""
