@@ -147,7 +147,8 @@ def test_a_failing_choice_fails_the_request_and_frees_the_others(
   assert _wait_idle(server), loop.snapshot
   assert loop.aborted == aborted + 2
   after = _requests_total(server, "completions")
-  assert after.get("error", 0) - before.get("error", 0) == 1
+  assert after.get("error", 0) - before.get("error", 0) == 3  # the request's
+  assert after.get("abort", 0) == before.get("abort", 0)  # not the client's
 
 
 # ------------------------------------------------- refused at submission

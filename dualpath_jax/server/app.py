@@ -409,10 +409,11 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
 
   def fail(request: "_Request", index: int, error: BaseException) -> APIError:
     """The choice `index` failed: the request fails, and its other choices
-    are aborted (counted as such)."""
+    are aborted in the engine; all are counted as errors (the request's
+    answer), none as the client's abort."""
     request.streams[index].finished = True
     metrics.requests.labels(request.endpoint, "error").inc()
-    abandon(request, "abort")
+    abandon(request, "error")
     return _generation_error(error)
 
   def finish(request: "_Request", index: int, out: TurnOutput) -> None:

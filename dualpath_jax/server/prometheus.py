@@ -143,7 +143,8 @@ class ServerMetrics:
     kw = {"registry": self.registry}
     self.requests = prometheus_client.Counter(
         f"{PREFIX}_requests", "Finished requests by endpoint and finish "
-        "reason (stop, length, abort = client went away, error).",
+        "reason (stop, length, abort = client went away, error = the "
+        "generation or another choice of its request failed).",
         ["endpoint", "finish_reason"], **kw)
     self.rejected = prometheus_client.Counter(
         f"{PREFIX}_rejected_requests", "Requests refused with an HTTP error.",
