@@ -286,27 +286,3 @@ def test_prefill_sharing_can_be_turned_off(tiny, ref_runner):
   assert [o.generated_tokens for o in outs.values()] == [expected] * 2
   with pytest.raises(ValueError, match="share_prefill"):
     EngineConfig(share_prefill=1)
-
-
-def test_short_prompts_arriving_together_are_prefilled_in_one_step(tiny,
-                                                                    ref_runner):
-  """The step's prefill budget (max_prefill_chunk tokens) goes to the turns
-  in admission order: three 5-token prompts all get their first token in
-  the first step, and a long one takes what is left and goes on."""
-  engine = _engine(tiny)  # max_prefill_chunk=16
-  prompts = _prompts(23, 3, 5, 6) + _prompts(24, 1, 30, 31)
-  firsts = {}
-  reqs = [TurnRequest(f"p{i}", p, 3, stop_on_eos=False,
-                      on_token=lambda t, i=i: firsts.setdefault(i, t) and None)
-          for i, p in enumerate(prompts)]
-  for r in reqs:
-    engine.submit(r)
-  engine.step()
-  assert sorted(firsts) == [0, 1, 2]  # the long one got 1 token's room
-  assert engine.stats.prefill_tokens == 16 and engine.stats.prefill_steps == 4
-  outs = {}
-  while engine.has_work():
-    for o in engine.step():
-      outs[o.request.request_id] = o
-  for i, p in enumerate(prompts):
-    assert outs[f"p{i}"].generated_tokens == _reference_greedy(ref_runner, p, 3)

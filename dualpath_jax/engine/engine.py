@@ -20,11 +20,8 @@ Data flow of one turn (a `TurnRequest` holding the session's whole context):
    identity in the pool, so the session's next turn (or another session of
    the same tenant) hits them until they are evicted.
 
-Each `step()` runs prefill chunks of at most `max_prefill_chunk` tokens in
-all and one decode batch, so decode latency stays bounded while long
-prompts are prefilled; the budget goes to the prefilling turns in admission
-order, so the short tails of several turns (the other samples of a shared
-prompt, short prompts arriving together) are all computed in one step. When the pool runs
+Each `step()` runs at most one prefill chunk and one decode batch, so decode
+latency stays bounded while long prompts are prefilled. When the pool runs
 out of free pages, the youngest running sequence is preempted (its blocks
 released, re-queued to recompute from its cached prefix), and that may be
 the one asking: an older turn is never sent back for a younger one.
@@ -216,18 +213,11 @@ class Engine:
     return len(self._prefilling) + len(self._decoding)
 
   def step(self) -> list[TurnOutput]:
-    """Admits waiting turns, runs prefill chunks of `max_prefill_chunk`
-    tokens in all (turns in admission order, a call each) and one decode
-    batch."""
+    """Admits waiting turns, runs one prefill chunk and one decode batch."""
     self._admit()
     done: list[TurnOutput] = []
-    budget = self.config.max_prefill_chunk
-    while self._prefilling and budget > 0:
-      finished, used = self._prefill_step(budget)
-      done += finished
-      if not used:  # the turn yielded its blocks to older ones
-        break
-      budget -= used
+    if self._prefilling:
+      done += self._prefill_step()
     if self._decoding:
       done += self._decode_step()
     return done
@@ -274,15 +264,13 @@ class Engine:
         by_tier["cold"] += cold
       self._prefilling.append(seq)
 
-  def _prefill_step(self, budget: int) -> tuple[list[TurnOutput], int]:
-    """One chunk of at most `budget` tokens of the first prefilling turn;
-    returns the turns it finished and the tokens it computed."""
+  def _prefill_step(self) -> list[TurnOutput]:
     seq = self._prefilling[0]
     self._pick_up_shared_prefix(seq)
     start = self.manager.num_computed(seq.rid)
-    n = min(budget, seq.prefill_target - start)
+    n = min(self.config.max_prefill_chunk, seq.prefill_target - start)
     if not self._allocate_or_preempt(seq, n):
-      return [], 0  # it yielded its blocks to older turns
+      return []  # it yielded its blocks to older turns
     chunk = seq.tokens[start:start + n]
     t_bucket = buckets.bucket(n, MIN_Q_BUCKET, self.config.max_prefill_chunk)
     logits = self._run(1, t_bucket, self._page_bucket([seq]), [(seq, chunk, start)],
@@ -291,15 +279,15 @@ class Engine:
     self.stats.prefill_steps += 1
     self.stats.prefill_tokens += n
     if start + n < seq.prefill_target:
-      return [], n
+      return []
     if seq.generated:  # resumed after preemption: its next token is pending
       self._prefilling.remove(seq)
       self._decoding.append(seq)
-      return [], n
+      return []
     token = step_parts.sample_tokens([seq], logits, self.config, self._rng)[0]
     self._prefilling.remove(seq)
     seq.first_token_s = self.clock()
-    return self._accept([seq], [token]), n
+    return self._accept([seq], [token])
 
   def _pick_up_shared_prefix(self, seq: _Sequence) -> None:
     """Takes the blocks of `seq`'s prompt that turns admitted with it have
