@@ -189,7 +189,8 @@ class EngineConfig:
   seed: int = 0
   # Turns admitted together pick up the blocks of a shared prompt prefix
   # that the turns ahead of them computed (n samples of one prompt prefill
-  # it once). False: each computes it (a baseline to measure against).
+  # it once; on the P/D cluster a turn waits to be placed while another
+  # prefills its next block). False: each computes it (a baseline).
   share_prefill: bool = True
 
   def __post_init__(self):

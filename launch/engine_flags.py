@@ -44,8 +44,7 @@ def define(max_context_help: str = "longest context of one turn") -> None:
        "the whole KV pool on every write)")
   once(flags.DEFINE_bool, "share_prefill", True,
        "turns admitted together with one prompt prefix (n samples of a "
-       "prompt) prefill it once; --noshare_prefill: each computes it "
-       "(the P/D cluster --mesh does not share yet)")
+       "prompt) prefill it once; --noshare_prefill: each computes it")
 
 
 def configs(seed: int):

@@ -521,3 +521,60 @@ def test_the_scheduler_sees_each_prefill_engines_hot_blocks(tiny, reference,
   assert cluster.stats.placements == {"P1->D0": 1}
   assert cluster.stats.path_blocks["hot"] == 4
   assert cluster.stats.nic_bytes.get("P0", 0) == 0
+
+
+@pytest.mark.parametrize("mesh", ["1P2D", "2P1D"])
+def test_samples_of_one_prompt_are_prefilled_once_on_the_cluster(
+    tiny, tmp_path, mesh):
+  """Three turns of one prompt submitted together (n samples) and one of
+  another: the later samples wait while the first prefills the prompt (the
+  other turn goes ahead of them), then find its blocks resident on its
+  prefill engine and compute only the last, partial block; greedy, every
+  sample is the single engine's answer."""
+  rng = np.random.default_rng(31)
+  prompt = rng.integers(3, 256, size=38).tolist()
+  other = rng.integers(3, 256, size=21).tolist()
+  reqs = [TurnRequest(f"s{i}", prompt, 4, stop_on_eos=False)
+          for i in range(3)] + [TurnRequest("o", other, 4, stop_on_eos=False)]
+  engine = make_engine(tiny, CACHE, ENGINE)
+  want = _run(engine, [TurnRequest(**r.__dict__) for r in reqs])
+  cluster = make_cluster(tiny, CACHE, ENGINE, _cold(tmp_path),
+                         MeshConfig.parse(mesh),
+                         DualPathConfig(policy="dualpath"))
+  try:
+    for r in reqs:
+      cluster.submit(TurnRequest(**r.__dict__))
+    cluster.step()  # s0 and o placed; s1 and s2 wait for s0's prefill
+    assert [t.rid for t in cluster._waiting] == ["s1", "s2"]  # pylint: disable=protected-access
+    got = {}
+    while cluster.has_work():
+      for out in cluster.step():
+        got[out.request.request_id] = out
+    assert {k: v.generated_tokens for k, v in got.items()} == {
+        k: v.generated_tokens for k, v in want.items()}
+    shared = (len(prompt) - 1) // BS * BS
+    assert [got[f"s{i}"].cached_prompt_tokens for i in range(3)] == [
+        0, shared, shared]
+    assert cluster.stats.prefill_tokens == (
+        len(prompt) + len(other) + 2 * (len(prompt) - shared))
+    assert cluster.stats.shared_prefill_tokens == 2 * shared
+  finally:
+    cluster.close()
+
+
+def test_a_cluster_without_prefill_sharing_prefills_each_sample(tiny,
+                                                                tmp_path):
+  prompt = np.random.default_rng(32).integers(3, 256, size=30).tolist()
+  cluster = make_cluster(
+      tiny, CACHE, EngineConfig(max_batch_size=4, max_prefill_chunk=16,
+                                max_context=128, share_prefill=False),
+      _cold(tmp_path), MeshConfig.parse("1P1D"),
+      DualPathConfig(policy="dualpath"))
+  try:
+    outs = _run(cluster, [TurnRequest(f"s{i}", prompt, 3, stop_on_eos=False)
+                          for i in range(2)])
+    assert [o.cached_prompt_tokens for o in outs.values()] == [0, 0]
+    assert cluster.stats.prefill_tokens == 2 * len(prompt)
+    assert cluster.stats.shared_prefill_tokens == 0
+  finally:
+    cluster.close()

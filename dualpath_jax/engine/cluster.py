@@ -130,6 +130,9 @@ class _Turn:
   hot_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
   hook_error: BaseException | None = None  # what its `on_token` raised
   logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob
+  # Blocks of its chain found cached when it first waited for a turn that
+  # was prefilling its prefix (`PDCluster._waits_for_a_shared_prefill`).
+  hits_before_wait: int | None = None
 
   @property
   def rid(self) -> str:
@@ -607,7 +610,7 @@ class PDCluster:
     target = turn.prefill_target
     chain = self._chain(turn)
     in_store = self._store_contains(chain) if chain else []
-    resident, hot, hits, taken = {}, {}, 0, {}
+    resident, hot, reachable, hits, taken = {}, {}, {}, 0, {}
     for pe in self.prefill_workers:
       pool = pe.manager.pool
       r = unreferenced = 0
@@ -622,6 +625,7 @@ class PDCluster:
       while run < len(chain) and in_store[run]:
         run += 1
       resident[pe.name] = r
+      reachable[pe.name] = run  # the rest of `hits`: another PE's only
       hits = max(hits, run)
     total = math.ceil(target / bs)
     decode = math.ceil((target + turn.req.max_new_tokens) / bs)
@@ -630,7 +634,7 @@ class PDCluster:
         block_bytes=self.block_bytes, total_blocks=total, decode_blocks=decode,
         max_new_tokens=turn.req.max_new_tokens,
         resident_blocks={k: min(v, hits) for k, v in resident.items()},
-        hot_blocks=hot)
+        hot_blocks=hot, reachable_blocks=reachable, block_tokens=bs)
     return demand, in_store, taken
 
   def _chain(self, turn: _Turn) -> list[bytes]:
@@ -654,39 +658,76 @@ class PDCluster:
       return [False] * len(chain)
 
   def _admit(self) -> None:
-    while self._waiting:
-      turn = self._waiting[0]
-      demand, in_store, taken = self._demand(turn)
-      try:
-        placement = self.policy(demand, self._snapshot(taken))
-      except NoCapacityError:
-        if self.num_running == 0:
-          raise OutOfBlocksError(
-              f"{turn.rid}: no engine can hold the turn with nothing else "
-              "running") from None
-        return
-      self._waiting.popleft()
-      pe = self.workers[placement.prefill_engine]
-      de = self.workers[placement.decode_engine]
-      turn.prefill, turn.decode = pe, de
-      try:
-        self._start_on_prefill(turn, pe, de, in_store, placement.paths)
-        self._reserve_on_decode(turn, pe, de)
-      except OutOfBlocksError:
-        # The placement's count was off: the turn waits, holding nothing.
-        for worker in (pe, de):
-          if turn.rid in worker.manager:
-            worker.manager.end(turn.rid)
-        turn.load = turn.load_request = None
-        self._waiting.appendleft(turn)
-        if self.num_running == 0:
-          raise
-        return
-      self._count_cached(turn, pe)
-      pe.queue.append(turn)
-      self.stats.turns_placed += 1
-      key = f"{pe.name}->{de.name}"
-      self.stats.placements[key] = self.stats.placements.get(key, 0) + 1
+    """Places waiting turns in order until one finds no room. A turn whose
+    next block to compute a placed turn is prefilling waits, and those
+    behind it go ahead (`_waits_for_a_shared_prefill`)."""
+    waiting: list[_Turn] = []
+    try:
+      while self._waiting:
+        turn = self._waiting[0]
+        demand, in_store, taken = self._demand(turn)
+        if self._waits_for_a_shared_prefill(turn, demand.hit_blocks):
+          waiting.append(self._waiting.popleft())
+          continue
+        if not self._place(turn, demand, in_store, taken):
+          return
+    finally:  # in their order, ahead of the rest
+      self._waiting.extendleft(reversed(waiting))
+
+  def _waits_for_a_shared_prefill(self, turn: _Turn, hits: int) -> bool:
+    """Whether the next block `turn` would compute (after its `hits` cached
+    ones) is one a turn placed on a prefill engine is computing: the n
+    samples of one prompt, agents forked from one history. Placed now, it
+    would compute the prefix again; placed once that turn has prefilled,
+    it finds the blocks resident on that engine. A block id names its
+    whole prefix and tenant, so one comparison says so."""
+    chain = turn.chain
+    if not self.config.share_prefill or hits >= len(chain):
+      return False
+    for pe in self.prefill_workers:
+      for other in pe.prefill_turns():
+        if other.chain is not None and len(other.chain) > hits and \
+            other.chain[hits] == chain[hits]:
+          if turn.hits_before_wait is None:
+            turn.hits_before_wait = hits
+          return True
+    return False
+
+  def _place(self, turn: _Turn, demand: TurnDemand, in_store: list[bool],
+             taken: dict[str, int]) -> bool:
+    """Places `turn` (the head of the queue) and starts it; False when no
+    engine has room for it now (it stays at the head)."""
+    try:
+      placement = self.policy(demand, self._snapshot(taken))
+    except NoCapacityError:
+      if self.num_running == 0:
+        raise OutOfBlocksError(
+            f"{turn.rid}: no engine can hold the turn with nothing else "
+            "running") from None
+      return False
+    self._waiting.popleft()
+    pe = self.workers[placement.prefill_engine]
+    de = self.workers[placement.decode_engine]
+    turn.prefill, turn.decode = pe, de
+    try:
+      self._start_on_prefill(turn, pe, de, in_store, placement.paths)
+      self._reserve_on_decode(turn, pe, de)
+    except OutOfBlocksError:
+      # The placement's count was off: the turn waits, holding nothing.
+      for worker in (pe, de):
+        if turn.rid in worker.manager:
+          worker.manager.end(turn.rid)
+      turn.load = turn.load_request = None
+      self._waiting.appendleft(turn)
+      if self.num_running == 0:
+        raise
+      return False
+    self._count_cached(turn, pe)
+    pe.queue.append(turn)
+    self.stats.turns_placed += 1
+    key = f"{pe.name}->{de.name}"
+    self.stats.placements[key] = self.stats.placements.get(key, 0) + 1
+    return True
 
   def _start_on_prefill(self, turn: _Turn, pe: _Worker, de: _Worker,
                         in_store: list[bool],
@@ -729,8 +770,10 @@ class PDCluster:
     wanted = [ReadPath(p) for p in paths[have:have + run]]
     wanted += [ReadPath.PE_READ] * (run - len(wanted))
     # Blocks the placement counted resident or hot but that were not (the
-    # pool or the hot tier had no room for them) are read by path 1.
-    wanted = [ReadPath.PE_READ if p in (ReadPath.RESIDENT, ReadPath.HOT)
+    # pool or the hot tier had no room for them) are read by path 1, as are
+    # any it counted another engine's only and that are stored now.
+    wanted = [ReadPath.PE_READ if p in (ReadPath.RESIDENT, ReadPath.HOT,
+                                        ReadPath.RECOMPUTE)
               else p for p in wanted]
     table = pe.manager.block_table(turn.rid)
     turn.load_request = LoadRequest(
@@ -755,6 +798,9 @@ class PDCluster:
     self.stats.cached_tokens_by_tier["hot"] += hot
     self.stats.cached_tokens_by_tier["device"] += (turn.cached_prompt_tokens -
                                                    hot)
+    if turn.hits_before_wait is not None:  # what the wait saved computing
+      self.stats.shared_prefill_tokens += max(
+          0, turn.cached_prompt_tokens - turn.hits_before_wait * bs)
 
   def _fits_host_buffers(self, paths: Sequence[ReadPath], run: int) -> int:
     """How many of a load's `run` leading blocks fit the engines' host

@@ -13,7 +13,10 @@ Every policy is a pure function of its inputs. All three share one cost model
   has arrived (loading is overlapped with compute, layer by layer);
 * an engine is eligible only if it has the free HBM blocks the turn needs;
 * blocks a prefill engine holds in its host-DRAM hot tier (after those
-  resident in its HBM) come over its host link, on no NIC (`ReadPath.HOT`).
+  resident in its HBM) come over its host link, on no NIC (`ReadPath.HOT`);
+* hit blocks another prefill engine holds and this one cannot load (not
+  stored) are computed on it (`ReadPath.RECOMPUTE`), which the estimate
+  charges as prefill tokens.
 
 Policies (selectable by name, `--scheduler_policy`):
 
@@ -54,7 +57,7 @@ def _estimate(demand: TurnDemand, snap: ClusterSnapshot, pe: EngineState,
   resident = demand.resident_on(pe.name)
   b = demand.block_bytes
   paths = [ReadPath.RESIDENT] * resident
-  to_load = demand.hit_blocks - resident
+  to_load = demand.reachable_on(pe.name) - resident
   load_done = now
   if mode == "oracle":
     paths += [ReadPath.FREE] * to_load
@@ -84,10 +87,19 @@ def _estimate(demand: TurnDemand, snap: ClusterSnapshot, pe: EngineState,
         t_pe = via_pe
         paths.append(ReadPath.PE_READ)
         load_done = max(load_done, via_pe)
+  # Hit blocks only another engine holds: computed here.
+  paths += [ReadPath.RECOMPUTE] * (demand.hit_blocks - len(paths))
   compute_free = now + pe.compute_wait_s()
   ready = (max(load_done, compute_free) +
-           demand.new_tokens / pe.compute_tokens_per_s)
+           demand.new_tokens_on(pe.name) / pe.compute_tokens_per_s)
   return tuple(paths), load_done, ready
+
+
+def _queue_with(demand: TurnDemand, pe: EngineState) -> int:
+  """Tokens queued on prefill engine `pe` once the turn is placed there:
+  the tie-break when compute is not modelled (an infinite rate), so a turn
+  goes where its prefix is rather than recompute it on an idler engine."""
+  return pe.queued_tokens + demand.new_tokens_on(pe.name)
 
 
 def _eligible_prefill(demand: TurnDemand,
@@ -124,7 +136,7 @@ def _place_fixed_decode(demand: TurnDemand, snap: ClusterSnapshot,
   best = None
   for pe in _eligible_prefill(demand, snap):
     paths, load_done, ready = _estimate(demand, snap, pe, de, mode)
-    key = (ready, load_done, pe.queued_tokens, pe.name)
+    key = (ready, load_done, _queue_with(demand, pe), pe.name)
     if best is None or key < best[0]:
       best = (key, Placement(demand.turn_id, mode, pe.name, de.name, paths,
                              load_done, ready))
@@ -143,8 +155,8 @@ def _place_any_pair(demand: TurnDemand, snap: ClusterSnapshot,
   for pe in _eligible_prefill(demand, snap):
     for de in decode:
       paths, load_done, ready = _estimate(demand, snap, pe, de, mode)
-      key = (ready, load_done, de.queued_tokens, pe.queued_tokens, pe.name,
-             de.name)
+      key = (ready, load_done, de.queued_tokens, _queue_with(demand, pe),
+             pe.name, de.name)
       if best is None or key < best[0]:
         best = (key, Placement(demand.turn_id, mode, pe.name, de.name,
                                paths, load_done, ready))

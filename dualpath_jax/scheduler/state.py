@@ -30,6 +30,9 @@ class ReadPath(enum.IntEnum):
   DE_READ = 2  # path 2: cold tier -> DE host -> DE HBM -> collective -> PE HBM
   FREE = 3  # oracle: delivered at no cost (an upper bound, not a real path)
   HOT = 4  # in the prefill engine's host-DRAM hot tier: host -> HBM, no NIC
+  # Another prefill engine holds it, this one can neither hold nor load it
+  # (not stored): computed here, nothing moved.
+  RECOMPUTE = 5
 
 
 def _check_real(owner: str, name: str, value: float) -> None:
@@ -150,6 +153,13 @@ class TurnDemand:
       engine's host-DRAM hot tier holds (counted from the first block, so
       resident ones included): those after the resident ones load over its
       host link instead of a NIC.
+    reachable_blocks: per prefill engine name, how many leading hit blocks
+      that engine can get (resident, hot, or stored after those); the rest
+      are held by another engine only and would be computed there
+      (`ReadPath.RECOMPUTE`, `block_tokens` each). An engine not named
+      reaches every hit block.
+    block_tokens: tokens of one block (needed when an engine reaches fewer
+      than `hit_blocks`).
   """
 
   turn_id: str
@@ -161,6 +171,8 @@ class TurnDemand:
   max_new_tokens: int = 1
   resident_blocks: Mapping[str, int] = dataclasses.field(default_factory=dict)
   hot_blocks: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  reachable_blocks: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  block_tokens: int = 0
 
   def __post_init__(self):
     _check_count(self.turn_id, new_tokens=self.new_tokens,
@@ -184,12 +196,31 @@ class TurnDemand:
       if n > self.hit_blocks:
         raise ValueError(f"{self.turn_id}: {n} hot blocks on {engine} "
                          f"but only {self.hit_blocks} hit blocks")
+    _check_count(self.turn_id, block_tokens=self.block_tokens)
+    for engine, n in self.reachable_blocks.items():
+      _check_count(f"{self.turn_id}@{engine}", reachable_blocks=n)
+      if not self.resident_on(engine) <= n <= self.hit_blocks:
+        raise ValueError(f"{self.turn_id}: {n} reachable blocks on {engine}, "
+                         f"outside [its {self.resident_on(engine)} resident, "
+                         f"{self.hit_blocks} hit blocks]")
+      if n < self.hit_blocks and not self.block_tokens:
+        raise ValueError(f"{self.turn_id}: an engine reaching fewer than the "
+                         "hit blocks needs block_tokens")
 
   def resident_on(self, engine: str) -> int:
     return int(self.resident_blocks.get(engine, 0))
 
   def hot_on(self, engine: str) -> int:
     return int(self.hot_blocks.get(engine, 0))
+
+  def reachable_on(self, engine: str) -> int:
+    return int(self.reachable_blocks.get(engine, self.hit_blocks))
+
+  def new_tokens_on(self, engine: str) -> int:
+    """Tokens the prefill computes on `engine`: the misses, and the hit
+    blocks it cannot reach."""
+    return self.new_tokens + (self.hit_blocks - self.reachable_on(engine)
+                              ) * self.block_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +324,8 @@ class ClusterSnapshot:
         if hop:
           changes["hop_queued_bytes"] = e.hop_queued_bytes + hop
       if e.name == placement.prefill_engine:
-        changes["queued_tokens"] = e.queued_tokens + demand.new_tokens
+        changes["queued_tokens"] = e.queued_tokens + demand.new_tokens_on(
+            e.name)
         changes["free_hbm_blocks"] = max(0, e.free_hbm_blocks - pe_blocks)
       if e.name == placement.decode_engine:
         changes["queued_tokens"] = e.queued_tokens + demand.max_new_tokens
