@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dualpath_jax.config import TINY
 from dualpath_jax.model import Llama, LoadedModel
+from dualpath_jax.server import LocalEngineHandle, ServerConfig, create_app
 
 MODEL = "tiny-chat"
 
@@ -52,3 +53,17 @@ def scrape_metrics(host: str, port: int) -> dict[tuple[str, tuple], float]:
     for s in family.samples:
       out[(s.name, tuple(sorted(s.labels.items())))] = s.value
   return out
+
+
+def app_for(engine, tokenizer, model_names=(MODEL,)):
+  """The HTTP app serving `engine` (an `Engine` or a `PDCluster`)."""
+  return create_app(LocalEngineHandle(engine), tokenizer,
+                    ServerConfig(model_names=tuple(model_names)))
+
+
+def openai_client(srv, timeout: float = 60):
+  """An OpenAI SDK client of the server `srv` (`serve_in_thread`'s), which
+  raises at once instead of retrying."""
+  import openai  # pylint: disable=g-import-not-at-top
+  return openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused",
+                       max_retries=0, timeout=timeout)

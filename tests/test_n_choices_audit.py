@@ -23,8 +23,8 @@ from dualpath_jax.server import app as app_module
 from dualpath_jax.server import (LocalEngineHandle, ServerConfig, create_app,
                                  serve_in_thread)
 
-from server_support import (MODEL, scrape_metrics, tiny_chat_model,
-                            visible_text, words)
+from server_support import (MODEL, app_for, openai_client, scrape_metrics,
+                            tiny_chat_model, visible_text, words)
 
 openai = pytest.importorskip("openai", reason="pip install openai (test extra)")
 
@@ -44,8 +44,7 @@ def tiny_chat(smollm2_tokenizer):
 @pytest.fixture(scope="module")
 def server(tiny_chat):
   engine = make_engine(tiny_chat, CACHE, ENGINE)
-  app = create_app(LocalEngineHandle(engine), tiny_chat.tokenizer,
-                   ServerConfig(model_names=(MODEL,)))
+  app = app_for(engine, tiny_chat.tokenizer)
   srv = serve_in_thread(app)
   srv.app, srv.engine = app, engine
   yield srv
@@ -54,8 +53,7 @@ def server(tiny_chat):
 
 @pytest.fixture(scope="module")
 def client(server):
-  return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused",
-                       max_retries=0, timeout=60)
+  return openai_client(server)
 
 
 def _post(server, path, body, timeout=30.0):
@@ -270,16 +268,14 @@ def test_n_choices_on_a_prefill_decode_cluster(tiny_chat, tmp_path, np_rng):
       MeshConfig.parse("1P2D"),
       DualPathConfig(policy="dualpath", storage_nic_gbps=10.0,
                      nic_burst_bytes=4096, prefill_keeps_prefix=False))
-  app = create_app(LocalEngineHandle(cluster), tiny_chat.tokenizer,
-                   ServerConfig(model_names=(MODEL,)))
+  app = app_for(cluster, tiny_chat.tokenizer)
   tok = tiny_chat.tokenizer
   ids = tok.encode("cluster: " + words(np_rng, 30))
   ref = make_engine(tiny_chat, CACHE, ENGINE)
   ref.submit(TurnRequest("r", ids, 6, temperature=0.0, stop_on_eos=False))
   (out,) = _drain(ref)
   with serve_in_thread(app) as srv:
-    client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused",
-                           max_retries=0, timeout=120)
+    client = openai_client(srv, timeout=120)
     r = client.completions.create(model=MODEL, prompt=ids, n=3, max_tokens=6,
                                   temperature=0,
                                   extra_body={"ignore_eos": True})

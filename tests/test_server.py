@@ -24,8 +24,8 @@ from dualpath_jax.server import protocol
 from dualpath_jax.server import (LocalEngineHandle, ServerConfig, create_app,
                                  serve_in_thread)
 
-from server_support import (MODEL, scrape_metrics, tiny_chat_model,
-                            visible_text, words)
+from server_support import (MODEL, app_for, openai_client, scrape_metrics,
+                            tiny_chat_model, visible_text, words)
 
 openai = pytest.importorskip("openai", reason="pip install openai (test extra)")
 
@@ -44,8 +44,7 @@ def tiny_chat(smollm2_tokenizer):
 @pytest.fixture(scope="module")
 def server(tiny_chat):
   engine = make_engine(tiny_chat, CACHE, ENGINE)
-  app = create_app(LocalEngineHandle(engine), tiny_chat.tokenizer,
-                   ServerConfig(model_names=(MODEL, "alias")))
+  app = app_for(engine, tiny_chat.tokenizer, (MODEL, "alias"))
   srv = serve_in_thread(app)
   srv.app, srv.engine = app, engine
   yield srv
@@ -56,8 +55,7 @@ def server(tiny_chat):
 
 @pytest.fixture(scope="module")
 def client(server):
-  return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused",
-                       max_retries=0, timeout=60)
+  return openai_client(server)
 
 
 @pytest.fixture(scope="module")

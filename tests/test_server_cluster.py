@@ -21,13 +21,12 @@ from dualpath_jax.config import CacheConfig, EngineConfig
 from dualpath_jax.engine.cluster import make_cluster
 from dualpath_jax.engine.factory import make_engine
 from dualpath_jax.engine.request import TurnRequest
-from dualpath_jax.server import (LocalEngineHandle, ServerConfig, create_app,
-                                 serve_in_thread)
+from dualpath_jax.server import serve_in_thread
 from dualpath_jax.transfer import DualPathConfig, MeshConfig
 from storage.config import ColdTierConfig
 
-from server_support import (MODEL, scrape_metrics, tiny_chat_model,
-                            visible_text, words)
+from server_support import (MODEL, app_for, openai_client, scrape_metrics,
+                            tiny_chat_model, visible_text, words)
 
 openai = pytest.importorskip("openai", reason="pip install openai (test extra)")
 
@@ -52,8 +51,7 @@ def server(tiny_chat, tmp_path_factory):
       MeshConfig.parse("1P2D"),
       DualPathConfig(policy="dualpath", storage_nic_gbps=10.0,
                      nic_burst_bytes=4096, prefill_keeps_prefix=False))
-  app = create_app(LocalEngineHandle(cluster), tiny_chat.tokenizer,
-                   ServerConfig(model_names=(MODEL,)))
+  app = app_for(cluster, tiny_chat.tokenizer)
   srv = serve_in_thread(app)
   srv.app, srv.engine = app, cluster
   yield srv
@@ -63,8 +61,7 @@ def server(tiny_chat, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-  return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused",
-                       max_retries=0, timeout=120)
+  return openai_client(server, timeout=120)
 
 
 def _reference(tiny_chat, prompt, max_new):
