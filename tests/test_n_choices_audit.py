@@ -198,8 +198,14 @@ def test_a_submission_failing_halfway_withdraws_the_turns_submitted(
       "model": MODEL, "prompt": words(np_rng, 5), "n": 3,
       "max_tokens": MAX_CONTEXT - 50, "ignore_eos": True})
   assert status == 503, body
-  assert _wait_idle(server), loop.snapshot
+  # The submit and the abort are commands the engine thread takes in
+  # order: the loop looks idle before it has taken either, so wait for
+  # the abort itself (waiting for idle alone failed 3 runs in 10).
+  deadline = time.monotonic() + 10
+  while loop.aborted == aborted and time.monotonic() < deadline:
+    time.sleep(0.01)
   assert loop.aborted == aborted + 1  # the one submitted, not run to its end
+  assert _wait_idle(server), loop.snapshot
   assert server.engine.stats.decode_tokens - decoded < MAX_CONTEXT - 60
   assert _requests_total(server, "completions") == before
 

@@ -339,6 +339,8 @@ class PDCluster:
     self.max_pages = math.ceil(config.max_context / cache.block_size)
     self._rng = np.random.default_rng(config.seed)
     self._waiting: collections.deque[_Turn] = collections.deque()
+    # Ids of the waiting turns the last `_admit` held for a shared prefill.
+    self._held_ids: set[str] = set()
     self.prefetcher: ClusterPrefetcher | None = None
     if dualpath.prefetch_blocks:
       if not hot_tier_bytes:
@@ -516,9 +518,12 @@ class PDCluster:
               return_when=cf.FIRST_COMPLETED)
 
   def _prefetch(self) -> None:
-    """One prefetcher step: the first waiting turns, then away sessions."""
+    """One prefetcher step: the first waiting turns, then away sessions. A
+    turn held for a shared prefill is skipped: it will be placed where the
+    turn it waits for computes the prefix, and find it resident there."""
+    turns = [t for t in self._waiting if t.rid not in self._held_ids]
     waiting = [(session_key(t.req), self._chain(t))
-               for t in list(self._waiting)[:self.prefetcher.max_candidates]]
+               for t in turns[:self.prefetcher.max_candidates]]
     reads = self.prefetcher.stats.reads
     self.prefetcher.step(waiting, self.clock())
     self._prefetch_may_work = self.prefetcher.stats.reads > reads
@@ -673,18 +678,25 @@ class PDCluster:
           return
     finally:  # in their order, ahead of the rest
       self._waiting.extendleft(reversed(waiting))
+      # Not prefetched for: they will find their prefix where the turn they
+      # wait for computes it (`_prefetch`).
+      self._held_ids = {turn.rid for turn in waiting}
 
   def _waits_for_a_shared_prefill(self, turn: _Turn, hits: int) -> bool:
     """Whether the next block `turn` would compute (after its `hits` cached
     ones) is one a turn placed on a prefill engine is computing: the n
     samples of one prompt, agents forked from one history. Placed now, it
     would compute the prefix again; placed once that turn has prefilled,
-    it finds the blocks resident on that engine. A block id names its
-    whole prefix and tenant, so one comparison says so."""
+    it finds the blocks resident on that engine (or in its hot tier). A
+    prefill engine that keeps neither (`prefill_keeps_prefix=False`, no hot
+    tier) frees them as the turn moves to decode: no turn waits for it. A
+    block id names its whole prefix and tenant, so one comparison says so."""
     chain = turn.chain
     if not self.config.share_prefill or hits >= len(chain):
       return False
     for pe in self.prefill_workers:
+      if not (self.dualpath.prefill_keeps_prefix or pe.hot_tier is not None):
+        continue  # it frees the blocks at the move to decode: none to find
       for other in pe.prefill_turns():
         if other.chain is not None and len(other.chain) > hits and \
             other.chain[hits] == chain[hits]:

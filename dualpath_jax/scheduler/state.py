@@ -206,6 +206,9 @@ class TurnDemand:
       if n < self.hit_blocks and not self.block_tokens:
         raise ValueError(f"{self.turn_id}: an engine reaching fewer than the "
                          "hit blocks needs block_tokens")
+      if self.hot_on(engine) > n:  # it reaches its hot blocks
+        raise ValueError(f"{self.turn_id}: {self.hot_on(engine)} hot blocks "
+                         f"on {engine} but it reaches only {n}")
 
   def resident_on(self, engine: str) -> int:
     return int(self.resident_blocks.get(engine, 0))
