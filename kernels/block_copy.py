@@ -206,14 +206,25 @@ def _scatter_blocks(host_tier, pool, src_ids, dst_ids, layer_start,
   valid = dst_ids >= 0
   first = jnp.argmax(valid)
   src_ids = jnp.where(valid, src_ids, src_ids[first])
-  dst_ids = jnp.where(valid, dst_ids, dst_ids[first])
-  kind = memory_kind_of(host_tier, HOST_MEMORY_KIND)
   src = jnp.clip(src_ids, 0, pool.shape[1] - 1)
   layers = lax.slice_in_dim(pool, layer_start, layer_start + num_layers)
   staged = jnp.swapaxes(layers[:, src], 0, 1)  # [n, num_layers, 2, kvh, P, D]
+  return _write_blocks_to_host(host_tier, staged, dst_ids, layer_start)
+
+
+def _write_blocks_to_host(host_tier, blocks, dst_ids, layer_start):
+  """Each of `blocks [n, group_layers, 2, kvh, P, D]` (device, block-major)
+  moved to the host (one DMA) and written in place at slot `dst_ids[i]`;
+  entries `< 0` repeat the first valid entry's write (see
+  `_scatter_blocks`)."""
+  valid = dst_ids >= 0
+  first = jnp.argmax(valid)
+  src = jnp.where(valid, jnp.arange(dst_ids.shape[0]), first)
+  dst_ids = jnp.where(valid, dst_ids, dst_ids[first])
+  kind = memory_kind_of(host_tier, HOST_MEMORY_KIND)
   zeros = (0,) * (host_tier.ndim - 2)
-  for i in range(src_ids.shape[0]):
-    block = _to_memory(staged[i:i + 1], kind)
+  for i in range(dst_ids.shape[0]):
+    block = _to_memory(lax.dynamic_slice_in_dim(blocks, src[i], 1), kind)
     dst = jnp.clip(dst_ids[i], 0, host_tier.shape[0] - 1)
     host_tier = lax.dynamic_update_slice(host_tier, block,
                                          (dst, layer_start) + zeros)
@@ -385,3 +396,59 @@ def scatter_to_host(
     pass  # traced ids: the caller guarantees a valid entry
   return _scatter_fn(host_tier.sharding, layer_start, num_layers)(
       host_tier, pool, src_pages, dst_slots)
+
+
+def put_to_host_core(
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
+    blocks: jax.Array,  # [n, num_layers, 2, kv_heads, P, D] device
+    dst_slots: jax.Array,  # [n] int32 hot-tier slots to fill (< 0: skip)
+) -> jax.Array:  # the updated hot tier
+  """Traceable body of `put_to_host`."""
+  if (blocks.ndim != host_tier.ndim or blocks.shape[1:] != host_tier.shape[1:]
+      or blocks.dtype != host_tier.dtype):
+    raise ValueError(f"blocks {blocks.shape} {blocks.dtype} are not blocks of "
+                     f"the hot tier {host_tier.shape} {host_tier.dtype}")
+  if dst_slots.ndim != 1 or dst_slots.shape[0] != blocks.shape[0]:
+    raise ValueError(f"{blocks.shape[0]} blocks need as many destination "
+                     f"slots; got {dst_slots.shape}")
+  return _write_blocks_to_host(host_tier, blocks, dst_slots, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _put_fn(sharding: jax.sharding.Sharding):
+  return jax.jit(put_to_host_core, donate_argnums=(0,), out_shardings=sharding)
+
+
+def put_to_host(
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
+    blocks: jax.Array,  # [n, num_layers, 2, kv_heads, P, D] device
+    dst_slots: jax.Array,  # [n] int32, < 0 skips
+) -> jax.Array:  # the hot tier, updated in place (donated), still pinned_host
+  """Writes whole blocks already on the device (e.g. read from the cold tier
+  and moved there, or received from another engine) into hot-tier slots.
+
+  The blocks cross the bus once each, device -> host, as `scatter_to_host`'s
+  do; eager ids outside the tier are a ValueError, and a list with no valid
+  destination leaves the tier as it is.
+  """
+  _check_ids(dst_slots, -(1 << 31), host_tier.shape[0],
+             "destination hot-tier slots")
+  try:
+    if not np.any(np.asarray(dst_slots) >= 0):
+      return host_tier
+  except jax.errors.TracerArrayConversionError:
+    pass
+  return _put_fn(host_tier.sharding)(host_tier, blocks, dst_slots)
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def fetch_to_device(
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
+    src_slots: jax.Array,  # [n] int32 slots to read (clamped into the tier)
+    *,
+    kind: str = DEVICE_MEMORY_KIND,
+) -> jax.Array:  # [n, num_layers, 2, kv_heads, P, D] on the device
+  """Hot-tier blocks moved to the device, block-major, one transfer each
+  (the first half of a gather, for callers that want the blocks themselves,
+  e.g. to copy them on to the host's numpy memory or to another engine)."""
+  return fetch_blocks_core(host_tier, src_slots, kind=kind)

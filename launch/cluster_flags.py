@@ -58,6 +58,12 @@ def define(mesh_default: str | None = None) -> None:
              "engine (with --mesh: of each prefill engine): blocks the pool "
              "evicted come back from here first; 0 = none",
              lower_bound=0.0)
+  once(flags.DEFINE_enum, "hot_tier_memory", "pageable",
+       ["pageable", "pinned_host"],
+       "with --hot_tier_gb: where the hot tier's bytes live: pageable "
+       "(numpy) or pinned_host (a JAX pinned_host buffer that "
+       "kernels.block_copy gathers into the pool and scatters back from "
+       "it; the engine's pool on one device)")
   once(flags.DEFINE_integer, "prefetch_blocks", 0,
        "--mesh with --hot_tier_gb: blocks per prefetch read; the cluster "
        "reads the prefixes of waiting turns and of sessions predicted to "
@@ -186,6 +192,7 @@ def as_dict() -> dict:
           "cold_tier_gb": FLAGS.cold_tier_gb, "cold_tier_sync": FLAGS.cold_tier_sync,
           "cold_tier_encrypted": bool(FLAGS.cold_tier_key_file),
           "hot_tier_gb": FLAGS.hot_tier_gb,
+          "hot_tier_memory": FLAGS.hot_tier_memory,
           "prefetch_blocks": FLAGS.prefetch_blocks}
 
 
@@ -199,8 +206,10 @@ def make(loaded, cache, engine_cfg, mesh, cold, policy: str | None = None):
   if mesh is None:
     from dualpath_jax.engine.factory import make_engine
     return make_engine(loaded, cache, engine_cfg, cold_tier=cold,
-                       hot_tier_bytes=hot_tier_bytes())
+                       hot_tier_bytes=hot_tier_bytes(),
+                       hot_tier_memory=FLAGS.hot_tier_memory)
   from dualpath_jax.engine.cluster import make_cluster
   return make_cluster(loaded, cache, engine_cfg, cold, mesh,
                       dualpath_config(policy),
-                      hot_tier_bytes=hot_tier_bytes(mesh.num_prefill))
+                      hot_tier_bytes=hot_tier_bytes(mesh.num_prefill),
+                      hot_tier_memory=FLAGS.hot_tier_memory)

@@ -114,21 +114,25 @@ def test_mesh_run_loads_through_both_paths(tmp_path):
   assert r["nics"] and r["config"]["mesh"] == "1P2D"
 
 
-def test_mesh_run_with_prefill_hot_tiers(tmp_path):
+@pytest.mark.parametrize("memory", ["pageable", "pinned_host"])
+def test_mesh_run_with_prefill_hot_tiers(tmp_path, memory):
   """1P2D with a hot tier on the prefill engine, which keeps nothing in its
   pool: each session's second turn reads its first turn's prompt blocks
-  from the hot tier, and the report and the by-tier line say so."""
+  from the hot tier, and the report and the by-tier line say so; in either
+  memory (--hot_tier_memory)."""
   proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
               "--max_context=1024", "--sessions=2", "--turns=2",
               "--first_tool_lines=1", "--growth_lines=1",
               "--max_new_tokens=2", "--reply=teacher_forced", "--nowarmup",
               "--noprogress", f"--cold_tier={tmp_path / 'cold'}",
               "--mesh=1P2D", "--noprefill_keeps_prefix",
-              "--hot_tier_gb=0.01", f"--report={tmp_path / 'r.json'}")
+              "--hot_tier_gb=0.01", f"--hot_tier_memory={memory}",
+              f"--report={tmp_path / 'r.json'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads((tmp_path / "r.json").read_text())
   hot = r["cold_tier"]["hot_tier"]
   assert hot["engines"] == 1 and hot["hits"] > 0
+  assert hot["memory"] == r["config"]["hot_tier_memory"] == memory
   assert r["engine"]["path_blocks"]["hot"] == hot["hits"]
   by_tier = r["engine"]["cached_tokens_by_tier"]
   assert by_tier["hot"] == r["cold_tier"]["hot_loaded_tokens"] > 0
@@ -136,11 +140,12 @@ def test_mesh_run_with_prefill_hot_tiers(tmp_path):
   assert r["config"]["hot_tier_gb"] == 0.01
 
 
-def test_mesh_run_with_a_prefetcher(tmp_path):
+@pytest.mark.parametrize("memory", ["pageable", "pinned_host"])
+def test_mesh_run_with_a_prefetcher(tmp_path, memory):
   """1P2D, decode batches of one turn (so turns wait to be placed) and a
   hot tier of 78 blocks for 8 sessions of about 40: the prefetcher reads
   waiting turns' evicted prefixes back into the tier, the turns read them
-  there, and the report and its printed line say so."""
+  there, and the report and its printed line say so; in either memory."""
   proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
               "--max_context=1024", "--sessions=8", "--turns=3",
               "--first_tool_lines=1", "--growth_lines=1",
@@ -148,7 +153,7 @@ def test_mesh_run_with_a_prefetcher(tmp_path):
               "--noprogress", "--max_batch=1", f"--cold_tier={tmp_path / 'c'}",
               "--mesh=1P2D", "--noprefill_keeps_prefix",
               "--hot_tier_gb=0.0006", "--prefetch_blocks=2",
-              f"--report={tmp_path / 'r.json'}")
+              f"--hot_tier_memory={memory}", f"--report={tmp_path / 'r.json'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads((tmp_path / "r.json").read_text())
   pf = r["cold_tier"]["prefetch"]

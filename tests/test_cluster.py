@@ -415,10 +415,12 @@ def test_prefill_rate_reaches_the_scheduler(tiny, tmp_path):
 BLOCK_BYTES = 2 * 2 * TINY_KV_HEADS * BS * TINY_HEAD_DIM * 4  # 2 layers, f32
 
 
-@pytest.mark.parametrize("policy,hot_blocks", [
-    ("single_path", 256), ("dualpath", 256), ("dualpath", 3)])
+@pytest.mark.parametrize("policy,hot_blocks,memory", [
+    ("single_path", 256, "pageable"), ("dualpath", 256, "pageable"),
+    ("dualpath", 3, "pageable"), ("dualpath", 256, "pinned_host"),
+    ("dualpath", 3, "pinned_host")])
 def test_a_prefill_engines_hot_tier_serves_the_next_turn_exactly(
-    tiny, reference, tmp_path, policy, hot_blocks):
+    tiny, reference, tmp_path, policy, hot_blocks, memory):
   """The PE keeps nothing in its pool (`prefill_keeps_prefix=False`), so
   turn 3's prefix is turn 2's prompt, which the PE put in its hot tier when
   it handed turn 2 to a DE, plus the blocks with turn 2's generated tokens,
@@ -426,13 +428,15 @@ def test_a_prefill_engines_hot_tier_serves_the_next_turn_exactly(
   reads its whole prefix from the hot tier (host -> HBM, no NIC), nothing
   from the store, and generates exactly the single engine's tokens. A
   3-block tier holds a sliver of that, evicting all the time: the rest
-  comes from the store, and the tokens must not change either."""
+  comes from the store, and the tokens must not change either. The same
+  with the tier in pinned_host memory (moved by kernels.block_copy)."""
   snapshot, turns = reference
   cluster = make_cluster(
       tiny, CACHE, ENGINE, _cold(tmp_path), MeshConfig.parse("1P2D"),
       DualPathConfig(policy=policy, storage_nic_gbps=100.0,
                      prefill_keeps_prefix=False),
-      hot_tier_bytes=hot_blocks * BLOCK_BYTES)
+      hot_tier_bytes=hot_blocks * BLOCK_BYTES, hot_tier_memory=memory)
+  assert cluster.prefill_workers[0].hot_tier.memory == memory
   for session, (ids, blocks) in snapshot.items():
     cluster.store.put(ids, blocks, tenant="t", session=session)
   _fill_pools_with_nan(cluster)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dualpath_jax.config import CacheConfig, EngineConfig
-from dualpath_jax.engine import pool_io
+from dualpath_jax.cache import pool_io
 from dualpath_jax.engine.factory import make_engine
 from dualpath_jax.engine.request import TurnRequest
 from dualpath_jax.model import load_model

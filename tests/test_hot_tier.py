@@ -159,7 +159,7 @@ def tiny():
   return load_model("random:tiny-test")
 
 
-def _engine(tiny, *, num_blocks, hot_blocks=0, root=None):
+def _engine(tiny, *, num_blocks, hot_blocks=0, root=None, memory="pageable"):
   c = tiny.config
   block_bytes = c.num_layers * 2 * c.num_kv_heads * BS * c.head_dim * 4
   return make_engine(
@@ -167,7 +167,7 @@ def _engine(tiny, *, num_blocks, hot_blocks=0, root=None):
       EngineConfig(max_batch_size=2, max_prefill_chunk=16, max_context=128),
       cold_tier=(None if root is None else
                  ColdTierConfig(root=str(root), file_io_mode="default")),
-      hot_tier_bytes=hot_blocks * block_bytes)
+      hot_tier_bytes=hot_blocks * block_bytes, hot_tier_memory=memory)
 
 
 def _run(engine, req):
@@ -198,12 +198,14 @@ def _session_then_flood(engine, flood=3):
                                   tenant="t")), nxt
 
 
-def test_engine_loads_an_evicted_prefix_from_the_hot_tier_exactly(tiny):
+@pytest.mark.parametrize("memory", ["pageable", "pinned_host"])
+def test_engine_loads_an_evicted_prefix_from_the_hot_tier_exactly(tiny, memory):
   plain = _engine(tiny, num_blocks=16)
   want, prompt = _session_then_flood(plain)
   assert want.cached_prompt_tokens == 0  # the pool forgot it
 
-  hot = _engine(tiny, num_blocks=16, hot_blocks=64)
+  hot = _engine(tiny, num_blocks=16, hot_blocks=64, memory=memory)
+  assert hot.cold_tier.hot.memory == memory
   got, _ = _session_then_flood(hot)
   stats = hot.cold_tier.stats
   assert got.generated_tokens == want.generated_tokens  # loaded == recomputed
@@ -221,8 +223,10 @@ def test_engine_loads_an_evicted_prefix_from_the_hot_tier_exactly(tiny):
   assert alone.generated_tokens == want.generated_tokens
 
 
-def test_hot_tier_in_front_of_the_cold_tier(tiny, tmp_path):
-  engine = _engine(tiny, num_blocks=16, hot_blocks=20, root=tmp_path)
+@pytest.mark.parametrize("memory", ["pageable", "pinned_host"])
+def test_hot_tier_in_front_of_the_cold_tier(tiny, tmp_path, memory):
+  engine = _engine(tiny, num_blocks=16, hot_blocks=20, root=tmp_path,
+                   memory=memory)
   got, _ = _session_then_flood(engine, flood=1)
   stats = engine.cold_tier.stats
   # The pool kept the session's shallowest blocks, the hot tier (20 blocks

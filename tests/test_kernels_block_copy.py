@@ -209,3 +209,44 @@ def test_scatter_refuses_ids_outside_the_pool_or_the_tier():
   out = block_copy.scatter_to_host(host, pool, jnp.asarray([1], jnp.int32),
                                    jnp.asarray([-1], jnp.int32))
   np.testing.assert_array_equal(np.asarray(jax.device_get(out)), before)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_put_to_host_writes_device_blocks_into_named_slots(dtype):
+  """Blocks already on the device (not pool pages) go into the named slots,
+  skipped entries (-1, at either end) writing nothing; fetch_to_device
+  reads them back block-major."""
+  rng = np.random.default_rng(17)
+  host = _host_array(rng, (7, 2) + SHAPE_TAIL, dtype)
+  want = np.asarray(jax.device_get(host)).copy()
+  blocks = _device_array(rng, (4, 2) + SHAPE_TAIL, dtype)
+  dst = np.asarray([-1, 6, 0, -1], np.int32)
+  for k, d in enumerate(dst):
+    if d >= 0:
+      want[d] = np.asarray(blocks)[k]
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+    out = block_copy.put_to_host(host, blocks, dst)
+  assert out.sharding.memory_kind == "pinned_host"
+  np.testing.assert_array_equal(np.asarray(jax.device_get(out)), want)
+  slots = np.asarray([6, 3, 0], np.int32)
+  fetched = block_copy.fetch_to_device(out, slots)
+  assert fetched.sharding.memory_kind == "device"
+  np.testing.assert_array_equal(np.asarray(fetched), want[slots])
+
+
+def test_put_to_host_refuses_blocks_or_slots_that_do_not_fit():
+  rng = np.random.default_rng(18)
+  host = _host_array(rng, (3, 2) + SHAPE_TAIL, jnp.float32)
+  before = np.asarray(jax.device_get(host))
+  blocks = _device_array(rng, (2, 2) + SHAPE_TAIL, jnp.float32)
+  with pytest.raises(ValueError, match="destination hot-tier slots"):
+    block_copy.put_to_host(host, blocks, np.asarray([0, 3], np.int32))
+  with pytest.raises(ValueError, match="are not blocks of the hot tier"):
+    block_copy.put_to_host(host, blocks.astype(jnp.bfloat16),
+                           np.asarray([0, 1], np.int32))
+  with pytest.raises(ValueError, match="need as many destination slots"):
+    block_copy.put_to_host(host, blocks, np.asarray([0, 1, 2], np.int32))
+  np.testing.assert_array_equal(np.asarray(jax.device_get(host)), before)
+  same = block_copy.put_to_host(host, blocks, np.asarray([-1, -1], np.int32))
+  np.testing.assert_array_equal(np.asarray(jax.device_get(same)), before)

@@ -9,10 +9,13 @@ makes) and, when a later turn's prefix is no longer in the pool, reads the
 leading blocks it finds here before it asks the cold tier for the rest.
 
 Blocks live in one buffer `[capacity, *block_shape]`, allocated and touched
-once when the tier is built (a first touch costs more than the copy; on GPU
-hosts the buffer is where pinned memory would go). A block is only ever
-copied in whole and read back in whole: a block's bytes are exactly what
-its identity names, as in every tier (the invariant of docs/DESIGN).
+once when the tier is built (a first touch costs more than the copy): a
+numpy array (`memory="pageable"`), or a JAX array in `pinned_host` memory
+that `kernels.block_copy` gathers into the device pool and scatters back
+from it without a numpy copy (`memory="pinned_host"`; `hot_tier_memory.py`
+says what each costs). A block is only ever copied in whole and read back
+in whole: a block's bytes are exactly what its identity names, as in every
+tier (the invariant of docs/DESIGN).
 
 Eviction keeps what a future turn is likeliest to read, by three signals:
 
@@ -41,11 +44,15 @@ Not thread-safe: one engine thread calls it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
-from typing import Collection, Sequence
+from typing import TYPE_CHECKING, Collection, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # JAX loads with the tier's memory, not with this module
+  import jax
 
 
 @dataclasses.dataclass
@@ -69,7 +76,11 @@ class HotTier:
 
   def __init__(self, capacity_blocks: int,
                block_shape: Sequence[int],  # [L, 2, Hkv, P, D]
-               dtype, *, protected_fraction: float = 0.8):
+               dtype, *, protected_fraction: float = 0.8,
+               memory: str = "pageable", device: jax.Device | None = None):
+    """`memory`: "pageable" or "pinned_host" (in `device`'s pinned host
+    memory, default the first device; pools it moves blocks into must sit
+    on that device)."""
     if (isinstance(capacity_blocks, bool) or
         not isinstance(capacity_blocks, int) or capacity_blocks < 1):
       raise ValueError(f"a hot tier holds at least one block, got "
@@ -82,8 +93,9 @@ class HotTier:
     self.block_shape = tuple(int(d) for d in block_shape)
     self.dtype = np.dtype(dtype)
     self.protected_cap = int(capacity_blocks * protected_fraction)
-    self._data = np.empty((capacity_blocks, *self.block_shape), self.dtype)
-    self._data.fill(0)  # pay the first touch now, not in a turn
+    from dualpath_jax.cache import hot_tier_memory  # loads JAX
+    self._blocks = hot_tier_memory.make_blocks(
+        memory, capacity_blocks, self.block_shape, self.dtype, device)
     # id -> slot; OrderedDicts run from least to most recently used.
     self._probation: collections.OrderedDict[bytes, int] = (
         collections.OrderedDict())
@@ -107,7 +119,18 @@ class HotTier:
   # ------------------------------------------------------------ queries
   @property
   def nbytes(self) -> int:
-    return self._data.nbytes
+    return self._blocks.nbytes
+
+  def wait(self) -> None:
+    """Returns when every copy into the tier issued so far has landed (a
+    pinned tier's are asynchronous; for timing: reads are ordered after
+    them without it)."""
+    self._blocks.wait()
+
+  @property
+  def memory(self) -> str:
+    """Where the bytes live: "pageable" or "pinned_host"."""
+    return self._blocks.memory
 
   def __len__(self) -> int:
     return len(self._probation) + len(self._protected)
@@ -155,11 +178,29 @@ class HotTier:
     self._check_out(out, len(ids))
     self.stats.lookups += len(ids)
     n = self.leading_run(ids)
-    for k in range(n):
-      out[k] = self._data[self._slot(ids[k])]
+    self._blocks.read([self._slot(i) for i in ids[:n]], out)
     self._reuse(ids[:n])
     self.stats.hits += n
     return n
+
+  def read_run_to_pool(self, ids: Sequence[bytes],
+                       pool: jax.Array,  # [L, N, 2, Hkv, P, D] (donated)
+                       pages: Sequence[int]  # [>= len(ids)] pool pages
+                       ) -> tuple[jax.Array, int]:
+    """Copies the leading run of `ids` that is held into pool pages
+    `pages[:n]` (straight from the tier's memory: no numpy copy for a
+    pinned tier); returns (the pool, n). Counts as `read_run` does."""
+    if len(pages) < len(ids):
+      raise ValueError(f"{len(ids)} blocks need as many pool pages; got "
+                       f"{len(pages)}")
+    self.stats.lookups += len(ids)
+    n = self.leading_run(ids)
+    if n:
+      pool = self._blocks.to_pool(pool, [self._slot(i) for i in ids[:n]],
+                                  pages[:n])
+    self._reuse(ids[:n])
+    self.stats.hits += n
+    return pool, n
 
   # ------------------------------------------------------------ writes
   def put(self, ids: Sequence[bytes],
@@ -180,6 +221,55 @@ class HotTier:
     if blocks.dtype != self.dtype:
       raise ValueError(f"blocks are {blocks.dtype}, the tier holds "
                        f"{self.dtype}")
+    placed = self._place(ids, keep)
+    if placed:
+      with self._undone_on_error(ids, placed):
+        self._blocks.write([slot for _, slot in placed],
+                           blocks[[k for k, _ in placed]])
+    return len(placed)
+
+  def put_from_pool(self, ids: Sequence[bytes],
+                    pool: jax.Array,  # [L, N, 2, Hkv, P, D]
+                    pages: Sequence[int],  # [len(ids)] where the blocks are
+                    *, keep: Sequence[bytes] = (),
+                    host_blocks: np.ndarray | None = None
+                    ) -> int:
+    """`put` of the blocks at pool pages `pages` (a pinned tier copies them
+    device -> host in place). `host_blocks [len(ids), *block_shape]`: a
+    host copy of those pages the caller already made (e.g. for the cold
+    tier), which a pageable tier copies instead of reading the pool."""
+    if len(pages) != len(ids):
+      raise ValueError(f"{len(ids)} ids need as many pool pages; got "
+                       f"{len(pages)}")
+    if host_blocks is not None and (
+        host_blocks.shape != (len(ids), *self.block_shape)):
+      raise ValueError(f"host_blocks {host_blocks.shape} do not match "
+                       f"{len(ids)} ids of {self.block_shape}")
+    placed = self._place(ids, keep)
+    if placed:
+      rows = [k for k, _ in placed]
+      with self._undone_on_error(ids, placed):
+        self._blocks.from_pool(
+            pool, [pages[k] for k in rows], [slot for _, slot in placed],
+            None if host_blocks is None else host_blocks[rows])
+    return len(placed)
+
+  @contextlib.contextmanager
+  def _undone_on_error(self, ids: Sequence[bytes],
+                       placed: list[tuple[int, int]]):
+    """A copy that raises leaves its blocks out of the tier (their slots
+    free), never held under an id with bytes that are not the block's."""
+    try:
+      yield
+    except BaseException:
+      self.stats.puts -= len(placed)
+      self.discard([ids[k] for k, _ in placed])
+      raise
+
+  def _place(self, ids: Sequence[bytes], keep: Sequence[bytes]
+             ) -> list[tuple[int, int]]:
+    """A put's bookkeeping: (index in `ids`, slot) of each block to copy in,
+    slots made by eviction; reuses the held ones (see `put`)."""
     if len(set(ids)) != len(ids):
       raise ValueError("a put names one block id twice")
     mine = set(ids) | set(keep) | self._pinned
@@ -189,15 +279,16 @@ class HotTier:
     if len(new) > room:
       self.stats.dropped += len(new) - room
       new = new[:room]
+    placed = []
     for k, block_id in reversed(new):  # deepest first: evicted first
       slot = self._free.pop() if self._free else self._evict(mine)
-      self._data[slot] = blocks[k]
+      placed.append((k, slot))
       self._probation[block_id] = slot
     self.stats.puts += len(new)
     # After the new blocks: a held block this reuse demotes from the
     # protected segment is shallower than them, so it goes out after them.
     self._reuse(held)
-    return len(new)
+    return placed
 
   def touch(self, ids: Sequence[bytes]) -> None:
     """Marks the held ones among `ids` reused (a turn used them again)."""

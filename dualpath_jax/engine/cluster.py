@@ -87,6 +87,7 @@ from dualpath_jax.engine.engine import EngineStats
 from dualpath_jax.engine import step_parts
 from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
 from dualpath_jax.cache.hot_tier import HotTier
+from dualpath_jax.cache.hot_tier_memory import check_memory_kind, pool_device
 from dualpath_jax.engine.factory import make_hot_tier, model_fingerprint
 from dualpath_jax.engine.prefetch import ClusterPrefetcher, session_key
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
@@ -183,7 +184,8 @@ class ClusterColdTier:
     hot tiers (None without them), `engines` saying how many."""
     hot = None
     if self.hot_tiers:
-      hot = {"engines": len(self.hot_tiers)}
+      hot = {"engines": len(self.hot_tiers),
+             "memory": self.hot_tiers[0].memory}  # one setting for all
       for tier in self.hot_tiers:
         for k, v in {**tier.stats.as_dict(), "capacity_blocks": tier.capacity,
                      "held_blocks": len(tier), "bytes": tier.nbytes}.items():
@@ -199,7 +201,7 @@ class _Worker:
 
   def __init__(self, mesh: EngineMesh, runner: ModelRunner, loaded,
                cache: CacheConfig, engine: EngineConfig, nic: StorageNic,
-               hot_tier_bytes: int = 0):
+               hot_tier_bytes: int = 0, hot_tier_memory: str = "pageable"):
     self.mesh = mesh
     self.name = mesh.name
     self.role = mesh.role
@@ -216,7 +218,15 @@ class _Worker:
     self.hot_tier: HotTier | None = None
     self.hot_io: ColdTierConnector | None = None  # moves its blocks
     if hot_tier_bytes and self.role == PREFILL:
-      self.hot_tier = make_hot_tier(hot_tier_bytes, loaded.config, cache)
+      device = pool_device(self.kv)
+      if hot_tier_memory == "pinned_host" and device is None:
+        raise ValueError(
+            f"{self.name}: a pinned_host hot tier moves blocks into a pool on "
+            f"one device; this prefill engine's pool spans "
+            f"{len(self.kv.sharding.device_set)} (tensor parallel): use "
+            f"hot_tier_memory='pageable'")
+      self.hot_tier = make_hot_tier(hot_tier_bytes, loaded.config, cache,
+                                    memory=hot_tier_memory, device=device)
       self.hot_io = ColdTierConnector(None, self.manager, hot=self.hot_tier)
     self.queue: collections.deque[_Turn] = collections.deque()  # PE: placed
     self.current: _Turn | None = None  # PE: the turn being prefilled
@@ -281,6 +291,8 @@ class PDCluster:
     dualpath: policy, NIC bandwidth, staging bounds, hand-off method.
     hot_tier_bytes: > 0 gives every prefill engine a host-DRAM hot tier
       (`cache.HotTier`) of that many bytes; see the module docstring.
+    hot_tier_memory: "pageable" or "pinned_host" (of the PE's device: each
+      PE's pool must sit on one; `cache.hot_tier_memory`).
     devices: the devices to split (default `jax.devices()`).
     clock: seconds, for arrival / first-token / finish times and snapshots.
   """
@@ -289,9 +301,11 @@ class PDCluster:
                store, mesh: MeshConfig = MeshConfig(1, 1),
                dualpath: DualPathConfig = DualPathConfig(), *,
                hot_tier_bytes: int = 0,
+               hot_tier_memory: str = "pageable",
                devices: Sequence[jax.Device] | None = None,
                clock: Callable[[], float] = time.perf_counter):
     check_max_context(config.max_context, loaded.config)
+    check_memory_kind(hot_tier_memory)
     if store is None:
       raise ValueError("PDCluster needs a cold tier (a storage.BlockStore)")
     self.config = config
@@ -316,7 +330,8 @@ class PDCluster:
       if key not in runners:  # engines on the same devices share the weights
         runners[key] = _runner_on(e, loaded, cache, config)
       self.workers[e.name] = _Worker(e, runners[key], loaded, cache, config,
-                                     self.nics[e.name], hot_tier_bytes)
+                                     self.nics[e.name], hot_tier_bytes,
+                                     hot_tier_memory)
     self.prefill_workers = [self.workers[e.name]
                             for e in self.cluster_mesh.prefill]
     self.decode_workers = [self.workers[e.name]
@@ -1090,15 +1105,17 @@ def _check_cluster(cluster_mesh, model, cache: CacheConfig,
 
 def make_cluster(loaded, cache: CacheConfig, engine: EngineConfig, cold_tier,
                  mesh: MeshConfig, dualpath: DualPathConfig, *,
-                 hot_tier_bytes: int = 0,
+                 hot_tier_bytes: int = 0, hot_tier_memory: str = "pageable",
                  devices: Sequence[jax.Device] | None = None) -> PDCluster:
   """A `PDCluster` over a new `storage.BlockStore` (`cold_tier`: its config),
-  each prefill engine with a hot tier of `hot_tier_bytes` (0: none)."""
+  each prefill engine with a hot tier of `hot_tier_bytes` (0: none) in
+  `hot_tier_memory`."""
   from storage.block_store import BlockStore
   store = BlockStore(cold_tier, loaded.config, cache)
   try:
     return PDCluster(loaded, cache, engine, store, mesh, dualpath,
-                     hot_tier_bytes=hot_tier_bytes, devices=devices)
+                     hot_tier_bytes=hot_tier_bytes,
+                     hot_tier_memory=hot_tier_memory, devices=devices)
   except BaseException:
     store.close()
     raise

@@ -5,17 +5,20 @@ Two tiers may back the device pool, each optional: a hot tier in host DRAM
 
 At admission, after the pool's own prefix hit, `load_prefix` looks up the
 next blocks of the context: the leading run the hot tier holds, then the
-run after it that the cold tier holds and verifies. It reads them into one
-reused host buffer, writes them into freshly allocated pages in one call
-and marks them computed, so prefill starts after them. A block that is
-missing, torn or corrupt ends the run: it and everything after it are
-recomputed (the store counts and logs the bad block). Blocks read from the
-cold tier are put in the hot tier too, from the same host buffer.
+run after it that the cold tier holds and verifies. The cold blocks are
+read into one reused host buffer; then fresh pages are allocated, the hot
+run is copied into them straight from the hot tier's memory (a pinned
+tier: `kernels.block_copy`'s gather) and the cold blocks after it in one
+write, and they are marked computed, so prefill starts after them. A block
+that is missing, torn or corrupt ends the run: it and everything after it
+are recomputed (the store counts and logs the bad block). Blocks read from
+the cold tier are put in the hot tier too, from the same host buffer.
 
-When a turn finishes, `write_back` copies to the host, once, the
-sequence's full blocks that either tier lacks: the hot tier takes its copies
-at once (the ones it has count as reused), the cold tier's go to its write
-pool (`put_async`): the engine does not wait for the disk.
+When a turn finishes, `write_back` copies the sequence's full blocks that
+either tier lacks: the hot tier takes its copies at once (the ones it has
+count as reused; a pinned tier straight from the pool, a pageable one from
+the host copy made for the cold tier, or its own), the cold tier's go to
+its write pool (`put_async`): the engine does not wait for the disk.
 
 Loading is synchronous here (one engine, one device): the DualPath transfer
 layer overlaps it with prefill, layer by layer.
@@ -35,7 +38,7 @@ import jax
 
 from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
-from dualpath_jax.engine import pool_io
+from dualpath_jax.cache import pool_io
 from dualpath_jax.transfer.source import StagingRows
 
 _log = logging.getLogger(__name__)
@@ -121,21 +124,23 @@ class ColdTierConnector:
     if run == 0:
       return pool, 0, 0
     hot_run = min(hot_run, run)
-    staging = self._staging.rows(run)
-    if hot_run:
-      hot_run = self.hot.read_run(wanted[:hot_run], staging)
-    good = hot_run
-    if run > hot_run:
-      got = self._cold_read(wanted[hot_run:run], staging[hot_run:run])
-      good += got
-      if got and self.hot is not None:
-        self.hot.put(wanted[hot_run:good], staging[hot_run:good])
+    # The cold reads first, into the host buffer: how many verify decides
+    # how many pages to take. Nothing in the hot tier changes until its run
+    # is in the pool.
+    staging = self._staging.rows(max(run - hot_run, 1))
+    got = (self._cold_read(wanted[hot_run:run], staging[:run - hot_run])
+           if run > hot_run else 0)
+    good = hot_run + got
     if good == 0:
       return pool, 0, 0
     self.manager.allocate(seq_id, good * bs)
-    table = self.manager.block_table(seq_id)
-    pages = table[have:have + good]
-    pool = pool_io.write_blocks(pool, pages, staging[:good])  # copies it
+    pages = self.manager.block_table(seq_id)[have:have + good]
+    if hot_run:  # straight from the tier's memory into the pool
+      pool, _ = self.hot.read_run_to_pool(wanted[:hot_run], pool, pages)
+    if got:
+      pool = pool_io.write_blocks(pool, pages[hot_run:], staging[:got])
+      if self.hot is not None:
+        self.hot.put(wanted[hot_run:good], staging[:got])
     self.manager.append_tokens(seq_id, tokens[computed:(have + good) * bs])
     loaded = (have + good) * bs - computed
     # The first loaded block may be partly computed already (a pool hit
@@ -195,22 +200,28 @@ class ColdTierConnector:
       if touch_hot:
         self.hot.touch(hashes)  # this turn used the ones it holds
     todo = [i for i in range(len(hashes)) if cold_lacks[i] or hot_lacks[i]]
-    blocks = (pool_io.read_blocks(pool, [table[i] for i in todo]) if todo
-              else None)
+    cold = [k for k, i in enumerate(todo) if cold_lacks[i]]
+    # One host copy: of the blocks either tier lacks, or, where the hot
+    # tier is pinned (it takes its blocks from the pool, device -> pinned
+    # host in place), of the cold tier's only.
+    pinned = self.hot is not None and self.hot.memory == "pinned_host"
+    copied = cold if pinned else range(len(todo))
+    blocks = (pool_io.read_blocks(pool, [table[todo[k]] for k in copied])
+              if copied else None)
     if self.hot is not None:
       rows = [k for k, i in enumerate(todo) if hot_lacks[i]]
       if rows:  # never evicting the chain's own blocks: no holes in it
-        self.hot.put([hashes[todo[k]] for k in rows], blocks[rows],
-                     keep=hashes)
+        self.hot.put_from_pool([hashes[todo[k]] for k in rows], pool,
+                               [table[todo[k]] for k in rows], keep=hashes,
+                               host_blocks=None if pinned else blocks[rows])
       if not touch_hot:
         self.hot.refresh(hashes)
-    cold = [k for k, i in enumerate(todo) if cold_lacks[i]]
     if not cold:
       return
+    if not pinned and len(cold) < len(todo):
+      blocks = blocks[cold]
     try:  # a closed store or a shut-down pool raises here, not later
-      future = self.store.put_async([hashes[todo[k]] for k in cold],
-                                    blocks[cold] if len(cold) < len(todo)
-                                    else blocks,
+      future = self.store.put_async([hashes[todo[k]] for k in cold], blocks,
                                     tenant=tenant, session=session)
     except Exception as err:  # pylint: disable=broad-except
       count_store_error(self.stats, "write", err)
@@ -240,7 +251,8 @@ class ColdTierConnector:
     hot = None
     if self.hot is not None:
       hot = {**self.hot.stats.as_dict(), "capacity_blocks": self.hot.capacity,
-             "held_blocks": len(self.hot), "bytes": self.hot.nbytes}
+             "held_blocks": len(self.hot), "bytes": self.hot.nbytes,
+             "memory": self.hot.memory}
     return {**self.stats.as_dict(),
             "store": None if self.store is None else self.store.stats(),
             "hot_tier": hot}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from dualpath_jax.cache.block_pool import BlockPool
+from dualpath_jax.cache.hot_tier_memory import check_memory_kind
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import CacheConfig, EngineConfig, check_max_context
 from dualpath_jax.engine.engine import Engine
@@ -16,9 +17,11 @@ def model_fingerprint(loaded) -> str:
   return f"{loaded.config.fingerprint()}:{loaded.weights_id}"
 
 
-def make_hot_tier(capacity_bytes: int, model_config, cache: CacheConfig):
+def make_hot_tier(capacity_bytes: int, model_config, cache: CacheConfig,
+                  memory: str = "pageable", device=None):
   """A `cache.HotTier` of as many whole blocks of `model_config`'s KV
-  (`cache`'s block size and dtype) as `capacity_bytes` holds."""
+  (`cache`'s block size and dtype) as `capacity_bytes` holds, in `memory`
+  ("pageable" or "pinned_host" of `device`; `cache.hot_tier_memory`)."""
   import ml_dtypes  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dualpath_jax.cache.hot_tier import HotTier  # pylint: disable=g-import-not-at-top
@@ -27,20 +30,25 @@ def make_hot_tier(capacity_bytes: int, model_config, cache: CacheConfig):
            else np.dtype(cache.dtype))
   return HotTier.for_bytes(
       capacity_bytes,
-      (c.num_layers, 2, c.num_kv_heads, cache.block_size, c.head_dim), dtype)
+      (c.num_layers, 2, c.num_kv_heads, cache.block_size, c.head_dim), dtype,
+      memory=memory, device=device)
 
 
 def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
-                cold_tier=None, hot_tier_bytes: int = 0) -> Engine:
+                cold_tier=None, hot_tier_bytes: int = 0,
+                hot_tier_memory: str = "pageable") -> Engine:
   """An engine serving `loaded` (a `dualpath_jax.model.LoadedModel`).
 
   `cold_tier` (a `storage.ColdTierConfig`) backs the pool with a TensorStore
   block store: evicted or earlier-process blocks load from it, finished
   turns' full blocks are written to it. Close it with `engine.close()`.
   `hot_tier_bytes` > 0 adds a host-DRAM hot tier of that size
-  (`cache.HotTier`) in front of it, or alone.
+  (`cache.HotTier`) in front of it, or alone, its bytes in
+  `hot_tier_memory`: "pageable" (numpy) or "pinned_host" (moved to and from
+  the pool by `kernels.block_copy`; `cache.hot_tier_memory`).
   """
   check_max_context(engine.max_context, loaded.config)
+  check_memory_kind(hot_tier_memory)
   runner = ModelRunner(loaded.model, cache, attention_impl=engine.attention_impl)
   manager = KVCacheManager(
       BlockPool(cache.num_blocks), cache.block_size, model_fingerprint(loaded),
@@ -48,8 +56,8 @@ def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
   connector = None
   if cold_tier is not None or hot_tier_bytes:
     from dualpath_jax.engine.cold_tier import ColdTierConnector
-    hot = (make_hot_tier(hot_tier_bytes, loaded.config, cache)
-           if hot_tier_bytes else None)
+    hot = (make_hot_tier(hot_tier_bytes, loaded.config, cache,
+                         memory=hot_tier_memory) if hot_tier_bytes else None)
     store = None
     if cold_tier is not None:
       from storage.block_store import BlockStore

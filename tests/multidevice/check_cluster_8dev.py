@@ -162,6 +162,85 @@ def test_hot_tier_on_a_tensor_parallel_prefill_engine(tmp_path, turn_two):
     cluster.close()
 
 
+def test_pinned_host_hot_tier_with_engines_on_separate_devices(tmp_path,
+                                                              turn_two):
+  """1P2D, one device each, the PE keeping nothing in HBM and its hot tier
+  in pinned_host memory of its device: the PE puts a prompt's blocks from
+  its own pool (device -> pinned host), each DE the blocks with generated
+  tokens from its pool on another device (through the host); turn 2 again
+  (new ids) reads its whole prefix from the tier into the PE's pool and
+  generates the same tokens. A tensor-parallel PE is refused."""
+  import dataclasses
+  tiny, second_reqs, want, stored = turn_two
+  block_bytes = CACHE.bytes_per_block(tiny.config)
+  cluster = make_cluster(
+      tiny, CACHE, ENGINE, ColdTierConfig(root=str(tmp_path / "c"),
+                                          file_io_mode="default"),
+      MeshConfig.parse("1P2D"),
+      DualPathConfig(policy="dualpath", storage_nic_gbps=100.0,
+                     prefill_keeps_prefix=False),
+      hot_tier_bytes=64 * block_bytes, hot_tier_memory="pinned_host")
+  try:
+    pe = cluster.prefill_workers[0]
+    (pe_device,) = pe.kv.devices()
+    assert pe.hot_tier._blocks.device == pe_device
+    assert all(w.kv.devices() != {pe_device} for w in cluster.decode_workers)
+    for s, (ids, blocks) in stored.items():
+      cluster.store.put(ids, blocks, tenant="t", session=s)
+    first = _run(cluster, second_reqs)
+    assert cluster.stats.path_blocks["hot"] == 0
+    cluster.flush()
+    for r in second_reqs:  # the DEs' puts: every block of turn 2's context,
+      # generated tokens included, in the PE's tier with the bytes the DE
+      # wrote to the store from its own host copy
+      context = r.prompt_tokens + first[r.request_id].generated_tokens
+      ids = hash_chain(context[:len(context) // BS * BS], BS,
+                       model_fingerprint(tiny), "t")
+      assert len(ids) > len(r.prompt_tokens) // BS
+      hot = np.empty((len(ids), *pe.hot_tier.block_shape), np.float32)
+      assert pe.hot_tier.read_run(ids, hot) == len(ids)
+      np.testing.assert_array_equal(hot, np.stack(cluster.store.get(ids)))
+    again = [dataclasses.replace(r, request_id=r.request_id + "'")
+             for r in second_reqs]
+    got = _run(cluster, again)
+    for r in second_reqs:
+      assert first[r.request_id].generated_tokens == \
+          want[r.request_id].generated_tokens
+      assert got[r.request_id + "'"].generated_tokens == \
+          want[r.request_id].generated_tokens
+    assert cluster.stats.path_blocks["hot"] == sum(
+        (len(r.prompt_tokens) - 1) // BS for r in second_reqs)
+    assert pe.hot_tier._blocks._data.sharding.memory_kind == "pinned_host"
+  finally:
+    cluster.close()
+  with pytest.raises(ValueError, match="pool on one device"):
+    make_cluster(tiny, CACHE, ENGINE,
+                 ColdTierConfig(root=str(tmp_path / "tp"),
+                                file_io_mode="default"),
+                 MeshConfig.parse("1P1D", "2"), DualPathConfig(),
+                 hot_tier_bytes=64 * block_bytes,
+                 hot_tier_memory="pinned_host")
+  assert os.listdir(tmp_path / "tp" / "owners") == []
+
+
+def test_pinned_blocks_and_a_pool_on_another_device():
+  """The tier's gather reads into its own device's pool only; a pool on
+  another device (a DE's) is put into it through the host, exactly."""
+  from dualpath_jax.cache.hot_tier_memory import PinnedBlocks
+  rng = np.random.default_rng(3)
+  shape = (2, 2, 1, 4, 8)
+  store = PinnedBlocks(4, shape, np.float32, jax.devices()[0])
+  pool = jax.device_put(
+      rng.standard_normal((2, 6, 2, 1, 4, 8)).astype(np.float32),
+      jax.devices()[1])
+  with pytest.raises(ValueError, match="moves blocks into a pool on that"):
+    store.to_pool(pool, [0], [0])
+  store.from_pool(pool, [5, 2], [3, 0])
+  out = np.empty((2, *shape), np.float32)
+  store.read([3, 0], out)
+  np.testing.assert_array_equal(out, np.asarray(pool)[:, [5, 2]].swapaxes(0, 1))
+
+
 @pytest.mark.parametrize("mesh,tp,handoff,match", [
     ("1P1D", "4", "auto", r"tp=4 does not divide the model's 2 KV heads"),
     ("1P1D", "2,1", "ppermute", "equal tp for a ppermute hand-off")])
