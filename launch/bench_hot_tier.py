@@ -23,8 +23,10 @@ is that gather as the engine runs it (bookkeeping, chunking and all).
 
 Each figure is the median of `--repeats` timed calls after an untimed one
 (which compiles). Prints a table; writes JSON (`--json`) and a PNG
-(`--plot`). On a CPU the memories are all host memory: the figures show the
-code's overhead, not a bus. Ctrl-C reports what was measured so far
+(`--plot`). On a CPU every memory is host memory: the figures show the
+code's overhead, not a bus, and a pinned tier is timed only if asked for
+(`--memories=pinned_host`, with few `--blocks`): XLA:CPU copies the whole
+pool or tier per call there. Ctrl-C reports what was measured so far
 (`"complete": false`) and exits 130.
 """
 
@@ -62,19 +64,31 @@ def define_flags() -> None:
                        lower_bound=1)
   flags.DEFINE_integer("repeats", 5, "timed calls per figure (median)",
                        lower_bound=1)
-  flags.DEFINE_list("memories", list(MEMORIES), "hot-tier memories to time")
+  flags.DEFINE_list("memories", None, "hot-tier memories to time (default: "
+                    "both on an accelerator, pageable on CPU, where a "
+                    "pinned tier is a test path: cache/hot_tier_memory.py)")
   flags.DEFINE_integer("seed", 0, "data and placement seed", lower_bound=0)
   flags.DEFINE_string("json", None, "JSON report path")
   flags.DEFINE_string("plot", None, "PNG plot path")
 
 
-def memories(values: list[str]) -> list[str]:
-  """--memories checked; ValueError names the choices."""
+def memories(values: list[str] | None) -> list[str] | None:
+  """--memories checked (None: the backend's default, `default_memories`);
+  ValueError names the choices."""
+  if values is None:
+    return None
   bad = [v for v in values if v not in MEMORIES]
   if not values or bad:
     raise ValueError(f"--memories: choose from {','.join(MEMORIES)}; got "
                      f"{','.join(values)!r}")
   return list(dict.fromkeys(values))
+
+
+def default_memories() -> list[str]:
+  """Both memories on an accelerator; on CPU only pageable: there a pinned
+  tier copies the whole pool or tier per call (cache/hot_tier_memory.py)."""
+  import jax
+  return list(MEMORIES) if jax.default_backend() != "cpu" else ["pageable"]
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -222,6 +236,8 @@ def main(argv):
     sys.exit(f"bench_hot_tier: {e}")
   import ml_dtypes  # noqa: F401  (numpy's bfloat16)
   import numpy as np
+  if kinds is None:
+    kinds = default_memories()
   dtype = np.dtype(FLAGS.dtype)
   layers, kv_heads, head_dim = SHAPES[FLAGS.shape]
   block = (layers, 2, kv_heads, FLAGS.block_size, head_dim)

@@ -13,6 +13,9 @@ import os
 import subprocess
 import sys
 
+import jax
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,7 +29,7 @@ def test_every_memory_and_operation_is_timed_against_the_plain_copies(
     tmp_path):
   out, png = tmp_path / "r.json", tmp_path / "r.png"
   done = _run("--shape=tiny", "--blocks=12", "--repeats=2", f"--json={out}",
-              f"--plot={png}")
+              f"--plot={png}", "--memories=pageable,pinned_host")
   assert done.returncode == 0, done.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["complete"] and report["blocks"] == 12
@@ -57,3 +60,15 @@ def test_bad_flags_are_refused_before_anything_runs(tmp_path):
   done = _run("--blocks=0")
   assert done.returncode != 0 and "blocks" in done.stderr
   assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="the default on an accelerator is both memories")
+def test_cpu_times_a_pinned_tier_only_when_asked():
+  """On CPU a pinned tier copies the whole pool or tier per call: the
+  default leaves it out."""
+  from launch import bench_hot_tier
+  assert bench_hot_tier.default_memories() == ["pageable"]
+  assert bench_hot_tier.memories(None) is None
+  assert bench_hot_tier.memories(["pinned_host", "pinned_host"]) == [
+      "pinned_host"]
