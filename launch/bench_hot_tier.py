@@ -281,8 +281,9 @@ def main(argv):
     outputs.write_json(report, FLAGS.json)
     print(f"wrote {FLAGS.json}")
   if FLAGS.plot and report["ceilings_s"]:
-    plot(report, FLAGS.plot, f"hot tier <-> pool, {FLAGS.shape} blocks "
-         f"({report.get('device') or ''})")
+    plot(report, FLAGS.plot, f"hot tier <-> pool: {FLAGS.blocks} "
+         f"{FLAGS.shape} blocks ({report['bytes'] / 2**20:.0f} MiB) a call, "
+         f"{report.get('device') or ''}")
     print(f"wrote {FLAGS.plot}")
   if interrupted:
     sys.exit(130)

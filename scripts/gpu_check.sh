@@ -14,9 +14,7 @@
 #              with each kernel and the lowering tests -> tests.txt
 #                                                             ~4.5 min
 #              then, in a pytest process of its own (a crash there loses
-#              nothing else), the one-kernel gather's tests and the hot
-#              tier's (pinned_host and pageable, the engine's tokens from
-#              a pinned tier) -> tests_gather.txt
+#              nothing else), the one-kernel gather's tests -> tests_gather.txt
 #              (TEST_WORKERS pytest-xdist processes share the GPU where
 #              xdist is installed: the cases are compile-bound)
 #   PROFILE=0  Nsight Compute profiles (scripts/gpu_profile.sh; CASES
@@ -26,9 +24,12 @@
 #              -> tiling.txt, tiling.json
 #   STORAGE=0  the cold-tier benchmark on the machine's disk  ~1.5 min
 #              -> storage.txt, storage.json
-#   HOT_TIER=0 the hot tier's copies to and from the pool per memory
-#              against plain copies (launch.bench_hot_tier, Llama-3-8B
-#              blocks) -> hot_tier.txt, hot_tier.json, hot_tier.png  ~1 min
+#   HOT_TIER=0 the engine's hot tier in pinned_host memory: its tests in a
+#              pytest process of its own (the GPU module, then the CPU
+#              modules as they are) -> hot_tier_tests.txt, then its copies
+#              to and from the pool per memory against plain copies
+#              (launch.bench_hot_tier, Llama-3-8B blocks) -> hot_tier.txt,
+#              hot_tier.json, hot_tier.png                    ~2 min
 # Everything it writes goes to $OUT (default /tmp/gpu_check; a relative path
 # is taken from the directory the script is started in). A section that runs
 # first removes its own outputs of an earlier run; the summary at the end
@@ -51,7 +52,8 @@
 #   TILING_KERNELS       the sweep's --kernels (default: all four)
 #   TILING_TIMEOUT       seconds for the sweep (default TILING_BUDGET + 90)
 #   STORAGE_TIMEOUT=120  seconds for the storage benchmark
-#   HOT_TIER_TIMEOUT=120 seconds for the hot-tier benchmark
+#   HOT_TIER_TEST_TIMEOUT=90  seconds for the hot tier's tests
+#   HOT_TIER_TIMEOUT=90  seconds for the hot-tier benchmark
 #   DUALPATH_GIT_COMMIT  the commit every report records (the lease's copy
 #                        of the tree carries stale git metadata): pass the
 #                        output of `git rev-parse --short HEAD` run here
@@ -119,9 +121,7 @@ if [[ "${TESTS:-1}" == 1 ]]; then
   unset XLA_PYTHON_CLIENT_PREALLOCATE
   timeout -s INT -k "$KILL_GRACE" "${GATHER_TEST_TIMEOUT:-90}" \
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="-rA" --tb=short \
-    tests/gpu/test_host_gather_gpu.py tests/gpu/test_hot_tier_gpu.py \
-    tests/test_hot_tier_memory.py tests/test_hot_tier.py \
-    >"$OUT/tests_gather.txt" 2>&1 || status=1
+    tests/gpu/test_host_gather_gpu.py >"$OUT/tests_gather.txt" 2>&1 || status=1
 fi
 
 if [[ "${PROFILE:-0}" == 1 ]]; then
@@ -165,7 +165,13 @@ fi
 if [[ "${HOT_TIER:-0}" == 1 ]]; then
   ran+=(hot_tier)
   rm -f "$OUT/hot_tier.json" "$OUT/hot_tier.png"
-  timeout -s INT -k "$KILL_GRACE" "${HOT_TIER_TIMEOUT:-120}" \
+  timeout -s INT -k "$KILL_GRACE" "${HOT_TIER_TEST_TIMEOUT:-90}" \
+    "$PY" -m pytest -q -p no:cacheprovider -o addopts="-rA" --tb=short \
+    tests/gpu/test_hot_tier_gpu.py tests/test_hot_tier_memory.py \
+    tests/test_hot_tier.py >"$OUT/hot_tier_tests.txt" 2>&1 || status=1
+  grep -E '^(FAILED|ERROR) tests/' "$OUT/hot_tier_tests.txt" | head -10
+  tail -n 1 "$OUT/hot_tier_tests.txt"
+  timeout -s INT -k "$KILL_GRACE" "${HOT_TIER_TIMEOUT:-90}" \
     "$PY" -m launch.bench_hot_tier --shape=llama3_8b --blocks=256 \
     --repeats=10 --json="$OUT/hot_tier.json" --plot="$OUT/hot_tier.png" \
     >"$OUT/hot_tier.txt" 2>&1 || status=1

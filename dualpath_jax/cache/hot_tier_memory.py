@@ -23,8 +23,8 @@ cover its code, but it is no way to serve: XLA:CPU updates neither the
 donated pool nor the donated tier in place across memory kinds, so a gather
 copies the whole pool (0.2 s for a 188 MB pool on the 2-vCPU VM) and a put
 the whole tier per block (16 s for 64 blocks into a 188 MB tier). On a GPU
-both are in place (the H200's scatter into a pinned tier: 45 GB/s). A
-pinned tier on a CPU device logs a warning; use "pageable" there.
+both are in place (scatters into a pinned tier: 44-50 GB/s on the H100 and
+H200). A pinned tier on a CPU device logs a warning; use "pageable" there.
 
 Both keep the bytes exact: a block read back is the block written.
 Transfers are padded to power-of-two lengths (entries `-1` skip) and cut
