@@ -192,11 +192,17 @@ class EngineConfig:
   # it once; on the P/D cluster a turn waits to be placed while another
   # prefills its next block). False: each computes it (a baseline).
   share_prefill: bool = True
+  # One engine over a cold tier reads a returning turn's prefix on a
+  # reader thread while it serves its other turns (it waits only when it
+  # has nothing else to do). False: the read stalls every turn (a
+  # baseline). The P/D cluster's loads are asynchronous either way.
+  async_cold_loads: bool = True
 
   def __post_init__(self):
-    if not isinstance(self.share_prefill, bool):
-      raise ValueError(f"share_prefill must be a bool; got "
-                       f"{self.share_prefill!r}")
+    for name in ("share_prefill", "async_cold_loads"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be a bool; got "
+                         f"{getattr(self, name)!r}")
     # A zero here would not fail: an engine that may batch no sequence, or
     # prefill no token a step, waits forever.
     for name in ("max_batch_size", "max_prefill_chunk", "max_context"):

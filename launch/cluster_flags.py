@@ -38,8 +38,9 @@ def define(mesh_default: str | None = None) -> None:
   once(flags.DEFINE_enum, "policy", "dualpath", POLICIES,
        "--mesh: which path loads each cached block")
   once(float_flags.define_float, "storage_nic_gbps", float("inf"),
-             "--mesh: each engine's emulated storage NIC in Gb/s (a token bucket "
-             "in front of cold-tier reads; inf = no limit)", allow_inf=True)
+             "each engine's emulated storage NIC in Gb/s (a token bucket "
+             "in front of cold-tier reads, with --mesh or one engine's "
+             "--cold_tier; inf = no limit)", allow_inf=True)
   once(float_flags.define_float, "prefill_tokens_per_s", float("inf"),
              "--mesh: the scheduler's estimate of a prefill engine's "
              "throughput (tokens/s), so that placement weighs prefill "
@@ -93,6 +94,12 @@ def mesh_config():
   if not FLAGS.mesh or FLAGS.mesh.lower() == "none":
     hot_tier_bytes()  # checked now: a size past the host's memory
     check_prefetch(None)
+    if not FLAGS.storage_nic_gbps > 0:
+      raise ValueError(f"--storage_nic_gbps must be > 0 (inf: no limit), "
+                       f"got {FLAGS.storage_nic_gbps:g}")
+    if FLAGS.storage_nic_gbps < float("inf") and not FLAGS.cold_tier:
+      raise ValueError("--storage_nic_gbps limits cold-tier reads: it needs "
+                       "--cold_tier")
     return None
   from dualpath_jax.transfer import MeshConfig
   if not FLAGS.cold_tier:
@@ -207,7 +214,8 @@ def make(loaded, cache, engine_cfg, mesh, cold, policy: str | None = None):
     from dualpath_jax.engine.factory import make_engine
     return make_engine(loaded, cache, engine_cfg, cold_tier=cold,
                        hot_tier_bytes=hot_tier_bytes(),
-                       hot_tier_memory=FLAGS.hot_tier_memory)
+                       hot_tier_memory=FLAGS.hot_tier_memory,
+                       storage_nic_gbps=FLAGS.storage_nic_gbps)
   from dualpath_jax.engine.cluster import make_cluster
   return make_cluster(loaded, cache, engine_cfg, cold, mesh,
                       dualpath_config(policy),

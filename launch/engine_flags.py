@@ -45,6 +45,10 @@ def define(max_context_help: str = "longest context of one turn") -> None:
   once(flags.DEFINE_bool, "share_prefill", True,
        "turns admitted together with one prompt prefix (n samples of a "
        "prompt) prefill it once; --noshare_prefill: each computes it")
+  once(flags.DEFINE_bool, "async_cold_loads", True,
+       "one engine with --cold_tier reads a returning turn's prefix while "
+       "it serves its other turns; --noasync_cold_loads: the read stalls "
+       "them (a baseline)")
 
 
 def configs(seed: int):
@@ -60,7 +64,8 @@ def configs(seed: int):
                         max_prefill_chunk=FLAGS.prefill_chunk,
                         max_context=FLAGS.max_context,
                         attention_impl=FLAGS.attention, seed=seed,
-                        share_prefill=FLAGS.share_prefill)
+                        share_prefill=FLAGS.share_prefill,
+                        async_cold_loads=FLAGS.async_cold_loads)
   return cache, engine
 
 

@@ -115,6 +115,12 @@ BAD_FLAGS = [
       for launcher in LAUNCHERS[:3]],
     # The prefetcher is the P/D cluster's, and fills its hot tiers.
     (*LAUNCHERS[0], "--prefetch_blocks=4", "--prefetch_blocks needs --mesh"),
+    # One engine's emulated NIC paces its cold-tier reads: it used to be
+    # ignored without --mesh, and without a cold tier it paces nothing.
+    (*LAUNCHERS[0], "--storage_nic_gbps=1",
+     "--storage_nic_gbps limits cold-tier reads: it needs --cold_tier"),
+    (*LAUNCHERS[2], "--storage_nic_gbps=0",
+     "--storage_nic_gbps must be > 0"),
     (*LAUNCHERS[1], "--prefetch_blocks=-1",
      "flag --prefetch_blocks=-1: -1 is not"),
     # A job's flags without the job used to start a single-process run.

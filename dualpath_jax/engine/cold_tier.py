@@ -33,12 +33,15 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import logging
+import math
+import time
 
 import jax
 
 from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.cache import pool_io
+from dualpath_jax.transfer.nic import StorageNic
 from dualpath_jax.transfer.source import StagingRows
 
 _log = logging.getLogger(__name__)
@@ -54,6 +57,8 @@ class ColdTierStats:
   missed_blocks: int = 0  # listed by contains() but unreadable
   written_blocks: int = 0
   write_requests: int = 0
+  async_loads: int = 0  # cold reads started while the engine served others
+  read_s: float = 0.0  # seconds the cold reads took (NIC wait included)
   store_errors: int = 0  # store calls that raised: loads missed, writes skipped
 
   def as_dict(self) -> dict:
@@ -70,14 +75,52 @@ def count_store_error(stats: ColdTierStats, what: str,
              type(err).__name__, err)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LoadPlan:
+  """What one load reads: after the pool's `have` full blocks (`computed`
+  tokens), the hot tier's run, then the cold tier's."""
+
+  computed: int
+  have: int
+  hot_ids: list[bytes]
+  cold_ids: list[bytes]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadResult:
+  got: int  # leading blocks read and verified
+  error: BaseException | None  # what the store raised
+  seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingLoad:
+  """A load `start_load` planned for one turn, and the cold read it
+  started; `done()` says whether `load_prefix(..., pending=)` can take it
+  without waiting."""
+
+  seq_id: str
+  plan: _LoadPlan | None  # None: nothing to load
+  future: cf.Future | None  # the cold read; None: none to make
+
+  def done(self) -> bool:
+    return self.future is None or self.future.done()
+
+  def wait(self) -> None:
+    if self.future is not None:
+      cf.wait([self.future])
+
+
 class ColdTierConnector:
   """Moves whole blocks between the engine's pool and its storage tiers.
 
   `store`: a `storage.BlockStore` (the cold tier) or None; `hot`: a
-  `cache.HotTier` or None; at least one of them.
+  `cache.HotTier` or None; at least one of them. `nic`: a `StorageNic`
+  every cold read passes through (an emulated storage link), or None.
   """
 
-  def __init__(self, store, manager: KVCacheManager, hot=None):
+  def __init__(self, store, manager: KVCacheManager, hot=None, *,
+               nic: StorageNic | None = None):
     if store is None and hot is None:
       raise ValueError("a tier connector needs a cold tier, a hot tier or "
                        "both")
@@ -95,23 +138,124 @@ class ColdTierConnector:
     # Reads land in one reused host buffer (`get(out=)`).
     self._staging = StagingRows(
         tier.block_shape, hot.dtype if store is None else store.codec.dtype)
+    self.nic = nic
+    self._block_bytes = (math.prod(tier.block_shape) *
+                         self._staging.dtype.itemsize)
+    self._executor: cf.ThreadPoolExecutor | None = None  # `start_load`'s
+    self._in_flight: cf.Future | None = None  # its read, until used
+
+  def start_load(self, seq_id: str, tokens: list[int], tenant: str
+                 ) -> PendingLoad:
+    """Plans the load of `seq_id` (`begin`-ed with `tokens`) and starts
+    reading its cold blocks, if any, on the connector's reader thread. The
+    engine serves its other turns meanwhile and passes the result to
+    `load_prefix(..., pending=)`. The hot run in front of those blocks is
+    pinned in the hot tier until then, so that the write-backs of turns
+    finishing meanwhile do not evict it."""
+    plan = self._plan(seq_id, tokens, tenant)
+    if plan is None or not plan.cold_ids:
+      return PendingLoad(seq_id, plan, None)  # nothing to wait for
+    self._wait_for_reader()  # the staging buffer is the previous read's
+    staging = self._staging.rows(len(plan.cold_ids))
+    if self.hot is not None:
+      self.hot.set_pins(plan.hot_ids)
+    future = self._reader().submit(self._read_cold, plan.cold_ids, staging)
+    self._in_flight = future
+    self.stats.async_loads += 1
+    return PendingLoad(seq_id, plan, future)
+
+  def cancel(self, pending: PendingLoad) -> None:
+    """Drops a started load (its turn was aborted or pushed back); a read
+    finishes in the background, and the next read waits for it."""
+    if pending.future is not None and self.hot is not None:
+      self.hot.set_pins(())
 
   def load_prefix(self, pool: jax.Array, seq_id: str, tokens: list[int],
-                  tenant: str) -> tuple[jax.Array, int, int]:
+                  tenant: str, *, pending: PendingLoad | None = None
+                  ) -> tuple[jax.Array, int, int]:
     """Loads the blocks after the pool hit.
 
     Returns (pool, tokens loaded from the hot tier, tokens loaded from the
     cold tier). `seq_id` must have been `begin`-ed with `tokens`. Loads at
     most what leaves one token to compute, and only as many blocks as the
     pool can give now. (If the turn then cannot be admitted, the loaded
-    blocks stay cached in the pool for its next attempt.)
+    blocks stay cached in the pool for its next attempt.) `pending`: the
+    `start_load` of this turn, whose read it waits for and uses; without
+    one, the cold blocks are read here.
     """
+    if pending is not None:
+      if pending.seq_id != seq_id:
+        raise ValueError(f"a load started for {pending.seq_id} cannot "
+                         f"complete {seq_id}")
+      plan = pending.plan
+      if plan is None:
+        return pool, 0, 0
+      if pending.future is None:
+        read = _ReadResult(0, None, 0.0)
+      else:
+        read = pending.future.result()
+        self._in_flight = None
+        if self.hot is not None:
+          self.hot.set_pins(())
+    else:
+      plan = self._plan(seq_id, tokens, tenant)
+      if plan is None:
+        return pool, 0, 0
+      self._wait_for_reader()  # an aborted turn's read may still write
+      staging = self._staging.rows(max(len(plan.cold_ids), 1))
+      read = (self._read_cold(plan.cold_ids, staging) if plan.cold_ids
+              else _ReadResult(0, None, 0.0))
+    got = read.got
+    self.stats.read_s += read.seconds
+    if read.error is not None:
+      count_store_error(self.stats, "read", read.error)
+    else:
+      self.stats.missed_blocks += len(plan.cold_ids) - got
+    bs = self.manager.block_size
+    computed, have = plan.computed, plan.have
+    # The hot run as it stands now: pinned since the plan, unless the tier
+    # had to drop a pin for a put (then the cold blocks after a hole in
+    # the chain are of no use).
+    hot_run = (0 if self.hot is None else
+               self.hot.leading_run(plan.hot_ids))
+    good = hot_run + (got if hot_run == len(plan.hot_ids) else 0)
+    while good and not self.manager.can_allocate(seq_id, good * bs):
+      good -= 1
+    if good == 0:
+      return pool, 0, 0
+    hot_run = min(hot_run, good)
+    got = good - hot_run
+    self.manager.allocate(seq_id, good * bs)
+    pages = self.manager.block_table(seq_id)[have:have + good]
+    if hot_run:  # straight from the tier's memory into the pool
+      pool, _ = self.hot.read_run_to_pool(plan.hot_ids[:hot_run], pool, pages)
+    if got:
+      staging = self._staging.rows(got)
+      pool = pool_io.write_blocks(pool, pages[hot_run:], staging[:got])
+      if self.hot is not None:
+        self.hot.put(plan.cold_ids[:got], staging[:got])
+    self.manager.append_tokens(seq_id, tokens[computed:(have + good) * bs])
+    loaded = (have + good) * bs - computed
+    # The first loaded block may be partly computed already (a pool hit
+    # that ends inside it): those tokens are not counted as loaded.
+    hot_tokens = hot_run * bs - (computed - have * bs) if hot_run else 0
+    self.stats.hot_loaded_blocks += hot_run
+    self.stats.hot_loaded_tokens += hot_tokens
+    self.stats.loaded_blocks += got
+    self.stats.loaded_tokens += loaded - hot_tokens
+    return pool, hot_tokens, loaded - hot_tokens
+
+  def _plan(self, seq_id: str, tokens: list[int], tenant: str
+            ) -> _LoadPlan | None:
+    """What a load would read now: the hot tier's leading run after the
+    pool hit, then the cold tier's, as many blocks as the pool could give;
+    None when there is nothing to load."""
     bs = self.manager.block_size
     computed = self.manager.num_computed(seq_id)
     cap = (len(tokens) - 1) // bs
     have = computed // bs
     if cap <= have:
-      return pool, 0, 0
+      return None
     self.stats.lookups += 1
     chain = hash_chain(tokens[:cap * bs], bs, self.manager.model_fingerprint,
                        tenant)
@@ -122,35 +266,21 @@ class ColdTierConnector:
     while run and not self.manager.can_allocate(seq_id, run * bs):
       run -= 1
     if run == 0:
-      return pool, 0, 0
+      return None
     hot_run = min(hot_run, run)
-    # The cold reads first, into the host buffer: how many verify decides
-    # how many pages to take. Nothing in the hot tier changes until its run
-    # is in the pool.
-    staging = self._staging.rows(max(run - hot_run, 1))
-    got = (self._cold_read(wanted[hot_run:run], staging[:run - hot_run])
-           if run > hot_run else 0)
-    good = hot_run + got
-    if good == 0:
-      return pool, 0, 0
-    self.manager.allocate(seq_id, good * bs)
-    pages = self.manager.block_table(seq_id)[have:have + good]
-    if hot_run:  # straight from the tier's memory into the pool
-      pool, _ = self.hot.read_run_to_pool(wanted[:hot_run], pool, pages)
-    if got:
-      pool = pool_io.write_blocks(pool, pages[hot_run:], staging[:got])
-      if self.hot is not None:
-        self.hot.put(wanted[hot_run:good], staging[:got])
-    self.manager.append_tokens(seq_id, tokens[computed:(have + good) * bs])
-    loaded = (have + good) * bs - computed
-    # The first loaded block may be partly computed already (a pool hit
-    # that ends inside it): those tokens are not counted as loaded.
-    hot_tokens = hot_run * bs - (computed - have * bs) if hot_run else 0
-    self.stats.hot_loaded_blocks += hot_run
-    self.stats.hot_loaded_tokens += hot_tokens
-    self.stats.loaded_blocks += good - hot_run
-    self.stats.loaded_tokens += loaded - hot_tokens
-    return pool, hot_tokens, loaded - hot_tokens
+    return _LoadPlan(computed, have, list(wanted[:hot_run]),
+                     list(wanted[hot_run:run]))
+
+  def _reader(self) -> cf.ThreadPoolExecutor:
+    if self._executor is None:
+      self._executor = cf.ThreadPoolExecutor(
+          1, thread_name_prefix="cold-tier-load")
+    return self._executor
+
+  def _wait_for_reader(self) -> None:
+    if self._in_flight is not None:
+      cf.wait([self._in_flight])
+      self._in_flight = None
 
   def _cold_run(self, wanted: list) -> int:
     """How many of `wanted`, from the first, the cold tier lists."""
@@ -163,16 +293,19 @@ class ColdTierConnector:
       return 0
     return next((i for i, p in enumerate(present) if not p), len(wanted))
 
-  def _cold_read(self, ids: list, out) -> int:
-    """Reads `ids` from the cold tier into `out`; returns the verified run."""
+  def _read_cold(self, ids: list, out) -> _ReadResult:
+    """Reads `ids` from the cold tier into `out` (through the storage NIC,
+    if any): the verified run, the error the store raised, the seconds.
+    Touches no counter: it may run on the reader thread."""
+    t0 = time.perf_counter()
     try:
+      if self.nic is not None:
+        self.nic.acquire(len(ids) * self._block_bytes)
       blocks = self.store.get(ids, out=out)
     except Exception as err:  # pylint: disable=broad-except
-      count_store_error(self.stats, "read", err)
-      return 0
+      return _ReadResult(0, err, time.perf_counter() - t0)
     good = next((i for i, b in enumerate(blocks) if b is None), len(ids))
-    self.stats.missed_blocks += len(ids) - good
-    return good
+    return _ReadResult(good, None, time.perf_counter() - t0)
 
   def write_back(self, pool: jax.Array, seq_id: str, tenant: str,
                  session: str, *, touch_hot: bool = True) -> None:
@@ -241,7 +374,11 @@ class ColdTierConnector:
       self.store.flush()
 
   def close(self) -> None:
-    """Waits for queued writes and closes the cold tier, if any."""
+    """Waits for a started read and queued writes, and closes the cold
+    tier, if any."""
+    if self._executor is not None:
+      self._executor.shutdown(wait=True)
+      self._executor = None
     if self.store is not None:
       self.store.close()
 

@@ -79,6 +79,10 @@ class _Sequence:
   hook_error: BaseException | None = None  # what its `on_token` raised
   logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob
   preempted: bool = False  # sent back to the queue at least once
+  # While it heads the queue: the cached tokens `begin` found (None: not
+  # begun) and the cold read started for it (`ColdTierConnector.start_load`).
+  begun_cached: int | None = None
+  load: object | None = None
 
   @property
   def rid(self) -> str:
@@ -107,6 +111,9 @@ class EngineStats:
   shared_prefill_tokens: int = 0
   warmup_s: float = 0.0
   compiled_shapes: int = 0
+  # Seconds the engine waited for a cold read with nothing else to run
+  # (asynchronous loads); with them off, every load's read is a wait.
+  load_wait_s: float = 0.0
   # Prompt tokens found cached at each turn's first admission, by the tier
   # that held them (a turn retried or preempted is counted once).
   cached_tokens_by_tier: dict[str, int] = dataclasses.field(
@@ -187,6 +194,10 @@ class Engine:
       for seq in queue:
         if seq.rid == request_id:
           queue.remove(seq)
+          if seq.load is not None:
+            self.cold_tier.cancel(seq.load)
+            seq.load = None
+          seq.begun_cached = None
           if seq.rid in self.manager:
             self.manager.end(seq.rid)
           return True
@@ -234,11 +245,26 @@ class Engine:
   def _admit(self) -> None:
     while self._waiting and self.num_running < self.config.max_batch_size:
       seq = self._waiting[0]
-      cached = self.manager.begin(seq.rid, seq.tokens[:seq.prefill_target],
-                                  seq.req.tenant)
+      tokens = seq.tokens[:seq.prefill_target]
+      if seq.begun_cached is None:
+        seq.begun_cached = self.manager.begin(seq.rid, tokens, seq.req.tenant)
+      if (seq.load is None and self.cold_tier is not None
+          and self.config.async_cold_loads):
+        seq.load = self.cold_tier.start_load(seq.rid, tokens, seq.req.tenant)
+      if seq.load is not None and not seq.load.done():
+        if self._prefilling or self._decoding:
+          return  # serve them while it reads; it keeps its place
+        t0 = time.perf_counter()
+        seq.load.wait()
+        self.stats.load_wait_s += time.perf_counter() - t0
+      cached, seq.begun_cached = seq.begun_cached, None
       if self.cold_tier is not None:
+        read_s = self.cold_tier.stats.read_s
         self._kv, hot, cold = self.cold_tier.load_prefix(
-            self._kv, seq.rid, seq.tokens[:seq.prefill_target], seq.req.tenant)
+            self._kv, seq.rid, tokens, seq.req.tenant, pending=seq.load)
+        if seq.load is None:  # read here, stalling everything
+          self.stats.load_wait_s += self.cold_tier.stats.read_s - read_s
+        seq.load = None
         cached += hot + cold
         # A load of an attempt that cannot be admitted stays in the pool as
         # cached blocks: the next attempt finds them there, so the tier
@@ -377,6 +403,12 @@ class Engine:
     return True
 
   def _preempt(self, victim: _Sequence) -> None:
+    if self._waiting and self._waiting[0].load is not None:
+      # The victim goes ahead of the turn whose read is in flight: that
+      # read is dropped (the reader's buffer will be the victim's), and
+      # started again when the turn heads the queue again.
+      self.cold_tier.cancel(self._waiting[0].load)
+      self._waiting[0].load = None
     for queue in (self._decoding, self._prefilling):
       if victim in queue:
         queue.remove(victim)

@@ -36,7 +36,8 @@ def make_hot_tier(capacity_bytes: int, model_config, cache: CacheConfig,
 
 def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
                 cold_tier=None, hot_tier_bytes: int = 0,
-                hot_tier_memory: str = "pageable") -> Engine:
+                hot_tier_memory: str = "pageable",
+                storage_nic_gbps: float = math.inf) -> Engine:
   """An engine serving `loaded` (a `dualpath_jax.model.LoadedModel`).
 
   `cold_tier` (a `storage.ColdTierConfig`) backs the pool with a TensorStore
@@ -46,9 +47,16 @@ def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
   (`cache.HotTier`) in front of it, or alone, its bytes in
   `hot_tier_memory`: "pageable" (numpy) or "pinned_host" (moved to and from
   the pool by `kernels.block_copy`; `cache.hot_tier_memory`).
+  `storage_nic_gbps`: an emulated storage link (`transfer.StorageNic`) in
+  front of the cold tier's reads, Gb/s (inf: none), as each engine of the
+  P/D cluster has.
   """
   check_max_context(engine.max_context, loaded.config)
   check_memory_kind(hot_tier_memory)
+  if not (isinstance(storage_nic_gbps, (int, float))
+          and not isinstance(storage_nic_gbps, bool) and storage_nic_gbps > 0):
+    raise ValueError(f"storage_nic_gbps must be > 0 (inf: no limit), got "
+                     f"{storage_nic_gbps!r}")
   runner = ModelRunner(loaded.model, cache, attention_impl=engine.attention_impl)
   manager = KVCacheManager(
       BlockPool(cache.num_blocks), cache.block_size, model_fingerprint(loaded),
@@ -62,6 +70,10 @@ def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
     if cold_tier is not None:
       from storage.block_store import BlockStore
       store = BlockStore(cold_tier, loaded.config, cache)
-    connector = ColdTierConnector(store, manager, hot=hot)
+    nic = None
+    if store is not None and storage_nic_gbps < math.inf:
+      from dualpath_jax.transfer.nic import StorageNic
+      nic = StorageNic("engine", storage_nic_gbps * 1e9 / 8)
+    connector = ColdTierConnector(store, manager, hot=hot, nic=nic)
   return Engine(runner, manager, engine, eos_ids=loaded.config.eos_token_ids,
                 block_size=cache.block_size, cold_tier=connector)
