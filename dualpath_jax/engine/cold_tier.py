@@ -20,8 +20,15 @@ count as reused; a pinned tier straight from the pool, a pageable one from
 the host copy made for the cold tier, or its own), the cold tier's go to
 its write pool (`put_async`): the engine does not wait for the disk.
 
-Loading is synchronous here (one engine, one device): the DualPath transfer
-layer overlaps it with prefill, layer by layer.
+The engine reads asynchronously (`EngineConfig.async_cold_loads`, the
+default): `start_load` plans the load and starts the cold read on the
+connector's reader thread (through an emulated `StorageNic`, if one is
+given), the engine goes on serving its other turns, and
+`load_prefix(pending=)` puts the blocks into the pool once they have
+landed. The hot run in front of the read is pinned in the hot tier
+meanwhile. Without it, `load_prefix` reads on the engine's thread and every
+turn waits. (The P/D cluster's transfer layer goes further: its loads
+overlap the turn's own prefill, layer by layer.)
 
 The cold tier is a cache: when the store fails (its disk is full, its
 index cannot be read), a load is a miss and a write-back is skipped, with

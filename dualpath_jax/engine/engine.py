@@ -3,9 +3,12 @@
 Data flow of one turn (a `TurnRequest` holding the session's whole context):
 
 1. *Admission* (`_admit`): the cache manager hashes the context's full blocks
-   and acquires the longest cached prefix; with a cold tier, the blocks after
-   it that the store holds are loaded (`cold_tier.py`). Prefill starts after
-   them.
+   and acquires the longest cached prefix; with a hot or cold tier, the
+   blocks after it that the tiers hold are loaded (`cold_tier.py`). Prefill
+   starts after them. A cold read runs on a reader thread while the engine
+   serves its other turns (`EngineConfig.async_cold_loads`): the turn keeps
+   the head of the queue meanwhile, and the engine waits for the read only
+   when it has nothing else to run (`EngineStats.load_wait_s`).
 2. *Prefill* (`_prefill_step`): the missing tokens are computed in chunks of
    at most `max_prefill_chunk`, each chunk attending to the paged prefix;
    the last chunk's logits give the first token (TTFT is taken here). Turns
