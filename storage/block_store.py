@@ -16,6 +16,7 @@ API (numpy in, numpy out; every method is thread-safe):
     fut.result() -> list[np.ndarray | None]  # [L, 2, Hkv, P, D] or None
     store.get(ids, out=buf)                  # the same, read into buf's rows
     store.contains(ids) -> list[bool]
+    store.session_block_ids(tenant, session) -> [id] # what it put
     store.delete_session(tenant, session) -> int   # blocks removed
     store.delete_tenant(tenant) -> int
     store.stats() -> dict                          # counters, hit rate, B/s
@@ -299,6 +300,13 @@ class BlockStore:
   def contains(self, ids: Sequence[bytes]) -> list[bool]:
     """Whether each id is stored and readable now (committed, not deleted)."""
     return self.index.contains(self._check_ids(ids))
+
+  def session_block_ids(self, tenant: str, session: str) -> list[bytes]:
+    """The ids of the blocks the session put: what `delete_session` would
+    remove now (the engines drop the same ids from their hot tiers and
+    pools). Thread-safe, as every call here."""
+    _check_names(tenant=tenant, session=session)
+    return self.index.session_ids(tenant, session)
 
   def delete_session(self, tenant: str, session: str) -> int:
     """Removes every block the session put (index entry and bytes); returns

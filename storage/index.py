@@ -524,6 +524,13 @@ class BlockIndex:
   def contains(self, ids: Sequence[bytes]) -> list[bool]:
     return [r is not None for r in self.lookup(ids)]
 
+  def session_ids(self, tenant: str, session: str) -> list[bytes]:
+    """The ids of the blocks a session put (whatever their state)."""
+    with self._read() as db:
+      return [bytes(i) for (i,) in db.execute(
+          "SELECT id FROM refs WHERE tenant=? AND session=?",
+          (tenant, session)).fetchall()]
+
   def next_fresh_slot(self) -> int:
     """The slot a put takes once the free list is empty and before evicting."""
     with self._read() as db:

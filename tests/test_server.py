@@ -392,7 +392,8 @@ def test_deleting_a_session_without_a_cold_tier_says_so(server):
   r = _http(server, "DELETE", "/v1/sessions/agent%2F7?user=t")
   assert r.status_code == 200, r.text
   assert r.json() == {"id": "agent/7", "object": "session.deleted",
-                      "user": "t", "deleted": True, "cold_tier_blocks": None}
+                      "user": "t", "deleted": True, "cold_tier_blocks": None,
+                      "hot_tier_blocks": None, "pool_blocks": None}
   bad = _http(server, "DELETE", "/v1/sessions/" + "s" * 257)
   assert bad.status_code == 400 and bad.json()["error"]["param"] == \
       "session_id"

@@ -231,6 +231,26 @@ class BlockPool:
           self._free.append(block)
     self._stats.releases += len(blocks)
 
+  def forget_cached(self, identities: Iterable[BlockHash]) -> int:
+    """Frees the unreferenced cached blocks holding any of `identities`
+    (their bytes become unreachable: no lookup finds them, the next
+    allocation overwrites them); returns how many. A block a sequence
+    still holds keeps its identity until released (then it is cached as
+    any other)."""
+    n = 0
+    for h in identities:
+      self._check_identity(h)
+      block = self._block_of.get(h)
+      if block is None or self._ref_counts[block]:
+        continue
+      del self._evictable[block]
+      del self._block_of[h]
+      del self._identity_of[block]
+      self._free.append(block)
+      self._stats.dropped += 1
+      n += 1
+    return n
+
   def register(self, block: int, h: BlockHash) -> int:
     """Records that referenced `block` now holds the full block named `h`.
 

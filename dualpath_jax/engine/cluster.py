@@ -555,6 +555,17 @@ class PDCluster:
     """Waits for queued cold-tier writes (then the next turn can load them)."""
     return self.store.flush(timeout)
 
+  def forget_blocks(self, ids: Sequence[bytes]) -> dict[str, int | None]:
+    """As `Engine.forget_blocks`, over every engine: the prefill engines'
+    hot tiers and every engine's pool cache (counts summed)."""
+    ids = list(ids)
+    tiers = [pe.hot_tier for pe in self.prefill_workers
+             if pe.hot_tier is not None]
+    return {"hot_tier_blocks": (sum(t.discard(ids) for t in tiers)
+                                if tiers else None),
+            "pool_blocks": sum(w.manager.pool.forget_cached(ids)
+                               for w in self.workers.values())}
+
   def close(self) -> None:
     """Closes the loader and the store; waits for queued write-backs.
 

@@ -209,6 +209,17 @@ class Engine:
       return True
     return False
 
+  def forget_blocks(self, ids: Sequence[bytes]) -> dict[str, int | None]:
+    """Drops blocks by identity from the memory tiers: the hot tier's
+    copies and the pool's cached, unreferenced pages (e.g. a deleted
+    session's, `storage.BlockStore.session_block_ids`). Returns how many
+    of each (`hot_tier_blocks` None without a hot tier). A block a running
+    turn holds stays until that turn ends."""
+    ids = list(ids)
+    hot = getattr(self.cold_tier, "hot", None)
+    return {"hot_tier_blocks": None if hot is None else hot.discard(ids),
+            "pool_blocks": self.manager.pool.forget_cached(ids)}
+
   def close(self) -> None:
     """Waits for queued cold-tier writes and closes the store, if any."""
     if self.cold_tier is not None:

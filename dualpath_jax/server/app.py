@@ -225,20 +225,28 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
 
   @app.delete("/v1/sessions/{session_id:path}")
   async def delete_session(session_id: str, user: str = ""):
-    """Removes what the cold tier stores for the session (of tenant `user`):
-    an agent platform ends a session, or forgets it. Blocks its turns still
-    write are removed when written; blocks the session shares with others of
-    the tenant (a system prompt) are removed too and recomputed when next
-    needed. The device pool and the hot tier are memory: they age out."""
+    """Removes what the tiers hold of the session (of tenant `user`): an
+    agent platform ends a session, or forgets it. The cold tier's blocks
+    the session put go (blocks its turns still write are removed when
+    written), and the same blocks leave the hot tier(s) and the device
+    pools' caches, between two engine steps. Blocks the session shares with
+    others of the tenant (a system prompt it put) go too and are recomputed
+    when next needed. Without a cold tier nothing records which blocks are
+    the session's: nothing is removed (the counts are null)."""
     protocol.check_name(session_id, "session_id")
     protocol.check_name(user, "user")
+    ids = await asyncio.to_thread(handle.session_block_ids, user, session_id)
+    forgot = {"hot_tier_blocks": None, "pool_blocks": None}
     try:
       removed = await asyncio.to_thread(handle.delete_session, user,
                                         session_id)
     except OSError as e:  # hidden already; the store finishes the removal
       raise APIError(str(e), status_code=503, type="server_error") from e
+    finally:  # the memory tiers' copies go even if the disk's removal lags
+      if ids is not None:
+        forgot = await asyncio.wrap_future(engine_loop.forget_blocks(ids))
     return {"id": session_id, "object": "session.deleted", "user": user,
-            "deleted": True, "cold_tier_blocks": removed}
+            "deleted": True, "cold_tier_blocks": removed, **forgot}
 
   @app.post("/v1/chat/completions")
   async def chat_completions(body: ChatCompletionRequest,

@@ -2,15 +2,16 @@
 
 The HTTP server never touches the engine. It talks to an `EngineLoop`, which
 owns one `EngineHandle` and is the only thread that calls it (but for
-`delete_session`, which goes to the cold tier's thread-safe store):
+`delete_session` and `session_block_ids`, which go to the cold tier's
+thread-safe store):
 
     HTTP handlers --submit/abort--> command queue --> loop thread
                                                        | handle.step()
     per-request callbacks <--on_token / on_finish------+
 
 `EngineHandle` is all the server needs from an engine: validate, submit,
-abort, step, has_work, a clock, a metrics snapshot, close and
-delete_session.
+abort, step, has_work, a clock, a metrics snapshot, close,
+delete_session, session_block_ids and forget_blocks.
 `LocalEngineHandle` adapts today's single-device `Engine`; a prefill/decode
 mesh engine only has to implement the same few methods.
 
@@ -22,6 +23,7 @@ After every step the loop publishes a fresh `snapshot` (plain numbers) that
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import queue
 import threading
@@ -54,6 +56,9 @@ class EngineHandle(Protocol):
   def snapshot(self) -> dict[str, Any]: ...
   def close(self) -> None: ...
   def delete_session(self, tenant: str, session: str) -> int | None: ...
+  def session_block_ids(self, tenant: str,
+                        session: str) -> list[bytes] | None: ...
+  def forget_blocks(self, ids: list[bytes]) -> dict[str, int | None]: ...
 
 
 class LocalEngineHandle:
@@ -92,6 +97,18 @@ class LocalEngineHandle:
     tier). The store is thread-safe: any thread may call it."""
     store = getattr(getattr(self.engine, "cold_tier", None), "store", None)
     return None if store is None else store.delete_session(tenant, session)
+
+  def session_block_ids(self, tenant: str,
+                        session: str) -> list[bytes] | None:
+    """The ids of the blocks the session put in the cold tier (None: no
+    cold tier). Thread-safe, as `delete_session`."""
+    store = getattr(getattr(self.engine, "cold_tier", None), "store", None)
+    return None if store is None else store.session_block_ids(tenant, session)
+
+  def forget_blocks(self, ids: list[bytes]) -> dict[str, int | None]:
+    """Drops `ids` from the engine's hot tier(s) and pool cache (loop
+    thread only: they are the engine's)."""
+    return self.engine.forget_blocks(ids)
 
   def close(self) -> None:
     """Flushes what the engine still writes (e.g. cold-tier write-backs)."""
@@ -203,6 +220,17 @@ class EngineLoop:
     """Asks the loop to drop `request_id`; no callback runs for it after."""
     self._commands.put(("abort", request_id))
 
+  def forget_blocks(self, ids: list[bytes]) -> cf.Future:
+    """Asks the loop to drop `ids` from the engine's memory tiers
+    (`forget_blocks` of the handle) between two steps; the future gets its
+    counts, or its error."""
+    future: cf.Future = cf.Future()
+    if not self.running:
+      future.set_exception(RuntimeError("the engine loop is not running"))
+      return future
+    self._commands.put(("forget", list(ids), future))
+    return future
+
   # ------------------------------------------------------ loop thread
   def _run(self) -> None:
     try:
@@ -222,6 +250,8 @@ class EngineLoop:
           break
         if cmd[0] == "submit":
           _call(cmd[2].on_error, error)
+        elif cmd[0] == "forget":
+          cmd[2].set_exception(error)
 
   def _has_work(self) -> bool:
     """Turns to run, or prefetch reads going while every session is away
@@ -259,6 +289,12 @@ class EngineLoop:
       if self._pending.pop(rid, None) is not None:
         self.handle.abort(rid)
         self.aborted += 1
+    elif cmd[0] == "forget":
+      _, ids, future = cmd
+      try:
+        future.set_result(self.handle.forget_blocks(ids))
+      except Exception as e:  # pylint: disable=broad-except
+        future.set_exception(e)
 
   def _step(self) -> None:
     try:
