@@ -204,7 +204,7 @@ def test_a_turn_pushed_back_ahead_of_the_reading_one(tiny, tmp_path):
   is out: that read is dropped and made again when the turn heads the
   queue again; every turn ends with the reference's tokens."""
   root = tmp_path / "kv"
-  prompt = _stored_session(tiny, root)  # 11 blocks with its new tokens
+  prompt = _stored_session(tiny, root)  # 10 blocks stored
   a, c = _prompt(4, 30), _prompt(5, 30)
   engine = _engine(tiny, root, num_blocks=22)
   gate = _Gate(engine.cold_tier.store)

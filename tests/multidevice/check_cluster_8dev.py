@@ -21,6 +21,8 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -125,12 +127,24 @@ def test_cluster_on_separate_devices(tmp_path, turn_two, mesh, tp, handoff):
     cluster.close()
 
 
+def _run_again_from_the_hot_tier(cluster, second_reqs, first, want):
+  """Turn 2 again under new ids (its prefix now in the PE's hot tier):
+  both runs generate the single engine's tokens."""
+  again = [dataclasses.replace(r, request_id=r.request_id + "'")
+           for r in second_reqs]
+  got = _run(cluster, again)
+  for r in second_reqs:
+    assert first[r.request_id].generated_tokens == \
+        want[r.request_id].generated_tokens
+    assert got[r.request_id + "'"].generated_tokens == \
+        want[r.request_id].generated_tokens
+
+
 def test_hot_tier_on_a_tensor_parallel_prefill_engine(tmp_path, turn_two):
   """1P1D, each engine on 2 devices (heads sharded), the PE keeping nothing
   in HBM: turn 2 again (new ids) reads its prompt blocks back from the PE's
   hot tier into the sharded pool, which stays on its devices, and
   generates the same tokens."""
-  import dataclasses
   tiny, second_reqs, want, stored = turn_two
   block_bytes = CACHE.bytes_per_block(tiny.config)
   cluster = make_cluster(
@@ -147,14 +161,7 @@ def test_hot_tier_on_a_tensor_parallel_prefill_engine(tmp_path, turn_two):
       cluster.store.put(ids, blocks, tenant="t", session=s)
     first = _run(cluster, second_reqs)
     assert cluster.stats.path_blocks["hot"] == 0
-    again = [dataclasses.replace(r, request_id=r.request_id + "'")
-             for r in second_reqs]
-    got = _run(cluster, again)
-    for r in second_reqs:
-      assert first[r.request_id].generated_tokens == \
-          want[r.request_id].generated_tokens
-      assert got[r.request_id + "'"].generated_tokens == \
-          want[r.request_id].generated_tokens
+    _run_again_from_the_hot_tier(cluster, second_reqs, first, want)
     assert cluster.stats.path_blocks["hot"] == sum(
         len(r.prompt_tokens) // BS for r in second_reqs)
     assert pe.kv.sharding == sharding and len(pe.kv.devices()) == 2
@@ -170,7 +177,6 @@ def test_pinned_host_hot_tier_with_engines_on_separate_devices(tmp_path,
   tokens from its pool on another device (through the host); turn 2 again
   (new ids) reads its whole prefix from the tier into the PE's pool and
   generates the same tokens. A tensor-parallel PE is refused."""
-  import dataclasses
   tiny, second_reqs, want, stored = turn_two
   block_bytes = CACHE.bytes_per_block(tiny.config)
   cluster = make_cluster(
@@ -200,14 +206,7 @@ def test_pinned_host_hot_tier_with_engines_on_separate_devices(tmp_path,
       hot = np.empty((len(ids), *pe.hot_tier.block_shape), np.float32)
       assert pe.hot_tier.read_run(ids, hot) == len(ids)
       np.testing.assert_array_equal(hot, np.stack(cluster.store.get(ids)))
-    again = [dataclasses.replace(r, request_id=r.request_id + "'")
-             for r in second_reqs]
-    got = _run(cluster, again)
-    for r in second_reqs:
-      assert first[r.request_id].generated_tokens == \
-          want[r.request_id].generated_tokens
-      assert got[r.request_id + "'"].generated_tokens == \
-          want[r.request_id].generated_tokens
+    _run_again_from_the_hot_tier(cluster, second_reqs, first, want)
     assert cluster.stats.path_blocks["hot"] == sum(
         (len(r.prompt_tokens) - 1) // BS for r in second_reqs)
     assert pe.hot_tier._blocks._data.sharding.memory_kind == "pinned_host"
