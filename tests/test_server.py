@@ -388,6 +388,24 @@ def test_bad_logprob_requests_get_openai_errors(server, path, body, param):
   assert r.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"n": True}, "n"),
+    ("/v1/chat/completions", {"max_tokens": True}, "max_tokens"),
+    ("/v1/chat/completions", {"seed": False}, "seed"),
+    ("/v1/completions", {"prompt": [True, False]}, "prompt"),
+    ("/v1/completions", {"max_tokens": 2.0}, "max_tokens"),
+])
+def test_booleans_and_floats_are_not_integers(server, path, body, param):
+  """`n: true` used to be one choice, `prompt: [true, false]` token ids 1
+  and 0: lax integers. JSON integers only, as OpenAI's API takes."""
+  req = {"model": MODEL, "max_tokens": 2}
+  req |= ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path
+          else {"prompt": "hi"})
+  r = _http(server, "POST", path, req | body)
+  assert r.status_code == 400, r.text
+  assert r.json()["error"]["param"].split(".")[0] == param, r.text
+
+
 def test_deleting_a_session_without_a_cold_tier_says_so(server):
   r = _http(server, "DELETE", "/v1/sessions/agent%2F7?user=t")
   assert r.status_code == 200, r.text

@@ -72,6 +72,11 @@ def check_name(value: str, param: str) -> None:
     raise APIError(f"{param}: {e}", param=param) from None
 
 
+# JSON integers only: lax `int` took `true` as 1 (`n: true` one choice,
+# `prompt: [true, false]` token ids 1 and 0) and `2.0` as 2.
+Int = pydantic.StrictInt
+
+
 class StreamOptions(pydantic.BaseModel):
   include_usage: bool = False
 
@@ -82,21 +87,21 @@ class _SamplingRequest(pydantic.BaseModel):
   model_config = pydantic.ConfigDict(extra="allow")
 
   model: str
-  max_tokens: int | None = None
+  max_tokens: Int | None = None
   temperature: float | None = pydantic.Field(default=None, ge=0.0, le=2.0)
   top_p: float | None = pydantic.Field(default=None, gt=0.0, le=1.0)
-  n: int | None = pydantic.Field(default=1, ge=1, le=MAX_CHOICES)
+  n: Int | None = pydantic.Field(default=1, ge=1, le=MAX_CHOICES)
   stream: bool | None = False
   stream_options: StreamOptions | None = None
   stop: str | list[str] | None = None
-  seed: int | None = pydantic.Field(default=None, ge=0)
+  seed: Int | None = pydantic.Field(default=None, ge=0)
   user: str | None = None
   presence_penalty: float | None = 0.0
   frequency_penalty: float | None = 0.0
   logit_bias: dict[str, float] | None = None
   # vLLM extensions.
   ignore_eos: bool = False
-  stop_token_ids: list[int] | None = None
+  stop_token_ids: list[Int] | None = None
   # Ours: the agent session this request is a turn of (module docstring).
   session_id: str | None = None
 
@@ -143,9 +148,9 @@ class ChatCompletionRequest(_SamplingRequest):
   """Body of POST /v1/chat/completions."""
 
   messages: list[dict[str, Any]]
-  max_completion_tokens: int | None = None
+  max_completion_tokens: Int | None = None
   logprobs: bool | None = False
-  top_logprobs: int | None = None
+  top_logprobs: Int | None = None
   tools: list[dict[str, Any]] | None = None
   tool_choice: Any = None
   response_format: dict[str, Any] | None = None
@@ -185,12 +190,12 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
   """Body of POST /v1/completions (one prompt: text or token ids)."""
 
-  prompt: str | list[int] | list[str] | list[list[int]]
-  max_tokens: int | None = 16  # the OpenAI default for completions
+  prompt: str | list[Int] | list[str] | list[list[Int]]
+  max_tokens: Int | None = 16  # the OpenAI default for completions
   echo: bool | None = False
-  logprobs: int | None = None
+  logprobs: Int | None = None
   suffix: str | None = None
-  best_of: int | None = None
+  best_of: Int | None = None
 
   def check_supported(self) -> None:
     super().check_supported()
