@@ -34,7 +34,7 @@ import time
 from absl import app, flags
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import engine_flags, float_flags
+from launch import engine_flags, float_flags, list_flags
 
 FLAGS = flags.FLAGS
 
@@ -55,18 +55,6 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "prompt and sampling seed", lower_bound=0)
   flags.DEFINE_string("json", None, "JSON report path")
   flags.DEFINE_string("plot", None, "PNG plot path")
-
-
-def group_sizes(values: list[str]) -> list[int]:
-  """--samples as positive integers; ValueError otherwise."""
-  try:
-    sizes = [int(v) for v in values]
-  except ValueError:
-    sizes = []
-  if not sizes or min(sizes) < 1:
-    raise ValueError("--samples: give positive integers, e.g. 1,4,8; got "
-                     f"{','.join(values)!r}")
-  return sizes
 
 
 def run_group(engine, prompt: list[int], n: int, max_new_tokens: int,
@@ -157,7 +145,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   from dualpath_jax import metrics, outputs
   try:  # before JAX and the model load: bad flags cost nothing
-    sizes = group_sizes(FLAGS.samples)
+    sizes = list_flags.positive_ints("samples", FLAGS.samples,
+                                     example="1,4,8")
     paths = [(name, path) for name, path in (("--json", FLAGS.json),
                                              ("--plot", FLAGS.plot)) if path]
     outputs.check_output_paths(paths)

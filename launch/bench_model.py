@@ -22,6 +22,7 @@ import time
 from absl import app, flags
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
+from launch import list_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source (see launch.agent_eval)")
@@ -42,18 +43,6 @@ flags.DEFINE_string("out", None, "JSON output path")
 flags.DEFINE_alias("json", "out")  # every JSON-writing launcher takes --json
 
 
-def _decode_batches() -> list[int]:
-  """--decode_batches as positive integers; ValueError otherwise."""
-  try:
-    batches = [int(b) for b in FLAGS.decode_batches]
-  except ValueError:
-    batches = []
-  if not batches or min(batches) < 1:
-    raise ValueError("--decode_batches: give positive integers, e.g. 1,8; "
-                     f"got {','.join(FLAGS.decode_batches)!r}")
-  return batches
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -66,7 +55,7 @@ def main(argv):
   from dualpath_jax.model import describe_model, load_model
 
   try:  # before JAX and the model load: bad flags cost nothing
-    batches = _decode_batches()
+    batches = list_flags.positive_ints("decode_batches", FLAGS.decode_batches)
     if (FLAGS.attention != "auto"
         and FLAGS.attention not in ATTENTION_IMPLEMENTATIONS):
       raise ValueError(f"--attention: unknown {FLAGS.attention!r}; choose "

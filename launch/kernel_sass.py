@@ -58,6 +58,7 @@ from dualpath_jax import metrics
 from dualpath_jax import outputs
 from dualpath_jax.utils import ctrl_c_ends_quietly
 from launch import kernel_cases
+from launch import list_flags
 from launch import sass_analysis
 from launch import sass_report
 from launch.sass_report import KERNELS, NoCompiler
@@ -132,18 +133,6 @@ def fmt_row(row: dict, default: bool) -> str:
           f"{limit:>9}{'*' if default else ' '} {figures}  {ops}, {mix}")
 
 
-def _ints(name: str, values, power_of_2: bool = False) -> list[int]:
-  """A list flag's values as positive ints (powers of 2 if asked)."""
-  try:
-    out = [int(v) for v in values]
-  except ValueError as e:
-    raise ValueError(f"--{name}: not an integer list: {values}") from e
-  if not out or any(v < 1 or (power_of_2 and v & (v - 1)) for v in out):
-    raise ValueError(f"--{name}: need positive integers"
-                     f"{' (powers of 2)' if power_of_2 else ''}; got {out}")
-  return out
-
-
 def _flag(name: str) -> list[str]:
   """A list flag's values, or the kernel's default."""
   value = getattr(FLAGS, name)
@@ -172,14 +161,16 @@ def parse_flags() -> tuple[list, dict[str, list[int]]]:
     if not decode_triton.tileable(n):
       raise ValueError(f"--shape: the Triton kernels need {name} a power "
                        f"of 2 >= {decode_triton.MIN_DOT_ROWS}; got {n}")
-  grid = {"step_tokens": _ints("step_tokens", _flag("step_tokens"), True),
-          "warps": _ints("warps", _flag("warps"), True),
-          "stages": _ints("stages", _flag("stages"))}
+  ints = list_flags.positive_ints
+  grid = {"step_tokens": ints("step_tokens", _flag("step_tokens"),
+                              power_of_2=True),
+          "warps": ints("warps", _flag("warps"), power_of_2=True),
+          "stages": ints("stages", _flag("stages"))}
   if min(grid["step_tokens"]) < decode_triton.MIN_DOT_ROWS:
     raise ValueError(f"--step_tokens: at least "
                      f"{decode_triton.MIN_DOT_ROWS}; got {grid['step_tokens']}")
   if FLAGS.kernel == "triton_prefill":
-    grid["block_q"] = _ints("block_q", _flag("block_q"), True)
+    grid["block_q"] = ints("block_q", _flag("block_q"), power_of_2=True)
   elif FLAGS.block_q is not None:
     raise ValueError("--block_q: only the prefill kernel has query blocks")
   if FLAGS.v_transposed and FLAGS.kernel != "triton_decode":
