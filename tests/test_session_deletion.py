@@ -47,8 +47,12 @@ def test_forget_cached_frees_unreferenced_blocks_only():
   pool.release([b])  # B is cached as any released block
   assert pool.num_evictable == 1 and pool.forget_cached([b"B"]) == 1
   assert pool.num_cached == 0
+  a2, = pool.allocate(1)
+  pool.register(a2, b"A")
+  pool.release([a2])
   with pytest.raises(ValueError, match="non-empty bytes"):
-    pool.forget_cached([b""])
+    pool.forget_cached([b"A", b""])  # refused whole: A stays cached
+  assert pool.lookup(b"A") == a2
 
 
 def _delete(srv, session, user):

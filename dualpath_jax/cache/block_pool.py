@@ -237,9 +237,11 @@ class BlockPool:
     allocation overwrites them); returns how many. A block a sequence
     still holds keeps its identity until released (then it is cached as
     any other)."""
+    identities = list(identities)
+    for h in identities:  # all checked first: a bad one changes nothing
+      self._check_identity(h)
     n = 0
     for h in identities:
-      self._check_identity(h)
       block = self._block_of.get(h)
       if block is None or self._ref_counts[block]:
         continue

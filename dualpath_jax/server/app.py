@@ -244,7 +244,14 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
       raise APIError(str(e), status_code=503, type="server_error") from e
     finally:  # the memory tiers' copies go even if the disk's removal lags
       if ids is not None:
-        forgot = await asyncio.wrap_future(engine_loop.forget_blocks(ids))
+        try:
+          forgot = await asyncio.wrap_future(engine_loop.forget_blocks(ids))
+        except RuntimeError:
+          if engine_loop.running:
+            raise
+          # The loop has stopped (a shutdown): the memory tiers go with the
+          # process. Their counts stay null (not removed); the reply, or
+          # the store's 503, stands.
     return {"id": session_id, "object": "session.deleted", "user": user,
             "deleted": True, "cold_tier_blocks": removed, **forgot}
 
