@@ -338,6 +338,18 @@ def _check_ids(ids, low: int, high: int, what: str) -> None:
                      f"{int(bad[0])}")
 
 
+def _writes_nothing(dst_slots, num_slots: int) -> bool:
+  """Checks eager destination slots (each < `num_slots`, or < 0 to skip);
+  True when none is valid: the write leaves the tier as it is, and the
+  jitted write must not run (it repeats its first valid entry). Traced
+  slots: False (the caller guarantees a valid entry)."""
+  _check_ids(dst_slots, -(1 << 31), num_slots, "destination hot-tier slots")
+  try:
+    return not np.any(np.asarray(dst_slots) >= 0)
+  except jax.errors.TracerArrayConversionError:
+    return False
+
+
 @functools.partial(jax.jit, donate_argnums=(0,),
                    static_argnames=("layer_start", "num_layers", "run_length",
                                     "implementation"))
@@ -387,13 +399,8 @@ def scatter_to_host(
   block's slot.
   """
   _check_ids(src_pages, 0, pool.shape[1], "source pool pages")
-  _check_ids(dst_slots, -(1 << 31), host_tier.shape[0],
-             "destination hot-tier slots")
-  try:
-    if not np.any(np.asarray(dst_slots) >= 0):
-      return host_tier
-  except jax.errors.TracerArrayConversionError:
-    pass  # traced ids: the caller guarantees a valid entry
+  if _writes_nothing(dst_slots, host_tier.shape[0]):
+    return host_tier
   return _scatter_fn(host_tier.sharding, layer_start, num_layers)(
       host_tier, pool, src_pages, dst_slots)
 
@@ -431,13 +438,8 @@ def put_to_host(
   do; eager ids outside the tier are a ValueError, and a list with no valid
   destination leaves the tier as it is.
   """
-  _check_ids(dst_slots, -(1 << 31), host_tier.shape[0],
-             "destination hot-tier slots")
-  try:
-    if not np.any(np.asarray(dst_slots) >= 0):
-      return host_tier
-  except jax.errors.TracerArrayConversionError:
-    pass
+  if _writes_nothing(dst_slots, host_tier.shape[0]):
+    return host_tier
   return _put_fn(host_tier.sharding)(host_tier, blocks, dst_slots)
 
 
