@@ -182,6 +182,20 @@ def write_json(report: dict[str, Any], path: str) -> None:
   replace_atomically(path, write, ".json")
 
 
+def write_report_and_plot(report: dict[str, Any], json_path: str | None,
+                          plot_path: str | None,
+                          draw: Callable[[str], None] | None) -> None:
+  """A benchmark's outputs: `report` as JSON at `json_path`, and the PNG
+  `draw(plot_path)` saves (None: nothing measured to draw), each if asked
+  for, saying where each went."""
+  if json_path:
+    write_json(report, json_path)
+    print(f"wrote {json_path}")
+  if plot_path and draw is not None:
+    draw(plot_path)
+    print(f"wrote {plot_path}")
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: str) -> None:
   """Writes one strict-JSON object per line (non-finite numbers as null, as
   `write_json`), atomically (`replace_atomically`)."""

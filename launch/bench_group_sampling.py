@@ -228,13 +228,11 @@ def main(argv):
       "rows": rows, "complete": not interrupted,
       **metrics.run_environment(),
   }
-  if FLAGS.json:
-    outputs.write_json(report, FLAGS.json)
-    print(f"wrote {FLAGS.json}")
-  if FLAGS.plot and rows:
-    plot(rows, FLAGS.plot, f"{loaded.config.name}: n samples of a "
-         f"{FLAGS.prompt_tokens}-token prompt ({report.get('device') or ''})")
-    print(f"wrote {FLAGS.plot}")
+  title = (f"{loaded.config.name}: n samples of a {FLAGS.prompt_tokens}-"
+           f"token prompt ({report.get('device') or ''})")
+  outputs.write_report_and_plot(
+      report, FLAGS.json, FLAGS.plot,
+      (lambda path: plot(rows, path, title)) if rows else None)
   if interrupted:
     sys.exit(130)
 

@@ -277,14 +277,13 @@ def main(argv):
         memory: {op: pinned / s for op, s in ops.items()}
         for memory, ops in report["tiers"].items()}
     print(format_table(report))
-  if FLAGS.json:
-    outputs.write_json(report, FLAGS.json)
-    print(f"wrote {FLAGS.json}")
-  if FLAGS.plot and report["ceilings_s"]:
-    plot(report, FLAGS.plot, f"hot tier <-> pool: {FLAGS.blocks} "
-         f"{FLAGS.shape} blocks ({report['bytes'] / 2**20:.0f} MiB) a call, "
-         f"{report.get('device') or ''}")
-    print(f"wrote {FLAGS.plot}")
+  title = (f"hot tier <-> pool: {FLAGS.blocks} {FLAGS.shape} blocks "
+           f"({report['bytes'] / 2**20:.0f} MiB) a call, "
+           f"{report.get('device') or ''}")
+  outputs.write_report_and_plot(
+      report, FLAGS.json, FLAGS.plot,
+      (lambda path: plot(report, path, title)) if report["ceilings_s"]
+      else None)
   if interrupted:
     sys.exit(130)
 
