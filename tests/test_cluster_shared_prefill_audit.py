@@ -121,3 +121,34 @@ def test_hot_blocks_beyond_the_reachable_ones_are_refused():
   TurnDemand("t", new_tokens=2, hit_blocks=9, block_bytes=1 << 20,
              total_blocks=10, resident_blocks={"P1": 3}, hot_blocks={"P1": 2},
              reachable_blocks={"P1": 4}, block_tokens=BS)
+
+
+def test_a_released_sample_prefills_before_turns_that_came_after_it(
+    tiny, tmp_path):
+  """1P1D: s0 prefills a 60-token prompt in chunks of 16 while s1, its
+  second sample, is held for it; y, a turn of another prompt that arrives
+  after s1, is placed on the same prefill engine meanwhile. When s0 hands
+  off, s1 is placed and has one partial block left to compute. It used to
+  queue behind y (the prefill engine took turns by placement time), so its
+  first token waited for y's whole prefill; by arrival it goes first."""
+  prompt = np.random.default_rng(43).integers(3, 256, size=60).tolist()
+  other = np.random.default_rng(44).integers(3, 256, size=60).tolist()
+  cluster = make_cluster(
+      tiny, CACHE, ENGINE, _cold(tmp_path), MeshConfig.parse("1P1D"),
+      DualPathConfig(policy="dualpath"))
+  try:
+    s0, s1 = _samples(prompt)
+    for r in (s0, s1):
+      cluster.submit(r)
+    cluster.step()  # s0 placed and prefilling, s1 held
+    assert [t.rid for t in cluster._waiting] == ["s1"]
+    cluster.submit(TurnRequest("y", other, 3, stop_on_eos=False))
+    got = {}
+    while cluster.has_work():
+      for out in cluster.step():
+        got[out.request.request_id] = out
+    assert got["s1"].cached_prompt_tokens == (len(prompt) - 1) // BS * BS
+    assert got["s1"].first_token_s < got["y"].first_token_s
+    assert got["s0"].generated_tokens == got["s1"].generated_tokens
+  finally:
+    cluster.close()

@@ -941,10 +941,13 @@ class PDCluster:
     return buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages)
 
   def _next_turn(self, pe: _Worker) -> _Turn | None:
-    """The PE's next turn to prefill: the first (by placement) whose load is done."""
+    """The PE's next turn to prefill: the first by arrival whose load is
+    done. By arrival, not placement: a turn placed late because it waited
+    (for room, or for a turn prefilling its prefix: an n-sample group's
+    later samples) does not queue behind turns that came after it."""
     by_id = {t.rid: t for t in pe.queue}
     waiting = [WaitingTurn(
-        t.rid, t.placed_s,
+        t.rid, t.arrival_s,
         t.prefill_target - pe.manager.num_computed(t.rid),
         math.inf if t.load is not None and not t.load.done() else -math.inf)
                for t in pe.queue]
