@@ -12,22 +12,14 @@ a turn pushed back ahead of the reading one, and the emulated storage NIC
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
-import numpy as np
 import pytest
 
-from dualpath_jax.config import CacheConfig, EngineConfig
-from dualpath_jax.engine.factory import make_engine
+from async_load_support import (BS, STORED, Gate, drain, engine_on,
+                                prompt_tokens, stored_session)
 from dualpath_jax.engine.request import TurnRequest
 from dualpath_jax.model import load_model
-from storage.config import ColdTierConfig
-
-BS = 4
-STORED = (37 + 4 - 1) // BS  # turn 1's full blocks: its prompt and 3 of 4
-# generated tokens have KV (the last one is never fed back)
-ENGINE = EngineConfig(max_batch_size=4, max_prefill_chunk=16, max_context=128)
 
 
 @pytest.fixture(scope="module")
@@ -35,77 +27,28 @@ def tiny():
   return load_model("random:tiny-test")
 
 
-def _prompt(seed, n):
-  return np.random.default_rng(seed).integers(3, 256, size=n).tolist()
-
-
-def _engine(tiny, root, *, num_blocks=64, async_loads=True, **kw):
-  return make_engine(
-      tiny, CacheConfig(block_size=BS, num_blocks=num_blocks),
-      dataclasses.replace(ENGINE, async_cold_loads=async_loads),
-      cold_tier=ColdTierConfig(root=str(root), file_io_mode="default"), **kw)
-
-
-def _drain(engine, outs):
-  while engine.has_work():
-    for out in engine.step():
-      outs[out.request.request_id] = out
-  return outs
-
-
-class _Gate:
-  """Wraps a store's `get`: each call records its thread and, while closed,
-  waits until the test opens it (or `fail` makes it raise)."""
-
-  def __init__(self, store):
-    self.opened = threading.Event()
-    self.threads: list[str] = []
-    self.fail: BaseException | None = None
-    self._get = store.get
-    store.get = self.get
-
-  def get(self, ids, out=None):
-    self.threads.append(threading.current_thread().name)
-    if not self.opened.wait(timeout=60):
-      raise TimeoutError("the test never opened the gate")
-    if self.fail is not None:
-      raise self.fail
-    return self._get(ids, out=out)
-
-
-def _stored_session(tiny, root):
-  """Turn 1 of session s, written to the cold tier at `root` by an engine
-  that then goes away; returns turn 2's prompt (turn 1's context + 5)."""
-  first = _engine(tiny, root)
-  prompt = _prompt(1, 37)
-  out = _drain(first, {} if first.submit(TurnRequest(
-      "s#0", prompt, 4, stop_on_eos=False, tenant="t")) else {})["s#0"]
-  first.close()
-  return prompt + out.generated_tokens + _prompt(2, 5)
-
-
 def _reference(tiny, root, prompt, other):
   """Both turns on an engine reading synchronously from a store of its own
   (`root`: a fresh directory), which turn 1 fills first as it did the
   tested engine's (their write-backs would change each other's hits)."""
-  _stored_session(tiny, root)
-  engine = _engine(tiny, root, async_loads=False)
+  stored_session(tiny, root)
+  engine = engine_on(tiny, root, async_loads=False)
   engine.submit(TurnRequest("b", other, 12, stop_on_eos=False, tenant="t"))
   engine.submit(TurnRequest("s#1", prompt, 4, stop_on_eos=False, tenant="t"))
-  outs = _drain(engine, {})
+  outs = drain(engine, {})
   engine.close()
   return outs
 
 
 def test_running_turns_decode_while_a_returning_prefix_is_read(tiny, tmp_path):
   root = tmp_path / "kv"
-  prompt = _stored_session(tiny, root)
-  other = _prompt(3, 9)
+  prompt = stored_session(tiny, root)
+  other = prompt_tokens(3, 9)
   want = _reference(tiny, tmp_path / "ref", prompt, other)
   assert want["s#1"].cached_prompt_tokens == STORED * BS
 
-  engine = _engine(tiny, root)
-  gate = _Gate(engine.cold_tier.store)
+  engine = engine_on(tiny, root)
+  gate = Gate(engine.cold_tier.store)
   outs = {}
   engine.submit(TurnRequest("b", other, 12, stop_on_eos=False, tenant="t"))
   engine.step()  # b prefilled: it decodes from now on
@@ -119,7 +62,7 @@ def test_running_turns_decode_while_a_returning_prefix_is_read(tiny, tmp_path):
   assert gate.threads and all(t.startswith("cold-tier-load")
                               for t in gate.threads)
   gate.opened.set()
-  _drain(engine, outs)
+  drain(engine, outs)
   for rid in ("b", "s#1"):
     assert outs[rid].generated_tokens == want[rid].generated_tokens, rid
   assert outs["s#1"].cached_prompt_tokens == want["s#1"].cached_prompt_tokens
@@ -132,12 +75,12 @@ def test_running_turns_decode_while_a_returning_prefix_is_read(tiny, tmp_path):
 
 def test_with_nothing_else_to_run_the_engine_waits_for_the_read(tiny, tmp_path):
   root = tmp_path / "kv"
-  prompt = _stored_session(tiny, root)
-  engine = _engine(tiny, root)
-  gate = _Gate(engine.cold_tier.store)
+  prompt = stored_session(tiny, root)
+  engine = engine_on(tiny, root)
+  gate = Gate(engine.cold_tier.store)
   engine.submit(TurnRequest("s#1", prompt, 3, stop_on_eos=False, tenant="t"))
   threading.Timer(0.3, gate.opened.set).start()
-  outs = _drain(engine, {})
+  outs = drain(engine, {})
   assert outs["s#1"].cached_prompt_tokens == STORED * BS
   assert engine.stats.load_wait_s >= 0.2  # it waited, it did not spin
   engine.close()
@@ -145,11 +88,11 @@ def test_with_nothing_else_to_run_the_engine_waits_for_the_read(tiny, tmp_path):
 
 def test_synchronous_loads_read_on_the_engine_thread(tiny, tmp_path):
   root = tmp_path / "kv"
-  prompt = _stored_session(tiny, root)
-  engine = _engine(tiny, root, async_loads=False)
-  gate = _Gate(engine.cold_tier.store)
+  prompt = stored_session(tiny, root)
+  engine = engine_on(tiny, root, async_loads=False)
+  gate = Gate(engine.cold_tier.store)
   gate.opened.set()
-  outs = _drain(engine, {} if engine.submit(TurnRequest(
+  outs = drain(engine, {} if engine.submit(TurnRequest(
       "s#1", prompt, 3, stop_on_eos=False, tenant="t")) else {})
   assert gate.threads == [threading.current_thread().name]
   assert engine.cold_tier.stats.async_loads == 0
@@ -164,11 +107,11 @@ def test_an_abort_or_a_failed_read_while_it_is_out(tiny, tmp_path, what):
   load (which reuses the reader's buffer) waits for the dropped read and
   loads exactly. Store error: a miss, counted; the turn recomputes."""
   root = tmp_path / "kv"
-  prompt = _stored_session(tiny, root)
-  other = _prompt(3, 9)
+  prompt = stored_session(tiny, root)
+  other = prompt_tokens(3, 9)
   want = _reference(tiny, tmp_path / "ref", prompt, other)
-  engine = _engine(tiny, root)
-  gate = _Gate(engine.cold_tier.store)
+  engine = engine_on(tiny, root)
+  gate = Gate(engine.cold_tier.store)
   outs = {}
   engine.submit(TurnRequest("b", other, 12, stop_on_eos=False, tenant="t"))
   engine.step()
@@ -181,7 +124,7 @@ def test_an_abort_or_a_failed_read_while_it_is_out(tiny, tmp_path, what):
     engine.submit(TurnRequest("again", prompt, 4, stop_on_eos=False,
                               tenant="t"))
     threading.Timer(0.2, gate.opened.set).start()
-    _drain(engine, outs)
+    drain(engine, outs)
     assert "s#1" not in outs
     assert outs["again"].generated_tokens == want["s#1"].generated_tokens
     assert outs["again"].cached_prompt_tokens == (
@@ -189,7 +132,7 @@ def test_an_abort_or_a_failed_read_while_it_is_out(tiny, tmp_path, what):
   else:
     gate.fail = OSError(28, "No space left on device")
     gate.opened.set()
-    _drain(engine, outs)
+    drain(engine, outs)
     assert outs["s#1"].generated_tokens == want["s#1"].generated_tokens
     assert outs["s#1"].cached_prompt_tokens == 0
     assert engine.cold_tier.stats.store_errors == 1
@@ -204,10 +147,10 @@ def test_a_turn_pushed_back_ahead_of_the_reading_one(tiny, tmp_path):
   is out: that read is dropped and made again when the turn heads the
   queue again; every turn ends with the reference's tokens."""
   root = tmp_path / "kv"
-  prompt = _stored_session(tiny, root)  # 10 blocks stored
-  a, c = _prompt(4, 30), _prompt(5, 30)
-  engine = _engine(tiny, root, num_blocks=22)
-  gate = _Gate(engine.cold_tier.store)
+  prompt = stored_session(tiny, root)  # 10 blocks stored
+  a, c = prompt_tokens(4, 30), prompt_tokens(5, 30)
+  engine = engine_on(tiny, root, num_blocks=22)
+  gate = Gate(engine.cold_tier.store)
   outs = {}
   engine.submit(TurnRequest("a", a, 20, stop_on_eos=False, tenant="t"))
   engine.step()
@@ -222,11 +165,11 @@ def test_a_turn_pushed_back_ahead_of_the_reading_one(tiny, tmp_path):
   assert engine.stats.preemptions >= 1
   assert engine._waiting[0].rid == "c" and engine._waiting[1].load is None
   gate.opened.set()
-  _drain(engine, outs)
-  plain = _engine(tiny, tmp_path / "plain", num_blocks=128)
+  drain(engine, outs)
+  plain = engine_on(tiny, tmp_path / "plain", num_blocks=128)
   for rid, p, n in (("a", a, 20), ("c", c, 20), ("s#1", prompt, 4)):
     plain.submit(TurnRequest(rid, p, n, stop_on_eos=False, tenant="t"))
-  want = _drain(plain, {})
+  want = drain(plain, {})
   plain.close()
   for rid in ("a", "c", "s#1"):
     assert outs[rid].generated_tokens == want[rid].generated_tokens, rid
@@ -237,14 +180,14 @@ def test_a_turn_pushed_back_ahead_of_the_reading_one(tiny, tmp_path):
 
 def test_an_emulated_storage_nic_paces_one_engines_reads(tiny, tmp_path):
   root = tmp_path / "kv"
-  prompt = _stored_session(tiny, root)
+  prompt = stored_session(tiny, root)
   # A rate and a bucket of one byte that make the read wait measurably:
   # 10 blocks of a few KiB at 100 kb/s.
-  engine = _engine(tiny, root, storage_nic_gbps=1e-4)
+  engine = engine_on(tiny, root, storage_nic_gbps=1e-4)
   nic = engine.cold_tier.nic
   nic.burst_bytes = 1
   nic._tokens = 1.0  # pylint: disable=protected-access
-  outs = _drain(engine, {} if engine.submit(TurnRequest(
+  outs = drain(engine, {} if engine.submit(TurnRequest(
       "s#1", prompt, 3, stop_on_eos=False, tenant="t")) else {})
   assert outs["s#1"].cached_prompt_tokens == STORED * BS
   assert nic.total_bytes == STORED * engine.cold_tier._block_bytes
@@ -252,4 +195,4 @@ def test_an_emulated_storage_nic_paces_one_engines_reads(tiny, tmp_path):
       nic.total_wait_s * 0.9)
   engine.close()
   with pytest.raises(ValueError, match="storage_nic_gbps must be > 0"):
-    _engine(tiny, root, storage_nic_gbps=0)
+    engine_on(tiny, root, storage_nic_gbps=0)

@@ -44,6 +44,7 @@ import math
 import time
 
 import jax
+import numpy as np
 
 from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
@@ -109,6 +110,7 @@ class PendingLoad:
   seq_id: str
   plan: _LoadPlan | None  # None: nothing to load
   future: cf.Future | None  # the cold read; None: none to make
+  staging: np.ndarray | None = None  # [n, *block_shape] where it reads
 
   def done(self) -> bool:
     return self.future is None or self.future.done()
@@ -150,6 +152,7 @@ class ColdTierConnector:
                          self._staging.dtype.itemsize)
     self._executor: cf.ThreadPoolExecutor | None = None  # `start_load`'s
     self._in_flight: cf.Future | None = None  # its read, until used
+    self._dropped: list[cf.Future] = []  # reads of `cancel`-ed loads
 
   def start_load(self, seq_id: str, tokens: list[int], tenant: str
                  ) -> PendingLoad:
@@ -162,20 +165,40 @@ class ColdTierConnector:
     plan = self._plan(seq_id, tokens, tenant)
     if plan is None or not plan.cold_ids:
       return PendingLoad(seq_id, plan, None)  # nothing to wait for
-    self._wait_for_reader()  # the staging buffer is the previous read's
+    # No wait for a dropped read still out (`cancel`): the one reader
+    # thread makes this read after it, so the engine serves on meanwhile,
+    # and they never write the staging buffer at once.
     staging = self._staging.rows(len(plan.cold_ids))
     if self.hot is not None:
       self.hot.set_pins(plan.hot_ids)
     future = self._reader().submit(self._read_cold, plan.cold_ids, staging)
     self._in_flight = future
     self.stats.async_loads += 1
-    return PendingLoad(seq_id, plan, future)
+    return PendingLoad(seq_id, plan, future, staging)
 
   def cancel(self, pending: PendingLoad) -> None:
     """Drops a started load (its turn was aborted or pushed back); a read
-    finishes in the background, and the next read waits for it."""
-    if pending.future is not None and self.hot is not None:
-      self.hot.set_pins(())
+    finishes in the background, and the reader makes the next one after
+    it."""
+    if pending.future is not None:
+      self._dropped.append(pending.future)
+      if self.hot is not None:
+        self.hot.set_pins(())
+
+  def _count_dropped(self) -> None:
+    """Counts the reads of dropped loads that have ended: their seconds and
+    what the store raised, which no load takes otherwise (the engine's
+    thread: the reader touches no counter)."""
+    still = []
+    for future in self._dropped:
+      if not future.done():
+        still.append(future)
+        continue
+      read = future.result()
+      self.stats.read_s += read.seconds
+      if read.error is not None:
+        count_store_error(self.stats, "read", read.error)
+    self._dropped = still
 
   def load_prefix(self, pool: jax.Array, seq_id: str, tokens: list[int],
                   tenant: str, *, pending: PendingLoad | None = None
@@ -190,6 +213,7 @@ class ColdTierConnector:
     `start_load` of this turn, whose read it waits for and uses; without
     one, the cold blocks are read here.
     """
+    self._count_dropped()
     if pending is not None:
       if pending.seq_id != seq_id:
         raise ValueError(f"a load started for {pending.seq_id} cannot "
@@ -197,6 +221,7 @@ class ColdTierConnector:
       plan = pending.plan
       if plan is None:
         return pool, 0, 0
+      staging = pending.staging
       if pending.future is None:
         read = _ReadResult(0, None, 0.0)
       else:
@@ -236,8 +261,7 @@ class ColdTierConnector:
     pages = self.manager.block_table(seq_id)[have:have + good]
     if hot_run:  # straight from the tier's memory into the pool
       pool, _ = self.hot.read_run_to_pool(plan.hot_ids[:hot_run], pool, pages)
-    if got:
-      staging = self._staging.rows(got)
+    if got:  # `staging`: the rows the cold read went into
       pool = pool_io.write_blocks(pool, pages[hot_run:], staging[:got])
       if self.hot is not None:
         self.hot.put(plan.cold_ids[:got], staging[:got])
@@ -386,6 +410,7 @@ class ColdTierConnector:
     if self._executor is not None:
       self._executor.shutdown(wait=True)
       self._executor = None
+      self._count_dropped()
     if self.store is not None:
       self.store.close()
 

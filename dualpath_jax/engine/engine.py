@@ -404,6 +404,8 @@ class Engine:
       return (s.arrival_s, s.order)  # larger: younger
 
     while not self.manager.can_allocate(seq.rid, n):
+      if self._release_waiting_head():
+        continue  # its device hit may be what `seq` needs
       others = [s for s in self._decoding + self._prefilling if s is not seq]
       if not others:
         raise OutOfBlocksError(
@@ -416,13 +418,27 @@ class Engine:
     self.manager.allocate(seq.rid, n)
     return True
 
+  def _release_waiting_head(self) -> bool:
+    """Ends the `begin` of the turn heading the queue while its cold read
+    is out (False if none is begun): the blocks of its device hit, which it
+    holds meanwhile, become cached ones the running turns may take, as an
+    admitted turn's would by preemption. Its read is dropped; both are
+    made again when it next heads the queue (a turn pushed back may go
+    ahead of it)."""
+    if not self._waiting or self._waiting[0].begun_cached is None:
+      return False
+    head = self._waiting[0]
+    if head.load is not None:
+      self.cold_tier.cancel(head.load)
+      head.load = None
+    head.begun_cached = None
+    self.manager.end(head.rid)
+    return True
+
   def _preempt(self, victim: _Sequence) -> None:
-    if self._waiting and self._waiting[0].load is not None:
-      # The victim goes ahead of the turn whose read is in flight: that
-      # read is dropped (the reader's buffer will be the victim's), and
-      # started again when the turn heads the queue again.
-      self.cold_tier.cancel(self._waiting[0].load)
-      self._waiting[0].load = None
+    # The victim goes ahead of the turn whose read is in flight: that turn
+    # gives back what it holds (and it must: it no longer heads the queue).
+    self._release_waiting_head()
     for queue in (self._decoding, self._prefilling):
       if victim in queue:
         queue.remove(victim)

@@ -1,0 +1,81 @@
+"""Shared pieces of the tests of one engine's asynchronous cold loads
+(test_engine_async_loads.py, test_async_loads_audit.py).
+
+`Gate` holds the reader's `BlockStore.get` until a test opens it, so what
+the engine does while a read is out is deterministic; `stored_session`
+writes a session's first turn to a cold tier and returns its second turn's
+prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+
+from dualpath_jax.config import CacheConfig, EngineConfig
+from dualpath_jax.engine.factory import make_engine
+from dualpath_jax.engine.request import TurnRequest
+from storage.config import ColdTierConfig
+
+BS = 4
+STORED = (37 + 4 - 1) // BS  # turn 1's full blocks: its prompt and 3 of 4
+# generated tokens have KV (the last one is never fed back)
+ENGINE = EngineConfig(max_batch_size=4, max_prefill_chunk=16, max_context=128)
+
+
+def prompt_tokens(seed: int, n: int) -> list[int]:
+  return np.random.default_rng(seed).integers(3, 256, size=n).tolist()
+
+
+def engine_on(tiny, root, *, num_blocks=64, async_loads=True, **kw):
+  """An engine of the tiny model over the cold tier at `root`."""
+  return make_engine(
+      tiny, CacheConfig(block_size=BS, num_blocks=num_blocks),
+      dataclasses.replace(ENGINE, async_cold_loads=async_loads),
+      cold_tier=ColdTierConfig(root=str(root), file_io_mode="default"), **kw)
+
+
+def drain(engine, outs: dict) -> dict:
+  """Steps `engine` until idle; its outputs into `outs`, by request id."""
+  while engine.has_work():
+    for out in engine.step():
+      outs[out.request.request_id] = out
+  return outs
+
+
+class Gate:
+  """Wraps a store's `get`: each call records its thread and, while
+  closed, waits until the test opens it (or `fail` makes it raise);
+  `timed_out` counts the calls nothing opened it for in `timeout_s`."""
+
+  def __init__(self, store, timeout_s: float = 60):
+    self.opened = threading.Event()
+    self.threads: list[str] = []
+    self.fail: BaseException | None = None
+    self.timed_out = 0
+    self._timeout_s = timeout_s
+    self._get = store.get
+    store.get = self.get
+
+  def get(self, ids, out=None):
+    self.threads.append(threading.current_thread().name)
+    if not self.opened.wait(timeout=self._timeout_s):
+      self.timed_out += 1
+      raise TimeoutError("the test never opened the gate")
+    if self.fail is not None:
+      raise self.fail
+    return self._get(ids, out=out)
+
+
+def stored_session(tiny, root) -> list[int]:
+  """Turn 1 of session s (37 tokens + 4 generated: `STORED` full blocks),
+  written to the cold tier at `root` by an engine that then goes away;
+  returns turn 2's prompt (turn 1's context + 5)."""
+  first = engine_on(tiny, root)
+  prompt = prompt_tokens(1, 37)
+  first.submit(TurnRequest("s#0", prompt, 4, stop_on_eos=False, tenant="t"))
+  out = drain(first, {})["s#0"]
+  first.close()
+  return prompt + out.generated_tokens + prompt_tokens(2, 5)
