@@ -32,9 +32,9 @@ One turn:
    cluster is busy. A block the store cannot serve ends the run: it and
    everything after it are recomputed.
 4. *Prefill* on the PE, one chunk per `step()`, same chunking and shape
-   buckets as `Engine`. Among the PE's queued turns, the first whose load is
-   done goes next (`scheduler.choose_prefill_batch`): a turn still loading
-   never blocks a ready one. The PE runs its prefill one layer per call
+   buckets as `Engine`. Among the PE's queued turns, the first by arrival
+   whose load is done goes next (`scheduler.choose_prefill_batch`): a turn
+   still loading never blocks a ready one. The PE runs its prefill one layer per call
    (`ModelRunner.step_layerwise`), and a loaded prefix goes into the pool
    layer by layer just before its layer computes (`LayerStager`: path 1
    from the PE's host buffer, path 2 through the DE's devices and the
