@@ -34,12 +34,13 @@ One turn:
 4. *Prefill* on the PE, one chunk per `step()`, same chunking and shape
    buckets as `Engine`. Among the PE's queued turns, the first by arrival
    whose load is done goes next (`scheduler.choose_prefill_batch`): a turn
-   still loading never blocks a ready one. The PE runs its prefill one layer per call
-   (`ModelRunner.step_layerwise`), and a loaded prefix goes into the pool
-   layer by layer just before its layer computes (`LayerStager`: path 1
-   from the PE's host buffer, path 2 through the DE's devices and the
-   hand-off), so the copies of later layers overlap earlier layers'
-   compute and only `layers_in_flight` layers are staged at a time.
+   still loading never blocks a ready one. The PE runs its prefill one
+   layer per call (`ModelRunner.step_layerwise`), and a loaded prefix goes
+   into the pool layer by layer just before its layer computes
+   (`LayerStager`: path 1 from the PE's host buffer, path 2 through the
+   DE's devices and the hand-off), so the copies of later layers overlap
+   earlier layers' compute and only `layers_in_flight` layers are staged
+   at a time.
 5. *Move*: the prompt's blocks the DE lacks go PE -> DE
    (`DualPathLoader.move_blocks`); the PE puts the prompt's full blocks
    its hot tier lacks there (if it has one), and releases the sequence (its

@@ -50,7 +50,7 @@ import collections
 import dataclasses
 import math
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -62,6 +62,8 @@ from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           validate_request)
 
+if TYPE_CHECKING:  # cold_tier.py imports the transfer layer: only for types
+  from dualpath_jax.engine.cold_tier import PendingLoad
 
 
 @dataclasses.dataclass
@@ -85,7 +87,7 @@ class _Sequence:
   # While it heads the queue: the cached tokens `begin` found (None: not
   # begun) and the cold read started for it (`ColdTierConnector.start_load`).
   begun_cached: int | None = None
-  load: object | None = None
+  load: PendingLoad | None = None
 
   @property
   def rid(self) -> str:
