@@ -70,8 +70,11 @@ class PageableBlocks:
   memory = "pageable"
 
   def __init__(self, capacity: int, block_shape: Sequence[int], dtype):
+    from dualpath_jax.transfer.source import StagingRows  # pylint: disable=g-import-not-at-top
     self._data = np.empty((capacity, *block_shape), dtype)
     self._data.fill(0)  # pay the first touch now, not in a turn
+    # What `to_pool` copies through: reused, not a fresh array per load.
+    self._staging = StagingRows(block_shape, dtype)
 
   @property
   def nbytes(self) -> int:
@@ -95,7 +98,7 @@ class PageableBlocks:
   def to_pool(self, pool: jax.Array,  # [L, N, 2, Hkv, P, D] (donated)
               slots: Sequence[int], pages: Sequence[int]
               ) -> jax.Array:  # the pool with the blocks at `pages`
-    blocks = np.empty((len(slots), *self._data.shape[1:]), self._data.dtype)
+    blocks = self._staging.rows(len(slots))
     self.read(slots, blocks)
     return pool_io.write_blocks(pool, list(pages), blocks)
 
