@@ -210,9 +210,10 @@ def main(argv):
     print("cached prompt tokens by tier: " + ", ".join(tiers))
     prefetch = cold_stats.get("prefetch")
     if prefetch is not None:
-      print(f"prefetch: {prefetch['read_blocks']} blocks read ("
-            f"{prefetch['path1_blocks']} on prefill NICs, "
-            f"{prefetch['path2_blocks']} on decode NICs), "
+      where = ("" if mesh is None else
+               f" ({prefetch['path1_blocks']} on prefill NICs, "
+               f"{prefetch['path2_blocks']} on decode NICs)")
+      print(f"prefetch: {prefetch['read_blocks']} blocks read{where}, "
             f"{prefetch['used_blocks']} read by the turns they were for, "
             f"{prefetch['evicted_unused_blocks']} evicted unread")
   outputs.write_json(report, FLAGS.report)

@@ -291,7 +291,7 @@ def main(argv):
     policies = ["engine"]
   try:  # hot tiers past the host's memory: refused before the weights load
     cluster_flags.hot_tier_bytes(mesh.num_prefill if mesh else 1)
-    cluster_flags.check_prefetch(mesh)
+    cluster_flags.check_prefetch(True)  # every run gets a cold tier
   except ValueError as e:
     _fail(str(e))
   try:  # the cold tiers' settings, before the first is seeded

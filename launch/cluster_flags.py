@@ -66,10 +66,11 @@ def define(mesh_default: str | None = None) -> None:
        "kernels.block_copy gathers into the pool and scatters back from "
        "it; the engine's pool on one device)")
   once(flags.DEFINE_integer, "prefetch_blocks", 0,
-       "--mesh with --hot_tier_gb: blocks per prefetch read; the cluster "
-       "reads the prefixes of waiting turns and of sessions predicted to "
-       "return soon from the cold tier into the prefill engines' hot tiers "
-       "on idle storage NICs; 0 = no prefetch", lower_bound=0)
+       "with --cold_tier and --hot_tier_gb: blocks per prefetch read; the "
+       "prefixes of waiting turns and of sessions predicted to return soon "
+       "are read from the cold tier into the hot tier (with --mesh: the "
+       "prefill engines') on idle storage NICs; 0 = no prefetch",
+       lower_bound=0)
   once(flags.DEFINE_enum, "cold_tier_codec", "raw", CODECS,
        "how cold-tier blocks are stored")
   once(flags.DEFINE_string, "cold_tier_key_file", None,
@@ -93,7 +94,7 @@ def mesh_config():
   """
   if not FLAGS.mesh or FLAGS.mesh.lower() == "none":
     hot_tier_bytes()  # checked now: a size past the host's memory
-    check_prefetch(None)
+    check_prefetch(bool(FLAGS.cold_tier))
     if not FLAGS.storage_nic_gbps > 0:
       raise ValueError(f"--storage_nic_gbps must be > 0 (inf: no limit), "
                        f"got {FLAGS.storage_nic_gbps:g}")
@@ -106,22 +107,23 @@ def mesh_config():
     raise ValueError("--mesh needs --cold_tier (the blocks the paths load)")
   mesh = MeshConfig.parse(FLAGS.mesh, FLAGS.tp)
   hot_tier_bytes(mesh.num_prefill)  # one per prefill engine, all in this host
-  check_prefetch(mesh)
+  check_prefetch(True)
   dualpath_config()  # checked now; built again for each cluster
   return mesh
 
 
-def check_prefetch(mesh) -> None:
-  """ValueError for `--prefetch_blocks` where nothing would prefetch: one
-  engine (`mesh` None) or a cluster without hot tiers."""
+def check_prefetch(has_cold_tier: bool) -> None:
+  """ValueError for `--prefetch_blocks` where nothing would prefetch: no
+  cold tier to read from (`has_cold_tier`: whether the launcher gives the
+  engines one), or no hot tier to read into; one engine or a cluster."""
   if not FLAGS.prefetch_blocks:
     return
-  if mesh is None:
-    raise ValueError("--prefetch_blocks needs --mesh (the P/D cluster "
-                     "prefetches; one engine does not)")
+  if not has_cold_tier:
+    raise ValueError("--prefetch_blocks needs --cold_tier (prefetched "
+                     "blocks are read from it)")
   if not FLAGS.hot_tier_gb:
     raise ValueError("--prefetch_blocks needs --hot_tier_gb (prefetched "
-                     "blocks go to the prefill engines' hot tiers)")
+                     "blocks go to the hot tier)")
 
 
 def dualpath_config(policy: str | None = None):
@@ -215,7 +217,8 @@ def make(loaded, cache, engine_cfg, mesh, cold, policy: str | None = None):
     return make_engine(loaded, cache, engine_cfg, cold_tier=cold,
                        hot_tier_bytes=hot_tier_bytes(),
                        hot_tier_memory=FLAGS.hot_tier_memory,
-                       storage_nic_gbps=FLAGS.storage_nic_gbps)
+                       storage_nic_gbps=FLAGS.storage_nic_gbps,
+                       prefetch_blocks=FLAGS.prefetch_blocks)
   from dualpath_jax.engine.cluster import make_cluster
   return make_cluster(loaded, cache, engine_cfg, cold, mesh,
                       dualpath_config(policy),

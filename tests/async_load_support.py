@@ -29,11 +29,13 @@ def prompt_tokens(seed: int, n: int) -> list[int]:
   return np.random.default_rng(seed).integers(3, 256, size=n).tolist()
 
 
-def engine_on(tiny, root, *, num_blocks=64, async_loads=True, **kw):
+def engine_on(tiny, root, *, num_blocks=64, async_loads=True, max_batch=4,
+              **kw):
   """An engine of the tiny model over the cold tier at `root`."""
   return make_engine(
       tiny, CacheConfig(block_size=BS, num_blocks=num_blocks),
-      dataclasses.replace(ENGINE, async_cold_loads=async_loads),
+      dataclasses.replace(ENGINE, async_cold_loads=async_loads,
+                          max_batch_size=max_batch),
       cold_tier=ColdTierConfig(root=str(root), file_io_mode="default"), **kw)
 
 

@@ -23,7 +23,7 @@ from dualpath_jax.cache.prefetcher import (ReturnPredictor, blocks_to_read,
                                            pin_prefixes)
 from dualpath_jax.engine.cluster import make_cluster
 from dualpath_jax.engine.factory import model_fingerprint
-from dualpath_jax.engine.prefetch import ClusterPrefetcher
+from dualpath_jax.engine.prefetch import TierPrefetcher
 from dualpath_jax.engine.request import TurnRequest
 from dualpath_jax.transfer import DualPathConfig, MeshConfig, StorageNic
 from tests.test_cluster import (BLOCK_BYTES, BS, CACHE, ENGINE, _cold, _run,
@@ -252,7 +252,7 @@ def _prefetcher(workers, store_ids, *, batch=4, nic_rate=math.inf,
   loader = _Loader(store)
   nics = {n: StorageNic(n, nic_rate) for n in
           [w.name for w in workers] + ["D0", "D1"]}
-  pf = ClusterPrefetcher(
+  pf = TierPrefetcher(
       loader, store, workers, ["D0", "D1"], nics, batch_blocks=batch,
       pin_fraction=pin_fraction, on_store_error=None if errors is None else
       (lambda what, err: errors.append(what)))

@@ -113,8 +113,9 @@ BAD_FLAGS = [
     *[(*launcher, "--hot_tier_gb=100000",
        "--hot_tier_gb=100000 is more than the")
       for launcher in LAUNCHERS[:3]],
-    # The prefetcher is the P/D cluster's, and fills its hot tiers.
-    (*LAUNCHERS[0], "--prefetch_blocks=4", "--prefetch_blocks needs --mesh"),
+    # The prefetcher reads from the cold tier, one engine's or a cluster's.
+    (*LAUNCHERS[0], "--prefetch_blocks=4",
+     "--prefetch_blocks needs --cold_tier"),
     # One engine's emulated NIC paces its cold-tier reads: it used to be
     # ignored without --mesh, and without a cold tier it paces nothing.
     (*LAUNCHERS[0], "--storage_nic_gbps=1",
@@ -148,9 +149,11 @@ def test_launchers_refuse_bad_engine_flags(tmp_path, module, extra, flag, msg):
   assert not imported_jax(done.stderr)
 
 
+@pytest.mark.parametrize("mesh", ["1P2D", "none"])
 @pytest.mark.parametrize("module,extra", LAUNCHERS)
-def test_prefetching_without_hot_tiers_is_refused(tmp_path, module, extra):
-  args = [*extra, "--mesh=1P2D", f"--cold_tier={tmp_path / 'kv'}",
+def test_prefetching_without_hot_tiers_is_refused(tmp_path, module, extra,
+                                                   mesh):
+  args = [*extra, f"--mesh={mesh}", f"--cold_tier={tmp_path / 'kv'}",
           "--prefetch_blocks=4"]
   if module != "launch.serve":
     args.append(f"--report={tmp_path / 'r.json'}")

@@ -122,6 +122,27 @@ def test_pinned_blocks_outlive_every_put_until_unpinned():
   assert tier.leading_run(a) == 0
 
 
+def test_pins_of_two_owners_hold_together_and_clear_apart():
+  """One engine's load pins the hot run before its cold read while its
+  prefetcher pins the prefixes it predicts: neither may drop the other's."""
+  tier = HotTier(6, SHAPE, np.float32)
+  a, b, c = _ids("a", 2), _ids("b", 2), _ids("c", 4)
+  tier.put(a + b, _blocks(4, 1))
+  tier.set_pins(a, owner="load")
+  tier.set_pins(b, owner="prefetch")
+  assert tier.pinned == frozenset(a + b) and tier.room() == 2
+  assert tier.put(c, _blocks(4, 2)) == 2  # only the 2 unpinned slots
+  assert tier.leading_run(a) == 2 and tier.leading_run(b) == 2
+  tier.set_pins((), owner="load")  # the load landed: the prefetch pins stay
+  assert tier.pinned == frozenset(b)
+  assert tier.put(c[2:], _blocks(2, 3)) == 2  # a's go, b's stay
+  assert tier.leading_run(a) == 0 and tier.leading_run(b) == 2
+  tier.set_pins(c[:1], owner="prefetch")  # replaces that owner's pins only
+  assert tier.pinned == frozenset(c[:1])
+  tier.set_pins((), owner="prefetch")
+  assert tier.pinned == frozenset() and tier.room() == 6
+
+
 def test_discard_frees_slots_for_new_blocks():
   tier = HotTier(2, SHAPE, np.float32)
   tier.put(_ids("a", 2), _blocks(2, 8))

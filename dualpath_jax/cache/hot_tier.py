@@ -33,10 +33,10 @@ Eviction keeps what a future turn is likeliest to read, by three signals:
   the head in `keep`, and `refresh` then orders the whole chain.
 
 Beyond these, a caller that knows who reads next can **pin** blocks
-(`set_pins`): no put evicts a pinned block. The P/D cluster's prefetcher
-pins the prefixes of the turns and sessions it predicts next, so the
-blocks it read for them are not pushed out by other turns' puts before
-they are used.
+(`set_pins`): no put evicts a pinned block. The prefetcher (the P/D
+cluster's, or one engine's) pins the prefixes of the turns and sessions it
+predicts next, so the blocks it read for them are not pushed out by other
+turns' puts before they are used.
 
 Not thread-safe: one engine thread calls it.
 """
@@ -102,7 +102,8 @@ class HotTier:
     self._protected: collections.OrderedDict[bytes, int] = (
         collections.OrderedDict())
     self._free = list(range(capacity_blocks - 1, -1, -1))
-    self._pinned: frozenset[bytes] = frozenset()
+    self._pins_by_owner: dict[str, frozenset[bytes]] = {}
+    self._pinned: frozenset[bytes] = frozenset()  # the owners' union
     self.stats = HotTierStats()
 
   @classmethod
@@ -148,15 +149,26 @@ class HotTier:
     return (len(self._free) + len(self) -
             sum(i in self for i in set(keep) | self._pinned))
 
-  def set_pins(self, ids: Collection[bytes]) -> None:
-    """Makes `ids` the pinned blocks (replacing the previous pins): while
-    held, no put evicts them. Ids not held are remembered, so a block put
-    later is pinned too. Keep pins well under the capacity: a put past the
-    unpinned room stores less (`stats.dropped`)."""
-    self._pinned = frozenset(ids)
+  def set_pins(self, ids: Collection[bytes], owner: str = "default") -> None:
+    """Makes `ids` the blocks `owner` pins (replacing that owner's previous
+    pins; others' stay): while held, no put evicts a block any owner pins.
+    Ids not held are remembered, so a block put later is pinned too. Keep
+    pins well under the capacity: a put past the unpinned room stores less
+    (`stats.dropped`).
+
+    Owners let two callers pin at once without undoing each other: one
+    engine's load pins the hot run in front of its cold read ("load")
+    while its prefetcher pins the prefixes it predicts next ("prefetch").
+    """
+    if ids:
+      self._pins_by_owner[owner] = frozenset(ids)
+    else:
+      self._pins_by_owner.pop(owner, None)
+    self._pinned = frozenset().union(*self._pins_by_owner.values())
 
   @property
   def pinned(self) -> frozenset[bytes]:
+    """The blocks some owner pins (`set_pins`)."""
     return self._pinned
 
   def leading_run(self, ids: Sequence[bytes]) -> int:

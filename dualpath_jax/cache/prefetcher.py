@@ -6,7 +6,7 @@ reads the whole context again. When the hot tier could not keep that
 context, it is in the cold tier, behind a storage NIC, and the turn would
 wait for those reads after it arrives. A prefetcher reads it back into the
 hot tier before then, on a NIC with nothing else to do
-(`engine.prefetch.ClusterPrefetcher` on the P/D cluster).
+(`engine.prefetch.TierPrefetcher`, on the P/D cluster or one engine).
 
 What to read first is a prediction of who returns first. `ReturnPredictor`
 learns, per session, the gap between the end of a turn and the arrival of

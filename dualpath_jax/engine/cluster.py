@@ -90,7 +90,7 @@ from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
 from dualpath_jax.cache.hot_tier import HotTier
 from dualpath_jax.cache.hot_tier_memory import check_memory_kind, pool_device
 from dualpath_jax.engine.factory import make_hot_tier, model_fingerprint
-from dualpath_jax.engine.prefetch import ClusterPrefetcher, session_key
+from dualpath_jax.engine.prefetch import TierPrefetcher, session_key
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           validate_request)
 from dualpath_jax.model.runner import ModelRunner
@@ -175,7 +175,7 @@ class ClusterColdTier:
   store: object
   stats: ColdTierStats
   hot_tiers: Sequence[HotTier] = ()
-  prefetcher: ClusterPrefetcher | None = None
+  prefetcher: TierPrefetcher | None = None
 
   def flush(self) -> None:
     self.store.flush()
@@ -357,12 +357,12 @@ class PDCluster:
     self._waiting: collections.deque[_Turn] = collections.deque()
     # Ids of the waiting turns the last `_admit` held for a shared prefill.
     self._held_ids: set[str] = set()
-    self.prefetcher: ClusterPrefetcher | None = None
+    self.prefetcher: TierPrefetcher | None = None
     if dualpath.prefetch_blocks:
       if not hot_tier_bytes:
         raise ValueError("prefetch_blocks needs hot tiers (hot_tier_bytes > "
                          "0): prefetched blocks go there")
-      self.prefetcher = ClusterPrefetcher(
+      self.prefetcher = TierPrefetcher(
           self.loader, store, self.prefill_workers,
           [de.name for de in self.decode_workers], self.nics,
           batch_blocks=dualpath.prefetch_blocks,

@@ -153,6 +153,38 @@ class ColdTierConnector:
     self._executor: cf.ThreadPoolExecutor | None = None  # `start_load`'s
     self._in_flight: cf.Future | None = None  # its read, until used
     self._dropped: list[cf.Future] = []  # reads of `cancel`-ed loads
+    # The engine's prefetcher (`engine.engine_prefetch`), told which blocks
+    # a load read from the hot tier; None without one.
+    self.prefetcher = None
+
+  @property
+  def block_bytes(self) -> int:
+    """Bytes of one block as the tiers hold it."""
+    return self._block_bytes
+
+  def reader_busy(self) -> bool:
+    """Whether a turn's cold read (or a dropped one) is queued or running
+    on the reader thread: a prefetch read issued now would wait for it."""
+    return any(f is not None and not f.done()
+               for f in (self._in_flight, *self._dropped))
+
+  def read_blocks_async(self, ids: list[bytes]) -> cf.Future:
+    """Reads `ids` (consecutive blocks of one chain) from the cold tier on
+    the reader thread, through the NIC, behind the turn reads queued there,
+    into a new host array: for the prefetcher, whose blocks go to the hot
+    tier later. The future's result is (blocks `[n, *block_shape]`, how
+    many leading blocks were read and verified); it raises what the store
+    raised."""
+    if self.store is None:
+      raise ValueError("prefetch reads need a cold tier")
+    out = np.empty((len(ids), *self.store.block_shape), self._staging.dtype)
+
+    def read():
+      result = self._read_cold(ids, out)
+      if result.error is not None:
+        raise result.error
+      return out, result.got
+    return self._reader().submit(read)
 
   def start_load(self, seq_id: str, tokens: list[int], tenant: str
                  ) -> PendingLoad:
@@ -170,7 +202,7 @@ class ColdTierConnector:
     # and they never write the staging buffer at once.
     staging = self._staging.rows(len(plan.cold_ids))
     if self.hot is not None:
-      self.hot.set_pins(plan.hot_ids)
+      self.hot.set_pins(plan.hot_ids, owner="load")
     future = self._reader().submit(self._read_cold, plan.cold_ids, staging)
     self._in_flight = future
     self.stats.async_loads += 1
@@ -183,7 +215,7 @@ class ColdTierConnector:
     if pending.future is not None:
       self._dropped.append(pending.future)
       if self.hot is not None:
-        self.hot.set_pins(())
+        self.hot.set_pins((), owner="load")
 
   def _count_dropped(self) -> None:
     """Counts the reads of dropped loads that have ended: their seconds and
@@ -228,7 +260,7 @@ class ColdTierConnector:
         read = pending.future.result()
         self._in_flight = None
         if self.hot is not None:
-          self.hot.set_pins(())
+          self.hot.set_pins((), owner="load")
     else:
       plan = self._plan(seq_id, tokens, tenant)
       if plan is None:
@@ -261,6 +293,8 @@ class ColdTierConnector:
     pages = self.manager.block_table(seq_id)[have:have + good]
     if hot_run:  # straight from the tier's memory into the pool
       pool, _ = self.hot.read_run_to_pool(plan.hot_ids[:hot_run], pool, pages)
+      if self.prefetcher is not None:
+        self.prefetcher.note_hot_read(plan.hot_ids[:hot_run])
     if got:  # `staging`: the rows the cold read went into
       pool = pool_io.write_blocks(pool, pages[hot_run:], staging[:got])
       if self.hot is not None:
@@ -416,12 +450,16 @@ class ColdTierConnector:
 
   def report(self) -> dict:
     """The counters, the cold store's own (`store`) and the hot tier's
-    (`hot_tier`), for reports; None for a tier not configured."""
+    (`hot_tier`), for reports; None for a tier not configured. With a
+    prefetcher, its counters (`prefetch`)."""
     hot = None
     if self.hot is not None:
       hot = {**self.hot.stats.as_dict(), "capacity_blocks": self.hot.capacity,
              "held_blocks": len(self.hot), "bytes": self.hot.nbytes,
              "memory": self.hot.memory}
-    return {**self.stats.as_dict(),
-            "store": None if self.store is None else self.store.stats(),
-            "hot_tier": hot}
+    report = {**self.stats.as_dict(),
+              "store": None if self.store is None else self.store.stats(),
+              "hot_tier": hot}
+    if self.prefetcher is not None:
+      report["prefetch"] = self.prefetcher.report()
+    return report

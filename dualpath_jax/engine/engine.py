@@ -8,7 +8,10 @@ Data flow of one turn (a `TurnRequest` holding the session's whole context):
    starts after them. A cold read runs on a reader thread while the engine
    serves its other turns (`EngineConfig.async_cold_loads`): the turn keeps
    the head of the queue meanwhile, and the engine waits for the read only
-   when it has nothing else to run (`EngineStats.load_wait_s`).
+   when it has nothing else to run (`EngineStats.load_wait_s`). With a
+   prefetcher (`engine_prefetch.py`), the reader reads ahead when it has no
+   turn's read to make: the prefixes of the turns behind the head and of
+   the sessions away between turns, into the hot tier.
 2. *Prefill* (`_prefill_step`): the missing tokens are computed in chunks of
    at most `max_prefill_chunk`, each chunk attending to the paged prefix;
    the last chunk's logits give the first token (TTFT is taken here). Turns
@@ -47,6 +50,7 @@ model and the KV pool.
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import dataclasses
 import math
 import time
@@ -54,6 +58,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.block_pool import OutOfBlocksError
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager, RequestTooLargeError
 from dualpath_jax.config import EngineConfig
@@ -64,6 +69,7 @@ from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
 
 if TYPE_CHECKING:  # cold_tier.py imports the transfer layer: only for types
   from dualpath_jax.engine.cold_tier import PendingLoad
+  from dualpath_jax.engine.engine_prefetch import EnginePrefetcher
 
 
 @dataclasses.dataclass
@@ -88,6 +94,9 @@ class _Sequence:
   # begun) and the cold read started for it (`ColdTierConnector.start_load`).
   begun_cached: int | None = None
   load: PendingLoad | None = None
+  # Ids of its loadable blocks, for the prefetcher, and the prefill target
+  # they were hashed for (a preempted turn's grows).
+  chain: tuple[int, list[bytes]] | None = None
 
   @property
   def rid(self) -> str:
@@ -139,7 +148,7 @@ class Engine:
   def __init__(self, runner, manager: KVCacheManager, config: EngineConfig,
                *, eos_ids: Sequence[int], block_size: int,
                clock: Callable[[], float] = time.perf_counter,
-               cold_tier=None):
+               cold_tier=None, prefetcher: EnginePrefetcher | None = None):
     self.runner = runner
     self.manager = manager
     self.config = config
@@ -147,6 +156,7 @@ class Engine:
     self.block_size = block_size
     self.clock = clock
     self.cold_tier = cold_tier  # a `ColdTierConnector` (hot and/or cold), or None
+    self.prefetcher = prefetcher  # over `cold_tier`'s tiers, or None
     self.max_pages = math.ceil(config.max_context / block_size)
     self.stats = EngineStats()
     self._kv = runner.new_kv_cache()
@@ -188,6 +198,8 @@ class Engine:
     self._waiting.append(_Sequence(req=req, arrival_s=arrival,
                                    tokens=list(req.prompt_tokens), rng=rng,
                                    order=self._submitted))
+    if self.prefetcher is not None:
+      self.prefetcher.turn_arrived(req, arrival)
 
   def abort(self, request_id: str) -> bool:
     """Drops a waiting or running turn and releases its blocks.
@@ -224,8 +236,24 @@ class Engine:
 
   def close(self) -> None:
     """Waits for queued cold-tier writes and closes the store, if any."""
+    if self.prefetcher is not None:
+      self.prefetcher.close()
     if self.cold_tier is not None:
       self.cold_tier.close()
+
+  def prefetch_pending(self) -> bool:
+    """Whether `step` with no turn to run may still prefetch: reads in
+    flight, the last step started one, or a turn ended since. A driver
+    with nothing to submit (every session away) steps instead of sleeping
+    while this holds; it turns False once a step finds nothing to read."""
+    return self.prefetcher is not None and self.prefetcher.pending()
+
+  def metrics_snapshot(self) -> dict:
+    """For /metrics, with a prefetcher: its blocks read, used by their
+    turn and evicted unused (`prefetch_blocks`); else nothing."""
+    if self.prefetcher is None:
+      return {}
+    return {"prefetch_blocks": self.prefetcher.counts()}
 
   def has_work(self) -> bool:
     return bool(self._waiting or self._prefilling or self._decoding)
@@ -240,13 +268,27 @@ class Engine:
     return len(self._prefilling) + len(self._decoding)
 
   def step(self) -> list[TurnOutput]:
-    """Admits waiting turns, runs one prefill chunk and one decode batch."""
+    """Admits waiting turns, runs one prefill chunk and one decode batch.
+
+    With a prefetcher: its finished reads go into the hot tier before
+    admission looks there, and it starts a read if the reader is idle;
+    with no turn to run, the step waits for a read (at most 50 ms)
+    instead of returning at once to a driver that would spin.
+    """
+    if self.prefetcher is not None:
+      self.prefetcher.install_done()
     self._admit()
+    if self.prefetcher is not None:
+      self._prefetch()
     done: list[TurnOutput] = []
+    ran = bool(self._prefilling or self._decoding)
     if self._prefilling:
       done += self._prefill_step()
     if self._decoding:
       done += self._decode_step()
+    if not ran and self.prefetcher is not None and self.prefetcher.in_flight():
+      cf.wait(self.prefetcher.in_flight(), timeout=0.05,
+              return_when=cf.FIRST_COMPLETED)
     return done
 
   def warmup(self, max_context: int | None = None) -> None:
@@ -305,6 +347,28 @@ class Engine:
         by_tier["hot"] += hot
         by_tier["cold"] += cold
       self._prefilling.append(seq)
+
+  def _prefetch(self) -> None:
+    """One prefetcher step over the waiting turns, first come first, but
+    the head whose load has started (its read is on the reader already)."""
+    waiting = []
+    for seq in self._waiting:
+      if len(waiting) == self.prefetcher.max_candidates:
+        break
+      if seq.load is None:
+        waiting.append((seq.req, self._chain(seq)))
+    self.prefetcher.step(waiting, self.clock())
+
+  def _chain(self, seq: _Sequence) -> list[bytes]:
+    """Ids of the turn's loadable blocks, as a load would look them up: its
+    full blocks before the prefill target, leaving a token to compute."""
+    target = seq.prefill_target
+    if seq.chain is None or seq.chain[0] != target:
+      cap = (target - 1) // self.block_size
+      seq.chain = (target, hash_chain(
+          seq.tokens[:cap * self.block_size], self.block_size,
+          self.manager.model_fingerprint, seq.req.tenant))
+    return seq.chain[1]
 
   def _prefill_step(self) -> list[TurnOutput]:
     seq = self._prefilling[0]
@@ -389,6 +453,9 @@ class Engine:
         if self.cold_tier is not None:
           self.cold_tier.write_back(self._kv, seq.rid, seq.req.tenant,
                                     seq.req.session_id)
+        if self.prefetcher is not None:
+          self.prefetcher.turn_finished(seq.req, now,
+                                        self.manager.block_hashes(seq.rid))
       finally:  # whatever the write-back did, the turn releases its blocks
         self.manager.end(seq.rid)
       done.append(step_parts.turn_output(seq, now, reason))

@@ -37,7 +37,8 @@ def make_hot_tier(capacity_bytes: int, model_config, cache: CacheConfig,
 def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
                 cold_tier=None, hot_tier_bytes: int = 0,
                 hot_tier_memory: str = "pageable",
-                storage_nic_gbps: float = math.inf) -> Engine:
+                storage_nic_gbps: float = math.inf,
+                prefetch_blocks: int = 0) -> Engine:
   """An engine serving `loaded` (a `dualpath_jax.model.LoadedModel`).
 
   `cold_tier` (a `storage.ColdTierConfig`) backs the pool with a TensorStore
@@ -50,6 +51,10 @@ def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
   `storage_nic_gbps`: an emulated storage link (`transfer.StorageNic`) in
   front of the cold tier's reads, Gb/s (inf: none), as each engine of the
   P/D cluster has.
+  `prefetch_blocks` > 0 (needs both tiers): blocks per read of a
+  prefetcher that reads the prefixes of queued turns and of sessions
+  predicted back soon from the cold tier into the hot tier while the
+  reader idles (`engine.engine_prefetch`).
   """
   check_max_context(engine.max_context, loaded.config)
   check_memory_kind(hot_tier_memory)
@@ -57,6 +62,13 @@ def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
           and not isinstance(storage_nic_gbps, bool) and storage_nic_gbps > 0):
     raise ValueError(f"storage_nic_gbps must be > 0 (inf: no limit), got "
                      f"{storage_nic_gbps!r}")
+  if (isinstance(prefetch_blocks, bool) or not isinstance(prefetch_blocks, int)
+      or prefetch_blocks < 0):
+    raise ValueError(f"prefetch_blocks must be an int >= 0, got "
+                     f"{prefetch_blocks!r}")
+  if prefetch_blocks and (cold_tier is None or not hot_tier_bytes):
+    raise ValueError("prefetch_blocks needs a cold tier (where blocks are "
+                     "read from) and a hot tier (where they go)")
   runner = ModelRunner(loaded.model, cache, attention_impl=engine.attention_impl)
   manager = KVCacheManager(
       BlockPool(cache.num_blocks), cache.block_size, model_fingerprint(loaded),
@@ -75,5 +87,11 @@ def make_engine(loaded, cache: CacheConfig, engine: EngineConfig,
       from dualpath_jax.transfer.nic import StorageNic
       nic = StorageNic("engine", storage_nic_gbps * 1e9 / 8)
     connector = ColdTierConnector(store, manager, hot=hot, nic=nic)
+  prefetcher = None
+  if prefetch_blocks:
+    from dualpath_jax.engine.engine_prefetch import EnginePrefetcher
+    prefetcher = EnginePrefetcher(connector, manager,
+                                  batch_blocks=prefetch_blocks)
   return Engine(runner, manager, engine, eos_ids=loaded.config.eos_token_ids,
-                block_size=cache.block_size, cold_tier=connector)
+                block_size=cache.block_size, cold_tier=connector,
+                prefetcher=prefetcher)

@@ -1,11 +1,14 @@
-"""The P/D cluster's prefetcher: cold tier -> a prefill engine's hot tier, on idle NICs.
+"""The prefetcher: cold tier -> an engine's hot tier, on idle storage NICs.
 
 A turn whose prefix is in neither a prefill engine's (PE) pool nor its hot
 tier reads it from the cold tier after it is placed, through a storage NIC,
 and its prefill waits for those reads. The prefetcher reads such blocks
 into the PE's hot tier before: then placement finds them hot
 (`ReadPath.HOT`, over the host link) and no NIC stands between the turn and
-its prefill. It reads for, in this order:
+its prefill. The P/D cluster runs one over its prefill engines; one engine
+doing both prefill and decode runs one over itself, as the only PE, its
+connector's reader standing in for the NIC (`engine.engine_prefetch`). It
+reads for, in this order:
 
 1. turns that arrived and wait for room to be placed (`waiting`), first come
    first;
@@ -58,6 +61,8 @@ from dualpath_jax.cache.prefetcher import (ReturnPredictor, blocks_to_read,
 
 _log = logging.getLogger(__name__)
 
+PIN_OWNER = "prefetch"  # whose pins in a hot tier (`HotTier.set_pins`)
+
 
 def session_key(req) -> tuple[str, str]:
   """How the prefetcher knows a `TurnRequest`'s session: (tenant, session
@@ -105,11 +110,13 @@ class _Read:
   keep: frozenset[bytes]  # blocks its put must not evict
 
 
-class ClusterPrefetcher:
+class TierPrefetcher:
   """Prefetches cold-tier blocks into prefill engines' hot tiers.
 
   Args:
-    loader: the cluster's `DualPathLoader` (its `read_blocks_async`).
+    loader: what reads: `read_blocks_async(ids, nic)`, a future of (blocks
+      `[n, *block_shape]`, how many of them were read and verified), and
+      `block_bytes` (the cluster's `DualPathLoader`; one engine's reader).
     store: the cold tier (`contains`).
     prefill_workers: the PEs (`.name`, `.hot_tier`, `.manager.pool`,
       `.queued_tokens()`), each with a hot tier.
@@ -217,7 +224,7 @@ class ClusterPrefetcher:
       pe.hot_tier.set_pins(pin_prefixes(
           [cand.chain[in_pool:] for cand, target, in_pool, _ in targets
            if target is pe],
-          int(self.pin_fraction * pe.hot_tier.capacity)))
+          int(self.pin_fraction * pe.hot_tier.capacity)), owner=PIN_OWNER)
 
   def _nic_idle(self, name: str) -> bool:
     return (self.nics[name].backlog_bytes() == 0 and
@@ -348,7 +355,7 @@ class ClusterPrefetcher:
     pins."""
     self._reads = []
     for pe in self.pes.values():
-      pe.hot_tier.set_pins(())
+      pe.hot_tier.set_pins((), owner=PIN_OWNER)
 
   def counts(self) -> dict[str, int]:
     """Blocks read, used by their turn and evicted unused, as of now (for
