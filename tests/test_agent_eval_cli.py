@@ -166,6 +166,33 @@ def test_mesh_run_with_a_prefetcher(tmp_path, memory):
           proc.stdout)
 
 
+def test_one_engine_with_a_prefetcher(tmp_path):
+  """One engine, batches of one turn (so turns queue), a pool of 64 blocks
+  and a hot tier of 78 for 8 sessions of about 40: the prefetcher reads
+  queued turns' evicted prefixes from the cold tier into the hot tier
+  while the engine serves the turn ahead, the turns read them there, and
+  the report and its printed line say so."""
+  proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
+              "--max_context=1024", "--sessions=8", "--turns=3",
+              "--first_tool_lines=1", "--growth_lines=1",
+              "--max_new_tokens=2", "--reply=teacher_forced", "--nowarmup",
+              "--noprogress", "--max_batch=1", "--num_blocks=64",
+              f"--cold_tier={tmp_path / 'c'}", "--hot_tier_gb=0.0006",
+              "--prefetch_blocks=2", f"--report={tmp_path / 'r.json'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads((tmp_path / "r.json").read_text())
+  pf = r["cold_tier"]["prefetch"]
+  assert pf["read_blocks"] > 0 and pf["used_blocks"] > 0
+  assert pf["path1_blocks"] == pf["read_blocks"]  # its one reader
+  assert pf["put_blocks"] == (pf["used_blocks"] + pf["unused_held_blocks"] +
+                              pf["evicted_unused_blocks"])
+  assert r["config"]["mesh"] is None and r["config"]["prefetch_blocks"] == 2
+  assert r["engine"]["cached_tokens_by_tier"]["hot"] > 0
+  assert (f"prefetch: {pf['read_blocks']} blocks read, "
+          f"{pf['used_blocks']} read by the turns they were for" in
+          proc.stdout)
+
+
 @pytest.mark.parametrize("reply", ["generate", "teacher_forced"])
 def test_rollouts_hold_every_turns_tokens_reply_and_logprobs(tmp_path, reply):
   """--rollouts with --rollout_logprobs=2: one JSONL line per turn, whose

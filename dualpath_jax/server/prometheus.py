@@ -91,8 +91,8 @@ class EngineCollector(prometheus_client.registry.Collector):
     if "prefetch_blocks" in s:
       prefetch = CounterMetricFamily(
           f"{PREFIX}_prefetch_blocks",
-          "Blocks the prefetcher read into prefill engines' hot tiers, by "
-          "outcome (read; used by the turn they were for; evicted unused).",
+          "Blocks the prefetcher read into hot tiers, by outcome (read; "
+          "used by the turn they were for; evicted unused).",
           labels=["outcome"])
       for outcome, n in sorted(s["prefetch_blocks"].items()):
         prefetch.add_metric([outcome], n)

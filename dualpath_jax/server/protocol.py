@@ -18,8 +18,8 @@ whole wire format lives in this file.
 Extensions that vLLM also accepts: `ignore_eos`, `stop_token_ids`. Ours:
 `session_id` (at most `MAX_SESSION_ID_CHARS` characters), the agent session
 a request is a turn of (with `user`, the tenant): the cold tier records
-whose blocks it writes, and the P/D cluster's prefetcher learns when each
-session comes back.
+whose blocks it writes, and the prefetcher (`--prefetch_blocks`) learns
+when each session comes back.
 """
 
 from __future__ import annotations
