@@ -197,9 +197,14 @@ class EngineConfig:
   # has nothing else to do). False: the read stalls every turn (a
   # baseline). The P/D cluster's loads are asynchronous either way.
   async_cold_loads: bool = True
+  # While the turn heading the queue waits for its cold read, the turns
+  # behind it that need none (their prefix is in the pool or the hot tier)
+  # may take a free batch slot ahead of it. False: strict arrival order (a
+  # baseline).
+  admit_while_reading: bool = True
 
   def __post_init__(self):
-    for name in ("share_prefill", "async_cold_loads"):
+    for name in ("share_prefill", "async_cold_loads", "admit_while_reading"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be a bool; got "
                          f"{getattr(self, name)!r}")

@@ -49,6 +49,10 @@ def define(max_context_help: str = "longest context of one turn") -> None:
        "one engine with --cold_tier reads a returning turn's prefix while "
        "it serves its other turns; --noasync_cold_loads: the read stalls "
        "them (a baseline)")
+  once(flags.DEFINE_bool, "admit_while_reading", True,
+       "while the turn heading the queue reads its prefix from the cold "
+       "tier, turns behind it that need no cold read take free batch "
+       "slots; --noadmit_while_reading: strict arrival order")
 
 
 def configs(seed: int):
@@ -65,7 +69,8 @@ def configs(seed: int):
                         max_context=FLAGS.max_context,
                         attention_impl=FLAGS.attention, seed=seed,
                         share_prefill=FLAGS.share_prefill,
-                        async_cold_loads=FLAGS.async_cold_loads)
+                        async_cold_loads=FLAGS.async_cold_loads,
+                        admit_while_reading=FLAGS.admit_while_reading)
   return cache, engine
 
 

@@ -115,6 +115,11 @@ class PendingLoad:
   def done(self) -> bool:
     return self.future is None or self.future.done()
 
+  def blocks(self) -> int:
+    """Pool blocks the load plans to fill (hot run and cold read)."""
+    plan = self.plan
+    return 0 if plan is None else len(plan.hot_ids) + len(plan.cold_ids)
+
   def wait(self) -> None:
     if self.future is not None:
       cf.wait([self.future])
@@ -207,6 +212,18 @@ class ColdTierConnector:
     self._in_flight = future
     self.stats.async_loads += 1
     return PendingLoad(seq_id, plan, future, staging)
+
+  def plan_hot_load(self, seq_id: str, tokens: list[int], tenant: str
+                    ) -> PendingLoad | None:
+    """The load of `seq_id` (`begin`-ed with `tokens`) if it needs no cold
+    read: the hot tier's run after the pool hit (or nothing), ready for
+    `load_prefix(..., pending=)` at once; None if it would read the cold
+    tier. Starts nothing and pins nothing: the engine admits such a turn
+    while another's cold read is out."""
+    plan = self._plan(seq_id, tokens, tenant)
+    if plan is not None and plan.cold_ids:
+      return None
+    return PendingLoad(seq_id, plan, None)
 
   def cancel(self, pending: PendingLoad) -> None:
     """Drops a started load (its turn was aborted or pushed back); a read

@@ -8,7 +8,10 @@ Data flow of one turn (a `TurnRequest` holding the session's whole context):
    starts after them. A cold read runs on a reader thread while the engine
    serves its other turns (`EngineConfig.async_cold_loads`): the turn keeps
    the head of the queue meanwhile, and the engine waits for the read only
-   when it has nothing else to run (`EngineStats.load_wait_s`). With a
+   when it has nothing else to run (`EngineStats.load_wait_s`). A free
+   batch slot does not stay empty for that read: the turns behind it that
+   need no cold read are admitted meanwhile
+   (`EngineConfig.admit_while_reading`). With a
    prefetcher (`engine_prefetch.py`), the reader reads ahead when it has no
    turn's read to make: the prefixes of the turns behind the head and of
    the sessions away between turns, into the hot tier.
@@ -128,6 +131,9 @@ class EngineStats:
   # Seconds the engine waited for a cold read with nothing else to run
   # (asynchronous loads); with them off, every load's read is a wait.
   load_wait_s: float = 0.0
+  # Turns admitted ahead of the turn heading the queue while it waited for
+  # its cold read (they needed none: `EngineConfig.admit_while_reading`).
+  admitted_while_reading: int = 0
   # Prompt tokens found cached at each turn's first admission, by the tier
   # that held them (a turn retried or preempted is counted once).
   cached_tokens_by_tier: dict[str, int] = dataclasses.field(
@@ -311,42 +317,87 @@ class Engine:
         seq.load = self.cold_tier.start_load(seq.rid, tokens, seq.req.tenant)
       if seq.load is not None and not seq.load.done():
         if self._prefilling or self._decoding:
-          return  # serve them while it reads; it keeps its place
+          # Serve them while it reads; it keeps its place.
+          if self.config.admit_while_reading:
+            self._admit_past_reading_head()
+          return
         t0 = time.perf_counter()
         seq.load.wait()
         self.stats.load_wait_s += time.perf_counter() - t0
-      cached, seq.begun_cached = seq.begun_cached, None
-      if self.cold_tier is not None:
-        read_s = self.cold_tier.stats.read_s
-        self._kv, hot, cold = self.cold_tier.load_prefix(
-            self._kv, seq.rid, tokens, seq.req.tenant, pending=seq.load)
-        if seq.load is None:  # read here, stalling everything
-          self.stats.load_wait_s += self.cold_tier.stats.read_s - read_s
-        seq.load = None
-        cached += hot + cold
-        # A load of an attempt that cannot be admitted stays in the pool as
-        # cached blocks: the next attempt finds them there, so the tier
-        # that first gave them keeps the credit.
-        seq.tier_loaded["hot"] += hot
-        seq.tier_loaded["cold"] += cold
-      first = min(self.config.max_prefill_chunk, seq.prefill_target - cached)
-      if not self.manager.can_allocate(seq.rid, first):
-        self.manager.end(seq.rid)
-        if self.num_running == 0:
-          raise OutOfBlocksError(
-              f"{seq.rid}: the KV pool ({self.manager.pool.num_blocks} blocks) "
-              f"cannot hold even one prefill chunk with nothing else running")
+      if not self._place(seq, tokens, seq.load):
         return
-      self._waiting.popleft()
-      if seq.cached_prompt_tokens < 0:
-        seq.cached_prompt_tokens = min(cached, len(seq.req.prompt_tokens))
-        hot = min(seq.tier_loaded["hot"], seq.cached_prompt_tokens)
-        cold = min(seq.tier_loaded["cold"], seq.cached_prompt_tokens - hot)
-        by_tier = self.stats.cached_tokens_by_tier
-        by_tier["device"] += seq.cached_prompt_tokens - hot - cold
-        by_tier["hot"] += hot
-        by_tier["cold"] += cold
-      self._prefilling.append(seq)
+
+  def _admit_past_reading_head(self) -> None:
+    """While the turn heading the queue waits for its cold read, admits the
+    turns behind it (up to `max_batch_size` of them, in order) that need
+    no cold read: their prefix is in the pool or the hot tier, so they
+    take a free batch slot at once instead of leaving it empty for the
+    read. A turn that would read is left where it is (its `begin` undone).
+    The head keeps its claim on the pool: a turn goes ahead only if its
+    hot blocks and first chunk fit beside the blocks the head's load will
+    take; the first that does not ends the scan."""
+    reserved = self._waiting[0].load.blocks()
+    for seq in list(self._waiting)[1:1 + self.config.max_batch_size]:
+      if self.num_running >= self.config.max_batch_size:
+        return
+      tokens = seq.tokens[:seq.prefill_target]
+      seq.begun_cached = self.manager.begin(seq.rid, tokens, seq.req.tenant)
+      load = self.cold_tier.plan_hot_load(seq.rid, tokens, seq.req.tenant)
+      if load is None:
+        seq.begun_cached = None
+        self.manager.end(seq.rid)
+        continue
+      hot_tokens = load.blocks() * self.block_size
+      first = min(self.config.max_prefill_chunk,
+                  max(0, seq.prefill_target - seq.begun_cached - hot_tokens))
+      needed = self.manager.blocks_needed(seq.rid, hot_tokens + first)
+      if (needed + reserved > self.manager.pool.num_free or
+          not self._place(seq, tokens, load)):
+        seq.begun_cached = None
+        if seq.rid in self.manager:
+          self.manager.end(seq.rid)
+        return
+      self.stats.admitted_while_reading += 1
+
+  def _place(self, seq: _Sequence, tokens: list[int],
+             load: PendingLoad | None) -> bool:
+    """Loads the prefix of `seq` (`begin`-ed with `tokens`) from the tiers
+    (`load`: its started load; None: read it here) and admits it if the
+    pool can take its first chunk; else ends its `begin` and returns
+    False."""
+    cached, seq.begun_cached = seq.begun_cached, None
+    if self.cold_tier is not None:
+      read_s = self.cold_tier.stats.read_s
+      self._kv, hot, cold = self.cold_tier.load_prefix(
+          self._kv, seq.rid, tokens, seq.req.tenant, pending=load)
+      if load is None:  # read here, stalling everything
+        self.stats.load_wait_s += self.cold_tier.stats.read_s - read_s
+      seq.load = None
+      cached += hot + cold
+      # A load of an attempt that cannot be admitted stays in the pool as
+      # cached blocks: the next attempt finds them there, so the tier
+      # that first gave them keeps the credit.
+      seq.tier_loaded["hot"] += hot
+      seq.tier_loaded["cold"] += cold
+    first = min(self.config.max_prefill_chunk, seq.prefill_target - cached)
+    if not self.manager.can_allocate(seq.rid, first):
+      self.manager.end(seq.rid)
+      if self.num_running == 0:
+        raise OutOfBlocksError(
+            f"{seq.rid}: the KV pool ({self.manager.pool.num_blocks} blocks) "
+            f"cannot hold even one prefill chunk with nothing else running")
+      return False
+    self._waiting.remove(seq)
+    if seq.cached_prompt_tokens < 0:
+      seq.cached_prompt_tokens = min(cached, len(seq.req.prompt_tokens))
+      hot = min(seq.tier_loaded["hot"], seq.cached_prompt_tokens)
+      cold = min(seq.tier_loaded["cold"], seq.cached_prompt_tokens - hot)
+      by_tier = self.stats.cached_tokens_by_tier
+      by_tier["device"] += seq.cached_prompt_tokens - hot - cold
+      by_tier["hot"] += hot
+      by_tier["cold"] += cold
+    self._prefilling.append(seq)
+    return True
 
   def _prefetch(self) -> None:
     """One prefetcher step over the waiting turns, first come first, but
