@@ -560,6 +560,8 @@ class PDCluster:
     """As `Engine.forget_blocks`, over every engine: the prefill engines'
     hot tiers and every engine's pool cache (counts summed)."""
     ids = list(ids)
+    if self.prefetcher is not None:  # its reads out must not put them back
+      self.prefetcher.forget(ids)
     tiers = [pe.hot_tier for pe in self.prefill_workers
              if pe.hot_tier is not None]
     return {"hot_tier_blocks": (sum(t.discard(ids) for t in tiers)

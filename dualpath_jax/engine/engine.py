@@ -236,6 +236,8 @@ class Engine:
     of each (`hot_tier_blocks` None without a hot tier). A block a running
     turn holds stays until that turn ends."""
     ids = list(ids)
+    if self.prefetcher is not None:  # its reads out must not put them back
+      self.prefetcher.forget(ids)
     hot = getattr(self.cold_tier, "hot", None)
     return {"hot_tier_blocks": None if hot is None else hot.discard(ids),
             "pool_blocks": self.manager.pool.forget_cached(ids)}

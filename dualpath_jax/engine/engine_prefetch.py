@@ -125,6 +125,11 @@ class EnginePrefetcher:
     """A load read `ids` from the hot tier (the prefetcher's hits)."""
     self.prefetcher.note_hot_read(ENGINE, ids)
 
+  def forget(self, ids: Sequence[bytes]) -> None:
+    """`ids` were dropped from the memory tiers (`Engine.forget_blocks`):
+    reads still out do not put them back."""
+    self.prefetcher.forget(ids)
+
   def install_done(self) -> None:
     self.prefetcher.install_done()
 

@@ -108,6 +108,9 @@ class _Read:
   pe: str
   nic: str
   keep: frozenset[bytes]  # blocks its put must not evict
+  # Its blocks dropped from the memory tiers while it was out (`forget`):
+  # not put, nor anything after them.
+  forgotten: set[bytes] = dataclasses.field(default_factory=set)
 
 
 class TierPrefetcher:
@@ -181,6 +184,15 @@ class TierPrefetcher:
       if (pe, block_id) in self._prefetched:
         self._prefetched.remove((pe, block_id))
         self.stats.used_blocks += 1
+
+  def forget(self, ids: Sequence[bytes]) -> None:
+    """`ids` left the memory tiers on purpose (a deleted session's,
+    `forget_blocks`): a read of them still out puts neither them nor the
+    blocks after them when it lands (it would bring a deleted session's
+    KV back into memory)."""
+    ids = set(ids)
+    for read in self._reads:
+      read.forgotten.update(ids.intersection(read.ids))
 
   # ------------------------------------------------------------ driving
   def in_flight(self) -> list[cf.Future]:
@@ -323,6 +335,9 @@ class TierPrefetcher:
         self._unreadable.add(read.ids[good])
       tier = self.pes[read.pe].hot_tier
       ids = read.ids[:good]
+      if read.forgotten:  # forgotten while out: cut the chain there
+        ids = ids[:next((k for k, i in enumerate(ids)
+                         if i in read.forgotten), len(ids))]
       new = [k for k, i in enumerate(ids) if i not in tier]
       put = tier.put([ids[k] for k in new], blocks[new],
                      keep=read.keep) if new else 0
