@@ -28,7 +28,11 @@ given), the engine goes on serving its other turns, and
 landed. The hot run in front of the read is pinned in the hot tier
 meanwhile. Without it, `load_prefix` reads on the engine's thread and every
 turn waits. (The P/D cluster's transfer layer goes further: its loads
-overlap the turn's own prefill, layer by layer.)
+overlap the turn's own prefill, layer by layer.) While that read is out,
+`plan_hot_load` tells the engine which turns behind it need no cold read
+(`EngineConfig.admit_while_reading`), and the prefetcher
+(`engine_prefetch.py`) reads through `read_blocks_async` on the same
+reader whenever no turn's read is queued there (`reader_busy`).
 
 The cold tier is a cache: when the store fails (its disk is full, its
 index cannot be read), a load is a miss and a write-back is skipped, with
@@ -314,8 +318,9 @@ class ColdTierConnector:
         self.prefetcher.note_hot_read(plan.hot_ids[:hot_run])
     if got:  # `staging`: the rows the cold read went into
       pool = pool_io.write_blocks(pool, pages[hot_run:], staging[:got])
-      if self.hot is not None:
-        self.hot.put(plan.cold_ids[:got], staging[:got])
+      if self.hot is not None:  # keeping the run it extends: no hole
+        self.hot.put(plan.cold_ids[:got], staging[:got],
+                     keep=plan.hot_ids[:hot_run])
     self.manager.append_tokens(seq_id, tokens[computed:(have + good) * bs])
     loaded = (have + good) * bs - computed
     # The first loaded block may be partly computed already (a pool hit
