@@ -127,3 +127,33 @@ def test_the_store_error_of_a_dropped_read_is_counted(tiny, tmp_path):
   stats = engine.cold_tier.stats
   assert stats.async_loads == 1 and stats.store_errors == 1
   assert stats.read_s > 0 and engine.manager.pool.num_referenced == 0
+
+
+def test_a_dropped_read_still_queued_is_withdrawn(tiny, tmp_path):
+  """A load dropped while its read still waits on the reader (behind an
+  earlier dropped read) used to be read anyway, taking the storage link
+  from the loads after it. It is withdrawn: the store sees one read."""
+  root = tmp_path / "kv"
+  prompt = stored_session(tiny, root)
+  engine = engine_on(tiny, root)
+  gate = Gate(engine.cold_tier.store)
+  outs = {}
+  engine.submit(TurnRequest("b", prompt_tokens(3, 9), 12, stop_on_eos=False,
+                            tenant="t"))
+  engine.step()
+  engine.submit(TurnRequest("s#1", prompt, 4, stop_on_eos=False, tenant="t"))
+  engine.step()  # s#1's read is out, held in the store
+  assert engine.abort("s#1")  # it keeps reading: dropped
+  engine.submit(TurnRequest("again", prompt, 4, stop_on_eos=False,
+                            tenant="t"))
+  engine.step()  # again's read is queued behind it
+  stats = engine.cold_tier.stats
+  assert stats.async_loads == 2
+  assert engine.abort("again")
+  assert stats.withdrawn_reads == 1
+  gate.opened.set()
+  drain(engine, outs)
+  engine.close()
+  assert len(gate.threads) == 1  # only s#1's read reached the store
+  assert stats.store_errors == 0 and engine.manager.pool.num_referenced == 0
+  assert set(outs) == {"b"}

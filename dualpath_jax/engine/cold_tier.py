@@ -70,6 +70,7 @@ class ColdTierStats:
   written_blocks: int = 0
   write_requests: int = 0
   async_loads: int = 0  # cold reads started while the engine served others
+  withdrawn_reads: int = 0  # of them, dropped while still queued: not made
   read_s: float = 0.0  # seconds the cold reads took (NIC wait included)
   store_errors: int = 0  # store calls that raised: loads missed, writes skipped
 
@@ -230,11 +231,15 @@ class ColdTierConnector:
     return PendingLoad(seq_id, plan, None)
 
   def cancel(self, pending: PendingLoad) -> None:
-    """Drops a started load (its turn was aborted or pushed back); a read
-    finishes in the background, and the reader makes the next one after
-    it."""
+    """Drops a started load (its turn was aborted or pushed back). A read
+    still queued on the reader (behind a prefetch read or a dropped one) is
+    withdrawn, so it takes no NIC time; one already reading finishes in
+    the background, and the reader makes the next one after it."""
     if pending.future is not None:
-      self._dropped.append(pending.future)
+      if pending.future.cancel():
+        self.stats.withdrawn_reads += 1
+      else:
+        self._dropped.append(pending.future)
       if self.hot is not None:
         self.hot.set_pins((), owner="load")
 
