@@ -31,23 +31,31 @@ def _store_two_sessions(tiny, root) -> dict[str, list[int]]:
   first = engine_on(tiny, root)
   prompts = {"s": prompt_tokens(1, 37), "u": prompt_tokens(5, 37)}
   for name, prompt in prompts.items():
-    first.submit(TurnRequest(f"{name}#0", prompt, 4, stop_on_eos=False,
-                             tenant="t"))
+    _turn(first, f"{name}#0", prompt)
   outs = drain(first, {})
   first.close()
   return {name: prompt + outs[f"{name}#0"].generated_tokens +
           prompt_tokens(2, 5) for name, prompt in prompts.items()}
 
 
-def _submit_all(engine, second, step_between=True):
+def _turn(engine, rid: str, prompt: list[int], new_tokens: int = 4) -> None:
+  engine.submit(TurnRequest(rid, prompt, new_tokens, stop_on_eos=False,
+                            tenant="t"))
+
+
+def _start_b(engine) -> None:
+  """b runs first, 12 tokens to decode: the turns after it find it running."""
+  _turn(engine, "b", prompt_tokens(3, 9), 12)
+  engine.step()
+
+
+def _submit_all(engine, second):
   """b runs first; then s#1 (heads the queue, reads), u#1 (would read
   too) and c (a new prompt: nothing to read)."""
-  engine.submit(TurnRequest("b", prompt_tokens(3, 9), 12, stop_on_eos=False,
-                            tenant="t"))
-  engine.step()
+  _start_b(engine)
   for rid, prompt in (("s#1", second["s"]), ("u#1", second["u"]),
                       ("c", prompt_tokens(4, 11))):
-    engine.submit(TurnRequest(rid, prompt, 4, stop_on_eos=False, tenant="t"))
+    _turn(engine, rid, prompt)
 
 
 def _engine(tiny, root, admit, **kw):
@@ -105,21 +113,16 @@ def test_a_hot_prefix_is_admitted_past_the_reading_head(tiny, tmp_path):
   hot = engine.cold_tier.hot
   # Put u's blocks in the hot tier by running its turn 1 here again, then
   # drop them from the pool.
-  engine.submit(TurnRequest("u#0", second["u"][:37], 4, stop_on_eos=False,
-                            tenant="t"))
+  _turn(engine, "u#0", second["u"][:37])
   drain(engine, {})
   chain = hash_chain(second["u"][:STORED * BS], BS,
                      engine.manager.model_fingerprint, "t")
   assert hot.leading_run(chain) == STORED
   assert engine.manager.pool.forget_cached(chain) == STORED
   gate = Gate(engine.cold_tier.store)
-  engine.submit(TurnRequest("b", prompt_tokens(3, 9), 12, stop_on_eos=False,
-                            tenant="t"))
-  engine.step()
-  engine.submit(TurnRequest("s#1", second["s"], 4, stop_on_eos=False,
-                            tenant="t"))
-  engine.submit(TurnRequest("u#1", second["u"], 4, stop_on_eos=False,
-                            tenant="t"))
+  _start_b(engine)
+  _turn(engine, "s#1", second["s"])
+  _turn(engine, "u#1", second["u"])
   engine.step()
   assert [seq.rid for seq in engine._waiting] == ["s#1"]
   assert engine.stats.admitted_while_reading == 1
@@ -138,15 +141,10 @@ def test_a_turn_does_not_take_the_pages_the_heads_read_will_fill(tiny,
   second = _store_two_sessions(tiny, tmp_path / "kv")
   engine = engine_on(tiny, tmp_path / "kv", max_batch=4, num_blocks=16)
   gate = Gate(engine.cold_tier.store)
-  engine.submit(TurnRequest("b", prompt_tokens(3, 9), 12, stop_on_eos=False,
-                            tenant="t"))
-  engine.step()
-  engine.submit(TurnRequest("s#1", second["s"], 4, stop_on_eos=False,
-                            tenant="t"))
-  engine.submit(TurnRequest("c", prompt_tokens(4, 16), 4, stop_on_eos=False,
-                            tenant="t"))
-  engine.submit(TurnRequest("d", prompt_tokens(6, 3), 4, stop_on_eos=False,
-                            tenant="t"))  # it would fit: not tried
+  _start_b(engine)
+  _turn(engine, "s#1", second["s"])
+  _turn(engine, "c", prompt_tokens(4, 16))
+  _turn(engine, "d", prompt_tokens(6, 3))  # it would fit: not tried
   engine.step()
   assert [seq.rid for seq in engine._waiting] == ["s#1", "c", "d"]
   assert "c" not in engine.manager
