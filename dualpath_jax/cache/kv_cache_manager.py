@@ -189,12 +189,15 @@ class KVCacheManager:
   # --- the life of a sequence ------------------------------------------------
 
   def begin(self, seq_id: Hashable, tokens: Sequence[int],
-            tenant_salt: str = "") -> int:
+            tenant_salt: str = "", *, count: bool = True) -> int:
     """Starts a sequence whose context is `tokens`; reuses its cached prefix.
 
     Acquires the longest run of the context's full blocks found in the pool,
     covering at most len(tokens) - 1 tokens (rounded down to whole blocks), so
-    at least one token is left to compute.
+    at least one token is left to compute. `count=False`: a probe (the
+    engine looking whether a queued turn could go ahead, and ending it if
+    not) that leaves the prefix-cache counters alone; `count_lookup` counts
+    it once it is kept.
 
     Returns:
       The number of context tokens whose KV is already cached (num_computed).
@@ -227,10 +230,17 @@ class KVCacheManager:
         block_table=hits,
         block_hashes=candidates[:len(hits)],
     )
-    self._lookups += 1
-    self._query_tokens += int(context.size)
-    self._hit_tokens += num_cached
+    if count:
+      self.count_lookup(int(context.size), num_cached)
     return num_cached
+
+  def count_lookup(self, query_tokens: int, hit_tokens: int) -> None:
+    """Counts one prefix lookup (`begin`'s counters): of a `begin(count=False)`
+    probe that was kept, so probes that were not do not dilute the hit
+    rate."""
+    self._lookups += 1
+    self._query_tokens += query_tokens
+    self._hit_tokens += hit_tokens
 
   def extend_cached_prefix(self, seq_id: Hashable) -> int:
     """Acquires the context's blocks registered after `begin` looked.

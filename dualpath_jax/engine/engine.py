@@ -334,32 +334,47 @@ class Engine:
     turns behind it (up to `max_batch_size` of them, in order) that need
     no cold read: their prefix is in the pool or the hot tier, so they
     take a free batch slot at once instead of leaving it empty for the
-    read. A turn that would read is left where it is (its `begin` undone).
-    The head keeps its claim on the pool: a turn goes ahead only if its
-    hot blocks and first chunk fit beside the blocks the head's load will
-    take; the first that does not ends the scan."""
-    reserved = self._waiting[0].load.blocks()
+    read. A turn that would read is left where it is (its `begin` undone,
+    not counted as a prefix lookup: it is only looked at). The head keeps
+    its claim on the pool: a turn goes ahead only if its whole prefill
+    (the hot blocks and every chunk after them, computed while the head
+    reads) fits beside the blocks the head's load will fill and its own
+    first chunk, so that the head is admitted as its read lands, with all
+    of it, as in strict order; the first turn that does not fit ends the
+    scan."""
+    reserved = self._head_claim()
     for seq in list(self._waiting)[1:1 + self.config.max_batch_size]:
       if self.num_running >= self.config.max_batch_size:
         return
       tokens = seq.tokens[:seq.prefill_target]
-      seq.begun_cached = self.manager.begin(seq.rid, tokens, seq.req.tenant)
+      seq.begun_cached = self.manager.begin(seq.rid, tokens, seq.req.tenant,
+                                            count=False)
+      hit = seq.begun_cached
       load = self.cold_tier.plan_hot_load(seq.rid, tokens, seq.req.tenant)
       if load is None:
         seq.begun_cached = None
         self.manager.end(seq.rid)
         continue
-      hot_tokens = load.blocks() * self.block_size
-      first = min(self.config.max_prefill_chunk,
-                  max(0, seq.prefill_target - seq.begun_cached - hot_tokens))
-      needed = self.manager.blocks_needed(seq.rid, hot_tokens + first)
+      needed = self.manager.blocks_needed(seq.rid, seq.prefill_target - hit)
       if (needed + reserved > self.manager.pool.num_free or
           not self._place(seq, tokens, load)):
         seq.begun_cached = None
         if seq.rid in self.manager:
           self.manager.end(seq.rid)
         return
+      self.manager.count_lookup(len(tokens), hit)
       self.stats.admitted_while_reading += 1
+
+  def _head_claim(self) -> int:
+    """Pool blocks the turn heading the queue (begun, its read out) takes
+    when its load lands: the blocks the load fills and its first prefill
+    chunk after them."""
+    head = self._waiting[0]
+    plan = head.load.plan
+    loaded = (plan.have + head.load.blocks()) * self.block_size
+    upto = min(head.prefill_target, loaded + self.config.max_prefill_chunk)
+    return self.manager.blocks_needed(
+        head.rid, upto - self.manager.num_computed(head.rid))
 
   def _place(self, seq: _Sequence, tokens: list[int],
              load: PendingLoad | None) -> bool:
