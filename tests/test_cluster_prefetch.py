@@ -153,6 +153,21 @@ def test_away_sessions_come_soonest_first_and_expire():
   assert p.expired == 1
 
 
+def test_blocks_gone_from_every_tier_cut_the_away_sessions_chains():
+  """A deleted session's blocks (`forget_blocks`): an away session whose
+  chain holds one keeps only what comes before it; one left with nothing
+  is no longer listed (it took pins and store lookups for nothing)."""
+  p = ReturnPredictor(prior_gap_s=1.0)
+  p.finished("a", 0.0, [b"a0", b"a1", b"a2"], "P0")
+  p.finished("b", 0.0, [b"s0", b"b1"], "P0")  # s0: another session's block
+  p.finished("c", 0.0, [b"c0"], "P0")
+  p.forget([b"a1", b"s0"])
+  assert {a.session_id: a.chain for a in p.away(0.5)} == {
+      "a": (b"a0",), "c": (b"c0",)}
+  p.arrived("b", 0.8)  # b came back: learnt as any other arrival
+  assert [a.session_id for a in p.away(0.9)] == ["a", "c"]
+
+
 def test_the_predictor_forgets_the_least_recent_sessions():
   p = ReturnPredictor(max_sessions=2)
   for i, s in enumerate("abc"):

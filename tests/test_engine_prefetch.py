@@ -103,7 +103,8 @@ def test_a_queued_turns_prefix_is_read_hot_while_the_batch_is_full(tiny,
 def test_an_away_sessions_lost_blocks_are_read_back_before_it_returns(
     tiny, tmp_path):
   """The session's blocks leave the pool and the hot tier while it is away
-  (here `forget_blocks`; in a run, other sessions' turns): an idle engine
+  (here dropped by hand; in a run, evicted for other sessions' turns; not
+  `forget_blocks`, a deletion the prefetcher stops following): an idle engine
   reads them back from the cold tier (`prefetch_pending` keeps a driver
   stepping it), and the next turn finds them hot."""
   prompt = prompt_tokens(1, 37)
@@ -118,8 +119,8 @@ def test_an_away_sessions_lost_blocks_are_read_back_before_it_returns(
   engine.cold_tier.flush()  # the write-back is on disk
   ids = hash_chain(second[:STORED * BS], BS, engine.manager.model_fingerprint,
                    "t")
-  gone = engine.forget_blocks(ids)
-  assert gone == {"hot_tier_blocks": STORED, "pool_blocks": STORED}
+  assert engine.cold_tier.hot.discard(ids) == STORED
+  assert engine.manager.pool.forget_cached(ids) == STORED
   assert engine.prefetch_pending()  # the turn's end: the session is away
   steps = 0
   while engine.prefetch_pending():
@@ -138,6 +139,34 @@ def test_an_away_sessions_lost_blocks_are_read_back_before_it_returns(
   assert engine.cold_tier.stats.loaded_blocks == 0
   assert engine.cold_tier.report()["prefetch"]["used_blocks"] == STORED
   ref.close()
+  engine.close()
+
+
+def test_a_deleted_sessions_blocks_are_neither_pinned_nor_read(tiny,
+                                                               tmp_path):
+  """An away session deleted (`forget_blocks` of its blocks, after the
+  store dropped them): the prefetcher stops pinning its chain and reads
+  nothing for it; `prefetch_pending` turns False."""
+  engine = _prefetching(tiny, tmp_path / "kv")
+  prompt = prompt_tokens(1, 37)
+  engine.submit(TurnRequest("s#0", prompt, 4, stop_on_eos=False, tenant="t",
+                            session_id="s"))
+  out = drain(engine, {})["s#0"]
+  engine.cold_tier.flush()
+  ids = hash_chain((prompt + out.generated_tokens)[:STORED * BS], BS,
+                   engine.manager.model_fingerprint, "t")
+  engine.step()  # no turn: the away session's chain is pinned
+  hot = engine.cold_tier.hot
+  assert set(ids) <= hot.pinned
+  engine.cold_tier.store.delete_session("t", "s")
+  engine.forget_blocks(ids)
+  steps = 0
+  while engine.prefetch_pending():
+    engine.step()
+    steps += 1
+    assert steps <= 20
+  assert not hot.pinned & set(ids)
+  assert engine.cold_tier.report()["prefetch"]["reads"] == 0
   engine.close()
 
 

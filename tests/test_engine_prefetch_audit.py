@@ -36,7 +36,10 @@ def _away_session_lost(tiny, root):
   context = prompt + out.generated_tokens
   ids = hash_chain(context[:STORED * BS], BS, engine.manager.model_fingerprint,
                    "t")
-  engine.forget_blocks(ids)
+  # Lost as to eviction (not `forget_blocks`, a deletion: the prefetcher
+  # would stop following the session).
+  assert engine.cold_tier.hot.discard(ids) == STORED
+  assert engine.manager.pool.forget_cached(ids) == STORED
   return engine, ids
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Collection, Hashable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +127,21 @@ class ReturnPredictor:
     old = self._gap.get(session_id)
     self._remember(self._gap, session_id, gap if old is None else
                    self.smoothing * gap + (1 - self.smoothing) * old)
+
+  def forget(self, ids: Collection[Hashable]) -> None:
+    """`ids` are gone from every tier (a deleted session's blocks): each
+    away session's chain is cut before the first of them (a prefix is of
+    use only up to its first missing block), and a session left with
+    nothing to read is dropped from the list."""
+    ids = set(ids)
+    for session_id, a in list(self._away.items()):
+      cut = next((k for k, i in enumerate(a.chain) if i in ids), None)
+      if cut is None:
+        continue
+      if cut == 0:
+        del self._away[session_id]
+      else:
+        self._away[session_id] = dataclasses.replace(a, chain=a.chain[:cut])
 
   def away(self, now: float) -> list[AwaySession]:
     """Sessions between turns, soonest predicted return first; drops those

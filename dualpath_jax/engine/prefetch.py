@@ -166,6 +166,7 @@ class TierPrefetcher:
     # them, and a driver stepping while all sessions are away would spin)
     # until a turn ends, which may have written them anew.
     self._unreadable: set[bytes] = set()
+    self._pins: dict[str, list[bytes]] = {}  # what `_pin` set, by PE
 
   # ------------------------------------------------------------ events
   # `session_id`: any hashable naming one session (the cluster passes
@@ -189,10 +190,17 @@ class TierPrefetcher:
     """`ids` left the memory tiers on purpose (a deleted session's,
     `forget_blocks`): a read of them still out puts neither them nor the
     blocks after them when it lands (it would bring a deleted session's
-    KV back into memory)."""
+    KV back into memory), and the away sessions' chains end before them
+    (`ReturnPredictor.forget`): no pins, lookups or reads for blocks that
+    are gone."""
     ids = set(ids)
     for read in self._reads:
       read.forgotten.update(ids.intersection(read.ids))
+    self.predictor.forget(ids)
+    for name, pins in self._pins.items():  # now: no step may come soon
+      if ids.intersection(pins):
+        self._pins[name] = [i for i in pins if i not in ids]
+        self.pes[name].hot_tier.set_pins(self._pins[name], owner=PIN_OWNER)
 
   # ------------------------------------------------------------ driving
   def in_flight(self) -> list[cf.Future]:
@@ -233,10 +241,11 @@ class TierPrefetcher:
     system prompt) would take the budget from the blocks only the tier
     can keep."""
     for pe in self.pes.values():
-      pe.hot_tier.set_pins(pin_prefixes(
+      self._pins[pe.name] = pin_prefixes(
           [cand.chain[in_pool:] for cand, target, in_pool, _ in targets
            if target is pe],
-          int(self.pin_fraction * pe.hot_tier.capacity)), owner=PIN_OWNER)
+          int(self.pin_fraction * pe.hot_tier.capacity))
+      pe.hot_tier.set_pins(self._pins[pe.name], owner=PIN_OWNER)
 
   def _nic_idle(self, name: str) -> bool:
     return (self.nics[name].backlog_bytes() == 0 and
@@ -369,6 +378,7 @@ class TierPrefetcher:
     """Drops the reads in flight (their NIC readers finish them) and the
     pins."""
     self._reads = []
+    self._pins = {}
     for pe in self.pes.values():
       pe.hot_tier.set_pins((), owner=PIN_OWNER)
 
