@@ -3,8 +3,9 @@
 
 `Gate` holds the reader's `BlockStore.get` until a test opens it, so what
 the engine does while a read is out is deterministic; `stored_session`
-writes a session's first turn to a cold tier and returns its second turn's
-prompt.
+(`store_two_sessions`) writes a session's (two sessions') first turn to a
+cold tier and returns its second turn's prompt; `submit_turn` and
+`start_b` are the tests' usual submissions.
 """
 
 from __future__ import annotations
@@ -69,6 +70,38 @@ class Gate:
     if self.fail is not None:
       raise self.fail
     return self._get(ids, out=out)
+
+
+def submit_turn(engine, rid: str, prompt: list[int],
+                new_tokens: int = 4) -> None:
+  engine.submit(TurnRequest(rid, prompt, new_tokens, stop_on_eos=False,
+                            tenant="t"))
+
+
+def start_b(engine) -> None:
+  """b runs first, 12 tokens to decode: the turns after it find it running."""
+  submit_turn(engine, "b", prompt_tokens(3, 9), 12)
+  engine.step()
+
+
+def store_two_sessions(tiny, root) -> dict[str, list[int]]:
+  """Turn 1 of sessions s and u written to the cold tier at `root`;
+  returns each one's turn-2 prompt (turn 1's context + 5 tokens)."""
+  first = engine_on(tiny, root)
+  prompts = {"s": prompt_tokens(1, 37), "u": prompt_tokens(5, 37)}
+  for name, prompt in prompts.items():
+    submit_turn(first, f"{name}#0", prompt)
+  outs = drain(first, {})
+  first.close()
+  return {name: prompt + outs[f"{name}#0"].generated_tokens +
+          prompt_tokens(2, 5) for name, prompt in prompts.items()}
+
+
+def engine_admitting(tiny, root, admit: bool, **kw):
+  """`engine_on` with batches of 4 and `admit_while_reading=admit`."""
+  engine = engine_on(tiny, root, max_batch=4, **kw)
+  engine.config = dataclasses.replace(engine.config, admit_while_reading=admit)
+  return engine
 
 
 def stored_session(tiny, root) -> list[int]:

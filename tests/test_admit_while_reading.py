@@ -9,14 +9,12 @@ an engine that keeps strict arrival order.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from dualpath_jax.cache.block_hash import hash_chain
-from async_load_support import (BS, STORED, Gate, drain, engine_on,
-                                prompt_tokens)
-from dualpath_jax.engine.request import TurnRequest
+from async_load_support import (BS, STORED, Gate, drain, engine_admitting,
+                                engine_on, prompt_tokens, start_b,
+                                store_two_sessions, submit_turn)
 from dualpath_jax.model import load_model
 
 
@@ -25,57 +23,27 @@ def tiny():
   return load_model("random:tiny-test")
 
 
-def _store_two_sessions(tiny, root) -> dict[str, list[int]]:
-  """Turn 1 of sessions s and u written to the cold tier at `root`;
-  returns each one's turn-2 prompt (turn 1's context + 5 tokens)."""
-  first = engine_on(tiny, root)
-  prompts = {"s": prompt_tokens(1, 37), "u": prompt_tokens(5, 37)}
-  for name, prompt in prompts.items():
-    _turn(first, f"{name}#0", prompt)
-  outs = drain(first, {})
-  first.close()
-  return {name: prompt + outs[f"{name}#0"].generated_tokens +
-          prompt_tokens(2, 5) for name, prompt in prompts.items()}
-
-
-def _turn(engine, rid: str, prompt: list[int], new_tokens: int = 4) -> None:
-  engine.submit(TurnRequest(rid, prompt, new_tokens, stop_on_eos=False,
-                            tenant="t"))
-
-
-def _start_b(engine) -> None:
-  """b runs first, 12 tokens to decode: the turns after it find it running."""
-  _turn(engine, "b", prompt_tokens(3, 9), 12)
-  engine.step()
-
-
 def _submit_all(engine, second):
   """b runs first; then s#1 (heads the queue, reads), u#1 (would read
   too) and c (a new prompt: nothing to read)."""
-  _start_b(engine)
+  start_b(engine)
   for rid, prompt in (("s#1", second["s"]), ("u#1", second["u"]),
                       ("c", prompt_tokens(4, 11))):
-    _turn(engine, rid, prompt)
-
-
-def _engine(tiny, root, admit, **kw):
-  engine = engine_on(tiny, root, max_batch=4, **kw)
-  engine.config = dataclasses.replace(engine.config, admit_while_reading=admit)
-  return engine
+    submit_turn(engine, rid, prompt)
 
 
 @pytest.mark.parametrize("admit", [True, False])
 def test_a_turn_with_nothing_to_read_takes_a_free_slot_while_the_head_reads(
     tiny, tmp_path, admit):
-  ref_second = _store_two_sessions(tiny, tmp_path / "ref")
-  ref = _engine(tiny, tmp_path / "ref", admit=False)
+  ref_second = store_two_sessions(tiny, tmp_path / "ref")
+  ref = engine_admitting(tiny, tmp_path / "ref", admit=False)
   _submit_all(ref, ref_second)
   want = drain(ref, {})
   ref.close()
 
-  second = _store_two_sessions(tiny, tmp_path / "kv")
+  second = store_two_sessions(tiny, tmp_path / "kv")
   assert second == ref_second
-  engine = _engine(tiny, tmp_path / "kv", admit=admit)
+  engine = engine_admitting(tiny, tmp_path / "kv", admit=admit)
   gate = Gate(engine.cold_tier.store)
   outs = {}
   _submit_all(engine, second)
@@ -107,22 +75,22 @@ def test_a_turn_with_nothing_to_read_takes_a_free_slot_while_the_head_reads(
 def test_a_hot_prefix_is_admitted_past_the_reading_head(tiny, tmp_path):
   """u#1's prefix is in the hot tier (its turn 1 ran on this engine and was
   evicted from the pool): a host copy, not a read, so it goes ahead."""
-  second = _store_two_sessions(tiny, tmp_path / "kv")
+  second = store_two_sessions(tiny, tmp_path / "kv")
   engine = engine_on(tiny, tmp_path / "kv", max_batch=4,
                      hot_tier_bytes=1 << 21)
   hot = engine.cold_tier.hot
   # Put u's blocks in the hot tier by running its turn 1 here again, then
   # drop them from the pool.
-  _turn(engine, "u#0", second["u"][:37])
+  submit_turn(engine, "u#0", second["u"][:37])
   drain(engine, {})
   chain = hash_chain(second["u"][:STORED * BS], BS,
                      engine.manager.model_fingerprint, "t")
   assert hot.leading_run(chain) == STORED
   assert engine.manager.pool.forget_cached(chain) == STORED
   gate = Gate(engine.cold_tier.store)
-  _start_b(engine)
-  _turn(engine, "s#1", second["s"])
-  _turn(engine, "u#1", second["u"])
+  start_b(engine)
+  submit_turn(engine, "s#1", second["s"])
+  submit_turn(engine, "u#1", second["u"])
   engine.step()
   assert [seq.rid for seq in engine._waiting] == ["s#1"]
   assert engine.stats.admitted_while_reading == 1
@@ -138,13 +106,13 @@ def test_a_turn_does_not_take_the_pages_the_heads_read_will_fill(tiny,
   """A pool of 16 blocks: b holds 3, s#1's read will fill 10. c needs none
   read, but its first chunk (4 blocks) does not fit beside those 10, so it
   stays behind the head, not begun, and nothing past it is tried."""
-  second = _store_two_sessions(tiny, tmp_path / "kv")
+  second = store_two_sessions(tiny, tmp_path / "kv")
   engine = engine_on(tiny, tmp_path / "kv", max_batch=4, num_blocks=16)
   gate = Gate(engine.cold_tier.store)
-  _start_b(engine)
-  _turn(engine, "s#1", second["s"])
-  _turn(engine, "c", prompt_tokens(4, 16))
-  _turn(engine, "d", prompt_tokens(6, 3))  # it would fit: not tried
+  start_b(engine)
+  submit_turn(engine, "s#1", second["s"])
+  submit_turn(engine, "c", prompt_tokens(4, 16))
+  submit_turn(engine, "d", prompt_tokens(6, 3))  # it would fit: not tried
   engine.step()
   assert [seq.rid for seq in engine._waiting] == ["s#1", "c", "d"]
   assert "c" not in engine.manager

@@ -8,25 +8,17 @@ is out is deterministic.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from async_load_support import (BS, STORED, Gate, drain, engine_on,
-                                prompt_tokens, stored_session)
-from dualpath_jax.engine.request import TurnRequest
+from async_load_support import (BS, STORED, Gate, drain, engine_admitting,
+                                prompt_tokens, start_b, store_two_sessions,
+                                stored_session, submit_turn)
 from dualpath_jax.model import load_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
   return load_model("random:tiny-test")
-
-
-def _engine(tiny, root, admit, **kw):
-  engine = engine_on(tiny, root, max_batch=4, **kw)
-  engine.config = dataclasses.replace(engine.config, admit_while_reading=admit)
-  return engine
 
 
 @pytest.mark.parametrize("admit", [True, False])
@@ -42,14 +34,11 @@ def test_a_turn_gone_ahead_does_not_fill_the_pages_of_the_heads_read(
   claim: here s#1 gets the pool its read needs, as in strict order."""
   root = tmp_path / "kv"
   prompt = stored_session(tiny, root)
-  engine = _engine(tiny, root, admit, num_blocks=20)
+  engine = engine_admitting(tiny, root, admit, num_blocks=20)
   gate = Gate(engine.cold_tier.store)
-  engine.submit(TurnRequest("b", prompt_tokens(3, 9), 12, stop_on_eos=False,
-                            tenant="t"))
-  engine.step()
-  engine.submit(TurnRequest("s#1", prompt, 4, stop_on_eos=False, tenant="t"))
-  engine.submit(TurnRequest("c", prompt_tokens(4, 40), 4, stop_on_eos=False,
-                            tenant="t"))
+  start_b(engine)
+  submit_turn(engine, "s#1", prompt)
+  submit_turn(engine, "c", prompt_tokens(4, 40))
   outs = {}
   try:
     for _ in range(4):  # s#1's read is held
@@ -70,20 +59,6 @@ def test_a_turn_gone_ahead_does_not_fill_the_pages_of_the_heads_read(
   engine.close()
 
 
-def _store_two_sessions(tiny, root) -> dict[str, list[int]]:
-  """Turn 1 of sessions s and u written to the cold tier at `root`;
-  returns each one's turn-2 prompt."""
-  first = engine_on(tiny, root)
-  prompts = {"s": prompt_tokens(1, 37), "u": prompt_tokens(5, 37)}
-  for name, p in prompts.items():
-    first.submit(TurnRequest(f"{name}#0", p, 4, stop_on_eos=False,
-                             tenant="t"))
-  outs = drain(first, {})
-  first.close()
-  return {name: p + outs[f"{name}#0"].generated_tokens + prompt_tokens(2, 5)
-          for name, p in prompts.items()}
-
-
 @pytest.mark.parametrize("admit", [True, False])
 def test_a_turn_only_looked_at_is_not_a_prefix_lookup(tiny, tmp_path, admit):
   """While s#1's read is out, u#1 (it would read too) is begun and ended at
@@ -93,17 +68,13 @@ def test_a_turn_only_looked_at_is_not_a_prefix_lookup(tiny, tmp_path, admit):
   with every step the read took (the committed agent_eval run: 140
   lookups for 64 turns, hit rate 0.21 against strict order's 0.30).
   Only s#1's begin is a lookup here, as in strict order."""
-  second = _store_two_sessions(tiny, tmp_path / "kv")
-  engine = _engine(tiny, tmp_path / "kv", admit)
+  second = store_two_sessions(tiny, tmp_path / "kv")
+  engine = engine_admitting(tiny, tmp_path / "kv", admit)
   gate = Gate(engine.cold_tier.store)
-  engine.submit(TurnRequest("b", prompt_tokens(3, 9), 12, stop_on_eos=False,
-                            tenant="t"))
-  engine.step()
+  start_b(engine)
   before = engine.manager.stats
-  engine.submit(TurnRequest("s#1", second["s"], 4, stop_on_eos=False,
-                            tenant="t"))
-  engine.submit(TurnRequest("u#1", second["u"], 4, stop_on_eos=False,
-                            tenant="t"))
+  submit_turn(engine, "s#1", second["s"])
+  submit_turn(engine, "u#1", second["u"])
   try:
     for _ in range(5):
       engine.step()
@@ -122,17 +93,13 @@ def test_a_turn_only_looked_at_is_not_a_prefix_lookup(tiny, tmp_path, admit):
 def test_a_turn_admitted_past_the_head_is_one_lookup(tiny, tmp_path):
   """A turn that does go ahead (c: nothing to read) counts its lookup
   once, with its device hit, like a turn admitted in order."""
-  second = _store_two_sessions(tiny, tmp_path / "kv")
-  engine = _engine(tiny, tmp_path / "kv", True)
+  second = store_two_sessions(tiny, tmp_path / "kv")
+  engine = engine_admitting(tiny, tmp_path / "kv", True)
   gate = Gate(engine.cold_tier.store)
-  engine.submit(TurnRequest("b", prompt_tokens(3, 9), 12, stop_on_eos=False,
-                            tenant="t"))
-  engine.step()
+  start_b(engine)
   before = engine.manager.stats
-  engine.submit(TurnRequest("s#1", second["s"], 4, stop_on_eos=False,
-                            tenant="t"))
-  engine.submit(TurnRequest("c", prompt_tokens(4, 11), 4, stop_on_eos=False,
-                            tenant="t"))
+  submit_turn(engine, "s#1", second["s"])
+  submit_turn(engine, "c", prompt_tokens(4, 11))
   try:
     for _ in range(3):
       engine.step()
