@@ -369,9 +369,6 @@ class PDCluster:
           on_store_error=lambda what, err: count_store_error(
               self.cold_tier.stats, what, err))
       self.cold_tier.prefetcher = self.prefetcher
-    # Whether a prefetcher step may find work: it started a read last time,
-    # or a turn ended since (its blocks went to a hot tier, maybe evicting).
-    self._prefetch_may_work = False
 
   def _writer(self, store, de: _Worker, pe: _Worker) -> ColdTierConnector:
     """The connector that writes `de`'s finished turns back, prefilled on
@@ -540,17 +537,14 @@ class PDCluster:
     turns = [t for t in self._waiting if t.rid not in self._held_ids]
     waiting = [(session_key(t.req), self._chain(t))
                for t in turns[:self.prefetcher.max_candidates]]
-    reads = self.prefetcher.stats.reads
     self.prefetcher.step(waiting, self.clock())
-    self._prefetch_may_work = self.prefetcher.stats.reads > reads
 
   def prefetch_pending(self) -> bool:
     """Whether `step` with no turn to run may still prefetch: reads in
     flight, the last step started one, or a turn ended since. A driver
     with nothing to submit (every session away) steps instead of sleeping
     while this holds; it turns False once a step finds nothing to read."""
-    return self.prefetcher is not None and bool(
-        self.prefetcher.in_flight() or self._prefetch_may_work)
+    return self.prefetcher is not None and self.prefetcher.pending()
 
   def flush(self, timeout: float | None = None) -> bool:
     """Waits for queued cold-tier writes (then the next turn can load them)."""
@@ -1051,7 +1045,6 @@ class PDCluster:
         self.prefetcher.turn_finished(session_key(turn.req), now,
                                       de.manager.block_hashes(turn.rid),
                                       turn.prefill.name)
-        self._prefetch_may_work = True
       de.manager.end(turn.rid)
       done.append(step_parts.turn_output(turn, now, reason))
     return done

@@ -93,7 +93,6 @@ class EnginePrefetcher:
     if connector.hot is None or connector.store is None:
       raise ValueError("prefetching needs a hot tier (where prefetched "
                        "blocks go) and a cold tier (where they come from)")
-    self._connector = connector
     self.prefetcher = TierPrefetcher(
         _ConnectorReads(connector), connector.store,
         [_EngineAsPrefillEngine(connector, manager)], [],
@@ -102,9 +101,6 @@ class EnginePrefetcher:
         predictor=predictor,
         on_store_error=lambda what, err: count_store_error(
             connector.stats, what, err))
-    # Whether a step may find work: it started a read last time, or a turn
-    # ended since (its session is now away, with blocks to keep).
-    self._may_work = False
     connector.prefetcher = self
 
   @property
@@ -119,7 +115,6 @@ class EnginePrefetcher:
     """`req`'s turn ended at `now`; `chain`: its sequence's full blocks."""
     if req.session_id:
       self.prefetcher.turn_finished(session_key(req), now, chain, ENGINE)
-      self._may_work = True
 
   def note_hot_read(self, ids: Sequence[bytes]) -> None:
     """A load read `ids` from the hot tier (the prefetcher's hits)."""
@@ -127,7 +122,8 @@ class EnginePrefetcher:
 
   def forget(self, ids: Sequence[bytes]) -> None:
     """`ids` were dropped from the memory tiers (`Engine.forget_blocks`):
-    reads still out do not put them back."""
+    reads still out do not put them back, and the prefetcher stops
+    following them (`TierPrefetcher.forget`)."""
     self.prefetcher.forget(ids)
 
   def install_done(self) -> None:
@@ -137,17 +133,14 @@ class EnginePrefetcher:
            now: float) -> None:
     """Pins and reads for `waiting` ((request, chain) of each turn queued,
     first come first) and then the sessions away."""
-    reads = self.prefetcher.stats.reads
     self.prefetcher.step([(session_key(req), chain) for req, chain in waiting],
                          now)
-    self._may_work = self.prefetcher.stats.reads > reads
 
   def in_flight(self) -> list[cf.Future]:
     return self.prefetcher.in_flight()
 
   def pending(self) -> bool:
-    """Reads in flight, or a step may start one (see `_may_work`)."""
-    return bool(self.prefetcher.in_flight() or self._may_work)
+    return self.prefetcher.pending()
 
   def counts(self) -> dict[str, int]:
     return self.prefetcher.counts()

@@ -167,6 +167,10 @@ class TierPrefetcher:
     # until a turn ends, which may have written them anew.
     self._unreadable: set[bytes] = set()
     self._pins: dict[str, list[bytes]] = {}  # what `_pin` set, by PE
+    # Whether a step may find work (`pending`): the last one started a
+    # read, or a turn ended since (its blocks went to a hot tier, maybe
+    # evicting others; its session is now away).
+    self._may_work = False
 
   # ------------------------------------------------------------ events
   # `session_id`: any hashable naming one session (the cluster passes
@@ -178,6 +182,7 @@ class TierPrefetcher:
                     chain: Sequence[bytes], pe: str) -> None:
     self.predictor.finished(session_id, now, chain, pe)
     self._unreadable.clear()
+    self._may_work = True
 
   def note_hot_read(self, pe: str, ids: Sequence[bytes]) -> None:
     """A placement on `pe` read `ids` from its hot tier."""
@@ -206,6 +211,13 @@ class TierPrefetcher:
   def in_flight(self) -> list[cf.Future]:
     return [r.future for r in self._reads]
 
+  def pending(self) -> bool:
+    """Whether a step may still read: reads in flight, the last step
+    started one, or a turn ended since. A driver with nothing to submit
+    (every session away) steps its engine instead of sleeping while this
+    holds; it turns False once a step finds nothing to read."""
+    return bool(self._reads or self._may_work)
+
   def step(self, waiting: Sequence[tuple[Hashable, Sequence[bytes]]],
            now: float) -> None:
     """Puts finished reads into their hot tiers, pins, issues new reads.
@@ -213,6 +225,11 @@ class TierPrefetcher:
     `waiting`: (session id, chain) of each turn waiting to be placed, first
     come first.
     """
+    reads = self.stats.reads
+    self._step(waiting, now)
+    self._may_work = self.stats.reads > reads
+
+  def _step(self, waiting, now: float) -> None:
     self.install_done()
     candidates = [_Candidate(tuple(chain), self.predictor.last_engine(session))
                   for session, chain in waiting[:self.max_candidates]
