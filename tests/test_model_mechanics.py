@@ -60,14 +60,16 @@ def _rope(x, positions, theta):
 
 
 def reference_logits(params: dict, cfg: config.ModelConfig,
-                     tokens: np.ndarray) -> np.ndarray:
-  """[T, V] float64 logits of `tokens` (positions 0..T-1), dense causal."""
+                     tokens: np.ndarray,
+                     mask: np.ndarray | None = None) -> np.ndarray:
+  """[T, V] float64 logits of `tokens` (positions 0..T-1), dense causal,
+  or with `mask` ([T, T] bool: which keys each query reads) instead."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   lay = p["layers"]
   t = len(tokens)
   pos = np.arange(t, dtype=np.float64)
   group = cfg.num_heads // cfg.num_kv_heads
-  causal = np.tril(np.ones((t, t), bool))
+  causal = np.tril(np.ones((t, t), bool)) if mask is None else mask
   h = p["embed_tokens"][tokens]
   for i in range(cfg.num_layers):
     x = _rms_norm(h, lay["attn_norm"]["weight"][i], cfg.rms_norm_eps)

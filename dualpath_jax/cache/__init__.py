@@ -10,6 +10,12 @@ Pure Python and numpy, no JAX and no I/O:
                     recency and position in their chain (and never pinned ones)
   prefetcher        when each agent session comes back (`ReturnPredictor`),
                     so which blocks a prefetcher reads first
+  token_importance  the seed articles' importance score per block (recency,
+                    attention, position) and the hot set it picks
+  importance_study  how much of decode's attention that hot set serves, and
+                    what reading only it does to the next token
+                    (`launch.study_importance`; the serving path does not
+                    use it: attention here is exact)
 """
 
 from __future__ import annotations

@@ -1,0 +1,219 @@
+"""How much of decode's attention a hot set of blocks serves, per policy.
+
+The seeds claim that a hot tier of 12% of the cache, picked by a token-
+importance score, serves 98% of attention (docs/hot_tier.md). This runs
+one sequence's decode steps through an `AttentionProbe` with one exact row
+and one row per (policy, hot fraction): each sparse row reads only the
+blocks its own `BlockImportance` state picked before the step, and that
+state learns only from the attention the row itself saw. Per step:
+
+- mass hit: the share of the exact row's attention (averaged over layers
+  and heads, its own token included) that lands in the row's hot blocks;
+  the seeds' "hit rate", weighted by attention;
+- needed hit: the share of the blocks that hold `needed_share` of that
+  attention which the row had hot;
+- top-1 agreement and KL(exact || row) of the next-token distributions:
+  what reading only the hot blocks does to the model's output, this step
+  (every row reads the exact K/V of the tokens before: the per-step error).
+
+An oracle that knows this step's attention picks the heaviest blocks: the
+ceiling of any score at that budget (mass hit only: it needs the step's
+attention before the step). A second oracle picks them for each layer and
+query head apart, as per-head sparse attention (Quest and the like) may;
+a tier moves whole blocks, every layer's and head's at once, so that one
+is a ceiling of finer schemes, not of a tier. Concentration (how few blocks hold 50/90/99%
+of the attention) is the premise that either rests on.
+
+No JAX here: the probe is passed in (tests drive this with a fake one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from dualpath_jax.cache.token_importance import (POLICIES, BlockImportance,
+                                                 ImportanceWeights,
+                                                 blocks_for_mass,
+                                                 budget_blocks, select_hot)
+
+CONCENTRATION_SHARES = (0.5, 0.9, 0.99)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """What one study compares; see the module docstring."""
+
+  policies: tuple[str, ...] = POLICIES
+  hot_fractions: tuple[float, ...] = (0.05, 0.12, 0.25, 0.5)
+  decode_steps: int = 32
+  window: int = 16  # last prompt tokens whose attention seeds the scores
+  needed_share: float = 0.95
+  weights: ImportanceWeights = ImportanceWeights()
+  attention_decay: float = 0.9
+  recency_steps: float = 4.0
+  position_blocks: float = 8.0
+
+  def __post_init__(self):
+    if not self.policies or any(p not in POLICIES for p in self.policies):
+      raise ValueError(f"policies must be among {POLICIES}, got {self.policies}")
+    if len(set(self.policies)) != len(self.policies):
+      raise ValueError(f"policies repeat: {self.policies}")
+    if not self.hot_fractions or any(
+        not 0 < f <= 1 for f in self.hot_fractions):
+      raise ValueError("hot fractions must be in (0, 1], got "
+                       f"{self.hot_fractions}")
+    if self.decode_steps < 1 or self.window < 1:
+      raise ValueError("decode_steps and window must be >= 1")
+    if not 0 < self.needed_share <= 1:
+      raise ValueError(f"needed_share must be in (0, 1], got {self.needed_share}")
+
+  def variants(self) -> list[tuple[str, float]]:
+    """The sparse rows, in probe row order after the exact row 0."""
+    return [(p, f) for p in self.policies for f in self.hot_fractions]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:  # [..., V]
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _needed_blocks(mass: np.ndarray, share: float) -> np.ndarray:  # bool
+  """The heaviest blocks that together hold `share` of `mass`."""
+  k = blocks_for_mass(mass, share)
+  needed = np.zeros(mass.size, bool)
+  needed[np.argsort(-mass, kind="stable")[:k]] = True
+  return needed
+
+
+def _per_head_oracle_hit(exact: np.ndarray,  # [L, Hq, n]: exact mass
+                         self_mass: np.ndarray,  # [L, Hq]
+                         budget: int) -> float:
+  """Mean over layers and heads of the mass a per-head choice of `budget`
+  blocks (the newest one and each head's heaviest others) holds."""
+  n = exact.shape[-1]
+  rest = np.sort(exact[..., :n - 1], axis=-1)[..., ::-1][..., :budget - 1]
+  return float(np.mean(exact[..., n - 1] + rest.sum(-1) + self_mass))
+
+
+def study_sequence(probe, tokens: Sequence[int], cfg: StudyConfig,
+                   stop_ids: Sequence[int] = ()) -> dict:
+  """Prefills `tokens` on `probe`, then decodes greedily (the exact row's
+  choice) for `cfg.decode_steps` steps or until a `stop_ids` token.
+
+  `probe` is an `AttentionProbe` or any object with its `prefill`,
+  `decode`, `length`, `block_size` and `num_blocks`. Returns this
+  sequence's sums (`merge_results` adds sequences up, `summarize` turns
+  sums into means).
+  """
+  bs = probe.block_size
+  variants = cfg.variants()
+  logits, prompt_mass = probe.prefill(list(tokens))
+
+  def blocks_now():  # the sequence's blocks, the next token's included
+    return probe.length // bs + 1
+
+  states = [BlockImportance(blocks_now(), attention_decay=cfg.attention_decay,
+                            recency_steps=cfg.recency_steps,
+                            position_blocks=cfg.position_blocks,
+                            weights=cfg.weights) for _ in variants]
+  seed = prompt_mass[-cfg.window:].mean(axis=0)[:blocks_now()]
+  for state in states:
+    state.observe(seed)
+  sums = {"mass_hit": np.zeros(len(variants)),
+          "needed_hit": np.zeros(len(variants)),
+          "top1": np.zeros(len(variants)), "kl": np.zeros(len(variants)),
+          "budget": np.zeros(len(variants)),
+          "oracle_mass_hit": np.zeros(len(cfg.hot_fractions)),
+          "head_oracle_mass_hit": np.zeros(len(cfg.hot_fractions)),
+          "concentration": np.zeros(len(CONCENTRATION_SHARES)),
+          "head_concentration": 0.0, "self_mass": 0.0}
+  steps = 0
+  token = int(np.argmax(logits))
+  for _ in range(cfg.decode_steps):
+    if token in stop_ids:
+      break
+    n = blocks_now()
+    masks = np.zeros((1 + len(variants), probe.num_blocks), bool)
+    masks[0] = True
+    for i, ((policy, fraction), state) in enumerate(zip(variants, states)):
+      state.grow(n)
+      budget = budget_blocks(fraction, n)
+      masks[1 + i, :n] = select_hot(state.scores(policy), budget)
+      sums["budget"][i] += budget
+    out = probe.decode(token, masks)
+    exact = out.block_mass[0][..., :n]  # [L, Hq, n]
+    mass = exact.mean(axis=(0, 1))
+    self_mass = float(out.self_mass[0].mean())
+    needed = _needed_blocks(mass, cfg.needed_share)
+    exact_logp = _log_softmax(out.logits[0])
+    row_logp = _log_softmax(out.logits[1:])
+    for i, state in enumerate(states):
+      hot = masks[1 + i, :n]
+      sums["mass_hit"][i] += mass[hot].sum() + self_mass
+      sums["needed_hit"][i] += (needed & hot).sum() / needed.sum()
+      sums["top1"][i] += float(np.argmax(out.logits[1 + i])
+                               == np.argmax(out.logits[0]))
+      sums["kl"][i] += float(np.sum(np.exp(exact_logp)
+                                    * (exact_logp - row_logp[i])))
+      state.observe(out.block_mass[1 + i][..., :n].mean(axis=(0, 1)))
+    for j, fraction in enumerate(cfg.hot_fractions):
+      budget = budget_blocks(fraction, n)
+      hot = select_hot(mass, budget)
+      sums["oracle_mass_hit"][j] += mass[hot].sum() + self_mass
+      sums["head_oracle_mass_hit"][j] += _per_head_oracle_hit(
+          exact, out.self_mass[0], budget)
+    for j, share in enumerate(CONCENTRATION_SHARES):
+      sums["concentration"][j] += blocks_for_mass(mass, share) / n
+    heads = exact.reshape(-1, n)
+    sums["head_concentration"] += np.mean(
+        [blocks_for_mass(h, 0.9) / n for h in heads])
+    sums["self_mass"] += self_mass
+    steps += 1
+    token = int(np.argmax(out.logits[0]))
+  return {"prompt_tokens": len(tokens), "steps": steps,
+          "final_blocks": blocks_now(),
+          "sums": {k: np.asarray(v).tolist() for k, v in sums.items()}}
+
+
+def merge_results(results: Sequence[dict]) -> dict:
+  """Adds the per-step sums of several sequences (same `StudyConfig`)."""
+  total = {"steps": 0, "sums": None}
+  for r in results:
+    total["steps"] += r["steps"]
+    if total["sums"] is None:
+      total["sums"] = {k: np.asarray(v, np.float64) for k, v in r["sums"].items()}
+    else:
+      for k, v in r["sums"].items():
+        total["sums"][k] = total["sums"][k] + np.asarray(v, np.float64)
+  return total
+
+
+def summarize(merged: dict, cfg: StudyConfig) -> dict:
+  """Per-step means: one row per (policy, fraction), the oracle's mass
+  hit per fraction, the concentration of the exact attention."""
+  steps = merged["steps"]
+  if steps == 0 or merged["sums"] is None:
+    raise ValueError("no decode step was studied (every sequence stopped "
+                     "at once)")
+  s = {k: np.asarray(v) / steps for k, v in merged["sums"].items()}
+  rows = [{"policy": p, "hot_fraction": f,
+           "mean_hot_blocks": float(s["budget"][i]),
+           "mass_hit": float(s["mass_hit"][i]),
+           "needed_hit": float(s["needed_hit"][i]),
+           "top1_agreement": float(s["top1"][i]),
+           "kl_nats": float(s["kl"][i])}
+          for i, (p, f) in enumerate(cfg.variants())]
+  oracle = [{"hot_fraction": f, "mass_hit": float(s["oracle_mass_hit"][j]),
+             "per_head_mass_hit": float(s["head_oracle_mass_hit"][j])}
+            for j, f in enumerate(cfg.hot_fractions)]
+  concentration = {f"blocks_for_{int(round(share * 100))}pct":
+                   float(s["concentration"][j])
+                   for j, share in enumerate(CONCENTRATION_SHARES)}
+  concentration["per_head_blocks_for_90pct"] = float(s["head_concentration"])
+  concentration["own_token_mass"] = float(s["self_mass"])
+  return {"steps": steps, "variants": rows, "oracle": oracle,
+          "concentration": concentration}

@@ -1,0 +1,70 @@
+"""`python -m launch.study_importance` end to end (random weights, one
+token per byte: the mechanics in seconds), and its bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model=random:tiny-test", "--tokenizer=bytes", "--turns=1",
+        "--noprogress"]
+
+
+def _run(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "launch.study_importance",
+                         *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_report_table_and_plot(tmp_path):
+  report, plot = tmp_path / "r.json", tmp_path / "r.png"
+  proc = _run(*TINY, "--sessions=2", "--decode_steps=5", "--block_size=8",
+              "--hot_fractions=0.12,1", f"--json={report}", f"--plot={plot}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "attn hit" in proc.stdout and "oracle" in proc.stdout
+  assert plot.stat().st_size > 0
+  r = json.loads(report.read_text())
+  assert r["turns"] == 2 and len(r["turns_detail"]) == 2
+  assert r["steps"] == sum(t["steps"] for t in r["turns_detail"]) > 0
+  assert r["config"]["block_size"] == 8 and r["jax_version"]
+  rows = {(v["policy"], v["hot_fraction"]): v for v in r["variants"]}
+  assert set(rows) == {(p, f) for p in ("recent", "sink_recent", "attention",
+                                        "seed_score") for f in (0.12, 1.0)}
+  oracle = {o["hot_fraction"]: o["mass_hit"] for o in r["oracle"]}
+  for o in r["oracle"]:  # a block-level choice is one per-head choice
+    assert o["mass_hit"] <= o["per_head_mass_hit"] + 1e-9 <= 1 + 2e-9
+  for (policy, fraction), v in rows.items():
+    if fraction == 1.0:  # every block hot: exact attention
+      assert v["mass_hit"] == pytest.approx(1.0, abs=1e-5)
+      assert v["needed_hit"] == 1.0 and v["top1_agreement"] == 1.0
+      assert v["kl_nats"] == pytest.approx(0.0, abs=1e-6)
+    else:
+      assert 0 < v["mass_hit"] <= oracle[fraction] + 1e-9, policy
+      assert v["mean_hot_blocks"] < rows[(policy, 1.0)]["mean_hot_blocks"]
+      assert v["kl_nats"] > 0
+  c = r["concentration"]
+  assert 0 < c["blocks_for_50pct"] <= c["blocks_for_90pct"] <= c["blocks_for_99pct"] <= 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--hot_fractions=0"], "--hot_fractions: give fractions in (0, 1]"),
+    (["--hot_fractions=a,b"], "--hot_fractions: give fractions in (0, 1]"),
+    (["--policies=lru"], "policies must be among"),
+    (["--score_weights=1,2"], "--score_weights: give three numbers"),
+    (["--score_weights=0,0,0"], "importance weights must be"),
+    (["--needed_share=0"], "--needed_share must be in (0, 1]"),
+    (["--turns=6"], "past --max_context / the model's 1024"),
+    (["--trace=/nonexistent/t.jsonl"], "t.jsonl"),
+])
+def test_bad_input_exits_with_a_message_and_writes_nothing(tmp_path, args,
+                                                           message):
+  report = tmp_path / "r.json"
+  proc = _run(*TINY, *args, f"--report={report}", timeout=120)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert not report.exists()
