@@ -43,7 +43,7 @@ def _numpy_attend(q, k, v, allowed, k_self, v_self):
   return out, probs, p_self
 
 
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (9, 3), (8, 2)])
 @pytest.mark.parametrize("with_self", [False, True])
 def test_attend_matches_numpy(np_rng, hq, hkv, with_self):
   r, t, c, d = 3, 2, 11, 8
