@@ -9,7 +9,9 @@ from the recorded history, as `agent_eval --reply=teacher_forced` builds
 them), prefills the context exactly, then decodes `--decode_steps` greedy
 tokens. At every step, one row attends to the whole cache and one row per
 (policy, hot fraction) attends only to the blocks its importance score
-picked (`dualpath_jax.cache.importance_study`). Prints a table, writes a
+picked (`dualpath_jax.cache.importance_study`). Of each turn's prefill, it
+reports how much of the new tokens' attention to the cached prefix the
+heaviest, or the newest, prefix blocks hold. Prints a table, writes a
 JSON report and, with `--plot`, a PNG: attention served by the hot blocks
 (the seeds' hit rate), the blocks that hold 95% of it, and top-1 agreement
 and KL of the next token against exact attention.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 
 from launch import float_flags
@@ -105,18 +108,32 @@ def _study_config():
     raise ValueError(f"--policies / --score_weights: {e}") from e
 
 
-def _turn_contexts(sessions, tokenizer) -> list[tuple[str, int, list[int]]]:
-  """(session id, turn index, context tokens) of each studied turn: the
-  session's recorded history up to the turn, with the generation prompt."""
+def _common_prefix(a: list[int], b: list[int]) -> int:
+  n = min(len(a), len(b))
+  diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+  return int(diff[0]) if diff.size else n
+
+
+def _turn_contexts(sessions, tokenizer
+                   ) -> list[tuple[str, int, list[int], int]]:
+  """(session id, turn index, context tokens, cached prefix tokens) of each
+  studied turn: the session's recorded history up to the turn, with the
+  generation prompt; its prefix is the history before the turn's input
+  (what the previous turn left cached)."""
   from dualpath_jax.workload.replay import initial_messages
   out = []
   for s in sessions:
     messages = initial_messages(s)
     first = max(0, len(s.turns) - FLAGS.study_turns)
     for turn in s.turns:
+      before = messages
       messages = messages + list(turn.input_delta)
       if turn.index >= first:
-        out.append((s.session_id, turn.index, tokenizer.encode_chat(messages)))
+        tokens = tokenizer.encode_chat(messages)
+        prefix = _common_prefix(
+            tokenizer.encode_chat(before, add_generation_prompt=False),
+            tokens) if before else 0
+        out.append((s.session_id, turn.index, tokens, prefix))
       messages = messages + [{"role": "assistant",
                               "content": turn.assistant_text}]
   return out
@@ -139,6 +156,16 @@ def _print_table(summary: dict) -> None:
   for o in summary["oracle"]:
     print(f"{'oracle':<12}{o['hot_fraction']:>6.0%}{'':>8}{o['mass_hit']:>10.1%}"
           f"   (per layer and head: {o['per_head_mass_hit']:.1%})")
+  p = summary["prefill"]
+  if p:
+    print(f"\nprefill of {p['new_tokens']} new tokens in {p['turns']} turns: "
+          f"{p['prefix_share']:.1%} of their attention goes to the cached "
+          f"prefix, {p['blocks_for_90pct']:.1%} of whose blocks hold 90% of "
+          "it; share held by")
+    print(f"{'hot':>6}{'oracle':>10}{'recent':>10}{'sink_recent':>13}")
+    for row in p["served"]:
+      print(f"{row['hot_fraction']:>6.0%}{row['oracle']:>10.1%}"
+            f"{row['recent']:>10.1%}{row['sink_recent']:>13.1%}")
 
 
 def _draw(summary: dict, path: str) -> None:
@@ -146,7 +173,9 @@ def _draw(summary: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from dualpath_jax import outputs
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  prefill = summary["prefill"]
+  fig, axes = plt.subplots(1, 4 if prefill else 3,
+                           figsize=(18 if prefill else 14, 4))
   panels = (("mass_hit", "attention served by the hot blocks"),
             ("top1_agreement", "top-1 agreement with exact attention"),
             ("kl_nats", "KL(exact || sparse), nats"))
@@ -170,6 +199,19 @@ def _draw(summary: dict, path: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
+  if prefill:
+    ax = axes[3]
+    x = [100 * r["hot_fraction"] for r in prefill["served"]]
+    for choice, style in (("oracle", "k--"), ("recent", "-"),
+                          ("sink_recent", "-")):
+      ax.plot(x, [r[choice] for r in prefill["served"]], style, marker="o",
+              label=choice)
+    ax.set_ylim(top=1.02)
+    ax.set_xlabel("prefix blocks loaded, % of the prefix's")
+    ax.set_title("prefill: new tokens' attention to the prefix served",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
   fig.suptitle(f"block importance over {summary['steps']} decode steps "
                "(dotted: the seeds' 98% at 12%)", fontsize=10)
   fig.tight_layout()
@@ -205,7 +247,7 @@ def main(argv):
                                                    dtype=FLAGS.dtype)
     tokenizer = workload_flags.pick_tokenizer(model_config, model_tokenizer)
     turns = _turn_contexts(sessions, tokenizer)
-    longest = max(len(t) for _, _, t in turns) + FLAGS.decode_steps
+    longest = max(len(t) for _, _, t, _ in turns) + FLAGS.decode_steps
     limit = min(FLAGS.max_context, model_config.max_position)
     if longest > limit:
       raise ValueError(f"a studied turn needs {longest} tokens (context + "
@@ -234,10 +276,11 @@ def main(argv):
         f"{len(cfg.variants())} sparse rows a step", flush=True)
   results = []
   start = time.perf_counter()
-  for session_id, turn_index, tokens in tqdm.tqdm(
+  for session_id, turn_index, tokens, prefix in tqdm.tqdm(
       turns, unit="turn", disable=not FLAGS.progress, desc="study_importance"):
-    r = study.study_sequence(probe, tokens, cfg, stop_ids)
-    results.append({"session_id": session_id, "turn": turn_index, **r})
+    r = study.study_sequence(probe, tokens, cfg, stop_ids, prefix)
+    results.append({"session_id": session_id, "turn": turn_index,
+                    "prefix_tokens": prefix, **r})
   wall = time.perf_counter() - start
   try:
     summary = study.summarize(study.merge_results(results), cfg)

@@ -47,6 +47,13 @@ def test_report_table_and_plot(tmp_path):
       assert 0 < v["mass_hit"] <= oracle[fraction] + 1e-9, policy
       assert v["mean_hot_blocks"] < rows[(policy, 1.0)]["mean_hot_blocks"]
       assert v["kl_nats"] > 0
+  p = r["prefill"]  # each turn's prefix: the system prompt
+  assert p["turns"] == 2 and 0 < p["prefix_share"] <= 1 + 1e-6
+  for row in p["served"]:
+    assert max(row["recent"], row["sink_recent"]) <= row["oracle"] + 1e-9
+    if row["hot_fraction"] == 1.0:
+      assert row["oracle"] == row["recent"] == pytest.approx(1.0)
+  assert all(t["prefix_tokens"] > 0 for t in r["turns_detail"])
   c = r["concentration"]
   assert 0 < c["blocks_for_50pct"] <= c["blocks_for_90pct"] <= c["blocks_for_99pct"] <= 1
 

@@ -220,3 +220,41 @@ def test_merge_adds_steps_and_sums():
   one = study.summarize(study.merge_results([a]), cfg)
   two = study.summarize(merged, cfg)
   assert one["variants"] == two["variants"]
+
+
+def test_prefill_study_on_a_known_attention():
+  # 12 tokens, blocks of 2: a prefix of 7 tokens = 3 full blocks (the
+  # engine caches only full ones), so rows 6.. are the new tokens.
+  mass = np.zeros((12, 6))
+  mass[6:, 0] = 0.3   # the sink
+  mass[6:, 1] = 0.05
+  mass[6:, 2] = 0.15  # the newest prefix block
+  mass[6:, 3:] = 0.5 / 3  # the new tokens' own blocks: not the prefix's
+  p = study.prefill_study(mass, 7, 2, fractions=(0.34, 0.67, 1.0))
+  assert p["new_tokens"] == 6 and p["prefix_blocks"] == 3
+  assert p["prefix_share"] == pytest.approx(0.5)
+  assert p["blocks_for_90pct"] == pytest.approx(2 / 3)
+  s = p["served"]  # 1, 2 and 3 of the 3 prefix blocks
+  assert s["oracle"] == pytest.approx([0.6, 0.9, 1.0])
+  assert s["recent"] == pytest.approx([0.3, 0.4, 1.0])
+  assert s["sink_recent"] == pytest.approx([0.6, 0.9, 1.0])
+  assert study.prefill_study(mass, 3, 2, (0.5,)) is None  # one full block
+  assert study.prefill_study(mass, 12, 2, (0.5,)) is None  # nothing new
+
+
+def test_study_reports_the_prefill_of_a_turn_with_a_prefix():
+  cfg = study.StudyConfig(policies=("attention",), hot_fractions=(0.5, 1.0),
+                          decode_steps=1)
+  with_prefix = study.study_sequence(_FakeProbe(), list(range(20)), cfg,
+                                     prefix_tokens=12)
+  without = study.study_sequence(_FakeProbe(), list(range(20)), cfg)
+  assert without["prefill"] is None
+  # the fake's prompt rows put 5/9 on block 0 and 4/9 on block 4: the
+  # prefix (blocks 0-2) gets 5/9, all of it on block 0
+  p = with_prefix["prefill"]
+  assert p["prefix_share"] == pytest.approx(5 / 9)
+  assert p["served"]["oracle"] == pytest.approx([1.0, 1.0])
+  summary = study.summarize(study.merge_results([with_prefix, without]), cfg)
+  assert summary["prefill"]["turns"] == 1
+  assert summary["prefill"]["served"][0]["oracle"] == pytest.approx(1.0)
+  assert summary["prefill"]["served"][0]["recent"] == pytest.approx(0.0)

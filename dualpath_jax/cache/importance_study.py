@@ -24,6 +24,13 @@ a tier moves whole blocks, every layer's and head's at once, so that one
 is a ceiling of finer schemes, not of a tier. Concentration (how few blocks hold 50/90/99%
 of the attention) is the premise that either rests on.
 
+The turn's prefill is studied too, where the turn's cached prefix is
+known (`prefix_tokens`): of the attention its new tokens pay to the
+prefix's blocks, how much the heaviest blocks hold (an oracle that knows
+the new tokens' attention before loading anything), the newest ones, or
+block 0 and the newest. A load that skipped the other blocks would serve
+only that much of it.
+
 No JAX here: the probe is passed in (tests drive this with a fake one).
 """
 
@@ -40,6 +47,7 @@ from dualpath_jax.cache.token_importance import (POLICIES, BlockImportance,
                                                  budget_blocks, select_hot)
 
 CONCENTRATION_SHARES = (0.5, 0.9, 0.99)
+PREFILL_CHOICES = ("oracle", "recent", "sink_recent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,19 +107,52 @@ def _per_head_oracle_hit(exact: np.ndarray,  # [L, Hq, n]: exact mass
   return float(np.mean(exact[..., n - 1] + rest.sum(-1) + self_mass))
 
 
+def prefill_study(prompt_mass: np.ndarray,  # [n, NB]: each token's attention
+                  prefix_tokens: int, block_size: int,
+                  fractions: Sequence[float]) -> dict | None:
+  """Of the attention the tokens after the prefix's full blocks pay to
+  those blocks, the share each choice of `fraction` of them holds
+  (`PREFILL_CHOICES`); None if the prefix has fewer than 2 full blocks
+  or no token follows them."""
+  n = prompt_mass.shape[0]
+  blocks = prefix_tokens // block_size
+  start = blocks * block_size  # the engine caches only full blocks
+  if blocks < 2 or start >= n:
+    return None
+  mass = np.asarray(prompt_mass[start:, :blocks], np.float64)  # [new, blocks]
+  segment = mass.sum(axis=0)
+  total = segment.sum()
+  served = {c: [] for c in PREFILL_CHOICES}
+  for fraction in fractions:
+    k = budget_blocks(fraction, blocks)
+    served["oracle"].append(np.sort(segment)[::-1][:k].sum() / total)
+    served["recent"].append(segment[blocks - k:].sum() / total)
+    served["sink_recent"].append(
+        (segment[0] + (segment[blocks - k + 1:].sum() if k > 1 else 0.0))
+        / total)
+  return {"new_tokens": n - start, "prefix_blocks": blocks,
+          "prefix_share": float(mass.sum(axis=1).mean()),
+          "blocks_for_90pct": blocks_for_mass(segment, 0.9) / blocks,
+          "served": {c: [float(v) for v in vals] for c, vals in served.items()}}
+
+
 def study_sequence(probe, tokens: Sequence[int], cfg: StudyConfig,
-                   stop_ids: Sequence[int] = ()) -> dict:
+                   stop_ids: Sequence[int] = (),
+                   prefix_tokens: int | None = None) -> dict:
   """Prefills `tokens` on `probe`, then decodes greedily (the exact row's
   choice) for `cfg.decode_steps` steps or until a `stop_ids` token.
 
   `probe` is an `AttentionProbe` or any object with its `prefill`,
   `decode`, `length`, `block_size` and `num_blocks`. Returns this
   sequence's sums (`merge_results` adds sequences up, `summarize` turns
-  sums into means).
+  sums into means) and, given the tokens of its cached prefix,
+  `prefill_study` of its prefill.
   """
   bs = probe.block_size
   variants = cfg.variants()
   logits, prompt_mass = probe.prefill(list(tokens))
+  prefill = None if prefix_tokens is None else prefill_study(
+      prompt_mass, prefix_tokens, bs, cfg.hot_fractions)
 
   def blocks_now():  # the sequence's blocks, the next token's included
     return probe.length // bs + 1
@@ -175,13 +216,14 @@ def study_sequence(probe, tokens: Sequence[int], cfg: StudyConfig,
     steps += 1
     token = int(np.argmax(out.logits[0]))
   return {"prompt_tokens": len(tokens), "steps": steps,
-          "final_blocks": blocks_now(),
+          "final_blocks": blocks_now(), "prefill": prefill,
           "sums": {k: np.asarray(v).tolist() for k, v in sums.items()}}
 
 
 def merge_results(results: Sequence[dict]) -> dict:
   """Adds the per-step sums of several sequences (same `StudyConfig`)."""
-  total = {"steps": 0, "sums": None}
+  total = {"steps": 0, "sums": None,
+           "prefills": [r["prefill"] for r in results if r.get("prefill")]}
   for r in results:
     total["steps"] += r["steps"]
     if total["sums"] is None:
@@ -216,4 +258,22 @@ def summarize(merged: dict, cfg: StudyConfig) -> dict:
   concentration["per_head_blocks_for_90pct"] = float(s["head_concentration"])
   concentration["own_token_mass"] = float(s["self_mass"])
   return {"steps": steps, "variants": rows, "oracle": oracle,
-          "concentration": concentration}
+          "concentration": concentration,
+          "prefill": _summarize_prefills(merged["prefills"], cfg)}
+
+
+def _summarize_prefills(prefills: Sequence[dict], cfg: StudyConfig
+                        ) -> dict | None:
+  """Means over the turns' `prefill_study` results (one choice per turn)."""
+  if not prefills:
+    return None
+  served = {c: np.mean([p["served"][c] for p in prefills], axis=0)
+            for c in PREFILL_CHOICES}
+  return {"turns": len(prefills),
+          "new_tokens": int(sum(p["new_tokens"] for p in prefills)),
+          "prefix_share": float(np.mean([p["prefix_share"] for p in prefills])),
+          "blocks_for_90pct": float(np.mean([p["blocks_for_90pct"]
+                                             for p in prefills])),
+          "served": [{"hot_fraction": f,
+                      **{c: float(served[c][j]) for c in PREFILL_CHOICES}}
+                     for j, f in enumerate(cfg.hot_fractions)]}
