@@ -140,7 +140,13 @@ def test_probe_refuses_bad_input(np_rng):
     probe.prefill(list(range(16)))
   with pytest.raises(ValueError, match="does not fit"):
     probe.prefill([])
+  with pytest.raises(ValueError, match="token ids must be integers"):
+    probe.prefill([1, 2, config.TINY.vocab_size])
+  with pytest.raises(ValueError, match="token ids must be integers"):
+    probe.prefill([-1, 2])
   probe.prefill(list(range(15)))
+  with pytest.raises(ValueError, match="token ids must be integers"):
+    probe.decode(config.TINY.vocab_size, np.ones((1, 4), bool))
   with pytest.raises(ValueError, match=r"block_masks must be \[rows, 4\]"):
     probe.decode(1, np.ones((1, 3), bool))
   probe.decode(1, np.ones((1, 4), bool))

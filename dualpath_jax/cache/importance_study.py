@@ -195,7 +195,9 @@ def study_sequence(probe, tokens: Sequence[int], cfg: StudyConfig,
     for i, state in enumerate(states):
       hot = masks[1 + i, :n]
       sums["mass_hit"][i] += mass[hot].sum() + self_mass
-      sums["needed_hit"][i] += (needed & hot).sum() / needed.sum()
+      # A step with no attention on the cache needed no block.
+      sums["needed_hit"][i] += ((needed & hot).sum() / needed.sum()
+                                if needed.any() else 1.0)
       sums["top1"][i] += float(np.argmax(out.logits[1 + i])
                                == np.argmax(out.logits[0]))
       sums["kl"][i] += float(np.sum(np.exp(exact_logp)

@@ -202,6 +202,16 @@ class AttentionProbe:
     self._k = self._v = None
     self.length = 0
 
+  def _check_ids(self, tokens: Sequence[int]) -> None:
+    """ValueError for ids outside the vocabulary (an embedding lookup
+    would clamp them silently)."""
+    ids = np.asarray(tokens)
+    if ids.size and (not np.issubdtype(ids.dtype, np.integer)
+                     or ids.min() < 0 or ids.max() >= self.config.vocab_size):
+      raise ValueError(f"token ids must be integers in [0, "
+                       f"{self.config.vocab_size}), got {ids.min()} to "
+                       f"{ids.max()}")
+
   def prefill(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Starts a sequence: runs `tokens` (exact, causal, in chunks).
 
@@ -213,6 +223,7 @@ class AttentionProbe:
     if not 0 < n < self.capacity:
       raise ValueError(f"a prompt of {n} tokens does not fit a probe of "
                        f"capacity {self.capacity} (1 to capacity - 1)")
+    self._check_ids(tokens)
     k = jnp.zeros(self._cache_shape, self._dtype)
     v = jnp.zeros(self._cache_shape, self._dtype)
     ids = np.zeros(-(-n // self.chunk) * self.chunk, np.int32)
@@ -240,6 +251,7 @@ class AttentionProbe:
     if masks.ndim != 2 or masks.shape[1] != self.num_blocks or not masks.shape[0]:
       raise ValueError(f"block_masks must be [rows, {self.num_blocks}], got "
                        f"{masks.shape}")
+    self._check_ids([token])
     position = jnp.int32(self.length)
     logits, k_new, v_new, mass, self_mass = self._decode_rows(
         self._state, self._k, self._v, jnp.int32(token), position,
