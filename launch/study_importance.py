@@ -29,6 +29,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import float_flags
 
 FLAGS = flags.FLAGS
@@ -276,19 +277,30 @@ def main(argv):
         f"{len(cfg.variants())} sparse rows a step", flush=True)
   results = []
   start = time.perf_counter()
-  for session_id, turn_index, tokens, prefix in tqdm.tqdm(
-      turns, unit="turn", disable=not FLAGS.progress, desc="study_importance"):
-    r = study.study_sequence(probe, tokens, cfg, stop_ids, prefix)
-    results.append({"session_id": session_id, "turn": turn_index,
-                    "prefix_tokens": prefix, **r})
+  interrupted = False
+  try:  # Ctrl-C: report the turns studied so far, exit 130
+    for session_id, turn_index, tokens, prefix in tqdm.tqdm(
+        turns, unit="turn", disable=not FLAGS.progress,
+        desc="study_importance"):
+      r = study.study_sequence(probe, tokens, cfg, stop_ids, prefix)
+      results.append({"session_id": session_id, "turn": turn_index,
+                      "prefix_tokens": prefix, **r})
+      raise_if_interrupted()
+  except KeyboardInterrupt:
+    interrupted = True
   wall = time.perf_counter() - start
   try:
     summary = study.summarize(study.merge_results(results), cfg)
-  except ValueError as e:
+  except ValueError as e:  # no decode step studied
+    if interrupted:
+      print("study_importance: interrupted before a turn was studied",
+            file=sys.stderr)
+      sys.exit(130)
     sys.exit(f"study_importance: {e}")
   _print_table(summary)
   report = {
       **summary, "wall_s": wall, "turns": len(results),
+      "complete": not interrupted,
       **metrics.run_environment(),
       "config": {"model": loaded.config.name,
                  "model_source": FLAGS.model or "embedded",
@@ -299,7 +311,11 @@ def main(argv):
   }
   outputs.write_report_and_plot(report, FLAGS.report, FLAGS.plot,
                                 lambda p: _draw(summary, p))
+  if interrupted:
+    print(f"interrupted after {len(results)} of {len(turns)} turns: the "
+          "report holds those (complete: false)", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(ctrl_c_ends_quietly(main, "study_importance"))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from launcher_interrupt import interrupt_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model=random:tiny-test", "--tokenizer=bytes", "--turns=1",
@@ -75,3 +76,18 @@ def test_bad_input_exits_with_a_message_and_writes_nothing(tmp_path, args,
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-2000:]
   assert not report.exists()
+
+
+def test_ctrl_c_reports_the_turns_studied(tmp_path):
+  report = tmp_path / "r.json"
+  done = interrupt_after(
+      ["launch.study_importance", *TINY[:-1], "--sessions=3",
+       "--decode_steps=400",  # ~2.5 s a turn: the Ctrl-C lands in turn 2
+       "--hot_fractions=0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7",
+       f"--report={report}"], "| 1/3", cwd=ROOT,
+      stream="stderr")
+  assert done.returncode == 130, done.stderr[-3000:]
+  r = json.loads(report.read_text())
+  assert r["complete"] is False and r["turns"] == 1
+  assert "interrupted after 1 of 3 turns" in done.stderr
+  assert "Traceback" not in done.stderr
