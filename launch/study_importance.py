@@ -115,21 +115,22 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
   return int(diff[0]) if diff.size else n
 
 
-def _turn_contexts(sessions, tokenizer
+def _turn_contexts(sessions, tokenizer, study_turns: int
                    ) -> list[tuple[str, int, list[int], int]]:
-  """(session id, turn index, context tokens, cached prefix tokens) of each
-  studied turn: the session's recorded history up to the turn, with the
+  """(session id, turn index, context tokens, cached prefix tokens) of the
+  last `study_turns` turns of each session (by position: a trace's turn
+  indices may skip): the session's recorded history up to the turn, with the
   generation prompt; its prefix is the history before the turn's input
   (what the previous turn left cached)."""
   from dualpath_jax.workload.replay import initial_messages
   out = []
   for s in sessions:
     messages = initial_messages(s)
-    first = max(0, len(s.turns) - FLAGS.study_turns)
-    for turn in s.turns:
+    first = max(0, len(s.turns) - study_turns)
+    for position, turn in enumerate(s.turns):
       before = messages
       messages = messages + list(turn.input_delta)
-      if turn.index >= first:
+      if position >= first:
         tokens = tokenizer.encode_chat(messages)
         prefix = _common_prefix(
             tokenizer.encode_chat(before, add_generation_prompt=False),
@@ -247,7 +248,7 @@ def main(argv):
     model_config, model_tokenizer = describe_model(FLAGS.model,
                                                    dtype=FLAGS.dtype)
     tokenizer = workload_flags.pick_tokenizer(model_config, model_tokenizer)
-    turns = _turn_contexts(sessions, tokenizer)
+    turns = _turn_contexts(sessions, tokenizer, FLAGS.study_turns)
     longest = max(len(t) for _, _, t, _ in turns) + FLAGS.decode_steps
     limit = min(FLAGS.max_context, model_config.max_position)
     if longest > limit:

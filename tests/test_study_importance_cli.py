@@ -91,3 +91,30 @@ def test_ctrl_c_reports_the_turns_studied(tmp_path):
   assert r["complete"] is False and r["turns"] == 1
   assert "interrupted after 1 of 3 turns" in done.stderr
   assert "Traceback" not in done.stderr
+
+
+def test_the_last_turns_by_position_and_their_cached_prefix():
+  """A trace's turn indices may skip: the last N turns are the last N
+  listed. Each turn's prefix is the history before its input, which the
+  turn's context starts with."""
+  from dualpath_jax.workload.byte_tokenizer import ByteChatTokenizer
+  from dualpath_jax.workload.trace import AgentSession, AgentTurn
+  from launch.study_importance import _turn_contexts
+  turns = [AgentTurn(index=i, input_delta=[{"role": "user", "content": f"q{i}"}],
+                     assistant_text=f"answer {i}") for i in (0, 5, 9)]
+  session = AgentSession(session_id="s", system_prompt="be brief", turns=turns)
+  tok = ByteChatTokenizer(256)
+  assert [i for _, i, _, _ in _turn_contexts([session], tok, 1)] == [9]
+  got = _turn_contexts([session], tok, study_turns=2)
+  assert [(sid, index) for sid, index, _, _ in got] == [("s", 5), ("s", 9)]
+  for _, index, tokens, prefix in got:
+    history = [{"role": "system", "content": "be brief"}]
+    for t in turns:
+      if t.index == index:
+        break
+      history += t.input_delta + [{"role": "assistant",
+                                   "content": t.assistant_text}]
+    before = tok.encode_chat(history, add_generation_prompt=False)
+    assert prefix == len(before) and tokens[:prefix] == before
+    assert tokens == tok.encode_chat(history + [
+        {"role": "user", "content": f"q{index}"}])
