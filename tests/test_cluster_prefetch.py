@@ -561,3 +561,22 @@ def test_a_read_asks_for_missing_pinned_blocks_and_stops_at_an_unpinned_one():
                         1) == [2]
   assert blocks_to_read(chain, 0, lambda i: True, lambda i: False,
                         3) == [0, 1, 2]
+
+
+def test_a_prefetched_block_put_again_by_another_is_not_counted_used():
+  """A prefetched block that left the tier unread, then came back by
+  another put (a turn's write-back), is an unused prefetch when a turn
+  reads it, not a used one."""
+  p0 = _Worker("P0", 8)
+  a = _ids("a", 3)
+  pf, loader, _ = _prefetcher([p0], a, batch=4)
+  pf.turn_finished("a", 0.0, a, "P0")
+  pf.step([], now=0.0)
+  loader.finish()
+  pf.step([], now=0.0)
+  assert p0.hot_tier.leading_run(a) == 3
+  assert p0.hot_tier.discard([a[0]]) == 1  # gone unread ...
+  p0.hot_tier.put([a[0]], np.zeros((1,) + SHAPE, np.float32))  # ... put anew
+  pf.note_hot_read("P0", a)
+  assert pf.stats.used_blocks == 2 and pf.stats.evicted_unused_blocks == 1
+  assert pf.report()["unused_held_blocks"] == 0

@@ -143,6 +143,26 @@ def test_pins_of_two_owners_hold_together_and_clear_apart():
   assert tier.pinned == frozenset() and tier.room() == 6
 
 
+def test_generation_names_each_copy_put():
+  """A block evicted (or discarded) and put again is another copy, with a
+  generation no copy had before; a reuse keeps the copy."""
+  tier = HotTier(2, SHAPE, np.float32)
+  a = _ids("a", 3)
+  assert tier.generation(a[0]) is None
+  tier.put(a[:2], _blocks(2, 0))
+  g0, g1 = tier.generation(a[0]), tier.generation(a[1])
+  assert None not in (g0, g1) and g0 != g1
+  tier.put(a[:1], _blocks(1, 1))  # held: reused, the same copy
+  tier.touch(a[:1])
+  assert tier.generation(a[0]) == g0
+  tier.put(a[2:], _blocks(1, 2))  # evicts a1, the least valuable
+  assert tier.generation(a[1]) is None
+  tier.put(a[1:2], _blocks(1, 3))  # a1 again: a new copy
+  assert tier.generation(a[1]) not in (None, g0, g1)
+  tier.discard(a)
+  assert all(tier.generation(i) is None for i in a)
+
+
 def test_discard_frees_slots_for_new_blocks():
   tier = HotTier(2, SHAPE, np.float32)
   tier.put(_ids("a", 2), _blocks(2, 8))

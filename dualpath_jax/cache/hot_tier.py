@@ -102,6 +102,10 @@ class HotTier:
     self._protected: collections.OrderedDict[bytes, int] = (
         collections.OrderedDict())
     self._free = list(range(capacity_blocks - 1, -1, -1))
+    # id -> which put placed the held copy (a serial number): a block
+    # evicted and put again is another copy (`generation`).
+    self._generations: dict[bytes, int] = {}
+    self._copies_placed = 0
     self._pins_by_owner: dict[str, frozenset[bytes]] = {}
     self._pinned: frozenset[bytes] = frozenset()  # the owners' union
     self.stats = HotTierStats()
@@ -165,6 +169,13 @@ class HotTier:
     else:
       self._pins_by_owner.pop(owner, None)
     self._pinned = frozenset().union(*self._pins_by_owner.values())
+
+  def generation(self, block_id: bytes) -> int | None:
+    """Which copy of `block_id` the tier holds: a number no other copy of
+    any block had, so a caller that noted it at a put can tell whether the
+    block was evicted (or discarded) and put again since. None if not
+    held."""
+    return self._generations.get(block_id)
 
   @property
   def pinned(self) -> frozenset[bytes]:
@@ -296,6 +307,8 @@ class HotTier:
       slot = self._free.pop() if self._free else self._evict(mine)
       placed.append((k, slot))
       self._probation[block_id] = slot
+      self._copies_placed += 1
+      self._generations[block_id] = self._copies_placed
     self.stats.puts += len(new)
     # After the new blocks: a held block this reuse demotes from the
     # protected segment is shallower than them, so it goes out after them.
@@ -330,6 +343,7 @@ class HotTier:
         slot = segment.pop(block_id, None)
         if slot is not None:
           self._free.append(slot)
+          self._generations.pop(block_id, None)
           n += 1
     return n
 
@@ -366,6 +380,7 @@ class HotTier:
       for block_id in segment:  # least recently used first
         if block_id not in keep:
           slot = segment.pop(block_id)
+          self._generations.pop(block_id, None)
           self.stats.evictions += 1
           return slot
     raise AssertionError("no block to evict outside the current call")

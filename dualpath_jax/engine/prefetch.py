@@ -158,10 +158,12 @@ class TierPrefetcher:
     self.on_store_error = on_store_error
     self.stats = PrefetchStats()
     self._reads: list[_Read] = []
-    # Put, not yet used: (PE, id). By PE too: one block can be prefetched
-    # into two PEs' tiers (a session's turns ran on both), each copy used or
-    # evicted on its own.
-    self._prefetched: set[tuple[str, bytes]] = set()
+    # Put, not yet used: (PE, id) -> the tier's copy (`HotTier.generation`).
+    # By PE too: one block can be prefetched into two PEs' tiers (a
+    # session's turns ran on both), each copy used or evicted on its own.
+    # By copy: a prefetched block evicted unread and put again by a turn
+    # is not the prefetcher's when a turn reads it.
+    self._prefetched: dict[tuple[str, bytes], int] = {}
     # Blocks a read failed on: not asked for again (every step would retry
     # them, and a driver stepping while all sessions are away would spin)
     # until a turn ends, which may have written them anew.
@@ -187,9 +189,13 @@ class TierPrefetcher:
   def note_hot_read(self, pe: str, ids: Sequence[bytes]) -> None:
     """A placement on `pe` read `ids` from its hot tier."""
     for block_id in ids:
-      if (pe, block_id) in self._prefetched:
-        self._prefetched.remove((pe, block_id))
+      copy = self._prefetched.pop((pe, block_id), None)
+      if copy is None:  # not prefetched there (or by an engine not ours)
+        continue
+      if self.pes[pe].hot_tier.generation(block_id) == copy:
         self.stats.used_blocks += 1
+      else:  # evicted unread; what the turn read was put by another
+        self.stats.evicted_unused_blocks += 1
 
   def forget(self, ids: Sequence[bytes]) -> None:
     """`ids` left the memory tiers on purpose (a deleted session's,
@@ -372,7 +378,7 @@ class TierPrefetcher:
       for k in new[:put]:  # a put keeps its shallowest new blocks
         if (read.pe, ids[k]) in self._prefetched:  # evicted unread since
           self.stats.evicted_unused_blocks += 1
-        self._prefetched.add((read.pe, ids[k]))
+        self._prefetched[(read.pe, ids[k])] = tier.generation(ids[k])
     self._reads = still
     if len(self._prefetched) > 2 * sum(pe.hot_tier.capacity
                                        for pe in self.pes.values()):
@@ -380,9 +386,9 @@ class TierPrefetcher:
 
   def _forget_evicted(self) -> None:
     """Counts prefetched blocks evicted unread and stops tracking them."""
-    for pe, block_id in list(self._prefetched):
-      if block_id not in self.pes[pe].hot_tier:
-        self._prefetched.remove((pe, block_id))
+    for (pe, block_id), copy in list(self._prefetched.items()):
+      if self.pes[pe].hot_tier.generation(block_id) != copy:
+        del self._prefetched[(pe, block_id)]
         self.stats.evicted_unused_blocks += 1
 
   def _store_error(self, what: str, err: BaseException) -> None:
