@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Sequence
 
 import numpy as np
 from absl import app, flags
@@ -115,13 +116,16 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
   return int(diff[0]) if diff.size else n
 
 
-def _turn_contexts(sessions, tokenizer, study_turns: int
+def _turn_contexts(sessions, tokenizer, study_turns: int,
+                   stop_ids: Sequence[int] = ()
                    ) -> list[tuple[str, int, list[int], int]]:
   """(session id, turn index, context tokens, cached prefix tokens) of the
   last `study_turns` turns of each session (by position: a trace's turn
   indices may skip): the session's recorded history up to the turn, with the
   generation prompt; its prefix is the history before the turn's input
-  (what the previous turn left cached)."""
+  (what the previous turn left cached: its prompt and its reply, but not
+  the EOS (`stop_ids`) that ended the reply, which is never fed back, nor
+  what the chat template writes after it)."""
   from dualpath_jax.workload.replay import initial_messages
   out = []
   for s in sessions:
@@ -135,6 +139,10 @@ def _turn_contexts(sessions, tokenizer, study_turns: int
         prefix = _common_prefix(
             tokenizer.encode_chat(before, add_generation_prompt=False),
             tokens) if before else 0
+        if before and before[-1]["role"] == "assistant":
+          reply = len(tokenizer.encode_chat(before[:-1]))  # its first token
+          ends = [i for i in range(reply, prefix) if tokens[i] in stop_ids]
+          prefix = ends[0] if ends else prefix
         out.append((s.session_id, turn.index, tokens, prefix))
       messages = messages + [{"role": "assistant",
                               "content": turn.assistant_text}]
@@ -248,7 +256,8 @@ def main(argv):
     model_config, model_tokenizer = describe_model(FLAGS.model,
                                                    dtype=FLAGS.dtype)
     tokenizer = workload_flags.pick_tokenizer(model_config, model_tokenizer)
-    turns = _turn_contexts(sessions, tokenizer, FLAGS.study_turns)
+    turns = _turn_contexts(sessions, tokenizer, FLAGS.study_turns,
+                           model_config.eos_token_ids)
     longest = max(len(t) for _, _, t, _ in turns) + FLAGS.decode_steps
     limit = min(FLAGS.max_context, model_config.max_position)
     if longest > limit:

@@ -118,3 +118,37 @@ def test_the_last_turns_by_position_and_their_cached_prefix():
     assert prefix == len(before) and tokens[:prefix] == before
     assert tokens == tok.encode_chat(history + [
         {"role": "user", "content": f"q{index}"}])
+
+
+_CONTEXTS = r"""
+import json
+from launch import study_importance as si
+from dualpath_jax.model import describe_model
+from dualpath_jax.workload.trace import parse_session
+cfg, tok = describe_model(None)
+sys_msg = {"role": "system", "content": "You are a coding agent."}
+q1 = {"role": "user", "content": "Fix the failing test."}
+q2 = {"role": "tool", "content": "1 passed"}
+reply = "I changed the assertion; running the tests again."
+s = parse_session({"session_id": "s", "system_prompt": sys_msg["content"],
+                   "turns": [{"index": 1, "input_delta": [q1],
+                              "assistant_text": reply},
+                             {"index": 2, "input_delta": [q2]}]})
+out = si._turn_contexts([s], tok, 1, cfg.eos_token_ids)
+# the previous turn's prompt and its reply: what its sequence held
+cached = tok.encode_chat([sys_msg, q1]) + tok.encode(reply, add_bos=False)
+print(json.dumps({"turns": [t[1] for t in out], "prefix": out[-1][3],
+                  "cached": len(cached),
+                  "is_prefix": out[-1][2][:len(cached)] == cached}))
+"""
+
+
+def test_the_prefix_is_what_the_engine_cached():
+  """SmolLM2's template: a turn's cached prefix ends with the previous
+  reply, before the EOS (never fed back) and the template's newline."""
+  proc = subprocess.run([sys.executable, "-c", _CONTEXTS], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert r["turns"] == [2]
+  assert r["is_prefix"] and r["prefix"] == r["cached"]

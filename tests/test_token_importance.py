@@ -157,13 +157,13 @@ class _FakeProbe:
 
 
 def test_study_on_a_known_attention():
-  # Prompt of 20 tokens, 3 steps: 6 blocks at every step; 0.5 -> 3 hot
+  # Prompt of 21 tokens, 3 steps: 6 blocks at every step; 0.5 -> 3 hot
   # blocks, 0.17 -> 1 (only the newest).
   cfg = study.StudyConfig(policies=("recent", "sink_recent", "attention",
                                     "seed_score"),
                           hot_fractions=(0.17, 0.5), decode_steps=3)
   probe = _FakeProbe()
-  result = study.study_sequence(probe, list(range(20)), cfg)
+  result = study.study_sequence(probe, list(range(21)), cfg)
   assert result["steps"] == 3 and result["final_blocks"] == 6
   summary = study.summarize(study.merge_results([result]), cfg)
   rows = {(r["policy"], r["hot_fraction"]): r for r in summary["variants"]}
@@ -258,3 +258,32 @@ def test_study_reports_the_prefill_of_a_turn_with_a_prefix():
   assert summary["prefill"]["turns"] == 1
   assert summary["prefill"]["served"][0]["oracle"] == pytest.approx(1.0)
   assert summary["prefill"]["served"][0]["recent"] == pytest.approx(0.0)
+
+
+def test_the_newest_cached_block_is_hot_at_a_block_boundary(np_rng):
+  """A prompt that fills its last block: the block forced hot is the one
+  holding the newest cached tokens, not the empty one the next token
+  starts (every row reads that token as itself anyway)."""
+  from dualpath_jax import config  # pylint: disable=g-import-not-at-top
+  from dualpath_jax.model.attention_probe import AttentionProbe  # pylint: disable=g-import-not-at-top
+  from test_model_mechanics import make_model  # pylint: disable=g-import-not-at-top
+
+  class Recording(AttentionProbe):
+    def __init__(self, *args, **kw):
+      super().__init__(*args, **kw)
+      self.masks_seen = []
+
+    def decode(self, token, block_masks):
+      self.masks_seen.append((self.length, np.array(block_masks)))
+      return super().decode(token, block_masks)
+
+  model = make_model(config.TINY, np_rng)
+  probe = Recording(model, capacity=32, block_size=4, chunk=8)
+  cfg = study.StudyConfig(policies=("recent",), hot_fractions=(0.1,),
+                          decode_steps=1)  # one hot block
+  result = study.study_sequence(probe, list(np_rng.integers(3, 200, 8)), cfg)
+  (length, masks), = probe.masks_seen
+  assert length == 8  # tokens 0-7: blocks 0 and 1, both full
+  np.testing.assert_array_equal(masks[1, :3], [False, True, False])
+  # the row read block 1: more than its own token's mass
+  assert result["sums"]["mass_hit"][0] > result["sums"]["self_mass"] + 1e-3

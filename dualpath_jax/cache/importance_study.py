@@ -154,8 +154,10 @@ def study_sequence(probe, tokens: Sequence[int], cfg: StudyConfig,
   prefill = None if prefix_tokens is None else prefill_study(
       prompt_mass, prefix_tokens, bs, cfg.hot_fractions)
 
-  def blocks_now():  # the sequence's blocks, the next token's included
-    return probe.length // bs + 1
+  def blocks_now():  # the blocks holding the cached tokens; the next
+    # token, which every row reads as itself, is in the last one or (at a
+    # block boundary) starts the next, which holds no cached token
+    return -(-probe.length // bs)
 
   states = [BlockImportance(blocks_now(), attention_decay=cfg.attention_decay,
                             recency_steps=cfg.recency_steps,
