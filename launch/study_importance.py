@@ -107,7 +107,8 @@ def _study_config():
                        needed_share=FLAGS.needed_share,
                        weights=ImportanceWeights(*weights))
   except ValueError as e:
-    raise ValueError(f"--policies / --score_weights: {e}") from e
+    raise ValueError(f"--policies / --hot_fractions / --score_weights: {e}"
+                     ) from e
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -125,7 +126,10 @@ def _turn_contexts(sessions, tokenizer, study_turns: int,
   generation prompt; its prefix is the history before the turn's input
   (what the previous turn left cached: its prompt and its reply, but not
   the EOS (`stop_ids`) that ended the reply, which is never fed back, nor
-  what the chat template writes after it)."""
+  what the chat template writes after it). The recorded reply stands for
+  the one the model generated, as in `agent_eval --reply=generate`; with
+  `--reply=teacher_forced` the engine would have cached its own reply,
+  not the recorded one, and only the previous prompt would match."""
   from dualpath_jax.workload.replay import initial_messages
   out = []
   for s in sessions:

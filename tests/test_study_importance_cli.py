@@ -62,6 +62,7 @@ def test_report_table_and_plot(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--hot_fractions=0"], "--hot_fractions: give fractions in (0, 1]"),
     (["--hot_fractions=a,b"], "--hot_fractions: give fractions in (0, 1]"),
+    (["--hot_fractions=0.1,0.1"], "hot fractions repeat"),
     (["--policies=lru"], "policies must be among"),
     (["--score_weights=1,2"], "--score_weights: give three numbers"),
     (["--score_weights=0,0,0"], "importance weights must be"),

@@ -99,6 +99,8 @@ def test_bad_weights_and_configs_are_refused():
     study.StudyConfig(policies=("recent", "recent"))
   with pytest.raises(ValueError, match="hot fractions"):
     study.StudyConfig(hot_fractions=(0.0,))
+  with pytest.raises(ValueError, match="hot fractions repeat"):
+    study.StudyConfig(hot_fractions=(0.12, 0.12))
   with pytest.raises(ValueError, match="decode_steps"):
     study.StudyConfig(decode_steps=0)
 

@@ -73,6 +73,8 @@ class StudyConfig:
         not 0 < f <= 1 for f in self.hot_fractions):
       raise ValueError("hot fractions must be in (0, 1], got "
                        f"{self.hot_fractions}")
+    if len(set(self.hot_fractions)) != len(self.hot_fractions):
+      raise ValueError(f"hot fractions repeat: {self.hot_fractions}")
     if self.decode_steps < 1 or self.window < 1:
       raise ValueError("decode_steps and window must be >= 1")
     if not 0 < self.needed_share <= 1:
