@@ -21,8 +21,8 @@ ceiling of any score at that budget (mass hit only: it needs the step's
 attention before the step). A second oracle picks them for each layer and
 query head apart, as per-head sparse attention (Quest and the like) may;
 a tier moves whole blocks, every layer's and head's at once, so that one
-is a ceiling of finer schemes, not of a tier. Concentration (how few blocks hold 50/90/99%
-of the attention) is the premise that either rests on.
+is a ceiling of finer schemes, not of a tier. Concentration (how few
+blocks hold 50/90/99% of the attention) is the premise both rest on.
 
 The turn's prefill is studied too, where the turn's cached prefix is
 known (`prefix_tokens`): of the attention its new tokens pay to the
