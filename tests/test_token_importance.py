@@ -266,9 +266,11 @@ def test_the_newest_cached_block_is_hot_at_a_block_boundary(np_rng):
   """A prompt that fills its last block: the block forced hot is the one
   holding the newest cached tokens, not the empty one the next token
   starts (every row reads that token as itself anyway)."""
-  from dualpath_jax import config  # pylint: disable=g-import-not-at-top
-  from dualpath_jax.model.attention_probe import AttentionProbe  # pylint: disable=g-import-not-at-top
-  from test_model_mechanics import make_model  # pylint: disable=g-import-not-at-top
+  # Here, not at the top: the rest of this file needs no JAX.
+  # pylint: disable=g-import-not-at-top
+  from dualpath_jax import config
+  from dualpath_jax.model.attention_probe import AttentionProbe
+  from test_model_mechanics import make_model
 
   class Recording(AttentionProbe):
     def __init__(self, *args, **kw):
