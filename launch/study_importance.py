@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Sequence
 
-import numpy as np
 from absl import app, flags
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
@@ -109,48 +107,6 @@ def _study_config():
   except ValueError as e:
     raise ValueError(f"--policies / --hot_fractions / --score_weights: {e}"
                      ) from e
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-  n = min(len(a), len(b))
-  diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-  return int(diff[0]) if diff.size else n
-
-
-def _turn_contexts(sessions, tokenizer, study_turns: int,
-                   stop_ids: Sequence[int] = ()
-                   ) -> list[tuple[str, int, list[int], int]]:
-  """(session id, turn index, context tokens, cached prefix tokens) of the
-  last `study_turns` turns of each session (by position: a trace's turn
-  indices may skip): the session's recorded history up to the turn, with the
-  generation prompt; its prefix is the history before the turn's input
-  (what the previous turn left cached: its prompt and its reply, but not
-  the EOS (`stop_ids`) that ended the reply, which is never fed back, nor
-  what the chat template writes after it). The recorded reply stands for
-  the one the model generated, as in `agent_eval --reply=generate`; with
-  `--reply=teacher_forced` the engine would have cached its own reply,
-  not the recorded one, and only the previous prompt would match."""
-  from dualpath_jax.workload.replay import initial_messages
-  out = []
-  for s in sessions:
-    messages = initial_messages(s)
-    first = max(0, len(s.turns) - study_turns)
-    for position, turn in enumerate(s.turns):
-      before = messages
-      messages = messages + list(turn.input_delta)
-      if position >= first:
-        tokens = tokenizer.encode_chat(messages)
-        prefix = _common_prefix(
-            tokenizer.encode_chat(before, add_generation_prompt=False),
-            tokens) if before else 0
-        if before and before[-1]["role"] == "assistant":
-          reply = len(tokenizer.encode_chat(before[:-1]))  # its first token
-          ends = [i for i in range(reply, prefix) if tokens[i] in stop_ids]
-          prefix = ends[0] if ends else prefix
-        out.append((s.session_id, turn.index, tokens, prefix))
-      messages = messages + [{"role": "assistant",
-                              "content": turn.assistant_text}]
-  return out
 
 
 def _print_table(summary: dict) -> None:
@@ -247,6 +203,7 @@ def main(argv):
     sys.exit(f"study_importance: {e}")
   from dualpath_jax.model import describe_model, load_model
   from dualpath_jax.workload import load_trace, synthetic_agent_workload
+  from dualpath_jax.workload.turn_contexts import last_turn_contexts
   from dualpath_jax.workload.trace import TraceError
   from launch import workload_flags
   try:
@@ -260,8 +217,8 @@ def main(argv):
     model_config, model_tokenizer = describe_model(FLAGS.model,
                                                    dtype=FLAGS.dtype)
     tokenizer = workload_flags.pick_tokenizer(model_config, model_tokenizer)
-    turns = _turn_contexts(sessions, tokenizer, FLAGS.study_turns,
-                           model_config.eos_token_ids)
+    turns = last_turn_contexts(sessions, tokenizer, FLAGS.study_turns,
+                               model_config.eos_token_ids)
     longest = max(len(t) for _, _, t, _ in turns) + FLAGS.decode_steps
     limit = min(FLAGS.max_context, model_config.max_position)
     if longest > limit:
