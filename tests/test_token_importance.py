@@ -291,3 +291,18 @@ def test_the_newest_cached_block_is_hot_at_a_block_boundary(np_rng):
   np.testing.assert_array_equal(masks[1, :3], [False, True, False])
   # the row read block 1: more than its own token's mass
   assert result["sums"]["mass_hit"][0] > result["sums"]["self_mass"] + 1e-3
+
+
+def test_per_head_oracle_against_a_loop(np_rng):
+  for _ in range(20):
+    n = int(np_rng.integers(1, 30))
+    exact, own = np_rng.random((2, 3, n)), np_rng.random((2, 3))
+    budgets = [int(b) for b in np_rng.integers(1, n + 1, 4)]
+    want = []
+    for b in budgets:
+      held = [exact[l, h, n - 1] + own[l, h]
+              + sum(sorted(exact[l, h, :n - 1], reverse=True)[:b - 1])
+              for l in range(2) for h in range(3)]
+      want.append(np.mean(held))
+    np.testing.assert_allclose(
+        study._per_head_oracle_hits(exact, own, budgets), want)

@@ -99,14 +99,19 @@ def _needed_blocks(mass: np.ndarray, share: float) -> np.ndarray:  # bool
   return needed
 
 
-def _per_head_oracle_hit(exact: np.ndarray,  # [L, Hq, n]: exact mass
-                         self_mass: np.ndarray,  # [L, Hq]
-                         budget: int) -> float:
-  """Mean over layers and heads of the mass a per-head choice of `budget`
-  blocks (the newest one and each head's heaviest others) holds."""
+def _per_head_oracle_hits(exact: np.ndarray,  # [L, Hq, n]: exact mass
+                          self_mass: np.ndarray,  # [L, Hq]
+                          budgets: Sequence[int]) -> list[float]:
+  """For each budget, the mean over layers and heads of the mass a
+  per-head choice of that many blocks (the newest one and each head's
+  heaviest others) holds."""
   n = exact.shape[-1]
-  rest = np.sort(exact[..., :n - 1], axis=-1)[..., ::-1][..., :budget - 1]
-  return float(np.mean(exact[..., n - 1] + rest.sum(-1) + self_mass))
+  heaviest = np.sort(exact[..., :n - 1], axis=-1)[..., ::-1]
+  # held[..., j]: the newest block, the token itself and j heaviest others
+  held = np.concatenate([np.zeros(exact.shape[:-1] + (1,)),
+                         np.cumsum(heaviest, axis=-1)], axis=-1)
+  held += (exact[..., n - 1] + self_mass)[..., None]
+  return [float(held[..., min(b, n) - 1].mean()) for b in budgets]
 
 
 def prefill_study(prompt_mass: np.ndarray,  # [n, NB]: each token's attention
@@ -207,12 +212,12 @@ def study_sequence(probe, tokens: Sequence[int], cfg: StudyConfig,
       sums["kl"][i] += float(np.sum(np.exp(exact_logp)
                                     * (exact_logp - row_logp[i])))
       state.observe(out.block_mass[1 + i][..., :n].mean(axis=(0, 1)))
-    for j, fraction in enumerate(cfg.hot_fractions):
-      budget = budget_blocks(fraction, n)
+    budgets = [budget_blocks(f, n) for f in cfg.hot_fractions]
+    for j, budget in enumerate(budgets):
       hot = select_hot(mass, budget)
       sums["oracle_mass_hit"][j] += mass[hot].sum() + self_mass
-      sums["head_oracle_mass_hit"][j] += _per_head_oracle_hit(
-          exact, out.self_mass[0], budget)
+    sums["head_oracle_mass_hit"] += _per_head_oracle_hits(
+        exact, out.self_mass[0], budgets)
     for j, share in enumerate(CONCENTRATION_SHARES):
       sums["concentration"][j] += blocks_for_mass(mass, share) / n
     heads = exact.reshape(-1, n)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dualpath_jax.model.llama import Llama, apply_rope
+from dualpath_jax.model.llama import Llama
 
 
 def attend(
@@ -118,23 +118,14 @@ class AttentionProbe:
     self._cache_shape = cache_shape
     graphdef, state = nnx.split(model)
     self._state = state
-    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     key_pos = jnp.arange(capacity + chunk, dtype=jnp.int32)
 
+    # The model's own pieces around attention (`DecoderLayer`).
     def qkv(layer, h, positions):  # h [R, T, H]
-      x = layer.attn_norm(h)
-      a = layer.attn
-      rows, t = h.shape[:2]
-      q = a.q_proj(x).reshape(rows, t, hq, d)
-      k = a.k_proj(x).reshape(rows, t, hkv, d)
-      v = a.v_proj(x).reshape(rows, t, hkv, d)
-      return (apply_rope(q, positions, a.rope_theta),
-              apply_rope(k, positions, a.rope_theta), v)
+      return layer.attn.project(layer.attn_norm(h), positions)
 
     def finish_layer(layer, h, out):  # out [R, T, Hq, D]
-      rows, t = h.shape[:2]
-      h = h + layer.attn.o_proj(out.reshape(rows, t, hq * d).astype(h.dtype))
-      return h + layer.mlp(layer.mlp_norm(h))
+      return layer.feed_forward(h + layer.attn.output(out, h.dtype))
 
     def pad_mass(p):  # [..., C + chunk] -> [..., NB]: the capacity's blocks
       return block_sums(p[..., :capacity], block_size)

@@ -125,22 +125,35 @@ class Attention(nnx.Module):
       slot_mapping: jax.Array,  # [B, T] int32, -1 = padding
       attention_impl: str,
   ) -> tuple[jax.Array, jax.Array]:  # ([B, T, H], [L * N, 2, Hkv, P, D])
-    batch, q_len, _ = x.shape
     block_size = kv_flat.shape[3]
-    q = self.q_proj(x).reshape(batch, q_len, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(batch, q_len, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(batch, q_len, self.num_kv_heads, self.head_dim)
-    q = apply_rope(q, positions, self.rope_theta)
-    k = apply_rope(k, positions, self.rope_theta)
-
+    q, k, v = self.project(x, positions)
     flat_slots = jnp.where(slot_mapping < 0, -1,
                            slot_mapping + page_offset * block_size)
     kv_flat = kernels.write_kv(kv_flat, k, v, flat_slots)
     out = kernels.paged_attention(
         q, kv_flat, block_tables + page_offset, kv_lens, q_lens,
         implementation=attention_impl)
+    return self.output(out, x.dtype), kv_flat
+
+  def project(
+      self,
+      x: jax.Array,  # [B, T, H]
+      positions: jax.Array,  # [B, T] int32
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:  # q [B, T, Hq, D]; k, v [B, T, Hkv, D]
+    """Queries, keys (both rotated to `positions`) and values of `x`."""
+    batch, q_len, _ = x.shape
+    q = self.q_proj(x).reshape(batch, q_len, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(batch, q_len, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(batch, q_len, self.num_kv_heads, self.head_dim)
+    return (apply_rope(q, positions, self.rope_theta),
+            apply_rope(k, positions, self.rope_theta), v)
+
+  def output(self, out: jax.Array,  # [B, T, Hq, D]: attention's output
+             dtype: jnp.dtype) -> jax.Array:  # [B, T, H]
+    """The heads' outputs through the output projection, in `dtype`."""
+    batch, q_len = out.shape[:2]
     out = out.reshape(batch, q_len, self.num_heads * self.head_dim)
-    return self.o_proj(out.astype(x.dtype)), kv_flat
+    return self.o_proj(out.astype(dtype))
 
 
 class MLP(nnx.Module):
@@ -173,9 +186,12 @@ class DecoderLayer(nnx.Module):
     attn_out, kv_flat = self.attn(
         self.attn_norm(h), kv_flat, page_offset, positions, block_tables,
         kv_lens, q_lens, slot_mapping, attention_impl)
-    h = h + attn_out
-    h = h + self.mlp(self.mlp_norm(h))
-    return h, kv_flat
+    return self.feed_forward(h + attn_out), kv_flat
+
+  def feed_forward(self, h: jax.Array  # [B, T, H]: after attention's residual
+                   ) -> jax.Array:  # [B, T, H]
+    """The MLP half of the layer, with its norm and residual."""
+    return h + self.mlp(self.mlp_norm(h))
 
 
 class Llama(nnx.Module):
