@@ -80,6 +80,8 @@ class BlockImportance:
     if num_blocks < self.num_blocks:
       raise ValueError("a sequence's blocks do not shrink")
     extra = num_blocks - self.num_blocks
+    if not extra:
+      return
     self._attention = np.concatenate([self._attention, np.zeros(extra)])
     self._last_seen = np.concatenate([self._last_seen, np.full(extra, -np.inf)])
     self.num_blocks = num_blocks

@@ -113,9 +113,8 @@ class AttentionProbe:
     self.num_blocks = capacity // block_size
     self.chunk = chunk
     self._dtype = jnp.dtype(cfg.dtype)
-    cache_shape = (cfg.num_layers, capacity + chunk, cfg.num_kv_heads,
-                   cfg.head_dim)  # + chunk: a last chunk's padding rows
-    self._cache_shape = cache_shape
+    self._cache_shape = (cfg.num_layers, capacity + chunk, cfg.num_kv_heads,
+                         cfg.head_dim)  # + chunk: a last chunk's padding rows
     graphdef, state = nnx.split(model)
     self._state = state
     key_pos = jnp.arange(capacity + chunk, dtype=jnp.int32)
@@ -177,19 +176,16 @@ class AttentionProbe:
       h, (k_new, v_new, mass, self_mass) = jax.lax.scan(
           body, model.embed(tokens), (layers_state, k_cache, v_cache))
       logits = model.logits(model.final_norm(h[:, 0]))
-      return (logits, k_new, v_new, jnp.swapaxes(mass, 0, 1),
-              jnp.swapaxes(self_mass, 0, 1))
-
-    def append(k_cache, v_cache, k_new, v_new, position):
+      # Row 0's K/V join the cache, after every row read it without them.
       k_cache = jax.lax.dynamic_update_slice(
           k_cache, k_new[:, None].astype(k_cache.dtype), (0, position, 0, 0))
       v_cache = jax.lax.dynamic_update_slice(
           v_cache, v_new[:, None].astype(v_cache.dtype), (0, position, 0, 0))
-      return k_cache, v_cache
+      return (k_cache, v_cache, logits, jnp.swapaxes(mass, 0, 1),
+              jnp.swapaxes(self_mass, 0, 1))
 
     self._prefill_chunk = jax.jit(prefill_chunk, donate_argnums=(1, 2))
-    self._decode_rows = jax.jit(decode_rows)
-    self._append = jax.jit(append, donate_argnums=(0, 1))
+    self._decode_rows = jax.jit(decode_rows, donate_argnums=(1, 2))
     self._k = self._v = None
     self.length = 0
 
@@ -243,11 +239,9 @@ class AttentionProbe:
       raise ValueError(f"block_masks must be [rows, {self.num_blocks}], got "
                        f"{masks.shape}")
     self._check_ids([token])
-    position = jnp.int32(self.length)
-    logits, k_new, v_new, mass, self_mass = self._decode_rows(
-        self._state, self._k, self._v, jnp.int32(token), position,
-        jnp.asarray(masks))
-    self._k, self._v = self._append(self._k, self._v, k_new, v_new, position)
+    self._k, self._v, logits, mass, self_mass = self._decode_rows(
+        self._state, self._k, self._v, jnp.int32(token),
+        jnp.int32(self.length), jnp.asarray(masks))
     self.length += 1
     return DecodeOutput(np.asarray(logits), np.asarray(mass),
                         np.asarray(self_mass))
