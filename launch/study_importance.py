@@ -16,6 +16,13 @@ JSON report and, with `--plot`, a PNG: attention served by the hot blocks
 (the seeds' hit rate), the blocks that hold 95% of it, and top-1 agreement
 and KL of the next token against exact attention.
 
+With `--free_running` (the default), each turn is then decoded again with
+every row feeding its own greedy tokens, so that a sparse row's errors
+build up as they would in a server that read only its hot blocks: per
+row, how many tokens it kept to the exact row's, and how likely the
+exact model finds what it wrote (negative log-likelihood a token). The
+report holds every row's continuation as text.
+
 The engine does not serve this way: its attention is exact and a returning
 turn reads every block (docs/hot_tier.md). This launcher is the
 measurement behind that choice.
@@ -61,6 +68,8 @@ flags.DEFINE_list("policies", ["recent", "sink_recent", "attention",
                   "(recency + attention + position, --score_weights)")
 flags.DEFINE_list("score_weights", ["1", "1", "1"], "seed_score's weights "
                   "of recency, attention and position")
+flags.DEFINE_bool("free_running", True, "decode each turn a second time "
+                  "with every row feeding its own tokens (errors build up)")
 flags.DEFINE_integer("block_size", 16, "tokens per block (the unit a tier "
                      "moves)", lower_bound=1)
 flags.DEFINE_integer("window", 16, "last prompt tokens whose attention "
@@ -103,7 +112,8 @@ def _study_config():
                        hot_fractions=fractions,
                        decode_steps=FLAGS.decode_steps, window=FLAGS.window,
                        needed_share=FLAGS.needed_share,
-                       weights=ImportanceWeights(*weights))
+                       weights=ImportanceWeights(*weights),
+                       free_running=FLAGS.free_running)
   except ValueError as e:
     raise ValueError(f"--policies / --hot_fractions / --score_weights: {e}"
                      ) from e
@@ -138,14 +148,41 @@ def _print_table(summary: dict) -> None:
             f"{row['recent']:>10.1%}{row['sink_recent']:>13.1%}")
 
 
+def _print_free_table(free: dict) -> None:
+  e = free["exact"]
+  print(f"\nfree-running, {free['turns']} turns: each row feeds its own "
+        f"tokens; the exact row wrote {e['tokens']} tokens at "
+        f"{e['nll_per_token']:.3f} nats a token (the exact model's NLL)")
+  print(f"{'policy':<12}{'hot':>6}{'blocks':>8}{'kept':>8}{'same turn':>11}"
+        f"{'exact pick':>12}{'NLL/token':>11}{'excess':>9}")
+  for r in free["variants"]:
+    print(f"{r['policy']:<12}{r['hot_fraction']:>6.0%}"
+          f"{r['mean_hot_blocks']:>8.1f}{r['matched_tokens']:>8.1f}"
+          f"{r['identical_turns']:>11.0%}{r['exact_pick']:>12.1%}"
+          f"{r['nll_per_token']:>11.3f}{r['nll_excess']:>+9.3f}")
+  print("kept: the exact row's tokens matched before the first difference, "
+        "a turn; same turn: turns whose tokens all matched; exact pick: "
+        "tokens that exact attention would pick after the row's own")
+
+
+def _continuations(free: dict | None, cfg, tokenizer) -> dict | None:
+  """Each row's free-running continuation as text, by row label."""
+  if free is None:
+    return None
+  labels = ["exact"] + [f"{p}@{f:g}" for p, f in cfg.variants()]
+  return {label: tokenizer.decode(ids)
+          for label, ids in zip(labels, free["tokens"])}
+
+
 def _draw(summary: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from dualpath_jax import outputs
   prefill = summary["prefill"]
-  fig, axes = plt.subplots(1, 4 if prefill else 3,
-                           figsize=(18 if prefill else 14, 4))
+  free = summary["free_running"]
+  panels_count = 3 + bool(prefill) + bool(free)
+  fig, axes = plt.subplots(1, panels_count, figsize=(4.6 * panels_count, 4))
   panels = (("mass_hit", "attention served by the hot blocks"),
             ("top1_agreement", "top-1 agreement with exact attention"),
             ("kl_nats", "KL(exact || sparse), nats"))
@@ -169,6 +206,17 @@ def _draw(summary: dict, path: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
+  if free:
+    ax = axes[-1]
+    for policy in dict.fromkeys(r["policy"] for r in free["variants"]):
+      rows = [r for r in free["variants"] if r["policy"] == policy]
+      ax.plot([100 * r["hot_fraction"] for r in rows],
+              [r["nll_excess"] for r in rows], marker="o", label=policy)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("hot blocks, % of the sequence's")
+    ax.set_title("free-running: exact model's NLL a token over the exact "
+                 "row's", fontsize=10)
+    ax.grid(alpha=0.3)
   if prefill:
     ax = axes[3]
     x = [100 * r["hot_fraction"] for r in prefill["served"]]
@@ -255,7 +303,9 @@ def main(argv):
         desc="study_importance"):
       r = study.study_sequence(probe, tokens, cfg, stop_ids, prefix)
       results.append({"session_id": session_id, "turn": turn_index,
-                      "prefix_tokens": prefix, **r})
+                      "prefix_tokens": prefix, **r,
+                      "continuations": _continuations(r["free_running"], cfg,
+                                                      tokenizer)})
       raise_if_interrupted()
   except KeyboardInterrupt:
     interrupted = True
@@ -269,6 +319,8 @@ def main(argv):
       sys.exit(130)
     sys.exit(f"study_importance: {e}")
   _print_table(summary)
+  if summary["free_running"]:
+    _print_free_table(summary["free_running"])
   report = {
       **summary, "wall_s": wall, "turns": len(results),
       "complete": not interrupted,

@@ -57,6 +57,21 @@ def test_report_table_and_plot(tmp_path):
   assert all(t["prefix_tokens"] > 0 for t in r["turns_detail"])
   c = r["concentration"]
   assert 0 < c["blocks_for_50pct"] <= c["blocks_for_90pct"] <= c["blocks_for_99pct"] <= 1
+  # Free-running: a row with every block hot writes the exact row's tokens;
+  # the exact row writes what exact attention picks.
+  assert "free-running, 2 turns" in proc.stdout
+  fr = r["free_running"]
+  assert fr["turns"] == 2 and fr["exact"]["identical_turns"] == 1
+  assert fr["exact"]["exact_pick"] == 1 and fr["exact"]["tokens"] > 0
+  for v in fr["variants"]:
+    assert v["tokens"] > 0 and 0 <= v["exact_pick"] <= 1
+    if v["hot_fraction"] == 1.0:
+      assert v["identical_turns"] == 1, v
+      assert v["nll_excess"] == pytest.approx(0.0, abs=1e-9)
+  for t in r["turns_detail"]:
+    texts = t["continuations"]
+    assert set(texts) == {"exact"} | {f"{p}@{f:g}" for p, f in rows}
+    assert texts["seed_score@1"] == texts["exact"] != ""
 
 
 @pytest.mark.parametrize("args,message", [

@@ -4,6 +4,7 @@ that measures it (driven here by a fake probe with a known attention)."""
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -200,6 +201,86 @@ def test_study_on_a_known_attention():
   for masks in probe.masks_seen:
     assert masks[0].all()
     assert [m.sum() for m in masks[1:]] == [1, 3] * 4
+
+
+class _FakeFreeProbe(_FakeProbe):
+  """`_FakeProbe` with free-running rows: a row's next token is 1 if it
+  read both heavy blocks, else 2, whatever it fed. The exact model puts
+  0.9 on token 1 everywhere and shares the rest evenly."""
+
+  def prefill(self, tokens):
+    self.prompt_length = len(tokens)
+    self.free_masks = []
+    return super().prefill(tokens)
+
+  def start_free_rows(self, rows, steps):
+    self.free_rows, self.free_steps, self.free_step = rows, steps, 0
+
+  def decode_free(self, tokens, masks):
+    assert len(tokens) == len(masks) == self.free_rows
+    assert self.free_step < self.free_steps
+    self.free_masks.append(masks.copy())
+    saved = self.length
+    self.length = self.prompt_length + self.free_step
+    out = self.decode(0, masks)
+    self.length = saved
+    self.free_step += 1
+    return out
+
+  def score(self, tokens):
+    made = np.asarray(tokens[1:])
+    logp = np.where(made == 1, np.log(0.9), np.log(0.1 / (self.vocab - 1)))
+    return types.SimpleNamespace(logprobs=logp,
+                                 greedy=np.ones(len(made), int))
+
+
+def test_free_running_on_a_known_attention():
+  """The window misses the sink and goes its own way from the first step;
+  the sink + window row stays on the exact row's tokens throughout."""
+  cfg = study.StudyConfig(policies=("recent", "sink_recent"),
+                          hot_fractions=(0.5,), decode_steps=3,
+                          free_running=True)
+  probe = _FakeFreeProbe()
+  result = study.study_sequence(probe, list(range(21)), cfg)
+  free = result["free_running"]
+  assert free["tokens"] == [[1, 1, 1, 1], [1, 2, 2, 2], [1, 1, 1, 1]]
+  assert len(probe.free_masks) == 3
+  for masks in probe.free_masks:  # 6 blocks at each of the 3 steps
+    assert masks[0].all()
+    np.testing.assert_array_equal(masks[1, :6], [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(masks[2, :6], [1, 0, 0, 0, 1, 1])
+  summary = study.summarize(study.merge_results([result, result]), cfg)
+  fr = summary["free_running"]
+  assert fr["turns"] == 2
+  assert fr["exact"]["tokens"] == 6 and fr["exact"]["matched_tokens"] == 3
+  assert fr["exact"]["identical_turns"] == 1 and fr["exact"]["exact_pick"] == 1
+  assert fr["exact"]["nll_per_token"] == pytest.approx(-np.log(0.9))
+  rows = {r["policy"]: r for r in fr["variants"]}
+  assert rows["recent"]["matched_tokens"] == 0
+  assert rows["recent"]["identical_turns"] == 0
+  assert rows["recent"]["exact_pick"] == 0
+  assert rows["recent"]["nll_excess"] == pytest.approx(
+      np.log(0.9) - np.log(0.025))
+  assert rows["recent"]["mean_hot_blocks"] == 3
+  assert rows["sink_recent"]["identical_turns"] == 1
+  assert rows["sink_recent"]["nll_excess"] == pytest.approx(0)
+
+
+def test_free_running_rows_stop_on_their_own():
+  """A row stops at its own stop token; the others go on. A turn whose
+  first token is a stop token has no free-running figures."""
+  cfg = study.StudyConfig(policies=("recent",), hot_fractions=(0.5,),
+                          decode_steps=3, free_running=True)
+  result = study.study_sequence(_FakeFreeProbe(), list(range(21)), cfg,
+                                stop_ids=(2,))
+  assert result["free_running"]["tokens"] == [[1, 1, 1, 1], [1, 2]]
+  row = study.summarize(study.merge_results([result]), cfg)[
+      "free_running"]["variants"][0]
+  assert row["tokens"] == 1 and row["matched_tokens"] == 0
+  stopped = study.study_sequence(_FakeFreeProbe(), list(range(21)), cfg,
+                                 stop_ids=(1,))
+  assert stopped["free_running"] is None
+  assert study.merge_free([stopped["free_running"]]) is None
 
 
 def test_study_stops_at_a_stop_token_and_refuses_an_empty_study():

@@ -24,6 +24,16 @@ a tier moves whole blocks, every layer's and head's at once, so that one
 is a ceiling of finer schemes, not of a tier. Concentration (how few
 blocks hold 50/90/99% of the attention) is the premise both rest on.
 
+With `free_running`, each turn is then decoded a second time, each row
+feeding its own greedy tokens from the same first one (the probe's
+`decode_free`): a sparse row's errors build up, as they would in a
+server that read only the hot blocks. Per row: how many tokens it
+matched the exact row's before it first left them, whether it matched
+them all, how often its token is the one exact attention would pick
+after the row's own earlier tokens, and how likely the exact model finds
+its continuation (mean negative log-likelihood a token, against the
+exact row's own).
+
 The turn's prefill is studied too, where the turn's cached prefix is
 known (`prefix_tokens`): of the attention its new tokens pay to the
 prefix's blocks, how much the heaviest blocks hold (an oracle that knows
@@ -63,6 +73,7 @@ class StudyConfig:
   attention_decay: float = 0.9
   recency_steps: float = 4.0
   position_blocks: float = 8.0
+  free_running: bool = False
 
   def __post_init__(self):
     if not self.policies or any(p not in POLICIES for p in self.policies):
@@ -166,13 +177,7 @@ def study_sequence(probe, tokens: Sequence[int], cfg: StudyConfig,
     # block boundary) starts the next, which holds no cached token
     return -(-probe.length // bs)
 
-  states = [BlockImportance(blocks_now(), attention_decay=cfg.attention_decay,
-                            recency_steps=cfg.recency_steps,
-                            position_blocks=cfg.position_blocks,
-                            weights=cfg.weights) for _ in variants]
-  seed = prompt_mass[-cfg.window:].mean(axis=0)[:blocks_now()]
-  for state in states:
-    state.observe(seed)
+  states = _new_states(cfg, blocks_now(), prompt_mass)
   sums = {"mass_hit": np.zeros(len(variants)),
           "needed_hit": np.zeros(len(variants)),
           "top1": np.zeros(len(variants)), "kl": np.zeros(len(variants)),
@@ -182,7 +187,7 @@ def study_sequence(probe, tokens: Sequence[int], cfg: StudyConfig,
           "concentration": np.zeros(len(CONCENTRATION_SHARES)),
           "head_concentration": 0.0, "self_mass": 0.0}
   steps = 0
-  token = int(np.argmax(logits))
+  first = token = int(np.argmax(logits))
   for _ in range(cfg.decode_steps):
     if token in stop_ids:
       break
@@ -226,15 +231,128 @@ def study_sequence(probe, tokens: Sequence[int], cfg: StudyConfig,
     sums["self_mass"] += self_mass
     steps += 1
     token = int(np.argmax(out.logits[0]))
+  free = (free_running_study(probe, first, prompt_mass, cfg, stop_ids)
+          if cfg.free_running else None)
   return {"prompt_tokens": len(tokens), "steps": steps,
           "final_blocks": blocks_now(), "prefill": prefill,
-          "sums": {k: np.asarray(v).tolist() for k, v in sums.items()}}
+          "sums": {k: np.asarray(v).tolist() for k, v in sums.items()},
+          "free_running": free}
+
+
+def _new_states(cfg: StudyConfig, num_blocks: int,
+                prompt_mass: np.ndarray) -> list[BlockImportance]:
+  """One importance state per sparse row, seeded with the attention of
+  the prompt's last `cfg.window` tokens."""
+  states = [BlockImportance(num_blocks, attention_decay=cfg.attention_decay,
+                            recency_steps=cfg.recency_steps,
+                            position_blocks=cfg.position_blocks,
+                            weights=cfg.weights) for _ in cfg.variants()]
+  seed = prompt_mass[-cfg.window:].mean(axis=0)[:num_blocks]
+  for state in states:
+    state.observe(seed)
+  return states
+
+
+def free_running_study(probe, first_token: int,
+                       prompt_mass: np.ndarray,  # [n, NB]: from prefill
+                       cfg: StudyConfig, stop_ids: Sequence[int] = ()
+                       ) -> dict | None:
+  """Decodes the prompt of the probe's last `prefill` again, every row
+  free-running from `first_token`: row 0 reads every block, row 1 + i the
+  hot set of `cfg.variants()[i]`, scored from the row's own attention.
+  Each row stops at a `stop_ids` token or after `cfg.decode_steps`.
+
+  Returns the turn's sums per row (row 0 first; `merge_free` adds turns
+  up) and each row's tokens, or None if `first_token` is a stop token
+  (nothing is decoded).
+  """
+  if first_token in stop_ids:
+    return None
+  bs = probe.block_size
+  prompt = probe.prompt_length
+  variants = cfg.variants()
+  rows = 1 + len(variants)
+  probe.start_free_rows(rows, cfg.decode_steps)
+  states = _new_states(cfg, -(-prompt // bs), prompt_mass)
+  tokens = [[first_token] for _ in range(rows)]
+  active = np.ones(rows, bool)
+  hot_blocks = np.zeros(rows)
+  for step in range(cfg.decode_steps):
+    if not active.any():
+      break
+    n = -(-(prompt + step) // bs)  # blocks holding the cached tokens
+    masks = np.zeros((rows, probe.num_blocks), bool)
+    masks[0] = True
+    for i, ((policy, fraction), state) in enumerate(zip(variants, states)):
+      state.grow(n)
+      masks[1 + i, :n] = select_hot(state.scores(policy),
+                                    budget_blocks(fraction, n))
+    out = probe.decode_free([t[-1] for t in tokens], masks)
+    for r in np.flatnonzero(active):
+      token = int(np.argmax(out.logits[r]))
+      tokens[r].append(token)
+      hot_blocks[r] += masks[r, :n].sum()
+      active[r] = token not in stop_ids
+    for i, state in enumerate(states):
+      state.observe(out.block_mass[1 + i][..., :n].mean(axis=(0, 1)))
+  exact = tokens[0][1:]
+  sums = {name: np.zeros(rows) for name in
+          ("tokens", "nll", "exact_pick", "matched", "identical", "hot_blocks")}
+  for r, row in enumerate(tokens):
+    score = probe.score(row)
+    made = np.asarray(row[1:])
+    sums["tokens"][r] = len(made)
+    sums["nll"][r] = -score.logprobs.sum()
+    sums["exact_pick"][r] = (made == score.greedy).sum()
+    same = [a == b for a, b in zip(made, exact)]
+    sums["matched"][r] = same.index(False) if False in same else len(same)
+    sums["identical"][r] = float(list(made) == exact)
+    sums["hot_blocks"][r] = hot_blocks[r]
+  return {"turns": 1, "sums": {k: v.tolist() for k, v in sums.items()},
+          "tokens": tokens}
+
+
+def merge_free(results: Sequence[dict | None]) -> dict | None:
+  """Adds up the `free_running_study` sums of several turns."""
+  results = [r for r in results if r]
+  if not results:
+    return None
+  sums = {k: np.sum([r["sums"][k] for r in results], axis=0)
+          for k in results[0]["sums"]}
+  return {"turns": len(results), "sums": sums}
+
+
+def summarize_free(merged: dict | None, cfg: StudyConfig) -> dict | None:
+  """Per-row figures of the free-running pass over all turns: `exact`
+  (row 0) and one row per (policy, fraction)."""
+  if merged is None:
+    return None
+  s, turns = merged["sums"], merged["turns"]
+
+  def row(r):
+    tokens = s["tokens"][r]
+    return {"tokens": int(tokens),
+            "mean_hot_blocks": float(s["hot_blocks"][r] / max(tokens, 1)),
+            "matched_tokens": float(s["matched"][r] / turns),
+            "identical_turns": float(s["identical"][r] / turns),
+            "exact_pick": float(s["exact_pick"][r] / max(tokens, 1)),
+            "nll_per_token": float(s["nll"][r] / max(tokens, 1))}
+
+  exact = row(0)
+  variants = []
+  for i, (policy, fraction) in enumerate(cfg.variants()):
+    figures = row(1 + i)
+    figures["nll_excess"] = figures["nll_per_token"] - exact["nll_per_token"]
+    variants.append({"policy": policy, "hot_fraction": fraction, **figures})
+  return {"turns": turns, "exact": exact, "variants": variants}
 
 
 def merge_results(results: Sequence[dict]) -> dict:
   """Adds the per-step sums of several sequences (same `StudyConfig`)."""
   total = {"steps": 0, "sums": None,
-           "prefills": [r["prefill"] for r in results if r.get("prefill")]}
+           "prefills": [r["prefill"] for r in results if r.get("prefill")],
+           "free_running": merge_free([r.get("free_running")
+                                       for r in results])}
   for r in results:
     total["steps"] += r["steps"]
     if total["sums"] is None:
@@ -270,7 +388,8 @@ def summarize(merged: dict, cfg: StudyConfig) -> dict:
   concentration["own_token_mass"] = float(s["self_mass"])
   return {"steps": steps, "variants": rows, "oracle": oracle,
           "concentration": concentration,
-          "prefill": _summarize_prefills(merged["prefills"], cfg)}
+          "prefill": _summarize_prefills(merged["prefills"], cfg),
+          "free_running": summarize_free(merged.get("free_running"), cfg)}
 
 
 def _summarize_prefills(prefills: Sequence[dict], cfg: StudyConfig

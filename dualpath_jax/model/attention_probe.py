@@ -15,6 +15,12 @@ appended, so the rows all read the exact cache of the tokens before and
 differ only in this step's attention (the per-step error of a sparse
 read, as evaluations of sparse attention measure it).
 
+Its free-running rows (`start_free_rows`, `decode_free`) each feed their
+own tokens instead, from the prompt's cache on: a row's generated tokens
+keep their own K/V, made under that row's sparse reads, so its errors
+build up as in a server that reads only its hot blocks. `score` gives the
+exact model's log-probability of each token of a continuation.
+
 The attention here is a plain softmax over a dense cache, independent of
 `kernels/`; tests/test_attention_probe.py checks the logits against the
 paged model (`ModelRunner`) and the attention against numpy.
@@ -23,7 +29,7 @@ paged model (`ModelRunner`) and the attention against numpy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,56 +39,87 @@ from flax import nnx
 from dualpath_jax.model.llama import Llama
 
 
+class Attention(NamedTuple):
+  """What `attend` returns: the output and where its probability went."""
+
+  out: jax.Array  # [R, T, Hq, D]
+  cache_probs: jax.Array  # [R, T, Hq, C]: over the shared cache
+  self_probs: jax.Array  # [R, T, Hq]: on the row's own key; zeros without one
+  row_probs: jax.Array  # [R, T, Hq, S]: over the row's own keys; S = 0 without
+
+
 def attend(
     q: jax.Array,  # [R, T, Hq, D]
-    k_cache: jax.Array,  # [C, Hkv, D]
+    k_cache: jax.Array,  # [C, Hkv, D]: shared by every row
     v_cache: jax.Array,  # [C, Hkv, D]
     allowed: jax.Array,  # [R, T, C] bool: the cached keys each query reads
     k_self: jax.Array | None = None,  # [R, Hkv, D]: read by all of row r's queries
     v_self: jax.Array | None = None,  # [R, Hkv, D]
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    k_rows: jax.Array | None = None,  # [R, S, Hkv, D]: row r's own keys, S >= 1
+    v_rows: jax.Array | None = None,  # [R, S, Hkv, D]
+    rows_allowed: jax.Array | None = None,  # [R, T, S] bool
+) -> Attention:
   """Softmax attention (scale 1/sqrt(D), GQA: query head h reads KV head
-  h // (Hq / Hkv)), in float32.
-
-  Returns (out [R, T, Hq, D], probabilities over the cache [R, T, Hq, C],
-  probability of the row's own key [R, T, Hq]; zeros without one). A query
-  with nothing to read gives zeros.
-  """
+  h // (Hq / Hkv)), in float32, over up to three sets of keys: a cache
+  every row shares, keys of each row's own (a free-running row's
+  generated tokens), and each row's own token. A query with nothing to
+  read gives zeros."""
   r, t, hq, d = q.shape
   hkv = k_cache.shape[1]
   group = hq // hkv
   qg = q.astype(jnp.float32).reshape(r, t, hkv, group, d) / np.sqrt(d)
-  scores = jnp.einsum("rtkgd,ckd->rtkgc", qg, k_cache.astype(jnp.float32))
-  mask = allowed[:, :, None, None, :]
   neg = jnp.float32(-jnp.inf)
-  scores = jnp.where(mask, scores, neg)
+  mask = allowed[:, :, None, None, :]
+  scores = jnp.where(mask, jnp.einsum("rtkgd,ckd->rtkgc", qg,
+                                      k_cache.astype(jnp.float32)), neg)
+  top = scores.max(-1)
+  if k_rows is not None:
+    row_mask = rows_allowed[:, :, None, None, :]
+    row_scores = jnp.where(row_mask, jnp.einsum(
+        "rtkgd,rskd->rtkgs", qg, k_rows.astype(jnp.float32)), neg)
+    top = jnp.maximum(top, row_scores.max(-1))
   if k_self is not None:
     self_score = jnp.einsum("rtkgd,rkd->rtkg", qg, k_self.astype(jnp.float32))
-    top = jnp.maximum(scores.max(-1), self_score)
-  else:
-    top = scores.max(-1)
+    top = jnp.maximum(top, self_score)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
   p = jnp.where(mask, jnp.exp(scores - top[..., None]), 0.0)
   total = p.sum(-1)
+  if k_rows is not None:
+    p_rows = jnp.where(row_mask, jnp.exp(row_scores - top[..., None]), 0.0)
+    total = total + p_rows.sum(-1)
   if k_self is not None:
     p_self = jnp.exp(self_score - top)
     total = total + p_self
   total = jnp.where(total > 0, total, 1.0)
   p = p / total[..., None]
   out = jnp.einsum("rtkgc,ckd->rtkgd", p, v_cache.astype(jnp.float32))
+  if k_rows is not None:
+    p_rows = p_rows / total[..., None]
+    out = out + jnp.einsum("rtkgs,rskd->rtkgd", p_rows,
+                           v_rows.astype(jnp.float32))
+  else:
+    p_rows = jnp.zeros(total.shape + (0,), jnp.float32)
   if k_self is not None:
     p_self = p_self / total
     out = out + p_self[..., None] * v_self.astype(jnp.float32)[:, None, :, None, :]
   else:
     p_self = jnp.zeros(total.shape, jnp.float32)
-  return (out.reshape(r, t, hq, d), p.reshape(r, t, hq, -1),
-          p_self.reshape(r, t, hq))
+  return Attention(out.reshape(r, t, hq, d), p.reshape(r, t, hq, -1),
+                   p_self.reshape(r, t, hq),
+                   p_rows.reshape(r, t, hq, p_rows.shape[-1]))
 
 
 def block_sums(p: jax.Array,  # [..., C]
                block_size: int) -> jax.Array:  # [..., C // block_size]
   """Probability mass per block of `block_size` consecutive positions."""
   return p.reshape(p.shape[:-1] + (-1, block_size)).sum(-1)
+
+
+class Score(NamedTuple):
+  """The exact model's view of a continuation (`AttentionProbe.score`)."""
+
+  logprobs: np.ndarray  # [n - 1] float64: of tokens[1:], each in its place
+  greedy: np.ndarray  # [n - 1] int: the exact model's own pick in each place
 
 
 @dataclasses.dataclass
@@ -129,7 +166,8 @@ class AttentionProbe:
     def pad_mass(p):  # [..., C + chunk] -> [..., NB]: the capacity's blocks
       return block_sums(p[..., :capacity], block_size)
 
-    def prefill_chunk(state, k_cache, v_cache, tokens, start, length):
+    def prefill_chunk(state, k_cache, v_cache, tokens, start, length,
+                      all_logits=False):
       model = nnx.merge(graphdef, state)
       layers_def, layers_state = nnx.split(model.layers)
       positions = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
@@ -144,14 +182,17 @@ class AttentionProbe:
             k_layer, k[0].astype(k_layer.dtype), (start, 0, 0))
         v_layer = jax.lax.dynamic_update_slice(
             v_layer, v[0].astype(v_layer.dtype), (start, 0, 0))
-        out, p, _ = attend(q, k_layer, v_layer, allowed)
-        mass = pad_mass(p[0]).mean(axis=1)  # [T, NB], mean over heads
-        return finish_layer(layer, h, out), (k_layer, v_layer, mass)
+        att = attend(q, k_layer, v_layer, allowed)
+        mass = pad_mass(att.cache_probs[0]).mean(axis=1)  # [T, NB], mean over heads
+        return finish_layer(layer, h, att.out), (k_layer, v_layer, mass)
 
       h, (k_cache, v_cache, mass) = jax.lax.scan(
           body, model.embed(tokens[None]), (layers_state, k_cache, v_cache))
-      last = jnp.clip(length - 1 - start, 0, chunk - 1)
-      logits = model.logits(model.final_norm(h[0, last]))
+      if all_logits:  # [chunk, V]: every position's (`score`)
+        logits = model.logits(model.final_norm(h[0]))
+      else:
+        last = jnp.clip(length - 1 - start, 0, chunk - 1)
+        logits = model.logits(model.final_norm(h[0, last]))
       return k_cache, v_cache, logits, mass.mean(axis=0)
 
     def decode_rows(state, k_cache, v_cache, token, position, block_masks):
@@ -168,10 +209,10 @@ class AttentionProbe:
         layer_state, k_layer, v_layer = xs
         layer = nnx.merge(layers_def, layer_state)
         q, k, v = qkv(layer, h, positions)
-        out, p, p_self = attend(q, k_layer, v_layer, allowed,
-                                k[:, 0], v[:, 0])
-        return finish_layer(layer, h, out), (
-            k[0, 0], v[0, 0], pad_mass(p[:, 0]), p_self[:, 0])
+        att = attend(q, k_layer, v_layer, allowed, k[:, 0], v[:, 0])
+        return finish_layer(layer, h, att.out), (
+            k[0, 0], v[0, 0], pad_mass(att.cache_probs[:, 0]),
+            att.self_probs[:, 0])
 
       h, (k_new, v_new, mass, self_mass) = jax.lax.scan(
           body, model.embed(tokens), (layers_state, k_cache, v_cache))
@@ -184,10 +225,53 @@ class AttentionProbe:
       return (k_cache, v_cache, logits, jnp.swapaxes(mass, 0, 1),
               jnp.swapaxes(self_mass, 0, 1))
 
-    self._prefill_chunk = jax.jit(prefill_chunk, donate_argnums=(1, 2))
+    def free_rows(state, k_cache, v_cache, k_rows, v_rows, tokens, step,
+                  prompt_length, block_masks):
+      # Row r feeds its own token at position prompt_length + step and
+      # reads the prompt's cached keys and its own earlier tokens' (in
+      # k_rows[:, r, :step]) where block_masks[r] allows, and itself.
+      model = nnx.merge(graphdef, state)
+      layers_def, layers_state = nnx.split(model.layers)
+      rows, steps = block_masks.shape[0], k_rows.shape[2]
+      positions = jnp.full((rows, 1), prompt_length + step, jnp.int32)
+      token_mask = jnp.repeat(block_masks, block_size, axis=1)  # [R, cap]
+      token_mask = jnp.pad(token_mask, ((0, 0), (0, chunk)))
+      allowed = (token_mask & (key_pos < prompt_length)[None, :])[:, None, :]
+      row_pos = prompt_length + jnp.arange(steps, dtype=jnp.int32)  # [S]
+      rows_allowed = (token_mask[:, row_pos]
+                      & (jnp.arange(steps) < step)[None, :])[:, None, :]
+
+      def body(h, xs):
+        layer_state, k_layer, v_layer, k_row, v_row = xs
+        layer = nnx.merge(layers_def, layer_state)
+        q, k, v = qkv(layer, h, positions)
+        att = attend(q, k_layer, v_layer, allowed, k[:, 0], v[:, 0],
+                     k_row, v_row, rows_allowed)
+        k_row = jax.lax.dynamic_update_slice(
+            k_row, k.astype(k_row.dtype), (0, step, 0, 0))
+        v_row = jax.lax.dynamic_update_slice(
+            v_row, v.astype(v_row.dtype), (0, step, 0, 0))
+        # The rows' own keys sit at positions the shared part masks out.
+        probs = att.cache_probs[:, 0].at[..., row_pos].add(att.row_probs[:, 0])
+        return finish_layer(layer, h, att.out), (
+            k_row, v_row, pad_mass(probs), att.self_probs[:, 0])
+
+      h, (k_rows, v_rows, mass, self_mass) = jax.lax.scan(
+          body, model.embed(tokens[:, None]),
+          (layers_state, k_cache, v_cache, k_rows, v_rows))
+      logits = model.logits(model.final_norm(h[:, 0]))
+      return (k_rows, v_rows, logits, jnp.swapaxes(mass, 0, 1),
+              jnp.swapaxes(self_mass, 0, 1))
+
+    self._prefill_chunk = jax.jit(prefill_chunk, donate_argnums=(1, 2),
+                                  static_argnames=("all_logits",))
     self._decode_rows = jax.jit(decode_rows, donate_argnums=(1, 2))
+    self._free_rows = jax.jit(free_rows, donate_argnums=(3, 4))
     self._k = self._v = None
+    self._k_rows = self._v_rows = None
     self.length = 0
+    self.prompt_length = 0
+    self.free_step = 0
 
   def _check_ids(self, tokens: Sequence[int]) -> None:
     """ValueError for ids outside the vocabulary (an embedding lookup
@@ -222,7 +306,8 @@ class AttentionProbe:
           self._state, k, v, jnp.asarray(ids[start:start + self.chunk]),
           jnp.int32(start), jnp.int32(n))
       masses.append(np.asarray(mass))
-    self._k, self._v, self.length = k, v, n
+    self._k, self._v, self.length, self.prompt_length = k, v, n, n
+    self._k_rows = self._v_rows = None
     return np.asarray(logits), np.concatenate(masses)[:n]
 
   def decode(self, token: int,
@@ -245,3 +330,79 @@ class AttentionProbe:
     self.length += 1
     return DecodeOutput(np.asarray(logits), np.asarray(mass),
                         np.asarray(self_mass))
+
+  def start_free_rows(self, rows: int, steps: int) -> None:
+    """Starts `rows` free-running rows on the prompt of the last `prefill`:
+    each feeds its own tokens (`decode_free`) for up to `steps` steps and
+    keeps their K/V apart from the other rows'. The shared cache's prompt
+    is unchanged by `decode`, so this may follow `decode` steps."""
+    if self._k is None:
+      raise RuntimeError("start_free_rows before prefill")
+    if rows < 1 or steps < 1:
+      raise ValueError(f"rows ({rows}) and steps ({steps}) must be >= 1")
+    if self.prompt_length + steps > self.capacity:
+      raise ValueError(f"a prompt of {self.prompt_length} tokens and {steps} "
+                       f"free steps do not fit the probe's capacity "
+                       f"({self.capacity})")
+    cfg = self.config
+    shape = (cfg.num_layers, rows, steps, cfg.num_kv_heads, cfg.head_dim)
+    self._k_rows = jnp.zeros(shape, self._dtype)
+    self._v_rows = jnp.zeros(shape, self._dtype)
+    self.free_step = 0
+
+  def decode_free(self, tokens: Sequence[int],  # [R]: each row's own token
+                  block_masks: np.ndarray,  # [R, NB] bool
+                  ) -> DecodeOutput:
+    """One step of the free-running rows: row r feeds `tokens[r]` at
+    position `prompt_length + free_step` and reads the prompt's blocks and
+    its own earlier tokens' blocks that `block_masks[r]` allows, and
+    itself. `block_mass[r]` is row r's attention over those positions."""
+    if self._k_rows is None:
+      raise RuntimeError("decode_free before start_free_rows")
+    rows, steps = self._k_rows.shape[1:3]
+    if self.free_step >= steps:
+      raise ValueError(f"the free rows' {steps} steps are used up")
+    masks = np.asarray(block_masks, bool)
+    ids = np.asarray(tokens)
+    if masks.shape != (rows, self.num_blocks) or ids.shape != (rows,):
+      raise ValueError(f"expected tokens [{rows}] and block_masks [{rows}, "
+                       f"{self.num_blocks}]; got {ids.shape} and {masks.shape}")
+    self._check_ids(ids)
+    self._k_rows, self._v_rows, logits, mass, self_mass = self._free_rows(
+        self._state, self._k, self._v, self._k_rows, self._v_rows,
+        jnp.asarray(ids, jnp.int32), jnp.int32(self.free_step),
+        jnp.int32(self.prompt_length), jnp.asarray(masks))
+    self.free_step += 1
+    return DecodeOutput(np.asarray(logits), np.asarray(mass),
+                        np.asarray(self_mass))
+
+  def score(self, tokens: Sequence[int]) -> Score:
+    """Log-probabilities, under exact attention, of `tokens[1:]` each
+    given the prompt of the last `prefill` and the tokens before it (how
+    likely the exact model finds a continuation that started with
+    `tokens[0]`), and the token the exact model would have picked in each
+    place. Leaves the probe's caches as they were."""
+    if self._k is None:
+      raise RuntimeError("score before prefill")
+    n = len(tokens)
+    if n < 2 or self.prompt_length + n - 1 > self.capacity:
+      raise ValueError(f"score takes 2 to {self.capacity - self.prompt_length + 1} "
+                       f"tokens after this prompt; got {n}")
+    self._check_ids(tokens)
+    fed = np.asarray(tokens[:-1], np.int32)
+    ids = np.zeros(-(-len(fed) // self.chunk) * self.chunk, np.int32)
+    ids[:len(fed)] = fed
+    k, v = jnp.copy(self._k), jnp.copy(self._v)
+    end = self.prompt_length + len(fed)
+    logits = []
+    for start in range(0, len(fed), self.chunk):
+      k, v, chunk_logits, _ = self._prefill_chunk(
+          self._state, k, v, jnp.asarray(ids[start:start + self.chunk]),
+          jnp.int32(self.prompt_length + start), jnp.int32(end),
+          all_logits=True)
+      logits.append(np.asarray(chunk_logits, np.float64))
+    logits = np.concatenate(logits)[:len(fed)]
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return Score(logp[np.arange(len(fed)), np.asarray(tokens[1:])],
+                 np.argmax(logp, axis=-1))
