@@ -181,16 +181,29 @@ def _draw(summary: dict, path: str) -> None:
   from dualpath_jax import outputs
   prefill = summary["prefill"]
   free = summary["free_running"]
-  panels_count = 3 + bool(prefill) + bool(free)
-  fig, axes = plt.subplots(1, panels_count, figsize=(4.6 * panels_count, 4))
+  count = 3 + 2 * bool(free) + bool(prefill)
+  nrows = 1 if count <= 3 else 2
+  ncols = -(-count // nrows)
+  fig, grid = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 4 * nrows),
+                           squeeze=False)
+  axes = list(grid.flat)
+  for ax in axes[count:]:
+    ax.set_visible(False)
+  policies = list(dict.fromkeys(r["policy"] for r in summary["variants"]))
+
+  def by_policy(ax, variants, key):
+    for policy in policies:
+      rows = [r for r in variants if r["policy"] == policy]
+      ax.plot([100 * r["hot_fraction"] for r in rows], [r[key] for r in rows],
+              marker="o", label=policy)
+    ax.set_xlabel("hot blocks, % of the sequence's")
+    ax.grid(alpha=0.3)
+
   panels = (("mass_hit", "attention served by the hot blocks"),
             ("top1_agreement", "top-1 agreement with exact attention"),
             ("kl_nats", "KL(exact || sparse), nats"))
   for ax, (key, title) in zip(axes, panels):
-    for policy in dict.fromkeys(r["policy"] for r in summary["variants"]):
-      rows = [r for r in summary["variants"] if r["policy"] == policy]
-      ax.plot([100 * r["hot_fraction"] for r in rows], [r[key] for r in rows],
-              marker="o", label=policy)
+    by_policy(ax, summary["variants"], key)
     if key == "mass_hit":
       ax.plot([100 * o["hot_fraction"] for o in summary["oracle"]],
               [o["mass_hit"] for o in summary["oracle"]], "k--", marker="x",
@@ -202,23 +215,22 @@ def _draw(summary: dict, path: str) -> None:
       ax.axvline(12, color="grey", lw=0.8, ls=":")
     if key != "kl_nats":
       ax.set_ylim(top=1.02)
-    ax.set_xlabel("hot blocks, % of the sequence's")
     ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
+  next_panel = 3
   if free:
-    ax = axes[-1]
-    for policy in dict.fromkeys(r["policy"] for r in free["variants"]):
-      rows = [r for r in free["variants"] if r["policy"] == policy]
-      ax.plot([100 * r["hot_fraction"] for r in rows],
-              [r["nll_excess"] for r in rows], marker="o", label=policy)
+    ax = axes[next_panel]
+    by_policy(ax, free["variants"], "nll_excess")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("hot blocks, % of the sequence's")
-    ax.set_title("free-running: exact model's NLL a token over the exact "
-                 "row's", fontsize=10)
-    ax.grid(alpha=0.3)
+    ax.set_title("free-running: exact model's NLL a token, over the "
+                 "exact row's", fontsize=10)
+    ax = axes[next_panel + 1]
+    by_policy(ax, free["variants"], "matched_tokens")
+    ax.set_title("free-running: the exact row's tokens kept before the "
+                 "first difference", fontsize=10)
+    next_panel += 2
   if prefill:
-    ax = axes[3]
+    ax = axes[next_panel]
     x = [100 * r["hot_fraction"] for r in prefill["served"]]
     for choice, style in (("oracle", "k--"), ("recent", "-"),
                           ("sink_recent", "-")):
