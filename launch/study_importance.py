@@ -82,6 +82,8 @@ flags.DEFINE_integer("max_context", 8192, "refuse turns whose context plus "
 flags.DEFINE_string("report", "study_importance_report.json", "JSON report path")
 flags.DEFINE_alias("json", "report")
 flags.DEFINE_string("plot", None, "PNG plot path")
+flags.DEFINE_string("replot", None, "a report this launcher wrote: print "
+                    "its tables and draw --plot from it, running nothing")
 flags.DEFINE_bool("progress", True, "show a progress bar")
 flags.DEFINE_integer("seed", 0, "synthetic workload seed", lower_bound=0)
 
@@ -180,7 +182,7 @@ def _draw(summary: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   from dualpath_jax import outputs
   prefill = summary["prefill"]
-  free = summary["free_running"]
+  free = summary.get("free_running")
   count = 3 + 2 * bool(free) + bool(prefill)
   nrows = 1 if count <= 3 else 2
   ncols = -(-count // nrows)
@@ -249,9 +251,36 @@ def _draw(summary: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _replot(report_path: str, plot_path: str | None) -> None:
+  """`--replot`: the tables and the plot of an earlier report."""
+  import json
+  from dualpath_jax import outputs
+  if not plot_path:
+    sys.exit("study_importance: --replot needs --plot (the PNG to draw)")
+  try:
+    outputs.check_output_paths([("--plot", plot_path)])
+    outputs.check_distinct_paths([("--replot", report_path),
+                                  ("--plot", plot_path)])
+    with open(report_path, encoding="utf-8") as f:
+      report = json.load(f)
+    if not isinstance(report, dict) or not {
+        "variants", "oracle", "concentration", "steps"} <= set(report):
+      raise ValueError("it is not a study_importance report")
+  except (OSError, ValueError) as e:
+    sys.exit(f"study_importance: --replot={report_path}: {e}")
+  _print_table(report)
+  if report.get("free_running"):
+    _print_free_table(report["free_running"])
+  _draw(report, plot_path)
+  print(f"wrote {plot_path}")
+
+
 def main(argv):
   del argv
   from dualpath_jax import outputs
+  if FLAGS.replot:
+    _replot(FLAGS.replot, FLAGS.plot)
+    return
   paths = [("--report", FLAGS.report)] + (
       [("--plot", FLAGS.plot)] if FLAGS.plot else [])
   try:  # before anything loads: bad input costs nothing

@@ -74,6 +74,30 @@ def test_report_table_and_plot(tmp_path):
     assert texts["seed_score@1"] == texts["exact"] != ""
 
 
+def test_replot_draws_a_report_again(tmp_path):
+  """--replot reads a report (here one without free-running rows, as
+  reports before them were) and draws it; bad reports are refused."""
+  report, plot = tmp_path / "r.json", tmp_path / "again.png"
+  proc = _run(*TINY, "--sessions=1", "--decode_steps=3", "--nofree_running",
+              f"--json={report}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "free-running" not in proc.stdout
+  assert json.loads(report.read_text())["free_running"] is None
+  proc = _run(f"--replot={report}", f"--plot={plot}", timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "attn hit" in proc.stdout and plot.stat().st_size > 0
+  not_a_report = tmp_path / "other.json"
+  not_a_report.write_text('{"rows": []}')
+  for args, message in (
+      ([f"--replot={report}"], "--replot needs --plot"),
+      ([f"--replot={not_a_report}", f"--plot={plot}"],
+       "not a study_importance report"),
+      ([f"--replot={tmp_path / 'none.json'}", f"--plot={plot}"], "none.json"),
+      ([f"--replot={report}", f"--plot={tmp_path / 'p.txt'}"], ".png")):
+    proc = _run(*args, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--hot_fractions=0"], "--hot_fractions: give fractions in (0, 1]"),
     (["--hot_fractions=a,b"], "--hot_fractions: give fractions in (0, 1]"),
