@@ -76,6 +76,11 @@ from storage.io_pool import IoPool, completed, gather
 from storage.stats import StoreStats
 
 _log = logging.getLogger(__name__)
+# A put retries removals that keep failing at most this often, the wait
+# doubling from the first to the second (`BlockStore._retry_removals`).
+_REMOVAL_BACKOFF_S = 0.5
+_REMOVAL_BACKOFF_MAX_S = 30.0
+_monotonic = time.monotonic  # the backoff's clock (tests set their own)
 
 # Sealed chunks an encrypted store's read takes at a time (`_get_sealed`):
 # TensorStore still has them all in flight at once, and the scratch that
@@ -212,8 +217,11 @@ class BlockStore:
     self._logged: set[tuple[bytes, str]] = set()
     self._log_lock = threading.Lock()
     self._count_lock = threading.Lock()
-    # Hidden rows whose removal failed, with their counter (`_remove`).
+    # Hidden rows whose removal failed, with their counter (`_remove`), and
+    # when a put may next retry them (`_retry_removals`).
     self._unremoved: list[tuple[list[index_lib.SlotRef], str]] = []
+    self._removal_backoff_s = 0.0
+    self._next_removal_retry = 0.0
     self._local = threading.local()  # an I/O thread's scratch (`_scratch`)
     self._closed = False
     self._writes = IoPool(config.io_threads, config.max_pending_write_bytes, "cold-write")
@@ -450,7 +458,7 @@ class BlockStore:
   def _put(self, ids: list[bytes], blocks: np.ndarray, tenant: str,
            session: str, admitted: bool) -> PutResult:
     start = time.perf_counter()
-    self._retry_removals()  # their slots may be needed here
+    self._retry_removals(backoff=True)  # their slots may be needed here
     try:
       reservation = self.index.reserve(ids, tenant, session, admitted=admitted)
     except sqlite3.OperationalError as err:  # e.g. the disk is full
@@ -770,22 +778,43 @@ class BlockStore:
       raise
     self._stats.add(**{counter: len(refs)})
 
-  def _retry_removals(self) -> None:
+  def _retry_removals(self, backoff: bool = False) -> None:
     """Removes the blocks whose removal failed before (`_remove`); a new
     failure is logged and leaves them queued. Each queued block is taken by
     one caller: two removing one slot at once could delete the chunk of the
-    next block written there."""
+    next block written there.
+
+    With `backoff` (a put's call), nothing is tried before the backoff
+    since the last failed retry has passed: it doubles from
+    `_REMOVAL_BACKOFF_S` up to `_REMOVAL_BACKOFF_MAX_S` while retries keep
+    failing, so a store whose removals are down does not spend a failing
+    transaction and a warning on every put. Deletes and `close` always try.
+    """
+    now = _monotonic()
     with self._count_lock:
+      if not self._unremoved or (backoff and now < self._next_removal_retry):
+        return
       queued, self._unremoved = self._unremoved, []
+    failed = False
     for refs, counter in queued:
       try:
         self._remove(refs, counter)
       except Exception as err:  # pylint: disable=broad-except
+        failed = True
         _log.warning("cold tier %s: removing %d deleted blocks failed again "
                      "(%s); retried later", self.config.root, len(refs), err)
       else:
         _log.info("cold tier %s: removed %d deleted blocks whose removal "
                   "had failed", self.config.root, len(refs))
+    with self._count_lock:
+      if failed:
+        self._removal_backoff_s = min(
+            _REMOVAL_BACKOFF_MAX_S,
+            max(_REMOVAL_BACKOFF_S, 2 * self._removal_backoff_s))
+        self._next_removal_retry = _monotonic() + self._removal_backoff_s
+      else:
+        self._removal_backoff_s = 0.0
+        self._next_removal_retry = 0.0
 
   def _delete_bytes(self, refs: Sequence[index_lib.SlotRef]) -> None:
     """Deletes the chunks of `refs` (absent chunks are fine)."""

@@ -314,6 +314,56 @@ def test_a_failed_delete_stays_queued_while_removals_keep_failing(tmp_path, monk
     assert store.contains(ids + more_ids) == [False] * 2 + [True] * 2
 
 
+def test_puts_back_off_from_removals_that_keep_failing(tmp_path, monkeypatch):
+  """A put retries a failed removal at once; once that retry fails too,
+  puts leave it alone for a backoff that doubles with each failure, and
+  a delete still tries at once."""
+  rng = np.random.default_rng()
+  clock = [100.0]
+  monkeypatch.setattr(block_store_lib, "_monotonic", lambda: clock[0])
+  tries = []
+  with _store(tmp_path, slots=16) as store:
+    ids, blocks = _blocks(rng, 2, store)
+    store.put(ids, blocks, tenant="t", session="s")
+
+    def broken(refs):
+      tries.append(len(refs))
+      raise ValueError("UNAVAILABLE: cannot delete (injected)")
+    monkeypatch.setattr(store, "_delete_bytes", broken)
+    with pytest.raises(OSError):
+      store.delete_session("t", "s")
+    assert len(tries) == 1
+
+    def put_one():
+      more_ids, more = _blocks(rng, 1, store)
+      assert store.put(more_ids, more).written == 1
+
+    put_one()  # retries at once: fails, backs off 0.5 s
+    assert len(tries) == 2
+    put_one()
+    clock[0] += 0.4
+    put_one()
+    assert len(tries) == 2  # within the backoff: not tried
+    clock[0] += 0.2
+    put_one()  # past it: tried, fails, backs off 1 s
+    assert len(tries) == 3
+    clock[0] += 0.9
+    put_one()
+    assert len(tries) == 3
+    clock[0] += 0.2
+    put_one()
+    assert len(tries) == 4
+    assert store.delete_session("t", "nobody") == 0  # a delete always tries
+    assert len(tries) == 5
+    monkeypatch.setattr(store, "_delete_bytes", lambda refs: None)
+    put_one()  # still backing off (2 s from the delete's failure)
+    assert store.stats()["index_deleting"] == 2
+    clock[0] += 60
+    put_one()  # removed; the backoff starts over
+    assert store.stats()["index_deleting"] == 0
+    assert store._removal_backoff_s == 0  # pylint: disable=protected-access
+
+
 def test_an_open_whose_recovery_cannot_remove_bytes_opens_and_retries(
     tmp_path, monkeypatch):
   rng = np.random.default_rng()
