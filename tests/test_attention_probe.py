@@ -214,6 +214,8 @@ def test_free_rows_match_the_dense_model(np_rng, prompt_len, bs):
   np.testing.assert_array_equal(before.greedy, np.argmax(full, axis=-1))
   again = probe.score(cont)  # the caches are untouched
   np.testing.assert_allclose(again.logprobs, before.logprobs)
+  short = probe.score(cont[:4])  # 3 tokens fed, in a chunk of 4
+  np.testing.assert_allclose(short.logprobs, want[:3], atol=1e-3)
 
 
 def test_probe_refuses_bad_input(np_rng):

@@ -170,7 +170,8 @@ class AttentionProbe:
                       all_logits=False):
       model = nnx.merge(graphdef, state)
       layers_def, layers_state = nnx.split(model.layers)
-      positions = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+      size = tokens.shape[0]  # `chunk`, or less for `score`
+      positions = start + jnp.arange(size, dtype=jnp.int32)[None, :]
       allowed = ((key_pos[None, :] <= positions[0][:, None])
                  & (key_pos[None, :] < length))[None]  # [1, T, C]
 
@@ -188,10 +189,10 @@ class AttentionProbe:
 
       h, (k_cache, v_cache, mass) = jax.lax.scan(
           body, model.embed(tokens[None]), (layers_state, k_cache, v_cache))
-      if all_logits:  # [chunk, V]: every position's (`score`)
+      if all_logits:  # [size, V]: every position's (`score`)
         logits = model.logits(model.final_norm(h[0]))
       else:
-        last = jnp.clip(length - 1 - start, 0, chunk - 1)
+        last = jnp.clip(length - 1 - start, 0, size - 1)
         logits = model.logits(model.final_norm(h[0, last]))
       return k_cache, v_cache, logits, mass.mean(axis=0)
 
@@ -390,14 +391,17 @@ class AttentionProbe:
                        f"tokens after this prompt; got {n}")
     self._check_ids(tokens)
     fed = np.asarray(tokens[:-1], np.int32)
-    ids = np.zeros(-(-len(fed) // self.chunk) * self.chunk, np.int32)
+    # A continuation is short: pad it to a power of two, not a prompt chunk
+    # (one compilation per size; a 256-token chunk cost 8x a 32-token one).
+    size = min(self.chunk, 1 << (len(fed) - 1).bit_length())
+    ids = np.zeros(-(-len(fed) // size) * size, np.int32)
     ids[:len(fed)] = fed
     k, v = jnp.copy(self._k), jnp.copy(self._v)
     end = self.prompt_length + len(fed)
     logits = []
-    for start in range(0, len(fed), self.chunk):
+    for start in range(0, len(fed), size):
       k, v, chunk_logits, _ = self._prefill_chunk(
-          self._state, k, v, jnp.asarray(ids[start:start + self.chunk]),
+          self._state, k, v, jnp.asarray(ids[start:start + size]),
           jnp.int32(self.prompt_length + start), jnp.int32(end),
           all_logits=True)
       logits.append(np.asarray(chunk_logits, np.float64))
