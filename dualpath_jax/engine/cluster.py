@@ -247,8 +247,10 @@ class _Worker:
 
   def run(self, batch: int, q_len: int, pages: int,
           work: list[tuple[_Turn, list[int], int]] | None,
-          stager: LayerStager | None = None) -> np.ndarray:
-    """Pads `work` (turn, new tokens, start) into one model call; host logits.
+          stager: LayerStager | None = None) -> jax.Array:
+    """Pads `work` (turn, new tokens, start) into one model call; its
+    logits, computed, on the device (`step_parts.sample_tokens` moves to
+    the host what it needs).
 
     A prefill engine runs layer by layer (`step_layerwise`), `stager`
     putting a loaded prefix into the pool just ahead of each layer; it does
@@ -264,7 +266,7 @@ class _Worker:
                                                    before_layer=stager)
     else:
       logits, self.kv = self.runner.step(self.kv, *arrays)
-    return np.asarray(logits)
+    return logits.block_until_ready()  # the callers time the step
 
   def has_work(self) -> bool:
     return bool(self.queue or self.current or self.running)

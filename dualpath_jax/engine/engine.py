@@ -59,6 +59,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
+import jax
 import numpy as np
 
 from dualpath_jax.cache.block_hash import hash_chain
@@ -590,11 +591,13 @@ class Engine:
 
   def _run(self, batch: int, q_len: int, pages: int,
            work: list[tuple[_Sequence, list[int], int]] | None,
-           kind: str | None = None) -> np.ndarray:
+           kind: str | None = None) -> jax.Array:
     """Pads `work` (sequence, new tokens, start position) into one model call.
 
-    Returns host logits `[batch, vocab]` of each row's last new token. With
-    `work=None` it runs an all-padding batch (used to compile a shape).
+    Returns the logits `[batch, vocab]` of each row's last new token, on
+    the device, computed (`step_parts.sample_tokens` moves to the host what
+    it needs). With `work=None` it runs an all-padding batch (used to
+    compile a shape).
     """
     arrays = step_parts.pack_step(
         self.manager, batch, q_len, pages,
@@ -605,7 +608,7 @@ class Engine:
       self.stats.compiled_shapes += 1
     t0 = time.perf_counter()
     logits, self._kv = self.runner.step(self._kv, *arrays)
-    logits = np.asarray(logits)
+    logits.block_until_ready()  # the step's time, not its dispatch's
     elapsed = time.perf_counter() - t0
     if kind == "prefill":
       self.stats.prefill_s += elapsed
