@@ -138,7 +138,7 @@ def _print_table(summary: dict) -> None:
   for o in summary["oracle"]:
     print(f"{'oracle':<12}{o['hot_fraction']:>6.0%}{'':>8}{o['mass_hit']:>10.1%}"
           f"   (per layer and head: {o['per_head_mass_hit']:.1%})")
-  p = summary["prefill"]
+  p = summary.get("prefill")
   if p:
     print(f"\nprefill of {p['new_tokens']} new tokens in {p['turns']} turns: "
           f"{p['prefix_share']:.1%} of their attention goes to the cached "
@@ -181,7 +181,7 @@ def _draw(summary: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from dualpath_jax import outputs
-  prefill = summary["prefill"]
+  prefill = summary.get("prefill")
   free = summary.get("free_running")
   count = 3 + 2 * bool(free) + bool(prefill)
   nrows = 1 if count <= 3 else 2
@@ -268,10 +268,14 @@ def _replot(report_path: str, plot_path: str | None) -> None:
       raise ValueError("it is not a study_importance report")
   except (OSError, ValueError) as e:
     sys.exit(f"study_importance: --replot={report_path}: {e}")
-  _print_table(report)
-  if report.get("free_running"):
-    _print_free_table(report["free_running"])
-  _draw(report, plot_path)
+  try:  # a report cut short or edited by hand: say so, no traceback
+    _print_table(report)
+    if report.get("free_running"):
+      _print_free_table(report["free_running"])
+    _draw(report, plot_path)
+  except (KeyError, TypeError, ValueError) as e:
+    sys.exit(f"study_importance: --replot={report_path}: not a complete "
+             f"study_importance report (missing or bad {e})")
   print(f"wrote {plot_path}")
 
 

@@ -209,10 +209,13 @@ def test_free_rows_match_the_dense_model(np_rng, prompt_len, bs):
   full -= full.max(-1, keepdims=True)
   want = full - np.log(np.exp(full).sum(-1, keepdims=True))
   want = want[np.arange(10), cont[1:]]
+  caches = [np.array(c) for c in (probe._k, probe._v)]  # pylint: disable=protected-access
   before = probe.score(cont)
   np.testing.assert_allclose(before.logprobs, want, atol=1e-3)
   np.testing.assert_array_equal(before.greedy, np.argmax(full, axis=-1))
-  again = probe.score(cont)  # the caches are untouched
+  for cache, kept in zip((probe._k, probe._v), caches):  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(cache), kept)  # untouched
+  again = probe.score(cont)
   np.testing.assert_allclose(again.logprobs, before.logprobs)
   short = probe.score(cont[:4])  # 3 tokens fed, in a chunk of 4
   np.testing.assert_allclose(short.logprobs, want[:3], atol=1e-3)

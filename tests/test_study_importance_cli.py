@@ -86,16 +86,29 @@ def test_replot_draws_a_report_again(tmp_path):
   proc = _run(f"--replot={report}", f"--plot={plot}", timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "attn hit" in proc.stdout and plot.stat().st_size > 0
+  # The first reports had no "prefill": they draw without its panel.
+  old = json.loads(report.read_text())
+  del old["prefill"], old["free_running"]
+  old_report = tmp_path / "old.json"
+  old_report.write_text(json.dumps(old))
+  proc = _run(f"--replot={old_report}", f"--plot={plot}", timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cut = dict(old, concentration={})
+  cut_report = tmp_path / "cut.json"
+  cut_report.write_text(json.dumps(cut))
   not_a_report = tmp_path / "other.json"
   not_a_report.write_text('{"rows": []}')
   for args, message in (
       ([f"--replot={report}"], "--replot needs --plot"),
       ([f"--replot={not_a_report}", f"--plot={plot}"],
        "not a study_importance report"),
+      ([f"--replot={cut_report}", f"--plot={plot}"],
+       "not a complete study_importance report"),
       ([f"--replot={tmp_path / 'none.json'}", f"--plot={plot}"], "none.json"),
       ([f"--replot={report}", f"--plot={tmp_path / 'p.txt'}"], ".png")):
     proc = _run(*args, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("args,message", [

@@ -266,6 +266,37 @@ def test_free_running_on_a_known_attention():
   assert rows["sink_recent"]["nll_excess"] == pytest.approx(0)
 
 
+@pytest.mark.parametrize("prompt_len", [20, 21, 23])
+def test_free_running_keeps_the_newest_cached_block_hot(prompt_len):
+  """Across block boundaries (4-token blocks, 6 steps): at step s the
+  cached tokens are the prompt's and s generated ones, the newest of them
+  in block (prompt_len + s - 1) // 4, which every row reads; no row reads
+  a block past it (the fed token itself starts or joins it)."""
+  cfg = study.StudyConfig(policies=("recent", "attention"),
+                          hot_fractions=(0.1, 0.5), decode_steps=6,
+                          free_running=True)
+  probe = _FakeFreeProbe()
+  study.study_sequence(probe, list(range(prompt_len)), cfg)
+  assert len(probe.free_masks) == 6
+  for step, masks in enumerate(probe.free_masks):
+    newest = (prompt_len + step - 1) // 4
+    assert masks[:, newest].all(), (step, masks)
+    assert not masks[1:, newest + 1:].any(), (step, masks)
+    assert [m.sum() for m in masks[1:]] == [
+        budget_blocks(f, newest + 1) for f in (0.1, 0.5)] * 2
+
+
+def test_merge_free_adds_merged_turns():
+  cfg = study.StudyConfig(policies=("recent",), hot_fractions=(0.5,),
+                          decode_steps=3, free_running=True)
+  one = study.study_sequence(_FakeFreeProbe(), list(range(21)), cfg)
+  two = study.merge_free([one["free_running"], one["free_running"]])
+  three = study.merge_free([two, one["free_running"]])
+  assert three["turns"] == 3
+  row = study.summarize_free(three, cfg)["exact"]
+  assert row["identical_turns"] == 1 and row["matched_tokens"] == 3
+
+
 def test_free_running_rows_stop_on_their_own():
   """A row stops at its own stop token; the others go on. A turn whose
   first token is a stop token has no free-running figures."""

@@ -319,7 +319,7 @@ def merge_free(results: Sequence[dict | None]) -> dict | None:
     return None
   sums = {k: np.sum([r["sums"][k] for r in results], axis=0)
           for k in results[0]["sums"]}
-  return {"turns": len(results), "sums": sums}
+  return {"turns": sum(r["turns"] for r in results), "sums": sums}
 
 
 def summarize_free(merged: dict | None, cfg: StudyConfig) -> dict | None:
