@@ -130,7 +130,9 @@ class DecodeOutput:
 
 
 class AttentionProbe:
-  """One sequence at a time: `prefill(tokens)`, then `decode` step by step.
+  """One sequence at a time: `prefill(tokens)`, then `decode` step by step,
+  and, on the same prompt, free-running rows (`start_free_rows`,
+  `decode_free`) and the exact model's `score` of a continuation.
 
   `capacity` tokens (a multiple of `block_size`) bound the prompt plus the
   decoded tokens; one compilation serves every sequence up to it.
