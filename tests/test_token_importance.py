@@ -228,6 +228,7 @@ class _FakeFreeProbe(_FakeProbe):
     return out
 
   def score(self, tokens):
+    self.scored = getattr(self, "scored", 0) + 1
     made = np.asarray(tokens[1:])
     logp = np.where(made == 1, np.log(0.9), np.log(0.1 / (self.vocab - 1)))
     return types.SimpleNamespace(logprobs=logp,
@@ -244,6 +245,7 @@ def test_free_running_on_a_known_attention():
   result = study.study_sequence(probe, list(range(21)), cfg)
   free = result["free_running"]
   assert free["tokens"] == [[1, 1, 1, 1], [1, 2, 2, 2], [1, 1, 1, 1]]
+  assert probe.scored == 2  # the two rows with the same tokens share one
   assert len(probe.free_masks) == 3
   for masks in probe.free_masks:  # 6 blocks at each of the 3 steps
     assert masks[0].all()

@@ -298,8 +298,11 @@ def free_running_study(probe, first_token: int,
   exact = tokens[0][1:]
   sums = {name: np.zeros(rows) for name in
           ("tokens", "nll", "exact_pick", "matched", "identical", "hot_blocks")}
+  scores = {}  # rows that wrote the same tokens (often the exact row's) share one
   for r, row in enumerate(tokens):
-    score = probe.score(row)
+    score = scores.get(tuple(row))
+    if score is None:
+      score = scores[tuple(row)] = probe.score(row)
     made = np.asarray(row[1:])
     sums["tokens"][r] = len(made)
     sums["nll"][r] = -score.logprobs.sum()
