@@ -168,6 +168,10 @@ class AttentionProbe:
     def pad_mass(p):  # [..., C + chunk] -> [..., NB]: the capacity's blocks
       return block_sums(p[..., :capacity], block_size)
 
+    def position_masks(block_masks):  # [R, NB] -> [R, C + chunk]
+      token_mask = jnp.repeat(block_masks, block_size, axis=1)
+      return jnp.pad(token_mask, ((0, 0), (0, chunk)))
+
     def prefill_chunk(state, k_cache, v_cache, tokens, start, length,
                       all_logits=False):
       model = nnx.merge(graphdef, state)
@@ -204,8 +208,7 @@ class AttentionProbe:
       rows = block_masks.shape[0]
       positions = jnp.full((rows, 1), position, jnp.int32)
       tokens = jnp.full((rows, 1), token, jnp.int32)
-      token_mask = jnp.repeat(block_masks, block_size, axis=1)  # [R, cap]
-      token_mask = jnp.pad(token_mask, ((0, 0), (0, chunk)))
+      token_mask = position_masks(block_masks)
       allowed = (token_mask & (key_pos < position)[None, :])[:, None, :]
 
       def body(h, xs):
@@ -237,8 +240,7 @@ class AttentionProbe:
       layers_def, layers_state = nnx.split(model.layers)
       rows, steps = block_masks.shape[0], k_rows.shape[2]
       positions = jnp.full((rows, 1), prompt_length + step, jnp.int32)
-      token_mask = jnp.repeat(block_masks, block_size, axis=1)  # [R, cap]
-      token_mask = jnp.pad(token_mask, ((0, 0), (0, chunk)))
+      token_mask = position_masks(block_masks)
       allowed = (token_mask & (key_pos < prompt_length)[None, :])[:, None, :]
       row_pos = prompt_length + jnp.arange(steps, dtype=jnp.int32)  # [S]
       rows_allowed = (token_mask[:, row_pos]
@@ -300,18 +302,29 @@ class AttentionProbe:
     self._check_ids(tokens)
     k = jnp.zeros(self._cache_shape, self._dtype)
     v = jnp.zeros(self._cache_shape, self._dtype)
-    ids = np.zeros(-(-n // self.chunk) * self.chunk, np.int32)
-    ids[:n] = tokens
-    masses = []
-    logits = None
-    for start in range(0, n, self.chunk):
-      k, v, logits, mass = self._prefill_chunk(
-          self._state, k, v, jnp.asarray(ids[start:start + self.chunk]),
-          jnp.int32(start), jnp.int32(n))
-      masses.append(np.asarray(mass))
+    k, v, logits, masses = self._forward(k, v, tokens, 0, self.chunk)
     self._k, self._v, self.length, self.prompt_length = k, v, n, n
     self._k_rows = self._v_rows = None
-    return np.asarray(logits), np.concatenate(masses)[:n]
+    return np.asarray(logits[-1]), np.concatenate(masses)[:n]
+
+  def _forward(self, k: jax.Array, v: jax.Array,  # the caches, donated
+               tokens: Sequence[int], first: int, size: int,
+               all_logits: bool = False) -> tuple:
+    """Runs `tokens` at positions `first`... causally over the cache, in
+    chunks of `size` (the last one padded). Returns the caches with their
+    K/V written, each chunk's logits (its last token's, or with
+    `all_logits` every position's) and each chunk's block mass."""
+    ids = np.zeros(-(-len(tokens) // size) * size, np.int32)
+    ids[:len(tokens)] = tokens
+    end = jnp.int32(first + len(tokens))
+    logits, masses = [], []
+    for start in range(0, len(tokens), size):
+      k, v, chunk_logits, mass = self._prefill_chunk(
+          self._state, k, v, jnp.asarray(ids[start:start + size]),
+          jnp.int32(first + start), end, all_logits=all_logits)
+      logits.append(chunk_logits)
+      masses.append(np.asarray(mass))
+    return k, v, logits, masses
 
   def decode(self, token: int,
              block_masks: np.ndarray,  # [R, NB] bool; row 0 appended
@@ -392,22 +405,15 @@ class AttentionProbe:
       raise ValueError(f"score takes 2 to {self.capacity - self.prompt_length + 1} "
                        f"tokens after this prompt; got {n}")
     self._check_ids(tokens)
-    fed = np.asarray(tokens[:-1], np.int32)
+    fed = list(tokens[:-1])
     # A continuation is short: pad it to a power of two, not a prompt chunk
     # (one compilation per size; a 256-token chunk cost 8x a 32-token one).
     size = min(self.chunk, 1 << (len(fed) - 1).bit_length())
-    ids = np.zeros(-(-len(fed) // size) * size, np.int32)
-    ids[:len(fed)] = fed
-    k, v = jnp.copy(self._k), jnp.copy(self._v)
-    end = self.prompt_length + len(fed)
-    logits = []
-    for start in range(0, len(fed), size):
-      k, v, chunk_logits, _ = self._prefill_chunk(
-          self._state, k, v, jnp.asarray(ids[start:start + size]),
-          jnp.int32(self.prompt_length + start), jnp.int32(end),
-          all_logits=True)
-      logits.append(np.asarray(chunk_logits, np.float64))
-    logits = np.concatenate(logits)[:len(fed)]
+    _, _, logits, _ = self._forward(jnp.copy(self._k), jnp.copy(self._v),
+                                    fed, self.prompt_length, size,
+                                    all_logits=True)
+    logits = np.concatenate([np.asarray(x, np.float64)
+                             for x in logits])[:len(fed)]
     logits -= logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     return Score(logp[np.arange(len(fed)), np.asarray(tokens[1:])],
