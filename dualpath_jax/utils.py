@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import mmap
 import numbers
 import os
 import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+PAGE_BYTES = 4096  # O_DIRECT's alignment of offsets, lengths and addresses
 
 
 def is_integer(value: object) -> bool:
@@ -24,6 +29,18 @@ def is_integer(value: object) -> bool:
 # FUSE file systems): its entries are left to the file system's ordering.
 _NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP,
                                  errno.EOPNOTSUPP})
+
+
+def page_aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+  """A C-contiguous array of `shape` whose first byte starts a page (an
+  anonymous mapping, zero-filled on first touch). Host buffers the cold
+  tier reads into (`transfer.source.StagingRows`) are made so: rows of
+  whole pages then take O_DIRECT reads (`storage.chunk_reader`) without a
+  bounce copy."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  buf = mmap.mmap(-1, max(-(-nbytes // PAGE_BYTES) * PAGE_BYTES, PAGE_BYTES))
+  return np.frombuffer(buf, np.uint8, nbytes).view(dtype).reshape(shape)
 
 
 def sync_directory(directory: str | os.PathLike) -> None:

@@ -46,9 +46,10 @@ then read the same volume in the same order, so they meet it alike.
 
 Store configurations (`--configs`): `driver:codec[:file_io_mode][@key=value]...`
 where a key is a `ColdTierConfig` field (io_threads, file_io_concurrency,
-max_batch_blocks, fsync, chunk_writer, sync, key_file: an encrypted store)
-or `out=1`: read into one reused, pre-touched
-buffer (`BlockStore.get(ids, out=...)`) instead of fresh result arrays. The
+max_batch_blocks, fsync, chunk_writer, chunk_reader, sync, key_file: an
+encrypted store) or `out=1`: read into one reused, pre-touched, page-aligned
+buffer (`BlockStore.get(ids, out=...)`, as the engine's staging rows) instead
+of fresh result arrays. The
 config `raw` puts a second raw-disk run on the store side: an A/A check whose
 ratios show the spread the disk alone produces under this method.
 
@@ -74,7 +75,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from dualpath_jax import outputs
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.utils import ctrl_c_ends_quietly, page_aligned_empty
 from dualpath_jax.config import MODEL_PRESETS, CacheConfig
 from launch.storage_disk import (bench_file_floor, bench_memory, bench_raw,
                                   cpu_seconds, latency_percentiles)
@@ -245,7 +246,7 @@ class StoreSpec:
         overrides[key] = int(value)
       elif key == "fsync":
         overrides[key] = value not in ("0", "false", "False")
-      elif key in ("chunk_writer", "sync"):
+      elif key in ("chunk_writer", "chunk_reader", "sync"):
         overrides[key] = value
       elif key == "key_file":  # an encrypted store (storage.encryption)
         encryption.load_key(value)  # a bad key file now, not mid-run
@@ -315,15 +316,16 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
          "logical_block_bytes": logical_block,
          "encoded_block_bytes": store.encoded_block_bytes, "disk_bytes": disk_bytes,
          "logical_bytes": n * logical_block,
-         "chunk_writer": store.chunk_writer,
+         "chunk_writer": store.chunk_writer, "chunk_reader": store.chunk_reader,
          "write_seconds": write_s,
          "write_logical_bytes_per_s": n * logical_block / write_s,
          "write_disk_bytes_per_s": disk_bytes / write_s, "resident_before": []}
-  # One buffer for `out=` reads, reused by both passes; touched now (np.zeros
-  # alone maps lazily zeroed pages whose first touch would land in the timing).
+  # One buffer for `out=` reads, reused by both passes; touched now (a fresh
+  # mapping's pages are zeroed on first touch, which would land in the
+  # timing); page-aligned, as the engine's staging rows (`StagingRows`).
   buffer = None
   if spec.read_into_buffer:
-    buffer = np.empty((n, *store.block_shape), payload.dtype)
+    buffer = page_aligned_empty((n, *store.block_shape), payload.dtype)
     buffer.view(np.uint8).fill(1)
 
   def read_all(name: str, order_ids: list[bytes]) -> float:
@@ -346,6 +348,7 @@ def bench_store(directory: str, spec: StoreSpec, model, cache: CacheConfig,
   seq_s = read_all("seq_read", ids)
   rand_s = read_all("random_read", [ids[i] for i in order])
   out["cpu_s_per_gb"] = {k: v / (disk_bytes / 1e9) for k, v in cpu.items()}
+  out["o_direct_read_bytes"] = store.stats()["o_direct_read_bytes"]
   out.update({
       "read_seq_seconds": seq_s, "read_random_seconds": rand_s,
       "read_seq_logical_bytes_per_s": n * logical_block / seq_s,

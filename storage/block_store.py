@@ -66,6 +66,7 @@ import numpy as np
 import tensorstore as ts
 
 from dualpath_jax.config import CacheConfig, ModelConfig
+from storage import chunk_reader as chunk_reader_lib
 from storage import chunk_writer as chunk_writer_lib
 from storage import encryption
 from storage import index as index_lib
@@ -178,6 +179,9 @@ class BlockStore:
     if config.chunk_writer == "direct" and self._no_direct_writer:
       raise ValueError(f"chunk_writer='direct' is not possible here: "
                        f"{self._no_direct_writer}")
+    if config.chunk_reader == "direct" and self._no_direct_writer:
+      raise ValueError(f"chunk_reader='direct' is not possible here: "
+                       f"{self._no_direct_writer}")
     try:
       os.makedirs(config.root, exist_ok=True)
     except OSError as e:
@@ -213,6 +217,7 @@ class BlockStore:
     self._slot_dirs = (None if self._chunk_root is None else
                        layout.SlotDirectories(self._chunk_root, self.num_slots))
     self._chunk_writer = self._make_chunk_writer()
+    self._chunk_reader = self._make_chunk_reader()
     self._stats = StoreStats()
     self._logged: set[tuple[bytes, str]] = set()
     self._log_lock = threading.Lock()
@@ -365,6 +370,10 @@ class BlockStore:
     out = self._stats.snapshot()
     out.update({f"index_{k}": v for k, v in self.index.counts().items()})
     out["pending_write_bytes"] = self._writes.bytes_in_flight
+    # Chunk bytes the direct chunk reader read with O_DIRECT (the rest of
+    # its reads, and TensorStore's, went through the page cache).
+    out["o_direct_read_bytes"] = (0 if self._chunk_reader is None else
+                                  self._chunk_reader.direct_bytes)
     return out
 
   def _check_open(self) -> None:
@@ -387,6 +396,8 @@ class BlockStore:
     self._retry_removals()  # what is still left, the next open recovers
     if self._chunk_writer is not None:
       self._chunk_writer.close()
+    if self._chunk_reader is not None:
+      self._chunk_reader.close()
     if self._slot_dirs is not None:
       self._slot_dirs.close()
     self.index.close()
@@ -401,6 +412,11 @@ class BlockStore:
   def chunk_writer(self) -> str:
     """Who writes chunk files: "direct" (`storage.chunk_writer`) or "tensorstore"."""
     return "tensorstore" if self._chunk_writer is None else "direct"
+
+  @property
+  def chunk_reader(self) -> str:
+    """Who reads chunk files: "direct" (`storage.chunk_reader`) or "tensorstore"."""
+    return "tensorstore" if self._chunk_reader is None else "direct"
 
   @property
   def encoded_block_bytes(self) -> int:
@@ -437,6 +453,17 @@ class BlockStore:
     return chunk_writer_lib.DirectChunkWriter(
         os.path.dirname(self._chunk_root), self.config.file_io_concurrency,
         sync=self.config.sync, durable=self.config.fsync,
+        o_direct=self.config.file_io_mode == "direct")
+
+  def _make_chunk_reader(self) -> chunk_reader_lib.DirectChunkReader | None:
+    """The direct chunk reader where `config.chunk_reader` asks for it and
+    it applies (the chunk writer's conditions: same files, same checksum)."""
+    if self.config.chunk_reader == "tensorstore" or self._no_direct_writer:
+      return None
+    return chunk_reader_lib.DirectChunkReader(
+        os.path.dirname(self._chunk_root),
+        layout.chunk_elems(self.codec) * self.codec.stored_dtype.itemsize,
+        self.config.file_io_concurrency,
         o_direct=self.config.file_io_mode == "direct")
 
   def _check_out(self, out: np.ndarray, n: int) -> None:
@@ -659,6 +686,8 @@ class BlockStore:
     """
     slots = np.array([r.slot for r in refs], np.int64)
     stored = (len(refs), *self.codec.stored_shape)
+    if self._chunk_reader is not None:
+      return self._read_chunks_direct(refs, into, rows)
     try:
       if into is None:
         return self.array[slots].read().result().reshape(stored), [True] * len(refs), []
@@ -685,6 +714,27 @@ class BlockStore:
         ok.append(False)
         failures.append((ref, read_failure(err), str(err)))
     return (None if batch is None else batch.reshape(stored)), ok, failures
+
+  def _read_chunks_direct(
+      self,
+      refs: Sequence[index_lib.SlotRef],
+      into: np.ndarray | None,  # [m, chunk_elems] stored dtype, or None
+      rows: Sequence[int],
+  ) -> tuple[np.ndarray | None, list[bool], list[tuple[index_lib.SlotRef, str, str]]]:
+    """`_read_chunks` by the direct chunk reader: each chunk straight into
+    its row of `into`, or of a new batch `[n, *stored_shape]` (returned)."""
+    batch = None
+    if into is None:
+      batch = np.empty((len(refs), layout.chunk_elems(self.codec)), self.codec.stored_dtype)
+      into, rows = batch, range(len(refs))
+    dest = into.view(np.uint8)  # [m, chunk_bytes]
+    verdicts = self._chunk_reader.read([r.slot for r in refs],
+                                       [dest[row] for row in rows])
+    failures = [(ref, *failure) for ref, failure in zip(refs, verdicts)
+                if failure is not None]
+    if batch is not None:
+      batch = batch.reshape(len(refs), *self.codec.stored_shape)
+    return batch, [v is None for v in verdicts], failures
 
   def _drop_bad(self, bad: Sequence[tuple[index_lib.SlotRef, str, str]]) -> None:
     """Counts, logs and removes blocks whose chunk failed to read.

@@ -18,6 +18,7 @@ DRIVERS = ("file", "ocdbt")
 FILE_IO_MODES = ("default", "direct", "memmap")
 ADMISSIONS = ("always", "second_put", "session_continues")
 CHUNK_WRITERS = ("auto", "direct", "tensorstore")
+CHUNK_READERS = ("auto", "direct", "tensorstore")
 SYNC_MODES = ("auto", "syncfs", "fsync")
 MAX_INT = (1 << 62) - 1  # a count or byte size above this overflows (see below)
 
@@ -49,10 +50,12 @@ class ColdTierConfig:
       read or write of up to `max_batch_blocks` chunks).
     file_io_concurrency: concurrent file operations, the store's queue depth:
       TensorStore's limit (the threads of its file I/O pool) and the direct
-      chunk writer's threads. A chunk read or write is one operation.
+      chunk writer's and reader's threads. A chunk read or write is one
+      operation.
     file_io_mode: "direct", "default" (buffered) or "memmap". For the direct
-      chunk writer, "direct" writes a chunk's whole pages with O_DIRECT.
-      TensorStore (its reads, and the writes it does) takes it as its file
+      chunk writer, "direct" writes a chunk's whole pages with O_DIRECT, and
+      the direct chunk reader reads whole-page chunks into page-aligned rows
+      with it. TensorStore (its reads, and the writes it does) takes it as its file
       access mode; note (TensorStore 0.1.86, checked with strace) that it sets
       O_DIRECT only on reads whose extent, rounded up to 4 KiB, fits inside
       the file, which a chunk file (block + 4-byte CRC32C) never does.
@@ -67,8 +70,13 @@ class ColdTierConfig:
       the same chunk files itself (hardware CRC32C, O_DIRECT pages, in
       place; local `file` kvstore and codecs without zstd only; a third to a
       half of TensorStore's write CPU, docs/storage.md "v6"). "auto": "direct"
-      where it applies, else "tensorstore". Reads always go through
-      TensorStore.
+      where it applies, else "tensorstore".
+    chunk_reader: who reads chunk files. "tensorstore": TensorStore's zarr3
+      read (any kvstore, any codec). "direct": `storage.chunk_reader` reads
+      them itself, straight into the caller's rows (hardware CRC32C,
+      O_DIRECT into page-aligned rows with `file_io_mode="direct"`; local
+      `file` kvstore and codecs without zstd only; docs/storage.md "v9").
+      "auto": "direct" where it applies, else "tensorstore".
     sync: how the direct chunk writer makes a batch durable: "syncfs" (one
       syncfs(2) of the store's file system per batch; Linux), "fsync" (each
       chunk, and its slot directory when new) or "auto" (syncfs where the
@@ -94,6 +102,7 @@ class ColdTierConfig:
   max_pending_write_bytes: int = 1 << 30
   fsync: bool = True
   chunk_writer: str = "auto"
+  chunk_reader: str = "auto"
   sync: str = "auto"
   key_file: str | None = None
 
@@ -125,6 +134,8 @@ class ColdTierConfig:
       raise ValueError(f"file_io_mode={self.file_io_mode!r} not in {FILE_IO_MODES}")
     if self.chunk_writer not in CHUNK_WRITERS:
       raise ValueError(f"chunk_writer={self.chunk_writer!r} not in {CHUNK_WRITERS}")
+    if self.chunk_reader not in CHUNK_READERS:
+      raise ValueError(f"chunk_reader={self.chunk_reader!r} not in {CHUNK_READERS}")
     if self.sync not in SYNC_MODES:
       raise ValueError(f"sync={self.sync!r} not in {SYNC_MODES}")
     if self.admission not in ADMISSIONS:

@@ -171,10 +171,16 @@ def _flip_bytes(path, rng, count):
     f.write(data)
 
 
-@pytest.mark.parametrize("codec", ["raw", "zstd", "int8"])
-def test_corrupt_torn_and_missing_chunks_are_misses(tmp_path, codec):
+# (codec, chunk_reader): both readers where both apply; zstd is TensorStore's.
+READERS = [("raw", "direct"), ("raw", "tensorstore"), ("zstd", "tensorstore"),
+           ("int8", "direct"), ("int8", "tensorstore")]
+
+
+@pytest.mark.parametrize("codec,reader", READERS)
+def test_corrupt_torn_and_missing_chunks_are_misses(tmp_path, codec, reader):
   rng = np.random.default_rng(8)
-  with _store(tmp_path, codec=codec) as store:
+  with _store(tmp_path, codec=codec, chunk_reader=reader) as store:
+    assert store.chunk_reader == reader
     ids, blocks = _data(rng, 24, store)
     store.put(ids, blocks)
     slots = {r.block_id: r.slot for r in store.index.all_ready()}
@@ -384,11 +390,11 @@ def test_one_file_per_block_in_its_slot_directory(tmp_path, n):
     assert all(_same(a, b) for a, b in zip(store.get(ids), blocks))
 
 
-@pytest.mark.parametrize("codec", ["raw", "zstd", "int8"])
-def test_get_into_a_caller_buffer(tmp_path, codec):
+@pytest.mark.parametrize("codec,reader", READERS)
+def test_get_into_a_caller_buffer(tmp_path, codec, reader):
   """get(ids, out=buf): hits land in buf's rows (views), misses are None."""
   rng = np.random.default_rng(21)
-  with _store(tmp_path, codec=codec, max_batch_blocks=3) as store:
+  with _store(tmp_path, codec=codec, max_batch_blocks=3, chunk_reader=reader) as store:
     ids, blocks = _data(rng, 7, store)
     store.put(ids[:5], blocks[:5])
     order = [ids[0], ids[6], ids[2], ids[5], ids[4], ids[1], ids[3]]  # 2 misses inside
@@ -416,10 +422,12 @@ def test_get_into_rejects_a_wrong_buffer(tmp_path):
         store.get(ids, out=bad)
 
 
-def test_get_into_a_buffer_with_a_corrupt_chunk(tmp_path):
-  """The per-chunk fallback fills the buffer too; the bad block is a miss."""
+@pytest.mark.parametrize("reader", ["direct", "tensorstore"])
+def test_get_into_a_buffer_with_a_corrupt_chunk(tmp_path, reader):
+  """The bad chunk is a miss, the others land in the buffer (TensorStore:
+  by its per-chunk fallback)."""
   rng = np.random.default_rng(23)
-  with _store(tmp_path) as store:
+  with _store(tmp_path, chunk_reader=reader) as store:
     ids, blocks = _data(rng, 4, store)
     store.put(ids, blocks)
     slot = store.index.lookup(ids[1:2])[0].slot

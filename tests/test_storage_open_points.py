@@ -31,6 +31,7 @@ import pytest
 from dualpath_jax.config import TINY, CacheConfig
 from storage import BlockStore, ColdTierConfig
 from storage import block_store as block_store_lib
+from storage import chunk_reader as chunk_reader_lib
 from storage import chunk_writer as chunk_writer_lib
 from storage import encryption
 from storage.clone import clone_store
@@ -102,19 +103,57 @@ class _FailedRead:
     return future
 
 
-@pytest.mark.parametrize("error", sorted(_TRANSIENT))
+# The same errors where the direct chunk reader meets them: the OS call that
+# fails, and its errno.
+_TRANSIENT_OS = {"emfile": ("open", errno.EMFILE), "eio": ("preadv", errno.EIO),
+                 "eacces": ("open", errno.EACCES)}
+
+
+class _FailingOs:
+  """`os` for `storage.chunk_reader`, whose `call` on a chunk path in
+  `paths` fails with `err`; everything else goes to the real module."""
+
+  def __init__(self, call: str, err: int, paths: set[str]):
+    self._call, self._err, self._paths, self._fds = call, err, paths, set()
+
+  def open(self, path, flags, *args):
+    if path in self._paths and self._call == "open":
+      raise OSError(self._err, os.strerror(self._err), path)
+    fd = os.open(path, flags, *args)
+    if path in self._paths:
+      self._fds.add(fd)
+    return fd
+
+  def preadv(self, fd, buffers, offset):
+    if fd in self._fds:
+      raise OSError(self._err, os.strerror(self._err))
+    return os.preadv(fd, buffers, offset)
+
+  def close(self, fd):
+    self._fds.discard(fd)
+    os.close(fd)
+
+  def __getattr__(self, name):
+    return getattr(os, name)
+
+
+@pytest.mark.parametrize("reader,error", [
+    *[("tensorstore", e) for e in sorted(_TRANSIENT)],
+    *[("direct", e) for e in sorted(_TRANSIENT_OS)]])
 @pytest.mark.parametrize("sealed", [False, True])
 @pytest.mark.parametrize("into", [False, True])
-def test_a_read_the_os_fails_is_a_miss_and_keeps_the_block(tmp_path, error, sealed,
-                                                           into):
+def test_a_read_the_os_fails_is_a_miss_and_keeps_the_block(tmp_path, monkeypatch, reader,
+                                                           error, sealed, into):
   """Only a missing or corrupt chunk is removed; an OS or kvstore error is
-  a miss and the block stays, served by the next read."""
+  a miss and the block stays, served by the next read. Through TensorStore
+  (its error messages) and through the direct chunk reader (the OS call's
+  errno)."""
   rng = np.random.default_rng()
   key = None
   if sealed:
     key = str(tmp_path / "key")
     encryption.write_key_file(key)
-  with _store(tmp_path / "store", key_file=key) as store:
+  with _store(tmp_path / "store", key_file=key, chunk_reader=reader) as store:
     ids, blocks = _blocks(rng, 6, store)
     assert store.put(ids, blocks).written == 6
     slots = _slots(store, ids)
@@ -127,8 +166,14 @@ def test_a_read_the_os_fails_is_a_miss_and_keeps_the_block(tmp_path, error, seal
       f.seek(-1, os.SEEK_CUR)
       f.write(bytes([byte[0] ^ 0xFF]))
     real = store.array
-    store.array = _FailingReads(real, {
-        slots[i]: _TRANSIENT[error].format(path=f"c/{slots[i]}/0") for i in failing})
+    if reader == "tensorstore":
+      store.array = _FailingReads(real, {
+          slots[i]: _TRANSIENT[error].format(path=f"c/{slots[i]}/0") for i in failing})
+    else:
+      assert store.chunk_reader == "direct"
+      monkeypatch.setattr(chunk_reader_lib, "os", _FailingOs(
+          *_TRANSIENT_OS[error],
+          {os.path.join(store._chunk_root, str(slots[i]), "0") for i in failing}))
     out = np.zeros((6, *store.block_shape), blocks.dtype) if into else None
     got = store.get(ids, out=out)
     for i in range(6):
@@ -144,6 +189,7 @@ def test_a_read_the_os_fails_is_a_miss_and_keeps_the_block(tmp_path, error, seal
     assert store.contains(ids) == [i != corrupt for i in range(6)]
     assert store.stored_slots() == {s for i, s in enumerate(slots) if i != corrupt}
     store.array = real  # the OS recovers
+    monkeypatch.undo()
     got = store.get([ids[i] for i in failing])
     assert all(_same(g, blocks[i]) for g, i in zip(got, failing))
 

@@ -16,6 +16,8 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from dualpath_jax.utils import page_aligned_empty
+
 
 class BlockSource(Protocol):
   """Reads blocks by id."""
@@ -51,7 +53,10 @@ class StagingRows:
   `storage.BlockStore.get(ids, out=...)` reads into it instead of fresh result
   arrays, whose first touch costs more CPU than the disk read on small hosts
   (docs/storage.md "v4"). It grows to the next power of two (at least
-  `min_rows`) and never shrinks. Not thread-safe: one per reading thread.
+  `min_rows`) and never shrinks. Its rows start on a page where the row
+  is whole pages (a page-aligned mapping), so the store's direct chunk
+  reader reads into them with O_DIRECT. Not thread-safe: one per reading
+  thread.
   """
 
   def __init__(self, row_shape: Sequence[int], dtype: Any, min_rows: int = 16):
@@ -64,5 +69,5 @@ class StagingRows:
     """The first `n` rows (their content is whatever the last read left)."""
     if self._buffer is None or self._buffer.shape[0] < n:
       capacity = max(self.min_rows, 1 << max(n - 1, 0).bit_length())
-      self._buffer = np.zeros((capacity, *self.row_shape), self.dtype)
+      self._buffer = page_aligned_empty((capacity, *self.row_shape), self.dtype)
     return self._buffer[:n]

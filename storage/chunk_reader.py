@@ -1,0 +1,218 @@
+"""Chunk reads from a local `file` kvstore, without TensorStore's read path.
+
+Why: reading into a reused buffer (`BlockStore.get(ids, out=...)`), the
+store spent 0.6-0.8 CPU seconds per GB in TensorStore on the benchmark VM
+(docs/storage.md "v4", "v8"): `pread` through the page cache (its kernel
+copy alone a fifth of the samples), its portable software CRC32C, one more
+copy out of its own read buffer into the caller's, the page faults of that
+buffer. On two vCPUs that is CPU the engine computing beside the reads
+does not get. This reader reads each chunk file (the store's
+`c/<slot>/0`: the stored block's little-endian bytes, then the zarr3
+`crc32c` codec's 4-byte trailer; `storage.chunk_writer` writes them, or
+TensorStore) straight into the caller's row:
+
+* with O_DIRECT (the store's `file_io_mode="direct"`, its default) where
+  the row starts on a page and the chunk is whole pages, so the disk's DMA
+  fills the row and the page cache is not touched; the trailer lands in a
+  reused page of the reading thread. Elsewhere (an unaligned row, a chunk
+  of part pages, a file system that refuses O_DIRECT such as tmpfs) one
+  buffered `preadv` into the row and the trailer;
+* the checksum by the CPU's CRC32C instruction (the `crc32c` package, ~13
+  GB/s here, the GIL released) instead of a software table;
+* the chunks of a batch by `concurrency` threads at once (the store's
+  queue depth, as TensorStore's file I/O pool was).
+
+A chunk's verdict is the one TensorStore's read gives (tested side by side),
+in `block_store.read_failure`'s words: no file (or a directory in its
+place) is "missing"; a file shorter than a chunk and its checksum, or one
+whose CRC32C does not match, is "corrupt" (bytes after the checksum are not
+read); the OS refusing or failing the open or the read otherwise (too many
+open files, EIO) is "unreadable", which proves nothing about the bytes. A read racing an in-place rewrite of its slot
+sees a torn chunk whose CRC32C fails; the store then finds the block no
+longer current and counts a race, never serving those bytes
+(`chunk_writer`'s module docstring).
+
+Only for a local `file` kvstore and codecs without zstd (decompression runs
+inside TensorStore's codec chain): `BlockStore` chooses
+(`ColdTierConfig.chunk_reader`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import errno
+import fcntl
+import os
+import stat
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from dualpath_jax.utils import page_aligned_empty
+from storage import chunk_writer as chunk_writer_lib
+from storage.io_pool import submit_or_run
+
+ALIGNMENT = chunk_writer_lib.ALIGNMENT
+TRAILER_BYTES = 4  # the zarr3 crc32c codec's checksum, little endian
+
+# A chunk read's failure: (reason, message), reason one of
+# `block_store.read_failure`'s ("missing", "corrupt", "unreadable").
+Failure = tuple[str, str]
+
+
+class DirectChunkReader:
+  """Reads whole chunks of a zarr3 slot array in a local directory (see the
+  module docstring).
+
+  Args:
+    array_dir: the array's directory (holds `c/<slot>/0`).
+    chunk_bytes: bytes of one stored chunk before its trailer.
+    concurrency: chunk reads in flight at once (threads).
+    o_direct: read whole-page chunks into page-aligned rows with O_DIRECT;
+      cleared for good if the file system refuses it.
+  """
+
+  def __init__(self, array_dir: str, chunk_bytes: int, concurrency: int,
+               o_direct: bool = False):
+    ok, why = chunk_writer_lib.available()
+    if not ok:
+      raise RuntimeError(f"direct chunk reads unavailable: {why}")
+    if concurrency <= 0 or chunk_bytes <= 0:
+      raise ValueError("concurrency and chunk_bytes must be positive")
+    self.array_dir = array_dir
+    self.chunk_bytes = int(chunk_bytes)
+    self.o_direct = o_direct and self.chunk_bytes % ALIGNMENT == 0
+    self.direct_bytes = 0  # bytes read with O_DIRECT (stats, tests)
+    self._local = threading.local()
+    self._count_lock = threading.Lock()
+    self._pool = cf.ThreadPoolExecutor(concurrency,
+                                       thread_name_prefix="cold-chunk-read")
+
+  def chunk_path(self, slot: int) -> str:
+    return os.path.join(self.array_dir, "c", str(int(slot)), "0")
+
+  def read(self, slots: Sequence[int],
+           rows: Sequence[np.ndarray],  # each [chunk_bytes] uint8, writable
+           ) -> list[Failure | None]:
+    """Reads slot `slots[i]`'s chunk into `rows[i]` and verifies it.
+
+    Returns, per chunk, None (read and verified) or its failure. A row whose
+    chunk failed holds unspecified bytes. Waits for every read.
+    """
+    if len(slots) != len(rows):
+      raise ValueError(f"{len(slots)} slots for {len(rows)} rows")
+    for row in rows:
+      if (row.dtype != np.uint8 or row.shape != (self.chunk_bytes,) or
+          not row.flags.c_contiguous or not row.flags.writeable):
+        raise ValueError(f"rows must be writable C-contiguous [{self.chunk_bytes}] "
+                         f"uint8 arrays, got {row.dtype} {row.shape}")
+    futures = [submit_or_run(self._pool, self._read_one, int(slot), row)
+               for slot, row in zip(slots, rows)]
+    return [f.result() for f in futures]
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True)
+
+  def _read_one(self, slot: int, row: np.ndarray) -> Failure | None:
+    path = self.chunk_path(slot)
+    direct = self.o_direct and row.ctypes.data % ALIGNMENT == 0
+    try:
+      fd, direct = self._open(path, direct)
+      try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # TensorStore: no chunk there either
+          return ("missing", f"{path}: not a regular file")
+        expected = self.chunk_bytes + TRAILER_BYTES
+        # Shorter: torn. Longer: the chunk and its checksum come first and
+        # decide, as TensorStore reads such a file.
+        if st.st_size < expected:
+          return ("corrupt", f"{path}: {st.st_size} bytes, a chunk has {expected} "
+                  "(torn or truncated)")
+        trailer = self._read_file(fd, row, direct)
+      finally:
+        os.close(fd)
+    except FileNotFoundError:
+      return ("missing", f"{path}: no such chunk file")
+    except _Shrank as err:
+      return ("corrupt", f"{path}: {err}")
+    except OSError as err:
+      return ("unreadable", f"{path}: {err.strerror or err} [OS error "
+              f"{err.errno}]")
+    stored = int.from_bytes(trailer, "little")
+    computed = int(chunk_writer_lib._crc32c.crc32c(row))  # pylint: disable=protected-access
+    if computed != stored:
+      return ("corrupt", f"{path}: CRC32C {computed:08x} does not match the "
+              f"stored {stored:08x}")
+    return None
+
+  def _open(self, path: str, direct: bool) -> tuple[int, bool]:
+    """A read-only descriptor of `path`, with O_DIRECT if `direct` and the
+    file system takes it; and whether it has it."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    if direct:
+      try:
+        return os.open(path, flags | os.O_DIRECT), True
+      except OSError as err:
+        if err.errno != errno.EINVAL:
+          raise
+      fd = os.open(path, flags)
+      if stat.S_ISREG(os.fstat(fd).st_mode):  # a file system without it (tmpfs)
+        self.o_direct = False  # buffered from now on
+      return fd, False
+    return os.open(path, flags), False
+
+  def _read_file(self, fd: int, row: np.ndarray, direct: bool) -> bytes:
+    """Reads the open chunk file into `row` and returns its trailer."""
+    if direct:
+      tail = self._tail_page()
+      try:
+        n = _read_all(fd, [row, tail], self.chunk_bytes + TRAILER_BYTES)
+      except OSError as err:
+        if err.errno != errno.EINVAL:
+          raise
+        # Refused after the open (a short read left the rest unaligned):
+        # this chunk again, buffered.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        return self._read_file(fd, row, False)
+      with self._count_lock:
+        self.direct_bytes += self.chunk_bytes
+      del n  # >= want: a longer file fills more of the tail page
+      return bytes(tail[:TRAILER_BYTES])
+    trailer = bytearray(TRAILER_BYTES)
+    _read_all(fd, [row, trailer], self.chunk_bytes + TRAILER_BYTES)
+    return bytes(trailer)
+
+  def _tail_page(self) -> np.ndarray:
+    """This thread's reused page (O_DIRECT needs whole aligned pages) that
+    the trailer's page is read into."""
+    page = getattr(self._local, "page", None)
+    if page is None:
+      page = page_aligned_empty((ALIGNMENT,), np.uint8)
+      self._local.page = page
+    return page
+
+
+class _Shrank(Exception):
+  """The chunk file ended before its checked size while it was read."""
+
+
+def _read_all(fd: int, parts: list, want: int) -> int:
+  """Reads from offset 0 into the buffers in order until `want` bytes came
+  (retrying short reads) and returns how many did. A file that ends first
+  raises `_Shrank`: its size was checked, so it changed while read."""
+  views = [memoryview(p).cast("B") for p in parts if len(p)]
+  offset = 0
+  while offset < want:
+    n = os.preadv(fd, views, offset)
+    if n <= 0:
+      raise _Shrank(f"the file ended at byte {offset} of {want} while read")
+    offset += n
+    while views and n >= len(views[0]):
+      n -= len(views[0])
+      views.pop(0)
+    if views:
+      views[0] = views[0][n:]
+    if not views:
+      break
+  return offset
