@@ -75,6 +75,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from dualpath_jax import outputs
+from dualpath_jax.metrics import git_commit
 from dualpath_jax.utils import ctrl_c_ends_quietly, page_aligned_empty
 from dualpath_jax.config import MODEL_PRESETS, CacheConfig
 from launch.storage_disk import (bench_file_floor, bench_memory, bench_raw,
@@ -477,6 +478,7 @@ def main(argv):
   directory = tempfile.mkdtemp(prefix="bench_storage_", dir=FLAGS.dir)
   report: dict = {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "git_commit": git_commit(), "command": list(sys.argv),
       "method": "paired rounds v4: raw O_DIRECT and store back to back per round and "
                 "config, same requests, depth and order; ratios per round",
       "load_average_1_5_15_start": list(os.getloadavg()),

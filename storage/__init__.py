@@ -11,6 +11,8 @@ configured by `ColdTierConfig`. Modules, one job each:
                 slot directories made a group ahead
 * `chunk_writer` writes a local store's chunk files itself (TensorStore's
                 bytes, hardware CRC32C, O_DIRECT pages, one syncfs per batch)
+* `chunk_reader` reads them itself, straight into the caller's rows
+                (O_DIRECT into page-aligned rows, hardware CRC32C)
 * `index`       block identity -> slot in SQLite; crash-safe visibility
 * `io_pool`     bounded worker threads and futures
 * `stats`       counters for metrics

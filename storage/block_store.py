@@ -31,16 +31,17 @@ caller hands `blocks` over: it must not change them until the future is
 done. A put whose bytes would exceed
 `max_pending_write_bytes` is dropped (status "dropped"), never blocks.
 
-`get_async` looks the ids up, reads their chunks in batches (one TensorStore
-read per batch; each chunk's CRC32C verified by TensorStore), re-checks in the
-index that no block was evicted while it was read, and decodes. A missing,
+`get_async` looks the ids up, reads their chunks in batches (each chunk's
+CRC32C verified; on a local `file` kvstore by `storage.chunk_reader`, straight
+into the caller's rows, elsewhere one TensorStore read per batch), re-checks
+in the index that no block was evicted while it was read, and decodes. A missing,
 torn, corrupt or raced block is None: counted in `stats()`, logged once, and
 its index entry and bytes removed so that the engine recomputes and re-puts it.
 A block whose read failed without proving it bad (an OS error such as too
 many open files, an unavailable kvstore) is None too, but stays stored for a
 later read (`read_failure`).
 With `out=` (a `[n, L, 2, Hkv, P, D]` buffer the caller reuses, e.g. a staging
-buffer), TensorStore writes the chunks straight into it (raw and zstd codecs)
+buffer), the chunks are read straight into it (raw and zstd codecs)
 and the result holds views of its rows: no fresh result arrays, whose first
 touch is a large part of a read's CPU cost (page faults, zeroing;
 docs/storage.md).
@@ -66,6 +67,7 @@ import numpy as np
 import tensorstore as ts
 
 from dualpath_jax.config import CacheConfig, ModelConfig
+from dualpath_jax.utils import page_aligned_empty
 from storage import chunk_reader as chunk_reader_lib
 from storage import chunk_writer as chunk_writer_lib
 from storage import encryption
@@ -724,8 +726,9 @@ class BlockStore:
     """`_read_chunks` by the direct chunk reader: each chunk straight into
     its row of `into`, or of a new batch `[n, *stored_shape]` (returned)."""
     batch = None
-    if into is None:
-      batch = np.empty((len(refs), layout.chunk_elems(self.codec)), self.codec.stored_dtype)
+    if into is None:  # page-aligned, so that whole-page chunks go O_DIRECT
+      batch = page_aligned_empty((len(refs), layout.chunk_elems(self.codec)),
+                                 self.codec.stored_dtype)
       into, rows = batch, range(len(refs))
     dest = into.view(np.uint8)  # [m, chunk_bytes]
     verdicts = self._chunk_reader.read([r.slot for r in refs],

@@ -52,10 +52,11 @@ Measured on the benchmark VM (docs/storage.md "v6"): against TensorStore's
 writes, 4-27 points more of the raw disk's bandwidth on fresh stores at a
 third to a half of the CPU.
 
-Reads stay with TensorStore, which verifies each chunk's CRC32C: the files are
-ordinary zarr3 chunks (tests/test_storage_chunk_writer.py compares them byte
-for byte with TensorStore's own writes). Only for a local `file` kvstore and
-codecs without zstd (`BlockStore` chooses; `ColdTierConfig.chunk_writer`).
+The files are ordinary zarr3 chunks (tests/test_storage_chunk_writer.py
+compares them byte for byte with TensorStore's own writes): TensorStore or
+`storage.chunk_reader` reads them and verifies each chunk's CRC32C. Only for
+a local `file` kvstore and codecs without zstd (`BlockStore` chooses;
+`ColdTierConfig.chunk_writer`).
 """
 
 from __future__ import annotations

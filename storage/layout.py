@@ -4,8 +4,9 @@ The block bytes live in a single 2-d zarr3 array `[num_slots, chunk_elems]`
 (`chunk_elems = prod(stored_shape)`, the codec's stored block flattened) whose
 chunk shape is `[1, chunk_elems]`: one chunk per slot, holding every layer of
 one KV block, so one read fetches one block. The codec chain of each chunk is
-`bytes (little endian) -> [zstd] -> crc32c`; TensorStore verifies the CRC32C
-on every read and a mismatch fails that read (the store turns it into a miss).
+`bytes (little endian) -> [zstd] -> crc32c`; every read verifies the CRC32C
+(TensorStore's, or `storage.chunk_reader`'s on a local `file` kvstore) and a
+mismatch fails that read (the store turns it into a miss).
 Chunk keys use the zarr3 "default" encoding with "/" separators, so slot `s`
 is the key `c/s/0`: one file per block, one directory per slot.
 
