@@ -82,6 +82,12 @@ def define(mesh_default: str | None = None) -> None:
        "how a batch of cold-tier chunk writes is made durable: one syncfs of "
        "the store's file system (give it its own), an fsync per chunk, or "
        "auto (syncfs where the platform has it)")
+  once(flags.DEFINE_enum, "cold_tier_reader", "auto",
+       ["auto", "direct", "tensorstore"],
+       "who reads cold-tier chunk files: the store's own reader (direct: "
+       "straight into the load's buffer, O_DIRECT, hardware CRC32C; a "
+       "local store without zstd), TensorStore, or auto (direct where it "
+       "applies)")
 
 
 def mesh_config():
@@ -158,6 +164,7 @@ def cold_tier_config(root: str | None = None):
   return ColdTierConfig(root=root, codec=FLAGS.cold_tier_codec,
                         capacity_bytes=int(FLAGS.cold_tier_gb * (1 << 30)),
                         sync=FLAGS.cold_tier_sync,
+                        chunk_reader=FLAGS.cold_tier_reader,
                         key_file=FLAGS.cold_tier_key_file or None)
 
 
@@ -199,6 +206,7 @@ def as_dict() -> dict:
           "prefill_tokens_per_s": FLAGS.prefill_tokens_per_s,
           "cold_tier_codec": FLAGS.cold_tier_codec,
           "cold_tier_gb": FLAGS.cold_tier_gb, "cold_tier_sync": FLAGS.cold_tier_sync,
+          "cold_tier_reader": FLAGS.cold_tier_reader,
           "cold_tier_encrypted": bool(FLAGS.cold_tier_key_file),
           "hot_tier_gb": FLAGS.hot_tier_gb,
           "hot_tier_memory": FLAGS.hot_tier_memory,
