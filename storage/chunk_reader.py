@@ -140,7 +140,7 @@ class DirectChunkReader:
       return ("unreadable", f"{path}: {err.strerror or err} [OS error "
               f"{err.errno}]")
     stored = int.from_bytes(trailer, "little")
-    computed = int(chunk_writer_lib._crc32c.crc32c(row))  # pylint: disable=protected-access
+    computed = int.from_bytes(chunk_writer_lib.crc32c_bytes(row), "little")
     if computed != stored:
       return ("corrupt", f"{path}: CRC32C {computed:08x} does not match the "
               f"stored {stored:08x}")
@@ -157,7 +157,12 @@ class DirectChunkReader:
         if err.errno != errno.EINVAL:
           raise
       fd = os.open(path, flags)
-      if stat.S_ISREG(os.fstat(fd).st_mode):  # a file system without it (tmpfs)
+      try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+      except OSError:
+        os.close(fd)
+        raise
+      if regular:  # a file system without O_DIRECT (tmpfs)
         self.o_direct = False  # buffered from now on
       return fd, False
     return os.open(path, flags), False
@@ -166,8 +171,8 @@ class DirectChunkReader:
     """Reads the open chunk file into `row` and returns its trailer."""
     if direct:
       tail = self._tail_page()
-      try:
-        n = _read_all(fd, [row, tail], self.chunk_bytes + TRAILER_BYTES)
+      try:  # a longer file fills more of the tail page: its first bytes count
+        _read_all(fd, [row, tail], self.chunk_bytes + TRAILER_BYTES)
       except OSError as err:
         if err.errno != errno.EINVAL:
           raise
@@ -177,7 +182,6 @@ class DirectChunkReader:
         return self._read_file(fd, row, False)
       with self._count_lock:
         self.direct_bytes += self.chunk_bytes
-      del n  # >= want: a longer file fills more of the tail page
       return bytes(tail[:TRAILER_BYTES])
     trailer = bytearray(TRAILER_BYTES)
     _read_all(fd, [row, trailer], self.chunk_bytes + TRAILER_BYTES)
@@ -197,10 +201,10 @@ class _Shrank(Exception):
   """The chunk file ended before its checked size while it was read."""
 
 
-def _read_all(fd: int, parts: list, want: int) -> int:
-  """Reads from offset 0 into the buffers in order until `want` bytes came
-  (retrying short reads) and returns how many did. A file that ends first
-  raises `_Shrank`: its size was checked, so it changed while read."""
+def _read_all(fd: int, parts: list, want: int) -> None:
+  """Reads from offset 0 into the buffers in order until at least `want`
+  bytes came (retrying short reads). A file that ends first raises
+  `_Shrank`: its size was checked, so it changed while read."""
   views = [memoryview(p).cast("B") for p in parts if len(p)]
   offset = 0
   while offset < want:
@@ -215,4 +219,3 @@ def _read_all(fd: int, parts: list, want: int) -> int:
       views[0] = views[0][n:]
     if not views:
       break
-  return offset
