@@ -85,11 +85,11 @@ _REMOVAL_BACKOFF_S = 0.5
 _REMOVAL_BACKOFF_MAX_S = 30.0
 _monotonic = time.monotonic  # the backoff's clock (tests set their own)
 
-# Sealed chunks an encrypted store's read takes at a time (`_get_sealed`):
-# TensorStore still has them all in flight at once, and the scratch that
-# holds them stays small (a whole batch's, 64 chunks, cost each read
+# Chunks a read of a decoded store (encrypted, or int8) takes at a time
+# (`_get_decoded`): they are still all in flight at once, and the scratch
+# that holds them stays small (a whole batch's, 64 chunks, cost each read
 # thread its first touch: 90 MB at 1.4 MiB a block, slower than the disk).
-SEALED_READ_CHUNKS = 8
+SCRATCH_READ_CHUNKS = 8
 
 DROPPED = "dropped"
 FAILED = "failed"
@@ -565,9 +565,14 @@ class BlockStore:
   ) -> None:
     """Writes chunks and returns once they are durable (the direct writer's
     batch, or one TensorStore transaction)."""
-    encoded = (self.codec.encode(blocks, [r.block_id for r in refs],
-                                 self._scratch(len(refs)))
-               if self._sealed else self.codec.encode(blocks))
+    if self._sealed:
+      encoded = self.codec.encode(blocks, [r.block_id for r in refs],
+                                  self._scratch(len(refs)))
+    elif self.codec.identity:
+      encoded = self.codec.encode(blocks)
+    else:  # int8: into this thread's scratch, not a fresh array
+      encoded = self.codec.encode(blocks, self._scratch(len(refs)).view(
+          self.codec.stored_dtype).reshape(len(refs), *self.codec.stored_shape))
     slots = np.array([r.slot for r in refs], np.int64)
     if self._slot_dirs is not None:
       self._slot_dirs.ensure(slots.tolist())
@@ -590,30 +595,22 @@ class BlockStore:
     rows = [i for i, r in enumerate(refs) if r is not None]  # rows of `out`
     present = [refs[i] for i in rows]
     found: dict[bytes, np.ndarray] = {}
-    if present and self._sealed:
-      found = self._get_sealed(present, rows, out)
+    if present and not self.codec.identity:  # encrypted, int8
+      found = self._get_decoded(present, rows, out)
     elif present:
       # Identity codecs (raw, zstd) read straight into `out`: no result copy.
-      # Without `out`, TensorStore's own read() allocates the batch (numpy's
-      # np.empty + a write into it measured 2.4x the CPU on the benchmark VM:
-      # transparent huge pages, zeroed on first touch; docs/storage.md).
-      dest = out if out is not None and self.codec.identity else None
-      into = None if dest is None else dest.reshape(len(dest), -1)
+      # Without `out`, the reader allocates the batch (TensorStore's own
+      # read(), or the direct reader's page-aligned batch).
+      into = None if out is None else out.reshape(len(out), -1)
       batch, ok, bad = self._read_chunks(present, into, rows)
       if bad:
         self._drop_bad(bad)
       keep = self._still_current(present, [i for i in range(len(present))
                                            if ok[i]])
-      if keep and dest is not None:
-        found = {present[i].block_id: dest[rows[i]] for i in keep}
-      elif keep:
-        decoded = self.codec.decode(batch if len(keep) == len(present) else batch[keep])
-        if out is not None:
-          for j, i in enumerate(keep):
-            out[rows[i]] = decoded[j]
-          found = {present[i].block_id: out[rows[i]] for i in keep}
-        else:
-          found = {present[i].block_id: decoded[j] for j, i in enumerate(keep)}
+      if out is not None:
+        found = {present[i].block_id: out[rows[i]] for i in keep}
+      else:
+        found = {present[i].block_id: batch[i] for i in keep}
     hits = sum(block_id in found for block_id in ids)
     self._stats.add(
         hit_blocks=hits, read_bytes=hits * self.codec.encoded_block_bytes,
@@ -621,31 +618,46 @@ class BlockStore:
         read_seconds=time.perf_counter() - start)
     return [found.get(block_id) for block_id in ids]
 
-  def _get_sealed(
+  def _get_decoded(
       self,
       refs: list[index_lib.SlotRef],
       rows: list[int],  # row of `out` for each ref
       out: np.ndarray | None,  # [>= max(rows) + 1, L, 2, Hkv, P, D] or None
   ) -> dict[bytes, np.ndarray]:
-    """`_get`'s read of an encrypted store: `SEALED_READ_CHUNKS` chunks at a
-    time land in this thread's scratch (reused: a fresh array per read
-    costs its first touch, on the benchmark VM slower than the disk), then
-    each is authenticated and decrypted into its `out` row, or a new block.
-    A failed tag is a corrupt block: changed, or another block's chunk."""
+    """`_get`'s read of a store whose chunks are not the blocks (encrypted,
+    int8): `SCRATCH_READ_CHUNKS` chunks at a time land in this thread's
+    scratch (reused: a fresh array per read costs its first touch, on the
+    benchmark VM slower than the disk), then each is decoded (and first
+    authenticated and decrypted) into its `out` row, or a new block. A
+    failed tag is a corrupt block: changed, or another block's chunk."""
     blocks: list[np.ndarray | None] = []
     bad: list[tuple[index_lib.SlotRef, str, str]] = []
-    for lo in range(0, len(refs), SEALED_READ_CHUNKS):
-      part = refs[lo:lo + SEALED_READ_CHUNKS]
-      scratch = self._scratch(len(part))
-      _, ok, failed = self._read_chunks(part, scratch, list(range(len(part))))
+    for lo in range(0, len(refs), SCRATCH_READ_CHUNKS):
+      part = refs[lo:lo + SCRATCH_READ_CHUNKS]
+      scratch = self._scratch(len(part))  # [k, encoded_block_bytes] uint8
+      _, ok, failed = self._read_chunks(part, scratch.view(self.codec.stored_dtype),
+                                        list(range(len(part))))
       bad += failed
-      got = self.codec.decode(
-          scratch, [r.block_id if good else None for r, good in zip(part, ok)],
-          None if out is None else [out[row] for row in rows[lo:lo + len(part)]])
-      for ref, good, block in zip(part, ok, got):
-        if good and block is None:
-          bad.append((ref, "corrupt", "its authentication tag does not match "
-                      "(changed, or another block's chunk)"))
+      dests = (None if out is None else
+               [out[row] for row in rows[lo:lo + len(part)]])
+      if self._sealed:
+        got = self.codec.decode(
+            scratch, [r.block_id if good else None for r, good in zip(part, ok)], dests)
+        for ref, good, block in zip(part, ok, got):
+          if good and block is None:
+            bad.append((ref, "corrupt", "its authentication tag does not match "
+                        "(changed, or another block's chunk)"))
+      else:
+        got = []
+        for j, good in enumerate(ok):
+          if not good:
+            got.append(None)
+            continue
+          dest = (np.empty(self.block_shape, self.codec.dtype) if dests is None
+                  else dests[j])
+          self.codec.decode_into(
+              scratch[j].view(self.codec.stored_dtype).reshape(self.codec.stored_shape), dest)
+          got.append(dest)
       blocks += got
     if bad:
       self._drop_bad(bad)
@@ -664,8 +676,8 @@ class BlockStore:
     return keep
 
   def _scratch(self, n: int) -> np.ndarray:  # [n, encoded_block_bytes] uint8
-    """This thread's reused buffer of `n` sealed chunks (grown as needed: a
-    read thread's holds `SEALED_READ_CHUNKS`, a write thread's a put's
+    """This thread's reused buffer of `n` encoded chunks (grown as needed: a
+    read thread's holds `SCRATCH_READ_CHUNKS`, a write thread's a put's
     batch, at most `max_batch_blocks`)."""
     buf = getattr(self._local, "scratch", None)
     if buf is None or len(buf) < n:

@@ -45,6 +45,7 @@ import hmac
 import logging
 import os
 import stat
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -296,6 +297,7 @@ class SealedCodec:
     self.block_shape = inner.block_shape
     self.dtype = inner.dtype
     self.dtype_name = inner.dtype_name
+    self._local = threading.local()  # each thread's decrypted row (`_plain`)
 
   @property
   def stored_shape(self) -> tuple[int, ...]:
@@ -332,7 +334,8 @@ class SealedCodec:
       out: Sequence[np.ndarray] | None = None,  # n [L, 2, Hkv, P, D] rows
   ) -> list[np.ndarray | None]:  # [L, 2, Hkv, P, D] each; None: not authentic
     """Opens and decodes each chunk: a raw block is decrypted straight into
-    its `out` row (or a new block), an int8 one into a scratch row first."""
+    its `out` row (or a new block), an int8 one into this thread's scratch
+    row first, then decoded into its `out` row (or a new block)."""
     blocks: list[np.ndarray | None] = []
     for i, block_id in enumerate(ids):
       if block_id is None:
@@ -347,14 +350,20 @@ class SealedCodec:
           dest[...] = 0  # no unauthenticated bytes left in a caller's row
         blocks.append(dest if ok else None)
         continue
-      plain = np.empty(self.inner.encoded_block_bytes, np.uint8)
+      plain = self._plain()
       if not self.cipher.open_into(stored[i], block_id, plain):
         blocks.append(None)
         continue
-      block = self.inner.decode(plain.view(self.inner.stored_dtype).reshape(
-          1, *self.inner.stored_shape))[0]
-      if out is not None:
-        out[i][...] = block
-        block = out[i]
-      blocks.append(block)
+      dest = np.empty(self.block_shape, self.dtype) if out is None else out[i]
+      self.inner.decode_into(plain.view(self.inner.stored_dtype).reshape(
+          self.inner.stored_shape), dest)
+      blocks.append(dest)
     return blocks
+
+  def _plain(self) -> np.ndarray:  # [inner.encoded_block_bytes] uint8
+    """This thread's reused row that an int8 chunk is decrypted into."""
+    plain = getattr(self._local, "plain", None)
+    if plain is None:
+      plain = np.empty(self.inner.encoded_block_bytes, np.uint8)
+      self._local.plain = plain
+    return plain

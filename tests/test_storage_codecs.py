@@ -57,6 +57,58 @@ def test_int8_matches_numpy_reference(shape, dtype):
   assert np.all(back[0, 0, 1, 0] == 0)
 
 
+def _int8_reference(blocks: np.ndarray, dtype: str):
+  """The int8 codec written out whole-batch in float32, as the codec's
+  arithmetic is defined: (stored body [n, L, 2, H, P*D] int8, scales
+  [n, L, 2, H, 1] float32, decoded blocks in the cache dtype)."""
+  n, num_layers, _, heads = blocks.shape[:4]
+  rows = blocks.astype(np.float32).reshape(n, num_layers, 2, heads, -1)
+  amax = np.abs(rows).max(-1, keepdims=True)
+  scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+  q = np.clip(np.rint(rows / scale), -127, 127).astype(np.int8)
+  back = (q.astype(np.float32) * scale).astype(numpy_dtype(dtype)).reshape(blocks.shape)
+  return q, scale, back
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
+def test_int8_is_bit_identical_to_the_whole_batch_formula(shape, dtype):
+  """Block by block through a reused scratch, into a caller's arrays or new
+  ones: the bytes of the whole-batch float32 formula."""
+  rng = np.random.default_rng()
+  codec = make_codec("int8", shape, dtype)
+  blocks = _blocks(rng, 5, shape, dtype)
+  blocks[1, 0, 0, 0] = 0  # an all-zero row: scale 1
+  q, scale, back = _int8_reference(blocks, dtype)
+  out = np.full((5, *codec.stored_shape), 99, np.int8)
+  for stored in (codec.encode(blocks), codec.encode(blocks, out=out)):
+    assert stored[..., :-4].tobytes() == q.tobytes()
+    assert np.ascontiguousarray(stored[..., -4:]).view(np.float32).tobytes() == scale.tobytes()
+  assert codec.encode(blocks, out=out) is out
+  assert codec.decode(out).tobytes() == back.tobytes()
+  dest = np.full((7, *shape), 3, numpy_dtype(dtype))  # rows 1..5 of a bigger array
+  assert codec.decode(out, out=dest[1:6]) is not None
+  assert dest[1:6].tobytes() == back.tobytes()
+  assert np.all(dest[0] == 3) and np.all(dest[6] == 3)
+  one = np.full(shape, 5, numpy_dtype(dtype))
+  codec.decode_into(out[3], one)
+  assert one.tobytes() == back[3].tobytes()
+
+
+def test_int8_threads_do_not_share_a_scratch():
+  """The float32 scratch is per thread: concurrent encodes and decodes of
+  different blocks each get their own bytes."""
+  import concurrent.futures as cf
+  rng = np.random.default_rng()
+  shape = (3, 2, 2, 16, 32)
+  codec = make_codec("int8", shape, "bfloat16")
+  batches = [_blocks(rng, 3, shape, "bfloat16") for _ in range(16)]
+  want = [_int8_reference(b, "bfloat16")[2].tobytes() for b in batches]
+  with cf.ThreadPoolExecutor(4) as pool:
+    got = list(pool.map(lambda b: codec.decode(codec.encode(b)).tobytes(), batches * 4))
+  assert got == want * 4
+
+
 def test_int8_halves_bf16_bytes():
   codec = make_codec("int8", (30, 2, 3, 16, 64), "bfloat16")
   raw = make_codec("raw", (30, 2, 3, 16, 64), "bfloat16")

@@ -180,7 +180,7 @@ def _same(a, b) -> bool:
 def test_an_encrypted_store_returns_what_a_clear_one_does(tmp_path, key_file,
                                                           codec, writer):
   rng = np.random.default_rng()
-  n = 2 * block_store.SEALED_READ_CHUNKS + 3  # a read in three parts
+  n = 2 * block_store.SCRATCH_READ_CHUNKS + 3  # a read in three parts
   ids, blocks = _ids(rng, n), _blocks(rng, n)
   with _store(tmp_path / "clear", codec=codec, chunk_writer=writer) as clear, \
        _store(tmp_path / "sealed", key_file, codec=codec,
