@@ -82,7 +82,8 @@ class DirectChunkReader:
       raise ValueError("concurrency and chunk_bytes must be positive")
     self.array_dir = array_dir
     self.chunk_bytes = int(chunk_bytes)
-    self.o_direct = o_direct and self.chunk_bytes % ALIGNMENT == 0
+    self.o_direct = (o_direct and self.chunk_bytes % ALIGNMENT == 0 and
+                     hasattr(os, "O_DIRECT"))  # none on macOS
     self.direct_bytes = 0  # bytes read with O_DIRECT (stats, tests)
     self._local = threading.local()
     self._count_lock = threading.Lock()

@@ -125,7 +125,9 @@ def _fd_path(fd: int) -> str:
 
 
 def available() -> tuple[bool, str]:
-  """Whether this process can write chunks directly, and why not."""
+  """Whether this process can write (and read) chunks directly, and why not."""
+  if not (hasattr(os, "pwritev") and hasattr(os, "preadv")):
+    return False, "this platform has no pwritev/preadv"
   if _crc32c is None:
     return False, "the crc32c package is not installed"
   if not getattr(_crc32c, "hardware_based", False):
@@ -159,7 +161,9 @@ class DirectChunkWriter:
     self.array_dir = array_dir
     self.sync = sync
     self.durable = durable  # False only for benchmarks that say so
-    self.o_direct = o_direct  # cleared if the file system refuses O_DIRECT (tmpfs)
+    # Cleared if the file system refuses O_DIRECT (tmpfs); never set where
+    # the platform has none (macOS).
+    self.o_direct = o_direct and hasattr(os, "O_DIRECT")
     self.direct_bytes = 0  # bytes written with O_DIRECT (stats, tests)
     self._local = threading.local()
     self._count_lock = threading.Lock()

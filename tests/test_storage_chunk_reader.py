@@ -268,3 +268,17 @@ def test_rows_of_another_shape_are_refused(tmp_path):
     assert reader.read([7], [np.zeros(8192, np.uint8)])[0][0] == "missing"
   finally:
     reader.close()
+
+
+def test_a_platform_without_o_direct_reads_and_writes_buffered(tmp_path, monkeypatch):
+  """macOS has no O_DIRECT: the direct writer and reader still run, buffered."""
+  rng = np.random.default_rng()
+  monkeypatch.delattr(os, "O_DIRECT")
+  with _store(tmp_path, file_io_mode="direct") as store:
+    assert store.chunk_writer == store.chunk_reader == "direct"
+    ids, blocks = _blocks(rng, store, 4)
+    assert store.put(ids, blocks).written == 4
+    got = store.get(ids, out=_poisoned(4, store, aligned=True))
+    assert all(g.tobytes() == b.tobytes() for g, b in zip(got, blocks))
+    assert store.stats()["o_direct_read_bytes"] == 0
+    assert store._chunk_writer.direct_bytes == 0

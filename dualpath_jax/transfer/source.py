@@ -55,8 +55,10 @@ class StagingRows:
   (docs/storage.md "v4"). It grows to the next power of two (at least
   `min_rows`) and never shrinks. Its rows start on a page where the row
   is whole pages (a page-aligned mapping), so the store's direct chunk
-  reader reads into them with O_DIRECT. Not thread-safe: one per reading
-  thread.
+  reader reads into them with O_DIRECT. The rows are overwritten by the next
+  read: hand JAX a copy (`pool_io.write_blocks` makes one), since on a CPU
+  backend `jax.device_put` of an aligned array aliases its memory. Not
+  thread-safe: one per reading thread.
   """
 
   def __init__(self, row_shape: Sequence[int], dtype: Any, min_rows: int = 16):
