@@ -93,6 +93,10 @@ def test_int8_is_bit_identical_to_the_whole_batch_formula(shape, dtype):
   one = np.full(shape, 5, numpy_dtype(dtype))
   codec.decode_into(out[3], one)
   assert one.tobytes() == back[3].tobytes()
+  wide = np.full((*shape[:4], 2 * shape[4]), 5, numpy_dtype(dtype))
+  codec.decode_into(out[2], wide[..., ::2])  # a strided destination
+  assert np.ascontiguousarray(wide[..., ::2]).tobytes() == back[2].tobytes()
+  assert np.all(wide[..., 1::2] == 5)
 
 
 def test_int8_threads_do_not_share_a_scratch():
