@@ -632,11 +632,18 @@ class BlockStore:
     failed tag is a corrupt block: changed, or another block's chunk."""
     blocks: list[np.ndarray | None] = []
     bad: list[tuple[index_lib.SlotRef, str, str]] = []
+    enc = self.codec.encoded_block_bytes
     for lo in range(0, len(refs), SCRATCH_READ_CHUNKS):
       part = refs[lo:lo + SCRATCH_READ_CHUNKS]
-      scratch = self._scratch(len(part))  # [k, encoded_block_bytes] uint8
-      _, ok, failed = self._read_chunks(part, scratch.view(self.codec.stored_dtype),
-                                        list(range(len(part))))
+      scratch = self._read_scratch(len(part))  # [k, >= encoded_block_bytes] uint8
+      if self._chunk_reader is not None:  # whole pages: O_DIRECT at any chunk size
+        verdicts = self._chunk_reader.read([r.slot for r in part], list(scratch))
+        ok = [v is None for v in verdicts]
+        failed = [(ref, *v) for ref, v in zip(part, verdicts) if v is not None]
+      else:
+        _, ok, failed = self._read_chunks(part, scratch.view(self.codec.stored_dtype),
+                                          list(range(len(part))))
+      scratch = scratch[:, :enc]  # [k, encoded_block_bytes]: the chunks
       bad += failed
       dests = (None if out is None else
                [out[row] for row in rows[lo:lo + len(part)]])
@@ -675,10 +682,24 @@ class BlockStore:
     self._stats.add(miss_raced=len(read) - len(keep))
     return keep
 
+  def _read_scratch(self, n: int) -> np.ndarray:  # [n, row bytes] uint8
+    """This read thread's reused rows for `n` (<= `SCRATCH_READ_CHUNKS`)
+    chunks: with the direct chunk reader page-aligned rows of the chunk
+    file rounded up to pages (`DirectChunkReader.padded_bytes`, read with
+    O_DIRECT whatever the chunk's size), else rows of one chunk."""
+    buf = getattr(self._local, "read_scratch", None)
+    if buf is None:
+      if self._chunk_reader is not None:
+        buf = page_aligned_empty(
+            (SCRATCH_READ_CHUNKS, self._chunk_reader.padded_bytes), np.uint8)
+      else:
+        buf = np.empty((SCRATCH_READ_CHUNKS, self.codec.encoded_block_bytes), np.uint8)
+      self._local.read_scratch = buf
+    return buf[:n]
+
   def _scratch(self, n: int) -> np.ndarray:  # [n, encoded_block_bytes] uint8
-    """This thread's reused buffer of `n` encoded chunks (grown as needed: a
-    read thread's holds `SCRATCH_READ_CHUNKS`, a write thread's a put's
-    batch, at most `max_batch_blocks`)."""
+    """This write thread's reused buffer of `n` encoded chunks (grown as
+    needed: a put's batch, at most `max_batch_blocks`)."""
     buf = getattr(self._local, "scratch", None)
     if buf is None or len(buf) < n:
       buf = np.empty((n, self.codec.encoded_block_bytes), np.uint8)

@@ -82,8 +82,10 @@ class DirectChunkReader:
       raise ValueError("concurrency and chunk_bytes must be positive")
     self.array_dir = array_dir
     self.chunk_bytes = int(chunk_bytes)
-    self.o_direct = (o_direct and self.chunk_bytes % ALIGNMENT == 0 and
-                     hasattr(os, "O_DIRECT"))  # none on macOS
+    # A row that holds the whole file, rounded up to pages: any chunk goes
+    # O_DIRECT into it, the checksum included.
+    self.padded_bytes = -(-(self.chunk_bytes + TRAILER_BYTES) // ALIGNMENT) * ALIGNMENT
+    self.o_direct = o_direct and hasattr(os, "O_DIRECT")  # none on macOS
     self.direct_bytes = 0  # bytes read with O_DIRECT (stats, tests)
     self._local = threading.local()
     self._count_lock = threading.Lock()
@@ -94,20 +96,25 @@ class DirectChunkReader:
     return os.path.join(self.array_dir, "c", str(int(slot)), "0")
 
   def read(self, slots: Sequence[int],
-           rows: Sequence[np.ndarray],  # each [chunk_bytes] uint8, writable
+           rows: Sequence[np.ndarray],  # each [chunk_bytes] or [padded_bytes] uint8
            ) -> list[Failure | None]:
     """Reads slot `slots[i]`'s chunk into `rows[i]` and verifies it.
 
+    A row is the chunk's `chunk_bytes`, or `padded_bytes` (the file rounded
+    up to pages: the chunk lands in its first `chunk_bytes`, and a
+    page-aligned one is read with O_DIRECT whatever the chunk's size).
     Returns, per chunk, None (read and verified) or its failure. A row whose
     chunk failed holds unspecified bytes. Waits for every read.
     """
     if len(slots) != len(rows):
       raise ValueError(f"{len(slots)} slots for {len(rows)} rows")
+    sizes = {(self.chunk_bytes,), (self.padded_bytes,)}
     for row in rows:
-      if (row.dtype != np.uint8 or row.shape != (self.chunk_bytes,) or
+      if (row.dtype != np.uint8 or row.shape not in sizes or
           not row.flags.c_contiguous or not row.flags.writeable):
         raise ValueError(f"rows must be writable C-contiguous [{self.chunk_bytes}] "
-                         f"uint8 arrays, got {row.dtype} {row.shape}")
+                         f"or [{self.padded_bytes}] uint8 arrays, got {row.dtype} "
+                         f"{row.shape}")
     futures = [submit_or_run(self._pool, self._read_one, int(slot), row)
                for slot, row in zip(slots, rows)]
     return [f.result() for f in futures]
@@ -117,7 +124,9 @@ class DirectChunkReader:
 
   def _read_one(self, slot: int, row: np.ndarray) -> Failure | None:
     path = self.chunk_path(slot)
-    direct = self.o_direct and row.ctypes.data % ALIGNMENT == 0
+    padded = len(row) == self.padded_bytes
+    direct = (self.o_direct and row.ctypes.data % ALIGNMENT == 0 and
+              (padded or self.chunk_bytes % ALIGNMENT == 0))
     try:
       fd, direct = self._open(path, direct)
       try:
@@ -141,7 +150,8 @@ class DirectChunkReader:
       return ("unreadable", f"{path}: {err.strerror or err} [OS error "
               f"{err.errno}]")
     stored = int.from_bytes(trailer, "little")
-    computed = int.from_bytes(chunk_writer_lib.crc32c_bytes(row), "little")
+    computed = int.from_bytes(chunk_writer_lib.crc32c_bytes(row[:self.chunk_bytes]),
+                              "little")
     if computed != stored:
       return ("corrupt", f"{path}: CRC32C {computed:08x} does not match the "
               f"stored {stored:08x}")
@@ -170,10 +180,15 @@ class DirectChunkReader:
 
   def _read_file(self, fd: int, row: np.ndarray, direct: bool) -> bytes:
     """Reads the open chunk file into `row` and returns its trailer."""
+    want = self.chunk_bytes + TRAILER_BYTES
+    padded = len(row) == self.padded_bytes
     if direct:
-      tail = self._tail_page()
-      try:  # a longer file fills more of the tail page: its first bytes count
-        _read_all(fd, [row, tail], self.chunk_bytes + TRAILER_BYTES)
+      # The whole file into the padded row, or the chunk into the row and
+      # the checksum's page into this thread's page. A longer file fills
+      # more of that last page: its first bytes count.
+      parts = [row] if padded else [row, self._tail_page()]
+      try:
+        _read_all(fd, parts, want)
       except OSError as err:
         if err.errno != errno.EINVAL:
           raise
@@ -183,9 +198,13 @@ class DirectChunkReader:
         return self._read_file(fd, row, False)
       with self._count_lock:
         self.direct_bytes += self.chunk_bytes
+      tail = row[self.chunk_bytes:] if padded else parts[1]
       return bytes(tail[:TRAILER_BYTES])
+    if padded:
+      _read_all(fd, [row[:want]], want)
+      return bytes(row[self.chunk_bytes:want])
     trailer = bytearray(TRAILER_BYTES)
-    _read_all(fd, [row, trailer], self.chunk_bytes + TRAILER_BYTES)
+    _read_all(fd, [row, trailer], want)
     return bytes(trailer)
 
   def _tail_page(self) -> np.ndarray:

@@ -41,7 +41,7 @@ def _blocks(rng, store, n):  # ([n] ids, [n, L, 2, Hkv, P, D]), fresh random val
 def _poisoned(n, store, aligned: bool) -> np.ndarray:  # [n, L, 2, Hkv, P, D]
   """A buffer of `n` rows filled with a pattern no block holds; page-aligned,
   or one that starts 64 bytes past a page."""
-  nbytes = n * store.codec.encoded_block_bytes
+  nbytes = n * int(np.prod(store.block_shape)) * store.codec.dtype.itemsize
   raw = page_aligned_empty((nbytes + PAGE_BYTES,), np.uint8)
   raw = raw[:nbytes] if aligned else raw[64:64 + nbytes]
   raw.fill(0xA5)
@@ -204,14 +204,17 @@ def test_a_file_that_ends_early_while_read_is_corrupt(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["body", "trailer", "truncated", "extended", "missing",
                                     "a directory"])
 @pytest.mark.parametrize("reader", ["direct", "tensorstore"])
-def test_each_damage_gets_tensorstores_verdict(tmp_path, damage, reader):
+@pytest.mark.parametrize("codec", ["raw", "int8"])
+def test_each_damage_gets_tensorstores_verdict(tmp_path, damage, reader, codec):
   """One damaged chunk among good ones: the same verdict from both readers.
   TensorStore's, the reference: a directory where the file should be is a
-  missing chunk; bytes after the checksum are not read."""
+  missing chunk; bytes after the checksum are not read. int8 chunks (not
+  whole pages) go through the padded scratch rows."""
   rng = np.random.default_rng()
-  with _store(tmp_path, chunk_reader=reader) as store:
+  with _store(tmp_path, chunk_reader=reader, codec=codec) as store:
     ids, blocks = _blocks(rng, store, 5)
     store.put(ids, blocks)
+    blocks = store.get(ids)  # what an intact read serves (int8: decoded)
     path = _chunk_path(store, ids[2])
     data = bytearray(open(path, "rb").read())
     if damage in ("body", "trailer"):
@@ -230,16 +233,44 @@ def test_each_damage_gets_tensorstores_verdict(tmp_path, damage, reader):
     good = damage == "extended"  # the chunk and its checksum come first: served
     for out in (None, _poisoned(5, store, aligned=True)):
       got = store.get(ids, out=out)
-      assert [g is None for g in got] == [False, False, not good, False, False]
+      assert [g is None for g in got] == [False, False, not good, False, False], damage
       assert all(got[i].tobytes() == blocks[i].tobytes()
                  for i in ((0, 1, 2, 3, 4) if good else (0, 1, 3, 4)))
     stats = store.stats()
     if good:
-      assert stats["misses"] == 0
+      assert stats["misses"] == 0 and stats["hit_blocks"] == 15
     else:  # removed by the first read: the second finds it absent
       kind = "miss_corrupt" if damage in ("body", "trailer", "truncated") else "miss_missing"
       assert stats[kind] == stats["miss_absent"] == 1 and stats["misses"] == 2
     assert store.contains(ids) == [True, True, good, True, True]
+
+
+@pytest.mark.parametrize("codec,sealed", [("int8", False), ("raw", True), ("int8", True)])
+def test_decoded_stores_read_whole_pages_with_o_direct(tmp_path, codec, sealed):
+  """int8 and encrypted chunks are not whole pages: they are read into the
+  read thread's padded, page-aligned rows, with O_DIRECT, and serve what
+  TensorStore's reads serve."""
+  from storage import encryption
+  rng = np.random.default_rng()
+  key = None
+  if sealed:
+    key = str(tmp_path / "key")
+    encryption.write_key_file(key)
+  with _store(tmp_path / "s", codec=codec, key_file=key, file_io_mode="direct",
+              chunk_reader="tensorstore") as store:
+    ids, blocks = _blocks(rng, store, 11)
+    store.put(ids, blocks)
+    want = store.get(ids)
+  with _store(tmp_path / "s", codec=codec, key_file=key, file_io_mode="direct") as store:
+    assert store.encoded_block_bytes % PAGE_BYTES != 0
+    for out in (None, _poisoned(11, store, aligned=False)):
+      got = store.get(ids, out=out)
+      assert all(g.tobytes() == w.tobytes() for g, w in zip(got, want))
+    if codec == "raw":
+      assert all(g.tobytes() == b.tobytes() for g, b in zip(got, blocks))
+    direct = _o_direct_works(str(tmp_path))
+    assert store.stats()["o_direct_read_bytes"] == (
+        2 * 11 * store.encoded_block_bytes if direct else 0)
 
 
 def test_direct_reads_are_refused_where_they_cannot_apply(tmp_path):
