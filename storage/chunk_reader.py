@@ -232,10 +232,6 @@ def _read_all(fd: int, parts: list, want: int) -> None:
     if n <= 0:
       raise _Shrank(f"the file ended at byte {offset} of {want} while read")
     offset += n
-    while views and n >= len(views[0]):
-      n -= len(views[0])
-      views.pop(0)
-    if views:
-      views[0] = views[0][n:]
+    chunk_writer_lib.advance(views, n)
     if not views:
       break

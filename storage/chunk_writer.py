@@ -287,8 +287,14 @@ def _write_all(fd: int, parts: list, offset: int) -> None:
                     f"({left} bytes left to write); the file system makes no "
                     "progress")
     offset += n
-    while parts and n >= len(parts[0]):
-      n -= len(parts[0])
-      parts.pop(0)
-    if parts:
-      parts[0] = parts[0][n:]
+    advance(parts, n)
+
+
+def advance(views: list[memoryview], n: int) -> None:
+  """Drops the first `n` bytes of `views`, the buffers of a vectored read or
+  write that moved `n` bytes, so the next call goes on from there."""
+  while views and n >= len(views[0]):
+    n -= len(views[0])
+    views.pop(0)
+  if views:
+    views[0] = views[0][n:]

@@ -21,6 +21,7 @@ from dualpath_jax.transfer.source import StagingRows
 from dualpath_jax.utils import PAGE_BYTES, page_aligned_empty
 from storage import BlockStore, ColdTierConfig
 from storage import chunk_reader as chunk_reader_lib
+from storage_support import o_direct_works
 
 # (block_size, head_dim, dtype): chunk bytes a 4 KiB multiple, not one, and < 4 KiB.
 SHAPES = [(16, 16, "bfloat16"), (16, 24, "float32"), (3, 16, "float16")]
@@ -46,18 +47,6 @@ def _poisoned(n, store, aligned: bool) -> np.ndarray:  # [n, L, 2, Hkv, P, D]
   raw = raw[:nbytes] if aligned else raw[64:64 + nbytes]
   raw.fill(0xA5)
   return raw.view(store.codec.dtype).reshape(n, *store.block_shape)
-
-
-def _o_direct_works(directory) -> bool:
-  path = os.path.join(directory, "probe")
-  try:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-  except OSError as err:
-    assert err.errno == errno.EINVAL
-    return False
-  os.close(fd)
-  os.unlink(path)
-  return True
 
 
 def _chunk_path(store, block_id) -> str:
@@ -103,7 +92,7 @@ def test_o_direct_takes_whole_page_chunks_into_aligned_rows(tmp_path, aligned, b
     got = store.get(ids, out=_poisoned(5, store, aligned))
     assert all(g.tobytes() == b.tobytes() for g, b in zip(got, blocks))
     whole_pages = store.encoded_block_bytes % PAGE_BYTES == 0
-    direct = whole_pages and _o_direct_works(str(tmp_path))
+    direct = whole_pages and o_direct_works(str(tmp_path))
     assert store.stats()["o_direct_read_bytes"] == (
         5 * blocks[0].nbytes if direct and aligned else 0)
     # Without `out=`, the batch the store makes is page-aligned.
@@ -268,7 +257,7 @@ def test_decoded_stores_read_whole_pages_with_o_direct(tmp_path, codec, sealed):
       assert all(g.tobytes() == w.tobytes() for g, w in zip(got, want))
     if codec == "raw":
       assert all(g.tobytes() == b.tobytes() for g, b in zip(got, blocks))
-    direct = _o_direct_works(str(tmp_path))
+    direct = o_direct_works(str(tmp_path))
     assert store.stats()["o_direct_read_bytes"] == (
         2 * 11 * store.encoded_block_bytes if direct else 0)
 

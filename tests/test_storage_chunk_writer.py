@@ -19,6 +19,7 @@ import pytest
 from dualpath_jax.config import TINY, CacheConfig
 from storage import BlockStore, ColdTierConfig
 from storage import chunk_writer as chunk_writer_lib
+from storage_support import o_direct_works
 
 # (block_size, head_dim, dtype): chunk bytes a 4 KiB multiple, not one, and < 4 KiB.
 SHAPES = [(16, 16, "bfloat16"), (16, 24, "float32"), (3, 16, "float16")]
@@ -270,18 +271,6 @@ def test_a_failed_batch_waits_for_its_other_chunks_before_freeing_their_slots(
     assert store.stored_slots() == set()  # the landed chunks were removed with the rows
 
 
-def _o_direct_works(directory) -> bool:
-  path = os.path.join(directory, "probe")
-  try:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-  except OSError as err:
-    assert err.errno == errno.EINVAL
-    return False
-  os.close(fd)
-  os.unlink(path)
-  return True
-
-
 @pytest.mark.parametrize("block_size,head_dim,dtype", SHAPES)
 def test_o_direct_writes_the_whole_pages_and_the_same_bytes(tmp_path, block_size, head_dim,
                                                             dtype):
@@ -296,7 +285,7 @@ def test_o_direct_writes_the_whole_pages_and_the_same_bytes(tmp_path, block_size
     store.put(ids, blocks)
     assert _chunk_files(store) == _chunk_files(ts_store)
     pages = blocks[0].nbytes // 4096 * 4096
-    expected = 5 * pages if _o_direct_works(str(tmp_path)) else 0
+    expected = 5 * pages if o_direct_works(str(tmp_path)) else 0
     assert store._chunk_writer.direct_bytes == expected
 
 
@@ -328,7 +317,7 @@ def test_no_o_direct_on_default_mode_and_fallback_where_refused(tmp_path, monkey
 def test_page_aligned_rows_go_to_o_direct_without_a_copy(tmp_path, aligned, monkeypatch):
   import mmap
   rng = np.random.default_rng(12)
-  if not _o_direct_works(str(tmp_path)):
+  if not o_direct_works(str(tmp_path)):
     pytest.skip(reason="tmp_path's file system has no O_DIRECT (the fallback test covers it)")
   with _store(tmp_path, 16, 16, "bfloat16", chunk_writer="direct",
               file_io_mode="direct") as store:
