@@ -1,8 +1,8 @@
 """Chunk reads from a local `file` kvstore, without TensorStore's read path.
 
 Why: reading into a reused buffer (`BlockStore.get(ids, out=...)`), the
-store spent 0.6-0.8 CPU seconds per GB in TensorStore on the benchmark VM
-(docs/storage.md "v4", "v8"): `pread` through the page cache (its kernel
+store spent 0.6-2.1 CPU seconds per GB in TensorStore on the benchmark VM
+(docs/storage.md "v4", "v8", "v9"): `pread` through the page cache (its kernel
 copy alone a fifth of the samples), its portable software CRC32C, one more
 copy out of its own read buffer into the caller's, the page faults of that
 buffer. On two vCPUs that is CPU the engine computing beside the reads
@@ -14,9 +14,11 @@ TensorStore) straight into the caller's row:
 * with O_DIRECT (the store's `file_io_mode="direct"`, its default) where
   the row starts on a page and the chunk is whole pages, so the disk's DMA
   fills the row and the page cache is not touched; the trailer lands in a
-  reused page of the reading thread. Elsewhere (an unaligned row, a chunk
-  of part pages, a file system that refuses O_DIRECT such as tmpfs) one
-  buffered `preadv` into the row and the trailer;
+  reused page of the reading thread. A chunk of part pages (int8,
+  encrypted) goes O_DIRECT into a page-aligned row padded to whole pages
+  (`padded_bytes`: the store's read scratch), trailer included. Elsewhere
+  (an unaligned row, a file system that refuses O_DIRECT such as tmpfs, a
+  platform without it) one buffered `preadv` into the row and the trailer;
 * the checksum by the CPU's CRC32C instruction (the `crc32c` package, ~13
   GB/s here, the GIL released) instead of a software table;
 * the chunks of a batch by `concurrency` threads at once (the store's
@@ -27,10 +29,10 @@ in `block_store.read_failure`'s words: no file (or a directory in its
 place) is "missing"; a file shorter than a chunk and its checksum, or one
 whose CRC32C does not match, is "corrupt" (bytes after the checksum are not
 read); the OS refusing or failing the open or the read otherwise (too many
-open files, EIO) is "unreadable", which proves nothing about the bytes. A read racing an in-place rewrite of its slot
-sees a torn chunk whose CRC32C fails; the store then finds the block no
-longer current and counts a race, never serving those bytes
-(`chunk_writer`'s module docstring).
+open files, EIO) is "unreadable", which proves nothing about the bytes. A
+read racing an in-place rewrite of its slot sees a torn chunk whose CRC32C
+fails; the store then finds the block no longer current and counts a
+race, never serving those bytes (`chunk_writer`'s module docstring).
 
 Only for a local `file` kvstore and codecs without zstd (decompression runs
 inside TensorStore's codec chain): `BlockStore` chooses

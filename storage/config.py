@@ -80,7 +80,8 @@ class ColdTierConfig:
     sync: how the direct chunk writer makes a batch durable: "syncfs" (one
       syncfs(2) of the store's file system per batch; Linux), "fsync" (each
       chunk, and its slot directory when new) or "auto" (syncfs where the
-      platform has it, else fsync). See `storage.chunk_writer`. TensorStore's own writes always fsync per chunk.
+      platform has it, else fsync). See `storage.chunk_writer`. TensorStore's
+      own writes always fsync per chunk.
     key_file: a file holding the store's AES-256 key (64 hex digits): every
       block is sealed before it is written and authenticated when read
       (`storage.encryption`). The store records the key's id and refuses
