@@ -636,13 +636,9 @@ class BlockStore:
     for lo in range(0, len(refs), SCRATCH_READ_CHUNKS):
       part = refs[lo:lo + SCRATCH_READ_CHUNKS]
       scratch = self._read_scratch(len(part))  # [k, >= encoded_block_bytes] uint8
-      if self._chunk_reader is not None:  # whole pages: O_DIRECT at any chunk size
-        verdicts = self._chunk_reader.read([r.slot for r in part], list(scratch))
-        ok = [v is None for v in verdicts]
-        failed = [(ref, *v) for ref, v in zip(part, verdicts) if v is not None]
-      else:
-        _, ok, failed = self._read_chunks(part, scratch.view(self.codec.stored_dtype),
-                                          list(range(len(part))))
+      _, ok, failed = self._read_chunks(
+          part, scratch if self._chunk_reader is not None
+          else scratch.view(self.codec.stored_dtype), list(range(len(part))))
       scratch = scratch[:, :enc]  # [k, encoded_block_bytes]: the chunks
       bad += failed
       dests = (None if out is None else
@@ -709,7 +705,9 @@ class BlockStore:
   def _read_chunks(
       self,
       refs: Sequence[index_lib.SlotRef],
-      into: np.ndarray | None = None,  # [m, chunk_elems] stored dtype, or None
+      # [m, chunk_elems] stored dtype, or None; with the direct chunk reader
+      # also [m, padded_bytes] uint8 (`_read_scratch`)
+      into: np.ndarray | None = None,
       rows: Sequence[int] = (),  # row of `into` for each ref
   ) -> tuple[np.ndarray | None, list[bool], list[tuple[index_lib.SlotRef, str, str]]]:
     """Reads chunks: one batched read, else one per chunk to find the bad ones.
@@ -753,7 +751,7 @@ class BlockStore:
   def _read_chunks_direct(
       self,
       refs: Sequence[index_lib.SlotRef],
-      into: np.ndarray | None,  # [m, chunk_elems] stored dtype, or None
+      into: np.ndarray | None,  # as `_read_chunks`'
       rows: Sequence[int],
   ) -> tuple[np.ndarray | None, list[bool], list[tuple[index_lib.SlotRef, str, str]]]:
     """`_read_chunks` by the direct chunk reader: each chunk straight into

@@ -71,8 +71,9 @@ class DirectChunkReader:
     array_dir: the array's directory (holds `c/<slot>/0`).
     chunk_bytes: bytes of one stored chunk before its trailer.
     concurrency: chunk reads in flight at once (threads).
-    o_direct: read whole-page chunks into page-aligned rows with O_DIRECT;
-      cleared for good if the file system refuses it.
+    o_direct: read with O_DIRECT into page-aligned rows that hold whole
+      pages (a whole-page chunk's, or `padded_bytes`); cleared for good if
+      the file system refuses it.
   """
 
   def __init__(self, array_dir: str, chunk_bytes: int, concurrency: int,
@@ -141,7 +142,7 @@ class DirectChunkReader:
         if st.st_size < expected:
           return ("corrupt", f"{path}: {st.st_size} bytes, a chunk has {expected} "
                   "(torn or truncated)")
-        trailer = self._read_file(fd, row, direct)
+        trailer = self._read_file(fd, row, direct, padded)
       finally:
         os.close(fd)
     except FileNotFoundError:
@@ -180,10 +181,11 @@ class DirectChunkReader:
       return fd, False
     return os.open(path, flags), False
 
-  def _read_file(self, fd: int, row: np.ndarray, direct: bool) -> bytes:
-    """Reads the open chunk file into `row` and returns its trailer."""
+  def _read_file(self, fd: int, row: np.ndarray, direct: bool,
+                 padded: bool) -> bytes:
+    """Reads the open chunk file into `row` (`padded`: of `padded_bytes`)
+    and returns its trailer."""
     want = self.chunk_bytes + TRAILER_BYTES
-    padded = len(row) == self.padded_bytes
     if direct:
       # The whole file into the padded row, or the chunk into the row and
       # the checksum's page into this thread's page. A longer file fills
@@ -197,7 +199,7 @@ class DirectChunkReader:
         # Refused after the open (a short read left the rest unaligned):
         # this chunk again, buffered.
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        return self._read_file(fd, row, False)
+        return self._read_file(fd, row, False, padded)
       with self._count_lock:
         self.direct_bytes += self.chunk_bytes
       tail = row[self.chunk_bytes:] if padded else parts[1]
