@@ -65,7 +65,6 @@ import concurrent.futures as cf
 import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import sys
 import threading
@@ -73,7 +72,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dualpath_jax.utils import sync_directory
+from dualpath_jax.utils import PAGE_BYTES, page_aligned_empty, sync_directory
 from storage.io_pool import submit_or_run
 
 try:
@@ -81,7 +80,7 @@ try:
 except ImportError:  # pragma: no cover - the package is a dependency
   _crc32c = None
 
-ALIGNMENT = 4096  # O_DIRECT offset, length and address alignment
+ALIGNMENT = PAGE_BYTES  # O_DIRECT offset, length and address alignment
 SYNC_MODES = ("auto", "syncfs", "fsync")  # auto: syncfs where the platform has it
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -265,7 +264,7 @@ class DirectChunkWriter:
     """`data` copied into this thread's reused page-aligned buffer."""
     buf = getattr(self._local, "buffer", None)
     if buf is None or len(buf) < len(data):
-      buf = np.frombuffer(mmap.mmap(-1, -(-len(data) // ALIGNMENT) * ALIGNMENT), np.uint8)
+      buf = page_aligned_empty((len(data),), np.uint8)
       self._local.buffer = buf
     out = buf[:len(data)]
     out[:] = data
