@@ -94,6 +94,9 @@ def test_the_suite_compiles_into_its_own_cache_that_fills():
   assert os.environ["DUALPATH_JAX_CACHE"] == path
   assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
   assert os.path.basename(path).startswith("dualpath-test-xla-")
+  # ... and compiles fast, launchers included (`compile_tiny_programs_fast`).
+  assert "--xla_backend_optimization_level=" in os.environ["XLA_FLAGS"]
+  assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
   before = set(os.listdir(path))
   # A program no other test compiles (its constant is this test's own).
   jax.jit(lambda x: jnp.sin(x) * 1234.5678)(jnp.arange(7.0)).block_until_ready()
@@ -101,6 +104,48 @@ def test_the_suite_compiles_into_its_own_cache_that_fills():
 
 
 # The drop is what the test makes happen: pytest reports it as a warning.
+@pytest.fixture
+def jax_cache_config_restored():
+  """Puts the suite's compilation-cache settings back after the test."""
+  import jax
+  names = ("jax_compilation_cache_dir",
+           "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {n: getattr(jax.config, n) for n in names}
+  yield
+  for n, v in saved.items():
+    jax.config.update(n, v)
+
+
+@pytest.mark.parametrize("env,want", [(None, 0.5), ("0", 0.0), (" 2.5 ", 2.5)])
+def test_cache_threshold_follows_jax_own_variable(
+    tmp_path, monkeypatch, jax_cache_config_restored, env, want):
+  """Launchers store compiles of at least JAX's
+  $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS where set (the suite's 0 for
+  the launchers it starts), else 0.5 s; an explicit argument wins."""
+  import jax
+  if env is None:
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                       raising=False)
+  else:
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", env)
+  assert utils.enable_compilation_cache(str(tmp_path)) == str(tmp_path)
+  assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == want
+  utils.enable_compilation_cache(str(tmp_path), min_compile_time_s=7.0)
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == 7.0
+
+
+def test_a_cache_threshold_that_is_not_a_number_is_refused(
+    tmp_path, monkeypatch, jax_cache_config_restored):
+  import jax
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "soon")
+  before = jax.config.jax_compilation_cache_dir
+  with pytest.raises(ValueError, match="'soon' is not a number"):
+    utils.enable_compilation_cache(str(tmp_path / "c"))
+  assert jax.config.jax_compilation_cache_dir == before  # nothing changed
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_ctrl_c_python_dropped_still_ends_the_launcher(capsys):
   """Python drops an exception raised in a garbage-collection callback
