@@ -27,7 +27,9 @@ is read back instead of redone (CPU only: not where an accelerator is
 visible). On the 2-core CPU it took the suite from
 786 s to 605 s. The cache is keyed by the program, the JAX version and the
 devices, so it cannot hand a test another program's executable; it starts
-empty every run, so no test depends on an earlier run.
+empty every run, so no test depends on an earlier run. And every process of
+the run generates CPU code at LLVM -O1 without the expensive passes
+(`compile_tiny_programs_fast`): most of the suite's time is compiles.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def pytest_configure(config):
   little twice, and a GPU lease is too short to debug a cache."""
   if accelerator_visible():
     return
+  compile_tiny_programs_fast()
   if not os.environ.get(CACHE_ENV):
     os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="dualpath-test-xla-")
     config.stash[_CACHE_OWNER] = os.environ[CACHE_ENV]
@@ -77,6 +80,32 @@ def pytest_configure(config):
 
 
 _CACHE_OWNER = pytest.StashKey[str]()
+
+# XLA's CPU code generation at LLVM -O1 without its expensive passes (see
+# `compile_tiny_programs_fast`).
+_OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
+_FAST_COMPILE_FLAGS = (f"{_OPT_LEVEL_FLAG}=1",
+                       "--xla_llvm_disable_expensive_passes=true")
+
+
+def compile_tiny_programs_fast() -> None:
+  """Has XLA generate CPU code at LLVM -O1 without its expensive passes, in
+  this process and every process the tests start (before any of them makes
+  its CPU backend), unless $XLA_FLAGS already sets a level.
+
+  The suite compiles hundreds of small programs (interpret-mode kernels at
+  test shapes, the tiny model's steps) and runs each a few times, so their
+  compiles, not their runs, are most of its time. On the 2-core VM
+  (2026-11-29, one process each): tests/test_kernels_triton.py 67 s at
+  XLA's default (-O2), 54 s with these flags, 46 s at -O0;
+  tests/test_model_mechanics.py 67 s, 52 s, 52 s; the real SmolLM2 served
+  over HTTP (tests/test_server_smollm2.py) 22 s, 22 s, 38 s (its decode
+  steps run slower at -O0). What a program computes does not depend on the
+  level; launchers outside the suite compile at XLA's default.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _OPT_LEVEL_FLAG not in flags:
+    os.environ["XLA_FLAGS"] = " ".join((flags, *_FAST_COMPILE_FLAGS)).strip()
 
 
 def pytest_unconfigure(config):
