@@ -346,9 +346,9 @@ def test_bench_online_end_to_end(tmp_path):
 
 def test_ctrl_c_reports_the_finished_runs(tmp_path):
   """Ctrl-C is an end, not a lost benchmark: the runs finished so far,
-  marked incomplete, with their plot; exit 130. At 0.1 agents/s, evenly
-  spaced, a run's second agent arrives 10 s after its first: the interrupt,
-  sent when the first policy's run ends, lands in the second's."""
+  marked incomplete, with their plot; exit 130. At 0.4 agents/s, evenly
+  spaced, a run's second agent arrives 2.5 s after its first: the
+  interrupt, sent when the first policy's run ends, lands in the second's."""
   trace = tmp_path / "t.jsonl"
   save_trace([AgentSession(session_id=f"a{i}", system_prompt="", turns=[AgentTurn(
       index=0, input_delta=[{"role": "user", "content": f"task {i}"}],
@@ -356,16 +356,16 @@ def test_ctrl_c_reports_the_finished_runs(tmp_path):
   report, plot = tmp_path / "r.json", tmp_path / "r.png"
   done = interrupt_after(
       ["launch.bench_online", f"--trace={trace}", "--model=random:tiny-test",
-       "--tokenizer=bytes", "--rates=0.1", "--arrival=uniform",
+       "--tokenizer=bytes", "--rates=0.4", "--arrival=uniform",
        "--max_context=512", "--num_blocks=64", "--nowarmup", "--noprogress",
        "--nowarm_runs", f"--cold_tier={tmp_path / 'cold'}",
        f"--report={report}",
-       f"--plot={plot}"], "single_path @ 0.1 agents/s", cwd=ROOT)
+       f"--plot={plot}"], "single_path @ 0.4 agents/s", cwd=ROOT)
   assert done.returncode == 130, done.stderr[-3000:]
   data = json.loads(report.read_text())
   assert data["complete"] is False
   assert [(r["policy"], r["rate"]) for r in data["runs"]] == [
-      ("single_path", 0.1)]
+      ("single_path", 0.4)]
   assert data["runs"][0]["summary"]["turns"] == 2
   assert plot.read_bytes()[:4] == b"\x89PNG"
   assert "interrupted after 1 of 2 runs" in done.stderr

@@ -129,7 +129,8 @@ def test_bad_input_exits_nonzero_with_reason(tmp_path, args, msg):
 def test_ctrl_c_reports_the_finished_runs(tmp_path):
   report = tmp_path / "r.json"
   done = interrupt_after(
-      ["launch.simulate", "--sessions=400", "--turns=24", "--noprogress",
+      # ~3 s a run on 2 cores: the Ctrl-C lands in the second of three.
+      ["launch.simulate", "--sessions=100", "--turns=24", "--noprogress",
        f"--report={report}"], "single_path: ", cwd=ROOT)
   assert done.returncode == 130, done.stderr[-3000:]
   r = json.loads(report.read_text())

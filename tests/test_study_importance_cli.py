@@ -134,13 +134,13 @@ def test_bad_input_exits_with_a_message_and_writes_nothing(tmp_path, args,
 def test_ctrl_c_reports_the_turns_studied(tmp_path):
   report = tmp_path / "r.json"
   done = interrupt_after(
-      ["launch.study_importance", *TINY[:-1], "--sessions=3",
-       "--decode_steps=400",  # ~2.5 s a turn: the Ctrl-C lands in turn 2
-       "--hot_fractions=0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7",
-       f"--report={report}"], "| 1/3", cwd=ROOT,
+      ["launch.study_importance", *TINY[:-1], "--sessions=6",
+       # Seconds a turn, five turns to go: the Ctrl-C lands in turn 2.
+       "--decode_steps=100", "--hot_fractions=0.1,0.3,0.5,0.7",
+       f"--report={report}"], "| 1/6", cwd=ROOT,
       stream="stderr")
   assert done.returncode == 130, done.stderr[-3000:]
   r = json.loads(report.read_text())
   assert r["complete"] is False and r["turns"] == 1
-  assert "interrupted after 1 of 3 turns" in done.stderr
+  assert "interrupted after 1 of 6 turns" in done.stderr
   assert "Traceback" not in done.stderr
