@@ -103,7 +103,6 @@ def test_the_suite_compiles_into_its_own_cache_that_fills():
   assert set(os.listdir(path)) - before
 
 
-# The drop is what the test makes happen: pytest reports it as a warning.
 @pytest.fixture
 def jax_cache_config_restored():
   """Puts the suite's compilation-cache settings back after the test."""
@@ -146,6 +145,7 @@ def test_a_cache_threshold_that_is_not_a_number_is_refused(
   assert jax.config.jax_compilation_cache_dir == before  # nothing changed
 
 
+# The drop is what the test makes happen: pytest reports it as a warning.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_ctrl_c_python_dropped_still_ends_the_launcher(capsys):
   """Python drops an exception raised in a garbage-collection callback
