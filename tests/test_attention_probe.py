@@ -148,6 +148,24 @@ def test_probe_matches_the_dense_model(np_rng, prompt_len, chunk):
     logits = out.logits[0]
 
 
+def test_probes_of_one_geometry_share_steps_and_keep_their_weights(np_rng):
+  """Probes of two models of one config and geometry share their jitted
+  steps (compiled once) and each prefills with its own weights; another
+  capacity gets its own steps."""
+  cfg = config.TINY
+  models = [make_model(cfg, np_rng) for _ in range(2)]
+  probes = [AttentionProbe(m, capacity=32, block_size=4, chunk=16)
+            for m in models]
+  assert probes[0]._fns is probes[1]._fns  # pylint: disable=protected-access
+  tokens = list(np_rng.integers(0, cfg.vocab_size, 11))
+  for model, probe in zip(models, probes):
+    want = reference_logits(params_of(model), cfg, np.asarray(tokens))[-1]
+    logits, _ = probe.prefill(tokens)
+    np.testing.assert_allclose(logits, want, atol=TOL * np.abs(want).max())
+  other = AttentionProbe(models[0], capacity=64, block_size=4, chunk=16)
+  assert other._fns is not probes[0]._fns  # pylint: disable=protected-access
+
+
 def _free_row_reference(params, cfg, prompt, fed, masks, block_size):
   """Logits of a free-running row after each token it fed: the prompt
   reads causally; fed token j (at position len(prompt) + j) reads the

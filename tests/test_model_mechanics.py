@@ -355,6 +355,34 @@ def test_large_preset_shapes_without_allocating():
   assert kv_out.shape == kv.shape and kv_out.dtype == jnp.bfloat16
 
 
+def test_runners_of_one_model_structure_share_compiled_steps(np_rng):
+  """Two models of one config (different weights) share their runners'
+  jitted steps: the second runner compiles nothing for a shape the first
+  ran, and each still computes with its own weights. Another config or
+  attention implementation gets its own steps."""
+  cfg = config.TINY
+  cache = CacheConfig(block_size=4, num_blocks=12)
+  models = [make_model(cfg, np_rng) for _ in range(2)]
+  runners = [ModelRunner(m, cache) for m in models]
+  assert runners[0]._fns is runners[1]._fns  # pylint: disable=protected-access
+  step = runners[0]._fns.all_logits  # pylint: disable=protected-access
+  tokens = np_rng.integers(0, cfg.vocab_size, 9)
+  sizes = []
+  for model, runner in zip(models, runners):
+    seq = Sequence(tokens, np.arange(1, 4), 4, cache.block_size)
+    logits, _, _ = run_step(runner, stale_pool(runner, np_rng), [seq], [9],
+                            q_len=9)
+    sizes.append(step._cache_size())  # pylint: disable=protected-access
+    np.testing.assert_allclose(
+        logits[0], reference_logits(params_of(model), cfg, tokens),
+        atol=ATOL, rtol=RTOL)
+  assert sizes[0] >= 1 and sizes[1] == sizes[0]
+  other_cfg = ModelRunner(make_model(cfg.replace(num_layers=1), np_rng), cache)
+  other_impl = ModelRunner(models[0], cache, attention_impl="xla_chunked")
+  for other in (other_cfg, other_impl):
+    assert other._fns is not runners[0]._fns  # pylint: disable=protected-access
+
+
 def test_runner_rejects_bad_inputs(np_rng):
   model = make_model(config.TINY, np_rng)
   runner = ModelRunner(model, CacheConfig(block_size=4, num_blocks=4))

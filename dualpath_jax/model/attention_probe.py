@@ -29,7 +29,8 @@ paged model (`ModelRunner`) and the attention against numpy.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+import functools
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,140 @@ class DecodeOutput:
   self_mass: np.ndarray  # [R, L, Hq] float32: on the row's own token
 
 
+class _ProbeFunctions(NamedTuple):
+  """A probe's jitted steps (the weights `state` first; the caches it
+  updates are donated and returned)."""
+
+  prefill_chunk: Callable
+  decode_rows: Callable
+  free_rows: Callable
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_functions(graphdef: nnx.GraphDef, capacity: int, block_size: int,
+                     chunk: int) -> _ProbeFunctions:
+  """The jitted steps of probes of one model structure and geometry, shared
+  by all of them in the process, so that each shape is traced, lowered and
+  compiled once (as `ModelRunner`'s steps are), not once per probe."""
+  key_pos = jnp.arange(capacity + chunk, dtype=jnp.int32)
+
+  # The model's own pieces around attention (`DecoderLayer`).
+  def qkv(layer, h, positions):  # h [R, T, H]
+    return layer.attn.project(layer.attn_norm(h), positions)
+
+  def finish_layer(layer, h, out):  # out [R, T, Hq, D]
+    return layer.feed_forward(h + layer.attn.output(out, h.dtype))
+
+  def pad_mass(p):  # [..., C + chunk] -> [..., NB]: the capacity's blocks
+    return block_sums(p[..., :capacity], block_size)
+
+  def position_masks(block_masks):  # [R, NB] -> [R, C + chunk]
+    token_mask = jnp.repeat(block_masks, block_size, axis=1)
+    return jnp.pad(token_mask, ((0, 0), (0, chunk)))
+
+  def prefill_chunk(state, k_cache, v_cache, tokens, start, length,
+                    all_logits=False):
+    model = nnx.merge(graphdef, state)
+    layers_def, layers_state = nnx.split(model.layers)
+    size = tokens.shape[0]  # `chunk`, or less for `score`
+    positions = start + jnp.arange(size, dtype=jnp.int32)[None, :]
+    allowed = ((key_pos[None, :] <= positions[0][:, None])
+               & (key_pos[None, :] < length))[None]  # [1, T, C]
+
+    def body(h, xs):
+      layer_state, k_layer, v_layer = xs
+      layer = nnx.merge(layers_def, layer_state)
+      q, k, v = qkv(layer, h, positions)
+      k_layer = jax.lax.dynamic_update_slice(
+          k_layer, k[0].astype(k_layer.dtype), (start, 0, 0))
+      v_layer = jax.lax.dynamic_update_slice(
+          v_layer, v[0].astype(v_layer.dtype), (start, 0, 0))
+      att = attend(q, k_layer, v_layer, allowed)
+      mass = pad_mass(att.cache_probs[0]).mean(axis=1)  # [T, NB], mean over heads
+      return finish_layer(layer, h, att.out), (k_layer, v_layer, mass)
+
+    h, (k_cache, v_cache, mass) = jax.lax.scan(
+        body, model.embed(tokens[None]), (layers_state, k_cache, v_cache))
+    if all_logits:  # [size, V]: every position's (`score`)
+      logits = model.logits(model.final_norm(h[0]))
+    else:
+      last = jnp.clip(length - 1 - start, 0, size - 1)
+      logits = model.logits(model.final_norm(h[0, last]))
+    return k_cache, v_cache, logits, mass.mean(axis=0)
+
+  def decode_rows(state, k_cache, v_cache, token, position, block_masks):
+    model = nnx.merge(graphdef, state)
+    layers_def, layers_state = nnx.split(model.layers)
+    rows = block_masks.shape[0]
+    positions = jnp.full((rows, 1), position, jnp.int32)
+    tokens = jnp.full((rows, 1), token, jnp.int32)
+    token_mask = position_masks(block_masks)
+    allowed = (token_mask & (key_pos < position)[None, :])[:, None, :]
+
+    def body(h, xs):
+      layer_state, k_layer, v_layer = xs
+      layer = nnx.merge(layers_def, layer_state)
+      q, k, v = qkv(layer, h, positions)
+      att = attend(q, k_layer, v_layer, allowed, k[:, 0], v[:, 0])
+      return finish_layer(layer, h, att.out), (
+          k[0, 0], v[0, 0], pad_mass(att.cache_probs[:, 0]),
+          att.self_probs[:, 0])
+
+    h, (k_new, v_new, mass, self_mass) = jax.lax.scan(
+        body, model.embed(tokens), (layers_state, k_cache, v_cache))
+    logits = model.logits(model.final_norm(h[:, 0]))
+    # Row 0's K/V join the cache, after every row read it without them.
+    k_cache = jax.lax.dynamic_update_slice(
+        k_cache, k_new[:, None].astype(k_cache.dtype), (0, position, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(
+        v_cache, v_new[:, None].astype(v_cache.dtype), (0, position, 0, 0))
+    return (k_cache, v_cache, logits, jnp.swapaxes(mass, 0, 1),
+            jnp.swapaxes(self_mass, 0, 1))
+
+  def free_rows(state, k_cache, v_cache, k_rows, v_rows, tokens, step,
+                prompt_length, block_masks):
+    # Row r feeds its own token at position prompt_length + step and
+    # reads the prompt's cached keys and its own earlier tokens' (in
+    # k_rows[:, r, :step]) where block_masks[r] allows, and itself.
+    model = nnx.merge(graphdef, state)
+    layers_def, layers_state = nnx.split(model.layers)
+    rows, steps = block_masks.shape[0], k_rows.shape[2]
+    positions = jnp.full((rows, 1), prompt_length + step, jnp.int32)
+    token_mask = position_masks(block_masks)
+    allowed = (token_mask & (key_pos < prompt_length)[None, :])[:, None, :]
+    row_pos = prompt_length + jnp.arange(steps, dtype=jnp.int32)  # [S]
+    rows_allowed = (token_mask[:, row_pos]
+                    & (jnp.arange(steps) < step)[None, :])[:, None, :]
+
+    def body(h, xs):
+      layer_state, k_layer, v_layer, k_row, v_row = xs
+      layer = nnx.merge(layers_def, layer_state)
+      q, k, v = qkv(layer, h, positions)
+      att = attend(q, k_layer, v_layer, allowed, k[:, 0], v[:, 0],
+                   k_row, v_row, rows_allowed)
+      k_row = jax.lax.dynamic_update_slice(
+          k_row, k.astype(k_row.dtype), (0, step, 0, 0))
+      v_row = jax.lax.dynamic_update_slice(
+          v_row, v.astype(v_row.dtype), (0, step, 0, 0))
+      # The rows' own keys sit at positions the shared part masks out.
+      probs = att.cache_probs[:, 0].at[..., row_pos].add(att.row_probs[:, 0])
+      return finish_layer(layer, h, att.out), (
+          k_row, v_row, pad_mass(probs), att.self_probs[:, 0])
+
+    h, (k_rows, v_rows, mass, self_mass) = jax.lax.scan(
+        body, model.embed(tokens[:, None]),
+        (layers_state, k_cache, v_cache, k_rows, v_rows))
+    logits = model.logits(model.final_norm(h[:, 0]))
+    return (k_rows, v_rows, logits, jnp.swapaxes(mass, 0, 1),
+            jnp.swapaxes(self_mass, 0, 1))
+
+  return _ProbeFunctions(
+      prefill_chunk=jax.jit(prefill_chunk, donate_argnums=(1, 2),
+                            static_argnames=("all_logits",)),
+      decode_rows=jax.jit(decode_rows, donate_argnums=(1, 2)),
+      free_rows=jax.jit(free_rows, donate_argnums=(3, 4)))
+
+
 class AttentionProbe:
   """One sequence at a time: `prefill(tokens)`, then `decode` step by step,
   and, on the same prompt, free-running rows (`start_free_rows`,
@@ -156,122 +291,7 @@ class AttentionProbe:
                          cfg.head_dim)  # + chunk: a last chunk's padding rows
     graphdef, state = nnx.split(model)
     self._state = state
-    key_pos = jnp.arange(capacity + chunk, dtype=jnp.int32)
-
-    # The model's own pieces around attention (`DecoderLayer`).
-    def qkv(layer, h, positions):  # h [R, T, H]
-      return layer.attn.project(layer.attn_norm(h), positions)
-
-    def finish_layer(layer, h, out):  # out [R, T, Hq, D]
-      return layer.feed_forward(h + layer.attn.output(out, h.dtype))
-
-    def pad_mass(p):  # [..., C + chunk] -> [..., NB]: the capacity's blocks
-      return block_sums(p[..., :capacity], block_size)
-
-    def position_masks(block_masks):  # [R, NB] -> [R, C + chunk]
-      token_mask = jnp.repeat(block_masks, block_size, axis=1)
-      return jnp.pad(token_mask, ((0, 0), (0, chunk)))
-
-    def prefill_chunk(state, k_cache, v_cache, tokens, start, length,
-                      all_logits=False):
-      model = nnx.merge(graphdef, state)
-      layers_def, layers_state = nnx.split(model.layers)
-      size = tokens.shape[0]  # `chunk`, or less for `score`
-      positions = start + jnp.arange(size, dtype=jnp.int32)[None, :]
-      allowed = ((key_pos[None, :] <= positions[0][:, None])
-                 & (key_pos[None, :] < length))[None]  # [1, T, C]
-
-      def body(h, xs):
-        layer_state, k_layer, v_layer = xs
-        layer = nnx.merge(layers_def, layer_state)
-        q, k, v = qkv(layer, h, positions)
-        k_layer = jax.lax.dynamic_update_slice(
-            k_layer, k[0].astype(k_layer.dtype), (start, 0, 0))
-        v_layer = jax.lax.dynamic_update_slice(
-            v_layer, v[0].astype(v_layer.dtype), (start, 0, 0))
-        att = attend(q, k_layer, v_layer, allowed)
-        mass = pad_mass(att.cache_probs[0]).mean(axis=1)  # [T, NB], mean over heads
-        return finish_layer(layer, h, att.out), (k_layer, v_layer, mass)
-
-      h, (k_cache, v_cache, mass) = jax.lax.scan(
-          body, model.embed(tokens[None]), (layers_state, k_cache, v_cache))
-      if all_logits:  # [size, V]: every position's (`score`)
-        logits = model.logits(model.final_norm(h[0]))
-      else:
-        last = jnp.clip(length - 1 - start, 0, size - 1)
-        logits = model.logits(model.final_norm(h[0, last]))
-      return k_cache, v_cache, logits, mass.mean(axis=0)
-
-    def decode_rows(state, k_cache, v_cache, token, position, block_masks):
-      model = nnx.merge(graphdef, state)
-      layers_def, layers_state = nnx.split(model.layers)
-      rows = block_masks.shape[0]
-      positions = jnp.full((rows, 1), position, jnp.int32)
-      tokens = jnp.full((rows, 1), token, jnp.int32)
-      token_mask = position_masks(block_masks)
-      allowed = (token_mask & (key_pos < position)[None, :])[:, None, :]
-
-      def body(h, xs):
-        layer_state, k_layer, v_layer = xs
-        layer = nnx.merge(layers_def, layer_state)
-        q, k, v = qkv(layer, h, positions)
-        att = attend(q, k_layer, v_layer, allowed, k[:, 0], v[:, 0])
-        return finish_layer(layer, h, att.out), (
-            k[0, 0], v[0, 0], pad_mass(att.cache_probs[:, 0]),
-            att.self_probs[:, 0])
-
-      h, (k_new, v_new, mass, self_mass) = jax.lax.scan(
-          body, model.embed(tokens), (layers_state, k_cache, v_cache))
-      logits = model.logits(model.final_norm(h[:, 0]))
-      # Row 0's K/V join the cache, after every row read it without them.
-      k_cache = jax.lax.dynamic_update_slice(
-          k_cache, k_new[:, None].astype(k_cache.dtype), (0, position, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(
-          v_cache, v_new[:, None].astype(v_cache.dtype), (0, position, 0, 0))
-      return (k_cache, v_cache, logits, jnp.swapaxes(mass, 0, 1),
-              jnp.swapaxes(self_mass, 0, 1))
-
-    def free_rows(state, k_cache, v_cache, k_rows, v_rows, tokens, step,
-                  prompt_length, block_masks):
-      # Row r feeds its own token at position prompt_length + step and
-      # reads the prompt's cached keys and its own earlier tokens' (in
-      # k_rows[:, r, :step]) where block_masks[r] allows, and itself.
-      model = nnx.merge(graphdef, state)
-      layers_def, layers_state = nnx.split(model.layers)
-      rows, steps = block_masks.shape[0], k_rows.shape[2]
-      positions = jnp.full((rows, 1), prompt_length + step, jnp.int32)
-      token_mask = position_masks(block_masks)
-      allowed = (token_mask & (key_pos < prompt_length)[None, :])[:, None, :]
-      row_pos = prompt_length + jnp.arange(steps, dtype=jnp.int32)  # [S]
-      rows_allowed = (token_mask[:, row_pos]
-                      & (jnp.arange(steps) < step)[None, :])[:, None, :]
-
-      def body(h, xs):
-        layer_state, k_layer, v_layer, k_row, v_row = xs
-        layer = nnx.merge(layers_def, layer_state)
-        q, k, v = qkv(layer, h, positions)
-        att = attend(q, k_layer, v_layer, allowed, k[:, 0], v[:, 0],
-                     k_row, v_row, rows_allowed)
-        k_row = jax.lax.dynamic_update_slice(
-            k_row, k.astype(k_row.dtype), (0, step, 0, 0))
-        v_row = jax.lax.dynamic_update_slice(
-            v_row, v.astype(v_row.dtype), (0, step, 0, 0))
-        # The rows' own keys sit at positions the shared part masks out.
-        probs = att.cache_probs[:, 0].at[..., row_pos].add(att.row_probs[:, 0])
-        return finish_layer(layer, h, att.out), (
-            k_row, v_row, pad_mass(probs), att.self_probs[:, 0])
-
-      h, (k_rows, v_rows, mass, self_mass) = jax.lax.scan(
-          body, model.embed(tokens[:, None]),
-          (layers_state, k_cache, v_cache, k_rows, v_rows))
-      logits = model.logits(model.final_norm(h[:, 0]))
-      return (k_rows, v_rows, logits, jnp.swapaxes(mass, 0, 1),
-              jnp.swapaxes(self_mass, 0, 1))
-
-    self._prefill_chunk = jax.jit(prefill_chunk, donate_argnums=(1, 2),
-                                  static_argnames=("all_logits",))
-    self._decode_rows = jax.jit(decode_rows, donate_argnums=(1, 2))
-    self._free_rows = jax.jit(free_rows, donate_argnums=(3, 4))
+    self._fns = _probe_functions(graphdef, capacity, block_size, chunk)
     self._k = self._v = None
     self._k_rows = self._v_rows = None
     self.length = 0
@@ -319,7 +339,7 @@ class AttentionProbe:
     end = jnp.int32(first + len(tokens))
     logits, masses = [], []
     for start in range(0, len(tokens), size):
-      k, v, chunk_logits, mass = self._prefill_chunk(
+      k, v, chunk_logits, mass = self._fns.prefill_chunk(
           self._state, k, v, jnp.asarray(ids[start:start + size]),
           jnp.int32(first + start), end, all_logits=all_logits)
       logits.append(chunk_logits)
@@ -340,7 +360,7 @@ class AttentionProbe:
       raise ValueError(f"block_masks must be [rows, {self.num_blocks}], got "
                        f"{masks.shape}")
     self._check_ids([token])
-    self._k, self._v, logits, mass, self_mass = self._decode_rows(
+    self._k, self._v, logits, mass, self_mass = self._fns.decode_rows(
         self._state, self._k, self._v, jnp.int32(token),
         jnp.int32(self.length), jnp.asarray(masks))
     self.length += 1
@@ -384,7 +404,7 @@ class AttentionProbe:
       raise ValueError(f"expected tokens [{rows}] and block_masks [{rows}, "
                        f"{self.num_blocks}]; got {ids.shape} and {masks.shape}")
     self._check_ids(ids)
-    self._k_rows, self._v_rows, logits, mass, self_mass = self._free_rows(
+    self._k_rows, self._v_rows, logits, mass, self_mass = self._fns.free_rows(
         self._state, self._k, self._v, self._k_rows, self._v_rows,
         jnp.asarray(ids, jnp.int32), jnp.int32(self.free_step),
         jnp.int32(self.prompt_length), jnp.asarray(masks))
