@@ -28,26 +28,51 @@ num_kv_heads]` float32, one symmetric scale per page, K/V and head.
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from kernels import checks
-from kernels import decode_mosaic_gpu
-from kernels import paged_attention_mosaic_gpu
-from kernels import paged_attention_mosaic_tpu
-from kernels import paged_attention_triton
 from kernels import quantize
-from kernels.paged_attention_xla import xla_chunked_paged_attention
 
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
-    "xla": quantize.ref_paged_attention_any,
-    "xla_chunked": xla_chunked_paged_attention,
-    "pallas_triton": paged_attention_triton.paged_attention_triton,
-    "pallas_mosaic_tpu": paged_attention_mosaic_tpu.paged_attention_mosaic_tpu,
-    "pallas_mosaic_gpu": paged_attention_mosaic_gpu.paged_attention_mosaic_gpu,
+# Where each implementation lives: (module, function). A backend's module is
+# imported when the implementation is first looked up or asked whether it
+# supports a call, so a process that only runs the XLA implementations (every
+# engine on a CPU) never imports the Pallas Triton, Mosaic GPU and Mosaic TPU
+# lowerings, about 0.8 s of each launcher's start on the 2-core CPU.
+_MODULES: dict[str, tuple[str, str]] = {
+    "xla": ("kernels.quantize", "ref_paged_attention_any"),
+    "xla_chunked": ("kernels.paged_attention_xla",
+                    "xla_chunked_paged_attention"),
+    "pallas_triton": ("kernels.paged_attention_triton",
+                      "paged_attention_triton"),
+    "pallas_mosaic_tpu": ("kernels.paged_attention_mosaic_tpu",
+                          "paged_attention_mosaic_tpu"),
+    "pallas_mosaic_gpu": ("kernels.paged_attention_mosaic_gpu",
+                          "paged_attention_mosaic_gpu"),
 }
+
+
+def _imported(module: str, name: str) -> Callable:
+  return getattr(importlib.import_module(module), name)
+
+
+class _Implementations(Mapping):
+  """Name -> paged-attention function, importing its module on lookup."""
+
+  def __getitem__(self, name: str) -> Callable[..., jax.Array]:
+    return _imported(*_MODULES[name])
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(_MODULES)
+
+  def __len__(self) -> int:
+    return len(_MODULES)
+
+
+IMPLEMENTATIONS: Mapping[str, Callable[..., jax.Array]] = _Implementations()
 
 
 def _mosaic_gpu_in_auto(*, q_len: int, block_size: int, quantized: bool,
@@ -60,9 +85,9 @@ def _mosaic_gpu_in_auto(*, q_len: int, block_size: int, quantized: bool,
   stay with Triton: with its int8 rule the Triton decode ran 257 and 133 us
   at the two int8 shapes (a sweep), the Mosaic int8 path 391 and 221 us (the
   table), converting each step's tiles to bf16 in shared memory."""
-  if quantized or not decode_mosaic_gpu.is_hopper():
+  if quantized or not _imported("kernels.decode_mosaic_gpu", "is_hopper")():
     return False
-  return paged_attention_mosaic_gpu.supports(
+  return _imported("kernels.paged_attention_mosaic_gpu", "supports")(
       q_len=q_len, block_size=block_size, quantized=False, **call)
 
 
@@ -73,8 +98,10 @@ def _mosaic_gpu_in_auto(*, q_len: int, block_size: int, quantized: bool,
 # KV head, None if unknown) by keyword; the XLA implementations take every
 # call.
 _SUPPORTS: dict[str, Callable[..., bool]] = {
-    "pallas_triton": paged_attention_triton.supports,
-    "pallas_mosaic_tpu": paged_attention_mosaic_tpu.supports,
+    "pallas_triton": lambda **call: _imported(
+        "kernels.paged_attention_triton", "supports")(**call),
+    "pallas_mosaic_tpu": lambda **call: _imported(
+        "kernels.paged_attention_mosaic_tpu", "supports")(**call),
     "pallas_mosaic_gpu": _mosaic_gpu_in_auto,
 }
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +13,7 @@ import pytest
 
 from kernels import quantize
 from kernels import testing
-from kernels.paged_attention import paged_attention
+from kernels.paged_attention import IMPLEMENTATIONS, paged_attention
 from kernels.paged_attention import resolve_implementation
 
 
@@ -66,6 +70,45 @@ def test_auto_picks_a_supporting_implementation(monkeypatch, backend, q_len,
   got = resolve_implementation("auto", q_len=q_len, head_dim=head_dim,
                                    quantized=quantized)
   assert got == want
+
+
+def test_each_backend_is_imported_when_first_looked_up():
+  """A CPU process that runs the model on "auto" (XLA) never imports the
+  Pallas backends (their lowerings take most of a second to import); a
+  lookup imports its backend and gives its function."""
+  backends = ("kernels.paged_attention_triton", "kernels.decode_mosaic_gpu",
+              "kernels.paged_attention_mosaic_gpu",
+              "kernels.paged_attention_mosaic_tpu")
+  script = f"""
+import sys
+import numpy as np
+from dualpath_jax.config import TINY, CacheConfig
+from dualpath_jax.model import load_model
+from dualpath_jax.model.runner import ModelRunner
+from kernels.paged_attention import IMPLEMENTATIONS
+runner = ModelRunner(load_model("random:tiny-test").model,
+                     CacheConfig(block_size=4, num_blocks=4), "auto")
+tokens = np.ones((1, 2), np.int32)
+logits, _ = runner.step(runner.new_kv_cache(), tokens, [[1]], [2], [2],
+                        [[4, 5]])
+assert logits.shape == (1, TINY.vocab_size)
+print("after a step:", [m for m in {backends!r} if m in sys.modules])
+fn = IMPLEMENTATIONS["pallas_triton"]
+from kernels import paged_attention_triton
+assert fn is paged_attention_triton.paged_attention_triton
+print("after a lookup:", "kernels.paged_attention_triton" in sys.modules)
+"""
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                        text=True, timeout=300, check=False,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "after a step: []" in proc.stdout, proc.stdout
+  assert "after a lookup: True" in proc.stdout, proc.stdout
+  assert sorted(IMPLEMENTATIONS) == sorted(
+      ["xla", "xla_chunked", "pallas_triton", "pallas_mosaic_tpu",
+       "pallas_mosaic_gpu"])
+  with pytest.raises(KeyError):
+    IMPLEMENTATIONS["cuda_magic"]  # pylint: disable=pointless-statement
 
 
 @pytest.mark.parametrize("implementation", ["xla", "xla_chunked"])
