@@ -38,6 +38,8 @@ import gc
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -81,15 +83,18 @@ def pytest_configure(config):
 
 _CACHE_OWNER = pytest.StashKey[str]()
 
-# XLA's CPU code generation at LLVM -O1 without its expensive passes (see
-# `compile_tiny_programs_fast`).
+# XLA's CPU code generation at LLVM -O1 without its expensive passes, and
+# its fusions through the LLVM IR emitters rather than the MLIR ones, where
+# this XLA has the choice (see `compile_tiny_programs_fast`).
 _OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
 _FAST_COMPILE_FLAGS = (f"{_OPT_LEVEL_FLAG}=1",
                        "--xla_llvm_disable_expensive_passes=true")
+_IR_FUSION_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
 
 def compile_tiny_programs_fast() -> None:
-  """Has XLA generate CPU code at LLVM -O1 without its expensive passes, in
+  """Has XLA generate CPU code at LLVM -O1 without its expensive passes,
+  and emit fusions with its LLVM IR emitters where it still has them, in
   this process and every process the tests start (before any of them makes
   its CPU backend), unless $XLA_FLAGS already sets a level.
 
@@ -97,17 +102,35 @@ def compile_tiny_programs_fast() -> None:
   test shapes, the tiny model's steps) and runs each a few times, so their
   compiles, not their runs, are most of its time. On the 2-core VM
   (2026-11-29, one process each): tests/test_kernels_triton.py 67 s at
-  XLA's default (-O2), 54 s with these flags, 46 s at -O0;
+  XLA's default (-O2), 54 s with the two -O1 flags, 46 s at -O0;
   tests/test_model_mechanics.py 67 s, 52 s, 52 s; the real SmolLM2 served
   over HTTP (tests/test_server_smollm2.py) 22 s, 22 s, 38 s (it runs
-  slower at -O0). The level changes the machine code, not the program XLA
-  optimised (no fast-math either way); every test's tolerances and exact
-  comparisons hold at it. Launchers outside the suite compile at XLA's
-  default.
+  slower at -O0). The IR fusion emitters (jax 0.10's XLA; 0.11's has only
+  the MLIR ones, and no flag) compile faster again: one tiny-model step
+  1.1 s -> 0.7 s, tests/test_kernels_triton.py 50 s -> 36 s, the real
+  SmolLM2 over HTTP 20 s -> 19 s (2026-11-29, second session). Neither
+  changes the program XLA optimised (no fast-math either way); every
+  test's tolerances and exact comparisons hold with them. Launchers
+  outside the suite compile at XLA's defaults.
   """
   flags = os.environ.get("XLA_FLAGS", "")
-  if _OPT_LEVEL_FLAG not in flags:
-    os.environ["XLA_FLAGS"] = " ".join((flags, *_FAST_COMPILE_FLAGS)).strip()
+  if _OPT_LEVEL_FLAG in flags:
+    return
+  fast = list(_FAST_COMPILE_FLAGS)
+  if _xla_accepts(_IR_FUSION_EMITTERS_FLAG):
+    fast.append(_IR_FUSION_EMITTERS_FLAG)
+  os.environ["XLA_FLAGS"] = " ".join((flags, *fast)).strip()
+
+
+def _xla_accepts(flag: str) -> bool:
+  """Whether this JAX's XLA takes `flag`: XLA aborts a process on a flag it
+  does not know, so a child process tries it (once a run: the workers and
+  the processes the tests start inherit the flags chosen here)."""
+  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                        env=env, capture_output=True, timeout=300,
+                        check=False)
+  return proc.returncode == 0
 
 
 def pytest_unconfigure(config):

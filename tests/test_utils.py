@@ -103,6 +103,20 @@ def test_the_suite_compiles_into_its_own_cache_that_fills():
   assert set(os.listdir(path)) - before
 
 
+def test_the_suite_uses_the_ir_fusion_emitters_where_xla_has_them():
+  """tests/conftest.py adds XLA's flag for its LLVM IR fusion emitters
+  only where this XLA knows it (jax 0.10's; an unknown flag aborts XLA,
+  which the probe sees)."""
+  from conftest import (_IR_FUSION_EMITTERS_FLAG, _xla_accepts,
+                        accelerator_visible)
+  if accelerator_visible():
+    pytest.skip(reason="an accelerator is visible: the suite sets no XLA "
+                "flags there (tests/conftest.py)")
+  assert not _xla_accepts("--xla_no_such_flag_dualpath=true")
+  assert (_IR_FUSION_EMITTERS_FLAG in os.environ["XLA_FLAGS"]) == (
+      _xla_accepts(_IR_FUSION_EMITTERS_FLAG))
+
+
 @pytest.fixture
 def jax_cache_config_restored():
   """Puts the suite's compilation-cache settings back after the test."""
