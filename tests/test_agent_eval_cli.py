@@ -114,12 +114,14 @@ def test_mesh_run_loads_through_both_paths(tmp_path):
   assert r["nics"] and r["config"]["mesh"] == "1P2D"
 
 
-@pytest.mark.parametrize("memory", ["pageable", "pinned_host"])
-def test_mesh_run_with_prefill_hot_tiers(tmp_path, memory):
+def test_mesh_run_with_prefill_hot_tiers(tmp_path):
   """1P2D with a hot tier on the prefill engine, which keeps nothing in its
   pool: each session's second turn reads its first turn's prompt blocks
-  from the hot tier, and the report and the by-tier line say so; in either
-  memory (--hot_tier_memory)."""
+  from the hot tier, and the report and the by-tier line say so. Pageable
+  memory here; --hot_tier_memory=pinned_host goes through this launcher in
+  the prefetcher test below, and a pinned tier on a 1P2D cluster serves
+  exact tokens in tests/test_cluster.py."""
+  memory = "pageable"
   proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
               "--max_context=1024", "--sessions=2", "--turns=2",
               "--first_tool_lines=1", "--growth_lines=1",

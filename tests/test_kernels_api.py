@@ -73,26 +73,22 @@ def test_auto_picks_a_supporting_implementation(monkeypatch, backend, q_len,
 
 
 def test_each_backend_is_imported_when_first_looked_up():
-  """A CPU process that runs the model on "auto" (XLA) never imports the
-  Pallas backends (their lowerings take most of a second to import); a
-  lookup imports its backend and gives its function."""
+  """A CPU process that imports the model and runs attention on "auto"
+  (XLA) never imports the Pallas backends (their lowerings take most of a
+  second to import); a lookup imports its backend and gives its function."""
   backends = ("kernels.paged_attention_triton", "kernels.decode_mosaic_gpu",
               "kernels.paged_attention_mosaic_gpu",
               "kernels.paged_attention_mosaic_tpu")
   script = f"""
 import sys
 import numpy as np
-from dualpath_jax.config import TINY, CacheConfig
-from dualpath_jax.model import load_model
-from dualpath_jax.model.runner import ModelRunner
-from kernels.paged_attention import IMPLEMENTATIONS
-runner = ModelRunner(load_model("random:tiny-test").model,
-                     CacheConfig(block_size=4, num_blocks=4), "auto")
-tokens = np.ones((1, 2), np.int32)
-logits, _ = runner.step(runner.new_kv_cache(), tokens, [[1]], [2], [2],
-                        [[4, 5]])
-assert logits.shape == (1, TINY.vocab_size)
-print("after a step:", [m for m in {backends!r} if m in sys.modules])
+from dualpath_jax.model import runner
+from kernels import testing
+from kernels.paged_attention import IMPLEMENTATIONS, paged_attention
+case = testing.make_case(5, kv_lens=[19, 3], num_heads=4, num_kv_heads=2)
+out = paged_attention(*case.args(), implementation="auto")
+testing.assert_matches(out, case, testing.reference(case))
+print("after attention:", [m for m in {backends!r} if m in sys.modules])
 fn = IMPLEMENTATIONS["pallas_triton"]
 from kernels import paged_attention_triton
 assert fn is paged_attention_triton.paged_attention_triton
@@ -102,7 +98,7 @@ print("after a lookup:", "kernels.paged_attention_triton" in sys.modules)
                         text=True, timeout=300, check=False,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "after a step: []" in proc.stdout, proc.stdout
+  assert "after attention: []" in proc.stdout, proc.stdout
   assert "after a lookup: True" in proc.stdout, proc.stdout
   assert sorted(IMPLEMENTATIONS) == sorted(
       ["xla", "xla_chunked", "pallas_triton", "pallas_mosaic_tpu",
