@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import http.client
 
-from flax import nnx
 from prometheus_client.parser import text_string_to_metric_families
 
 from dualpath_jax.config import TINY
-from dualpath_jax.model import Llama, LoadedModel
+from dualpath_jax.model import LoadedModel
+from dualpath_jax.model.llama import random_llama
 from dualpath_jax.server import LocalEngineHandle, ServerConfig, create_app
 
 MODEL = "tiny-chat"
@@ -23,7 +23,7 @@ def tiny_chat_model(tokenizer, max_context: int) -> LoadedModel:
   """The tiny model named `MODEL`, seed 0, with `tokenizer`'s vocabulary."""
   cfg = TINY.replace(name=MODEL, vocab_size=tokenizer.vocab_size,
                      max_position=max_context, eos_token_ids=tokenizer.eos_ids)
-  return LoadedModel(cfg, Llama(cfg, rngs=nnx.Rngs(0)), tokenizer,
+  return LoadedModel(cfg, random_llama(cfg, 0), tokenizer,
                      weights_id="tiny-chat-seed0", source="test")
 
 

@@ -29,9 +29,8 @@ from dualpath_jax.model import checkpoint, checkpoint_layout
 
 
 def _model():
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from dualpath_jax.model.llama import Llama  # pylint: disable=g-import-not-at-top
-  return Llama(config.TINY, rngs=nnx.Rngs(0))
+  from dualpath_jax.model.llama import random_llama  # pylint: disable=g-import-not-at-top
+  return random_llama(config.TINY, 0)
 
 
 @pytest.fixture(scope="module")

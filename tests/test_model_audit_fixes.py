@@ -188,9 +188,8 @@ def test_a_chat_template_that_fails_is_a_value_error():
 
 
 def _model(cfg: config.ModelConfig):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from dualpath_jax.model.llama import Llama  # pylint: disable=g-import-not-at-top
-  return Llama(cfg, rngs=nnx.Rngs(0))
+  from dualpath_jax.model.llama import random_llama  # pylint: disable=g-import-not-at-top
+  return random_llama(cfg, 0)
 
 
 def test_a_checkpoint_of_a_model_whose_bos_is_token_0_loads(tmp_path):

@@ -32,7 +32,7 @@ from dualpath_jax.config import CacheConfig
 from dualpath_jax.model import (checkpoint, checkpoint_layout,
                                 describe_model, load_model,
                                 parse_random_source)
-from dualpath_jax.model.llama import Llama
+from dualpath_jax.model.llama import Llama, random_llama
 from dualpath_jax.model.runner import ModelRunner
 from launch import generate
 
@@ -100,7 +100,7 @@ def reference_logits(params: dict, cfg: config.ModelConfig,
 
 def make_model(cfg: config.ModelConfig, rng: np.random.Generator) -> Llama:
   """Random model whose norm weights are random too (not all ones)."""
-  model = Llama(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  model = random_llama(cfg, int(rng.integers(1 << 30)))
   state = nnx.state(model)
   pure = nnx.to_pure_dict(state)
   dtype = jnp.dtype(cfg.dtype)
@@ -403,7 +403,7 @@ def test_random_source_parsing():
   cfg, seed = parse_random_source("random:llama3-8b-shape:layers=2:seed=7")
   assert cfg == config.LLAMA3_8B.replace(num_layers=2) and seed == 7
   for bad in ("random:", "random:nope", "random:tiny-test:layers=0",
-              "random:tiny-test:depth=3"):
+              "random:tiny-test:depth=3", "random:tiny-test:seed=4294967296"):
     with pytest.raises(ValueError):
       parse_random_source(bad)
   with pytest.raises(ValueError, match="neither"):
@@ -647,6 +647,33 @@ def test_random_load_is_deterministic_per_seed():
   pa, pb, pc = (jax.tree.leaves(params_of(x.model)) for x in (a, b, c))
   assert all(np.array_equal(x, y) for x, y in zip(pa, pb))
   assert not np.array_equal(pa[0], pc[0])
+
+
+def test_random_llama_draws_the_op_by_op_initializers_weights(np_rng):
+  """`random_llama`'s one compiled initializer draws from a seed what
+  `Llama(cfg, rngs=nnx.Rngs(seed))`, run op by op, draws (up to float
+  rounding), in float32 and bfloat16, tied head or not; other seeds reuse
+  its compiled program and draw other weights."""
+  from dualpath_jax.model import llama  # pylint: disable=g-import-not-at-top
+  for cfg, tol in ((config.TINY, 1e-6),
+                   (config.TINY.replace(dtype="bfloat16", num_layers=3,
+                                        tie_embeddings=True), 2**-7)):
+    seeds = [0, int(np_rng.integers(1 << 32))]
+    drawn = []
+    for seed in seeds:
+      got = params_of(random_llama(cfg, seed))
+      want = params_of(Llama(cfg, rngs=nnx.Rngs(seed)))
+      assert jax.tree.structure(got) == jax.tree.structure(want)
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert x.dtype == y.dtype == jnp.dtype(cfg.dtype)
+        np.testing.assert_allclose(np.asarray(x, np.float32),
+                                   np.asarray(y, np.float32),
+                                   rtol=tol, atol=tol)
+      drawn.append(got)
+    assert not np.array_equal(drawn[0]["embed_tokens"],
+                              drawn[1]["embed_tokens"])
+    _, init = llama._jitted_initializer(cfg)  # pylint: disable=protected-access
+    assert init._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_checkpoint_round_trip(tmp_path, np_rng):

@@ -13,10 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dualpath_jax import config
-from dualpath_jax.model.llama import Llama
+from dualpath_jax.model.llama import random_llama
 from dualpath_jax.model.runner import ModelRunner
 from dualpath_jax.scheduler import ReadPath
 from dualpath_jax.transfer import (DualPathConfig, DualPathLoader,
@@ -57,7 +56,7 @@ def reference():
   rng = np.random.default_rng(20261126)
   cfg = config.TINY
   cache = config.CacheConfig(block_size=P, num_blocks=16)
-  runner = ModelRunner(Llama(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30)))),
+  runner = ModelRunner(random_llama(cfg, int(rng.integers(1 << 30))),
                        cache)
   prefix = rng.integers(3, cfg.vocab_size, 4 * P).tolist()
   suffix = rng.integers(3, cfg.vocab_size, 5).tolist()

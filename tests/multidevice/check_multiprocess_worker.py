@@ -105,7 +105,7 @@ def check_model_turn(cluster) -> None:
   from flax import nnx
 
   from dualpath_jax import config
-  from dualpath_jax.model.llama import Llama
+  from dualpath_jax.model.llama import random_llama
   from dualpath_jax.model.runner import ModelRunner
   from dualpath_jax.transfer import Handoff
   from dualpath_jax.transfer.handoff import head_spec
@@ -126,7 +126,7 @@ def check_model_turn(cluster) -> None:
 
   # The engine's runner, as PDCluster builds it: weights replicated on its
   # sub-mesh, the pool split over the KV heads.
-  graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(weights_seed)))
+  graphdef, state = nnx.split(random_llama(cfg, weights_seed))
   runner = ModelRunner(
       nnx.merge(graphdef, jax.device_put(state, mine.sharding())), cache)
 
