@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from kernels import checks
 from kernels import common
+from kernels import interpret_callback_fix
 from kernels import quantize
 from kernels import tpu_page_ring
 from kernels.common import LOG2E, MASK_VALUE, SQUEEZED
@@ -167,7 +168,7 @@ def paged_decode_tpu(
       out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel")),
-      interpret=pltpu.InterpretParams() if interpret else False,
+      interpret=interpret_callback_fix.tpu_interpret_arg(interpret),
       name="paged_decode_tpu",
   )(*args)
   return out.reshape(batch, num_heads, head_dim)

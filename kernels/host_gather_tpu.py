@@ -30,6 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from kernels import block_copy
+from kernels import interpret_callback_fix
 
 HOST = pl.HOST
 # TPU interpret mode takes no operand in host memory: jax 0.10.2 has no
@@ -114,7 +115,7 @@ def gather_to_device_core(
       ),
       out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
       input_output_aliases={3: 0},  # operands: src, dst, host, pool
-      interpret=pltpu.InterpretParams() if interpret else False,
+      interpret=interpret_callback_fix.tpu_interpret_arg(interpret),
       name="gather_host_blocks",
   )(src_slots.astype(jnp.int32), dst_pages.astype(jnp.int32), host_tier,
     pool)

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from kernels import interpret_callback_fix
 from kernels import interpret_compile_fix
 from kernels.common import MASK_VALUE
 
@@ -466,9 +467,12 @@ def interpret_arg(interpret: bool | object):
   """`plgpu.kernel`'s `interpret=` for a kernel's `interpret` argument.
 
   Interpreting installs `interpret_compile_fix` first (jax < 0.11 compiles
-  every simulated warpgroup anew on each call without it).
+  every simulated warpgroup anew on each call without it) and
+  `interpret_callback_fix` (the simulator's callbacks take numpy arguments,
+  a third faster).
   """
   if interpret is False:
     return None
   interpret_compile_fix.install()
+  interpret_callback_fix.install()
   return interpret_params() if interpret is True else interpret

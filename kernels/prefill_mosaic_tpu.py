@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from kernels import checks
 from kernels import common
+from kernels import interpret_callback_fix
 from kernels import tpu_page_ring
 from kernels import tuning
 from kernels.common import LOG2E, MASK_VALUE, SQUEEZED, tile_steps
@@ -195,7 +196,7 @@ def paged_prefill_tpu(
       out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel")),
-      interpret=pltpu.InterpretParams() if interpret else False,
+      interpret=interpret_callback_fix.tpu_interpret_arg(interpret),
       name="paged_prefill_tpu",
   )(tables, kv_lens.astype(jnp.int32), q_lens.astype(jnp.int32), qg,
     kv_pages)
