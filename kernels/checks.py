@@ -77,12 +77,13 @@ def check_paged_values(
 ) -> None:
   """Raises ValueError for values no call means, where they are concrete.
 
-  Checked: `0 <= q_lens[b] <= min(q_len, kv_lens[b])`, and the table
-  entries that hold row `b`'s context (the first `ceil(kv_lens[b] / P)`,
-  at most the table's width) name pages of the pool: kernels clamp an id
-  out of range into the pool, so a wrong one reads another page silently.
-  Entries past the context may hold anything (they are read masked, if at
-  all), and a length past the table's capacity sees only the table.
+  Checked: `0 <= q_lens[b] <= min(q_len, kv_lens[b])`, `kv_lens[b]` at
+  most the table's capacity (`pages_per_seq * P`: the kernels would attend
+  to the table's keys only, a silent truncation of the context), and the
+  table entries that hold row `b`'s context (the first
+  `ceil(kv_lens[b] / P)`) name pages of the pool: kernels clamp an id out of
+  range into the pool, so a wrong one reads another page silently. Entries
+  past the context may hold anything (they are read masked, if at all).
   Traced arguments (under `jit`) are not checked: their values are unknown
   until the call runs.
   """
@@ -98,7 +99,14 @@ def check_paged_values(
     raise ValueError(
         f"row {b}: q_lens {ql[b]} must be in [0, min(q_len {q_len}, "
         f"kv_lens {kv[b]})]")
-  pages = np.minimum(-(-kv // block_size), tables.shape[1])
+  capacity = tables.shape[1] * block_size
+  over = np.flatnonzero(kv > capacity)
+  if over.size:
+    b = int(over[0])
+    raise ValueError(
+        f"row {b}: kv_lens {kv[b]} exceeds the block table's capacity "
+        f"{capacity} ({tables.shape[1]} pages of {block_size} tokens)")
+  pages = -(-kv // block_size)
   in_context = np.arange(tables.shape[1])[None, :] < pages[:, None]
   bad_ids = in_context & ((tables < 0) | (tables >= num_blocks))
   if bad_ids.any():
@@ -106,3 +114,22 @@ def check_paged_values(
     raise ValueError(
         f"row {b}: block_tables[{b}, {i}] = {tables[b, i]} holds context "
         f"(kv_lens {kv[b]}) but names no page of the pool's {num_blocks}")
+
+
+def check_slot_values(
+    num_slots: int,  # num_blocks * block_size
+    slot_mapping: jax.Array,  # [batch, q_len] integer
+) -> None:
+  """Raises ValueError for a slot past the pool, where `slot_mapping` is
+  concrete: `write_kv`'s scatter drops such a write, so a wrong slot would
+  lose its token's K/V without a sign. Negative slots are padding."""
+  if isinstance(slot_mapping, jax.core.Tracer):
+    return
+  slots = np.asarray(slot_mapping)
+  bad = np.argwhere(slots >= num_slots)
+  if bad.size:
+    b, t = (int(x) for x in bad[0])
+    raise ValueError(
+        f"slot_mapping[{b}, {t}] = {slots[b, t]} is past the pool's "
+        f"{num_slots} slots (num_blocks * block_size); -1 marks padding")
+

@@ -31,10 +31,14 @@ def write_kv(
   row's tokens at consecutive positions, as a sequence grows. A call whose
   rows start more than `ceil(q_len / P)` pages each has only its
   `batch * ceil(q_len / P)` lowest started page ids zeroed. Under
-  `jit` with the pool donated this updates the pool in place. Shapes and the
-  slots' dtype are checked (ValueError): a mismatch would otherwise
-  broadcast or fail deep in XLA.
+  `jit` with the pool donated this updates the pool in place. Numpy arrays
+  and nested lists are taken as JAX arrays. Shapes and the slots' dtype are
+  checked (ValueError): a mismatch would otherwise broadcast or fail deep in
+  XLA; called eagerly, so is every slot against the pool's size
+  (`checks.check_slot_values`), since the scatter drops one past it.
   """
+  kv_pages, k, v, slot_mapping = (
+      jnp.asarray(x) for x in (kv_pages, k, v, slot_mapping))
   checks.check_pool_shape(kv_pages)
   num_blocks, _, num_kv_heads, block_size, head_dim = kv_pages.shape
   if (k.shape != v.shape or k.ndim != 4
@@ -53,6 +57,7 @@ def write_kv(
     raise ValueError(
         f"write_kv writes float pools; got a {kv_pages.dtype} pool (int8 "
         "pages are made by kernels.quantize from a float pool)")
+  checks.check_slot_values(num_blocks * block_size, slot_mapping)
   slots = slot_mapping.reshape(-1)
   blk = jnp.where(slots < 0, num_blocks, slots // block_size)  # OOB -> dropped
   off = jnp.where(slots < 0, 0, slots % block_size)

@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels import checks
 from kernels import quantize
@@ -181,8 +182,35 @@ def paged_attention(
       block_size=kv_pages.shape[3], quantized=kv_scales is not None,
       dtype=jnp.dtype(kv_pages.dtype).name,
       group=q.shape[2] // kv_pages.shape[2])
+  sm_scale = _static_sm_scale(sm_scale, name)
   fn = IMPLEMENTATIONS[name]
   if kv_scales is None:  # keeps implementations without int8 callable
     return fn(q, kv_pages, block_tables, kv_lens, q_lens, sm_scale=sm_scale)
   return fn(q, kv_pages, block_tables, kv_lens, q_lens, sm_scale=sm_scale,
             kv_scales=kv_scales)
+
+
+# Implementations that take `sm_scale` as an array operand; the Pallas
+# kernels compile it into the kernel, so it must be a Python number there.
+_TRACED_SCALE_OK = frozenset({"xla", "xla_chunked"})
+
+
+def _static_sm_scale(sm_scale, name: str) -> float | None:
+  """`sm_scale` as a Python float where it is concrete (a numpy or JAX
+  scalar included); a traced one is passed on only to the implementations
+  that take it as an operand, and refused by name for the Pallas kernels
+  (their error was JAX's "Non-hashable static arguments", which named no
+  argument)."""
+  if sm_scale is None or isinstance(sm_scale, (int, float)):
+    return sm_scale
+  if isinstance(sm_scale, jax.core.Tracer):
+    if name in _TRACED_SCALE_OK:
+      return sm_scale
+    raise ValueError(
+        f"sm_scale must be a Python float for implementation {name!r}, which "
+        "compiles it into the kernel; got a traced value (pass it to jit as a "
+        "static argument, or leave it None for 1/sqrt(head_dim))")
+  if np.ndim(sm_scale) != 0:
+    raise ValueError(f"sm_scale must be a scalar; got shape {np.shape(sm_scale)}")
+  return float(sm_scale)
+

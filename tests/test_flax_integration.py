@@ -1,8 +1,9 @@
 """The user-facing example of docs/flax_integration.md, executed and checked.
 
-The test pulls the first ```python block out of the doc, runs it, and drives
-its `PagedSelfAttention` through a ragged batched prefill and decode steps on
-a shuffled page pool. Each step's outputs are compared with dense causal
+The test pulls the two ```python blocks out of the doc and runs them (the
+module, then its use on one sequence), checks the second one's outputs, and
+drives the `PagedSelfAttention` through a ragged batched prefill and decode
+steps on a shuffled page pool. Each step's outputs are compared with dense causal
 attention over the whole sequence in float64 numpy, computed from the module's
 own weights (tolerance atol = rtol = 1e-5, float32).
 """
@@ -23,10 +24,24 @@ DOC = pathlib.Path(__file__).resolve().parents[1] / "docs/flax_integration.md"
 @pytest.fixture(scope="module")
 def example() -> dict:
   blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
-  assert blocks, f"no python block in {DOC}"
+  assert len(blocks) == 2, f"expected 2 python blocks in {DOC}"
   namespace: dict = {"__name__": "flax_integration_example"}
   exec(compile(blocks[0], str(DOC), "exec"), namespace)  # pylint: disable=exec-used
   return namespace
+
+
+def test_doc_usage_block_runs_and_matches_dense_attention(example):
+  """The doc's second block (prefill of 5 tokens, decode of a sixth) runs as
+  written after the first and gives dense attention's outputs."""
+  blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+  usage = dict(example)
+  exec(compile(blocks[1], str(DOC), "exec"), usage)  # pylint: disable=exec-used
+  got = np.concatenate([np.asarray(usage["out"])[0],
+                        np.asarray(usage["out_next"])[0]])
+  want = _dense_attention(usage["module"],
+                          np.asarray(usage["x"], np.float64)[0])
+  assert got.shape == want.shape == (6, 64)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def _dense_attention(module, x_all: np.ndarray) -> np.ndarray:

@@ -125,8 +125,9 @@ def test_numpy_and_list_arguments_are_taken_as_arrays(implementation):
 def test_eager_calls_check_lengths_and_the_ids_holding_context():
   """Called eagerly, a table id out of the pool among the entries holding
   context (kernels would clamp it and read another page) and lengths no call
-  means raise, naming the row; junk past the context, a length past the
-  table and empty rows do not. Under `jit` nothing is checked."""
+  means (a context longer than the table holds included) raise, naming the
+  row; junk past the context, a table used to its last slot and empty rows
+  do not. Under `jit` nothing is checked."""
   case = testing.make_case(25, kv_lens=[10, 20], q_len=4, num_heads=4,
                            num_kv_heads=2, head_dim=16, block_size=8,
                            pages_per_seq=4)
@@ -135,9 +136,12 @@ def test_eager_calls_check_lengths_and_the_ids_holding_context():
       np.asarray(tables)[:, 3] < 0).any()  # junk past the context: fine
   testing.assert_matches(paged_attention(*case.args()), case)
   full = tables.at[1, 3].set(tables[1, 0])  # row 1: every entry a page
-  paged_attention(q, pool, full, jnp.array([10, 99]), q_lens)  # past the table
+  paged_attention(q, pool, full, jnp.array([10, 32]), q_lens)  # to the end
+  with pytest.raises(ValueError, match=r"row 1: kv_lens 33 exceeds the block "
+                     r"table's capacity 32 \(4 pages of 8 tokens\)"):
+    paged_attention(q, pool, full, jnp.array([10, 33]), q_lens)
   with pytest.raises(ValueError, match=r"row 1: block_tables\[1, 3\]"):
-    paged_attention(q, pool, tables, jnp.array([10, 99]), q_lens)
+    paged_attention(q, pool, tables, jnp.array([10, 32]), q_lens)
   paged_attention(q, pool, tables, jnp.array([0, 20]), jnp.array([0, 4]))
   for column, bad_id in ((1, pool.shape[0]), (0, -1)):
     bad_tables = tables.at[0, column].set(bad_id)
@@ -300,3 +304,54 @@ def test_write_kv_refuses_bad_shapes_and_dtypes():
   with pytest.raises(ValueError, match="must be integers"):
     write_kv(jnp.asarray(pool), jnp.asarray(k), jnp.asarray(v),
              jnp.asarray(slots, jnp.float32))
+
+
+def test_write_kv_takes_numpy_and_lists_and_refuses_slots_past_the_pool():
+  """Numpy pools failed on `.at`, list slots on `.shape`; a slot past the
+  pool was dropped by the scatter without a sign. Eagerly it raises now,
+  naming the slot; -1 still marks padding."""
+  from kernels import write_kv  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(27)
+  pool = rng.standard_normal((4, 2, 2, 16, 8)).astype(np.float32)
+  k, v = rng.standard_normal((2, 2, 5, 2, 8)).astype(np.float32)
+  slots = np.array([[16, 17, 18, -1, -1], [32, 33, 34, 35, 36]], np.int32)
+  want = np.asarray(write_kv(jnp.asarray(pool), jnp.asarray(k),
+                             jnp.asarray(v), jnp.asarray(slots)))
+  np.testing.assert_array_equal(
+      want[1, 0, :, :3], np.moveaxis(k[0, :3], 0, 1))  # written where named
+  for args in ((pool, k, v, slots), (pool, k, v, slots.tolist())):
+    np.testing.assert_array_equal(np.asarray(write_kv(*args)), want)
+  for bad in (64, 500):
+    past = slots.copy()
+    past[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"slot_mapping\[1, 3\] = {bad} is "
+                       r"past the pool's 64 slots"):
+      write_kv(pool, k, v, past)
+  jitted = jax.jit(write_kv)(pool, k, v, past)  # traced: not checked
+  np.testing.assert_array_equal(np.asarray(jitted)[2, :, :, :3],
+                                want[2, :, :, :3])
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas_triton"])
+def test_sm_scale_traced_or_as_an_array(implementation):
+  """A concrete array scale is taken as a float by every implementation; a
+  traced one by the XLA ones, and refused by name by the Pallas kernels,
+  which compile it in (their error was JAX's "Non-hashable static
+  arguments", naming nothing)."""
+  case = testing.make_case(28, kv_lens=[9, 20], q_len=1, num_heads=4,
+                           num_kv_heads=2, head_dim=16, block_size=16)
+  scale = 0.3
+  want = paged_attention(*case.args(), sm_scale=scale, implementation="xla")
+  got = paged_attention(*case.args(), sm_scale=np.float32(scale),
+                        implementation=implementation)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  assert not np.allclose(np.asarray(want), np.asarray(
+      paged_attention(*case.args(), implementation="xla")), atol=1e-3)
+  call = jax.jit(lambda s: paged_attention(
+      *case.args(), sm_scale=s, implementation=implementation))
+  if implementation == "xla":
+    np.testing.assert_allclose(np.asarray(call(scale)), np.asarray(want),
+                               atol=1e-5)
+  else:
+    with pytest.raises(ValueError, match="sm_scale must be a Python float"):
+      call(scale)
