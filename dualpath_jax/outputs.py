@@ -101,13 +101,52 @@ def check_distinct_paths(paths: list[tuple[str, str]]) -> None:
 
 
 def check_output_paths(paths: list[tuple[str, str]], *,
-                       pngs: tuple[str, ...] = ("--plot",)) -> None:
+                       pngs: tuple[str, ...] = ("--plot",),
+                       inputs: list[tuple[str, str | None, str]] = ()
+                       ) -> None:
   """A run's outputs, `(what, path)` pairs, checked together before it
   starts: each by `check_output_path` (those named in `pngs` must end in
-  .png), and no two the same file (`check_distinct_paths`)."""
+  .png), no two the same file (`check_distinct_paths`), and none over or
+  inside what the run reads (`inputs`, see `check_outputs_spare_inputs`)."""
   for what, path in paths:
     check_output_path(path, what, suffix=".png" if what in pngs else None)
   check_distinct_paths(paths)
+  check_outputs_spare_inputs(paths, inputs)
+
+
+def check_outputs_spare_inputs(
+    paths: list[tuple[str, str]],
+    inputs: list[tuple[str, str | None, str]],
+) -> None:
+  """ValueError if an output (`(what, path)`) would be written over a file
+  the run reads or into a folder it keeps, which the write would destroy or
+  corrupt: a report over the cold tier's key file or its index, into a
+  model checkpoint, over the trace. `inputs`: `(what, path, kind)`, kind
+  "file" (an existing file: the same file is refused), "dir" (a folder,
+  existing or to be made: the folder and anything under it are refused) or
+  "any" (a source that is whichever of the two exists, e.g. a model that is
+  a GGUF file or a checkpoint folder); a None or empty path, and a "file" or
+  "any" path that does not exist (a keyword such as `random:tiny-test`),
+  name nothing."""
+  for in_what, in_path, kind in inputs:
+    if not in_path:
+      continue
+    real_in = os.path.realpath(os.path.abspath(in_path))
+    if kind == "any":
+      if not os.path.exists(real_in):
+        continue
+      kind = "dir" if os.path.isdir(real_in) else "file"
+    elif kind == "file" and not os.path.isfile(real_in):
+      continue
+    for out_what, out_path in paths:
+      real_out = os.path.realpath(os.path.abspath(out_path))
+      if real_out == real_in:
+        raise ValueError(f"{in_what} and {out_what} are the same file: "
+                         f"{out_path}")
+      if kind == "dir" and real_out.startswith(real_in.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{out_what} {out_path} lies inside {in_what} "
+                         f"{in_path}: write it elsewhere, the run keeps that "
+                         "folder")
 
 
 def check_output_dir(path: str, what: str) -> str:

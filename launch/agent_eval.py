@@ -25,7 +25,7 @@ from absl import app, flags, logging
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import (cluster_flags, distributed_flags, engine_flags,
-                    float_flags, workload_flags)
+                    float_flags, input_paths, workload_flags)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
@@ -86,9 +86,10 @@ def main(argv):
                        "sample the same reply")
     if FLAGS.top_p == 0:
       raise ValueError("--top_p must be in (0, 1]; got 0")
-    outputs.check_output_paths(output_paths)
-    if FLAGS.trace:  # read before the run, written over at its end
-      outputs.check_distinct_paths([("--trace", FLAGS.trace)] + output_paths)
+    # Not over what the run reads or keeps (the trace, a key file, a cold
+    # tier or checkpoint folder): written at its end, they would be lost.
+    outputs.check_output_paths(output_paths,
+                               inputs=input_paths.flagged_inputs())
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
   from dualpath_jax.config import to_dict

@@ -34,7 +34,7 @@ import time
 from absl import app, flags
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import engine_flags, float_flags, list_flags
+from launch import engine_flags, float_flags, input_paths, list_flags
 
 FLAGS = flags.FLAGS
 
@@ -149,7 +149,7 @@ def main(argv):
                                      example="1,4,8")
     paths = [(name, path) for name, path in (("--json", FLAGS.json),
                                              ("--plot", FLAGS.plot)) if path]
-    outputs.check_output_paths(paths)
+    outputs.check_output_paths(paths, inputs=input_paths.flagged_inputs())
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
     context = FLAGS.prompt_tokens + FLAGS.max_new_tokens
     if context > FLAGS.max_context:

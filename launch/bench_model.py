@@ -22,7 +22,7 @@ import time
 from absl import app, flags
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import list_flags
+from launch import input_paths, list_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source (see launch.agent_eval)")
@@ -61,7 +61,8 @@ def main(argv):
       raise ValueError(f"--attention: unknown {FLAGS.attention!r}; choose "
                        f"from {sorted(ATTENTION_IMPLEMENTATIONS)} or auto")
     if FLAGS.out:
-      outputs.check_output_path(FLAGS.out, "--out")
+      outputs.check_output_paths([("--out", FLAGS.out)],
+                                 inputs=input_paths.flagged_inputs())
   except ValueError as e:
     sys.exit(f"bench_model: {e}")
   # JAX's, Flax's and Orbax's imports before the clock starts (the model

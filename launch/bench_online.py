@@ -38,7 +38,7 @@ from absl import app, flags, logging
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import (cluster_flags, distributed_flags, engine_flags,
-                    float_flags, workload_flags)
+                    float_flags, input_paths, workload_flags)
 
 FLAGS = flags.FLAGS
 
@@ -310,7 +310,8 @@ def main(argv):
   from dualpath_jax import outputs
   try:  # before the runs: a bad path must not cost their results
     outputs.check_output_paths([("--report", FLAGS.report)] + (
-        [("--plot", FLAGS.plot)] if FLAGS.plot else []))
+        [("--plot", FLAGS.plot)] if FLAGS.plot else []),
+        inputs=input_paths.flagged_inputs())
   except ValueError as e:
     _fail(str(e))
 

@@ -18,6 +18,7 @@ the new one is on disk once its path is printed.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 import time
@@ -76,6 +77,17 @@ def convert(gguf_path: str | None, out: str, dtype: str,
   return str(directory)
 
 
+def _check_gguf_outside_out(gguf: str | None, out: str | None) -> None:
+  """ValueError if the GGUF lies inside `out`, which `--overwrite` replaces
+  as a whole: the source would go with the old checkpoint."""
+  if gguf is None or out is None:
+    return
+  real_out = os.path.realpath(out).rstrip(os.sep) + os.sep
+  if os.path.realpath(gguf).startswith(real_out):
+    raise ValueError(f"--gguf {gguf} lies inside --out {out}, which the "
+                     "checkpoint replaces: move the GGUF out first")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -83,6 +95,7 @@ def main(argv: list[str]) -> None:
   try:  # the directory and the GGUF's header first: the conversion is slow
     check_gguf_flag(FLAGS.gguf)
     checkpoint_layout.check_output_directory(FLAGS.out, FLAGS.overwrite)
+    _check_gguf_outside_out(FLAGS.gguf, FLAGS.out)
     describe_model(FLAGS.gguf, dtype=FLAGS.dtype)
     directory = convert(FLAGS.gguf, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
   except (ValueError, FileExistsError, FileNotFoundError) as e:

@@ -196,12 +196,18 @@ def main(argv):
   del argv
   try:  # before the kills: a bad path must not cost their verdict
     if FLAGS.json:
-      outputs.check_output_path(FLAGS.json, "--json")
+      outputs.check_output_paths([("--json", FLAGS.json)],
+                                 inputs=[("--root", FLAGS.root, "dir")])
     if FLAGS.root:
       outputs.check_output_dir(FLAGS.root, "--root")
     if FLAGS.min_delay > FLAGS.max_delay:
       raise ValueError(f"--min_delay ({FLAGS.min_delay}) is above "
                        f"--max_delay ({FLAGS.max_delay})")
+    if FLAGS.root and FLAGS.role == "parent" and os.path.exists(
+        os.path.join(FLAGS.root, "index.sqlite")):
+      # A store of another layout, or a damaged index, refused here by name
+      # (the writers would each fail on it, reported as a traceback).
+      open_store(FLAGS.root, FLAGS.driver, FLAGS.codec).close()
   except ValueError as e:
     sys.exit(f"crash_test_storage: {e}")
   root = FLAGS.root or tempfile.mkdtemp(prefix="crash_test_storage_")

@@ -35,7 +35,7 @@ import sys
 from absl import app, flags
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import float_flags
+from launch import float_flags, input_paths
 
 FLAGS = flags.FLAGS
 
@@ -278,7 +278,8 @@ def main(argv):
         max_decode_batch=FLAGS.max_decode_batch)
     slo = SloSpec(ttft_s=FLAGS.slo_ttft_s, percentile=FLAGS.slo_percentile)
     outputs.check_output_paths([("--report", FLAGS.report)] + (
-        [("--plot", FLAGS.plot)] if FLAGS.plot else []))
+        [("--plot", FLAGS.plot)] if FLAGS.plot else []),
+        inputs=input_paths.flagged_inputs())
     sessions, source = _sessions(model_config)
     # A turn no engine can hold is refused here, before any run.
     Simulator(prefill_cost, config, policies[0], sessions,

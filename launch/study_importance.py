@@ -36,7 +36,7 @@ import time
 from absl import app, flags
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import float_flags
+from launch import float_flags, input_paths
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
@@ -289,9 +289,7 @@ def main(argv):
       [("--plot", FLAGS.plot)] if FLAGS.plot else [])
   try:  # before anything loads: bad input costs nothing
     cfg = _study_config()
-    outputs.check_output_paths(paths)
-    if FLAGS.trace:
-      outputs.check_distinct_paths([("--trace", FLAGS.trace)] + paths)
+    outputs.check_output_paths(paths, inputs=input_paths.flagged_inputs())
   except ValueError as e:
     sys.exit(f"study_importance: {e}")
   from dualpath_jax.model import describe_model, load_model

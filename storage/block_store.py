@@ -152,6 +152,16 @@ def read_failure(err: BaseException) -> str:
   return "corrupt" if code in _DAMAGE_CODES else "unreadable"
 
 
+
+def _recorded_location_free(stored: dict) -> dict:
+  """A layout read from an index, with a default kvstore's absolute path
+  (what stores made before `layout.recorded_kvstore_spec` recorded) in the
+  location-free form new indexes record, so such a store opens after a move
+  or a copy, as a new one does."""
+  if isinstance(stored.get("kvstore"), dict):
+    return {**stored, "kvstore": layout.without_root_location(stored["kvstore"])}
+  return stored
+
 class BlockStore:
   """KV blocks of one model in a TensorStore cold tier (see module docstring)."""
 
@@ -192,15 +202,18 @@ class BlockStore:
     layout_desc = {
         "block_shape": list(self.block_shape), "dtype": cache.dtype,
         "codec": self.codec.full_name, "driver": config.driver,
-        "num_slots": self.num_slots, "kvstore": layout.array_kvstore_spec(config),
+        "num_slots": self.num_slots,
+        "kvstore": layout.recorded_kvstore_spec(config),
         "model": model.fingerprint(),
     }
     if self._sealed:  # another key, or none, is then a layout mismatch
       layout_desc["encryption"] = {"algorithm": encryption.ALGORITHM,
                                    "key_id": self.codec.cipher.key_id}
     try:
-      self.index = index_lib.BlockIndex(config.root, layout_desc,
-                                        self.num_slots, config.admission)
+      self.index = index_lib.BlockIndex(
+          config.root, layout_desc, self.num_slots, config.admission,
+          normalize=_recorded_location_free if config.kvstore is None
+          else None)
     except ValueError as err:
       if "made for layout" in str(err) and ("aes256gcm" in str(err)):
         raise ValueError(f"{err}. An encrypted store opens only with the key "

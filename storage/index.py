@@ -52,7 +52,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 PENDING, READY, DELETING, DOOMED = 0, 1, 2, 3
 
@@ -114,7 +114,9 @@ class Reservation:
 class BlockIndex:
   """The SQLite index of one store (thread-safe; one instance per process)."""
 
-  def __init__(self, directory: str, layout: dict, num_slots: int, admission: str = "always"):
+  def __init__(self, directory: str, layout: dict, num_slots: int,
+               admission: str = "always", *,
+               normalize: Callable[[dict], dict] | None = None):
     """Opens or creates the index in `directory`.
 
     Args:
@@ -123,6 +125,8 @@ class BlockIndex:
         the index was created with.
       num_slots: capacity in blocks.
       admission: "always", "second_put" or "session_continues".
+      normalize: applied to the recorded layout before the comparison (the
+        block store's: an older index's form of the same layout).
     """
     if num_slots <= 0:
       raise ValueError(f"num_slots must be positive, got {num_slots}")
@@ -146,7 +150,7 @@ class BlockIndex:
       raise damaged_error(path, err) from None
     self.made_layout = False  # whether this open wrote the layout
     try:
-      self._check_layout(layout)
+      self._check_layout(layout, normalize)
     except sqlite3.DatabaseError as err:
       self._db.close()
       if isinstance(err, sqlite3.OperationalError):  # locked, disk full: not damage
@@ -216,7 +220,8 @@ class BlockIndex:
     if self._closed:
       raise RuntimeError(f"the cold tier index in {self.directory} is closed")
 
-  def _check_layout(self, layout: dict) -> None:
+  def _check_layout(self, layout: dict,
+                    normalize: Callable[[dict], dict] | None) -> None:
     text = json.dumps(layout, sort_keys=True)
     with self._transaction() as db:
       row = db.execute("SELECT value FROM meta WHERE key='layout'").fetchone()
@@ -225,7 +230,8 @@ class BlockIndex:
         db.execute("INSERT INTO meta VALUES ('layout', ?)", (text,))
         db.execute("INSERT INTO meta VALUES ('next_slot', '0')")
         db.execute("INSERT INTO meta VALUES ('gen', '0')")
-      elif row[0] != text:
+      elif row[0] != text and not (normalize and _as_layout(row[0], normalize)
+                                   == text):
         raise ValueError(
             f"cold tier index in {self.directory} was made for layout {row[0]}, "
             f"not {text}; use another directory or the same model/cache/codec")
@@ -556,3 +562,16 @@ class BlockIndex:
     with self._read() as db:
       rows = db.execute("SELECT id, slot, gen FROM blocks WHERE state=?", (READY,)).fetchall()
     return [SlotRef(bytes(i), s, g) for i, s, g in rows]
+
+
+def _as_layout(recorded: str, normalize: Callable[[dict], dict]) -> str | None:
+  """`recorded` (an index's layout JSON) normalized and dumped as
+  `_check_layout` dumps a layout; None if it is not a JSON object."""
+  try:
+    value = json.loads(recorded)
+  except ValueError:
+    return None
+  if not isinstance(value, dict):
+    return None
+  return json.dumps(normalize(value), sort_keys=True)
+

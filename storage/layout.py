@@ -65,6 +65,36 @@ def array_kvstore_spec(config: ColdTierConfig) -> dict[str, Any]:
   return base
 
 
+# What a store's index records as the default kvstore's path: the root is
+# wherever the store is opened from, so a copied, moved or symlinked store
+# (restored from a backup, mounted elsewhere) opens as itself.
+ROOT_DATA_PATH = "<root>/data/"
+
+
+def recorded_kvstore_spec(config: ColdTierConfig) -> dict[str, Any]:
+  """`array_kvstore_spec` as the index's layout records it: the default
+  `<root>/data/` without the root's location (`ROOT_DATA_PATH`); a
+  kvstore given in the config (`ColdTierConfig.kvstore`), whose location is
+  the data's, as given."""
+  if config.kvstore is not None:
+    return array_kvstore_spec(config)
+  return without_root_location(array_kvstore_spec(config))
+
+
+def without_root_location(spec: dict[str, Any]) -> dict[str, Any]:
+  """A default kvstore spec (`file` at some `<root>/data/`, optionally under
+  `ocdbt`) with its path replaced by `ROOT_DATA_PATH`; anything else as is.
+  Also what the indexes of stores made before `recorded_kvstore_spec`
+  (which recorded the absolute path) are compared through."""
+  if spec.get("driver") == "ocdbt" and isinstance(spec.get("base"), dict):
+    return {**spec, "base": without_root_location(spec["base"])}
+  path = spec.get("path")
+  if (spec.get("driver") == "file" and isinstance(path, str)
+      and path.endswith("/data/") and set(spec) == {"driver", "path"}):
+    return {"driver": "file", "path": ROOT_DATA_PATH}
+  return spec
+
+
 def context_spec(config: ColdTierConfig) -> dict[str, Any]:
   """TensorStore context: bounded file I/O, durable writes, no chunk cache."""
   return {

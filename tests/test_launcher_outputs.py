@@ -222,6 +222,26 @@ def test_reports_are_strict_json_with_null_for_non_finite_numbers(tmp_path):
       "nic": None, "r": [None, 1.5], "n": {"x": None, "k": [2.0]}}
 
 
+def test_crash_test_refuses_a_store_of_another_layout_by_name(tmp_path):
+  """Its writers failed on such a store, and the run ended in a traceback
+  ("writer exited before the kill"); one line now, and the store and its
+  index untouched."""
+  from dualpath_jax.config import TINY, CacheConfig  # pylint: disable=g-import-not-at-top
+  from storage import BlockStore, ColdTierConfig  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "store"
+  with BlockStore(ColdTierConfig(root=str(root)), TINY,
+                  CacheConfig(block_size=16)):
+    pass
+  before = (root / "index.sqlite").read_bytes()
+  done = _run("launch.crash_test_storage", "--kills=1", f"--root={root}",
+              timeout=120)
+  assert done.returncode != 0
+  assert "crash_test_storage: cold tier index in" in done.stderr
+  assert "was made for layout" in done.stderr, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr and "kill" not in done.stdout
+  assert (root / "index.sqlite").read_bytes() == before
+
+
 @pytest.mark.parametrize("flags_,msg", [
     (["--min_delay=2", "--max_delay=0.1"],
      "--min_delay (2.0) is above --max_delay (0.1)"),

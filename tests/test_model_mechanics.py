@@ -638,6 +638,25 @@ def test_convert_cli_keeps_a_checkpoint_given_as_its_own_source(tmp_path):
   assert (good / checkpoint.METADATA_FILE).read_text() == '{"keep": 1}'
 
 
+def test_convert_cli_keeps_a_gguf_that_lies_inside_the_checkpoint(tmp_path):
+  """`--out=<ckpt> --overwrite` replaces the folder as a whole, so a GGUF
+  kept inside it went with the old checkpoint: refused, both untouched."""
+  good = tmp_path / "ckpt"
+  good.mkdir()
+  (good / checkpoint.METADATA_FILE).write_text('{"keep": 1}')
+  (good / "model.gguf").write_bytes(b"GGUF-bytes")
+  result = run_recording_imports(
+      ["-m", "launch.convert", f"--out={good}",
+       f"--gguf={good / 'model.gguf'}", "--overwrite"], timeout=300,
+      cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(
+          pathlib.Path(__file__).resolve().parents[1])))
+  assert result.returncode != 0
+  assert "lies inside --out" in result.stderr, result.stderr[-2000:]
+  assert sorted(p.name for p in good.iterdir()) == sorted(
+      [checkpoint.METADATA_FILE, "model.gguf"])
+  assert (good / "model.gguf").read_bytes() == b"GGUF-bytes"
+
+
 def test_random_load_is_deterministic_per_seed():
   a = load_model("random:tiny-test:layers=1:seed=3")
   b = load_model("random:tiny-test:layers=1:seed=3")

@@ -92,3 +92,44 @@ def test_a_failed_figure_save_keeps_the_old_png(tmp_path):
   outputs.save_figure(fig, str(path))
   plt.close(fig)
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outputs_spare_what_the_run_reads_or_keeps(tmp_path):
+  """A report over a cold tier's key file made every sealed block
+  unreadable, one named index.sqlite inside the cold tier lost the store,
+  one inside a checkpoint folder the model: refused now, also through a
+  symlink. A keyword source (random:...) or a file input that does not
+  exist names nothing; a folder input does, existing or not."""
+  key = tmp_path / "key"
+  key.write_text("00" * 32)
+  store = tmp_path / "store"
+  store.mkdir()
+  checkpoint = tmp_path / "ckpt"
+  checkpoint.mkdir()
+  inputs = [("--cold_tier_key_file", str(key), "file"),
+            ("--cold_tier", str(store), "dir"),
+            ("--model", str(checkpoint), "any"),
+            ("--trace", str(tmp_path / "absent.jsonl"), "file"),
+            ("--tokenizer", "bytes", "file"),
+            ("--plans", str(tmp_path / "new_dir"), "dir")]
+  ok = [("--report", str(tmp_path / "r.json")),
+        ("--plot", str(tmp_path / "r.png"))]
+  outputs.check_output_paths(ok, inputs=inputs)
+  (tmp_path / "link").symlink_to(key)
+  for out, match in (
+      (key, "--cold_tier_key_file and --report are the same file"),
+      (tmp_path / "link", "--cold_tier_key_file and --report are the same"),
+      (store / "index.sqlite", "--report .* lies inside --cold_tier"),
+      (store, "--cold_tier and --report are the same file"),
+      (checkpoint / "dualpath_model.json", "lies inside --model"),
+      (tmp_path / "new_dir" / "r.json", "lies inside --plans")):
+    with pytest.raises(ValueError, match=match):
+      outputs.check_outputs_spare_inputs([("--report", str(out))], inputs)
+  model_file = tmp_path / "m.gguf"
+  model_file.write_bytes(b"GGUF")
+  with pytest.raises(ValueError, match="--model and --out are the same"):
+    outputs.check_outputs_spare_inputs(
+        [("--out", str(model_file))], [("--model", str(model_file), "any")])
+  outputs.check_outputs_spare_inputs(
+      [("--out", str(tmp_path / "random:tiny-test"))],
+      [("--model", "random:tiny-test", "any"), ("--trace", None, "file")])

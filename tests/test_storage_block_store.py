@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sqlite3
 import threading
 
 import ml_dtypes
@@ -77,6 +79,51 @@ def test_reopen_with_other_layout_raises(tmp_path):
     pass
   with pytest.raises(ValueError, match="layout"):
     _store(tmp_path, codec="int8")
+
+
+@pytest.mark.parametrize("driver", ["file", "ocdbt"])
+def test_a_copied_moved_or_linked_store_opens_as_itself(tmp_path, driver):
+  """The index recorded the data's absolute path in its layout, so a store
+  restored from a copy, moved, or reached through a symlink was refused as
+  another layout. It records `<root>/data/` now."""
+  rng = np.random.default_rng(41)
+  with _store(tmp_path / "a", driver=driver) as store:
+    ids, blocks = _data(rng, 3, store)
+    assert store.put(ids, blocks).written == 3
+  shutil.copytree(tmp_path / "a", tmp_path / "copy", symlinks=True)
+  os.rename(tmp_path / "a", tmp_path / "moved")
+  os.symlink(tmp_path / "moved", tmp_path / "link")
+  for name in ("copy", "moved", "link"):
+    with _store(tmp_path / name, driver=driver) as store:
+      assert all(_same(g, b) for g, b in zip(store.get(ids), blocks)), name
+  with pytest.raises(ValueError, match="layout"):
+    _store(tmp_path / "copy", driver=driver, codec="int8")
+
+
+def test_a_store_that_recorded_its_absolute_path_opens_after_a_move(tmp_path):
+  """Indexes made before the location-free layout hold the absolute path
+  of `<root>/data/`; such a store opens where it is and after a move, and a
+  different layout is still refused."""
+  rng = np.random.default_rng(42)
+  with _store(tmp_path / "old") as store:
+    ids, blocks = _data(rng, 2, store)
+    store.put(ids, blocks)
+  db = sqlite3.connect(tmp_path / "old" / "index.sqlite")
+  layout = json.loads(db.execute(
+      "SELECT value FROM meta WHERE key='layout'").fetchone()[0])
+  assert layout["kvstore"] == {"driver": "file", "path": "<root>/data/"}
+  layout["kvstore"]["path"] = str(tmp_path / "old" / "data") + "/"
+  with db:
+    db.execute("UPDATE meta SET value=? WHERE key='layout'",
+               (json.dumps(layout, sort_keys=True),))
+  db.close()
+  for name in ("old", "new"):
+    if name == "new":
+      os.rename(tmp_path / "old", tmp_path / "new")
+    with _store(tmp_path / name) as store:
+      assert all(_same(g, b) for g, b in zip(store.get(ids), blocks)), name
+  with pytest.raises(ValueError, match="layout"):
+    _store(tmp_path / "new", codec="zstd")
 
 
 @pytest.mark.parametrize("kvstore", [
