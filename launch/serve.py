@@ -44,6 +44,9 @@ flags.DEFINE_integer("seed", 0, "sampling seed of requests without `seed`", lowe
 flags.DEFINE_enum("log_level", "info",
                   ["critical", "error", "warning", "info", "debug", "trace"],
                   "uvicorn log level")
+float_flags.define_float("max_request_mb", 32.0, "largest request body, MiB "
+                         "(larger ones get 413 before they are read)",
+                         lower_bound=0.001)
 cluster_flags.define()  # --mesh=1P2D --cold_tier=DIR: serve on a P/D cluster
 
 
@@ -52,6 +55,10 @@ def _tokenizer(model_tokenizer):
   from dualpath_jax.model import Tokenizer, gguf_loader
   if FLAGS.tokenizer is None:
     return model_tokenizer
+  if FLAGS.tokenizer == "bytes":
+    raise ValueError("--tokenizer=bytes (agent_eval's one-token-per-byte "
+                     "stand-in for load tests) decodes no text, so it cannot "
+                     "serve; give a GGUF path or 'embedded'")
   path = (gguf_loader.find_smollm2_gguf() if FLAGS.tokenizer == "embedded"
           else FLAGS.tokenizer)
   return Tokenizer.from_gguf(path)
@@ -81,8 +88,12 @@ def main(argv):
     sys.exit("serve: the model has no tokenizer (random weights); pass "
              "--tokenizer=embedded or a GGUF path")
   if tokenizer.vocab_size > config.vocab_size:
+    from dualpath_jax.config import MODEL_PRESETS
+    fits = sorted(f"random:{name}" for name, c in MODEL_PRESETS.items()
+                  if c.vocab_size >= tokenizer.vocab_size)
     sys.exit(f"serve: the tokenizer has {tokenizer.vocab_size} tokens but the "
-             f"model only {config.vocab_size}")
+             f"model only {config.vocab_size}, so its ids would not fit; "
+             f"random models whose vocabulary holds it: {', '.join(fits)}")
   try:
     engine_flags.check_model_context(config)
     server_cfg = _server_config(config.name)
@@ -110,9 +121,13 @@ def _server_config(model_name: str):
   the model's name; `--default_temperature`); ValueError for values it
   refuses. JAX-free, so that it runs before the load."""
   from dualpath_jax.server.app import ServerConfig
+  if FLAGS.served_model_name is not None and not all(FLAGS.served_model_name):
+    raise ValueError(f"--served_model_name: an empty name in "
+                     f"{','.join(FLAGS.served_model_name)!r}")
   return ServerConfig(
       model_names=tuple(FLAGS.served_model_name or (model_name,)),
-      default_temperature=FLAGS.default_temperature)
+      default_temperature=FLAGS.default_temperature,
+      max_request_bytes=max(1, int(FLAGS.max_request_mb * (1 << 20))))
 
 
 def _load_and_serve(listener: socket.socket, cache, engine_cfg, mesh, cold,

@@ -247,7 +247,9 @@ def test_launchers_refuse_a_pool_smaller_than_one_sequence(tmp_path, module,
     ("--max_context=100000", "max_context 100000 exceeds the model's context "
      "8192"),
     ("--default_temperature=-1", "default_temperature must be in [0, 2]"),
-    ("--served_model_name=,", "model_names needs at least one non-empty"),
+    ("--served_model_name=,", "--served_model_name: an empty name"),
+    ("--served_model_name=a,,b", "--served_model_name: an empty name in "
+     "'a,,b'"),
 ])
 def test_serve_refuses_server_settings_before_loading(flag, msg):
   """Checked against the model's metadata before the load (these used to
@@ -271,7 +273,10 @@ def test_serve_refuses_a_missing_tokenizer_and_a_bad_port():
   assert not imported_jax(done.stderr)
   for tokenizer, msg in ((None, "the model has no tokenizer"),
                          ("embedded", "the tokenizer has 49152 tokens but the "
-                          "model only 256")):
+                          "model only 256, so its ids would not fit; random "
+                          "models whose vocabulary holds it: "
+                          "random:llama3-8b-shape"),
+                         ("bytes", "--tokenizer=bytes (agent_eval's")):
     done = _run("launch.serve", "--model=random:tiny-test",
                 *([f"--tokenizer={tokenizer}"] if tokenizer else []))
     error = without_import_times(done.stderr)

@@ -394,10 +394,15 @@ def test_bad_logprob_requests_get_openai_errors(server, path, body, param):
     ("/v1/chat/completions", {"seed": False}, "seed"),
     ("/v1/completions", {"prompt": [True, False]}, "prompt"),
     ("/v1/completions", {"max_tokens": 2.0}, "max_tokens"),
+    ("/v1/chat/completions", {"stream": "yes"}, "stream"),
+    ("/v1/chat/completions", {"logprobs": "yes"}, "logprobs"),
+    ("/v1/completions", {"stream": 1}, "stream"),
+    ("/v1/completions", {"ignore_eos": "true"}, "ignore_eos"),
 ])
 def test_booleans_and_floats_are_not_integers(server, path, body, param):
   """`n: true` used to be one choice, `prompt: [true, false]` token ids 1
-  and 0: lax integers. JSON integers only, as OpenAI's API takes."""
+  and 0: lax integers; `stream: "yes"` streamed: lax booleans. JSON
+  integers and booleans only, as OpenAI's API takes."""
   req = {"model": MODEL, "max_tokens": 2}
   req |= ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path
           else {"prompt": "hi"})
@@ -415,6 +420,12 @@ def test_deleting_a_session_without_a_cold_tier_says_so(server):
   bad = _http(server, "DELETE", "/v1/sessions/" + "s" * 257)
   assert bad.status_code == 400 and bad.json()["error"]["param"] == \
       "session_id"
+  # The empty id is every request's sent without one: a client's unset id
+  # deleted their blocks.
+  for path in ("/v1/sessions/", "/v1/sessions/?user=t"):
+    empty = _http(server, "DELETE", path)
+    assert empty.status_code == 400, empty.text
+    assert empty.json()["error"]["param"] == "session_id"
 
 
 def test_a_session_delete_the_store_cannot_finish_is_a_503(server,
@@ -542,6 +553,11 @@ def test_metrics_parse_and_count_a_request(server, client, np_rng):
      "messages[1].role", None),
     ({"messages": [{"role": "developer", "content": "hi"}]}, 400,
      "messages[0].role", None),
+    # a user turn without content was a completion of an empty turn
+    ({"messages": [{"role": "user"}]}, 400, "messages[0].content", None),
+    ({"messages": [{"role": "system", "content": None},
+                   {"role": "user", "content": "hi"}]}, 400,
+     "messages[0].content", None),
     # the tenant is hashed as UTF-8: this one failed the engine's whole step
     ({"user": "\ud800"}, 400, "user", None),
     ({"session_id": "\ud800"}, 400, "session_id", None),
@@ -638,6 +654,27 @@ def test_malformed_json_and_unknown_route(server):
   r = _http(server, "GET", "/v1/nothing")
   assert r.status_code == 404 and set(r.json()["error"]) == {
       "message", "type", "param", "code"}
+  # Bytes that are not UTF-8: FastAPI's "There was an error parsing the
+  # body", code null; the JSON error it is, by name, now.
+  r = _http(server, "POST", "/v1/chat/completions",
+            raw=b'{"model": "m", "messages": [{"role": "user", "content": '
+            b'"\xff\xfe"}]}')
+  assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+  assert "not UTF-8" in r.json()["error"]["message"], r.text
+
+
+def test_a_body_declared_past_the_limit_is_refused_unread(server):
+  """`Content-Length: 10000000000` and two bytes sent held the connection
+  (and a shutdown's grace) while the rest was awaited: 413 at once now,
+  and the server serves on."""
+  with socket.create_connection((server.host, server.port), timeout=10) as s:
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+              b"Content-Type: application/json\r\n"
+              b"Content-Length: 10000000000\r\n\r\n{}")
+    head = s.recv(65536).decode(errors="replace")
+  assert head.startswith("HTTP/1.1 413"), head[:200]
+  assert "at most 33554432 bytes" in head and "invalid_request_error" in head
+  assert _http(server, "GET", "/health").status_code == 200
 
 
 # ------------------------------------------------------------- disconnect

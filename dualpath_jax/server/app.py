@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dualpath_jax.cache.kv_cache_manager import RequestTooLargeError
 from dualpath_jax.engine.request import TurnOutput, TurnRequest
+from dualpath_jax.server import body_limit
 from dualpath_jax.server import protocol
 from dualpath_jax.server.engine_loop import (EngineHandle, EngineLoop,
                                              ShuttingDown)
@@ -59,10 +60,16 @@ class ServerConfig:
   model_names: tuple[str, ...]  # first = the id /v1/models reports
   default_temperature: float = 1.0  # OpenAI's default when a request omits it
   default_top_p: float = 1.0
+  max_request_bytes: int = body_limit.DEFAULT_MAX_BYTES
+  body_chunk_timeout_s: float = body_limit.DEFAULT_CHUNK_TIMEOUT_S
 
   def __post_init__(self):
     if not self.model_names or not all(self.model_names):
-      raise ValueError("model_names needs at least one non-empty name")
+      raise ValueError("model_names needs at least one name, and no empty "
+                       f"one; got {list(self.model_names)}")
+    if self.max_request_bytes <= 0 or self.body_chunk_timeout_s <= 0:
+      raise ValueError("max_request_bytes and body_chunk_timeout_s must be "
+                       "positive")
     if not 0 <= self.default_temperature <= 2:
       raise ValueError("default_temperature must be in [0, 2]")
     if not 0 < self.default_top_p <= 1:
@@ -187,8 +194,22 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
   @app.exception_handler(StarletteHTTPException)
   async def _http_error(request, err: StarletteHTTPException):
     del request
+    if err.status_code == 400 and err.detail == _FASTAPI_BODY_ERROR:
+      # FastAPI's answer to a body json.loads could not even decode (bytes
+      # that are not UTF-8): the JSON error it is, named as such.
+      return error_response(APIError(
+          "the request body is not valid JSON (not UTF-8 text)",
+          code="invalid_json"))
     return error_response(APIError(str(err.detail), status_code=err.status_code,
                                    type="invalid_request_error"))
+
+  def reject_body(status: int, message: str) -> responses.JSONResponse:
+    return error_response(APIError(message, status_code=status,
+                                   type="invalid_request_error"))
+
+  app.add_middleware(body_limit.BodyLimit, reject=reject_body,
+                     max_bytes=config.max_request_bytes,
+                     chunk_timeout_s=config.body_chunk_timeout_s)
 
   # ------------------------------------------------------------- routes
   def check_model(name: str) -> str:
@@ -233,6 +254,11 @@ def create_app(handle: EngineHandle, tokenizer, config: ServerConfig
     others of the tenant (a system prompt it put) go too and are recomputed
     when next needed. Without a cold tier nothing records which blocks are
     the session's: nothing is removed (the counts are null)."""
+    if not session_id:
+      # Requests without a session_id share the empty one: an id left unset
+      # in a client's URL deleted their blocks (every tenant's `user` alike).
+      raise APIError("session_id: give the session's id (DELETE "
+                     "/v1/sessions/{session_id})", param="session_id")
     protocol.check_name(session_id, "session_id")
     protocol.check_name(user, "user")
     ids = await asyncio.to_thread(handle.session_block_ids, user, session_id)
@@ -594,3 +620,9 @@ def _generation_error(error: BaseException) -> APIError:
                     code="shutting_down")
   return APIError(f"generation failed: {error}", status_code=500,
                   type="server_error")
+
+
+# FastAPI's detail for a body it could not parse by any other error than a
+# JSON one (fastapi.routing; the same in every version since 0.100).
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+

@@ -75,10 +75,13 @@ def check_name(value: str, param: str) -> None:
 # JSON integers only: lax `int` took `true` as 1 (`n: true` one choice,
 # `prompt: [true, false]` token ids 1 and 0) and `2.0` as 2.
 Int = pydantic.StrictInt
+# JSON booleans only: lax `bool` took "yes", "on", "1" and 1 as true
+# (`"stream": "yes"` streamed).
+Bool = pydantic.StrictBool
 
 
 class StreamOptions(pydantic.BaseModel):
-  include_usage: bool = False
+  include_usage: Bool = False
 
 
 class _SamplingRequest(pydantic.BaseModel):
@@ -91,7 +94,7 @@ class _SamplingRequest(pydantic.BaseModel):
   temperature: float | None = pydantic.Field(default=None, ge=0.0, le=2.0)
   top_p: float | None = pydantic.Field(default=None, gt=0.0, le=1.0)
   n: Int | None = pydantic.Field(default=1, ge=1, le=MAX_CHOICES)
-  stream: bool | None = False
+  stream: Bool | None = False
   stream_options: StreamOptions | None = None
   stop: str | list[str] | None = None
   seed: Int | None = pydantic.Field(default=None, ge=0)
@@ -100,7 +103,7 @@ class _SamplingRequest(pydantic.BaseModel):
   frequency_penalty: float | None = 0.0
   logit_bias: dict[str, float] | None = None
   # vLLM extensions.
-  ignore_eos: bool = False
+  ignore_eos: Bool = False
   stop_token_ids: list[Int] | None = None
   # Ours: the agent session this request is a turn of (module docstring).
   session_id: str | None = None
@@ -149,7 +152,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
   messages: list[dict[str, Any]]
   max_completion_tokens: Int | None = None
-  logprobs: bool | None = False
+  logprobs: Bool | None = False
   top_logprobs: Int | None = None
   tools: list[dict[str, Any]] | None = None
   tool_choice: Any = None
@@ -192,7 +195,7 @@ class CompletionRequest(_SamplingRequest):
 
   prompt: str | list[Int] | list[str] | list[list[Int]]
   max_tokens: Int | None = 16  # the OpenAI default for completions
-  echo: bool | None = False
+  echo: Bool | None = False
   logprobs: Int | None = None
   suffix: str | None = None
   best_of: Int | None = None
@@ -224,8 +227,8 @@ class CompletionRequest(_SamplingRequest):
 def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
   """Messages as `{"role", "content": str}` for the chat template.
 
-  Content may be a string, None (an assistant turn that only called tools),
-  or a list of `{"type": "text", "text": ...}` parts, which are joined.
+  Content may be a string, None (only for an assistant turn that called
+  tools), or a list of `{"type": "text", "text": ...}` parts, which are joined.
   Raises `APIError` for anything else (images, audio, missing roles).
   """
   if not messages:
@@ -239,6 +242,11 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
       raise APIError(f"messages[{i}].role {role[:40]!r} is not one of "
                      f"{', '.join(CHAT_ROLES)}", param=f"messages[{i}].role")
     content = m.get("content")
+    if content is None and role != "assistant":
+      # Only an assistant turn that called tools has no content (OpenAI's
+      # rule); a user turn without one was a completion of an empty turn.
+      raise APIError(f"messages[{i}].content is required for role {role!r}",
+                     param=f"messages[{i}].content")
     if content is None:
       text = ""
     elif isinstance(content, str):
