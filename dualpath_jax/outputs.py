@@ -29,25 +29,39 @@ def _process_umask() -> int:
 _UMASK = _process_umask()
 
 
+class OutputWriteError(OSError):
+  """An output file the OS would not let be written (a full disk, a folder
+  made read-only during the run): the launchers' wrapper
+  (`utils.ctrl_c_ends_quietly`) prints it as one line and exits 1, instead
+  of a traceback after a finished run."""
+
+
 def replace_atomically(path: str, write: Callable[[str], None],
                        suffix: str = "") -> None:
   """Calls `write(tmp)` on a temporary file beside `path`, then renames it
   over `path`: an interrupted or failed write leaves the old file whole.
-  Creates `path`'s folder if missing."""
+  Creates `path`'s folder if missing. An OSError on the way is raised as
+  `OutputWriteError`, naming `path`."""
   folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix,
-                             prefix=f".{os.path.basename(path)}.")
-  os.close(fd)
+  tmp = None
   try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix,
+                               prefix=f".{os.path.basename(path)}.")
+    os.close(fd)
     write(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would have made it
     os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
+  except BaseException as e:
+    if tmp is not None:
+      try:
+        os.unlink(tmp)
+      except OSError:
+        pass
+    if isinstance(e, OSError) and not isinstance(e, OutputWriteError):
+      kept = " (the previous file is kept)" if os.path.exists(path) else ""
+      raise OutputWriteError(
+          e.errno, f"cannot write {path}: {e.strerror or e}{kept}") from e
     raise
 
 

@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from dualpath_jax import outputs
+
 PAGE_BYTES = 4096  # O_DIRECT's alignment of offsets, lengths and addresses
 
 
@@ -155,7 +157,9 @@ def ctrl_c_ends_quietly(main: Callable[[list[str]], Any],
   reports what it finished (those report first, then exit 130 themselves).
   Python's own ending is a KeyboardInterrupt traceback. SIGINT is made to
   raise even where the process was started with it ignored
-  (`make_ctrl_c_an_end`)."""
+  (`make_ctrl_c_an_end`). An output file the OS refused at the end
+  (`outputs.OutputWriteError`: a full disk) ends it with one line and exit
+  status 1."""
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> Any:
     previous = signal.getsignal(signal.SIGINT)
@@ -180,6 +184,9 @@ def ctrl_c_ends_quietly(main: Callable[[list[str]], Any],
     except KeyboardInterrupt:
       print(f"{name}: interrupted", file=sys.stderr, flush=True)
       sys.exit(130)
+    except outputs.OutputWriteError as e:  # a full disk at the report
+      print(f"{name}: {e.strerror}", file=sys.stderr, flush=True)
+      sys.exit(1)
     finally:
       signal.signal(signal.SIGINT, previous)
       sys.unraisablehook = previous_hook

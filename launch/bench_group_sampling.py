@@ -34,7 +34,7 @@ import time
 from absl import app, flags
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import engine_flags, float_flags, input_paths, list_flags
+from launch import engine_flags, float_flags, input_paths, key_flags, list_flags
 
 FLAGS = flags.FLAGS
 
@@ -239,4 +239,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
+  key_flags.list_shared_flags_in_help()
   app.run(ctrl_c_ends_quietly(main, "bench_group_sampling"))

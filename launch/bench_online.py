@@ -37,8 +37,8 @@ import tempfile
 from absl import app, flags, logging
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import (cluster_flags, distributed_flags, engine_flags,
-                    float_flags, input_paths, workload_flags)
+from launch import (cluster_flags, distributed_flags, engine_flags, float_flags,
+                    input_paths, key_flags, workload_flags)
 
 FLAGS = flags.FLAGS
 
@@ -420,4 +420,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
+  key_flags.list_shared_flags_in_help()
   app.run(ctrl_c_ends_quietly(main, "bench_online"))

@@ -94,11 +94,16 @@ def mesh_config():
   """The `MeshConfig` of `--mesh`/`--tp`, or None for one engine.
 
   Raises:
-    ValueError: an unparsable `--mesh`/`--tp`, `--mesh` without
+    ValueError: an unparsable `--mesh`/`--tp`, `--tp` other than 1
+      without `--mesh`, `--mesh` without
       `--cold_tier`, or DualPath flags its config refuses (a storage NIC of
       no bandwidth), before anything runs.
   """
   if not FLAGS.mesh or FLAGS.mesh.lower() == "none":
+    if FLAGS.tp.strip() != "1":
+      # It used to be taken silently, any value ("abc", "0") included.
+      raise ValueError(f"--tp={FLAGS.tp} sizes the engines of --mesh; one "
+                       "engine (no --mesh) runs on one device")
     hot_tier_bytes()  # checked now: a size past the host's memory
     check_prefetch(bool(FLAGS.cold_tier))
     if not FLAGS.storage_nic_gbps > 0:
@@ -158,6 +163,9 @@ def cold_tier_config(root: str | None = None):
   from dualpath_jax import outputs
   from storage.config import ColdTierConfig
   outputs.check_output_dir(root, "--cold_tier")
+  if not int(FLAGS.cold_tier_gb * (1 << 30)) > 0:
+    raise ValueError(f"--cold_tier_gb must be > 0 (the store's byte budget); "
+                     f"got {FLAGS.cold_tier_gb:g}")
   if FLAGS.cold_tier_key_file:  # read now: a bad key file before the weights
     from storage import encryption
     encryption.load_key(FLAGS.cold_tier_key_file)

@@ -29,7 +29,7 @@ from dualpath_jax.engine.sampling import sample
 # checks of a request run before JAX's ~3 s import.
 from dualpath_jax.model import describe_model, load_model
 from dualpath_jax.utils import ctrl_c_ends_quietly
-from launch import float_flags
+from launch import float_flags, key_flags
 
 if TYPE_CHECKING:
   from dualpath_jax.model.llama import Llama
@@ -161,20 +161,32 @@ def generate(
                "decode_tokens_per_s": steps / decode_s if steps else 0.0}
 
 
+def _usage_error(message: str) -> None:
+  """Ends the run with `generate: message` and exit status 1: absl's
+  `UsageError` printed the whole module docstring before the one line."""
+  sys.exit(f"generate: {message} (--help lists the flags)")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _usage_error(f"unexpected arguments: {argv[1:]}")
   if (FLAGS.prompt is None) == (FLAGS.prompt_ids is None):
-    raise app.UsageError("give exactly one of --prompt and --prompt_ids")
+    _usage_error("give exactly one of --prompt and --prompt_ids")
+  if FLAGS.prompt_ids is not None and (FLAGS.chat or FLAGS.system is not None):
+    # They were ignored: the ids are the whole prompt.
+    _usage_error("--chat and --system template a --prompt's text; "
+                 "--prompt_ids are the prompt as given")
+  if FLAGS.system is not None and not FLAGS.chat:
+    _usage_error("--system is a chat message: add --chat")
   try:
     check_sampling(FLAGS.temperature, FLAGS.top_p)
   except ValueError:
-    raise app.UsageError(f"need --temperature >= 0 and 0 < --top_p <= 1; got "
-                         f"{FLAGS.temperature}, {FLAGS.top_p}") from None
+    _usage_error(f"need --temperature >= 0 and 0 < --top_p <= 1; got "
+                 f"{FLAGS.temperature}, {FLAGS.top_p}")
   if FLAGS.prompt_ids is not None and not all(
       i.strip().isdigit() for i in FLAGS.prompt_ids):
-    raise app.UsageError("--prompt_ids: give non-negative integers, e.g. "
-                         f"1,2,3; got {','.join(FLAGS.prompt_ids)!r}")
+    _usage_error("--prompt_ids: give non-negative integers, e.g. "
+                 f"1,2,3; got {','.join(FLAGS.prompt_ids)!r}")
   try:  # config and tokenizer only: a bad request is refused before the load
     config, tok = describe_model(FLAGS.model, dtype=FLAGS.dtype)
   except (ValueError, FileNotFoundError) as e:
@@ -182,7 +194,7 @@ def main(argv: list[str]) -> None:
   if FLAGS.prompt_ids is not None:
     prompt_ids = [int(i) for i in FLAGS.prompt_ids]
   elif tok is None:
-    raise app.UsageError(f"{FLAGS.model} has no tokenizer: use --prompt_ids")
+    _usage_error(f"{FLAGS.model} has no tokenizer: use --prompt_ids")
   elif FLAGS.chat:
     messages = [{"role": "user", "content": FLAGS.prompt}]
     if FLAGS.system is not None:
@@ -217,4 +229,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
+  key_flags.list_shared_flags_in_help()
   app.run(ctrl_c_ends_quietly(main, "generate"))

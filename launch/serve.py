@@ -20,7 +20,8 @@ import sys
 from absl import app, flags, logging
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, listen_socket
-from launch import cluster_flags, distributed_flags, engine_flags, float_flags
+from launch import (cluster_flags, distributed_flags, engine_flags, float_flags,
+                    key_flags)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (loopback by "
@@ -168,4 +169,5 @@ def _load_and_serve(listener: socket.socket, cache, engine_cfg, mesh, cold,
 
 
 if __name__ == "__main__":
+  key_flags.list_shared_flags_in_help()
   app.run(ctrl_c_ends_quietly(main, "serve"))

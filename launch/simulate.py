@@ -35,7 +35,7 @@ import sys
 from absl import app, flags
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import float_flags, input_paths
+from launch import float_flags, input_paths, key_flags
 
 FLAGS = flags.FLAGS
 
@@ -380,4 +380,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
+  key_flags.list_shared_flags_in_help()
   app.run(ctrl_c_ends_quietly(main, "simulate"))

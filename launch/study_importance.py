@@ -36,7 +36,7 @@ import time
 from absl import app, flags
 
 from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import float_flags, input_paths
+from launch import float_flags, input_paths, key_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source: None = embedded SmolLM2 "
@@ -384,4 +384,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  key_flags.list_shared_flags_in_help()
   app.run(ctrl_c_ends_quietly(main, "study_importance"))

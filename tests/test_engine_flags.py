@@ -124,6 +124,14 @@ BAD_FLAGS = [
      "--storage_nic_gbps must be > 0"),
     (*LAUNCHERS[1], "--prefetch_blocks=-1",
      "flag --prefetch_blocks=-1: -1 is not"),
+    # --tp without --mesh was taken silently, "abc" and "0" too.
+    (*LAUNCHERS[0], "--tp=abc", "--tp=abc sizes the engines of --mesh"),
+    (*LAUNCHERS[2], "--tp=0", "--tp=0 sizes the engines of --mesh"),
+    # It named the config's field (ColdTierConfig.capacity_bytes), not the
+    # flag; the folder is checked, never made.
+    ("launch.agent_eval", ["--noprogress",
+                           "--cold_tier=/tmp/dualpath_test_never_made/ct"],
+     "--cold_tier_gb=0", "--cold_tier_gb must be > 0"),
     # A job's flags without the job used to start a single-process run.
     (*LAUNCHERS[0], "--coordinator_address=localhost:1234",
      "--coordinator_address given to a single-process run: add "

@@ -762,6 +762,12 @@ def test_sample_token(np_rng):
     (["--prompt_ids=1", "--attention_impl=flash"],
      "generate: unknown paged-attention implementation 'flash'"),
     (["--prompt_ids=1", "--max_new_tokens=9000"], "exceed max_position"),
+    # --chat and --system were ignored with ids; --system without --chat too
+    (["--prompt_ids=1", "--chat", "--system=x"],
+     "generate: --chat and --system template a --prompt's text"),
+    (["--prompt=hi", "--system=x"], "generate: --system is a chat message"),
+    (["--prompt=hi"], "generate: random:tiny-test has no tokenizer: use "
+     "--prompt_ids"),
 ])
 def test_generate_cli_refuses_bad_input_with_the_reason(args, msg):
   result = run_recording_imports(
@@ -770,6 +776,7 @@ def test_generate_cli_refuses_bad_input_with_the_reason(args, msg):
   assert result.returncode != 0
   error = without_import_times(result.stderr)
   assert msg in error and "Traceback" not in error, error[-2000:]
+  assert "python -m launch.generate" not in error  # no docstring dump
   # Refused from the flags and the model's config, before JAX's import.
   assert not imported_jax(result.stderr)
 

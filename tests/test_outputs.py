@@ -133,3 +133,39 @@ def test_outputs_spare_what_the_run_reads_or_keeps(tmp_path):
   outputs.check_outputs_spare_inputs(
       [("--out", str(tmp_path / "random:tiny-test"))],
       [("--model", "random:tiny-test", "any"), ("--trace", None, "file")])
+
+
+def test_a_write_the_os_refuses_is_one_line_and_keeps_the_old_file(
+    tmp_path, capsys):
+  """A full disk at the report ended a finished run in a traceback; the
+  launchers' wrapper prints it as one line and exits 1 now, the previous
+  report whole and no temporary file left."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from dualpath_jax.utils import ctrl_c_ends_quietly  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "r.json"
+  outputs.write_json({"old": 1}, str(path))
+
+  def full_disk(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("{")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  with pytest.raises(outputs.OutputWriteError) as err:
+    outputs.replace_atomically(str(path), full_disk)
+  assert err.value.errno == errno.ENOSPC
+  assert err.value.strerror == (f"cannot write {path}: No space left on "
+                                "device (the previous file is kept)")
+  assert json.loads(path.read_text()) == {"old": 1}
+  assert os.listdir(tmp_path) == ["r.json"]
+
+  def main(argv):
+    del argv
+    outputs.replace_atomically(str(tmp_path / "new.json"), full_disk)
+
+  with pytest.raises(SystemExit) as done:
+    ctrl_c_ends_quietly(main, "agent_eval")([])
+  assert done.value.code == 1
+  assert capsys.readouterr().err == (
+      f"agent_eval: cannot write {tmp_path / 'new.json'}: No space left on "
+      "device\n")
+  assert os.listdir(tmp_path) == ["r.json"]
