@@ -171,9 +171,16 @@ WORK_DIR_MARK = ".bench_online"
 def _check_work_dir(root: str) -> None:
   """ValueError if `root` holds a `seed` or `runs` entry that an earlier
   run of this launcher did not make (no `WORK_DIR_MARK`): a run replaces
-  both, and must not delete somebody's data of the same name."""
+  both, and must not delete somebody's data of the same name; or if it is
+  a cold tier of another launcher (its index), which a run would fill with
+  its own folders."""
   if os.path.exists(os.path.join(root, WORK_DIR_MARK)):
     return
+  if os.path.lexists(os.path.join(root, "index.sqlite")):
+    raise ValueError(
+        f"--cold_tier: {root} is a cold tier (it holds index.sqlite), not a "
+        "bench_online work directory, in which each run makes its own "
+        "stores: give a new or empty directory")
   found = [n for n in ("seed", "runs") if os.path.lexists(os.path.join(root, n))]
   if found:
     raise ValueError(

@@ -391,19 +391,27 @@ def test_bad_flags_exit_nonzero(tmp_path, args, msg):
   assert not (tmp_path / "r.json").exists()
 
 
-@pytest.mark.parametrize("entry", ["seed", "runs"])
+@pytest.mark.parametrize("entry", ["seed", "runs", "index.sqlite"])
 def test_a_cold_tier_holding_someone_elses_seed_or_runs_is_refused(tmp_path,
                                                                    entry):
   """A run replaces <dir>/seed and <dir>/runs: in a directory an earlier run
   did not make (no .bench_online file), those are somebody's data, and the
-  run is refused before it deletes them."""
+  run is refused before it deletes them. Another launcher's cold tier (its
+  index) is refused too: a run filled it with its own folders."""
   cold = tmp_path / "cold"
-  (cold / entry).mkdir(parents=True)
-  (cold / entry / "keep").write_text("precious")
+  if entry == "index.sqlite":
+    cold.mkdir()
+    (cold / entry).write_text("precious")
+    keep = cold / entry
+  else:
+    (cold / entry).mkdir(parents=True)
+    keep = cold / entry / "keep"
+    keep.write_text("precious")
   proc = _run_cli("--sessions=1", "--turns=1", f"--cold_tier={cold}",
                   f"--report={tmp_path / 'r.json'}", timeout=120)
   assert proc.returncode != 0, proc.stderr[-2000:]
-  assert f"holds {entry}, which a run replaces" in proc.stderr
+  assert (f"holds {entry}, which a run replaces" if entry != "index.sqlite"
+          else "is a cold tier (it holds index.sqlite)") in proc.stderr
   assert "Traceback" not in proc.stderr
-  assert (cold / entry / "keep").read_text() == "precious"
+  assert keep.read_text() == "precious"
   assert sorted(p.name for p in cold.iterdir()) == [entry]
