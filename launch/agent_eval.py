@@ -106,8 +106,8 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
   try:  # what needs only the config and tokenizer: refused before JAX loads
-    cache, engine_cfg = engine_flags.configs(FLAGS.seed)
     model_config, model_tokenizer = engine_flags.describe_model(FLAGS.model)
+    cache, engine_cfg = engine_flags.configs(FLAGS.seed)
     tokenizer = workload_flags.pick_tokenizer(model_config, model_tokenizer)
     engine_flags.check_model_context(model_config)
     longest = min(FLAGS.max_context,

@@ -150,6 +150,7 @@ def main(argv):
     paths = [(name, path) for name, path in (("--json", FLAGS.json),
                                              ("--plot", FLAGS.plot)) if path]
     outputs.check_output_paths(paths, inputs=input_paths.flagged_inputs())
+    model_config, _ = engine_flags.describe_model(FLAGS.model)
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
     context = FLAGS.prompt_tokens + FLAGS.max_new_tokens
     if context > FLAGS.max_context:
@@ -163,7 +164,6 @@ def main(argv):
           f"--num_blocks: {max(sizes)} samples of {context} tokens need "
           f"{max(sizes) * blocks} blocks of {FLAGS.block_size}; the pool "
           f"has {FLAGS.num_blocks}")
-    model_config, _ = engine_flags.describe_model(FLAGS.model)
     engine_flags.check_model_context(model_config)
   except ValueError as e:
     sys.exit(f"bench_group_sampling: {e}")

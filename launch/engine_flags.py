@@ -35,7 +35,8 @@ def define(max_context_help: str = "longest context of one turn") -> None:
        lower_bound=1)
   once(flags.DEFINE_integer, "prefill_chunk", 512,
        "max new tokens per prefill step", lower_bound=1)
-  once(flags.DEFINE_integer, "max_context", 8192, max_context_help,
+  once(flags.DEFINE_integer, "max_context", 8192, max_context_help +
+       " (unset: 8192, or the model's context where that is shorter)",
        lower_bound=1)
   once(flags.DEFINE_string, "attention", "auto", ATTENTION_HELP)
   once(flags.DEFINE_enum, "dtype", "float32", list(KV_DTYPES),
@@ -101,12 +102,20 @@ def load_model(source: str | None):
 def describe_model(source: str | None):
   """(config, tokenizer) of `source` without its weights
   (`dualpath_jax.model.describe_model`, dtype=--dtype), for the checks
-  that can fail before the load; a bad source raises ValueError."""
+  that can fail before the load; a bad source raises ValueError.
+
+  An unset `--max_context` becomes the model's context where that is
+  shorter than its default (`random:tiny-test`'s 1024: every run of it
+  needed the flag): call this before `configs`, which reads the flag."""
   from dualpath_jax.model import describe_model as describe
   try:
-    return describe(source, dtype=FLAGS.dtype)
+    config, tokenizer = describe(source, dtype=FLAGS.dtype)
   except FileNotFoundError as e:
     raise ValueError(str(e)) from e
+  if (not FLAGS["max_context"].present
+      and config.max_position < FLAGS.max_context):
+    FLAGS.max_context = config.max_position
+  return config, tokenizer
 
 
 def check_model_context(config) -> None:

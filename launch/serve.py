@@ -77,11 +77,11 @@ def main(argv):
              "docs/pod_launch.md)")
   try:  # what needs only the flags, the config and the tokenizer: a bad
     # value must not cost JAX's import, let alone a model load
+    config, model_tokenizer = engine_flags.describe_model(FLAGS.model)
     cache, engine_cfg = engine_flags.configs(FLAGS.seed)
     engine_flags.check_pool_holds(FLAGS.max_context)
     mesh = cluster_flags.mesh_config()
     cold = cluster_flags.cold_tier_config()
-    config, model_tokenizer = engine_flags.describe_model(FLAGS.model)
     tokenizer = _tokenizer(model_tokenizer)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"serve: {e}")

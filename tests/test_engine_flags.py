@@ -272,6 +272,21 @@ def test_serve_refuses_server_settings_before_loading(flag, msg):
   assert not imported_jax(done.stderr)
 
 
+def test_an_unset_max_context_is_the_models_where_shorter():
+  """random:tiny-test's context is 1024: with --max_context's 8192 default
+  every run of it was refused until the flag was given. Unset, it is the
+  model's now; given, it is checked as given."""
+  for flag, reach in ((None, 1024), ("--max_context=8192", 8192)):
+    done = _run("launch.serve", "--model=random:tiny-test", "--port=0",
+                "--num_blocks=10", *([flag] if flag else []))
+    error = without_import_times(done.stderr)
+    assert done.returncode != 0 and "Traceback" not in error
+    assert (f"--num_blocks: the pool holds 10 blocks x 16 tokens = 160 "
+            f"tokens, but one sequence may reach {reach} tokens") in error, \
+        error[-2000:]
+    assert not imported_jax(done.stderr)
+
+
 def test_serve_refuses_a_missing_tokenizer_and_a_bad_port():
   done = _run("launch.serve", "--model=random:tiny-test",
               "--tokenizer=/no/such.gguf")

@@ -381,7 +381,7 @@ def test_ctrl_c_reports_the_finished_runs(tmp_path):
     (["--model=random:tiny-test"], "tokenizer"),
     # Refused before the seeding replay, not when the first cluster is built.
     (["--storage_nic_gbps=-1"], "storage_nic_gbps must be > 0"),
-    (["--cold_tier_gb=0"], "capacity_bytes must be positive"),
+    (["--cold_tier_gb=0"], "--cold_tier_gb must be > 0"),
 ])
 def test_bad_flags_exit_nonzero(tmp_path, args, msg):
   proc = _run_cli("--sessions=1", "--turns=1", *args,
