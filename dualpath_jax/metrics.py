@@ -62,7 +62,12 @@ def percentiles(values: Sequence[float],
 
 
 def summarize(records: Sequence[TurnRecord], wall_s: float) -> dict[str, Any]:
-  """The headline numbers of a run from its turn records."""
+  """The headline numbers of a run from its turn records.
+
+  `sessions`: the sessions with a finished turn; `turns`: the finished
+  (session, turn) pairs; `samples`: the records, one per sample of a turn
+  (`turns` times the samples per turn, when every sample finished). Token
+  counts and percentiles are over the records."""
   prompt = sum(r.prompt_tokens for r in records)
   cached = sum(r.cached_prompt_tokens for r in records)
   generated = sum(r.generated_tokens for r in records)
@@ -77,7 +82,8 @@ def summarize(records: Sequence[TurnRecord], wall_s: float) -> dict[str, Any]:
   computed = prompt - cached
   return {
       "sessions": len(sessions),
-      "turns": len(records),
+      "turns": len({(r.session_id, r.turn_index) for r in records}),
+      "samples": len(records),
       "prompt_tokens": prompt,
       "cached_prompt_tokens": cached,
       "computed_prompt_tokens": computed,

@@ -56,7 +56,10 @@ float_flags.define_float("top_p", None, "every turn's nucleus sampling "
                          "(default: 1)", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_bool("warmup", True, "compile every shape bucket before timing")
 flags.DEFINE_bool("progress", True, "show a progress bar")
-flags.DEFINE_integer("seed", 0, "synthetic workload and sampling seed", lower_bound=0)
+flags.DEFINE_integer("seed", 0, "sampling seed (each sample's own seed is "
+                     "drawn from it, its session, turn and sample: the same "
+                     "in any batching) and, without --workload_seed, the "
+                     "synthetic workload's", lower_bound=0)
 cluster_flags.define()  # --mesh, --policy, --storage_nic_gbps, --cold_tier, ...
 
 
@@ -86,6 +89,10 @@ def main(argv):
                        "sample the same reply")
     if FLAGS.top_p == 0:
       raise ValueError("--top_p must be in (0, 1]; got 0")
+    if FLAGS.top_p is not None and not FLAGS.temperature:
+      # It was ignored: greedy decoding takes the most likely token.
+      raise ValueError(f"--top_p={FLAGS.top_p:g} needs --temperature > 0: "
+                       "greedy decoding takes the most likely token")
     # Not over what the run reads or keeps (the trace, a key file, a cold
     # tier or checkpoint folder): written at its end, they would be lost.
     outputs.check_output_paths(output_paths,
@@ -127,6 +134,10 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
   total_turns = sum(len(s.turns) for s in sessions)
+  # Every sample is a record of its own (the bar and an interruption count
+  # them; the table's and the report's `turns` too).
+  total_records = total_turns * FLAGS.samples_per_turn
+  unit = "turn" if FLAGS.samples_per_turn == 1 else "sample"
   logging.info("%d sessions, %d turns on %s (%s)", len(sessions), total_turns,
                loaded.config.name, jax.devices()[0].device_kind)
   if FLAGS.warmup:
@@ -135,7 +146,7 @@ def main(argv):
     print(f"  {engine.stats.compiled_shapes} shapes in "
           f"{engine.stats.warmup_s:.1f} s", flush=True)
 
-  bar = tqdm.tqdm(total=total_turns, unit="turn", disable=not FLAGS.progress,
+  bar = tqdm.tqdm(total=total_records, unit=unit, disable=not FLAGS.progress,
                   desc="agent_eval", mininterval=0)  # every turn shows
   finished = []  # the turns done so far, for a report of an interrupted run
   rollouts = []  # with --rollouts, written at the end (atomically)
@@ -155,7 +166,8 @@ def main(argv):
                                          else None),
                              logprobs=FLAGS.rollout_logprobs,
                              samples_per_turn=FLAGS.samples_per_turn,
-                             temperature=FLAGS.temperature, top_p=FLAGS.top_p)
+                             temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                             seed=FLAGS.seed)
     interrupted = False
   except KeyboardInterrupt:  # Ctrl-C: report the finished turns, exit 130
     # A Ctrl-C between a turn's rollout and its record (`on_turn`) leaves
@@ -192,6 +204,7 @@ def main(argv):
           "rollouts": FLAGS.rollouts, "rollout_logprobs": FLAGS.rollout_logprobs,
           "samples_per_turn": FLAGS.samples_per_turn,
           "temperature": FLAGS.temperature, "top_p": FLAGS.top_p,
+          "seed": FLAGS.seed, "workload_seed": FLAGS.workload_seed,
           "cold_tier": None if cold is None else to_dict(cold),
           **cluster_flags.as_dict(),
           "engine": to_dict(engine_cfg),
@@ -227,8 +240,9 @@ def main(argv):
                        title=f"agent_eval {report['config']['trace']}")
     print(f"plot: {FLAGS.plot}")
   if interrupted:
-    print(f"interrupted after {len(result.records)} of {total_turns} turns: "
-          "the report holds those (complete: false)", file=sys.stderr)
+    print(f"interrupted after {len(result.records)} of {total_records} "
+          f"{unit}s: the report holds those (complete: false)",
+          file=sys.stderr)
     sys.exit(130)
 
 

@@ -6,7 +6,7 @@ or the built-in synthetic coding-agent sessions (`--sessions`, `--turns`,
 tokenizer or, for random weights, one token per byte (`--tokenizer=bytes`,
 `workload.byte_tokenizer`). `define()` is idempotent
 (`cluster_flags.define_once`); each launcher keeps its own `--seed`, which the
-synthetic workload uses.
+synthetic workload uses unless `--workload_seed` is given.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ def define(honor_gaps_default: bool = False) -> None:
   once = cluster_flags.define_once
   once(flags.DEFINE_string, "trace", None, "abench-session-jsonl-v1 trace "
        "(.jsonl or .jsonl.zst); default: the built-in synthetic workload")
+  once(flags.DEFINE_integer, "workload_seed", None,
+       "synthetic workload: the seed of its sessions' text (default: "
+       "--seed); set it to sample the same prompts under other --seed "
+       "values", lower_bound=0)
   once(flags.DEFINE_integer, "sessions", 8,
        "synthetic workload: number of sessions")
   once(flags.DEFINE_integer, "turns", 6, "synthetic workload: turns per session")
@@ -84,10 +88,15 @@ def load_sessions():
                                       first_tool_lines=FLAGS.first_tool_lines,
                                       growth_lines=FLAGS.growth_lines,
                                       output_tokens=FLAGS.max_new_tokens,
-                                      seed=FLAGS.seed)
+                                      seed=synthetic_seed())
   if FLAGS.limit_sessions is not None:
     sessions = sessions[:FLAGS.limit_sessions]
   return sessions
+
+
+def synthetic_seed() -> int:
+  """The synthetic workload's seed: `--workload_seed`, else `--seed`."""
+  return FLAGS.seed if FLAGS.workload_seed is None else FLAGS.workload_seed
 
 
 def describe() -> str:

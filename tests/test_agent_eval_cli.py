@@ -259,7 +259,7 @@ def test_samples_per_turn_writes_a_group_of_rollouts_per_turn(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads((tmp_path / "r.json").read_text())
   rows = [json.loads(line) for line in rollouts.read_text().splitlines()]
-  assert len(rows) == r["turns"] == 12
+  assert len(rows) == r["samples"] == 12 and r["turns"] == 4
   assert r["config"]["samples_per_turn"] == 3
   assert r["config"]["temperature"] == 1.0 and r["config"]["top_p"] == 0.9
   assert r["engine"]["shared_prefill_tokens"] > 0
@@ -277,10 +277,30 @@ def test_samples_per_turn_writes_a_group_of_rollouts_per_turn(tmp_path):
     assert second["prompt_tokens"][:len(context)] == context
 
 
+def test_workload_seed_keeps_the_prompts_while_seed_resamples(tmp_path):
+  """--seed seeded the synthetic sessions' text too, so a new sampling
+  seed meant new prompts; --workload_seed fixes them."""
+  def rollouts(seed, *extra):
+    path = tmp_path / f"r{seed}{len(extra)}.jsonl"
+    proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
+                "--sessions=1", "--turns=1", "--first_tool_lines=1",
+                "--growth_lines=1", "--max_new_tokens=8", "--nowarmup",
+                "--noprogress", "--temperature=1.0", f"--seed={seed}", *extra,
+                f"--rollouts={path}", f"--report={tmp_path / 'r.json'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in path.read_text().splitlines()]
+    return row["prompt_tokens"], row["generated_tokens"]
+  (p1, g1), (p2, g2) = (rollouts(s, "--workload_seed=5") for s in (1, 2))
+  assert p1 == p2 and g1 != g2
+  assert rollouts(2)[0] != p2  # without it, --seed picks the text too
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--samples_per_turn=2"], "--samples_per_turn=2 needs --temperature > 0"),
     (["--samples_per_turn=2", "--temperature=0"], "needs --temperature > 0"),
     (["--top_p=0"], "--top_p must be in (0, 1]"),
+    # it was ignored: greedy decoding
+    (["--top_p=0.5"], "--top_p=0.5 needs --temperature > 0"),
     (["--samples_per_turn=0"], "samples_per_turn"),
 ])
 def test_bad_sampling_flags_are_refused(tmp_path, args, msg):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -47,6 +48,18 @@ def test_summary_from_records(tmp_path):
   outputs.write_json(s, str(path))
   assert json.loads(path.read_text())["turns"] == 3
   assert "ttft_s" in metrics.format_table(s)
+  assert s["samples"] == 3
+
+
+def test_samples_of_a_turn_count_once_as_a_turn():
+  """With n samples a turn, `turns` counted every sample (12 for 2 x 2
+  turns x 3): turns are (session, turn) pairs, samples the records."""
+  recs = [dataclasses.replace(_rec(sid, t, 100, 0, 4, 0.0, 1.0, 2.0),
+                              sample=k)
+          for sid in ("a", "b") for t in (0, 1) for k in range(3)]
+  s = metrics.summarize(recs[:-1], wall_s=3.0)  # b's last sample unfinished
+  assert (s["sessions"], s["turns"], s["samples"]) == (2, 4, 11)
+  assert s["generated_tokens"] == 44
 
 
 def test_plot_writes_png(tmp_path):

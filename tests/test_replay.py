@@ -8,6 +8,7 @@ from dualpath_jax.config import CacheConfig, EngineConfig
 from dualpath_jax.engine.factory import make_engine
 from dualpath_jax.model import load_model
 from dualpath_jax.workload import AgentSession, AgentTurn
+from dualpath_jax.workload import replay
 from dualpath_jax.workload.replay import replay_sessions
 
 
@@ -120,7 +121,33 @@ def test_samples_of_a_turn_share_its_prefill_and_sample_0_goes_on(tiny):
   assert engine.stats.shared_prefill_tokens > 0
 
 
+def test_a_seeded_replay_samples_alike_in_any_batching(tiny):
+  """The samples were drawn from the engine's one generator in batch order,
+  so the same seed gave other tokens with another --max_batch or timing.
+  Seeded, each sample draws from its own (seed, session, turn, sample)
+  seed: the same rollouts at batch 4 and 1; another seed, others."""
+  def run(max_batch, seed):
+    engine = make_engine(tiny, CacheConfig(block_size=8, num_blocks=512),
+                         EngineConfig(max_batch_size=max_batch,
+                                      max_prefill_chunk=32, max_context=512,
+                                      seed=1000 + max_batch))
+    rollouts = []
+    replay_sessions(engine, ByteChatTokenizer(), _sessions(n=3, turns=2),
+                    max_new_tokens=6, samples_per_turn=2, temperature=1.0,
+                    seed=seed, on_rollout=rollouts.append)
+    return {(r.session_id, r.turn_index, r.sample): r.generated_tokens
+            for r in rollouts}
+  wide, narrow, other = run(4, 7), run(1, 7), run(4, 8)
+  assert len(wide) == 12 and wide == narrow
+  assert sum(wide[k] != other[k] for k in wide) >= 6
+  assert replay.turn_seed(7, "s0", 1, 0) == replay.turn_seed(7, "s0", 1, 0)
+  assert len({replay.turn_seed(7, s, t, k) for s in ("s0", "s1")
+              for t in (0, 1) for k in (0, 1)}) == 8
+
+
 @pytest.mark.parametrize("kw,match", [
+    ({"seed": -1}, "seed"),
+    ({"seed": 1.5}, "seed"),
     ({"samples_per_turn": 0}, "samples_per_turn"),
     ({"samples_per_turn": 2.0}, "samples_per_turn"),
     ({"temperature": -1.0}, "temperature"),

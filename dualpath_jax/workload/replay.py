@@ -13,6 +13,12 @@ so that the context grows exactly as it did when the trace was recorded.
 context once), every sample is a record and a rollout of its own (`sample`
 0..n-1), and the session goes on with sample 0's reply once all n are done.
 
+`seed` gives every sample its own sampling seed, drawn from (seed, session
+id, turn index, sample) (`turn_seed`), so that a run's samples do not depend
+on which turns the engine batched together or on the clock (`honor_gaps`,
+`--max_batch`): without it they are drawn from the engine's one generator in
+batch order.
+
 `start_s` turns the same loop into an open-loop driver (`workload.online`):
 each session's first turn becomes ready at its own offset, whatever the
 engine is doing, and a turn's arrival time is when it became ready, not when
@@ -28,10 +34,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import logging
 import math
 import time
 from typing import Callable, Sequence
+
+import numpy as np
 
 from dualpath_jax.config import check_sampling
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
@@ -55,6 +64,19 @@ class _SessionState:
   stopped: str = ""  # why the session ended early, if it did
   # The in-flight turn's finished samples: sample -> (reply, finish_s).
   done: dict[int, tuple[str, float]] = dataclasses.field(default_factory=dict)
+
+
+def turn_seed(seed: int, session_id: str, turn_index: int,
+              sample: int) -> int:
+  """The sampling seed of sample `sample` of turn `turn_index` of session
+  `session_id` in a run seeded `seed`: 64 bits of
+  `SeedSequence(seed, spawn_key=(session, turn, sample))`, the session as
+  the first 8 bytes of its id's SHA-256, so the same run draws the same
+  samples in any process and any batching."""
+  digest = hashlib.sha256(session_id.encode("utf-8")).digest()
+  key = (int.from_bytes(digest[:8], "little"), int(turn_index), int(sample))
+  state = np.random.SeedSequence(int(seed), spawn_key=key).generate_state(2)
+  return int(state[0]) << 32 | int(state[1])
 
 
 def initial_messages(session: AgentSession) -> list[dict[str, str]]:
@@ -94,7 +116,9 @@ class Rollout:
   turn_index: int
   prompt_tokens: list[int]  # the whole context the turn was given
   generated_tokens: list[int]
-  reply: str  # what went into the session's history (`reply_mode`)
+  # This sample's text: generated (EOS left out) or, teacher forcing, the
+  # recorded reply; sample 0's is what went into the session's history.
+  reply: str
   finish_reason: str
   cached_prompt_tokens: int
   logprobs: list | None  # TokenLogprob per generated token, if asked
@@ -128,6 +152,7 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
                     top_p: float | None = None,
                     start_s: Sequence[float] | None = None,
                     on_tick: Callable[[float], None] | None = None,
+                    seed: int | None = None,
                     clock: Callable[[], float] = time.perf_counter,
                     sleep: Callable[[float], None] = time.sleep) -> ReplayResult:
   """Runs every turn of every session through `engine`; returns the records.
@@ -145,8 +170,10 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
   seconds since the start after every engine step and before every idle
   wait. `samples_per_turn` samples each turn that many times (module
   docstring); `temperature` and `top_p` are every turn's sampling (None:
-  the engine's).
+  the engine's); `seed`, when given, seeds each sample by `turn_seed`.
   """
+  if seed is not None and (not is_integer(seed) or seed < 0):
+    raise ValueError(f"seed must be an integer >= 0 or None; got {seed!r}")
   if reply_mode not in REPLY_MODES:
     raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {reply_mode!r}")
   check_logprobs(logprobs)  # before any turn is submitted
@@ -193,7 +220,9 @@ def replay_sessions(engine, tokenizer, sessions: Sequence[AgentSession], *,
             request_id=rid, prompt_tokens=prompt, max_new_tokens=budget,
             tenant=st.session.tenant, session_id=st.session.session_id,
             turn_index=st.next_turn, arrival_s=st.ready_at, logprobs=logprobs,
-            temperature=temperature, top_p=top_p))
+            temperature=temperature, top_p=top_p,
+            seed=None if seed is None else turn_seed(
+                seed, st.session.session_id, turn.index, k)))
         samples[rid] = (st, k)
       st.in_flight = True
 
