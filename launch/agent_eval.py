@@ -239,6 +239,13 @@ def main(argv):
     metrics.plot_turns(result.records, FLAGS.plot,
                        title=f"agent_eval {report['config']['trace']}")
     print(f"plot: {FLAGS.plot}")
+  if not interrupted and not result.records:
+    # Every session ended before its first turn (past --max_context): a
+    # report of nothing used to end with exit status 0.
+    first = next(iter(result.truncated_sessions.items()), ("", "no turns"))
+    sys.exit(f"agent_eval: no turn ran; {len(result.truncated_sessions)} "
+             f"session(s) ended early (first: {first[0]}: {first[1]}); the "
+             "report lists them (truncated_sessions)")
   if interrupted:
     print(f"interrupted after {len(result.records)} of {total_records} "
           f"{unit}s: the report holds those (complete: false)",

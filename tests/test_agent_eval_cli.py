@@ -358,3 +358,18 @@ def test_ctrl_c_reports_the_finished_turns(tmp_path):
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "interrupted after 1 of 2 turns" in done.stderr
   assert "Traceback" not in done.stderr
+
+
+def test_a_run_in_which_no_turn_fits_exits_nonzero_with_its_report(tmp_path):
+  """Every session past --max_context at its first turn: a report of no
+  turns used to end with exit status 0."""
+  report = tmp_path / "r.json"
+  proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
+              "--max_context=64", "--sessions=2", "--turns=2",
+              "--max_new_tokens=4", "--nowarmup", "--noprogress",
+              f"--report={report}")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "agent_eval: no turn ran; 2 session(s) ended early" in proc.stderr
+  assert "exceed max_context 64" in proc.stderr
+  r = json.loads(report.read_text())
+  assert r["turns"] == 0 and len(r["truncated_sessions"]) == 2
