@@ -208,7 +208,8 @@ def main(argv: list[str]) -> None:
   try:  # ids outside the vocabulary, a context past max_position, an
     # unknown kernel: refused before the load; then a source's bad weights
     check_request(config, prompt_ids, **request)
-    print(f"loading {FLAGS.model} ...", file=sys.stderr, flush=True)
+    print(f"loading {FLAGS.model or 'the embedded SmolLM2'} ...",
+          file=sys.stderr, flush=True)
     loaded = load_model(FLAGS.model, dtype=FLAGS.dtype)
     eos_ids = tok.eos_ids if tok is not None else config.eos_token_ids
     ids, timing = generate(

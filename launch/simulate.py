@@ -130,6 +130,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("slo_percentile", 90, "online: the TTFT percentile "
                        "the SLO bounds", lower_bound=1, upper_bound=100)
   flags.DEFINE_string("report", "simulate_report.json", "JSON report path")
+  flags.DEFINE_alias("json", "report")  # as every JSON-writing launcher
   flags.DEFINE_string("plot", None, "PNG path (offline: job completion and "
                       "NIC use over time; online: TTFT vs rate)")
   flags.DEFINE_bool("report_turns", True, "include every turn's timeline in "

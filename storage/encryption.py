@@ -140,12 +140,25 @@ def load_key(path: str) -> bytes:
 
 def write_key_file(path: str) -> str:
   """Writes a fresh random key to a new file at `path`, readable by its
-  owner only; returns the key's id.
+  owner only; returns the key's id. Missing folders above it are made,
+  readable by the owner only (`--out=/tmp/keys/k` on a fresh machine).
 
   Raises:
     ValueError: `path` exists (a key is never overwritten: the blocks
       sealed under it would be lost) or cannot be made.
   """
+  folder = os.path.dirname(os.path.abspath(path))
+  missing = []
+  probe = folder
+  while not os.path.exists(probe):  # makedirs' mode reaches only the leaf
+    missing.append(probe)
+    probe = os.path.dirname(probe)
+  try:
+    for made in reversed(missing):
+      os.mkdir(made, 0o700)
+  except OSError as err:
+    raise ValueError(f"cannot make the key file's folder {folder} "
+                     f"({err.strerror})") from None
   try:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
   except FileExistsError:

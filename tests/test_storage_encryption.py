@@ -148,6 +148,15 @@ def test_a_key_file_is_owner_only_never_overwritten_and_checked(tmp_path):
       encryption.load_key(str(bad))
   with pytest.raises(ValueError, match="cannot read"):
     encryption.load_key(str(tmp_path / "absent"))
+  # Folders above a new key file are made, owner-only (the documented
+  # `--out=/tmp/keys/bench.key` failed on a machine without /tmp/keys).
+  deep = tmp_path / "keys" / "sub" / "k"
+  kid2 = encryption.write_key_file(str(deep))
+  assert encryption.key_id(encryption.load_key(str(deep))) == kid2
+  assert stat.S_IMODE(os.stat(tmp_path / "keys").st_mode) == 0o700
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ValueError, match="cannot make the key file .*Not a dir"):
+    encryption.write_key_file(str(tmp_path / "a_file" / "k"))
 
 
 def test_the_key_launcher_writes_a_key_and_refuses_an_existing_file(tmp_path):
