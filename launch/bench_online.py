@@ -109,8 +109,10 @@ def _fail(msg: str):
 
 
 def _parse_rates(text: str) -> list[float]:
+  if not all(x.strip() for x in text.split(",")):  # "0.1,,0.2": a typo
+    _fail(f"--rates has an empty entry: {text!r}")
   try:
-    rates = [float(x) for x in text.split(",") if x.strip()]
+    rates = [float(x) for x in text.split(",")]
   except ValueError:
     _fail(f"--rates must be a comma list of numbers, got {text!r}")
   if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
@@ -121,7 +123,7 @@ def _parse_rates(text: str) -> list[float]:
 
 
 def _parse_policies(text: str) -> list[str]:
-  pols = [p.strip() for p in text.split(",") if p.strip()]
+  pols = [p.strip() for p in text.split(",")]
   bad = [p for p in pols if p not in _POLICIES]
   if not pols or bad:
     _fail(f"--policies must be a comma list of {_POLICIES}, got {text!r}")

@@ -464,9 +464,7 @@ def _check_flags() -> tuple[list[StoreSpec], str]:
   specs = [StoreSpec.parse(c) for c in FLAGS.configs]
   path = FLAGS.json or os.path.join(
       "docs", "results", f"storage_{datetime.date.today().isoformat()}.json")
-  outputs.check_output_paths([("--json", path)],
-                             inputs=[("--dir", FLAGS.dir, "dir")])
-  return specs, path
+  return specs, outputs.check_output_path(path, "--json")
 
 
 def main(argv):

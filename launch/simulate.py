@@ -83,7 +83,8 @@ def define_flags() -> None:
                            lower_bound=0.0)
   float_flags.define_float("hot_gb_s", 50.0, "host -> HBM bandwidth per GPU "
                            "for hot-tier reads, GB/s (PCIe 5 x16 with pinned "
-                           "buffers: about 50)", lower_bound=1e-6)
+                           "buffers: about 50; inf: no limit)",
+                           allow_inf=True, lower_bound=1e-6)
   flags.DEFINE_integer("prefetch_blocks", 0, "with --hot_tier_gb: blocks per "
                        "prefetch read of the runtime's prefetcher (waiting "
                        "turns' and soonest-returning sessions' prefixes into "
@@ -143,9 +144,11 @@ def _fail(msg: str):
 
 
 def _parse_list(name: str, text: str, allowed=None) -> list[str]:
-  items = [p.strip() for p in text.split(",") if p.strip()]
-  if not items:
+  items = [p.strip() for p in text.split(",")]
+  if not any(items):
     _fail(f"--{name} is empty")
+  if not all(items):  # "0.1,,0.2" was taken as two rates, silently
+    _fail(f"--{name} has an empty entry: {text!r}")
   if len(set(items)) != len(items):
     _fail(f"--{name} lists an entry twice: {text!r}")
   bad = [p for p in items if allowed is not None and p not in allowed]
@@ -278,6 +281,15 @@ def main(argv):
         max_prefill_turns=FLAGS.max_prefill_turns,
         max_decode_batch=FLAGS.max_decode_batch)
     slo = SloSpec(ttft_s=FLAGS.slo_ttft_s, percentile=FLAGS.slo_percentile)
+    if FLAGS.hot_tier_gb and FLAGS.hot_gb_s * 8 < FLAGS.storage_nic_gbps:
+      # As the runtime's, a prefill engine's hot blocks take its host link
+      # whatever the NICs could do: a tier behind a slower link slows loads
+      # (the simulator models the runtime, it does not improve on it).
+      print(f"simulate: note: --hot_gb_s={FLAGS.hot_gb_s:g} GB/s is slower "
+            f"than a storage NIC's {FLAGS.storage_nic_gbps / 8:g} GB/s "
+            f"(--storage_nic_gbps={FLAGS.storage_nic_gbps:g}); hot blocks "
+            "take the host link all the same, as in the runtime, so the hot "
+            "tier can make loads slower", file=sys.stderr)
     outputs.check_output_paths([("--report", FLAGS.report)] + (
         [("--plot", FLAGS.plot)] if FLAGS.plot else []),
         inputs=input_paths.flagged_inputs())

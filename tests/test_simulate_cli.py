@@ -108,6 +108,7 @@ def test_trace_counts_tokens(tmp_path, tokenizer):
     (["--tp=3"], "does not divide"),
     (["--rates=fast"], "comma list of numbers"),
     (["--rates=0"], "finite agents/s > 0"),
+    (["--rates=0.1,,0.2"], "--rates has an empty entry"),  # was taken
     (["--storage_nic_gbps=nan"], "not nan"),
     (["--max_context=1000"], "smaller than session 0"),
     (["--max_context=200000"], "past the context of llama3-8b-shape"),

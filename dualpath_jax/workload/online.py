@@ -36,9 +36,13 @@ def arrival_offsets(n: int, rate: float, process: str = "poisson",
                     seed: int = 0) -> list[float]:
   """Start times (s) of `n` sessions offered at `rate` agents/s; the first at 0.
 
-  "poisson": exponential gaps of mean `1/rate` from a generator seeded with
-  `seed` (the same seed gives the same times at every rate, scaled);
-  "uniform": one session every `1/rate` seconds.
+  "poisson": exponential gaps from a generator seeded with `seed`, scaled
+  so that their mean is exactly `1/rate` (the last session starts at
+  `(n - 1) / rate`, as with "uniform"): a Poisson process conditioned on
+  its count, so the run is offered the rate it is labelled with. Unscaled,
+  32 sessions' draws arrived at 0.76-1.14x the label, and a sweep's
+  headline overstated its rate by as much. The same seed gives the same
+  times at every rate, scaled. "uniform": one session every `1/rate` s.
   """
   if process not in ARRIVALS:
     raise ValueError(f"arrival process must be one of {ARRIVALS}, got {process!r}")
@@ -49,7 +53,8 @@ def arrival_offsets(n: int, rate: float, process: str = "poisson",
   if process == "uniform":
     gaps = np.full(n - 1, 1.0 / rate)
   else:
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n - 1)
+    draws = np.random.default_rng(seed).exponential(1.0, size=n - 1)
+    gaps = draws * ((n - 1) / rate / draws.sum())
   return [0.0] + np.cumsum(gaps).tolist()
 
 

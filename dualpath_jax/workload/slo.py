@@ -114,8 +114,10 @@ def evaluate_run(records: Sequence[TurnRecord], arrivals: Mapping[str, float],
       "tpot_s": tpot,
       "attainment": met_turns / len(records) if records else None,
       "goodput_turns_s": met_turns / span if span > 0 else None,
+      # Agents finish no faster than they arrive, over a run: a finish span
+      # shorter than the start span (the last ones quick) is not capacity.
       "goodput_agents_s": (None if achieved is None else
-                           achieved * sum(good.values()) / n
+                           min(achieved, arrived) * sum(good.values()) / n
                            if any(good.values()) else 0.0),
       "slo_ttft_ok": ttft_ok,
       "slo_tpot_ok": tpot_ok,
