@@ -132,4 +132,3 @@ def check_slot_values(
     raise ValueError(
         f"slot_mapping[{b}, {t}] = {slots[b, t]} is past the pool's "
         f"{num_slots} slots (num_blocks * block_size); -1 marks padding")
-

@@ -20,11 +20,9 @@ _KINDS = {
 
 def flagged_inputs(
     flag_values: flags.FlagValues = flags.FLAGS,
-    *, extra: dict[str, str] | None = None,
 ) -> list[tuple[str, str | None, str]]:
-  """`(--flag, value, kind)` for each flag of `_KINDS` (and `extra`: more
-  name -> kind) the launcher defines and was given."""
-  kinds = {**_KINDS, **(extra or {})}
+  """`(--flag, value, kind)` for each flag of `_KINDS` the launcher defines
+  and was given."""
   return [(f"--{name}", flag_values[name].value, kind)
-          for name, kind in kinds.items()
+          for name, kind in _KINDS.items()
           if name in flag_values and flag_values[name].value]
