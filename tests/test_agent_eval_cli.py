@@ -292,7 +292,14 @@ def test_workload_seed_keeps_the_prompts_while_seed_resamples(tmp_path):
     return row["prompt_tokens"], row["generated_tokens"]
   (p1, g1), (p2, g2) = (rollouts(s, "--workload_seed=5") for s in (1, 2))
   assert p1 == p2 and g1 != g2
-  assert rollouts(2)[0] != p2  # without it, --seed picks the text too
+  # Without it --seed picks the text too: the synthetic workload of seed 2
+  # is not workload seed 5's (the same generator the launcher calls).
+  from dualpath_jax.workload import synthetic_agent_workload  # pylint: disable=g-import-not-at-top
+  texts = [synthetic_agent_workload(num_sessions=1, turns_per_session=1,
+                                    first_tool_lines=1, growth_lines=1,
+                                    output_tokens=8, seed=seed)[0]
+           for seed in (2, 5)]
+  assert texts[0].turns[0].input_delta != texts[1].turns[0].input_delta
 
 
 @pytest.mark.parametrize("args,msg", [
