@@ -128,6 +128,13 @@ def check_output_paths(paths: list[tuple[str, str]], *,
   check_outputs_spare_inputs(paths, inputs)
 
 
+def lies_inside(path: str, folder: str) -> bool:
+  """Whether `path` is strictly under `folder`, both resolved (symlinks,
+  `..`) first."""
+  folder = os.path.realpath(os.path.abspath(folder)).rstrip(os.sep) + os.sep
+  return os.path.realpath(os.path.abspath(path)).startswith(folder)
+
+
 def check_outputs_spare_inputs(
     paths: list[tuple[str, str]],
     inputs: list[tuple[str, str | None, str]],
@@ -157,7 +164,7 @@ def check_outputs_spare_inputs(
       if real_out == real_in:
         raise ValueError(f"{in_what} and {out_what} are the same file: "
                          f"{out_path}")
-      if kind == "dir" and real_out.startswith(real_in.rstrip(os.sep) + os.sep):
+      if kind == "dir" and lies_inside(real_out, real_in):
         raise ValueError(f"{out_what} {out_path} lies inside {in_what} "
                          f"{in_path}: write it elsewhere, the run keeps that "
                          "folder")

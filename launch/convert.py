@@ -18,7 +18,6 @@ the new one is on disk once its path is printed.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 import time
@@ -29,6 +28,7 @@ from absl import logging
 
 # JAX-free until the conversion itself (`checkpoint`, `load_model`'s
 # weights): bad flags are refused before JAX's ~3 s import.
+from dualpath_jax import outputs
 from dualpath_jax.model import checkpoint_layout, describe_model, gguf_loader
 from dualpath_jax.utils import ctrl_c_ends_quietly
 
@@ -80,10 +80,7 @@ def convert(gguf_path: str | None, out: str, dtype: str,
 def _check_gguf_outside_out(gguf: str | None, out: str | None) -> None:
   """ValueError if the GGUF lies inside `out`, which `--overwrite` replaces
   as a whole: the source would go with the old checkpoint."""
-  if gguf is None or out is None:
-    return
-  real_out = os.path.realpath(out).rstrip(os.sep) + os.sep
-  if os.path.realpath(gguf).startswith(real_out):
+  if gguf is not None and out is not None and outputs.lies_inside(gguf, out):
     raise ValueError(f"--gguf {gguf} lies inside --out {out}, which the "
                      "checkpoint replaces: move the GGUF out first")
 
