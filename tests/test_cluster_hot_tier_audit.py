@@ -93,6 +93,31 @@ def test_a_refused_write_back_is_counted_on_the_cluster(tiny, tmp_path):
     cluster.close()
 
 
+def test_a_write_back_that_raises_still_releases_the_turns_blocks(
+    tiny, tmp_path):
+  """The decode engine's write-back raising (a device -> host copy or a
+  hot-tier put failing) propagated out of the step with the finished turn
+  already off the engine's running list and its blocks still held: no
+  later abort could find them. The step still raises; the blocks are
+  released, as one engine does."""
+  cluster = _cluster(tiny, tmp_path)
+
+  def broken(*_args, **_kwargs):
+    raise RuntimeError("device -> host copy failed")
+  for writer in cluster._writers.values():
+    writer.write_back = broken
+  try:
+    cluster.submit(TurnRequest("a", list(range(3, 24)), 3, stop_on_eos=False))
+    with pytest.raises(RuntimeError, match="copy failed"):
+      while cluster.has_work():
+        cluster.step()
+    for w in cluster.decode_workers:
+      assert "a" not in w.manager
+      assert w.manager.pool.num_referenced == 0
+  finally:
+    cluster.close()
+
+
 def _fail_decode_once(cluster, rid):
   """Makes the DE reservation of turn `rid` fail once, after its PE's
   (the placement's count off), while other turns run."""

@@ -1041,13 +1041,15 @@ class PDCluster:
         done.append(step_parts.turn_output(turn, now, reason))
         continue
       writer = self._writers[de.name, turn.prefill.name]
-      writer.write_back(de.kv, turn.rid, turn.req.tenant, turn.req.session_id,
-                        touch_hot=False)
-      if self.prefetcher is not None and turn.req.session_id:
-        self.prefetcher.turn_finished(session_key(turn.req), now,
-                                      de.manager.block_hashes(turn.rid),
-                                      turn.prefill.name)
-      de.manager.end(turn.rid)
+      try:
+        writer.write_back(de.kv, turn.rid, turn.req.tenant,
+                          turn.req.session_id, touch_hot=False)
+        if self.prefetcher is not None and turn.req.session_id:
+          self.prefetcher.turn_finished(session_key(turn.req), now,
+                                        de.manager.block_hashes(turn.rid),
+                                        turn.prefill.name)
+      finally:  # whatever the write-back did, the turn releases its blocks
+        de.manager.end(turn.rid)
       done.append(step_parts.turn_output(turn, now, reason))
     return done
 
