@@ -194,6 +194,7 @@ def main(argv):
       "cache": engine.manager.stats,
       "cold_tier": cold_stats,
       "nics": nics,
+      "mesh_devices": cluster_flags.device_map(engine),
       **metrics.run_environment(),
       "config": {
           "model": loaded.config.name, "model_source": FLAGS.model or "embedded",

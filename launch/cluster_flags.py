@@ -11,7 +11,7 @@ launchers imported into one process (tests do this) do not collide.
 
 from __future__ import annotations
 
-from absl import flags
+from absl import flags, logging
 
 from launch import float_flags
 
@@ -236,7 +236,18 @@ def make(loaded, cache, engine_cfg, mesh, cold, policy: str | None = None):
                        storage_nic_gbps=FLAGS.storage_nic_gbps,
                        prefetch_blocks=FLAGS.prefetch_blocks)
   from dualpath_jax.engine.cluster import make_cluster
-  return make_cluster(loaded, cache, engine_cfg, cold, mesh,
-                      dualpath_config(policy),
-                      hot_tier_bytes=hot_tier_bytes(mesh.num_prefill),
-                      hot_tier_memory=FLAGS.hot_tier_memory)
+  cluster = make_cluster(loaded, cache, engine_cfg, cold, mesh,
+                         dualpath_config(policy),
+                         hot_tier_bytes=hot_tier_bytes(mesh.num_prefill),
+                         hot_tier_memory=FLAGS.hot_tier_memory)
+  warning = cluster.cluster_mesh.sharing_warning()
+  if warning:
+    logging.warning(warning)
+  return cluster
+
+
+def device_map(engine) -> dict[str, list[int]] | None:
+  """Each engine's device ids (a P/D cluster), for reports; None for one
+  engine."""
+  cluster_mesh = getattr(engine, "cluster_mesh", None)
+  return None if cluster_mesh is None else cluster_mesh.device_ids()

@@ -13,9 +13,12 @@ docs/pod_launch.md.
 
 from __future__ import annotations
 
+import os
+
 from absl import flags, logging
 
-from dualpath_jax.distributed import DistributedConfig, describe, initialize
+from dualpath_jax.distributed import (ENV_NUM_PROCESSES, DistributedConfig,
+                                      describe, initialize)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("coordinator_address", None, "multi-process JAX: host:port "
@@ -43,6 +46,13 @@ def config_from_flags() -> DistributedConfig:
   environment): they would be ignored, and the "multi-process" run would
   quietly run alone. `--num_processes=1` says single-process on purpose
   (one script for any N), and is taken as said."""
+  given = [f"--{name}" for name in ("coordinator_address", "process_id")
+           if FLAGS[name].present]
+  lone = (f"{' and '.join(given)} given to a single-process run: "
+          "add --num_processes=N or --distributed_auto")
+  if (given and not FLAGS["num_processes"].present and
+      not FLAGS.distributed_auto and not os.environ.get(ENV_NUM_PROCESSES)):
+    raise ValueError(lone)  # before --process_id=1 is judged against 1 process
   ids = FLAGS.local_device_ids
   try:
     ids = None if ids is None else [int(i) for i in ids]
@@ -52,12 +62,8 @@ def config_from_flags() -> DistributedConfig:
       coordinator_address=FLAGS.coordinator_address,
       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
       local_device_ids=ids, auto_detect=FLAGS.distributed_auto)
-  if not config.multi_process and not FLAGS["num_processes"].present:
-    given = [f"--{name}" for name in ("coordinator_address", "process_id")
-             if FLAGS[name].present]
-    if given:
-      raise ValueError(f"{' and '.join(given)} given to a single-process run: "
-                       "add --num_processes=N or --distributed_auto")
+  if not config.multi_process and not FLAGS["num_processes"].present and given:
+    raise ValueError(lone)
   return config
 
 

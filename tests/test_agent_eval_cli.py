@@ -112,6 +112,10 @@ def test_mesh_run_loads_through_both_paths(tmp_path):
   assert r["engine"]["path_blocks"]["path1"] > 0
   assert r["engine"]["path_blocks"]["path2"] > 0
   assert r["nics"] and r["config"]["mesh"] == "1P2D"
+  # One CPU device: every engine on it, as the report says, and no warning
+  # (a mesh wider than a host of several devices gets one: test_mesh.py).
+  assert r["mesh_devices"] == {"P0": [0], "D0": [0], "D1": [0]}
+  assert "share devices" not in second.stderr
 
 
 def test_mesh_run_with_prefill_hot_tiers(tmp_path):

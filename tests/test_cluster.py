@@ -12,7 +12,9 @@ only `dualpath` may read through the decode engines' NICs.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -581,4 +583,41 @@ def test_a_cluster_without_prefill_sharing_prefills_each_sample(tiny,
     assert cluster.stats.prefill_tokens == 2 * len(prompt)
     assert cluster.stats.shared_prefill_tokens == 0
   finally:
+    cluster.close()
+
+
+def test_a_sessions_next_turn_waits_for_its_previous_turns_write(tiny,
+                                                                 tmp_path):
+  """With the prefill engine keeping nothing (DualPath's setting) a session's
+  next turn, sent as its previous one finished, was placed while that
+  turn's write-back was still in flight: the store did not list the blocks
+  yet and the turn computed them again. It waits for the write now and
+  loads them; a second session's turn, not waiting, goes ahead meanwhile."""
+  cluster = make_cluster(tiny, CACHE, ENGINE, _cold(tmp_path),
+                         MeshConfig.parse("1P2D"),
+                         DualPathConfig(prefill_keeps_prefix=False))
+  put = cluster.store.put_async
+
+  timers = []
+
+  def slow_put(*args, **kwargs):  # a write that starts 0.5 s later
+    slow = cf.Future()
+    timers.append(threading.Timer(
+        0.5, lambda: slow.set_result(put(*args, **kwargs).result())))
+    timers[-1].start()
+    return slow
+  cluster.store.put_async = slow_put
+  try:
+    prompt = np.random.default_rng(7).integers(3, 256, size=27).tolist()
+    first = _run(cluster, [_turn("a", 0, prompt)])["a#0"]
+    context = prompt + first.generated_tokens + [9, 10, 11]
+    other = _turn("b", 0, list(range(40, 50)))
+    got = _run(cluster, [_turn("a", 1, context), other])
+    written = (len(prompt) + len(first.generated_tokens) - 1) // BS * BS
+    assert got["a#1"].cached_prompt_tokens == written
+    assert cluster.cold_tier.stats.loaded_blocks == written // BS
+    assert got["b#0"].first_token_s <= got["a#1"].first_token_s
+  finally:
+    for timer in timers:
+      timer.join()
     cluster.close()

@@ -136,6 +136,10 @@ BAD_FLAGS = [
     (*LAUNCHERS[0], "--coordinator_address=localhost:1234",
      "--coordinator_address given to a single-process run: add "
      "--num_processes=N or --distributed_auto"),
+    # It was judged against one process first: "process_id must be < 1".
+    (*LAUNCHERS[2], "--process_id=1",
+     "--process_id given to a single-process run: add "
+     "--num_processes=N or --distributed_auto"),
 ]
 
 

@@ -6,6 +6,8 @@ tests/test_transfer_multidevice.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import pytest
 
@@ -37,10 +39,26 @@ def test_engines_share_the_single_device():
                                                "D3"]
   assert [e.role for e in cluster.engines] == ["prefill"] * 2 + ["decode"] * 4
   assert all(e.devices == (devices[0],) and e.tp == 1 for e in cluster.engines)
-  assert cluster.shared
+  assert cluster.shared and cluster.num_devices == 1
+  assert cluster.device_ids() == {name: [devices[0].id] for name in
+                                  ("P0", "P1", "D0", "D1", "D2", "D3")}
+  assert cluster.sharing_warning() is None  # one device: sharing is the point
   assert cluster.engine("D3").mesh.axis_names == ("tp",)
   with pytest.raises(ValueError, match="no engine named"):
     cluster.engine("D4")
+
+
+def test_sharing_among_several_devices_is_a_warning():
+  """A mesh wider than a host of several devices wraps around silently:
+  on a pod that is a wrong --mesh/--tp, and the launchers warn."""
+  one = build_cluster_mesh(MeshConfig.parse("2P3D", tp=2), jax.devices()[:1] * 2)
+  several = dataclasses.replace(one, num_devices=8)
+  warning = several.sharing_warning()
+  assert warning.startswith("2P3D") and "needs 10 devices, 8 available" in warning
+  assert "'D2'" in warning
+  unshared = build_cluster_mesh(MeshConfig.parse("1P1D"), jax.devices()[:1])
+  assert dataclasses.replace(unshared, prefill=(), num_devices=8
+                             ).sharing_warning() is None
 
 
 def test_too_few_devices():

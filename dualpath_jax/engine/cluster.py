@@ -359,6 +359,10 @@ class PDCluster:
     self._waiting: collections.deque[_Turn] = collections.deque()
     # Ids of the waiting turns the last `_admit` held for a shared prefill.
     self._held_ids: set[str] = set()
+    # Block ids whose write-back put is still in flight (`store.contains`
+    # does not see them yet): the session's next turn waits for it rather
+    # than recompute the prefix the previous turn just wrote.
+    self._writing: dict[bytes, cf.Future] = {}
     self.prefetcher: TierPrefetcher | None = None
     if dualpath.prefetch_blocks:
       if not hot_tier_bytes:
@@ -522,7 +526,8 @@ class PDCluster:
 
   def _wait_for_a_load(self, timeout: float) -> None:
     """Waits for a turn's load or, with none, a prefetch read (not counted
-    in `load_wait_s`: no turn waits for it)."""
+    in `load_wait_s`: no turn waits for it), or else a write-back a held
+    turn waits for (`_waits_for_a_write`)."""
     pending = self._loads_in_flight()
     if pending:
       t0 = time.perf_counter()
@@ -531,6 +536,8 @@ class PDCluster:
     elif self.prefetcher is not None and self.prefetcher.in_flight():
       cf.wait(self.prefetcher.in_flight(), timeout=timeout,
               return_when=cf.FIRST_COMPLETED)
+    elif writes := {f for f in self._writing.values() if not f.done()}:
+      cf.wait(writes, timeout=timeout, return_when=cf.FIRST_COMPLETED)
 
   def _prefetch(self) -> None:
     """One prefetcher step: the first waiting turns, then away sessions. A
@@ -689,14 +696,17 @@ class PDCluster:
 
   def _admit(self) -> None:
     """Places waiting turns in order until one finds no room. A turn whose
-    next block to compute a placed turn is prefilling waits, and those
-    behind it go ahead (`_waits_for_a_shared_prefill`)."""
+    next block to compute a placed turn is prefilling, or a finished
+    turn's write-back is still putting into the store, waits, and those
+    behind it go ahead (`_waits_for_a_shared_prefill`,
+    `_waits_for_a_write`)."""
     waiting: list[_Turn] = []
     try:
       while self._waiting:
         turn = self._waiting[0]
         demand, in_store, taken = self._demand(turn)
-        if self._waits_for_a_shared_prefill(turn, demand.hit_blocks):
+        if (self._waits_for_a_shared_prefill(turn, demand.hit_blocks) or
+            self._waits_for_a_write(turn, demand.hit_blocks)):
           waiting.append(self._waiting.popleft())
           continue
         if not self._place(turn, demand, in_store, taken):
@@ -729,6 +739,13 @@ class PDCluster:
             turn.hits_before_wait = hits
           return True
     return False
+
+  def _waits_for_a_write(self, turn: _Turn, hits: int) -> bool:
+    """Whether the next block `turn` would compute is one a finished
+    turn's write-back is still putting into the store."""
+    self._writing = {k: f for k, f in self._writing.items() if not f.done()}
+    chain = turn.chain
+    return hits < len(chain) and chain[hits] in self._writing
 
   def _place(self, turn: _Turn, demand: TurnDemand, in_store: list[bool],
              taken: dict[str, int]) -> bool:
@@ -1042,8 +1059,11 @@ class PDCluster:
         continue
       writer = self._writers[de.name, turn.prefill.name]
       try:
-        writer.write_back(de.kv, turn.rid, turn.req.tenant,
-                          turn.req.session_id, touch_hot=False)
+        written = writer.write_back(de.kv, turn.rid, turn.req.tenant,
+                                    turn.req.session_id, touch_hot=False)
+        if written is not None:  # the session's next turn waits for it
+          ids, future = written
+          self._writing.update(dict.fromkeys(ids, future))
         if self.prefetcher is not None and turn.req.session_id:
           self.prefetcher.turn_finished(session_key(turn.req), now,
                                         de.manager.block_hashes(turn.rid),

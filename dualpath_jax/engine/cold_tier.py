@@ -400,9 +400,13 @@ class ColdTierConnector:
     return _ReadResult(good, None, time.perf_counter() - t0)
 
   def write_back(self, pool: jax.Array, seq_id: str, tenant: str,
-                 session: str, *, touch_hot: bool = True) -> None:
+                 session: str, *, touch_hot: bool = True
+                 ) -> tuple[list[bytes], cf.Future] | None:
     """Copies the sequence's full blocks that a tier lacks into it (the cold
-    tier's writes are queued).
+    tier's writes are queued). Returns the ids queued for the cold tier and
+    their put's future (None when none were): until it is done, the store's
+    `contains` does not see them, and a caller may wait for it rather than
+    compute them again (the P/D cluster does).
 
     `touch_hot`: the blocks the hot tier holds count as reused (a turn that
     read them). False where the same turn put them there already (the P/D
@@ -454,6 +458,7 @@ class ColdTierConnector:
     future.add_done_callback(self._check_put)
     self.stats.write_requests += 1
     self.stats.written_blocks += len(cold)
+    return [hashes[todo[k]] for k in cold], future
 
   def _check_put(self, future: cf.Future) -> None:
     """A write-back's put that raised is logged and counted, not lost."""

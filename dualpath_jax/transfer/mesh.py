@@ -69,6 +69,8 @@ class ClusterMesh:
   config: MeshConfig
   prefill: tuple[EngineMesh, ...]
   decode: tuple[EngineMesh, ...]
+  # Devices there were to assign (`build_cluster_mesh`).
+  num_devices: int = 1
 
   @property
   def engines(self) -> tuple[EngineMesh, ...]:
@@ -85,6 +87,22 @@ class ClusterMesh:
     """True when some device serves more than one engine."""
     ids = [d.id for e in self.engines for d in e.devices]
     return len(ids) != len(set(ids))
+
+  def device_ids(self) -> dict[str, list[int]]:
+    """Each engine's device ids, by engine name (for reports)."""
+    return {e.name: [d.id for d in e.devices] for e in self.engines}
+
+  def sharing_warning(self) -> str | None:
+    """A line saying engines share devices although several exist, else
+    None. On one device (a plain CPU, one GPU) sharing is the point: the
+    cluster's mechanics on one chip. With several it is likelier a
+    `--mesh`/`--tp` too wide for the host, and every figure of the run
+    then describes a cluster that is not there."""
+    if not self.shared or self.num_devices < 2:
+      return None
+    return (f"{self.config} needs {self.config.devices_needed} devices, "
+            f"{self.num_devices} available: engines share devices "
+            f"({self.device_ids()})")
 
 
 def build_cluster_mesh(config: MeshConfig,
@@ -114,7 +132,8 @@ def build_cluster_mesh(config: MeshConfig,
       cursor += tp
       built[role].append(EngineMesh(f"{prefix}{i}", role,
                                     Mesh(np.array(mine), (TP_AXIS,))))
-  return ClusterMesh(config, tuple(built[PREFILL]), tuple(built[DECODE]))
+  return ClusterMesh(config, tuple(built[PREFILL]), tuple(built[DECODE]),
+                     num_devices=len(devices))
 
 
 def pair_mesh(src: EngineMesh, dst: EngineMesh) -> Mesh:
