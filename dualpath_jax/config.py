@@ -11,6 +11,8 @@ import hashlib
 import json
 from typing import Any
 
+from dualpath_jax.utils import is_integer
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -212,8 +214,11 @@ class EngineConfig:
     # prefill no token a step, waits forever.
     for name in ("max_batch_size", "max_prefill_chunk", "max_context"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+      # A NumPy integer (from a config file or a sweep) is taken, stored
+      # as a Python int: reports and fingerprints serialise it as JSON.
+      object.__setattr__(self, name, int(value))
     check_attention_impl(self.attention_impl)
     check_sampling(self.temperature, self.top_p)
 

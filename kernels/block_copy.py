@@ -338,7 +338,7 @@ def _check_ids(ids, low: int, high: int, what: str) -> None:
                      f"{int(bad[0])}")
 
 
-def _writes_nothing(dst_slots, num_slots: int) -> bool:
+def _check_slots_and_skip_empty(dst_slots, num_slots: int) -> bool:
   """Checks eager destination slots (each < `num_slots`, or < 0 to skip);
   True when none is valid: the write leaves the tier as it is, and the
   jitted write must not run (it repeats its first valid entry). Traced
@@ -399,7 +399,7 @@ def scatter_to_host(
   block's slot.
   """
   _check_ids(src_pages, 0, pool.shape[1], "source pool pages")
-  if _writes_nothing(dst_slots, host_tier.shape[0]):
+  if _check_slots_and_skip_empty(dst_slots, host_tier.shape[0]):
     return host_tier
   return _scatter_fn(host_tier.sharding, layer_start, num_layers)(
       host_tier, pool, src_pages, dst_slots)
@@ -438,7 +438,7 @@ def put_to_host(
   do; eager ids outside the tier are a ValueError, and a list with no valid
   destination leaves the tier as it is.
   """
-  if _writes_nothing(dst_slots, host_tier.shape[0]):
+  if _check_slots_and_skip_empty(dst_slots, host_tier.shape[0]):
     return host_tier
   return _put_fn(host_tier.sharding)(host_tier, blocks, dst_slots)
 

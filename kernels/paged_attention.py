@@ -6,7 +6,7 @@
   dequantized first, `quantize.py`); runs anywhere.
 * `"xla_chunked"`: plain XLA with an online softmax over page chunks and a
   run-time trip count (`paged_attention_xla.py`): cost follows the true
-  context, not the table width; the default on CPU; runs anywhere.
+  context, not the table width; what `"auto"` picks on CPU; runs anywhere.
 * `"pallas_triton"`: decode (split-K) and prefill Pallas kernels on the
   Triton lowering, for GPUs (`paged_attention_triton.py`).
 * `"pallas_mosaic_tpu"`: the Mosaic TPU decode kernel (`q_len == 1`;
@@ -17,7 +17,9 @@
   and prefill (`q_len > 1`, `prefill_mosaic_gpu.py`).
 * `"auto"`: the best registered implementation for the default backend that
   supports the call (query length, head_dim, page size, pool dtype, int8),
-  falling back to `"xla_chunked"`, then `"xla"`.
+  falling back to `"xla_chunked"`, then `"xla"`. The default, here and in
+  the model (`Llama`, `ModelRunner`, `EngineConfig.attention_impl`): a
+  model author calling any of them gets the fast path of the device.
 
 On a CPU backend the Pallas implementations run in interpret mode, so they
 can be selected explicitly in tests.
@@ -151,7 +153,7 @@ def paged_attention(
     q_lens: jax.Array,  # [batch] int32
     *,
     sm_scale: float | None = None,
-    implementation: str = "xla",
+    implementation: str = "auto",
     kv_scales: jax.Array | None = None,  # [num_blocks, 2, num_kv_heads] f32
 ) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
   """Causal attention of the last `q_lens[b]` context tokens over paged K/V.

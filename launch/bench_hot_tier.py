@@ -50,7 +50,6 @@ SHAPES = {
 }
 MEMORIES = ("pageable", "pinned_host")
 OPS = ("load", "write_back", "put_host")
-CEILINGS = ("pinned_to_device", "pageable_to_device", "device_to_pinned")
 
 
 def define_flags() -> None:
@@ -110,7 +109,6 @@ def measure_ceilings(nbytes_shape: tuple[int, ...], dtype, repeats: int,
   bytes: pinned_host -> device, pageable numpy -> device, device ->
   pinned_host."""
   import jax
-  import numpy as np
   dev = jax.devices()[0]
   pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
   device = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")

@@ -51,7 +51,7 @@ def main(argv):
   from dualpath_jax import metrics
   from dualpath_jax import outputs
   from dualpath_jax.config import ATTENTION_IMPLEMENTATIONS, CacheConfig
-  from dualpath_jax.engine.buckets import next_pow2
+  from dualpath_jax.buckets import next_pow2
   from dualpath_jax.model import describe_model, load_model
 
   try:  # before JAX and the model load: bad flags cost nothing

@@ -8,7 +8,10 @@ reduces to the order "bytes durable, then index commit":
 
   1. `reserve`  (one transaction) allocates slots and inserts rows in state
      PENDING, owned by this process's writer lease. Readers never see them.
-  2. the store writes the chunks through TensorStore (fsynced).
+  2. the store writes the chunks and makes them durable: through TensorStore
+     (which fsyncs), or on a local store with its own writer
+     (`storage/chunk_writer.py`: one `syncfs` per batch, or an fsync per
+     chunk), which returns only once every chunk of the batch is durable.
   3. `commit`   (one transaction) flips the rows to READY.
 
 A row is deleted in the same two-step way: state DELETING (invisible), bytes
@@ -30,8 +33,12 @@ evicted and reused while it was being read is a miss, never someone else's
 bytes served under this id.
 
 Capacity is a number of slots. When all are used, `reserve` evicts the least
-recently used READY blocks (their slots are reused at once: the new chunk
-overwrites the old one atomically). Admission rules (`always`, `second_put`,
+recently used READY blocks (their slots are reused at once). TensorStore
+replaces a chunk atomically; the local writer rewrites it in place, so a
+reader racing the rewrite may see a half-written chunk: it is served only if
+its CRC32C checks and, after the read, this index still has the block at
+that slot and generation (`touch`), so the race is a miss, never another
+block's bytes (`storage/chunk_writer.py`, "Why in place is safe"). Admission rules (`always`, `second_put`,
 `session_continues`) decide whether a put block is written at all.
 
 Tables: `blocks` (id, slot, gen, state, owner, tenant, session, last_access,

@@ -21,6 +21,7 @@ import sys
 from import_record import (imported_jax, run_recording_imports,
                            without_import_times)
 from launcher_interrupt import interrupt_after
+import numpy as np
 import pytest
 
 from dualpath_jax.config import (ATTENTION_IMPLEMENTATIONS, CacheConfig,
@@ -41,6 +42,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_engine_config_refuses_values_that_cannot_work(kw, msg):
   with pytest.raises(ValueError, match=msg):
     EngineConfig(**kw)
+
+
+def test_engine_config_takes_numpy_integers_as_ints():
+  """A NumPy integer (a sweep's value) was refused as not an integer,
+  while the cache manager took it; it is stored as a Python int, so the
+  config still serialises as JSON."""
+  config = EngineConfig(max_batch_size=np.int64(8), max_context=np.int32(512))
+  assert config.max_batch_size == 8 and type(config.max_batch_size) is int
+  assert type(config.max_context) is int
+  with pytest.raises(ValueError, match="max_batch_size must be an integer"):
+    EngineConfig(max_batch_size=True)
 
 
 def test_cache_config_refuses_unknown_dtypes():

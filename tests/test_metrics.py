@@ -10,7 +10,7 @@ import pytest
 
 from dualpath_jax import metrics
 from dualpath_jax import outputs
-from dualpath_jax.engine import buckets
+from dualpath_jax import buckets
 from dualpath_jax.engine.sampling import sample
 
 

@@ -1,6 +1,13 @@
 """KV cache bookkeeping: block identities, the block pool, per-sequence tables.
 
-Pure Python and numpy, no JAX and no I/O:
+Pure Python and numpy, no JAX and no I/O, except the two modules that move
+bytes (they import JAX; importing this package does not import them):
+
+  pool_io           whole blocks between the device pool and host arrays
+  hot_tier_memory   where the hot tier's bytes live (numpy or a JAX
+                    `pinned_host` buffer) and how blocks cross to the pool
+
+The rest:
 
   block_hash        identities of full blocks as a hash chain over tokens,
                     model fingerprint and tenant salt

@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 from dualpath_jax.cache import pool_io
-from dualpath_jax.engine.buckets import next_pow2
+from dualpath_jax.buckets import next_pow2
 
 _log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def check_memory_kind(memory: str) -> str:
   return memory
 
 
-def pool_device(pool: jax.Array) -> jax.Device | None:
+def pool_device(pool: jax.Array,  # [L, N, 2, Hkv, P, D]
+                ) -> jax.Device | None:
   """The one device holding `pool`, or None for a pool over several."""
   devices = pool.sharding.device_set
   return next(iter(devices)) if len(devices) == 1 else None

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualpath_jax.engine.buckets import next_pow2
+from dualpath_jax.buckets import next_pow2
 
 
 @jax.jit

@@ -81,7 +81,7 @@ from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.block_pool import BlockPool, OutOfBlocksError
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import CacheConfig, EngineConfig, check_max_context
-from dualpath_jax.engine import buckets
+from dualpath_jax import buckets
 from dualpath_jax.engine.cold_tier import (ColdTierConnector, ColdTierStats,
                                            count_store_error)
 from dualpath_jax.engine.engine import EngineStats

@@ -258,7 +258,9 @@ class ColdTierConnector:
         count_store_error(self.stats, "read", read.error)
     self._dropped = still
 
-  def load_prefix(self, pool: jax.Array, seq_id: str, tokens: list[int],
+  def load_prefix(self,
+                  pool: jax.Array,  # [L, N, 2, Hkv, P, D], donated
+                  seq_id: str, tokens: list[int],
                   tenant: str, *, pending: PendingLoad | None = None
                   ) -> tuple[jax.Array, int, int]:
     """Loads the blocks after the pool hit.
@@ -399,7 +401,9 @@ class ColdTierConnector:
     good = next((i for i, b in enumerate(blocks) if b is None), len(ids))
     return _ReadResult(good, None, time.perf_counter() - t0)
 
-  def write_back(self, pool: jax.Array, seq_id: str, tenant: str,
+  def write_back(self,
+                 pool: jax.Array,  # [L, N, 2, Hkv, P, D]
+                 seq_id: str, tenant: str,
                  session: str, *, touch_hot: bool = True
                  ) -> tuple[list[bytes], cf.Future] | None:
     """Copies the sequence's full blocks that a tier lacks into it (the cold

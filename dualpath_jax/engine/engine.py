@@ -46,8 +46,9 @@ thread-safe: one thread calls `submit`, `abort` and `step`; `validate`
 reads configuration only and may be called from any thread.
 
 The engine holds no JAX code of its own: it pads host arrays to a few shape
-buckets (`buckets.py`) and calls `ModelRunner.step`, which owns the jitted
-model and the KV pool.
+buckets (`dualpath_jax/buckets.py`) and calls `ModelRunner.step`, which owns
+the jitted model; the engine keeps the KV pool and hands it to each step
+(donated, returned updated).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ from dualpath_jax.cache.block_hash import hash_chain
 from dualpath_jax.cache.block_pool import OutOfBlocksError
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager, RequestTooLargeError
 from dualpath_jax.config import EngineConfig
-from dualpath_jax.engine import buckets, step_parts
+from dualpath_jax import buckets
+from dualpath_jax.engine import step_parts
 from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           validate_request)

@@ -415,7 +415,7 @@ class TierPrefetcher:
 
   def report(self) -> dict:
     """The counters, plus blocks put and not yet read by a turn:
-    `unused_held` (still in their tier) and `evicted_unused`."""
+    `unused_held_blocks` (still in their tier) and `evicted_unused_blocks`."""
     self._forget_evicted()
     return {**self.stats.as_dict(),
             "unused_held_blocks": len(self._prefetched),

@@ -17,7 +17,7 @@ import numpy as np
 
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import EngineConfig
-from dualpath_jax.engine import buckets
+from dualpath_jax import buckets
 from dualpath_jax.engine.request import TokenLogprob, TurnOutput
 from dualpath_jax.engine.sampling import sample, token_logprobs
 

@@ -181,9 +181,20 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
     self.mlp = MLP(config, dtype, rngs=rngs)
 
-  def __call__(self, h, kv_flat, page_offset, positions, block_tables,
-               kv_lens, q_lens, slot_mapping, attention_impl):
-    """Same arguments as `Attention.__call__`, `h` being the residual."""
+  def __call__(
+      self,
+      h: jax.Array,  # [B, T, H]: the residual stream
+      kv_flat: jax.Array,  # [L * N, 2, Hkv, P, D]: the whole pool, flat
+      page_offset: jax.Array,  # [] int32: this layer's first flat page
+      positions: jax.Array,  # [B, T] int32
+      block_tables: jax.Array,  # [B, S] int32, pages of this layer's pool
+      kv_lens: jax.Array,  # [B] int32
+      q_lens: jax.Array,  # [B] int32
+      slot_mapping: jax.Array,  # [B, T] int32, -1 = padding
+      attention_impl: str,
+  ) -> tuple[jax.Array, jax.Array]:  # ([B, T, H], [L * N, 2, Hkv, P, D])
+    """Attention then MLP, each pre-normed with its residual; the arguments
+    are `Attention.__call__`'s, `h` being the residual stream."""
     attn_out, kv_flat = self.attn(
         self.attn_norm(h), kv_flat, page_offset, positions, block_tables,
         kv_lens, q_lens, slot_mapping, attention_impl)
@@ -231,7 +242,7 @@ class Llama(nnx.Module):
       q_lens: jax.Array,  # [B] int32: valid new tokens per row
       slot_mapping: jax.Array,  # [B, T] int32: block*P+offset, -1 = padding
       *,
-      attention_impl: str = "xla",
+      attention_impl: str = "auto",
   ) -> tuple[jax.Array, jax.Array]:  # ([B, T, H], [L, N, 2, Hkv, P, D])
     """Runs the new tokens through every layer, appending their K/V.
 
@@ -306,7 +317,7 @@ class Llama(nnx.Module):
       q_lens: jax.Array,  # [B] int32
       slot_mapping: jax.Array,  # [B, T] int32
       *,
-      attention_impl: str = "xla",
+      attention_impl: str = "auto",
   ) -> tuple[jax.Array, jax.Array]:  # ([B, T, H], [L, N, 2, Hkv, P, D])
     """Decoder layer `layer_index` (traced) on `h`, appending its K/V."""
     num_layers, num_blocks = kv_cache.shape[:2]

@@ -31,7 +31,7 @@ class ModelRunner:
   """Runs paged prefill / decode steps of a `Llama` on a KV pool."""
 
   def __init__(self, model: Llama, cache: CacheConfig,
-               attention_impl: str = "xla"):
+               attention_impl: str = "auto"):
     # An unknown name fails here, not inside the first jitted step.
     resolve_implementation(attention_impl)
     self.config: ModelConfig = model.config

@@ -18,7 +18,8 @@ Every policy is a pure function of its inputs. All three share one cost model
   stored) are computed on it (`ReadPath.RECOMPUTE`), which the estimate
   charges as prefill tokens.
 
-Policies (selectable by name, `--scheduler_policy`):
+Policies (selectable by name: the launchers' `--policy`, `simulate`'s and
+`bench_online`'s `--policies`):
 
 * `single_path`: the baseline. Every hit block is read through the prefill
   engine's NIC (path 1); the prefill engine minimises the estimated finish;

@@ -1,6 +1,8 @@
 """FastAPI routes of the OpenAI-compatible server.
 
     GET  /v1/models            the served model, with `max_model_len`
+    GET  /v1/models/{id}       one of its names
+    DELETE /v1/sessions/{id}   a session's blocks, from every tier
     POST /v1/chat/completions  chat (messages -> chat template -> tokens)
     POST /v1/completions       raw text or token-id prompt
     GET  /health               200 while the engine loop runs

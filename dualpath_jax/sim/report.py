@@ -16,7 +16,7 @@ from dualpath_jax import metrics, outputs
 from dualpath_jax.sim.simulator import SimResult
 from dualpath_jax.workload import slo as slo_lib
 from dualpath_jax.workload import online_report
-from dualpath_jax.workload.online_report import _f, _pct
+from dualpath_jax.workload.online_report import fmt_number, fmt_percent
 
 
 def nic_series(result: SimResult, rates: Mapping[str, float],
@@ -104,16 +104,16 @@ def format_offline_table(runs: Sequence[Mapping[str, Any]]) -> str:
     s = run["summary"]
     jct = s["job_completion_s"]
     rows.append([
-        run["policy"], _f(jct, 4),
+        run["policy"], fmt_number(jct, 4),
         f"{ref / jct:.2f}x" if ref and jct else "-",
-        _f(s["turns"] / jct if jct else None), _f(s["throughput_tok_s"], 4),
-        _f(s["ttft_s"]["p50"]), _f(s["ttft_s"]["p90"]), _f(s["ttft_s"]["p99"]),
-        _f(s["tpot_s"]["p50"]),
-        _pct(_role_util(run, "prefill", "nic_utilization")),
-        _pct(_role_util(run, "decode", "nic_utilization")),
-        _pct(_role_util(run, "prefill", "compute_busy")),
-        _pct(_role_util(run, "decode", "compute_busy")),
-        _pct(run["path2_share"]), _pct(run["hot_share"]),
+        fmt_number(s["turns"] / jct if jct else None), fmt_number(s["throughput_tok_s"], 4),
+        fmt_number(s["ttft_s"]["p50"]), fmt_number(s["ttft_s"]["p90"]), fmt_number(s["ttft_s"]["p99"]),
+        fmt_number(s["tpot_s"]["p50"]),
+        fmt_percent(_role_util(run, "prefill", "nic_utilization")),
+        fmt_percent(_role_util(run, "decode", "nic_utilization")),
+        fmt_percent(_role_util(run, "prefill", "compute_busy")),
+        fmt_percent(_role_util(run, "decode", "compute_busy")),
+        fmt_percent(run["path2_share"]), fmt_percent(run["hot_share"]),
         str(run["hbm_waits"])])
   widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
   return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualpath_jax.engine.buckets import next_pow2
+from dualpath_jax.buckets import next_pow2
 from dualpath_jax.scheduler.state import ReadPath
 from dualpath_jax.transfer.config import DualPathConfig
 from dualpath_jax.transfer.handoff import Handoff, head_spec
@@ -357,7 +357,9 @@ class DualPathLoader:
     """A `LayerStager` putting `stage`'s blocks into a pool of `pool_shape`."""
     return LayerStager(self, req, stage, pool_shape, de_sink)
 
-  def iter_layers(self, pool: jax.Array, req: LoadRequest,
+  def iter_layers(self,
+                  pool: jax.Array,  # [L, N, 2, Hkv, P, D], donated
+                  req: LoadRequest,
                   stage: HostStage) -> Iterator[tuple[int, jax.Array]]:
     """Yields `(layer, pool)` once that layer's blocks are in `pool`.
 
@@ -383,8 +385,9 @@ class DualPathLoader:
         report.nic_bytes[engine] = report.nic_bytes.get(engine, 0) + self.block_bytes
     return report
 
-  def load(self, pool: jax.Array, req: LoadRequest
-           ) -> tuple[jax.Array, LoadReport]:
+  def load(self,
+           pool: jax.Array,  # [L, N, 2, Hkv, P, D], donated
+           req: LoadRequest) -> tuple[jax.Array, LoadReport]:
     """Stage 1 then every layer of stage 2; returns the pool and a report."""
     stage = self.read_to_host(req)
     t0 = time.perf_counter()
@@ -394,8 +397,10 @@ class DualPathLoader:
     return pool, self.report(req, stage, time.perf_counter() - t0)
 
   # -------------------------------------------------------- PE -> DE hand-off
-  def move_blocks(self, src_pool: jax.Array, src_pages: Sequence[int],
-                  src_engine: str, dst_pool: jax.Array,
+  def move_blocks(self,
+                  src_pool: jax.Array,  # [L, N, 2, Hkv, P, D]
+                  src_pages: Sequence[int], src_engine: str,
+                  dst_pool: jax.Array,  # [L, N', 2, Hkv, P, D], donated
                   dst_pages: Sequence[int], dst_engine: str) -> jax.Array:
     """Copies pages (all layers) between engines' pools; returns `dst_pool`.
 
@@ -527,7 +532,9 @@ class LayerStager:
       parts.append(self.to_pe(on_de))
     return parts
 
-  def __call__(self, layer: int, pool: jax.Array) -> jax.Array:
+  def __call__(self, layer: int,
+               pool: jax.Array,  # [L, N, 2, Hkv, P, D], donated
+               ) -> jax.Array:  # the same pool, layer `layer`'s blocks in
     if layer != self.expected:
       raise ValueError(f"layers must be staged in order: expected layer "
                        f"{self.expected}, got {layer}")

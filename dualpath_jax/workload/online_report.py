@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 from dualpath_jax import outputs
 
 
-def _f(v: Any, digits: int = 3) -> str:
+def fmt_number(v: Any, digits: int = 3) -> str:
+  """A table cell: "-" for None, a float to `digits` significant digits."""
   if v is None:
     return "-"
   if isinstance(v, float):
@@ -20,7 +21,8 @@ def _f(v: Any, digits: int = 3) -> str:
   return str(v)
 
 
-def _pct(v: float | None) -> str:
+def fmt_percent(v: float | None) -> str:
+  """A table cell: a fraction as a whole percentage, "-" for None."""
   return "-" if v is None else f"{100 * v:.0f}%"
 
 
@@ -43,13 +45,13 @@ def format_runs_table(runs: Sequence[Mapping[str, Any]], percentile: int) -> str
   rows = []
   for run in runs:
     s = run["slo"]
-    nics = "  ".join(f"{name} {_bytes(n['bytes'])} ({_pct(n['mean_util'])})"
+    nics = "  ".join(f"{name} {_bytes(n['bytes'])} ({fmt_percent(n['mean_util'])})"
                      for name, n in (run.get("nics") or {}).items())
-    rows.append([run["policy"], _f(s["offered_rate"]), _f(s["arrival_rate"]),
-                 _f(s["achieved_rate"])]
-                + [_f(s["ttft_s"][k]) for k in ttft_keys]
-                + [_f(s["tpot_s"]["p50"]), _f(s["tpot_s"]["p90"]),
-                   _pct(s["attainment"]), _f(s["goodput_agents_s"]),
+    rows.append([run["policy"], fmt_number(s["offered_rate"]), fmt_number(s["arrival_rate"]),
+                 fmt_number(s["achieved_rate"])]
+                + [fmt_number(s["ttft_s"][k]) for k in ttft_keys]
+                + [fmt_number(s["tpot_s"]["p50"]), fmt_number(s["tpot_s"]["p90"]),
+                   fmt_percent(s["attainment"]), fmt_number(s["goodput_agents_s"]),
                    "yes" if s["passed"] else "no",
                    nics or "-"])
   widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -63,7 +65,7 @@ def format_headline(sustained: Mapping[str, float | None], slo_ttft_s: float,
   """`agents/s sustained within SLO (p90 TTFT <= 2 s, keeping up):
   single_path 0.1, dualpath 0.2` (a policy no rate passed: "none of the
   rates")."""
-  parts = ", ".join(f"{p} {_f(r) if r is not None else 'none of the rates'}"
+  parts = ", ".join(f"{p} {fmt_number(r) if r is not None else 'none of the rates'}"
                     for p, r in sustained.items())
   return (f"agents/s sustained within SLO (p{percentile} TTFT <= "
           f"{slo_ttft_s:g} s, keeping up): {parts}")

@@ -2,7 +2,10 @@
 
 Every distinct `(batch, q_len, pages_per_seq)` costs one XLA compile, so the
 engine pads each step's arrays up to the next bucket. Powers of two bound
-the padding waste by 2x and keep the number of compiles logarithmic.
+the padding waste by 2x and keep the number of compiles logarithmic. The
+block copies between tiers (`cache.pool_io`, `cache.hot_tier_memory`,
+`transfer.loader`) pad their block counts the same way. A module of its own,
+below the engine, so that those lower layers do not import the engine.
 """
 
 from __future__ import annotations
