@@ -353,6 +353,25 @@ def _check_slots_and_skip_empty(dst_slots, num_slots: int) -> bool:
 @functools.partial(jax.jit, donate_argnums=(0,),
                    static_argnames=("layer_start", "num_layers", "run_length",
                                     "implementation"))
+def gather_to_device_unchecked(
+    pool: jax.Array,  # [num_layers, num_blocks, 2, kv_heads, P, D] device
+    host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
+    src_slots: jax.Array,  # [n] int32 slots (run starts)
+    dst_pages: jax.Array,  # [n * run_length] int32, < 0 skips
+    *,
+    layer_start: int = 0,
+    num_layers: int | None = None,
+    run_length: int = 1,
+    implementation: str = "auto",
+) -> jax.Array:  # the pool, updated in place (donated)
+  """`gather_to_device` without its id checks: the jitted call (`.lower`,
+  `.trace`), ids out of range clamped."""
+  return gather_to_device_core(pool, host_tier, src_slots, dst_pages,
+                               layer_start=layer_start, num_layers=num_layers,
+                               run_length=run_length,
+                               implementation=implementation)
+
+
 def gather_to_device(
     pool: jax.Array,  # [num_layers, num_blocks, 2, kv_heads, P, D] device
     host_tier: jax.Array,  # [num_slots, num_layers, 2, kv_heads, P, D] host
@@ -366,11 +385,25 @@ def gather_to_device(
 ) -> jax.Array:  # the pool, updated in place (donated)
   """Copies hot-tier blocks (runs of `run_length` consecutive slots) into
   pool pages for one group of layers: on a GPU in one kernel reading the
-  pinned tier, elsewhere one transfer per run (`resolve_gather`)."""
-  return gather_to_device_core(pool, host_tier, src_slots, dst_pages,
-                               layer_start=layer_start, num_layers=num_layers,
-                               run_length=run_length,
-                               implementation=implementation)
+  pinned tier, elsewhere one transfer per run (`resolve_gather`).
+
+  Ids given on the host (numpy arrays, lists: what a caller's bookkeeping
+  holds) are checked: a run past the tier or a page past the pool is a
+  ValueError, where the kernels would clamp the source (reading another
+  block) or drop the write. Ids already in a JAX array are not read back
+  (that would wait on the device each call) and are clamped, as under jit.
+  """
+  if not isinstance(src_slots, jax.Array):
+    src_slots = np.asarray(src_slots, np.int32)
+    _check_ids(src_slots, 0, host_tier.shape[0] - run_length + 1,
+               f"source hot-tier slots (starts of runs of {run_length})")
+  if not isinstance(dst_pages, jax.Array):
+    dst_pages = np.asarray(dst_pages, np.int32)
+    _check_ids(dst_pages, -(1 << 31), pool.shape[1], "destination pool pages")
+  return gather_to_device_unchecked(
+      pool, host_tier, src_slots, dst_pages, layer_start=layer_start,
+      num_layers=num_layers, run_length=run_length,
+      implementation=implementation)
 
 
 @functools.lru_cache(maxsize=None)

@@ -65,6 +65,14 @@ def check_paged_arguments(
   for name, x in {"block_tables": block_tables, **lengths}.items():
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f"{name} must be integers (int32); got {x.dtype}")
+  # An integer q came back cast to its dtype (zeros); an int32 or uint8
+  # pool was taken as a float one. int8 is the quantized pool (kv_scales).
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise ValueError(f"q must be floating point; got {q.dtype}")
+  if not (jnp.issubdtype(kv_pages.dtype, jnp.floating) or
+          kv_pages.dtype == jnp.int8):
+    raise ValueError("kv_pages must be floating point, or int8 with "
+                     f"kv_scales; got {kv_pages.dtype}")
 
 
 def check_paged_values(
@@ -77,13 +85,16 @@ def check_paged_values(
 ) -> None:
   """Raises ValueError for values no call means, where they are concrete.
 
-  Checked: `0 <= q_lens[b] <= min(q_len, kv_lens[b])`, `kv_lens[b]` at
-  most the table's capacity (`pages_per_seq * P`: the kernels would attend
+  Checked: `kv_lens[b] >= 0`, `0 <= q_lens[b] <= min(q_len, kv_lens[b])`,
+  `kv_lens[b]` at most the table's capacity (`pages_per_seq * P`: the kernels would attend
   to the table's keys only, a silent truncation of the context), and the
   table entries that hold row `b`'s context (the first
   `ceil(kv_lens[b] / P)`) name pages of the pool: kernels clamp an id out of
   range into the pool, so a wrong one reads another page silently. Entries
-  past the context may hold anything (they are read masked, if at all).
+  past the context may name any id (it is clamped), but the page they name
+  is read, masked: it must be finite, or the row is NaN
+  (`paged_attention_ref`'s module docstring: fill them with the row's last
+  context page).
   Traced arguments (under `jit`) are not checked: their values are unknown
   until the call runs.
   """
@@ -93,6 +104,10 @@ def check_paged_values(
   tables = np.asarray(block_tables)
   kv = np.asarray(kv_lens).astype(np.int64)
   ql = np.asarray(q_lens).astype(np.int64)
+  negative = np.flatnonzero(kv < 0)
+  if negative.size:
+    b = int(negative[0])
+    raise ValueError(f"row {b}: kv_lens {kv[b]} must be >= 0")
   bad = np.flatnonzero((ql < 0) | (ql > q_len) | (ql > kv))
   if bad.size:
     b = int(bad[0])

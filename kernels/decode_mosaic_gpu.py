@@ -131,21 +131,24 @@ def check_supported(
     q: jax.Array,  # [batch, num_heads, head_dim]
     kv_pages: jax.Array,  # [num_blocks, 2, num_kv_heads, block_size, head_dim]
     kv_scales: jax.Array | None,  # [num_blocks, 2, num_kv_heads] f32
+    kernel: str = "decode",
 ) -> None:
-  """Raises ValueError for a call the kernel does not handle."""
+  """Raises ValueError for a call the kernel does not handle; the message
+  names `kernel` ("decode", or "prefill" where the prefill kernel, which
+  shares these limits, checks its call)."""
   num_heads, head_dim = q.shape[1:]
   block_size, num_kv_heads = kv_pages.shape[3], kv_pages.shape[2]
   dtype = jnp.dtype(kv_pages.dtype).name
   quantized = kv_scales is not None
   if dtype not in SUPPORTED_DTYPES + ("int8",):
     raise ValueError(
-        f"the Mosaic GPU decode kernel takes {SUPPORTED_DTYPES} or int8 pools;"
+        f"the Mosaic GPU {kernel} kernel takes {SUPPORTED_DTYPES} or int8 pools;"
         f" got {dtype} (use implementation='pallas_triton')")
   group = num_heads // num_kv_heads
   if not supports(q_len=1, head_dim=head_dim, block_size=block_size,
                   quantized=quantized, dtype=dtype, group=group):
     raise ValueError(
-        "the Mosaic GPU decode kernel needs head_dim 64 or 128, block_size "
+        f"the Mosaic GPU {kernel} kernel needs head_dim 64 or 128, block_size "
         "a power of 2 >= 16 and at most 64 query heads per "
         f"KV head; got head_dim={head_dim}, block_size={block_size}, "
         f"group={group}")

@@ -15,7 +15,8 @@ Semantics shared by every implementation:
   sits at position `kv_lens[b] - q_lens[b] + i` and attends causally to
   positions `<=` its own.
 * Rows `i >= q_lens[b]` (padding) and sequences with `kv_lens[b] == 0` give
-  zeros.
+  zeros, whatever the pages their table names hold (a padding row of a
+  batch has no context page to fill its table with).
 * Every slot a call may read must be finite: the slots past `kv_lens[b]` in
   a sequence's last page, and the pages its table names past that page.
   Masked keys get probability 0 and every implementation multiplies it into
@@ -76,4 +77,8 @@ def ref_paged_attention(
   denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(denom == 0.0, 1.0, denom)
   out = jnp.einsum("bkgts,bksd->btkgd", p, v.astype(jnp.float32))
-  return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+  out = out.reshape(batch, q_len, num_heads, head_dim)
+  # A row with no key (padding, an empty sequence) multiplied 0 into its
+  # values: NaN where its table names a NaN page. Zeros, as the kernels give.
+  live = jnp.arange(q_len)[None, :] < q_lens[:, None]  # [B, T]
+  return jnp.where(live[:, :, None, None], out, 0.0).astype(q.dtype)

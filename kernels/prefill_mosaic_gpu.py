@@ -268,7 +268,8 @@ def paged_prefill(
   if plgpu is None:  # pragma: no cover
     raise NotImplementedError("this jaxlib has no Pallas Mosaic GPU")
   quantize.check_scales(kv_pages, kv_scales)
-  decode_mosaic_gpu.check_supported(q[:, 0], kv_pages, kv_scales)
+  decode_mosaic_gpu.check_supported(q[:, 0], kv_pages, kv_scales,
+                                    kernel="prefill")
   quantized = kv_scales is not None
   compute_dtype = jnp.bfloat16 if quantized else kv_pages.dtype
   batch, q_len, num_heads, head_dim = q.shape

@@ -442,7 +442,7 @@ def dump_gather_hlo(s: CopyShape, path: str, blocks: int = 4) -> str:
   texts, counts = [], []
   for run in (1, blocks):
     starts = src if run == 1 else src[:1] * 0
-    text = block_copy.gather_to_device.lower(
+    text = block_copy.gather_to_device_unchecked.lower(
         pool, host, starts, dst, run_length=run,
         implementation="transfers").compile().as_text()
     texts.append(f"==== gather of {blocks} blocks, run_length={run}\n{text}")

@@ -154,6 +154,9 @@ def test_eager_calls_check_lengths_and_the_ids_holding_context():
                (jnp.array([10, 20]), jnp.array([-1, 4]))):
     with pytest.raises(ValueError, match="row 0: q_lens"):
       paged_attention(q, pool, tables, *lens)
+  # It was blamed on q_lens ("q_lens 0 must be in [0, min(4, -3)]").
+  with pytest.raises(ValueError, match="row 0: kv_lens -3 must be >= 0"):
+    paged_attention(q, pool, tables, jnp.array([-3, 20]), jnp.array([0, 4]))
 
 
 def test_bad_inputs_raise():
@@ -167,6 +170,40 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="kv_scales must be"):
     paged_attention(case.q, case.kv_pages.astype(jnp.int8),
                         *case.args()[2:], kv_scales=scales)
+  # An integer q came back cast to int (zeros); an int32 pool was read as
+  # a float one.
+  for implementation in ("xla", "pallas_triton"):
+    with pytest.raises(ValueError, match="q must be floating point"):
+      paged_attention(case.q.astype(jnp.int32), *case.args()[1:],
+                      implementation=implementation)
+    with pytest.raises(ValueError, match="kv_pages must be floating point"):
+      paged_attention(case.q, case.kv_pages.astype(jnp.int32),
+                      *case.args()[2:], implementation=implementation)
+  # A prefill call was refused in the name of the decode kernel.
+  prefill = testing.make_case(24, kv_lens=[10], q_len=2, num_heads=2,
+                              num_kv_heads=1)
+  assert prefill.kv_pages.dtype == jnp.float32
+  with pytest.raises(ValueError, match="the Mosaic GPU prefill kernel takes"):
+    paged_attention(*prefill.args(), implementation="pallas_mosaic_gpu")
+
+
+@pytest.mark.parametrize("implementation", ["xla", "xla_chunked",
+                                            "pallas_mosaic_tpu"])
+def test_rows_with_no_key_are_zeros_whatever_their_table_names(
+    implementation):
+  """A padding row of a batch (`kv_lens == 0`) has no context page to fill
+  its table with; the reference returned NaN where its table named a NaN
+  page (the engine's padding rows name page 0), the kernels zeros."""
+  rng = np.random.default_rng(0)
+  pool = rng.standard_normal((4, 2, 2, 16, 64)).astype(np.float32)
+  pool[0] = np.nan
+  q = rng.standard_normal((2, 2, 8, 64)).astype(np.float32)
+  tables = np.array([[1, 2], [0, 0]], np.int32)
+  out = np.asarray(paged_attention(
+      q, pool, tables, np.array([20, 0], np.int32), np.array([1, 0], np.int32),
+      implementation=implementation))
+  assert np.isfinite(out[0, 0]).all() and (out[0, 0] != 0).any()
+  assert (out[0, 1] == 0).all() and (out[1] == 0).all()  # padding, empty
 
 
 def _entry_points():

@@ -211,6 +211,33 @@ def test_scatter_refuses_ids_outside_the_pool_or_the_tier():
   np.testing.assert_array_equal(np.asarray(jax.device_get(out)), before)
 
 
+def test_gather_refuses_host_ids_outside_the_tier_or_the_pool():
+  """Eager gathers clamped silently: slot 7 of a 3-slot tier read slot 2
+  (another block's KV) and page 9 of a 4-page pool was dropped. Ids given
+  on the host are checked now; ids already in a JAX array are not read
+  back (the device would be waited on every call), and clamp as in jit."""
+  rng = np.random.default_rng(6)
+  pool = _device_array(rng, (2, 4) + SHAPE_TAIL, jnp.float32)
+  host = _host_array(rng, (3, 2) + SHAPE_TAIL, jnp.float32)
+  for src, dst, run, match in (
+      ([7], [3], 1, "source hot-tier slots"),
+      ([-1], [3], 1, "source hot-tier slots"),
+      ([2], [0, 1], 2, r"starts of runs of 2\) must be in \[0, 2\)"),
+      ([1], [9], 1, "destination pool pages"),
+      (np.array([1]), np.array([4]), 1, "destination pool pages")):
+    with pytest.raises(ValueError, match=match):
+      block_copy.gather_to_device(pool.copy(), host, src, dst,
+                                  run_length=run)
+  out = block_copy.gather_to_device(pool.copy(), host, [2], [3])
+  np.testing.assert_array_equal(np.asarray(out)[:, 3],
+                                np.asarray(jax.device_get(host))[2])
+  clamped = block_copy.gather_to_device(pool.copy(), host,
+                                        jnp.asarray([7], jnp.int32),
+                                        jnp.asarray([3], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(clamped)[:, 3],
+                                np.asarray(jax.device_get(host))[2])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_put_to_host_writes_device_blocks_into_named_slots(dtype):
   """Blocks already on the device (not pool pages) go into the named slots,

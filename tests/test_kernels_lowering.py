@@ -151,7 +151,7 @@ def test_block_copy_lowers_with_a_placement_per_block(direction):
   host = block_copy.allocate_host_tier((32, 4, 2, 8, 16, 128), jnp.bfloat16)
   ids = jnp.asarray([1, 2, 3], jnp.int32)
   if direction == "gather":
-    fn, args = block_copy.gather_to_device, (pool, host, ids, ids)
+    fn, args = block_copy.gather_to_device_unchecked, (pool, host, ids, ids)
   else:
     fn = block_copy._scatter_fn(host.sharding, 0, None)  # pylint: disable=protected-access
     args = (host, pool, ids, ids)
