@@ -158,3 +158,14 @@ def test_hash_chain_rejects_bad_arguments(kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     hash_chain(**args)
+
+
+@pytest.mark.parametrize("num_tokens,blocks", [(1, 0), (4, 0), (5, 1), (8, 1),
+                                               (9, 2), (11, 2)])
+def test_loadable_chain_leaves_the_last_token_to_compute(num_tokens, blocks):
+  """The full blocks before a context's last token: a context of exactly
+  two blocks may take one (its last token is computed for its logits)."""
+  tokens = list(range(100, 112))
+  chain = block_hash.loadable_chain(tokens, num_tokens, 4, "fp", "t")
+  assert chain == hash_chain(tokens[:blocks * 4], 4, "fp", "t")
+  assert len(chain) == blocks

@@ -28,7 +28,8 @@ The rest:
 from __future__ import annotations
 
 from dualpath_jax.cache.block_hash import (DIGEST_SIZE, BlockHash, hash_block,
-                                           hash_chain, token_array)
+                                           hash_chain, loadable_chain,
+                                           token_array)
 from dualpath_jax.cache.block_pool import (BlockPool, BlockPoolStats,
                                            OutOfBlocksError)
 from dualpath_jax.cache.hot_tier import HotTier, HotTierStats
@@ -50,5 +51,6 @@ __all__ = [
     "ReturnPredictor",
     "hash_block",
     "hash_chain",
+    "loadable_chain",
     "token_array",
 ]

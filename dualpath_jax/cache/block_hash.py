@@ -138,3 +138,19 @@ def hash_chain(tokens: Sequence[int], block_size: int, model_fingerprint: str,
     parent = _digest(parent, packed[start:start + block_size], suffix)
     hashes.append(parent)
   return hashes
+
+
+def loadable_chain(tokens: Sequence[int], num_tokens: int, block_size: int,
+                   model_fingerprint: str, tenant_salt: str) -> list[BlockHash]:
+  """Identities of the blocks a turn whose context is `tokens[:num_tokens]`
+  may take from a cache: the full blocks before its last token, which is
+  always computed (its logits give the next token).
+
+  The one rule for the pool's prefix lookup (`KVCacheManager.begin`), the
+  tiers' loads (`engine.cold_tier`) and the engines' and cluster's
+  placement: if two of them counted differently, a turn could be promised
+  blocks its load never takes.
+  """
+  full = (num_tokens - 1) // block_size
+  return hash_chain(tokens[:full * block_size], block_size, model_fingerprint,
+                    tenant_salt)

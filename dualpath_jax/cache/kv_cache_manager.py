@@ -34,7 +34,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from dualpath_jax.cache.block_hash import (BlockHash, hash_block, hash_chain,
+from dualpath_jax.cache.block_hash import (BlockHash, hash_block, loadable_chain,
                                            token_array)
 from dualpath_jax.cache.block_pool import BlockPool, OutOfBlocksError
 from dualpath_jax.utils import is_integer
@@ -210,10 +210,8 @@ class KVCacheManager:
       raise ValueError(f"sequence {seq_id!r}: the context must not be empty")
     if not isinstance(tenant_salt, str):
       raise ValueError(f"tenant_salt must be a str, got {tenant_salt!r}")
-    max_hit_blocks = (context.size - 1) // self.block_size
-    candidates = hash_chain(context[:max_hit_blocks * self.block_size],
-                            self.block_size, self.model_fingerprint,
-                            tenant_salt)
+    candidates = loadable_chain(context, context.size, self.block_size,
+                                self.model_fingerprint, tenant_salt)
     hits: list[int] = []
     for h in candidates:
       block = self.pool.lookup(h)

@@ -77,7 +77,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dualpath_jax.cache.block_hash import hash_chain
+from dualpath_jax.cache.block_hash import loadable_chain
 from dualpath_jax.cache.block_pool import BlockPool, OutOfBlocksError
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.config import CacheConfig, EngineConfig, check_max_context
@@ -678,11 +678,9 @@ class PDCluster:
     """The ids of the turn's loadable blocks (hashed once per turn): its
     prompt's full blocks, leaving at least one token to compute."""
     if turn.chain is None:
-      bs = self.block_size
-      cap = (turn.prefill_target - 1) // bs
-      turn.chain = hash_chain(turn.tokens[:cap * bs], bs,
-                              self.prefill_workers[0].manager.model_fingerprint,
-                              turn.req.tenant)
+      turn.chain = loadable_chain(
+          turn.tokens, turn.prefill_target, self.block_size,
+          self.prefill_workers[0].manager.model_fingerprint, turn.req.tenant)
     return turn.chain
 
   def _store_contains(self, chain: list[bytes]) -> list[bool]:

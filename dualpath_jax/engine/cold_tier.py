@@ -50,7 +50,7 @@ import time
 import jax
 import numpy as np
 
-from dualpath_jax.cache.block_hash import hash_chain
+from dualpath_jax.cache.block_hash import loadable_chain
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager
 from dualpath_jax.cache import pool_io
 from dualpath_jax.transfer.nic import StorageNic
@@ -351,8 +351,8 @@ class ColdTierConnector:
     if cap <= have:
       return None
     self.stats.lookups += 1
-    chain = hash_chain(tokens[:cap * bs], bs, self.manager.model_fingerprint,
-                       tenant)
+    chain = loadable_chain(tokens, len(tokens), bs,
+                           self.manager.model_fingerprint, tenant)
     wanted = chain[have:]
     hot_run = 0 if self.hot is None else self.hot.leading_run(wanted)
     cold_run = self._cold_run(wanted[hot_run:])

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import jax
 import numpy as np
 
-from dualpath_jax.cache.block_hash import hash_chain
+from dualpath_jax.cache.block_hash import loadable_chain
 from dualpath_jax.cache.block_pool import OutOfBlocksError
 from dualpath_jax.cache.kv_cache_manager import KVCacheManager, RequestTooLargeError
 from dualpath_jax.config import EngineConfig
@@ -435,9 +435,8 @@ class Engine:
     full blocks before the prefill target, leaving a token to compute."""
     target = seq.prefill_target
     if seq.chain is None or seq.chain[0] != target:
-      cap = (target - 1) // self.block_size
-      seq.chain = (target, hash_chain(
-          seq.tokens[:cap * self.block_size], self.block_size,
+      seq.chain = (target, loadable_chain(
+          seq.tokens, target, self.block_size,
           self.manager.model_fingerprint, seq.req.tenant))
     return seq.chain[1]
 
