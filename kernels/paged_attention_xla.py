@@ -27,9 +27,14 @@ PREFILL_CHUNK_TOKENS = 128
 DECODE_CHUNK_TOKENS = 512
 
 
+# Calls with more query rows than this take the prefill layout.
+DECODE_MAX_Q_LEN = 8
+
+
 def chunk_pages_for(q_len: int, block_size: int, pages_per_seq: int) -> int:
   """Pages per loop iteration for a call of this shape."""
-  tokens = DECODE_CHUNK_TOKENS if q_len <= 8 else PREFILL_CHUNK_TOKENS
+  tokens = (DECODE_CHUNK_TOKENS if q_len <= DECODE_MAX_Q_LEN
+            else PREFILL_CHUNK_TOKENS)
   return max(1, min(pages_per_seq, tokens // block_size))
 
 
@@ -64,6 +69,10 @@ def xla_chunked_paged_attention(
   key_limit = jnp.minimum(kv_lens, pages_per_seq * block_size)  # [B]
   num_chunks = (jnp.max(key_limit) + chunk_tokens - 1) // chunk_tokens
 
+  if q_len > DECODE_MAX_Q_LEN:
+    return _prefill_rows_layout(q, kv_pages, tables, kv_lens, q_lens, q_pos,
+                                key_limit, num_chunks, cp, scale, kv_scales)
+
   def load(chunk_table, kv):  # -> [B, cp, Hkv, P, D] float32
     pages = kv_pages[chunk_table, kv].astype(jnp.float32)
     if kv_scales is not None:
@@ -94,6 +103,74 @@ def xla_chunked_paged_attention(
           jnp.zeros((batch, q_len, num_kv_heads, group, head_dim), jnp.float32))
   _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
   out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+  real = (jnp.arange(q_len)[None, :] < q_lens[:, None])[:, :, None, None, None]
+  out = jnp.where(real, out, 0.0)
+  return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+def _prefill_rows_layout(
+    q: jax.Array,  # [B, T, H, D]
+    kv_pages: jax.Array,  # [N, 2, Hkv, P, D]
+    tables: jax.Array,  # [B, S] int32, padded to whole chunks
+    kv_lens: jax.Array,  # [B] int32
+    q_lens: jax.Array,  # [B] int32
+    q_pos: jax.Array,  # [B, T] int32: each query row's position
+    key_limit: jax.Array,  # [B] int32: keys a row may see at most
+    num_chunks: jax.Array,  # [] int32: loop trip count
+    cp: int,  # pages per chunk
+    scale: float,
+    kv_scales: jax.Array | None,  # [N, 2, Hkv] f32 for an int8 pool
+) -> jax.Array:  # [B, T, H, D]
+  """The same online softmax with every GQA group's queries as the rows of
+  one matrix per KV head: q `[B, Hkv, T*G, D]` (transposed once, outside
+  the loop), each chunk's K/V `[B, Hkv, C, D]`, scores `[B, Hkv, T*G, C]`.
+  XLA CPU runs both products as plain batched matmuls, with no transpose
+  of a `[T, G, C]` score tile per chunk. For prefill chunks (more than
+  `DECODE_MAX_Q_LEN` rows): with the engine's 384-token bucket of the same
+  change, the main job's prefill went from 104 to 211 tokens/s on the
+  2-core CPU, the same greedy tokens (`launch.agent_eval`,
+  `engine.prefill_tok_s`; docs/benchmarks.md, 2026-11-30). Decode keeps
+  the layout above: its few rows gain nothing."""
+  del kv_lens  # `key_limit` carries it
+  batch, q_len, num_heads, head_dim = q.shape
+  _, _, num_kv_heads, block_size, _ = kv_pages.shape
+  group = num_heads // num_kv_heads
+  rows = q_len * group
+  ct = cp * block_size
+  qg = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
+  qg = qg.astype(jnp.float32) * scale
+  qg = qg.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, rows, head_dim)
+  row_pos = jnp.repeat(q_pos, group, axis=1)  # [B, T*G], t-major as qg
+
+  def body(c, carry):
+    m, l, acc = carry  # [B,Hkv,R], [B,Hkv,R], [B,Hkv,R,D]
+    chunk_table = jax.lax.dynamic_slice_in_dim(tables, c * cp, cp, axis=1)
+    pages = kv_pages[chunk_table].astype(jnp.float32)  # [B,cp,2,Hkv,P,D]
+    if kv_scales is not None:
+      pages = pages * kv_scales[chunk_table][..., None, None]
+    pages = pages.transpose(0, 2, 3, 1, 4, 5).reshape(
+        batch, 2, num_kv_heads, ct, head_dim)
+    k, v = pages[:, 0], pages[:, 1]
+    s = jnp.einsum("bkrd,bksd->bkrs", qg, k)
+    kv_pos = c * ct + jnp.arange(ct)
+    valid = ((kv_pos[None, None, :] <= row_pos[:, :, None])
+             & (kv_pos[None, None, :] < key_limit[:, None, None]))
+    s = jnp.where(valid[:, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+    l = l * alpha + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bkrs,bksd->bkrd", p, v)
+    return m_new, l, acc * alpha[..., None] + pv
+
+  init = (jnp.full((batch, num_kv_heads, rows), -jnp.inf, jnp.float32),
+          jnp.zeros((batch, num_kv_heads, rows), jnp.float32),
+          jnp.zeros((batch, num_kv_heads, rows, head_dim), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+  out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+  out = out.reshape(batch, num_kv_heads, q_len, group, head_dim)
+  out = out.transpose(0, 2, 1, 3, 4)  # [B, T, Hkv, G, D]
   real = (jnp.arange(q_len)[None, :] < q_lens[:, None])[:, :, None, None, None]
   out = jnp.where(real, out, 0.0)
   return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)

@@ -146,12 +146,15 @@ def test_mesh_run_with_prefill_hot_tiers(tmp_path):
   assert r["config"]["hot_tier_gb"] == 0.01
 
 
-@pytest.mark.parametrize("memory", ["pageable", "pinned_host"])
-def test_mesh_run_with_a_prefetcher(tmp_path, memory):
+def test_mesh_run_with_a_prefetcher(tmp_path):
   """1P2D, decode batches of one turn (so turns wait to be placed) and a
   hot tier of 78 blocks for 8 sessions of about 40: the prefetcher reads
   waiting turns' evicted prefixes back into the tier, the turns read them
-  there, and the report and its printed line say so; in either memory."""
+  there, and the report and its printed line say so. In pinned_host
+  memory: a pageable tier goes through this launcher on a mesh in the test
+  above, and the cluster's prefetcher over a pageable tier is tested in
+  process (tests/test_cluster_prefetch.py)."""
+  memory = "pinned_host"
   proc = _run("--model=random:tiny-test", "--tokenizer=bytes",
               "--max_context=1024", "--sessions=8", "--turns=3",
               "--first_tool_lines=1", "--growth_lines=1",

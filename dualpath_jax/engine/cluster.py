@@ -985,7 +985,7 @@ class PDCluster:
     start = pe.manager.num_computed(turn.rid)
     n = min(self.config.max_prefill_chunk, turn.prefill_target - start)
     chunk = turn.tokens[start:start + n]
-    t_bucket = buckets.bucket(n, MIN_Q_BUCKET, self.config.max_prefill_chunk)
+    t_bucket = step_parts.q_bucket(n, self.config.max_prefill_chunk)
     t0 = time.perf_counter()
     logits = pe.run(1, t_bucket, self._page_bucket(pe, [turn]),
                     [(turn, chunk, start)], stager)

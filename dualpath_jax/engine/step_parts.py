@@ -56,15 +56,46 @@ def pack_step(manager: KVCacheManager, batch: int, q_len: int, pages: int,
   return tokens, tables, kv_lens, q_lens, slots
 
 
+def q_bucket_sizes(max_chunk: int) -> list[int]:
+  """Prefill chunk buckets: the powers of two from MIN_Q_BUCKET, and three
+  quarters of each one from 512 (384, 768, ...): a chunk of 257-384 tokens
+  (most turns' last chunk) no longer pays for 512 rows."""
+  sizes = set(buckets.bucket_sizes(MIN_Q_BUCKET, max_chunk))
+  sizes |= {b * 3 // 4 for b in sizes if b >= 512 and b * 3 // 4 < max_chunk}
+  return sorted(sizes)
+
+
+def q_bucket(n: int, max_chunk: int) -> int:
+  """The smallest `q_bucket_sizes(max_chunk)` entry that holds `n` tokens."""
+  if n > max_chunk:
+    raise ValueError(f"{n} exceeds the largest bucket {max_chunk}")
+  return next(b for b in q_bucket_sizes(max_chunk) if b >= n)
+
+
+def table_width_free(config: EngineConfig, model_config, block_size: int,
+                     dtype: str) -> bool:
+  """Whether the attention every step resolves to costs what the true
+  context costs whatever the block table's width (`xla_chunked`: a run-time
+  trip count): then one page bucket, the widest, serves every step, and the
+  engine compiles a third to a quarter of the shapes."""
+  from kernels.paged_attention import resolve_implementation
+  return all(resolve_implementation(
+      config.attention_impl, q_len=q_len, head_dim=model_config.head_dim,
+      block_size=block_size, dtype=dtype,
+      group=model_config.num_heads // model_config.num_kv_heads)
+      == "xla_chunked" for q_len in (1, config.max_prefill_chunk))
+
+
 def warmup_shapes(config: EngineConfig, block_size: int, max_pages: int,
-                  max_context: int | None
+                  max_context: int | None, one_page_bucket: bool = False
                   ) -> Iterator[tuple[str, int, int, int]]:
-  """Every `(kind, batch, q_len, pages)` a context up to `max_context` hits."""
+  """Every `(kind, batch, q_len, pages)` a context up to `max_context` hits
+  (`one_page_bucket`: the engine pads every table to `max_pages`)."""
   pages = math.ceil(min(max_context or config.max_context, config.max_context)
                     / block_size)
-  for s in buckets.bucket_sizes(
-      MIN_PAGE_BUCKET, buckets.bucket(pages, MIN_PAGE_BUCKET, max_pages)):
-    for t in buckets.bucket_sizes(MIN_Q_BUCKET, config.max_prefill_chunk):
+  for s in ([max_pages] if one_page_bucket else buckets.bucket_sizes(
+      MIN_PAGE_BUCKET, buckets.bucket(pages, MIN_PAGE_BUCKET, max_pages))):
+    for t in q_bucket_sizes(config.max_prefill_chunk):
       if t <= s * block_size:  # a chunk never outgrows its table
         yield "prefill", 1, t, s
     for b in buckets.bucket_sizes(1, config.max_batch_size):

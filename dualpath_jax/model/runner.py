@@ -66,6 +66,15 @@ class ModelRunner:
     return self._run(self._fns.last_logits, kv_cache, tokens, block_tables,
                      kv_lens, q_lens, slot_mapping)
 
+  def compile_step(self, kv_cache: jax.Array, tokens, block_tables, kv_lens,
+                   q_lens, slot_mapping) -> None:
+    """Compiles `step` for these argument shapes without running it (the
+    pool is not donated): the next `step` of the shapes finds the
+    executable in jit's cache."""
+    self._check_pool(kv_cache)
+    self._fns.last_logits.lower(self._state, kv_cache, *self._ints(
+        tokens, block_tables, kv_lens, q_lens, slot_mapping)).compile()
+
   def step_all_logits(
       self,
       kv_cache: jax.Array,  # [L, N, 2, Hkv, P, D], donated
