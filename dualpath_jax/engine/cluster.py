@@ -86,7 +86,7 @@ from dualpath_jax.engine.cold_tier import (ColdTierConnector, ColdTierStats,
                                            count_store_error)
 from dualpath_jax.engine.engine import EngineStats
 from dualpath_jax.engine import step_parts
-from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
+from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET
 from dualpath_jax.cache.hot_tier import HotTier
 from dualpath_jax.cache.hot_tier_memory import check_memory_kind, pool_device
 from dualpath_jax.engine.factory import make_hot_tier, model_fingerprint

@@ -69,7 +69,7 @@ from dualpath_jax.cache.kv_cache_manager import KVCacheManager, RequestTooLargeE
 from dualpath_jax.config import EngineConfig
 from dualpath_jax import buckets
 from dualpath_jax.engine import step_parts
-from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET, MIN_Q_BUCKET
+from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           validate_request)
 
