@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import numpy as np
 import pytest
 
 from dualpath_jax.config import CacheConfig, EngineConfig
@@ -48,6 +49,9 @@ def test_warmup_compiles_without_running_and_steps_then_compile_nothing(
   jax.config.update("jax_log_compiles", True)
   try:
     with caplog.at_level(logging.WARNING):
+      # A new function compiles whatever this process ran before: the log
+      # is seen (the engine's own functions may be compiled already).
+      jax.jit(lambda x: x + 1)(np.zeros((7, 13), np.float32))
       engine.submit(TurnRequest("a", list(range(3, 90)), 4, stop_on_eos=False))
       engine.submit(TurnRequest("b", list(range(5, 40)), 4, stop_on_eos=False))
       while engine.has_work():
@@ -57,5 +61,6 @@ def test_warmup_compiles_without_running_and_steps_then_compile_nothing(
   assert ran
   compiles = [r.getMessage() for r in caplog.records
               if r.getMessage().startswith("Compiling ")]
-  assert compiles and all("argmax" in m for m in compiles), compiles
+  assert any("<lambda>" in m for m in compiles), compiles
+  assert all("<lambda>" in m or "argmax" in m for m in compiles), compiles
   assert engine.stats.compiled_shapes == 4

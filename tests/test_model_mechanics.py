@@ -31,7 +31,7 @@ from dualpath_jax import config
 from dualpath_jax.config import CacheConfig
 from dualpath_jax.model import (checkpoint, checkpoint_layout,
                                 describe_model, load_model,
-                                parse_random_source)
+                                parse_random_source, pure_dict)
 from dualpath_jax.model.llama import Llama, random_llama
 from dualpath_jax.model.runner import ModelRunner
 from launch import generate
@@ -333,7 +333,7 @@ def test_bfloat16_model_tracks_float32_reference(np_rng):
 
 def test_large_preset_shapes_without_allocating():
   cfg = config.LLAMA3_8B.replace(num_layers=2)
-  model = checkpoint.abstract_model(cfg)
+  model = pure_dict.abstract_model(cfg)
   pure = nnx.to_pure_dict(nnx.state(model))
   assert pure["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 4096, 4096)
   assert pure["layers"]["attn"]["k_proj"]["kernel"].shape == (2, 4096, 1024)

@@ -191,11 +191,11 @@ def _gguf_config(reader, dtype: str, source: str | None) -> ModelConfig:
 
 def _load_gguf(path: pathlib.Path, dtype: str,
                source: str | None) -> LoadedModel:
-  from dualpath_jax.model import checkpoint  # pylint: disable=g-import-not-at-top
+  from dualpath_jax.model import pure_dict  # pylint: disable=g-import-not-at-top
   reader = gguf_loader.open_gguf(path)
   cfg = _gguf_config(reader, dtype, source)
   weights = gguf_loader.load_gguf_weights(reader, cfg, dtype)
-  model = checkpoint.model_from_pure_dict(cfg, weights)
+  model = pure_dict.model_from_pure_dict(cfg, weights)
   return LoadedModel(cfg, model, _gguf_tokenizer(reader),
                      gguf_loader.file_weights_id(path, dtype), str(path))
 

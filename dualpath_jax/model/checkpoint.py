@@ -50,9 +50,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from dualpath_jax.config import ModelConfig
 from dualpath_jax.model import gguf_loader
 from dualpath_jax.model.llama import Llama
+from dualpath_jax.model.pure_dict import abstract_model
 from dualpath_jax.utils import interrupts_deferred
 
 # What needs no JAX lives apart (the metadata file, the output directory's
@@ -263,23 +263,6 @@ def state_checksums(state: dict[str, Any]) -> dict[str, int]:
     array = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
     sums[name] = zlib.crc32(array.view(np.uint8))
   return sums
-
-
-def abstract_model(config: ModelConfig) -> Llama:
-  """A `Llama` whose parameters are shape/dtype placeholders (no memory)."""
-  return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-
-
-def model_from_pure_dict(config: ModelConfig, weights: dict[str, Any]) -> Llama:
-  """A `Llama` holding `weights` (the nested pure dict of its state)."""
-  graphdef, state = nnx.split(abstract_model(config))
-  expected = jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(state))
-  got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), weights)
-  if expected != got:
-    raise ValueError(f"weights do not match {config.name}: expected "
-                     f"{expected}, got {got}")
-  nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, weights))
-  return nnx.merge(graphdef, state)
 
 
 def restore_checkpoint(
