@@ -314,10 +314,7 @@ class Engine:
       # real step (2.3 s CPU for a 512-token chunk on the 2-core CPU).
       self.runner.compile_step(self._kv, *step_parts.pack_step(
           self.manager, batch, q_len, pages, None))
-      shape = (batch, q_len, pages)
-      if shape not in self._shapes:
-        self._shapes.add(shape)
-        self.stats.compiled_shapes += 1
+      self._count_shape(batch, q_len, pages)
     self.stats.warmup_s += time.perf_counter() - t0
 
   # ------------------------------------------------------------ internals
@@ -602,23 +599,26 @@ class Engine:
     pages = max(len(self.manager.block_table(s.rid)) for s in seqs)
     return buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages)
 
+  def _count_shape(self, batch: int, q_len: int, pages: int) -> None:
+    """Counts a step shape the first time it is compiled or run."""
+    shape = (batch, q_len, pages)
+    if shape not in self._shapes:
+      self._shapes.add(shape)
+      self.stats.compiled_shapes += 1
+
   def _run(self, batch: int, q_len: int, pages: int,
-           work: list[tuple[_Sequence, list[int], int]] | None,
+           work: list[tuple[_Sequence, list[int], int]],
            kind: str | None = None) -> jax.Array:
     """Pads `work` (sequence, new tokens, start position) into one model call.
 
     Returns the logits `[batch, vocab]` of each row's last new token, on
     the device, computed (`step_parts.sample_tokens` moves to the host what
-    it needs). With `work=None` it runs an all-padding batch (used to
-    compile a shape).
+    it needs).
     """
     arrays = step_parts.pack_step(
         self.manager, batch, q_len, pages,
-        None if work is None else [(s.rid, new, start) for s, new, start in work])
-    shape = (batch, q_len, pages)
-    if shape not in self._shapes:
-      self._shapes.add(shape)
-      self.stats.compiled_shapes += 1
+        [(s.rid, new, start) for s, new, start in work])
+    self._count_shape(batch, q_len, pages)
     t0 = time.perf_counter()
     logits, self._kv = self.runner.step(self._kv, *arrays)
     logits.block_until_ready()  # the step's time, not its dispatch's
