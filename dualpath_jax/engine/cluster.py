@@ -699,6 +699,8 @@ class PDCluster:
     behind it go ahead (`_waits_for_a_shared_prefill`,
     `_waits_for_a_write`)."""
     waiting: list[_Turn] = []
+    if self._writing:  # forget the write-backs that have landed, once a call
+      self._writing = {k: f for k, f in self._writing.items() if not f.done()}
     try:
       while self._waiting:
         turn = self._waiting[0]
@@ -741,9 +743,9 @@ class PDCluster:
   def _waits_for_a_write(self, turn: _Turn, hits: int) -> bool:
     """Whether the next block `turn` would compute is one a finished
     turn's write-back is still putting into the store."""
-    self._writing = {k: f for k, f in self._writing.items() if not f.done()}
     chain = turn.chain
-    return hits < len(chain) and chain[hits] in self._writing
+    future = self._writing.get(chain[hits]) if hits < len(chain) else None
+    return future is not None and not future.done()
 
   def _place(self, turn: _Turn, demand: TurnDemand, in_store: list[bool],
              taken: dict[str, int]) -> bool:
