@@ -62,223 +62,53 @@ read; placement then finds them hot (step 1).
 
 Every move is a byte copy, so the tokens equal a single `Engine`'s whichever
 path delivered the prefix. Not thread-safe: one thread drives it.
+
+This module drives the turns (steps 1-7). Beside it: `cluster_worker` (one
+engine and one turn's state), `cluster_placement` (the scheduler's inputs,
+read from the engines: pure, no I/O) and `cluster_report` (the counters and
+the one-engine views that launchers and /metrics read).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import dataclasses
 import math
 import time
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
-from dualpath_jax.cache.block_hash import loadable_chain
-from dualpath_jax.cache.block_pool import BlockPool, OutOfBlocksError
-from dualpath_jax.cache.kv_cache_manager import KVCacheManager
-from dualpath_jax.config import CacheConfig, EngineConfig, check_max_context
 from dualpath_jax import buckets
+from dualpath_jax.cache.block_hash import loadable_chain
+from dualpath_jax.cache.block_pool import OutOfBlocksError
+from dualpath_jax.cache.hot_tier_memory import check_memory_kind
+from dualpath_jax.config import CacheConfig, EngineConfig, check_max_context
+from dualpath_jax.engine import step_parts
+from dualpath_jax.engine.cluster_placement import (cluster_snapshot,
+                                                   host_buffer_run,
+                                                   prefilling_the_next_block,
+                                                   turn_demand)
+from dualpath_jax.engine.cluster_report import (ClusterColdTier, ClusterStats,
+                                                ManagersView)
+from dualpath_jax.engine.cluster_worker import (ClusterTurn, ClusterWorker,
+                                                runner_on)
 from dualpath_jax.engine.cold_tier import (ColdTierConnector, ColdTierStats,
                                            count_store_error)
-from dualpath_jax.engine.engine import EngineStats
-from dualpath_jax.engine import step_parts
-from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET
-from dualpath_jax.cache.hot_tier import HotTier
-from dualpath_jax.cache.hot_tier_memory import check_memory_kind, pool_device
-from dualpath_jax.engine.factory import make_hot_tier, model_fingerprint
 from dualpath_jax.engine.prefetch import TierPrefetcher, session_key
 from dualpath_jax.engine.request import (TurnOutput, TurnRequest,
                                           validate_request)
+from dualpath_jax.engine.step_parts import MIN_PAGE_BUCKET
 from dualpath_jax.model.runner import ModelRunner
-from dualpath_jax.scheduler import (ClusterSnapshot, EngineState,
-                                    NoCapacityError, ReadPath, TurnDemand,
-                                    get_policy)
+from dualpath_jax.scheduler import (ClusterSnapshot, NoCapacityError,
+                                    ReadPath, TurnDemand, get_policy)
 from dualpath_jax.scheduler.batching import WaitingTurn, choose_prefill_batch
-from dualpath_jax.scheduler.state import DECODE, PREFILL
 from dualpath_jax.transfer import (DualPathConfig, DualPathLoader,
                                    LoadRequest, MeshConfig, StorageNic,
                                    build_cluster_mesh)
 from dualpath_jax.transfer.loader import DecodeSink, LayerStager
-from dualpath_jax.transfer.mesh import EngineMesh, pair_mesh
-
-
-@dataclasses.dataclass
-class _Turn:
-  """Cluster-side state of one turn."""
-
-  req: TurnRequest
-  arrival_s: float
-  tokens: list[int]  # prompt + generated so far
-  rng: np.random.Generator | None
-  generated: list[int] = dataclasses.field(default_factory=list)
-  prefill: "_Worker | None" = None
-  decode: "_Worker | None" = None
-  cached_prompt_tokens: int = 0
-  first_token_s: float | None = None
-  load: "cf.Future | None" = None  # the cold-tier reads in flight
-  load_request: LoadRequest | None = None
-  load_plan: tuple[int, int, int] = (0, 0, 0)  # cached, resident, loadable blocks
-  on_decode: frozenset[int] = frozenset()  # prompt blocks path 2 left on the DE
-  chain: list[bytes] | None = None  # ids of its loadable blocks (set once)
-  placed_s: float = 0.0
-  # Prompt tokens each PE's hot tier loaded, over its placement attempts (a
-  # load of an attempt that fails stays in that PE's pool: a retry there
-  # finds it resident, and the hot tier keeps the credit, as on one engine;
-  # a retry on another PE does not).
-  hot_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
-  hook_error: BaseException | None = None  # what its `on_token` raised
-  logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob
-  # Blocks of its chain found cached when it first waited for a turn that
-  # was prefilling its prefix (`PDCluster._waits_for_a_shared_prefill`).
-  hits_before_wait: int | None = None
-
-  @property
-  def rid(self) -> str:
-    return self.req.request_id
-
-  @property
-  def prefill_target(self) -> int:
-    return len(self.req.prompt_tokens)
-
-
-@dataclasses.dataclass
-class ClusterStats(EngineStats):
-  """`EngineStats` summed over engines, plus placement, load and move counters.
-
-  `preemptions` stays 0: pages are reserved at admission.
-  """
-
-  turns_placed: int = 0
-  load_s: float = 0.0  # wall time of the cold-tier reads, summed over turns
-  load_wait_s: float = 0.0  # time every engine sat idle waiting for reads
-  max_loads_in_flight: int = 0
-  move_s: float = 0.0
-  moved_blocks: int = 0
-  kept_on_decode_blocks: int = 0  # path-2 blocks written to the DE on the way
-  path_blocks: dict[str, int] = dataclasses.field(
-      default_factory=lambda: {"resident": 0, "hot": 0, "path1": 0,
-                               "path2": 0, "free": 0})
-  nic_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
-  placements: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class ClusterColdTier:
-  """What launchers read of the cluster's storage tiers: the store, the
-  counters, and the prefill engines' hot tiers (the calls
-  `ColdTierConnector` answers for one engine)."""
-
-  store: object
-  stats: ColdTierStats
-  hot_tiers: Sequence[HotTier] = ()
-  prefetcher: TierPrefetcher | None = None
-
-  def flush(self) -> None:
-    self.store.flush()
-
-  def report(self) -> dict:
-    """As `ColdTierConnector.report`; `hot_tier` sums the prefill engines'
-    hot tiers (None without them), `engines` saying how many."""
-    hot = None
-    if self.hot_tiers:
-      hot = {"engines": len(self.hot_tiers),
-             "memory": self.hot_tiers[0].memory}  # one setting for all
-      for tier in self.hot_tiers:
-        for k, v in {**tier.stats.as_dict(), "capacity_blocks": tier.capacity,
-                     "held_blocks": len(tier), "bytes": tier.nbytes}.items():
-          hot[k] = hot.get(k, 0) + v
-    return {**self.stats.as_dict(), "store": self.store.stats(),
-            "hot_tier": hot,
-            "prefetch": (None if self.prefetcher is None else
-                         self.prefetcher.report())}
-
-
-class _Worker:
-  """One engine: its sub-mesh, model copy, KV pool, cache manager and NIC."""
-
-  def __init__(self, mesh: EngineMesh, runner: ModelRunner, loaded,
-               cache: CacheConfig, engine: EngineConfig, nic: StorageNic,
-               hot_tier_bytes: int = 0, hot_tier_memory: str = "pageable"):
-    self.mesh = mesh
-    self.name = mesh.name
-    self.role = mesh.role
-    self.nic = nic
-    self.runner = runner
-    self.manager = KVCacheManager(
-        BlockPool(cache.num_blocks), cache.block_size, model_fingerprint(loaded),
-        max_blocks_per_seq=math.ceil(engine.max_context / cache.block_size))
-    self.kv = jax.device_put(self.runner.new_kv_cache(),
-                             mesh.kv_pool_sharding())
-    # A prefill engine's host-DRAM hot tier, moved to and from its pool by
-    # the single engine's connector (no cold tier behind it: the cluster
-    # reads the store through its load paths).
-    self.hot_tier: HotTier | None = None
-    self.hot_io: ColdTierConnector | None = None  # moves its blocks
-    if hot_tier_bytes and self.role == PREFILL:
-      device = pool_device(self.kv)
-      if hot_tier_memory == "pinned_host" and device is None:
-        raise ValueError(
-            f"{self.name}: a pinned_host hot tier moves blocks into a pool on "
-            f"one device; this prefill engine's pool spans "
-            f"{len(self.kv.sharding.device_set)} (tensor parallel): use "
-            f"hot_tier_memory='pageable'")
-      self.hot_tier = make_hot_tier(hot_tier_bytes, loaded.config, cache,
-                                    memory=hot_tier_memory, device=device)
-      self.hot_io = ColdTierConnector(None, self.manager, hot=self.hot_tier)
-    self.queue: collections.deque[_Turn] = collections.deque()  # PE: placed
-    self.current: _Turn | None = None  # PE: the turn being prefilled
-    self.running: list[_Turn] = []  # DE: decoding
-    self.shapes: set[tuple[int, int, int]] = set()
-
-  def prefill_turns(self) -> list[_Turn]:
-    """A PE's turns not yet handed to a DE: the queue and the current one."""
-    return list(self.queue) + ([self.current] if self.current else [])
-
-  def queued_tokens(self) -> int:
-    if self.role == PREFILL:
-      return sum(t.prefill_target - self.manager.num_computed(t.rid)
-                 for t in self.prefill_turns())
-    return sum(t.req.max_new_tokens - len(t.generated) for t in self.running)
-
-
-  def run(self, batch: int, q_len: int, pages: int,
-          work: list[tuple[_Turn, list[int], int]] | None,
-          stager: LayerStager | None = None) -> jax.Array:
-    """Pads `work` (turn, new tokens, start) into one model call; its
-    logits, computed, on the device (`step_parts.sample_tokens` moves to
-    the host what it needs).
-
-    A prefill engine runs layer by layer (`step_layerwise`), `stager`
-    putting a loaded prefix into the pool just ahead of each layer; it does
-    so for every chunk, loaded or not, so that a turn's logits never depend
-    on whether its prefix was loaded or resident.
-    """
-    arrays = step_parts.pack_step(
-        self.manager, batch, q_len, pages,
-        None if work is None else [(t.rid, new, start) for t, new, start in work])
-    self.shapes.add((batch, q_len, pages))
-    if self.role == PREFILL:
-      logits, self.kv = self.runner.step_layerwise(self.kv, *arrays,
-                                                   before_layer=stager)
-    else:
-      logits, self.kv = self.runner.step(self.kv, *arrays)
-    return logits.block_until_ready()  # the callers time the step
-
-  def has_work(self) -> bool:
-    return bool(self.queue or self.current or self.running)
-
-
-def _runner_on(mesh: EngineMesh, loaded, cache: CacheConfig,
-               engine: EngineConfig) -> ModelRunner:
-  """A `ModelRunner` whose weights are replicated on `mesh`'s devices."""
-  graphdef, state = nnx.split(loaded.model)
-  state = jax.device_put(state, mesh.sharding())
-  return ModelRunner(nnx.merge(graphdef, state), cache,
-                     attention_impl=engine.attention_impl)
+from dualpath_jax.transfer.mesh import pair_mesh
 
 
 class PDCluster:
@@ -331,8 +161,8 @@ class PDCluster:
     for e in self.cluster_mesh.engines:
       key = tuple(d.id for d in e.devices)
       if key not in runners:  # engines on the same devices share the weights
-        runners[key] = _runner_on(e, loaded, cache, config)
-      self.workers[e.name] = _Worker(e, runners[key], loaded, cache, config,
+        runners[key] = runner_on(e, loaded, cache, config)
+      self.workers[e.name] = ClusterWorker(e, runners[key], loaded, cache, config,
                                      self.nics[e.name], hot_tier_bytes,
                                      hot_tier_memory)
     self.prefill_workers = [self.workers[e.name]
@@ -356,7 +186,7 @@ class PDCluster:
     self.stats = ClusterStats()
     self.max_pages = math.ceil(config.max_context / cache.block_size)
     self._rng = np.random.default_rng(config.seed)
-    self._waiting: collections.deque[_Turn] = collections.deque()
+    self._waiting: collections.deque[ClusterTurn] = collections.deque()
     # Ids of the waiting turns the last `_admit` held for a shared prefill.
     self._held_ids: set[str] = set()
     # Block ids whose write-back put is still in flight (`store.contains`
@@ -376,7 +206,7 @@ class PDCluster:
               self.cold_tier.stats, what, err))
       self.cold_tier.prefetcher = self.prefetcher
 
-  def _writer(self, store, de: _Worker, pe: _Worker) -> ColdTierConnector:
+  def _writer(self, store, de: ClusterWorker, pe: ClusterWorker) -> ColdTierConnector:
     """The connector that writes `de`'s finished turns back, prefilled on
     `pe`: to the store and into `pe`'s hot tier. It counts into the
     cluster's cold-tier stats, so a write-back the store refuses, at once
@@ -388,10 +218,10 @@ class PDCluster:
 
   # ------------------------------------------------------------------ API
   @property
-  def manager(self) -> "_ManagersView":
+  def manager(self) -> "ManagersView":
     """Prefix-cache counters (the prefill engines') and pool counts (every
-    engine's) read as one engine's; see `_ManagersView`."""
-    return _ManagersView([w.manager for w in self.prefill_workers],
+    engine's) read as one engine's; see `ManagersView`."""
+    return ManagersView([w.manager for w in self.prefill_workers],
                          [w.manager for w in self.workers.values()])
 
   def validate(self, req: TurnRequest) -> None:
@@ -413,7 +243,7 @@ class PDCluster:
     rng = None if req.seed is None else np.random.default_rng(req.seed)
     if self.prefetcher is not None and req.session_id:
       self.prefetcher.turn_arrived(session_key(req), arrival)
-    self._waiting.append(_Turn(req=req, arrival_s=arrival,
+    self._waiting.append(ClusterTurn(req=req, arrival_s=arrival,
                                tokens=list(req.prompt_tokens), rng=rng))
 
   def _active_ids(self) -> set[str]:
@@ -602,79 +432,32 @@ class PDCluster:
 
   # ------------------------------------------------------------ placement
   def _snapshot(self, taken: dict[str, int] | None = None) -> ClusterSnapshot:
-    """The engines' state; `taken[name]`: blocks counted free on that
-    engine that the turn being placed will take back itself (its resident
-    prefix, cached and unreferenced: `begin` revives it, and it is no longer
-    free for the pages the turn still needs)."""
-    engines = []
-    for w in self.workers.values():
-      free = w.manager.pool.num_free - (taken or {}).get(w.name, 0)
-      if w.role == DECODE and len(w.running) + self._headed_to(w) >= \
-          self.config.max_batch_size:
-        free = 0  # a full decode batch takes no more turns
-      engines.append(EngineState(
-          name=w.name, role=w.role,
-          nic_bytes_per_s=self.nics[w.name].bytes_per_s,
-          nic_queued_bytes=self.nics[w.name].backlog_bytes(),
-          queued_tokens=w.queued_tokens() + self._tokens_headed_to(w),
-          compute_tokens_per_s=(self.dualpath.prefill_tokens_per_s
-                                if w.role == PREFILL else math.inf),
-          free_hbm_blocks=free))
-    return ClusterSnapshot(self.clock(), tuple(engines))
+    """The engines' state now (`cluster_placement.cluster_snapshot`)."""
+    return cluster_snapshot(
+        list(self.workers.values()), self._prefilling(), now=self.clock(),
+        max_batch_size=self.config.max_batch_size,
+        prefill_tokens_per_s=self.dualpath.prefill_tokens_per_s, taken=taken)
 
-  def _tokens_headed_to(self, de: _Worker) -> int:
-    """Tokens to generate of turns still prefilling for decode engine `de`."""
-    return sum(t.req.max_new_tokens for t in self._prefilling()
-               if t.decode is de)
-
-  def _headed_to(self, de: _Worker) -> int:
-    return sum(t.decode is de for t in self._prefilling())
-
-  def _prefilling(self) -> list[_Turn]:
+  def _prefilling(self) -> list[ClusterTurn]:
     """Turns placed on a PE and not yet handed to their DE."""
     return [t for pe in self.prefill_workers for t in pe.prefill_turns()]
 
-  def _demand(self, turn: _Turn
+  def _demand(self, turn: ClusterTurn
               ) -> tuple[TurnDemand, list[bool], dict[str, int]]:
     """The turn's `TurnDemand`, which blocks of `turn.chain` the store holds,
-    and per prefill engine how many of its resident blocks are cached and
-    unreferenced (counted free there, taken back by the turn).
+    and the resident blocks it takes back per PE (`turn_demand`).
 
     The chain is hashed once per turn; the store is asked at every attempt
     (a turn waiting for pages may find more blocks stored later).
     """
-    bs = self.block_size
-    target = turn.prefill_target
     chain = self._chain(turn)
     in_store = self._store_contains(chain) if chain else []
-    resident, hot, reachable, hits, taken = {}, {}, {}, 0, {}
-    for pe in self.prefill_workers:
-      pool = pe.manager.pool
-      r = unreferenced = 0
-      while r < len(chain) and (block := pool.lookup(chain[r])) is not None:
-        unreferenced += pool.ref_count(block) == 0
-        r += 1
-      taken[pe.name] = unreferenced
-      run = r
-      if pe.hot_tier is not None:  # its hot tier's run after the resident one
-        run += pe.hot_tier.leading_run(chain[r:])
-        hot[pe.name] = run
-      while run < len(chain) and in_store[run]:
-        run += 1
-      resident[pe.name] = r
-      reachable[pe.name] = run  # the rest of `hits`: another PE's only
-      hits = max(hits, run)
-    total = math.ceil(target / bs)
-    decode = math.ceil((target + turn.req.max_new_tokens) / bs)
-    demand = TurnDemand(
-        turn_id=turn.rid, new_tokens=target - hits * bs, hit_blocks=hits,
-        block_bytes=self.block_bytes, total_blocks=total, decode_blocks=decode,
-        max_new_tokens=turn.req.max_new_tokens,
-        resident_blocks={k: min(v, hits) for k, v in resident.items()},
-        hot_blocks=hot, reachable_blocks=reachable, block_tokens=bs)
+    demand, taken = turn_demand(turn, chain, in_store, self.prefill_workers,
+                                block_size=self.block_size,
+                                block_bytes=self.block_bytes)
     return demand, in_store, taken
 
-  def _chain(self, turn: _Turn) -> list[bytes]:
+  def _chain(self, turn: ClusterTurn) -> list[bytes]:
     """The ids of the turn's loadable blocks (hashed once per turn): its
     prompt's full blocks, leaving at least one token to compute."""
     if turn.chain is None:
@@ -698,7 +481,7 @@ class PDCluster:
     turn's write-back is still putting into the store, waits, and those
     behind it go ahead (`_waits_for_a_shared_prefill`,
     `_waits_for_a_write`)."""
-    waiting: list[_Turn] = []
+    waiting: list[ClusterTurn] = []
     if self._writing:  # forget the write-backs that have landed, once a call
       self._writing = {k: f for k, f in self._writing.items() if not f.done()}
     try:
@@ -717,37 +500,25 @@ class PDCluster:
       # wait for computes it (`_prefetch`).
       self._held_ids = {turn.rid for turn in waiting}
 
-  def _waits_for_a_shared_prefill(self, turn: _Turn, hits: int) -> bool:
-    """Whether the next block `turn` would compute (after its `hits` cached
-    ones) is one a turn placed on a prefill engine is computing: the n
-    samples of one prompt, agents forked from one history. Placed now, it
-    would compute the prefix again; placed once that turn has prefilled,
-    it finds the blocks resident on that engine (or in its hot tier). A
-    prefill engine that keeps neither (`prefill_keeps_prefix=False`, no hot
-    tier) frees them as the turn moves to decode: no turn waits for it. A
-    block id names its whole prefix and tenant, so one comparison says so."""
-    chain = turn.chain
-    if not self.config.share_prefill or hits >= len(chain):
+  def _waits_for_a_shared_prefill(self, turn: ClusterTurn, hits: int) -> bool:
+    """Whether `turn` waits for a turn prefilling its next block on a PE
+    (`cluster_placement.prefilling_the_next_block`; `share_prefill`)."""
+    if not self.config.share_prefill or not prefilling_the_next_block(
+        turn.chain, hits, self.prefill_workers,
+        prefill_keeps_prefix=self.dualpath.prefill_keeps_prefix):
       return False
-    for pe in self.prefill_workers:
-      if not (self.dualpath.prefill_keeps_prefix or pe.hot_tier is not None):
-        continue  # it frees the blocks at the move to decode: none to find
-      for other in pe.prefill_turns():
-        if other.chain is not None and len(other.chain) > hits and \
-            other.chain[hits] == chain[hits]:
-          if turn.hits_before_wait is None:
-            turn.hits_before_wait = hits
-          return True
-    return False
+    if turn.hits_before_wait is None:
+      turn.hits_before_wait = hits
+    return True
 
-  def _waits_for_a_write(self, turn: _Turn, hits: int) -> bool:
+  def _waits_for_a_write(self, turn: ClusterTurn, hits: int) -> bool:
     """Whether the next block `turn` would compute is one a finished
     turn's write-back is still putting into the store."""
     chain = turn.chain
     future = self._writing.get(chain[hits]) if hits < len(chain) else None
     return future is not None and not future.done()
 
-  def _place(self, turn: _Turn, demand: TurnDemand, in_store: list[bool],
+  def _place(self, turn: ClusterTurn, demand: TurnDemand, in_store: list[bool],
              taken: dict[str, int]) -> bool:
     """Places `turn` (the head of the queue) and starts it; False when no
     engine has room for it now (it stays at the head)."""
@@ -783,7 +554,7 @@ class PDCluster:
     self.stats.placements[key] = self.stats.placements.get(key, 0) + 1
     return True
 
-  def _start_on_prefill(self, turn: _Turn, pe: _Worker, de: _Worker,
+  def _start_on_prefill(self, turn: ClusterTurn, pe: ClusterWorker, de: ClusterWorker,
                         in_store: list[bool],
                         paths: Sequence[ReadPath]) -> None:
     """Begins the turn on the PE, reserves its pages, starts its cold reads.
@@ -809,7 +580,8 @@ class PDCluster:
     have = cached // bs
     present = in_store[have:]
     run = next((i for i, p in enumerate(present) if not p), len(present))
-    run = self._fits_host_buffers(paths[have:have + run], run)
+    run = host_buffer_run(paths[have:have + run], run,
+                          self.dualpath.host_buffer_bytes // self.block_bytes)
     if not pe.manager.can_allocate(turn.rid, target - cached):
       pe.manager.end(turn.rid)
       raise OutOfBlocksError(f"{turn.rid}: {pe.name} lost the pages the "
@@ -838,7 +610,7 @@ class PDCluster:
     self.stats.max_loads_in_flight = max(self.stats.max_loads_in_flight,
                                          len(self._loads_in_flight()) + 1)
 
-  def _count_cached(self, turn: _Turn, pe: _Worker) -> None:
+  def _count_cached(self, turn: ClusterTurn, pe: ClusterWorker) -> None:
     """Counts the prompt blocks the turn found in `pe`'s pool or hot tier,
     once, at the placement that held (`path_blocks`,
     `cached_tokens_by_tier`): an attempt that failed on the DE after its
@@ -856,21 +628,7 @@ class PDCluster:
       self.stats.shared_prefill_tokens += max(
           0, turn.cached_prompt_tokens - turn.hits_before_wait * bs)
 
-  def _fits_host_buffers(self, paths: Sequence[ReadPath], run: int) -> int:
-    """How many of a load's `run` leading blocks fit the engines' host
-    buffers, path 1's and path 2's each (`DualPathConfig.host_buffer_bytes`);
-    the blocks after them are recomputed. Paths past `paths` are path 1."""
-    limit = self.dualpath.host_buffer_bytes // self.block_bytes
-    counts = {1: 0, 2: 0}
-    for i in range(run):
-      path = ReadPath(paths[i]) if i < len(paths) else ReadPath.PE_READ
-      group = 2 if path == ReadPath.DE_READ else 1
-      if counts[group] == limit:
-        return i
-      counts[group] += 1
-    return run
-
-  def _install_load(self, pe: _Worker, turn: _Turn) -> LayerStager | None:
+  def _install_load(self, pe: ClusterWorker, turn: ClusterTurn) -> LayerStager | None:
     """Accounts a finished load; the stager that puts it into `pe`'s pool.
 
     The blocks before the first miss count as computed now: the stager
@@ -910,7 +668,7 @@ class PDCluster:
     return self.loader.stager(req, stage, pe.kv.shape,
                               self._decode_sink(turn, req, stage, have, good))
 
-  def _decode_sink(self, turn: _Turn, req: LoadRequest, stage,
+  def _decode_sink(self, turn: ClusterTurn, req: LoadRequest, stage,
                    have: int, good: int) -> DecodeSink | None:
     """Path-2 blocks also go into the DE pages the turn will decode from.
 
@@ -939,7 +697,7 @@ class PDCluster:
       de.kv = pool
     return DecodeSink(np.asarray(pages, np.int32), lambda: de.kv, set_pool)
 
-  def _reserve_on_decode(self, turn: _Turn, pe: _Worker, de: _Worker) -> None:
+  def _reserve_on_decode(self, turn: ClusterTurn, pe: ClusterWorker, de: ClusterWorker) -> None:
     """Begins the turn on the DE and allocates pages for all it may hold."""
     target = turn.prefill_target
     computed = de.manager.begin(turn.rid, turn.tokens[:target], turn.req.tenant)
@@ -952,11 +710,11 @@ class PDCluster:
     de.manager.allocate(turn.rid, need)
 
   # ------------------------------------------------------ prefill / decode
-  def _page_bucket(self, worker: _Worker, turns: list[_Turn]) -> int:
+  def _page_bucket(self, worker: ClusterWorker, turns: list[ClusterTurn]) -> int:
     pages = max(len(worker.manager.block_table(t.rid)) for t in turns)
     return buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages)
 
-  def _next_turn(self, pe: _Worker) -> _Turn | None:
+  def _next_turn(self, pe: ClusterWorker) -> ClusterTurn | None:
     """The PE's next turn to prefill: the first by arrival whose load is
     done. By arrival, not placement: a turn placed late because it waited
     (for room, or for a turn prefilling its prefix: an n-sample group's
@@ -972,7 +730,7 @@ class PDCluster:
                                   max_batch_turns=1)
     return by_id[chosen[0]] if chosen else None
 
-  def _prefill_step(self, pe: _Worker) -> list[TurnOutput] | None:
+  def _prefill_step(self, pe: ClusterWorker) -> list[TurnOutput] | None:
     """One prefill chunk on `pe`; None when no turn there is ready."""
     stager = None
     turn = pe.current
@@ -1004,7 +762,7 @@ class PDCluster:
     turn.first_token_s = self.clock()
     return self._accept(turn.decode, [turn], [token])
 
-  def _move_to_decode(self, turn: _Turn, pe: _Worker, de: _Worker) -> None:
+  def _move_to_decode(self, turn: ClusterTurn, pe: ClusterWorker, de: ClusterWorker) -> None:
     """Copies the prompt's KV the DE lacks PE -> DE; the PE lets go of it."""
     target = turn.prefill_target
     computed = de.manager.num_computed(turn.rid)
@@ -1026,7 +784,7 @@ class PDCluster:
     pe.manager.end(turn.rid, keep_cached=self.dualpath.prefill_keeps_prefix)
     de.running.append(turn)
 
-  def _decode_step(self, de: _Worker) -> list[TurnOutput]:
+  def _decode_step(self, de: ClusterWorker) -> list[TurnOutput]:
     turns = list(de.running)
     b_bucket = buckets.bucket(len(turns), 1, self.config.max_batch_size)
     work = [(t, [t.tokens[-1]], de.manager.num_computed(t.rid)) for t in turns]
@@ -1041,7 +799,7 @@ class PDCluster:
     return self._accept(de, turns, step_parts.sample_tokens(
         turns, logits, self.config, self._rng))
 
-  def _accept(self, de: _Worker, turns: list[_Turn],
+  def _accept(self, de: ClusterWorker, turns: list[ClusterTurn],
               tokens: list[int]) -> list[TurnOutput]:
     """Appends each turn's new token; finishes (and writes back) those done."""
     now = self.clock()
@@ -1076,43 +834,6 @@ class PDCluster:
   def _count_shapes(self) -> None:
     self.stats.compiled_shapes = sum(len(w.shapes)
                                      for w in self.workers.values())
-
-
-class _ManagersView:
-  """The cluster's `manager.stats` and `manager.pool.num_blocks`, read as
-  one engine's (the server's /metrics and the launchers' reports).
-
-  The prefix-cache counters (lookups, query and hit tokens, hit rate) are
-  the prefill engines': a turn's prompt is looked up once there, and its
-  reservation on a decode engine would count the same tokens again. Pool
-  occupancy, registrations, evictions and `pool.num_blocks` are summed over
-  every engine.
-  """
-
-  _PREFILL_ONLY = ("lookups", "query_tokens", "hit_tokens")
-
-  def __init__(self, prefill: list[KVCacheManager],
-               every: list[KVCacheManager]):
-    self._prefill, self._every = prefill, every
-    self.pool = _PoolsView(sum(m.pool.num_blocks for m in every))
-
-  @property
-  def stats(self) -> dict[str, float]:
-    total: dict[str, float] = {}
-    for m in self._every:
-      for k, v in m.stats.items():
-        if k not in self._PREFILL_ONLY:
-          total[k] = total.get(k, 0) + v
-    for k in self._PREFILL_ONLY:
-      total[k] = sum(m.stats[k] for m in self._prefill)
-    total["hit_rate"] = (total["hit_tokens"] / total["query_tokens"]
-                         if total["query_tokens"] else 0.0)
-    return total
-
-
-@dataclasses.dataclass(frozen=True)
-class _PoolsView:
-  num_blocks: int  # over every engine's pool
 
 
 def _check_cluster(cluster_mesh, model, cache: CacheConfig,
