@@ -19,7 +19,7 @@ import pytest
 from dualpath_jax.config import CacheConfig, EngineConfig
 from dualpath_jax.engine.factory import make_engine
 from dualpath_jax.engine.request import TurnRequest
-from dualpath_jax.server import app as app_module
+from dualpath_jax.server import generation
 from dualpath_jax.server import (LocalEngineHandle, ServerConfig, create_app,
                                  serve_in_thread)
 
@@ -125,13 +125,13 @@ def test_a_failing_choice_fails_the_request_and_frees_the_others(
     server, np_rng, monkeypatch, stream):
   """Choice 1's hook raises in the engine: the request fails (500, or a
   stream's error event) and the other choices are aborted."""
-  real = app_module._RequestStream.on_token
+  real = generation.ChoiceStream.on_token
 
   def on_token(self, token):
     if self.index == 1:
       raise RuntimeError("hook failed")
     return real(self, token)
-  monkeypatch.setattr(app_module._RequestStream, "on_token", on_token)
+  monkeypatch.setattr(generation.ChoiceStream, "on_token", on_token)
   loop = server.app.state.engine_loop
   aborted = loop.aborted
   before = _requests_total(server, "completions")
