@@ -162,9 +162,9 @@ class PDCluster:
       key = tuple(d.id for d in e.devices)
       if key not in runners:  # engines on the same devices share the weights
         runners[key] = runner_on(e, loaded, cache, config)
-      self.workers[e.name] = ClusterWorker(e, runners[key], loaded, cache, config,
-                                     self.nics[e.name], hot_tier_bytes,
-                                     hot_tier_memory)
+      self.workers[e.name] = ClusterWorker(
+          e, runners[key], loaded, cache, config, self.nics[e.name],
+          hot_tier_bytes, hot_tier_memory)
     self.prefill_workers = [self.workers[e.name]
                             for e in self.cluster_mesh.prefill]
     self.decode_workers = [self.workers[e.name]
@@ -206,7 +206,8 @@ class PDCluster:
               self.cold_tier.stats, what, err))
       self.cold_tier.prefetcher = self.prefetcher
 
-  def _writer(self, store, de: ClusterWorker, pe: ClusterWorker) -> ColdTierConnector:
+  def _writer(self, store, de: ClusterWorker,
+              pe: ClusterWorker) -> ColdTierConnector:
     """The connector that writes `de`'s finished turns back, prefilled on
     `pe`: to the store and into `pe`'s hot tier. It counts into the
     cluster's cold-tier stats, so a write-back the store refuses, at once
@@ -554,8 +555,8 @@ class PDCluster:
     self.stats.placements[key] = self.stats.placements.get(key, 0) + 1
     return True
 
-  def _start_on_prefill(self, turn: ClusterTurn, pe: ClusterWorker, de: ClusterWorker,
-                        in_store: list[bool],
+  def _start_on_prefill(self, turn: ClusterTurn, pe: ClusterWorker,
+                        de: ClusterWorker, in_store: list[bool],
                         paths: Sequence[ReadPath]) -> None:
     """Begins the turn on the PE, reserves its pages, starts its cold reads.
 
@@ -628,7 +629,8 @@ class PDCluster:
       self.stats.shared_prefill_tokens += max(
           0, turn.cached_prompt_tokens - turn.hits_before_wait * bs)
 
-  def _install_load(self, pe: ClusterWorker, turn: ClusterTurn) -> LayerStager | None:
+  def _install_load(self, pe: ClusterWorker,
+                    turn: ClusterTurn) -> LayerStager | None:
     """Accounts a finished load; the stager that puts it into `pe`'s pool.
 
     The blocks before the first miss count as computed now: the stager
@@ -697,7 +699,8 @@ class PDCluster:
       de.kv = pool
     return DecodeSink(np.asarray(pages, np.int32), lambda: de.kv, set_pool)
 
-  def _reserve_on_decode(self, turn: ClusterTurn, pe: ClusterWorker, de: ClusterWorker) -> None:
+  def _reserve_on_decode(self, turn: ClusterTurn, pe: ClusterWorker,
+                         de: ClusterWorker) -> None:
     """Begins the turn on the DE and allocates pages for all it may hold."""
     target = turn.prefill_target
     computed = de.manager.begin(turn.rid, turn.tokens[:target], turn.req.tenant)
@@ -710,7 +713,8 @@ class PDCluster:
     de.manager.allocate(turn.rid, need)
 
   # ------------------------------------------------------ prefill / decode
-  def _page_bucket(self, worker: ClusterWorker, turns: list[ClusterTurn]) -> int:
+  def _page_bucket(self, worker: ClusterWorker,
+                   turns: list[ClusterTurn]) -> int:
     pages = max(len(worker.manager.block_table(t.rid)) for t in turns)
     return buckets.bucket(pages, MIN_PAGE_BUCKET, self.max_pages)
 
@@ -762,7 +766,8 @@ class PDCluster:
     turn.first_token_s = self.clock()
     return self._accept(turn.decode, [turn], [token])
 
-  def _move_to_decode(self, turn: ClusterTurn, pe: ClusterWorker, de: ClusterWorker) -> None:
+  def _move_to_decode(self, turn: ClusterTurn, pe: ClusterWorker,
+                      de: ClusterWorker) -> None:
     """Copies the prompt's KV the DE lacks PE -> DE; the PE lets go of it."""
     target = turn.prefill_target
     computed = de.manager.num_computed(turn.rid)

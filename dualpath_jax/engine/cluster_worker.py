@@ -108,7 +108,8 @@ class ClusterWorker:
       self.hot_tier = make_hot_tier(hot_tier_bytes, loaded.config, cache,
                                     memory=hot_tier_memory, device=device)
       self.hot_io = ColdTierConnector(None, self.manager, hot=self.hot_tier)
-    self.queue: collections.deque[ClusterTurn] = collections.deque()  # PE: placed
+    # PE: its placed turns; DE: none.
+    self.queue: collections.deque[ClusterTurn] = collections.deque()
     self.current: ClusterTurn | None = None  # PE: the turn being prefilled
     self.running: list[ClusterTurn] = []  # DE: decoding
     self.shapes: set[tuple[int, int, int]] = set()
