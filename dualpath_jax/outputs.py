@@ -32,7 +32,7 @@ _UMASK = _process_umask()
 class OutputWriteError(OSError):
   """An output file the OS would not let be written (a full disk, a folder
   made read-only during the run): the launchers' wrapper
-  (`utils.ctrl_c_ends_quietly`) prints it as one line and exits 1, instead
+  (`interrupts.ctrl_c_ends_quietly`) prints it as one line and exits 1, instead
   of a traceback after a finished run."""
 
 

@@ -23,7 +23,7 @@ import time
 
 from absl import app, flags, logging
 
-from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
+from dualpath_jax.interrupts import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import (cluster_flags, distributed_flags, engine_flags, float_flags,
                     input_paths, key_flags, workload_flags)
 
@@ -122,7 +122,7 @@ def main(argv):
     engine_flags.check_pool_holds(longest)
   except ValueError as e:
     sys.exit(f"agent_eval: {e}")
-  from dualpath_jax.utils import enable_compilation_cache
+  from dualpath_jax.compile_cache import enable_compilation_cache
   enable_compilation_cache()
   import jax
   import tqdm

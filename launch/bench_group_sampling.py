@@ -33,7 +33,7 @@ import time
 
 from absl import app, flags
 
-from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
+from dualpath_jax.interrupts import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import engine_flags, float_flags, input_paths, key_flags, list_flags
 
 FLAGS = flags.FLAGS
@@ -167,7 +167,7 @@ def main(argv):
     engine_flags.check_model_context(model_config)
   except ValueError as e:
     sys.exit(f"bench_group_sampling: {e}")
-  from dualpath_jax.utils import enable_compilation_cache
+  from dualpath_jax.compile_cache import enable_compilation_cache
   enable_compilation_cache()
   import numpy as np
   from dualpath_jax.config import to_dict

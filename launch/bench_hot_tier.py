@@ -38,7 +38,7 @@ import time
 
 from absl import app, flags
 
-from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
+from dualpath_jax.interrupts import ctrl_c_ends_quietly, raise_if_interrupted
 
 FLAGS = flags.FLAGS
 

@@ -42,7 +42,7 @@ from typing import Any, Callable
 from absl import app, flags
 
 from dualpath_jax import outputs
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
 from launch import float_flags
 from launch import kernel_cases
 from launch import kernel_plot

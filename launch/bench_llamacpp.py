@@ -39,7 +39,7 @@ import numpy as np
 
 from dualpath_jax import metrics
 from dualpath_jax import outputs
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
 
 # llama-cpp-python's source archive has no git history, so llama.cpp reports no
 # commit; the bindings' changelog names the llama.cpp commit of each release.

@@ -76,7 +76,8 @@ from absl import app, flags, logging
 
 from dualpath_jax import outputs
 from dualpath_jax.metrics import git_commit
-from dualpath_jax.utils import ctrl_c_ends_quietly, page_aligned_empty
+from dualpath_jax.disk_io import page_aligned_empty
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
 from dualpath_jax.config import MODEL_PRESETS, CacheConfig
 from launch.storage_disk import (bench_file_floor, bench_memory, bench_raw,
                                   cpu_seconds, latency_percentiles)

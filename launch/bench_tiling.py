@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 from absl import app, flags
 
 from dualpath_jax import outputs
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
 from launch import float_flags
 from launch import kernel_cases
 from launch.kernel_cases import (KERNELS, DecodeShape, PrefillShape,

@@ -30,7 +30,7 @@ from absl import logging
 # weights): bad flags are refused before JAX's ~3 s import.
 from dualpath_jax import outputs
 from dualpath_jax.model import checkpoint_layout, describe_model, gguf_loader
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
 
 FLAGS = flags.FLAGS
 

@@ -36,7 +36,7 @@ from absl import app, flags, logging
 
 from dualpath_jax import outputs
 from dualpath_jax.config import SMOLLM2_135M, CacheConfig
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
 from launch import float_flags
 from storage import BlockStore, ColdTierConfig
 from storage.config import CODECS

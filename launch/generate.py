@@ -28,7 +28,7 @@ from dualpath_jax.engine.sampling import sample
 # JAX-free (the model package imports JAX on first use of its model): the
 # checks of a request run before JAX's ~3 s import.
 from dualpath_jax.model import describe_model, load_model
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
 from launch import float_flags, key_flags
 
 if TYPE_CHECKING:

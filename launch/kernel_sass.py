@@ -56,7 +56,7 @@ from absl import app, flags
 
 from dualpath_jax import metrics
 from dualpath_jax import outputs
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
 from launch import kernel_cases
 from launch import list_flags
 from launch import sass_analysis

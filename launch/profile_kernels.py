@@ -26,7 +26,7 @@ import sys
 
 from absl import app, flags
 
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
 from launch.kernel_cases import (KERNELS, kernel_fn, parse_shape, problem,
                                  rel_err)
 

@@ -19,7 +19,8 @@ import sys
 
 from absl import app, flags, logging
 
-from dualpath_jax.utils import ctrl_c_ends_quietly, listen_socket
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
+from dualpath_jax.utils import listen_socket
 from launch import (cluster_flags, distributed_flags, engine_flags, float_flags,
                     key_flags)
 
@@ -134,7 +135,7 @@ def _server_config(model_name: str):
 def _load_and_serve(listener: socket.socket, cache, engine_cfg, mesh, cold,
                     tokenizer, server_cfg) -> None:
   """Loads the model, builds the engine and serves on `listener` (bound)."""
-  from dualpath_jax.utils import enable_compilation_cache
+  from dualpath_jax.compile_cache import enable_compilation_cache
   enable_compilation_cache()
   import jax
   import uvicorn

@@ -34,7 +34,7 @@ import sys
 
 from absl import app, flags
 
-from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
+from dualpath_jax.interrupts import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import float_flags, input_paths, key_flags
 
 FLAGS = flags.FLAGS

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from dualpath_jax.utils import sync_directory
+from dualpath_jax.disk_io import sync_directory
 from storage.page_cache import drop_page_cache, resident_bytes
 
 MiB = 1 << 20

@@ -35,7 +35,7 @@ import time
 
 from absl import app, flags
 
-from dualpath_jax.utils import ctrl_c_ends_quietly, raise_if_interrupted
+from dualpath_jax.interrupts import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import float_flags, input_paths, key_flags
 
 FLAGS = flags.FLAGS
@@ -318,7 +318,7 @@ def main(argv):
                        f"{limit}: lower --study_turns or --turns")
   except (TraceError, FileNotFoundError, ValueError) as e:
     sys.exit(f"study_importance: {e}")
-  from dualpath_jax.utils import enable_compilation_cache
+  from dualpath_jax.compile_cache import enable_compilation_cache
   enable_compilation_cache()
   import jax
   import tqdm

@@ -67,7 +67,7 @@ import numpy as np
 import tensorstore as ts
 
 from dualpath_jax.config import CacheConfig, ModelConfig
-from dualpath_jax.utils import page_aligned_empty
+from dualpath_jax.disk_io import page_aligned_empty
 from storage import chunk_reader as chunk_reader_lib
 from storage import chunk_writer as chunk_writer_lib
 from storage import encryption

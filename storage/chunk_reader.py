@@ -51,7 +51,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dualpath_jax.utils import page_aligned_empty
+from dualpath_jax.disk_io import page_aligned_empty
 from storage import chunk_writer as chunk_writer_lib
 from storage.io_pool import submit_or_run
 

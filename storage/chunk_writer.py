@@ -72,7 +72,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dualpath_jax.utils import PAGE_BYTES, page_aligned_empty, sync_directory
+from dualpath_jax.disk_io import PAGE_BYTES, page_aligned_empty, sync_directory
 from storage.io_pool import submit_or_run
 
 try:

@@ -50,7 +50,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dualpath_jax.utils import sync_directory
+from dualpath_jax.disk_io import sync_directory
 
 _log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from typing import Any, Iterable
 
 import tensorstore as ts
 
-from dualpath_jax.utils import sync_directory
+from dualpath_jax.disk_io import sync_directory
 from storage.codecs import BlockCodec
 from storage.config import ColdTierConfig
 from storage.io_pool import submit_or_run

@@ -77,7 +77,7 @@ def pytest_configure(config):
   # Other children (`python -c ...`) read JAX's own variables.
   os.environ["JAX_COMPILATION_CACHE_DIR"] = path
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  from dualpath_jax.utils import enable_compilation_cache  # pylint: disable=g-import-not-at-top
+  from dualpath_jax.compile_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top
   enable_compilation_cache(path, min_compile_time_s=0)
 
 

@@ -9,7 +9,7 @@ line is killed after a timeout, so it fails its test instead of hanging it.
 The launcher starts with SIGINT ignored, as a shell without job control
 starts its background jobs (`cmd &` in a script, and so a test run started
 that way): a launcher must make Ctrl-C an end by itself
-(`dualpath_jax.utils.make_ctrl_c_an_end`), whoever started it.
+(`dualpath_jax.interrupts.make_ctrl_c_an_end`), whoever started it.
 """
 
 from __future__ import annotations

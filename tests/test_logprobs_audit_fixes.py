@@ -293,7 +293,7 @@ def test_an_empty_rollouts_path_is_refused_before_the_run(tmp_path):
 _INTERRUPT_AFTER_A_ROLLOUT = """
 import os, signal, sys, time
 from absl import app
-from dualpath_jax.utils import ctrl_c_ends_quietly
+from dualpath_jax.interrupts import ctrl_c_ends_quietly
 from dualpath_jax.workload import replay
 from launch import agent_eval
 

@@ -141,7 +141,7 @@ def test_a_write_the_os_refuses_is_one_line_and_keeps_the_old_file(
   launchers' wrapper prints it as one line and exits 1 now, the previous
   report whole and no temporary file left."""
   import errno  # pylint: disable=g-import-not-at-top
-  from dualpath_jax.utils import ctrl_c_ends_quietly  # pylint: disable=g-import-not-at-top
+  from dualpath_jax.interrupts import ctrl_c_ends_quietly  # pylint: disable=g-import-not-at-top
   path = tmp_path / "r.json"
   outputs.write_json({"old": 1}, str(path))
 

@@ -18,7 +18,7 @@ import pytest
 
 from dualpath_jax.config import TINY, CacheConfig
 from dualpath_jax.transfer.source import StagingRows
-from dualpath_jax.utils import PAGE_BYTES, page_aligned_empty
+from dualpath_jax.disk_io import PAGE_BYTES, page_aligned_empty
 from storage import BlockStore, ColdTierConfig
 from storage import chunk_reader as chunk_reader_lib
 from storage_support import o_direct_works

@@ -1,4 +1,5 @@
-"""dualpath_jax.utils: the launchers' process-wide helpers, in process."""
+"""The launchers' process-wide helpers, in process: Ctrl-C handling
+(`dualpath_jax.interrupts`), the compilation cache, the listening socket."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from dualpath_jax import utils
+from dualpath_jax import compile_cache, interrupts, utils
 
 
 def test_ctrl_c_ends_a_launcher_with_one_line_and_status_130(capsys):
@@ -18,23 +19,23 @@ def test_ctrl_c_ends_a_launcher_with_one_line_and_status_130(capsys):
     raise KeyboardInterrupt
 
   with pytest.raises(SystemExit) as stop:
-    utils.ctrl_c_ends_quietly(main, "demo")(["prog"])
+    interrupts.ctrl_c_ends_quietly(main, "demo")(["prog"])
   assert stop.value.code == 130
   assert capsys.readouterr().err == "demo: interrupted\n"
 
 
 def test_other_endings_pass_through(capsys):
-  assert utils.ctrl_c_ends_quietly(lambda argv: 7, "demo")([]) == 7
+  assert interrupts.ctrl_c_ends_quietly(lambda argv: 7, "demo")([]) == 7
 
   def refuses(argv):
     raise SystemExit("demo: bad flag")
   with pytest.raises(SystemExit, match="demo: bad flag"):
-    utils.ctrl_c_ends_quietly(refuses, "demo")([])
+    interrupts.ctrl_c_ends_quietly(refuses, "demo")([])
 
   def fails(argv):
     raise ValueError("a bug")
   with pytest.raises(ValueError, match="a bug"):
-    utils.ctrl_c_ends_quietly(fails, "demo")([])
+    interrupts.ctrl_c_ends_quietly(fails, "demo")([])
   assert capsys.readouterr().err == ""
 
 
@@ -45,7 +46,7 @@ def test_ctrl_c_ignored_at_start_is_made_an_end():
       os.kill(os.getpid(), signal.SIGINT)  # delivered before kill returns
       return "ran on"
     with pytest.raises(SystemExit) as stop:
-      utils.ctrl_c_ends_quietly(main, "demo")([])
+      interrupts.ctrl_c_ends_quietly(main, "demo")([])
     assert stop.value.code == 130
   finally:
     signal.signal(signal.SIGINT, previous)
@@ -54,11 +55,11 @@ def test_ctrl_c_ignored_at_start_is_made_an_end():
 def test_interrupts_deferred_raises_after_the_body():
   done = []
   with pytest.raises(KeyboardInterrupt):
-    with utils.interrupts_deferred():
+    with interrupts.interrupts_deferred():
       os.kill(os.getpid(), signal.SIGINT)
       done.append("after the signal")
   assert done == ["after the signal"]
-  with utils.interrupts_deferred():  # no signal: nothing raised
+  with interrupts.interrupts_deferred():  # no signal: nothing raised
     done.append("quiet")
   assert done[-1] == "quiet"
 
@@ -142,10 +143,10 @@ def test_cache_threshold_follows_jax_own_variable(
                        raising=False)
   else:
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", env)
-  assert utils.enable_compilation_cache(str(tmp_path)) == str(tmp_path)
+  assert compile_cache.enable_compilation_cache(str(tmp_path)) == str(tmp_path)
   assert jax.config.jax_compilation_cache_dir == str(tmp_path)
   assert jax.config.jax_persistent_cache_min_compile_time_secs == want
-  utils.enable_compilation_cache(str(tmp_path), min_compile_time_s=7.0)
+  compile_cache.enable_compilation_cache(str(tmp_path), min_compile_time_s=7.0)
   assert jax.config.jax_persistent_cache_min_compile_time_secs == 7.0
 
 
@@ -155,7 +156,7 @@ def test_a_cache_threshold_that_is_not_a_number_is_refused(
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "soon")
   before = jax.config.jax_compilation_cache_dir
   with pytest.raises(ValueError, match="'soon' is not a number"):
-    utils.enable_compilation_cache(str(tmp_path / "c"))
+    compile_cache.enable_compilation_cache(str(tmp_path / "c"))
   assert jax.config.jax_compilation_cache_dir == before  # nothing changed
 
 
@@ -184,15 +185,15 @@ def test_a_ctrl_c_python_dropped_still_ends_the_launcher(capsys):
     finally:
       gc.callbacks.remove(drop_a_sigint)
     steps.append("ran on")
-    utils.raise_if_interrupted()
+    interrupts.raise_if_interrupted()
     steps.append("never")
 
   with pytest.raises(SystemExit) as stop:
-    utils.ctrl_c_ends_quietly(main, "demo")([])
+    interrupts.ctrl_c_ends_quietly(main, "demo")([])
   assert stop.value.code == 130 and steps == ["dropped", "ran on"]
   assert capsys.readouterr().err.endswith("demo: interrupted\n")
   # the wrapper put its handler back; a new run starts uninterrupted
-  assert utils.ctrl_c_ends_quietly(lambda argv: 7, "demo")([]) == 7
+  assert interrupts.ctrl_c_ends_quietly(lambda argv: 7, "demo")([]) == 7
 
 
 def test_a_ctrl_c_dropped_in_a_finalizer_prints_no_traceback():
@@ -203,7 +204,7 @@ def test_a_ctrl_c_dropped_in_a_finalizer_prints_no_traceback():
   import subprocess  # pylint: disable=g-import-not-at-top
   code = """
 import os, signal, sys
-from dualpath_jax import utils
+from dualpath_jax import interrupts
 
 class Finalized:
   def __del__(self):
@@ -213,11 +214,11 @@ def main(argv):
   obj = Finalized()
   del obj
   print("ran on", flush=True)
-  utils.raise_if_interrupted()
+  interrupts.raise_if_interrupted()
 
 hook = sys.unraisablehook
 try:
-  utils.ctrl_c_ends_quietly(main, "demo")([])
+  interrupts.ctrl_c_ends_quietly(main, "demo")([])
 finally:
   print("hook put back:", sys.unraisablehook is hook, flush=True)
 """

@@ -53,7 +53,7 @@ from flax import nnx
 from dualpath_jax.model import gguf_loader
 from dualpath_jax.model.llama import Llama
 from dualpath_jax.model.pure_dict import abstract_model
-from dualpath_jax.utils import interrupts_deferred
+from dualpath_jax.interrupts import interrupts_deferred
 
 # What needs no JAX lives apart (the metadata file, the output directory's
 # checks), so that launchers refuse bad input early; re-exported here.

@@ -22,7 +22,8 @@ from absl import logging
 
 from dualpath_jax import outputs
 from dualpath_jax.config import ModelConfig
-from dualpath_jax.utils import is_integer, sync_directory
+from dualpath_jax.disk_io import sync_directory
+from dualpath_jax.utils import is_integer
 
 METADATA_FILE = "dualpath_model.json"
 FORMAT_VERSION = 1

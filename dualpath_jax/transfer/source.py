@@ -16,7 +16,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from dualpath_jax.utils import page_aligned_empty
+from dualpath_jax.disk_io import page_aligned_empty
 
 
 class BlockSource(Protocol):
