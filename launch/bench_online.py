@@ -38,7 +38,7 @@ from absl import app, flags, logging
 
 from dualpath_jax.interrupts import ctrl_c_ends_quietly, raise_if_interrupted
 from launch import (cluster_flags, distributed_flags, engine_flags, float_flags,
-                    input_paths, key_flags, workload_flags)
+                    input_paths, key_flags, list_flags, workload_flags)
 
 FLAGS = flags.FLAGS
 
@@ -106,30 +106,6 @@ def _count_compiles(event: str, _secs: float, **_kwargs) -> None:
 
 def _fail(msg: str):
   sys.exit(f"bench_online: {msg}")
-
-
-def _parse_rates(text: str) -> list[float]:
-  if not all(x.strip() for x in text.split(",")):  # "0.1,,0.2": a typo
-    _fail(f"--rates has an empty entry: {text!r}")
-  try:
-    rates = [float(x) for x in text.split(",")]
-  except ValueError:
-    _fail(f"--rates must be a comma list of numbers, got {text!r}")
-  if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
-    _fail(f"--rates must be finite agents/s > 0, got {text!r}")
-  if len(set(rates)) != len(rates):
-    _fail(f"--rates lists a rate twice: {text!r}")
-  return sorted(rates)
-
-
-def _parse_policies(text: str) -> list[str]:
-  pols = [p.strip() for p in text.split(",")]
-  bad = [p for p in pols if p not in _POLICIES]
-  if not pols or bad:
-    _fail(f"--policies must be a comma list of {_POLICIES}, got {text!r}")
-  if len(set(pols)) != len(pols):
-    _fail(f"--policies lists a policy twice: {text!r}")
-  return pols
 
 
 def _run_dir(root: str, policy: str, rate: float) -> str:
@@ -275,8 +251,11 @@ def main(argv):
   if multi:
     _fail("the benchmark's serving loop is single-controller; multi-process "
           "runs are not supported yet (docs/pod_launch.md)")
-  rates = _parse_rates(FLAGS.rates)
-  policies = _parse_policies(FLAGS.policies)
+  try:
+    rates = list_flags.rates("rates", FLAGS.rates)
+    policies = list_flags.choices("policies", FLAGS.policies, _POLICIES)
+  except ValueError as e:
+    _fail(str(e))
   from dualpath_jax.workload.slo import SloSpec, sustained_rate
   try:
     slo = SloSpec(ttft_s=FLAGS.slo_ttft_s, percentile=FLAGS.slo_percentile,

@@ -1,14 +1,17 @@
-"""List flags whose values must be positive integers (`--samples=1,4,8`).
+"""Comma-list flags checked in one place: sizes, names, rates.
 
-absl's `DEFINE_list` hands the launcher strings; each launcher that takes
-sizes used to turn them into ints with its own loop and message. One place
-now: `positive_ints` refuses a non-integer, a value < 1 and an empty list,
-naming the flag and an example, before anything runs.
+absl's `DEFINE_list` hands the launcher strings (and a plain string flag a
+comma list); each launcher used to parse them with its own loop and
+message. Here: `positive_ints` (`--samples=1,4,8`), `choices`
+(`--policies=dualpath,oracle`) and `rates` (`--rates=0.1,0.2`) refuse an
+empty list or entry ("0.1,,0.2" is a typo, not two rates), a repeat and a
+value out of range, naming the flag, before anything runs (ValueError).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Iterable, Sequence
 
 
 def positive_ints(name: str, values: Sequence[str] | None, *,
@@ -25,3 +28,40 @@ def positive_ints(name: str, values: Sequence[str] | None, *,
     got = ",".join(str(v) for v in values or ())
     raise ValueError(f"--{name}: give {what}, e.g. {example}; got {got!r}")
   return out
+
+
+def _entries(name: str, text: str) -> list[str]:
+  items = [p.strip() for p in text.split(",")]
+  if not any(items):
+    raise ValueError(f"--{name} is empty")
+  if not all(items):
+    raise ValueError(f"--{name} has an empty entry: {text!r}")
+  if len(set(items)) != len(items):
+    raise ValueError(f"--{name} lists an entry twice: {text!r}")
+  return items
+
+
+def choices(name: str, text: str, allowed: Iterable[str]) -> list[str]:
+  """`--name`'s comma list, each entry one of `allowed`, none twice."""
+  items = _entries(name, text)
+  allowed = list(allowed)
+  bad = [p for p in items if p not in allowed]
+  if bad:
+    raise ValueError(f"--{name}: unknown {bad}; choose from {allowed}")
+  return items
+
+
+def rates(name: str, text: str) -> list[float]:
+  """`--name`'s comma list of finite numbers > 0 (agents/s), none twice,
+  sorted."""
+  items = _entries(name, text)
+  try:
+    values = [float(p) for p in items]
+  except ValueError:
+    raise ValueError(f"--{name} must be a comma list of numbers, got "
+                     f"{text!r}") from None
+  if any(not (r > 0 and math.isfinite(r)) for r in values):
+    raise ValueError(f"--{name} must be finite agents/s > 0, got {text!r}")
+  if len(set(values)) != len(values):  # "0.1,0.10"
+    raise ValueError(f"--{name} lists a rate twice: {text!r}")
+  return sorted(values)

@@ -29,13 +29,12 @@ policies and cluster shapes, not to predict a deployment's latency.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 
 from absl import app, flags
 
 from dualpath_jax.interrupts import ctrl_c_ends_quietly, raise_if_interrupted
-from launch import float_flags, input_paths, key_flags
+from launch import float_flags, input_paths, key_flags, list_flags
 
 FLAGS = flags.FLAGS
 
@@ -143,32 +142,9 @@ def _fail(msg: str):
   sys.exit(f"simulate: {msg}")
 
 
-def _parse_list(name: str, text: str, allowed=None) -> list[str]:
-  items = [p.strip() for p in text.split(",")]
-  if not any(items):
-    _fail(f"--{name} is empty")
-  if not all(items):  # "0.1,,0.2" was taken as two rates, silently
-    _fail(f"--{name} has an empty entry: {text!r}")
-  if len(set(items)) != len(items):
-    _fail(f"--{name} lists an entry twice: {text!r}")
-  bad = [p for p in items if allowed is not None and p not in allowed]
-  if bad:
-    _fail(f"--{name}: unknown {bad}; choose from {list(allowed)}")
-  return items
-
-
 def _parse_rates(text: str) -> list[float]:
-  if not text.strip():
-    return []
-  try:
-    rates = [float(p) for p in _parse_list("rates", text)]
-  except ValueError:
-    _fail(f"--rates must be a comma list of numbers, got {text!r}")
-  if any(not (r > 0 and math.isfinite(r)) for r in rates):
-    _fail(f"--rates must be finite agents/s > 0, got {text!r}")
-  if len(set(rates)) != len(rates):
-    _fail(f"--rates lists a rate twice: {text!r}")
-  return sorted(rates)
+  """--rates; empty: no online runs (the offline job only)."""
+  return list_flags.rates("rates", text) if text.strip() else []
 
 
 def _cost_models(model_config):
@@ -260,8 +236,11 @@ def main(argv):
   from dualpath_jax.workload.slo import SloSpec, sustained_rate
   from dualpath_jax.workload.trace import TraceError
 
-  policies = _parse_list("policies", FLAGS.policies, POLICY_NAMES)
-  rates = _parse_rates(FLAGS.rates)
+  try:
+    policies = list_flags.choices("policies", FLAGS.policies, POLICY_NAMES)
+    rates = _parse_rates(FLAGS.rates)
+  except ValueError as e:
+    _fail(str(e))
   if FLAGS.model not in MODEL_PRESETS:
     _fail(f"--model {FLAGS.model!r} is not a preset; choose one of "
           f"{sorted(MODEL_PRESETS)}")
