@@ -14,6 +14,8 @@ configured by `ColdTierConfig`. Modules, one job each:
 * `chunk_reader` reads them itself, straight into the caller's rows
                 (O_DIRECT into page-aligned rows, hardware CRC32C)
 * `index`       block identity -> slot in SQLite; crash-safe visibility
+* `removals`    a block's bytes deleted, then its row freed; failed removals
+                queued and retried with a backoff
 * `io_pool`     bounded worker threads and futures
 * `stats`       counters for metrics
 * `page_cache`  drop a directory's files from the OS page cache (benchmarks)

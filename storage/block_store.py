@@ -76,15 +76,10 @@ from storage import layout
 from storage.codecs import make_codec
 from storage.config import ColdTierConfig
 from storage.io_pool import IoPool, completed, gather
+from storage.removals import Removals
 from storage.stats import StoreStats
 
 _log = logging.getLogger(__name__)
-# A put retries removals that keep failing at most this often, the wait
-# doubling from the first to the second (`BlockStore._retry_removals`).
-_REMOVAL_BACKOFF_S = 0.5
-_REMOVAL_BACKOFF_MAX_S = 30.0
-_monotonic = time.monotonic  # the backoff's clock (tests set their own)
-
 # Chunks a read of a decoded store (encrypted, or int8) takes at a time
 # (`_get_decoded`): they are still all in flight at once, and the scratch
 # that holds them stays small (a whole batch's, 64 chunks, cost each read
@@ -236,12 +231,9 @@ class BlockStore:
     self._stats = StoreStats()
     self._logged: set[tuple[bytes, str]] = set()
     self._log_lock = threading.Lock()
-    self._count_lock = threading.Lock()
-    # Hidden rows whose removal failed, with their counter (`_remove`), and
-    # when a put may next retry them (`_retry_removals`).
-    self._unremoved: list[tuple[list[index_lib.SlotRef], str]] = []
-    self._removal_backoff_s = 0.0
-    self._next_removal_retry = 0.0
+    # Deletes' and discards' removal of bytes, and retries of failed ones.
+    self._removals = Removals(config.root, self.index, self._kvstore,
+                              self._slot_dirs, self._stats)
     self._local = threading.local()  # an I/O thread's scratch (`_scratch`)
     self._closed = False
     self._writes = IoPool(config.io_threads, config.max_pending_write_bytes, "cold-write")
@@ -347,28 +339,29 @@ class BlockStore:
 
     Raises OSError when the bytes cannot be removed now: the blocks are no
     longer served all the same, and a later put or delete removes them
-    (`_delete`)."""
+    (`Removals.delete`)."""
     _check_names(tenant=tenant, session=session)
-    return self._delete(self.index.mark_deleting_where(tenant, session))
+    return self._removals.delete(self.index.mark_deleting_where(tenant, session))
 
   def delete_tenant(self, tenant: str) -> int:
     """Removes every block any session of the tenant put (index entry and
     bytes); returns how many. Raises as `delete_session` does."""
     _check_names(tenant=tenant)
-    return self._delete(self.index.mark_deleting_where(tenant, None))
+    return self._removals.delete(self.index.mark_deleting_where(tenant, None))
 
   def recover(self) -> int:
     """Removes half-done writes and deletions of dead processes; returns count.
 
     Blocks whose bytes cannot be removed now stay hidden, queued as a failed
-    delete's are (`_delete`): the open goes on. That failure used to raise
-    out of the open, with the taken rows held by a lease nobody released.
+    delete's are (`Removals.delete`): the open goes on. That failure used to
+    raise out of the open, with the taken rows held by a lease nobody
+    released.
     """
     refs = self.index.dead_owner_rows()
     if not refs:
       return 0
     try:
-      self._remove(refs, "recovered_blocks")
+      self._removals.remove(refs, "recovered_blocks")
     except sqlite3.DatabaseError:
       raise  # the caller tells a full disk from a damaged index
     except Exception as err:  # pylint: disable=broad-except
@@ -408,7 +401,7 @@ class BlockStore:
     self.flush()
     self._writes.shutdown()
     self._reads.shutdown()
-    self._retry_removals()  # what is still left, the next open recovers
+    self._removals.retry()  # what is still left, the next open recovers
     if self._chunk_writer is not None:
       self._chunk_writer.close()
     if self._chunk_reader is not None:
@@ -500,7 +493,7 @@ class BlockStore:
   def _put(self, ids: list[bytes], blocks: np.ndarray, tenant: str,
            session: str, admitted: bool) -> PutResult:
     start = time.perf_counter()
-    self._retry_removals(backoff=True)  # their slots may be needed here
+    self._removals.retry(backoff=True)  # their slots may be needed here
     try:
       reservation = self.index.reserve(ids, tenant, session, admitted=admitted)
     except sqlite3.OperationalError as err:  # e.g. the disk is full
@@ -524,7 +517,7 @@ class BlockStore:
           committed, doomed = self.index.commit(refs)
         except Exception as err:  # pylint: disable=broad-except
           _log.error("cold tier write of %d blocks failed: %s", len(refs), err)
-          self._discard(refs)
+          self._removals.discard(refs)
           handled = lo + len(refs)
           for i in batch_rows:
             statuses[i] = FAILED
@@ -532,7 +525,7 @@ class BlockStore:
           continue
         handled = lo + len(refs)
         if doomed:
-          self._discard(doomed)
+          self._removals.discard(doomed)
         lost = set(refs) - set(committed)  # doomed, or taken by a recovery
         for i, r in zip(batch_rows, refs):
           if r in lost:
@@ -551,25 +544,6 @@ class BlockStore:
         no_space_blocks=statuses.count(index_lib.NO_SPACE),
         evicted_blocks=reservation.evicted, write_seconds=time.perf_counter() - start)
     return PutResult(statuses)
-
-  def _discard(self, refs: Sequence[index_lib.SlotRef]) -> None:
-    """Deletes the bytes of rows this process holds (reserved by its writer,
-    or hidden as bad by its reader) and frees the rows."""
-    if self._slot_dirs is not None:
-      self._slot_dirs.forget(r.slot for r in refs)
-    try:
-      self._delete_bytes(refs)
-    except Exception as err:  # pylint: disable=broad-except
-      # Safe to free the slots anyway: no READY row points at them, and
-      # their next write replaces whatever bytes are left.
-      _log.error("cold tier: removing the bytes of %d unstored blocks failed: %s",
-                 len(refs), err)
-    try:
-      self.index.release(refs)
-    except sqlite3.OperationalError as err:
-      # They stay reserved (in flight) until this process ends; the next
-      # open recovers them as a dead writer's.
-      _log.error("cold tier: freeing %d unstored blocks failed: %s", len(refs), err)
 
   def _write_chunks(
       self,
@@ -800,7 +774,8 @@ class BlockStore:
     misses, counted: which are current is checked read only and they stay
     listed, for a later read to remove. This used to raise out of the whole
     read, so the batch's good blocks were lost with the bad one and nothing
-    was counted. A failed removal of the bytes is logged, as in `_discard`.
+    was counted. A failed removal of the bytes is logged, as in
+    `Removals.discard`.
     """
     unreadable = [(ref, err) for ref, reason, err in bad if reason == "unreadable"]
     if unreadable:
@@ -832,97 +807,7 @@ class BlockStore:
                      f"{ref.block_id.hex()[:16]} at slot {ref.slot} is {reason}; "
                      f"treated as a miss: {err}")
     if hidden:
-      self._discard(hidden)
-
-  def _delete(self, refs: list[index_lib.SlotRef]) -> int:
-    """Removes the bytes of blocks a delete hid, then frees their rows;
-    returns how many.
-
-    When that fails (the kvstore refuses the removal, the index cannot
-    write), the blocks stay deleted for readers (hidden: `get` misses them,
-    `contains` is False) and their rows stay DELETING, holding the slots
-    whose bytes are still to be removed. They are queued: the next put or
-    delete of this store removes them (or its `close`; rows a process left
-    behind when it ended are the next open's, `recover`), and OSError says
-    so. They used to be left until the process ended: their slots were lost
-    to puts (all "no_space" once the rest was full), a put of the same ids
-    said "in_flight" and stored nothing, and a second delete found nothing
-    left to do and returned 0 while the bytes stayed on disk.
-    """
-    self._retry_removals()
-    try:
-      self._remove(refs, "deleted_blocks")
-    except Exception as err:  # pylint: disable=broad-except
-      raise OSError(
-          f"cold tier {self.config.root}: removing {len(refs)} deleted blocks "
-          f"failed ({err}); they are no longer served, and the next put or "
-          "delete of the store finishes their removal") from err
-    return len(refs)
-
-  def _remove(self, refs: Sequence[index_lib.SlotRef], counter: str) -> None:
-    """Deletes the bytes of rows this process hid (DELETING), then frees the
-    rows, and counts them in `counter` ("deleted_blocks" or
-    "recovered_blocks"). On failure the rows stay hidden and are queued for
-    `_retry_removals`, and the error is raised."""
-    if not refs:
-      return
-    try:
-      self._delete_bytes(refs)
-      self.index.release(refs)
-    except BaseException:
-      with self._count_lock:
-        self._unremoved.append((list(refs), counter))
-      raise
-    self._stats.add(**{counter: len(refs)})
-
-  def _retry_removals(self, backoff: bool = False) -> None:
-    """Removes the blocks whose removal failed before (`_remove`); a new
-    failure is logged and leaves them queued. Each queued block is taken by
-    one caller: two removing one slot at once could delete the chunk of the
-    next block written there.
-
-    With `backoff` (a put's call), nothing is tried before the backoff
-    since the last failed retry has passed: it doubles from
-    `_REMOVAL_BACKOFF_S` up to `_REMOVAL_BACKOFF_MAX_S` while retries keep
-    failing, so a store whose removals are down does not spend a failing
-    transaction and a warning on every put. Deletes and `close` always try.
-    """
-    now = _monotonic()
-    with self._count_lock:
-      if not self._unremoved or (backoff and now < self._next_removal_retry):
-        return
-      queued, self._unremoved = self._unremoved, []
-    failed = False
-    for refs, counter in queued:
-      try:
-        self._remove(refs, counter)
-      except Exception as err:  # pylint: disable=broad-except
-        failed = True
-        _log.warning("cold tier %s: removing %d deleted blocks failed again "
-                     "(%s); retried later", self.config.root, len(refs), err)
-      else:
-        _log.info("cold tier %s: removed %d deleted blocks whose removal "
-                  "had failed", self.config.root, len(refs))
-    with self._count_lock:
-      if failed:
-        self._removal_backoff_s = min(
-            _REMOVAL_BACKOFF_MAX_S,
-            max(_REMOVAL_BACKOFF_S, 2 * self._removal_backoff_s))
-        self._next_removal_retry = _monotonic() + self._removal_backoff_s
-      else:
-        self._removal_backoff_s = 0.0
-        self._next_removal_retry = 0.0
-
-  def _delete_bytes(self, refs: Sequence[index_lib.SlotRef]) -> None:
-    """Deletes the chunks of `refs` (absent chunks are fine)."""
-    if not refs:
-      return
-    txn = ts.Transaction()
-    kv = self._kvstore.with_transaction(txn)
-    for ref in refs:
-      key = self.chunk_key(ref.slot)
-      kv.delete_range(ts.KvStore.KeyRange(key, key + b"\x00")).result()
-    txn.commit_async().result()
+      self._removals.discard(hidden)
 
   def _log_once(self, key: tuple[bytes, str], message: str) -> None:
     """Logs `message` the first time `key` (a block id and what happened

@@ -34,6 +34,7 @@ from storage import block_store as block_store_lib
 from storage import chunk_reader as chunk_reader_lib
 from storage import chunk_writer as chunk_writer_lib
 from storage import encryption
+from storage import removals as removals_lib
 from storage.clone import clone_store
 
 CACHE = CacheConfig(block_size=16, dtype="bfloat16")
@@ -299,7 +300,7 @@ def _fail_removals(monkeypatch, store):
   """Makes the store's chunk removals fail as an unavailable kvstore's do."""
   def broken(refs):
     raise ValueError(f"UNAVAILABLE: cannot delete {len(refs)} chunks (injected)")
-  monkeypatch.setattr(store, "_delete_bytes", broken)
+  monkeypatch.setattr(store._removals, "delete_bytes", broken)  # pylint: disable=protected-access
 
 
 def test_a_failed_delete_hides_its_blocks_and_a_retried_delete_removes_them(
@@ -366,7 +367,7 @@ def test_puts_back_off_from_removals_that_keep_failing(tmp_path, monkeypatch):
   a delete still tries at once."""
   rng = np.random.default_rng()
   clock = [100.0]
-  monkeypatch.setattr(block_store_lib, "_monotonic", lambda: clock[0])
+  monkeypatch.setattr(removals_lib, "_monotonic", lambda: clock[0])
   tries = []
   with _store(tmp_path, slots=16) as store:
     ids, blocks = _blocks(rng, 2, store)
@@ -375,7 +376,7 @@ def test_puts_back_off_from_removals_that_keep_failing(tmp_path, monkeypatch):
     def broken(refs):
       tries.append(len(refs))
       raise ValueError("UNAVAILABLE: cannot delete (injected)")
-    monkeypatch.setattr(store, "_delete_bytes", broken)
+    monkeypatch.setattr(store._removals, "delete_bytes", broken)  # pylint: disable=protected-access
     with pytest.raises(OSError):
       store.delete_session("t", "s")
     assert len(tries) == 1
@@ -401,13 +402,14 @@ def test_puts_back_off_from_removals_that_keep_failing(tmp_path, monkeypatch):
     assert len(tries) == 4
     assert store.delete_session("t", "nobody") == 0  # a delete always tries
     assert len(tries) == 5
-    monkeypatch.setattr(store, "_delete_bytes", lambda refs: None)
+    monkeypatch.setattr(store._removals, "delete_bytes",  # pylint: disable=protected-access
+                        lambda refs: None)
     put_one()  # still backing off (2 s from the delete's failure)
     assert store.stats()["index_deleting"] == 2
     clock[0] += 60
     put_one()  # removed; the backoff starts over
     assert store.stats()["index_deleting"] == 0
-    assert store._removal_backoff_s == 0  # pylint: disable=protected-access
+    assert store._removals._backoff_s == 0  # pylint: disable=protected-access
 
 
 def test_an_open_whose_recovery_cannot_remove_bytes_opens_and_retries(
@@ -418,7 +420,7 @@ def test_an_open_whose_recovery_cannot_remove_bytes_opens_and_retries(
     dead.index.reserve(ids, "t", "s")  # its writer dies before the commit
   def broken(self, refs):
     raise ValueError(f"UNAVAILABLE: cannot delete {len(refs)} chunks (injected)")
-  monkeypatch.setattr(BlockStore, "_delete_bytes", broken)
+  monkeypatch.setattr(removals_lib.Removals, "delete_bytes", broken)
   store = _store(tmp_path, slots=4)  # raised out of the open before
   try:
     assert store.stats()["index_deleting"] == 3
