@@ -39,7 +39,7 @@ torn, corrupt or raced block is None: counted in `stats()`, logged once, and
 its index entry and bytes removed so that the engine recomputes and re-puts it.
 A block whose read failed without proving it bad (an OS error such as too
 many open files, an unavailable kvstore) is None too, but stays stored for a
-later read (`read_failure`).
+later read (`storage.bad_chunks`).
 With `out=` (a `[n, L, 2, Hkv, P, D]` buffer the caller reuses, e.g. a staging
 buffer), the chunks are read straight into it (raw and zstd codecs)
 and the result holds views of its rows: no fresh result arrays, whose first
@@ -73,6 +73,7 @@ from storage import chunk_writer as chunk_writer_lib
 from storage import encryption
 from storage import index as index_lib
 from storage import layout
+from storage.bad_chunks import BadChunks, read_failure
 from storage.codecs import make_codec
 from storage.config import ColdTierConfig
 from storage.io_pool import IoPool, completed, gather
@@ -114,38 +115,6 @@ def _check_names(**names: object) -> None:
   for what, value in names.items():
     if not isinstance(value, str):
       raise TypeError(f"{what} must be a str; got {value!r}")
-
-
-# TensorStore's marks of an error the OS returned (errno), new and old.
-_OS_ERROR_MARKS = ("os_error_code=", "[OS error")
-# Status codes of a chunk whose bytes were read and refused: a failed
-# CRC32C ("DATA_LOSS: ... Digest mismatch"), a torn or undecodable payload
-# ("FAILED_PRECONDITION: ... Not enough data", a zstd error). Nothing else:
-# a remote kvstore's INVALID_ARGUMENT (HTTP 400, a bad request or config)
-# would have removed every block it was asked for.
-_DAMAGE_CODES = ("DATA_LOSS", "FAILED_PRECONDITION")
-
-
-def read_failure(err: BaseException) -> str:
-  """Why a chunk read failed: "missing" (no chunk), "corrupt" (its bytes
-  were read and are bad) or "unreadable" (anything else).
-
-  Only "missing" and "corrupt" prove the stored block is gone or damaged,
-  and only they remove it. An error from the OS (too many open files, an
-  I/O error, a refused permission: TensorStore adds the errno to the
-  message) or from a remote kvstore (unavailable, a deadline) says nothing
-  of the bytes: removing the block then lost a good one for a transient
-  failure. A block that stays unreadable is not removed but ages out: a
-  failed read does not make it recent (`BlockIndex.touch`).
-  """
-  text = str(err)
-  if any(mark in text for mark in _OS_ERROR_MARKS):
-    return "unreadable"
-  code = text.split(":", 1)[0].strip()
-  if code == "NOT_FOUND":
-    return "missing"
-  return "corrupt" if code in _DAMAGE_CODES else "unreadable"
-
 
 
 def _recorded_location_free(stored: dict) -> dict:
@@ -229,11 +198,12 @@ class BlockStore:
     self._chunk_writer = self._make_chunk_writer()
     self._chunk_reader = self._make_chunk_reader()
     self._stats = StoreStats()
-    self._logged: set[tuple[bytes, str]] = set()
-    self._log_lock = threading.Lock()
     # Deletes' and discards' removal of bytes, and retries of failed ones.
     self._removals = Removals(config.root, self.index, self._kvstore,
                               self._slot_dirs, self._stats)
+    # Reads' failed chunks: counted, logged, the lost blocks removed.
+    self._bad_chunks = BadChunks(config.root, self.index, self._removals,
+                                 self._stats)
     self._local = threading.local()  # an I/O thread's scratch (`_scratch`)
     self._closed = False
     self._writes = IoPool(config.io_threads, config.max_pending_write_bytes, "cold-write")
@@ -591,7 +561,7 @@ class BlockStore:
       into = None if out is None else out.reshape(len(out), -1)
       batch, ok, bad = self._read_chunks(present, into, rows)
       if bad:
-        self._drop_bad(bad)
+        self._bad_chunks.drop(bad)
       keep = self._still_current(present, [i for i in range(len(present))
                                            if ok[i]])
       if out is not None:
@@ -650,7 +620,7 @@ class BlockStore:
           got.append(dest)
       blocks += got
     if bad:
-      self._drop_bad(bad)
+      self._bad_chunks.drop(bad)
     keep = self._still_current(refs, [i for i, block in enumerate(blocks)
                                       if block is not None])
     return {refs[i].block_id: blocks[i] for i in keep}
@@ -756,66 +726,3 @@ class BlockStore:
     if batch is not None:
       batch = batch.reshape(len(refs), *self.codec.stored_shape)
     return batch, [v is None for v in verdicts], failures
-
-  def _drop_bad(self, bad: Sequence[tuple[index_lib.SlotRef, str, str]]) -> None:
-    """Counts, logs and removes blocks whose chunk failed to read.
-
-    Only a missing or corrupt chunk is removed (`read_failure`). One that
-    could not be read (the OS or the kvstore failed: too many open files,
-    an I/O error) is a miss counted as `miss_unreadable` and stays stored,
-    listed by `contains`, for a later read to serve: it used to be removed
-    as corrupt, so a transient failure lost good blocks.
-
-    A failure on a block that is no longer current (evicted while it was
-    read, its slot being rewritten in place) is a race, not damage: counted
-    as `miss_raced`, nothing logged or removed.
-
-    When the index cannot write (a full disk), the bad blocks are still
-    misses, counted: which are current is checked read only and they stay
-    listed, for a later read to remove. This used to raise out of the whole
-    read, so the batch's good blocks were lost with the bad one and nothing
-    was counted. A failed removal of the bytes is logged, as in
-    `Removals.discard`.
-    """
-    unreadable = [(ref, err) for ref, reason, err in bad if reason == "unreadable"]
-    if unreadable:
-      self._stats.add(miss_unreadable=len(unreadable))
-      for ref, err in unreadable:
-        self._log_once((ref.block_id, "unreadable"), f"cold tier block "
-                       f"{ref.block_id.hex()[:16]} at slot {ref.slot} could not "
-                       f"be read; a miss, kept stored: {err}")
-      bad = [failure for failure in bad if failure[1] != "unreadable"]
-      if not bad:
-        return
-    try:
-      hidden = self.index.mark_deleting([ref for ref, _, _ in bad])
-      current = {(r.block_id, r.gen) for r in hidden}
-    except sqlite3.OperationalError as err:  # e.g. the disk is full
-      _log.warning("cold tier %s: cannot remove %d bad blocks from the index "
-                   "(%s); they are misses until a later read removes them",
-                   self.config.root, len(bad), err)
-      hidden = []
-      now = self.index.lookup([ref.block_id for ref, _, _ in bad])
-      current = {(r.block_id, r.gen) for r in now if r is not None}
-    damaged = [(ref, reason, err) for ref, reason, err in bad
-               if (ref.block_id, ref.gen) in current]
-    self._stats.add(miss_missing=sum(r == "missing" for _, r, _ in damaged),
-                    miss_corrupt=sum(r == "corrupt" for _, r, _ in damaged),
-                    miss_raced=len(bad) - len(damaged))
-    for ref, reason, err in damaged:
-      self._log_once((ref.block_id, reason), f"cold tier block "
-                     f"{ref.block_id.hex()[:16]} at slot {ref.slot} is {reason}; "
-                     f"treated as a miss: {err}")
-    if hidden:
-      self._removals.discard(hidden)
-
-  def _log_once(self, key: tuple[bytes, str], message: str) -> None:
-    """Logs `message` the first time `key` (a block id and what happened
-    to it) comes."""
-    with self._log_lock:
-      if key in self._logged:
-        return
-      if len(self._logged) > 100_000:
-        self._logged.clear()
-      self._logged.add(key)
-    _log.warning(message)

@@ -25,7 +25,7 @@ TensorStore) straight into the caller's row:
   queue depth, as TensorStore's file I/O pool was).
 
 A chunk's verdict is the one TensorStore's read gives (tested side by side),
-in `block_store.read_failure`'s words: no file (or a directory in its
+in `bad_chunks.read_failure`'s words: no file (or a directory in its
 place) is "missing"; a file shorter than a chunk and its checksum, or one
 whose CRC32C does not match, is "corrupt" (bytes after the checksum are not
 read); the OS refusing or failing the open or the read otherwise (too many
@@ -59,7 +59,7 @@ ALIGNMENT = chunk_writer_lib.ALIGNMENT
 TRAILER_BYTES = 4  # the zarr3 crc32c codec's checksum, little endian
 
 # A chunk read's failure: (reason, message), reason one of
-# `block_store.read_failure`'s ("missing", "corrupt", "unreadable").
+# `bad_chunks.read_failure`'s ("missing", "corrupt", "unreadable").
 Failure = tuple[str, str]
 
 

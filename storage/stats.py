@@ -15,7 +15,7 @@ COUNTERS = (
     "get_calls", "get_blocks", "hit_blocks", "read_bytes",
     "miss_absent", "miss_missing", "miss_corrupt", "miss_raced",
     # a read that failed without proving the block bad (an OS or kvstore
-    # error): a miss, the block kept (`block_store.read_failure`)
+    # error): a miss, the block kept (`bad_chunks.read_failure`)
     "miss_unreadable",
     "deleted_blocks", "recovered_blocks",
 )

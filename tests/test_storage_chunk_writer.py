@@ -132,7 +132,7 @@ def test_a_read_racing_a_rewrite_is_a_race_not_damage(tmp_path):
     batch, ok, bad = store._read_chunks([stale])
     assert ok == [False] and bad[0][1] == "corrupt"
     open(path, "wb").write(good)  # the rewrite completes
-    store._drop_bad(bad)
+    store._bad_chunks.drop(bad)  # pylint: disable=protected-access
     stats = store.stats()
     assert (stats["miss_raced"], stats["miss_corrupt"]) == (1, 0)
     assert store.contains(ids[2:]) == [True]  # the new block and its chunk stay
