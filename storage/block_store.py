@@ -67,26 +67,25 @@ import numpy as np
 import tensorstore as ts
 
 from dualpath_jax.config import CacheConfig, ModelConfig
-from dualpath_jax.disk_io import page_aligned_empty
 from storage import chunk_reader as chunk_reader_lib
 from storage import chunk_writer as chunk_writer_lib
 from storage import encryption
 from storage import index as index_lib
 from storage import layout
 from storage.bad_chunks import BadChunks, read_failure
+from storage.block_reader import SCRATCH_READ_CHUNKS, BlockReader
 from storage.codecs import make_codec
 from storage.config import ColdTierConfig
 from storage.io_pool import IoPool, completed, gather
 from storage.removals import Removals
 from storage.stats import StoreStats
 
-_log = logging.getLogger(__name__)
-# Chunks a read of a decoded store (encrypted, or int8) takes at a time
-# (`_get_decoded`): they are still all in flight at once, and the scratch
-# that holds them stays small (a whole batch's, 64 chunks, cost each read
-# thread its first touch: 90 MB at 1.4 MiB a block, slower than the disk).
-SCRATCH_READ_CHUNKS = 8
+# What other modules import from here: the store, a put's result and its
+# statuses, and the read path's names that predate its own module.
+__all__ = ["BlockStore", "PutResult", "DROPPED", "FAILED", "DELETED",
+           "SCRATCH_READ_CHUNKS", "read_failure"]
 
+_log = logging.getLogger(__name__)
 DROPPED = "dropped"
 FAILED = "failed"
 DELETED = "deleted"  # a delete of its session or tenant came while it was written
@@ -204,6 +203,9 @@ class BlockStore:
     # Reads' failed chunks: counted, logged, the lost blocks removed.
     self._bad_chunks = BadChunks(config.root, self.index, self._removals,
                                  self._stats)
+    self._reader = BlockReader(self.block_shape, self.codec, self._sealed,
+                               self.index, self.array, self._chunk_reader,
+                               self._bad_chunks, self._stats)
     self._local = threading.local()  # an I/O thread's scratch (`_scratch`)
     self._closed = False
     self._writes = IoPool(config.io_threads, config.max_pending_write_bytes, "cold-write")
@@ -277,7 +279,7 @@ class BlockStore:
       self._check_out(out, len(ids))
     self._stats.add(get_calls=1, get_blocks=len(ids))
     step = self.config.max_batch_blocks
-    futures = [self._reads.submit(self._get, ids[i:i + step],
+    futures = [self._reads.submit(self._reader.read, ids[i:i + step],
                                   None if out is None else out[i:i + step])
                for i in range(0, len(ids), step)]
     return gather(futures, lambda parts: [b for part in parts for b in part])
@@ -542,114 +544,6 @@ class BlockStore:
     self.array.with_transaction(txn)[slots].write(encoded).result()
     txn.commit_async().result()
 
-  def _get(
-      self,
-      ids: list[bytes],
-      out: np.ndarray | None,  # [len(ids), L, 2, Hkv, P, D] or None
-  ) -> list[np.ndarray | None]:
-    start = time.perf_counter()
-    refs = self.index.lookup(ids)
-    rows = [i for i, r in enumerate(refs) if r is not None]  # rows of `out`
-    present = [refs[i] for i in rows]
-    found: dict[bytes, np.ndarray] = {}
-    if present and not self.codec.identity:  # encrypted, int8
-      found = self._get_decoded(present, rows, out)
-    elif present:
-      # Identity codecs (raw, zstd) read straight into `out`: no result copy.
-      # Without `out`, the reader allocates the batch (TensorStore's own
-      # read(), or the direct reader's page-aligned batch).
-      into = None if out is None else out.reshape(len(out), -1)
-      batch, ok, bad = self._read_chunks(present, into, rows)
-      if bad:
-        self._bad_chunks.drop(bad)
-      keep = self._still_current(present, [i for i in range(len(present))
-                                           if ok[i]])
-      if out is not None:
-        found = {present[i].block_id: out[rows[i]] for i in keep}
-      else:
-        found = {present[i].block_id: batch[i] for i in keep}
-    hits = sum(block_id in found for block_id in ids)
-    self._stats.add(
-        hit_blocks=hits, read_bytes=hits * self.codec.encoded_block_bytes,
-        miss_absent=sum(r is None for r in refs),
-        read_seconds=time.perf_counter() - start)
-    return [found.get(block_id) for block_id in ids]
-
-  def _get_decoded(
-      self,
-      refs: list[index_lib.SlotRef],
-      rows: list[int],  # row of `out` for each ref
-      out: np.ndarray | None,  # [>= max(rows) + 1, L, 2, Hkv, P, D] or None
-  ) -> dict[bytes, np.ndarray]:
-    """`_get`'s read of a store whose chunks are not the blocks (encrypted,
-    int8): `SCRATCH_READ_CHUNKS` chunks at a time land in this thread's
-    scratch (reused: a fresh array per read costs its first touch, on the
-    benchmark VM slower than the disk), then each is decoded (and first
-    authenticated and decrypted) into its `out` row, or a new block. A
-    failed tag is a corrupt block: changed, or another block's chunk."""
-    blocks: list[np.ndarray | None] = []
-    bad: list[tuple[index_lib.SlotRef, str, str]] = []
-    enc = self.codec.encoded_block_bytes
-    for lo in range(0, len(refs), SCRATCH_READ_CHUNKS):
-      part = refs[lo:lo + SCRATCH_READ_CHUNKS]
-      scratch = self._read_scratch(len(part))  # [k, >= encoded_block_bytes] uint8
-      _, ok, failed = self._read_chunks(
-          part, scratch if self._chunk_reader is not None
-          else scratch.view(self.codec.stored_dtype), list(range(len(part))))
-      scratch = scratch[:, :enc]  # [k, encoded_block_bytes]: the chunks
-      bad += failed
-      dests = (None if out is None else
-               [out[row] for row in rows[lo:lo + len(part)]])
-      if self._sealed:
-        got = self.codec.decode(
-            scratch, [r.block_id if good else None for r, good in zip(part, ok)], dests)
-        for ref, good, block in zip(part, ok, got):
-          if good and block is None:
-            bad.append((ref, "corrupt", "its authentication tag does not match "
-                        "(changed, or another block's chunk)"))
-      else:
-        got = []
-        for j, good in enumerate(ok):
-          if not good:
-            got.append(None)
-            continue
-          dest = (np.empty(self.block_shape, self.codec.dtype) if dests is None
-                  else dests[j])
-          self.codec.decode_into(
-              scratch[j].view(self.codec.stored_dtype).reshape(self.codec.stored_shape), dest)
-          got.append(dest)
-      blocks += got
-    if bad:
-      self._bad_chunks.drop(bad)
-    keep = self._still_current(refs, [i for i, block in enumerate(blocks)
-                                      if block is not None])
-    return {refs[i].block_id: blocks[i] for i in keep}
-
-  def _still_current(self, refs: Sequence[index_lib.SlotRef],
-                     read: list[int]) -> list[int]:
-    """Of the chunks read intact (`read`, indices into `refs`), those whose
-    block is still current: makes them recent in the LRU, counts the rest
-    (evicted or rewritten while read) as `miss_raced`."""
-    valid = self.index.touch([refs[i] for i in read]) if read else []
-    keep = [i for i, still_there in zip(read, valid) if still_there]
-    self._stats.add(miss_raced=len(read) - len(keep))
-    return keep
-
-  def _read_scratch(self, n: int) -> np.ndarray:  # [n, row bytes] uint8
-    """This read thread's reused rows for `n` (<= `SCRATCH_READ_CHUNKS`)
-    chunks: with the direct chunk reader page-aligned rows of the chunk
-    file rounded up to pages (`DirectChunkReader.padded_bytes`, read with
-    O_DIRECT whatever the chunk's size), else rows of one chunk."""
-    buf = getattr(self._local, "read_scratch", None)
-    if buf is None:
-      if self._chunk_reader is not None:
-        buf = page_aligned_empty(
-            (SCRATCH_READ_CHUNKS, self._chunk_reader.padded_bytes), np.uint8)
-      else:
-        buf = np.empty((SCRATCH_READ_CHUNKS, self.codec.encoded_block_bytes), np.uint8)
-      self._local.read_scratch = buf
-    return buf[:n]
-
   def _scratch(self, n: int) -> np.ndarray:  # [n, encoded_block_bytes] uint8
     """This write thread's reused buffer of `n` encoded chunks (grown as
     needed: a put's batch, at most `max_batch_blocks`)."""
@@ -658,71 +552,3 @@ class BlockStore:
       buf = np.empty((n, self.codec.encoded_block_bytes), np.uint8)
       self._local.scratch = buf
     return buf[:n]
-
-  def _read_chunks(
-      self,
-      refs: Sequence[index_lib.SlotRef],
-      # [m, chunk_elems] stored dtype, or None; with the direct chunk reader
-      # also [m, padded_bytes] uint8 (`_read_scratch`)
-      into: np.ndarray | None = None,
-      rows: Sequence[int] = (),  # row of `into` for each ref
-  ) -> tuple[np.ndarray | None, list[bool], list[tuple[index_lib.SlotRef, str, str]]]:
-    """Reads chunks: one batched read, else one per chunk to find the bad ones.
-
-    Without `into`, returns the chunks as `[n, *stored_shape]`; with it, the
-    chunk of `refs[i]` lands in `into[rows[i]]` and None is returned in their
-    place. Also returns whether each chunk was read intact, and the failures
-    with their reason ("missing", "corrupt" or "unreadable": `read_failure`).
-    """
-    slots = np.array([r.slot for r in refs], np.int64)
-    stored = (len(refs), *self.codec.stored_shape)
-    if self._chunk_reader is not None:
-      return self._read_chunks_direct(refs, into, rows)
-    try:
-      if into is None:
-        return self.array[slots].read().result().reshape(stored), [True] * len(refs), []
-      target = ts.array(into, copy=False, write=True)
-      if list(rows) != list(range(len(into))):
-        target = target[np.asarray(rows, np.int64)]
-      target.write(self.array[slots]).result()
-      return None, [True] * len(refs), []
-    except Exception:  # pylint: disable=broad-except
-      pass  # find out which chunks failed, one read each
-    batch = (np.zeros((len(refs), layout.chunk_elems(self.codec)), self.codec.stored_dtype)
-             if into is None else None)
-    futures = [self.array[int(r.slot)].read() for r in refs]
-    ok, failures = [], []
-    for i, (ref, future) in enumerate(zip(refs, futures)):
-      try:
-        chunk = future.result()
-        if into is None:
-          batch[i] = chunk
-        else:
-          into[rows[i]] = chunk
-        ok.append(True)
-      except Exception as err:  # pylint: disable=broad-except
-        ok.append(False)
-        failures.append((ref, read_failure(err), str(err)))
-    return (None if batch is None else batch.reshape(stored)), ok, failures
-
-  def _read_chunks_direct(
-      self,
-      refs: Sequence[index_lib.SlotRef],
-      into: np.ndarray | None,  # as `_read_chunks`'
-      rows: Sequence[int],
-  ) -> tuple[np.ndarray | None, list[bool], list[tuple[index_lib.SlotRef, str, str]]]:
-    """`_read_chunks` by the direct chunk reader: each chunk straight into
-    its row of `into`, or of a new batch `[n, *stored_shape]` (returned)."""
-    batch = None
-    if into is None:  # page-aligned, so that whole-page chunks go O_DIRECT
-      batch = page_aligned_empty((len(refs), layout.chunk_elems(self.codec)),
-                                 self.codec.stored_dtype)
-      into, rows = batch, range(len(refs))
-    dest = into.view(np.uint8)  # [m, chunk_bytes]
-    verdicts = self._chunk_reader.read([r.slot for r in refs],
-                                       [dest[row] for row in rows])
-    failures = [(ref, *failure) for ref, failure in zip(refs, verdicts)
-                if failure is not None]
-    if batch is not None:
-      batch = batch.reshape(len(refs), *self.codec.stored_shape)
-    return batch, [v is None for v in verdicts], failures

@@ -129,7 +129,7 @@ def test_a_read_racing_a_rewrite_is_a_race_not_damage(tmp_path):
     path = store._chunk_writer.chunk_path(stale.slot)
     good = open(path, "rb").read()
     open(path, "r+b").write(b"\x00" * 100)  # what the reader saw mid-rewrite
-    batch, ok, bad = store._read_chunks([stale])
+    batch, ok, bad = store._reader.read_chunks([stale])  # pylint: disable=protected-access
     assert ok == [False] and bad[0][1] == "corrupt"
     open(path, "wb").write(good)  # the rewrite completes
     store._bad_chunks.drop(bad)  # pylint: disable=protected-access
