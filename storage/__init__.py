@@ -14,6 +14,8 @@ configured by `ColdTierConfig`. Modules, one job each:
 * `chunk_reader` reads them itself, straight into the caller's rows
                 (O_DIRECT into page-aligned rows, hardware CRC32C)
 * `index`       block identity -> slot in SQLite; crash-safe visibility
+* `block_writer` the write path: reservation, encoding, durable chunk writes,
+                commit; a put's `PutResult`
 * `block_reader` the read path: lookup, verified chunk reads into the caller's
                 rows, the still-current check, decoding
 * `bad_chunks`  why a chunk read failed; the lost blocks counted, logged

@@ -46,6 +46,17 @@ and the result holds views of its rows: no fresh result arrays, whose first
 touch is a large part of a read's CPU cost (page faults, zeroing;
 docs/storage.md).
 
+This module opens the store (layout, codec and key, index, slot array,
+which chunk writer and reader) and holds the API's checks and lifecycle;
+each path is its own module, owned by the store:
+
+* `storage.block_writer`  `BlockWriter`, a put: reserve, encode, write, commit
+* `storage.block_reader`  `BlockReader`, a get: look up, read, verify, decode
+* `storage.bad_chunks`    `BadChunks`, the chunks a read could not use:
+                          counted, logged once, the lost blocks removed
+* `storage.removals`      `Removals`, a delete's or a discard's bytes and
+                          rows, and the retry of the removals that failed
+
 Durability and visibility: see `storage.index` (bytes durable, then index
 commit; dead writers' leftovers are removed by `recover()`, run on open).
 Layout and kvstores: see `storage.layout`. Codecs: see `storage.codecs`.
@@ -54,13 +65,10 @@ Layout and kvstores: see `storage.layout`. Codecs: see `storage.codecs`.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import dataclasses
 import json
 import logging
 import os
 import sqlite3
-import threading
-import time
 from typing import Sequence
 
 import numpy as np
@@ -74,37 +82,19 @@ from storage import index as index_lib
 from storage import layout
 from storage.bad_chunks import BadChunks, read_failure
 from storage.block_reader import SCRATCH_READ_CHUNKS, BlockReader
+from storage.block_writer import DELETED, DROPPED, FAILED, BlockWriter, PutResult
 from storage.codecs import make_codec
 from storage.config import ColdTierConfig
 from storage.io_pool import IoPool, completed, gather
 from storage.removals import Removals
 from storage.stats import StoreStats
 
-# What other modules import from here: the store, a put's result and its
-# statuses, and the read path's names that predate its own module.
+# What other modules import from here: the store, and names that moved to
+# the write and read paths' modules (still importable from here).
 __all__ = ["BlockStore", "PutResult", "DROPPED", "FAILED", "DELETED",
            "SCRATCH_READ_CHUNKS", "read_failure"]
 
 _log = logging.getLogger(__name__)
-DROPPED = "dropped"
-FAILED = "failed"
-DELETED = "deleted"  # a delete of its session or tenant came while it was written
-
-
-@dataclasses.dataclass(frozen=True)
-class PutResult:
-  """Per-block outcome of a put, in the order of the ids given."""
-
-  statuses: list[str]
-
-  @property
-  def written(self) -> int:
-    return sum(s == index_lib.WRITE for s in self.statuses)
-
-  @property
-  def stored(self) -> list[bool]:
-    """True where the block is now in the store (written or already present)."""
-    return [s in (index_lib.WRITE, index_lib.PRESENT) for s in self.statuses]
 
 
 def _check_names(**names: object) -> None:
@@ -124,6 +114,7 @@ def _recorded_location_free(stored: dict) -> dict:
   if isinstance(stored.get("kvstore"), dict):
     return {**stored, "kvstore": layout.without_root_location(stored["kvstore"])}
   return stored
+
 
 class BlockStore:
   """KV blocks of one model in a TensorStore cold tier (see module docstring)."""
@@ -203,10 +194,14 @@ class BlockStore:
     # Reads' failed chunks: counted, logged, the lost blocks removed.
     self._bad_chunks = BadChunks(config.root, self.index, self._removals,
                                  self._stats)
+    # The get and put paths, run on the read and write pools.
     self._reader = BlockReader(self.block_shape, self.codec, self._sealed,
                                self.index, self.array, self._chunk_reader,
                                self._bad_chunks, self._stats)
-    self._local = threading.local()  # an I/O thread's scratch (`_scratch`)
+    self._writer = BlockWriter(config.root, config.max_batch_blocks, self.codec,
+                               self._sealed, self.index, self.array,
+                               self._slot_dirs, self._chunk_writer,
+                               self._removals, self._stats)
     self._closed = False
     self._writes = IoPool(config.io_threads, config.max_pending_write_bytes, "cold-write")
     self._reads = IoPool(config.io_threads, 1 << 62, "cold-read")
@@ -248,8 +243,8 @@ class BlockStore:
     self._stats.add(put_calls=1, put_blocks=len(ids))
     if not ids:
       return completed(PutResult([]))
-    future = self._writes.try_submit(blocks.nbytes, self._put, ids, blocks, tenant,
-                                     session, bool(admitted))
+    future = self._writes.try_submit(blocks.nbytes, self._writer.put, ids, blocks,
+                                     tenant, session, bool(admitted))
     if future is None:
       self._stats.add(dropped_blocks=len(ids))
       return completed(PutResult([DROPPED] * len(ids)))
@@ -446,7 +441,7 @@ class BlockStore:
         self.config.file_io_concurrency,
         o_direct=self.config.file_io_mode == "direct")
 
-  def _check_out(self, out: np.ndarray, n: int) -> None:
+  def _check_out(self, out: np.ndarray, n: int) -> None:  # out: [n, L, 2, Hkv, P, D]
     if (not isinstance(out, np.ndarray) or out.shape != (n, *self.block_shape)
         or out.dtype != self.codec.dtype or not out.flags.c_contiguous
         or not out.flags.writeable):
@@ -461,94 +456,3 @@ class BlockStore:
       if not isinstance(block_id, bytes) or not block_id:
         raise ValueError(f"block ids must be non-empty bytes, got {block_id!r:.40}")
     return ids
-
-  def _put(self, ids: list[bytes], blocks: np.ndarray, tenant: str,
-           session: str, admitted: bool) -> PutResult:
-    start = time.perf_counter()
-    self._removals.retry(backoff=True)  # their slots may be needed here
-    try:
-      reservation = self.index.reserve(ids, tenant, session, admitted=admitted)
-    except sqlite3.OperationalError as err:  # e.g. the disk is full
-      _log.error("cold tier %s: cannot reserve %d blocks: %s", self.config.root,
-                 len(ids), err)
-      self._stats.add(failed_writes=len(ids))
-      return PutResult([FAILED] * len(ids))
-    statuses = list(reservation.statuses)
-    rows = [i for i, s in enumerate(statuses) if s == index_lib.WRITE]
-    step = self.config.max_batch_blocks
-    handled = 0  # reserved rows committed or released so far
-    try:
-      for lo in range(0, len(rows), step):
-        batch_rows = rows[lo:lo + step]
-        refs = reservation.to_write[lo:lo + step]
-        contiguous = batch_rows[-1] - batch_rows[0] == len(batch_rows) - 1
-        batch = (blocks[batch_rows[0]:batch_rows[-1] + 1] if contiguous  # a view, no copy
-                 else blocks[batch_rows])
-        try:
-          self._write_chunks(refs, batch)
-          committed, doomed = self.index.commit(refs)
-        except Exception as err:  # pylint: disable=broad-except
-          _log.error("cold tier write of %d blocks failed: %s", len(refs), err)
-          self._removals.discard(refs)
-          handled = lo + len(refs)
-          for i in batch_rows:
-            statuses[i] = FAILED
-          self._stats.add(failed_writes=len(refs))
-          continue
-        handled = lo + len(refs)
-        if doomed:
-          self._removals.discard(doomed)
-        lost = set(refs) - set(committed)  # doomed, or taken by a recovery
-        for i, r in zip(batch_rows, refs):
-          if r in lost:
-            statuses[i] = DELETED if r in doomed else FAILED
-    except BaseException:
-      # Anything else (a failed commit, an interrupt): the rows not yet
-      # committed are released, never left pending for the process's life.
-      self.index.release(reservation.to_write[handled:])
-      raise
-    written = sum(s == index_lib.WRITE for s in statuses)
-    self._stats.add(
-        written_blocks=written, written_bytes=written * self.codec.encoded_block_bytes,
-        present_blocks=statuses.count(index_lib.PRESENT),
-        in_flight_blocks=statuses.count(index_lib.IN_FLIGHT),
-        deferred_blocks=statuses.count(index_lib.DEFERRED),
-        no_space_blocks=statuses.count(index_lib.NO_SPACE),
-        evicted_blocks=reservation.evicted, write_seconds=time.perf_counter() - start)
-    return PutResult(statuses)
-
-  def _write_chunks(
-      self,
-      refs: Sequence[index_lib.SlotRef],
-      blocks: np.ndarray,  # [n, L, 2, Hkv, P, D] cache dtype
-  ) -> None:
-    """Writes chunks and returns once they are durable (the direct writer's
-    batch, or one TensorStore transaction)."""
-    if self._sealed:
-      encoded = self.codec.encode(blocks, [r.block_id for r in refs],
-                                  self._scratch(len(refs)))
-    elif self.codec.identity:
-      encoded = self.codec.encode(blocks)
-    else:  # int8: into this thread's scratch, not a fresh array
-      encoded = self.codec.encode(blocks, self._scratch(len(refs)).view(
-          self.codec.stored_dtype).reshape(len(refs), *self.codec.stored_shape))
-    slots = np.array([r.slot for r in refs], np.int64)
-    if self._slot_dirs is not None:
-      self._slot_dirs.ensure(slots.tolist())
-    encoded = encoded.reshape(len(refs), -1)  # [n, chunk_elems]: a view
-    if self._chunk_writer is not None:
-      chunk_bytes = np.ascontiguousarray(encoded).view(np.uint8)  # [n, chunk_bytes]
-      self._chunk_writer.write(slots.tolist(), chunk_bytes)
-      return
-    txn = ts.Transaction()
-    self.array.with_transaction(txn)[slots].write(encoded).result()
-    txn.commit_async().result()
-
-  def _scratch(self, n: int) -> np.ndarray:  # [n, encoded_block_bytes] uint8
-    """This write thread's reused buffer of `n` encoded chunks (grown as
-    needed: a put's batch, at most `max_batch_blocks`)."""
-    buf = getattr(self._local, "scratch", None)
-    if buf is None or len(buf) < n:
-      buf = np.empty((n, self.codec.encoded_block_bytes), np.uint8)
-      self._local.scratch = buf
-    return buf[:n]

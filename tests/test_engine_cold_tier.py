@@ -146,7 +146,7 @@ def test_a_failing_store_is_a_miss_and_the_engine_serves_on(
   def broken(*_args, **_kwargs):
     raise OSError(28, "No space left on device")
   if failing == "put":  # the write pool's task raises: the future holds it
-    monkeypatch.setattr(store, "_put", broken)
+    monkeypatch.setattr(store._writer, "put", broken)  # pylint: disable=protected-access
   else:
     monkeypatch.setattr(store, failing, broken)
   nxt = prompt + _prompt(6, 6)

@@ -274,13 +274,13 @@ def test_backpressure_drops_instead_of_blocking(tmp_path):
   with _store(tmp_path, max_pending_write_bytes=3 * BLOCK_BYTES, io_threads=1) as store:
     ids, blocks = _data(rng, 4, store)
     gate = threading.Event()
-    real_put = store._put
+    real_put = store._writer.put  # pylint: disable=protected-access
 
     def slow_put(*args):
       gate.wait(10)
       return real_put(*args)
 
-    store._put = slow_put
+    store._writer.put = slow_put  # pylint: disable=protected-access
     first = store.put_async(ids[:2], blocks[:2])
     second = store.put_async(ids[2:], blocks[2:])  # 4 blocks > budget of 3
     assert second.result(timeout=1).statuses == ["dropped"] * 2

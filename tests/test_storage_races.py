@@ -45,14 +45,14 @@ def _hold_writes_of(store, block_id):
   """Makes `store`'s writer wait inside the chunk write of `block_id`;
   returns (inside, release) Events."""
   inside, release = threading.Event(), threading.Event()
-  write = store._write_chunks  # pylint: disable=protected-access
+  write = store._writer.write_chunks  # pylint: disable=protected-access
 
   def held(refs, blocks):
     if any(r.block_id == block_id for r in refs):
       inside.set()
       assert release.wait(30)
     return write(refs, blocks)
-  store._write_chunks = held  # pylint: disable=protected-access
+  store._writer.write_chunks = held  # pylint: disable=protected-access
   return inside, release
 
 
