@@ -35,8 +35,10 @@ done. A put whose bytes would exceed
 CRC32C verified; on a local `file` kvstore by `storage.chunk_reader`, straight
 into the caller's rows, elsewhere one TensorStore read per batch), re-checks
 in the index that no block was evicted while it was read, and decodes. A missing,
-torn, corrupt or raced block is None: counted in `stats()`, logged once, and
-its index entry and bytes removed so that the engine recomputes and re-puts it.
+torn or corrupt block is None: counted in `stats()`, logged once, and its
+index entry and bytes removed so that the engine recomputes and re-puts it.
+A block evicted or rewritten while it was read (raced) is None too, counted
+as `miss_raced`, and nothing is removed: its slot is another block's now.
 A block whose read failed without proving it bad (an OS error such as too
 many open files, an unavailable kvstore) is None too, but stays stored for a
 later read (`storage.bad_chunks`).

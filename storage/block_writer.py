@@ -149,8 +149,9 @@ class BlockWriter:
           if r in lost:
             statuses[i] = DELETED if r in doomed else FAILED
     except BaseException:
-      # Anything else (a failed commit, an interrupt): the rows not yet
-      # committed are released, never left pending for the process's life.
+      # What the handler above does not take (an interrupt, a failure to
+      # discard a failed batch): the rows not yet committed are released,
+      # never left pending for the process's life.
       self._index.release(reservation.to_write[handled:])
       raise
     written = sum(s == index_lib.WRITE for s in statuses)
