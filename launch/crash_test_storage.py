@@ -4,17 +4,18 @@ r"""Crash test of the cold tier: SIGKILL a writer at random points, then verify.
     python -m launch.crash_test_storage --kills=5 --json=out.json
 
 Each round starts a writer process (`--role=writer`) on one store directory,
-kills it with SIGKILL after a random delay (during start-up and recovery, a
+kills it with SIGKILL a random delay after its store is open (during a
 reservation, a chunk write, an index commit, an eviction or a session
-deletion), then opens the store in this process (which recovers what the dead
-writer left) and checks that every block the index lists reads back
+deletion; the delay counts from the writer's "ready" line, so a slow start
+on a loaded machine does not eat it), then opens the store in this process
+(which recovers what the dead writer left) and checks that every block the index lists reads back
 bit-identical to what was written, that no listed block is served torn or
 different, and that the index has no PENDING/DELETING rows left. The block
 bytes are a pure function of the block id, so the checker needs no record of
 what the writer did.
 
 The same module provides the writer and reader roles used by the
-two-process sharing test (tests/test_storage_sharing.py).
+two-process sharing test (tests/test_storage_processes.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -45,8 +47,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("role", "parent", ["parent", "writer", "reader"], "which process this is")
 flags.DEFINE_string("root", None, "store directory (default: a new temporary directory)")
 flags.DEFINE_integer("kills", 50, "parent: writer processes to SIGKILL", lower_bound=1)
-float_flags.define_float("min_delay", 0.05, "parent: shortest time before a kill (s)", lower_bound=0.0)
-float_flags.define_float("max_delay", 1.5, "parent: longest time before a kill (s)", lower_bound=0.0)
+float_flags.define_float("min_delay", 0.05, "parent: shortest time from a writer's open store to its kill (s)", lower_bound=0.0)
+float_flags.define_float("max_delay", 1.5, "parent: longest time from a writer's open store to its kill (s)", lower_bound=0.0)
 flags.DEFINE_integer("seed", 0, "random seed", lower_bound=0)
 flags.DEFINE_string("tag", "w", "writer: prefix of its block ids")
 flags.DEFINE_integer("puts", 0, "writer: puts before exiting (0 = until killed)", lower_bound=0)
@@ -56,6 +58,8 @@ flags.DEFINE_enum("codec", "raw", list(CODECS), "block codec")
 flags.DEFINE_string("json", None, "parent: write the result as JSON here")
 
 BATCH = 8  # blocks per put
+READY = "ready"  # a writer's one line on stdout, once its store is open
+READY_TIMEOUT_S = 300.0
 CAPACITY = 48 << 20  # small, so that evictions and slot reuse happen
 
 
@@ -90,6 +94,7 @@ def block_content(
 def run_writer(root: str, tag: str, puts: int, driver: str, codec: str) -> int:
   """Puts batches of deterministic blocks; deletes an old session every 7th put."""
   store = open_store(root, driver, codec)
+  print(READY, flush=True)  # the parent's kill delay starts here
   i = 0
   while not puts or i < puts:
     ids = [block_id(tag, i * BATCH + j) for j in range(BATCH)]
@@ -150,6 +155,14 @@ def writer_command(root: str, tag: str, puts: int = 0, driver: str = "file",
           f"--codec={codec}"]
 
 
+def _wait_for_ready(proc: subprocess.Popen, timeout_s: float) -> None:
+  """Waits for the writer's READY line; returns early if it exits (the
+  caller then reports its stderr) or after `timeout_s`."""
+  ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+  if ready:
+    proc.stdout.readline()
+
+
 def crash_test(root: str, kills: int, max_delay: float, seed: int, driver: str = "file",
                codec: str = "raw", min_delay: float = 0.05) -> dict:
   """Runs `kills` kill-and-verify rounds on `root`; returns the totals."""
@@ -161,9 +174,13 @@ def crash_test(root: str, kills: int, max_delay: float, seed: int, driver: str =
             "orphan_chunks": 0, "leftover_temp_files": 0, "recovered_blocks": 0}
   for k in range(kills):
     proc = subprocess.Popen(writer_command(root, f"k{k}", 0, driver, codec), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     alive = False
     try:
+      # The delay counts from the writer's open store, not its start: on a
+      # loaded machine its imports alone took past the delay, and a writer
+      # killed before it put anything tested nothing.
+      _wait_for_ready(proc, READY_TIMEOUT_S)
       time.sleep(rng.uniform(min_delay, max_delay))
       alive = proc.poll() is None
     finally:  # also on Ctrl-C: a writer that puts until killed must not outlive us
