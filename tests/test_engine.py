@@ -255,12 +255,15 @@ def test_requests_that_cannot_fit_fail_clearly(tiny):
     engine.submit(TurnRequest("empty", [], 8))
 
 
-def test_samples_of_one_prompt_prefill_it_once(tiny, ref_runner):
+@pytest.mark.parametrize("prompt_len", [38, 36])
+def test_samples_of_one_prompt_prefill_it_once(tiny, ref_runner, prompt_len):
   """Turns admitted together with one prompt (n samples): the first
   computes it, the others pick up its full blocks before their first
-  chunk and compute only the last, partial block."""
+  chunk and compute only the last, partial block. A prompt of whole blocks
+  (36 = 9 x 4): the last block is computed again, its last token's logits
+  are the first sample's."""
   engine = _engine(tiny)
-  prompt = _prompts(21, 1, 38, 39)[0]
+  prompt = _prompts(21, 1, prompt_len, prompt_len + 1)[0]
   outs = _run_all(engine, [TurnRequest(f"s{i}", prompt, 5, stop_on_eos=False)
                            for i in range(3)])
   expected = _reference_greedy(ref_runner, prompt, 5)

@@ -202,6 +202,23 @@ def test_a_prompt_begun_twice_is_computed_once():
   assert setup.pool.num_referenced == 0
 
 
+def test_a_prompt_of_whole_blocks_leaves_its_last_block_to_compute():
+  """`extend_cached_prefix` stops short of the last token, as `begin` does:
+  with a context of exactly three blocks, the third one (holding the token
+  whose logits the turn needs) is not taken even though it is cached."""
+  rng = np.random.default_rng(14)
+  setup = _Setup(block_size=4)
+  prompt = _tokens(rng, 12)
+  assert setup.manager.begin("a", prompt) == 0
+  assert setup.manager.begin("b", prompt) == 0
+  setup.compute("a", prompt)  # all three blocks registered
+  assert all(setup.pool.lookup(h) is not None
+             for h in setup.manager.block_hashes("a"))
+  assert setup.manager.extend_cached_prefix("b") == 8
+  assert setup.manager.num_computed("b") == 8
+  assert setup.manager.begin("c", prompt) == 8  # begin's own rule, the same
+
+
 def test_a_block_allocated_ahead_is_given_back_for_the_cached_one():
   rng = np.random.default_rng(12)
   setup = _Setup(num_blocks=8, block_size=4)
