@@ -20,7 +20,7 @@ from dualpath_jax.scheduler import (ClusterSnapshot, EngineState, ManualClock,
                                     NoCapacityError, ReadPath, TurnDemand,
                                     dualpath, get_policy, oracle, place_all,
                                     single_path)
-from dualpath_jax.scheduler.policies import estimated_finish
+from dualpath_jax.scheduler.policies import _estimate, estimated_finish
 
 MB = 1 << 20
 
@@ -387,3 +387,47 @@ def test_hot_tier_blocks_load_over_the_host_link_and_attract_the_turn():
     TurnDemand("t", 1, 3, b, 4, hot_blocks={"P0": 4})
   with pytest.raises(ValueError, match="hot_bytes_per_s"):
     EngineState("P0", "prefill", nic_bytes_per_s=1.0, hot_bytes_per_s=0.0)
+
+
+def test_a_hot_link_backlog_delays_the_hot_blocks_and_can_send_the_turn_away():
+  """Hot blocks wait behind the bytes already admitted to the engine's host
+  link (`hot_queued_bytes`), as NIC reads wait behind the NIC's queue: 6 hot
+  blocks behind a 20 GB backlog at 10 GB/s land 2 s after the backlog
+  started, later than P0 reads all 8 from storage, so the turn goes there."""
+  b = 1_000_000
+  demand = TurnDemand("t", new_tokens=1, hit_blocks=8, block_bytes=b,
+                      total_blocks=9, hot_blocks={"P1": 6})
+  idle = ClusterSnapshot(1.0, (
+      EngineState("P0", "prefill", nic_bytes_per_s=1e9),
+      EngineState("P1", "prefill", nic_bytes_per_s=1e9, hot_bytes_per_s=10e9),
+      EngineState("D0", "decode", nic_bytes_per_s=1e9)))
+  busy = dataclasses.replace(idle, engines=(
+      idle.engines[0],
+      dataclasses.replace(idle.engines[1], hot_queued_bytes=20e9),
+      idle.engines[2]))
+  for policy in (single_path, dualpath):
+    assert policy(demand, idle).prefill_engine == "P1"
+    p = policy(demand, busy)
+    assert p.prefill_engine == "P0" and ReadPath.HOT not in p.paths
+  pe, de = busy.engine("P1"), busy.engine("D0")
+  paths, load_done, _ = _estimate(demand, busy, pe, de, "single_path")
+  assert paths.count(ReadPath.HOT) == 6
+  assert load_done == pytest.approx(1.0 + (20e9 + 6 * b) / 10e9)
+
+
+def test_resident_blocks_need_no_free_hbm():
+  """A prefill engine needs free HBM only for the blocks it does not hold:
+  P1 holds 3 of the turn's 6 and has 3 free, so it takes the turn (P0 has
+  room but would load them), and alone it is not out of capacity."""
+  demand = TurnDemand("a", new_tokens=0, hit_blocks=5, block_bytes=10,
+                      total_blocks=6, resident_blocks={"P1": 3})
+  p1 = EngineState("P1", "prefill", 10.0, free_hbm_blocks=3)
+  snap = ClusterSnapshot(0.0, (EngineState("P0", "prefill", 10.0), p1,
+                               EngineState("D0", "decode", 10.0)))
+  alone = ClusterSnapshot(0.0, (p1, EngineState("D0", "decode", 10.0)))
+  for policy in (single_path, dualpath):
+    assert policy(demand, snap).prefill_engine == "P1"
+    assert policy(demand, alone).prefill_engine == "P1"
+  full = dataclasses.replace(p1, free_hbm_blocks=2)
+  with pytest.raises(NoCapacityError):
+    dualpath(demand, ClusterSnapshot(0.0, (full, EngineState("D0", "decode", 10.0))))
