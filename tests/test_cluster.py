@@ -282,12 +282,30 @@ def _engine_and_cluster_tokens(tiny, tmp_path, turns, *, engine_blocks,
   return want, got, cluster
 
 
-def test_a_turns_own_cached_prefix_is_not_counted_free_for_it(tiny, tmp_path):
+def test_a_turns_own_cached_prefix_is_not_counted_free_for_it(
+    tiny, tmp_path, monkeypatch):
   """A turn's resident prefix, cached and unreferenced, counts as free on
   its PE, and the placement counted it again as needing no page: the turn
   was placed on a PE short of pages, and `step()` raised and lost it. Here
   P0 (14 pages) holds s#0's 4 blocks cached while C takes 5: 9 "free" for
-  s#1's 10 blocks, 4 of them resident, leaves 5 for 6 new pages."""
+  s#1's 10 blocks, 4 of them resident, leaves 5 for 6 new pages.
+
+  A start that finds its pages gone now puts the turn back to wait, so the
+  tokens alone no longer tell the miscount (they came out the same with
+  `_snapshot`'s `taken` dropped): no start may find its pages gone."""
+  from dualpath_jax.cache.block_pool import OutOfBlocksError
+  from dualpath_jax.engine.cluster import PDCluster
+  lost = []
+  start = PDCluster._start_on_prefill  # pylint: disable=protected-access
+
+  def recording_start(self, turn, *args, **kwargs):
+    try:
+      return start(self, turn, *args, **kwargs)
+    except OutOfBlocksError:
+      lost.append(turn.rid)
+      raise
+
+  monkeypatch.setattr(PDCluster, "_start_on_prefill", recording_start)
   rng = np.random.default_rng(0)
   p0 = rng.integers(3, 256, size=17).tolist()
   first = [TurnRequest("s#0", p0, 3, session_id="s", stop_on_eos=False)]
@@ -304,6 +322,7 @@ def test_a_turns_own_cached_prefix_is_not_counted_free_for_it(tiny, tmp_path):
   try:
     assert {k: v.generated_tokens for k, v in got.items()} == {
         k: v.generated_tokens for k, v in want.items()}
+    assert lost == []  # every placement's page count held at its start
   finally:
     cluster.close()
 
