@@ -14,7 +14,8 @@ import pytest
 from dualpath_jax.cache.block_hash import hash_chain
 from async_load_support import (BS, STORED, Gate, drain, engine_admitting,
                                 engine_on, prompt_tokens, start_b,
-                                store_two_sessions, submit_turn)
+                                store_two_sessions, stored_session,
+                                submit_turn)
 from dualpath_jax.model import load_model
 
 
@@ -120,6 +121,33 @@ def test_a_turn_does_not_take_the_pages_the_heads_read_will_fill(tiny,
   gate.opened.set()
   outs = drain(engine, {})
   assert set(outs) == {"b", "s#1", "c", "d"}
+  assert outs["s#1"].cached_prompt_tokens == STORED * BS
+  engine.close()
+
+
+def test_the_heads_claim_includes_its_first_chunk_after_the_load(tiny,
+                                                                   tmp_path):
+  """A pool of 20 blocks: b holds 3 or 4; s#1's read will fill 10 and its
+  first chunk after them (46 - 40 tokens) 2 more, so 12 are claimed. c
+  needs none read and 6 blocks: beside the read's 10 alone it would fit,
+  beside the whole claim it does not, so it stays behind the head."""
+  root = tmp_path / "kv"
+  prompt = stored_session(tiny, root)
+  engine = engine_on(tiny, root, max_batch=4, num_blocks=20)
+  gate = Gate(engine.cold_tier.store)
+  start_b(engine)
+  submit_turn(engine, "s#1", prompt)
+  submit_turn(engine, "c", prompt_tokens(4, 24))
+  try:
+    engine.step()
+    assert [seq.rid for seq in engine._waiting] == ["s#1", "c"]
+    assert engine.stats.admitted_while_reading == 0
+    assert engine._head_claim() == STORED + 2
+    assert 16 <= engine.manager.pool.num_free < 6 + STORED + 2
+  finally:
+    gate.opened.set()
+  outs = drain(engine, {})
+  assert set(outs) == {"b", "s#1", "c"}
   assert outs["s#1"].cached_prompt_tokens == STORED * BS
   engine.close()
 
