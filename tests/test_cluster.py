@@ -256,6 +256,41 @@ def test_cluster_interface_and_validation(tiny, tmp_path):
     PDCluster(tiny, CACHE, ENGINE, None)
 
 
+def test_a_block_missing_at_its_read_is_recomputed_with_those_after_it(
+    tiny, reference, tmp_path):
+  """A block the store lists at placement but does not serve when the load
+  reads it (corrupt, or evicted by then: `get` gives None) ends the loaded
+  run: it and the blocks after it are computed on the prefill engine, and
+  the pages it would have filled (NaN junk here) are never read. Each
+  session's third block is lost; the tokens are the single engine's."""
+  snapshot, turns = reference
+  cluster = make_cluster(
+      tiny, CACHE, ENGINE, _cold(tmp_path), MeshConfig.parse("1P2D"),
+      DualPathConfig(policy="dualpath", storage_nic_gbps=100.0))
+  for session, (ids, blocks) in snapshot.items():
+    cluster.store.put(ids, blocks, tenant="t", session=session)
+  lost = {ids[2] for ids, _ in snapshot.values()}
+  get = cluster.store.get
+
+  def get_losing(ids, out=None):
+    return [None if i in lost else b for i, b in zip(ids, get(ids, out=out))]
+
+  cluster.store.get = get_losing
+  _fill_pools_with_nan(cluster)
+  try:
+    reqs, want = turns[0]
+    got = _run(cluster, [TurnRequest(**r.__dict__) for r in reqs])
+    for rid, out in want.items():
+      assert got[rid].generated_tokens == out.generated_tokens, rid
+      assert got[rid].cached_prompt_tokens == 2 * BS, rid
+    stats = cluster.cold_tier.stats
+    assert stats.loaded_blocks == 2 * len(reqs)
+    assert stats.missed_blocks == sum(len(ids) - 2
+                                      for ids, _ in snapshot.values())
+  finally:
+    cluster.close()
+
+
 def _engine_and_cluster_tokens(tiny, tmp_path, turns, *, engine_blocks,
                                cluster_blocks, **dualpath):
   """Runs `turns` (lists of requests, one list after the other) on a single
