@@ -16,7 +16,8 @@ import pytest
 
 from dualpath_jax.config import CacheConfig, EngineConfig
 from dualpath_jax.cache import pool_io
-from dualpath_jax.engine.factory import make_engine
+from dualpath_jax.cache.block_hash import hash_chain
+from dualpath_jax.engine.factory import make_engine, model_fingerprint
 from dualpath_jax.engine.request import TurnRequest
 from dualpath_jax.model import load_model
 from storage import encryption
@@ -127,6 +128,39 @@ def test_corrupt_block_is_recomputed_not_served(tiny, tmp_path):
   assert e2.cold_tier.stats.missed_blocks > 0
   assert b.generated_tokens == a.generated_tokens
   e2.close()
+
+
+def test_a_corrupt_block_ends_the_loaded_run(tiny, tmp_path):
+  """One corrupt chunk in the middle of a stored prefix (block 3 of 8): the
+  three blocks before it load, it and every block after it are recomputed
+  (a prefix is usable only up to its first missing block), and the tokens
+  are a fresh engine's."""
+  prompt = _prompt(4, 33)
+  e = _engine(tiny, tmp_path)
+  a = _run(e, TurnRequest("a", prompt, 3, stop_on_eos=False))
+  context = prompt + a.generated_tokens
+  ids = hash_chain(context[:(len(context) - 1) // BS * BS], BS,
+                   model_fingerprint(tiny), "")
+  assert len(ids) == 8
+  e.cold_tier.flush()  # the write-back is asynchronous
+  (ref,) = e.cold_tier.store.index.lookup([ids[3]])
+  e.close()
+  chunk = tmp_path / "data" / "c" / str(ref.slot) / "0"
+  data = bytearray(chunk.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  chunk.write_bytes(bytes(data))
+  nxt = context + _prompt(5, 3)
+  e2 = _engine(tiny, tmp_path)
+  b = _run(e2, TurnRequest("b", nxt, 3, stop_on_eos=False))
+  assert e2.cold_tier.stats.loaded_blocks == 3
+  assert e2.cold_tier.stats.missed_blocks == 5
+  assert b.cached_prompt_tokens == 3 * BS
+  e2.close()
+  fresh = make_engine(tiny, CacheConfig(block_size=BS, num_blocks=128),
+                      EngineConfig(max_batch_size=4, max_prefill_chunk=16,
+                                   max_context=128))
+  c = _run(fresh, TurnRequest("c", nxt, 3, stop_on_eos=False))
+  assert b.generated_tokens == c.generated_tokens
 
 
 @pytest.mark.parametrize("failing", ["contains", "get", "put"])
