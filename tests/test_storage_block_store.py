@@ -171,6 +171,22 @@ def test_admission_second_put(tmp_path):
     assert store.contains(ids) == [True, True, False]
 
 
+def test_second_put_admission_forgets_the_oldest_puts_first(tmp_path):
+  """"second_put" remembers the last 4 x num_slots blocks put once: the
+  oldest are forgotten first (a block put again soon is admitted, one put
+  again after 4 x num_slots others is a first put again)."""
+  rng = np.random.default_rng(8)
+  with _store(tmp_path, admission="second_put",
+              capacity_bytes=4 * BLOCK_BYTES) as store:
+    assert store.num_slots == 4
+    ids, blocks = _data(rng, 20, store)
+    for i in range(20):  # one put each: each its own time in the record
+      assert store.put(ids[i:i + 1], blocks[i:i + 1]).statuses == ["deferred"]
+    assert store.put(ids[19:], blocks[19:]).statuses == ["write"]
+    assert store.put(ids[4:5], blocks[4:5]).statuses == ["write"]
+    assert store.put(ids[3:4], blocks[3:4]).statuses == ["deferred"]
+
+
 def test_admission_session_continues(tmp_path):
   rng = np.random.default_rng(6)
   with _store(tmp_path, admission="session_continues") as store:
