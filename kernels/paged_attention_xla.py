@@ -1,13 +1,15 @@
 """Paged attention in plain XLA, chunked with an online softmax.
 
 The `"xla_chunked"` implementation: the fastest portable path, and the one
-the engine uses on CPU. It walks each batch's pages in chunks of
-`chunk_pages` with a `fori_loop` whose trip count is set at run time by the
-longest `kv_len` in the batch, so the cost follows the true context length,
-not the width of the (padded) block table. Per chunk it gathers the pages,
-scores them against every query of the GQA group at once, and folds them
-into a running max / sum / accumulator (flash-attention's recurrence), so
-no `[q_len, context]` score matrix is ever materialised.
+the engine uses on CPU. It walks the pages in chunks of `chunk_pages` with a
+`fori_loop` whose trip count is set at run time by the true context lengths,
+so the cost follows them, not the width of the (padded) block table. Per
+chunk it gathers the pages, scores them against every query of the GQA
+group at once, and folds them into a running max / sum / accumulator
+(flash-attention's recurrence), so no `[q_len, context]` score matrix is
+ever materialised. Prefill calls walk every row's chunks together, for as
+long as the longest row needs; decode calls walk each row's own chunks
+(`_decode_work_items`).
 
 Semantics are those of `paged_attention_ref.ref_paged_attention` (the test
 reference); int8 pools are dequantized chunk by chunk with `kv_scales`.
@@ -21,10 +23,12 @@ import jax.numpy as jnp
 from kernels import checks
 from kernels import common
 
-# Tokens per chunk: small chunks keep prefill's score tile in cache, large
-# chunks amortise the loop for decode.
+# Tokens per chunk: small chunks keep prefill's score tile in cache. For
+# decode a chunk is one work item (one row's pages; `_decode_work_items`),
+# DECODE_ITEMS of them per loop iteration.
 PREFILL_CHUNK_TOKENS = 128
-DECODE_CHUNK_TOKENS = 512
+DECODE_CHUNK_TOKENS = 128
+DECODE_ITEMS = 8
 
 
 # Calls with more query rows than this take the prefill layout.
@@ -48,6 +52,7 @@ def xla_chunked_paged_attention(
     sm_scale: float | None = None,
     kv_scales: jax.Array | None = None,  # [num_blocks, 2, num_kv_heads] f32
     chunk_pages: int | None = None,
+    decode_items: int | None = None,
 ) -> jax.Array:  # [batch, q_len, num_heads, head_dim]
   """Causal attention of the last `q_lens[b]` tokens over paged K/V."""
   checks.check_paged_arguments(q, kv_pages, block_tables, kv_lens, q_lens)
@@ -73,39 +78,9 @@ def xla_chunked_paged_attention(
     return _prefill_rows_layout(q, kv_pages, tables, kv_lens, q_lens, q_pos,
                                 key_limit, num_chunks, cp, scale, kv_scales)
 
-  def load(chunk_table, kv):  # -> [B, cp, Hkv, P, D] float32
-    pages = kv_pages[chunk_table, kv].astype(jnp.float32)
-    if kv_scales is not None:
-      pages = pages * kv_scales[chunk_table, kv][..., None, None]
-    return pages
-
-  def body(c, carry):
-    m, l, acc = carry  # [B,T,Hkv,G], [B,T,Hkv,G], [B,T,Hkv,G,D]
-    chunk_table = jax.lax.dynamic_slice_in_dim(tables, c * cp, cp, axis=1)
-    k, v = load(chunk_table, 0), load(chunk_table, 1)
-    s = jnp.einsum("btkgd,bckpd->btkgcp", qg, k)
-    s = s.reshape(batch, q_len, num_kv_heads, group, chunk_tokens)
-    kv_pos = c * chunk_tokens + jnp.arange(chunk_tokens)
-    valid = ((kv_pos[None, None, :] <= q_pos[:, :, None])
-             & (kv_pos[None, None, :] < key_limit[:, None, None]))
-    s = jnp.where(valid[:, :, None, None, :], s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    p = jnp.exp(s - m_safe[..., None])
-    alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-    l = l * alpha + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("btkgcp,bckpd->btkgd",
-                    p.reshape(batch, q_len, num_kv_heads, group, cp, block_size), v)
-    return m_new, l, acc * alpha[..., None] + pv
-
-  init = (jnp.full((batch, q_len, num_kv_heads, group), -jnp.inf, jnp.float32),
-          jnp.zeros((batch, q_len, num_kv_heads, group), jnp.float32),
-          jnp.zeros((batch, q_len, num_kv_heads, group, head_dim), jnp.float32))
-  _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
-  out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
-  real = (jnp.arange(q_len)[None, :] < q_lens[:, None])[:, :, None, None, None]
-  out = jnp.where(real, out, 0.0)
-  return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+  return _decode_work_items(qg, kv_pages, tables, q_lens, q_pos, key_limit,
+                            cp, decode_items or DECODE_ITEMS, kv_scales
+                            ).astype(q.dtype)
 
 
 def _prefill_rows_layout(
@@ -174,3 +149,103 @@ def _prefill_rows_layout(
   real = (jnp.arange(q_len)[None, :] < q_lens[:, None])[:, :, None, None, None]
   out = jnp.where(real, out, 0.0)
   return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+def _decode_work_items(
+    qg: jax.Array,  # [B, T, Hkv, G, D] f32, pre-scaled
+    kv_pages: jax.Array,  # [N, 2, Hkv, P, D]
+    tables: jax.Array,  # [B, S] int32, padded to whole chunks
+    q_lens: jax.Array,  # [B] int32
+    q_pos: jax.Array,  # [B, T] int32: each query row's position
+    key_limit: jax.Array,  # [B] int32: keys a row may see at most
+    cp: int,  # pages per work item
+    items: int,  # work items per loop iteration
+    kv_scales: jax.Array | None,  # [N, 2, Hkv] f32 for an int8 pool
+) -> jax.Array:  # [B, T, H, D] f32
+  """Decode (at most `DECODE_MAX_Q_LEN` query rows): the online softmax over
+  WORK ITEMS, an item being `cp` pages of one batch row's context, `items`
+  of them per loop iteration.
+
+  Each row gets the items its own context needs (none for a padding row),
+  listed row by row, and the loop's trip count is the batch's total over
+  `items`. The loop this replaces walked chunks of the whole batch, every
+  row for as long as the longest one: over the main job's 204 decode steps
+  (`launch.agent_eval` defaults, batches of up to 8 rows whose contexts
+  differ by hundreds of tokens) its 512-token chunks read 1.48x the
+  context tokens there were; 128-token items read 1.05x. Items of one row
+  (an iteration may hold several) are folded into the row's running max /
+  sum / accumulator with scatters.
+
+  An item's K and V are gathered as `[Hkv, cp * P, D]`, the layout both
+  products take as it is: scores as `K @ q^T` (then a small transpose of
+  the `[ct, T * G]` tile) and the output as `p @ V`. The batch loop's
+  einsums had XLA gather V transposed, `[D, tokens]`, every chunk.
+  """
+  batch, q_len, num_kv_heads, group, head_dim = qg.shape
+  block_size = kv_pages.shape[3]
+  width = tables.shape[1]
+  max_chunks = width // cp  # `tables` holds whole chunks
+  ct = cp * block_size
+  chunks = jnp.where(q_lens > 0, (key_limit + ct - 1) // ct, 0)  # [B]
+  ends = jnp.cumsum(chunks)
+  total = ends[-1]
+  slots = -(-batch * max_chunks // items) * items  # static: every item
+  item_row = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), chunks,
+                        total_repeat_length=slots)
+  item_chunk = (jnp.arange(slots, dtype=jnp.int32)
+                - (ends - chunks)[item_row])
+
+  rows = q_len * group
+  # [B, Hkv, T*G, D]: the GQA group's queries of every row, t-major.
+  qk = qg.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, rows, head_dim)
+
+  def load(page_ids, kv):  # [J, cp] -> [J, Hkv, ct, D] float32
+    pages = kv_pages[page_ids, kv].astype(jnp.float32)  # [J, cp, Hkv, P, D]
+    if kv_scales is not None:
+      pages = pages * kv_scales[page_ids, kv][..., None, None]
+    return pages.transpose(0, 2, 1, 3, 4).reshape(
+        items, num_kv_heads, ct, head_dim)
+
+  def body(i, carry):
+    m, l, acc = carry  # [B, Hkv, R], [B, Hkv, R], [B, Hkv, R, D]
+    first = i * items
+    row = jnp.clip(jax.lax.dynamic_slice_in_dim(item_row, first, items),
+                   0, batch - 1)  # [J]
+    chunk = jax.lax.dynamic_slice_in_dim(item_chunk, first, items)
+    live = first + jnp.arange(items) < total  # [J]
+    chunk = jnp.clip(jnp.where(live, chunk, 0), 0, max_chunks - 1)
+    cols = chunk[:, None] * cp + jnp.arange(cp)[None, :]  # [J, cp]
+    page_ids = tables[row[:, None], cols]
+    k, v = load(page_ids, 0), load(page_ids, 1)  # [J, Hkv, ct, D]
+    # K @ q^T: K as the product's left operand in its gathered layout.
+    s = jnp.einsum("jksd,jkrd->jksr", k, qk[row])
+    s = s.transpose(0, 1, 3, 2)  # [J, Hkv, R, ct], a small tile
+    kv_pos = chunk[:, None] * ct + jnp.arange(ct)[None, :]  # [J, ct]
+    valid = ((kv_pos[:, None, :] <= q_pos[row][:, :, None])
+             & (kv_pos[:, None, :] < key_limit[row][:, None, None])
+             & live[:, None, None])  # [J, T, ct]
+    valid = jnp.repeat(valid, group, axis=1)  # [J, R, ct], t-major as qk
+    s = jnp.where(valid[:, None], s, -jnp.inf)
+    dest = jnp.where(live, row, batch)  # dead items scatter nowhere
+    m_new = m.at[dest].max(jnp.max(s, axis=-1), mode="drop")
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[row][..., None])
+    alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+    l = l * alpha + jnp.zeros_like(l).at[dest].add(
+        jnp.sum(p, axis=-1), mode="drop")
+    pv = jnp.einsum("jkrs,jksd->jkrd", p, v)  # V in its gathered layout
+    acc = acc * alpha[..., None] + jnp.zeros_like(acc).at[dest].add(
+        pv, mode="drop")
+    return m_new, l, acc
+
+  shape = (batch, num_kv_heads, rows)
+  init = (jnp.full(shape, -jnp.inf, jnp.float32),
+          jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape + (head_dim,), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(0, (total + items - 1) // items, body, init)
+  out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+  out = out.reshape(batch, num_kv_heads, q_len, group, head_dim)
+  out = out.transpose(0, 2, 1, 3, 4)  # [B, T, Hkv, G, D]
+  real = (jnp.arange(q_len)[None, :] < q_lens[:, None])[:, :, None, None, None]
+  out = jnp.where(real, out, 0.0)
+  return out.reshape(batch, q_len, num_kv_heads * group, head_dim)

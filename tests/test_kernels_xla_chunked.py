@@ -46,6 +46,24 @@ def test_many_chunks_ragged_prefill(chunk_pages, heads, kv_heads):
   testing.assert_matches(out, case)
 
 
+@pytest.mark.parametrize("chunk_pages,items", [(1, 1), (2, 3), (3, 8), (64, 2)])
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_decode_work_items_ragged(chunk_pages, items, q_len):
+  """Decode rows of very different lengths (padding rows among them): each
+  row walks its own chunks, several of one row may share an iteration."""
+  rng = np.random.default_rng(chunk_pages * 10 + items + q_len)
+  kv_lens = [70, 0, 3, 111, 9, 0, 40]
+  q_lens = [min(n, int(rng.integers(1, q_len + 1))) if n else 0
+            for n in kv_lens]
+  case = testing.make_case(int(rng.integers(1 << 30)), kv_lens=kv_lens,
+                           q_lens=q_lens, q_len=q_len, num_heads=6,
+                           num_kv_heads=2, head_dim=16, block_size=8,
+                           pages_per_seq=15)
+  out = xla_chunked_paged_attention(*case.args(), chunk_pages=chunk_pages,
+                                    decode_items=items)
+  testing.assert_matches(out, case)
+
+
 def test_against_numpy_dense():
   """An independent float64 dense reference, not the repo's XLA reference."""
   rng = np.random.default_rng(7)
